@@ -1,0 +1,1 @@
+"""backstream's actors: the supervisor, the registry, job actors and watchers."""

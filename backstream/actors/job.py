@@ -1,0 +1,228 @@
+"""The job actor: one supervised task tree per job.
+
+It owns the job's upstream request, its log and its cancel scope. Its tasks:
+the conversation with the model, the flusher (writes the log to the store in
+batches) and the abort listener (an abort may come from another process).
+Whatever ends the job (completion, failure, abort, timeout, shutdown, a bug),
+the content so far is kept and the terminal status is the log's last entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+
+from backstream.protocol.chat_stream import ModelOutput, ReasoningDelta, TextDelta, ToolCallDone
+from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary
+from backstream.runtime.clock import WallClock, format_time
+from backstream.runtime.config import Config
+from backstream.runtime.joblog import JobLog, OutputLimitExceeded
+from backstream.runtime.models import ChatTurn, Model, ModelFailure, TurnResult
+from backstream.runtime.store import JobProgress, JobRecord, Store
+
+__all__ = ["JobActor"]
+
+log = logging.getLogger("backstream.job")
+
+
+class JobActor:
+    """Start with ``await supervisor.start_child(...)`` running ``actor.run``."""
+
+    def __init__(
+        self, record: JobRecord, *, config: Config, store: Store, model: Model, clock: WallClock
+    ) -> None:
+        self.record = record
+        self.log = JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
+        self.finished = trio.Event()
+        self._config = config
+        self._store = store
+        self._model = model
+        self._clock = clock
+        # Created now so that an abort that comes before the job runs still counts.
+        self._abort_scope = trio.CancelScope()
+        self._stop: tuple[JobStatus, ErrorInfo | None] | None = None
+        self._flushed_seq = 0
+        self.flushed_content_length = 0
+        self._flushed_status: JobStatus | None = None
+        self.closed_in_store = False  # the terminal status is written durably
+        self._flush_lock = trio.Lock()
+        self._updated_at = record.created_at
+        self._usage: dict[str, int] | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+    def abort(self) -> None:
+        """Stop the job now: it ends ``aborted``, content kept. No effect once it has ended."""
+        self._stop_with("aborted", None)
+
+    def _stop_with(self, status: JobStatus, error: ErrorInfo | None) -> None:
+        if self.log.terminal is None and self._stop is None:
+            self._stop = (status, error)
+            self._abort_scope.cancel()
+
+    def summary(self, watchers: int) -> JobSummary:
+        """A snapshot of the live job (ahead of the store by at most one flush)."""
+        terminal = self.log.terminal
+        now = format_time(self._updated_at)
+        assert now is not None
+        return JobSummary(
+            job_id=self.job_id,
+            thread_id=self.record.thread_id,
+            message_id=self.record.message_id,
+            status=self.log.status,
+            model=self.record.model,
+            seq=self.log.last_seq,
+            epoch=self.log.epoch,
+            content_length=self.log.content_length,
+            created_at=format_time(self.record.created_at) or now,
+            updated_at=now,
+            finished_at=now if terminal else None,
+            error=terminal.error if terminal else None,
+            usage=terminal.usage if terminal else None,
+            watchers=watchers,
+        )
+
+    # -- the actor ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the job to its end. Cancellation (runtime shutdown) ends it ``interrupted``
+        and re-raises; the last write to the store is shielded and bounded."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_loop)
+                nursery.start_soon(self._listen_for_abort)
+                task_status.started()
+                try:
+                    await self._run_to_end()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True) as cleanup:
+                cleanup.deadline = trio.current_time() + self._config.finalize_timeout
+                if self.log.terminal is None:
+                    self._close("interrupted", None)
+                try:
+                    await self._flush()
+                except Exception:
+                    log.exception("job %s: the final write to the store failed", self.job_id)
+            self.finished.set()
+
+    async def _run_to_end(self) -> None:
+        self.log.append_status("running")
+        status: JobStatus = "failed"
+        error: ErrorInfo | None = None
+        finish_reason: str | None = None
+        with self._abort_scope:
+            with trio.move_on_after(self._config.job_timeout) as deadline:
+                try:
+                    result = await self._converse()
+                except OutputLimitExceeded:
+                    error = ErrorInfo(
+                        "output_limit", f"the job reached max_output_chars ({self._config.max_output_chars})"
+                    )
+                except ModelFailure as exc:
+                    error = exc.error
+                except Exception:
+                    log.exception("job %s crashed", self.job_id)
+                    error = ErrorInfo("internal", "the job failed on an internal error")
+                else:
+                    status, finish_reason = "completed", result.finish_reason
+            if deadline.cancelled_caught:
+                status = "failed"
+                error = ErrorInfo("timeout", f"the job outlived job_timeout ({self._config.job_timeout:g} s)")
+        if self._abort_scope.cancelled_caught and self._stop is not None:
+            status, error = self._stop
+            finish_reason = None
+        self._close(status, error, finish_reason)
+
+    async def _converse(self) -> TurnResult:
+        request = self.record.request
+        turn = ChatTurn(model=request.model, messages=request.messages, params=request.params)
+        result = await self._model.run_turn(turn, self._on_output)
+        self._usage = _add_usage(self._usage, result.usage)
+        return result
+
+    def _on_output(self, out: ModelOutput) -> None:
+        # Called synchronously per token: keep it to appends.
+        if isinstance(out, TextDelta):
+            self.log.append_text(out.text)
+        elif isinstance(out, ReasoningDelta):
+            self.log.append_reasoning(out.text)
+        elif isinstance(out, ToolCallDone):
+            self.log.append_tool_call(out.call_id, out.name, out.arguments)
+        else:
+            return
+        self._updated_at = self._clock.now()
+
+    def _close(self, status: JobStatus, error: ErrorInfo | None, finish_reason: str | None = None) -> None:
+        self._updated_at = self._clock.now()
+        self.log.append_status(status, error=error, finish_reason=finish_reason, usage=self._usage)
+
+    # -- writes to the store -----------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        """Write new entries every ``flush_events`` entries or ``flush_ms``, whichever first."""
+        try:
+            while self.log.terminal is None:
+                await self.log.wait_for_seq(self._flushed_seq + 1)
+                if self.log.terminal is not None:
+                    return  # the final write happens in run()'s cleanup
+                with trio.move_on_after(self._config.flush_seconds):
+                    await self.log.wait_for_seq(self._flushed_seq + self._config.flush_events)
+                await self._flush()
+        except Exception as exc:
+            log.exception("job %s: writing to the store failed", self.job_id)
+            self._stop_with("failed", ErrorInfo("unavailable", f"the job store failed: {type(exc).__name__}"))
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            last = self.log.last_seq
+            status = self.log.status
+            if last == self._flushed_seq and status == self._flushed_status:
+                return
+            entries = self.log.entries(self._flushed_seq, last)
+            progress = self._progress(last)
+            await self._store.commit(self.job_id, entries, progress)
+            self._flushed_seq = last
+            self.flushed_content_length = progress.content_length
+            self._flushed_status = status
+            if progress.finished_at is not None:
+                self.closed_in_store = True
+
+    def _progress(self, seq: int) -> JobProgress:
+        terminal = self.log.terminal
+        now = self._clock.now()
+        finished_at = now if terminal else None
+        return JobProgress(
+            status=self.log.status,
+            seq=seq,
+            content_length=self.log.content_length,
+            updated_at=self._updated_at,
+            finished_at=finished_at,
+            error=terminal.error if terminal else None,
+            usage=terminal.usage if terminal else None,
+            expires_at=None if finished_at is None else finished_at + self._config.retention,
+        )
+
+    async def _listen_for_abort(self) -> None:
+        await self._store.wait_abort_requested(self.job_id)
+        self.abort()
+
+    @property
+    def flushed_seq(self) -> int:
+        return self._flushed_seq
+
+
+def _add_usage(total: dict[str, int] | None, more: dict[str, object] | None) -> dict[str, int] | None:
+    """Sum token counts over the turns of a job."""
+    if more is None:
+        return total
+    out = dict(total or {})
+    for key, value in more.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = out.get(key, 0) + int(value)
+    return out

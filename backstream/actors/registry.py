@@ -1,0 +1,240 @@
+"""The registry actor: admission, the jobs running here, and retention.
+
+It owns the set of jobs running in this runtime. Starts go through its
+mailbox, one at a time, so that the capacity check, the idempotency check and
+the creation of the job are one step. The retention sweep is its second task.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+
+import attrs
+import outcome
+import trio
+
+from backstream.actors.job import JobActor
+from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
+from backstream.protocol.errors import CapacityError, UnavailableError
+from backstream.protocol.events import ErrorInfo
+from backstream.runtime.clock import WallClock
+from backstream.runtime.config import Config
+from backstream.runtime.ids import new_id
+from backstream.runtime.models import Model
+from backstream.runtime.store import JobProgress, JobRecord, JobRequest, Store
+
+__all__ = ["Registry", "RegistryStatistics", "StartRequest"]
+
+log = logging.getLogger("backstream.registry")
+
+MAILBOX_SIZE = 256
+"""Starts waiting for the registry; when full, callers of ``start_job`` wait (backpressure)."""
+
+
+@attrs.frozen
+class StartRequest:
+    user: str
+    thread_id: str
+    message_id: str
+    request: JobRequest
+
+
+@attrs.frozen
+class RegistryStatistics:
+    running: int
+    users_running: int
+    started_total: int
+    finished_total: dict[str, int]
+    swept_total: int
+    mailbox_waiting: int
+    accepting: bool
+
+
+@attrs.define
+class _Start:
+    request: StartRequest
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: outcome.Outcome[tuple[JobRecord, bool]] | None = None
+
+
+class Registry:
+    """Start with ``await nursery.start(registry.run)``."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: WallClock,
+        jobs: Supervisor,
+        resolve_model: Callable[[JobRequest], Model],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._jobs = jobs
+        self._resolve_model = resolve_model
+        self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[_Start](MAILBOX_SIZE)
+        self._live: dict[str, JobActor] = {}
+        self._running_by_user: Counter[str] = Counter()
+        self._accepting = True
+        self._started_total = 0
+        self._finished_total: Counter[str] = Counter()
+        self._swept_total = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- the actor ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve starts and sweep expired jobs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sweep_loop)
+            task_status.started()
+            async for start in self._mailbox_receive:
+                start.result = await outcome.acapture(self._admit, start.request)
+                start.done.set()
+
+    async def _admit(self, req: StartRequest) -> tuple[JobRecord, bool]:
+        existing = await self._store.find_job(req.user, req.message_id)
+        if existing is not None:
+            return existing, True
+        if not self._accepting:
+            raise UnavailableError("the server is shutting down; start the job elsewhere or later")
+        self._check_capacity(req.user)
+        model = self._resolve_model(req.request)
+        now = self._clock.now()
+        record = JobRecord(
+            job_id=new_id("j_", now),
+            user=req.user,
+            thread_id=req.thread_id,
+            message_id=req.message_id,
+            request=req.request,
+            status="running",
+            seq=0,
+            epoch=1,
+            content_length=0,
+            created_at=now,
+            updated_at=now,
+        )
+        record, created = await self._store.create_job(record)
+        if not created:
+            return record, True
+        actor = JobActor(record, config=self._config, store=self._store, model=model, clock=self._clock)
+        self._live[record.job_id] = actor
+        self._running_by_user[record.user] += 1
+        self._started_total += 1
+        self._idle = trio.Event() if len(self._live) == 1 else self._idle
+        try:
+            await self._jobs.start_child(
+                ChildSpec(name=record.job_id, run=partial(self._run_job, actor), restart=Restart.TEMPORARY)
+            )
+        except BaseException:
+            self._forget(actor)
+            raise
+        return record, False
+
+    def _check_capacity(self, user: str) -> None:
+        retry = self._config.capacity_retry_after_ms
+        if len(self._live) >= self._config.max_jobs:
+            raise CapacityError(
+                f"the server is at its limit of {self._config.max_jobs} running jobs", retry_after_ms=retry
+            )
+        if self._running_by_user[user] >= self._config.max_jobs_per_user:
+            raise CapacityError(
+                f"you have {self._config.max_jobs_per_user} jobs running, the most allowed",
+                retry_after_ms=retry,
+            )
+
+    async def _run_job(self, actor: JobActor, *, task_status: trio.TaskStatus[None]) -> None:
+        """The job's supervised child: the actor, then its release from the registry."""
+        try:
+            await actor.run(task_status=task_status)
+        finally:
+            try:
+                if not actor.closed_in_store:
+                    # The actor died outside its own guards: record the job as failed.
+                    with trio.CancelScope(shield=True) as scope:
+                        scope.deadline = trio.current_time() + self._config.finalize_timeout
+                        await self._record_crash(actor)
+            finally:
+                terminal = actor.log.terminal
+                self._finished_total[terminal.status if terminal else "failed"] += 1
+                self._forget(actor)
+
+    async def _record_crash(self, actor: JobActor) -> None:
+        now = self._clock.now()
+        progress = JobProgress(
+            status="failed",
+            seq=actor.flushed_seq,
+            content_length=actor.flushed_content_length,
+            updated_at=now,
+            finished_at=now,
+            error=ErrorInfo("internal", "the job failed on an internal error"),
+            expires_at=now + self._config.retention,
+        )
+        try:
+            await self._store.commit(actor.job_id, (), progress)
+        except Exception:
+            log.exception("job %s: could not record its failure in the store", actor.job_id)
+
+    def _forget(self, actor: JobActor) -> None:
+        if self._live.pop(actor.job_id, None) is None:
+            return
+        user = actor.record.user
+        self._running_by_user[user] -= 1
+        if self._running_by_user[user] <= 0:
+            del self._running_by_user[user]
+        if not self._live:
+            self._idle.set()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await trio.sleep(self._config.sweep_interval)
+            swept = await self._store.delete_expired(self._clock.now())
+            if swept:
+                self._swept_total += len(swept)
+                log.debug("swept %d expired jobs", len(swept))
+
+    # -- the address ------------------------------------------------------------------
+
+    async def start_job(self, req: StartRequest) -> tuple[JobRecord, bool]:
+        """Admit and start a job; return its record and whether it already existed.
+
+        Raises ``CapacityError`` at a limit, ``UnavailableError`` when shutting
+        down. Cancellation: the start may still happen; a retry with the same
+        ``message_id`` finds it.
+        """
+        start = _Start(req)
+        await self._mailbox_send.send(start)
+        await start.done.wait()
+        assert start.result is not None
+        return start.result.unwrap()
+
+    def live(self, job_id: str) -> JobActor | None:
+        """The actor of a job running in this process, if any (a read; never blocks)."""
+        return self._live.get(job_id)
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def wait_idle(self) -> None:
+        """Wait until no job runs here."""
+        await self._idle.wait()
+
+    def running_ids(self) -> list[str]:
+        return list(self._live)
+
+    def statistics(self) -> RegistryStatistics:
+        finished: dict[str, int] = dict(self._finished_total)
+        return RegistryStatistics(
+            running=len(self._live),
+            users_running=len(self._running_by_user),
+            started_total=self._started_total,
+            finished_total=finished,
+            swept_total=self._swept_total,
+            mailbox_waiting=self._mailbox_send.statistics().current_buffer_used,
+            accepting=self._accepting,
+        )

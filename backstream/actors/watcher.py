@@ -1,0 +1,124 @@
+"""Watchers: cursors over a job's log that deliver batches at a bounded rate.
+
+A watcher is not a queue. It holds a cursor and reads from the log when its
+consumer asks for the next batch, so its memory stays constant however slowly
+the consumer reads, and the job never waits for it.
+
+Delivery follows PROTOCOL.md: a batch as soon as the consumer is idle and an
+entry exists, then at most one per ``batch_ms`` while entries keep coming;
+``from_seq`` is the previous ``to_seq + 1``; the terminal status ends the watch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+from backstream.protocol.errors import GoneError
+from backstream.protocol.events import Batch, LogEvent, StatusEvent
+from backstream.runtime.joblog import JobLog, merge_events
+from backstream.runtime.store import Store
+
+__all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
+
+
+class LogSource(Protocol):
+    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+        """Entries after ``after_seq``, text merged; maybe none."""
+        ...
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone."""
+        ...
+
+
+class LiveSource:
+    """The log of a job running in this process: read straight from memory."""
+
+    def __init__(self, log: JobLog) -> None:
+        self._log = log
+
+    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+        await trio.lowlevel.checkpoint()
+        return self._log.read(after_seq, max_events=max_events, max_chars=max_chars)
+
+    async def wait_beyond(self, seq: int) -> None:
+        await self._log.wait_beyond(seq)
+
+
+class StoredSource:
+    """The log of a finished job, or one running in another process: read from the store."""
+
+    def __init__(self, store: Store, job_id: str) -> None:
+        self._store = store
+        self._job_id = job_id
+
+    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+        entries = await self._store.read(self._job_id, after_seq, max_events)
+        if not entries and await self._store.get_job(self._job_id) is None:
+            raise GoneError("the job's log is no longer kept; load the result with job.get")
+        return merge_events(entries, max_events=max_events, max_chars=max_chars)
+
+    async def wait_beyond(self, seq: int) -> None:
+        await self._store.wait_for_entries(self._job_id, seq)
+
+
+class Watcher:
+    """An async iterator of ``Batch``. Use through ``Runtime.watch``.
+
+    ``__anext__`` waits for entries, then for the batch interval; cancelling it
+    loses nothing (the cursor moves only when a batch is returned). Ends after
+    the batch that holds the terminal status.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        epoch: int,
+        source: LogSource,
+        *,
+        after_seq: int,
+        batch_seconds: float,
+        max_batch_events: int,
+        max_batch_chars: int,
+        ended: bool = False,
+    ) -> None:
+        self.job_id = job_id
+        self.epoch = epoch
+        self.cursor = after_seq
+        self._source = source
+        self._batch_seconds = batch_seconds
+        self._max_events = max_batch_events
+        self._max_chars = max_batch_chars
+        self._next_batch_at = -float("inf")
+        self.ended = ended
+
+    def __aiter__(self) -> Watcher:
+        return self
+
+    async def __anext__(self) -> Batch:
+        if self.ended:
+            raise StopAsyncIteration
+        while True:
+            await self._source.wait_beyond(self.cursor)
+            # At most one batch per interval: what arrives meanwhile joins this batch.
+            await trio.sleep_until(self._next_batch_at)
+            events = await self._source.read(
+                self.cursor, max_events=self._max_events, max_chars=self._max_chars
+            )
+            if events:
+                break
+        batch = Batch(
+            job_id=self.job_id,
+            epoch=self.epoch,
+            from_seq=self.cursor + 1,
+            to_seq=events[-1].seq,
+            events=events,
+        )
+        self.cursor = batch.to_seq
+        self._next_batch_at = trio.current_time() + self._batch_seconds
+        last = events[-1]
+        if isinstance(last, StatusEvent) and last.is_terminal:
+            self.ended = True
+        return batch

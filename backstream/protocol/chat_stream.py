@@ -1,0 +1,192 @@
+"""A sans-IO assembler for OpenAI-compatible chat-completion streams.
+
+It takes the ``data`` of each SSE event (a JSON chunk, or ``[DONE]``) and
+returns what the chunk means for a job: text, reasoning, complete tool calls,
+the finish reason and usage. Tool-call fragments are assembled by ``index``
+and released, complete and in index order, when the choice finishes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "ChatStreamAssembler",
+    "ChatStreamError",
+    "Finished",
+    "ModelOutput",
+    "ReasoningDelta",
+    "TextDelta",
+    "ToolCallDone",
+    "UsageReport",
+]
+
+
+class ChatStreamError(Exception):
+    """The stream reported an error, or broke the format. ``code`` is a job error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.frozen
+class TextDelta:
+    text: str
+
+
+@attrs.frozen
+class ReasoningDelta:
+    text: str
+
+
+@attrs.frozen
+class ToolCallDone:
+    index: int
+    call_id: str
+    name: str
+    arguments: str
+
+
+@attrs.frozen
+class Finished:
+    finish_reason: str
+
+
+@attrs.frozen
+class UsageReport:
+    usage: dict[str, Any]
+
+
+ModelOutput = TextDelta | ReasoningDelta | ToolCallDone | Finished | UsageReport
+
+
+@attrs.define
+class _PartialCall:
+    call_id: str = ""
+    name: str = ""
+    arguments: list[str] = attrs.Factory(list)
+
+
+class ChatStreamAssembler:
+    """State of one streamed completion. Bounded by ``max_tool_calls`` calls per turn."""
+
+    def __init__(self, *, max_tool_calls: int = 128, max_argument_chars: int = 1_000_000) -> None:
+        self._calls: dict[int, _PartialCall] = {}
+        self._max_tool_calls = max_tool_calls
+        # Fragments wait here until the choice finishes; this bounds them.
+        self._max_argument_chars = max_argument_chars
+        self._argument_chars = 0
+        self.done = False  # "[DONE]" seen
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, data: str) -> list[ModelOutput]:
+        """Interpret one SSE ``data`` payload. Raises ``ChatStreamError``."""
+        if data.strip() == "[DONE]":
+            self.done = True
+            return []
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise ChatStreamError("upstream_protocol", f"malformed JSON in the stream: {exc}") from None
+        if not isinstance(chunk, dict):
+            raise ChatStreamError("upstream_protocol", "a stream chunk is not a JSON object")
+        return self.feed_chunk(chunk)
+
+    def feed_chunk(self, chunk: dict[str, Any]) -> list[ModelOutput]:
+        """Interpret one decoded chunk (built-in models call this directly)."""
+        error = chunk.get("error")
+        if error:
+            raise ChatStreamError("upstream_error", _error_message(error))
+        out: list[ModelOutput] = []
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list):
+            raise ChatStreamError("upstream_protocol", "'choices' is not a list")
+        for choice in choices:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                self._choice(choice, out)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            out.append(UsageReport(usage))
+        return out
+
+    def _choice(self, choice: dict[str, Any], out: list[ModelOutput]) -> None:
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            raise ChatStreamError("upstream_protocol", "'delta' is not an object")
+        # OpenRouter streams "reasoning"; vLLM and DeepSeek "reasoning_content".
+        reasoning = delta.get("reasoning") or delta.get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning:
+            out.append(ReasoningDelta(reasoning))
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            out.append(TextDelta(content))
+        tool_calls = delta.get("tool_calls")
+        if tool_calls:
+            if not isinstance(tool_calls, list):
+                raise ChatStreamError("upstream_protocol", "'tool_calls' is not a list")
+            for fragment in tool_calls:
+                self._tool_fragment(fragment)
+        reason = choice.get("finish_reason")
+        if reason:
+            if reason == "error":
+                raise ChatStreamError("upstream_error", "the model stream ended with finish_reason 'error'")
+            self.finish_reason = str(reason)
+            out.extend(self._release_calls())
+            out.append(Finished(self.finish_reason))
+
+    def _tool_fragment(self, fragment: Any) -> None:
+        if not isinstance(fragment, dict):
+            raise ChatStreamError("upstream_protocol", "a tool-call fragment is not an object")
+        index = fragment.get("index", 0)
+        if not isinstance(index, int):
+            raise ChatStreamError("upstream_protocol", "a tool-call index is not an integer")
+        call = self._calls.get(index)
+        if call is None:
+            if len(self._calls) >= self._max_tool_calls:
+                raise ChatStreamError(
+                    "upstream_protocol", f"more than {self._max_tool_calls} tool calls in one turn"
+                )
+            call = self._calls[index] = _PartialCall()
+        if fragment.get("id") and not call.call_id:
+            call.call_id = str(fragment["id"])
+        function = fragment.get("function") or {}
+        if isinstance(function, dict):
+            if function.get("name") and not call.name:
+                call.name = str(function["name"])
+            arguments = function.get("arguments")
+            if isinstance(arguments, str) and arguments:
+                self._argument_chars += len(arguments)
+                if self._argument_chars > self._max_argument_chars:
+                    raise ChatStreamError(
+                        "output_limit",
+                        f"tool-call arguments exceed {self._max_argument_chars} characters",
+                    )
+                call.arguments.append(arguments)
+
+    def _release_calls(self) -> list[ModelOutput]:
+        done: list[ModelOutput] = [
+            ToolCallDone(
+                index=index,
+                call_id=call.call_id or f"call_{index}",
+                name=call.name,
+                arguments="".join(call.arguments),
+            )
+            for index, call in sorted(self._calls.items())
+        ]
+        self._calls.clear()
+        self._argument_chars = 0
+        return done
+
+
+def _error_message(error: Any) -> str:
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("code") or "error"
+        return str(message)[:500]
+    return str(error)[:500]

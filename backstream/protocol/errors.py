@@ -1,0 +1,119 @@
+"""Errors named for their protocol codes.
+
+Every failure a caller can see, in-process or over the wire, is one of these.
+They carry a code from PROTOCOL.md and a message that is safe to show to a
+client: never a traceback, never another user's data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BackstreamError",
+    "BadRequestError",
+    "CapacityError",
+    "ConflictError",
+    "GoneError",
+    "InternalError",
+    "NotFoundError",
+    "RateLimitedError",
+    "TooLargeError",
+    "UnauthorizedError",
+    "UnavailableError",
+    "UnsupportedProtocolError",
+    "error_for_code",
+]
+
+
+class BackstreamError(Exception):
+    """Base of every error with a protocol code."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        # Extra protocol fields such as ``retry_after_ms``; JSON-safe values only.
+        self.extra: dict[str, Any] = extra
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class BadRequestError(BackstreamError):
+    code = "bad_request"
+
+
+class UnauthorizedError(BackstreamError):
+    code = "unauthorized"
+
+
+class UnsupportedProtocolError(BackstreamError):
+    code = "unsupported_protocol"
+
+
+class NotFoundError(BackstreamError):
+    code = "not_found"
+
+    def __init__(self, message: str = "no such job", **extra: Any) -> None:
+        super().__init__(message, **extra)
+
+
+class CapacityError(BackstreamError):
+    code = "capacity"
+
+    def __init__(self, message: str, *, retry_after_ms: int) -> None:
+        super().__init__(message, retry_after_ms=retry_after_ms)
+        self.retry_after_ms = retry_after_ms
+
+
+class RateLimitedError(BackstreamError):
+    code = "rate_limited"
+
+
+class ConflictError(BackstreamError):
+    code = "conflict"
+
+
+class GoneError(BackstreamError):
+    code = "gone"
+
+
+class TooLargeError(BackstreamError):
+    code = "too_large"
+
+
+class UnavailableError(BackstreamError):
+    code = "unavailable"
+
+
+class InternalError(BackstreamError):
+    code = "internal"
+
+
+_BY_CODE: dict[str, type[BackstreamError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequestError,
+        UnauthorizedError,
+        UnsupportedProtocolError,
+        NotFoundError,
+        CapacityError,
+        RateLimitedError,
+        ConflictError,
+        GoneError,
+        TooLargeError,
+        UnavailableError,
+        InternalError,
+    )
+}
+
+
+def error_for_code(code: str, message: str, **extra: Any) -> BackstreamError:
+    """Rebuild the typed error for a protocol ``code`` (used by clients)."""
+    cls = _BY_CODE.get(code, InternalError)
+    if cls is CapacityError:
+        return CapacityError(message, retry_after_ms=int(extra.get("retry_after_ms") or 0))
+    err = cls(message, **extra)
+    return err

@@ -1,0 +1,189 @@
+"""The job log's entries, batches and job summaries: the types PROTOCOL.md defines.
+
+These are frozen attrs classes shared by the runtime, the wire codec and the
+clients. They hold plain JSON-ready values only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import attrs
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "TERMINAL_STATUSES",
+    "ApprovalEvent",
+    "ApprovalRequiredEvent",
+    "Batch",
+    "ErrorInfo",
+    "JobInfo",
+    "JobStatus",
+    "JobSummary",
+    "LogEvent",
+    "ReasoningEvent",
+    "StatusEvent",
+    "TextEvent",
+    "ToolCallEvent",
+    "ToolCallRecord",
+    "ToolResultEvent",
+]
+
+JobStatus = Literal["running", "awaiting_approval", "completed", "failed", "aborted", "interrupted"]
+TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "aborted", "interrupted"})
+ACTIVE_STATUSES: Final = frozenset({"running", "awaiting_approval"})
+
+
+@attrs.frozen
+class ErrorInfo:
+    """Why a job failed: a code from PROTOCOL.md and a readable message."""
+
+    code: str
+    message: str
+    http_status: int | None = None
+
+
+@attrs.frozen
+class TextEvent:
+    seq: int
+    text: str
+    kind: Literal["text"] = "text"
+
+
+@attrs.frozen
+class ReasoningEvent:
+    seq: int
+    text: str
+    kind: Literal["reasoning"] = "reasoning"
+
+
+@attrs.frozen
+class ToolCallEvent:
+    seq: int
+    call_id: str
+    name: str
+    arguments: str  # JSON text exactly as the model sent it
+    kind: Literal["tool_call"] = "tool_call"
+
+
+@attrs.frozen
+class ApprovalRequiredEvent:
+    seq: int
+    call_id: str
+    name: str
+    arguments: str
+    kind: Literal["approval_required"] = "approval_required"
+
+
+@attrs.frozen
+class ApprovalEvent:
+    seq: int
+    call_id: str
+    approved: bool
+    kind: Literal["approval"] = "approval"
+
+
+@attrs.frozen
+class ToolResultEvent:
+    seq: int
+    call_id: str
+    name: str
+    output: str
+    is_error: bool
+    kind: Literal["tool_result"] = "tool_result"
+
+
+@attrs.frozen
+class StatusEvent:
+    seq: int
+    status: JobStatus
+    error: ErrorInfo | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    kind: Literal["status"] = "status"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+LogEvent = (
+    TextEvent
+    | ReasoningEvent
+    | ToolCallEvent
+    | ApprovalRequiredEvent
+    | ApprovalEvent
+    | ToolResultEvent
+    | StatusEvent
+)
+
+
+@attrs.frozen
+class Batch:
+    """Log entries ``from_seq``..``to_seq`` of one job, adjacent text merged.
+
+    A merged text event carries the ``seq`` of the last entry it covers.
+    """
+
+    job_id: str
+    epoch: int
+    from_seq: int
+    to_seq: int
+    events: tuple[LogEvent, ...]
+
+    @property
+    def text(self) -> str:
+        """The content text this batch adds."""
+        return "".join(ev.text for ev in self.events if isinstance(ev, TextEvent))
+
+    @property
+    def terminal(self) -> StatusEvent | None:
+        last = self.events[-1] if self.events else None
+        if isinstance(last, StatusEvent) and last.is_terminal:
+            return last
+        return None
+
+
+@attrs.frozen
+class JobSummary:
+    """A frozen snapshot of a job, as ``job`` in every reply of PROTOCOL.md."""
+
+    job_id: str
+    thread_id: str
+    message_id: str
+    status: JobStatus
+    model: str
+    seq: int
+    epoch: int
+    content_length: int
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+    error: ErrorInfo | None
+    usage: dict[str, Any] | None
+    watchers: int
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@attrs.frozen
+class ToolCallRecord:
+    """One tool call of a job with its outcome, as listed by ``job.get``."""
+
+    call_id: str
+    name: str
+    arguments: str
+    output: str | None = None
+    is_error: bool | None = None
+    approved: bool | None = None
+
+
+@attrs.frozen
+class JobInfo:
+    """The answer to ``job.get``."""
+
+    job: JobSummary
+    content: str | None = None
+    tool_calls: tuple[ToolCallRecord, ...] = ()

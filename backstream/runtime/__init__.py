@@ -1,0 +1,1 @@
+"""The runtime: job store, log, models, upstream client and the embeddable API."""

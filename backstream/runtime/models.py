@@ -1,0 +1,299 @@
+"""Models a job can stream from: the OpenAI-compatible upstream and the built-ins.
+
+Every model runs one turn of a conversation and reports what it produces to a
+sink, synchronously, as it arrives. Built-in models produce chat-completion
+chunks and go through the same assembler as the upstream, so they exercise
+the same machinery offline.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from backstream.protocol.chat_stream import (
+    ChatStreamAssembler,
+    ChatStreamError,
+    ModelOutput,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDone,
+)
+from backstream.protocol.errors import BadRequestError
+from backstream.protocol.events import ErrorInfo
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "ChatTurn",
+    "EchoModel",
+    "LoremModel",
+    "Model",
+    "ModelFailure",
+    "OutputSink",
+    "TurnCollector",
+    "TurnResult",
+    "builtin_model",
+    "validate_builtin_params",
+]
+
+OutputSink = Callable[[ModelOutput], None]
+"""Receives each output as it arrives; may raise to stop the turn (e.g. the output limit)."""
+
+
+class ModelFailure(Exception):
+    """The turn failed; ``error`` says why, with a job error code."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@attrs.frozen
+class ChatTurn:
+    """One request to a model: the conversation so far and the options."""
+
+    model: str
+    messages: tuple[dict[str, Any], ...]
+    params: dict[str, Any] = attrs.field(factory=dict)
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI "tools" entries
+
+
+@attrs.frozen
+class TurnResult:
+    finish_reason: str
+    usage: dict[str, Any] | None
+    tool_calls: tuple[ToolCallDone, ...]
+
+
+class Model(Protocol):
+    async def run_turn(self, turn: ChatTurn, sink: OutputSink) -> TurnResult:
+        """Stream one turn into ``sink``. Raises ``ModelFailure``.
+
+        Cancellation: the request is abandoned at once and its connection closed.
+        """
+        ...
+
+
+class TurnCollector:
+    """Feeds chunks through an assembler into a sink and keeps the turn's result."""
+
+    def __init__(self, sink: OutputSink, *, max_argument_chars: int) -> None:
+        self.assembler = ChatStreamAssembler(max_argument_chars=max_argument_chars)
+        self._sink = sink
+        self._tool_calls: list[ToolCallDone] = []
+        self.produced = False  # any token yet: after it, a failure is never retried
+
+    def feed_data(self, data: str) -> None:
+        self._deliver(self._guard(self.assembler.feed, data))
+
+    def feed_chunk(self, chunk: dict[str, Any]) -> None:
+        self._deliver(self._guard(self.assembler.feed_chunk, chunk))
+
+    @staticmethod
+    def _guard(fn: Callable[[Any], list[ModelOutput]], arg: Any) -> list[ModelOutput]:
+        try:
+            return fn(arg)
+        except ChatStreamError as exc:
+            raise ModelFailure(ErrorInfo(exc.code, exc.message)) from None
+
+    def _deliver(self, outputs: list[ModelOutput]) -> None:
+        for out in outputs:
+            if isinstance(out, TextDelta | ReasoningDelta | ToolCallDone):
+                self.produced = True
+            if isinstance(out, ToolCallDone):
+                self._tool_calls.append(out)
+            self._sink(out)
+
+    def result(self) -> TurnResult:
+        """The finished turn; ``upstream_protocol`` if the stream never finished."""
+        reason = self.assembler.finish_reason
+        if reason is None:
+            raise ModelFailure(
+                ErrorInfo("upstream_protocol", "the model stream ended without a finish_reason")
+            )
+        return TurnResult(reason, self.assembler.usage, tuple(self._tool_calls))
+
+
+# -- built-in offline models ------------------------------------------------------
+
+BUILTIN_PARAMS = frozenset({"tokens_per_s", "timestamps"})
+_MAX_BUILTIN_TOKENS = 1_000_000
+
+_LOREM = [
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "consectetur",
+    "adipiscing",
+    "elit",
+    "sed",
+    "do",
+    "eiusmod",
+    "tempor",
+    "incididunt",
+    "ut",
+    "labore",
+    "et",
+    "dolore",
+    "magna",
+    "aliqua",
+    "ut",
+    "enim",
+    "ad",
+    "minim",
+    "veniam",
+    "quis",
+    "nostrud",
+    "exercitation",
+    "ullamco",
+    "laboris",
+    "nisi",
+    "ut",
+    "aliquip",
+    "ex",
+    "ea",
+    "commodo",
+    "consequat",
+    "duis",
+    "aute",
+    "irure",
+    "dolor",
+    "in",
+    "reprehenderit",
+    "in",
+    "voluptate",
+    "velit",
+    "esse",
+    "cillum",
+    "dolore",
+    "eu",
+    "fugiat",
+    "nulla",
+    "pariatur",
+    "excepteur",
+    "sint",
+    "occaecat",
+    "cupidatat",
+    "non",
+    "proident",
+    "sunt",
+    "in",
+    "culpa",
+    "qui",
+    "officia",
+    "deserunt",
+    "mollit",
+    "anim",
+    "id",
+    "est",
+    "laborum",
+]
+
+
+def validate_builtin_params(model: str, params: dict[str, Any]) -> None:
+    """Raise ``BadRequestError`` unless ``model`` is a built-in and its params make sense."""
+    if model not in BUILTIN_MODELS:
+        known = ", ".join(sorted(BUILTIN_MODELS))
+        raise BadRequestError(f"unknown built-in model {model!r} (known: {known})")
+    rate = params.get("tokens_per_s")
+    if rate is not None and (
+        isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1_000_000
+    ):
+        raise BadRequestError("params.tokens_per_s must be a number in (0, 1000000]")
+    max_tokens = params.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, int)
+        or not 0 <= max_tokens <= _MAX_BUILTIN_TOKENS
+    ):
+        raise BadRequestError(f"params.max_tokens must be an integer in [0, {_MAX_BUILTIN_TOKENS}]")
+    if "timestamps" in params and not isinstance(params["timestamps"], bool):
+        raise BadRequestError("params.timestamps must be a boolean")
+
+
+class _BuiltinModel:
+    """Streams words at a steady rate, as chunks through the shared assembler."""
+
+    def __init__(self, *, default_rate: float, max_argument_chars: int = 1_000_000) -> None:
+        self._default_rate = default_rate
+        self._max_argument_chars = max_argument_chars
+
+    def words(self, turn: ChatTurn) -> list[str]:
+        raise NotImplementedError
+
+    async def run_turn(self, turn: ChatTurn, sink: OutputSink) -> TurnResult:
+        collector = TurnCollector(sink, max_argument_chars=self._max_argument_chars)
+        rate = float(turn.params.get("tokens_per_s") or self._default_rate)
+        stamped = bool(turn.params.get("timestamps"))
+        words = self.words(turn)
+        start = trio.current_time()
+        for i, word in enumerate(words):
+            # Sleeping until an absolute time keeps the rate exact however long a step took.
+            await trio.sleep_until(start + i / rate)
+            text = f"{time.time():.6f} " if stamped else word
+            collector.feed_chunk({"choices": [{"index": 0, "delta": {"content": text}}]})
+        await trio.sleep_until(start + len(words) / rate)
+        collector.feed_chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        prompt_tokens = sum(len(_message_text(m).split()) for m in turn.messages)
+        collector.feed_chunk(
+            {
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": len(words),
+                    "total_tokens": prompt_tokens + len(words),
+                },
+            }
+        )
+        return collector.result()
+
+
+class EchoModel(_BuiltinModel):
+    """``backstream/echo``: the last user message, word by word."""
+
+    def words(self, turn: ChatTurn) -> list[str]:
+        text = next((_message_text(m) for m in reversed(turn.messages) if m.get("role") == "user"), "")
+        words = re.findall(r"\S+\s*", text)
+        limit = turn.params.get("max_tokens")
+        return words[:limit] if isinstance(limit, int) else words
+
+
+class LoremModel(_BuiltinModel):
+    """``backstream/lorem``: ``params.max_tokens`` words (default 200) of lorem ipsum."""
+
+    def words(self, turn: ChatTurn) -> list[str]:
+        count = turn.params.get("max_tokens")
+        count = 200 if not isinstance(count, int) else count
+        return [_LOREM[i % len(_LOREM)] + " " for i in range(count)]
+
+
+BUILTIN_MODELS: dict[str, type[_BuiltinModel]] = {
+    "backstream/echo": EchoModel,
+    "backstream/lorem": LoremModel,
+}
+
+
+def builtin_model(name: str, *, echo_rate: float, max_argument_chars: int) -> Model:
+    cls = BUILTIN_MODELS[name]
+    rate = echo_rate if cls is EchoModel else 30.0
+    return cls(default_rate=rate, max_argument_chars=max_argument_chars)
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return " ".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""

@@ -1,0 +1,346 @@
+"""The runtime: what a program embeds, and what the front door serves.
+
+async with backstream.open_runtime(backstream.Config()) as rt:
+    started = await rt.start_job(user=..., thread_id=..., message_id=..., model=..., messages=[...])
+    async with rt.watch(started.job_id, user=..., after_seq=0) as batches:
+        async for batch in batches:
+            ...
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
+from backstream.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorStatistics
+from backstream.actors.watcher import LiveSource, LogSource, StoredSource, Watcher
+from backstream.protocol.errors import BadRequestError, GoneError, NotFoundError
+from backstream.protocol.events import (
+    TERMINAL_STATUSES,
+    JobInfo,
+    JobSummary,
+)
+from backstream.runtime.clock import WallClock, format_time
+from backstream.runtime.config import Config
+from backstream.runtime.joblog import summarize_events
+from backstream.runtime.memory_store import MemoryStore
+from backstream.runtime.models import BUILTIN_MODELS, Model, builtin_model, validate_builtin_params
+from backstream.runtime.store import JobRecord, JobRequest, Store
+from backstream.runtime.upstream import UpstreamClient, open_http_client
+from backstream.runtime.validation import check_identifier, check_messages, check_params
+
+__all__ = ["AbortResult", "Runtime", "RuntimeStatistics", "StartedJob", "open_runtime"]
+
+log = logging.getLogger("backstream.runtime")
+
+BUILTIN_PREFIX = "backstream/"
+MAX_LIST_LIMIT = 200
+
+
+@attrs.frozen
+class StartedJob:
+    """What ``start_job`` returns: the job, and whether the ``message_id`` was already used."""
+
+    job: JobSummary
+    existing: bool
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+
+@attrs.frozen
+class AbortResult:
+    aborted: bool
+    job: JobSummary
+
+
+@attrs.frozen
+class RuntimeStatistics:
+    jobs: RegistryStatistics
+    job_tasks: SupervisorStatistics
+    watchers: int
+    jobs_watched: int
+
+
+class Runtime:
+    """Use through ``open_runtime``. Every method checks that the job belongs to ``user``:
+    another user's job raises the same ``NotFoundError`` as a job that does not exist."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: WallClock,
+        registry: Registry,
+        job_supervisor: Supervisor,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._clock = clock
+        self._registry = registry
+        self._job_supervisor = job_supervisor
+        self._watchers: Counter[str] = Counter()
+
+    # -- jobs ------------------------------------------------------------------------
+
+    async def start_job(
+        self,
+        *,
+        user: str,
+        thread_id: str,
+        message_id: str,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        params: dict[str, Any] | None = None,
+        tools: Sequence[str] | None = None,
+    ) -> StartedJob:
+        """Start a job, or return the user's job already started with ``message_id``.
+
+        Raises ``BadRequestError`` for a bad request, ``CapacityError`` at a limit
+        (with ``retry_after_ms``), ``UnavailableError`` while shutting down.
+        """
+        check_identifier("user", user)
+        check_identifier("thread_id", thread_id)
+        check_identifier("message_id", message_id)
+        check_identifier("model", model)
+        builtin = model.startswith(BUILTIN_PREFIX)
+        checked_params = check_params(params, builtin=builtin)
+        request = JobRequest(
+            model=model,
+            messages=check_messages(messages),
+            params=checked_params,
+            tools=self._check_tools(tools),
+        )
+        self.resolve_model(request)  # reject an unknown model before admission
+        record, existing = await self._registry.start_job(
+            StartRequest(user=user, thread_id=thread_id, message_id=message_id, request=request)
+        )
+        return StartedJob(job=self._summary(record), existing=existing)
+
+    def _check_tools(self, tools: Sequence[str] | None) -> tuple[str, ...]:
+        if not tools:
+            return ()
+        if isinstance(tools, str) or not all(isinstance(t, str) for t in tools):
+            raise BadRequestError("tools must be a list of tool names")
+        raise BadRequestError(f"unknown tool: {tools[0]!r} (none are registered)")
+
+    def resolve_model(self, request: JobRequest) -> Model:
+        if request.model.startswith(BUILTIN_PREFIX):
+            validate_builtin_params(request.model, request.params)
+            return builtin_model(
+                request.model,
+                echo_rate=self.config.echo_words_per_s,
+                max_argument_chars=self.config.max_output_chars,
+            )
+        if self._upstream is None:
+            raise BadRequestError(
+                f"model {request.model!r} needs an upstream, and none is configured "
+                f"(built-in models: {', '.join(sorted(BUILTIN_MODELS))})"
+            )
+        return self._upstream
+
+    _upstream: UpstreamClient | None = None
+
+    @asynccontextmanager
+    async def watch(
+        self, job_id: str, *, user: str, after_seq: int = 0, epoch: int | None = None
+    ) -> AsyncIterator[Watcher]:
+        """Watch a job from ``after_seq``: an async iterator of batches that ends after the
+        terminal status.
+
+        Raises ``NotFoundError``; ``GoneError`` when ``epoch`` differs from the log's;
+        ``BadRequestError`` for a cursor beyond the end of a finished job.
+        """
+        if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
+            raise BadRequestError("after_seq must be a non-negative integer")
+        record = await self._record(job_id, user)
+        actor = self._registry.live(job_id)
+        source: LogSource
+        if actor is not None:
+            source, current_epoch = LiveSource(actor.log), actor.log.epoch
+            last_seq, finished = actor.log.last_seq, actor.log.terminal is not None
+        else:
+            source, current_epoch = StoredSource(self.store, job_id), record.epoch
+            last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
+        if epoch is not None and epoch != current_epoch:
+            raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
+        if finished and after_seq > last_seq:
+            raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {last_seq}")
+        watcher = Watcher(
+            job_id,
+            current_epoch,
+            source,
+            after_seq=after_seq,
+            batch_seconds=self.config.batch_seconds,
+            max_batch_events=self.config.max_batch_events,
+            max_batch_chars=self.config.max_batch_chars,
+            ended=finished and after_seq == last_seq,
+        )
+        self._watchers[job_id] += 1
+        try:
+            yield watcher
+        finally:
+            self._watchers[job_id] -= 1
+            if self._watchers[job_id] <= 0:
+                del self._watchers[job_id]
+
+    async def get_job(
+        self, job_id: str, *, user: str, include_content: bool = False, offset: int = 0
+    ) -> JobInfo:
+        """The job's summary; with ``include_content``, its text from character ``offset``
+        and its tool calls."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise BadRequestError("offset must be a non-negative integer")
+        record = await self._record(job_id, user)
+        actor = self._registry.live(job_id)
+        if actor is not None:
+            summary = actor.summary(self._watchers[job_id])
+            if not include_content:
+                return JobInfo(job=summary)
+            return JobInfo(job=summary, content=actor.log.content(offset), tool_calls=actor.log.tool_calls())
+        summary = self._summary(record)
+        if not include_content:
+            return JobInfo(job=summary)
+        entries = await self.store.read(job_id, 0, record.seq)
+        content, calls = summarize_events(entries)
+        return JobInfo(job=summary, content=content[offset:], tool_calls=calls)
+
+    async def abort(self, job_id: str, *, user: str) -> AbortResult:
+        """Abort a running job: its upstream request and tools stop at once, it ends
+        ``aborted`` with its content kept. ``aborted`` is False if it had already ended."""
+        record = await self._record(job_id, user)
+        if record.status in TERMINAL_STATUSES:
+            return AbortResult(aborted=False, job=self._summary(record))
+        actor = self._registry.live(job_id)
+        if actor is not None:
+            actor.abort()
+            await actor.finished.wait()
+            summary = actor.summary(self._watchers[job_id])
+            return AbortResult(aborted=summary.status == "aborted", job=summary)
+        await self.store.request_abort(job_id)
+        record = await self._record(job_id, user)
+        return AbortResult(aborted=record.status not in TERMINAL_STATUSES, job=self._summary(record))
+
+    async def list_jobs(
+        self,
+        *,
+        user: str,
+        thread_id: str | None = None,
+        statuses: Sequence[str] | None = None,
+        limit: int = 50,
+    ) -> list[JobSummary]:
+        """The user's jobs, newest first."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+        wanted = frozenset(statuses) if statuses is not None else None
+        records = await self.store.list_jobs(user, thread_id=thread_id, statuses=wanted, limit=limit)
+        out = []
+        for record in records:
+            actor = self._registry.live(record.job_id)
+            out.append(actor.summary(self._watchers[record.job_id]) if actor else self._summary(record))
+        return out
+
+    def statistics(self) -> RuntimeStatistics:
+        return RuntimeStatistics(
+            jobs=self._registry.statistics(),
+            job_tasks=self._job_supervisor.statistics(),
+            watchers=sum(self._watchers.values()),
+            jobs_watched=len(self._watchers),
+        )
+
+    def watcher_count(self, job_id: str) -> int:
+        return self._watchers.get(job_id, 0)
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _record(self, job_id: str, user: str) -> JobRecord:
+        if not isinstance(job_id, str) or not job_id:
+            raise NotFoundError()
+        record = await self.store.get_job(job_id)
+        if record is None or record.user != user:
+            raise NotFoundError()
+        return record
+
+    def _summary(self, record: JobRecord) -> JobSummary:
+        actor = self._registry.live(record.job_id)
+        if actor is not None:
+            return actor.summary(self._watchers[record.job_id])
+        created = format_time(record.created_at)
+        updated = format_time(record.updated_at)
+        assert created is not None and updated is not None
+        return JobSummary(
+            job_id=record.job_id,
+            thread_id=record.thread_id,
+            message_id=record.message_id,
+            status=record.status,
+            model=record.model,
+            seq=record.seq,
+            epoch=record.epoch,
+            content_length=record.content_length,
+            created_at=created,
+            updated_at=updated,
+            finished_at=format_time(record.finished_at),
+            error=record.error,
+            usage=record.usage,
+            watchers=self._watchers.get(record.job_id, 0),
+        )
+
+    async def _drain(self, grace: float) -> None:
+        self._registry.stop_accepting()
+        await self._job_supervisor.shutdown(grace)
+
+
+@asynccontextmanager
+async def open_runtime(config: Config | None = None, *, store: Store | None = None) -> AsyncIterator[Runtime]:
+    """Run a runtime for the duration of the block.
+
+    On a normal exit, new starts are refused and running jobs get
+    ``config.drain_timeout`` seconds to finish; the rest end ``interrupted``
+    with their content kept. If the block raises or is cancelled, jobs end
+    ``interrupted`` at once.
+    """
+    config = config or Config()
+    store = store or MemoryStore()
+    clock = WallClock()
+    http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
+    await store.open()
+    try:
+        async with trio.open_nursery() as root:
+            job_supervisor = Supervisor("jobs")
+            system = Supervisor("system", max_restarts=3, period=10.0)
+            await root.start(job_supervisor.run)
+            await root.start(system.run)
+            runtime: Runtime | None = None
+
+            def resolve(request: JobRequest) -> Model:
+                assert runtime is not None
+                return runtime.resolve_model(request)
+
+            registry = Registry(config, store, clock, job_supervisor, resolve)
+            await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT))
+            runtime = Runtime(config, store, clock, registry, job_supervisor)
+            if http is not None:
+                runtime._upstream = UpstreamClient(config, http)
+            try:
+                yield runtime
+            except BaseException:
+                registry.stop_accepting()
+                root.cancel_scope.cancel()
+                raise
+            await runtime._drain(config.drain_timeout)
+            root.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True) as cleanup:
+            cleanup.deadline = trio.current_time() + config.finalize_timeout
+            if http is not None:
+                await http.aclose()
+            await store.aclose()

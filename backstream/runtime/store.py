@@ -1,0 +1,162 @@
+"""The store interface: where jobs and their logs live beyond a job actor.
+
+The runtime talks to every store (memory, SQLite, Redis) only through
+``Store``. A job actor writes its log in batches (``commit``), never once per
+token; watchers of jobs that run elsewhere, or that have finished, read from
+the store and wait on it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from backstream.protocol.events import ErrorInfo, JobStatus, LogEvent
+
+__all__ = ["JobProgress", "JobRecord", "JobRequest", "Store"]
+
+
+@attrs.frozen
+class JobRequest:
+    """What the job was asked to do: kept with the job, sent to the model."""
+
+    model: str
+    messages: tuple[dict[str, Any], ...]
+    params: dict[str, Any] = attrs.field(factory=dict)
+    tools: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class JobProgress:
+    """The fields of a job record that each commit moves forward."""
+
+    status: JobStatus
+    seq: int
+    content_length: int
+    updated_at: float
+    finished_at: float | None = None
+    error: ErrorInfo | None = None
+    usage: dict[str, Any] | None = None
+    expires_at: float | None = None
+
+
+@attrs.frozen
+class JobRecord:
+    """A job as the store keeps it. ``seq`` is the last entry written durably."""
+
+    job_id: str
+    user: str
+    thread_id: str
+    message_id: str
+    request: JobRequest
+    status: JobStatus
+    seq: int
+    epoch: int
+    content_length: int
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    error: ErrorInfo | None = None
+    usage: dict[str, Any] | None = None
+    expires_at: float | None = None
+    abort_requested: bool = False
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    def advanced(self, progress: JobProgress) -> JobRecord:
+        return attrs.evolve(
+            self,
+            status=progress.status,
+            seq=progress.seq,
+            content_length=progress.content_length,
+            updated_at=progress.updated_at,
+            finished_at=progress.finished_at,
+            error=progress.error,
+            usage=progress.usage,
+            expires_at=progress.expires_at,
+        )
+
+
+class Store(abc.ABC):
+    """Jobs, their logs and the signals between instances.
+
+    Methods raise ``UnavailableError`` when the backing service cannot be
+    reached. None of them takes a timeout: deadlines live with the caller.
+    """
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and prepare (migrations, scripts). Called once before use."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections. Cancellation: resources are still released."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return if the store answers; raise ``UnavailableError`` if not."""
+
+    @abc.abstractmethod
+    async def create_job(self, record: JobRecord) -> tuple[JobRecord, bool]:
+        """Insert ``record`` unless the user already has a job with its ``message_id``.
+
+        Returns ``(record, True)`` when inserted, or ``(existing, False)``.
+        Atomic: two racing creates never both insert.
+        """
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        """The record, or None if there is none (never existed, or swept)."""
+
+    @abc.abstractmethod
+    async def find_job(self, user: str, message_id: str) -> JobRecord | None:
+        """The user's job started with ``message_id``, if any."""
+
+    @abc.abstractmethod
+    async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
+        """Append ``entries`` (which continue the stored log) and apply ``progress``, atomically.
+
+        Wakes everyone in ``wait_for_entries`` on this job.
+        """
+
+    @abc.abstractmethod
+    async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
+        """Up to ``limit`` stored entries after ``after_seq``, in order."""
+
+    @abc.abstractmethod
+    async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
+        """Return once the stored log goes past ``after_seq`` or the job is gone.
+
+        May return early (callers re-read and wait again). Cancellation: safe.
+        """
+
+    @abc.abstractmethod
+    async def list_jobs(
+        self,
+        user: str,
+        *,
+        thread_id: str | None = None,
+        statuses: frozenset[str] | None = None,
+        limit: int = 50,
+    ) -> list[JobRecord]:
+        """The user's jobs, newest first, filtered by thread and status."""
+
+    @abc.abstractmethod
+    async def delete_expired(self, now: float) -> list[str]:
+        """Delete every finished job whose ``expires_at`` has passed; return their ids."""
+
+    @abc.abstractmethod
+    async def request_abort(self, job_id: str) -> None:
+        """Mark the job to be aborted, and tell the instance that runs it, wherever it is."""
+
+    @abc.abstractmethod
+    async def wait_abort_requested(self, job_id: str) -> None:
+        """Return when an abort of ``job_id`` has been requested (perhaps already).
+
+        Cancellation: safe; nothing is consumed.
+        """

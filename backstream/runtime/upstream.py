@@ -1,0 +1,176 @@
+"""The client for OpenAI-compatible chat-completion streams (OpenRouter, OpenAI, vLLM, ...).
+
+Retries live here and only here: 429, 502, 503 and connection errors are
+retried with backoff (honouring ``Retry-After``), a bounded number of times,
+and only before the first token; after it a retry would pay the upstream twice
+and repeat text a watcher has already seen.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from typing import Any
+
+import httpx
+import trio
+
+from backstream.protocol.events import ErrorInfo
+from backstream.protocol.sse import SSEDecoder, SSEError
+from backstream.runtime.config import Config
+from backstream.runtime.models import ChatTurn, ModelFailure, OutputSink, TurnCollector, TurnResult
+
+__all__ = ["RETRY_STATUSES", "UpstreamClient", "open_http_client"]
+
+log = logging.getLogger("backstream.upstream")
+
+RETRY_STATUSES = frozenset({429, 502, 503})
+_ERROR_BODY_LIMIT = 2048  # bytes of a non-2xx body kept for the error message
+
+
+class _Retryable(Exception):
+    def __init__(self, failure: ModelFailure, retry_after: float | None = None) -> None:
+        super().__init__(failure.error.message)
+        self.failure = failure
+        self.retry_after = retry_after
+
+
+def open_http_client(config: Config) -> httpx.AsyncClient:
+    """The shared HTTP client. Its read timeout is the upstream idle timeout: no byte
+    for that long fails the read."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=config.upstream_connect_timeout,
+            read=config.upstream_idle_timeout,
+            write=config.upstream_idle_timeout,
+            pool=None,
+        ),
+        limits=httpx.Limits(
+            max_connections=config.upstream_max_connections,
+            max_keepalive_connections=min(100, config.upstream_max_connections),
+        ),
+        follow_redirects=False,
+    )
+
+
+class UpstreamClient:
+    """Runs chat turns against ``config.upstream_url``."""
+
+    def __init__(self, config: Config, http: httpx.AsyncClient) -> None:
+        if not config.upstream_url:
+            raise ValueError("UpstreamClient needs config.upstream_url")
+        self._config = config
+        self._http = http
+        self._url = config.upstream_url.rstrip("/") + "/chat/completions"
+        headers = {"accept": "text/event-stream", **config.upstream_headers}
+        if config.upstream_api_key:
+            headers["authorization"] = f"Bearer {config.upstream_api_key}"
+        self._headers = headers
+
+    async def run_turn(self, turn: ChatTurn, sink: OutputSink) -> TurnResult:
+        """Stream one turn into ``sink``. Raises ``ModelFailure``.
+
+        Cancellation: the request is abandoned and its connection closed at once.
+        """
+        body = self._body(turn)
+        attempt = 0
+        while True:
+            collector = TurnCollector(sink, max_argument_chars=self._config.max_output_chars)
+            try:
+                await self._attempt(body, collector)
+                return collector.result()
+            except _Retryable as exc:
+                if collector.produced or attempt >= self._config.upstream_max_retries:
+                    raise exc.failure from None
+                attempt += 1
+                delay = self._backoff(attempt, exc.retry_after)
+                log.info("upstream retry %d in %.2fs: %s", attempt, delay, exc.failure.error.message)
+                await trio.sleep(delay)
+
+    def _body(self, turn: ChatTurn) -> dict[str, Any]:
+        body: dict[str, Any] = dict(turn.params)
+        body.update(
+            model=turn.model,
+            messages=list(turn.messages),
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        if turn.tools:
+            body["tools"] = list(turn.tools)
+        return body
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            delay = retry_after
+        else:
+            delay = self._config.upstream_retry_base * 2 ** (attempt - 1) * (0.5 + random.random())
+        return min(max(delay, 0.0), self._config.upstream_retry_max_delay)
+
+    async def _attempt(self, body: dict[str, Any], collector: TurnCollector) -> None:
+        try:
+            async with self._http.stream("POST", self._url, json=body, headers=self._headers) as response:
+                if not 200 <= response.status_code < 300:
+                    await self._raise_for_status(response)
+                decoder = SSEDecoder()
+                async for chunk in response.aiter_bytes():
+                    for event in decoder.feed(chunk):
+                        collector.feed_data(event.data)
+                        if collector.assembler.done:
+                            return
+                for event in decoder.close():
+                    collector.feed_data(event.data)
+        except SSEError as exc:
+            raise ModelFailure(ErrorInfo("upstream_protocol", str(exc))) from None
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+                raise _Retryable(
+                    _failure("upstream_unreachable", "connecting to the upstream timed out")
+                ) from None
+            raise ModelFailure(
+                ErrorInfo(
+                    "upstream_timeout",
+                    f"no data from the upstream for {self._config.upstream_idle_timeout:g} s",
+                )
+            ) from None
+        except httpx.TransportError as exc:
+            # Refused, reset or closed: retryable before the first token, a broken stream after.
+            message = f"upstream connection failed: {type(exc).__name__}"
+            if collector.produced:
+                raise ModelFailure(ErrorInfo("upstream_protocol", message)) from None
+            raise _Retryable(_failure("upstream_unreachable", message)) from None
+
+    async def _raise_for_status(self, response: httpx.Response) -> None:
+        status = response.status_code
+        snippet = b""
+        async for chunk in response.aiter_bytes():
+            snippet += chunk
+            if len(snippet) >= _ERROR_BODY_LIMIT:
+                break
+        detail = snippet[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").strip()
+        message = f"upstream answered HTTP {status}" + (f": {detail[:300]}" if detail else "")
+        failure = ModelFailure(ErrorInfo("upstream_http", message, http_status=status))
+        if status in RETRY_STATUSES:
+            raise _Retryable(failure, _retry_after(response.headers.get("retry-after")))
+        raise failure
+
+
+def _failure(code: str, message: str) -> ModelFailure:
+    return ModelFailure(ErrorInfo(code, message))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -1,0 +1,64 @@
+"""Checks of what a caller asks for, before anything starts. Raise ``BadRequestError``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from backstream.protocol.errors import BadRequestError
+from backstream.runtime.models import BUILTIN_PARAMS
+
+__all__ = ["ALLOWED_PARAMS", "check_identifier", "check_messages", "check_params"]
+
+ALLOWED_PARAMS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "tool_choice",
+        "parallel_tool_calls",
+        "reasoning",
+        "response_format",
+    }
+)
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MAX_ID_CHARS = 256
+
+
+def check_identifier(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_CHARS:
+        raise BadRequestError(f"{name} must be a string of 1 to {MAX_ID_CHARS} characters")
+    return value
+
+
+def check_messages(messages: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise BadRequestError("messages must be a non-empty list of chat messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequestError(f"messages[{i}] must be an object")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise BadRequestError(f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise BadRequestError(f"messages[{i}].content must be a string, a list of parts or null")
+        out.append(dict(message))
+    return tuple(out)
+
+
+def check_params(params: Any, *, builtin: bool) -> dict[str, Any]:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequestError("params must be an object")
+    allowed = ALLOWED_PARAMS | BUILTIN_PARAMS if builtin else ALLOWED_PARAMS
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise BadRequestError(f"params may not hold {', '.join(unknown)}")
+    return dict(params)
