@@ -38,6 +38,7 @@ from backstream.protocol.events import (
 )
 from backstream.runtime.config import Config
 from backstream.runtime.memory_store import MemoryStore
+from backstream.runtime.models import ChatTurn, Model, ModelFailure, OutputSink, TurnCollector, TurnResult
 from backstream.runtime.runtime import (
     AbortResult,
     Runtime,
@@ -55,6 +56,7 @@ __all__ = [
     "BadRequestError",
     "Batch",
     "CapacityError",
+    "ChatTurn",
     "Config",
     "ConflictError",
     "ErrorInfo",
@@ -64,7 +66,10 @@ __all__ = [
     "JobSummary",
     "LogEvent",
     "MemoryStore",
+    "Model",
+    "ModelFailure",
     "NotFoundError",
+    "OutputSink",
     "RateLimitedError",
     "Runtime",
     "RuntimeStatistics",
@@ -73,6 +78,8 @@ __all__ = [
     "Store",
     "TextEvent",
     "TooLargeError",
+    "TurnCollector",
+    "TurnResult",
     "UnauthorizedError",
     "UnavailableError",
     "UnsupportedProtocolError",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, overload
 
 import attrs
 import trio
@@ -195,6 +195,7 @@ _LOREM = [
     "est",
     "laborum",
 ]
+_LOREM_WORDS = [word + " " for word in _LOREM]
 
 
 def validate_builtin_params(model: str, params: dict[str, Any]) -> None:
@@ -225,7 +226,7 @@ class _BuiltinModel:
         self._default_rate = default_rate
         self._max_argument_chars = max_argument_chars
 
-    def words(self, turn: ChatTurn) -> list[str]:
+    def words(self, turn: ChatTurn) -> Sequence[str]:
         raise NotImplementedError
 
     async def run_turn(self, turn: ChatTurn, sink: OutputSink) -> TurnResult:
@@ -258,7 +259,7 @@ class _BuiltinModel:
 class EchoModel(_BuiltinModel):
     """``backstream/echo``: the last user message, word by word."""
 
-    def words(self, turn: ChatTurn) -> list[str]:
+    def words(self, turn: ChatTurn) -> Sequence[str]:
         text = next((_message_text(m) for m in reversed(turn.messages) if m.get("role") == "user"), "")
         words = re.findall(r"\S+\s*", text)
         limit = turn.params.get("max_tokens")
@@ -268,10 +269,30 @@ class EchoModel(_BuiltinModel):
 class LoremModel(_BuiltinModel):
     """``backstream/lorem``: ``params.max_tokens`` words (default 200) of lorem ipsum."""
 
-    def words(self, turn: ChatTurn) -> list[str]:
+    def words(self, turn: ChatTurn) -> Sequence[str]:
         count = turn.params.get("max_tokens")
-        count = 200 if not isinstance(count, int) else count
-        return [_LOREM[i % len(_LOREM)] + " " for i in range(count)]
+        return _LoremWords(200 if not isinstance(count, int) else count)
+
+
+class _LoremWords(Sequence[str]):
+    """The words of a lorem answer, made on demand: memory does not grow with length."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if not -self._count <= index < self._count:
+            raise IndexError(index)
+        return _LOREM_WORDS[index % len(_LOREM_WORDS)]
 
 
 BUILTIN_MODELS: dict[str, type[_BuiltinModel]] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -82,8 +82,12 @@ class Runtime:
         clock: WallClock,
         registry: Registry,
         job_supervisor: Supervisor,
+        models: Mapping[str, Model],
+        upstream: UpstreamClient | None,
     ) -> None:
         self.config = config
+        self._models = dict(models)
+        self._upstream = upstream
         self.store = store
         self._clock = clock
         self._registry = registry
@@ -112,7 +116,7 @@ class Runtime:
         check_identifier("thread_id", thread_id)
         check_identifier("message_id", message_id)
         check_identifier("model", model)
-        builtin = model.startswith(BUILTIN_PREFIX)
+        builtin = model.startswith(BUILTIN_PREFIX) or model in self._models
         checked_params = check_params(params, builtin=builtin)
         request = JobRequest(
             model=model,
@@ -134,6 +138,11 @@ class Runtime:
         raise BadRequestError(f"unknown tool: {tools[0]!r} (none are registered)")
 
     def resolve_model(self, request: JobRequest) -> Model:
+        """The model that serves ``request``: one given to ``open_runtime``, a built-in,
+        or the upstream. Raises ``BadRequestError``."""
+        model = self._models.get(request.model)
+        if model is not None:
+            return model
         if request.model.startswith(BUILTIN_PREFIX):
             validate_builtin_params(request.model, request.params)
             return builtin_model(
@@ -147,8 +156,6 @@ class Runtime:
                 f"(built-in models: {', '.join(sorted(BUILTIN_MODELS))})"
             )
         return self._upstream
-
-    _upstream: UpstreamClient | None = None
 
     @asynccontextmanager
     async def watch(
@@ -300,8 +307,17 @@ class Runtime:
 
 
 @asynccontextmanager
-async def open_runtime(config: Config | None = None, *, store: Store | None = None) -> AsyncIterator[Runtime]:
+async def open_runtime(
+    config: Config | None = None,
+    *,
+    store: Store | None = None,
+    models: Mapping[str, Model] | None = None,
+) -> AsyncIterator[Runtime]:
     """Run a runtime for the duration of the block.
+
+    ``store`` defaults to a new ``MemoryStore``. ``models`` maps model names to
+    your own ``Model`` implementations (they take precedence over the built-ins
+    and the upstream).
 
     On a normal exit, new starts are refused and running jobs get
     ``config.drain_timeout`` seconds to finish; the rest end ``interrupted``
@@ -327,9 +343,8 @@ async def open_runtime(config: Config | None = None, *, store: Store | None = No
 
             registry = Registry(config, store, clock, job_supervisor, resolve)
             await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT))
-            runtime = Runtime(config, store, clock, registry, job_supervisor)
-            if http is not None:
-                runtime._upstream = UpstreamClient(config, http)
+            upstream = UpstreamClient(config, http) if http is not None else None
+            runtime = Runtime(config, store, clock, registry, job_supervisor, models or {}, upstream)
             try:
                 yield runtime
             except BaseException:

@@ -1,0 +1,33 @@
+"""Shared test helpers: consuming watches and checking batches against the contract."""
+
+from __future__ import annotations
+
+from backstream import Batch, Runtime
+from backstream.protocol.events import StatusEvent
+
+
+async def collect(rt: Runtime, job_id: str, *, user: str = "alice", after_seq: int = 0) -> list[Batch]:
+    async with rt.watch(job_id, user=user, after_seq=after_seq) as batches:
+        return [batch async for batch in batches]
+
+
+def check_contiguous(batches: list[Batch], after_seq: int = 0) -> None:
+    """Each batch starts at the previous to_seq + 1 and ends at its last event's seq."""
+    expected = after_seq + 1
+    for batch in batches:
+        assert batch.from_seq == expected, (batch.from_seq, expected)
+        assert batch.to_seq == batch.events[-1].seq
+        seqs = [ev.seq for ev in batch.events]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert batch.from_seq <= seqs[0] <= batch.to_seq
+        expected = batch.to_seq + 1
+
+
+def joined_text(batches: list[Batch]) -> str:
+    return "".join(batch.text for batch in batches)
+
+
+def terminal(batches: list[Batch]) -> StatusEvent:
+    last = batches[-1].events[-1]
+    assert isinstance(last, StatusEvent) and last.is_terminal
+    return last

@@ -1,0 +1,197 @@
+"""Capacity, idempotency, authorization, retention and request checks."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import backstream
+from backstream import Config, MemoryStore, open_runtime
+from tests.helpers import collect, joined_text, terminal
+
+MSG = [{"role": "user", "content": "hello there"}]
+SLOW = {"max_tokens": 1000, "tokens_per_s": 10}
+
+
+async def lorem(
+    rt: backstream.Runtime, user: str, message_id: str, **params: object
+) -> backstream.StartedJob:
+    return await rt.start_job(
+        user=user,
+        thread_id="t",
+        message_id=message_id,
+        model="backstream/lorem",
+        messages=MSG,
+        params={**SLOW, **params},
+    )
+
+
+async def test_capacity_per_user_and_global(autojump_clock: trio.testing.MockClock) -> None:
+    config = Config(max_jobs=3, max_jobs_per_user=2, capacity_retry_after_ms=1500, drain_timeout=0)
+    async with open_runtime(config) as rt:
+        a1 = await lorem(rt, "alice", "m1")
+        await lorem(rt, "alice", "m2")
+        with pytest.raises(backstream.CapacityError) as per_user:
+            await lorem(rt, "alice", "m3")
+        assert per_user.value.retry_after_ms == 1500 and per_user.value.code == "capacity"
+        await lorem(rt, "bob", "m1")  # another user still has room
+        with pytest.raises(backstream.CapacityError, match="limit of 3"):
+            await lorem(rt, "carol", "m1")
+        assert rt.statistics().jobs.running == 3
+        await rt.abort(a1.job_id, user="alice")  # a finished job frees its slot
+        await lorem(rt, "alice", "m3")
+        assert rt.statistics().jobs.running == 3
+
+
+async def test_idempotent_start_per_user_and_message_id(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        first = await lorem(rt, "alice", "m1", max_tokens=5)
+        again = await lorem(rt, "alice", "m1", max_tokens=5)
+        assert not first.existing and again.existing and again.job_id == first.job_id
+        await collect(rt, first.job_id)
+        after = await lorem(rt, "alice", "m1")
+        assert after.existing and after.job_id == first.job_id and after.job.status == "completed"
+        other = await lorem(rt, "bob", "m1", max_tokens=5)
+        assert not other.existing and other.job_id != first.job_id
+        assert rt.statistics().jobs.started_total == 2
+
+
+async def test_idempotent_start_does_not_count_against_capacity(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_runtime(Config(max_jobs_per_user=1, drain_timeout=0)) as rt:
+        first = await lorem(rt, "alice", "m1")
+        again = await lorem(rt, "alice", "m1")
+        assert again.existing and again.job_id == first.job_id
+
+
+async def test_another_users_job_is_indistinguishable_from_none(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        job = await lorem(rt, "alice", "m1")
+        errors = []
+        for job_id in (job.job_id, "j_does_not_exist"):
+            with pytest.raises(backstream.NotFoundError) as e1:
+                await rt.get_job(job_id, user="bob")
+            with pytest.raises(backstream.NotFoundError) as e2:
+                async with rt.watch(job_id, user="bob"):
+                    pass
+            with pytest.raises(backstream.NotFoundError) as e3:
+                await rt.abort(job_id, user="bob")
+            errors.append([str(e.value) for e in (e1, e2, e3)])
+        assert errors[0] == errors[1]
+        assert await rt.list_jobs(user="bob") == []
+        assert (await rt.get_job(job.job_id, user="alice")).job.status == "running"
+
+
+async def test_retention_frees_the_job(autojump_clock: trio.testing.MockClock) -> None:
+    store = MemoryStore()
+    async with open_runtime(Config(retention=60, sweep_interval=5, drain_timeout=0), store=store) as rt:
+        job = await lorem(rt, "alice", "m1", max_tokens=3)
+        await collect(rt, job.job_id)
+        await trio.sleep(50)
+        assert (await rt.get_job(job.job_id, user="alice")).job.status == "completed"
+        await trio.sleep(20)
+        with pytest.raises(backstream.NotFoundError):
+            await rt.get_job(job.job_id, user="alice")
+        assert store.job_count() == 0 and rt.statistics().jobs.swept_total == 1
+        fresh = await lorem(rt, "alice", "m1", max_tokens=1)  # the message id is free again
+        assert not fresh.existing
+
+
+async def test_list_jobs_newest_first_with_filters(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        ids = []
+        for i, thread in enumerate(["t1", "t2", "t1"]):
+            started = await rt.start_job(
+                user="alice",
+                thread_id=thread,
+                message_id=f"m{i}",
+                model="backstream/lorem",
+                messages=MSG,
+                params={"max_tokens": 2 if i == 0 else 1000},
+            )
+            ids.append(started.job_id)
+            await trio.sleep(0.01)
+        await collect(rt, ids[0])
+        assert [j.job_id for j in await rt.list_jobs(user="alice")] == ids[::-1]
+        assert [j.job_id for j in await rt.list_jobs(user="alice", thread_id="t1")] == [ids[2], ids[0]]
+        assert [j.job_id for j in await rt.list_jobs(user="alice", statuses=["completed"])] == [ids[0]]
+        assert [j.job_id for j in await rt.list_jobs(user="alice", limit=1)] == [ids[2]]
+        with pytest.raises(backstream.BadRequestError):
+            await rt.list_jobs(user="alice", limit=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "content"),
+        ({"params": {"api_key": "x"}}, "api_key"),
+        ({"params": {"tokens_per_s": -1}}, "tokens_per_s"),
+        ({"params": {"max_tokens": "many"}}, "max_tokens"),
+        ({"thread_id": ""}, "thread_id"),
+        ({"message_id": "x" * 300}, "message_id"),
+        ({"tools": ["nope"]}, "unknown tool"),
+    ],
+)
+async def test_bad_requests(kwargs: dict[str, object], match: str) -> None:
+    args: dict[str, object] = dict(
+        user="alice", thread_id="t", message_id="m", model="backstream/echo", messages=MSG
+    )
+    args.update(kwargs)
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        with pytest.raises(backstream.BadRequestError, match=match):
+            await rt.start_job(**args)  # type: ignore[arg-type]
+        assert rt.statistics().jobs.started_total == 0
+
+
+async def test_upstream_params_are_restricted(autojump_clock: trio.testing.MockClock) -> None:
+    config = Config(upstream_url="http://127.0.0.1:9/v1", drain_timeout=0)
+    async with open_runtime(config) as rt:
+        with pytest.raises(backstream.BadRequestError, match="tokens_per_s"):
+            await rt.start_job(
+                user="a", thread_id="t", message_id="m", model="gpt", messages=MSG, params={"tokens_per_s": 5}
+            )
+
+
+async def test_echo_streams_the_last_user_message(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(drain_timeout=0, echo_words_per_s=10)) as rt:
+        messages = [
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "x"},
+            {"role": "user", "content": "say these five words please"},
+        ]
+        t0 = trio.current_time()
+        started = await rt.start_job(
+            user="a", thread_id="t", message_id="m", model="backstream/echo", messages=messages
+        )
+        batches = await collect(rt, started.job_id, user="a")
+        assert joined_text(batches) == "say these five words please"
+        assert terminal(batches).usage == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+        assert trio.current_time() - t0 == pytest.approx(0.5, abs=0.06)
+
+
+async def test_lorem_rate_and_length(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        t0 = trio.current_time()
+        started = await lorem(rt, "a", "m", max_tokens=60, tokens_per_s=30)
+        batches = await collect(rt, started.job_id, user="a")
+        assert len(joined_text(batches).split()) == 60
+        assert trio.current_time() - t0 == pytest.approx(2.0, abs=0.06)
+
+
+async def test_close_drains_then_interrupts(autojump_clock: trio.testing.MockClock) -> None:
+    store = MemoryStore()
+    async with open_runtime(Config(drain_timeout=2), store=store) as rt:
+        quick = await lorem(rt, "a", "m1", max_tokens=5, tokens_per_s=10)
+        slow = await lorem(rt, "a", "m2", max_tokens=100, tokens_per_s=10)
+    quick_record = await store.get_job(quick.job_id)
+    slow_record = await store.get_job(slow.job_id)
+    assert quick_record is not None and quick_record.status == "completed"
+    assert slow_record is not None and slow_record.status == "interrupted"
+    assert slow_record.content_length >= 15  # about 2 s of words kept
+    entries = await store.read(slow.job_id, 0, 10_000)
+    assert entries[-1].kind == "status" and entries[-1].seq == slow_record.seq

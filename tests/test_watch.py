@@ -1,0 +1,161 @@
+"""Watchers: batching, cursors, replay and consumers that are slow or never read."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+
+import pytest
+import trio
+
+import backstream
+from backstream import Config, open_runtime
+from tests.helpers import check_contiguous, collect, joined_text, terminal
+
+MSG = [{"role": "user", "content": "x"}]
+
+
+async def lorem(rt: backstream.Runtime, message_id: str = "m", **params: object) -> str:
+    started = await rt.start_job(
+        user="alice",
+        thread_id="t",
+        message_id=message_id,
+        model="backstream/lorem",
+        messages=MSG,
+        params=params,
+    )
+    return started.job_id
+
+
+async def test_batches_are_rate_limited_while_events_keep_coming(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_runtime(Config(batch_ms=50, drain_timeout=0)) as rt:
+        job_id = await lorem(rt, max_tokens=1000, tokens_per_s=1000)
+        times = []
+        async with rt.watch(job_id, user="alice") as batches:
+            collected = []
+            async for batch in batches:
+                times.append(trio.current_time())
+                collected.append(batch)
+        check_contiguous(collected)
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert min(gaps) >= 0.05 - 1e-9  # never more than one batch per batch_ms
+        assert 18 <= len(collected) <= 23  # about one per 50 ms over one second
+        assert len(joined_text(collected).split()) == 1000
+
+
+async def test_idle_watcher_gets_a_batch_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(batch_ms=50, drain_timeout=0)) as rt:
+        job_id = await lorem(rt, max_tokens=3, tokens_per_s=1)  # one word a second
+        async with rt.watch(job_id, user="alice") as batches:
+            first = await batches.__anext__()
+            second = await batches.__anext__()
+            t_second = trio.current_time()
+            third = await batches.__anext__()
+            # An idle watcher gets each word the moment it is logged, not on a 50 ms grid.
+            assert trio.current_time() - t_second == pytest.approx(1.0, abs=1e-6)
+        assert [first.from_seq, second.from_seq, third.from_seq] == [1, 3, 4]
+
+
+async def test_replay_from_any_cursor_after_completion(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        job_id = await lorem(rt, max_tokens=50, tokens_per_s=100)
+        full = await collect(rt, job_id)
+        content = (await rt.get_job(job_id, user="alice", include_content=True)).content
+        assert joined_text(full) == content
+        last = terminal(full).seq
+        for cursor in (0, 1, 7, last - 1):
+            part = await collect(rt, job_id, after_seq=cursor)
+            check_contiguous(part, after_seq=cursor)
+            assert terminal(part).status == "completed"
+            words_after = sum(1 for b in full for ev in b.events if ev.kind == "text" and ev.seq > cursor)
+            assert words_after <= 50
+        assert await collect(rt, job_id, after_seq=last) == []  # nothing left to send: the watch just ends
+        with pytest.raises(backstream.BadRequestError):
+            await collect(rt, job_id, after_seq=last + 1)
+
+
+async def test_epoch_mismatch_is_gone(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        job_id = await lorem(rt, max_tokens=2)
+        with pytest.raises(backstream.GoneError):
+            async with rt.watch(job_id, user="alice", epoch=2):
+                pass
+        async with rt.watch(job_id, user="alice", epoch=1) as batches:
+            assert terminal([b async for b in batches]).status == "completed"
+
+
+async def test_cursor_ahead_of_a_running_job_waits(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        job_id = await lorem(rt, max_tokens=20, tokens_per_s=10)
+        batches = await collect(rt, job_id, after_seq=10)
+        check_contiguous(batches, after_seq=10)
+        assert terminal(batches).status == "completed"
+
+
+async def test_watch_counts(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        job_id = await lorem(rt, max_tokens=100)
+        async with rt.watch(job_id, user="alice"), rt.watch(job_id, user="alice"):
+            assert (await rt.get_job(job_id, user="alice")).job.watchers == 2
+            assert rt.statistics().watchers == 2
+        assert (await rt.get_job(job_id, user="alice")).job.watchers == 0
+        assert rt.statistics().jobs_watched == 0
+
+
+async def test_large_backlog_is_split_into_bounded_batches(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_runtime(Config(max_batch_chars=1000, max_batch_events=50, drain_timeout=0)) as rt:
+        job_id = await lorem(rt, max_tokens=2000, tokens_per_s=100_000)
+        await trio.sleep(1)
+        batches = await collect(rt, job_id)
+        check_contiguous(batches)
+        assert all(len(b.text) <= 1000 + 20 and len(b.events) <= 50 for b in batches)
+        assert len(joined_text(batches).split()) == 2000
+
+
+async def test_a_consumer_that_never_reads_costs_nothing_and_slows_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def run(stuck_watchers: int, tokens: int) -> tuple[float, int]:
+        async with open_runtime(Config(drain_timeout=0)) as rt:
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            t0 = trio.current_time()
+            job_id = await lorem(rt, max_tokens=tokens, tokens_per_s=1000)
+            async with trio.open_nursery() as nursery:
+                for _ in range(stuck_watchers):
+
+                    async def stuck() -> None:
+                        async with rt.watch(job_id, user="alice") as batches:
+                            await batches.__anext__()  # reads one batch, then never again
+                            await trio.sleep_forever()
+
+                    nursery.start_soon(stuck)
+                reader = await collect(rt, job_id)
+                elapsed = trio.current_time() - t0
+                while rt.statistics().jobs.running:  # let the job's last write land first
+                    await trio.sleep(0.001)
+                gc.collect()
+                grown = tracemalloc.get_traced_memory()[0] - before
+                nursery.cancel_scope.cancel()
+            tracemalloc.stop()
+            assert terminal(reader).status == "completed"
+            return elapsed, grown
+
+    await run(20, 1000)  # warm-up: module caches created on first use are not the watchers'
+    alone_time, _ = await run(0, 10_000)
+    costs = {}
+    for tokens in (1000, 10_000):
+        time_10, mem_10 = await run(10, tokens)
+        time_30, mem_30 = await run(30, tokens)
+        costs[tokens] = (mem_30 - mem_10) / 20  # what one more stuck watcher costs
+        if tokens == 10_000:
+            # The job did not wait for anyone.
+            assert time_10 == pytest.approx(alone_time, abs=0.06)
+            assert time_30 == pytest.approx(alone_time, abs=0.06)
+    # One more stuck watcher costs the same whether the job wrote 6 KB or 60 KB since it
+    # stopped reading: it holds a cursor, not a copy (a copy would add about 54 KB each).
+    assert abs(costs[10_000] - costs[1000]) < 1_000, costs
+    assert costs[10_000] < 8_000, costs

@@ -1,0 +1,297 @@
+"""A real HTTP/1.1 server on loopback that speaks the OpenAI chat-completions stream.
+
+Each request is answered by the next scripted scenario (or the default one).
+A scenario is an async function of a ``Reply``; it can stream SSE events,
+answer an error status, stall, drop the connection or send malformed bytes.
+The server records every request body and notices when a client closes a
+connection, so tests can check that an abort really closed it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+import trio.lowlevel
+
+
+def text_chunk(text: str) -> dict[str, Any]:
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}}],
+    }
+
+
+def reasoning_chunk(text: str) -> dict[str, Any]:
+    return {"id": "c", "choices": [{"index": 0, "delta": {"reasoning": text}}]}
+
+
+def finish_chunk(reason: str = "stop") -> dict[str, Any]:
+    return {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+
+
+def usage_chunk(prompt: int = 3, completion: int = 5) -> dict[str, Any]:
+    return {
+        "id": "c",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+def tool_chunk(
+    index: int, *, call_id: str | None = None, name: str | None = None, arguments: str = ""
+) -> dict[str, Any]:
+    fragment: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+    if call_id:
+        fragment["id"] = call_id
+        fragment["type"] = "function"
+    if name:
+        fragment["function"]["name"] = name
+    return {"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]}
+
+
+def sse(obj: Any) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj)
+    return f"data: {data}\n\n".encode()
+
+
+class Reply:
+    """The server side of one request."""
+
+    def __init__(self, stream: trio.SocketStream, body: dict[str, Any]) -> None:
+        self.stream = stream
+        self.body = body
+        self._chunked = False
+
+    async def start(self, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        """Send the status line and headers of a chunked ``text/event-stream`` body."""
+        reason = {
+            200: "OK",
+            429: "Too Many Requests",
+            500: "Internal Server Error",
+            502: "Bad Gateway",
+            503: "Service Unavailable",
+        }.get(status, "Status")
+        lines = [
+            f"HTTP/1.1 {status} {reason}",
+            "content-type: text/event-stream",
+            "transfer-encoding: chunked",
+        ]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        await self.stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self._chunked = True
+
+    async def send(self, data: bytes) -> None:
+        """Send body bytes as one HTTP chunk (the client may still see them split or joined)."""
+        if data:
+            await self.stream.send_all(b"%x\r\n%s\r\n" % (len(data), data))
+
+    async def event(self, obj: Any) -> None:
+        await self.send(sse(obj))
+
+    async def end(self) -> None:
+        await self.stream.send_all(b"0\r\n\r\n")
+
+    async def error_status(self, status: int, body: str = "", headers: dict[str, str] | None = None) -> None:
+        payload = body.encode()
+        lines = [
+            f"HTTP/1.1 {status} Error",
+            "content-type: application/json",
+            f"content-length: {len(payload)}",
+        ]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        await self.stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+
+    async def drop(self) -> None:
+        """Close the connection abruptly, mid-response."""
+        await self.stream.aclose()
+
+
+Scenario = Callable[[Reply], Awaitable[None]]
+
+
+def streams(
+    texts: Sequence[str],
+    *,
+    delay: float = 0.0,
+    finish: str | None = "stop",
+    usage: bool = True,
+    done: bool = True,
+) -> Scenario:
+    """Stream ``texts`` as content deltas, ``delay`` seconds apart, then finish."""
+
+    async def scenario(reply: Reply) -> None:
+        await reply.start()
+        for text in texts:
+            if delay:
+                await trio.sleep(delay)
+            await reply.event(text_chunk(text))
+        if finish:
+            await reply.event(finish_chunk(finish))
+        if usage:
+            await reply.event(usage_chunk(completion=len(texts)))
+        if done:
+            await reply.event("[DONE]")
+        await reply.end()
+
+    return scenario
+
+
+def events(chunks: Sequence[Any], *, delay: float = 0.0) -> Scenario:
+    """Stream the given chunk objects (or raw ``str`` data) as SSE events, then end."""
+
+    async def scenario(reply: Reply) -> None:
+        await reply.start()
+        for chunk in chunks:
+            if delay:
+                await trio.sleep(delay)
+            await reply.event(chunk)
+        await reply.end()
+
+    return scenario
+
+
+def raw(pieces: Sequence[bytes]) -> Scenario:
+    """Send exactly these body pieces, each as its own HTTP chunk."""
+
+    async def scenario(reply: Reply) -> None:
+        await reply.start()
+        for piece in pieces:
+            await reply.send(piece)
+            await trio.lowlevel.checkpoint()
+        await reply.end()
+
+    return scenario
+
+
+def status(
+    code: int, *, body: str = '{"error":{"message":"nope"}}', headers: dict[str, str] | None = None
+) -> Scenario:
+    async def scenario(reply: Reply) -> None:
+        await reply.error_status(code, body, headers)
+
+    return scenario
+
+
+def stall_after(texts: Sequence[str]) -> Scenario:
+    """Send some text, then nothing, forever (until the client goes away)."""
+
+    async def scenario(reply: Reply) -> None:
+        await reply.start()
+        for text in texts:
+            await reply.event(text_chunk(text))
+        await trio.sleep_forever()
+
+    return scenario
+
+
+def stall_before_headers() -> Scenario:
+    async def scenario(reply: Reply) -> None:
+        await trio.sleep_forever()
+
+    return scenario
+
+
+def drop_after(texts: Sequence[str]) -> Scenario:
+    async def scenario(reply: Reply) -> None:
+        if texts:
+            await reply.start()
+            for text in texts:
+                await reply.event(text_chunk(text))
+        await reply.drop()
+
+    return scenario
+
+
+@attrs.define
+class FakeUpstream:
+    port: int = 0
+    requests: list[dict[str, Any]] = attrs.Factory(list)
+    scenarios: deque[Scenario] = attrs.Factory(deque)
+    default: Scenario = attrs.field(factory=lambda: streams(["Hello", " world"]))
+    connections: int = 0
+    client_closes: int = 0
+    client_closed: trio.Event = attrs.Factory(trio.Event)
+    request_arrived: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, *scenarios: Scenario) -> None:
+        self.scenarios.extend(scenarios)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            while True:
+                body = await _read_request(stream)
+                if body is None:
+                    return
+                self.requests.append(body)
+                self.request_arrived.set()
+                self.request_arrived = trio.Event()
+                scenario = self.scenarios.popleft() if self.scenarios else self.default
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._notice_close, stream, nursery.cancel_scope)
+                    try:
+                        await scenario(Reply(stream, body))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self._closed()
+                        return
+                    nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._closed()
+
+    async def _notice_close(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        # A client that is mid-request sends nothing more; EOF here means it closed.
+        try:
+            data = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self._closed()
+            scope.cancel()
+
+    def _closed(self) -> None:
+        self.client_closes += 1
+        self.client_closed.set()
+        self.client_closed = trio.Event()
+
+
+async def _read_request(stream: trio.SocketStream) -> dict[str, Any] | None:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(rest) < length:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        rest += data
+    return json.loads(rest[:length]) if length else {}
+
+
+async def open_fake_upstream(nursery: trio.Nursery) -> FakeUpstream:
+    server = FakeUpstream()
+    listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+    server.port = listeners[0].socket.getsockname()[1]
+    return server
