@@ -15,7 +15,7 @@ import trio
 from backstream.protocol.events import TERMINAL_STATUSES, LogEvent
 from backstream.runtime.store import JobProgress, JobRecord, Store
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "MemoryStoreStatistics"]
 
 
 @attrs.define
@@ -152,5 +152,23 @@ class MemoryStore(Store):
             await job.abort.wait()
 
     def job_count(self) -> int:
-        """Jobs held (for tests and statistics)."""
+        """Jobs held."""
         return len(self._jobs)
+
+    def statistics(self) -> MemoryStoreStatistics:
+        return MemoryStoreStatistics(
+            jobs=len(self._jobs),
+            entries=sum(len(job.entries) for job in self._jobs.values()),
+            message_keys=len(self._by_message),
+            users=len(self._by_user),
+            expiry_rows=len(self._expiry),
+        )
+
+
+@attrs.frozen
+class MemoryStoreStatistics:
+    jobs: int
+    entries: int
+    message_keys: int
+    users: int
+    expiry_rows: int

@@ -264,6 +264,10 @@ class Runtime:
             jobs_watched=len(self._watchers),
         )
 
+    async def wait_idle(self) -> None:
+        """Wait until no job runs in this runtime (each has written its end to the store)."""
+        await self._registry.wait_idle()
+
     def watcher_count(self, job_id: str) -> int:
         return self._watchers.get(job_id, 0)
 

@@ -1,0 +1,87 @@
+"""The job log: seqs, merging, bounds and the terminal entry."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backstream.protocol.events import ReasoningEvent, StatusEvent, TextEvent, ToolCallEvent
+from backstream.runtime.joblog import JobLog, LogClosedError, OutputLimitExceeded, merge_events
+
+
+def make_log(limit: int = 1000) -> JobLog:
+    return JobLog("j", 1, max_output_chars=limit)
+
+
+def test_seqs_merge_and_terminal_last() -> None:
+    log = make_log()
+    log.append_status("running")
+    log.append_text("a")
+    log.append_text("b")
+    log.append_reasoning("r")
+    log.append_text("c")
+    log.append_tool_call("call_1", "clock_now", "{}")
+    log.append_status("completed", finish_reason="stop")
+    assert log.last_seq == 7 and log.content_length == 3 and log.content() == "abc"
+    events = log.read(0, max_events=100, max_chars=100)
+    assert events == (
+        StatusEvent(seq=1, status="running"),
+        TextEvent(seq=3, text="ab"),
+        ReasoningEvent(seq=4, text="r"),
+        TextEvent(seq=5, text="c"),
+        ToolCallEvent(seq=6, call_id="call_1", name="clock_now", arguments="{}"),
+        StatusEvent(seq=7, status="completed", finish_reason="stop"),
+    )
+    assert log.read(2, max_events=100, max_chars=100)[0] == TextEvent(seq=3, text="b")
+    with pytest.raises(LogClosedError):
+        log.append_text("late")
+    assert log.last_seq == 7
+
+
+def test_output_limit_appends_what_fits() -> None:
+    log = make_log(limit=5)
+    log.append_text("abc")
+    with pytest.raises(OutputLimitExceeded):
+        log.append_text("defg")
+    assert log.content() == "abcde"
+    with pytest.raises(OutputLimitExceeded):
+        log.append_reasoning("x")
+    with pytest.raises(OutputLimitExceeded):
+        log.append_tool_call("c", "n", "{}")
+    assert log.last_seq == 2
+
+
+@given(
+    kinds=st.lists(st.sampled_from(["text", "reasoning", "status"]), max_size=60),
+    max_events=st.integers(min_value=1, max_value=10),
+    max_chars=st.integers(min_value=1, max_value=20),
+    after=st.integers(min_value=0, max_value=60),
+)
+def test_reads_are_contiguous_and_bounded(
+    kinds: list[str], max_events: int, max_chars: int, after: int
+) -> None:
+    log = make_log(limit=10_000)
+    for i, kind in enumerate(kinds):
+        if kind == "text":
+            log.append_text(f"t{i}")
+        elif kind == "reasoning":
+            log.append_reasoning(f"r{i}")
+        else:
+            log.append_status("running")
+    after = min(after, log.last_seq)
+    cursor, text = after, ""
+    while cursor < log.last_seq:
+        events = log.read(cursor, max_events=max_events, max_chars=max_chars)
+        assert events and len(events) <= max_events
+        for a, b in zip(events, events[1:], strict=False):
+            assert a.seq < b.seq and not (isinstance(a, TextEvent) and isinstance(b, TextEvent))
+        text += "".join(e.text for e in events if isinstance(e, TextEvent))
+        cursor = events[-1].seq
+    expected = "".join(e.text for e in log.entries(after) if isinstance(e, TextEvent))
+    assert text == expected
+
+
+def test_merge_keeps_at_least_one_entry() -> None:
+    entries = [TextEvent(seq=1, text="x" * 50), TextEvent(seq=2, text="y")]
+    assert merge_events(entries, max_events=1, max_chars=10) == (TextEvent(seq=1, text="x" * 50),)
