@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -74,7 +76,7 @@ def test_reads_are_contiguous_and_bounded(
     while cursor < log.last_seq:
         events = log.read(cursor, max_events=max_events, max_chars=max_chars)
         assert events and len(events) <= max_events
-        for a, b in zip(events, events[1:], strict=False):
+        for a, b in itertools.pairwise(events):
             assert a.seq < b.seq and not (isinstance(a, TextEvent) and isinstance(b, TextEvent))
         text += "".join(e.text for e in events if isinstance(e, TextEvent))
         cursor = events[-1].seq

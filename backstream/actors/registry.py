@@ -98,12 +98,16 @@ class Registry:
                 start.done.set()
 
     async def _admit(self, req: StartRequest) -> tuple[JobRecord, bool]:
-        existing = await self._store.find_job(req.user, req.message_id)
-        if existing is not None:
-            return existing, True
-        if not self._accepting:
-            raise UnavailableError("the server is shutting down; start the job elsewhere or later")
-        self._check_capacity(req.user)
+        if not self._accepting or self._at_capacity(req.user) is not None:
+            # Slow path: a start that repeats a message_id needs no slot.
+            existing = await self._store.find_job(req.user, req.message_id)
+            if existing is not None:
+                return existing, True
+            if not self._accepting:
+                raise UnavailableError("the server is shutting down; start the job elsewhere or later")
+            error = self._at_capacity(req.user)
+            if error is not None:
+                raise error
         model = self._resolve_model(req.request)
         now = self._clock.now()
         record = JobRecord(
@@ -119,7 +123,7 @@ class Registry:
             created_at=now,
             updated_at=now,
         )
-        record, created = await self._store.create_job(record)
+        record, created = await self._store.create_job(record)  # insert-if-absent: one round trip
         if not created:
             return record, True
         actor = JobActor(record, config=self._config, store=self._store, model=model, clock=self._clock)
@@ -128,7 +132,9 @@ class Registry:
         self._started_total += 1
         self._idle = trio.Event() if len(self._live) == 1 else self._idle
         try:
-            await self._jobs.start_child(
+            # Not waiting for the actor to run keeps admission fast under load; an abort
+            # that comes first still counts (the actor's cancel scope exists already).
+            self._jobs.start_child_soon(
                 ChildSpec(name=record.job_id, run=partial(self._run_job, actor), restart=Restart.TEMPORARY)
             )
         except BaseException:
@@ -136,17 +142,18 @@ class Registry:
             raise
         return record, False
 
-    def _check_capacity(self, user: str) -> None:
+    def _at_capacity(self, user: str) -> CapacityError | None:
         retry = self._config.capacity_retry_after_ms
         if len(self._live) >= self._config.max_jobs:
-            raise CapacityError(
+            return CapacityError(
                 f"the server is at its limit of {self._config.max_jobs} running jobs", retry_after_ms=retry
             )
         if self._running_by_user[user] >= self._config.max_jobs_per_user:
-            raise CapacityError(
+            return CapacityError(
                 f"you have {self._config.max_jobs_per_user} jobs running, the most allowed",
                 retry_after_ms=retry,
             )
+        return None
 
     async def _run_job(self, actor: JobActor, *, task_status: trio.TaskStatus[None]) -> None:
         """The job's supervised child: the actor, then its release from the registry."""

@@ -118,10 +118,20 @@ class Supervisor:
         """
         if self._nursery is None or not self._accepting:
             raise RuntimeError(f"supervisor {self.name} is not accepting children")
-        return await self._nursery.start(self._supervise, spec)
+        return await self._nursery.start(self._supervise, spec)  # task_status passed by start()
 
-    async def _supervise(self, spec: ChildSpec, *, task_status: trio.TaskStatus[Any]) -> None:
-        flag = _StartedFlag(task_status)
+    def start_child_soon(self, spec: ChildSpec) -> None:
+        """Start a child without waiting for it to run (``nursery.start_soon`` semantics).
+
+        A failure before ``task_status.started()`` counts as a crash. Raises
+        ``RuntimeError`` once the supervisor is shutting down.
+        """
+        if self._nursery is None or not self._accepting:
+            raise RuntimeError(f"supervisor {self.name} is not accepting children")
+        self._nursery.start_soon(self._supervise, spec, None)
+
+    async def _supervise(self, spec: ChildSpec, task_status: trio.TaskStatus[Any] | None = None) -> None:
+        flag = _StartedFlag(task_status or trio.TASK_STATUS_IGNORED)
         self._children += 1
         self._idle = trio.Event() if self._children == 1 else self._idle
         self._started_total += 1
@@ -131,9 +141,10 @@ class Supervisor:
                 crash = None
                 try:
                     status = _ForwardingStatus(flag) if not flag.started else trio.TASK_STATUS_IGNORED
+                    flag.started = flag.started or task_status is None
                     await spec.run(task_status=status)
                 except Exception as exc:
-                    if not flag.started:
+                    if not flag.started and task_status is not None:
                         raise  # start_child reports it; nothing to restart
                     crash = exc
                     self._crashed_total += 1

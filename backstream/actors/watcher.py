@@ -103,7 +103,8 @@ class Watcher:
         while True:
             await self._source.wait_beyond(self.cursor)
             # At most one batch per interval: what arrives meanwhile joins this batch.
-            await trio.sleep_until(self._next_batch_at)
+            if trio.current_time() < self._next_batch_at:
+                await trio.sleep_until(self._next_batch_at)
             events = await self._source.read(
                 self.cursor, max_events=self._max_events, max_chars=self._max_chars
             )

@@ -19,6 +19,7 @@ import attrs
 import httpx
 import trio
 
+from backstream.actors.job import JobActor
 from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorStatistics
 from backstream.actors.watcher import LiveSource, LogSource, StoredSource, Watcher
@@ -128,7 +129,10 @@ class Runtime:
         record, existing = await self._registry.start_job(
             StartRequest(user=user, thread_id=thread_id, message_id=message_id, request=request)
         )
-        return StartedJob(job=self._summary(record), existing=existing)
+        if existing:
+            found = await self._lookup(record.job_id, user)
+            return StartedJob(job=self._summary_of(found), existing=True)
+        return StartedJob(job=self._summary(record), existing=False)
 
     def _check_tools(self, tools: Sequence[str] | None) -> tuple[str, ...]:
         if not tools:
@@ -169,13 +173,13 @@ class Runtime:
         """
         if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
             raise BadRequestError("after_seq must be a non-negative integer")
-        record = await self._record(job_id, user)
-        actor = self._registry.live(job_id)
+        found = await self._lookup(job_id, user)
         source: LogSource
-        if actor is not None:
-            source, current_epoch = LiveSource(actor.log), actor.log.epoch
-            last_seq, finished = actor.log.last_seq, actor.log.terminal is not None
+        if isinstance(found, JobActor):
+            source, current_epoch = LiveSource(found.log), found.log.epoch
+            last_seq, finished = found.log.last_seq, found.log.terminal is not None
         else:
+            record = found
             source, current_epoch = StoredSource(self.store, job_id), record.epoch
             last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
         if epoch is not None and epoch != current_epoch:
@@ -210,7 +214,7 @@ class Runtime:
         record = await self._record(job_id, user)
         actor = self._registry.live(job_id)
         if actor is not None:
-            summary = actor.summary(self._watchers[job_id])
+            summary = actor.summary(self.watcher_count(job_id))
             if not include_content:
                 return JobInfo(job=summary)
             return JobInfo(job=summary, content=actor.log.content(offset), tool_calls=actor.log.tool_calls())
@@ -224,15 +228,16 @@ class Runtime:
     async def abort(self, job_id: str, *, user: str) -> AbortResult:
         """Abort a running job: its upstream request and tools stop at once, it ends
         ``aborted`` with its content kept. ``aborted`` is False if it had already ended."""
-        record = await self._record(job_id, user)
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            was_running = found.log.terminal is None
+            found.abort()
+            await found.finished.wait()
+            summary = found.summary(self.watcher_count(job_id))
+            return AbortResult(aborted=was_running and summary.status == "aborted", job=summary)
+        record = found
         if record.status in TERMINAL_STATUSES:
             return AbortResult(aborted=False, job=self._summary(record))
-        actor = self._registry.live(job_id)
-        if actor is not None:
-            actor.abort()
-            await actor.finished.wait()
-            summary = actor.summary(self._watchers[job_id])
-            return AbortResult(aborted=summary.status == "aborted", job=summary)
         await self.store.request_abort(job_id)
         record = await self._record(job_id, user)
         return AbortResult(aborted=record.status not in TERMINAL_STATUSES, job=self._summary(record))
@@ -253,7 +258,7 @@ class Runtime:
         out = []
         for record in records:
             actor = self._registry.live(record.job_id)
-            out.append(actor.summary(self._watchers[record.job_id]) if actor else self._summary(record))
+            out.append(actor.summary(self.watcher_count(record.job_id)) if actor else self._summary(record))
         return out
 
     def statistics(self) -> RuntimeStatistics:
@@ -273,6 +278,24 @@ class Runtime:
 
     # -- internals ---------------------------------------------------------------------
 
+    async def _lookup(self, job_id: str, user: str) -> JobActor | JobRecord:
+        """The job's live actor if it runs here (always the freshest view), else its record.
+
+        An actor leaves the registry only after its final write, so when none is
+        found the store's record is final for jobs of this process.
+        """
+        actor = self._registry.live(job_id) if isinstance(job_id, str) else None
+        if actor is not None:
+            if actor.record.user != user:
+                raise NotFoundError()
+            return actor
+        return await self._record(job_id, user)
+
+    def _summary_of(self, found: JobActor | JobRecord) -> JobSummary:
+        if isinstance(found, JobActor):
+            return found.summary(self.watcher_count(found.job_id))
+        return self._summary(found)
+
     async def _record(self, job_id: str, user: str) -> JobRecord:
         if not isinstance(job_id, str) or not job_id:
             raise NotFoundError()
@@ -284,7 +307,7 @@ class Runtime:
     def _summary(self, record: JobRecord) -> JobSummary:
         actor = self._registry.live(record.job_id)
         if actor is not None:
-            return actor.summary(self._watchers[record.job_id])
+            return actor.summary(self.watcher_count(record.job_id))
         created = format_time(record.created_at)
         updated = format_time(record.updated_at)
         assert created is not None and updated is not None
