@@ -35,7 +35,7 @@ from backstream.runtime.joblog import summarize_events
 from backstream.runtime.memory_store import MemoryStore
 from backstream.runtime.models import BUILTIN_MODELS, Model, builtin_model, validate_builtin_params
 from backstream.runtime.store import JobRecord, JobRequest, Store
-from backstream.runtime.upstream import UpstreamClient, open_http_client
+from backstream.runtime.upstream import UpstreamClient, UpstreamStatistics, open_http_client
 from backstream.runtime.validation import check_identifier, check_messages, check_params
 
 __all__ = ["AbortResult", "Runtime", "RuntimeStatistics", "StartedJob", "open_runtime"]
@@ -268,6 +268,14 @@ class Runtime:
             watchers=sum(self._watchers.values()),
             jobs_watched=len(self._watchers),
         )
+
+    def upstream_statistics(self) -> UpstreamStatistics | None:
+        """The upstream client's counters, or None without an upstream."""
+        return self._upstream.statistics() if self._upstream is not None else None
+
+    def stop_accepting(self) -> None:
+        """Refuse new jobs from now on (``UnavailableError``); running jobs go on."""
+        self._registry.stop_accepting()
 
     async def wait_idle(self) -> None:
         """Wait until no job runs in this runtime (each has written its end to the store)."""

@@ -8,26 +8,52 @@ and repeat text a watcher has already seen.
 
 from __future__ import annotations
 
+import bisect
 import email.utils
 import logging
 import random
 import time
+from collections import Counter
 from typing import Any
 
+import attrs
 import httpx
 import trio
 
+from backstream.protocol.chat_stream import ModelOutput
 from backstream.protocol.events import ErrorInfo
 from backstream.protocol.sse import SSEDecoder, SSEError
 from backstream.runtime.config import Config
 from backstream.runtime.models import ChatTurn, ModelFailure, OutputSink, TurnCollector, TurnResult
 
-__all__ = ["RETRY_STATUSES", "UpstreamClient", "open_http_client"]
+__all__ = [
+    "FIRST_TOKEN_BUCKETS",
+    "RETRY_STATUSES",
+    "UpstreamClient",
+    "UpstreamStatistics",
+    "open_http_client",
+]
 
 log = logging.getLogger("backstream.upstream")
 
 RETRY_STATUSES = frozenset({429, 502, 503})
 _ERROR_BODY_LIMIT = 2048  # bytes of a non-2xx body kept for the error message
+
+
+FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+@attrs.frozen
+class UpstreamStatistics:
+    """A snapshot: responses by HTTP status, retries, and time to first token as
+    cumulative histogram counts over ``FIRST_TOKEN_BUCKETS`` (then +Inf)."""
+
+    responses: dict[int, int]
+    connection_errors: int
+    retries: int
+    first_token_buckets: tuple[int, ...]
+    first_token_count: int
+    first_token_sum: float
 
 
 class _Retryable(Exception):
@@ -68,6 +94,29 @@ class UpstreamClient:
         if config.upstream_api_key:
             headers["authorization"] = f"Bearer {config.upstream_api_key}"
         self._headers = headers
+        self._responses: Counter[int] = Counter()
+        self._connection_errors = 0
+        self._retries = 0
+        self._first_token = [0] * (len(FIRST_TOKEN_BUCKETS) + 1)
+        self._first_token_sum = 0.0
+
+    def statistics(self) -> UpstreamStatistics:
+        cumulative, total = [], 0
+        for count in self._first_token:
+            total += count
+            cumulative.append(total)
+        return UpstreamStatistics(
+            responses=dict(self._responses),
+            connection_errors=self._connection_errors,
+            retries=self._retries,
+            first_token_buckets=tuple(cumulative),
+            first_token_count=total,
+            first_token_sum=self._first_token_sum,
+        )
+
+    def _note_first_token(self, seconds: float) -> None:
+        self._first_token[bisect.bisect_left(FIRST_TOKEN_BUCKETS, seconds)] += 1
+        self._first_token_sum += seconds
 
     async def run_turn(self, turn: ChatTurn, sink: OutputSink) -> TurnResult:
         """Stream one turn into ``sink``. Raises ``ModelFailure``.
@@ -76,8 +125,18 @@ class UpstreamClient:
         """
         body = self._body(turn)
         attempt = 0
+        started = trio.current_time()
+        awaiting_first = True
+
+        def timed_sink(out: ModelOutput) -> None:
+            nonlocal awaiting_first
+            if awaiting_first:
+                awaiting_first = False
+                self._note_first_token(trio.current_time() - started)
+            sink(out)
+
         while True:
-            collector = TurnCollector(sink, max_argument_chars=self._config.max_output_chars)
+            collector = TurnCollector(timed_sink, max_argument_chars=self._config.max_output_chars)
             try:
                 await self._attempt(body, collector)
                 return collector.result()
@@ -85,6 +144,7 @@ class UpstreamClient:
                 if collector.produced or attempt >= self._config.upstream_max_retries:
                     raise exc.failure from None
                 attempt += 1
+                self._retries += 1
                 delay = self._backoff(attempt, exc.retry_after)
                 log.info("upstream retry %d in %.2fs: %s", attempt, delay, exc.failure.error.message)
                 await trio.sleep(delay)
@@ -111,6 +171,7 @@ class UpstreamClient:
     async def _attempt(self, body: dict[str, Any], collector: TurnCollector) -> None:
         try:
             async with self._http.stream("POST", self._url, json=body, headers=self._headers) as response:
+                self._responses[response.status_code] += 1
                 if not 200 <= response.status_code < 300:
                     await self._raise_for_status(response)
                 decoder = SSEDecoder()
@@ -136,6 +197,7 @@ class UpstreamClient:
             ) from None
         except httpx.TransportError as exc:
             # Refused, reset or closed: retryable before the first token, a broken stream after.
+            self._connection_errors += 1
             message = f"upstream connection failed: {type(exc).__name__}"
             if collector.produced:
                 raise ModelFailure(ErrorInfo("upstream_protocol", message)) from None

@@ -1,0 +1,395 @@
+"""Every message of PROTOCOL.md version 1, as a frozen attrs class.
+
+Client requests carry ``id``; server replies echo it; pushes (``job.events``,
+``notification``) carry none. Each class's wire ``type`` is its ``TYPE``.
+Constraints on values live in validators, so that decoding reports them as
+``bad_request``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import attrs
+
+from backstream.protocol.events import JobSummary, LogEvent, ToolCallRecord
+
+__all__ = [
+    "CLIENT_MESSAGES",
+    "PROTOCOL_VERSION",
+    "SERVER_MESSAGES",
+    "ClientMessage",
+    "ErrorMessage",
+    "Hello",
+    "JobAbort",
+    "JobAbortResult",
+    "JobApprove",
+    "JobApproveResult",
+    "JobEvents",
+    "JobGet",
+    "JobInfoMessage",
+    "JobList",
+    "JobListResult",
+    "JobStart",
+    "JobStarted",
+    "JobUnwatch",
+    "JobUnwatched",
+    "JobWatch",
+    "JobWatching",
+    "Notification",
+    "NotificationPush",
+    "NotificationsList",
+    "NotificationsRead",
+    "NotificationsReadResult",
+    "NotificationsResult",
+    "Ping",
+    "Pong",
+    "ServerInfo",
+    "ServerMessage",
+    "ThreadMute",
+    "ThreadMuteResult",
+    "Welcome",
+]
+
+PROTOCOL_VERSION = 1
+MAX_ID_CHARS = 64
+MAX_NAME_CHARS = 256
+
+
+def _request_id(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
+    if not 1 <= len(value) <= MAX_ID_CHARS:
+        raise ValueError(f"id must be 1 to {MAX_ID_CHARS} characters")
+
+
+def _name(_inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if not 1 <= len(value) <= MAX_NAME_CHARS:
+        raise ValueError(f"{attr.name} must be 1 to {MAX_NAME_CHARS} characters")
+
+
+def _non_negative(_inst: Any, attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attr.name} must not be negative")
+
+
+def _list_limit(_inst: Any, attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and not 1 <= value <= 200:
+        raise ValueError(f"{attr.name} must be from 1 to 200")
+
+
+# -- client to server ---------------------------------------------------------------
+
+
+@attrs.frozen
+class Hello:
+    TYPE: ClassVar[str] = "hello"
+    id: str = attrs.field(validator=_request_id)
+    protocol: int
+    token: str | None = None
+    client: str | None = None
+
+
+@attrs.frozen
+class JobStart:
+    TYPE: ClassVar[str] = "job.start"
+    id: str = attrs.field(validator=_request_id)
+    thread_id: str = attrs.field(validator=_name)
+    message_id: str = attrs.field(validator=_name)
+    model: str = attrs.field(validator=_name)
+    messages: list[dict[str, Any]]
+    tools: list[str] = attrs.field(factory=list)
+    params: dict[str, Any] = attrs.field(factory=dict)
+    watch: bool = False
+
+
+@attrs.frozen
+class JobWatch:
+    TYPE: ClassVar[str] = "job.watch"
+    id: str = attrs.field(validator=_request_id)
+    job_id: str
+    after_seq: int = attrs.field(default=0, validator=_non_negative)
+    epoch: int | None = None
+
+
+@attrs.frozen
+class JobUnwatch:
+    TYPE: ClassVar[str] = "job.unwatch"
+    id: str = attrs.field(validator=_request_id)
+    job_id: str
+
+
+@attrs.frozen
+class JobAbort:
+    TYPE: ClassVar[str] = "job.abort"
+    id: str = attrs.field(validator=_request_id)
+    job_id: str
+
+
+@attrs.frozen
+class JobGet:
+    TYPE: ClassVar[str] = "job.get"
+    id: str = attrs.field(validator=_request_id)
+    job_id: str
+    include_content: bool = False
+    offset: int = attrs.field(default=0, validator=_non_negative)
+
+
+@attrs.frozen
+class JobList:
+    TYPE: ClassVar[str] = "job.list"
+    id: str = attrs.field(validator=_request_id)
+    thread_id: str | None = None
+    status: list[str] | None = None
+    limit: int = attrs.field(default=50, validator=_list_limit)
+
+
+@attrs.frozen
+class JobApprove:
+    TYPE: ClassVar[str] = "job.approve"
+    id: str = attrs.field(validator=_request_id)
+    job_id: str
+    call_id: str
+    approved: bool
+
+
+@attrs.frozen
+class NotificationsList:
+    TYPE: ClassVar[str] = "notifications.list"
+    id: str = attrs.field(validator=_request_id)
+    unread_only: bool = False
+    limit: int = attrs.field(default=50, validator=_list_limit)
+
+
+@attrs.frozen
+class NotificationsRead:
+    TYPE: ClassVar[str] = "notifications.read"
+    id: str = attrs.field(validator=_request_id)
+    ids: list[str] = attrs.field(factory=list)
+    all: bool = False
+
+
+@attrs.frozen
+class ThreadMute:
+    TYPE: ClassVar[str] = "thread.mute"
+    id: str = attrs.field(validator=_request_id)
+    thread_id: str = attrs.field(validator=_name)
+    muted: bool
+
+
+@attrs.frozen
+class Ping:
+    TYPE: ClassVar[str] = "ping"
+    id: str = attrs.field(validator=_request_id)
+
+
+ClientMessage = (
+    Hello
+    | JobStart
+    | JobWatch
+    | JobUnwatch
+    | JobAbort
+    | JobGet
+    | JobList
+    | JobApprove
+    | NotificationsList
+    | NotificationsRead
+    | ThreadMute
+    | Ping
+)
+CLIENT_MESSAGES: dict[str, type[Any]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        JobStart,
+        JobWatch,
+        JobUnwatch,
+        JobAbort,
+        JobGet,
+        JobList,
+        JobApprove,
+        NotificationsList,
+        NotificationsRead,
+        ThreadMute,
+        Ping,
+    )
+}
+
+
+# -- server to client ---------------------------------------------------------------
+
+
+@attrs.frozen
+class ServerInfo:
+    name: str
+    version: str
+
+
+@attrs.frozen
+class Welcome:
+    TYPE: ClassVar[str] = "welcome"
+    id: str
+    protocol: int
+    user: str
+    session_id: str
+    server: ServerInfo
+    features: dict[str, Any]
+    limits: dict[str, Any]
+
+
+@attrs.frozen
+class JobStarted:
+    TYPE: ClassVar[str] = "job.started"
+    id: str
+    job: JobSummary
+    existing: bool
+
+
+@attrs.frozen
+class JobWatching:
+    TYPE: ClassVar[str] = "job.watching"
+    id: str
+    job: JobSummary
+
+
+@attrs.frozen
+class JobUnwatched:
+    TYPE: ClassVar[str] = "job.unwatched"
+    id: str
+    job_id: str
+
+
+@attrs.frozen
+class JobAbortResult:
+    TYPE: ClassVar[str] = "job.abort.result"
+    id: str
+    aborted: bool
+    job: JobSummary
+
+
+@attrs.frozen
+class JobInfoMessage:
+    TYPE: ClassVar[str] = "job.info"
+    id: str
+    job: JobSummary
+    content: str | None = None
+    tool_calls: list[ToolCallRecord] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class JobListResult:
+    TYPE: ClassVar[str] = "job.list.result"
+    id: str
+    jobs: list[JobSummary]
+
+
+@attrs.frozen
+class JobApproveResult:
+    TYPE: ClassVar[str] = "job.approve.result"
+    id: str
+    job: JobSummary
+
+
+@attrs.frozen
+class Notification:
+    notification_id: str
+    type: Literal["ai.message.received", "system.warning", "ai.tool.approval_required"]
+    job_id: str
+    thread_id: str
+    title: str
+    body: str
+    created_at: str
+    read: bool
+
+
+@attrs.frozen
+class NotificationsResult:
+    TYPE: ClassVar[str] = "notifications.result"
+    id: str
+    notifications: list[Notification]
+    unread: int
+
+
+@attrs.frozen
+class NotificationsReadResult:
+    TYPE: ClassVar[str] = "notifications.read.result"
+    id: str
+    unread: int
+
+
+@attrs.frozen
+class ThreadMuteResult:
+    TYPE: ClassVar[str] = "thread.mute.result"
+    id: str
+    thread_id: str
+    muted: bool
+
+
+@attrs.frozen
+class Pong:
+    TYPE: ClassVar[str] = "pong"
+    id: str
+
+
+@attrs.frozen
+class ErrorMessage:
+    TYPE: ClassVar[str] = "error"
+    id: str | None
+    code: str
+    message: str
+    retry_after_ms: int | None = None
+
+
+@attrs.frozen
+class JobEvents:
+    """Push: a batch of a watched job's log."""
+
+    TYPE: ClassVar[str] = "job.events"
+    job_id: str
+    epoch: int
+    from_seq: int
+    to_seq: int
+    events: list[LogEvent]
+
+
+@attrs.frozen
+class NotificationPush:
+    TYPE: ClassVar[str] = "notification"
+    notification: Notification
+
+
+ServerMessage = (
+    Welcome
+    | JobStarted
+    | JobWatching
+    | JobUnwatched
+    | JobAbortResult
+    | JobInfoMessage
+    | JobListResult
+    | JobApproveResult
+    | NotificationsResult
+    | NotificationsReadResult
+    | ThreadMuteResult
+    | Pong
+    | ErrorMessage
+    | JobEvents
+    | NotificationPush
+)
+SERVER_MESSAGES: dict[str, type[Any]] = {
+    cls.TYPE: cls
+    for cls in (
+        Welcome,
+        JobStarted,
+        JobWatching,
+        JobUnwatched,
+        JobAbortResult,
+        JobInfoMessage,
+        JobListResult,
+        JobApproveResult,
+        NotificationsResult,
+        NotificationsReadResult,
+        ThreadMuteResult,
+        Pong,
+        ErrorMessage,
+        JobEvents,
+        NotificationPush,
+    )
+}

@@ -1,0 +1,190 @@
+"""The WebSocket front door: accepts clients at ``/v1`` and runs a connection actor for each.
+
+A thin I/O shell: the handshake checks (path, Origin, an optional
+``Authorization: Bearer`` header) happen here, everything after in
+``actors.connection``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket as stdlib_socket
+import ssl
+import weakref
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import Endpoint, WebSocketRequest, WebSocketServer
+
+from backstream.actors.connection import Connection, ConnectionLimits, ConnectionStats
+from backstream.protocol.errors import UnauthorizedError
+from backstream.runtime.auth import Authenticator, Identity
+from backstream.runtime.runtime import Runtime
+
+__all__ = ["FrontDoor", "FrontDoorConfig"]
+
+log = logging.getLogger("backstream.frontdoor")
+
+
+@attrs.frozen(kw_only=True)
+class FrontDoorConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    path: str = "/v1"
+    allow_origins: tuple[str, ...] = ()
+    """Exact Origin values browsers may connect from; empty allows any. No Origin header
+    (a non-browser client) is always allowed."""
+    limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    socket_send_buffer: int = 1024 * 1024
+    """SO_SNDBUF of client sockets: with ``max_unsent_bytes`` below it, a close frame always fits."""
+    handshake_timeout: float = 10.0
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False)
+    reuse_port: bool = False
+
+
+class _TrackedListener(trio.abc.Listener[trio.SocketStream]):
+    """A TCP listener that remembers each accepted stream by its peer address, so a
+    connection can read its socket's unsent-byte count."""
+
+    def __init__(self, inner: trio.SocketListener, streams: weakref.WeakValueDictionary[Any, Any]) -> None:
+        self._inner = inner
+        self._streams = streams
+        self.socket = inner.socket
+
+    async def accept(self) -> trio.SocketStream:
+        stream = await self._inner.accept()
+        try:
+            self._streams[stream.socket.getpeername()[:2]] = stream
+        except OSError:
+            pass  # the peer left already; the handshake will fail
+        return stream
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class FrontDoor:
+    """Start with ``await nursery.start(front_door.run)``; ``port`` is then bound."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        authenticator: Authenticator,
+        config: FrontDoorConfig,
+        *,
+        features: dict[str, Any] | None = None,
+        version: str = "0",
+    ) -> None:
+        self._runtime = runtime
+        self._auth = authenticator
+        self.config = config
+        self._features = features or {"tools": [], "approvals": False, "notifications": False}
+        self._version = version
+        self.stats = ConnectionStats()
+        self.connections: set[Connection] = set()
+        self._streams: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
+        self._ids = itertools.count(1)
+        self._listen_scope = trio.CancelScope()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.port = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until ``stop_accepting``; then wait for the open ones to end."""
+        listeners = await self._open_listeners()
+        self.port = listeners[0].socket.getsockname()[1]
+        tracked: list[Any] = [_TrackedListener(listener, self._streams) for listener in listeners]
+        if self.config.ssl_context is not None:
+            tracked = [
+                trio.SSLListener(listener, self.config.ssl_context, https_compatible=True)
+                for listener in tracked
+            ]
+        async with trio.open_nursery() as handlers:
+            server = WebSocketServer(
+                self._handle,
+                tracked,
+                handler_nursery=handlers,
+                message_queue_size=1,
+                max_message_size=self.config.limits.max_message_bytes,
+                connect_timeout=self.config.handshake_timeout,
+                disconnect_timeout=self.config.limits.close_timeout,
+            )
+            with self._listen_scope:
+                await server.run(task_status=task_status)  # type: ignore[arg-type]
+            for listener in listeners:
+                await listener.aclose()
+
+    async def _open_listeners(self) -> list[trio.SocketListener]:
+        sock = trio.socket.socket(
+            trio.socket.AF_INET6 if ":" in self.config.host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
+        )
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        if self.config.reuse_port:
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+        # Accepted sockets inherit the send buffer size.
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, self.config.socket_send_buffer)
+        await sock.bind((self.config.host, self.config.port))
+        sock.listen(1024)
+        return [trio.SocketListener(sock)]
+
+    def stop_accepting(self) -> None:
+        self._listen_scope.cancel()
+
+    def close_all(self, code: int, reason: str) -> None:
+        for connection in list(self.connections):
+            connection.close_soon(code, reason)
+
+    async def wait_closed(self) -> None:
+        """Wait until every connection has ended."""
+        await self._idle.wait()
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        path = request.path.split("?", 1)[0]
+        if path != self.config.path:
+            await request.reject(404, body=b"not found")
+            return
+        headers = {name.lower(): value for name, value in request.headers}
+        origin = headers.get(b"origin")
+        allowed = self.config.allow_origins
+        if origin is not None and allowed and origin.decode("latin-1") not in allowed:
+            await request.reject(403, body=b"origin not allowed")
+            return
+        header_identity: Identity | None = None
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        if authorization.lower().startswith("bearer "):
+            try:
+                header_identity = self._auth.authenticate(authorization[7:].strip())
+            except UnauthorizedError:
+                header_identity = None  # hello without a token will be refused
+        ws = await request.accept()
+        remote = request.remote
+        stream = (
+            self._streams.pop((str(remote.address), remote.port), None)
+            if isinstance(remote, Endpoint)
+            else None
+        )
+        conn_id = f"c{next(self._ids)}"
+        connection = Connection(
+            ws,
+            self._runtime,
+            self._auth,
+            self.config.limits,
+            self.stats,
+            conn_id=conn_id,
+            sock=stream.socket if stream is not None else None,
+            header_identity=header_identity,
+            features=self._features,
+            server_version=self._version,
+        )
+        self.connections.add(connection)
+        self._idle = trio.Event() if len(self.connections) == 1 else self._idle
+        try:
+            await connection.run()
+        except Exception:
+            log.exception("conn %s: connection failed", conn_id)
+        finally:
+            self.connections.discard(connection)
+            if not self.connections:
+                self._idle.set()
