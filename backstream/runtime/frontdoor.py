@@ -7,6 +7,7 @@ A thin I/O shell: the handshake checks (path, Origin, an optional
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import socket as stdlib_socket
@@ -55,10 +56,8 @@ class _TrackedListener(trio.abc.Listener[trio.SocketStream]):
 
     async def accept(self) -> trio.SocketStream:
         stream = await self._inner.accept()
-        try:
+        with contextlib.suppress(OSError):  # the peer left already; the handshake will fail
             self._streams[stream.socket.getpeername()[:2]] = stream
-        except OSError:
-            pass  # the peer left already; the handshake will fail
         return stream
 
     async def aclose(self) -> None:
