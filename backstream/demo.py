@@ -1,60 +1,84 @@
-"""``backstream demo``: the main job on embedded defaults, offline.
+"""``backstream demo``: the main job, end to end, on embedded defaults and offline.
 
-A job streams from the built-in model; the watcher drops midway while the job
-goes on in the background; a new watch resumes from the last ``seq`` seen and
-the joined text is checked against the stored answer.
+It starts a server on a free port with the built-in model, then a client that
+starts a job and watches it; midway the client drops its connection, waits
+while the job goes on in the background, reconnects, resumes from the last
+``seq`` it saw and shows the whole answer, checked against the stored one.
 """
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import trio
 
-from backstream import Config, open_runtime
+from backstream.client import open_client
+from backstream.runtime.serve import ServeHandle, serve
+from backstream.runtime.settings import ServeSettings
 
 
-def _progress(label: str, seen: int, total: int) -> None:
-    width = 30
-    filled = width * min(seen, total) // max(total, 1)
-    sys.stderr.write(f"\r{label:<10} [{'#' * filled}{'.' * (width - filled)}] {seen}/{total} words")
+def _progress(label: str, words: int, total: int, seq: int) -> None:
+    width = 32
+    filled = width * min(words, total) // max(total, 1)
+    bar = "#" * filled + "." * (width - filled)
+    sys.stderr.write(f"\r  {label:<12} [{bar}] {words:>4}/{total} words  seq {seq:<5}")
     sys.stderr.flush()
 
 
 async def run_demo(words: int, rate: float) -> int:
-    async with open_runtime(Config(drain_timeout=0)) as rt:
-        started = await rt.start_job(
-            user="demo",
+    settings = ServeSettings.defaults(port=0, retention=60.0, drain_timeout=0.0)
+    async with trio.open_nursery() as nursery:
+        handle: ServeHandle = await nursery.start(
+            partial(serve, settings, handle_signals=False, announce=lambda _: None)
+        )
+        url = f"ws://127.0.0.1:{handle.port}/v1"
+        assert handle.dev_token is not None
+        print(f"server on {url} (store: {settings.store}, model: backstream/lorem, offline)", file=sys.stderr)
+        try:
+            return await _client(url, handle.dev_token, words, rate)
+        finally:
+            handle.shutdown.set()
+
+
+async def _client(url: str, token: str, words: int, rate: float) -> int:
+    async with open_client(url, token, client_name="backstream-demo") as client:
+        started = await client.start_job(
             thread_id="demo-thread",
-            message_id="demo-1",
+            message_id="demo-message-1",
             model="backstream/lorem",
             messages=[{"role": "user", "content": "Tell me something long."}],
             params={"max_tokens": words, "tokens_per_s": rate},
         )
-        print(f"started job {started.job_id} ({words} words at {rate:g}/s)", file=sys.stderr)
-        text, last_seq = "", 0
-        async with rt.watch(started.job_id, user="demo", after_seq=0) as batches:
+        job_id = started.job.job_id
+        print(f"started job {job_id}: {words} words at {rate:g} words/s", file=sys.stderr)
+        text, dropped, dropped_once, status = "", False, False, "?"
+        async with client.watch(job_id) as batches:
             async for batch in batches:
+                if dropped and batch.from_seq:
+                    print(
+                        f"\n  resumed at seq {batch.from_seq} (right after {batch.from_seq - 1})",
+                        file=sys.stderr,
+                    )
+                    dropped = False
                 text += batch.text
-                last_seq = batch.to_seq
-                _progress("watching", len(text.split()), words)
-                if len(text.split()) >= words // 2:
-                    break  # the viewer leaves; the job does not stop
-        print(f"\nwatcher left at seq {last_seq}; the job keeps running...", file=sys.stderr)
-        await trio.sleep(words / rate / 4)
-        async with rt.watch(started.job_id, user="demo", after_seq=last_seq) as batches:
-            async for batch in batches:
-                assert batch.from_seq == last_seq + 1, "a gap in the resumed watch"
-                text += batch.text
-                last_seq = batch.to_seq
-                _progress("resumed", len(text.split()), words)
+                _progress("watching", len(text.split()), words, batch.to_seq)
                 if batch.terminal is not None:
                     status = batch.terminal.status
-        info = await rt.get_job(started.job_id, user="demo", include_content=True)
-        print(f"\njob {status}; {len(text)} characters, last seq {last_seq}", file=sys.stderr)
+                elif not dropped_once and len(text.split()) >= words // 2:
+                    dropped_once = True
+                    await client.drop_connection()
+                    print(
+                        f"\n  connection dropped at seq {batches.cursor}; the job keeps running...",
+                        file=sys.stderr,
+                    )
+                    await trio.sleep(words / rate / 4)
+                    dropped = True
+        info = await client.get(job_id, include_content=True)
+        print(f"\njob {status}: {len(text)} characters in {info.job.seq} log entries\n", file=sys.stderr)
         print(text)
         if text != info.content:
-            print("MISMATCH: the resumed text differs from the stored answer", file=sys.stderr)
+            print("MISMATCH: the text received differs from the stored answer", file=sys.stderr)
             return 1
-        print("resumed text == stored answer: nothing lost, nothing repeated", file=sys.stderr)
+        print("\nreceived text == stored answer: nothing lost, nothing repeated", file=sys.stderr)
         return 0

@@ -60,6 +60,16 @@ _ENV_ALIASES = {"token": "BACKSTREAM_TOKENS", "allow_origin": "BACKSTREAM_ALLOW_
 class ServeSettings:
     values: dict[str, Any]
 
+    @classmethod
+    def defaults(cls, **overrides: Any) -> ServeSettings:
+        """Every setting at its default, but ``overrides``."""
+        values = {option.name: option.default for option in OPTIONS}
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values.update(overrides)
+        return cls(values)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self.values[name]

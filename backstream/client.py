@@ -1,0 +1,471 @@
+"""The Python client for the WebSocket protocol (trio).
+
+    async with backstream.client.open_client("ws://127.0.0.1:8765/v1", token) as client:
+        started = await client.start_job(thread_id="t1", message_id="m1", model="backstream/echo",
+                                          messages=[{"role": "user", "content": "hello"}])
+        async with client.watch(started.job.job_id) as batches:
+            async for batch in batches:
+                print(batch.text, end="")
+
+Watches survive dropped connections: the client reconnects with backoff and
+jitter and resumes from the last ``seq`` it delivered, so the batches it yields
+join into the job's content with no gap and no repeat. Errors are the typed
+exceptions of ``backstream`` (``NotFoundError``, ``CapacityError``, ...).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any, TypeVar
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
+
+from backstream.protocol.codec import ProtocolError, decode_server, encode
+from backstream.protocol.errors import BackstreamError, UnauthorizedError, UnavailableError, error_for_code
+from backstream.protocol.events import Batch
+from backstream.protocol.messages import (
+    ClientMessage,
+    ErrorMessage,
+    Hello,
+    JobAbort,
+    JobAbortResult,
+    JobApprove,
+    JobApproveResult,
+    JobEvents,
+    JobGet,
+    JobInfoMessage,
+    JobList,
+    JobListResult,
+    JobStart,
+    JobStarted,
+    JobUnwatch,
+    JobWatch,
+    JobWatching,
+    Notification,
+    NotificationPush,
+    NotificationsList,
+    NotificationsRead,
+    NotificationsReadResult,
+    NotificationsResult,
+    Ping,
+    Pong,
+    ServerMessage,
+    ThreadMute,
+    ThreadMuteResult,
+    Welcome,
+)
+
+__all__ = ["Client", "ClientWatch", "open_client"]
+
+log = logging.getLogger("backstream.client")
+
+WATCH_BUFFER = 64
+"""Batches buffered per watch; when full, the client stops reading its socket (backpressure)."""
+INBOX_SIZE = 256
+"""Notifications kept until read; when full, the oldest is dropped (the server keeps them all)."""
+
+_Reply = TypeVar("_Reply")
+
+
+class _Session:
+    """One WebSocket connection and what waits on it."""
+
+    def __init__(self, ws: WebSocketConnection, welcome: Welcome) -> None:
+        self.ws = ws
+        self.welcome = welcome
+        self.pending: dict[str, trio.MemorySendChannel[ServerMessage]] = {}
+        self.watches: dict[str, trio.MemorySendChannel[JobEvents]] = {}
+        self.closed = trio.Event()
+        self.close_code: int | None = None
+
+    def fail_all(self) -> None:
+        for reply_slot in self.pending.values():
+            reply_slot.close()
+        for watch in self.watches.values():
+            watch.close()
+        self.pending.clear()
+        self.watches.clear()
+
+
+class Client:
+    """Use through ``open_client``."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        url: str,
+        token: str,
+        *,
+        client_name: str,
+        token_in_header: bool,
+        request_timeout: float,
+        connect_timeout: float,
+        reconnect_base: float,
+        reconnect_max: float,
+        max_reconnect_attempts: int,
+    ) -> None:
+        self._nursery = nursery
+        self._url = url
+        self._token = token
+        self._client_name = client_name
+        self._token_in_header = token_in_header
+        self._request_timeout = request_timeout
+        self._connect_timeout = connect_timeout
+        self._reconnect_base = reconnect_base
+        self._reconnect_max = reconnect_max
+        self._max_reconnect_attempts = max_reconnect_attempts
+        self._ids = itertools.count(1)
+        self._current: _Session | None = None
+        self._connect_lock = trio.Lock()
+        self._inbox: deque[Notification] = deque(maxlen=INBOX_SIZE)
+        self._inbox_changed = trio.Event()
+        self._closed = False
+        self.reconnects = 0
+
+    # -- connection --------------------------------------------------------------------
+
+    @property
+    def user(self) -> str:
+        return self._current.welcome.user if self._current else ""
+
+    @property
+    def welcome(self) -> Welcome | None:
+        return self._current.welcome if self._current else None
+
+    async def _session(self) -> _Session:
+        """The live session, connecting (with backoff) if there is none."""
+        async with self._connect_lock:
+            if self._current is not None and not self._current.closed.is_set():
+                return self._current
+            if self._closed:
+                raise UnavailableError("the client is closed")
+            attempt = 0
+            had_session = self._current is not None
+            while True:
+                try:
+                    self._current = await self._connect()
+                    if had_session:
+                        self.reconnects += 1
+                    return self._current
+                except (
+                    OSError,
+                    HandshakeError,
+                    ConnectionClosed,
+                    UnavailableError,
+                    trio.TooSlowError,
+                ) as exc:
+                    attempt += 1
+                    if attempt > self._max_reconnect_attempts:
+                        raise UnavailableError(
+                            f"could not connect after {attempt - 1} retries: {exc}"
+                        ) from None
+                    delay = min(self._reconnect_max, self._reconnect_base * 2 ** (attempt - 1))
+                    await trio.sleep(random.uniform(0, delay))  # full jitter
+
+    async def _connect(self) -> _Session:
+        headers = [(b"authorization", f"Bearer {self._token}".encode())] if self._token_in_header else None
+        with trio.fail_after(self._connect_timeout):
+            ws = await connect_websocket_url(
+                self._nursery,
+                self._url,
+                extra_headers=headers,
+                message_queue_size=WATCH_BUFFER,
+                max_message_size=64 * 1024 * 1024,
+            )
+            hello = Hello(
+                id="hello",
+                protocol=1,
+                token=None if self._token_in_header else self._token,
+                client=self._client_name,
+            )
+            try:
+                await ws.send_message(encode(hello))
+                reply = decode_server(await ws.get_message())
+            except ConnectionClosed:
+                raise UnavailableError("the server closed the connection during hello") from None
+        if isinstance(reply, ErrorMessage):
+            await ws.aclose()
+            raise error_for_code(reply.code, reply.message)
+        if not isinstance(reply, Welcome):
+            await ws.aclose()
+            raise UnavailableError(f"expected welcome, got {type(reply).TYPE}")
+        session = _Session(ws, reply)
+        self._nursery.start_soon(self._read, session)
+        return session
+
+    async def _read(self, session: _Session) -> None:
+        try:
+            while True:
+                message = decode_server(await session.ws.get_message())
+                if isinstance(message, JobEvents):
+                    channel = session.watches.get(message.job_id)
+                    if channel is not None:
+                        try:
+                            await channel.send(message)  # waits while the consumer is behind
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            session.watches.pop(message.job_id, None)
+                elif isinstance(message, NotificationPush):
+                    self._inbox.append(message.notification)
+                    self._inbox_changed.set()
+                    self._inbox_changed = trio.Event()
+                else:
+                    request_id = getattr(message, "id", None)
+                    slot = session.pending.pop(request_id, None) if request_id else None
+                    if slot is not None:
+                        slot.send_nowait(message)
+                    elif isinstance(message, ErrorMessage):
+                        log.warning("server error: %s: %s", message.code, message.message)
+        except ConnectionClosed as exc:
+            session.close_code = exc.reason.code if exc.reason else None
+        except ProtocolError as exc:
+            log.error("unreadable server message: %s", exc)
+            await session.ws.aclose(1002, "unreadable message")
+        finally:
+            session.closed.set()
+            session.fail_all()
+
+    async def _request(
+        self, message: ClientMessage, expect: type[_Reply], session: _Session | None = None
+    ) -> _Reply:
+        session = session or await self._session()
+        send, receive = trio.open_memory_channel[ServerMessage](1)
+        session.pending[message.id] = send
+        try:
+            with trio.fail_after(self._request_timeout):
+                try:
+                    await session.ws.send_message(encode(message))
+                    reply = await receive.receive()
+                except (ConnectionClosed, trio.EndOfChannel):
+                    raise UnavailableError("the connection was lost before the reply") from None
+        except trio.TooSlowError:
+            raise UnavailableError(f"no reply within {self._request_timeout:g} s") from None
+        finally:
+            session.pending.pop(message.id, None)
+        if isinstance(reply, ErrorMessage):
+            extra = {"retry_after_ms": reply.retry_after_ms} if reply.retry_after_ms is not None else {}
+            raise error_for_code(reply.code, reply.message, **extra)
+        if not isinstance(reply, expect):
+            raise UnavailableError(f"unexpected reply {type(reply).TYPE}")
+        return reply
+
+    def _id(self) -> str:
+        return f"r{next(self._ids)}"
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._current is not None:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await self._current.ws.aclose()
+
+    async def drop_connection(self) -> None:
+        """Close the current connection; watches resume on a new one (demos and tests use this)."""
+        if self._current is not None:
+            await self._current.ws.aclose()
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def start_job(
+        self,
+        *,
+        thread_id: str,
+        message_id: str,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        params: dict[str, Any] | None = None,
+        tools: Sequence[str] | None = None,
+    ) -> JobStarted:
+        message = JobStart(
+            id=self._id(),
+            thread_id=thread_id,
+            message_id=message_id,
+            model=model,
+            messages=list(messages),
+            params=dict(params or {}),
+            tools=list(tools or []),
+        )
+        return await self._request(message, JobStarted)
+
+    @asynccontextmanager
+    async def watch(
+        self, job_id: str, *, after_seq: int = 0, epoch: int | None = None
+    ) -> AsyncIterator[ClientWatch]:
+        """Watch a job from ``after_seq``; iterate for batches. Reconnects and resumes by itself."""
+        watch = ClientWatch(self, job_id, after_seq, epoch)
+        try:
+            yield watch
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + 2
+                await watch.aclose()
+
+    async def abort(self, job_id: str) -> JobAbortResult:
+        return await self._request(JobAbort(id=self._id(), job_id=job_id), JobAbortResult)
+
+    async def get(self, job_id: str, *, include_content: bool = False, offset: int = 0) -> JobInfoMessage:
+        message = JobGet(id=self._id(), job_id=job_id, include_content=include_content, offset=offset)
+        return await self._request(message, JobInfoMessage)
+
+    async def list_jobs(
+        self, *, thread_id: str | None = None, status: Sequence[str] | None = None, limit: int = 50
+    ) -> JobListResult:
+        message = JobList(
+            id=self._id(),
+            thread_id=thread_id,
+            status=list(status) if status is not None else None,
+            limit=limit,
+        )
+        return await self._request(message, JobListResult)
+
+    async def approve(self, job_id: str, call_id: str, approved: bool) -> JobApproveResult:
+        message = JobApprove(id=self._id(), job_id=job_id, call_id=call_id, approved=approved)
+        return await self._request(message, JobApproveResult)
+
+    async def notifications_list(self, *, unread_only: bool = False, limit: int = 50) -> NotificationsResult:
+        message = NotificationsList(id=self._id(), unread_only=unread_only, limit=limit)
+        return await self._request(message, NotificationsResult)
+
+    async def notifications_read(
+        self, ids: Sequence[str] = (), *, all: bool = False
+    ) -> NotificationsReadResult:
+        message = NotificationsRead(id=self._id(), ids=list(ids), all=all)
+        return await self._request(message, NotificationsReadResult)
+
+    async def mute_thread(self, thread_id: str, muted: bool = True) -> ThreadMuteResult:
+        return await self._request(
+            ThreadMute(id=self._id(), thread_id=thread_id, muted=muted), ThreadMuteResult
+        )
+
+    async def ping(self) -> Pong:
+        return await self._request(Ping(id=self._id()), Pong)
+
+    async def next_notification(self) -> Notification:
+        """The next pushed notification (the oldest kept)."""
+        while not self._inbox:
+            await self._inbox_changed.wait()
+        return self._inbox.popleft()
+
+
+class ClientWatch:
+    """An async iterator of ``Batch`` that reconnects and resumes from its cursor.
+
+    ``cursor`` is the last ``seq`` delivered. Raises ``GoneError`` if the log
+    moved to another epoch while disconnected, and the other typed errors of
+    ``job.watch``.
+    """
+
+    def __init__(self, client: Client, job_id: str, after_seq: int, epoch: int | None) -> None:
+        self._client = client
+        self.job_id = job_id
+        self.cursor = after_seq
+        self.epoch = epoch
+        self.ended = False
+        self._channel: trio.MemoryReceiveChannel[JobEvents] | None = None
+        self._session: _Session | None = None
+
+    def __aiter__(self) -> ClientWatch:
+        return self
+
+    async def __anext__(self) -> Batch:
+        while not self.ended:
+            if self._channel is None:
+                await self._subscribe()
+                continue
+            try:
+                message = await self._channel.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                self._channel = None  # the connection dropped: resubscribe from the cursor
+                continue
+            if message.from_seq != self.cursor + 1:
+                raise UnavailableError(f"batch starts at {message.from_seq}, expected {self.cursor + 1}")
+            batch = Batch(
+                message.job_id, message.epoch, message.from_seq, message.to_seq, tuple(message.events)
+            )
+            self.cursor, self.epoch = batch.to_seq, batch.epoch
+            if batch.terminal is not None:
+                self.ended = True
+            return batch
+        raise StopAsyncIteration
+
+    async def _subscribe(self) -> None:
+        while True:
+            session = await self._client._session()
+            send, receive = trio.open_memory_channel[JobEvents](WATCH_BUFFER)
+            session.watches[self.job_id] = send
+            message = JobWatch(
+                id=self._client._id(), job_id=self.job_id, after_seq=self.cursor, epoch=self.epoch
+            )
+            try:
+                reply = await self._client._request(message, JobWatching, session)
+            except UnavailableError:
+                session.watches.pop(self.job_id, None)
+                continue  # lost the connection meanwhile; the next session resumes
+            except BackstreamError:
+                session.watches.pop(self.job_id, None)
+                raise
+            self._channel, self._session = receive, session
+            if reply.job.is_terminal and reply.job.seq <= self.cursor:
+                self.ended = True  # nothing after the cursor: the job is complete
+            return
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is None or session.closed.is_set():
+            return
+        session.watches.pop(self.job_id, None)
+        if not self.ended:
+            with suppress(BackstreamError, trio.TooSlowError):
+                await self._client._request(
+                    JobUnwatch(id=self._client._id(), job_id=self.job_id), object, session
+                )
+
+
+@asynccontextmanager
+async def open_client(
+    url: str,
+    token: str,
+    *,
+    client_name: str = "backstream-python/0.1",
+    token_in_header: bool = False,
+    request_timeout: float = 30.0,
+    connect_timeout: float = 10.0,
+    reconnect_base: float = 0.2,
+    reconnect_max: float = 10.0,
+    max_reconnect_attempts: int = 30,
+) -> AsyncIterator[Client]:
+    """Connect to ``url`` (``ws://HOST:PORT/v1``) as the owner of ``token``.
+
+    The first connection's failure raises here (``UnauthorizedError`` for a bad
+    token). Later drops are retried, up to ``max_reconnect_attempts`` times in a
+    row, with exponential backoff from ``reconnect_base`` to ``reconnect_max``
+    seconds and full jitter.
+    """
+    async with trio.open_nursery() as nursery:
+        client = Client(
+            nursery,
+            url,
+            token,
+            client_name=client_name,
+            token_in_header=token_in_header,
+            request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
+            reconnect_base=reconnect_base,
+            reconnect_max=reconnect_max,
+            max_reconnect_attempts=max_reconnect_attempts,
+        )
+        try:
+            client._current = await client._connect()
+        except UnauthorizedError:
+            nursery.cancel_scope.cancel()
+            raise
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
