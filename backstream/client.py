@@ -27,7 +27,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
 from backstream.protocol.codec import ProtocolError, decode_server, encode
-from backstream.protocol.errors import BackstreamError, UnauthorizedError, UnavailableError, error_for_code
+from backstream.protocol.errors import BackstreamError, UnavailableError, error_for_code
 from backstream.protocol.events import Batch
 from backstream.protocol.messages import (
     ClientMessage,
@@ -446,6 +446,7 @@ async def open_client(
     row, with exponential backoff from ``reconnect_base`` to ``reconnect_max``
     seconds and full jitter.
     """
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         client = Client(
             nursery,
@@ -461,11 +462,12 @@ async def open_client(
         )
         try:
             client._current = await client._connect()
-        except UnauthorizedError:
-            nursery.cancel_scope.cancel()
-            raise
-        try:
             yield client
+        except Exception as exc:
+            # Raised bare after the nursery, not wrapped in an ExceptionGroup.
+            failure = exc
         finally:
             await client.aclose()
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure

@@ -28,7 +28,13 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.protocol.codec import ProtocolError, batch_message, decode_client, encode, error_message
-from backstream.protocol.errors import BackstreamError, BadRequestError, UnauthorizedError
+from backstream.protocol.errors import (
+    BackstreamError,
+    BadRequestError,
+    ConflictError,
+    TooLargeError,
+    UnauthorizedError,
+)
 from backstream.protocol.messages import (
     PROTOCOL_VERSION,
     ClientMessage,
@@ -228,7 +234,9 @@ class Connection:
                 limits={
                     "max_message_bytes": self._limits.max_message_bytes,
                     "max_jobs_per_user": config.max_jobs_per_user,
-                    "batch_ms": int(config.batch_ms) if config.batch_ms.is_integer() else config.batch_ms,
+                    "batch_ms": int(config.batch_ms)
+                    if float(config.batch_ms).is_integer()
+                    else config.batch_ms,
                 },
             )
         )
@@ -391,11 +399,17 @@ class Connection:
         info = await self._runtime.get_job(
             message.job_id, user=self.user, include_content=message.include_content, offset=message.offset
         )
-        await self._reply(
+        reply = encode(
             JobInfoMessage(
                 id=message.id, job=info.job, content=info.content, tool_calls=list(info.tool_calls)
             )
         )
+        if len(reply.encode()) > self._limits.max_message_bytes:
+            raise TooLargeError(
+                f"the reply would exceed {self._limits.max_message_bytes} bytes; "
+                "fetch the content in pieces with offset"
+            )
+        await self._send(reply)
 
     async def _on_list(self, message: JobList) -> None:
         jobs = await self._runtime.list_jobs(
@@ -405,7 +419,7 @@ class Connection:
 
     async def _on_approve(self, message: JobApprove) -> None:
         await self._runtime.get_job(message.job_id, user=self.user)  # not_found first, as for any job
-        raise BadRequestError("this job has no tool call waiting for approval")
+        raise ConflictError(f"call {message.call_id!r} is not waiting for approval")
 
     async def _on_unsupported(self, message: NotificationsList | NotificationsRead | ThreadMute) -> None:
         raise BadRequestError(f"{type(message).TYPE} is not enabled on this server")

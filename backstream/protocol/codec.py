@@ -121,8 +121,12 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_factory(is_dict, dict_hook)
 
     # Optional fields that are absent from the wire when empty.
-    for cls in (ErrorInfo, ErrorMessage, JobInfoMessage):
+    for cls in (ErrorInfo, ErrorMessage):
         conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, _cattrs_omit_if_default=True))
+    conv.register_unstructure_hook(
+        JobInfoMessage,
+        make_dict_unstructure_fn(JobInfoMessage, conv, content=override(omit_if_default=True)),
+    )
     # ``kind`` is the events' tag; the tagged union below writes it.
     for cls in EVENT_CLASSES:
         conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, kind=override(omit=True)))

@@ -364,6 +364,7 @@ async def open_runtime(
     clock = WallClock()
     http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
     await store.open()
+    failure: Exception | None = None
     try:
         async with trio.open_nursery() as root:
             job_supervisor = Supervisor("jobs")
@@ -382,12 +383,20 @@ async def open_runtime(
             runtime = Runtime(config, store, clock, registry, job_supervisor, models or {}, upstream)
             try:
                 yield runtime
+            except Exception as exc:
+                # Raised bare after the nursery, not wrapped in an ExceptionGroup.
+                failure = exc
             except BaseException:
                 registry.stop_accepting()
                 root.cancel_scope.cancel()
                 raise
-            await runtime._drain(config.drain_timeout)
+            if failure is None:
+                await runtime._drain(config.drain_timeout)
+            else:
+                registry.stop_accepting()
             root.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
     finally:
         with trio.CancelScope(shield=True) as cleanup:
             cleanup.deadline = trio.current_time() + config.finalize_timeout
