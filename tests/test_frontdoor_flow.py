@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -125,7 +126,7 @@ async def test_python_client_resumes_after_a_dropped_connection(
                     await client.drop_connection()
                     await trio.sleep(0.5)
         assert client.reconnects == 1
-        assert all(b[0] == a[1] + 1 for a, b in zip(seqs, seqs[1:], strict=False))
+        assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(seqs))
         info = await client.get(started.job.job_id, include_content=True)
         assert info.content == text and info.job.status == "completed"
         with pytest.raises(NotFoundError):

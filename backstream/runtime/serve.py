@@ -161,7 +161,10 @@ async def serve(
         with trio.move_on_after(door.config.limits.close_timeout + 1):
             await door.wait_closed()
         nursery.cancel_scope.cancel()
-    log.info("stopped")
+    # Leaving open_runtime drained the jobs (drain_timeout), then interrupted the rest.
+    finished = runtime.statistics().jobs.finished_total
+    summary = ", ".join(f"{count} {status}" for status, count in sorted(finished.items()))
+    log.info("stopped; jobs ended here: %s", summary or "none")
 
 
 async def _wait_for_signal(shutdown: trio.Event) -> None:
