@@ -138,9 +138,8 @@ def test_settings_precedence(tmp_path: Path) -> None:
 
 def test_schema_token_and_version_commands() -> None:
     def run(*a, **kw):
-        return subprocess.run(
-            [sys.executable, "-m", "backstream", *a], capture_output=True, text=True, **kw
-        )
+        return subprocess.run([sys.executable, "-m", "backstream", *a], capture_output=True, text=True, **kw)
+
     schema = json.loads(run("schema").stdout)
     assert "job.events" in schema["$defs"] and "hello" in schema["$defs"]
     assert run("version").stdout.strip() == "0.1.0"

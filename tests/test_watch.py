@@ -48,15 +48,19 @@ async def test_batches_are_rate_limited_while_events_keep_coming(
 
 async def test_idle_watcher_gets_a_batch_at_once(autojump_clock: trio.testing.MockClock) -> None:
     async with open_runtime(Config(batch_ms=50, drain_timeout=0)) as rt:
-        job_id = await lorem(rt, max_tokens=3, tokens_per_s=1)  # one word a second
+        t0 = trio.current_time()
+        job_id = await lorem(rt, max_tokens=4, tokens_per_s=1)  # word k is logged at t0 + k seconds
+        arrivals = []
         async with rt.watch(job_id, user="alice") as batches:
-            first = await batches.__anext__()
-            second = await batches.__anext__()
-            t_second = trio.current_time()
-            third = await batches.__anext__()
-            # An idle watcher gets each word the moment it is logged, not on a 50 ms grid.
-            assert trio.current_time() - t_second == pytest.approx(1.0, abs=1e-6)
-        assert [first.from_seq, second.from_seq, third.from_seq] == [1, 3, 4]
+            async for batch in batches:
+                arrivals.append((trio.current_time() - t0, batch))
+        check_contiguous([b for _, b in arrivals])
+        # Words 1..3 reach an idle watcher the moment they are logged, not on a 50 ms grid.
+        for k in (1, 2, 3):
+            when = next(
+                t for t, b in arrivals if any(ev.kind == "text" and ev.seq == k + 2 for ev in b.events)
+            )
+            assert when == pytest.approx(k, abs=1e-9)
 
 
 async def test_replay_from_any_cursor_after_completion(autojump_clock: trio.testing.MockClock) -> None:

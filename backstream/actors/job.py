@@ -148,12 +148,13 @@ class JobActor:
 
     def _on_output(self, out: ModelOutput) -> None:
         # Called synchronously per token: keep it to appends.
-        if isinstance(out, TextDelta):
-            self.log.append_text(out.text)
-        elif isinstance(out, ReasoningDelta):
-            self.log.append_reasoning(out.text)
-        elif isinstance(out, ToolCallDone):
-            self.log.append_tool_call(out.call_id, out.name, out.arguments)
+        kind = type(out)
+        if kind is TextDelta:
+            self.log.append_text(out.text)  # type: ignore[union-attr]
+        elif kind is ReasoningDelta:
+            self.log.append_reasoning(out.text)  # type: ignore[union-attr]
+        elif kind is ToolCallDone:
+            self.log.append_tool_call(out.call_id, out.name, out.arguments)  # type: ignore[union-attr]
         else:
             return
         self._updated_at = self._clock.now()

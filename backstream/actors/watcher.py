@@ -40,7 +40,8 @@ class LiveSource:
         self._log = log
 
     async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
-        await trio.lowlevel.checkpoint()
+        # The watcher has already waited; only honour a pending cancellation here.
+        await trio.lowlevel.checkpoint_if_cancelled()
         return self._log.read(after_seq, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:

@@ -89,25 +89,31 @@ class TurnCollector:
         self.produced = False  # any token yet: after it, a failure is never retried
 
     def feed_data(self, data: str) -> None:
-        self._deliver(self._guard(self.assembler.feed, data))
-
-    def feed_chunk(self, chunk: dict[str, Any]) -> None:
-        self._deliver(self._guard(self.assembler.feed_chunk, chunk))
-
-    @staticmethod
-    def _guard(fn: Callable[[Any], list[ModelOutput]], arg: Any) -> list[ModelOutput]:
+        """One SSE ``data`` payload. Raises ``ModelFailure``."""
         try:
-            return fn(arg)
+            outputs = self.assembler.feed(data)
         except ChatStreamError as exc:
             raise ModelFailure(ErrorInfo(exc.code, exc.message)) from None
+        self._deliver(outputs)
+
+    def feed_chunk(self, chunk: dict[str, Any]) -> None:
+        """One decoded chunk (built-in models). Raises ``ModelFailure``."""
+        try:
+            outputs = self.assembler.feed_chunk(chunk)
+        except ChatStreamError as exc:
+            raise ModelFailure(ErrorInfo(exc.code, exc.message)) from None
+        self._deliver(outputs)
 
     def _deliver(self, outputs: list[ModelOutput]) -> None:
+        sink = self._sink
         for out in outputs:
-            if isinstance(out, TextDelta | ReasoningDelta | ToolCallDone):
+            kind = type(out)
+            if kind is TextDelta or kind is ReasoningDelta:
                 self.produced = True
-            if isinstance(out, ToolCallDone):
-                self._tool_calls.append(out)
-            self._sink(out)
+            elif kind is ToolCallDone:
+                self.produced = True
+                self._tool_calls.append(out)  # type: ignore[arg-type]
+            sink(out)
 
     def result(self) -> TurnResult:
         """The finished turn; ``upstream_protocol`` if the stream never finished."""

@@ -20,7 +20,6 @@ import attrs
 import httpx
 import trio
 
-from backstream.protocol.chat_stream import ModelOutput
 from backstream.protocol.events import ErrorInfo
 from backstream.protocol.sse import SSEDecoder, SSEError
 from backstream.runtime.config import Config
@@ -126,19 +125,10 @@ class UpstreamClient:
         body = self._body(turn)
         attempt = 0
         started = trio.current_time()
-        awaiting_first = True
-
-        def timed_sink(out: ModelOutput) -> None:
-            nonlocal awaiting_first
-            if awaiting_first:
-                awaiting_first = False
-                self._note_first_token(trio.current_time() - started)
-            sink(out)
-
         while True:
-            collector = TurnCollector(timed_sink, max_argument_chars=self._config.max_output_chars)
+            collector = TurnCollector(sink, max_argument_chars=self._config.max_output_chars)
             try:
-                await self._attempt(body, collector)
+                await self._attempt(body, collector, started)
                 return collector.result()
             except _Retryable as exc:
                 if collector.produced or attempt >= self._config.upstream_max_retries:
@@ -168,18 +158,24 @@ class UpstreamClient:
             delay = self._config.upstream_retry_base * 2 ** (attempt - 1) * (0.5 + random.random())
         return min(max(delay, 0.0), self._config.upstream_retry_max_delay)
 
-    async def _attempt(self, body: dict[str, Any], collector: TurnCollector) -> None:
+    async def _attempt(self, body: dict[str, Any], collector: TurnCollector, started: float) -> None:
         try:
             async with self._http.stream("POST", self._url, json=body, headers=self._headers) as response:
                 self._responses[response.status_code] += 1
                 if not 200 <= response.status_code < 300:
                     await self._raise_for_status(response)
                 decoder = SSEDecoder()
+                feed = collector.feed_data
                 async for chunk in response.aiter_bytes():
                     for event in decoder.feed(chunk):
-                        collector.feed_data(event.data)
+                        feed(event.data)
                         if collector.assembler.done:
                             return
+                    if not collector.produced:
+                        continue
+                    if started >= 0:  # the first token of the turn: time it once
+                        self._note_first_token(trio.current_time() - started)
+                        started = -1.0
                 for event in decoder.close():
                     collector.feed_data(event.data)
         except SSEError as exc:
