@@ -323,7 +323,8 @@ def main() -> None:
             "server_cpu_s": round(ours["server_cpu_s"] / max(raw.get("server_cpu_s", 0.01), 0.01), 2),
         }
     print(
-        f"J={a.jobs} jobs x W={a.watchers} watchers, {a.rate:g} tokens/s, {a.tokens} tokens, batch {a.batch_ms:g} ms"
+        f"J={a.jobs} jobs x W={a.watchers} watchers, {a.rate:g} tokens/s, "
+        f"{a.tokens} tokens, batch {a.batch_ms:g} ms"
     )
     print_table(
         rows,
