@@ -166,18 +166,38 @@ class JobActor:
     # -- writes to the store -----------------------------------------------------------
 
     async def _flush_loop(self) -> None:
-        """Write new entries every ``flush_events`` entries or ``flush_ms``, whichever first."""
-        try:
-            while self.log.terminal is None:
-                await self.log.wait_for_seq(self._flushed_seq + 1)
-                if self.log.terminal is not None:
-                    return  # the final write happens in run()'s cleanup
-                with trio.move_on_after(self._config.flush_seconds):
-                    await self.log.wait_for_seq(self._flushed_seq + self._config.flush_events)
+        """Write new entries every ``flush_events`` entries or ``flush_ms``, whichever first.
+
+        A failed write is retried with backoff; the log keeps growing in memory (bounded
+        by ``max_output_chars``) and local watchers keep reading it. Failing for longer
+        than ``store_outage_limit`` ends the job ``failed``/``unavailable``.
+        """
+        failing_since: float | None = None
+        delay = 0.1
+        while self.log.terminal is None:
+            await self.log.wait_for_seq(self._flushed_seq + 1)
+            if self.log.terminal is not None:
+                return  # the final write happens in run()'s cleanup
+            with trio.move_on_after(self._config.flush_seconds):
+                await self.log.wait_for_seq(self._flushed_seq + self._config.flush_events)
+            try:
                 await self._flush()
-        except Exception as exc:
-            log.exception("job %s: writing to the store failed", self.job_id)
-            self._stop_with("failed", ErrorInfo("unavailable", f"the job store failed: {type(exc).__name__}"))
+            except Exception as exc:
+                now = trio.current_time()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= self._config.store_outage_limit:
+                    log.error(
+                        "job %s: the store failed for %gs; ending the job", self.job_id, now - failing_since
+                    )
+                    self._stop_with(
+                        "failed", ErrorInfo("unavailable", f"the job store failed: {type(exc).__name__}")
+                    )
+                    return
+                log.warning("job %s: write failed (%s); retrying in %.1fs", self.job_id, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            else:
+                failing_since, delay = None, 0.1
 
     async def _flush(self) -> None:
         async with self._flush_lock:

@@ -70,7 +70,10 @@ class Registry:
         clock: WallClock,
         jobs: Supervisor,
         resolve_model: Callable[[JobRequest], Model],
+        *,
+        instance_id: str = "local",
     ) -> None:
+        self.instance_id = instance_id
         self._config = config
         self._store = store
         self._clock = clock
@@ -122,9 +125,32 @@ class Registry:
             content_length=0,
             created_at=now,
             updated_at=now,
+            owner=self.instance_id,
+            lease_until=now + self._config.lease_ttl,
         )
+        # Slots shared by every instance (a no-op for single-process stores).
+        refused = await self._store.acquire_slot(
+            record.job_id,
+            record.user,
+            now,
+            now + self._config.lease_ttl,
+            max_jobs=self._config.max_jobs,
+            max_jobs_per_user=self._config.max_jobs_per_user,
+        )
+        if refused is not None:
+            existing = await self._store.find_job(req.user, req.message_id)
+            if existing is not None:
+                await self._store.release_slot(record.job_id, record.user)
+                return existing, True
+            scope = "the cluster" if refused == "server" else "you"
+            raise CapacityError(
+                f"{scope} reached the limit of running jobs",
+                retry_after_ms=self._config.capacity_retry_after_ms,
+            )
+        slot_id = record.job_id
         record, created = await self._store.create_job(record)  # insert-if-absent: one round trip
         if not created:
+            await self._store.release_slot(slot_id, req.user)
             return record, True
         actor = JobActor(record, config=self._config, store=self._store, model=model, clock=self._clock)
         self._live[record.job_id] = actor
@@ -233,6 +259,30 @@ class Registry:
 
     def running_ids(self) -> list[str]:
         return list(self._live)
+
+    async def keep_leases(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Renew this instance's leases and recover the jobs of dead instances, periodically."""
+        task_status.started()
+        while True:
+            await trio.sleep(self._config.lease_renew_interval)
+            now = self._clock.now()
+            if self._live:
+                await self._store.renew_leases(
+                    self.instance_id, list(self._live), now + self._config.lease_ttl
+                )
+            await self.recover_orphans()
+
+    async def recover_orphans(self) -> list[JobRecord]:
+        """End ``interrupted`` the running jobs that no live instance owns."""
+        recovered = await self._store.recover_orphans(
+            self.instance_id, self._clock.now(), self._config.retention
+        )
+        for record in recovered:
+            log.warning(
+                "job %s: its instance is gone; ended interrupted at seq %d", record.job_id, record.seq
+            )
+            self._finished_total["interrupted"] += 1
+        return recovered
 
     def statistics(self) -> RegistryStatistics:
         finished: dict[str, int] = dict(self._finished_total)

@@ -41,6 +41,15 @@ class Config:
     finalize_timeout: float = attrs.field(default=5.0, validator=_positive)
     """Bound on a job's cleanup (its last write to the store) once it has ended."""
 
+    # Many instances and durable stores.
+    lease_ttl: float = attrs.field(default=15.0, validator=_positive)
+    """A running job's lease; an instance that stops renewing it for this long is presumed dead."""
+    lease_renew_interval: float = attrs.field(default=5.0, validator=_positive)
+    """How often leases are renewed and orphaned jobs of dead instances looked for."""
+    store_outage_limit: float = attrs.field(default=30.0, validator=_positive)
+    """A job whose writes keep failing this long ends ``failed``/``unavailable``; until then it
+    retries and keeps streaming to watchers in this process."""
+
     # The job log and its writes to the store.
     max_output_chars: int = attrs.field(default=1_000_000, validator=_positive)
     """Characters a job may produce (text, reasoning, tool arguments); past it: ``output_limit``."""

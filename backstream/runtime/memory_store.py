@@ -69,9 +69,10 @@ class MemoryStore(Store):
         job = self._jobs.get(job_id)
         if job is None:
             return  # swept while its last write was under way: nothing to keep
-        if entries and entries[0].seq != len(job.entries) + 1:
-            raise ValueError(f"commit of seq {entries[0].seq} after {len(job.entries)} for {job_id}")
-        job.entries.extend(entries)
+        fresh = [ev for ev in entries if ev.seq > len(job.entries)]  # a retried commit adds nothing twice
+        if fresh and fresh[0].seq != len(job.entries) + 1:
+            raise ValueError(f"commit of seq {fresh[0].seq} after {len(job.entries)} for {job_id}")
+        job.entries.extend(fresh)
         job.record = job.record.advanced(progress)
         if progress.expires_at is not None:
             heapq.heappush(self._expiry, (progress.expires_at, job_id))

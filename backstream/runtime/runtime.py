@@ -31,6 +31,7 @@ from backstream.protocol.events import (
 )
 from backstream.runtime.clock import WallClock, format_time
 from backstream.runtime.config import Config
+from backstream.runtime.ids import new_id
 from backstream.runtime.joblog import summarize_events
 from backstream.runtime.memory_store import MemoryStore
 from backstream.runtime.models import BUILTIN_MODELS, Model, builtin_model, validate_builtin_params
@@ -269,6 +270,9 @@ class Runtime:
             jobs_watched=len(self._watchers),
         )
 
+    instance_id: str = "local"
+    """This runtime's identity among the instances that share a store."""
+
     def upstream_statistics(self) -> UpstreamStatistics | None:
         """The upstream client's counters, or None without an upstream."""
         return self._upstream.statistics() if self._upstream is not None else None
@@ -362,6 +366,7 @@ async def open_runtime(
     config = config or Config()
     store = store or MemoryStore()
     clock = WallClock()
+    instance_id = new_id("i_", clock.now())
     http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
     await store.open()
     failure: Exception | None = None
@@ -377,10 +382,14 @@ async def open_runtime(
                 assert runtime is not None
                 return runtime.resolve_model(request)
 
-            registry = Registry(config, store, clock, job_supervisor, resolve)
+            registry = Registry(config, store, clock, job_supervisor, resolve, instance_id=instance_id)
+            await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT))
+            await registry.recover_orphans()  # jobs of a dead instance end before new ones start
             await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT))
+            await system.start_child(ChildSpec("leases", registry.keep_leases, Restart.PERMANENT))
             upstream = UpstreamClient(config, http) if http is not None else None
             runtime = Runtime(config, store, clock, registry, job_supervisor, models or {}, upstream)
+            runtime.instance_id = instance_id
             try:
                 yield runtime
             except Exception as exc:
@@ -402,4 +411,5 @@ async def open_runtime(
             cleanup.deadline = trio.current_time() + config.finalize_timeout
             if http is not None:
                 await http.aclose()
-            await store.aclose()
+        # Not inside a scope of ours: a store may hold scopes it entered at open().
+        await store.aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import signal
 import ssl
@@ -41,9 +42,18 @@ log = logging.getLogger("backstream.serve")
 
 
 def make_store(url: str) -> Store:
+    """``memory``, ``sqlite:///PATH`` or ``redis://HOST:PORT/DB`` (``rediss://`` for TLS)."""
     if url == "memory":
         return MemoryStore()
-    raise ValueError(f"unknown store {url!r}; this server supports: memory")
+    if url.startswith("sqlite:///"):
+        from backstream.runtime.sqlite_store import SqliteStore, path_from_url
+
+        return SqliteStore(path_from_url(url))
+    if url.startswith(("redis://", "rediss://")):
+        from backstream.runtime.redis_store import RedisStore
+
+        return RedisStore(url, prefix=os.environ.get("BACKSTREAM_REDIS_PREFIX", "backstream"))
+    raise ValueError(f"unknown store {url!r}: use memory, sqlite:///PATH or redis://HOST:PORT/DB")
 
 
 def make_authenticator(settings: ServeSettings) -> tuple[Authenticator, str | None]:

@@ -29,7 +29,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", str, "127.0.0.1", "interface to listen on"),
     Option("port", int, 8765, "WebSocket port (path /v1)"),
     Option("http_port", int, None, "port for /healthz, /readyz and /metrics (off if unset)"),
-    Option("store", str, "memory", "where jobs live: memory"),
+    Option(
+        "store",
+        str,
+        "sqlite:///./backstream.db",
+        "where jobs live: memory, sqlite:///PATH, redis://HOST:PORT/DB",
+    ),
     Option("upstream_url", str, None, "OpenAI-compatible base URL, e.g. https://openrouter.ai/api/v1"),
     Option("upstream_api_key", str, None, "upstream API key", flag=False),
     Option(

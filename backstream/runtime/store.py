@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import trio
 
 from backstream.protocol.events import ErrorInfo, JobStatus, LogEvent
 
@@ -63,6 +64,8 @@ class JobRecord:
     usage: dict[str, Any] | None = None
     expires_at: float | None = None
     abort_requested: bool = False
+    owner: str | None = None  # the runtime instance that runs it
+    lease_until: float | None = None  # past this, without renewal, the job is an orphan
 
     @property
     def model(self) -> str:
@@ -121,7 +124,9 @@ class Store(abc.ABC):
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
         """Append ``entries`` (which continue the stored log) and apply ``progress``, atomically.
 
-        Wakes everyone in ``wait_for_entries`` on this job.
+        Entries the store already holds (a retried commit) are not appended twice. A commit
+        for a job the store no longer holds does nothing. Wakes everyone in
+        ``wait_for_entries`` on this job; a terminal commit frees the job's shared slot.
         """
 
     @abc.abstractmethod
@@ -160,3 +165,36 @@ class Store(abc.ABC):
 
         Cancellation: safe; nothing is consumed.
         """
+
+    # -- many instances: leases, orphans, shared capacity -----------------------------
+    # The defaults fit a store that one process owns (memory): nothing is shared.
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The store's background work (e.g. listening for other instances), until cancelled."""
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
+        """Extend the leases of ``owner``'s running jobs to ``until``."""
+        await trio.lowlevel.checkpoint()
+
+    async def recover_orphans(self, owner: str, now: float, retention: float) -> list[JobRecord]:
+        """End ``interrupted`` every running job whose instance is gone, keeping its durable
+        log: the terminal status goes after the last durable entry and the epoch grows by
+        one. Returns the jobs this call recovered (each exactly once across instances)."""
+        await trio.lowlevel.checkpoint()
+        return []
+
+    async def acquire_slot(
+        self, job_id: str, user: str, now: float, until: float, *, max_jobs: int, max_jobs_per_user: int
+    ) -> str | None:
+        """Take a running-job slot shared by all instances, held until ``until`` unless renewed.
+
+        Slots whose lease ended before ``now`` (a dead instance's) do not count. Returns None,
+        or why not: ``"server"`` or ``"user"``."""
+        await trio.lowlevel.checkpoint()
+        return None
+
+    async def release_slot(self, job_id: str, user: str) -> None:
+        """Give back a slot taken for a job that did not start."""
+        await trio.lowlevel.checkpoint()

@@ -1,0 +1,291 @@
+"""Every store behaviour the runtime relies on, run against memory, SQLite and Redis."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import trio
+
+from backstream import Config, Store, open_runtime
+from backstream.protocol.events import StatusEvent, TextEvent
+from backstream.runtime.memory_store import MemoryStore
+from backstream.runtime.store import JobProgress, JobRecord, JobRequest
+from tests.helpers import check_contiguous, collect, joined_text, terminal
+
+NOW = 1_800_000_000.0
+
+
+def record(
+    job_id: str = "j_1", user: str = "alice", message_id: str = "m1", thread_id: str = "t1", **kw: object
+) -> JobRecord:
+    fields: dict[str, object] = dict(
+        job_id=job_id,
+        user=user,
+        thread_id=thread_id,
+        message_id=message_id,
+        request=JobRequest("backstream/echo", ({"role": "user", "content": "hi"},), {"temperature": 0.5}),
+        status="running",
+        seq=0,
+        epoch=1,
+        content_length=0,
+        created_at=NOW,
+        updated_at=NOW,
+        owner="i_a",
+        lease_until=NOW + 15,
+    )
+    fields.update(kw)
+    return JobRecord(**fields)  # type: ignore[arg-type]
+
+
+def texts(first: int, *words: str) -> list[TextEvent]:
+    return [TextEvent(seq=first + i, text=w) for i, w in enumerate(words)]
+
+
+def progress(seq: int, status: str = "running", **kw: object) -> JobProgress:
+    return JobProgress(
+        status=status, seq=seq, content_length=kw.pop("content_length", 0), updated_at=NOW + seq, **kw
+    )  # type: ignore[arg-type]
+
+
+async def test_create_is_idempotent_per_user_and_message(store: Store) -> None:
+    first, created = await store.create_job(record())
+    assert created and first.job_id == "j_1"
+    again, created = await store.create_job(record(job_id="j_2"))
+    assert not created and again.job_id == "j_1" and again.request == first.request
+    other, created = await store.create_job(record(job_id="j_3", user="bob"))
+    assert created and other.job_id == "j_3"
+    assert (await store.get_job("j_1")) == first
+    assert (await store.find_job("alice", "m1")).job_id == "j_1"  # type: ignore[union-attr]
+    assert await store.find_job("alice", "m9") is None and await store.get_job("j_2") is None
+    # ids with separators cannot collide
+    a, _ = await store.create_job(record(job_id="j_4", user="a:b", message_id="c"))
+    b, created = await store.create_job(record(job_id="j_5", user="a", message_id="b:c"))
+    assert created and a.job_id != b.job_id
+
+
+async def test_commit_read_and_retry(store: Store) -> None:
+    await store.create_job(record())
+    await store.commit(
+        "j_1", [StatusEvent(seq=1, status="running"), *texts(2, "a", "b")], progress(3, content_length=2)
+    )
+    await store.commit("j_1", texts(4, "c"), progress(4, content_length=3))
+    # a retried commit that overlaps what is stored appends only what is new
+    await store.commit("j_1", texts(4, "c", "d"), progress(5, content_length=4))
+    await store.commit(
+        "j_1",
+        [StatusEvent(seq=6, status="completed", finish_reason="stop")],
+        progress(6, "completed", content_length=4, finished_at=NOW + 6, expires_at=NOW + 100),
+    )
+    entries = await store.read("j_1", 0, 100)
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5, 6]
+    assert "".join(e.text for e in entries if isinstance(e, TextEvent)) == "abcd"
+    assert [e.seq for e in await store.read("j_1", 3, 2)] == [4, 5]
+    assert await store.read("j_1", 6, 10) == []
+    final = await store.get_job("j_1")
+    assert final is not None and final.status == "completed" and final.seq == 6 and final.content_length == 4
+    assert final.finished_at == NOW + 6 and final.expires_at == NOW + 100
+    await store.commit("j_nope", texts(1, "x"), progress(1))  # nothing to keep: no error
+    assert await store.get_job("j_nope") is None
+
+
+async def test_wait_for_entries_wakes_on_commit(store: Store) -> None:
+    await store.create_job(record())
+    woke = trio.Event()
+
+    async def waiter() -> None:
+        await store.wait_for_entries("j_1", 0)
+        woke.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(0.1)
+        assert not woke.is_set()
+        await store.commit("j_1", texts(1, "x"), progress(1))
+        with trio.fail_after(0.5):  # well before the poll fallback
+            await woke.wait()
+    with trio.fail_after(0.5):
+        await store.wait_for_entries("j_1", 0)  # already beyond: returns at once
+
+
+async def test_list_jobs_order_and_filters(store: Store) -> None:
+    for i, (thread, status) in enumerate([("t1", "completed"), ("t2", "running"), ("t1", "running")]):
+        await store.create_job(
+            record(job_id=f"j_{i}", message_id=f"m{i}", thread_id=thread, created_at=NOW + i)
+        )
+        if status == "completed":
+            await store.commit(
+                f"j_{i}",
+                [StatusEvent(seq=1, status="completed")],
+                progress(1, "completed", finished_at=NOW, expires_at=NOW + 50),
+            )
+    await store.create_job(record(job_id="j_b", user="bob", message_id="m0"))
+    assert [r.job_id for r in await store.list_jobs("alice")] == ["j_2", "j_1", "j_0"]
+    assert [r.job_id for r in await store.list_jobs("alice", thread_id="t1")] == ["j_2", "j_0"]
+    assert [r.job_id for r in await store.list_jobs("alice", statuses=frozenset({"completed"}))] == ["j_0"]
+    assert [r.job_id for r in await store.list_jobs("alice", limit=2)] == ["j_2", "j_1"]
+    assert [r.job_id for r in await store.list_jobs("bob")] == ["j_b"]
+
+
+async def test_delete_expired_frees_everything(store: Store) -> None:
+    await store.create_job(record())
+    await store.commit(
+        "j_1",
+        [*texts(1, "x"), StatusEvent(seq=2, status="completed")],
+        progress(2, "completed", finished_at=NOW, expires_at=NOW + 60),
+    )
+    await store.create_job(record(job_id="j_2", message_id="m2"))  # still running: never swept
+    assert await store.delete_expired(NOW + 59) == []
+    assert await store.delete_expired(NOW + 61) == ["j_1"]
+    assert await store.get_job("j_1") is None and await store.read("j_1", 0, 10) == []
+    assert [r.job_id for r in await store.list_jobs("alice")] == ["j_2"]
+    fresh, created = await store.create_job(record(job_id="j_3"))  # the message id is free again
+    assert created and fresh.job_id == "j_3"
+
+
+async def test_abort_signal(store: Store) -> None:
+    await store.create_job(record())
+    got = trio.Event()
+
+    async def listen() -> None:
+        await store.wait_abort_requested("j_1")
+        got.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listen)
+        await trio.sleep(0.1)
+        assert not got.is_set()
+        await store.request_abort("j_1")
+        with trio.fail_after(2):
+            await got.wait()
+    assert (await store.get_job("j_1")).abort_requested  # type: ignore[union-attr]
+    with trio.fail_after(2):
+        await store.wait_abort_requested("j_1")  # already requested: returns at once
+
+
+async def test_orphans_end_interrupted_once(store: Store) -> None:
+    await store.create_job(record(lease_until=NOW + 15))
+    await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "durable ")], progress(2))
+    if isinstance(store, MemoryStore):
+        assert await store.recover_orphans("i_b", NOW + 100, 60) == []  # one process: no orphans
+        return
+    if store.__class__.__name__ == "RedisStore":
+        await store.acquire_slot("j_1", "alice", NOW, NOW + 15, max_jobs=10, max_jobs_per_user=10)
+        assert await store.recover_orphans("i_b", NOW + 10, 60) == []  # the lease still holds
+    recovered = await store.recover_orphans("i_b", NOW + 20, 60)
+    assert [r.job_id for r in recovered] == ["j_1"]
+    final = recovered[0]
+    assert final.status == "interrupted" and final.seq == 3 and final.epoch == 2
+    entries = await store.read("j_1", 0, 10)
+    assert [e.seq for e in entries] == [1, 2, 3]
+    assert isinstance(entries[-1], StatusEvent) and entries[-1].status == "interrupted"
+    assert await store.recover_orphans("i_c", NOW + 30, 60) == []  # never twice
+
+
+async def test_shared_slots(store: Store) -> None:
+    async def take(job_id: str, user: str, now: float = NOW) -> str | None:
+        return await store.acquire_slot(job_id, user, now, now + 15, max_jobs=2, max_jobs_per_user=1)
+
+    if store.__class__.__name__ != "RedisStore":
+        assert await take("a", "alice") is None and await take("b", "alice") is None  # local counting only
+        return
+    assert await take("a", "alice") is None
+    assert await take("b", "alice") == "user"
+    assert await take("c", "bob") is None
+    assert await take("d", "carol") == "server"
+    await store.release_slot("c", "bob")
+    assert await take("d", "carol") is None
+    assert await take("e", "dave", now=NOW + 16) is None  # expired leases (dead instances) do not count
+
+
+# -- the runtime's lifecycle on each store ---------------------------------------------
+
+
+async def test_runtime_lifecycle(unopened_store: Store) -> None:
+    store = unopened_store
+    config = Config(drain_timeout=0, flush_ms=20, retention=0.5, sweep_interval=0.1)
+    async with open_runtime(config, store=store) as rt:
+        started = await rt.start_job(
+            user="alice",
+            thread_id="t",
+            message_id="m",
+            model="backstream/lorem",
+            messages=[{"role": "user", "content": "x"}],
+            params={"max_tokens": 40, "tokens_per_s": 400},
+        )
+        live = await collect(rt, started.job_id)
+        check_contiguous(live)
+        await rt.wait_idle()
+        replay = await collect(rt, started.job_id)  # from the store now: the actor is gone
+        check_contiguous(replay)
+        assert joined_text(replay) == joined_text(live) and len(joined_text(live).split()) == 40
+        assert terminal(replay) == terminal(live)
+        info = await rt.get_job(started.job_id, user="alice", include_content=True)
+        assert info.content == joined_text(live) and info.job.status == "completed"
+        again = await rt.start_job(
+            user="alice",
+            thread_id="t",
+            message_id="m",
+            model="backstream/lorem",
+            messages=[{"role": "user", "content": "x"}],
+        )
+        assert again.existing and again.job_id == started.job_id
+        slow = await rt.start_job(
+            user="alice",
+            thread_id="t",
+            message_id="m2",
+            model="backstream/lorem",
+            messages=[{"role": "user", "content": "x"}],
+            params={"max_tokens": 1000, "tokens_per_s": 50},
+        )
+        await trio.sleep(0.2)
+        aborted = await rt.abort(slow.job_id, user="alice")
+        assert aborted.aborted and aborted.job.status == "aborted"
+        stored = await store.get_job(slow.job_id)
+        assert (
+            stored is not None
+            and stored.status == "aborted"
+            and stored.content_length == aborted.job.content_length
+        )
+        await trio.sleep(1.2)  # retention passes, the sweep runs
+        assert await store.get_job(started.job_id) is None
+        assert await rt.list_jobs(user="alice") == []
+
+
+async def test_runtime_watch_follows_a_job_through_the_store(unopened_store: Store) -> None:
+    store = unopened_store
+    """A watcher reading only the store (as on another instance) sees every entry in order."""
+    from backstream.actors.watcher import StoredSource, Watcher
+
+    async with open_runtime(Config(drain_timeout=0, flush_ms=20), store=store) as rt:
+        started = await rt.start_job(
+            user="alice",
+            thread_id="t",
+            message_id="m",
+            model="backstream/lorem",
+            messages=[{"role": "user", "content": "x"}],
+            params={"max_tokens": 60, "tokens_per_s": 200},
+        )
+        watcher = Watcher(
+            started.job_id,
+            1,
+            StoredSource(store, started.job_id),
+            after_seq=0,
+            batch_seconds=0.05,
+            max_batch_events=1024,
+            max_batch_chars=1 << 18,
+        )
+        with trio.fail_after(10):
+            batches = [b async for b in watcher]
+        check_contiguous(batches)
+        assert terminal(batches).status == "completed"
+        info = await rt.get_job(started.job_id, user="alice", include_content=True)
+        assert joined_text(batches) == info.content
+
+
+def test_records_survive_serialization() -> None:
+    from backstream.runtime.serialization import record_from_dict, record_to_dict
+
+    full = attrs.evolve(record(), abort_requested=True, usage={"prompt_tokens": 3})
+    assert record_from_dict(record_to_dict(full)) == full
+    with pytest.raises(Exception):
+        record_from_dict({"job_id": "x"})
