@@ -9,6 +9,7 @@ while the job goes on in the background, reconnects, resumes from the last
 from __future__ import annotations
 
 import sys
+import tempfile
 from functools import partial
 
 import trio
@@ -27,14 +28,21 @@ def _progress(label: str, words: int, total: int, seq: int) -> None:
 
 
 async def run_demo(words: int, rate: float) -> int:
-    settings = ServeSettings.defaults(port=0, retention=60.0, drain_timeout=0.0)
+    with tempfile.TemporaryDirectory(prefix="backstream-demo-") as workdir:
+        settings = ServeSettings.defaults(
+            port=0, retention=60.0, drain_timeout=0.0, store=f"sqlite:///{workdir}/demo.db"
+        )
+        return await _serve_and_run(settings, words, rate)
+
+
+async def _serve_and_run(settings: ServeSettings, words: int, rate: float) -> int:
     async with trio.open_nursery() as nursery:
         handle: ServeHandle = await nursery.start(
             partial(serve, settings, handle_signals=False, announce=lambda _: None)
         )
         url = f"ws://127.0.0.1:{handle.port}/v1"
         assert handle.dev_token is not None
-        print(f"server on {url} (store: {settings.store}, model: backstream/lorem, offline)", file=sys.stderr)
+        print(f"server on {url} (store: SQLite, model: backstream/lorem, offline)", file=sys.stderr)
         try:
             return await _client(url, handle.dev_token, words, rate)
         finally:

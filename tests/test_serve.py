@@ -20,6 +20,17 @@ from backstream.runtime.serve import ServeHandle, serve
 from backstream.runtime.settings import ServeSettings, add_serve_arguments, load_settings
 
 
+def _jobs_in(path: Path) -> dict[str, tuple[str, int]]:
+    """job_id -> (status, content_length), read straight from a SQLite store file."""
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        return {
+            job_id: (status, json.loads(record)["content_length"])
+            for job_id, status, record in conn.execute("SELECT job_id, status, record FROM jobs")
+        }
+
+
 def free_port() -> int:
     import socket
 
@@ -44,7 +55,18 @@ def test_sigterm_closes_clients_1001_and_drains(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "BACKSTREAM_TOKENS": "tok=alice"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "backstream", "serve", "--port", str(port), "--drain-timeout", "1.5"],
+        [
+            sys.executable,
+            "-m",
+            "backstream",
+            "serve",
+            "--port",
+            str(port),
+            "--drain-timeout",
+            "1.5",
+            "--store",
+            f"sqlite:///{tmp_path}/jobs.db",
+        ],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -81,13 +103,19 @@ def test_sigterm_closes_clients_1001_and_drains(tmp_path: Path) -> None:
         log = server.stderr.read() if server.stderr else ""
         assert "1 completed" in log and "1 interrupted" in log
         assert "tok" not in log.replace("tokens", "")  # tokens never reach the log
+        statuses = _jobs_in(tmp_path / "jobs.db")
+        assert sorted(s for s, _ in statuses.values()) == ["completed", "interrupted"]
+        interrupted_chars = next(chars for s, chars in statuses.values() if s == "interrupted")
+        assert interrupted_chars > 0  # its content up to the drain is kept
     finally:
         if server.poll() is None:
             server.kill()
 
 
 async def test_health_ready_and_metrics() -> None:
-    settings = ServeSettings.defaults(port=0, http_port=0, token=("tok=alice",), drain_timeout=0.0)
+    settings = ServeSettings.defaults(
+        port=0, http_port=0, token=("tok=alice",), drain_timeout=0.0, store="memory"
+    )
     async with trio.open_nursery() as nursery:
         handle: ServeHandle = await nursery.start(
             lambda task_status: serve(
@@ -157,7 +185,9 @@ def test_schema_token_and_version_commands() -> None:
 def test_serve_without_auth_prints_a_dev_token() -> None:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "backstream", "serve", "--port", str(port)], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "backstream", "serve", "--port", str(port), "--store", "memory"],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for_port(port)

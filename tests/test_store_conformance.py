@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+import cattrs
 import pytest
 import trio
 
@@ -287,5 +288,5 @@ def test_records_survive_serialization() -> None:
 
     full = attrs.evolve(record(), abort_requested=True, usage={"prompt_tokens": 3})
     assert record_from_dict(record_to_dict(full)) == full
-    with pytest.raises(Exception):
+    with pytest.raises(cattrs.ClassValidationError):
         record_from_dict({"job_id": "x"})

@@ -97,8 +97,12 @@ class Registry:
             nursery.start_soon(self._sweep_loop)
             task_status.started()
             async for start in self._mailbox_receive:
-                start.result = await outcome.acapture(self._admit, start.request)
-                start.done.set()
+                try:
+                    start.result = await outcome.acapture(self._admit, start.request)
+                finally:
+                    if start.result is None:  # cancelled mid-admission: the caller must not hang
+                        start.result = outcome.Error(UnavailableError("the registry restarted; try again"))
+                    start.done.set()
 
     async def _admit(self, req: StartRequest) -> tuple[JobRecord, bool]:
         if not self._accepting or self._at_capacity(req.user) is not None:
@@ -226,7 +230,11 @@ class Registry:
     async def _sweep_loop(self) -> None:
         while True:
             await trio.sleep(self._config.sweep_interval)
-            swept = await self._store.delete_expired(self._clock.now())
+            try:
+                swept = await self._store.delete_expired(self._clock.now())
+            except UnavailableError as exc:
+                log.warning("retention sweep skipped: %s", exc)  # the next one catches up
+                continue
             if swept:
                 self._swept_total += len(swept)
                 log.debug("swept %d expired jobs", len(swept))
@@ -266,11 +274,14 @@ class Registry:
         while True:
             await trio.sleep(self._config.lease_renew_interval)
             now = self._clock.now()
-            if self._live:
-                await self._store.renew_leases(
-                    self.instance_id, list(self._live), now + self._config.lease_ttl
-                )
-            await self.recover_orphans()
+            try:
+                if self._live:
+                    until = now + self._config.lease_ttl
+                    await self._store.renew_leases(self.instance_id, list(self._live), until)
+                await self.recover_orphans()
+            except UnavailableError as exc:
+                # Leases lapse only after lease_ttl: an outage shorter than that costs nothing.
+                log.warning("lease renewal skipped: %s", exc)
 
     async def recover_orphans(self) -> list[JobRecord]:
         """End ``interrupted`` the running jobs that no live instance owns."""

@@ -46,6 +46,8 @@ class Config:
     """A running job's lease; an instance that stops renewing it for this long is presumed dead."""
     lease_renew_interval: float = attrs.field(default=5.0, validator=_positive)
     """How often leases are renewed and orphaned jobs of dead instances looked for."""
+    remote_abort_wait: float = attrs.field(default=5.0, validator=_positive)
+    """How long ``abort`` of a job running on another instance waits for it to end."""
     store_outage_limit: float = attrs.field(default=30.0, validator=_positive)
     """A job whose writes keep failing this long ends ``failed``/``unavailable``; until then it
     retries and keeps streaming to watchers in this process."""

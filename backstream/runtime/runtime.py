@@ -239,9 +239,14 @@ class Runtime:
         record = found
         if record.status in TERMINAL_STATUSES:
             return AbortResult(aborted=False, job=self._summary(record))
+        # It runs on another instance: ask it through the store, then wait (bounded) for its end.
         await self.store.request_abort(job_id)
+        with trio.move_on_after(self.config.remote_abort_wait):
+            while record.status not in TERMINAL_STATUSES:
+                await self.store.wait_for_entries(job_id, record.seq)
+                record = await self._record(job_id, user)
         record = await self._record(job_id, user)
-        return AbortResult(aborted=record.status not in TERMINAL_STATUSES, job=self._summary(record))
+        return AbortResult(aborted=record.status == "aborted", job=self._summary(record))
 
     async def list_jobs(
         self,

@@ -80,6 +80,9 @@ def runtime_config(settings: ServeSettings) -> Config:
         retention=settings.retention,
         batch_ms=settings.batch_ms,
         drain_timeout=settings.drain_timeout,
+        lease_ttl=settings.lease_ttl,
+        lease_renew_interval=settings.lease_renew_interval,
+        flush_ms=settings.flush_ms,
         upstream_url=settings.upstream_url,
         upstream_api_key=settings.upstream_api_key,
     )

@@ -48,6 +48,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("retention", float, 900.0, "seconds a finished job is kept"),
     Option("batch_ms", float, 50.0, "at most one batch per watcher per this many ms"),
     Option("drain_timeout", float, 10.0, "on shutdown, seconds running jobs get to finish"),
+    Option("lease_ttl", float, 15.0, "seconds after which a silent instance's jobs are recovered"),
+    Option("lease_renew_interval", float, 5.0, "how often leases are renewed and orphans looked for"),
+    Option("flush_ms", float, 100.0, "a job writes its log at least this often"),
     Option(
         "allow_origin", str, (), "an Origin browsers may connect from (exact), repeatable", repeatable=True
     ),
