@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -83,7 +84,7 @@ async def check_recovered(client: Client, job_id: str, seen: str, cursor: int) -
             replay += batch.text
             seqs.append((batch.from_seq, batch.to_seq))
             last = batch
-    assert all(b[0] == a[1] + 1 for a, b in zip(seqs, seqs[1:], strict=False))
+    assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(seqs))
     assert replay == content and last.terminal is not None and last.terminal.status == "interrupted"
 
 
@@ -136,7 +137,7 @@ async def test_kill_9_with_redis_is_recovered_by_another_instance() -> None:
                         if batch.to_seq >= 40 and proc_a.poll() is None:
                             proc_a.send_signal(signal.SIGKILL)
                         last = batch
-                assert all(y[0] == x[1] + 1 for x, y in zip(seqs, seqs[1:], strict=False))
+                assert all(y[0] == x[1] + 1 for x, y in itertools.pairwise(seqs))
                 assert last.terminal is not None and last.terminal.status == "interrupted"
                 info = await b.get(job_id, include_content=True)
                 assert info.job.status == "interrupted" and info.job.epoch == 2 and info.content == text
