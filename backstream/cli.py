@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, OSError) as exc:
             sys.exit(f"backstream serve: {exc}")
         configure_logging(settings.log_format, settings.log_level)
+        if settings.workers > 1:
+            from backstream.runtime.workers import run_workers
+
+            sys.exit(run_workers(settings, sys.argv[1:]))
         try:
             trio.run(serve, settings)
         except ValueError as exc:

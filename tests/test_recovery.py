@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from backstream import GoneError
 from backstream.client import Client, open_client
@@ -142,4 +143,61 @@ async def test_kill_9_with_redis_is_recovered_by_another_instance() -> None:
                 info = await b.get(job_id, include_content=True)
                 assert info.job.status == "interrupted" and info.job.epoch == 2 and info.content == text
     finally:
+        await delete_prefix(prefix)
+
+
+async def test_workers_share_one_port() -> None:
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    port = free_port()
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backstream",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--token",
+            "tok=alice",
+            "--store",
+            redis_url(),
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, "BACKSTREAM_REDIS_PREFIX": prefix},
+    )
+    try:
+        wait_for_port(port)
+        await trio.sleep(1.0)  # both workers listening
+        with open(f"/proc/{parent.pid}/task/{parent.pid}/children") as f:
+            workers = f.read().split()
+        assert len(workers) == 2
+        for _ in range(6):  # the kernel spreads connections over the workers; every one serves
+            async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
+                assert (await client.list_jobs()).jobs == []
+        async with (
+            open_client(f"ws://127.0.0.1:{port}/v1", "tok") as first,
+            open_client(f"ws://127.0.0.1:{port}/v1", "tok") as second,
+        ):
+            started = await first.start_job(
+                thread_id="t",
+                message_id="m",
+                model="backstream/lorem",
+                messages=MSG,
+                params={"max_tokens": 30, "tokens_per_s": 100},
+            )
+            text = ""
+            async with second.watch(started.job.job_id) as batches:
+                async for batch in batches:
+                    text += batch.text
+            assert len(text.split()) == 30
+            assert (await second.get(started.job.job_id)).job.status == "completed"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=20) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
         await delete_prefix(prefix)

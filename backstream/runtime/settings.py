@@ -58,6 +58,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_message_bytes", int, 1024 * 1024, "largest client frame"),
     Option("tls_cert", str, None, "certificate file for wss://"),
     Option("tls_key", str, None, "key file for wss://"),
+    Option("workers", int, 1, "processes serving one port (SO_REUSEPORT); needs a shared store (redis)"),
+    Option("reuse_port", str, "", "internal: set on the processes of --workers", flag=False),
     Option("log_format", str, "text", "text or json"),
     Option("log_level", str, "info", "debug, info, warning or error"),
 )
