@@ -27,9 +27,11 @@ import asyncio
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -105,7 +107,7 @@ def cmdline(pid: int) -> str:
 
 
 async def load(
-    url: str, jobs: int, watchers: int, connections: int, tokens: int, model: str, rate: float
+    urls: list[str], jobs: int, watchers: int, connections: int, tokens: int, model: str, rate: float
 ) -> dict[str, Any]:
     import websockets
 
@@ -118,7 +120,7 @@ async def load(
     if model == "backstream/lorem":
         params = {"max_tokens": tokens, "tokens_per_s": rate, "timestamps": True}
 
-    async def one(job_ids: list[int]) -> None:
+    async def one(url: str, job_ids: list[int]) -> None:
         nonlocal frames, delivered
         async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
             await ws.send(json.dumps({"type": "hello", "id": "h", "protocol": 1, "token": "bench"}))
@@ -160,7 +162,8 @@ async def load(
                     return
 
     t0 = time.time()
-    await asyncio.gather(*(one(ids) for ids in slots if ids))
+    # Connection k goes to instance k mod n: watchers of one job meet on different instances.
+    await asyncio.gather(*(one(urls[k % len(urls)], ids) for k, ids in enumerate(slots) if ids))
     elapsed = time.time() - t0
     latencies.sort()
     return {
@@ -176,80 +179,74 @@ async def load(
     }
 
 
-def run_ours(a: argparse.Namespace) -> dict[str, Any]:
-    port, up_port = free_port(), free_port()
+def run_ours(a: argparse.Namespace, store: str, instances: int = 1) -> dict[str, Any]:
+    """Serve with ``store`` on ``instances`` processes, run the load, return the measures."""
     procs: list[subprocess.Popen[bytes]] = []
+    prefix = f"bench{os.getpid()}x{time.monotonic_ns() % 100_000}"
+    workdir = tempfile.mkdtemp(prefix="backstream-bench-")
+    store_url = {"sqlite": f"sqlite:///{workdir}/bench.db", "redis": a.redis_url}.get(store, store)
     try:
-        serve = [
-            sys.executable,
-            "-m",
-            "backstream",
-            "serve",
-            "--port",
-            str(port),
-            "--token",
-            "bench=bench",
-            "--max-jobs",
-            str(a.jobs),
-            "--max-jobs-per-user",
-            str(a.jobs),
-            "--batch-ms",
-            str(a.batch_ms),
-            "--store",
-            a.store,
-            "--retention",
-            "120",
-            "--log-level",
-            "warning",
-        ]
-        model = "backstream/lorem"
+        model, upstream_args = "backstream/lorem", []
         if a.model == "upstream":
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(RAW_PIPELINE),
-                        "--role",
-                        "upstream",
-                        "--port",
-                        str(up_port),
-                        "--rate",
-                        str(a.rate),
-                        "--tokens",
-                        str(a.tokens),
-                    ]
-                )
-            )
-            serve += ["--upstream-url", f"http://127.0.0.1:{up_port}/v1"]
+            up_port = free_port()
+            upstream = [sys.executable, str(RAW_PIPELINE), "--role", "upstream", "--port", str(up_port)]
+            procs.append(subprocess.Popen([*upstream, "--rate", str(a.rate), "--tokens", str(a.tokens)]))
+            upstream_args = ["--upstream-url", f"http://127.0.0.1:{up_port}/v1"]
             model = "bench-upstream"
             wait_for_port(up_port)
-        server = subprocess.Popen(serve, cwd=HERE.parent)
-        procs.append(server)
-        wait_for_port(port)
-        sampler = ProcessSampler(server.pid)
-        cpu0 = sampler.cpu
+        ports = [free_port() for _ in range(instances)]
+        servers = []
+        for port in ports:
+            serve = [
+                sys.executable,
+                "-m",
+                "backstream",
+                "serve",
+                "--port",
+                str(port),
+                "--token",
+                "bench=bench",
+            ]
+            serve += [
+                "--max-jobs",
+                str(a.jobs),
+                "--max-jobs-per-user",
+                str(a.jobs),
+                "--batch-ms",
+                str(a.batch_ms),
+            ]
+            serve += ["--store", store_url, "--retention", "120", "--log-level", "warning", *upstream_args]
+            env = {**os.environ, "BACKSTREAM_REDIS_PREFIX": prefix}
+            servers.append(subprocess.Popen(serve, cwd=HERE.parent, env=env))
+        procs += servers
+        for port in ports:
+            wait_for_port(port)
+        samplers = [ProcessSampler(server.pid) for server in servers]
         time.sleep(0.3)
-        cpu0 = sampler.cpu
-        result = asyncio.run(
-            load(
-                f"ws://127.0.0.1:{port}/v1",
-                a.jobs,
-                a.watchers,
-                a.connections or a.jobs * a.watchers,
-                a.tokens,
-                model,
-                a.rate,
-            )
-        )
-        sampler.stop()
-        result["server_cpu_s"] = round(sampler.cpu - cpu0, 2)
-        result["server_rss_mb"] = round(sampler.peak_rss / 2**20, 1)
+        cpu0 = [sampler.cpu for sampler in samplers]
+        urls = [f"ws://127.0.0.1:{port}/v1" for port in ports]
+        connections = a.connections or a.jobs * a.watchers
+        result = asyncio.run(load(urls, a.jobs, a.watchers, connections, a.tokens, model, a.rate))
+        for sampler in samplers:
+            sampler.stop()
+        result["server_cpu_s"] = round(sum(s.cpu - c for s, c in zip(samplers, cpu0, strict=True)), 2)
+        result["server_rss_mb"] = round(sum(s.peak_rss for s in samplers) / 2**20, 1)
         return result
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            proc.wait(timeout=10)
+            proc.wait(timeout=20)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if store == "redis":
+            _delete_redis_prefix(a.redis_url, prefix)
+
+
+def _delete_redis_prefix(url: str, prefix: str) -> None:
+    scan = ["redis-cli", "-u", url, "--scan", "--pattern", f"{prefix}:*"]
+    keys = subprocess.run(scan, capture_output=True, text=True, check=False).stdout.split()
+    for i in range(0, len(keys), 500):
+        subprocess.run(["redis-cli", "-u", url, "DEL", *keys[i : i + 500]], capture_output=True, check=False)
 
 
 def run_raw(a: argparse.Namespace) -> dict[str, Any]:
@@ -300,7 +297,11 @@ def main() -> None:
         default="upstream",
         help="stream from the SSE upstream (as the raw pipeline does) or the built-in lorem",
     )
-    ap.add_argument("--store", default="memory", help="the server's --store")
+    ap.add_argument(
+        "--stores", default="memory", help="comma-separated stores to measure: memory,sqlite,redis"
+    )
+    ap.add_argument("--instances", type=int, default=1, help="servers sharing the load (redis only)")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--skip-raw", action="store_true", help="measure backstream only")
     ap.add_argument("--json", help="where to write the results (default bench/results/ws_load.json)")
     a = ap.parse_args()
@@ -309,8 +310,21 @@ def main() -> None:
     if not RAW_PIPELINE.exists():
         sys.exit(f"the raw pipeline is not at {RAW_PIPELINE}")
 
-    ours = {"name": f"backstream ({a.model}, {a.store})", **run_ours(a)}
-    rows = [ours]
+    rows = []
+    for store in a.stores.split(","):
+        instances = a.instances if store == "redis" else 1
+        suffix = f" x{instances}" if instances > 1 else ""
+        rows.append({"name": f"backstream ({a.model}, {store}{suffix})", **run_ours(a, store, instances)})
+    ours = base = rows[0]
+    store_cost = {
+        row["name"]: {
+            "tokens_per_s": round(row["tokens_per_s"] / max(base["tokens_per_s"], 1), 3),
+            "p50_ms": round(row["p50_ms"] / max(base["p50_ms"], 0.1), 2),
+            "p99_ms": round(row["p99_ms"] / max(base["p99_ms"], 0.1), 2),
+            "server_cpu_s": round(row["server_cpu_s"] / max(base["server_cpu_s"], 0.01), 2),
+        }
+        for row in rows[1:]
+    }
     ratio: dict[str, float] = {}
     if not a.skip_raw:
         raw = {"name": "raw pipeline", **run_raw(a)}
@@ -343,8 +357,11 @@ def main() -> None:
         ],
     )
     if ratio:
-        print(f"ratio backstream/raw: {ratio}")
-    path = write_json("ws_load", {"params": vars(a), "rows": rows, "ratio": ratio}, a.json)
+        print(f"ratio {ours['name']} / raw pipeline: {ratio}")
+    for name, cost in store_cost.items():
+        print(f"ratio {name} / {base['name']}: {cost}")
+    payload = {"params": vars(a), "rows": rows, "ratio": ratio, "store_cost": store_cost}
+    path = write_json("ws_load", payload, a.json)
     print(f"wrote {path}")
 
 
