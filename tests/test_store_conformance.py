@@ -164,13 +164,15 @@ async def test_abort_signal(store: Store) -> None:
 
 
 async def test_orphans_end_interrupted_once(store: Store) -> None:
-    await store.create_job(record(lease_until=NOW + 15))
+    from backstream.runtime.store import SharedCapacity
+
+    capacity = SharedCapacity(now=NOW, lease_until=NOW + 15, max_jobs=10, max_jobs_per_user=10)
+    await store.create_job(record(lease_until=NOW + 15), capacity)
     await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "durable ")], progress(2))
     if isinstance(store, MemoryStore):
         assert await store.recover_orphans("i_b", NOW + 100, 60) == []  # one process: no orphans
         return
     if store.__class__.__name__ == "RedisStore":
-        await store.acquire_slot("j_1", "alice", NOW, NOW + 15, max_jobs=10, max_jobs_per_user=10)
         assert await store.recover_orphans("i_b", NOW + 10, 60) == []  # the lease still holds
     recovered = await store.recover_orphans("i_b", NOW + 20, 60)
     assert [r.job_id for r in recovered] == ["j_1"]
@@ -182,20 +184,34 @@ async def test_orphans_end_interrupted_once(store: Store) -> None:
     assert await store.recover_orphans("i_c", NOW + 30, 60) == []  # never twice
 
 
-async def test_shared_slots(store: Store) -> None:
-    async def take(job_id: str, user: str, now: float = NOW) -> str | None:
-        return await store.acquire_slot(job_id, user, now, now + 15, max_jobs=2, max_jobs_per_user=1)
+async def test_shared_capacity_at_create(store: Store) -> None:
+    from backstream import CapacityError
+    from backstream.runtime.store import SharedCapacity
 
+    def limits(now: float = NOW) -> SharedCapacity:
+        return SharedCapacity(now=now, lease_until=now + 15, max_jobs=2, max_jobs_per_user=1)
+
+    async def create(job_id: str, user: str, now: float = NOW) -> bool:
+        return (await store.create_job(record(job_id=job_id, user=user, message_id=job_id), limits(now)))[1]
+
+    assert await create("a", "alice")
     if store.__class__.__name__ != "RedisStore":
-        assert await take("a", "alice") is None and await take("b", "alice") is None  # local counting only
+        assert await create("b", "alice")  # one process: the registry counts, the store does not
         return
-    assert await take("a", "alice") is None
-    assert await take("b", "alice") == "user"
-    assert await take("c", "bob") is None
-    assert await take("d", "carol") == "server"
-    await store.release_slot("c", "bob")
-    assert await take("d", "carol") is None
-    assert await take("e", "dave", now=NOW + 16) is None  # expired leases (dead instances) do not count
+    with pytest.raises(CapacityError, match="you"):
+        await create("b", "alice")
+    again, created = await store.create_job(record(job_id="a2", user="alice", message_id="a"), limits())
+    assert not created and again.job_id == "a"  # a repeated start needs no slot
+    assert await create("c", "bob")
+    with pytest.raises(CapacityError, match="cluster"):
+        await create("d", "carol")
+    await store.commit(
+        "c",
+        [StatusEvent(seq=1, status="completed")],
+        progress(1, "completed", finished_at=NOW, expires_at=NOW + 50),
+    )  # frees its slot
+    assert await create("d", "carol")
+    assert await create("e", "dave", now=NOW + 16)  # expired leases (dead instances) do not count
 
 
 # -- the runtime's lifecycle on each store ---------------------------------------------

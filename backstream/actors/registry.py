@@ -24,7 +24,7 @@ from backstream.runtime.clock import WallClock
 from backstream.runtime.config import Config
 from backstream.runtime.ids import new_id
 from backstream.runtime.models import Model
-from backstream.runtime.store import JobProgress, JobRecord, JobRequest, Store
+from backstream.runtime.store import JobProgress, JobRecord, JobRequest, SharedCapacity, Store
 
 __all__ = ["Registry", "RegistryStatistics", "StartRequest"]
 
@@ -132,29 +132,15 @@ class Registry:
             owner=self.instance_id,
             lease_until=now + self._config.lease_ttl,
         )
-        # Slots shared by every instance (a no-op for single-process stores).
-        refused = await self._store.acquire_slot(
-            record.job_id,
-            record.user,
-            now,
-            now + self._config.lease_ttl,
+        # Insert-if-absent in one round trip; a shared store also takes a cluster-wide slot.
+        capacity = SharedCapacity(
+            now=now,
+            lease_until=now + self._config.lease_ttl,
             max_jobs=self._config.max_jobs,
             max_jobs_per_user=self._config.max_jobs_per_user,
         )
-        if refused is not None:
-            existing = await self._store.find_job(req.user, req.message_id)
-            if existing is not None:
-                await self._store.release_slot(record.job_id, record.user)
-                return existing, True
-            scope = "the cluster" if refused == "server" else "you"
-            raise CapacityError(
-                f"{scope} reached the limit of running jobs",
-                retry_after_ms=self._config.capacity_retry_after_ms,
-            )
-        slot_id = record.job_id
-        record, created = await self._store.create_job(record)  # insert-if-absent: one round trip
+        record, created = await self._store.create_job(record, capacity)
         if not created:
-            await self._store.release_slot(slot_id, req.user)
             return record, True
         actor = JobActor(record, config=self._config, store=self._store, model=model, clock=self._clock)
         self._live[record.job_id] = actor

@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from backstream.protocol.events import TERMINAL_STATUSES, LogEvent
-from backstream.runtime.store import JobProgress, JobRecord, Store
+from backstream.runtime.store import JobProgress, JobRecord, SharedCapacity, Store
 
 __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 
@@ -43,7 +43,9 @@ class MemoryStore(Store):
     async def ping(self) -> None:
         await trio.lowlevel.checkpoint()
 
-    async def create_job(self, record: JobRecord) -> tuple[JobRecord, bool]:
+    async def create_job(
+        self, record: JobRecord, capacity: SharedCapacity | None = None
+    ) -> tuple[JobRecord, bool]:
         await trio.lowlevel.checkpoint()
         key = (record.user, record.message_id)
         existing = self._by_message.get(key)

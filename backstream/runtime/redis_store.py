@@ -31,7 +31,7 @@ import coredis.exceptions
 import trio
 from coredis.tokens import PureToken
 
-from backstream.protocol.errors import UnavailableError
+from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.events import TERMINAL_STATUSES, ErrorInfo, LogEvent
 from backstream.runtime.serialization import (
     events_from_json,
@@ -39,7 +39,7 @@ from backstream.runtime.serialization import (
     record_from_dict,
     record_to_dict,
 )
-from backstream.runtime.store import JobProgress, JobRecord, Store
+from backstream.runtime.store import JobProgress, JobRecord, SharedCapacity, Store
 
 __all__ = ["RedisStore"]
 
@@ -51,8 +51,14 @@ _WAIT_POLL_S = 1.0  # a missed pub/sub message delays a remote watcher by this a
 _CREATE = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
+if ARGV[3] ~= '' then
+  if redis.call('ZCOUNT', KEYS[5], ARGV[3], '+inf') >= tonumber(ARGV[4]) then return '!server' end
+  if redis.call('ZCOUNT', KEYS[6], ARGV[3], '+inf') >= tonumber(ARGV[5]) then return '!user' end
+  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
+  redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
+end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 return ''
@@ -102,14 +108,6 @@ redis.call('ZREM', KEYS[5], ARGV[1])
 if KEYS[6] ~= '' then redis.call('ZREM', KEYS[6], ARGV[1]) end
 redis.call('PUBLISH', ARGV[5], ARGV[1] .. ' ' .. seq)
 return 1
-"""
-
-_ACQUIRE = """
-if redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf') >= tonumber(ARGV[2]) then return 'server' end
-if redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf') >= tonumber(ARGV[3]) then return 'user' end
-redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-return ''
 """
 
 _RENEW = """
@@ -187,7 +185,6 @@ class RedisStore(Store):
                     ("create", _CREATE),
                     ("commit", _COMMIT),
                     ("recover", _RECOVER),
-                    ("acquire", _ACQUIRE),
                     ("renew", _RENEW),
                 )
             }
@@ -267,15 +264,30 @@ class RedisStore(Store):
             return None
         return record_from_dict({name: json.loads(value) for name, value in raw.items()})
 
-    async def create_job(self, record: JobRecord) -> tuple[JobRecord, bool]:
+    async def create_job(
+        self, record: JobRecord, capacity: SharedCapacity | None = None
+    ) -> tuple[JobRecord, bool]:
         keys = [
             self._msg(record.user, record.message_id),
             self._job(record.job_id),
             self._user_index(record.user),
             self._thread_index(record.user, record.thread_id),
+            self._k("running"),
+            self._user_running(record.user),
         ]
-        args = [record.job_id, repr(record.created_at), *self._fields(record_to_dict(record))]
+        limits = ["", "", "", ""]
+        if capacity is not None:
+            limits = [
+                repr(capacity.now),
+                str(capacity.max_jobs),
+                str(capacity.max_jobs_per_user),
+                repr(capacity.lease_until),
+            ]
+        args = [record.job_id, repr(record.created_at), *limits, *self._fields(record_to_dict(record))]
         existing = await self._call(self._scripts["create"](keys=keys, args=args))
+        if existing in ("!server", "!user"):
+            scope = "the cluster" if existing == "!server" else "you"
+            raise CapacityError(f"{scope} reached the limit of running jobs", retry_after_ms=1000)
         if not existing:
             self._names[record.job_id] = (record.user, record.message_id)
         if existing:
@@ -468,15 +480,3 @@ class RedisStore(Store):
                 if final is not None:
                     recovered.append(final)
         return recovered
-
-    async def acquire_slot(
-        self, job_id: str, user: str, now: float, until: float, *, max_jobs: int, max_jobs_per_user: int
-    ) -> str | None:
-        keys = [self._k("running"), self._user_running(user)]
-        args = [repr(now), str(max_jobs), str(max_jobs_per_user), job_id, repr(until)]
-        refused = await self._call(self._scripts["acquire"](keys=keys, args=args))
-        return str(refused) if refused else None
-
-    async def release_slot(self, job_id: str, user: str) -> None:
-        await self._call(self.redis.zrem(self._k("running"), [job_id]))
-        await self._call(self.redis.zrem(self._user_running(user), [job_id]))

@@ -33,7 +33,7 @@ from backstream.runtime.serialization import (
     record_from_dict,
     record_to_dict,
 )
-from backstream.runtime.store import JobProgress, JobRecord, Store
+from backstream.runtime.store import JobProgress, JobRecord, SharedCapacity, Store
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
 
@@ -183,7 +183,9 @@ class SqliteStore(Store):
 
     # -- jobs -----------------------------------------------------------------------------
 
-    async def create_job(self, record: JobRecord) -> tuple[JobRecord, bool]:
+    async def create_job(
+        self, record: JobRecord, capacity: SharedCapacity | None = None
+    ) -> tuple[JobRecord, bool]:
         def insert(conn: sqlite3.Connection) -> tuple[JobRecord, bool]:
             cursor = conn.execute(
                 "INSERT INTO jobs (job_id, user, thread_id, message_id, status, seq, created_at, owner, "

@@ -17,7 +17,7 @@ import trio
 
 from backstream.protocol.events import ErrorInfo, JobStatus, LogEvent
 
-__all__ = ["JobProgress", "JobRecord", "JobRequest", "Store"]
+__all__ = ["JobProgress", "JobRecord", "JobRequest", "SharedCapacity", "Store"]
 
 
 @attrs.frozen
@@ -28,6 +28,16 @@ class JobRequest:
     messages: tuple[dict[str, Any], ...]
     params: dict[str, Any] = attrs.field(factory=dict)
     tools: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class SharedCapacity:
+    """Limits a store shared by many instances enforces as it creates a job."""
+
+    now: float
+    lease_until: float
+    max_jobs: int
+    max_jobs_per_user: int
 
 
 @attrs.frozen
@@ -105,11 +115,16 @@ class Store(abc.ABC):
         """Return if the store answers; raise ``UnavailableError`` if not."""
 
     @abc.abstractmethod
-    async def create_job(self, record: JobRecord) -> tuple[JobRecord, bool]:
+    async def create_job(
+        self, record: JobRecord, capacity: SharedCapacity | None = None
+    ) -> tuple[JobRecord, bool]:
         """Insert ``record`` unless the user already has a job with its ``message_id``.
 
-        Returns ``(record, True)`` when inserted, or ``(existing, False)``.
-        Atomic: two racing creates never both insert.
+        Returns ``(record, True)`` when inserted, or ``(existing, False)``. Atomic: two
+        racing creates never both insert. A store shared by many instances also takes a
+        running-job slot in the same step, and raises ``CapacityError`` past
+        ``capacity``'s limits (leases that ended before ``capacity.now``, a dead
+        instance's, do not count); single-process stores ignore ``capacity``.
         """
 
     @abc.abstractmethod
@@ -184,17 +199,3 @@ class Store(abc.ABC):
         one. Returns the jobs this call recovered (each exactly once across instances)."""
         await trio.lowlevel.checkpoint()
         return []
-
-    async def acquire_slot(
-        self, job_id: str, user: str, now: float, until: float, *, max_jobs: int, max_jobs_per_user: int
-    ) -> str | None:
-        """Take a running-job slot shared by all instances, held until ``until`` unless renewed.
-
-        Slots whose lease ended before ``now`` (a dead instance's) do not count. Returns None,
-        or why not: ``"server"`` or ``"user"``."""
-        await trio.lowlevel.checkpoint()
-        return None
-
-    async def release_slot(self, job_id: str, user: str) -> None:
-        """Give back a slot taken for a job that did not start."""
-        await trio.lowlevel.checkpoint()
