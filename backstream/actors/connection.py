@@ -31,7 +31,6 @@ from backstream.protocol.codec import ProtocolError, batch_message, decode_clien
 from backstream.protocol.errors import (
     BackstreamError,
     BadRequestError,
-    ConflictError,
     TooLargeError,
     UnauthorizedError,
 )
@@ -42,6 +41,7 @@ from backstream.protocol.messages import (
     JobAbort,
     JobAbortResult,
     JobApprove,
+    JobApproveResult,
     JobGet,
     JobInfoMessage,
     JobList,
@@ -418,8 +418,8 @@ class Connection:
         await self._reply(JobListResult(id=message.id, jobs=jobs))
 
     async def _on_approve(self, message: JobApprove) -> None:
-        await self._runtime.get_job(message.job_id, user=self.user)  # not_found first, as for any job
-        raise ConflictError(f"call {message.call_id!r} is not waiting for approval")
+        job = await self._runtime.approve(message.job_id, message.call_id, message.approved, user=self.user)
+        await self._reply(JobApproveResult(id=message.id, job=job))
 
     async def _on_unsupported(self, message: NotificationsList | NotificationsRead | ThreadMute) -> None:
         raise BadRequestError(f"{type(message).TYPE} is not enabled on this server")

@@ -21,6 +21,7 @@ from backstream.runtime.config import Config
 from backstream.runtime.joblog import JobLog, OutputLimitExceeded
 from backstream.runtime.models import ChatTurn, Model, ModelFailure, TurnResult
 from backstream.runtime.store import JobProgress, JobRecord, Store
+from backstream.runtime.tools import Tool, ToolOutcome, ToolRegistry, run_tool
 
 __all__ = ["JobActor"]
 
@@ -31,7 +32,14 @@ class JobActor:
     """Start with ``await supervisor.start_child(...)`` running ``actor.run``."""
 
     def __init__(
-        self, record: JobRecord, *, config: Config, store: Store, model: Model, clock: WallClock
+        self,
+        record: JobRecord,
+        *,
+        config: Config,
+        store: Store,
+        model: Model,
+        clock: WallClock,
+        tools: ToolRegistry | None = None,
     ) -> None:
         self.record = record
         self.log = JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
@@ -50,6 +58,10 @@ class JobActor:
         self._flush_lock = trio.Lock()
         self._updated_at = record.created_at
         self._usage: dict[str, int] | None = None
+        self._tools = tools or ToolRegistry()
+        self._deadline: trio.CancelScope | None = None
+        self._turn_text: list[str] = []
+        self._pending: dict[str, _PendingApproval] = {}
 
     @property
     def job_id(self) -> str:
@@ -118,6 +130,7 @@ class JobActor:
         finish_reason: str | None = None
         with self._abort_scope:
             with trio.move_on_after(self._config.job_timeout) as deadline:
+                self._deadline = deadline
                 try:
                     result = await self._converse()
                 except OutputLimitExceeded:
@@ -140,17 +153,118 @@ class JobActor:
         self._close(status, error, finish_reason)
 
     async def _converse(self) -> TurnResult:
+        """Model, tools, model, ...: until a turn ends without tool calls, or ``max_turns``."""
         request = self.record.request
-        turn = ChatTurn(model=request.model, messages=request.messages, params=request.params)
-        result = await self._model.run_turn(turn, self._on_output)
-        self._usage = _add_usage(self._usage, result.usage)
-        return result
+        enabled = {name: self._tools.get(name) for name in request.tools}
+        specs = tuple(t.openai_spec() for t in enabled.values() if t is not None)
+        messages = list(request.messages)
+        for _ in range(self._config.max_turns):
+            self._turn_text = []
+            turn = ChatTurn(model=request.model, messages=tuple(messages), params=request.params, tools=specs)
+            result = await self._model.run_turn(turn, self._on_output)
+            self._usage = _add_usage(self._usage, result.usage)
+            if not result.tool_calls:
+                return result
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": "".join(self._turn_text) or None,
+                    "tool_calls": [
+                        {
+                            "id": c.call_id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments},
+                        }
+                        for c in result.tool_calls
+                    ],
+                }
+            )
+            outcomes = await self._run_calls(result.tool_calls, enabled)
+            for call, outcome in zip(result.tool_calls, outcomes, strict=True):
+                messages.append({"role": "tool", "tool_call_id": call.call_id, "content": outcome.output})
+        raise ModelFailure(
+            ErrorInfo("tool_loop_limit", f"the model still called tools after {self._config.max_turns} turns")
+        )
+
+    async def _run_calls(
+        self, calls: tuple[ToolCallDone, ...], enabled: dict[str, Tool | None]
+    ) -> list[ToolOutcome]:
+        """Run one turn's calls: approvals first, one at a time, then the rest concurrently
+        (at most ``max_parallel_tools``). Results go into the log in the calls' order."""
+        outcomes: list[ToolOutcome | None] = [None] * len(calls)
+        for i, call in enumerate(calls):
+            found = enabled.get(call.name)
+            if found is None:
+                why = "is not enabled for this job" if self._tools.get(call.name) else "does not exist"
+                outcomes[i] = ToolOutcome(f"tool {call.name!r} {why}", True)
+            elif found.requires_approval and not await self._await_approval(call):
+                outcomes[i] = ToolOutcome("the user declined to run this tool", True)
+        limiter = trio.CapacityLimiter(self._config.max_parallel_tools)
+
+        async def run_one(i: int, call: ToolCallDone, item: Tool) -> None:
+            async with limiter:
+                outcomes[i] = await run_tool(item, call.arguments)
+
+        async with trio.open_nursery() as nursery:
+            for i, call in enumerate(calls):
+                item = enabled.get(call.name)
+                if outcomes[i] is None and item is not None:
+                    nursery.start_soon(run_one, i, call, item)
+        done = [o if o is not None else ToolOutcome("the tool did not run", True) for o in outcomes]
+        for call, outcome in zip(calls, done, strict=True):
+            self.log.append_tool_result(call.call_id, call.name, outcome.output, outcome.is_error)
+        self._updated_at = self._clock.now()
+        return done
+
+    async def _await_approval(self, call: ToolCallDone) -> bool:
+        """Wait for a person's decision; ``approval_timeout`` counts as declined. The job
+        timeout does not count the wait, and no upstream connection is held meanwhile."""
+        pending = self._pending[call.call_id] = _PendingApproval()
+        self.log.append_approval_required(call.call_id, call.name, call.arguments)
+        self.log.append_status("awaiting_approval")
+        self._updated_at = self._clock.now()
+        started = trio.current_time()
+        paused_deadline = math.inf
+        if self._deadline is not None:  # the job timeout does not run while a person decides
+            paused_deadline, self._deadline.deadline = self._deadline.deadline, math.inf
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def from_store() -> None:  # a decision made through another instance
+                    pending.resolve(await self._store.wait_decision(self.job_id, call.call_id))
+
+                nursery.start_soon(from_store)
+                with trio.move_on_after(self._config.approval_timeout):
+                    await pending.decided.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            del self._pending[call.call_id]
+            if self._deadline is not None:
+                self._deadline.deadline = paused_deadline + (trio.current_time() - started)
+        approved = bool(pending.approved)
+        self.log.append_approval(call.call_id, approved)
+        self.log.append_status("running")
+        self._updated_at = self._clock.now()
+        pending.applied.set()
+        return approved
+
+    def decide(self, call_id: str, approved: bool) -> _PendingApproval | None:
+        """Record a decision on a call waiting for approval; None if no such call waits."""
+        pending = self._pending.get(call_id)
+        if pending is None or pending.decided.is_set():
+            return None
+        pending.resolve(approved)
+        return pending
+
+    def waiting_calls(self) -> list[str]:
+        return [call_id for call_id, p in self._pending.items() if not p.decided.is_set()]
 
     def _on_output(self, out: ModelOutput) -> None:
         # Called synchronously per token: keep it to appends.
         kind = type(out)
         if kind is TextDelta:
             self.log.append_text(out.text)  # type: ignore[union-attr]
+            self._turn_text.append(out.text)  # type: ignore[union-attr]
         elif kind is ReasoningDelta:
             self.log.append_reasoning(out.text)  # type: ignore[union-attr]
         elif kind is ToolCallDone:
@@ -236,6 +350,21 @@ class JobActor:
     @property
     def flushed_seq(self) -> int:
         return self._flushed_seq
+
+
+class _PendingApproval:
+    """A tool call waiting for a person: ``decided`` when a decision arrives, ``applied``
+    once the job has logged it."""
+
+    def __init__(self) -> None:
+        self.decided = trio.Event()
+        self.applied = trio.Event()
+        self.approved: bool | None = None
+
+    def resolve(self, approved: bool) -> None:
+        if not self.decided.is_set():
+            self.approved = approved
+            self.decided.set()
 
 
 def _add_usage(total: dict[str, int] | None, more: dict[str, object] | None) -> dict[str, int] | None:

@@ -25,6 +25,7 @@ from backstream.runtime.config import Config
 from backstream.runtime.ids import new_id
 from backstream.runtime.models import Model
 from backstream.runtime.store import JobProgress, JobRecord, JobRequest, SharedCapacity, Store
+from backstream.runtime.tools import ToolRegistry
 
 __all__ = ["Registry", "RegistryStatistics", "StartRequest"]
 
@@ -72,8 +73,10 @@ class Registry:
         resolve_model: Callable[[JobRequest], Model],
         *,
         instance_id: str = "local",
+        tools: ToolRegistry | None = None,
     ) -> None:
         self.instance_id = instance_id
+        self._tools = tools
         self._config = config
         self._store = store
         self._clock = clock
@@ -142,7 +145,9 @@ class Registry:
         record, created = await self._store.create_job(record, capacity)
         if not created:
             return record, True
-        actor = JobActor(record, config=self._config, store=self._store, model=model, clock=self._clock)
+        actor = JobActor(
+            record, config=self._config, store=self._store, model=model, clock=self._clock, tools=self._tools
+        )
         self._live[record.job_id] = actor
         self._running_by_user[record.user] += 1
         self._started_total += 1

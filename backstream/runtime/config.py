@@ -85,6 +85,14 @@ class Config:
     """Longest wait between retries, Retry-After included."""
     upstream_max_connections: int = attrs.field(default=1000, validator=_positive)
 
+    # Server-side tools.
+    max_turns: int = attrs.field(default=8, validator=_positive)
+    """Model turns a job may take; a model still calling tools after them: ``tool_loop_limit``."""
+    max_parallel_tools: int = attrs.field(default=4, validator=_positive)
+    """Tool calls of one turn that run at once."""
+    approval_timeout: float = attrs.field(default=600.0, validator=_positive)
+    """A tool call waiting this long for a person's decision counts as declined."""
+
     # Built-in offline models.
     echo_words_per_s: float = attrs.field(default=30.0, validator=_positive)
     """Speed of ``backstream/echo``."""

@@ -79,7 +79,11 @@ class FrontDoor:
         self._runtime = runtime
         self._auth = authenticator
         self.config = config
-        self._features = features or {"tools": [], "approvals": False, "notifications": False}
+        self._features = features or {
+            "tools": runtime.tools.names(),
+            "approvals": True,
+            "notifications": False,
+        }
         self._version = version
         self.stats = ConnectionStats()
         self.connections: set[Connection] = set()

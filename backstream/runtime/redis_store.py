@@ -447,6 +447,26 @@ class RedisStore(Store):
             if self._aborts.get(job_id) is event:
                 del self._aborts[job_id]
 
+    # -- approvals through any instance ---------------------------------------------------
+
+    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+        value = "true" if approved else "false"
+        await self._call(self.redis.hset(self._job(job_id), {f"decision:{call_id}": value}))
+        await self._call(self.redis.publish(self._k("aborts"), f"{job_id} {call_id}"))
+
+    async def wait_decision(self, job_id: str, call_id: str) -> bool:
+        event = self._aborts.setdefault(f"{job_id} {call_id}", trio.Event())
+        try:
+            while True:
+                value = await self._call(self.redis.hget(self._job(job_id), f"decision:{call_id}"))
+                if value in ("true", "false"):
+                    return bool(value == "true")
+                with trio.move_on_after(_WAIT_POLL_S * 5):  # a missed message costs 5 s at most
+                    await event.wait()
+                event = self._aborts[f"{job_id} {call_id}"] = trio.Event()
+        finally:
+            self._aborts.pop(f"{job_id} {call_id}", None)
+
     # -- many instances -----------------------------------------------------------------
 
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:

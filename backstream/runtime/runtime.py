@@ -23,9 +23,11 @@ from backstream.actors.job import JobActor
 from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorStatistics
 from backstream.actors.watcher import LiveSource, LogSource, StoredSource, Watcher
-from backstream.protocol.errors import BadRequestError, GoneError, NotFoundError
+from backstream.protocol.errors import BadRequestError, ConflictError, GoneError, NotFoundError
 from backstream.protocol.events import (
     TERMINAL_STATUSES,
+    ApprovalEvent,
+    ApprovalRequiredEvent,
     JobInfo,
     JobSummary,
 )
@@ -36,6 +38,7 @@ from backstream.runtime.joblog import summarize_events
 from backstream.runtime.memory_store import MemoryStore
 from backstream.runtime.models import BUILTIN_MODELS, Model, builtin_model, validate_builtin_params
 from backstream.runtime.store import JobRecord, JobRequest, Store
+from backstream.runtime.tools import ToolRegistry
 from backstream.runtime.upstream import UpstreamClient, UpstreamStatistics, open_http_client
 from backstream.runtime.validation import check_identifier, check_messages, check_params
 
@@ -86,8 +89,10 @@ class Runtime:
         job_supervisor: Supervisor,
         models: Mapping[str, Model],
         upstream: UpstreamClient | None,
+        tools: ToolRegistry,
     ) -> None:
         self.config = config
+        self.tools = tools
         self._models = dict(models)
         self._upstream = upstream
         self.store = store
@@ -140,7 +145,41 @@ class Runtime:
             return ()
         if isinstance(tools, str) or not all(isinstance(t, str) for t in tools):
             raise BadRequestError("tools must be a list of tool names")
-        raise BadRequestError(f"unknown tool: {tools[0]!r} (none are registered)")
+        unknown = [name for name in tools if self.tools.get(name) is None]
+        if unknown:
+            known = ", ".join(self.tools.names()) or "none"
+            raise BadRequestError(f"unknown tool: {unknown[0]!r} (registered: {known})")
+        return tuple(dict.fromkeys(tools))
+
+    async def approve(self, job_id: str, call_id: str, approved: bool, *, user: str) -> JobSummary:
+        """Decide on a tool call waiting for approval. Raises ``ConflictError`` when that
+        call is not waiting, ``NotFoundError`` for another user's job."""
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            pending = found.decide(call_id, approved)
+            if pending is None:
+                raise ConflictError(f"call {call_id!r} is not waiting for approval")
+            async with trio.open_nursery() as nursery:
+
+                async def until(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until, pending.applied)
+                nursery.start_soon(until, found.finished)
+            return found.summary(self.watcher_count(job_id))
+        record = found
+        entries = await self.store.read(job_id, 0, record.seq) if record.status == "awaiting_approval" else []
+        asked = {e.call_id for e in entries if isinstance(e, ApprovalRequiredEvent)}
+        answered = {e.call_id for e in entries if isinstance(e, ApprovalEvent)}
+        if call_id not in asked - answered:
+            raise ConflictError(f"call {call_id!r} is not waiting for approval")
+        await self.store.send_decision(job_id, call_id, approved)
+        with trio.move_on_after(self.config.remote_abort_wait):
+            while record.status == "awaiting_approval":
+                await self.store.wait_for_entries(job_id, record.seq)
+                record = await self._record(job_id, user)
+        return self._summary(await self._record(job_id, user))
 
     def resolve_model(self, request: JobRequest) -> Model:
         """The model that serves ``request``: one given to ``open_runtime``, a built-in,
@@ -356,9 +395,11 @@ async def open_runtime(
     *,
     store: Store | None = None,
     models: Mapping[str, Model] | None = None,
+    tools: ToolRegistry | None = None,
 ) -> AsyncIterator[Runtime]:
     """Run a runtime for the duration of the block.
 
+    ``tools`` defaults to the built-in tools (``clock_now``, ``calculate``).
     ``store`` defaults to a new ``MemoryStore``. ``models`` maps model names to
     your own ``Model`` implementations (they take precedence over the built-ins
     and the upstream).
@@ -370,6 +411,7 @@ async def open_runtime(
     """
     config = config or Config()
     store = store or MemoryStore()
+    tools = tools if tools is not None else ToolRegistry.with_builtins()
     clock = WallClock()
     instance_id = new_id("i_", clock.now())
     http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
@@ -387,13 +429,15 @@ async def open_runtime(
                 assert runtime is not None
                 return runtime.resolve_model(request)
 
-            registry = Registry(config, store, clock, job_supervisor, resolve, instance_id=instance_id)
+            registry = Registry(
+                config, store, clock, job_supervisor, resolve, instance_id=instance_id, tools=tools
+            )
             await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT))
             await registry.recover_orphans()  # jobs of a dead instance end before new ones start
             await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT))
             await system.start_child(ChildSpec("leases", registry.keep_leases, Restart.PERMANENT))
             upstream = UpstreamClient(config, http) if http is not None else None
-            runtime = Runtime(config, store, clock, registry, job_supervisor, models or {}, upstream)
+            runtime = Runtime(config, store, clock, registry, job_supervisor, models or {}, upstream, tools)
             runtime.instance_id = instance_id
             try:
                 yield runtime

@@ -35,6 +35,7 @@ from backstream.runtime.metrics import metrics_text
 from backstream.runtime.runtime import open_runtime
 from backstream.runtime.settings import ServeSettings
 from backstream.runtime.store import Store
+from backstream.runtime.tools import ToolRegistry
 
 __all__ = ["ServeHandle", "configure_logging", "make_authenticator", "make_store", "serve"]
 
@@ -131,7 +132,11 @@ async def serve(
     config = runtime_config(settings)
     store = store or make_store(settings.store)
     shutdown = trio.Event()
-    async with open_runtime(config, store=store) as runtime, trio.open_nursery() as nursery:
+    tools = ToolRegistry.with_builtins()
+    for path in settings.tools:
+        tools.load(path)
+    tools.load_entry_points()
+    async with open_runtime(config, store=store, tools=tools) as runtime, trio.open_nursery() as nursery:
         from backstream import __version__
 
         door = FrontDoor(runtime, authenticator, front_door_config(settings), version=__version__)

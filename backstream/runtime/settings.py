@@ -41,6 +41,7 @@ OPTIONS: tuple[Option, ...] = (
         "token", str, (), "TOKEN=USER, repeatable; env BACKSTREAM_TOKENS=tokA=alice,tokB=bob", repeatable=True
     ),
     Option("tokens_file", str, None, "a file of TOKEN=USER lines"),
+    Option("tools", str, (), "tools to register, package.module:attribute, repeatable", repeatable=True),
     Option("jwt_secret", str, None, "HS256 secret for JWTs (sub = user)", flag=False),
     Option("max_jobs", int, 100, "jobs running at once"),
     Option("max_jobs_per_user", int, 8, "jobs one user may run at once"),

@@ -95,6 +95,12 @@ class JobRecord:
         )
 
 
+@attrs.define
+class _Decision:
+    event: trio.Event = attrs.Factory(trio.Event)
+    approved: bool = False
+
+
 class Store(abc.ABC):
     """Jobs, their logs and the signals between instances.
 
@@ -180,6 +186,31 @@ class Store(abc.ABC):
 
         Cancellation: safe; nothing is consumed.
         """
+
+    # -- approvals: a decision may come through another instance ------------------------
+
+    def _decision_slot(self, job_id: str, call_id: str) -> _Decision:
+        slots: dict[tuple[str, str], _Decision] = self.__dict__.setdefault("_decision_slots", {})
+        return slots.setdefault((job_id, call_id), _Decision())
+
+    def _forget_decision(self, job_id: str, call_id: str) -> None:
+        self.__dict__.get("_decision_slots", {}).pop((job_id, call_id), None)
+
+    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+        """Deliver a person's decision on a tool call to the instance that runs the job."""
+        await trio.lowlevel.checkpoint()
+        slot = self._decision_slot(job_id, call_id)
+        slot.approved = approved
+        slot.event.set()
+
+    async def wait_decision(self, job_id: str, call_id: str) -> bool:
+        """Wait for the decision on a tool call. Cancellation: safe."""
+        slot = self._decision_slot(job_id, call_id)
+        try:
+            await slot.event.wait()
+            return slot.approved
+        finally:
+            self._forget_decision(job_id, call_id)
 
     # -- many instances: leases, orphans, shared capacity -----------------------------
     # The defaults fit a store that one process owns (memory): nothing is shared.
