@@ -52,17 +52,24 @@ from backstream.protocol.messages import (
     JobUnwatched,
     JobWatch,
     JobWatching,
+    Notification,
+    NotificationPush,
     NotificationsList,
     NotificationsRead,
+    NotificationsReadResult,
+    NotificationsResult,
     Ping,
     Pong,
     ServerInfo,
     ServerMessage,
     ThreadMute,
+    ThreadMuteResult,
     Welcome,
 )
 from backstream.runtime.auth import Authenticator, Identity
+from backstream.runtime.clock import format_time
 from backstream.runtime.runtime import Runtime
+from backstream.runtime.store import NotificationRecord
 
 __all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
 
@@ -183,6 +190,7 @@ class Connection:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._keepalive)
+            nursery.start_soon(self._push_notifications)
             if self.identity.expires_at is not None:
                 nursery.start_soon(self._expire, self.identity.expires_at)
             try:
@@ -250,6 +258,17 @@ class Connection:
                 await self._ws.ping()
             if waited.cancelled_caught:
                 self.close_soon(1000, "no pong within the idle timeout")
+
+    async def _push_notifications(self) -> None:
+        with self._runtime.subscribe_notifications(self.user) as pushes:
+            async for record in pushes:
+                try:
+                    await self._send(encode(NotificationPush(notification=_wire(record))))
+                except _Close as exc:
+                    self.close_soon(exc.code, exc.reason)
+                    return
+                except ConnectionClosed:
+                    return
 
     async def _expire(self, expires_at: float) -> None:
         await trio.sleep(max(0.0, expires_at - time.time()))
@@ -421,8 +440,25 @@ class Connection:
         job = await self._runtime.approve(message.job_id, message.call_id, message.approved, user=self.user)
         await self._reply(JobApproveResult(id=message.id, job=job))
 
-    async def _on_unsupported(self, message: NotificationsList | NotificationsRead | ThreadMute) -> None:
-        raise BadRequestError(f"{type(message).TYPE} is not enabled on this server")
+    async def _on_notifications_list(self, message: NotificationsList) -> None:
+        items, unread = await self._runtime.notifications_list(
+            user=self.user, unread_only=message.unread_only, limit=message.limit
+        )
+        await self._reply(
+            NotificationsResult(id=message.id, notifications=[_wire(n) for n in items], unread=unread)
+        )
+
+    async def _on_notifications_read(self, message: NotificationsRead) -> None:
+        if not message.all and not message.ids:
+            raise BadRequestError("give ids, or all: true")
+        unread = await self._runtime.notifications_read(
+            user=self.user, ids=message.ids, everything=message.all
+        )
+        await self._reply(NotificationsReadResult(id=message.id, unread=unread))
+
+    async def _on_mute(self, message: ThreadMute) -> None:
+        await self._runtime.mute_thread(user=self.user, thread_id=message.thread_id, muted=message.muted)
+        await self._reply(ThreadMuteResult(id=message.id, thread_id=message.thread_id, muted=message.muted))
 
     _handlers: dict[type[Any], Callable[[Connection, Any], Any]] = {
         Ping: _on_ping,
@@ -433,9 +469,9 @@ class Connection:
         JobGet: _on_get,
         JobList: _on_list,
         JobApprove: _on_approve,
-        NotificationsList: _on_unsupported,
-        NotificationsRead: _on_unsupported,
-        ThreadMute: _on_unsupported,
+        NotificationsList: _on_notifications_list,
+        NotificationsRead: _on_notifications_read,
+        ThreadMute: _on_mute,
     }
 
     # -- sending --------------------------------------------------------------------------
@@ -483,3 +519,16 @@ class Connection:
                 self.close_soon(4429, "too slow: reconnect and resume from your last seq")
                 await trio.sleep_forever()  # close_soon cancels this task's session
             await trio.sleep(0.02)
+
+
+def _wire(record: NotificationRecord) -> Notification:
+    return Notification(
+        notification_id=record.notification_id,
+        type=record.type,  # type: ignore[arg-type]
+        job_id=record.job_id,
+        thread_id=record.thread_id,
+        title=record.title,
+        body=record.body,
+        created_at=format_time(record.created_at) or "",
+        read=record.read,
+    )

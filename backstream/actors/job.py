@@ -20,6 +20,7 @@ from backstream.runtime.clock import WallClock, format_time
 from backstream.runtime.config import Config
 from backstream.runtime.joblog import JobLog, OutputLimitExceeded
 from backstream.runtime.models import ChatTurn, Model, ModelFailure, TurnResult
+from backstream.runtime.notifier import Notifier
 from backstream.runtime.store import JobProgress, JobRecord, Store
 from backstream.runtime.tools import Tool, ToolOutcome, ToolRegistry, run_tool
 
@@ -40,6 +41,7 @@ class JobActor:
         model: Model,
         clock: WallClock,
         tools: ToolRegistry | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.record = record
         self.log = JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
@@ -59,6 +61,7 @@ class JobActor:
         self._updated_at = record.created_at
         self._usage: dict[str, int] | None = None
         self._tools = tools or ToolRegistry()
+        self._notifier = notifier
         self._deadline: trio.CancelScope | None = None
         self._turn_text: list[str] = []
         self._pending: dict[str, _PendingApproval] = {}
@@ -121,7 +124,21 @@ class JobActor:
                     await self._flush()
                 except Exception:
                     log.exception("job %s: the final write to the store failed", self.job_id)
+                await self._notify_end()
             self.finished.set()
+
+    async def _notify_end(self) -> None:
+        terminal = self.log.terminal
+        if self._notifier is None or terminal is None:
+            return
+        await self._notifier.job_ended(
+            job_id=self.job_id,
+            user=self.record.user,
+            thread_id=self.record.thread_id,
+            status=terminal.status,
+            content=self.log.content()[:200],
+            error=terminal.error,
+        )
 
     async def _run_to_end(self) -> None:
         self.log.append_status("running")
@@ -223,6 +240,11 @@ class JobActor:
         self.log.append_approval_required(call.call_id, call.name, call.arguments)
         self.log.append_status("awaiting_approval")
         self._updated_at = self._clock.now()
+        await self._flush()  # other instances see the wait before anyone is told of it
+        if self._notifier is not None:
+            await self._notifier.approval_needed(
+                job_id=self.job_id, user=self.record.user, thread_id=self.record.thread_id, tool=call.name
+            )
         started = trio.current_time()
         paused_deadline = math.inf
         if self._deadline is not None:  # the job timeout does not run while a person decides

@@ -19,11 +19,12 @@ import trio
 from backstream.actors.job import JobActor
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.protocol.errors import CapacityError, UnavailableError
-from backstream.protocol.events import ErrorInfo
+from backstream.protocol.events import ErrorInfo, TextEvent
 from backstream.runtime.clock import WallClock
 from backstream.runtime.config import Config
 from backstream.runtime.ids import new_id
 from backstream.runtime.models import Model
+from backstream.runtime.notifier import Notifier
 from backstream.runtime.store import JobProgress, JobRecord, JobRequest, SharedCapacity, Store
 from backstream.runtime.tools import ToolRegistry
 
@@ -74,9 +75,12 @@ class Registry:
         *,
         instance_id: str = "local",
         tools: ToolRegistry | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.instance_id = instance_id
         self._tools = tools
+        self._notifier = notifier
+        self.local_watches: Callable[[], list[tuple[str, str]]] = list
         self._config = config
         self._store = store
         self._clock = clock
@@ -146,7 +150,13 @@ class Registry:
         if not created:
             return record, True
         actor = JobActor(
-            record, config=self._config, store=self._store, model=model, clock=self._clock, tools=self._tools
+            record,
+            config=self._config,
+            store=self._store,
+            model=model,
+            clock=self._clock,
+            tools=self._tools,
+            notifier=self._notifier,
         )
         self._live[record.job_id] = actor
         self._running_by_user[record.user] += 1
@@ -266,9 +276,12 @@ class Registry:
             await trio.sleep(self._config.lease_renew_interval)
             now = self._clock.now()
             try:
+                until = now + self._config.lease_ttl
                 if self._live:
-                    until = now + self._config.lease_ttl
                     await self._store.renew_leases(self.instance_id, list(self._live), until)
+                watches = self.local_watches()
+                if watches:
+                    await self._store.renew_watches(watches, until)
                 await self.recover_orphans()
             except UnavailableError as exc:
                 # Leases lapse only after lease_ttl: an outage shorter than that costs nothing.
@@ -284,6 +297,17 @@ class Registry:
                 "job %s: its instance is gone; ended interrupted at seq %d", record.job_id, record.seq
             )
             self._finished_total["interrupted"] += 1
+            if self._notifier is not None:
+                entries = await self._store.read(record.job_id, 0, record.seq)
+                content = "".join(e.text for e in entries if isinstance(e, TextEvent))
+                await self._notifier.job_ended(
+                    job_id=record.job_id,
+                    user=record.user,
+                    thread_id=record.thread_id,
+                    status="interrupted",
+                    content=content,
+                    error=None,
+                )
         return recovered
 
     def statistics(self) -> RegistryStatistics:

@@ -93,6 +93,10 @@ class Config:
     approval_timeout: float = attrs.field(default=600.0, validator=_positive)
     """A tool call waiting this long for a person's decision counts as declined."""
 
+    # Notifications.
+    max_notifications_per_user: int = attrs.field(default=500, validator=_positive)
+    """Notifications kept per user; past it the oldest go first."""
+
     # Built-in offline models.
     echo_words_per_s: float = attrs.field(default=30.0, validator=_positive)
     """Speed of ``backstream/echo``."""

@@ -82,7 +82,7 @@ class FrontDoor:
         self._features = features or {
             "tools": runtime.tools.names(),
             "approvals": True,
-            "notifications": False,
+            "notifications": True,
         }
         self._version = version
         self.stats = ConnectionStats()

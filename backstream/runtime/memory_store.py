@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from backstream.protocol.events import TERMINAL_STATUSES, LogEvent
+from backstream.runtime.local_notifications import LocalNotifications
 from backstream.runtime.store import JobProgress, JobRecord, SharedCapacity, Store
 
 __all__ = ["MemoryStore", "MemoryStoreStatistics"]
@@ -26,8 +27,9 @@ class _StoredJob:
     abort: trio.Event = attrs.Factory(trio.Event)
 
 
-class MemoryStore(Store):
+class MemoryStore(LocalNotifications, Store):
     def __init__(self) -> None:
+        self._init_local_notifications()
         self._jobs: dict[str, _StoredJob] = {}
         self._by_message: dict[tuple[str, str], str] = {}
         # Per user, job ids in creation order (a dict as an ordered set).

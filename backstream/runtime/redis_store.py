@@ -26,6 +26,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import coredis
 import coredis.exceptions
 import trio
@@ -39,7 +40,7 @@ from backstream.runtime.serialization import (
     record_from_dict,
     record_to_dict,
 )
-from backstream.runtime.store import JobProgress, JobRecord, SharedCapacity, Store
+from backstream.runtime.store import JobProgress, JobRecord, NotificationRecord, SharedCapacity, Store
 
 __all__ = ["RedisStore"]
 
@@ -126,6 +127,24 @@ return 1
 """
 
 
+_NOTIFY = """
+if redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf') > 0 then return 0 end
+if ARGV[9] == '1' and redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 0 end
+if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[8]) then return 0 end
+redis.call('HSET', KEYS[4], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
+local extra = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[6])
+if extra > 0 then
+  local old = redis.call('ZRANGE', KEYS[5], 0, extra - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, extra - 1)
+  redis.call('HDEL', KEYS[4], unpack(old))
+end
+redis.call('PUBLISH', ARGV[7], ARGV[3])
+return 1
+"""
+
+
 def _error_dict(error: ErrorInfo) -> dict[str, Any]:
     out: dict[str, Any] = {"code": error.code, "message": error.message}
     if error.http_status is not None:
@@ -186,6 +205,7 @@ class RedisStore(Store):
                     ("commit", _COMMIT),
                     ("recover", _RECOVER),
                     ("renew", _RENEW),
+                    ("notify", _NOTIFY),
                 )
             }
             await self.ping()
@@ -212,9 +232,8 @@ class RedisStore(Store):
         delay = 0.1
         while True:
             try:
-                async with self.redis.pubsub(
-                    channels=[self._k("commits"), self._k("aborts")], ignore_subscribe_messages=True
-                ) as pubsub:
+                channels = [self._k("commits"), self._k("aborts"), self._k("notifications")]
+                async with self.redis.pubsub(channels=channels, ignore_subscribe_messages=True) as pubsub:
                     self.subscribed.set()
                     delay = 0.1
                     self._wake_all()  # anything missed while unsubscribed
@@ -231,6 +250,9 @@ class RedisStore(Store):
             lot = self._changed.get(data.split(" ", 1)[0])
             if lot is not None:
                 lot.unpark_all()
+        elif channel.endswith(":notifications"):
+            if self.notification_listener is not None:
+                self.notification_listener(NotificationRecord(**json.loads(data)))
         elif channel.endswith(":aborts"):
             event = self._aborts.get(data)
             if event is not None:
@@ -446,6 +468,82 @@ class RedisStore(Store):
         finally:
             if self._aborts.get(job_id) is event:
                 del self._aborts[job_id]
+
+    # -- watchers and notifications, across instances ------------------------------------
+
+    def _inbox(self, user: str) -> tuple[str, str]:
+        return self._k("notif", str(len(user)), user), self._k("notifs", str(len(user)), user)
+
+    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
+        await self._call(self.redis.zadd(self._k("watching", job_id), {watch_id: until}))
+
+    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
+        if saw_end:
+            await self._call(self.redis.set(self._k("seen", job_id), "1", px=_ms(_SAFETY_TTL_S)))
+        await self._call(self.redis.zrem(self._k("watching", job_id), [watch_id]))
+
+    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, watch_id in watches:
+                pipe.zadd(self._k("watching", job_id), {watch_id: until}, condition=PureToken.XX)
+
+    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
+        n = notification
+        hash_key, order_key = self._inbox(n.user)
+        keys = [
+            self._k("watching", n.job_id),
+            self._k("muted", str(len(n.user)), n.user),
+            self._k("notified", n.job_id, n.type),
+            hash_key,
+            order_key,
+            self._k("seen", n.job_id),
+        ]
+        payload = json.dumps(attrs.asdict(n), separators=(",", ":"))
+        args = [
+            repr(now),
+            n.thread_id,
+            payload,
+            n.notification_id,
+            repr(n.created_at),
+            str(max_per_user),
+            self._k("notifications"),
+            str(_ms(_SAFETY_TTL_S * 24)),
+            "0" if n.type == "ai.tool.approval_required" else "1",
+        ]
+        return bool(await self._call(self._scripts["notify"](keys=keys, args=args)))
+
+    async def list_notifications(
+        self, user: str, *, unread_only: bool, limit: int
+    ) -> tuple[list[NotificationRecord], int]:
+        hash_key, order_key = self._inbox(user)
+        ids = [str(i) for i in await self._call(self.redis.zrange(order_key, 0, -1, rev=True))]
+        values = await self._call(self.redis.hmget(hash_key, ids)) if ids else []
+        items = [NotificationRecord(**json.loads(v)) for v in values if v]
+        unread = sum(1 for n in items if not n.read)
+        if unread_only:
+            items = [n for n in items if not n.read]
+        return items[:limit], unread
+
+    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
+        hash_key, _ = self._inbox(user)
+        current = await self._call(self.redis.hgetall(hash_key))
+        changed = {}
+        for notification_id, value in current.items():
+            if everything or notification_id in ids:
+                data = json.loads(value)
+                if not data["read"]:
+                    data["read"] = True
+                    changed[notification_id] = json.dumps(data, separators=(",", ":"))
+        if changed:
+            await self._call(self.redis.hset(hash_key, changed))
+        return sum(1 for k, v in current.items() if k not in changed and not json.loads(v)["read"])
+
+    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
+        key = self._k("muted", str(len(user)), user)
+        if muted:
+            await self._call(self.redis.sadd(key, [thread_id]))
+        else:
+            await self._call(self.redis.srem(key, [thread_id]))
 
     # -- approvals through any instance ---------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
 
 import attrs
@@ -37,7 +37,8 @@ from backstream.runtime.ids import new_id
 from backstream.runtime.joblog import summarize_events
 from backstream.runtime.memory_store import MemoryStore
 from backstream.runtime.models import BUILTIN_MODELS, Model, builtin_model, validate_builtin_params
-from backstream.runtime.store import JobRecord, JobRequest, Store
+from backstream.runtime.notifier import Notifier
+from backstream.runtime.store import JobRecord, JobRequest, NotificationRecord, Store
 from backstream.runtime.tools import ToolRegistry
 from backstream.runtime.upstream import UpstreamClient, UpstreamStatistics, open_http_client
 from backstream.runtime.validation import check_identifier, check_messages, check_params
@@ -90,9 +91,13 @@ class Runtime:
         models: Mapping[str, Model],
         upstream: UpstreamClient | None,
         tools: ToolRegistry,
+        notifier: Notifier,
     ) -> None:
         self.config = config
         self.tools = tools
+        self.notifier = notifier
+        self._watch_presence: dict[str, str] = {}  # watch_id -> job_id, renewed with the leases
+        registry.local_watches = lambda: [(job, watch) for watch, job in self._watch_presence.items()]
         self._models = dict(models)
         self._upstream = upstream
         self.store = store
@@ -236,6 +241,9 @@ class Runtime:
             max_batch_chars=self.config.max_batch_chars,
             ended=finished and after_seq == last_seq,
         )
+        watch_id = new_id("w_", self._clock.now())
+        await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
+        self._watch_presence[watch_id] = job_id
         self._watchers[job_id] += 1
         try:
             yield watcher
@@ -243,6 +251,14 @@ class Runtime:
             self._watchers[job_id] -= 1
             if self._watchers[job_id] <= 0:
                 del self._watchers[job_id]
+            del self._watch_presence[watch_id]
+            with trio.CancelScope(shield=True) as cleanup:
+                cleanup.deadline = trio.current_time() + self.config.finalize_timeout
+                try:
+                    # A watch that delivered the end counts as watching when the job ended.
+                    await self.store.watch_ended(job_id, watch_id, saw_end=watcher.ended and not finished)
+                except Exception:
+                    log.warning("job %s: could not record the end of a watch", job_id)
 
     async def get_job(
         self, job_id: str, *, user: str, include_content: bool = False, offset: int = 0
@@ -324,6 +340,33 @@ class Runtime:
     def stop_accepting(self) -> None:
         """Refuse new jobs from now on (``UnavailableError``); running jobs go on."""
         self._registry.stop_accepting()
+
+    # -- notifications -----------------------------------------------------------------------
+
+    async def notifications_list(
+        self, *, user: str, unread_only: bool = False, limit: int = 50
+    ) -> tuple[list[NotificationRecord], int]:
+        """The user's notifications, newest first, and how many are unread."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+        return await self.store.list_notifications(user, unread_only=unread_only, limit=limit)
+
+    async def notifications_read(
+        self, *, user: str, ids: Sequence[str] = (), everything: bool = False
+    ) -> int:
+        """Mark notifications read; return how many stay unread."""
+        return await self.store.mark_notifications_read(user, ids, everything=everything)
+
+    async def mute_thread(self, *, user: str, thread_id: str, muted: bool = True) -> None:
+        """No notifications for this thread of the user's while muted."""
+        check_identifier("thread_id", thread_id)
+        await self.store.set_thread_muted(user, thread_id, muted)
+
+    def subscribe_notifications(
+        self, user: str
+    ) -> AbstractContextManager[trio.MemoryReceiveChannel[NotificationRecord]]:
+        """New notifications of ``user``, created on any instance, while the block runs."""
+        return self.notifier.subscribe(user)
 
     async def wait_idle(self) -> None:
         """Wait until no job runs in this runtime (each has written its end to the store)."""
@@ -413,6 +456,7 @@ async def open_runtime(
     store = store or MemoryStore()
     tools = tools if tools is not None else ToolRegistry.with_builtins()
     clock = WallClock()
+    notifier = Notifier(store, clock, config.max_notifications_per_user)
     instance_id = new_id("i_", clock.now())
     http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
     await store.open()
@@ -430,14 +474,23 @@ async def open_runtime(
                 return runtime.resolve_model(request)
 
             registry = Registry(
-                config, store, clock, job_supervisor, resolve, instance_id=instance_id, tools=tools
+                config,
+                store,
+                clock,
+                job_supervisor,
+                resolve,
+                instance_id=instance_id,
+                tools=tools,
+                notifier=notifier,
             )
             await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT))
             await registry.recover_orphans()  # jobs of a dead instance end before new ones start
             await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT))
             await system.start_child(ChildSpec("leases", registry.keep_leases, Restart.PERMANENT))
             upstream = UpstreamClient(config, http) if http is not None else None
-            runtime = Runtime(config, store, clock, registry, job_supervisor, models or {}, upstream, tools)
+            runtime = Runtime(
+                config, store, clock, registry, job_supervisor, models or {}, upstream, tools, notifier
+            )
             runtime.instance_id = instance_id
             try:
                 yield runtime

@@ -27,6 +27,7 @@ import trio
 
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent, StatusEvent
+from backstream.runtime.local_notifications import LocalNotifications
 from backstream.runtime.serialization import (
     events_from_json,
     events_to_json,
@@ -95,8 +96,12 @@ def path_from_url(url: str) -> pathlib.Path:
     return pathlib.Path(url[len("sqlite:///") :])
 
 
-class SqliteStore(Store):
+class SqliteStore(LocalNotifications, Store):
+    """Jobs and logs in the file; presence, mutes and notifications in this process (one
+    process owns the file)."""
+
     def __init__(self, path: str | pathlib.Path) -> None:
+        self._init_local_notifications()
         self.path = pathlib.Path(path)
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None

@@ -9,7 +9,7 @@ the store and wait on it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -17,7 +17,15 @@ import trio
 
 from backstream.protocol.events import ErrorInfo, JobStatus, LogEvent
 
-__all__ = ["JobProgress", "JobRecord", "JobRequest", "SharedCapacity", "Store"]
+__all__ = [
+    "JobProgress",
+    "JobRecord",
+    "JobRequest",
+    "NotificationListener",
+    "NotificationRecord",
+    "SharedCapacity",
+    "Store",
+]
 
 
 @attrs.frozen
@@ -93,6 +101,22 @@ class JobRecord:
             usage=progress.usage,
             expires_at=progress.expires_at,
         )
+
+
+@attrs.frozen
+class NotificationRecord:
+    notification_id: str
+    user: str
+    type: str  # ai.message.received | system.warning | ai.tool.approval_required
+    job_id: str
+    thread_id: str
+    title: str
+    body: str
+    created_at: float
+    read: bool = False
+
+
+NotificationListener = Callable[[NotificationRecord], None]
 
 
 @attrs.define
@@ -186,6 +210,48 @@ class Store(abc.ABC):
 
         Cancellation: safe; nothing is consumed.
         """
+
+    # -- watchers and notifications ----------------------------------------------------------
+    # Single-process stores keep presence, mutes and notifications in memory-backed state of
+    # their own; a shared store keeps them where every instance sees them.
+
+    notification_listener: NotificationListener | None = None
+    """Called with every notification created on any instance (for pushing to connections)."""
+
+    @abc.abstractmethod
+    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
+        """Someone watches ``job_id`` (until ``until`` unless renewed, for shared stores)."""
+
+    @abc.abstractmethod
+    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
+        """That watch ended (unwatched, finished, or its connection dropped). ``saw_end``:
+        it delivered the terminal status, so the job counts as watched when it ended, even
+        if the watch is gone before the notification check runs."""
+
+    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
+        """Extend the presence of this instance's ``(job_id, watch_id)`` watches."""
+        await trio.lowlevel.checkpoint()
+
+    @abc.abstractmethod
+    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
+        """Atomically: if nobody watches the job (on any instance), the thread is not muted
+        and the job has no notification of this type yet, store ``notification`` (keeping
+        the user's newest ``max_per_user``) and announce it to every instance. Returns
+        whether it was created."""
+
+    @abc.abstractmethod
+    async def list_notifications(
+        self, user: str, *, unread_only: bool, limit: int
+    ) -> tuple[list[NotificationRecord], int]:
+        """The user's notifications, newest first, and how many are unread."""
+
+    @abc.abstractmethod
+    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
+        """Mark some (or all) of the user's notifications read; return how many stay unread."""
+
+    @abc.abstractmethod
+    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
+        """Mute or unmute a thread's notifications for its user."""
 
     # -- approvals: a decision may come through another instance ------------------------
 
