@@ -146,9 +146,9 @@ async def test_approval_wait_notifies(autojump_clock: trio.testing.MockClock) ->
         started = await rt.start_job(
             user="alice", thread_id="t", message_id="m", model="toolbot", messages=MSG, tools=["delete_files"]
         )
-        while (await rt.get_job(started.job_id, user="alice")).job.status != "awaiting_approval":
+        while not (items := await inbox(rt)):  # it follows the awaiting_approval status
             await trio.sleep(0.01)
-        items = await inbox(rt)
+        assert (await rt.get_job(started.job_id, user="alice")).job.status == "awaiting_approval"
         assert [n.type for n in items] == ["ai.tool.approval_required"] and "delete_files" in items[0].body
         await rt.approve(started.job_id, "c1", True, user="alice")
         await finished(rt, started.job_id)
@@ -254,3 +254,20 @@ async def test_store_notify_is_atomic_and_unique(store: Store, approved: bool) -
     assert not await store.notify_unwatched(record("n555", "ai.tool.approval_required"), 1e9, 10)
     items, unread = await store.list_notifications("u", unread_only=False, limit=10)
     assert [n.notification_id for n in items] == ["n44", "n2"] and unread == 2
+
+
+async def test_sqlite_keeps_notifications_and_mutes_across_restarts(tmp_path: Any) -> None:
+    path = tmp_path / "jobs.db"
+    async with open_runtime(CONFIG, store=SqliteStore(path)) as rt:
+        job_id = await lorem(rt, "m1")
+        await finished(rt, job_id)
+        await rt.mute_thread(user="alice", thread_id="quiet")
+    async with open_runtime(CONFIG, store=SqliteStore(path)) as rt:
+        items, unread = await rt.notifications_list(user="alice")
+        assert [n.job_id for n in items] == [job_id] and unread == 1
+        assert not await rt.notifier.job_ended(
+            job_id=job_id, user="alice", thread_id="t1", status="completed", content="", error=None
+        )  # still never twice
+        muted = await lorem(rt, "m2", thread="quiet")
+        await finished(rt, muted)
+        assert [n.job_id for n in await inbox(rt)] == [job_id]

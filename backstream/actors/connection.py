@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import logging
 import secrets
+import select
 import termios
 import time
 from collections.abc import Callable
@@ -248,7 +249,12 @@ class Connection:
                 },
             )
         )
-        log.info("conn %s: user %s connected", self.conn_id, identity.user)
+        log.info(
+            "conn %s: user %s connected (socket %s)",
+            self.conn_id,
+            identity.user,
+            "known" if self._sock else "unknown",
+        )
         return identity
 
     async def _keepalive(self) -> None:
@@ -376,8 +382,10 @@ class Connection:
     ) -> None:
         try:
             with watch.scope:
+                # Frames small enough to fit beside what a slow client left unread (see _client_keeps_up).
+                frame_chars = max(1024, self._limits.max_unsent_bytes // 4)
                 async with self._runtime.watch(
-                    job_id, user=self.user, after_seq=after_seq, epoch=epoch
+                    job_id, user=self.user, after_seq=after_seq, epoch=epoch, max_batch_chars=frame_chars
                 ) as batches:
                     info = await self._runtime.get_job(job_id, user=self.user)
                     task_status.started(info.job)
@@ -492,27 +500,41 @@ class Connection:
             await self._ws.send_message(text)
         if deadline.cancelled_caught:
             self._stats.closed_slow += 1
-            log.info("conn %s: a frame did not go out within %gs", self.conn_id, self._limits.send_timeout)
+            log.info(
+                "conn %s: a frame did not go out within %gs: %s",
+                self.conn_id,
+                self._limits.send_timeout,
+                text[:60],
+            )
             raise _Close(4429, "too slow")
         self._stats.frames_sent += 1
         self._stats.bytes_sent += len(text)
 
-    def _unsent_bytes(self) -> int:
+    def _client_keeps_up(self) -> bool:
+        """The socket can take a batch: few unsent bytes, and the kernel calls it writable.
+
+        Both are needed: the kernel charges the send buffer by its own overhead, so with many
+        small frames it fills while the unsent payload still looks small. Writable means a
+        third of the buffer is free, so a close frame still fits when this says no.
+        """
         if self._sock is None:
-            return 0
+            return True
+        fd = self._sock.fileno()
         try:
-            buf = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            unsent = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"), "little", signed=True)
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            writable = bool(poller.poll(0))
         except OSError:
-            return 0
-        return int.from_bytes(buf, "little", signed=True)
+            return True  # the socket is gone; the send will say so
+        return writable and unsent <= self._limits.max_unsent_bytes
 
     async def _wait_drained(self) -> None:
-        """Wait while the client leaves more than ``max_unsent_bytes`` unread; close it 4429
-        if that lasts ``slow_client_timeout``."""
-        if self._unsent_bytes() <= self._limits.max_unsent_bytes:
+        """Wait while the client is behind; close it 4429 if that lasts ``slow_client_timeout``."""
+        if self._client_keeps_up():
             return
         deadline = trio.current_time() + self._limits.slow_client_timeout
-        while self._unsent_bytes() > self._limits.max_unsent_bytes:
+        while not self._client_keeps_up():
             if trio.current_time() >= deadline:
                 self._stats.closed_slow += 1
                 log.info("conn %s: client too slow, closing 4429", self.conn_id)

@@ -208,7 +208,13 @@ class Runtime:
 
     @asynccontextmanager
     async def watch(
-        self, job_id: str, *, user: str, after_seq: int = 0, epoch: int | None = None
+        self,
+        job_id: str,
+        *,
+        user: str,
+        after_seq: int = 0,
+        epoch: int | None = None,
+        max_batch_chars: int | None = None,
     ) -> AsyncIterator[Watcher]:
         """Watch a job from ``after_seq``: an async iterator of batches that ends after the
         terminal status.
@@ -238,7 +244,7 @@ class Runtime:
             after_seq=after_seq,
             batch_seconds=self.config.batch_seconds,
             max_batch_events=self.config.max_batch_events,
-            max_batch_chars=self.config.max_batch_chars,
+            max_batch_chars=min(self.config.max_batch_chars, max_batch_chars or self.config.max_batch_chars),
             ended=finished and after_seq == last_seq,
         )
         watch_id = new_id("w_", self._clock.now())

@@ -34,7 +34,7 @@ from backstream.runtime.serialization import (
     record_from_dict,
     record_to_dict,
 )
-from backstream.runtime.store import JobProgress, JobRecord, SharedCapacity, Store
+from backstream.runtime.store import JobProgress, JobRecord, NotificationRecord, SharedCapacity, Store
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
 
@@ -77,6 +77,27 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        2,
+        """
+        CREATE TABLE notifications (
+            notification_id TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            type TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            thread_id TEXT NOT NULL,
+            title TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            read INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (job_id, type)
+        );
+        CREATE INDEX notifications_by_user ON notifications (user, created_at DESC);
+        CREATE TABLE muted_threads (
+            user TEXT NOT NULL, thread_id TEXT NOT NULL, PRIMARY KEY (user, thread_id)
+        )
+        """,
+    ),
 )
 
 
@@ -97,7 +118,7 @@ def path_from_url(url: str) -> pathlib.Path:
 
 
 class SqliteStore(LocalNotifications, Store):
-    """Jobs and logs in the file; presence, mutes and notifications in this process (one
+    """Jobs, logs, notifications and mutes in the file; who watches, in this process (one
     process owns the file)."""
 
     def __init__(self, path: str | pathlib.Path) -> None:
@@ -333,6 +354,112 @@ class SqliteStore(LocalNotifications, Store):
         finally:
             if self._aborts.get(job_id) is event and not event.is_set():
                 self._aborts.pop(job_id, None)
+
+    # -- notifications and mutes live in the file; presence in this process -------------
+
+    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
+        n = notification
+        if self._watchers_by_job.get(n.job_id) or (
+            n.type != "ai.tool.approval_required" and n.job_id in self._seen_ending
+        ):
+            return False
+
+        def insert(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                muted = conn.execute(
+                    "SELECT 1 FROM muted_threads WHERE user = ? AND thread_id = ?", (n.user, n.thread_id)
+                ).fetchone()
+                created = False
+                if not muted:
+                    created = (
+                        conn.execute(
+                            "INSERT OR IGNORE INTO notifications (notification_id, user, type, job_id, "
+                            "thread_id, title, body, created_at, read) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                            (
+                                n.notification_id,
+                                n.user,
+                                n.type,
+                                n.job_id,
+                                n.thread_id,
+                                n.title,
+                                n.body,
+                                n.created_at,
+                            ),
+                        ).rowcount
+                        == 1
+                    )
+                if created:  # the oldest go first
+                    conn.execute(
+                        "DELETE FROM notifications WHERE user = ? AND notification_id NOT IN (SELECT "
+                        "notification_id FROM notifications WHERE user = ? ORDER BY created_at DESC LIMIT ?)",
+                        (n.user, n.user, max_per_user),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return created
+
+        created = await self._write(insert)
+        if created and self.notification_listener is not None:
+            self.notification_listener(n)
+        return created
+
+    async def list_notifications(
+        self, user: str, *, unread_only: bool, limit: int
+    ) -> tuple[list[NotificationRecord], int]:
+        def select(conn: sqlite3.Connection) -> tuple[list[NotificationRecord], int]:
+            sql = (
+                "SELECT notification_id, user, type, job_id, thread_id, title, body, created_at, read "
+                "FROM notifications WHERE user = ?"
+            )
+            if unread_only:
+                sql += " AND read = 0"
+            rows = conn.execute(sql + " ORDER BY created_at DESC LIMIT ?", (user, limit)).fetchall()
+            unread = conn.execute("SELECT count(*) FROM notifications WHERE user = ? AND read = 0", (user,))
+            items = [
+                NotificationRecord(
+                    notification_id=row[0],
+                    user=row[1],
+                    type=row[2],
+                    job_id=row[3],
+                    thread_id=row[4],
+                    title=row[5],
+                    body=row[6],
+                    created_at=row[7],
+                    read=bool(row[8]),
+                )
+                for row in rows
+            ]
+            return items, int(unread.fetchone()[0])
+
+        return await self._read(select)
+
+    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
+        def update(conn: sqlite3.Connection) -> int:
+            if everything:
+                conn.execute("UPDATE notifications SET read = 1 WHERE user = ?", (user,))
+            else:
+                conn.executemany(
+                    "UPDATE notifications SET read = 1 WHERE user = ? AND notification_id = ?",
+                    [(user, i) for i in ids],
+                )
+            return int(
+                conn.execute(
+                    "SELECT count(*) FROM notifications WHERE user = ? AND read = 0", (user,)
+                ).fetchone()[0]
+            )
+
+        return await self._write(update)
+
+    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
+        sql = (
+            "INSERT OR IGNORE INTO muted_threads (user, thread_id) VALUES (?, ?)"
+            if muted
+            else "DELETE FROM muted_threads WHERE user = ? AND thread_id = ?"
+        )
+        await self._write(lambda conn: conn.execute(sql, (user, thread_id)))
 
     # -- one process owns the file: every running job found at start is an orphan --------
 
