@@ -187,20 +187,21 @@ class SqliteStore(LocalNotifications, Store):
                     lot.unpark_all()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._writer
-        if conn is None:
-            raise UnavailableError("the store is closed")
-        try:
-            return await trio.to_thread.run_sync(fn, conn, limiter=self._write_lane)
-        except sqlite3.Error as exc:
-            raise UnavailableError(f"sqlite: {exc}") from None
+        return await self._on_thread(self._writer, self._write_lane, fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._reader
+        return await self._on_thread(self._reader, self._read_lane, fn)
+
+    @staticmethod
+    async def _on_thread(
+        conn: sqlite3.Connection | None, lane: trio.CapacityLimiter, fn: Callable[[sqlite3.Connection], T]
+    ) -> T:
+        """Run ``fn(conn)`` on a worker thread, one at a time per connection. Cancellation
+        waits for the statement to finish (a thread cannot be interrupted)."""
         if conn is None:
             raise UnavailableError("the store is closed")
         try:
-            return await trio.to_thread.run_sync(fn, conn, limiter=self._read_lane)
+            return await trio.to_thread.run_sync(fn, conn, limiter=lane)
         except sqlite3.Error as exc:
             raise UnavailableError(f"sqlite: {exc}") from None
 
