@@ -327,3 +327,28 @@ async def test_server_close_1001_reaches_clients(autojump_clock: trio.testing.Mo
         await c.hello()
         srv.door.close_all(1001, "server shutting down")
         assert await c.close_code() == 1001
+
+
+async def test_a_client_that_answers_no_ping_is_closed(autojump_clock: trio.testing.MockClock) -> None:
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
+
+    async with served(limits=ConnectionLimits(ping_interval=5, idle_timeout=10)) as srv:
+        stream = await trio.open_tcp_stream("127.0.0.1", srv.door.port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="127.0.0.1", target="/v1")))
+        hello = json.dumps({"type": "hello", "id": "h", "protocol": 1, "token": "tok-alice"})
+        t0, pings, closed = trio.current_time(), 0, None
+        while closed is None:
+            ws.receive_data(await stream.receive_some(65536) or None)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    await stream.send_all(ws.send(TextMessage(data=hello)))
+                elif isinstance(event, Ping):
+                    pings += 1  # and no pong
+                elif isinstance(event, CloseConnection):
+                    closed = event
+        assert pings == 1 and closed.code == 1000 and "pong" in (closed.reason or "")
+        assert trio.current_time() - t0 == pytest.approx(
+            15, abs=0.5
+        )  # the ping at 5 s, then 10 s without a pong

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -88,3 +89,26 @@ async def test_capacity_holds_across_instances() -> None:
             await lorem(a, "m4", tokens=10, rate=10, user="carol")  # two running in the cluster
         await a.abort(first, user="alice")  # a finished job gives its slot back
         await lorem(b, "m5", tokens=10, rate=10, user="carol")
+
+
+async def test_a_lost_log_gives_gone_never_a_gap() -> None:
+    """If Redis loses a job (a restart without persistence), its watchers elsewhere get gone."""
+    from backstream import GoneError
+    from tests.conftest import REDIS_HOST, REDIS_PORT
+
+    async with two_instances() as (a, b):
+        job_id = await lorem(a, "m1", tokens=10_000, rate=50)
+        seqs = []
+        with pytest.raises(GoneError):
+            async with b.watch(job_id, user="alice") as batches:
+                async for batch in batches:
+                    seqs.append((batch.from_seq, batch.to_seq))
+                    if len(seqs) == 3:
+                        import coredis
+
+                        async with coredis.Redis(host=REDIS_HOST, port=REDIS_PORT) as r:
+                            store = b.store
+                            assert isinstance(store, RedisStore)
+                            await r.delete([store._job(job_id), store._log(job_id)])
+        assert all(y[0] == x[1] + 1 for x, y in itertools.pairwise(seqs))  # no gap before it
+        await a.abort(job_id, user="alice")

@@ -271,3 +271,26 @@ async def test_sqlite_keeps_notifications_and_mutes_across_restarts(tmp_path: An
         muted = await lorem(rt, "m2", thread="quiet")
         await finished(rt, muted)
         assert [n.job_id for n in await inbox(rt)] == [job_id]
+
+
+async def test_python_client_notification_calls(autojump_clock: trio.testing.MockClock) -> None:
+    from backstream.client import open_client
+    from tests.ws_helpers import served
+
+    async with served() as srv, open_client(srv.url, "tok-alice") as client:
+        started = await client.start_job(
+            thread_id="t",
+            message_id="m",
+            model="backstream/lorem",
+            messages=MSG,
+            params={"max_tokens": 5, "tokens_per_s": 50},
+        )
+        pushed = await client.next_notification()  # pushed: nobody watched it
+        assert pushed.job_id == started.job.job_id and pushed.type == "ai.message.received"
+        listed = await client.notifications_list(unread_only=True)
+        assert [n.notification_id for n in listed.notifications] == [
+            pushed.notification_id
+        ] and listed.unread == 1
+        assert (await client.notifications_read([pushed.notification_id])).unread == 0
+        muted = await client.mute_thread("t")
+        assert muted.muted and muted.thread_id == "t"

@@ -433,3 +433,15 @@ async def test_approval_through_another_instance(upstream: FakeUpstream) -> None
             ).status == "completed"
     finally:
         await delete_prefix(prefix)
+
+
+def test_tools_from_the_entry_point_group(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real installed distribution's metadata: the group as a package would declare it.
+    dist = tmp_path / "sample_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sample-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[backstream.tools]\ngreet = tests.sample_tools:greet\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tools = ToolRegistry.with_builtins()
+    loaded = tools.load_entry_points()
+    assert [t.name for t in loaded] == ["greet"] and "greet" in tools.names()
