@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
@@ -46,12 +46,12 @@ async def delete_prefix(prefix: str, port: int = REDIS_PORT) -> None:
     import coredis
 
     async with coredis.Redis(host=REDIS_HOST, port=port, decode_responses=True) as r:
-        keys = [key async for key in r.scan_iter(match=f"{prefix}:*")]
+        keys = [key async for key in r.scan_iter(match="{" + prefix + "}:*")]
         if keys:
             await r.delete(keys)
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 async def unopened_store(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[Store]:
     """Each store the runtime supports, not yet opened (``open_runtime`` opens what it is given)."""
     made: Store
@@ -60,6 +60,8 @@ async def unopened_store(request: pytest.FixtureRequest, tmp_path: object) -> As
         made = MemoryStore()
     elif request.param == "sqlite":
         made = SqliteStore(f"{tmp_path}/store.db")
+    elif request.param == "redis-cluster":
+        made = RedisStore(request.getfixturevalue("redis_cluster"), prefix=f"bstest:{uuid.uuid4().hex[:12]}")
     else:
         require_redis()
         prefix = f"bstest:{uuid.uuid4().hex[:12]}"
@@ -84,3 +86,93 @@ async def store(unopened_store: Store, nursery: trio.Nursery) -> AsyncIterator[S
         yield made
     finally:
         await made.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A three-node Redis Cluster of our own on spare ports; yields its ``redis+cluster://`` URL."""
+    import shutil
+    import subprocess
+    import time
+
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.fail("redis-server and redis-cli are needed for the Redis Cluster tests")
+    directory = tmp_path_factory.mktemp("cluster")
+    import random
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    ports: list[int] = []
+    while len(ports) < 3:  # the cluster bus listens on port + 10000, which must exist too
+        port = random.randint(20000, 45000)
+        if port not in ports and free(port) and free(port + 10000):
+            ports.append(port)
+    nodes = [
+        subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        for port in ports:
+            deadline = time.monotonic() + 10
+            while (
+                subprocess.run(
+                    ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
+                ).stdout.strip()
+                != "PONG"
+            ):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"cluster node on {port} did not start")
+                time.sleep(0.05)
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        deadline = time.monotonic() + 20
+        while (
+            "cluster_state:ok"
+            not in subprocess.run(
+                ["redis-cli", "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True
+            ).stdout
+        ):
+            if time.monotonic() > deadline:
+                pytest.fail("the cluster did not become ready")
+            time.sleep(0.1)
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait()

@@ -158,10 +158,16 @@ def _ms(seconds: float) -> int:
 
 class RedisStore(Store):
     def __init__(self, url: str, *, prefix: str = "backstream") -> None:
-        self.url = url
+        """``redis://HOST:PORT/DB`` or ``rediss://...``; ``redis+cluster://HOST:PORT`` (or
+        ``rediss+cluster://``) for Redis Cluster through coredis' cluster client."""
+        self.cluster = "+cluster://" in url
+        self.url = url.replace("+cluster://", "://")
         self.prefix = prefix
+        # A hash tag: every key of this store lands in one cluster slot, so each Lua script's
+        # keys are on one node (on a single server it changes nothing).
+        self._tag = "{" + prefix + "}"
         self._stack: contextlib.AsyncExitStack | None = None
-        self._redis: coredis.Redis[str] | None = None
+        self._redis: coredis.Redis[str] | coredis.RedisCluster[str] | None = None
         self._changed: dict[str, trio.lowlevel.ParkingLot] = {}
         self._aborts: dict[str, trio.Event] = {}
         # user and message_id of jobs being written, so a commit takes one round trip
@@ -171,7 +177,7 @@ class RedisStore(Store):
     # -- keys -------------------------------------------------------------------------
 
     def _k(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
+        return ":".join((self._tag, *parts))
 
     def _job(self, job_id: str) -> str:
         return self._k("job", job_id)
@@ -196,10 +202,15 @@ class RedisStore(Store):
     async def open(self) -> None:
         stack = contextlib.AsyncExitStack()
         try:
-            client = coredis.Redis.from_url(self.url, decode_responses=True)
-            self._redis = await stack.enter_async_context(client)
+            client: coredis.Redis[str] | coredis.RedisCluster[str]
+            if self.cluster:
+                client = coredis.RedisCluster.from_url(self.url, decode_responses=True)
+            else:
+                client = coredis.Redis.from_url(self.url, decode_responses=True)
+            await stack.enter_async_context(client)
+            self._redis = client
             self._scripts = {
-                name: self._redis.register_script(body)
+                name: client.register_script(body)
                 for name, body in (
                     ("create", _CREATE),
                     ("commit", _COMMIT),
@@ -221,7 +232,7 @@ class RedisStore(Store):
             await stack.aclose()
 
     @property
-    def redis(self) -> coredis.Redis[str]:
+    def redis(self) -> coredis.Redis[str] | coredis.RedisCluster[str]:
         if self._redis is None:
             raise UnavailableError("the store is closed")
         return self._redis
@@ -569,7 +580,7 @@ class RedisStore(Store):
 
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
         if job_ids:
-            await self._call(self._scripts["renew"](keys=[self.prefix], args=[repr(until), *job_ids]))
+            await self._call(self._scripts["renew"](keys=[self._tag], args=[repr(until), *job_ids]))
 
     async def recover_orphans(self, owner: str, now: float, retention: float) -> list[JobRecord]:
         candidates = await self._call(

@@ -50,7 +50,7 @@ def make_store(url: str) -> Store:
         from backstream.runtime.sqlite_store import SqliteStore, path_from_url
 
         return SqliteStore(path_from_url(url))
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
         from backstream.runtime.redis_store import RedisStore
 
         return RedisStore(url, prefix=os.environ.get("BACKSTREAM_REDIS_PREFIX", "backstream"))

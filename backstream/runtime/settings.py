@@ -33,7 +33,7 @@ OPTIONS: tuple[Option, ...] = (
         "store",
         str,
         "sqlite:///./backstream.db",
-        "where jobs live: memory, sqlite:///PATH, redis://HOST:PORT/DB",
+        "where jobs live: memory, sqlite:///PATH, redis://HOST:PORT/DB, redis+cluster://HOST:PORT",
     ),
     Option("upstream_url", str, None, "OpenAI-compatible base URL, e.g. https://openrouter.ai/api/v1"),
     Option("upstream_api_key", str, None, "upstream API key", flag=False),

@@ -37,7 +37,7 @@ def _strip(argv: list[str], flag: str, takes_value: bool = True) -> list[str]:
 
 def run_workers(settings: ServeSettings, argv: list[str]) -> int:
     """Start the workers and wait for them. Returns the exit status."""
-    if not str(settings.store).startswith(("redis://", "rediss://")):
+    if not str(settings.store).startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
         print(
             "backstream serve: --workers needs a store all workers share: --store redis://...",
             file=sys.stderr,
