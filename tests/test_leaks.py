@@ -54,5 +54,6 @@ async def test_thousand_jobs_leave_no_jobs_watchers_or_tasks(autojump_clock: tri
             0,
             0,
         )
+        assert empty.notification_marks == 0  # the never-twice marks of swept jobs are gone too
         assert await rt.list_jobs(user="u1") == []
         assert trio.lowlevel.current_statistics().tasks_living == baseline

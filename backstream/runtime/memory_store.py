@@ -141,6 +141,7 @@ class MemoryStore(LocalNotifications, Store):
             if not user_jobs:
                 del self._by_user[record.user]
         job.changed.unpark_all()  # waiting readers find the job gone
+        self.forget_job_notifications(record.job_id)
 
     async def request_abort(self, job_id: str) -> None:
         await trio.lowlevel.checkpoint()
@@ -167,6 +168,7 @@ class MemoryStore(LocalNotifications, Store):
             message_keys=len(self._by_message),
             users=len(self._by_user),
             expiry_rows=len(self._expiry),
+            notification_marks=len(self._notified) + len(self._seen_ending),
         )
 
 
@@ -177,3 +179,4 @@ class MemoryStoreStatistics:
     message_keys: int
     users: int
     expiry_rows: int
+    notification_marks: int

@@ -329,6 +329,7 @@ class SqliteStore(LocalNotifications, Store):
 
         ids = await self._write(delete)
         for job_id in ids:
+            self.forget_job_notifications(job_id)
             lot = self._changed.pop(job_id, None)
             if lot is not None:
                 lot.unpark_all()
@@ -343,7 +344,9 @@ class SqliteStore(LocalNotifications, Store):
                 conn.execute("UPDATE jobs SET record = ? WHERE job_id = ?", (json.dumps(data), job_id))
 
         await self._write(mark)
-        self._aborts.setdefault(job_id, trio.Event()).set()
+        waiting = self._aborts.get(job_id)  # a later waiter reads the flag from the file
+        if waiting is not None:
+            waiting.set()
 
     async def wait_abort_requested(self, job_id: str) -> None:
         event = self._aborts.setdefault(job_id, trio.Event())
