@@ -65,6 +65,8 @@ class JobActor:
         self._deadline: trio.CancelScope | None = None
         self._turn_text: list[str] = []
         self._pending: dict[str, _PendingApproval] = {}
+        self._flush_due = trio.Event()
+        self._flush_events = config.flush_events
 
     @property
     def job_id(self) -> str:
@@ -294,6 +296,16 @@ class JobActor:
         else:
             return
         self._updated_at = self._clock.now()
+        if self.log.last_seq - self._flushed_seq >= self._flush_events:
+            self._flush_due.set()
+
+    @property
+    def has_unflushed(self) -> bool:
+        return self.log.last_seq > self._flushed_seq
+
+    def request_flush(self) -> None:
+        """Ask the flusher to write what is new (the registry's ticker calls this)."""
+        self._flush_due.set()
 
     def _close(self, status: JobStatus, error: ErrorInfo | None, finish_reason: str | None = None) -> None:
         self._updated_at = self._clock.now()
@@ -311,11 +323,12 @@ class JobActor:
         failing_since: float | None = None
         delay = 0.1
         while self.log.terminal is None:
-            await self.log.wait_for_seq(self._flushed_seq + 1)
+            # Woken by the registry's ticker every flush_ms if there is something new, or by
+            # _on_output at flush_events: no timer of its own per job.
+            await self._flush_due.wait()
+            self._flush_due = trio.Event()
             if self.log.terminal is not None:
                 return  # the final write happens in run()'s cleanup
-            with trio.move_on_after(self._config.flush_seconds):
-                await self.log.wait_for_seq(self._flushed_seq + self._config.flush_events)
             try:
                 await self._flush()
             except Exception as exc:
@@ -332,6 +345,7 @@ class JobActor:
                 log.warning("job %s: write failed (%s); retrying in %.1fs", self.job_id, exc, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+                self._flush_due.set()
             else:
                 failing_since, delay = None, 0.1
 

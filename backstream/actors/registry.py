@@ -102,6 +102,7 @@ class Registry:
         """Serve starts and sweep expired jobs until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sweep_loop)
+            nursery.start_soon(self._flush_ticker)
             task_status.started()
             async for start in self._mailbox_receive:
                 try:
@@ -227,6 +228,15 @@ class Registry:
             del self._running_by_user[user]
         if not self._live:
             self._idle.set()
+
+    async def _flush_ticker(self) -> None:
+        """Every flush_ms, wake the flushers of the jobs with new entries: one timer for all
+        jobs instead of one per job."""
+        while True:
+            await trio.sleep(self._config.flush_seconds)
+            for actor in self._live.values():
+                if actor.has_unflushed:
+                    actor.request_flush()
 
     async def _sweep_loop(self) -> None:
         while True:

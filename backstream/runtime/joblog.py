@@ -56,9 +56,6 @@ class JobLog:
         self.terminal: StatusEvent | None = None
         self.status: JobStatus = "running"
         self._readers = trio.lowlevel.ParkingLot()
-        # The flusher waits for a seq; one target, so appends wake it only when due.
-        self._seq_target: int | None = None
-        self._seq_reached: trio.Event | None = None
 
     # -- appending (the owning job actor only) ----------------------------------
 
@@ -148,15 +145,8 @@ class JobLog:
         if self.terminal is not None:
             raise LogClosedError(f"job {self.job_id}: append after the terminal status")
         self._entries.append(event)
-        self._readers.unpark_all()
-        if self._seq_target is not None and event.seq >= self._seq_target:
-            self._wake_seq_waiter()
-
-    def _wake_seq_waiter(self) -> None:
-        assert self._seq_reached is not None
-        self._seq_reached.set()
-        self._seq_target = None
-        self._seq_reached = None
+        if self._readers:  # most appends have no reader waiting
+            self._readers.unpark_all()
 
     # -- reading (anyone) -----------------------------------------------------------
 
@@ -186,23 +176,6 @@ class JobLog:
         """
         while self.last_seq <= seq:
             await self._readers.park()
-
-    async def wait_for_seq(self, seq: int) -> None:
-        """Wait until ``last_seq >= seq`` or the log is closed. For the single flusher.
-
-        Appends set one event when the target is reached instead of waking this
-        waiter per entry. Cancellation: the target is dropped; call again.
-        """
-        if self.last_seq >= seq or self.terminal is not None:
-            return
-        event = trio.Event()
-        self._seq_target, self._seq_reached = seq, event
-        try:
-            await event.wait()
-        finally:
-            if self._seq_reached is event:
-                self._seq_target = None
-                self._seq_reached = None
 
     def waiting_readers(self) -> int:
         return self._readers.statistics().tasks_waiting
