@@ -146,6 +146,10 @@ class Connection:
         self._stats = stats
         self.conn_id = conn_id
         self._sock = sock
+        self._poller: select.poll | None = None  # made once, reused for every batch
+        if sock is not None:
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLOUT)
         self._header_identity = header_identity
         self._features = features or {}
         self._server_version = server_version
@@ -517,14 +521,13 @@ class Connection:
         small frames it fills while the unsent payload still looks small. Writable means a
         third of the buffer is free, so a close frame still fits when this says no.
         """
-        if self._sock is None:
+        if self._sock is None or self._poller is None:
             return True
-        fd = self._sock.fileno()
         try:
-            unsent = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"), "little", signed=True)
-            poller = select.poll()
-            poller.register(fd, select.POLLOUT)
-            writable = bool(poller.poll(0))
+            unsent = int.from_bytes(
+                fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"), "little", signed=True
+            )
+            writable = bool(self._poller.poll(0))
         except OSError:
             return True  # the socket is gone; the send will say so
         return writable and unsent <= self._limits.max_unsent_bytes
