@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +32,7 @@ import attrs
 import coredis
 import coredis.exceptions
 import trio
+from coredis.connection import TCPLocation
 from coredis.tokens import PureToken
 
 from backstream.protocol.errors import CapacityError, UnavailableError
@@ -110,7 +113,7 @@ class RedisStore(Store):
         try:
             client: coredis.Redis[str] | coredis.RedisCluster[str]
             if self.cluster:
-                client = coredis.RedisCluster.from_url(self.url, decode_responses=True)
+                client = _cluster_client(self.url)
             else:
                 client = coredis.Redis.from_url(self.url, decode_responses=True)
             await stack.enter_async_context(client)
@@ -515,3 +518,17 @@ class RedisStore(Store):
                 if final is not None:
                     recovered.append(final)
         return recovered
+
+
+def _cluster_client(url: str) -> coredis.RedisCluster[str]:
+    """A cluster client bootstrapped from the node in ``url`` (with its credentials and TLS)."""
+    parts = urllib.parse.urlsplit(url)
+    options: dict[str, Any] = {}
+    if parts.username:
+        options["username"] = urllib.parse.unquote(parts.username)
+    if parts.password:
+        options["password"] = urllib.parse.unquote(parts.password)
+    if parts.scheme == "rediss":
+        options["ssl_context"] = ssl.create_default_context()
+    node = TCPLocation(host=parts.hostname or "127.0.0.1", port=parts.port or 6379)
+    return coredis.RedisCluster(startup_nodes=[node], decode_responses=True, **options)
