@@ -280,9 +280,6 @@ class JobActor:
         pending.resolve(approved)
         return pending
 
-    def waiting_calls(self) -> list[str]:
-        return [call_id for call_id, p in self._pending.items() if not p.decided.is_set()]
-
     def _on_output(self, out: ModelOutput) -> None:
         # Called synchronously per token: keep it to appends.
         kind = type(out)

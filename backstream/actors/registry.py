@@ -276,9 +276,6 @@ class Registry:
         """Wait until no job runs here."""
         await self._idle.wait()
 
-    def running_ids(self) -> list[str]:
-        return list(self._live)
-
     async def keep_leases(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew this instance's leases and recover the jobs of dead instances, periodically."""
         task_status.started()

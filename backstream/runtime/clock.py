@@ -26,10 +26,6 @@ class WallClock:
         """Seconds since the epoch."""
         return self._wall_anchor + (trio.current_time() - self._trio_anchor)
 
-    def to_trio(self, wall: float) -> float:
-        """The trio clock reading at which wall time ``wall`` arrives."""
-        return self._trio_anchor + (wall - self._wall_anchor)
-
 
 def format_time(ts: float | None) -> str | None:
     """RFC 3339 UTC with milliseconds, e.g. ``2026-11-21T10:00:00.123Z``."""

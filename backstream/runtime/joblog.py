@@ -121,17 +121,6 @@ class JobLog:
             self.terminal = event
         return event
 
-    def extend_recovered(self, events: Iterable[LogEvent]) -> None:
-        """Load entries read back from a store (the seqs must continue this log)."""
-        for event in events:
-            if event.seq != self.last_seq + 1:
-                raise ValueError(f"recovered seq {event.seq} does not follow {self.last_seq}")
-            if isinstance(event, TextEvent):
-                self.content_length += len(event.text)
-            if isinstance(event, TextEvent | ReasoningEvent):
-                self._output_chars += len(event.text)
-            self._append(event)
-
     def _charge(self, text: str) -> tuple[str, bool]:
         room = self._max_output_chars - self._output_chars
         if len(text) > room:
@@ -176,9 +165,6 @@ class JobLog:
         """
         while self.last_seq <= seq:
             await self._readers.park()
-
-    def waiting_readers(self) -> int:
-        return self._readers.statistics().tasks_waiting
 
 
 def merge_events(entries: Sequence[LogEvent], *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:

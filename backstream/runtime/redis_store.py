@@ -286,9 +286,11 @@ class RedisStore(Store):
             self._k("commits"),
             *self._fields(fields),
         ]
-        await self._call(self._scripts["commit"](keys=keys, args=args))
-        if terminal:
-            self._names.pop(job_id, None)
+        try:
+            await self._call(self._scripts["commit"](keys=keys, args=args))
+        finally:
+            if terminal:  # the job's last write here, whether it landed or not
+                self._names.pop(job_id, None)
 
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
         out: list[LogEvent] = []
