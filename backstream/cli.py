@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from backstream.runtime.settings import add_serve_arguments
+    from backstream.runtime.server.settings import add_serve_arguments
 
     parser = argparse.ArgumentParser(
         prog="backstream", description="AI responses as background jobs, on trio."
@@ -34,23 +34,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "version":
-        from backstream import __version__
+        from backstream.protocol.version import VERSION
 
-        print(__version__)
+        print(VERSION)
     elif args.command == "schema":
         from backstream.protocol.schema import json_schema
 
         print(json.dumps(json_schema(), indent=2))
     elif args.command == "token":
-        from backstream.runtime.auth import mint_jwt
+        from backstream.runtime.server.auth import mint_jwt
 
         secret = os.environ.get("BACKSTREAM_JWT_SECRET")
         if not secret:
             sys.exit("backstream token: set BACKSTREAM_JWT_SECRET (the server's HS256 secret)")
         print(mint_jwt(secret, args.user, ttl=args.ttl))
     elif args.command == "serve":
-        from backstream.runtime.serve import configure_logging, serve
-        from backstream.runtime.settings import load_settings
+        from backstream.runtime.server.serve import configure_logging, serve
+        from backstream.runtime.server.settings import load_settings
 
         try:
             settings = load_settings(args)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"backstream serve: {exc}")
         configure_logging(settings.log_format, settings.log_level)
         if settings.workers > 1:
-            from backstream.runtime.workers import run_workers
+            from backstream.runtime.server.workers import run_workers
 
             sys.exit(run_workers(settings, sys.argv[1:]))
         try:

@@ -15,8 +15,8 @@ from functools import partial
 import trio
 
 from backstream.client import open_client
-from backstream.runtime.serve import ServeHandle, serve
-from backstream.runtime.settings import ServeSettings
+from backstream.runtime.server.serve import ServeHandle, serve
+from backstream.runtime.server.settings import ServeSettings
 
 
 def _progress(label: str, words: int, total: int, seq: int) -> None:

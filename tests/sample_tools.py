@@ -8,7 +8,7 @@ from typing import Literal
 import attrs
 import trio
 
-from backstream.runtime.tools import tool
+from backstream.runtime.tools.registry import tool
 
 
 @attrs.frozen

@@ -9,8 +9,8 @@ import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from backstream import Config
-from backstream.actors.connection import ConnectionLimits
-from backstream.runtime.auth import AnyAuthenticator, JWTAuthenticator, StaticTokens, mint_jwt
+from backstream.runtime.server.auth import AnyAuthenticator, JWTAuthenticator, StaticTokens, mint_jwt
+from backstream.runtime.server.connection import ConnectionLimits
 from tests.ws_helpers import TOKENS, check_contiguous, raw_client, served, start_fields, text_of
 
 SECRET = "s" * 40

@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backstream import NotFoundError, UnauthorizedError
-from backstream.actors.connection import ConnectionLimits
 from backstream.client import open_client
 from backstream.protocol.codec import ProtocolError, decode_client
 from backstream.protocol.messages import Pong
 from backstream.protocol.schema import json_schema
+from backstream.runtime.server.connection import ConnectionLimits
 from tests.ws_helpers import Raw, check_contiguous, served, start_fields, text_of
 
 

@@ -12,7 +12,7 @@ import trio
 
 import backstream
 from backstream import Config, Runtime, open_runtime
-from backstream.runtime.redis_store import RedisStore
+from backstream.runtime.stores.redis import RedisStore
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.helpers import check_contiguous, collect, joined_text, terminal
 

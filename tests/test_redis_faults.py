@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from backstream import Config, open_runtime
-from backstream.runtime.redis_store import RedisStore
+from backstream.runtime.stores.redis import RedisStore
 from tests.conftest import redis_url
 from tests.helpers import check_contiguous, joined_text, terminal
 from tests.test_serve import free_port, wait_for_port

@@ -16,8 +16,8 @@ import pytest
 import trio
 from websockets.sync.client import connect
 
-from backstream.runtime.serve import ServeHandle, serve
-from backstream.runtime.settings import ServeSettings, add_serve_arguments, load_settings
+from backstream.runtime.server.serve import ServeHandle, serve
+from backstream.runtime.server.settings import ServeSettings, add_serve_arguments, load_settings
 
 
 def _jobs_in(path: Path) -> dict[str, tuple[str, int]]:
@@ -177,7 +177,7 @@ def test_schema_token_and_version_commands() -> None:
     minted = run(
         "token", "alice", "--ttl", "60", env={**os.environ, "BACKSTREAM_JWT_SECRET": secret}
     ).stdout.strip()
-    from backstream.runtime.auth import JWTAuthenticator
+    from backstream.runtime.server.auth import JWTAuthenticator
 
     assert JWTAuthenticator(secret).authenticate(minted).user == "alice"
 

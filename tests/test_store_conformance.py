@@ -9,8 +9,8 @@ import trio
 
 from backstream import Config, Store, open_runtime
 from backstream.protocol.events import StatusEvent, TextEvent
-from backstream.runtime.memory_store import MemoryStore
-from backstream.runtime.store import JobProgress, JobRecord, JobRequest
+from backstream.protocol.records import JobProgress, JobRecord, JobRequest
+from backstream.runtime.stores.memory import MemoryStore
 from tests.helpers import check_contiguous, collect, joined_text, terminal
 
 NOW = 1_800_000_000.0
@@ -164,7 +164,7 @@ async def test_abort_signal(store: Store) -> None:
 
 
 async def test_orphans_end_interrupted_once(store: Store) -> None:
-    from backstream.runtime.store import SharedCapacity
+    from backstream.protocol.records import SharedCapacity
 
     capacity = SharedCapacity(now=NOW, lease_until=NOW + 15, max_jobs=10, max_jobs_per_user=10)
     await store.create_job(record(lease_until=NOW + 15), capacity)
@@ -186,7 +186,7 @@ async def test_orphans_end_interrupted_once(store: Store) -> None:
 
 async def test_shared_capacity_at_create(store: Store) -> None:
     from backstream import CapacityError
-    from backstream.runtime.store import SharedCapacity
+    from backstream.protocol.records import SharedCapacity
 
     def limits(now: float = NOW) -> SharedCapacity:
         return SharedCapacity(now=now, lease_until=now + 15, max_jobs=2, max_jobs_per_user=1)
@@ -300,7 +300,7 @@ async def test_runtime_watch_follows_a_job_through_the_store(unopened_store: Sto
 
 
 def test_records_survive_serialization() -> None:
-    from backstream.runtime.serialization import record_from_dict, record_to_dict
+    from backstream.protocol.records import record_from_dict, record_to_dict
 
     full = attrs.evolve(record(), abort_requested=True, usage={"prompt_tokens": 3})
     assert record_from_dict(record_to_dict(full)) == full

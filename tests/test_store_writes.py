@@ -8,7 +8,7 @@ import trio
 
 from backstream import Config, MemoryStore, open_runtime
 from backstream.protocol.events import LogEvent
-from backstream.runtime.store import JobProgress
+from backstream.protocol.records import JobProgress
 from tests.helpers import collect, terminal
 
 

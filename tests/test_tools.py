@@ -18,8 +18,8 @@ from backstream.protocol.events import (
     ToolCallEvent,
     ToolResultEvent,
 )
-from backstream.runtime.sqlite_store import SqliteStore
-from backstream.runtime.tools import ToolRegistry, calculate, run_tool, schema_for, tool
+from backstream.runtime.stores.sqlite import SqliteStore
+from backstream.runtime.tools.registry import ToolRegistry, calculate, run_tool, schema_for, tool
 from tests import sample_tools
 from tests.helpers import check_contiguous, collect, joined_text, terminal
 from tests.upstream_server import FakeUpstream, events, finish_chunk, streams, tool_chunk
@@ -90,7 +90,7 @@ def test_registry_loads_and_refuses_duplicates() -> None:
 )
 async def test_calculate(expression: str, expected: str) -> None:
     outcome = await run_tool(calculate, json.dumps({"expression": expression}))
-    assert outcome == backstream.runtime.tools.ToolOutcome(expected, False)
+    assert outcome == backstream.actors.ports.ToolOutcome(expected, False)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ async def test_run_tool_errors_are_outcomes() -> None:
     assert (await run_tool(tool(sample_tools.add), '{"a": 1, "extra": 2}')).is_error
     assert await run_tool(
         tool(sample_tools.greet), '{"name": "ada", "style": "loud"}'
-    ) == backstream.runtime.tools.ToolOutcome("HELLO ADA", False)
+    ) == backstream.actors.ports.ToolOutcome("HELLO ADA", False)
     broken = await run_tool(tool(sample_tools.broken), '{"x": 3}')
     assert broken.is_error and broken.output == "ValueError: cannot handle 3"
 
@@ -126,7 +126,7 @@ async def test_subprocess_isolation_kills_a_hanging_tool() -> None:
 async def test_subprocess_isolation_returns_results() -> None:
     quick = sample_tools.hang_isolated
     outcome = await run_tool(quick, '{"seconds": 0}')
-    assert outcome == backstream.runtime.tools.ToolOutcome("done", False)
+    assert outcome == backstream.actors.ports.ToolOutcome("done", False)
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ async def test_approval_through_the_front_door(
 async def test_approval_through_another_instance(upstream: FakeUpstream) -> None:
     import uuid
 
-    from backstream.runtime.redis_store import RedisStore
+    from backstream.runtime.stores.redis import RedisStore
     from tests.conftest import delete_prefix, redis_url, require_redis
 
     require_redis()

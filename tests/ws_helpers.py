@@ -12,9 +12,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from backstream import Config, Runtime, Store, open_runtime
-from backstream.actors.connection import ConnectionLimits
-from backstream.runtime.auth import Authenticator, StaticTokens
-from backstream.runtime.frontdoor import FrontDoor, FrontDoorConfig
+from backstream.runtime.server.auth import Authenticator, StaticTokens
+from backstream.runtime.server.connection import ConnectionLimits
+from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
 
 TOKENS = {"tok-alice": "alice", "tok-bob": "bob"}
 

@@ -14,15 +14,23 @@ import math
 
 import trio
 
+from backstream.actors.clock import WallClock, format_time
+from backstream.actors.config import Config
+from backstream.actors.joblog import JobLog, OutputLimitExceeded
+from backstream.actors.notifier import Notifier
+from backstream.actors.ports import (
+    ChatTurn,
+    Model,
+    ModelFailure,
+    Store,
+    ToolOutcome,
+    Tools,
+    ToolSpec,
+    TurnResult,
+)
 from backstream.protocol.chat_stream import ModelOutput, ReasoningDelta, TextDelta, ToolCallDone
 from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary
-from backstream.runtime.clock import WallClock, format_time
-from backstream.runtime.config import Config
-from backstream.runtime.joblog import JobLog, OutputLimitExceeded
-from backstream.runtime.models import ChatTurn, Model, ModelFailure, TurnResult
-from backstream.runtime.notifier import Notifier
-from backstream.runtime.store import JobProgress, JobRecord, Store
-from backstream.runtime.tools import Tool, ToolOutcome, ToolRegistry, run_tool
+from backstream.protocol.records import JobProgress, JobRecord
 
 __all__ = ["JobActor"]
 
@@ -40,7 +48,7 @@ class JobActor:
         store: Store,
         model: Model,
         clock: WallClock,
-        tools: ToolRegistry | None = None,
+        tools: Tools,
         notifier: Notifier | None = None,
     ) -> None:
         self.record = record
@@ -60,7 +68,7 @@ class JobActor:
         self._flush_lock = trio.Lock()
         self._updated_at = record.created_at
         self._usage: dict[str, int] | None = None
-        self._tools = tools or ToolRegistry()
+        self._tools = tools
         self._notifier = notifier
         self._deadline: trio.CancelScope | None = None
         self._turn_text: list[str] = []
@@ -206,7 +214,7 @@ class JobActor:
         )
 
     async def _run_calls(
-        self, calls: tuple[ToolCallDone, ...], enabled: dict[str, Tool | None]
+        self, calls: tuple[ToolCallDone, ...], enabled: dict[str, ToolSpec | None]
     ) -> list[ToolOutcome]:
         """Run one turn's calls: approvals first, one at a time, then the rest concurrently
         (at most ``max_parallel_tools``). Results go into the log in the calls' order."""
@@ -220,9 +228,9 @@ class JobActor:
                 outcomes[i] = ToolOutcome("the user declined to run this tool", True)
         limiter = trio.CapacityLimiter(self._config.max_parallel_tools)
 
-        async def run_one(i: int, call: ToolCallDone, item: Tool) -> None:
+        async def run_one(i: int, call: ToolCallDone, item: ToolSpec) -> None:
             async with limiter:
-                outcomes[i] = await run_tool(item, call.arguments)
+                outcomes[i] = await self._tools.run(item.name, call.arguments)
 
         async with trio.open_nursery() as nursery:
             for i, call in enumerate(calls):

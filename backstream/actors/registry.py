@@ -16,17 +16,16 @@ import attrs
 import outcome
 import trio
 
+from backstream.actors.clock import WallClock
+from backstream.actors.config import Config
 from backstream.actors.job import JobActor
+from backstream.actors.notifier import Notifier
+from backstream.actors.ports import Model, Store, Tools
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.events import ErrorInfo, TextEvent
-from backstream.runtime.clock import WallClock
-from backstream.runtime.config import Config
-from backstream.runtime.ids import new_id
-from backstream.runtime.models import Model
-from backstream.runtime.notifier import Notifier
-from backstream.runtime.store import JobProgress, JobRecord, JobRequest, SharedCapacity, Store
-from backstream.runtime.tools import ToolRegistry
+from backstream.protocol.ids import new_id
+from backstream.protocol.records import JobProgress, JobRecord, JobRequest, SharedCapacity
 
 __all__ = ["Registry", "RegistryStatistics", "StartRequest"]
 
@@ -74,7 +73,7 @@ class Registry:
         resolve_model: Callable[[JobRequest], Model],
         *,
         instance_id: str = "local",
-        tools: ToolRegistry | None = None,
+        tools: Tools,
         notifier: Notifier | None = None,
     ) -> None:
         self.instance_id = instance_id

@@ -15,10 +15,10 @@ from typing import Protocol
 
 import trio
 
+from backstream.actors.joblog import JobLog, merge_events
+from backstream.actors.ports import Store
 from backstream.protocol.errors import GoneError
 from backstream.protocol.events import Batch, LogEvent, StatusEvent
-from backstream.runtime.joblog import JobLog, merge_events
-from backstream.runtime.store import Store
 
 __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 JobStatus = Literal["running", "awaiting_approval", "completed", "failed", "aborted", "interrupted"]
-TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "aborted", "interrupted"})
+TERMINAL_STATUSES: Final[frozenset[JobStatus]] = frozenset({"completed", "failed", "aborted", "interrupted"})
 ACTIVE_STATUSES: Final = frozenset({"running", "awaiting_approval"})
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from backstream.protocol.errors import BadRequestError
-from backstream.runtime.models import BUILTIN_PARAMS
+from backstream.runtime.models.builtin import BUILTIN_PARAMS
 
 __all__ = ["ALLOWED_PARAMS", "check_identifier", "check_messages", "check_params"]
 

@@ -27,6 +27,7 @@ from backstream.protocol.events import (
     ToolCallRecord,
     ToolResultEvent,
 )
+from backstream.protocol.lifecycle import INITIAL_STATUS, check_transition
 
 __all__ = ["JobLog", "LogClosedError", "OutputLimitExceeded", "merge_events", "summarize_events"]
 
@@ -54,7 +55,7 @@ class JobLog:
         self._output_chars = 0
         self.content_length = 0
         self.terminal: StatusEvent | None = None
-        self.status: JobStatus = "running"
+        self.status: JobStatus = INITIAL_STATUS
         self._readers = trio.lowlevel.ParkingLot()
 
     # -- appending (the owning job actor only) ----------------------------------
@@ -112,6 +113,11 @@ class JobLog:
         finish_reason: str | None = None,
         usage: dict[str, Any] | None = None,
     ) -> StatusEvent:
+        """Append a status change. Raises ``IllegalTransition`` if the lifecycle table does
+        not allow ``status`` after the current one (``LogClosedError`` after a terminal one)."""
+        if self.terminal is not None:
+            raise LogClosedError(f"job {self.job_id}: the log is closed")
+        check_transition(self.status, status)
         event = StatusEvent(
             seq=self.last_seq + 1, status=status, error=error, finish_reason=finish_reason, usage=usage
         )

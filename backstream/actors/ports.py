@@ -1,120 +1,115 @@
-"""The store interface: where jobs and their logs live beyond a job actor.
+"""The interfaces the actors depend on: a store, a model and tools.
 
-The runtime talks to every store (memory, SQLite, Redis) only through
-``Store``. A job actor writes its log in batches (``commit``), never once per
-token; watchers of jobs that run elsewhere, or that have finished, read from
-the store and wait on it.
+Actors never import the runtime that implements these. The runtime builds a
+store (memory, SQLite, Redis), models (the upstream client, the built-ins) and
+a tool registry, and hands them to the actors at construction.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
 
-from backstream.protocol.events import ErrorInfo, JobStatus, LogEvent
+from backstream.protocol.chat_stream import ModelOutput, ToolCallDone
+from backstream.protocol.events import ErrorInfo, LogEvent
+from backstream.protocol.records import JobProgress, JobRecord, NotificationRecord, SharedCapacity
 
 __all__ = [
-    "JobProgress",
-    "JobRecord",
-    "JobRequest",
+    "ChatTurn",
+    "Model",
+    "ModelFailure",
     "NotificationListener",
-    "NotificationRecord",
-    "SharedCapacity",
+    "OutputSink",
     "Store",
+    "ToolOutcome",
+    "ToolSpec",
+    "Tools",
+    "TurnResult",
 ]
+
+# -- models ------------------------------------------------------------------------------
+
+OutputSink = Callable[[ModelOutput], None]
+"""Receives each output as it arrives; may raise to stop the turn (e.g. the output limit)."""
+
+
+class ModelFailure(Exception):
+    """The turn failed; ``error`` says why, with a job error code."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 @attrs.frozen
-class JobRequest:
-    """What the job was asked to do: kept with the job, sent to the model."""
+class ChatTurn:
+    """One request to a model: the conversation so far and the options."""
 
     model: str
     messages: tuple[dict[str, Any], ...]
     params: dict[str, Any] = attrs.field(factory=dict)
-    tools: tuple[str, ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI "tools" entries
 
 
 @attrs.frozen
-class SharedCapacity:
-    """Limits a store shared by many instances enforces as it creates a job."""
-
-    now: float
-    lease_until: float
-    max_jobs: int
-    max_jobs_per_user: int
+class TurnResult:
+    finish_reason: str
+    usage: dict[str, Any] | None
+    tool_calls: tuple[ToolCallDone, ...]
 
 
-@attrs.frozen
-class JobProgress:
-    """The fields of a job record that each commit moves forward."""
+class Model(Protocol):
+    async def run_turn(self, turn: ChatTurn, sink: OutputSink) -> TurnResult:
+        """Stream one turn into ``sink``. Raises ``ModelFailure``.
 
-    status: JobStatus
-    seq: int
-    content_length: int
-    updated_at: float
-    finished_at: float | None = None
-    error: ErrorInfo | None = None
-    usage: dict[str, Any] | None = None
-    expires_at: float | None = None
+        Cancellation: the request is abandoned at once and its connection closed.
+        """
+        ...
+
+# -- tools -------------------------------------------------------------------------------
 
 
 @attrs.frozen
-class JobRecord:
-    """A job as the store keeps it. ``seq`` is the last entry written durably."""
+class ToolOutcome:
+    """What a tool call gave back to the model: its output text, or an error text."""
 
-    job_id: str
-    user: str
-    thread_id: str
-    message_id: str
-    request: JobRequest
-    status: JobStatus
-    seq: int
-    epoch: int
-    content_length: int
-    created_at: float
-    updated_at: float
-    finished_at: float | None = None
-    error: ErrorInfo | None = None
-    usage: dict[str, Any] | None = None
-    expires_at: float | None = None
-    abort_requested: bool = False
-    owner: str | None = None  # the runtime instance that runs it
-    lease_until: float | None = None  # past this, without renewal, the job is an orphan
+    output: str
+    is_error: bool
+
+
+class ToolSpec(Protocol):
+    """A tool as a job sees it."""
 
     @property
-    def model(self) -> str:
-        return self.request.model
+    def name(self) -> str: ...
 
-    def advanced(self, progress: JobProgress) -> JobRecord:
-        return attrs.evolve(
-            self,
-            status=progress.status,
-            seq=progress.seq,
-            content_length=progress.content_length,
-            updated_at=progress.updated_at,
-            finished_at=progress.finished_at,
-            error=progress.error,
-            usage=progress.usage,
-            expires_at=progress.expires_at,
-        )
+    @property
+    def requires_approval(self) -> bool: ...
+
+    def openai_spec(self) -> dict[str, Any]:
+        """The OpenAI ``tools`` entry that describes it to a model."""
+        ...
 
 
-@attrs.frozen
-class NotificationRecord:
-    notification_id: str
-    user: str
-    type: str  # ai.message.received | system.warning | ai.tool.approval_required
-    job_id: str
-    thread_id: str
-    title: str
-    body: str
-    created_at: float
-    read: bool = False
+class Tools(Protocol):
+    """The tools a job may call, by name."""
 
+    def get(self, name: str) -> ToolSpec | None: ...
+
+    async def run(self, name: str, arguments: str) -> ToolOutcome:
+        """Validate ``arguments`` (JSON text) and run the tool under its own timeout.
+
+        Never raises for the tool's faults: they become an error outcome.
+        Cancellation: the call is abandoned (a subprocess is killed).
+        """
+        ...
+
+
+# -- the store ---------------------------------------------------------------------------
 
 NotificationListener = Callable[[NotificationRecord], None]
 

@@ -28,6 +28,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from backstream.actors.clock import format_time
 from backstream.protocol.codec import ProtocolError, batch_message, decode_client, encode, error_message
 from backstream.protocol.errors import (
     BackstreamError,
@@ -67,10 +68,9 @@ from backstream.protocol.messages import (
     ThreadMuteResult,
     Welcome,
 )
-from backstream.runtime.auth import Authenticator, Identity
-from backstream.runtime.clock import format_time
-from backstream.runtime.runtime import Runtime
-from backstream.runtime.store import NotificationRecord
+from backstream.protocol.records import NotificationRecord
+from backstream.runtime.api import Runtime
+from backstream.runtime.server.auth import Authenticator, Identity
 
 __all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
 

@@ -14,10 +14,11 @@ from contextlib import contextmanager
 
 import trio
 
+from backstream.actors.clock import WallClock
+from backstream.actors.ports import Store
 from backstream.protocol.events import ErrorInfo, JobStatus
-from backstream.runtime.clock import WallClock
-from backstream.runtime.ids import new_id
-from backstream.runtime.store import NotificationRecord, Store
+from backstream.protocol.ids import new_id
+from backstream.protocol.records import NotificationRecord
 
 __all__ = ["SUBSCRIBER_BUFFER", "Notifier"]
 

@@ -19,10 +19,10 @@ import attrs
 import trio
 from trio_websocket import Endpoint, WebSocketRequest, WebSocketServer
 
-from backstream.actors.connection import Connection, ConnectionLimits, ConnectionStats
 from backstream.protocol.errors import UnauthorizedError
-from backstream.runtime.auth import Authenticator, Identity
-from backstream.runtime.runtime import Runtime
+from backstream.runtime.api import Runtime
+from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.connection import Connection, ConnectionLimits, ConnectionStats
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
 

@@ -1,4 +1,6 @@
-"""Runs one tool call in its own process: ``python -m backstream.runtime.tool_runner module:attribute``.
+"""Runs one tool call in its own process.
+
+``python -m backstream.runtime.tools.subprocess_runner module:attribute``.
 
 Reads the arguments as JSON on stdin; writes ``{"result": ...}`` or ``{"error": "..."}``
 as JSON on stdout. The parent kills the process at the tool's timeout.

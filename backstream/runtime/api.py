@@ -16,12 +16,16 @@ from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
+from backstream.actors.clock import WallClock, format_time
+from backstream.actors.config import Config
 from backstream.actors.job import JobActor
+from backstream.actors.joblog import summarize_events
+from backstream.actors.notifier import Notifier
+from backstream.actors.ports import Model, Store
 from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
-from backstream.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorStatistics
+from backstream.actors.supervisor import Supervisor, SupervisorStatistics
 from backstream.actors.watcher import LiveSource, LogSource, StoredSource, Watcher
 from backstream.protocol.errors import BadRequestError, ConflictError, GoneError, NotFoundError
 from backstream.protocol.events import (
@@ -31,19 +35,14 @@ from backstream.protocol.events import (
     JobInfo,
     JobSummary,
 )
-from backstream.runtime.clock import WallClock, format_time
-from backstream.runtime.config import Config
-from backstream.runtime.ids import new_id
-from backstream.runtime.joblog import summarize_events
-from backstream.runtime.memory_store import MemoryStore
-from backstream.runtime.models import BUILTIN_MODELS, Model, builtin_model, validate_builtin_params
-from backstream.runtime.notifier import Notifier
-from backstream.runtime.store import JobRecord, JobRequest, NotificationRecord, Store
-from backstream.runtime.tools import ToolRegistry
-from backstream.runtime.upstream import UpstreamClient, UpstreamStatistics, open_http_client
+from backstream.protocol.ids import new_id
+from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
+from backstream.runtime.models.builtin import BUILTIN_MODELS, builtin_model, validate_builtin_params
+from backstream.runtime.models.upstream import UpstreamClient, UpstreamStatistics
+from backstream.runtime.tools.registry import ToolRegistry
 from backstream.runtime.validation import check_identifier, check_messages, check_params
 
-__all__ = ["AbortResult", "Runtime", "RuntimeStatistics", "StartedJob", "open_runtime"]
+__all__ = ["AbortResult", "Runtime", "RuntimeStatistics", "StartedJob"]
 
 log = logging.getLogger("backstream.runtime")
 
@@ -436,88 +435,3 @@ class Runtime:
     async def _drain(self, grace: float) -> None:
         self._registry.stop_accepting()
         await self._job_supervisor.shutdown(grace)
-
-
-@asynccontextmanager
-async def open_runtime(
-    config: Config | None = None,
-    *,
-    store: Store | None = None,
-    models: Mapping[str, Model] | None = None,
-    tools: ToolRegistry | None = None,
-) -> AsyncIterator[Runtime]:
-    """Run a runtime for the duration of the block.
-
-    ``tools`` defaults to the built-in tools (``clock_now``, ``calculate``).
-    ``store`` defaults to a new ``MemoryStore``. ``models`` maps model names to
-    your own ``Model`` implementations (they take precedence over the built-ins
-    and the upstream).
-
-    On a normal exit, new starts are refused and running jobs get
-    ``config.drain_timeout`` seconds to finish; the rest end ``interrupted``
-    with their content kept. If the block raises or is cancelled, jobs end
-    ``interrupted`` at once.
-    """
-    config = config or Config()
-    store = store or MemoryStore()
-    tools = tools if tools is not None else ToolRegistry.with_builtins()
-    clock = WallClock()
-    notifier = Notifier(store, clock, config.max_notifications_per_user)
-    instance_id = new_id("i_", clock.now())
-    http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
-    await store.open()
-    failure: Exception | None = None
-    try:
-        async with trio.open_nursery() as root:
-            job_supervisor = Supervisor("jobs")
-            system = Supervisor("system", max_restarts=3, period=10.0)
-            await root.start(job_supervisor.run)
-            await root.start(system.run)
-            runtime: Runtime | None = None
-
-            def resolve(request: JobRequest) -> Model:
-                assert runtime is not None
-                return runtime.resolve_model(request)
-
-            registry = Registry(
-                config,
-                store,
-                clock,
-                job_supervisor,
-                resolve,
-                instance_id=instance_id,
-                tools=tools,
-                notifier=notifier,
-            )
-            await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT))
-            await registry.recover_orphans()  # jobs of a dead instance end before new ones start
-            await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT))
-            await system.start_child(ChildSpec("leases", registry.keep_leases, Restart.PERMANENT))
-            upstream = UpstreamClient(config, http) if http is not None else None
-            runtime = Runtime(
-                config, store, clock, registry, job_supervisor, models or {}, upstream, tools, notifier
-            )
-            runtime.instance_id = instance_id
-            try:
-                yield runtime
-            except Exception as exc:
-                # Raised bare after the nursery, not wrapped in an ExceptionGroup.
-                failure = exc
-            except BaseException:
-                registry.stop_accepting()
-                root.cancel_scope.cancel()
-                raise
-            if failure is None:
-                await runtime._drain(config.drain_timeout)
-            else:
-                registry.stop_accepting()
-            root.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-    finally:
-        with trio.CancelScope(shield=True) as cleanup:
-            cleanup.deadline = trio.current_time() + config.finalize_timeout
-            if http is not None:
-                await http.aclose()
-        # Not inside a scope of ours: a store may hold scopes it entered at open().
-        await store.aclose()

@@ -10,119 +10,23 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, overload
+from collections.abc import Sequence
+from typing import Any, overload
 
-import attrs
 import trio
 
-from backstream.protocol.chat_stream import (
-    ChatStreamAssembler,
-    ChatStreamError,
-    ModelOutput,
-    ReasoningDelta,
-    TextDelta,
-    ToolCallDone,
-)
+from backstream.actors.ports import ChatTurn, Model, OutputSink, TurnResult
 from backstream.protocol.errors import BadRequestError
-from backstream.protocol.events import ErrorInfo
+from backstream.runtime.models.turns import TurnCollector
 
 __all__ = [
     "BUILTIN_MODELS",
-    "ChatTurn",
+    "BUILTIN_PARAMS",
     "EchoModel",
     "LoremModel",
-    "Model",
-    "ModelFailure",
-    "OutputSink",
-    "TurnCollector",
-    "TurnResult",
     "builtin_model",
     "validate_builtin_params",
 ]
-
-OutputSink = Callable[[ModelOutput], None]
-"""Receives each output as it arrives; may raise to stop the turn (e.g. the output limit)."""
-
-
-class ModelFailure(Exception):
-    """The turn failed; ``error`` says why, with a job error code."""
-
-    def __init__(self, error: ErrorInfo) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-@attrs.frozen
-class ChatTurn:
-    """One request to a model: the conversation so far and the options."""
-
-    model: str
-    messages: tuple[dict[str, Any], ...]
-    params: dict[str, Any] = attrs.field(factory=dict)
-    tools: tuple[dict[str, Any], ...] = ()  # OpenAI "tools" entries
-
-
-@attrs.frozen
-class TurnResult:
-    finish_reason: str
-    usage: dict[str, Any] | None
-    tool_calls: tuple[ToolCallDone, ...]
-
-
-class Model(Protocol):
-    async def run_turn(self, turn: ChatTurn, sink: OutputSink) -> TurnResult:
-        """Stream one turn into ``sink``. Raises ``ModelFailure``.
-
-        Cancellation: the request is abandoned at once and its connection closed.
-        """
-        ...
-
-
-class TurnCollector:
-    """Feeds chunks through an assembler into a sink and keeps the turn's result."""
-
-    def __init__(self, sink: OutputSink, *, max_argument_chars: int) -> None:
-        self.assembler = ChatStreamAssembler(max_argument_chars=max_argument_chars)
-        self._sink = sink
-        self._tool_calls: list[ToolCallDone] = []
-        self.produced = False  # any token yet: after it, a failure is never retried
-
-    def feed_data(self, data: str) -> None:
-        """One SSE ``data`` payload. Raises ``ModelFailure``."""
-        try:
-            outputs = self.assembler.feed(data)
-        except ChatStreamError as exc:
-            raise ModelFailure(ErrorInfo(exc.code, exc.message)) from None
-        self._deliver(outputs)
-
-    def feed_chunk(self, chunk: dict[str, Any]) -> None:
-        """One decoded chunk (built-in models). Raises ``ModelFailure``."""
-        try:
-            outputs = self.assembler.feed_chunk(chunk)
-        except ChatStreamError as exc:
-            raise ModelFailure(ErrorInfo(exc.code, exc.message)) from None
-        self._deliver(outputs)
-
-    def _deliver(self, outputs: list[ModelOutput]) -> None:
-        sink = self._sink
-        for out in outputs:
-            kind = type(out)
-            if kind is TextDelta or kind is ReasoningDelta:
-                self.produced = True
-            elif kind is ToolCallDone:
-                self.produced = True
-                self._tool_calls.append(out)  # type: ignore[arg-type]
-            sink(out)
-
-    def result(self) -> TurnResult:
-        """The finished turn; ``upstream_protocol`` if the stream never finished."""
-        reason = self.assembler.finish_reason
-        if reason is None:
-            raise ModelFailure(
-                ErrorInfo("upstream_protocol", "the model stream ended without a finish_reason")
-            )
-        return TurnResult(reason, self.assembler.usage, tuple(self._tool_calls))
 
 
 # -- built-in offline models ------------------------------------------------------

@@ -35,16 +35,20 @@ import trio
 from coredis.connection import TCPLocation
 from coredis.tokens import PureToken
 
+from backstream.actors.ports import Store
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.events import TERMINAL_STATUSES, ErrorInfo, LogEvent
-from backstream.runtime import redis_scripts as scripts
-from backstream.runtime.serialization import (
+from backstream.protocol.records import (
+    JobProgress,
+    JobRecord,
+    NotificationRecord,
+    SharedCapacity,
     events_from_json,
     events_to_json,
     record_from_dict,
     record_to_dict,
 )
-from backstream.runtime.store import JobProgress, JobRecord, NotificationRecord, SharedCapacity, Store
+from backstream.runtime.stores import redis_scripts as scripts
 
 __all__ = ["RedisStore"]
 

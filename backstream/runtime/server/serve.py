@@ -20,22 +20,22 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from backstream.runtime.auth import (
+from backstream.actors.config import Config
+from backstream.actors.ports import Store
+from backstream.runtime.server.auth import (
     AnyAuthenticator,
     Authenticator,
     JWTAuthenticator,
     StaticTokens,
     parse_token_pairs,
 )
-from backstream.runtime.config import Config
-from backstream.runtime.frontdoor import FrontDoor, FrontDoorConfig
-from backstream.runtime.http_status import Route, serve_status
-from backstream.runtime.memory_store import MemoryStore
-from backstream.runtime.metrics import metrics_text
-from backstream.runtime.runtime import open_runtime
-from backstream.runtime.settings import ServeSettings
-from backstream.runtime.store import Store
-from backstream.runtime.tools import ToolRegistry
+from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
+from backstream.runtime.server.http_status import Route, serve_status
+from backstream.runtime.server.metrics import metrics_text
+from backstream.runtime.server.settings import ServeSettings
+from backstream.runtime.stores.memory import MemoryStore
+from backstream.runtime.tools.registry import ToolRegistry
+from backstream.runtime.tree import open_runtime
 
 __all__ = ["ServeHandle", "configure_logging", "make_authenticator", "make_store", "serve"]
 
@@ -47,11 +47,11 @@ def make_store(url: str) -> Store:
     if url == "memory":
         return MemoryStore()
     if url.startswith("sqlite:///"):
-        from backstream.runtime.sqlite_store import SqliteStore, path_from_url
+        from backstream.runtime.stores.sqlite import SqliteStore, path_from_url
 
         return SqliteStore(path_from_url(url))
     if url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
-        from backstream.runtime.redis_store import RedisStore
+        from backstream.runtime.stores.redis import RedisStore
 
         return RedisStore(url, prefix=os.environ.get("BACKSTREAM_REDIS_PREFIX", "backstream"))
     raise ValueError(f"unknown store {url!r}: use memory, sqlite:///PATH or redis://HOST:PORT/DB")
@@ -90,7 +90,7 @@ def runtime_config(settings: ServeSettings) -> Config:
 
 
 def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
-    from backstream.actors.connection import ConnectionLimits
+    from backstream.runtime.server.connection import ConnectionLimits
 
     context = None
     if settings.tls_cert:
@@ -137,9 +137,9 @@ async def serve(
         tools.load(path)
     tools.load_entry_points()
     async with open_runtime(config, store=store, tools=tools) as runtime, trio.open_nursery() as nursery:
-        from backstream import __version__
+        from backstream.protocol.version import VERSION
 
-        door = FrontDoor(runtime, authenticator, front_door_config(settings), version=__version__)
+        door = FrontDoor(runtime, authenticator, front_door_config(settings), version=VERSION)
         await nursery.start(door.run)
         http_port = None
         if settings.http_port is not None:
@@ -166,7 +166,7 @@ async def serve(
             routes: dict[str, Route] = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
             http_port = await nursery.start(serve_status, routes, settings.host, settings.http_port)
         scheme = "wss" if settings.tls_cert else "ws"
-        announce(f"backstream {__version__} listening on {scheme}://{settings.host}:{door.port}/v1")
+        announce(f"backstream {VERSION} listening on {scheme}://{settings.host}:{door.port}/v1")
         if dev_token is not None:
             announce(f"no auth configured: connect as user 'dev' with token {dev_token}")
         task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown))

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from backstream.actors.ports import Store
 from backstream.protocol.events import TERMINAL_STATUSES, LogEvent
-from backstream.runtime.local_notifications import LocalNotifications
-from backstream.runtime.store import JobProgress, JobRecord, SharedCapacity, Store
+from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
+from backstream.runtime.stores.local_notifications import LocalNotifications
 
 __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 

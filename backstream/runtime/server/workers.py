@@ -15,7 +15,7 @@ import subprocess
 import sys
 from types import FrameType
 
-from backstream.runtime.settings import ServeSettings
+from backstream.runtime.server.settings import ServeSettings
 
 __all__ = ["run_workers"]
 

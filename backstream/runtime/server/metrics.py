@@ -8,9 +8,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from backstream.runtime.frontdoor import FrontDoor
-from backstream.runtime.runtime import Runtime
-from backstream.runtime.upstream import FIRST_TOKEN_BUCKETS
+from backstream.runtime.api import Runtime
+from backstream.runtime.models.upstream import FIRST_TOKEN_BUCKETS
+from backstream.runtime.server.frontdoor import FrontDoor
 
 __all__ = ["metrics_text"]
 

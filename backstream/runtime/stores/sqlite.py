@@ -25,16 +25,20 @@ from typing import TypeVar
 import attrs
 import trio
 
+from backstream.actors.ports import Store
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent, StatusEvent
-from backstream.runtime.local_notifications import LocalNotifications
-from backstream.runtime.serialization import (
+from backstream.protocol.records import (
+    JobProgress,
+    JobRecord,
+    NotificationRecord,
+    SharedCapacity,
     events_from_json,
     events_to_json,
     record_from_dict,
     record_to_dict,
 )
-from backstream.runtime.store import JobProgress, JobRecord, NotificationRecord, SharedCapacity, Store
+from backstream.runtime.stores.local_notifications import LocalNotifications
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
 

@@ -20,10 +20,11 @@ import attrs
 import httpx
 import trio
 
+from backstream.actors.config import Config
+from backstream.actors.ports import ChatTurn, ModelFailure, OutputSink, TurnResult
 from backstream.protocol.events import ErrorInfo
 from backstream.protocol.sse import SSEDecoder, SSEError
-from backstream.runtime.config import Config
-from backstream.runtime.models import ChatTurn, ModelFailure, OutputSink, TurnCollector, TurnResult
+from backstream.runtime.models.turns import TurnCollector
 
 __all__ = [
     "FIRST_TOKEN_BUCKETS",

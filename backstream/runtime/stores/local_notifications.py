@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from backstream.runtime.store import NotificationListener, NotificationRecord
+from backstream.actors.ports import NotificationListener
+from backstream.protocol.records import NotificationRecord
 
 __all__ = ["LocalNotifications"]
 

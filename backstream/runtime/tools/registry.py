@@ -34,16 +34,12 @@ import attrs
 import jsonschema
 import trio
 
+from backstream.actors.ports import ToolOutcome
+
 __all__ = ["Tool", "ToolOutcome", "ToolRegistry", "calculate", "clock_now", "run_tool", "schema_for", "tool"]
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 16_000
-
-
-@attrs.frozen
-class ToolOutcome:
-    output: str
-    is_error: bool
 
 
 @attrs.frozen
@@ -200,6 +196,18 @@ class ToolRegistry:
     def names(self) -> list[str]:
         return sorted(self._tools)
 
+    async def run(self, name: str, arguments: str) -> ToolOutcome:
+        """Run the tool called ``name`` with ``arguments`` (JSON text); see ``run_tool``.
+
+        An unknown name is an error outcome, never an exception.
+        Cancellation: the call is abandoned (a subprocess is killed, a thread left to finish).
+        """
+        found = self._tools.get(name)
+        if found is None:
+            await trio.lowlevel.checkpoint()
+            return ToolOutcome(f"tool {name!r} does not exist", True)
+        return await run_tool(found, arguments)
+
     def load(self, path: str) -> list[Tool]:
         """Register what ``package.module:attribute`` names: a Tool, a function, a registry
         or a list of those."""
@@ -283,7 +291,7 @@ async def _call_in_subprocess(item: Tool, args: dict[str, Any]) -> Any:
         raise RuntimeError("subprocess isolation needs a tool importable as module:attribute")
     # trio.run_process kills the child when the call is cancelled (the timeout).
     done = await trio.run_process(
-        [sys.executable, "-m", "backstream.runtime.tool_runner", item.import_path],
+        [sys.executable, "-m", "backstream.runtime.tools.subprocess_runner", item.import_path],
         stdin=json.dumps(args).encode(),
         capture_stdout=True,
         capture_stderr=True,

@@ -1,0 +1,137 @@
+"""What stores keep: job records, requests, progress and notifications, and their JSON forms.
+
+Plain frozen values, shared by the actors that write them and the stores that keep them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import cattrs
+
+from backstream.protocol.codec import converter as wire
+from backstream.protocol.events import ErrorInfo, JobStatus, LogEvent
+
+__all__ = [
+    "JobProgress",
+    "JobRecord",
+    "JobRequest",
+    "NotificationRecord",
+    "SharedCapacity",
+    "events_from_json",
+    "events_to_json",
+    "record_from_dict",
+    "record_to_dict",
+]
+
+
+@attrs.frozen
+class JobRequest:
+    """What the job was asked to do: kept with the job, sent to the model."""
+
+    model: str
+    messages: tuple[dict[str, Any], ...]
+    params: dict[str, Any] = attrs.field(factory=dict)
+    tools: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class SharedCapacity:
+    """Limits a store shared by many instances enforces as it creates a job."""
+
+    now: float
+    lease_until: float
+    max_jobs: int
+    max_jobs_per_user: int
+
+
+@attrs.frozen
+class JobProgress:
+    """The fields of a job record that each commit moves forward."""
+
+    status: JobStatus
+    seq: int
+    content_length: int
+    updated_at: float
+    finished_at: float | None = None
+    error: ErrorInfo | None = None
+    usage: dict[str, Any] | None = None
+    expires_at: float | None = None
+
+
+@attrs.frozen
+class JobRecord:
+    """A job as the store keeps it. ``seq`` is the last entry written durably."""
+
+    job_id: str
+    user: str
+    thread_id: str
+    message_id: str
+    request: JobRequest
+    status: JobStatus
+    seq: int
+    epoch: int
+    content_length: int
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    error: ErrorInfo | None = None
+    usage: dict[str, Any] | None = None
+    expires_at: float | None = None
+    abort_requested: bool = False
+    owner: str | None = None  # the runtime instance that runs it
+    lease_until: float | None = None  # past this, without renewal, the job is an orphan
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    def advanced(self, progress: JobProgress) -> JobRecord:
+        return attrs.evolve(
+            self,
+            status=progress.status,
+            seq=progress.seq,
+            content_length=progress.content_length,
+            updated_at=progress.updated_at,
+            finished_at=progress.finished_at,
+            error=progress.error,
+            usage=progress.usage,
+            expires_at=progress.expires_at,
+        )
+
+
+@attrs.frozen
+class NotificationRecord:
+    notification_id: str
+    user: str
+    type: str  # ai.message.received | system.warning | ai.tool.approval_required
+    job_id: str
+    thread_id: str
+    title: str
+    body: str
+    created_at: float
+    read: bool = False
+
+
+_records = cattrs.Converter()
+
+
+def events_to_json(events: Sequence[LogEvent]) -> str:
+    return json.dumps(
+        [wire.unstructure(ev, LogEvent) for ev in events], separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def events_from_json(text: str) -> list[LogEvent]:
+    return [wire.structure(item, LogEvent) for item in json.loads(text)]  # type: ignore[arg-type]
+
+
+def record_to_dict(record: JobRecord) -> dict[str, Any]:
+    return _records.unstructure(record)  # type: ignore[no-any-return]
+
+
+def record_from_dict(data: dict[str, Any]) -> JobRecord:
+    return _records.structure(data, JobRecord)

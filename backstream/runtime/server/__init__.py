@@ -1,0 +1,1 @@
+"""The server shell: WebSocket front door, connections, auth, settings, HTTP status, workers."""
