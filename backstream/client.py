@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -26,10 +25,12 @@ from typing import Any, TypeVar
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
+from backstream.protocol.backoff import Backoff
 from backstream.protocol.codec import ProtocolError, decode_server, encode
 from backstream.protocol.errors import BackstreamError, UnavailableError, error_for_code
 from backstream.protocol.events import Batch
 from backstream.protocol.messages import (
+    PROTOCOL_VERSION,
     ClientMessage,
     ErrorMessage,
     Hello,
@@ -145,7 +146,7 @@ class Client:
                 return self._current
             if self._closed:
                 raise UnavailableError("the client is closed")
-            attempt = 0
+            backoff = Backoff(self._reconnect_base, self._reconnect_max, jitter="full")
             had_session = self._current is not None
             while True:
                 try:
@@ -160,13 +161,11 @@ class Client:
                     UnavailableError,
                     trio.TooSlowError,
                 ) as exc:
-                    attempt += 1
-                    if attempt > self._max_reconnect_attempts:
+                    if backoff.attempt >= self._max_reconnect_attempts:
                         raise UnavailableError(
-                            f"could not connect after {attempt - 1} retries: {exc}"
+                            f"could not connect after {backoff.attempt} retries: {exc}"
                         ) from None
-                    delay = min(self._reconnect_max, self._reconnect_base * 2 ** (attempt - 1))
-                    await trio.sleep(random.uniform(0, delay))  # full jitter
+                    await trio.sleep(backoff.next_delay())
 
     async def _connect(self) -> _Session:
         headers = [(b"authorization", f"Bearer {self._token}".encode())] if self._token_in_header else None
@@ -180,7 +179,7 @@ class Client:
             )
             hello = Hello(
                 id="hello",
-                protocol=1,
+                protocol=PROTOCOL_VERSION,
                 token=None if self._token_in_header else self._token,
                 client=self._client_name,
             )

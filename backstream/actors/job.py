@@ -28,6 +28,7 @@ from backstream.actors.ports import (
     ToolSpec,
     TurnResult,
 )
+from backstream.protocol.backoff import Backoff
 from backstream.protocol.chat_stream import ModelOutput, ReasoningDelta, TextDelta, ToolCallDone
 from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary
 from backstream.protocol.records import JobProgress, JobRecord
@@ -326,7 +327,7 @@ class JobActor:
         than ``store_outage_limit`` ends the job ``failed``/``unavailable``.
         """
         failing_since: float | None = None
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0, jitter="none")
         while self.log.terminal is None:
             # Woken by the registry's ticker every flush_ms if there is something new, or by
             # _on_output at flush_events: no timer of its own per job.
@@ -347,12 +348,13 @@ class JobActor:
                         "failed", ErrorInfo("unavailable", f"the job store failed: {type(exc).__name__}")
                     )
                     return
+                delay = backoff.next_delay()
                 log.warning("job %s: write failed (%s); retrying in %.1fs", self.job_id, exc, delay)
                 await trio.sleep(delay)
-                delay = min(delay * 2, 2.0)
                 self._flush_due.set()
             else:
-                failing_since, delay = None, 0.1
+                failing_since = None
+                backoff.reset()
 
     async def _flush(self) -> None:
         async with self._flush_lock:

@@ -16,6 +16,8 @@ from backstream.protocol.events import JobSummary, LogEvent, ToolCallRecord
 
 __all__ = [
     "CLIENT_MESSAGES",
+    "MAX_NAME_CHARS",
+    "MAX_REQUEST_ID_CHARS",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGES",
     "ClientMessage",
@@ -52,13 +54,16 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-MAX_ID_CHARS = 64
+MAX_REQUEST_ID_CHARS = 64
+"""A request's ``id``, chosen by the client."""
+MAX_NAME_CHARS = 256
+"""A ``thread_id`` or ``message_id``."""
 MAX_NAME_CHARS = 256
 
 
 def _request_id(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
-    if not 1 <= len(value) <= MAX_ID_CHARS:
-        raise ValueError(f"id must be 1 to {MAX_ID_CHARS} characters")
+    if not 1 <= len(value) <= MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"id must be 1 to {MAX_REQUEST_ID_CHARS} characters")
 
 
 def _name(_inst: Any, attr: attrs.Attribute[Any], value: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import email.utils
 import logging
-import random
 import time
 from collections import Counter
 from typing import Any
@@ -22,6 +21,7 @@ import trio
 
 from backstream.actors.config import Config
 from backstream.actors.ports import ChatTurn, ModelFailure, OutputSink, TurnResult
+from backstream.protocol.backoff import Backoff
 from backstream.protocol.events import ErrorInfo
 from backstream.protocol.sse import SSEDecoder, SSEError
 from backstream.runtime.models.turns import TurnCollector
@@ -124,7 +124,7 @@ class UpstreamClient:
         Cancellation: the request is abandoned and its connection closed at once.
         """
         body = self._body(turn)
-        attempt = 0
+        backoff = Backoff(self._config.upstream_retry_base, self._config.upstream_retry_max_delay)
         started = trio.current_time()
         while True:
             collector = TurnCollector(sink, max_argument_chars=self._config.max_output_chars)
@@ -132,12 +132,11 @@ class UpstreamClient:
                 await self._attempt(body, collector, started)
                 return collector.result()
             except _Retryable as exc:
-                if collector.produced or attempt >= self._config.upstream_max_retries:
+                if collector.produced or backoff.attempt >= self._config.upstream_max_retries:
                     raise exc.failure from None
-                attempt += 1
                 self._retries += 1
-                delay = self._backoff(attempt, exc.retry_after)
-                log.info("upstream retry %d in %.2fs: %s", attempt, delay, exc.failure.error.message)
+                delay = backoff.next_delay(at_least=exc.retry_after)
+                log.info("upstream retry %d in %.2fs: %s", backoff.attempt, delay, exc.failure.error.message)
                 await trio.sleep(delay)
 
     def _body(self, turn: ChatTurn) -> dict[str, Any]:
@@ -151,13 +150,6 @@ class UpstreamClient:
         if turn.tools:
             body["tools"] = list(turn.tools)
         return body
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            delay = retry_after
-        else:
-            delay = self._config.upstream_retry_base * 2 ** (attempt - 1) * (0.5 + random.random())
-        return min(max(delay, 0.0), self._config.upstream_retry_max_delay)
 
     async def _attempt(self, body: dict[str, Any], collector: TurnCollector, started: float) -> None:
         try:

@@ -36,6 +36,7 @@ from coredis.connection import TCPLocation
 from coredis.tokens import PureToken
 
 from backstream.actors.ports import Store
+from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.events import TERMINAL_STATUSES, ErrorInfo, LogEvent
 from backstream.protocol.records import (
@@ -153,21 +154,21 @@ class RedisStore(Store):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen for commits and aborts from every instance; resubscribe after outages."""
         task_status.started()
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0, jitter="none")
         while True:
             try:
                 channels = [self._k("commits"), self._k("aborts"), self._k("notifications")]
                 async with self.redis.pubsub(channels=channels, ignore_subscribe_messages=True) as pubsub:
                     self.subscribed.set()
-                    delay = 0.1
+                    backoff.reset()
                     self._wake_all()  # anything missed while unsubscribed
                     async for message in pubsub:
                         self._dispatch(str(message["channel"]), str(message["data"]))
             except (coredis.exceptions.RedisError, OSError) as exc:
                 self.subscribed = trio.Event()
+                delay = backoff.next_delay()
                 log.warning("redis subscription lost (%s); retrying in %.1fs", exc, delay)
                 await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def _dispatch(self, channel: str, data: str) -> None:
         if channel.endswith(":commits"):
