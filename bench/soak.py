@@ -1,0 +1,611 @@
+"""Chaos soak: watchers over jobs on real ``backstream serve`` processes sharing a Redis of
+our own, with faults injected, every watch history recorded and checked.
+
+    ./dev bench soak --minutes 10 --watchers 40 --jobs 16 --plot
+
+Jobs (``backstream/lorem``, 3-20 s each) keep being started, ``--jobs`` at a time, some
+with watchers (the Python client, over WebSocket, each to a random instance), some
+never watched, some in a muted thread, some aborted midway. Faults, one every
+``--fault-every`` seconds, in turn: a client connection reset (the watch reconnects and
+resumes), a re-watch from the cursor, ``kill -9`` of an instance (restarted 2 s later;
+its jobs end ``interrupted`` on another one, in a new epoch), a Redis pause (SIGSTOP,
+then SIGCONT), a Redis restart that keeps its data (AOF, fsync always) and, with
+``--wipe``, one that loses it.
+
+Checked (``bench/history.py``): every history contiguous, no repeat, no reorder, nothing
+after the terminal status, all watches of a job agree, joined text equal to ``job.get``;
+every job in a terminal state at the end (or lost to a wipe that came after its start);
+notifications as the rules promise: at most one per job and type, of the type the end
+status calls for, none for aborted jobs or muted threads, exactly one for a job nobody
+ever watched. The servers' RSS is sampled every second. Results go to
+``bench/results/soak.json`` (and ``soak.png`` with ``--plot``); the exit status is 1 if
+any violation was found. Everything runs on loopback and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backstream.client import Client, open_client
+from backstream.protocol.errors import (
+    BackstreamError,
+    CapacityError,
+    GoneError,
+    NotFoundError,
+    UnavailableError,
+)
+from backstream.protocol.events import TERMINAL_STATUSES, Batch
+from bench._common import rss_bytes, write_json
+from bench.history import History, Violation
+
+FAULTS = ("reset", "rewatch", "kill_instance", "redis_pause", "redis_restart", "redis_wipe")
+END_TYPES = {"completed": "ai.message.received", "failed": "system.warning", "interrupted": "system.warning"}
+
+
+@attrs.frozen
+class Settings:
+    seconds: float = 600.0
+    instances: int = 2
+    jobs: int = 16  # running at once
+    watchers: int = 40  # watching at once
+    users: int = 4
+    fault_every: float = 6.0
+    faults: tuple[str, ...] = FAULTS[:-1]
+    seed: int = 1
+    out: str | None = None
+    plot: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class RedisServer:
+    """A redis-server of our own on a spare port, persisting every write (AOF, fsync always)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wipe: bool = False) -> None:
+        if wipe:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "yes", "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+
+class Instance:
+    """One ``backstream serve`` process; restartable on its port."""
+
+    def __init__(self, index: int, redis_url: str, prefix: str, tokens: str, logs: Path) -> None:
+        self.index = index
+        self.port = free_port()
+        self.redis_url = redis_url
+        self.env = {**os.environ, "BACKSTREAM_TOKENS": tokens, "BACKSTREAM_REDIS_PREFIX": prefix}
+        self.log_path = logs / f"instance-{index}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "backstream", "serve", "--port", str(self.port), "--store",
+                 self.redis_url, "--lease-ttl", "3", "--lease-renew-interval", "1", "--drain-timeout", "1",
+                 "--max-jobs", "10000", "--max-jobs-per-user", "10000", "--retention", "3600",
+                 "--log-level", "warning"],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@attrs.define
+class SoakJob:
+    job_id: str
+    user: str
+    thread_id: str
+    started_at: float  # monotonic
+    kind: str  # watched, unwatched, muted, aborted
+    watchers: int = 0
+    aborted: bool = False
+    lost: bool = False
+
+
+@attrs.define
+class Soak:
+    settings: Settings
+    instances: list[Instance]
+    redis: RedisServer
+    history: History = attrs.Factory(History)
+    jobs: dict[str, SoakJob] = attrs.Factory(dict)
+    faults: Counter[str] = attrs.Factory(Counter)
+    fault_log: list[tuple[float, str]] = attrs.Factory(list)
+    wipes: list[float] = attrs.Factory(list)  # monotonic times of Redis restarts that lost data
+    rss: list[tuple[float, int, int]] = attrs.Factory(list)  # (t, instance, bytes)
+    errors: Counter[str] = attrs.Factory(Counter)
+    reconnects: int = 0
+    started: float = attrs.Factory(time.monotonic)
+    running_watchers: int = 0
+    stop_starting: trio.Event = attrs.Factory(trio.Event)
+    rng: random.Random = attrs.Factory(random.Random)
+    clients: list[Client] = attrs.Factory(list)  # open clients, for connection resets
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def token(self, user: str) -> str:
+        return f"tok-{user}"
+
+    def url(self) -> str:
+        return self.rng.choice(self.instances).url
+
+    @asynccontextmanager
+    async def client(self, user: str) -> AsyncIterator[Client]:
+        """A client of a random instance; another one while the first is down (killed)."""
+        async with AsyncExitStack() as stack:
+            for _ in range(60):
+                try:
+                    client = await stack.enter_async_context(
+                        open_client(self.url(), self.token(user), **CLIENT_OPTIONS)
+                    )
+                    break
+                except (OSError, UnavailableError):
+                    self.errors["connect retried"] += 1
+                    await trio.sleep(0.5)
+            else:
+                raise UnavailableError("no instance answers")
+            yield client
+
+    # -- load -----------------------------------------------------------------------------
+
+    async def run_jobs(self, nursery: trio.Nursery) -> None:
+        """Keep ``settings.jobs`` jobs going until told to stop."""
+        slots = trio.Semaphore(self.settings.jobs)
+        sequence = 0
+        while not self.stop_starting.is_set():
+            await slots.acquire()
+            if self.stop_starting.is_set():
+                break
+            sequence += 1
+            nursery.start_soon(self.one_job, sequence, slots)
+
+    async def one_job(self, sequence: int, slots: trio.Semaphore) -> None:
+        try:
+            user = f"u{sequence % self.settings.users}"
+            kind = self.rng.choices(["watched", "unwatched", "muted", "aborted"], [6, 2, 1, 1])[0]
+            thread_id = "quiet" if kind == "muted" else f"t{sequence % 5}"
+            tokens, rate = self.rng.randint(20, 200), self.rng.choice([10.0, 20.0, 40.0])
+            async with self.client(user) as client:
+                started = await self.retrying(
+                    lambda: client.start_job(
+                        thread_id=thread_id,
+                        message_id=f"m{sequence}",
+                        model="backstream/lorem",
+                        messages=[{"role": "user", "content": "soak"}],
+                        params={"max_tokens": tokens, "tokens_per_s": rate},
+                    )
+                )
+                if started is None:
+                    return
+                job = SoakJob(started.job.job_id, user, thread_id, time.monotonic(), kind)
+                self.jobs[job.job_id] = job
+                if kind in ("watched", "aborted"):
+                    count = max(1, min(4, self.settings.watchers // max(1, self.settings.jobs)))
+                    async with trio.open_nursery() as nursery:
+                        for w in range(count):
+                            nursery.start_soon(self.watch_job, job, f"{job.job_id}/w{w}", w == 1)
+                        if kind == "aborted":
+                            await trio.sleep(self.rng.uniform(0.5, 3.0))
+                            result = await self.retrying(lambda: client.abort(job.job_id))
+                            job.aborted = bool(result and result.aborted)
+                else:
+                    await trio.sleep(tokens / rate)
+        except BackstreamError as exc:
+            self.errors[f"job: {exc.code}"] += 1
+        finally:
+            slots.release()
+
+    async def retrying(self, request: Any) -> Any:
+        """A request, retried through outages (a fault may be in progress)."""
+        for _ in range(40):
+            try:
+                return await request()
+            except (UnavailableError, CapacityError) as exc:
+                self.errors[f"retried: {exc.code}"] += 1
+                await trio.sleep(0.5)
+        return None
+
+    async def watch_job(self, job: SoakJob, name: str, late_start: bool) -> None:
+        """Watch to the end through resets and re-watches; a new epoch is a new history."""
+        job.watchers += 1
+        self.running_watchers += 1
+        after_seq, epoch = 0, None
+        try:
+            async with self.client(job.user) as client:
+                self.clients.append(client)
+                try:
+                    if late_start:  # a watch from a later cursor
+                        await trio.sleep(self.rng.uniform(0.2, 1.5))
+                        info = await self.retrying(lambda: client.get(job.job_id))
+                        if info is not None and info.job.epoch == 1:
+                            after_seq = self.rng.randint(0, info.job.seq)
+                    while True:
+                        batches: list[Batch] = []
+                        start_seq = after_seq
+                        outcome = await self.follow(client, job, after_seq, epoch, batches)
+                        self.history.observe(job.job_id, name, start_seq, batches)
+                        if outcome == "gone":  # a new epoch: read it from the start
+                            after_seq, epoch = 0, None
+                            continue
+                        return
+                finally:
+                    self.reconnects += client.reconnects
+                    self.clients.remove(client)
+        except BackstreamError as exc:
+            self.errors[f"watch: {exc.code}"] += 1
+        finally:
+            self.running_watchers -= 1
+
+    async def follow(
+        self, client: Client, job: SoakJob, after_seq: int, epoch: int | None, batches: list[Batch]
+    ) -> str:
+        """One epoch's history, re-watching from the cursor now and then."""
+        cursor = after_seq
+        while True:
+            rewatch_at = time.monotonic() + self.rng.uniform(1.0, 8.0)
+            try:
+                async with client.watch(job.job_id, after_seq=cursor, epoch=epoch) as watch:
+                    async for batch in watch:
+                        batches.append(batch)
+                        cursor, epoch = batch.to_seq, batch.epoch
+                        if "rewatch" in self.settings.faults and time.monotonic() > rewatch_at:
+                            self.fault("rewatch")
+                            break
+                    else:
+                        return "ended"
+                    if watch.ended:
+                        return "ended"
+            except GoneError:
+                return "gone"
+            except NotFoundError:
+                job.lost = True
+                return "lost"
+            except UnavailableError as exc:
+                if "batch starts at" in str(exc):  # the client's own gap check
+                    self.violation(job, "gap", f"client: {exc}")
+                self.errors[f"watch: {exc.code}"] += 1
+                await trio.sleep(0.5)
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def fault(self, kind: str) -> None:
+        self.faults[kind] += 1
+        self.fault_log.append((self.now(), kind))
+
+    async def inject_faults(self) -> None:
+        kinds = [k for k in self.settings.faults if k != "rewatch"]
+        turn = 0
+        while not self.stop_starting.is_set() and kinds:
+            await trio.sleep(self.settings.fault_every)
+            if self.stop_starting.is_set():
+                return
+            kind = kinds[turn % len(kinds)]
+            turn += 1
+            self.fault(kind)
+            await self.do_fault(kind)
+
+    async def do_fault(self, kind: str) -> None:
+        if kind == "reset":
+            for client in self.rng.sample(self.clients, k=min(len(self.clients), 5)):
+                await client.drop_connection()
+        elif kind == "kill_instance":
+            victim = self.rng.choice(self.instances)
+            victim.kill()
+            await trio.sleep(2.0)
+            await trio.to_thread.run_sync(victim.start)
+        elif kind == "redis_pause":
+            self.redis.signal(signal.SIGSTOP)
+            await trio.sleep(2.0)
+            self.redis.signal(signal.SIGCONT)
+        elif kind in ("redis_restart", "redis_wipe"):
+            self.redis.kill()
+            await trio.sleep(1.0)
+            if kind == "redis_wipe":
+                self.wipes.append(time.monotonic())
+            await trio.to_thread.run_sync(lambda: self.redis.start(wipe=kind == "redis_wipe"))
+
+    async def sample_rss(self) -> None:
+        while True:
+            for instance in self.instances:
+                proc = instance.proc
+                if proc is not None and proc.poll() is None:
+                    try:
+                        self.rss.append((self.now(), instance.index, rss_bytes(proc.pid)))
+                    except OSError:
+                        pass
+            await trio.sleep(1.0)
+
+    # -- the end -------------------------------------------------------------------------------
+
+    async def check_end(self) -> dict[str, Any]:
+        """Every job terminal (or lost to a wipe after its start), job.get equal to the log,
+        notifications as promised."""
+        statuses: Counter[str] = Counter()
+        by_user: dict[str, list[SoakJob]] = {}
+        final: dict[str, str] = {}
+        for job in self.jobs.values():
+            by_user.setdefault(job.user, []).append(job)
+        for user, jobs in by_user.items():
+            async with self.client(user) as client:
+                for job in jobs:
+                    status = await self.final_status(client, job)
+                    final[job.job_id] = status
+                    statuses[status] += 1
+                self.check_notifications(await self.retrying(lambda: client.notifications_list(limit=200)), jobs, final)
+        return dict(statuses)
+
+    async def final_status(self, client: Client, job: SoakJob) -> str:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                info = await client.get(job.job_id, include_content=True)
+            except NotFoundError:
+                if not any(w > job.started_at for w in self.wipes):
+                    self.violation(job, "lost", "job.get: not_found, and no Redis wipe since its start")
+                return "lost"
+            except UnavailableError:
+                await trio.sleep(0.5)
+                continue
+            if info.job.status in TERMINAL_STATUSES:
+                break
+            if time.monotonic() > deadline:
+                self.violation(job, "not_terminal", f"still {info.job.status} at the end")
+                return info.job.status
+            await trio.sleep(0.5)
+        if job.aborted and info.job.status != "aborted":
+            self.violation(job, "status", f"abort said aborted, job.get says {info.job.status}")
+        self.history.check_final(job.job_id, info.job.epoch, info.job.status, info.content or "", info.job.seq)
+        return info.job.status
+
+    def check_notifications(self, result: Any, jobs: list[SoakJob], final: dict[str, str]) -> None:
+        if result is None:
+            self.errors["notifications.list unavailable"] += 1
+            return
+        seen: Counter[tuple[str, str]] = Counter((n.job_id, n.type) for n in result.notifications)
+        for (job_id, kind), count in seen.items():
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            if count > 1:
+                self.violation(job, "notification", f"{count} notifications of type {kind}")
+            if job.kind == "muted":
+                self.violation(job, "notification", f"{kind} for a muted thread")
+            status = final.get(job_id)
+            if status in TERMINAL_STATUSES and END_TYPES.get(status) != kind:
+                self.violation(job, "notification", f"{kind} for a job that ended {status}")
+        for job in jobs:
+            status = final.get(job.job_id, "")
+            if job.kind == "unwatched" and status in END_TYPES:
+                if seen[(job.job_id, END_TYPES[status])] != 1:
+                    self.violation(job, "notification", f"ended {status} unwatched, but no notification")
+
+    def violation(self, job: SoakJob, kind: str, detail: str) -> None:
+        self.history.add([Violation(job.job_id, "end", kind, detail)])
+
+
+CLIENT_OPTIONS: dict[str, Any] = {
+    "request_timeout": 10.0,
+    "reconnect_base": 0.1,
+    "reconnect_max": 1.0,
+    "max_reconnect_attempts": 60,
+}
+
+
+@contextmanager
+def processes(settings: Settings, directory: Path) -> Iterator[tuple[RedisServer, list[Instance]]]:
+    if shutil.which("redis-server") is None:
+        raise SystemExit("soak: redis-server is needed (apt-get install redis-server)")
+    redis = RedisServer(directory / "redis")
+    redis.start()
+    tokens = ",".join(f"tok-u{i}=u{i}" for i in range(settings.users))
+    prefix = f"soak:{uuid.uuid4().hex[:8]}"
+    url = f"redis://127.0.0.1:{redis.port}/0"
+    instances = [Instance(i, url, prefix, tokens, directory) for i in range(settings.instances)]
+    try:
+        for instance in instances:
+            instance.start()
+        yield redis, instances
+    finally:
+        for instance in instances:
+            instance.stop()
+        redis.signal(signal.SIGCONT)
+        redis.kill()
+
+
+async def soak(settings: Settings) -> dict[str, Any]:
+    """Run the soak; return its results (``violations`` empty if all held)."""
+    directory = Path(tempfile.mkdtemp(prefix="bssoak-"))
+    try:
+        with processes(settings, directory) as (redis, instances):
+            state = Soak(settings, instances, redis, rng=random.Random(settings.seed))
+            for user in range(settings.users):
+                async with open_client(instances[0].url, f"tok-u{user}") as client:
+                    await client.mute_thread("quiet")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(state.sample_rss)
+                # Jobs in flight end by themselves (20 s at most, or a lease later): bounded.
+                with trio.move_on_after(settings.seconds + 150) as bounded:
+                    async with trio.open_nursery() as load:
+                        load.start_soon(state.run_jobs, load)
+                        load.start_soon(state.inject_faults)
+                        await trio.sleep(settings.seconds)
+                        state.stop_starting.set()
+                if bounded.cancelled_caught:
+                    state.errors["the load did not end within 150 s of its time"] += 1
+                statuses = await state.check_end()
+                nursery.cancel_scope.cancel()
+            logs = {i.index: i.log_path.read_text(errors="replace")[-4000:] for i in instances}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return results(state, statuses, logs)
+
+
+def results(state: Soak, statuses: dict[str, int], logs: dict[int, str]) -> dict[str, Any]:
+    history = state.history
+    rss_by_instance: dict[int, list[int]] = {}
+    for _t, index, value in state.rss:
+        rss_by_instance.setdefault(index, []).append(value)
+    return {
+        "settings": attrs.asdict(state.settings),
+        "duration_s": round(state.now(), 1),
+        "jobs": len(state.jobs),
+        "jobs_by_kind": dict(Counter(j.kind for j in state.jobs.values())),
+        "final_statuses": statuses,
+        "watch_histories": history.watches,
+        "batches": history.batches,
+        "events": history.events,
+        "client_reconnects": state.reconnects,
+        "faults": dict(state.faults),
+        "fault_log": state.fault_log,
+        "errors": dict(state.errors),
+        "violations": [v.as_json() for v in history.violations[:200]],
+        "violation_count": len(history.violations),
+        "violation_kinds": dict(Counter(v.kind for v in history.violations)),
+        "rss_mb": {
+            str(i): {"first": v[0] / 2**20, "max": max(v) / 2**20, "last": v[-1] / 2**20}
+            for i, v in rss_by_instance.items()
+        },
+        "rss_samples": state.rss,
+        "server_log_tails": logs if history.violations else {},
+    }
+
+
+def plot(payload: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    series: dict[int, list[tuple[float, float]]] = {}
+    for t, index, value in payload["rss_samples"]:
+        series.setdefault(index, []).append((t, value / 2**20))
+    for index, points in sorted(series.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], ".", markersize=2, label=f"instance {index}")
+    colors = {"kill_instance": "red", "redis_restart": "orange", "redis_wipe": "purple", "redis_pause": "gray"}
+    for t, kind in payload["fault_log"]:
+        if kind in colors:
+            ax.axvline(t, color=colors[kind], alpha=0.25, linewidth=0.8)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_title(
+        f"soak: {payload['jobs']} jobs, {payload['watch_histories']} histories, "
+        f"{sum(payload['faults'].values())} faults, {payload['violation_count']} violations"
+    )
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=16, help="jobs running at once")
+    parser.add_argument("--watchers", type=int, default=40, help="watchers at once (about)")
+    parser.add_argument("--fault-every", type=float, default=6.0)
+    parser.add_argument("--wipe", action="store_true", help="also restart Redis without its data")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON results (default bench/results/soak.json)")
+    parser.add_argument("--plot", nargs="?", const="", default=None, help="PNG of RSS over time")
+    args = parser.parse_args()
+    settings = Settings(
+        seconds=args.minutes * 60,
+        instances=args.instances,
+        jobs=args.jobs,
+        watchers=args.watchers,
+        fault_every=args.fault_every,
+        faults=FAULTS if args.wipe else FAULTS[:-1],
+        seed=args.seed,
+    )
+    payload = trio.run(soak, settings)
+    path = write_json("soak", payload, args.out)
+    if args.plot is not None:
+        png = args.plot or str(path.with_suffix(".png"))
+        plot(payload, png)
+        print(f"plot: {png}")
+    summary = {k: payload[k] for k in ("duration_s", "jobs", "final_statuses", "watch_histories", "batches",
+                                       "events", "client_reconnects", "faults", "violation_count", "rss_mb")}
+    print(summary)
+    for violation in payload["violations"][:20]:
+        print("VIOLATION", violation)
+    print(f"results: {path}")
+    sys.exit(1 if payload["violation_count"] else 0)
+
+
+if __name__ == "__main__":
+    main()

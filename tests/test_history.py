@@ -1,0 +1,58 @@
+"""The history checker (bench/history.py) finds each kind of violation it claims to."""
+
+from __future__ import annotations
+
+from backstream.protocol.events import Batch, LogEvent, StatusEvent, TextEvent, ToolCallEvent
+from bench.history import History
+
+
+def batch(*events: LogEvent, from_seq: int | None = None, epoch: int = 1) -> Batch:
+    start = events[0].seq if from_seq is None else from_seq
+    return Batch("j", epoch, start, events[-1].seq, events)
+
+
+RUN, END = StatusEvent(1, "running"), StatusEvent(5, "completed")
+GOOD = [batch(RUN, TextEvent(3, "ab")), batch(TextEvent(4, "c"), END)]
+
+
+def kinds(history: History, after_seq: int, batches: list[Batch]) -> set[str]:
+    return {v.kind for v in history.observe("j", "w", after_seq, batches)}
+
+
+def test_a_correct_history_passes_and_matches_job_get() -> None:
+    history = History()
+    assert kinds(history, 0, GOOD) == set()
+    # Another watch from seq 3 cuts the text differently but agrees on the content.
+    assert kinds(history, 3, [batch(TextEvent(4, "c"), END)]) == set()
+    assert history.check_final("j", 1, "completed", "abc", 5) == []
+    assert {v.kind for v in history.check_final("j", 1, "completed", "abx", 5)} == {"content"}
+    assert {v.kind for v in history.check_final("j", 1, "running", "abc", 4)} == {"stale_get"}
+
+
+def test_gap_duplicate_and_reorder() -> None:
+    assert kinds(History(), 0, [batch(RUN), batch(TextEvent(3, "x"), from_seq=3)]) == {"gap"}
+    assert kinds(History(), 0, [batch(RUN, TextEvent(2, "x")), batch(TextEvent(2, "x"))]) == {"duplicate"}
+    reordered = [Batch("j", 1, 1, 3, (RUN, TextEvent(3, "x"), TextEvent(2, "y")))]
+    assert "reorder" in kinds(History(), 0, reordered)
+
+
+def test_watches_that_disagree_conflict() -> None:
+    history = History()
+    assert kinds(history, 0, GOOD) == set()
+    assert kinds(history, 0, [batch(RUN, TextEvent(3, "aX"))]) == {"conflict"}
+    call = ToolCallEvent(4, "c1", "calc", "{}")  # seq 4 was text in the first watch
+    assert "conflict" in kinds(history, 3, [batch(call)])
+
+
+def test_nothing_after_the_terminal_status() -> None:
+    history = History()
+    assert kinds(history, 0, GOOD) == set()
+    assert "after_terminal" in kinds(history, 5, [batch(TextEvent(6, "late"))])
+    assert "two_terminals" in kinds(History(), 0, [batch(RUN, StatusEvent(2, "failed"), StatusEvent(3, "aborted"))])
+
+
+def test_an_illegal_transition_and_a_mixed_epoch() -> None:
+    assert kinds(History(), 0, [batch(RUN, StatusEvent(2, "completed"), StatusEvent(3, "running"))]) >= {
+        "lifecycle"
+    }
+    assert kinds(History(), 0, [batch(RUN), batch(TextEvent(2, "x"), epoch=2)]) == {"epoch"}
