@@ -250,6 +250,8 @@ class Runtime:
             last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
         if epoch is not None and epoch != current_epoch:
             raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
+        # A cursor ahead of a running job waits for the log to reach it (another instance
+        # may lag by one flush); if the job ends first, the watch ends with bad_request.
         if finished and after_seq > last_seq:
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {last_seq}")
         watcher = Watcher(
