@@ -96,7 +96,8 @@ class ConnectionLimits:
 
 @attrs.define
 class ConnectionStats:
-    """Counters shared by all connections of a server (read by metrics)."""
+    """Counters the front door owns and its connections add to; read only through
+    ``FrontDoor.statistics()``, a frozen snapshot."""
 
     frames_sent: int = 0
     bytes_sent: int = 0
