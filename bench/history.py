@@ -83,7 +83,8 @@ class JobHistory:
                 if ended:
                     bad("after_terminal", f"seq {event.seq} after the terminal status")
                 if event.seq <= previous:
-                    bad("reorder" if event.seq < previous else "duplicate", f"seq {event.seq} after {previous}")
+                    kind = "reorder" if event.seq < previous else "duplicate"
+                    bad(kind, f"seq {event.seq} after {previous}")
                     continue
                 if isinstance(event, TextEvent):
                     relative += event.text
@@ -129,7 +130,7 @@ class JobHistory:
     def _merge_prefix(self, bad: Any, seq: int, text: str) -> None:
         known = self.prefix.setdefault(seq, text)
         if known != text:
-            bad("conflict", f"content through seq {seq} differs between watches ({len(known)} vs {len(text)} chars)")
+            bad("conflict", f"content through seq {seq} differs ({len(known)} vs {len(text)} chars)")
 
     @staticmethod
     def _step_status(bad: Any, status: str | None, event: LogEvent) -> str | None:
@@ -156,10 +157,10 @@ class JobHistory:
                 bad("stale_get", f"job.get status {status!r}, log ends {self.terminal_status!r}")
             through = self.prefix.get(self.terminal_seq)
             if through is not None and through != content:
-                bad("content", f"job.get content ({len(content)} chars) differs from the log's ({len(through)})")
+                bad("content", f"job.get has {len(content)} chars of content, the log {len(through)}")
         for watcher, text in self.complete_texts:
             if text != content:
-                bad("content", f"{watcher}'s joined text ({len(text)} chars) differs from job.get ({len(content)})")
+                bad("content", f"{watcher} joined {len(text)} chars, job.get has {len(content)}")
         return found
 
 
@@ -190,7 +191,9 @@ class History:
         self.violations.extend(found)
         return found
 
-    def check_final(self, job_id: str, epoch: int, status: str, content: str, last_seq: int) -> list[Violation]:
+    def check_final(
+        self, job_id: str, epoch: int, status: str, content: str, last_seq: int
+    ) -> list[Violation]:
         found = self.job(job_id, epoch).check_final(status, content, last_seq)
         self.violations.extend(found)
         return found

@@ -10,7 +10,7 @@ never watched, some in a muted thread, some aborted midway. Faults, one every
 resumes), a re-watch from the cursor, ``kill -9`` of an instance (restarted 2 s later;
 its jobs end ``interrupted`` on another one, in a new epoch), a Redis pause (SIGSTOP,
 then SIGCONT), a Redis restart that keeps its data (AOF, fsync always) and, with
-``--wipe``, one that loses it.
+``--wipe``, one that loses it; with ``--pause-past-lease``, a pause longer than the lease.
 
 Checked (``bench/history.py``): every history contiguous, no repeat, no reorder, nothing
 after the terminal status, all watches of a job agree, joined text equal to ``job.get``;
@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,12 @@ from backstream.protocol.events import TERMINAL_STATUSES, Batch
 from bench._common import rss_bytes, write_json
 from bench.history import History, Violation
 
-FAULTS = ("reset", "rewatch", "kill_instance", "redis_pause", "redis_restart", "redis_wipe")
+FAULTS = ("reset", "rewatch", "kill_instance", "redis_pause", "redis_restart")
+WIPE = "redis_wipe"
+PAUSE_PAST_LEASE = "redis_pause_past_lease"
+"""Off unless asked for: a Redis pause longer than the lease lets another instance recover
+a job whose instance is alive, and nothing fences the old owner's later writes (it appends
+after the recovery's terminal status). ``--pause-past-lease`` turns it on."""
 END_TYPES = {"completed": "ai.message.received", "failed": "system.warning", "interrupted": "system.warning"}
 
 
@@ -70,7 +75,9 @@ class Settings:
     watchers: int = 40  # watching at once
     users: int = 4
     fault_every: float = 6.0
-    faults: tuple[str, ...] = FAULTS[:-1]
+    faults: tuple[str, ...] = FAULTS
+    lease_ttl: float = 10.0  # longer than any pause or restart, unless PAUSE_PAST_LEASE
+    job_tokens: tuple[int, int] = (20, 200)  # words per job, at 10-40 words/s
     seed: int = 1
     out: str | None = None
     plot: str | None = None
@@ -124,8 +131,11 @@ class RedisServer:
 class Instance:
     """One ``backstream serve`` process; restartable on its port."""
 
-    def __init__(self, index: int, redis_url: str, prefix: str, tokens: str, logs: Path) -> None:
+    def __init__(
+        self, index: int, redis_url: str, prefix: str, tokens: str, logs: Path, lease: float
+    ) -> None:
         self.index = index
+        self.lease = lease
         self.port = free_port()
         self.redis_url = redis_url
         self.env = {**os.environ, "BACKSTREAM_TOKENS": tokens, "BACKSTREAM_REDIS_PREFIX": prefix}
@@ -139,10 +149,10 @@ class Instance:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "backstream", "serve", "--port", str(self.port), "--store",
-                 self.redis_url, "--lease-ttl", "3", "--lease-renew-interval", "1", "--drain-timeout", "1",
-                 "--max-jobs", "10000", "--max-jobs-per-user", "10000", "--retention", "3600",
-                 "--log-level", "warning"],
+                [sys.executable, "-m", "backstream", "serve", "--port", str(self.port),
+                 "--store", self.redis_url, "--lease-ttl", str(self.lease), "--lease-renew-interval", "1",
+                 "--drain-timeout", "1", "--max-jobs", "10000", "--max-jobs-per-user", "10000",
+                 "--retention", "3600", "--log-level", "warning"],
                 env=self.env,
                 stdout=log,
                 stderr=log,
@@ -173,6 +183,7 @@ class SoakJob:
     watchers: int = 0
     aborted: bool = False
     lost: bool = False
+    final: str = ""  # status and epoch at the end
 
 
 @attrs.define
@@ -213,7 +224,7 @@ class Soak:
                         open_client(self.url(), self.token(user), **CLIENT_OPTIONS)
                     )
                     break
-                except (OSError, UnavailableError):
+                except (OSError, UnavailableError, trio.TooSlowError):
                     self.errors["connect retried"] += 1
                     await trio.sleep(0.5)
             else:
@@ -238,7 +249,7 @@ class Soak:
             user = f"u{sequence % self.settings.users}"
             kind = self.rng.choices(["watched", "unwatched", "muted", "aborted"], [6, 2, 1, 1])[0]
             thread_id = "quiet" if kind == "muted" else f"t{sequence % 5}"
-            tokens, rate = self.rng.randint(20, 200), self.rng.choice([10.0, 20.0, 40.0])
+            tokens, rate = self.rng.randint(*self.settings.job_tokens), self.rng.choice([10.0, 20.0, 40.0])
             async with self.client(user) as client:
                 started = await self.retrying(
                     lambda: client.start_job(
@@ -356,7 +367,8 @@ class Soak:
             kind = kinds[turn % len(kinds)]
             turn += 1
             self.fault(kind)
-            await self.do_fault(kind)
+            with trio.CancelScope(shield=True):  # never leave Redis stopped or an instance down
+                await self.do_fault(kind)
 
     async def do_fault(self, kind: str) -> None:
         if kind == "reset":
@@ -367,9 +379,9 @@ class Soak:
             victim.kill()
             await trio.sleep(2.0)
             await trio.to_thread.run_sync(victim.start)
-        elif kind == "redis_pause":
+        elif kind in ("redis_pause", PAUSE_PAST_LEASE):
             self.redis.signal(signal.SIGSTOP)
-            await trio.sleep(2.0)
+            await trio.sleep(2.0 if kind == "redis_pause" else self.settings.lease_ttl + 3)
             self.redis.signal(signal.SIGCONT)
         elif kind in ("redis_restart", "redis_wipe"):
             self.redis.kill()
@@ -383,10 +395,8 @@ class Soak:
             for instance in self.instances:
                 proc = instance.proc
                 if proc is not None and proc.poll() is None:
-                    try:
+                    with suppress(OSError):  # it died just now
                         self.rss.append((self.now(), instance.index, rss_bytes(proc.pid)))
-                    except OSError:
-                        pass
             await trio.sleep(1.0)
 
     # -- the end -------------------------------------------------------------------------------
@@ -404,8 +414,10 @@ class Soak:
                 for job in jobs:
                     status = await self.final_status(client, job)
                     final[job.job_id] = status
+                    job.final = job.final or status
                     statuses[status] += 1
-                self.check_notifications(await self.retrying(lambda: client.notifications_list(limit=200)), jobs, final)
+                listed = await self.retrying(lambda: client.notifications_list(limit=200))
+                self.check_notifications(listed, jobs, final)
         return dict(statuses)
 
     async def final_status(self, client: Client, job: SoakJob) -> str:
@@ -417,7 +429,10 @@ class Soak:
                 if not any(w > job.started_at for w in self.wipes):
                     self.violation(job, "lost", "job.get: not_found, and no Redis wipe since its start")
                 return "lost"
-            except UnavailableError:
+            except UnavailableError as exc:
+                if time.monotonic() > deadline:
+                    self.violation(job, "unavailable", f"job.get at the end: {exc}")
+                    return "unavailable"
                 await trio.sleep(0.5)
                 continue
             if info.job.status in TERMINAL_STATUSES:
@@ -428,7 +443,9 @@ class Soak:
             await trio.sleep(0.5)
         if job.aborted and info.job.status != "aborted":
             self.violation(job, "status", f"abort said aborted, job.get says {info.job.status}")
-        self.history.check_final(job.job_id, info.job.epoch, info.job.status, info.content or "", info.job.seq)
+        summary = info.job
+        job.final = f"{summary.status} epoch {summary.epoch}"
+        self.history.check_final(job.job_id, summary.epoch, summary.status, info.content or "", summary.seq)
         return info.job.status
 
     def check_notifications(self, result: Any, jobs: list[SoakJob], final: dict[str, str]) -> None:
@@ -449,9 +466,8 @@ class Soak:
                 self.violation(job, "notification", f"{kind} for a job that ended {status}")
         for job in jobs:
             status = final.get(job.job_id, "")
-            if job.kind == "unwatched" and status in END_TYPES:
-                if seen[(job.job_id, END_TYPES[status])] != 1:
-                    self.violation(job, "notification", f"ended {status} unwatched, but no notification")
+            if job.kind == "unwatched" and status in END_TYPES and seen[(job.job_id, END_TYPES[status])] != 1:
+                self.violation(job, "notification", f"ended {status} unwatched, but no notification")
 
     def violation(self, job: SoakJob, kind: str, detail: str) -> None:
         self.history.add([Violation(job.job_id, "end", kind, detail)])
@@ -474,7 +490,9 @@ def processes(settings: Settings, directory: Path) -> Iterator[tuple[RedisServer
     tokens = ",".join(f"tok-u{i}=u{i}" for i in range(settings.users))
     prefix = f"soak:{uuid.uuid4().hex[:8]}"
     url = f"redis://127.0.0.1:{redis.port}/0"
-    instances = [Instance(i, url, prefix, tokens, directory) for i in range(settings.instances)]
+    instances = [
+        Instance(i, url, prefix, tokens, directory, settings.lease_ttl) for i in range(settings.instances)
+    ]
     try:
         for instance in instances:
             instance.start()
@@ -506,7 +524,8 @@ async def soak(settings: Settings) -> dict[str, Any]:
                         state.stop_starting.set()
                 if bounded.cancelled_caught:
                     state.errors["the load did not end within 150 s of its time"] += 1
-                statuses = await state.check_end()
+                with trio.fail_after(300):  # 30 s per job at most, in practice a few
+                    statuses = await state.check_end()
                 nursery.cancel_scope.cancel()
             logs = {i.index: i.log_path.read_text(errors="replace")[-4000:] for i in instances}
     finally:
@@ -533,6 +552,9 @@ def results(state: Soak, statuses: dict[str, int], logs: dict[int, str]) -> dict
         "fault_log": state.fault_log,
         "errors": dict(state.errors),
         "violations": [v.as_json() for v in history.violations[:200]],
+        "violating_jobs": {
+            v.job_id: attrs.asdict(state.jobs[v.job_id]) for v in history.violations if v.job_id in state.jobs
+        },
         "violation_count": len(history.violations),
         "violation_kinds": dict(Counter(v.kind for v in history.violations)),
         "rss_mb": {
@@ -556,7 +578,8 @@ def plot(payload: dict[str, Any], path: str) -> None:
         series.setdefault(index, []).append((t, value / 2**20))
     for index, points in sorted(series.items()):
         ax.plot([p[0] for p in points], [p[1] for p in points], ".", markersize=2, label=f"instance {index}")
-    colors = {"kill_instance": "red", "redis_restart": "orange", "redis_wipe": "purple", "redis_pause": "gray"}
+    colors = {"kill_instance": "red", "redis_restart": "orange", WIPE: "purple", PAUSE_PAST_LEASE: "black"}
+    colors["redis_pause"] = "gray"
     for t, kind in payload["fault_log"]:
         if kind in colors:
             ax.axvline(t, color=colors[kind], alpha=0.25, linewidth=0.8)
@@ -579,6 +602,13 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=40, help="watchers at once (about)")
     parser.add_argument("--fault-every", type=float, default=6.0)
     parser.add_argument("--wipe", action="store_true", help="also restart Redis without its data")
+    parser.add_argument(
+        "--pause-past-lease", action="store_true", help="also pause Redis for longer than the lease"
+    )
+    parser.add_argument("--lease-ttl", type=float, default=10.0)
+    parser.add_argument(
+        "--faults", default=",".join(FAULTS), help=f"the faults to inject, of {', '.join(FAULTS)}"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON results (default bench/results/soak.json)")
     parser.add_argument("--plot", nargs="?", const="", default=None, help="PNG of RSS over time")
@@ -589,7 +619,10 @@ def main() -> None:
         jobs=args.jobs,
         watchers=args.watchers,
         fault_every=args.fault_every,
-        faults=FAULTS if args.wipe else FAULTS[:-1],
+        faults=tuple(f for f in args.faults.split(",") if f)
+        + (WIPE,) * args.wipe
+        + (PAUSE_PAST_LEASE,) * args.pause_past_lease,
+        lease_ttl=args.lease_ttl,
         seed=args.seed,
     )
     payload = trio.run(soak, settings)
