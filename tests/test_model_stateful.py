@@ -15,7 +15,7 @@ user's job is ``not_found`` exactly like a missing one; capacity is never exceed
 refused only at the limit; finished jobs go away after their retention, not before;
 notifications are the ones the rules promise.
 
-``BACKSTREAM_MODEL_EXAMPLES`` (default 12) and ``BACKSTREAM_MODEL_STEPS`` (default 30)
+``BACKSTREAM_MODEL_EXAMPLES`` (default 10; half as many over SQLite, whose steps are slower) and ``BACKSTREAM_MODEL_STEPS`` (default 30)
 set the run's size, ``BACKSTREAM_MODEL_SHRINK=1`` shrinks a failure to a minimal one; e.g. ``BACKSTREAM_MODEL_EXAMPLES=500 pytest tests/test_model_stateful.py``.
 """
 
@@ -51,7 +51,7 @@ from backstream.runtime.tools.registry import ToolRegistry
 from bench.history import History
 from tests import sample_tools
 
-EXAMPLES = int(os.environ.get("BACKSTREAM_MODEL_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("BACKSTREAM_MODEL_EXAMPLES", "10"))
 STEPS = int(os.environ.get("BACKSTREAM_MODEL_STEPS", "30"))
 SHRINK = os.environ.get("BACKSTREAM_MODEL_SHRINK") == "1"
 REAL_TIMEOUT = 60.0
@@ -687,5 +687,5 @@ class SqliteRuntimeModel(RuntimeModel):
 TestMemoryModel = RuntimeModel.TestCase
 TestMemoryModel.settings = MODEL_SETTINGS
 TestSqliteModel = SqliteRuntimeModel.TestCase
-TestSqliteModel.settings = MODEL_SETTINGS
+TestSqliteModel.settings = settings(MODEL_SETTINGS, max_examples=max(1, EXAMPLES // 2))
 
