@@ -306,3 +306,56 @@ def test_records_survive_serialization() -> None:
     assert record_from_dict(record_to_dict(full)) == full
     with pytest.raises(cattrs.ClassValidationError):
         record_from_dict({"job_id": "x"})
+
+
+async def test_leases_of_a_user_with_a_non_ascii_name_are_renewed(store: Store) -> None:
+    from backstream import CapacityError
+    from backstream.protocol.records import SharedCapacity
+
+    def limits(now: float) -> SharedCapacity:
+        return SharedCapacity(now=now, lease_until=now + 15, max_jobs=10, max_jobs_per_user=1)
+
+    for user in ("zoë", "用户", "a:b"):
+        await store.create_job(record(job_id=f"j_{user}", user=user, message_id="m"), limits(NOW))
+        await store.renew_leases("i_a", [f"j_{user}"], NOW + 100)
+        if store.__class__.__name__ != "RedisStore":
+            continue  # one process: the registry counts, the store does not
+        # The renewed lease still holds at NOW + 20: the user's one slot is taken, and the
+        # job is no orphan.
+        with pytest.raises(CapacityError, match="you"):
+            await store.create_job(record(job_id=f"k_{user}", user=user, message_id="m2"), limits(NOW + 20))
+        assert await store.recover_orphans("i_b", NOW + 20, 60) == []
+        running = await store.get_job(f"j_{user}")
+        assert running is not None and running.status == "running" and running.lease_until == NOW + 100
+
+
+async def test_a_reader_through_the_store_sees_the_epoch_of_a_recovered_job(store: Store) -> None:
+    """A job recovered while someone reads it through the store: the batch with its
+    ``interrupted`` end carries the new epoch, right after what was durable."""
+    from backstream.actors.watcher import StoredSource, Watcher
+
+    if isinstance(store, MemoryStore):
+        return  # one process: nothing is recovered under a reader
+    from backstream.protocol.records import SharedCapacity
+
+    await store.create_job(
+        record(), SharedCapacity(now=NOW, lease_until=NOW + 15, max_jobs=9, max_jobs_per_user=9)
+    )
+    await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "a ", "b ")], progress(3))
+    reader = Watcher(
+        "j_1",
+        1,
+        StoredSource(store, "j_1"),
+        after_seq=0,
+        batch_seconds=0.0,
+        max_batch_events=100,
+        max_batch_chars=1000,
+    )
+    with trio.fail_after(5):
+        first = await reader.__anext__()
+        assert (first.epoch, first.to_seq) == (1, 3)
+        assert [r.job_id for r in await store.recover_orphans("i_b", NOW + 20, 60)] == ["j_1"]
+        second = await reader.__anext__()
+    assert (second.epoch, second.from_seq, second.to_seq) == (2, 4, 4)
+    assert isinstance(second.events[-1], StatusEvent) and second.events[-1].status == "interrupted"
+    assert reader.ended

@@ -18,12 +18,17 @@ import trio
 from backstream.actors.joblog import JobLog, merge_events
 from backstream.actors.ports import Store
 from backstream.protocol.errors import GoneError
-from backstream.protocol.events import Batch, LogEvent, StatusEvent
+from backstream.protocol.events import TERMINAL_STATUSES, Batch, LogEvent, StatusEvent
 
 __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 
 
 class LogSource(Protocol):
+    @property
+    def epoch(self) -> int:
+        """The epoch of the entries ``read`` returns (it grows when a job is recovered)."""
+        ...
+
     async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
         """Entries after ``after_seq``, text merged; maybe none."""
         ...
@@ -39,6 +44,10 @@ class LiveSource:
     def __init__(self, log: JobLog) -> None:
         self._log = log
 
+    @property
+    def epoch(self) -> int:
+        return self._log.epoch
+
     async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
         # The watcher has already waited; only honour a pending cancellation here.
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -49,17 +58,42 @@ class LiveSource:
 
 
 class StoredSource:
-    """The log of a finished job, or one running in another process: read from the store."""
+    """The log of a finished job, or one running in another process: read from the store.
 
-    def __init__(self, store: Store, job_id: str) -> None:
+    A log that cannot continue from the cursor surfaces as ``GoneError``, never as a
+    gap or a wait that returns at once forever: the job is gone, its record says more
+    than its log holds (a store restored from an older snapshot), or it ended (and was
+    perhaps recovered at a new epoch) before the cursor.
+    """
+
+    def __init__(self, store: Store, job_id: str, epoch: int = 1) -> None:
         self._store = store
         self._job_id = job_id
+        self.epoch = epoch
 
     async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
         entries = await self._store.read(self._job_id, after_seq, max_events)
-        if not entries and await self._store.get_job(self._job_id) is None:
-            raise GoneError("the job's log is no longer kept; load the result with job.get")
+        if not entries:
+            await self._check_continues(after_seq)
+            return ()
+        last = entries[-1]
+        if isinstance(last, StatusEvent) and last.is_terminal:
+            record = await self._store.get_job(self._job_id)  # a recovered job has a new epoch
+            if record is not None:
+                self.epoch = record.epoch
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
+
+    async def _check_continues(self, after_seq: int) -> None:
+        """Nothing after ``after_seq``: fine if the job may still write it, else gone."""
+        gone = GoneError("the job's log is no longer kept; load the result with job.get")
+        record = await self._store.get_job(self._job_id)
+        if record is None:
+            raise gone
+        if record.seq > after_seq:  # the record is ahead: read again, after it
+            if not await self._store.read(self._job_id, after_seq, 1):
+                raise GoneError("the job's stored log is behind its record; load the result with job.get")
+        elif record.status in TERMINAL_STATUSES:
+            raise gone  # it ended at or before the cursor: nothing more will come
 
     async def wait_beyond(self, seq: int) -> None:
         await self._store.wait_for_entries(self._job_id, seq)
@@ -111,6 +145,7 @@ class Watcher:
             )
             if events:
                 break
+        self.epoch = self._source.epoch
         batch = Batch(
             job_id=self.job_id,
             epoch=self.epoch,

@@ -59,7 +59,7 @@ async def open_runtime(
     notifier = Notifier(store, clock, config.max_notifications_per_user)
     instance_id = new_id("i_", clock.now())
     http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
-    await store.open()
+    await store.open(on_notification=notifier.deliver_local)
     failure: Exception | None = None
     try:
         async with trio.open_nursery() as root:
