@@ -359,3 +359,86 @@ async def test_a_reader_through_the_store_sees_the_epoch_of_a_recovered_job(stor
     assert (second.epoch, second.from_seq, second.to_seq) == (2, 4, 4)
     assert isinstance(second.events[-1], StatusEvent) and second.events[-1].status == "interrupted"
     assert reader.ended
+
+
+async def test_a_commit_that_would_leave_a_gap_changes_nothing(store: Store) -> None:
+    from backstream.actors.ports import LogBehindError
+
+    await store.create_job(record())
+    await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "a")], progress(2))
+    with pytest.raises(LogBehindError) as behind:
+        await store.commit("j_1", texts(5, "e"), progress(5))  # 3 and 4 are not stored
+    assert behind.value.stored_seq == 2
+    with pytest.raises(LogBehindError):
+        await store.commit("j_1", [], progress(4))  # a record may not say more than its log
+    held = await store.get_job("j_1")
+    assert held is not None and held.seq == 2 and [e.seq for e in await store.read("j_1", 0, 10)] == [1, 2]
+    # the writer sends again from where the store's log ends
+    await store.commit("j_1", texts(3, "c", "d", "e"), progress(5, content_length=4))
+    # a late retry of an older commit is ignored: the record does not go back
+    await store.commit("j_1", texts(2, "a", "c"), progress(3, content_length=2))
+    final = await store.get_job("j_1")
+    assert final is not None and final.seq == 5 and final.content_length == 4
+    assert [e.seq for e in await store.read("j_1", 0, 10)] == [1, 2, 3, 4, 5]
+
+
+async def test_decisions_reach_the_waiter_and_the_first_stands(store: Store) -> None:
+    await store.create_job(record())
+    got: list[bool] = []
+
+    async def wait(call_id: str) -> None:
+        got.append(await store.wait_decision("j_1", call_id))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "c1")
+        await trio.sleep(0.1)
+        assert got == []
+        await store.send_decision("j_1", "c1", False)
+        with trio.fail_after(2):
+            while not got:
+                await trio.sleep(0.01)
+    assert got == [False]
+    await store.send_decision("j_1", "c2", True)  # decided before anyone waits
+    await store.send_decision("j_1", "c2", False)  # too late: the first decision stands
+    with trio.fail_after(2):
+        assert await store.wait_decision("j_1", "c2") is True
+
+
+async def test_a_decision_is_no_abort(store: Store) -> None:
+    """Decisions and aborts travel apart: a decision never wakes the abort listener."""
+    await store.create_job(record())
+    with trio.move_on_after(0.5) as waited:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.wait_abort_requested, "j_1")
+            await trio.sleep(0.1)
+            await store.send_decision("j_1", "c1", True)
+    assert waited.cancelled_caught
+    assert not (await store.get_job("j_1")).abort_requested  # type: ignore[union-attr]
+
+
+async def test_statistics_are_a_frozen_snapshot(store: Store) -> None:
+    await store.create_job(record())
+    before = store.statistics()
+    assert attrs.has(type(before))
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        before.jobs = 9  # type: ignore[attr-defined]
+    await store.commit("j_1", texts(1, "x"), progress(1))
+    assert store.statistics() is not before
+
+
+async def test_waits_end_when_the_store_is_closed(unopened_store: Store) -> None:
+    from backstream.actors.ports import StoreClosedError
+
+    store = unopened_store
+    await store.open()
+    await store.create_job(record())
+    await store.aclose()
+    if isinstance(store, MemoryStore):
+        return  # nothing to close
+    for wait in (
+        store.wait_abort_requested("j_1"),
+        store.wait_decision("j_1", "c1"),
+        store.wait_for_entries("j_1", 0),
+    ):
+        with trio.fail_after(2), pytest.raises(StoreClosedError):
+            await wait

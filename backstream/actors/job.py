@@ -26,6 +26,7 @@ from backstream.actors.ports import (
     Model,
     ModelFailure,
     Store,
+    StoreClosedError,
     ToolOutcome,
     Tools,
     ToolSpec,
@@ -439,6 +440,8 @@ class JobActor:
         while True:
             try:
                 return await wait()
+            except StoreClosedError:
+                raise
             except UnavailableError as exc:
                 delay = backoff.next_delay()
                 log.warning("job %s: %s: %s; retrying in %.1fs", self.job_id, what, exc, delay)

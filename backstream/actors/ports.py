@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from backstream.protocol.chat_stream import ModelOutput, ToolCallDone
+from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import ErrorInfo, LogEvent
 from backstream.protocol.records import JobProgress, JobRecord, NotificationRecord, SharedCapacity
 
@@ -26,6 +27,7 @@ __all__ = [
     "NotificationListener",
     "OutputSink",
     "Store",
+    "StoreClosedError",
     "ToolOutcome",
     "ToolSpec",
     "Tools",
@@ -117,6 +119,10 @@ class Tools(Protocol):
 NotificationListener = Callable[[NotificationRecord], None]
 
 
+class StoreClosedError(UnavailableError):
+    """The store was closed (``aclose``): unlike an outage, waiting will not help."""
+
+
 class LogBehindError(Exception):
     """A commit's entries do not continue the stored log: the store holds fewer entries
     than the writer believed written (Redis came back from an older snapshot). The
@@ -134,7 +140,9 @@ class Store(abc.ABC):
     Methods raise ``UnavailableError`` when the backing service cannot be reached,
     except the ``wait_*`` methods, which wait through an outage (retrying with
     backoff, never in a busy loop). None of them takes a timeout: deadlines live with
-    the caller. After ``aclose`` every method raises ``UnavailableError``.
+    the caller. Close: after ``aclose``, a store that holds connections (SQLite, Redis)
+    raises ``StoreClosedError`` from every method, waits included, and waits under way
+    raise it at their next look at the store; the memory store has nothing to close.
 
     Cancellation: every method may be cancelled. A write that was cancelled may or may
     not have happened (it is atomic either way: all of it or none); repeating it is
@@ -156,7 +164,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Return if the store answers; raise ``UnavailableError`` if not."""
+        """Return if the store answers; raise ``UnavailableError`` if not. Cancellation: safe."""
 
     @abc.abstractmethod
     def statistics(self) -> object:
@@ -178,11 +186,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> JobRecord | None:
-        """The record, or None if there is none (never existed, or swept)."""
+        """The record, or None if there is none (never existed, or swept).
+        Cancellation: safe (a read)."""
 
     @abc.abstractmethod
     async def find_job(self, user: str, message_id: str) -> JobRecord | None:
-        """The user's job started with ``message_id``, if any."""
+        """The user's job started with ``message_id``, if any. Cancellation: safe (a read)."""
 
     @abc.abstractmethod
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
@@ -200,7 +209,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
-        """Up to ``limit`` stored entries after ``after_seq``, in order."""
+        """Up to ``limit`` stored entries after ``after_seq``, in order. Cancellation: safe."""
 
     @abc.abstractmethod
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
@@ -208,8 +217,7 @@ class Store(abc.ABC):
 
         May return early (callers re-read and wait again), but never at once twice in a
         row for the same state: a poll has a floor. Waits through an outage.
-        Cancellation: safe; nothing is consumed. Close: returns (callers then fail on
-        their next read).
+        Cancellation: safe; nothing is consumed.
         """
 
     @abc.abstractmethod
@@ -221,7 +229,7 @@ class Store(abc.ABC):
         statuses: frozenset[str] | None = None,
         limit: int = 50,
     ) -> list[JobRecord]:
-        """The user's jobs, newest first, filtered by thread and status."""
+        """The user's jobs, newest first, filtered by thread and status. Cancellation: safe."""
 
     @abc.abstractmethod
     async def delete_expired(self, now: float) -> list[str]:
@@ -240,7 +248,7 @@ class Store(abc.ABC):
         """Return when, and only when, an abort of ``job_id`` has been requested (perhaps
         already). Waits through an outage of the store, however long.
 
-        Cancellation: safe; nothing is consumed. Close: never returns (no abort came).
+        Cancellation: safe; nothing is consumed.
         """
 
     # -- watchers and notifications ----------------------------------------------------------
@@ -277,7 +285,7 @@ class Store(abc.ABC):
     async def list_notifications(
         self, user: str, *, unread_only: bool, limit: int
     ) -> tuple[list[NotificationRecord], int]:
-        """The user's notifications, newest first, and how many are unread."""
+        """The user's notifications, newest first, and how many are unread. Cancellation: safe."""
 
     @abc.abstractmethod
     async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
@@ -300,8 +308,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def wait_decision(self, job_id: str, call_id: str) -> bool:
         """Wait for the decision on a tool call, through any outage of the store.
-        Cancellation: safe; a decision sent meanwhile is still found by the next wait.
-        Close: never returns."""
+        Cancellation: safe; a decision sent meanwhile is still found by the next wait."""
 
     # -- many instances: leases, orphans, shared capacity -----------------------------
     # The defaults fit a store that one process owns (memory): nothing is shared.

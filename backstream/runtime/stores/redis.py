@@ -44,7 +44,7 @@ import trio
 from coredis.connection import TCPLocation
 from coredis.tokens import PureToken
 
-from backstream.actors.ports import NotificationListener, Store, seen_end_counts
+from backstream.actors.ports import NotificationListener, Store, StoreClosedError, seen_end_counts
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.events import LogEvent
@@ -208,7 +208,7 @@ class RedisStore(Store):
     @property
     def redis(self) -> coredis.Redis[str] | coredis.RedisCluster[str]:
         if self._redis is None:
-            raise UnavailableError("the store is closed")
+            raise StoreClosedError("the store is closed")
         return self._redis
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -259,7 +259,9 @@ class RedisStore(Store):
             raise UnavailableError(f"redis unavailable: {exc}") from None
 
     async def _retry_outage(self, what: str, backoff: Backoff, exc: UnavailableError) -> None:
-        """Sleep before a wait asks Redis again."""
+        """Sleep before a wait asks Redis again; re-raise if the store was closed."""
+        if isinstance(exc, StoreClosedError):
+            raise exc
         self._outage_retries += 1
         delay = backoff.next_delay()
         log.warning("%s: %s; retrying in %.1fs", what, exc, delay)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from backstream.actors.ports import LogBehindError
+from backstream.actors.ports import LogBehindError, StoreClosedError
 from backstream.protocol.events import LogEvent, StatusEvent
 from backstream.protocol.lifecycle import interruption
 from backstream.protocol.records import JobProgress, JobRecord
@@ -61,6 +61,7 @@ def interrupted(record: JobRecord, now: float, retention: float) -> tuple[JobRec
 class _Slot:
     event: trio.Event = attrs.Factory(trio.Event)
     approved: bool = False
+    decided: bool = False
 
 
 class DecisionBox:
@@ -69,18 +70,31 @@ class DecisionBox:
 
     def __init__(self) -> None:
         self._slots: dict[tuple[str, str], _Slot] = {}
+        self._closed = False
 
     def put(self, job_id: str, call_id: str, approved: bool) -> None:
         slot = self._slots.setdefault((job_id, call_id), _Slot())
         if not slot.event.is_set():
             slot.approved = approved
+            slot.decided = True
+            slot.event.set()
+
+    def close(self) -> None:
+        """Wake every waiter with ``StoreClosedError``."""
+        self._closed = True
+        for slot in self._slots.values():
             slot.event.set()
 
     async def wait(self, job_id: str, call_id: str) -> bool:
-        """Cancellation: safe; a decision put meanwhile stays for the next wait."""
+        """Cancellation: safe; a decision put meanwhile stays for the next wait. Close:
+        raises ``StoreClosedError``."""
         key = (job_id, call_id)
         slot = self._slots.setdefault(key, _Slot())
+        if not slot.event.is_set() and self._closed:
+            raise StoreClosedError("the store is closed")
         await slot.event.wait()
+        if self._closed and self._slots.get(key) is slot and not slot.decided:
+            raise StoreClosedError("the store is closed")
         if self._slots.get(key) is slot:
             del self._slots[key]
         return slot.approved

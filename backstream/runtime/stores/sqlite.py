@@ -25,7 +25,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from backstream.actors.ports import LogBehindError, NotificationListener, Store
+from backstream.actors.ports import LogBehindError, NotificationListener, Store, StoreClosedError
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent
@@ -289,6 +289,12 @@ class SqliteStore(LocalNotifications, Store):
         they are closed all the same."""
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
+        # Waiters wake and find the store closed.
+        self._decisions.close()
+        for lot in self._changed.values():
+            lot.unpark_all()
+        for event in self._aborts.values():
+            event.set()
         for conn in (writer, reader):
             if conn is not None:
                 await trio.to_thread.run_sync(conn.close, limiter=self._write_lane)
@@ -337,7 +343,7 @@ class SqliteStore(LocalNotifications, Store):
         """Run ``fn(conn)`` on a worker thread, one at a time per connection. Cancellation
         waits for the statement to finish (a thread cannot be interrupted)."""
         if conn is None:
-            raise UnavailableError("the store is closed")
+            raise StoreClosedError("the store is closed")
         try:
             return await trio.to_thread.run_sync(fn, conn, limiter=lane)
         except sqlite3.Error as exc:
@@ -509,6 +515,8 @@ class SqliteStore(LocalNotifications, Store):
                         ).fetchone()
                     )
                     break
+                except StoreClosedError:
+                    raise
                 except UnavailableError as exc:
                     delay = backoff.next_delay()
                     log.warning("job %s: abort flag unreadable (%s); retrying in %.1fs", job_id, exc, delay)
@@ -516,6 +524,8 @@ class SqliteStore(LocalNotifications, Store):
             if row is not None and row[0]:
                 return
             await event.wait()
+            if self._writer is None:
+                raise StoreClosedError("the store is closed")
         finally:
             if self._aborts.get(job_id) is event and not event.is_set():
                 self._aborts.pop(job_id, None)
