@@ -78,6 +78,7 @@ class LocalNotifications:
     async def list_notifications(
         self, user: str, *, unread_only: bool, limit: int
     ) -> tuple[list[NotificationRecord], int]:
+        """Cancellation: safe (a read)."""
         await trio.lowlevel.checkpoint()
         inbox = self._inbox.get(user, OrderedDict())
         items = [n for n in reversed(inbox.values()) if not (unread_only and n.read)]

@@ -44,7 +44,7 @@ import trio
 from coredis.connection import TCPLocation
 from coredis.tokens import PureToken
 
-from backstream.actors.ports import NotificationListener, Store, StoreClosedError, seen_end_counts
+from backstream.actors.ports import NotificationListener, Store, StoreClosedError
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.events import LogEvent
@@ -61,13 +61,13 @@ from backstream.protocol.records import (
     record_to_dict,
 )
 from backstream.runtime.stores import redis_scripts as scripts
+from backstream.runtime.stores.redis_notifications import SAFETY_TTL_S, RedisNotifications, ms
 from backstream.runtime.stores.shared import interrupted, plan_commit
 
 __all__ = ["RedisStore", "RedisStoreStatistics"]
 
 log = logging.getLogger("backstream.redis")
 
-_SAFETY_TTL_S = 3600  # keys outlive retention by this, in case no sweep runs
 _WAIT_POLL_S = 1.0  # a missed pub/sub message delays a remote watcher by this at most
 _SIGNAL_POLL_S = 5.0  # ... and an abort or a decision by this
 _UNAVAILABLE = (
@@ -77,10 +77,6 @@ _UNAVAILABLE = (
     TimeoutError,
     OSError,
 )
-
-
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
 
 
 def _outage_backoff() -> Backoff:
@@ -114,7 +110,7 @@ class RedisStoreStatistics:
     """Waits that met an unavailable Redis and retried."""
 
 
-class RedisStore(Store):
+class RedisStore(RedisNotifications, Store):
     def __init__(self, url: str, *, prefix: str = "backstream") -> None:
         """``redis://HOST:PORT/DB`` or ``rediss://...``; ``redis+cluster://HOST:PORT`` (or
         ``rediss+cluster://``) for Redis Cluster through coredis' cluster client."""
@@ -374,14 +370,14 @@ class RedisStore(Store):
         fields = progress_to_dict(progress)
         if terminal:
             fields["lease_until"] = None
-        ttl_s = (progress.expires_at or 0) - progress.updated_at + _SAFETY_TTL_S
+        ttl_s = (progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S
         return [
             job_id,
             str(expected_seq),
             str(entries[-1].seq if entries else progress.seq),
             events_to_json(entries) if entries else "",
             "1" if terminal else "0",
-            str(_ms(max(ttl_s, 1.0))),
+            str(ms(max(ttl_s, 1.0))),
             repr(progress.expires_at or 0.0),
             self._k("commits"),
             *self._fields(fields),
@@ -484,7 +480,7 @@ class RedisStore(Store):
     async def wait_abort_requested(self, job_id: str) -> None:
         """Returns only once the job's ``abort_requested`` flag reads true. Woken by the
         ``aborts`` channel, and reads the flag every ``_SIGNAL_POLL_S`` in case a message
-        was missed; an outage, however long, is waited through."""
+        was missed; an outage, however long, is waited through. Cancellation: safe."""
         await self._wait_signal(self._aborts, job_id, job_id, "abort_requested", {"true"})
 
     async def _wait_signal(
@@ -510,82 +506,6 @@ class RedisStore(Store):
                 await trio.sleep(0.01)  # the floor: a storm of wake-ups costs 100 reads/s at most
         finally:
             waiting.pop(name, None)
-
-    # -- watchers and notifications, across instances ------------------------------------
-
-    def _inbox(self, user: str) -> tuple[str, str]:
-        return self._k("notif", str(len(user)), user), self._k("notifs", str(len(user)), user)
-
-    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
-        await self._call(self.redis.zadd(self._k("watching", job_id), {watch_id: until}))
-
-    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
-        if saw_end:
-            await self._call(self.redis.set(self._k("seen", job_id), "1", px=_ms(_SAFETY_TTL_S)))
-        await self._call(self.redis.zrem(self._k("watching", job_id), [watch_id]))
-
-    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, watch_id in watches:
-                pipe.zadd(self._k("watching", job_id), {watch_id: until}, condition=PureToken.XX)
-
-    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
-        n = notification
-        hash_key, order_key = self._inbox(n.user)
-        keys = [
-            self._k("watching", n.job_id),
-            self._k("muted", str(len(n.user)), n.user),
-            self._k("notified", n.job_id, n.type),
-            hash_key,
-            order_key,
-            self._k("seen", n.job_id),
-        ]
-        payload = json.dumps(attrs.asdict(n), separators=(",", ":"))
-        args = [
-            repr(now),
-            n.thread_id,
-            payload,
-            n.notification_id,
-            repr(n.created_at),
-            str(max_per_user),
-            self._k("notifications"),
-            str(_ms(_SAFETY_TTL_S * 24)),
-            "1" if seen_end_counts(n.type) else "0",
-        ]
-        return bool(await self._call(self._scripts["notify"](keys=keys, args=args)))
-
-    async def list_notifications(
-        self, user: str, *, unread_only: bool, limit: int
-    ) -> tuple[list[NotificationRecord], int]:
-        hash_key, order_key = self._inbox(user)
-        ids = [str(i) for i in await self._call(self.redis.zrange(order_key, 0, -1, rev=True))]
-        values = await self._call(self.redis.hmget(hash_key, ids)) if ids else []
-        items = [NotificationRecord(**json.loads(v)) for v in values if v]
-        unread = sum(1 for n in items if not n.read)
-        if unread_only:
-            items = [n for n in items if not n.read]
-        return items[:limit], unread
-
-    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
-        hash_key, _ = self._inbox(user)
-        current = await self._call(self.redis.hgetall(hash_key))
-        changed = {}
-        for notification_id, value in current.items():
-            if everything or notification_id in ids:
-                data = json.loads(value)
-                if not data["read"]:
-                    data["read"] = True
-                    changed[notification_id] = json.dumps(data, separators=(",", ":"))
-        if changed:
-            await self._call(self.redis.hset(hash_key, changed))
-        return sum(1 for k, v in current.items() if k not in changed and not json.loads(v)["read"])
-
-    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
-        key = self._k("muted", str(len(user)), user)
-        if muted:
-            await self._call(self.redis.sadd(key, [thread_id]))
-        else:
-            await self._call(self.redis.srem(key, [thread_id]))
 
     # -- approvals through any instance ---------------------------------------------------
 
@@ -638,7 +558,7 @@ class RedisStore(Store):
             args = [
                 job_id,
                 repr(now),
-                str(_ms(retention + _SAFETY_TTL_S)),
+                str(ms(retention + SAFETY_TTL_S)),
                 repr(now + retention),
                 self._k("commits"),
             ]

@@ -38,11 +38,21 @@ from backstream.protocol.records import (
     events_from_json,
     events_to_json,
     progress_to_dict,
-    record_from_dict,
     record_to_dict,
 )
 from backstream.runtime.stores.local_notifications import LocalNotifications
 from backstream.runtime.stores.shared import DecisionBox, interrupted, plan_commit
+from backstream.runtime.stores.sqlite_schema import (
+    COLUMNS,
+    MIGRATIONS,
+    PROGRESS_COLUMNS,
+    SELECT_JOB,
+    UPDATE_PROGRESS,
+    column_value,
+    migrate,
+    record_from_row,
+    row_values,
+)
 
 __all__ = ["MIGRATIONS", "SqliteStore", "SqliteStoreStatistics"]
 
@@ -54,159 +64,6 @@ MAILBOX_SIZE = 4096
 """Commits waiting for the writer; when full, committing jobs wait."""
 GROUP_LIMIT = 512
 """Commits written in one transaction at most."""
-
-MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (
-        1,
-        """
-        CREATE TABLE jobs (
-            job_id TEXT PRIMARY KEY,
-            user TEXT NOT NULL,
-            thread_id TEXT NOT NULL,
-            message_id TEXT NOT NULL,
-            status TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            created_at REAL NOT NULL,
-            expires_at REAL,
-            owner TEXT,
-            record TEXT NOT NULL,
-            UNIQUE (user, message_id)
-        );
-        CREATE INDEX jobs_by_user ON jobs (user, created_at DESC);
-        CREATE INDEX jobs_by_thread ON jobs (user, thread_id, created_at DESC);
-        CREATE INDEX jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
-        CREATE INDEX jobs_active ON jobs (status) WHERE status IN ('running', 'awaiting_approval');
-        CREATE TABLE log (
-            job_id TEXT NOT NULL,
-            first_seq INTEGER NOT NULL,
-            last_seq INTEGER NOT NULL,
-            events TEXT NOT NULL,
-            PRIMARY KEY (job_id, first_seq)
-        ) WITHOUT ROWID;
-        """,
-    ),
-    (
-        2,
-        """
-        CREATE TABLE notifications (
-            notification_id TEXT PRIMARY KEY,
-            user TEXT NOT NULL,
-            type TEXT NOT NULL,
-            job_id TEXT NOT NULL,
-            thread_id TEXT NOT NULL,
-            title TEXT NOT NULL,
-            body TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            read INTEGER NOT NULL DEFAULT 0,
-            UNIQUE (job_id, type)
-        );
-        CREATE INDEX notifications_by_user ON notifications (user, created_at DESC);
-        CREATE TABLE muted_threads (
-            user TEXT NOT NULL, thread_id TEXT NOT NULL, PRIMARY KEY (user, thread_id)
-        )
-        """,
-    ),
-    (
-        3,
-        # The request is written once, in a table of its own; a commit updates the progress
-        # columns of a small row and never rewrites the request.
-        f"""
-        CREATE TABLE jobs_v3 (
-            job_id TEXT PRIMARY KEY,
-            user TEXT NOT NULL,
-            thread_id TEXT NOT NULL,
-            message_id TEXT NOT NULL,
-            status TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            epoch INTEGER NOT NULL,
-            content_length INTEGER NOT NULL,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            finished_at REAL,
-            error TEXT,
-            usage TEXT,
-            expires_at REAL,
-            abort_requested INTEGER NOT NULL DEFAULT 0,
-            owner TEXT,
-            lease_until REAL,
-            UNIQUE (user, message_id)
-        );
-        CREATE TABLE job_requests (job_id TEXT PRIMARY KEY, request TEXT NOT NULL);
-        INSERT INTO jobs_v3 SELECT job_id, user, thread_id, message_id, status, seq,
-            json_extract(record, '$.epoch'), json_extract(record, '$.content_length'), created_at,
-            json_extract(record, '$.updated_at'), json_extract(record, '$.finished_at'),
-            json_extract(record, '$.error'), json_extract(record, '$.usage'), expires_at,
-            json_extract(record, '$.abort_requested'), owner, json_extract(record, '$.lease_until')
-            FROM jobs;
-        INSERT INTO job_requests SELECT job_id, json_extract(record, '$.request') FROM jobs;
-        DROP TABLE jobs;
-        ALTER TABLE jobs_v3 RENAME TO jobs;
-        CREATE INDEX jobs_by_user ON jobs (user, created_at DESC);
-        CREATE INDEX jobs_by_thread ON jobs (user, thread_id, created_at DESC);
-        CREATE INDEX jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
-        CREATE INDEX jobs_live ON jobs (status) WHERE status NOT IN {sql_terminal_list()}
-        """,
-    ),
-)
-
-_COLUMNS = (
-    "job_id",
-    "user",
-    "thread_id",
-    "message_id",
-    "status",
-    "seq",
-    "epoch",
-    "content_length",
-    "created_at",
-    "updated_at",
-    "finished_at",
-    "error",
-    "usage",
-    "expires_at",
-    "abort_requested",
-    "owner",
-    "lease_until",
-)
-_JSON_COLUMNS = frozenset({"error", "usage"})
-_SELECT_JOB = (
-    "SELECT " + ", ".join(f"jobs.{c}" for c in _COLUMNS) + ", job_requests.request "
-    "FROM jobs JOIN job_requests USING (job_id)"
-)
-_PROGRESS_COLUMNS = (
-    "status",
-    "seq",
-    "content_length",
-    "updated_at",
-    "finished_at",
-    "error",
-    "usage",
-    "expires_at",
-)
-_UPDATE_PROGRESS = "UPDATE jobs SET " + ", ".join(f"{c} = ?" for c in _PROGRESS_COLUMNS) + " WHERE job_id = ?"
-
-
-def _column_value(name: str, value: object) -> object:
-    if name in _JSON_COLUMNS:
-        return None if value is None else json.dumps(value, separators=(",", ":"))
-    if name == "abort_requested":
-        return int(bool(value))
-    return value
-
-
-def _row_values(record: JobRecord) -> tuple[object, ...]:
-    data = record_to_dict(record)
-    return tuple(_column_value(name, data[name]) for name in _COLUMNS)
-
-
-def _record_from_row(row: Sequence[object]) -> JobRecord:
-    data: dict[str, object] = dict(zip(_COLUMNS, row[:-1], strict=True))
-    for name in _JSON_COLUMNS:
-        value = data[name]
-        data[name] = None if value is None else json.loads(str(value))
-    data["abort_requested"] = bool(data["abort_requested"])
-    data["request"] = json.loads(str(row[-1]))
-    return record_from_dict(data)
 
 
 @attrs.frozen
@@ -274,7 +131,7 @@ class SqliteStore(LocalNotifications, Store):
             writer.execute("PRAGMA journal_mode=WAL")
             writer.execute("PRAGMA synchronous=NORMAL")
             writer.execute("PRAGMA busy_timeout=5000")
-            _migrate(writer)
+            migrate(writer)
             reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             reader.execute("PRAGMA busy_timeout=5000")
             return writer, reader
@@ -361,9 +218,9 @@ class SqliteStore(LocalNotifications, Store):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 cursor = conn.execute(
-                    f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+                    f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
                     "ON CONFLICT (user, message_id) DO NOTHING",
-                    _row_values(record),
+                    row_values(record),
                 )
                 created = cursor.rowcount == 1
                 if created:
@@ -374,9 +231,9 @@ class SqliteStore(LocalNotifications, Store):
                     )
                     found = record
                 else:
-                    found = _record_from_row(
+                    found = record_from_row(
                         conn.execute(
-                            _SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?",
+                            SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?",
                             (record.user, record.message_id),
                         ).fetchone()
                     )
@@ -390,17 +247,17 @@ class SqliteStore(LocalNotifications, Store):
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         row = await self._read(
-            lambda c: c.execute(_SELECT_JOB + " WHERE jobs.job_id = ?", (job_id,)).fetchone()
+            lambda c: c.execute(SELECT_JOB + " WHERE jobs.job_id = ?", (job_id,)).fetchone()
         )
-        return _record_from_row(row) if row else None
+        return record_from_row(row) if row else None
 
     async def find_job(self, user: str, message_id: str) -> JobRecord | None:
         row = await self._read(
             lambda c: c.execute(
-                _SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?", (user, message_id)
+                SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?", (user, message_id)
             ).fetchone()
         )
-        return _record_from_row(row) if row else None
+        return record_from_row(row) if row else None
 
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
         """Through the writer's mailbox (when full, this waits). Cancellation while queued
@@ -429,7 +286,7 @@ class SqliteStore(LocalNotifications, Store):
         return await self._read(select)
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
-        """Woken by this process's writer (one process owns the file)."""
+        """Woken by this process's writer (one process owns the file). Cancellation: safe."""
         row = await self._read(
             lambda c: c.execute("SELECT seq FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         )
@@ -451,7 +308,7 @@ class SqliteStore(LocalNotifications, Store):
         limit: int = 50,
     ) -> list[JobRecord]:
         def select(conn: sqlite3.Connection) -> list[JobRecord]:
-            sql, args = _SELECT_JOB + " WHERE jobs.user = ?", [user]
+            sql, args = SELECT_JOB + " WHERE jobs.user = ?", [user]
             if thread_id is not None:
                 sql += " AND jobs.thread_id = ?"
                 args.append(thread_id)
@@ -460,7 +317,7 @@ class SqliteStore(LocalNotifications, Store):
                 args.extend(sorted(statuses))
             sql += " ORDER BY jobs.created_at DESC, jobs.job_id DESC LIMIT ?"
             args.append(str(limit))
-            return [_record_from_row(row) for row in conn.execute(sql, args)]
+            return [record_from_row(row) for row in conn.execute(sql, args)]
 
         return await self._read(select)
 
@@ -503,7 +360,7 @@ class SqliteStore(LocalNotifications, Store):
 
     async def wait_abort_requested(self, job_id: str) -> None:
         """One process owns the file: after the flag is read once, ``request_abort`` in this
-        process is what sets it. A failed read is retried with backoff."""
+        process is what sets it. A failed read is retried with backoff. Cancellation: safe."""
         event = self._aborts.setdefault(job_id, trio.Event())
         try:
             backoff = Backoff(0.1, 5.0)
@@ -641,13 +498,13 @@ class SqliteStore(LocalNotifications, Store):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(
-                    _SELECT_JOB + f" WHERE jobs.status NOT IN {sql_terminal_list()} "
+                    SELECT_JOB + f" WHERE jobs.status NOT IN {sql_terminal_list()} "
                     "AND (jobs.owner IS NULL OR jobs.owner != ?)",
                     (owner,),
                 ).fetchall()
                 recovered = []
                 for row in rows:
-                    final, event = interrupted(_record_from_row(row), now, retention)
+                    final, event = interrupted(record_from_row(row), now, retention)
                     _append(conn, final.job_id, [event])
                     conn.execute(
                         "UPDATE jobs SET status = ?, seq = ?, epoch = ?, updated_at = ?, finished_at = ?, "
@@ -662,25 +519,6 @@ class SqliteStore(LocalNotifications, Store):
             return recovered
 
         return await self._write(recover)
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-    current = row[0] or 0
-    for version, sql in MIGRATIONS:
-        if version <= current:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in filter(str.strip, sql.split(";")):
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        log.info("sqlite schema migrated to version %d", version)
 
 
 def _append(conn: sqlite3.Connection, job_id: str, entries: Sequence[LogEvent]) -> None:
@@ -718,6 +556,6 @@ def _commit_one(conn: sqlite3.Connection, item: _Commit) -> None:
     if plan.apply_progress:
         data = progress_to_dict(item.progress)
         conn.execute(
-            _UPDATE_PROGRESS,
-            (*(_column_value(name, data[name]) for name in _PROGRESS_COLUMNS), item.job_id),
+            UPDATE_PROGRESS,
+            (*(column_value(name, data[name]) for name in PROGRESS_COLUMNS), item.job_id),
         )
