@@ -14,13 +14,12 @@ import coredis
 import pytest
 import trio
 
-from backstream import Config, GoneError, open_runtime
-from backstream.actors.watcher import StoredSource, Watcher
+from backstream import Config, GoneError, Runtime, StartedJob, open_runtime
 from backstream.protocol.events import ToolResultEvent
 from backstream.runtime.stores.redis import RedisStore
 from tests import sample_tools
 from tests.conftest import REDIS_HOST, redis_url
-from tests.helpers import check_contiguous, joined_text, terminal
+from tests.helpers import check_contiguous, joined_text, store_reader, terminal
 from tests.test_serve import free_port, wait_for_port
 from tests.upstream_server import FakeUpstream, streams
 
@@ -72,6 +71,17 @@ class RedisServer:
         self.proc.send_signal(signal.SIGCONT)
 
 
+async def lorem(rt: Runtime, tokens: int, rate: float) -> StartedJob:
+    return await rt.start_job(
+        user="alice",
+        thread_id="t",
+        message_id="m",
+        model="backstream/lorem",
+        messages=MSG,
+        params={"max_tokens": tokens, "tokens_per_s": rate},
+    )
+
+
 @contextmanager
 def own_redis(tmp_path: Path, persistence: str = "aof") -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
@@ -95,14 +105,7 @@ async def test_redis_outage_of_seconds_mid_job_loses_nothing(tmp_path: Path, out
         async with open_runtime(
             Config(drain_timeout=0, flush_ms=20, store_outage_limit=30), store=store
         ) as rt:
-            started = await rt.start_job(
-                user="alice",
-                thread_id="t",
-                message_id="m",
-                model="backstream/lorem",
-                messages=MSG,
-                params={"max_tokens": 150, "tokens_per_s": 50},
-            )
+            started = await lorem(rt, 150, 50)
             batches, away = [], False
             with trio.fail_after(40):
                 async with rt.watch(started.job_id, user="alice") as watch:
@@ -128,14 +131,7 @@ async def test_redis_down_too_long_fails_the_job_unavailable(tmp_path: Path) -> 
         async with open_runtime(
             Config(drain_timeout=0, flush_ms=20, store_outage_limit=1.0), store=store
         ) as rt:
-            started = await rt.start_job(
-                user="alice",
-                thread_id="t",
-                message_id="m",
-                model="backstream/lorem",
-                messages=MSG,
-                params={"max_tokens": 1000, "tokens_per_s": 50},
-            )
+            started = await lorem(rt, 1000, 50)
             batches = []
             async with rt.watch(started.job_id, user="alice") as watch:
                 async for batch in watch:
@@ -187,14 +183,7 @@ async def test_redis_back_from_an_older_snapshot(tmp_path: Path) -> None:
         async with open_runtime(
             Config(drain_timeout=0, flush_ms=20, store_outage_limit=30), store=store
         ) as rt:
-            started = await rt.start_job(
-                user="alice",
-                thread_id="t",
-                message_id="m",
-                model="backstream/lorem",
-                messages=MSG,
-                params={"max_tokens": 150, "tokens_per_s": 50},
-            )
+            started = await lorem(rt, 150, 50)
             batches, saved, restored = [], False, False
             with trio.fail_after(30):
                 async with rt.watch(started.job_id, user="alice") as watch:
@@ -213,15 +202,7 @@ async def test_redis_back_from_an_older_snapshot(tmp_path: Path) -> None:
             check_contiguous(batches)
             assert terminal(batches).status == "completed"
             # A reader through the store (as on another instance) gets the whole log.
-            reader = Watcher(
-                started.job_id,
-                1,
-                StoredSource(store, started.job_id),
-                after_seq=0,
-                batch_seconds=0.0,
-                max_batch_events=1024,
-                max_batch_chars=1 << 20,
-            )
+            reader = store_reader(store, started.job_id)
             with trio.fail_after(5):
                 replay = [b async for b in reader]
             check_contiguous(replay)
@@ -236,14 +217,7 @@ async def test_a_log_behind_its_record_is_gone_never_a_hang(tmp_path: Path) -> N
         prefix = f"bstest:{uuid.uuid4().hex[:8]}"
         store = RedisStore(redis_url(redis.port), prefix=prefix)
         async with open_runtime(Config(drain_timeout=0, flush_ms=20), store=store) as rt:
-            started = await rt.start_job(
-                user="alice",
-                thread_id="t",
-                message_id="m",
-                model="backstream/lorem",
-                messages=MSG,
-                params={"max_tokens": 30, "tokens_per_s": 1000},
-            )
+            started = await lorem(rt, 30, 1000)
             await rt.wait_idle()
             record = await store.get_job(started.job_id)
             assert record is not None and record.status == "completed"
@@ -252,15 +226,7 @@ async def test_a_log_behind_its_record_is_gone_never_a_hang(tmp_path: Path) -> N
                 last = await r.xrevrange(store._log(started.job_id), count=1)
                 assert await r.xdel(store._log(started.job_id), [last[0].identifier]) == 1
                 before = int((await r.info("stats"))["total_commands_processed"])
-                reader = Watcher(
-                    started.job_id,
-                    1,
-                    StoredSource(store, started.job_id),
-                    after_seq=0,
-                    batch_seconds=0.0,
-                    max_batch_events=1024,
-                    max_batch_chars=1 << 20,
-                )
+                reader = store_reader(store, started.job_id)
                 seen = []
                 with trio.fail_after(3), pytest.raises(GoneError):
                     async for batch in reader:

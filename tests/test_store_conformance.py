@@ -11,7 +11,7 @@ from backstream import Config, Store, open_runtime
 from backstream.protocol.events import StatusEvent, TextEvent
 from backstream.protocol.records import JobProgress, JobRecord, JobRequest
 from backstream.runtime.stores.memory import MemoryStore
-from tests.helpers import check_contiguous, collect, joined_text, terminal
+from tests.helpers import check_contiguous, collect, joined_text, store_reader, terminal
 
 NOW = 1_800_000_000.0
 
@@ -271,8 +271,6 @@ async def test_runtime_lifecycle(unopened_store: Store) -> None:
 async def test_runtime_watch_follows_a_job_through_the_store(unopened_store: Store) -> None:
     store = unopened_store
     """A watcher reading only the store (as on another instance) sees every entry in order."""
-    from backstream.actors.watcher import StoredSource, Watcher
-
     async with open_runtime(Config(drain_timeout=0, flush_ms=20), store=store) as rt:
         started = await rt.start_job(
             user="alice",
@@ -282,15 +280,7 @@ async def test_runtime_watch_follows_a_job_through_the_store(unopened_store: Sto
             messages=[{"role": "user", "content": "x"}],
             params={"max_tokens": 60, "tokens_per_s": 200},
         )
-        watcher = Watcher(
-            started.job_id,
-            1,
-            StoredSource(store, started.job_id),
-            after_seq=0,
-            batch_seconds=0.05,
-            max_batch_events=1024,
-            max_batch_chars=1 << 18,
-        )
+        watcher = store_reader(store, started.job_id, batch_seconds=0.05)
         with trio.fail_after(10):
             batches = [b async for b in watcher]
         check_contiguous(batches)
