@@ -18,7 +18,8 @@ import trio
 from backstream.actors.joblog import JobLog, merge_events
 from backstream.actors.ports import Store
 from backstream.protocol.errors import GoneError
-from backstream.protocol.events import TERMINAL_STATUSES, Batch, LogEvent, StatusEvent
+from backstream.protocol.events import Batch, LogEvent, StatusEvent
+from backstream.protocol.lifecycle import is_terminal
 
 __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 
@@ -92,7 +93,7 @@ class StoredSource:
         if record.seq > after_seq:  # the record is ahead: read again, after it
             if not await self._store.read(self._job_id, after_seq, 1):
                 raise GoneError("the job's stored log is behind its record; load the result with job.get")
-        elif record.status in TERMINAL_STATUSES:
+        elif is_terminal(record.status):
             raise gone  # it ended at or before the cursor: nothing more will come
 
     async def wait_beyond(self, seq: int) -> None:

@@ -44,7 +44,7 @@ import trio
 from coredis.connection import TCPLocation
 from coredis.tokens import PureToken
 
-from backstream.actors.ports import NotificationListener, Store, StoreClosedError
+from backstream.actors.ports import LogBehindError, NotificationListener, Store, StoreClosedError
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.events import LogEvent
@@ -331,8 +331,17 @@ class RedisStore(RedisNotifications, Store):
             writing = _Writing(record.user, record.message_id, record.seq)
         terminal = is_terminal(progress.status)
         try:
-            for _ in range(3):
-                plan = plan_commit(job_id, entries, progress, writing.stored_seq)
+            for attempt in range(3):
+                try:
+                    plan = plan_commit(job_id, entries, progress, writing.stored_seq)
+                except LogBehindError:
+                    if attempt > 0:
+                        raise  # planned against the seq Redis holds: the log is really behind
+                    stored = await self._call(self.redis.hget(self._job(job_id), "seq"))
+                    if stored is None:
+                        return
+                    writing.stored_seq = int(stored)  # this process's view may be stale
+                    continue
                 if not plan.entries and not plan.apply_progress:
                     return  # a late retry: the store is ahead of it
                 reply = await self._call(
@@ -341,9 +350,12 @@ class RedisStore(RedisNotifications, Store):
                         args=self._commit_args(job_id, writing.stored_seq, plan.entries, progress),
                     )
                 )
-                if int(reply[0]) != 2:
+                if int(reply[0]) == 0:  # Redis lost the job (a restart without its data)
+                    self._writing.pop(job_id, None)
+                    return
+                if int(reply[0]) == 1:
                     writing.stored_seq = progress.seq
-                    if int(reply[0]) == 1 and not terminal:
+                    if not terminal:
                         self._writing[job_id] = writing
                     return
                 self._commits_replanned += 1
