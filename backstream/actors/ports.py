@@ -213,7 +213,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
-        """Return once the stored record goes past ``after_seq`` or the job is gone.
+        """Return once the stored record goes past ``after_seq``, has ended, or is gone.
 
         May return early (callers re-read and wait again), but never at once twice in a
         row for the same state: a poll has a floor. Waits through an outage.

@@ -99,7 +99,7 @@ class MemoryStore(LocalNotifications, Store):
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
         job = self._jobs.get(job_id)
-        if job is None or len(job.entries) > after_seq:
+        if job is None or len(job.entries) > after_seq or is_terminal(job.record.status):
             await trio.lowlevel.checkpoint()
             return
         await job.changed.park()

@@ -29,7 +29,7 @@ from backstream.actors.ports import LogBehindError, NotificationListener, Store,
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent
-from backstream.protocol.lifecycle import sql_terminal_list
+from backstream.protocol.lifecycle import is_terminal, sql_terminal_list
 from backstream.protocol.records import (
     JobProgress,
     JobRecord,
@@ -288,9 +288,9 @@ class SqliteStore(LocalNotifications, Store):
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
         """Woken by this process's writer (one process owns the file). Cancellation: safe."""
         row = await self._read(
-            lambda c: c.execute("SELECT seq FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            lambda c: c.execute("SELECT seq, status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         )
-        if row is None or int(row[0]) > after_seq:
+        if row is None or int(row[0]) > after_seq or is_terminal(str(row[1])):
             return
         lot = self._changed.setdefault(job_id, trio.lowlevel.ParkingLot())
         try:
