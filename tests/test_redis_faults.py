@@ -123,6 +123,7 @@ async def test_redis_outage_of_seconds_mid_job_loses_nothing(tmp_path: Path, out
             assert [e.seq for e in stored] == list(range(1, terminal(batches).seq + 1))
             info = await rt.get_job(started.job_id, user="alice", include_content=True)
             assert info.content == joined_text(batches) and info.job.status == "completed"
+            assert store.statistics().jobs_writing == 0
 
 
 async def test_redis_down_too_long_fails_the_job_unavailable(tmp_path: Path) -> None:
@@ -208,6 +209,7 @@ async def test_redis_back_from_an_older_snapshot(tmp_path: Path) -> None:
             check_contiguous(replay)
             assert joined_text(replay) == joined_text(batches)
             assert (await rt.get_job(started.job_id, user="alice")).job.seq == terminal(batches).seq
+            assert store.statistics().commits_replanned >= 1  # the commit that found the log behind
 
 
 async def test_a_log_behind_its_record_is_gone_never_a_hang(tmp_path: Path) -> None:
