@@ -260,7 +260,7 @@ class RedisStore(RedisNotifications, Store):
             raise exc
         self._outage_retries += 1
         delay = backoff.next_delay()
-        log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
+        log.debug("%s: %s; retrying in %.1fs", what, exc, delay)  # the writes warn already
         await trio.sleep(delay)
 
     async def ping(self) -> None:
@@ -404,7 +404,8 @@ class RedisStore(RedisNotifications, Store):
                 break
             for entry in batch:
                 for event in events_from_json(entry.field_values["e"]):
-                    # A retried commit can repeat entries in a later batch: keep each seq once.
+                    # Keep each seq once (logs written before commits were checked against
+                    # the stored seq may repeat entries after a retry).
                     if event.seq > after_seq and (not out or event.seq > out[-1].seq):
                         out.append(event)
             last_seq = int(str(batch[-1].identifier).split("-", 1)[0])
