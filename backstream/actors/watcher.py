@@ -24,8 +24,10 @@ __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 
 
 class LogSource(Protocol):
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
-        """Entries after ``after_seq``, text merged; maybe none."""
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
+        """Entries after ``after_seq``, text merged unless ``merge_text`` is false; maybe none."""
         ...
 
     async def wait_beyond(self, seq: int) -> None:
@@ -39,9 +41,13 @@ class LiveSource:
     def __init__(self, log: JobLog) -> None:
         self._log = log
 
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
         # The watcher has already waited; only honour a pending cancellation here.
         await trio.lowlevel.checkpoint_if_cancelled()
+        if not merge_text:
+            return tuple(self._log.entries(after_seq, after_seq + max_events))
         return self._log.read(after_seq, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
@@ -55,10 +61,14 @@ class StoredSource:
         self._store = store
         self._job_id = job_id
 
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
         entries = await self._store.read(self._job_id, after_seq, max_events)
         if not entries and await self._store.get_job(self._job_id) is None:
             raise GoneError("the job's log is no longer kept; load the result with job.get")
+        if not merge_text:
+            return tuple(entries)
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
@@ -84,6 +94,7 @@ class Watcher:
         max_batch_events: int,
         max_batch_chars: int,
         ended: bool = False,
+        merge_text: bool = True,
     ) -> None:
         self.job_id = job_id
         self.epoch = epoch
@@ -94,6 +105,7 @@ class Watcher:
         self._max_chars = max_batch_chars
         self._next_batch_at = -float("inf")
         self.ended = ended
+        self._merge_text = merge_text
 
     def __aiter__(self) -> Watcher:
         return self
@@ -107,7 +119,10 @@ class Watcher:
             if trio.current_time() < self._next_batch_at:
                 await trio.sleep_until(self._next_batch_at)
             events = await self._source.read(
-                self.cursor, max_events=self._max_events, max_chars=self._max_chars
+                self.cursor,
+                max_events=self._max_events,
+                max_chars=self._max_chars,
+                merge_text=self._merge_text,
             )
             if events:
                 break
