@@ -1,0 +1,361 @@
+"""The OpenAI Responses API over HTTP, driven by the official ``openai`` package.
+
+``serve()`` runs in the test's trio run on loopback with a loopback upstream; the
+synchronous ``openai`` client runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import attrs
+import httpx
+import openai
+import pytest
+import trio
+
+from backstream.client import open_client
+from backstream.runtime.server.serve import ServeHandle, serve
+from backstream.runtime.server.settings import ServeSettings
+from tests.upstream_server import FakeUpstream, events, finish_chunk, stall_after, streams, tool_chunk
+
+T = TypeVar("T")
+WORDS = [f"w{i} " for i in range(40)]
+
+
+@attrs.define
+class Server:
+    handle: ServeHandle
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.handle.http_port}/v1"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.handle.port}/v1"
+
+    def client(self, token: str = "tok-alice") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=token, max_retries=0, timeout=30)
+
+
+@asynccontextmanager
+async def served(upstream: FakeUpstream, **settings: Any) -> AsyncIterator[Server]:
+    values: dict[str, Any] = {
+        "port": 0,
+        "http_port": 0,
+        "token": ("tok-alice=alice", "tok-bob=bob"),
+        "drain_timeout": 0.0,
+        "store": "memory",
+        "upstream_url": upstream.url,
+        "batch_ms": 10.0,
+        **settings,
+    }
+    async with trio.open_nursery() as nursery:
+        handle: ServeHandle = await nursery.start(
+            lambda task_status: serve(
+                ServeSettings.defaults(**values),
+                handle_signals=False,
+                announce=lambda _: None,
+                task_status=task_status,
+            )
+        )
+        yield Server(handle)
+        handle.shutdown.set()
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(fn)
+
+
+def deltas(evs: list[Any]) -> str:
+    return "".join(e.delta for e in evs if e.type == "response.output_text.delta")
+
+
+async def test_background_stream_break_and_resume_with_starting_after(upstream: FakeUpstream) -> None:
+    upstream.script(streams(WORDS, delay=0.02))
+    async with served(upstream) as server:
+        client = server.client()
+
+        def first_part() -> tuple[str, list[Any]]:
+            seen: list[Any] = []
+            stream = client.responses.create(model="m", input="count", background=True, stream=True)
+            for event in stream:
+                seen.append(event)
+                if len([e for e in seen if e.type == "response.output_text.delta"]) == 5:
+                    break  # the connection drops mid-answer
+            stream.close()
+            return seen[0].response.id, seen
+
+        response_id, first = await in_thread(first_part)
+        last = first[-1].sequence_number
+
+        def rest() -> list[Any]:
+            return list(client.responses.retrieve(response_id, stream=True, starting_after=last))
+
+        second = await in_thread(rest)
+        numbers = [e.sequence_number for e in first + second]
+        assert numbers == list(range(len(numbers)))  # from 0, contiguous, nothing lost or repeated
+        assert second[0].sequence_number == last + 1
+        assert [e.type for e in first[:2]] == ["response.created", "response.in_progress"]
+        assert second[-1].type == "response.completed"
+        assert deltas(first) + deltas(second) == "".join(WORDS)
+        assert second[-1].response.output_text == "".join(WORDS)
+        # A replay of the whole stream after the end numbers every event the same way.
+        replay = await in_thread(lambda: list(client.responses.retrieve(response_id, stream=True)))
+        assert [e.to_dict() for e in replay] == [e.to_dict() for e in first + second]
+        # And the response object, once completed.
+        done = await in_thread(lambda: client.responses.retrieve(response_id))
+        assert done.status == "completed" and done.output_text == "".join(WORDS)
+        assert done.id == response_id and done.usage is not None and done.usage.output_tokens == len(WORDS)
+        assert done.metadata is not None and done.metadata["thread_id"]
+
+
+async def test_foreground_and_background_create_and_sdk_stream_helper(upstream: FakeUpstream) -> None:
+    upstream.script(streams(["Hello", " there"]), streams(["Back", "ground"]), streams(["Hel", "per"]))
+    async with served(upstream) as server:
+        client = server.client()
+        response = await in_thread(
+            lambda: client.responses.create(
+                model="m", input="hi", instructions="be brief", metadata={"thread_id": "t-9", "k": "v"}
+            )
+        )
+        assert response.status == "completed" and response.output_text == "Hello there"
+        assert response.instructions == "be brief" and response.metadata == {"thread_id": "t-9", "k": "v"}
+        assert upstream.requests[0]["messages"][0] == {"role": "system", "content": "be brief"}
+        started = await in_thread(lambda: client.responses.create(model="m", input="hi", background=True))
+        assert started.status in ("in_progress", "completed") and started.background is True
+
+        def wait_done() -> Any:
+            while True:
+                found = client.responses.retrieve(started.id)
+                if found.status not in ("queued", "in_progress"):
+                    return found
+
+        assert (await in_thread(wait_done)).output_text == "Background"
+
+        def helper() -> str:
+            with client.responses.stream(model="m", input=[{"role": "user", "content": "x"}]) as stream:
+                return stream.get_final_response().output_text
+
+        assert await in_thread(helper) == "Helper"  # the SDK's own accumulator accepts the events
+
+
+async def test_cancel_a_running_response(upstream: FakeUpstream) -> None:
+    upstream.script(stall_after(["partial "]))
+    async with served(upstream) as server:
+        client = server.client()
+        started = await in_thread(lambda: client.responses.create(model="m", input="go", background=True))
+        with trio.fail_after(10):
+            while upstream.client_closes == 0:
+                got = await in_thread(lambda: client.responses.retrieve(started.id))
+                if got.output_text:
+                    break
+                await trio.sleep(0.05)
+        cancelled = await in_thread(lambda: client.responses.cancel(started.id))
+        assert cancelled.status == "cancelled" and cancelled.output_text == "partial "
+        with trio.fail_after(5):
+            while upstream.client_closes == 0:  # the upstream request was closed
+                await trio.sleep(0.02)
+        events_after = await in_thread(lambda: list(client.responses.retrieve(started.id, stream=True)))
+        assert events_after[-1].type == "response.cancelled"  # not in the SDK's union: parsed untyped
+        assert events_after[-1].to_dict()["response"]["status"] == "cancelled"
+        again = await in_thread(lambda: client.responses.cancel(started.id))
+        assert again.status == "cancelled"  # idempotent
+
+
+async def test_tool_loop_with_a_server_tool(upstream: FakeUpstream) -> None:
+    upstream.script(
+        events(
+            [
+                tool_chunk(0, call_id="call_1", name="calculate", arguments='{"expression": '),
+                tool_chunk(0, arguments='"6*7"}'),
+                finish_chunk("tool_calls"),
+                "[DONE]",
+            ]
+        ),
+        streams(["The answer is ", "42"]),
+    )
+    async with served(upstream) as server:
+        client = server.client()
+        tools: Any = [{"type": "function", "name": "calculate"}]
+        evs = await in_thread(
+            lambda: list(client.responses.create(model="m", input="6*7?", tools=tools, stream=True))
+        )
+        final = evs[-1].response
+        assert evs[-1].type == "response.completed"
+        kinds = [item.type for item in final.output]
+        assert kinds == ["function_call", "function_call_output", "message"]
+        call, result, _ = final.output
+        assert (
+            call.name == "calculate"
+            and call.call_id == "call_1"
+            and json.loads(call.arguments) == {"expression": "6*7"}
+        )
+        assert result.call_id == "call_1" and result.output == "42"
+        assert final.output_text == "The answer is 42"
+        assert final.tools[0].name == "calculate"
+        assert any(e.type == "response.function_call_arguments.done" for e in evs)
+        assert upstream.requests[1]["messages"][-1]["content"] == "42"  # the result went back to the model
+        with pytest.raises(openai.BadRequestError) as bad:
+            await in_thread(
+                lambda: client.responses.create(
+                    model="m",
+                    input="x",
+                    tools=[{"type": "function", "name": "rm_rf"}],  # type: ignore[typeddict-item]
+                )
+            )
+        assert bad.value.status_code == 400 and "rm_rf" in bad.value.message
+
+
+async def test_another_users_response_is_not_found(upstream: FakeUpstream) -> None:
+    async with served(upstream) as server:
+        alice, bob = server.client(), server.client("tok-bob")
+        created = await in_thread(lambda: alice.responses.create(model="m", input="secret"))
+        for call in (
+            lambda: bob.responses.retrieve(created.id),
+            lambda: bob.responses.cancel(created.id),
+            lambda: list(bob.responses.retrieve(created.id, stream=True)),
+            lambda: bob.responses.retrieve("resp_does_not_exist"),
+        ):
+            with pytest.raises(openai.NotFoundError) as missing:
+                await in_thread(call)
+            assert missing.value.body == {
+                "message": "no such job",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "not_found",
+            }
+        with pytest.raises(openai.AuthenticationError):
+            await in_thread(lambda: server.client("tok-nobody").responses.retrieve(created.id))
+
+
+def sse_events(lines: list[str]) -> list[tuple[str | None, dict[str, Any]]]:
+    """(id, data) of each event in SSE lines."""
+    out, event_id = [], None
+    for line in lines:
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            out.append((event_id, json.loads(line[6:])))
+            event_id = None
+    return out
+
+
+async def test_event_source_resumes_with_last_event_id(upstream: FakeUpstream) -> None:
+    upstream.script(streams(WORDS, delay=0.02))
+    async with served(upstream) as server:
+        client = server.client()
+        created = await in_thread(lambda: client.responses.create(model="m", input="x", background=True))
+        url = f"{server.base_url}/responses/{created.id}?stream=true"
+        async with httpx.AsyncClient(timeout=30) as http:
+            first: list[str] = []
+            # A browser's EventSource sends no headers of its own choosing: the token is in the query.
+            async with http.stream("GET", f"{url}&access_token=tok-alice") as reply:
+                assert reply.headers["content-type"].startswith("text/event-stream")
+                async for line in reply.aiter_lines():
+                    first.append(line)
+                    if sum(1 for x in first if '"response.output_text.delta"' in x) == 3:
+                        break
+            got = sse_events(first)
+            last_id = got[-1][0]
+            assert last_id == str(got[-1][1]["sequence_number"])
+            second: list[str] = []
+            headers = {"Authorization": "Bearer tok-alice", "Last-Event-ID": last_id or ""}
+            async with http.stream("GET", url, headers=headers) as reply:
+                second = [line async for line in reply.aiter_lines()]
+        rest = sse_events(second)
+        numbers = [data["sequence_number"] for _, data in got + rest]
+        assert numbers == list(range(len(numbers)))
+        text = "".join(d["delta"] for _, d in got + rest if d["type"] == "response.output_text.delta")
+        assert text == "".join(WORDS)
+        assert rest[-1][1]["type"] == "response.completed"
+        assert all(event_id == str(data["sequence_number"]) for event_id, data in rest)
+
+
+async def test_capacity_is_a_429_with_retry_after(upstream: FakeUpstream) -> None:
+    upstream.script(stall_after(["a"]))
+    async with served(upstream, max_jobs_per_user=1) as server:
+        client = server.client()
+        running = await in_thread(lambda: client.responses.create(model="m", input="x", background=True))
+        with pytest.raises(openai.RateLimitError) as limited:
+            await in_thread(lambda: client.responses.create(model="m", input="y", background=True))
+        assert limited.value.status_code == 429
+        assert int(limited.value.response.headers["retry-after"]) >= 1
+        assert limited.value.body["code"] == "capacity"  # type: ignore[index]
+        await in_thread(lambda: client.responses.cancel(running.id))
+
+
+async def test_bad_input_is_a_400_in_openai_error_shape(upstream: FakeUpstream) -> None:
+    async with served(upstream) as server:
+        auth = {"Authorization": "Bearer tok-alice"}
+        async with httpx.AsyncClient(base_url=server.base_url, headers=auth) as http:
+            cases = [
+                ({"model": "m", "input": 5}, "input"),
+                ({"input": "x"}, "model"),
+                ({"model": "m", "input": "x", "background": "yes"}, "background"),
+                ({"model": "m", "input": "x", "previous_response_id": "r"}, "previous_response_id"),
+                (
+                    {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+                    "input[0].content",
+                ),
+            ]
+            for body, param in cases:
+                reply = await http.post("/responses", json=body)
+                assert reply.status_code == 400, body
+                error = reply.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"}
+                assert error["type"] == "invalid_request_error" and error["code"] == "bad_request"
+                assert error["param"] == param
+            broken = await http.post(
+                "/responses", content=b"{not json", headers={"content-type": "application/json"}
+            )
+            assert broken.status_code == 400 and broken.json()["error"]["code"] == "bad_request"
+            huge = await http.post("/responses", json={"model": "m", "input": "x" * (2 * 1024 * 1024)})
+            assert huge.status_code == 413
+            nowhere = await http.get("/nowhere")
+            assert nowhere.status_code == 404 and nowhere.json()["error"]["code"] == "not_found"
+            anonymous = await http.post(
+                "/responses", json={"model": "m", "input": "x"}, headers={"Authorization": ""}
+            )
+            assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"
+            bad_cursor = await http.get("/responses/x?stream=true&starting_after=abc")
+            assert bad_cursor.status_code == 400 and bad_cursor.json()["error"]["param"] == "starting_after"
+
+
+async def test_http_and_websocket_see_the_same_jobs(upstream: FakeUpstream) -> None:
+    upstream.script(streams(["over ", "http"]), streams(["over ", "ws"]))
+    async with served(upstream) as server:
+        client = server.client()
+        created = await in_thread(lambda: client.responses.create(model="m", input="x", background=True))
+        async with open_client(server.ws_url, "tok-alice") as ws:
+            async with ws.watch(created.id) as batches:
+                text = "".join([batch.text async for batch in batches])
+            assert text == "over http"
+            info = await ws.get(created.id, include_content=True)
+            assert info.job.status == "completed"
+            started = await ws.start_job(
+                thread_id="t", message_id="m1", model="m", messages=[{"role": "user", "content": "x"}]
+            )
+            async with ws.watch(started.job.job_id) as batches:
+                async for _ in batches:
+                    pass
+        over_ws = await in_thread(lambda: client.responses.retrieve(started.job.job_id))
+        assert over_ws.status == "completed" and over_ws.output_text == "over ws"
+        assert over_ws.metadata == {"thread_id": "t"}
+
+
+async def test_metrics_on_a_port_of_their_own(upstream: FakeUpstream) -> None:
+    async with served(upstream, metrics_port=0) as server:
+        assert server.handle.metrics_port is not None
+        async with httpx.AsyncClient() as http:
+            public = f"http://127.0.0.1:{server.handle.http_port}"
+            private = f"http://127.0.0.1:{server.handle.metrics_port}"
+            assert (await http.get(f"{public}/metrics")).status_code == 404
+            assert (await http.get(f"{public}/healthz")).text == "ok\n"
+            assert "backstream_jobs_running" in (await http.get(f"{private}/metrics")).text
+            assert (await http.get(f"{private}/readyz")).status_code == 200
+            assert (await http.post(f"{private}/v1/responses", json={})).status_code == 404
