@@ -326,7 +326,7 @@ def _usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
     completion = int(usage.get("completion_tokens") or 0)
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": int(usage.get("total_tokens") or prompt + completion),
