@@ -359,3 +359,66 @@ async def test_metrics_on_a_port_of_their_own(upstream: FakeUpstream) -> None:
             assert "backstream_jobs_running" in (await http.get(f"{private}/metrics")).text
             assert (await http.get(f"{private}/readyz")).status_code == 200
             assert (await http.post(f"{private}/v1/responses", json={})).status_code == 404
+
+
+async def test_a_client_that_does_not_read_is_cut_off_and_resumes() -> None:
+    """The server keeps at most one write per stream; a reader that stops is cut off after
+    ``slow_client_timeout`` and its job goes on. It resumes later from its last event."""
+    from backstream import Config, open_runtime
+    from backstream.runtime.server.auth import StaticTokens
+    from backstream.runtime.server.http_app import HttpApp, HttpLimits
+    from backstream.runtime.server.http_server import HttpServer, HttpServerConfig
+    from backstream.runtime.server.responses_http import ResponsesApi
+
+    limits = HttpLimits(slow_client_timeout=0.5, send_timeout=1.0, max_unsent_bytes=16 * 1024)
+    async with (
+        open_runtime(Config(drain_timeout=0, max_output_chars=5_000_000)) as rt,
+        trio.open_nursery() as nursery,
+    ):
+        app = HttpApp(rt, StaticTokens({"tok": "alice"}), limits=limits)
+        ResponsesApi(app)
+        server = HttpServer(app, HttpServerConfig(socket_send_buffer=16 * 1024))
+        app.socket_watch = server.socket_watch
+        port = await nursery.start(server.run)
+        job = await rt.start_job(
+            user="alice",
+            thread_id="t",
+            message_id="m",
+            model="backstream/lorem",
+            messages=[{"role": "user", "content": "x"}],
+            params={"max_tokens": 20_000, "tokens_per_s": 100_000},
+        )
+        import socket as stdlib_socket
+
+        sock = trio.socket.socket()
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        request = f"GET /v1/responses/{job.job_id}?stream=true HTTP/1.1\r\nhost: x\r\nauthorization: Bearer tok\r\n\r\n"
+        await sock.send(request.encode())
+        with trio.fail_after(15):
+            while not app.open_streams:
+                await trio.sleep(0.01)
+            while app.open_streams:  # it never reads: the server lets go of the stream
+                await trio.sleep(0.05)
+        received = b""
+        with trio.fail_after(10):
+            while chunk := await sock.recv(65536):  # what the kernel held, then the end
+                received += chunk
+        sock.close()
+        assert b"response.completed" not in received
+        await rt.wait_idle()
+        info = await rt.get_job(job.job_id, user="alice")
+        assert info.job.status == "completed"  # the job went on
+        last = max(
+            int(line[4:])
+            for line in received.decode(errors="replace").splitlines()
+            if line.startswith("id: ")
+        )
+        async with httpx.AsyncClient(timeout=30) as http:
+            reply = await http.get(
+                f"http://127.0.0.1:{port}/v1/responses/{job.job_id}?stream=true&starting_after={last}",
+                headers={"authorization": "Bearer tok"},
+            )
+        rest = sse_events(reply.text.splitlines())
+        assert rest[0][1]["sequence_number"] == last + 1 and rest[-1][1]["type"] == "response.completed"
+        server.stop_accepting()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import trio
 
 from backstream.protocol.errors import BackstreamError, BadRequestError, RateLimitedError
+from backstream.protocol.events import LogEvent
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRecord
 from backstream.protocol.responses import (
@@ -30,6 +31,8 @@ __all__ = ["ResponsesApi"]
 
 log = logging.getLogger("backstream.responses")
 
+_MAX_CHUNK_BYTES = 64 * 1024
+"""A stream is written in chunks of about this size: one chunk is what a stream holds unsent."""
 _ID = r"(?P<id>[A-Za-z0-9_\-]{1,256})"
 
 
@@ -113,9 +116,6 @@ class ResponsesApi:
             raise RateLimitedError(f"at most {limits.max_streams_per_user} open streams per user")
         record, entries = await self._runtime.job_log(job_id, user=user)
         translator = ResponsesTranslator(_source(record))
-        pending = [
-            e for e in translator.start() + translator.feed_all(entries) if e["sequence_number"] > after
-        ]
         self._app.open_streams[user] = self._app.open_streams.get(user, 0) + 1
         try:
             headers = [
@@ -128,7 +128,8 @@ class ResponsesApi:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
                 nursery.start_soon(_cancel_on_event, self._app.closing, nursery.cancel_scope)
-                if await self._write(request, pending) and not translator.finished:
+                sent = await self._write(request, _after(after, translator.start(), translator, entries))
+                if sent and not translator.finished:
                     await self._follow(request, job_id, len(entries), translator, after)
                 nursery.cancel_scope.cancel()
             if not request.watch.cut:
@@ -146,8 +147,7 @@ class ResponsesApi:
                 job_id, user=request.user, after_seq=seq, merge_text=False
             ) as batches:
                 async for batch in batches:
-                    events = [e for e in translator.feed_all(batch.events) if e["sequence_number"] > after]
-                    if not await self._write(request, events):
+                    if not await self._write(request, _after(after, [], translator, batch.events)):
                         return False
         except BackstreamError as exc:
             # The log can no longer be read (e.g. gone): say so in the stream, unnumbered for resumes.
@@ -159,16 +159,27 @@ class ResponsesApi:
     async def _write(
         self, request: Request, events: Iterable[dict[str, Any]], *, with_id: bool = True
     ) -> bool:
-        """Send events as one chunk within the deadlines; False if the client was cut off."""
-        body = b"".join(sse_frame(event, with_id=with_id) for event in events)
-        if not body:
-            return True
+        """Send events in chunks of about ``max_chunk_bytes``, each within the deadlines;
+        False if the client was cut off. Events are made as chunks go out, not before."""
+        chunk: list[bytes] = []
+        size = 0
+        for event in events:
+            frame = sse_frame(event, with_id=with_id)
+            chunk.append(frame)
+            size += len(frame)
+            if size >= _MAX_CHUNK_BYTES:
+                if not await self._send_chunk(request, b"".join(chunk)):
+                    return False
+                chunk, size = [], 0
+        return await self._send_chunk(request, b"".join(chunk)) if chunk else True
+
+    async def _send_chunk(self, request: Request, body: bytes) -> bool:
         limits = self._app.limits
         watch = request.watch
         deadline = trio.current_time() + limits.slow_client_timeout
         while not watch.keeps_up(limits.max_unsent_bytes):
             if trio.current_time() >= deadline:
-                log.info("stream of %s: client too slow, cut off (it can resume)", request.user)
+                log.info("a stream's client is too slow: cut off (it can resume)")
                 watch.shut()
                 return False
             await trio.sleep(0.02)
@@ -177,6 +188,20 @@ class ResponsesApi:
             await request.send({"type": "http.response.body", "body": body, "more_body": True})
             nursery.cancel_scope.cancel()
         return not watch.cut
+
+
+def _after(
+    after: int, first: list[dict[str, Any]], translator: ResponsesTranslator, entries: Iterable[LogEvent]
+) -> Iterator[dict[str, Any]]:
+    """The events of ``first`` and then of each entry, made one entry at a time, numbered
+    beyond ``after``."""
+    for event in first:
+        if event["sequence_number"] > after:
+            yield event
+    for entry in entries:
+        for event in translator.feed(entry):
+            if event["sequence_number"] > after:
+                yield event
 
 
 def _source(record: JobRecord) -> ResponseSource:
