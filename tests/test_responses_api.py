@@ -422,3 +422,63 @@ async def test_a_client_that_does_not_read_is_cut_off_and_resumes() -> None:
         rest = sse_events(reply.text.splitlines())
         assert rest[0][1]["sequence_number"] == last + 1 and rest[-1][1]["type"] == "response.completed"
         server.stop_accepting()
+
+
+def test_sigterm_ends_streams_and_drains_then_the_response_is_incomplete(tmp_path: Any) -> None:
+    """A real process: SIGTERM ends open streams at once (clients resume elsewhere), drains
+    jobs, exits; after a restart the interrupted job reads as an incomplete response."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_serve import free_port, wait_for_port
+
+    port, http_port = free_port(), free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "backstream",
+        "serve",
+        "--port",
+        str(port),
+        "--http-port",
+        str(http_port),
+        "--drain-timeout",
+        "1",
+        "--store",
+        f"sqlite:///{tmp_path}/jobs.db",
+    ]
+    env = {**os.environ, "BACKSTREAM_TOKENS": "tok=alice"}
+    server = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(http_port)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="tok", max_retries=0)
+        stream = client.responses.create(
+            model="backstream/lorem", input="x", max_output_tokens=10_000, background=True, stream=True
+        )
+        seen = []
+        for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta":
+                break
+        t0 = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        rest = list(stream)  # the server ends the stream: no terminal event, no error
+        assert not any(e.type.startswith("response.complete") for e in rest)
+        assert server.wait(timeout=15) == 0
+        assert time.monotonic() - t0 < 8
+        response_id = seen[0].response.id
+        server = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+        wait_for_port(http_port)
+        found = client.responses.retrieve(response_id)
+        assert found.status == "incomplete" and found.incomplete_details is not None
+        assert found.incomplete_details.reason == "interrupted" and found.output_text  # content kept
+        replay = list(client.responses.retrieve(response_id, stream=True))
+        assert replay[-1].type == "response.incomplete"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()

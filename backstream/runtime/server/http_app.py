@@ -153,6 +153,8 @@ def error_response(exc: BackstreamError) -> tuple[int, dict[str, Any], dict[str,
         headers["retry-after-ms"] = str(retry_ms)
     if status == 401:
         headers["www-authenticate"] = "Bearer"
+    if status == 413:
+        headers["connection"] = "close"  # the rest of the body is not read: the connection cannot go on
     param = exc.extra.get("param")
     body = error_body(
         exc.message,

@@ -107,6 +107,7 @@ class HttpServer:
         self._app = app
         self._sockets: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
         self._stop = trio.Event()
+        self._closed = trio.Event()
         self.port = 0
 
     def socket_watch(self, scope: dict[str, Any]) -> SocketWatch:
@@ -116,11 +117,23 @@ class HttpServer:
     def stop_accepting(self) -> None:
         self._stop.set()
 
+    async def wait_closed(self) -> None:
+        """Wait until ``run`` has returned: every connection has ended."""
+        await self._closed.wait()
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``stop_accepting``. Cancellation ends every connection at once."""
         listener = await self._open_listener()
         self.port = listener.socket.getsockname()[1]
         tracked = _TrackedListener(listener, self._sockets)
+        try:
+            await self._serve(listener, tracked, task_status)
+        finally:
+            self._closed.set()
+
+    async def _serve(
+        self, listener: trio.SocketListener, tracked: _TrackedListener, task_status: trio.TaskStatus[int]
+    ) -> None:
         hyper = HypercornConfig()
         hyper.keep_alive_timeout = self.config.keep_alive_timeout
         hyper.graceful_timeout = self.config.graceful_timeout

@@ -98,9 +98,11 @@ class ResponsesApi:
         return response
 
     async def _wait_for_end(self, request: Request, job_id: str) -> None:
-        """Wait for the job's end; if the client leaves meanwhile, the job goes on."""
+        """Wait for the job's end; if the client leaves meanwhile, the job goes on. At shutdown
+        the wait ends early: the reply says ``in_progress``."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
+            nursery.start_soon(_cancel_on_event, self._app.closing, nursery.cancel_scope)
             async with self._runtime.watch(job_id, user=request.user) as batches:
                 async for _ in batches:
                     pass

@@ -164,6 +164,7 @@ async def serve(
         http.stop_accepting()  # streams end; their clients resume on another instance or later
         with trio.move_on_after(door.config.limits.close_timeout + 1):
             await door.wait_closed()
+            await http.wait_closed()
         nursery.cancel_scope.cancel()
     # Leaving open_runtime drained the jobs (drain_timeout), then interrupted the rest.
     finished = runtime.statistics().jobs.finished_total
@@ -247,6 +248,11 @@ class _HttpListeners:
             app.closing.set()
         for server in self._servers:
             server.stop_accepting()
+
+    async def wait_closed(self) -> None:
+        """Wait (bounded by each server's graceful timeout) until every connection has ended."""
+        for server in self._servers:
+            await server.wait_closed()
 
 
 async def _wait_for_signal(shutdown: trio.Event) -> None:
