@@ -18,7 +18,14 @@ from urllib.parse import parse_qs
 import attrs
 import trio
 
-from backstream.protocol.errors import BackstreamError, TooLargeError, UnauthorizedError
+from backstream.protocol.errors import (
+    BackstreamError,
+    BadRequestError,
+    NotFoundError,
+    RateLimitedError,
+    TooLargeError,
+    UnauthorizedError,
+)
 from backstream.protocol.responses import error_body
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
@@ -117,21 +124,15 @@ class Request:
                 if not message.get("more_body", False):
                     break
         if waited.cancelled_caught:
-            raise _bad_request("the request body did not arrive in time")
+            raise BadRequestError("the request body did not arrive in time")
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError):
-            raise _bad_request("the request body is not valid JSON") from None
+            raise BadRequestError("the request body is not valid JSON") from None
 
 
 class _ClientGone(Exception):
     """The client left before its request was read."""
-
-
-def _bad_request(message: str) -> BackstreamError:
-    from backstream.protocol.errors import BadRequestError
-
-    return BadRequestError(message)
 
 
 async def send_body(
@@ -210,11 +211,11 @@ class HttpApp:
             pass
         except BackstreamError as exc:
             status, body, headers = error_response(exc)
-            await self._send_json(request, status, body, headers)
+            await self.send_json(request, status, body, headers)
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
             body = error_body("the server failed on this request", kind="server_error", code="internal")
-            await self._send_json(request, 500, body)
+            await self.send_json(request, 500, body)
 
     async def _dispatch(self, request: Request) -> None:
         path, method = request.path, request.method
@@ -227,7 +228,7 @@ class HttpApp:
             return
         origin = request.header("origin")
         if origin is not None and self._allow_origins and origin not in self._allow_origins:
-            await self._send_json(
+            await self.send_json(
                 request, 403, error_body("origin not allowed", kind="invalid_request_error", code="forbidden")
             )
             return
@@ -249,8 +250,6 @@ class HttpApp:
             return
         if matched_path:
             raise _MethodNotAllowed()
-        from backstream.protocol.errors import NotFoundError
-
         raise NotFoundError(f"no route for {method} {path}")
 
     def _authenticate(self, request: Request) -> Identity:
@@ -265,8 +264,6 @@ class HttpApp:
         return self._auth.authenticate(token)
 
     def _take_token(self, user: str) -> None:
-        from backstream.protocol.errors import RateLimitedError
-
         now = trio.current_time()
         rate, burst = self.limits.rate_per_s, float(self.limits.rate_burst)
         tokens, at = self._buckets.get(user, (burst, now))
@@ -287,34 +284,30 @@ class HttpApp:
             "x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, "
             "x-stainless-runtime, x-stainless-runtime-version, x-stainless-retry-count",
             "access-control-max-age": "600",
-            **self._cors(request),
+            **self.cors_headers(request),
         }
         head = [(k.encode(), v.encode()) for k, v in headers.items()]
         await request.send({"type": "http.response.start", "status": 204, "headers": head})
         await request.send({"type": "http.response.body", "body": b""})
 
-    def _cors(self, request: Request) -> dict[str, str]:
+    def cors_headers(self, request: Request) -> dict[str, str]:
         origin = request.header("origin")
         return {"access-control-allow-origin": origin, "vary": "origin"} if origin else {}
 
     async def send_json(
         self, request: Request, status: int, body: Any, headers: Mapping[str, str] | None = None
     ) -> None:
-        await self._send_json(request, status, body, headers)
-
-    async def _send_json(
-        self, request: Request, status: int, body: Any, headers: Mapping[str, str] | None = None
-    ) -> None:
         data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         try:
             await send_body(
-                request.send, status, "application/json", data, {**(headers or {}), **self._cors(request)}
+                request.send,
+                status,
+                "application/json",
+                data,
+                {**(headers or {}), **self.cors_headers(request)},
             )
         except Exception:  # the response had started, or the client left: nothing more to say
             log.debug("HTTP %s %s: could not send the reply", request.method, request.path)
-
-    def cors_headers(self, request: Request) -> dict[str, str]:
-        return self._cors(request)
 
 
 class _MethodNotAllowed(BackstreamError):
