@@ -482,3 +482,20 @@ def test_sigterm_ends_streams_and_drains_then_the_response_is_incomplete(tmp_pat
     finally:
         if server.poll() is None:
             server.kill()
+
+
+async def test_readme_sdk_example_runs(upstream: FakeUpstream) -> None:
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from openai" in b)
+    async with served(upstream, token=("tokA=alice",)) as server:
+        code = example.replace("127.0.0.1:8766", f"127.0.0.1:{server.handle.http_port}")
+        result = await trio.to_thread.run_sync(
+            lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        )
+    assert result.returncode == 0, result.stderr
+    assert "completed 'hello there'" in result.stdout and "response.completed" in result.stdout
