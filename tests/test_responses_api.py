@@ -559,3 +559,33 @@ async def test_a_stream_resumes_on_another_instance(upstream: FakeUpstream) -> N
                 handle.shutdown.set()
     finally:
         await delete_prefix(prefix)
+
+
+async def test_rate_limit_idempotency_key_and_cors(upstream: FakeUpstream) -> None:
+    async with served(upstream, allow_origin=("https://app.example",)) as server:
+        auth = {"Authorization": "Bearer tok-alice"}
+        async with httpx.AsyncClient(base_url=server.base_url, headers=auth) as http:
+            body = {"model": "m", "input": "x"}
+            once = await http.post("/responses", json=body, headers={"Idempotency-Key": "k1"})
+            again = await http.post("/responses", json=body, headers={"Idempotency-Key": "k1"})
+            other = await http.post("/responses", json=body)
+            assert once.json()["id"] == again.json()["id"] != other.json()["id"]
+            preflight = await http.options(
+                "/responses",
+                headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+            )
+            assert preflight.status_code == 204
+            assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+            assert "authorization" in preflight.headers["access-control-allow-headers"]
+            foreign = await http.get("/responses/x", headers={"Origin": "https://evil.example"})
+            assert foreign.status_code == 403 and foreign.json()["error"]["code"] == "forbidden"
+            replies = [await http.get("/responses/nope") for _ in range(60)]  # burst 40, then 20/s
+            statuses = {r.status_code for r in replies}
+            assert statuses == {404, 429}
+            limited = next(r for r in replies if r.status_code == 429)
+            assert (
+                limited.json()["error"]["code"] == "rate_limited" and int(limited.headers["retry-after"]) >= 1
+            )
+            assert (
+                await http.get("/responses/nope", headers={"Authorization": "Bearer tok-bob"})
+            ).status_code == 404
