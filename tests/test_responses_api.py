@@ -356,7 +356,9 @@ async def test_metrics_on_a_port_of_their_own(upstream: FakeUpstream) -> None:
             private = f"http://127.0.0.1:{server.handle.metrics_port}"
             assert (await http.get(f"{public}/metrics")).status_code == 404
             assert (await http.get(f"{public}/healthz")).text == "ok\n"
-            assert "backstream_jobs_running" in (await http.get(f"{private}/metrics")).text
+            metrics = (await http.get(f"{private}/metrics")).text
+            assert "backstream_jobs_running" in metrics and "backstream_http_streams 0.0" in metrics
+            assert "backstream_http_requests_total 2.0" in metrics  # the two on the public port
             assert (await http.get(f"{private}/readyz")).status_code == 200
             assert (await http.post(f"{private}/v1/responses", json={})).status_code == 404
 
@@ -406,6 +408,7 @@ async def test_a_client_that_does_not_read_is_cut_off_and_resumes() -> None:
                 received += chunk
         sock.close()
         assert b"response.completed" not in received
+        assert app.stats.streams_cut == 1
         await rt.wait_idle()
         info = await rt.get_job(job.job_id, user="alice")
         assert info.job.status == "completed"  # the job went on

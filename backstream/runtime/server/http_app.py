@@ -31,7 +31,7 @@ from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.http_server import SocketWatch
 
-__all__ = ["HttpApp", "HttpLimits", "Request", "StaticRoute", "error_response", "send_body"]
+__all__ = ["HttpApp", "HttpLimits", "HttpStats", "Request", "StaticRoute", "error_response", "send_body"]
 
 log = logging.getLogger("backstream.http")
 
@@ -74,6 +74,16 @@ class HttpLimits:
     max_unsent_bytes: int = 256 * 1024
     """A stream whose socket holds more unsent for ``slow_client_timeout`` is cut."""
     max_tracked_users: int = 10_000
+
+
+@attrs.define
+class HttpStats:
+    """Counters of one HTTP app (read by metrics)."""
+
+    requests: int = 0
+    errors_sent: int = 0
+    streams_cut: int = 0
+    """Streams ended because their client did not read in time."""
 
 
 @attrs.define
@@ -185,13 +195,14 @@ class HttpApp:
         self.runtime = runtime
         self.limits = limits or HttpLimits()
         self._auth = authenticator
-        self._status_routes = dict(status_routes or {})
+        self.status_routes = dict(status_routes or {})
         # Static assets (e.g. a demo page and its script) go here: exact path -> GET route.
         self._static_routes = dict(static_routes or {})
         self._allow_origins = allow_origins
         self._api: list[tuple[str, re.Pattern[str], Handler, bool]] = []
         self._buckets: dict[str, tuple[float, float]] = {}
         self.open_streams: dict[str, int] = {}
+        self.stats = HttpStats()
         self.closing = trio.Event()
         self.socket_watch: Callable[[dict[str, Any]], SocketWatch] = lambda scope: SocketWatch(None)
 
@@ -205,21 +216,24 @@ class HttpApp:
         if scope["type"] != "http":
             return
         request = Request(scope, receive, send, self.socket_watch(scope))
+        self.stats.requests += 1
         try:
             await self._dispatch(request)
         except _ClientGone:
             pass
         except BackstreamError as exc:
+            self.stats.errors_sent += 1
             status, body, headers = error_response(exc)
             await self.send_json(request, status, body, headers)
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
+            self.stats.errors_sent += 1
             body = error_body("the server failed on this request", kind="server_error", code="internal")
             await self.send_json(request, 500, body)
 
     async def _dispatch(self, request: Request) -> None:
         path, method = request.path, request.method
-        route = self._status_routes.get(path) or self._static_routes.get(path)
+        route = self.status_routes.get(path) or self._static_routes.get(path)
         if route is not None:
             if method not in ("GET", "HEAD"):
                 raise _MethodNotAllowed()

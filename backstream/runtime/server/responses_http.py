@@ -183,12 +183,15 @@ class ResponsesApi:
             if trio.current_time() >= deadline:
                 log.info("a stream's client is too slow: cut off (it can resume)")
                 watch.shut()
+                self._app.stats.streams_cut += 1
                 return False
             await trio.sleep(0.02)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cut_after, watch, limits.send_timeout)
             await request.send({"type": "http.response.body", "body": body, "more_body": True})
             nursery.cancel_scope.cancel()
+        if watch.cut:
+            self._app.stats.streams_cut += 1
         return not watch.cut
 
 

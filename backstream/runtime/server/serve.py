@@ -184,6 +184,7 @@ class _HttpListeners:
         self._settings = settings
         self._apps: list[HttpApp] = []
         self._servers: list[HttpServer] = []
+        self._api: HttpApp | None = None
 
     def _status_routes(self, with_metrics: bool) -> dict[str, StaticRoute]:
         runtime = self._runtime
@@ -204,7 +205,7 @@ class _HttpListeners:
 
         routes: dict[str, StaticRoute] = {"/healthz": healthz, "/readyz": readyz}
         if with_metrics:
-            render = metrics_text(runtime, self._door)
+            render = metrics_text(runtime, self._door, self._api)
 
             async def metrics() -> tuple[int, str, bytes]:
                 await trio.lowlevel.checkpoint()
@@ -229,13 +230,13 @@ class _HttpListeners:
         http_port = metrics_port = None
         split = settings.metrics_port is not None
         if settings.http_port is not None:
-            app = HttpApp(
+            app = self._api = HttpApp(
                 self._runtime,
                 self._auth,
                 limits=HttpLimits(max_body_bytes=settings.max_message_bytes),
-                status_routes=self._status_routes(with_metrics=not split),
                 allow_origins=tuple(settings.allow_origin),
             )
+            app.status_routes.update(self._status_routes(with_metrics=not split))
             ResponsesApi(app)
             http_port = await self._serve(nursery, app, settings.http_port)
         if split:
