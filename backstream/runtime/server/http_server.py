@@ -1,6 +1,6 @@
 """The HTTP listener: hypercorn's trio server running an ASGI app.
 
-hypercorn parses HTTP/1.1 (and h2c) and runs the app; this module owns the listening socket
+hypercorn parses HTTP/1.1 and runs the app; this module owns the listening socket
 so that it can find the socket of each request. hypercorn writes responses with the socket
 send shielded from cancellation, so a deadline on a write cannot be a cancel scope: a stream
 that falls behind is cut by shutting its socket down (``SocketWatch``), which makes the

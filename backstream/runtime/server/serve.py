@@ -235,6 +235,7 @@ class _HttpListeners:
                 self._auth,
                 limits=HttpLimits(max_body_bytes=settings.max_message_bytes),
                 allow_origins=tuple(settings.allow_origin),
+                static_routes={},  # static assets (exact path -> GET route) are served from here
             )
             app.status_routes.update(self._status_routes(with_metrics=not split))
             ResponsesApi(app)
