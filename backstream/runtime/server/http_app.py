@@ -7,10 +7,12 @@ caller (exact paths, GET). Everything else is a 404 in OpenAI's error shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
+import socket as stdlib_socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -29,9 +31,18 @@ from backstream.protocol.errors import (
 from backstream.protocol.responses import error_body
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
-from backstream.runtime.server.http_server import SocketWatch
+from backstream.runtime.server.socket_gate import SocketGate
 
-__all__ = ["HttpApp", "HttpLimits", "HttpStats", "Request", "StaticRoute", "error_response", "send_body"]
+__all__ = [
+    "HttpApp",
+    "HttpLimits",
+    "HttpStats",
+    "Request",
+    "StaticRoute",
+    "StreamSocket",
+    "error_response",
+    "send_body",
+]
 
 log = logging.getLogger("backstream.http")
 
@@ -86,12 +97,28 @@ class HttpStats:
     """Streams ended because their client did not read in time."""
 
 
+class StreamSocket:
+    """The socket under one request: whether it keeps up, and a way to cut it."""
+
+    def __init__(self, sock: trio.socket.SocketType | None, *, max_unsent_bytes: int) -> None:
+        self._sock = sock
+        self.gate = SocketGate(sock, max_unsent_bytes=max_unsent_bytes)
+        self.cut = False
+
+    def shut(self) -> None:
+        """Cut the connection: a write in progress fails at once, the client sees it end."""
+        self.cut = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(stdlib_socket.SHUT_RDWR)
+
+
 @attrs.define
 class Request:
     scope: dict[str, Any]
     receive: Receive
     send: Send
-    watch: SocketWatch
+    socket: StreamSocket
     identity: Identity | None = None
 
     @property
@@ -204,7 +231,8 @@ class HttpApp:
         self.open_streams: dict[str, int] = {}
         self.stats = HttpStats()
         self.closing = trio.Event()
-        self.socket_watch: Callable[[dict[str, Any]], SocketWatch] = lambda scope: SocketWatch(None)
+        self.socket_of: Callable[[dict[str, Any]], trio.socket.SocketType | None] = lambda scope: None
+        """Finds a request's socket (set by the server that runs the app)."""
 
     def route(self, method: str, pattern: str, handler: Handler, *, rate_limited: bool = True) -> None:
         """An authenticated API route; ``pattern`` is a regular expression over the path."""
@@ -215,7 +243,8 @@ class HttpApp:
             return  # nothing to start or stop: the runtime lives around the server
         if scope["type"] != "http":
             return
-        request = Request(scope, receive, send, self.socket_watch(scope))
+        sock = StreamSocket(self.socket_of(scope), max_unsent_bytes=self.limits.max_unsent_bytes)
+        request = Request(scope, receive, send, sock)
         self.stats.requests += 1
         try:
             await self._dispatch(request)

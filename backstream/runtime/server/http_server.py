@@ -1,20 +1,17 @@
 """The HTTP listener: hypercorn's trio server running an ASGI app.
 
 hypercorn parses HTTP/1.1 and runs the app; this module owns the listening socket
-so that it can find the socket of each request. hypercorn writes responses with the socket
-send shielded from cancellation, so a deadline on a write cannot be a cancel scope: a stream
-that falls behind is cut by shutting its socket down (``SocketWatch``), which makes the
-pending write fail at once.
+so that it can find the socket of each request (``socket_of``). hypercorn writes responses
+with the socket send shielded from cancellation, so a deadline on a write cannot be a cancel
+scope: a stream that falls behind is cut by shutting its socket down, which makes the pending
+write fail at once (``http_app.StreamSocket``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import select
 import socket as stdlib_socket
-import termios
 import weakref
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -27,7 +24,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
-__all__ = ["HttpServer", "HttpServerConfig", "SocketWatch"]
+__all__ = ["HttpServer", "HttpServerConfig"]
 
 log = logging.getLogger("backstream.http")
 
@@ -65,38 +62,6 @@ class _TrackedListener(trio.abc.Listener[trio.SocketStream]):
         await self._inner.aclose()
 
 
-class SocketWatch:
-    """The socket under one request: how much it has left unsent, and a way to cut it."""
-
-    def __init__(self, sock: Any | None) -> None:
-        self._sock = sock
-        self._poller: select.poll | None = None
-        if sock is not None:
-            self._poller = select.poll()
-            self._poller.register(sock.fileno(), select.POLLOUT)
-        self.cut = False
-
-    def keeps_up(self, max_unsent: int) -> bool:
-        """Few bytes unsent and the kernel calls the socket writable (unknown socket: yes)."""
-        if self._sock is None or self._poller is None:
-            return True
-        try:
-            unsent = int.from_bytes(
-                fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"), "little", signed=True
-            )
-            writable = bool(self._poller.poll(0))
-        except (OSError, ValueError):
-            return True  # the socket is gone; the write will say so
-        return writable and unsent <= max_unsent
-
-    def shut(self) -> None:
-        """Cut the connection: a write in progress fails at once, the client sees it end."""
-        self.cut = True
-        if self._sock is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._sock.shutdown(stdlib_socket.SHUT_RDWR)
-
-
 class HttpServer:
     """Start with ``await nursery.start(server.run)`` (reports the bound port); ``stop_accepting``
     closes the listener, lets running requests finish within ``graceful_timeout``, and ``run``
@@ -110,9 +75,10 @@ class HttpServer:
         self._closed = trio.Event()
         self.port = 0
 
-    def socket_watch(self, scope: dict[str, Any]) -> SocketWatch:
+    def socket_of(self, scope: dict[str, Any]) -> trio.socket.SocketType | None:
+        """The socket an ASGI request came in on (None if it is gone)."""
         client = scope.get("client")
-        return SocketWatch(self._sockets.get(tuple(client)) if client else None)
+        return self._sockets.get(tuple(client)) if client else None
 
     def stop_accepting(self) -> None:
         self._stop.set()

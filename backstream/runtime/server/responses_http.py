@@ -25,7 +25,7 @@ from backstream.protocol.responses import (
     parse_create,
     sse_frame,
 )
-from backstream.runtime.server.http_app import HttpApp, Request, error_response
+from backstream.runtime.server.http_app import HttpApp, Request, StreamSocket, error_response
 
 __all__ = ["ResponsesApi"]
 
@@ -134,7 +134,7 @@ class ResponsesApi:
                 if sent and not translator.finished:
                     await self._follow(request, job_id, len(entries), translator, after)
                 nursery.cancel_scope.cancel()
-            if not request.watch.cut:
+            if not request.socket.cut:
                 await request.send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self._app.open_streams[user] -= 1
@@ -177,22 +177,22 @@ class ResponsesApi:
 
     async def _send_chunk(self, request: Request, body: bytes) -> bool:
         limits = self._app.limits
-        watch = request.watch
+        sock = request.socket
         deadline = trio.current_time() + limits.slow_client_timeout
-        while not watch.keeps_up(limits.max_unsent_bytes):
+        while not sock.gate.keeps_up():
             if trio.current_time() >= deadline:
                 log.info("a stream's client is too slow: cut off (it can resume)")
-                watch.shut()
+                sock.shut()
                 self._app.stats.streams_cut += 1
                 return False
             await trio.sleep(0.02)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cut_after, watch, limits.send_timeout)
+            nursery.start_soon(_cut_after, sock, limits.send_timeout)
             await request.send({"type": "http.response.body", "body": body, "more_body": True})
             nursery.cancel_scope.cancel()
-        if watch.cut:
+        if sock.cut:
             self._app.stats.streams_cut += 1
-        return not watch.cut
+        return not sock.cut
 
 
 def _after(
@@ -258,7 +258,7 @@ async def _cancel_on_event(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _cut_after(watch: Any, seconds: float) -> None:
+async def _cut_after(sock: StreamSocket, seconds: float) -> None:
     await trio.sleep(seconds)
     log.info("a stream write did not go out within %gs: cut off", seconds)
-    watch.shut()
+    sock.shut()

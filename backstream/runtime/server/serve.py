@@ -219,7 +219,7 @@ class _HttpListeners:
         server = HttpServer(
             app, HttpServerConfig(host=settings.host, port=port, reuse_port=bool(settings.reuse_port))
         )
-        app.socket_watch = server.socket_watch
+        app.socket_of = server.socket_of
         self._apps.append(app)
         self._servers.append(server)
         bound: int = await nursery.start(server.run)
