@@ -51,7 +51,9 @@ class ResponsesApi:
     async def _create(self, request: Request, _: re.Match[str]) -> None:
         limits = self._app.limits
         parsed = parse_create(await request.json_body(limits.max_body_bytes, limits.body_timeout))
-        # The SDK sends one Idempotency-Key per logical request, the same on its retries.
+        if parsed.stream:
+            self._check_stream_slot(request.user)  # before the job starts, not after
+        # A client may send an Idempotency-Key: a retried create then finds the same job.
         key = request.header("idempotency-key")
         message_id = f"idem:{key}" if key and len(key) <= 200 else new_id("m_")
         started = await self._runtime.start_job(
@@ -113,9 +115,7 @@ class ResponsesApi:
     async def _stream(self, request: Request, job_id: str, *, after: int) -> None:
         """Server-sent events numbered from 0; only those after ``after`` are sent."""
         user = request.user
-        limits = self._app.limits
-        if self._app.open_streams.get(user, 0) >= limits.max_streams_per_user:
-            raise RateLimitedError(f"at most {limits.max_streams_per_user} open streams per user")
+        self._check_stream_slot(user)
         record, entries = await self._runtime.job_log(job_id, user=user)
         translator = ResponsesTranslator(_source(record))
         self._app.open_streams[user] = self._app.open_streams.get(user, 0) + 1
@@ -140,6 +140,11 @@ class ResponsesApi:
             self._app.open_streams[user] -= 1
             if not self._app.open_streams[user]:
                 del self._app.open_streams[user]
+
+    def _check_stream_slot(self, user: str) -> None:
+        most = self._app.limits.max_streams_per_user
+        if self._app.open_streams.get(user, 0) >= most:
+            raise RateLimitedError(f"at most {most} open streams per user")
 
     async def _follow(
         self, request: Request, job_id: str, seq: int, translator: ResponsesTranslator, after: int
