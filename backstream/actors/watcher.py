@@ -28,11 +28,17 @@ class LogSource(Protocol):
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
     ) -> tuple[LogEvent, ...]:
-        """Entries after ``after_seq``, text merged unless ``merge_text`` is false; maybe none."""
+        """Entries after ``after_seq``, text merged unless ``merge_text`` is false; maybe none.
+
+        Cancellation: nothing is consumed; the cursor is the caller's.
+        """
         ...
 
     async def wait_beyond(self, seq: int) -> None:
-        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone."""
+        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone.
+
+        Cancellation: safe; nothing is consumed.
+        """
         ...
 
 
@@ -45,6 +51,7 @@ class LiveSource:
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
     ) -> tuple[LogEvent, ...]:
+        """Cancellation: nothing is consumed; the cursor is the caller's."""
         # The watcher has already waited; only honour a pending cancellation here.
         await trio.lowlevel.checkpoint_if_cancelled()
         log = self._log
@@ -56,6 +63,7 @@ class LiveSource:
         return log.read(after_seq, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
+        """Cancellation: safe; nothing is consumed."""
         await self._log.wait_beyond(seq)
 
 
@@ -69,6 +77,7 @@ class StoredSource:
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
     ) -> tuple[LogEvent, ...]:
+        """Cancellation: nothing is consumed; the cursor is the caller's."""
         entries = await self._store.read(self._job_id, after_seq, max_events)
         if not entries:
             record = await self._store.get_job(self._job_id)
@@ -82,6 +91,7 @@ class StoredSource:
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
+        """Cancellation: safe; nothing is consumed."""
         await self._store.wait_for_entries(self._job_id, seq)
 
 

@@ -146,7 +146,10 @@ class Request:
         return values[-1] if values else None
 
     async def json_body(self, limit: int, timeout: float) -> Any:
-        """The body as JSON. Raises ``TooLargeError`` past ``limit``, ``BackstreamError`` when bad."""
+        """The body as JSON. Raises ``TooLargeError`` past ``limit``, ``BadRequestError`` when bad
+        or late.
+
+        Cancellation: what was read is dropped; the request cannot be read again."""
         chunks, size = [], 0
         with trio.move_on_after(timeout) as waited:
             while True:
@@ -175,6 +178,7 @@ class _ClientGone(Exception):
 async def send_body(
     send: Send, status: int, content_type: str, body: bytes, headers: Mapping[str, str] | None = None
 ) -> None:
+    """A whole response. Cancellation: the response may be cut; the connection cannot go on."""
     head = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
     head += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": head})
@@ -239,6 +243,9 @@ class HttpApp:
         self._api.append((method, re.compile(pattern), handler, rate_limited))
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """Serve one ASGI request; errors become replies in OpenAI's shape.
+
+        Cancellation (the server stopping): the request ends where it is; jobs go on."""
         if scope["type"] == "lifespan":
             return  # nothing to start or stop: the runtime lives around the server
         if scope["type"] != "http":

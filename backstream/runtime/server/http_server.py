@@ -84,11 +84,15 @@ class HttpServer:
         self._stop.set()
 
     async def wait_closed(self) -> None:
-        """Wait until ``run`` has returned: every connection has ended."""
+        """Wait until ``run`` has returned: every connection has ended.
+
+        Cancellation: stops waiting; the server is not affected."""
         await self._closed.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until ``stop_accepting``. Cancellation ends every connection at once."""
+        """Serve until ``stop_accepting``.
+
+        Cancellation: the listener closes and every connection ends at once."""
         listener = await self._open_listener()
         self.port = listener.socket.getsockname()[1]
         tracked = _TrackedListener(listener, self._sockets)
