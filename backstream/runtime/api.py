@@ -35,6 +35,7 @@ from backstream.protocol.events import (
     ApprovalRequiredEvent,
     JobInfo,
     JobSummary,
+    LogEvent,
 )
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord, job_summary
@@ -129,8 +130,12 @@ class Runtime:
         messages: Sequence[dict[str, Any]],
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
+        annotations: dict[str, Any] | None = None,
     ) -> StartedJob:
         """Start a job, or return the user's job already started with ``message_id``.
+
+        ``annotations`` are kept with the job's request and given back as they were (JSON
+        values; the caller bounds their size); the model never sees them.
 
         Raises ``BadRequestError`` for a bad request, ``CapacityError`` at a limit
         (with ``retry_after_ms``), ``UnavailableError`` while shutting down.
@@ -148,6 +153,7 @@ class Runtime:
             messages=check_messages(messages),
             params=checked_params,
             tools=self._check_tools(tools),
+            annotations=dict(annotations or {}),
         )
         self.resolve_model(request)  # reject an unknown model before admission
         record, existing = await self._registry.start_job(
@@ -230,9 +236,11 @@ class Runtime:
         after_seq: int = 0,
         epoch: int | None = None,
         max_batch_chars: int | None = None,
+        merge_text: bool = True,
     ) -> AsyncIterator[Watcher]:
         """Watch a job from ``after_seq``: an async iterator of batches that ends after the
-        terminal status.
+        terminal status. With ``merge_text=False`` every log entry comes as stored (one text
+        event per ``seq``), so what a batch holds does not depend on how reads were grouped.
 
         Raises ``NotFoundError``; ``GoneError`` when ``epoch`` differs from the log's;
         ``BadRequestError`` for a cursor beyond the end of a finished job.
@@ -248,7 +256,7 @@ class Runtime:
             last_seq, finished = found.log.last_seq, found.log.terminal is not None
         else:
             record = found
-            source, current_epoch = StoredSource(self.store, job_id), record.epoch
+            source, current_epoch = StoredSource(self.store, job_id, record.epoch), record.epoch
             last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
         if epoch is not None and epoch != current_epoch:
             raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
@@ -265,6 +273,7 @@ class Runtime:
             max_batch_events=self.config.max_batch_events,
             max_batch_chars=min(self.config.max_batch_chars, max_batch_chars or self.config.max_batch_chars),
             ended=finished and after_seq == last_seq,
+            merge_text=merge_text,
         )
         watch_id = new_id("w_", self._clock.now())
         await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
@@ -291,19 +300,35 @@ class Runtime:
         """
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise BadRequestError("offset must be a non-negative integer")
-        record = await self._record(job_id, user)
-        actor = self._registry.live(job_id)
-        if actor is not None:
-            summary = actor.summary(self.watcher_count(job_id))
+        # The live actor first: a record read before the job ended would be stale once its
+        # actor is gone; a record read after the actor left is final (it leaves after its
+        # last write).
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            summary = found.summary(self.watcher_count(job_id))
             if not include_content:
                 return JobInfo(job=summary)
-            return JobInfo(job=summary, content=actor.log.content(offset), tool_calls=actor.log.tool_calls())
+            return JobInfo(job=summary, content=found.log.content(offset), tool_calls=found.log.tool_calls())
+        record = found
         summary = self._summary(record)
         if not include_content:
             return JobInfo(job=summary)
         entries = await self.store.read(job_id, 0, record.seq)
         content, calls = summarize_events(entries)
         return JobInfo(job=summary, content=content[offset:], tool_calls=calls)
+
+    async def job_log(self, job_id: str, *, user: str) -> tuple[JobRecord, tuple[LogEvent, ...]]:
+        """The job's record and every entry of its log so far, as stored (no text merged).
+
+        The record's summary fields may lag the entries of a job running here; read
+        ``get_job`` for the freshest summary. Raises ``NotFoundError``.
+
+        Cancellation: nothing changes; call again."""
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            return found.record, tuple(found.log.entries())
+        entries = await self.store.read(job_id, 0, found.seq) if found.seq else []
+        return found, tuple(entries)
 
     async def abort(self, job_id: str, *, user: str) -> AbortResult:
         """Abort a running job: its upstream request and tools stop at once, it ends
