@@ -56,8 +56,12 @@ class JobHistory:
     complete_texts: list[tuple[str, str]] = attrs.Factory(list)
     """(watcher, joined text) of each watch from seq 0 that reached the terminal status."""
 
-    def observe(self, watcher: str, after_seq: int, batches: Sequence[Batch]) -> list[Violation]:
-        """Check one watch's whole history (from ``after_seq``) and merge it into the job's."""
+    def observe(
+        self, watcher: str, after_seq: int, batches: Sequence[Batch], *, earlier_epochs: bool = False
+    ) -> list[Violation]:
+        """Check one watch's whole history (from ``after_seq``) and merge it into the job's.
+        With ``earlier_epochs``, batches of an earlier epoch may lead it: a watch that
+        crossed a recovery saw only durable entries, which the new epoch keeps."""
         found: list[Violation] = []
 
         def bad(kind: str, detail: str) -> None:
@@ -69,7 +73,7 @@ class JobHistory:
         status = INITIAL_STATUS if after_seq == 0 else None
         ended = False
         for batch in batches:
-            if batch.epoch != self.epoch:
+            if batch.epoch != self.epoch and not (earlier_epochs and batch.epoch < self.epoch):
                 bad("epoch", f"batch of epoch {batch.epoch} in a history of epoch {self.epoch}")
             if batch.from_seq != expected:
                 kind = "gap" if batch.from_seq > expected else "duplicate"
@@ -178,16 +182,21 @@ class History:
         return self.jobs.setdefault((job_id, epoch), JobHistory(job_id, epoch))
 
     def observe(self, job_id: str, watcher: str, after_seq: int, batches: Sequence[Batch]) -> list[Violation]:
-        """Record one watch (all its batches share one epoch; a new epoch is a new watch)."""
+        """Record one watch. Its epoch may grow at a batch boundary (the job was recovered
+        while it watched from the store): each epoch's part goes to that epoch's history,
+        and the whole of it, as a prefix, to the last epoch's."""
         self.watches += 1
         self.batches += len(batches)
         self.events += sum(len(b.events) for b in batches)
-        epochs = {b.epoch for b in batches}
-        if len(epochs) > 1:
-            found = [Violation(job_id, watcher, "epoch", f"one watch saw epochs {sorted(epochs)}")]
+        epochs = [b.epoch for b in batches]
+        if epochs != sorted(epochs):
+            found = [Violation(job_id, watcher, "epoch", f"the epoch went down: {epochs}")]
+        elif len(set(epochs)) > 1:
+            first = [b for b in batches if b.epoch == epochs[0]]
+            found = self.job(job_id, epochs[0]).observe(watcher, after_seq, first)
+            found += self.job(job_id, epochs[-1]).observe(watcher, after_seq, batches, earlier_epochs=True)
         else:
-            epoch = epochs.pop() if epochs else 1
-            found = self.job(job_id, epoch).observe(watcher, after_seq, batches)
+            found = self.job(job_id, epochs[0] if epochs else 1).observe(watcher, after_seq, batches)
         self.violations.extend(found)
         return found
 

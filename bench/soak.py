@@ -378,7 +378,7 @@ class Soak:
             victim = self.rng.choice(self.instances)
             victim.kill()
             await trio.sleep(2.0)
-            await trio.to_thread.run_sync(victim.start)
+            await self.restart(victim)
         elif kind in ("redis_pause", PAUSE_PAST_LEASE):
             self.redis.signal(signal.SIGSTOP)
             await trio.sleep(2.0 if kind == "redis_pause" else self.settings.lease_ttl + 3)
@@ -389,6 +389,16 @@ class Soak:
             if kind == "redis_wipe":
                 self.wipes.append(time.monotonic())
             await trio.to_thread.run_sync(lambda: self.redis.start(wipe=kind == "redis_wipe"))
+
+    async def restart(self, instance: Instance) -> None:
+        for _ in range(3):
+            try:
+                await trio.to_thread.run_sync(instance.start)
+                return
+            except TimeoutError:  # a slow start on a busy machine: kill it, try again
+                self.errors[f"instance {instance.index} slow to restart"] += 1
+                instance.kill()
+        raise RuntimeError(f"instance {instance.index} did not restart; see {instance.log_path}")
 
     async def sample_rss(self) -> None:
         while True:

@@ -55,4 +55,14 @@ def test_an_illegal_transition_and_a_mixed_epoch() -> None:
     assert kinds(History(), 0, [batch(RUN, StatusEvent(2, "completed"), StatusEvent(3, "running"))]) >= {
         "lifecycle"
     }
-    assert kinds(History(), 0, [batch(RUN), batch(TextEvent(2, "x"), epoch=2)]) == {"epoch"}
+    assert kinds(History(), 0, [batch(RUN, epoch=2), batch(TextEvent(2, "x"))]) == {"epoch"}
+
+
+def test_a_watch_may_cross_into_the_recovered_epoch() -> None:
+    history = History()
+    live = [batch(RUN, TextEvent(2, "a"), TextEvent(3, "b"))]  # on the instance that died
+    assert kinds(history, 0, live) == set()
+    crossed = [batch(RUN, TextEvent(2, "a")), batch(StatusEvent(3, "interrupted"), epoch=2)]
+    assert kinds(history, 0, crossed) == set()
+    assert history.check_final("j", 2, "interrupted", "a", 3) == []
+    assert "conflict" in kinds(history, 0, [batch(RUN, TextEvent(2, "a"), StatusEvent(3, "interrupted"))])

@@ -17,9 +17,6 @@ from backstream.protocol.events import TERMINAL_STATUSES
 from bench.soak import FAULTS, Settings, soak
 
 OFF_UNTIL_FIXED = {
-    "kill_instance": "a watch served from the store (on an instance that does not run the job) that "
-    "spans the job's orphan recovery delivers the new epoch's interrupted status labelled with the "
-    "old epoch, where watches on the dead instance saw other entries at that seq",
     "redis_restart": "when a Redis restart outlasts a lease, another instance recovers a job whose "
     "instance is alive, and that instance's later commits are not fenced: they append after the "
     "recovery's terminal status",
