@@ -78,6 +78,7 @@ class Settings:
     faults: tuple[str, ...] = FAULTS
     lease_ttl: float = 10.0  # longer than any pause or restart, unless PAUSE_PAST_LEASE
     job_tokens: tuple[int, int] = (20, 200)  # words per job, at 10-40 words/s
+    overrun: float = 150.0  # how long the jobs in flight at the end may take to end
     seed: int = 1
     out: str | None = None
     plot: str | None = None
@@ -204,6 +205,10 @@ class Soak:
     stop_starting: trio.Event = attrs.Factory(trio.Event)
     rng: random.Random = attrs.Factory(random.Random)
     clients: list[Client] = attrs.Factory(list)  # open clients, for connection resets
+    cursors: dict[str, tuple[str, int, float]] = attrs.Factory(dict)  # watcher -> job, cursor, since
+    stuck: dict[str, Any] = attrs.Factory(dict)  # watchers still going when the load's time was up
+    phases: dict[str, str] = attrs.Factory(dict)  # job task -> what it is doing
+    stuck_tasks: dict[str, str] = attrs.Factory(dict)
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -245,12 +250,15 @@ class Soak:
             nursery.start_soon(self.one_job, sequence, slots)
 
     async def one_job(self, sequence: int, slots: trio.Semaphore) -> None:
+        task = f"job task {sequence}"
+        self.phases[task] = "connecting"
         try:
             user = f"u{sequence % self.settings.users}"
             kind = self.rng.choices(["watched", "unwatched", "muted", "aborted"], [6, 2, 1, 1])[0]
             thread_id = "quiet" if kind == "muted" else f"t{sequence % 5}"
             tokens, rate = self.rng.randint(*self.settings.job_tokens), self.rng.choice([10.0, 20.0, 40.0])
             async with self.client(user) as client:
+                self.phases[task] = "starting"
                 started = await self.retrying(
                     lambda: client.start_job(
                         thread_id=thread_id,
@@ -264,6 +272,7 @@ class Soak:
                     return
                 job = SoakJob(started.job.job_id, user, thread_id, time.monotonic(), kind)
                 self.jobs[job.job_id] = job
+                self.phases[task] = f"{kind} {job.job_id}"
                 if kind in ("watched", "aborted"):
                     count = max(1, min(4, self.settings.watchers // max(1, self.settings.jobs)))
                     async with trio.open_nursery() as nursery:
@@ -271,13 +280,16 @@ class Soak:
                             nursery.start_soon(self.watch_job, job, f"{job.job_id}/w{w}", w == 1)
                         if kind == "aborted":
                             await trio.sleep(self.rng.uniform(0.5, 3.0))
+                            self.phases[task] = f"aborting {job.job_id}"
                             result = await self.retrying(lambda: client.abort(job.job_id))
                             job.aborted = bool(result and result.aborted)
                 else:
                     await trio.sleep(tokens / rate)
+                self.phases[task] = "closing its client"
         except BackstreamError as exc:
             self.errors[f"job: {exc.code}"] += 1
         finally:
+            del self.phases[task]
             slots.release()
 
     async def retrying(self, request: Any) -> Any:
@@ -307,7 +319,11 @@ class Soak:
                     while True:
                         batches: list[Batch] = []
                         start_seq = after_seq
-                        outcome = await self.follow(client, job, after_seq, epoch, batches)
+                        self.cursors[name] = (job.job_id, after_seq, self.now())
+                        try:
+                            outcome = await self.follow(client, job, after_seq, epoch, batches, name)
+                        finally:
+                            del self.cursors[name]
                         self.history.observe(job.job_id, name, start_seq, batches)
                         if outcome == "gone":  # a new epoch: read it from the start
                             after_seq, epoch = 0, None
@@ -322,7 +338,7 @@ class Soak:
             self.running_watchers -= 1
 
     async def follow(
-        self, client: Client, job: SoakJob, after_seq: int, epoch: int | None, batches: list[Batch]
+        self, client: Client, job: SoakJob, after_seq: int, epoch: int | None, batches: list[Batch], name: str
     ) -> str:
         """One epoch's history, re-watching from the cursor now and then."""
         cursor = after_seq
@@ -333,6 +349,7 @@ class Soak:
                     async for batch in watch:
                         batches.append(batch)
                         cursor, epoch = batch.to_seq, batch.epoch
+                        self.cursors[name] = (job.job_id, cursor, self.now())
                         if "rewatch" in self.settings.faults and time.monotonic() > rewatch_at:
                             self.fault("rewatch")
                             break
@@ -390,6 +407,15 @@ class Soak:
                 self.wipes.append(time.monotonic())
             await trio.to_thread.run_sync(lambda: self.redis.start(wipe=kind == "redis_wipe"))
 
+    async def watchdog(self, after: float) -> None:
+        """Just before the load's time is up: which tasks are still going."""
+        await trio.sleep(after)
+        self.stuck = {
+            watcher: {"job_id": job_id, "cursor": cursor, "last_batch_at": round(since, 1)}
+            for watcher, (job_id, cursor, since) in self.cursors.items()
+        }
+        self.stuck_tasks = {**self.phases, "trio tasks": ", ".join(sorted(set(task_names())))}
+
     async def restart(self, instance: Instance) -> None:
         for _ in range(3):
             try:
@@ -423,11 +449,19 @@ class Soak:
             async with self.client(user) as client:
                 for job in jobs:
                     status = await self.final_status(client, job)
+                    for stuck in self.stuck.values():
+                        if stuck["job_id"] == job.job_id:
+                            stuck["job_at_the_end"] = job.final
                     final[job.job_id] = status
                     job.final = job.final or status
                     statuses[status] += 1
                 listed = await self.retrying(lambda: client.notifications_list(limit=200))
                 self.check_notifications(listed, jobs, final)
+        for watcher, stuck in self.stuck.items():
+            job = self.jobs[stuck["job_id"]]
+            if final.get(job.job_id) in TERMINAL_STATUSES:
+                detail = f"{watcher} waits after seq {stuck['cursor']} of a job that ended {job.final}"
+                self.violation(job, "stuck_watch", detail)
         return dict(statuses)
 
     async def final_status(self, client: Client, job: SoakJob) -> str:
@@ -525,15 +559,16 @@ async def soak(settings: Settings) -> dict[str, Any]:
                     await client.mute_thread("quiet")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(state.sample_rss)
+                nursery.start_soon(state.watchdog, settings.seconds + settings.overrun - 1)
                 # Jobs in flight end by themselves (20 s at most, or a lease later): bounded.
-                with trio.move_on_after(settings.seconds + 150) as bounded:
+                with trio.move_on_after(settings.seconds + settings.overrun) as bounded:
                     async with trio.open_nursery() as load:
                         load.start_soon(state.run_jobs, load)
                         load.start_soon(state.inject_faults)
                         await trio.sleep(settings.seconds)
                         state.stop_starting.set()
                 if bounded.cancelled_caught:
-                    state.errors["the load did not end within 150 s of its time"] += 1
+                    state.errors["the load overran"] += 1
                 with trio.fail_after(300):  # 30 s per job at most, in practice a few
                     statuses = await state.check_end()
                 nursery.cancel_scope.cancel()
@@ -541,6 +576,20 @@ async def soak(settings: Settings) -> dict[str, Any]:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return results(state, statuses, logs)
+
+
+def task_names() -> list[str]:
+    """The names of every task of this run (what is left when the load overruns)."""
+    found: list[str] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                found.append(child.name.rsplit(".", 1)[-1])
+                walk(child)
+
+    walk(trio.lowlevel.current_root_task())
+    return found
 
 
 def results(state: Soak, statuses: dict[str, int], logs: dict[int, str]) -> dict[str, Any]:
@@ -560,6 +609,8 @@ def results(state: Soak, statuses: dict[str, int], logs: dict[int, str]) -> dict
         "client_reconnects": state.reconnects,
         "faults": dict(state.faults),
         "fault_log": state.fault_log,
+        "stuck_watchers": state.stuck,
+        "stuck_job_tasks": state.stuck_tasks,
         "errors": dict(state.errors),
         "violations": [v.as_json() for v in history.violations[:200]],
         "violating_jobs": {
