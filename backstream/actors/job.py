@@ -29,7 +29,13 @@ from backstream.actors.ports import (
     TurnResult,
 )
 from backstream.protocol.backoff import Backoff
-from backstream.protocol.chat_stream import ModelOutput, ReasoningDelta, TextDelta, ToolCallDone
+from backstream.protocol.chat_stream import (
+    ModelOutput,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+)
 from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary
 from backstream.protocol.records import JobProgress, JobRecord
 
@@ -299,6 +305,8 @@ class JobActor:
             self.log.append_reasoning(out.text)  # type: ignore[union-attr]
         elif kind is ToolCallDone:
             self.log.append_tool_call(out.call_id, out.name, out.arguments)  # type: ignore[union-attr]
+        elif kind is ToolCallDelta:
+            self.log.append_tool_call_delta(out.call_id, out.name, out.arguments_delta)  # type: ignore[union-attr]
         else:
             return
         self._updated_at = self._clock.now()

@@ -3,7 +3,9 @@
 One job actor owns and appends to each log; watchers, the flusher and
 ``get_job`` read it through cursors and never change it. Reads never block
 writers. Memory is bounded by ``max_output_chars``: every entry holds at least
-one character of output, except the few status and approval entries.
+one character of output, except the few status and approval entries. A tool
+call's argument fragments (``tool_call_delta``) and the assembled call count
+once toward the limit, so they hold at most twice that many characters.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from backstream.protocol.events import (
     ReasoningEvent,
     StatusEvent,
     TextEvent,
+    ToolCallDeltaEvent,
     ToolCallEvent,
     ToolCallRecord,
     ToolResultEvent,
@@ -56,6 +59,7 @@ class JobLog:
         self.content_length = 0
         self.terminal: StatusEvent | None = None
         self.status: JobStatus = INITIAL_STATUS
+        self._delta_chars: dict[str, int] = {}  # call_id -> argument characters charged as fragments
         self._readers = trio.lowlevel.ParkingLot()
 
     # -- appending (the owning job actor only) ----------------------------------
@@ -81,11 +85,25 @@ class JobLog:
         if over:
             raise OutputLimitExceeded
 
-    def append_tool_call(self, call_id: str, name: str, arguments: str) -> None:
-        """Append a complete tool call; its arguments count toward the output limit."""
-        if self._output_chars + len(arguments) > self._max_output_chars:
+    def append_tool_call_delta(self, call_id: str, name: str, arguments_delta: str) -> None:
+        """Append a fragment of a call's arguments; it counts toward the output limit."""
+        if self._output_chars + len(arguments_delta) > self._max_output_chars:
             raise OutputLimitExceeded
-        self._output_chars += len(arguments)
+        self._output_chars += len(arguments_delta)
+        self._delta_chars[call_id] = self._delta_chars.get(call_id, 0) + len(arguments_delta)
+        self._append(
+            ToolCallDeltaEvent(
+                seq=self.last_seq + 1, call_id=call_id, name=name, arguments_delta=arguments_delta
+            )
+        )
+
+    def append_tool_call(self, call_id: str, name: str, arguments: str) -> None:
+        """Append a complete tool call; the part of its arguments not already counted as
+        fragments counts toward the output limit."""
+        charge = max(0, len(arguments) - self._delta_chars.pop(call_id, 0))
+        if self._output_chars + charge > self._max_output_chars:
+            raise OutputLimitExceeded
+        self._output_chars += charge
         self._append(ToolCallEvent(seq=self.last_seq + 1, call_id=call_id, name=name, arguments=arguments))
 
     def append_approval_required(self, call_id: str, name: str, arguments: str) -> None:
@@ -145,13 +163,18 @@ class JobLog:
 
     # -- reading (anyone) -----------------------------------------------------------
 
-    def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
-        """Entries after ``after_seq``, adjacent text merged, at most about the given bounds.
+    def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
+        """Entries after ``after_seq``, adjacent text merged (unless ``merge_text`` is false),
+        at most about the given bounds.
 
         Always returns at least one entry when there is one. The seq of the last
         returned event is the last entry covered.
         """
-        return merge_events(self._entries[after_seq:], max_events=max_events, max_chars=max_chars)
+        return merge_events(
+            self._entries[after_seq:], max_events=max_events, max_chars=max_chars, merge_text=merge_text
+        )
 
     def entries(self, after_seq: int = 0, until_seq: int | None = None) -> Sequence[LogEvent]:
         """Raw entries ``after_seq + 1`` .. ``until_seq`` (a copy; for the flusher)."""
@@ -173,8 +196,11 @@ class JobLog:
             await self._readers.park()
 
 
-def merge_events(entries: Sequence[LogEvent], *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
-    """Merge adjacent text entries (keeping the last seq) within the bounds."""
+def merge_events(
+    entries: Sequence[LogEvent], *, max_events: int, max_chars: int, merge_text: bool = True
+) -> tuple[LogEvent, ...]:
+    """Merge adjacent text entries (keeping the last seq) within the bounds; with
+    ``merge_text`` false, every entry stays as it is."""
     out: list[LogEvent] = []
     pending: list[str] = []
     pending_seq = 0
@@ -182,6 +208,12 @@ def merge_events(entries: Sequence[LogEvent], *, max_events: int, max_chars: int
     for entry in entries:
         if chars >= max_chars:
             break
+        if isinstance(entry, TextEvent) and not merge_text:
+            if len(out) >= max_events:
+                break
+            out.append(entry)
+            chars += len(entry.text)
+            continue
         if isinstance(entry, TextEvent):
             if not pending and len(out) >= max_events:
                 break
@@ -199,6 +231,8 @@ def merge_events(entries: Sequence[LogEvent], *, max_events: int, max_chars: int
             chars += len(entry.text)
         elif isinstance(entry, ToolResultEvent):
             chars += len(entry.output)
+        elif isinstance(entry, ToolCallDeltaEvent):
+            chars += len(entry.arguments_delta)
     if pending:
         out.append(TextEvent(seq=pending_seq, text="".join(pending)))
     return tuple(out)

@@ -18,14 +18,16 @@ import trio
 from backstream.actors.joblog import JobLog, merge_events
 from backstream.actors.ports import Store
 from backstream.protocol.errors import GoneError
-from backstream.protocol.events import Batch, LogEvent, StatusEvent
+from backstream.protocol.events import Batch, LogEvent, StatusEvent, ToolCallDeltaEvent
 
 __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 
 
 class LogSource(Protocol):
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
-        """Entries after ``after_seq``, text merged; maybe none."""
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
+        """Entries after ``after_seq``, text merged unless ``merge_text`` is false; maybe none."""
         ...
 
     async def wait_beyond(self, seq: int) -> None:
@@ -39,10 +41,12 @@ class LiveSource:
     def __init__(self, log: JobLog) -> None:
         self._log = log
 
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
         # The watcher has already waited; only honour a pending cancellation here.
         await trio.lowlevel.checkpoint_if_cancelled()
-        return self._log.read(after_seq, max_events=max_events, max_chars=max_chars)
+        return self._log.read(after_seq, max_events=max_events, max_chars=max_chars, merge_text=merge_text)
 
     async def wait_beyond(self, seq: int) -> None:
         await self._log.wait_beyond(seq)
@@ -55,11 +59,13 @@ class StoredSource:
         self._store = store
         self._job_id = job_id
 
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
         entries = await self._store.read(self._job_id, after_seq, max_events)
         if not entries and await self._store.get_job(self._job_id) is None:
             raise GoneError("the job's log is no longer kept; load the result with job.get")
-        return merge_events(entries, max_events=max_events, max_chars=max_chars)
+        return merge_events(entries, max_events=max_events, max_chars=max_chars, merge_text=merge_text)
 
     async def wait_beyond(self, seq: int) -> None:
         await self._store.wait_for_entries(self._job_id, seq)
@@ -71,6 +77,11 @@ class Watcher:
     ``__anext__`` waits for entries, then for the batch interval; cancelling it
     loses nothing (the cursor moves only when a batch is returned). Ends after
     the batch that holds the terminal status.
+
+    ``tool_call_deltas`` false (the protocol's default) leaves out the opt-in
+    ``tool_call_delta`` entries: a batch then ends at its last event, and the fragments
+    it skips are covered by the next batch, which holds the call they belong to.
+    ``merge_text`` false keeps every text entry as it is in the log.
     """
 
     def __init__(
@@ -84,6 +95,8 @@ class Watcher:
         max_batch_events: int,
         max_batch_chars: int,
         ended: bool = False,
+        tool_call_deltas: bool = False,
+        merge_text: bool = True,
     ) -> None:
         self.job_id = job_id
         self.epoch = epoch
@@ -94,6 +107,8 @@ class Watcher:
         self._max_chars = max_batch_chars
         self._next_batch_at = -float("inf")
         self.ended = ended
+        self._tool_call_deltas = tool_call_deltas
+        self._merge_text = merge_text
 
     def __aiter__(self) -> Watcher:
         return self
@@ -101,14 +116,18 @@ class Watcher:
     async def __anext__(self) -> Batch:
         if self.ended:
             raise StopAsyncIteration
+        read_to = self.cursor  # entries up to here were read and held nothing to send
         while True:
-            await self._source.wait_beyond(self.cursor)
+            await self._source.wait_beyond(read_to)
             # At most one batch per interval: what arrives meanwhile joins this batch.
             if trio.current_time() < self._next_batch_at:
                 await trio.sleep_until(self._next_batch_at)
             events = await self._source.read(
-                self.cursor, max_events=self._max_events, max_chars=self._max_chars
+                read_to, max_events=self._max_events, max_chars=self._max_chars, merge_text=self._merge_text
             )
+            if events and not self._tool_call_deltas:
+                read_to = events[-1].seq
+                events = tuple(ev for ev in events if not isinstance(ev, ToolCallDeltaEvent))
             if events:
                 break
         batch = Batch(

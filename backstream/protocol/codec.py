@@ -28,6 +28,7 @@ from backstream.protocol.events import (
     ReasoningEvent,
     StatusEvent,
     TextEvent,
+    ToolCallDeltaEvent,
     ToolCallEvent,
     ToolResultEvent,
 )
@@ -43,6 +44,7 @@ from backstream.protocol.messages import (
 
 __all__ = [
     "EVENT_CLASSES",
+    "OPT_IN_KINDS",
     "ProtocolError",
     "batch_message",
     "converter",
@@ -56,11 +58,14 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     TextEvent,
     ReasoningEvent,
     ToolCallEvent,
+    ToolCallDeltaEvent,
     ApprovalRequiredEvent,
     ApprovalEvent,
     ToolResultEvent,
     StatusEvent,
 )
+OPT_IN_KINDS: frozenset[str] = frozenset({"tool_call_delta"})
+"""Event kinds a watch carries only when it asks for them (``tool_call_deltas``)."""
 MAX_DEPTH = 64  # JSON nesting deeper than this is refused before it reaches the converter
 
 

@@ -104,6 +104,8 @@ class JobStart:
     tools: list[str] = attrs.field(factory=list)
     params: dict[str, Any] = attrs.field(factory=dict)
     watch: bool = False
+    tool_call_deltas: bool = False
+    """With ``watch``: also send ``tool_call_delta`` events."""
 
 
 @attrs.frozen
@@ -113,6 +115,8 @@ class JobWatch:
     job_id: str
     after_seq: int = attrs.field(default=0, validator=_non_negative)
     epoch: int | None = None
+    tool_call_deltas: bool = False
+    """Also send ``tool_call_delta`` events (argument fragments as the model streams them)."""
 
 
 @attrs.frozen

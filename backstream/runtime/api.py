@@ -214,9 +214,12 @@ class Runtime:
         after_seq: int = 0,
         epoch: int | None = None,
         max_batch_chars: int | None = None,
+        tool_call_deltas: bool = False,
+        merge_text: bool = True,
     ) -> AsyncIterator[Watcher]:
         """Watch a job from ``after_seq``: an async iterator of batches that ends after the
-        terminal status.
+        terminal status. ``tool_call_deltas`` adds the ``tool_call_delta`` entries;
+        ``merge_text`` false keeps each text entry apart, as the log holds it.
 
         Raises ``NotFoundError``; ``GoneError`` when ``epoch`` differs from the log's;
         ``BadRequestError`` for a cursor beyond the end of a finished job.
@@ -245,6 +248,8 @@ class Runtime:
             max_batch_events=self.config.max_batch_events,
             max_batch_chars=min(self.config.max_batch_chars, max_batch_chars or self.config.max_batch_chars),
             ended=finished and after_seq == last_seq,
+            tool_call_deltas=tool_call_deltas,
+            merge_text=merge_text,
         )
         watch_id = new_id("w_", self._clock.now())
         await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)

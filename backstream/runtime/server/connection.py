@@ -353,22 +353,30 @@ class Connection:
         )
         reply = JobStarted(id=message.id, job=started.job, existing=started.existing)
         if message.watch:
-            await self._start_watch(started.job_id, 0, None, reply)
+            await self._start_watch(started.job_id, 0, None, reply, deltas=message.tool_call_deltas)
         else:
             await self._reply(reply)
 
     async def _on_watch(self, message: JobWatch) -> None:
-        await self._start_watch(message.job_id, message.after_seq, message.epoch, None, message.id)
+        m = message
+        await self._start_watch(m.job_id, m.after_seq, m.epoch, None, m.id, deltas=m.tool_call_deltas)
 
     async def _start_watch(
-        self, job_id: str, after_seq: int, epoch: int | None, reply: JobStarted | None, request_id: str = ""
+        self,
+        job_id: str,
+        after_seq: int,
+        epoch: int | None,
+        reply: JobStarted | None,
+        request_id: str = "",
+        *,
+        deltas: bool = False,
     ) -> None:
         await self._stop_watch(job_id)  # watching again restarts from the new cursor
         if len(self._watches) >= self._limits.max_watches:
             raise BadRequestError(f"at most {self._limits.max_watches} watches per connection")
         assert self._nursery is not None
         watch = _Watch(scope=trio.CancelScope())
-        summary = await self._nursery.start(self._run_watch, job_id, after_seq, epoch, watch)
+        summary = await self._nursery.start(self._run_watch, job_id, after_seq, epoch, deltas, watch)
         self._watches[job_id] = watch
         try:
             await self._reply(reply if reply is not None else JobWatching(id=request_id, job=summary))
@@ -380,6 +388,7 @@ class Connection:
         job_id: str,
         after_seq: int,
         epoch: int | None,
+        deltas: bool,
         watch: _Watch,
         *,
         task_status: trio.TaskStatus[Any],
@@ -389,7 +398,12 @@ class Connection:
                 # Frames small enough to fit beside what a slow client left unread (see _client_keeps_up).
                 frame_chars = max(1024, self._limits.max_unsent_bytes // 4)
                 async with self._runtime.watch(
-                    job_id, user=self.user, after_seq=after_seq, epoch=epoch, max_batch_chars=frame_chars
+                    job_id,
+                    user=self.user,
+                    after_seq=after_seq,
+                    epoch=epoch,
+                    max_batch_chars=frame_chars,
+                    tool_call_deltas=deltas,
                 ) as batches:
                     info = await self._runtime.get_job(job_id, user=self.user)
                     task_status.started(info.job)
