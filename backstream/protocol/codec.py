@@ -52,6 +52,7 @@ __all__ = [
     "decode_server",
     "encode",
     "error_message",
+    "load_object",
 ]
 
 EVENT_CLASSES: tuple[type[Any], ...] = (
@@ -189,6 +190,12 @@ def _load(data: str | bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "a message must be a JSON object")
     return obj
+
+
+def load_object(data: str | bytes) -> dict[str, Any]:
+    """One frame as a JSON object, with the protocol's checks (text, depth). Raises
+    ``ProtocolError``."""
+    return _load(data)
 
 
 def decode_client(data: str | bytes) -> ClientMessage:

@@ -100,6 +100,8 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         host=settings.host,
         port=settings.port,
         allow_origins=tuple(settings.allow_origin),
+        auth_cookie=settings.auth_cookie,
+        default_model=settings.default_model,
         reuse_port=bool(settings.reuse_port),
         limits=ConnectionLimits(
             hello_timeout=settings.hello_timeout, max_message_bytes=settings.max_message_bytes

@@ -27,7 +27,7 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("host", str, "127.0.0.1", "interface to listen on"),
-    Option("port", int, 8765, "WebSocket port (path /v1)"),
+    Option("port", int, 8765, "WebSocket port (paths /v1 and /v1/ai-sdk)"),
     Option("http_port", int, None, "port for /healthz, /readyz and /metrics (off if unset)"),
     Option(
         "store",
@@ -55,6 +55,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "allow_origin", str, (), "an Origin browsers may connect from (exact), repeatable", repeatable=True
     ),
+    Option("auth_cookie", str, None, "a cookie holding the token, for browsers on /v1/ai-sdk"),
+    Option("default_model", str, "backstream/echo", "the model of /v1/ai-sdk requests that name none"),
     Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
     Option("max_message_bytes", int, 1024 * 1024, "largest client frame"),
     Option("tls_cert", str, None, "certificate file for wss://"),
