@@ -110,35 +110,33 @@ class AiSdkConnection:
     async def run(self) -> None:
         """Serve the client until it leaves or is closed. Never raises for the client's faults;
         the jobs it started go on."""
-        close = _Close(1000, "")
-        try:
-            with self._session_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._keepalive)
-                    if self.identity.expires_at is not None:
-                        nursery.start_soon(self._expire, self.identity.expires_at)
-                    try:
-                        await self._read_frames(nursery)
-                    finally:
-                        nursery.cancel_scope.cancel()
-        except _Close as exc:
-            close = exc
-        except ConnectionClosed:
-            return
-        if self._close_request is not None:
-            close = self._close_request
+        with self._session_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keepalive)
+                if self.identity.expires_at is not None:
+                    nursery.start_soon(self._expire, self.identity.expires_at)
+                try:
+                    await self._read_frames(nursery)
+                except _Close as exc:
+                    self.close_soon(exc.code, exc.reason)
+                except ConnectionClosed:
+                    pass  # the client left; its jobs go on
+                finally:
+                    nursery.cancel_scope.cancel()
+        close = self._close_request or _Close(1000, "")
         with trio.move_on_after(self._limits.close_timeout) as scope:
             scope.shield = True
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.aclose(close.code, close.reason)
 
     async def _keepalive(self) -> None:
-        while True:
-            await trio.sleep(self._limits.ping_interval)
-            with trio.move_on_after(self._limits.idle_timeout) as waited:
-                await self._ws.ping()
-            if waited.cancelled_caught:
-                self.close_soon(1000, "no pong within the idle timeout")
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await trio.sleep(self._limits.ping_interval)
+                with trio.move_on_after(self._limits.idle_timeout) as waited:
+                    await self._ws.ping()
+                if waited.cancelled_caught:
+                    self.close_soon(1000, "no pong within the idle timeout")
 
     async def _expire(self, expires_at: float) -> None:
         await trio.sleep(max(0.0, expires_at - time.time()))
