@@ -184,3 +184,24 @@ async def test_another_users_chat_is_no_active(tmp_path: Path) -> None:
         job = await only_job(server.runtime, reported["chatId"])
         assert (await ended(server.runtime, job.job_id)).job.status == "completed"
         assert await server.runtime.list_jobs(user="bob") == []
+
+
+def require_chromium() -> str:
+    path = os.environ.get("BACKSTREAM_CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(path):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but there is no Chromium at {path} (apt-get install -y chromium)")
+        pytest.skip(f"needs Chromium at {path}: apt-get install -y chromium")
+    return path
+
+
+async def test_browser_page_reloaded_mid_answer_resumes(tmp_path: Path) -> None:
+    chromium = require_chromium()
+    async with ai_sdk_server(auth_cookie="bs_token") as server:
+        reported = await run_node(
+            "browser.test.mjs", server, tmp_path, BACKSTREAM_CHROMIUM=chromium, BACKSTREAM_AUTH_COOKIE="bs_token"
+        )
+        info = await ended(server.runtime, (await only_job(server.runtime, reported["chatId"])).job_id)
+        assert info.job.status == "completed"
+        assert reported["text"] == info.content
+        assert info.content.startswith(reported["partial"]) and reported["partial"] != info.content
