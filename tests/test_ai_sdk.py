@@ -19,7 +19,7 @@ import attrs
 import pytest
 import trio
 
-from backstream import Config, Runtime, open_runtime
+from backstream import Config, Runtime, Store, open_runtime
 from backstream.runtime.server.auth import StaticTokens
 from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
 from backstream.runtime.tools.registry import ToolRegistry
@@ -61,10 +61,14 @@ class AiSdkServer:
 
 @asynccontextmanager
 async def ai_sdk_server(
-    config: Config | None = None, *, tools: ToolRegistry | None = None, **door: Any
+    config: Config | None = None,
+    *,
+    tools: ToolRegistry | None = None,
+    store: Store | None = None,
+    **door: Any,
 ) -> AsyncIterator[AiSdkServer]:
     config = config or Config(drain_timeout=0)
-    async with open_runtime(config, tools=tools) as rt, trio.open_nursery() as nursery:
+    async with open_runtime(config, tools=tools, store=store) as rt, trio.open_nursery() as nursery:
         front = FrontDoor(rt, StaticTokens(TOKENS), FrontDoorConfig(port=0, **door))
         await nursery.start(front.run)
         yield AiSdkServer(rt, front)
@@ -199,7 +203,11 @@ async def test_browser_page_reloaded_mid_answer_resumes(tmp_path: Path) -> None:
     chromium = require_chromium()
     async with ai_sdk_server(auth_cookie="bs_token") as server:
         reported = await run_node(
-            "browser.test.mjs", server, tmp_path, BACKSTREAM_CHROMIUM=chromium, BACKSTREAM_AUTH_COOKIE="bs_token"
+            "browser.test.mjs",
+            server,
+            tmp_path,
+            BACKSTREAM_CHROMIUM=chromium,
+            BACKSTREAM_AUTH_COOKIE="bs_token",
         )
         info = await ended(server.runtime, (await only_job(server.runtime, reported["chatId"])).job_id)
         assert info.job.status == "completed"
