@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
 import attrs
 import trio
@@ -39,6 +38,8 @@ from backstream.protocol.ui_messages import (
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Identity
 from backstream.runtime.server.connection import ConnectionLimits, ConnectionStats
+from backstream.runtime.server.peer import Close as _Close
+from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
 
 __all__ = ["AiSdkConnection"]
 
@@ -47,13 +48,6 @@ log = logging.getLogger("backstream.ai_sdk")
 RESUME_ABORT_GRACE = 0.5
 """Seconds an ``abort`` of a ``resume`` waits before it aborts the job: the AI SDK's ``Chat``
 aborts a resume it replaces just before it sends the new one, and that must not stop the job."""
-
-
-class _Close(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 @attrs.define
@@ -93,8 +87,7 @@ class AiSdkConnection:
         self._last_resume: dict[str, float] = {}  # chat id -> when its latest resume arrived
         self._session_scope = trio.CancelScope()
         self._close_request: _Close | None = None
-        self._tokens = float(limits.rate_burst)
-        self._tokens_at = trio.current_time()
+        self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
         self._strikes = 0
 
     @property
@@ -112,9 +105,12 @@ class AiSdkConnection:
         the jobs it started go on."""
         with self._session_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keepalive)
+                limits = self._limits
+                nursery.start_soon(
+                    keep_alive, self._ws, limits.ping_interval, limits.idle_timeout, self.close_soon
+                )
                 if self.identity.expires_at is not None:
-                    nursery.start_soon(self._expire, self.identity.expires_at)
+                    nursery.start_soon(close_at, self.identity.expires_at, self.close_soon)
                 try:
                     await self._read_frames(nursery)
                 except _Close as exc:
@@ -129,19 +125,6 @@ class AiSdkConnection:
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.aclose(close.code, close.reason)
 
-    async def _keepalive(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                await trio.sleep(self._limits.ping_interval)
-                with trio.move_on_after(self._limits.idle_timeout) as waited:
-                    await self._ws.ping()
-                if waited.cancelled_caught:
-                    self.close_soon(1000, "no pong within the idle timeout")
-
-    async def _expire(self, expires_at: float) -> None:
-        await trio.sleep(max(0.0, expires_at - time.time()))
-        self.close_soon(4401, "session expired")
-
     # -- frames in ----------------------------------------------------------------------------
 
     async def _read_frames(self, nursery: trio.Nursery) -> None:
@@ -155,7 +138,7 @@ class AiSdkConnection:
                 continue
             if isinstance(request, AbortRequest):
                 self._on_abort(request.request_id, nursery)
-            elif not self._take_token():
+            elif not self._bucket.take():
                 await self._refuse(request.request_id, "too many requests; slow down")
             elif request.request_id in self._active:
                 await self._refuse(request.request_id, "this requestId is already in use")
@@ -168,19 +151,16 @@ class AiSdkConnection:
                     kind="send" if isinstance(request, SendRequest) else "resume", chat_id=request.chat_id
                 )
                 if isinstance(request, ResumeRequest):
-                    self._last_resume[request.chat_id] = active.started_at
+                    self._note_resume(request.chat_id, active.started_at)
                 self._active[request.request_id] = active
                 nursery.start_soon(self._serve, request, active)
 
-    def _take_token(self) -> bool:
-        now = trio.current_time()
-        rate, burst = self._limits.rate_per_s, self._limits.rate_burst
-        self._tokens = min(float(burst), self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+    def _note_resume(self, chat_id: str, now: float) -> None:
+        # Only resumes younger than the grace matter: older ones are forgotten (bounded).
+        for chat, at in list(self._last_resume.items()):
+            if now - at > RESUME_ABORT_GRACE:
+                del self._last_resume[chat]
+        self._last_resume[chat_id] = now
 
     async def _refuse(self, request_id: str | None, message: str) -> None:
         self._strikes += 1
@@ -192,8 +172,8 @@ class AiSdkConnection:
 
     def _on_abort(self, request_id: str, nursery: trio.Nursery) -> None:
         active = self._active.get(request_id)
-        if active is None:
-            return  # it had ended: nothing to stop
+        if active is None or active.aborted:
+            return  # it had ended, or is being stopped already
         active.aborted = True
         active.scope.cancel()  # the transport has closed its side of the stream
         if active.job_id is not None:

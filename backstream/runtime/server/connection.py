@@ -20,7 +20,6 @@ import logging
 import secrets
 import select
 import termios
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +70,8 @@ from backstream.protocol.messages import (
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.peer import Close as _Close
+from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
 
 __all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
 
@@ -106,13 +107,6 @@ class ConnectionStats:
     closed_slow: int = 0
     requests: int = 0
     errors_sent: int = 0
-
-
-class _Close(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 @attrs.define
@@ -158,8 +152,7 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._session_scope = trio.CancelScope()
         self._close_request: _Close | None = None
-        self._tokens = float(limits.rate_burst)
-        self._tokens_at = trio.current_time()
+        self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
         self._strikes = 0
 
     # -- lifecycle ------------------------------------------------------------------
@@ -262,12 +255,7 @@ class Connection:
         return identity
 
     async def _keepalive(self) -> None:
-        while True:
-            await trio.sleep(self._limits.ping_interval)
-            with trio.move_on_after(self._limits.idle_timeout) as waited:
-                await self._ws.ping()
-            if waited.cancelled_caught:
-                self.close_soon(1000, "no pong within the idle timeout")
+        await keep_alive(self._ws, self._limits.ping_interval, self._limits.idle_timeout, self.close_soon)
 
     async def _push_notifications(self) -> None:
         with self._runtime.subscribe_notifications(self.user) as pushes:
@@ -281,8 +269,7 @@ class Connection:
                     return
 
     async def _expire(self, expires_at: float) -> None:
-        await trio.sleep(max(0.0, expires_at - time.time()))
-        self.close_soon(4401, "session expired")
+        await close_at(expires_at, self.close_soon)
 
     # -- requests -------------------------------------------------------------------
 
@@ -301,14 +288,7 @@ class Connection:
             await self._handle(message)
 
     def _take_token(self) -> bool:
-        now = trio.current_time()
-        rate, burst = self._limits.rate_per_s, self._limits.rate_burst
-        self._tokens = min(float(burst), self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        return self._bucket.take()
 
     async def _refuse(self, request_id: str | None, code: str, message: str) -> None:
         self._strikes += 1
