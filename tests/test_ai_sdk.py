@@ -213,3 +213,16 @@ async def test_browser_page_reloaded_mid_answer_resumes(tmp_path: Path) -> None:
         assert info.job.status == "completed"
         assert reported["text"] == info.content
         assert info.content.startswith(reported["partial"]) and reported["partial"] != info.content
+
+
+async def test_the_javascript_type_checks() -> None:
+    node = require_node()
+    with trio.fail_after(120):
+        done = await trio.run_process(
+            [node, "node_modules/typescript/bin/tsc", "-p", "."],
+            cwd=PACKAGE,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace")

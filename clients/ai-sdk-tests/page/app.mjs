@@ -4,8 +4,9 @@
 import { AbstractChat, WebSocketChatTransport } from 'ai';
 
 /** @typedef {import('ai').UIMessage} UIMessage */
+/** @typedef {import('ai').ChatState<UIMessage>} ChatState */
 
-/** @implements {import('ai').ChatState<UIMessage>} */
+/** @implements {ChatState} */
 class PageChatState {
   constructor() {
     /** @type {import('ai').ChatStatus} */
@@ -35,6 +36,7 @@ class PageChatState {
   }
 }
 
+/** @extends {AbstractChat<UIMessage>} */
 class PageChat extends AbstractChat {
   /** @param {Omit<import('ai').ChatInit<UIMessage>, 'messages'>} init */
   constructor(init) {

@@ -21,7 +21,7 @@ test('approval round trip through a Chat', async () => {
   await until(() => chat.status === 'ready', 'the first response to end');
   const asking = chat.lastMessage;
   assert.equal(asking?.role, 'assistant');
-  const part = asking?.parts.find(p => p.type === 'tool-delete_files');
+  const part = asking?.parts.find(/** @param {import('ai').UIMessagePart<any, any>} p */ p => p.type === 'tool-delete_files');
   assert.ok(part && 'state' in part, JSON.stringify(asking?.parts));
   assert.equal(part.state, 'approval-requested');
   assert.ok('approval' in part && part.approval);
@@ -36,7 +36,7 @@ test('approval round trip through a Chat', async () => {
   const done = chat.lastMessage;
   assert.equal(done?.id, asking?.id, 'the same assistant message goes on');
   assert.equal(chat.messages.length, 2);
-  const result = done?.parts.find(p => p.type === 'tool-delete_files');
+  const result = done?.parts.find(/** @param {import('ai').UIMessagePart<any, any>} p */ p => p.type === 'tool-delete_files');
   assert.ok(result && 'state' in result);
   assert.equal(result.state, 'output-available');
   assert.equal('output' in result && result.output, '5');

@@ -5,6 +5,7 @@ import WebSocket from 'ws';
 import { AbstractChat, WebSocketChatTransport, readUIMessageStream } from 'ai';
 
 /** @typedef {import('ai').UIMessage} UIMessage */
+/** @typedef {import('ai').ChatState<UIMessage>} ChatState */
 /** @typedef {import('ai').UIMessageChunk} UIMessageChunk */
 
 /** The endpoint under test, e.g. ws://127.0.0.1:8765/v1/ai-sdk (from the pytest driver). */
@@ -122,7 +123,7 @@ export async function until(predicate, what, timeoutMs = 20000) {
 
 /**
  * The chat state a UI framework would keep (what @ai-sdk/react's useChat holds), in plain JS.
- * @implements {import('ai').ChatState<UIMessage>}
+ * @implements {ChatState}
  */
 class PlainChatState {
   /** @param {UIMessage[]} messages */
@@ -150,7 +151,10 @@ class PlainChatState {
   }
 }
 
-/** A Chat as useChat drives it, without React. */
+/**
+ * A Chat as useChat drives it, without React.
+ * @extends {AbstractChat<UIMessage>}
+ */
 export class PlainChat extends AbstractChat {
   /** @param {Omit<import('ai').ChatInit<UIMessage>, 'messages'> & {messages?: UIMessage[]}} init */
   constructor({ messages, ...init }) {
