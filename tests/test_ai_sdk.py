@@ -81,7 +81,7 @@ async def run_node(test_file: str, server: AiSdkServer, tmp_path: Path, **env: s
     result = tmp_path / f"{test_file}.json"
     with trio.fail_after(120):
         done = await trio.run_process(
-            [node, "--test", f"test/{test_file}"],
+            [node, "--test", "--test-timeout=60000", f"test/{test_file}"],
             cwd=PACKAGE,
             env={
                 **os.environ,
@@ -170,6 +170,8 @@ async def test_approval_round_trip(upstream: FakeUpstream, tmp_path: Path) -> No
     upstream.script(
         tool_turn(("call_9", "delete_files", '{"a": 2, "b": 3}')),
         streams(["Deleted ", "5 files."]),
+        tool_turn(("call_7", "delete_files", '{"a": 1, "b": 1}')),
+        streams(["Not ", "deleted."]),
     )
     tools = ToolRegistry.with_builtins()
     tools.register(sample_tools.delete_files)
@@ -179,6 +181,10 @@ async def test_approval_round_trip(upstream: FakeUpstream, tmp_path: Path) -> No
         assert info.job.status == "completed" and info.content == "Deleted 5 files."
         (call,) = info.tool_calls
         assert (call.call_id, call.approved, call.output) == ("call_9", True, "5")
+        denied = await ended(server.runtime, (await only_job(server.runtime, reported["deniedChatId"])).job_id)
+        assert denied.job.status == "completed" and denied.content == "Not deleted."
+        (call,) = denied.tool_calls
+        assert (call.call_id, call.approved, call.is_error) == ("call_7", False, True)
 
 
 async def test_another_users_chat_is_no_active(tmp_path: Path) -> None:
