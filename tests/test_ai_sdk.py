@@ -181,7 +181,9 @@ async def test_approval_round_trip(upstream: FakeUpstream, tmp_path: Path) -> No
         assert info.job.status == "completed" and info.content == "Deleted 5 files."
         (call,) = info.tool_calls
         assert (call.call_id, call.approved, call.output) == ("call_9", True, "5")
-        denied = await ended(server.runtime, (await only_job(server.runtime, reported["deniedChatId"])).job_id)
+        denied = await ended(
+            server.runtime, (await only_job(server.runtime, reported["deniedChatId"])).job_id
+        )
         assert denied.job.status == "completed" and denied.content == "Not deleted."
         (call,) = denied.tool_calls
         assert (call.call_id, call.approved, call.is_error) == ("call_7", False, True)
