@@ -168,7 +168,8 @@ async def serve(
             routes: dict[str, Route] = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
             http_port = await nursery.start(serve_status, routes, settings.host, settings.http_port)
         scheme = "wss" if settings.tls_cert else "ws"
-        announce(f"backstream {VERSION} listening on {scheme}://{settings.host}:{door.port}/v1")
+        base = f"{scheme}://{settings.host}:{door.port}"
+        announce(f"backstream {VERSION} listening on {base}/v1 (Vercel AI SDK: {base}/v1/ai-sdk)")
         if dev_token is not None:
             announce(f"no auth configured: connect as user 'dev' with token {dev_token}")
         task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown))
