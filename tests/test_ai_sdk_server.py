@@ -199,3 +199,29 @@ async def test_v1_watch_carries_tool_call_deltas_only_when_asked(upstream: FakeU
             again = await client.events_until_terminal(started["job"]["job_id"])
             check_contiguous(again)
             assert all(e["kind"] != "tool_call_delta" for b in again for e in b["events"])
+
+
+async def test_abort_during_admission_and_of_resumes() -> None:
+    slow = {"model": "backstream/lorem", "params": {"max_tokens": 500, "tokens_per_s": 20}}
+    async with ai_sdk_server() as server, open_websocket_url(url(server)) as ws:
+        # An abort right behind its send: the job is aborted once admitted, nothing streamed.
+        await ws.send_message(send_frame("s1", "early", "go", slow))
+        await ws.send_message('{"type":"abort","requestId":"s1"}')
+        with trio.fail_after(10):
+            while not await server.runtime.list_jobs(user="alice", thread_id="early"):
+                await trio.sleep(0.02)
+        early = await ended(server.runtime, (await only_job(server.runtime, "early")).job_id)
+        assert early.job.status == "aborted"
+
+        await ws.send_message(send_frame("s2", "kept", "go", slow))
+        assert json.loads(await ws.get_message())["type"] == "start"
+        job_id = (await only_job(server.runtime, "kept")).job_id
+        # A resume replaced by a newer one (as Chat does): its abort does not stop the job.
+        await ws.send_message(resume_frame("r1", "kept"))
+        await ws.send_message('{"type":"abort","requestId":"r1"}')
+        await ws.send_message(resume_frame("r2", "kept"))
+        await trio.sleep(1.0)
+        assert (await server.runtime.get_job(job_id, user="alice")).job.status == "running"
+        # A resume stopped for good: after the grace, the job is aborted.
+        await ws.send_message('{"type":"abort","requestId":"r2"}')
+        assert (await ended(server.runtime, job_id)).job.status == "aborted"

@@ -175,6 +175,8 @@ class AiSdkConnection:
         if active is None or active.aborted:
             return  # it had ended, or is being stopped already
         active.aborted = True
+        if active.job_id is None and active.kind == "send":
+            return  # its job is being admitted: the request aborts it once it has it
         active.scope.cancel()  # the transport has closed its side of the stream
         if active.job_id is not None:
             nursery.start_soon(self._abort_job, active)
@@ -183,14 +185,17 @@ class AiSdkConnection:
         """Abort the request's job, as ``job.abort``. A resume's abort waits a moment, and
         is dropped if a newer resume of the same chat arrived meanwhile on this connection."""
         assert active.job_id is not None
-        if active.kind == "resume":
-            await trio.sleep(RESUME_ABORT_GRACE)
-            if self._last_resume.get(active.chat_id, 0.0) > active.started_at:
-                return
-        try:
-            await self._runtime.abort(active.job_id, user=self.user)
-        except BackstreamError as exc:
-            log.info("conn %s: abort of %s: %s", self.conn_id, active.job_id, exc.message)
+        # Shielded (and bounded): a client that stops and leaves at once still stops its job.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + RESUME_ABORT_GRACE + self._runtime.config.remote_abort_wait
+            if active.kind == "resume":
+                await trio.sleep(RESUME_ABORT_GRACE)
+                if self._last_resume.get(active.chat_id, 0.0) > active.started_at:
+                    return
+            try:
+                await self._runtime.abort(active.job_id, user=self.user)
+            except BackstreamError as exc:
+                log.info("conn %s: abort of %s: %s", self.conn_id, active.job_id, exc.message)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -232,6 +237,9 @@ class AiSdkConnection:
         if answers:
             job_id, call_id = await self._apply_approvals(answers)
             active.job_id = job_id
+            if active.aborted:  # the abort came while the decisions were applied
+                await self._abort_job(active)
+                return
             await self._stream(request.request_id, job_id, from_call=call_id)
             return
         options = job_options(request.body, self._default_model)
@@ -253,6 +261,7 @@ class AiSdkConnection:
         active.job_id = started.job_id
         if active.aborted:  # the abort came while the job was being admitted
             await self._abort_job(active)
+            return
         await self._stream(request.request_id, started.job_id)
 
     async def _latest_job(self, chat_id: str) -> str | None:
