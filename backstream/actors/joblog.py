@@ -163,18 +163,13 @@ class JobLog:
 
     # -- reading (anyone) -----------------------------------------------------------
 
-    def read(
-        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
-    ) -> tuple[LogEvent, ...]:
-        """Entries after ``after_seq``, adjacent text merged (unless ``merge_text`` is false),
-        at most about the given bounds.
+    def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+        """Entries after ``after_seq``, adjacent text merged, at most about the given bounds.
 
         Always returns at least one entry when there is one. The seq of the last
         returned event is the last entry covered.
         """
-        return merge_events(
-            self._entries[after_seq:], max_events=max_events, max_chars=max_chars, merge_text=merge_text
-        )
+        return merge_events(self._entries[after_seq:], max_events=max_events, max_chars=max_chars)
 
     def entries(self, after_seq: int = 0, until_seq: int | None = None) -> Sequence[LogEvent]:
         """Raw entries ``after_seq + 1`` .. ``until_seq`` (a copy; for the flusher)."""
@@ -197,11 +192,8 @@ class JobLog:
             await self._readers.park()
 
 
-def merge_events(
-    entries: Sequence[LogEvent], *, max_events: int, max_chars: int, merge_text: bool = True
-) -> tuple[LogEvent, ...]:
-    """Merge adjacent text entries (keeping the last seq) within the bounds; with
-    ``merge_text`` false, every entry stays as it is."""
+def merge_events(entries: Sequence[LogEvent], *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+    """Merge adjacent text entries (keeping the last seq) within the bounds."""
     out: list[LogEvent] = []
     pending: list[str] = []
     pending_seq = 0
@@ -209,12 +201,6 @@ def merge_events(
     for entry in entries:
         if chars >= max_chars:
             break
-        if isinstance(entry, TextEvent) and not merge_text:
-            if len(out) >= max_events:
-                break
-            out.append(entry)
-            chars += len(entry.text)
-            continue
         if isinstance(entry, TextEvent):
             if not pending and len(out) >= max_events:
                 break

@@ -26,6 +26,7 @@ from backstream.actors.ports import Model, Store, Tools
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.ids import new_id
+from backstream.protocol.lifecycle import INITIAL_STATUS
 from backstream.protocol.records import JobRecord, JobRequest, SharedCapacity
 
 __all__ = ["Registry", "RegistryStatistics", "StartRequest"]
@@ -117,21 +118,7 @@ class Registry:
                 raise error
         model = self._resolve_model(req.request)
         now = self._clock.now()
-        record = JobRecord(
-            job_id=new_id("j_", now),
-            user=req.user,
-            thread_id=req.thread_id,
-            message_id=req.message_id,
-            request=req.request,
-            status="running",
-            seq=0,
-            epoch=1,
-            content_length=0,
-            created_at=now,
-            updated_at=now,
-            owner=self._instance_id,
-            lease_until=now + self._config.lease_ttl,
-        )
+        record = self._new_record(req, now)
         # Insert-if-absent in one round trip; a shared store also takes a cluster-wide slot.
         capacity = SharedCapacity(
             now=now,
@@ -165,6 +152,23 @@ class Registry:
         self._running_by_user[record.user] += 1
         self._started_total += 1
         return record, False
+
+    def _new_record(self, req: StartRequest, now: float) -> JobRecord:
+        return JobRecord(
+            job_id=new_id("j_", now),
+            user=req.user,
+            thread_id=req.thread_id,
+            message_id=req.message_id,
+            request=req.request,
+            status=INITIAL_STATUS,
+            seq=0,
+            epoch=1,
+            content_length=0,
+            created_at=now,
+            updated_at=now,
+            owner=self._instance_id,
+            lease_until=now + self._config.lease_ttl,
+        )
 
     def _at_capacity(self, user: str) -> CapacityError | None:
         retry = self._config.capacity_retry_after_ms

@@ -28,11 +28,17 @@ class LogSource(Protocol):
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
     ) -> tuple[LogEvent, ...]:
-        """Entries after ``after_seq``, text merged unless ``merge_text`` is false; maybe none."""
+        """Entries after ``after_seq``, text merged unless ``merge_text`` is false; maybe none.
+
+        Cancellation: nothing is consumed; the cursor is the caller's.
+        """
         ...
 
     async def wait_beyond(self, seq: int) -> None:
-        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone."""
+        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone.
+
+        Cancellation: safe; nothing is consumed.
+        """
         ...
 
 
@@ -45,15 +51,19 @@ class LiveSource:
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
     ) -> tuple[LogEvent, ...]:
+        """Cancellation: nothing is consumed; the cursor is the caller's."""
         # The watcher has already waited; only honour a pending cancellation here.
         await trio.lowlevel.checkpoint_if_cancelled()
         log = self._log
         if log.terminal is not None and after_seq >= log.last_seq:
             # The job ended before the cursor: nothing will ever come.
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {log.last_seq}")
-        return log.read(after_seq, max_events=max_events, max_chars=max_chars, merge_text=merge_text)
+        if not merge_text:
+            return tuple(log.entries(after_seq, after_seq + max_events))
+        return log.read(after_seq, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
+        """Cancellation: safe; nothing is consumed."""
         await self._log.wait_beyond(seq)
 
 
@@ -67,6 +77,7 @@ class StoredSource:
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
     ) -> tuple[LogEvent, ...]:
+        """Cancellation: nothing is consumed; the cursor is the caller's."""
         entries = await self._store.read(self._job_id, after_seq, max_events)
         if not entries:
             record = await self._store.get_job(self._job_id)
@@ -75,9 +86,12 @@ class StoredSource:
             if is_terminal(record.status) and after_seq >= record.seq:
                 # The job ended before the cursor: nothing will ever come.
                 raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
-        return merge_events(entries, max_events=max_events, max_chars=max_chars, merge_text=merge_text)
+        if not merge_text:
+            return tuple(entries)
+        return merge_events(entries, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
+        """Cancellation: safe; nothing is consumed."""
         await self._store.wait_for_entries(self._job_id, seq)
 
 
@@ -133,7 +147,10 @@ class Watcher:
             if trio.current_time() < self._next_batch_at:
                 await trio.sleep_until(self._next_batch_at)
             events = await self._source.read(
-                read_to, max_events=self._max_events, max_chars=self._max_chars, merge_text=self._merge_text
+                read_to,
+                max_events=self._max_events,
+                max_chars=self._max_chars,
+                merge_text=self._merge_text,
             )
             if events and not self._tool_call_deltas:
                 read_to = events[-1].seq

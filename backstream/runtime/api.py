@@ -35,6 +35,7 @@ from backstream.protocol.events import (
     ApprovalRequiredEvent,
     JobInfo,
     JobSummary,
+    LogEvent,
 )
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord, job_summary
@@ -129,8 +130,12 @@ class Runtime:
         messages: Sequence[dict[str, Any]],
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
+        annotations: dict[str, Any] | None = None,
     ) -> StartedJob:
         """Start a job, or return the user's job already started with ``message_id``.
+
+        ``annotations`` are kept with the job's request and given back as they were (JSON
+        values; the caller bounds their size); the model never sees them.
 
         Raises ``BadRequestError`` for a bad request, ``CapacityError`` at a limit
         (with ``retry_after_ms``), ``UnavailableError`` while shutting down.
@@ -148,6 +153,7 @@ class Runtime:
             messages=check_messages(messages),
             params=checked_params,
             tools=self._check_tools(tools),
+            annotations=dict(annotations or {}),
         )
         self.resolve_model(request)  # reject an unknown model before admission
         record, existing = await self._registry.start_job(
@@ -234,11 +240,14 @@ class Runtime:
         merge_text: bool = True,
     ) -> AsyncIterator[Watcher]:
         """Watch a job from ``after_seq``: an async iterator of batches that ends after the
-        terminal status. ``tool_call_deltas`` adds the ``tool_call_delta`` entries;
-        ``merge_text`` false keeps each text entry apart, as the log holds it.
+        terminal status. ``tool_call_deltas`` adds the ``tool_call_delta`` entries. With
+        ``merge_text=False`` every log entry comes as stored (one text event per ``seq``), so
+        what a batch holds does not depend on how reads were grouped.
 
         Raises ``NotFoundError``; ``GoneError`` when ``epoch`` differs from the log's;
         ``BadRequestError`` for a cursor beyond the end of a finished job.
+        Cancellation: the watch closes and its presence is withdrawn (a shielded, bounded
+        write); the job goes on.
         """
         if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
             raise BadRequestError("after_seq must be a non-negative integer")
@@ -288,7 +297,10 @@ class Runtime:
         self, job_id: str, *, user: str, include_content: bool = False, offset: int = 0
     ) -> JobInfo:
         """The job's summary; with ``include_content``, its text from character ``offset``
-        and its tool calls."""
+        and its tool calls.
+
+        Cancellation: safe; nothing changes.
+        """
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise BadRequestError("offset must be a non-negative integer")
         record = await self._record(job_id, user)
@@ -304,6 +316,19 @@ class Runtime:
         entries = await self.store.read(job_id, 0, record.seq)
         content, calls = summarize_events(entries)
         return JobInfo(job=summary, content=content[offset:], tool_calls=calls)
+
+    async def job_log(self, job_id: str, *, user: str) -> tuple[JobRecord, tuple[LogEvent, ...]]:
+        """The job's record and every entry of its log so far, as stored (no text merged).
+
+        The record's summary fields may lag the entries of a job running here; read
+        ``get_job`` for the freshest summary. Raises ``NotFoundError``.
+
+        Cancellation: nothing changes; call again."""
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            return found.record, tuple(found.log.entries())
+        entries = await self.store.read(job_id, 0, found.seq) if found.seq else []
+        return found, tuple(entries)
 
     async def abort(self, job_id: str, *, user: str) -> AbortResult:
         """Abort a running job: its upstream request and tools stop at once, it ends
@@ -337,7 +362,10 @@ class Runtime:
         statuses: Sequence[str] | None = None,
         limit: int = 50,
     ) -> list[JobSummary]:
-        """The user's jobs, newest first."""
+        """The user's jobs, newest first.
+
+        Cancellation: safe; nothing changes.
+        """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
         wanted = frozenset(statuses) if statuses is not None else None
@@ -371,7 +399,10 @@ class Runtime:
     async def notifications_list(
         self, *, user: str, unread_only: bool = False, limit: int = 50
     ) -> tuple[list[NotificationRecord], int]:
-        """The user's notifications, newest first, and how many are unread."""
+        """The user's notifications, newest first, and how many are unread.
+
+        Cancellation: safe; nothing changes.
+        """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
         return await self.store.list_notifications(user, unread_only=unread_only, limit=limit)
@@ -379,11 +410,17 @@ class Runtime:
     async def notifications_read(
         self, *, user: str, ids: Sequence[str] = (), everything: bool = False
     ) -> int:
-        """Mark notifications read; return how many stay unread."""
+        """Mark notifications read; return how many stay unread.
+
+        Cancellation: the marks may or may not have been written.
+        """
         return await self.store.mark_notifications_read(user, ids, everything=everything)
 
     async def mute_thread(self, *, user: str, thread_id: str, muted: bool = True) -> None:
-        """No notifications for this thread of the user's while muted."""
+        """No notifications for this thread of the user's while muted.
+
+        Cancellation: the change may or may not have been written.
+        """
         check_identifier("thread_id", thread_id)
         await self.store.set_thread_muted(user, thread_id, muted)
 

@@ -63,10 +63,6 @@ async def open_runtime(
     """
     config = config or Config()
     store = store or MemoryStore()
-    tools = tools if tools is not None else ToolRegistry.with_builtins()
-    clock = WallClock()
-    notifier = Notifier(store, clock, config.max_notifications_per_user)
-    instance_id = new_id("i_", clock.now())
     http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
     await store.open()
     failure: Exception | None = None
@@ -76,51 +72,22 @@ async def open_runtime(
             system: Supervisor[None] = Supervisor("system", max_restarts=3, period=10.0)
             await root.start(jobs.run)
             await root.start(system.run)
-            runtime: Runtime | None = None
-
-            def resolve(request: JobRequest) -> Model:
-                assert runtime is not None
-                return runtime.resolve_model(request)
-
-            presence = WatchPresence()
-            registry = Registry(
-                config, store, clock, jobs, resolve, instance_id=instance_id, tools=tools, notifier=notifier
-            )
-            keeper = Keeper(config, store, clock, jobs, presence, instance_id=instance_id, notifier=notifier)
-            await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT, shutdown=0))
-            await keeper.recover_orphans()  # jobs of a dead instance end before new ones start
-            await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT, shutdown=0))
-            ticker = FlushTicker(config, jobs)
-            await system.start_child(ChildSpec("ticker", ticker.run, Restart.PERMANENT, shutdown=0))
-            await system.start_child(ChildSpec("keeper", keeper.run, Restart.PERMANENT, shutdown=0))
             upstream = UpstreamClient(config, http) if http is not None else None
-            runtime = Runtime(
-                config,
-                store,
-                clock,
-                registry,
-                jobs,
-                keeper,
-                presence,
-                models or {},
-                upstream,
-                tools,
-                notifier,
-                instance_id=instance_id,
-            )
+            tools = tools if tools is not None else ToolRegistry.with_builtins()
+            runtime = await _start_system(config, store, jobs, system, models or {}, upstream, tools)
             try:
                 yield runtime
             except Exception as exc:
                 # Raised bare after the nursery, not wrapped in an ExceptionGroup.
                 failure = exc
             except BaseException:
-                registry.stop_accepting()
+                runtime.stop_accepting()
                 root.cancel_scope.cancel()
                 raise
             if failure is None:
                 await runtime._drain()
             else:
-                registry.stop_accepting()
+                runtime.stop_accepting()
             await system.shutdown()  # keeper, ticker, registry, store: reverse start order
             root.cancel_scope.cancel()
         if failure is not None:
@@ -132,3 +99,50 @@ async def open_runtime(
                 await http.aclose()
         # Not inside a scope of ours: a store may hold scopes it entered at open().
         await store.aclose()
+
+
+async def _start_system(
+    config: Config,
+    store: Store,
+    jobs: Supervisor[JobActor],
+    system: Supervisor[None],
+    models: Mapping[str, Model],
+    upstream: UpstreamClient | None,
+    tools: ToolRegistry,
+) -> Runtime:
+    """Build the actors, start the system children in order, and return the facade."""
+    clock = WallClock()
+    notifier = Notifier(store, clock, config.max_notifications_per_user)
+    instance_id = new_id("i_", clock.now())
+    presence = WatchPresence()
+    runtime: Runtime | None = None
+
+    def resolve(request: JobRequest) -> Model:
+        assert runtime is not None, "no job is admitted before the runtime exists"
+        return runtime.resolve_model(request)
+
+    registry = Registry(
+        config, store, clock, jobs, resolve, instance_id=instance_id, tools=tools, notifier=notifier
+    )
+    keeper = Keeper(config, store, clock, jobs, presence, instance_id=instance_id, notifier=notifier)
+    runtime = Runtime(
+        config,
+        store,
+        clock,
+        registry,
+        jobs,
+        keeper,
+        presence,
+        models,
+        upstream,
+        tools,
+        notifier,
+        instance_id=instance_id,
+    )
+    await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT, shutdown=0))
+    await keeper.recover_orphans()  # jobs of a dead instance end before new ones start
+    await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT, shutdown=0))
+    ticker = FlushTicker(config, jobs)
+    await system.start_child(ChildSpec("ticker", ticker.run, Restart.PERMANENT, shutdown=0))
+    await system.start_child(ChildSpec("keeper", keeper.run, Restart.PERMANENT, shutdown=0))
+    return runtime

@@ -97,7 +97,8 @@ class ConnectionLimits:
 
 @attrs.define
 class ConnectionStats:
-    """Counters shared by all connections of a server (read by metrics)."""
+    """Counters the front door owns and its connections add to; read only through
+    ``FrontDoor.statistics()``, a frozen snapshot."""
 
     frames_sent: int = 0
     bytes_sent: int = 0
@@ -158,7 +159,10 @@ class Connection:
         self._session_scope.cancel()
 
     async def run(self) -> None:
-        """Serve the client until it leaves or is closed. Never raises for the client's faults."""
+        """Serve the client until it leaves or is closed. Never raises for the client's faults.
+
+        Cancellation: the session ends and the socket is closed; the user's jobs go on.
+        """
         close = _Close(1000, "")
         try:
             with self._session_scope:
