@@ -102,7 +102,7 @@ class Watcher:
     loses nothing (the cursor moves only when a batch is returned). Ends after
     the batch that holds the terminal status.
 
-    ``tool_call_deltas`` false (the protocol's default) leaves out the opt-in
+    ``tool_call_deltas`` false (the wire protocol's default) leaves out the opt-in
     ``tool_call_delta`` entries: a batch then ends at its last event, and the fragments
     it skips are covered by the next batch, which holds the call they belong to.
     ``merge_text`` false keeps every text entry as it is in the log.
@@ -119,7 +119,7 @@ class Watcher:
         max_batch_events: int,
         max_batch_chars: int,
         ended: bool = False,
-        tool_call_deltas: bool = False,
+        tool_call_deltas: bool = True,
         merge_text: bool = True,
     ) -> None:
         self.job_id = job_id

@@ -236,11 +236,12 @@ class Runtime:
         after_seq: int = 0,
         epoch: int | None = None,
         max_batch_chars: int | None = None,
-        tool_call_deltas: bool = False,
+        tool_call_deltas: bool = True,
         merge_text: bool = True,
     ) -> AsyncIterator[Watcher]:
         """Watch a job from ``after_seq``: an async iterator of batches that ends after the
-        terminal status. ``tool_call_deltas`` adds the ``tool_call_delta`` entries. With
+        terminal status. ``tool_call_deltas=False`` leaves out the ``tool_call_delta``
+        entries (as the wire protocol does for watches that do not ask for them). With
         ``merge_text=False`` every log entry comes as stored (one text event per ``seq``), so
         what a batch holds does not depend on how reads were grouped.
 
