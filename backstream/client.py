@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
@@ -308,8 +309,31 @@ class Client:
         return await self._request(JobAbort(id=self._id(), job_id=job_id), JobAbortResult)
 
     async def get(self, job_id: str, *, include_content: bool = False, offset: int = 0) -> JobInfoMessage:
-        message = JobGet(id=self._id(), job_id=job_id, include_content=include_content, offset=offset)
-        return await self._request(message, JobInfoMessage)
+        """The job's summary; with ``include_content`` its content from ``offset`` and its
+        tool calls, fetched page by page when they do not fit in one frame."""
+        pages: list[JobInfoMessage] = []
+        calls_offset = 0
+        while True:
+            message = JobGet(
+                id=self._id(),
+                job_id=job_id,
+                include_content=include_content,
+                offset=offset,
+                tool_calls_offset=calls_offset,
+            )
+            page = await self._request(message, JobInfoMessage)
+            pages.append(page)
+            if page.next_offset is None and page.next_tool_calls_offset is None:
+                break
+            offset = page.next_offset if page.next_offset is not None else offset + len(page.content or "")
+            calls_offset = page.next_tool_calls_offset or calls_offset + len(page.tool_calls)
+        if len(pages) == 1:
+            return pages[0]
+        return attrs.evolve(
+            pages[-1],
+            content="".join(p.content or "" for p in pages) if include_content else None,
+            tool_calls=[call for p in pages for call in p.tool_calls],
+        )
 
     async def list_jobs(
         self, *, thread_id: str | None = None, status: Sequence[str] | None = None, limit: int = 50

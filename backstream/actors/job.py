@@ -231,7 +231,13 @@ class JobActor:
 
         async def run_one(i: int, call: ToolCallDone, item: ToolSpec) -> None:
             async with limiter:
-                outcomes[i] = await self._tools.run(item.name, call.arguments)
+                outcome = await self._tools.run(item.name, call.arguments)
+            if len(outcome.output) > item.max_output_chars:  # a Tools port that did not cut it
+                cut = outcome.output[: item.max_output_chars]
+                outcome = ToolOutcome(
+                    f"{cut}\n[output cut at {item.max_output_chars} characters]", outcome.is_error
+                )
+            outcomes[i] = outcome
 
         async with trio.open_nursery() as nursery:
             for i, call in enumerate(calls):

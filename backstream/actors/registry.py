@@ -49,6 +49,8 @@ class RegistryStatistics:
     users_running: int
     started_total: int
     finished_total: dict[str, int]
+    endings_total: dict[tuple[str, str], int]
+    """Jobs ended, by (status, error code); the code is "" for an ending without error."""
     swept_total: int
     mailbox_waiting: int
     accepting: bool
@@ -91,6 +93,7 @@ class Registry:
         self._accepting = True
         self._started_total = 0
         self._finished_total: Counter[str] = Counter()
+        self._endings_total: Counter[tuple[str, str]] = Counter()
         self._swept_total = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -199,7 +202,10 @@ class Registry:
                         await self._record_crash(actor)
             finally:
                 terminal = actor.log.terminal
-                self._finished_total[terminal.status if terminal else "failed"] += 1
+                self._count_ending(
+                    terminal.status if terminal else "failed",
+                    (terminal.error.code if terminal.error else "") if terminal else "internal",
+                )
                 self._forget(actor)
 
     async def _record_crash(self, actor: JobActor) -> None:
@@ -302,7 +308,7 @@ class Registry:
             log.warning(
                 "job %s: its instance is gone; ended interrupted at seq %d", record.job_id, record.seq
             )
-            self._finished_total["interrupted"] += 1
+            self._count_ending("interrupted", "")
             if self._notifier is not None:
                 entries = await self._store.read(record.job_id, 0, record.seq)
                 content = "".join(e.text for e in entries if isinstance(e, TextEvent))
@@ -316,6 +322,10 @@ class Registry:
                 )
         return recovered
 
+    def _count_ending(self, status: str, error_code: str) -> None:
+        self._finished_total[status] += 1
+        self._endings_total[status, error_code] += 1
+
     def statistics(self) -> RegistryStatistics:
         finished: dict[str, int] = dict(self._finished_total)
         return RegistryStatistics(
@@ -323,6 +333,7 @@ class Registry:
             users_running=len(self._running_by_user),
             started_total=self._started_total,
             finished_total=finished,
+            endings_total=dict(self._endings_total),
             swept_total=self._swept_total,
             mailbox_waiting=self._mailbox_send.statistics().current_buffer_used,
             accepting=self._accepting,

@@ -39,6 +39,7 @@ from backstream.protocol.messages import (
     JobEvents,
     JobInfoMessage,
     ServerMessage,
+    Welcome,
 )
 
 __all__ = [
@@ -125,7 +126,16 @@ def _make_converter() -> cattrs.Converter:
         conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, _cattrs_omit_if_default=True))
     conv.register_unstructure_hook(
         JobInfoMessage,
-        make_dict_unstructure_fn(JobInfoMessage, conv, content=override(omit_if_default=True)),
+        make_dict_unstructure_fn(
+            JobInfoMessage,
+            conv,
+            content=override(omit_if_default=True),
+            next_offset=override(omit_if_default=True),
+            next_tool_calls_offset=override(omit_if_default=True),
+        ),
+    )
+    conv.register_unstructure_hook(
+        Welcome, make_dict_unstructure_fn(Welcome, conv, models=override(omit_if_default=True))
     )
     # ``kind`` is the events' tag; the tagged union below writes it.
     for cls in EVENT_CLASSES:

@@ -1,11 +1,11 @@
 """The supervision tree of a runtime, started and stopped by ``open_runtime``.
 
-    root nursery
-    +-- "jobs" supervisor (one_for_one; every job a temporary child)
-    +-- "system" supervisor (one_for_one, at most 3 restarts in 10 s)
-        +-- store      (permanent): the store's background work
-        +-- registry   (permanent): admission, the flush ticker and the retention sweep
-        +-- leases     (permanent): lease renewal and orphan recovery
+root nursery
++-- "jobs" supervisor (one_for_one; every job a temporary child)
++-- "system" supervisor (one_for_one, at most 3 restarts in 10 s)
+    +-- store      (permanent): the store's background work
+    +-- registry   (permanent): admission, the flush ticker and the retention sweep
+    +-- leases     (permanent): lease renewal and orphan recovery
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from backstream.protocol.codec import ProtocolError, batch_message, decode_clien
 from backstream.protocol.errors import (
     BackstreamError,
     BadRequestError,
-    TooLargeError,
     UnauthorizedError,
 )
 from backstream.protocol.messages import (
@@ -45,7 +44,6 @@ from backstream.protocol.messages import (
     JobApprove,
     JobApproveResult,
     JobGet,
-    JobInfoMessage,
     JobList,
     JobListResult,
     JobStart,
@@ -71,6 +69,7 @@ from backstream.protocol.messages import (
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.paging import job_info_page
 
 __all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
 
@@ -430,17 +429,14 @@ class Connection:
         info = await self._runtime.get_job(
             message.job_id, user=self.user, include_content=message.include_content, offset=message.offset
         )
-        reply = encode(
-            JobInfoMessage(
-                id=message.id, job=info.job, content=info.content, tool_calls=list(info.tool_calls)
-            )
+        page = job_info_page(
+            message.id,
+            info,
+            offset=message.offset,
+            tool_calls_offset=message.tool_calls_offset,
+            max_bytes=self._limits.max_message_bytes,
         )
-        if len(reply.encode()) > self._limits.max_message_bytes:
-            raise TooLargeError(
-                f"the reply would exceed {self._limits.max_message_bytes} bytes; "
-                "fetch the content in pieces with offset"
-            )
-        await self._send(reply)
+        await self._reply(page)
 
     async def _on_list(self, message: JobList) -> None:
         jobs = await self._runtime.list_jobs(
@@ -512,7 +508,8 @@ class Connection:
             )
             raise _Close(4429, "too slow")
         self._stats.frames_sent += 1
-        self._stats.bytes_sent += len(text)
+        # UTF-8 bytes; str.isascii() is O(1) in CPython, so ASCII frames are not encoded twice.
+        self._stats.bytes_sent += len(text) if text.isascii() else len(text.encode())
 
     def _client_keeps_up(self) -> bool:
         """The socket can take a batch: few unsent bytes, and the kernel calls it writable.
