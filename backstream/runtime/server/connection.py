@@ -29,7 +29,14 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.actors.clock import format_time
-from backstream.protocol.codec import ProtocolError, batch_message, decode_client, encode, error_message
+from backstream.protocol.codec import (
+    ProtocolError,
+    batch_message,
+    decode_client,
+    encode,
+    error_message,
+    peek_request_id,
+)
 from backstream.protocol.errors import (
     BackstreamError,
     BadRequestError,
@@ -289,13 +296,14 @@ class Connection:
         while True:
             raw = await self._ws.get_message()
             self._stats.requests += 1
+            # Charged before decoding: a flood of frames costs no more than the bucket allows.
+            if not self._take_token():
+                await self._refuse(peek_request_id(raw), "rate_limited", "too many requests; slow down")
+                continue
             try:
                 message = decode_client(raw)
             except ProtocolError as exc:
                 await self._refuse(exc.request_id, exc.code, exc.message)
-                continue
-            if not self._take_token():
-                await self._refuse(message.id, "rate_limited", "too many requests; slow down")
                 continue
             await self._handle(message)
 
