@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -24,7 +25,13 @@ from typing import Any, TypeVar
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
 
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.codec import ProtocolError, decode_server, encode
@@ -449,6 +456,15 @@ class ClientWatch:
                 )
 
 
+def check_endpoint_url(url: str) -> None:
+    """Raise ``ValueError`` unless ``url`` looks like a backstream endpoint (``ws://HOST:PORT/v1``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(
+            f"{url!r} is not a backstream endpoint: expected ws://HOST:PORT/v1 or wss://HOST:PORT/v1"
+        )
+
+
 @asynccontextmanager
 async def open_client(
     url: str,
@@ -469,6 +485,7 @@ async def open_client(
     row, with exponential backoff from ``reconnect_base`` to ``reconnect_max``
     seconds and full jitter.
     """
+    check_endpoint_url(url)
     failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         client = Client(
@@ -484,7 +501,16 @@ async def open_client(
             max_reconnect_attempts=max_reconnect_attempts,
         )
         try:
-            client._current = await client._connect()
+            try:
+                client._current = await client._connect()
+            except ConnectionRejected as exc:
+                raise UnavailableError(
+                    f"{url} is not a backstream endpoint: the server answered HTTP {exc.status_code}"
+                ) from None
+            except ProtocolError:
+                raise UnavailableError(f"{url} is not a backstream endpoint: hello got no welcome") from None
+            except OSError as exc:
+                raise UnavailableError(f"cannot connect to {url}: {exc.strerror or exc}") from None
             yield client
         except Exception as exc:
             # Raised bare after the nursery, not wrapped in an ExceptionGroup.

@@ -51,7 +51,7 @@ async def add_async(a: int, b: int = 0) -> int:
     return a + b
 
 
-hang_isolated = tool(spin, name="hang_isolated", timeout=1, isolation="subprocess")
+hang_isolated = tool(spin, name="hang_isolated", timeout=3, isolation="subprocess")  # room for a slow start
 delete_files = tool(
     add_async, name="delete_files", requires_approval=True, description="Dangerous: needs a person's OK"
 )

@@ -9,6 +9,7 @@ async with backstream.open_runtime(backstream.Config()) as rt:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -185,9 +186,36 @@ class Runtime:
                 record = await self._record(job_id, user)
         return self._summary(await self._record(job_id, user))
 
+    def model_allowed(self, model: str) -> bool:
+        """Whether ``config.allowed_models`` lets a job name ``model``: not excluded by a
+        ``!pattern``, and built in, or matching a pattern (any model when there is none)."""
+        patterns = self.config.allowed_models
+        if any(p.startswith("!") and fnmatch.fnmatchcase(model, p[1:]) for p in patterns):
+            return False
+        if model.startswith(BUILTIN_PREFIX) or model in self._models:
+            return True
+        allowing = [p for p in patterns if not p.startswith("!")]
+        return not allowing or any(fnmatch.fnmatchcase(model, p) for p in allowing)
+
+    def allowed_models(self) -> list[str]:
+        """What a client may name, as glob patterns: the built-in and embedded models not
+        excluded, then ``config.allowed_models`` (``*`` for any model with an upstream and no
+        pattern)."""
+        fixed = [m for m in sorted({*BUILTIN_MODELS, *self._models}) if self.model_allowed(m)]
+        allowing = [p for p in self.config.allowed_models if not p.startswith("!")]
+        if not allowing and self._upstream is not None:
+            allowing = ["*"]
+        return fixed + allowing
+
     def resolve_model(self, request: JobRequest) -> Model:
         """The model that serves ``request``: one given to ``open_runtime``, a built-in,
-        or the upstream. Raises ``BadRequestError``."""
+        or the upstream. Raises ``BadRequestError``, also for a model that
+        ``config.allowed_models`` does not allow."""
+        if not self.model_allowed(request.model):
+            allowed = ", ".join(self.allowed_models()) or "none"
+            raise BadRequestError(
+                f"model {request.model!r} is not allowed on this server (allowed: {allowed})"
+            )
         model = self._models.get(request.model)
         if model is not None:
             return model

@@ -54,7 +54,7 @@ async def open_runtime(
     """
     config = config or Config()
     store = store or MemoryStore()
-    tools = tools if tools is not None else ToolRegistry.with_builtins()
+    tools = tools if tools is not None else ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
     clock = WallClock()
     notifier = Notifier(store, clock, config.max_notifications_per_user)
     instance_id = new_id("i_", clock.now())

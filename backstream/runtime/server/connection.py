@@ -257,6 +257,7 @@ class Connection:
                     if float(config.batch_ms).is_integer()
                     else config.batch_ms,
                 },
+                models=self._runtime.allowed_models(),
             )
         )
         log.info(
