@@ -93,6 +93,8 @@ def _serve(args: argparse.Namespace) -> None:
         sys.exit(run_workers(settings, sys.argv[1:]))
     try:
         trio.run(serve, settings)
+    except KeyboardInterrupt:  # SIGINT before the server could take over its signals
+        sys.exit("backstream serve: interrupted while starting")
     except BaseException as exc:
         known = _startup_error(exc)
         if known is None:
@@ -117,5 +119,9 @@ def _describe(exc: BaseException, settings: Any) -> str:
     if isinstance(exc, sqlite3.Error):
         return f"cannot open the store {settings.store}: {exc}"
     if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror or exc}{where}"
+        if exc.filename and str(exc.filename) in settings.store:
+            return f"cannot open the store {settings.store}: {text}"
+        return text
     return str(exc)

@@ -487,36 +487,50 @@ async def open_client(
     """
     check_endpoint_url(url)
     failure: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        client = Client(
-            nursery,
-            url,
-            token,
-            client_name=client_name,
-            token_in_header=token_in_header,
-            request_timeout=request_timeout,
-            connect_timeout=connect_timeout,
-            reconnect_base=reconnect_base,
-            reconnect_max=reconnect_max,
-            max_reconnect_attempts=max_reconnect_attempts,
-        )
-        try:
+    try:
+        async with trio.open_nursery() as nursery:
+            client = Client(
+                nursery,
+                url,
+                token,
+                client_name=client_name,
+                token_in_header=token_in_header,
+                request_timeout=request_timeout,
+                connect_timeout=connect_timeout,
+                reconnect_base=reconnect_base,
+                reconnect_max=reconnect_max,
+                max_reconnect_attempts=max_reconnect_attempts,
+            )
             try:
-                client._current = await client._connect()
-            except ConnectionRejected as exc:
-                raise UnavailableError(
-                    f"{url} is not a backstream endpoint: the server answered HTTP {exc.status_code}"
-                ) from None
-            except ProtocolError:
-                raise UnavailableError(f"{url} is not a backstream endpoint: hello got no welcome") from None
-            except OSError as exc:
-                raise UnavailableError(f"cannot connect to {url}: {exc.strerror or exc}") from None
-            yield client
-        except Exception as exc:
-            # Raised bare after the nursery, not wrapped in an ExceptionGroup.
-            failure = exc
-        finally:
-            await client.aclose()
-            nursery.cancel_scope.cancel()
+                try:
+                    client._current = await client._connect()
+                except ConnectionRejected as exc:
+                    raise UnavailableError(
+                        f"{url} is not a backstream endpoint: the server answered HTTP {exc.status_code}"
+                    ) from None
+                except ProtocolError:
+                    raise UnavailableError(
+                        f"{url} is not a backstream endpoint: hello got no welcome"
+                    ) from None
+                except OSError as exc:
+                    raise UnavailableError(f"cannot connect to {url}: {exc.strerror or exc}") from None
+                yield client
+            except Exception as exc:
+                # Raised bare after the nursery, not wrapped in an ExceptionGroup.
+                failure = exc
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # trio-websocket's reader task raised into the nursery
+        rejected = group.subgroup(ConnectionRejected)
+        if rejected is None:
+            raise
+        leaf = rejected.exceptions[0]
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        status = getattr(leaf, "status_code", "?")
+        raise UnavailableError(
+            f"{url} is not a backstream endpoint: the server answered HTTP {status}"
+        ) from None
     if failure is not None:
         raise failure

@@ -93,7 +93,7 @@ def test_help_shows_each_default_and_variable() -> None:
 def test_bad_values_name_their_source(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="BACKSTREAM_UPSTREAM_MAX_RETRIES: 'lots' is not an integer"):
         load_settings(_parser().parse_args([]), env={"BACKSTREAM_UPSTREAM_MAX_RETRIES": "lots"})
-    with pytest.raises(ValueError, match="--max-turns .*must be positive"):
+    with pytest.raises(ValueError, match=r"--max-turns .*must be positive"):
         load_settings(_parser().parse_args(["--max-turns", "0"]), env={})
     with pytest.raises(ValueError, match="--log-level: 'loud' is not one of"):
         load_settings(_parser().parse_args(["--log-level", "loud"]), env={})

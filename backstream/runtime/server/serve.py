@@ -194,6 +194,8 @@ async def serve(
 
             routes: dict[str, Route] = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
             http_port = await nursery.start(serve_status, routes, settings.host, settings.http_port)
+        if handle_signals:  # before the startup lines: a signal after them shuts down cleanly
+            await nursery.start(_wait_for_signal, shutdown)
         scheme = "wss" if settings.tls_cert else "ws"
         log.info("backstream %s listening on %s://%s:%d/v1", VERSION, scheme, settings.host, door.port)
         for line in startup_lines(settings, runtime.allowed_models(), tools.names(), http_port):
@@ -203,8 +205,6 @@ async def serve(
         if dev_token is not None:
             announce(f"no auth configured: connect as user 'dev' with token {dev_token}")
         task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown))
-        if handle_signals:
-            nursery.start_soon(_wait_for_signal, shutdown)
         await shutdown.wait()
         log.info("shutting down: closing clients, draining jobs for up to %gs", config.drain_timeout)
         door.stop_accepting()
@@ -219,8 +219,11 @@ async def serve(
     log.info("stopped; jobs ended here: %s", summary or "none")
 
 
-async def _wait_for_signal(shutdown: trio.Event) -> None:
+async def _wait_for_signal(
+    shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("received %s", signal.Signals(signum).name)
             shutdown.set()
