@@ -14,7 +14,7 @@ import math
 
 import trio
 
-from backstream.actors.clock import WallClock, format_time
+from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.joblog import JobLog, OutputLimitExceeded
 from backstream.actors.notifier import Notifier
@@ -31,7 +31,7 @@ from backstream.actors.ports import (
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.chat_stream import ModelOutput, ReasoningDelta, TextDelta, ToolCallDone
 from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary
-from backstream.protocol.records import JobProgress, JobRecord
+from backstream.protocol.records import JobProgress, JobRecord, job_summary
 
 __all__ = ["JobActor"]
 
@@ -63,9 +63,10 @@ class JobActor:
         self._abort_scope = trio.CancelScope()
         self._stop: tuple[JobStatus, ErrorInfo | None] | None = None
         self._flushed_seq = 0
-        self.flushed_content_length = 0
+        self._flushed_content_length = 0
         self._flushed_status: JobStatus | None = None
-        self.closed_in_store = False  # the terminal status is written durably
+        self._closed_in_store = False  # the terminal status is written durably
+        self._finished_at: float | None = None
         self._flush_lock = trio.Lock()
         self._updated_at = record.created_at
         self._usage: dict[str, int] | None = None
@@ -90,33 +91,23 @@ class JobActor:
             self._stop = (status, error)
             self._abort_scope.cancel()
 
+    def snapshot(self) -> JobRecord:
+        """The live job as a record (ahead of the store by at most one flush)."""
+        return self.record.advanced(self._progress(self.log.last_seq))
+
     def summary(self, watchers: int) -> JobSummary:
-        """A snapshot of the live job (ahead of the store by at most one flush)."""
-        terminal = self.log.terminal
-        now = format_time(self._updated_at)
-        assert now is not None
-        return JobSummary(
-            job_id=self.job_id,
-            thread_id=self.record.thread_id,
-            message_id=self.record.message_id,
-            status=self.log.status,
-            model=self.record.model,
-            seq=self.log.last_seq,
-            epoch=self.log.epoch,
-            content_length=self.log.content_length,
-            created_at=format_time(self.record.created_at) or now,
-            updated_at=now,
-            finished_at=now if terminal else None,
-            error=terminal.error if terminal else None,
-            usage=terminal.usage if terminal else None,
-            watchers=watchers,
-        )
+        """The live job's wire summary, built as a stored job's is."""
+        return job_summary(self.snapshot(), watchers)
 
     # -- the actor ------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the job to its end. Cancellation (runtime shutdown) ends it ``interrupted``
-        and re-raises; the last write to the store is shielded and bounded."""
+        and re-raises; the last write to the store is shielded and bounded.
+
+        The actor is the only writer of its job's terminal record: if even the final
+        write fails (a crash outside its own guards), it records ``failed``/``internal``
+        at the last durable seq, so the store never keeps a dead job ``running``."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_loop)
@@ -135,6 +126,8 @@ class JobActor:
                     await self._flush()
                 except Exception:
                     log.exception("job %s: the final write to the store failed", self.job_id)
+                if not self._closed_in_store:
+                    await self._record_crash()
                 await self._notify_end()
             self.finished.set()
 
@@ -320,7 +313,7 @@ class JobActor:
         self._flush_due.set()
 
     def _close(self, status: JobStatus, error: ErrorInfo | None, finish_reason: str | None = None) -> None:
-        self._updated_at = self._clock.now()
+        self._updated_at = self._finished_at = self._clock.now()
         self.log.append_status(status, error=error, finish_reason=finish_reason, usage=self._usage)
 
     # -- writes to the store -----------------------------------------------------------
@@ -372,15 +365,32 @@ class JobActor:
             progress = self._progress(last)
             await self._store.commit(self.job_id, entries, progress)
             self._flushed_seq = last
-            self.flushed_content_length = progress.content_length
+            self._flushed_content_length = progress.content_length
             self._flushed_status = status
             if progress.finished_at is not None:
-                self.closed_in_store = True
+                self._closed_in_store = True
+
+    async def _record_crash(self) -> None:
+        """The last resort when the final write failed: the terminal status alone, at the
+        last durable seq (the entries after it are lost)."""
+        now = self._clock.now()
+        progress = JobProgress(
+            status="failed",
+            seq=self._flushed_seq,
+            content_length=self._flushed_content_length,
+            updated_at=now,
+            finished_at=now,
+            error=ErrorInfo("internal", "the job failed on an internal error"),
+            expires_at=now + self._config.retention,
+        )
+        try:
+            await self._store.commit(self.job_id, (), progress)
+        except Exception:
+            log.exception("job %s: could not record its failure in the store", self.job_id)
 
     def _progress(self, seq: int) -> JobProgress:
         terminal = self.log.terminal
-        now = self._clock.now()
-        finished_at = now if terminal else None
+        finished_at = self._finished_at if terminal else None
         return JobProgress(
             status=self.log.status,
             seq=seq,
@@ -395,10 +405,6 @@ class JobActor:
     async def _listen_for_abort(self) -> None:
         await self._store.wait_abort_requested(self.job_id)
         self.abort()
-
-    @property
-    def flushed_seq(self) -> int:
-        return self._flushed_seq
 
 
 class _PendingApproval:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import attrs
 import trio
 
 from backstream.actors.clock import WallClock
@@ -20,7 +21,7 @@ from backstream.protocol.events import ErrorInfo, JobStatus
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import NotificationRecord
 
-__all__ = ["SUBSCRIBER_BUFFER", "Notifier"]
+__all__ = ["SUBSCRIBER_BUFFER", "Notifier", "NotifierStatistics"]
 
 log = logging.getLogger("backstream.notifier")
 
@@ -35,13 +36,19 @@ _BY_STATUS: dict[str, tuple[str, str]] = {
 }
 
 
+@attrs.frozen
+class NotifierStatistics:
+    subscribers: int
+    pushes_dropped: int
+
+
 class Notifier:
     def __init__(self, store: Store, clock: WallClock, max_per_user: int) -> None:
         self._store = store
         self._clock = clock
         self._max_per_user = max_per_user
         self._subscribers: dict[str, set[trio.MemorySendChannel[NotificationRecord]]] = {}
-        self.pushes_dropped = 0
+        self._pushes_dropped = 0
         store.notification_listener = self.deliver_local
 
     async def job_ended(
@@ -91,7 +98,7 @@ class Notifier:
             try:
                 channel.send_nowait(notification)
             except trio.WouldBlock:
-                self.pushes_dropped += 1
+                self._pushes_dropped += 1
             except trio.BrokenResourceError:
                 pass
 
@@ -109,3 +116,9 @@ class Notifier:
                 if not subscribers:
                     del self._subscribers[user]
             send.close()
+
+    def statistics(self) -> NotifierStatistics:
+        return NotifierStatistics(
+            subscribers=sum(len(channels) for channels in self._subscribers.values()),
+            pushes_dropped=self._pushes_dropped,
+        )

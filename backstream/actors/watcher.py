@@ -17,8 +17,9 @@ import trio
 
 from backstream.actors.joblog import JobLog, merge_events
 from backstream.actors.ports import Store
-from backstream.protocol.errors import GoneError
+from backstream.protocol.errors import BadRequestError, GoneError
 from backstream.protocol.events import Batch, LogEvent, StatusEvent
+from backstream.protocol.lifecycle import is_terminal
 
 __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 
@@ -42,7 +43,11 @@ class LiveSource:
     async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
         # The watcher has already waited; only honour a pending cancellation here.
         await trio.lowlevel.checkpoint_if_cancelled()
-        return self._log.read(after_seq, max_events=max_events, max_chars=max_chars)
+        log = self._log
+        if log.terminal is not None and after_seq >= log.last_seq:
+            # The job ended before the cursor: nothing will ever come.
+            raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {log.last_seq}")
+        return log.read(after_seq, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
         await self._log.wait_beyond(seq)
@@ -57,8 +62,13 @@ class StoredSource:
 
     async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
         entries = await self._store.read(self._job_id, after_seq, max_events)
-        if not entries and await self._store.get_job(self._job_id) is None:
-            raise GoneError("the job's log is no longer kept; load the result with job.get")
+        if not entries:
+            record = await self._store.get_job(self._job_id)
+            if record is None:
+                raise GoneError("the job's log is no longer kept; load the result with job.get")
+            if is_terminal(record.status) and after_seq >= record.seq:
+                # The job ended before the cursor: nothing will ever come.
+                raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
@@ -19,12 +18,14 @@ from typing import Any
 import attrs
 import trio
 
-from backstream.actors.clock import WallClock, format_time
+from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.job import JobActor
 from backstream.actors.joblog import summarize_events
+from backstream.actors.keeper import Keeper, KeeperStatistics
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store
+from backstream.actors.presence import WatchPresence
 from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
 from backstream.actors.supervisor import Supervisor, SupervisorStatistics
 from backstream.actors.watcher import LiveSource, LogSource, StoredSource, Watcher
@@ -37,7 +38,7 @@ from backstream.protocol.events import (
     JobSummary,
 )
 from backstream.protocol.ids import new_id
-from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
+from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord, job_summary
 from backstream.runtime.models.builtin import BUILTIN_MODELS, builtin_model, validate_builtin_params
 from backstream.runtime.models.upstream import UpstreamClient, UpstreamStatistics
 from backstream.runtime.tools.registry import ToolRegistry
@@ -73,6 +74,7 @@ class AbortResult:
 class RuntimeStatistics:
     jobs: RegistryStatistics
     job_tasks: SupervisorStatistics
+    keeper: KeeperStatistics
     watchers: int
     jobs_watched: int
 
@@ -87,24 +89,34 @@ class Runtime:
         store: Store,
         clock: WallClock,
         registry: Registry,
-        job_supervisor: Supervisor,
+        job_supervisor: Supervisor[JobActor],
+        keeper: Keeper,
+        presence: WatchPresence,
         models: Mapping[str, Model],
         upstream: UpstreamClient | None,
         tools: ToolRegistry,
         notifier: Notifier,
+        *,
+        instance_id: str,
     ) -> None:
         self.config = config
         self.tools = tools
         self.notifier = notifier
-        self._watch_presence: dict[str, str] = {}  # watch_id -> job_id, renewed with the leases
-        registry.local_watches = lambda: [(job, watch) for watch, job in self._watch_presence.items()]
+        self.instance_id = instance_id
+        """This runtime's identity among the instances that share a store."""
+        self._presence = presence
         self._models = dict(models)
         self._upstream = upstream
-        self.store = store
+        self._store = store
         self._clock = clock
         self._registry = registry
         self._job_supervisor = job_supervisor
-        self._watchers: Counter[str] = Counter()
+        self._keeper = keeper
+
+    @property
+    def store(self) -> Store:
+        """The store this runtime keeps its jobs in."""
+        return self._store
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -123,6 +135,8 @@ class Runtime:
 
         Raises ``BadRequestError`` for a bad request, ``CapacityError`` at a limit
         (with ``retry_after_ms``), ``UnavailableError`` while shutting down.
+        Cancellation: the job may still have started (it runs on without its caller);
+        a retry with the same ``message_id`` returns it with ``existing=True``.
         """
         check_identifier("user", user)
         check_identifier("thread_id", thread_id)
@@ -157,8 +171,10 @@ class Runtime:
         return tuple(dict.fromkeys(tools))
 
     async def approve(self, job_id: str, call_id: str, approved: bool, *, user: str) -> JobSummary:
-        """Decide on a tool call waiting for approval. Raises ``ConflictError`` when that
-        call is not waiting, ``NotFoundError`` for another user's job."""
+        """Decide on a tool call waiting for approval and wait until the job has logged it.
+        Raises ``ConflictError`` when that call is not waiting, ``NotFoundError`` for another
+        user's job. Cancellation: the decision, once handed to the job (or the store), stands;
+        only the wait for it to be logged is abandoned."""
         found = await self._lookup(job_id, user)
         if isinstance(found, JobActor):
             pending = found.decide(call_id, approved)
@@ -262,6 +278,8 @@ class Runtime:
             last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
         if epoch is not None and epoch != current_epoch:
             raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
+        # A cursor ahead of a running job waits for the log to reach it (another instance
+        # may lag by one flush); if the job ends first, the watch ends with bad_request.
         if finished and after_seq > last_seq:
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {last_seq}")
         watcher = Watcher(
@@ -276,15 +294,11 @@ class Runtime:
         )
         watch_id = new_id("w_", self._clock.now())
         await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
-        self._watch_presence[watch_id] = job_id
-        self._watchers[job_id] += 1
+        self._presence.opened(watch_id, job_id)
         try:
             yield watcher
         finally:
-            self._watchers[job_id] -= 1
-            if self._watchers[job_id] <= 0:
-                del self._watchers[job_id]
-            del self._watch_presence[watch_id]
+            self._presence.closed(watch_id)
             with trio.CancelScope(shield=True) as cleanup:
                 cleanup.deadline = trio.current_time() + self.config.finalize_timeout
                 try:
@@ -316,7 +330,9 @@ class Runtime:
 
     async def abort(self, job_id: str, *, user: str) -> AbortResult:
         """Abort a running job: its upstream request and tools stop at once, it ends
-        ``aborted`` with its content kept. ``aborted`` is False if it had already ended."""
+        ``aborted`` with its content kept. ``aborted`` is False if it had already ended.
+        Cancellation: the abort, once requested, still happens; only the wait for the job's
+        end is abandoned."""
         found = await self._lookup(job_id, user)
         if isinstance(found, JobActor):
             was_running = found.log.terminal is None
@@ -356,15 +372,14 @@ class Runtime:
         return out
 
     def statistics(self) -> RuntimeStatistics:
+        presence = self._presence.statistics()
         return RuntimeStatistics(
             jobs=self._registry.statistics(),
             job_tasks=self._job_supervisor.statistics(),
-            watchers=sum(self._watchers.values()),
-            jobs_watched=len(self._watchers),
+            keeper=self._keeper.statistics(),
+            watchers=presence.watches,
+            jobs_watched=presence.jobs_watched,
         )
-
-    instance_id: str = "local"
-    """This runtime's identity among the instances that share a store."""
 
     def upstream_statistics(self) -> UpstreamStatistics | None:
         """The upstream client's counters, or None without an upstream."""
@@ -402,11 +417,12 @@ class Runtime:
         return self.notifier.subscribe(user)
 
     async def wait_idle(self) -> None:
-        """Wait until no job runs in this runtime (each has written its end to the store)."""
-        await self._registry.wait_idle()
+        """Wait until no job runs in this runtime (each has written its end to the store).
+        Cancellation: safe."""
+        await self._job_supervisor.wait_idle()
 
     def watcher_count(self, job_id: str) -> int:
-        return self._watchers.get(job_id, 0)
+        return self._presence.count(job_id)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -440,26 +456,9 @@ class Runtime:
         actor = self._registry.live(record.job_id)
         if actor is not None:
             return actor.summary(self.watcher_count(record.job_id))
-        created = format_time(record.created_at)
-        updated = format_time(record.updated_at)
-        assert created is not None and updated is not None
-        return JobSummary(
-            job_id=record.job_id,
-            thread_id=record.thread_id,
-            message_id=record.message_id,
-            status=record.status,
-            model=record.model,
-            seq=record.seq,
-            epoch=record.epoch,
-            content_length=record.content_length,
-            created_at=created,
-            updated_at=updated,
-            finished_at=format_time(record.finished_at),
-            error=record.error,
-            usage=record.usage,
-            watchers=self._watchers.get(record.job_id, 0),
-        )
+        return job_summary(record, self.watcher_count(record.job_id))
 
-    async def _drain(self, grace: float) -> None:
+    async def _drain(self) -> None:
+        """Refuse new jobs, give running ones ``drain_timeout`` to end, interrupt the rest."""
         self._registry.stop_accepting()
-        await self._job_supervisor.shutdown(grace)
+        await self._job_supervisor.shutdown()

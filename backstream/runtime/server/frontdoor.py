@@ -65,6 +65,17 @@ class _TrackedListener(trio.abc.Listener[trio.SocketStream]):
         await self._inner.aclose()
 
 
+@attrs.frozen
+class FrontDoorStatistics:
+    connections: int
+    frames_sent: int
+    bytes_sent: int
+    batches_sent: int
+    closed_slow: int
+    requests: int
+    errors_sent: int
+
+
 class FrontDoor:
     """Start with ``await nursery.start(front_door.run)``; ``port`` is then bound."""
 
@@ -86,7 +97,7 @@ class FrontDoor:
             "notifications": True,
         }
         self._version = version
-        self.stats = ConnectionStats()
+        self._counters = ConnectionStats()
         self.connections: set[Connection] = set()
         self._streams: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
         self._ids = itertools.count(1)
@@ -94,6 +105,18 @@ class FrontDoor:
         self._idle = trio.Event()
         self._idle.set()
         self.port = 0
+
+    def statistics(self) -> FrontDoorStatistics:
+        c = self._counters
+        return FrontDoorStatistics(
+            connections=len(self.connections),
+            frames_sent=c.frames_sent,
+            bytes_sent=c.bytes_sent,
+            batches_sent=c.batches_sent,
+            closed_slow=c.closed_slow,
+            requests=c.requests,
+            errors_sent=c.errors_sent,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections until ``stop_accepting``; then wait for the open ones to end."""
@@ -175,7 +198,7 @@ class FrontDoor:
             self._runtime,
             self._auth,
             self.config.limits,
-            self.stats,
+            self._counters,
             conn_id=conn_id,
             sock=stream.socket if stream is not None else None,
             header_identity=header_identity,

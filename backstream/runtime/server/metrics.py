@@ -66,10 +66,8 @@ class _BackstreamCollector(Collector):
         yield from self._upstream()
         door = self._front_door
         if door is not None:
-            s = door.stats
-            yield GaugeMetricFamily(
-                "backstream_connections", "Open WebSocket connections", len(door.connections)
-            )
+            s = door.statistics()
+            yield GaugeMetricFamily("backstream_connections", "Open WebSocket connections", s.connections)
             yield CounterMetricFamily("backstream_batches_sent", "job.events batches sent", s.batches_sent)
             yield CounterMetricFamily("backstream_frames_sent", "WebSocket frames sent", s.frames_sent)
             yield CounterMetricFamily("backstream_bytes_sent", "Bytes (UTF-8) of frames sent", s.bytes_sent)
