@@ -13,6 +13,8 @@ from typing import Any
 
 import trio
 
+from backstream.protocol.errors import UnavailableError
+
 __all__ = ["main"]
 
 
@@ -75,7 +77,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Mistakes an operator can make at startup: one line each, never a traceback.
-_STARTUP_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, sqlite3.Error, ImportError)
+_STARTUP_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    OSError,
+    sqlite3.Error,
+    ImportError,
+    UnavailableError,  # the store cannot be opened or reached
+)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -116,6 +124,8 @@ def _startup_error(exc: BaseException) -> BaseException | None:
 def _describe(exc: BaseException, settings: Any) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return f"cannot listen on {settings.host}: {exc.strerror} (is another server running on the port?)"
+    if isinstance(exc, UnavailableError):
+        return f"cannot open the store {settings.store}: {exc}"
     if isinstance(exc, sqlite3.Error):
         return f"cannot open the store {settings.store}: {exc}"
     if isinstance(exc, OSError):

@@ -59,7 +59,8 @@ class Config:
 
     # The job log and its writes to the store.
     max_output_chars: int = attrs.field(default=1_000_000, validator=_positive)
-    """Characters a job may produce (text, reasoning, tool arguments); past it: ``output_limit``."""
+    """Characters the model may produce (text, reasoning, tool arguments); past it: ``output_limit``.
+    Tool results have a budget of this size of their own (cut, never failing the job)."""
     flush_events: int = attrs.field(default=64, validator=_positive)
     """A job writes its new log entries to the store once this many are waiting (or after flush_ms)."""
     flush_ms: float = attrs.field(default=100.0, validator=_positive)
