@@ -49,7 +49,9 @@ class _Progress:
 async def run_demo(
     words: int, rate: float, *, upstream_url: str | None = None, model: str = "backstream/lorem"
 ) -> int:
-    """Run the demo; with ``upstream_url``, on that upstream's ``model``."""
+    """Run the demo: a server, a job, a dropped connection and a resume; with
+    ``upstream_url``, on that upstream's ``model``. Cancellation: the demo's server and
+    client are stopped."""
     with tempfile.TemporaryDirectory(prefix="backstream-demo-") as workdir:
         settings = ServeSettings.defaults(
             port=0,

@@ -61,7 +61,11 @@ class Notifier:
         content: str,
         error: ErrorInfo | None,
     ) -> bool:
-        """The notification a job's end calls for, if nobody watched. None for ``aborted``."""
+        """The notification a job's end calls for, if nobody watched. None for ``aborted``.
+
+        Cancellation: the notification may or may not have been created (the store's step is
+        atomic either way).
+        """
         kind = _BY_STATUS.get(status)
         if kind is None:
             return False
@@ -69,6 +73,7 @@ class Notifier:
         return await self._notify(job_id, user, thread_id, kind[0], kind[1], body)
 
     async def approval_needed(self, *, job_id: str, user: str, thread_id: str, tool: str) -> bool:
+        """Cancellation: as for ``job_ended``."""
         body = f"The assistant wants to run {tool!r} and waits for your decision."
         return await self._notify(
             job_id, user, thread_id, "ai.tool.approval_required", "Approval needed", body

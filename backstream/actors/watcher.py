@@ -26,11 +26,17 @@ __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 
 class LogSource(Protocol):
     async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
-        """Entries after ``after_seq``, text merged; maybe none."""
+        """Entries after ``after_seq``, text merged; maybe none.
+
+        Cancellation: nothing is consumed; the cursor is the caller's.
+        """
         ...
 
     async def wait_beyond(self, seq: int) -> None:
-        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone."""
+        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone.
+
+        Cancellation: safe; nothing is consumed.
+        """
         ...
 
 
@@ -41,6 +47,7 @@ class LiveSource:
         self._log = log
 
     async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+        """Cancellation: nothing is consumed; the cursor is the caller's."""
         # The watcher has already waited; only honour a pending cancellation here.
         await trio.lowlevel.checkpoint_if_cancelled()
         log = self._log
@@ -50,6 +57,7 @@ class LiveSource:
         return log.read(after_seq, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
+        """Cancellation: safe; nothing is consumed."""
         await self._log.wait_beyond(seq)
 
 
@@ -61,6 +69,7 @@ class StoredSource:
         self._job_id = job_id
 
     async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+        """Cancellation: nothing is consumed; the cursor is the caller's."""
         entries = await self._store.read(self._job_id, after_seq, max_events)
         if not entries:
             record = await self._store.get_job(self._job_id)
@@ -72,6 +81,7 @@ class StoredSource:
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
+        """Cancellation: safe; nothing is consumed."""
         await self._store.wait_for_entries(self._job_id, seq)
 
 

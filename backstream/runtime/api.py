@@ -264,6 +264,8 @@ class Runtime:
 
         Raises ``NotFoundError``; ``GoneError`` when ``epoch`` differs from the log's;
         ``BadRequestError`` for a cursor beyond the end of a finished job.
+        Cancellation: the watch closes and its presence is withdrawn (a shielded, bounded
+        write); the job goes on.
         """
         if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
             raise BadRequestError("after_seq must be a non-negative integer")
@@ -311,7 +313,10 @@ class Runtime:
         self, job_id: str, *, user: str, include_content: bool = False, offset: int = 0
     ) -> JobInfo:
         """The job's summary; with ``include_content``, its text from character ``offset``
-        and its tool calls."""
+        and its tool calls.
+
+        Cancellation: safe; nothing changes.
+        """
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise BadRequestError("offset must be a non-negative integer")
         record = await self._record(job_id, user)
@@ -360,7 +365,10 @@ class Runtime:
         statuses: Sequence[str] | None = None,
         limit: int = 50,
     ) -> list[JobSummary]:
-        """The user's jobs, newest first."""
+        """The user's jobs, newest first.
+
+        Cancellation: safe; nothing changes.
+        """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
         wanted = frozenset(statuses) if statuses is not None else None
@@ -394,7 +402,10 @@ class Runtime:
     async def notifications_list(
         self, *, user: str, unread_only: bool = False, limit: int = 50
     ) -> tuple[list[NotificationRecord], int]:
-        """The user's notifications, newest first, and how many are unread."""
+        """The user's notifications, newest first, and how many are unread.
+
+        Cancellation: safe; nothing changes.
+        """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
         return await self.store.list_notifications(user, unread_only=unread_only, limit=limit)
@@ -402,11 +413,17 @@ class Runtime:
     async def notifications_read(
         self, *, user: str, ids: Sequence[str] = (), everything: bool = False
     ) -> int:
-        """Mark notifications read; return how many stay unread."""
+        """Mark notifications read; return how many stay unread.
+
+        Cancellation: the marks may or may not have been written.
+        """
         return await self.store.mark_notifications_read(user, ids, everything=everything)
 
     async def mute_thread(self, *, user: str, thread_id: str, muted: bool = True) -> None:
-        """No notifications for this thread of the user's while muted."""
+        """No notifications for this thread of the user's while muted.
+
+        Cancellation: the change may or may not have been written.
+        """
         check_identifier("thread_id", thread_id)
         await self.store.set_thread_muted(user, thread_id, muted)
 

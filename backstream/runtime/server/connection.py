@@ -172,7 +172,10 @@ class Connection:
         self._session_scope.cancel()
 
     async def run(self) -> None:
-        """Serve the client until it leaves or is closed. Never raises for the client's faults."""
+        """Serve the client until it leaves or is closed. Never raises for the client's faults.
+
+        Cancellation: the session ends and the socket is closed; the user's jobs go on.
+        """
         close = _Close(1000, "")
         try:
             with self._session_scope:

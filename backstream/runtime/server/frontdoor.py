@@ -119,7 +119,10 @@ class FrontDoor:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept connections until ``stop_accepting``; then wait for the open ones to end."""
+        """Accept connections until ``stop_accepting``; then wait for the open ones to end.
+
+        Cancellation: stops accepting and cancels every connection; jobs go on in the runtime.
+        """
         listeners = await self._open_listeners()
         self.port = listeners[0].socket.getsockname()[1]
         tracked: list[Any] = [_TrackedListener(listener, self._streams) for listener in listeners]
@@ -164,7 +167,10 @@ class FrontDoor:
             connection.close_soon(code, reason)
 
     async def wait_closed(self) -> None:
-        """Wait until every connection has ended."""
+        """Wait until every connection has ended.
+
+        Cancellation: safe.
+        """
         await self._idle.wait()
 
     async def _handle(self, request: WebSocketRequest) -> None:
