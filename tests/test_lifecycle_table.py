@@ -46,12 +46,7 @@ def test_log_refuses_anything_after_the_terminal_status() -> None:
     log.append_status("completed")
     with pytest.raises(LogClosedError):
         log.append_status("running")
-    assert [e.status for e in log.read(0, max_events=10, max_chars=100)] == [
-        "running",
-        "awaiting_approval",
-        "running",
-        "completed",
-    ]  # type: ignore[union-attr]
+    assert [e.status for e in log.read(0, max_events=10, max_chars=100)] == ["running", "awaiting_approval", "running", "completed"]  # type: ignore[union-attr]
 
 
 def test_interruption_goes_after_the_durable_log_and_raises_the_epoch() -> None:

@@ -243,6 +243,8 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
         what = {int: "an integer", float: "a number"}.get(option.kind)  # type: ignore[call-overload]
         detail = f"{raw!r} is not {what}" if what and isinstance(raw, str) else str(exc)
         raise ValueError(f"{source}: {detail}") from None
+    if option.choices and isinstance(value, str):
+        value = value.lower()  # --log-level INFO as well as info
     if option.choices and value not in option.choices:
         raise ValueError(f"{source}: {value!r} is not one of {', '.join(option.choices)}")
     return value
