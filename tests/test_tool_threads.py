@@ -6,8 +6,11 @@ import threading
 
 import trio
 
+from backstream import Config, open_runtime
+from backstream.protocol.events import StatusEvent
 from backstream.runtime.tools.registry import ToolRegistry, run_tool, tool
 from tests import sample_tools
+from tests.upstream_server import FakeUpstream
 
 
 def _blocking_tool(release: threading.Event, name: str = "hang") -> object:
@@ -61,3 +64,29 @@ async def test_a_subprocess_tool_that_ignores_sigterm_is_killed_half_a_second_la
     elapsed = trio.current_time() - t0
     assert outcome.is_error and "timed out after 2 s" in outcome.output
     assert elapsed < 4.5  # 2 s timeout + 0.5 s grace, not trio's default 5 s
+
+
+async def test_other_jobs_still_reach_the_upstream_by_name_after_many_hung_tool_calls(
+    upstream: FakeUpstream,
+) -> None:
+    release = threading.Event()
+    tools = ToolRegistry([_blocking_tool(release)])  # type: ignore[list-item]
+    by_name = upstream.url.replace("127.0.0.1", "localhost")  # a host-name lookup on a thread
+    try:
+        async with open_runtime(Config(upstream_url=by_name, drain_timeout=0), tools=tools) as rt:
+            for _ in range(45):  # more hung calls than trio's shared pool has threads
+                assert (await rt.tools.run("hang", "{}")).is_error
+            started = await rt.start_job(
+                user="bob",
+                thread_id="t",
+                message_id="m",
+                model="any/model",
+                messages=[{"role": "user", "content": "hi"}],
+            )
+            with trio.fail_after(5):
+                async with rt.watch(started.job_id, user="bob") as batches:
+                    async for batch in batches:
+                        last = batch.events[-1]
+            assert isinstance(last, StatusEvent) and last.status == "completed", last
+    finally:
+        release.set()
