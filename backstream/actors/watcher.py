@@ -25,8 +25,10 @@ __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 
 
 class LogSource(Protocol):
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
-        """Entries after ``after_seq``, text merged; maybe none.
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
+        """Entries after ``after_seq``, text merged unless ``merge_text`` is false; maybe none.
 
         Cancellation: nothing is consumed; the cursor is the caller's.
         """
@@ -46,7 +48,9 @@ class LiveSource:
     def __init__(self, log: JobLog) -> None:
         self._log = log
 
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
         """Cancellation: nothing is consumed; the cursor is the caller's."""
         # The watcher has already waited; only honour a pending cancellation here.
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -54,6 +58,8 @@ class LiveSource:
         if log.terminal is not None and after_seq >= log.last_seq:
             # The job ended before the cursor: nothing will ever come.
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {log.last_seq}")
+        if not merge_text:
+            return tuple(log.entries(after_seq, after_seq + max_events))
         return log.read(after_seq, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
@@ -68,7 +74,9 @@ class StoredSource:
         self._store = store
         self._job_id = job_id
 
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
         """Cancellation: nothing is consumed; the cursor is the caller's."""
         entries = await self._store.read(self._job_id, after_seq, max_events)
         if not entries:
@@ -78,6 +86,8 @@ class StoredSource:
             if is_terminal(record.status) and after_seq >= record.seq:
                 # The job ended before the cursor: nothing will ever come.
                 raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
+        if not merge_text:
+            return tuple(entries)
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
@@ -104,6 +114,7 @@ class Watcher:
         max_batch_events: int,
         max_batch_chars: int,
         ended: bool = False,
+        merge_text: bool = True,
     ) -> None:
         self.job_id = job_id
         self.epoch = epoch
@@ -114,6 +125,7 @@ class Watcher:
         self._max_chars = max_batch_chars
         self._next_batch_at = -float("inf")
         self.ended = ended
+        self._merge_text = merge_text
 
     def __aiter__(self) -> Watcher:
         return self
@@ -127,7 +139,10 @@ class Watcher:
             if trio.current_time() < self._next_batch_at:
                 await trio.sleep_until(self._next_batch_at)
             events = await self._source.read(
-                self.cursor, max_events=self._max_events, max_chars=self._max_chars
+                self.cursor,
+                max_events=self._max_events,
+                max_chars=self._max_chars,
+                merge_text=self._merge_text,
             )
             if events:
                 break

@@ -39,6 +39,9 @@ class JobRequest:
     messages: tuple[dict[str, Any], ...]
     params: dict[str, Any] = attrs.field(factory=dict)
     tools: tuple[str, ...] = ()
+    annotations: dict[str, Any] = attrs.field(factory=dict)
+    """What the caller attached to the job to be given back as it was (the Responses API's
+    instructions, metadata and tools); never sent to the model."""
 
 
 @attrs.frozen

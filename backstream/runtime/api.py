@@ -36,6 +36,7 @@ from backstream.protocol.events import (
     ApprovalRequiredEvent,
     JobInfo,
     JobSummary,
+    LogEvent,
 )
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord, job_summary
@@ -130,8 +131,12 @@ class Runtime:
         messages: Sequence[dict[str, Any]],
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
+        annotations: dict[str, Any] | None = None,
     ) -> StartedJob:
         """Start a job, or return the user's job already started with ``message_id``.
+
+        ``annotations`` are kept with the job's request and given back as they were (JSON
+        values; the caller bounds their size); the model never sees them.
 
         Raises ``BadRequestError`` for a bad request, ``CapacityError`` at a limit
         (with ``retry_after_ms``), ``UnavailableError`` while shutting down.
@@ -149,6 +154,7 @@ class Runtime:
             messages=check_messages(messages),
             params=checked_params,
             tools=self._check_tools(tools),
+            annotations=dict(annotations or {}),
         )
         self.resolve_model(request)  # reject an unknown model before admission
         record, existing = await self._registry.start_job(
@@ -258,9 +264,11 @@ class Runtime:
         after_seq: int = 0,
         epoch: int | None = None,
         max_batch_chars: int | None = None,
+        merge_text: bool = True,
     ) -> AsyncIterator[Watcher]:
         """Watch a job from ``after_seq``: an async iterator of batches that ends after the
-        terminal status.
+        terminal status. With ``merge_text=False`` every log entry comes as stored (one text
+        event per ``seq``), so what a batch holds does not depend on how reads were grouped.
 
         Raises ``NotFoundError``; ``GoneError`` when ``epoch`` differs from the log's;
         ``BadRequestError`` for a cursor beyond the end of a finished job.
@@ -293,6 +301,7 @@ class Runtime:
             max_batch_events=self.config.max_batch_events,
             max_batch_chars=min(self.config.max_batch_chars, max_batch_chars or self.config.max_batch_chars),
             ended=finished and after_seq == last_seq,
+            merge_text=merge_text,
         )
         watch_id = new_id("w_", self._clock.now())
         await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
@@ -332,6 +341,19 @@ class Runtime:
         entries = await self.store.read(job_id, 0, record.seq)
         content, calls = summarize_events(entries)
         return JobInfo(job=summary, content=content[offset:], tool_calls=calls)
+
+    async def job_log(self, job_id: str, *, user: str) -> tuple[JobRecord, tuple[LogEvent, ...]]:
+        """The job's record and every entry of its log so far, as stored (no text merged).
+
+        The record's summary fields may lag the entries of a job running here; read
+        ``get_job`` for the freshest summary. Raises ``NotFoundError``.
+
+        Cancellation: nothing changes; call again."""
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            return found.record, tuple(found.log.entries())
+        entries = await self.store.read(job_id, 0, found.seq) if found.seq else []
+        return found, tuple(entries)
 
     async def abort(self, job_id: str, *, user: str) -> AbortResult:
         """Abort a running job: its upstream request and tools stop at once, it ends
