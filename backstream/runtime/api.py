@@ -284,7 +284,7 @@ class Runtime:
             last_seq, finished = found.log.last_seq, found.log.terminal is not None
         else:
             record = found
-            source, current_epoch = StoredSource(self.store, job_id), record.epoch
+            source, current_epoch = StoredSource(self.store, job_id, record.epoch), record.epoch
             last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
         if epoch is not None and epoch != current_epoch:
             raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
@@ -328,13 +328,16 @@ class Runtime:
         """
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise BadRequestError("offset must be a non-negative integer")
-        record = await self._record(job_id, user)
-        actor = self._registry.live(job_id)
-        if actor is not None:
-            summary = actor.summary(self.watcher_count(job_id))
+        # The live actor first: a record read before the job ended would be stale once its
+        # actor is gone; a record read after the actor left is final (it leaves after its
+        # last write).
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            summary = found.summary(self.watcher_count(job_id))
             if not include_content:
                 return JobInfo(job=summary)
-            return JobInfo(job=summary, content=actor.log.content(offset), tool_calls=actor.log.tool_calls())
+            return JobInfo(job=summary, content=found.log.content(offset), tool_calls=found.log.tool_calls())
+        record = found
         summary = self._summary(record)
         if not include_content:
             return JobInfo(job=summary)
