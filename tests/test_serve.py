@@ -26,8 +26,10 @@ def _jobs_in(path: Path) -> dict[str, tuple[str, int]]:
 
     with sqlite3.connect(path) as conn:
         return {
-            job_id: (status, json.loads(record)["content_length"])
-            for job_id, status, record in conn.execute("SELECT job_id, status, record FROM jobs")
+            job_id: (status, content_length)
+            for job_id, status, content_length in conn.execute(
+                "SELECT job_id, status, content_length FROM jobs"
+            )
         }
 
 
@@ -160,7 +162,7 @@ def test_settings_precedence(tmp_path: Path) -> None:
     config.write_text("colour = 'blue'\n")
     with pytest.raises(ValueError, match="colour"):
         load_settings(parser.parse_args(["--config", str(config)]), env={})
-    with pytest.raises(ValueError, match="max_jobs"):
+    with pytest.raises(ValueError, match="BACKSTREAM_MAX_JOBS"):
         load_settings(parser.parse_args([]), env={"BACKSTREAM_MAX_JOBS": "many"})
 
 

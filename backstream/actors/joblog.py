@@ -2,10 +2,12 @@
 
 One job actor owns and appends to each log; watchers, the flusher and
 ``get_job`` read it through cursors and never change it. Reads never block
-writers. Memory is bounded by ``max_output_chars``: every entry holds at least
-one character of output, except the few status and approval entries. A tool
-call's argument fragments (``tool_call_delta``) and the assembled call count
-once toward the limit, so they hold at most twice that many characters.
+writers. Memory is bounded by ``max_output_chars`` twice over: the model's output
+(text, reasoning, tool arguments) has one budget of that size and tool results another,
+so a large tool result never ends the answer. Every entry holds at least one character
+of output, except the few status and approval entries. A tool
+call's argument fragments (``tool_call_delta``) and the assembled call count once
+toward the output budget, so they hold at most twice its characters.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class JobLog:
         self._entries: list[LogEvent] = []
         self._max_output_chars = max_output_chars
         self._output_chars = 0
+        self._tool_output_chars = 0
         self.content_length = 0
         self.terminal: StatusEvent | None = None
         self.status: JobStatus = INITIAL_STATUS
@@ -115,8 +118,16 @@ class JobLog:
         self._append(ApprovalEvent(seq=self.last_seq + 1, call_id=call_id, approved=approved))
 
     def append_tool_result(self, call_id: str, name: str, output: str, is_error: bool) -> None:
-        """Append a tool's output, cut to what the output limit leaves."""
-        output, _ = self._charge(output)
+        """Append a tool's output, cut to what is left of the tools' own budget
+        (``max_output_chars`` for all of the job's tool results); never raises
+        ``OutputLimitExceeded``: the model reads the cut output and answers."""
+        room = max(self._max_output_chars - self._tool_output_chars, 0)
+        if len(output) > room:
+            output = (
+                output[:room]
+                + f"\n[output cut: the job's tool results reached {self._max_output_chars} characters]"
+            )
+        self._tool_output_chars += min(len(output), room)
         self._append(
             ToolResultEvent(
                 seq=self.last_seq + 1, call_id=call_id, name=name, output=output, is_error=is_error

@@ -49,7 +49,6 @@ class Notifier:
         self._max_per_user = max_per_user
         self._subscribers: dict[str, set[trio.MemorySendChannel[NotificationRecord]]] = {}
         self._pushes_dropped = 0
-        store.notification_listener = self.deliver_local
 
     async def job_ended(
         self,
@@ -98,7 +97,8 @@ class Notifier:
             return False
 
     def deliver_local(self, notification: NotificationRecord) -> None:
-        """Push to this instance's connections of the user (never blocks)."""
+        """Push to this instance's connections of the user (never blocks). The store calls
+        it for every notification created on any instance: ``store.open(on_notification=...)``."""
         for channel in list(self._subscribers.get(notification.user, ())):
             try:
                 channel.send_nowait(notification)

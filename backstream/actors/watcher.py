@@ -25,6 +25,11 @@ __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 
 
 class LogSource(Protocol):
+    @property
+    def epoch(self) -> int:
+        """The epoch of the entries ``read`` returns (it grows when a job is recovered)."""
+        ...
+
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
     ) -> tuple[LogEvent, ...]:
@@ -48,6 +53,10 @@ class LiveSource:
     def __init__(self, log: JobLog) -> None:
         self._log = log
 
+    @property
+    def epoch(self) -> int:
+        return self._log.epoch
+
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
     ) -> tuple[LogEvent, ...]:
@@ -68,11 +77,19 @@ class LiveSource:
 
 
 class StoredSource:
-    """The log of a finished job, or one running in another process: read from the store."""
+    """The log of a finished job, or one running in another process: read from the store.
 
-    def __init__(self, store: Store, job_id: str) -> None:
+    A log that cannot continue from the cursor surfaces as ``GoneError``, never as a
+    gap or a wait that returns at once forever: the job is gone, its record says more
+    than its log holds (a store restored from an older snapshot), or it was recovered
+    at a new epoch before the cursor. A cursor past the end of a finished job is a
+    ``BadRequestError``.
+    """
+
+    def __init__(self, store: Store, job_id: str, epoch: int = 1) -> None:
         self._store = store
         self._job_id = job_id
+        self.epoch = epoch
 
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
@@ -80,15 +97,31 @@ class StoredSource:
         """Cancellation: nothing is consumed; the cursor is the caller's."""
         entries = await self._store.read(self._job_id, after_seq, max_events)
         if not entries:
-            record = await self._store.get_job(self._job_id)
-            if record is None:
-                raise GoneError("the job's log is no longer kept; load the result with job.get")
-            if is_terminal(record.status) and after_seq >= record.seq:
-                # The job ended before the cursor: nothing will ever come.
-                raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
+            await self._check_continues(after_seq)
+            return ()
+        last = entries[-1]
+        if isinstance(last, StatusEvent) and last.is_terminal:
+            record = await self._store.get_job(self._job_id)  # a recovered job has a new epoch
+            if record is not None:
+                self.epoch = record.epoch
         if not merge_text:
             return tuple(entries)
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
+
+    async def _check_continues(self, after_seq: int) -> None:
+        """Nothing after ``after_seq``: fine if the job may still write it, else gone."""
+        gone = GoneError("the job's log is no longer kept; load the result with job.get")
+        record = await self._store.get_job(self._job_id)
+        if record is None:
+            raise gone
+        if record.seq > after_seq:  # the record is ahead: read again, after it
+            if not await self._store.read(self._job_id, after_seq, 1):
+                raise GoneError("the job's stored log is behind its record; load the result with job.get")
+        elif record.epoch != self.epoch:
+            raise gone  # recovered at a new epoch before the cursor: what it had is lost
+        elif is_terminal(record.status):
+            # The job ended before the cursor: nothing will ever come.
+            raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
 
     async def wait_beyond(self, seq: int) -> None:
         """Cancellation: safe; nothing is consumed."""
@@ -157,6 +190,7 @@ class Watcher:
                 events = tuple(ev for ev in events if not isinstance(ev, ToolCallDeltaEvent))
             if events:
                 break
+        self.epoch = self._source.epoch
         batch = Batch(
             job_id=self.job_id,
             epoch=self.epoch,

@@ -26,6 +26,7 @@ __all__ = [
     "events_to_json",
     "format_time",
     "job_summary",
+    "progress_to_dict",
     "record_from_dict",
     "record_to_dict",
 ]
@@ -173,3 +174,8 @@ def record_to_dict(record: JobRecord) -> dict[str, Any]:
 
 def record_from_dict(data: dict[str, Any]) -> JobRecord:
     return _records.structure(data, JobRecord)
+
+
+def progress_to_dict(progress: JobProgress) -> dict[str, Any]:
+    """The progress fields as they appear in ``record_to_dict``'s output."""
+    return _records.unstructure(progress)  # type: ignore[no-any-return]

@@ -9,6 +9,7 @@ async with backstream.open_runtime(backstream.Config()) as rt:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -207,9 +208,36 @@ class Runtime:
                 record = await self._record(job_id, user)
         return self._summary(await self._record(job_id, user))
 
+    def model_allowed(self, model: str) -> bool:
+        """Whether ``config.allowed_models`` lets a job name ``model``: not excluded by a
+        ``!pattern``, and built in, or matching a pattern (any model when there is none)."""
+        patterns = self.config.allowed_models
+        if any(p.startswith("!") and fnmatch.fnmatchcase(model, p[1:]) for p in patterns):
+            return False
+        if model.startswith(BUILTIN_PREFIX) or model in self._models:
+            return True
+        allowing = [p for p in patterns if not p.startswith("!")]
+        return not allowing or any(fnmatch.fnmatchcase(model, p) for p in allowing)
+
+    def allowed_models(self) -> list[str]:
+        """What a client may name, as glob patterns: the built-in and embedded models not
+        excluded, then ``config.allowed_models`` (``*`` for any model with an upstream and no
+        pattern)."""
+        fixed = [m for m in sorted({*BUILTIN_MODELS, *self._models}) if self.model_allowed(m)]
+        allowing = [p for p in self.config.allowed_models if not p.startswith("!")]
+        if not allowing and self._upstream is not None:
+            allowing = ["*"]
+        return fixed + allowing
+
     def resolve_model(self, request: JobRequest) -> Model:
         """The model that serves ``request``: one given to ``open_runtime``, a built-in,
-        or the upstream. Raises ``BadRequestError``."""
+        or the upstream. Raises ``BadRequestError``, also for a model that
+        ``config.allowed_models`` does not allow."""
+        if not self.model_allowed(request.model):
+            allowed = ", ".join(self.allowed_models()) or "none"
+            raise BadRequestError(
+                f"model {request.model!r} is not allowed on this server (allowed: {allowed})"
+            )
         model = self._models.get(request.model)
         if model is not None:
             return model
@@ -259,7 +287,7 @@ class Runtime:
             last_seq, finished = found.log.last_seq, found.log.terminal is not None
         else:
             record = found
-            source, current_epoch = StoredSource(self.store, job_id), record.epoch
+            source, current_epoch = StoredSource(self.store, job_id, record.epoch), record.epoch
             last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
         if epoch is not None and epoch != current_epoch:
             raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
@@ -304,13 +332,16 @@ class Runtime:
         """
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise BadRequestError("offset must be a non-negative integer")
-        record = await self._record(job_id, user)
-        actor = self._registry.live(job_id)
-        if actor is not None:
-            summary = actor.summary(self.watcher_count(job_id))
+        # The live actor first: a record read before the job ended would be stale once its
+        # actor is gone; a record read after the actor left is final (it leaves after its
+        # last write).
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            summary = found.summary(self.watcher_count(job_id))
             if not include_content:
                 return JobInfo(job=summary)
-            return JobInfo(job=summary, content=actor.log.content(offset), tool_calls=actor.log.tool_calls())
+            return JobInfo(job=summary, content=found.log.content(offset), tool_calls=found.log.tool_calls())
+        record = found
         summary = self._summary(record)
         if not include_content:
             return JobInfo(job=summary)

@@ -64,7 +64,9 @@ async def open_runtime(
     config = config or Config()
     store = store or MemoryStore()
     http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
-    await store.open()
+    clock = WallClock()
+    notifier = Notifier(store, clock, config.max_notifications_per_user)
+    await store.open(on_notification=notifier.deliver_local)  # pushes of every instance
     failure: Exception | None = None
     try:
         async with trio.open_nursery() as root:
@@ -73,8 +75,11 @@ async def open_runtime(
             await root.start(jobs.run)
             await root.start(system.run)
             upstream = UpstreamClient(config, http) if http is not None else None
-            tools = tools if tools is not None else ToolRegistry.with_builtins()
-            runtime = await _start_system(config, store, jobs, system, models or {}, upstream, tools)
+            if tools is None:
+                tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
+            runtime = await _start_system(
+                config, store, clock, notifier, jobs, system, models or {}, upstream, tools
+            )
             try:
                 yield runtime
             except Exception as exc:
@@ -104,6 +109,8 @@ async def open_runtime(
 async def _start_system(
     config: Config,
     store: Store,
+    clock: WallClock,
+    notifier: Notifier,
     jobs: Supervisor[JobActor],
     system: Supervisor[None],
     models: Mapping[str, Model],
@@ -111,8 +118,6 @@ async def _start_system(
     tools: ToolRegistry,
 ) -> Runtime:
     """Build the actors, start the system children in order, and return the facade."""
-    clock = WallClock()
-    notifier = Notifier(store, clock, config.max_notifications_per_user)
     instance_id = new_id("i_", clock.now())
     presence = WatchPresence()
     runtime: Runtime | None = None

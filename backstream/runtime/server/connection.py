@@ -25,11 +25,17 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.actors.clock import format_time
-from backstream.protocol.codec import ProtocolError, batch_message, decode_client, encode, error_message
+from backstream.protocol.codec import (
+    ProtocolError,
+    batch_message,
+    decode_client,
+    encode,
+    error_message,
+    peek_request_id,
+)
 from backstream.protocol.errors import (
     BackstreamError,
     BadRequestError,
-    TooLargeError,
     UnauthorizedError,
 )
 from backstream.protocol.messages import (
@@ -41,7 +47,6 @@ from backstream.protocol.messages import (
     JobApprove,
     JobApproveResult,
     JobGet,
-    JobInfoMessage,
     JobList,
     JobListResult,
     JobStart,
@@ -67,6 +72,7 @@ from backstream.protocol.messages import (
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.paging import job_info_page
 from backstream.runtime.server.peer import Close as _Close
 from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
 from backstream.runtime.server.socket_gate import SocketGate
@@ -242,6 +248,7 @@ class Connection:
                     if float(config.batch_ms).is_integer()
                     else config.batch_ms,
                 },
+                models=self._runtime.allowed_models(),
             )
         )
         log.info(
@@ -275,13 +282,14 @@ class Connection:
         while True:
             raw = await self._ws.get_message()
             self._stats.requests += 1
+            # Charged before decoding: a flood of frames costs no more than the bucket allows.
+            if not self._take_token():
+                await self._refuse(peek_request_id(raw), "rate_limited", "too many requests; slow down")
+                continue
             try:
                 message = decode_client(raw)
             except ProtocolError as exc:
                 await self._refuse(exc.request_id, exc.code, exc.message)
-                continue
-            if not self._take_token():
-                await self._refuse(message.id, "rate_limited", "too many requests; slow down")
                 continue
             await self._handle(message)
 
@@ -422,17 +430,14 @@ class Connection:
         info = await self._runtime.get_job(
             message.job_id, user=self.user, include_content=message.include_content, offset=message.offset
         )
-        reply = encode(
-            JobInfoMessage(
-                id=message.id, job=info.job, content=info.content, tool_calls=list(info.tool_calls)
-            )
+        page = job_info_page(
+            message.id,
+            info,
+            offset=message.offset,
+            tool_calls_offset=message.tool_calls_offset,
+            max_bytes=self._limits.max_message_bytes,
         )
-        if len(reply.encode()) > self._limits.max_message_bytes:
-            raise TooLargeError(
-                f"the reply would exceed {self._limits.max_message_bytes} bytes; "
-                "fetch the content in pieces with offset"
-            )
-        await self._send(reply)
+        await self._reply(page)
 
     async def _on_list(self, message: JobList) -> None:
         jobs = await self._runtime.list_jobs(
@@ -504,7 +509,8 @@ class Connection:
             )
             raise _Close(4429, "too slow")
         self._stats.frames_sent += 1
-        self._stats.bytes_sent += len(text)
+        # UTF-8 bytes; str.isascii() is O(1) in CPython, so ASCII frames are not encoded twice.
+        self._stats.bytes_sent += len(text) if text.isascii() else len(text.encode())
 
     async def _wait_drained(self) -> None:
         """Wait while the client is behind; close it 4429 if that lasts ``slow_client_timeout``."""

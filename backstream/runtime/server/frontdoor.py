@@ -21,13 +21,14 @@ from urllib.parse import parse_qs
 
 import attrs
 import trio
-from trio_websocket import Endpoint, WebSocketRequest, WebSocketServer
+from trio_websocket import Endpoint, WebSocketRequest
 
 from backstream.protocol.errors import UnauthorizedError
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.ai_sdk import AiSdkConnection
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.connection import Connection, ConnectionLimits, ConnectionStats
+from backstream.runtime.server.websocket import FailingWebSocketServer
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
 
@@ -142,7 +143,7 @@ class FrontDoor:
                 for listener in tracked
             ]
         async with trio.open_nursery() as handlers:
-            server = WebSocketServer(
+            server = FailingWebSocketServer(
                 self._handle,
                 tracked,
                 handler_nursery=handlers,
