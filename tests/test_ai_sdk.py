@@ -49,6 +49,12 @@ def require_node() -> str:
     return node
 
 
+@pytest.fixture(autouse=True)
+def _node_is_here() -> None:
+    """Checked before the trio run starts, so that a skip keeps its message."""
+    require_node()
+
+
 @attrs.define
 class AiSdkServer:
     runtime: Runtime
@@ -207,8 +213,12 @@ def require_chromium() -> str:
     return path
 
 
-async def test_browser_page_reloaded_mid_answer_resumes(tmp_path: Path) -> None:
-    chromium = require_chromium()
+@pytest.fixture
+def chromium() -> str:
+    return require_chromium()  # outside the trio run, so that a skip keeps its message
+
+
+async def test_browser_page_reloaded_mid_answer_resumes(tmp_path: Path, chromium: str) -> None:
     async with ai_sdk_server(auth_cookie="bs_token") as server:
         reported = await run_node(
             "browser.test.mjs",
