@@ -90,6 +90,7 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         allow_origins=tuple(settings.allow_origin),
         auth_cookie=settings.auth_cookie,
         default_model=settings.default_model,
+        ai_sdk_coalesce_ms=settings.ai_sdk_coalesce_ms,
         reuse_port=bool(settings.reuse_port),
         limits=ConnectionLimits(
             hello_timeout=settings.hello_timeout, max_message_bytes=settings.max_message_bytes
