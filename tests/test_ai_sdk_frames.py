@@ -14,7 +14,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 from backstream import Config
 from backstream.runtime.server.connection import ConnectionLimits
 from tests.test_ai_sdk import ai_sdk_server, ended, only_job
-from tests.test_ai_sdk_server import chunks_of, resume_frame, response, send_frame, url
+from tests.test_ai_sdk_server import chunks_of, response, resume_frame, send_frame, url
 
 FAST = {"model": "backstream/lorem", "params": {"max_tokens": 200, "tokens_per_s": 200}}
 
@@ -111,4 +111,3 @@ async def test_a_client_that_stops_reading_is_closed_4429_and_resumes_whole() ->
         assert assembled_text([c for _, c in chunks_of(frames)]) == info.content
         assert len(info.content.split()) == 40_000
         nursery.cancel_scope.cancel()
-
