@@ -14,7 +14,6 @@ import itertools
 import logging
 import socket as stdlib_socket
 import ssl
-import weakref
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs
@@ -30,6 +29,7 @@ from backstream.runtime.api import Runtime
 from backstream.runtime.server.ai_sdk import AiSdkConnection
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.connection import Connection, ConnectionLimits, ConnectionStats
+from backstream.runtime.server.listeners import PeerStreams, TrackedListener
 from backstream.runtime.server.websocket import FailingWebSocketServer
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
@@ -60,25 +60,6 @@ class FrontDoorConfig:
     handshake_timeout: float = 10.0
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False)
     reuse_port: bool = False
-
-
-class _TrackedListener(trio.abc.Listener[trio.SocketStream]):
-    """A TCP listener that remembers each accepted stream by its peer address, so a
-    connection can read its socket's unsent-byte count."""
-
-    def __init__(self, inner: trio.SocketListener, streams: weakref.WeakValueDictionary[Any, Any]) -> None:
-        self._inner = inner
-        self._streams = streams
-        self.socket = inner.socket
-
-    async def accept(self) -> trio.SocketStream:
-        stream = await self._inner.accept()
-        with contextlib.suppress(OSError):  # the peer left already; the handshake will fail
-            self._streams[stream.socket.getpeername()[:2]] = stream
-        return stream
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 @attrs.frozen
@@ -115,7 +96,7 @@ class FrontDoor:
         self._version = version
         self._counters = ConnectionStats()
         self.connections: set[Connection | AiSdkConnection] = set()
-        self._streams: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
+        self._streams = PeerStreams()
         self._ids = itertools.count(1)
         self._listen_scope = trio.CancelScope()
         self._idle = trio.Event()
@@ -141,7 +122,7 @@ class FrontDoor:
         """
         listeners = await self._open_listeners()
         self.port = listeners[0].socket.getsockname()[1]
-        tracked: list[Any] = [_TrackedListener(listener, self._streams) for listener in listeners]
+        tracked: list[Any] = [TrackedListener(listener, self._streams) for listener in listeners]
         if self.config.ssl_context is not None:
             tracked = [
                 trio.SSLListener(listener, self.config.ssl_context, https_compatible=True)
@@ -221,7 +202,7 @@ class FrontDoor:
         ws = await request.accept()
         remote = request.remote
         stream = (
-            self._streams.pop((str(remote.address), remote.port), None)
+            self._streams.pop((remote.address, remote.port))
             if isinstance(remote, Endpoint)
             else None
         )
