@@ -253,7 +253,8 @@ async def test_coalesced_frames_assemble_the_answer(tmp_path: Path) -> None:
         info = await ended(server.runtime, job.job_id)
         assert info.job.status == "completed"
         assert reported["text"] == info.content == reported["replayText"]
-        # 200 text entries over about a second, at most one text frame per 100 ms.
-        assert reported["textDeltaFrames"] <= 20
+        # 200 text entries over about a second, at most one text frame per 100 ms: about ten
+        # (the bound leaves room for a loaded machine stretching the job to four seconds).
+        assert reported["textDeltaFrames"] <= 40
         assert reported["chunkFrames"] < info.job.seq // 4
         assert reported["replayChunkFrames"] <= reported["chunkFrames"]

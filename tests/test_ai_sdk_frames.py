@@ -36,8 +36,9 @@ async def test_coalesced_frames_are_few_contiguous_and_whole() -> None:
             chunks = [c for _, c in live]
             assert assembled_text(chunks) == info.content and len(info.content.split()) == 200
             deltas = [c for c in chunks if c["type"] == "text-delta"]
-            # 200 entries over about a second, at most one text frame per 100 ms.
-            assert len(deltas) <= 20, len(deltas)
+            # 200 entries over about a second, at most one text frame per 100 ms: about ten
+            # (the bound leaves room for a loaded machine stretching the job to four seconds).
+            assert len(deltas) <= 40, len(deltas)
             assert len(live) < info.job.seq // 4, (len(live), info.job.seq)
             assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
 
@@ -65,7 +66,7 @@ async def test_the_operator_default_and_bad_values() -> None:
         async with open_websocket_url(url(server)) as ws:
             await ws.send_message(send_frame("s", "c1", "go", FAST))
             chunks = [c for _, c in chunks_of(await response(ws, "s"))]
-            assert len([c for c in chunks if c["type"] == "text-delta"]) <= 20
+            assert len([c for c in chunks if c["type"] == "text-delta"]) <= 40
         async with open_websocket_url(url(server) + "&coalesce_ms=0") as ws:  # a client opts out
             await ws.send_message(resume_frame("r", "c1"))
             chunks = [c for _, c in chunks_of(await response(ws, "r"))]
