@@ -569,8 +569,11 @@ async def soak(settings: Settings) -> dict[str, Any]:
                         state.stop_starting.set()
                 if bounded.cancelled_caught:
                     state.errors["the load overran"] += 1
-                with trio.fail_after(300):  # 30 s per job at most, in practice a few
+                statuses: dict[str, int] = {}
+                with trio.move_on_after(300) as checked:  # 30 s per job at most, in practice a few
                     statuses = await state.check_end()
+                if checked.cancelled_caught:
+                    state.errors["the final check overran"] += 1
                 nursery.cancel_scope.cancel()
             logs = {i.index: i.log_path.read_text(errors="replace")[-4000:] for i in instances}
     finally:
