@@ -384,13 +384,19 @@ class Soak:
             kind = kinds[turn % len(kinds)]
             turn += 1
             self.fault(kind)
-            with trio.CancelScope(shield=True):  # never leave Redis stopped or an instance down
+            # Never leave Redis stopped or an instance down; bounded, as a close may hang.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.settings.lease_ttl + 60
                 await self.do_fault(kind)
+            if scope.cancelled_caught:
+                self.errors[f"fault {kind} overran"] += 1
+                self.redis.signal(signal.SIGCONT)
 
     async def do_fault(self, kind: str) -> None:
         if kind == "reset":
             for client in self.rng.sample(self.clients, k=min(len(self.clients), 5)):
-                await client.drop_connection()
+                with trio.move_on_after(5):  # the close handshake of a reset may never finish
+                    await client.drop_connection()
         elif kind == "kill_instance":
             victim = self.rng.choice(self.instances)
             victim.kill()
