@@ -52,6 +52,7 @@ from backstream.protocol.errors import (
     CapacityError,
     GoneError,
     NotFoundError,
+    RateLimitedError,
     UnavailableError,
 )
 from backstream.protocol.events import TERMINAL_STATUSES, Batch
@@ -297,7 +298,7 @@ class Soak:
         for _ in range(40):
             try:
                 return await request()
-            except (UnavailableError, CapacityError) as exc:
+            except (UnavailableError, CapacityError, RateLimitedError) as exc:
                 self.errors[f"retried: {exc.code}"] += 1
                 await trio.sleep(0.5)
         return None
@@ -479,7 +480,7 @@ class Soak:
                 if not any(w > job.started_at for w in self.wipes):
                     self.violation(job, "lost", "job.get: not_found, and no Redis wipe since its start")
                 return "lost"
-            except UnavailableError as exc:
+            except (UnavailableError, RateLimitedError) as exc:
                 if time.monotonic() > deadline:
                     self.violation(job, "unavailable", f"job.get at the end: {exc}")
                     return "unavailable"
