@@ -167,3 +167,39 @@ def test_protocol_package_never_imports_io_libraries() -> None:
         [sys.executable, "-c", _NO_IO_CHECK, str(root)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_byte_order_mark_at_the_start_is_dropped_even_split() -> None:
+    events = decode([b"\xef", b"\xbb\xbfdata: a\n\n", b"data: \xef\xbb\xbfb\n\n"])
+    assert [e.data for e in events] == ["a", "\ufeffb"]  # only the stream's first one is a mark
+
+
+@given(st.lists(st.text(max_size=4), max_size=6))
+def test_assembled_text_is_always_encodable(pieces: list[str]) -> None:
+    # Text with surrogates anywhere, split anywhere: what comes out encodes as UTF-8, and
+    # text that was valid all along comes out unchanged.
+    asm = ChatStreamAssembler()
+    out: list[str] = []
+    for piece in pieces:
+        for event in asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]})):
+            assert isinstance(event, TextDelta)
+            out.append(event.text)
+    for event in asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})):
+        if isinstance(event, TextDelta):
+            out.append(event.text)
+    text = "".join(out)
+    text.encode("utf-8")
+    joined = "".join(pieces)
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return
+    assert text == joined
+
+
+def test_truncated_turn_releases_no_tool_calls() -> None:
+    asm = ChatStreamAssembler()
+    fragment = {"index": 0, "id": "c", "function": {"name": "f", "arguments": '{"a": '}}
+    asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]}))
+    out = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+    assert out == [Finished("length")]

@@ -40,6 +40,7 @@ from backstream.protocol.messages import (
     JobInfoMessage,
     ServerMessage,
 )
+from backstream.protocol.text import repair_strings
 
 __all__ = [
     "EVENT_CLASSES",
@@ -183,6 +184,8 @@ def _load(data: str | bytes) -> dict[str, Any]:
         raise ProtocolError("bad_request", "the message is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "a message must be a JSON object")
+    if "\\u" in data:  # only an escape can carry a lone surrogate into a text frame
+        obj = repair_strings(obj)
     return obj
 
 

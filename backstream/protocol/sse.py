@@ -2,7 +2,8 @@
 
 Feed it bytes as they arrive, in chunks of any size; it returns the complete
 events. It handles LF, CRLF and CR line ends (also a CRLF split across two
-reads), comment lines, multi-line ``data``, and UTF-8 split across reads.
+reads), comment lines, multi-line ``data``, UTF-8 split across reads, and a
+byte-order mark at the start.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class SSEDecoder:
     """
 
     def __init__(self, *, max_line_chars: int = 4 * 1024 * 1024) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # "-sig": a byte-order mark that opens the stream is dropped, as the standard says.
+        self._utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
         self._partial = ""
         self._skip_lf = False  # the last chunk ended in CR; a leading LF belongs to it
         self._max_line_chars = max_line_chars
