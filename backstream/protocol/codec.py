@@ -185,7 +185,8 @@ def _load(data: str | bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "a message must be a JSON object")
     if "\\u" in data:  # only an escape can carry a lone surrogate into a text frame
-        obj = repair_strings(obj)
+        repaired: dict[str, Any] = repair_strings(obj)
+        return repaired
     return obj
 
 
