@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
-import httpx
 import trio
 
 from backstream.actors.clock import WallClock
@@ -25,6 +24,7 @@ from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRequest
 from backstream.runtime.api import Runtime
+from backstream.runtime.models.http1 import HTTP1Pool
 from backstream.runtime.models.upstream import UpstreamClient, open_http_client
 from backstream.runtime.stores.memory import MemoryStore
 from backstream.runtime.tools.registry import ToolRegistry
@@ -58,7 +58,7 @@ async def open_runtime(
     clock = WallClock()
     notifier = Notifier(store, clock, config.max_notifications_per_user)
     instance_id = new_id("i_", clock.now())
-    http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
+    http: HTTP1Pool | None = open_http_client(config) if config.upstream_url else None
     await store.open()
     failure: Exception | None = None
     try:
