@@ -552,7 +552,7 @@ def main() -> None:
     ap.add_argument("--sweep-jobs", default="50,100,200,300,400,500,600,800,1000")
     ap.add_argument("--plots", default=str(HERE.parent / "docs" / "perf"), help="where --sweep puts PNGs")
     ap.add_argument("--json", help="where to write the results (default bench/results/)")
-    ap.add_argument("--compare-src", help="also measure the backstream checkout in this directory (before/after)")
+    ap.add_argument("--compare-src", help="also measure the backstream checkout in this directory")
     a = ap.parse_args()
     a.source = None
     if a.connections and a.connections < a.watchers:
