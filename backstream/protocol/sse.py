@@ -71,13 +71,20 @@ class SSEDecoder:
             text = text[1:]
         self._skip_lf = False
         buf = self._partial + text if self._partial else text
-        pos = 0
-        for match in _LINE_END.finditer(buf):
-            self._line(buf[pos : match.start()], out)
-            pos = match.end()
-        self._partial = buf[pos:]
-        if pos and pos == len(buf) and buf[-1] == "\r":
-            self._skip_lf = True
+        if "\r" not in buf:  # the usual LF-only stream: split in C, one pass
+            lines = buf.split("\n")
+            self._partial = lines.pop()
+            line = self._line
+            for one in lines:
+                line(one, out)
+        else:
+            pos = 0
+            for match in _LINE_END.finditer(buf):
+                self._line(buf[pos : match.start()], out)
+                pos = match.end()
+            self._partial = buf[pos:]
+            if pos and pos == len(buf) and buf[-1] == "\r":
+                self._skip_lf = True
         if len(self._partial) > self._max_line_chars:
             raise SSEError(f"an event-stream line is longer than {self._max_line_chars} characters")
         return out
@@ -85,6 +92,9 @@ class SSEDecoder:
     def _line(self, line: str, out: list[SSEEvent]) -> None:
         if not line:
             self._dispatch(out)
+            return
+        if line[:6] == "data: ":  # the usual field, without the general parse
+            self._data.append(line[6:])
             return
         if line[0] == ":":
             return  # a comment, such as ": OPENROUTER PROCESSING"
