@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from backstream.actors.ports import Store
+from backstream.protocol.compact import CompactEntries
 from backstream.protocol.events import TERMINAL_STATUSES, LogEvent
 from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
 from backstream.runtime.stores.local_notifications import LocalNotifications
@@ -23,7 +24,7 @@ __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 @attrs.define
 class _StoredJob:
     record: JobRecord
-    entries: list[LogEvent] = attrs.Factory(list)
+    entries: list[LogEvent] | CompactEntries = attrs.Factory(list)
     changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     abort: trio.Event = attrs.Factory(trio.Event)
 
@@ -79,6 +80,8 @@ class MemoryStore(LocalNotifications, Store):
             raise ValueError(f"commit of seq {fresh[0].seq} after {len(job.entries)} for {job_id}")
         job.entries.extend(fresh)
         job.record = job.record.advanced(progress)
+        if job.record.status in TERMINAL_STATUSES and isinstance(job.entries, list):
+            job.entries = CompactEntries(job.entries)  # read-only from now on: kept small
         if progress.expires_at is not None:
             heapq.heappush(self._expiry, (progress.expires_at, job_id))
         job.changed.unpark_all()
