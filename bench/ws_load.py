@@ -439,9 +439,14 @@ def one_load(a: argparse.Namespace, has_raw: bool, has_peer: bool) -> None:
         rows.append(raw)
         ratios["raw pipeline"] = ratio(ours, raw)
     if has_peer:
-        peer = {"name": "resumable-stream (Node, Redis)", **measure("peer", a)}
-        rows.append(peer)
-        ratios["resumable-stream"] = ratio(ours, peer)
+        try:
+            peer = {"name": "resumable-stream (Node, Redis)", **measure("peer", a)}
+        except (OSError, RuntimeError) as exc:  # the peer broke under this load: say so, keep the rest
+            print(f"resumable-stream failed under this load: {exc!r}", file=sys.stderr)
+            rows.append({"name": f"resumable-stream FAILED: {type(exc).__name__}"})
+        else:
+            rows.append(peer)
+            ratios["resumable-stream"] = ratio(ours, peer)
     print(
         f"J={a.jobs} jobs x W={a.watchers} watchers, {a.rate:g} tokens/s, {a.tokens} tokens, "
         f"batch {a.batch_ms:g} ms"
@@ -464,7 +469,13 @@ def sweep(a: argparse.Namespace, has_raw: bool, has_peer: bool) -> None:
     for system in systems:
         for jobs in counts:
             a.jobs = jobs
-            row = {"jobs": jobs, **measure(system, a)}
+            try:
+                row = {"jobs": jobs, **measure(system, a)}
+            except (OSError, RuntimeError) as exc:
+                print(f"{system} failed at {jobs} jobs: {exc!r}", file=sys.stderr)
+                row = {"jobs": jobs, "failed": repr(exc), "sustainable": False}
+                results[system].append(row)
+                break
             results[system].append(row)
             print(
                 f"{system:10} jobs={jobs:4} tokens/s={row['tokens_per_s']:6} "
@@ -498,15 +509,15 @@ def plot(results: dict[str, list[dict[str, Any]]], a: argparse.Namespace, out: p
     out.mkdir(parents=True, exist_ok=True)
     name = f"sweep_{a.watchers}x{a.rate:g}"
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
-    for system, rows in results.items():
+    for system, all_rows in results.items():
+        rows = [r for r in all_rows if "failed" not in r]
         jobs = [r["jobs"] for r in rows]
         left.plot(jobs, [r["tokens_per_s"] for r in rows], marker="o", label=LABELS[system])
         right.plot(jobs, [r["due_p99_ms"] for r in rows], marker="o", label=LABELS[system])
-    nominal = [
-        n * a.watchers * a.rate for n in sorted({r["jobs"] for rows in results.values() for r in rows})
-    ]
+    counts = sorted({r["jobs"] for rows in results.values() for r in rows})
+    nominal = [n * a.watchers * a.rate for n in counts]
     left.plot(
-        sorted({r["jobs"] for rows in results.values() for r in rows}),
+        counts,
         nominal,
         ":",
         color="grey",

@@ -265,7 +265,10 @@ class Connection:
         while True:
             await trio.sleep(self._limits.ping_interval)
             with trio.move_on_after(self._limits.idle_timeout) as waited:
-                await self._ws.ping()
+                try:
+                    await self._ws.ping()
+                except ConnectionClosed:
+                    return  # the client left meanwhile: the reader ends the session
             if waited.cancelled_caught:
                 self.close_soon(1000, "no pong within the idle timeout")
 
