@@ -257,6 +257,7 @@ class Client:
         return f"r{next(self._ids)}"
 
     async def aclose(self) -> None:
+        """Close the client and its connection. Cancellation: still closed (bounded)."""
         self._closed = True
         if self._current is not None:
             with trio.move_on_after(2) as scope:
@@ -264,7 +265,10 @@ class Client:
                 await self._current.ws.aclose()
 
     async def drop_connection(self) -> None:
-        """Close the current connection; watches resume on a new one (demos and tests use this)."""
+        """Close the current connection; watches resume on a new one (demos and tests use this).
+
+        Cancellation: the connection is dropped all the same.
+        """
         if self._current is not None:
             await self._current.ws.aclose()
 
@@ -280,6 +284,8 @@ class Client:
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
     ) -> JobStarted:
+        """Start a job (``job.start``). Cancellation: the job may still have started; a retry
+        with the same ``message_id`` returns it."""
         message = JobStart(
             id=self._id(),
             thread_id=thread_id,
@@ -295,7 +301,11 @@ class Client:
     async def watch(
         self, job_id: str, *, after_seq: int = 0, epoch: int | None = None
     ) -> AsyncIterator[ClientWatch]:
-        """Watch a job from ``after_seq``; iterate for batches. Reconnects and resumes by itself."""
+        """Watch a job from ``after_seq``; iterate for batches. Reconnects and resumes by itself.
+
+        Cancellation: the watch ends on the server (``job.unwatch``) when the connection allows
+        it; the job goes on.
+        """
         watch = ClientWatch(self, job_id, after_seq, epoch)
         try:
             yield watch
@@ -305,15 +315,18 @@ class Client:
                 await watch.aclose()
 
     async def abort(self, job_id: str) -> JobAbortResult:
+        """Abort a job (``job.abort``). Cancellation: the abort may still have been requested."""
         return await self._request(JobAbort(id=self._id(), job_id=job_id), JobAbortResult)
 
     async def get(self, job_id: str, *, include_content: bool = False, offset: int = 0) -> JobInfoMessage:
+        """A job's summary, and its content from ``offset`` (``job.get``). Cancellation: safe."""
         message = JobGet(id=self._id(), job_id=job_id, include_content=include_content, offset=offset)
         return await self._request(message, JobInfoMessage)
 
     async def list_jobs(
         self, *, thread_id: str | None = None, status: Sequence[str] | None = None, limit: int = 50
     ) -> JobListResult:
+        """The user's jobs, newest first (``job.list``). Cancellation: safe."""
         message = JobList(
             id=self._id(),
             thread_id=thread_id,
@@ -323,29 +336,37 @@ class Client:
         return await self._request(message, JobListResult)
 
     async def approve(self, job_id: str, call_id: str, approved: bool) -> JobApproveResult:
+        """Decide on a tool call (``job.approve``). Cancellation: the decision may still stand."""
         message = JobApprove(id=self._id(), job_id=job_id, call_id=call_id, approved=approved)
         return await self._request(message, JobApproveResult)
 
     async def notifications_list(self, *, unread_only: bool = False, limit: int = 50) -> NotificationsResult:
+        """The user's notifications (``notifications.list``). Cancellation: safe."""
         message = NotificationsList(id=self._id(), unread_only=unread_only, limit=limit)
         return await self._request(message, NotificationsResult)
 
     async def notifications_read(
         self, ids: Sequence[str] = (), *, all: bool = False
     ) -> NotificationsReadResult:
+        """Mark notifications read. Cancellation: the marks may still have been written."""
         message = NotificationsRead(id=self._id(), ids=list(ids), all=all)
         return await self._request(message, NotificationsReadResult)
 
     async def mute_thread(self, thread_id: str, muted: bool = True) -> ThreadMuteResult:
+        """Mute or unmute a thread. Cancellation: the change may still have been written."""
         return await self._request(
             ThreadMute(id=self._id(), thread_id=thread_id, muted=muted), ThreadMuteResult
         )
 
     async def ping(self) -> Pong:
+        """A round trip (``ping``). Cancellation: safe."""
         return await self._request(Ping(id=self._id()), Pong)
 
     async def next_notification(self) -> Notification:
-        """The next pushed notification (the oldest kept)."""
+        """The next pushed notification (the oldest kept).
+
+        Cancellation: safe; no notification is lost (it stays queued).
+        """
         while not self._inbox:
             await self._inbox_changed.wait()
         return self._inbox.popleft()
@@ -414,6 +435,7 @@ class ClientWatch:
             return
 
     async def aclose(self) -> None:
+        """Close the client and its connection. Cancellation: still closed (bounded)."""
         session, self._session = self._session, None
         if session is None or session.closed.is_set():
             return
@@ -444,6 +466,7 @@ async def open_client(
     token). Later drops are retried, up to ``max_reconnect_attempts`` times in a
     row, with exponential backoff from ``reconnect_base`` to ``reconnect_max``
     seconds and full jitter.
+    Cancellation: the connection is closed; nothing is left running.
     """
     failure: Exception | None = None
     async with trio.open_nursery() as nursery:

@@ -28,6 +28,8 @@ def _progress(label: str, words: int, total: int, seq: int) -> None:
 
 
 async def run_demo(words: int, rate: float) -> int:
+    """Run the demo: a server, a job, a dropped connection and a resume. Cancellation: the
+    demo's server and client are stopped."""
     with tempfile.TemporaryDirectory(prefix="backstream-demo-") as workdir:
         settings = ServeSettings.defaults(
             port=0, retention=60.0, drain_timeout=0.0, store=f"sqlite:///{workdir}/demo.db"

@@ -95,7 +95,7 @@ async def test_client_that_stops_reading_is_closed_4429_and_its_job_completes() 
         )
         job_id = started["job"]["job_id"]
         with trio.fail_after(10):
-            while srv.door.stats.closed_slow == 0:  # the client reads nothing
+            while srv.door.statistics().closed_slow == 0:  # the client reads nothing
                 await trio.sleep(0.05)
         record = await srv.runtime.get_job(job_id, user="alice")
         assert record.job.status == "running"  # its job goes on

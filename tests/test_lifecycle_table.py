@@ -46,7 +46,12 @@ def test_log_refuses_anything_after_the_terminal_status() -> None:
     log.append_status("completed")
     with pytest.raises(LogClosedError):
         log.append_status("running")
-    assert [e.status for e in log.read(0, max_events=10, max_chars=100)] == ["running", "awaiting_approval", "running", "completed"]  # type: ignore[union-attr]
+    assert [e.status for e in log.read(0, max_events=10, max_chars=100)] == [
+        "running",
+        "awaiting_approval",
+        "running",
+        "completed",
+    ]  # type: ignore[union-attr]
 
 
 def test_interruption_goes_after_the_durable_log_and_raises_the_epoch() -> None:
@@ -58,3 +63,15 @@ def test_interruption_goes_after_the_durable_log_and_raises_the_epoch() -> None:
 def test_sql_list_names_each_terminal_status_once() -> None:
     listed = sql_terminal_list().strip("()").replace("'", "").split(", ")
     assert sorted(listed) == sorted(TERMINAL_STATUSES)
+
+
+def test_redis_scripts_take_statuses_from_the_table() -> None:
+    """No Lua script names a status: which are live or terminal, and the interrupted entry,
+    come from ``lifecycle`` as arguments."""
+    from backstream.protocol.lifecycle import TRANSITIONS
+    from backstream.runtime.stores import redis_scripts
+
+    for name in redis_scripts.__all__:
+        body = getattr(redis_scripts, name)
+        for status in TRANSITIONS:
+            assert status not in body, (name, status)

@@ -26,8 +26,10 @@ def _jobs_in(path: Path) -> dict[str, tuple[str, int]]:
 
     with sqlite3.connect(path) as conn:
         return {
-            job_id: (status, json.loads(record)["content_length"])
-            for job_id, status, record in conn.execute("SELECT job_id, status, record FROM jobs")
+            job_id: (status, content_length)
+            for job_id, status, content_length in conn.execute(
+                "SELECT job_id, status, content_length FROM jobs"
+            )
         }
 
 

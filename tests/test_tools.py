@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -124,7 +125,8 @@ async def test_subprocess_isolation_kills_a_hanging_tool() -> None:
 
 
 async def test_subprocess_isolation_returns_results() -> None:
-    quick = sample_tools.hang_isolated
+    # Generous timeout: a loaded machine may take seconds to start the child interpreter.
+    quick = attrs.evolve(sample_tools.hang_isolated, timeout=30)
     outcome = await run_tool(quick, '{"seconds": 0}')
     assert outcome == backstream.actors.ports.ToolOutcome("done", False)
 

@@ -7,10 +7,11 @@ clock. Deriving one from the other keeps them consistent, and lets tests on
 
 from __future__ import annotations
 
-import datetime as _dt
 import time
 
 import trio
+
+from backstream.protocol.records import format_time
 
 __all__ = ["WallClock", "format_time"]
 
@@ -25,11 +26,3 @@ class WallClock:
     def now(self) -> float:
         """Seconds since the epoch."""
         return self._wall_anchor + (trio.current_time() - self._trio_anchor)
-
-
-def format_time(ts: float | None) -> str | None:
-    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-21T10:00:00.123Z``."""
-    if ts is None:
-        return None
-    moment = _dt.datetime.fromtimestamp(ts, tz=_dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -165,11 +165,12 @@ class JobLog:
         return summarize_events(self._entries)[1]
 
     async def wait_beyond(self, seq: int) -> None:
-        """Wait until the log holds an entry after ``seq``.
+        """Wait until the log holds an entry after ``seq``, or is closed (nothing more will
+        come: the caller finds no entry after ``seq`` and stops).
 
         Cancellation: nothing is consumed; call again. Returns at once if it does.
         """
-        while self.last_seq <= seq:
+        while self.last_seq <= seq and self.terminal is None:
             await self._readers.park()
 
 

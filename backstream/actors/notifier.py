@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import attrs
 import trio
 
 from backstream.actors.clock import WallClock
@@ -20,7 +21,7 @@ from backstream.protocol.events import ErrorInfo, JobStatus
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import NotificationRecord
 
-__all__ = ["SUBSCRIBER_BUFFER", "Notifier"]
+__all__ = ["SUBSCRIBER_BUFFER", "Notifier", "NotifierStatistics"]
 
 log = logging.getLogger("backstream.notifier")
 
@@ -35,14 +36,19 @@ _BY_STATUS: dict[str, tuple[str, str]] = {
 }
 
 
+@attrs.frozen
+class NotifierStatistics:
+    subscribers: int
+    pushes_dropped: int
+
+
 class Notifier:
     def __init__(self, store: Store, clock: WallClock, max_per_user: int) -> None:
         self._store = store
         self._clock = clock
         self._max_per_user = max_per_user
         self._subscribers: dict[str, set[trio.MemorySendChannel[NotificationRecord]]] = {}
-        self.pushes_dropped = 0
-        store.notification_listener = self.deliver_local
+        self._pushes_dropped = 0
 
     async def job_ended(
         self,
@@ -54,7 +60,11 @@ class Notifier:
         content: str,
         error: ErrorInfo | None,
     ) -> bool:
-        """The notification a job's end calls for, if nobody watched. None for ``aborted``."""
+        """The notification a job's end calls for, if nobody watched. None for ``aborted``.
+
+        Cancellation: the notification may or may not have been created (the store's step is
+        atomic either way).
+        """
         kind = _BY_STATUS.get(status)
         if kind is None:
             return False
@@ -62,6 +72,7 @@ class Notifier:
         return await self._notify(job_id, user, thread_id, kind[0], kind[1], body)
 
     async def approval_needed(self, *, job_id: str, user: str, thread_id: str, tool: str) -> bool:
+        """Cancellation: as for ``job_ended``."""
         body = f"The assistant wants to run {tool!r} and waits for your decision."
         return await self._notify(
             job_id, user, thread_id, "ai.tool.approval_required", "Approval needed", body
@@ -86,12 +97,13 @@ class Notifier:
             return False
 
     def deliver_local(self, notification: NotificationRecord) -> None:
-        """Push to this instance's connections of the user (never blocks)."""
+        """Push to this instance's connections of the user (never blocks). The store calls
+        it for every notification created on any instance: ``store.open(on_notification=...)``."""
         for channel in list(self._subscribers.get(notification.user, ())):
             try:
                 channel.send_nowait(notification)
             except trio.WouldBlock:
-                self.pushes_dropped += 1
+                self._pushes_dropped += 1
             except trio.BrokenResourceError:
                 pass
 
@@ -109,3 +121,9 @@ class Notifier:
                 if not subscribers:
                     del self._subscribers[user]
             send.close()
+
+    def statistics(self) -> NotifierStatistics:
+        return NotifierStatistics(
+            subscribers=sum(len(channels) for channels in self._subscribers.values()),
+            pushes_dropped=self._pushes_dropped,
+        )

@@ -5,6 +5,7 @@ Plain frozen values, shared by the actors that write them and the stores that ke
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,7 @@ import attrs
 import cattrs
 
 from backstream.protocol.codec import converter as wire
-from backstream.protocol.events import ErrorInfo, JobStatus, LogEvent
+from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary, LogEvent
 
 __all__ = [
     "JobProgress",
@@ -23,6 +24,9 @@ __all__ = [
     "SharedCapacity",
     "events_from_json",
     "events_to_json",
+    "format_time",
+    "job_summary",
+    "progress_to_dict",
     "record_from_dict",
     "record_to_dict",
 ]
@@ -36,6 +40,9 @@ class JobRequest:
     messages: tuple[dict[str, Any], ...]
     params: dict[str, Any] = attrs.field(factory=dict)
     tools: tuple[str, ...] = ()
+    annotations: dict[str, Any] = attrs.field(factory=dict)
+    """What the caller attached to the job to be given back as it was (the Responses API's
+    instructions, metadata and tools); never sent to the model."""
 
 
 @attrs.frozen
@@ -116,6 +123,38 @@ class NotificationRecord:
     read: bool = False
 
 
+def format_time(ts: float | None) -> str | None:
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-21T10:00:00.123Z``."""
+    if ts is None:
+        return None
+    moment = _dt.datetime.fromtimestamp(ts, tz=_dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def job_summary(record: JobRecord, watchers: int) -> JobSummary:
+    """The wire summary of a job: the one place it is built, for live and stored jobs alike
+    (a live job's actor first takes a ``JobRecord`` snapshot of itself)."""
+    created = format_time(record.created_at)
+    updated = format_time(record.updated_at)
+    assert created is not None and updated is not None
+    return JobSummary(
+        job_id=record.job_id,
+        thread_id=record.thread_id,
+        message_id=record.message_id,
+        status=record.status,
+        model=record.model,
+        seq=record.seq,
+        epoch=record.epoch,
+        content_length=record.content_length,
+        created_at=created,
+        updated_at=updated,
+        finished_at=format_time(record.finished_at),
+        error=record.error,
+        usage=record.usage,
+        watchers=watchers,
+    )
+
+
 _records = cattrs.Converter()
 
 
@@ -135,3 +174,8 @@ def record_to_dict(record: JobRecord) -> dict[str, Any]:
 
 def record_from_dict(data: dict[str, Any]) -> JobRecord:
     return _records.structure(data, JobRecord)
+
+
+def progress_to_dict(progress: JobProgress) -> dict[str, Any]:
+    """The progress fields as they appear in ``record_to_dict``'s output."""
+    return _records.unstructure(progress)  # type: ignore[no-any-return]

@@ -10,7 +10,6 @@ async with backstream.open_runtime(backstream.Config()) as rt:
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
@@ -18,12 +17,14 @@ from typing import Any
 import attrs
 import trio
 
-from backstream.actors.clock import WallClock, format_time
+from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.job import JobActor
 from backstream.actors.joblog import summarize_events
+from backstream.actors.keeper import Keeper, KeeperStatistics
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store
+from backstream.actors.presence import WatchPresence
 from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
 from backstream.actors.supervisor import Supervisor, SupervisorStatistics
 from backstream.actors.watcher import LiveSource, LogSource, StoredSource, Watcher
@@ -34,9 +35,10 @@ from backstream.protocol.events import (
     ApprovalRequiredEvent,
     JobInfo,
     JobSummary,
+    LogEvent,
 )
 from backstream.protocol.ids import new_id
-from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
+from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord, job_summary
 from backstream.runtime.models.builtin import BUILTIN_MODELS, builtin_model, validate_builtin_params
 from backstream.runtime.models.upstream import UpstreamClient, UpstreamStatistics
 from backstream.runtime.tools.registry import ToolRegistry
@@ -72,6 +74,7 @@ class AbortResult:
 class RuntimeStatistics:
     jobs: RegistryStatistics
     job_tasks: SupervisorStatistics
+    keeper: KeeperStatistics
     watchers: int
     jobs_watched: int
 
@@ -86,24 +89,34 @@ class Runtime:
         store: Store,
         clock: WallClock,
         registry: Registry,
-        job_supervisor: Supervisor,
+        job_supervisor: Supervisor[JobActor],
+        keeper: Keeper,
+        presence: WatchPresence,
         models: Mapping[str, Model],
         upstream: UpstreamClient | None,
         tools: ToolRegistry,
         notifier: Notifier,
+        *,
+        instance_id: str,
     ) -> None:
         self.config = config
         self.tools = tools
         self.notifier = notifier
-        self._watch_presence: dict[str, str] = {}  # watch_id -> job_id, renewed with the leases
-        registry.local_watches = lambda: [(job, watch) for watch, job in self._watch_presence.items()]
+        self.instance_id = instance_id
+        """This runtime's identity among the instances that share a store."""
+        self._presence = presence
         self._models = dict(models)
         self._upstream = upstream
-        self.store = store
+        self._store = store
         self._clock = clock
         self._registry = registry
         self._job_supervisor = job_supervisor
-        self._watchers: Counter[str] = Counter()
+        self._keeper = keeper
+
+    @property
+    def store(self) -> Store:
+        """The store this runtime keeps its jobs in."""
+        return self._store
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -117,11 +130,17 @@ class Runtime:
         messages: Sequence[dict[str, Any]],
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
+        annotations: dict[str, Any] | None = None,
     ) -> StartedJob:
         """Start a job, or return the user's job already started with ``message_id``.
 
+        ``annotations`` are kept with the job's request and given back as they were (JSON
+        values; the caller bounds their size); the model never sees them.
+
         Raises ``BadRequestError`` for a bad request, ``CapacityError`` at a limit
         (with ``retry_after_ms``), ``UnavailableError`` while shutting down.
+        Cancellation: the job may still have started (it runs on without its caller);
+        a retry with the same ``message_id`` returns it with ``existing=True``.
         """
         check_identifier("user", user)
         check_identifier("thread_id", thread_id)
@@ -134,6 +153,7 @@ class Runtime:
             messages=check_messages(messages),
             params=checked_params,
             tools=self._check_tools(tools),
+            annotations=dict(annotations or {}),
         )
         self.resolve_model(request)  # reject an unknown model before admission
         record, existing = await self._registry.start_job(
@@ -156,8 +176,10 @@ class Runtime:
         return tuple(dict.fromkeys(tools))
 
     async def approve(self, job_id: str, call_id: str, approved: bool, *, user: str) -> JobSummary:
-        """Decide on a tool call waiting for approval. Raises ``ConflictError`` when that
-        call is not waiting, ``NotFoundError`` for another user's job."""
+        """Decide on a tool call waiting for approval and wait until the job has logged it.
+        Raises ``ConflictError`` when that call is not waiting, ``NotFoundError`` for another
+        user's job. Cancellation: the decision, once handed to the job (or the store), stands;
+        only the wait for it to be logged is abandoned."""
         found = await self._lookup(job_id, user)
         if isinstance(found, JobActor):
             pending = found.decide(call_id, approved)
@@ -214,12 +236,16 @@ class Runtime:
         after_seq: int = 0,
         epoch: int | None = None,
         max_batch_chars: int | None = None,
+        merge_text: bool = True,
     ) -> AsyncIterator[Watcher]:
         """Watch a job from ``after_seq``: an async iterator of batches that ends after the
-        terminal status.
+        terminal status. With ``merge_text=False`` every log entry comes as stored (one text
+        event per ``seq``), so what a batch holds does not depend on how reads were grouped.
 
         Raises ``NotFoundError``; ``GoneError`` when ``epoch`` differs from the log's;
         ``BadRequestError`` for a cursor beyond the end of a finished job.
+        Cancellation: the watch closes and its presence is withdrawn (a shielded, bounded
+        write); the job goes on.
         """
         if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
             raise BadRequestError("after_seq must be a non-negative integer")
@@ -230,10 +256,12 @@ class Runtime:
             last_seq, finished = found.log.last_seq, found.log.terminal is not None
         else:
             record = found
-            source, current_epoch = StoredSource(self.store, job_id), record.epoch
+            source, current_epoch = StoredSource(self.store, job_id, record.epoch), record.epoch
             last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
         if epoch is not None and epoch != current_epoch:
             raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
+        # A cursor ahead of a running job waits for the log to reach it (another instance
+        # may lag by one flush); if the job ends first, the watch ends with bad_request.
         if finished and after_seq > last_seq:
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {last_seq}")
         watcher = Watcher(
@@ -245,18 +273,15 @@ class Runtime:
             max_batch_events=self.config.max_batch_events,
             max_batch_chars=min(self.config.max_batch_chars, max_batch_chars or self.config.max_batch_chars),
             ended=finished and after_seq == last_seq,
+            merge_text=merge_text,
         )
         watch_id = new_id("w_", self._clock.now())
         await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
-        self._watch_presence[watch_id] = job_id
-        self._watchers[job_id] += 1
+        self._presence.opened(watch_id, job_id)
         try:
             yield watcher
         finally:
-            self._watchers[job_id] -= 1
-            if self._watchers[job_id] <= 0:
-                del self._watchers[job_id]
-            del self._watch_presence[watch_id]
+            self._presence.closed(watch_id)
             with trio.CancelScope(shield=True) as cleanup:
                 cleanup.deadline = trio.current_time() + self.config.finalize_timeout
                 try:
@@ -269,16 +294,22 @@ class Runtime:
         self, job_id: str, *, user: str, include_content: bool = False, offset: int = 0
     ) -> JobInfo:
         """The job's summary; with ``include_content``, its text from character ``offset``
-        and its tool calls."""
+        and its tool calls.
+
+        Cancellation: safe; nothing changes.
+        """
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise BadRequestError("offset must be a non-negative integer")
-        record = await self._record(job_id, user)
-        actor = self._registry.live(job_id)
-        if actor is not None:
-            summary = actor.summary(self.watcher_count(job_id))
+        # The live actor first: a record read before the job ended would be stale once its
+        # actor is gone; a record read after the actor left is final (it leaves after its
+        # last write).
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            summary = found.summary(self.watcher_count(job_id))
             if not include_content:
                 return JobInfo(job=summary)
-            return JobInfo(job=summary, content=actor.log.content(offset), tool_calls=actor.log.tool_calls())
+            return JobInfo(job=summary, content=found.log.content(offset), tool_calls=found.log.tool_calls())
+        record = found
         summary = self._summary(record)
         if not include_content:
             return JobInfo(job=summary)
@@ -286,9 +317,24 @@ class Runtime:
         content, calls = summarize_events(entries)
         return JobInfo(job=summary, content=content[offset:], tool_calls=calls)
 
+    async def job_log(self, job_id: str, *, user: str) -> tuple[JobRecord, tuple[LogEvent, ...]]:
+        """The job's record and every entry of its log so far, as stored (no text merged).
+
+        The record's summary fields may lag the entries of a job running here; read
+        ``get_job`` for the freshest summary. Raises ``NotFoundError``.
+
+        Cancellation: nothing changes; call again."""
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            return found.record, tuple(found.log.entries())
+        entries = await self.store.read(job_id, 0, found.seq) if found.seq else []
+        return found, tuple(entries)
+
     async def abort(self, job_id: str, *, user: str) -> AbortResult:
         """Abort a running job: its upstream request and tools stop at once, it ends
-        ``aborted`` with its content kept. ``aborted`` is False if it had already ended."""
+        ``aborted`` with its content kept. ``aborted`` is False if it had already ended.
+        Cancellation: the abort, once requested, still happens; only the wait for the job's
+        end is abandoned."""
         found = await self._lookup(job_id, user)
         if isinstance(found, JobActor):
             was_running = found.log.terminal is None
@@ -316,7 +362,10 @@ class Runtime:
         statuses: Sequence[str] | None = None,
         limit: int = 50,
     ) -> list[JobSummary]:
-        """The user's jobs, newest first."""
+        """The user's jobs, newest first.
+
+        Cancellation: safe; nothing changes.
+        """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
         wanted = frozenset(statuses) if statuses is not None else None
@@ -328,15 +377,14 @@ class Runtime:
         return out
 
     def statistics(self) -> RuntimeStatistics:
+        presence = self._presence.statistics()
         return RuntimeStatistics(
             jobs=self._registry.statistics(),
             job_tasks=self._job_supervisor.statistics(),
-            watchers=sum(self._watchers.values()),
-            jobs_watched=len(self._watchers),
+            keeper=self._keeper.statistics(),
+            watchers=presence.watches,
+            jobs_watched=presence.jobs_watched,
         )
-
-    instance_id: str = "local"
-    """This runtime's identity among the instances that share a store."""
 
     def upstream_statistics(self) -> UpstreamStatistics | None:
         """The upstream client's counters, or None without an upstream."""
@@ -351,7 +399,10 @@ class Runtime:
     async def notifications_list(
         self, *, user: str, unread_only: bool = False, limit: int = 50
     ) -> tuple[list[NotificationRecord], int]:
-        """The user's notifications, newest first, and how many are unread."""
+        """The user's notifications, newest first, and how many are unread.
+
+        Cancellation: safe; nothing changes.
+        """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
         return await self.store.list_notifications(user, unread_only=unread_only, limit=limit)
@@ -359,11 +410,17 @@ class Runtime:
     async def notifications_read(
         self, *, user: str, ids: Sequence[str] = (), everything: bool = False
     ) -> int:
-        """Mark notifications read; return how many stay unread."""
+        """Mark notifications read; return how many stay unread.
+
+        Cancellation: the marks may or may not have been written.
+        """
         return await self.store.mark_notifications_read(user, ids, everything=everything)
 
     async def mute_thread(self, *, user: str, thread_id: str, muted: bool = True) -> None:
-        """No notifications for this thread of the user's while muted."""
+        """No notifications for this thread of the user's while muted.
+
+        Cancellation: the change may or may not have been written.
+        """
         check_identifier("thread_id", thread_id)
         await self.store.set_thread_muted(user, thread_id, muted)
 
@@ -374,11 +431,12 @@ class Runtime:
         return self.notifier.subscribe(user)
 
     async def wait_idle(self) -> None:
-        """Wait until no job runs in this runtime (each has written its end to the store)."""
-        await self._registry.wait_idle()
+        """Wait until no job runs in this runtime (each has written its end to the store).
+        Cancellation: safe."""
+        await self._job_supervisor.wait_idle()
 
     def watcher_count(self, job_id: str) -> int:
-        return self._watchers.get(job_id, 0)
+        return self._presence.count(job_id)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -412,26 +470,9 @@ class Runtime:
         actor = self._registry.live(record.job_id)
         if actor is not None:
             return actor.summary(self.watcher_count(record.job_id))
-        created = format_time(record.created_at)
-        updated = format_time(record.updated_at)
-        assert created is not None and updated is not None
-        return JobSummary(
-            job_id=record.job_id,
-            thread_id=record.thread_id,
-            message_id=record.message_id,
-            status=record.status,
-            model=record.model,
-            seq=record.seq,
-            epoch=record.epoch,
-            content_length=record.content_length,
-            created_at=created,
-            updated_at=updated,
-            finished_at=format_time(record.finished_at),
-            error=record.error,
-            usage=record.usage,
-            watchers=self._watchers.get(record.job_id, 0),
-        )
+        return job_summary(record, self.watcher_count(record.job_id))
 
-    async def _drain(self, grace: float) -> None:
+    async def _drain(self) -> None:
+        """Refuse new jobs, give running ones ``drain_timeout`` to end, interrupt the rest."""
         self._registry.stop_accepting()
-        await self._job_supervisor.shutdown(grace)
+        await self._job_supervisor.shutdown()

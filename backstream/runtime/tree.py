@@ -1,11 +1,16 @@
 """The supervision tree of a runtime, started and stopped by ``open_runtime``.
 
     root nursery
-    +-- "jobs" supervisor (one_for_one; every job a temporary child)
-    +-- "system" supervisor (one_for_one, at most 3 restarts in 10 s)
-        +-- store      (permanent): the store's background work
-        +-- registry   (permanent): admission, the flush ticker and the retention sweep
-        +-- leases     (permanent): lease renewal and orphan recovery
+    +-- "jobs" supervisor (one_for_one, stopped all at once; every job a temporary child
+    |                      with ``drain_timeout`` to end by itself on shutdown)
+    +-- "system" supervisor (one_for_one, at most 3 restarts in 10 s; stopped in reverse
+                             start order)
+        +-- store      (permanent): the store's background work (e.g. Redis pub/sub)
+        +-- registry   (permanent): admission
+        +-- ticker     (permanent): wakes the flushers of jobs with new entries
+        +-- keeper     (permanent): retention sweep, lease renewal, orphan recovery
+
+Orphans of a dead instance are recovered once before the registry admits anything.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
+from backstream.actors.job import JobActor
+from backstream.actors.keeper import Keeper
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store
+from backstream.actors.presence import WatchPresence
 from backstream.actors.registry import Registry
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
+from backstream.actors.ticker import FlushTicker
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRequest
 from backstream.runtime.api import Runtime
@@ -54,57 +63,36 @@ async def open_runtime(
     """
     config = config or Config()
     store = store or MemoryStore()
-    tools = tools if tools is not None else ToolRegistry.with_builtins()
+    http: HTTP1Pool | None = open_http_client(config) if config.upstream_url else None
     clock = WallClock()
     notifier = Notifier(store, clock, config.max_notifications_per_user)
-    instance_id = new_id("i_", clock.now())
-    http: HTTP1Pool | None = open_http_client(config) if config.upstream_url else None
-    await store.open()
+    await store.open(on_notification=notifier.deliver_local)  # pushes of every instance
     failure: Exception | None = None
     try:
         async with trio.open_nursery() as root:
-            job_supervisor = Supervisor("jobs")
-            system = Supervisor("system", max_restarts=3, period=10.0)
-            await root.start(job_supervisor.run)
+            jobs: Supervisor[JobActor] = Supervisor("jobs", concurrent_shutdown=True)
+            system: Supervisor[None] = Supervisor("system", max_restarts=3, period=10.0)
+            await root.start(jobs.run)
             await root.start(system.run)
-            runtime: Runtime | None = None
-
-            def resolve(request: JobRequest) -> Model:
-                assert runtime is not None
-                return runtime.resolve_model(request)
-
-            registry = Registry(
-                config,
-                store,
-                clock,
-                job_supervisor,
-                resolve,
-                instance_id=instance_id,
-                tools=tools,
-                notifier=notifier,
-            )
-            await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT))
-            await registry.recover_orphans()  # jobs of a dead instance end before new ones start
-            await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT))
-            await system.start_child(ChildSpec("leases", registry.keep_leases, Restart.PERMANENT))
             upstream = UpstreamClient(config, http) if http is not None else None
-            runtime = Runtime(
-                config, store, clock, registry, job_supervisor, models or {}, upstream, tools, notifier
+            tools = tools if tools is not None else ToolRegistry.with_builtins()
+            runtime = await _start_system(
+                config, store, clock, notifier, jobs, system, models or {}, upstream, tools
             )
-            runtime.instance_id = instance_id
             try:
                 yield runtime
             except Exception as exc:
                 # Raised bare after the nursery, not wrapped in an ExceptionGroup.
                 failure = exc
             except BaseException:
-                registry.stop_accepting()
+                runtime.stop_accepting()
                 root.cancel_scope.cancel()
                 raise
             if failure is None:
-                await runtime._drain(config.drain_timeout)
+                await runtime._drain()
             else:
-                registry.stop_accepting()
+                runtime.stop_accepting()
+            await system.shutdown()  # keeper, ticker, registry, store: reverse start order
             root.cancel_scope.cancel()
         if failure is not None:
             raise failure
@@ -115,3 +103,50 @@ async def open_runtime(
                 await http.aclose()
         # Not inside a scope of ours: a store may hold scopes it entered at open().
         await store.aclose()
+
+
+async def _start_system(
+    config: Config,
+    store: Store,
+    clock: WallClock,
+    notifier: Notifier,
+    jobs: Supervisor[JobActor],
+    system: Supervisor[None],
+    models: Mapping[str, Model],
+    upstream: UpstreamClient | None,
+    tools: ToolRegistry,
+) -> Runtime:
+    """Build the actors, start the system children in order, and return the facade."""
+    instance_id = new_id("i_", clock.now())
+    presence = WatchPresence()
+    runtime: Runtime | None = None
+
+    def resolve(request: JobRequest) -> Model:
+        assert runtime is not None, "no job is admitted before the runtime exists"
+        return runtime.resolve_model(request)
+
+    registry = Registry(
+        config, store, clock, jobs, resolve, instance_id=instance_id, tools=tools, notifier=notifier
+    )
+    keeper = Keeper(config, store, clock, jobs, presence, instance_id=instance_id, notifier=notifier)
+    runtime = Runtime(
+        config,
+        store,
+        clock,
+        registry,
+        jobs,
+        keeper,
+        presence,
+        models,
+        upstream,
+        tools,
+        notifier,
+        instance_id=instance_id,
+    )
+    await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT, shutdown=0))
+    await keeper.recover_orphans()  # jobs of a dead instance end before new ones start
+    await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT, shutdown=0))
+    ticker = FlushTicker(config, jobs)
+    await system.start_child(ChildSpec("ticker", ticker.run, Restart.PERMANENT, shutdown=0))
+    await system.start_child(ChildSpec("keeper", keeper.run, Restart.PERMANENT, shutdown=0))
+    return runtime

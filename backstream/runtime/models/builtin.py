@@ -140,6 +140,7 @@ class _BuiltinModel:
         raise NotImplementedError
 
     async def run_turn(self, turn: ChatTurn, sink: OutputSink) -> TurnResult:
+        """Stream the built-in model's words into ``sink``. Cancellation: the turn stops at once."""
         collector = TurnCollector(sink, max_argument_chars=self._max_argument_chars)
         rate = float(turn.params.get("tokens_per_s") or self._default_rate)
         stamped = bool(turn.params.get("timestamps"))

@@ -15,11 +15,8 @@ and the close frame still fits in the socket's buffer. Its jobs go on.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import secrets
-import select
-import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +68,7 @@ from backstream.protocol.messages import (
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.socket_gate import SocketGate
 
 __all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
 
@@ -98,7 +96,8 @@ class ConnectionLimits:
 
 @attrs.define
 class ConnectionStats:
-    """Counters shared by all connections of a server (read by metrics)."""
+    """Counters the front door owns and its connections add to; read only through
+    ``FrontDoor.statistics()``, a frozen snapshot."""
 
     frames_sent: int = 0
     bytes_sent: int = 0
@@ -145,11 +144,7 @@ class Connection:
         self._limits = limits
         self._stats = stats
         self.conn_id = conn_id
-        self._sock = sock
-        self._poller: select.poll | None = None  # made once, reused for every batch
-        if sock is not None:
-            self._poller = select.poll()
-            self._poller.register(sock.fileno(), select.POLLOUT)
+        self._gate = SocketGate(sock, max_unsent_bytes=limits.max_unsent_bytes)
         self._header_identity = header_identity
         self._features = features or {}
         self._server_version = server_version
@@ -171,7 +166,10 @@ class Connection:
         self._session_scope.cancel()
 
     async def run(self) -> None:
-        """Serve the client until it leaves or is closed. Never raises for the client's faults."""
+        """Serve the client until it leaves or is closed. Never raises for the client's faults.
+
+        Cancellation: the session ends and the socket is closed; the user's jobs go on.
+        """
         close = _Close(1000, "")
         try:
             with self._session_scope:
@@ -257,7 +255,7 @@ class Connection:
             "conn %s: user %s connected (socket %s)",
             self.conn_id,
             identity.user,
-            "known" if self._sock else "unknown",
+            "known" if self._gate.watches_a_socket else "unknown",
         )
         return identity
 
@@ -517,30 +515,12 @@ class Connection:
         self._stats.frames_sent += 1
         self._stats.bytes_sent += len(text)
 
-    def _client_keeps_up(self) -> bool:
-        """The socket can take a batch: few unsent bytes, and the kernel calls it writable.
-
-        Both are needed: the kernel charges the send buffer by its own overhead, so with many
-        small frames it fills while the unsent payload still looks small. Writable means a
-        third of the buffer is free, so a close frame still fits when this says no.
-        """
-        if self._sock is None or self._poller is None:
-            return True
-        try:
-            unsent = int.from_bytes(
-                fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"), "little", signed=True
-            )
-            writable = bool(self._poller.poll(0))
-        except OSError:
-            return True  # the socket is gone; the send will say so
-        return writable and unsent <= self._limits.max_unsent_bytes
-
     async def _wait_drained(self) -> None:
         """Wait while the client is behind; close it 4429 if that lasts ``slow_client_timeout``."""
-        if self._client_keeps_up():
+        if self._gate.keeps_up():
             return
         deadline = trio.current_time() + self._limits.slow_client_timeout
-        while not self._client_keeps_up():
+        while not self._gate.keeps_up():
             if trio.current_time() >= deadline:
                 self._stats.closed_slow += 1
                 log.info("conn %s: client too slow, closing 4429", self.conn_id)

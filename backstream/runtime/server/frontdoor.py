@@ -64,6 +64,17 @@ class _TrackedListener(trio.abc.Listener[trio.SocketStream]):
         await self._inner.aclose()
 
 
+@attrs.frozen
+class FrontDoorStatistics:
+    connections: int
+    frames_sent: int
+    bytes_sent: int
+    batches_sent: int
+    closed_slow: int
+    requests: int
+    errors_sent: int
+
+
 class FrontDoor:
     """Start with ``await nursery.start(front_door.run)``; ``port`` is then bound."""
 
@@ -85,7 +96,7 @@ class FrontDoor:
             "notifications": True,
         }
         self._version = version
-        self.stats = ConnectionStats()
+        self._counters = ConnectionStats()
         self.connections: set[Connection] = set()
         self._streams: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
         self._ids = itertools.count(1)
@@ -94,8 +105,23 @@ class FrontDoor:
         self._idle.set()
         self.port = 0
 
+    def statistics(self) -> FrontDoorStatistics:
+        c = self._counters
+        return FrontDoorStatistics(
+            connections=len(self.connections),
+            frames_sent=c.frames_sent,
+            bytes_sent=c.bytes_sent,
+            batches_sent=c.batches_sent,
+            closed_slow=c.closed_slow,
+            requests=c.requests,
+            errors_sent=c.errors_sent,
+        )
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept connections until ``stop_accepting``; then wait for the open ones to end."""
+        """Accept connections until ``stop_accepting``; then wait for the open ones to end.
+
+        Cancellation: stops accepting and cancels every connection; jobs go on in the runtime.
+        """
         listeners = await self._open_listeners()
         self.port = listeners[0].socket.getsockname()[1]
         tracked: list[Any] = [_TrackedListener(listener, self._streams) for listener in listeners]
@@ -140,7 +166,10 @@ class FrontDoor:
             connection.close_soon(code, reason)
 
     async def wait_closed(self) -> None:
-        """Wait until every connection has ended."""
+        """Wait until every connection has ended.
+
+        Cancellation: safe.
+        """
         await self._idle.wait()
 
     async def _handle(self, request: WebSocketRequest) -> None:
@@ -174,7 +203,7 @@ class FrontDoor:
             self._runtime,
             self._auth,
             self.config.limits,
-            self.stats,
+            self._counters,
             conn_id=conn_id,
             sock=stream.socket if stream is not None else None,
             header_identity=header_identity,

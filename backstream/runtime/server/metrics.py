@@ -11,14 +11,16 @@ from prometheus_client.registry import Collector
 from backstream.runtime.api import Runtime
 from backstream.runtime.models.upstream import FIRST_TOKEN_BUCKETS
 from backstream.runtime.server.frontdoor import FrontDoor
+from backstream.runtime.server.http_app import HttpApp
 
 __all__ = ["metrics_text"]
 
 
 class _BackstreamCollector(Collector):
-    def __init__(self, runtime: Runtime, front_door: FrontDoor | None) -> None:
+    def __init__(self, runtime: Runtime, front_door: FrontDoor | None, http: HttpApp | None) -> None:
         self._runtime = runtime
         self._front_door = front_door
+        self._http = http
 
     def collect(self) -> Iterator[Metric]:
         stats = self._runtime.statistics()
@@ -32,12 +34,11 @@ class _BackstreamCollector(Collector):
         yield CounterMetricFamily("backstream_jobs_started", "Jobs started", stats.jobs.started_total)
         yield GaugeMetricFamily("backstream_watchers", "Watches open in this process", stats.watchers)
         yield from self._upstream()
+        yield from self._http_side()
         door = self._front_door
         if door is not None:
-            s = door.stats
-            yield GaugeMetricFamily(
-                "backstream_connections", "Open WebSocket connections", len(door.connections)
-            )
+            s = door.statistics()
+            yield GaugeMetricFamily("backstream_connections", "Open WebSocket connections", s.connections)
             yield CounterMetricFamily("backstream_batches_sent", "job.events batches sent", s.batches_sent)
             yield CounterMetricFamily("backstream_frames_sent", "WebSocket frames sent", s.frames_sent)
             yield CounterMetricFamily("backstream_bytes_sent", "Characters of frames sent", s.bytes_sent)
@@ -46,6 +47,20 @@ class _BackstreamCollector(Collector):
             yield CounterMetricFamily(
                 "backstream_clients_closed_slow", "Clients closed for not reading in time", s.closed_slow
             )
+
+    def _http_side(self) -> Iterator[Metric]:
+        http = self._http
+        if http is None:
+            return
+        s = http.stats
+        yield CounterMetricFamily("backstream_http_requests", "HTTP requests received", s.requests)
+        yield CounterMetricFamily("backstream_http_errors_sent", "HTTP error replies", s.errors_sent)
+        yield GaugeMetricFamily(
+            "backstream_http_streams", "Open Responses event streams", sum(http.open_streams.values())
+        )
+        yield CounterMetricFamily(
+            "backstream_http_streams_cut", "Event streams cut off for not reading in time", s.streams_cut
+        )
 
     def _upstream(self) -> Iterator[Metric]:
         up = self._runtime.upstream_statistics()
@@ -70,8 +85,10 @@ class _BackstreamCollector(Collector):
         )
 
 
-def metrics_text(runtime: Runtime, front_door: FrontDoor | None) -> Callable[[], bytes]:
+def metrics_text(
+    runtime: Runtime, front_door: FrontDoor | None, http: HttpApp | None = None
+) -> Callable[[], bytes]:
     """A function that renders the metrics in the Prometheus text format."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_BackstreamCollector(runtime, front_door))
+    registry.register(_BackstreamCollector(runtime, front_door, http))
     return lambda: generate_latest(registry)

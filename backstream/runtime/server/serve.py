@@ -22,6 +22,7 @@ import trio
 
 from backstream.actors.config import Config
 from backstream.actors.ports import Store
+from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import (
     AnyAuthenticator,
     Authenticator,
@@ -30,8 +31,10 @@ from backstream.runtime.server.auth import (
     parse_token_pairs,
 )
 from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
-from backstream.runtime.server.http_status import Route, serve_status
+from backstream.runtime.server.http_app import HttpApp, HttpLimits, StaticRoute
+from backstream.runtime.server.http_server import HttpServer, HttpServerConfig
 from backstream.runtime.server.metrics import metrics_text
+from backstream.runtime.server.responses_http import ResponsesApi
 from backstream.runtime.server.settings import ServeSettings
 from backstream.runtime.stores.memory import MemoryStore
 from backstream.runtime.tools.registry import ToolRegistry
@@ -116,6 +119,7 @@ class ServeHandle:
     http_port: int | None
     dev_token: str | None
     shutdown: trio.Event
+    metrics_port: int | None = None
 
 
 async def serve(
@@ -141,35 +145,15 @@ async def serve(
 
         door = FrontDoor(runtime, authenticator, front_door_config(settings), version=VERSION)
         await nursery.start(door.run)
-        http_port = None
-        if settings.http_port is not None:
-            render = metrics_text(runtime, door)
-
-            async def healthz() -> tuple[int, str, bytes]:
-                await trio.lowlevel.checkpoint()
-                return 200, "text/plain", b"ok\n"
-
-            async def readyz() -> tuple[int, str, bytes]:
-                with trio.move_on_after(2) as waited:
-                    try:
-                        await runtime.store.ping()
-                    except Exception:
-                        return 503, "text/plain", b"store unavailable\n"
-                if waited.cancelled_caught:
-                    return 503, "text/plain", b"store did not answer\n"
-                return 200, "text/plain", b"ready\n"
-
-            async def metrics() -> tuple[int, str, bytes]:
-                await trio.lowlevel.checkpoint()
-                return 200, "text/plain; version=0.0.4; charset=utf-8", render()
-
-            routes: dict[str, Route] = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
-            http_port = await nursery.start(serve_status, routes, settings.host, settings.http_port)
+        http = _HttpListeners(runtime, door, authenticator, settings)
+        http_port, metrics_port = await http.start(nursery)
         scheme = "wss" if settings.tls_cert else "ws"
         announce(f"backstream {VERSION} listening on {scheme}://{settings.host}:{door.port}/v1")
         if dev_token is not None:
             announce(f"no auth configured: connect as user 'dev' with token {dev_token}")
-        task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown))
+        if http_port is not None:
+            announce(f"Responses API on http://{settings.host}:{http_port}/v1/responses")
+        task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown, metrics_port))
         if handle_signals:
             nursery.start_soon(_wait_for_signal, shutdown)
         await shutdown.wait()
@@ -177,13 +161,100 @@ async def serve(
         door.stop_accepting()
         runtime.stop_accepting()
         door.close_all(1001, "server shutting down")
+        http.stop_accepting()  # streams end; their clients resume on another instance or later
         with trio.move_on_after(door.config.limits.close_timeout + 1):
             await door.wait_closed()
+            await http.wait_closed()
         nursery.cancel_scope.cancel()
     # Leaving open_runtime drained the jobs (drain_timeout), then interrupted the rest.
     finished = runtime.statistics().jobs.finished_total
     summary = ", ".join(f"{count} {status}" for status, count in sorted(finished.items()))
     log.info("stopped; jobs ended here: %s", summary or "none")
+
+
+class _HttpListeners:
+    """The HTTP side: the API listener (``http_port``) and, if set, a metrics listener."""
+
+    def __init__(
+        self, runtime: Runtime, door: FrontDoor, authenticator: Authenticator, settings: ServeSettings
+    ) -> None:
+        self._runtime = runtime
+        self._door = door
+        self._auth = authenticator
+        self._settings = settings
+        self._apps: list[HttpApp] = []
+        self._servers: list[HttpServer] = []
+        self._api: HttpApp | None = None
+
+    def _status_routes(self, with_metrics: bool) -> dict[str, StaticRoute]:
+        runtime = self._runtime
+
+        async def healthz() -> tuple[int, str, bytes]:
+            await trio.lowlevel.checkpoint()
+            return 200, "text/plain", b"ok\n"
+
+        async def readyz() -> tuple[int, str, bytes]:
+            with trio.move_on_after(2) as waited:
+                try:
+                    await runtime.store.ping()
+                except Exception:
+                    return 503, "text/plain", b"store unavailable\n"
+            if waited.cancelled_caught:
+                return 503, "text/plain", b"store did not answer\n"
+            return 200, "text/plain", b"ready\n"
+
+        routes: dict[str, StaticRoute] = {"/healthz": healthz, "/readyz": readyz}
+        if with_metrics:
+            render = metrics_text(runtime, self._door, self._api)
+
+            async def metrics() -> tuple[int, str, bytes]:
+                await trio.lowlevel.checkpoint()
+                return 200, "text/plain; version=0.0.4; charset=utf-8", render()
+
+            routes["/metrics"] = metrics
+        return routes
+
+    async def _serve(self, nursery: trio.Nursery, app: HttpApp, port: int) -> int:
+        settings = self._settings
+        server = HttpServer(
+            app, HttpServerConfig(host=settings.host, port=port, reuse_port=bool(settings.reuse_port))
+        )
+        app.socket_of = server.socket_of
+        self._apps.append(app)
+        self._servers.append(server)
+        bound: int = await nursery.start(server.run)
+        return bound
+
+    async def start(self, nursery: trio.Nursery) -> tuple[int | None, int | None]:
+        settings = self._settings
+        http_port = metrics_port = None
+        split = settings.metrics_port is not None
+        if settings.http_port is not None:
+            app = self._api = HttpApp(
+                self._runtime,
+                self._auth,
+                limits=HttpLimits(max_body_bytes=settings.max_message_bytes),
+                allow_origins=tuple(settings.allow_origin),
+                static_routes={},  # static assets (exact path -> GET route) are served from here
+            )
+            app.status_routes.update(self._status_routes(with_metrics=not split))
+            ResponsesApi(app)
+            http_port = await self._serve(nursery, app, settings.http_port)
+        if split:
+            metrics_app = HttpApp(self._runtime, None, status_routes=self._status_routes(with_metrics=True))
+            metrics_port = await self._serve(nursery, metrics_app, settings.metrics_port)
+        return http_port, metrics_port
+
+    def stop_accepting(self) -> None:
+        for app in self._apps:
+            app.closing.set()
+        for server in self._servers:
+            server.stop_accepting()
+
+    async def wait_closed(self) -> None:
+        """Wait (bounded by each server's graceful timeout) until every connection has ended."""
+        for server in self._servers:
+            await server.wait_closed()
 
 
 async def _wait_for_signal(shutdown: trio.Event) -> None:

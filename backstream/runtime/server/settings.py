@@ -28,7 +28,14 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("host", str, "127.0.0.1", "interface to listen on"),
     Option("port", int, 8765, "WebSocket port (path /v1)"),
-    Option("http_port", int, None, "port for /healthz, /readyz and /metrics (off if unset)"),
+    Option(
+        "http_port",
+        int,
+        None,
+        "HTTP port: the Responses API (/v1/responses), /healthz, /readyz, and /metrics unless "
+        "--metrics-port is set (off if unset)",
+    ),
+    Option("metrics_port", int, None, "a port of its own for /metrics, /healthz and /readyz"),
     Option(
         "store",
         str,

@@ -2,8 +2,8 @@
 
 The kernel spreads new connections over the processes; any of them can serve
 any job, since jobs, logs, aborts and capacity live in Redis. The parent only
-starts the workers, forwards SIGINT/SIGTERM and waits; only the first worker
-serves ``--http-port``.
+starts the workers, forwards SIGINT/SIGTERM and waits. Every worker serves
+``--http-port`` too (SO_REUSEPORT); only the first serves ``--metrics-port``.
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ def run_workers(settings: ServeSettings, argv: list[str]) -> int:
         token = secrets.token_urlsafe(24)
         env["BACKSTREAM_TOKENS"] = f"{token}=dev"
         print(f"no auth configured: connect as user 'dev' with token {token}", file=sys.stderr, flush=True)
-    base = _strip(_strip(argv, "--workers"), "--http-port")
+    base = _strip(_strip(argv, "--workers"), "--metrics-port")
+    env.pop("BACKSTREAM_METRICS_PORT", None)
     children = []
     for index in range(settings.workers):
         args = list(base)
-        if index == 0 and settings.http_port is not None:
-            args += ["--http-port", str(settings.http_port)]
+        if index == 0 and settings.metrics_port is not None:
+            args += ["--metrics-port", str(settings.metrics_port)]
         children.append(subprocess.Popen([sys.executable, "-m", "backstream", *args], env=env))
 
     def forward(signum: int, _frame: FrameType | None) -> None:

@@ -1,7 +1,8 @@
 """``MemoryStore``: the store for tests and embedding, all in this process.
 
 Bounded by what it holds: jobs within retention. Log entries are the same
-frozen objects the job log holds, so storing them costs a list slot each.
+frozen objects the job log holds, so storing them costs a list slot each; once
+a job has ended its entries are kept compact (``protocol.compact``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from backstream.actors.ports import Store
+from backstream.actors.ports import NotificationListener, Store
 from backstream.protocol.compact import CompactEntries
-from backstream.protocol.events import TERMINAL_STATUSES, LogEvent
+from backstream.protocol.events import LogEvent
+from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
 from backstream.runtime.stores.local_notifications import LocalNotifications
+from backstream.runtime.stores.shared import DecisionBox, plan_commit
 
 __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 
@@ -30,16 +33,22 @@ class _StoredJob:
 
 
 class MemoryStore(LocalNotifications, Store):
+    """Everything in this process. Nothing here waits on I/O: each method is atomic, and
+    cancelling one before it returns changes nothing. ``aclose`` changes nothing either
+    (the data stays until the object goes)."""
+
     def __init__(self) -> None:
         self._init_local_notifications()
+        self._decisions = DecisionBox()
         self._jobs: dict[str, _StoredJob] = {}
         self._by_message: dict[tuple[str, str], str] = {}
         # Per user, job ids in creation order (a dict as an ordered set).
         self._by_user: dict[str, dict[str, None]] = {}
         self._expiry: list[tuple[float, str]] = []  # heap; stale rows are skipped
 
-    async def open(self) -> None:
+    async def open(self, *, on_notification: NotificationListener | None = None) -> None:
         await trio.lowlevel.checkpoint()
+        self._on_notification = on_notification
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -75,15 +84,16 @@ class MemoryStore(LocalNotifications, Store):
         job = self._jobs.get(job_id)
         if job is None:
             return  # swept while its last write was under way: nothing to keep
-        fresh = [ev for ev in entries if ev.seq > len(job.entries)]  # a retried commit adds nothing twice
-        if fresh and fresh[0].seq != len(job.entries) + 1:
-            raise ValueError(f"commit of seq {fresh[0].seq} after {len(job.entries)} for {job_id}")
-        job.entries.extend(fresh)
-        job.record = job.record.advanced(progress)
-        if job.record.status in TERMINAL_STATUSES and isinstance(job.entries, list):
+        plan = plan_commit(job_id, entries, progress, len(job.entries))
+        if plan.entries and isinstance(job.entries, CompactEntries):
+            job.entries = list(job.entries)  # an ended job written again (a recovery): expand
+        job.entries.extend(plan.entries)
+        if plan.apply_progress:
+            job.record = job.record.advanced(progress)
+            if progress.expires_at is not None:
+                heapq.heappush(self._expiry, (progress.expires_at, job_id))
+        if is_terminal(job.record.status) and isinstance(job.entries, list):
             job.entries = CompactEntries(job.entries)  # read-only from now on: kept small
-        if progress.expires_at is not None:
-            heapq.heappush(self._expiry, (progress.expires_at, job_id))
         job.changed.unpark_all()
 
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
@@ -95,7 +105,7 @@ class MemoryStore(LocalNotifications, Store):
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
         job = self._jobs.get(job_id)
-        if job is None or len(job.entries) > after_seq:
+        if job is None or len(job.entries) > after_seq or is_terminal(job.record.status):
             await trio.lowlevel.checkpoint()
             return
         await job.changed.park()
@@ -129,7 +139,7 @@ class MemoryStore(LocalNotifications, Store):
             job = self._jobs.get(job_id)
             if job is None or job.record.expires_at != expires_at:
                 continue
-            if job.record.status not in TERMINAL_STATUSES:
+            if not is_terminal(job.record.status):
                 continue
             self._delete(job)
             deleted.append(job_id)
@@ -146,6 +156,7 @@ class MemoryStore(LocalNotifications, Store):
                 del self._by_user[record.user]
         job.changed.unpark_all()  # waiting readers find the job gone
         self.forget_job_notifications(record.job_id)
+        self._decisions.forget_job(record.job_id)
 
     async def request_abort(self, job_id: str) -> None:
         await trio.lowlevel.checkpoint()
@@ -161,6 +172,13 @@ class MemoryStore(LocalNotifications, Store):
         else:
             await job.abort.wait()
 
+    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+        await trio.lowlevel.checkpoint()
+        self._decisions.put(job_id, call_id, approved)
+
+    async def wait_decision(self, job_id: str, call_id: str) -> bool:
+        return await self._decisions.wait(job_id, call_id)
+
     def job_count(self) -> int:
         """Jobs held."""
         return len(self._jobs)
@@ -173,6 +191,7 @@ class MemoryStore(LocalNotifications, Store):
             users=len(self._by_user),
             expiry_rows=len(self._expiry),
             notification_marks=len(self._notified) + len(self._seen_ending),
+            decisions_waiting=len(self._decisions),
         )
 
 
@@ -184,3 +203,4 @@ class MemoryStoreStatistics:
     users: int
     expiry_rows: int
     notification_marks: int
+    decisions_waiting: int

@@ -12,10 +12,19 @@ Keys (all under ``prefix``; user-chosen ids are length-prefixed so they cannot c
   expiry: the cluster-wide capacity count, and where orphans are found.
 
 Creating, committing, recovering and taking a slot are Lua scripts: each is
-atomic, and a retried commit adds nothing twice. One pub/sub subscriber per
-instance (``{p}:commits``, ``{p}:aborts``) wakes local watchers and delivers
-aborts from other instances. Finished jobs' keys also expire in Redis, an hour
-after retention, should no sweep ever run.
+atomic. A commit is planned in Python (``stores.shared.plan_commit``: which
+entries are new) against the ``seq`` this process last saw, and the script
+applies it only if the stored ``seq`` is still that one; otherwise it answers
+with the stored ``seq`` and the commit is planned again. So a retried commit
+adds nothing twice, and a log behind the writer (Redis back from an older
+snapshot) is reported, never left with a gap. One pub/sub subscriber per
+instance (``{p}:commits``, ``{p}:aborts``, ``{p}:decisions``,
+``{p}:notifications``) wakes local waiters; every wait also polls, with a
+floor, in case a message was missed.
+
+Outages: every method but the ``wait_*`` ones raises ``UnavailableError``; the
+waits retry with backoff until Redis answers again. Finished jobs' keys also
+expire in Redis, an hour after retention, should no sweep ever run.
 """
 
 from __future__ import annotations
@@ -35,10 +44,11 @@ import trio
 from coredis.connection import TCPLocation
 from coredis.tokens import PureToken
 
-from backstream.actors.ports import Store
+from backstream.actors.ports import LogBehindError, NotificationListener, Store, StoreClosedError
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import CapacityError, UnavailableError
-from backstream.protocol.events import TERMINAL_STATUSES, ErrorInfo, LogEvent
+from backstream.protocol.events import LogEvent
+from backstream.protocol.lifecycle import LIVE_STATUSES, is_terminal
 from backstream.protocol.records import (
     JobProgress,
     JobRecord,
@@ -46,31 +56,61 @@ from backstream.protocol.records import (
     SharedCapacity,
     events_from_json,
     events_to_json,
+    progress_to_dict,
     record_from_dict,
     record_to_dict,
 )
 from backstream.runtime.stores import redis_scripts as scripts
+from backstream.runtime.stores.redis_notifications import SAFETY_TTL_S, RedisNotifications, ms
+from backstream.runtime.stores.shared import interrupted, plan_commit
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "RedisStoreStatistics"]
 
 log = logging.getLogger("backstream.redis")
 
-_SAFETY_TTL_S = 3600  # keys outlive retention by this, in case no sweep runs
 _WAIT_POLL_S = 1.0  # a missed pub/sub message delays a remote watcher by this at most
+_SIGNAL_POLL_S = 5.0  # ... and an abort or a decision by this
+_UNAVAILABLE = (
+    coredis.exceptions.ConnectionError,  # includes BusyLoadingError: Redis restarting
+    coredis.exceptions.ClusterDownError,
+    coredis.exceptions.TryAgainError,
+    TimeoutError,
+    OSError,
+)
 
 
-def _error_dict(error: ErrorInfo) -> dict[str, Any]:
-    out: dict[str, Any] = {"code": error.code, "message": error.message}
-    if error.http_status is not None:
-        out["http_status"] = error.http_status
-    return out
+def _outage_backoff() -> Backoff:
+    """The schedule of every wait that meets an outage: 0.1 s, doubling, at most 5 s."""
+    return Backoff(0.1, 5.0)
 
 
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
+@attrs.define
+class _Writing:
+    """A job this process writes: its names (so a commit takes one round trip) and the
+    ``seq`` its log had at the last commit seen."""
+
+    user: str
+    message_id: str
+    stored_seq: int
 
 
-class RedisStore(Store):
+@attrs.frozen
+class RedisStoreStatistics:
+    subscribed: bool
+    """The pub/sub listener is connected (else waits rely on their polls)."""
+    jobs_writing: int
+    readers_waiting: int
+    """Tasks parked in ``wait_for_entries``."""
+    signal_waiters: int
+    """Tasks waiting for an abort or a decision."""
+    commits_replanned: int
+    """Commits whose log was not where this process last saw it (a retry that had
+    landed, or Redis back from an older snapshot)."""
+    outage_retries: int
+    """Waits that met an unavailable Redis and retried."""
+
+
+class RedisStore(RedisNotifications, Store):
     def __init__(self, url: str, *, prefix: str = "backstream") -> None:
         """``redis://HOST:PORT/DB`` or ``rediss://...``; ``redis+cluster://HOST:PORT`` (or
         ``rediss+cluster://``) for Redis Cluster through coredis' cluster client."""
@@ -83,10 +123,24 @@ class RedisStore(Store):
         self._stack: contextlib.AsyncExitStack | None = None
         self._redis: coredis.Redis[str] | coredis.RedisCluster[str] | None = None
         self._changed: dict[str, trio.lowlevel.ParkingLot] = {}
-        self._aborts: dict[str, trio.Event] = {}
-        # user and message_id of jobs being written, so a commit takes one round trip
-        self._names: dict[str, tuple[str, str]] = {}
+        self._aborts: dict[str, trio.Event] = {}  # by job id
+        self._decisions: dict[str, trio.Event] = {}  # by "job_id call_id"
+        self._writing: dict[str, _Writing] = {}
+        self._on_notification: NotificationListener | None = None
+        self._commits_replanned = 0
+        self._outage_retries = 0
         self.subscribed = trio.Event()
+        """Set while the pub/sub listener is connected."""
+
+    def statistics(self) -> RedisStoreStatistics:
+        return RedisStoreStatistics(
+            subscribed=self.subscribed.is_set(),
+            jobs_writing=len(self._writing),
+            readers_waiting=sum(lot.statistics().tasks_waiting for lot in self._changed.values()),
+            signal_waiters=len(self._aborts) + len(self._decisions),
+            commits_replanned=self._commits_replanned,
+            outage_retries=self._outage_retries,
+        )
 
     # -- keys -------------------------------------------------------------------------
 
@@ -113,7 +167,8 @@ class RedisStore(Store):
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, *, on_notification: NotificationListener | None = None) -> None:
+        self._on_notification = on_notification
         stack = contextlib.AsyncExitStack()
         try:
             client: coredis.Redis[str] | coredis.RedisCluster[str]
@@ -140,6 +195,7 @@ class RedisStore(Store):
         self._stack = stack
 
     async def aclose(self) -> None:
+        """Close the connections. Cancellation: they are closed all the same."""
         stack, self._stack = self._stack, None
         self._redis = None
         if stack is not None:
@@ -148,16 +204,17 @@ class RedisStore(Store):
     @property
     def redis(self) -> coredis.Redis[str] | coredis.RedisCluster[str]:
         if self._redis is None:
-            raise UnavailableError("the store is closed")
+            raise StoreClosedError("the store is closed")
         return self._redis
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen for commits and aborts from every instance; resubscribe after outages."""
+        """Listen for commits, aborts, decisions and notifications from every instance;
+        resubscribe after outages. Cancellation: stops listening (waits then rely on polls)."""
         task_status.started()
-        backoff = Backoff(0.1, 5.0, jitter="none")
+        backoff = _outage_backoff()
         while True:
             try:
-                channels = [self._k("commits"), self._k("aborts"), self._k("notifications")]
+                channels = [self._k(name) for name in ("commits", "aborts", "decisions", "notifications")]
                 async with self.redis.pubsub(channels=channels, ignore_subscribe_messages=True) as pubsub:
                     self.subscribed.set()
                     backoff.reset()
@@ -165,6 +222,7 @@ class RedisStore(Store):
                     async for message in pubsub:
                         self._dispatch(str(message["channel"]), str(message["data"]))
             except (coredis.exceptions.RedisError, OSError) as exc:
+                self._outage_retries += 1
                 self.subscribed = trio.Event()
                 delay = backoff.next_delay()
                 log.warning("redis subscription lost (%s); retrying in %.1fs", exc, delay)
@@ -176,22 +234,34 @@ class RedisStore(Store):
             if lot is not None:
                 lot.unpark_all()
         elif channel.endswith(":notifications"):
-            if self.notification_listener is not None:
-                self.notification_listener(NotificationRecord(**json.loads(data)))
-        elif channel.endswith(":aborts"):
-            event = self._aborts.get(data)
+            if self._on_notification is not None:
+                self._on_notification(NotificationRecord(**json.loads(data)))
+        else:
+            waiting = self._aborts if channel.endswith(":aborts") else self._decisions
+            event = waiting.get(data)
             if event is not None:
                 event.set()
 
     def _wake_all(self) -> None:
         for lot in self._changed.values():
             lot.unpark_all()
+        for event in (*self._aborts.values(), *self._decisions.values()):
+            event.set()  # their waiters read the flag again
 
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except (coredis.exceptions.ConnectionError, TimeoutError, OSError) as exc:
+        except _UNAVAILABLE as exc:
             raise UnavailableError(f"redis unavailable: {exc}") from None
+
+    async def _retry_outage(self, what: str, backoff: Backoff, exc: UnavailableError) -> None:
+        """Sleep before a wait asks Redis again; re-raise if the store was closed."""
+        if isinstance(exc, StoreClosedError):
+            raise exc
+        self._outage_retries += 1
+        delay = backoff.next_delay()
+        log.debug("%s: %s; retrying in %.1fs", what, exc, delay)  # the writes warn already
+        await trio.sleep(delay)
 
     async def ping(self) -> None:
         await self._call(self.redis.ping())
@@ -236,7 +306,7 @@ class RedisStore(Store):
             scope = "the cluster" if existing == "!server" else "you"
             raise CapacityError(f"{scope} reached the limit of running jobs", retry_after_ms=1000)
         if not existing:
-            self._names[record.job_id] = (record.user, record.message_id)
+            self._writing[record.job_id] = _Writing(record.user, record.message_id, record.seq)
         if existing:
             found = await self.get_job(str(existing))
             if found is not None:
@@ -251,28 +321,52 @@ class RedisStore(Store):
         return await self.get_job(str(job_id)) if job_id else None
 
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
-        names = self._names.get(job_id)
-        if names is None:
+        """One script call, two if the log was not where this process last saw it.
+        Cancellation: the script ran entirely or not at all; commit again."""
+        writing = self._writing.get(job_id)
+        if writing is None:
             record = await self.get_job(job_id)
             if record is None:
                 return  # the store no longer holds it (swept, or Redis lost it): watchers get gone
-            names = (record.user, record.message_id)
-        user, message_id = names
-        terminal = progress.status in TERMINAL_STATUSES
-        ttl_s = (progress.expires_at or 0) - progress.updated_at + _SAFETY_TTL_S
-        fields = {
-            "status": progress.status,
-            "seq": progress.seq,
-            "content_length": progress.content_length,
-            "updated_at": progress.updated_at,
-            "finished_at": progress.finished_at,
-            "error": None if progress.error is None else _error_dict(progress.error),
-            "usage": progress.usage,
-            "expires_at": progress.expires_at,
-        }
-        if terminal:
-            fields["lease_until"] = None
-        keys = [
+            writing = _Writing(record.user, record.message_id, record.seq)
+        terminal = is_terminal(progress.status)
+        try:
+            for attempt in range(3):
+                try:
+                    plan = plan_commit(job_id, entries, progress, writing.stored_seq)
+                except LogBehindError:
+                    if attempt > 0:
+                        raise  # planned against the seq Redis holds: the log is really behind
+                    stored = await self._call(self.redis.hget(self._job(job_id), "seq"))
+                    if stored is None:
+                        return
+                    writing.stored_seq = int(stored)  # this process's view may be stale
+                    continue
+                if not plan.entries and not plan.apply_progress:
+                    return  # a late retry: the store is ahead of it
+                reply = await self._call(
+                    self._scripts["commit"](
+                        keys=self._commit_keys(job_id, writing.user, writing.message_id),
+                        args=self._commit_args(job_id, writing.stored_seq, plan.entries, progress),
+                    )
+                )
+                if int(reply[0]) == 0:  # Redis lost the job (a restart without its data)
+                    self._writing.pop(job_id, None)
+                    return
+                if int(reply[0]) == 1:
+                    writing.stored_seq = progress.seq
+                    if not terminal:
+                        self._writing[job_id] = writing
+                    return
+                self._commits_replanned += 1
+                writing.stored_seq = int(reply[1])
+            raise UnavailableError(f"{job_id}: its log kept moving under the commit")
+        finally:
+            if terminal:  # the job's last write here, whether it landed or not
+                self._writing.pop(job_id, None)
+
+    def _commit_keys(self, job_id: str, user: str, message_id: str) -> list[str]:
+        return [
             self._job(job_id),
             self._log(job_id),
             self._msg(user, message_id),
@@ -280,22 +374,26 @@ class RedisStore(Store):
             self._k("running"),
             self._user_running(user),
         ]
-        args = [
+
+    def _commit_args(
+        self, job_id: str, expected_seq: int, entries: Sequence[LogEvent], progress: JobProgress
+    ) -> list[str]:
+        terminal = is_terminal(progress.status)
+        fields = progress_to_dict(progress)
+        if terminal:
+            fields["lease_until"] = None
+        ttl_s = (progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S
+        return [
             job_id,
-            str(entries[0].seq if entries else progress.seq + 1),
+            str(expected_seq),
             str(entries[-1].seq if entries else progress.seq),
             events_to_json(entries) if entries else "",
             "1" if terminal else "0",
-            str(_ms(max(ttl_s, 1.0))),
+            str(ms(max(ttl_s, 1.0))),
             repr(progress.expires_at or 0.0),
             self._k("commits"),
             *self._fields(fields),
         ]
-        try:
-            await self._call(self._scripts["commit"](keys=keys, args=args))
-        finally:
-            if terminal:  # the job's last write here, whether it landed or not
-                self._names.pop(job_id, None)
 
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
         out: list[LogEvent] = []
@@ -306,7 +404,8 @@ class RedisStore(Store):
                 break
             for entry in batch:
                 for event in events_from_json(entry.field_values["e"]):
-                    # A retried commit can repeat entries in a later batch: keep each seq once.
+                    # Keep each seq once (logs written before commits were checked against
+                    # the stored seq may repeat entries after a retry).
                     if event.seq > after_seq and (not out or event.seq > out[-1].seq):
                         out.append(event)
             last_seq = int(str(batch[-1].identifier).split("-", 1)[0])
@@ -314,10 +413,20 @@ class RedisStore(Store):
         return out[:limit]
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
+        """Returns when the record goes past ``after_seq``, ends, or is gone; otherwise
+        after a commit message or ``_WAIT_POLL_S`` (a missed message). Waits through an
+        outage. Cancellation: safe."""
         lot = self._changed.setdefault(job_id, trio.lowlevel.ParkingLot())
+        backoff = _outage_backoff()
         try:
-            seq = await self._call(self.redis.hget(self._job(job_id), "seq"))
-            if seq is None or int(seq) > after_seq:
+            while True:
+                try:
+                    seq, status = await self._call(self.redis.hmget(self._job(job_id), ["seq", "status"]))
+                    break
+                except UnavailableError as exc:
+                    await self._retry_outage(f"job {job_id}: reading its progress", backoff, exc)
+            if seq is None or int(seq) > after_seq or is_terminal(json.loads(status)):
+                await trio.lowlevel.checkpoint()
                 return
             with trio.move_on_after(_WAIT_POLL_S):
                 await lot.park()
@@ -382,121 +491,67 @@ class RedisStore(Store):
             await self._call(self.redis.publish(self._k("aborts"), job_id))
 
     async def wait_abort_requested(self, job_id: str) -> None:
-        event = self._aborts.setdefault(job_id, trio.Event())
+        """Returns only once the job's ``abort_requested`` flag reads true. Woken by the
+        ``aborts`` channel, and reads the flag every ``_SIGNAL_POLL_S`` in case a message
+        was missed; an outage, however long, is waited through. Cancellation: safe."""
+        await self._wait_signal(self._aborts, job_id, job_id, "abort_requested", {"true"})
+
+    async def _wait_signal(
+        self, waiting: dict[str, trio.Event], name: str, job_id: str, field: str, accepted: set[str]
+    ) -> str:
+        """Wait until ``field`` of the job's record holds one of ``accepted`` and return it.
+        Woken through ``waiting[name]``, which the listener sets; polls with a floor."""
+        what = f"job {job_id}: reading {field}"
+        backoff = _outage_backoff()
         try:
-            while not event.is_set():
-                flag = await self.redis.hget(self._job(job_id), "abort_requested")
-                if flag == "true":
-                    return
-                with trio.move_on_after(_WAIT_POLL_S * 5):  # a missed message costs 5 s at most
+            while True:
+                event = waiting[name] = trio.Event()
+                try:
+                    value = await self._call(self.redis.hget(self._job(job_id), field))
+                except UnavailableError as exc:
+                    await self._retry_outage(what, backoff, exc)
+                    continue
+                backoff.reset()
+                if value in accepted:
+                    return str(value)
+                with trio.move_on_after(_SIGNAL_POLL_S):
                     await event.wait()
-        except (coredis.exceptions.RedisError, OSError):
-            await trio.sleep(_WAIT_POLL_S)  # Redis is away; the caller asks again
+                await trio.sleep(0.01)  # the floor: a storm of wake-ups costs 100 reads/s at most
         finally:
-            if self._aborts.get(job_id) is event:
-                del self._aborts[job_id]
-
-    # -- watchers and notifications, across instances ------------------------------------
-
-    def _inbox(self, user: str) -> tuple[str, str]:
-        return self._k("notif", str(len(user)), user), self._k("notifs", str(len(user)), user)
-
-    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
-        await self._call(self.redis.zadd(self._k("watching", job_id), {watch_id: until}))
-
-    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
-        if saw_end:
-            await self._call(self.redis.set(self._k("seen", job_id), "1", px=_ms(_SAFETY_TTL_S)))
-        await self._call(self.redis.zrem(self._k("watching", job_id), [watch_id]))
-
-    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, watch_id in watches:
-                pipe.zadd(self._k("watching", job_id), {watch_id: until}, condition=PureToken.XX)
-
-    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
-        n = notification
-        hash_key, order_key = self._inbox(n.user)
-        keys = [
-            self._k("watching", n.job_id),
-            self._k("muted", str(len(n.user)), n.user),
-            self._k("notified", n.job_id, n.type),
-            hash_key,
-            order_key,
-            self._k("seen", n.job_id),
-        ]
-        payload = json.dumps(attrs.asdict(n), separators=(",", ":"))
-        args = [
-            repr(now),
-            n.thread_id,
-            payload,
-            n.notification_id,
-            repr(n.created_at),
-            str(max_per_user),
-            self._k("notifications"),
-            str(_ms(_SAFETY_TTL_S * 24)),
-            "0" if n.type == "ai.tool.approval_required" else "1",
-        ]
-        return bool(await self._call(self._scripts["notify"](keys=keys, args=args)))
-
-    async def list_notifications(
-        self, user: str, *, unread_only: bool, limit: int
-    ) -> tuple[list[NotificationRecord], int]:
-        hash_key, order_key = self._inbox(user)
-        ids = [str(i) for i in await self._call(self.redis.zrange(order_key, 0, -1, rev=True))]
-        values = await self._call(self.redis.hmget(hash_key, ids)) if ids else []
-        items = [NotificationRecord(**json.loads(v)) for v in values if v]
-        unread = sum(1 for n in items if not n.read)
-        if unread_only:
-            items = [n for n in items if not n.read]
-        return items[:limit], unread
-
-    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
-        hash_key, _ = self._inbox(user)
-        current = await self._call(self.redis.hgetall(hash_key))
-        changed = {}
-        for notification_id, value in current.items():
-            if everything or notification_id in ids:
-                data = json.loads(value)
-                if not data["read"]:
-                    data["read"] = True
-                    changed[notification_id] = json.dumps(data, separators=(",", ":"))
-        if changed:
-            await self._call(self.redis.hset(hash_key, changed))
-        return sum(1 for k, v in current.items() if k not in changed and not json.loads(v)["read"])
-
-    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
-        key = self._k("muted", str(len(user)), user)
-        if muted:
-            await self._call(self.redis.sadd(key, [thread_id]))
-        else:
-            await self._call(self.redis.srem(key, [thread_id]))
+            waiting.pop(name, None)
 
     # -- approvals through any instance ---------------------------------------------------
 
     async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+        """The first decision on a call stands (``HSETNX``); its ``decisions`` message wakes
+        the instance that runs the job. Cancellation: it may or may not be stored."""
         value = "true" if approved else "false"
-        await self._call(self.redis.hset(self._job(job_id), {f"decision:{call_id}": value}))
-        await self._call(self.redis.publish(self._k("aborts"), f"{job_id} {call_id}"))
+        await self._call(self.redis.hsetnx(self._job(job_id), f"decision:{call_id}", value))
+        await self._call(self.redis.publish(self._k("decisions"), f"{job_id} {call_id}"))
 
     async def wait_decision(self, job_id: str, call_id: str) -> bool:
-        event = self._aborts.setdefault(f"{job_id} {call_id}", trio.Event())
-        try:
-            while True:
-                value = await self._call(self.redis.hget(self._job(job_id), f"decision:{call_id}"))
-                if value in ("true", "false"):
-                    return bool(value == "true")
-                with trio.move_on_after(_WAIT_POLL_S * 5):  # a missed message costs 5 s at most
-                    await event.wait()
-                event = self._aborts[f"{job_id} {call_id}"] = trio.Event()
-        finally:
-            self._aborts.pop(f"{job_id} {call_id}", None)
+        """Woken by the ``decisions`` channel; reads the decision every ``_SIGNAL_POLL_S``
+        in case a message was missed; waits through an outage. Cancellation: safe."""
+        name, field = f"{job_id} {call_id}", f"decision:{call_id}"
+        return await self._wait_signal(self._decisions, name, job_id, field, {"true", "false"}) == "true"
 
     # -- many instances -----------------------------------------------------------------
 
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
-        if job_ids:
-            await self._call(self._scripts["renew"](keys=[self._tag], args=[repr(until), *job_ids]))
+        if not job_ids:
+            await trio.lowlevel.checkpoint()
+            return
+        keys = [self._k("running")]
+        for job_id in job_ids:
+            writing = self._writing.get(job_id)
+            user = writing.user if writing is not None else await self._user_of(job_id)
+            # The user's key is built here, as everywhere: Lua's string.len counts bytes.
+            keys += [self._job(job_id), self._user_running(user) if user is not None else self._k("none")]
+        await self._call(self._scripts["renew"](keys=keys, args=[repr(until), *job_ids]))
+
+    async def _user_of(self, job_id: str) -> str | None:
+        raw = await self._call(self.redis.hget(self._job(job_id), "user"))
+        return None if raw is None else str(json.loads(raw))
 
     async def recover_orphans(self, owner: str, now: float, retention: float) -> list[JobRecord]:
         candidates = await self._call(
@@ -516,14 +571,30 @@ class RedisStore(Store):
             args = [
                 job_id,
                 repr(now),
-                str(_ms(retention + _SAFETY_TTL_S)),
+                str(ms(retention + SAFETY_TTL_S)),
                 repr(now + retention),
                 self._k("commits"),
             ]
+            args.append(json.dumps(sorted(LIVE_STATUSES)))
+            if record is None:
+                await self._call(self._scripts["recover"](keys=keys, args=[*args, "-1", "0", "[]"]))
+                continue
+            final, event = interrupted(record, now, retention)
+            fields = {
+                name: getattr(final, name)
+                for name in (
+                    "status",
+                    "seq",
+                    "epoch",
+                    "updated_at",
+                    "finished_at",
+                    "expires_at",
+                    "lease_until",
+                )
+            }
+            args += [str(record.seq), str(final.seq), events_to_json([event]), *self._fields(fields)]
             if await self._call(self._scripts["recover"](keys=keys, args=args)) == 1:
-                final = await self.get_job(job_id)
-                if final is not None:
-                    recovered.append(final)
+                recovered.append(final)
         return recovered
 
 

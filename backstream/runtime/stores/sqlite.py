@@ -25,9 +25,11 @@ from typing import TypeVar
 import attrs
 import trio
 
-from backstream.actors.ports import Store
+from backstream.actors.ports import LogBehindError, NotificationListener, Store, StoreClosedError
+from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import UnavailableError
-from backstream.protocol.events import LogEvent, StatusEvent
+from backstream.protocol.events import LogEvent
+from backstream.protocol.lifecycle import is_terminal, sql_terminal_list
 from backstream.protocol.records import (
     JobProgress,
     JobRecord,
@@ -35,12 +37,24 @@ from backstream.protocol.records import (
     SharedCapacity,
     events_from_json,
     events_to_json,
-    record_from_dict,
+    progress_to_dict,
     record_to_dict,
 )
 from backstream.runtime.stores.local_notifications import LocalNotifications
+from backstream.runtime.stores.shared import DecisionBox, interrupted, plan_commit
+from backstream.runtime.stores.sqlite_schema import (
+    COLUMNS,
+    MIGRATIONS,
+    PROGRESS_COLUMNS,
+    SELECT_JOB,
+    UPDATE_PROGRESS,
+    column_value,
+    migrate,
+    record_from_row,
+    row_values,
+)
 
-__all__ = ["MIGRATIONS", "SqliteStore"]
+__all__ = ["MIGRATIONS", "SqliteStore", "SqliteStoreStatistics"]
 
 log = logging.getLogger("backstream.sqlite")
 
@@ -51,58 +65,17 @@ MAILBOX_SIZE = 4096
 GROUP_LIMIT = 512
 """Commits written in one transaction at most."""
 
-MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (
-        1,
-        """
-        CREATE TABLE jobs (
-            job_id TEXT PRIMARY KEY,
-            user TEXT NOT NULL,
-            thread_id TEXT NOT NULL,
-            message_id TEXT NOT NULL,
-            status TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            created_at REAL NOT NULL,
-            expires_at REAL,
-            owner TEXT,
-            record TEXT NOT NULL,
-            UNIQUE (user, message_id)
-        );
-        CREATE INDEX jobs_by_user ON jobs (user, created_at DESC);
-        CREATE INDEX jobs_by_thread ON jobs (user, thread_id, created_at DESC);
-        CREATE INDEX jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
-        CREATE INDEX jobs_active ON jobs (status) WHERE status IN ('running', 'awaiting_approval');
-        CREATE TABLE log (
-            job_id TEXT NOT NULL,
-            first_seq INTEGER NOT NULL,
-            last_seq INTEGER NOT NULL,
-            events TEXT NOT NULL,
-            PRIMARY KEY (job_id, first_seq)
-        ) WITHOUT ROWID;
-        """,
-    ),
-    (
-        2,
-        """
-        CREATE TABLE notifications (
-            notification_id TEXT PRIMARY KEY,
-            user TEXT NOT NULL,
-            type TEXT NOT NULL,
-            job_id TEXT NOT NULL,
-            thread_id TEXT NOT NULL,
-            title TEXT NOT NULL,
-            body TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            read INTEGER NOT NULL DEFAULT 0,
-            UNIQUE (job_id, type)
-        );
-        CREATE INDEX notifications_by_user ON notifications (user, created_at DESC);
-        CREATE TABLE muted_threads (
-            user TEXT NOT NULL, thread_id TEXT NOT NULL, PRIMARY KEY (user, thread_id)
-        )
-        """,
-    ),
-)
+
+@attrs.frozen
+class SqliteStoreStatistics:
+    transactions: int
+    """Write transactions made (each holds a group of commits)."""
+    commits_waiting: int
+    """Commits in the writer's mailbox."""
+    readers_waiting: int
+    """Tasks parked in ``wait_for_entries``."""
+    abort_listeners: int
+    decisions_waiting: int
 
 
 @attrs.define
@@ -135,18 +108,30 @@ class SqliteStore(LocalNotifications, Store):
         self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[_Commit](MAILBOX_SIZE)
         self._changed: dict[str, trio.lowlevel.ParkingLot] = {}
         self._aborts: dict[str, trio.Event] = {}
-        self.transactions = 0  # statistics: write transactions made
+        self._decisions = DecisionBox()
+        self._transactions = 0
+
+    def statistics(self) -> SqliteStoreStatistics:
+        return SqliteStoreStatistics(
+            transactions=self._transactions,
+            commits_waiting=self._mailbox_send.statistics().current_buffer_used,
+            readers_waiting=sum(lot.statistics().tasks_waiting for lot in self._changed.values()),
+            abort_listeners=len(self._aborts),
+            decisions_waiting=len(self._decisions),
+        )
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, *, on_notification: NotificationListener | None = None) -> None:
+        self._on_notification = on_notification
+
         def connect() -> tuple[sqlite3.Connection, sqlite3.Connection]:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             writer.execute("PRAGMA journal_mode=WAL")
             writer.execute("PRAGMA synchronous=NORMAL")
             writer.execute("PRAGMA busy_timeout=5000")
-            _migrate(writer)
+            migrate(writer)
             reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             reader.execute("PRAGMA busy_timeout=5000")
             return writer, reader
@@ -157,14 +142,26 @@ class SqliteStore(LocalNotifications, Store):
             raise UnavailableError(f"cannot open {self.path}: {exc}") from None
 
     async def aclose(self) -> None:
+        """Close both connections (each after its statement in progress). Cancellation:
+        they are closed all the same."""
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
+        # Waiters wake and find the store closed.
+        self._decisions.close()
+        for lot in self._changed.values():
+            lot.unpark_all()
+        for event in self._aborts.values():
+            event.set()
         for conn in (writer, reader):
             if conn is not None:
                 await trio.to_thread.run_sync(conn.close, limiter=self._write_lane)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer actor: group commits into transactions until cancelled."""
+        """The writer actor: group commits into transactions until cancelled.
+
+        Cancellation: the group being written fails with ``UnavailableError`` for its
+        committers (its transaction is rolled back); commits still in the mailbox wait for
+        the next run."""
         task_status.started()
         while True:
             first = await self._mailbox_receive.receive()
@@ -176,7 +173,7 @@ class SqliteStore(LocalNotifications, Store):
                     break
             try:
                 await self._write(partial(_commit_group, group=group))
-                self.transactions += 1
+                self._transactions += 1
             except BaseException as exc:
                 for item in group:
                     item.error = (
@@ -203,7 +200,7 @@ class SqliteStore(LocalNotifications, Store):
         """Run ``fn(conn)`` on a worker thread, one at a time per connection. Cancellation
         waits for the statement to finish (a thread cannot be interrupted)."""
         if conn is None:
-            raise UnavailableError("the store is closed")
+            raise StoreClosedError("the store is closed")
         try:
             return await trio.to_thread.run_sync(fn, conn, limiter=lane)
         except sqlite3.Error as exc:
@@ -218,48 +215,58 @@ class SqliteStore(LocalNotifications, Store):
         self, record: JobRecord, capacity: SharedCapacity | None = None
     ) -> tuple[JobRecord, bool]:
         def insert(conn: sqlite3.Connection) -> tuple[JobRecord, bool]:
-            cursor = conn.execute(
-                "INSERT INTO jobs (job_id, user, thread_id, message_id, status, seq, created_at, owner, "
-                "record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user, message_id) DO NOTHING",
-                (
-                    record.job_id,
-                    record.user,
-                    record.thread_id,
-                    record.message_id,
-                    record.status,
-                    record.seq,
-                    record.created_at,
-                    record.owner,
-                    json.dumps(record_to_dict(record)),
-                ),
-            )
-            if cursor.rowcount == 1:
-                return record, True
-            row = conn.execute(
-                "SELECT record FROM jobs WHERE user = ? AND message_id = ?", (record.user, record.message_id)
-            ).fetchone()
-            return record_from_dict(json.loads(row[0])), False
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = conn.execute(
+                    f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+                    "ON CONFLICT (user, message_id) DO NOTHING",
+                    row_values(record),
+                )
+                created = cursor.rowcount == 1
+                if created:
+                    request = record_to_dict(record)["request"]
+                    conn.execute(
+                        "INSERT INTO job_requests (job_id, request) VALUES (?, ?)",
+                        (record.job_id, json.dumps(request, separators=(",", ":"), ensure_ascii=False)),
+                    )
+                    found = record
+                else:
+                    found = record_from_row(
+                        conn.execute(
+                            SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?",
+                            (record.user, record.message_id),
+                        ).fetchone()
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return found, created
 
         return await self._write(insert)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         row = await self._read(
-            lambda c: c.execute("SELECT record FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            lambda c: c.execute(SELECT_JOB + " WHERE jobs.job_id = ?", (job_id,)).fetchone()
         )
-        return record_from_dict(json.loads(row[0])) if row else None
+        return record_from_row(row) if row else None
 
     async def find_job(self, user: str, message_id: str) -> JobRecord | None:
         row = await self._read(
             lambda c: c.execute(
-                "SELECT record FROM jobs WHERE user = ? AND message_id = ?", (user, message_id)
+                SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?", (user, message_id)
             ).fetchone()
         )
-        return record_from_dict(json.loads(row[0])) if row else None
+        return record_from_row(row) if row else None
 
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
+        """Through the writer's mailbox (when full, this waits). Cancellation while queued
+        or written: the commit may still land with its group; commit again."""
         item = _Commit(job_id, list(entries), progress)
         await self._mailbox_send.send(item)
         await item.done.wait()
+        if isinstance(item.error, LogBehindError):
+            raise item.error
         if item.error is not None:
             raise UnavailableError(f"sqlite commit failed: {item.error}")
 
@@ -279,8 +286,11 @@ class SqliteStore(LocalNotifications, Store):
         return await self._read(select)
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
-        record = await self.get_job(job_id)
-        if record is None or record.seq > after_seq:
+        """Woken by this process's writer (one process owns the file). Cancellation: safe."""
+        row = await self._read(
+            lambda c: c.execute("SELECT seq, status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        )
+        if row is None or int(row[0]) > after_seq or is_terminal(str(row[1])):
             return
         lot = self._changed.setdefault(job_id, trio.lowlevel.ParkingLot())
         try:
@@ -298,16 +308,16 @@ class SqliteStore(LocalNotifications, Store):
         limit: int = 50,
     ) -> list[JobRecord]:
         def select(conn: sqlite3.Connection) -> list[JobRecord]:
-            sql, args = "SELECT record FROM jobs WHERE user = ?", [user]
+            sql, args = SELECT_JOB + " WHERE jobs.user = ?", [user]
             if thread_id is not None:
-                sql += " AND thread_id = ?"
+                sql += " AND jobs.thread_id = ?"
                 args.append(thread_id)
             if statuses is not None:
-                sql += f" AND status IN ({','.join('?' * len(statuses))})"
+                sql += f" AND jobs.status IN ({','.join('?' * len(statuses))})"
                 args.extend(sorted(statuses))
-            sql += " ORDER BY created_at DESC, job_id DESC LIMIT ?"
+            sql += " ORDER BY jobs.created_at DESC, jobs.job_id DESC LIMIT ?"
             args.append(str(limit))
-            return [record_from_dict(json.loads(row[0])) for row in conn.execute(sql, args)]
+            return [record_from_row(row) for row in conn.execute(sql, args)]
 
         return await self._read(select)
 
@@ -319,12 +329,12 @@ class SqliteStore(LocalNotifications, Store):
                     row[0]
                     for row in conn.execute(
                         "SELECT job_id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ? "
-                        "AND status IN ('completed', 'failed', 'aborted', 'interrupted') LIMIT 1000",
+                        f"AND status IN {sql_terminal_list()} LIMIT 1000",
                         (now,),
                     )
                 ]
-                conn.executemany("DELETE FROM log WHERE job_id = ?", [(i,) for i in ids])
-                conn.executemany("DELETE FROM jobs WHERE job_id = ?", [(i,) for i in ids])
+                for table in ("log", "job_requests", "jobs"):
+                    conn.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in ids])
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -334,44 +344,59 @@ class SqliteStore(LocalNotifications, Store):
         ids = await self._write(delete)
         for job_id in ids:
             self.forget_job_notifications(job_id)
+            self._decisions.forget_job(job_id)
             lot = self._changed.pop(job_id, None)
             if lot is not None:
                 lot.unpark_all()
         return ids
 
     async def request_abort(self, job_id: str) -> None:
-        def mark(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT record FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row:
-                data = json.loads(row[0])
-                data["abort_requested"] = True
-                conn.execute("UPDATE jobs SET record = ? WHERE job_id = ?", (json.dumps(data), job_id))
-
-        await self._write(mark)
+        await self._write(
+            lambda c: c.execute("UPDATE jobs SET abort_requested = 1 WHERE job_id = ?", (job_id,))
+        )
         waiting = self._aborts.get(job_id)  # a later waiter reads the flag from the file
         if waiting is not None:
             waiting.set()
 
     async def wait_abort_requested(self, job_id: str) -> None:
+        """One process owns the file: after the flag is read once, ``request_abort`` in this
+        process is what sets it. A failed read is retried with backoff. Cancellation: safe."""
         event = self._aborts.setdefault(job_id, trio.Event())
         try:
-            record = await self.get_job(job_id)
-            if record is not None and record.abort_requested:
+            backoff = Backoff(0.1, 5.0)
+            while True:
+                try:
+                    row = await self._read(
+                        lambda c: c.execute(
+                            "SELECT abort_requested FROM jobs WHERE job_id = ?", (job_id,)
+                        ).fetchone()
+                    )
+                    break
+                except StoreClosedError:
+                    raise
+                except UnavailableError as exc:
+                    delay = backoff.next_delay()
+                    log.warning("job %s: abort flag unreadable (%s); retrying in %.1fs", job_id, exc, delay)
+                    await trio.sleep(delay)
+            if row is not None and row[0]:
                 return
             await event.wait()
+            if self._writer is None:
+                raise StoreClosedError("the store is closed")
         finally:
             if self._aborts.get(job_id) is event and not event.is_set():
                 self._aborts.pop(job_id, None)
 
+    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+        await trio.lowlevel.checkpoint()
+        self._decisions.put(job_id, call_id, approved)
+
+    async def wait_decision(self, job_id: str, call_id: str) -> bool:
+        return await self._decisions.wait(job_id, call_id)
+
     # -- notifications and mutes live in the file; presence in this process -------------
 
-    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
-        n = notification
-        if self._watchers_by_job.get(n.job_id) or (
-            n.type != "ai.tool.approval_required" and n.job_id in self._seen_ending
-        ):
-            return False
-
+    async def _keep_notification(self, n: NotificationRecord, max_per_user: int) -> bool:
         def insert(conn: sqlite3.Connection) -> bool:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -409,10 +434,7 @@ class SqliteStore(LocalNotifications, Store):
                 raise
             return created
 
-        created = await self._write(insert)
-        if created and self.notification_listener is not None:
-            self.notification_listener(n)
-        return created
+        return await self._write(insert)
 
     async def list_notifications(
         self, user: str, *, unread_only: bool, limit: int
@@ -476,16 +498,19 @@ class SqliteStore(LocalNotifications, Store):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(
-                    "SELECT record FROM jobs WHERE status IN ('running', 'awaiting_approval') "
-                    "AND (owner IS NULL OR owner != ?)",
+                    SELECT_JOB + f" WHERE jobs.status NOT IN {sql_terminal_list()} "
+                    "AND (jobs.owner IS NULL OR jobs.owner != ?)",
                     (owner,),
                 ).fetchall()
                 recovered = []
-                for (text,) in rows:
-                    record = record_from_dict(json.loads(text))
-                    final = _interrupted(record, now, retention)
-                    _append(conn, record.job_id, [StatusEvent(seq=final.seq, status="interrupted")])
-                    _save(conn, final)
+                for row in rows:
+                    final, event = interrupted(record_from_row(row), now, retention)
+                    _append(conn, final.job_id, [event])
+                    conn.execute(
+                        "UPDATE jobs SET status = ?, seq = ?, epoch = ?, updated_at = ?, finished_at = ?, "
+                        "expires_at = ?, lease_until = NULL WHERE job_id = ?",
+                        (final.status, final.seq, final.epoch, now, now, final.expires_at, final.job_id),
+                    )
                     recovered.append(final)
                 conn.execute("COMMIT")
             except BaseException:
@@ -496,56 +521,10 @@ class SqliteStore(LocalNotifications, Store):
         return await self._write(recover)
 
 
-def _interrupted(record: JobRecord, now: float, retention: float) -> JobRecord:
-    return attrs.evolve(
-        record,
-        status="interrupted",
-        seq=record.seq + 1,
-        epoch=record.epoch + 1,
-        updated_at=now,
-        finished_at=now,
-        expires_at=now + retention,
-        lease_until=None,
-    )
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-    current = row[0] or 0
-    for version, sql in MIGRATIONS:
-        if version <= current:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in filter(str.strip, sql.split(";")):
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        log.info("sqlite schema migrated to version %d", version)
-
-
 def _append(conn: sqlite3.Connection, job_id: str, entries: Sequence[LogEvent]) -> None:
     conn.execute(
         "INSERT OR IGNORE INTO log (job_id, first_seq, last_seq, events) VALUES (?, ?, ?, ?)",
         (job_id, entries[0].seq, entries[-1].seq, events_to_json(entries)),
-    )
-
-
-def _save(conn: sqlite3.Connection, record: JobRecord) -> None:
-    conn.execute(
-        "UPDATE jobs SET status = ?, seq = ?, expires_at = ?, owner = ?, record = ? WHERE job_id = ?",
-        (
-            record.status,
-            record.seq,
-            record.expires_at,
-            record.owner,
-            json.dumps(record_to_dict(record)),
-            record.job_id,
-        ),
     )
 
 
@@ -557,7 +536,7 @@ def _commit_group(conn: sqlite3.Connection, *, group: list[_Commit]) -> None:
             conn.execute("SAVEPOINT one_commit")
             try:
                 _commit_one(conn, item)
-            except (sqlite3.IntegrityError, ValueError) as exc:
+            except (sqlite3.IntegrityError, LogBehindError) as exc:
                 conn.execute("ROLLBACK TO one_commit")
                 item.error = exc
             conn.execute("RELEASE one_commit")
@@ -568,14 +547,15 @@ def _commit_group(conn: sqlite3.Connection, *, group: list[_Commit]) -> None:
 
 
 def _commit_one(conn: sqlite3.Connection, item: _Commit) -> None:
-    row = conn.execute("SELECT record FROM jobs WHERE job_id = ?", (item.job_id,)).fetchone()
+    row = conn.execute("SELECT seq FROM jobs WHERE job_id = ?", (item.job_id,)).fetchone()
     if row is None:
         return  # swept meanwhile: nothing to keep
-    record = record_from_dict(json.loads(row[0]))
-    fresh = [ev for ev in item.entries if ev.seq > record.seq]  # a retried commit adds nothing twice
-    if fresh:
-        if fresh[0].seq != record.seq + 1:
-            raise ValueError(f"{item.job_id}: commit of seq {fresh[0].seq} after {record.seq}")
-        _append(conn, item.job_id, fresh)
-    if item.progress.seq >= record.seq:
-        _save(conn, record.advanced(item.progress))
+    plan = plan_commit(item.job_id, item.entries, item.progress, int(row[0]))
+    if plan.entries:
+        _append(conn, item.job_id, plan.entries)
+    if plan.apply_progress:
+        data = progress_to_dict(item.progress)
+        conn.execute(
+            UPDATE_PROGRESS,
+            (*(column_value(name, data[name]) for name in PROGRESS_COLUMNS), item.job_id),
+        )
