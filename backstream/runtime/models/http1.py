@@ -12,6 +12,7 @@ default context, and timeouts for connecting, idle reads and writes.
 
 from __future__ import annotations
 
+import os
 import ssl
 import urllib.parse
 from collections import deque
@@ -83,6 +84,25 @@ class _Connection:
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
         self.reused = False
+        # Plain TCP: wait for readability, then one read(2) takes what the socket has.
+        # (trio's receive_some first tries a read that usually finds nothing, then waits.)
+        self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+
+    async def receive(self, idle_timeout: float) -> bytes:
+        """What the socket has, waiting up to ``idle_timeout`` for something; ``b""`` at EOF."""
+        with trio.move_on_after(idle_timeout):
+            try:
+                if self.socket is None:
+                    return bytes(await self.stream.receive_some(_READ_SIZE))  # no copy: it is bytes
+                while True:
+                    await trio.lowlevel.wait_readable(self.socket)
+                    try:
+                        return os.read(self.socket.fileno(), _READ_SIZE)
+                    except BlockingIOError:
+                        continue  # a spurious wake-up
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise UpstreamBroken(f"the upstream connection broke: {exc!r}") from None
+        raise UpstreamReadTimeout
 
 
 class StreamingResponse:
@@ -94,6 +114,7 @@ class StreamingResponse:
         self._connection = connection
         self._idle_timeout = idle_timeout
         self.complete = False  # the whole body was read
+        self._starved = False
 
     async def receive_some(self) -> bytes:
         """The body bytes that the next socket read brings (several HTTP chunks joined);
@@ -106,6 +127,9 @@ class StreamingResponse:
             return b""
         parser = self._connection.h11
         parts: list[bytes] = []
+        if self._starved:  # h11 said NEED_DATA last time: read before asking it again
+            self._starved = False
+            parser.receive_data(await self._connection.receive(self._idle_timeout))
         while True:
             try:
                 event = parser.next_event()
@@ -116,22 +140,14 @@ class StreamingResponse:
                 parts.append(event.data)  # type: ignore[union-attr]
             elif event is h11.NEED_DATA:
                 if parts:
+                    self._starved = True
                     return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-                parser.receive_data(await _receive(self._connection.stream, self._idle_timeout))
+                parser.receive_data(await self._connection.receive(self._idle_timeout))
             elif kind is h11.EndOfMessage:
                 self.complete = True
                 return b"".join(parts)
             else:  # ConnectionClosed or PAUSED mid-body
                 raise UpstreamBroken(f"unexpected {event!r} in the response body")
-
-
-async def _receive(stream: trio.abc.Stream, idle_timeout: float) -> bytes:
-    with trio.move_on_after(idle_timeout):
-        try:
-            return bytes(await stream.receive_some(_READ_SIZE))  # no copy: it is bytes
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise UpstreamBroken(f"the upstream connection broke: {exc!r}") from None
-    raise UpstreamReadTimeout
 
 
 class HTTP1Pool:
@@ -214,7 +230,7 @@ class HTTP1Pool:
             except h11.RemoteProtocolError as exc:
                 raise UpstreamBroken(f"invalid HTTP from the upstream: {exc}") from None
             if event is h11.NEED_DATA:
-                parser.receive_data(await _receive(connection.stream, self._idle_timeout))
+                parser.receive_data(await connection.receive(self._idle_timeout))
             elif type(event) is h11.Response:
                 return event
             elif type(event) is not h11.InformationalResponse:
