@@ -17,8 +17,8 @@ stream, every token stamped with the wall time it was produced):
 
 Latency is measured twice per token: from the time the upstream produced it
 (the stamp inside it) and from the time it was due, ``start + i/R`` with
-``start`` when the client asked for the job: a server that cannot keep up
-shows it there even when its upstream falls behind with it. Every row reports
+``start`` when the upstream began that stream: a server that cannot keep up
+shows it there even when its upstream, sharing the machine, falls behind with it. Every row reports
 the CPU of the server, its upstream and the load client, and the wall time
 against the nominal ``tokens / R``.
 
@@ -71,17 +71,21 @@ class Stats:
         self.produced: list[float] = []  # now - stamp
         self.due: list[float] = []  # now - (start + i / rate)
         self.frames = 0
-        self.started: dict[int, float] = {}
-
-    def job_started(self, job: int) -> None:
-        self.started.setdefault(job, time.time())
+        self.started: dict[int, float] = {}  # job -> when its upstream stream began
 
     def tokens(self, job: int, index: int, text: str, now: float) -> int:
-        """Record the stamped tokens in ``text``; ``index`` is how many this watcher had."""
-        start = self.started[job]
+        """Record the stamped tokens in ``text``; ``index`` is how many this watcher had.
+
+        Token i is due at ``start + i/R``, where ``start`` is when the upstream began the
+        stream (the stamp of token 0, produced on time): a token read late by a server
+        that falls behind, or produced late by an upstream slowed down with it, shows
+        here; connecting before the stream, the same for every system, does not."""
         for stamp in text.split():
-            self.produced.append(now - float(stamp))
-            self.due.append(now - (start + index / self.rate))
+            produced = float(stamp)
+            if index == 0:
+                self.started[job] = produced
+            self.produced.append(now - produced)
+            self.due.append(now - (self.started[job] + index / self.rate))
             index += 1
         return index
 
@@ -105,7 +109,6 @@ async def load_backstream(urls: list[str], a: argparse.Namespace, stats: Stats, 
             jobs_of: dict[str, int] = {}
             counts: dict[str, int] = {}
             for j in job_ids:
-                stats.job_started(j)
                 start = {
                     "type": "job.start",
                     "id": f"s{j}",
@@ -150,7 +153,6 @@ async def load_raw(url: str, a: argparse.Namespace, stats: Stats) -> None:
 
     async def one(j: int) -> None:
         async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
-            stats.job_started(j)
             await ws.send(json.dumps({"job": j}))
             index = 0
             async for raw in ws:
@@ -170,7 +172,6 @@ async def load_peer(port: int, a: argparse.Namespace, stats: Stats) -> None:
     async def one(j: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         conn = h11.Connection(h11.CLIENT)
-        stats.job_started(j)
         writer.write(conn.send(h11.Request(method="GET", target=f"/?id=job-{j}", headers=[("host", "peer")])))
         writer.write(conn.send(h11.EndOfMessage()))
         index, rest = 0, ""
