@@ -26,7 +26,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.actors.clock import format_time
-from backstream.protocol.codec import ProtocolError, batch_message, decode_client, encode, error_message
+from backstream.protocol.codec import ProtocolError, decode_client, encode, error_message
 from backstream.protocol.errors import (
     BackstreamError,
     BadRequestError,
@@ -68,6 +68,7 @@ from backstream.protocol.messages import (
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.socket_gate import SocketGate
 
 __all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
@@ -119,6 +120,10 @@ class _Watch:
     scope: trio.CancelScope
     done: trio.Event = attrs.Factory(trio.Event)
     cleared_to_send: trio.Event = attrs.Factory(trio.Event)
+
+
+# One per process: the watchers of a job on any connection share its frames.
+_FRAMES = FrameCache()
 
 
 class Connection:
@@ -397,7 +402,7 @@ class Connection:
                     await watch.cleared_to_send.wait()
                     async for batch in batches:
                         await self._wait_drained()
-                        await self._send(encode(batch_message(batch)))
+                        await self._send(_FRAMES.frame(batch))
                         self._stats.batches_sent += 1
         except BackstreamError as exc:
             if not watch.cleared_to_send.is_set():
