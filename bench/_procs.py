@@ -59,3 +59,11 @@ class ProcessSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []

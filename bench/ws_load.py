@@ -50,7 +50,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench._common import percentile, print_table, write_json  # noqa: E402
-from bench._procs import ProcessSampler, free_port, wait_for_port  # noqa: E402
+from bench._procs import ProcessSampler, child_pids, free_port, wait_for_port  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "bench"
 RAW_PIPELINE = SHARED / "raw_pipeline.py"
@@ -222,6 +222,8 @@ def start_backstream(
             str(a.batch_ms),
         ]
         serve += ["--store", store_url, "--retention", "120", "--log-level", "warning"]
+        if a.workers > 1:
+            serve += ["--workers", str(a.workers)]
         if upstream_port is not None:
             serve += ["--upstream-url", f"http://127.0.0.1:{upstream_port}/v1"]
         env = {**os.environ, "BACKSTREAM_REDIS_PREFIX": prefix}
@@ -296,6 +298,9 @@ def measure(system: str, a: argparse.Namespace, store: str = "memory", instances
             def run() -> Any:
                 return load_peer(port, a, stats)
 
+        if a.workers > 1:  # serve --workers: the processes that serve are the children
+            time.sleep(1.0)
+            server_pids = [child for pid in server_pids for child in child_pids(pid)] + server_pids
         samplers = [ProcessSampler(pid) for pid in server_pids]
         time.sleep(0.3)
         cpu0 = [s.cpu for s in samplers]
@@ -471,7 +476,7 @@ def sweep(a: argparse.Namespace, has_raw: bool, has_peer: bool) -> None:
         for jobs in counts:
             a.jobs = jobs
             try:
-                row = {"jobs": jobs, **measure(system, a)}
+                row = {"jobs": jobs, **measure(system, a, a.stores.split(",")[0])}
             except (OSError, RuntimeError) as exc:
                 print(f"{system} failed at {jobs} jobs: {exc!r}", file=sys.stderr)
                 row = {"jobs": jobs, "failed": repr(exc), "sustainable": False}
@@ -490,7 +495,7 @@ def sweep(a: argparse.Namespace, has_raw: bool, has_peer: bool) -> None:
     best = {s: max((r["jobs"] for r in rows if r["sustainable"]), default=0) for s, rows in results.items()}
     print(f"sustainable jobs at {a.rate:g} tokens/s x {a.watchers} watcher(s): {best}")
     payload = {"params": vars(a), "sustainable_jobs": best, "results": results}
-    path = write_json(f"ws_sweep_{a.watchers}x{a.rate:g}", payload, a.json)
+    path = write_json(f"ws_sweep_{a.watchers}x{a.rate:g}_w{a.workers}", payload, a.json)
     print(f"wrote {path}")
     plot(results, a, pathlib.Path(a.plots))
 
@@ -508,7 +513,9 @@ def plot(results: dict[str, list[dict[str, Any]]], a: argparse.Namespace, out: p
         print("no plots: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
         return
     out.mkdir(parents=True, exist_ok=True)
-    name = f"sweep_{a.watchers}x{a.rate:g}"
+    name = f"sweep_{a.watchers}x{a.rate:g}" + (
+        f"_{a.stores.split(',')[0]}_w{a.workers}" if a.skip_raw else ""
+    )
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
     for system, all_rows in results.items():
         rows = [r for r in all_rows if "failed" not in r]
@@ -557,6 +564,7 @@ def main() -> None:
         "--stores", default="memory", help="comma-separated stores to measure: memory,sqlite,redis"
     )
     ap.add_argument("--instances", type=int, default=1, help="servers sharing the load (redis only)")
+    ap.add_argument("--workers", type=int, default=1, help="serve --workers N (redis only)")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--skip-raw", action="store_true", help="measure no raw pipeline")
     ap.add_argument("--peer", action="store_true", help="measure resumable-stream (Node 20 + Redis) too")
