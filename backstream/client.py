@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import itertools
 import logging
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
+import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
 
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.codec import ProtocolError, decode_server, encode
@@ -319,9 +327,32 @@ class Client:
         return await self._request(JobAbort(id=self._id(), job_id=job_id), JobAbortResult)
 
     async def get(self, job_id: str, *, include_content: bool = False, offset: int = 0) -> JobInfoMessage:
-        """A job's summary, and its content from ``offset`` (``job.get``). Cancellation: safe."""
-        message = JobGet(id=self._id(), job_id=job_id, include_content=include_content, offset=offset)
-        return await self._request(message, JobInfoMessage)
+        """The job's summary; with ``include_content`` its content from ``offset`` and its
+        tool calls, fetched page by page when they do not fit in one frame (``job.get``).
+        Cancellation: safe; nothing is changed on the server."""
+        pages: list[JobInfoMessage] = []
+        calls_offset = 0
+        while True:
+            message = JobGet(
+                id=self._id(),
+                job_id=job_id,
+                include_content=include_content,
+                offset=offset,
+                tool_calls_offset=calls_offset,
+            )
+            page = await self._request(message, JobInfoMessage)
+            pages.append(page)
+            if page.next_offset is None and page.next_tool_calls_offset is None:
+                break
+            offset = page.next_offset if page.next_offset is not None else offset + len(page.content or "")
+            calls_offset = page.next_tool_calls_offset or calls_offset + len(page.tool_calls)
+        if len(pages) == 1:
+            return pages[0]
+        return attrs.evolve(
+            pages[-1],
+            content="".join(p.content or "" for p in pages) if include_content else None,
+            tool_calls=[call for p in pages for call in p.tool_calls],
+        )
 
     async def list_jobs(
         self, *, thread_id: str | None = None, status: Sequence[str] | None = None, limit: int = 50
@@ -447,6 +478,15 @@ class ClientWatch:
                 )
 
 
+def check_endpoint_url(url: str) -> None:
+    """Raise ``ValueError`` unless ``url`` looks like a backstream endpoint (``ws://HOST:PORT/v1``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(
+            f"{url!r} is not a backstream endpoint: expected ws://HOST:PORT/v1 or wss://HOST:PORT/v1"
+        )
+
+
 @asynccontextmanager
 async def open_client(
     url: str,
@@ -468,28 +508,52 @@ async def open_client(
     seconds and full jitter.
     Cancellation: the connection is closed; nothing is left running.
     """
+    check_endpoint_url(url)
     failure: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        client = Client(
-            nursery,
-            url,
-            token,
-            client_name=client_name,
-            token_in_header=token_in_header,
-            request_timeout=request_timeout,
-            connect_timeout=connect_timeout,
-            reconnect_base=reconnect_base,
-            reconnect_max=reconnect_max,
-            max_reconnect_attempts=max_reconnect_attempts,
-        )
-        try:
-            client._current = await client._connect()
-            yield client
-        except Exception as exc:
-            # Raised bare after the nursery, not wrapped in an ExceptionGroup.
-            failure = exc
-        finally:
-            await client.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            client = Client(
+                nursery,
+                url,
+                token,
+                client_name=client_name,
+                token_in_header=token_in_header,
+                request_timeout=request_timeout,
+                connect_timeout=connect_timeout,
+                reconnect_base=reconnect_base,
+                reconnect_max=reconnect_max,
+                max_reconnect_attempts=max_reconnect_attempts,
+            )
+            try:
+                try:
+                    client._current = await client._connect()
+                except ConnectionRejected as exc:
+                    raise UnavailableError(
+                        f"{url} is not a backstream endpoint: the server answered HTTP {exc.status_code}"
+                    ) from None
+                except ProtocolError:
+                    raise UnavailableError(
+                        f"{url} is not a backstream endpoint: hello got no welcome"
+                    ) from None
+                except OSError as exc:
+                    raise UnavailableError(f"cannot connect to {url}: {exc.strerror or exc}") from None
+                yield client
+            except Exception as exc:
+                # Raised bare after the nursery, not wrapped in an ExceptionGroup.
+                failure = exc
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # trio-websocket's reader task raised into the nursery
+        rejected = group.subgroup(ConnectionRejected)
+        if rejected is None:
+            raise
+        leaf = rejected.exceptions[0]
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        status = getattr(leaf, "status_code", "?")
+        raise UnavailableError(
+            f"{url} is not a backstream endpoint: the server answered HTTP {status}"
+        ) from None
     if failure is not None:
         raise failure

@@ -205,7 +205,9 @@ async def test_a_turn_cut_off_inside_a_tool_call_ends_without_running_it(upstrea
         )
         batches = await collect(rt, started.job_id)
         check_contiguous(batches)
-        assert [e.kind for b in batches for e in b.events] == ["status", "text", "status"]
+        kinds = [e.kind for b in batches for e in b.events]
+        # Its argument fragments were streamed as they came; the call itself never ran.
+        assert "tool_call" not in kinds and "tool_result" not in kinds and "text" in kinds
         end = terminal(batches)
         assert end.status == "completed" and end.finish_reason == "length"
         info = await rt.get_job(started.job_id, user="alice", include_content=True)

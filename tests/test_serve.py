@@ -162,7 +162,7 @@ def test_settings_precedence(tmp_path: Path) -> None:
     config.write_text("colour = 'blue'\n")
     with pytest.raises(ValueError, match="colour"):
         load_settings(parser.parse_args(["--config", str(config)]), env={})
-    with pytest.raises(ValueError, match="max_jobs"):
+    with pytest.raises(ValueError, match="BACKSTREAM_MAX_JOBS"):
         load_settings(parser.parse_args([]), env={"BACKSTREAM_MAX_JOBS": "many"})
 
 

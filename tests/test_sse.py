@@ -17,6 +17,7 @@ from backstream.protocol.chat_stream import (
     Finished,
     ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     ToolCallDone,
     UsageReport,
 )
@@ -110,8 +111,16 @@ def test_tool_calls_assembled_by_index() -> None:
         {"index": 0, "function": {"arguments": "}"}},
         {"index": 1, "function": {"arguments": '2"}'}},
     ]
+    deltas = []
     for fragment in chunks:
-        assert asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]})) == []
+        deltas += asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]}))
+    # Fragments are reported as they come, each with its call's id and name.
+    assert deltas == [
+        ToolCallDelta(0, "call_a", "clock_now", "{"),
+        ToolCallDelta(1, "call_b", "calculate", '{"expr": "1+'),
+        ToolCallDelta(0, "call_a", "clock_now", "}"),
+        ToolCallDelta(1, "call_b", "calculate", '2"}'),
+    ]
     out = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
     assert out == [
         ToolCallDone(0, "call_a", "clock_now", "{}"),
@@ -203,3 +212,33 @@ def test_truncated_turn_releases_no_tool_calls() -> None:
     asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]}))
     out = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
     assert out == [Finished("length")]
+
+
+def test_tool_call_fragments_before_the_id_come_with_the_first_delta() -> None:
+    asm = ChatStreamAssembler()
+    early = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}}]}))
+    assert early == []  # no id and name yet: nothing to attribute it to
+    named = {"index": 0, "id": "c1", "function": {"name": "calculate", "arguments": ": 1}"}}
+    assert asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [named]}}]})) == [
+        ToolCallDelta(0, "c1", "calculate", '{"a": 1}')
+    ]
+    nameless = {"index": 1, "function": {"arguments": "{}"}}
+    assert asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [nameless]}}]})) == []
+    out = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    assert out[:2] == [ToolCallDone(0, "c1", "calculate", '{"a": 1}'), ToolCallDone(1, "call_1", "", "{}")]
+
+
+def test_argument_fragments_are_reported_as_text_that_encodes() -> None:
+    # A pair split across two fragments is reported joined; the reported fragments add up
+    # to the finished call's arguments.
+    asm = ChatStreamAssembler()
+    out = []
+    first = {"index": 0, "id": "c1", "function": {"name": "f", "arguments": '{"a": "\ud83d'}}
+    second = {"index": 0, "function": {"arguments": '\ude00"}'}}
+    for fragment in (first, second):
+        out += asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]}))
+    out += asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    deltas = "".join(o.arguments_delta for o in out if isinstance(o, ToolCallDelta))
+    done = [o for o in out if isinstance(o, ToolCallDone)]
+    assert deltas == done[0].arguments == '{"a": "\U0001f600"}'
+    deltas.encode("utf-8")

@@ -14,6 +14,11 @@ def _positive(_instance: Any, attribute: attrs.Attribute[Any], value: float) -> 
         raise ValueError(f"Config.{attribute.name} must be positive, not {value!r}")
 
 
+def _positive_or_none(_instance: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"Config.{attribute.name} must be positive, not {value!r}")
+
+
 def _non_negative(_instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value >= 0:
         raise ValueError(f"Config.{attribute.name} must not be negative, not {value!r}")
@@ -54,11 +59,13 @@ class Config:
 
     # The job log and its writes to the store.
     max_output_chars: int = attrs.field(default=1_000_000, validator=_positive)
-    """Characters a job may produce (text, reasoning, tool arguments); past it: ``output_limit``."""
+    """Characters the model may produce (text, reasoning, tool arguments); past it: ``output_limit``.
+    Tool results have a budget of this size of their own (cut, never failing the job)."""
     flush_events: int = attrs.field(default=64, validator=_positive)
-    """A job writes its new log entries to the store once this many are waiting..."""
+    """A job writes its new log entries to the store once this many are waiting (or after flush_ms)."""
     flush_ms: float = attrs.field(default=100.0, validator=_positive)
-    """...or once the oldest waiting entry is this old, and always at its end."""
+    """A job writes its log once the oldest unwritten entry is this old (or at flush_events),
+    and at its end."""
 
     # Watchers.
     batch_ms: float = attrs.field(default=50.0, validator=_non_negative)
@@ -72,9 +79,11 @@ class Config:
     upstream_url: str | None = None
     """Base URL of an OpenAI-compatible API, such as ``https://openrouter.ai/api/v1``."""
     upstream_api_key: str | None = attrs.field(default=None, repr=False)
+    """Sent as ``Authorization: Bearer``; never logged."""
     upstream_headers: dict[str, str] = attrs.field(factory=dict, repr=False)
-    """Extra headers for every upstream request (e.g. OpenRouter's ``HTTP-Referer``)."""
+    """Extra headers for every upstream request, ``NAME: VALUE`` (e.g. OpenRouter's ``HTTP-Referer``)."""
     upstream_connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    """Seconds to connect to the upstream."""
     upstream_idle_timeout: float = attrs.field(default=60.0, validator=_positive)
     """No byte from the upstream for this long ends the job ``failed``/``upstream_timeout``."""
     upstream_max_retries: int = attrs.field(default=3, validator=_non_negative)
@@ -84,12 +93,24 @@ class Config:
     upstream_retry_max_delay: float = attrs.field(default=30.0, validator=_positive)
     """Longest wait between retries, Retry-After included."""
     upstream_max_connections: int = attrs.field(default=1000, validator=_positive)
+    """Connections to the upstream open at once, over all jobs."""
+
+    # Cost control.
+    allowed_models: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Glob patterns of the models a job may name; ``!pattern`` excludes. Built-in models
+    (``backstream/*``) are allowed unless excluded; with no pattern at all, any model is."""
+    max_output_tokens: int | None = attrs.field(default=None, validator=_positive_or_none)
+    """A cap on every upstream request: ``max_tokens``/``max_completion_tokens`` are clamped
+    to it, and ``max_tokens`` is set to it when a request names neither."""
 
     # Server-side tools.
     max_turns: int = attrs.field(default=8, validator=_positive)
     """Model turns a job may take; a model still calling tools after them: ``tool_loop_limit``."""
     max_parallel_tools: int = attrs.field(default=4, validator=_positive)
     """Tool calls of one turn that run at once."""
+    max_tool_threads: int = attrs.field(default=16, validator=_positive)
+    """Threads for sync tools, a pool of their own; a hung tool keeps its thread until it
+    returns, and a call that finds none free before its timeout is an error outcome."""
     approval_timeout: float = attrs.field(default=600.0, validator=_positive)
     """A tool call waiting this long for a person's decision counts as declined."""
 

@@ -33,7 +33,13 @@ from backstream.actors.ports import (
     TurnResult,
 )
 from backstream.protocol.backoff import Backoff
-from backstream.protocol.chat_stream import ModelOutput, ReasoningDelta, TextDelta, ToolCallDone
+from backstream.protocol.chat_stream import (
+    ModelOutput,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+)
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary, TextEvent
 from backstream.protocol.records import JobProgress, JobRecord, job_summary
@@ -233,7 +239,13 @@ class JobActor:
 
         async def run_one(i: int, call: ToolCallDone, item: ToolSpec) -> None:
             async with limiter:
-                outcomes[i] = await self._tools.run(item.name, call.arguments)
+                outcome = await self._tools.run(item.name, call.arguments)
+            if len(outcome.output) > item.max_output_chars:  # a Tools port that did not cut it
+                cut = outcome.output[: item.max_output_chars]
+                outcome = ToolOutcome(
+                    f"{cut}\n[output cut at {item.max_output_chars} characters]", outcome.is_error
+                )
+            outcomes[i] = outcome
 
         async with trio.open_nursery() as nursery:
             for i, call in enumerate(calls):
@@ -308,6 +320,8 @@ class JobActor:
             self.log.append_reasoning(out.text)  # type: ignore[union-attr]
         elif kind is ToolCallDone:
             self.log.append_tool_call(out.call_id, out.name, out.arguments)  # type: ignore[union-attr]
+        elif kind is ToolCallDelta:
+            self.log.append_tool_call_delta(out.call_id, out.name, out.arguments_delta)  # type: ignore[union-attr]
         else:
             return
         self._updated_at = self._clock.now()
@@ -461,7 +475,6 @@ class JobActor:
                 delay = backoff.next_delay()
                 log.warning("job %s: %s: %s; retrying in %.1fs", self.job_id, what, exc, delay)
                 await trio.sleep(delay)
-
 
 class _PendingApproval:
     """A tool call waiting for a person: ``decided`` when a decision arrives, ``applied``

@@ -2,8 +2,12 @@
 
 One job actor owns and appends to each log; watchers, the flusher and
 ``get_job`` read it through cursors and never change it. Reads never block
-writers. Memory is bounded by ``max_output_chars``: every entry holds at least
-one character of output, except the few status and approval entries.
+writers. Memory is bounded by ``max_output_chars`` twice over: the model's output
+(text, reasoning, tool arguments) has one budget of that size and tool results another,
+so a large tool result never ends the answer. Every entry holds at least one character
+of output, except the few status and approval entries. A tool
+call's argument fragments (``tool_call_delta``) and the assembled call count once
+toward the output budget, so they hold at most twice its characters.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from backstream.protocol.events import (
     ReasoningEvent,
     StatusEvent,
     TextEvent,
+    ToolCallDeltaEvent,
     ToolCallEvent,
     ToolCallRecord,
     ToolResultEvent,
@@ -53,9 +58,11 @@ class JobLog:
         self._entries: list[LogEvent] = []
         self._max_output_chars = max_output_chars
         self._output_chars = 0
+        self._tool_output_chars = 0
         self.content_length = 0
         self.terminal: StatusEvent | None = None
         self.status: JobStatus = INITIAL_STATUS
+        self._delta_chars: dict[str, int] = {}  # call_id -> argument characters charged as fragments
         self._readers = trio.lowlevel.ParkingLot()
 
     # -- appending (the owning job actor only) ----------------------------------
@@ -81,11 +88,25 @@ class JobLog:
         if over:
             raise OutputLimitExceeded
 
-    def append_tool_call(self, call_id: str, name: str, arguments: str) -> None:
-        """Append a complete tool call; its arguments count toward the output limit."""
-        if self._output_chars + len(arguments) > self._max_output_chars:
+    def append_tool_call_delta(self, call_id: str, name: str, arguments_delta: str) -> None:
+        """Append a fragment of a call's arguments; it counts toward the output limit."""
+        if self._output_chars + len(arguments_delta) > self._max_output_chars:
             raise OutputLimitExceeded
-        self._output_chars += len(arguments)
+        self._output_chars += len(arguments_delta)
+        self._delta_chars[call_id] = self._delta_chars.get(call_id, 0) + len(arguments_delta)
+        self._append(
+            ToolCallDeltaEvent(
+                seq=self.last_seq + 1, call_id=call_id, name=name, arguments_delta=arguments_delta
+            )
+        )
+
+    def append_tool_call(self, call_id: str, name: str, arguments: str) -> None:
+        """Append a complete tool call; the part of its arguments not already counted as
+        fragments counts toward the output limit."""
+        charge = max(0, len(arguments) - self._delta_chars.pop(call_id, 0))
+        if self._output_chars + charge > self._max_output_chars:
+            raise OutputLimitExceeded
+        self._output_chars += charge
         self._append(ToolCallEvent(seq=self.last_seq + 1, call_id=call_id, name=name, arguments=arguments))
 
     def append_approval_required(self, call_id: str, name: str, arguments: str) -> None:
@@ -97,8 +118,16 @@ class JobLog:
         self._append(ApprovalEvent(seq=self.last_seq + 1, call_id=call_id, approved=approved))
 
     def append_tool_result(self, call_id: str, name: str, output: str, is_error: bool) -> None:
-        """Append a tool's output, cut to what the output limit leaves."""
-        output, _ = self._charge(output)
+        """Append a tool's output, cut to what is left of the tools' own budget
+        (``max_output_chars`` for all of the job's tool results); never raises
+        ``OutputLimitExceeded``: the model reads the cut output and answers."""
+        room = max(self._max_output_chars - self._tool_output_chars, 0)
+        if len(output) > room:
+            output = (
+                output[:room]
+                + f"\n[output cut: the job's tool results reached {self._max_output_chars} characters]"
+            )
+        self._tool_output_chars += min(len(output), room)
         self._append(
             ToolResultEvent(
                 seq=self.last_seq + 1, call_id=call_id, name=name, output=output, is_error=is_error
@@ -200,6 +229,8 @@ def merge_events(entries: Sequence[LogEvent], *, max_events: int, max_chars: int
             chars += len(entry.text)
         elif isinstance(entry, ToolResultEvent):
             chars += len(entry.output)
+        elif isinstance(entry, ToolCallDeltaEvent):
+            chars += len(entry.arguments_delta)
     if pending:
         out.append(TextEvent(seq=pending_seq, text="".join(pending)))
     return tuple(out)

@@ -95,6 +95,11 @@ class ToolSpec(Protocol):
     @property
     def requires_approval(self) -> bool: ...
 
+    @property
+    def max_output_chars(self) -> int:
+        """Characters of output kept of one call; the rest is cut before the log."""
+        ...
+
     def openai_spec(self) -> dict[str, Any]:
         """The OpenAI ``tools`` entry that describes it to a model."""
         ...

@@ -51,6 +51,8 @@ class RegistryStatistics:
     users_running: int
     started_total: int
     finished_total: dict[str, int]
+    endings_total: dict[tuple[str, str], int]
+    """Jobs ended here, by (status, error code); the code is "" for an ending without error."""
     mailbox_waiting: int
     accepting: bool
 
@@ -90,6 +92,7 @@ class Registry:
         self._accepting = True
         self._started_total = 0
         self._finished_total: Counter[str] = Counter()
+        self._endings_total: Counter[tuple[str, str]] = Counter()
 
     # -- the actor ------------------------------------------------------------------
 
@@ -189,7 +192,10 @@ class Registry:
             await actor.run(task_status=task_status)
         finally:
             terminal = actor.log.terminal
-            self._finished_total[terminal.status if terminal else "failed"] += 1
+            status = terminal.status if terminal else "failed"
+            code = (terminal.error.code if terminal.error else "") if terminal else "internal"
+            self._finished_total[status] += 1
+            self._endings_total[status, code] += 1
             user = actor.record.user
             self._running_by_user[user] -= 1
             if self._running_by_user[user] <= 0:
@@ -225,6 +231,7 @@ class Registry:
             users_running=len(self._running_by_user),
             started_total=self._started_total,
             finished_total=finished,
+            endings_total=dict(self._endings_total),
             mailbox_waiting=self._mailbox_send.statistics().current_buffer_used,
             accepting=self._accepting,
         )

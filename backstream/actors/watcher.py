@@ -18,7 +18,7 @@ import trio
 from backstream.actors.joblog import JobLog, merge_events
 from backstream.actors.ports import Store
 from backstream.protocol.errors import BadRequestError, GoneError
-from backstream.protocol.events import Batch, LogEvent, StatusEvent
+from backstream.protocol.events import Batch, LogEvent, StatusEvent, ToolCallDeltaEvent
 from backstream.protocol.lifecycle import is_terminal
 
 __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
@@ -134,6 +134,11 @@ class Watcher:
     ``__anext__`` waits for entries, then for the batch interval; cancelling it
     loses nothing (the cursor moves only when a batch is returned). Ends after
     the batch that holds the terminal status.
+
+    ``tool_call_deltas`` false (the wire protocol's default) leaves out the opt-in
+    ``tool_call_delta`` entries: a batch then ends at its last event, and the fragments
+    it skips are covered by the next batch, which holds the call they belong to.
+    ``merge_text`` false keeps every text entry as it is in the log.
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class Watcher:
         max_batch_events: int,
         max_batch_chars: int,
         ended: bool = False,
+        tool_call_deltas: bool = True,
         merge_text: bool = True,
     ) -> None:
         self.job_id = job_id
@@ -158,6 +164,7 @@ class Watcher:
         self._max_chars = max_batch_chars
         self._next_batch_at = -float("inf")
         self.ended = ended
+        self._tool_call_deltas = tool_call_deltas
         self._merge_text = merge_text
 
     def __aiter__(self) -> Watcher:
@@ -166,17 +173,21 @@ class Watcher:
     async def __anext__(self) -> Batch:
         if self.ended:
             raise StopAsyncIteration
+        read_to = self.cursor  # entries up to here were read and held nothing to send
         while True:
-            await self._source.wait_beyond(self.cursor)
+            await self._source.wait_beyond(read_to)
             # At most one batch per interval: what arrives meanwhile joins this batch.
             if trio.current_time() < self._next_batch_at:
                 await trio.sleep_until(self._next_batch_at)
             events = await self._source.read(
-                self.cursor,
+                read_to,
                 max_events=self._max_events,
                 max_chars=self._max_chars,
                 merge_text=self._merge_text,
             )
+            if events and not self._tool_call_deltas:
+                read_to = events[-1].seq
+                events = tuple(ev for ev in events if not isinstance(ev, ToolCallDeltaEvent))
             if events:
                 break
         self.epoch = self._source.epoch

@@ -1,13 +1,13 @@
 """A sans-IO assembler for OpenAI-compatible chat-completion streams.
 
 It takes the ``data`` of each SSE event (a JSON chunk, or ``[DONE]``) and
-returns what the chunk means for a job: text, reasoning, complete tool calls,
-the finish reason and usage. Tool-call fragments are assembled by ``index``
-(by ``id`` for upstreams that send none) and released, complete and in order,
-when the choice finishes; a turn cut off by ``max_tokens`` (finish reason
-``length``) releases none, since its last call's arguments are cut off too.
-Text goes through ``protocol.text``: surrogate pairs split across chunks are
-joined and lone surrogates become U+FFFD.
+returns what the chunk means for a job: text, reasoning, tool-call argument
+fragments as they come, complete tool calls, the finish reason and usage.
+Tool-call fragments are assembled by ``index`` (by ``id`` for upstreams that
+send none) and released, complete and in order, when the choice finishes; a
+turn cut off by ``max_tokens`` (finish reason ``length``) releases none, since
+its last call's arguments are cut off too. Text goes through ``protocol.text``:
+surrogate pairs split across chunks are joined and lone surrogates become U+FFFD.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "ModelOutput",
     "ReasoningDelta",
     "TextDelta",
+    "ToolCallDelta",
     "ToolCallDone",
     "UsageReport",
 ]
@@ -52,6 +53,18 @@ class ReasoningDelta:
 
 
 @attrs.frozen
+class ToolCallDelta:
+    """Arguments of call ``index`` as they arrive: reported once its id and name are known
+    (fragments before that come in the first delta), so every delta carries the
+    ``call_id`` its ``ToolCallDone`` will have."""
+
+    index: int
+    call_id: str
+    name: str
+    arguments_delta: str
+
+
+@attrs.frozen
 class ToolCallDone:
     index: int
     call_id: str
@@ -69,7 +82,7 @@ class UsageReport:
     usage: dict[str, Any]
 
 
-ModelOutput = TextDelta | ReasoningDelta | ToolCallDone | Finished | UsageReport
+ModelOutput = TextDelta | ReasoningDelta | ToolCallDelta | ToolCallDone | Finished | UsageReport
 
 
 @attrs.define
@@ -77,6 +90,8 @@ class _PartialCall:
     call_id: str = ""
     name: str = ""
     arguments: list[str] = attrs.Factory(list)
+    reported: int = 0  # fragments already reported as ToolCallDelta
+    joiner: SurrogateJoiner = attrs.Factory(SurrogateJoiner)  # for the reported fragments
 
 
 class ChatStreamAssembler:
@@ -152,7 +167,7 @@ class ChatStreamAssembler:
             if not isinstance(tool_calls, list):
                 raise ChatStreamError("upstream_protocol", "'tool_calls' is not a list")
             for fragment in tool_calls:
-                self._tool_fragment(fragment)
+                self._tool_fragment(fragment, out)
         reason = choice.get("finish_reason")
         if reason:
             if reason == "error":
@@ -167,7 +182,7 @@ class ChatStreamAssembler:
             out.extend(self._release_calls())
             out.append(Finished(self.finish_reason))
 
-    def _tool_fragment(self, fragment: Any) -> None:
+    def _tool_fragment(self, fragment: Any, out: list[ModelOutput]) -> None:
         if not isinstance(fragment, dict):
             raise ChatStreamError("upstream_protocol", "a tool-call fragment is not an object")
         index = fragment.get("index")
@@ -198,6 +213,12 @@ class ChatStreamAssembler:
                         f"tool-call arguments exceed {self._max_argument_chars} characters",
                     )
                 call.arguments.append(arguments)
+        if call.call_id and call.name and call.reported < len(call.arguments):
+            delta = call.joiner.take("".join(call.arguments[call.reported :]))
+            call.reported = len(call.arguments)
+            if delta:
+                call_id, name = repair_surrogates(call.call_id), repair_surrogates(call.name)
+                out.append(ToolCallDelta(index, call_id, name, delta))
 
     def _index_without_index(self, call_id: Any) -> int:
         """Some upstreams send no ``index``: a new ``id`` starts a call, and a fragment
@@ -211,7 +232,12 @@ class ChatStreamAssembler:
         return index
 
     def _release_calls(self) -> list[ModelOutput]:
-        done: list[ModelOutput] = [
+        done: list[ModelOutput] = []
+        for index, call in sorted(self._calls.items()):
+            if call.reported and (held := call.joiner.flush()):  # the reported fragments add up
+                call_id, name = repair_surrogates(call.call_id), repair_surrogates(call.name)
+                done.append(ToolCallDelta(index, call_id, name, held))
+        done += [
             ToolCallDone(
                 index=index,
                 call_id=repair_surrogates(call.call_id) or f"call_{index}",

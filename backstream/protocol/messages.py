@@ -104,6 +104,8 @@ class JobStart:
     tools: list[str] = attrs.field(factory=list)
     params: dict[str, Any] = attrs.field(factory=dict)
     watch: bool = False
+    tool_call_deltas: bool = False
+    """With ``watch``: also send ``tool_call_delta`` events."""
 
 
 @attrs.frozen
@@ -113,6 +115,8 @@ class JobWatch:
     job_id: str
     after_seq: int = attrs.field(default=0, validator=_non_negative)
     epoch: int | None = None
+    tool_call_deltas: bool = False
+    """Also send ``tool_call_delta`` events (argument fragments as the model streams them)."""
 
 
 @attrs.frozen
@@ -136,6 +140,7 @@ class JobGet:
     job_id: str
     include_content: bool = False
     offset: int = attrs.field(default=0, validator=_non_negative)
+    tool_calls_offset: int = attrs.field(default=0, validator=_non_negative)
 
 
 @attrs.frozen
@@ -238,6 +243,8 @@ class Welcome:
     server: ServerInfo
     features: dict[str, Any]
     limits: dict[str, Any]
+    models: list[str] | None = None
+    """Glob patterns of the models ``job.start`` may name on this server."""
 
 
 @attrs.frozen
@@ -277,6 +284,10 @@ class JobInfoMessage:
     job: JobSummary
     content: str | None = None
     tool_calls: list[ToolCallRecord] = attrs.field(factory=list)
+    next_offset: int | None = None
+    """Present when ``content`` was cut to fit the frame: ask again from this offset."""
+    next_tool_calls_offset: int | None = None
+    """Present when more tool calls follow: ask again with this ``tool_calls_offset``."""
 
 
 @attrs.frozen

@@ -9,6 +9,7 @@ async with backstream.open_runtime(backstream.Config()) as rt:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -207,9 +208,36 @@ class Runtime:
                 record = await self._record(job_id, user)
         return self._summary(await self._record(job_id, user))
 
+    def model_allowed(self, model: str) -> bool:
+        """Whether ``config.allowed_models`` lets a job name ``model``: not excluded by a
+        ``!pattern``, and built in, or matching a pattern (any model when there is none)."""
+        patterns = self.config.allowed_models
+        if any(p.startswith("!") and fnmatch.fnmatchcase(model, p[1:]) for p in patterns):
+            return False
+        if model.startswith(BUILTIN_PREFIX) or model in self._models:
+            return True
+        allowing = [p for p in patterns if not p.startswith("!")]
+        return not allowing or any(fnmatch.fnmatchcase(model, p) for p in allowing)
+
+    def allowed_models(self) -> list[str]:
+        """What a client may name, as glob patterns: the built-in and embedded models not
+        excluded, then ``config.allowed_models`` (``*`` for any model with an upstream and no
+        pattern)."""
+        fixed = [m for m in sorted({*BUILTIN_MODELS, *self._models}) if self.model_allowed(m)]
+        allowing = [p for p in self.config.allowed_models if not p.startswith("!")]
+        if not allowing and self._upstream is not None:
+            allowing = ["*"]
+        return fixed + allowing
+
     def resolve_model(self, request: JobRequest) -> Model:
         """The model that serves ``request``: one given to ``open_runtime``, a built-in,
-        or the upstream. Raises ``BadRequestError``."""
+        or the upstream. Raises ``BadRequestError``, also for a model that
+        ``config.allowed_models`` does not allow."""
+        if not self.model_allowed(request.model):
+            allowed = ", ".join(self.allowed_models()) or "none"
+            raise BadRequestError(
+                f"model {request.model!r} is not allowed on this server (allowed: {allowed})"
+            )
         model = self._models.get(request.model)
         if model is not None:
             return model
@@ -236,11 +264,14 @@ class Runtime:
         after_seq: int = 0,
         epoch: int | None = None,
         max_batch_chars: int | None = None,
+        tool_call_deltas: bool = True,
         merge_text: bool = True,
     ) -> AsyncIterator[Watcher]:
         """Watch a job from ``after_seq``: an async iterator of batches that ends after the
-        terminal status. With ``merge_text=False`` every log entry comes as stored (one text
-        event per ``seq``), so what a batch holds does not depend on how reads were grouped.
+        terminal status. ``tool_call_deltas=False`` leaves out the ``tool_call_delta``
+        entries (as the wire protocol does for watches that do not ask for them). With
+        ``merge_text=False`` every log entry comes as stored (one text event per ``seq``), so
+        what a batch holds does not depend on how reads were grouped.
 
         Raises ``NotFoundError``; ``GoneError`` when ``epoch`` differs from the log's;
         ``BadRequestError`` for a cursor beyond the end of a finished job.
@@ -273,6 +304,7 @@ class Runtime:
             max_batch_events=self.config.max_batch_events,
             max_batch_chars=min(self.config.max_batch_chars, max_batch_chars or self.config.max_batch_chars),
             ended=finished and after_seq == last_seq,
+            tool_call_deltas=tool_call_deltas,
             merge_text=merge_text,
         )
         watch_id = new_id("w_", self._clock.now())

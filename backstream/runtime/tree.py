@@ -75,7 +75,8 @@ async def open_runtime(
             await root.start(jobs.run)
             await root.start(system.run)
             upstream = UpstreamClient(config, http) if http is not None else None
-            tools = tools if tools is not None else ToolRegistry.with_builtins()
+            if tools is None:
+                tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
             runtime = await _start_system(
                 config, store, clock, notifier, jobs, system, models or {}, upstream, tools
             )

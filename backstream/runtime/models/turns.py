@@ -11,6 +11,7 @@ from backstream.protocol.chat_stream import (
     ModelOutput,
     ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     ToolCallDone,
 )
 from backstream.protocol.events import ErrorInfo
@@ -47,7 +48,7 @@ class TurnCollector:
         sink = self._sink
         for out in outputs:
             kind = type(out)
-            if kind is TextDelta or kind is ReasoningDelta:
+            if kind is TextDelta or kind is ReasoningDelta or kind is ToolCallDelta:
                 self.produced = True
             elif kind is ToolCallDone:
                 self.produced = True

@@ -151,6 +151,14 @@ class UpstreamClient:
         )
         if turn.tools:
             body["tools"] = list(turn.tools)
+        cap = self._config.max_output_tokens
+        if cap is not None:  # the operator's cost cap, whatever the client asked
+            named = [key for key in ("max_tokens", "max_completion_tokens") if key in body]
+            for key in named:
+                asked = body[key]
+                body[key] = min(asked, cap) if isinstance(asked, int) and not isinstance(asked, bool) else cap
+            if not named:
+                body["max_tokens"] = cap
         return body
 
     async def _attempt(self, body: bytes, collector: TurnCollector, started: float) -> None:

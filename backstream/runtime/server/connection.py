@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +25,16 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.actors.clock import format_time
-from backstream.protocol.codec import ProtocolError, decode_client, encode, error_message
+from backstream.protocol.codec import (
+    ProtocolError,
+    decode_client,
+    encode,
+    error_message,
+    peek_request_id,
+)
 from backstream.protocol.errors import (
     BackstreamError,
     BadRequestError,
-    TooLargeError,
     UnauthorizedError,
 )
 from backstream.protocol.messages import (
@@ -42,7 +46,6 @@ from backstream.protocol.messages import (
     JobApprove,
     JobApproveResult,
     JobGet,
-    JobInfoMessage,
     JobList,
     JobListResult,
     JobStart,
@@ -69,6 +72,9 @@ from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.frames import FrameCache
+from backstream.runtime.server.paging import job_info_page
+from backstream.runtime.server.peer import Close as _Close
+from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
 from backstream.runtime.server.socket_gate import SocketGate
 
 __all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
@@ -106,13 +112,6 @@ class ConnectionStats:
     closed_slow: int = 0
     requests: int = 0
     errors_sent: int = 0
-
-
-class _Close(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 @attrs.define
@@ -158,8 +157,7 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._session_scope = trio.CancelScope()
         self._close_request: _Close | None = None
-        self._tokens = float(limits.rate_burst)
-        self._tokens_at = trio.current_time()
+        self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
         self._strikes = 0
 
     # -- lifecycle ------------------------------------------------------------------
@@ -254,6 +252,7 @@ class Connection:
                     if float(config.batch_ms).is_integer()
                     else config.batch_ms,
                 },
+                models=self._runtime.allowed_models(),
             )
         )
         log.info(
@@ -265,15 +264,7 @@ class Connection:
         return identity
 
     async def _keepalive(self) -> None:
-        while True:
-            await trio.sleep(self._limits.ping_interval)
-            with trio.move_on_after(self._limits.idle_timeout) as waited:
-                try:
-                    await self._ws.ping()
-                except ConnectionClosed:
-                    return  # the client left meanwhile: the reader ends the session
-            if waited.cancelled_caught:
-                self.close_soon(1000, "no pong within the idle timeout")
+        await keep_alive(self._ws, self._limits.ping_interval, self._limits.idle_timeout, self.close_soon)
 
     async def _push_notifications(self) -> None:
         with self._runtime.subscribe_notifications(self.user) as pushes:
@@ -287,8 +278,7 @@ class Connection:
                     return
 
     async def _expire(self, expires_at: float) -> None:
-        await trio.sleep(max(0.0, expires_at - time.time()))
-        self.close_soon(4401, "session expired")
+        await close_at(expires_at, self.close_soon)
 
     # -- requests -------------------------------------------------------------------
 
@@ -296,25 +286,19 @@ class Connection:
         while True:
             raw = await self._ws.get_message()
             self._stats.requests += 1
+            # Charged before decoding: a flood of frames costs no more than the bucket allows.
+            if not self._take_token():
+                await self._refuse(peek_request_id(raw), "rate_limited", "too many requests; slow down")
+                continue
             try:
                 message = decode_client(raw)
             except ProtocolError as exc:
                 await self._refuse(exc.request_id, exc.code, exc.message)
                 continue
-            if not self._take_token():
-                await self._refuse(message.id, "rate_limited", "too many requests; slow down")
-                continue
             await self._handle(message)
 
     def _take_token(self) -> bool:
-        now = trio.current_time()
-        rate, burst = self._limits.rate_per_s, self._limits.rate_burst
-        self._tokens = min(float(burst), self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        return self._bucket.take()
 
     async def _refuse(self, request_id: str | None, code: str, message: str) -> None:
         self._strikes += 1
@@ -359,22 +343,30 @@ class Connection:
         )
         reply = JobStarted(id=message.id, job=started.job, existing=started.existing)
         if message.watch:
-            await self._start_watch(started.job_id, 0, None, reply)
+            await self._start_watch(started.job_id, 0, None, reply, deltas=message.tool_call_deltas)
         else:
             await self._reply(reply)
 
     async def _on_watch(self, message: JobWatch) -> None:
-        await self._start_watch(message.job_id, message.after_seq, message.epoch, None, message.id)
+        m = message
+        await self._start_watch(m.job_id, m.after_seq, m.epoch, None, m.id, deltas=m.tool_call_deltas)
 
     async def _start_watch(
-        self, job_id: str, after_seq: int, epoch: int | None, reply: JobStarted | None, request_id: str = ""
+        self,
+        job_id: str,
+        after_seq: int,
+        epoch: int | None,
+        reply: JobStarted | None,
+        request_id: str = "",
+        *,
+        deltas: bool = False,
     ) -> None:
         await self._stop_watch(job_id)  # watching again restarts from the new cursor
         if len(self._watches) >= self._limits.max_watches:
             raise BadRequestError(f"at most {self._limits.max_watches} watches per connection")
         assert self._nursery is not None
         watch = _Watch(scope=trio.CancelScope())
-        summary = await self._nursery.start(self._run_watch, job_id, after_seq, epoch, watch)
+        summary = await self._nursery.start(self._run_watch, job_id, after_seq, epoch, deltas, watch)
         self._watches[job_id] = watch
         try:
             await self._reply(reply if reply is not None else JobWatching(id=request_id, job=summary))
@@ -386,6 +378,7 @@ class Connection:
         job_id: str,
         after_seq: int,
         epoch: int | None,
+        deltas: bool,
         watch: _Watch,
         *,
         task_status: trio.TaskStatus[Any],
@@ -395,7 +388,12 @@ class Connection:
                 # Frames small enough to fit beside what a slow client left unread (see _client_keeps_up).
                 frame_chars = max(1024, self._limits.max_unsent_bytes // 4)
                 async with self._runtime.watch(
-                    job_id, user=self.user, after_seq=after_seq, epoch=epoch, max_batch_chars=frame_chars
+                    job_id,
+                    user=self.user,
+                    after_seq=after_seq,
+                    epoch=epoch,
+                    max_batch_chars=frame_chars,
+                    tool_call_deltas=deltas,
                 ) as batches:
                     info = await self._runtime.get_job(job_id, user=self.user)
                     task_status.started(info.job)
@@ -436,17 +434,14 @@ class Connection:
         info = await self._runtime.get_job(
             message.job_id, user=self.user, include_content=message.include_content, offset=message.offset
         )
-        reply = encode(
-            JobInfoMessage(
-                id=message.id, job=info.job, content=info.content, tool_calls=list(info.tool_calls)
-            )
+        page = job_info_page(
+            message.id,
+            info,
+            offset=message.offset,
+            tool_calls_offset=message.tool_calls_offset,
+            max_bytes=self._limits.max_message_bytes,
         )
-        if len(reply.encode()) > self._limits.max_message_bytes:
-            raise TooLargeError(
-                f"the reply would exceed {self._limits.max_message_bytes} bytes; "
-                "fetch the content in pieces with offset"
-            )
-        await self._send(reply)
+        await self._reply(page)
 
     async def _on_list(self, message: JobList) -> None:
         jobs = await self._runtime.list_jobs(
@@ -518,7 +513,8 @@ class Connection:
             )
             raise _Close(4429, "too slow")
         self._stats.frames_sent += 1
-        self._stats.bytes_sent += len(text)
+        # UTF-8 bytes; str.isascii() is O(1) in CPython, so ASCII frames are not encoded twice.
+        self._stats.bytes_sent += len(text) if text.isascii() else len(text.encode())
 
     async def _wait_drained(self) -> None:
         """Wait while the client is behind; close it 4429 if that lasts ``slow_client_timeout``."""

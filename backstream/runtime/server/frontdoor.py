@@ -1,8 +1,10 @@
-"""The WebSocket front door: accepts clients at ``/v1`` and runs a connection actor for each.
+"""The WebSocket front door: accepts clients at ``/v1`` (and the AI SDK's at ``/v1/ai-sdk``)
+and runs a connection actor for each.
 
 A thin I/O shell: the handshake checks (path, Origin, an optional
-``Authorization: Bearer`` header) happen here, everything after in
-``actors.connection``.
+``Authorization: Bearer`` header; for ``/v1/ai-sdk`` also a ``token`` query
+parameter or the configured cookie) happen here, everything after in
+``server.connection`` and ``server.ai_sdk``.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ import itertools
 import logging
 import socket as stdlib_socket
 import ssl
-import weakref
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
+from urllib.parse import parse_qs
 
 import attrs
 import trio
-from trio_websocket import Endpoint, WebSocketRequest, WebSocketServer
+from trio_websocket import Endpoint, WebSocketRequest
 
 from backstream.protocol.errors import UnauthorizedError
 from backstream.runtime.api import Runtime
+from backstream.runtime.server.ai_sdk import AiSdkConnection
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.connection import Connection, ConnectionLimits, ConnectionStats
+from backstream.runtime.server.listeners import PeerStreams, TrackedListener
+from backstream.runtime.server.websocket import FailingWebSocketServer
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
 
@@ -34,6 +40,12 @@ class FrontDoorConfig:
     host: str = "127.0.0.1"
     port: int = 8765
     path: str = "/v1"
+    ai_sdk_path: str = "/v1/ai-sdk"
+    """Where the Vercel AI SDK's ``WebSocketChatTransport`` connects."""
+    auth_cookie: str | None = None
+    """A cookie whose value is a token, for browsers on ``ai_sdk_path`` (besides ``?token=``)."""
+    default_model: str = "backstream/echo"
+    """The model of an AI SDK request whose body names none."""
     allow_origins: tuple[str, ...] = ()
     """Exact Origin values browsers may connect from; empty allows any. No Origin header
     (a non-browser client) is always allowed."""
@@ -43,25 +55,6 @@ class FrontDoorConfig:
     handshake_timeout: float = 10.0
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False)
     reuse_port: bool = False
-
-
-class _TrackedListener(trio.abc.Listener[trio.SocketStream]):
-    """A TCP listener that remembers each accepted stream by its peer address, so a
-    connection can read its socket's unsent-byte count."""
-
-    def __init__(self, inner: trio.SocketListener, streams: weakref.WeakValueDictionary[Any, Any]) -> None:
-        self._inner = inner
-        self._streams = streams
-        self.socket = inner.socket
-
-    async def accept(self) -> trio.SocketStream:
-        stream = await self._inner.accept()
-        with contextlib.suppress(OSError):  # the peer left already; the handshake will fail
-            self._streams[stream.socket.getpeername()[:2]] = stream
-        return stream
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 @attrs.frozen
@@ -97,8 +90,8 @@ class FrontDoor:
         }
         self._version = version
         self._counters = ConnectionStats()
-        self.connections: set[Connection] = set()
-        self._streams: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
+        self.connections: set[Connection | AiSdkConnection] = set()
+        self._streams = PeerStreams()
         self._ids = itertools.count(1)
         self._listen_scope = trio.CancelScope()
         self._idle = trio.Event()
@@ -124,14 +117,14 @@ class FrontDoor:
         """
         listeners = await self._open_listeners()
         self.port = listeners[0].socket.getsockname()[1]
-        tracked: list[Any] = [_TrackedListener(listener, self._streams) for listener in listeners]
+        tracked: list[Any] = [TrackedListener(listener, self._streams) for listener in listeners]
         if self.config.ssl_context is not None:
             tracked = [
                 trio.SSLListener(listener, self.config.ssl_context, https_compatible=True)
                 for listener in tracked
             ]
         async with trio.open_nursery() as handlers:
-            server = WebSocketServer(
+            server = FailingWebSocketServer(
                 self._handle,
                 tracked,
                 handler_nursery=handlers,
@@ -173,8 +166,8 @@ class FrontDoor:
         await self._idle.wait()
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        path = request.path.split("?", 1)[0]
-        if path != self.config.path:
+        path, _, query = request.path.partition("?")
+        if path not in (self.config.path, self.config.ai_sdk_path):
             await request.reject(404, body=b"not found")
             return
         headers = {name.lower(): value for name, value in request.headers}
@@ -190,26 +183,45 @@ class FrontDoor:
                 header_identity = self._auth.authenticate(authorization[7:].strip())
             except UnauthorizedError:
                 header_identity = None  # hello without a token will be refused
+        if path == self.config.ai_sdk_path:
+            # Browsers cannot send headers here: the token comes in the URL or a cookie.
+            identity = self._browser_identity(query, headers) or header_identity
+            if identity is None:
+                await request.reject(401, body=b"a valid token is required (?token= or the auth cookie)")
+                return
         ws = await request.accept()
         remote = request.remote
         stream = (
-            self._streams.pop((str(remote.address), remote.port), None)
+            self._streams.pop((remote.address, remote.port))
             if isinstance(remote, Endpoint)
             else None
         )
         conn_id = f"c{next(self._ids)}"
-        connection = Connection(
-            ws,
-            self._runtime,
-            self._auth,
-            self.config.limits,
-            self._counters,
-            conn_id=conn_id,
-            sock=stream.socket if stream is not None else None,
-            header_identity=header_identity,
-            features=self._features,
-            server_version=self._version,
-        )
+        connection: Connection | AiSdkConnection
+        if path == self.config.ai_sdk_path:
+            assert identity is not None
+            connection = AiSdkConnection(
+                ws,
+                self._runtime,
+                identity,
+                self.config.limits,
+                self._counters,
+                conn_id=conn_id,
+                default_model=self.config.default_model,
+            )
+        else:
+            connection = Connection(
+                ws,
+                self._runtime,
+                self._auth,
+                self.config.limits,
+                self._counters,
+                conn_id=conn_id,
+                sock=stream.socket if stream is not None else None,
+                header_identity=header_identity,
+                features=self._features,
+                server_version=self._version,
+            )
         self.connections.add(connection)
         self._idle = trio.Event() if len(self.connections) == 1 else self._idle
         try:
@@ -220,3 +232,20 @@ class FrontDoor:
             self.connections.discard(connection)
             if not self.connections:
                 self._idle.set()
+
+    def _browser_identity(self, query: str, headers: dict[bytes, bytes]) -> Identity | None:
+        """The user of a ``token`` query parameter, else of the auth cookie; None if neither
+        is given or valid."""
+        tokens = parse_qs(query).get("token", [])
+        cookie_name = self.config.auth_cookie
+        if cookie_name and b"cookie" in headers:
+            with contextlib.suppress(CookieError):
+                morsel = SimpleCookie(headers[b"cookie"].decode("latin-1")).get(cookie_name)
+                if morsel is not None:
+                    tokens.append(morsel.value)
+        for token in tokens:
+            try:
+                return self._auth.authenticate(token)
+            except UnauthorizedError:
+                continue
+        return None

@@ -9,10 +9,8 @@ write fail at once (``http_app.StreamSocket``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket as stdlib_socket
-import weakref
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -23,6 +21,8 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
+
+from backstream.runtime.server.listeners import PeerStreams, TrackedListener
 
 __all__ = ["HttpServer", "HttpServerConfig"]
 
@@ -44,24 +44,6 @@ class HttpServerConfig:
     socket_send_buffer: int = 256 * 1024
 
 
-class _TrackedListener(trio.abc.Listener[trio.SocketStream]):
-    """Remembers each accepted stream's socket by its peer address (what ASGI's ``client`` is)."""
-
-    def __init__(self, inner: trio.SocketListener, sockets: weakref.WeakValueDictionary[Any, Any]) -> None:
-        self._inner = inner
-        self._sockets = sockets
-        self.socket = inner.socket
-
-    async def accept(self) -> trio.SocketStream:
-        stream = await self._inner.accept()
-        with contextlib.suppress(OSError):  # the peer left already
-            self._sockets[tuple(stream.socket.getpeername()[:2])] = stream.socket
-        return stream
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 class HttpServer:
     """Start with ``await nursery.start(server.run)`` (reports the bound port); ``stop_accepting``
     closes the listener, lets running requests finish within ``graceful_timeout``, and ``run``
@@ -70,15 +52,15 @@ class HttpServer:
     def __init__(self, app: ASGIApp, config: HttpServerConfig) -> None:
         self.config = config
         self._app = app
-        self._sockets: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
+        self._streams = PeerStreams()
         self._stop = trio.Event()
         self._closed = trio.Event()
         self.port = 0
 
     def socket_of(self, scope: dict[str, Any]) -> trio.socket.SocketType | None:
         """The socket an ASGI request came in on (None if it is gone)."""
-        client = scope.get("client")
-        return self._sockets.get(tuple(client)) if client else None
+        stream = self._streams.get(scope.get("client"))
+        return stream.socket if stream is not None else None
 
     def stop_accepting(self) -> None:
         self._stop.set()
@@ -95,14 +77,14 @@ class HttpServer:
         Cancellation: the listener closes and every connection ends at once."""
         listener = await self._open_listener()
         self.port = listener.socket.getsockname()[1]
-        tracked = _TrackedListener(listener, self._sockets)
+        tracked = TrackedListener(listener, self._streams)
         try:
             await self._serve(listener, tracked, task_status)
         finally:
             self._closed.set()
 
     async def _serve(
-        self, listener: trio.SocketListener, tracked: _TrackedListener, task_status: trio.TaskStatus[int]
+        self, listener: trio.SocketListener, tracked: TrackedListener, task_status: trio.TaskStatus[int]
     ) -> None:
         hyper = HypercornConfig()
         hyper.keep_alive_timeout = self.config.keep_alive_timeout

@@ -31,7 +31,39 @@ class _BackstreamCollector(Collector):
         for status, count in sorted(stats.jobs.finished_total.items()):
             finished.add_metric([status], count)
         yield finished
+        endings = CounterMetricFamily(
+            "backstream_job_endings",
+            "Jobs that ended in this process, by status and error code (empty: no error)",
+            labels=["status", "error_code"],
+        )
+        for (status, code), count in sorted(stats.jobs.endings_total.items()):
+            endings.add_metric([status, code], count)
+        yield endings
         yield CounterMetricFamily("backstream_jobs_started", "Jobs started", stats.jobs.started_total)
+        threads = self._runtime.tools.statistics()
+        yield GaugeMetricFamily(
+            "backstream_tool_threads_busy",
+            "Threads running sync tools, abandoned ones included",
+            threads.busy,
+        )
+        yield GaugeMetricFamily(
+            "backstream_tool_threads_abandoned",
+            "Threads still running a sync tool call that timed out or was cancelled",
+            threads.abandoned,
+        )
+        yield GaugeMetricFamily(
+            "backstream_tool_threads_max", "Size of the sync tools' pool", threads.max_threads
+        )
+        yield CounterMetricFamily(
+            "backstream_tool_calls_abandoned",
+            "Sync tool calls abandoned on their thread",
+            threads.abandoned_total,
+        )
+        yield CounterMetricFamily(
+            "backstream_tool_calls_starved",
+            "Sync tool calls that found no free thread before their timeout",
+            threads.starved_total,
+        )
         yield GaugeMetricFamily("backstream_watchers", "Watches open in this process", stats.watchers)
         yield from self._upstream()
         yield from self._http_side()
@@ -41,7 +73,7 @@ class _BackstreamCollector(Collector):
             yield GaugeMetricFamily("backstream_connections", "Open WebSocket connections", s.connections)
             yield CounterMetricFamily("backstream_batches_sent", "job.events batches sent", s.batches_sent)
             yield CounterMetricFamily("backstream_frames_sent", "WebSocket frames sent", s.frames_sent)
-            yield CounterMetricFamily("backstream_bytes_sent", "Characters of frames sent", s.bytes_sent)
+            yield CounterMetricFamily("backstream_bytes_sent", "Bytes (UTF-8) of frames sent", s.bytes_sent)
             yield CounterMetricFamily("backstream_requests", "Client requests received", s.requests)
             yield CounterMetricFamily("backstream_errors_sent", "Protocol errors sent", s.errors_sent)
             yield CounterMetricFamily(

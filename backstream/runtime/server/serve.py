@@ -15,6 +15,7 @@ import signal
 import ssl
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 
 import attrs
@@ -35,7 +36,7 @@ from backstream.runtime.server.http_app import HttpApp, HttpLimits, StaticRoute
 from backstream.runtime.server.http_server import HttpServer, HttpServerConfig
 from backstream.runtime.server.metrics import metrics_text
 from backstream.runtime.server.responses_http import ResponsesApi
-from backstream.runtime.server.settings import ServeSettings
+from backstream.runtime.server.settings import ServeSettings, runtime_config
 from backstream.runtime.stores.memory import MemoryStore
 from backstream.runtime.tools.registry import ToolRegistry
 from backstream.runtime.tree import open_runtime
@@ -76,22 +77,6 @@ def make_authenticator(settings: ServeSettings) -> tuple[Authenticator, str | No
     return StaticTokens({dev_token: "dev"}), dev_token
 
 
-def runtime_config(settings: ServeSettings) -> Config:
-    return Config(
-        max_jobs=settings.max_jobs,
-        max_jobs_per_user=settings.max_jobs_per_user,
-        job_timeout=settings.job_timeout,
-        retention=settings.retention,
-        batch_ms=settings.batch_ms,
-        drain_timeout=settings.drain_timeout,
-        lease_ttl=settings.lease_ttl,
-        lease_renew_interval=settings.lease_renew_interval,
-        flush_ms=settings.flush_ms,
-        upstream_url=settings.upstream_url,
-        upstream_api_key=settings.upstream_api_key,
-    )
-
-
 def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
     from backstream.runtime.server.connection import ConnectionLimits
 
@@ -103,12 +88,67 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         host=settings.host,
         port=settings.port,
         allow_origins=tuple(settings.allow_origin),
+        auth_cookie=settings.auth_cookie,
+        default_model=settings.default_model,
         reuse_port=bool(settings.reuse_port),
         limits=ConnectionLimits(
             hello_timeout=settings.hello_timeout, max_message_bytes=settings.max_message_bytes
         ),
         ssl_context=context,
     )
+
+
+def load_tools(settings: ServeSettings, config: Config) -> ToolRegistry:
+    """The built-in tools, ``--tools`` and the entry points. Raises ``ValueError`` naming
+    the one that does not load."""
+    tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
+    for path in settings.tools:
+        try:
+            tools.load(path)
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
+            raise ValueError(f"--tools {path}: {type(exc).__name__}: {exc}") from None
+    try:
+        tools.load_entry_points()
+    except Exception as exc:  # a third-party package's import failing
+        raise ValueError(
+            f"tools of the entry-point group backstream.tools: {type(exc).__name__}: {exc}"
+        ) from None
+    return tools
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def startup_lines(
+    settings: ServeSettings,
+    models: list[str],
+    tool_names: list[str],
+    http_port: int | None,
+    metrics_port: int | None = None,
+) -> list[str]:
+    """What an operator needs to know once the server listens (never a secret)."""
+    status = "/healthz, /readyz, /metrics"
+    http = "off"
+    if http_port is not None:
+        served = "/v1/responses" if metrics_port is not None else f"/v1/responses, {status}"
+        http = f"http://{settings.host}:{http_port} ({served})"
+    if metrics_port is not None:
+        http += f"; metrics: http://{settings.host}:{metrics_port} ({status})"
+    upstream = redact_url(settings.upstream_url) if settings.upstream_url else "none (built-in models only)"
+    cap = settings.max_output_tokens
+    return [
+        f"HTTP: {http}",
+        f"store: {redact_url(settings.store)}",
+        f"upstream: {upstream}; output tokens per request: {cap if cap is not None else 'no cap'}",
+        f"models allowed: {', '.join(models) or 'none'}",
+        f"tools: {', '.join(tool_names) or 'none'}",
+    ]
 
 
 @attrs.define
@@ -131,31 +171,34 @@ async def serve(
     task_status: trio.TaskStatus[ServeHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGINT/SIGTERM (or ``handle.shutdown`` is set), then shut down gracefully."""
-    announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
+    announce = announce or (lambda line: log.warning("%s", line))
     authenticator, dev_token = make_authenticator(settings)
     config = runtime_config(settings)
     store = store or make_store(settings.store)
     shutdown = trio.Event()
-    tools = ToolRegistry.with_builtins()
-    for path in settings.tools:
-        tools.load(path)
-    tools.load_entry_points()
+    tools = load_tools(settings, config)
     async with open_runtime(config, store=store, tools=tools) as runtime, trio.open_nursery() as nursery:
         from backstream.protocol.version import VERSION
 
+        if handle_signals:  # before anything listens: a signal from then on shuts down cleanly
+            await nursery.start(_wait_for_signal, shutdown)
         door = FrontDoor(runtime, authenticator, front_door_config(settings), version=VERSION)
         await nursery.start(door.run)
         http = _HttpListeners(runtime, door, authenticator, settings)
         http_port, metrics_port = await http.start(nursery)
         scheme = "wss" if settings.tls_cert else "ws"
-        announce(f"backstream {VERSION} listening on {scheme}://{settings.host}:{door.port}/v1")
+        log.info("backstream %s listening on %s://%s:%d/v1", VERSION, scheme, settings.host, door.port)
+        log.info("Vercel AI SDK endpoint: %s://%s:%d/v1/ai-sdk", scheme, settings.host, door.port)
+        models, names = runtime.allowed_models(), tools.names()
+        for line in startup_lines(settings, models, names, http_port, metrics_port):
+            log.info("%s", line)
+        if config.upstream_url and not config.allowed_models:
+            log.warning("any model may be named and is paid for: restrict them with --allow-model")
         if dev_token is not None:
             announce(f"no auth configured: connect as user 'dev' with token {dev_token}")
         if http_port is not None:
-            announce(f"Responses API on http://{settings.host}:{http_port}/v1/responses")
+            log.info("Responses API on http://%s:%d/v1/responses", settings.host, http_port)
         task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown, metrics_port))
-        if handle_signals:
-            nursery.start_soon(_wait_for_signal, shutdown)
         await shutdown.wait()
         log.info("shutting down: closing clients, draining jobs for up to %gs", config.drain_timeout)
         door.stop_accepting()
@@ -257,8 +300,11 @@ class _HttpListeners:
             await server.wait_closed()
 
 
-async def _wait_for_signal(shutdown: trio.Event) -> None:
+async def _wait_for_signal(
+    shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("received %s", signal.Signals(signum).name)
             shutdown.set()

@@ -1,33 +1,71 @@
 """Settings of ``backstream serve``: flags over ``BACKSTREAM_*`` environment variables over a
-TOML file over defaults."""
+TOML file over defaults.
+
+One table, ``OPTIONS``: the server's own settings, then one option per field of the
+runtime's ``Config``, derived from its attrs fields (type, default, docstring), so a new
+``Config`` field is a flag, a variable and a TOML key with no more code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import itertools
 import os
 import pathlib
+import textwrap
 import tomllib
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
-__all__ = ["OPTIONS", "Option", "ServeSettings", "add_serve_arguments", "load_settings"]
+from backstream.actors.config import Config
+
+__all__ = ["OPTIONS", "Option", "ServeSettings", "add_serve_arguments", "load_settings", "runtime_config"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @attrs.frozen
 class Option:
-    name: str  # attribute; flag --name-with-dashes; env BACKSTREAM_NAME; TOML key name
+    name: str
+    """The setting: attribute of ``ServeSettings``, TOML key, flag ``--name-with-dashes``."""
     kind: Callable[[str], Any]
     default: Any
     help: str
     repeatable: bool = False
     flag: bool = True  # secrets come from the environment or the file only
+    env: str = ""
+    """The environment variable; ``BACKSTREAM_NAME`` unless given."""
+    config_field: str | None = None
+    """The ``Config`` field it sets, if any."""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def env_name(self) -> str:
+        return self.env or "BACKSTREAM_" + self.name.upper()
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
-OPTIONS: tuple[Option, ...] = (
+def _header(text: str) -> tuple[str, str]:
+    """``Name: value`` or ``Name=value``."""
+    for separator in (":", "="):
+        name, found, value = text.partition(separator)
+        if found and name.strip():
+            return name.strip(), value.strip()
+    raise ValueError(f"{text!r} is not NAME: VALUE")
+
+
+_SERVER_OPTIONS: tuple[Option, ...] = (
     Option("host", str, "127.0.0.1", "interface to listen on"),
-    Option("port", int, 8765, "WebSocket port (path /v1)"),
+    Option("port", int, 8765, "WebSocket port (paths /v1 and /v1/ai-sdk)"),
     Option(
         "http_port",
         int,
@@ -42,36 +80,102 @@ OPTIONS: tuple[Option, ...] = (
         "sqlite:///./backstream.db",
         "where jobs live: memory, sqlite:///PATH, redis://HOST:PORT/DB, redis+cluster://HOST:PORT",
     ),
-    Option("upstream_url", str, None, "OpenAI-compatible base URL, e.g. https://openrouter.ai/api/v1"),
-    Option("upstream_api_key", str, None, "upstream API key", flag=False),
     Option(
-        "token", str, (), "TOKEN=USER, repeatable; env BACKSTREAM_TOKENS=tokA=alice,tokB=bob", repeatable=True
+        "token",
+        str,
+        (),
+        "TOKEN=USER",
+        repeatable=True,
+        env="BACKSTREAM_TOKENS",
     ),
     Option("tokens_file", str, None, "a file of TOKEN=USER lines"),
-    Option("tools", str, (), "tools to register, package.module:attribute, repeatable", repeatable=True),
     Option("jwt_secret", str, None, "HS256 secret for JWTs (sub = user)", flag=False),
-    Option("max_jobs", int, 100, "jobs running at once"),
-    Option("max_jobs_per_user", int, 8, "jobs one user may run at once"),
-    Option("job_timeout", float, 300.0, "seconds a job may run"),
-    Option("retention", float, 900.0, "seconds a finished job is kept"),
-    Option("batch_ms", float, 50.0, "at most one batch per watcher per this many ms"),
-    Option("drain_timeout", float, 10.0, "on shutdown, seconds running jobs get to finish"),
-    Option("lease_ttl", float, 15.0, "seconds after which a silent instance's jobs are recovered"),
-    Option("lease_renew_interval", float, 5.0, "how often leases are renewed and orphans looked for"),
-    Option("flush_ms", float, 100.0, "a job writes its log at least this often"),
+    Option("tools", str, (), "tools to register, package.module:attribute", repeatable=True),
     Option(
-        "allow_origin", str, (), "an Origin browsers may connect from (exact), repeatable", repeatable=True
+        "allow_origin",
+        str,
+        (),
+        "an Origin browsers may connect from (exact); none: any",
+        repeatable=True,
+        env="BACKSTREAM_ALLOW_ORIGINS",
     ),
+    Option("auth_cookie", str, None, "a cookie holding the token, for browsers on /v1/ai-sdk"),
+    Option("default_model", str, "backstream/echo", "the model of /v1/ai-sdk requests that name none"),
     Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
-    Option("max_message_bytes", int, 1024 * 1024, "largest client frame"),
+    Option("max_message_bytes", int, 1024 * 1024, "largest frame, either way"),
     Option("tls_cert", str, None, "certificate file for wss://"),
     Option("tls_key", str, None, "key file for wss://"),
     Option("workers", int, 1, "processes serving one port (SO_REUSEPORT); needs a shared store (redis)"),
     Option("reuse_port", str, "", "internal: set on the processes of --workers", flag=False),
-    Option("log_format", str, "text", "text or json"),
-    Option("log_level", str, "info", "debug, info, warning or error"),
+    Option("log_format", str, "text", "text or json", choices=("text", "json")),
+    Option("log_level", str, "info", "how much to log", choices=LOG_LEVELS),
 )
-_ENV_ALIASES = {"token": "BACKSTREAM_TOKENS", "allow_origin": "BACKSTREAM_ALLOW_ORIGINS"}
+
+# Config fields whose setting is named otherwise, or that are secrets.
+_CONFIG_RENAMES: dict[str, dict[str, Any]] = {
+    "allowed_models": {"name": "allow_model", "env": "BACKSTREAM_ALLOW_MODELS"},
+    "upstream_headers": {"name": "upstream_header", "env": "BACKSTREAM_UPSTREAM_HEADERS"},
+    "upstream_api_key": {"flag": False},
+}
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under the fields of ``cls``, first sentence each."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for statement, following in itertools.pairwise(body):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            text = " ".join(following.value.value.split())
+            docs[statement.target.id] = text.replace("``", "")
+    return docs
+
+
+def _kind_of(hint: Any) -> tuple[Callable[[str], Any], bool]:
+    """The parser of one value of a field typed ``hint``, and whether it is repeatable."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        return _header, True
+    if origin in (tuple, list):
+        return str, True
+    return hint, False
+
+
+def _config_options() -> tuple[Option, ...]:
+    docs = _field_docs(Config)
+    hints = typing.get_type_hints(Config)
+    options = []
+    for field in attrs.fields(Config):
+        kind, repeatable = _kind_of(hints[field.name])
+        default: Any = field.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = ()  # a dict of headers: none
+        rename = _CONFIG_RENAMES.get(field.name, {})
+        options.append(
+            Option(
+                rename.get("name", field.name),
+                kind,
+                default,
+                docs.get(field.name, ""),
+                repeatable=repeatable,
+                flag=rename.get("flag", True),
+                env=rename.get("env", ""),
+                config_field=field.name,
+            )
+        )
+    return tuple(options)
+
+
+OPTIONS: tuple[Option, ...] = _SERVER_OPTIONS + _config_options()
+_BY_NAME = {option.name: option for option in OPTIONS}
 
 
 @attrs.frozen
@@ -95,51 +199,113 @@ class ServeSettings:
             raise AttributeError(name) from None
 
 
+def runtime_config(settings: ServeSettings) -> Config:
+    """The runtime's ``Config`` from the settings. Raises ``ValueError`` naming the setting."""
+    fields: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.config_field is None:
+            continue
+        value = settings.values[option.name]
+        if option.kind is _header:
+            value = dict(value)
+        fields[option.config_field] = value
+    try:
+        return Config(**fields)
+    except ValueError as exc:
+        message = str(exc)
+        for option in OPTIONS:
+            if option.config_field and f"Config.{option.config_field} " in message:
+                detail = message.split(f"Config.{option.config_field} ", 1)[1]
+                raise ValueError(f"{option.flag_name} ({option.env_name}): {detail}") from None
+        raise
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; each help says the default and the environment variable."""
     parser.add_argument("--config", help="a TOML file of settings (keys as the flags, with underscores)")
     for option in OPTIONS:
         if not option.flag:
             continue
-        flag = "--" + option.name.replace("_", "-")
-        if option.repeatable:
-            parser.add_argument(flag, action="append", default=None, help=option.help)
+        default = option.default if option.default not in (None, (), "") else "none"
+        more = " Repeatable; in the variable, comma-separated." if option.repeatable else ""
+        text = f"{option.help}{more} [default: {default}; env {option.env_name}]"
+        text = text.replace("%", "%%")
+        metavar = "|".join(option.choices) if option.choices else None
+        action = "append" if option.repeatable else "store"
+        parser.add_argument(option.flag_name, action=action, default=None, help=text, metavar=metavar)
+
+
+def _convert(option: Option, raw: Any, source: str) -> Any:
+    """One value of ``option`` from ``source`` (a flag, a variable or the file)."""
+    try:
+        if option.kind is str:
+            if not isinstance(raw, str):
+                raise ValueError(f"expected text, got {raw!r}")
+            value: Any = raw
+        elif option.kind in (int, float) and isinstance(raw, str | int | float) and not isinstance(raw, bool):
+            value = option.kind(raw)
+        elif option.kind is _header and isinstance(raw, str):
+            value = _header(raw)
         else:
-            parser.add_argument(flag, type=option.kind, default=None, help=option.help)
+            raise ValueError(f"unexpected value {raw!r}")
+    except ValueError as exc:
+        what = {int: "an integer", float: "a number"}.get(option.kind)  # type: ignore[call-overload]
+        detail = f"{raw!r} is not {what}" if what and isinstance(raw, str) else str(exc)
+        raise ValueError(f"{source}: {detail}") from None
+    if option.choices and isinstance(value, str):
+        value = value.lower()  # --log-level INFO as well as info
+    if option.choices and value not in option.choices:
+        raise ValueError(f"{source}: {value!r} is not one of {', '.join(option.choices)}")
+    return value
+
+
+def _from_file(option: Option, raw: Any, source: str) -> Any:
+    if not option.repeatable:
+        return _convert(option, raw, source)
+    if option.kind is _header and isinstance(raw, dict):
+        return tuple((str(k), str(v)) for k, v in raw.items())
+    items = raw if isinstance(raw, list) else [raw]
+    return tuple(_convert(option, item, source) for item in items)
 
 
 def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeSettings:
-    """Merge the sources. Raises ``ValueError`` naming the bad setting."""
+    """Merge the sources. Raises ``ValueError`` with one line naming the bad setting and
+    where it came from (the flag, the variable or the file)."""
     env = os.environ if env is None else env
     file_values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        file_values = tomllib.loads(pathlib.Path(args.config).read_text())
-        unknown = set(file_values) - {o.name for o in OPTIONS}
+    config_path = getattr(args, "config", None)
+    if config_path:
+        try:
+            file_values = tomllib.loads(pathlib.Path(config_path).read_text())
+        except OSError as exc:
+            raise ValueError(f"--config {config_path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"--config {config_path}: not TOML ({exc})") from None
+        unknown = set(file_values) - set(_BY_NAME)
         if unknown:
-            raise ValueError(f"unknown settings in {args.config}: {', '.join(sorted(unknown))}")
+            raise ValueError(f"unknown settings in {config_path}: {', '.join(sorted(unknown))}")
     values: dict[str, Any] = {}
     for option in OPTIONS:
-        env_name = _ENV_ALIASES.get(option.name, "BACKSTREAM_" + option.name.upper())
         flag_value = getattr(args, option.name, None) if option.flag else None
-        try:
-            if flag_value is not None:
-                value = tuple(flag_value) if option.repeatable else flag_value
-            elif env_name in env:
-                raw = env[env_name]
-                value = tuple(p for p in raw.split(",") if p) if option.repeatable else option.kind(raw)
-            elif option.name in file_values:
-                value = file_values[option.name]
-                value = (
-                    tuple(value)
-                    if option.repeatable
-                    else option.kind(str(value))
-                    if option.kind is not str
-                    else value
+        if flag_value is not None:
+            source = option.flag_name
+            if option.repeatable:
+                value = tuple(_convert(option, item, source) for item in flag_value)
+            else:
+                value = _convert(option, flag_value, source)
+        elif option.env_name in env:
+            raw, source = env[option.env_name], option.env_name
+            if option.repeatable:
+                value = tuple(
+                    _convert(option, item.strip(), source) for item in raw.split(",") if item.strip()
                 )
             else:
-                value = option.default
-        except ValueError as exc:
-            raise ValueError(f"setting {option.name}: {exc}") from None
+                value = _convert(option, raw, source)
+        elif option.name in file_values:
+            value = _from_file(option, file_values[option.name], f"{option.name} in {config_path}")
+        else:
+            value = option.default
         values[option.name] = value
-    if values["log_format"] not in ("text", "json"):
-        raise ValueError("setting log_format: must be text or json")
-    return ServeSettings(values)
+    settings = ServeSettings(values)
+    runtime_config(settings)  # every Config validator, now, with the setting's name
+    return settings

@@ -16,6 +16,7 @@ runs each call in a child process that is killed at the timeout.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib
@@ -24,7 +25,9 @@ import inspect
 import json
 import math
 import operator
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -36,10 +39,24 @@ import trio
 
 from backstream.actors.ports import ToolOutcome
 
-__all__ = ["Tool", "ToolOutcome", "ToolRegistry", "calculate", "clock_now", "run_tool", "schema_for", "tool"]
+__all__ = [
+    "Tool",
+    "ToolOutcome",
+    "ToolRegistry",
+    "ToolThreads",
+    "ToolThreadsStatistics",
+    "calculate",
+    "clock_now",
+    "run_tool",
+    "schema_for",
+    "tool",
+]
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 16_000
+DEFAULT_MAX_THREADS = 16
+KILL_GRACE = 0.5
+"""Seconds a subprocess tool gets between SIGTERM and SIGKILL."""
 
 
 @attrs.frozen
@@ -163,20 +180,112 @@ def _type_schema(tp: Any) -> dict[str, Any]:
     return {}
 
 
+# -- worker threads for sync tools -------------------------------------------------------
+
+
+@attrs.frozen
+class ToolThreadsStatistics:
+    max_threads: int
+    busy: int
+    """Threads running a sync tool now, abandoned ones included."""
+    abandoned: int
+    """Threads still running a call whose caller stopped waiting (timeout or cancellation)."""
+    abandoned_total: int
+    """Calls abandoned so far."""
+    starved_total: int
+    """Calls that found no free thread before their timeout."""
+
+
+class ToolThreads:
+    """The worker threads of sync tools: a pool of their own, bounded by ``max_threads``.
+
+    A sync tool that hangs keeps its thread (a thread cannot be killed); with a pool of
+    their own, hung tools can only exhaust this pool, never trio's shared one, which the
+    rest of the server (the upstream's host-name lookups, SQLite) needs. A call that gets
+    no thread before its timeout is an error outcome, like any other timeout.
+    """
+
+    def __init__(self, max_threads: int = DEFAULT_MAX_THREADS) -> None:
+        if max_threads < 1:
+            raise ValueError("max_threads must be at least 1")
+        self.limiter = trio.CapacityLimiter(max_threads)
+        self._lock = threading.Lock()  # counters are updated from the worker threads too
+        self._abandoned = 0
+        self._abandoned_total = 0
+        self._starved_total = 0
+
+    def statistics(self) -> ToolThreadsStatistics:
+        with self._lock:
+            return ToolThreadsStatistics(
+                max_threads=int(self.limiter.total_tokens),
+                busy=self.limiter.borrowed_tokens,
+                abandoned=self._abandoned,
+                abandoned_total=self._abandoned_total,
+                starved_total=self._starved_total,
+            )
+
+    async def run_sync(self, fn: Callable[[], Any], call: ThreadCall | None = None) -> Any:
+        """Run ``fn`` on a thread of this pool and return its result; ``call`` (if given)
+        tells afterwards whether a thread ever took the call.
+
+        Cancellation: raises ``Cancelled``. A call still waiting for a thread is counted
+        starved; a running one is abandoned to finish on its own, and its place in the
+        pool comes back when it does.
+        """
+        call = call if call is not None else ThreadCall()
+
+        def work() -> Any:
+            with self._lock:
+                call.started = True
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    call.done = True
+                    if call.abandoned:
+                        self._abandoned -= 1
+
+        try:
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self.limiter)
+        except trio.Cancelled:
+            with self._lock:
+                if not call.started:
+                    self._starved_total += 1
+                elif not call.done:
+                    call.abandoned = True
+                    self._abandoned += 1
+                    self._abandoned_total += 1
+            raise
+
+
+@attrs.define
+class ThreadCall:
+    """What became of one call on ``ToolThreads`` (written under its lock)."""
+
+    started: bool = False
+    abandoned: bool = False
+    done: bool = False
+
+
 # -- the registry ----------------------------------------------------------------------
 
 
 class ToolRegistry:
     """Tools by name. Built with ``ToolRegistry.with_builtins()`` by default."""
 
-    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+    def __init__(self, tools: Iterable[Tool] = (), *, max_threads: int = DEFAULT_MAX_THREADS) -> None:
         self._tools: dict[str, Tool] = {}
+        self.threads = ToolThreads(max_threads)
         for item in tools:
             self.register(item)
 
     @classmethod
-    def with_builtins(cls) -> ToolRegistry:
-        return cls([clock_now, calculate])
+    def with_builtins(cls, *, max_threads: int = DEFAULT_MAX_THREADS) -> ToolRegistry:
+        return cls([clock_now, calculate], max_threads=max_threads)
+
+    def statistics(self) -> ToolThreadsStatistics:
+        """A snapshot of the sync tools' thread pool."""
+        return self.threads.statistics()
 
     def register(self, item: Tool | Callable[..., Any], **options: Any) -> Tool:
         """Add a ``Tool``, or a function with ``tool()`` options. Raises ``ValueError`` on a
@@ -206,7 +315,7 @@ class ToolRegistry:
         if found is None:
             await trio.lowlevel.checkpoint()
             return ToolOutcome(f"tool {name!r} does not exist", True)
-        return await run_tool(found, arguments)
+        return await run_tool(found, arguments, threads=self.threads)
 
     def load(self, path: str) -> list[Tool]:
         """Register what ``package.module:attribute`` names: a Tool, a function, a registry
@@ -241,11 +350,25 @@ class ToolRegistry:
 # -- running a call ----------------------------------------------------------------------
 
 
-async def run_tool(item: Tool, arguments: str) -> ToolOutcome:
+_DEFAULT_THREADS: trio.lowlevel.RunVar[ToolThreads] = trio.lowlevel.RunVar("backstream_tool_threads")
+
+
+def _default_threads() -> ToolThreads:
+    try:
+        return _DEFAULT_THREADS.get()
+    except LookupError:
+        made = ToolThreads()
+        _DEFAULT_THREADS.set(made)
+        return made
+
+
+async def run_tool(item: Tool, arguments: str, *, threads: ToolThreads | None = None) -> ToolOutcome:
     """Validate ``arguments`` (JSON text) and run the tool under its timeout.
 
-    Never raises for the tool's faults: invalid arguments, exceptions and timeouts
-    become an error outcome with a short message the model can read.
+    A sync tool runs on ``threads`` (by default a pool shared by this trio run); waiting
+    for a free thread counts toward the timeout. Never raises for the tool's faults:
+    invalid arguments, exceptions, timeouts and a pool with no free thread become an
+    error outcome with a short message the model can read.
     Cancellation: the call is abandoned (a subprocess is killed, a thread left to finish).
     """
     try:
@@ -260,20 +383,38 @@ async def run_tool(item: Tool, arguments: str) -> ToolOutcome:
     if errors:
         where = "/".join(str(p) for p in errors[0].path) or "arguments"
         return ToolOutcome(f"invalid arguments: {where}: {errors[0].message}"[:500], True)
+    threads = threads if threads is not None else _default_threads()
+    thread_call = ThreadCall()
     with trio.move_on_after(item.timeout) as waited:
         try:
-            result = await _call(item, args)
+            result = await _call(item, args, threads, thread_call)
         except Exception as exc:
             return ToolOutcome(f"{type(exc).__name__}: {exc}"[:500], True)
     if waited.cancelled_caught:
+        if _is_sync(item) and not thread_call.started:
+            busy = threads.statistics()
+            return ToolOutcome(
+                f"the tool could not start within {item.timeout:g} s: all {busy.max_threads} "
+                f"threads for tools are busy ({busy.abandoned} held by calls that timed out)",
+                True,
+            )
         return ToolOutcome(f"the tool timed out after {item.timeout:g} s", True)
     text = result if isinstance(result, str) else json.dumps(result, default=str, ensure_ascii=False)
-    if len(text) > item.max_output_chars:
-        text = text[: item.max_output_chars] + f"\n[output cut at {item.max_output_chars} characters]"
-    return ToolOutcome(text, False)
+    return ToolOutcome(cap_output(text, item.max_output_chars), False)
 
 
-async def _call(item: Tool, args: dict[str, Any]) -> Any:
+def cap_output(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` characters, with a note saying so."""
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars] + f"\n[output cut at {max_chars} characters]"
+
+
+def _is_sync(item: Tool) -> bool:
+    return item.isolation == "inline" and not inspect.iscoroutinefunction(item.fn)
+
+
+async def _call(item: Tool, args: dict[str, Any], threads: ToolThreads, thread_call: ThreadCall) -> Any:
     if item.isolation == "subprocess":
         return await _call_in_subprocess(item, args)
     call_args: tuple[Any, ...] = ()
@@ -283,19 +424,20 @@ async def _call(item: Tool, args: dict[str, Any]) -> Any:
     if inspect.iscoroutinefunction(item.fn):
         return await item.fn(*call_args, **kwargs)
     # A thread cannot be killed: at the timeout the job stops waiting and the thread is abandoned.
-    return await trio.to_thread.run_sync(lambda: item.fn(*call_args, **kwargs), abandon_on_cancel=True)
+    return await threads.run_sync(lambda: item.fn(*call_args, **kwargs), thread_call)
 
 
 async def _call_in_subprocess(item: Tool, args: dict[str, Any]) -> Any:
     if not item.import_path:
         raise RuntimeError("subprocess isolation needs a tool importable as module:attribute")
-    # trio.run_process kills the child when the call is cancelled (the timeout).
+    # Cancelled (the timeout): SIGTERM, then SIGKILL after KILL_GRACE.
     done = await trio.run_process(
         [sys.executable, "-m", "backstream.runtime.tools.subprocess_runner", item.import_path],
         stdin=json.dumps(args).encode(),
         capture_stdout=True,
         capture_stderr=True,
         check=False,
+        deliver_cancel=_terminate_then_kill,
     )
     if done.returncode != 0:
         raise RuntimeError(f"the tool process failed (exit {done.returncode})")
@@ -303,6 +445,15 @@ async def _call_in_subprocess(item: Tool, args: dict[str, Any]) -> Any:
     if reply.get("error"):
         raise RuntimeError(reply["error"])
     return reply["result"]
+
+
+async def _terminate_then_kill(process: trio.Process) -> None:
+    """Ask the child to stop, and kill it if it has not within ``KILL_GRACE`` seconds
+    (``run_process`` cancels this once the child has exited)."""
+    with contextlib.suppress(OSError):  # it exited already
+        process.terminate()
+        await trio.sleep(KILL_GRACE)
+        process.send_signal(signal.SIGKILL)
 
 
 # -- built-in tools ----------------------------------------------------------------------------
