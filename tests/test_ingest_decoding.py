@@ -213,3 +213,27 @@ async def test_a_turn_cut_off_inside_a_tool_call_ends_without_running_it(upstrea
         info = await rt.get_job(started.job_id, user="alice", include_content=True)
         assert info.content == "Let me compute. " and info.tool_calls == ()
     assert len(upstream.requests) == 1
+
+
+async def test_upstream_connections_are_reused_and_a_stale_one_replaced(upstream: FakeUpstream) -> None:
+    closing = streams(["one"], done=False)
+
+    async def then_close(reply: Any) -> None:
+        await closing(reply)
+        await trio.sleep(0.05)  # the client has pooled the connection by now
+        await reply.drop()
+
+    upstream.script(streams(["a"], done=False), then_close, streams(["two"]))
+    async with open_runtime(Config(upstream_url=upstream.url, drain_timeout=0)) as rt:
+        texts = []
+        for n in range(3):
+            started = await rt.start_job(
+                user="alice", thread_id="t", message_id=f"m{n}", model="gpt-test", messages=MSG
+            )
+            batches = await collect(rt, started.job_id)
+            assert terminal(batches).status == "completed"
+            texts.append(joined_text(batches))
+            await trio.sleep(0.2)
+    assert texts == ["a", "one", "two"]
+    assert len(upstream.requests) == 3
+    assert upstream.connections == 2  # the first two shared one; the closed one was replaced
