@@ -379,8 +379,7 @@ async def test_a_client_that_does_not_read_is_cut_off_and_resumes() -> None:
     ):
         app = HttpApp(rt, StaticTokens({"tok": "alice"}), limits=limits)
         ResponsesApi(app)
-        server = HttpServer(app, HttpServerConfig(socket_send_buffer=16 * 1024))
-        app.socket_of = server.socket_of
+        server = HttpServer(app, HttpServerConfig(socket_send_buffer=16 * 1024), streams=app.peer_streams)
         port = await nursery.start(server.run)
         job = await rt.start_job(
             user="alice",

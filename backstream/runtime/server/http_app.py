@@ -31,6 +31,7 @@ from backstream.protocol.errors import (
 from backstream.protocol.responses import error_body
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.listeners import PeerStreams
 from backstream.runtime.server.socket_gate import SocketGate
 
 __all__ = [
@@ -235,8 +236,8 @@ class HttpApp:
         self.open_streams: dict[str, int] = {}
         self.stats = HttpStats()
         self.closing = trio.Event()
-        self.socket_of: Callable[[dict[str, Any]], trio.socket.SocketType | None] = lambda scope: None
-        """Finds a request's socket (set by the server that runs the app)."""
+        self.peer_streams = PeerStreams()
+        """The streams the server accepts for this app, by peer: how a request finds its socket."""
 
     def route(self, method: str, pattern: str, handler: Handler, *, rate_limited: bool = True) -> None:
         """An authenticated API route; ``pattern`` is a regular expression over the path."""
@@ -250,7 +251,8 @@ class HttpApp:
             return  # nothing to start or stop: the runtime lives around the server
         if scope["type"] != "http":
             return
-        sock = StreamSocket(self.socket_of(scope), max_unsent_bytes=self.limits.max_unsent_bytes)
+        stream = self.peer_streams.get(scope.get("client"))
+        sock = StreamSocket(stream.socket if stream else None, max_unsent_bytes=self.limits.max_unsent_bytes)
         request = Request(scope, receive, send, sock)
         self.stats.requests += 1
         try:

@@ -1,7 +1,7 @@
 """The HTTP listener: hypercorn's trio server running an ASGI app.
 
 hypercorn parses HTTP/1.1 and runs the app; this module owns the listening socket
-so that it can find the socket of each request (``socket_of``). hypercorn writes responses
+so that the app can find the socket of each request (``PeerStreams``). hypercorn writes responses
 with the socket send shielded from cancellation, so a deadline on a write cannot be a cancel
 scope: a stream that falls behind is cut by shutting its socket down, which makes the pending
 write fail at once (``http_app.StreamSocket``).
@@ -49,18 +49,13 @@ class HttpServer:
     closes the listener, lets running requests finish within ``graceful_timeout``, and ``run``
     returns."""
 
-    def __init__(self, app: ASGIApp, config: HttpServerConfig) -> None:
+    def __init__(self, app: ASGIApp, config: HttpServerConfig, *, streams: PeerStreams) -> None:
         self.config = config
         self._app = app
-        self._streams = PeerStreams()
+        self._streams = streams  # the app's: it finds each request's socket there
         self._stop = trio.Event()
         self._closed = trio.Event()
         self.port = 0
-
-    def socket_of(self, scope: dict[str, Any]) -> trio.socket.SocketType | None:
-        """The socket an ASGI request came in on (None if it is gone)."""
-        stream = self._streams.get(scope.get("client"))
-        return stream.socket if stream is not None else None
 
     def stop_accepting(self) -> None:
         self._stop.set()

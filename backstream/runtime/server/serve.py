@@ -260,9 +260,10 @@ class _HttpListeners:
     async def _serve(self, nursery: trio.Nursery, app: HttpApp, port: int) -> int:
         settings = self._settings
         server = HttpServer(
-            app, HttpServerConfig(host=settings.host, port=port, reuse_port=bool(settings.reuse_port))
+            app,
+            HttpServerConfig(host=settings.host, port=port, reuse_port=bool(settings.reuse_port)),
+            streams=app.peer_streams,
         )
-        app.socket_of = server.socket_of
         self._apps.append(app)
         self._servers.append(server)
         bound: int = await nursery.start(server.run)
