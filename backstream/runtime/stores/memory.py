@@ -15,7 +15,7 @@ import trio
 
 from backstream.actors.ports import NotificationListener, Store
 from backstream.protocol.compact import CompactEntries
-from backstream.protocol.events import LogEvent
+from backstream.protocol.events import LogEvent, StatusEvent
 from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
 from backstream.runtime.stores.local_notifications import LocalNotifications
@@ -92,7 +92,7 @@ class MemoryStore(LocalNotifications, Store):
             job.record = job.record.advanced(progress)
             if progress.expires_at is not None:
                 heapq.heappush(self._expiry, (progress.expires_at, job_id))
-        if is_terminal(job.record.status) and isinstance(job.entries, list):
+        if isinstance(job.entries, list) and _ends_log(job.entries):
             job.entries = CompactEntries(job.entries)  # read-only from now on: kept small
         job.changed.unpark_all()
 
@@ -204,3 +204,8 @@ class MemoryStoreStatistics:
     expiry_rows: int
     notification_marks: int
     decisions_waiting: int
+
+
+def _ends_log(entries: list[LogEvent]) -> bool:
+    """The log holds its terminal status: nothing more will be appended."""
+    return bool(entries) and isinstance(entries[-1], StatusEvent) and entries[-1].is_terminal
