@@ -244,3 +244,17 @@ async def test_the_javascript_type_checks() -> None:
             check=False,
         )
     assert done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace")
+
+
+async def test_coalesced_frames_assemble_the_answer(tmp_path: Path) -> None:
+    async with ai_sdk_server() as server:
+        reported = await run_node("coalesce.test.mjs", server, tmp_path)
+        job = await only_job(server.runtime, reported["chatId"])
+        info = await ended(server.runtime, job.job_id)
+        assert info.job.status == "completed"
+        assert reported["text"] == info.content == reported["replayText"]
+        # 200 text entries over about a second, at most one text frame per 100 ms: about ten
+        # (the bound leaves room for a loaded machine stretching the job to four seconds).
+        assert reported["textDeltaFrames"] <= 40
+        assert reported["chunkFrames"] < info.job.seq // 4
+        assert reported["replayChunkFrames"] <= reported["chunkFrames"]

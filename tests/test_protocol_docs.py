@@ -75,3 +75,8 @@ def _subclasses(cls: type) -> list[type]:
     for sub in cls.__subclasses__():
         found += [sub, *_subclasses(sub)]
     return found
+
+
+def test_ai_sdk_query_parameters_are_documented() -> None:
+    for name in ("token", "coalesce_ms", "lastSequence", "--ai-sdk-coalesce-ms"):
+        assert named(name), name

@@ -160,3 +160,15 @@ async def test_max_output_tokens_caps_every_upstream_request(upstream: FakeUpstr
                 async for _ in batches:
                     pass
     assert [r["max_tokens"] for r in upstream.requests] == [100, 20, 100]
+
+
+def test_ai_sdk_coalesce_ms_reaches_the_front_door() -> None:
+    from backstream.runtime.server.serve import front_door_config
+
+    settings = load_settings(_parser().parse_args(["--ai-sdk-coalesce-ms", "100"]), env={})
+    assert front_door_config(settings).ai_sdk_coalesce_ms == 100
+    assert front_door_config(load_settings(_parser().parse_args([]), env={})).ai_sdk_coalesce_ms == 0
+    with pytest.raises(ValueError, match=r"--ai-sdk-coalesce-ms .*-5 is not in \[0, 10000\]"):
+        front_door_config(
+            load_settings(_parser().parse_args([]), env={"BACKSTREAM_AI_SDK_COALESCE_MS": "-5"})
+        )

@@ -19,13 +19,20 @@ from backstream.protocol.events import (
     ToolCallEvent,
     ToolResultEvent,
 )
-from backstream.protocol.ui_chunks import UIChunkTranslator, approval_id, parse_approval_id
+from backstream.protocol.ui_chunks import (
+    DELTA_FIELDS,
+    DeltaCoalescer,
+    UIChunkTranslator,
+    approval_id,
+    parse_approval_id,
+)
 from backstream.protocol.ui_messages import (
     AbortRequest,
     ResumeRequest,
     SendRequest,
     approval_answers,
     chat_messages,
+    coalesce_ms_of,
     decode_request,
     job_key,
     job_options,
@@ -274,3 +281,47 @@ def test_keys_options_and_approval_answers() -> None:
     }
     assert [a.approved for a in approval_answers([{"role": "assistant", "parts": [answered]}])] == [True]
     assert approval_answers([{"role": "user", "parts": [answered]}]) == []
+
+
+def test_coalescer_merges_adjacent_deltas_of_one_part_and_keeps_order() -> None:
+    coalescer = DeltaCoalescer(max_chars=10)
+    given: list[dict[str, object]] = [
+        {"type": "text-start", "id": "text-1"},
+        {"type": "text-delta", "id": "text-1", "delta": "Hel"},
+        {"type": "text-delta", "id": "text-1", "delta": "lo "},
+        {"type": "text-delta", "id": "text-1", "delta": "world"},  # past max_chars: a new chunk
+        {"type": "text-end", "id": "text-1"},
+        {"type": "reasoning-delta", "id": "reasoning-2", "delta": "a"},
+        {"type": "text-delta", "id": "text-3", "delta": "b"},  # another type: not merged
+        {"type": "text-delta", "id": "text-4", "delta": "c"},  # another part: not merged
+        {"type": "tool-input-delta", "toolCallId": "call_1", "inputTextDelta": '{"a"'},
+        {"type": "tool-input-delta", "toolCallId": "call_1", "inputTextDelta": ": 1}"},
+    ]
+    copies = json.loads(json.dumps(given))
+    out = []
+    for chunk in given:
+        out += coalescer.add(chunk)
+        assert coalescer.pending is None or coalescer.pending["type"] in DELTA_FIELDS
+    out += coalescer.flush()
+    assert given == copies  # what the caller holds is not changed
+    assert out == [
+        {"type": "text-start", "id": "text-1"},
+        {"type": "text-delta", "id": "text-1", "delta": "Hello "},
+        {"type": "text-delta", "id": "text-1", "delta": "world"},
+        {"type": "text-end", "id": "text-1"},
+        {"type": "reasoning-delta", "id": "reasoning-2", "delta": "a"},
+        {"type": "text-delta", "id": "text-3", "delta": "b"},
+        {"type": "text-delta", "id": "text-4", "delta": "c"},
+        {"type": "tool-input-delta", "toolCallId": "call_1", "inputTextDelta": '{"a": 1}'},
+    ]
+    assert coalescer.flush() == [] and coalescer.pending is None
+
+
+def test_coalesce_ms_of_the_url() -> None:
+    assert coalesce_ms_of("token=x", 0) == 0
+    assert coalesce_ms_of("token=x", 50) == 50
+    assert coalesce_ms_of("token=x&coalesce_ms=100", 50) == 100
+    assert coalesce_ms_of("coalesce_ms=0", 50) == 0
+    for bad in ("-5", "1.5", "x", "10001", "٣"):
+        with pytest.raises(ProtocolError, match="coalesce_ms must be an integer"):
+            coalesce_ms_of(f"coalesce_ms={bad}", 0)

@@ -7,9 +7,10 @@ text entries unmerged, ``tool_call_delta`` entries included) and returns the
 
 The chunks are a pure function of the entries, so their numbering (``index``:
 0, 1, 2, ... over the whole job) is the same on every server instance and on
-every replay. One log entry gives a fixed list of chunks; text is never
-coalesced across entries, because where coalescing would cut depends on
-timing.
+every replay. One log entry gives a fixed list of chunks; the translator never
+coalesces text across entries, because where coalescing would cut depends on
+timing. ``DeltaCoalescer`` does, for a connection that opts in and gives up
+that numbering: it merges adjacent deltas of one part.
 
 The stream of a job is made of segments, each a well-formed UI message
 stream (``start`` ... ``finish``): the first from the job's start, and one
@@ -36,7 +37,15 @@ from backstream.protocol.events import (
     ToolResultEvent,
 )
 
-__all__ = ["FINISH_REASONS", "UIChunk", "UIChunkTranslator", "approval_id", "parse_approval_id"]
+__all__ = [
+    "DELTA_FIELDS",
+    "FINISH_REASONS",
+    "DeltaCoalescer",
+    "UIChunk",
+    "UIChunkTranslator",
+    "approval_id",
+    "parse_approval_id",
+]
 
 UIChunk = dict[str, Any]
 
@@ -50,6 +59,14 @@ FINISH_REASONS: Final[dict[str, str]] = {
 """OpenAI finish reasons and the AI SDK's; any other becomes ``"other"``."""
 
 _APPROVAL_SEPARATOR = "/"
+
+DELTA_FIELDS: Final[dict[str, tuple[str, str]]] = {
+    "text-delta": ("id", "delta"),
+    "reasoning-delta": ("id", "delta"),
+    "tool-input-delta": ("toolCallId", "inputTextDelta"),
+}
+"""The chunks that carry a piece of a part: type -> (the field naming the part, the piece).
+Two adjacent ones of the same type and part say what one chunk with both pieces says."""
 
 
 def approval_id(job_id: str, call_id: str) -> str:
@@ -260,3 +277,36 @@ def _output_value(output: str) -> Any:
         except ValueError:
             pass
     return output
+
+
+class DeltaCoalescer:
+    """Merge adjacent deltas of the same part into one chunk, holding at most one.
+
+    ``add`` takes the chunks in order and returns those that are final, in order;
+    a delta is held (``pending``) while the next chunk may still extend it. A held
+    delta grows to at most ``max_chars`` characters; then it is final and the next
+    piece starts a new one. ``flush`` returns the held delta, if any.
+    """
+
+    def __init__(self, *, max_chars: int) -> None:
+        self._max_chars = max_chars
+        self.pending: UIChunk | None = None
+
+    def add(self, chunk: UIChunk) -> list[UIChunk]:
+        fields = DELTA_FIELDS.get(chunk.get("type", ""))
+        held = self.pending
+        if fields is not None and held is not None and held["type"] == chunk["type"]:
+            part, piece = fields
+            if held[part] == chunk[part] and len(held[piece]) + len(chunk[piece]) <= self._max_chars:
+                held[piece] += chunk[piece]
+                return []
+        out = self.flush()
+        if fields is None:
+            out.append(chunk)
+        else:
+            self.pending = dict(chunk)  # a copy: merging must not change what the caller holds
+        return out
+
+    def flush(self) -> list[UIChunk]:
+        held, self.pending = self.pending, None
+        return [] if held is None else [held]

@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any, Literal
+from urllib.parse import parse_qs
 
 import attrs
 
@@ -26,6 +27,7 @@ __all__ = [
     "SendRequest",
     "approval_answers",
     "chat_messages",
+    "coalesce_ms_of",
     "decode_request",
     "encode_frame",
     "job_key",
@@ -105,6 +107,24 @@ def decode_request(data: str | bytes) -> Request:
             "bad_request", "send: messages must be a list of UI messages with parts", request_id
         )
     return SendRequest(request_id, chat_id, trigger, message_id, tuple(messages), body)
+
+
+MAX_COALESCE_MS = 10_000
+"""The longest ``coalesce_ms`` a connection may ask for (ten seconds between text frames)."""
+
+
+def coalesce_ms_of(query: str, default: int) -> int:
+    """The ``coalesce_ms`` query parameter of the endpoint's URL, else ``default``. Raises
+    ``ProtocolError`` (``bad_request``) unless it is an integer in [0, ``MAX_COALESCE_MS``]."""
+    values = parse_qs(query).get("coalesce_ms")
+    if not values:
+        return default
+    text = values[-1]
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_COALESCE_MS:
+        raise ProtocolError(
+            "bad_request", f"coalesce_ms must be an integer of milliseconds in [0, {MAX_COALESCE_MS}]"
+        )
+    return int(text)
 
 
 def encode_frame(kind: str, request_id: str, **fields: Any) -> str:

@@ -6,15 +6,26 @@ A thin shell: frames are decoded and UI messages converted in
 
 Each ``send`` or ``resume`` is a task of its own (at most ``max_watches`` at
 once), so one connection carries many chats. A request reads the job's log
-through a watch and sends one chunk per frame, each with a deadline: its
-memory is one batch, however slow the client. Closing the socket stops the
-streams, never the jobs.
+through a watch and sends one chunk per frame (the transport takes no more),
+each with a deadline and only when the socket can take it (``SocketGate``): a
+client behind for ``slow_client_timeout`` is closed 4429. A request's memory is
+one batch, however slow the client. Closing the socket stops the streams,
+never the jobs.
+
+A connection opened with ``coalesce_ms`` (or the server's default) bounds its
+text frames instead: adjacent deltas of one part merge while a frame is not
+due, and each request sends at most one delta frame per ``coalesce_ms``. Its
+sequences count the frames it sent, so they depend on timing: such a
+connection answers a ``resume`` with ``lastSequence`` by an ``error`` (the AI
+SDK's transport never sends one: it replays from ``start``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -22,7 +33,13 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.protocol.codec import ProtocolError
 from backstream.protocol.errors import BackstreamError, ConflictError
-from backstream.protocol.ui_chunks import UIChunkTranslator, parse_approval_id
+from backstream.protocol.ui_chunks import (
+    DELTA_FIELDS,
+    DeltaCoalescer,
+    UIChunk,
+    UIChunkTranslator,
+    parse_approval_id,
+)
 from backstream.protocol.ui_messages import (
     AbortRequest,
     ApprovalAnswer,
@@ -40,6 +57,7 @@ from backstream.runtime.server.auth import Identity
 from backstream.runtime.server.connection import ConnectionLimits, ConnectionStats
 from backstream.runtime.server.peer import Close as _Close
 from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
+from backstream.runtime.server.socket_gate import SocketGate
 
 __all__ = ["AiSdkConnection"]
 
@@ -75,6 +93,8 @@ class AiSdkConnection:
         *,
         conn_id: str,
         default_model: str,
+        sock: trio.socket.SocketType | None = None,
+        coalesce_ms: int = 0,
     ) -> None:
         self._ws = ws
         self._runtime = runtime
@@ -83,6 +103,8 @@ class AiSdkConnection:
         self._stats = stats
         self.conn_id = conn_id
         self._default_model = default_model
+        self._gate = SocketGate(sock, max_unsent_bytes=limits.max_unsent_bytes)
+        self._coalesce_s = coalesce_ms / 1000
         self._active: dict[str, _Active] = {}
         self._last_resume: dict[str, float] = {}  # chat id -> when its latest resume arrived
         self._session_scope = trio.CancelScope()
@@ -228,6 +250,13 @@ class AiSdkConnection:
         if not jobs:
             await self._send(encode_frame("no-active", request.request_id))
             return
+        if request.last_sequence is not None and self._coalesce_s > 0:
+            raise ProtocolError(
+                "bad_request",
+                "resume: this connection coalesces text (coalesce_ms), so its sequences depend on "
+                "timing and lastSequence cannot be honoured; resume without lastSequence to replay "
+                "the whole message",
+            )
         active.job_id = jobs[0].job_id
         skip = -1 if request.last_sequence is None else request.last_sequence
         await self._stream(request.request_id, active.job_id, after=skip)
@@ -302,8 +331,11 @@ class AiSdkConnection:
         """
         await self._send(encode_frame("start", request_id))
         translator = UIChunkTranslator(message_id=job_id, job_id=job_id)
-        base = 0 if from_call is None else None
         frame_chars = max(1024, self._limits.max_unsent_bytes // 4)
+        out = _ChunkFrames(
+            self._send, request_id, next_sequence=after + 1, interval=self._coalesce_s, max_chars=frame_chars
+        )
+        base = 0 if from_call is None else None
         async with self._runtime.watch(
             job_id,
             user=self.user,
@@ -311,8 +343,16 @@ class AiSdkConnection:
             tool_call_deltas=True,
             merge_text=False,
         ) as batches:
-            async for batch in batches:
-                for event in batch.events:
+            while True:
+                # A held delta goes out when due even if the log is quiet: only the wait for
+                # a batch is cancelled, which loses nothing.
+                batch = None
+                with trio.move_on_at(out.due_at()):
+                    try:
+                        batch = await batches.__anext__()
+                    except StopAsyncIteration:
+                        break
+                for event in batch.events if batch is not None else ():
                     chunks = translator.feed(event)
                     if base is None and from_call in translator.segment_starts:
                         base = translator.segment_starts[from_call]
@@ -321,12 +361,12 @@ class AiSdkConnection:
                     index = translator.emitted - len(chunks)
                     for chunk in chunks:
                         if index - base > after:
-                            await self._send(
-                                encode_frame("chunk", request_id, sequence=index - base, chunk=chunk)
-                            )
+                            await out.put(chunk)
                         index += 1
-                if translator.paused and await self._still_waiting(job_id):
+                if batch is not None and translator.paused and await self._still_waiting(job_id):
                     break
+                await out.flush(only_due=True)
+        await out.flush(only_due=False)
         await self._send(encode_frame("end", request_id))
 
     async def _still_waiting(self, job_id: str) -> bool:
@@ -336,8 +376,13 @@ class AiSdkConnection:
     # -- frames out ----------------------------------------------------------------------------
 
     async def _send(self, text: str) -> None:
-        """Send one frame within ``send_timeout``; past it the client is too slow and the
+        """Send one frame once the socket can take it, within ``send_timeout``. A client
+        behind for ``slow_client_timeout``, or a send past its deadline, is too slow: the
         connection is closed 4429 (its jobs go on)."""
+        if not await self._gate.wait_keeps_up(self._limits.slow_client_timeout):
+            self._stats.closed_slow += 1
+            log.info("conn %s: client too slow, closing 4429", self.conn_id)
+            raise _Close(4429, "too slow: resume the chat")
         with trio.move_on_after(self._limits.send_timeout) as deadline:
             await self._ws.send_message(text)
         if deadline.cancelled_caught:
@@ -345,3 +390,53 @@ class AiSdkConnection:
             raise _Close(4429, "too slow: resume the chat")
         self._stats.frames_sent += 1
         self._stats.bytes_sent += len(text)
+
+
+class _ChunkFrames:
+    """The ``chunk`` frames of one request, numbered from ``next_sequence`` in the order sent.
+
+    With ``interval`` (seconds) above zero, deltas pass through a ``DeltaCoalescer`` and a
+    delta frame goes out at most once per ``interval``; ``due_at`` says when the held one is.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        request_id: str,
+        *,
+        next_sequence: int,
+        interval: float,
+        max_chars: int,
+    ) -> None:
+        self._send_frame = send
+        self._request_id = request_id
+        self._next_sequence = next_sequence
+        self._interval = interval
+        self._coalescer = DeltaCoalescer(max_chars=max_chars) if interval > 0 else None
+        self._next_delta_at = -math.inf
+
+    def due_at(self) -> float:
+        """When the held delta is due; infinity when none is held."""
+        if self._coalescer is None or self._coalescer.pending is None:
+            return math.inf
+        return self._next_delta_at
+
+    async def put(self, chunk: UIChunk) -> None:
+        """Send the chunk, or hold it to merge with what follows. Cancellation: what was
+        held or not yet sent is lost with the stream (a resume replays it)."""
+        for ready in [chunk] if self._coalescer is None else self._coalescer.add(chunk):
+            await self._send(ready)
+
+    async def flush(self, *, only_due: bool) -> None:
+        """Send the held delta (``only_due``: only if it is due). Cancellation: as ``put``."""
+        if self._coalescer is not None and (not only_due or trio.current_time() >= self.due_at()):
+            for ready in self._coalescer.flush():
+                await self._send(ready)
+
+    async def _send(self, chunk: UIChunk) -> None:
+        if self._coalescer is not None and chunk["type"] in DELTA_FIELDS:
+            if trio.current_time() < self._next_delta_at:
+                await trio.sleep_until(self._next_delta_at)
+            self._next_delta_at = trio.current_time() + self._interval
+        sequence, self._next_sequence = self._next_sequence, self._next_sequence + 1
+        await self._send_frame(encode_frame("chunk", self._request_id, sequence=sequence, chunk=chunk))

@@ -518,16 +518,11 @@ class Connection:
 
     async def _wait_drained(self) -> None:
         """Wait while the client is behind; close it 4429 if that lasts ``slow_client_timeout``."""
-        if self._gate.keeps_up():
-            return
-        deadline = trio.current_time() + self._limits.slow_client_timeout
-        while not self._gate.keeps_up():
-            if trio.current_time() >= deadline:
-                self._stats.closed_slow += 1
-                log.info("conn %s: client too slow, closing 4429", self.conn_id)
-                self.close_soon(4429, "too slow: reconnect and resume from your last seq")
-                await trio.sleep_forever()  # close_soon cancels this task's session
-            await trio.sleep(0.02)
+        if not await self._gate.wait_keeps_up(self._limits.slow_client_timeout):
+            self._stats.closed_slow += 1
+            log.info("conn %s: client too slow, closing 4429", self.conn_id)
+            self.close_soon(4429, "too slow: reconnect and resume from your last seq")
+            await trio.sleep_forever()  # close_soon cancels this task's session
 
 
 def _wire(record: NotificationRecord) -> Notification:

@@ -22,7 +22,9 @@ import attrs
 import trio
 from trio_websocket import Endpoint, WebSocketRequest
 
+from backstream.protocol.codec import ProtocolError
 from backstream.protocol.errors import UnauthorizedError
+from backstream.protocol.ui_messages import coalesce_ms_of
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.ai_sdk import AiSdkConnection
 from backstream.runtime.server.auth import Authenticator, Identity
@@ -46,6 +48,9 @@ class FrontDoorConfig:
     """A cookie whose value is a token, for browsers on ``ai_sdk_path`` (besides ``?token=``)."""
     default_model: str = "backstream/echo"
     """The model of an AI SDK request whose body names none."""
+    ai_sdk_coalesce_ms: int = 0
+    """Milliseconds between text frames of an AI SDK request when its URL gives no
+    ``coalesce_ms``; 0 sends one chunk per log entry, numbered the same on every replay."""
     allow_origins: tuple[str, ...] = ()
     """Exact Origin values browsers may connect from; empty allows any. No Origin header
     (a non-browser client) is always allowed."""
@@ -189,6 +194,11 @@ class FrontDoor:
             if identity is None:
                 await request.reject(401, body=b"a valid token is required (?token= or the auth cookie)")
                 return
+            try:
+                coalesce_ms = coalesce_ms_of(query, self.config.ai_sdk_coalesce_ms)
+            except ProtocolError as exc:
+                await request.reject(400, body=exc.message.encode())
+                return
         ws = await request.accept()
         remote = request.remote
         stream = (
@@ -208,6 +218,8 @@ class FrontDoor:
                 self._counters,
                 conn_id=conn_id,
                 default_model=self.config.default_model,
+                sock=stream.socket if stream is not None else None,
+                coalesce_ms=coalesce_ms,
             )
         else:
             connection = Connection(

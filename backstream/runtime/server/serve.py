@@ -78,8 +78,15 @@ def make_authenticator(settings: ServeSettings) -> tuple[Authenticator, str | No
 
 
 def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
+    """The front door's settings. Raises ``ValueError`` naming a setting out of range."""
+    from backstream.protocol.ui_messages import MAX_COALESCE_MS
     from backstream.runtime.server.connection import ConnectionLimits
 
+    if not 0 <= settings.ai_sdk_coalesce_ms <= MAX_COALESCE_MS:
+        raise ValueError(
+            f"--ai-sdk-coalesce-ms (BACKSTREAM_AI_SDK_COALESCE_MS): {settings.ai_sdk_coalesce_ms} "
+            f"is not in [0, {MAX_COALESCE_MS}]"
+        )
     context = None
     if settings.tls_cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -90,6 +97,7 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         allow_origins=tuple(settings.allow_origin),
         auth_cookie=settings.auth_cookie,
         default_model=settings.default_model,
+        ai_sdk_coalesce_ms=settings.ai_sdk_coalesce_ms,
         reuse_port=bool(settings.reuse_port),
         limits=ConnectionLimits(
             hello_timeout=settings.hello_timeout, max_message_bytes=settings.max_message_bytes
@@ -174,6 +182,7 @@ async def serve(
     announce = announce or (lambda line: log.warning("%s", line))
     authenticator, dev_token = make_authenticator(settings)
     config = runtime_config(settings)
+    door_config = front_door_config(settings)
     store = store or make_store(settings.store)
     shutdown = trio.Event()
     tools = load_tools(settings, config)
@@ -182,7 +191,7 @@ async def serve(
 
         if handle_signals:  # before anything listens: a signal from then on shuts down cleanly
             await nursery.start(_wait_for_signal, shutdown)
-        door = FrontDoor(runtime, authenticator, front_door_config(settings), version=VERSION)
+        door = FrontDoor(runtime, authenticator, door_config, version=VERSION)
         await nursery.start(door.run)
         http = _HttpListeners(runtime, door, authenticator, settings)
         http_port, metrics_port = await http.start(nursery)

@@ -101,6 +101,13 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
     ),
     Option("auth_cookie", str, None, "a cookie holding the token, for browsers on /v1/ai-sdk"),
     Option("default_model", str, "backstream/echo", "the model of /v1/ai-sdk requests that name none"),
+    Option(
+        "ai_sdk_coalesce_ms",
+        int,
+        0,
+        "on /v1/ai-sdk, milliseconds between text frames of a request (merged deltas) unless its "
+        "URL gives coalesce_ms; 0: one chunk per log entry",
+    ),
     Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
     Option("max_message_bytes", int, 1024 * 1024, "largest frame, either way"),
     Option("tls_cert", str, None, "certificate file for wss://"),

@@ -5,6 +5,8 @@ unsent (``TIOCOUTQ``) and the kernel calls it writable. Both are needed: the
 kernel charges the send buffer by its own overhead, so with many small frames
 it fills while the unsent payload still looks small. Writable means a third of
 the buffer is free, so a close frame still fits when the gate says no.
+Both WebSocket endpoints (``/v1`` before each batch, ``/v1/ai-sdk`` before each
+frame) wait on it through ``wait_keeps_up`` and close a client 4429 when it says no.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import termios
 import trio
 
 __all__ = ["SocketGate"]
+
+POLL_INTERVAL = 0.02
+"""Seconds between looks at a socket that is behind (the kernel has no event for "drained")."""
 
 
 class SocketGate:
@@ -45,3 +50,17 @@ class SocketGate:
         except OSError:
             return True  # the socket is gone; the send will say so
         return writable and unsent <= self._max_unsent
+
+    async def wait_keeps_up(self, patience: float) -> bool:
+        """Wait while the client is behind; True once the socket can take another frame,
+        False if it still cannot after ``patience`` seconds.
+
+        Cancellation: stops waiting; nothing is sent or lost."""
+        if self.keeps_up():
+            return True
+        deadline = trio.current_time() + patience
+        while not self.keeps_up():
+            if trio.current_time() >= deadline:
+                return False
+            await trio.sleep(POLL_INTERVAL)
+        return True

@@ -22,16 +22,38 @@ function requireEnv(name) {
  * A transport for one user. Node 20 has no global WebSocket: the `ws` package's is passed in.
  * @param {string} token
  * @param {object} [body] the request body: {model, params, tools}
+ * @param {Record<string, string>} [params] more query parameters of the URL, e.g. coalesce_ms
+ * @param {typeof WebSocket} [webSocket] the WebSocket class to use
  * @returns {WebSocketChatTransport<UIMessage>}
  */
-export function transportFor(token, body = {}) {
+export function transportFor(token, body = {}, params = {}, webSocket = WebSocket) {
   return new WebSocketChatTransport({
     url: SERVER_URL,
-    params: { token },
+    params: { token, ...params },
     body,
     // @ts-ignore: ws's constructor is the WebSocket the transport expects
-    webSocket: WebSocket,
+    webSocket,
   });
+}
+
+/**
+ * A WebSocket class that records every frame its sockets receive, parsed, into `frames`.
+ * @param {any[]} frames
+ * @returns {typeof WebSocket}
+ */
+export function recordingWebSocket(frames) {
+  class Recording extends WebSocket {
+    /**
+     * @param {string | URL} url
+     * @param {string | string[]} [protocols]
+     */
+    constructor(url, protocols) {
+      super(url, protocols);
+      this.on('message', data => frames.push(JSON.parse(String(data))));
+    }
+  }
+  // ws declares a null address too (server side); the transport always gives one.
+  return /** @type {typeof WebSocket} */ (/** @type {unknown} */ (Recording));
 }
 
 /**
