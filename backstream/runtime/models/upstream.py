@@ -13,6 +13,8 @@ import email.utils
 import json
 import logging
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -77,6 +79,14 @@ def open_http_client(config: Config) -> HTTP1Pool:
     no byte for that long fails the read. Close it with ``aclose``."""
     if not config.upstream_url:
         raise ValueError("open_http_client needs config.upstream_url")
+    proxy = _proxy_for(config.upstream_url)
+    if proxy is not None:
+        # Connections go straight to the upstream: say so rather than bypass a proxy silently.
+        log.warning(
+            "%s is set but the upstream client does not use proxies: connecting to %s directly",
+            proxy,
+            urllib.parse.urlsplit(config.upstream_url).hostname,
+        )
     return HTTP1Pool(
         config.upstream_url.rstrip("/") + "/chat/completions",
         connect_timeout=config.upstream_connect_timeout,
@@ -84,6 +94,17 @@ def open_http_client(config: Config) -> HTTP1Pool:
         max_connections=config.upstream_max_connections,
         max_keepalive=min(100, config.upstream_max_connections),
     )
+
+
+def _proxy_for(url: str) -> str | None:
+    """The name of a proxy variable that would apply to ``url`` (honouring NO_PROXY), if any."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if parts.scheme not in proxies and "all" not in proxies:
+        return None
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return f"{parts.scheme.upper()}_PROXY" if parts.scheme in proxies else "ALL_PROXY"
 
 
 class UpstreamClient:
