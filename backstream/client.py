@@ -68,6 +68,7 @@ from backstream.protocol.messages import (
     ThreadMute,
     ThreadMuteResult,
     Welcome,
+    watch_ended_job,
 )
 
 __all__ = ["Client", "ClientWatch", "open_client"]
@@ -89,7 +90,7 @@ class _Session:
         self.ws = ws
         self.welcome = welcome
         self.pending: dict[str, trio.MemorySendChannel[ServerMessage]] = {}
-        self.watches: dict[str, trio.MemorySendChannel[JobEvents]] = {}
+        self.watches: dict[str, trio.MemorySendChannel[JobEvents | ErrorMessage]] = {}
         self.closed = trio.Event()
         self.close_code: int | None = None
 
@@ -227,7 +228,7 @@ class Client:
                     if slot is not None:
                         slot.send_nowait(message)
                     elif isinstance(message, ErrorMessage):
-                        log.warning("server error: %s: %s", message.code, message.message)
+                        await self._watch_ended(session, message)
         except ConnectionClosed as exc:
             session.close_code = exc.reason.code if exc.reason else None
         except ProtocolError as exc:
@@ -236,6 +237,17 @@ class Client:
         finally:
             session.closed.set()
             session.fail_all()
+
+    async def _watch_ended(self, session: _Session, error: ErrorMessage) -> None:
+        """An ``error`` without ``id``: the server ended a watch (the watch decides what next)."""
+        job_id = watch_ended_job(error.message)
+        channel = session.watches.pop(job_id, None) if job_id is not None else None
+        if channel is None:
+            log.warning("server error: %s: %s", error.code, error.message)
+            return
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await channel.send(error)  # after the batches already queued for it
+        channel.close()
 
     async def _request(
         self, message: ClientMessage, expect: type[_Reply], session: _Session | None = None
@@ -417,7 +429,8 @@ class ClientWatch:
         self.cursor = after_seq
         self.epoch = epoch
         self.ended = False
-        self._channel: trio.MemoryReceiveChannel[JobEvents] | None = None
+        self._channel: trio.MemoryReceiveChannel[JobEvents | ErrorMessage] | None = None
+        self._outages = Backoff(0.2, 5.0, jitter="full")
         self._session: _Session | None = None
 
     def __aiter__(self) -> ClientWatch:
@@ -433,6 +446,9 @@ class ClientWatch:
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 self._channel = None  # the connection dropped: resubscribe from the cursor
                 continue
+            if isinstance(message, ErrorMessage):
+                await self._ended_by_server(message)
+                continue
             if message.from_seq != self.cursor + 1:
                 raise UnavailableError(f"batch starts at {message.from_seq}, expected {self.cursor + 1}")
             batch = Batch(
@@ -444,10 +460,19 @@ class ClientWatch:
             return batch
         raise StopAsyncIteration
 
+    async def _ended_by_server(self, error: ErrorMessage) -> None:
+        """The server ended this watch: a passing outage (``unavailable``) is resumed from the
+        cursor after a pause; anything else (``gone``: reload the job) is raised, typed."""
+        self._channel = None
+        if error.code != "unavailable":
+            raise error_for_code(error.code, error.message)
+        self._outages.attempt = min(self._outages.attempt, 8)
+        await trio.sleep(self._outages.next_delay())
+
     async def _subscribe(self) -> None:
         while True:
             session = await self._client._session()
-            send, receive = trio.open_memory_channel[JobEvents](WATCH_BUFFER)
+            send, receive = trio.open_memory_channel[JobEvents | ErrorMessage](WATCH_BUFFER)
             session.watches[self.job_id] = send
             message = JobWatch(
                 id=self._client._id(), job_id=self.job_id, after_seq=self.cursor, epoch=self.epoch
@@ -461,6 +486,7 @@ class ClientWatch:
                 session.watches.pop(self.job_id, None)
                 raise
             self._channel, self._session = receive, session
+            self._outages.reset()
             if reply.job.is_terminal and reply.job.seq <= self.cursor:
                 self.ended = True  # nothing after the cursor: the job is complete
             return

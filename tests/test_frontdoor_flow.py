@@ -15,7 +15,7 @@ import trio_websocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backstream import NotFoundError, UnauthorizedError
+from backstream import BadRequestError, NotFoundError, UnauthorizedError
 from backstream.client import open_client
 from backstream.protocol.codec import ProtocolError, decode_client
 from backstream.protocol.messages import Pong
@@ -103,6 +103,26 @@ async def test_client_that_stops_reading_is_closed_4429_and_its_job_completes() 
         await srv.runtime.wait_idle()
         assert (await srv.runtime.get_job(job_id, user="alice")).job.status == "completed"
         nursery.cancel_scope.cancel()
+
+
+async def test_python_client_watch_ended_by_the_server_raises_typed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The server ends a watch with an error without id (here: the job ended before the
+    cursor); the client's watch raises it instead of waiting forever."""
+    async with served() as srv, open_client(srv.url, "tok-alice") as client:
+        started = await client.start_job(
+            thread_id="t",
+            message_id="m",
+            model="backstream/lorem",
+            messages=[{"role": "user", "content": "x"}],
+            params={"max_tokens": 20, "tokens_per_s": 100},
+        )
+        with trio.fail_after(30), pytest.raises(BadRequestError, match="beyond"):
+            async with client.watch(started.job.job_id, after_seq=500) as batches:
+                async for _ in batches:
+                    pass
+        assert (await client.get(started.job.job_id)).job.status == "completed"
 
 
 async def test_python_client_resumes_after_a_dropped_connection(

@@ -237,3 +237,30 @@ async def test_a_log_behind_its_record_is_gone_never_a_hang(tmp_path: Path) -> N
             check_contiguous(seen)
             assert seen and seen[-1].to_seq < record.seq  # what the log held, without a gap
             assert after - before < 50  # no busy loop of reads
+
+
+async def test_a_writer_whose_job_was_recovered_elsewhere_is_fenced_off(tmp_path: Path) -> None:
+    """Redis paused past lease_ttl: the other instance takes the job for an orphan and ends it
+    interrupted in epoch 2. The instance that still runs it must not write after that ending:
+    the stored log keeps exactly one terminal status, and the job stops here too."""
+    with own_redis(tmp_path) as redis:
+        url, prefix = f"redis://{REDIS_HOST}:{redis.port}/0", f"fence:{uuid.uuid4().hex[:8]}"
+        config = Config(drain_timeout=0, lease_ttl=2, lease_renew_interval=0.5, flush_ms=20)
+        async with (
+            open_runtime(config, store=RedisStore(url, prefix=prefix)) as a,
+            open_runtime(config, store=RedisStore(url, prefix=prefix)) as b,
+        ):
+            started = await lorem(a, tokens=300, rate=50)
+            await trio.sleep(1.0)
+            redis.pause()
+            await trio.sleep(4.0)  # past the lease: b will recover the job once Redis answers
+            redis.resume()
+            with trio.fail_after(30):
+                await a.wait_idle()  # the job stops on a as well
+            entries = await b.store.read(started.job_id, 0, 100_000)
+            terminals = [e for e in entries if getattr(e, "is_terminal", False)]
+            assert [e.status for e in terminals] == ["interrupted"]  # type: ignore[attr-defined]
+            assert entries[-1] is terminals[0]
+            assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+            record = (await b.get_job(started.job_id, user="alice")).job
+            assert (record.status, record.epoch, record.seq) == ("interrupted", 2, len(entries))

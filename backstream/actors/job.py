@@ -22,6 +22,7 @@ from backstream.actors.joblog import JobLog, OutputLimitExceeded
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import (
     ChatTurn,
+    JobEndedElsewhereError,
     LogBehindError,
     Model,
     ModelFailure,
@@ -409,6 +410,14 @@ class JobActor:
                 progress = self._progress(last)
                 try:
                     await self._store.commit(self.job_id, entries, progress)
+                except JobEndedElsewhereError:
+                    # Another instance ended it (its lease lapsed): that ending stands. Stop
+                    # the work and write nothing more.
+                    log.warning("job %s: ended elsewhere while running here; stopping", self.job_id)
+                    self._closed_in_store = True
+                    self._flushed_seq, self._flushed_status = last, status
+                    self._stop_with("interrupted", None)
+                    return
                 except LogBehindError as behind:
                     log.warning("job %s: %s; writing again from there", self.job_id, behind)
                     self._flushed_seq = min(self._flushed_seq, behind.stored_seq)

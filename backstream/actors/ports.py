@@ -21,6 +21,7 @@ from backstream.protocol.records import JobProgress, JobRecord, NotificationReco
 
 __all__ = [
     "ChatTurn",
+    "JobEndedElsewhereError",
     "LogBehindError",
     "Model",
     "ModelFailure",
@@ -126,6 +127,17 @@ NotificationListener = Callable[[NotificationRecord], None]
 
 class StoreClosedError(UnavailableError):
     """The store was closed (``aclose``): unlike an outage, waiting will not help."""
+
+
+class JobEndedElsewhereError(Exception):
+    """The store holds the job as ended although this writer still runs it: another
+    instance took it for an orphan (its lease lapsed, e.g. while the store was away) and
+    ended it ``interrupted`` in a new epoch. Nothing was changed; the writer must stop
+    writing, since the stored ending stands."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"{job_id}: the store holds this job as ended by another instance")
+        self.job_id = job_id
 
 
 class LogBehindError(Exception):

@@ -51,6 +51,8 @@ __all__ = [
     "ThreadMute",
     "ThreadMuteResult",
     "Welcome",
+    "watch_ended_job",
+    "watch_ended_message",
 ]
 
 PROTOCOL_VERSION = 1
@@ -409,3 +411,21 @@ SERVER_MESSAGES: dict[str, type[Any]] = {
         NotificationPush,
     )
 }
+
+
+# -- a watch the server ends: an ``error`` without ``id`` whose message names the job ----------
+
+_WATCH_ENDED = "watch of {job_id} ended: "
+
+
+def watch_ended_message(job_id: str, why: str) -> str:
+    """The text of the ``error`` that ends a watch on the server's side."""
+    return _WATCH_ENDED.format(job_id=job_id) + why
+
+
+def watch_ended_job(message: str) -> str | None:
+    """The job whose watch an ``error`` without ``id`` ended, or None for another error."""
+    head, sep, _ = message.partition(" ended: ")
+    if not sep or not head.startswith("watch of "):
+        return None
+    return head[len("watch of ") :] or None

@@ -67,6 +67,7 @@ from backstream.protocol.messages import (
     ThreadMute,
     ThreadMuteResult,
     Welcome,
+    watch_ended_message,
 )
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
@@ -406,7 +407,7 @@ class Connection:
             if not watch.cleared_to_send.is_set():
                 raise  # before started(): the request handler reports it
             with contextlib.suppress(_Close, ConnectionClosed):
-                await self._send_error(None, exc.code, f"watch of {job_id} ended: {exc.message}")
+                await self._send_error(None, exc.code, watch_ended_message(job_id, exc.message))
         except _Close as exc:
             self.close_soon(exc.code, exc.reason)
         except ConnectionClosed:

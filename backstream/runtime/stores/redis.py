@@ -44,11 +44,17 @@ import trio
 from coredis.connection import TCPLocation
 from coredis.tokens import PureToken
 
-from backstream.actors.ports import LogBehindError, NotificationListener, Store, StoreClosedError
+from backstream.actors.ports import (
+    JobEndedElsewhereError,
+    LogBehindError,
+    NotificationListener,
+    Store,
+    StoreClosedError,
+)
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.events import LogEvent
-from backstream.protocol.lifecycle import LIVE_STATUSES, is_terminal
+from backstream.protocol.lifecycle import LIVE_STATUSES, TERMINAL_STATUSES, is_terminal
 from backstream.protocol.records import (
     JobProgress,
     JobRecord,
@@ -68,6 +74,7 @@ __all__ = ["RedisStore", "RedisStoreStatistics"]
 
 log = logging.getLogger("backstream.redis")
 
+_TERMINAL_JSON = json.dumps(sorted(TERMINAL_STATUSES))
 _WAIT_POLL_S = 1.0  # a missed pub/sub message delays a remote watcher by this at most
 _SIGNAL_POLL_S = 5.0  # ... and an abort or a decision by this
 _UNAVAILABLE = (
@@ -353,6 +360,9 @@ class RedisStore(RedisNotifications, Store):
                 if int(reply[0]) == 0:  # Redis lost the job (a restart without its data)
                     self._writing.pop(job_id, None)
                     return
+                if int(reply[0]) == 3:  # ended already: recovered by another instance
+                    self._writing.pop(job_id, None)
+                    raise JobEndedElsewhereError(job_id)
                 if int(reply[0]) == 1:
                     writing.stored_seq = progress.seq
                     if not terminal:
@@ -392,6 +402,7 @@ class RedisStore(RedisNotifications, Store):
             str(ms(max(ttl_s, 1.0))),
             repr(progress.expires_at or 0.0),
             self._k("commits"),
+            _TERMINAL_JSON,
             *self._fields(fields),
         ]
 

@@ -26,15 +26,20 @@ redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 return ''
 """
 
-# Returns {0} if the job is gone, {2, stored_seq} if its seq is not ARGV[2] (nothing
-# changed: the caller plans again from stored_seq), {1} when applied. Python planned the
-# entries (only new ones) and the progress (never behind the log) against ARGV[2].
+# Returns {0} if the job is gone, {3} if it has ended already (ARGV[9]: a JSON list of
+# the terminal statuses; a writer whose job another instance recovered is fenced off),
+# {2, stored_seq} if its seq is not ARGV[2] (nothing changed: the caller plans again from
+# stored_seq), {1} when applied. Python planned the entries (only new ones) and the
+# progress (never behind the log) against ARGV[2].
 COMMIT = """
 local seq = redis.call('HGET', KEYS[1], 'seq')
 if not seq then return {0} end
+local ended = {}
+for _, status in ipairs(cjson.decode(ARGV[9])) do ended[cjson.encode(status)] = true end
+if ended[redis.call('HGET', KEYS[1], 'status')] then return {3} end
 if tonumber(seq) ~= tonumber(ARGV[2]) then return {2, tonumber(seq)} end
 if ARGV[4] ~= '' then redis.call('XADD', KEYS[2], ARGV[3] .. '-0', 'e', ARGV[4]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+redis.call('HSET', KEYS[1], unpack(ARGV, 10))
 if ARGV[5] == '1' then
   local ttl = tonumber(ARGV[6])
   for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
