@@ -301,16 +301,23 @@ class _LoremWords(Sequence[str]):
         return _LOREM_WORDS[index % len(_LOREM_WORDS)]
 
 
-BUILTIN_MODELS: dict[str, type[_BuiltinModel]] = {
+def _tools_demo(*, default_rate: float, max_argument_chars: int) -> Model:
+    from backstream.runtime.tools_demo import ToolsDemoModel  # it builds on this module
+
+    return ToolsDemoModel(default_rate=default_rate, max_argument_chars=max_argument_chars)
+
+
+BUILTIN_MODELS: dict[str, Callable[..., Model]] = {
     "backstream/echo": EchoModel,
     "backstream/lorem": LoremModel,
+    "backstream/tools-demo": _tools_demo,
 }
 
 
 def builtin_model(name: str, *, echo_rate: float, max_argument_chars: int) -> Model:
-    cls = BUILTIN_MODELS[name]
-    rate = echo_rate if cls is EchoModel else 30.0
-    return cls(default_rate=rate, max_argument_chars=max_argument_chars)
+    factory = BUILTIN_MODELS[name]
+    rate = echo_rate if factory is EchoModel else 30.0
+    return factory(default_rate=rate, max_argument_chars=max_argument_chars)
 
 
 def _message_text(message: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import attrs
 import trio
@@ -36,6 +37,8 @@ from backstream.runtime.runtime import open_runtime
 from backstream.runtime.settings import ServeSettings
 from backstream.runtime.store import Store
 from backstream.runtime.tools import ToolRegistry
+from backstream.runtime.web_api import WebConfig
+from backstream.runtime.web_assets import find_asset
 
 __all__ = ["ServeHandle", "configure_logging", "make_authenticator", "make_store", "serve"]
 
@@ -164,11 +167,24 @@ async def serve(
                 return 200, "text/plain; version=0.0.4; charset=utf-8", render()
 
             routes: dict[str, Route] = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
-            http_port = await nursery.start(serve_status, routes, settings.host, settings.http_port)
+            if settings.web:
+                routes["/api/config"] = WebConfig(
+                    ws_port=door.port,
+                    tls=bool(settings.tls_cert),
+                    upstream_url=config.upstream_url,
+                    upstream_api_key=config.upstream_api_key,
+                )
+            assets = partial(find_asset, web=bool(settings.web))
+            http_port = await nursery.start(
+                partial(serve_status, routes, settings.host, settings.http_port, assets=assets)
+            )
         scheme = "wss" if settings.tls_cert else "ws"
         announce(f"backstream {__version__} listening on {scheme}://{settings.host}:{door.port}/v1")
         if dev_token is not None:
             announce(f"no auth configured: connect as user 'dev' with token {dev_token}")
+        if settings.web:
+            fragment = f"#token={dev_token}" if dev_token is not None else ""
+            announce(f"demo chat page: http://{settings.host}:{http_port}/{fragment}")
         task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown))
         if handle_signals:
             nursery.start_soon(_wait_for_signal, shutdown)

@@ -15,6 +15,16 @@ import attrs
 __all__ = ["OPTIONS", "Option", "ServeSettings", "add_serve_arguments", "load_settings"]
 
 
+def boolean(text: str) -> bool:
+    """``1``, ``true``, ``yes``, ``on`` or ``0``, ``false``, ``no``, ``off`` (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 @attrs.frozen
 class Option:
     name: str  # attribute; flag --name-with-dashes; env BACKSTREAM_NAME; TOML key name
@@ -28,7 +38,8 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("host", str, "127.0.0.1", "interface to listen on"),
     Option("port", int, 8765, "WebSocket port (path /v1)"),
-    Option("http_port", int, None, "port for /healthz, /readyz and /metrics (off if unset)"),
+    Option("http_port", int, None, "port for /healthz, /readyz, /metrics and /client/ (off if unset)"),
+    Option("web", boolean, False, "serve the demo chat page at / of --http-port"),
     Option(
         "store",
         str,
@@ -96,6 +107,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + option.name.replace("_", "-")
         if option.repeatable:
             parser.add_argument(flag, action="append", default=None, help=option.help)
+        elif option.kind is boolean:
+            parser.add_argument(flag, action="store_true", default=None, help=option.help)
         else:
             parser.add_argument(flag, type=option.kind, default=None, help=option.help)
 
@@ -135,4 +148,6 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
         values[option.name] = value
     if values["log_format"] not in ("text", "json"):
         raise ValueError("setting log_format: must be text or json")
+    if values["web"] and values["http_port"] is None:
+        raise ValueError("setting web: the page is served on http_port; set --http-port too")
     return ServeSettings(values)
