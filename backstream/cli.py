@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     demo.add_argument("--words", type=int, default=120, help="length of the answer in words")
     demo.add_argument("--rate", type=float, default=40.0, help="words per second")
+    demo.add_argument(
+        "--web", action="store_true", help="serve the demo chat page instead and print its URL (Ctrl-C stops)"
+    )
+    demo.add_argument("--port", type=int, default=8765, help="with --web: WebSocket port (or a free one)")
+    demo.add_argument("--http-port", type=int, default=8766, help="with --web: page port (or a free one)")
     sub.add_parser("schema", help="print the JSON Schema of every wire message")
     token_parser = sub.add_parser("token", help="mint a JWT for a user (needs BACKSTREAM_JWT_SECRET)")
     token_parser.add_argument("user")
@@ -65,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
             trio.run(serve, settings)
         except ValueError as exc:
             sys.exit(f"backstream serve: {exc}")
+    elif args.command == "demo" and args.web:
+        from backstream.demo import run_web_demo
+
+        sys.exit(trio.run(run_web_demo, args.port, args.http_port))
     elif args.command == "demo":
         from backstream.demo import run_demo
 

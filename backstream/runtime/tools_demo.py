@@ -38,7 +38,7 @@ _RECIPIENT = re.compile(r"\b(?:to|for)\s+([A-Z][\w-]{0,40})")
 
 def _send_note(to: str, text: str) -> str:
     """Send a short note to someone (demo: nothing leaves the server). Needs approval."""
-    return f"note for {to} accepted ({len(text)} characters); demo tool: nothing was sent anywhere"
+    return f"a note of {len(text)} characters for {to} (a demo tool: it sends nothing anywhere)"
 
 
 send_note: Tool = tool(_send_note, name="send_note", timeout=5, requires_approval=True)
@@ -101,7 +101,7 @@ def _describe(name: str, arguments: dict[str, Any], output: str) -> str:
     if name == "clock_now":
         return f"The time on the server is {output} (UTC)."
     if name == "send_note":
-        return f"Your note for {arguments.get('to', 'you')} went through the approval: {output}."
+        return f"With your approval, send_note took {output}."
     return f"{name} said: {output}."
 
 
