@@ -35,8 +35,8 @@ import { Connection } from "./connection.js";
  *   up: watches and waiting requests then fail with `UnavailableError` (default 30)
  * @property {number} [heartbeatMs] after this long without a frame from the server, send a
  *   `ping`; no `pong` within 10 s drops the connection and reconnects (default 25000; 0: off)
- * @property {number} [maxQueuedRequests] requests that may wait for a connection; past it a
- *   request rejects at once with `UnavailableError` (default 256)
+ * @property {number} [maxPendingRequests] requests that may wait at once for their reply or
+ *   for a connection; past it a request rejects at once with `UnavailableError` (default 256)
  * @property {number} [maxBufferedBytes] when the socket holds more unsent bytes, a request
  *   rejects at once with `UnavailableError` (default 1 MiB)
  * @property {number} [watchBufferSize] batches a watch keeps for a slow consumer (default 64)

@@ -1,7 +1,8 @@
-// The demo chat page: threads whose answers run as backstream jobs. It watches only the open
-// thread's jobs; an answer that ends while its thread is not open comes back as a notification.
+// The demo chat page's controller: threads whose answers run as backstream jobs. It watches
+// only the open thread's jobs; an answer that ends while its thread is not open comes back as a
+// notification.
 
-import { CapacityError, GoneError, NotFoundError, UnauthorizedError, connect } from "../client/backstream-client.js";
+import { CapacityError, GoneError, NotFoundError } from "../client/backstream-client.js";
 import * as render from "./render.js";
 import * as state from "./state.js";
 
@@ -12,10 +13,7 @@ import * as state from "./state.js";
 /** @typedef {import("./state.js").Thread} Thread */
 /** @typedef {import("./state.js").Turn} Turn */
 /** @typedef {{ id: string, builtin: boolean }} ModelInfo */
-/** @typedef {{ websocket: { port: number, path: string, scheme: string }, models: ModelInfo[],
- *   upstream: { configured: boolean, error: string | null } }} PageConfig */
 
-const BUILTIN = ["backstream/echo", "backstream/lorem", "backstream/tools-demo"];
 const SUGGESTIONS = [
   {
     title: "Tell me something long",
@@ -44,11 +42,11 @@ const BACKGROUND_POLL_MS = 4000;
  * @param {string} id
  * @returns {T}
  */
-function $(id) {
+export function $(id) {
   return /** @type {T} */ (document.getElementById(id));
 }
 
-class ChatApp {
+export class ChatApp {
   /** @type {Map<string, JobView>} */
   views = new Map();
   /** @type {Notification[]} */
@@ -567,81 +565,6 @@ class ChatApp {
 }
 
 /** @param {unknown} error */
-function errorText(error) {
+export function errorText(error) {
   return error instanceof Error ? error.message : String(error);
 }
-
-/** @returns {Promise<PageConfig | null>} */
-async function loadConfig() {
-  try {
-    const response = await fetch("/api/config", { cache: "no-store" });
-    return response.ok ? await response.json() : null;
-  } catch {
-    return null;
-  }
-}
-
-/** The token the URL carries (`#token=...`), removed from the address bar once read. */
-function tokenFromFragment() {
-  const params = new URLSearchParams(location.hash.slice(1));
-  const token = params.get("token");
-  if (token !== null) history.replaceState(null, "", location.pathname + location.search);
-  return token;
-}
-
-/**
- * @param {PageConfig | null} config
- */
-function websocketUrl(config) {
-  const override = new URLSearchParams(location.search).get("ws");
-  if (override) return override;
-  const ws = config?.websocket ?? { scheme: "ws", port: 8765, path: "/v1" };
-  return `${ws.scheme}://${location.hostname}:${ws.port}${ws.path}`;
-}
-
-/**
- * @param {string} url
- * @param {string} token
- * @param {PageConfig | null} config
- */
-async function start(url, token, config) {
-  $("signin-error").textContent = "";
-  try {
-    const client = await connect(url, { token, clientName: "backstream-demo-page/0.1" });
-    state.saveToken(token);
-    const models = config?.models ?? BUILTIN.map((id) => ({ id, builtin: true }));
-    new ChatApp(client, models, config?.upstream.error ?? null).run();
-  } catch (error) {
-    showSignIn(url, config, error instanceof UnauthorizedError ? "That token was refused." : `Cannot reach ${url}: ${errorText(error)}`);
-  }
-}
-
-/**
- * @param {string} url
- * @param {PageConfig | null} config
- * @param {string} problem
- */
-function showSignIn(url, config, problem) {
-  $("app").hidden = true;
-  $("signin").hidden = false;
-  $("signin-error").textContent = problem;
-  $("signin-server").textContent = url;
-  const form = $("signin-form");
-  form.onsubmit = (event) => {
-    event.preventDefault();
-    const token = /** @type {HTMLInputElement} */ ($("signin-token")).value.trim();
-    if (token) start(url, token, config);
-  };
-  $("signin-token").focus();
-}
-
-async function main() {
-  const fromUrl = tokenFromFragment();
-  const config = await loadConfig();
-  const url = websocketUrl(config);
-  const token = fromUrl ?? state.loadToken();
-  if (token === null) showSignIn(url, config, "");
-  else await start(url, token, config);
-}
-
-main();

@@ -5,11 +5,13 @@ import {
   ConnectionLostError,
   ProtocolError,
   RequestTimeoutError,
+  TooLargeError,
   UnauthorizedError,
   UnavailableError,
   UnsupportedProtocolError,
   errorFromMessage,
 } from "./errors.js";
+import { Backoff } from "./backoff.js";
 import { PROTOCOL_VERSION } from "./protocol.js";
 import { JobWatch } from "./watch.js";
 
@@ -38,6 +40,7 @@ import { JobWatch } from "./watch.js";
 
 const CLIENT_NAME = "backstream-js/0.1.0";
 const PING_TIMEOUT_MS = 10_000;
+const QUICK_DROP_MS = 5_000;
 const WATCH_ENDED = /^watch of (\S+) ended: /;
 
 /**
@@ -80,13 +83,18 @@ export class Connection {
   #tokenRefreshed = false;
   /** @type {Promise<unknown> | null} */
   #connecting = null;
-  /** @type {(() => void) | null} */
-  #wakeSleep = null;
+  /** @type {Backoff} */
+  #backoff;
   /** @type {any} */
   #heartbeat = null;
   #lastReceived = 0;
   #pinging = false;
-  #onOnline = () => this.#wakeSleep?.();
+  #openedAt = 0;
+  #quickDrops = 0;
+  #onOnline = () => {
+    if (this.#state === "offline") this.#ensureConnecting();
+    else this.#backoff.wake();
+  };
   /** @type {import("./watch.js").WatchHost} */
   #host = {
     subscribe: (watch) => {
@@ -126,10 +134,11 @@ export class Connection {
       reconnectMaxMs: options.reconnectMaxMs ?? 10_000,
       maxReconnectAttempts: options.maxReconnectAttempts ?? 30,
       heartbeatMs: options.heartbeatMs ?? 25_000,
-      maxQueuedRequests: options.maxQueuedRequests ?? 256,
+      maxPendingRequests: options.maxPendingRequests ?? 256,
       maxBufferedBytes: options.maxBufferedBytes ?? 1024 * 1024,
       watchBufferSize: options.watchBufferSize ?? 64,
     };
+    this.#backoff = new Backoff(this.#options.reconnectBaseMs, this.#options.reconnectMaxMs);
   }
 
   /**
@@ -210,7 +219,7 @@ export class Connection {
   close() {
     if (this.#state === "closed") return Promise.resolve();
     this.#setState("closed");
-    this.#wakeSleep?.();
+    this.#backoff.wake();
     this.#stopHeartbeat();
     /** @type {any} */ (globalThis).removeEventListener?.("online", this.#onOnline);
     const error = new ClientClosedError("the client was closed");
@@ -248,11 +257,17 @@ export class Connection {
    * @param {{ type: string, id: string } & Record<string, unknown>} message
    * @param {string} expect
    * @param {boolean} retry
-   * @param {{ onReply?: (reply: any) => void, timeoutMs?: number }} [options]
+   * @param {{ onReply?: (reply: any) => void, timeoutMs?: number, own?: boolean }} [options]
+   *   `own`: the client's own request (a subscription, a keep-alive ping), not counted in
+   *   `maxPendingRequests`
    * @returns {Promise<any>}
    */
-  request(message, expect, retry, { onReply, timeoutMs = this.#options.requestTimeoutMs } = {}) {
+  request(message, expect, retry, { onReply, timeoutMs = this.#options.requestTimeoutMs, own = false } = {}) {
     if (this.#state === "closed") return Promise.reject(new ClientClosedError("the client is closed"));
+    const waiting = this.#pending.size + this.#queued.length;
+    if (!own && waiting >= this.#options.maxPendingRequests) {
+      return Promise.reject(new UnavailableError(`${waiting} requests already wait for a reply or a connection; try again later`));
+    }
     return new Promise((resolve, reject) => {
       /** @type {Pending} */
       const pending = { message, expect, retry, onReply: onReply ?? null, resolve, reject, timer: undefined };
@@ -264,10 +279,6 @@ export class Connection {
       }, timeoutMs);
       if (this.#session !== null) {
         this.#send(pending);
-      } else if (this.#queued.length >= this.#options.maxQueuedRequests) {
-        this.#settle(pending, new UnavailableError(
-          `${this.#queued.length} requests already wait for a connection; try again later`,
-        ));
       } else {
         this.#queued.push(pending);
         this.#ensureConnecting();
@@ -282,9 +293,16 @@ export class Connection {
       this.#settle(pending, new UnavailableError("the socket's send buffer is full; try again later"));
       return;
     }
+    const text = JSON.stringify(pending.message);
+    const limit = session.welcome.limits.max_message_bytes;
+    // The server would close the connection (1009) for a frame over its limit: refuse it here.
+    if (typeof limit === "number" && text.length * 3 > limit && new TextEncoder().encode(text).length > limit) {
+      this.#settle(pending, new TooLargeError(`the request is larger than the server's limit of ${limit} bytes`));
+      return;
+    }
     this.#pending.set(pending.message.id, pending);
     try {
-      session.ws.send(JSON.stringify(pending.message));
+      session.ws.send(text);
     } catch (error) {
       this.#pending.delete(pending.message.id);
       this.#settle(pending, new ConnectionLostError("the connection closed before the request was sent", { cause: error }));
@@ -366,7 +384,7 @@ export class Connection {
       if (this.#watches.get(watch.jobId) === watch) watch._watching(reply.job);
       else if (!this.#watches.has(watch.jobId)) this.#sendUnwatch(watch.jobId); // closed meanwhile
     };
-    this.request(message, "job.watching", false, { onReply }).catch((error) => {
+    this.request(message, "job.watching", false, { onReply, own: true }).catch((error) => {
       if (error instanceof ConnectionLostError || error instanceof ClientClosedError) return; // resubscribes on the next connection
       if (error instanceof RequestTimeoutError) {
         if (session !== null && this.#session === session) this.#abandon(session, "a watch got no reply");
@@ -379,7 +397,7 @@ export class Connection {
   /** @param {string} jobId */
   #sendUnwatch(jobId) {
     if (this.#session === null || this.#state === "closed") return;
-    this.request({ type: "job.unwatch", id: this.nextId(), job_id: jobId }, "job.unwatched", false).catch(() => {
+    this.request({ type: "job.unwatch", id: this.nextId(), job_id: jobId }, "job.unwatched", false, { own: true }).catch(() => {
       // Nothing to do: a connection that dropped took the watch with it.
     });
   }
@@ -404,6 +422,8 @@ export class Connection {
     this.#setState(first ? "connecting" : "reconnecting");
     const retries = first ? 0 : this.#options.maxReconnectAttempts;
     let failures = 0;
+    // Sessions that keep closing right after they open back off too.
+    if (this.#quickDrops > 1) await this.#backoff.wait(this.#quickDrops - 1);
     for (;;) {
       if (this.#isClosed()) return new ClientClosedError("the client was closed");
       try {
@@ -427,31 +447,9 @@ export class Connection {
             `could not reconnect after ${failures} attempts: ${error.message}`, { cause: error },
           );
         }
-        await this.#sleep(this.#backoff(failures));
+        await this.#backoff.wait(failures);
       }
     }
-  }
-
-  /**
-   * Full jitter: anywhere from 0 to the exponential bound.
-   * @param {number} failures
-   */
-  #backoff(failures) {
-    const bound = Math.min(this.#options.reconnectMaxMs, this.#options.reconnectBaseMs * 2 ** (failures - 1));
-    return Math.random() * bound;
-  }
-
-  /** @param {number} ms */
-  #sleep(ms) {
-    return new Promise((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        this.#wakeSleep = null;
-        resolve(undefined);
-      };
-      const timer = setTimeout(done, ms);
-      this.#wakeSleep = done;
-    });
   }
 
   async #currentToken() {
@@ -507,6 +505,7 @@ export class Connection {
         }
         if (reply?.type === "error") return fail(errorFromMessage(reply));
         if (reply?.type !== "welcome") return fail(new ProtocolError(`expected welcome, got ${String(event.data).slice(0, 80)}`));
+        if (this.#isClosed()) return fail(new ClientClosedError("the client was closed"));
         clearTimeout(timer);
         /** @type {Session} */
         const session = { ws, welcome: reply };
@@ -524,6 +523,7 @@ export class Connection {
   #sessionReady(session) {
     if (this.#everOpen) this.#reconnects += 1;
     this.#everOpen = true;
+    this.#openedAt = Date.now();
     this.#setState("open");
     this.#startHeartbeat(session);
     for (const pending of this.#queued.splice(0)) this.#send(pending);
@@ -538,6 +538,7 @@ export class Connection {
   #sessionClosed(session, code, reason) {
     if (session !== this.#session) return;
     this.#session = null;
+    this.#quickDrops = Date.now() - this.#openedAt < QUICK_DROP_MS ? this.#quickDrops + 1 : 0;
     this.#stopHeartbeat();
     for (const watch of this.#watches.values()) watch._paused();
     const lost = new ConnectionLostError(`the connection closed before the reply (${code} ${reason || ""})`.trim());
@@ -589,7 +590,7 @@ export class Connection {
     this.#heartbeat = setInterval(() => {
       if (this.#session !== session || this.#pinging || Date.now() - this.#lastReceived < every) return;
       this.#pinging = true;
-      this.request({ type: "ping", id: this.nextId() }, "pong", false, { timeoutMs: PING_TIMEOUT_MS })
+      this.request({ type: "ping", id: this.nextId() }, "pong", false, { timeoutMs: PING_TIMEOUT_MS, own: true })
         .catch((error) => {
           if (error instanceof RequestTimeoutError && this.#session === session) this.#abandon(session, "no pong");
         })

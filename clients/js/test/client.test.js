@@ -9,6 +9,7 @@ import {
   ConflictError,
   NotFoundError,
   RequestTimeoutError,
+  TooLargeError,
   UnauthorizedError,
   UnavailableError,
   batchText,
@@ -181,6 +182,10 @@ describe("typed errors", () => {
       (error) => error instanceof BadRequestError && /unknown built-in model/.test(error.message),
     );
     await assert.rejects(client.markNotificationsRead({}), BadRequestError);
+    const huge = [{ role: "user", content: "é".repeat(600_000) }]; // 1.2 MB of UTF-8, over the 1 MiB frame limit
+    await assert.rejects(client.startJob({ threadId: "t", messageId: "huge", model: "backstream/echo", messages: huge }), TooLargeError);
+    assert.equal(client.state, "open");
+    assert.equal(client.statistics().reconnects, 0);
     const watch = client.watch("j_nope");
     await assert.rejects(watch.next(), NotFoundError);
     const alice = await open("tok-alice");
@@ -243,7 +248,7 @@ describe("reconnects", () => {
   test("requests time out, and a bounded number waits for a connection", async () => {
     const proxy = await startProxy(server.port);
     try {
-      const client = await open("tok-erin", { url: proxy.url, requestTimeoutMs: 400, maxQueuedRequests: 2, reconnectBaseMs: 20, reconnectMaxMs: 50 });
+      const client = await open("tok-erin", { url: proxy.url, requestTimeoutMs: 400, maxPendingRequests: 2, reconnectBaseMs: 20, reconnectMaxMs: 50 });
       proxy.state.blackhole = true;
       await assert.rejects(client.ping(), RequestTimeoutError);
       proxy.state.blackhole = false;
@@ -252,7 +257,7 @@ describe("reconnects", () => {
       await sleep(30);
       assert.equal(client.state, "reconnecting");
       const waiting = [client.ping(), client.ping()];
-      await assert.rejects(client.ping(), (error) => error instanceof UnavailableError && /wait for a connection/.test(error.message));
+      await assert.rejects(client.ping(), (error) => error instanceof UnavailableError && /wait for a reply or a connection/.test(error.message));
       proxy.state.refuse = false;
       const pongs = await Promise.all(waiting);
       assert.deepEqual(pongs.map((p) => p.type), ["pong", "pong"]);
