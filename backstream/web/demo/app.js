@@ -113,8 +113,9 @@ export class ChatApp {
   }
 
   newThread() {
-    const current = this.active();
-    if (current !== null && current.turns.length === 0) {
+    const empty = this.threads.find((t) => t.turns.length === 0);
+    if (empty !== undefined) {
+      if (empty.id !== this.activeId) this.open(empty.id);
       $("prompt").focus();
       return;
     }

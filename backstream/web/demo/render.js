@@ -158,7 +158,7 @@ export function answer(view, model, actions) {
     h("span", { class: "model" }, model),
     label ? h("span", { class: `chip chip-${view.status}` }, label) : null,
     view.seq > 0 ? h("span", { class: "seq", title: "The last log entry shown; a resume starts right after it" }, `seq ${view.seq}`) : null,
-    view.resumedAt > 0 && live ? h("span", { class: "seq resumed" }, `resumed after ${view.resumedAt}`) : null,
+    view.resumedAt > 0 && live ? h("span", { class: "seq resumed" }, `resumed after seq ${view.resumedAt}`) : null,
   );
   body.append(meta);
   return h(
@@ -175,7 +175,8 @@ export function answer(view, model, actions) {
  * @param {AnswerActions} actions
  */
 function toolCard(view, part, actions) {
-  const state = part.approval === "pending" ? "pending" : part.output === null ? "running" : part.isError ? "error" : "done";
+  const waiting = view.status === "awaiting_approval" && part.output === null;
+  const state = part.approval === "pending" ? "pending" : waiting ? "waiting" : part.output === null ? "running" : part.isError ? "error" : "done";
   const card = h(
     "div",
     { class: `tool tool-${state}`, "data-call-id": part.callId, "data-tool": part.name },

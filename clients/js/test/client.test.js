@@ -1,6 +1,10 @@
 // The client in Node against a real `backstream serve`: every call, typed errors, reconnects.
 
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 import {
@@ -15,7 +19,7 @@ import {
   batchText,
   connect,
 } from "../src/backstream-client.js";
-import { LOREM, collect, contiguous, sleep, startProxy, startServer } from "./helpers.js";
+import { LOREM, REPO, collect, contiguous, sleep, startProxy, startServer } from "./helpers.js";
 
 /** @type {Awaited<ReturnType<typeof startServer>>} */
 let server;
@@ -171,6 +175,22 @@ describe("requests", () => {
     assert.deepEqual([read.type, read.unread], ["notifications.read.result", 0]);
     assert.equal((await client.markNotificationsRead({ all: true })).unread, 0);
   });
+});
+
+test("the README's example runs as written (on this test's server and token)", async () => {
+  const readme = readFileSync(join(REPO, "README.md"), "utf8");
+  const example = [...readme.matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1]).find((code) => code.includes("connect("));
+  assert.ok(example);
+  // Inside the package, so that "backstream-client" resolves to it; Node 20 has no global WebSocket.
+  const file = join(REPO, "clients", "js", "test", `.readme-example-${process.pid}.mjs`);
+  const script = example.replace("ws://127.0.0.1:8765/v1", server.url).replace('"tokA"', '"tok-dave"');
+  writeFileSync(file, `import { WebSocket } from "ws";\nglobalThis.WebSocket = WebSocket;\n${script}`);
+  try {
+    const { stdout } = await promisify(execFile)(process.execPath, [file], { timeout: 20_000 });
+    assert.equal(stdout.trim(), 'completed "hello" true');
+  } finally {
+    rmSync(file, { force: true });
+  }
 });
 
 describe("typed errors", () => {
