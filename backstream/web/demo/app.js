@@ -88,6 +88,9 @@ export class ChatApp {
       if (!panel.hidden && !panel.contains(/** @type {Node} */ (event.target)) && !$("bell").contains(/** @type {Node} */ (event.target))) panel.hidden = true;
     });
     this.client.onStateChange((s) => this.showConnection(s));
+    $("connection").addEventListener("click", () => {
+      if (this.client.state === "offline") this.client.ping().catch(() => {});
+    });
     this.client.onNotification((n) => this.onNotification(n));
     this.showConnection(this.client.state);
     const saved = state.loadSetting("active");
@@ -430,7 +433,7 @@ export class ChatApp {
     const items = [];
     for (const turn of thread.turns) {
       items.push(render.userMessage(turn));
-      if (turn.jobId !== null) items.push(render.answer(this.view(turn.jobId), turn.model, this.actions()));
+      if (turn.jobId !== null) items.push(render.answer(this.view(turn.jobId), turn.model, this.actions(), this.client.state === "open"));
       else if (turn.error !== null) items.push(render.failedStart(turn, this.actions()));
       else items.push(render.pendingAnswer());
     }
@@ -447,7 +450,7 @@ export class ChatApp {
     const old = list.querySelector(`article[data-job-id="${CSS.escape(view.jobId)}"]`);
     if (turn === undefined || old === null) return;
     const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
-    old.replaceWith(render.answer(view, turn.model, this.actions()));
+    old.replaceWith(render.answer(view, turn.model, this.actions(), this.client.state === "open"));
     if (atBottom) list.scrollTop = list.scrollHeight;
     this.renderComposer();
   }
@@ -492,8 +495,19 @@ export class ChatApp {
   showConnection(connection) {
     const pill = $("connection");
     pill.dataset.state = connection;
-    pill.textContent = { connecting: "Connecting…", open: "Live", reconnecting: "Reconnecting…", offline: "Offline", closed: "Closed" }[connection];
-    if (connection === "open") this.refreshNotifications();
+    pill.textContent = { connecting: "Connecting…", open: "Live", reconnecting: "Reconnecting…", offline: "Offline: retry", closed: "Closed" }[connection];
+    pill.title = connection === "offline" ? "The server could not be reached; click to try again" : "";
+    for (const turn of this.active()?.turns ?? []) if (turn.jobId !== null) this.renderJob(this.view(turn.jobId));
+    if (connection !== "open") return;
+    this.refreshNotifications();
+    // Watches that failed while the client was offline start again from their last seq.
+    for (const turn of this.active()?.turns ?? []) {
+      const view = turn.jobId === null ? null : this.view(turn.jobId);
+      if (view !== null && view.watch === null && !state.TERMINAL.has(view.status) && view.status !== "missing") {
+        view.error = null;
+        this.follow(view);
+      }
+    }
   }
 
   /** @param {string} message */

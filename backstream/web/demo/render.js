@@ -138,8 +138,9 @@ function avatar() {
  * @param {JobView} view
  * @param {string} model
  * @param {AnswerActions} actions
+ * @param {boolean} connected false while the client reconnects: a live answer is paused
  */
-export function answer(view, model, actions) {
+export function answer(view, model, actions, connected) {
   const live = view.status === "running" || view.status === "awaiting_approval";
   const body = h("div", { class: "answer" });
   for (const part of view.parts) {
@@ -151,12 +152,13 @@ export function answer(view, model, actions) {
   else if (live) body.lastElementChild?.classList.add("streaming");
   if (view.error !== null) body.append(h("div", { class: "note error" }, icon("warn"), view.error));
   if (view.note !== null) body.append(h("div", { class: "note" }, view.note));
-  const label = STATUS_LABELS[view.status];
+  const paused = live && !connected;
+  const label = paused ? "Reconnecting" : STATUS_LABELS[view.status];
   const meta = h(
     "div",
     { class: "meta" },
     h("span", { class: "model" }, model),
-    label ? h("span", { class: `chip chip-${view.status}` }, label) : null,
+    label ? h("span", { class: `chip chip-${paused ? "paused" : view.status}` }, label) : null,
     view.seq > 0 ? h("span", { class: "seq", title: "The last log entry shown; a resume starts right after it" }, `seq ${view.seq}`) : null,
     view.resumedAt > 0 && live ? h("span", { class: "seq resumed" }, `resumed after seq ${view.resumedAt}`) : null,
   );

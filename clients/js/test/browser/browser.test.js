@@ -8,7 +8,7 @@ import { connect } from "../../src/backstream-client.js";
 import { sleep, startProxy, startServer } from "../helpers.js";
 import { launch, openPage, screenshot } from "./chromium.js";
 
-const USERS = ["client", "switch", "notify", "reload", "muted", "failed", "tools", "stop"];
+const USERS = ["client", "switch", "notify", "reload", "network", "muted", "failed", "tools", "stop"];
 const WORDS = (/** @type {number} */ n) => Array.from({ length: n }, (_, i) => `word${i + 1}`).join(" ");
 
 /** @type {Awaited<ReturnType<typeof startServer>>} */
@@ -247,6 +247,37 @@ describe("in Chromium", { concurrency: 3 }, () => {
     assert.equal(await shown(page, jobId), info.content);
     assert.ok(WORDS(400).startsWith(info.content ?? "-"));
     assert.deepEqual(problems, []);
+  });
+
+  test("the network drops mid-answer: the page says so, reconnects and resumes with no duplicated text", async () => {
+    const proxy = await startProxy(server.port);
+    closers.push(() => proxy.close());
+    const opened = await openPage(browser);
+    closers.push(() => opened.context.close());
+    const { page, problems, sent } = opened;
+    await page.goto(`${server.http}/?ws=${encodeURIComponent(proxy.url)}#token=tok-network`);
+    await page.waitForSelector("#connection[data-state=open]");
+    const admin = await serverClient("network");
+    const jobId = await send(page, WORDS(400), "backstream/echo");
+    await seqAtLeast(page, jobId, 6);
+    proxy.state.refuse = true;
+    proxy.cut();
+    await page.waitForSelector("#connection[data-state=reconnecting]");
+    assert.equal(await page.textContent(`article[data-job-id="${jobId}"] .chip`), "Reconnecting");
+    await screenshot(page, "demo-reconnecting");
+    const before = await seqOf(page, jobId);
+    proxy.state.refuse = false;
+    await page.waitForSelector("#connection[data-state=open]");
+    await seqAtLeast(page, jobId, before + 5);
+    const resumed = watchesOf(sent, jobId).at(-1);
+    assert.equal(resumed.after_seq, before, "the watch resumed right after what the page showed");
+    await admin.abort(jobId);
+    await statusIs(page, jobId, "aborted");
+    const info = await admin.getJob(jobId, { includeContent: true });
+    assert.equal(await shown(page, jobId), info.content);
+    // Chromium itself logs each refused reconnect; the page logs nothing.
+    const refused = `error: WebSocket connection to '${proxy.url}' failed:`;
+    assert.deepEqual(problems.filter((line) => !line.startsWith(refused)), []);
   });
 
   test("a muted thread raises no notification", async () => {
