@@ -13,8 +13,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
+import attrs
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,35 +42,89 @@ def _node_major() -> int:
     return int(found.group(1)) if found else 0
 
 
-def _run_node_tests(*files: str) -> None:
-    _require("Node.js 20 or newer", _node_major() >= 20, "install Node.js 20+ (e.g. apt-get install nodejs npm)")
-    _require("the client's npm dev dependencies", (JS / "node_modules" / "ws").is_dir(), "run `npm ci` in clients/js")
-    env = {**os.environ, "BACKSTREAM_PYTHON": sys.executable, "BACKSTREAM_TEST_RESULTS": str(REPO / "test-results")}
-    done = subprocess.run(
-        ["node", "--test", "--test-concurrency=2", *files],
-        cwd=JS,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    report = done.stdout + done.stderr
-    passed = re.search(r"^# pass (\d+)$", report, re.MULTILINE)
-    failed = re.search(r"^# fail (\d+)$", report, re.MULTILINE)
-    failures = "\n".join(line for line in report.splitlines() if "not ok" in line or "error:" in line)
-    assert done.returncode == 0 and failed is not None and failed.group(1) == "0", (
-        failures + "\n" + report[-6000:]
-    )
-    assert passed is not None and int(passed.group(1)) > 0, report[-2000:]
+def _node_ready() -> bool:
+    return _node_major() >= 20 and (JS / "node_modules" / "ws").is_dir()
 
 
-def test_javascript_client_in_node() -> None:
+def _chromium_ready() -> bool:
+    return Path(CHROMIUM).exists() and (JS / "node_modules" / "playwright-core").is_dir()
+
+
+def _require_node() -> None:
+    _require(
+        "Node.js 20 or newer", _node_major() >= 20, "install Node.js 20+ (e.g. apt-get install nodejs npm)"
+    )
+    _require(
+        "the client's npm dev dependencies",
+        (JS / "node_modules" / "ws").is_dir(),
+        "run `npm ci` in clients/js",
+    )
+
+
+@attrs.define
+class NodeRun:
+    """``node --test`` over some files, its output going to a temporary file."""
+
+    process: subprocess.Popen[bytes]
+    output: IO[bytes]
+
+    @classmethod
+    def start(cls, *files: str) -> NodeRun:
+        output = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
+        env = {
+            **os.environ,
+            "BACKSTREAM_PYTHON": sys.executable,
+            "BACKSTREAM_TEST_RESULTS": str(REPO / "test-results"),
+        }
+        process = subprocess.Popen(
+            ["node", "--test", "--test-concurrency=2", *files], cwd=JS, env=env, stdout=output, stderr=output
+        )
+        return cls(process, output)
+
+    def check(self) -> None:
+        """Wait for the run; fail with its failures unless every test passed."""
+        returncode = self.process.wait(timeout=300)
+        self.output.seek(0)
+        report = self.output.read().decode(errors="replace")
+        passed = re.search(r"^# pass (\d+)$", report, re.MULTILINE)
+        failed = re.search(r"^# fail (\d+)$", report, re.MULTILINE)
+        failures = "\n".join(line for line in report.splitlines() if "not ok" in line or "error:" in line)
+        assert returncode == 0 and failed is not None and failed.group(1) == "0", (
+            failures + "\n" + report[-6000:]
+        )
+        assert passed is not None and int(passed.group(1)) > 0, report[-2000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.output.close()
+
+
+@pytest.fixture(scope="module")
+def node_runs() -> Iterator[dict[str, NodeRun]]:
+    """Both runs start at once: side by side they take little more than the longer one."""
+    runs: dict[str, NodeRun] = {}
+    if _node_ready():
+        runs["node"] = NodeRun.start("test/client.test.js", "test/recovery.test.js")
+        if _chromium_ready():
+            runs["chromium"] = NodeRun.start("test/browser/browser.test.js")
+    yield runs
+    for run in runs.values():
+        run.stop()
+
+
+def test_javascript_client_in_node(node_runs: dict[str, NodeRun]) -> None:
     """Every call, typed errors, drops, slow consumers, restarts, kill -9 (gone), 4401."""
-    _run_node_tests("test/client.test.js", "test/recovery.test.js")
+    _require_node()
+    node_runs["node"].check()
 
 
-def test_javascript_client_and_demo_page_in_chromium() -> None:
+def test_javascript_client_and_demo_page_in_chromium(node_runs: dict[str, NodeRun]) -> None:
     """The client in the browser through a dropped socket; the page's flows, with screenshots."""
+    _require_node()
     _require("Chromium", Path(CHROMIUM).exists(), "apt-get install chromium")
-    _require("playwright-core", (JS / "node_modules" / "playwright-core").is_dir(), "run `npm ci` in clients/js")
-    _run_node_tests("test/browser/browser.test.js")
+    _require(
+        "playwright-core", (JS / "node_modules" / "playwright-core").is_dir(), "run `npm ci` in clients/js"
+    )
+    node_runs["chromium"].check()

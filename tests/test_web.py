@@ -64,7 +64,9 @@ def test_every_module_and_file_the_page_loads_is_served() -> None:
         for module in folder.glob("*.js"):
             for spec in _imports(module):
                 url = httpx.URL(f"http://x{prefix}{module.name}").join(spec).path
-                assert find_asset(url, web=True) is not None, f"{module.name} imports {spec}: {url} is not served"
+                assert find_asset(url, web=True) is not None, (
+                    f"{module.name} imports {spec}: {url} is not served"
+                )
     page = (DEMO / "index.html").read_text()
     for url in re.findall(r'(?:href|src)="(/[^"]+)"', page):
         assert find_asset(url, web=True) is not None, url
@@ -111,13 +113,22 @@ async def test_http_port_serves_the_client_and_with_web_the_page_and_config(
 
 async def test_config_says_when_the_upstream_cannot_list_its_models(nursery: trio.Nursery) -> None:
     settings = ServeSettings.defaults(
-        port=0, http_port=0, token=("tok=alice",), store="memory", web=True, drain_timeout=0.0,
+        port=0,
+        http_port=0,
+        token=("tok=alice",),
+        store="memory",
+        web=True,
+        drain_timeout=0.0,
         upstream_url="http://127.0.0.1:9/v1",  # nothing listens on the discard port
     )
     handle = await _serve(settings, nursery)
     async with httpx.AsyncClient() as http:
         config = (await http.get(f"http://127.0.0.1:{handle.http_port}/api/config")).json()
-    assert [m["id"] for m in config["models"]] == ["backstream/echo", "backstream/lorem", "backstream/tools-demo"]
+    assert [m["id"] for m in config["models"]] == [
+        "backstream/echo",
+        "backstream/lorem",
+        "backstream/tools-demo",
+    ]
     assert config["upstream"]["configured"] is True and "could not be read" in config["upstream"]["error"]
     handle.shutdown.set()
 
@@ -129,7 +140,9 @@ def test_web_setting() -> None:
     add_serve_arguments(parser)
     assert load_settings(parser.parse_args(["--web", "--http-port", "8766"]), env={}).web is True
     assert load_settings(parser.parse_args([]), env={}).web is False
-    assert load_settings(parser.parse_args([]), env={"BACKSTREAM_WEB": "yes", "BACKSTREAM_HTTP_PORT": "1"}).web
+    assert load_settings(
+        parser.parse_args([]), env={"BACKSTREAM_WEB": "yes", "BACKSTREAM_HTTP_PORT": "1"}
+    ).web
     with pytest.raises(ValueError, match="http_port"):
         load_settings(parser.parse_args(["--web"]), env={})
     with pytest.raises(ValueError, match="setting web: expected true or false"):
@@ -161,8 +174,12 @@ async def _run_tools_demo(text: str, tools: list[str], decide: bool | None) -> t
         registry.register(item)
     async with open_runtime(Config(), tools=registry) as rt:
         job = await rt.start_job(
-            user="u", thread_id="t", message_id="m", model="backstream/tools-demo",
-            messages=[{"role": "user", "content": text}], tools=tools,
+            user="u",
+            thread_id="t",
+            message_id="m",
+            model="backstream/tools-demo",
+            messages=[{"role": "user", "content": text}],
+            tools=tools,
         )
         kinds: list[Any] = []
         async with rt.watch(job.job_id, user="u") as batches:
