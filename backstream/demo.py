@@ -38,7 +38,11 @@ async def run_demo(words: int, rate: float) -> int:
 
 async def run_web_demo(port: int, http_port: int) -> int:
     """Serve the demo chat page on embedded defaults (SQLite in a temporary folder, the
-    built-in models, the demo tools) until SIGINT or SIGTERM; print the URL to open."""
+    built-in models, the demo tools) until SIGINT or SIGTERM; print the URL to open.
+
+    Cancellation: the server stops at once and running jobs end ``interrupted``; the
+    temporary folder is removed either way.
+    """
     with tempfile.TemporaryDirectory(prefix="backstream-web-demo-") as workdir:
         settings = ServeSettings.defaults(
             port=port if _port_is_free(port) else 0,
