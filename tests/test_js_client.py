@@ -77,13 +77,21 @@ class NodeRun:
             "BACKSTREAM_TEST_RESULTS": str(REPO / "test-results"),
         }
         process = subprocess.Popen(
-            ["node", "--test", "--test-concurrency=2", *files], cwd=JS, env=env, stdout=output, stderr=output
+            ["node", "--test", "--test-concurrency=2", "--test-timeout=120000", *files],
+            cwd=JS,
+            env=env,
+            stdout=output,
+            stderr=output,
         )
         return cls(process, output)
 
     def check(self) -> None:
         """Wait for the run; fail with its failures unless every test passed."""
-        returncode = self.process.wait(timeout=300)
+        try:
+            returncode = self.process.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            returncode = self.process.wait()
         self.output.seek(0)
         report = self.output.read().decode(errors="replace")
         passed = re.search(r"^# pass (\d+)$", report, re.MULTILINE)

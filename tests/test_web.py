@@ -179,6 +179,7 @@ async def _run_tools_demo(text: str, tools: list[str], decide: bool | None) -> t
             message_id="m",
             model="backstream/tools-demo",
             messages=[{"role": "user", "content": text}],
+            params={"tokens_per_s": 2000},
             tools=tools,
         )
         kinds: list[Any] = []
@@ -192,7 +193,8 @@ async def _run_tools_demo(text: str, tools: list[str], decide: bool | None) -> t
         return info.content or "", kinds, info.job.status
 
 
-async def test_the_tools_demo_model_calls_tools_and_asks_for_approval(autojump_clock: trio.abc.Clock) -> None:
+async def test_the_tools_demo_model_calls_tools_and_asks_for_approval() -> None:
+    # A real clock: the tools run on worker threads, which a jumping clock would time out.
     every = ["calculate", "clock_now", "send_note"]
     text, kinds, status = await _run_tools_demo("What is 1337 * 42? Then send a note to Ada.", every, True)
     assert status == "completed"

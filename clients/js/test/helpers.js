@@ -85,10 +85,12 @@ export async function startServer(options = {}) {
     url: `ws://127.0.0.1:${port}/v1`,
     http: `http://127.0.0.1:${httpPort}`,
     log: () => log,
-    /** SIGTERM (a graceful stop: clients get 1001) or SIGKILL, and wait for the exit. */
+    /** SIGTERM (a graceful stop: clients get 1001) or SIGKILL, and wait for the exit (SIGKILL after 20 s). */
     stop: async (/** @type {NodeJS.Signals} */ signal = "SIGTERM") => {
       proc.kill(signal);
+      const timer = setTimeout(() => proc.kill("SIGKILL"), 20_000);
       await exited();
+      clearTimeout(timer);
     },
     restart: launch,
   };
