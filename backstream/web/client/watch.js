@@ -44,6 +44,8 @@ export class JobWatch {
   /** @type {unknown} */
   #error = null;
   #overflowed = false;
+  /** @type {string | null} the id of the latest `job.watch` */
+  #subscription = null;
   #serverDone = false;
   #closed = false;
   /** @type {AbortSignal | undefined} */
@@ -146,10 +148,22 @@ export class JobWatch {
   // -- called by the client -------------------------------------------------------------------
 
   /**
-   * The server answered this watch's `job.watch` with `job.watching`.
-   * @param {JobSummary} job
+   * A `job.watch` for this watch is being sent: batches are dropped until its reply, since
+   * until then they may belong to an earlier subscription.
+   * @param {string} requestId
    */
-  _watching(job) {
+  _subscribing(requestId) {
+    this.live = false;
+    this.#subscription = requestId;
+  }
+
+  /**
+   * The server answered a `job.watch` with `job.watching`; only the latest one counts.
+   * @param {JobSummary} job
+   * @param {string} requestId
+   */
+  _watching(job, requestId) {
+    if (requestId !== this.#subscription) return;
     this.live = true;
     this.subscriptions += 1;
     if (this.epoch === null) this.epoch = job.epoch;
@@ -163,6 +177,7 @@ export class JobWatch {
   /** The connection closed: batches stop until the next subscription. */
   _paused() {
     this.live = false;
+    this.#subscription = null;
   }
 
   /**

@@ -36,7 +36,11 @@ import { JobWatch } from "./watch.js";
  * @property {ReturnType<typeof setTimeout> | undefined} timer
  */
 
-/** @typedef {{ ws: WebSocketLike, welcome: Welcome }} Session */
+/**
+ * A socket past `welcome`; `ready` once the requests and watches that waited for it were sent
+ * (until then new ones wait too, so that they go out in order).
+ * @typedef {{ ws: WebSocketLike, welcome: Welcome, ready: boolean }} Session
+ */
 
 const CLIENT_NAME = "backstream-js/0.1.0";
 const PING_TIMEOUT_MS = 10_000;
@@ -98,7 +102,7 @@ export class Connection {
   /** @type {import("./watch.js").WatchHost} */
   #host = {
     subscribe: (watch) => {
-      if (this.#session !== null && this.#watches.get(watch.jobId) === watch) this.#subscribe(watch);
+      if (this.#session?.ready && this.#watches.get(watch.jobId) === watch) this.#subscribe(watch);
     },
     unsubscribe: (watch) => this.#sendUnwatch(watch.jobId),
     release: (watch, unwatch) => {
@@ -190,7 +194,7 @@ export class Connection {
     });
     if (watch.ended) return watch;
     this.#watches.set(jobId, watch);
-    if (this.#session !== null) this.#subscribe(watch);
+    if (this.#session?.ready) this.#subscribe(watch);
     else this.#ensureConnecting();
     return watch;
   }
@@ -277,7 +281,7 @@ export class Connection {
         if (at >= 0) this.#queued.splice(at, 1);
         reject(new RequestTimeoutError(`no reply to ${message.type} within ${timeoutMs} ms`));
       }, timeoutMs);
-      if (this.#session !== null) {
+      if (this.#session?.ready || (own && this.#session !== null)) {
         this.#send(pending);
       } else {
         this.#queued.push(pending);
@@ -370,10 +374,11 @@ export class Connection {
 
   /** @param {JobWatch} watch */
   #subscribe(watch) {
-    watch._paused();
+    const id = this.nextId();
+    watch._subscribing(id);
     const message = {
       type: "job.watch",
-      id: this.nextId(),
+      id,
       job_id: watch.jobId,
       after_seq: watch.resumeSeq,
       epoch: watch.epoch ?? undefined,
@@ -381,7 +386,7 @@ export class Connection {
     const session = this.#session;
     /** @param {JobWatching} reply */
     const onReply = (reply) => {
-      if (this.#watches.get(watch.jobId) === watch) watch._watching(reply.job);
+      if (this.#watches.get(watch.jobId) === watch) watch._watching(reply.job, reply.id);
       else if (!this.#watches.has(watch.jobId)) this.#sendUnwatch(watch.jobId); // closed meanwhile
     };
     this.request(message, "job.watching", false, { onReply, own: true }).catch((error) => {
@@ -508,7 +513,7 @@ export class Connection {
         if (this.#isClosed()) return fail(new ClientClosedError("the client was closed"));
         clearTimeout(timer);
         /** @type {Session} */
-        const session = { ws, welcome: reply };
+        const session = { ws, welcome: reply, ready: false };
         ws.onmessage = (/** @type {{ data: unknown }} */ next) => this.#dispatch(session, next.data);
         ws.onclose = (/** @type {{ code: number, reason: string }} */ closed) => this.#sessionClosed(session, closed.code, closed.reason);
         this.#session = session;
@@ -521,6 +526,7 @@ export class Connection {
 
   /** @param {Session} session */
   #sessionReady(session) {
+    session.ready = true;
     if (this.#everOpen) this.#reconnects += 1;
     this.#everOpen = true;
     this.#openedAt = Date.now();
