@@ -200,7 +200,7 @@ async def test_the_tools_demo_model_calls_tools_and_asks_for_approval() -> None:
     assert status == "completed"
     assert kinds.count("tool_call") == 2 and kinds.count("tool_result") == 2
     assert kinds.index("approval_required") < kinds.index("approval")
-    assert text.startswith("Let me use calculate, send_note for that. 1337 * 42 = 56154.")
+    assert text.startswith("Let me use calculate and send_note for that. 1337 * 42 = 56154.")
     assert "With your approval, send_note took a note of" in text and "sends nothing anywhere" in text
     denied, _, _ = await _run_tools_demo("Send a note to Ada.", every, False)
     assert denied.endswith("You declined send_note, so I did not run it.")

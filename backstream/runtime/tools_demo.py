@@ -142,8 +142,9 @@ class ToolsDemoModel:
             reply = "I can call calculate, clock_now and send_note, but none of them is enabled for this job."
             words = await _stream(collector, reply, rate)
             return _finish(collector, "stop", turn, words)
-        names = ", ".join(name for name, _ in calls)
-        words = await _stream(collector, f"Let me use {names} for that. ", rate)
+        names = [name for name, _ in calls]
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        words = await _stream(collector, f"Let me use {listed} for that. ", rate)
         for index, (name, arguments) in enumerate(calls):
             fragment = {
                 "index": index,
