@@ -231,8 +231,10 @@ describe("typed errors", () => {
 describe("reconnects", () => {
   test("a watch resumes after the network drops: no gap, no repeat", async () => {
     const proxy = await startProxy(server.port);
+    /** @type {import("../src/backstream-client.js").Client | undefined} */
+    let client;
     try {
-      const client = await open("tok-erin", { url: proxy.url, reconnectBaseMs: 50 });
+      client = await open("tok-erin", { url: proxy.url, reconnectBaseMs: 50 });
       const started = await client.startJob({ threadId: "drop", messageId: "d1", model: "backstream/lorem", messages: LOREM, params: { max_tokens: 120, tokens_per_s: 60 } });
       const watch = client.watch(started.job.job_id);
       const { batches, text, status } = await collect(watch, (_batch, index) => {
@@ -245,6 +247,7 @@ describe("reconnects", () => {
       assert.equal(watch.subscriptions, 3);
       assert.equal(proxy.state.accepted, 3);
     } finally {
+      await client?.close(); // before the proxy: no client of one test reconnects into the next
       await proxy.close();
     }
   });
@@ -267,8 +270,10 @@ describe("reconnects", () => {
 
   test("requests time out, and a bounded number waits for a connection", async () => {
     const proxy = await startProxy(server.port);
+    /** @type {import("../src/backstream-client.js").Client | undefined} */
+    let client;
     try {
-      const client = await open("tok-erin", { url: proxy.url, requestTimeoutMs: 400, maxPendingRequests: 2, reconnectBaseMs: 20, reconnectMaxMs: 50 });
+      client = await open("tok-erin", { url: proxy.url, requestTimeoutMs: 1500, maxPendingRequests: 2, reconnectBaseMs: 20, reconnectMaxMs: 50 });
       proxy.state.blackhole = true;
       await assert.rejects(client.ping(), RequestTimeoutError);
       proxy.state.blackhole = false;
@@ -283,14 +288,17 @@ describe("reconnects", () => {
       assert.deepEqual(pongs.map((p) => p.type), ["pong", "pong"]);
       assert.equal(client.state, "open");
     } finally {
+      await client?.close(); // before the proxy: no client of one test reconnects into the next
       await proxy.close();
     }
   });
 
   test("after maxReconnectAttempts the client is offline; watches fail, the next call retries", async () => {
     const proxy = await startProxy(server.port);
+    /** @type {import("../src/backstream-client.js").Client | undefined} */
+    let client;
     try {
-      const client = await open("tok-erin", { url: proxy.url, maxReconnectAttempts: 2, reconnectBaseMs: 10, reconnectMaxMs: 20 });
+      client = await open("tok-erin", { url: proxy.url, maxReconnectAttempts: 2, reconnectBaseMs: 10, reconnectMaxMs: 20 });
       const started = await client.startJob({ threadId: "off", messageId: "o1", model: "backstream/lorem", messages: LOREM, params: { max_tokens: 60, tokens_per_s: 30 } });
       const watch = client.watch(started.job.job_id);
       await watch.next();
@@ -303,6 +311,7 @@ describe("reconnects", () => {
       assert.ok(contiguous(rest.batches, watch.cursor));
       assert.equal(client.state, "open");
     } finally {
+      await client?.close(); // before the proxy: no client of one test reconnects into the next
       await proxy.close();
     }
   });
