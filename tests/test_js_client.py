@@ -8,9 +8,11 @@ Screenshots of the page go to ``test-results/``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,6 +84,7 @@ class NodeRun:
             env=env,
             stdout=output,
             stderr=output,
+            start_new_session=True,  # its own process group: servers it started go with it
         )
         return cls(process, output)
 
@@ -90,7 +93,7 @@ class NodeRun:
         try:
             returncode = self.process.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self._kill_group()
             returncode = self.process.wait()
         self.output.seek(0)
         report = self.output.read().decode(errors="replace")
@@ -103,10 +106,13 @@ class NodeRun:
         assert passed is not None and int(passed.group(1)) > 0, report[-2000:]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self._kill_group()
+        self.process.wait()
         self.output.close()
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,17 @@ import { mkdtempSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
+import { after } from "node:test";
 import { fileURLToPath } from "node:url";
 
 export const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
 const PYTHON = process.env.BACKSTREAM_PYTHON ?? join(REPO, ".venv", "bin", "python");
+
+/** Servers still running: a test that failed before stopping its server must not keep the file's process alive. */
+const running = /** @type {Set<import("node:child_process").ChildProcess>} */ (new Set());
+after(() => {
+  for (const proc of running) proc.kill("SIGKILL");
+});
 
 /** @returns {Promise<number>} a port nothing listens on now */
 export function freePort() {
@@ -68,6 +75,9 @@ export async function startServer(options = {}) {
   let log = "";
   const launch = async () => {
     proc = spawn(PYTHON, args, { env: { ...process.env, ...options.env }, stdio: ["ignore", "ignore", "pipe"] });
+    const started = proc;
+    running.add(started);
+    started.once("exit", () => running.delete(started));
     proc.stderr?.on("data", (chunk) => {
       log = (log + chunk).slice(-20_000);
     });
