@@ -13,6 +13,8 @@ The embeddable API::
                 print(batch.text, end="")
 """
 
+from backstream.actors.config import Config
+from backstream.actors.ports import ChatTurn, Model, ModelFailure, OutputSink, Store, TurnResult
 from backstream.protocol.errors import (
     BackstreamError,
     BadRequestError,
@@ -36,19 +38,18 @@ from backstream.protocol.events import (
     StatusEvent,
     TextEvent,
 )
-from backstream.runtime.config import Config
-from backstream.runtime.memory_store import MemoryStore
-from backstream.runtime.models import ChatTurn, Model, ModelFailure, OutputSink, TurnCollector, TurnResult
-from backstream.runtime.runtime import (
+from backstream.protocol.version import VERSION
+from backstream.runtime.api import (
     AbortResult,
     Runtime,
     RuntimeStatistics,
     StartedJob,
-    open_runtime,
 )
-from backstream.runtime.store import Store
+from backstream.runtime.models.turns import TurnCollector
+from backstream.runtime.stores.memory import MemoryStore
+from backstream.runtime.tree import open_runtime
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "AbortResult",

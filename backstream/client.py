@@ -17,19 +17,28 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
+import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
 
+from backstream.protocol.backoff import Backoff
 from backstream.protocol.codec import ProtocolError, decode_server, encode
 from backstream.protocol.errors import BackstreamError, UnavailableError, error_for_code
 from backstream.protocol.events import Batch
 from backstream.protocol.messages import (
+    PROTOCOL_VERSION,
     ClientMessage,
     ErrorMessage,
     Hello,
@@ -145,7 +154,7 @@ class Client:
                 return self._current
             if self._closed:
                 raise UnavailableError("the client is closed")
-            attempt = 0
+            backoff = Backoff(self._reconnect_base, self._reconnect_max, jitter="full")
             had_session = self._current is not None
             while True:
                 try:
@@ -160,13 +169,11 @@ class Client:
                     UnavailableError,
                     trio.TooSlowError,
                 ) as exc:
-                    attempt += 1
-                    if attempt > self._max_reconnect_attempts:
+                    if backoff.attempt >= self._max_reconnect_attempts:
                         raise UnavailableError(
-                            f"could not connect after {attempt - 1} retries: {exc}"
+                            f"could not connect after {backoff.attempt} retries: {exc}"
                         ) from None
-                    delay = min(self._reconnect_max, self._reconnect_base * 2 ** (attempt - 1))
-                    await trio.sleep(random.uniform(0, delay))  # full jitter
+                    await trio.sleep(backoff.next_delay())
 
     async def _connect(self) -> _Session:
         headers = [(b"authorization", f"Bearer {self._token}".encode())] if self._token_in_header else None
@@ -180,7 +187,7 @@ class Client:
             )
             hello = Hello(
                 id="hello",
-                protocol=1,
+                protocol=PROTOCOL_VERSION,
                 token=None if self._token_in_header else self._token,
                 client=self._client_name,
             )
@@ -258,6 +265,7 @@ class Client:
         return f"r{next(self._ids)}"
 
     async def aclose(self) -> None:
+        """Close the client and its connection. Cancellation: still closed (bounded)."""
         self._closed = True
         if self._current is not None:
             with trio.move_on_after(2) as scope:
@@ -265,7 +273,10 @@ class Client:
                 await self._current.ws.aclose()
 
     async def drop_connection(self) -> None:
-        """Close the current connection; watches resume on a new one (demos and tests use this)."""
+        """Close the current connection; watches resume on a new one (demos and tests use this).
+
+        Cancellation: the connection is dropped all the same.
+        """
         if self._current is not None:
             await self._current.ws.aclose()
 
@@ -281,6 +292,8 @@ class Client:
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
     ) -> JobStarted:
+        """Start a job (``job.start``). Cancellation: the job may still have started; a retry
+        with the same ``message_id`` returns it."""
         message = JobStart(
             id=self._id(),
             thread_id=thread_id,
@@ -296,7 +309,11 @@ class Client:
     async def watch(
         self, job_id: str, *, after_seq: int = 0, epoch: int | None = None
     ) -> AsyncIterator[ClientWatch]:
-        """Watch a job from ``after_seq``; iterate for batches. Reconnects and resumes by itself."""
+        """Watch a job from ``after_seq``; iterate for batches. Reconnects and resumes by itself.
+
+        Cancellation: the watch ends on the server (``job.unwatch``) when the connection allows
+        it; the job goes on.
+        """
         watch = ClientWatch(self, job_id, after_seq, epoch)
         try:
             yield watch
@@ -306,15 +323,41 @@ class Client:
                 await watch.aclose()
 
     async def abort(self, job_id: str) -> JobAbortResult:
+        """Abort a job (``job.abort``). Cancellation: the abort may still have been requested."""
         return await self._request(JobAbort(id=self._id(), job_id=job_id), JobAbortResult)
 
     async def get(self, job_id: str, *, include_content: bool = False, offset: int = 0) -> JobInfoMessage:
-        message = JobGet(id=self._id(), job_id=job_id, include_content=include_content, offset=offset)
-        return await self._request(message, JobInfoMessage)
+        """The job's summary; with ``include_content`` its content from ``offset`` and its
+        tool calls, fetched page by page when they do not fit in one frame (``job.get``).
+        Cancellation: safe; nothing is changed on the server."""
+        pages: list[JobInfoMessage] = []
+        calls_offset = 0
+        while True:
+            message = JobGet(
+                id=self._id(),
+                job_id=job_id,
+                include_content=include_content,
+                offset=offset,
+                tool_calls_offset=calls_offset,
+            )
+            page = await self._request(message, JobInfoMessage)
+            pages.append(page)
+            if page.next_offset is None and page.next_tool_calls_offset is None:
+                break
+            offset = page.next_offset if page.next_offset is not None else offset + len(page.content or "")
+            calls_offset = page.next_tool_calls_offset or calls_offset + len(page.tool_calls)
+        if len(pages) == 1:
+            return pages[0]
+        return attrs.evolve(
+            pages[-1],
+            content="".join(p.content or "" for p in pages) if include_content else None,
+            tool_calls=[call for p in pages for call in p.tool_calls],
+        )
 
     async def list_jobs(
         self, *, thread_id: str | None = None, status: Sequence[str] | None = None, limit: int = 50
     ) -> JobListResult:
+        """The user's jobs, newest first (``job.list``). Cancellation: safe."""
         message = JobList(
             id=self._id(),
             thread_id=thread_id,
@@ -324,29 +367,37 @@ class Client:
         return await self._request(message, JobListResult)
 
     async def approve(self, job_id: str, call_id: str, approved: bool) -> JobApproveResult:
+        """Decide on a tool call (``job.approve``). Cancellation: the decision may still stand."""
         message = JobApprove(id=self._id(), job_id=job_id, call_id=call_id, approved=approved)
         return await self._request(message, JobApproveResult)
 
     async def notifications_list(self, *, unread_only: bool = False, limit: int = 50) -> NotificationsResult:
+        """The user's notifications (``notifications.list``). Cancellation: safe."""
         message = NotificationsList(id=self._id(), unread_only=unread_only, limit=limit)
         return await self._request(message, NotificationsResult)
 
     async def notifications_read(
         self, ids: Sequence[str] = (), *, all: bool = False
     ) -> NotificationsReadResult:
+        """Mark notifications read. Cancellation: the marks may still have been written."""
         message = NotificationsRead(id=self._id(), ids=list(ids), all=all)
         return await self._request(message, NotificationsReadResult)
 
     async def mute_thread(self, thread_id: str, muted: bool = True) -> ThreadMuteResult:
+        """Mute or unmute a thread. Cancellation: the change may still have been written."""
         return await self._request(
             ThreadMute(id=self._id(), thread_id=thread_id, muted=muted), ThreadMuteResult
         )
 
     async def ping(self) -> Pong:
+        """A round trip (``ping``). Cancellation: safe."""
         return await self._request(Ping(id=self._id()), Pong)
 
     async def next_notification(self) -> Notification:
-        """The next pushed notification (the oldest kept)."""
+        """The next pushed notification (the oldest kept).
+
+        Cancellation: safe; no notification is lost (it stays queued).
+        """
         while not self._inbox:
             await self._inbox_changed.wait()
         return self._inbox.popleft()
@@ -415,6 +466,7 @@ class ClientWatch:
             return
 
     async def aclose(self) -> None:
+        """Close the client and its connection. Cancellation: still closed (bounded)."""
         session, self._session = self._session, None
         if session is None or session.closed.is_set():
             return
@@ -424,6 +476,15 @@ class ClientWatch:
                 await self._client._request(
                     JobUnwatch(id=self._client._id(), job_id=self.job_id), object, session
                 )
+
+
+def check_endpoint_url(url: str) -> None:
+    """Raise ``ValueError`` unless ``url`` looks like a backstream endpoint (``ws://HOST:PORT/v1``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(
+            f"{url!r} is not a backstream endpoint: expected ws://HOST:PORT/v1 or wss://HOST:PORT/v1"
+        )
 
 
 @asynccontextmanager
@@ -445,29 +506,54 @@ async def open_client(
     token). Later drops are retried, up to ``max_reconnect_attempts`` times in a
     row, with exponential backoff from ``reconnect_base`` to ``reconnect_max``
     seconds and full jitter.
+    Cancellation: the connection is closed; nothing is left running.
     """
+    check_endpoint_url(url)
     failure: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        client = Client(
-            nursery,
-            url,
-            token,
-            client_name=client_name,
-            token_in_header=token_in_header,
-            request_timeout=request_timeout,
-            connect_timeout=connect_timeout,
-            reconnect_base=reconnect_base,
-            reconnect_max=reconnect_max,
-            max_reconnect_attempts=max_reconnect_attempts,
-        )
-        try:
-            client._current = await client._connect()
-            yield client
-        except Exception as exc:
-            # Raised bare after the nursery, not wrapped in an ExceptionGroup.
-            failure = exc
-        finally:
-            await client.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            client = Client(
+                nursery,
+                url,
+                token,
+                client_name=client_name,
+                token_in_header=token_in_header,
+                request_timeout=request_timeout,
+                connect_timeout=connect_timeout,
+                reconnect_base=reconnect_base,
+                reconnect_max=reconnect_max,
+                max_reconnect_attempts=max_reconnect_attempts,
+            )
+            try:
+                try:
+                    client._current = await client._connect()
+                except ConnectionRejected as exc:
+                    raise UnavailableError(
+                        f"{url} is not a backstream endpoint: the server answered HTTP {exc.status_code}"
+                    ) from None
+                except ProtocolError:
+                    raise UnavailableError(
+                        f"{url} is not a backstream endpoint: hello got no welcome"
+                    ) from None
+                except OSError as exc:
+                    raise UnavailableError(f"cannot connect to {url}: {exc.strerror or exc}") from None
+                yield client
+            except Exception as exc:
+                # Raised bare after the nursery, not wrapped in an ExceptionGroup.
+                failure = exc
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # trio-websocket's reader task raised into the nursery
+        rejected = group.subgroup(ConnectionRejected)
+        if rejected is None:
+            raise
+        leaf = rejected.exceptions[0]
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        status = getattr(leaf, "status_code", "?")
+        raise UnavailableError(
+            f"{url} is not a backstream endpoint: the server answered HTTP {status}"
+        ) from None
     if failure is not None:
         raise failure

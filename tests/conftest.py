@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from backstream import MemoryStore, Store
-from backstream.runtime.redis_store import RedisStore
-from backstream.runtime.sqlite_store import SqliteStore
+from backstream.runtime.stores.redis import RedisStore
+from backstream.runtime.stores.sqlite import SqliteStore
 from tests.upstream_server import FakeUpstream, open_fake_upstream
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", int(os.environ.get("BACKSTREAM_TEST_REDIS_PORT", "6379"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from backstream import Batch, Runtime
+from backstream import Batch, Runtime, Store
+from backstream.actors.watcher import StoredSource, Watcher
 from backstream.protocol.events import StatusEvent
 
 
@@ -31,3 +32,16 @@ def terminal(batches: list[Batch]) -> StatusEvent:
     last = batches[-1].events[-1]
     assert isinstance(last, StatusEvent) and last.is_terminal
     return last
+
+
+def store_reader(store: Store, job_id: str, *, batch_seconds: float = 0.0) -> Watcher:
+    """A watcher that reads only the store from seq 0, as on an instance that does not run the job."""
+    return Watcher(
+        job_id,
+        1,
+        StoredSource(store, job_id),
+        after_seq=0,
+        batch_seconds=batch_seconds,
+        max_batch_events=1024,
+        max_batch_chars=1 << 20,
+    )

@@ -8,7 +8,7 @@ from typing import Literal
 import attrs
 import trio
 
-from backstream.runtime.tools import tool
+from backstream.runtime.tools.registry import tool
 
 
 @attrs.frozen
@@ -51,7 +51,19 @@ async def add_async(a: int, b: int = 0) -> int:
     return a + b
 
 
-hang_isolated = tool(spin, name="hang_isolated", timeout=1, isolation="subprocess")
+hang_isolated = tool(spin, name="hang_isolated", timeout=3, isolation="subprocess")  # room for a slow start
 delete_files = tool(
     add_async, name="delete_files", requires_approval=True, description="Dangerous: needs a person's OK"
 )
+
+
+def stubborn(seconds: float) -> str:
+    """Block a process for a while and ignore SIGTERM (only SIGKILL ends it)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(seconds)
+    return "done"
+
+
+stubborn_isolated = tool(stubborn, name="stubborn_isolated", timeout=2, isolation="subprocess")

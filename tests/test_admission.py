@@ -95,7 +95,7 @@ async def test_retention_frees_the_job(autojump_clock: trio.testing.MockClock) -
         await trio.sleep(20)
         with pytest.raises(backstream.NotFoundError):
             await rt.get_job(job.job_id, user="alice")
-        assert store.job_count() == 0 and rt.statistics().jobs.swept_total == 1
+        assert store.job_count() == 0 and rt.statistics().keeper.swept_total == 1
         fresh = await lorem(rt, "alice", "m1", max_tokens=1)  # the message id is free again
         assert not fresh.existing
 

@@ -9,8 +9,8 @@ import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from backstream import Config
-from backstream.actors.connection import ConnectionLimits
-from backstream.runtime.auth import AnyAuthenticator, JWTAuthenticator, StaticTokens, mint_jwt
+from backstream.runtime.server.auth import AnyAuthenticator, JWTAuthenticator, StaticTokens, mint_jwt
+from backstream.runtime.server.connection import ConnectionLimits
 from tests.ws_helpers import TOKENS, check_contiguous, raw_client, served, start_fields, text_of
 
 SECRET = "s" * 40
@@ -250,7 +250,7 @@ async def test_capacity_error_has_retry_hint(autojump_clock: trio.testing.MockCl
         assert reply["code"] == "capacity" and reply["retry_after_ms"] == 1000
 
 
-async def test_get_too_large_for_a_frame(autojump_clock: trio.testing.MockClock) -> None:
+async def test_get_cuts_content_to_fit_a_frame(autojump_clock: trio.testing.MockClock) -> None:
     async with served(limits=ConnectionLimits(max_message_bytes=4000)) as srv, raw_client(srv.url) as c:
         await c.hello()
         job_id = (
@@ -258,9 +258,9 @@ async def test_get_too_large_for_a_frame(autojump_clock: trio.testing.MockClock)
         )["job"]["job_id"]
         await trio.sleep(1)
         reply = await c.request("job.get", job_id=job_id, include_content=True)
-        assert reply["code"] == "too_large" and "offset" in reply["message"]
+        assert reply["type"] == "job.info" and reply["next_offset"] == len(reply["content"]) > 1000
         tail = await c.request("job.get", job_id=job_id, include_content=True, offset=10_000)
-        assert tail["type"] == "job.info"
+        assert tail["type"] == "job.info" and "next_offset" not in tail
 
 
 async def test_origin_allowlist(autojump_clock: trio.testing.MockClock) -> None:

@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backstream import NotFoundError, UnauthorizedError
-from backstream.actors.connection import ConnectionLimits
 from backstream.client import open_client
 from backstream.protocol.codec import ProtocolError, decode_client
 from backstream.protocol.messages import Pong
 from backstream.protocol.schema import json_schema
+from backstream.runtime.server.connection import ConnectionLimits
 from tests.ws_helpers import Raw, check_contiguous, served, start_fields, text_of
 
 
@@ -95,7 +95,7 @@ async def test_client_that_stops_reading_is_closed_4429_and_its_job_completes() 
         )
         job_id = started["job"]["job_id"]
         with trio.fail_after(10):
-            while srv.door.stats.closed_slow == 0:  # the client reads nothing
+            while srv.door.statistics().closed_slow == 0:  # the client reads nothing
                 await trio.sleep(0.05)
         record = await srv.runtime.get_job(job_id, user="alice")
         assert record.job.status == "running"  # its job goes on

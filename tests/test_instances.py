@@ -12,7 +12,7 @@ import trio
 
 import backstream
 from backstream import Config, Runtime, open_runtime
-from backstream.runtime.redis_store import RedisStore
+from backstream.runtime.stores.redis import RedisStore
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.helpers import check_contiguous, collect, joined_text, terminal
 
@@ -112,3 +112,13 @@ async def test_a_lost_log_gives_gone_never_a_gap() -> None:
                             await r.delete([store._job(job_id), store._log(job_id)])
         assert all(y[0] == x[1] + 1 for x, y in itertools.pairwise(seqs))  # no gap before it
         await a.abort(job_id, user="alice")
+
+
+async def test_a_remote_watch_past_the_end_ends_when_the_job_ends() -> None:
+    """Another instance's record may lag the live log, so the cursor is accepted; once the
+    job has ended before it, the watch ends with bad_request instead of waiting forever."""
+    async with two_instances() as (a, b):
+        job_id = await lorem(a, "m1", tokens=20, rate=100)
+        with trio.fail_after(10):
+            with pytest.raises(backstream.BadRequestError, match="beyond"):
+                await collect(b, job_id, after_seq=1000)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from backstream.actors.joblog import JobLog, LogClosedError, OutputLimitExceeded, merge_events
 from backstream.protocol.events import ReasoningEvent, StatusEvent, TextEvent, ToolCallEvent
-from backstream.runtime.joblog import JobLog, LogClosedError, OutputLimitExceeded, merge_events
 
 
 def make_log(limit: int = 1000) -> JobLog:

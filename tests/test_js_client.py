@@ -23,44 +23,24 @@ from typing import IO
 import attrs
 import pytest
 
+from tests.node_tools import CHROMIUM, node_major, require_chromium, require_node
+
 REPO = Path(__file__).resolve().parent.parent
 JS = REPO / "clients" / "js"
-CHROMIUM = os.environ.get("BACKSTREAM_CHROMIUM", "/usr/bin/chromium")
 
 
-def _require(what: str, present: bool, install: str) -> None:
-    if present:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {what} is missing: {install}")
-    pytest.skip(f"{what} is missing: {install}")
+@pytest.fixture(scope="module")
+def node() -> str:
+    """Node 20+ and the client's npm dev dependencies (checked outside any trio run)."""
+    return require_node(JS, "ws", "typescript")
 
 
-def _node_major() -> int:
-    if shutil.which("node") is None:
-        return 0
-    version = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
-    found = re.match(r"v(\d+)", version)
-    return int(found.group(1)) if found else 0
-
-
-def _node_ready() -> bool:
-    return _node_major() >= 20 and (JS / "node_modules" / "ws").is_dir()
-
-
-def _chromium_ready() -> bool:
-    return Path(CHROMIUM).exists() and (JS / "node_modules" / "playwright-core").is_dir()
-
-
-def _require_node() -> None:
-    _require(
-        "Node.js 20 or newer", _node_major() >= 20, "install Node.js 20+ (e.g. apt-get install nodejs npm)"
-    )
-    _require(
-        "the client's npm dev dependencies",
-        (JS / "node_modules" / "ws").is_dir(),
-        "run `npm ci` in clients/js",
-    )
+@pytest.fixture(scope="module")
+def chromium(node: str) -> str:
+    """Chromium, and playwright-core to drive it."""
+    path = require_chromium()
+    require_node(JS, "playwright-core")
+    return path
 
 
 @attrs.define
@@ -117,28 +97,24 @@ class NodeRun:
 
 @pytest.fixture(scope="module")
 def node_runs() -> Iterator[dict[str, NodeRun]]:
-    """Both runs start at once: side by side they take little more than the longer one."""
+    """Both runs start at once (each where its tools are present): side by side they take
+    little more than the longer one. The tests say what is missing."""
     runs: dict[str, NodeRun] = {}
-    if _node_ready():
+    node = shutil.which("node")
+    if node_major(node) >= 20 and (JS / "node_modules" / "ws").is_dir():
         runs["node"] = NodeRun.start("test/client.test.js", "test/recovery.test.js")
-        if _chromium_ready():
+        if Path(CHROMIUM).exists() and (JS / "node_modules" / "playwright-core").is_dir():
             runs["chromium"] = NodeRun.start("test/browser/browser.test.js")
     yield runs
     for run in runs.values():
         run.stop()
 
 
-def test_javascript_client_in_node(node_runs: dict[str, NodeRun]) -> None:
+def test_javascript_client_in_node(node: str, node_runs: dict[str, NodeRun]) -> None:
     """Every call, typed errors, drops, slow consumers, restarts, kill -9 (gone), 4401."""
-    _require_node()
     node_runs["node"].check()
 
 
-def test_javascript_client_and_demo_page_in_chromium(node_runs: dict[str, NodeRun]) -> None:
+def test_javascript_client_and_demo_page_in_chromium(chromium: str, node_runs: dict[str, NodeRun]) -> None:
     """The client in the browser through a dropped socket; the page's flows, with screenshots."""
-    _require_node()
-    _require("Chromium", Path(CHROMIUM).exists(), "apt-get install chromium")
-    _require(
-        "playwright-core", (JS / "node_modules" / "playwright-core").is_dir(), "run `npm ci` in clients/js"
-    )
     node_runs["chromium"].check()

@@ -45,7 +45,7 @@ async def test_thousand_jobs_leave_no_jobs_watchers_or_tasks(autojump_clock: tri
         assert stats.job_tasks.children == 0 and stats.jobs.started_total == 1000
         assert store.job_count() == 1000
         await trio.sleep(config.retention + 2 * config.sweep_interval)
-        assert store.job_count() == 0 and rt.statistics().jobs.swept_total == 1000
+        assert store.job_count() == 0 and rt.statistics().keeper.swept_total == 1000
         empty = store.statistics()
         assert (empty.jobs, empty.entries, empty.message_keys, empty.users, empty.expiry_rows) == (
             0,

@@ -9,9 +9,9 @@ import pytest
 import trio
 
 from backstream import ChatTurn, Config, OutputSink, Runtime, Store, TurnCollector, TurnResult, open_runtime
-from backstream.runtime.redis_store import RedisStore
-from backstream.runtime.sqlite_store import SqliteStore
-from backstream.runtime.store import JobRecord, JobRequest
+from backstream.protocol.records import JobRecord, JobRequest
+from backstream.runtime.stores.redis import RedisStore
+from backstream.runtime.stores.sqlite import SqliteStore
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.helpers import collect
 
@@ -137,7 +137,7 @@ class ToolBot:
 
 
 async def test_approval_wait_notifies(autojump_clock: trio.testing.MockClock) -> None:
-    from backstream.runtime.tools import ToolRegistry
+    from backstream.runtime.tools.registry import ToolRegistry
     from tests import sample_tools
 
     tools = ToolRegistry.with_builtins()
@@ -230,7 +230,7 @@ async def test_across_two_instances_on_redis() -> None:
 
 @pytest.mark.parametrize("approved", [True])
 async def test_store_notify_is_atomic_and_unique(store: Store, approved: bool) -> None:
-    from backstream.runtime.store import NotificationRecord
+    from backstream.protocol.records import NotificationRecord
 
     def record(n: str, kind: str = "ai.message.received") -> NotificationRecord:
         return NotificationRecord(

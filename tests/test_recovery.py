@@ -140,6 +140,7 @@ async def test_kill_9_with_redis_is_recovered_by_another_instance() -> None:
                         last = batch
                 assert all(y[0] == x[1] + 1 for x, y in itertools.pairwise(seqs))
                 assert last.terminal is not None and last.terminal.status == "interrupted"
+                assert last.epoch == 2  # the batch with the recovered end carries the new epoch
                 info = await b.get(job_id, include_content=True)
                 assert info.job.status == "interrupted" and info.job.epoch == 2 and info.content == text
     finally:

@@ -7,7 +7,7 @@ import uuid
 import trio
 
 from backstream import Config, open_runtime
-from backstream.runtime.redis_store import RedisStore
+from backstream.runtime.stores.redis import RedisStore
 from tests.helpers import check_contiguous, collect, joined_text, terminal
 
 MSG = [{"role": "user", "content": "x"}]

@@ -10,27 +10,38 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import coredis
 import pytest
 import trio
 
-from backstream import Config, open_runtime
-from backstream.runtime.redis_store import RedisStore
-from tests.conftest import redis_url
-from tests.helpers import check_contiguous, joined_text, terminal
+from backstream import Config, GoneError, Runtime, StartedJob, open_runtime
+from backstream.protocol.events import ToolResultEvent
+from backstream.runtime.stores.redis import RedisStore
+from tests import sample_tools
+from tests.conftest import REDIS_HOST, redis_url
+from tests.helpers import check_contiguous, joined_text, store_reader, terminal
 from tests.test_serve import free_port, wait_for_port
+from tests.upstream_server import FakeUpstream, streams
 
 MSG = [{"role": "user", "content": "x"}]
 
 
 class RedisServer:
-    """A redis-server of the test's own, persisting every write (appendfsync always)."""
+    """A redis-server of the test's own. ``persistence="aof"`` logs every write (appendfsync
+    always); ``"snapshot"`` keeps only what an explicit SAVE wrote."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, persistence: str = "aof") -> None:
         self.directory = directory
+        self.persistence = persistence
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        persist = (
+            ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+            if self.persistence == "aof"
+            else ["--save", "", "--appendonly", "no"]
+        )
         self.proc = subprocess.Popen(
             [
                 "redis-server",
@@ -38,12 +49,7 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
+                *persist,
                 "--dir",
                 str(self.directory),
             ],
@@ -56,50 +62,68 @@ class RedisServer:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+
+async def lorem(rt: Runtime, tokens: int, rate: float) -> StartedJob:
+    return await rt.start_job(
+        user="alice",
+        thread_id="t",
+        message_id="m",
+        model="backstream/lorem",
+        messages=MSG,
+        params={"max_tokens": tokens, "tokens_per_s": rate},
+    )
+
 
 @contextmanager
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+def own_redis(tmp_path: Path, persistence: str = "aof") -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is needed for the Redis fault tests")
-    server = RedisServer(tmp_path)
+    server = RedisServer(tmp_path, persistence)
     server.start()
     try:
         yield server
     finally:
         if server.proc is not None and server.proc.poll() is None:
+            server.resume()
             server.kill()
 
 
-async def test_redis_restart_mid_job_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("outage", ["restart", "pause"])
+async def test_redis_outage_of_seconds_mid_job_loses_nothing(tmp_path: Path, outage: str) -> None:
+    """Redis away for 5 s (killed and restarted with its data, or frozen): the job goes on,
+    its watchers see no gap, and everything is written once Redis is back."""
     with own_redis(tmp_path) as redis:
         store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
         async with open_runtime(
             Config(drain_timeout=0, flush_ms=20, store_outage_limit=30), store=store
         ) as rt:
-            started = await rt.start_job(
-                user="alice",
-                thread_id="t",
-                message_id="m",
-                model="backstream/lorem",
-                messages=MSG,
-                params={"max_tokens": 150, "tokens_per_s": 50},
-            )
-            batches, restarted = [], False
-            async with rt.watch(started.job_id, user="alice") as watch:
-                async for batch in watch:  # local watchers keep streaming while Redis is down
-                    batches.append(batch)
-                    if not restarted and batch.to_seq > 30:
-                        restarted = True
-                        redis.kill()
-                        await trio.sleep(1.0)
-                        redis.start()
+            started = await lorem(rt, 150, 50)
+            batches, away = [], False
+            with trio.fail_after(40):
+                async with rt.watch(started.job_id, user="alice") as watch:
+                    async for batch in watch:  # local watchers keep streaming while Redis is away
+                        batches.append(batch)
+                        if not away and batch.to_seq > 30:
+                            away = True
+                            redis.kill() if outage == "restart" else redis.pause()
+                            await trio.sleep(5.0)
+                            redis.start() if outage == "restart" else redis.resume()
+                await rt.wait_idle()
             check_contiguous(batches)
-            assert terminal(batches).status == "completed"
-            await rt.wait_idle()
+            assert terminal(batches).status == "completed" and len(joined_text(batches).split()) == 150
             stored = await store.read(started.job_id, 0, 10_000)
             assert [e.seq for e in stored] == list(range(1, terminal(batches).seq + 1))
             info = await rt.get_job(started.job_id, user="alice", include_content=True)
             assert info.content == joined_text(batches) and info.job.status == "completed"
+            assert store.statistics().jobs_writing == 0
 
 
 async def test_redis_down_too_long_fails_the_job_unavailable(tmp_path: Path) -> None:
@@ -108,14 +132,7 @@ async def test_redis_down_too_long_fails_the_job_unavailable(tmp_path: Path) -> 
         async with open_runtime(
             Config(drain_timeout=0, flush_ms=20, store_outage_limit=1.0), store=store
         ) as rt:
-            started = await rt.start_job(
-                user="alice",
-                thread_id="t",
-                message_id="m",
-                model="backstream/lorem",
-                messages=MSG,
-                params={"max_tokens": 1000, "tokens_per_s": 50},
-            )
+            started = await lorem(rt, 1000, 50)
             batches = []
             async with rt.watch(started.job_id, user="alice") as watch:
                 async for batch in watch:
@@ -126,3 +143,97 @@ async def test_redis_down_too_long_fails_the_job_unavailable(tmp_path: Path) -> 
             assert end.status == "failed" and end.error is not None and end.error.code == "unavailable"
             check_contiguous(batches)
             assert 10 < len(joined_text(batches).split()) < 1000  # what it had, kept for its watchers
+
+
+async def test_redis_outage_during_an_approval_wait(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """The job waits for a person while Redis restarts: the decision still lands, the job ends
+    ``completed``."""
+    from tests.test_tools import registry, start, tool_turn
+
+    upstream.script(tool_turn(("c1", "delete_files", '{"a": 1, "b": 2}')), streams(["done"]))
+    with own_redis(tmp_path) as redis:
+        store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
+        config = Config(upstream_url=upstream.url, drain_timeout=0, flush_ms=20)
+        async with open_runtime(config, store=store, tools=registry(sample_tools.delete_files)) as rt:
+            job_id = await start(rt, ["delete_files"])
+            with trio.fail_after(5):
+                while (await rt.get_job(job_id, user="alice")).job.status != "awaiting_approval":
+                    await trio.sleep(0.02)
+            redis.kill()
+            await trio.sleep(6.0)  # longer than the decision wait's poll: the wait meets the outage
+            redis.start()
+            await trio.sleep(1.0)
+            with trio.fail_after(10):
+                summary = await rt.approve(job_id, "c1", True, user="alice")
+                assert summary.status in ("running", "completed")
+                await rt.wait_idle()
+            info = await rt.get_job(job_id, user="alice", include_content=True)
+            assert info.job.status == "completed" and info.content == "done"
+            assert [(c.output, c.is_error) for c in info.tool_calls] == [("3", False)]
+            stored = await store.read(job_id, 0, 100)
+            assert [e.seq for e in stored] == list(range(1, info.job.seq + 1))
+            assert any(isinstance(e, ToolResultEvent) for e in stored)
+
+
+async def test_redis_back_from_an_older_snapshot(tmp_path: Path) -> None:
+    """Redis restarts from a snapshot older than the job's last writes: the job writes again
+    what the store lost, and a reader through the store sees the whole log, never a gap."""
+    with own_redis(tmp_path, persistence="snapshot") as redis:
+        prefix = f"bstest:{uuid.uuid4().hex[:8]}"
+        store = RedisStore(redis_url(redis.port), prefix=prefix)
+        async with open_runtime(
+            Config(drain_timeout=0, flush_ms=20, store_outage_limit=30), store=store
+        ) as rt:
+            started = await lorem(rt, 150, 50)
+            batches, saved, restored = [], False, False
+            with trio.fail_after(30):
+                async with rt.watch(started.job_id, user="alice") as watch:
+                    async for batch in watch:
+                        batches.append(batch)
+                        if not saved and batch.to_seq > 20:
+                            saved = True
+                            async with coredis.Redis(host=REDIS_HOST, port=redis.port) as r:
+                                await r.save()  # the snapshot Redis will come back from
+                        elif saved and not restored and batch.to_seq > 60:
+                            restored = True
+                            await trio.sleep(0.2)  # writes after the snapshot land, then are lost
+                            redis.kill()
+                            redis.start()
+                await rt.wait_idle()
+            check_contiguous(batches)
+            assert terminal(batches).status == "completed"
+            # A reader through the store (as on another instance) gets the whole log.
+            reader = store_reader(store, started.job_id)
+            with trio.fail_after(5):
+                replay = [b async for b in reader]
+            check_contiguous(replay)
+            assert joined_text(replay) == joined_text(batches)
+            assert (await rt.get_job(started.job_id, user="alice")).job.seq == terminal(batches).seq
+            assert store.statistics().commits_replanned >= 1  # the commit that found the log behind
+
+
+async def test_a_log_behind_its_record_is_gone_never_a_hang(tmp_path: Path) -> None:
+    """A record that says more than its log holds (a restored snapshot, a lost write): a
+    reader through the store gets gone at once, and does not spin."""
+    with own_redis(tmp_path) as redis:
+        prefix = f"bstest:{uuid.uuid4().hex[:8]}"
+        store = RedisStore(redis_url(redis.port), prefix=prefix)
+        async with open_runtime(Config(drain_timeout=0, flush_ms=20), store=store) as rt:
+            started = await lorem(rt, 30, 1000)
+            await rt.wait_idle()
+            record = await store.get_job(started.job_id)
+            assert record is not None and record.status == "completed"
+            async with coredis.Redis(host=REDIS_HOST, port=redis.port, decode_responses=True) as r:
+                # The record says completed at its seq; its log loses its last batch.
+                last = await r.xrevrange(store._log(started.job_id), count=1)
+                assert await r.xdel(store._log(started.job_id), [last[0].identifier]) == 1
+                before = int((await r.info("stats"))["total_commands_processed"])
+                reader = store_reader(store, started.job_id)
+                seen = []
+                with trio.fail_after(3), pytest.raises(GoneError):
+                    async for batch in reader:
+                        seen.append(batch)
+                after = int((await r.info("stats"))["total_commands_processed"])
+            check_contiguous(seen)
+            assert seen and seen[-1].to_seq < record.seq  # what the log held, without a gap
+            assert after - before < 50  # no busy loop of reads

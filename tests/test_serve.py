@@ -16,8 +16,8 @@ import pytest
 import trio
 from websockets.sync.client import connect
 
-from backstream.runtime.serve import ServeHandle, serve
-from backstream.runtime.settings import ServeSettings, add_serve_arguments, load_settings
+from backstream.runtime.server.serve import ServeHandle, serve
+from backstream.runtime.server.settings import ServeSettings, add_serve_arguments, load_settings
 
 
 def _jobs_in(path: Path) -> dict[str, tuple[str, int]]:
@@ -26,8 +26,10 @@ def _jobs_in(path: Path) -> dict[str, tuple[str, int]]:
 
     with sqlite3.connect(path) as conn:
         return {
-            job_id: (status, json.loads(record)["content_length"])
-            for job_id, status, record in conn.execute("SELECT job_id, status, record FROM jobs")
+            job_id: (status, content_length)
+            for job_id, status, content_length in conn.execute(
+                "SELECT job_id, status, content_length FROM jobs"
+            )
         }
 
 
@@ -160,7 +162,7 @@ def test_settings_precedence(tmp_path: Path) -> None:
     config.write_text("colour = 'blue'\n")
     with pytest.raises(ValueError, match="colour"):
         load_settings(parser.parse_args(["--config", str(config)]), env={})
-    with pytest.raises(ValueError, match="max_jobs"):
+    with pytest.raises(ValueError, match="BACKSTREAM_MAX_JOBS"):
         load_settings(parser.parse_args([]), env={"BACKSTREAM_MAX_JOBS": "many"})
 
 
@@ -177,7 +179,7 @@ def test_schema_token_and_version_commands() -> None:
     minted = run(
         "token", "alice", "--ttl", "60", env={**os.environ, "BACKSTREAM_JWT_SECRET": secret}
     ).stdout.strip()
-    from backstream.runtime.auth import JWTAuthenticator
+    from backstream.runtime.server.auth import JWTAuthenticator
 
     assert JWTAuthenticator(secret).authenticate(minted).user == "alice"
 

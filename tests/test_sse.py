@@ -17,6 +17,7 @@ from backstream.protocol.chat_stream import (
     Finished,
     ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     ToolCallDone,
     UsageReport,
 )
@@ -110,8 +111,16 @@ def test_tool_calls_assembled_by_index() -> None:
         {"index": 0, "function": {"arguments": "}"}},
         {"index": 1, "function": {"arguments": '2"}'}},
     ]
+    deltas = []
     for fragment in chunks:
-        assert asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]})) == []
+        deltas += asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]}))
+    # Fragments are reported as they come, each with its call's id and name.
+    assert deltas == [
+        ToolCallDelta(0, "call_a", "clock_now", "{"),
+        ToolCallDelta(1, "call_b", "calculate", '{"expr": "1+'),
+        ToolCallDelta(0, "call_a", "clock_now", "}"),
+        ToolCallDelta(1, "call_b", "calculate", '2"}'),
+    ]
     out = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
     assert out == [
         ToolCallDone(0, "call_a", "clock_now", "{}"),
@@ -167,3 +176,17 @@ def test_protocol_package_never_imports_io_libraries() -> None:
         [sys.executable, "-c", _NO_IO_CHECK, str(root)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_tool_call_fragments_before_the_id_come_with_the_first_delta() -> None:
+    asm = ChatStreamAssembler()
+    early = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}}]}))
+    assert early == []  # no id and name yet: nothing to attribute it to
+    named = {"index": 0, "id": "c1", "function": {"name": "calculate", "arguments": ": 1}"}}
+    assert asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [named]}}]})) == [
+        ToolCallDelta(0, "c1", "calculate", '{"a": 1}')
+    ]
+    nameless = {"index": 1, "function": {"arguments": "{}"}}
+    assert asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [nameless]}}]})) == []
+    out = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    assert out[:2] == [ToolCallDone(0, "c1", "calculate", '{"a": 1}'), ToolCallDone(1, "call_1", "", "{}")]

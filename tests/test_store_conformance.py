@@ -9,9 +9,9 @@ import trio
 
 from backstream import Config, Store, open_runtime
 from backstream.protocol.events import StatusEvent, TextEvent
-from backstream.runtime.memory_store import MemoryStore
-from backstream.runtime.store import JobProgress, JobRecord, JobRequest
-from tests.helpers import check_contiguous, collect, joined_text, terminal
+from backstream.protocol.records import JobProgress, JobRecord, JobRequest
+from backstream.runtime.stores.memory import MemoryStore
+from tests.helpers import check_contiguous, collect, joined_text, store_reader, terminal
 
 NOW = 1_800_000_000.0
 
@@ -164,7 +164,7 @@ async def test_abort_signal(store: Store) -> None:
 
 
 async def test_orphans_end_interrupted_once(store: Store) -> None:
-    from backstream.runtime.store import SharedCapacity
+    from backstream.protocol.records import SharedCapacity
 
     capacity = SharedCapacity(now=NOW, lease_until=NOW + 15, max_jobs=10, max_jobs_per_user=10)
     await store.create_job(record(lease_until=NOW + 15), capacity)
@@ -186,7 +186,7 @@ async def test_orphans_end_interrupted_once(store: Store) -> None:
 
 async def test_shared_capacity_at_create(store: Store) -> None:
     from backstream import CapacityError
-    from backstream.runtime.store import SharedCapacity
+    from backstream.protocol.records import SharedCapacity
 
     def limits(now: float = NOW) -> SharedCapacity:
         return SharedCapacity(now=now, lease_until=now + 15, max_jobs=2, max_jobs_per_user=1)
@@ -271,8 +271,6 @@ async def test_runtime_lifecycle(unopened_store: Store) -> None:
 async def test_runtime_watch_follows_a_job_through_the_store(unopened_store: Store) -> None:
     store = unopened_store
     """A watcher reading only the store (as on another instance) sees every entry in order."""
-    from backstream.actors.watcher import StoredSource, Watcher
-
     async with open_runtime(Config(drain_timeout=0, flush_ms=20), store=store) as rt:
         started = await rt.start_job(
             user="alice",
@@ -282,15 +280,7 @@ async def test_runtime_watch_follows_a_job_through_the_store(unopened_store: Sto
             messages=[{"role": "user", "content": "x"}],
             params={"max_tokens": 60, "tokens_per_s": 200},
         )
-        watcher = Watcher(
-            started.job_id,
-            1,
-            StoredSource(store, started.job_id),
-            after_seq=0,
-            batch_seconds=0.05,
-            max_batch_events=1024,
-            max_batch_chars=1 << 18,
-        )
+        watcher = store_reader(store, started.job_id, batch_seconds=0.05)
         with trio.fail_after(10):
             batches = [b async for b in watcher]
         check_contiguous(batches)
@@ -300,9 +290,145 @@ async def test_runtime_watch_follows_a_job_through_the_store(unopened_store: Sto
 
 
 def test_records_survive_serialization() -> None:
-    from backstream.runtime.serialization import record_from_dict, record_to_dict
+    from backstream.protocol.records import record_from_dict, record_to_dict
 
     full = attrs.evolve(record(), abort_requested=True, usage={"prompt_tokens": 3})
     assert record_from_dict(record_to_dict(full)) == full
     with pytest.raises(cattrs.ClassValidationError):
         record_from_dict({"job_id": "x"})
+
+
+async def test_leases_of_a_user_with_a_non_ascii_name_are_renewed(store: Store) -> None:
+    from backstream import CapacityError
+    from backstream.protocol.records import SharedCapacity
+
+    def limits(now: float) -> SharedCapacity:
+        return SharedCapacity(now=now, lease_until=now + 15, max_jobs=10, max_jobs_per_user=1)
+
+    for user in ("zoë", "用户", "a:b"):
+        await store.create_job(record(job_id=f"j_{user}", user=user, message_id="m"), limits(NOW))
+        await store.renew_leases("i_a", [f"j_{user}"], NOW + 100)
+        if store.__class__.__name__ != "RedisStore":
+            continue  # one process: the registry counts, the store does not
+        # The renewed lease still holds at NOW + 20: the user's one slot is taken, and the
+        # job is no orphan.
+        with pytest.raises(CapacityError, match="you"):
+            await store.create_job(record(job_id=f"k_{user}", user=user, message_id="m2"), limits(NOW + 20))
+        assert await store.recover_orphans("i_b", NOW + 20, 60) == []
+        running = await store.get_job(f"j_{user}")
+        assert running is not None and running.status == "running" and running.lease_until == NOW + 100
+
+
+async def test_a_reader_through_the_store_sees_the_epoch_of_a_recovered_job(store: Store) -> None:
+    """A job recovered while someone reads it through the store: the batch with its
+    ``interrupted`` end carries the new epoch, right after what was durable."""
+    from backstream.actors.watcher import StoredSource, Watcher
+
+    if isinstance(store, MemoryStore):
+        return  # one process: nothing is recovered under a reader
+    from backstream.protocol.records import SharedCapacity
+
+    await store.create_job(
+        record(), SharedCapacity(now=NOW, lease_until=NOW + 15, max_jobs=9, max_jobs_per_user=9)
+    )
+    await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "a ", "b ")], progress(3))
+    reader = Watcher(
+        "j_1",
+        1,
+        StoredSource(store, "j_1"),
+        after_seq=0,
+        batch_seconds=0.0,
+        max_batch_events=100,
+        max_batch_chars=1000,
+    )
+    with trio.fail_after(5):
+        first = await reader.__anext__()
+        assert (first.epoch, first.to_seq) == (1, 3)
+        assert [r.job_id for r in await store.recover_orphans("i_b", NOW + 20, 60)] == ["j_1"]
+        second = await reader.__anext__()
+    assert (second.epoch, second.from_seq, second.to_seq) == (2, 4, 4)
+    assert isinstance(second.events[-1], StatusEvent) and second.events[-1].status == "interrupted"
+    assert reader.ended
+
+
+async def test_a_commit_that_would_leave_a_gap_changes_nothing(store: Store) -> None:
+    from backstream.actors.ports import LogBehindError
+
+    await store.create_job(record())
+    await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "a")], progress(2))
+    with pytest.raises(LogBehindError) as behind:
+        await store.commit("j_1", texts(5, "e"), progress(5))  # 3 and 4 are not stored
+    assert behind.value.stored_seq == 2
+    with pytest.raises(LogBehindError):
+        await store.commit("j_1", [], progress(4))  # a record may not say more than its log
+    held = await store.get_job("j_1")
+    assert held is not None and held.seq == 2 and [e.seq for e in await store.read("j_1", 0, 10)] == [1, 2]
+    # the writer sends again from where the store's log ends
+    await store.commit("j_1", texts(3, "c", "d", "e"), progress(5, content_length=4))
+    # a late retry of an older commit is ignored: the record does not go back
+    await store.commit("j_1", texts(2, "a", "c"), progress(3, content_length=2))
+    final = await store.get_job("j_1")
+    assert final is not None and final.seq == 5 and final.content_length == 4
+    assert [e.seq for e in await store.read("j_1", 0, 10)] == [1, 2, 3, 4, 5]
+
+
+async def test_decisions_reach_the_waiter_and_the_first_stands(store: Store) -> None:
+    await store.create_job(record())
+    got: list[bool] = []
+
+    async def wait(call_id: str) -> None:
+        got.append(await store.wait_decision("j_1", call_id))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "c1")
+        await trio.sleep(0.1)
+        assert got == []
+        await store.send_decision("j_1", "c1", False)
+        with trio.fail_after(2):
+            while not got:
+                await trio.sleep(0.01)
+    assert got == [False]
+    await store.send_decision("j_1", "c2", True)  # decided before anyone waits
+    await store.send_decision("j_1", "c2", False)  # too late: the first decision stands
+    with trio.fail_after(2):
+        assert await store.wait_decision("j_1", "c2") is True
+
+
+async def test_a_decision_is_no_abort(store: Store) -> None:
+    """Decisions and aborts travel apart: a decision never wakes the abort listener."""
+    await store.create_job(record())
+    with trio.move_on_after(0.5) as waited:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.wait_abort_requested, "j_1")
+            await trio.sleep(0.1)
+            await store.send_decision("j_1", "c1", True)
+    assert waited.cancelled_caught
+    assert not (await store.get_job("j_1")).abort_requested  # type: ignore[union-attr]
+
+
+async def test_statistics_are_a_frozen_snapshot(store: Store) -> None:
+    await store.create_job(record())
+    before = store.statistics()
+    assert attrs.has(type(before))
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        before.jobs = 9  # type: ignore[attr-defined]
+    await store.commit("j_1", texts(1, "x"), progress(1))
+    assert store.statistics() is not before
+
+
+async def test_waits_end_when_the_store_is_closed(unopened_store: Store) -> None:
+    from backstream.actors.ports import StoreClosedError
+
+    store = unopened_store
+    await store.open()
+    await store.create_job(record())
+    await store.aclose()
+    if isinstance(store, MemoryStore):
+        return  # nothing to close
+    for wait in (
+        store.wait_abort_requested("j_1"),
+        store.wait_decision("j_1", "c1"),
+        store.wait_for_entries("j_1", 0),
+    ):
+        with trio.fail_after(2), pytest.raises(StoreClosedError):
+            await wait

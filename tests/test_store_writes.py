@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
 from backstream import Config, MemoryStore, open_runtime
-from backstream.protocol.events import LogEvent
-from backstream.runtime.store import JobProgress
+from backstream.protocol.events import LogEvent, TextEvent
+from backstream.protocol.records import JobProgress, JobRecord, JobRequest
+from backstream.runtime.stores.sqlite import SqliteStore
 from tests.helpers import collect, terminal
 
 
@@ -52,3 +54,42 @@ async def test_fast_stream_is_written_every_flush_events(autojump_clock: trio.te
     assert sum(n for n, _ in store.commits) == last
     assert max(n for n, _ in store.commits) <= 64 + 1
     assert 100 <= len(store.commits) <= 105
+
+
+async def test_sqlite_flush_writes_progress_not_the_request(tmp_path: Path) -> None:
+    """A job with a 1 MB prompt: its creation writes the prompt once; each flush after it
+    writes what changed (entries and progress), not the prompt again."""
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        prompt = "word " * 200_000
+        record = JobRecord(
+            job_id="j_1",
+            user="alice",
+            thread_id="t",
+            message_id="m",
+            request=JobRequest("backstream/echo", ({"role": "user", "content": prompt},)),
+            status="running",
+            seq=0,
+            epoch=1,
+            content_length=0,
+            created_at=1.0,
+            updated_at=1.0,
+        )
+        await store.create_job(record)
+        wal = tmp_path / "jobs.db-wal"
+        after_create = wal.stat().st_size
+        for seq in range(1, 21):
+            await store.commit(
+                "j_1",
+                [TextEvent(seq=seq, text="x")],
+                JobProgress(status="running", seq=seq, content_length=seq, updated_at=1.0 + seq),
+            )
+        grown = wal.stat().st_size - after_create
+        assert grown < 512 * 1024, grown  # 20 flushes of a few pages each, not 20 MB
+        stored = await store.get_job("j_1")
+        assert stored is not None and stored.request == record.request and stored.seq == 20
+        assert stored.content_length == 20 and stored.updated_at == 21.0
+        nursery.cancel_scope.cancel()
+    await store.aclose()

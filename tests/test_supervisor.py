@@ -94,29 +94,70 @@ async def test_failure_before_started_is_raised_to_the_starter() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_shutdown_waits_then_cancels(autojump_clock: trio.testing.MockClock) -> None:
-    sup = Supervisor("test")
+def child(name: str, seconds: float, ended: list[str], *, shutdown: float) -> ChildSpec[str]:
+    async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            await trio.sleep(seconds)
+            ended.append(f"{name} finished")
+        except trio.Cancelled:
+            ended.append(f"{name} cancelled")
+            raise
+
+    return ChildSpec(name, run, shutdown=shutdown, address=f"address of {name}")
+
+
+async def test_concurrent_shutdown_gives_each_child_its_own_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup: Supervisor[str] = Supervisor("test", concurrent_shutdown=True)
     ended: list[str] = []
-
-    def child(name: str, seconds: float) -> ChildSpec:
-        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            task_status.started()
-            try:
-                await trio.sleep(seconds)
-                ended.append(f"{name} finished")
-            except trio.Cancelled:
-                ended.append(f"{name} cancelled")
-                raise
-
-        return ChildSpec(name, run)
-
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
-        await sup.start_child(child("quick", 1))
-        await sup.start_child(child("slow", 100))
+        await sup.start_child(child("quick", 1, ended, shutdown=3))
+        await sup.start_child(child("slow", 100, ended, shutdown=3))
         t0 = trio.current_time()
-        await sup.shutdown(grace=3)
+        await sup.shutdown()
         assert trio.current_time() - t0 == pytest.approx(3)
         assert ended == ["quick finished", "slow cancelled"]
         with pytest.raises(RuntimeError):
-            await sup.start_child(child("late", 1))
+            await sup.start_child(child("late", 1, ended, shutdown=1))
+
+
+async def test_shutdown_stops_children_in_reverse_start_order(autojump_clock: trio.testing.MockClock) -> None:
+    sup: Supervisor[str] = Supervisor("test")
+    ended: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.start_child(child("first", 100, ended, shutdown=0))
+        await sup.start_child(child("second", 100, ended, shutdown=2))
+        await sup.start_child(child("third", 1, ended, shutdown=5))
+        t0 = trio.current_time()
+        await sup.shutdown()
+        # third ends by itself after 1 s, second is cancelled after its 2 s, first at once.
+        assert trio.current_time() - t0 == pytest.approx(3)
+        assert ended == ["third finished", "second cancelled", "first cancelled"]
+        assert sup.which_children() == ()
+
+
+async def test_lookup_and_which_children_are_snapshots(autojump_clock: trio.testing.MockClock) -> None:
+    sup: Supervisor[str] = Supervisor("test", max_restarts=5, period=60)
+    ended: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        sup.start_child_soon(child("a", 10, ended, shutdown=0))
+        assert sup.lookup("a") == "address of a"  # registered before it runs
+        await sup.start_child(child("b", 20, ended, shutdown=0))
+        with pytest.raises(ValueError):
+            await sup.start_child(child("b", 1, ended, shutdown=0))
+        children = sup.which_children()
+        assert [(c.name, c.address, c.restarts) for c in children] == [
+            ("a", "address of a", 0),
+            ("b", "address of b", 0),
+        ]
+        await trio.sleep(15)
+        assert sup.lookup("a") is None and [c.name for c in sup.which_children()] == ["b"]
+        assert [c.name for c in children] == ["a", "b"]  # the old snapshot did not change
+        assert await sup.terminate_child("b") and ended == ["a finished", "b cancelled"]
+        assert not await sup.terminate_child("b")
+        nursery.cancel_scope.cancel()

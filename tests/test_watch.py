@@ -163,3 +163,15 @@ async def test_a_consumer_that_never_reads_costs_nothing_and_slows_nothing(
     # stopped reading: it holds a cursor, not a copy (a copy would add about 54 KB each).
     assert abs(costs[10_000] - costs[1000]) < 1_000, costs
     assert costs[10_000] < 8_000, costs
+
+
+async def test_a_cursor_past_the_end_of_a_running_job_ends_when_the_job_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Served once the log reaches it; if the job ends first, the watch ends with
+    bad_request instead of waiting forever and keeping the job's log in memory."""
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        job_id = await lorem(rt, max_tokens=20, tokens_per_s=10)
+        with trio.fail_after(60), pytest.raises(backstream.BadRequestError, match="beyond"):
+            await collect(rt, job_id, after_seq=500)
+        assert (await rt.get_job(job_id, user="alice")).job.status == "completed"

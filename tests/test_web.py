@@ -17,13 +17,14 @@ import pytest
 import trio
 from websockets.sync.client import connect
 
-from backstream import open_runtime
-from backstream.runtime.config import Config
-from backstream.runtime.serve import ServeHandle, serve
-from backstream.runtime.settings import ServeSettings, add_serve_arguments, load_settings
-from backstream.runtime.tools import ToolRegistry
-from backstream.runtime.tools_demo import DEMO_TOOLS, find_expression, plan_calls
-from backstream.runtime.web_assets import find_asset
+from backstream import Config, open_runtime
+from backstream.runtime.models.tools_demo import find_expression, plan_calls
+from backstream.runtime.server.serve import ServeHandle, serve
+from backstream.runtime.server.settings import ServeSettings, add_serve_arguments, load_settings
+from backstream.runtime.server.web_assets import find_asset
+from backstream.runtime.tools.demo import DEMO_TOOLS
+from backstream.runtime.tools.registry import ToolRegistry
+from tests.test_cli_errors import one_line_failure, run
 from tests.upstream_server import FakeUpstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,7 +98,15 @@ async def test_http_port_serves_the_client_and_with_web_the_page_and_config(
         assert page.status_code == 200 and "<title>backstream chat</title>" in page.text
         assert "content-security-policy" in page.headers
         config = (await http.get(f"http://127.0.0.1:{web.http_port}/api/config")).json()
-        assert (await http.head(f"http://127.0.0.1:{web.http_port}/demo/app.js")).content == b""
+        head = await http.head(f"http://127.0.0.1:{web.http_port}/demo/app.js")
+        app = await http.get(f"http://127.0.0.1:{web.http_port}/demo/app.js")
+        assert head.status_code == 200 and head.content == b"" and len(app.content) > 1000
+        assert head.headers["content-length"] == str(len(app.content))
+        assert head.headers["content-security-policy"] == app.headers["content-security-policy"]
+        posted = await http.post(f"http://127.0.0.1:{web.http_port}/demo/app.js")
+        assert posted.status_code == 405
+        healthz = await http.get(f"http://127.0.0.1:{web.http_port}/healthz")
+        assert healthz.text == "ok\n"  # the status routes are still there
     assert config["websocket"] == {"port": web.port, "path": "/v1", "scheme": "ws"}
     assert config["models"] == [
         {"id": "backstream/echo", "builtin": True},
@@ -109,6 +118,28 @@ async def test_http_port_serves_the_client_and_with_web_the_page_and_config(
     assert config["upstream"] == {"configured": True, "error": None}
     plain.shutdown.set()
     web.shutdown.set()
+
+
+async def test_config_offers_only_the_models_allowed(upstream: FakeUpstream, nursery: trio.Nursery) -> None:
+    settings = ServeSettings.defaults(
+        port=0,
+        http_port=0,
+        token=("tok=alice",),
+        store="memory",
+        web=True,
+        drain_timeout=0.0,
+        upstream_url=upstream.url,
+        allow_model=("upstream/al*", "!backstream/echo"),
+    )
+    handle = await _serve(settings, nursery)
+    async with httpx.AsyncClient() as http:
+        config = (await http.get(f"http://127.0.0.1:{handle.http_port}/api/config")).json()
+    assert [m["id"] for m in config["models"]] == [
+        "backstream/lorem",
+        "backstream/tools-demo",
+        "upstream/alpha",
+    ]
+    handle.shutdown.set()
 
 
 async def test_config_says_when_the_upstream_cannot_list_its_models(nursery: trio.Nursery) -> None:
@@ -143,10 +174,29 @@ def test_web_setting() -> None:
     assert load_settings(
         parser.parse_args([]), env={"BACKSTREAM_WEB": "yes", "BACKSTREAM_HTTP_PORT": "1"}
     ).web
-    with pytest.raises(ValueError, match="http_port"):
+    assert load_settings(parser.parse_args([]), env={"BACKSTREAM_WEB": "off"}).web is False
+    with pytest.raises(ValueError, match=r"--web \(BACKSTREAM_WEB\): .* set --http-port"):
         load_settings(parser.parse_args(["--web"]), env={})
-    with pytest.raises(ValueError, match="setting web: expected true or false"):
+    with pytest.raises(ValueError, match="BACKSTREAM_WEB: expected true or false, got 'maybe'"):
         load_settings(parser.parse_args([]), env={"BACKSTREAM_WEB": "maybe"})
+
+
+def test_web_in_a_toml_file(tmp_path: Path) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    toml = tmp_path / "serve.toml"
+    toml.write_text("web = true\nhttp_port = 8766\n")
+    assert load_settings(parser.parse_args(["--config", str(toml)]), env={}).web is True
+    toml.write_text("web = 3\n")
+    with pytest.raises(ValueError, match=r"web in .*: unexpected value 3"):
+        load_settings(parser.parse_args(["--config", str(toml)]), env={})
+
+
+def test_serve_web_without_an_http_port_is_one_line() -> None:
+    line = one_line_failure(run("serve", "--web", "--store", "memory"))
+    assert "--web" in line and "--http-port" in line
 
 
 # -- backstream/tools-demo --------------------------------------------------------------------

@@ -12,9 +12,10 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from backstream import Config, Runtime, Store, open_runtime
-from backstream.actors.connection import ConnectionLimits
-from backstream.runtime.auth import Authenticator, StaticTokens
-from backstream.runtime.frontdoor import FrontDoor, FrontDoorConfig
+from backstream.runtime.server.auth import Authenticator, StaticTokens
+from backstream.runtime.server.connection import ConnectionLimits
+from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
+from backstream.runtime.tools.registry import ToolRegistry
 
 TOKENS = {"tok-alice": "alice", "tok-bob": "bob"}
 
@@ -36,10 +37,11 @@ async def served(
     limits: ConnectionLimits | None = None,
     auth: Authenticator | None = None,
     store: Store | None = None,
+    tools: ToolRegistry | None = None,
     **door: Any,
 ) -> AsyncIterator[Served]:
     config = config or Config(drain_timeout=0)
-    async with open_runtime(config, store=store) as rt, trio.open_nursery() as nursery:
+    async with open_runtime(config, store=store, tools=tools) as rt, trio.open_nursery() as nursery:
         front = FrontDoor(
             rt,
             auth or StaticTokens(TOKENS),

@@ -1,1 +1,1 @@
-"""backstream's actors: the supervisor, the registry, job actors and watchers."""
+"""backstream's actors: supervisor, registry, job actors, watchers, the notifier, and the ports they use."""

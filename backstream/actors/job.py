@@ -11,22 +11,44 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
-from backstream.protocol.chat_stream import ModelOutput, ReasoningDelta, TextDelta, ToolCallDone
-from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary
-from backstream.runtime.clock import WallClock, format_time
-from backstream.runtime.config import Config
-from backstream.runtime.joblog import JobLog, OutputLimitExceeded
-from backstream.runtime.models import ChatTurn, Model, ModelFailure, TurnResult
-from backstream.runtime.notifier import Notifier
-from backstream.runtime.store import JobProgress, JobRecord, Store
-from backstream.runtime.tools import Tool, ToolOutcome, ToolRegistry, run_tool
+from backstream.actors.clock import WallClock
+from backstream.actors.config import Config
+from backstream.actors.joblog import JobLog, OutputLimitExceeded
+from backstream.actors.notifier import Notifier
+from backstream.actors.ports import (
+    ChatTurn,
+    LogBehindError,
+    Model,
+    ModelFailure,
+    Store,
+    StoreClosedError,
+    ToolOutcome,
+    Tools,
+    ToolSpec,
+    TurnResult,
+)
+from backstream.protocol.backoff import Backoff
+from backstream.protocol.chat_stream import (
+    ModelOutput,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+)
+from backstream.protocol.errors import UnavailableError
+from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary, TextEvent
+from backstream.protocol.records import JobProgress, JobRecord, job_summary
 
 __all__ = ["JobActor"]
 
 log = logging.getLogger("backstream.job")
+
+T = TypeVar("T")
 
 
 class JobActor:
@@ -40,7 +62,7 @@ class JobActor:
         store: Store,
         model: Model,
         clock: WallClock,
-        tools: ToolRegistry | None = None,
+        tools: Tools,
         notifier: Notifier | None = None,
     ) -> None:
         self.record = record
@@ -54,19 +76,21 @@ class JobActor:
         self._abort_scope = trio.CancelScope()
         self._stop: tuple[JobStatus, ErrorInfo | None] | None = None
         self._flushed_seq = 0
-        self.flushed_content_length = 0
+        self._flushed_content_length = 0
         self._flushed_status: JobStatus | None = None
-        self.closed_in_store = False  # the terminal status is written durably
+        self._closed_in_store = False  # the terminal status is written durably
+        self._finished_at: float | None = None
         self._flush_lock = trio.Lock()
         self._updated_at = record.created_at
         self._usage: dict[str, int] | None = None
-        self._tools = tools or ToolRegistry()
+        self._tools = tools
         self._notifier = notifier
         self._deadline: trio.CancelScope | None = None
         self._turn_text: list[str] = []
         self._pending: dict[str, _PendingApproval] = {}
         self._flush_due = trio.Event()
         self._flush_events = config.flush_events
+        self._store_failing_since: float | None = None  # trio time of the first failed write
 
     @property
     def job_id(self) -> str:
@@ -81,33 +105,23 @@ class JobActor:
             self._stop = (status, error)
             self._abort_scope.cancel()
 
+    def snapshot(self) -> JobRecord:
+        """The live job as a record (ahead of the store by at most one flush)."""
+        return self.record.advanced(self._progress(self.log.last_seq))
+
     def summary(self, watchers: int) -> JobSummary:
-        """A snapshot of the live job (ahead of the store by at most one flush)."""
-        terminal = self.log.terminal
-        now = format_time(self._updated_at)
-        assert now is not None
-        return JobSummary(
-            job_id=self.job_id,
-            thread_id=self.record.thread_id,
-            message_id=self.record.message_id,
-            status=self.log.status,
-            model=self.record.model,
-            seq=self.log.last_seq,
-            epoch=self.log.epoch,
-            content_length=self.log.content_length,
-            created_at=format_time(self.record.created_at) or now,
-            updated_at=now,
-            finished_at=now if terminal else None,
-            error=terminal.error if terminal else None,
-            usage=terminal.usage if terminal else None,
-            watchers=watchers,
-        )
+        """The live job's wire summary, built as a stored job's is."""
+        return job_summary(self.snapshot(), watchers)
 
     # -- the actor ------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the job to its end. Cancellation (runtime shutdown) ends it ``interrupted``
-        and re-raises; the last write to the store is shielded and bounded."""
+        and re-raises; the last write to the store is shielded and bounded.
+
+        The actor is the only writer of its job's terminal record: if even the final
+        write fails (a crash outside its own guards), it records ``failed``/``internal``
+        at the last durable seq, so the store never keeps a dead job ``running``."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_loop)
@@ -115,6 +129,7 @@ class JobActor:
                 task_status.started()
                 try:
                     await self._run_to_end()
+                    await self._write_end()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -126,6 +141,8 @@ class JobActor:
                     await self._flush()
                 except Exception:
                     log.exception("job %s: the final write to the store failed", self.job_id)
+                if not self._closed_in_store:
+                    await self._record_crash()
                 await self._notify_end()
             self.finished.set()
 
@@ -206,7 +223,7 @@ class JobActor:
         )
 
     async def _run_calls(
-        self, calls: tuple[ToolCallDone, ...], enabled: dict[str, Tool | None]
+        self, calls: tuple[ToolCallDone, ...], enabled: dict[str, ToolSpec | None]
     ) -> list[ToolOutcome]:
         """Run one turn's calls: approvals first, one at a time, then the rest concurrently
         (at most ``max_parallel_tools``). Results go into the log in the calls' order."""
@@ -220,9 +237,15 @@ class JobActor:
                 outcomes[i] = ToolOutcome("the user declined to run this tool", True)
         limiter = trio.CapacityLimiter(self._config.max_parallel_tools)
 
-        async def run_one(i: int, call: ToolCallDone, item: Tool) -> None:
+        async def run_one(i: int, call: ToolCallDone, item: ToolSpec) -> None:
             async with limiter:
-                outcomes[i] = await run_tool(item, call.arguments)
+                outcome = await self._tools.run(item.name, call.arguments)
+            if len(outcome.output) > item.max_output_chars:  # a Tools port that did not cut it
+                cut = outcome.output[: item.max_output_chars]
+                outcome = ToolOutcome(
+                    f"{cut}\n[output cut at {item.max_output_chars} characters]", outcome.is_error
+                )
+            outcomes[i] = outcome
 
         async with trio.open_nursery() as nursery:
             for i, call in enumerate(calls):
@@ -242,7 +265,11 @@ class JobActor:
         self.log.append_approval_required(call.call_id, call.name, call.arguments)
         self.log.append_status("awaiting_approval")
         self._updated_at = self._clock.now()
-        await self._flush()  # other instances see the wait before anyone is told of it
+        try:
+            await self._flush()  # other instances see the wait before anyone is told of it
+        except Exception as exc:
+            log.warning("job %s: could not write the approval wait yet (%s)", self.job_id, exc)
+            self._flush_due.set()  # the flusher retries it
         if self._notifier is not None:
             await self._notifier.approval_needed(
                 job_id=self.job_id, user=self.record.user, thread_id=self.record.thread_id, tool=call.name
@@ -255,7 +282,10 @@ class JobActor:
             async with trio.open_nursery() as nursery:
 
                 async def from_store() -> None:  # a decision made through another instance
-                    pending.resolve(await self._store.wait_decision(self.job_id, call.call_id))
+                    approved = await self._retrying(
+                        "waiting for a decision", lambda: self._store.wait_decision(self.job_id, call.call_id)
+                    )
+                    pending.resolve(approved)
 
                 nursery.start_soon(from_store)
                 with trio.move_on_after(self._config.approval_timeout):
@@ -290,6 +320,8 @@ class JobActor:
             self.log.append_reasoning(out.text)  # type: ignore[union-attr]
         elif kind is ToolCallDone:
             self.log.append_tool_call(out.call_id, out.name, out.arguments)  # type: ignore[union-attr]
+        elif kind is ToolCallDelta:
+            self.log.append_tool_call_delta(out.call_id, out.name, out.arguments_delta)  # type: ignore[union-attr]
         else:
             return
         self._updated_at = self._clock.now()
@@ -305,7 +337,7 @@ class JobActor:
         self._flush_due.set()
 
     def _close(self, status: JobStatus, error: ErrorInfo | None, finish_reason: str | None = None) -> None:
-        self._updated_at = self._clock.now()
+        self._updated_at = self._finished_at = self._clock.now()
         self.log.append_status(status, error=error, finish_reason=finish_reason, usage=self._usage)
 
     # -- writes to the store -----------------------------------------------------------
@@ -317,8 +349,7 @@ class JobActor:
         by ``max_output_chars``) and local watchers keep reading it. Failing for longer
         than ``store_outage_limit`` ends the job ``failed``/``unavailable``.
         """
-        failing_since: float | None = None
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0, jitter="none")
         while self.log.terminal is None:
             # Woken by the registry's ticker every flush_ms if there is something new, or by
             # _on_output at flush_events: no timer of its own per job.
@@ -326,45 +357,96 @@ class JobActor:
             self._flush_due = trio.Event()
             if self.log.terminal is not None:
                 return  # the final write happens in run()'s cleanup
-            try:
-                await self._flush()
-            except Exception as exc:
-                now = trio.current_time()
-                failing_since = now if failing_since is None else failing_since
-                if now - failing_since >= self._config.store_outage_limit:
-                    log.error(
-                        "job %s: the store failed for %gs; ending the job", self.job_id, now - failing_since
-                    )
-                    self._stop_with(
-                        "failed", ErrorInfo("unavailable", f"the job store failed: {type(exc).__name__}")
-                    )
-                    return
-                log.warning("job %s: write failed (%s); retrying in %.1fs", self.job_id, exc, delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                self._flush_due.set()
-            else:
-                failing_since, delay = None, 0.1
+            if not await self._try_flush(backoff):
+                self._stop_with(
+                    "failed",
+                    ErrorInfo("unavailable", "the job store failed for longer than store_outage_limit"),
+                )
+                return
+            if self._store_failing_since is not None:
+                self._flush_due.set()  # the write failed: try again (after the backoff it slept)
+
+    async def _try_flush(self, backoff: Backoff) -> bool:
+        """One write; after a failure, sleep by ``backoff``. False once writes have failed
+        for ``store_outage_limit``."""
+        try:
+            await self._flush()
+        except Exception as exc:
+            now = trio.current_time()
+            if self._store_failing_since is None:
+                self._store_failing_since = now
+            failing_for = now - self._store_failing_since
+            if failing_for >= self._config.store_outage_limit:
+                log.error("job %s: the store failed for %gs (%s)", self.job_id, failing_for, exc)
+                return False
+            delay = backoff.next_delay()
+            log.warning("job %s: write failed (%s); retrying in %.1fs", self.job_id, exc, delay)
+            await trio.sleep(delay)
+        else:
+            self._store_failing_since = None
+            backoff.reset()
+        return True
+
+    async def _write_end(self) -> None:
+        """Write the terminal status, retrying through an outage of up to
+        ``store_outage_limit`` (counted from the first failed write). Cancellation (shutdown):
+        stops retrying; ``run``'s cleanup makes one last bounded attempt."""
+        backoff = Backoff(0.1, 2.0, jitter="none")
+        while not self._closed_in_store:
+            if not await self._try_flush(backoff):
+                return
 
     async def _flush(self) -> None:
+        """Write what is new. If the store's log is behind what this job wrote (Redis back
+        from an older snapshot), write again from where the store's log ends."""
         async with self._flush_lock:
-            last = self.log.last_seq
-            status = self.log.status
-            if last == self._flushed_seq and status == self._flushed_status:
+            for _ in range(2):
+                last = self.log.last_seq
+                status = self.log.status
+                if last == self._flushed_seq and status == self._flushed_status:
+                    return
+                entries = self.log.entries(self._flushed_seq, last)
+                progress = self._progress(last)
+                try:
+                    await self._store.commit(self.job_id, entries, progress)
+                except LogBehindError as behind:
+                    log.warning("job %s: %s; writing again from there", self.job_id, behind)
+                    self._flushed_seq = min(self._flushed_seq, behind.stored_seq)
+                    self._flushed_content_length = sum(  # rare: only after a store lost writes
+                        len(e.text)
+                        for e in self.log.entries(0, self._flushed_seq)
+                        if isinstance(e, TextEvent)
+                    )
+                    self._flushed_status = None
+                    continue
+                self._flushed_seq = last
+                self._flushed_content_length = progress.content_length
+                self._flushed_status = status
+                if progress.finished_at is not None:
+                    self._closed_in_store = True
                 return
-            entries = self.log.entries(self._flushed_seq, last)
-            progress = self._progress(last)
-            await self._store.commit(self.job_id, entries, progress)
-            self._flushed_seq = last
-            self.flushed_content_length = progress.content_length
-            self._flushed_status = status
-            if progress.finished_at is not None:
-                self.closed_in_store = True
+
+    async def _record_crash(self) -> None:
+        """The last resort when the final write failed: the terminal status alone, at the
+        last durable seq (the entries after it are lost)."""
+        now = self._clock.now()
+        progress = JobProgress(
+            status="failed",
+            seq=self._flushed_seq,
+            content_length=self._flushed_content_length,
+            updated_at=now,
+            finished_at=now,
+            error=ErrorInfo("internal", "the job failed on an internal error"),
+            expires_at=now + self._config.retention,
+        )
+        try:
+            await self._store.commit(self.job_id, (), progress)
+        except Exception:
+            log.exception("job %s: could not record its failure in the store", self.job_id)
 
     def _progress(self, seq: int) -> JobProgress:
         terminal = self.log.terminal
-        now = self._clock.now()
-        finished_at = now if terminal else None
+        finished_at = self._finished_at if terminal else None
         return JobProgress(
             status=self.log.status,
             seq=seq,
@@ -377,13 +459,22 @@ class JobActor:
         )
 
     async def _listen_for_abort(self) -> None:
-        await self._store.wait_abort_requested(self.job_id)
+        await self._retrying("waiting for an abort", lambda: self._store.wait_abort_requested(self.job_id))
         self.abort()
 
-    @property
-    def flushed_seq(self) -> int:
-        return self._flushed_seq
-
+    async def _retrying(self, what: str, wait: Callable[[], Awaitable[T]]) -> T:
+        """A store wait, asked again (with backoff) if the store says it is unavailable: an
+        outage is never taken for the thing waited for, nor crashes the job."""
+        backoff = Backoff(0.1, 5.0)
+        while True:
+            try:
+                return await wait()
+            except StoreClosedError:
+                raise
+            except UnavailableError as exc:
+                delay = backoff.next_delay()
+                log.warning("job %s: %s: %s; retrying in %.1fs", self.job_id, what, exc, delay)
+                await trio.sleep(delay)
 
 class _PendingApproval:
     """A tool call waiting for a person: ``decided`` when a decision arrives, ``applied``

@@ -1,7 +1,7 @@
 """A one_for_one supervisor for trio tasks, after Erlang/OTP.
 
-Each child runs in its own task; a child that crashes never touches its
-siblings. What happens next depends on the child's restart policy:
+Each child runs in its own task and cancel scope; a child that crashes never
+touches its siblings. What happens next depends on the child's restart policy:
 
 - ``temporary``: never restarted (a job: a restart would pay the upstream twice);
 - ``transient``: restarted only after a crash;
@@ -10,6 +10,17 @@ siblings. What happens next depends on the child's restart policy:
 More than ``max_restarts`` restarts within ``period`` seconds means something
 is wrong beyond one child: the supervisor gives up and raises
 ``SupervisorEscalation`` to its own parent.
+
+Stopping follows OTP too. Each child names its ``shutdown``: how many seconds
+it may take to end by itself once asked (0 is OTP's ``brutal_kill``: cancelled
+at once). ``shutdown()`` stops the children in reverse start order, one at a
+time, or all at once for a supervisor of many alike children
+(``concurrent_shutdown``, OTP's ``simple_one_for_one``), then cancels what is
+left of each after its own timeout.
+
+A child may have an *address*: the object others use to talk to it (a job's
+actor). ``lookup(name)`` finds it and ``which_children()`` lists frozen
+snapshots, so nobody keeps a second map of the children.
 """
 
 from __future__ import annotations
@@ -18,14 +29,23 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 import trio
 
-__all__ = ["ChildSpec", "Restart", "Supervisor", "SupervisorEscalation", "SupervisorStatistics"]
+__all__ = [
+    "ChildInfo",
+    "ChildSpec",
+    "Restart",
+    "Supervisor",
+    "SupervisorEscalation",
+    "SupervisorStatistics",
+]
 
 log = logging.getLogger("backstream.supervisor")
+
+AddressT = TypeVar("AddressT")
 
 
 class Restart(enum.Enum):
@@ -39,10 +59,26 @@ class ChildFn(Protocol):
 
 
 @attrs.frozen
-class ChildSpec:
+class ChildSpec(Generic[AddressT]):
+    """How to run one child. ``shutdown``: seconds it may take to end once asked to stop
+    (then it is cancelled; 0 cancels at once). ``address``: what ``lookup`` returns."""
+
     name: str
     run: ChildFn
     restart: Restart = Restart.TEMPORARY
+    shutdown: float = 5.0
+    address: AddressT | None = None
+
+
+@attrs.frozen
+class ChildInfo(Generic[AddressT]):
+    """A snapshot of one child, as ``which_children`` returns it."""
+
+    name: str
+    restart: Restart
+    address: AddressT | None
+    started_at: float
+    restarts: int
 
 
 @attrs.frozen
@@ -55,6 +91,16 @@ class SupervisorStatistics:
 
 class SupervisorEscalation(Exception):
     """A supervisor exceeded its restart intensity."""
+
+
+@attrs.define(eq=False)
+class _Child(Generic[AddressT]):
+    spec: ChildSpec[AddressT]
+    scope: trio.CancelScope
+    started_at: float
+    exited: trio.Event = attrs.Factory(trio.Event)
+    stopping: trio.Event = attrs.Factory(trio.Event)
+    restarts: int = 0
 
 
 class _StartedFlag:
@@ -77,21 +123,23 @@ class _ForwardingStatus:
         self._flag.started_with(value)
 
 
-class Supervisor:
+class Supervisor(Generic[AddressT]):
     """Start with ``await nursery.start(supervisor.run)``; then ``start_child``.
 
     Cancellation of ``run`` cancels every child; each child bounds its own
-    cleanup. ``shutdown`` first waits up to a grace period for the children to
-    end by themselves.
+    cleanup. ``shutdown`` stops the children gracefully first.
     """
 
-    def __init__(self, name: str, *, max_restarts: int = 3, period: float = 5.0) -> None:
+    def __init__(
+        self, name: str, *, max_restarts: int = 3, period: float = 5.0, concurrent_shutdown: bool = False
+    ) -> None:
         self.name = name
         self._max_restarts = max_restarts
         self._period = period
+        self._concurrent_shutdown = concurrent_shutdown
         self._restarts: deque[float] = deque(maxlen=max_restarts + 1)
         self._nursery: trio.Nursery | None = None
-        self._children = 0
+        self._children: dict[str, _Child[AddressT]] = {}  # in start order (dicts keep it)
         self._idle = trio.Event()
         self._idle.set()
         self._accepting = True
@@ -100,7 +148,10 @@ class Supervisor:
         self._restarted_total = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The supervisor's own task. Returns only when cancelled; raises on escalation."""
+        """The supervisor's own task. Returns only when cancelled; raises on escalation.
+
+        Cancellation: every child is cancelled and ``run`` returns when they are gone.
+        """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -110,52 +161,75 @@ class Supervisor:
                 self._accepting = False
                 self._nursery = None
 
-    async def start_child(self, spec: ChildSpec) -> Any:
+    async def start_child(self, spec: ChildSpec[AddressT]) -> Any:
         """Start a child and wait until it calls ``task_status.started(value)``; return value.
 
         A child that fails before it has started raises here and is not restarted.
-        Raises ``RuntimeError`` once the supervisor is shutting down.
+        Raises ``RuntimeError`` once the supervisor is shutting down, and ``ValueError``
+        for a name already running. Cancellation: the child is cancelled too if it has
+        not started yet; once started it runs on.
         """
-        if self._nursery is None or not self._accepting:
-            raise RuntimeError(f"supervisor {self.name} is not accepting children")
-        return await self._nursery.start(self._supervise, spec)  # task_status passed by start()
+        nursery = self._admit(spec)
+        return await nursery.start(self._supervise, spec)  # task_status passed by start()
 
-    def start_child_soon(self, spec: ChildSpec) -> None:
-        """Start a child without waiting for it to run (``nursery.start_soon`` semantics).
+    def start_child_soon(self, spec: ChildSpec[AddressT]) -> None:
+        """Start a child without waiting for it to run (``nursery.start_soon`` semantics);
+        it is registered (``lookup`` finds it) at once.
 
         A failure before ``task_status.started()`` counts as a crash. Raises
         ``RuntimeError`` once the supervisor is shutting down.
         """
+        nursery = self._admit(spec)
+        self._register(spec)
+        nursery.start_soon(self._supervise, spec, None)
+
+    def _admit(self, spec: ChildSpec[AddressT]) -> trio.Nursery:
         if self._nursery is None or not self._accepting:
             raise RuntimeError(f"supervisor {self.name} is not accepting children")
-        self._nursery.start_soon(self._supervise, spec, None)
+        if spec.name in self._children:
+            raise ValueError(f"supervisor {self.name}: a child named {spec.name!r} runs already")
+        return self._nursery
 
-    async def _supervise(self, spec: ChildSpec, task_status: trio.TaskStatus[Any] | None = None) -> None:
-        flag = _StartedFlag(task_status or trio.TASK_STATUS_IGNORED)
-        self._children += 1
-        self._idle = trio.Event() if self._children == 1 else self._idle
+    def _register(self, spec: ChildSpec[AddressT]) -> _Child[AddressT]:
+        child = _Child(spec, trio.CancelScope(), trio.current_time())
+        self._children[spec.name] = child
+        self._idle = trio.Event() if len(self._children) == 1 else self._idle
         self._started_total += 1
-        crash: BaseException | None = None
+        return child
+
+    async def _supervise(
+        self, spec: ChildSpec[AddressT], task_status: trio.TaskStatus[Any] | None = None
+    ) -> None:
+        child = self._children.get(spec.name) if task_status is None else self._register(spec)
+        assert child is not None
+        flag = _StartedFlag(task_status or trio.TASK_STATUS_IGNORED)
         try:
-            while True:
-                crash = None
-                try:
-                    status = _ForwardingStatus(flag) if not flag.started else trio.TASK_STATUS_IGNORED
-                    flag.started = flag.started or task_status is None
-                    await spec.run(task_status=status)
-                except Exception as exc:
-                    if not flag.started and task_status is not None:
-                        raise  # start_child reports it; nothing to restart
-                    crash = exc
-                    self._crashed_total += 1
-                    log.error("%s: child %s crashed", self.name, spec.name, exc_info=exc)
-                if not self._should_restart(spec.restart, crash):
-                    return
-                self._note_restart(spec.name)
+            with child.scope:
+                await self._run_with_restarts(child, flag, task_status is not None)
         finally:
-            self._children -= 1
-            if self._children == 0:
+            del self._children[spec.name]
+            child.exited.set()
+            if not self._children:
                 self._idle.set()
+
+    async def _run_with_restarts(self, child: _Child[AddressT], flag: _StartedFlag, reported: bool) -> None:
+        spec = child.spec
+        while True:
+            crash: BaseException | None = None
+            try:
+                status = _ForwardingStatus(flag) if not flag.started else trio.TASK_STATUS_IGNORED
+                flag.started = flag.started or not reported
+                await spec.run(task_status=status)
+            except Exception as exc:
+                if not flag.started and reported:
+                    raise  # start_child reports it; nothing to restart
+                crash = exc
+                self._crashed_total += 1
+                log.error("%s: child %s crashed", self.name, spec.name, exc_info=exc)
+            if child.stopping.is_set() or not self._should_restart(spec.restart, crash):
+                return
+            child.restarts += 1
+            self._note_restart(spec.name)
 
     def _should_restart(self, policy: Restart, crash: BaseException | None) -> bool:
         if not self._accepting:
@@ -175,19 +249,75 @@ class Supervisor:
                 f"{self._period:g} s (last: {name})"
             )
 
-    async def shutdown(self, grace: float) -> None:
-        """Stop accepting children, wait up to ``grace`` seconds for them to end, then
-        cancel the rest. Returns when all children are gone."""
+    async def shutdown(self) -> None:
+        """Stop accepting children, then stop each: it gets its spec's ``shutdown`` seconds
+        to end by itself, then it is cancelled. In reverse start order, one at a time, or
+        all at once with ``concurrent_shutdown``. Returns when every child is gone; then
+        ``run`` returns too.
+
+        Cancellation: the children still running are cancelled (their own cleanup is
+        bounded), and ``Cancelled`` propagates.
+        """
         self._accepting = False
-        with trio.move_on_after(grace):
-            await self._idle.wait()
+        children = list(reversed(self._children.values()))
+        if self._concurrent_shutdown:
+            async with trio.open_nursery() as nursery:
+                for child in children:
+                    nursery.start_soon(self._stop_child, child)
+        else:
+            for child in children:
+                await self._stop_child(child)
+        await self._idle.wait()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    async def terminate_child(self, name: str) -> bool:
+        """Stop one child as ``shutdown`` would, without restarting it. False if no such
+        child runs. Cancellation: the child is cancelled at once."""
+        child = self._children.get(name)
+        if child is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        await self._stop_child(child)
+        return True
+
+    async def _stop_child(self, child: _Child[AddressT]) -> None:
+        child.stopping.set()
+        try:
+            with trio.move_on_after(child.spec.shutdown):
+                await child.exited.wait()
+        finally:
+            child.scope.cancel()
+        await child.exited.wait()
+
+    # -- addresses and snapshots ------------------------------------------------------
+
+    def lookup(self, name: str) -> AddressT | None:
+        """The address of the running child ``name``, if any (a read; never blocks)."""
+        child = self._children.get(name)
+        return child.spec.address if child is not None else None
+
+    def which_children(self) -> tuple[ChildInfo[AddressT], ...]:
+        """A frozen snapshot of the running children, in start order."""
+        return tuple(
+            ChildInfo(c.spec.name, c.spec.restart, c.spec.address, c.started_at, c.restarts)
+            for c in self._children.values()
+        )
+
+    def addresses(self) -> list[AddressT]:
+        """The addresses of the running children that have one, in start order."""
+        return [c.spec.address for c in self._children.values() if c.spec.address is not None]
+
+    def count_children(self) -> int:
+        return len(self._children)
+
+    async def wait_idle(self) -> None:
+        """Return once no child runs. Cancellation: safe."""
         await self._idle.wait()
 
     def statistics(self) -> SupervisorStatistics:
         return SupervisorStatistics(
-            children=self._children,
+            children=len(self._children),
             started_total=self._started_total,
             crashed_total=self._crashed_total,
             restarted_total=self._restarted_total,

@@ -15,21 +15,35 @@ from typing import Protocol
 
 import trio
 
-from backstream.protocol.errors import GoneError
-from backstream.protocol.events import Batch, LogEvent, StatusEvent
-from backstream.runtime.joblog import JobLog, merge_events
-from backstream.runtime.store import Store
+from backstream.actors.joblog import JobLog, merge_events
+from backstream.actors.ports import Store
+from backstream.protocol.errors import BadRequestError, GoneError
+from backstream.protocol.events import Batch, LogEvent, StatusEvent, ToolCallDeltaEvent
+from backstream.protocol.lifecycle import is_terminal
 
 __all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
 
 
 class LogSource(Protocol):
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
-        """Entries after ``after_seq``, text merged; maybe none."""
+    @property
+    def epoch(self) -> int:
+        """The epoch of the entries ``read`` returns (it grows when a job is recovered)."""
+        ...
+
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
+        """Entries after ``after_seq``, text merged unless ``merge_text`` is false; maybe none.
+
+        Cancellation: nothing is consumed; the cursor is the caller's.
+        """
         ...
 
     async def wait_beyond(self, seq: int) -> None:
-        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone."""
+        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone.
+
+        Cancellation: safe; nothing is consumed.
+        """
         ...
 
 
@@ -39,29 +53,78 @@ class LiveSource:
     def __init__(self, log: JobLog) -> None:
         self._log = log
 
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+    @property
+    def epoch(self) -> int:
+        return self._log.epoch
+
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
+        """Cancellation: nothing is consumed; the cursor is the caller's."""
         # The watcher has already waited; only honour a pending cancellation here.
         await trio.lowlevel.checkpoint_if_cancelled()
-        return self._log.read(after_seq, max_events=max_events, max_chars=max_chars)
+        log = self._log
+        if log.terminal is not None and after_seq >= log.last_seq:
+            # The job ended before the cursor: nothing will ever come.
+            raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {log.last_seq}")
+        if not merge_text:
+            return tuple(log.entries(after_seq, after_seq + max_events))
+        return log.read(after_seq, max_events=max_events, max_chars=max_chars)
 
     async def wait_beyond(self, seq: int) -> None:
+        """Cancellation: safe; nothing is consumed."""
         await self._log.wait_beyond(seq)
 
 
 class StoredSource:
-    """The log of a finished job, or one running in another process: read from the store."""
+    """The log of a finished job, or one running in another process: read from the store.
 
-    def __init__(self, store: Store, job_id: str) -> None:
+    A log that cannot continue from the cursor surfaces as ``GoneError``, never as a
+    gap or a wait that returns at once forever: the job is gone, its record says more
+    than its log holds (a store restored from an older snapshot), or it was recovered
+    at a new epoch before the cursor. A cursor past the end of a finished job is a
+    ``BadRequestError``.
+    """
+
+    def __init__(self, store: Store, job_id: str, epoch: int = 1) -> None:
         self._store = store
         self._job_id = job_id
+        self.epoch = epoch
 
-    async def read(self, after_seq: int, *, max_events: int, max_chars: int) -> tuple[LogEvent, ...]:
+    async def read(
+        self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
+    ) -> tuple[LogEvent, ...]:
+        """Cancellation: nothing is consumed; the cursor is the caller's."""
         entries = await self._store.read(self._job_id, after_seq, max_events)
-        if not entries and await self._store.get_job(self._job_id) is None:
-            raise GoneError("the job's log is no longer kept; load the result with job.get")
+        if not entries:
+            await self._check_continues(after_seq)
+            return ()
+        last = entries[-1]
+        if isinstance(last, StatusEvent) and last.is_terminal:
+            record = await self._store.get_job(self._job_id)  # a recovered job has a new epoch
+            if record is not None:
+                self.epoch = record.epoch
+        if not merge_text:
+            return tuple(entries)
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
 
+    async def _check_continues(self, after_seq: int) -> None:
+        """Nothing after ``after_seq``: fine if the job may still write it, else gone."""
+        gone = GoneError("the job's log is no longer kept; load the result with job.get")
+        record = await self._store.get_job(self._job_id)
+        if record is None:
+            raise gone
+        if record.seq > after_seq:  # the record is ahead: read again, after it
+            if not await self._store.read(self._job_id, after_seq, 1):
+                raise GoneError("the job's stored log is behind its record; load the result with job.get")
+        elif record.epoch != self.epoch:
+            raise gone  # recovered at a new epoch before the cursor: what it had is lost
+        elif is_terminal(record.status):
+            # The job ended before the cursor: nothing will ever come.
+            raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
+
     async def wait_beyond(self, seq: int) -> None:
+        """Cancellation: safe; nothing is consumed."""
         await self._store.wait_for_entries(self._job_id, seq)
 
 
@@ -71,6 +134,11 @@ class Watcher:
     ``__anext__`` waits for entries, then for the batch interval; cancelling it
     loses nothing (the cursor moves only when a batch is returned). Ends after
     the batch that holds the terminal status.
+
+    ``tool_call_deltas`` false (the wire protocol's default) leaves out the opt-in
+    ``tool_call_delta`` entries: a batch then ends at its last event, and the fragments
+    it skips are covered by the next batch, which holds the call they belong to.
+    ``merge_text`` false keeps every text entry as it is in the log.
     """
 
     def __init__(
@@ -84,6 +152,8 @@ class Watcher:
         max_batch_events: int,
         max_batch_chars: int,
         ended: bool = False,
+        tool_call_deltas: bool = True,
+        merge_text: bool = True,
     ) -> None:
         self.job_id = job_id
         self.epoch = epoch
@@ -94,6 +164,8 @@ class Watcher:
         self._max_chars = max_batch_chars
         self._next_batch_at = -float("inf")
         self.ended = ended
+        self._tool_call_deltas = tool_call_deltas
+        self._merge_text = merge_text
 
     def __aiter__(self) -> Watcher:
         return self
@@ -101,16 +173,24 @@ class Watcher:
     async def __anext__(self) -> Batch:
         if self.ended:
             raise StopAsyncIteration
+        read_to = self.cursor  # entries up to here were read and held nothing to send
         while True:
-            await self._source.wait_beyond(self.cursor)
+            await self._source.wait_beyond(read_to)
             # At most one batch per interval: what arrives meanwhile joins this batch.
             if trio.current_time() < self._next_batch_at:
                 await trio.sleep_until(self._next_batch_at)
             events = await self._source.read(
-                self.cursor, max_events=self._max_events, max_chars=self._max_chars
+                read_to,
+                max_events=self._max_events,
+                max_chars=self._max_chars,
+                merge_text=self._merge_text,
             )
+            if events and not self._tool_call_deltas:
+                read_to = events[-1].seq
+                events = tuple(ev for ev in events if not isinstance(ev, ToolCallDeltaEvent))
             if events:
                 break
+        self.epoch = self._source.epoch
         batch = Batch(
             job_id=self.job_id,
             epoch=self.epoch,

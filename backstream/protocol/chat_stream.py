@@ -1,9 +1,10 @@
 """A sans-IO assembler for OpenAI-compatible chat-completion streams.
 
 It takes the ``data`` of each SSE event (a JSON chunk, or ``[DONE]``) and
-returns what the chunk means for a job: text, reasoning, complete tool calls,
-the finish reason and usage. Tool-call fragments are assembled by ``index``
-and released, complete and in index order, when the choice finishes.
+returns what the chunk means for a job: text, reasoning, tool-call argument
+fragments as they come, complete tool calls, the finish reason and usage.
+Tool-call fragments are assembled by ``index`` and released, complete and in
+index order, when the choice finishes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "ModelOutput",
     "ReasoningDelta",
     "TextDelta",
+    "ToolCallDelta",
     "ToolCallDone",
     "UsageReport",
 ]
@@ -45,6 +47,18 @@ class ReasoningDelta:
 
 
 @attrs.frozen
+class ToolCallDelta:
+    """Arguments of call ``index`` as they arrive: reported once its id and name are known
+    (fragments before that come in the first delta), so every delta carries the
+    ``call_id`` its ``ToolCallDone`` will have."""
+
+    index: int
+    call_id: str
+    name: str
+    arguments_delta: str
+
+
+@attrs.frozen
 class ToolCallDone:
     index: int
     call_id: str
@@ -62,7 +76,7 @@ class UsageReport:
     usage: dict[str, Any]
 
 
-ModelOutput = TextDelta | ReasoningDelta | ToolCallDone | Finished | UsageReport
+ModelOutput = TextDelta | ReasoningDelta | ToolCallDelta | ToolCallDone | Finished | UsageReport
 
 
 @attrs.define
@@ -70,6 +84,7 @@ class _PartialCall:
     call_id: str = ""
     name: str = ""
     arguments: list[str] = attrs.Factory(list)
+    reported: int = 0  # fragments already reported as ToolCallDelta
 
 
 class ChatStreamAssembler:
@@ -132,7 +147,7 @@ class ChatStreamAssembler:
             if not isinstance(tool_calls, list):
                 raise ChatStreamError("upstream_protocol", "'tool_calls' is not a list")
             for fragment in tool_calls:
-                self._tool_fragment(fragment)
+                self._tool_fragment(fragment, out)
         reason = choice.get("finish_reason")
         if reason:
             if reason == "error":
@@ -141,7 +156,7 @@ class ChatStreamAssembler:
             out.extend(self._release_calls())
             out.append(Finished(self.finish_reason))
 
-    def _tool_fragment(self, fragment: Any) -> None:
+    def _tool_fragment(self, fragment: Any, out: list[ModelOutput]) -> None:
         if not isinstance(fragment, dict):
             raise ChatStreamError("upstream_protocol", "a tool-call fragment is not an object")
         index = fragment.get("index", 0)
@@ -169,6 +184,10 @@ class ChatStreamAssembler:
                         f"tool-call arguments exceed {self._max_argument_chars} characters",
                     )
                 call.arguments.append(arguments)
+        if call.call_id and call.name and call.reported < len(call.arguments):
+            delta = "".join(call.arguments[call.reported :])
+            call.reported = len(call.arguments)
+            out.append(ToolCallDelta(index, call.call_id, call.name, delta))
 
     def _release_calls(self) -> list[ModelOutput]:
         done: list[ModelOutput] = [

@@ -11,6 +11,7 @@ read, the request ``id``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any, get_args, get_origin
 
@@ -28,6 +29,7 @@ from backstream.protocol.events import (
     ReasoningEvent,
     StatusEvent,
     TextEvent,
+    ToolCallDeltaEvent,
     ToolCallEvent,
     ToolResultEvent,
 )
@@ -39,10 +41,12 @@ from backstream.protocol.messages import (
     JobEvents,
     JobInfoMessage,
     ServerMessage,
+    Welcome,
 )
 
 __all__ = [
     "EVENT_CLASSES",
+    "OPT_IN_KINDS",
     "ProtocolError",
     "batch_message",
     "converter",
@@ -50,17 +54,22 @@ __all__ = [
     "decode_server",
     "encode",
     "error_message",
+    "load_object",
+    "peek_request_id",
 ]
 
 EVENT_CLASSES: tuple[type[Any], ...] = (
     TextEvent,
     ReasoningEvent,
     ToolCallEvent,
+    ToolCallDeltaEvent,
     ApprovalRequiredEvent,
     ApprovalEvent,
     ToolResultEvent,
     StatusEvent,
 )
+OPT_IN_KINDS: frozenset[str] = frozenset({"tool_call_delta"})
+"""Event kinds a watch carries only when it asks for them (``tool_call_deltas``)."""
 MAX_DEPTH = 64  # JSON nesting deeper than this is refused before it reaches the converter
 
 
@@ -125,7 +134,16 @@ def _make_converter() -> cattrs.Converter:
         conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, _cattrs_omit_if_default=True))
     conv.register_unstructure_hook(
         JobInfoMessage,
-        make_dict_unstructure_fn(JobInfoMessage, conv, content=override(omit_if_default=True)),
+        make_dict_unstructure_fn(
+            JobInfoMessage,
+            conv,
+            content=override(omit_if_default=True),
+            next_offset=override(omit_if_default=True),
+            next_tool_calls_offset=override(omit_if_default=True),
+        ),
+    )
+    conv.register_unstructure_hook(
+        Welcome, make_dict_unstructure_fn(Welcome, conv, models=override(omit_if_default=True))
     )
     # ``kind`` is the events' tag; the tagged union below writes it.
     for cls in EVENT_CLASSES:
@@ -186,9 +204,34 @@ def _load(data: str | bytes) -> dict[str, Any]:
     return obj
 
 
+def load_object(data: str | bytes) -> dict[str, Any]:
+    """One frame as a JSON object, with the protocol's checks (text, depth). Raises
+    ``ProtocolError``."""
+    return _load(data)
+
+
+_TOP_LEVEL_ID = re.compile(r'"id"\s*:\s*"([^"\\]{1,64})"')
+
+
+def peek_request_id(data: str | bytes) -> str | None:
+    """The request ``id`` of a frame without decoding it, if it appears among the top-level
+    fields before any nested object or array (where clients put it); else None. Cheap:
+    for answering a request refused before decoding (rate limits)."""
+    if not isinstance(data, str):
+        return None
+    head = data[:512]
+    nested = min((i for i in (head.find("{", 1), head.find("[")) if i >= 0), default=len(head))
+    found = _TOP_LEVEL_ID.search(head, 0, nested)
+    return found.group(1) if found else None
+
+
 def decode_client(data: str | bytes) -> ClientMessage:
     """Decode one client frame. Raises ``ProtocolError`` (always ``bad_request``)."""
-    obj = _load(data)
+    try:
+        obj = _load(data)
+    except ProtocolError as exc:
+        exc.request_id = peek_request_id(data)  # so the client can match the refusal
+        raise
     raw_id = obj.get("id")
     request_id = raw_id if isinstance(raw_id, str) and 1 <= len(raw_id) <= 64 else None
     kind = obj.get("type")

@@ -24,13 +24,14 @@ __all__ = [
     "ReasoningEvent",
     "StatusEvent",
     "TextEvent",
+    "ToolCallDeltaEvent",
     "ToolCallEvent",
     "ToolCallRecord",
     "ToolResultEvent",
 ]
 
 JobStatus = Literal["running", "awaiting_approval", "completed", "failed", "aborted", "interrupted"]
-TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "aborted", "interrupted"})
+TERMINAL_STATUSES: Final[frozenset[JobStatus]] = frozenset({"completed", "failed", "aborted", "interrupted"})
 ACTIVE_STATUSES: Final = frozenset({"running", "awaiting_approval"})
 
 
@@ -64,6 +65,21 @@ class ToolCallEvent:
     name: str
     arguments: str  # JSON text exactly as the model sent it
     kind: Literal["tool_call"] = "tool_call"
+
+
+@attrs.frozen
+class ToolCallDeltaEvent:
+    """A fragment of a tool call's arguments as the model streams it (opt-in per watch).
+
+    The fragments of one call join into the ``arguments`` of its ``tool_call`` entry,
+    which always follows them.
+    """
+
+    seq: int
+    call_id: str
+    name: str
+    arguments_delta: str
+    kind: Literal["tool_call_delta"] = "tool_call_delta"
 
 
 @attrs.frozen
@@ -111,6 +127,7 @@ LogEvent = (
     TextEvent
     | ReasoningEvent
     | ToolCallEvent
+    | ToolCallDeltaEvent
     | ApprovalRequiredEvent
     | ApprovalEvent
     | ToolResultEvent

@@ -16,6 +16,8 @@ from backstream.protocol.events import JobSummary, LogEvent, ToolCallRecord
 
 __all__ = [
     "CLIENT_MESSAGES",
+    "MAX_NAME_CHARS",
+    "MAX_REQUEST_ID_CHARS",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGES",
     "ClientMessage",
@@ -52,13 +54,16 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-MAX_ID_CHARS = 64
+MAX_REQUEST_ID_CHARS = 64
+"""A request's ``id``, chosen by the client."""
+MAX_NAME_CHARS = 256
+"""A ``thread_id`` or ``message_id``."""
 MAX_NAME_CHARS = 256
 
 
 def _request_id(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
-    if not 1 <= len(value) <= MAX_ID_CHARS:
-        raise ValueError(f"id must be 1 to {MAX_ID_CHARS} characters")
+    if not 1 <= len(value) <= MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"id must be 1 to {MAX_REQUEST_ID_CHARS} characters")
 
 
 def _name(_inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
@@ -99,6 +104,8 @@ class JobStart:
     tools: list[str] = attrs.field(factory=list)
     params: dict[str, Any] = attrs.field(factory=dict)
     watch: bool = False
+    tool_call_deltas: bool = False
+    """With ``watch``: also send ``tool_call_delta`` events."""
 
 
 @attrs.frozen
@@ -108,6 +115,8 @@ class JobWatch:
     job_id: str
     after_seq: int = attrs.field(default=0, validator=_non_negative)
     epoch: int | None = None
+    tool_call_deltas: bool = False
+    """Also send ``tool_call_delta`` events (argument fragments as the model streams them)."""
 
 
 @attrs.frozen
@@ -131,6 +140,7 @@ class JobGet:
     job_id: str
     include_content: bool = False
     offset: int = attrs.field(default=0, validator=_non_negative)
+    tool_calls_offset: int = attrs.field(default=0, validator=_non_negative)
 
 
 @attrs.frozen
@@ -233,6 +243,8 @@ class Welcome:
     server: ServerInfo
     features: dict[str, Any]
     limits: dict[str, Any]
+    models: list[str] | None = None
+    """Glob patterns of the models ``job.start`` may name on this server."""
 
 
 @attrs.frozen
@@ -272,6 +284,10 @@ class JobInfoMessage:
     job: JobSummary
     content: str | None = None
     tool_calls: list[ToolCallRecord] = attrs.field(factory=list)
+    next_offset: int | None = None
+    """Present when ``content`` was cut to fit the frame: ask again from this offset."""
+    next_tool_calls_offset: int | None = None
+    """Present when more tool calls follow: ask again with this ``tool_calls_offset``."""
 
 
 @attrs.frozen

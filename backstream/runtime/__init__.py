@@ -1,1 +1,2 @@
-"""The runtime: job store, log, models, upstream client and the embeddable API."""
+"""The runtime: the embeddable API, the supervision tree, and what it wires: stores, models,
+tools and the server."""

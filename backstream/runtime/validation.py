@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from backstream.protocol.errors import BadRequestError
-from backstream.runtime.models import BUILTIN_PARAMS
+from backstream.protocol.messages import MAX_NAME_CHARS
+from backstream.runtime.models.builtin import BUILTIN_PARAMS
 
 __all__ = ["ALLOWED_PARAMS", "check_identifier", "check_messages", "check_params"]
 
@@ -26,12 +27,11 @@ ALLOWED_PARAMS = frozenset(
     }
 )
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-MAX_ID_CHARS = 256
 
 
 def check_identifier(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_CHARS:
-        raise BadRequestError(f"{name} must be a string of 1 to {MAX_ID_CHARS} characters")
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME_CHARS:
+        raise BadRequestError(f"{name} must be a string of 1 to {MAX_NAME_CHARS} characters")
     return value
 
 

@@ -49,7 +49,7 @@ before(async () => {
   server = await startServer({
     args: [
       ...["alice", "bob", "carol", "dave", "erin"].flatMap((user) => ["--token", `tok-${user}=${user}`]),
-      "--tools", "backstream.runtime.tools_demo:DEMO_TOOLS",
+      "--tools", "backstream.runtime.tools.demo:DEMO_TOOLS",
       "--max-jobs-per-user", "3",
     ],
   });

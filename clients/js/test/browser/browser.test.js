@@ -59,7 +59,7 @@ before(async () => {
     web: true,
     args: [
       ...USERS.flatMap((user) => ["--token", `tok-${user}=${user}`]),
-      "--tools", "backstream.runtime.tools_demo:DEMO_TOOLS",
+      "--tools", "backstream.runtime.tools.demo:DEMO_TOOLS",
       "--upstream-url", `http://127.0.0.1:${upstreamPort}/v1`,
     ],
   });

@@ -1,0 +1,131 @@
+"""``Config``: every setting of the runtime, with its default, in one frozen object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+__all__ = ["Config"]
+
+
+def _positive(_instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"Config.{attribute.name} must be positive, not {value!r}")
+
+
+def _positive_or_none(_instance: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"Config.{attribute.name} must be positive, not {value!r}")
+
+
+def _non_negative(_instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"Config.{attribute.name} must not be negative, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Settings of a runtime. Times are in seconds unless the name says ``_ms``."""
+
+    # Admission and lifetime.
+    max_jobs: int = attrs.field(default=100, validator=_positive)
+    """Jobs running at once in this runtime; past it ``start_job`` raises ``CapacityError``."""
+    max_jobs_per_user: int = attrs.field(default=8, validator=_positive)
+    """Jobs one user may have running at once."""
+    job_timeout: float = attrs.field(default=300.0, validator=_positive)
+    """A job still running after this long ends ``failed`` with error ``timeout``."""
+    retention: float = attrs.field(default=900.0, validator=_non_negative)
+    """How long a finished job stays readable before the sweep frees it."""
+    sweep_interval: float = attrs.field(default=5.0, validator=_positive)
+    """How often the registry looks for jobs whose retention expired."""
+    capacity_retry_after_ms: int = attrs.field(default=1000, validator=_positive)
+    """The retry hint sent with a capacity error."""
+    drain_timeout: float = attrs.field(default=10.0, validator=_non_negative)
+    """On a clean close, how long running jobs may go on before they end ``interrupted``."""
+    finalize_timeout: float = attrs.field(default=5.0, validator=_positive)
+    """Bound on a job's cleanup (its last write to the store) once it has ended."""
+
+    # Many instances and durable stores.
+    lease_ttl: float = attrs.field(default=15.0, validator=_positive)
+    """A running job's lease; an instance that stops renewing it for this long is presumed dead."""
+    lease_renew_interval: float = attrs.field(default=5.0, validator=_positive)
+    """How often leases are renewed and orphaned jobs of dead instances looked for."""
+    remote_abort_wait: float = attrs.field(default=5.0, validator=_positive)
+    """How long ``abort`` of a job running on another instance waits for it to end."""
+    store_outage_limit: float = attrs.field(default=30.0, validator=_positive)
+    """A job whose writes keep failing this long ends ``failed``/``unavailable``; until then it
+    retries and keeps streaming to watchers in this process."""
+
+    # The job log and its writes to the store.
+    max_output_chars: int = attrs.field(default=1_000_000, validator=_positive)
+    """Characters the model may produce (text, reasoning, tool arguments); past it: ``output_limit``.
+    Tool results have a budget of this size of their own (cut, never failing the job)."""
+    flush_events: int = attrs.field(default=64, validator=_positive)
+    """A job writes its new log entries to the store once this many are waiting (or after flush_ms)."""
+    flush_ms: float = attrs.field(default=100.0, validator=_positive)
+    """A job writes its log once the oldest unwritten entry is this old (or at flush_events),
+    and at its end."""
+
+    # Watchers.
+    batch_ms: float = attrs.field(default=50.0, validator=_non_negative)
+    """At most one batch per watcher per this many milliseconds while events keep coming."""
+    max_batch_events: int = attrs.field(default=1024, validator=_positive)
+    """Bound on the events of one batch; a longer backlog goes out in several batches."""
+    max_batch_chars: int = attrs.field(default=256 * 1024, validator=_positive)
+    """Bound on the text of one batch, so a replay never makes a frame too large."""
+
+    # The upstream model server.
+    upstream_url: str | None = None
+    """Base URL of an OpenAI-compatible API, such as ``https://openrouter.ai/api/v1``."""
+    upstream_api_key: str | None = attrs.field(default=None, repr=False)
+    """Sent as ``Authorization: Bearer``; never logged."""
+    upstream_headers: dict[str, str] = attrs.field(factory=dict, repr=False)
+    """Extra headers for every upstream request, ``NAME: VALUE`` (e.g. OpenRouter's ``HTTP-Referer``)."""
+    upstream_connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    """Seconds to connect to the upstream."""
+    upstream_idle_timeout: float = attrs.field(default=60.0, validator=_positive)
+    """No byte from the upstream for this long ends the job ``failed``/``upstream_timeout``."""
+    upstream_max_retries: int = attrs.field(default=3, validator=_non_negative)
+    """Retries of 429, 502, 503 and connection errors, before the first token only."""
+    upstream_retry_base: float = attrs.field(default=0.5, validator=_positive)
+    """First backoff delay; it doubles each retry, with jitter, unless Retry-After says more."""
+    upstream_retry_max_delay: float = attrs.field(default=30.0, validator=_positive)
+    """Longest wait between retries, Retry-After included."""
+    upstream_max_connections: int = attrs.field(default=1000, validator=_positive)
+    """Connections to the upstream open at once, over all jobs."""
+
+    # Cost control.
+    allowed_models: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Glob patterns of the models a job may name; ``!pattern`` excludes. Built-in models
+    (``backstream/*``) are allowed unless excluded; with no pattern at all, any model is."""
+    max_output_tokens: int | None = attrs.field(default=None, validator=_positive_or_none)
+    """A cap on every upstream request: ``max_tokens``/``max_completion_tokens`` are clamped
+    to it, and ``max_tokens`` is set to it when a request names neither."""
+
+    # Server-side tools.
+    max_turns: int = attrs.field(default=8, validator=_positive)
+    """Model turns a job may take; a model still calling tools after them: ``tool_loop_limit``."""
+    max_parallel_tools: int = attrs.field(default=4, validator=_positive)
+    """Tool calls of one turn that run at once."""
+    max_tool_threads: int = attrs.field(default=16, validator=_positive)
+    """Threads for sync tools, a pool of their own; a hung tool keeps its thread until it
+    returns, and a call that finds none free before its timeout is an error outcome."""
+    approval_timeout: float = attrs.field(default=600.0, validator=_positive)
+    """A tool call waiting this long for a person's decision counts as declined."""
+
+    # Notifications.
+    max_notifications_per_user: int = attrs.field(default=500, validator=_positive)
+    """Notifications kept per user; past it the oldest go first."""
+
+    # Built-in offline models.
+    echo_words_per_s: float = attrs.field(default=30.0, validator=_positive)
+    """Speed of ``backstream/echo``."""
+
+    @property
+    def batch_seconds(self) -> float:
+        return self.batch_ms / 1000.0
+
+    @property
+    def flush_seconds(self) -> float:
+        return self.flush_ms / 1000.0

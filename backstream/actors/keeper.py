@@ -1,0 +1,137 @@
+"""The keeper: housekeeping that keeps a runtime's share of the store true.
+
+Three periodic duties, each its own loop, so a slow one never delays another:
+
+- the retention sweep deletes finished jobs past their ``expires_at``;
+- lease renewal tells a shared store that this instance and its running jobs
+  (and its open watches) are alive;
+- orphan recovery ends ``interrupted`` the jobs of instances that died, once
+  their leases lapse (at start-up too, before new jobs are admitted).
+
+A store outage skips a round; the next one catches up. Leases lapse only after
+``lease_ttl``, so an outage shorter than that costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import trio
+
+from backstream.actors.clock import WallClock
+from backstream.actors.config import Config
+from backstream.actors.notifier import Notifier
+from backstream.actors.ports import Store
+from backstream.actors.presence import WatchPresence
+from backstream.actors.supervisor import Supervisor
+from backstream.protocol.errors import UnavailableError
+from backstream.protocol.events import TextEvent
+from backstream.protocol.records import JobRecord
+
+__all__ = ["Keeper", "KeeperStatistics"]
+
+log = logging.getLogger("backstream.keeper")
+
+
+@attrs.frozen
+class KeeperStatistics:
+    swept_total: int
+    recovered_total: int
+    skipped_rounds_total: int
+
+
+class Keeper:
+    """Start with ``await nursery.start(keeper.run)`` (after ``recover_orphans`` once)."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: WallClock,
+        jobs: Supervisor[Any],
+        presence: WatchPresence,
+        *,
+        instance_id: str,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._jobs = jobs
+        self._presence = presence
+        self._instance_id = instance_id
+        self._notifier = notifier
+        self._swept_total = 0
+        self._recovered_total = 0
+        self._skipped_rounds_total = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep, renew and recover until cancelled. Cancellation: each loop stops at its
+        next await; nothing is left half-written (each step is one store call)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sweep_loop)
+            nursery.start_soon(self._lease_loop)
+            task_status.started()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await trio.sleep(self._config.sweep_interval)
+            try:
+                swept = await self._store.delete_expired(self._clock.now())
+            except UnavailableError as exc:
+                self._skipped_rounds_total += 1
+                log.warning("retention sweep skipped: %s", exc)
+                continue
+            if swept:
+                self._swept_total += len(swept)
+                log.debug("swept %d expired jobs", len(swept))
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await trio.sleep(self._config.lease_renew_interval)
+            until = self._clock.now() + self._config.lease_ttl
+            try:
+                running = [child.name for child in self._jobs.which_children()]
+                if running:
+                    await self._store.renew_leases(self._instance_id, running, until)
+                watches = self._presence.snapshot()
+                if watches:
+                    await self._store.renew_watches(watches, until)
+                await self.recover_orphans()
+            except UnavailableError as exc:
+                self._skipped_rounds_total += 1
+                log.warning("lease renewal skipped: %s", exc)
+
+    async def recover_orphans(self) -> list[JobRecord]:
+        """End ``interrupted`` the running jobs that no live instance owns, and tell their
+        users. Raises ``UnavailableError``. Cancellation: a job already recovered in the
+        store may miss its notification."""
+        recovered = await self._store.recover_orphans(
+            self._instance_id, self._clock.now(), self._config.retention
+        )
+        for record in recovered:
+            log.warning(
+                "job %s: its instance is gone; ended interrupted at seq %d", record.job_id, record.seq
+            )
+            self._recovered_total += 1
+            if self._notifier is not None:
+                entries = await self._store.read(record.job_id, 0, record.seq)
+                content = "".join(e.text for e in entries if isinstance(e, TextEvent))
+                await self._notifier.job_ended(
+                    job_id=record.job_id,
+                    user=record.user,
+                    thread_id=record.thread_id,
+                    status="interrupted",
+                    content=content,
+                    error=None,
+                )
+        return recovered
+
+    def statistics(self) -> KeeperStatistics:
+        return KeeperStatistics(
+            swept_total=self._swept_total,
+            recovered_total=self._recovered_total,
+            skipped_rounds_total=self._skipped_rounds_total,
+        )

@@ -1,0 +1,129 @@
+"""Notifications: when a job ends (or waits for approval) with nobody watching, tell its user.
+
+The decision and the creation are one atomic step in the store
+(``Store.notify_unwatched``): nobody watches the job on any instance, the thread
+is not muted, and the job has no notification of that type yet. Every instance
+then pushes the new notification to the connections of that user it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import attrs
+import trio
+
+from backstream.actors.clock import WallClock
+from backstream.actors.ports import Store
+from backstream.protocol.events import ErrorInfo, JobStatus
+from backstream.protocol.ids import new_id
+from backstream.protocol.records import NotificationRecord
+
+__all__ = ["SUBSCRIBER_BUFFER", "Notifier", "NotifierStatistics"]
+
+log = logging.getLogger("backstream.notifier")
+
+SUBSCRIBER_BUFFER = 64
+"""Pushes waiting per connection; when full, that connection misses the push (the
+notification is stored and listed all the same)."""
+
+_BY_STATUS: dict[str, tuple[str, str]] = {
+    "completed": ("ai.message.received", "Response ready"),
+    "failed": ("system.warning", "Response failed"),
+    "interrupted": ("system.warning", "Response interrupted"),
+}
+
+
+@attrs.frozen
+class NotifierStatistics:
+    subscribers: int
+    pushes_dropped: int
+
+
+class Notifier:
+    def __init__(self, store: Store, clock: WallClock, max_per_user: int) -> None:
+        self._store = store
+        self._clock = clock
+        self._max_per_user = max_per_user
+        self._subscribers: dict[str, set[trio.MemorySendChannel[NotificationRecord]]] = {}
+        self._pushes_dropped = 0
+
+    async def job_ended(
+        self,
+        *,
+        job_id: str,
+        user: str,
+        thread_id: str,
+        status: JobStatus,
+        content: str,
+        error: ErrorInfo | None,
+    ) -> bool:
+        """The notification a job's end calls for, if nobody watched. None for ``aborted``.
+
+        Cancellation: the notification may or may not have been created (the store's step is
+        atomic either way).
+        """
+        kind = _BY_STATUS.get(status)
+        if kind is None:
+            return False
+        body = content[:200] if status == "completed" or not error else error.message[:200]
+        return await self._notify(job_id, user, thread_id, kind[0], kind[1], body)
+
+    async def approval_needed(self, *, job_id: str, user: str, thread_id: str, tool: str) -> bool:
+        """Cancellation: as for ``job_ended``."""
+        body = f"The assistant wants to run {tool!r} and waits for your decision."
+        return await self._notify(
+            job_id, user, thread_id, "ai.tool.approval_required", "Approval needed", body
+        )
+
+    async def _notify(self, job_id: str, user: str, thread_id: str, kind: str, title: str, body: str) -> bool:
+        now = self._clock.now()
+        record = NotificationRecord(
+            notification_id=new_id("n_", now),
+            user=user,
+            type=kind,
+            job_id=job_id,
+            thread_id=thread_id,
+            title=title,
+            body=body,
+            created_at=now,
+        )
+        try:
+            return await self._store.notify_unwatched(record, now, self._max_per_user)
+        except Exception:
+            log.exception("job %s: could not create a notification", job_id)
+            return False
+
+    def deliver_local(self, notification: NotificationRecord) -> None:
+        """Push to this instance's connections of the user (never blocks). The store calls
+        it for every notification created on any instance: ``store.open(on_notification=...)``."""
+        for channel in list(self._subscribers.get(notification.user, ())):
+            try:
+                channel.send_nowait(notification)
+            except trio.WouldBlock:
+                self._pushes_dropped += 1
+            except trio.BrokenResourceError:
+                pass
+
+    @contextmanager
+    def subscribe(self, user: str) -> Iterator[trio.MemoryReceiveChannel[NotificationRecord]]:
+        """Receive the user's new notifications while the block runs."""
+        send, receive = trio.open_memory_channel[NotificationRecord](SUBSCRIBER_BUFFER)
+        self._subscribers.setdefault(user, set()).add(send)
+        try:
+            yield receive
+        finally:
+            subscribers = self._subscribers.get(user)
+            if subscribers is not None:
+                subscribers.discard(send)
+                if not subscribers:
+                    del self._subscribers[user]
+            send.close()
+
+    def statistics(self) -> NotifierStatistics:
+        return NotifierStatistics(
+            subscribers=sum(len(channels) for channels in self._subscribers.values()),
+            pushes_dropped=self._pushes_dropped,
+        )

@@ -1,0 +1,346 @@
+"""The interfaces the actors depend on: a store, a model and tools.
+
+Actors never import the runtime that implements these. The runtime builds a
+store (memory, SQLite, Redis), models (the upstream client, the built-ins) and
+a tool registry, and hands them to the actors at construction.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from backstream.protocol.chat_stream import ModelOutput, ToolCallDone
+from backstream.protocol.errors import UnavailableError
+from backstream.protocol.events import ErrorInfo, LogEvent
+from backstream.protocol.records import JobProgress, JobRecord, NotificationRecord, SharedCapacity
+
+__all__ = [
+    "ChatTurn",
+    "LogBehindError",
+    "Model",
+    "ModelFailure",
+    "NotificationListener",
+    "OutputSink",
+    "Store",
+    "StoreClosedError",
+    "ToolOutcome",
+    "ToolSpec",
+    "Tools",
+    "TurnResult",
+    "seen_end_counts",
+]
+
+# -- models ------------------------------------------------------------------------------
+
+OutputSink = Callable[[ModelOutput], None]
+"""Receives each output as it arrives; may raise to stop the turn (e.g. the output limit)."""
+
+
+class ModelFailure(Exception):
+    """The turn failed; ``error`` says why, with a job error code."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@attrs.frozen
+class ChatTurn:
+    """One request to a model: the conversation so far and the options."""
+
+    model: str
+    messages: tuple[dict[str, Any], ...]
+    params: dict[str, Any] = attrs.field(factory=dict)
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI "tools" entries
+
+
+@attrs.frozen
+class TurnResult:
+    finish_reason: str
+    usage: dict[str, Any] | None
+    tool_calls: tuple[ToolCallDone, ...]
+
+
+class Model(Protocol):
+    async def run_turn(self, turn: ChatTurn, sink: OutputSink) -> TurnResult:
+        """Stream one turn into ``sink``. Raises ``ModelFailure``.
+
+        Cancellation: the request is abandoned at once and its connection closed.
+        """
+        ...
+
+
+# -- tools -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ToolOutcome:
+    """What a tool call gave back to the model: its output text, or an error text."""
+
+    output: str
+    is_error: bool
+
+
+class ToolSpec(Protocol):
+    """A tool as a job sees it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def requires_approval(self) -> bool: ...
+
+    @property
+    def max_output_chars(self) -> int:
+        """Characters of output kept of one call; the rest is cut before the log."""
+        ...
+
+    def openai_spec(self) -> dict[str, Any]:
+        """The OpenAI ``tools`` entry that describes it to a model."""
+        ...
+
+
+class Tools(Protocol):
+    """The tools a job may call, by name."""
+
+    def get(self, name: str) -> ToolSpec | None: ...
+
+    async def run(self, name: str, arguments: str) -> ToolOutcome:
+        """Validate ``arguments`` (JSON text) and run the tool under its own timeout.
+
+        Never raises for the tool's faults: they become an error outcome.
+        Cancellation: the call is abandoned (a subprocess is killed).
+        """
+        ...
+
+
+# -- the store ---------------------------------------------------------------------------
+
+NotificationListener = Callable[[NotificationRecord], None]
+
+
+class StoreClosedError(UnavailableError):
+    """The store was closed (``aclose``): unlike an outage, waiting will not help."""
+
+
+class LogBehindError(Exception):
+    """A commit's entries do not continue the stored log: the store holds fewer entries
+    than the writer believed written (Redis came back from an older snapshot). The
+    writer sends again what follows ``stored_seq``; nothing was changed."""
+
+    def __init__(self, job_id: str, stored_seq: int) -> None:
+        super().__init__(f"{job_id}: the stored log ends at seq {stored_seq}")
+        self.job_id = job_id
+        self.stored_seq = stored_seq
+
+
+class Store(abc.ABC):
+    """Jobs, their logs and the signals between instances.
+
+    Methods raise ``UnavailableError`` when the backing service cannot be reached,
+    except the ``wait_*`` methods, which wait through an outage (retrying with
+    backoff, never in a busy loop). None of them takes a timeout: deadlines live with
+    the caller. Close: after ``aclose``, a store that holds connections (SQLite, Redis)
+    raises ``StoreClosedError`` from every method, waits included, and waits under way
+    raise it at their next look at the store; the memory store has nothing to close.
+
+    Cancellation: every method may be cancelled. A write that was cancelled may or may
+    not have happened (it is atomic either way: all of it or none); repeating it is
+    safe, because creates are idempotent per message id and commits skip the entries
+    the store already holds. Cancelling a wait consumes nothing.
+    """
+
+    @abc.abstractmethod
+    async def open(self, *, on_notification: NotificationListener | None = None) -> None:
+        """Connect and prepare (migrations, scripts). Called once before use.
+
+        ``on_notification`` is called (synchronously, it must not block) with every
+        notification created on any instance. Cancellation: nothing stays open.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections. Cancellation: resources are still released."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return if the store answers; raise ``UnavailableError`` if not. Cancellation: safe."""
+
+    @abc.abstractmethod
+    def statistics(self) -> object:
+        """A frozen snapshot of the store's counters (an attrs class per store)."""
+
+    @abc.abstractmethod
+    async def create_job(
+        self, record: JobRecord, capacity: SharedCapacity | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Insert ``record`` unless the user already has a job with its ``message_id``.
+
+        Returns ``(record, True)`` when inserted, or ``(existing, False)``. Atomic: two
+        racing creates never both insert. A store shared by many instances also takes a
+        running-job slot in the same step, and raises ``CapacityError`` past
+        ``capacity``'s limits (leases that ended before ``capacity.now``, a dead
+        instance's, do not count); single-process stores ignore ``capacity``.
+        Cancellation: the job may or may not exist; creating it again finds it.
+        """
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        """The record, or None if there is none (never existed, or swept).
+        Cancellation: safe (a read)."""
+
+    @abc.abstractmethod
+    async def find_job(self, user: str, message_id: str) -> JobRecord | None:
+        """The user's job started with ``message_id``, if any. Cancellation: safe (a read)."""
+
+    @abc.abstractmethod
+    async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
+        """Append ``entries`` (which continue the stored log) and apply ``progress``, atomically.
+
+        Entries the store already holds (a retried commit) are not appended twice. If the
+        entries (or, without entries, ``progress.seq``) go beyond what the stored log
+        holds plus one batch, nothing changes and ``LogBehindError`` tells the writer
+        where the stored log ends. A commit for a job the store no longer holds does
+        nothing. Only what a commit changes is written: the entries and the progress
+        fields, never the request again. Wakes everyone in ``wait_for_entries`` on this
+        job; a terminal commit frees the job's shared slot.
+        Cancellation: all of it happened or none of it; commit again.
+        """
+
+    @abc.abstractmethod
+    async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
+        """Up to ``limit`` stored entries after ``after_seq``, in order. Cancellation: safe."""
+
+    @abc.abstractmethod
+    async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
+        """Return once the stored record goes past ``after_seq``, has ended, or is gone.
+
+        May return early (callers re-read and wait again), but never at once twice in a
+        row for the same state: a poll has a floor. Waits through an outage.
+        Cancellation: safe; nothing is consumed.
+        """
+
+    @abc.abstractmethod
+    async def list_jobs(
+        self,
+        user: str,
+        *,
+        thread_id: str | None = None,
+        statuses: frozenset[str] | None = None,
+        limit: int = 50,
+    ) -> list[JobRecord]:
+        """The user's jobs, newest first, filtered by thread and status. Cancellation: safe."""
+
+    @abc.abstractmethod
+    async def delete_expired(self, now: float) -> list[str]:
+        """Delete every finished job whose ``expires_at`` has passed; return their ids.
+
+        Cancellation: some jobs may be deleted already; the next sweep finds the rest."""
+
+    @abc.abstractmethod
+    async def request_abort(self, job_id: str) -> None:
+        """Mark the job to be aborted, and tell the instance that runs it, wherever it is.
+
+        Cancellation: the mark may or may not be set; asking again is harmless."""
+
+    @abc.abstractmethod
+    async def wait_abort_requested(self, job_id: str) -> None:
+        """Return when, and only when, an abort of ``job_id`` has been requested (perhaps
+        already). Waits through an outage of the store, however long.
+
+        Cancellation: safe; nothing is consumed.
+        """
+
+    # -- watchers and notifications ----------------------------------------------------------
+    # Single-process stores keep presence, mutes and notifications in memory-backed state of
+    # their own; a shared store keeps them where every instance sees them.
+
+    @abc.abstractmethod
+    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
+        """Someone watches ``job_id`` (until ``until`` unless renewed, for shared stores).
+        Cancellation: the watch may or may not be recorded; ``watch_ended`` is safe either way."""
+
+    @abc.abstractmethod
+    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
+        """That watch ended (unwatched, finished, or its connection dropped). ``saw_end``:
+        it delivered the terminal status, so the job counts as watched when it ended, even
+        if the watch is gone before the notification check runs. Cancellation: a shared
+        store's presence lapses by itself at ``until``."""
+
+    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
+        """Extend the presence of this instance's ``(job_id, watch_id)`` watches.
+        Cancellation: some may be renewed; the next renewal catches up."""
+        await trio.lowlevel.checkpoint()
+
+    @abc.abstractmethod
+    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
+        """Atomically: if nobody watches the job (on any instance), the thread is not muted
+        and the job has no notification of this type yet, store ``notification`` (keeping
+        the user's newest ``max_per_user``) and announce it to every instance. Returns
+        whether it was created. A watch that saw the job end counts as watching for the
+        end's notifications only (see ``seen_end_counts``).
+        Cancellation: it may or may not be created, never twice."""
+
+    @abc.abstractmethod
+    async def list_notifications(
+        self, user: str, *, unread_only: bool, limit: int
+    ) -> tuple[list[NotificationRecord], int]:
+        """The user's notifications, newest first, and how many are unread. Cancellation: safe."""
+
+    @abc.abstractmethod
+    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
+        """Mark some (or all) of the user's notifications read; return how many stay unread.
+        Cancellation: some may be marked; marking again is harmless."""
+
+    @abc.abstractmethod
+    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
+        """Mute or unmute a thread's notifications for its user. Cancellation: it may or
+        may not be applied; repeating it is harmless."""
+
+    # -- approvals: a decision may come through another instance ------------------------
+
+    @abc.abstractmethod
+    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+        """Deliver a person's decision on a tool call to the instance that runs the job.
+        Cancellation: it may or may not be delivered; sending it again is harmless (the
+        first decision stands)."""
+
+    @abc.abstractmethod
+    async def wait_decision(self, job_id: str, call_id: str) -> bool:
+        """Wait for the decision on a tool call, through any outage of the store.
+        Cancellation: safe; a decision sent meanwhile is still found by the next wait."""
+
+    # -- many instances: leases, orphans, shared capacity -----------------------------
+    # The defaults fit a store that one process owns (memory): nothing is shared.
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The store's background work (e.g. listening for other instances), until cancelled.
+        Cancellation: stops listening; waits of this store fall back to polling."""
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
+        """Extend the leases of ``owner``'s running jobs to ``until``.
+        Cancellation: some may be renewed; the next renewal catches up."""
+        await trio.lowlevel.checkpoint()
+
+    async def recover_orphans(self, owner: str, now: float, retention: float) -> list[JobRecord]:
+        """End ``interrupted`` every running job whose instance is gone, keeping its durable
+        log, by ``lifecycle.interruption()``: the terminal status goes after the last
+        durable entry and the epoch grows by one. Returns the jobs this call recovered
+        (each exactly once across instances). Cancellation: each job is recovered
+        atomically or not at all; the next call finds the rest."""
+        await trio.lowlevel.checkpoint()
+        return []
+
+
+def seen_end_counts(notification_type: str) -> bool:
+    """Whether a watch that delivered the job's end counts as watching for a notification
+    of this type: yes for the end's notifications; no for ``ai.tool.approval_required``,
+    which concerns a wait that begins later (nobody saw it)."""
+    return notification_type != "ai.tool.approval_required"

@@ -1,0 +1,510 @@
+"""The runtime: what a program embeds, and what the front door serves.
+
+async with backstream.open_runtime(backstream.Config()) as rt:
+    started = await rt.start_job(user=..., thread_id=..., message_id=..., model=..., messages=[...])
+    async with rt.watch(started.job_id, user=..., after_seq=0) as batches:
+        async for batch in batches:
+            ...
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from backstream.actors.clock import WallClock
+from backstream.actors.config import Config
+from backstream.actors.job import JobActor
+from backstream.actors.joblog import summarize_events
+from backstream.actors.keeper import Keeper, KeeperStatistics
+from backstream.actors.notifier import Notifier
+from backstream.actors.ports import Model, Store
+from backstream.actors.presence import WatchPresence
+from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
+from backstream.actors.supervisor import Supervisor, SupervisorStatistics
+from backstream.actors.watcher import LiveSource, LogSource, StoredSource, Watcher
+from backstream.protocol.errors import BadRequestError, ConflictError, GoneError, NotFoundError
+from backstream.protocol.events import (
+    TERMINAL_STATUSES,
+    ApprovalEvent,
+    ApprovalRequiredEvent,
+    JobInfo,
+    JobSummary,
+    LogEvent,
+)
+from backstream.protocol.ids import new_id
+from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord, job_summary
+from backstream.runtime.models.builtin import BUILTIN_MODELS, builtin_model, validate_builtin_params
+from backstream.runtime.models.upstream import UpstreamClient, UpstreamStatistics
+from backstream.runtime.tools.registry import ToolRegistry
+from backstream.runtime.validation import check_identifier, check_messages, check_params
+
+__all__ = ["AbortResult", "Runtime", "RuntimeStatistics", "StartedJob"]
+
+log = logging.getLogger("backstream.runtime")
+
+BUILTIN_PREFIX = "backstream/"
+MAX_LIST_LIMIT = 200
+
+
+@attrs.frozen
+class StartedJob:
+    """What ``start_job`` returns: the job, and whether the ``message_id`` was already used."""
+
+    job: JobSummary
+    existing: bool
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+
+@attrs.frozen
+class AbortResult:
+    aborted: bool
+    job: JobSummary
+
+
+@attrs.frozen
+class RuntimeStatistics:
+    jobs: RegistryStatistics
+    job_tasks: SupervisorStatistics
+    keeper: KeeperStatistics
+    watchers: int
+    jobs_watched: int
+
+
+class Runtime:
+    """Use through ``open_runtime``. Every method checks that the job belongs to ``user``:
+    another user's job raises the same ``NotFoundError`` as a job that does not exist."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: WallClock,
+        registry: Registry,
+        job_supervisor: Supervisor[JobActor],
+        keeper: Keeper,
+        presence: WatchPresence,
+        models: Mapping[str, Model],
+        upstream: UpstreamClient | None,
+        tools: ToolRegistry,
+        notifier: Notifier,
+        *,
+        instance_id: str,
+    ) -> None:
+        self.config = config
+        self.tools = tools
+        self.notifier = notifier
+        self.instance_id = instance_id
+        """This runtime's identity among the instances that share a store."""
+        self._presence = presence
+        self._models = dict(models)
+        self._upstream = upstream
+        self._store = store
+        self._clock = clock
+        self._registry = registry
+        self._job_supervisor = job_supervisor
+        self._keeper = keeper
+
+    @property
+    def store(self) -> Store:
+        """The store this runtime keeps its jobs in."""
+        return self._store
+
+    # -- jobs ------------------------------------------------------------------------
+
+    async def start_job(
+        self,
+        *,
+        user: str,
+        thread_id: str,
+        message_id: str,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        params: dict[str, Any] | None = None,
+        tools: Sequence[str] | None = None,
+        annotations: dict[str, Any] | None = None,
+    ) -> StartedJob:
+        """Start a job, or return the user's job already started with ``message_id``.
+
+        ``annotations`` are kept with the job's request and given back as they were (JSON
+        values; the caller bounds their size); the model never sees them.
+
+        Raises ``BadRequestError`` for a bad request, ``CapacityError`` at a limit
+        (with ``retry_after_ms``), ``UnavailableError`` while shutting down.
+        Cancellation: the job may still have started (it runs on without its caller);
+        a retry with the same ``message_id`` returns it with ``existing=True``.
+        """
+        check_identifier("user", user)
+        check_identifier("thread_id", thread_id)
+        check_identifier("message_id", message_id)
+        check_identifier("model", model)
+        builtin = model.startswith(BUILTIN_PREFIX) or model in self._models
+        checked_params = check_params(params, builtin=builtin)
+        request = JobRequest(
+            model=model,
+            messages=check_messages(messages),
+            params=checked_params,
+            tools=self._check_tools(tools),
+            annotations=dict(annotations or {}),
+        )
+        self.resolve_model(request)  # reject an unknown model before admission
+        record, existing = await self._registry.start_job(
+            StartRequest(user=user, thread_id=thread_id, message_id=message_id, request=request)
+        )
+        if existing:
+            found = await self._lookup(record.job_id, user)
+            return StartedJob(job=self._summary_of(found), existing=True)
+        return StartedJob(job=self._summary(record), existing=False)
+
+    def _check_tools(self, tools: Sequence[str] | None) -> tuple[str, ...]:
+        if not tools:
+            return ()
+        if isinstance(tools, str) or not all(isinstance(t, str) for t in tools):
+            raise BadRequestError("tools must be a list of tool names")
+        unknown = [name for name in tools if self.tools.get(name) is None]
+        if unknown:
+            known = ", ".join(self.tools.names()) or "none"
+            raise BadRequestError(f"unknown tool: {unknown[0]!r} (registered: {known})")
+        return tuple(dict.fromkeys(tools))
+
+    async def approve(self, job_id: str, call_id: str, approved: bool, *, user: str) -> JobSummary:
+        """Decide on a tool call waiting for approval and wait until the job has logged it.
+        Raises ``ConflictError`` when that call is not waiting, ``NotFoundError`` for another
+        user's job. Cancellation: the decision, once handed to the job (or the store), stands;
+        only the wait for it to be logged is abandoned."""
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            pending = found.decide(call_id, approved)
+            if pending is None:
+                raise ConflictError(f"call {call_id!r} is not waiting for approval")
+            async with trio.open_nursery() as nursery:
+
+                async def until(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until, pending.applied)
+                nursery.start_soon(until, found.finished)
+            return found.summary(self.watcher_count(job_id))
+        record = found
+        entries = await self.store.read(job_id, 0, record.seq) if record.status == "awaiting_approval" else []
+        asked = {e.call_id for e in entries if isinstance(e, ApprovalRequiredEvent)}
+        answered = {e.call_id for e in entries if isinstance(e, ApprovalEvent)}
+        if call_id not in asked - answered:
+            raise ConflictError(f"call {call_id!r} is not waiting for approval")
+        await self.store.send_decision(job_id, call_id, approved)
+        with trio.move_on_after(self.config.remote_abort_wait):
+            while record.status == "awaiting_approval":
+                await self.store.wait_for_entries(job_id, record.seq)
+                record = await self._record(job_id, user)
+        return self._summary(await self._record(job_id, user))
+
+    def model_allowed(self, model: str) -> bool:
+        """Whether ``config.allowed_models`` lets a job name ``model``: not excluded by a
+        ``!pattern``, and built in, or matching a pattern (any model when there is none)."""
+        patterns = self.config.allowed_models
+        if any(p.startswith("!") and fnmatch.fnmatchcase(model, p[1:]) for p in patterns):
+            return False
+        if model.startswith(BUILTIN_PREFIX) or model in self._models:
+            return True
+        allowing = [p for p in patterns if not p.startswith("!")]
+        return not allowing or any(fnmatch.fnmatchcase(model, p) for p in allowing)
+
+    def allowed_models(self) -> list[str]:
+        """What a client may name, as glob patterns: the built-in and embedded models not
+        excluded, then ``config.allowed_models`` (``*`` for any model with an upstream and no
+        pattern)."""
+        fixed = [m for m in sorted({*BUILTIN_MODELS, *self._models}) if self.model_allowed(m)]
+        allowing = [p for p in self.config.allowed_models if not p.startswith("!")]
+        if not allowing and self._upstream is not None:
+            allowing = ["*"]
+        return fixed + allowing
+
+    def resolve_model(self, request: JobRequest) -> Model:
+        """The model that serves ``request``: one given to ``open_runtime``, a built-in,
+        or the upstream. Raises ``BadRequestError``, also for a model that
+        ``config.allowed_models`` does not allow."""
+        if not self.model_allowed(request.model):
+            allowed = ", ".join(self.allowed_models()) or "none"
+            raise BadRequestError(
+                f"model {request.model!r} is not allowed on this server (allowed: {allowed})"
+            )
+        model = self._models.get(request.model)
+        if model is not None:
+            return model
+        if request.model.startswith(BUILTIN_PREFIX):
+            validate_builtin_params(request.model, request.params)
+            return builtin_model(
+                request.model,
+                echo_rate=self.config.echo_words_per_s,
+                max_argument_chars=self.config.max_output_chars,
+            )
+        if self._upstream is None:
+            raise BadRequestError(
+                f"model {request.model!r} needs an upstream, and none is configured "
+                f"(built-in models: {', '.join(sorted(BUILTIN_MODELS))})"
+            )
+        return self._upstream
+
+    @asynccontextmanager
+    async def watch(
+        self,
+        job_id: str,
+        *,
+        user: str,
+        after_seq: int = 0,
+        epoch: int | None = None,
+        max_batch_chars: int | None = None,
+        tool_call_deltas: bool = True,
+        merge_text: bool = True,
+    ) -> AsyncIterator[Watcher]:
+        """Watch a job from ``after_seq``: an async iterator of batches that ends after the
+        terminal status. ``tool_call_deltas=False`` leaves out the ``tool_call_delta``
+        entries (as the wire protocol does for watches that do not ask for them). With
+        ``merge_text=False`` every log entry comes as stored (one text event per ``seq``), so
+        what a batch holds does not depend on how reads were grouped.
+
+        Raises ``NotFoundError``; ``GoneError`` when ``epoch`` differs from the log's;
+        ``BadRequestError`` for a cursor beyond the end of a finished job.
+        Cancellation: the watch closes and its presence is withdrawn (a shielded, bounded
+        write); the job goes on.
+        """
+        if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
+            raise BadRequestError("after_seq must be a non-negative integer")
+        found = await self._lookup(job_id, user)
+        source: LogSource
+        if isinstance(found, JobActor):
+            source, current_epoch = LiveSource(found.log), found.log.epoch
+            last_seq, finished = found.log.last_seq, found.log.terminal is not None
+        else:
+            record = found
+            source, current_epoch = StoredSource(self.store, job_id, record.epoch), record.epoch
+            last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
+        if epoch is not None and epoch != current_epoch:
+            raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
+        # A cursor ahead of a running job waits for the log to reach it (another instance
+        # may lag by one flush); if the job ends first, the watch ends with bad_request.
+        if finished and after_seq > last_seq:
+            raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {last_seq}")
+        watcher = Watcher(
+            job_id,
+            current_epoch,
+            source,
+            after_seq=after_seq,
+            batch_seconds=self.config.batch_seconds,
+            max_batch_events=self.config.max_batch_events,
+            max_batch_chars=min(self.config.max_batch_chars, max_batch_chars or self.config.max_batch_chars),
+            ended=finished and after_seq == last_seq,
+            tool_call_deltas=tool_call_deltas,
+            merge_text=merge_text,
+        )
+        watch_id = new_id("w_", self._clock.now())
+        await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
+        self._presence.opened(watch_id, job_id)
+        try:
+            yield watcher
+        finally:
+            self._presence.closed(watch_id)
+            with trio.CancelScope(shield=True) as cleanup:
+                cleanup.deadline = trio.current_time() + self.config.finalize_timeout
+                try:
+                    # A watch that delivered the end counts as watching when the job ended.
+                    await self.store.watch_ended(job_id, watch_id, saw_end=watcher.ended and not finished)
+                except Exception:
+                    log.warning("job %s: could not record the end of a watch", job_id)
+
+    async def get_job(
+        self, job_id: str, *, user: str, include_content: bool = False, offset: int = 0
+    ) -> JobInfo:
+        """The job's summary; with ``include_content``, its text from character ``offset``
+        and its tool calls.
+
+        Cancellation: safe; nothing changes.
+        """
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise BadRequestError("offset must be a non-negative integer")
+        # The live actor first: a record read before the job ended would be stale once its
+        # actor is gone; a record read after the actor left is final (it leaves after its
+        # last write).
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            summary = found.summary(self.watcher_count(job_id))
+            if not include_content:
+                return JobInfo(job=summary)
+            return JobInfo(job=summary, content=found.log.content(offset), tool_calls=found.log.tool_calls())
+        record = found
+        summary = self._summary(record)
+        if not include_content:
+            return JobInfo(job=summary)
+        entries = await self.store.read(job_id, 0, record.seq)
+        content, calls = summarize_events(entries)
+        return JobInfo(job=summary, content=content[offset:], tool_calls=calls)
+
+    async def job_log(self, job_id: str, *, user: str) -> tuple[JobRecord, tuple[LogEvent, ...]]:
+        """The job's record and every entry of its log so far, as stored (no text merged).
+
+        The record's summary fields may lag the entries of a job running here; read
+        ``get_job`` for the freshest summary. Raises ``NotFoundError``.
+
+        Cancellation: nothing changes; call again."""
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            return found.record, tuple(found.log.entries())
+        entries = await self.store.read(job_id, 0, found.seq) if found.seq else []
+        return found, tuple(entries)
+
+    async def abort(self, job_id: str, *, user: str) -> AbortResult:
+        """Abort a running job: its upstream request and tools stop at once, it ends
+        ``aborted`` with its content kept. ``aborted`` is False if it had already ended.
+        Cancellation: the abort, once requested, still happens; only the wait for the job's
+        end is abandoned."""
+        found = await self._lookup(job_id, user)
+        if isinstance(found, JobActor):
+            was_running = found.log.terminal is None
+            found.abort()
+            await found.finished.wait()
+            summary = found.summary(self.watcher_count(job_id))
+            return AbortResult(aborted=was_running and summary.status == "aborted", job=summary)
+        record = found
+        if record.status in TERMINAL_STATUSES:
+            return AbortResult(aborted=False, job=self._summary(record))
+        # It runs on another instance: ask it through the store, then wait (bounded) for its end.
+        await self.store.request_abort(job_id)
+        with trio.move_on_after(self.config.remote_abort_wait):
+            while record.status not in TERMINAL_STATUSES:
+                await self.store.wait_for_entries(job_id, record.seq)
+                record = await self._record(job_id, user)
+        record = await self._record(job_id, user)
+        return AbortResult(aborted=record.status == "aborted", job=self._summary(record))
+
+    async def list_jobs(
+        self,
+        *,
+        user: str,
+        thread_id: str | None = None,
+        statuses: Sequence[str] | None = None,
+        limit: int = 50,
+    ) -> list[JobSummary]:
+        """The user's jobs, newest first.
+
+        Cancellation: safe; nothing changes.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+        wanted = frozenset(statuses) if statuses is not None else None
+        records = await self.store.list_jobs(user, thread_id=thread_id, statuses=wanted, limit=limit)
+        out = []
+        for record in records:
+            actor = self._registry.live(record.job_id)
+            out.append(actor.summary(self.watcher_count(record.job_id)) if actor else self._summary(record))
+        return out
+
+    def statistics(self) -> RuntimeStatistics:
+        presence = self._presence.statistics()
+        return RuntimeStatistics(
+            jobs=self._registry.statistics(),
+            job_tasks=self._job_supervisor.statistics(),
+            keeper=self._keeper.statistics(),
+            watchers=presence.watches,
+            jobs_watched=presence.jobs_watched,
+        )
+
+    def upstream_statistics(self) -> UpstreamStatistics | None:
+        """The upstream client's counters, or None without an upstream."""
+        return self._upstream.statistics() if self._upstream is not None else None
+
+    def stop_accepting(self) -> None:
+        """Refuse new jobs from now on (``UnavailableError``); running jobs go on."""
+        self._registry.stop_accepting()
+
+    # -- notifications -----------------------------------------------------------------------
+
+    async def notifications_list(
+        self, *, user: str, unread_only: bool = False, limit: int = 50
+    ) -> tuple[list[NotificationRecord], int]:
+        """The user's notifications, newest first, and how many are unread.
+
+        Cancellation: safe; nothing changes.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+        return await self.store.list_notifications(user, unread_only=unread_only, limit=limit)
+
+    async def notifications_read(
+        self, *, user: str, ids: Sequence[str] = (), everything: bool = False
+    ) -> int:
+        """Mark notifications read; return how many stay unread.
+
+        Cancellation: the marks may or may not have been written.
+        """
+        return await self.store.mark_notifications_read(user, ids, everything=everything)
+
+    async def mute_thread(self, *, user: str, thread_id: str, muted: bool = True) -> None:
+        """No notifications for this thread of the user's while muted.
+
+        Cancellation: the change may or may not have been written.
+        """
+        check_identifier("thread_id", thread_id)
+        await self.store.set_thread_muted(user, thread_id, muted)
+
+    def subscribe_notifications(
+        self, user: str
+    ) -> AbstractContextManager[trio.MemoryReceiveChannel[NotificationRecord]]:
+        """New notifications of ``user``, created on any instance, while the block runs."""
+        return self.notifier.subscribe(user)
+
+    async def wait_idle(self) -> None:
+        """Wait until no job runs in this runtime (each has written its end to the store).
+        Cancellation: safe."""
+        await self._job_supervisor.wait_idle()
+
+    def watcher_count(self, job_id: str) -> int:
+        return self._presence.count(job_id)
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _lookup(self, job_id: str, user: str) -> JobActor | JobRecord:
+        """The job's live actor if it runs here (always the freshest view), else its record.
+
+        An actor leaves the registry only after its final write, so when none is
+        found the store's record is final for jobs of this process.
+        """
+        actor = self._registry.live(job_id) if isinstance(job_id, str) else None
+        if actor is not None:
+            if actor.record.user != user:
+                raise NotFoundError()
+            return actor
+        return await self._record(job_id, user)
+
+    def _summary_of(self, found: JobActor | JobRecord) -> JobSummary:
+        if isinstance(found, JobActor):
+            return found.summary(self.watcher_count(found.job_id))
+        return self._summary(found)
+
+    async def _record(self, job_id: str, user: str) -> JobRecord:
+        if not isinstance(job_id, str) or not job_id:
+            raise NotFoundError()
+        record = await self.store.get_job(job_id)
+        if record is None or record.user != user:
+            raise NotFoundError()
+        return record
+
+    def _summary(self, record: JobRecord) -> JobSummary:
+        actor = self._registry.live(record.job_id)
+        if actor is not None:
+            return actor.summary(self.watcher_count(record.job_id))
+        return job_summary(record, self.watcher_count(record.job_id))
+
+    async def _drain(self) -> None:
+        """Refuse new jobs, give running ones ``drain_timeout`` to end, interrupt the rest."""
+        self._registry.stop_accepting()
+        await self._job_supervisor.shutdown()

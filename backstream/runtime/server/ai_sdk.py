@@ -1,0 +1,442 @@
+"""The Vercel AI SDK endpoint (``/v1/ai-sdk``): one WebSocket client of ``WebSocketChatTransport``.
+
+A thin shell: frames are decoded and UI messages converted in
+``protocol.ui_messages``, a job's log becomes UI message chunks in
+``protocol.ui_chunks``; here they meet the runtime and the socket.
+
+Each ``send`` or ``resume`` is a task of its own (at most ``max_watches`` at
+once), so one connection carries many chats. A request reads the job's log
+through a watch and sends one chunk per frame (the transport takes no more),
+each with a deadline and only when the socket can take it (``SocketGate``): a
+client behind for ``slow_client_timeout`` is closed 4429. A request's memory is
+one batch, however slow the client. Closing the socket stops the streams,
+never the jobs.
+
+A connection opened with ``coalesce_ms`` (or the server's default) bounds its
+text frames instead: adjacent deltas of one part merge while a frame is not
+due, and each request sends at most one delta frame per ``coalesce_ms``. Its
+sequences count the frames it sent, so they depend on timing: such a
+connection answers a ``resume`` with ``lastSequence`` by an ``error`` (the AI
+SDK's transport never sends one: it replays from ``start``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from backstream.protocol.codec import ProtocolError
+from backstream.protocol.errors import BackstreamError, ConflictError
+from backstream.protocol.ui_chunks import (
+    DELTA_FIELDS,
+    DeltaCoalescer,
+    UIChunk,
+    UIChunkTranslator,
+    parse_approval_id,
+)
+from backstream.protocol.ui_messages import (
+    AbortRequest,
+    ApprovalAnswer,
+    ResumeRequest,
+    SendRequest,
+    approval_answers,
+    chat_messages,
+    decode_request,
+    encode_frame,
+    job_key,
+    job_options,
+)
+from backstream.runtime.api import Runtime
+from backstream.runtime.server.auth import Identity
+from backstream.runtime.server.connection import ConnectionLimits, ConnectionStats
+from backstream.runtime.server.peer import Close as _Close
+from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
+from backstream.runtime.server.socket_gate import SocketGate
+
+__all__ = ["AiSdkConnection"]
+
+log = logging.getLogger("backstream.ai_sdk")
+
+RESUME_ABORT_GRACE = 0.5
+"""Seconds an ``abort`` of a ``resume`` waits before it aborts the job: the AI SDK's ``Chat``
+aborts a resume it replaces just before it sends the new one, and that must not stop the job."""
+
+
+@attrs.define
+class _Active:
+    """A ``send`` or ``resume`` being served."""
+
+    kind: str
+    chat_id: str
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    job_id: str | None = None
+    aborted: bool = False
+    started_at: float = attrs.Factory(trio.current_time)
+
+
+class AiSdkConnection:
+    """Run with ``await connection.run()`` once the WebSocket is accepted and its user known."""
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        runtime: Runtime,
+        identity: Identity,
+        limits: ConnectionLimits,
+        stats: ConnectionStats,
+        *,
+        conn_id: str,
+        default_model: str,
+        sock: trio.socket.SocketType | None = None,
+        coalesce_ms: int = 0,
+    ) -> None:
+        self._ws = ws
+        self._runtime = runtime
+        self.identity = identity
+        self._limits = limits
+        self._stats = stats
+        self.conn_id = conn_id
+        self._default_model = default_model
+        self._gate = SocketGate(sock, max_unsent_bytes=limits.max_unsent_bytes)
+        self._coalesce_s = coalesce_ms / 1000
+        self._active: dict[str, _Active] = {}
+        self._last_resume: dict[str, float] = {}  # chat id -> when its latest resume arrived
+        self._session_scope = trio.CancelScope()
+        self._close_request: _Close | None = None
+        self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
+        self._strikes = 0
+
+    @property
+    def user(self) -> str:
+        return self.identity.user
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Ask the connection to close with ``code`` (e.g. 1001 at shutdown). Returns at once."""
+        if self._close_request is None:
+            self._close_request = _Close(code, reason)
+        self._session_scope.cancel()
+
+    async def run(self) -> None:
+        """Serve the client until it leaves or is closed. Never raises for the client's faults;
+        the jobs it started go on."""
+        with self._session_scope:
+            async with trio.open_nursery() as nursery:
+                limits = self._limits
+                nursery.start_soon(
+                    keep_alive, self._ws, limits.ping_interval, limits.idle_timeout, self.close_soon
+                )
+                if self.identity.expires_at is not None:
+                    nursery.start_soon(close_at, self.identity.expires_at, self.close_soon)
+                try:
+                    await self._read_frames(nursery)
+                except _Close as exc:
+                    self.close_soon(exc.code, exc.reason)
+                except ConnectionClosed:
+                    pass  # the client left; its jobs go on
+                finally:
+                    nursery.cancel_scope.cancel()
+        close = self._close_request or _Close(1000, "")
+        with trio.move_on_after(self._limits.close_timeout) as scope:
+            scope.shield = True
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.aclose(close.code, close.reason)
+
+    # -- frames in ----------------------------------------------------------------------------
+
+    async def _read_frames(self, nursery: trio.Nursery) -> None:
+        while True:
+            raw = await self._ws.get_message()
+            self._stats.requests += 1
+            try:
+                request = decode_request(raw)
+            except ProtocolError as exc:
+                await self._refuse(exc.request_id, exc.message)
+                continue
+            if isinstance(request, AbortRequest):
+                self._on_abort(request.request_id, nursery)
+            elif not self._bucket.take():
+                await self._refuse(request.request_id, "too many requests; slow down")
+            elif request.request_id in self._active:
+                await self._refuse(request.request_id, "this requestId is already in use")
+            elif len(self._active) >= self._limits.max_watches:
+                await self._refuse(
+                    request.request_id, f"at most {self._limits.max_watches} requests at once per connection"
+                )
+            else:
+                active = _Active(
+                    kind="send" if isinstance(request, SendRequest) else "resume", chat_id=request.chat_id
+                )
+                if isinstance(request, ResumeRequest):
+                    self._note_resume(request.chat_id, active.started_at)
+                self._active[request.request_id] = active
+                nursery.start_soon(self._serve, request, active)
+
+    def _note_resume(self, chat_id: str, now: float) -> None:
+        # Only resumes younger than the grace matter: older ones are forgotten (bounded).
+        for chat, at in list(self._last_resume.items()):
+            if now - at > RESUME_ABORT_GRACE:
+                del self._last_resume[chat]
+        self._last_resume[chat_id] = now
+
+    async def _refuse(self, request_id: str | None, message: str) -> None:
+        self._strikes += 1
+        self._stats.errors_sent += 1
+        if request_id is not None:
+            await self._send(encode_frame("error", request_id, errorText=message))
+        if request_id is None or self._strikes > self._limits.abuse_limit:
+            raise _Close(1008, message[:120] if request_id is None else "too many refused requests")
+
+    def _on_abort(self, request_id: str, nursery: trio.Nursery) -> None:
+        active = self._active.get(request_id)
+        if active is None or active.aborted:
+            return  # it had ended, or is being stopped already
+        active.aborted = True
+        if active.job_id is None and active.kind == "send":
+            return  # its job is being admitted: the request aborts it once it has it
+        active.scope.cancel()  # the transport has closed its side of the stream
+        if active.job_id is not None:
+            nursery.start_soon(self._abort_job, active)
+
+    async def _abort_job(self, active: _Active) -> None:
+        """Abort the request's job, as ``job.abort``. A resume's abort waits a moment, and
+        is dropped if a newer resume of the same chat arrived meanwhile on this connection."""
+        assert active.job_id is not None
+        # Shielded (and bounded): a client that stops and leaves at once still stops its job.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + RESUME_ABORT_GRACE + self._runtime.config.remote_abort_wait
+            if active.kind == "resume":
+                await trio.sleep(RESUME_ABORT_GRACE)
+                if self._last_resume.get(active.chat_id, 0.0) > active.started_at:
+                    return
+            try:
+                await self._runtime.abort(active.job_id, user=self.user)
+            except BackstreamError as exc:
+                log.info("conn %s: abort of %s: %s", self.conn_id, active.job_id, exc.message)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    async def _serve(self, request: SendRequest | ResumeRequest, active: _Active) -> None:
+        request_id = request.request_id
+        try:
+            with active.scope:
+                if isinstance(request, ResumeRequest):
+                    await self._resume(request, active)
+                else:
+                    await self._send_messages(request, active)
+        except (BackstreamError, ProtocolError) as exc:
+            with contextlib.suppress(_Close, ConnectionClosed):
+                await self._send(encode_frame("error", request_id, errorText=exc.message))
+        except _Close as exc:
+            self.close_soon(exc.code, exc.reason)
+        except ConnectionClosed:
+            pass  # the reader sees it too and ends the session
+        except Exception:
+            log.exception("conn %s: a request failed", self.conn_id)
+            with contextlib.suppress(_Close, ConnectionClosed):
+                await self._send(
+                    encode_frame("error", request_id, errorText="the server failed on this request")
+                )
+        finally:
+            self._active.pop(request_id, None)
+
+    async def _resume(self, request: ResumeRequest, active: _Active) -> None:
+        jobs = await self._runtime.list_jobs(user=self.user, thread_id=request.chat_id, limit=1)
+        if not jobs:
+            await self._send(encode_frame("no-active", request.request_id))
+            return
+        if request.last_sequence is not None and self._coalesce_s > 0:
+            raise ProtocolError(
+                "bad_request",
+                "resume: this connection coalesces text (coalesce_ms), so its sequences depend on "
+                "timing and lastSequence cannot be honoured; resume without lastSequence to replay "
+                "the whole message",
+            )
+        active.job_id = jobs[0].job_id
+        skip = -1 if request.last_sequence is None else request.last_sequence
+        await self._stream(request.request_id, active.job_id, after=skip)
+
+    async def _send_messages(self, request: SendRequest, active: _Active) -> None:
+        answers = approval_answers(request.messages)
+        if answers:
+            job_id, call_id = await self._apply_approvals(answers)
+            active.job_id = job_id
+            if active.aborted:  # the abort came while the decisions were applied
+                await self._abort_job(active)
+                return
+            await self._stream(request.request_id, job_id, from_call=call_id)
+            return
+        options = job_options(request.body, self._default_model)
+        regenerating = None
+        if request.trigger == "regenerate-message":
+            regenerating = request.message_id or await self._latest_job(request.chat_id) or ""
+        key = job_key(request, regenerating=regenerating)
+        if key is None:
+            raise ProtocolError("bad_request", "send: the messages hold no user message")
+        started = await self._runtime.start_job(
+            user=self.user,
+            thread_id=request.chat_id,
+            message_id=key,
+            model=options.model,
+            messages=chat_messages(request.messages),
+            params=options.params,
+            tools=options.tools,
+        )
+        active.job_id = started.job_id
+        if active.aborted:  # the abort came while the job was being admitted
+            await self._abort_job(active)
+            return
+        await self._stream(request.request_id, started.job_id)
+
+    async def _latest_job(self, chat_id: str) -> str | None:
+        jobs = await self._runtime.list_jobs(user=self.user, thread_id=chat_id, limit=1)
+        return jobs[0].job_id if jobs else None
+
+    async def _apply_approvals(self, answers: list[ApprovalAnswer]) -> tuple[str, str]:
+        """``job.approve`` each decision; return the job and the call whose decision the
+        response continues from (the first)."""
+        first: tuple[str, str] | None = None
+        for answer in answers:
+            parsed = parse_approval_id(answer.approval_id)
+            if parsed is None:
+                raise ProtocolError("bad_request", f"unknown approvalId {answer.approval_id[:80]!r}")
+            job_id, call_id = parsed
+            try:
+                await self._runtime.approve(job_id, call_id, answer.approved, user=self.user)
+            except ConflictError:
+                if not await self._decided(job_id, call_id):
+                    raise
+            first = first or parsed
+        assert first is not None
+        return first
+
+    async def _decided(self, job_id: str, call_id: str) -> bool:
+        """Whether the job's log holds a decision on the call (a repeated approval)."""
+        info = await self._runtime.get_job(job_id, user=self.user, include_content=True)
+        return any(call.call_id == call_id and call.approved is not None for call in info.tool_calls)
+
+    async def _stream(
+        self, request_id: str, job_id: str, *, after: int = -1, from_call: str | None = None
+    ) -> None:
+        """Send the job's chunks as ``chunk`` frames, then ``end``.
+
+        ``after``: the last sequence the client has (a full replay numbers from 0).
+        ``from_call``: continue from the decision on that call, numbering from 0 there.
+        Stops at a wait for approval, so that the UI can ask the person.
+        """
+        await self._send(encode_frame("start", request_id))
+        translator = UIChunkTranslator(message_id=job_id, job_id=job_id)
+        frame_chars = max(1024, self._limits.max_unsent_bytes // 4)
+        out = _ChunkFrames(
+            self._send, request_id, next_sequence=after + 1, interval=self._coalesce_s, max_chars=frame_chars
+        )
+        base = 0 if from_call is None else None
+        async with self._runtime.watch(
+            job_id,
+            user=self.user,
+            max_batch_chars=frame_chars,
+            tool_call_deltas=True,
+            merge_text=False,
+        ) as batches:
+            while True:
+                # A held delta goes out when due even if the log is quiet: only the wait for
+                # a batch is cancelled, which loses nothing.
+                batch = None
+                with trio.move_on_at(out.due_at()):
+                    try:
+                        batch = await batches.__anext__()
+                    except StopAsyncIteration:
+                        break
+                for event in batch.events if batch is not None else ():
+                    chunks = translator.feed(event)
+                    if base is None and from_call in translator.segment_starts:
+                        base = translator.segment_starts[from_call]
+                    if base is None:
+                        continue
+                    index = translator.emitted - len(chunks)
+                    for chunk in chunks:
+                        if index - base > after:
+                            await out.put(chunk)
+                        index += 1
+                if batch is not None and translator.paused and await self._still_waiting(job_id):
+                    break
+                await out.flush(only_due=True)
+        await out.flush(only_due=False)
+        await self._send(encode_frame("end", request_id))
+
+    async def _still_waiting(self, job_id: str) -> bool:
+        info = await self._runtime.get_job(job_id, user=self.user)
+        return info.job.status == "awaiting_approval"
+
+    # -- frames out ----------------------------------------------------------------------------
+
+    async def _send(self, text: str) -> None:
+        """Send one frame once the socket can take it, within ``send_timeout``. A client
+        behind for ``slow_client_timeout``, or a send past its deadline, is too slow: the
+        connection is closed 4429 (its jobs go on)."""
+        if not await self._gate.wait_keeps_up(self._limits.slow_client_timeout):
+            self._stats.closed_slow += 1
+            log.info("conn %s: client too slow, closing 4429", self.conn_id)
+            raise _Close(4429, "too slow: resume the chat")
+        with trio.move_on_after(self._limits.send_timeout) as deadline:
+            await self._ws.send_message(text)
+        if deadline.cancelled_caught:
+            self._stats.closed_slow += 1
+            raise _Close(4429, "too slow: resume the chat")
+        self._stats.frames_sent += 1
+        self._stats.bytes_sent += len(text)
+
+
+class _ChunkFrames:
+    """The ``chunk`` frames of one request, numbered from ``next_sequence`` in the order sent.
+
+    With ``interval`` (seconds) above zero, deltas pass through a ``DeltaCoalescer`` and a
+    delta frame goes out at most once per ``interval``; ``due_at`` says when the held one is.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        request_id: str,
+        *,
+        next_sequence: int,
+        interval: float,
+        max_chars: int,
+    ) -> None:
+        self._send_frame = send
+        self._request_id = request_id
+        self._next_sequence = next_sequence
+        self._interval = interval
+        self._coalescer = DeltaCoalescer(max_chars=max_chars) if interval > 0 else None
+        self._next_delta_at = -math.inf
+
+    def due_at(self) -> float:
+        """When the held delta is due; infinity when none is held."""
+        if self._coalescer is None or self._coalescer.pending is None:
+            return math.inf
+        return self._next_delta_at
+
+    async def put(self, chunk: UIChunk) -> None:
+        """Send the chunk, or hold it to merge with what follows. Cancellation: what was
+        held or not yet sent is lost with the stream (a resume replays it)."""
+        for ready in [chunk] if self._coalescer is None else self._coalescer.add(chunk):
+            await self._send(ready)
+
+    async def flush(self, *, only_due: bool) -> None:
+        """Send the held delta (``only_due``: only if it is due). Cancellation: as ``put``."""
+        if self._coalescer is not None and (not only_due or trio.current_time() >= self.due_at()):
+            for ready in self._coalescer.flush():
+                await self._send(ready)
+
+    async def _send(self, chunk: UIChunk) -> None:
+        if self._coalescer is not None and chunk["type"] in DELTA_FIELDS:
+            if trio.current_time() < self._next_delta_at:
+                await trio.sleep_until(self._next_delta_at)
+            self._next_delta_at = trio.current_time() + self._interval
+        sequence, self._next_sequence = self._next_sequence, self._next_sequence + 1
+        await self._send_frame(encode_frame("chunk", self._request_id, sequence=sequence, chunk=chunk))

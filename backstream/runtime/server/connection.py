@@ -1,0 +1,534 @@
+"""The connection actor: one WebSocket client speaking PROTOCOL.md.
+
+It owns its socket and its watches. Requests are handled one at a time, in
+order, so replies go out in request order; each watch is a task of its own
+that sends batches as the socket can take them. Nothing is queued per
+connection beyond one batch per watch: a watch reads the next batch only
+after the previous one was sent.
+
+Every frame sent has a deadline (``send_timeout``). Before a batch, unsent
+bytes in the socket are checked: a client that leaves more than
+``max_unsent_bytes`` unread for ``slow_client_timeout`` is closed with 4429,
+and the close frame still fits in the socket's buffer. Its jobs go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from backstream.actors.clock import format_time
+from backstream.protocol.codec import (
+    ProtocolError,
+    batch_message,
+    decode_client,
+    encode,
+    error_message,
+    peek_request_id,
+)
+from backstream.protocol.errors import (
+    BackstreamError,
+    BadRequestError,
+    UnauthorizedError,
+)
+from backstream.protocol.messages import (
+    PROTOCOL_VERSION,
+    ClientMessage,
+    Hello,
+    JobAbort,
+    JobAbortResult,
+    JobApprove,
+    JobApproveResult,
+    JobGet,
+    JobList,
+    JobListResult,
+    JobStart,
+    JobStarted,
+    JobUnwatch,
+    JobUnwatched,
+    JobWatch,
+    JobWatching,
+    Notification,
+    NotificationPush,
+    NotificationsList,
+    NotificationsRead,
+    NotificationsReadResult,
+    NotificationsResult,
+    Ping,
+    Pong,
+    ServerInfo,
+    ServerMessage,
+    ThreadMute,
+    ThreadMuteResult,
+    Welcome,
+)
+from backstream.protocol.records import NotificationRecord
+from backstream.runtime.api import Runtime
+from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.paging import job_info_page
+from backstream.runtime.server.peer import Close as _Close
+from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
+from backstream.runtime.server.socket_gate import SocketGate
+
+__all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
+
+log = logging.getLogger("backstream.connection")
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionLimits:
+    hello_timeout: float = 10.0
+    max_message_bytes: int = 1024 * 1024
+    max_watches: int = 64
+    rate_per_s: float = 20.0
+    """Requests per second a connection may make on average (token bucket)..."""
+    rate_burst: int = 40
+    """...and in a burst."""
+    abuse_limit: int = 20
+    """Refused requests (rate-limited or malformed) a connection may make before it is closed 1008."""
+    send_timeout: float = 10.0
+    slow_client_timeout: float = 10.0
+    max_unsent_bytes: int = 256 * 1024
+    ping_interval: float = 20.0
+    idle_timeout: float = 60.0
+    close_timeout: float = 2.0
+
+
+@attrs.define
+class ConnectionStats:
+    """Counters the front door owns and its connections add to; read only through
+    ``FrontDoor.statistics()``, a frozen snapshot."""
+
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    batches_sent: int = 0
+    closed_slow: int = 0
+    requests: int = 0
+    errors_sent: int = 0
+
+
+@attrs.define
+class _Watch:
+    scope: trio.CancelScope
+    done: trio.Event = attrs.Factory(trio.Event)
+    cleared_to_send: trio.Event = attrs.Factory(trio.Event)
+
+
+class Connection:
+    """Run with ``await connection.run()`` once the WebSocket is accepted."""
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        runtime: Runtime,
+        authenticator: Authenticator,
+        limits: ConnectionLimits,
+        stats: ConnectionStats,
+        *,
+        conn_id: str,
+        sock: trio.socket.SocketType | None = None,
+        header_identity: Identity | None = None,
+        features: dict[str, Any] | None = None,
+        server_version: str = "0",
+    ) -> None:
+        self._ws = ws
+        self._runtime = runtime
+        self._auth = authenticator
+        self._limits = limits
+        self._stats = stats
+        self.conn_id = conn_id
+        self._gate = SocketGate(sock, max_unsent_bytes=limits.max_unsent_bytes)
+        self._header_identity = header_identity
+        self._features = features or {}
+        self._server_version = server_version
+        self.identity: Identity | None = None
+        self._watches: dict[str, _Watch] = {}
+        self._nursery: trio.Nursery | None = None
+        self._session_scope = trio.CancelScope()
+        self._close_request: _Close | None = None
+        self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
+        self._strikes = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Ask the connection to close with ``code`` (e.g. 1001 at shutdown). Returns at once."""
+        if self._close_request is None:
+            self._close_request = _Close(code, reason)
+        self._session_scope.cancel()
+
+    async def run(self) -> None:
+        """Serve the client until it leaves or is closed. Never raises for the client's faults.
+
+        Cancellation: the session ends and the socket is closed; the user's jobs go on.
+        """
+        close = _Close(1000, "")
+        try:
+            with self._session_scope:
+                await self._serve()
+        except _Close as exc:
+            close = exc
+        except ConnectionClosed:
+            return
+        if self._close_request is not None:
+            close = self._close_request
+        await self._close(close.code, close.reason)
+
+    async def _close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(self._limits.close_timeout) as scope:
+            scope.shield = True
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.aclose(code, reason)
+
+    async def _serve(self) -> None:
+        self.identity = await self._hello()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._keepalive)
+            nursery.start_soon(self._push_notifications)
+            if self.identity.expires_at is not None:
+                nursery.start_soon(self._expire, self.identity.expires_at)
+            try:
+                await self._read_requests()
+            except _Close as exc:
+                self.close_soon(exc.code, exc.reason)
+            except ConnectionClosed:
+                pass  # the client left; nothing more to send
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _hello(self) -> Identity:
+        with trio.move_on_after(self._limits.hello_timeout) as waited:
+            raw = await self._ws.get_message()
+        if waited.cancelled_caught:
+            raise _Close(4408, "no hello in time")
+        try:
+            message = decode_client(raw)
+        except ProtocolError as exc:
+            await self._send_error(exc.request_id, "unauthorized", "the first message must be hello")
+            raise _Close(4401, "no hello") from None
+        if not isinstance(message, Hello):
+            await self._send_error(message.id, "unauthorized", "the first message must be hello")
+            raise _Close(4401, "no hello")
+        if message.protocol != PROTOCOL_VERSION:
+            await self._send_error(
+                message.id, "unsupported_protocol", f"this server speaks protocol {PROTOCOL_VERSION}"
+            )
+            raise _Close(4400, "unsupported protocol")
+        try:
+            if message.token is not None:
+                identity = self._auth.authenticate(message.token)
+            elif self._header_identity is not None:
+                identity = self._header_identity
+            else:
+                raise UnauthorizedError("a token is required")
+        except UnauthorizedError as exc:
+            await self._send_error(message.id, "unauthorized", str(exc))
+            raise _Close(4401, "unauthorized") from None
+        config = self._runtime.config
+        await self._reply(
+            Welcome(
+                id=message.id,
+                protocol=PROTOCOL_VERSION,
+                user=identity.user,
+                session_id="s_" + secrets.token_hex(8),
+                server=ServerInfo(name="backstream", version=self._server_version),
+                features=self._features,
+                limits={
+                    "max_message_bytes": self._limits.max_message_bytes,
+                    "max_jobs_per_user": config.max_jobs_per_user,
+                    "batch_ms": int(config.batch_ms)
+                    if float(config.batch_ms).is_integer()
+                    else config.batch_ms,
+                },
+                models=self._runtime.allowed_models(),
+            )
+        )
+        log.info(
+            "conn %s: user %s connected (socket %s)",
+            self.conn_id,
+            identity.user,
+            "known" if self._gate.watches_a_socket else "unknown",
+        )
+        return identity
+
+    async def _keepalive(self) -> None:
+        await keep_alive(self._ws, self._limits.ping_interval, self._limits.idle_timeout, self.close_soon)
+
+    async def _push_notifications(self) -> None:
+        with self._runtime.subscribe_notifications(self.user) as pushes:
+            async for record in pushes:
+                try:
+                    await self._send(encode(NotificationPush(notification=_wire(record))))
+                except _Close as exc:
+                    self.close_soon(exc.code, exc.reason)
+                    return
+                except ConnectionClosed:
+                    return
+
+    async def _expire(self, expires_at: float) -> None:
+        await close_at(expires_at, self.close_soon)
+
+    # -- requests -------------------------------------------------------------------
+
+    async def _read_requests(self) -> None:
+        while True:
+            raw = await self._ws.get_message()
+            self._stats.requests += 1
+            # Charged before decoding: a flood of frames costs no more than the bucket allows.
+            if not self._take_token():
+                await self._refuse(peek_request_id(raw), "rate_limited", "too many requests; slow down")
+                continue
+            try:
+                message = decode_client(raw)
+            except ProtocolError as exc:
+                await self._refuse(exc.request_id, exc.code, exc.message)
+                continue
+            await self._handle(message)
+
+    def _take_token(self) -> bool:
+        return self._bucket.take()
+
+    async def _refuse(self, request_id: str | None, code: str, message: str) -> None:
+        self._strikes += 1
+        await self._send_error(request_id, code, message)
+        if self._strikes > self._limits.abuse_limit:
+            raise _Close(1008, "too many refused requests")
+
+    async def _handle(self, message: ClientMessage) -> None:
+        handler = self._handlers.get(type(message))
+        try:
+            if handler is None:
+                raise BadRequestError(f"{type(message).TYPE} is not allowed here")
+            await handler(self, message)
+        except BackstreamError as exc:
+            retry = exc.extra.get("retry_after_ms")
+            await self._send_error(
+                message.id, exc.code, exc.message, retry if isinstance(retry, int) else None
+            )
+        except (ConnectionClosed, _Close):
+            raise
+        except Exception:
+            log.exception("conn %s: request %s failed", self.conn_id, type(message).TYPE)
+            await self._send_error(message.id, "internal", "the server failed on this request")
+
+    @property
+    def user(self) -> str:
+        assert self.identity is not None
+        return self.identity.user
+
+    async def _on_ping(self, message: Ping) -> None:
+        await self._reply(Pong(id=message.id))
+
+    async def _on_start(self, message: JobStart) -> None:
+        started = await self._runtime.start_job(
+            user=self.user,
+            thread_id=message.thread_id,
+            message_id=message.message_id,
+            model=message.model,
+            messages=message.messages,
+            params=message.params,
+            tools=message.tools,
+        )
+        reply = JobStarted(id=message.id, job=started.job, existing=started.existing)
+        if message.watch:
+            await self._start_watch(started.job_id, 0, None, reply, deltas=message.tool_call_deltas)
+        else:
+            await self._reply(reply)
+
+    async def _on_watch(self, message: JobWatch) -> None:
+        m = message
+        await self._start_watch(m.job_id, m.after_seq, m.epoch, None, m.id, deltas=m.tool_call_deltas)
+
+    async def _start_watch(
+        self,
+        job_id: str,
+        after_seq: int,
+        epoch: int | None,
+        reply: JobStarted | None,
+        request_id: str = "",
+        *,
+        deltas: bool = False,
+    ) -> None:
+        await self._stop_watch(job_id)  # watching again restarts from the new cursor
+        if len(self._watches) >= self._limits.max_watches:
+            raise BadRequestError(f"at most {self._limits.max_watches} watches per connection")
+        assert self._nursery is not None
+        watch = _Watch(scope=trio.CancelScope())
+        summary = await self._nursery.start(self._run_watch, job_id, after_seq, epoch, deltas, watch)
+        self._watches[job_id] = watch
+        try:
+            await self._reply(reply if reply is not None else JobWatching(id=request_id, job=summary))
+        finally:
+            watch.cleared_to_send.set()  # batches only after the reply
+
+    async def _run_watch(
+        self,
+        job_id: str,
+        after_seq: int,
+        epoch: int | None,
+        deltas: bool,
+        watch: _Watch,
+        *,
+        task_status: trio.TaskStatus[Any],
+    ) -> None:
+        try:
+            with watch.scope:
+                # Frames small enough to fit beside what a slow client left unread (see _client_keeps_up).
+                frame_chars = max(1024, self._limits.max_unsent_bytes // 4)
+                async with self._runtime.watch(
+                    job_id,
+                    user=self.user,
+                    after_seq=after_seq,
+                    epoch=epoch,
+                    max_batch_chars=frame_chars,
+                    tool_call_deltas=deltas,
+                ) as batches:
+                    info = await self._runtime.get_job(job_id, user=self.user)
+                    task_status.started(info.job)
+                    await watch.cleared_to_send.wait()
+                    async for batch in batches:
+                        await self._wait_drained()
+                        await self._send(encode(batch_message(batch)))
+                        self._stats.batches_sent += 1
+        except BackstreamError as exc:
+            if not watch.cleared_to_send.is_set():
+                raise  # before started(): the request handler reports it
+            with contextlib.suppress(_Close, ConnectionClosed):
+                await self._send_error(None, exc.code, f"watch of {job_id} ended: {exc.message}")
+        except _Close as exc:
+            self.close_soon(exc.code, exc.reason)
+        except ConnectionClosed:
+            pass  # the reader sees the close too and ends the session
+        finally:
+            if self._watches.get(job_id) is watch:
+                del self._watches[job_id]
+            watch.done.set()
+
+    async def _stop_watch(self, job_id: str) -> None:
+        watch = self._watches.pop(job_id, None)
+        if watch is not None:
+            watch.scope.cancel()
+            await watch.done.wait()
+
+    async def _on_unwatch(self, message: JobUnwatch) -> None:
+        await self._stop_watch(message.job_id)
+        await self._reply(JobUnwatched(id=message.id, job_id=message.job_id))
+
+    async def _on_abort(self, message: JobAbort) -> None:
+        result = await self._runtime.abort(message.job_id, user=self.user)
+        await self._reply(JobAbortResult(id=message.id, aborted=result.aborted, job=result.job))
+
+    async def _on_get(self, message: JobGet) -> None:
+        info = await self._runtime.get_job(
+            message.job_id, user=self.user, include_content=message.include_content, offset=message.offset
+        )
+        page = job_info_page(
+            message.id,
+            info,
+            offset=message.offset,
+            tool_calls_offset=message.tool_calls_offset,
+            max_bytes=self._limits.max_message_bytes,
+        )
+        await self._reply(page)
+
+    async def _on_list(self, message: JobList) -> None:
+        jobs = await self._runtime.list_jobs(
+            user=self.user, thread_id=message.thread_id, statuses=message.status, limit=message.limit
+        )
+        await self._reply(JobListResult(id=message.id, jobs=jobs))
+
+    async def _on_approve(self, message: JobApprove) -> None:
+        job = await self._runtime.approve(message.job_id, message.call_id, message.approved, user=self.user)
+        await self._reply(JobApproveResult(id=message.id, job=job))
+
+    async def _on_notifications_list(self, message: NotificationsList) -> None:
+        items, unread = await self._runtime.notifications_list(
+            user=self.user, unread_only=message.unread_only, limit=message.limit
+        )
+        await self._reply(
+            NotificationsResult(id=message.id, notifications=[_wire(n) for n in items], unread=unread)
+        )
+
+    async def _on_notifications_read(self, message: NotificationsRead) -> None:
+        if not message.all and not message.ids:
+            raise BadRequestError("give ids, or all: true")
+        unread = await self._runtime.notifications_read(
+            user=self.user, ids=message.ids, everything=message.all
+        )
+        await self._reply(NotificationsReadResult(id=message.id, unread=unread))
+
+    async def _on_mute(self, message: ThreadMute) -> None:
+        await self._runtime.mute_thread(user=self.user, thread_id=message.thread_id, muted=message.muted)
+        await self._reply(ThreadMuteResult(id=message.id, thread_id=message.thread_id, muted=message.muted))
+
+    _handlers: dict[type[Any], Callable[[Connection, Any], Any]] = {
+        Ping: _on_ping,
+        JobStart: _on_start,
+        JobWatch: _on_watch,
+        JobUnwatch: _on_unwatch,
+        JobAbort: _on_abort,
+        JobGet: _on_get,
+        JobList: _on_list,
+        JobApprove: _on_approve,
+        NotificationsList: _on_notifications_list,
+        NotificationsRead: _on_notifications_read,
+        ThreadMute: _on_mute,
+    }
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def _reply(self, message: ServerMessage) -> None:
+        await self._send(encode(message))
+
+    async def _send_error(
+        self, request_id: str | None, code: str, message: str, retry_after_ms: int | None = None
+    ) -> None:
+        self._stats.errors_sent += 1
+        await self._send(error_message(request_id, code, message, retry_after_ms))
+
+    async def _send(self, text: str) -> None:
+        """Send one frame within ``send_timeout``; past it the client is too slow and the
+        connection is dropped (the frame may be cut, so no close frame can follow)."""
+        with trio.move_on_after(self._limits.send_timeout) as deadline:
+            await self._ws.send_message(text)
+        if deadline.cancelled_caught:
+            self._stats.closed_slow += 1
+            log.info(
+                "conn %s: a frame did not go out within %gs: %s",
+                self.conn_id,
+                self._limits.send_timeout,
+                text[:60],
+            )
+            raise _Close(4429, "too slow")
+        self._stats.frames_sent += 1
+        # UTF-8 bytes; str.isascii() is O(1) in CPython, so ASCII frames are not encoded twice.
+        self._stats.bytes_sent += len(text) if text.isascii() else len(text.encode())
+
+    async def _wait_drained(self) -> None:
+        """Wait while the client is behind; close it 4429 if that lasts ``slow_client_timeout``."""
+        if not await self._gate.wait_keeps_up(self._limits.slow_client_timeout):
+            self._stats.closed_slow += 1
+            log.info("conn %s: client too slow, closing 4429", self.conn_id)
+            self.close_soon(4429, "too slow: reconnect and resume from your last seq")
+            await trio.sleep_forever()  # close_soon cancels this task's session
+
+
+def _wire(record: NotificationRecord) -> Notification:
+    return Notification(
+        notification_id=record.notification_id,
+        type=record.type,  # type: ignore[arg-type]
+        job_id=record.job_id,
+        thread_id=record.thread_id,
+        title=record.title,
+        body=record.body,
+        created_at=format_time(record.created_at) or "",
+        read=record.read,
+    )

@@ -1,0 +1,263 @@
+"""The WebSocket front door: accepts clients at ``/v1`` (and the AI SDK's at ``/v1/ai-sdk``)
+and runs a connection actor for each.
+
+A thin I/O shell: the handshake checks (path, Origin, an optional
+``Authorization: Bearer`` header; for ``/v1/ai-sdk`` also a ``token`` query
+parameter or the configured cookie) happen here, everything after in
+``server.connection`` and ``server.ai_sdk``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket as stdlib_socket
+import ssl
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+from urllib.parse import parse_qs
+
+import attrs
+import trio
+from trio_websocket import Endpoint, WebSocketRequest
+
+from backstream.protocol.codec import ProtocolError
+from backstream.protocol.errors import UnauthorizedError
+from backstream.protocol.ui_messages import coalesce_ms_of
+from backstream.runtime.api import Runtime
+from backstream.runtime.server.ai_sdk import AiSdkConnection
+from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.connection import Connection, ConnectionLimits, ConnectionStats
+from backstream.runtime.server.listeners import PeerStreams, TrackedListener
+from backstream.runtime.server.websocket import FailingWebSocketServer
+
+__all__ = ["FrontDoor", "FrontDoorConfig"]
+
+log = logging.getLogger("backstream.frontdoor")
+
+
+@attrs.frozen(kw_only=True)
+class FrontDoorConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    path: str = "/v1"
+    ai_sdk_path: str = "/v1/ai-sdk"
+    """Where the Vercel AI SDK's ``WebSocketChatTransport`` connects."""
+    auth_cookie: str | None = None
+    """A cookie whose value is a token, for browsers on ``ai_sdk_path`` (besides ``?token=``)."""
+    default_model: str = "backstream/echo"
+    """The model of an AI SDK request whose body names none."""
+    ai_sdk_coalesce_ms: int = 0
+    """Milliseconds between text frames of an AI SDK request when its URL gives no
+    ``coalesce_ms``; 0 sends one chunk per log entry, numbered the same on every replay."""
+    allow_origins: tuple[str, ...] = ()
+    """Exact Origin values browsers may connect from; empty allows any. No Origin header
+    (a non-browser client) is always allowed."""
+    limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    socket_send_buffer: int = 1024 * 1024
+    """SO_SNDBUF of client sockets: with ``max_unsent_bytes`` below it, a close frame always fits."""
+    handshake_timeout: float = 10.0
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False)
+    reuse_port: bool = False
+
+
+@attrs.frozen
+class FrontDoorStatistics:
+    connections: int
+    frames_sent: int
+    bytes_sent: int
+    batches_sent: int
+    closed_slow: int
+    requests: int
+    errors_sent: int
+
+
+class FrontDoor:
+    """Start with ``await nursery.start(front_door.run)``; ``port`` is then bound."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        authenticator: Authenticator,
+        config: FrontDoorConfig,
+        *,
+        features: dict[str, Any] | None = None,
+        version: str = "0",
+    ) -> None:
+        self._runtime = runtime
+        self._auth = authenticator
+        self.config = config
+        self._features = features or {
+            "tools": runtime.tools.names(),
+            "approvals": True,
+            "notifications": True,
+        }
+        self._version = version
+        self._counters = ConnectionStats()
+        self.connections: set[Connection | AiSdkConnection] = set()
+        self._streams = PeerStreams()
+        self._ids = itertools.count(1)
+        self._listen_scope = trio.CancelScope()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.port = 0
+
+    def statistics(self) -> FrontDoorStatistics:
+        c = self._counters
+        return FrontDoorStatistics(
+            connections=len(self.connections),
+            frames_sent=c.frames_sent,
+            bytes_sent=c.bytes_sent,
+            batches_sent=c.batches_sent,
+            closed_slow=c.closed_slow,
+            requests=c.requests,
+            errors_sent=c.errors_sent,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until ``stop_accepting``; then wait for the open ones to end.
+
+        Cancellation: stops accepting and cancels every connection; jobs go on in the runtime.
+        """
+        listeners = await self._open_listeners()
+        self.port = listeners[0].socket.getsockname()[1]
+        tracked: list[Any] = [TrackedListener(listener, self._streams) for listener in listeners]
+        if self.config.ssl_context is not None:
+            tracked = [
+                trio.SSLListener(listener, self.config.ssl_context, https_compatible=True)
+                for listener in tracked
+            ]
+        async with trio.open_nursery() as handlers:
+            server = FailingWebSocketServer(
+                self._handle,
+                tracked,
+                handler_nursery=handlers,
+                message_queue_size=1,
+                max_message_size=self.config.limits.max_message_bytes,
+                connect_timeout=self.config.handshake_timeout,
+                disconnect_timeout=self.config.limits.close_timeout,
+            )
+            with self._listen_scope:
+                await server.run(task_status=task_status)  # type: ignore[arg-type]
+            for listener in listeners:
+                await listener.aclose()
+
+    async def _open_listeners(self) -> list[trio.SocketListener]:
+        sock = trio.socket.socket(
+            trio.socket.AF_INET6 if ":" in self.config.host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
+        )
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        if self.config.reuse_port:
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+        # Accepted sockets inherit the send buffer size.
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, self.config.socket_send_buffer)
+        await sock.bind((self.config.host, self.config.port))
+        sock.listen(1024)
+        return [trio.SocketListener(sock)]
+
+    def stop_accepting(self) -> None:
+        self._listen_scope.cancel()
+
+    def close_all(self, code: int, reason: str) -> None:
+        for connection in list(self.connections):
+            connection.close_soon(code, reason)
+
+    async def wait_closed(self) -> None:
+        """Wait until every connection has ended.
+
+        Cancellation: safe.
+        """
+        await self._idle.wait()
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        path, _, query = request.path.partition("?")
+        if path not in (self.config.path, self.config.ai_sdk_path):
+            await request.reject(404, body=b"not found")
+            return
+        headers = {name.lower(): value for name, value in request.headers}
+        origin = headers.get(b"origin")
+        allowed = self.config.allow_origins
+        if origin is not None and allowed and origin.decode("latin-1") not in allowed:
+            await request.reject(403, body=b"origin not allowed")
+            return
+        header_identity: Identity | None = None
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        if authorization.lower().startswith("bearer "):
+            try:
+                header_identity = self._auth.authenticate(authorization[7:].strip())
+            except UnauthorizedError:
+                header_identity = None  # hello without a token will be refused
+        if path == self.config.ai_sdk_path:
+            # Browsers cannot send headers here: the token comes in the URL or a cookie.
+            identity = self._browser_identity(query, headers) or header_identity
+            if identity is None:
+                await request.reject(401, body=b"a valid token is required (?token= or the auth cookie)")
+                return
+            try:
+                coalesce_ms = coalesce_ms_of(query, self.config.ai_sdk_coalesce_ms)
+            except ProtocolError as exc:
+                await request.reject(400, body=exc.message.encode())
+                return
+        ws = await request.accept()
+        remote = request.remote
+        stream = (
+            self._streams.pop((remote.address, remote.port))
+            if isinstance(remote, Endpoint)
+            else None
+        )
+        conn_id = f"c{next(self._ids)}"
+        connection: Connection | AiSdkConnection
+        if path == self.config.ai_sdk_path:
+            assert identity is not None
+            connection = AiSdkConnection(
+                ws,
+                self._runtime,
+                identity,
+                self.config.limits,
+                self._counters,
+                conn_id=conn_id,
+                default_model=self.config.default_model,
+                sock=stream.socket if stream is not None else None,
+                coalesce_ms=coalesce_ms,
+            )
+        else:
+            connection = Connection(
+                ws,
+                self._runtime,
+                self._auth,
+                self.config.limits,
+                self._counters,
+                conn_id=conn_id,
+                sock=stream.socket if stream is not None else None,
+                header_identity=header_identity,
+                features=self._features,
+                server_version=self._version,
+            )
+        self.connections.add(connection)
+        self._idle = trio.Event() if len(self.connections) == 1 else self._idle
+        try:
+            await connection.run()
+        except Exception:
+            log.exception("conn %s: connection failed", conn_id)
+        finally:
+            self.connections.discard(connection)
+            if not self.connections:
+                self._idle.set()
+
+    def _browser_identity(self, query: str, headers: dict[bytes, bytes]) -> Identity | None:
+        """The user of a ``token`` query parameter, else of the auth cookie; None if neither
+        is given or valid."""
+        tokens = parse_qs(query).get("token", [])
+        cookie_name = self.config.auth_cookie
+        if cookie_name and b"cookie" in headers:
+            with contextlib.suppress(CookieError):
+                morsel = SimpleCookie(headers[b"cookie"].decode("latin-1")).get(cookie_name)
+                if morsel is not None:
+                    tokens.append(morsel.value)
+        for token in tokens:
+            try:
+                return self._auth.authenticate(token)
+            except UnauthorizedError:
+                continue
+        return None

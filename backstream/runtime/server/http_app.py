@@ -1,0 +1,380 @@
+"""The ASGI app of the HTTP listener: routing, auth, limits, errors in OpenAI's shape.
+
+Routes: ``/healthz``, ``/readyz``, ``/metrics`` (unless metrics have a port of their own),
+the Responses API under ``/v1/responses`` (``responses_http``), and static routes given by the
+caller (exact paths, GET and HEAD; e.g. the browser client and the demo page of ``web_assets``).
+Everything else is a 404 in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import socket as stdlib_socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import attrs
+import trio
+
+from backstream.protocol.errors import (
+    BackstreamError,
+    BadRequestError,
+    NotFoundError,
+    RateLimitedError,
+    TooLargeError,
+    UnauthorizedError,
+)
+from backstream.protocol.responses import error_body
+from backstream.runtime.api import Runtime
+from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.listeners import PeerStreams
+from backstream.runtime.server.socket_gate import SocketGate
+
+__all__ = [
+    "HttpApp",
+    "HttpLimits",
+    "HttpStats",
+    "Request",
+    "StaticReply",
+    "StaticRoute",
+    "StreamSocket",
+    "error_response",
+    "send_body",
+]
+
+log = logging.getLogger("backstream.http")
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+StaticReply = tuple[int, str, bytes] | tuple[int, str, bytes, Mapping[str, str]]
+"""(status, content type, body), and optionally more headers."""
+StaticRoute = Callable[[], Awaitable[StaticReply]]
+"""A GET (and HEAD) route."""
+
+_STATUS_OF_CODE = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "conflict": 409,
+    "gone": 410,
+    "too_large": 413,
+    "capacity": 429,
+    "rate_limited": 429,
+    "unavailable": 503,
+}
+_TYPE_OF_STATUS = {
+    401: "authentication_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+@attrs.frozen(kw_only=True)
+class HttpLimits:
+    max_body_bytes: int = 1024 * 1024
+    body_timeout: float = 10.0
+    rate_per_s: float = 20.0
+    """Requests per second one user may make on average (token bucket)..."""
+    rate_burst: int = 40
+    """...and in a burst."""
+    max_streams_per_user: int = 64
+    send_timeout: float = 10.0
+    """Every write of a stream must be taken by the socket within this."""
+    slow_client_timeout: float = 10.0
+    max_unsent_bytes: int = 256 * 1024
+    """A stream whose socket holds more unsent for ``slow_client_timeout`` is cut."""
+    max_tracked_users: int = 10_000
+
+
+@attrs.define
+class HttpStats:
+    """Counters of one HTTP app (read by metrics)."""
+
+    requests: int = 0
+    errors_sent: int = 0
+    streams_cut: int = 0
+    """Streams ended because their client did not read in time."""
+
+
+class StreamSocket:
+    """The socket under one request: whether it keeps up, and a way to cut it."""
+
+    def __init__(self, sock: trio.socket.SocketType | None, *, max_unsent_bytes: int) -> None:
+        self._sock = sock
+        self.gate = SocketGate(sock, max_unsent_bytes=max_unsent_bytes)
+        self.cut = False
+
+    def shut(self) -> None:
+        """Cut the connection: a write in progress fails at once, the client sees it end."""
+        self.cut = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(stdlib_socket.SHUT_RDWR)
+
+
+@attrs.define
+class Request:
+    scope: dict[str, Any]
+    receive: Receive
+    send: Send
+    socket: StreamSocket
+    identity: Identity | None = None
+
+    @property
+    def method(self) -> str:
+        return str(self.scope["method"])
+
+    @property
+    def path(self) -> str:
+        return str(self.scope["path"])
+
+    @property
+    def user(self) -> str:
+        assert self.identity is not None
+        return self.identity.user
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower().encode()
+        for key, value in self.scope.get("headers", []):
+            if key.lower() == wanted:
+                return bytes(value).decode("latin-1")
+        return None
+
+    def query(self, name: str) -> str | None:
+        values = parse_qs(bytes(self.scope.get("query_string", b"")).decode("latin-1")).get(name)
+        return values[-1] if values else None
+
+    async def json_body(self, limit: int, timeout: float) -> Any:
+        """The body as JSON. Raises ``TooLargeError`` past ``limit``, ``BadRequestError`` when bad
+        or late.
+
+        Cancellation: what was read is dropped; the request cannot be read again."""
+        chunks, size = [], 0
+        with trio.move_on_after(timeout) as waited:
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise TooLargeError(f"the request body exceeds {limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        if waited.cancelled_caught:
+            raise BadRequestError("the request body did not arrive in time")
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequestError("the request body is not valid JSON") from None
+
+
+class _ClientGone(Exception):
+    """The client left before its request was read."""
+
+
+async def send_body(
+    send: Send, status: int, content_type: str, body: bytes, headers: Mapping[str, str] | None = None
+) -> None:
+    """A whole response. Cancellation: the response may be cut; the connection cannot go on."""
+    head = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    head += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error_response(exc: BackstreamError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """HTTP status, OpenAI-shaped body and headers for a typed error."""
+    status = _STATUS_OF_CODE.get(exc.code, 500)
+    headers: dict[str, str] = {}
+    retry_ms = exc.extra.get("retry_after_ms")
+    if isinstance(retry_ms, int):
+        headers["retry-after"] = str(max(1, math.ceil(retry_ms / 1000)))
+        headers["retry-after-ms"] = str(retry_ms)
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
+    if status == 413:
+        headers["connection"] = "close"  # the rest of the body is not read: the connection cannot go on
+    param = exc.extra.get("param")
+    body = error_body(
+        exc.message,
+        kind=_TYPE_OF_STATUS.get(status, "invalid_request_error"),
+        code=exc.code,
+        param=param if isinstance(param, str) else None,
+    )
+    return status, body, headers
+
+
+Handler = Callable[[Request, re.Match[str]], Awaitable[None]]
+
+
+class HttpApp:
+    """An ASGI app. ``closing`` is set at shutdown: streams end so clients resume elsewhere."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        authenticator: Authenticator | None,
+        *,
+        limits: HttpLimits | None = None,
+        status_routes: Mapping[str, StaticRoute] | None = None,
+        static_routes: Mapping[str, StaticRoute] | None = None,
+        allow_origins: tuple[str, ...] = (),
+    ) -> None:
+        self.runtime = runtime
+        self.limits = limits or HttpLimits()
+        self._auth = authenticator
+        self.status_routes = dict(status_routes or {})
+        # Static assets (e.g. a demo page and its script) go here: exact path -> GET route.
+        self._static_routes = dict(static_routes or {})
+        self._allow_origins = allow_origins
+        self._api: list[tuple[str, re.Pattern[str], Handler, bool]] = []
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self.open_streams: dict[str, int] = {}
+        self.stats = HttpStats()
+        self.closing = trio.Event()
+        self.peer_streams = PeerStreams()
+        """The streams the server accepts for this app, by peer: how a request finds its socket."""
+
+    def route(self, method: str, pattern: str, handler: Handler, *, rate_limited: bool = True) -> None:
+        """An authenticated API route; ``pattern`` is a regular expression over the path."""
+        self._api.append((method, re.compile(pattern), handler, rate_limited))
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """Serve one ASGI request; errors become replies in OpenAI's shape.
+
+        Cancellation (the server stopping): the request ends where it is; jobs go on."""
+        if scope["type"] == "lifespan":
+            return  # nothing to start or stop: the runtime lives around the server
+        if scope["type"] != "http":
+            return
+        stream = self.peer_streams.get(scope.get("client"))
+        sock = StreamSocket(stream.socket if stream else None, max_unsent_bytes=self.limits.max_unsent_bytes)
+        request = Request(scope, receive, send, sock)
+        self.stats.requests += 1
+        try:
+            await self._dispatch(request)
+        except _ClientGone:
+            pass
+        except BackstreamError as exc:
+            self.stats.errors_sent += 1
+            status, body, headers = error_response(exc)
+            await self.send_json(request, status, body, headers)
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            self.stats.errors_sent += 1
+            body = error_body("the server failed on this request", kind="server_error", code="internal")
+            await self.send_json(request, 500, body)
+
+    async def _dispatch(self, request: Request) -> None:
+        path, method = request.path, request.method
+        route = self.status_routes.get(path) or self._static_routes.get(path)
+        if route is not None:
+            if method not in ("GET", "HEAD"):
+                raise _MethodNotAllowed()
+            reply = await route()
+            headers = reply[3] if len(reply) == 4 else None
+            status, kind, body = reply[:3]
+            # For HEAD the server leaves the body out (ASGI servers suppress it) and the
+            # content-length stays the GET's.
+            await send_body(request.send, status, kind, body, headers)
+            return
+        origin = request.header("origin")
+        if origin is not None and self._allow_origins and origin not in self._allow_origins:
+            await self.send_json(
+                request, 403, error_body("origin not allowed", kind="invalid_request_error", code="forbidden")
+            )
+            return
+        matched_path = False
+        for route_method, pattern, handler, rate_limited in self._api:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            matched_path = True
+            if method == "OPTIONS":
+                await self._preflight(request)
+                return
+            if route_method != method:
+                continue
+            request.identity = self._authenticate(request)
+            if rate_limited:
+                self._take_token(request.user)
+            await handler(request, match)
+            return
+        if matched_path:
+            raise _MethodNotAllowed()
+        raise NotFoundError(f"no route for {method} {path}")
+
+    def _authenticate(self, request: Request) -> Identity:
+        if self._auth is None:
+            raise UnauthorizedError("authentication is not configured")
+        authorization = request.header("authorization") or ""
+        token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
+        if token is None and request.method == "GET":
+            token = request.query("access_token")  # RFC 6750 2.3: for EventSource, which sends no headers
+        if not token:
+            raise UnauthorizedError("an Authorization: Bearer token is required")
+        return self._auth.authenticate(token)
+
+    def _take_token(self, user: str) -> None:
+        now = trio.current_time()
+        rate, burst = self.limits.rate_per_s, float(self.limits.rate_burst)
+        tokens, at = self._buckets.get(user, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
+        if tokens < 1.0:
+            self._buckets[user] = (tokens, now)
+            raise RateLimitedError("too many requests; slow down", retry_after_ms=int(1000 / rate) + 1)
+        self._buckets[user] = (tokens - 1.0, now)
+        if len(self._buckets) > self.limits.max_tracked_users:
+            # Forget the users whose buckets have refilled: they lose nothing by it.
+            full_after = burst / rate
+            self._buckets = {u: (t, a) for u, (t, a) in self._buckets.items() if now - a < full_after}
+
+    async def _preflight(self, request: Request) -> None:
+        headers = {
+            "access-control-allow-methods": "GET, POST, OPTIONS",
+            "access-control-allow-headers": "authorization, content-type, last-event-id, openai-beta, "
+            "x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, "
+            "x-stainless-runtime, x-stainless-runtime-version, x-stainless-retry-count",
+            "access-control-max-age": "600",
+            **self.cors_headers(request),
+        }
+        head = [(k.encode(), v.encode()) for k, v in headers.items()]
+        await request.send({"type": "http.response.start", "status": 204, "headers": head})
+        await request.send({"type": "http.response.body", "body": b""})
+
+    def cors_headers(self, request: Request) -> dict[str, str]:
+        origin = request.header("origin")
+        return {"access-control-allow-origin": origin, "vary": "origin"} if origin else {}
+
+    async def send_json(
+        self, request: Request, status: int, body: Any, headers: Mapping[str, str] | None = None
+    ) -> None:
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            await send_body(
+                request.send,
+                status,
+                "application/json",
+                data,
+                {**(headers or {}), **self.cors_headers(request)},
+            )
+        except Exception:  # the response had started, or the client left: nothing more to say
+            log.debug("HTTP %s %s: could not send the reply", request.method, request.path)
+
+
+class _MethodNotAllowed(BackstreamError):
+    code = "method_not_allowed"
+
+    def __init__(self) -> None:
+        super().__init__("method not allowed")
+
+
+_STATUS_OF_CODE["method_not_allowed"] = 405

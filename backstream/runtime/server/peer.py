@@ -1,0 +1,63 @@
+"""What every WebSocket connection actor of the front door does alike, whatever it speaks:
+closing with a code, a request rate limit, keep-alive pings and session expiry."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+__all__ = ["Close", "TokenBucket", "close_at", "keep_alive"]
+
+
+class Close(Exception):
+    """End the connection with this WebSocket close code."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class TokenBucket:
+    """``rate`` requests per second on average, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at = trio.current_time()
+
+    def take(self) -> bool:
+        """Take one token if there is one."""
+        now = trio.current_time()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+async def keep_alive(
+    ws: WebSocketConnection, interval: float, timeout: float, close_soon: Callable[[int, str], None]
+) -> None:
+    """Ping every ``interval``; no pong within ``timeout`` closes the connection (1000).
+
+    Returns when the connection closes. Cancellation: stops pinging."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(timeout) as waited:
+                await ws.ping()
+            if waited.cancelled_caught:
+                close_soon(1000, "no pong within the idle timeout")
+
+
+async def close_at(expires_at: float, close_soon: Callable[[int, str], None]) -> None:
+    """Close the session (4401) at wall time ``expires_at``. Cancellation: nothing happens."""
+    await trio.sleep(max(0.0, expires_at - time.time()))
+    close_soon(4401, "session expired")

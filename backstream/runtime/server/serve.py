@@ -1,0 +1,365 @@
+"""``backstream serve``: the runtime behind the front door, until SIGINT or SIGTERM.
+
+Shutdown: stop accepting, close clients with 1001, give running jobs
+``drain_timeout`` to finish, then end the rest ``interrupted`` with their
+content kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import ssl
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from backstream.actors.config import Config
+from backstream.actors.ports import Store
+from backstream.runtime.api import Runtime
+from backstream.runtime.server.auth import (
+    AnyAuthenticator,
+    Authenticator,
+    JWTAuthenticator,
+    StaticTokens,
+    parse_token_pairs,
+)
+from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
+from backstream.runtime.server.http_app import HttpApp, HttpLimits, StaticRoute
+from backstream.runtime.server.http_server import HttpServer, HttpServerConfig
+from backstream.runtime.server.metrics import metrics_text
+from backstream.runtime.server.responses_http import ResponsesApi
+from backstream.runtime.server.settings import ServeSettings, check_server_settings, runtime_config
+from backstream.runtime.server.web_api import WebConfig
+from backstream.runtime.server.web_assets import asset_routes
+from backstream.runtime.stores.memory import MemoryStore
+from backstream.runtime.tools.registry import ToolRegistry
+from backstream.runtime.tree import open_runtime
+
+__all__ = ["ServeHandle", "configure_logging", "make_authenticator", "make_store", "serve"]
+
+log = logging.getLogger("backstream.serve")
+
+
+def make_store(url: str) -> Store:
+    """``memory``, ``sqlite:///PATH`` or ``redis://HOST:PORT/DB`` (``rediss://`` for TLS)."""
+    if url == "memory":
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        from backstream.runtime.stores.sqlite import SqliteStore, path_from_url
+
+        return SqliteStore(path_from_url(url))
+    if url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
+        from backstream.runtime.stores.redis import RedisStore
+
+        return RedisStore(url, prefix=os.environ.get("BACKSTREAM_REDIS_PREFIX", "backstream"))
+    raise ValueError(f"unknown store {url!r}: use memory, sqlite:///PATH or redis://HOST:PORT/DB")
+
+
+def make_authenticator(settings: ServeSettings) -> tuple[Authenticator, str | None]:
+    """The configured authenticators; with none, a random token for user ``dev`` (returned)."""
+    found: list[Authenticator] = []
+    tokens = parse_token_pairs(settings.token)
+    if tokens:
+        found.append(StaticTokens(tokens))
+    if settings.tokens_file:
+        found.append(StaticTokens.from_file(settings.tokens_file))
+    if settings.jwt_secret:
+        found.append(JWTAuthenticator(settings.jwt_secret))
+    if found:
+        return (found[0] if len(found) == 1 else AnyAuthenticator(found)), None
+    dev_token = secrets.token_urlsafe(24)
+    return StaticTokens({dev_token: "dev"}), dev_token
+
+
+def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
+    """The front door's settings. Raises ``ValueError`` naming a setting out of range."""
+    from backstream.protocol.ui_messages import MAX_COALESCE_MS
+    from backstream.runtime.server.connection import ConnectionLimits
+
+    if not 0 <= settings.ai_sdk_coalesce_ms <= MAX_COALESCE_MS:
+        raise ValueError(
+            f"--ai-sdk-coalesce-ms (BACKSTREAM_AI_SDK_COALESCE_MS): {settings.ai_sdk_coalesce_ms} "
+            f"is not in [0, {MAX_COALESCE_MS}]"
+        )
+    context = None
+    if settings.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return FrontDoorConfig(
+        host=settings.host,
+        port=settings.port,
+        allow_origins=tuple(settings.allow_origin),
+        auth_cookie=settings.auth_cookie,
+        default_model=settings.default_model,
+        ai_sdk_coalesce_ms=settings.ai_sdk_coalesce_ms,
+        reuse_port=bool(settings.reuse_port),
+        limits=ConnectionLimits(
+            hello_timeout=settings.hello_timeout, max_message_bytes=settings.max_message_bytes
+        ),
+        ssl_context=context,
+    )
+
+
+def load_tools(settings: ServeSettings, config: Config) -> ToolRegistry:
+    """The built-in tools, ``--tools`` and the entry points. Raises ``ValueError`` naming
+    the one that does not load."""
+    tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
+    for path in settings.tools:
+        try:
+            tools.load(path)
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
+            raise ValueError(f"--tools {path}: {type(exc).__name__}: {exc}") from None
+    try:
+        tools.load_entry_points()
+    except Exception as exc:  # a third-party package's import failing
+        raise ValueError(
+            f"tools of the entry-point group backstream.tools: {type(exc).__name__}: {exc}"
+        ) from None
+    return tools
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def startup_lines(
+    settings: ServeSettings,
+    models: list[str],
+    tool_names: list[str],
+    http_port: int | None,
+    metrics_port: int | None = None,
+) -> list[str]:
+    """What an operator needs to know once the server listens (never a secret)."""
+    status = "/healthz, /readyz, /metrics"
+    http = "off"
+    if http_port is not None:
+        served = "/v1/responses, /client/" + (", the demo page /, /api/config" if settings.web else "")
+        served += "" if metrics_port is not None else f", {status}"
+        http = f"http://{settings.host}:{http_port} ({served})"
+    if metrics_port is not None:
+        http += f"; metrics: http://{settings.host}:{metrics_port} ({status})"
+    upstream = redact_url(settings.upstream_url) if settings.upstream_url else "none (built-in models only)"
+    cap = settings.max_output_tokens
+    return [
+        f"HTTP: {http}",
+        f"store: {redact_url(settings.store)}",
+        f"upstream: {upstream}; output tokens per request: {cap if cap is not None else 'no cap'}",
+        f"models allowed: {', '.join(models) or 'none'}",
+        f"tools: {', '.join(tool_names) or 'none'}",
+    ]
+
+
+@attrs.define
+class ServeHandle:
+    """What ``serve`` reports once it listens (for tests and embedders)."""
+
+    port: int
+    http_port: int | None
+    dev_token: str | None
+    shutdown: trio.Event
+    metrics_port: int | None = None
+
+
+async def serve(
+    settings: ServeSettings,
+    *,
+    store: Store | None = None,
+    handle_signals: bool = True,
+    announce: Callable[[str], None] | None = None,
+    task_status: trio.TaskStatus[ServeHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGINT/SIGTERM (or ``handle.shutdown`` is set), then shut down gracefully."""
+    announce = announce or (lambda line: log.warning("%s", line))
+    check_server_settings(settings)
+    authenticator, dev_token = make_authenticator(settings)
+    config = runtime_config(settings)
+    door_config = front_door_config(settings)
+    store = store or make_store(settings.store)
+    shutdown = trio.Event()
+    tools = load_tools(settings, config)
+    async with open_runtime(config, store=store, tools=tools) as runtime, trio.open_nursery() as nursery:
+        from backstream.protocol.version import VERSION
+
+        if handle_signals:  # before anything listens: a signal from then on shuts down cleanly
+            await nursery.start(_wait_for_signal, shutdown)
+        door = FrontDoor(runtime, authenticator, door_config, version=VERSION)
+        await nursery.start(door.run)
+        http = _HttpListeners(runtime, door, authenticator, settings)
+        http_port, metrics_port = await http.start(nursery)
+        scheme = "wss" if settings.tls_cert else "ws"
+        log.info("backstream %s listening on %s://%s:%d/v1", VERSION, scheme, settings.host, door.port)
+        log.info("Vercel AI SDK endpoint: %s://%s:%d/v1/ai-sdk", scheme, settings.host, door.port)
+        models, names = runtime.allowed_models(), tools.names()
+        for line in startup_lines(settings, models, names, http_port, metrics_port):
+            log.info("%s", line)
+        if config.upstream_url and not config.allowed_models:
+            log.warning("any model may be named and is paid for: restrict them with --allow-model")
+        if dev_token is not None:
+            announce(f"no auth configured: connect as user 'dev' with token {dev_token}")
+        if http_port is not None:
+            log.info("Responses API on http://%s:%d/v1/responses", settings.host, http_port)
+        if settings.web:
+            fragment = f"#token={dev_token}" if dev_token is not None else ""
+            announce(f"demo chat page: http://{settings.host}:{http_port}/{fragment}")
+        task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown, metrics_port))
+        await shutdown.wait()
+        log.info("shutting down: closing clients, draining jobs for up to %gs", config.drain_timeout)
+        door.stop_accepting()
+        runtime.stop_accepting()
+        door.close_all(1001, "server shutting down")
+        http.stop_accepting()  # streams end; their clients resume on another instance or later
+        with trio.move_on_after(door.config.limits.close_timeout + 1):
+            await door.wait_closed()
+            await http.wait_closed()
+        nursery.cancel_scope.cancel()
+    # Leaving open_runtime drained the jobs (drain_timeout), then interrupted the rest.
+    finished = runtime.statistics().jobs.finished_total
+    summary = ", ".join(f"{count} {status}" for status, count in sorted(finished.items()))
+    log.info("stopped; jobs ended here: %s", summary or "none")
+
+
+class _HttpListeners:
+    """The HTTP side: the API listener (``http_port``) and, if set, a metrics listener."""
+
+    def __init__(
+        self, runtime: Runtime, door: FrontDoor, authenticator: Authenticator, settings: ServeSettings
+    ) -> None:
+        self._runtime = runtime
+        self._door = door
+        self._auth = authenticator
+        self._settings = settings
+        self._apps: list[HttpApp] = []
+        self._servers: list[HttpServer] = []
+        self._api: HttpApp | None = None
+
+    def _status_routes(self, with_metrics: bool) -> dict[str, StaticRoute]:
+        runtime = self._runtime
+
+        async def healthz() -> tuple[int, str, bytes]:
+            await trio.lowlevel.checkpoint()
+            return 200, "text/plain", b"ok\n"
+
+        async def readyz() -> tuple[int, str, bytes]:
+            with trio.move_on_after(2) as waited:
+                try:
+                    await runtime.store.ping()
+                except Exception:
+                    return 503, "text/plain", b"store unavailable\n"
+            if waited.cancelled_caught:
+                return 503, "text/plain", b"store did not answer\n"
+            return 200, "text/plain", b"ready\n"
+
+        routes: dict[str, StaticRoute] = {"/healthz": healthz, "/readyz": readyz}
+        if with_metrics:
+            render = metrics_text(runtime, self._door, self._api)
+
+            async def metrics() -> tuple[int, str, bytes]:
+                await trio.lowlevel.checkpoint()
+                return 200, "text/plain; version=0.0.4; charset=utf-8", render()
+
+            routes["/metrics"] = metrics
+        return routes
+
+    def _static_routes(self) -> dict[str, StaticRoute]:
+        """The browser client; with ``web``, the demo page and its ``/api/config``."""
+        settings = self._settings
+        routes = asset_routes(web=bool(settings.web))
+        if settings.web:
+            routes["/api/config"] = WebConfig(
+                self._runtime, ws_port=self._door.port, tls=bool(settings.tls_cert)
+            )
+        return routes
+
+    async def _serve(self, nursery: trio.Nursery, app: HttpApp, port: int) -> int:
+        settings = self._settings
+        server = HttpServer(
+            app,
+            HttpServerConfig(host=settings.host, port=port, reuse_port=bool(settings.reuse_port)),
+            streams=app.peer_streams,
+        )
+        self._apps.append(app)
+        self._servers.append(server)
+        bound: int = await nursery.start(server.run)
+        return bound
+
+    async def start(self, nursery: trio.Nursery) -> tuple[int | None, int | None]:
+        settings = self._settings
+        http_port = metrics_port = None
+        split = settings.metrics_port is not None
+        if settings.http_port is not None:
+            app = self._api = HttpApp(
+                self._runtime,
+                self._auth,
+                limits=HttpLimits(max_body_bytes=settings.max_message_bytes),
+                allow_origins=tuple(settings.allow_origin),
+                static_routes=self._static_routes(),
+            )
+            app.status_routes.update(self._status_routes(with_metrics=not split))
+            ResponsesApi(app)
+            http_port = await self._serve(nursery, app, settings.http_port)
+        if split:
+            metrics_app = HttpApp(self._runtime, None, status_routes=self._status_routes(with_metrics=True))
+            metrics_port = await self._serve(nursery, metrics_app, settings.metrics_port)
+        return http_port, metrics_port
+
+    def stop_accepting(self) -> None:
+        for app in self._apps:
+            app.closing.set()
+        for server in self._servers:
+            server.stop_accepting()
+
+    async def wait_closed(self) -> None:
+        """Wait (bounded by each server's graceful timeout) until every connection has ended."""
+        for server in self._servers:
+            await server.wait_closed()
+
+
+async def _wait_for_signal(
+    shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            shutdown.set()
+            return
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,355 @@
+"""Settings of ``backstream serve``: flags over ``BACKSTREAM_*`` environment variables over a
+TOML file over defaults.
+
+One table, ``OPTIONS``: the server's own settings, then one option per field of the
+runtime's ``Config``, derived from its attrs fields (type, default, docstring), so a new
+``Config`` field is a flag, a variable and a TOML key with no more code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import itertools
+import os
+import pathlib
+import textwrap
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from backstream.actors.config import Config
+
+__all__ = [
+    "OPTIONS",
+    "Option",
+    "ServeSettings",
+    "add_serve_arguments",
+    "boolean",
+    "check_server_settings",
+    "load_settings",
+    "runtime_config",
+]
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@attrs.frozen
+class Option:
+    name: str
+    """The setting: attribute of ``ServeSettings``, TOML key, flag ``--name-with-dashes``."""
+    kind: Callable[[str], Any]
+    default: Any
+    help: str
+    repeatable: bool = False
+    flag: bool = True  # secrets come from the environment or the file only
+    env: str = ""
+    """The environment variable; ``BACKSTREAM_NAME`` unless given."""
+    config_field: str | None = None
+    """The ``Config`` field it sets, if any."""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def env_name(self) -> str:
+        return self.env or "BACKSTREAM_" + self.name.upper()
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def boolean(text: str) -> bool:
+    """``1``, ``true``, ``yes``, ``on`` or ``0``, ``false``, ``no``, ``off`` (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _header(text: str) -> tuple[str, str]:
+    """``Name: value`` or ``Name=value``."""
+    for separator in (":", "="):
+        name, found, value = text.partition(separator)
+        if found and name.strip():
+            return name.strip(), value.strip()
+    raise ValueError(f"{text!r} is not NAME: VALUE")
+
+
+_SERVER_OPTIONS: tuple[Option, ...] = (
+    Option("host", str, "127.0.0.1", "interface to listen on"),
+    Option("port", int, 8765, "WebSocket port (paths /v1 and /v1/ai-sdk)"),
+    Option(
+        "http_port",
+        int,
+        None,
+        "HTTP port: the Responses API (/v1/responses), the JavaScript client (/client/), /healthz, "
+        "/readyz, and /metrics unless --metrics-port is set (off if unset)",
+    ),
+    Option("web", boolean, False, "serve the demo chat page (/) and /api/config on --http-port"),
+    Option("metrics_port", int, None, "a port of its own for /metrics, /healthz and /readyz"),
+    Option(
+        "store",
+        str,
+        "sqlite:///./backstream.db",
+        "where jobs live: memory, sqlite:///PATH, redis://HOST:PORT/DB, redis+cluster://HOST:PORT",
+    ),
+    Option(
+        "token",
+        str,
+        (),
+        "TOKEN=USER",
+        repeatable=True,
+        env="BACKSTREAM_TOKENS",
+    ),
+    Option("tokens_file", str, None, "a file of TOKEN=USER lines"),
+    Option("jwt_secret", str, None, "HS256 secret for JWTs (sub = user)", flag=False),
+    Option("tools", str, (), "tools to register, package.module:attribute", repeatable=True),
+    Option(
+        "allow_origin",
+        str,
+        (),
+        "an Origin browsers may connect from (exact); none: any",
+        repeatable=True,
+        env="BACKSTREAM_ALLOW_ORIGINS",
+    ),
+    Option("auth_cookie", str, None, "a cookie holding the token, for browsers on /v1/ai-sdk"),
+    Option("default_model", str, "backstream/echo", "the model of /v1/ai-sdk requests that name none"),
+    Option(
+        "ai_sdk_coalesce_ms",
+        int,
+        0,
+        "on /v1/ai-sdk, milliseconds between text frames of a request (merged deltas) unless its "
+        "URL gives coalesce_ms; 0: one chunk per log entry",
+    ),
+    Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
+    Option("max_message_bytes", int, 1024 * 1024, "largest frame, either way"),
+    Option("tls_cert", str, None, "certificate file for wss://"),
+    Option("tls_key", str, None, "key file for wss://"),
+    Option("workers", int, 1, "processes serving one port (SO_REUSEPORT); needs a shared store (redis)"),
+    Option("reuse_port", str, "", "internal: set on the processes of --workers", flag=False),
+    Option("log_format", str, "text", "text or json", choices=("text", "json")),
+    Option("log_level", str, "info", "how much to log", choices=LOG_LEVELS),
+)
+
+# Config fields whose setting is named otherwise, or that are secrets.
+_CONFIG_RENAMES: dict[str, dict[str, Any]] = {
+    "allowed_models": {"name": "allow_model", "env": "BACKSTREAM_ALLOW_MODELS"},
+    "upstream_headers": {"name": "upstream_header", "env": "BACKSTREAM_UPSTREAM_HEADERS"},
+    "upstream_api_key": {"flag": False},
+}
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under the fields of ``cls``, first sentence each."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for statement, following in itertools.pairwise(body):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            text = " ".join(following.value.value.split())
+            docs[statement.target.id] = text.replace("``", "")
+    return docs
+
+
+def _kind_of(hint: Any) -> tuple[Callable[[str], Any], bool]:
+    """The parser of one value of a field typed ``hint``, and whether it is repeatable."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        return _header, True
+    if origin in (tuple, list):
+        return str, True
+    return hint, False
+
+
+def _config_options() -> tuple[Option, ...]:
+    docs = _field_docs(Config)
+    hints = typing.get_type_hints(Config)
+    options = []
+    for field in attrs.fields(Config):
+        kind, repeatable = _kind_of(hints[field.name])
+        default: Any = field.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = ()  # a dict of headers: none
+        rename = _CONFIG_RENAMES.get(field.name, {})
+        options.append(
+            Option(
+                rename.get("name", field.name),
+                kind,
+                default,
+                docs.get(field.name, ""),
+                repeatable=repeatable,
+                flag=rename.get("flag", True),
+                env=rename.get("env", ""),
+                config_field=field.name,
+            )
+        )
+    return tuple(options)
+
+
+OPTIONS: tuple[Option, ...] = _SERVER_OPTIONS + _config_options()
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@attrs.frozen
+class ServeSettings:
+    values: dict[str, Any]
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> ServeSettings:
+        """Every setting at its default, but ``overrides``."""
+        values = {option.name: option.default for option in OPTIONS}
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values.update(overrides)
+        return cls(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def runtime_config(settings: ServeSettings) -> Config:
+    """The runtime's ``Config`` from the settings. Raises ``ValueError`` naming the setting."""
+    fields: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.config_field is None:
+            continue
+        value = settings.values[option.name]
+        if option.kind is _header:
+            value = dict(value)
+        fields[option.config_field] = value
+    try:
+        return Config(**fields)
+    except ValueError as exc:
+        message = str(exc)
+        for option in OPTIONS:
+            if option.config_field and f"Config.{option.config_field} " in message:
+                detail = message.split(f"Config.{option.config_field} ", 1)[1]
+                raise ValueError(f"{option.flag_name} ({option.env_name}): {detail}") from None
+        raise
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; each help says the default and the environment variable."""
+    parser.add_argument("--config", help="a TOML file of settings (keys as the flags, with underscores)")
+    for option in OPTIONS:
+        if not option.flag:
+            continue
+        default = option.default if option.default not in (None, (), "") else "none"
+        more = " Repeatable; in the variable, comma-separated." if option.repeatable else ""
+        text = f"{option.help}{more} [default: {default}; env {option.env_name}]"
+        text = text.replace("%", "%%")
+        if option.kind is boolean:  # a switch: --web; false from the variable or the file
+            parser.add_argument(option.flag_name, action="store_true", default=None, help=text)
+            continue
+        metavar = "|".join(option.choices) if option.choices else None
+        action = "append" if option.repeatable else "store"
+        parser.add_argument(option.flag_name, action=action, default=None, help=text, metavar=metavar)
+
+
+def _convert(option: Option, raw: Any, source: str) -> Any:
+    """One value of ``option`` from ``source`` (a flag, a variable or the file)."""
+    try:
+        if option.kind is str:
+            if not isinstance(raw, str):
+                raise ValueError(f"expected text, got {raw!r}")
+            value: Any = raw
+        elif option.kind in (int, float) and isinstance(raw, str | int | float) and not isinstance(raw, bool):
+            value = option.kind(raw)
+        elif option.kind is _header and isinstance(raw, str):
+            value = _header(raw)
+        elif option.kind is boolean and isinstance(raw, bool | str):
+            value = raw if isinstance(raw, bool) else boolean(raw)
+        else:
+            raise ValueError(f"unexpected value {raw!r}")
+    except ValueError as exc:
+        what = {int: "an integer", float: "a number"}.get(option.kind)  # type: ignore[call-overload]
+        detail = f"{raw!r} is not {what}" if what and isinstance(raw, str) else str(exc)
+        raise ValueError(f"{source}: {detail}") from None
+    if option.choices and isinstance(value, str):
+        value = value.lower()  # --log-level INFO as well as info
+    if option.choices and value not in option.choices:
+        raise ValueError(f"{source}: {value!r} is not one of {', '.join(option.choices)}")
+    return value
+
+
+def _from_file(option: Option, raw: Any, source: str) -> Any:
+    if not option.repeatable:
+        return _convert(option, raw, source)
+    if option.kind is _header and isinstance(raw, dict):
+        return tuple((str(k), str(v)) for k, v in raw.items())
+    items = raw if isinstance(raw, list) else [raw]
+    return tuple(_convert(option, item, source) for item in items)
+
+
+def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeSettings:
+    """Merge the sources. Raises ``ValueError`` with one line naming the bad setting and
+    where it came from (the flag, the variable or the file)."""
+    env = os.environ if env is None else env
+    file_values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None)
+    if config_path:
+        try:
+            file_values = tomllib.loads(pathlib.Path(config_path).read_text())
+        except OSError as exc:
+            raise ValueError(f"--config {config_path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"--config {config_path}: not TOML ({exc})") from None
+        unknown = set(file_values) - set(_BY_NAME)
+        if unknown:
+            raise ValueError(f"unknown settings in {config_path}: {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        flag_value = getattr(args, option.name, None) if option.flag else None
+        if flag_value is not None:
+            source = option.flag_name
+            if option.repeatable:
+                value = tuple(_convert(option, item, source) for item in flag_value)
+            else:
+                value = _convert(option, flag_value, source)
+        elif option.env_name in env:
+            raw, source = env[option.env_name], option.env_name
+            if option.repeatable:
+                value = tuple(
+                    _convert(option, item.strip(), source) for item in raw.split(",") if item.strip()
+                )
+            else:
+                value = _convert(option, raw, source)
+        elif option.name in file_values:
+            value = _from_file(option, file_values[option.name], f"{option.name} in {config_path}")
+        else:
+            value = option.default
+        values[option.name] = value
+    settings = ServeSettings(values)
+    check_server_settings(settings)
+    runtime_config(settings)  # every Config validator, now, with the setting's name
+    return settings
+
+
+def check_server_settings(settings: ServeSettings) -> None:
+    """Raise ``ValueError`` (one line, naming the settings) for server settings that do not go
+    together."""
+    if settings.web and settings.http_port is None:
+        web, port = _BY_NAME["web"], _BY_NAME["http_port"]
+        raise ValueError(
+            f"{web.flag_name} ({web.env_name}): the demo page is served on the HTTP port; "
+            f"set {port.flag_name} ({port.env_name}) too"
+        )

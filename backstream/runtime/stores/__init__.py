@@ -1,0 +1,1 @@
+"""Stores: where jobs, their logs and notifications live (memory, SQLite, Redis)."""

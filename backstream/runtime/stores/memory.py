@@ -1,0 +1,200 @@
+"""``MemoryStore``: the store for tests and embedding, all in this process.
+
+Bounded by what it holds: jobs within retention. Log entries are the same
+frozen objects the job log holds, so storing them costs a list slot each.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from backstream.actors.ports import NotificationListener, Store
+from backstream.protocol.events import LogEvent
+from backstream.protocol.lifecycle import is_terminal
+from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
+from backstream.runtime.stores.local_notifications import LocalNotifications
+from backstream.runtime.stores.shared import DecisionBox, plan_commit
+
+__all__ = ["MemoryStore", "MemoryStoreStatistics"]
+
+
+@attrs.define
+class _StoredJob:
+    record: JobRecord
+    entries: list[LogEvent] = attrs.Factory(list)
+    changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    abort: trio.Event = attrs.Factory(trio.Event)
+
+
+class MemoryStore(LocalNotifications, Store):
+    """Everything in this process. Nothing here waits on I/O: each method is atomic, and
+    cancelling one before it returns changes nothing. ``aclose`` changes nothing either
+    (the data stays until the object goes)."""
+
+    def __init__(self) -> None:
+        self._init_local_notifications()
+        self._decisions = DecisionBox()
+        self._jobs: dict[str, _StoredJob] = {}
+        self._by_message: dict[tuple[str, str], str] = {}
+        # Per user, job ids in creation order (a dict as an ordered set).
+        self._by_user: dict[str, dict[str, None]] = {}
+        self._expiry: list[tuple[float, str]] = []  # heap; stale rows are skipped
+
+    async def open(self, *, on_notification: NotificationListener | None = None) -> None:
+        await trio.lowlevel.checkpoint()
+        self._on_notification = on_notification
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def ping(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def create_job(
+        self, record: JobRecord, capacity: SharedCapacity | None = None
+    ) -> tuple[JobRecord, bool]:
+        await trio.lowlevel.checkpoint()
+        key = (record.user, record.message_id)
+        existing = self._by_message.get(key)
+        if existing is not None:
+            return self._jobs[existing].record, False
+        self._jobs[record.job_id] = _StoredJob(record)
+        self._by_message[key] = record.job_id
+        self._by_user.setdefault(record.user, {})[record.job_id] = None
+        return record, True
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        await trio.lowlevel.checkpoint()
+        job = self._jobs.get(job_id)
+        return job.record if job else None
+
+    async def find_job(self, user: str, message_id: str) -> JobRecord | None:
+        await trio.lowlevel.checkpoint()
+        job_id = self._by_message.get((user, message_id))
+        return self._jobs[job_id].record if job_id else None
+
+    async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
+        await trio.lowlevel.checkpoint()
+        job = self._jobs.get(job_id)
+        if job is None:
+            return  # swept while its last write was under way: nothing to keep
+        plan = plan_commit(job_id, entries, progress, len(job.entries))
+        job.entries.extend(plan.entries)
+        if plan.apply_progress:
+            job.record = job.record.advanced(progress)
+            if progress.expires_at is not None:
+                heapq.heappush(self._expiry, (progress.expires_at, job_id))
+        job.changed.unpark_all()
+
+    async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
+        await trio.lowlevel.checkpoint()
+        job = self._jobs.get(job_id)
+        if job is None:
+            return []
+        return job.entries[after_seq : after_seq + limit]
+
+    async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or len(job.entries) > after_seq or is_terminal(job.record.status):
+            await trio.lowlevel.checkpoint()
+            return
+        await job.changed.park()
+
+    async def list_jobs(
+        self,
+        user: str,
+        *,
+        thread_id: str | None = None,
+        statuses: frozenset[str] | None = None,
+        limit: int = 50,
+    ) -> list[JobRecord]:
+        await trio.lowlevel.checkpoint()
+        out: list[JobRecord] = []
+        for job_id in reversed(self._by_user.get(user, {})):
+            record = self._jobs[job_id].record
+            if thread_id is not None and record.thread_id != thread_id:
+                continue
+            if statuses is not None and record.status not in statuses:
+                continue
+            out.append(record)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def delete_expired(self, now: float) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        deleted: list[str] = []
+        while self._expiry and self._expiry[0][0] <= now:
+            expires_at, job_id = heapq.heappop(self._expiry)
+            job = self._jobs.get(job_id)
+            if job is None or job.record.expires_at != expires_at:
+                continue
+            if not is_terminal(job.record.status):
+                continue
+            self._delete(job)
+            deleted.append(job_id)
+        return deleted
+
+    def _delete(self, job: _StoredJob) -> None:
+        record = job.record
+        del self._jobs[record.job_id]
+        self._by_message.pop((record.user, record.message_id), None)
+        user_jobs = self._by_user.get(record.user)
+        if user_jobs is not None:
+            user_jobs.pop(record.job_id, None)
+            if not user_jobs:
+                del self._by_user[record.user]
+        job.changed.unpark_all()  # waiting readers find the job gone
+        self.forget_job_notifications(record.job_id)
+        self._decisions.forget_job(record.job_id)
+
+    async def request_abort(self, job_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.record = attrs.evolve(job.record, abort_requested=True)
+            job.abort.set()
+
+    async def wait_abort_requested(self, job_id: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            await trio.sleep_forever()  # no such job: no abort will ever come for it
+        else:
+            await job.abort.wait()
+
+    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+        await trio.lowlevel.checkpoint()
+        self._decisions.put(job_id, call_id, approved)
+
+    async def wait_decision(self, job_id: str, call_id: str) -> bool:
+        return await self._decisions.wait(job_id, call_id)
+
+    def job_count(self) -> int:
+        """Jobs held."""
+        return len(self._jobs)
+
+    def statistics(self) -> MemoryStoreStatistics:
+        return MemoryStoreStatistics(
+            jobs=len(self._jobs),
+            entries=sum(len(job.entries) for job in self._jobs.values()),
+            message_keys=len(self._by_message),
+            users=len(self._by_user),
+            expiry_rows=len(self._expiry),
+            notification_marks=len(self._notified) + len(self._seen_ending),
+            decisions_waiting=len(self._decisions),
+        )
+
+
+@attrs.frozen
+class MemoryStoreStatistics:
+    jobs: int
+    entries: int
+    message_keys: int
+    users: int
+    expiry_rows: int
+    notification_marks: int
+    decisions_waiting: int

@@ -1,0 +1,201 @@
+"""The SQLite store's schema: its migrations, and how a job record maps to its rows.
+
+A job is a small row of ``jobs`` (names, status, progress: what a commit updates)
+and its request in ``job_requests``, written once at creation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Sequence
+
+from backstream.protocol.lifecycle import sql_terminal_list
+from backstream.protocol.records import JobRecord, record_from_dict, record_to_dict
+
+__all__ = [
+    "COLUMNS",
+    "MIGRATIONS",
+    "PROGRESS_COLUMNS",
+    "SELECT_JOB",
+    "UPDATE_PROGRESS",
+    "column_value",
+    "migrate",
+    "record_from_row",
+    "row_values",
+]
+
+log = logging.getLogger("backstream.sqlite")
+
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        CREATE TABLE jobs (
+            job_id TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            thread_id TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            owner TEXT,
+            record TEXT NOT NULL,
+            UNIQUE (user, message_id)
+        );
+        CREATE INDEX jobs_by_user ON jobs (user, created_at DESC);
+        CREATE INDEX jobs_by_thread ON jobs (user, thread_id, created_at DESC);
+        CREATE INDEX jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+        CREATE INDEX jobs_active ON jobs (status) WHERE status IN ('running', 'awaiting_approval');
+        CREATE TABLE log (
+            job_id TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            events TEXT NOT NULL,
+            PRIMARY KEY (job_id, first_seq)
+        ) WITHOUT ROWID;
+        """,
+    ),
+    (
+        2,
+        """
+        CREATE TABLE notifications (
+            notification_id TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            type TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            thread_id TEXT NOT NULL,
+            title TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            read INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (job_id, type)
+        );
+        CREATE INDEX notifications_by_user ON notifications (user, created_at DESC);
+        CREATE TABLE muted_threads (
+            user TEXT NOT NULL, thread_id TEXT NOT NULL, PRIMARY KEY (user, thread_id)
+        )
+        """,
+    ),
+    (
+        3,
+        # The request is written once, in a table of its own; a commit updates the progress
+        # columns of a small row and never rewrites the request.
+        f"""
+        CREATE TABLE jobs_v3 (
+            job_id TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            thread_id TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            epoch INTEGER NOT NULL,
+            content_length INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            finished_at REAL,
+            error TEXT,
+            usage TEXT,
+            expires_at REAL,
+            abort_requested INTEGER NOT NULL DEFAULT 0,
+            owner TEXT,
+            lease_until REAL,
+            UNIQUE (user, message_id)
+        );
+        CREATE TABLE job_requests (job_id TEXT PRIMARY KEY, request TEXT NOT NULL);
+        INSERT INTO jobs_v3 SELECT job_id, user, thread_id, message_id, status, seq,
+            json_extract(record, '$.epoch'), json_extract(record, '$.content_length'), created_at,
+            json_extract(record, '$.updated_at'), json_extract(record, '$.finished_at'),
+            json_extract(record, '$.error'), json_extract(record, '$.usage'), expires_at,
+            json_extract(record, '$.abort_requested'), owner, json_extract(record, '$.lease_until')
+            FROM jobs;
+        INSERT INTO job_requests SELECT job_id, json_extract(record, '$.request') FROM jobs;
+        DROP TABLE jobs;
+        ALTER TABLE jobs_v3 RENAME TO jobs;
+        CREATE INDEX jobs_by_user ON jobs (user, created_at DESC);
+        CREATE INDEX jobs_by_thread ON jobs (user, thread_id, created_at DESC);
+        CREATE INDEX jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+        CREATE INDEX jobs_live ON jobs (status) WHERE status NOT IN {sql_terminal_list()}
+        """,
+    ),
+)
+
+COLUMNS = (
+    "job_id",
+    "user",
+    "thread_id",
+    "message_id",
+    "status",
+    "seq",
+    "epoch",
+    "content_length",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "error",
+    "usage",
+    "expires_at",
+    "abort_requested",
+    "owner",
+    "lease_until",
+)
+JSON_COLUMNS = frozenset({"error", "usage"})
+SELECT_JOB = (
+    "SELECT " + ", ".join(f"jobs.{c}" for c in COLUMNS) + ", job_requests.request "
+    "FROM jobs JOIN job_requests USING (job_id)"
+)
+PROGRESS_COLUMNS = (
+    "status",
+    "seq",
+    "content_length",
+    "updated_at",
+    "finished_at",
+    "error",
+    "usage",
+    "expires_at",
+)
+UPDATE_PROGRESS = "UPDATE jobs SET " + ", ".join(f"{c} = ?" for c in PROGRESS_COLUMNS) + " WHERE job_id = ?"
+
+
+def column_value(name: str, value: object) -> object:
+    if name in JSON_COLUMNS:
+        return None if value is None else json.dumps(value, separators=(",", ":"))
+    if name == "abort_requested":
+        return int(bool(value))
+    return value
+
+
+def row_values(record: JobRecord) -> tuple[object, ...]:
+    data = record_to_dict(record)
+    return tuple(column_value(name, data[name]) for name in COLUMNS)
+
+
+def record_from_row(row: Sequence[object]) -> JobRecord:
+    data: dict[str, object] = dict(zip(COLUMNS, row[:-1], strict=True))
+    for name in JSON_COLUMNS:
+        value = data[name]
+        data[name] = None if value is None else json.loads(str(value))
+    data["abort_requested"] = bool(data["abort_requested"])
+    data["request"] = json.loads(str(row[-1]))
+    return record_from_dict(data)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    current = row[0] or 0
+    for version, sql in MIGRATIONS:
+        if version <= current:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, sql.split(";")):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("sqlite schema migrated to version %d", version)

@@ -1,0 +1,74 @@
+// @ts-check
+// The page of the browser test: a chat as a web app builds it on the AI SDK, talking to
+// backstream through WebSocketChatTransport (the browser's own WebSocket).
+import { AbstractChat, WebSocketChatTransport } from 'ai';
+
+/** @typedef {import('ai').UIMessage} UIMessage */
+/** @typedef {import('ai').ChatState<UIMessage>} ChatState */
+
+/** @implements {ChatState} */
+class PageChatState {
+  constructor() {
+    /** @type {import('ai').ChatStatus} */
+    this.status = 'ready';
+    /** @type {Error | undefined} */
+    this.error = undefined;
+    /** @type {UIMessage[]} */
+    this.messages = [];
+  }
+  /** @param {UIMessage} message */
+  pushMessage(message) {
+    this.messages = this.messages.concat(message);
+    render(this.messages);
+  }
+  popMessage() {
+    this.messages = this.messages.slice(0, -1);
+    render(this.messages);
+  }
+  /** @param {number} index @param {UIMessage} message */
+  replaceMessage(index, message) {
+    this.messages = [...this.messages.slice(0, index), message, ...this.messages.slice(index + 1)];
+    render(this.messages);
+  }
+  /** @template T @param {T} thing @returns {T} */
+  snapshot(thing) {
+    return structuredClone(thing);
+  }
+}
+
+/** @extends {AbstractChat<UIMessage>} */
+class PageChat extends AbstractChat {
+  /** @param {Omit<import('ai').ChatInit<UIMessage>, 'messages'>} init */
+  constructor(init) {
+    super({ ...init, state: new PageChatState() });
+  }
+}
+
+/** @param {UIMessage[]} messages */
+function render(messages) {
+  const answer = messages.filter(m => m.role === 'assistant').at(-1);
+  const text = (answer?.parts ?? []).map(p => (p.type === 'text' ? p.text : '')).join('');
+  const out = document.getElementById('answer');
+  if (out) out.textContent = text;
+}
+
+const query = new URLSearchParams(location.search);
+const chat = new PageChat({
+  id: query.get('chat') ?? 'browser-chat',
+  // The one line an app changes: its transport.
+  transport: new WebSocketChatTransport({
+    url: query.get('server') ?? '',
+    body: { model: 'backstream/lorem', params: { max_tokens: 80, tokens_per_s: 40 } },
+  }),
+});
+
+/** What the test drives. */
+const page = {
+  /** @param {string} text */
+  send: text => chat.sendMessage({ text }),
+  resume: () => chat.resumeStream(),
+  status: () => chat.status,
+  text: () => document.getElementById('answer')?.textContent ?? '',
+  messageIds: () => chat.messages.map(m => m.id),
+};
+Object.assign(globalThis, { page });

@@ -1,0 +1,89 @@
+// @ts-check
+// A web page built on the AI SDK, in headless Chromium: it authenticates with a cookie,
+// is reloaded mid-answer, resumes, and shows the whole answer once.
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import { createServer } from 'node:http';
+import { test } from 'node:test';
+import { build } from 'esbuild';
+import { chromium } from 'playwright-core';
+import { SERVER_URL, report } from './helpers.mjs';
+
+const CHROMIUM = process.env.BACKSTREAM_CHROMIUM ?? '/usr/bin/chromium';
+const FLAGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+const COOKIE = process.env.BACKSTREAM_AUTH_COOKIE ?? 'bs_token';
+
+/** Serve the page and its bundled script on a free loopback port. */
+async function servePage() {
+  const bundled = await build({
+    entryPoints: [new URL('../page/app.mjs', import.meta.url).pathname],
+    bundle: true,
+    format: 'esm',
+    platform: 'browser',
+    write: false,
+    logLevel: 'warning',
+  });
+  const script = bundled.outputFiles[0].text;
+  const html = await readFile(new URL('../page/index.html', import.meta.url), 'utf8');
+  const server = createServer((request, response) => {
+    const path = new URL(request.url ?? '/', 'http://x').pathname;
+    if (path === '/app.js') {
+      response.writeHead(200, { 'content-type': 'text/javascript' }).end(script);
+    } else if (path === '/') {
+      response.writeHead(200, { 'content-type': 'text/html' }).end(html);
+    } else {
+      response.writeHead(404).end();
+    }
+  });
+  await new Promise(resolve => server.listen(0, '127.0.0.1', () => resolve(undefined)));
+  const address = server.address();
+  assert.ok(address && typeof address === 'object');
+  return { server, origin: `http://127.0.0.1:${address.port}` };
+}
+
+/** @param {import('playwright-core').Page} page @param {string} expression */
+function evaluate(page, expression) {
+  return page.evaluate(expression);
+}
+
+test('a page reloaded mid-answer resumes and shows the whole answer once', async () => {
+  const { server, origin } = await servePage();
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: FLAGS, headless: true });
+  try {
+    const context = await browser.newContext();
+    // The token travels as a cookie: cookies are per host, so the page's cookie for
+    // 127.0.0.1 goes with the WebSocket handshake to the server's port.
+    await context.addCookies([{ name: COOKIE, value: 'tok-alice', url: origin }]);
+    const page = await context.newPage();
+    const address = `${origin}/?chat=browser-chat&server=${encodeURIComponent(SERVER_URL)}`;
+    await page.goto(address);
+    await page.waitForFunction('typeof page === "object"');
+    void evaluate(page, 'page.send("write something")').catch(() => {});
+    await page.waitForFunction('page.text().trim().split(/\\s+/).length >= 10', null, { timeout: 20000 });
+    const partial = String(await evaluate(page, 'page.text()'));
+
+    await page.reload(); // the user reloads mid-answer: the socket goes, the job goes on
+    await page.waitForFunction('typeof page === "object"');
+    assert.equal(await evaluate(page, 'page.text()'), '');
+    await evaluate(page, 'page.resume()');
+    await page.waitForFunction('page.status() === "ready"', null, { timeout: 20000 });
+    const text = String(await evaluate(page, 'page.text()'));
+    const ids = /** @type {string[]} */ (await evaluate(page, 'page.messageIds()'));
+    assert.equal(ids.length, 1, 'one assistant message');
+    assert.ok(text.startsWith(partial));
+    assert.equal(text.trim().split(/\s+/).length, 80);
+    report({ chatId: 'browser-chat', partial, text });
+  } finally {
+    await browser.close();
+    server.close();
+  }
+});

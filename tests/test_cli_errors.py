@@ -1,0 +1,158 @@
+"""Ordinary mistakes get one clear line and a non-zero exit, never a traceback (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from backstream.client import open_client
+from backstream.protocol.errors import UnavailableError
+from tests.upstream_server import FakeUpstream
+
+BACKSTREAM = [sys.executable, "-m", "backstream"]
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BACKSTREAM, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def one_line_failure(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("backstream serve: ")
+    return lines[0]
+
+
+def test_port_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_failure(
+            run("serve", "--store", "memory", "--port", str(port), "--log-level", "warning")
+        )
+    assert "cannot listen" in line and "in use" in line
+
+
+def test_bad_log_level() -> None:
+    line = one_line_failure(run("serve", "--log-level", "loud"))
+    assert "--log-level" in line and "'loud'" in line and "debug" in line
+
+
+def test_tools_module_that_does_not_import() -> None:
+    line = one_line_failure(run("serve", "--store", "memory", "--tools", "no_such_module_here:tool"))
+    assert "--tools no_such_module_here:tool" in line and "No module named" in line
+
+
+def test_sqlite_path_that_cannot_be_opened(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    store = f"sqlite:///{blocker}/jobs.db"
+    line = one_line_failure(run("serve", "--port", "0", "--store", store, "--log-level", "warning"))
+    assert f"cannot open the store {store}" in line
+
+
+def test_unknown_toml_key(tmp_path: Path) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text('colour = "blue"\nport = 9000\n')
+    line = one_line_failure(run("serve", "--config", str(config)))
+    assert "unknown settings" in line and "colour" in line
+
+
+def test_malformed_environment_value_names_the_variable() -> None:
+    line = one_line_failure(run("serve", env={"BACKSTREAM_JOB_TIMEOUT": "forever"}))
+    assert "BACKSTREAM_JOB_TIMEOUT" in line and "'forever'" in line
+
+
+def test_version_flag() -> None:
+    done = run("--version")
+    assert done.returncode == 0 and done.stdout.strip() == "backstream 0.1.0"
+
+
+def test_startup_lines_in_json_say_where_it_listens_and_with_what(tmp_path: Path) -> None:
+    server = subprocess.Popen(
+        [
+            *BACKSTREAM,
+            "serve",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--store",
+            f"sqlite:///{tmp_path}/jobs.db",
+            "--upstream-url",
+            "http://user:secret@127.0.0.1:9/v1",
+            "--log-format",
+            "json",
+            "--token",
+            "tok=alice",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        entries = []
+        while not any(e["message"].startswith("tools:") for e in entries):
+            line = server.stderr.readline()
+            assert line, "the server ended before its startup lines"
+            entries.append(json.loads(line))  # every line is JSON
+        messages = "\n".join(e["message"] for e in entries)
+        assert "listening on ws://127.0.0.1:" in messages and "/v1" in messages
+        assert "HTTP: http://127.0.0.1:" in messages
+        assert f"store: sqlite:///{tmp_path}/jobs.db" in messages
+        assert "upstream: http://user:***@127.0.0.1:9/v1" in messages and "secret" not in messages
+        assert "tools: calculate, clock_now" in messages
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=15) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_demo_prints_plain_lines_off_a_terminal() -> None:
+    done = run("demo", "--words", "40", "--rate", "400", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.strip().startswith("watching:")]
+    assert 2 <= len(progress) <= 8  # a line now and then, not one per batch
+    assert "nothing lost, nothing repeated" in done.stderr
+
+
+async def test_demo_on_an_upstream_model(upstream: FakeUpstream) -> None:
+    done = await trio.run_process(
+        [*BACKSTREAM, "demo", "--upstream-url", upstream.url, "--model", "acme/model-1", "--words", "4"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().strip() == "Hello world"
+    assert [r["model"] for r in upstream.requests] == ["acme/model-1"]
+
+
+async def test_client_refuses_a_url_that_is_not_a_backstream_endpoint(upstream: FakeUpstream) -> None:
+    with pytest.raises(ValueError, match="not a backstream endpoint"):
+        async with open_client("http://127.0.0.1:1/v1", "tok"):
+            pass
+    with pytest.raises(UnavailableError, match="not a backstream endpoint"):
+        async with open_client(f"ws://127.0.0.1:{upstream.port}/v1", "tok", max_reconnect_attempts=0):
+            pass

@@ -1,0 +1,69 @@
+"""Metrics an operator alerts on: job endings by status and error code, bytes as bytes, tool threads."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import trio
+
+from backstream import Config
+from backstream.runtime.server.metrics import metrics_text
+from backstream.runtime.tools.registry import ToolRegistry, tool
+from tests.ws_helpers import raw_client, served
+
+
+async def test_endings_bytes_and_abandoned_threads() -> None:
+    release = threading.Event()
+
+    def hang() -> str:
+        """Block until released."""
+        release.wait(30)
+        return "late"
+
+    tools = ToolRegistry([tool(hang, timeout=0.05)], max_threads=2)
+    config = Config(job_timeout=0.5, drain_timeout=0)
+    try:
+        async with served(config, tools=tools) as srv, raw_client(srv.url) as c:
+            received = 0
+            await c.ws.send_message(
+                json.dumps({"type": "hello", "id": "h", "protocol": 1, "token": "tok-alice"})
+            )
+            received += len((await c.ws.get_message()).encode())
+            jobs = [
+                ("m1", "backstream/echo", {}, "héllo wörld ✓ ünïcode"),  # completes, non-ASCII
+                ("m2", "backstream/lorem", {"max_tokens": 1000, "tokens_per_s": 10}, "x"),  # times out
+            ]
+            for message_id, model, params, content in jobs:
+                start = {
+                    "type": "job.start",
+                    "id": message_id,
+                    "thread_id": "t",
+                    "message_id": message_id,
+                    "model": model,
+                    "messages": [{"role": "user", "content": content}],
+                    "params": params,
+                    "watch": True,
+                }
+                await c.ws.send_message(json.dumps(start))
+                while True:
+                    frame = await c.ws.get_message()
+                    received += len(frame.encode())
+                    message = json.loads(frame)
+                    events = message.get("events", [])
+                    if events and events[-1]["kind"] == "status" and events[-1]["status"] != "running":
+                        break
+            assert (await tools.run("hang", "{}")).is_error  # abandoned on its thread
+            text = metrics_text(srv.runtime, srv.door)().decode()
+            assert srv.door.statistics().bytes_sent == received  # bytes, not characters
+    finally:
+        release.set()
+    assert 'backstream_job_endings_total{error_code="",status="completed"} 1.0' in text
+    assert 'backstream_job_endings_total{error_code="timeout",status="failed"} 1.0' in text
+    assert "backstream_tool_threads_abandoned 1.0" in text
+    assert "backstream_tool_calls_abandoned_total 1.0" in text
+    assert "backstream_tool_threads_max 2.0" in text
+    assert f"backstream_bytes_sent_total {float(received)}" in text
+    with trio.fail_after(5):
+        while tools.statistics().abandoned:
+            await trio.sleep(0.01)
