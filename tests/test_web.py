@@ -120,48 +120,39 @@ async def test_http_port_serves_the_client_and_with_web_the_page_and_config(
     web.shutdown.set()
 
 
-async def test_config_offers_only_the_models_allowed(upstream: FakeUpstream, nursery: trio.Nursery) -> None:
-    settings = ServeSettings.defaults(
-        port=0,
-        http_port=0,
-        token=("tok=alice",),
-        store="memory",
-        web=True,
-        drain_timeout=0.0,
-        upstream_url=upstream.url,
-        allow_model=("upstream/al*", "!backstream/echo"),
+async def _web_config(nursery: trio.Nursery, **settings: Any) -> dict[str, Any]:
+    """What ``/api/config`` answers on a ``--web`` server with ``settings``."""
+    handle = await _serve(
+        ServeSettings.defaults(
+            port=0, http_port=0, token=("tok=alice",), store="memory", web=True, drain_timeout=0.0, **settings
+        ),
+        nursery,
     )
-    handle = await _serve(settings, nursery)
     async with httpx.AsyncClient() as http:
-        config = (await http.get(f"http://127.0.0.1:{handle.http_port}/api/config")).json()
+        config: dict[str, Any] = (await http.get(f"http://127.0.0.1:{handle.http_port}/api/config")).json()
+    handle.shutdown.set()
+    return config
+
+
+async def test_config_offers_only_the_models_allowed(upstream: FakeUpstream, nursery: trio.Nursery) -> None:
+    config = await _web_config(
+        nursery, upstream_url=upstream.url, allow_model=("upstream/al*", "!backstream/echo")
+    )
     assert [m["id"] for m in config["models"]] == [
         "backstream/lorem",
         "backstream/tools-demo",
         "upstream/alpha",
     ]
-    handle.shutdown.set()
 
 
 async def test_config_says_when_the_upstream_cannot_list_its_models(nursery: trio.Nursery) -> None:
-    settings = ServeSettings.defaults(
-        port=0,
-        http_port=0,
-        token=("tok=alice",),
-        store="memory",
-        web=True,
-        drain_timeout=0.0,
-        upstream_url="http://127.0.0.1:9/v1",  # nothing listens on the discard port
-    )
-    handle = await _serve(settings, nursery)
-    async with httpx.AsyncClient() as http:
-        config = (await http.get(f"http://127.0.0.1:{handle.http_port}/api/config")).json()
+    config = await _web_config(nursery, upstream_url="http://127.0.0.1:9/v1")  # nothing listens there
     assert [m["id"] for m in config["models"]] == [
         "backstream/echo",
         "backstream/lorem",
         "backstream/tools-demo",
     ]
     assert config["upstream"]["configured"] is True and "could not be read" in config["upstream"]["error"]
-    handle.shutdown.set()
 
 
 def test_web_setting() -> None:
