@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument(
         "--upstream-url", help="an OpenAI-compatible base URL (key from BACKSTREAM_UPSTREAM_API_KEY)"
     )
-    demo.add_argument("--model", default="backstream/lorem", help="the model to ask (default: %(default)s)")
+    demo.add_argument(
+        "--model",
+        default="backstream/lorem",
+        help="the model to ask (default: %(default)s; with --web the page picks)",
+    )
     demo.add_argument(
         "--web", action="store_true", help="serve the demo chat page instead and print its URL (Ctrl-C stops)"
     )

@@ -254,6 +254,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         if not option.flag:
             continue
         default = option.default if option.default not in (None, (), "") else "none"
+        if option.kind is boolean:
+            default = "on" if option.default else "off"
         more = " Repeatable; in the variable, comma-separated." if option.repeatable else ""
         text = f"{option.help}{more} [default: {default}; env {option.env_name}]"
         text = text.replace("%", "%%")
