@@ -397,9 +397,9 @@ async def test_a_client_that_does_not_read_is_cut_off_and_resumes() -> None:
         request = f"GET /v1/responses/{job.job_id}?stream=true HTTP/1.1\r\nhost: x\r\nauthorization: Bearer tok\r\n\r\n"
         await sock.send(request.encode())
         with trio.fail_after(15):
-            while not app.open_streams:
+            while not app.statistics().streams_open:
                 await trio.sleep(0.01)
-            while app.open_streams:  # it never reads: the server lets go of the stream
+            while app.statistics().streams_open:  # it never reads: the server lets go of the stream
                 await trio.sleep(0.05)
         received = b""
         with trio.fail_after(10):
@@ -407,7 +407,7 @@ async def test_a_client_that_does_not_read_is_cut_off_and_resumes() -> None:
                 received += chunk
         sock.close()
         assert b"response.completed" not in received
-        assert app.stats.streams_cut == 1
+        assert app.statistics().streams_cut == 1
         await rt.wait_idle()
         info = await rt.get_job(job.job_id, user="alice")
         assert info.job.status == "completed"  # the job went on

@@ -178,6 +178,42 @@ def test_protocol_package_never_imports_io_libraries() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_byte_order_mark_at_the_start_is_dropped_even_split() -> None:
+    events = decode([b"\xef", b"\xbb\xbfdata: a\n\n", b"data: \xef\xbb\xbfb\n\n"])
+    assert [e.data for e in events] == ["a", "\ufeffb"]  # only the stream's first one is a mark
+
+
+@given(st.lists(st.text(max_size=4), max_size=6))
+def test_assembled_text_is_always_encodable(pieces: list[str]) -> None:
+    # Text with surrogates anywhere, split anywhere: what comes out encodes as UTF-8, and
+    # text that was valid all along comes out unchanged.
+    asm = ChatStreamAssembler()
+    out: list[str] = []
+    for piece in pieces:
+        for event in asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]})):
+            assert isinstance(event, TextDelta)
+            out.append(event.text)
+    for event in asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})):
+        if isinstance(event, TextDelta):
+            out.append(event.text)
+    text = "".join(out)
+    text.encode("utf-8")
+    joined = "".join(pieces)
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return
+    assert text == joined
+
+
+def test_truncated_turn_releases_no_tool_calls() -> None:
+    asm = ChatStreamAssembler()
+    fragment = {"index": 0, "id": "c", "function": {"name": "f", "arguments": '{"a": '}}
+    asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]}))
+    out = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+    assert out == [Finished("length")]
+
+
 def test_tool_call_fragments_before_the_id_come_with_the_first_delta() -> None:
     asm = ChatStreamAssembler()
     early = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}}]}))
@@ -190,3 +226,19 @@ def test_tool_call_fragments_before_the_id_come_with_the_first_delta() -> None:
     assert asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [nameless]}}]})) == []
     out = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
     assert out[:2] == [ToolCallDone(0, "c1", "calculate", '{"a": 1}'), ToolCallDone(1, "call_1", "", "{}")]
+
+
+def test_argument_fragments_are_reported_as_text_that_encodes() -> None:
+    # A pair split across two fragments is reported joined; the reported fragments add up
+    # to the finished call's arguments.
+    asm = ChatStreamAssembler()
+    out = []
+    first = {"index": 0, "id": "c1", "function": {"name": "f", "arguments": '{"a": "\ud83d'}}
+    second = {"index": 0, "function": {"arguments": '\ude00"}'}}
+    for fragment in (first, second):
+        out += asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]}))
+    out += asm.feed(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    deltas = "".join(o.arguments_delta for o in out if isinstance(o, ToolCallDelta))
+    done = [o for o in out if isinstance(o, ToolCallDone)]
+    assert deltas == done[0].arguments == '{"a": "\U0001f600"}'
+    deltas.encode("utf-8")

@@ -43,6 +43,7 @@ from backstream.protocol.messages import (
     ServerMessage,
     Welcome,
 )
+from backstream.protocol.text import repair_strings
 
 __all__ = [
     "EVENT_CLASSES",
@@ -201,6 +202,9 @@ def _load(data: str | bytes) -> dict[str, Any]:
         raise ProtocolError("bad_request", "the message is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "a message must be a JSON object")
+    if "\\u" in data:  # only an escape can carry a lone surrogate into a text frame
+        repaired: dict[str, Any] = repair_strings(obj)
+        return repaired
     return obj
 
 

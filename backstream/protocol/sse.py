@@ -2,7 +2,8 @@
 
 Feed it bytes as they arrive, in chunks of any size; it returns the complete
 events. It handles LF, CRLF and CR line ends (also a CRLF split across two
-reads), comment lines, multi-line ``data``, and UTF-8 split across reads.
+reads), comment lines, multi-line ``data``, UTF-8 split across reads, and a
+byte-order mark at the start.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class SSEDecoder:
     """
 
     def __init__(self, *, max_line_chars: int = 4 * 1024 * 1024) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # "-sig": a byte-order mark that opens the stream is dropped, as the standard says.
+        self._utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
         self._partial = ""
         self._skip_lf = False  # the last chunk ended in CR; a leading LF belongs to it
         self._max_line_chars = max_line_chars
@@ -69,13 +71,20 @@ class SSEDecoder:
             text = text[1:]
         self._skip_lf = False
         buf = self._partial + text if self._partial else text
-        pos = 0
-        for match in _LINE_END.finditer(buf):
-            self._line(buf[pos : match.start()], out)
-            pos = match.end()
-        self._partial = buf[pos:]
-        if pos and pos == len(buf) and buf[-1] == "\r":
-            self._skip_lf = True
+        if "\r" not in buf:  # the usual LF-only stream: split in C, one pass
+            lines = buf.split("\n")
+            self._partial = lines.pop()
+            line = self._line
+            for one in lines:
+                line(one, out)
+        else:
+            pos = 0
+            for match in _LINE_END.finditer(buf):
+                self._line(buf[pos : match.start()], out)
+                pos = match.end()
+            self._partial = buf[pos:]
+            if pos and pos == len(buf) and buf[-1] == "\r":
+                self._skip_lf = True
         if len(self._partial) > self._max_line_chars:
             raise SSEError(f"an event-stream line is longer than {self._max_line_chars} characters")
         return out
@@ -83,6 +92,9 @@ class SSEDecoder:
     def _line(self, line: str, out: list[SSEEvent]) -> None:
         if not line:
             self._dispatch(out)
+            return
+        if line[:6] == "data: ":  # the usual field, without the general parse
+            self._data.append(line[6:])
             return
         if line[0] == ":":
             return  # a comment, such as ": OPENROUTER PROCESSING"

@@ -278,6 +278,42 @@ class Runtime:
         Cancellation: the watch closes and its presence is withdrawn (a shielded, bounded
         write); the job goes on.
         """
+        watcher, finished = await self._open_watcher(
+            job_id,
+            user,
+            after_seq,
+            epoch,
+            max_batch_chars=max_batch_chars,
+            tool_call_deltas=tool_call_deltas,
+            merge_text=merge_text,
+        )
+        watch_id = new_id("w_", self._clock.now())
+        await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
+        self._presence.opened(watch_id, job_id)
+        try:
+            yield watcher
+        finally:
+            self._presence.closed(watch_id)
+            with trio.CancelScope(shield=True) as cleanup:
+                cleanup.deadline = trio.current_time() + self.config.finalize_timeout
+                try:
+                    # A watch that delivered the end counts as watching when the job ended.
+                    await self.store.watch_ended(job_id, watch_id, saw_end=watcher.ended and not finished)
+                except Exception:
+                    log.warning("job %s: could not record the end of a watch", job_id)
+
+    async def _open_watcher(
+        self,
+        job_id: str,
+        user: str,
+        after_seq: int,
+        epoch: int | None,
+        *,
+        max_batch_chars: int | None,
+        tool_call_deltas: bool,
+        merge_text: bool,
+    ) -> tuple[Watcher, bool]:
+        """A watcher over the job's live log or its stored one, and whether the job had ended."""
         if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
             raise BadRequestError("after_seq must be a non-negative integer")
         found = await self._lookup(job_id, user)
@@ -307,20 +343,7 @@ class Runtime:
             tool_call_deltas=tool_call_deltas,
             merge_text=merge_text,
         )
-        watch_id = new_id("w_", self._clock.now())
-        await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
-        self._presence.opened(watch_id, job_id)
-        try:
-            yield watcher
-        finally:
-            self._presence.closed(watch_id)
-            with trio.CancelScope(shield=True) as cleanup:
-                cleanup.deadline = trio.current_time() + self.config.finalize_timeout
-                try:
-                    # A watch that delivered the end counts as watching when the job ended.
-                    await self.store.watch_ended(job_id, watch_id, saw_end=watcher.ended and not finished)
-                except Exception:
-                    log.warning("job %s: could not record the end of a watch", job_id)
+        return watcher, finished
 
     async def get_job(
         self, job_id: str, *, user: str, include_content: bool = False, offset: int = 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
-import httpx
 import trio
 
 from backstream.actors.clock import WallClock
@@ -34,6 +33,7 @@ from backstream.actors.ticker import FlushTicker
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRequest
 from backstream.runtime.api import Runtime
+from backstream.runtime.models.http1 import HTTP1Pool
 from backstream.runtime.models.upstream import UpstreamClient, open_http_client
 from backstream.runtime.stores.memory import MemoryStore
 from backstream.runtime.tools.registry import ToolRegistry
@@ -63,7 +63,7 @@ async def open_runtime(
     """
     config = config or Config()
     store = store or MemoryStore()
-    http: httpx.AsyncClient | None = open_http_client(config) if config.upstream_url else None
+    http: HTTP1Pool | None = open_http_client(config) if config.upstream_url else None
     clock = WallClock()
     notifier = Notifier(store, clock, config.max_notifications_per_user)
     await store.open(on_notification=notifier.deliver_local)  # pushes of every instance

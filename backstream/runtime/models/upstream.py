@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import bisect
 import email.utils
+import json
 import logging
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from typing import Any
 
 import attrs
-import httpx
+import orjson
 import trio
 
 from backstream.actors.config import Config
@@ -24,6 +27,14 @@ from backstream.actors.ports import ChatTurn, ModelFailure, OutputSink, TurnResu
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.events import ErrorInfo
 from backstream.protocol.sse import SSEDecoder, SSEError
+from backstream.runtime.models.http1 import (
+    HTTP1Pool,
+    StreamingResponse,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamReadTimeout,
+)
 from backstream.runtime.models.turns import TurnCollector
 
 __all__ = [
@@ -63,34 +74,46 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-def open_http_client(config: Config) -> httpx.AsyncClient:
-    """The shared HTTP client. Its read timeout is the upstream idle timeout: no byte
-    for that long fails the read."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=config.upstream_connect_timeout,
-            read=config.upstream_idle_timeout,
-            write=config.upstream_idle_timeout,
-            pool=None,
-        ),
-        limits=httpx.Limits(
-            max_connections=config.upstream_max_connections,
-            max_keepalive_connections=min(100, config.upstream_max_connections),
-        ),
-        follow_redirects=False,
+def open_http_client(config: Config) -> HTTP1Pool:
+    """The connections to the upstream. Its read timeout is the upstream idle timeout:
+    no byte for that long fails the read. Close it with ``aclose``."""
+    if not config.upstream_url:
+        raise ValueError("open_http_client needs config.upstream_url")
+    proxy = _proxy_for(config.upstream_url)
+    if proxy is not None:
+        # Connections go straight to the upstream: say so rather than bypass a proxy silently.
+        log.warning(
+            "%s is set but the upstream client does not use proxies: connecting to %s directly",
+            proxy,
+            urllib.parse.urlsplit(config.upstream_url).hostname,
+        )
+    return HTTP1Pool(
+        config.upstream_url.rstrip("/") + "/chat/completions",
+        connect_timeout=config.upstream_connect_timeout,
+        idle_timeout=config.upstream_idle_timeout,
+        max_connections=config.upstream_max_connections,
+        max_keepalive=min(100, config.upstream_max_connections),
     )
+
+
+def _proxy_for(url: str) -> str | None:
+    """The name of a proxy variable that would apply to ``url`` (honouring NO_PROXY), if any."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if parts.scheme not in proxies and "all" not in proxies:
+        return None
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return f"{parts.scheme.upper()}_PROXY" if parts.scheme in proxies else "ALL_PROXY"
 
 
 class UpstreamClient:
     """Runs chat turns against ``config.upstream_url``."""
 
-    def __init__(self, config: Config, http: httpx.AsyncClient) -> None:
-        if not config.upstream_url:
-            raise ValueError("UpstreamClient needs config.upstream_url")
+    def __init__(self, config: Config, http: HTTP1Pool) -> None:
         self._config = config
         self._http = http
-        self._url = config.upstream_url.rstrip("/") + "/chat/completions"
-        headers = {"accept": "text/event-stream", **config.upstream_headers}
+        headers = {"accept": "text/event-stream", "user-agent": "backstream", **config.upstream_headers}
         if config.upstream_api_key:
             headers["authorization"] = f"Bearer {config.upstream_api_key}"
         self._headers = headers
@@ -123,7 +146,7 @@ class UpstreamClient:
 
         Cancellation: the request is abandoned and its connection closed at once.
         """
-        body = self._body(turn)
+        body = _encode_body(self._body(turn))
         backoff = Backoff(self._config.upstream_retry_base, self._config.upstream_retry_max_delay)
         started = trio.current_time()
         while True:
@@ -159,60 +182,65 @@ class UpstreamClient:
                 body["max_tokens"] = cap
         return body
 
-    async def _attempt(self, body: dict[str, Any], collector: TurnCollector, started: float) -> None:
+    async def _attempt(self, body: bytes, collector: TurnCollector, started: float) -> None:
         try:
-            async with self._http.stream("POST", self._url, json=body, headers=self._headers) as response:
+            async with self._http.stream_post(body, self._headers) as response:
                 self._responses[response.status_code] += 1
                 if not 200 <= response.status_code < 300:
                     await self._raise_for_status(response)
                 decoder = SSEDecoder()
                 feed = collector.feed_data
-                async for chunk in response.aiter_bytes():
-                    for event in decoder.feed(chunk):
+                assembler = collector.assembler
+                # One socket read brings every chunk the upstream sent since the last one.
+                while data := await response.receive_some():
+                    for event in decoder.feed(data):
                         feed(event.data)
-                        if collector.assembler.done:
+                        if assembler.done:
                             return
-                    if not collector.produced:
-                        continue
-                    if started >= 0:  # the first token of the turn: time it once
+                    if started >= 0 and collector.produced:  # the first token: time it once
                         self._note_first_token(trio.current_time() - started)
                         started = -1.0
                 for event in decoder.close():
-                    collector.feed_data(event.data)
+                    feed(event.data)
         except SSEError as exc:
             raise ModelFailure(ErrorInfo("upstream_protocol", str(exc))) from None
-        except httpx.TimeoutException as exc:
-            if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-                raise _Retryable(
-                    _failure("upstream_unreachable", "connecting to the upstream timed out")
-                ) from None
+        except UpstreamConnectTimeout:
+            raise _Retryable(
+                _failure("upstream_unreachable", "connecting to the upstream timed out")
+            ) from None
+        except UpstreamReadTimeout:
             raise ModelFailure(
                 ErrorInfo(
                     "upstream_timeout",
                     f"no data from the upstream for {self._config.upstream_idle_timeout:g} s",
                 )
             ) from None
-        except httpx.TransportError as exc:
+        except (UpstreamConnectError, UpstreamBroken) as exc:
             # Refused, reset or closed: retryable before the first token, a broken stream after.
             self._connection_errors += 1
-            message = f"upstream connection failed: {type(exc).__name__}"
+            message = f"upstream connection failed: {exc}"
             if collector.produced:
                 raise ModelFailure(ErrorInfo("upstream_protocol", message)) from None
             raise _Retryable(_failure("upstream_unreachable", message)) from None
 
-    async def _raise_for_status(self, response: httpx.Response) -> None:
+    async def _raise_for_status(self, response: StreamingResponse) -> None:
         status = response.status_code
         snippet = b""
-        async for chunk in response.aiter_bytes():
-            snippet += chunk
-            if len(snippet) >= _ERROR_BODY_LIMIT:
-                break
+        while len(snippet) < _ERROR_BODY_LIMIT and (data := await response.receive_some()):
+            snippet += data
         detail = snippet[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").strip()
         message = f"upstream answered HTTP {status}" + (f": {detail[:300]}" if detail else "")
         failure = ModelFailure(ErrorInfo("upstream_http", message, http_status=status))
         if status in RETRY_STATUSES:
             raise _Retryable(failure, _retry_after(response.headers.get("retry-after")))
         raise failure
+
+
+def _encode_body(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # a lone surrogate (orjson refuses them) or a type orjson lacks
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _failure(code: str, message: str) -> ModelFailure:

@@ -27,7 +27,6 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from backstream.actors.clock import format_time
 from backstream.protocol.codec import (
     ProtocolError,
-    batch_message,
     decode_client,
     encode,
     error_message,
@@ -72,6 +71,7 @@ from backstream.protocol.messages import (
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.paging import job_info_page
 from backstream.runtime.server.peer import Close as _Close
 from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
@@ -119,6 +119,10 @@ class _Watch:
     scope: trio.CancelScope
     done: trio.Event = attrs.Factory(trio.Event)
     cleared_to_send: trio.Event = attrs.Factory(trio.Event)
+
+
+# One per process: the watchers of a job on any connection share its frames.
+_FRAMES = FrameCache()
 
 
 class Connection:
@@ -396,7 +400,7 @@ class Connection:
                     await watch.cleared_to_send.wait()
                     async for batch in batches:
                         await self._wait_drained()
-                        await self._send(encode(batch_message(batch)))
+                        await self._send(_FRAMES.frame(batch))
                         self._stats.batches_sent += 1
         except BackstreamError as exc:
             if not watch.cleared_to_send.is_set():

@@ -63,6 +63,15 @@ class FrontDoorConfig:
 
 
 @attrs.frozen
+class _Admitted:
+    """A handshake that passed: which endpoint, and who (if the handshake said)."""
+
+    ai_sdk: bool
+    identity: Identity | None
+    coalesce_ms: int = 0
+
+
+@attrs.frozen
 class FrontDoorStatistics:
     connections: int
     frames_sent: int
@@ -171,55 +180,27 @@ class FrontDoor:
         await self._idle.wait()
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        path, _, query = request.path.partition("?")
-        if path not in (self.config.path, self.config.ai_sdk_path):
-            await request.reject(404, body=b"not found")
+        admitted = await self._admit(request)
+        if admitted is None:
             return
-        headers = {name.lower(): value for name, value in request.headers}
-        origin = headers.get(b"origin")
-        allowed = self.config.allow_origins
-        if origin is not None and allowed and origin.decode("latin-1") not in allowed:
-            await request.reject(403, body=b"origin not allowed")
-            return
-        header_identity: Identity | None = None
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
-        if authorization.lower().startswith("bearer "):
-            try:
-                header_identity = self._auth.authenticate(authorization[7:].strip())
-            except UnauthorizedError:
-                header_identity = None  # hello without a token will be refused
-        if path == self.config.ai_sdk_path:
-            # Browsers cannot send headers here: the token comes in the URL or a cookie.
-            identity = self._browser_identity(query, headers) or header_identity
-            if identity is None:
-                await request.reject(401, body=b"a valid token is required (?token= or the auth cookie)")
-                return
-            try:
-                coalesce_ms = coalesce_ms_of(query, self.config.ai_sdk_coalesce_ms)
-            except ProtocolError as exc:
-                await request.reject(400, body=exc.message.encode())
-                return
         ws = await request.accept()
         remote = request.remote
-        stream = (
-            self._streams.pop((remote.address, remote.port))
-            if isinstance(remote, Endpoint)
-            else None
-        )
+        stream = self._streams.pop((remote.address, remote.port)) if isinstance(remote, Endpoint) else None
+        sock = stream.socket if stream is not None else None
         conn_id = f"c{next(self._ids)}"
         connection: Connection | AiSdkConnection
-        if path == self.config.ai_sdk_path:
-            assert identity is not None
+        if admitted.ai_sdk:
+            assert admitted.identity is not None
             connection = AiSdkConnection(
                 ws,
                 self._runtime,
-                identity,
+                admitted.identity,
                 self.config.limits,
                 self._counters,
                 conn_id=conn_id,
                 default_model=self.config.default_model,
-                sock=stream.socket if stream is not None else None,
-                coalesce_ms=coalesce_ms,
+                sock=sock,
+                coalesce_ms=admitted.coalesce_ms,
             )
         else:
             connection = Connection(
@@ -229,11 +210,48 @@ class FrontDoor:
                 self.config.limits,
                 self._counters,
                 conn_id=conn_id,
-                sock=stream.socket if stream is not None else None,
-                header_identity=header_identity,
+                sock=sock,
+                header_identity=admitted.identity,
                 features=self._features,
                 server_version=self._version,
             )
+        await self._run(connection, conn_id)
+
+    async def _admit(self, request: WebSocketRequest) -> _Admitted | None:
+        """Check the handshake (path, origin, credentials); reject it and return None, or say
+        which endpoint and user it is for."""
+        path, _, query = request.path.partition("?")
+        if path not in (self.config.path, self.config.ai_sdk_path):
+            await request.reject(404, body=b"not found")
+            return None
+        headers = {name.lower(): value for name, value in request.headers}
+        origin = headers.get(b"origin")
+        allowed = self.config.allow_origins
+        if origin is not None and allowed and origin.decode("latin-1") not in allowed:
+            await request.reject(403, body=b"origin not allowed")
+            return None
+        header_identity: Identity | None = None
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        if authorization.lower().startswith("bearer "):
+            try:
+                header_identity = self._auth.authenticate(authorization[7:].strip())
+            except UnauthorizedError:
+                header_identity = None  # hello without a token will be refused
+        if path != self.config.ai_sdk_path:
+            return _Admitted(ai_sdk=False, identity=header_identity)
+        # Browsers cannot send headers here: the token comes in the URL or a cookie.
+        identity = self._browser_identity(query, headers) or header_identity
+        if identity is None:
+            await request.reject(401, body=b"a valid token is required (?token= or the auth cookie)")
+            return None
+        try:
+            coalesce_ms = coalesce_ms_of(query, self.config.ai_sdk_coalesce_ms)
+        except ProtocolError as exc:
+            await request.reject(400, body=exc.message.encode())
+            return None
+        return _Admitted(ai_sdk=True, identity=identity, coalesce_ms=coalesce_ms)
+
+    async def _run(self, connection: Connection | AiSdkConnection, conn_id: str) -> None:
         self.connections.add(connection)
         self._idle = trio.Event() if len(self.connections) == 1 else self._idle
         try:

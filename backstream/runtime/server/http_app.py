@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import socket as stdlib_socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -38,7 +38,7 @@ from backstream.runtime.server.socket_gate import SocketGate
 __all__ = [
     "HttpApp",
     "HttpLimits",
-    "HttpStats",
+    "HttpStatistics",
     "Request",
     "StaticReply",
     "StaticRoute",
@@ -92,13 +92,14 @@ class HttpLimits:
     max_tracked_users: int = 10_000
 
 
-@attrs.define
-class HttpStats:
-    """Counters of one HTTP app (read by metrics)."""
+@attrs.frozen
+class HttpStatistics:
+    """A snapshot of one HTTP app's counters."""
 
-    requests: int = 0
-    errors_sent: int = 0
-    streams_cut: int = 0
+    requests: int
+    errors_sent: int
+    streams_open: int
+    streams_cut: int
     """Streams ended because their client did not read in time."""
 
 
@@ -237,8 +238,10 @@ class HttpApp:
         self._allow_origins = allow_origins
         self._api: list[tuple[str, re.Pattern[str], Handler, bool]] = []
         self._buckets: dict[str, tuple[float, float]] = {}
-        self.open_streams: dict[str, int] = {}
-        self.stats = HttpStats()
+        self._open_streams: dict[str, int] = {}  # per user
+        self._requests = 0
+        self._errors_sent = 0
+        self._streams_cut = 0
         self.closing = trio.Event()
         self.peer_streams = PeerStreams()
         """The streams the server accepts for this app, by peer: how a request finds its socket."""
@@ -246,6 +249,36 @@ class HttpApp:
     def route(self, method: str, pattern: str, handler: Handler, *, rate_limited: bool = True) -> None:
         """An authenticated API route; ``pattern`` is a regular expression over the path."""
         self._api.append((method, re.compile(pattern), handler, rate_limited))
+
+    def check_stream_slot(self, user: str) -> None:
+        """Raise ``RateLimitedError`` when the user's ``max_streams_per_user`` are all open."""
+        most = self.limits.max_streams_per_user
+        if self._open_streams.get(user, 0) >= most:
+            raise RateLimitedError(f"at most {most} open streams per user")
+
+    @contextlib.contextmanager
+    def stream_slot(self, user: str) -> Iterator[None]:
+        """Hold one of the user's open streams for the block (``check_stream_slot`` first)."""
+        self.check_stream_slot(user)
+        self._open_streams[user] = self._open_streams.get(user, 0) + 1
+        try:
+            yield
+        finally:
+            self._open_streams[user] -= 1
+            if not self._open_streams[user]:
+                del self._open_streams[user]
+
+    def stream_cut(self) -> None:
+        """Count a stream ended because its client did not read in time."""
+        self._streams_cut += 1
+
+    def statistics(self) -> HttpStatistics:
+        return HttpStatistics(
+            requests=self._requests,
+            errors_sent=self._errors_sent,
+            streams_open=sum(self._open_streams.values()),
+            streams_cut=self._streams_cut,
+        )
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """Serve one ASGI request; errors become replies in OpenAI's shape.
@@ -258,18 +291,18 @@ class HttpApp:
         stream = self.peer_streams.get(scope.get("client"))
         sock = StreamSocket(stream.socket if stream else None, max_unsent_bytes=self.limits.max_unsent_bytes)
         request = Request(scope, receive, send, sock)
-        self.stats.requests += 1
+        self._requests += 1
         try:
             await self._dispatch(request)
         except _ClientGone:
             pass
         except BackstreamError as exc:
-            self.stats.errors_sent += 1
+            self._errors_sent += 1
             status, body, headers = error_response(exc)
             await self.send_json(request, status, body, headers)
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
-            self.stats.errors_sent += 1
+            self._errors_sent += 1
             body = error_body("the server failed on this request", kind="server_error", code="internal")
             await self.send_json(request, 500, body)
 

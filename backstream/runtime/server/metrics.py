@@ -84,12 +84,10 @@ class _BackstreamCollector(Collector):
         http = self._http
         if http is None:
             return
-        s = http.stats
+        s = http.statistics()
         yield CounterMetricFamily("backstream_http_requests", "HTTP requests received", s.requests)
         yield CounterMetricFamily("backstream_http_errors_sent", "HTTP error replies", s.errors_sent)
-        yield GaugeMetricFamily(
-            "backstream_http_streams", "Open Responses event streams", sum(http.open_streams.values())
-        )
+        yield GaugeMetricFamily("backstream_http_streams", "Open Responses event streams", s.streams_open)
         yield CounterMetricFamily(
             "backstream_http_streams_cut", "Event streams cut off for not reading in time", s.streams_cut
         )

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from backstream.protocol.errors import BackstreamError, BadRequestError, RateLimitedError
+from backstream.protocol.errors import BackstreamError, BadRequestError
 from backstream.protocol.events import LogEvent
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRecord
@@ -52,7 +52,7 @@ class ResponsesApi:
         limits = self._app.limits
         parsed = parse_create(await request.json_body(limits.max_body_bytes, limits.body_timeout))
         if parsed.stream:
-            self._check_stream_slot(request.user)  # before the job starts, not after
+            self._app.check_stream_slot(request.user)  # before the job starts, not after
         # A client may send an Idempotency-Key: a retried create then finds the same job.
         key = request.header("idempotency-key")
         message_id = f"idem:{key}" if key and len(key) <= 200 else new_id("m_")
@@ -115,36 +115,28 @@ class ResponsesApi:
     async def _stream(self, request: Request, job_id: str, *, after: int) -> None:
         """Server-sent events numbered from 0; only those after ``after`` are sent."""
         user = request.user
-        self._check_stream_slot(user)
-        record, entries = await self._runtime.job_log(job_id, user=user)
-        translator = ResponsesTranslator(_source(record))
-        self._app.open_streams[user] = self._app.open_streams.get(user, 0) + 1
-        try:
-            headers = [
-                (b"content-type", b"text/event-stream; charset=utf-8"),
-                (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),
-                *((k.encode(), v.encode()) for k, v in self._app.cors_headers(request).items()),
-            ]
-            await request.send({"type": "http.response.start", "status": 200, "headers": headers})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
-                nursery.start_soon(_cancel_on_event, self._app.closing, nursery.cancel_scope)
-                sent = await self._write(request, _after(after, translator.start(), translator, entries))
-                if sent and not translator.finished:
-                    await self._follow(request, job_id, len(entries), translator, after)
-                nursery.cancel_scope.cancel()
-            if not request.socket.cut:
-                await request.send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            self._app.open_streams[user] -= 1
-            if not self._app.open_streams[user]:
-                del self._app.open_streams[user]
+        with self._app.stream_slot(user):
+            await self._stream_events(request, job_id, after=after)
 
-    def _check_stream_slot(self, user: str) -> None:
-        most = self._app.limits.max_streams_per_user
-        if self._app.open_streams.get(user, 0) >= most:
-            raise RateLimitedError(f"at most {most} open streams per user")
+    async def _stream_events(self, request: Request, job_id: str, *, after: int) -> None:
+        record, entries = await self._runtime.job_log(job_id, user=request.user)
+        translator = ResponsesTranslator(_source(record))
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            *((k.encode(), v.encode()) for k, v in self._app.cors_headers(request).items()),
+        ]
+        await request.send({"type": "http.response.start", "status": 200, "headers": headers})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
+            nursery.start_soon(_cancel_on_event, self._app.closing, nursery.cancel_scope)
+            sent = await self._write(request, _after(after, translator.start(), translator, entries))
+            if sent and not translator.finished:
+                await self._follow(request, job_id, len(entries), translator, after)
+            nursery.cancel_scope.cancel()
+        if not request.socket.cut:
+            await request.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _follow(
         self, request: Request, job_id: str, seq: int, translator: ResponsesTranslator, after: int
@@ -188,7 +180,7 @@ class ResponsesApi:
             if trio.current_time() >= deadline:
                 log.info("a stream's client is too slow: cut off (it can resume)")
                 sock.shut()
-                self._app.stats.streams_cut += 1
+                self._app.stream_cut()
                 return False
             await trio.sleep(0.02)
         async with trio.open_nursery() as nursery:
@@ -196,7 +188,7 @@ class ResponsesApi:
             await request.send({"type": "http.response.body", "body": body, "more_body": True})
             nursery.cancel_scope.cancel()
         if sock.cut:
-            self._app.stats.streams_cut += 1
+            self._app.stream_cut()
         return not sock.cut
 
 

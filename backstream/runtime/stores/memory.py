@@ -1,7 +1,8 @@
 """``MemoryStore``: the store for tests and embedding, all in this process.
 
 Bounded by what it holds: jobs within retention. Log entries are the same
-frozen objects the job log holds, so storing them costs a list slot each.
+frozen objects the job log holds, so storing them costs a list slot each; once
+a job has ended its entries are kept compact (``protocol.compact``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import attrs
 import trio
 
 from backstream.actors.ports import NotificationListener, Store
-from backstream.protocol.events import LogEvent
+from backstream.protocol.compact import CompactEntries
+from backstream.protocol.events import LogEvent, StatusEvent
 from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
 from backstream.runtime.stores.local_notifications import LocalNotifications
@@ -25,7 +27,7 @@ __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 @attrs.define
 class _StoredJob:
     record: JobRecord
-    entries: list[LogEvent] = attrs.Factory(list)
+    entries: list[LogEvent] | CompactEntries = attrs.Factory(list)
     changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     abort: trio.Event = attrs.Factory(trio.Event)
 
@@ -83,11 +85,15 @@ class MemoryStore(LocalNotifications, Store):
         if job is None:
             return  # swept while its last write was under way: nothing to keep
         plan = plan_commit(job_id, entries, progress, len(job.entries))
+        if plan.entries and isinstance(job.entries, CompactEntries):
+            job.entries = list(job.entries)  # an ended job written again (a recovery): expand
         job.entries.extend(plan.entries)
         if plan.apply_progress:
             job.record = job.record.advanced(progress)
             if progress.expires_at is not None:
                 heapq.heappush(self._expiry, (progress.expires_at, job_id))
+        if isinstance(job.entries, list) and _ends_log(job.entries):
+            job.entries = CompactEntries(job.entries)  # read-only from now on: kept small
         job.changed.unpark_all()
 
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
@@ -198,3 +204,8 @@ class MemoryStoreStatistics:
     expiry_rows: int
     notification_marks: int
     decisions_waiting: int
+
+
+def _ends_log(entries: list[LogEvent]) -> bool:
+    """The log holds its terminal status: nothing more will be appended."""
+    return bool(entries) and isinstance(entries[-1], StatusEvent) and entries[-1].is_terminal

@@ -1,0 +1,299 @@
+"""A lean HTTP/1.1 client for the upstream's long streamed responses, on h11 and trio.
+
+A chat stream is thousands of tiny HTTP chunks. Through httpx each one passes
+httpcore's connection and pool streams, exception-mapping context managers and
+a cancel scope per read: about three times the instructions of reading and
+parsing the bytes (callgrind, README "Performance"). This client keeps HTTP
+parsing in h11, reads up to 64 KiB at a time, and returns all the body bytes
+one socket read delivered. It does what the upstream path needs and no more:
+POST with a body to one origin, a bounded keep-alive pool, TLS with httpx's
+default context, and timeouts for connecting, idle reads and writes.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import urllib.parse
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import h11
+import httpx
+import trio
+
+__all__ = [
+    "HTTP1Pool",
+    "StreamingResponse",
+    "UpstreamBroken",
+    "UpstreamConnectError",
+    "UpstreamConnectTimeout",
+    "UpstreamReadTimeout",
+]
+
+_READ_SIZE = 65536
+_KEEPALIVE_EXPIRY = 5.0  # seconds an idle connection is kept for reuse
+
+
+class UpstreamConnectError(Exception):
+    """No connection: refused, unresolvable, or the TLS handshake failed."""
+
+
+class UpstreamConnectTimeout(UpstreamConnectError):
+    """Connecting (TCP and TLS) took longer than the connect timeout."""
+
+
+class UpstreamReadTimeout(Exception):
+    """No byte arrived for the idle timeout."""
+
+
+class UpstreamBroken(Exception):
+    """The connection closed or broke mid-exchange, or the peer broke HTTP/1.1."""
+
+
+@attrs.frozen
+class _Origin:
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, url: str) -> _Origin:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return cls(parts.scheme, parts.hostname, port, path)
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class _Connection:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+        self.reused = False
+        # Plain TCP: wait for readability, then one read(2) takes what the socket has.
+        # (trio's receive_some first tries a read that usually finds nothing, then waits.)
+        self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+
+    async def receive(self, idle_timeout: float) -> bytes:
+        """What the socket has, waiting up to ``idle_timeout`` for something; ``b""`` at EOF."""
+        with trio.move_on_after(idle_timeout):
+            try:
+                if self.socket is None:
+                    return bytes(await self.stream.receive_some(_READ_SIZE))  # no copy: it is bytes
+                while True:
+                    await trio.lowlevel.wait_readable(self.socket)
+                    try:
+                        return os.read(self.socket.fileno(), _READ_SIZE)
+                    except BlockingIOError:
+                        continue  # a spurious wake-up
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise UpstreamBroken(f"the upstream connection broke: {exc!r}") from None
+        raise UpstreamReadTimeout
+
+
+class StreamingResponse:
+    """The status, headers and body of one response, read as it arrives."""
+
+    def __init__(self, connection: _Connection, head: h11.Response, idle_timeout: float) -> None:
+        self.status_code = head.status_code
+        self.headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in head.headers}
+        self._connection = connection
+        self._idle_timeout = idle_timeout
+        self.complete = False  # the whole body was read
+        self._starved = False
+
+    async def receive_some(self) -> bytes:
+        """The body bytes that the next socket read brings (several HTTP chunks joined);
+        ``b""`` at the end of the body. Raises ``UpstreamReadTimeout`` after the idle
+        timeout without a byte, ``UpstreamBroken`` if the connection breaks.
+
+        Cancellation: the connection is left mid-response; the pool closes it.
+        """
+        if self.complete:
+            return b""
+        parser = self._connection.h11
+        parts: list[bytes] = []
+        if self._starved:  # h11 said NEED_DATA last time: read before asking it again
+            self._starved = False
+            parser.receive_data(await self._connection.receive(self._idle_timeout))
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamBroken(f"invalid HTTP from the upstream: {exc}") from None
+            kind = type(event)
+            if kind is h11.Data:
+                parts.append(event.data)  # type: ignore[union-attr]
+            elif event is h11.NEED_DATA:
+                if parts:
+                    self._starved = True
+                    return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+                parser.receive_data(await self._connection.receive(self._idle_timeout))
+            elif kind is h11.EndOfMessage:
+                self.complete = True
+                return b"".join(parts)
+            else:  # ConnectionClosed or PAUSED mid-body
+                raise UpstreamBroken(f"unexpected {event!r} in the response body")
+
+
+class HTTP1Pool:
+    """Connections to one origin: at most ``max_connections`` in use (others wait, with
+    no deadline of their own), at most ``max_keepalive`` idle ones kept for reuse."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float,
+        idle_timeout: float,
+        max_connections: int,
+        max_keepalive: int,
+    ) -> None:
+        self.origin = _Origin.parse(url)
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._idle: deque[_Connection] = deque()
+        self._max_keepalive = max_keepalive
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    @asynccontextmanager
+    async def stream_post(self, body: bytes, headers: dict[str, str]) -> AsyncIterator[StreamingResponse]:
+        """POST ``body`` to the URL and yield the response once its head arrived.
+
+        Raises ``UpstreamConnectError``/``UpstreamConnectTimeout`` (nothing sent),
+        ``UpstreamBroken``, ``UpstreamReadTimeout``. A connection the server had
+        closed while idle in the pool is replaced by a new one, once, silently.
+        Cancellation: the connection is closed at once.
+        """
+        async with self._limiter:
+            connection, head = await self._exchange(body, headers)
+            response = StreamingResponse(connection, head, self._idle_timeout)
+            try:
+                yield response
+            finally:
+                self._release(connection, response.complete)
+
+    async def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[_Connection, h11.Response]:
+        request = h11.Request(
+            method="POST",
+            target=self.origin.path,
+            headers=[
+                ("host", self.origin.host_header),
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                *headers.items(),
+            ],
+        )
+        while True:
+            connection = self._take_idle() or await self._connect()
+            try:
+                return connection, await self._send_and_read_head(connection, request, body)
+            except UpstreamBroken:
+                _close(connection)
+                if not connection.reused:
+                    raise
+            except BaseException:
+                _close(connection)
+                raise
+
+    async def _send_and_read_head(
+        self, connection: _Connection, request: h11.Request, body: bytes
+    ) -> h11.Response:
+        parser = connection.h11
+        wire = parser.send(request) + parser.send(h11.Data(data=body)) + parser.send(h11.EndOfMessage())
+        with trio.move_on_after(self._idle_timeout) as write_deadline:
+            try:
+                await connection.stream.send_all(wire)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise UpstreamBroken(f"the upstream connection broke: {exc!r}") from None
+        if write_deadline.cancelled_caught:
+            raise UpstreamReadTimeout
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamBroken(f"invalid HTTP from the upstream: {exc}") from None
+            if event is h11.NEED_DATA:
+                parser.receive_data(await connection.receive(self._idle_timeout))
+            elif type(event) is h11.Response:
+                return event
+            elif type(event) is not h11.InformationalResponse:
+                raise UpstreamBroken(f"unexpected {event!r} before the response")
+
+    def _take_idle(self) -> _Connection | None:
+        now = trio.current_time()
+        while self._idle:
+            connection = self._idle.pop()  # the most recently used: least likely to be stale
+            if now - connection.idle_since < _KEEPALIVE_EXPIRY:
+                connection.reused = True
+                return connection
+            _close(connection)
+        return None
+
+    async def _connect(self) -> _Connection:
+        origin = self.origin
+        try:
+            with trio.fail_after(self._connect_timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(origin.host, origin.port)
+                if origin.scheme == "https":
+                    if self._ssl is None:
+                        self._ssl = httpx.create_ssl_context()
+                    tls = trio.SSLStream(
+                        stream, self._ssl, server_hostname=origin.host, https_compatible=True
+                    )
+                    try:
+                        await tls.do_handshake()
+                    except BaseException:
+                        await trio.aclose_forcefully(stream)
+                        raise
+                    stream = tls
+        except trio.TooSlowError:
+            raise UpstreamConnectTimeout("connecting to the upstream timed out") from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise UpstreamConnectError(f"could not connect to the upstream: {exc!r}") from None
+        return _Connection(stream)
+
+    def _release(self, connection: _Connection, complete: bool) -> None:
+        parser = connection.h11
+        if (
+            complete
+            and not self._closed
+            and len(self._idle) < self._max_keepalive
+            and parser.our_state is h11.DONE
+            and parser.their_state is h11.DONE
+        ):
+            parser.start_next_cycle()
+            connection.idle_since = trio.current_time()
+            self._idle.append(connection)
+        else:
+            _close(connection)
+
+    async def aclose(self) -> None:
+        """Close the idle connections; those in use close when their requests end."""
+        self._closed = True
+        while self._idle:
+            _close(self._idle.pop())
+
+
+def _close(connection: _Connection) -> None:
+    """Close at once, without waiting for the peer (no TLS close_notify round trip)."""
+    stream = connection.stream
+    socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(socket_stream, trio.SocketStream):
+        socket_stream.socket.close()
