@@ -43,7 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument(
         "--upstream-url", help="an OpenAI-compatible base URL (key from BACKSTREAM_UPSTREAM_API_KEY)"
     )
-    demo.add_argument("--model", default="backstream/lorem", help="the model to ask (default: %(default)s)")
+    demo.add_argument(
+        "--model",
+        default="backstream/lorem",
+        help="the model to ask (default: %(default)s; with --web the page picks)",
+    )
+    demo.add_argument(
+        "--web", action="store_true", help="serve the demo chat page instead and print its URL (Ctrl-C stops)"
+    )
+    demo.add_argument("--port", type=int, default=8765, help="with --web: WebSocket port (or a free one)")
+    demo.add_argument("--http-port", type=int, default=8766, help="with --web: page port (or a free one)")
     sub.add_parser("schema", help="print the JSON Schema of every wire message")
     token_parser = sub.add_parser("token", help="mint a JWT for a user (needs BACKSTREAM_JWT_SECRET)")
     token_parser.add_argument("user")
@@ -66,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         print(mint_jwt(secret, args.user, ttl=args.ttl))
     elif args.command == "serve":
         _serve(args)
+    elif args.command == "demo" and args.web:
+        from backstream.demo import run_web_demo
+
+        sys.exit(trio.run(partial(run_web_demo, args.port, args.http_port, upstream_url=args.upstream_url)))
     elif args.command == "demo":
         from backstream.demo import run_demo
 

@@ -8,6 +8,7 @@ while the job goes on in the background, reconnects, resumes from the last
 
 from __future__ import annotations
 
+import socket
 import sys
 import tempfile
 from functools import partial
@@ -61,6 +62,51 @@ async def run_demo(
             upstream_url=upstream_url,
         )
         return await _serve_and_run(settings, words, rate, model)
+
+
+async def run_web_demo(port: int, http_port: int, *, upstream_url: str | None = None) -> int:
+    """Serve the demo chat page on embedded defaults (SQLite in a temporary folder, the
+    built-in models, the demo tools; with ``upstream_url``, that upstream's models too) until
+    SIGINT or SIGTERM; print the URL to open.
+
+    Cancellation: the server stops at once and running jobs end ``interrupted``; the
+    temporary folder is removed either way.
+    """
+    with tempfile.TemporaryDirectory(prefix="backstream-web-demo-") as workdir:
+        settings = ServeSettings.defaults(
+            port=port if _port_is_free(port) else 0,
+            http_port=http_port if _port_is_free(http_port) else 0,
+            web=True,
+            store=f"sqlite:///{workdir}/demo.db",
+            tools=("backstream.runtime.tools.demo:DEMO_TOOLS",),
+            retention=24 * 3600.0,
+            drain_timeout=0.0,
+            upstream_url=upstream_url,
+        )
+        where = f"upstream {upstream_url} and" if upstream_url else "offline:"
+
+        def announce(line: str) -> None:
+            if line.startswith("demo chat page: "):
+                url = line.removeprefix("demo chat page: ")
+                print(f"\nbackstream demo chat: open {url}\n", flush=True)
+                print(
+                    f"  {where} models backstream/echo, backstream/lorem, backstream/tools-demo;"
+                    " tools clock_now, calculate, send_note (asks for approval)\n  Ctrl-C stops",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        await serve(settings, announce=announce)
+    return 0
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 async def _serve_and_run(settings: ServeSettings, words: int, rate: float, model: str) -> int:

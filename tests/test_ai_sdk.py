@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +22,7 @@ from backstream import Config, Runtime, Store, open_runtime
 from backstream.runtime.server.auth import StaticTokens
 from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
 from backstream.runtime.tools.registry import ToolRegistry
-from tests import sample_tools
+from tests import node_tools, sample_tools
 from tests.test_tools import tool_turn
 from tests.upstream_server import FakeUpstream, streams
 from tests.ws_helpers import TOKENS
@@ -33,20 +32,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "clients" / "ai-sdk-tests"
 
 def require_node() -> str:
     """Node and the npm packages; under CI a missing one fails, elsewhere it skips."""
-    node = shutil.which("node")
-    missing = (
-        "node (Node.js 20 or later)"
-        if node is None
-        else None
-        if (PACKAGE / "node_modules" / "ai" / "package.json").exists()
-        else f"the npm packages: run `npm ci` in {PACKAGE}"
-    )
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {missing} is missing")
-        pytest.skip(f"needs {missing}")
-    assert node is not None
-    return node
+    return node_tools.require_node(PACKAGE, "ai", "playwright-core", "typescript")
 
 
 @pytest.fixture(autouse=True)
@@ -204,18 +190,9 @@ async def test_another_users_chat_is_no_active(tmp_path: Path) -> None:
         assert await server.runtime.list_jobs(user="bob") == []
 
 
-def require_chromium() -> str:
-    path = os.environ.get("BACKSTREAM_CHROMIUM", "/usr/bin/chromium")
-    if not os.path.exists(path):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but there is no Chromium at {path} (apt-get install -y chromium)")
-        pytest.skip(f"needs Chromium at {path}: apt-get install -y chromium")
-    return path
-
-
 @pytest.fixture
 def chromium() -> str:
-    return require_chromium()  # outside the trio run, so that a skip keeps its message
+    return node_tools.require_chromium()  # outside the trio run, so that a skip keeps its message
 
 
 async def test_browser_page_reloaded_mid_answer_resumes(tmp_path: Path, chromium: str) -> None:

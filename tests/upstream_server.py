@@ -223,6 +223,8 @@ class FakeUpstream:
     client_closes: int = 0
     client_closed: trio.Event = attrs.Factory(trio.Event)
     request_arrived: trio.Event = attrs.Factory(trio.Event)
+    models: list[str] = attrs.Factory(lambda: ["upstream/beta", "upstream/alpha"])
+    """What ``GET /models`` lists."""
 
     @property
     def url(self) -> str:
@@ -235,9 +237,13 @@ class FakeUpstream:
         self.connections += 1
         try:
             while True:
-                body = await _read_request(stream)
-                if body is None:
+                request = await _read_request(stream)
+                if request is None:
                     return
+                request_line, body = request
+                if request_line.startswith("GET ") and request_line.split()[1].endswith("/models"):
+                    await _send_json(stream, {"object": "list", "data": [{"id": m} for m in self.models]})
+                    continue
                 self.requests.append(body)
                 self.request_arrived.set()
                 self.request_arrived = trio.Event()
@@ -269,7 +275,14 @@ class FakeUpstream:
         self.client_closed = trio.Event()
 
 
-async def _read_request(stream: trio.SocketStream) -> dict[str, Any] | None:
+async def _send_json(stream: trio.SocketStream, obj: Any) -> None:
+    payload = json.dumps(obj).encode()
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
+    await stream.send_all(head.encode() + payload)
+
+
+async def _read_request(stream: trio.SocketStream) -> tuple[str, dict[str, Any]] | None:
+    """The request line and the JSON body ({} without one) of the next request."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         data = await stream.receive_some(65536)
@@ -287,7 +300,8 @@ async def _read_request(stream: trio.SocketStream) -> dict[str, Any] | None:
         if not data:
             return None
         rest += data
-    return json.loads(rest[:length]) if length else {}
+    request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    return request_line, (json.loads(rest[:length]) if length else {})
 
 
 async def open_fake_upstream(nursery: trio.Nursery) -> FakeUpstream:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, overload
 
 import trio
 
 from backstream.actors.ports import ChatTurn, Model, OutputSink, TurnResult
 from backstream.protocol.errors import BadRequestError
+from backstream.runtime.models.tools_demo import ToolsDemoModel
 from backstream.runtime.models.turns import TurnCollector
 
 __all__ = [
@@ -206,16 +207,17 @@ class _LoremWords(Sequence[str]):
         return _LOREM_WORDS[index % len(_LOREM_WORDS)]
 
 
-BUILTIN_MODELS: dict[str, type[_BuiltinModel]] = {
+BUILTIN_MODELS: dict[str, Callable[..., Model]] = {
     "backstream/echo": EchoModel,
     "backstream/lorem": LoremModel,
+    "backstream/tools-demo": ToolsDemoModel,
 }
 
 
 def builtin_model(name: str, *, echo_rate: float, max_argument_chars: int) -> Model:
-    cls = BUILTIN_MODELS[name]
-    rate = echo_rate if cls is EchoModel else 30.0
-    return cls(default_rate=rate, max_argument_chars=max_argument_chars)
+    factory = BUILTIN_MODELS[name]
+    rate = echo_rate if factory is EchoModel else 30.0
+    return factory(default_rate=rate, max_argument_chars=max_argument_chars)
 
 
 def _message_text(message: dict[str, Any]) -> str:

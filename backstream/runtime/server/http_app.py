@@ -2,7 +2,8 @@
 
 Routes: ``/healthz``, ``/readyz``, ``/metrics`` (unless metrics have a port of their own),
 the Responses API under ``/v1/responses`` (``responses_http``), and static routes given by the
-caller (exact paths, GET). Everything else is a 404 in OpenAI's error shape.
+caller (exact paths, GET and HEAD; e.g. the browser client and the demo page of ``web_assets``).
+Everything else is a 404 in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "HttpLimits",
     "HttpStatistics",
     "Request",
+    "StaticReply",
     "StaticRoute",
     "StreamSocket",
     "error_response",
@@ -49,8 +51,10 @@ log = logging.getLogger("backstream.http")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-StaticRoute = Callable[[], Awaitable[tuple[int, str, bytes]]]
-"""A GET route: returns (status, content type, body)."""
+StaticReply = tuple[int, str, bytes] | tuple[int, str, bytes, Mapping[str, str]]
+"""(status, content type, body), and optionally more headers."""
+StaticRoute = Callable[[], Awaitable[StaticReply]]
+"""A GET (and HEAD) route."""
 
 _STATUS_OF_CODE = {
     "bad_request": 400,
@@ -308,8 +312,12 @@ class HttpApp:
         if route is not None:
             if method not in ("GET", "HEAD"):
                 raise _MethodNotAllowed()
-            status, kind, body = await route()
-            await send_body(request.send, status, kind, body if method == "GET" else b"")
+            reply = await route()
+            headers = reply[3] if len(reply) == 4 else None
+            status, kind, body = reply[:3]
+            # For HEAD the server leaves the body out (ASGI servers suppress it) and the
+            # content-length stays the GET's.
+            await send_body(request.send, status, kind, body, headers)
             return
         origin = request.header("origin")
         if origin is not None and self._allow_origins and origin not in self._allow_origins:

@@ -36,7 +36,9 @@ from backstream.runtime.server.http_app import HttpApp, HttpLimits, StaticRoute
 from backstream.runtime.server.http_server import HttpServer, HttpServerConfig
 from backstream.runtime.server.metrics import metrics_text
 from backstream.runtime.server.responses_http import ResponsesApi
-from backstream.runtime.server.settings import ServeSettings, runtime_config
+from backstream.runtime.server.settings import ServeSettings, check_server_settings, runtime_config
+from backstream.runtime.server.web_api import WebConfig
+from backstream.runtime.server.web_assets import asset_routes
 from backstream.runtime.stores.memory import MemoryStore
 from backstream.runtime.tools.registry import ToolRegistry
 from backstream.runtime.tree import open_runtime
@@ -144,7 +146,8 @@ def startup_lines(
     status = "/healthz, /readyz, /metrics"
     http = "off"
     if http_port is not None:
-        served = "/v1/responses" if metrics_port is not None else f"/v1/responses, {status}"
+        served = "/v1/responses, /client/" + (", the demo page /, /api/config" if settings.web else "")
+        served += "" if metrics_port is not None else f", {status}"
         http = f"http://{settings.host}:{http_port} ({served})"
     if metrics_port is not None:
         http += f"; metrics: http://{settings.host}:{metrics_port} ({status})"
@@ -180,6 +183,7 @@ async def serve(
 ) -> None:
     """Serve until SIGINT/SIGTERM (or ``handle.shutdown`` is set), then shut down gracefully."""
     announce = announce or (lambda line: log.warning("%s", line))
+    check_server_settings(settings)
     authenticator, dev_token = make_authenticator(settings)
     config = runtime_config(settings)
     door_config = front_door_config(settings)
@@ -207,6 +211,9 @@ async def serve(
             announce(f"no auth configured: connect as user 'dev' with token {dev_token}")
         if http_port is not None:
             log.info("Responses API on http://%s:%d/v1/responses", settings.host, http_port)
+        if settings.web:
+            fragment = f"#token={dev_token}" if dev_token is not None else ""
+            announce(f"demo chat page: http://{settings.host}:{http_port}/{fragment}")
         task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown, metrics_port))
         await shutdown.wait()
         log.info("shutting down: closing clients, draining jobs for up to %gs", config.drain_timeout)
@@ -266,6 +273,16 @@ class _HttpListeners:
             routes["/metrics"] = metrics
         return routes
 
+    def _static_routes(self) -> dict[str, StaticRoute]:
+        """The browser client; with ``web``, the demo page and its ``/api/config``."""
+        settings = self._settings
+        routes = asset_routes(web=bool(settings.web))
+        if settings.web:
+            routes["/api/config"] = WebConfig(
+                self._runtime, ws_port=self._door.port, tls=bool(settings.tls_cert)
+            )
+        return routes
+
     async def _serve(self, nursery: trio.Nursery, app: HttpApp, port: int) -> int:
         settings = self._settings
         server = HttpServer(
@@ -288,7 +305,7 @@ class _HttpListeners:
                 self._auth,
                 limits=HttpLimits(max_body_bytes=settings.max_message_bytes),
                 allow_origins=tuple(settings.allow_origin),
-                static_routes={},  # static assets (exact path -> GET route) are served from here
+                static_routes=self._static_routes(),
             )
             app.status_routes.update(self._status_routes(with_metrics=not split))
             ResponsesApi(app)

@@ -25,7 +25,16 @@ import attrs
 
 from backstream.actors.config import Config
 
-__all__ = ["OPTIONS", "Option", "ServeSettings", "add_serve_arguments", "load_settings", "runtime_config"]
+__all__ = [
+    "OPTIONS",
+    "Option",
+    "ServeSettings",
+    "add_serve_arguments",
+    "boolean",
+    "check_server_settings",
+    "load_settings",
+    "runtime_config",
+]
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -54,6 +63,16 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
+def boolean(text: str) -> bool:
+    """``1``, ``true``, ``yes``, ``on`` or ``0``, ``false``, ``no``, ``off`` (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def _header(text: str) -> tuple[str, str]:
     """``Name: value`` or ``Name=value``."""
     for separator in (":", "="):
@@ -70,9 +89,10 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
         "http_port",
         int,
         None,
-        "HTTP port: the Responses API (/v1/responses), /healthz, /readyz, and /metrics unless "
-        "--metrics-port is set (off if unset)",
+        "HTTP port: the Responses API (/v1/responses), the JavaScript client (/client/), /healthz, "
+        "/readyz, and /metrics unless --metrics-port is set (off if unset)",
     ),
+    Option("web", boolean, False, "serve the demo chat page (/) and /api/config on --http-port"),
     Option("metrics_port", int, None, "a port of its own for /metrics, /healthz and /readyz"),
     Option(
         "store",
@@ -234,9 +254,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         if not option.flag:
             continue
         default = option.default if option.default not in (None, (), "") else "none"
+        if option.kind is boolean:
+            default = "on" if option.default else "off"
         more = " Repeatable; in the variable, comma-separated." if option.repeatable else ""
         text = f"{option.help}{more} [default: {default}; env {option.env_name}]"
         text = text.replace("%", "%%")
+        if option.kind is boolean:  # a switch: --web; false from the variable or the file
+            parser.add_argument(option.flag_name, action="store_true", default=None, help=text)
+            continue
         metavar = "|".join(option.choices) if option.choices else None
         action = "append" if option.repeatable else "store"
         parser.add_argument(option.flag_name, action=action, default=None, help=text, metavar=metavar)
@@ -253,6 +278,8 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
             value = option.kind(raw)
         elif option.kind is _header and isinstance(raw, str):
             value = _header(raw)
+        elif option.kind is boolean and isinstance(raw, bool | str):
+            value = raw if isinstance(raw, bool) else boolean(raw)
         else:
             raise ValueError(f"unexpected value {raw!r}")
     except ValueError as exc:
@@ -314,5 +341,17 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
             value = option.default
         values[option.name] = value
     settings = ServeSettings(values)
+    check_server_settings(settings)
     runtime_config(settings)  # every Config validator, now, with the setting's name
     return settings
+
+
+def check_server_settings(settings: ServeSettings) -> None:
+    """Raise ``ValueError`` (one line, naming the settings) for server settings that do not go
+    together."""
+    if settings.web and settings.http_port is None:
+        web, port = _BY_NAME["web"], _BY_NAME["http_port"]
+        raise ValueError(
+            f"{web.flag_name} ({web.env_name}): the demo page is served on the HTTP port; "
+            f"set {port.flag_name} ({port.env_name}) too"
+        )

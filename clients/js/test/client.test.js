@@ -1,0 +1,318 @@
+// The client in Node against a real `backstream serve`: every call, typed errors, reconnects.
+
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { after, before, describe, test } from "node:test";
+import WebSocket from "ws";
+import {
+  BadRequestError,
+  CapacityError,
+  ConflictError,
+  NotFoundError,
+  RequestTimeoutError,
+  TooLargeError,
+  UnauthorizedError,
+  UnavailableError,
+  batchText,
+  connect,
+} from "../src/backstream-client.js";
+import { LOREM, REPO, collect, contiguous, sleep, startProxy, startServer } from "./helpers.js";
+
+/** @type {Awaited<ReturnType<typeof startServer>>} */
+let server;
+const clients = /** @type {import("../src/backstream-client.js").Client[]} */ ([]);
+
+/**
+ * @param {string} token
+ * @param {Partial<import("../src/backstream-client.js").ConnectOptions> & { url?: string }} [options]
+ */
+async function open(token, { url, ...options } = {}) {
+  const client = await connect(url ?? server.url, { token, WebSocket, ...options });
+  clients.push(client);
+  return client;
+}
+
+/** @param {import("../src/backstream-client.js").Client} client @param {string} jobId */
+async function waitEnded(client, jobId) {
+  for (let i = 0; i < 200; i++) {
+    const { job } = await client.getJob(jobId);
+    if (!["running", "awaiting_approval"].includes(job.status)) return job;
+    await sleep(50);
+  }
+  throw new Error(`${jobId} did not end`);
+}
+
+before(async () => {
+  server = await startServer({
+    args: [
+      ...["alice", "bob", "carol", "dave", "erin"].flatMap((user) => ["--token", `tok-${user}=${user}`]),
+      "--tools", "backstream.runtime.tools.demo:DEMO_TOOLS",
+      "--max-jobs-per-user", "3",
+    ],
+  });
+});
+
+after(async () => {
+  await Promise.all(clients.map((client) => client.close()));
+  await server?.stop();
+});
+
+describe("requests", () => {
+  test("start, watch, get, list: the batches join into the stored content", async () => {
+    const client = await open("tok-alice");
+    assert.equal(client.user, "alice");
+    assert.equal(client.state, "open");
+    assert.deepEqual(client.welcome?.features.tools, ["calculate", "clock_now", "send_note"]);
+    const started = await client.startJob({
+      threadId: "t1", messageId: "m1", model: "backstream/echo",
+      messages: [{ role: "user", content: "hello there, how are you today" }],
+    });
+    assert.equal(started.type, "job.started");
+    assert.equal(started.existing, false);
+    assert.equal(started.job.thread_id, "t1");
+    const { batches, text, status } = await collect(client.watch(started.job.job_id, { afterSeq: 0 }));
+    assert.equal(status, "completed");
+    assert.ok(contiguous(batches));
+    assert.equal(batches[0].type, "job.events");
+    const info = await client.getJob(started.job.job_id, { includeContent: true });
+    assert.equal(info.type, "job.info");
+    assert.equal(text, info.content);
+    assert.equal(text, "hello there, how are you today");
+    assert.equal(info.job.seq, batches.at(-1)?.to_seq);
+    const again = await client.startJob({ threadId: "t1", messageId: "m1", model: "backstream/echo", messages: [{ role: "user", content: "hello" }] });
+    assert.equal(again.existing, true);
+    assert.equal(again.job.job_id, started.job.job_id);
+    const partial = await client.getJob(started.job.job_id, { includeContent: true, offset: 6 });
+    assert.equal(partial.content, "there, how are you today");
+    const listed = await client.listJobs({ threadId: "t1" });
+    assert.deepEqual(listed.jobs.map((job) => job.job_id), [started.job.job_id]);
+    assert.deepEqual((await client.listJobs({ threadId: "nope" })).jobs, []);
+    assert.equal((await client.ping()).type, "pong");
+  });
+
+  test("a watch from a cursor gets exactly the rest", async () => {
+    const client = await open("tok-alice");
+    const started = await client.startJob({ threadId: "t2", messageId: "m2", model: "backstream/echo", messages: [{ role: "user", content: "one two three four five six" }] });
+    const whole = await collect(client.watch(started.job.job_id));
+    const cursor = whole.batches[1].to_seq;
+    const rest = await collect(client.watch(started.job.job_id, { afterSeq: cursor, epoch: whole.batches[0].epoch }));
+    assert.ok(contiguous(rest.batches, cursor));
+    const before = whole.batches.filter((b) => b.to_seq <= cursor).map(batchText).join("");
+    assert.equal(before + rest.text, whole.text);
+  });
+
+  test("abort stops a running job and keeps its content", async () => {
+    const client = await open("tok-alice");
+    const started = await client.startJob({ threadId: "t3", messageId: "m3", model: "backstream/lorem", messages: LOREM, params: { max_tokens: 2000, tokens_per_s: 100 } });
+    const watch = client.watch(started.job.job_id);
+    const { text, status } = await collect(watch, async (batch, index) => {
+      if (index === 2) {
+        const result = await client.abort(started.job.job_id);
+        assert.equal(result.type, "job.abort.result");
+        assert.equal(result.aborted, true);
+      }
+    });
+    assert.equal(status, "aborted");
+    const info = await client.getJob(started.job.job_id, { includeContent: true });
+    assert.equal(info.job.status, "aborted");
+    assert.equal(info.content, text);
+    assert.equal((await client.abort(started.job.job_id)).aborted, false);
+  });
+
+  test("tool calls, approve and deny", async () => {
+    const client = await open("tok-bob");
+    const tools = ["calculate", "clock_now", "send_note"];
+    const prompt = [{ role: "user", content: "What is 1337 * 42? Then send a note to Ada." }];
+    for (const approved of [true, false]) {
+      const started = await client.startJob({ threadId: "tools", messageId: `tools-${approved}`, model: "backstream/tools-demo", messages: prompt, tools, params: { tokens_per_s: 200 } });
+      const kinds = /** @type {string[]} */ ([]);
+      const { text, status } = await collect(client.watch(started.job.job_id), async (batch) => {
+        for (const event of batch.events) {
+          kinds.push(event.kind);
+          if (event.kind === "approval_required") {
+            assert.equal(event.name, "send_note");
+            const decided = await client.approve(started.job.job_id, event.call_id, approved);
+            assert.equal(decided.type, "job.approve.result");
+            await assert.rejects(client.approve(started.job.job_id, event.call_id, approved), ConflictError);
+          }
+        }
+      });
+      assert.equal(status, "completed");
+      for (const kind of ["tool_call", "approval_required", "approval", "tool_result"]) assert.ok(kinds.includes(kind), kind);
+      assert.match(text, /1337 \* 42 = 56154\./);
+      const info = await client.getJob(started.job.job_id, { includeContent: true });
+      const note = info.tool_calls.find((call) => call.name === "send_note");
+      assert.equal(note?.approved, approved);
+      assert.equal(note?.is_error, !approved);
+      if (!approved) assert.match(text, /You declined send_note/);
+    }
+  });
+
+  test("notifications: pushed when nobody watches, listed, read; none for a muted thread", async () => {
+    const client = await open("tok-carol");
+    const pushed = /** @type {import("../src/backstream-client.js").Notification[]} */ ([]);
+    const stop = client.onNotification((n) => pushed.push(n));
+    const muted = await client.muteThread("quiet", true);
+    assert.deepEqual([muted.type, muted.thread_id, muted.muted], ["thread.mute.result", "quiet", true]);
+    const loud = await client.startJob({ threadId: "loud", messageId: "n1", model: "backstream/echo", messages: [{ role: "user", content: "ping me when done" }] });
+    const quiet = await client.startJob({ threadId: "quiet", messageId: "n2", model: "backstream/echo", messages: [{ role: "user", content: "do not ping me" }] });
+    await waitEnded(client, loud.job.job_id);
+    await waitEnded(client, quiet.job.job_id);
+    for (let i = 0; i < 40 && pushed.length === 0; i++) await sleep(50);
+    await sleep(200); // a push for the muted thread would have come by now
+    stop();
+    assert.deepEqual(pushed.map((n) => [n.type, n.job_id, n.thread_id]), [["ai.message.received", loud.job.job_id, "loud"]]);
+    assert.equal(pushed[0].body, "ping me when done");
+    const listed = await client.listNotifications();
+    assert.equal(listed.type, "notifications.result");
+    assert.deepEqual(listed.notifications.map((n) => n.job_id), [loud.job.job_id]);
+    assert.equal(listed.unread, 1);
+    assert.equal((await client.listNotifications({ unreadOnly: true })).notifications.length, 1);
+    const read = await client.markNotificationsRead({ ids: [listed.notifications[0].notification_id] });
+    assert.deepEqual([read.type, read.unread], ["notifications.read.result", 0]);
+    assert.equal((await client.markNotificationsRead({ all: true })).unread, 0);
+  });
+});
+
+test("the README's example runs as written (on this test's server and token)", async () => {
+  const readme = readFileSync(join(REPO, "README.md"), "utf8");
+  const example = [...readme.matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1]).find((code) => code.includes("connect("));
+  assert.ok(example);
+  // Inside the package, so that "backstream-client" resolves to it; Node 20 has no global WebSocket.
+  const file = join(REPO, "clients", "js", "test", `.readme-example-${process.pid}.mjs`);
+  const script = example.replace("ws://127.0.0.1:8765/v1", server.url).replace('"tokA"', '"tok-dave"');
+  writeFileSync(file, `import { WebSocket } from "ws";\nglobalThis.WebSocket = WebSocket;\n${script}`);
+  try {
+    const { stdout } = await promisify(execFile)(process.execPath, [file], { timeout: 20_000 });
+    assert.equal(stdout.trim(), 'completed "hello" true');
+  } finally {
+    rmSync(file, { force: true });
+  }
+});
+
+describe("typed errors", () => {
+  test("per protocol code", async () => {
+    const client = await open("tok-dave");
+    await assert.rejects(client.getJob("j_nope"), (error) => error instanceof NotFoundError && error.code === "not_found");
+    await assert.rejects(
+      client.startJob({ threadId: "t", messageId: "bad", model: "backstream/nope", messages: LOREM }),
+      (error) => error instanceof BadRequestError && /unknown built-in model/.test(error.message),
+    );
+    await assert.rejects(client.markNotificationsRead({}), BadRequestError);
+    const huge = [{ role: "user", content: "é".repeat(600_000) }]; // 1.2 MB of UTF-8, over the 1 MiB frame limit
+    await assert.rejects(client.startJob({ threadId: "t", messageId: "huge", model: "backstream/echo", messages: huge }), TooLargeError);
+    assert.equal(client.state, "open");
+    assert.equal(client.statistics().reconnects, 0);
+    const watch = client.watch("j_nope");
+    await assert.rejects(watch.next(), NotFoundError);
+    const alice = await open("tok-alice");
+    const theirs = await alice.startJob({ threadId: "private", messageId: "p1", model: "backstream/echo", messages: LOREM });
+    await assert.rejects(client.getJob(theirs.job.job_id), (error) => error instanceof NotFoundError && error.message === "no such job");
+    const running = [];
+    for (let i = 0; i < 3; i++) {
+      running.push(await client.startJob({ threadId: "cap", messageId: `cap${i}`, model: "backstream/lorem", messages: LOREM, params: { max_tokens: 5000 } }));
+    }
+    await assert.rejects(
+      client.startJob({ threadId: "cap", messageId: "cap3", model: "backstream/lorem", messages: LOREM }),
+      (error) => error instanceof CapacityError && typeof error.retryAfterMs === "number" && error.retryAfterMs > 0,
+    );
+    for (const started of running) await client.abort(started.job.job_id);
+  });
+
+  test("a bad token fails connect with UnauthorizedError", async () => {
+    await assert.rejects(connect(server.url, { token: "wrong", WebSocket }), UnauthorizedError);
+    await assert.rejects(connect("http://127.0.0.1/v1", { token: "x", WebSocket }), TypeError);
+  });
+});
+
+describe("reconnects", () => {
+  test("a watch resumes after the network drops: no gap, no repeat", async () => {
+    const proxy = await startProxy(server.port);
+    /** @type {import("../src/backstream-client.js").Client | undefined} */
+    let client;
+    try {
+      client = await open("tok-erin", { url: proxy.url, reconnectBaseMs: 50 });
+      const started = await client.startJob({ threadId: "drop", messageId: "d1", model: "backstream/lorem", messages: LOREM, params: { max_tokens: 120, tokens_per_s: 60 } });
+      const watch = client.watch(started.job.job_id);
+      const { batches, text, status } = await collect(watch, (_batch, index) => {
+        if (index === 2 || index === 6) proxy.cut();
+      });
+      assert.equal(status, "completed");
+      assert.ok(contiguous(batches), JSON.stringify(batches.map((b) => [b.from_seq, b.to_seq])));
+      assert.equal(text, (await client.getJob(started.job.job_id, { includeContent: true })).content);
+      assert.equal(client.statistics().reconnects, 2);
+      assert.equal(watch.subscriptions, 3);
+      assert.equal(proxy.state.accepted, 3);
+    } finally {
+      await client?.close(); // before the proxy: no client of one test reconnects into the next
+      await proxy.close();
+    }
+  });
+
+  test("a slow consumer is held to watchBufferSize batches and still gets everything", async () => {
+    const client = await open("tok-erin", { watchBufferSize: 2 });
+    const started = await client.startJob({ threadId: "slow", messageId: "s1", model: "backstream/lorem", messages: LOREM, params: { max_tokens: 400, tokens_per_s: 800 } });
+    const watch = client.watch(started.job.job_id);
+    await waitEnded(client, started.job.job_id); // batches came while nobody read them
+    let most = watch.buffered;
+    const { batches, text, status } = await collect(watch, () => {
+      most = Math.max(most, watch.buffered);
+    });
+    assert.equal(status, "completed");
+    assert.ok(contiguous(batches));
+    assert.ok(most <= 2, `buffered ${most}`);
+    assert.ok(watch.subscriptions > 1, "the full buffer unsubscribed, and subscribed again once read");
+    assert.equal(text, (await client.getJob(started.job.job_id, { includeContent: true })).content);
+  });
+
+  test("requests time out, and a bounded number waits for a connection", async () => {
+    const proxy = await startProxy(server.port);
+    /** @type {import("../src/backstream-client.js").Client | undefined} */
+    let client;
+    try {
+      client = await open("tok-erin", { url: proxy.url, requestTimeoutMs: 1500, maxPendingRequests: 2, reconnectBaseMs: 20, reconnectMaxMs: 50 });
+      proxy.state.blackhole = true;
+      await assert.rejects(client.ping(), RequestTimeoutError);
+      proxy.state.blackhole = false;
+      proxy.state.refuse = true;
+      proxy.cut();
+      await sleep(30);
+      assert.equal(client.state, "reconnecting");
+      const waiting = [client.ping(), client.ping()];
+      await assert.rejects(client.ping(), (error) => error instanceof UnavailableError && /wait for a reply or a connection/.test(error.message));
+      proxy.state.refuse = false;
+      const pongs = await Promise.all(waiting);
+      assert.deepEqual(pongs.map((p) => p.type), ["pong", "pong"]);
+      assert.equal(client.state, "open");
+    } finally {
+      await client?.close(); // before the proxy: no client of one test reconnects into the next
+      await proxy.close();
+    }
+  });
+
+  test("after maxReconnectAttempts the client is offline; watches fail, the next call retries", async () => {
+    const proxy = await startProxy(server.port);
+    /** @type {import("../src/backstream-client.js").Client | undefined} */
+    let client;
+    try {
+      client = await open("tok-erin", { url: proxy.url, maxReconnectAttempts: 2, reconnectBaseMs: 10, reconnectMaxMs: 20 });
+      const started = await client.startJob({ threadId: "off", messageId: "o1", model: "backstream/lorem", messages: LOREM, params: { max_tokens: 60, tokens_per_s: 30 } });
+      const watch = client.watch(started.job.job_id);
+      await watch.next();
+      proxy.state.refuse = true;
+      proxy.cut();
+      await assert.rejects(collect(watch), (error) => error instanceof UnavailableError && /after 3 attempts/.test(error.message));
+      assert.equal(client.state, "offline");
+      proxy.state.refuse = false;
+      const rest = await collect(client.watch(started.job.job_id, { afterSeq: watch.cursor, epoch: watch.epoch }));
+      assert.ok(contiguous(rest.batches, watch.cursor));
+      assert.equal(client.state, "open");
+    } finally {
+      await client?.close(); // before the proxy: no client of one test reconnects into the next
+      await proxy.close();
+    }
+  });
+});
