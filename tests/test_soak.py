@@ -1,9 +1,8 @@
 """A short chaos soak (bench/soak.py) against real ``backstream serve`` processes and a
 redis-server of its own. Its history checker must find no violation.
 
-Faults that provoke a defect not yet fixed are off here, each under a name that says
-which (``OFF_UNTIL_FIXED``); ``BACKSTREAM_SOAK_FAULTS=reset,rewatch,kill_instance,...``
-chooses the faults, ``BACKSTREAM_SOAK_SECONDS`` the length.
+Every fault runs; ``BACKSTREAM_SOAK_FAULTS=reset,rewatch,kill_instance,...``
+chooses others, ``BACKSTREAM_SOAK_SECONDS`` the length.
 """
 
 from __future__ import annotations
@@ -16,25 +15,13 @@ import pytest
 from backstream.protocol.events import TERMINAL_STATUSES
 from bench.soak import FAULTS, Settings, soak
 
-_WATCH_ENDS_UNSEEN = (
-    "a watch the server ends with an error whose id is null (unavailable while Redis cannot be "
-    "reached; gone, 'no longer kept', for a job recovered in a new epoch) is only logged by the "
-    "Python client: its watch waits forever"
-)
-OFF_UNTIL_FIXED = {
-    "kill_instance": _WATCH_ENDS_UNSEEN,
-    "redis_pause": _WATCH_ENDS_UNSEEN,
-    "redis_restart": _WATCH_ENDS_UNSEEN + "; and when a restart outlasts a lease, another instance "
-    "recovers a job whose instance is alive, whose later commits are not fenced (they append after "
-    "the recovery's terminal status)",
-}
-
 
 def soak_faults() -> tuple[str, ...]:
+    """Every fault, unless ``BACKSTREAM_SOAK_FAULTS`` names some."""
     chosen = os.environ.get("BACKSTREAM_SOAK_FAULTS")
     if chosen:
         return tuple(f for f in chosen.split(",") if f)
-    return tuple(f for f in FAULTS if f not in OFF_UNTIL_FIXED)
+    return tuple(FAULTS)
 
 
 async def test_a_short_soak_keeps_every_promise() -> None:
