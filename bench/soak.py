@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from backstream.protocol.errors import (
 )
 from backstream.protocol.events import TERMINAL_STATUSES, Batch
 from bench._common import rss_bytes, write_json
+from bench._procs import free_port, wait_for_port
 from bench.history import History, Violation
 
 FAULTS = ("reset", "rewatch", "kill_instance", "redis_pause", "redis_restart")
@@ -83,22 +83,6 @@ class Settings:
     seed: int = 1
     out: str | None = None
     plot: str | None = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 class RedisServer:

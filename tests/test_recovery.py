@@ -17,8 +17,8 @@ import trio
 
 from backstream import GoneError
 from backstream.client import Client, open_client
+from bench._procs import free_port, wait_for_port
 from tests.conftest import delete_prefix, redis_url, require_redis
-from tests.test_serve import free_port, wait_for_port
 
 MSG = [{"role": "user", "content": "x"}]
 

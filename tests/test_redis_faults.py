@@ -17,10 +17,10 @@ import trio
 from backstream import Config, GoneError, Runtime, StartedJob, open_runtime
 from backstream.protocol.events import ToolResultEvent
 from backstream.runtime.stores.redis import RedisStore
+from bench._procs import free_port, wait_for_port
 from tests import sample_tools
 from tests.conftest import REDIS_HOST, redis_url
 from tests.helpers import check_contiguous, joined_text, store_reader, terminal
-from tests.test_serve import free_port, wait_for_port
 from tests.upstream_server import FakeUpstream, streams
 
 MSG = [{"role": "user", "content": "x"}]

@@ -435,7 +435,7 @@ def test_sigterm_ends_streams_and_drains_then_the_response_is_incomplete(tmp_pat
     import sys
     import time
 
-    from tests.test_serve import free_port, wait_for_port
+    from bench._procs import free_port, wait_for_port
 
     port, http_port = free_port(), free_port()
     command = [

@@ -18,6 +18,7 @@ from websockets.sync.client import connect
 
 from backstream.runtime.server.serve import ServeHandle, serve
 from backstream.runtime.server.settings import ServeSettings, add_serve_arguments, load_settings
+from bench._procs import free_port, wait_for_port
 
 
 def _jobs_in(path: Path) -> dict[str, tuple[str, int]]:
@@ -31,26 +32,6 @@ def _jobs_in(path: Path) -> dict[str, tuple[str, int]]:
                 "SELECT job_id, status, content_length FROM jobs"
             )
         }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def test_sigterm_closes_clients_1001_and_drains(tmp_path: Path) -> None:
