@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import trio
 
 import backstream
 from backstream import Config, MemoryStore, open_runtime
+from backstream.runtime.stores.sqlite import SqliteStore
 from tests.helpers import collect, joined_text, terminal
 
 MSG = [{"role": "user", "content": "hello there"}]
@@ -63,6 +66,45 @@ async def test_idempotent_start_does_not_count_against_capacity(
         first = await lorem(rt, "alice", "m1")
         again = await lorem(rt, "alice", "m1")
         assert again.existing and again.job_id == first.job_id
+
+
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
+async def test_a_burst_of_starts_is_admitted_at_once_within_every_limit(
+    store_kind: str, tmp_path: pathlib.Path
+) -> None:
+    """Starts that arrive together are admitted concurrently: the limits still hold
+    exactly, and repeats of one message_id all get the one job. (On the real clock: SQLite
+    works in threads, which an autojump clock would take for idleness and jump past.)"""
+    store = SqliteStore(tmp_path / "jobs.db") if store_kind == "sqlite" else MemoryStore()
+    config = Config(max_jobs=7, max_jobs_per_user=4, drain_timeout=0)
+    outcomes: list[tuple[str, str, str]] = []  # (user, message_id, job_id or error code)
+
+    async def start(user: str, message_id: str) -> None:
+        try:
+            started = await lorem(rt, user, message_id, tokens_per_s=1)  # runs past the test
+        except backstream.CapacityError as error:
+            outcomes.append((user, message_id, error.code))
+        else:
+            outcomes.append((user, message_id, started.job_id))
+
+    async with open_runtime(config, store=store) as rt:
+        async with trio.open_nursery() as nursery:  # the per-user limit, and repeats
+            for k in range(6):
+                nursery.start_soon(start, "alice", f"m{k}")
+            for _ in range(3):
+                nursery.start_soon(start, "dave", "same")
+        alice = [j for u, _m, j in outcomes if u == "alice"]
+        assert sorted(alice).count("capacity") == 2 and len(set(alice) - {"capacity"}) == 4
+        dave = [j for u, _m, j in outcomes if u == "dave"]
+        assert len(dave) == 3 and len(set(dave)) == 1 and dave[0] != "capacity"
+        async with trio.open_nursery() as nursery:  # the global limit: 2 slots left
+            for user in ("bob", "carol"):
+                for k in range(3):
+                    nursery.start_soon(start, user, f"m{k}")
+        others = [j for u, _m, j in outcomes if u in ("bob", "carol") and j != "capacity"]
+        assert len(others) == len(set(others)) == 2
+        assert rt.statistics().jobs.running == 7
+        assert rt.statistics().jobs.started_total == 7
 
 
 async def test_another_users_job_is_indistinguishable_from_none(

@@ -1,7 +1,10 @@
 """The registry actor: admission of new jobs.
 
-Starts go through its mailbox, one at a time, so that the capacity check, the
-idempotency check and the creation of the job are one step. It owns the
+Starts go through its mailbox. The actor takes every start waiting there at once and
+admits them concurrently, so that a burst of starts costs one store round trip, not one
+each. The capacity check reserves a slot before the store is asked, so concurrent
+admissions never overshoot a limit; starts with the same ``(user, message_id)`` are
+admitted one after the other, so a repeat always finds the first. It owns the
 per-user running counts; the jobs themselves are children of the "jobs"
 supervisor, which is where a running job's actor is looked up. Housekeeping
 (retention, leases, orphans) is the keeper's; the flush ticker is its own actor.
@@ -35,6 +38,8 @@ log = logging.getLogger("backstream.registry")
 
 MAILBOX_SIZE = 256
 """Starts waiting for the registry; when full, callers of ``start_job`` wait (backpressure)."""
+MAX_ADMITTING = 256
+"""Admissions under way at once (store round trips in flight); the rest wait in the mailbox."""
 
 
 @attrs.frozen
@@ -54,6 +59,7 @@ class RegistryStatistics:
     endings_total: dict[tuple[str, str], int]
     """Jobs ended here, by (status, error code); the code is "" for an ending without error."""
     mailbox_waiting: int
+    admitting: int
     accepting: bool
 
 
@@ -89,6 +95,9 @@ class Registry:
         self._resolve_model = resolve_model
         self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[_Start](MAILBOX_SIZE)
         self._running_by_user: Counter[str] = Counter()
+        self._reserved_by_user: Counter[str] = Counter()  # slots of admissions under way
+        self._admitting = trio.Semaphore(MAX_ADMITTING)
+        self._in_flight: dict[tuple[str, str], trio.Event] = {}  # (user, message_id) being admitted
         self._accepting = True
         self._started_total = 0
         self._finished_total: Counter[str] = Counter()
@@ -97,16 +106,49 @@ class Registry:
     # -- the actor ------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve starts until cancelled. Cancellation: a start being admitted fails with
-        ``UnavailableError`` for its caller (who may retry with the same ``message_id``)."""
+        """Serve starts until cancelled. Cancellation: starts being admitted fail with
+        ``UnavailableError`` for their callers (who may retry with the same ``message_id``)."""
         task_status.started()
-        async for start in self._mailbox_receive:
+        async with trio.open_nursery() as nursery:
+            async for start in self._mailbox_receive:
+                await self._admitting.acquire()
+                nursery.start_soon(self._serve, start)
+                self._take_waiting_starts(nursery)
+
+    def _take_waiting_starts(self, nursery: trio.Nursery) -> None:
+        """Start admitting every start already in the mailbox, without a checkpoint each."""
+        while True:
             try:
-                start.result = await outcome.acapture(self._admit, start.request)
-            finally:
-                if start.result is None:  # cancelled mid-admission: the caller must not hang
-                    start.result = outcome.Error(UnavailableError("the registry restarted; try again"))
-                start.done.set()
+                self._admitting.acquire_nowait()
+            except trio.WouldBlock:
+                return
+            try:
+                start = self._mailbox_receive.receive_nowait()
+            except trio.WouldBlock:
+                self._admitting.release()
+                return
+            nursery.start_soon(self._serve, start)
+
+    async def _serve(self, start: _Start) -> None:
+        try:
+            start.result = await outcome.acapture(self._admit_in_turn, start.request)
+        finally:
+            if start.result is None:  # cancelled mid-admission: the caller must not hang
+                start.result = outcome.Error(UnavailableError("the registry restarted; try again"))
+            start.done.set()
+            self._admitting.release()
+
+    async def _admit_in_turn(self, req: StartRequest) -> tuple[JobRecord, bool]:
+        """Admit ``req`` after any admission of the same ``(user, message_id)`` under way."""
+        key = (req.user, req.message_id)
+        while (earlier := self._in_flight.get(key)) is not None:
+            await earlier.wait()
+        done = self._in_flight[key] = trio.Event()
+        try:
+            return await self._admit(req)
+        finally:
+            del self._in_flight[key]
+            done.set()
 
     async def _admit(self, req: StartRequest) -> tuple[JobRecord, bool]:
         if not self._accepting or self._at_capacity(req.user) is not None:
@@ -120,6 +162,15 @@ class Registry:
             if error is not None:
                 raise error
         model = self._resolve_model(req.request)
+        self._reserved_by_user[req.user] += 1  # held while the store is asked
+        try:
+            return await self._create(req, model)
+        finally:
+            self._reserved_by_user[req.user] -= 1
+            if self._reserved_by_user[req.user] <= 0:
+                del self._reserved_by_user[req.user]
+
+    async def _create(self, req: StartRequest, model: Model) -> tuple[JobRecord, bool]:
         now = self._clock.now()
         record = self._new_record(req, now)
         # Insert-if-absent in one round trip; a shared store also takes a cluster-wide slot.
@@ -175,11 +226,12 @@ class Registry:
 
     def _at_capacity(self, user: str) -> CapacityError | None:
         retry = self._config.capacity_retry_after_ms
-        if self._jobs.count_children() >= self._config.max_jobs:
+        reserved = self._reserved_by_user.total()
+        if self._jobs.count_children() + reserved >= self._config.max_jobs:
             return CapacityError(
                 f"the server is at its limit of {self._config.max_jobs} running jobs", retry_after_ms=retry
             )
-        if self._running_by_user[user] >= self._config.max_jobs_per_user:
+        if self._running_by_user[user] + self._reserved_by_user[user] >= self._config.max_jobs_per_user:
             return CapacityError(
                 f"you have {self._config.max_jobs_per_user} jobs running, the most allowed",
                 retry_after_ms=retry,
@@ -233,5 +285,6 @@ class Registry:
             finished_total=finished,
             endings_total=dict(self._endings_total),
             mailbox_waiting=self._mailbox_send.statistics().current_buffer_used,
+            admitting=MAX_ADMITTING - self._admitting.value,
             accepting=self._accepting,
         )
