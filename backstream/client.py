@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import attrs
 import trio
+import wsproto.utilities
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
@@ -79,12 +80,22 @@ WATCH_BUFFER = 64
 """Batches buffered per watch; when full, the client stops reading its socket (backpressure)."""
 INBOX_SIZE = 256
 """Notifications kept until read; when full, the oldest is dropped (the server keeps them all)."""
+CLOSE_TIMEOUT = 2.0
+"""Seconds for each step of closing a connection: the close handshake, then the server's TCP close."""
+
+_BROKEN_CONNECTION = (wsproto.utilities.ProtocolError, ConnectionClosed)
+"""What trio-websocket's reader raises for a connection that broke (for example wsproto's
+``LocalProtocolError`` when a ping arrives after our close frame and the reader answers it)."""
 
 _Reply = TypeVar("_Reply")
 
 
 class _Session:
-    """One WebSocket connection and what waits on it."""
+    """One WebSocket connection and what waits on it.
+
+    ``closed``: no more messages will come (requests and watches move to a new connection).
+    ``stop``: the connection is to be closed. ``ended``: its tasks are all done.
+    """
 
     def __init__(self, ws: WebSocketConnection, welcome: Welcome) -> None:
         self.ws = ws
@@ -92,7 +103,10 @@ class _Session:
         self.pending: dict[str, trio.MemorySendChannel[ServerMessage]] = {}
         self.watches: dict[str, trio.MemorySendChannel[JobEvents | ErrorMessage]] = {}
         self.closed = trio.Event()
+        self.stop = trio.Event()
+        self.ended = trio.Event()
         self.close_code: int | None = None
+        self.close_with: tuple[int, str | None] = (1000, None)
 
     def fail_all(self) -> None:
         for reply_slot in self.pending.values():
@@ -101,6 +115,23 @@ class _Session:
             watch.close()
         self.pending.clear()
         self.watches.clear()
+
+    def end_reading(self) -> None:
+        """No more messages: fail what waits on this connection, and have it closed."""
+        self.closed.set()
+        self.stop.set()
+        self.fail_all()
+
+    async def close(self) -> None:
+        """Have the connection closed and wait until its tasks are done, at most
+        ``2 * CLOSE_TIMEOUT`` (they end by that bound themselves).
+
+        Cancellation: shielded, so the connection is closed all the same; the wait is bounded.
+        """
+        self.stop.set()
+        with trio.move_on_after(2 * CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            await self.ended.wait()
 
 
 class Client:
@@ -169,6 +200,7 @@ class Client:
                     ConnectionClosed,
                     UnavailableError,
                     trio.TooSlowError,
+                    wsproto.utilities.ProtocolError,
                 ) as exc:
                     if backoff.attempt >= self._max_reconnect_attempts:
                         raise UnavailableError(
@@ -177,35 +209,84 @@ class Client:
                     await trio.sleep(backoff.next_delay())
 
     async def _connect(self) -> _Session:
-        headers = [(b"authorization", f"Bearer {self._token}".encode())] if self._token_in_header else None
-        with trio.fail_after(self._connect_timeout):
-            ws = await connect_websocket_url(
-                self._nursery,
-                self._url,
-                extra_headers=headers,
-                message_queue_size=WATCH_BUFFER,
-                max_message_size=64 * 1024 * 1024,
-            )
-            hello = Hello(
-                id="hello",
-                protocol=PROTOCOL_VERSION,
-                token=None if self._token_in_header else self._token,
-                client=self._client_name,
-            )
-            try:
-                await ws.send_message(encode(hello))
-                reply = decode_server(await ws.get_message())
-            except ConnectionClosed:
-                raise UnavailableError("the server closed the connection during hello") from None
-        if isinstance(reply, ErrorMessage):
-            await ws.aclose()
-            raise error_for_code(reply.code, reply.message)
-        if not isinstance(reply, Welcome):
-            await ws.aclose()
-            raise UnavailableError(f"expected welcome, got {type(reply).TYPE}")
-        session = _Session(ws, reply)
-        self._nursery.start_soon(self._read, session)
+        """A new connection; its tasks run in a nursery of their own (see ``_connection``).
+
+        Raises the failure bare (``OSError``, ``ConnectionRejected``, a typed error for the
+        ``hello``, ``trio.TooSlowError`` after ``connect_timeout``).
+        """
+        try:
+            with trio.fail_after(self._connect_timeout):
+                session: _Session = await self._nursery.start(self._connection)
+        except BaseExceptionGroup as group:
+            raise _sole_error(group) from None
         return session
+
+    async def _connection(self, *, task_status: trio.TaskStatus[_Session] = trio.TASK_STATUS_IGNORED) -> None:
+        """One connection's life, in a nursery of its own: trio-websocket's reader, ``_read``,
+        and the close.
+
+        Once welcomed, a connection that breaks (``_BROKEN_CONNECTION``, raised by
+        trio-websocket's reader) ends here: its requests fail and its watches resume on a new
+        connection. Other errors propagate. Cancellation: the connection's tasks end.
+        """
+        session: _Session | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                session = await self._open_session(nursery)
+                task_status.started(session)
+                nursery.start_soon(self._read, session)
+                await self._close_when_stopped(session, nursery.cancel_scope)
+        except* _BROKEN_CONNECTION as group:
+            if session is None:
+                raise  # no welcome yet: the caller of _connect gets it
+            log.warning("connection lost: %s", "; ".join(repr(exc) for exc in group.exceptions))
+        finally:
+            if session is not None:
+                session.end_reading()
+                session.ended.set()
+
+    async def _open_session(self, nursery: trio.Nursery) -> _Session:
+        """Connect, with trio-websocket's reader in ``nursery``, and say ``hello``."""
+        headers = [(b"authorization", f"Bearer {self._token}".encode())] if self._token_in_header else None
+        ws = await connect_websocket_url(
+            nursery,
+            self._url,
+            extra_headers=headers,
+            message_queue_size=WATCH_BUFFER,
+            max_message_size=64 * 1024 * 1024,
+        )
+        hello = Hello(
+            id="hello",
+            protocol=PROTOCOL_VERSION,
+            token=None if self._token_in_header else self._token,
+            client=self._client_name,
+        )
+        try:
+            await ws.send_message(encode(hello))
+            reply = decode_server(await ws.get_message())
+        except ConnectionClosed:
+            raise UnavailableError("the server closed the connection during hello") from None
+        if not isinstance(reply, Welcome):
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await ws.aclose()
+            if isinstance(reply, ErrorMessage):
+                raise error_for_code(reply.code, reply.message)
+            raise UnavailableError(f"expected welcome, got {type(reply).TYPE}")
+        return _Session(ws, reply)
+
+    @staticmethod
+    async def _close_when_stopped(session: _Session, tasks: trio.CancelScope) -> None:
+        """Once the connection is to stop, close it (``CLOSE_TIMEOUT`` for the handshake; a
+        close already under way returns at once), then give the reader ``CLOSE_TIMEOUT`` to
+        see the server's TCP close before ``tasks`` is cancelled.
+
+        Cancellation: the close is cut short (trio-websocket closes the socket of a close
+        handshake it was waiting on).
+        """
+        await session.stop.wait()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await session.ws.aclose(*session.close_with)
+        tasks.deadline = min(tasks.deadline, trio.current_time() + CLOSE_TIMEOUT)
 
     async def _read(self, session: _Session) -> None:
         try:
@@ -233,10 +314,9 @@ class Client:
             session.close_code = exc.reason.code if exc.reason else None
         except ProtocolError as exc:
             log.error("unreadable server message: %s", exc)
-            await session.ws.aclose(1002, "unreadable message")
+            session.close_with = (1002, "unreadable message")
         finally:
-            session.closed.set()
-            session.fail_all()
+            session.end_reading()
 
     async def _watch_ended(self, session: _Session, error: ErrorMessage) -> None:
         """An ``error`` without ``id``: the server ended a watch (the watch decides what next)."""
@@ -277,20 +357,22 @@ class Client:
         return f"r{next(self._ids)}"
 
     async def aclose(self) -> None:
-        """Close the client and its connection. Cancellation: still closed (bounded)."""
+        """Close the client and its connection, waiting at most ``2 * CLOSE_TIMEOUT``.
+
+        Cancellation: shielded; the connection is closed all the same (bounded).
+        """
         self._closed = True
         if self._current is not None:
-            with trio.move_on_after(2) as scope:
-                scope.shield = True
-                await self._current.ws.aclose()
+            await self._current.close()
 
     async def drop_connection(self) -> None:
         """Close the current connection; watches resume on a new one (demos and tests use this).
+        Waits at most ``2 * CLOSE_TIMEOUT``.
 
-        Cancellation: the connection is dropped all the same.
+        Cancellation: shielded; the connection is dropped all the same (bounded).
         """
         if self._current is not None:
-            await self._current.ws.aclose()
+            await self._current.close()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -492,7 +574,10 @@ class ClientWatch:
             return
 
     async def aclose(self) -> None:
-        """Close the client and its connection. Cancellation: still closed (bounded)."""
+        """End this watch on the server (``job.unwatch``) if its connection is still open.
+
+        Cancellation: the server may not have ended the watch; it does when the connection ends.
+        """
         session, self._session = self._session, None
         if session is None or session.closed.is_set():
             return
@@ -502,6 +587,14 @@ class ClientWatch:
                 await self._client._request(
                     JobUnwatch(id=self._client._id(), job_id=self.job_id), object, session
                 )
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside ``group`` (through nested groups), else the group itself."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def check_endpoint_url(url: str) -> None:
@@ -536,50 +629,36 @@ async def open_client(
     """
     check_endpoint_url(url)
     failure: Exception | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            client = Client(
-                nursery,
-                url,
-                token,
-                client_name=client_name,
-                token_in_header=token_in_header,
-                request_timeout=request_timeout,
-                connect_timeout=connect_timeout,
-                reconnect_base=reconnect_base,
-                reconnect_max=reconnect_max,
-                max_reconnect_attempts=max_reconnect_attempts,
-            )
+    async with trio.open_nursery() as nursery:  # each connection's tasks run in a nursery of their own
+        client = Client(
+            nursery,
+            url,
+            token,
+            client_name=client_name,
+            token_in_header=token_in_header,
+            request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
+            reconnect_base=reconnect_base,
+            reconnect_max=reconnect_max,
+            max_reconnect_attempts=max_reconnect_attempts,
+        )
+        try:
             try:
-                try:
-                    client._current = await client._connect()
-                except ConnectionRejected as exc:
-                    raise UnavailableError(
-                        f"{url} is not a backstream endpoint: the server answered HTTP {exc.status_code}"
-                    ) from None
-                except ProtocolError:
-                    raise UnavailableError(
-                        f"{url} is not a backstream endpoint: hello got no welcome"
-                    ) from None
-                except OSError as exc:
-                    raise UnavailableError(f"cannot connect to {url}: {exc.strerror or exc}") from None
-                yield client
-            except Exception as exc:
-                # Raised bare after the nursery, not wrapped in an ExceptionGroup.
-                failure = exc
-            finally:
-                await client.aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:  # trio-websocket's reader task raised into the nursery
-        rejected = group.subgroup(ConnectionRejected)
-        if rejected is None:
-            raise
-        leaf = rejected.exceptions[0]
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
-        status = getattr(leaf, "status_code", "?")
-        raise UnavailableError(
-            f"{url} is not a backstream endpoint: the server answered HTTP {status}"
-        ) from None
+                client._current = await client._connect()
+            except ConnectionRejected as exc:
+                raise UnavailableError(
+                    f"{url} is not a backstream endpoint: the server answered HTTP {exc.status_code}"
+                ) from None
+            except ProtocolError:
+                raise UnavailableError(f"{url} is not a backstream endpoint: hello got no welcome") from None
+            except OSError as exc:
+                raise UnavailableError(f"cannot connect to {url}: {exc.strerror or exc}") from None
+            yield client
+        except Exception as exc:
+            # Raised bare after the nursery, not wrapped in an ExceptionGroup.
+            failure = exc
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
