@@ -98,6 +98,7 @@ class Registry:
         self._reserved_by_user: Counter[str] = Counter()  # slots of admissions under way
         self._admitting = trio.Semaphore(MAX_ADMITTING)
         self._in_flight: dict[tuple[str, str], trio.Event] = {}  # (user, message_id) being admitted
+        self._reservations_released = trio.Event()
         self._accepting = True
         self._started_total = 0
         self._finished_total: Counter[str] = Counter()
@@ -151,6 +152,10 @@ class Registry:
             done.set()
 
     async def _admit(self, req: StartRequest) -> tuple[JobRecord, bool]:
+        # A slot reserved by an admission under way may turn out unused (a repeat): wait
+        # for those rather than refuse a start that only they stand in the way of.
+        while self._accepting and self._only_reservations_in_the_way(req.user):
+            await self._reservations_released.wait()
         if not self._accepting or self._at_capacity(req.user) is not None:
             # Slow path: a start that repeats a message_id needs no slot.
             existing = await self._store.find_job(req.user, req.message_id)
@@ -169,6 +174,8 @@ class Registry:
             self._reserved_by_user[req.user] -= 1
             if self._reserved_by_user[req.user] <= 0:
                 del self._reserved_by_user[req.user]
+            self._reservations_released.set()
+            self._reservations_released = trio.Event()
 
     async def _create(self, req: StartRequest, model: Model) -> tuple[JobRecord, bool]:
         now = self._clock.now()
@@ -224,19 +231,24 @@ class Registry:
             lease_until=now + self._config.lease_ttl,
         )
 
-    def _at_capacity(self, user: str) -> CapacityError | None:
+    def _at_capacity(self, user: str, *, reserved: bool = True) -> CapacityError | None:
+        """The limit ``user`` is at, counting admissions under way unless ``reserved`` is false."""
         retry = self._config.capacity_retry_after_ms
-        reserved = self._reserved_by_user.total()
-        if self._jobs.count_children() + reserved >= self._config.max_jobs:
+        pending = self._reserved_by_user.total() if reserved else 0
+        if self._jobs.count_children() + pending >= self._config.max_jobs:
             return CapacityError(
                 f"the server is at its limit of {self._config.max_jobs} running jobs", retry_after_ms=retry
             )
-        if self._running_by_user[user] + self._reserved_by_user[user] >= self._config.max_jobs_per_user:
+        pending = self._reserved_by_user[user] if reserved else 0
+        if self._running_by_user[user] + pending >= self._config.max_jobs_per_user:
             return CapacityError(
                 f"you have {self._config.max_jobs_per_user} jobs running, the most allowed",
                 retry_after_ms=retry,
             )
         return None
+
+    def _only_reservations_in_the_way(self, user: str) -> bool:
+        return self._at_capacity(user) is not None and self._at_capacity(user, reserved=False) is None
 
     async def _run_job(self, actor: JobActor, *, task_status: trio.TaskStatus[None]) -> None:
         """The job's supervised child: the actor, then its release from the counts."""
