@@ -98,6 +98,7 @@ class Registry:
         self._reserved_by_user: Counter[str] = Counter()  # slots of admissions under way
         self._admitting = trio.Semaphore(MAX_ADMITTING)
         self._in_flight: dict[tuple[str, str], trio.Event] = {}  # (user, message_id) being admitted
+        self._running_by_key: dict[tuple[str, str], JobRecord] = {}  # jobs running here, by the same
         self._reservations_released = trio.Event()
         self._accepting = True
         self._started_total = 0
@@ -144,6 +145,9 @@ class Registry:
         key = (req.user, req.message_id)
         while (earlier := self._in_flight.get(key)) is not None:
             await earlier.wait()
+        running = self._running_by_key.get(key)
+        if running is not None:  # a repeat of a job running here: no store round trip
+            return running, True
         done = self._in_flight[key] = trio.Event()
         try:
             return await self._admit(req)
@@ -211,6 +215,7 @@ class Registry:
             )
         )
         self._running_by_user[record.user] += 1
+        self._running_by_key[record.user, record.message_id] = record
         self._started_total += 1
         return record, False
 
@@ -261,6 +266,7 @@ class Registry:
             self._finished_total[status] += 1
             self._endings_total[status, code] += 1
             user = actor.record.user
+            self._running_by_key.pop((user, actor.record.message_id), None)
             self._running_by_user[user] -= 1
             if self._running_by_user[user] <= 0:
                 del self._running_by_user[user]
