@@ -87,3 +87,36 @@ def test_reads_are_contiguous_and_bounded(
 def test_merge_keeps_at_least_one_entry() -> None:
     entries = [TextEvent(seq=1, text="x" * 50), TextEvent(seq=2, text="y")]
     assert merge_events(entries, max_events=1, max_chars=10) == (TextEvent(seq=1, text="x" * 50),)
+
+
+
+STEPS = st.lists(
+    st.one_of(
+        st.text(min_size=1, max_size=5),  # a text append
+        st.just(None),  # a reasoning append
+        st.tuples(st.integers(0, 40), st.integers(1, 6), st.integers(1, 12)),  # a read
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@given(STEPS)
+def test_a_read_repeated_or_after_an_append_equals_a_fresh_merge(
+    steps: list[str | tuple[int, int, int] | None],
+) -> None:
+    """The log keeps its last merged read for the watchers that read the same range next;
+    any read, repeated or after an append, equals merging the entries afresh."""
+    log = make_log(10_000)
+    log.append_status("running")
+    for step in steps:
+        if isinstance(step, str):
+            log.append_text(step)
+        elif step is None:
+            log.append_reasoning("r")
+        else:
+            after, max_events, max_chars = step
+            after = min(after, log.last_seq)
+            expected = merge_events(log.entries(after), max_events=max_events, max_chars=max_chars)
+            for _ in range(2):
+                assert log.read(after, max_events=max_events, max_chars=max_chars) == expected

@@ -46,6 +46,33 @@ async def test_batches_are_rate_limited_while_events_keep_coming(
         assert len(joined_text(collected).split()) == 1000
 
 
+async def test_watchers_of_a_job_that_keep_up_cut_the_same_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Watchers that join a job at different moments fall onto its shared grid: after
+    their first batches they cut the same ranges at the same times (so the log merges
+    each range once and its frame is encoded once), each still one per batch_ms at most."""
+    async with open_runtime(Config(batch_ms=50, drain_timeout=0)) as rt:
+        job_id = await lorem(rt, max_tokens=1000, tokens_per_s=1000)
+        cuts: dict[int, list[tuple[float, int, int]]] = {}
+
+        async def watch_timed(k: int, delay: float) -> None:
+            await trio.sleep(delay)
+            cuts[k] = []
+            async with rt.watch(job_id, user="alice") as batches:
+                async for batch in batches:
+                    cuts[k].append((trio.current_time(), batch.from_seq, batch.to_seq))
+
+        async with trio.open_nursery() as nursery:
+            for k, delay in enumerate((0.0, 0.013, 0.031, 0.2)):
+                nursery.start_soon(watch_timed, k, delay)
+        for k, batches in cuts.items():
+            times = [t for t, _f, _t in batches]
+            assert min(b - a for a, b in itertools.pairwise(times)) >= 0.05 - 1e-9, k
+        late = [{(t, f, to) for t, f, to in batches if t > 0.4} for batches in cuts.values()]
+        assert late[0] and all(cut == late[0] for cut in late), [sorted(c ^ late[0]) for c in late]  # same ranges, same times
+
+
 async def test_idle_watcher_gets_a_batch_at_once(autojump_clock: trio.testing.MockClock) -> None:
     async with open_runtime(Config(batch_ms=50, drain_timeout=0)) as rt:
         t0 = trio.current_time()

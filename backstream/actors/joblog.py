@@ -64,6 +64,8 @@ class JobLog:
         self.status: JobStatus = INITIAL_STATUS
         self._delta_chars: dict[str, int] = {}  # call_id -> argument characters charged as fragments
         self._readers = trio.lowlevel.ParkingLot()
+        # The last merged read, for the other watchers that read the same range next.
+        self._last_read: tuple[tuple[int, int, int, int], tuple[LogEvent, ...]] | None = None
 
     # -- appending (the owning job actor only) ----------------------------------
 
@@ -180,7 +182,12 @@ class JobLog:
         Always returns at least one entry when there is one. The seq of the last
         returned event is the last entry covered.
         """
-        return merge_events(self._entries[after_seq:], max_events=max_events, max_chars=max_chars)
+        key = (after_seq, len(self._entries), max_events, max_chars)
+        if self._last_read is not None and self._last_read[0] == key:
+            return self._last_read[1]
+        events = merge_events(self._entries[after_seq:], max_events=max_events, max_chars=max_chars)
+        self._last_read = (key, events)
+        return events
 
     def entries(self, after_seq: int = 0, until_seq: int | None = None) -> Sequence[LogEvent]:
         """Raw entries ``after_seq + 1`` .. ``until_seq`` (a copy; for the flusher)."""

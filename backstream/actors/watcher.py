@@ -7,10 +7,20 @@ the consumer reads, and the job never waits for it.
 Delivery follows PROTOCOL.md: a batch as soon as the consumer is idle and an
 entry exists, then at most one per ``batch_ms`` while entries keep coming;
 ``from_seq`` is the previous ``to_seq + 1``; the terminal status ends the watch.
+
+While entries keep coming, batches are cut on slots ``batch_ms`` apart, on a grid that
+every watcher of a job shares (its phase comes from the job id, so jobs spread over the
+interval): after a batch cut at time t (or for slot t), the next waits for the first slot
+at least ``batch_ms`` after t. Watchers of a job that keep up therefore read the same
+range at the same moment: the log merges it once and the frame is encoded once for all
+of them. A batch cut for a slot counts at the slot's time, so an event loop that runs a
+little late does not push the grid back.
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from typing import Protocol
 
 import trio
@@ -163,12 +173,22 @@ class Watcher:
         self._max_events = max_batch_events
         self._max_chars = max_batch_chars
         self._next_batch_at = -float("inf")
+        # The job's slot grid: times phase + k * batch_seconds, the same for all its watchers.
+        self._phase = (zlib.crc32(job_id.encode()) % 1024) / 1024 * batch_seconds
         self.ended = ended
         self._tool_call_deltas = tool_call_deltas
         self._merge_text = merge_text
 
     def __aiter__(self) -> Watcher:
         return self
+
+    def _next_slot(self, cut_at: float) -> float:
+        """The first slot of the job's grid at least ``batch_seconds`` after ``cut_at``."""
+        if self._batch_seconds <= 0:
+            return cut_at
+        slots = (cut_at + self._batch_seconds - self._phase) / self._batch_seconds
+        # 1e-7: float error in the sum, not lateness
+        return self._phase + math.ceil(slots - 1e-7) * self._batch_seconds
 
     async def __anext__(self) -> Batch:
         if self.ended:
@@ -177,8 +197,11 @@ class Watcher:
         while True:
             await self._source.wait_beyond(read_to)
             # At most one batch per interval: what arrives meanwhile joins this batch.
-            if trio.current_time() < self._next_batch_at:
+            cut_at = trio.current_time()
+            if cut_at < self._next_batch_at:
                 await trio.sleep_until(self._next_batch_at)
+                cut_at = self._next_batch_at  # the slot, however late the loop woke us
+
             events = await self._source.read(
                 read_to,
                 max_events=self._max_events,
@@ -199,7 +222,7 @@ class Watcher:
             events=events,
         )
         self.cursor = batch.to_seq
-        self._next_batch_at = trio.current_time() + self._batch_seconds
+        self._next_batch_at = self._next_slot(cut_at)
         last = events[-1]
         if isinstance(last, StatusEvent) and last.is_terminal:
             self.ended = True
