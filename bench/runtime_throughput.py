@@ -134,17 +134,25 @@ async def measure_memory(jobs: int, watchers: int, tokens: int) -> dict[str, flo
         await rt.wait_idle()
         gc.collect()
         with_jobs = tracemalloc.get_traced_memory()[0]
+        parked = 0
+        all_parked = trio.Event()
         async with trio.open_nursery() as nursery:
             for job_id in ids:
                 for _ in range(watchers):
 
                     async def park(job_id: str = job_id) -> None:
+                        nonlocal parked
                         async with rt.watch(job_id, user="bench") as stream:
                             await stream.__anext__()
+                            parked += 1
+                            if parked == jobs * watchers:
+                                all_parked.set()
                             await trio.sleep_forever()
 
                     nursery.start_soon(park)
-            await trio.sleep(0.2)
+            # Measured once every watcher has had its first batch and waits: a watcher
+            # reading its first batch holds that batch's events for a moment.
+            await all_parked.wait()
             gc.collect()
             with_watchers = tracemalloc.get_traced_memory()[0]
             nursery.cancel_scope.cancel()
