@@ -13,6 +13,7 @@ from pathlib import Path
 import coredis
 import pytest
 import trio
+from coredis.tokens import PureToken
 
 from backstream import Config, GoneError, Runtime, StartedJob, open_runtime
 from backstream.protocol.events import ToolResultEvent
@@ -264,3 +265,35 @@ async def test_a_writer_whose_job_was_recovered_elsewhere_is_fenced_off(tmp_path
             assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
             record = (await b.get_job(started.job_id, user="alice")).job
             assert (record.status, record.epoch, record.seq) == ("interrupted", 2, len(entries))
+
+
+async def test_a_subscription_redis_pauses_past_its_acknowledgement_is_retried(tmp_path: Path) -> None:
+    """Redis pauses its clients (CLIENT PAUSE, as a failover does) just as the store
+    subscribes again: coredis gives up waiting for the acknowledgement after a second and
+    raises from its task group. The listener subscribes again once Redis answers; it does
+    not crash."""
+    with own_redis(tmp_path) as redis:
+        store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
+        await store.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                with trio.fail_after(5):
+                    await store.subscribed.wait()
+                async with trio.open_nursery() as pings:  # idle connections: the next subscription
+                    for _ in range(4):  # goes out at once, with no handshake (which would wait)
+                        pings.start_soon(store.ping)
+                async with (
+                    coredis.Redis(host=REDIS_HOST, port=redis.port) as admin,
+                    admin.pipeline(transaction=True) as both,  # no subscription gets in between
+                ):
+                    both.client_kill(type_=PureToken.PUBSUB)
+                    both.client_pause(5000, PureToken.ALL)  # past coredis' three tries
+                # Subscribed again once the pause ends (``subscribed`` is a new event after
+                # each loss, so it is polled).
+                with trio.fail_after(20):
+                    while not (store.statistics().outage_retries and store.subscribed.is_set()):
+                        await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()
+        finally:
+            await store.aclose()
