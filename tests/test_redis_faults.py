@@ -241,21 +241,19 @@ async def test_a_log_behind_its_record_is_gone_never_a_hang(tmp_path: Path) -> N
 
 
 async def test_a_writer_whose_job_was_recovered_elsewhere_is_fenced_off(tmp_path: Path) -> None:
-    """Redis paused past lease_ttl: the other instance takes the job for an orphan and ends it
-    interrupted in epoch 2. The instance that still runs it must not write after that ending:
-    the stored log keeps exactly one terminal status, and the job stops here too."""
+    """Instance a renews its leases too late (every 30 s, for a lease_ttl of 2 s), as if it
+    had stalled: the other instance takes the job for an orphan and ends it interrupted in
+    epoch 2. The instance that still runs it must not write after that ending: the stored
+    log keeps exactly one terminal status, and the job stops here too."""
     with own_redis(tmp_path) as redis:
         url, prefix = f"redis://{REDIS_HOST}:{redis.port}/0", f"fence:{uuid.uuid4().hex[:8]}"
         config = Config(drain_timeout=0, lease_ttl=2, lease_renew_interval=0.5, flush_ms=20)
+        late = Config(drain_timeout=0, lease_ttl=2, lease_renew_interval=30, flush_ms=20)
         async with (
-            open_runtime(config, store=RedisStore(url, prefix=prefix)) as a,
+            open_runtime(late, store=RedisStore(url, prefix=prefix)) as a,
             open_runtime(config, store=RedisStore(url, prefix=prefix)) as b,
         ):
-            started = await lorem(a, tokens=300, rate=50)
-            await trio.sleep(1.0)
-            redis.pause()
-            await trio.sleep(4.0)  # past the lease: b will recover the job once Redis answers
-            redis.resume()
+            started = await lorem(a, tokens=300, rate=50)  # 6 s; its lease lapses after 2
             with trio.fail_after(30):
                 await a.wait_idle()  # the job stops on a as well
             entries = await b.store.read(started.job_id, 0, 100_000)
@@ -265,6 +263,27 @@ async def test_a_writer_whose_job_was_recovered_elsewhere_is_fenced_off(tmp_path
             assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
             record = (await b.get_job(started.job_id, user="alice")).job
             assert (record.status, record.epoch, record.seq) == ("interrupted", 2, len(entries))
+
+
+async def test_redis_frozen_past_the_lease_does_not_end_this_instances_own_jobs(tmp_path: Path) -> None:
+    """Redis frozen longer than lease_ttl, with one instance: the keeper's renewal waits
+    through the freeze and lands with a lease that has lapsed meanwhile. The same round's
+    orphan recovery must not take the instance's own running job for an orphan: the job
+    goes on and completes, in epoch 1."""
+    with own_redis(tmp_path) as redis:
+        store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
+        config = Config(drain_timeout=0, lease_ttl=2, lease_renew_interval=0.5, flush_ms=20)
+        async with open_runtime(config, store=store) as rt:
+            started = await lorem(rt, tokens=250, rate=50)
+            await trio.sleep(1.0)
+            redis.pause()
+            await trio.sleep(3.5)  # a renewal round is under way when it freezes
+            redis.resume()
+            with trio.fail_after(30):
+                await rt.wait_idle()
+            record = (await rt.get_job(started.job_id, user="alice")).job
+            assert (record.status, record.epoch) == ("completed", 1)
+            assert rt.statistics().keeper.recovered_total == 0
 
 
 async def test_a_subscription_redis_pauses_past_its_acknowledgement_is_retried(tmp_path: Path) -> None:

@@ -575,6 +575,11 @@ class RedisStore(RedisNotifications, Store):
         recovered: list[JobRecord] = []
         for job_id in map(str, candidates):
             record = await self.get_job(job_id)
+            if record is not None and record.owner == owner and job_id in self._writing:
+                # The caller runs it (this store still writes it): not an orphan, whatever its
+                # lease says. A renewal that a frozen Redis held up lands with a lease that may
+                # have lapsed since. (A job of the caller's that it gave up writing is one.)
+                continue
             keys = [
                 self._job(job_id),
                 self._log(job_id),
