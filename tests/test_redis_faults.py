@@ -15,7 +15,7 @@ import pytest
 import trio
 from coredis.tokens import PureToken
 
-from backstream import Config, GoneError, Runtime, StartedJob, open_runtime
+from backstream import BackstreamError, Config, GoneError, Runtime, StartedJob, open_runtime
 from backstream.protocol.events import ToolResultEvent
 from backstream.runtime.stores.redis import RedisStore
 from bench._procs import free_port, wait_for_port
@@ -316,3 +316,44 @@ async def test_a_subscription_redis_pauses_past_its_acknowledgement_is_retried(t
                 nursery.cancel_scope.cancel()
         finally:
             await store.aclose()
+
+
+async def test_while_redis_is_away_another_users_running_job_answers_as_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    """Another user's job is not_found exactly like a job that does not exist, also while
+    Redis is away: a running job's id must not answer not_found at once where a missing id
+    answers unavailable (that would tell who has a job running)."""
+    with own_redis(tmp_path) as redis:
+        store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
+        async with open_runtime(Config(drain_timeout=0, flush_ms=20), store=store) as rt:
+            started = await lorem(rt, tokens=100, rate=50)
+            missing = "j_" + started.job_id[2:][::-1]
+
+            async def answers(job_id: str) -> list[str]:
+                async def watch() -> None:
+                    async with rt.watch(job_id, user="bob"):
+                        pass
+
+                calls = [
+                    lambda: rt.get_job(job_id, user="bob"),
+                    lambda: rt.abort(job_id, user="bob"),
+                    lambda: rt.approve(job_id, "c1", True, user="bob"),
+                    watch,
+                ]
+                out = []
+                for call in calls:
+                    with pytest.raises(BackstreamError) as raised:
+                        await call()
+                    out.append(raised.value.code)
+                return out
+
+            assert await answers(started.job_id) == await answers(missing) == ["not_found"] * 4
+            redis.kill()
+            try:
+                assert await answers(started.job_id) == await answers(missing) == ["unavailable"] * 4
+            finally:
+                redis.start()
+            with trio.fail_after(30):
+                await rt.wait_idle()
+            assert (await rt.get_job(started.job_id, user="alice")).job.status == "completed"
