@@ -15,8 +15,54 @@ user's job is ``not_found`` exactly like a missing one; capacity is never exceed
 refused only at the limit; finished jobs go away after their retention, not before;
 notifications are the ones the rules promise.
 
-``BACKSTREAM_MODEL_EXAMPLES`` (default 10; half as many over SQLite, whose steps are slower) and ``BACKSTREAM_MODEL_STEPS`` (default 30)
-set the run's size, ``BACKSTREAM_MODEL_SHRINK=1`` shrinks a failure to a minimal one; e.g. ``BACKSTREAM_MODEL_EXAMPLES=500 pytest tests/test_model_stateful.py``.
+Over Redis (``TestRedisModel``) the store is a ``RedisStore`` on a redis-server of the
+test's own (not the one on 6379: this one is stopped), and one more rule,
+``lose_and_regain_store``, takes it away and gives it back: Redis killed and restarted from
+its append-only file (fsync on every write), frozen (SIGSTOP) and woken, frozen and killed
+a moment after it wakes (commits that landed whose replies never came), or every
+connection of ours cut (CLIENT KILL); for 0.3 to 25 s of the runtime's time, within
+``store_outage_limit`` (30 s), while jobs run, up to three watches opened before stay open
+through it, and an abort, a decision or another user's requests may come meanwhile. The
+invariants are the same: nothing is lost or written twice (watches contiguous, the stored
+log read back whole at the end), each job ends as it would have, a running job's abort and
+decision need no store, another user's job answers exactly as a missing one (both
+``unavailable`` while Redis is down), capacity holds. What an outage may change, and the
+model allows: a watch that reads the store (its job had ended) may end ``unavailable``; a
+watch that closed while the store was away stays present in Redis until that presence
+lapses (``lease_ttl``), which may spare its job a notification meanwhile; and through an
+outage long enough for a watch's presence to lapse (``PRESENCE_MAY_LAPSE``), a job that
+ends before the keeper renews it may be notified though watched. The rule ends ``SETTLE``
+seconds after the store is back, when every write held up has landed.
+
+Clocks: the runtime runs on the ``MockClock``, Redis on real time. ``RedisStore`` keeps
+leases, capacity slots and retention as wall times that the runtime computes from its clock
+and that Lua compares with the time the runtime passes in, so they follow the mock clock
+and the model predicts them. What Redis times by itself is not modelled: the expiry of
+finished jobs' keys (an hour after retention, for a store that no sweep reaches), the TTLs
+of the ``seen`` and ``notified`` keys (an hour, a day) and coredis' keepalive of the
+subscriber; an example's minutes of mock time take a second or two of real time, so none
+of them comes due, and nothing here checks them. The clock does not jump while a request to
+Redis awaits its reply (or a subscription its acknowledgement, which coredis times out
+after a second on the clock), as it does not while a worker thread works; but for at most
+``STALLED`` real seconds on end, and freely while Redis is frozen: a frozen Redis costs the
+runtime the time the rule says, as it would for real.
+
+Not modelled: an outage longer than ``store_outage_limit``. The code then ends the jobs
+whose writes failed that long ``failed``/``unavailable`` in their process (watchers there
+see that end), but writes that end only if the store answers the one last attempt as the
+job stops: otherwise the store keeps the job ``running`` at its last durable seq until its
+lease lapses, then orphan recovery ends it ``interrupted`` in epoch 2 right after what was
+durable (and notifies that). Which jobs fail depends on when each
+first failed to write (a job waiting for a decision writes nothing), and what ``job.get``
+says depends on the lease; the model keeps to outages within the limit.
+
+Needs ``redis-server`` and ``redis-cli``: under ``CI=true`` the Redis variant fails without
+them, elsewhere it is skipped saying what to install.
+
+``BACKSTREAM_MODEL_EXAMPLES`` (default 10; half as many over SQLite, whose steps are slower,
+and over Redis) and ``BACKSTREAM_MODEL_STEPS`` (default 30) set the run's size,
+``BACKSTREAM_MODEL_SHRINK=1`` shrinks a failure to a minimal one; e.g.
+``BACKSTREAM_MODEL_EXAMPLES=500 pytest tests/test_model_stateful.py``.
 """
 
 from __future__ import annotations
@@ -26,17 +72,22 @@ import logging
 import math
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 import outcome
+import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, Phase, settings
+from coredis.patterns.pubsub import PubSub
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -46,10 +97,14 @@ from backstream.actors.ports import ChatTurn, OutputSink, TurnResult
 from backstream.protocol.events import TERMINAL_STATUSES, ApprovalEvent, Batch
 from backstream.runtime.models.turns import TurnCollector
 from backstream.runtime.stores.memory import MemoryStore
+from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.sqlite import SqliteStore
 from backstream.runtime.tools.registry import ToolRegistry
 from bench.history import History
 from tests import sample_tools
+from tests.conftest import redis_url
+from tests.node_tools import require
+from tests.test_redis_faults import RedisServer, own_redis
 
 EXAMPLES = int(os.environ.get("BACKSTREAM_MODEL_EXAMPLES", "10"))
 STEPS = int(os.environ.get("BACKSTREAM_MODEL_STEPS", "30"))
@@ -104,19 +159,20 @@ class ScriptedModel:
         return collector.result()
 
 
-def thread_aware_clock() -> trio.testing.MockClock:
-    """A ``MockClock`` that never autojumps while one of trio's worker threads works.
+def thread_aware_clock(busy: Callable[[], bool] = lambda: False) -> trio.testing.MockClock:
+    """A ``MockClock`` that never autojumps while one of trio's worker threads works, or
+    while ``busy()`` says other real work is under way (a request to Redis).
 
     Autojump takes "every task is blocked" to mean "only time can move things on"; a task
-    that waits for a worker thread (SQLite's reads and writes) is blocked too, and a jump
-    then could expire a deadline that real time never would. The busy workers are read
-    from trio's thread cache, and the jump is wrapped on the instance (``MockClock`` is
-    final): private details, a test harness's business only."""
+    that waits for a worker thread (SQLite's reads and writes) or for a server's reply is
+    blocked too, and a jump then could expire a deadline that real time never would. The
+    busy workers are read from trio's thread cache, and the jump is wrapped on the instance
+    (``MockClock`` is final): private details, a test harness's business only."""
     clock = trio.testing.MockClock(autojump_threshold=math.inf)
     autojump = clock._autojump
 
     def jump_unless_a_thread_works() -> None:
-        if not busy_worker_threads():  # else the loop comes back here until it is done
+        if not busy_worker_threads() and not busy():  # else the loop comes back here until done
             autojump()
 
     clock._autojump = jump_unless_a_thread_works  # type: ignore[method-assign]
@@ -139,8 +195,8 @@ class TrioLoop:
     """A ``trio.run`` with a ``MockClock`` on a thread of its own; runs coroutines for the
     synchronous rules, one at a time."""
 
-    def __init__(self) -> None:
-        self.clock = thread_aware_clock()
+    def __init__(self, busy: Callable[[], bool] = lambda: False) -> None:
+        self.clock = thread_aware_clock(busy)
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self._failure: BaseException | None = None
@@ -238,7 +294,7 @@ class RuntimeModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = TrioLoop()
+        self.loop = TrioLoop(busy=self.store_busy)
         self.directory = tempfile.mkdtemp(prefix="bsmodel-")
         self.jobs: dict[str, ModelJob] = {}
         self.by_message: dict[tuple[str, str], ModelJob] = {}
@@ -258,6 +314,10 @@ class RuntimeModel(RuleBasedStateMachine):
         if self.store_kind == "sqlite":
             return SqliteStore(f"{self.directory}/jobs.db")
         return MemoryStore()
+
+    def store_busy(self) -> bool:
+        """Whether the store waits for a server's reply (the clock must not jump then)."""
+        return False
 
     @initialize()
     def open(self) -> None:
@@ -428,8 +488,22 @@ class RuntimeModel(RuleBasedStateMachine):
             return got, None, started
 
         got, error, t0, t1 = self.run(go, timed=True)
+        self.check_watch(job, f"watch#{self.rule_index}", cursor, got, error, t0, t1)
+
+    def check_watch(
+        self,
+        job: ModelJob,
+        label: str,
+        cursor: int,
+        got: list[Batch],
+        error: Exception | None,
+        t0: float,
+        t1: float,
+    ) -> None:
+        """Check one watch of ``job`` from ``cursor`` (open from ``t0`` to ``t1``) against
+        every other, and what ended it."""
         job.watching.append((t0, t1))
-        found = self.history.observe(job.job_id, f"watch#{self.rule_index}", cursor, got)
+        found = self.history.observe(job.job_id, label, cursor, got)
         assert not found, found
         history = self.history.job(job.job_id, 1)
         if isinstance(error, backstream.NotFoundError):
@@ -454,8 +528,11 @@ class RuntimeModel(RuleBasedStateMachine):
 
         was = job.status
         result = self.run(go, timed=True)
-        if result is None:
-            return
+        if result is not None:
+            self.check_abort(job, was, result)
+
+    def check_abort(self, job: ModelJob, was: str, result: backstream.AbortResult) -> None:
+        """Our abort of ``job``, which we last saw ``was``."""
         assert result.job.status in TERMINAL_STATUSES, result
         if result.aborted:
             assert was not in TERMINAL_STATUSES, f"aborted=True for a job that had ended {was}"
@@ -481,8 +558,13 @@ class RuntimeModel(RuleBasedStateMachine):
                 return status, exc
 
         status, result = self.run(go)
-        if status is None:
-            return
+        if status is not None:
+            self.check_approval(job, status, approved, result)
+
+    def check_approval(
+        self, job: ModelJob, status: str, approved: bool, result: backstream.JobSummary | Exception | None
+    ) -> None:
+        """Our decision on ``job``'s tool call, made when the job said ``status``."""
         if status == "awaiting_approval" and job.decision is None:
             assert isinstance(result, backstream.JobSummary), f"approval refused while waiting: {result}"
             job.decision = approved
@@ -496,31 +578,37 @@ class RuntimeModel(RuleBasedStateMachine):
         job = data.draw(st.sampled_from(list(self.jobs.values())))
         if other == job.user:
             return
+        foreign, missing = self.run(lambda: self.foreign_and_missing(job, other))
+        assert foreign == missing, (foreign, missing)
+        assert all(code == "not_found" for code, _ in foreign), foreign
+
+    async def foreign_and_missing(
+        self, job: ModelJob, other: str
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """What ``other`` gets asking for ``job``, and for a job id that does not exist (each
+        request for the one right after the same request for the other)."""
         rt = self.runtime
 
-        async def attempts(job_id: str) -> list[tuple[str, str]]:
-            calls: list[Callable[[], Awaitable[Any]]] = [
+        def calls(job_id: str) -> list[Callable[[], Awaitable[Any]]]:
+            return [
                 lambda: rt.get_job(job_id, user=other, include_content=True),
                 lambda: rt.abort(job_id, user=other),
                 lambda: rt.approve(job_id, "c1", True, user=other),
                 lambda: self._watch_once(job_id, other),
             ]
-            out = []
-            for call in calls:
-                try:
-                    await call()
-                except backstream.BackstreamError as exc:
-                    out.append((exc.code, str(exc)))
-                else:
-                    out.append(("ok", ""))
-            return out
 
-        async def go() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-            return await attempts(job.job_id), await attempts("j_" + job.job_id[2:][::-1])
+        async def attempt(call: Callable[[], Awaitable[Any]]) -> tuple[str, str]:
+            try:
+                await call()
+            except backstream.BackstreamError as exc:
+                return exc.code, str(exc)
+            return "ok", ""
 
-        foreign, missing = self.run(go)
-        assert foreign == missing, (foreign, missing)
-        assert all(code == "not_found" for code, _ in foreign), foreign
+        foreign, missing = [], []
+        for of_job, of_none in zip(calls(job.job_id), calls("j_" + job.job_id[2:][::-1]), strict=True):
+            foreign.append(await attempt(of_job))
+            missing.append(await attempt(of_none))
+        return foreign, missing
 
     async def _watch_once(self, job_id: str, user: str) -> None:
         async with self.runtime.watch(job_id, user=user):
@@ -646,7 +734,9 @@ class RuntimeModel(RuleBasedStateMachine):
                     continue
                 ended_types = {t for j, t in seen if j == job.job_id and t != "ai.tool.approval_required"}
                 if self.watched_through_end(job):
-                    assert not ended_types, f"{job.job_id}: notified though a watch delivered its end"
+                    assert not ended_types or self.presence_may_have_lapsed(job), (
+                        f"{job.job_id}: notified though a watch delivered its end"
+                    )
                 elif not self.watched_near_end(job):
                     assert len(ended_types) == 1, (
                         f"{job.job_id} ended unwatched at {job.finished_wall - self.wall_offset:.3f}: "  # type: ignore[operator]
@@ -659,6 +749,10 @@ class RuntimeModel(RuleBasedStateMachine):
             return False
         end = job.finished_wall - self.wall_offset
         return any(t0 < end - 0.01 for t0 in job.end_watch_starts)
+
+    def presence_may_have_lapsed(self, job: ModelJob) -> bool:
+        """The store may have lost track of a watch of ``job`` when it ended (an outage)."""
+        return False
 
     def watched_near_end(self, job: ModelJob) -> bool:
         if job.finished_wall is None:
@@ -688,4 +782,360 @@ TestMemoryModel = RuntimeModel.TestCase
 TestMemoryModel.settings = MODEL_SETTINGS
 TestSqliteModel = SqliteRuntimeModel.TestCase
 TestSqliteModel.settings = settings(MODEL_SETTINGS, max_examples=max(1, EXAMPLES // 2))
+
+
+# -- Redis, and losing it ----------------------------------------------------------------------
+
+OUTAGES = ("restart", "pause", "crash", "reset")
+OUTAGE_SECONDS = (0.3, 2.0, 10.0, 25.0)  # each within CONFIG.store_outage_limit (30 s)
+SETTLE = 3.0  # after the store is back: more than a write's longest backoff (2 s)
+STALLED = 1.0  # real seconds a healthy Redis never takes to answer (see store_busy)
+# An outage this long may outlast the presence of a watch in Redis (lease_ttl after the
+# keeper last renewed it, up to lease_renew_interval before the outage), counting the
+# backoff (2 s) before a job that ended meanwhile writes its end and decides to notify.
+PRESENCE_MAY_LAPSE = CONFIG.lease_ttl - CONFIG.lease_renew_interval - 2.0
+
+
+class AcksAwaited:
+    """Subscriptions waiting for Redis to acknowledge them (coredis gives that a second on
+    the clock; the command is not a request with a reply). Counted by ``count_acks``."""
+
+    count = 0
+
+
+def count_acks(wait: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``PubSub._ensure_subscribed`` (or ``_ensure_unsubscribed``), counted in ``AcksAwaited``."""
+
+    async def counted(pubsub: Any, waiters: Any) -> Any:
+        AcksAwaited.count += 1
+        try:
+            return await wait(pubsub, waiters)
+        finally:
+            AcksAwaited.count -= 1
+
+    return counted
+
+
+def requests_in_flight(store: RedisStore) -> bool:
+    """Whether one of the store's connections waits for Redis' reply (a request, or a
+    subscription's acknowledgement), or a connection is being made (a task waits to write).
+    coredis' private details: the harness's business."""
+    client = store._redis
+    if client is None:
+        return False
+    if AcksAwaited.count:
+        return True
+    pool: Any = client.connection_pool
+    if any(connection._requests for connection in pool._online_connections):
+        return True
+    io = trio.lowlevel.current_statistics().io_statistics
+    return bool(getattr(io, "tasks_waiting_write", 0))
+
+
+def redis_cli(port: int, *command: str) -> str:
+    done = subprocess.run(["redis-cli", "-p", str(port), *command], capture_output=True, text=True, check=False)
+    return done.stdout.strip()
+
+
+def wait_until_ready(port: int, timeout: float = 30.0) -> None:
+    """Until Redis answers PING: listening is not enough while it loads its data."""
+    deadline = time.monotonic() + timeout
+    while redis_cli(port, "ping") != "PONG":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"redis on port {port} did not answer PING within {timeout} s")
+        time.sleep(0.02)
+
+
+def crash_on_waking(server: RedisServer, awake: float) -> None:
+    """Wake a frozen Redis and kill it ``awake`` seconds later: it runs some of what was
+    waiting (each write in its append-only file before its reply), and some replies never
+    leave it (with a fraction of a millisecond, commits that landed are often retried)."""
+    server.resume()
+    time.sleep(awake)
+    server.kill()
+
+
+@attrs.define
+class OutageWatch:
+    """A watch that the outage rule keeps open while the store goes away and comes back."""
+
+    job: ModelJob
+    cursor: int
+    seconds: float
+    status: str | None = None  # the job's status when the watch opened
+    got: list[Batch] = attrs.Factory(list)
+    times: list[float] = attrs.Factory(list)  # when each batch came
+    error: Exception | None = None
+    t0: float = 0.0
+    t1: float = 0.0
+
+
+class RedisRuntimeModel(RuntimeModel):
+    """Over ``RedisStore`` on a redis-server of the test's own, which the rule
+    ``lose_and_regain_store`` takes away and gives back."""
+
+    store_kind = "redis"
+    exact_timing = False
+    server: ClassVar[RedisServer | None] = None  # the model_redis fixture's
+
+    def __init__(self) -> None:
+        self.store_away = False
+        self.busy_since: float | None = None  # monotonic time since when a request is under way
+        self.stalls = 0
+        self.redis_store: RedisStore | None = None
+        # job id -> trio-time windows in which the store may have lost a watch's presence
+        self.lapses: dict[str, list[tuple[float, float]]] = {}
+        super().__init__()
+
+    @property
+    def redis(self) -> RedisServer:
+        assert self.server is not None, "the model_redis fixture starts the server"
+        return self.server
+
+    def make_store(self) -> Store:
+        self.server_up()
+        self.redis_store = RedisStore(redis_url(self.redis.port), prefix=f"model:{uuid.uuid4().hex[:12]}")
+        return self.redis_store
+
+    def store_busy(self) -> bool:
+        """A request to Redis is under way: the clock waits for its reply, but only for
+        ``STALLED`` real seconds on end. While Redis is frozen (``store_away``), or when a
+        reply will never come (an acknowledgement on a connection that died waits for its
+        timeout), time passes as it would for real."""
+        if self.store_away or self.redis_store is None or not requests_in_flight(self.redis_store):
+            self.busy_since = None
+            return False
+        now = time.monotonic()
+        if self.busy_since is None:
+            self.busy_since = now
+        if now - self.busy_since < STALLED:
+            return True
+        self.stalls += 1
+        return False
+
+    def server_up(self) -> None:
+        """Redis running and answering (after a failed example too)."""
+        server = self.redis
+        if server.proc is None or server.proc.poll() is not None:
+            server.start()
+        else:
+            server.resume()
+        wait_until_ready(server.port)
+
+    def teardown(self) -> None:
+        self.store_away = False
+        self.server_up()  # a rule that failed mid-outage may have left it down
+        super().teardown()
+        if self.stalls:
+            event(f"the clock stopped waiting for a reply after {STALLED} real seconds")
+
+    async def lose_store(self, how: str) -> None:
+        if how == "reset":  # Redis stays up; every connection of ours is cut
+            await trio.to_thread.run_sync(redis_cli, self.redis.port, "client", "kill", "type", "normal")
+            await trio.to_thread.run_sync(redis_cli, self.redis.port, "client", "kill", "type", "pubsub")
+            return
+        if how == "restart":  # requests fail at once: the clock still waits for each
+            self.redis.kill()
+        else:  # pause, crash: requests hang, and the clock jumps meanwhile
+            self.store_away = True
+            self.redis.pause()
+
+    async def regain_store(self, how: str, awake: float = 0.0) -> None:
+        if how == "crash":  # blocks the loop: no reply is read before the kill
+            crash_on_waking(self.redis, awake)
+        if how in ("restart", "crash"):  # in a worker thread: the clock stands still meanwhile
+            await trio.to_thread.run_sync(self.server_up)
+        elif how == "pause":
+            self.redis.resume()
+        self.store_away = False
+
+    @precondition(lambda self: bool(self.live()))  # jobs run (as far as the model knows)
+    @rule(
+        data=st.data(),
+        how=st.sampled_from(OUTAGES),
+        seconds=st.sampled_from(OUTAGE_SECONDS),
+        lead=st.sampled_from([0.0, 1.0, 5.0]),
+        action=st.sampled_from(["none", "abort", "approve", "foreign"]),
+    )
+    def lose_and_regain_store(
+        self, data: st.DataObject, how: str, seconds: float, lead: float, action: str
+    ) -> None:
+        """Lose the store and regain it while jobs run and are watched: Redis killed and
+        restarted with its data, frozen (SIGSTOP), frozen and killed as it wakes, or every
+        connection of ours cut (CLIENT KILL), for ``seconds`` of the runtime's time, all
+        within ``store_outage_limit``. Up to three watches (opened before) stay open
+        through it, and an abort, a decision or another user's requests may come while it
+        is away. Nothing may be lost: the watches stay contiguous and agree with every
+        other, the jobs end as they would have, every write lands once the store is back."""
+        jobs = list(self.jobs.values())
+        watches: list[OutageWatch] = []
+        target: ModelJob | None = None
+        if jobs:
+            for job in data.draw(st.lists(st.sampled_from(jobs), max_size=3)):
+                known = max(self.history.job(job.job_id, 1).kinds, default=0)
+                cursor = data.draw(st.sampled_from(sorted({0, known // 2, known, known + 1})))
+                length = data.draw(st.sampled_from([lead + seconds / 2, lead + seconds + 1.0, 200.0]))
+                watches.append(OutageWatch(job, cursor, length))
+            if action != "none":
+                target = data.draw(st.sampled_from(jobs))
+        approved, other = data.draw(st.booleans()), data.draw(st.sampled_from(USERS))
+        awake = data.draw(st.sampled_from([0.0, 0.0003, 0.003])) if how == "crash" else 0.0
+        acted: dict[str, Any] = {}
+
+        async def act(job: ModelJob) -> None:
+            """Our request while the store is away: an abort or a decision (a running job
+            needs no store for it), or another user's requests."""
+            rt = self.runtime
+            acted["at"], acted["was"], acted["approved"] = self.now(), job.status, approved
+            if action == "foreign":
+                if other != job.user:
+                    acted["foreign"] = await self.foreign_and_missing(job, other)
+                return
+            try:
+                if action == "abort":
+                    acted["result"] = await rt.abort(job.job_id, user=job.user)
+                    return
+                acted["status"] = (await rt.get_job(job.job_id, user=job.user)).job.status
+                acted["result"] = await rt.approve(job.job_id, "c1", approved, user=job.user)
+            except (backstream.NotFoundError, backstream.UnavailableError, backstream.ConflictError) as exc:
+                acted["result"] = exc
+
+        async def go() -> tuple[float, float]:
+            await self.refresh()
+            async with trio.open_nursery() as nursery:
+                for watch in watches:
+                    if not watch.job.gone:
+                        await nursery.start(self.watch_through_outage, watch)
+                await trio.sleep(lead)
+                lost = self.now()
+                try:
+                    await self.lose_store(how)
+                    if target is not None and not target.gone:
+                        nursery.start_soon(act, target)
+                    await trio.sleep(seconds)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self.regain_store(how, awake)
+                back = self.now()
+            await trio.sleep(SETTLE)
+            await self.refresh()
+            return lost, back
+
+        lost, back = self.run(go, timed=True)
+        event(f"store lost: {how}")
+        for watch in watches:
+            if watch.t1 == 0.0:
+                continue  # its job was gone already
+            self.check_outage_watch(watch, lost, back, seconds)
+            if any(lost <= t <= back for t in watch.times):
+                event("a watch got batches while the store was away")
+        if any(lost <= (self.ended_at(j) or -1.0) <= back for j in self.jobs.values()):
+            event("a job ended while the store was away")
+        if "result" in acted or "foreign" in acted:
+            assert target is not None
+            answer = type(acted["result"]).__name__ if "result" in acted else acted["foreign"][1][0][0]
+            event(f"while the store was away: {action} -> {answer}")
+            self.check_outage_request(target, acted, how)
+        assert self.redis_store is not None
+        if self.redis_store.statistics().commits_replanned:
+            event("a commit was planned again (a retry that had landed)")
+
+    async def watch_through_outage(
+        self, watch: OutageWatch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the watch (the store is there), report it started, follow it for its time."""
+        job, opened = watch.job, False
+        watch.t0 = self.now()
+        try:
+            with trio.move_on_after(watch.seconds):
+                watch.status = (await self.runtime.get_job(job.job_id, user=job.user)).job.status
+                async with self.runtime.watch(job.job_id, user=job.user, after_seq=watch.cursor) as batches:
+                    task_status.started()
+                    opened = True
+                    async for batch in batches:
+                        watch.got.append(batch)
+                        watch.times.append(self.now())
+        except (backstream.NotFoundError, backstream.BadRequestError, backstream.UnavailableError) as exc:
+            watch.error = exc
+        finally:
+            watch.t1 = self.now()
+            if not opened:
+                task_status.started()
+
+    def ended_at(self, job: ModelJob) -> float | None:
+        """When ``job`` ended, in trio time (None: not seen ended)."""
+        return None if job.finished_wall is None else job.finished_wall - self.wall_offset
+
+    def check_outage_watch(self, watch: OutageWatch, lost: float, back: float, seconds: float) -> None:
+        job, error = watch.job, watch.error
+        if isinstance(error, backstream.UnavailableError):
+            # Only a watch that reads the store meets the outage: the job had ended and left
+            # before it opened. A running job's watchers read its log in memory.
+            ended = self.ended_at(job)
+            assert ended is not None and ended <= watch.t0 + 1e-6, (
+                f"watch of {job.job_id} (running when it opened: {watch.status}) failed: {error}"
+            )
+            error = None
+        t1 = watch.t1
+        if lost - 1e-6 <= t1 <= back + 1e-6:
+            # Closed while the store was away: the end of the watch was not recorded, and its
+            # presence holds in Redis until it lapses (lease_ttl); it counts as watching.
+            t1 += CONFIG.lease_ttl
+        self.check_watch(job, f"outage-watch#{self.rule_index}", watch.cursor, watch.got, error, watch.t0, t1)
+        if seconds >= PRESENCE_MAY_LAPSE and watch.t0 <= lost <= watch.t1:
+            # Open through a long outage: its presence may have lapsed in Redis until the
+            # keeper renews it, after the store is back (or renewed it with a lease that a
+            # freeze made stale). A job that ended meanwhile may be notified though watched.
+            self.lapses.setdefault(job.job_id, []).append((lost, back + CONFIG.lease_renew_interval + 2.0))
+
+    def check_outage_request(self, job: ModelJob, acted: dict[str, Any], how: str) -> None:
+        if "foreign" in acted:
+            foreign, missing = acted["foreign"]
+            # While the store is away, both may be unavailable; what differs is not the job's
+            # existence but the wording of the store's error.
+            def codes(answers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+                return [(code, text if code == "not_found" else "") for code, text in answers]
+
+            assert codes(foreign) == codes(missing), (how, foreign, missing)
+            assert all(code in ("not_found", "unavailable") for code, _ in foreign), foreign
+            return
+        result = acted["result"]
+        if isinstance(result, backstream.UnavailableError | backstream.NotFoundError):
+            # The job's actor had left (it had ended and written its end), so the request
+            # went to the store: a running job's abort or decision needs none.
+            ended = self.ended_at(job)
+            assert ended is not None and ended <= acted["at"] + 1e-6, (
+                f"a request on {job.job_id} (was {acted['was']}) failed while the store was away: {result}"
+            )
+            if isinstance(result, backstream.NotFoundError):
+                self.went_away(job)
+            return
+        if isinstance(result, backstream.AbortResult):
+            self.check_abort(job, acted["was"], result)
+        else:
+            self.check_approval(job, acted["status"], acted["approved"], result)
+
+    def presence_may_have_lapsed(self, job: ModelJob) -> bool:
+        ended = self.ended_at(job)
+        return ended is not None and any(a <= ended <= b for a, b in self.lapses.get(job.job_id, []))
+
+
+@pytest.fixture(scope="class")
+def model_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The Redis model's own redis-server (it is stopped and restarted): not the one on 6379.
+    A sync fixture, so that a skip keeps its message."""
+    for program in ("redis-server", "redis-cli"):
+        require(program, shutil.which(program) is not None, "apt-get install redis-server")
+    with pytest.MonkeyPatch.context() as patch, own_redis(tmp_path_factory.mktemp("model-redis")) as server:
+        for name in ("_ensure_subscribed", "_ensure_unsubscribed"):
+            patch.setattr(PubSub, name, count_acks(getattr(PubSub, name)))
+        RedisRuntimeModel.server = server
+        try:
+            yield server
+        finally:
+            RedisRuntimeModel.server = None
+
+
+TestRedisModel = pytest.mark.usefixtures("model_redis")(RedisRuntimeModel.TestCase)
+TestRedisModel.settings = settings(MODEL_SETTINGS, max_examples=max(1, EXAMPLES // 2))
 

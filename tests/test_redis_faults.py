@@ -13,8 +13,9 @@ from pathlib import Path
 import coredis
 import pytest
 import trio
+from coredis.tokens import PureToken
 
-from backstream import Config, GoneError, Runtime, StartedJob, open_runtime
+from backstream import BackstreamError, Config, GoneError, Runtime, StartedJob, open_runtime
 from backstream.protocol.events import ToolResultEvent
 from backstream.runtime.stores.redis import RedisStore
 from bench._procs import free_port, wait_for_port
@@ -240,21 +241,19 @@ async def test_a_log_behind_its_record_is_gone_never_a_hang(tmp_path: Path) -> N
 
 
 async def test_a_writer_whose_job_was_recovered_elsewhere_is_fenced_off(tmp_path: Path) -> None:
-    """Redis paused past lease_ttl: the other instance takes the job for an orphan and ends it
-    interrupted in epoch 2. The instance that still runs it must not write after that ending:
-    the stored log keeps exactly one terminal status, and the job stops here too."""
+    """Instance a renews its leases too late (every 30 s, for a lease_ttl of 2 s), as if it
+    had stalled: the other instance takes the job for an orphan and ends it interrupted in
+    epoch 2. The instance that still runs it must not write after that ending: the stored
+    log keeps exactly one terminal status, and the job stops here too."""
     with own_redis(tmp_path) as redis:
         url, prefix = f"redis://{REDIS_HOST}:{redis.port}/0", f"fence:{uuid.uuid4().hex[:8]}"
         config = Config(drain_timeout=0, lease_ttl=2, lease_renew_interval=0.5, flush_ms=20)
+        late = Config(drain_timeout=0, lease_ttl=2, lease_renew_interval=30, flush_ms=20)
         async with (
-            open_runtime(config, store=RedisStore(url, prefix=prefix)) as a,
+            open_runtime(late, store=RedisStore(url, prefix=prefix)) as a,
             open_runtime(config, store=RedisStore(url, prefix=prefix)) as b,
         ):
-            started = await lorem(a, tokens=300, rate=50)
-            await trio.sleep(1.0)
-            redis.pause()
-            await trio.sleep(4.0)  # past the lease: b will recover the job once Redis answers
-            redis.resume()
+            started = await lorem(a, tokens=300, rate=50)  # 6 s; its lease lapses after 2
             with trio.fail_after(30):
                 await a.wait_idle()  # the job stops on a as well
             entries = await b.store.read(started.job_id, 0, 100_000)
@@ -264,3 +263,97 @@ async def test_a_writer_whose_job_was_recovered_elsewhere_is_fenced_off(tmp_path
             assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
             record = (await b.get_job(started.job_id, user="alice")).job
             assert (record.status, record.epoch, record.seq) == ("interrupted", 2, len(entries))
+
+
+async def test_redis_frozen_past_the_lease_does_not_end_this_instances_own_jobs(tmp_path: Path) -> None:
+    """Redis frozen longer than lease_ttl, with one instance: the keeper's renewal waits
+    through the freeze and lands with a lease that has lapsed meanwhile. The same round's
+    orphan recovery must not take the instance's own running job for an orphan: the job
+    goes on and completes, in epoch 1."""
+    with own_redis(tmp_path) as redis:
+        store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
+        config = Config(drain_timeout=0, lease_ttl=2, lease_renew_interval=0.5, flush_ms=20)
+        async with open_runtime(config, store=store) as rt:
+            started = await lorem(rt, tokens=250, rate=50)
+            await trio.sleep(1.0)
+            redis.pause()
+            await trio.sleep(3.5)  # a renewal round is under way when it freezes
+            redis.resume()
+            with trio.fail_after(30):
+                await rt.wait_idle()
+            record = (await rt.get_job(started.job_id, user="alice")).job
+            assert (record.status, record.epoch) == ("completed", 1)
+            assert rt.statistics().keeper.recovered_total == 0
+
+
+async def test_a_subscription_redis_pauses_past_its_acknowledgement_is_retried(tmp_path: Path) -> None:
+    """Redis pauses its clients (CLIENT PAUSE, as a failover does) just as the store
+    subscribes again: coredis gives up waiting for the acknowledgement after a second and
+    raises from its task group. The listener subscribes again once Redis answers; it does
+    not crash."""
+    with own_redis(tmp_path) as redis:
+        store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
+        await store.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                with trio.fail_after(5):
+                    await store.subscribed.wait()
+                async with trio.open_nursery() as pings:  # idle connections: the next subscription
+                    for _ in range(4):  # goes out at once, with no handshake (which would wait)
+                        pings.start_soon(store.ping)
+                async with (
+                    coredis.Redis(host=REDIS_HOST, port=redis.port) as admin,
+                    admin.pipeline(transaction=True) as both,  # no subscription gets in between
+                ):
+                    both.client_kill(type_=PureToken.PUBSUB)
+                    both.client_pause(5000, PureToken.ALL)  # past coredis' three tries
+                # Subscribed again once the pause ends (``subscribed`` is a new event after
+                # each loss, so it is polled).
+                with trio.fail_after(20):
+                    while not (store.statistics().outage_retries and store.subscribed.is_set()):
+                        await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()
+        finally:
+            await store.aclose()
+
+
+async def test_while_redis_is_away_another_users_running_job_answers_as_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    """Another user's job is not_found exactly like a job that does not exist, also while
+    Redis is away: a running job's id must not answer not_found at once where a missing id
+    answers unavailable (that would tell who has a job running)."""
+    with own_redis(tmp_path) as redis:
+        store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
+        async with open_runtime(Config(drain_timeout=0, flush_ms=20), store=store) as rt:
+            started = await lorem(rt, tokens=100, rate=50)
+            missing = "j_" + started.job_id[2:][::-1]
+
+            async def answers(job_id: str) -> list[str]:
+                async def watch() -> None:
+                    async with rt.watch(job_id, user="bob"):
+                        pass
+
+                calls = [
+                    lambda: rt.get_job(job_id, user="bob"),
+                    lambda: rt.abort(job_id, user="bob"),
+                    lambda: rt.approve(job_id, "c1", True, user="bob"),
+                    watch,
+                ]
+                out = []
+                for call in calls:
+                    with pytest.raises(BackstreamError) as raised:
+                        await call()
+                    out.append(raised.value.code)
+                return out
+
+            assert await answers(started.job_id) == await answers(missing) == ["not_found"] * 4
+            redis.kill()
+            try:
+                assert await answers(started.job_id) == await answers(missing) == ["unavailable"] * 4
+            finally:
+                redis.start()
+            with trio.fail_after(30):
+                await rt.wait_idle()
+            assert (await rt.get_job(started.job_id, user="alice")).job.status == "completed"

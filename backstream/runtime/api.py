@@ -499,12 +499,13 @@ class Runtime:
         """The job's live actor if it runs here (always the freshest view), else its record.
 
         An actor leaves the registry only after its final write, so when none is
-        found the store's record is final for jobs of this process.
+        found the store's record is final for jobs of this process. Another user's
+        running job is looked up in the store like any job not found here, so that it
+        answers exactly as a missing one does (``UnavailableError`` while the store is
+        away, not an immediate ``NotFoundError`` that would tell it exists).
         """
         actor = self._registry.live(job_id) if isinstance(job_id, str) else None
-        if actor is not None:
-            if actor.record.user != user:
-                raise NotFoundError()
+        if actor is not None and actor.record.user == user:
             return actor
         return await self._record(job_id, user)
 

@@ -216,7 +216,11 @@ class RedisStore(RedisNotifications, Store):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen for commits, aborts, decisions and notifications from every instance;
-        resubscribe after outages. Cancellation: stops listening (waits then rely on polls)."""
+        resubscribe after outages. Cancellation: stops listening (waits then rely on polls).
+
+        coredis runs a subscription in a task group of its own, so what ends it (a lost
+        connection, a subscription Redis did not acknowledge in time, e.g. while it pauses
+        its clients) may come wrapped in an exception group: ``except*`` handles both."""
         task_status.started()
         backoff = _outage_backoff()
         while True:
@@ -228,11 +232,11 @@ class RedisStore(RedisNotifications, Store):
                     self._wake_all()  # anything missed while unsubscribed
                     async for message in pubsub:
                         self._dispatch(str(message["channel"]), str(message["data"]))
-            except (coredis.exceptions.RedisError, OSError) as exc:
+            except* (coredis.exceptions.RedisError, OSError) as lost:
                 self._outage_retries += 1
                 self.subscribed = trio.Event()
                 delay = backoff.next_delay()
-                log.warning("redis subscription lost (%s); retrying in %.1fs", exc, delay)
+                log.warning("redis subscription lost (%s); retrying in %.1fs", _describe(lost), delay)
                 await trio.sleep(delay)
 
     def _dispatch(self, channel: str, data: str) -> None:
@@ -571,6 +575,11 @@ class RedisStore(RedisNotifications, Store):
         recovered: list[JobRecord] = []
         for job_id in map(str, candidates):
             record = await self.get_job(job_id)
+            if record is not None and record.owner == owner and job_id in self._writing:
+                # The caller runs it (this store still writes it): not an orphan, whatever its
+                # lease says. A renewal that a frozen Redis held up lands with a lease that may
+                # have lapsed since. (A job of the caller's that it gave up writing is one.)
+                continue
             keys = [
                 self._job(job_id),
                 self._log(job_id),
@@ -607,6 +616,14 @@ class RedisStore(RedisNotifications, Store):
             if await self._call(self._scripts["recover"](keys=keys, args=args)) == 1:
                 recovered.append(final)
         return recovered
+
+
+def _describe(group: BaseExceptionGroup[BaseException]) -> str:
+    """The messages of the exceptions in ``group`` (nested groups flattened)."""
+    return "; ".join(
+        _describe(exc) if isinstance(exc, BaseExceptionGroup) else f"{type(exc).__name__}: {exc}"
+        for exc in group.exceptions
+    )
 
 
 def _cluster_client(url: str) -> coredis.RedisCluster[str]:
