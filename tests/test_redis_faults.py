@@ -357,3 +357,43 @@ async def test_while_redis_is_away_another_users_running_job_answers_as_a_missin
             with trio.fail_after(30):
                 await rt.wait_idle()
             assert (await rt.get_job(started.job_id, user="alice")).job.status == "completed"
+
+
+async def test_a_job_that_ends_while_redis_is_away_still_notifies_its_user(tmp_path: Path) -> None:
+    """The end of a job nobody watches calls for a notification; Redis is down (restarting
+    with its data) when the job asks for it. The request waits out the outage and the
+    notification is created once Redis is back (before, the one attempt failed and the
+    notification was lost)."""
+    with own_redis(tmp_path) as redis:
+        store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
+        async with open_runtime(Config(drain_timeout=0, flush_ms=20), store=store) as rt:
+            started = await lorem(rt, 5, 50)
+            await rt.wait_idle()
+            assert (await rt.notifications_list(user="alice"))[0][0].job_id == started.job_id
+            redis.kill()
+            try:
+                async with trio.open_nursery() as nursery:
+                    created: list[bool] = []
+
+                    async def notify() -> None:
+                        created.append(
+                            await rt.notifier.job_ended(
+                                job_id="j_other",
+                                user="alice",
+                                thread_id="t",
+                                status="completed",
+                                content="done",
+                                error=None,
+                            )
+                        )
+
+                    nursery.start_soon(notify)
+                    await trio.sleep(3.0)  # several attempts meet no Redis
+                    assert not created
+                    redis.start()
+            finally:
+                if redis.proc is None or redis.proc.poll() is not None:
+                    redis.start()
+            assert created == [True]
+            listed, _unread = await rt.notifications_list(user="alice")
+            assert sorted(n.job_id for n in listed) == sorted([started.job_id, "j_other"])

@@ -80,6 +80,7 @@ class JobActor:
         self._flushed_content_length = 0
         self._flushed_status: JobStatus | None = None
         self._closed_in_store = False  # the terminal status is written durably
+        self._notified = False  # the notification step has run to its answer
         self._finished_at: float | None = None
         self._flush_lock = trio.Lock()
         self._updated_at = record.created_at
@@ -131,6 +132,9 @@ class JobActor:
                 try:
                     await self._run_to_end()
                     await self._write_end()
+                    # A store that is away gets as long to come back for this as for the log.
+                    with trio.move_on_after(self._config.store_outage_limit):
+                        await self._notify_end()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -144,7 +148,8 @@ class JobActor:
                     log.exception("job %s: the final write to the store failed", self.job_id)
                 if not self._closed_in_store:
                     await self._record_crash()
-                await self._notify_end()
+                if not self._notified:
+                    await self._notify_end()
             self.finished.set()
 
     async def _notify_end(self) -> None:
@@ -159,6 +164,7 @@ class JobActor:
             content=self.log.content()[:200],
             error=terminal.error,
         )
+        self._notified = True  # asked and answered, whatever the answer
 
     async def _run_to_end(self) -> None:
         self.log.append_status("running")

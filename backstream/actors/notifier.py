@@ -16,7 +16,9 @@ import attrs
 import trio
 
 from backstream.actors.clock import WallClock
-from backstream.actors.ports import Store
+from backstream.actors.ports import Store, StoreClosedError
+from backstream.protocol.backoff import Backoff
+from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import ErrorInfo, JobStatus
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import NotificationRecord
@@ -62,8 +64,9 @@ class Notifier:
     ) -> bool:
         """The notification a job's end calls for, if nobody watched. None for ``aborted``.
 
-        Cancellation: the notification may or may not have been created (the store's step is
-        atomic either way).
+        While the store is away (``UnavailableError``) it asks again with backoff, for as
+        long as the caller lets it. Cancellation: the notification may or may not have been
+        created (the store's step is atomic either way).
         """
         kind = _BY_STATUS.get(status)
         if kind is None:
@@ -90,11 +93,20 @@ class Notifier:
             body=body,
             created_at=now,
         )
-        try:
-            return await self._store.notify_unwatched(record, now, self._max_per_user)
-        except Exception:
-            log.exception("job %s: could not create a notification", job_id)
-            return False
+        backoff = Backoff(0.1, 2.0)
+        while True:
+            try:
+                return await self._store.notify_unwatched(record, now, self._max_per_user)
+            except StoreClosedError:
+                log.warning("job %s: the store closed before its notification was created", job_id)
+                return False
+            except UnavailableError as exc:  # the store is away: ask again; the caller bounds it
+                delay = backoff.next_delay()
+                log.info("job %s: notification not created yet (%s); retrying in %.1fs", job_id, exc, delay)
+                await trio.sleep(delay)
+            except Exception:
+                log.exception("job %s: could not create a notification", job_id)
+                return False
 
     def deliver_local(self, notification: NotificationRecord) -> None:
         """Push to this instance's connections of the user (never blocks). The store calls
