@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import socket as stdlib_socket
 import ssl
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -29,7 +28,7 @@ from backstream.runtime.api import Runtime
 from backstream.runtime.server.ai_sdk import AiSdkConnection
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.connection import Connection, ConnectionLimits, ConnectionStats
-from backstream.runtime.server.listeners import PeerStreams, TrackedListener
+from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
 from backstream.runtime.server.websocket import FailingWebSocketServer
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
@@ -129,7 +128,14 @@ class FrontDoor:
 
         Cancellation: stops accepting and cancels every connection; jobs go on in the runtime.
         """
-        listeners = await self._open_listeners()
+        listeners = [
+            await open_tcp_listener(
+                self.config.host,
+                self.config.port,
+                reuse_port=self.config.reuse_port,
+                send_buffer=self.config.socket_send_buffer,
+            )
+        ]
         self.port = listeners[0].socket.getsockname()[1]
         tracked: list[Any] = [TrackedListener(listener, self._streams) for listener in listeners]
         if self.config.ssl_context is not None:
@@ -151,19 +157,6 @@ class FrontDoor:
                 await server.run(task_status=task_status)  # type: ignore[arg-type]
             for listener in listeners:
                 await listener.aclose()
-
-    async def _open_listeners(self) -> list[trio.SocketListener]:
-        sock = trio.socket.socket(
-            trio.socket.AF_INET6 if ":" in self.config.host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
-        )
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-        if self.config.reuse_port:
-            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
-        # Accepted sockets inherit the send buffer size.
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, self.config.socket_send_buffer)
-        await sock.bind((self.config.host, self.config.port))
-        sock.listen(1024)
-        return [trio.SocketListener(sock)]
 
     def stop_accepting(self) -> None:
         self._listen_scope.cancel()

@@ -10,7 +10,6 @@ write fail at once (``http_app.StreamSocket``).
 from __future__ import annotations
 
 import logging
-import socket as stdlib_socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -22,7 +21,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
-from backstream.runtime.server.listeners import PeerStreams, TrackedListener
+from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
 
 __all__ = ["HttpServer", "HttpServerConfig"]
 
@@ -70,7 +69,12 @@ class HttpServer:
         """Serve until ``stop_accepting``.
 
         Cancellation: the listener closes and every connection ends at once."""
-        listener = await self._open_listener()
+        listener = await open_tcp_listener(
+            self.config.host,
+            self.config.port,
+            reuse_port=self.config.reuse_port,
+            send_buffer=self.config.socket_send_buffer,
+        )
         self.port = listener.socket.getsockname()[1]
         tracked = TrackedListener(listener, self._streams)
         try:
@@ -102,15 +106,3 @@ class HttpServer:
             await listener.aclose()
             await context.terminated.set()  # idle keep-alive connections close now
             handlers.cancel_scope.deadline = trio.current_time() + self.config.graceful_timeout
-
-    async def _open_listener(self) -> trio.SocketListener:
-        family = trio.socket.AF_INET6 if ":" in self.config.host else trio.socket.AF_INET
-        sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-        if self.config.reuse_port:
-            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
-        # Accepted sockets inherit it: bounds what a slow reader can leave queued in the kernel.
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, self.config.socket_send_buffer)
-        await sock.bind((self.config.host, self.config.port))
-        sock.listen(1024)
-        return trio.SocketListener(sock)

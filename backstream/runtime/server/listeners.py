@@ -9,12 +9,30 @@ so a closed stream leaves it by itself.
 from __future__ import annotations
 
 import contextlib
+import socket as stdlib_socket
 import weakref
 from typing import Any
 
 import trio
 
-__all__ = ["PeerStreams", "TrackedListener"]
+__all__ = ["PeerStreams", "TrackedListener", "open_tcp_listener"]
+
+
+async def open_tcp_listener(
+    host: str, port: int, *, reuse_port: bool, send_buffer: int
+) -> trio.SocketListener:
+    """A listening TCP socket on ``host:port`` (port 0: any free one). ``reuse_port`` lets
+    several worker processes share the port; ``send_buffer`` is the kernel send buffer that
+    accepted sockets inherit, which bounds what a slow reader can leave queued there."""
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, send_buffer)
+    await sock.bind((host, port))
+    sock.listen(1024)
+    return trio.SocketListener(sock)
 
 
 def _peer(address: Any) -> tuple[str, int]:
