@@ -102,7 +102,7 @@ class Notifier:
                 return False
             except UnavailableError as exc:  # the store is away: ask again; the caller bounds it
                 delay = backoff.next_delay()
-                log.info("job %s: notification not created yet (%s); retrying in %.1fs", job_id, exc, delay)
+                log.debug("job %s: notification not created yet (%s); retrying in %.1fs", job_id, exc, delay)
                 await trio.sleep(delay)
             except Exception:
                 log.exception("job %s: could not create a notification", job_id)
