@@ -58,6 +58,7 @@ from backstream.runtime.server.connection import ConnectionLimits, ConnectionSta
 from backstream.runtime.server.peer import Close as _Close
 from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
 from backstream.runtime.server.socket_gate import SocketGate
+from backstream.runtime.server.websocket import send_text
 
 __all__ = ["AiSdkConnection"]
 
@@ -383,9 +384,7 @@ class AiSdkConnection:
             self._stats.closed_slow += 1
             log.info("conn %s: client too slow, closing 4429", self.conn_id)
             raise _Close(4429, "too slow: resume the chat")
-        with trio.move_on_after(self._limits.send_timeout) as deadline:
-            await self._ws.send_message(text)
-        if deadline.cancelled_caught:
+        if not await send_text(self._ws, text, self._limits.send_timeout):
             self._stats.closed_slow += 1
             raise _Close(4429, "too slow: resume the chat")
         self._stats.frames_sent += 1

@@ -77,6 +77,7 @@ from backstream.runtime.server.paging import job_info_page
 from backstream.runtime.server.peer import Close as _Close
 from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
 from backstream.runtime.server.socket_gate import SocketGate
+from backstream.runtime.server.websocket import send_text
 
 __all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
 
@@ -502,9 +503,7 @@ class Connection:
     async def _send(self, text: str) -> None:
         """Send one frame within ``send_timeout``; past it the client is too slow and the
         connection is dropped (the frame may be cut, so no close frame can follow)."""
-        with trio.move_on_after(self._limits.send_timeout) as deadline:
-            await self._ws.send_message(text)
-        if deadline.cancelled_caught:
+        if not await send_text(self._ws, text, self._limits.send_timeout):
             self._stats.closed_slow += 1
             log.info(
                 "conn %s: a frame did not go out within %gs: %s",

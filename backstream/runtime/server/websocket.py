@@ -1,6 +1,13 @@
-"""trio-websocket's server, failing a connection with a close frame when a frame is bad.
+"""trio-websocket's server, with a direct send path and a close frame for a bad frame.
 
-wsproto reports a frame it cannot accept (a text frame that is not UTF-8: 1007; a
+Sending: ``send_message`` takes a lock, serializes, and calls trio's ``send_all``,
+which yields to the scheduler on every call; the caller's send deadline adds a cancel
+scope per frame. Most frames fit in the socket's buffer at once, so
+``ServerWebSocket.try_send_message`` writes a frame with one non-blocking ``send(2)``
+and no schedule point; only what the socket did not take waits, in
+``UnsentFrame.send``, under the caller's deadline (``send_text``).
+
+Failing: wsproto reports a frame it cannot accept (a text frame that is not UTF-8: 1007; a
 protocol violation: 1002) as if the peer had closed, and trio-websocket then drops
 the TCP connection without a close frame, so the client learns nothing. RFC 6455
 (7.1.7) asks to fail the connection: send a close frame with the code, then close.
@@ -9,17 +16,84 @@ the TCP connection without a close frame, so the client learns nothing. RFC 6455
 from __future__ import annotations
 
 import contextlib
+import os
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketServer
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import CloseConnection, TextMessage
 
-__all__ = ["FailingWebSocketServer"]
+__all__ = ["FailingWebSocketServer", "ServerWebSocket", "UnsentFrame", "send_text"]
 
 
-class _FailingConnection(WebSocketConnection):
+class UnsentFrame:
+    """What of a frame the socket did not take at once. The connection's send lock is
+    held for it (or still to be taken) until ``send`` returns or is cancelled."""
+
+    def __init__(self, ws: ServerWebSocket, data: bytes | memoryview, *, locked: bool) -> None:
+        self._ws = ws
+        self._data = data
+        self._locked = locked
+
+    async def send(self) -> None:
+        """Send the rest. Raises ``ConnectionClosed`` if the connection broke.
+
+        Cancellation: the frame may be cut; the connection must then be closed."""
+        ws = self._ws
+        lock = ws._stream_lock
+        try:
+            if not self._locked:
+                await lock.acquire()
+                self._locked = True
+                if ws._close_reason:
+                    raise ConnectionClosed(ws._close_reason)
+            try:
+                await ws._stream.send_all(self._data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await ws._abort_web_socket()
+                assert ws._close_reason is not None
+                raise ConnectionClosed(ws._close_reason) from None
+        finally:
+            if self._locked:
+                lock.release()
+
+
+class ServerWebSocket(WebSocketConnection):
+    """A server connection that writes frames straight to a plain TCP socket when it can,
+    and answers a bad frame with a close frame."""
+
+    def __init__(self, stream: trio.abc.Stream, *args: object, **kwargs: object) -> None:
+        super().__init__(stream, *args, **kwargs)  # type: ignore[arg-type]
+        # TLS streams take the library's path: their bytes are not the socket's.
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+
+    def try_send_message(self, message: str) -> UnsentFrame | None:
+        """Write a text message without waiting: None once the socket took all of it; else
+        what is left to send, which must be sent (``UnsentFrame.send``) before this task
+        sends anything else. Raises ``ConnectionClosed`` if the connection is closed.
+
+        Never a schedule point: the caller checkpoints."""
+        if self._close_reason:
+            raise ConnectionClosed(self._close_reason)
+        data = self._wsproto.send(TextMessage(data=message))
+        lock = self._stream_lock
+        # Asked each time: a closed socket says -1, and its old number may be another's now.
+        fd = self._socket.fileno() if self._socket is not None else -1
+        if fd < 0 or lock.locked():
+            return UnsentFrame(self, data, locked=False)
+        lock.acquire_nowait()
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # broken: the library's send_all reports it in its own terms
+        if sent == len(data):
+            lock.release()
+            return None
+        return UnsentFrame(self, memoryview(data)[sent:], locked=True)
+
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state == ConnectionState.OPEN:  # not a close frame: wsproto failed a frame
             with contextlib.suppress(ConnectionClosed):
@@ -33,7 +107,7 @@ class FailingWebSocketServer(WebSocketServer):
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
         # As trio-websocket 0.12's own, with the connection class above.
         async with trio.open_nursery() as nursery:
-            connection = _FailingConnection(
+            connection = ServerWebSocket(
                 stream,
                 WSConnection(ConnectionType.SERVER),
                 message_queue_size=self._message_queue_size,
@@ -52,3 +126,22 @@ class FailingWebSocketServer(WebSocketServer):
             finally:
                 with trio.move_on_after(self._disconnect_timeout):
                     await connection.aclose()  # shuts the reader task down even if cancelled
+
+
+async def send_text(ws: WebSocketConnection, text: str, seconds: float) -> bool:
+    """Send a text message within ``seconds``; False if it did not all go in time (the
+    frame may be cut: close the connection without another frame). Raises
+    ``ConnectionClosed``. Without a cancel scope when the socket takes the frame at once.
+
+    Cancellation: as for a timeout, the frame may be cut."""
+    if not isinstance(ws, ServerWebSocket):  # another connection class: the library's path
+        with trio.move_on_after(seconds) as deadline:
+            await ws.send_message(text)
+        return not deadline.cancelled_caught
+    unsent = ws.try_send_message(text)
+    if unsent is None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return True
+    with trio.move_on_after(seconds) as deadline:
+        await unsent.send()
+    return not deadline.cancelled_caught

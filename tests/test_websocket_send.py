@@ -1,0 +1,113 @@
+"""The server's direct send path: frames written straight to the socket, and what did not fit.
+
+A real trio-websocket client over loopback; the server side is ``FailingWebSocketServer``
+with its ``ServerWebSocket`` connections, as the front door runs it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url
+
+from backstream.runtime.server.websocket import FailingWebSocketServer, ServerWebSocket, send_text
+
+Handler = Callable[[ServerWebSocket], Awaitable[None]]
+
+
+@asynccontextmanager
+async def served(handler: Handler) -> AsyncIterator[str]:
+    """A server that runs ``handler`` on each accepted connection; yields its URL."""
+
+    async def accept(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        assert isinstance(ws, ServerWebSocket)
+        await handler(ws)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    for listener in listeners:  # a small send buffer: big frames cannot go at once
+        listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    async with trio.open_nursery() as nursery:
+        server = FailingWebSocketServer(accept, listeners, handler_nursery=nursery, max_message_size=2**24)
+        await nursery.start(server.run)
+        port = listeners[0].socket.getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/"
+        nursery.cancel_scope.cancel()
+
+
+def frame(i: int) -> str:
+    # Sizes from a few bytes to 400 KB: most fit in the buffer, some cannot.
+    return f"{i:05d}:" + "x" * (i * 7919 % 400_000 if i % 5 == 0 else i % 97)
+
+
+async def test_frames_from_concurrent_senders_arrive_whole_and_in_each_senders_order() -> None:
+    sent_all = trio.Event()
+
+    async def handler(ws: ServerWebSocket) -> None:
+        async def sender(first: int) -> None:
+            for i in range(first, 200, 2):
+                assert await send_text(ws, frame(i), 30)
+
+        async with trio.open_nursery() as nursery:  # two tasks share the connection
+            nursery.start_soon(sender, 0)
+            nursery.start_soon(sender, 1)
+        sent_all.set()
+        await trio.sleep_forever()
+
+    async with served(handler) as url, open_websocket_url(url, max_message_size=2**24) as client:
+        got = []
+        for _ in range(200):
+            got.append(await client.get_message())
+            if len(got) % 10 == 0:
+                await trio.sleep(0.01)  # a client a little slower than the server
+        await sent_all.wait()
+    assert sorted(got) == sorted(frame(i) for i in range(200))  # whole: not one byte lost or mixed
+    for parity in (0, 1):
+        mine = [m for m in got if int(str(m)[:5]) % 2 == parity]
+        assert mine == [frame(i) for i in range(parity, 200, 2)]
+
+
+async def test_a_frame_the_socket_cannot_take_waits_for_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    outcomes: list[bool] = []
+    done = trio.Event()
+
+    async def handler(ws: ServerWebSocket) -> None:
+        t0 = trio.current_time()
+        big = "y" * 4_000_000  # more than both sockets' buffers hold
+        outcomes.append(await send_text(ws, big, 5))
+        outcomes.append(4.99 < trio.current_time() - t0 < 6)
+        done.set()
+
+    async with served(handler) as url, open_websocket_url(url, max_message_size=2**24):
+        await done.wait()  # the client reads nothing
+    assert outcomes == [False, True]
+
+
+async def test_sending_on_a_closed_connection_raises_and_writes_nothing() -> None:
+    result: list[str] = []
+    closed = trio.Event()
+
+    async def handler(ws: ServerWebSocket) -> None:
+        await closed.wait()
+        with trio.fail_after(5):
+            while not ws.closed:
+                await trio.sleep(0.01)
+        with pytest.raises(ConnectionClosed):
+            ws.try_send_message("after the close")
+        result.append("raised")
+
+    async with served(handler) as url:
+        async with open_websocket_url(url):
+            pass
+        closed.set()
+        with trio.fail_after(5):
+            while not result:
+                await trio.sleep(0.01)
+    assert result == ["raised"]
