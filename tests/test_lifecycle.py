@@ -141,6 +141,20 @@ async def test_upstream_idle_timeout(upstream: FakeUpstream, autojump_clock: tri
         assert 7 <= trio.current_time() - t0 < 8
 
 
+async def test_an_upstream_slower_than_its_idle_timeout_in_all_but_no_gap_completes(
+    upstream: FakeUpstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    # 30 s of stream, a token every 6 s, idle timeout 7 s: the body's one deadline moves
+    # forward as bytes arrive, so only a gap of 7 s (plus its slack) would end it.
+    upstream.script(streams(["a"] * 5, delay=6.0))
+    async with open_runtime(cfg(upstream, upstream_idle_timeout=7)) as rt:
+        t0 = trio.current_time()
+        batches = await collect(rt, await start(rt))
+        assert terminal(batches).status == "completed"
+        assert joined_text(batches) == "aaaaa"
+        assert trio.current_time() - t0 >= 24
+
+
 @pytest.mark.parametrize(
     ("scenario", "code", "text"),
     [

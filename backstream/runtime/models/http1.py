@@ -88,38 +88,68 @@ class _Connection:
         # (trio's receive_some first tries a read that usually finds nothing, then waits.)
         self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
-    async def receive(self, idle_timeout: float) -> bytes:
-        """What the socket has, waiting up to ``idle_timeout`` for something; ``b""`` at EOF."""
-        with trio.move_on_after(idle_timeout):
-            try:
-                if self.socket is None:
-                    return bytes(await self.stream.receive_some(_READ_SIZE))  # no copy: it is bytes
-                while True:
-                    await trio.lowlevel.wait_readable(self.socket)
-                    try:
-                        return os.read(self.socket.fileno(), _READ_SIZE)
-                    except BlockingIOError:
-                        continue  # a spurious wake-up
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise UpstreamBroken(f"the upstream connection broke: {exc!r}") from None
+    async def receive(self) -> bytes:
+        """What the socket has, once it has something; ``b""`` at EOF. No deadline of its
+        own: the caller bounds the wait.
+
+        Cancellation: nothing was read."""
+        try:
+            if self.socket is None:
+                return bytes(await self.stream.receive_some(_READ_SIZE))  # no copy: it is bytes
+            while True:
+                await trio.lowlevel.wait_readable(self.socket)
+                try:
+                    return os.read(self.socket.fileno(), _READ_SIZE)
+                except BlockingIOError:
+                    continue  # a spurious wake-up
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise UpstreamBroken(f"the upstream connection broke: {exc!r}") from None
+
+    async def receive_within(self, seconds: float) -> bytes:
+        """``receive``, raising ``UpstreamReadTimeout`` after ``seconds`` without a byte."""
+        with trio.move_on_after(seconds):
+            return await self.receive()
         raise UpstreamReadTimeout
 
 
 class StreamingResponse:
-    """The status, headers and body of one response, read as it arrives."""
+    """The status, headers and body of one response, read as it arrives.
 
-    def __init__(self, connection: _Connection, head: h11.Response, idle_timeout: float) -> None:
+    The body's idle timeout is the deadline of one cancel scope around the whole body
+    (``HTTP1Pool.stream_post`` holds it), pushed forward as bytes arrive rather than a
+    cancel scope per read: at most once per ``slack`` seconds, to ``idle_timeout + slack``
+    ahead, so a silent upstream times out between ``idle_timeout`` and ``idle_timeout +
+    slack`` after its last byte.
+    """
+
+    def __init__(
+        self, connection: _Connection, head: h11.Response, idle_timeout: float, idle_scope: trio.CancelScope
+    ) -> None:
         self.status_code = head.status_code
         self.headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in head.headers}
         self._connection = connection
         self._idle_timeout = idle_timeout
+        self._slack = min(1.0, idle_timeout / 10)
+        self._idle_scope = idle_scope
         self.complete = False  # the whole body was read
         self._starved = False
+        idle_scope.deadline = trio.current_time() + idle_timeout + self._slack
+
+    def _push_deadline(self) -> None:
+        now = trio.current_time()
+        if self._idle_scope.deadline - now < self._idle_timeout:
+            self._idle_scope.deadline = now + self._idle_timeout + self._slack
+
+    async def _receive(self) -> bytes:
+        data = await self._connection.receive()
+        self._push_deadline()
+        return data
 
     async def receive_some(self) -> bytes:
         """The body bytes that the next socket read brings (several HTTP chunks joined);
-        ``b""`` at the end of the body. Raises ``UpstreamReadTimeout`` after the idle
-        timeout without a byte, ``UpstreamBroken`` if the connection breaks.
+        ``b""`` at the end of the body. Raises ``UpstreamBroken`` if the connection breaks;
+        an idle upstream cancels the body's scope (``stream_post`` raises
+        ``UpstreamReadTimeout``).
 
         Cancellation: the connection is left mid-response; the pool closes it.
         """
@@ -129,7 +159,7 @@ class StreamingResponse:
         parts: list[bytes] = []
         if self._starved:  # h11 said NEED_DATA last time: read before asking it again
             self._starved = False
-            parser.receive_data(await self._connection.receive(self._idle_timeout))
+            parser.receive_data(await self._receive())
         while True:
             try:
                 event = parser.next_event()
@@ -142,7 +172,7 @@ class StreamingResponse:
                 if parts:
                     self._starved = True
                     return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-                parser.receive_data(await self._connection.receive(self._idle_timeout))
+                parser.receive_data(await self._receive())
             elif kind is h11.EndOfMessage:
                 self.complete = True
                 return b"".join(parts)
@@ -183,11 +213,15 @@ class HTTP1Pool:
         """
         async with self._limiter:
             connection, head = await self._exchange(body, headers)
-            response = StreamingResponse(connection, head, self._idle_timeout)
+            response: StreamingResponse | None = None
             try:
-                yield response
+                with trio.CancelScope() as idle_scope:
+                    response = StreamingResponse(connection, head, self._idle_timeout, idle_scope)
+                    yield response
             finally:
-                self._release(connection, response.complete)
+                self._release(connection, response is not None and response.complete)
+            if idle_scope.cancelled_caught:
+                raise UpstreamReadTimeout
 
     async def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[_Connection, h11.Response]:
         request = h11.Request(
@@ -230,7 +264,7 @@ class HTTP1Pool:
             except h11.RemoteProtocolError as exc:
                 raise UpstreamBroken(f"invalid HTTP from the upstream: {exc}") from None
             if event is h11.NEED_DATA:
-                parser.receive_data(await connection.receive(self._idle_timeout))
+                parser.receive_data(await connection.receive_within(self._idle_timeout))
             elif type(event) is h11.Response:
                 return event
             elif type(event) is not h11.InformationalResponse:
