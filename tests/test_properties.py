@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backstream import Config, MemoryStore, open_runtime
+from backstream.protocol.codec import dumps
 from backstream.protocol.events import TextEvent
 from tests.helpers import check_contiguous, collect, joined_text, terminal
 from tests.upstream_server import finish_chunk, open_fake_upstream, raw, text_chunk, usage_chunk
@@ -71,3 +72,23 @@ def test_any_chunking_any_cursor_gives_exactly_the_content_after_it(
         partial(scenario, texts, eol, cuts, cursor_fraction),
         clock=trio.testing.MockClock(autojump_threshold=0),
     )
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),  # any code point, lone surrogates included
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(json_values)
+def test_frames_encode_to_the_json_the_standard_library_would(value: object) -> None:
+    # orjson where it can, the standard library for what orjson refuses: the same JSON value.
+    text = dumps(value)
+    assert json.loads(text) == json.loads(json.dumps(value, ensure_ascii=False))

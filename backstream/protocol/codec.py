@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin
 
 import attrs
 import cattrs
+import orjson
 from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.strategies import configure_tagged_union
 
@@ -266,7 +267,16 @@ def decode_server(data: str | bytes) -> ServerMessage:
 def encode(message: ServerMessage | ClientMessage) -> str:
     """One frame of JSON text."""
     union = ServerMessage if type(message).TYPE in SERVER_MESSAGES else ClientMessage
-    return json.dumps(converter.unstructure(message, union), separators=(",", ":"), ensure_ascii=False)
+    return dumps(converter.unstructure(message, union))
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text: orjson (about 15 times the standard library's speed), or the
+    standard library for what orjson refuses (a lone surrogate, an integer over 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def batch_message(batch: Batch) -> JobEvents:

@@ -46,6 +46,8 @@ class SocketGate:
             unsent = int.from_bytes(
                 fcntl.ioctl(self._fileno, termios.TIOCOUTQ, b"\0\0\0\0"), "little", signed=True
             )
+            if unsent == 0:
+                return True  # an empty send queue: writable, no second system call
             writable = bool(self._poller.poll(0))
         except OSError:
             return True  # the socket is gone; the send will say so
