@@ -39,6 +39,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -302,6 +303,7 @@ def measure(system: str, a: argparse.Namespace, store: str = "memory", instances
             time.sleep(1.0)
             server_pids = [child for pid in server_pids for child in child_pids(pid)] + server_pids
         samplers = [ProcessSampler(pid) for pid in server_pids]
+        profilers = start_profilers(a, system, server_pids, procs)
         time.sleep(0.3)
         cpu0 = [s.cpu for s in samplers]
         up0 = upstream.cpu if upstream else 0.0
@@ -312,6 +314,7 @@ def measure(system: str, a: argparse.Namespace, store: str = "memory", instances
         client_cpu = time.process_time() - client0
         for sampler in samplers:
             sampler.stop()
+        stop_profilers(profilers)
         if upstream:
             upstream.stop()
         server_cpu = sum(s.cpu - c for s, c in zip(samplers, cpu0, strict=True))
@@ -335,6 +338,34 @@ def measure(system: str, a: argparse.Namespace, store: str = "memory", instances
         shutil.rmtree(workdir, ignore_errors=True)
         if system == "backstream" and store == "redis":
             _delete_redis_prefix(a.redis_url, prefix)
+
+
+def start_profilers(
+    a: argparse.Namespace, system: str, pids: list[int], procs: list[subprocess.Popen[bytes]]
+) -> list[subprocess.Popen[bytes]]:
+    """With ``--profile DIR``: py-spy records each server process of ``system`` (self time, raw)."""
+    if not a.profile or system == "peer":  # py-spy reads Python processes only
+        return []
+    out = pathlib.Path(a.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    profilers = []
+    for pid in pids:
+        path = out / f"{system}-{pid}.txt"
+        spy = shutil.which("py-spy", path=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+        cmd = [spy or "py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
+        cmd += ["-o", str(path)]
+        profilers.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        print(f"profiling {system} (pid {pid}) into {path}", file=sys.stderr)
+    procs.extend(profilers)
+    return profilers
+
+
+def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGINT makes py-spy write what it recorded."""
+    for proc in profilers:
+        proc.send_signal(signal.SIGINT)
+    for proc in profilers:
+        proc.wait(timeout=60)
 
 
 def summarize(
@@ -572,6 +603,7 @@ def main() -> None:
     ap.add_argument("--sweep-jobs", default="50,100,200,300,400,500,600,800,1000")
     ap.add_argument("--plots", default=str(HERE.parent / "docs" / "perf"), help="where --sweep puts PNGs")
     ap.add_argument("--json", help="where to write the results (default bench/results/)")
+    ap.add_argument("--profile", help="record each Python server with py-spy into this directory")
     ap.add_argument("--compare-src", help="also measure the backstream checkout in this directory")
     a = ap.parse_args()
     a.source = None
