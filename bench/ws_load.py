@@ -73,6 +73,8 @@ class Stats:
         self.due: list[float] = []  # now - (start + i / rate)
         self.frames = 0
         self.started: dict[int, float] = {}  # job -> when its upstream stream began
+        self.t0 = time.time()  # reset when the load starts
+        self.first_token: list[float] = []  # per watcher: seconds from the load's start
 
     def tokens(self, job: int, index: int, text: str, now: float) -> int:
         """Record the stamped tokens in ``text``; ``index`` is how many this watcher had.
@@ -85,6 +87,7 @@ class Stats:
             produced = float(stamp)
             if index == 0:
                 self.started[job] = produced
+                self.first_token.append(now - self.t0)
             self.produced.append(now - produced)
             self.due.append(now - (self.started[job] + index / self.rate))
             index += 1
@@ -103,9 +106,8 @@ async def load_backstream(urls: list[str], a: argparse.Namespace, stats: Stats, 
 
     async def one(url: str, job_ids: list[int]) -> None:
         async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
+            # Requests may follow hello at once: the server handles them in order after it.
             await ws.send(json.dumps({"type": "hello", "id": "h", "protocol": 1, "token": "bench"}))
-            welcome = json.loads(await ws.recv())
-            assert welcome["type"] == "welcome", welcome
             by_message = {f"m{j}": j for j in job_ids}
             jobs_of: dict[str, int] = {}
             counts: dict[str, int] = {}
@@ -121,6 +123,8 @@ async def load_backstream(urls: list[str], a: argparse.Namespace, stats: Stats, 
                     "watch": True,
                 }
                 await ws.send(json.dumps(start))
+            welcome = json.loads(await ws.recv())
+            assert welcome["type"] == "welcome", welcome
             open_watches = len(job_ids)
             async for raw in ws:
                 now = time.time()
@@ -308,7 +312,7 @@ def measure(system: str, a: argparse.Namespace, store: str = "memory", instances
         cpu0 = [s.cpu for s in samplers]
         up0 = upstream.cpu if upstream else 0.0
         client0 = time.process_time()
-        t0 = time.time()
+        t0 = stats.t0 = time.time()
         asyncio.run(run())
         elapsed = time.time() - t0
         client_cpu = time.process_time() - client0
@@ -398,6 +402,10 @@ def summarize(
         "seconds": round(elapsed, 2),
         "nominal_s": round(nominal, 2),
         "wall_x": round(elapsed / nominal, 2),
+        # When watchers got their first token, from the load's start: connecting, the
+        # handshake and the start requests of all of them.
+        "first_token_p50_s": round(percentile(sorted(stats.first_token), 0.5), 2),
+        "first_token_max_s": round(max(stats.first_token, default=0.0), 2),
     }
     row["sustainable"] = (
         delivered == row["expected"]
@@ -429,6 +437,7 @@ COLUMNS = [
     "client_cpu_s",
     "seconds",
     "wall_x",
+    "first_token_max_s",
 ]
 
 

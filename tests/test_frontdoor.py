@@ -28,6 +28,45 @@ async def test_hello_welcome(autojump_clock: trio.testing.MockClock) -> None:
             assert (await c.request("ping"))["type"] == "pong"
 
 
+async def test_requests_sent_right_after_hello_are_answered_in_order_after_welcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with served(Config(drain_timeout=0)) as srv, raw_client(srv.url) as c:
+        await c.send({"type": "hello", "id": "h", "protocol": 1, "token": "tok-alice"})
+        await c.send({"type": "ping", "id": "p1"})
+        await c.send({"type": "job.start", "id": "s1", **start_fields("m1"), "watch": True})
+        await c.send({"type": "ping", "id": "p2"})
+        replies: list[dict[str, object]] = []
+        while len(replies) < 4:
+            message = await c.recv()
+            (replies if "id" in message else c.pushes).append(message)  # batches have no id
+        assert [(r["type"], r.get("id")) for r in replies] == [
+            ("welcome", "h"),
+            ("pong", "p1"),
+            ("job.started", "s1"),
+            ("pong", "p2"),
+        ]
+        started = replies[2]["job"]
+        assert isinstance(started, dict)
+        batches = await c.events_until_terminal(started["job_id"])
+        check_contiguous(batches)
+
+
+async def test_requests_sent_after_a_refused_hello_are_dropped_with_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with served() as srv, raw_client(srv.url) as c:
+        await c.send({"type": "hello", "id": "h", "protocol": 1, "token": "wrong"})
+        await c.send({"type": "job.start", "id": "s1", **start_fields("m1")})
+        reply = await c.recv()
+        assert reply["type"] == "error" and reply["code"] == "unauthorized"
+        assert await c.close_code() == 4401
+        assert c.pushes == []  # nothing answered the start
+    async with served() as srv, raw_client(srv.url) as c:
+        await c.hello()
+        assert (await c.request("job.list"))["jobs"] == []
+
+
 @pytest.mark.parametrize(
     ("first", "code", "close"),
     [

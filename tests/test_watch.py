@@ -11,6 +11,9 @@ import trio
 
 import backstream
 from backstream import Config, open_runtime
+from backstream.actors.joblog import JobLog
+from backstream.actors.watcher import LiveSource, Watcher
+from backstream.protocol.events import Batch, TextEvent
 from tests.helpers import check_contiguous, collect, joined_text, terminal
 
 MSG = [{"role": "user", "content": "x"}]
@@ -202,3 +205,44 @@ async def test_a_cursor_past_the_end_of_a_running_job_ends_when_the_job_ends(
         with trio.fail_after(60), pytest.raises(backstream.BadRequestError, match="beyond"):
             await collect(rt, job_id, after_seq=500)
         assert (await rt.get_job(job_id, user="alice")).job.status == "completed"
+
+
+@pytest.mark.parametrize(("late_by", "interval"), [(0.005, 0.05), (0.02, 0.10)])
+async def test_a_watcher_woken_late_keeps_its_slots_unless_more_than_a_quarter_interval_late(
+    autojump_clock: trio.testing.MockClock, late_by: float, interval: float
+) -> None:
+    """A loop that wakes a watcher a little late keeps the grid (one batch per slot); one
+    that wakes it later than a quarter interval, an overloaded process, makes it skip
+    slots: fewer, larger batches, nothing lost."""
+    log = JobLog("j_late", 1, max_output_chars=10**6)
+
+    async def late(when: float) -> None:
+        await trio.sleep_until(when + late_by)
+
+    watcher = Watcher(
+        "j_late",
+        1,
+        LiveSource(log),
+        after_seq=0,
+        batch_seconds=0.05,
+        max_batch_events=1024,
+        max_batch_chars=10**6,
+        sleep_until=late,
+    )
+    cut: list[tuple[float, Batch]] = []
+
+    async def write() -> None:
+        for _ in range(400):  # a token every 5 ms for 2 s
+            log.append_text("w ")
+            await trio.sleep(0.005)
+        log.append_status("completed")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        async for batch in watcher:
+            cut.append((trio.current_time(), batch))
+    check_contiguous([b for _, b in cut])
+    assert sum(len(ev.text) for _, b in cut for ev in b.events if isinstance(ev, TextEvent)) == 800
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(cut[1:-1])]
+    assert min(gaps) >= interval - 1e-6
+    assert max(gaps) <= interval + 0.001

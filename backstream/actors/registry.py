@@ -96,6 +96,7 @@ class Registry:
         self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[_Start](MAILBOX_SIZE)
         self._running_by_user: Counter[str] = Counter()
         self._reserved_by_user: Counter[str] = Counter()  # slots of admissions under way
+        self._reserved = 0  # their total, kept as they change: asked for at every admission
         self._admitting = trio.Semaphore(MAX_ADMITTING)
         self._in_flight: dict[tuple[str, str], trio.Event] = {}  # (user, message_id) being admitted
         self._running_by_key: dict[tuple[str, str], JobRecord] = {}  # jobs running here, by the same
@@ -172,9 +173,11 @@ class Registry:
                 raise error
         model = self._resolve_model(req.request)
         self._reserved_by_user[req.user] += 1  # held while the store is asked
+        self._reserved += 1
         try:
             return await self._create(req, model)
         finally:
+            self._reserved -= 1
             self._reserved_by_user[req.user] -= 1
             if self._reserved_by_user[req.user] <= 0:
                 del self._reserved_by_user[req.user]
@@ -239,7 +242,7 @@ class Registry:
     def _at_capacity(self, user: str, *, reserved: bool = True) -> CapacityError | None:
         """The limit ``user`` is at, counting admissions under way unless ``reserved`` is false."""
         retry = self._config.capacity_retry_after_ms
-        pending = self._reserved_by_user.total() if reserved else 0
+        pending = self._reserved if reserved else 0
         if self._jobs.count_children() + pending >= self._config.max_jobs:
             return CapacityError(
                 f"the server is at its limit of {self._config.max_jobs} running jobs", retry_after_ms=retry

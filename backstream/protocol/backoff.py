@@ -14,6 +14,10 @@ import attrs
 
 __all__ = ["Backoff"]
 
+# Seeding a Random reads the OS's entropy: one generator for every Backoff that is not
+# given its own (a job makes several).
+_SHARED_RANDOM = random.Random()
+
 
 @attrs.define
 class Backoff:
@@ -28,7 +32,7 @@ class Backoff:
     cap: float
     jitter: Literal["full", "equal", "none"] = "equal"
     attempt: int = 0
-    _random: random.Random = attrs.field(factory=random.Random, repr=False)
+    _random: random.Random = attrs.field(default=_SHARED_RANDOM, repr=False)
 
     def next_delay(self, *, at_least: float | None = None) -> float:
         """The wait before the next attempt, and count this failure. ``at_least`` (e.g. a

@@ -23,6 +23,7 @@ from backstream.actors.config import Config
 from backstream.actors.job import JobActor
 from backstream.actors.joblog import summarize_events
 from backstream.actors.keeper import Keeper, KeeperStatistics
+from backstream.actors.metronome import Metronome
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store
 from backstream.actors.presence import WatchPresence
@@ -99,6 +100,7 @@ class Runtime:
         notifier: Notifier,
         *,
         instance_id: str,
+        metronome: Metronome | None = None,
     ) -> None:
         self.config = config
         self.tools = tools
@@ -113,6 +115,7 @@ class Runtime:
         self._registry = registry
         self._job_supervisor = job_supervisor
         self._keeper = keeper
+        self._metronome = metronome or Metronome()
 
     @property
     def store(self) -> Store:
@@ -342,6 +345,7 @@ class Runtime:
             ended=finished and after_seq == last_seq,
             tool_call_deltas=tool_call_deltas,
             merge_text=merge_text,
+            sleep_until=self._metronome.sleep_until,
         )
         return watcher, finished
 

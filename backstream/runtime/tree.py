@@ -24,6 +24,7 @@ from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.job import JobActor
 from backstream.actors.keeper import Keeper
+from backstream.actors.metronome import Metronome
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store
 from backstream.actors.presence import WatchPresence
@@ -130,6 +131,7 @@ async def _start_system(
         config, store, clock, jobs, resolve, instance_id=instance_id, tools=tools, notifier=notifier
     )
     keeper = Keeper(config, store, clock, jobs, presence, instance_id=instance_id, notifier=notifier)
+    metronome = Metronome()
     runtime = Runtime(
         config,
         store,
@@ -143,8 +145,10 @@ async def _start_system(
         tools,
         notifier,
         instance_id=instance_id,
+        metronome=metronome,
     )
     await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT, shutdown=0))
+    await system.start_child(ChildSpec("metronome", metronome.run, Restart.PERMANENT, shutdown=0))
     await keeper.recover_orphans()  # jobs of a dead instance end before new ones start
     await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT, shutdown=0))
     ticker = FlushTicker(config, jobs)
