@@ -14,6 +14,7 @@ from tests.upstream_server import (
     drop_after,
     events,
     finish_chunk,
+    open_fake_upstream,
     reasoning_chunk,
     stall_after,
     stall_before_headers,
@@ -226,6 +227,21 @@ async def test_unreachable_upstream(autojump_clock: trio.testing.MockClock) -> N
         batches = await collect(rt, started.job_id, user="a")
         end = terminal(batches)
         assert end.error is not None and end.error.code == "upstream_unreachable"
+
+
+@pytest.mark.parametrize(
+    ("host", "url_host"),
+    [("::1", "[::1]"), ("127.0.0.1", "localhost")],
+    ids=["an IPv6 address, connected to directly", "a name, resolved"],
+)
+async def test_the_upstream_may_be_named_by_address_or_by_name(host: str, url_host: str) -> None:
+    async with trio.open_nursery() as nursery:
+        upstream = await open_fake_upstream(nursery, host, url_host)
+        upstream.script(streams(["over ", "there"]))
+        async with open_runtime(cfg(upstream)) as rt:
+            batches = await collect(rt, await start(rt))
+            assert terminal(batches).status == "completed" and joined_text(batches) == "over there"
+        nursery.cancel_scope.cancel()
 
 
 async def test_no_upstream_configured_is_a_bad_request() -> None:

@@ -226,9 +226,12 @@ class FakeUpstream:
     models: list[str] = attrs.Factory(lambda: ["upstream/beta", "upstream/alpha"])
     """What ``GET /models`` lists."""
 
+    url_host: str = "127.0.0.1"
+    """How URLs name the host: an address (IPv4 or, in brackets, IPv6) or a name."""
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.url_host}:{self.port}/v1"
 
     def script(self, *scenarios: Scenario) -> None:
         self.scenarios.extend(scenarios)
@@ -304,8 +307,10 @@ async def _read_request(stream: trio.SocketStream) -> tuple[str, dict[str, Any]]
     return request_line, (json.loads(rest[:length]) if length else {})
 
 
-async def open_fake_upstream(nursery: trio.Nursery) -> FakeUpstream:
-    server = FakeUpstream()
-    listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+async def open_fake_upstream(
+    nursery: trio.Nursery, host: str = "127.0.0.1", url_host: str | None = None
+) -> FakeUpstream:
+    server = FakeUpstream(url_host=url_host or host)
+    listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host=host))
     server.port = listeners[0].socket.getsockname()[1]
     return server
