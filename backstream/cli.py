@@ -100,7 +100,7 @@ _STARTUP_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from backstream.runtime.server.serve import configure_logging, serve
+    from backstream.runtime.server.serve import configure_gc, configure_logging, serve
     from backstream.runtime.server.settings import load_settings
 
     try:
@@ -112,6 +112,7 @@ def _serve(args: argparse.Namespace) -> None:
         from backstream.runtime.server.workers import run_workers
 
         sys.exit(run_workers(settings, sys.argv[1:]))
+    configure_gc(settings.gc_thresholds)
     try:
         trio.run(serve, settings)
     except KeyboardInterrupt:  # SIGINT before the server could take over its signals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from backstream import Config, open_runtime
 from backstream.client import open_client
 from backstream.protocol.errors import BadRequestError
+from backstream.runtime.server.serve import configure_gc
 from backstream.runtime.server.settings import OPTIONS, add_serve_arguments, load_settings, runtime_config
 from tests.upstream_server import FakeUpstream
 from tests.ws_helpers import raw_client, served
@@ -172,3 +174,30 @@ def test_ai_sdk_coalesce_ms_reaches_the_front_door() -> None:
         front_door_config(
             load_settings(_parser().parse_args([]), env={"BACKSTREAM_AI_SDK_COALESCE_MS": "-5"})
         )
+
+
+def test_gc_thresholds_come_from_flag_variable_or_file_and_python_keeps_the_defaults(tmp_path: Path) -> None:
+    assert load_settings(_parser().parse_args([]), env={}).gc_thresholds == (20000, 20, 100)
+    flag = load_settings(_parser().parse_args(["--gc-thresholds", "5000,10,50"]), env={})
+    assert flag.gc_thresholds == (5000, 10, 50)
+    assert load_settings(_parser().parse_args([]), env={"BACKSTREAM_GC_THRESHOLDS": "python"}).gc_thresholds is None
+    toml = tmp_path / "serve.toml"
+    toml.write_text('gc_thresholds = "1000,2,3"\n')
+    assert load_settings(_parser().parse_args(["--config", str(toml)]), env={}).gc_thresholds == (1000, 2, 3)
+    for bad in ("1,2", "0,1,1", "a,b,c"):
+        with pytest.raises(ValueError, match="--gc-thresholds: expected three positive integers"):
+            load_settings(_parser().parse_args(["--gc-thresholds", bad]), env={})
+
+
+def test_configure_gc_sets_the_thresholds_and_freezes_what_is_loaded() -> None:
+    before = gc.get_threshold()
+    try:
+        configure_gc((12345, 6, 7))
+        assert gc.get_threshold() == (12345, 6, 7)
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        configure_gc(None)  # python: nothing changes
+        assert gc.get_threshold() == (12345, 6, 7) and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

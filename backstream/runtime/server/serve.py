@@ -7,6 +7,7 @@ content kept.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -171,6 +172,22 @@ class ServeHandle:
     dev_token: str | None
     shutdown: trio.Event
     metrics_port: int | None = None
+
+
+def configure_gc(thresholds: tuple[int, int, int] | None) -> None:
+    """Tune the cyclic garbage collector of a serving process (``None``: Python's own).
+
+    Python collects its youngest generation every 700 net allocations of container
+    objects, and a full collection walks every object alive: with a thousand connections
+    and their tasks, the server spent a fifth of its CPU there (README, "Performance").
+    Higher thresholds collect the same cycles less often; what startup loaded (modules,
+    classes, functions) is frozen out of every collection, since it lives as long as the
+    process. Memory stays bounded: cycles are still collected, a few thousand later.
+    """
+    if thresholds is None:
+        return
+    gc.freeze()
+    gc.set_threshold(*thresholds)
 
 
 async def serve(

@@ -73,6 +73,20 @@ def boolean(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def gc_thresholds(text: str) -> tuple[int, int, int] | None:
+    """``GEN0,GEN1,GEN2`` (positive integers), or ``python`` for Python's own (None)."""
+    if text.strip().lower() == "python":
+        return None
+    parts = text.split(",")
+    try:
+        values = tuple(int(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(f"expected three positive integers GEN0,GEN1,GEN2 or python, got {text!r}")
+    return values
+
+
 def _header(text: str) -> tuple[str, str]:
     """``Name: value`` or ``Name=value``."""
     for separator in (":", "="):
@@ -134,6 +148,13 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
     Option("tls_key", str, None, "key file for wss://"),
     Option("workers", int, 1, "processes serving one port (SO_REUSEPORT); needs a shared store (redis)"),
     Option("reuse_port", str, "", "internal: set on the processes of --workers", flag=False),
+    Option(
+        "gc_thresholds",
+        gc_thresholds,
+        (20000, 20, 100),
+        "the cyclic garbage collector's thresholds GEN0,GEN1,GEN2 for the serving process "
+        "(python: Python's 700,10,10); what was loaded at startup is frozen out of collections",
+    ),
     Option("log_format", str, "text", "text or json", choices=("text", "json")),
     Option("log_level", str, "info", "how much to log", choices=LOG_LEVELS),
 )
@@ -280,6 +301,8 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
             value = _header(raw)
         elif option.kind is boolean and isinstance(raw, bool | str):
             value = raw if isinstance(raw, bool) else boolean(raw)
+        elif option.kind is gc_thresholds and isinstance(raw, str):
+            value = gc_thresholds(raw)
         else:
             raise ValueError(f"unexpected value {raw!r}")
     except ValueError as exc:
