@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from backstream.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorEscalation
+from backstream.actors.supervisor import ChildSpec, Incarnation, Restart, Supervisor, SupervisorEscalation
 
 
 def crasher(runs: list[int], *, crash_times: int, then_sleep: bool = True) -> ChildSpec:
@@ -18,7 +18,7 @@ def crasher(runs: list[int], *, crash_times: int, then_sleep: bool = True) -> Ch
         if then_sleep:
             await trio.sleep_forever()
 
-    return ChildSpec("crasher", run)
+    return ChildSpec("crasher", lambda: run)
 
 
 async def test_a_crash_does_not_touch_siblings(autojump_clock: trio.testing.MockClock) -> None:
@@ -34,7 +34,7 @@ async def test_a_crash_does_not_touch_siblings(autojump_clock: trio.testing.Mock
         await nursery.start(sup.run)
         runs: list[int] = []
         await sup.start_child(crasher(runs, crash_times=1))
-        await sup.start_child(ChildSpec("sibling", sibling))
+        await sup.start_child(ChildSpec("sibling", lambda: sibling))
         await sibling_done.wait()
         stats = sup.statistics()
         assert stats.crashed_total == 1 and stats.restarted_total == 0 and runs == [1]
@@ -50,7 +50,7 @@ async def test_restarts_after_crashes(
         await nursery.start(sup.run)
         runs: list[int] = []
         spec = crasher(runs, crash_times=2)
-        await sup.start_child(ChildSpec("c", spec.run, policy))
+        await sup.start_child(ChildSpec("c", spec.factory, policy))
         await trio.sleep(10)
         assert len(runs) == expected_runs and sup.statistics().restarted_total == 2
         assert sup.statistics().children == 1
@@ -63,7 +63,7 @@ async def test_transient_child_that_returns_is_not_restarted(autojump_clock: tri
         await nursery.start(sup.run)
         runs: list[int] = []
         spec = crasher(runs, crash_times=0, then_sleep=False)
-        await sup.start_child(ChildSpec("c", spec.run, Restart.TRANSIENT))
+        await sup.start_child(ChildSpec("c", spec.factory, Restart.TRANSIENT))
         await trio.sleep(10)
         assert runs == [1] and sup.statistics().children == 0
         nursery.cancel_scope.cancel()
@@ -75,7 +75,7 @@ async def test_intensity_exceeded_escalates(autojump_clock: trio.testing.MockClo
     with pytest.raises(BaseExceptionGroup) as caught:
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
-            await sup.start_child(ChildSpec("c", crasher(runs, crash_times=100).run, Restart.PERMANENT))
+            await sup.start_child(ChildSpec("c", crasher(runs, crash_times=100).factory, Restart.PERMANENT))
     assert caught.group_contains(SupervisorEscalation)
     assert len(runs) == 3
 
@@ -89,7 +89,7 @@ async def test_failure_before_started_is_raised_to_the_starter() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         with pytest.raises(ValueError, match="cannot start"):
-            await sup.start_child(ChildSpec("bad", bad, Restart.PERMANENT))
+            await sup.start_child(ChildSpec("bad", lambda: bad, Restart.PERMANENT))
         assert sup.statistics().children == 0
         nursery.cancel_scope.cancel()
 
@@ -104,7 +104,7 @@ def child(name: str, seconds: float, ended: list[str], *, shutdown: float) -> Ch
             ended.append(f"{name} cancelled")
             raise
 
-    return ChildSpec(name, run, shutdown=shutdown, address=f"address of {name}")
+    return ChildSpec(name, lambda: Incarnation(run, f"address of {name}"), shutdown=shutdown)
 
 
 async def test_concurrent_shutdown_gives_each_child_its_own_timeout(
