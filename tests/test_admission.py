@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import pathlib
+import random
+from collections import Counter
 
 import pytest
 import trio
 
 import backstream
 from backstream import Config, MemoryStore, open_runtime
+from backstream.actors.clock import WallClock
+from backstream.actors.job import JobActor
+from backstream.actors.registry import Registry, StartRequest
+from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
+from backstream.protocol.records import JobRequest
+from backstream.runtime.models.router import ModelRouter
 from backstream.runtime.stores.sqlite import SqliteStore
+from backstream.runtime.tools.registry import ToolRegistry
 from tests.helpers import collect, joined_text, terminal
 
 MSG = [{"role": "user", "content": "hello there"}]
@@ -247,3 +256,103 @@ async def test_close_drains_then_interrupts(autojump_clock: trio.testing.MockClo
     assert slow_record.content_length >= 15  # about 2 s of words kept
     entries = await store.read(slow.job_id, 0, 10_000)
     assert entries[-1].kind == "status" and entries[-1].seq == slow_record.seq
+
+
+async def test_running_counts_stay_right_under_concurrent_starts_and_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Starts, aborts and natural ends of many users at once: no user ever runs more than
+    the limit, and once everything has ended every count is back to zero exactly."""
+    config = Config(max_jobs=20, max_jobs_per_user=3, drain_timeout=0)
+    users = [f"u{n}" for n in range(5)]
+    rng = random.Random(7)
+    seen_over_limit: list[Counter[str]] = []
+    outcomes: Counter[str] = Counter()
+
+    async with open_runtime(config) as rt:
+
+        async def watch_the_truth() -> None:  # what runs, as the jobs supervisor knows it
+            while True:
+                per_user = Counter(actor.record.user for actor in rt._job_supervisor.addresses())
+                if max(per_user.values(), default=0) > 3:
+                    seen_over_limit.append(per_user)
+                await trio.sleep(0.005)
+
+        async def churn(user: str, worker: int) -> None:
+            for i in range(12):
+                try:
+                    started = await lorem(rt, user, f"w{worker}-{i}", max_tokens=rng.randint(1, 30))
+                except backstream.CapacityError:
+                    outcomes["refused"] += 1
+                    await trio.sleep(rng.random() / 2)
+                    continue
+                outcomes["started"] += 1
+                if rng.random() < 0.4:
+                    await trio.sleep(rng.random())
+                    await rt.abort(started.job_id, user=user)
+
+        async with trio.open_nursery() as checking:
+            checking.start_soon(watch_the_truth)
+            async with trio.open_nursery() as nursery:
+                for user in users:
+                    for worker in range(3):
+                        nursery.start_soon(churn, user, worker)
+            await rt.wait_idle()
+            await trio.sleep(0.1)  # the registry takes the last endings
+            checking.cancel_scope.cancel()
+        assert seen_over_limit == []
+        assert outcomes["started"] > 50 and outcomes["refused"] > 10  # the limit was contended
+        stats = rt.statistics().jobs
+        assert stats.running == 0 and stats.users_running == 0
+        assert stats.started_total == outcomes["started"]
+        assert sum(stats.finished_total.values()) == outcomes["started"]
+        for user in users:  # every slot is free again, and no more than that
+            for i in range(3):
+                await lorem(rt, user, f"again-{i}")
+            with pytest.raises(backstream.CapacityError, match="you have 3 jobs running"):
+                await lorem(rt, user, "one-too-many")
+        assert rt.statistics().jobs.users_running == len(users)
+
+
+async def test_a_restarted_registry_rebuilds_its_counts_from_the_jobs_running(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = Config(max_jobs=10, max_jobs_per_user=2, drain_timeout=0)
+    store = MemoryStore()
+    router = ModelRouter(config, {}, None)
+    jobs: Supervisor[JobActor] = Supervisor("jobs", concurrent_shutdown=True)
+    system: Supervisor[None] = Supervisor("system")
+    registry = Registry(
+        config, store, WallClock(), jobs, instance_id="i_test", tools=ToolRegistry.with_builtins()
+    )
+
+    async def start(message_id: str, tokens: int) -> str:
+        request = JobRequest(
+            model="backstream/lorem",
+            messages=tuple(MSG),
+            params={"max_tokens": tokens, "tokens_per_s": 10},
+        )
+        record, existing = await registry.start_job(
+            StartRequest("alice", "t", message_id, request, router.resolve(request))
+        )
+        assert not existing
+        return record.job_id
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(jobs.run)
+        await nursery.start(system.run)
+        spec = ChildSpec("registry", registry.fresh_child, Restart.PERMANENT, shutdown=0)
+        await system.start_child(spec)
+        await start("short", 5)  # ends after 0.5 s
+        await start("long", 1000)
+        assert await system.terminate_child("registry")
+        await system.start_child(spec)  # fresh: counts only what runs now
+        with pytest.raises(backstream.CapacityError, match="you have 2 jobs running"):
+            await start("third", 1000)
+        assert registry.statistics().users_running == 1
+        await trio.sleep(1)  # the short job ends; its ending reaches the fresh registry
+        await start("third", 1000)
+        with pytest.raises(backstream.CapacityError):
+            await start("fourth", 1000)
+        assert registry.statistics().running == 2
+        nursery.cancel_scope.cancel()

@@ -43,7 +43,9 @@ class KeeperStatistics:
 
 
 class Keeper:
-    """Start with ``await nursery.start(keeper.run)`` (after ``recover_orphans`` once)."""
+    """Run ``keeper.run`` as a supervised child (after ``recover_orphans`` once). A restart
+    re-enters ``run`` safely: its loops keep nothing between rounds, and the totals of
+    ``statistics`` are meant to outlive a restart."""
 
     def __init__(
         self,

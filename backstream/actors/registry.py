@@ -4,17 +4,22 @@ Starts go through its mailbox. The actor takes every start waiting there at once
 admits them concurrently, so that a burst of starts costs one store round trip, not one
 each. The capacity check reserves a slot before the store is asked, so concurrent
 admissions never overshoot a limit; starts with the same ``(user, message_id)`` are
-admitted one after the other, so a repeat always finds the first. It owns the
-per-user running counts; the jobs themselves are children of the "jobs"
-supervisor, which is where a running job's actor is looked up. Housekeeping
-(retention, leases, orphans) is the keeper's; the flush ticker is its own actor.
+admitted one after the other, so a repeat always finds the first.
+
+It alone owns the running and reserved counts (in all and per user): they change only
+in its own tasks. A job, a child of the "jobs" supervisor, tells the registry that it
+ended through a bounded channel; the registry applies those before every admission
+decision (so a slot freed before a start is free for it) and as they come. Each
+(re)start of the registry (``fresh_child``) builds its state afresh from the jobs
+supervisor's children, the only truth about what runs here. A running job's actor is
+looked up in that supervisor too. Housekeeping (retention, leases, orphans) is the
+keeper's; the flush ticker is its own actor.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from functools import partial
 
 import attrs
@@ -26,7 +31,7 @@ from backstream.actors.config import Config
 from backstream.actors.job import JobActor
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store, Tools
-from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
+from backstream.actors.supervisor import ChildFn, ChildSpec, Incarnation, Restart, Supervisor
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.ids import new_id
 from backstream.protocol.lifecycle import INITIAL_STATUS
@@ -44,10 +49,14 @@ MAX_ADMITTING = 256
 
 @attrs.frozen
 class StartRequest:
+    """A start as the registry admits it: ``model`` is already resolved by the caller
+    (the runtime's model router), once per start."""
+
     user: str
     thread_id: str
     message_id: str
     request: JobRequest
+    model: Model
 
 
 @attrs.frozen
@@ -70,8 +79,59 @@ class _Start:
     result: outcome.Outcome[tuple[JobRecord, bool]] | None = None
 
 
+@attrs.frozen
+class _Running:
+    user: str
+    message_id: str
+    record: JobRecord
+
+
+class _Counts:
+    """What one run of the registry holds: the jobs running here and the slots reserved by
+    admissions under way, in all and per user. Changed only by the registry's own tasks."""
+
+    def __init__(self, running: dict[str, _Running]) -> None:
+        self.running = running  # by job_id
+        self.running_by_user = Counter(job.user for job in running.values())
+        self.running_by_key = {(job.user, job.message_id): job.record for job in running.values()}
+        self.reserved_by_user: Counter[str] = Counter()
+        self.reserved = 0  # their total, kept as they change: asked for at every admission
+        self.admitting = trio.Semaphore(MAX_ADMITTING)
+        self.in_flight: dict[tuple[str, str], trio.Event] = {}  # (user, message_id) being admitted
+        self.reservations_released = trio.Event()
+
+    def add(self, record: JobRecord) -> None:
+        self.running[record.job_id] = _Running(record.user, record.message_id, record)
+        self.running_by_user[record.user] += 1
+        self.running_by_key[record.user, record.message_id] = record
+
+    def remove(self, job_id: str) -> None:
+        """Forget an ended job; a job unknown here (ended before a restart) is no error."""
+        job = self.running.pop(job_id, None)
+        if job is None:
+            return
+        self.running_by_key.pop((job.user, job.message_id), None)
+        self.running_by_user[job.user] -= 1
+        if self.running_by_user[job.user] <= 0:
+            del self.running_by_user[job.user]
+
+    def reserve(self, user: str) -> None:
+        self.reserved_by_user[user] += 1
+        self.reserved += 1
+
+    def release(self, user: str) -> None:
+        self.reserved -= 1
+        self.reserved_by_user[user] -= 1
+        if self.reserved_by_user[user] <= 0:
+            del self.reserved_by_user[user]
+        self.reservations_released.set()
+        self.reservations_released = trio.Event()
+
+
 class Registry:
-    """Start with ``await nursery.start(registry.run)``."""
+    """The registry's address: what the runtime calls. Run it as a supervised child with
+    ``ChildSpec("registry", registry.fresh_child, ...)``: each (re)start builds its
+    counts afresh from the jobs that run here."""
 
     def __init__(
         self,
@@ -79,7 +139,6 @@ class Registry:
         store: Store,
         clock: WallClock,
         jobs: Supervisor[JobActor],
-        resolve_model: Callable[[JobRequest], Model],
         *,
         instance_id: str,
         tools: Tools,
@@ -92,99 +151,128 @@ class Registry:
         self._store = store
         self._clock = clock
         self._jobs = jobs
-        self._resolve_model = resolve_model
+        # The channels outlive a restart of the registry: starts and endings sent while
+        # it restarts wait for the fresh one.
         self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[_Start](MAILBOX_SIZE)
-        self._running_by_user: Counter[str] = Counter()
-        self._reserved_by_user: Counter[str] = Counter()  # slots of admissions under way
-        self._reserved = 0  # their total, kept as they change: asked for at every admission
-        self._admitting = trio.Semaphore(MAX_ADMITTING)
-        self._in_flight: dict[tuple[str, str], trio.Event] = {}  # (user, message_id) being admitted
-        self._running_by_key: dict[tuple[str, str], JobRecord] = {}  # jobs running here, by the same
-        self._reservations_released = trio.Event()
+        # Never full: each job sends one ending, and holds its slot (at most max_jobs of
+        # them) until the registry has taken that ending from here.
+        self._ended_send, self._ended_receive = trio.open_memory_channel[str](config.max_jobs)
+        self._counts = _Counts({})
         self._accepting = True
+        # Totals for metrics (they survive restarts); counted where the job ends.
         self._started_total = 0
         self._finished_total: Counter[str] = Counter()
         self._endings_total: Counter[tuple[str, str]] = Counter()
 
     # -- the actor ------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    def fresh_child(self) -> ChildFn:
+        """The registry's child factory: fresh counts, rebuilt from the jobs running here
+        (endings already sent are applied to them), and the function that serves starts."""
+        running = {}
+        for child in self._jobs.which_children():
+            if child.address is not None:
+                record = child.address.record
+                running[child.name] = _Running(record.user, record.message_id, record)
+        counts = self._counts = _Counts(running)
+        self._apply_endings(counts)
+        return partial(self._run, counts)
+
+    async def _run(self, counts: _Counts, *, task_status: trio.TaskStatus[None]) -> None:
         """Serve starts until cancelled. Cancellation: starts being admitted fail with
         ``UnavailableError`` for their callers (who may retry with the same ``message_id``)."""
-        task_status.started()
         async with trio.open_nursery() as nursery:
-            async for start in self._mailbox_receive:
-                await self._admitting.acquire()
-                nursery.start_soon(self._serve, start)
-                self._take_waiting_starts(nursery)
+            nursery.start_soon(self._apply_endings_as_they_come, counts)
+            task_status.started()
+            while True:
+                await counts.admitting.acquire()
+                try:
+                    start = await self._mailbox_receive.receive()
+                except BaseException:
+                    counts.admitting.release()
+                    raise
+                nursery.start_soon(self._serve, counts, start)
+                self._take_waiting_starts(counts, nursery)
 
-    def _take_waiting_starts(self, nursery: trio.Nursery) -> None:
+    async def _apply_endings_as_they_come(self, counts: _Counts) -> None:
+        async for job_id in self._ended_receive:
+            counts.remove(job_id)
+
+    def _apply_endings(self, counts: _Counts) -> None:
+        """Take every ending waiting in the channel, without a checkpoint: called before
+        each admission decision, so that a slot freed before a start is free for it."""
+        while True:
+            try:
+                job_id = self._ended_receive.receive_nowait()
+            except trio.WouldBlock:
+                return
+            counts.remove(job_id)
+
+    def _take_waiting_starts(self, counts: _Counts, nursery: trio.Nursery) -> None:
         """Start admitting every start already in the mailbox, without a checkpoint each."""
         while True:
             try:
-                self._admitting.acquire_nowait()
+                counts.admitting.acquire_nowait()
             except trio.WouldBlock:
                 return
             try:
                 start = self._mailbox_receive.receive_nowait()
             except trio.WouldBlock:
-                self._admitting.release()
+                counts.admitting.release()
                 return
-            nursery.start_soon(self._serve, start)
+            nursery.start_soon(self._serve, counts, start)
 
-    async def _serve(self, start: _Start) -> None:
+    async def _serve(self, counts: _Counts, start: _Start) -> None:
         try:
-            start.result = await outcome.acapture(self._admit_in_turn, start.request)
+            start.result = outcome.Value(await self._admit_in_turn(counts, start.request))
+        except Exception as exc:
+            start.result = outcome.Error(exc)
         finally:
             if start.result is None:  # cancelled mid-admission: the caller must not hang
                 start.result = outcome.Error(UnavailableError("the registry restarted; try again"))
             start.done.set()
-            self._admitting.release()
+            counts.admitting.release()
 
-    async def _admit_in_turn(self, req: StartRequest) -> tuple[JobRecord, bool]:
+    async def _admit_in_turn(self, counts: _Counts, req: StartRequest) -> tuple[JobRecord, bool]:
         """Admit ``req`` after any admission of the same ``(user, message_id)`` under way."""
         key = (req.user, req.message_id)
-        while (earlier := self._in_flight.get(key)) is not None:
+        while (earlier := counts.in_flight.get(key)) is not None:
             await earlier.wait()
-        running = self._running_by_key.get(key)
+        self._apply_endings(counts)
+        running = counts.running_by_key.get(key)
         if running is not None:  # a repeat of a job running here: no store round trip
             return running, True
-        done = self._in_flight[key] = trio.Event()
+        done = counts.in_flight[key] = trio.Event()
         try:
-            return await self._admit(req)
+            return await self._admit(counts, req)
         finally:
-            del self._in_flight[key]
+            del counts.in_flight[key]
             done.set()
 
-    async def _admit(self, req: StartRequest) -> tuple[JobRecord, bool]:
+    async def _admit(self, counts: _Counts, req: StartRequest) -> tuple[JobRecord, bool]:
         # A slot reserved by an admission under way may turn out unused (a repeat): wait
         # for those rather than refuse a start that only they stand in the way of.
-        while self._accepting and self._only_reservations_in_the_way(req.user):
-            await self._reservations_released.wait()
-        if not self._accepting or self._at_capacity(req.user) is not None:
+        while self._accepting and self._only_reservations_in_the_way(counts, req.user):
+            await counts.reservations_released.wait()
+            self._apply_endings(counts)
+        if not self._accepting or self._at_capacity(counts, req.user) is not None:
             # Slow path: a start that repeats a message_id needs no slot.
             existing = await self._store.find_job(req.user, req.message_id)
             if existing is not None:
                 return existing, True
             if not self._accepting:
                 raise UnavailableError("the server is shutting down; start the job elsewhere or later")
-            error = self._at_capacity(req.user)
+            self._apply_endings(counts)
+            error = self._at_capacity(counts, req.user)
             if error is not None:
                 raise error
-        model = self._resolve_model(req.request)
-        self._reserved_by_user[req.user] += 1  # held while the store is asked
-        self._reserved += 1
+        counts.reserve(req.user)  # held while the store is asked
         try:
-            return await self._create(req, model)
+            return await self._create(counts, req)
         finally:
-            self._reserved -= 1
-            self._reserved_by_user[req.user] -= 1
-            if self._reserved_by_user[req.user] <= 0:
-                del self._reserved_by_user[req.user]
-            self._reservations_released.set()
-            self._reservations_released = trio.Event()
+            counts.release(req.user)
 
-    async def _create(self, req: StartRequest, model: Model) -> tuple[JobRecord, bool]:
+    async def _create(self, counts: _Counts, req: StartRequest) -> tuple[JobRecord, bool]:
         now = self._clock.now()
         record = self._new_record(req, now)
         # Insert-if-absent in one round trip; a shared store also takes a cluster-wide slot.
@@ -197,28 +285,17 @@ class Registry:
         record, created = await self._store.create_job(record, capacity)
         if not created:
             return record, True
-        actor = JobActor(
-            record,
-            config=self._config,
-            store=self._store,
-            model=model,
-            clock=self._clock,
-            tools=self._tools,
-            notifier=self._notifier,
-        )
         # Not waiting for the actor to run keeps admission fast under load; an abort that
-        # comes first still counts (the actor's cancel scope exists already).
+        # comes first still counts (the actor exists, with its cancel scope, at once).
         self._jobs.start_child_soon(
             ChildSpec(
                 name=record.job_id,
-                run=partial(self._run_job, actor),
+                factory=partial(self._new_job, record, req.model),
                 restart=Restart.TEMPORARY,
                 shutdown=self._config.drain_timeout,
-                address=actor,
             )
         )
-        self._running_by_user[record.user] += 1
-        self._running_by_key[record.user, record.message_id] = record
+        counts.add(record)
         self._started_total += 1
         return record, False
 
@@ -239,27 +316,45 @@ class Registry:
             lease_until=now + self._config.lease_ttl,
         )
 
-    def _at_capacity(self, user: str, *, reserved: bool = True) -> CapacityError | None:
+    def _at_capacity(self, counts: _Counts, user: str, *, reserved: bool = True) -> CapacityError | None:
         """The limit ``user`` is at, counting admissions under way unless ``reserved`` is false."""
         retry = self._config.capacity_retry_after_ms
-        pending = self._reserved if reserved else 0
-        if self._jobs.count_children() + pending >= self._config.max_jobs:
+        pending = counts.reserved if reserved else 0
+        if len(counts.running) + pending >= self._config.max_jobs:
             return CapacityError(
                 f"the server is at its limit of {self._config.max_jobs} running jobs", retry_after_ms=retry
             )
-        pending = self._reserved_by_user[user] if reserved else 0
-        if self._running_by_user[user] + pending >= self._config.max_jobs_per_user:
+        pending = counts.reserved_by_user[user] if reserved else 0
+        if counts.running_by_user[user] + pending >= self._config.max_jobs_per_user:
             return CapacityError(
                 f"you have {self._config.max_jobs_per_user} jobs running, the most allowed",
                 retry_after_ms=retry,
             )
         return None
 
-    def _only_reservations_in_the_way(self, user: str) -> bool:
-        return self._at_capacity(user) is not None and self._at_capacity(user, reserved=False) is None
+    def _only_reservations_in_the_way(self, counts: _Counts, user: str) -> bool:
+        return (
+            self._at_capacity(counts, user) is not None
+            and self._at_capacity(counts, user, reserved=False) is None
+        )
+
+    # -- the jobs -------------------------------------------------------------------
+
+    def _new_job(self, record: JobRecord, model: Model) -> Incarnation[JobActor]:
+        """A job's child factory: its actor (the address), run until it tells its end."""
+        actor = JobActor(
+            record,
+            config=self._config,
+            store=self._store,
+            model=model,
+            clock=self._clock,
+            tools=self._tools,
+            notifier=self._notifier,
+        )
+        return Incarnation(partial(self._run_job, actor), address=actor)
 
     async def _run_job(self, actor: JobActor, *, task_status: trio.TaskStatus[None]) -> None:
-        """The job's supervised child: the actor, then its release from the counts."""
+        """The job's supervised child: the actor, then its ending sent to the registry."""
         try:
             await actor.run(task_status=task_status)
         finally:
@@ -268,20 +363,19 @@ class Registry:
             code = (terminal.error.code if terminal.error else "") if terminal else "internal"
             self._finished_total[status] += 1
             self._endings_total[status, code] += 1
-            user = actor.record.user
-            self._running_by_key.pop((user, actor.record.message_id), None)
-            self._running_by_user[user] -= 1
-            if self._running_by_user[user] <= 0:
-                del self._running_by_user[user]
+            try:
+                self._ended_send.send_nowait(actor.job_id)
+            except trio.WouldBlock:  # cannot happen (see the channel); the next restart heals it
+                log.error("job %s: the registry's channel of endings is full", actor.job_id)
 
     # -- the address ------------------------------------------------------------------
 
     async def start_job(self, req: StartRequest) -> tuple[JobRecord, bool]:
         """Admit and start a job; return its record and whether it already existed.
 
-        Raises ``CapacityError`` at a limit, ``UnavailableError`` when shutting down,
-        ``BadRequestError`` for a model that cannot be resolved. Cancellation: the start
-        may still happen; a retry with the same ``message_id`` finds it.
+        Raises ``CapacityError`` at a limit, ``UnavailableError`` when shutting down (or
+        when the registry restarted meanwhile). Cancellation: the start may still happen;
+        a retry with the same ``message_id`` finds it.
         """
         start = _Start(req)
         await self._mailbox_send.send(start)
@@ -298,14 +392,13 @@ class Registry:
         self._accepting = False
 
     def statistics(self) -> RegistryStatistics:
-        finished: dict[str, int] = dict(self._finished_total)
         return RegistryStatistics(
             running=self._jobs.count_children(),
-            users_running=len(self._running_by_user),
+            users_running=len(self._counts.running_by_user),
             started_total=self._started_total,
-            finished_total=finished,
+            finished_total=dict(self._finished_total),
             endings_total=dict(self._endings_total),
             mailbox_waiting=self._mailbox_send.statistics().current_buffer_used,
-            admitting=MAX_ADMITTING - self._admitting.value,
+            admitting=MAX_ADMITTING - self._counts.admitting.value,
             accepting=self._accepting,
         )

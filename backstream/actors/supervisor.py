@@ -7,9 +7,14 @@ touches its siblings. What happens next depends on the child's restart policy:
 - ``transient``: restarted only after a crash;
 - ``permanent``: always restarted.
 
+A child is given as a *factory*: a callable that builds a fresh child (its state,
+its actor) and returns the function that runs it. Every (re)start calls it again, so
+a restarted child begins from fresh state, never from what its crash left behind.
+
 More than ``max_restarts`` restarts within ``period`` seconds means something
-is wrong beyond one child: the supervisor gives up and raises
-``SupervisorEscalation`` to its own parent.
+is wrong beyond one child: the supervisor gives up, stops the remaining children
+as ``shutdown()`` does (reverse start order, each within its ``shutdown``
+budget), and then raises ``SupervisorEscalation`` to its own parent.
 
 Stopping follows OTP too. Each child names its ``shutdown``: how many seconds
 it may take to end by itself once asked (0 is OTP's ``brutal_kill``: cancelled
@@ -19,8 +24,10 @@ time, or all at once for a supervisor of many alike children
 left of each after its own timeout.
 
 A child may have an *address*: the object others use to talk to it (a job's
-actor). ``lookup(name)`` finds it and ``which_children()`` lists frozen
-snapshots, so nobody keeps a second map of the children.
+actor), returned by its factory with the run function (``Incarnation``); a
+restart replaces it with the fresh one. ``lookup(name)`` finds it and
+``which_children()`` lists frozen snapshots, so nobody keeps a second map of
+the children.
 """
 
 from __future__ import annotations
@@ -28,15 +35,17 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 import trio
 
 __all__ = [
+    "ChildFn",
     "ChildInfo",
     "ChildSpec",
+    "Incarnation",
     "Restart",
     "Supervisor",
     "SupervisorEscalation",
@@ -59,15 +68,28 @@ class ChildFn(Protocol):
 
 
 @attrs.frozen
+class Incarnation(Generic[AddressT]):
+    """One run of a child, as its factory builds it: the function that runs the fresh
+    child and the address others reach it at (what ``lookup`` returns until it ends)."""
+
+    run: ChildFn
+    address: AddressT | None = None
+
+
+ChildFactory = Callable[[], "Incarnation[AddressT] | ChildFn"]
+"""Builds a fresh child and returns its run function, or an ``Incarnation`` with an address."""
+
+
+@attrs.frozen
 class ChildSpec(Generic[AddressT]):
-    """How to run one child. ``shutdown``: seconds it may take to end once asked to stop
-    (then it is cancelled; 0 cancels at once). ``address``: what ``lookup`` returns."""
+    """How to run one child. ``factory`` is called at every (re)start and builds the child
+    afresh. ``shutdown``: seconds it may take to end once asked to stop (then it is
+    cancelled; 0 cancels at once)."""
 
     name: str
-    run: ChildFn
+    factory: ChildFactory[AddressT]
     restart: Restart = Restart.TEMPORARY
     shutdown: float = 5.0
-    address: AddressT | None = None
 
 
 @attrs.frozen
@@ -98,6 +120,9 @@ class _Child(Generic[AddressT]):
     spec: ChildSpec[AddressT]
     scope: trio.CancelScope
     started_at: float
+    incarnation: Incarnation[AddressT] | None
+    """Built at registration, taken by the first run; each restart builds its own."""
+    address: AddressT | None
     exited: trio.Event = attrs.Factory(trio.Event)
     stopping: trio.Event = attrs.Factory(trio.Event)
     restarts: int = 0
@@ -123,6 +148,11 @@ class _ForwardingStatus:
         self._flag.started_with(value)
 
 
+def _incarnate(spec: ChildSpec[AddressT]) -> Incarnation[AddressT]:
+    built = spec.factory()
+    return built if isinstance(built, Incarnation) else Incarnation(built)
+
+
 class Supervisor(Generic[AddressT]):
     """Start with ``await nursery.start(supervisor.run)``; then ``start_child``.
 
@@ -143,12 +173,17 @@ class Supervisor(Generic[AddressT]):
         self._idle = trio.Event()
         self._idle.set()
         self._accepting = True
+        self._escalation: SupervisorEscalation | None = None
+        self._escalated = trio.Event()
         self._started_total = 0
         self._crashed_total = 0
         self._restarted_total = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The supervisor's own task. Returns only when cancelled; raises on escalation.
+        """The supervisor's own task. Returns only when cancelled or shut down; raises
+        ``SupervisorEscalation`` (bare) once its restart intensity is exceeded, after it
+        has stopped the remaining children in reverse start order, each within its
+        ``shutdown`` budget.
 
         Cancellation: every child is cancelled and ``run`` returns when they are gone.
         """
@@ -156,28 +191,33 @@ class Supervisor(Generic[AddressT]):
             self._nursery = nursery
             task_status.started()
             try:
-                await trio.sleep_forever()
+                await self._escalated.wait()
+                await self._stop_children()
             finally:
                 self._accepting = False
                 self._nursery = None
+        if self._escalation is not None:
+            raise self._escalation
 
     async def start_child(self, spec: ChildSpec[AddressT]) -> Any:
-        """Start a child and wait until it calls ``task_status.started(value)``; return value.
+        """Build the child with its factory, start it and wait until it calls
+        ``task_status.started(value)``; return value.
 
-        A child that fails before it has started raises here and is not restarted.
-        Raises ``RuntimeError`` once the supervisor is shutting down, and ``ValueError``
-        for a name already running. Cancellation: the child is cancelled too if it has
-        not started yet; once started it runs on.
+        A child whose factory raises, or that fails before it has started, raises here and
+        is not restarted. Raises ``RuntimeError`` once the supervisor is shutting down, and
+        ``ValueError`` for a name already running. Cancellation: the child is cancelled too
+        if it has not started yet; once started it runs on.
         """
         nursery = self._admit(spec)
         return await nursery.start(self._supervise, spec)  # task_status passed by start()
 
     def start_child_soon(self, spec: ChildSpec[AddressT]) -> None:
-        """Start a child without waiting for it to run (``nursery.start_soon`` semantics);
-        it is registered (``lookup`` finds it) at once.
+        """Build the child with its factory and start it without waiting for it to run
+        (``nursery.start_soon`` semantics); it is registered (``lookup`` finds its address)
+        at once.
 
-        A failure before ``task_status.started()`` counts as a crash. Raises
-        ``RuntimeError`` once the supervisor is shutting down.
+        A factory that raises raises here; a failure before ``task_status.started()``
+        counts as a crash. Raises ``RuntimeError`` once the supervisor is shutting down.
         """
         nursery = self._admit(spec)
         self._register(spec)
@@ -191,7 +231,8 @@ class Supervisor(Generic[AddressT]):
         return self._nursery
 
     def _register(self, spec: ChildSpec[AddressT]) -> _Child[AddressT]:
-        child = _Child(spec, trio.CancelScope(), trio.current_time())
+        incarnation = _incarnate(spec)  # may raise: nothing is registered then
+        child = _Child(spec, trio.CancelScope(), trio.current_time(), incarnation, incarnation.address)
         self._children[spec.name] = child
         self._idle = trio.Event() if len(self._children) == 1 else self._idle
         self._started_total += 1
@@ -217,9 +258,11 @@ class Supervisor(Generic[AddressT]):
         while True:
             crash: BaseException | None = None
             try:
+                incarnation = child.incarnation or self._reincarnate(child)
+                child.incarnation = None
                 status = _ForwardingStatus(flag) if not flag.started else trio.TASK_STATUS_IGNORED
                 flag.started = flag.started or not reported
-                await spec.run(task_status=status)
+                await incarnation.run(task_status=status)
             except Exception as exc:
                 if not flag.started and reported:
                     raise  # start_child reports it; nothing to restart
@@ -228,8 +271,16 @@ class Supervisor(Generic[AddressT]):
                 log.error("%s: child %s crashed", self.name, spec.name, exc_info=exc)
             if child.stopping.is_set() or not self._should_restart(spec.restart, crash):
                 return
+            if not self._note_restart(spec.name):
+                return
             child.restarts += 1
-            self._note_restart(spec.name)
+
+    def _reincarnate(self, child: _Child[AddressT]) -> Incarnation[AddressT]:
+        """A fresh child for a restart; its address replaces the old one's at once."""
+        child.address = None  # the crashed one's is gone, even if the factory fails
+        incarnation = _incarnate(child.spec)
+        child.address = incarnation.address
+        return incarnation
 
     def _should_restart(self, policy: Restart, crash: BaseException | None) -> bool:
         if not self._accepting:
@@ -238,16 +289,23 @@ class Supervisor(Generic[AddressT]):
             return True
         return policy is Restart.TRANSIENT and crash is not None
 
-    def _note_restart(self, name: str) -> None:
+    def _note_restart(self, name: str) -> bool:
+        """Count a restart; past the intensity, escalate (``run`` stops the others and
+        raises) and return False: the child is not restarted."""
         now = trio.current_time()
         self._restarts.append(now)
-        self._restarted_total += 1
         recent = [t for t in self._restarts if now - t <= self._period]
         if len(recent) > self._max_restarts:
-            raise SupervisorEscalation(
+            self._accepting = False  # no more starts nor restarts: the others are stopped
+            self._escalation = SupervisorEscalation(
                 f"supervisor {self.name}: more than {self._max_restarts} restarts in "
                 f"{self._period:g} s (last: {name})"
             )
+            log.error("%s", self._escalation)
+            self._escalated.set()
+            return False
+        self._restarted_total += 1
+        return True
 
     async def shutdown(self) -> None:
         """Stop accepting children, then stop each: it gets its spec's ``shutdown`` seconds
@@ -259,6 +317,12 @@ class Supervisor(Generic[AddressT]):
         bounded), and ``Cancelled`` propagates.
         """
         self._accepting = False
+        await self._stop_children()
+        await self._idle.wait()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _stop_children(self) -> None:
         children = list(reversed(self._children.values()))
         if self._concurrent_shutdown:
             async with trio.open_nursery() as nursery:
@@ -267,9 +331,6 @@ class Supervisor(Generic[AddressT]):
         else:
             for child in children:
                 await self._stop_child(child)
-        await self._idle.wait()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
 
     async def terminate_child(self, name: str) -> bool:
         """Stop one child as ``shutdown`` would, without restarting it. False if no such
@@ -295,18 +356,18 @@ class Supervisor(Generic[AddressT]):
     def lookup(self, name: str) -> AddressT | None:
         """The address of the running child ``name``, if any (a read; never blocks)."""
         child = self._children.get(name)
-        return child.spec.address if child is not None else None
+        return child.address if child is not None else None
 
     def which_children(self) -> tuple[ChildInfo[AddressT], ...]:
         """A frozen snapshot of the running children, in start order."""
         return tuple(
-            ChildInfo(c.spec.name, c.spec.restart, c.spec.address, c.started_at, c.restarts)
+            ChildInfo(c.spec.name, c.spec.restart, c.address, c.started_at, c.restarts)
             for c in self._children.values()
         )
 
     def addresses(self) -> list[AddressT]:
         """The addresses of the running children that have one, in start order."""
-        return [c.spec.address for c in self._children.values() if c.spec.address is not None]
+        return [c.address for c in self._children.values() if c.address is not None]
 
     def count_children(self) -> int:
         return len(self._children)

@@ -9,9 +9,8 @@ async with backstream.open_runtime(backstream.Config()) as rt:
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
 
@@ -21,7 +20,6 @@ import trio
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.job import JobActor
-from backstream.actors.joblog import summarize_events
 from backstream.actors.keeper import Keeper, KeeperStatistics
 from backstream.actors.metronome import Metronome
 from backstream.actors.notifier import Notifier
@@ -29,20 +27,14 @@ from backstream.actors.ports import Model, Store
 from backstream.actors.presence import WatchPresence
 from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
 from backstream.actors.supervisor import Supervisor, SupervisorStatistics
-from backstream.actors.watcher import LiveSource, LogSource, StoredSource, Watcher
-from backstream.protocol.errors import BadRequestError, ConflictError, GoneError, NotFoundError
-from backstream.protocol.events import (
-    TERMINAL_STATUSES,
-    ApprovalEvent,
-    ApprovalRequiredEvent,
-    JobInfo,
-    JobSummary,
-    LogEvent,
-)
+from backstream.actors.watcher import Watcher
+from backstream.protocol.errors import BadRequestError, GoneError
+from backstream.protocol.events import JobInfo, JobSummary, LogEvent
 from backstream.protocol.ids import new_id
-from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord, job_summary
-from backstream.runtime.models.builtin import BUILTIN_MODELS, builtin_model, validate_builtin_params
-from backstream.runtime.models.upstream import UpstreamClient, UpstreamStatistics
+from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
+from backstream.runtime.handle import AbortResult, JobHandle, JobHandles
+from backstream.runtime.models.router import ModelRouter
+from backstream.runtime.models.upstream import UpstreamStatistics
 from backstream.runtime.tools.registry import ToolRegistry
 from backstream.runtime.validation import check_identifier, check_messages, check_params
 
@@ -50,7 +42,6 @@ __all__ = ["AbortResult", "Runtime", "RuntimeStatistics", "StartedJob"]
 
 log = logging.getLogger("backstream.runtime")
 
-BUILTIN_PREFIX = "backstream/"
 MAX_LIST_LIMIT = 200
 
 
@@ -64,12 +55,6 @@ class StartedJob:
     @property
     def job_id(self) -> str:
         return self.job.job_id
-
-
-@attrs.frozen
-class AbortResult:
-    aborted: bool
-    job: JobSummary
 
 
 @attrs.frozen
@@ -94,8 +79,7 @@ class Runtime:
         job_supervisor: Supervisor[JobActor],
         keeper: Keeper,
         presence: WatchPresence,
-        models: Mapping[str, Model],
-        upstream: UpstreamClient | None,
+        router: ModelRouter,
         tools: ToolRegistry,
         notifier: Notifier,
         *,
@@ -108,14 +92,16 @@ class Runtime:
         self.instance_id = instance_id
         """This runtime's identity among the instances that share a store."""
         self._presence = presence
-        self._models = dict(models)
-        self._upstream = upstream
+        self._router = router
         self._store = store
         self._clock = clock
         self._registry = registry
         self._job_supervisor = job_supervisor
         self._keeper = keeper
         self._metronome = metronome or Metronome()
+        self._handles = JobHandles(
+            store, registry.live, presence.count, remote_wait=config.remote_abort_wait
+        )
 
     @property
     def store(self) -> Store:
@@ -150,8 +136,7 @@ class Runtime:
         check_identifier("thread_id", thread_id)
         check_identifier("message_id", message_id)
         check_identifier("model", model)
-        builtin = model.startswith(BUILTIN_PREFIX) or model in self._models
-        checked_params = check_params(params, builtin=builtin)
+        checked_params = check_params(params, builtin=self._router.is_local(model))
         request = JobRequest(
             model=model,
             messages=check_messages(messages),
@@ -159,14 +144,16 @@ class Runtime:
             tools=self._check_tools(tools),
             annotations=dict(annotations or {}),
         )
-        self.resolve_model(request)  # reject an unknown model before admission
+        model_to_run = self._router.resolve(request)  # an unknown model never reaches admission
         record, existing = await self._registry.start_job(
-            StartRequest(user=user, thread_id=thread_id, message_id=message_id, request=request)
+            StartRequest(
+                user=user, thread_id=thread_id, message_id=message_id, request=request, model=model_to_run
+            )
         )
         if existing:
             found = await self._lookup(record.job_id, user)
-            return StartedJob(job=self._summary_of(found), existing=True)
-        return StartedJob(job=self._summary(record), existing=False)
+            return StartedJob(job=found.summary(), existing=True)
+        return StartedJob(job=self._handles.of(record).summary(), existing=False)
 
     def _check_tools(self, tools: Sequence[str] | None) -> tuple[str, ...]:
         if not tools:
@@ -185,78 +172,21 @@ class Runtime:
         user's job. Cancellation: the decision, once handed to the job (or the store), stands;
         only the wait for it to be logged is abandoned."""
         found = await self._lookup(job_id, user)
-        if isinstance(found, JobActor):
-            pending = found.decide(call_id, approved)
-            if pending is None:
-                raise ConflictError(f"call {call_id!r} is not waiting for approval")
-            async with trio.open_nursery() as nursery:
-
-                async def until(event: trio.Event) -> None:
-                    await event.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(until, pending.applied)
-                nursery.start_soon(until, found.finished)
-            return found.summary(self.watcher_count(job_id))
-        record = found
-        entries = await self.store.read(job_id, 0, record.seq) if record.status == "awaiting_approval" else []
-        asked = {e.call_id for e in entries if isinstance(e, ApprovalRequiredEvent)}
-        answered = {e.call_id for e in entries if isinstance(e, ApprovalEvent)}
-        if call_id not in asked - answered:
-            raise ConflictError(f"call {call_id!r} is not waiting for approval")
-        await self.store.send_decision(job_id, call_id, approved)
-        with trio.move_on_after(self.config.remote_abort_wait):
-            while record.status == "awaiting_approval":
-                await self.store.wait_for_entries(job_id, record.seq)
-                record = await self._record(job_id, user)
-        return self._summary(await self._record(job_id, user))
+        return await found.approve(call_id, approved)
 
     def model_allowed(self, model: str) -> bool:
-        """Whether ``config.allowed_models`` lets a job name ``model``: not excluded by a
-        ``!pattern``, and built in, or matching a pattern (any model when there is none)."""
-        patterns = self.config.allowed_models
-        if any(p.startswith("!") and fnmatch.fnmatchcase(model, p[1:]) for p in patterns):
-            return False
-        if model.startswith(BUILTIN_PREFIX) or model in self._models:
-            return True
-        allowing = [p for p in patterns if not p.startswith("!")]
-        return not allowing or any(fnmatch.fnmatchcase(model, p) for p in allowing)
+        """Whether ``config.allowed_models`` lets a job name ``model`` (see ``ModelRouter``)."""
+        return self._router.model_allowed(model)
 
     def allowed_models(self) -> list[str]:
-        """What a client may name, as glob patterns: the built-in and embedded models not
-        excluded, then ``config.allowed_models`` (``*`` for any model with an upstream and no
-        pattern)."""
-        fixed = [m for m in sorted({*BUILTIN_MODELS, *self._models}) if self.model_allowed(m)]
-        allowing = [p for p in self.config.allowed_models if not p.startswith("!")]
-        if not allowing and self._upstream is not None:
-            allowing = ["*"]
-        return fixed + allowing
+        """What a client may name, as glob patterns (see ``ModelRouter``)."""
+        return self._router.allowed_models()
 
     def resolve_model(self, request: JobRequest) -> Model:
         """The model that serves ``request``: one given to ``open_runtime``, a built-in,
         or the upstream. Raises ``BadRequestError``, also for a model that
         ``config.allowed_models`` does not allow."""
-        if not self.model_allowed(request.model):
-            allowed = ", ".join(self.allowed_models()) or "none"
-            raise BadRequestError(
-                f"model {request.model!r} is not allowed on this server (allowed: {allowed})"
-            )
-        model = self._models.get(request.model)
-        if model is not None:
-            return model
-        if request.model.startswith(BUILTIN_PREFIX):
-            validate_builtin_params(request.model, request.params)
-            return builtin_model(
-                request.model,
-                echo_rate=self.config.echo_words_per_s,
-                max_argument_chars=self.config.max_output_chars,
-            )
-        if self._upstream is None:
-            raise BadRequestError(
-                f"model {request.model!r} needs an upstream, and none is configured "
-                f"(built-in models: {', '.join(sorted(BUILTIN_MODELS))})"
-            )
-        return self._upstream
+        return self._router.resolve(request)
 
     @asynccontextmanager
     async def watch(
@@ -319,15 +249,8 @@ class Runtime:
         """A watcher over the job's live log or its stored one, and whether the job had ended."""
         if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
             raise BadRequestError("after_seq must be a non-negative integer")
-        found = await self._lookup(job_id, user)
-        source: LogSource
-        if isinstance(found, JobActor):
-            source, current_epoch = LiveSource(found.log), found.log.epoch
-            last_seq, finished = found.log.last_seq, found.log.terminal is not None
-        else:
-            record = found
-            source, current_epoch = StoredSource(self.store, job_id, record.epoch), record.epoch
-            last_seq, finished = record.seq, record.status in TERMINAL_STATUSES
+        view = (await self._lookup(job_id, user)).log_view()
+        current_epoch, last_seq, finished = view.epoch, view.last_seq, view.finished
         if epoch is not None and epoch != current_epoch:
             raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
         # A cursor ahead of a running job waits for the log to reach it (another instance
@@ -337,7 +260,7 @@ class Runtime:
         watcher = Watcher(
             job_id,
             current_epoch,
-            source,
+            view.source,
             after_seq=after_seq,
             batch_seconds=self.config.batch_seconds,
             max_batch_events=self.config.max_batch_events,
@@ -363,18 +286,7 @@ class Runtime:
         # actor is gone; a record read after the actor left is final (it leaves after its
         # last write).
         found = await self._lookup(job_id, user)
-        if isinstance(found, JobActor):
-            summary = found.summary(self.watcher_count(job_id))
-            if not include_content:
-                return JobInfo(job=summary)
-            return JobInfo(job=summary, content=found.log.content(offset), tool_calls=found.log.tool_calls())
-        record = found
-        summary = self._summary(record)
-        if not include_content:
-            return JobInfo(job=summary)
-        entries = await self.store.read(job_id, 0, record.seq)
-        content, calls = summarize_events(entries)
-        return JobInfo(job=summary, content=content[offset:], tool_calls=calls)
+        return await found.info(include_content=include_content, offset=offset)
 
     async def job_log(self, job_id: str, *, user: str) -> tuple[JobRecord, tuple[LogEvent, ...]]:
         """The job's record and every entry of its log so far, as stored (no text merged).
@@ -383,35 +295,14 @@ class Runtime:
         ``get_job`` for the freshest summary. Raises ``NotFoundError``.
 
         Cancellation: nothing changes; call again."""
-        found = await self._lookup(job_id, user)
-        if isinstance(found, JobActor):
-            return found.record, tuple(found.log.entries())
-        entries = await self.store.read(job_id, 0, found.seq) if found.seq else []
-        return found, tuple(entries)
+        return await (await self._lookup(job_id, user)).log()
 
     async def abort(self, job_id: str, *, user: str) -> AbortResult:
         """Abort a running job: its upstream request and tools stop at once, it ends
         ``aborted`` with its content kept. ``aborted`` is False if it had already ended.
         Cancellation: the abort, once requested, still happens; only the wait for the job's
         end is abandoned."""
-        found = await self._lookup(job_id, user)
-        if isinstance(found, JobActor):
-            was_running = found.log.terminal is None
-            found.abort()
-            await found.finished.wait()
-            summary = found.summary(self.watcher_count(job_id))
-            return AbortResult(aborted=was_running and summary.status == "aborted", job=summary)
-        record = found
-        if record.status in TERMINAL_STATUSES:
-            return AbortResult(aborted=False, job=self._summary(record))
-        # It runs on another instance: ask it through the store, then wait (bounded) for its end.
-        await self.store.request_abort(job_id)
-        with trio.move_on_after(self.config.remote_abort_wait):
-            while record.status not in TERMINAL_STATUSES:
-                await self.store.wait_for_entries(job_id, record.seq)
-                record = await self._record(job_id, user)
-        record = await self._record(job_id, user)
-        return AbortResult(aborted=record.status == "aborted", job=self._summary(record))
+        return await (await self._lookup(job_id, user)).abort()
 
     async def list_jobs(
         self,
@@ -429,11 +320,7 @@ class Runtime:
             raise BadRequestError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
         wanted = frozenset(statuses) if statuses is not None else None
         records = await self.store.list_jobs(user, thread_id=thread_id, statuses=wanted, limit=limit)
-        out = []
-        for record in records:
-            actor = self._registry.live(record.job_id)
-            out.append(actor.summary(self.watcher_count(record.job_id)) if actor else self._summary(record))
-        return out
+        return [self._handles.of(record).summary() for record in records]
 
     def statistics(self) -> RuntimeStatistics:
         presence = self._presence.statistics()
@@ -447,7 +334,8 @@ class Runtime:
 
     def upstream_statistics(self) -> UpstreamStatistics | None:
         """The upstream client's counters, or None without an upstream."""
-        return self._upstream.statistics() if self._upstream is not None else None
+        upstream = self._router.upstream
+        return upstream.statistics() if upstream is not None else None
 
     def stop_accepting(self) -> None:
         """Refuse new jobs from now on (``UnavailableError``); running jobs go on."""
@@ -499,38 +387,11 @@ class Runtime:
 
     # -- internals ---------------------------------------------------------------------
 
-    async def _lookup(self, job_id: str, user: str) -> JobActor | JobRecord:
-        """The job's live actor if it runs here (always the freshest view), else its record.
-
-        An actor leaves the registry only after its final write, so when none is
-        found the store's record is final for jobs of this process. Another user's
-        running job is looked up in the store like any job not found here, so that it
-        answers exactly as a missing one does (``UnavailableError`` while the store is
-        away, not an immediate ``NotFoundError`` that would tell it exists).
-        """
-        actor = self._registry.live(job_id) if isinstance(job_id, str) else None
-        if actor is not None and actor.record.user == user:
-            return actor
-        return await self._record(job_id, user)
-
-    def _summary_of(self, found: JobActor | JobRecord) -> JobSummary:
-        if isinstance(found, JobActor):
-            return found.summary(self.watcher_count(found.job_id))
-        return self._summary(found)
-
-    async def _record(self, job_id: str, user: str) -> JobRecord:
-        if not isinstance(job_id, str) or not job_id:
-            raise NotFoundError()
-        record = await self.store.get_job(job_id)
-        if record is None or record.user != user:
-            raise NotFoundError()
-        return record
-
-    def _summary(self, record: JobRecord) -> JobSummary:
-        actor = self._registry.live(record.job_id)
-        if actor is not None:
-            return actor.summary(self.watcher_count(record.job_id))
-        return job_summary(record, self.watcher_count(record.job_id))
+    async def _lookup(self, job_id: str, user: str) -> JobHandle:
+        """The user's job, once per call: its live actor's handle if it runs here, else its
+        record's. Another user's job answers exactly as a missing one (see
+        ``JobHandles.lookup``)."""
+        return await self._handles.lookup(job_id, user)
 
     async def _drain(self) -> None:
         """Refuse new jobs, give running ones ``drain_timeout`` to end, interrupt the rest."""

@@ -4,13 +4,21 @@
     +-- "jobs" supervisor (one_for_one, stopped all at once; every job a temporary child
     |                      with ``drain_timeout`` to end by itself on shutdown)
     +-- "system" supervisor (one_for_one, at most 3 restarts in 10 s; stopped in reverse
-                             start order)
+                             start order, also when it gives up and escalates)
         +-- store      (permanent): the store's background work (e.g. Redis pub/sub)
-        +-- registry   (permanent): admission
+        +-- metronome  (permanent): one timer for the watchers' batch slots
+        +-- registry   (permanent): admission, and the running counts it alone owns
         +-- ticker     (permanent): wakes the flushers of jobs with new entries
         +-- keeper     (permanent): retention sweep, lease renewal, orphan recovery
 
-Orphans of a dead instance are recovered once before the registry admits anything.
+Every child is given by a factory, so a restart starts it afresh: the registry rebuilds
+its counts from the jobs supervisor, the ticker is built anew; the store, the metronome
+and the keeper are objects others hold, whose ``run`` keeps no state of its own between
+runs (the metronome clears its on exit; the keeper keeps only its totals).
+
+The model router is built first: the runtime resolves each start's model there, once,
+and hands it to the registry with the start. Orphans of a dead instance are recovered
+once before the registry admits anything.
 """
 
 from __future__ import annotations
@@ -32,9 +40,9 @@ from backstream.actors.registry import Registry
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.actors.ticker import FlushTicker
 from backstream.protocol.ids import new_id
-from backstream.protocol.records import JobRequest
 from backstream.runtime.api import Runtime
 from backstream.runtime.models.http1 import HTTP1Pool
+from backstream.runtime.models.router import ModelRouter
 from backstream.runtime.models.upstream import UpstreamClient, open_http_client
 from backstream.runtime.stores.memory import MemoryStore
 from backstream.runtime.tools.registry import ToolRegistry
@@ -78,9 +86,8 @@ async def open_runtime(
             upstream = UpstreamClient(config, http) if http is not None else None
             if tools is None:
                 tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
-            runtime = await _start_system(
-                config, store, clock, notifier, jobs, system, models or {}, upstream, tools
-            )
+            router = ModelRouter(config, models or {}, upstream)
+            runtime = await _start_system(config, store, clock, notifier, jobs, system, router, tools)
             try:
                 yield runtime
             except Exception as exc:
@@ -114,22 +121,13 @@ async def _start_system(
     notifier: Notifier,
     jobs: Supervisor[JobActor],
     system: Supervisor[None],
-    models: Mapping[str, Model],
-    upstream: UpstreamClient | None,
+    router: ModelRouter,
     tools: ToolRegistry,
 ) -> Runtime:
     """Build the actors, start the system children in order, and return the facade."""
     instance_id = new_id("i_", clock.now())
     presence = WatchPresence()
-    runtime: Runtime | None = None
-
-    def resolve(request: JobRequest) -> Model:
-        assert runtime is not None, "no job is admitted before the runtime exists"
-        return runtime.resolve_model(request)
-
-    registry = Registry(
-        config, store, clock, jobs, resolve, instance_id=instance_id, tools=tools, notifier=notifier
-    )
+    registry = Registry(config, store, clock, jobs, instance_id=instance_id, tools=tools, notifier=notifier)
     keeper = Keeper(config, store, clock, jobs, presence, instance_id=instance_id, notifier=notifier)
     metronome = Metronome()
     runtime = Runtime(
@@ -140,18 +138,18 @@ async def _start_system(
         jobs,
         keeper,
         presence,
-        models,
-        upstream,
+        router,
         tools,
         notifier,
         instance_id=instance_id,
         metronome=metronome,
     )
-    await system.start_child(ChildSpec("store", store.run, Restart.PERMANENT, shutdown=0))
-    await system.start_child(ChildSpec("metronome", metronome.run, Restart.PERMANENT, shutdown=0))
+    await system.start_child(ChildSpec("store", lambda: store.run, Restart.PERMANENT, shutdown=0))
+    await system.start_child(ChildSpec("metronome", lambda: metronome.run, Restart.PERMANENT, shutdown=0))
     await keeper.recover_orphans()  # jobs of a dead instance end before new ones start
-    await system.start_child(ChildSpec("registry", registry.run, Restart.PERMANENT, shutdown=0))
-    ticker = FlushTicker(config, jobs)
-    await system.start_child(ChildSpec("ticker", ticker.run, Restart.PERMANENT, shutdown=0))
-    await system.start_child(ChildSpec("keeper", keeper.run, Restart.PERMANENT, shutdown=0))
+    await system.start_child(ChildSpec("registry", registry.fresh_child, Restart.PERMANENT, shutdown=0))
+    await system.start_child(
+        ChildSpec("ticker", lambda: FlushTicker(config, jobs).run, Restart.PERMANENT, shutdown=0)
+    )
+    await system.start_child(ChildSpec("keeper", lambda: keeper.run, Restart.PERMANENT, shutdown=0))
     return runtime
