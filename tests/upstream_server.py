@@ -72,9 +72,14 @@ class Reply:
         self.stream = stream
         self.body = body
         self._chunked = False
+        self.server_closed = False
+        """The scenario closed the connection after its response (not the client)."""
 
-    async def start(self, status: int = 200, headers: dict[str, str] | None = None) -> None:
-        """Send the status line and headers of a chunked ``text/event-stream`` body."""
+    async def start(
+        self, status: int = 200, headers: dict[str, str] | None = None, *, version: str = "1.1"
+    ) -> None:
+        """Send the status line and headers of a ``text/event-stream`` body: chunked, or
+        for ``version="1.0"`` without framing (it ends where the connection does)."""
         reason = {
             200: "OK",
             429: "Too Many Requests",
@@ -82,25 +87,30 @@ class Reply:
             502: "Bad Gateway",
             503: "Service Unavailable",
         }.get(status, "Status")
-        lines = [
-            f"HTTP/1.1 {status} {reason}",
-            "content-type: text/event-stream",
-            "transfer-encoding: chunked",
-        ]
+        self._chunked = version == "1.1"
+        lines = [f"HTTP/{version} {status} {reason}", "content-type: text/event-stream"]
+        lines += ["transfer-encoding: chunked"] if self._chunked else []
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         await self.stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
-        self._chunked = True
 
     async def send(self, data: bytes) -> None:
         """Send body bytes as one HTTP chunk (the client may still see them split or joined)."""
-        if data:
+        if data and not self._chunked:
+            await self.stream.send_all(data)
+        elif data:
             await self.stream.send_all(b"%x\r\n%s\r\n" % (len(data), data))
 
     async def event(self, obj: Any) -> None:
         await self.send(sse(obj))
 
     async def end(self) -> None:
-        await self.stream.send_all(b"0\r\n\r\n")
+        if self._chunked:
+            await self.stream.send_all(b"0\r\n\r\n")
+
+    async def close(self) -> None:
+        """Close the connection after a complete response, as a server that said so does."""
+        self.server_closed = True
+        await self.stream.aclose()
 
     async def error_status(self, status: int, body: str = "", headers: dict[str, str] | None = None) -> None:
         payload = body.encode()
@@ -127,11 +137,15 @@ def streams(
     finish: str | None = "stop",
     usage: bool = True,
     done: bool = True,
+    closing: bool = False,
+    version: str = "1.1",
 ) -> Scenario:
-    """Stream ``texts`` as content deltas, ``delay`` seconds apart, then finish."""
+    """Stream ``texts`` as content deltas, ``delay`` seconds apart, then finish. ``closing``:
+    answer ``Connection: close`` and close the connection after the response (HTTP/1.0's
+    body, never chunked, always ends so)."""
 
     async def scenario(reply: Reply) -> None:
-        await reply.start()
+        await reply.start(headers={"connection": "close"} if closing else None, version=version)
         for text in texts:
             if delay:
                 await trio.sleep(delay)
@@ -143,6 +157,8 @@ def streams(
         if done:
             await reply.event("[DONE]")
         await reply.end()
+        if closing or version != "1.1":
+            await reply.close()
 
     return scenario
 
@@ -251,24 +267,28 @@ class FakeUpstream:
                 self.request_arrived.set()
                 self.request_arrived = trio.Event()
                 scenario = self.scenarios.popleft() if self.scenarios else self.default
+                reply = Reply(stream, body)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._notice_close, stream, nursery.cancel_scope)
+                    nursery.start_soon(self._notice_close, reply, nursery.cancel_scope)
                     try:
-                        await scenario(Reply(stream, body))
+                        await scenario(reply)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        self._closed()
+                        if not reply.server_closed:
+                            self._closed()
                         return
                     nursery.cancel_scope.cancel()
+                if reply.server_closed:
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._closed()
 
-    async def _notice_close(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _notice_close(self, reply: Reply, scope: trio.CancelScope) -> None:
         # A client that is mid-request sends nothing more; EOF here means it closed.
         try:
-            data = await stream.receive_some(65536)
+            data = await reply.stream.receive_some(65536)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        if not data:
+        if not data and not reply.server_closed:
             self._closed()
             scope.cancel()
 

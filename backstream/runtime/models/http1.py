@@ -30,6 +30,7 @@ from backstream.protocol.chunked import ChunkedBody, ChunkedBodyError
 
 __all__ = [
     "HTTP1Pool",
+    "PoolStatistics",
     "StreamingResponse",
     "UpstreamBroken",
     "UpstreamConnectError",
@@ -39,6 +40,19 @@ __all__ = [
 
 _READ_SIZE = 65536
 _KEEPALIVE_EXPIRY = 5.0  # seconds an idle connection is kept for reuse
+
+
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of a pool's connections: ``opened`` since the start, ``reused`` (an idle
+    one taken for a request), ``kept`` (returned to the pool after a response), ``closed``,
+    and ``idle`` now."""
+
+    opened: int
+    reused: int
+    kept: int
+    closed: int
+    idle: int
 
 
 class UpstreamConnectError(Exception):
@@ -142,6 +156,8 @@ class StreamingResponse:
         # event machinery: several times fewer instructions per chunk. h11 parsed the head.
         self._chunked: ChunkedBody | None = None
         self._unparsed = b""
+        # Decided here, not by h11: it never sees a chunked body's end (see below).
+        self._keep_alive = _keeps_alive(head)
         parser = connection.h11
         if parser.their_state is h11.SEND_BODY and _is_chunked(head):
             self._chunked = ChunkedBody()
@@ -213,9 +229,9 @@ class StreamingResponse:
 
     @property
     def reusable(self) -> bool:
-        """The whole response was read and nothing followed it: the connection may serve
-        another request."""
-        if not self.complete:
+        """The whole response was read, nothing followed it, and the server keeps the
+        connection open: it may serve another request."""
+        if not self.complete or not self._keep_alive:
             return False
         if self._chunked is not None:
             return not self._chunked.leftover
@@ -228,6 +244,22 @@ def _is_chunked(head: h11.Response) -> bool:
         if name == b"transfer-encoding":
             return value.lower() == b"chunked"
     return False
+
+
+def _keeps_alive(head: h11.Response) -> bool:
+    """Whether the server keeps the connection after this response (RFC 9112, 9.3): not
+    with ``Connection: close``, not from an HTTP/1.0 server (as h11 decides: it never
+    keeps those), not when the body ends where the connection does (neither length nor
+    chunked framing)."""
+    if head.http_version != b"1.1":
+        return False
+    framed = head.status_code in (204, 304)
+    for name, value in head.headers:
+        if name == b"connection" and b"close" in (token.strip() for token in value.lower().split(b",")):
+            return False
+        if name in (b"content-length", b"transfer-encoding"):
+            framed = True
+    return framed
 
 
 class HTTP1Pool:
@@ -251,6 +283,16 @@ class HTTP1Pool:
         self._max_keepalive = max_keepalive
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
+        self._opened = self._reused = self._kept = self._closed_count = 0
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            opened=self._opened,
+            reused=self._reused,
+            kept=self._kept,
+            closed=self._closed_count,
+            idle=len(self._idle),
+        )
 
     @asynccontextmanager
     async def stream_post(self, body: bytes, headers: dict[str, str]) -> AsyncIterator[StreamingResponse]:
@@ -289,11 +331,11 @@ class HTTP1Pool:
             try:
                 return connection, await self._send_and_read_head(connection, request, body)
             except UpstreamBroken:
-                _close(connection)
+                self._close(connection)
                 if not connection.reused:
                     raise
             except BaseException:
-                _close(connection)
+                self._close(connection)
                 raise
 
     async def _send_and_read_head(
@@ -326,8 +368,9 @@ class HTTP1Pool:
             connection = self._idle.pop()  # the most recently used: least likely to be stale
             if now - connection.idle_since < _KEEPALIVE_EXPIRY:
                 connection.reused = True
+                self._reused += 1
                 return connection
-            _close(connection)
+            self._close(connection)
         return None
 
     async def _connect(self) -> _Connection:
@@ -351,6 +394,7 @@ class HTTP1Pool:
             raise UpstreamConnectTimeout("connecting to the upstream timed out") from None
         except (OSError, trio.BrokenResourceError) as exc:
             raise UpstreamConnectError(f"could not connect to the upstream: {exc!r}") from None
+        self._opened += 1
         return _Connection(stream)
 
     def _release(self, connection: _Connection, reusable: bool) -> None:
@@ -361,14 +405,21 @@ class HTTP1Pool:
                 connection.h11 = h11.Connection(h11.CLIENT)
             connection.idle_since = trio.current_time()
             self._idle.append(connection)
+            self._kept += 1
         else:
-            _close(connection)
+            self._close(connection)
+
+    def _close(self, connection: _Connection) -> None:
+        _close(connection)
+        self._closed_count += 1
 
     async def aclose(self) -> None:
-        """Close the idle connections; those in use close when their requests end."""
+        """Close the idle connections; those in use close when their requests end.
+
+        Cancellation: not a schedule point; always done."""
         self._closed = True
         while self._idle:
-            _close(self._idle.pop())
+            self._close(self._idle.pop())
 
 
 async def _open_tcp(host: str, port: int) -> trio.SocketStream:
