@@ -8,6 +8,11 @@ parsing in h11, reads up to 64 KiB at a time, and returns all the body bytes
 one socket read delivered. It does what the upstream path needs and no more:
 POST with a body to one origin, a bounded keep-alive pool, TLS with httpx's
 default context, and timeouts for connecting, idle reads and writes.
+
+Through a proxy (``proxies.ProxyURL``, from the environment as httpx reads it): to an
+``http://`` origin, requests go to the proxy in absolute form, with the proxy's
+``Proxy-Authorization``; to an ``https://`` origin, a ``CONNECT`` tunnel through the
+proxy, then TLS with the origin inside it. Either way the pool keeps the connections.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import httpx
 import trio
 
 from backstream.protocol.chunked import ChunkedBody, ChunkedBodyError
+from backstream.runtime.models.proxies import ProxyURL
 
 __all__ = [
     "HTTP1Pool",
@@ -92,8 +98,18 @@ class _Origin:
     @property
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
+        return self.authority if self.port != default else self.authority.rpartition(":")[0]
+
+    @property
+    def authority(self) -> str:
+        """``host:port``, as a CONNECT request names its target."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == default else f"{host}:{self.port}"
+        return f"{host}:{self.port}"
+
+    @property
+    def absolute(self) -> str:
+        """The URL, as a request to a proxy names its target."""
+        return f"{self.scheme}://{self.host_header}{self.path}"
 
 
 class _Connection:
@@ -263,8 +279,9 @@ def _keeps_alive(head: h11.Response) -> bool:
 
 
 class HTTP1Pool:
-    """Connections to one origin: at most ``max_connections`` in use (others wait, with
-    no deadline of their own), at most ``max_keepalive`` idle ones kept for reuse."""
+    """Connections to one origin, through ``proxy`` if given: at most ``max_connections``
+    in use (others wait, with no deadline of their own), at most ``max_keepalive`` idle
+    ones kept for reuse."""
 
     def __init__(
         self,
@@ -274,8 +291,10 @@ class HTTP1Pool:
         idle_timeout: float,
         max_connections: int,
         max_keepalive: int,
+        proxy: ProxyURL | None = None,
     ) -> None:
         self.origin = _Origin.parse(url)
+        self.proxy = proxy
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._limiter = trio.CapacityLimiter(max_connections)
@@ -316,14 +335,17 @@ class HTTP1Pool:
                 raise UpstreamReadTimeout
 
     async def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[_Connection, h11.Response]:
+        origin, proxy = self.origin, self.proxy
+        forwarded = proxy is not None and origin.scheme == "http"  # not tunnelled: the proxy reads it
         request = h11.Request(
             method="POST",
-            target=self.origin.path,
+            target=origin.absolute if forwarded else origin.path,
             headers=[
-                ("host", self.origin.host_header),
+                ("host", origin.host_header),
                 ("content-type", "application/json"),
                 ("content-length", str(len(body))),
                 *headers.items(),
+                *_proxy_authorization(proxy if forwarded else None),
             ],
         )
         while True:
@@ -374,28 +396,35 @@ class HTTP1Pool:
         return None
 
     async def _connect(self) -> _Connection:
-        origin = self.origin
+        origin, proxy = self.origin, self.proxy
+        via = "" if proxy is None else f" through the proxy {proxy.address}"
         try:
             with trio.fail_after(self._connect_timeout):
-                stream: trio.abc.Stream = await _open_tcp(origin.host, origin.port)
-                if origin.scheme == "https":
-                    if self._ssl is None:
-                        self._ssl = httpx.create_ssl_context()
-                    tls = trio.SSLStream(
-                        stream, self._ssl, server_hostname=origin.host, https_compatible=True
-                    )
-                    try:
-                        await tls.do_handshake()
-                    except BaseException:
-                        await trio.aclose_forcefully(stream)
-                        raise
-                    stream = tls
+                first = origin if proxy is None else proxy
+                stream: trio.abc.Stream = await _open_tcp(first.host, first.port)
+                try:
+                    if first.scheme == "https":
+                        stream = await self._tls(stream, first.host)
+                    if proxy is not None and origin.scheme == "https":
+                        await _open_tunnel(stream, proxy, origin)
+                        stream = await self._tls(stream, origin.host)
+                except BaseException:
+                    _close_stream(stream)
+                    raise
         except trio.TooSlowError:
-            raise UpstreamConnectTimeout("connecting to the upstream timed out") from None
+            raise UpstreamConnectTimeout(f"connecting to the upstream{via} timed out") from None
         except (OSError, trio.BrokenResourceError) as exc:
-            raise UpstreamConnectError(f"could not connect to the upstream: {exc!r}") from None
+            raise UpstreamConnectError(f"could not connect to the upstream{via}: {exc!r}") from None
         self._opened += 1
         return _Connection(stream)
+
+    async def _tls(self, stream: trio.abc.Stream, hostname: str) -> trio.SSLStream[trio.abc.Stream]:
+        """TLS over ``stream``, handshake done. Cancellation: the caller closes ``stream``."""
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        tls = trio.SSLStream(stream, self._ssl, server_hostname=hostname, https_compatible=True)
+        await tls.do_handshake()
+        return tls
 
     def _release(self, connection: _Connection, reusable: bool) -> None:
         if reusable and not self._closed and len(self._idle) < self._max_keepalive:
@@ -441,9 +470,50 @@ async def _open_tcp(host: str, port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+async def _open_tunnel(stream: trio.abc.Stream, proxy: ProxyURL, origin: _Origin) -> None:
+    """Ask the proxy on ``stream`` for a tunnel to ``origin`` (``CONNECT``); its bytes are
+    the origin's once this returns. Raises ``UpstreamConnectError`` if the proxy refuses.
+
+    Cancellation: the stream is left mid-handshake; the caller closes it."""
+    parser = h11.Connection(h11.CLIENT)
+    request = h11.Request(
+        method="CONNECT",
+        target=origin.authority,
+        headers=[("host", origin.authority), *_proxy_authorization(proxy)],
+    )
+    await stream.send_all(parser.send(request) + parser.send(h11.EndOfMessage()))
+    while True:
+        try:
+            event = parser.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamConnectError(f"invalid HTTP from the proxy {proxy.address}: {exc}") from None
+        if event is h11.NEED_DATA:
+            parser.receive_data(bytes(await stream.receive_some(_READ_SIZE)))
+        elif type(event) is h11.Response:
+            break
+        elif type(event) is not h11.InformationalResponse:
+            raise UpstreamConnectError(f"the proxy {proxy.address} closed the connection to CONNECT")
+    if not 200 <= event.status_code < 300:
+        raise UpstreamConnectError(
+            f"the proxy {proxy.address} answered CONNECT {origin.authority} with HTTP {event.status_code}"
+        )
+    if parser.trailing_data[0]:  # the origin speaks only after our TLS hello
+        raise UpstreamConnectError(f"the proxy {proxy.address} sent bytes before the tunnel's TLS")
+
+
+def _proxy_authorization(proxy: ProxyURL | None) -> list[tuple[str, str]]:
+    if proxy is None or proxy.authorization is None:
+        return []
+    return [("proxy-authorization", proxy.authorization)]
+
+
 def _close(connection: _Connection) -> None:
     """Close at once, without waiting for the peer (no TLS close_notify round trip)."""
-    stream = connection.stream
-    socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if isinstance(socket_stream, trio.SocketStream):
-        socket_stream.socket.close()
+    _close_stream(connection.stream)
+
+
+def _close_stream(stream: trio.abc.Stream) -> None:
+    while isinstance(stream, trio.SSLStream):  # TLS in TLS through an https:// proxy
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
