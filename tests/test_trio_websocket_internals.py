@@ -116,7 +116,11 @@ async def test_a_server_has_the_private_settings_used() -> None:
             disconnect_timeout=13.0,
         )
         assert server._handler is handler
-        assert (server._message_queue_size, server._max_message_size, server._receive_buffer_size) == (3, 5, 7)
+        assert (server._message_queue_size, server._max_message_size, server._receive_buffer_size) == (
+            3,
+            5,
+            7,
+        )
         assert (server._connect_timeout, server._disconnect_timeout) == (11.0, 13.0)
     finally:
         for listener in listeners:

@@ -40,9 +40,10 @@ PROXY_VARIABLES = [
 class RunningProxy:
     port: int
     log: Path
+    scheme: str = "http"
 
     def url(self, password: str = PASSWORD) -> str:
-        return f"http://{USER}:{password}@127.0.0.1:{self.port}"
+        return f"{self.scheme}://{USER}:{password}@127.0.0.1:{self.port}"
 
     def access_lines(self, needle: str, *, wait: float = 10.0) -> list[str]:
         """The proxy's access-log lines containing ``needle``; it writes a connection's
@@ -57,16 +58,35 @@ class RunningProxy:
 
 
 @pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
     """proxy.py on a free loopback port, asking for Basic credentials."""
-    folder = tmp_path_factory.mktemp("proxy")
+    yield from _run_proxy(tmp_path_factory.mktemp("proxy"), "http", [])
+
+
+@pytest.fixture(scope="module")
+def tls_proxy(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[RunningProxy]:
+    """The same, spoken to over TLS (an ``https://`` proxy), with a certificate from ``ca``."""
+    folder = tmp_path_factory.mktemp("tls_proxy")
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    tls = ["--cert-file", str(folder / "cert.pem"), "--key-file", str(folder / "key.pem")]
+    yield from _run_proxy(folder, "https", tls)
+
+
+def _run_proxy(folder: Path, scheme: str, extra: list[str]) -> Iterator[RunningProxy]:
     port_file, log = folder / "port", folder / "proxy.log"
     command = [
         sys.executable, "-m", "proxy",
         "--hostname", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
         "--num-acceptors", "1", "--num-workers", "1",
         "--basic-auth", f"{USER}:{PASSWORD}",
-        "--log-file", str(log), "--log-level", "INFO",
+        "--log-file", str(log), "--log-level", "INFO", *extra,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
@@ -75,7 +95,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
             assert process.poll() is None, f"proxy.py exited: {log.read_text() if log.exists() else ''}"
             assert time.monotonic() < deadline, "proxy.py did not start"
             time.sleep(0.05)
-        yield RunningProxy(int(port_file.read_text().split()[0]), log)
+        yield RunningProxy(int(port_file.read_text().split()[0]), log, scheme)
     finally:
         process.terminate()
         try:
@@ -118,7 +138,9 @@ def noting_our_ports(scenario: Scenario, found: set[int]) -> Scenario:
     process's own sockets (looked up while the client waits for the answer)."""
 
     async def noting(reply: Reply) -> None:
-        transport = reply.stream.transport_stream if isinstance(reply.stream, trio.SSLStream) else reply.stream
+        transport = (
+            reply.stream.transport_stream if isinstance(reply.stream, trio.SSLStream) else reply.stream
+        )
         assert isinstance(transport, trio.SocketStream)
         found.update(own_local_ports() & {transport.socket.getpeername()[1]})
         await scenario(reply)
@@ -132,7 +154,9 @@ async def run_job(upstream: FakeUpstream, texts: list[str], **config: object) ->
     mine: set[int] = set()
     upstream.script(noting_our_ports(streams(texts), mine))
     async with open_runtime(Config(upstream_url=upstream.url, drain_timeout=0, **config)) as rt:  # type: ignore[arg-type]
-        started = await rt.start_job(user="alice", thread_id="t", message_id="m", model="gpt-test", messages=MSG)
+        started = await rt.start_job(
+            user="alice", thread_id="t", message_id="m", model="gpt-test", messages=MSG
+        )
         batches = await collect(rt, started.job_id)
         end = terminal(batches)
         status = end.status if end.error is None else f"{end.status}/{end.error.code}: {end.error.message}"
@@ -150,7 +174,7 @@ async def test_an_http_upstream_is_reached_through_the_proxy_with_its_credential
     clean_env.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # another scheme's: unused
     status, text, mine = await run_job(upstream, ["via", " proxy"])
     assert (status, text) == ("completed", "via proxy")
-    (request_line, headers), = upstream.heads
+    ((request_line, headers),) = upstream.heads
     assert request_line == "POST /v1/chat/completions HTTP/1.1"  # the proxy's origin form
     assert "proxy.py" in headers["via"] and "proxy-authorization" not in headers
     assert headers["host"] == f"127.0.0.1:{upstream.port}"
@@ -160,9 +184,8 @@ async def test_an_http_upstream_is_reached_through_the_proxy_with_its_credential
 
 
 async def test_an_https_upstream_is_tunnelled_through_connect_with_tls_to_the_origin(
-    proxy: RunningProxy, clean_env: pytest.MonkeyPatch, nursery: trio.Nursery, tmp_path: Path
+    proxy: RunningProxy, clean_env: pytest.MonkeyPatch, nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA
 ) -> None:
-    ca = trustme.CA()
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_tls)
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
@@ -172,13 +195,32 @@ async def test_an_https_upstream_is_tunnelled_through_connect_with_tls_to_the_or
     clean_env.setenv("NO_PROXY", "example.com,.internal")  # not this upstream
     status, text, mine = await run_job(upstream, ["secret", " tunnel"])
     assert (status, text) == ("completed", "secret tunnel")
-    (request_line, headers), = upstream.heads
+    ((request_line, headers),) = upstream.heads
     # Tunnelled: the proxy never read the request, so it added and removed nothing.
     assert request_line == "POST /v1/chat/completions HTTP/1.1"
     assert "via" not in headers and "proxy-authorization" not in headers
     assert upstream.connections == 1 and not mine
     lines = proxy.access_lines(f"CONNECT 127.0.0.1:{upstream.port}")
     assert len(lines) == 1
+
+
+async def test_an_https_proxy_carries_the_tunnel_inside_its_own_tls(
+    tls_proxy: RunningProxy,
+    clean_env: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    ca: trustme.CA,
+) -> None:
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    clean_env.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # trusts both the proxy and the upstream
+    upstream = await open_fake_upstream(nursery, tls=server_tls)
+    clean_env.setenv("https_proxy", tls_proxy.url())
+    status, text, mine = await run_job(upstream, ["tls", " in", " tls"])
+    assert (status, text) == ("completed", "tls in tls")
+    assert upstream.connections == 1 and not mine
+    assert len(tls_proxy.access_lines(f"CONNECT 127.0.0.1:{upstream.port}")) == 1
 
 
 async def test_no_proxy_sends_the_upstream_past_the_proxy(
@@ -189,7 +231,7 @@ async def test_no_proxy_sends_the_upstream_past_the_proxy(
     clean_env.setenv("NO_PROXY", f"example.com, 127.0.0.1:{upstream.port}")
     status, text, mine = await run_job(upstream, ["direct"])
     assert (status, text) == ("completed", "direct")
-    (_, headers), = upstream.heads
+    ((_, headers),) = upstream.heads
     assert "via" not in headers
     assert len(upstream.peers) == 1 and mine == {upstream.peers[0][1]}  # our own socket, straight to it
     assert proxy.access_lines(f"127.0.0.1:{upstream.port}", wait=0.5) == []
