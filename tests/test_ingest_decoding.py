@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
 import trio
 
 from backstream import Config, Store, open_runtime
@@ -238,17 +237,3 @@ async def test_upstream_connections_are_reused_and_a_stale_one_replaced(upstream
     assert texts == ["a", "one", "two"]
     assert len(upstream.requests) == 3
     assert upstream.connections == 2  # the first two shared one; the closed one was replaced
-
-
-def test_a_proxy_the_upstream_client_would_bypass_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    from backstream.runtime.models.upstream import _proxy_for
-
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
-    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
-    assert _proxy_for("https://openrouter.ai/api/v1") == "HTTPS_PROXY"
-    assert _proxy_for("http://127.0.0.1:8080/v1") is None  # not the scheme's proxy, and bypassed
-    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
-    assert _proxy_for("http://127.0.0.1:8080/v1") is None  # NO_PROXY
-    monkeypatch.delenv("HTTPS_PROXY")
-    monkeypatch.delenv("HTTP_PROXY")
-    assert _proxy_for("https://openrouter.ai/api/v1") is None

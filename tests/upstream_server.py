@@ -10,6 +10,7 @@ connection, so tests can check that an abort really closed it.
 from __future__ import annotations
 
 import json
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -68,13 +69,18 @@ def sse(obj: Any) -> bytes:
 class Reply:
     """The server side of one request."""
 
-    def __init__(self, stream: trio.SocketStream, body: dict[str, Any]) -> None:
+    def __init__(self, stream: trio.abc.Stream, body: dict[str, Any]) -> None:
         self.stream = stream
         self.body = body
         self._chunked = False
+        self.server_closed = False
+        """The scenario closed the connection after its response (not the client)."""
 
-    async def start(self, status: int = 200, headers: dict[str, str] | None = None) -> None:
-        """Send the status line and headers of a chunked ``text/event-stream`` body."""
+    async def start(
+        self, status: int = 200, headers: dict[str, str] | None = None, *, version: str = "1.1"
+    ) -> None:
+        """Send the status line and headers of a ``text/event-stream`` body: chunked, or
+        for ``version="1.0"`` without framing (it ends where the connection does)."""
         reason = {
             200: "OK",
             429: "Too Many Requests",
@@ -82,25 +88,30 @@ class Reply:
             502: "Bad Gateway",
             503: "Service Unavailable",
         }.get(status, "Status")
-        lines = [
-            f"HTTP/1.1 {status} {reason}",
-            "content-type: text/event-stream",
-            "transfer-encoding: chunked",
-        ]
+        self._chunked = version == "1.1"
+        lines = [f"HTTP/{version} {status} {reason}", "content-type: text/event-stream"]
+        lines += ["transfer-encoding: chunked"] if self._chunked else []
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         await self.stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
-        self._chunked = True
 
     async def send(self, data: bytes) -> None:
         """Send body bytes as one HTTP chunk (the client may still see them split or joined)."""
-        if data:
+        if data and not self._chunked:
+            await self.stream.send_all(data)
+        elif data:
             await self.stream.send_all(b"%x\r\n%s\r\n" % (len(data), data))
 
     async def event(self, obj: Any) -> None:
         await self.send(sse(obj))
 
     async def end(self) -> None:
-        await self.stream.send_all(b"0\r\n\r\n")
+        if self._chunked:
+            await self.stream.send_all(b"0\r\n\r\n")
+
+    async def close(self) -> None:
+        """Close the connection after a complete response, as a server that said so does."""
+        self.server_closed = True
+        await self.stream.aclose()
 
     async def error_status(self, status: int, body: str = "", headers: dict[str, str] | None = None) -> None:
         payload = body.encode()
@@ -127,11 +138,15 @@ def streams(
     finish: str | None = "stop",
     usage: bool = True,
     done: bool = True,
+    closing: bool = False,
+    version: str = "1.1",
 ) -> Scenario:
-    """Stream ``texts`` as content deltas, ``delay`` seconds apart, then finish."""
+    """Stream ``texts`` as content deltas, ``delay`` seconds apart, then finish. ``closing``:
+    answer ``Connection: close`` and close the connection after the response (HTTP/1.0's
+    body, never chunked, always ends so)."""
 
     async def scenario(reply: Reply) -> None:
-        await reply.start()
+        await reply.start(headers={"connection": "close"} if closing else None, version=version)
         for text in texts:
             if delay:
                 await trio.sleep(delay)
@@ -142,7 +157,12 @@ def streams(
             await reply.event(usage_chunk(completion=len(texts)))
         if done:
             await reply.event("[DONE]")
-        await reply.end()
+        if closing or version != "1.1":
+            reply.server_closed = True  # said so: the client may close first once it has all
+            await reply.end()
+            await reply.close()
+        else:
+            await reply.end()
 
     return scenario
 
@@ -217,9 +237,13 @@ def drop_after(texts: Sequence[str]) -> Scenario:
 class FakeUpstream:
     port: int = 0
     requests: list[dict[str, Any]] = attrs.Factory(list)
+    heads: list[tuple[str, dict[str, str]]] = attrs.Factory(list)
+    """The request line and headers (names in lower case) of each chat request."""
     scenarios: deque[Scenario] = attrs.Factory(deque)
     default: Scenario = attrs.field(factory=lambda: streams(["Hello", " world"]))
     connections: int = 0
+    peers: list[tuple[str, int]] = attrs.Factory(list)
+    """The client end (address, port) of each connection."""
     client_closes: int = 0
     client_closed: trio.Event = attrs.Factory(trio.Event)
     request_arrived: trio.Event = attrs.Factory(trio.Event)
@@ -229,46 +253,57 @@ class FakeUpstream:
     url_host: str = "127.0.0.1"
     """How URLs name the host: an address (IPv4 or, in brackets, IPv6) or a name."""
 
+    scheme: str = "http"
+    """``https`` when it serves TLS."""
+
     @property
     def url(self) -> str:
-        return f"http://{self.url_host}:{self.port}/v1"
+        return f"{self.scheme}://{self.url_host}:{self.port}/v1"
 
     def script(self, *scenarios: Scenario) -> None:
         self.scenarios.extend(scenarios)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if isinstance(transport, trio.SocketStream):
+            self.peers.append(transport.socket.getpeername()[:2])
         try:
             while True:
                 request = await _read_request(stream)
                 if request is None:
                     return
-                request_line, body = request
+                request_line, headers, body = request
                 if request_line.startswith("GET ") and request_line.split()[1].endswith("/models"):
                     await _send_json(stream, {"object": "list", "data": [{"id": m} for m in self.models]})
                     continue
                 self.requests.append(body)
+                self.heads.append((request_line, headers))
                 self.request_arrived.set()
                 self.request_arrived = trio.Event()
                 scenario = self.scenarios.popleft() if self.scenarios else self.default
+                reply = Reply(stream, body)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._notice_close, stream, nursery.cancel_scope)
+                    nursery.start_soon(self._notice_close, reply, nursery.cancel_scope)
                     try:
-                        await scenario(Reply(stream, body))
+                        await scenario(reply)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        self._closed()
+                        if not reply.server_closed:
+                            self._closed()
                         return
                     nursery.cancel_scope.cancel()
+                if reply.server_closed:
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._closed()
 
-    async def _notice_close(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _notice_close(self, reply: Reply, scope: trio.CancelScope) -> None:
         # A client that is mid-request sends nothing more; EOF here means it closed.
         try:
-            data = await stream.receive_some(65536)
+            data = await reply.stream.receive_some(65536)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        if not data:
+        if not data and not reply.server_closed:
             self._closed()
             scope.cancel()
 
@@ -278,14 +313,14 @@ class FakeUpstream:
         self.client_closed = trio.Event()
 
 
-async def _send_json(stream: trio.SocketStream, obj: Any) -> None:
+async def _send_json(stream: trio.abc.Stream, obj: Any) -> None:
     payload = json.dumps(obj).encode()
     head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
     await stream.send_all(head.encode() + payload)
 
 
-async def _read_request(stream: trio.SocketStream) -> tuple[str, dict[str, Any]] | None:
-    """The request line and the JSON body ({} without one) of the next request."""
+async def _read_request(stream: trio.abc.Stream) -> tuple[str, dict[str, str], dict[str, Any]] | None:
+    """The request line, headers and JSON body ({} without one) of the next request."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         data = await stream.receive_some(65536)
@@ -293,24 +328,34 @@ async def _read_request(stream: trio.SocketStream) -> tuple[str, dict[str, Any]]
             return None
         buf += data
     head, _, rest = buf.partition(b"\r\n\r\n")
-    length = 0
+    headers: dict[str, str] = {}
     for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
     while len(rest) < length:
         data = await stream.receive_some(65536)
         if not data:
             return None
         rest += data
     request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    return request_line, (json.loads(rest[:length]) if length else {})
+    return request_line, headers, (json.loads(rest[:length]) if length else {})
 
 
 async def open_fake_upstream(
-    nursery: trio.Nursery, host: str = "127.0.0.1", url_host: str | None = None
+    nursery: trio.Nursery,
+    host: str = "127.0.0.1",
+    url_host: str | None = None,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> FakeUpstream:
-    server = FakeUpstream(url_host=url_host or host)
-    listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host=host))
-    server.port = listeners[0].socket.getsockname()[1]
+    """The server, listening on a free port of ``host``; over TLS with ``tls``."""
+    server = FakeUpstream(url_host=url_host or host, scheme="http" if tls is None else "https")
+    if tls is None:
+        serve = partial(trio.serve_tcp, server.handle, 0, host=host)
+    else:
+        serve = partial(trio.serve_ssl_over_tcp, server.handle, 0, tls, host=host, https_compatible=True)
+    listeners = await nursery.start(serve)
+    port = (listeners[0].transport_listener if tls is not None else listeners[0]).socket.getsockname()[1]
+    server.port = port
     return server

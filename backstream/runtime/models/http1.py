@@ -8,6 +8,11 @@ parsing in h11, reads up to 64 KiB at a time, and returns all the body bytes
 one socket read delivered. It does what the upstream path needs and no more:
 POST with a body to one origin, a bounded keep-alive pool, TLS with httpx's
 default context, and timeouts for connecting, idle reads and writes.
+
+Through a proxy (``proxies.ProxyURL``, from the environment as httpx reads it): to an
+``http://`` origin, requests go to the proxy in absolute form, with the proxy's
+``Proxy-Authorization``; to an ``https://`` origin, a ``CONNECT`` tunnel through the
+proxy, then TLS with the origin inside it. Either way the pool keeps the connections.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import httpx
 import trio
 
 from backstream.protocol.chunked import ChunkedBody, ChunkedBodyError
+from backstream.runtime.models.proxies import ProxyURL
 
 __all__ = [
     "HTTP1Pool",
+    "PoolStatistics",
     "StreamingResponse",
     "UpstreamBroken",
     "UpstreamConnectError",
@@ -39,6 +46,19 @@ __all__ = [
 
 _READ_SIZE = 65536
 _KEEPALIVE_EXPIRY = 5.0  # seconds an idle connection is kept for reuse
+
+
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of a pool's connections: ``opened`` since the start, ``reused`` (an idle
+    one taken for a request), ``kept`` (returned to the pool after a response), ``closed``,
+    and ``idle`` now."""
+
+    opened: int
+    reused: int
+    kept: int
+    closed: int
+    idle: int
 
 
 class UpstreamConnectError(Exception):
@@ -78,8 +98,18 @@ class _Origin:
     @property
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
+        return self.authority if self.port != default else self.authority.rpartition(":")[0]
+
+    @property
+    def authority(self) -> str:
+        """``host:port``, as a CONNECT request names its target."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == default else f"{host}:{self.port}"
+        return f"{host}:{self.port}"
+
+    @property
+    def absolute(self) -> str:
+        """The URL, as a request to a proxy names its target."""
+        return f"{self.scheme}://{self.host_header}{self.path}"
 
 
 class _Connection:
@@ -142,6 +172,8 @@ class StreamingResponse:
         # event machinery: several times fewer instructions per chunk. h11 parsed the head.
         self._chunked: ChunkedBody | None = None
         self._unparsed = b""
+        # Decided here, not by h11: it never sees a chunked body's end (see below).
+        self._keep_alive = _keeps_alive(head)
         parser = connection.h11
         if parser.their_state is h11.SEND_BODY and _is_chunked(head):
             self._chunked = ChunkedBody()
@@ -213,9 +245,9 @@ class StreamingResponse:
 
     @property
     def reusable(self) -> bool:
-        """The whole response was read and nothing followed it: the connection may serve
-        another request."""
-        if not self.complete:
+        """The whole response was read, nothing followed it, and the server keeps the
+        connection open: it may serve another request."""
+        if not self.complete or not self._keep_alive:
             return False
         if self._chunked is not None:
             return not self._chunked.leftover
@@ -230,9 +262,26 @@ def _is_chunked(head: h11.Response) -> bool:
     return False
 
 
+def _keeps_alive(head: h11.Response) -> bool:
+    """Whether the server keeps the connection after this response (RFC 9112, 9.3): not
+    with ``Connection: close``, not from an HTTP/1.0 server (as h11 decides: it never
+    keeps those), not when the body ends where the connection does (neither length nor
+    chunked framing)."""
+    if head.http_version != b"1.1":
+        return False
+    framed = head.status_code in (204, 304)
+    for name, value in head.headers:
+        if name == b"connection" and b"close" in (token.strip() for token in value.lower().split(b",")):
+            return False
+        if name in (b"content-length", b"transfer-encoding"):
+            framed = True
+    return framed
+
+
 class HTTP1Pool:
-    """Connections to one origin: at most ``max_connections`` in use (others wait, with
-    no deadline of their own), at most ``max_keepalive`` idle ones kept for reuse."""
+    """Connections to one origin, through ``proxy`` if given: at most ``max_connections``
+    in use (others wait, with no deadline of their own), at most ``max_keepalive`` idle
+    ones kept for reuse."""
 
     def __init__(
         self,
@@ -242,8 +291,10 @@ class HTTP1Pool:
         idle_timeout: float,
         max_connections: int,
         max_keepalive: int,
+        proxy: ProxyURL | None = None,
     ) -> None:
         self.origin = _Origin.parse(url)
+        self.proxy = proxy
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._limiter = trio.CapacityLimiter(max_connections)
@@ -251,6 +302,16 @@ class HTTP1Pool:
         self._max_keepalive = max_keepalive
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
+        self._opened = self._reused = self._kept = self._closed_count = 0
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            opened=self._opened,
+            reused=self._reused,
+            kept=self._kept,
+            closed=self._closed_count,
+            idle=len(self._idle),
+        )
 
     @asynccontextmanager
     async def stream_post(self, body: bytes, headers: dict[str, str]) -> AsyncIterator[StreamingResponse]:
@@ -274,14 +335,17 @@ class HTTP1Pool:
                 raise UpstreamReadTimeout
 
     async def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[_Connection, h11.Response]:
+        origin, proxy = self.origin, self.proxy
+        forwarded = proxy is not None and origin.scheme == "http"  # not tunnelled: the proxy reads it
         request = h11.Request(
             method="POST",
-            target=self.origin.path,
+            target=origin.absolute if forwarded else origin.path,
             headers=[
-                ("host", self.origin.host_header),
+                ("host", origin.host_header),
                 ("content-type", "application/json"),
                 ("content-length", str(len(body))),
                 *headers.items(),
+                *_proxy_authorization(proxy if forwarded else None),
             ],
         )
         while True:
@@ -289,11 +353,11 @@ class HTTP1Pool:
             try:
                 return connection, await self._send_and_read_head(connection, request, body)
             except UpstreamBroken:
-                _close(connection)
+                self._close(connection)
                 if not connection.reused:
                     raise
             except BaseException:
-                _close(connection)
+                self._close(connection)
                 raise
 
     async def _send_and_read_head(
@@ -326,32 +390,41 @@ class HTTP1Pool:
             connection = self._idle.pop()  # the most recently used: least likely to be stale
             if now - connection.idle_since < _KEEPALIVE_EXPIRY:
                 connection.reused = True
+                self._reused += 1
                 return connection
-            _close(connection)
+            self._close(connection)
         return None
 
     async def _connect(self) -> _Connection:
-        origin = self.origin
+        origin, proxy = self.origin, self.proxy
+        via = "" if proxy is None else f" through the proxy {proxy.address}"
         try:
             with trio.fail_after(self._connect_timeout):
-                stream: trio.abc.Stream = await _open_tcp(origin.host, origin.port)
-                if origin.scheme == "https":
-                    if self._ssl is None:
-                        self._ssl = httpx.create_ssl_context()
-                    tls = trio.SSLStream(
-                        stream, self._ssl, server_hostname=origin.host, https_compatible=True
-                    )
-                    try:
-                        await tls.do_handshake()
-                    except BaseException:
-                        await trio.aclose_forcefully(stream)
-                        raise
-                    stream = tls
+                first = origin if proxy is None else proxy
+                stream: trio.abc.Stream = await _open_tcp(first.host, first.port)
+                try:
+                    if first.scheme == "https":
+                        stream = await self._tls(stream, first.host)
+                    if proxy is not None and origin.scheme == "https":
+                        await _open_tunnel(stream, proxy, origin)
+                        stream = await self._tls(stream, origin.host)
+                except BaseException:
+                    _close_stream(stream)
+                    raise
         except trio.TooSlowError:
-            raise UpstreamConnectTimeout("connecting to the upstream timed out") from None
+            raise UpstreamConnectTimeout(f"connecting to the upstream{via} timed out") from None
         except (OSError, trio.BrokenResourceError) as exc:
-            raise UpstreamConnectError(f"could not connect to the upstream: {exc!r}") from None
+            raise UpstreamConnectError(f"could not connect to the upstream{via}: {exc!r}") from None
+        self._opened += 1
         return _Connection(stream)
+
+    async def _tls(self, stream: trio.abc.Stream, hostname: str) -> trio.SSLStream[trio.abc.Stream]:
+        """TLS over ``stream``, handshake done. Cancellation: the caller closes ``stream``."""
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        tls = trio.SSLStream(stream, self._ssl, server_hostname=hostname, https_compatible=True)
+        await tls.do_handshake()
+        return tls
 
     def _release(self, connection: _Connection, reusable: bool) -> None:
         if reusable and not self._closed and len(self._idle) < self._max_keepalive:
@@ -361,14 +434,21 @@ class HTTP1Pool:
                 connection.h11 = h11.Connection(h11.CLIENT)
             connection.idle_since = trio.current_time()
             self._idle.append(connection)
+            self._kept += 1
         else:
-            _close(connection)
+            self._close(connection)
+
+    def _close(self, connection: _Connection) -> None:
+        _close(connection)
+        self._closed_count += 1
 
     async def aclose(self) -> None:
-        """Close the idle connections; those in use close when their requests end."""
+        """Close the idle connections; those in use close when their requests end.
+
+        Cancellation: not a schedule point; always done."""
         self._closed = True
         while self._idle:
-            _close(self._idle.pop())
+            self._close(self._idle.pop())
 
 
 async def _open_tcp(host: str, port: int) -> trio.SocketStream:
@@ -390,9 +470,50 @@ async def _open_tcp(host: str, port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+async def _open_tunnel(stream: trio.abc.Stream, proxy: ProxyURL, origin: _Origin) -> None:
+    """Ask the proxy on ``stream`` for a tunnel to ``origin`` (``CONNECT``); its bytes are
+    the origin's once this returns. Raises ``UpstreamConnectError`` if the proxy refuses.
+
+    Cancellation: the stream is left mid-handshake; the caller closes it."""
+    parser = h11.Connection(h11.CLIENT)
+    request = h11.Request(
+        method="CONNECT",
+        target=origin.authority,
+        headers=[("host", origin.authority), *_proxy_authorization(proxy)],
+    )
+    await stream.send_all(parser.send(request) + parser.send(h11.EndOfMessage()))
+    while True:
+        try:
+            event = parser.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamConnectError(f"invalid HTTP from the proxy {proxy.address}: {exc}") from None
+        if event is h11.NEED_DATA:
+            parser.receive_data(bytes(await stream.receive_some(_READ_SIZE)))
+        elif type(event) is h11.Response:
+            break
+        elif type(event) is not h11.InformationalResponse:
+            raise UpstreamConnectError(f"the proxy {proxy.address} closed the connection to CONNECT")
+    if not 200 <= event.status_code < 300:
+        raise UpstreamConnectError(
+            f"the proxy {proxy.address} answered CONNECT {origin.authority} with HTTP {event.status_code}"
+        )
+    if parser.trailing_data[0]:  # the origin speaks only after our TLS hello
+        raise UpstreamConnectError(f"the proxy {proxy.address} sent bytes before the tunnel's TLS")
+
+
+def _proxy_authorization(proxy: ProxyURL | None) -> list[tuple[str, str]]:
+    if proxy is None or proxy.authorization is None:
+        return []
+    return [("proxy-authorization", proxy.authorization)]
+
+
 def _close(connection: _Connection) -> None:
     """Close at once, without waiting for the peer (no TLS close_notify round trip)."""
-    stream = connection.stream
-    socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if isinstance(socket_stream, trio.SocketStream):
-        socket_stream.socket.close()
+    _close_stream(connection.stream)
+
+
+def _close_stream(stream: trio.abc.Stream) -> None:
+    while isinstance(stream, trio.SSLStream):  # TLS in TLS through an https:// proxy
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()

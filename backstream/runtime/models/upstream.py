@@ -13,8 +13,6 @@ import email.utils
 import json
 import logging
 import time
-import urllib.parse
-import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -35,6 +33,7 @@ from backstream.runtime.models.http1 import (
     UpstreamConnectTimeout,
     UpstreamReadTimeout,
 )
+from backstream.runtime.models.proxies import environment_proxy
 from backstream.runtime.models.turns import TurnCollector
 
 __all__ = [
@@ -75,36 +74,24 @@ class _Retryable(Exception):
 
 
 def open_http_client(config: Config) -> HTTP1Pool:
-    """The connections to the upstream. Its read timeout is the upstream idle timeout:
-    no byte for that long fails the read. Close it with ``aclose``."""
+    """The connections to the upstream, through the proxy the environment names for it
+    (``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``/``NO_PROXY``, as httpx reads them). Its
+    read timeout is the upstream idle timeout: no byte for that long fails the read.
+    Close it with ``aclose``. Raises ``ValueError`` for a proxy it cannot use."""
     if not config.upstream_url:
         raise ValueError("open_http_client needs config.upstream_url")
-    proxy = _proxy_for(config.upstream_url)
+    url = config.upstream_url.rstrip("/") + "/chat/completions"
+    proxy = environment_proxy(url)
     if proxy is not None:
-        # Connections go straight to the upstream: say so rather than bypass a proxy silently.
-        log.warning(
-            "%s is set but the upstream client does not use proxies: connecting to %s directly",
-            proxy,
-            urllib.parse.urlsplit(config.upstream_url).hostname,
-        )
+        log.info("upstream requests go through the proxy %s (%s)", proxy.address, proxy.variable)
     return HTTP1Pool(
-        config.upstream_url.rstrip("/") + "/chat/completions",
+        url,
         connect_timeout=config.upstream_connect_timeout,
         idle_timeout=config.upstream_idle_timeout,
         max_connections=config.upstream_max_connections,
         max_keepalive=min(100, config.upstream_max_connections),
+        proxy=proxy,
     )
-
-
-def _proxy_for(url: str) -> str | None:
-    """The name of a proxy variable that would apply to ``url`` (honouring NO_PROXY), if any."""
-    parts = urllib.parse.urlsplit(url)
-    proxies = urllib.request.getproxies_environment()
-    if parts.scheme not in proxies and "all" not in proxies:
-        return None
-    if urllib.request.proxy_bypass(parts.hostname or ""):
-        return None
-    return f"{parts.scheme.upper()}_PROXY" if parts.scheme in proxies else "ALL_PROXY"
 
 
 class UpstreamClient:

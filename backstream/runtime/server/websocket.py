@@ -11,6 +11,11 @@ Failing: wsproto reports a frame it cannot accept (a text frame that is not UTF-
 protocol violation: 1002) as if the peer had closed, and trio-websocket then drops
 the TCP connection without a close frame, so the client learns nothing. RFC 6455
 (7.1.7) asks to fail the connection: send a close frame with the code, then close.
+
+Both reach into trio-websocket's private state (its send lock, close reason, stream,
+wsproto connection, send/abort methods, close-event handler, and the server's connection
+handler, copied from 0.12), so pyproject.toml pins its minor version and
+``tests/test_trio_websocket_internals.py`` fails when a release moves any of them.
 """
 
 from __future__ import annotations
