@@ -14,6 +14,7 @@ import pytest
 from backstream import Config, open_runtime
 from backstream.protocol.events import ToolResultEvent
 from backstream.runtime.tools.registry import Tool, ToolLimits, ToolRegistry, run_tool, tool
+from backstream.runtime.tools.sandbox import platform_gaps
 from tests import sample_tools
 from tests.helpers import collect, joined_text, terminal
 from tests.test_tools import start, tool_turn
@@ -122,3 +123,9 @@ def test_registering_a_tool_that_runs_as_root_warns(caplog: pytest.LogCaptureFix
         "tool 'hang_isolated' runs as root: it can lift its own limits and its process limit does "
         "not hold; give it a user of its own (ToolLimits(user=...))"
     ]
+
+
+def test_what_a_platform_cannot_apply_is_named() -> None:
+    assert platform_gaps("linux", has_proc=True) == {}
+    assert set(platform_gaps("darwin", has_proc=False)) == {"processes", "address_space_mib"}
+    assert set(platform_gaps("freebsd", has_proc=False)) == {"processes"}

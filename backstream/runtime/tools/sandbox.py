@@ -5,7 +5,9 @@ A tool with ``isolation="subprocess"`` runs each call in a fresh Python process
 ``resource.setrlimit`` (CPU seconds, address space, open files, processes), leaves
 the network if asked (a new Linux network namespace), switches user if asked, and
 only then imports the tool. The parent kills it at the tool's timeout. A limit the
-child cannot apply fails the call; it never runs without it.
+child cannot apply fails the call; it never runs without it. The exceptions are limits
+a whole platform lacks (``platform_gaps``: off Linux): calls run without those, and
+registering the tool logs a warning saying so.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from typing import Any
 import attrs
 import trio
 
-__all__ = ["DEFAULT_LIMITS", "KILL_GRACE", "ToolLimits", "call_in_subprocess", "limit_warnings"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "KILL_GRACE",
+    "ToolLimits",
+    "applicable",
+    "call_in_subprocess",
+    "limit_warnings",
+    "platform_gaps",
+]
 
 KILL_GRACE = 0.5
 """Seconds a subprocess tool gets between SIGTERM and SIGKILL."""
@@ -79,9 +89,35 @@ def network_isolation_failure() -> str | None:
     return done.stdout.strip() or f"the probe failed (exit {done.returncode}): {done.stderr.strip()[-200:]}"
 
 
+def platform_gaps(platform: str, has_proc: bool) -> dict[str, str]:
+    """The limits a platform cannot apply, with why: the process limit counts the user's
+    tasks in /proc, and macOS does not enforce RLIMIT_AS."""
+    gaps = {}
+    if not has_proc:
+        gaps["processes"] = "no /proc to count the user's processes"
+    if platform == "darwin":
+        gaps["address_space_mib"] = "macOS does not enforce RLIMIT_AS"
+    return gaps
+
+
+_GAPS = platform_gaps(sys.platform, os.path.isdir("/proc/self"))
+
+
+def applicable(limits: ToolLimits) -> ToolLimits:
+    """``limits`` without those this platform cannot apply (``limit_warnings`` says which)."""
+    unset: dict[str, Any] = dict.fromkeys(_GAPS)
+    return attrs.evolve(limits, **unset)
+
+
 def limit_warnings(name: str, limits: ToolLimits) -> list[str]:
     """What ``limits`` promise and will not get here, for the server's log at registration."""
     warnings = []
+    missing = {field: why for field, why in _GAPS.items() if getattr(limits, field) is not None}
+    if missing:
+        warnings.append(
+            f"tool {name!r}: this platform cannot apply its limits {', '.join(missing)} "
+            f"({'; '.join(missing.values())}): its calls run without them"
+        )
     if limits.network is False:
         failure = network_isolation_failure()
         if failure is not None:
@@ -106,7 +142,7 @@ async def call_in_subprocess(import_path: str, args: dict[str, Any], limits: Too
     ``Cancelled`` once the child is gone.
     """
     done = await trio.run_process(
-        [sys.executable, "-m", _RUNNER, "--limits", limits.as_json(), import_path],
+        [sys.executable, "-m", _RUNNER, "--limits", applicable(limits).as_json(), import_path],
         stdin=json.dumps(args).encode(),
         capture_stdout=True,
         capture_stderr=True,
