@@ -22,6 +22,7 @@ import importlib
 import inspect
 import json
 import os
+import pwd
 import resource
 import sys
 from typing import Any
@@ -97,8 +98,7 @@ def _lower(which: int, value: int) -> None:
 
 
 def _switch_user(name: str) -> int:
-    import pwd
-
+    """The uid of user ``name``, if this process may become it. Raises ``LimitError``."""
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
@@ -119,10 +119,12 @@ def apply_limits(limits: dict[str, Any]) -> None:
         user = limits.get("user")
         uid = _switch_user(user) if user else os.getuid()
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would hold the call's data
+        switching = uid != os.getuid()
         if limits.get("processes") is not None:
-            # RLIMIT_NPROC counts every task of the user, so the bound is what runs now plus the allowance.
-            here = 0 if uid != os.getuid() else 1  # this process, once it runs as the user
-            _lower(resource.RLIMIT_NPROC, _tasks_of(uid) + 1 - here + int(limits["processes"]))
+            # RLIMIT_NPROC counts every task of the real user: allow what it runs now (this
+            # process too, once it switches to the user) plus the allowance.
+            running = _tasks_of(uid) + (1 if switching else 0)
+            _lower(resource.RLIMIT_NPROC, running + int(limits["processes"]))
         if limits.get("cpu_seconds") is not None:
             soft = int(limits["cpu_seconds"])
             # SIGXCPU at the soft limit ends the call; SIGKILL a second later if it is caught.
@@ -131,9 +133,7 @@ def apply_limits(limits: dict[str, Any]) -> None:
             _lower(resource.RLIMIT_AS, int(limits["address_space_mib"]) * 1024 * 1024)
         if limits.get("open_files") is not None:
             _lower(resource.RLIMIT_NOFILE, int(limits["open_files"]))
-        if user and uid != os.getuid():
-            import pwd
-
+        if switching:
             entry = pwd.getpwuid(uid)
             os.setgroups([])
             os.setgid(entry.pw_gid)
@@ -144,7 +144,7 @@ def apply_limits(limits: dict[str, Any]) -> None:
 
 def _explain(exc: BaseException, limits: dict[str, Any]) -> str:
     """The error the model reads; a limit that was hit is named."""
-    text = f"{type(exc).__name__}: {exc}"[:400]
+    text = (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:400]
     if isinstance(exc, MemoryError) and limits.get("address_space_mib") is not None:
         return f"{text} (over the tool's address-space limit, {limits['address_space_mib']} MiB)"
     if isinstance(exc, OSError) and exc.errno == errno.EMFILE and limits.get("open_files") is not None:
