@@ -19,6 +19,28 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command ``argv`` names. A reader that closes stdout early (``| head``) ends
+    it quietly, with status 1 and no traceback."""
+    try:
+        _run_command(argv)
+        sys.stdout.flush()  # what is still buffered fails here, not at exit
+    except BaseException as exc:
+        if not _is_broken_pipe(exc):
+            raise
+        # Python would flush stdout again at exit and report that failure too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or a group holds only) a closed stdout's ``BrokenPipeError``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_broken_pipe(inner) for inner in exc.exceptions)
+    return isinstance(exc, BrokenPipeError)
+
+
+def _run_command(argv: list[str] | None) -> None:
     from backstream.protocol.version import VERSION
     from backstream.runtime.server.settings import add_serve_arguments
 
@@ -136,8 +158,11 @@ def _startup_error(exc: BaseException) -> BaseException | None:
 
 
 def _describe(exc: BaseException, settings: Any) -> str:
-    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-        return f"cannot listen on {settings.host}: {exc.strerror} (is another server running on the port?)"
+    from backstream.runtime.server.listeners import ListenError
+
+    if isinstance(exc, ListenError):
+        hint = " (is another server running on it?)" if exc.errno == errno.EADDRINUSE else ""
+        return f"{_port_setting(exc.port, settings)}: {exc}{hint}"
     if isinstance(exc, UnavailableError):
         return f"cannot open the store {settings.store}: {exc}"
     if isinstance(exc, sqlite3.Error):
@@ -149,3 +174,11 @@ def _describe(exc: BaseException, settings: Any) -> str:
             return f"cannot open the store {settings.store}: {text}"
         return text
     return str(exc)
+
+
+def _port_setting(port: int, settings: Any) -> str:
+    """The flag and value that asked for ``port``: ``--port 8765``, ``--http-port 8080``."""
+    for name in ("port", "http_port", "metrics_port"):
+        if getattr(settings, name) == port:
+            return f"--{name.replace('_', '-')} {port}"
+    return f"port {port}"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Literal
 
 import attrs
 import trio
 
-from backstream.runtime.tools.registry import tool
+from backstream.runtime.tools.registry import ToolLimits, tool
 
 
 @attrs.frozen
@@ -67,3 +69,56 @@ def stubborn(seconds: float) -> str:
 
 
 stubborn_isolated = tool(stubborn, name="stubborn_isolated", timeout=2, isolation="subprocess")
+
+
+# -- tools that go over their limits (subprocess isolation, ToolLimits) ---------------------
+
+
+def burn_cpu() -> str:
+    """Spin on the CPU for up to a minute."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pass
+    return "spun"
+
+
+def allocate(mib: int) -> str:
+    """Hold ``mib`` MiB of memory."""
+    block = bytearray(mib * 1024 * 1024)
+    return f"held {len(block) // (1024 * 1024)} MiB"
+
+
+def open_many(count: int) -> str:
+    """Open /dev/null ``count`` times at once."""
+    files = [open(os.devnull) for _ in range(count)]  # noqa: SIM115 (held open on purpose)
+    for file in files:
+        file.close()
+    return f"opened {count}"
+
+
+def fork_many(count: int) -> str:
+    """Start up to ``count`` processes and never reap them (a fork bomb, bounded): each
+    ends at once but stays a zombie, counted against the user, until this process ends."""
+    for _ in range(count):
+        if os.fork() == 0:
+            os._exit(0)
+    return f"forked {count}"
+
+
+def connect(port: int) -> str:
+    """Connect to 127.0.0.1:``port``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        return "connected"
+
+
+# Root is exempt from the process limit: the fork bomb runs as nobody when the tests run as root.
+_FORK_USER = "nobody" if os.geteuid() == 0 else None
+
+cpu_limited = tool(burn_cpu, timeout=60, isolation="subprocess", limits=ToolLimits(cpu_seconds=1))
+memory_limited = tool(allocate, timeout=30, isolation="subprocess", limits=ToolLimits(address_space_mib=256))
+files_limited = tool(open_many, timeout=30, isolation="subprocess", limits=ToolLimits(open_files=32))
+processes_limited = tool(
+    fork_many, timeout=30, isolation="subprocess", limits=ToolLimits(processes=8, user=_FORK_USER)
+)
+offline = tool(connect, name="offline", timeout=30, isolation="subprocess", limits=ToolLimits(network=False))
+online = tool(connect, name="online", timeout=30, isolation="subprocess")

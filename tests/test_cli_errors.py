@@ -41,15 +41,86 @@ def one_line_failure(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def test_port_in_use() -> None:
+@pytest.mark.parametrize("flag", ["--port", "--http-port", "--metrics-port"])
+def test_port_in_use_names_the_port_and_its_flag(flag: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        line = one_line_failure(
-            run("serve", "--store", "memory", "--port", str(port), "--log-level", "warning")
-        )
-    assert "cannot listen" in line and "in use" in line
+        others = [f for f in ("--port", "--http-port") if f != flag]
+        done = run(
+            "serve", "--store", "memory", *[a for f in others for a in (f, "0")],
+            flag, str(port), "--log-level", "warning",
+        )  # fmt: skip
+        line = one_line_failure(done)
+    assert done.returncode == 1
+    assert line.startswith(f"backstream serve: {flag} {port}: cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in line
+
+
+def test_one_port_for_two_listeners() -> None:
+    done = run("serve", "--store", "memory", "--port", "9001", "--http-port", "9001")
+    line = one_line_failure(done)
+    assert done.returncode == 1 and "--port 9001 and --http-port 9001" in line
+
+
+def test_workers_need_a_shared_store(tmp_path: Path) -> None:
+    done = run("serve", "--workers", "2", "--store", f"sqlite:///{tmp_path}/jobs.db", "--port", "0")
+    line = one_line_failure(done)
+    assert done.returncode == 1
+    assert "--workers 2 needs a store all workers share" in line and "redis://" in line
+    assert not (tmp_path / "jobs.db").exists()  # no worker was started
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("api.example.com/v1", "'api.example.com/v1' has no scheme"),
+        ("localhost:8080/v1", "'localhost:8080/v1' has no scheme"),
+        ("ftp://api.example.com/v1", "has the scheme 'ftp': use http or https"),
+        ("http:///v1", "'http:///v1' has no host"),
+        ("http://api.example.com:abc/v1", "has a port that is not a number"),
+        ("http://api.example.com:99999/v1", "has a port that is not a number"),
+        ("http://user:secret@:8080/v1", "'http://:8080/v1' has no host"),
+        ("http://[::1/v1", "is not a URL"),
+    ],
+    ids=["no-scheme", "host-port-no-scheme", "ftp", "no-host", "port-text", "port-range", "password", "ipv6"],
+)
+def test_bad_upstream_url_names_the_flag(url: str, problem: str) -> None:
+    done = run("serve", "--store", "memory", "--port", "0", "--upstream-url", url)
+    line = one_line_failure(done)
+    assert done.returncode == 1
+    assert line.startswith("backstream serve: --upstream-url (BACKSTREAM_UPSTREAM_URL): ")
+    assert problem in line and "secret" not in line
+
+
+@pytest.mark.parametrize(
+    "command", [["schema"], ["version"], ["token", "alice"]], ids=["schema", "version", "token"]
+)
+def test_stdout_closed_early_is_no_traceback(command: list[str]) -> None:
+    reader = subprocess.Popen(
+        [*BACKSTREAM, *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "BACKSTREAM_JWT_SECRET": "s" * 32},
+    )
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.close()  # before it writes: every write meets a closed pipe
+    stderr = reader.stderr.read().decode()
+    assert reader.wait(timeout=60) == 1
+    assert stderr == ""
+
+
+def test_schema_piped_into_head() -> None:
+    # As typed at a shell; whether a write meets the pipe closed depends on timing, so the
+    # closed pipe itself is the test above.
+    done = subprocess.run(
+        ["sh", "-c", f"{sys.executable} -m backstream schema | head -c 1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == "{" and done.stderr == ""
 
 
 def test_bad_log_level() -> None:

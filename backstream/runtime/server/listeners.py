@@ -15,7 +15,20 @@ from typing import Any
 
 import trio
 
-__all__ = ["PeerStreams", "TrackedListener", "open_tcp_listener"]
+__all__ = ["ListenError", "PeerStreams", "TrackedListener", "open_tcp_listener"]
+
+
+class ListenError(OSError):
+    """A port that cannot be listened on (in use, not permitted); says which, so that the
+    operator's error can name the setting."""
+
+    def __init__(self, errno: int | None, strerror: str, host: str, port: int) -> None:
+        super().__init__(errno, strerror)
+        self.host = host
+        self.port = port
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.host}:{self.port}: {self.strerror}"
 
 
 async def open_tcp_listener(
@@ -23,14 +36,19 @@ async def open_tcp_listener(
 ) -> trio.SocketListener:
     """A listening TCP socket on ``host:port`` (port 0: any free one). ``reuse_port`` lets
     several worker processes share the port; ``send_buffer`` is the kernel send buffer that
-    accepted sockets inherit, which bounds what a slow reader can leave queued there."""
+    accepted sockets inherit, which bounds what a slow reader can leave queued there.
+    Raises ``ListenError`` naming the address if it cannot bind."""
     family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
     sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
     sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
     sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, send_buffer)
-    await sock.bind((host, port))
+    try:
+        await sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(exc.errno, exc.strerror or str(exc), host, port) from exc
     sock.listen(1024)
     return trio.SocketListener(sock)
 

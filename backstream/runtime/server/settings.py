@@ -18,6 +18,7 @@ import textwrap
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -371,10 +372,48 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
 
 def check_server_settings(settings: ServeSettings) -> None:
     """Raise ``ValueError`` (one line, naming the settings) for server settings that do not go
-    together."""
+    together, or an upstream URL that is not one."""
+    _check_upstream_url(settings.upstream_url)
+    if settings.workers < 1:
+        workers = _BY_NAME["workers"]
+        raise ValueError(f"{workers.flag_name} ({workers.env_name}): {settings.workers} is not at least 1")
+    ports = [(name, settings.values[name]) for name in ("port", "http_port", "metrics_port")]
+    for (name, port), (other, other_port) in itertools.combinations(ports, 2):
+        if port and port == other_port:
+            first, second = _BY_NAME[name].flag_name, _BY_NAME[other].flag_name
+            raise ValueError(f"{first} {port} and {second} {port}: each listener needs a port of its own")
     if settings.web and settings.http_port is None:
         web, port = _BY_NAME["web"], _BY_NAME["http_port"]
         raise ValueError(
             f"{web.flag_name} ({web.env_name}): the demo page is served on the HTTP port; "
             f"set {port.flag_name} ({port.env_name}) too"
         )
+
+
+def _check_upstream_url(url: str | None) -> None:
+    """Raise ``ValueError`` naming ``--upstream-url`` for a URL the upstream client cannot use:
+    no scheme or one other than http/https, no host, a port that is not one."""
+    if url is None:
+        return
+    option = _BY_NAME["upstream_url"]
+    where = f"{option.flag_name} ({option.env_name})"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {url.rpartition('@')[2]!r} is not a URL ({exc})") from None
+    netloc = parts.netloc.rpartition("@")[2]  # never echo a password
+    shown = urllib.parse.urlunsplit(parts._replace(netloc=netloc)) if "://" in url else url
+    if "://" not in url:
+        problem = "has no scheme: write http:// or https:// before the host"
+    elif parts.scheme not in ("http", "https"):
+        problem = f"has the scheme {parts.scheme!r}: use http or https"
+    elif not parts.hostname:
+        problem = "has no host"
+    else:
+        try:
+            parts.port  # noqa: B018 (raises ValueError for a port that is not one)
+        except ValueError:
+            problem = "has a port that is not a number from 0 to 65535"
+        else:
+            return
+    raise ValueError(f"{where}: {shown!r} {problem}")

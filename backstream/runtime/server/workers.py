@@ -36,13 +36,15 @@ def _strip(argv: list[str], flag: str, takes_value: bool = True) -> list[str]:
 
 
 def run_workers(settings: ServeSettings, argv: list[str]) -> int:
-    """Start the workers and wait for them. Returns the exit status."""
+    """Start the workers and wait for them. Returns the exit status: 1 at once (with one
+    line on stderr) for a store the workers cannot share."""
     if not str(settings.store).startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
         print(
-            "backstream serve: --workers needs a store all workers share: --store redis://...",
+            f"backstream serve: --workers {settings.workers} needs a store all workers share "
+            "(--store redis://...): a memory or SQLite store belongs to one process",
             file=sys.stderr,
         )
-        return 2
+        return 1
     env = {**os.environ, "BACKSTREAM_REUSE_PORT": "1", "BACKSTREAM_WORKERS": "1"}
     no_auth = not (settings.token or settings.tokens_file or settings.jwt_secret)
     if no_auth:  # one dev token for every worker

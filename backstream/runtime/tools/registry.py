@@ -10,23 +10,23 @@ Isolation: an async tool is cancelled at its timeout. A sync tool runs on a
 worker thread; a thread cannot be killed, so at its timeout the job stops
 waiting for it and the thread is abandoned to finish on its own. For tools
 that must be stopped for sure (untrusted code, hangs), ``isolation="subprocess"``
-runs each call in a child process that is killed at the timeout.
+runs each call in a child process that is killed at the timeout, under the tool's
+``ToolLimits`` (CPU seconds, address space, open files, processes, and optionally no
+network or another user; see ``sandbox``).
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import datetime as dt
 import importlib
 import importlib.metadata
 import inspect
 import json
+import logging
 import math
 import operator
-import signal
-import sys
 import threading
 import types
 import typing
@@ -38,9 +38,11 @@ import jsonschema
 import trio
 
 from backstream.actors.ports import ToolOutcome
+from backstream.runtime.tools.sandbox import DEFAULT_LIMITS, ToolLimits, call_in_subprocess, limit_warnings
 
 __all__ = [
     "Tool",
+    "ToolLimits",
     "ToolOutcome",
     "ToolRegistry",
     "ToolThreads",
@@ -55,8 +57,8 @@ __all__ = [
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 16_000
 DEFAULT_MAX_THREADS = 16
-KILL_GRACE = 0.5
-"""Seconds a subprocess tool gets between SIGTERM and SIGKILL."""
+
+log = logging.getLogger("backstream.tools")
 
 
 @attrs.frozen
@@ -71,6 +73,12 @@ class Tool:
     isolation: Literal["inline", "subprocess"] = "inline"
     import_path: str | None = None  # "module:attribute", for subprocess isolation
     param_class: type | None = attrs.field(default=None, eq=False, repr=False)
+    limits: ToolLimits | None = None
+    """For ``isolation="subprocess"``: what a call may use (``None``: ``DEFAULT_LIMITS``)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.limits is not None and self.isolation != "subprocess":
+            raise ValueError(f"tool {self.name!r}: limits need isolation='subprocess'")
 
     def openai_spec(self) -> dict[str, Any]:
         return {
@@ -89,8 +97,10 @@ def tool(
     max_output_chars: int = DEFAULT_MAX_OUTPUT,
     requires_approval: bool = False,
     isolation: Literal["inline", "subprocess"] = "inline",
+    limits: ToolLimits | None = None,
 ) -> Any:
-    """Make a ``Tool`` of a function; usable as ``@tool`` or ``@tool(timeout=5)``."""
+    """Make a ``Tool`` of a function; usable as ``@tool`` or ``@tool(timeout=5)``.
+    ``limits`` (subprocess isolation only) bound what each call may use."""
 
     def make(f: Callable[..., Any]) -> Tool:
         schema, param_class = (parameters, None) if parameters is not None else schema_for(f)
@@ -108,6 +118,7 @@ def tool(
             isolation=isolation,
             import_path=f"{module}:{qualname}" if module and "<" not in qualname else None,
             param_class=param_class,
+            limits=limits,
         )
 
     return make(fn) if fn is not None else make
@@ -296,6 +307,9 @@ class ToolRegistry:
         if made.name in self._tools:
             raise ValueError(f"a tool named {made.name!r} is registered already")
         jsonschema.Draft202012Validator.check_schema(made.parameters)
+        if made.isolation == "subprocess":
+            for warning in limit_warnings(made.name, made.limits or DEFAULT_LIMITS):
+                log.warning("%s", warning)
         self._tools[made.name] = made
         return made
 
@@ -430,30 +444,7 @@ async def _call(item: Tool, args: dict[str, Any], threads: ToolThreads, thread_c
 async def _call_in_subprocess(item: Tool, args: dict[str, Any]) -> Any:
     if not item.import_path:
         raise RuntimeError("subprocess isolation needs a tool importable as module:attribute")
-    # Cancelled (the timeout): SIGTERM, then SIGKILL after KILL_GRACE.
-    done = await trio.run_process(
-        [sys.executable, "-m", "backstream.runtime.tools.subprocess_runner", item.import_path],
-        stdin=json.dumps(args).encode(),
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        deliver_cancel=_terminate_then_kill,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the tool process failed (exit {done.returncode})")
-    reply = json.loads(done.stdout)
-    if reply.get("error"):
-        raise RuntimeError(reply["error"])
-    return reply["result"]
-
-
-async def _terminate_then_kill(process: trio.Process) -> None:
-    """Ask the child to stop, and kill it if it has not within ``KILL_GRACE`` seconds
-    (``run_process`` cancels this once the child has exited)."""
-    with contextlib.suppress(OSError):  # it exited already
-        process.terminate()
-        await trio.sleep(KILL_GRACE)
-        process.send_signal(signal.SIGKILL)
+    return await call_in_subprocess(item.import_path, args, item.limits or DEFAULT_LIMITS)
 
 
 # -- built-in tools ----------------------------------------------------------------------------
