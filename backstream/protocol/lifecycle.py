@@ -141,7 +141,7 @@ STATUS_OF_STATE: Final[dict[LogState, JobStatus]] = {
 def entry_key(entry: LogEvent) -> str:
     """The key of ``entry`` in ``LOG_ORDER``: its kind, or ``status:<status>`` for a status."""
     if entry.kind == "status":
-        return f"status:{entry.status}"  # type: ignore[union-attr]
+        return f"status:{entry.status}"
     return entry.kind
 
 
