@@ -100,7 +100,6 @@ def test_merge_keeps_at_least_one_entry() -> None:
     assert merge_events(entries, max_events=1, max_chars=10) == (TextEvent(seq=1, text="x" * 50),)
 
 
-
 STEPS = st.lists(
     st.one_of(
         st.text(min_size=1, max_size=5),  # a text append
