@@ -4,6 +4,7 @@ decides approvals. For tests of the actor's conversation and of continuing from 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import trio
 
@@ -21,6 +22,12 @@ from backstream.runtime.tools.demo import send_note
 from backstream.runtime.tools.registry import ToolRegistry
 
 FAST = {"tokens_per_s": 1_000_000}  # the built-in models' words without waiting
+
+
+class Ran(NamedTuple):
+    actor: JobActor
+    model: RecordingModel
+    store: MemoryStore
 
 
 class RecordingModel:
@@ -69,8 +76,9 @@ async def decide_approvals(log: JobLog, actor: JobActor, decisions: Sequence[boo
         while log.state is not LogState.AWAITING_APPROVAL:
             await trio.sleep(0.001)
         asked = [e for e in log.entries() if isinstance(e, ApprovalRequiredEvent)][-1]
-        if decision is not None:
-            actor.decide(asked.call_id, decision)
+        # A continued job may not wait yet when its log already says it does.
+        while decision is not None and actor.decide(asked.call_id, decision) is None:
+            await trio.sleep(0.001)
         while log.state is LogState.AWAITING_APPROVAL:
             await trio.sleep(0.001)
 
@@ -82,7 +90,7 @@ async def run_job(
     decisions: Sequence[bool | None] = (),
     log: JobLog | None = None,
     stored: Sequence[LogEvent] = (),
-) -> tuple[JobActor, RecordingModel]:
+) -> Ran:
     """Run the job to its end. ``log``: a rebuilt log to continue from; ``stored``: the
     entries the store holds already."""
     store = MemoryStore()
@@ -103,4 +111,4 @@ async def run_job(
         nursery.start_soon(decide_approvals, actor.log, actor, decisions)
         await actor.run()
         nursery.cancel_scope.cancel()
-    return actor, model
+    return Ran(actor, model, store)

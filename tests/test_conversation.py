@@ -143,7 +143,7 @@ def test_every_turn_the_actor_asks_is_what_its_log_implies(job: dict[str, Any]) 
     config = Config(
         max_turns=job["max_turns"], max_output_chars=job["max_output_chars"], approval_timeout=0.02
     )
-    actor, model = trio.run(lambda: run_job(new_record(req), config, decisions=job["decisions"]))
+    actor, model, _ = trio.run(lambda: run_job(new_record(req), config, decisions=job["decisions"]))
     entries = actor.log.entries()
     assert model.turns, "the job asked its model at least once"
     for turn, seq in model.turns:  # each turn, from the log as it stood when it was asked
@@ -168,7 +168,7 @@ async def test_the_model_reads_a_cut_tool_result_as_the_log_holds_it() -> None:
     """A result over the job's tool budget is cut in the log; the next turn sends the cut
     text, so a job continued from its log says the same to its model."""
     req = request("what is 999999999**20", tools=("calculate",))
-    actor, model = await run_job(new_record(req), Config(max_output_chars=100))
+    actor, model, _ = await run_job(new_record(req), Config(max_output_chars=100))
     (result,) = [e for e in actor.log.entries() if e.kind == "tool_result"]
     assert "[output cut: the job's tool results reached 100 characters]" in result.output  # type: ignore[union-attr]
     second, _ = model.turns[1]

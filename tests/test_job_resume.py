@@ -1,0 +1,220 @@
+"""A job log rebuilt from stored entries, and a job actor that continues from one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backstream.actors.config import Config
+from backstream.actors.job import JobActor
+from backstream.actors.joblog import JobLog, OutputLimitExceeded
+from backstream.protocol.events import (
+    ApprovalRequiredEvent,
+    LogEvent,
+    StatusEvent,
+    TextEvent,
+    ToolCallEvent,
+    ToolResultEvent,
+)
+from backstream.protocol.lifecycle import IllegalOrder, LogOrder, LogState
+from backstream.protocol.records import JobRecord, JobRequest
+from tests.job_harness import FAST, new_record, run_job, tool_registry
+
+# -- JobLog.from_entries ---------------------------------------------------------------------
+
+
+Pick = Callable[[Sequence[Any]], Any]  # chooses one of the options given
+TEXTS = ["a", "bc", "abcabcab", "xyz" * 5]
+
+
+def grow(log: JobLog, pick: Pick, steps: int) -> None:
+    """Append up to ``steps`` entries the lifecycle allows where the log is, as ``pick``
+    chooses; stop at the output limit or the end."""
+    for i in range(steps):
+        state = log.state
+        if state is LogState.NOT_STARTED:
+            log.append_status("running")
+        elif state in (LogState.NEXT_TURN, LogState.MODEL_TURN, LogState.CALLS_ANNOUNCED):
+            moves = ["text", "reasoning", "delta", "call", "failed"]
+            moves += ["ask", "result"] if state is LogState.CALLS_ANNOUNCED else ["completed"]
+            try:
+                turn_step(log, pick(moves), pick(TEXTS), f"c{pick([i, i - 1])}")
+            except OutputLimitExceeded:
+                return
+        elif state is LogState.APPROVAL_REQUESTED:
+            log.append_status("awaiting_approval")
+        elif state is LogState.AWAITING_APPROVAL:
+            asked = [e for e in log.entries() if isinstance(e, ApprovalRequiredEvent)][-1]
+            log.append_approval(asked.call_id, pick([True, False]))
+        elif state is LogState.APPROVAL_DECIDED:
+            log.append_status("running")
+        elif state is LogState.TOOLS_ANSWERING:
+            log.append_tool_result(f"r{i}", "calculate", pick(TEXTS) * 3, False)
+        else:
+            return
+
+
+def turn_step(log: JobLog, move: str, text: str, call_id: str) -> None:
+    if move == "text":
+        log.append_text(text)
+    elif move == "reasoning":
+        log.append_reasoning(text)
+    elif move == "delta":
+        log.append_tool_call_delta(call_id, "calculate", text)
+    elif move == "call":
+        log.append_tool_call(call_id, "calculate", text)
+    elif move == "ask":
+        asked = [e for e in log.entries() if isinstance(e, ToolCallEvent)][-1]
+        log.append_approval_required(asked.call_id, "send_note", "{}")
+    elif move == "result":
+        log.append_tool_result(call_id, "calculate", text * 3, False)
+    else:
+        log.append_status(move)  # type: ignore[arg-type]
+
+
+def replaying(choices: list[int]) -> Pick:
+    numbers = iter(choices * 3)
+    return lambda options: options[next(numbers, 0) % len(options)]
+
+
+def same_log(a: JobLog, b: JobLog) -> None:
+    assert list(a.entries()) == list(b.entries())
+    assert (a.state, a.status, a.terminal, a.content_length) == (
+        b.state,
+        b.status,
+        b.terminal,
+        b.content_length,
+    )
+
+
+@given(
+    st.data(), st.integers(0, 40), st.sampled_from([20, 60, 1000]), st.lists(st.integers(0, 99), max_size=40)
+)
+def test_a_rebuilt_log_equals_the_log_it_was_stored_from(
+    data: st.DataObject, steps: int, limit: int, then: list[int]
+) -> None:
+    """Same entries, state and budgets: whatever comes next is appended, cut or refused
+    the same way in both."""
+    original = JobLog("j", 1, max_output_chars=limit)
+    grow(original, lambda options: data.draw(st.sampled_from(options)), steps)
+    rebuilt = JobLog.from_entries("j", 1, original.entries(), max_output_chars=limit)
+    same_log(original, rebuilt)
+    for log in (original, rebuilt):  # the same choices for both
+        grow(log, replaying(then), len(then))
+    same_log(original, rebuilt)
+
+
+def test_a_rebuilt_log_continues_with_the_next_seq() -> None:
+    log = JobLog("j", 1, max_output_chars=10)
+    log.append_status("running")
+    log.append_text("abcdef")
+    rebuilt = JobLog.from_entries("j", 1, log.entries(), max_output_chars=10)
+    with pytest.raises(OutputLimitExceeded):
+        rebuilt.append_text("ghijkl")  # the stored text counts toward the budget
+    assert rebuilt.entries(2) == [TextEvent(seq=3, text="ghij")] and rebuilt.content() == "abcdefghij"
+
+
+def test_stored_entries_out_of_order_or_with_gaps_are_refused() -> None:
+    with pytest.raises(ValueError, match="entry 2 has seq 3"):
+        JobLog.from_entries("j", 1, [StatusEvent(1, "running"), TextEvent(3, "a")], max_output_chars=10)
+    with pytest.raises(IllegalOrder, match="'text' entry may not follow a log in state 'not_started'"):
+        JobLog.from_entries("j", 1, [TextEvent(1, "a")], max_output_chars=10)
+
+
+# -- a job actor continues from a rebuilt log ------------------------------------------------------
+
+CONFIG = Config(max_output_chars=10_000)
+
+
+def ask(text: str, tools: tuple[str, ...]) -> JobRequest:
+    messages = ({"role": "user", "content": text},)
+    return JobRequest(model="backstream/tools-demo", messages=messages, params=FAST, tools=tools)
+
+
+def upto(entries: Sequence[LogEvent], state: LogState, nth: int = 1) -> list[LogEvent]:
+    """The entries up to the ``nth`` time the log is in ``state``."""
+    order = LogOrder()
+    for i, entry in enumerate(entries):
+        if order.advance(entry) is state:
+            nth -= 1
+            if nth == 0:
+                return list(entries[: i + 1])
+    raise AssertionError(f"the log is not in {state} that often")
+
+
+async def resumed(record: JobRecord, prefix: list[LogEvent], usage: dict[str, Any] | None, **kw: Any) -> Any:
+    """Run ``record``'s job from a log rebuilt from ``prefix`` (as a store would hold it)."""
+    later = attrs.evolve(record, seq=len(prefix), usage=usage)
+    log = JobLog.from_entries(record.job_id, record.epoch, prefix, max_output_chars=CONFIG.max_output_chars)
+    return await run_job(later, CONFIG, log=log, stored=prefix, **kw)
+
+
+async def test_a_job_continues_into_its_second_turn_as_if_never_stopped() -> None:
+    record = new_record(ask("what is 6*7?", ("calculate",)))
+    whole = await run_job(record, CONFIG)
+    entries = list(whole.actor.log.entries())
+    after_tools = upto(entries, LogState.NEXT_TURN, nth=2)  # the first turn's calls answered
+    assert isinstance(after_tools[-1], ToolResultEvent)
+    # The log records usage only at the end: the store gives the first turn's.
+    again = await resumed(record, after_tools, whole.model.results[0].usage)
+    assert list(again.actor.log.entries()) == entries
+    assert [turn for turn, _ in again.model.turns] == [whole.model.turns[1][0]]  # the second turn only
+    assert await again.store.read(record.job_id, 0, 100) == entries
+    stored = await again.store.get_job(record.job_id)
+    assert stored is not None and stored.status == "completed" and stored.seq == len(entries)
+    assert (
+        stored.content_length == len(whole.actor.log.content())
+        and stored.usage == whole.actor.log.terminal.usage
+    )  # type: ignore[union-attr]
+
+
+NOTE = ("send a note to Ada", ("send_note",))
+BOTH = ("what is 6*7? and send a note to Ada", ("calculate", "send_note"))
+
+
+@pytest.mark.parametrize(
+    ("job", "stop_at", "decisions"),
+    [
+        (("what is 6*7?", ("calculate",)), LogState.CALLS_ANNOUNCED, []),
+        (NOTE, LogState.APPROVAL_REQUESTED, [True]),  # the wait is not logged yet
+        (NOTE, LogState.AWAITING_APPROVAL, [False]),
+        (NOTE, LogState.APPROVAL_DECIDED, [True]),  # decided before the stop
+        (BOTH, LogState.AWAITING_APPROVAL, [True]),
+    ],
+)
+async def test_a_turn_stopped_among_its_calls_is_finished_as_if_never_stopped(
+    job: tuple[str, tuple[str, ...]], stop_at: LogState, decisions: list[bool]
+) -> None:
+    """Results and decisions the log holds stand; a wait for approval goes on (or is
+    logged, if it was not yet) and the person's decision comes in as usual."""
+    record = new_record(ask(*job))
+    whole = await run_job(record, CONFIG, decisions=decisions)
+    entries = list(whole.actor.log.entries())
+    prefix = upto(entries, stop_at)
+    decided_before = stop_at is LogState.APPROVAL_DECIDED
+    again = await resumed(
+        record, prefix, whole.model.results[0].usage, decisions=[] if decided_before else decisions
+    )
+    assert list(again.actor.log.entries()) == entries
+    assert [turn for turn, _ in again.model.turns] == [whole.model.turns[1][0]]
+    assert await again.store.read(record.job_id, 0, 100) == entries
+
+
+def test_an_actor_refuses_a_log_it_cannot_continue() -> None:
+    record = new_record(ask("what is 6*7?", ("calculate",)))
+    ended = [StatusEvent(1, "running"), StatusEvent(2, "aborted")]
+    mid_turn = [StatusEvent(1, "running"), TextEvent(2, "Let me")]
+    for entries, why in [(ended, "the log has ended"), (mid_turn, "in the middle of a model turn")]:
+        log = JobLog.from_entries(record.job_id, 1, entries, max_output_chars=100)
+        with pytest.raises(ValueError, match=why):
+            JobActor(
+                record, config=CONFIG, store=None, model=None, clock=None, tools=tool_registry(), log=log
+            )  # type: ignore[arg-type]
+    other = JobLog("j_other", 1, max_output_chars=100)
+    with pytest.raises(ValueError, match="the log is job j_other's"):
+        JobActor(record, config=CONFIG, store=None, model=None, clock=None, tools=tool_registry(), log=other)  # type: ignore[arg-type]
