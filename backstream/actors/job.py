@@ -88,9 +88,12 @@ class JobActor:
         log: JobLog | None = None,
     ) -> None:
         self.record = record
+        continuing = log is not None
         if log is not None:
             _check_continuable(record, log)
-        self.log = log or JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
+        else:
+            log = JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
+        self.log = log
         self.finished = trio.Event()
         self._config = config
         self._store = store
@@ -99,15 +102,15 @@ class JobActor:
         # Created now so that an abort that comes before the job runs still counts.
         self._abort_scope = trio.CancelScope()
         self._stop: tuple[JobStatus, ErrorInfo | None] | None = None
-        self._flushed_seq = 0 if log is None else log.last_seq
-        self._flushed_content_length = 0 if log is None else log.content_length
+        self._flushed_seq = log.last_seq  # a rebuilt log's entries are in the store already
+        self._flushed_content_length = log.content_length
         self._flushed_status: JobStatus | None = None
         self._closed_in_store = False  # the terminal status is written durably
         self._notified = False  # the notification step has run to its answer
         self._finished_at: float | None = None
         self._flush_lock = trio.Lock()
-        self._updated_at = record.created_at if log is None else record.updated_at
-        self._usage = None if log is None else _add_usage(None, record.usage)
+        self._updated_at = record.updated_at if continuing else record.created_at
+        self._usage = _add_usage(None, record.usage) if continuing else None
         self._tools = tools
         self._notifier = notifier
         self._deadline: trio.CancelScope | None = None
@@ -314,15 +317,18 @@ class JobActor:
             found = enabled.get(call.name)
             if earlier is not None and earlier.output is not None:
                 outcomes[i] = ToolOutcome(earlier.output, bool(earlier.is_error))
-            elif found is None:
-                why = "is not enabled for this job" if self._tools.get(call.name) else "does not exist"
-                outcomes[i] = ToolOutcome(f"tool {call.name!r} {why}", True)
-            elif found.requires_approval:
+                continue
+            # A wait the log shows goes on even if the tool has gone since: the log says so.
+            if call.call_id in asked or (found is not None and found.requires_approval):
                 approved = earlier.approved if earlier is not None else None
                 if approved is None:
                     approved = await self._await_approval(call, asked=call.call_id in asked)
                 if not approved:
                     outcomes[i] = ToolOutcome(DECLINED_OUTPUT, True)
+                    continue
+            if found is None:
+                why = "is not enabled for this job" if self._tools.get(call.name) else "does not exist"
+                outcomes[i] = ToolOutcome(f"tool {call.name!r} {why}", True)
         return outcomes
 
     async def _ask_approval(self, call: ToolCallDone) -> None:
