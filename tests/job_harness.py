@@ -90,6 +90,7 @@ async def run_job(
     decisions: Sequence[bool | None] = (),
     log: JobLog | None = None,
     stored: Sequence[LogEvent] = (),
+    tools: ToolRegistry | None = None,
 ) -> Ran:
     """Run the job to its end. ``log``: a rebuilt log to continue from; ``stored``: the
     entries the store holds already."""
@@ -104,7 +105,13 @@ async def run_job(
         builtin_model(record.request.model, echo_rate=1_000_000, max_argument_chars=config.max_output_chars)
     )
     actor = JobActor(
-        record, config=config, store=store, model=model, clock=WallClock(), tools=tool_registry(), log=log
+        record,
+        config=config,
+        store=store,
+        model=model,
+        clock=WallClock(),
+        tools=tools if tools is not None else tool_registry(),
+        log=log,
     )
     model.log = actor.log
     async with trio.open_nursery() as nursery:

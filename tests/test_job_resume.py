@@ -23,6 +23,7 @@ from backstream.protocol.events import (
 )
 from backstream.protocol.lifecycle import IllegalOrder, LogOrder, LogState
 from backstream.protocol.records import JobRecord, JobRequest
+from backstream.runtime.tools.registry import ToolRegistry
 from tests.job_harness import FAST, new_record, run_job, tool_registry
 
 # -- JobLog.from_entries ---------------------------------------------------------------------
@@ -185,6 +186,7 @@ BOTH = ("what is 6*7? and send a note to Ada", ("calculate", "send_note"))
         (NOTE, LogState.AWAITING_APPROVAL, [False]),
         (NOTE, LogState.APPROVAL_DECIDED, [True]),  # decided before the stop
         (BOTH, LogState.AWAITING_APPROVAL, [True]),
+        (BOTH, LogState.TOOLS_ANSWERING, [True]),  # one result logged, one to come
     ],
 )
 async def test_a_turn_stopped_among_its_calls_is_finished_as_if_never_stopped(
@@ -196,7 +198,7 @@ async def test_a_turn_stopped_among_its_calls_is_finished_as_if_never_stopped(
     whole = await run_job(record, CONFIG, decisions=decisions)
     entries = list(whole.actor.log.entries())
     prefix = upto(entries, stop_at)
-    decided_before = stop_at is LogState.APPROVAL_DECIDED
+    decided_before = stop_at in (LogState.APPROVAL_DECIDED, LogState.TOOLS_ANSWERING)
     again = await resumed(
         record, prefix, whole.model.results[0].usage, decisions=[] if decided_before else decisions
     )
@@ -218,3 +220,23 @@ def test_an_actor_refuses_a_log_it_cannot_continue() -> None:
     other = JobLog("j_other", 1, max_output_chars=100)
     with pytest.raises(ValueError, match="the log is job j_other's"):
         JobActor(record, config=CONFIG, store=None, model=None, clock=None, tools=tool_registry(), log=other)  # type: ignore[arg-type]
+
+
+async def test_a_wait_the_log_shows_goes_on_though_the_tool_has_gone() -> None:
+    """The log says a person is asked: the job waits for the answer, then gives the call
+    the result of a tool that no longer exists."""
+    record = new_record(ask(*NOTE))
+    whole = await run_job(record, CONFIG, decisions=[True])
+    prefix = upto(list(whole.actor.log.entries()), LogState.AWAITING_APPROVAL)
+    log = JobLog.from_entries(record.job_id, 1, prefix, max_output_chars=CONFIG.max_output_chars)
+    again = await run_job(
+        attrs.evolve(record, seq=len(prefix)),
+        CONFIG,
+        log=log,
+        stored=prefix,
+        decisions=[True],
+        tools=ToolRegistry.with_builtins(),
+    )
+    results = [e for e in again.actor.log.entries() if isinstance(e, ToolResultEvent)]
+    assert [(r.output, r.is_error) for r in results] == [("tool 'send_note' does not exist", True)]
+    assert again.actor.log.terminal is not None and again.actor.log.terminal.status == "completed"
