@@ -21,7 +21,7 @@ from backstream.protocol.conversation import (
     conversation_from_log,
     tool_message,
 )
-from backstream.protocol.events import ApprovalRequiredEvent, TextEvent, ToolCallRecord
+from backstream.protocol.events import ApprovalRequiredEvent, TextEvent, ToolCallRecord, ToolResultEvent
 from backstream.protocol.lifecycle import IllegalOrder, LogState
 from backstream.protocol.records import JobRequest
 from tests.job_harness import FAST, new_record, run_job
@@ -169,7 +169,7 @@ async def test_the_model_reads_a_cut_tool_result_as_the_log_holds_it() -> None:
     text, so a job continued from its log says the same to its model."""
     req = request("what is 999999999**20", tools=("calculate",))
     actor, model, _ = await run_job(new_record(req), Config(max_output_chars=100))
-    (result,) = [e for e in actor.log.entries() if e.kind == "tool_result"]
-    assert "[output cut: the job's tool results reached 100 characters]" in result.output  # type: ignore[union-attr]
+    (result,) = [e for e in actor.log.entries() if isinstance(e, ToolResultEvent)]
+    assert "[output cut: the job's tool results reached 100 characters]" in result.output
     second, _ = model.turns[1]
-    assert second.messages[-1] == tool_message(result.call_id, result.output)  # type: ignore[union-attr]
+    assert second.messages[-1] == tool_message(result.call_id, result.output)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.job import JobActor
 from backstream.actors.joblog import JobLog, OutputLimitExceeded
@@ -23,6 +24,8 @@ from backstream.protocol.events import (
 )
 from backstream.protocol.lifecycle import IllegalOrder, LogOrder, LogState
 from backstream.protocol.records import JobRecord, JobRequest
+from backstream.runtime.models.builtin import EchoModel
+from backstream.runtime.stores.memory import MemoryStore
 from backstream.runtime.tools.registry import ToolRegistry
 from tests.job_harness import FAST, new_record, run_job, tool_registry
 
@@ -168,10 +171,9 @@ async def test_a_job_continues_into_its_second_turn_as_if_never_stopped() -> Non
     assert await again.store.read(record.job_id, 0, 100) == entries
     stored = await again.store.get_job(record.job_id)
     assert stored is not None and stored.status == "completed" and stored.seq == len(entries)
-    assert (
-        stored.content_length == len(whole.actor.log.content())
-        and stored.usage == whole.actor.log.terminal.usage
-    )  # type: ignore[union-attr]
+    terminal = whole.actor.log.terminal
+    assert terminal is not None and terminal.usage is not None
+    assert stored.content_length == len(whole.actor.log.content()) and stored.usage == terminal.usage
 
 
 NOTE = ("send a note to Ada", ("send_note",))
@@ -207,19 +209,30 @@ async def test_a_turn_stopped_among_its_calls_is_finished_as_if_never_stopped(
     assert await again.store.read(record.job_id, 0, 100) == entries
 
 
-def test_an_actor_refuses_a_log_it_cannot_continue() -> None:
+async def test_an_actor_refuses_a_log_it_cannot_continue() -> None:
     record = new_record(ask("what is 6*7?", ("calculate",)))
-    ended = [StatusEvent(1, "running"), StatusEvent(2, "aborted")]
-    mid_turn = [StatusEvent(1, "running"), TextEvent(2, "Let me")]
-    for entries, why in [(ended, "the log has ended"), (mid_turn, "in the middle of a model turn")]:
-        log = JobLog.from_entries(record.job_id, 1, entries, max_output_chars=100)
-        with pytest.raises(ValueError, match=why):
-            JobActor(
-                record, config=CONFIG, store=None, model=None, clock=None, tools=tool_registry(), log=log
-            )  # type: ignore[arg-type]
+    model, tools = EchoModel(default_rate=1.0), tool_registry()
+    ended: list[LogEvent] = [StatusEvent(1, "running"), StatusEvent(2, "aborted")]
+    mid_turn: list[LogEvent] = [StatusEvent(1, "running"), TextEvent(2, "Let me")]
     other = JobLog("j_other", 1, max_output_chars=100)
-    with pytest.raises(ValueError, match="the log is job j_other's"):
-        JobActor(record, config=CONFIG, store=None, model=None, clock=None, tools=tool_registry(), log=other)  # type: ignore[arg-type]
+    for log, why in [
+        (JobLog.from_entries(record.job_id, 1, ended, max_output_chars=100), "the log has ended"),
+        (
+            JobLog.from_entries(record.job_id, 1, mid_turn, max_output_chars=100),
+            "in the middle of a model turn",
+        ),
+        (other, "the log is job j_other's"),
+    ]:
+        with pytest.raises(ValueError, match=why):  # refused before it touches anything
+            JobActor(
+                record,
+                config=CONFIG,
+                store=MemoryStore(),
+                model=model,
+                clock=WallClock(),
+                tools=tools,
+                log=log,
+            )
 
 
 async def test_a_wait_the_log_shows_goes_on_though_the_tool_has_gone() -> None:

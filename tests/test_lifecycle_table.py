@@ -162,7 +162,7 @@ def test_an_entry_out_of_order_is_refused_and_changes_nothing(
 
 def test_a_turn_after_its_calls_are_answered() -> None:
     order = LogOrder()
-    steps = [RUN, TEXT, CALL, ToolCallEvent(0, "c2", "calculate", "{}"), RESULT]
+    steps: list[LogEvent] = [RUN, TEXT, CALL, ToolCallEvent(0, "c2", "calculate", "{}"), RESULT]
     assert [order.advance(e) for e in steps][-1] is LogState.TOOLS_ANSWERING
     assert order.advance(ToolResultEvent(0, "c2", "calculate", "3", False)) is LogState.NEXT_TURN
     assert order.advance(ReasoningEvent(0, "r")) is LogState.MODEL_TURN
