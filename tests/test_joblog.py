@@ -24,7 +24,7 @@ def test_seqs_merge_and_terminal_last() -> None:
     log.append_reasoning("r")
     log.append_text("c")
     log.append_tool_call("call_1", "clock_now", "{}")
-    log.append_status("completed", finish_reason="stop")
+    log.append_status("failed")
     assert log.last_seq == 7 and log.content_length == 3 and log.content() == "abc"
     events = log.read(0, max_events=100, max_chars=100)
     assert events == (
@@ -33,7 +33,7 @@ def test_seqs_merge_and_terminal_last() -> None:
         ReasoningEvent(seq=4, text="r"),
         TextEvent(seq=5, text="c"),
         ToolCallEvent(seq=6, call_id="call_1", name="clock_now", arguments="{}"),
-        StatusEvent(seq=7, status="completed", finish_reason="stop"),
+        StatusEvent(seq=7, status="failed"),
     )
     assert log.read(2, max_events=100, max_chars=100)[0] == TextEvent(seq=3, text="b")
     with pytest.raises(LogClosedError):
@@ -43,6 +43,7 @@ def test_seqs_merge_and_terminal_last() -> None:
 
 def test_output_limit_appends_what_fits() -> None:
     log = make_log(limit=5)
+    log.append_status("running")
     log.append_text("abc")
     with pytest.raises(OutputLimitExceeded):
         log.append_text("defg")
@@ -51,11 +52,11 @@ def test_output_limit_appends_what_fits() -> None:
         log.append_reasoning("x")
     with pytest.raises(OutputLimitExceeded):
         log.append_tool_call("c", "n", "{}")
-    assert log.last_seq == 2
+    assert log.last_seq == 3
 
 
 @given(
-    kinds=st.lists(st.sampled_from(["text", "reasoning", "status"]), max_size=60),
+    kinds=st.lists(st.sampled_from(["text", "reasoning", "declined"]), max_size=60),
     max_events=st.integers(min_value=1, max_value=10),
     max_chars=st.integers(min_value=1, max_value=20),
     after=st.integers(min_value=0, max_value=60),
@@ -64,13 +65,14 @@ def test_reads_are_contiguous_and_bounded(
     kinds: list[str], max_events: int, max_chars: int, after: int
 ) -> None:
     log = make_log(limit=10_000)
+    log.append_status("running")
     for i, kind in enumerate(kinds):
         if kind == "text":
             log.append_text(f"t{i}")
         elif kind == "reasoning":
             log.append_reasoning(f"r{i}")
-        else:
-            log.append_status("running")
+        else:  # entries without text of their own: a call declined, and its result
+            decline(log, f"c{i}")
     after = min(after, log.last_seq)
     cursor, text = after, ""
     while cursor < log.last_seq:
@@ -84,10 +86,18 @@ def test_reads_are_contiguous_and_bounded(
     assert text == expected
 
 
+def decline(log: JobLog, call_id: str) -> None:
+    log.append_tool_call(call_id, "send_note", "{}")
+    log.append_approval_required(call_id, "send_note", "{}")
+    log.append_status("awaiting_approval")
+    log.append_approval(call_id, False)
+    log.append_status("running")
+    log.append_tool_result(call_id, "send_note", "declined", True)
+
+
 def test_merge_keeps_at_least_one_entry() -> None:
     entries = [TextEvent(seq=1, text="x" * 50), TextEvent(seq=2, text="y")]
     assert merge_events(entries, max_events=1, max_chars=10) == (TextEvent(seq=1, text="x" * 50),)
-
 
 
 STEPS = st.lists(

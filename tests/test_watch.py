@@ -232,6 +232,7 @@ async def test_a_watcher_woken_late_keeps_its_slots_unless_more_than_a_quarter_i
     cut: list[tuple[float, Batch]] = []
 
     async def write() -> None:
+        log.append_status("running")
         for _ in range(400):  # a token every 5 ms for 2 s
             log.append_text("w ")
             await trio.sleep(0.005)

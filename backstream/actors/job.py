@@ -5,6 +5,10 @@ the conversation with the model, the flusher (writes the log to the store in
 batches) and the abort listener (an abort may come from another process).
 Whatever ends the job (completion, failure, abort, timeout, shutdown, a bug),
 the content so far is kept and the terminal status is the log's last entry.
+
+The conversation's state lives in the log: the actor derives its messages, turns and open
+tool calls from it (``conversation_from_log``), so an actor given a log rebuilt from stored
+entries continues the job where the log stops.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -41,8 +45,16 @@ from backstream.protocol.chat_stream import (
     ToolCallDelta,
     ToolCallDone,
 )
+from backstream.protocol.conversation import (
+    DECLINED_OUTPUT,
+    Conversation,
+    assistant_message,
+    conversation_from_log,
+    tool_message,
+)
 from backstream.protocol.errors import UnavailableError
-from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary, TextEvent
+from backstream.protocol.events import AWAITING_APPROVAL, RUNNING, ErrorInfo, JobStatus, JobSummary, TextEvent
+from backstream.protocol.lifecycle import LogState
 from backstream.protocol.records import JobProgress, JobRecord, job_summary
 
 __all__ = ["JobActor"]
@@ -50,10 +62,18 @@ __all__ = ["JobActor"]
 log = logging.getLogger("backstream.job")
 
 T = TypeVar("T")
+Message = dict[str, Any]  # an OpenAI chat message
 
 
 class JobActor:
-    """Start with ``await supervisor.start_child(...)`` running ``actor.run``."""
+    """Start with ``await supervisor.start_child(...)`` running ``actor.run``.
+
+    ``log``: a log rebuilt from the job's stored entries (``JobLog.from_entries``) to
+    continue from instead of an empty one; its entries are durable already, and
+    ``record.usage`` is taken as the usage of the turns before it (the log records a job's
+    usage only at its end). Raises ``ValueError`` for a log that has ended, or that stops
+    in the middle of a model turn (continuing that needs a choice: prefill, restart, or end).
+    """
 
     def __init__(
         self,
@@ -65,9 +85,15 @@ class JobActor:
         clock: WallClock,
         tools: Tools,
         notifier: Notifier | None = None,
+        log: JobLog | None = None,
     ) -> None:
         self.record = record
-        self.log = JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
+        continuing = log is not None
+        if log is not None:
+            _check_continuable(record, log)
+        else:
+            log = JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
+        self.log = log
         self.finished = trio.Event()
         self._config = config
         self._store = store
@@ -76,15 +102,15 @@ class JobActor:
         # Created now so that an abort that comes before the job runs still counts.
         self._abort_scope = trio.CancelScope()
         self._stop: tuple[JobStatus, ErrorInfo | None] | None = None
-        self._flushed_seq = 0
-        self._flushed_content_length = 0
+        self._flushed_seq = log.last_seq  # a rebuilt log's entries are in the store already
+        self._flushed_content_length = log.content_length
         self._flushed_status: JobStatus | None = None
         self._closed_in_store = False  # the terminal status is written durably
         self._notified = False  # the notification step has run to its answer
         self._finished_at: float | None = None
         self._flush_lock = trio.Lock()
-        self._updated_at = record.created_at
-        self._usage: dict[str, int] | None = None
+        self._updated_at = record.updated_at if continuing else record.created_at
+        self._usage = _add_usage(None, record.usage) if continuing else None
         self._tools = tools
         self._notifier = notifier
         self._deadline: trio.CancelScope | None = None
@@ -167,7 +193,8 @@ class JobActor:
         self._notified = True  # asked and answered, whatever the answer
 
     async def _run_to_end(self) -> None:
-        self.log.append_status("running")
+        if self.log.state is LogState.NOT_STARTED:
+            self.log.append_status(RUNNING)
         status: JobStatus = "failed"
         error: ErrorInfo | None = None
         finish_reason: str | None = None
@@ -196,52 +223,59 @@ class JobActor:
         self._close(status, error, finish_reason)
 
     async def _converse(self) -> TurnResult:
-        """Model, tools, model, ...: until a turn ends without tool calls, or ``max_turns``."""
+        """Model, tools, model, ...: until a turn ends without tool calls, or ``max_turns``.
+        It starts where the log is: a turn whose calls are not all answered is finished
+        first, and the turns the log shows count toward ``max_turns``."""
         request = self.record.request
         enabled = {name: self._tools.get(name) for name in request.tools}
         specs = tuple(t.openai_spec() for t in enabled.values() if t is not None)
-        messages = list(request.messages)
-        for _ in range(self._config.max_turns):
+        so_far = conversation_from_log(request, self.log.entries())
+        messages = list(so_far.messages)
+        turns = so_far.turns
+        if so_far.calls:
+            messages += await self._finish_turn(so_far, enabled)
+        while turns < self._config.max_turns:
+            turns += 1
             self._turn_text = []
             turn = ChatTurn(model=request.model, messages=tuple(messages), params=request.params, tools=specs)
             result = await self._model.run_turn(turn, self._on_output)
             self._usage = _add_usage(self._usage, result.usage)
             if not result.tool_calls:
                 return result
-            messages.append(
-                {
-                    "role": "assistant",
-                    "content": "".join(self._turn_text) or None,
-                    "tool_calls": [
-                        {
-                            "id": c.call_id,
-                            "type": "function",
-                            "function": {"name": c.name, "arguments": c.arguments},
-                        }
-                        for c in result.tool_calls
-                    ],
-                }
-            )
-            outcomes = await self._run_calls(result.tool_calls, enabled)
-            for call, outcome in zip(result.tool_calls, outcomes, strict=True):
-                messages.append({"role": "tool", "tool_call_id": call.call_id, "content": outcome.output})
+            calls = [(c.call_id, c.name, c.arguments) for c in result.tool_calls]
+            messages.append(assistant_message("".join(self._turn_text), calls))
+            messages += await self._run_calls(result.tool_calls, enabled)
         raise ModelFailure(
             ErrorInfo("tool_loop_limit", f"the model still called tools after {self._config.max_turns} turns")
         )
 
+    async def _finish_turn(self, so_far: Conversation, enabled: dict[str, ToolSpec | None]) -> list[Message]:
+        """Finish the turn a rebuilt log left with calls unanswered: results logged stand,
+        decisions logged stand, a wait for approval goes on; the rest run as usual."""
+        if self.log.state is LogState.APPROVAL_REQUESTED:
+            self.log.append_status(AWAITING_APPROVAL)
+        elif self.log.state is LogState.APPROVAL_DECIDED:
+            self.log.append_status(RUNNING)
+        calls = tuple(
+            ToolCallDone(index=i, call_id=c.call_id, name=c.name, arguments=c.arguments)
+            for i, c in enumerate(so_far.calls)
+        )
+        triples = [(c.call_id, c.name, c.arguments) for c in so_far.calls]
+        return [assistant_message(so_far.turn_text, triples), *await self._run_calls(calls, enabled, so_far)]
+
     async def _run_calls(
-        self, calls: tuple[ToolCallDone, ...], enabled: dict[str, ToolSpec | None]
-    ) -> list[ToolOutcome]:
+        self,
+        calls: tuple[ToolCallDone, ...],
+        enabled: dict[str, ToolSpec | None],
+        so_far: Conversation | None = None,
+    ) -> list[Message]:
         """Run one turn's calls: approvals first, one at a time, then the rest concurrently
-        (at most ``max_parallel_tools``). Results go into the log in the calls' order."""
-        outcomes: list[ToolOutcome | None] = [None] * len(calls)
-        for i, call in enumerate(calls):
-            found = enabled.get(call.name)
-            if found is None:
-                why = "is not enabled for this job" if self._tools.get(call.name) else "does not exist"
-                outcomes[i] = ToolOutcome(f"tool {call.name!r} {why}", True)
-            elif found.requires_approval and not await self._await_approval(call):
-                outcomes[i] = ToolOutcome("the user declined to run this tool", True)
+        (at most ``max_parallel_tools``). Results go into the log in the calls' order; the
+        tool messages returned hold them as logged. ``so_far``: what a rebuilt log knows of
+        these calls already."""
+        known = so_far.calls if so_far is not None else ()
+        logged = sum(1 for c in known if c.output is not None)  # results come in order
+        outcomes = await self._decide_calls(calls, enabled, so_far)
         limiter = trio.CapacityLimiter(self._config.max_parallel_tools)
 
         async def run_one(i: int, call: ToolCallDone, item: ToolSpec) -> None:
@@ -260,17 +294,47 @@ class JobActor:
                 if outcomes[i] is None and item is not None:
                     nursery.start_soon(run_one, i, call, item)
         done = [o if o is not None else ToolOutcome("the tool did not run", True) for o in outcomes]
-        for call, outcome in zip(calls, done, strict=True):
-            self.log.append_tool_result(call.call_id, call.name, outcome.output, outcome.is_error)
+        messages = [tool_message(c.call_id, c.output or "") for c in known[:logged]]
+        for call, outcome in list(zip(calls, done, strict=True))[logged:]:
+            entry = self.log.append_tool_result(call.call_id, call.name, outcome.output, outcome.is_error)
+            messages.append(tool_message(call.call_id, entry.output))
         self._updated_at = self._clock.now()
-        return done
+        return messages
 
-    async def _await_approval(self, call: ToolCallDone) -> bool:
-        """Wait for a person's decision; ``approval_timeout`` counts as declined. The job
-        timeout does not count the wait, and no upstream connection is held meanwhile."""
-        pending = self._pending[call.call_id] = _PendingApproval()
+    async def _decide_calls(
+        self,
+        calls: tuple[ToolCallDone, ...],
+        enabled: dict[str, ToolSpec | None],
+        so_far: Conversation | None,
+    ) -> list[ToolOutcome | None]:
+        """The outcomes known before anything runs: results a rebuilt log holds, tools that
+        are not enabled, calls a person declined (asked here one at a time, in order)."""
+        known = so_far.calls if so_far is not None else ()
+        asked = so_far.pending_approvals if so_far is not None else ()
+        outcomes: list[ToolOutcome | None] = [None] * len(calls)
+        for i, call in enumerate(calls):
+            earlier = known[i] if i < len(known) else None
+            found = enabled.get(call.name)
+            if earlier is not None and earlier.output is not None:
+                outcomes[i] = ToolOutcome(earlier.output, bool(earlier.is_error))
+                continue
+            # A wait the log shows goes on even if the tool has gone since: the log says so.
+            if call.call_id in asked or (found is not None and found.requires_approval):
+                approved = earlier.approved if earlier is not None else None
+                if approved is None:
+                    approved = await self._await_approval(call, asked=call.call_id in asked)
+                if not approved:
+                    outcomes[i] = ToolOutcome(DECLINED_OUTPUT, True)
+                    continue
+            if found is None:
+                why = "is not enabled for this job" if self._tools.get(call.name) else "does not exist"
+                outcomes[i] = ToolOutcome(f"tool {call.name!r} {why}", True)
+        return outcomes
+
+    async def _ask_approval(self, call: ToolCallDone) -> None:
+        """Log that ``call`` waits for a person, write it, and tell the person."""
         self.log.append_approval_required(call.call_id, call.name, call.arguments)
-        self.log.append_status("awaiting_approval")
+        self.log.append_status(AWAITING_APPROVAL)
         self._updated_at = self._clock.now()
         try:
             await self._flush()  # other instances see the wait before anyone is told of it
@@ -281,6 +345,14 @@ class JobActor:
             await self._notifier.approval_needed(
                 job_id=self.job_id, user=self.record.user, thread_id=self.record.thread_id, tool=call.name
             )
+
+    async def _await_approval(self, call: ToolCallDone, *, asked: bool = False) -> bool:
+        """Wait for a person's decision; ``approval_timeout`` counts as declined. The job
+        timeout does not count the wait, and no upstream connection is held meanwhile.
+        ``asked``: the log shows the wait already (a rebuilt log): it is not logged again."""
+        pending = self._pending[call.call_id] = _PendingApproval()
+        if not asked:
+            await self._ask_approval(call)
         started = trio.current_time()
         paused_deadline = math.inf
         if self._deadline is not None:  # the job timeout does not run while a person decides
@@ -304,7 +376,7 @@ class JobActor:
                 self._deadline.deadline = paused_deadline + (trio.current_time() - started)
         approved = bool(pending.approved)
         self.log.append_approval(call.call_id, approved)
-        self.log.append_status("running")
+        self.log.append_status(RUNNING)
         self._updated_at = self._clock.now()
         pending.applied.set()
         return approved
@@ -491,6 +563,7 @@ class JobActor:
                 log.warning("job %s: %s: %s; retrying in %.1fs", self.job_id, what, exc, delay)
                 await trio.sleep(delay)
 
+
 class _PendingApproval:
     """A tool call waiting for a person: ``decided`` when a decision arrives, ``applied``
     once the job has logged it."""
@@ -504,6 +577,16 @@ class _PendingApproval:
         if not self.decided.is_set():
             self.approved = approved
             self.decided.set()
+
+
+def _check_continuable(record: JobRecord, log: JobLog) -> None:
+    """Raise ``ValueError`` unless an actor can continue ``record``'s job from ``log``."""
+    if log.job_id != record.job_id:
+        raise ValueError(f"the log is job {log.job_id}'s, not {record.job_id}'s")
+    if log.terminal is not None:
+        raise ValueError(f"job {record.job_id}: the log has ended ({log.terminal.status})")
+    if log.state is LogState.MODEL_TURN:
+        raise ValueError(f"job {record.job_id}: the log stops in the middle of a model turn")
 
 
 def _add_usage(total: dict[str, int] | None, more: dict[str, object] | None) -> dict[str, int] | None:

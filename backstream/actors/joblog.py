@@ -32,7 +32,7 @@ from backstream.protocol.events import (
     ToolCallRecord,
     ToolResultEvent,
 )
-from backstream.protocol.lifecycle import INITIAL_STATUS, check_transition
+from backstream.protocol.lifecycle import INITIAL_STATUS, LogOrder, LogState
 
 __all__ = ["JobLog", "LogClosedError", "OutputLimitExceeded", "merge_events", "summarize_events"]
 
@@ -46,7 +46,9 @@ class LogClosedError(RuntimeError):
 
 
 class JobLog:
-    """Append-only entries with ``seq`` 1, 2, 3, ... and no gaps.
+    """Append-only entries with ``seq`` 1, 2, 3, ... and no gaps, in an order the lifecycle
+    table (``LOG_ORDER``) allows: an entry it does not allow raises ``IllegalOrder`` and
+    changes nothing.
 
     The terminal status is always the last entry: appending after it raises
     ``LogClosedError``.
@@ -56,6 +58,7 @@ class JobLog:
         self.job_id = job_id
         self.epoch = epoch
         self._entries: list[LogEvent] = []
+        self._order = LogOrder()
         self._max_output_chars = max_output_chars
         self._output_chars = 0
         self._tool_output_chars = 0
@@ -67,26 +70,74 @@ class JobLog:
         # The last merged read, for the other watchers that read the same range next.
         self._last_read: tuple[tuple[int, int, int, int], tuple[LogEvent, ...]] | None = None
 
+    @classmethod
+    def from_entries(
+        cls, job_id: str, epoch: int, entries: Iterable[LogEvent], *, max_output_chars: int
+    ) -> JobLog:
+        """A log holding stored ``entries`` (seq 1, 2, ...), that continues with the next seq.
+
+        The entries are checked against the lifecycle table (``IllegalOrder``) and their
+        seqs (``ValueError``); the output budgets are charged as appending them charged them.
+        Nothing is cut: entries over a smaller ``max_output_chars`` are kept, and the next
+        output raises ``OutputLimitExceeded``.
+        """
+        log = cls(job_id, epoch, max_output_chars=max_output_chars)
+        for entry in entries:
+            if entry.seq != log.last_seq + 1:
+                raise ValueError(f"job {job_id}: entry {log.last_seq + 1} has seq {entry.seq}")
+            log._restore(entry)
+        return log
+
+    def _restore(self, entry: LogEvent) -> None:
+        """Append a stored entry, charging it as its ``append_*`` method did."""
+        self._append(entry)
+        if isinstance(entry, TextEvent):
+            self._output_chars += len(entry.text)
+            self.content_length += len(entry.text)
+        elif isinstance(entry, ReasoningEvent):
+            self._output_chars += len(entry.text)
+        elif isinstance(entry, ToolCallDeltaEvent):
+            self._output_chars += len(entry.arguments_delta)
+            self._delta_chars[entry.call_id] = self._delta_chars.get(entry.call_id, 0) + len(
+                entry.arguments_delta
+            )
+        elif isinstance(entry, ToolCallEvent):
+            self._output_chars += max(0, len(entry.arguments) - self._delta_chars.pop(entry.call_id, 0))
+        elif isinstance(entry, ToolResultEvent):
+            room = max(self._max_output_chars - self._tool_output_chars, 0)
+            self._tool_output_chars += min(len(entry.output), room)
+        elif isinstance(entry, StatusEvent):
+            self.status = entry.status
+            if entry.is_terminal:
+                self.terminal = entry
+
     # -- appending (the owning job actor only) ----------------------------------
 
     @property
     def last_seq(self) -> int:
         return len(self._entries)
 
+    @property
+    def state(self) -> LogState:
+        """Where the log is in the lifecycle table."""
+        return self._order.state
+
     def append_text(self, text: str) -> None:
         """Append content. Raises ``OutputLimitExceeded`` after appending what fits."""
-        text, over = self._charge(text)
+        text, over = self._fit(text)
         if text:
-            self.content_length += len(text)
             self._append(TextEvent(seq=self.last_seq + 1, text=text))
+            self._output_chars += len(text)
+            self.content_length += len(text)
         if over:
             raise OutputLimitExceeded
 
     def append_reasoning(self, text: str) -> None:
         """Append reasoning. Raises ``OutputLimitExceeded`` after appending what fits."""
-        text, over = self._charge(text)
+        text, over = self._fit(text)
         if text:
             self._append(ReasoningEvent(seq=self.last_seq + 1, text=text))
+            self._output_chars += len(text)
         if over:
             raise OutputLimitExceeded
 
@@ -94,22 +145,23 @@ class JobLog:
         """Append a fragment of a call's arguments; it counts toward the output limit."""
         if self._output_chars + len(arguments_delta) > self._max_output_chars:
             raise OutputLimitExceeded
-        self._output_chars += len(arguments_delta)
-        self._delta_chars[call_id] = self._delta_chars.get(call_id, 0) + len(arguments_delta)
         self._append(
             ToolCallDeltaEvent(
                 seq=self.last_seq + 1, call_id=call_id, name=name, arguments_delta=arguments_delta
             )
         )
+        self._output_chars += len(arguments_delta)
+        self._delta_chars[call_id] = self._delta_chars.get(call_id, 0) + len(arguments_delta)
 
     def append_tool_call(self, call_id: str, name: str, arguments: str) -> None:
         """Append a complete tool call; the part of its arguments not already counted as
         fragments counts toward the output limit."""
-        charge = max(0, len(arguments) - self._delta_chars.pop(call_id, 0))
+        charge = max(0, len(arguments) - self._delta_chars.get(call_id, 0))
         if self._output_chars + charge > self._max_output_chars:
             raise OutputLimitExceeded
-        self._output_chars += charge
         self._append(ToolCallEvent(seq=self.last_seq + 1, call_id=call_id, name=name, arguments=arguments))
+        self._delta_chars.pop(call_id, None)
+        self._output_chars += charge
 
     def append_approval_required(self, call_id: str, name: str, arguments: str) -> None:
         self._append(
@@ -119,22 +171,23 @@ class JobLog:
     def append_approval(self, call_id: str, approved: bool) -> None:
         self._append(ApprovalEvent(seq=self.last_seq + 1, call_id=call_id, approved=approved))
 
-    def append_tool_result(self, call_id: str, name: str, output: str, is_error: bool) -> None:
+    def append_tool_result(self, call_id: str, name: str, output: str, is_error: bool) -> ToolResultEvent:
         """Append a tool's output, cut to what is left of the tools' own budget
         (``max_output_chars`` for all of the job's tool results); never raises
-        ``OutputLimitExceeded``: the model reads the cut output and answers."""
+        ``OutputLimitExceeded``: the model reads the cut output and answers. Returns the
+        entry as appended."""
         room = max(self._max_output_chars - self._tool_output_chars, 0)
         if len(output) > room:
             output = (
                 output[:room]
                 + f"\n[output cut: the job's tool results reached {self._max_output_chars} characters]"
             )
-        self._tool_output_chars += min(len(output), room)
-        self._append(
-            ToolResultEvent(
-                seq=self.last_seq + 1, call_id=call_id, name=name, output=output, is_error=is_error
-            )
+        event = ToolResultEvent(
+            seq=self.last_seq + 1, call_id=call_id, name=name, output=output, is_error=is_error
         )
+        self._append(event)
+        self._tool_output_chars += min(len(output), room)
+        return event
 
     def append_status(
         self,
@@ -144,11 +197,8 @@ class JobLog:
         finish_reason: str | None = None,
         usage: dict[str, Any] | None = None,
     ) -> StatusEvent:
-        """Append a status change. Raises ``IllegalTransition`` if the lifecycle table does
-        not allow ``status`` after the current one (``LogClosedError`` after a terminal one)."""
-        if self.terminal is not None:
-            raise LogClosedError(f"job {self.job_id}: the log is closed")
-        check_transition(self.status, status)
+        """Append a status change. Raises ``IllegalOrder`` if the lifecycle table does not
+        allow it where the log is (``LogClosedError`` after a terminal status)."""
         event = StatusEvent(
             seq=self.last_seq + 1, status=status, error=error, finish_reason=finish_reason, usage=usage
         )
@@ -158,18 +208,17 @@ class JobLog:
             self.terminal = event
         return event
 
-    def _charge(self, text: str) -> tuple[str, bool]:
+    def _fit(self, text: str) -> tuple[str, bool]:
+        """What of ``text`` fits the output budget, and whether some did not."""
         room = self._max_output_chars - self._output_chars
         if len(text) > room:
-            text = text[: max(room, 0)]
-            self._output_chars += len(text)
-            return text, True
-        self._output_chars += len(text)
+            return text[: max(room, 0)], True
         return text, False
 
     def _append(self, event: LogEvent) -> None:
         if self.terminal is not None:
             raise LogClosedError(f"job {self.job_id}: append after the terminal status")
+        self._order.advance(event)  # raises IllegalOrder, changing nothing
         self._entries.append(event)
         if self._readers:  # most appends have no reader waiting
             self._readers.unpark_all()

@@ -11,7 +11,9 @@ from typing import Any, Final, Literal
 import attrs
 
 __all__ = [
-    "ACTIVE_STATUSES",
+    "AWAITING_APPROVAL",
+    "LIVE_STATUSES",
+    "RUNNING",
     "TERMINAL_STATUSES",
     "ApprovalEvent",
     "ApprovalRequiredEvent",
@@ -31,8 +33,15 @@ __all__ = [
 ]
 
 JobStatus = Literal["running", "awaiting_approval", "completed", "failed", "aborted", "interrupted"]
+RUNNING: Final = "running"
+"""The first status of every job, and the status while it works (not waiting for a person)."""
+AWAITING_APPROVAL: Final = "awaiting_approval"
+"""A tool call waits for a person's decision."""
+LIVE_STATUSES: Final[frozenset[JobStatus]] = frozenset({RUNNING, AWAITING_APPROVAL})
+"""A job in one of these has not ended: a runtime instance owns it (and holds a lease). The
+one definition of the live statuses: protocol, actors and stores take them from here."""
 TERMINAL_STATUSES: Final[frozenset[JobStatus]] = frozenset({"completed", "failed", "aborted", "interrupted"})
-ACTIVE_STATUSES: Final = frozenset({"running", "awaiting_approval"})
+"""A job in one of these has ended, its log is closed and its slot is free."""
 
 
 @attrs.frozen

@@ -21,6 +21,7 @@ import attrs
 
 from backstream.protocol.errors import BadRequestError
 from backstream.protocol.events import (
+    LIVE_STATUSES,
     ErrorInfo,
     LogEvent,
     ReasoningEvent,
@@ -250,7 +251,7 @@ def _params(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def response_status(status: str, error: ErrorInfo | None, finish_reason: str | None) -> str:
     """The Responses status of a job status (see the README's table)."""
-    if status in ("running", "awaiting_approval"):
+    if status in LIVE_STATUSES:
         return "in_progress"
     if status == "aborted":
         return "cancelled"

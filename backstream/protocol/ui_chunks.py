@@ -26,6 +26,8 @@ import json
 from typing import Any, Final
 
 from backstream.protocol.events import (
+    AWAITING_APPROVAL,
+    RUNNING,
     ApprovalEvent,
     ApprovalRequiredEvent,
     LogEvent,
@@ -217,13 +219,13 @@ class UIChunkTranslator:
         }
 
     def _status(self, entry: StatusEvent, out: list[UIChunk]) -> None:
-        if entry.status == "running":
+        if entry.status == RUNNING:
             if not self._started:
                 self._started = True
                 out.append({"type": "start", "messageId": self._message_id})
             return
         self._close_parts(out)
-        if entry.status == "awaiting_approval":
+        if entry.status == AWAITING_APPROVAL:
             self.paused = True
             out.append({"type": "finish", "finishReason": "tool-calls"})
             return
