@@ -262,7 +262,8 @@ async def test_event_source_resumes_with_last_event_id(upstream: FakeUpstream) -
                         break
             got = sse_events(first)
             last_id = got[-1][0]
-            assert last_id == str(got[-1][1]["sequence_number"])
+            # The id is the offset to resume after the event: its log's epoch and its number.
+            assert last_id == f"1_{got[-1][1]['sequence_number']}"
             second: list[str] = []
             headers = {"Authorization": "Bearer tok-alice", "Last-Event-ID": last_id or ""}
             async with http.stream("GET", url, headers=headers) as reply:
@@ -273,7 +274,7 @@ async def test_event_source_resumes_with_last_event_id(upstream: FakeUpstream) -
         text = "".join(d["delta"] for _, d in got + rest if d["type"] == "response.output_text.delta")
         assert text == "".join(WORDS)
         assert rest[-1][1]["type"] == "response.completed"
-        assert all(event_id == str(data["sequence_number"]) for event_id, data in rest)
+        assert all(event_id == f"1_{data['sequence_number']}" for event_id, data in rest)
 
 
 async def test_capacity_is_a_429_with_retry_after(upstream: FakeUpstream) -> None:
@@ -412,7 +413,7 @@ async def test_a_client_that_does_not_read_is_cut_off_and_resumes() -> None:
         info = await rt.get_job(job.job_id, user="alice")
         assert info.job.status == "completed"  # the job went on
         last = max(
-            int(line[4:])
+            int(line[4:].partition("_")[2])  # "<epoch>_<n>"; starting_after takes the bare n
             for line in received.decode(errors="replace").splitlines()
             if line.startswith("id: ")
         )
