@@ -327,6 +327,29 @@ async def test_bad_input_is_a_400_in_openai_error_shape(upstream: FakeUpstream) 
             assert bad_cursor.status_code == 400 and bad_cursor.json()["error"]["param"] == "starting_after"
 
 
+async def test_stream_offsets_are_fenced_by_epoch_and_bare_numbers_still_resume(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.script(streams(WORDS))
+    async with served(upstream) as server:
+        client = server.client()
+        created = await in_thread(lambda: client.responses.create(model="m", input="x", background=True))
+        url = f"/responses/{created.id}?stream=true"
+        auth = {"Authorization": "Bearer tok-alice"}
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            full = sse_events((await http.get(url, headers=auth)).text.splitlines())
+            stale = await http.get(url, headers={**auth, "Last-Event-ID": "2_3"})
+            assert stale.status_code == 410 and stale.json()["error"]["code"] == "gone"
+            bad = await http.get(url, headers={**auth, "Last-Event-ID": "1_x"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+            bare = sse_events((await http.get(f"{url}&starting_after=3", headers=auth)).text.splitlines())
+            fenced = sse_events(
+                (await http.get(url, headers={**auth, "Last-Event-ID": "1_3"})).text.splitlines()
+            )
+        assert bare == fenced == full[4:]
+        assert [event_id for event_id, _ in full] == [f"1_{n}" for n in range(len(full))]
+
+
 async def test_http_and_websocket_see_the_same_jobs(upstream: FakeUpstream) -> None:
     upstream.script(streams(["over ", "http"]), streams(["over ", "ws"]))
     async with served(upstream) as server:
