@@ -28,13 +28,12 @@ from backstream.protocol.responses_request import parse_create
 from backstream.protocol.responses_sse import sse_frame
 from backstream.runtime.server.http_app import HttpApp, Request, error_response
 from backstream.runtime.server.replay import Replay, open_replay
+from backstream.runtime.server.session import frame_chars
 
 __all__ = ["ResponsesApi"]
 
 log = logging.getLogger("backstream.responses")
 
-_MAX_CHUNK_BYTES = 64 * 1024
-"""A stream is written in chunks of about this size: one chunk is what a stream holds unsent."""
 _ID = r"(?P<id>[A-Za-z0-9_\-]{1,256})"
 
 
@@ -159,17 +158,19 @@ class ResponsesApi:
     async def _write(
         self, request: Request, replay: Replay[dict[str, Any]] | None, events: Iterable[dict[str, Any]]
     ) -> bool:
-        """Send events in chunks of about ``_MAX_CHUNK_BYTES``, each through the gate and within
+        """Send events in chunks of about ``frame_chars`` bytes (sized as the WebSocket front
+        doors size frames; one chunk is what a stream holds unsent), each through the gate and within
         its deadline; False if the client was cut off. Each event's ``id:`` is the offset to
         resume after it (none without ``replay``)."""
         chunk: list[bytes] = []
         size = 0
+        most = frame_chars(self._app.limits.max_unsent_bytes)
         for event in events:
             event_id = None if replay is None else replay.offset_of(event["sequence_number"]).encode()
             frame = sse_frame(event, event_id=event_id)
             chunk.append(frame)
             size += len(frame)
-            if size >= _MAX_CHUNK_BYTES:
+            if size >= most:
                 if not await self._app.send_stream_chunk(request, b"".join(chunk)):
                     return False
                 chunk, size = [], 0
