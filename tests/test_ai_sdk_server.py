@@ -12,6 +12,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
 
 from backstream import Config
+from backstream.runtime.server.session import ConnectionLimits
 from backstream.runtime.stores.sqlite import SqliteStore
 from tests.test_ai_sdk import AiSdkServer, ai_sdk_server, ended, only_job
 from tests.test_tools import tool_turn
@@ -225,3 +226,46 @@ async def test_abort_during_admission_and_of_resumes() -> None:
         # A resume stopped for good: after the grace, the job is aborted.
         await ws.send_message('{"type":"abort","requestId":"r2"}')
         assert (await ended(server.runtime, job_id)).job.status == "aborted"
+
+
+async def test_bytes_sent_are_counted_in_utf8_bytes() -> None:
+    """The AI SDK endpoint counts what it sends as /v1 does: bytes, not characters."""
+    async with ai_sdk_server() as server, open_websocket_url(url(server)) as ws:
+        before = server.door.statistics().bytes_sent
+        await ws.send_message(
+            send_frame("a", "chat-u", "héllo wörld ✓ ünïcode", {"model": "backstream/echo"})
+        )
+        received = chars = 0
+        with trio.fail_after(30):
+            while True:
+                raw = await ws.get_message()
+                received += len(raw.encode())
+                chars += len(raw)
+                if json.loads(raw)["type"] == "end":
+                    break
+        assert received > chars  # the echoed text was not ASCII
+        assert server.door.statistics().bytes_sent - before == received
+
+
+async def test_rate_limit_is_charged_before_decoding_but_aborts_get_through() -> None:
+    async with ai_sdk_server(limits=ConnectionLimits(rate_per_s=0.001, rate_burst=2)) as server:
+        async with open_websocket_url(url(server)) as ws:
+            await ws.send_message("not json, but it costs a token")  # no requestId: refused, 1008
+            with pytest.raises(ConnectionClosed) as closed:
+                with trio.fail_after(10):
+                    await ws.get_message()
+            assert closed.value.reason.code == 1008
+        async with open_websocket_url(url(server)) as ws:
+            await ws.send_message(resume_frame("r1", "c"))
+            await ws.send_message(resume_frame("r2", "c"))
+            await ws.send_message(resume_frame("r3", "c"))  # over the rate: refused undecoded
+            await ws.send_message('{"type":"abort","requestId":"r9"}')  # never refused
+            frames = [json.loads(await ws.get_message()) for _ in range(3)]
+            refused = [f for f in frames if f["type"] == "error"]
+            assert refused == [
+                {"type": "error", "requestId": "r3", "errorText": "too many requests; slow down"}
+            ]
+            with trio.move_on_after(0.5):  # the abort was not answered with an error
+                extra = await ws.get_message()
+                raise AssertionError(f"unexpected frame {extra}")
+            assert server.door.statistics().requests >= 4

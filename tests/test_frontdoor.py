@@ -11,6 +11,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from backstream import Config
 from backstream.runtime.server.auth import AnyAuthenticator, JWTAuthenticator, StaticTokens, mint_jwt
 from backstream.runtime.server.connection import ConnectionLimits
+from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
 from tests.ws_helpers import TOKENS, check_contiguous, raw_client, served, start_fields, text_of
 
 SECRET = "s" * 40
@@ -391,3 +392,30 @@ async def test_a_client_that_answers_no_ping_is_closed(autojump_clock: trio.test
         assert trio.current_time() - t0 == pytest.approx(
             15, abs=0.5
         )  # the ping at 5 s, then 10 s without a pong
+
+
+async def test_the_frame_cache_belongs_to_the_front_door() -> None:
+    """Watchers of a job on one front door share its encoded frames; another front door of
+    the same runtime keeps frames of its own."""
+    async with served() as one, trio.open_nursery() as nursery:
+        other = FrontDoor(one.runtime, StaticTokens(TOKENS), FrontDoorConfig(port=0))
+        await nursery.start(other.run)
+        async with raw_client(one.url) as c:
+            await c.hello()
+            started = await c.request("job.start", **start_fields(watch=True))
+            job_id = started["job"]["job_id"]
+            first = await c.events_until_terminal(job_id)
+        # Replays of the ended job cut the same batches: the second one on a door is a hit.
+        for door in (one.door, other):
+            for expect_hit in (False, True):
+                before = door.frames.hits
+                async with raw_client(f"ws://127.0.0.1:{door.port}/v1") as c:
+                    await c.hello()
+                    assert (await c.request("job.watch", job_id=job_id, after_seq=0))[
+                        "type"
+                    ] == "job.watching"
+                    again = await c.events_until_terminal(job_id)
+                assert text_of(again) == text_of(first)
+                assert (door.frames.hits > before) == expect_hit
+        assert other.frames is not one.door.frames
+        nursery.cancel_scope.cancel()

@@ -262,7 +262,8 @@ async def test_event_source_resumes_with_last_event_id(upstream: FakeUpstream) -
                         break
             got = sse_events(first)
             last_id = got[-1][0]
-            assert last_id == str(got[-1][1]["sequence_number"])
+            # The id is the offset to resume after the event: its log's epoch and its number.
+            assert last_id == f"1_{got[-1][1]['sequence_number']}"
             second: list[str] = []
             headers = {"Authorization": "Bearer tok-alice", "Last-Event-ID": last_id or ""}
             async with http.stream("GET", url, headers=headers) as reply:
@@ -273,7 +274,7 @@ async def test_event_source_resumes_with_last_event_id(upstream: FakeUpstream) -
         text = "".join(d["delta"] for _, d in got + rest if d["type"] == "response.output_text.delta")
         assert text == "".join(WORDS)
         assert rest[-1][1]["type"] == "response.completed"
-        assert all(event_id == str(data["sequence_number"]) for event_id, data in rest)
+        assert all(event_id == f"1_{data['sequence_number']}" for event_id, data in rest)
 
 
 async def test_capacity_is_a_429_with_retry_after(upstream: FakeUpstream) -> None:
@@ -324,6 +325,29 @@ async def test_bad_input_is_a_400_in_openai_error_shape(upstream: FakeUpstream) 
             assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"
             bad_cursor = await http.get("/responses/x?stream=true&starting_after=abc")
             assert bad_cursor.status_code == 400 and bad_cursor.json()["error"]["param"] == "starting_after"
+
+
+async def test_stream_offsets_are_fenced_by_epoch_and_bare_numbers_still_resume(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.script(streams(WORDS))
+    async with served(upstream) as server:
+        client = server.client()
+        created = await in_thread(lambda: client.responses.create(model="m", input="x", background=True))
+        url = f"/responses/{created.id}?stream=true"
+        auth = {"Authorization": "Bearer tok-alice"}
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            full = sse_events((await http.get(url, headers=auth)).text.splitlines())
+            stale = await http.get(url, headers={**auth, "Last-Event-ID": "2_3"})
+            assert stale.status_code == 410 and stale.json()["error"]["code"] == "gone"
+            bad = await http.get(url, headers={**auth, "Last-Event-ID": "1_x"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+            bare = sse_events((await http.get(f"{url}&starting_after=3", headers=auth)).text.splitlines())
+            fenced = sse_events(
+                (await http.get(url, headers={**auth, "Last-Event-ID": "1_3"})).text.splitlines()
+            )
+        assert bare == fenced == full[4:]
+        assert [event_id for event_id, _ in full] == [f"1_{n}" for n in range(len(full))]
 
 
 async def test_http_and_websocket_see_the_same_jobs(upstream: FakeUpstream) -> None:
@@ -412,7 +436,7 @@ async def test_a_client_that_does_not_read_is_cut_off_and_resumes() -> None:
         info = await rt.get_job(job.job_id, user="alice")
         assert info.job.status == "completed"  # the job went on
         last = max(
-            int(line[4:])
+            int(line[4:].partition("_")[2])  # "<epoch>_<n>"; starting_after takes the bare n
             for line in received.decode(errors="replace").splitlines()
             if line.startswith("id: ")
         )

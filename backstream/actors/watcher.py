@@ -151,6 +151,10 @@ class Watcher:
     ``tool_call_delta`` entries: a batch then ends at its last event, and the fragments
     it skips are covered by the next batch, which holds the call they belong to.
     ``merge_text`` false keeps every text entry as it is in the log.
+
+    Beside the paced iteration, ``read`` and ``wait_beyond`` read the same log unpaced
+    over a cursor of the caller's (a replay, or a long poll); ``skip_to`` then moves the
+    watcher's own cursor past what the caller read that way.
     """
 
     def __init__(
@@ -185,6 +189,36 @@ class Watcher:
 
     def __aiter__(self) -> Watcher:
         return self
+
+    async def read(self, after_seq: int, *, limit: int | None = None) -> tuple[LogEvent, ...]:
+        """The entries after ``after_seq`` that are there now, at once (no wait, no pacing):
+        at most ``limit`` (and the watcher's batch bounds), text merged as the watcher merges
+        it, ``tool_call_delta`` entries included whatever the watcher's setting; empty when
+        none are there yet (then ``wait_beyond``). Leaves the watcher's cursor alone.
+
+        Raises ``GoneError`` when the log cannot continue from ``after_seq``, and
+        ``BadRequestError`` for a cursor at or beyond the end of a finished job.
+        Cancellation: nothing is consumed."""
+        events = await self._source.read(
+            after_seq,
+            max_events=min(limit or self._max_events, self._max_events),
+            max_chars=self._max_chars,
+            merge_text=self._merge_text,
+        )
+        self.epoch = self._source.epoch
+        return events
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once an entry after ``seq`` may exist. Raises ``GoneError`` if the log is gone.
+
+        Cancellation: safe; nothing is consumed."""
+        await self._source.wait_beyond(seq)
+
+    def skip_to(self, seq: int, *, ended: bool) -> None:
+        """Move the cursor to ``seq``: the caller has read the entries up to it with ``read``
+        (``ended``: they held the terminal status, so the iteration is over)."""
+        self.cursor = seq
+        self.ended = self.ended or ended
 
     def _next_slot(self, cut_at: float) -> float:
         """The first slot of the job's grid at least ``batch_seconds`` after ``cut_at``."""

@@ -2,7 +2,8 @@
 
 Every failure a caller can see, in-process or over the wire, is one of these.
 They carry a code from PROTOCOL.md and a message that is safe to show to a
-client: never a traceback, never another user's data.
+client: never a traceback, never another user's data. Each class also says which
+HTTP status answers it (``http_status``), so every HTTP front door maps errors alike.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class BackstreamError(Exception):
     """Base of every error with a protocol code."""
 
     code: ClassVar[str] = "internal"
+    http_status: ClassVar[int] = 500
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
@@ -43,18 +45,22 @@ class BackstreamError(Exception):
 
 class BadRequestError(BackstreamError):
     code = "bad_request"
+    http_status = 400
 
 
 class UnauthorizedError(BackstreamError):
     code = "unauthorized"
+    http_status = 401
 
 
 class UnsupportedProtocolError(BackstreamError):
     code = "unsupported_protocol"
+    http_status = 400
 
 
 class NotFoundError(BackstreamError):
     code = "not_found"
+    http_status = 404
 
     def __init__(self, message: str = "no such job", **extra: Any) -> None:
         super().__init__(message, **extra)
@@ -62,6 +68,7 @@ class NotFoundError(BackstreamError):
 
 class CapacityError(BackstreamError):
     code = "capacity"
+    http_status = 429
 
     def __init__(self, message: str, *, retry_after_ms: int) -> None:
         super().__init__(message, retry_after_ms=retry_after_ms)
@@ -70,26 +77,32 @@ class CapacityError(BackstreamError):
 
 class RateLimitedError(BackstreamError):
     code = "rate_limited"
+    http_status = 429
 
 
 class ConflictError(BackstreamError):
     code = "conflict"
+    http_status = 409
 
 
 class GoneError(BackstreamError):
     code = "gone"
+    http_status = 410
 
 
 class TooLargeError(BackstreamError):
     code = "too_large"
+    http_status = 413
 
 
 class UnavailableError(BackstreamError):
     code = "unavailable"
+    http_status = 503
 
 
 class InternalError(BackstreamError):
     code = "internal"
+    http_status = 500
 
 
 _BY_CODE: dict[str, type[BackstreamError]] = {

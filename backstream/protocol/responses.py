@@ -1,8 +1,9 @@
-"""OpenAI's Responses API over a job: request parsing and the log -> events translation.
+"""OpenAI's Responses API over a job: the log -> events translation.
 
-Sans-IO. ``parse_create`` turns a ``POST /v1/responses`` body into a ``ResponseRequest``
-(what ``start_job`` needs). ``ResponsesTranslator`` turns a job's log entries, one entry at a
-time and in ``seq`` order, into numbered Responses streaming events.
+Sans-IO. ``ResponsesTranslator`` turns a job's log entries, one entry at a time and in
+``seq`` order, into numbered Responses streaming events. Request parsing lives in
+``protocol.responses_request``, the SSE encoding in ``protocol.responses_sse`` (both
+re-exported here).
 
 The numbering is a pure function of the log: every entry kind yields a fixed set of events
 given the entries before it, so any instance replaying the same log, at any time, gives every
@@ -13,13 +14,11 @@ never text merged across entries: merging depends on how reads were batched.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any
 
 import attrs
 
-from backstream.protocol.errors import BadRequestError
 from backstream.protocol.events import (
     LIVE_STATUSES,
     ErrorInfo,
@@ -30,6 +29,8 @@ from backstream.protocol.events import (
     ToolCallEvent,
     ToolResultEvent,
 )
+from backstream.protocol.responses_request import MAX_ANNOTATION_CHARS, ResponseRequest, parse_create
+from backstream.protocol.responses_sse import error_body, sse_frame
 
 __all__ = [
     "MAX_ANNOTATION_CHARS",
@@ -41,209 +42,6 @@ __all__ = [
     "response_status",
     "sse_frame",
 ]
-
-MAX_ANNOTATION_CHARS: Final = 16 * 1024
-"""Bound on what a request keeps with its job to echo back (instructions, metadata, tools)."""
-
-_MAX_METADATA_KEYS: Final = 16
-_INPUT_TEXT_PARTS: Final = frozenset({"input_text", "output_text", "text"})
-_INPUT_ROLES: Final = frozenset({"user", "assistant", "system", "developer"})
-# Accepted and ignored: they change nothing a client can observe here.
-_IGNORED_FIELDS: Final = frozenset(
-    {
-        "store",
-        "include",
-        "user",
-        "service_tier",
-        "prompt_cache_key",
-        "prompt_cache_retention",
-        "safety_identifier",
-        "stream_options",
-        "truncation",
-        "top_logprobs",
-        "text",
-    }
-)
-_PARAM_FIELDS: Final = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "max_output_tokens": "max_tokens",
-    "parallel_tool_calls": "parallel_tool_calls",
-    "tool_choice": "tool_choice",
-    "reasoning": "reasoning",
-}
-_KNOWN_FIELDS: Final = (
-    frozenset({"model", "input", "instructions", "tools", "background", "stream", "metadata"})
-    | _IGNORED_FIELDS
-    | frozenset(_PARAM_FIELDS)
-)
-
-
-@attrs.frozen
-class ResponseRequest:
-    """A ``POST /v1/responses`` body, checked: what the job is started with."""
-
-    model: str
-    messages: tuple[dict[str, Any], ...]
-    params: dict[str, Any]
-    tools: tuple[str, ...]
-    background: bool
-    stream: bool
-    thread_id: str | None
-    annotations: dict[str, Any]
-    """Kept with the job and echoed in the response object: instructions, metadata, tools."""
-
-
-def parse_create(body: Any) -> ResponseRequest:
-    """Check a create body. Raises ``BadRequestError`` whose ``param`` extra names the field."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object", None)
-    unsupported = sorted(set(body) - _KNOWN_FIELDS)
-    if unsupported:
-        raise _bad(f"{unsupported[0]!r} is not supported by this server", unsupported[0])
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("model must be a non-empty string", "model")
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise _bad("instructions must be a string", "instructions")
-    messages = _input_messages(body.get("input"))
-    if instructions:
-        messages = [{"role": "system", "content": instructions}, *messages]
-    tools, tool_entries = _tools(body.get("tools"))
-    metadata = _metadata(body.get("metadata"))
-    params = _params(body)
-    background = _flag(body, "background")
-    annotations: dict[str, Any] = {"metadata": metadata, "background": background}
-    if instructions is not None:
-        annotations["instructions"] = instructions
-    if tool_entries:
-        annotations["tools"] = tool_entries
-    if len(json.dumps(annotations)) > MAX_ANNOTATION_CHARS:
-        raise _bad(
-            f"instructions, metadata and tools may hold at most {MAX_ANNOTATION_CHARS} characters", None
-        )
-    return ResponseRequest(
-        model=model,
-        messages=tuple(messages),
-        params=params,
-        tools=tools,
-        background=background,
-        stream=_flag(body, "stream"),
-        thread_id=metadata.get("thread_id"),
-        annotations=annotations,
-    )
-
-
-def _bad(message: str, param: str | None) -> BadRequestError:
-    return BadRequestError(message, param=param)
-
-
-def _flag(body: Mapping[str, Any], name: str) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _bad(f"{name} must be a boolean", name)
-    return value
-
-
-def _input_messages(value: Any) -> list[dict[str, Any]]:
-    if isinstance(value, str):
-        if not value:
-            raise _bad("input must not be empty", "input")
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise _bad("input must be a string or a non-empty list of messages", "input")
-    out = []
-    for i, item in enumerate(value):
-        where = f"input[{i}]"
-        if not isinstance(item, dict):
-            raise _bad(f"{where} must be an object", where)
-        kind = item.get("type", "message")
-        if kind != "message":
-            raise _bad(f"{where}.type {kind!r} is not supported (only messages)", f"{where}.type")
-        role = item.get("role")
-        if role not in _INPUT_ROLES:
-            raise _bad(f"{where}.role must be one of {', '.join(sorted(_INPUT_ROLES))}", f"{where}.role")
-        out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
-    return out
-
-
-def _content(value: Any, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise _bad(f"{where} must be a string or a list of text parts", where)
-    texts = []
-    for i, part in enumerate(value):
-        if not isinstance(part, dict) or part.get("type") not in _INPUT_TEXT_PARTS:
-            raise _bad(
-                f"{where}[{i}] must be a text part (input_text); other inputs are not supported", where
-            )
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise _bad(f"{where}[{i}].text must be a string", where)
-        texts.append(text)
-    return "".join(texts)
-
-
-def _tools(value: Any) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
-    if value is None:
-        return (), []
-    if not isinstance(value, list):
-        raise _bad("tools must be a list", "tools")
-    names, entries = [], []
-    for i, tool in enumerate(value):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise _bad(f"tools[{i}] must be a function tool naming a server tool", f"tools[{i}]")
-        name = tool.get("name")
-        if not isinstance(name, str) or not name:
-            raise _bad(f"tools[{i}].name must be a non-empty string", f"tools[{i}].name")
-        names.append(name)
-        entries.append(
-            {
-                "type": "function",
-                "name": name,
-                "description": tool.get("description"),
-                "parameters": tool.get("parameters"),
-                "strict": tool.get("strict"),
-            }
-        )
-    return tuple(names), entries
-
-
-def _metadata(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or len(value) > _MAX_METADATA_KEYS:
-        raise _bad(f"metadata must be an object of at most {_MAX_METADATA_KEYS} string values", "metadata")
-    for key, item in value.items():
-        if len(key) > 64 or not isinstance(item, str) or len(item) > 512:
-            raise _bad("metadata keys are at most 64 characters, values strings of at most 512", "metadata")
-    return dict(value)
-
-
-def _params(body: Mapping[str, Any]) -> dict[str, Any]:
-    params = {}
-    for field, param in _PARAM_FIELDS.items():
-        value = body.get(field)
-        if value is None:
-            continue
-        if field in ("temperature", "top_p") and (
-            isinstance(value, bool) or not isinstance(value, int | float)
-        ):
-            raise _bad(f"{field} must be a number", field)
-        if field == "max_output_tokens" and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise _bad("max_output_tokens must be a positive integer", field)
-        if field == "parallel_tool_calls" and not isinstance(value, bool):
-            raise _bad("parallel_tool_calls must be a boolean", field)
-        if field == "tool_choice" and value not in ("auto", "none", "required"):
-            raise _bad("tool_choice must be auto, none or required", field)
-        params[param] = value
-    return params
 
 
 # -- the response object and its status ---------------------------------------------------
@@ -541,18 +339,3 @@ class ResponsesTranslator:
             "status": status,
             "content": [] if empty else [self._part(item, text)],
         }
-
-
-# -- wire shapes ------------------------------------------------------------------------------
-
-
-def sse_frame(event: Mapping[str, Any], *, with_id: bool = True) -> bytes:
-    """One server-sent event: ``id:`` (the sequence number), ``event:`` and one ``data:`` line."""
-    data = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-    head = f"id: {event['sequence_number']}\n" if with_id else ""
-    return f"{head}event: {event['type']}\ndata: {data}\n\n".encode()
-
-
-def error_body(message: str, *, kind: str, code: str | None, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error shape."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

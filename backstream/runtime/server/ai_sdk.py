@@ -2,7 +2,9 @@
 
 A thin shell: frames are decoded and UI messages converted in
 ``protocol.ui_messages``, a job's log becomes UI message chunks in
-``protocol.ui_chunks``; here they meet the runtime and the socket.
+``protocol.ui_chunks`` (through the replay driver, ``server.replay``, and its
+``UIChunkProjection``); limits and the send path are the session core's
+(``server.session``); here they meet the runtime and the socket.
 
 Each ``send`` or ``resume`` is a task of its own (at most ``max_watches`` at
 once), so one connection carries many chats. A request reads the job's log
@@ -33,13 +35,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.protocol.codec import ProtocolError
 from backstream.protocol.errors import BackstreamError, ConflictError
-from backstream.protocol.ui_chunks import (
-    DELTA_FIELDS,
-    DeltaCoalescer,
-    UIChunk,
-    UIChunkTranslator,
-    parse_approval_id,
-)
+from backstream.protocol.offsets import StreamOffset
+from backstream.protocol.projections import UIChunkProjection
+from backstream.protocol.ui_chunks import DELTA_FIELDS, DeltaCoalescer, UIChunk, parse_approval_id
 from backstream.protocol.ui_messages import (
     AbortRequest,
     ApprovalAnswer,
@@ -54,11 +52,10 @@ from backstream.protocol.ui_messages import (
 )
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Identity
-from backstream.runtime.server.connection import ConnectionLimits, ConnectionStats
 from backstream.runtime.server.peer import Close as _Close
-from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
-from backstream.runtime.server.socket_gate import SocketGate
-from backstream.runtime.server.websocket import send_text
+from backstream.runtime.server.peer import close_at, keep_alive
+from backstream.runtime.server.replay import open_replay
+from backstream.runtime.server.session import ConnectionLimits, ConnectionStats, Session, peek_string_field
 
 __all__ = ["AiSdkConnection"]
 
@@ -97,6 +94,9 @@ class AiSdkConnection:
         sock: trio.socket.SocketType | None = None,
         coalesce_ms: int = 0,
     ) -> None:
+        self._session = Session(
+            ws, limits, stats, conn_id=conn_id, sock=sock, slow_reason="too slow: resume the chat"
+        )
         self._ws = ws
         self._runtime = runtime
         self.identity = identity
@@ -104,14 +104,9 @@ class AiSdkConnection:
         self._stats = stats
         self.conn_id = conn_id
         self._default_model = default_model
-        self._gate = SocketGate(sock, max_unsent_bytes=limits.max_unsent_bytes)
         self._coalesce_s = coalesce_ms / 1000
         self._active: dict[str, _Active] = {}
         self._last_resume: dict[str, float] = {}  # chat id -> when its latest resume arrived
-        self._session_scope = trio.CancelScope()
-        self._close_request: _Close | None = None
-        self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
-        self._strikes = 0
 
     @property
     def user(self) -> str:
@@ -119,41 +114,42 @@ class AiSdkConnection:
 
     def close_soon(self, code: int, reason: str) -> None:
         """Ask the connection to close with ``code`` (e.g. 1001 at shutdown). Returns at once."""
-        if self._close_request is None:
-            self._close_request = _Close(code, reason)
-        self._session_scope.cancel()
+        self._session.close_soon(code, reason)
 
     async def run(self) -> None:
         """Serve the client until it leaves or is closed. Never raises for the client's faults;
-        the jobs it started go on."""
-        with self._session_scope:
-            async with trio.open_nursery() as nursery:
-                limits = self._limits
-                nursery.start_soon(
-                    keep_alive, self._ws, limits.ping_interval, limits.idle_timeout, self.close_soon
-                )
-                if self.identity.expires_at is not None:
-                    nursery.start_soon(close_at, self.identity.expires_at, self.close_soon)
-                try:
-                    await self._read_frames(nursery)
-                except _Close as exc:
-                    self.close_soon(exc.code, exc.reason)
-                except ConnectionClosed:
-                    pass  # the client left; its jobs go on
-                finally:
-                    nursery.cancel_scope.cancel()
-        close = self._close_request or _Close(1000, "")
-        with trio.move_on_after(self._limits.close_timeout) as scope:
-            scope.shield = True
-            with contextlib.suppress(ConnectionClosed):
-                await self._ws.aclose(close.code, close.reason)
+        the jobs it started go on.
+
+        Cancellation: the session ends and the socket is closed; the jobs go on."""
+        await self._session.run(self._serve_session)
+
+    async def _serve_session(self) -> None:
+        async with trio.open_nursery() as nursery:
+            limits = self._limits
+            nursery.start_soon(
+                keep_alive, self._ws, limits.ping_interval, limits.idle_timeout, self.close_soon
+            )
+            if self.identity.expires_at is not None:
+                nursery.start_soon(close_at, self.identity.expires_at, self.close_soon)
+            try:
+                await self._read_frames(nursery)
+            except _Close as exc:
+                self.close_soon(exc.code, exc.reason)
+            except ConnectionClosed:
+                pass  # the client left; its jobs go on
+            finally:
+                nursery.cancel_scope.cancel()
 
     # -- frames in ----------------------------------------------------------------------------
 
     async def _read_frames(self, nursery: trio.Nursery) -> None:
         while True:
             raw = await self._ws.get_message()
-            self._stats.requests += 1
+            # Charged before decoding: a flood of frames costs no more than the bucket allows.
+            # An abort is never refused: stopping a stream must always get through.
+            if not self._session.charge() and peek_string_field(raw, "type") != "abort":
+                await self._refuse(peek_string_field(raw, "requestId"), "too many requests; slow down")
+                continue
             try:
                 request = decode_request(raw)
             except ProtocolError as exc:
@@ -161,8 +157,6 @@ class AiSdkConnection:
                 continue
             if isinstance(request, AbortRequest):
                 self._on_abort(request.request_id, nursery)
-            elif not self._bucket.take():
-                await self._refuse(request.request_id, "too many requests; slow down")
             elif request.request_id in self._active:
                 await self._refuse(request.request_id, "this requestId is already in use")
             elif len(self._active) >= self._limits.max_watches:
@@ -186,11 +180,10 @@ class AiSdkConnection:
         self._last_resume[chat_id] = now
 
     async def _refuse(self, request_id: str | None, message: str) -> None:
-        self._strikes += 1
-        self._stats.errors_sent += 1
+        too_many = self._session.strike()
         if request_id is not None:
-            await self._send(encode_frame("error", request_id, errorText=message))
-        if request_id is None or self._strikes > self._limits.abuse_limit:
+            await self._send_error(request_id, message)
+        if request_id is None or too_many:
             raise _Close(1008, message[:120] if request_id is None else "too many refused requests")
 
     def _on_abort(self, request_id: str, nursery: trio.Nursery) -> None:
@@ -232,7 +225,7 @@ class AiSdkConnection:
                     await self._send_messages(request, active)
         except (BackstreamError, ProtocolError) as exc:
             with contextlib.suppress(_Close, ConnectionClosed):
-                await self._send(encode_frame("error", request_id, errorText=exc.message))
+                await self._send_error(request_id, exc.message)
         except _Close as exc:
             self.close_soon(exc.code, exc.reason)
         except ConnectionClosed:
@@ -240,9 +233,7 @@ class AiSdkConnection:
         except Exception:
             log.exception("conn %s: a request failed", self.conn_id)
             with contextlib.suppress(_Close, ConnectionClosed):
-                await self._send(
-                    encode_frame("error", request_id, errorText="the server failed on this request")
-                )
+                await self._send_error(request_id, "the server failed on this request")
         finally:
             self._active.pop(request_id, None)
 
@@ -331,40 +322,31 @@ class AiSdkConnection:
         Stops at a wait for approval, so that the UI can ask the person.
         """
         await self._send(encode_frame("start", request_id))
-        translator = UIChunkTranslator(message_id=job_id, job_id=job_id)
-        frame_chars = max(1024, self._limits.max_unsent_bytes // 4)
+        frame_chars = self._session.frame_chars
         out = _ChunkFrames(
             self._send, request_id, next_sequence=after + 1, interval=self._coalesce_s, max_chars=frame_chars
         )
-        base = 0 if from_call is None else None
-        async with self._runtime.watch(
+        projection = UIChunkProjection(job_id, from_call=from_call)
+        async with open_replay(
+            self._runtime,
             job_id,
+            projection,
             user=self.user,
+            offset=StreamOffset(after),
             max_batch_chars=frame_chars,
-            tool_call_deltas=True,
-            merge_text=False,
-        ) as batches:
+        ) as replay:
             while True:
                 # A held delta goes out when due even if the log is quiet: only the wait for
                 # a batch is cancelled, which loses nothing.
-                batch = None
+                chunks: list[UIChunk] | None = None
                 with trio.move_on_at(out.due_at()):
                     try:
-                        batch = await batches.__anext__()
+                        chunks = await replay.__anext__()
                     except StopAsyncIteration:
                         break
-                for event in batch.events if batch is not None else ():
-                    chunks = translator.feed(event)
-                    if base is None and from_call in translator.segment_starts:
-                        base = translator.segment_starts[from_call]
-                    if base is None:
-                        continue
-                    index = translator.emitted - len(chunks)
-                    for chunk in chunks:
-                        if index - base > after:
-                            await out.put(chunk)
-                        index += 1
-                if batch is not None and translator.paused and await self._still_waiting(job_id):
+                for chunk in chunks or ():
+                    await out.put(chunk)
+                if chunks is not None and projection.paused and await self._still_waiting(job_id):
                     break
                 await out.flush(only_due=True)
         await out.flush(only_due=False)
@@ -376,19 +358,18 @@ class AiSdkConnection:
 
     # -- frames out ----------------------------------------------------------------------------
 
+    async def _send_error(self, request_id: str, message: str) -> None:
+        """The one place an ``error`` frame is made."""
+        self._stats.errors_sent += 1
+        await self._send(encode_frame("error", request_id, errorText=message))
+
     async def _send(self, text: str) -> None:
         """Send one frame once the socket can take it, within ``send_timeout``. A client
         behind for ``slow_client_timeout``, or a send past its deadline, is too slow: the
-        connection is closed 4429 (its jobs go on)."""
-        if not await self._gate.wait_keeps_up(self._limits.slow_client_timeout):
-            self._stats.closed_slow += 1
-            log.info("conn %s: client too slow, closing 4429", self.conn_id)
-            raise _Close(4429, "too slow: resume the chat")
-        if not await send_text(self._ws, text, self._limits.send_timeout):
-            self._stats.closed_slow += 1
-            raise _Close(4429, "too slow: resume the chat")
-        self._stats.frames_sent += 1
-        self._stats.bytes_sent += len(text)
+        connection is closed 4429 (its jobs go on).
+
+        Cancellation: the frame may be cut; the session ends."""
+        await self._session.send(text)
 
 
 class _ChunkFrames:

@@ -9,7 +9,10 @@ after the previous one was sent.
 Every frame sent has a deadline (``send_timeout``). Before a batch, unsent
 bytes in the socket are checked: a client that leaves more than
 ``max_unsent_bytes`` unread for ``slow_client_timeout`` is closed with 4429,
-and the close frame still fits in the socket's buffer. Its jobs go on.
+and the close frame still fits in the socket's buffer. Its jobs go on. Limits,
+refusals, the send path and closing are the session core's (``server.session``);
+a watch streams through the replay driver (``server.replay``) with a
+``BatchProjection``.
 """
 
 from __future__ import annotations
@@ -69,51 +72,21 @@ from backstream.protocol.messages import (
     Welcome,
     watch_ended_message,
 )
+from backstream.protocol.offsets import StreamOffset
+from backstream.protocol.projections import BatchProjection
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.paging import job_info_page
 from backstream.runtime.server.peer import Close as _Close
-from backstream.runtime.server.peer import TokenBucket, close_at, keep_alive
-from backstream.runtime.server.socket_gate import SocketGate
-from backstream.runtime.server.websocket import send_text
+from backstream.runtime.server.peer import close_at, keep_alive
+from backstream.runtime.server.replay import open_replay
+from backstream.runtime.server.session import ConnectionLimits, ConnectionStats, Session
 
 __all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
 
 log = logging.getLogger("backstream.connection")
-
-
-@attrs.frozen(kw_only=True)
-class ConnectionLimits:
-    hello_timeout: float = 10.0
-    max_message_bytes: int = 1024 * 1024
-    max_watches: int = 64
-    rate_per_s: float = 20.0
-    """Requests per second a connection may make on average (token bucket)..."""
-    rate_burst: int = 40
-    """...and in a burst."""
-    abuse_limit: int = 20
-    """Refused requests (rate-limited or malformed) a connection may make before it is closed 1008."""
-    send_timeout: float = 10.0
-    slow_client_timeout: float = 10.0
-    max_unsent_bytes: int = 256 * 1024
-    ping_interval: float = 20.0
-    idle_timeout: float = 60.0
-    close_timeout: float = 2.0
-
-
-@attrs.define
-class ConnectionStats:
-    """Counters the front door owns and its connections add to; read only through
-    ``FrontDoor.statistics()``, a frozen snapshot."""
-
-    frames_sent: int = 0
-    bytes_sent: int = 0
-    batches_sent: int = 0
-    closed_slow: int = 0
-    requests: int = 0
-    errors_sent: int = 0
 
 
 @attrs.define
@@ -121,10 +94,6 @@ class _Watch:
     scope: trio.CancelScope
     done: trio.Event = attrs.Factory(trio.Event)
     cleared_to_send: trio.Event = attrs.Factory(trio.Event)
-
-
-# One per process: the watchers of a job on any connection share its frames.
-_FRAMES = FrameCache()
 
 
 class Connection:
@@ -143,55 +112,43 @@ class Connection:
         header_identity: Identity | None = None,
         features: dict[str, Any] | None = None,
         server_version: str = "0",
+        frames: FrameCache | None = None,
     ) -> None:
+        self._session = Session(
+            ws,
+            limits,
+            stats,
+            conn_id=conn_id,
+            sock=sock,
+            slow_reason="too slow: reconnect and resume from your last seq",
+        )
         self._ws = ws
         self._runtime = runtime
         self._auth = authenticator
         self._limits = limits
         self._stats = stats
         self.conn_id = conn_id
-        self._gate = SocketGate(sock, max_unsent_bytes=limits.max_unsent_bytes)
+        # The front door's: the watchers of a job on any of its connections share its frames.
+        self._frames = frames if frames is not None else FrameCache()
         self._header_identity = header_identity
         self._features = features or {}
         self._server_version = server_version
         self.identity: Identity | None = None
         self._watches: dict[str, _Watch] = {}
         self._nursery: trio.Nursery | None = None
-        self._session_scope = trio.CancelScope()
-        self._close_request: _Close | None = None
-        self._bucket = TokenBucket(limits.rate_per_s, limits.rate_burst)
-        self._strikes = 0
 
     # -- lifecycle ------------------------------------------------------------------
 
     def close_soon(self, code: int, reason: str) -> None:
         """Ask the connection to close with ``code`` (e.g. 1001 at shutdown). Returns at once."""
-        if self._close_request is None:
-            self._close_request = _Close(code, reason)
-        self._session_scope.cancel()
+        self._session.close_soon(code, reason)
 
     async def run(self) -> None:
         """Serve the client until it leaves or is closed. Never raises for the client's faults.
 
         Cancellation: the session ends and the socket is closed; the user's jobs go on.
         """
-        close = _Close(1000, "")
-        try:
-            with self._session_scope:
-                await self._serve()
-        except _Close as exc:
-            close = exc
-        except ConnectionClosed:
-            return
-        if self._close_request is not None:
-            close = self._close_request
-        await self._close(close.code, close.reason)
-
-    async def _close(self, code: int, reason: str) -> None:
-        with trio.move_on_after(self._limits.close_timeout) as scope:
-            scope.shield = True
-            with contextlib.suppress(ConnectionClosed):
-                await self._ws.aclose(code, reason)
+        await self._session.run(self._serve)
 
     async def _serve(self) -> None:
         self.identity = await self._hello()
@@ -261,7 +218,7 @@ class Connection:
             "conn %s: user %s connected (socket %s)",
             self.conn_id,
             identity.user,
-            "known" if self._gate.watches_a_socket else "unknown",
+            "known" if self._session.gate.watches_a_socket else "unknown",
         )
         return identity
 
@@ -287,9 +244,8 @@ class Connection:
     async def _read_requests(self) -> None:
         while True:
             raw = await self._ws.get_message()
-            self._stats.requests += 1
             # Charged before decoding: a flood of frames costs no more than the bucket allows.
-            if not self._take_token():
+            if not self._session.charge():
                 await self._refuse(peek_request_id(raw), "rate_limited", "too many requests; slow down")
                 continue
             try:
@@ -299,13 +255,10 @@ class Connection:
                 continue
             await self._handle(message)
 
-    def _take_token(self) -> bool:
-        return self._bucket.take()
-
     async def _refuse(self, request_id: str | None, code: str, message: str) -> None:
-        self._strikes += 1
+        too_many = self._session.strike()
         await self._send_error(request_id, code, message)
-        if self._strikes > self._limits.abuse_limit:
+        if too_many:
             raise _Close(1008, "too many refused requests")
 
     async def _handle(self, message: ClientMessage) -> None:
@@ -387,22 +340,20 @@ class Connection:
     ) -> None:
         try:
             with watch.scope:
-                # Frames small enough to fit beside what a slow client left unread (see _client_keeps_up).
-                frame_chars = max(1024, self._limits.max_unsent_bytes // 4)
-                async with self._runtime.watch(
+                async with open_replay(
+                    self._runtime,
                     job_id,
+                    BatchProjection(tool_call_deltas=deltas),
                     user=self.user,
-                    after_seq=after_seq,
-                    epoch=epoch,
-                    max_batch_chars=frame_chars,
-                    tool_call_deltas=deltas,
+                    offset=StreamOffset(after_seq, epoch),
+                    max_batch_chars=self._session.frame_chars,
                 ) as batches:
                     info = await self._runtime.get_job(job_id, user=self.user)
                     task_status.started(info.job)
                     await watch.cleared_to_send.wait()
-                    async for batch in batches:
-                        await self._wait_drained()
-                        await self._send(_FRAMES.frame(batch))
+                    async for (batch,) in batches:
+                        # Gated: a batch goes out only once the socket keeps up (4429 if never).
+                        await self._session.send(self._frames.frame(batch))
                         self._stats.batches_sent += 1
         except BackstreamError as exc:
             if not watch.cleared_to_send.is_set():
@@ -501,28 +452,11 @@ class Connection:
         await self._send(error_message(request_id, code, message, retry_after_ms))
 
     async def _send(self, text: str) -> None:
-        """Send one frame within ``send_timeout``; past it the client is too slow and the
-        connection is dropped (the frame may be cut, so no close frame can follow)."""
-        if not await send_text(self._ws, text, self._limits.send_timeout):
-            self._stats.closed_slow += 1
-            log.info(
-                "conn %s: a frame did not go out within %gs: %s",
-                self.conn_id,
-                self._limits.send_timeout,
-                text[:60],
-            )
-            raise _Close(4429, "too slow")
-        self._stats.frames_sent += 1
-        # UTF-8 bytes; str.isascii() is O(1) in CPython, so ASCII frames are not encoded twice.
-        self._stats.bytes_sent += len(text) if text.isascii() else len(text.encode())
+        """Send one reply within ``send_timeout`` (replies are not gated: they are small and
+        answer the client); past it the client is too slow and the connection is dropped.
 
-    async def _wait_drained(self) -> None:
-        """Wait while the client is behind; close it 4429 if that lasts ``slow_client_timeout``."""
-        if not await self._gate.wait_keeps_up(self._limits.slow_client_timeout):
-            self._stats.closed_slow += 1
-            log.info("conn %s: client too slow, closing 4429", self.conn_id)
-            self.close_soon(4429, "too slow: reconnect and resume from your last seq")
-            await trio.sleep_forever()  # close_soon cancels this task's session
+        Cancellation: the frame may be cut; the session ends."""
+        await self._session.send(text, gated=False)
 
 
 def _wire(record: NotificationRecord) -> Notification:

@@ -27,8 +27,10 @@ from backstream.protocol.ui_messages import coalesce_ms_of
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.ai_sdk import AiSdkConnection
 from backstream.runtime.server.auth import Authenticator, Identity
-from backstream.runtime.server.connection import Connection, ConnectionLimits, ConnectionStats
+from backstream.runtime.server.connection import Connection
+from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
+from backstream.runtime.server.session import ConnectionLimits, ConnectionStats
 from backstream.runtime.server.websocket import FailingWebSocketServer
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
@@ -103,6 +105,8 @@ class FrontDoor:
         }
         self._version = version
         self._counters = ConnectionStats()
+        self.frames = FrameCache()
+        """The watchers of a job on any of this front door's connections share its frames."""
         self.connections: set[Connection | AiSdkConnection] = set()
         self._streams = PeerStreams()
         self._ids = itertools.count(1)
@@ -207,6 +211,7 @@ class FrontDoor:
                 header_identity=admitted.identity,
                 features=self._features,
                 server_version=self._version,
+                frames=self.frames,
             )
         await self._run(connection, conn_id)
 

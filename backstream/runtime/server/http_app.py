@@ -29,10 +29,11 @@ from backstream.protocol.errors import (
     TooLargeError,
     UnauthorizedError,
 )
-from backstream.protocol.responses import error_body
+from backstream.protocol.responses_sse import error_body
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.listeners import PeerStreams
+from backstream.runtime.server.session import UserBuckets
 from backstream.runtime.server.socket_gate import SocketGate
 
 __all__ = [
@@ -56,17 +57,6 @@ StaticReply = tuple[int, str, bytes] | tuple[int, str, bytes, Mapping[str, str]]
 StaticRoute = Callable[[], Awaitable[StaticReply]]
 """A GET (and HEAD) route."""
 
-_STATUS_OF_CODE = {
-    "bad_request": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "conflict": 409,
-    "gone": 410,
-    "too_large": 413,
-    "capacity": 429,
-    "rate_limited": 429,
-    "unavailable": 503,
-}
 _TYPE_OF_STATUS = {
     401: "authentication_error",
     429: "rate_limit_error",
@@ -101,15 +91,39 @@ class HttpStatistics:
     streams_open: int
     streams_cut: int
     """Streams ended because their client did not read in time."""
+    bytes_sent: int = 0
+    """UTF-8 bytes of the streams' bodies."""
 
 
 class StreamSocket:
-    """The socket under one request: whether it keeps up, and a way to cut it."""
+    """The socket under one request: whether it keeps up (the session core's ``SocketGate``,
+    as on the WebSocket front doors), the paced send path of a stream, and a way to cut it."""
 
     def __init__(self, sock: trio.socket.SocketType | None, *, max_unsent_bytes: int) -> None:
         self._sock = sock
         self.gate = SocketGate(sock, max_unsent_bytes=max_unsent_bytes)
         self.cut = False
+
+    async def send_chunk(self, send: Send, body: bytes, *, send_timeout: float, patience: float) -> bool:
+        """Write one chunk of a streamed body once the socket keeps up, within ``send_timeout``;
+        a client behind for ``patience`` seconds, or a write past its deadline, is cut off.
+        False if the stream was cut (the client resumes).
+
+        Cancellation: the write may be cut; the stream cannot go on."""
+        if not await self.gate.wait_keeps_up(patience):
+            log.info("a stream's client is too slow: cut off (it can resume)")
+            self.shut()
+            return False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._cut_after, send_timeout)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            nursery.cancel_scope.cancel()
+        return not self.cut
+
+    async def _cut_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        log.info("a stream write did not go out within %gs: cut off", seconds)
+        self.shut()
 
     def shut(self) -> None:
         """Cut the connection: a write in progress fails at once, the client sees it end."""
@@ -193,7 +207,7 @@ async def send_body(
 
 def error_response(exc: BackstreamError) -> tuple[int, dict[str, Any], dict[str, str]]:
     """HTTP status, OpenAI-shaped body and headers for a typed error."""
-    status = _STATUS_OF_CODE.get(exc.code, 500)
+    status = exc.http_status
     headers: dict[str, str] = {}
     retry_ms = exc.extra.get("retry_after_ms")
     if isinstance(retry_ms, int):
@@ -237,11 +251,14 @@ class HttpApp:
         self._static_routes = dict(static_routes or {})
         self._allow_origins = allow_origins
         self._api: list[tuple[str, re.Pattern[str], Handler, bool]] = []
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets = UserBuckets(
+            self.limits.rate_per_s, self.limits.rate_burst, max_users=self.limits.max_tracked_users
+        )
         self._open_streams: dict[str, int] = {}  # per user
         self._requests = 0
         self._errors_sent = 0
         self._streams_cut = 0
+        self._bytes_sent = 0
         self.closing = trio.Event()
         self.peer_streams = PeerStreams()
         """The streams the server accepts for this app, by peer: how a request finds its socket."""
@@ -268,9 +285,20 @@ class HttpApp:
             if not self._open_streams[user]:
                 del self._open_streams[user]
 
-    def stream_cut(self) -> None:
-        """Count a stream ended because its client did not read in time."""
-        self._streams_cut += 1
+    async def send_stream_chunk(self, request: Request, body: bytes) -> bool:
+        """Write one chunk of a stream's body through the request's ``StreamSocket`` (gated,
+        with a deadline); False, and counted, if the client was cut off for not reading.
+
+        Cancellation: the write may be cut; the stream cannot go on."""
+        limits = self.limits
+        sent = await request.socket.send_chunk(
+            request.send, body, send_timeout=limits.send_timeout, patience=limits.slow_client_timeout
+        )
+        if not sent:
+            self._streams_cut += 1
+            return False
+        self._bytes_sent += len(body)
+        return True
 
     def statistics(self) -> HttpStatistics:
         return HttpStatistics(
@@ -278,6 +306,7 @@ class HttpApp:
             errors_sent=self._errors_sent,
             streams_open=sum(self._open_streams.values()),
             streams_cut=self._streams_cut,
+            bytes_sent=self._bytes_sent,
         )
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -357,18 +386,9 @@ class HttpApp:
         return self._auth.authenticate(token)
 
     def _take_token(self, user: str) -> None:
-        now = trio.current_time()
-        rate, burst = self.limits.rate_per_s, float(self.limits.rate_burst)
-        tokens, at = self._buckets.get(user, (burst, now))
-        tokens = min(burst, tokens + (now - at) * rate)
-        if tokens < 1.0:
-            self._buckets[user] = (tokens, now)
+        if not self._buckets.take(user):
+            rate = self.limits.rate_per_s
             raise RateLimitedError("too many requests; slow down", retry_after_ms=int(1000 / rate) + 1)
-        self._buckets[user] = (tokens - 1.0, now)
-        if len(self._buckets) > self.limits.max_tracked_users:
-            # Forget the users whose buckets have refilled: they lose nothing by it.
-            full_after = burst / rate
-            self._buckets = {u: (t, a) for u, (t, a) in self._buckets.items() if now - a < full_after}
 
     async def _preflight(self, request: Request) -> None:
         headers = {
@@ -405,9 +425,7 @@ class HttpApp:
 
 class _MethodNotAllowed(BackstreamError):
     code = "method_not_allowed"
+    http_status = 405
 
     def __init__(self) -> None:
         super().__init__("method not allowed")
-
-
-_STATUS_OF_CODE["method_not_allowed"] = 405

@@ -41,6 +41,10 @@ class TokenBucket:
         self._tokens -= 1.0
         return True
 
+    def full(self) -> bool:
+        """Whether the bucket has refilled to its burst (forgetting it loses nothing)."""
+        return self._tokens + (trio.current_time() - self._at) * self._rate >= self._burst
+
 
 async def keep_alive(
     ws: WebSocketConnection, interval: float, timeout: float, close_soon: Callable[[int, str], None]

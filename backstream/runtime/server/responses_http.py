@@ -3,36 +3,37 @@
 
 ``POST /v1/responses``, ``GET /v1/responses/{id}`` (``?stream=true&starting_after=N`` for
 server-sent events; ``Last-Event-ID`` resumes too), ``POST /v1/responses/{id}/cancel``.
-The response id is the job id.
+The response id is the job id. A stream goes through the replay driver (``server.replay``)
+with a ``ResponsesProjection``; each event's ``id:`` is its offset ``"<epoch>_<n>"``, so an
+EventSource reconnecting after the job was recovered at a new epoch is answered ``gone``
+(410); ``starting_after`` takes a bare sequence number too.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import trio
 
-from backstream.protocol.errors import BackstreamError, BadRequestError
-from backstream.protocol.events import LogEvent
+from backstream.protocol.errors import BackstreamError
 from backstream.protocol.ids import new_id
+from backstream.protocol.offsets import NO_OFFSET, StreamOffset, parse_offset
+from backstream.protocol.projections import ResponsesProjection
 from backstream.protocol.records import JobRecord
-from backstream.protocol.responses import (
-    ResponseSource,
-    ResponsesTranslator,
-    parse_create,
-    sse_frame,
-)
-from backstream.runtime.server.http_app import HttpApp, Request, StreamSocket, error_response
+from backstream.protocol.responses import ResponseSource, ResponsesTranslator
+from backstream.protocol.responses_request import parse_create
+from backstream.protocol.responses_sse import sse_frame
+from backstream.runtime.server.http_app import HttpApp, Request, error_response
+from backstream.runtime.server.replay import Replay, open_replay
+from backstream.runtime.server.session import frame_chars
 
 __all__ = ["ResponsesApi"]
 
 log = logging.getLogger("backstream.responses")
 
-_MAX_CHUNK_BYTES = 64 * 1024
-"""A stream is written in chunks of about this size: one chunk is what a stream holds unsent."""
 _ID = r"(?P<id>[A-Za-z0-9_\-]{1,256})"
 
 
@@ -68,7 +69,7 @@ class ResponsesApi:
         )
         job_id = started.job_id
         if parsed.stream:
-            await self._stream(request, job_id, after=-1)
+            await self._stream(request, job_id, offset=NO_OFFSET)
             return
         if not parsed.background:
             await self._wait_for_end(request, job_id)
@@ -79,7 +80,7 @@ class ResponsesApi:
         if (request.query("stream") or "").lower() != "true":
             await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
             return
-        await self._stream(request, job_id, after=_resume_point(request))
+        await self._stream(request, job_id, offset=_resume_point(request))
 
     async def _cancel(self, request: Request, match: re.Match[str]) -> None:
         job_id = match["id"]
@@ -112,98 +113,68 @@ class ResponsesApi:
 
     # -- streaming ----------------------------------------------------------------------------
 
-    async def _stream(self, request: Request, job_id: str, *, after: int) -> None:
-        """Server-sent events numbered from 0; only those after ``after`` are sent."""
+    async def _stream(self, request: Request, job_id: str, *, offset: StreamOffset) -> None:
+        """Server-sent events numbered from 0; only those after ``offset`` are sent."""
         user = request.user
         with self._app.stream_slot(user):
-            await self._stream_events(request, job_id, after=after)
+            await self._stream_events(request, job_id, offset)
 
-    async def _stream_events(self, request: Request, job_id: str, *, after: int) -> None:
-        record, entries = await self._runtime.job_log(job_id, user=request.user)
-        translator = ResponsesTranslator(_source(record))
-        headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-            *((k.encode(), v.encode()) for k, v in self._app.cors_headers(request).items()),
-        ]
-        await request.send({"type": "http.response.start", "status": 200, "headers": headers})
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
-            nursery.start_soon(_cancel_on_event, self._app.closing, nursery.cancel_scope)
-            sent = await self._write(request, _after(after, translator.start(), translator, entries))
-            if sent and not translator.finished:
-                await self._follow(request, job_id, len(entries), translator, after)
-            nursery.cancel_scope.cancel()
+    async def _stream_events(self, request: Request, job_id: str, offset: StreamOffset) -> None:
+        # The record says what the response object echoes (model, params, annotations).
+        record, _ = await self._runtime.job_log(job_id, user=request.user)
+        projection = ResponsesProjection(_source(record))
+        # Opened before the headers: a missing job or a stale epoch is an HTTP status.
+        async with open_replay(self._runtime, job_id, projection, user=request.user, offset=offset) as replay:
+            headers = [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                *((k.encode(), v.encode()) for k, v in self._app.cors_headers(request).items()),
+            ]
+            await request.send({"type": "http.response.start", "status": 200, "headers": headers})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
+                nursery.start_soon(_cancel_on_event, self._app.closing, nursery.cancel_scope)
+                if await self._write(request, replay, projection.opening()):
+                    await self._follow(request, replay, projection)
+                nursery.cancel_scope.cancel()
         if not request.socket.cut:
             await request.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _follow(
-        self, request: Request, job_id: str, seq: int, translator: ResponsesTranslator, after: int
+        self, request: Request, replay: Replay[dict[str, Any]], projection: ResponsesProjection
     ) -> bool:
         try:
-            async with self._runtime.watch(
-                job_id, user=request.user, after_seq=seq, merge_text=False
-            ) as batches:
-                async for batch in batches:
-                    if not await self._write(request, _after(after, [], translator, batch.events)):
-                        return False
+            async for events in replay:
+                if not await self._write(request, replay, events):
+                    return False
         except BackstreamError as exc:
             # The log can no longer be read (e.g. gone): say so in the stream, unnumbered for resumes.
             _, body, _ = error_response(exc)
-            error = {"type": "error", "sequence_number": translator.next_sequence_number, **body["error"]}
-            return await self._write(request, [error], with_id=False)
+            error = {"type": "error", "sequence_number": projection.next_sequence_number, **body["error"]}
+            return await self._write(request, None, [error])
         return True
 
     async def _write(
-        self, request: Request, events: Iterable[dict[str, Any]], *, with_id: bool = True
+        self, request: Request, replay: Replay[dict[str, Any]] | None, events: Iterable[dict[str, Any]]
     ) -> bool:
-        """Send events in chunks of about ``max_chunk_bytes``, each within the deadlines;
-        False if the client was cut off. Events are made as chunks go out, not before."""
+        """Send events in chunks of about ``frame_chars`` bytes (sized as the WebSocket front
+        doors size frames; one chunk is what a stream holds unsent), each through the gate and within
+        its deadline; False if the client was cut off. Each event's ``id:`` is the offset to
+        resume after it (none without ``replay``)."""
         chunk: list[bytes] = []
         size = 0
+        most = frame_chars(self._app.limits.max_unsent_bytes)
         for event in events:
-            frame = sse_frame(event, with_id=with_id)
+            event_id = None if replay is None else replay.offset_of(event["sequence_number"]).encode()
+            frame = sse_frame(event, event_id=event_id)
             chunk.append(frame)
             size += len(frame)
-            if size >= _MAX_CHUNK_BYTES:
-                if not await self._send_chunk(request, b"".join(chunk)):
+            if size >= most:
+                if not await self._app.send_stream_chunk(request, b"".join(chunk)):
                     return False
                 chunk, size = [], 0
-        return await self._send_chunk(request, b"".join(chunk)) if chunk else True
-
-    async def _send_chunk(self, request: Request, body: bytes) -> bool:
-        limits = self._app.limits
-        sock = request.socket
-        deadline = trio.current_time() + limits.slow_client_timeout
-        while not sock.gate.keeps_up():
-            if trio.current_time() >= deadline:
-                log.info("a stream's client is too slow: cut off (it can resume)")
-                sock.shut()
-                self._app.stream_cut()
-                return False
-            await trio.sleep(0.02)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cut_after, sock, limits.send_timeout)
-            await request.send({"type": "http.response.body", "body": body, "more_body": True})
-            nursery.cancel_scope.cancel()
-        if sock.cut:
-            self._app.stream_cut()
-        return not sock.cut
-
-
-def _after(
-    after: int, first: list[dict[str, Any]], translator: ResponsesTranslator, entries: Iterable[LogEvent]
-) -> Iterator[dict[str, Any]]:
-    """The events of ``first`` and then of each entry, made one entry at a time, numbered
-    beyond ``after``."""
-    for event in first:
-        if event["sequence_number"] > after:
-            yield event
-    for entry in entries:
-        for event in translator.feed(entry):
-            if event["sequence_number"] > after:
-                yield event
+        return await self._app.send_stream_chunk(request, b"".join(chunk)) if chunk else True
 
 
 def _source(record: JobRecord) -> ResponseSource:
@@ -217,23 +188,14 @@ def _source(record: JobRecord) -> ResponseSource:
     )
 
 
-def _resume_point(request: Request) -> int:
-    """The last sequence number the client has: ``Last-Event-ID`` (an EventSource
-    reconnecting) over ``starting_after``; -1 for none."""
-    for raw, name in (
-        (request.header("last-event-id"), "Last-Event-ID"),
-        (request.query("starting_after"), "starting_after"),
-    ):
-        if raw is None or raw == "":
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            raise BadRequestError(f"{name} must be an integer", param=name) from None
-        if value < -1:
-            raise BadRequestError(f"{name} must be -1 or more", param=name)
-        return value
-    return -1
+def _resume_point(request: Request) -> StreamOffset:
+    """Where the client is: ``Last-Event-ID`` (an EventSource reconnecting) over
+    ``starting_after``; either an offset ``"<epoch>_<seq>"`` or a bare sequence number (as
+    OpenAI's SDK sends ``starting_after``)."""
+    last_event_id = request.header("last-event-id")
+    if last_event_id:
+        return parse_offset(last_event_id, name="Last-Event-ID")
+    return parse_offset(request.query("starting_after"), name="starting_after")
 
 
 def _unix(stamp: str) -> int:
@@ -253,9 +215,3 @@ async def _cancel_on_disconnect(request: Request, scope: trio.CancelScope) -> No
 async def _cancel_on_event(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-async def _cut_after(sock: StreamSocket, seconds: float) -> None:
-    await trio.sleep(seconds)
-    log.info("a stream write did not go out within %gs: cut off", seconds)
-    sock.shut()

@@ -5,8 +5,9 @@ unsent (``TIOCOUTQ``) and the kernel calls it writable. Both are needed: the
 kernel charges the send buffer by its own overhead, so with many small frames
 it fills while the unsent payload still looks small. Writable means a third of
 the buffer is free, so a close frame still fits when the gate says no.
-Both WebSocket endpoints (``/v1`` before each batch, ``/v1/ai-sdk`` before each
-frame) wait on it through ``wait_keeps_up`` and close a client 4429 when it says no.
+Every front door waits on it through ``wait_keeps_up``: the WebSocket ones through
+the session core (``/v1`` before each batch, ``/v1/ai-sdk`` before each frame), closing
+a client 4429 when it says no; the HTTP streams before each chunk, cutting the stream.
 """
 
 from __future__ import annotations
