@@ -69,7 +69,6 @@ from backstream.protocol.messages import (
     ThreadMute,
     ThreadMuteResult,
     Welcome,
-    watch_ended_job,
 )
 
 __all__ = ["Client", "ClientWatch", "open_client"]
@@ -319,9 +318,9 @@ class Client:
             session.end_reading()
 
     async def _watch_ended(self, session: _Session, error: ErrorMessage) -> None:
-        """An ``error`` without ``id``: the server ended a watch (the watch decides what next)."""
-        job_id = watch_ended_job(error.message)
-        channel = session.watches.pop(job_id, None) if job_id is not None else None
+        """An ``error`` without ``id``: the server ended the watch of its ``job_id`` (the watch
+        decides what next)."""
+        channel = session.watches.pop(error.job_id, None) if error.job_id is not None else None
         if channel is None:
             log.warning("server error: %s: %s", error.code, error.message)
             return
