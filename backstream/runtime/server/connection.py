@@ -327,7 +327,12 @@ class Connection:
             raise
         except Exception:
             log.exception("conn %s: request %s failed", self.conn_id, type(message).TYPE)
-            await self._send_error(message.id, "internal", "the server failed on this request")
+            await self._send_error(
+                message.id,
+                "internal",
+                "the server failed on this request",
+                job_id=getattr(message, "job_id", None),
+            )
 
     @property
     def user(self) -> str:
