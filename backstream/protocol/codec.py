@@ -289,8 +289,17 @@ def batch_message(batch: Batch) -> JobEvents:
     )
 
 
-def error_message(request_id: str | None, code: str, message: str, retry_after_ms: int | None = None) -> str:
-    return encode(ErrorMessage(id=request_id, code=code, message=message, retry_after_ms=retry_after_ms))
+def error_message(
+    request_id: str | None,
+    code: str,
+    message: str,
+    retry_after_ms: int | None = None,
+    *,
+    job_id: str | None = None,
+) -> str:
+    return encode(
+        ErrorMessage(id=request_id, code=code, message=message, retry_after_ms=retry_after_ms, job_id=job_id)
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -51,7 +51,6 @@ __all__ = [
     "ThreadMute",
     "ThreadMuteResult",
     "Welcome",
-    "watch_ended_job",
     "watch_ended_message",
 ]
 
@@ -349,11 +348,15 @@ class Pong:
 
 @attrs.frozen
 class ErrorMessage:
+    """A request failed (``id`` is the request's), or the server ended a watch (``id`` null)."""
+
     TYPE: ClassVar[str] = "error"
     id: str | None
     code: str
     message: str
     retry_after_ms: int | None = None
+    job_id: str | None = None
+    """The job the error concerns: the one the request named, or the one whose watch ended."""
 
 
 @attrs.frozen
@@ -413,19 +416,10 @@ SERVER_MESSAGES: dict[str, type[Any]] = {
 }
 
 
-# -- a watch the server ends: an ``error`` without ``id`` whose message names the job ----------
-
-_WATCH_ENDED = "watch of {job_id} ended: "
+# -- a watch the server ends: an ``error`` without ``id``, with ``job_id`` ---------------------
 
 
 def watch_ended_message(job_id: str, why: str) -> str:
-    """The text of the ``error`` that ends a watch on the server's side."""
-    return _WATCH_ENDED.format(job_id=job_id) + why
-
-
-def watch_ended_job(message: str) -> str | None:
-    """The job whose watch an ``error`` without ``id`` ended, or None for another error."""
-    head, sep, _ = message.partition(" ended: ")
-    if not sep or not head.startswith("watch of "):
-        return None
-    return head[len("watch of ") :] or None
+    """The (human) text of the ``error`` that ends a watch on the server's side; clients tell
+    which watch ended by the error's ``job_id``."""
+    return f"watch of {job_id} ended: {why}"

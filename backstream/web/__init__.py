@@ -1,2 +1,3 @@
-"""Files served on ``--http-port``: ``client/`` is the browser client (a copy of
-``clients/js/src``, checked by the tests), ``demo/`` the demo chat page of ``--web``."""
+"""Files served on ``--http-port``: ``demo/`` is the demo chat page of ``--web``; ``client/``,
+the browser client, exists only in a built wheel (setup.py copies ``clients/js/src`` there;
+an editable install serves ``clients/js/src`` in place, see ``web_assets.client_folder``)."""

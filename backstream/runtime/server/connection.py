@@ -270,13 +270,22 @@ class Connection:
         except BackstreamError as exc:
             retry = exc.extra.get("retry_after_ms")
             await self._send_error(
-                message.id, exc.code, exc.message, retry if isinstance(retry, int) else None
+                message.id,
+                exc.code,
+                exc.message,
+                retry if isinstance(retry, int) else None,
+                job_id=getattr(message, "job_id", None),  # the job a job.* request named
             )
         except (ConnectionClosed, _Close):
             raise
         except Exception:
             log.exception("conn %s: request %s failed", self.conn_id, type(message).TYPE)
-            await self._send_error(message.id, "internal", "the server failed on this request")
+            await self._send_error(
+                message.id,
+                "internal",
+                "the server failed on this request",
+                job_id=getattr(message, "job_id", None),
+            )
 
     @property
     def user(self) -> str:
@@ -359,7 +368,9 @@ class Connection:
             if not watch.cleared_to_send.is_set():
                 raise  # before started(): the request handler reports it
             with contextlib.suppress(_Close, ConnectionClosed):
-                await self._send_error(None, exc.code, watch_ended_message(job_id, exc.message))
+                await self._send_error(
+                    None, exc.code, watch_ended_message(job_id, exc.message), job_id=job_id
+                )
         except _Close as exc:
             self.close_soon(exc.code, exc.reason)
         except ConnectionClosed:
@@ -446,10 +457,16 @@ class Connection:
         await self._send(encode(message))
 
     async def _send_error(
-        self, request_id: str | None, code: str, message: str, retry_after_ms: int | None = None
+        self,
+        request_id: str | None,
+        code: str,
+        message: str,
+        retry_after_ms: int | None = None,
+        *,
+        job_id: str | None = None,
     ) -> None:
         self._stats.errors_sent += 1
-        await self._send(error_message(request_id, code, message, retry_after_ms))
+        await self._send(error_message(request_id, code, message, retry_after_ms, job_id=job_id))
 
     async def _send(self, text: str) -> None:
         """Send one reply within ``send_timeout`` (replies are not gated: they are small and

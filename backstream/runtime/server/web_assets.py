@@ -2,25 +2,30 @@
 
 ``/client/backstream-client.js`` (and the modules it imports) is served whenever the HTTP
 port is on, so a page can ``import`` the client with no bundler; it is the JavaScript package
-of ``clients/js`` shipped inside this Python package. With ``--web`` the demo chat page is
-served too: ``/`` and ``/demo/...``.
+of ``clients/js``. With ``--web`` the demo chat page is served too: ``/`` and ``/demo/...``.
 
-The files are read from the package once, then every lookup is a dictionary access. Only the
-files shipped are served; a path is never joined onto the file system. ``asset_routes`` gives
-them to the HTTP app as static routes (exact path -> GET/HEAD route, with each file's headers).
+The client's one source is ``clients/js/src``. A wheel carries a copy in
+``backstream/web/client`` (setup.py makes it at build time); an editable install or a source
+checkout has no such folder and serves ``clients/js/src`` in place (``client_folder``).
+
+The files are read once, then every lookup is a dictionary access. Only the files found at
+startup are served; a request's path is never joined onto the file system. ``asset_routes``
+gives them to the HTTP app as static routes (exact path -> GET/HEAD route, with each file's
+headers).
 """
 
 from __future__ import annotations
 
 import functools
 from importlib import resources
+from pathlib import Path
 
 import attrs
 import trio
 
 from backstream.runtime.server.http_app import StaticReply, StaticRoute
 
-__all__ = ["Asset", "asset_routes", "find_asset"]
+__all__ = ["Asset", "asset_routes", "client_folder", "find_asset"]
 
 _TYPES = {
     ".js": "text/javascript; charset=utf-8",
@@ -29,6 +34,7 @@ _TYPES = {
     ".svg": "image/svg+xml",
     ".png": "image/png",
 }
+_CLIENT_ENTRY = "backstream-client.js"
 _COMMON = (("cache-control", "no-cache"), ("x-content-type-options", "nosniff"))
 # Other origins may import the client as a module (that needs CORS); the page may not be framed.
 _CLIENT_HEADERS = (*_COMMON, ("access-control-allow-origin", "*"))
@@ -72,10 +78,27 @@ def find_asset(path: str, *, web: bool) -> Asset | None:
     return found
 
 
+def client_folder() -> resources.abc.Traversable:
+    """Where the JavaScript client's modules are: the package's ``web/client`` (a wheel), else
+    the checkout's ``clients/js/src`` (an editable install). Raises ``FileNotFoundError``
+    naming both places when neither holds ``backstream-client.js``."""
+    packaged = resources.files("backstream.web").joinpath("client")
+    if packaged.joinpath(_CLIENT_ENTRY).is_file():
+        return packaged
+    # backstream/web/ sits two levels below the checkout's root.
+    source = Path(str(resources.files("backstream.web"))).parent.parent / "clients" / "js" / "src"
+    if (source / _CLIENT_ENTRY).is_file():
+        return source
+    raise FileNotFoundError(
+        f"the JavaScript client is missing: neither {packaged} (an installed wheel) nor {source} "
+        f"(a source checkout) holds {_CLIENT_ENTRY}; reinstall backstream"
+    )
+
+
 @functools.cache
 def _catalog() -> tuple[dict[str, Asset], dict[str, Asset]]:
     root = resources.files("backstream.web")
-    client_files = _read_folder(root.joinpath("client"), _CLIENT_HEADERS)
+    client_files = _read_folder(client_folder(), _CLIENT_HEADERS)
     page_files = _read_folder(root.joinpath("demo"), _PAGE_HEADERS)
     client = {f"/client/{name}": asset for name, asset in client_files.items()}
     page = {f"/demo/{name}": asset for name, asset in page_files.items()}

@@ -45,7 +45,6 @@ import { JobWatch } from "./watch.js";
 const CLIENT_NAME = "backstream-js/0.1.0";
 const PING_TIMEOUT_MS = 10_000;
 const QUICK_DROP_MS = 5_000;
-const WATCH_ENDED = /^watch of (\S+) ended: /;
 
 /**
  * The session machinery behind a `Client`: one WebSocket at a time, reopened after any close
@@ -366,9 +365,8 @@ export class Connection {
         pending.resolve(message);
       }
     } else if (message.type === "error" && message.id === null) {
-      // A watch that ended on the server's side; its message names the job.
-      const ended = WATCH_ENDED.exec(String(message.message));
-      if (ended !== null) this.#watches.get(ended[1])?._fail(errorFromMessage(message));
+      // A watch that ended on the server's side: job_id names it.
+      if (typeof message.job_id === "string") this.#watches.get(message.job_id)?._fail(errorFromMessage(message));
     }
   }
 

@@ -133,11 +133,12 @@ const BY_CODE = {
 
 /**
  * The typed error for an `error` message of the protocol.
- * @param {{ code: string, message: string, retry_after_ms?: number | null }} message
+ * @param {{ code: string, message: string, retry_after_ms?: number | null, job_id?: string | null }} message
  * @returns {BackstreamError}
  */
 export function errorFromMessage(message) {
   if (message.code === "capacity") return new CapacityError(message.message, message.retry_after_ms ?? null);
+  if (message.code === "gone") return new GoneError(message.message, message.job_id ?? null);
   const ErrorClass = BY_CODE[message.code];
   return ErrorClass ? new ErrorClass(message.message) : new BackstreamError(message.code, message.message);
 }

@@ -104,6 +104,21 @@ describe("requests", () => {
     assert.equal(before + rest.text, whole.text);
   });
 
+  test("a watch the server ends fails alone: the error's job_id names it, other watches go on", async () => {
+    const client = await open("tok-erin");
+    const params = { max_tokens: 40, tokens_per_s: 100 };
+    const ended = await client.startJob({ threadId: "t-end", messageId: "e1", model: "backstream/lorem", messages: LOREM, params });
+    const other = await client.startJob({ threadId: "t-end", messageId: "e2", model: "backstream/lorem", messages: LOREM, params });
+    // A cursor past where the job will end: the server ends that watch when the job finishes.
+    const beyond = collect(client.watch(ended.job.job_id, { afterSeq: 500 }));
+    const whole = collect(client.watch(other.job.job_id));
+    await assert.rejects(beyond, (error) => error instanceof BadRequestError && /beyond/.test(error.message));
+    const { batches, status } = await whole;
+    assert.equal(status, "completed");
+    assert.ok(contiguous(batches));
+    assert.equal(client.state, "open");
+  });
+
   test("abort stops a running job and keeps its content", async () => {
     const client = await open("tok-alice");
     const started = await client.startJob({ threadId: "t3", messageId: "m3", model: "backstream/lorem", messages: LOREM, params: { max_tokens: 2000, tokens_per_s: 100 } });

@@ -1,0 +1,122 @@
+"""A watch of one job that survives dropped connections: ``ClientWatch``.
+
+It subscribes (``job.watch``) from its cursor, the last ``seq`` it delivered, on the
+transport's live session; when that session breaks, its channel closes and the next
+``__anext__`` subscribes again from the cursor on a new one, so the batches it yields join
+with no gap and no repeat. The ``error`` that ends a watch on the server's side (routed here
+by its ``job_id``) is resumed after a pause if ``unavailable``, else raised, typed.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+
+import trio
+
+from backstream.client.transport import WATCH_BUFFER, Session, Transport, WatchItem
+from backstream.protocol.backoff import Backoff
+from backstream.protocol.errors import BackstreamError, UnavailableError, error_for_code
+from backstream.protocol.events import Batch
+from backstream.protocol.messages import ErrorMessage, JobUnwatch, JobWatch, JobWatching
+
+__all__ = ["ClientWatch"]
+
+_MAX_OUTAGE_STEP = 8
+"""The pause after the watch ended ``unavailable`` grows for this many outages in a row, then stays."""
+
+
+class ClientWatch:
+    """An async iterator of ``Batch`` that reconnects and resumes from its cursor.
+
+    ``cursor`` is the last ``seq`` delivered. Raises ``GoneError`` if the log
+    moved to another epoch while disconnected, and the other typed errors of
+    ``job.watch``.
+    """
+
+    def __init__(self, transport: Transport, job_id: str, after_seq: int, epoch: int | None) -> None:
+        self._transport = transport
+        self.job_id = job_id
+        self.cursor = after_seq
+        self.epoch = epoch
+        self.ended = False
+        self._channel: trio.MemoryReceiveChannel[WatchItem] | None = None
+        self._outages = Backoff(0.2, 5.0, jitter="full")
+        self._session: Session | None = None
+
+    def __aiter__(self) -> ClientWatch:
+        return self
+
+    async def __anext__(self) -> Batch:
+        """The next batch, subscribing again from the cursor after a dropped connection.
+
+        Cancellation: safe; nothing is lost: the next call goes on from the cursor.
+        """
+        while not self.ended:
+            if self._channel is None:
+                await self._subscribe()
+                continue
+            try:
+                message = await self._channel.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                self._channel = None  # the connection dropped: resubscribe from the cursor
+                continue
+            if isinstance(message, ErrorMessage):
+                await self._ended_by_server(message)
+                continue
+            if message.from_seq != self.cursor + 1:
+                raise UnavailableError(f"batch starts at {message.from_seq}, expected {self.cursor + 1}")
+            batch = Batch(
+                message.job_id, message.epoch, message.from_seq, message.to_seq, tuple(message.events)
+            )
+            self.cursor, self.epoch = batch.to_seq, batch.epoch
+            if batch.terminal is not None:
+                self.ended = True
+            return batch
+        raise StopAsyncIteration
+
+    async def _ended_by_server(self, error: ErrorMessage) -> None:
+        """The server ended this watch: a passing outage (``unavailable``) is resumed from the
+        cursor after a pause; anything else (``gone``: reload the job) is raised, typed."""
+        self._channel = None
+        if error.code != "unavailable":
+            raise error_for_code(error.code, error.message)
+        self._outages.attempt = min(self._outages.attempt, _MAX_OUTAGE_STEP)
+        await trio.sleep(self._outages.next_delay())
+
+    async def _subscribe(self) -> None:
+        transport = self._transport
+        while True:
+            session = await transport.session()
+            send, receive = trio.open_memory_channel[WatchItem](WATCH_BUFFER)
+            session.watches[self.job_id] = send
+            message = JobWatch(
+                id=transport.next_id(), job_id=self.job_id, after_seq=self.cursor, epoch=self.epoch
+            )
+            try:
+                reply = await transport.request(message, JobWatching, session)
+            except UnavailableError:
+                session.watches.pop(self.job_id, None)
+                continue  # lost the connection meanwhile; the next session resumes
+            except BackstreamError:
+                session.watches.pop(self.job_id, None)
+                raise
+            self._channel, self._session = receive, session
+            self._outages.reset()
+            if reply.job.is_terminal and reply.job.seq <= self.cursor:
+                self.ended = True  # nothing after the cursor: the job is complete
+            return
+
+    async def aclose(self) -> None:
+        """End this watch on the server (``job.unwatch``) if its connection is still open.
+
+        Cancellation: the server may not have ended the watch; it does when the connection ends.
+        """
+        session, self._session = self._session, None
+        if session is None or session.closed.is_set():
+            return
+        session.watches.pop(self.job_id, None)
+        if not self.ended:
+            with suppress(BackstreamError, trio.TooSlowError):
+                await self._transport.request(
+                    JobUnwatch(id=self._transport.next_id(), job_id=self.job_id), object, session
+                )
