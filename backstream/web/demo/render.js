@@ -1,4 +1,7 @@
-// DOM for the demo page. Text from users, models and tools only ever goes in as textContent.
+// DOM for the demo page. Text from users and tools only ever goes in as textContent; a model's
+// answer is Markdown, whose HTML is sanitized first (markdown.js).
+
+import { markdownOf } from "./markdown.js";
 
 /** @typedef {import("./state.js").JobView} JobView */
 /** @typedef {import("./state.js").Thread} Thread */
@@ -145,7 +148,7 @@ export function answer(view, model, actions, connected) {
   const body = h("div", { class: "answer" });
   for (const part of view.parts) {
     if (part.kind === "tool") body.append(toolCard(view, part, actions));
-    else if (part.kind === "text") body.append(h("div", { class: "part-text" }, part.text));
+    else if (part.kind === "text") body.append(h("div", { class: "part-text markdown" }, markdownOf(part)));
     else body.append(h("details", { class: "reasoning" }, h("summary", {}, "Reasoning"), h("div", {}, part.text)));
   }
   if (live && view.parts.length === 0) body.append(h("div", { class: "typing" }, h("i"), h("i"), h("i")));
