@@ -595,6 +595,9 @@ export class ChatApp {
       prompt.style.height = `${Math.min(prompt.scrollHeight, 200)}px`;
     };
     prompt.addEventListener("input", grow);
+    // The placeholder wraps on a narrow screen: the box grows to show all of it.
+    window.addEventListener("resize", grow);
+    grow();
     prompt.addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
         event.preventDefault();
