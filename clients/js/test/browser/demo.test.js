@@ -8,7 +8,7 @@ import { connect } from "../../src/backstream-client.js";
 import { sleep, startServer } from "../helpers.js";
 import { launch, openPage, screenshot } from "./chromium.js";
 
-const USERS = ["phone", "markdown", "toast-desktop", "toast-phone", "models"];
+const USERS = ["phone", "markdown", "streaming", "toast-desktop", "toast-phone", "models"];
 const PHONE = { width: 390, height: 844 };
 const DESKTOP = { width: 1280, height: 800 };
 
@@ -201,6 +201,21 @@ describe("the demo page", { concurrency: 3 }, () => {
     assert.deepEqual(dialogs, []);
     // The user's own message is shown as typed, never parsed.
     assert.equal(await page.locator(".msg.user .bubble").innerText(), HOSTILE);
+    assert.deepEqual(problems, []);
+  });
+
+  test("a streaming answer is Markdown as it grows", async () => {
+    const { page, problems } = await chat("streaming", DESKTOP);
+    const words = Array.from({ length: 300 }, (_, i) => `word${i + 1}`).join(" ");
+    await page.selectOption("#model", "backstream/echo");
+    await page.fill("#prompt", `Some **bold** first, then:\n\n1. one\n2. two\n\n${words}`);
+    await page.press("#prompt", "Enter");
+    const running = page.locator("article[data-job-id][data-status=running] .part-text");
+    await running.locator("ol > li", { hasText: "two" }).waitFor();
+    assert.equal(await running.locator("strong").innerText(), "bold");
+    assert.equal(await running.locator("p").first().innerText(), "Some bold first, then:");
+    await page.click("#stop");
+    await page.waitForSelector("article[data-job-id][data-status=aborted]");
     assert.deepEqual(problems, []);
   });
 
