@@ -492,7 +492,7 @@ export class ChatApp {
     const old = list.querySelector(`article[data-job-id="${CSS.escape(view.jobId)}"]`);
     if (turn === undefined || old === null) return;
     const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
-    old.replaceWith(render.answer(view, turn.model, this.actions(), this.client.state === "open"));
+    render.patchAnswer(old, render.answer(view, turn.model, this.actions(), this.client.state === "open"));
     if (atBottom) list.scrollTop = list.scrollHeight;
     this.renderComposer();
   }

@@ -175,6 +175,34 @@ export function answer(view, model, actions, connected) {
 }
 
 /**
+ * Make `old` (an answer on the page) look like `fresh` (the same answer drawn again), keeping
+ * the nodes that did not change: while an answer streams only its growing end is replaced, so
+ * finished paragraphs, an opened Reasoning and a selection stay as they are.
+ * @param {Element} old
+ * @param {Element} fresh
+ */
+export function patchAnswer(old, fresh) {
+  for (const { name } of Array.from(old.attributes)) if (!fresh.hasAttribute(name)) old.removeAttribute(name);
+  for (const { name, value } of Array.from(fresh.attributes)) if (old.getAttribute(name) !== value) old.setAttribute(name, value);
+  const before = Array.from(old.childNodes);
+  const after = Array.from(fresh.childNodes);
+  after.forEach((node, i) => {
+    const prev = before[i];
+    if (prev === undefined) {
+      old.append(node);
+      return;
+    }
+    if (prev instanceof HTMLDetailsElement && node instanceof HTMLDetailsElement) node.open = prev.open;
+    if (prev.isEqualNode(node)) return;
+    const descend = prev instanceof Element && node instanceof Element && prev.tagName === node.tagName &&
+      (node.classList.contains("answer") || node.classList.contains("part-text"));
+    if (descend) patchAnswer(prev, node);
+    else prev.replaceWith(node);
+  });
+  for (const extra of before.slice(after.length)) extra.remove();
+}
+
+/**
  * @param {JobView} view
  * @param {ToolPart} part
  * @param {AnswerActions} actions

@@ -214,6 +214,12 @@ describe("the demo page", { concurrency: 3 }, () => {
     await running.locator("ol > li", { hasText: "two" }).waitFor();
     assert.equal(await running.locator("strong").innerText(), "bold");
     assert.equal(await running.locator("p").first().innerText(), "Some bold first, then:");
+    // Drawing the growing answer again leaves what did not change in place (no flicker).
+    const article = page.locator("article[data-job-id]");
+    const seq = Number(await article.getAttribute("data-seq"));
+    const first = await running.locator("p").first().elementHandle();
+    await page.waitForFunction((min) => Number(document.querySelector("article[data-job-id]")?.getAttribute("data-seq")) >= min, seq + 10);
+    assert.equal(await first?.evaluate((node) => node.isConnected), true, "the first paragraph was redrawn");
     await page.click("#stop");
     await page.waitForSelector("article[data-job-id][data-status=aborted]");
     assert.deepEqual(problems, []);
