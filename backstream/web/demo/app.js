@@ -79,10 +79,17 @@ export class ChatApp {
     $("user-name").textContent = this.user;
     this.setupComposer();
     $("new-thread").addEventListener("click", () => this.newThread());
-    $("menu").addEventListener("click", () => this.setDrawer(!$("app").classList.contains("drawer-open")));
+    $("menu").addEventListener("click", () => {
+      const open = !$("app").classList.contains("drawer-open");
+      this.setDrawer(open);
+      if (open) $("new-thread").focus();
+    });
     $("scrim").addEventListener("click", () => this.setDrawer(false));
     document.addEventListener("keydown", (event) => {
-      if (event.key === "Escape") this.setDrawer(false);
+      if (event.key !== "Escape") return;
+      if ($("app").classList.contains("drawer-open")) $("menu").focus();
+      this.setDrawer(false);
+      this.setPanel(false);
     });
     $("mute").addEventListener("click", () => this.toggleMute());
     $("bell").addEventListener("click", () => this.togglePanel());

@@ -156,6 +156,11 @@ describe("the demo page", { concurrency: 3 }, () => {
     await page.click("#menu");
     await page.click("#scrim", { position: { x: PHONE.width - 20, y: PHONE.height / 2 } });
     await page.waitForSelector("#new-thread", { state: "hidden" });
+    await page.click("#menu");
+    assert.equal(await page.evaluate(() => document.activeElement?.id), "new-thread", "the open drawer has the focus");
+    await page.keyboard.press("Escape");
+    await page.waitForSelector("#new-thread", { state: "hidden" });
+    assert.equal(await page.evaluate(() => document.activeElement?.id), "menu");
     assert.deepEqual(problems, []);
   });
 
