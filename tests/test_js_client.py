@@ -104,7 +104,7 @@ def node_runs() -> Iterator[dict[str, NodeRun]]:
     if node_major(node) >= 20 and (JS / "node_modules" / "ws").is_dir():
         runs["node"] = NodeRun.start("test/client.test.js", "test/recovery.test.js")
         if Path(CHROMIUM).exists() and (JS / "node_modules" / "playwright-core").is_dir():
-            runs["chromium"] = NodeRun.start("test/browser/browser.test.js")
+            runs["chromium"] = NodeRun.start("test/browser/browser.test.js", "test/browser/demo.test.js")
     yield runs
     for run in runs.values():
         run.stop()

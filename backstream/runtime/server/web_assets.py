@@ -100,6 +100,8 @@ def _catalog() -> tuple[dict[str, Asset], dict[str, Asset]]:
     root = resources.files("backstream.web")
     client_files = _read_folder(client_folder(), _CLIENT_HEADERS)
     page_files = _read_folder(root.joinpath("demo"), _PAGE_HEADERS)
+    vendor = _read_folder(root.joinpath("demo", "vendor"), _PAGE_HEADERS)
+    page_files |= {f"vendor/{name}": asset for name, asset in vendor.items()}
     client = {f"/client/{name}": asset for name, asset in client_files.items()}
     page = {f"/demo/{name}": asset for name, asset in page_files.items()}
     if "/demo/index.html" in page:

@@ -56,6 +56,9 @@ export class ChatApp {
   activeId = null;
   /** @type {ReturnType<typeof setTimeout> | null} */
   poll = null;
+  /** Answers to draw at the next frame: a fast stream is drawn once a frame, not per batch. */
+  dirty = /** @type {Set<JobView>} */ (new Set());
+  frame = 0;
 
   /**
    * @param {Client} client
@@ -76,6 +79,18 @@ export class ChatApp {
     $("user-name").textContent = this.user;
     this.setupComposer();
     $("new-thread").addEventListener("click", () => this.newThread());
+    $("menu").addEventListener("click", () => {
+      const open = !$("app").classList.contains("drawer-open");
+      this.setDrawer(open);
+      if (open) $("new-thread").focus();
+    });
+    $("scrim").addEventListener("click", () => this.setDrawer(false));
+    document.addEventListener("keydown", (event) => {
+      if (event.key !== "Escape") return;
+      if ($("app").classList.contains("drawer-open")) $("menu").focus();
+      this.setDrawer(false);
+      this.setPanel(false);
+    });
     $("mute").addEventListener("click", () => this.toggleMute());
     $("bell").addEventListener("click", () => this.togglePanel());
     $("mark-all-read").addEventListener("click", () => this.markAllRead());
@@ -85,7 +100,7 @@ export class ChatApp {
     });
     document.addEventListener("click", (event) => {
       const panel = $("panel");
-      if (!panel.hidden && !panel.contains(/** @type {Node} */ (event.target)) && !$("bell").contains(/** @type {Node} */ (event.target))) panel.hidden = true;
+      if (!panel.hidden && !panel.contains(/** @type {Node} */ (event.target)) && !$("bell").contains(/** @type {Node} */ (event.target))) this.setPanel(false);
     });
     this.client.onStateChange((s) => this.showConnection(s));
     $("connection").addEventListener("click", () => {
@@ -118,6 +133,7 @@ export class ChatApp {
   newThread() {
     const empty = this.threads.find((t) => t.turns.length === 0);
     if (empty !== undefined) {
+      this.setDrawer(false);
       if (empty.id !== this.activeId) this.open(empty.id);
       $("prompt").focus();
       return;
@@ -145,6 +161,8 @@ export class ChatApp {
     }
     this.activeId = id;
     state.saveSetting("active", id);
+    this.setDrawer(false);
+    this.showModel(thread);
     this.renderThread();
     for (const turn of thread.turns) if (turn.jobId !== null) this.follow(this.view(turn.jobId));
     this.markThreadRead(id);
@@ -187,6 +205,7 @@ export class ChatApp {
     const thread = this.active();
     if (thread === null || !text.trim() || this.isRunning(thread)) return;
     const model = /** @type {HTMLSelectElement} */ ($("model")).value;
+    thread.model = model;
     /** @type {Turn} */
     const turn = { messageId: state.newId("m"), text: text.trim(), model, jobId: null, error: null };
     if (thread.turns.length === 0) thread.title = turn.text.length > 48 ? `${turn.text.slice(0, 47)}…` : turn.text;
@@ -246,7 +265,7 @@ export class ChatApp {
       for await (const batch of watch) {
         state.applyBatch(view, batch);
         state.persistView(view);
-        this.renderJob(view);
+        this.renderSoon(view);
       }
     } catch (error) {
       if (error instanceof GoneError && !afterGone) {
@@ -389,8 +408,26 @@ export class ChatApp {
   }
 
   togglePanel() {
-    const panel = $("panel");
-    panel.hidden = !panel.hidden;
+    this.setPanel($("panel").hidden);
+  }
+
+  /**
+   * Open or close the notifications panel; toasts hide while it is open (it lists them).
+   * @param {boolean} open
+   */
+  setPanel(open) {
+    $("panel").hidden = !open;
+    $("app").classList.toggle("panel-open", open);
+  }
+
+  /**
+   * Open or close the threads drawer (a phone's sidebar; on a wide screen the sidebar is
+   * always there and this only sets a class).
+   * @param {boolean} open
+   */
+  setDrawer(open) {
+    $("app").classList.toggle("drawer-open", open);
+    $("menu").setAttribute("aria-expanded", String(open));
   }
 
   // -- rendering -------------------------------------------------------------------------------
@@ -443,6 +480,18 @@ export class ChatApp {
   }
 
   /** @param {JobView} view */
+  renderSoon(view) {
+    this.dirty.add(view);
+    if (this.frame !== 0) return;
+    this.frame = requestAnimationFrame(() => {
+      this.frame = 0;
+      const views = [...this.dirty];
+      this.dirty.clear();
+      for (const dirty of views) this.renderJob(dirty);
+    });
+  }
+
+  /** @param {JobView} view */
   renderJob(view) {
     const thread = this.active();
     const turn = thread?.turns.find((t) => t.jobId === view.jobId);
@@ -450,7 +499,7 @@ export class ChatApp {
     const old = list.querySelector(`article[data-job-id="${CSS.escape(view.jobId)}"]`);
     if (turn === undefined || old === null) return;
     const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
-    old.replaceWith(render.answer(view, turn.model, this.actions(), this.client.state === "open"));
+    render.patchAnswer(old, render.answer(view, turn.model, this.actions(), this.client.state === "open"));
     if (atBottom) list.scrollTop = list.scrollHeight;
     this.renderComposer();
   }
@@ -483,7 +532,7 @@ export class ChatApp {
     const items = render.notificationItems(
       this.notifications,
       (n) => {
-        $("panel").hidden = true;
+        this.setPanel(false);
         if (this.thread(n.thread_id) !== null) this.open(n.thread_id);
       },
       (threadId) => this.thread(threadId)?.title ?? "another device",
@@ -543,6 +592,7 @@ export class ChatApp {
     $("tools-label").title = names.length ? `Tools the server may run: ${names.join(", ")}` : "The server has no tools";
     select.addEventListener("change", () => {
       state.saveSetting("model", select.value);
+      this.keepModel(select.value);
       if (select.value === "backstream/tools-demo") tools.checked = true;
     });
     tools.addEventListener("change", () => state.saveSetting("tools", tools.checked));
@@ -552,6 +602,9 @@ export class ChatApp {
       prompt.style.height = `${Math.min(prompt.scrollHeight, 200)}px`;
     };
     prompt.addEventListener("input", grow);
+    // The placeholder wraps on a narrow screen: the box grows to show all of it.
+    window.addEventListener("resize", grow);
+    grow();
     prompt.addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
         event.preventDefault();
@@ -570,10 +623,35 @@ export class ChatApp {
     $("stop").addEventListener("click", () => this.stop());
   }
 
+  /**
+   * The model picker shows the thread's model: the one it last used or was picked for it
+   * (else the last one picked anywhere).
+   * @param {Thread} thread
+   */
+  showModel(thread) {
+    const select = /** @type {HTMLSelectElement} */ ($("model"));
+    const model = thread.model ?? thread.turns[thread.turns.length - 1]?.model;
+    if (model !== undefined && this.models.some((m) => m.id === model)) select.value = model;
+  }
+
+  /**
+   * Remember `model` as the open thread's.
+   * @param {string} model
+   */
+  keepModel(model) {
+    const thread = this.active();
+    if (thread === null || thread.model === model) return;
+    thread.model = model;
+    this.save();
+  }
+
   /** @param {{ text: string, model: string }} suggestion */
   pickSuggestion(suggestion) {
     const select = /** @type {HTMLSelectElement} */ ($("model"));
-    if (this.models.some((m) => m.id === suggestion.model)) select.value = suggestion.model;
+    if (this.models.some((m) => m.id === suggestion.model)) {
+      select.value = suggestion.model;
+      this.keepModel(suggestion.model);
+    }
     if (suggestion.model === "backstream/tools-demo") /** @type {HTMLInputElement} */ ($("tools")).checked = true;
     this.send(suggestion.text);
   }

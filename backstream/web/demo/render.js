@@ -1,4 +1,7 @@
-// DOM for the demo page. Text from users, models and tools only ever goes in as textContent.
+// DOM for the demo page. Text from users and tools only ever goes in as textContent; a model's
+// answer is Markdown, whose HTML is sanitized first (markdown.js).
+
+import { markdownOf } from "./markdown.js";
 
 /** @typedef {import("./state.js").JobView} JobView */
 /** @typedef {import("./state.js").Thread} Thread */
@@ -145,7 +148,7 @@ export function answer(view, model, actions, connected) {
   const body = h("div", { class: "answer" });
   for (const part of view.parts) {
     if (part.kind === "tool") body.append(toolCard(view, part, actions));
-    else if (part.kind === "text") body.append(h("div", { class: "part-text" }, part.text));
+    else if (part.kind === "text") body.append(h("div", { class: "part-text markdown" }, markdownOf(part)));
     else body.append(h("details", { class: "reasoning" }, h("summary", {}, "Reasoning"), h("div", {}, part.text)));
   }
   if (live && view.parts.length === 0) body.append(h("div", { class: "typing" }, h("i"), h("i"), h("i")));
@@ -169,6 +172,34 @@ export function answer(view, model, actions, connected) {
     avatar(),
     body,
   );
+}
+
+/**
+ * Make `old` (an answer on the page) look like `fresh` (the same answer drawn again), keeping
+ * the nodes that did not change: while an answer streams only its growing end is replaced, so
+ * finished paragraphs, an opened Reasoning and a selection stay as they are.
+ * @param {Element} old
+ * @param {Element} fresh
+ */
+export function patchAnswer(old, fresh) {
+  for (const { name } of Array.from(old.attributes)) if (!fresh.hasAttribute(name)) old.removeAttribute(name);
+  for (const { name, value } of Array.from(fresh.attributes)) if (old.getAttribute(name) !== value) old.setAttribute(name, value);
+  const before = Array.from(old.childNodes);
+  const after = Array.from(fresh.childNodes);
+  after.forEach((node, i) => {
+    const prev = before[i];
+    if (prev === undefined) {
+      old.append(node);
+      return;
+    }
+    if (prev instanceof HTMLDetailsElement && node instanceof HTMLDetailsElement) node.open = prev.open;
+    if (prev.isEqualNode(node)) return;
+    const descend = prev instanceof Element && node instanceof Element && prev.tagName === node.tagName &&
+      (node.classList.contains("answer") || node.classList.contains("part-text"));
+    if (descend) patchAnswer(prev, node);
+    else prev.replaceWith(node);
+  });
+  for (const extra of before.slice(after.length)) extra.remove();
 }
 
 /**

@@ -30,7 +30,8 @@
 
 /**
  * @typedef {{ messageId: string, text: string, model: string, jobId: string | null, error: string | null }} Turn
- * @typedef {{ id: string, title: string, updatedAt: number, muted: boolean, turns: Turn[] }} Thread
+ * @typedef {{ id: string, title: string, updatedAt: number, muted: boolean, turns: Turn[], model?: string }} Thread
+ *   `model`: the model the picker shows for the thread (the last one used or picked in it)
  */
 
 const PREFIX = "backstream-demo:v1";

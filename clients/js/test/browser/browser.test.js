@@ -149,9 +149,12 @@ describe("in Chromium", { concurrency: 3 }, () => {
   /** @param {import("playwright-core").Page} page @param {string} jobId @param {string} status */
   const statusIs = (page, jobId, status) => page.waitForSelector(`article[data-job-id="${jobId}"][data-status="${status}"]`);
 
-  /** The answer's text as the page shows it. */
-  const shown = (/** @type {import("playwright-core").Page} */ page, /** @type {string} */ jobId) =>
-    page.$$eval(`article[data-job-id="${jobId}"] .part-text`, (parts) => parts.map((p) => p.textContent).join(""));
+  /** Text with each run of white space as one space (Markdown keeps words, not spacing). */
+  const flat = (/** @type {string | null | undefined} */ text) => (text ?? "").replace(/\s+/g, " ").trim();
+
+  /** The answer's words as the page shows them (its Markdown rendered). */
+  const shown = async (/** @type {import("playwright-core").Page} */ page, /** @type {string} */ jobId) =>
+    flat(await page.$$eval(`article[data-job-id="${jobId}"] .part-text`, (parts) => parts.map((p) => p.textContent).join(" ")));
 
   /** @param {any[]} sent @param {string} jobId */
   const watchesOf = (sent, jobId) => sent.filter((m) => m.type === "job.watch" && m.job_id === jobId);
@@ -200,7 +203,7 @@ describe("in Chromium", { concurrency: 3 }, () => {
     await admin.abort(jobId);
     await statusIs(page, jobId, "aborted");
     const info = await admin.getJob(jobId, { includeContent: true });
-    assert.equal(await shown(page, jobId), info.content);
+    assert.equal(await shown(page, jobId), flat(info.content));
     assert.ok(WORDS(400).startsWith(info.content ?? "-") && (info.content ?? "").length > 100);
     assert.deepEqual(problems, []);
   });
@@ -223,7 +226,7 @@ describe("in Chromium", { concurrency: 3 }, () => {
     await page.click(`.thread-item[data-thread-id="${threadA}"]`);
     await statusIs(page, jobId, "completed");
     const info = await admin.getJob(jobId, { includeContent: true });
-    assert.equal(await shown(page, jobId), info.content);
+    assert.equal(await shown(page, jobId), flat(info.content));
     await page.waitForSelector("#unread-count[hidden]", { state: "attached" });
     assert.equal((await admin.listNotifications()).unread, 0);
     assert.deepEqual(problems, []);
@@ -244,7 +247,7 @@ describe("in Chromium", { concurrency: 3 }, () => {
     await admin.abort(jobId);
     await statusIs(page, jobId, "aborted");
     const info = await admin.getJob(jobId, { includeContent: true });
-    assert.equal(await shown(page, jobId), info.content);
+    assert.equal(await shown(page, jobId), flat(info.content));
     assert.ok(WORDS(400).startsWith(info.content ?? "-"));
     assert.deepEqual(problems, []);
   });
@@ -274,7 +277,7 @@ describe("in Chromium", { concurrency: 3 }, () => {
     await admin.abort(jobId);
     await statusIs(page, jobId, "aborted");
     const info = await admin.getJob(jobId, { includeContent: true });
-    assert.equal(await shown(page, jobId), info.content);
+    assert.equal(await shown(page, jobId), flat(info.content));
     // Chromium itself logs each refused reconnect; the page logs nothing.
     const refused = `error: WebSocket connection to '${proxy.url}' failed:`;
     assert.deepEqual(problems.filter((line) => !line.startsWith(refused)), []);
@@ -326,7 +329,7 @@ describe("in Chromium", { concurrency: 3 }, () => {
     assert.equal(await page.textContent(`article[data-job-id="${jobId}"] .tool[data-tool=send_note] .decision`), "Approved");
     const info = await admin.getJob(jobId, { includeContent: true });
     assert.match(info.content ?? "", /6 \* 7 = 42\./);
-    assert.equal(await shown(page, jobId), info.content);
+    assert.equal(await shown(page, jobId), flat(info.content));
     assert.equal(info.tool_calls.find((call) => call.name === "send_note")?.approved, true);
     await screenshot(page, "demo-tools");
     assert.deepEqual(problems, []);
@@ -341,7 +344,7 @@ describe("in Chromium", { concurrency: 3 }, () => {
     await statusIs(page, jobId, "aborted");
     const info = await admin.getJob(jobId, { includeContent: true });
     assert.equal(info.job.status, "aborted");
-    assert.equal(await shown(page, jobId), info.content);
+    assert.equal(await shown(page, jobId), flat(info.content));
     await page.waitForSelector("#send:not([hidden])");
     assert.deepEqual(problems, []);
   });
