@@ -23,6 +23,7 @@ from backstream.actors.ports import Store
 from backstream.actors.watcher import LiveSource, LogSource, StoredSource
 from backstream.protocol.errors import ConflictError, NotFoundError
 from backstream.protocol.events import (
+    AWAITING_APPROVAL,
     TERMINAL_STATUSES,
     ApprovalEvent,
     ApprovalRequiredEvent,
@@ -198,14 +199,14 @@ class StoredJob:
 
     async def approve(self, call_id: str, approved: bool) -> JobSummary:
         record = self._record
-        waiting = record.status == "awaiting_approval"
+        waiting = record.status == AWAITING_APPROVAL
         entries = await self._store.read(self.job_id, 0, record.seq) if waiting else []
         asked = {e.call_id for e in entries if isinstance(e, ApprovalRequiredEvent)}
         answered = {e.call_id for e in entries if isinstance(e, ApprovalEvent)}
         if call_id not in asked - answered:
             raise ConflictError(f"call {call_id!r} is not waiting for approval")
         await self._store.send_decision(self.job_id, call_id, approved)
-        await self._wait_while(lambda record: record.status == "awaiting_approval")
+        await self._wait_while(lambda record: record.status == AWAITING_APPROVAL)
         return self.summary()
 
     async def _wait_while(self, waiting: Callable[[JobRecord], bool]) -> None:

@@ -35,6 +35,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.protocol.codec import ProtocolError
 from backstream.protocol.errors import BackstreamError, ConflictError
+from backstream.protocol.events import AWAITING_APPROVAL
 from backstream.protocol.offsets import StreamOffset
 from backstream.protocol.projections import UIChunkProjection
 from backstream.protocol.ui_chunks import DELTA_FIELDS, DeltaCoalescer, UIChunk, parse_approval_id
@@ -354,7 +355,7 @@ class AiSdkConnection:
 
     async def _still_waiting(self, job_id: str) -> bool:
         info = await self._runtime.get_job(job_id, user=self.user)
-        return info.job.status == "awaiting_approval"
+        return info.job.status == AWAITING_APPROVAL
 
     # -- frames out ----------------------------------------------------------------------------
 

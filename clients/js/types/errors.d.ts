@@ -1,12 +1,13 @@
 /**
  * The typed error for an `error` message of the protocol.
- * @param {{ code: string, message: string, retry_after_ms?: number | null }} message
+ * @param {{ code: string, message: string, retry_after_ms?: number | null, job_id?: string | null }} message
  * @returns {BackstreamError}
  */
 export function errorFromMessage(message: {
     code: string;
     message: string;
     retry_after_ms?: number | null;
+    job_id?: string | null;
 }): BackstreamError;
 /** Every error this client raises. `code` is the protocol's error code (PROTOCOL.md, "Errors"). */
 export class BackstreamError extends Error {

@@ -88,7 +88,7 @@
 /** @typedef {{ type: "notifications.read.result", id: string, unread: number }} NotificationsReadResult */
 /** @typedef {{ type: "thread.mute.result", id: string, thread_id: string, muted: boolean }} ThreadMuteResult */
 /** @typedef {{ type: "pong", id: string }} Pong */
-/** @typedef {{ type: "error", id: string | null, code: string, message: string, retry_after_ms?: number | null }} ErrorMessage */
+/** @typedef {{ type: "error", id: string | null, code: string, message: string, retry_after_ms?: number | null, job_id?: string | null }} ErrorMessage */
 /**
  * The text of a batch: its `text` events joined. Joining the text of every batch of a watch
  * gives the job's content from the watch's cursor.
@@ -302,4 +302,5 @@ export type ErrorMessage = {
     code: string;
     message: string;
     retry_after_ms?: number | null;
+    job_id?: string | null;
 };
