@@ -9,6 +9,7 @@
         +-- registry   (permanent): admission
         +-- ticker     (permanent): wakes the flushers of jobs with new entries
         +-- keeper     (permanent): retention sweep, lease renewal, orphan recovery
+        +-- dispatcher (permanent): carries out the outbox (job-end notifications)
 
 Orphans of a dead instance are recovered once before the registry admits anything.
 """
@@ -22,6 +23,7 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
+from backstream.actors.dispatcher import Dispatcher
 from backstream.actors.job import JobActor
 from backstream.actors.keeper import Keeper
 from backstream.actors.metronome import Metronome
@@ -154,4 +156,6 @@ async def _start_system(
     ticker = FlushTicker(config, jobs)
     await system.start_child(ChildSpec("ticker", ticker.run, Restart.PERMANENT, shutdown=0))
     await system.start_child(ChildSpec("keeper", keeper.run, Restart.PERMANENT, shutdown=0))
+    dispatcher = Dispatcher(store, store, notifier, clock, instance_id=instance_id)
+    await system.start_child(ChildSpec("dispatcher", dispatcher.run, Restart.PERMANENT, shutdown=0))
     return runtime
