@@ -28,62 +28,72 @@ class RedisKeyspace:
         self.tag = "{" + prefix + "}"
 
     def _k(self, *parts: str) -> str:
+        """A key of the instance set: the store's own tag."""
         return ":".join((self.tag, *parts))
+
+    def _of_job(self, job_id: str, *parts: str) -> str:
+        return ":".join((self.slot_tag("job", job_id), *parts))
+
+    def _of_user(self, user: str, *parts: str) -> str:
+        return ":".join((self.slot_tag("user", user), *parts))
 
     @staticmethod
     def _named(name: str) -> str:
         return f"{len(name)}:{name}"
 
     def slot_tag(self, kind: str, name: str) -> str:
-        """The hash tag of an entity (``kind``: ``job`` or ``user``): for now the store's one
-        tag, whatever the entity; the place to return ``{p:kind:name}`` to spread slots."""
+        """The hash tag of an entity's keys (``kind``: ``job`` or ``user``). For now the
+        store's one tag, whatever the entity: returning ``{p:kind:name}`` here is what
+        would spread jobs and users over the slots (once the scripts are split)."""
         return self.tag
 
     # -- per job -----------------------------------------------------------------------
 
     def job(self, job_id: str) -> str:
         """A hash: the job record, JSON-encoded fields; ``decision:{call}`` fields."""
-        return self._k("job", job_id)
+        return self._of_job(job_id, "job", job_id)
 
     def log(self, job_id: str) -> str:
         """A stream: one entry per flush batch, whose id is the batch's last seq (``seq-0``)."""
-        return self._k("log", job_id)
+        return self._of_job(job_id, "log", job_id)
 
     def watching(self, job_id: str) -> str:
         """A sorted set of watch ids scored by presence expiry."""
-        return self._k("watching", job_id)
+        return self._of_job(job_id, "watching", job_id)
 
     def seen(self, job_id: str) -> str:
         """Set when a watch delivered the job's end."""
-        return self._k("seen", job_id)
+        return self._of_job(job_id, "seen", job_id)
 
     def notified(self, job_id: str, kind: str) -> str:
         """Set once the job has a notification of ``kind``: never twice."""
-        return self._k("notified", job_id, kind)
+        return self._of_job(job_id, "notified", job_id, kind)
 
     # -- per user ----------------------------------------------------------------------
 
     def msg(self, user: str, message_id: str) -> str:
         """The idempotency key: user and message id → job id."""
-        return self._k("msg", self._named(user), message_id)
+        return self._of_user(user, "msg", self._named(user), message_id)
 
     def user_index(self, user: str) -> str:
         """A sorted set of the user's jobs by creation time."""
-        return self._k("user", self._named(user))
+        return self._of_user(user, "user", self._named(user))
 
     def thread_index(self, user: str, thread_id: str) -> str:
-        return self._k("thread", self._named(user), thread_id)
+        return self._of_user(user, "thread", self._named(user), thread_id)
 
     def user_running(self, user: str) -> str:
         """The user's running jobs scored by lease expiry (the per-user capacity count)."""
-        return self._k("running", self._named(user))
+        return self._of_user(user, "running", self._named(user))
 
     def muted(self, user: str) -> str:
-        return self._k("muted", self._named(user))
+        return self._of_user(user, "muted", self._named(user))
 
     def inbox(self, user: str) -> tuple[str, str]:
         """The user's notifications: a hash by id and a sorted set by time."""
-        return self._k("notif", self._named(user)), self._k("notifs", self._named(user))
+        return self._of_user(user, "notif", self._named(user)), self._of_user(
+            user, "notifs", self._named(user)
+        )
 
     # -- the instance set ----------------------------------------------------------------
 
