@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from backstream import Config, Store, open_runtime
 from backstream.actors.ports import OUTBOX_CLAIM_S, Capability, JobEndedElsewhereError
@@ -175,3 +176,36 @@ async def test_an_end_left_by_a_dead_instance_is_notified_by_another_on_redis() 
             assert [(n.type, n.job_id, n.body) for n in items] == [("ai.message.received", "j_1", "bye")]
     finally:
         await delete_prefix(prefix)
+
+
+async def test_the_dispatcher_carries_out_each_entry_once(autojump_clock: trio.testing.MockClock) -> None:
+    """Its notification for an end that calls for one, none for an abort; then the entry goes."""
+    from backstream.actors.clock import WallClock
+    from backstream.actors.dispatcher import Dispatcher
+    from backstream.actors.notifier import Notifier
+    from backstream.runtime.stores.memory import MemoryStore
+
+    store, clock = MemoryStore(), WallClock()
+    await store.open()
+    notifier = Notifier(store, clock, max_per_user=10)
+    dispatcher = Dispatcher(store, store, notifier, clock, instance_id="i_a")
+    for job_id in ("j_done", "j_stop"):
+        await store.create_job(record(job_id=job_id, message_id=job_id))
+        await store.commit(job_id, [StatusEvent(seq=1, status="running"), *texts(2, "hello")], progress(2))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        with notifier.expecting_end("j_done") as delivered:
+            await end_at(store, "j_done", "completed")
+            await end_at(store, "j_stop", "aborted")
+            with trio.fail_after(1):
+                await delivered.wait()
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    items, _ = await store.list_notifications("alice", unread_only=False, limit=10)
+    assert [(n.job_id, n.body) for n in items] == [("j_done", "hello")]
+    assert await store.claim_outbox("i_a", NOW, NOW + 30, 10) == []
+    assert dispatcher.statistics().delivered_total == 1
+
+
+async def end_at(store: Store, job_id: str, status: str) -> None:
+    await store.commit(job_id, [StatusEvent(seq=3, status=status)], progress(3, status, finished_at=NOW))  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from backstream.actors.ports import OUTBOX_CLAIM_S, LogStore, Outbox, OutboxEntr
 from backstream.actors.signals import through_outage
 from backstream.protocol.events import TextEvent
 
-__all__ = ["BATCH", "POLL_S", "PREVIEW_CHARS", "Dispatcher", "DispatcherStatistics"]
+__all__ = ["BATCH", "POLL_S", "PREVIEW_CHARS", "START_DRAIN_S", "Dispatcher", "DispatcherStatistics"]
 
 log = logging.getLogger("backstream.dispatcher")
 
@@ -31,6 +31,8 @@ BATCH = 64
 """Entries claimed at once; the rest wait for the next round."""
 POLL_S = 5.0
 """Between looks for entries another (dead) instance left, when nothing rings."""
+START_DRAIN_S = 5.0
+"""How long the first drain (the entries left by a dead instance) may delay the start."""
 PREVIEW_CHARS = 200
 """Text of the job's log read for a notification's body."""
 
@@ -59,12 +61,8 @@ class Dispatcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled. Cancellation: stops at once; a claimed entry not yet deleted is
         carried out again once its claim lapses (its notification is never made twice)."""
-        try:
+        with trio.move_on_after(START_DRAIN_S):  # a store that is away: start anyway
             await self._drain()
-        except StoreClosedError:
-            raise
-        except Exception as exc:  # start anyway: the loop below retries
-            log.warning("the outbox could not be read at start (%s)", exc)
         task_status.started()
         while True:
             await self._outbox.wait_outbox(POLL_S)
@@ -78,7 +76,12 @@ class Dispatcher:
             if not entries:
                 return
             for entry in entries:
-                await self._deliver(entry)
+                try:
+                    await self._deliver(entry)
+                except StoreClosedError:
+                    raise
+                except Exception:  # a bad entry must not stop the others: dropped
+                    log.exception("job %s: its outbox entry could not be carried out", entry.job_id)
                 self._notifier.end_delivered(entry.job_id)  # its notification exists now
             done = [entry.job_id for entry in entries]
             await through_outage("deleting carried-out entries", partial(self._outbox.delete_outbox, done))

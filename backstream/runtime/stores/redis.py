@@ -482,7 +482,8 @@ class RedisStore(Store):
         Cancellation: the script ran entirely or not at all."""
         k = self.keys
         keys = [k.outbox(), k.outbox_due(), k.outbox_claims(), k.outbox_owned(owner)]
-        reply = await self._conn.script("claim", keys, [repr(now), repr(until), str(limit), owner])
+        args = [repr(now), repr(until), str(limit), owner, str(ms(SAFETY_TTL_S))]
+        reply = await self._conn.script("claim", keys, args)
         return [outbox_from_json(str(entry)) for entry in reply]
 
     async def delete_outbox(self, job_ids: Sequence[str]) -> None:

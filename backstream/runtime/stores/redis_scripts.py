@@ -56,6 +56,7 @@ if ARGV[5] == '1' then
   if ARGV[12] ~= '' then
     redis.call('HSET', KEYS[9], ARGV[1], ARGV[12])
     redis.call('SADD', KEYS[10], ARGV[1])
+    redis.call('PEXPIRE', KEYS[10], ARGV[6])
   end
 end
 redis.call('PUBLISH', ARGV[8], ARGV[1] .. ' ' .. ARGV[3])
@@ -99,7 +100,8 @@ return 1
 """
 
 # KEYS: outbox, outbox due, outbox claims, the owner's outbox claims. ARGV: now, the claim's
-# end, limit, owner. Claims the owner's entries first, then those whose claim lapsed by
+# end, limit, owner, how long the owner's set outlives its last claim (ms: a dead
+# instance's set goes by itself). Claims the owner's entries first, then those whose claim lapsed by
 # now, and returns them (their JSON).
 CLAIM = """
 local out, taken = {}, {}
@@ -114,6 +116,7 @@ local function take(id)
   redis.call('ZADD', KEYS[2], ARGV[2], id)
   redis.call('HSET', KEYS[3], id, ARGV[4])
   redis.call('SADD', KEYS[4], id)
+  redis.call('PEXPIRE', KEYS[4], ARGV[5])
   table.insert(out, entry)
 end
 local limit = tonumber(ARGV[3])
