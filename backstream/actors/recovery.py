@@ -37,6 +37,9 @@ class InterruptOrphans:
         self._retention = retention
 
     async def recover(self, handover: Handover) -> JobRecord:
+        """Commit the ``interrupted`` terminal entry after the durable ones (epoch as handed
+        over). Raises ``UnavailableError``. Cancellation: the commit happened or not; a job
+        left running is an orphan again once its new lease lapses."""
         record = handover.record
         now = self._clock.now()
         step = interruption(record.seq, record.epoch)  # its epoch: the hand-over counted it

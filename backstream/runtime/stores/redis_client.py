@@ -93,13 +93,15 @@ class RedisConnection:
         return self._client is None
 
     async def call(self, coro: Any) -> Any:
-        """Await a client call; an outage raises ``UnavailableError``."""
+        """Await a client call; an outage raises ``UnavailableError``. Cancellation: as the
+        call's (a command may or may not have run)."""
         try:
             return await coro
         except UNAVAILABLE as exc:
             raise UnavailableError(f"redis unavailable: {exc}") from None
 
     async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
+        """Run one of the store's Lua scripts. Cancellation: it ran entirely or not at all."""
         return await self.call(self.scripts[name](keys=keys, args=args))
 
 
