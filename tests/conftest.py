@@ -51,7 +51,43 @@ async def delete_prefix(prefix: str, port: int = REDIS_PORT) -> None:
             await r.delete(keys)
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
+STORE_CLASSES: dict[str, type[Store]] = {
+    "memory": MemoryStore,
+    "sqlite": SqliteStore,
+    "redis": RedisStore,
+    "redis-cluster": RedisStore,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "needs_capability(capability): run only with the stores that declare it (others are deselected)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked ``needs_capability(c)`` is not collected for a store without ``c``: a
+    store that cannot do a thing is not a skipped test, it is not a case at all."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("needs_capability")
+        callspec = getattr(item, "callspec", None)
+        store_name = callspec.params.get("unopened_store") if callspec is not None else None
+        if (
+            marker is not None
+            and store_name is not None
+            and marker.args[0] not in STORE_CLASSES[store_name].capabilities
+        ):
+            dropped.append(item)
+            continue
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(params=list(STORE_CLASSES))
 async def unopened_store(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[Store]:
     """Each store the runtime supports, not yet opened (``open_runtime`` opens what it is given)."""
     made: Store

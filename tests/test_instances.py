@@ -109,7 +109,7 @@ async def test_a_lost_log_gives_gone_never_a_gap() -> None:
                         async with coredis.Redis(host=REDIS_HOST, port=REDIS_PORT) as r:
                             store = b.store
                             assert isinstance(store, RedisStore)
-                            await r.delete([store._job(job_id), store._log(job_id)])
+                            await r.delete([store.keys.job(job_id), store.keys.log(job_id)])
         assert all(y[0] == x[1] + 1 for x, y in itertools.pairwise(seqs))  # no gap before it
         await a.abort(job_id, user="alice")
 

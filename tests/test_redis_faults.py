@@ -226,8 +226,8 @@ async def test_a_log_behind_its_record_is_gone_never_a_hang(tmp_path: Path) -> N
             assert record is not None and record.status == "completed"
             async with coredis.Redis(host=REDIS_HOST, port=redis.port, decode_responses=True) as r:
                 # The record says completed at its seq; its log loses its last batch.
-                last = await r.xrevrange(store._log(started.job_id), count=1)
-                assert await r.xdel(store._log(started.job_id), [last[0].identifier]) == 1
+                last = await r.xrevrange(store.keys.log(started.job_id), count=1)
+                assert await r.xdel(store.keys.log(started.job_id), [last[0].identifier]) == 1
                 before = int((await r.info("stats"))["total_commands_processed"])
                 reader = store_reader(store, started.job_id)
                 seen = []

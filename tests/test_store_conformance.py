@@ -8,9 +8,11 @@ import pytest
 import trio
 
 from backstream import Config, Store, open_runtime
+from backstream.actors.clock import WallClock
+from backstream.actors.ports import Capability
+from backstream.actors.recovery import InterruptOrphans
 from backstream.protocol.events import StatusEvent, TextEvent
 from backstream.protocol.records import JobProgress, JobRecord, JobRequest
-from backstream.runtime.stores.memory import MemoryStore
 from tests.helpers import check_contiguous, collect, joined_text, store_reader, terminal
 
 NOW = 1_800_000_000.0
@@ -36,6 +38,12 @@ def record(
     )
     fields.update(kw)
     return JobRecord(**fields)  # type: ignore[arg-type]
+
+
+async def recover_orphans(store: Store, owner: str, now: float, retention: float = 60) -> list[JobRecord]:
+    """Take the orphans over as ``owner`` and end them interrupted (the keeper's default)."""
+    policy = InterruptOrphans(store, WallClock(), retention)
+    return [await policy.recover(h) for h in await store.take_orphans(owner, now, now + 15)]
 
 
 def texts(first: int, *words: str) -> list[TextEvent]:
@@ -169,19 +177,19 @@ async def test_orphans_end_interrupted_once(store: Store) -> None:
     capacity = SharedCapacity(now=NOW, lease_until=NOW + 15, max_jobs=10, max_jobs_per_user=10)
     await store.create_job(record(lease_until=NOW + 15), capacity)
     await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "durable ")], progress(2))
-    if isinstance(store, MemoryStore):
-        assert await store.recover_orphans("i_b", NOW + 100, 60) == []  # one process: no orphans
+    if Capability.SURVIVES_RESTART not in store.capabilities:
+        assert await store.take_orphans("i_b", NOW + 100, NOW + 115) == []  # one process: no orphans
         return
-    if store.__class__.__name__ == "RedisStore":
-        assert await store.recover_orphans("i_b", NOW + 10, 60) == []  # the lease still holds
-    recovered = await store.recover_orphans("i_b", NOW + 20, 60)
+    if Capability.LEASES in store.capabilities:
+        assert await store.take_orphans("i_b", NOW + 10, NOW + 25) == []  # the lease still holds
+    recovered = await recover_orphans(store, "i_b", NOW + 20)
     assert [r.job_id for r in recovered] == ["j_1"]
     final = recovered[0]
     assert final.status == "interrupted" and final.seq == 3 and final.epoch == 2
     entries = await store.read("j_1", 0, 10)
     assert [e.seq for e in entries] == [1, 2, 3]
     assert isinstance(entries[-1], StatusEvent) and entries[-1].status == "interrupted"
-    assert await store.recover_orphans("i_c", NOW + 30, 60) == []  # never twice
+    assert await store.take_orphans("i_c", NOW + 30, NOW + 45) == []  # never twice
 
 
 async def test_shared_capacity_at_create(store: Store) -> None:
@@ -195,7 +203,7 @@ async def test_shared_capacity_at_create(store: Store) -> None:
         return (await store.create_job(record(job_id=job_id, user=user, message_id=job_id), limits(now)))[1]
 
     assert await create("a", "alice")
-    if store.__class__.__name__ != "RedisStore":
+    if Capability.SHARED_CAPACITY not in store.capabilities:
         assert await create("b", "alice")  # one process: the registry counts, the store does not
         return
     with pytest.raises(CapacityError, match="you"):
@@ -308,13 +316,13 @@ async def test_leases_of_a_user_with_a_non_ascii_name_are_renewed(store: Store) 
     for user in ("zoë", "用户", "a:b"):
         await store.create_job(record(job_id=f"j_{user}", user=user, message_id="m"), limits(NOW))
         await store.renew_leases("i_a", [f"j_{user}"], NOW + 100)
-        if store.__class__.__name__ != "RedisStore":
+        if Capability.SHARED_CAPACITY not in store.capabilities:
             continue  # one process: the registry counts, the store does not
         # The renewed lease still holds at NOW + 20: the user's one slot is taken, and the
         # job is no orphan.
         with pytest.raises(CapacityError, match="you"):
             await store.create_job(record(job_id=f"k_{user}", user=user, message_id="m2"), limits(NOW + 20))
-        assert await store.recover_orphans("i_b", NOW + 20, 60) == []
+        assert await store.take_orphans("i_b", NOW + 20, NOW + 35) == []
         running = await store.get_job(f"j_{user}")
         assert running is not None and running.status == "running" and running.lease_until == NOW + 100
 
@@ -324,7 +332,7 @@ async def test_a_reader_through_the_store_sees_the_epoch_of_a_recovered_job(stor
     ``interrupted`` end carries the new epoch, right after what was durable."""
     from backstream.actors.watcher import StoredSource, Watcher
 
-    if isinstance(store, MemoryStore):
+    if Capability.SURVIVES_RESTART not in store.capabilities:
         return  # one process: nothing is recovered under a reader
     from backstream.protocol.records import SharedCapacity
 
@@ -344,7 +352,7 @@ async def test_a_reader_through_the_store_sees_the_epoch_of_a_recovered_job(stor
     with trio.fail_after(5):
         first = await reader.__anext__()
         assert (first.epoch, first.to_seq) == (1, 3)
-        assert [r.job_id for r in await store.recover_orphans("i_b", NOW + 20, 60)] == ["j_1"]
+        assert [r.job_id for r in await recover_orphans(store, "i_b", NOW + 20)] == ["j_1"]
         second = await reader.__anext__()
     assert (second.epoch, second.from_seq, second.to_seq) == (2, 4, 4)
     assert isinstance(second.events[-1], StatusEvent) and second.events[-1].status == "interrupted"
@@ -423,8 +431,8 @@ async def test_waits_end_when_the_store_is_closed(unopened_store: Store) -> None
     await store.open()
     await store.create_job(record())
     await store.aclose()
-    if isinstance(store, MemoryStore):
-        return  # nothing to close
+    if Capability.SURVIVES_RESTART not in store.capabilities:
+        return  # memory: nothing to close
     for wait in (
         store.wait_abort_requested("j_1"),
         store.wait_decision("j_1", "c1"),

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import trio
@@ -31,12 +32,12 @@ from backstream.actors.ports import (
     Model,
     ModelFailure,
     Store,
-    StoreClosedError,
     ToolOutcome,
     Tools,
     ToolSpec,
     TurnResult,
 )
+from backstream.actors.signals import through_outage
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.chat_stream import (
     ModelOutput,
@@ -52,7 +53,6 @@ from backstream.protocol.conversation import (
     conversation_from_log,
     tool_message,
 )
-from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import AWAITING_APPROVAL, RUNNING, ErrorInfo, JobStatus, JobSummary, TextEvent
 from backstream.protocol.lifecycle import LogState
 from backstream.protocol.records import JobProgress, JobRecord, job_summary
@@ -106,7 +106,6 @@ class JobActor:
         self._flushed_content_length = log.content_length
         self._flushed_status: JobStatus | None = None
         self._closed_in_store = False  # the terminal status is written durably
-        self._notified = False  # the notification step has run to its answer
         self._finished_at: float | None = None
         self._flush_lock = trio.Lock()
         self._updated_at = record.updated_at if continuing else record.created_at
@@ -149,18 +148,18 @@ class JobActor:
 
         The actor is the only writer of its job's terminal record: if even the final
         write fails (a crash outside its own guards), it records ``failed``/``internal``
-        at the last durable seq, so the store never keeps a dead job ``running``."""
+        at the last durable seq, so the store never keeps a dead job ``running``. The
+        terminal commit carries its effects (the outbox entry of its notification)."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_loop)
                 nursery.start_soon(self._listen_for_abort)
                 task_status.started()
                 try:
-                    await self._run_to_end()
-                    await self._write_end()
-                    # A store that is away gets as long to come back for this as for the log.
-                    with trio.move_on_after(self._config.store_outage_limit):
-                        await self._notify_end()
+                    with self._expecting_end() as delivered:
+                        await self._run_to_end()
+                        await self._write_end()
+                        await self._notify_end(delivered)
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -174,23 +173,29 @@ class JobActor:
                     log.exception("job %s: the final write to the store failed", self.job_id)
                 if not self._closed_in_store:
                     await self._record_crash()
-                if not self._notified:
-                    await self._notify_end()
             self.finished.set()
 
-    async def _notify_end(self) -> None:
+    @contextmanager
+    def _expecting_end(self) -> Iterator[trio.Event | None]:
+        if self._notifier is None:
+            yield None
+        else:
+            with self._notifier.expecting_end(self.job_id) as delivered:
+                yield delivered
+
+    async def _notify_end(self, delivered: trio.Event | None) -> None:
+        """Wait until the dispatcher has carried out the outbox entry of the job's end (its
+        notification), so that it exists once the job has finished; at most
+        ``finalize_timeout`` (the entry is durable: a late one is carried out all the same).
+        A job ended elsewhere (fenced off: ``_stop_with("interrupted")``) has no entry of
+        its own to wait for."""
         terminal = self.log.terminal
-        if self._notifier is None or terminal is None:
+        if delivered is None or terminal is None or not self._closed_in_store:
             return
-        await self._notifier.job_ended(
-            job_id=self.job_id,
-            user=self.record.user,
-            thread_id=self.record.thread_id,
-            status=terminal.status,
-            content=self.log.content()[:200],
-            error=terminal.error,
-        )
-        self._notified = True  # asked and answered, whatever the answer
+        if self._stop == ("interrupted", None) or not Notifier.notifies_end(terminal.status):
+            return
+        with trio.move_on_after(self._config.finalize_timeout):
+            await delivered.wait()
 
     async def _run_to_end(self) -> None:
         if self.log.state is LogState.NOT_STARTED:
@@ -552,16 +557,7 @@ class JobActor:
     async def _retrying(self, what: str, wait: Callable[[], Awaitable[T]]) -> T:
         """A store wait, asked again (with backoff) if the store says it is unavailable: an
         outage is never taken for the thing waited for, nor crashes the job."""
-        backoff = Backoff(0.1, 5.0)
-        while True:
-            try:
-                return await wait()
-            except StoreClosedError:
-                raise
-            except UnavailableError as exc:
-                delay = backoff.next_delay()
-                log.warning("job %s: %s: %s; retrying in %.1fs", self.job_id, what, exc, delay)
-                await trio.sleep(delay)
+        return await through_outage(f"job {self.job_id}: {what}", wait, level=logging.WARNING)
 
 
 class _PendingApproval:

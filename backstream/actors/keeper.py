@@ -5,8 +5,9 @@ Three periodic duties, each its own loop, so a slow one never delays another:
 - the retention sweep deletes finished jobs past their ``expires_at``;
 - lease renewal tells a shared store that this instance and its running jobs
   (and its open watches) are alive;
-- orphan recovery ends ``interrupted`` the jobs of instances that died, once
-  their leases lapse (at start-up too, before new jobs are admitted).
+- orphan recovery takes over the jobs of instances that died, once their leases
+  lapse (at start-up too, before new jobs are admitted), and applies the recovery
+  policy (by default: end them ``interrupted``).
 
 A store outage skips a round; the next one catches up. Leases lapse only after
 ``lease_ttl``, so an outage shorter than that costs nothing.
@@ -25,9 +26,9 @@ from backstream.actors.config import Config
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Store
 from backstream.actors.presence import WatchPresence
+from backstream.actors.recovery import InterruptOrphans, RecoveryPolicy
 from backstream.actors.supervisor import Supervisor
 from backstream.protocol.errors import UnavailableError
-from backstream.protocol.events import TextEvent
 from backstream.protocol.records import JobRecord
 
 __all__ = ["Keeper", "KeeperStatistics"]
@@ -106,29 +107,27 @@ class Keeper:
                 self._skipped_rounds_total += 1
                 log.warning("lease renewal skipped: %s", exc)
 
+    recovery: RecoveryPolicy | None = None
+    """What to do with an orphan taken over; None: ``InterruptOrphans``."""
+
     async def recover_orphans(self) -> list[JobRecord]:
-        """End ``interrupted`` the running jobs that no live instance owns, and tell their
-        users. Raises ``UnavailableError``. Cancellation: a job already recovered in the
-        store may miss its notification."""
-        recovered = await self._store.recover_orphans(
-            self._instance_id, self._clock.now(), self._config.retention
-        )
-        for record in recovered:
+        """Take over the running jobs that no live instance owns and apply the recovery
+        policy to each (by default: end it ``interrupted``; its user is told through the
+        outbox). Raises ``UnavailableError``. Cancellation: a job taken over but not yet
+        ended is an orphan again once its new lease lapses."""
+        now = self._clock.now()
+        policy = self.recovery or InterruptOrphans(self._store, self._clock, self._config.retention)
+        recovered = []
+        for handover in await self._store.take_orphans(self._instance_id, now, now + self._config.lease_ttl):
+            record = await policy.recover(handover)
             log.warning(
-                "job %s: its instance is gone; ended interrupted at seq %d", record.job_id, record.seq
+                "job %s: its instance is gone; recovered (%s at seq %d)",
+                record.job_id,
+                record.status,
+                record.seq,
             )
             self._recovered_total += 1
-            if self._notifier is not None:
-                entries = await self._store.read(record.job_id, 0, record.seq)
-                content = "".join(e.text for e in entries if isinstance(e, TextEvent))
-                await self._notifier.job_ended(
-                    job_id=record.job_id,
-                    user=record.user,
-                    thread_id=record.thread_id,
-                    status="interrupted",
-                    content=content,
-                    error=None,
-                )
+            recovered.append(record)
         return recovered
 
     def statistics(self) -> KeeperStatistics:

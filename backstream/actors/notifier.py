@@ -1,9 +1,14 @@
 """Notifications: when a job ends (or waits for approval) with nobody watching, tell its user.
 
 The decision and the creation are one atomic step in the store
-(``Store.notify_unwatched``): nobody watches the job on any instance, the thread
+(``Inbox.notify_unwatched``): nobody watches the job on any instance, the thread
 is not muted, and the job has no notification of that type yet. Every instance
 then pushes the new notification to the connections of that user it holds.
+
+A job's end reaches ``job_ended`` through the outbox: its terminal commit leaves an
+entry that the ``Dispatcher`` carries out (so a crash right after the commit loses
+nothing); a job actor that wants its notification made before it finishes waits
+for it through ``expecting_end``.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import attrs
 import trio
 
 from backstream.actors.clock import WallClock
-from backstream.actors.ports import Store, StoreClosedError
+from backstream.actors.ports import Inbox, StoreClosedError
+from backstream.actors.signals import through_outage
 from backstream.protocol.backoff import Backoff
-from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import ErrorInfo, JobStatus
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import NotificationRecord
@@ -42,15 +47,40 @@ _BY_STATUS: dict[str, tuple[str, str]] = {
 class NotifierStatistics:
     subscribers: int
     pushes_dropped: int
+    ends_expected: int
 
 
 class Notifier:
-    def __init__(self, store: Store, clock: WallClock, max_per_user: int) -> None:
-        self._store = store
+    def __init__(self, inbox: Inbox, clock: WallClock, max_per_user: int) -> None:
+        self._inbox = inbox
         self._clock = clock
         self._max_per_user = max_per_user
         self._subscribers: dict[str, set[trio.MemorySendChannel[NotificationRecord]]] = {}
         self._pushes_dropped = 0
+        # Job actors of this process waiting for their end's notification (one each).
+        self._ends_expected: dict[str, trio.Event] = {}
+
+    @contextmanager
+    def expecting_end(self, job_id: str) -> Iterator[trio.Event]:
+        """For the block, an event set once ``end_delivered(job_id)`` is called. Enter it
+        before the terminal commit, so that a delivery right after it is not missed."""
+        event = self._ends_expected[job_id] = trio.Event()
+        try:
+            yield event
+        finally:
+            if self._ends_expected.get(job_id) is event:
+                del self._ends_expected[job_id]
+
+    @staticmethod
+    def notifies_end(status: JobStatus) -> bool:
+        """Whether a job's end with ``status`` calls for a notification (not ``aborted``)."""
+        return status in _BY_STATUS
+
+    def end_delivered(self, job_id: str) -> None:
+        """The outbox entry of the job's end was carried out (the dispatcher calls it)."""
+        event = self._ends_expected.get(job_id)
+        if event is not None:
+            event.set()
 
     async def job_ended(
         self,
@@ -93,20 +123,18 @@ class Notifier:
             body=body,
             created_at=now,
         )
-        backoff = Backoff(0.1, 2.0)
-        while True:
-            try:
-                return await self._store.notify_unwatched(record, now, self._max_per_user)
-            except StoreClosedError:
-                log.warning("job %s: the store closed before its notification was created", job_id)
-                return False
-            except UnavailableError as exc:  # the store is away: ask again; the caller bounds it
-                delay = backoff.next_delay()
-                log.debug("job %s: notification not created yet (%s); retrying in %.1fs", job_id, exc, delay)
-                await trio.sleep(delay)
-            except Exception:
-                log.exception("job %s: could not create a notification", job_id)
-                return False
+        try:  # while the store is away, ask again; the caller bounds it
+            return await through_outage(
+                f"job {job_id}: notification not created yet",
+                lambda: self._inbox.notify_unwatched(record, now, self._max_per_user),
+                backoff=Backoff(0.1, 2.0),
+            )
+        except StoreClosedError:
+            log.warning("job %s: the store closed before its notification was created", job_id)
+            return False
+        except Exception:
+            log.exception("job %s: could not create a notification", job_id)
+            return False
 
     def deliver_local(self, notification: NotificationRecord) -> None:
         """Push to this instance's connections of the user (never blocks). The store calls
@@ -138,4 +166,5 @@ class Notifier:
         return NotifierStatistics(
             subscribers=sum(len(channels) for channels in self._subscribers.values()),
             pushes_dropped=self._pushes_dropped,
+            ends_expected=len(self._ends_expected),
         )

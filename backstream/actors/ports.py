@@ -8,27 +8,38 @@ a tool registry, and hands them to the actors at construction.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
 import trio
 
+from backstream.actors.signals import StoreClosedError
 from backstream.protocol.chat_stream import ModelOutput, ToolCallDone
-from backstream.protocol.errors import UnavailableError
-from backstream.protocol.events import ErrorInfo, LogEvent
+from backstream.protocol.events import ErrorInfo, JobStatus, LogEvent
 from backstream.protocol.records import JobProgress, JobRecord, NotificationRecord, SharedCapacity
 
 __all__ = [
+    "Capability",
     "ChatTurn",
+    "Handover",
+    "Inbox",
     "JobEndedElsewhereError",
+    "JobStore",
+    "Leases",
     "LogBehindError",
+    "LogStore",
     "Model",
     "ModelFailure",
     "NotificationListener",
+    "Outbox",
+    "OutboxEntry",
     "OutputSink",
+    "Signals",
     "Store",
     "StoreClosedError",
+    "StoreService",
     "ToolOutcome",
     "ToolSpec",
     "Tools",
@@ -121,22 +132,20 @@ class Tools(Protocol):
 
 
 # -- the store ---------------------------------------------------------------------------
+# Small ports, so that an actor depends only on what it uses; ``Store`` is their union,
+# for whoever needs everything (the runtime that builds and hands them out).
 
 NotificationListener = Callable[[NotificationRecord], None]
 
 
-class StoreClosedError(UnavailableError):
-    """The store was closed (``aclose``): unlike an outage, waiting will not help."""
-
-
 class JobEndedElsewhereError(Exception):
-    """The store holds the job as ended although this writer still runs it: another
-    instance took it for an orphan (its lease lapsed, e.g. while the store was away) and
-    ended it ``interrupted`` in a new epoch. Nothing was changed; the writer must stop
-    writing, since the stored ending stands."""
+    """The store holds the job as ended, or handed to another owner, although this writer
+    still runs it: another instance took it for an orphan (its lease lapsed, e.g. while
+    the store was away). Nothing was changed; the writer must stop writing, since the
+    stored state stands."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"{job_id}: the store holds this job as ended by another instance")
+        super().__init__(f"{job_id}: the store holds this job as ended or taken over by another instance")
         self.job_id = job_id
 
 
@@ -151,21 +160,44 @@ class LogBehindError(Exception):
         self.stored_seq = stored_seq
 
 
-class Store(abc.ABC):
-    """Jobs, their logs and the signals between instances.
+class Capability(enum.Enum):
+    """What a store offers beyond the ports every store implements."""
 
-    Methods raise ``UnavailableError`` when the backing service cannot be reached,
-    except the ``wait_*`` methods, which wait through an outage (retrying with
-    backoff, never in a busy loop). None of them takes a timeout: deadlines live with
-    the caller. Close: after ``aclose``, a store that holds connections (SQLite, Redis)
-    raises ``StoreClosedError`` from every method, waits included, and waits under way
-    raise it at their next look at the store; the memory store has nothing to close.
+    SHARED_BETWEEN_PROCESSES = "shared_between_processes"
+    """Many instances use it at once (Redis): presence, signals and notifications cross them."""
+    SURVIVES_RESTART = "survives_restart"
+    """Its jobs outlive the process (SQLite, Redis): a new instance finds the old one's jobs."""
+    LEASES = "leases"
+    """Running jobs hold leases; a job whose lease lapsed is an orphan another instance takes."""
+    SHARED_CAPACITY = "shared_capacity"
+    """``create_job`` counts running jobs across instances (``SharedCapacity``)."""
 
-    Cancellation: every method may be cancelled. A write that was cancelled may or may
-    not have happened (it is atomic either way: all of it or none); repeating it is
-    safe, because creates are idempotent per message id and commits skip the entries
-    the store already holds. Cancelling a wait consumes nothing.
-    """
+
+@attrs.frozen
+class Handover:
+    """An orphan handed to a new owner by ``Leases.take_orphans``: its record (new owner,
+    new lease, epoch + 1) and its durable entries."""
+
+    record: JobRecord
+    entries: tuple[LogEvent, ...]
+
+
+@attrs.frozen
+class OutboxEntry:
+    """The effect a job's terminal commit leaves behind: its end, to be told to its user.
+    Written in the same atomic step as the terminal commit, so a crash cannot lose it."""
+
+    job_id: str
+    user: str
+    thread_id: str
+    status: JobStatus
+    error: ErrorInfo | None
+
+
+class StoreService(abc.ABC):
+    """Opening, closing and the store's own background work."""
+
+    capabilities: frozenset[Capability] = frozenset()
 
     @abc.abstractmethod
     async def open(self, *, on_notification: NotificationListener | None = None) -> None:
@@ -188,16 +220,25 @@ class Store(abc.ABC):
         """A frozen snapshot of the store's counters (an attrs class per store)."""
 
     @abc.abstractmethod
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The store's background work (a writer, or listening for other instances), until
+        cancelled. Cancellation: stops it; waits of a shared store fall back to polling."""
+
+
+class JobStore(abc.ABC):
+    """Job records: created, found, listed and swept."""
+
+    @abc.abstractmethod
     async def create_job(
         self, record: JobRecord, capacity: SharedCapacity | None = None
     ) -> tuple[JobRecord, bool]:
         """Insert ``record`` unless the user already has a job with its ``message_id``.
 
         Returns ``(record, True)`` when inserted, or ``(existing, False)``. Atomic: two
-        racing creates never both insert. A store shared by many instances also takes a
+        racing creates never both insert. A store with ``SHARED_CAPACITY`` also takes a
         running-job slot in the same step, and raises ``CapacityError`` past
         ``capacity``'s limits (leases that ended before ``capacity.now``, a dead
-        instance's, do not count); single-process stores ignore ``capacity``.
+        instance's, do not count); other stores ignore ``capacity``.
         Cancellation: the job may or may not exist; creating it again finds it.
         """
 
@@ -209,33 +250,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def find_job(self, user: str, message_id: str) -> JobRecord | None:
         """The user's job started with ``message_id``, if any. Cancellation: safe (a read)."""
-
-    @abc.abstractmethod
-    async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
-        """Append ``entries`` (which continue the stored log) and apply ``progress``, atomically.
-
-        Entries the store already holds (a retried commit) are not appended twice. If the
-        entries (or, without entries, ``progress.seq``) go beyond what the stored log
-        holds plus one batch, nothing changes and ``LogBehindError`` tells the writer
-        where the stored log ends. A commit for a job the store no longer holds does
-        nothing. Only what a commit changes is written: the entries and the progress
-        fields, never the request again. Wakes everyone in ``wait_for_entries`` on this
-        job; a terminal commit frees the job's shared slot.
-        Cancellation: all of it happened or none of it; commit again.
-        """
-
-    @abc.abstractmethod
-    async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
-        """Up to ``limit`` stored entries after ``after_seq``, in order. Cancellation: safe."""
-
-    @abc.abstractmethod
-    async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
-        """Return once the stored record goes past ``after_seq``, has ended, or is gone.
-
-        May return early (callers re-read and wait again), but never at once twice in a
-        row for the same state: a poll has a floor. Waits through an outage.
-        Cancellation: safe; nothing is consumed.
-        """
 
     @abc.abstractmethod
     async def list_jobs(
@@ -254,6 +268,43 @@ class Store(abc.ABC):
 
         Cancellation: some jobs may be deleted already; the next sweep finds the rest."""
 
+
+class LogStore(abc.ABC):
+    """A job's log, written by its one writer and read by anyone."""
+
+    @abc.abstractmethod
+    async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
+        """Append ``entries`` (which continue the stored log) and apply ``progress``, atomically.
+
+        Entries the store already holds (a retried commit) are not appended twice. If the
+        entries (or, without entries, ``progress.seq``) go beyond what the stored log
+        holds plus one batch, nothing changes and ``LogBehindError`` tells the writer
+        where the stored log ends. A commit for a job the store no longer holds does
+        nothing; one from a writer whose job was handed to another owner (or ended by
+        one) changes nothing and raises ``JobEndedElsewhereError``. Only what a commit
+        changes is written: the entries and the progress fields, never the request
+        again. Wakes everyone in ``wait_for_entries`` on this job. A commit that ends the
+        job frees its shared slot and, in the same step, writes its ``OutboxEntry``.
+        Cancellation: all of it happened or none of it; commit again.
+        """
+
+    @abc.abstractmethod
+    async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
+        """Up to ``limit`` stored entries after ``after_seq``, in order. Cancellation: safe."""
+
+    @abc.abstractmethod
+    async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
+        """Return once the stored record goes past ``after_seq``, has ended, or is gone.
+
+        May return early (callers re-read and wait again), but never at once twice in a
+        row for the same state: a poll has a floor. Waits through an outage.
+        Cancellation: safe; nothing is consumed.
+        """
+
+
+class Signals(abc.ABC):
+    """Aborts and approval decisions, which may come through another instance."""
+
     @abc.abstractmethod
     async def request_abort(self, job_id: str) -> None:
         """Mark the job to be aborted, and tell the instance that runs it, wherever it is.
@@ -268,9 +319,20 @@ class Store(abc.ABC):
         Cancellation: safe; nothing is consumed.
         """
 
-    # -- watchers and notifications ----------------------------------------------------------
-    # Single-process stores keep presence, mutes and notifications in memory-backed state of
-    # their own; a shared store keeps them where every instance sees them.
+    @abc.abstractmethod
+    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+        """Deliver a person's decision on a tool call to the instance that runs the job.
+        Cancellation: it may or may not be delivered; sending it again is harmless (the
+        first decision stands)."""
+
+    @abc.abstractmethod
+    async def wait_decision(self, job_id: str, call_id: str) -> bool:
+        """Wait for the decision on a tool call, through any outage of the store.
+        Cancellation: safe; a decision sent meanwhile is still found by the next wait."""
+
+
+class Inbox(abc.ABC):
+    """Who watches, muted threads, and the notifications of users."""
 
     @abc.abstractmethod
     async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
@@ -284,10 +346,11 @@ class Store(abc.ABC):
         if the watch is gone before the notification check runs. Cancellation: a shared
         store's presence lapses by itself at ``until``."""
 
+    @abc.abstractmethod
     async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
-        """Extend the presence of this instance's ``(job_id, watch_id)`` watches.
-        Cancellation: some may be renewed; the next renewal catches up."""
-        await trio.lowlevel.checkpoint()
+        """Extend the presence of this instance's ``(job_id, watch_id)`` watches (a store
+        that one process owns has nothing to extend). Cancellation: some may be renewed;
+        the next renewal catches up."""
 
     @abc.abstractmethod
     async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
@@ -314,41 +377,72 @@ class Store(abc.ABC):
         """Mute or unmute a thread's notifications for its user. Cancellation: it may or
         may not be applied; repeating it is harmless."""
 
-    # -- approvals: a decision may come through another instance ------------------------
+
+class Leases(abc.ABC):
+    """Which instance runs a job, and handing the jobs of dead instances to live ones."""
 
     @abc.abstractmethod
-    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
-        """Deliver a person's decision on a tool call to the instance that runs the job.
-        Cancellation: it may or may not be delivered; sending it again is harmless (the
-        first decision stands)."""
-
-    @abc.abstractmethod
-    async def wait_decision(self, job_id: str, call_id: str) -> bool:
-        """Wait for the decision on a tool call, through any outage of the store.
-        Cancellation: safe; a decision sent meanwhile is still found by the next wait."""
-
-    # -- many instances: leases, orphans, shared capacity -----------------------------
-    # The defaults fit a store that one process owns (memory): nothing is shared.
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The store's background work (e.g. listening for other instances), until cancelled.
-        Cancellation: stops listening; waits of this store fall back to polling."""
-        task_status.started()
-        await trio.sleep_forever()
-
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
-        """Extend the leases of ``owner``'s running jobs to ``until``.
-        Cancellation: some may be renewed; the next renewal catches up."""
-        await trio.lowlevel.checkpoint()
+        """Extend the leases of ``owner``'s running jobs to ``until`` (a store without
+        ``LEASES`` has none). Cancellation: some may be renewed; the next renewal catches up."""
 
-    async def recover_orphans(self, owner: str, now: float, retention: float) -> list[JobRecord]:
-        """End ``interrupted`` every running job whose instance is gone, keeping its durable
-        log, by ``lifecycle.interruption()``: the terminal status goes after the last
-        durable entry and the epoch grows by one. Returns the jobs this call recovered
-        (each exactly once across instances). Cancellation: each job is recovered
-        atomically or not at all; the next call finds the rest."""
-        await trio.lowlevel.checkpoint()
-        return []
+    @abc.abstractmethod
+    async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
+        """Hand every orphan (a live job whose instance is gone: its lease lapsed before
+        ``now``, or, in a store one process owns, any live job another instance started)
+        to ``owner``, each atomically: new owner, lease until ``lease_until``, epoch + 1
+        (readers holding an older epoch's cursor get ``gone``), and its old writer fenced
+        off (its commits raise ``JobEndedElsewhereError``). Returns each job this call took
+        (each exactly once across instances) with its durable entries; what to do with it
+        is the new owner's policy (``RecoveryPolicy``). Cancellation: each job is taken
+        atomically or not at all; a job taken but not yet ended is an orphan again once
+        ``lease_until`` passes."""
+
+
+OUTBOX_CLAIM_S = 30.0
+"""How long a claim on an outbox entry holds. A terminal commit's entry starts claimed
+by the job's owner for this long (from the commit's ``updated_at``): its own
+dispatcher carries it out at once, others only if that instance died."""
+
+
+class Outbox(abc.ABC):
+    """The effects terminal commits left, until someone has carried them out."""
+
+    @abc.abstractmethod
+    async def claim_outbox(self, owner: str, now: float, until: float, limit: int) -> list[OutboxEntry]:
+        """Claim up to ``limit`` entries held by ``owner`` already or by nobody (a claim
+        that lapsed before ``now``; in a store one process owns, another owner's claim is
+        a dead instance's) for ``owner`` until ``until``: while claimed, no other caller
+        gets them. Cancellation: they may or may not be claimed; a claim lapses by itself."""
+
+    @abc.abstractmethod
+    async def delete_outbox(self, job_ids: Sequence[str]) -> None:
+        """Delete these entries: carried out. Cancellation: some may be deleted; a claim
+        left lapses and the entry is carried out again (its effect is idempotent)."""
+
+    @abc.abstractmethod
+    async def wait_outbox(self, timeout: float) -> None:
+        """Return when an entry may have been written (by this process: at once; by
+        another instance: at the latest after ``timeout``). Close: raises
+        ``StoreClosedError``. Cancellation: safe."""
+
+
+class Store(StoreService, JobStore, LogStore, Signals, Inbox, Leases, Outbox):
+    """Jobs, their logs and the signals between instances: every port in one.
+
+    Methods raise ``UnavailableError`` when the backing service cannot be reached,
+    except the ``wait_*`` methods, which wait through an outage (retrying with
+    backoff, never in a busy loop). None of them takes a timeout: deadlines live with
+    the caller. Close: after ``aclose``, a store that holds connections (SQLite, Redis)
+    raises ``StoreClosedError`` from every method, waits included, and waits under way
+    raise it at their next look at the store; the memory store has nothing to close.
+    What a store offers beyond the ports is in ``capabilities``.
+
+    Cancellation: every method may be cancelled. A write that was cancelled may or may
+    not have happened (it is atomic either way: all of it or none); repeating it is
+    safe, because creates are idempotent per message id and commits skip the entries
+    the store already holds. Cancelling a wait consumes nothing.
+    """
 
 
 def seen_end_counts(notification_type: str) -> bool:

@@ -10,6 +10,7 @@
         +-- registry   (permanent): admission, and the running counts it alone owns
         +-- ticker     (permanent): wakes the flushers of jobs with new entries
         +-- keeper     (permanent): retention sweep, lease renewal, orphan recovery
+        +-- dispatcher (permanent): carries out the outbox (job-end notifications)
 
 Every child is given by a factory, so a restart starts it afresh: the registry rebuilds
 its counts from the jobs supervisor, the ticker is built anew; the store, the metronome
@@ -30,6 +31,7 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
+from backstream.actors.dispatcher import Dispatcher
 from backstream.actors.job import JobActor
 from backstream.actors.keeper import Keeper
 from backstream.actors.metronome import Metronome
@@ -152,4 +154,12 @@ async def _start_system(
         ChildSpec("ticker", lambda: FlushTicker(config, jobs).run, Restart.PERMANENT, shutdown=0)
     )
     await system.start_child(ChildSpec("keeper", lambda: keeper.run, Restart.PERMANENT, shutdown=0))
+    await system.start_child(
+        ChildSpec(
+            "dispatcher",
+            lambda: Dispatcher(store, store, notifier, clock, instance_id=instance_id).run,
+            Restart.PERMANENT,
+            shutdown=0,
+        )
+    )
     return runtime

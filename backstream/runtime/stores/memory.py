@@ -8,18 +8,21 @@ a job has ended its entries are kept compact (``protocol.compact``).
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Sequence
 
 import attrs
 import trio
 
-from backstream.actors.ports import NotificationListener, Store
+from backstream.actors.ports import Handover, NotificationListener, OutboxEntry
+from backstream.actors.signals import OUTBOX_BELL
 from backstream.protocol.compact import CompactEntries
 from backstream.protocol.events import LogEvent, StatusEvent
 from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
-from backstream.runtime.stores.local_notifications import LocalNotifications
-from backstream.runtime.stores.shared import DecisionBox, plan_commit
+from backstream.runtime.stores.local import LocalStore
+from backstream.runtime.stores.local_notifications import MemoryShelf
+from backstream.runtime.stores.shared import outbox_entry, plan_commit
 
 __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 
@@ -28,18 +31,17 @@ __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 class _StoredJob:
     record: JobRecord
     entries: list[LogEvent] | CompactEntries = attrs.Factory(list)
-    changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
-    abort: trio.Event = attrs.Factory(trio.Event)
 
 
-class MemoryStore(LocalNotifications, Store):
+class MemoryStore(LocalStore):
     """Everything in this process. Nothing here waits on I/O: each method is atomic, and
     cancelling one before it returns changes nothing. ``aclose`` changes nothing either
-    (the data stays until the object goes)."""
+    (the data stays until the object goes). Capabilities: none (one process, no leases)."""
 
     def __init__(self) -> None:
-        self._init_local_notifications()
-        self._decisions = DecisionBox()
+        self._shelf = MemoryShelf()
+        super().__init__(self._shelf)
+        self._outbox: dict[str, OutboxEntry] = {}  # in write order
         self._jobs: dict[str, _StoredJob] = {}
         self._by_message: dict[tuple[str, str], str] = {}
         # Per user, job ids in creation order (a dict as an ordered set).
@@ -48,13 +50,18 @@ class MemoryStore(LocalNotifications, Store):
 
     async def open(self, *, on_notification: NotificationListener | None = None) -> None:
         await trio.lowlevel.checkpoint()
-        self._on_notification = on_notification
+        self.inbox.on_notification = on_notification
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
     async def ping(self) -> None:
         await trio.lowlevel.checkpoint()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Nothing runs in the background. Cancellation: returns."""
+        task_status.started()
+        await trio.sleep_forever()
 
     async def create_job(
         self, record: JobRecord, capacity: SharedCapacity | None = None
@@ -89,12 +96,16 @@ class MemoryStore(LocalNotifications, Store):
             job.entries = list(job.entries)  # an ended job written again (a recovery): expand
         job.entries.extend(plan.entries)
         if plan.apply_progress:
+            outgoing = outbox_entry(job.record, progress)
+            if outgoing is not None:
+                self._outbox[job_id] = outgoing
+                self.hub.ring(OUTBOX_BELL)
             job.record = job.record.advanced(progress)
             if progress.expires_at is not None:
                 heapq.heappush(self._expiry, (progress.expires_at, job_id))
         if isinstance(job.entries, list) and _ends_log(job.entries):
             job.entries = CompactEntries(job.entries)  # read-only from now on: kept small
-        job.changed.unpark_all()
+        self.hub.signal_job(job_id)
 
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
         await trio.lowlevel.checkpoint()
@@ -108,7 +119,7 @@ class MemoryStore(LocalNotifications, Store):
         if job is None or len(job.entries) > after_seq or is_terminal(job.record.status):
             await trio.lowlevel.checkpoint()
             return
-        await job.changed.park()
+        await self.hub.wait(("entries", job_id))  # no await since the check: nothing is missed
 
     async def list_jobs(
         self,
@@ -154,30 +165,41 @@ class MemoryStore(LocalNotifications, Store):
             user_jobs.pop(record.job_id, None)
             if not user_jobs:
                 del self._by_user[record.user]
-        job.changed.unpark_all()  # waiting readers find the job gone
-        self.forget_job_notifications(record.job_id)
-        self._decisions.forget_job(record.job_id)
+        self._outbox.pop(record.job_id, None)  # undelivered by now: dropped with its job
+        self.forget_job(record.job_id)  # waiting readers find the job gone
 
     async def request_abort(self, job_id: str) -> None:
         await trio.lowlevel.checkpoint()
         job = self._jobs.get(job_id)
         if job is not None:
             job.record = attrs.evolve(job.record, abort_requested=True)
-            job.abort.set()
+            self.hub.signal(("abort", job_id))
 
     async def wait_abort_requested(self, job_id: str) -> None:
-        job = self._jobs.get(job_id)
-        if job is None:
-            await trio.sleep_forever()  # no such job: no abort will ever come for it
-        else:
-            await job.abort.wait()
+        """Without such a job, no abort ever comes: it waits until cancelled.
+        Cancellation: safe; nothing is consumed."""
+        while True:
+            with self.hub.listen(("abort", job_id)) as listener:
+                job = self._jobs.get(job_id)
+                if job is not None and job.record.abort_requested:
+                    await trio.lowlevel.checkpoint()
+                    return
+                await listener.wait()
 
-    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+    async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
+        """One process, nothing outlives it: no orphans. Cancellation: safe."""
         await trio.lowlevel.checkpoint()
-        self._decisions.put(job_id, call_id, approved)
+        return []
 
-    async def wait_decision(self, job_id: str, call_id: str) -> bool:
-        return await self._decisions.wait(job_id, call_id)
+    async def claim_outbox(self, owner: str, now: float, until: float, limit: int) -> list[OutboxEntry]:
+        """One process, one dispatcher: every entry is the caller's. Cancellation: safe."""
+        await trio.lowlevel.checkpoint()
+        return list(itertools.islice(self._outbox.values(), limit))
+
+    async def delete_outbox(self, job_ids: Sequence[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        for job_id in job_ids:
+            self._outbox.pop(job_id, None)
 
     def job_count(self) -> int:
         """Jobs held."""
@@ -190,8 +212,9 @@ class MemoryStore(LocalNotifications, Store):
             message_keys=len(self._by_message),
             users=len(self._by_user),
             expiry_rows=len(self._expiry),
-            notification_marks=len(self._notified) + len(self._seen_ending),
-            decisions_waiting=len(self._decisions),
+            notification_marks=self._shelf.marks() + self.inbox.marks(),
+            decisions_waiting=len(self.decisions),
+            outbox=len(self._outbox),
         )
 
 
@@ -204,6 +227,7 @@ class MemoryStoreStatistics:
     expiry_rows: int
     notification_marks: int
     decisions_waiting: int
+    outbox: int
 
 
 def _ends_log(entries: list[LogEvent]) -> bool:

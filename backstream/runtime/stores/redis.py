@@ -1,26 +1,21 @@
 """``RedisStore``: jobs shared by many server processes and machines, through Redis (coredis).
 
-Keys (all under ``prefix``; user-chosen ids are length-prefixed so they cannot collide):
+Keys are named by ``RedisKeyspace`` (``redis_keys``): per job a record (a hash of
+JSON-encoded fields) and a log (a stream with one entry per flush batch, whose id
+is the batch's last seq); per user the idempotency keys, the listing indexes and
+the running set; and the instance-wide running set (scored by lease expiry: the
+cluster-wide capacity count, and where orphans are found), expiry index and outbox.
 
-- ``{p}:job:{id}``: the job record, a hash of JSON-encoded fields;
-- ``{p}:log:{id}``: the log, a stream with one entry per flush batch, whose id is
-  the batch's last seq (``"{seq}-0"``);
-- ``{p}:msg:{len}:{user}:{message_id}``: the idempotency key → job id;
-- ``{p}:user:{len}:{user}`` and ``{p}:thread:{len}:{user}:{thread}``: sorted sets
-  by creation time, for listing; ``{p}:expiry``: finished jobs by expiry time;
-- ``{p}:running`` and ``{p}:running:{len}:{user}``: running jobs scored by lease
-  expiry: the cluster-wide capacity count, and where orphans are found.
-
-Creating, committing, recovering and taking a slot are Lua scripts: each is
+Creating, committing, handing over and taking a slot are Lua scripts: each is
 atomic. A commit is planned in Python (``stores.shared.plan_commit``: which
 entries are new) against the ``seq`` this process last saw, and the script
-applies it only if the stored ``seq`` is still that one; otherwise it answers
-with the stored ``seq`` and the commit is planned again. So a retried commit
-adds nothing twice, and a log behind the writer (Redis back from an older
-snapshot) is reported, never left with a gap. One pub/sub subscriber per
-instance (``{p}:commits``, ``{p}:aborts``, ``{p}:decisions``,
-``{p}:notifications``) wakes local waiters; every wait also polls, with a
-floor, in case a message was missed.
+applies it only if the stored ``seq`` is still that one and the job is still this
+writer's; otherwise it answers with the stored ``seq`` and the commit is planned
+again. So a retried commit adds nothing twice, and a log behind the writer (Redis
+back from an older snapshot) is reported, never left with a gap. A terminal commit
+writes its outbox entry in the same script. One pub/sub subscriber per instance
+(``RedisSubscriber``) wakes local waiters through the store's ``SignalHub``; every
+wait also polls, with a floor, in case a message was missed.
 
 Outages: every method but the ``wait_*`` ones raises ``UnavailableError``; the
 waits retry with backoff until Redis answers again. Finished jobs' keys also
@@ -29,29 +24,26 @@ expire in Redis, an hour after retention, should no sweep ever run.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import ssl
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import coredis
-import coredis.exceptions
 import trio
-from coredis.connection import TCPLocation
 from coredis.tokens import PureToken
 
 from backstream.actors.ports import (
+    OUTBOX_CLAIM_S,
+    Capability,
+    Handover,
     JobEndedElsewhereError,
     LogBehindError,
     NotificationListener,
+    OutboxEntry,
     Store,
-    StoreClosedError,
 )
-from backstream.protocol.backoff import Backoff
+from backstream.actors.signals import OUTBOX_BELL, SignalHub, through_outage
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.events import LogEvent
 from backstream.protocol.lifecycle import LIVE_STATUSES, TERMINAL_STATUSES, is_terminal
@@ -66,38 +58,27 @@ from backstream.protocol.records import (
     record_from_dict,
     record_to_dict,
 )
-from backstream.runtime.stores import redis_scripts as scripts
-from backstream.runtime.stores.redis_notifications import SAFETY_TTL_S, RedisNotifications, ms
-from backstream.runtime.stores.shared import interrupted, plan_commit
+from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
+from backstream.runtime.stores.redis_keys import RedisKeyspace
+from backstream.runtime.stores.redis_notifications import RedisInbox
+from backstream.runtime.stores.redis_subscriber import WAIT_POLL_S, RedisSubscriber
+from backstream.runtime.stores.shared import outbox_from_json, outbox_to_json, plan_commit
 
 __all__ = ["RedisStore", "RedisStoreStatistics"]
 
-log = logging.getLogger("backstream.redis")
-
 _TERMINAL_JSON = json.dumps(sorted(TERMINAL_STATUSES))
-_WAIT_POLL_S = 1.0  # a missed pub/sub message delays a remote watcher by this at most
-_SIGNAL_POLL_S = 5.0  # ... and an abort or a decision by this
-_UNAVAILABLE = (
-    coredis.exceptions.ConnectionError,  # includes BusyLoadingError: Redis restarting
-    coredis.exceptions.ClusterDownError,
-    coredis.exceptions.TryAgainError,
-    TimeoutError,
-    OSError,
-)
-
-
-def _outage_backoff() -> Backoff:
-    """The schedule of every wait that meets an outage: 0.1 s, doubling, at most 5 s."""
-    return Backoff(0.1, 5.0)
+_LIVE_JSON = json.dumps(sorted(LIVE_STATUSES))
 
 
 @attrs.define
 class _Writing:
-    """A job this process writes: its names (so a commit takes one round trip) and the
-    ``seq`` its log had at the last commit seen."""
+    """A job this process writes: its names (so a commit takes one round trip), its owner
+    (the fence) and the ``seq`` its log had at the last commit seen."""
 
     user: str
     message_id: str
+    thread_id: str
+    owner: str | None
     stored_seq: int
 
 
@@ -117,162 +98,71 @@ class RedisStoreStatistics:
     """Waits that met an unavailable Redis and retried."""
 
 
-class RedisStore(RedisNotifications, Store):
+class RedisStore(Store):
+    capabilities = frozenset(
+        {
+            Capability.SHARED_BETWEEN_PROCESSES,
+            Capability.SURVIVES_RESTART,
+            Capability.LEASES,
+            Capability.SHARED_CAPACITY,
+        }
+    )
+
     def __init__(self, url: str, *, prefix: str = "backstream") -> None:
         """``redis://HOST:PORT/DB`` or ``rediss://...``; ``redis+cluster://HOST:PORT`` (or
         ``rediss+cluster://``) for Redis Cluster through coredis' cluster client."""
-        self.cluster = "+cluster://" in url
-        self.url = url.replace("+cluster://", "://")
+        self._conn = RedisConnection(url, prefix)
+        self.cluster = self._conn.cluster
+        self.url = self._conn.url
         self.prefix = prefix
-        # A hash tag: every key of this store lands in one cluster slot, so each Lua script's
-        # keys are on one node (on a single server it changes nothing).
-        self._tag = "{" + prefix + "}"
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._redis: coredis.Redis[str] | coredis.RedisCluster[str] | None = None
-        self._changed: dict[str, trio.lowlevel.ParkingLot] = {}
-        self._aborts: dict[str, trio.Event] = {}  # by job id
-        self._decisions: dict[str, trio.Event] = {}  # by "job_id call_id"
+        self.keys: RedisKeyspace = self._conn.keys
+        self.hub = SignalHub()
+        self.subscriber = RedisSubscriber(self._conn, self.hub)
+        self.inbox = RedisInbox(self._conn)
         self._writing: dict[str, _Writing] = {}
-        self._on_notification: NotificationListener | None = None
         self._commits_replanned = 0
-        self._outage_retries = 0
-        self.subscribed = trio.Event()
+
+    @property
+    def subscribed(self) -> trio.Event:
         """Set while the pub/sub listener is connected."""
+        return self.subscriber.subscribed
+
+    @property
+    def _redis(self) -> coredis.Redis[str] | coredis.RedisCluster[str] | None:
+        return None if self._conn.closed else self._conn.client
+
+    @property
+    def redis(self) -> coredis.Redis[str] | coredis.RedisCluster[str]:
+        return self._conn.client
 
     def statistics(self) -> RedisStoreStatistics:
         return RedisStoreStatistics(
             subscribed=self.subscribed.is_set(),
             jobs_writing=len(self._writing),
-            readers_waiting=sum(lot.statistics().tasks_waiting for lot in self._changed.values()),
-            signal_waiters=len(self._aborts) + len(self._decisions),
+            readers_waiting=self.hub.waiting("entries"),
+            signal_waiters=self.hub.waiting("abort") + self.hub.waiting("decision"),
             commits_replanned=self._commits_replanned,
-            outage_retries=self._outage_retries,
+            outage_retries=self.subscriber.outage_retries,
         )
-
-    # -- keys -------------------------------------------------------------------------
-
-    def _k(self, *parts: str) -> str:
-        return ":".join((self._tag, *parts))
-
-    def _job(self, job_id: str) -> str:
-        return self._k("job", job_id)
-
-    def _log(self, job_id: str) -> str:
-        return self._k("log", job_id)
-
-    def _msg(self, user: str, message_id: str) -> str:
-        return self._k("msg", str(len(user)), user, message_id)
-
-    def _user_index(self, user: str) -> str:
-        return self._k("user", str(len(user)), user)
-
-    def _thread_index(self, user: str, thread_id: str) -> str:
-        return self._k("thread", str(len(user)), user, thread_id)
-
-    def _user_running(self, user: str) -> str:
-        return self._k("running", str(len(user)), user)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def open(self, *, on_notification: NotificationListener | None = None) -> None:
-        self._on_notification = on_notification
-        stack = contextlib.AsyncExitStack()
-        try:
-            client: coredis.Redis[str] | coredis.RedisCluster[str]
-            if self.cluster:
-                client = _cluster_client(self.url)
-            else:
-                client = coredis.Redis.from_url(self.url, decode_responses=True)
-            await stack.enter_async_context(client)
-            self._redis = client
-            self._scripts = {
-                name: client.register_script(body)
-                for name, body in (
-                    ("create", scripts.CREATE),
-                    ("commit", scripts.COMMIT),
-                    ("recover", scripts.RECOVER),
-                    ("renew", scripts.RENEW),
-                    ("notify", scripts.NOTIFY),
-                )
-            }
-            await self.ping()
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
+        self.subscriber.on_notification = on_notification
+        await self._conn.open()
 
     async def aclose(self) -> None:
-        """Close the connections. Cancellation: they are closed all the same."""
-        stack, self._stack = self._stack, None
-        self._redis = None
-        if stack is not None:
-            await stack.aclose()
-
-    @property
-    def redis(self) -> coredis.Redis[str] | coredis.RedisCluster[str]:
-        if self._redis is None:
-            raise StoreClosedError("the store is closed")
-        return self._redis
+        """Close the connections; waits under way raise ``StoreClosedError``.
+        Cancellation: they are closed all the same."""
+        self.hub.close()
+        await self._conn.aclose()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen for commits, aborts, decisions and notifications from every instance;
-        resubscribe after outages. Cancellation: stops listening (waits then rely on polls).
-
-        coredis runs a subscription in a task group of its own, so what ends it (a lost
-        connection, a subscription Redis did not acknowledge in time, e.g. while it pauses
-        its clients) may come wrapped in an exception group: ``except*`` handles both."""
-        task_status.started()
-        backoff = _outage_backoff()
-        while True:
-            try:
-                channels = [self._k(name) for name in ("commits", "aborts", "decisions", "notifications")]
-                async with self.redis.pubsub(channels=channels, ignore_subscribe_messages=True) as pubsub:
-                    self.subscribed.set()
-                    backoff.reset()
-                    self._wake_all()  # anything missed while unsubscribed
-                    async for message in pubsub:
-                        self._dispatch(str(message["channel"]), str(message["data"]))
-            except* (coredis.exceptions.RedisError, OSError) as lost:
-                self._outage_retries += 1
-                self.subscribed = trio.Event()
-                delay = backoff.next_delay()
-                log.warning("redis subscription lost (%s); retrying in %.1fs", _describe(lost), delay)
-                await trio.sleep(delay)
-
-    def _dispatch(self, channel: str, data: str) -> None:
-        if channel.endswith(":commits"):
-            lot = self._changed.get(data.split(" ", 1)[0])
-            if lot is not None:
-                lot.unpark_all()
-        elif channel.endswith(":notifications"):
-            if self._on_notification is not None:
-                self._on_notification(NotificationRecord(**json.loads(data)))
-        else:
-            waiting = self._aborts if channel.endswith(":aborts") else self._decisions
-            event = waiting.get(data)
-            if event is not None:
-                event.set()
-
-    def _wake_all(self) -> None:
-        for lot in self._changed.values():
-            lot.unpark_all()
-        for event in (*self._aborts.values(), *self._decisions.values()):
-            event.set()  # their waiters read the flag again
+        """The subscriber (``RedisSubscriber.run``). Cancellation: stops listening."""
+        await self.subscriber.run(task_status=task_status)
 
     async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except _UNAVAILABLE as exc:
-            raise UnavailableError(f"redis unavailable: {exc}") from None
-
-    async def _retry_outage(self, what: str, backoff: Backoff, exc: UnavailableError) -> None:
-        """Sleep before a wait asks Redis again; re-raise if the store was closed."""
-        if isinstance(exc, StoreClosedError):
-            raise exc
-        self._outage_retries += 1
-        delay = backoff.next_delay()
-        log.debug("%s: %s; retrying in %.1fs", what, exc, delay)  # the writes warn already
-        await trio.sleep(delay)
+        return await self._conn.call(coro)
 
     async def ping(self) -> None:
         await self._call(self.redis.ping())
@@ -290,18 +180,20 @@ class RedisStore(RedisNotifications, Store):
     def _decode(raw: dict[str, str]) -> JobRecord | None:
         if not raw or "job_id" not in raw:
             return None
-        return record_from_dict({name: json.loads(value) for name, value in raw.items()})
+        data = {name: json.loads(value) for name, value in raw.items() if not name.startswith("decision:")}
+        return record_from_dict(data)
 
     async def create_job(
         self, record: JobRecord, capacity: SharedCapacity | None = None
     ) -> tuple[JobRecord, bool]:
+        k = self.keys
         keys = [
-            self._msg(record.user, record.message_id),
-            self._job(record.job_id),
-            self._user_index(record.user),
-            self._thread_index(record.user, record.thread_id),
-            self._k("running"),
-            self._user_running(record.user),
+            k.msg(record.user, record.message_id),
+            k.job(record.job_id),
+            k.user_index(record.user),
+            k.thread_index(record.user, record.thread_id),
+            k.running(),
+            k.user_running(record.user),
         ]
         limits = ["", "", "", ""]
         if capacity is not None:
@@ -312,23 +204,21 @@ class RedisStore(RedisNotifications, Store):
                 repr(capacity.lease_until),
             ]
         args = [record.job_id, repr(record.created_at), *limits, *self._fields(record_to_dict(record))]
-        existing = await self._call(self._scripts["create"](keys=keys, args=args))
+        existing = await self._conn.script("create", keys, args)
         if existing in ("!server", "!user"):
             scope = "the cluster" if existing == "!server" else "you"
             raise CapacityError(f"{scope} reached the limit of running jobs", retry_after_ms=1000)
         if not existing:
-            self._writing[record.job_id] = _Writing(record.user, record.message_id, record.seq)
-        if existing:
-            found = await self.get_job(str(existing))
-            if found is not None:
-                return found, False
-        return record, True
+            self._writing[record.job_id] = _writing_of(record)
+            return record, True
+        found = await self.get_job(str(existing))
+        return (found, False) if found is not None else (record, True)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
-        return self._decode(await self._call(self.redis.hgetall(self._job(job_id))))
+        return self._decode(await self._call(self.redis.hgetall(self.keys.job(job_id))))
 
     async def find_job(self, user: str, message_id: str) -> JobRecord | None:
-        job_id = await self._call(self.redis.get(self._msg(user, message_id)))
+        job_id = await self._call(self.redis.get(self.keys.msg(user, message_id)))
         return await self.get_job(str(job_id)) if job_id else None
 
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
@@ -339,7 +229,7 @@ class RedisStore(RedisNotifications, Store):
             record = await self.get_job(job_id)
             if record is None:
                 return  # the store no longer holds it (swept, or Redis lost it): watchers get gone
-            writing = _Writing(record.user, record.message_id, record.seq)
+            writing = _writing_of(record)
         terminal = is_terminal(progress.status)
         try:
             for attempt in range(3):
@@ -348,29 +238,30 @@ class RedisStore(RedisNotifications, Store):
                 except LogBehindError:
                     if attempt > 0:
                         raise  # planned against the seq Redis holds: the log is really behind
-                    stored = await self._call(self.redis.hget(self._job(job_id), "seq"))
+                    stored = await self._call(self.redis.hget(self.keys.job(job_id), "seq"))
                     if stored is None:
                         return
                     writing.stored_seq = int(stored)  # this process's view may be stale
                     continue
                 if not plan.entries and not plan.apply_progress:
                     return  # a late retry: the store is ahead of it
-                reply = await self._call(
-                    self._scripts["commit"](
-                        keys=self._commit_keys(job_id, writing.user, writing.message_id),
-                        args=self._commit_args(job_id, writing.stored_seq, plan.entries, progress),
-                    )
+                reply = await self._conn.script(
+                    "commit",
+                    self._commit_keys(job_id, writing),
+                    self._commit_args(job_id, writing, plan.entries, progress),
                 )
                 if int(reply[0]) == 0:  # Redis lost the job (a restart without its data)
                     self._writing.pop(job_id, None)
                     return
-                if int(reply[0]) == 3:  # ended already: recovered by another instance
+                if int(reply[0]) == 3:  # ended, or handed over: another instance has it
                     self._writing.pop(job_id, None)
                     raise JobEndedElsewhereError(job_id)
                 if int(reply[0]) == 1:
                     writing.stored_seq = progress.seq
                     if not terminal:
                         self._writing[job_id] = writing
+                    else:
+                        self.hub.ring(OUTBOX_BELL)
                     return
                 self._commits_replanned += 1
                 writing.stored_seq = int(reply[1])
@@ -379,34 +270,46 @@ class RedisStore(RedisNotifications, Store):
             if terminal:  # the job's last write here, whether it landed or not
                 self._writing.pop(job_id, None)
 
-    def _commit_keys(self, job_id: str, user: str, message_id: str) -> list[str]:
+    def _commit_keys(self, job_id: str, writing: _Writing) -> list[str]:
+        k = self.keys
         return [
-            self._job(job_id),
-            self._log(job_id),
-            self._msg(user, message_id),
-            self._k("expiry"),
-            self._k("running"),
-            self._user_running(user),
+            k.job(job_id),
+            k.log(job_id),
+            k.msg(writing.user, writing.message_id),
+            k.expiry(),
+            k.running(),
+            k.user_running(writing.user),
+            k.outbox(),
+            k.outbox_due(),
+            k.outbox_claims(),
+            k.outbox_owned(writing.owner or ""),
         ]
 
     def _commit_args(
-        self, job_id: str, expected_seq: int, entries: Sequence[LogEvent], progress: JobProgress
+        self, job_id: str, writing: _Writing, entries: Sequence[LogEvent], progress: JobProgress
     ) -> list[str]:
         terminal = is_terminal(progress.status)
         fields = progress_to_dict(progress)
+        outbox = ""
         if terminal:
             fields["lease_until"] = None
+            entry = OutboxEntry(job_id, writing.user, writing.thread_id, progress.status, progress.error)
+            outbox = outbox_to_json(entry)
         ttl_s = (progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S
         return [
             job_id,
-            str(expected_seq),
+            str(writing.stored_seq),
             str(entries[-1].seq if entries else progress.seq),
             events_to_json(entries) if entries else "",
             "1" if terminal else "0",
             str(ms(max(ttl_s, 1.0))),
             repr(progress.expires_at or 0.0),
-            self._k("commits"),
+            self.keys.job_channel(job_id),
             _TERMINAL_JSON,
+            "" if writing.owner is None else json.dumps(writing.owner),
+            outbox,
+            writing.owner or "",
+            repr(progress.updated_at + OUTBOX_CLAIM_S if writing.owner else 0.0),
             *self._fields(fields),
         ]
 
@@ -414,7 +317,7 @@ class RedisStore(RedisNotifications, Store):
         out: list[LogEvent] = []
         start = f"{after_seq + 1}-0"
         while len(out) < limit:
-            batch = await self._call(self.redis.xrange(self._log(job_id), start, "+", count=64))
+            batch = await self._call(self.redis.xrange(self.keys.log(job_id), start, "+", count=64))
             if not batch:
                 break
             for entry in batch:
@@ -429,25 +332,18 @@ class RedisStore(RedisNotifications, Store):
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
         """Returns when the record goes past ``after_seq``, ends, or is gone; otherwise
-        after a commit message or ``_WAIT_POLL_S`` (a missed message). Waits through an
+        after a commit message or ``WAIT_POLL_S`` (a missed message). Waits through an
         outage. Cancellation: safe."""
-        lot = self._changed.setdefault(job_id, trio.lowlevel.ParkingLot())
-        backoff = _outage_backoff()
-        try:
-            while True:
-                try:
-                    seq, status = await self._call(self.redis.hmget(self._job(job_id), ["seq", "status"]))
-                    break
-                except UnavailableError as exc:
-                    await self._retry_outage(f"job {job_id}: reading its progress", backoff, exc)
+        with self.subscriber.listen_job(job_id) as listener:
+            seq, status = await through_outage(
+                f"job {job_id}: reading its progress",
+                lambda: self._call(self.redis.hmget(self.keys.job(job_id), ["seq", "status"])),
+                on_retry=self.subscriber.count_retry,
+            )
             if seq is None or int(seq) > after_seq or is_terminal(json.loads(status)):
                 await trio.lowlevel.checkpoint()
                 return
-            with trio.move_on_after(_WAIT_POLL_S):
-                await lot.park()
-        finally:
-            if not lot.statistics().tasks_waiting and self._changed.get(job_id) is lot:
-                del self._changed[job_id]
+            await listener.wait(WAIT_POLL_S)
 
     async def list_jobs(
         self,
@@ -457,7 +353,8 @@ class RedisStore(RedisNotifications, Store):
         statuses: frozenset[str] | None = None,
         limit: int = 50,
     ) -> list[JobRecord]:
-        index = self._thread_index(user, thread_id) if thread_id is not None else self._user_index(user)
+        k = self.keys
+        index = k.thread_index(user, thread_id) if thread_id is not None else k.user_index(user)
         out: list[JobRecord] = []
         offset, page = 0, max(limit * 2, 50)
         while len(out) < limit and offset < 5000:
@@ -466,7 +363,7 @@ class RedisStore(RedisNotifications, Store):
                 break
             offset += page
             async with self.redis.pipeline(transaction=False) as pipe:
-                replies = [pipe.hgetall(self._job(str(job_id))) for job_id in ids]
+                replies = [pipe.hgetall(k.job(str(job_id))) for job_id in ids]
             for reply in replies:
                 record = self._decode(await reply)
                 if record is None or (statuses is not None and record.status not in statuses):
@@ -477,78 +374,55 @@ class RedisStore(RedisNotifications, Store):
         return out
 
     async def delete_expired(self, now: float) -> list[str]:
+        k = self.keys
         expired = await self._call(
-            self.redis.zrange(
-                self._k("expiry"), float("-inf"), now, sortby=PureToken.BYSCORE, offset=0, count=1000
-            )
+            self.redis.zrange(k.expiry(), float("-inf"), now, sortby=PureToken.BYSCORE, offset=0, count=1000)
         )
         deleted: list[str] = []
         for job_id in map(str, expired):
             record = await self.get_job(job_id)
-            keys = [self._job(job_id), self._log(job_id)]
+            keys = [k.job(job_id), k.log(job_id)]
             if record is not None:
                 if record.expires_at is not None and record.expires_at > now:
                     continue  # a newer expiry (it was restarted from scratch); leave it
-                keys.append(self._msg(record.user, record.message_id))
-                await self._call(self.redis.zrem(self._user_index(record.user), [job_id]))
-                await self._call(self.redis.zrem(self._thread_index(record.user, record.thread_id), [job_id]))
+                keys.append(k.msg(record.user, record.message_id))
+                await self._call(self.redis.zrem(k.user_index(record.user), [job_id]))
+                await self._call(self.redis.zrem(k.thread_index(record.user, record.thread_id), [job_id]))
             await self._call(self.redis.delete(keys))
-            await self._call(self.redis.zrem(self._k("expiry"), [job_id]))
+            await self._call(self.redis.zrem(k.expiry(), [job_id]))
+            await self.delete_outbox([job_id])  # undelivered by now: dropped with its job
             deleted.append(job_id)
-            lot = self._changed.pop(job_id, None)
-            if lot is not None:
-                lot.unpark_all()
+            self.hub.signal_job(job_id)
         return deleted
 
+    # -- aborts and decisions through any instance ------------------------------------------
+
     async def request_abort(self, job_id: str) -> None:
-        if await self._call(self.redis.exists([self._job(job_id)])):
-            await self._call(self.redis.hset(self._job(job_id), {"abort_requested": "true"}))
-            await self._call(self.redis.publish(self._k("aborts"), job_id))
+        if await self._call(self.redis.exists([self.keys.job(job_id)])):
+            await self._call(self.redis.hset(self.keys.job(job_id), {"abort_requested": "true"}))
+            await self._call(self.redis.publish(self.keys.channel("aborts"), job_id))
 
     async def wait_abort_requested(self, job_id: str) -> None:
         """Returns only once the job's ``abort_requested`` flag reads true. Woken by the
-        ``aborts`` channel, and reads the flag every ``_SIGNAL_POLL_S`` in case a message
+        ``aborts`` channel, and reads the flag every ``SIGNAL_POLL_S`` in case a message
         was missed; an outage, however long, is waited through. Cancellation: safe."""
-        await self._wait_signal(self._aborts, job_id, job_id, "abort_requested", {"true"})
-
-    async def _wait_signal(
-        self, waiting: dict[str, trio.Event], name: str, job_id: str, field: str, accepted: set[str]
-    ) -> str:
-        """Wait until ``field`` of the job's record holds one of ``accepted`` and return it.
-        Woken through ``waiting[name]``, which the listener sets; polls with a floor."""
-        what = f"job {job_id}: reading {field}"
-        backoff = _outage_backoff()
-        try:
-            while True:
-                event = waiting[name] = trio.Event()
-                try:
-                    value = await self._call(self.redis.hget(self._job(job_id), field))
-                except UnavailableError as exc:
-                    await self._retry_outage(what, backoff, exc)
-                    continue
-                backoff.reset()
-                if value in accepted:
-                    return str(value)
-                with trio.move_on_after(_SIGNAL_POLL_S):
-                    await event.wait()
-                await trio.sleep(0.01)  # the floor: a storm of wake-ups costs 100 reads/s at most
-        finally:
-            waiting.pop(name, None)
-
-    # -- approvals through any instance ---------------------------------------------------
+        await self.subscriber.wait_field(job_id, "abort_requested", {"true"}, ("abort", job_id))
 
     async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
         """The first decision on a call stands (``HSETNX``); its ``decisions`` message wakes
         the instance that runs the job. Cancellation: it may or may not be stored."""
         value = "true" if approved else "false"
-        await self._call(self.redis.hsetnx(self._job(job_id), f"decision:{call_id}", value))
-        await self._call(self.redis.publish(self._k("decisions"), f"{job_id} {call_id}"))
+        await self._call(self.redis.hsetnx(self.keys.job(job_id), f"decision:{call_id}", value))
+        await self._call(self.redis.publish(self.keys.channel("decisions"), f"{job_id} {call_id}"))
 
     async def wait_decision(self, job_id: str, call_id: str) -> bool:
-        """Woken by the ``decisions`` channel; reads the decision every ``_SIGNAL_POLL_S``
+        """Woken by the ``decisions`` channel; reads the decision every ``SIGNAL_POLL_S``
         in case a message was missed; waits through an outage. Cancellation: safe."""
-        name, field = f"{job_id} {call_id}", f"decision:{call_id}"
-        return await self._wait_signal(self._decisions, name, job_id, field, {"true", "false"}) == "true"
+        topic = ("decision", f"{job_id} {call_id}")
+        return (
+            await self.subscriber.wait_field(job_id, f"decision:{call_id}", {"true", "false"}, topic)
+            == "true"
+        )
 
     # -- many instances -----------------------------------------------------------------
 
@@ -556,23 +430,30 @@ class RedisStore(RedisNotifications, Store):
         if not job_ids:
             await trio.lowlevel.checkpoint()
             return
-        keys = [self._k("running")]
+        keys = [self.keys.running()]
         for job_id in job_ids:
             writing = self._writing.get(job_id)
             user = writing.user if writing is not None else await self._user_of(job_id)
             # The user's key is built here, as everywhere: Lua's string.len counts bytes.
-            keys += [self._job(job_id), self._user_running(user) if user is not None else self._k("none")]
-        await self._call(self._scripts["renew"](keys=keys, args=[repr(until), *job_ids]))
+            keys += [
+                self.keys.job(job_id),
+                self.keys.user_running(user) if user is not None else self.keys.none(),
+            ]
+        await self._conn.script("renew", keys, [repr(until), json.dumps(owner), *job_ids])
 
     async def _user_of(self, job_id: str) -> str | None:
-        raw = await self._call(self.redis.hget(self._job(job_id), "user"))
+        raw = await self._call(self.redis.hget(self.keys.job(job_id), "user"))
         return None if raw is None else str(json.loads(raw))
 
-    async def recover_orphans(self, owner: str, now: float, retention: float) -> list[JobRecord]:
+    async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
+        """Each hand-over is one script (``HANDOVER``); the entries are read after it.
+        Cancellation: each job is taken atomically or not at all; one taken but not
+        returned is an orphan again once ``lease_until`` passes."""
+        k = self.keys
         candidates = await self._call(
-            self.redis.zrange(self._k("running"), float("-inf"), now, sortby=PureToken.BYSCORE)
+            self.redis.zrange(k.running(), float("-inf"), now, sortby=PureToken.BYSCORE)
         )
-        recovered: list[JobRecord] = []
+        taken: list[Handover] = []
         for job_id in map(str, candidates):
             record = await self.get_job(job_id)
             if record is not None and record.owner == owner and job_id in self._writing:
@@ -580,61 +461,73 @@ class RedisStore(RedisNotifications, Store):
                 # lease says. A renewal that a frozen Redis held up lands with a lease that may
                 # have lapsed since. (A job of the caller's that it gave up writing is one.)
                 continue
-            keys = [
-                self._job(job_id),
-                self._log(job_id),
-                self._msg(record.user, record.message_id) if record else self._k("none"),
-                self._k("expiry"),
-                self._k("running"),
-                self._user_running(record.user) if record else "",
-            ]
-            args = [
-                job_id,
-                repr(now),
-                str(ms(retention + SAFETY_TTL_S)),
-                repr(now + retention),
-                self._k("commits"),
-            ]
-            args.append(json.dumps(sorted(LIVE_STATUSES)))
-            if record is None:
-                await self._call(self._scripts["recover"](keys=keys, args=[*args, "-1", "0", "[]"]))
+            keys = [k.job(job_id), k.running(), k.user_running(record.user) if record else k.none()]
+            args = [job_id, repr(now), _LIVE_JSON, json.dumps(owner), json.dumps(lease_until)]
+            if not await self._conn.script("handover", keys, args) or record is None:
                 continue
-            final, event = interrupted(record, now, retention)
-            fields = {
-                name: getattr(final, name)
-                for name in (
-                    "status",
-                    "seq",
-                    "epoch",
-                    "updated_at",
-                    "finished_at",
-                    "expires_at",
-                    "lease_until",
-                )
-            }
-            args += [str(record.seq), str(final.seq), events_to_json([event]), *self._fields(fields)]
-            if await self._call(self._scripts["recover"](keys=keys, args=args)) == 1:
-                recovered.append(final)
-        return recovered
+            # Read again: the old writer may have committed since the read above, and is
+            # fenced off from now on, so this is the job as handed over.
+            record = await self.get_job(job_id)
+            if record is None:
+                continue
+            entries = await self.read(job_id, 0, record.seq)
+            self._writing[job_id] = _writing_of(record)
+            taken.append(Handover(record, tuple(entries)))
+        return taken
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    async def claim_outbox(self, owner: str, now: float, until: float, limit: int) -> list[OutboxEntry]:
+        """One script (``CLAIM``): the owner's entries first, then lapsed claims.
+        Cancellation: the script ran entirely or not at all."""
+        k = self.keys
+        keys = [k.outbox(), k.outbox_due(), k.outbox_claims(), k.outbox_owned(owner)]
+        args = [repr(now), repr(until), str(limit), owner, str(ms(SAFETY_TTL_S))]
+        reply = await self._conn.script("claim", keys, args)
+        return [outbox_from_json(str(entry)) for entry in reply]
+
+    async def delete_outbox(self, job_ids: Sequence[str]) -> None:
+        """An owner's set of claims keeps a deleted id until its next claim drops it.
+        Cancellation: some may be deleted; the rest are carried out again (idempotent)."""
+        if not job_ids:
+            await trio.lowlevel.checkpoint()
+            return
+        k, ids = self.keys, list(job_ids)
+        await self._call(self.redis.hdel(k.outbox(), ids))
+        await self._call(self.redis.zrem(k.outbox_due(), ids))
+        await self._call(self.redis.hdel(k.outbox_claims(), ids))
+
+    async def wait_outbox(self, timeout: float) -> None:
+        """Woken by this process's terminal commits (their entries start claimed by their
+        job's owner, this instance); another instance's lapsed claims are found after
+        ``timeout``. Cancellation: safe."""
+        await self.hub.wait_bell(OUTBOX_BELL, timeout)
+
+    # -- the inbox: forwarded to ``RedisInbox`` ------------------------------------------------
+
+    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
+        await self.inbox.watch_started(job_id, watch_id, until)
+
+    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
+        await self.inbox.watch_ended(job_id, watch_id, saw_end=saw_end)
+
+    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
+        await self.inbox.renew_watches(watches, until)
+
+    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
+        return await self.inbox.notify_unwatched(notification, now, max_per_user)
+
+    async def list_notifications(
+        self, user: str, *, unread_only: bool, limit: int
+    ) -> tuple[list[NotificationRecord], int]:
+        return await self.inbox.list_notifications(user, unread_only=unread_only, limit=limit)
+
+    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
+        return await self.inbox.mark_notifications_read(user, ids, everything=everything)
+
+    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
+        await self.inbox.set_thread_muted(user, thread_id, muted)
 
 
-def _describe(group: BaseExceptionGroup[BaseException]) -> str:
-    """The messages of the exceptions in ``group`` (nested groups flattened)."""
-    return "; ".join(
-        _describe(exc) if isinstance(exc, BaseExceptionGroup) else f"{type(exc).__name__}: {exc}"
-        for exc in group.exceptions
-    )
-
-
-def _cluster_client(url: str) -> coredis.RedisCluster[str]:
-    """A cluster client bootstrapped from the node in ``url`` (with its credentials and TLS)."""
-    parts = urllib.parse.urlsplit(url)
-    options: dict[str, Any] = {}
-    if parts.username:
-        options["username"] = urllib.parse.unquote(parts.username)
-    if parts.password:
-        options["password"] = urllib.parse.unquote(parts.password)
-    if parts.scheme == "rediss":
-        options["ssl_context"] = ssl.create_default_context()
-    node = TCPLocation(host=parts.hostname or "127.0.0.1", port=parts.port or 6379)
-    return coredis.RedisCluster(startup_nodes=[node], decode_responses=True, **options)
+def _writing_of(record: JobRecord) -> _Writing:
+    return _Writing(record.user, record.message_id, record.thread_id, record.owner, record.seq)

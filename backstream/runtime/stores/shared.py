@@ -1,19 +1,31 @@
-"""What every store does the same way: which entries a commit appends, how an orphan
-ends, and where approval decisions wait in a single process."""
+"""What every store does the same way: which entries a commit appends, what a terminal
+commit leaves in the outbox, and where approval decisions wait in a single process."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import attrs
+import cattrs
 import trio
 
-from backstream.actors.ports import LogBehindError, StoreClosedError
-from backstream.protocol.events import LogEvent, StatusEvent
-from backstream.protocol.lifecycle import interruption
+from backstream.actors.ports import LogBehindError, OutboxEntry
+from backstream.actors.signals import SignalHub
+from backstream.protocol.events import LogEvent
+from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import JobProgress, JobRecord
 
-__all__ = ["CommitPlan", "DecisionBox", "interrupted", "plan_commit"]
+__all__ = [
+    "CommitPlan",
+    "LocalDecisions",
+    "outbox_entry",
+    "outbox_from_json",
+    "outbox_to_json",
+    "plan_commit",
+]
+
+_converter = cattrs.Converter()
 
 
 @attrs.frozen
@@ -41,68 +53,50 @@ def plan_commit(
     return CommitPlan(fresh, progress.seq >= stored_seq)
 
 
-def interrupted(record: JobRecord, now: float, retention: float) -> tuple[JobRecord, StatusEvent]:
-    """The record of an orphan ended by ``lifecycle.interruption()``, and the entry to append."""
-    step = interruption(record.seq, record.epoch)
-    final = attrs.evolve(
-        record,
-        status=step.status_event.status,
-        seq=step.seq,
-        epoch=step.epoch,
-        updated_at=now,
-        finished_at=now,
-        expires_at=now + retention,
-        lease_until=None,
-    )
-    return final, step.status_event
+def outbox_entry(record: JobRecord, progress: JobProgress) -> OutboxEntry | None:
+    """The outbox entry a commit of ``progress`` onto ``record`` writes: one when it ends
+    a live job (a retried terminal commit writes none)."""
+    if is_terminal(record.status) or not is_terminal(progress.status):
+        return None
+    return OutboxEntry(record.job_id, record.user, record.thread_id, progress.status, progress.error)
 
 
-@attrs.define
-class _Slot:
-    event: trio.Event = attrs.Factory(trio.Event)
-    approved: bool = False
-    decided: bool = False
+def outbox_to_json(entry: OutboxEntry) -> str:
+    return json.dumps(_converter.unstructure(entry), separators=(",", ":"), ensure_ascii=False)
 
 
-class DecisionBox:
+def outbox_from_json(text: str) -> OutboxEntry:
+    return _converter.structure(json.loads(text), OutboxEntry)
+
+
+class LocalDecisions:
     """Decisions on tool calls, from ``send_decision`` to ``wait_decision``, within one
-    process. Owned by one store; the first decision on a call stands."""
+    process (memory, SQLite). The first decision on a call stands; bounded by the jobs
+    held (a swept job's decisions go with it)."""
 
-    def __init__(self) -> None:
-        self._slots: dict[tuple[str, str], _Slot] = {}
-        self._closed = False
+    def __init__(self, hub: SignalHub) -> None:
+        self._hub = hub
+        self._decided: dict[tuple[str, str], bool] = {}
 
     def put(self, job_id: str, call_id: str, approved: bool) -> None:
-        slot = self._slots.setdefault((job_id, call_id), _Slot())
-        if not slot.event.is_set():
-            slot.approved = approved
-            slot.decided = True
-            slot.event.set()
-
-    def close(self) -> None:
-        """Wake every waiter with ``StoreClosedError``."""
-        self._closed = True
-        for slot in self._slots.values():
-            slot.event.set()
+        self._decided.setdefault((job_id, call_id), approved)
+        self._hub.signal(("decision", f"{job_id} {call_id}"))
 
     async def wait(self, job_id: str, call_id: str) -> bool:
         """Cancellation: safe; a decision put meanwhile stays for the next wait. Close:
         raises ``StoreClosedError``."""
         key = (job_id, call_id)
-        slot = self._slots.setdefault(key, _Slot())
-        if not slot.event.is_set() and self._closed:
-            raise StoreClosedError("the store is closed")
-        await slot.event.wait()
-        if self._closed and self._slots.get(key) is slot and not slot.decided:
-            raise StoreClosedError("the store is closed")
-        if self._slots.get(key) is slot:
-            del self._slots[key]
-        return slot.approved
+        while True:
+            with self._hub.listen(("decision", f"{job_id} {call_id}")) as listener:
+                if key in self._decided:
+                    await trio.lowlevel.checkpoint()
+                    return self._decided.pop(key)
+                await listener.wait()
 
     def forget_job(self, job_id: str) -> None:
         """Drop the decisions nobody waits for of a job that is gone."""
-        for key in [key for key in self._slots if key[0] == job_id]:
-            del self._slots[key]
+        for key in [key for key in self._decided if key[0] == job_id]:
+            del self._decided[key]
 
     def __len__(self) -> int:
-        return len(self._slots)
+        return len(self._decided)

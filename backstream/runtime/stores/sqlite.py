@@ -25,23 +25,31 @@ from typing import TypeVar
 import attrs
 import trio
 
-from backstream.actors.ports import LogBehindError, NotificationListener, Store, StoreClosedError
-from backstream.protocol.backoff import Backoff
+from backstream.actors.ports import (
+    Capability,
+    Handover,
+    JobEndedElsewhereError,
+    LogBehindError,
+    NotificationListener,
+    OutboxEntry,
+    StoreClosedError,
+)
+from backstream.actors.signals import OUTBOX_BELL, through_outage
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent
 from backstream.protocol.lifecycle import is_terminal, sql_terminal_list
 from backstream.protocol.records import (
     JobProgress,
     JobRecord,
-    NotificationRecord,
     SharedCapacity,
     events_from_json,
     events_to_json,
     progress_to_dict,
     record_to_dict,
 )
-from backstream.runtime.stores.local_notifications import LocalNotifications
-from backstream.runtime.stores.shared import DecisionBox, interrupted, plan_commit
+from backstream.runtime.stores.local import LocalStore
+from backstream.runtime.stores.shared import outbox_entry, outbox_from_json, outbox_to_json, plan_commit
+from backstream.runtime.stores.sqlite_inbox import SqliteShelf
 from backstream.runtime.stores.sqlite_schema import (
     COLUMNS,
     MIGRATIONS,
@@ -83,6 +91,10 @@ class _Commit:
     job_id: str
     entries: Sequence[LogEvent]
     progress: JobProgress
+    owner: str | None
+    """The writer's instance: a commit for a job handed to another owner is refused."""
+    ended: bool = False
+    """It ended the job (and wrote its outbox entry)."""
     done: trio.Event = attrs.Factory(trio.Event)
     error: BaseException | None = None
 
@@ -94,36 +106,37 @@ def path_from_url(url: str) -> pathlib.Path:
     return pathlib.Path(url[len("sqlite:///") :])
 
 
-class SqliteStore(LocalNotifications, Store):
+class SqliteStore(LocalStore):
     """Jobs, logs, notifications and mutes in the file; who watches, in this process (one
     process owns the file)."""
 
+    capabilities = frozenset({Capability.SURVIVES_RESTART})
+
     def __init__(self, path: str | pathlib.Path) -> None:
-        self._init_local_notifications()
+        super().__init__(SqliteShelf(self._write, self._read))
         self.path = pathlib.Path(path)
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._write_lane = trio.CapacityLimiter(1)
         self._read_lane = trio.CapacityLimiter(1)
         self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[_Commit](MAILBOX_SIZE)
-        self._changed: dict[str, trio.lowlevel.ParkingLot] = {}
-        self._aborts: dict[str, trio.Event] = {}
-        self._decisions = DecisionBox()
+        # The jobs this process writes, by owner: a job handed to another owner refuses them.
+        self._owners: dict[str, str] = {}
         self._transactions = 0
 
     def statistics(self) -> SqliteStoreStatistics:
         return SqliteStoreStatistics(
             transactions=self._transactions,
             commits_waiting=self._mailbox_send.statistics().current_buffer_used,
-            readers_waiting=sum(lot.statistics().tasks_waiting for lot in self._changed.values()),
-            abort_listeners=len(self._aborts),
-            decisions_waiting=len(self._decisions),
+            readers_waiting=self.hub.waiting("entries"),
+            abort_listeners=self.hub.waiting("abort"),
+            decisions_waiting=len(self.decisions),
         )
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def open(self, *, on_notification: NotificationListener | None = None) -> None:
-        self._on_notification = on_notification
+        self.inbox.on_notification = on_notification
 
         def connect() -> tuple[sqlite3.Connection, sqlite3.Connection]:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,12 +159,7 @@ class SqliteStore(LocalNotifications, Store):
         they are closed all the same."""
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
-        # Waiters wake and find the store closed.
-        self._decisions.close()
-        for lot in self._changed.values():
-            lot.unpark_all()
-        for event in self._aborts.values():
-            event.set()
+        self.hub.close()  # waiters wake and find the store closed
         for conn in (writer, reader):
             if conn is not None:
                 await trio.to_thread.run_sync(conn.close, limiter=self._write_lane)
@@ -183,9 +191,9 @@ class SqliteStore(LocalNotifications, Store):
                 raise
             for item in group:
                 item.done.set()
-                lot = self._changed.get(item.job_id)
-                if lot is not None:
-                    lot.unpark_all()
+                self.hub.signal_job(item.job_id)
+                if item.ended:
+                    self.hub.ring(OUTBOX_BELL)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._on_thread(self._writer, self._write_lane, fn)
@@ -243,7 +251,10 @@ class SqliteStore(LocalNotifications, Store):
                 raise
             return found, created
 
-        return await self._write(insert)
+        found, created = await self._write(insert)
+        if created and record.owner is not None:
+            self._owners[record.job_id] = record.owner
+        return found, created
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         row = await self._read(
@@ -262,10 +273,12 @@ class SqliteStore(LocalNotifications, Store):
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
         """Through the writer's mailbox (when full, this waits). Cancellation while queued
         or written: the commit may still land with its group; commit again."""
-        item = _Commit(job_id, list(entries), progress)
+        item = _Commit(job_id, list(entries), progress, self._owners.get(job_id))
         await self._mailbox_send.send(item)
         await item.done.wait()
-        if isinstance(item.error, LogBehindError):
+        if is_terminal(progress.status) and item.error is None:
+            self._owners.pop(job_id, None)
+        if isinstance(item.error, LogBehindError | JobEndedElsewhereError):
             raise item.error
         if item.error is not None:
             raise UnavailableError(f"sqlite commit failed: {item.error}")
@@ -287,17 +300,16 @@ class SqliteStore(LocalNotifications, Store):
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
         """Woken by this process's writer (one process owns the file). Cancellation: safe."""
-        row = await self._read(
-            lambda c: c.execute("SELECT seq, status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        )
-        if row is None or int(row[0]) > after_seq or is_terminal(str(row[1])):
-            return
-        lot = self._changed.setdefault(job_id, trio.lowlevel.ParkingLot())
-        try:
-            await lot.park()
-        finally:
-            if not lot.statistics().tasks_waiting:
-                self._changed.pop(job_id, None)
+        with self.hub.listen(("entries", job_id)) as listener:
+            row = await through_outage(
+                f"job {job_id}: reading its progress",
+                lambda: self._read(
+                    lambda c: c.execute("SELECT seq, status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+                ),
+            )
+            if row is None or int(row[0]) > after_seq or is_terminal(str(row[1])):
+                return
+            await listener.wait()
 
     async def list_jobs(
         self,
@@ -333,7 +345,7 @@ class SqliteStore(LocalNotifications, Store):
                         (now,),
                     )
                 ]
-                for table in ("log", "job_requests", "jobs"):
+                for table in ("log", "job_requests", "jobs", "outbox"):
                     conn.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in ids])
                 conn.execute("COMMIT")
             except BaseException:
@@ -343,158 +355,40 @@ class SqliteStore(LocalNotifications, Store):
 
         ids = await self._write(delete)
         for job_id in ids:
-            self.forget_job_notifications(job_id)
-            self._decisions.forget_job(job_id)
-            lot = self._changed.pop(job_id, None)
-            if lot is not None:
-                lot.unpark_all()
+            self.forget_job(job_id)
         return ids
 
     async def request_abort(self, job_id: str) -> None:
         await self._write(
             lambda c: c.execute("UPDATE jobs SET abort_requested = 1 WHERE job_id = ?", (job_id,))
         )
-        waiting = self._aborts.get(job_id)  # a later waiter reads the flag from the file
-        if waiting is not None:
-            waiting.set()
+        self.hub.signal(("abort", job_id))
 
     async def wait_abort_requested(self, job_id: str) -> None:
         """One process owns the file: after the flag is read once, ``request_abort`` in this
-        process is what sets it. A failed read is retried with backoff. Cancellation: safe."""
-        event = self._aborts.setdefault(job_id, trio.Event())
-        try:
-            backoff = Backoff(0.1, 5.0)
-            while True:
-                try:
-                    row = await self._read(
+        process is what signals it. A failed read is retried with backoff. Cancellation: safe."""
+        while True:
+            with self.hub.listen(("abort", job_id)) as listener:
+                row = await through_outage(
+                    f"job {job_id}: reading its abort flag",
+                    lambda: self._read(
                         lambda c: c.execute(
                             "SELECT abort_requested FROM jobs WHERE job_id = ?", (job_id,)
                         ).fetchone()
-                    )
-                    break
-                except StoreClosedError:
-                    raise
-                except UnavailableError as exc:
-                    delay = backoff.next_delay()
-                    log.warning("job %s: abort flag unreadable (%s); retrying in %.1fs", job_id, exc, delay)
-                    await trio.sleep(delay)
-            if row is not None and row[0]:
-                return
-            await event.wait()
-            if self._writer is None:
-                raise StoreClosedError("the store is closed")
-        finally:
-            if self._aborts.get(job_id) is event and not event.is_set():
-                self._aborts.pop(job_id, None)
-
-    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
-        await trio.lowlevel.checkpoint()
-        self._decisions.put(job_id, call_id, approved)
-
-    async def wait_decision(self, job_id: str, call_id: str) -> bool:
-        return await self._decisions.wait(job_id, call_id)
-
-    # -- notifications and mutes live in the file; presence in this process -------------
-
-    async def _keep_notification(self, n: NotificationRecord, max_per_user: int) -> bool:
-        def insert(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                muted = conn.execute(
-                    "SELECT 1 FROM muted_threads WHERE user = ? AND thread_id = ?", (n.user, n.thread_id)
-                ).fetchone()
-                created = False
-                if not muted:
-                    created = (
-                        conn.execute(
-                            "INSERT OR IGNORE INTO notifications (notification_id, user, type, job_id, "
-                            "thread_id, title, body, created_at, read) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                            (
-                                n.notification_id,
-                                n.user,
-                                n.type,
-                                n.job_id,
-                                n.thread_id,
-                                n.title,
-                                n.body,
-                                n.created_at,
-                            ),
-                        ).rowcount
-                        == 1
-                    )
-                if created:  # the oldest go first
-                    conn.execute(
-                        "DELETE FROM notifications WHERE user = ? AND notification_id NOT IN (SELECT "
-                        "notification_id FROM notifications WHERE user = ? ORDER BY created_at DESC LIMIT ?)",
-                        (n.user, n.user, max_per_user),
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            return created
-
-        return await self._write(insert)
-
-    async def list_notifications(
-        self, user: str, *, unread_only: bool, limit: int
-    ) -> tuple[list[NotificationRecord], int]:
-        def select(conn: sqlite3.Connection) -> tuple[list[NotificationRecord], int]:
-            sql = (
-                "SELECT notification_id, user, type, job_id, thread_id, title, body, created_at, read "
-                "FROM notifications WHERE user = ?"
-            )
-            if unread_only:
-                sql += " AND read = 0"
-            rows = conn.execute(sql + " ORDER BY created_at DESC LIMIT ?", (user, limit)).fetchall()
-            unread = conn.execute("SELECT count(*) FROM notifications WHERE user = ? AND read = 0", (user,))
-            items = [
-                NotificationRecord(
-                    notification_id=row[0],
-                    user=row[1],
-                    type=row[2],
-                    job_id=row[3],
-                    thread_id=row[4],
-                    title=row[5],
-                    body=row[6],
-                    created_at=row[7],
-                    read=bool(row[8]),
+                    ),
+                    level=logging.WARNING,
                 )
-                for row in rows
-            ]
-            return items, int(unread.fetchone()[0])
-
-        return await self._read(select)
-
-    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
-        def update(conn: sqlite3.Connection) -> int:
-            if everything:
-                conn.execute("UPDATE notifications SET read = 1 WHERE user = ?", (user,))
-            else:
-                conn.executemany(
-                    "UPDATE notifications SET read = 1 WHERE user = ? AND notification_id = ?",
-                    [(user, i) for i in ids],
-                )
-            return int(
-                conn.execute(
-                    "SELECT count(*) FROM notifications WHERE user = ? AND read = 0", (user,)
-                ).fetchone()[0]
-            )
-
-        return await self._write(update)
-
-    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
-        sql = (
-            "INSERT OR IGNORE INTO muted_threads (user, thread_id) VALUES (?, ?)"
-            if muted
-            else "DELETE FROM muted_threads WHERE user = ? AND thread_id = ?"
-        )
-        await self._write(lambda conn: conn.execute(sql, (user, thread_id)))
+                if row is not None and row[0]:
+                    return
+                await listener.wait()
 
     # -- one process owns the file: every running job found at start is an orphan --------
 
-    async def recover_orphans(self, owner: str, now: float, retention: float) -> list[JobRecord]:
-        def recover(conn: sqlite3.Connection) -> list[JobRecord]:
+    async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
+        """One process owns the file: every live job another instance started is an orphan.
+        Cancellation: one transaction; every orphan is taken, or none."""
+
+        def take(conn: sqlite3.Connection) -> list[Handover]:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(
@@ -502,23 +396,62 @@ class SqliteStore(LocalNotifications, Store):
                     "AND (jobs.owner IS NULL OR jobs.owner != ?)",
                     (owner,),
                 ).fetchall()
-                recovered = []
+                taken = []
                 for row in rows:
-                    final, event = interrupted(record_from_row(row), now, retention)
-                    _append(conn, final.job_id, [event])
+                    old = record_from_row(row)
+                    record = attrs.evolve(old, owner=owner, lease_until=lease_until, epoch=old.epoch + 1)
                     conn.execute(
-                        "UPDATE jobs SET status = ?, seq = ?, epoch = ?, updated_at = ?, finished_at = ?, "
-                        "expires_at = ?, lease_until = NULL WHERE job_id = ?",
-                        (final.status, final.seq, final.epoch, now, now, final.expires_at, final.job_id),
+                        "UPDATE jobs SET owner = ?, lease_until = ?, epoch = ? WHERE job_id = ?",
+                        (owner, lease_until, record.epoch, record.job_id),
                     )
-                    recovered.append(final)
+                    taken.append(Handover(record, tuple(_select_log(conn, record.job_id))))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            return recovered
+            return taken
 
-        return await self._write(recover)
+        taken = await self._write(take)
+        for handover in taken:
+            self._owners[handover.record.job_id] = owner
+        return taken
+
+    # -- the outbox: effects of terminal commits ----------------------------------------
+
+    async def claim_outbox(self, owner: str, now: float, until: float, limit: int) -> list[OutboxEntry]:
+        """One process owns the file: another owner's claim is a dead instance's.
+        Cancellation: one transaction; claimed or not."""
+
+        def claim(conn: sqlite3.Connection) -> list[OutboxEntry]:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    "SELECT job_id, entry FROM outbox WHERE claimed_until < ? ORDER BY claimed_until LIMIT ?",
+                    (now, limit),
+                ).fetchall()
+                conn.executemany(
+                    "UPDATE outbox SET claimed_by = ?, claimed_until = ? WHERE job_id = ?",
+                    [(owner, until, row[0]) for row in rows],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return [outbox_from_json(row[1]) for row in rows]
+
+        return await self._write(claim)
+
+    async def delete_outbox(self, job_ids: Sequence[str]) -> None:
+        await self._write(
+            lambda conn: conn.executemany("DELETE FROM outbox WHERE job_id = ?", [(i,) for i in job_ids])
+        )
+
+
+def _select_log(conn: sqlite3.Connection, job_id: str) -> list[LogEvent]:
+    out: list[LogEvent] = []
+    for (events,) in conn.execute("SELECT events FROM log WHERE job_id = ? ORDER BY first_seq", (job_id,)):
+        out.extend(events_from_json(events))
+    return out
 
 
 def _append(conn: sqlite3.Connection, job_id: str, entries: Sequence[LogEvent]) -> None:
@@ -536,7 +469,7 @@ def _commit_group(conn: sqlite3.Connection, *, group: list[_Commit]) -> None:
             conn.execute("SAVEPOINT one_commit")
             try:
                 _commit_one(conn, item)
-            except (sqlite3.IntegrityError, LogBehindError) as exc:
+            except (sqlite3.IntegrityError, LogBehindError, JobEndedElsewhereError) as exc:
                 conn.execute("ROLLBACK TO one_commit")
                 item.error = exc
             conn.execute("RELEASE one_commit")
@@ -547,15 +480,29 @@ def _commit_group(conn: sqlite3.Connection, *, group: list[_Commit]) -> None:
 
 
 def _commit_one(conn: sqlite3.Connection, item: _Commit) -> None:
-    row = conn.execute("SELECT seq FROM jobs WHERE job_id = ?", (item.job_id,)).fetchone()
+    row = conn.execute(SELECT_JOB + " WHERE jobs.job_id = ?", (item.job_id,)).fetchone()
     if row is None:
         return  # swept meanwhile: nothing to keep
-    plan = plan_commit(item.job_id, item.entries, item.progress, int(row[0]))
+    stored = record_from_row(row)
+    if item.owner is not None and stored.owner != item.owner:
+        raise JobEndedElsewhereError(item.job_id)  # handed to another owner: fenced off
+    plan = plan_commit(item.job_id, item.entries, item.progress, stored.seq)
     if plan.entries:
         _append(conn, item.job_id, plan.entries)
     if plan.apply_progress:
+        outgoing = outbox_entry(stored, item.progress)
+        if outgoing is not None:
+            _write_outbox(conn, outgoing)
+            item.ended = True
         data = progress_to_dict(item.progress)
         conn.execute(
             UPDATE_PROGRESS,
             (*(column_value(name, data[name]) for name in PROGRESS_COLUMNS), item.job_id),
         )
+
+
+def _write_outbox(conn: sqlite3.Connection, entry: OutboxEntry) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO outbox (job_id, entry, claimed_until) VALUES (?, ?, 0)",
+        (entry.job_id, outbox_to_json(entry)),
+    )

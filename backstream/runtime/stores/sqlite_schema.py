@@ -120,6 +120,20 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX jobs_live ON jobs (status) WHERE status NOT IN {sql_terminal_list()}
         """,
     ),
+    (
+        4,
+        # A terminal commit leaves its effects here, in its own transaction; the dispatcher
+        # claims them (a lease: claimed_until) and deletes them once carried out.
+        """
+        CREATE TABLE outbox (
+            job_id TEXT PRIMARY KEY,
+            entry TEXT NOT NULL,
+            claimed_by TEXT,
+            claimed_until REAL NOT NULL DEFAULT 0
+        );
+        CREATE INDEX outbox_by_claim ON outbox (claimed_until)
+        """,
+    ),
 )
 
 COLUMNS = (

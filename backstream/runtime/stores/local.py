@@ -1,0 +1,79 @@
+"""``LocalStore``: what the stores that one process owns (memory, SQLite) share.
+
+Wake-ups go through one ``SignalHub``, fed directly by the store's own writes;
+presence and notifications through a ``LocalInbox``; decisions through
+``LocalDecisions``. No leases: one process owns the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from backstream.actors.ports import Store
+from backstream.actors.signals import OUTBOX_BELL, SignalHub
+from backstream.protocol.records import NotificationRecord
+from backstream.runtime.stores.local_notifications import LocalInbox, NotificationShelf
+from backstream.runtime.stores.shared import LocalDecisions
+
+__all__ = ["LocalStore"]
+
+
+class LocalStore(Store):
+    """Base of a single-process store: subclasses call ``__init__`` with their shelf and
+    implement jobs, logs, aborts, orphans and the outbox."""
+
+    def __init__(self, shelf: NotificationShelf) -> None:
+        self.hub = SignalHub()
+        self.inbox = LocalInbox(shelf)
+        self.decisions = LocalDecisions(self.hub)
+
+    def forget_job(self, job_id: str) -> None:
+        """A job was swept: drop what this process kept of it and wake its readers."""
+        self.inbox.forget_job(job_id)
+        self.decisions.forget_job(job_id)
+        self.hub.signal_job(job_id)
+
+    # -- decisions: within this process ----------------------------------------------
+
+    async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
+        await trio.lowlevel.checkpoint()
+        self.decisions.put(job_id, call_id, approved)
+
+    async def wait_decision(self, job_id: str, call_id: str) -> bool:
+        return await self.decisions.wait(job_id, call_id)
+
+    # -- one process: no leases --------------------------------------------------------
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def wait_outbox(self, timeout: float) -> None:
+        """Woken by this store's terminal commits. Cancellation: safe."""
+        await self.hub.wait_bell(OUTBOX_BELL, timeout)
+
+    # -- the inbox: forwarded to ``LocalInbox`` ------------------------------------------
+
+    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
+        await self.inbox.watch_started(job_id, watch_id, until)
+
+    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
+        await self.inbox.watch_ended(job_id, watch_id, saw_end=saw_end)
+
+    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
+        await self.inbox.renew_watches(watches, until)
+
+    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
+        return await self.inbox.notify_unwatched(notification, now, max_per_user)
+
+    async def list_notifications(
+        self, user: str, *, unread_only: bool, limit: int
+    ) -> tuple[list[NotificationRecord], int]:
+        return await self.inbox.list_notifications(user, unread_only=unread_only, limit=limit)
+
+    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
+        return await self.inbox.mark_notifications_read(user, ids, everything=everything)
+
+    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
+        await self.inbox.set_thread_muted(user, thread_id, muted)
