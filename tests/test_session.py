@@ -27,6 +27,16 @@ async def test_user_buckets_forget_only_refilled_users(autojump_clock: trio.test
     assert buckets.take("a") and not buckets.take("a")  # a kept its state: only one token
 
 
+async def test_user_buckets_never_track_more_than_max_users(autojump_clock: trio.testing.MockClock) -> None:
+    """Every tracked user busy: the one tracked longest is forgotten, never a growing table."""
+    buckets = UserBuckets(rate=0.001, burst=2, max_users=3)
+    for user in ("a", "b", "c", "d", "e"):
+        assert buckets.take(user)  # each leaves its bucket short of full
+        assert len(buckets) <= 3
+    assert buckets.take("c") and not buckets.take("c")  # c was kept, with its state
+    assert buckets.take("a") and buckets.take("a")  # a was forgotten: a full bucket again
+
+
 async def test_a_token_bucket_says_when_it_is_full(autojump_clock: trio.testing.MockClock) -> None:
     bucket = TokenBucket(1.0, 2)
     assert bucket.full()
