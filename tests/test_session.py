@@ -27,6 +27,17 @@ async def test_user_buckets_forget_only_refilled_users(autojump_clock: trio.test
     assert buckets.take("a") and not buckets.take("a")  # a kept its state: only one token
 
 
+async def test_user_buckets_stay_bounded_while_every_user_is_busy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    buckets = UserBuckets(rate=1.0, burst=2, max_users=2)
+    for user in ("a", "b", "c", "d"):  # none refills meanwhile: each is still in use
+        assert buckets.take(user)
+        assert len(buckets) <= 2
+    assert buckets.take("d") and not buckets.take("d")  # a kept bucket keeps its state
+    assert buckets.take("a") and buckets.take("a")  # the longest tracked was forgotten: a full burst
+
+
 async def test_a_token_bucket_says_when_it_is_full(autojump_clock: trio.testing.MockClock) -> None:
     bucket = TokenBucket(1.0, 2)
     assert bucket.full()

@@ -99,7 +99,9 @@ def peek_string_field(data: str | bytes, field: str) -> str | None:
 
 class UserBuckets:
     """One token bucket per user (the HTTP listener's rate limit), at most ``max_users``
-    tracked: past it, the users whose buckets have refilled are forgotten (they lose nothing)."""
+    tracked: past it, the users whose buckets have refilled are forgotten (they lose
+    nothing); if none has, the longest tracked is (it starts again from a full burst: more
+    than ``max_users`` users at once loosen the limit of a few, never grow the memory)."""
 
     def __init__(self, rate: float, burst: int, *, max_users: int) -> None:
         self._rate = rate
@@ -113,8 +115,14 @@ class UserBuckets:
         if bucket is None:
             if len(self._buckets) >= self._max_users:
                 self._buckets = {u: b for u, b in self._buckets.items() if not b.full()}
+                if len(self._buckets) >= self._max_users:  # all in use: forget the oldest
+                    del self._buckets[next(iter(self._buckets))]
             bucket = self._buckets[user] = TokenBucket(self._rate, self._burst)
         return bucket.take()
+
+    def __len__(self) -> int:
+        """Users tracked now."""
+        return len(self._buckets)
 
 
 class Session:
