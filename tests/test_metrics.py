@@ -1,4 +1,5 @@
-"""Metrics an operator alerts on: job endings by status and error code, bytes as bytes, tool threads."""
+"""Metrics an operator alerts on: job endings by status and error code, bytes as bytes, tool
+threads, the outbox's dispatcher and the upstream's connections."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import threading
 
 import trio
 
-from backstream import Config
+from backstream import Config, open_runtime
 from backstream.runtime.server.metrics import metrics_text
 from backstream.runtime.tools.registry import ToolRegistry, tool
+from tests.upstream_server import FakeUpstream, streams
 from tests.ws_helpers import raw_client, served
 
 
@@ -67,3 +69,47 @@ async def test_endings_bytes_and_abandoned_threads() -> None:
     with trio.fail_after(5):
         while tools.statistics().abandoned:
             await trio.sleep(0.01)
+
+
+async def test_outbox_and_upstream_connections_after_jobs_end(upstream: FakeUpstream) -> None:
+    """Two jobs end unwatched, one after the other: each end is carried out of the outbox
+    with its notification, and the second request went over the first one's connection."""
+    # Without "[DONE]" the client reads each body to its end, so the connection is kept
+    # whatever the timing (it stops reading at "[DONE]", which may come before the end).
+    upstream.script(streams(["one"], done=False), streams(["two"], done=False))
+    async with open_runtime(Config(upstream_url=upstream.url, drain_timeout=0)) as rt:
+        for message_id in ("m1", "m2"):
+            await rt.start_job(
+                user="alice",
+                thread_id="t",
+                message_id=message_id,
+                model="any/model",
+                messages=[{"role": "user", "content": "go"}],
+            )
+            with trio.fail_after(5):
+                await rt.wait_idle()
+        with trio.fail_after(5):
+            while rt.statistics().dispatcher.carried_out_total < 2:
+                await trio.sleep(0.01)
+        text = metrics_text(rt, None)().decode()
+        notifications, _ = await rt.notifications_list(user="alice")
+    assert len(notifications) == 2
+    assert "backstream_outbox_carried_out_total 2.0" in text
+    assert "backstream_outbox_notifications_total 2.0" in text
+    assert "backstream_outbox_failed_total 0.0" in text
+    assert "backstream_outbox_retries_total 0.0" in text
+    assert "backstream_outbox_in_hand 0.0" in text
+    assert len(upstream.requests) == 2 and upstream.connections == 1
+    assert "backstream_upstream_connections_opened_total 1.0" in text
+    assert "backstream_upstream_connections_reused_total 1.0" in text
+    assert "backstream_upstream_connections_kept_total 2.0" in text
+    assert "backstream_upstream_connections_closed_total 0.0" in text
+    assert "backstream_upstream_connections_idle 1.0" in text
+
+
+async def test_no_upstream_no_connection_metrics() -> None:
+    async with open_runtime(Config(drain_timeout=0)) as rt:
+        assert rt.statistics().upstream_pool is None
+        text = metrics_text(rt, None)().decode()
+    assert "backstream_upstream_connections" not in text
+    assert "backstream_outbox_carried_out_total 0.0" in text

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import attrs
 import trio
 
-from backstream.protocol.events import ErrorInfo, StatusEvent, TextEvent
+from backstream.protocol.events import LIVE_STATUSES, TERMINAL_STATUSES, ErrorInfo, StatusEvent, TextEvent
 from backstream.protocol.records import JobProgress, JobRecord, JobRequest, events_to_json, record_to_dict
 from backstream.runtime.stores.sqlite import SqliteStore
-from backstream.runtime.stores.sqlite_schema import MIGRATIONS
+from backstream.runtime.stores.sqlite_schema import MIGRATIONS, migrate
 
 
 def version_2_file(path: Path, records: list[JobRecord]) -> None:
@@ -93,3 +94,53 @@ async def test_version_2_files_migrate_with_their_jobs(tmp_path: Path) -> None:
     await store.aclose()
     with sqlite3.connect(tmp_path / "old.db") as conn:
         assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+
+
+VERSION_1_LIVE_INDEX = (
+    "CREATE INDEX jobs_active ON jobs (status) WHERE status IN ('running', 'awaiting_approval')"
+)
+"""Version 1's index of live jobs as files of that version hold it, written out by hand
+before the migration built it from ``LIVE_STATUSES``."""
+
+
+def _statements(sql: str) -> list[str]:
+    return [statement.strip() for statement in sql.split(";") if statement.strip()]
+
+
+def _schema(path: Path) -> list[tuple[str, str, str, str | None]]:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+        ).fetchall()
+
+
+def test_version_1_indexes_the_live_statuses() -> None:
+    (index,) = [s for s in _statements(MIGRATIONS[0][1]) if s.startswith("CREATE INDEX jobs_active")]
+    listed = index.partition(" IN ")[2].strip("()").replace("'", "").split(", ")
+    assert set(listed) == LIVE_STATUSES and len(listed) == len(LIVE_STATUSES)
+
+
+def test_a_version_1_file_migrates_to_the_schema_of_a_new_one(tmp_path: Path) -> None:
+    """Building version 1's index from the constant changed no database: the file an older
+    release created (with the index spelled out) ends with the same schema as a new one."""
+    old = tmp_path / "v1.db"
+    with closing(sqlite3.connect(old, isolation_level=None)) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in _statements(MIGRATIONS[0][1]):
+            conn.execute(VERSION_1_LIVE_INDEX if "jobs_active" in statement else statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        assert conn.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs_active'").fetchone() == (
+            VERSION_1_LIVE_INDEX,
+        )
+        migrate(conn)
+    new = tmp_path / "new.db"
+    with closing(sqlite3.connect(new, isolation_level=None)) as conn:
+        migrate(conn)
+    schema = _schema(new)
+    assert _schema(old) == schema
+    indexes = {name: sql for kind, name, _table, sql in schema if kind == "index"}
+    assert "jobs_active" not in indexes  # version 3 dropped it with its table
+    live = indexes["jobs_live"]
+    assert live is not None
+    excluded = live.partition(" NOT IN ")[2].strip().strip("()").replace("'", "").split(", ")
+    assert set(excluded) == TERMINAL_STATUSES

@@ -12,7 +12,9 @@ A store outage is waited through; a claim left by a crash lapses and is taken ag
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import TypeVar
 
 import attrs
 import trio
@@ -27,6 +29,8 @@ __all__ = ["BATCH", "POLL_S", "PREVIEW_CHARS", "START_DRAIN_S", "Dispatcher", "D
 
 log = logging.getLogger("backstream.dispatcher")
 
+T = TypeVar("T")
+
 BATCH = 64
 """Entries claimed at once; the rest wait for the next round."""
 POLL_S = 5.0
@@ -39,13 +43,25 @@ PREVIEW_CHARS = 200
 
 @attrs.frozen
 class DispatcherStatistics:
+    carried_out_total: int
+    """Entries carried out and deleted (a notification made, or none due: e.g. aborted)."""
     delivered_total: int
+    """Job-end notifications asked of the notifier (it makes each at most once)."""
+    failed_total: int
+    """Entries whose effect raised: logged and dropped, so that the others go on."""
+    retries_total: int
+    """Store calls asked again after an outage (claims, previews, deletions)."""
     rounds_total: int
+    """Claims made (one per batch, and the last that found nothing)."""
+    in_hand: int
+    """Entries claimed and not yet deleted (at most ``BATCH``). The outbox may hold more,
+    uncounted here: the store is not asked for its size."""
 
 
 class Dispatcher:
     """Start with ``await nursery.start(dispatcher.run)``: it carries out what is in the
-    outbox already before it reports started."""
+    outbox already before it reports started. Build it once and run it again after a
+    failure: ``run`` keeps nothing between runs but the totals of ``statistics``."""
 
     def __init__(
         self, outbox: Outbox, log_store: LogStore, notifier: Notifier, clock: WallClock, *, instance_id: str
@@ -55,8 +71,12 @@ class Dispatcher:
         self._notifier = notifier
         self._clock = clock
         self._instance_id = instance_id
+        self._carried_out_total = 0
         self._delivered_total = 0
+        self._failed_total = 0
+        self._retries_total = 0
         self._rounds_total = 0
+        self._in_hand = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled. Cancellation: stops at once; a claimed entry not yet deleted is
@@ -72,19 +92,36 @@ class Dispatcher:
         """Carry out claimed entries until none is left. Waits through an outage."""
         while True:
             self._rounds_total += 1
-            entries = await through_outage("claiming the outbox", self._claim, level=logging.WARNING)
+            entries = await self._through_outage("claiming the outbox", self._claim, level=logging.WARNING)
             if not entries:
                 return
-            for entry in entries:
-                try:
-                    await self._deliver(entry)
-                except StoreClosedError:
-                    raise
-                except Exception:  # a bad entry must not stop the others: dropped
-                    log.exception("job %s: its outbox entry could not be carried out", entry.job_id)
-                self._notifier.end_delivered(entry.job_id)  # its notification exists now
-            done = [entry.job_id for entry in entries]
-            await through_outage("deleting carried-out entries", partial(self._outbox.delete_outbox, done))
+            self._in_hand = len(entries)
+            try:
+                await self._carry_out(entries)
+            finally:
+                self._in_hand = 0
+
+    async def _carry_out(self, entries: list[OutboxEntry]) -> None:
+        for entry in entries:
+            try:
+                await self._deliver(entry)
+            except StoreClosedError:
+                raise
+            except Exception:  # a bad entry must not stop the others: dropped
+                self._failed_total += 1
+                log.exception("job %s: its outbox entry could not be carried out", entry.job_id)
+            self._notifier.end_delivered(entry.job_id)  # its notification exists now
+        done = [entry.job_id for entry in entries]
+        await self._through_outage("deleting carried-out entries", partial(self._outbox.delete_outbox, done))
+        self._carried_out_total += len(done)
+
+    async def _through_outage(
+        self, what: str, attempt: Callable[[], Awaitable[T]], *, level: int = logging.DEBUG
+    ) -> T:
+        return await through_outage(what, attempt, on_retry=self._count_retry, level=level)
+
+    def _count_retry(self, _exc: Exception) -> None:
+        self._retries_total += 1
 
     async def _claim(self) -> list[OutboxEntry]:
         now = self._clock.now()
@@ -93,7 +130,7 @@ class Dispatcher:
     async def _deliver(self, entry: OutboxEntry) -> None:
         if not Notifier.notifies_end(entry.status):
             return  # e.g. aborted: the user asked for it
-        preview = await through_outage(
+        preview = await self._through_outage(
             f"job {entry.job_id}: reading its text", lambda: self._preview(entry.job_id)
         )
         await self._notifier.job_ended(
@@ -118,4 +155,11 @@ class Dispatcher:
         return text[:PREVIEW_CHARS]
 
     def statistics(self) -> DispatcherStatistics:
-        return DispatcherStatistics(delivered_total=self._delivered_total, rounds_total=self._rounds_total)
+        return DispatcherStatistics(
+            carried_out_total=self._carried_out_total,
+            delivered_total=self._delivered_total,
+            failed_total=self._failed_total,
+            retries_total=self._retries_total,
+            rounds_total=self._rounds_total,
+            in_hand=self._in_hand,
+        )

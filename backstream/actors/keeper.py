@@ -23,10 +23,9 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
-from backstream.actors.notifier import Notifier
-from backstream.actors.ports import Store
+from backstream.actors.ports import Housekeeping
 from backstream.actors.presence import WatchPresence
-from backstream.actors.recovery import InterruptOrphans, RecoveryPolicy
+from backstream.actors.recovery import RecoveryPolicy
 from backstream.actors.supervisor import Supervisor
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.records import JobRecord
@@ -46,18 +45,19 @@ class KeeperStatistics:
 class Keeper:
     """Run ``keeper.run`` as a supervised child (after ``recover_orphans`` once). A restart
     re-enters ``run`` safely: its loops keep nothing between rounds, and the totals of
-    ``statistics`` are meant to outlive a restart."""
+    ``statistics`` are meant to outlive a restart. ``recovery`` says what to do with an
+    orphan taken over (the runtime's: ``InterruptOrphans``)."""
 
     def __init__(
         self,
         config: Config,
-        store: Store,
+        store: Housekeeping,
         clock: WallClock,
         jobs: Supervisor[Any],
         presence: WatchPresence,
         *,
         instance_id: str,
-        notifier: Notifier | None = None,
+        recovery: RecoveryPolicy,
     ) -> None:
         self._config = config
         self._store = store
@@ -65,7 +65,7 @@ class Keeper:
         self._jobs = jobs
         self._presence = presence
         self._instance_id = instance_id
-        self._notifier = notifier
+        self._recovery = recovery
         self._swept_total = 0
         self._recovered_total = 0
         self._skipped_rounds_total = 0
@@ -107,19 +107,15 @@ class Keeper:
                 self._skipped_rounds_total += 1
                 log.warning("lease renewal skipped: %s", exc)
 
-    recovery: RecoveryPolicy | None = None
-    """What to do with an orphan taken over; None: ``InterruptOrphans``."""
-
     async def recover_orphans(self) -> list[JobRecord]:
         """Take over the running jobs that no live instance owns and apply the recovery
         policy to each (by default: end it ``interrupted``; its user is told through the
         outbox). Raises ``UnavailableError``. Cancellation: a job taken over but not yet
         ended is an orphan again once its new lease lapses."""
         now = self._clock.now()
-        policy = self.recovery or InterruptOrphans(self._store, self._clock, self._config.retention)
         recovered = []
         for handover in await self._store.take_orphans(self._instance_id, now, now + self._config.lease_ttl):
-            record = await policy.recover(handover)
+            record = await self._recovery.recover(handover)
             log.warning(
                 "job %s: its instance is gone; recovered (%s at seq %d)",
                 record.job_id,

@@ -24,9 +24,12 @@ __all__ = [
     "Capability",
     "ChatTurn",
     "Handover",
+    "Housekeeping",
     "Inbox",
+    "JobAccess",
     "JobEndedElsewhereError",
     "JobStore",
+    "JobWriter",
     "Leases",
     "LogBehindError",
     "LogStore",
@@ -40,6 +43,7 @@ __all__ = [
     "Store",
     "StoreClosedError",
     "StoreService",
+    "StoredLogs",
     "ToolOutcome",
     "ToolSpec",
     "Tools",
@@ -427,7 +431,29 @@ class Outbox(abc.ABC):
         ``StoreClosedError``. Cancellation: safe."""
 
 
-class Store(StoreService, JobStore, LogStore, Signals, Inbox, Leases, Outbox):
+# -- intersections: what one actor uses of several ports ----------------------------------
+# Python has no intersection type, so each is a port of its own that ``Store`` inherits;
+# an actor's constructor names the smallest one that covers what it calls.
+
+
+class StoredLogs(JobStore, LogStore):
+    """Records and logs: what reads a job not running here (``StoredSource``)."""
+
+
+class JobWriter(LogStore, Signals):
+    """A job's log and the signals sent to it: what a running job uses (``JobActor``)."""
+
+
+class JobAccess(StoredLogs, JobWriter):
+    """Records, logs and signals: what admits jobs and starts their actors (``Registry``),
+    and what acts on a job wherever it runs (``StoredJob``, ``JobHandles``)."""
+
+
+class Housekeeping(JobStore, Inbox, Leases):
+    """Retention, leases (of jobs and of watches) and orphans: the ``Keeper``'s."""
+
+
+class Store(StoreService, JobAccess, Housekeeping, Outbox):
     """Jobs, their logs and the signals between instances: every port in one.
 
     Methods raise ``UnavailableError`` when the backing service cannot be reached,

@@ -30,7 +30,7 @@ from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.job import JobActor
 from backstream.actors.notifier import Notifier
-from backstream.actors.ports import Model, Store, Tools
+from backstream.actors.ports import JobAccess, Model, Tools
 from backstream.actors.supervisor import ChildFn, ChildSpec, Incarnation, Restart, Supervisor
 from backstream.protocol.errors import CapacityError, UnavailableError
 from backstream.protocol.ids import new_id
@@ -136,7 +136,7 @@ class Registry:
     def __init__(
         self,
         config: Config,
-        store: Store,
+        store: JobAccess,
         clock: WallClock,
         jobs: Supervisor[JobActor],
         *,

@@ -28,7 +28,7 @@ from typing import Protocol
 import trio
 
 from backstream.actors.joblog import JobLog, merge_events
-from backstream.actors.ports import Store
+from backstream.actors.ports import StoredLogs
 from backstream.protocol.errors import BadRequestError, GoneError
 from backstream.protocol.events import Batch, LogEvent, StatusEvent, ToolCallDeltaEvent
 from backstream.protocol.lifecycle import is_terminal
@@ -98,7 +98,7 @@ class StoredSource:
     ``BadRequestError``.
     """
 
-    def __init__(self, store: Store, job_id: str, epoch: int = 1) -> None:
+    def __init__(self, store: StoredLogs, job_id: str, epoch: int = 1) -> None:
         self._store = store
         self._job_id = job_id
         self.epoch = epoch

@@ -19,6 +19,7 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
+from backstream.actors.dispatcher import Dispatcher, DispatcherStatistics
 from backstream.actors.job import JobActor
 from backstream.actors.keeper import Keeper, KeeperStatistics
 from backstream.actors.metronome import Metronome
@@ -33,6 +34,7 @@ from backstream.protocol.events import JobInfo, JobSummary, LogEvent
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
 from backstream.runtime.handle import AbortResult, JobHandle, JobHandles
+from backstream.runtime.models.http1 import HTTP1Pool, PoolStatistics
 from backstream.runtime.models.router import ModelRouter
 from backstream.runtime.models.upstream import UpstreamStatistics
 from backstream.runtime.tools.registry import ToolRegistry
@@ -62,8 +64,11 @@ class RuntimeStatistics:
     jobs: RegistryStatistics
     job_tasks: SupervisorStatistics
     keeper: KeeperStatistics
+    dispatcher: DispatcherStatistics
     watchers: int
     jobs_watched: int
+    upstream_pool: PoolStatistics | None
+    """The upstream's connections, or None without an upstream."""
 
 
 class Runtime:
@@ -85,6 +90,8 @@ class Runtime:
         *,
         instance_id: str,
         metronome: Metronome | None = None,
+        dispatcher: Dispatcher,
+        upstream_pool: HTTP1Pool | None = None,
     ) -> None:
         self.config = config
         self.tools = tools
@@ -99,9 +106,9 @@ class Runtime:
         self._job_supervisor = job_supervisor
         self._keeper = keeper
         self._metronome = metronome or Metronome()
-        self._handles = JobHandles(
-            store, registry.live, presence.count, remote_wait=config.remote_abort_wait
-        )
+        self._dispatcher = dispatcher
+        self._upstream_pool = upstream_pool
+        self._handles = JobHandles(store, registry.live, presence.count, remote_wait=config.remote_abort_wait)
 
     @property
     def store(self) -> Store:
@@ -328,8 +335,10 @@ class Runtime:
             jobs=self._registry.statistics(),
             job_tasks=self._job_supervisor.statistics(),
             keeper=self._keeper.statistics(),
+            dispatcher=self._dispatcher.statistics(),
             watchers=presence.watches,
             jobs_watched=presence.jobs_watched,
+            upstream_pool=self._upstream_pool.statistics() if self._upstream_pool is not None else None,
         )
 
     def upstream_statistics(self) -> UpstreamStatistics | None:

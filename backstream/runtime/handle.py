@@ -19,7 +19,7 @@ import trio
 
 from backstream.actors.job import JobActor
 from backstream.actors.joblog import summarize_events
-from backstream.actors.ports import Store
+from backstream.actors.ports import JobAccess
 from backstream.actors.watcher import LiveSource, LogSource, StoredSource
 from backstream.protocol.errors import ConflictError, NotFoundError
 from backstream.protocol.events import (
@@ -153,7 +153,7 @@ class StoredJob:
     and the store to act through."""
 
     def __init__(
-        self, record: JobRecord, store: Store, watchers: Callable[[str], int], *, remote_wait: float
+        self, record: JobRecord, store: JobAccess, watchers: Callable[[str], int], *, remote_wait: float
     ) -> None:
         self._record = record
         self._store = store
@@ -230,7 +230,7 @@ class JobHandles:
 
     def __init__(
         self,
-        store: Store,
+        store: JobAccess,
         live: Callable[[str], JobActor | None],
         watchers: Callable[[str], int],
         *,

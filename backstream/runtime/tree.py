@@ -13,9 +13,10 @@
         +-- dispatcher (permanent): carries out the outbox (job-end notifications)
 
 Every child is given by a factory, so a restart starts it afresh: the registry rebuilds
-its counts from the jobs supervisor, the ticker is built anew; the store, the metronome
-and the keeper are objects others hold, whose ``run`` keeps no state of its own between
-runs (the metronome clears its on exit; the keeper keeps only its totals).
+its counts from the jobs supervisor, the ticker is built anew; the store, the metronome,
+the keeper and the dispatcher are objects others hold, whose ``run`` keeps no state of
+its own between runs (the metronome clears its on exit; the keeper and the dispatcher
+keep only their totals, which ``Runtime.statistics`` reports).
 
 The model router is built first: the runtime resolves each start's model there, once,
 and hands it to the registry with the start. Orphans of a dead instance are recovered
@@ -38,6 +39,7 @@ from backstream.actors.metronome import Metronome
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store
 from backstream.actors.presence import WatchPresence
+from backstream.actors.recovery import InterruptOrphans
 from backstream.actors.registry import Registry
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.actors.ticker import FlushTicker
@@ -89,7 +91,7 @@ async def open_runtime(
             if tools is None:
                 tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
             router = ModelRouter(config, models or {}, upstream)
-            runtime = await _start_system(config, store, clock, notifier, jobs, system, router, tools)
+            runtime = await _start_system(config, store, clock, notifier, jobs, system, router, tools, http)
             try:
                 yield runtime
             except Exception as exc:
@@ -125,12 +127,15 @@ async def _start_system(
     system: Supervisor[None],
     router: ModelRouter,
     tools: ToolRegistry,
+    http: HTTP1Pool | None,
 ) -> Runtime:
     """Build the actors, start the system children in order, and return the facade."""
     instance_id = new_id("i_", clock.now())
     presence = WatchPresence()
     registry = Registry(config, store, clock, jobs, instance_id=instance_id, tools=tools, notifier=notifier)
-    keeper = Keeper(config, store, clock, jobs, presence, instance_id=instance_id, notifier=notifier)
+    recovery = InterruptOrphans(store, clock, config.retention)
+    keeper = Keeper(config, store, clock, jobs, presence, instance_id=instance_id, recovery=recovery)
+    dispatcher = Dispatcher(store, store, notifier, clock, instance_id=instance_id)
     metronome = Metronome()
     runtime = Runtime(
         config,
@@ -145,6 +150,8 @@ async def _start_system(
         notifier,
         instance_id=instance_id,
         metronome=metronome,
+        dispatcher=dispatcher,
+        upstream_pool=http,
     )
     await system.start_child(ChildSpec("store", lambda: store.run, Restart.PERMANENT, shutdown=0))
     await system.start_child(ChildSpec("metronome", lambda: metronome.run, Restart.PERMANENT, shutdown=0))
@@ -154,12 +161,5 @@ async def _start_system(
         ChildSpec("ticker", lambda: FlushTicker(config, jobs).run, Restart.PERMANENT, shutdown=0)
     )
     await system.start_child(ChildSpec("keeper", lambda: keeper.run, Restart.PERMANENT, shutdown=0))
-    await system.start_child(
-        ChildSpec(
-            "dispatcher",
-            lambda: Dispatcher(store, store, notifier, clock, instance_id=instance_id).run,
-            Restart.PERMANENT,
-            shutdown=0,
-        )
-    )
+    await system.start_child(ChildSpec("dispatcher", lambda: dispatcher.run, Restart.PERMANENT, shutdown=0))
     return runtime

@@ -8,7 +8,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from backstream.actors.dispatcher import DispatcherStatistics
 from backstream.runtime.api import Runtime
+from backstream.runtime.models.http1 import PoolStatistics
 from backstream.runtime.models.upstream import FIRST_TOKEN_BUCKETS
 from backstream.runtime.server.frontdoor import FrontDoor
 from backstream.runtime.server.http_app import HttpApp
@@ -65,7 +67,10 @@ class _BackstreamCollector(Collector):
             threads.starved_total,
         )
         yield GaugeMetricFamily("backstream_watchers", "Watches open in this process", stats.watchers)
+        yield from _outbox(stats.dispatcher)
         yield from self._upstream()
+        if stats.upstream_pool is not None:
+            yield from _upstream_pool(stats.upstream_pool)
         yield from self._http_side()
         door = self._front_door
         if door is not None:
@@ -113,6 +118,42 @@ class _BackstreamCollector(Collector):
             buckets=list(zip(bounds, up.first_token_buckets, strict=True)),
             sum_value=up.first_token_sum,
         )
+
+
+def _outbox(s: DispatcherStatistics) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        "backstream_outbox_carried_out", "Outbox entries carried out and deleted", s.carried_out_total
+    )
+    yield CounterMetricFamily(
+        "backstream_outbox_notifications",
+        "Job-end notifications asked for from the outbox",
+        s.delivered_total,
+    )
+    yield CounterMetricFamily(
+        "backstream_outbox_failed", "Outbox entries whose effect failed (dropped)", s.failed_total
+    )
+    yield CounterMetricFamily(
+        "backstream_outbox_retries", "Outbox store calls retried after an outage", s.retries_total
+    )
+    yield GaugeMetricFamily("backstream_outbox_in_hand", "Outbox entries claimed, not yet deleted", s.in_hand)
+
+
+def _upstream_pool(s: PoolStatistics) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        "backstream_upstream_connections_opened", "Upstream connections opened", s.opened
+    )
+    yield CounterMetricFamily(
+        "backstream_upstream_connections_reused", "Idle upstream connections taken for a request", s.reused
+    )
+    yield CounterMetricFamily(
+        "backstream_upstream_connections_kept", "Upstream connections kept for reuse after a response", s.kept
+    )
+    yield CounterMetricFamily(
+        "backstream_upstream_connections_closed", "Upstream connections closed", s.closed
+    )
+    yield GaugeMetricFamily(
+        "backstream_upstream_connections_idle", "Idle upstream connections in the pool", s.idle
+    )
 
 
 def metrics_text(

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+from backstream.protocol.events import LIVE_STATUSES
 from backstream.protocol.lifecycle import sql_terminal_list
 from backstream.protocol.records import JobRecord, record_from_dict, record_to_dict
 
@@ -24,14 +25,25 @@ __all__ = [
     "migrate",
     "record_from_row",
     "row_values",
+    "sql_status_list",
 ]
 
 log = logging.getLogger("backstream.sqlite")
 
+
+def sql_status_list(statuses: Iterable[str]) -> str:
+    """Statuses as an SQL list literal, sorted, as ``sql_terminal_list`` spells the terminal ones."""
+    return "(" + ", ".join(f"'{status}'" for status in sorted(statuses)) + ")"
+
+
+# A migration runs once per database, at the version it brings; changing a past one's text
+# changes only databases created afterwards. Version 1's ``jobs_active`` index is built
+# from ``LIVE_STATUSES`` for that reason alone: version 3 drops it with its table (and
+# indexes ``jobs_live`` instead), so no database at the current version holds it.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
         1,
-        """
+        f"""
         CREATE TABLE jobs (
             job_id TEXT PRIMARY KEY,
             user TEXT NOT NULL,
@@ -48,7 +60,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX jobs_by_user ON jobs (user, created_at DESC);
         CREATE INDEX jobs_by_thread ON jobs (user, thread_id, created_at DESC);
         CREATE INDEX jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
-        CREATE INDEX jobs_active ON jobs (status) WHERE status IN ('running', 'awaiting_approval');
+        CREATE INDEX jobs_active ON jobs (status) WHERE status IN {sql_status_list(LIVE_STATUSES)};
         CREATE TABLE log (
             job_id TEXT NOT NULL,
             first_seq INTEGER NOT NULL,
