@@ -74,9 +74,7 @@ async def test_endings_bytes_and_abandoned_threads() -> None:
 async def test_outbox_and_upstream_connections_after_jobs_end(upstream: FakeUpstream) -> None:
     """Two jobs end unwatched, one after the other: each end is carried out of the outbox
     with its notification, and the second request went over the first one's connection."""
-    # Without "[DONE]" the client reads each body to its end, so the connection is kept
-    # whatever the timing (it stops reading at "[DONE]", which may come before the end).
-    upstream.script(streams(["one"], done=False), streams(["two"], done=False))
+    upstream.script(streams(["one"]), streams(["two"]))
     async with open_runtime(Config(upstream_url=upstream.url, drain_timeout=0)) as rt:
         for message_id in ("m1", "m2"):
             await rt.start_job(

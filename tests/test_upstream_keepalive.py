@@ -8,6 +8,9 @@ reused; the pool's statistics tell whether it was.
 
 from __future__ import annotations
 
+import trio
+
+from backstream import Config, open_runtime
 from backstream.runtime.models.http1 import HTTP1Pool, PoolStatistics
 from tests.upstream_server import FakeUpstream, streams
 
@@ -66,3 +69,27 @@ async def test_an_http10_body_ended_by_the_close_is_complete_and_not_pooled(upst
     assert upstream.connections == 2
     assert pool.statistics() == PoolStatistics(opened=2, reused=0, kept=1, closed=1, idle=1)
     await pool.aclose()
+
+
+async def test_a_body_that_ends_after_done_is_read_to_its_end_and_its_connection_reused(
+    upstream: FakeUpstream,
+) -> None:
+    """The client stops assembling at ``[DONE]``, but reads the body's end that follows in a
+    later read, so the next turn goes over the same connection."""
+    upstream.script(streams(["one"], end_after=0.05), streams(["two"], end_after=0.05))
+    async with open_runtime(Config(upstream_url=upstream.url, drain_timeout=0)) as rt:
+        for message_id in ("m1", "m2"):
+            await rt.start_job(
+                user="alice",
+                thread_id="t",
+                message_id=message_id,
+                model="any/model",
+                messages=[{"role": "user", "content": "go"}],
+            )
+            with trio.fail_after(5):
+                await rt.wait_idle()
+        pool = rt.statistics().upstream_pool
+        info = await rt.get_job((await rt.list_jobs(user="alice"))[0].job_id, user="alice", include_content=True)
+    assert info.job.status == "completed" and info.content == "two"
+    assert len(upstream.requests) == 2 and upstream.connections == 1
+    assert pool is not None and (pool.opened, pool.reused, pool.closed) == (1, 1, 0)

@@ -140,10 +140,12 @@ def streams(
     done: bool = True,
     closing: bool = False,
     version: str = "1.1",
+    end_after: float = 0.0,
 ) -> Scenario:
     """Stream ``texts`` as content deltas, ``delay`` seconds apart, then finish. ``closing``:
     answer ``Connection: close`` and close the connection after the response (HTTP/1.0's
-    body, never chunked, always ends so)."""
+    body, never chunked, always ends so). ``end_after``: seconds between ``[DONE]`` and the
+    body's end (a client reading up to ``[DONE]`` gets the end in a later read)."""
 
     async def scenario(reply: Reply) -> None:
         await reply.start(headers={"connection": "close"} if closing else None, version=version)
@@ -157,6 +159,8 @@ def streams(
             await reply.event(usage_chunk(completion=len(texts)))
         if done:
             await reply.event("[DONE]")
+        if end_after:
+            await trio.sleep(end_after)
         if closing or version != "1.1":
             reply.server_closed = True  # said so: the client may close first once it has all
             await reply.end()

@@ -46,6 +46,10 @@ __all__ = [
 
 log = logging.getLogger("backstream.upstream")
 
+# What is read after "[DONE]" so the connection can be reused (the body's end).
+DRAIN_AFTER_DONE_BYTES = 64 * 1024
+DRAIN_AFTER_DONE_SECONDS = 0.5
+
 RETRY_STATUSES = frozenset({429, 502, 503})
 _ERROR_BODY_LIMIT = 2048  # bytes of a non-2xx body kept for the error message
 
@@ -183,6 +187,7 @@ class UpstreamClient:
                     for event in decoder.feed(data):
                         feed(event.data)
                         if assembler.done:
+                            await _read_to_end(response)
                             return
                     if started >= 0 and collector.produced:  # the first token: time it once
                         self._note_first_token(trio.current_time() - started)
@@ -248,3 +253,14 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+async def _read_to_end(response: StreamingResponse) -> None:
+    """Read what follows ``[DONE]`` (the body's end: a few bytes, often in a later read),
+    so that the connection can go back to the pool. Past ``DRAIN_AFTER_DONE_BYTES`` or
+    ``DRAIN_AFTER_DONE_SECONDS`` the rest is left unread and the pool closes the
+    connection instead. Cancellation: the connection is closed, as for any unread body."""
+    left = DRAIN_AFTER_DONE_BYTES
+    with trio.move_on_after(DRAIN_AFTER_DONE_SECONDS):
+        while left > 0 and (data := await response.receive_some()):
+            left -= len(data)
