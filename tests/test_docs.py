@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -151,13 +153,29 @@ def _tour() -> tuple[dict[str, object], str, str]:
     return body, query, script
 
 
-async def test_the_tour_runs_as_written() -> None:
-    body, query, script = _tour()
+@asynccontextmanager
+async def tour_server() -> AsyncIterator[ServeHandle]:
+    """The tour's server (one user, alice, with the token tokA) on free ports."""
     settings = ServeSettings.defaults(port=0, http_port=0, token=("tokA=alice",), store="memory", drain_timeout=0.0)
     async with trio.open_nursery() as nursery:
         handle: ServeHandle = await nursery.start(
             lambda task_status: serve(settings, handle_signals=False, announce=lambda _: None, task_status=task_status)
         )
+        yield handle
+        handle.shutdown.set()
+
+
+async def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+    )
+
+
+async def test_the_tour_runs_as_written() -> None:
+    body, query, script = _tour()
+    async with tour_server() as handle:
         base = f"http://127.0.0.1:{handle.http_port}"
         headers = {"Authorization": "Bearer tokA"}
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
@@ -171,14 +189,29 @@ async def test_the_tour_runs_as_written() -> None:
                         numbers.append(json.loads(line[6:])["sequence_number"])
             assert numbers[0] == 41 and numbers == list(range(41, numbers[-1] + 1))
             code = script.replace("127.0.0.1:8765", f"127.0.0.1:{handle.port}")
-            result = await trio.to_thread.run_sync(
-                lambda: subprocess.run(
-                    [sys.executable, "-c", code, job_id], capture_output=True, text=True, timeout=60, check=False
-                )
-            )
+            result = await run_python(code, job_id)
             assert result.returncode == 0, result.stderr
             stored = (await http.get(f"/v1/responses/{job_id}")).json()
-        handle.shutdown.set()
     text, status = result.stdout.rsplit("\n", 2)[:2]
     assert status == "completed" and stored["status"] == "completed"
     assert text == stored["output"][0]["content"][0]["text"] and len(text.split()) == 200
+
+
+def test_the_tools_guides_approval_example_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "tools.md").read_text(), flags=re.S)
+    example = next(b for b in blocks if "trio.run(main)" in b)
+    result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    steps = [line.split()[1] for line in result.stdout.splitlines()[:-1]]
+    assert steps.index("approval_required") < steps.index("approval") < steps.index("tool_result")
+    assert result.stdout.splitlines()[-1] == (
+        "completed 'Let me use send_note for that. With your approval, send_note took note sent to Bob.'"
+    )
+
+
+async def test_the_python_clients_example_runs() -> None:
+    (example, *_) = re.findall(r"```python\n(.*?)```", (DOCS / "clients.md").read_text(), flags=re.S)
+    async with tour_server() as handle:
+        result = await run_python(example.replace("127.0.0.1:8765", f"127.0.0.1:{handle.port}"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello there\ncompleted 'hello there'\n"
