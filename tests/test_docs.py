@@ -4,6 +4,7 @@ serve`` is in the server guide, and the front page's tour runs as written."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import httpx
 import trio
 
 from backstream.runtime.server.serve import ServeHandle, serve
-from backstream.runtime.server.settings import ServeSettings
+from backstream.runtime.server.settings import ServeSettings, load_settings, runtime_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -215,3 +216,12 @@ async def test_the_python_clients_example_runs() -> None:
         result = await run_python(example.replace("127.0.0.1:8765", f"127.0.0.1:{handle.port}"))
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello there\ncompleted 'hello there'\n"
+
+
+def test_the_server_guides_toml_example_loads(tmp_path: Path) -> None:
+    (example,) = re.findall(r"```toml\n(.*?)```", (DOCS / "server.md").read_text(), flags=re.S)
+    path = tmp_path / "backstream.toml"
+    path.write_text(example)
+    settings = load_settings(argparse.Namespace(config=str(path)), env={})
+    assert (settings.port, settings.http_port, settings.token) == (8765, 8766, ("tokA=alice", "tokB=bob"))
+    assert runtime_config(settings).max_jobs_per_user == 4
