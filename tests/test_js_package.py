@@ -1,5 +1,5 @@
 """The JavaScript package as people get it: ``npm pack`` in a fresh clone of ``clients/js``
-(no ``npm ci``, so no TypeScript) makes the tarball the README installs; the ``.d.ts``
+(no ``npm ci``, so no TypeScript) makes the tarball the clients guide (docs/clients.md) installs; the ``.d.ts``
 declarations it ships are committed and match the sources; the demo page's vendored Markdown
 libraries are the pinned npm packages' files.
 
@@ -28,7 +28,7 @@ def _npm() -> str:
 
 
 def test_npm_pack_works_in_a_fresh_clone_without_npm_ci(tmp_path: Path) -> None:
-    """The README's install step, as written: nothing to build, no dev dependency needed."""
+    """The clients guide's install step, as written: nothing to build, no dev dependency needed."""
     require_node(JS)
     npm = _npm()
     fresh = tmp_path / "js"

@@ -510,14 +510,14 @@ def test_sigterm_ends_streams_and_drains_then_the_response_is_incomplete(tmp_pat
             server.kill()
 
 
-async def test_readme_sdk_example_runs(upstream: FakeUpstream) -> None:
+async def test_the_guides_sdk_example_runs(upstream: FakeUpstream) -> None:
     import pathlib
     import re
     import subprocess
     import sys
 
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from openai" in b)
+    guide = (pathlib.Path(__file__).parent.parent / "docs" / "http-apis.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", guide, flags=re.S) if "from openai" in b)
     async with served(upstream, token=("tokA=alice",)) as server:
         code = example.replace("127.0.0.1:8766", f"127.0.0.1:{server.handle.http_port}")
         result = await trio.to_thread.run_sync(

@@ -48,7 +48,7 @@ __all__ = [
 
 
 def response_status(status: str, error: ErrorInfo | None, finish_reason: str | None) -> str:
-    """The Responses status of a job status (see the README's table)."""
+    """The Responses status of a job status (see the table in docs/http-apis.md)."""
     if status in LIVE_STATUSES:
         return "in_progress"
     if status == "aborted":

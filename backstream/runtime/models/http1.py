@@ -3,7 +3,7 @@
 A chat stream is thousands of tiny HTTP chunks. Through httpx each one passes
 httpcore's connection and pool streams, exception-mapping context managers and
 a cancel scope per read: about three times the instructions of reading and
-parsing the bytes (callgrind, README "Performance"). This client keeps HTTP
+parsing the bytes (callgrind, docs/performance.md). This client keeps HTTP
 parsing in h11, reads up to 64 KiB at a time, and returns all the body bytes
 one socket read delivered. It does what the upstream path needs and no more:
 POST with a body to one origin, a bounded keep-alive pool, TLS with httpx's

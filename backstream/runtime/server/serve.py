@@ -179,7 +179,7 @@ def configure_gc(thresholds: tuple[int, int, int] | None) -> None:
 
     Python collects its youngest generation every 700 net allocations of container
     objects, and a full collection walks every object alive: with a thousand connections
-    and their tasks, the server spent a fifth of its CPU there (README, "Performance").
+    and their tasks, the server spent a fifth of its CPU there (docs/performance.md).
     Higher thresholds collect the same cycles less often; what startup loaded (modules,
     classes, functions) is frozen out of every collection, since it lives as long as the
     process. Memory stays bounded: cycles are still collected, a few thousand later.

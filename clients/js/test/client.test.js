@@ -192,8 +192,8 @@ describe("requests", () => {
   });
 });
 
-test("the README's example runs as written (on this test's server and token)", async () => {
-  const readme = readFileSync(join(REPO, "README.md"), "utf8");
+test("the clients guide's example runs as written (on this test's server and token)", async () => {
+  const readme = readFileSync(join(REPO, "docs", "clients.md"), "utf8");
   const example = [...readme.matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1]).find((code) => code.includes("connect("));
   assert.ok(example);
   // Inside the package, so that "backstream-client" resolves to it; Node 20 has no global WebSocket.
