@@ -176,7 +176,7 @@ async def test_an_end_left_by_a_dead_instance_is_notified_by_another_on_redis() 
 
 
 async def test_the_dispatcher_carries_out_each_entry_once(autojump_clock: trio.testing.MockClock) -> None:
-    """Its notification for an end that calls for one, none for an abort; then the entry goes."""
+    """Each end's notification, an abort's too; then the entry goes."""
     from backstream.actors.clock import WallClock
     from backstream.actors.dispatcher import Dispatcher
     from backstream.actors.notifier import Notifier
@@ -191,17 +191,21 @@ async def test_the_dispatcher_carries_out_each_entry_once(autojump_clock: trio.t
         await store.commit(job_id, [StatusEvent(seq=1, status="running"), *texts(2, "hello")], progress(2))
     async with trio.open_nursery() as nursery:
         await nursery.start(dispatcher.run)
-        with notifier.expecting_end("j_done") as delivered:
+        with notifier.expecting_end("j_done") as done, notifier.expecting_end("j_stop") as stopped:
             await end_at(store, "j_done", "completed")
             await end_at(store, "j_stop", "aborted")
             with trio.fail_after(1):
-                await delivered.wait()
+                await done.wait()
+                await stopped.wait()
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
     items, _ = await store.list_notifications("alice", unread_only=False, limit=10)
-    assert [(n.job_id, n.body) for n in items] == [("j_done", "hello")]
+    assert sorted((n.job_id, n.title, n.body) for n in items) == [
+        ("j_done", "Response ready", "hello"),
+        ("j_stop", "Response stopped", "hello"),
+    ]
     assert await store.claim_outbox("i_a", NOW, NOW + 30, 10) == []
-    assert dispatcher.statistics().delivered_total == 1
+    assert dispatcher.statistics().delivered_total == 2
 
 
 async def end_at(store: Store, job_id: str, status: str) -> None:

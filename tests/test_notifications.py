@@ -82,7 +82,9 @@ async def test_watcher_that_leaves_before_completion_is_notified(unopened_store:
         assert [n.type for n in await inbox(rt)] == ["ai.message.received"]
 
 
-async def test_failed_warns_and_aborted_does_not(unopened_store: Store) -> None:
+async def test_failed_warns_and_an_unwatched_abort_tells_the_user(unopened_store: Store) -> None:
+    """Stopped from one device with nobody watching (e.g. through the HTTP API): the user's
+    other devices learn of it."""
     async with open_runtime(
         Config(drain_timeout=0, flush_ms=20, max_output_chars=20), store=unopened_store
     ) as rt:
@@ -92,8 +94,23 @@ async def test_failed_warns_and_aborted_does_not(unopened_store: Store) -> None:
         await rt.abort(aborted, user="alice")
         await finished(rt, aborted)
         items = await inbox(rt)
-        assert [(n.type, n.job_id) for n in items] == [("system.warning", failed)]
-        assert "max_output_chars" in items[0].body and items[0].title == "Response failed"
+        assert [(n.type, n.job_id, n.title) for n in items] == [
+            ("system.warning", aborted, "Response stopped"),
+            ("system.warning", failed, "Response failed"),
+        ]
+        assert "max_output_chars" in items[1].body
+
+
+async def test_an_abort_by_someone_watching_the_job_makes_no_notification(unopened_store: Store) -> None:
+    async with open_runtime(Config(drain_timeout=0, flush_ms=20), store=unopened_store) as rt:
+        job_id = await lorem(rt, "m1", tokens=1000, rate=20)
+        async with rt.watch(job_id, user="alice") as batches:
+            await batches.__anext__()
+            await rt.abort(job_id, user="alice")
+            async for _ in batches:  # to the end: the watch delivered it
+                pass
+        await finished(rt, job_id)
+        assert await inbox(rt) == []
 
 
 async def test_mute_then_unmute(unopened_store: Store) -> None:

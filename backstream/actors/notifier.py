@@ -40,6 +40,8 @@ _BY_STATUS: dict[str, tuple[str, str]] = {
     "completed": ("ai.message.received", "Response ready"),
     "failed": ("system.warning", "Response failed"),
     "interrupted": ("system.warning", "Response interrupted"),
+    # Stopped on purpose, but maybe from another device: the user's others learn of it.
+    "aborted": ("system.warning", "Response stopped"),
 }
 
 
@@ -73,7 +75,7 @@ class Notifier:
 
     @staticmethod
     def notifies_end(status: JobStatus) -> bool:
-        """Whether a job's end with ``status`` calls for a notification (not ``aborted``)."""
+        """Whether a job's end with ``status`` calls for a notification (every end does)."""
         return status in _BY_STATUS
 
     def end_delivered(self, job_id: str) -> None:
@@ -92,7 +94,8 @@ class Notifier:
         content: str,
         error: ErrorInfo | None,
     ) -> bool:
-        """The notification a job's end calls for, if nobody watched. None for ``aborted``.
+        """The notification a job's end calls for, if nobody watched (the one who stopped
+        a job while watching it gets none for it).
 
         While the store is away (``UnavailableError``) it asks again with backoff, for as
         long as the caller lets it. Cancellation: the notification may or may not have been
