@@ -289,3 +289,11 @@ async def test_the_ai_sdk_first_frame_is_not_capped() -> None:
         async with open_websocket_url(f"{server.url}?token=tok-alice") as ws:
             await ws.send_message(send_frame("s", "chat-big", "z" * (4 * MAX_HELLO_BYTES)))
             assert (await response(ws, "s"))[-1]["type"] == "end"
+
+
+def test_the_startup_lines_name_https_when_tls_is_configured() -> None:
+    from backstream.runtime.server.serve import startup_lines
+
+    lines = startup_lines(ServeSettings.defaults(tls_cert="server.pem"), [], [], 8080)
+    assert lines[0].startswith("HTTP: https://127.0.0.1:8080 ")
+    assert startup_lines(ServeSettings.defaults(), [], [], 8080)[0].startswith("HTTP: http://127.0.0.1:8080 ")

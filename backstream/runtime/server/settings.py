@@ -152,7 +152,12 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
         "URL gives coalesce_ms; 0: one chunk per log entry",
     ),
     Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
-    Option("max_message_bytes", int, 1024 * 1024, "largest frame, either way"),
+    Option(
+        "max_message_bytes",
+        int,
+        1024 * 1024,
+        "largest frame, either way (but the hello of /v1, read before authentication: 8 KiB)",
+    ),
     Option(
         "tls_cert",
         str,
