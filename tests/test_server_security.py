@@ -170,7 +170,7 @@ async def test_tls_serves_wss_and_https_with_one_certificate(tls_files: tuple[Pa
                     await trio.sleep(0.05)
             assert info.content == "hi"
 
-        def over_https() -> tuple[str, str]:
+        def over_https() -> tuple[str | None, str]:
             with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_path))) as http:
                 sdk = openai.OpenAI(
                     base_url=f"https://127.0.0.1:{handle.http_port}/v1",
@@ -297,3 +297,10 @@ def test_the_startup_lines_name_https_when_tls_is_configured() -> None:
     lines = startup_lines(ServeSettings.defaults(tls_cert="server.pem"), [], [], 8080)
     assert lines[0].startswith("HTTP: https://127.0.0.1:8080 ")
     assert startup_lines(ServeSettings.defaults(), [], [], 8080)[0].startswith("HTTP: http://127.0.0.1:8080 ")
+
+
+def test_the_help_states_the_hello_cap() -> None:
+    from backstream.runtime.server.settings import OPTIONS
+
+    (option,) = [option for option in OPTIONS if option.name == "max_message_bytes"]
+    assert f"{MAX_HELLO_BYTES // 1024} KiB" in option.help
