@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -196,13 +197,18 @@ def chromium() -> str:
 
 
 async def test_browser_page_reloaded_mid_answer_resumes(tmp_path: Path, chromium: str) -> None:
-    async with ai_sdk_server(auth_cookie="bs_token") as server:
+    with socket.socket() as probe:  # a free port for the page, whose Origin the server lists
+        probe.bind(("127.0.0.1", 0))
+        page_port = probe.getsockname()[1]
+    page_origin = f"http://127.0.0.1:{page_port}"
+    async with ai_sdk_server(auth_cookie="bs_token", allow_origins=(page_origin,)) as server:
         reported = await run_node(
             "browser.test.mjs",
             server,
             tmp_path,
             BACKSTREAM_CHROMIUM=chromium,
             BACKSTREAM_AUTH_COOKIE="bs_token",
+            BACKSTREAM_PAGE_PORT=str(page_port),
         )
         info = await ended(server.runtime, (await only_job(server.runtime, reported["chatId"])).job_id)
         assert info.job.status == "completed"

@@ -3,8 +3,8 @@
 pyproject.toml pins trio-websocket to one minor version (``>=0.12,<0.13``) because
 ``ServerWebSocket`` and ``FailingWebSocketServer`` reach into the library: its send
 lock, close reason, stream, wsproto connection, abort and send methods, the close-event
-handler the reader task dispatches to, and the server's connection handler (copied from
-0.12). These tests fail when an installed release moves or changes any of them; then
+and message-event handlers the reader task dispatches to, the message size limit, and the
+server's connection handler (copied from 0.12). These tests fail when an installed release moves or changes any of them; then
 re-read the library's code, update websocket.py to match, and only then move the pin.
 """
 
@@ -33,11 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # ``_handle_connection``: FailingWebSocketServer's copy. ``_send``: UnsentFrame.send's
 # model. ``_handle_close_connection_event``: what ServerWebSocket's override calls on.
 # ``_reader_task``: dispatches CloseConnection to the method ServerWebSocket overrides.
+# ``_handle_message_event``: checks ``_max_message_size``, which ServerWebSocket lowers
+# around it for a capped first message.
 METHOD_SOURCES = {
     (WebSocketServer, "_handle_connection"): "8410285aa857d6c4",
     (WebSocketConnection, "_send"): "2c6048dd9c0d1f1f",
     (WebSocketConnection, "_handle_close_connection_event"): "6d4c481a35db5699",
     (WebSocketConnection, "_reader_task"): "69826f541cb0278a",
+    (WebSocketConnection, "_handle_message_event"): "dac74dc105d7a42e",
 }
 
 
@@ -69,6 +72,7 @@ def test_the_private_methods_used_exist_with_their_signatures() -> None:
         (WebSocketConnection, "_send"): ["self", "event"],
         (WebSocketConnection, "_handle_close_connection_event"): ["self", "event"],
         (WebSocketConnection, "_reader_task"): ["self"],
+        (WebSocketConnection, "_handle_message_event"): ["self", "event"],
         (WebSocketConnection, "_get_request"): ["self"],
         (WebSocketServer, "_handle_connection"): ["self", "stream"],
     }
@@ -98,6 +102,7 @@ async def test_a_connection_has_the_private_state_used() -> None:
     assert ws._stream is stream
     assert isinstance(ws._wsproto, WSConnection)
     assert ws._socket is None  # not a SocketStream: the library's send path
+    assert ws._max_message_size == 1024
 
 
 async def test_a_server_has_the_private_settings_used() -> None:

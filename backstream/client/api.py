@@ -5,6 +5,7 @@ resumes is ``watch.py``'s.
 
 from __future__ import annotations
 
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -234,8 +235,12 @@ async def open_client(
     reconnect_base: float = 0.2,
     reconnect_max: float = 10.0,
     max_reconnect_attempts: int = 30,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to ``url`` (``ws://HOST:PORT/v1``) as the owner of ``token``.
+
+    For ``wss://``, ``ssl_context`` says which certificates to trust (e.g.
+    ``ssl.create_default_context(cafile=...)`` for a private CA); None: the system's.
 
     The first connection's failure raises here (``UnauthorizedError`` for a bad
     token). Later drops are retried, up to ``max_reconnect_attempts`` times in a
@@ -256,6 +261,7 @@ async def open_client(
             reconnect_base=reconnect_base,
             reconnect_max=reconnect_max,
             max_reconnect_attempts=max_reconnect_attempts,
+            ssl_context=ssl_context,
         )
         transport = Transport(nursery, settings)
         client = Client(transport)

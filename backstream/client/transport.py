@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 from collections import deque
 from contextlib import suppress
 from typing import TypeVar
@@ -94,6 +95,7 @@ class ConnectSettings:
     reconnect_base: float
     reconnect_max: float
     max_reconnect_attempts: int
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False)
 
 
 class Session:
@@ -302,6 +304,7 @@ class Transport:
             extra_headers=bearer if settings.token_in_header else None,
             message_queue_size=WATCH_BUFFER,
             max_message_size=MAX_MESSAGE_SIZE,
+            ssl_context=settings.ssl_context,
         )
         hello = Hello(
             id="hello",

@@ -84,7 +84,12 @@ from backstream.runtime.server.peer import close_at, keep_alive
 from backstream.runtime.server.replay import open_replay
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats, Session
 
-__all__ = ["Connection", "ConnectionLimits", "ConnectionStats"]
+__all__ = ["MAX_HELLO_BYTES", "Connection", "ConnectionLimits", "ConnectionStats"]
+
+MAX_HELLO_BYTES = 8 * 1024
+"""The largest first frame (the ``hello``) of a ``/v1`` connection. It is read before the client
+has authenticated, so it is capped far below ``max_message_bytes``: a larger one closes the
+connection with 1009 while it is still arriving, never decoded. A hello with a long JWT fits."""
 
 log = logging.getLogger("backstream.connection")
 

@@ -27,7 +27,7 @@ from backstream.protocol.ui_messages import coalesce_ms_of
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.ai_sdk import AiSdkConnection
 from backstream.runtime.server.auth import Authenticator, Identity
-from backstream.runtime.server.connection import Connection
+from backstream.runtime.server.connection import MAX_HELLO_BYTES, Connection
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats
@@ -46,7 +46,9 @@ class FrontDoorConfig:
     ai_sdk_path: str = "/v1/ai-sdk"
     """Where the Vercel AI SDK's ``WebSocketChatTransport`` connects."""
     auth_cookie: str | None = None
-    """A cookie whose value is a token, for browsers on ``ai_sdk_path`` (besides ``?token=``)."""
+    """A cookie whose value is a token, for browsers on ``ai_sdk_path`` (besides ``?token=``).
+    Accepted only on a handshake whose Origin is in ``allow_origins`` (else HTTP 403): a page
+    on another site can make the browser send the cookie, but not forge its Origin."""
     default_model: str = "backstream/echo"
     """The model of an AI SDK request whose body names none."""
     ai_sdk_coalesce_ms: int = 0
@@ -54,7 +56,7 @@ class FrontDoorConfig:
     ``coalesce_ms``; 0 sends one chunk per log entry, numbered the same on every replay."""
     allow_origins: tuple[str, ...] = ()
     """Exact Origin values browsers may connect from; empty allows any. No Origin header
-    (a non-browser client) is always allowed."""
+    (a non-browser client) is always allowed, except to authenticate by ``auth_cookie``."""
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     socket_send_buffer: int = 1024 * 1024
     """SO_SNDBUF of client sockets: with ``max_unsent_bytes`` below it, a close frame always fits."""
@@ -141,12 +143,10 @@ class FrontDoor:
             )
         ]
         self.port = listeners[0].socket.getsockname()[1]
-        tracked: list[Any] = [TrackedListener(listener, self._streams) for listener in listeners]
-        if self.config.ssl_context is not None:
-            tracked = [
-                trio.SSLListener(listener, self.config.ssl_context, https_compatible=True)
-                for listener in tracked
-            ]
+        tracked: list[Any] = [
+            TrackedListener(listener, self._streams, ssl_context=self.config.ssl_context)
+            for listener in listeners
+        ]
         async with trio.open_nursery() as handlers:
             server = FailingWebSocketServer(
                 self._handle,
@@ -156,11 +156,17 @@ class FrontDoor:
                 max_message_size=self.config.limits.max_message_bytes,
                 connect_timeout=self.config.handshake_timeout,
                 disconnect_timeout=self.config.limits.close_timeout,
+                first_message_cap=self._first_message_cap,
             )
             with self._listen_scope:
                 await server.run(task_status=task_status)  # type: ignore[arg-type]
             for listener in listeners:
                 await listener.aclose()
+
+    def _first_message_cap(self, target: str) -> int | None:
+        """The hello of ``/v1`` is read before authentication: it gets ``MAX_HELLO_BYTES``.
+        ``/v1/ai-sdk`` authenticates in the handshake, so its first frame gets the full limit."""
+        return None if target.partition("?")[0] == self.config.ai_sdk_path else MAX_HELLO_BYTES
 
     def stop_accepting(self) -> None:
         self._listen_scope.cancel()
@@ -238,7 +244,14 @@ class FrontDoor:
         if path != self.config.ai_sdk_path:
             return _Admitted(ai_sdk=False, identity=header_identity)
         # Browsers cannot send headers here: the token comes in the URL or a cookie.
-        identity = self._browser_identity(query, headers) or header_identity
+        identity = self._query_identity(query) or header_identity
+        if identity is None:
+            identity = self._cookie_identity(headers)
+            # Any page can make the browser send the cookie (cross-site WebSocket hijacking):
+            # it counts only from an Origin the operator listed.
+            if identity is not None and not self._origin_listed(origin):
+                await request.reject(403, body=b"the auth cookie is accepted only from an allowed Origin")
+                return None
         if identity is None:
             await request.reject(401, body=b"a valid token is required (?token= or the auth cookie)")
             return None
@@ -261,19 +274,31 @@ class FrontDoor:
             if not self.connections:
                 self._idle.set()
 
-    def _browser_identity(self, query: str, headers: dict[bytes, bytes]) -> Identity | None:
-        """The user of a ``token`` query parameter, else of the auth cookie; None if neither
-        is given or valid."""
-        tokens = parse_qs(query).get("token", [])
-        cookie_name = self.config.auth_cookie
-        if cookie_name and b"cookie" in headers:
-            with contextlib.suppress(CookieError):
-                morsel = SimpleCookie(headers[b"cookie"].decode("latin-1")).get(cookie_name)
-                if morsel is not None:
-                    tokens.append(morsel.value)
-        for token in tokens:
+    def _query_identity(self, query: str) -> Identity | None:
+        """The user of the URL's ``token`` parameter; None if none is given or valid."""
+        for token in parse_qs(query).get("token", []):
             try:
                 return self._auth.authenticate(token)
             except UnauthorizedError:
                 continue
         return None
+
+    def _cookie_identity(self, headers: dict[bytes, bytes]) -> Identity | None:
+        """The user of the configured auth cookie; None if it is not set, given or valid.
+        Only for a handshake whose Origin is listed (``_origin_listed``)."""
+        cookie_name = self.config.auth_cookie
+        if not cookie_name or b"cookie" not in headers:
+            return None
+        with contextlib.suppress(CookieError):
+            morsel = SimpleCookie(headers[b"cookie"].decode("latin-1")).get(cookie_name)
+            if morsel is not None:
+                try:
+                    return self._auth.authenticate(morsel.value)
+                except UnauthorizedError:
+                    return None
+        return None
+
+    def _origin_listed(self, origin: bytes | None) -> bool:
+        """Whether ``origin`` is one of ``allow_origins`` (never when that is empty, nor
+        without an Origin header: a browser always sends one on a WebSocket)."""
+        return origin is not None and origin.decode("latin-1") in self.config.allow_origins

@@ -10,6 +10,7 @@ write fail at once (``http_app.StreamSocket``).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -41,6 +42,10 @@ class HttpServerConfig:
     """At shutdown, requests still running get this long once the listener has closed."""
     max_request_head_bytes: int = 16 * 1024
     socket_send_buffer: int = 256 * 1024
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False)
+    """With a context, the port speaks HTTPS only (``serve``: the ``--tls-cert`` of wss://)."""
+    tls_handshake_timeout: float = 10.0
+    """A client that has not finished its TLS handshake after this long is dropped."""
 
 
 class HttpServer:
@@ -76,7 +81,7 @@ class HttpServer:
             send_buffer=self.config.socket_send_buffer,
         )
         self.port = listener.socket.getsockname()[1]
-        tracked = TrackedListener(listener, self._streams)
+        tracked = TrackedListener(listener, self._streams, ssl_context=self.config.ssl_context)
         try:
             await self._serve(listener, tracked, task_status)
         finally:
@@ -87,6 +92,7 @@ class HttpServer:
     ) -> None:
         hyper = HypercornConfig()
         hyper.keep_alive_timeout = self.config.keep_alive_timeout
+        hyper.ssl_handshake_timeout = self.config.tls_handshake_timeout
         hyper.graceful_timeout = self.config.graceful_timeout
         hyper.h11_max_incomplete_size = self.config.max_request_head_bytes
         hyper.include_server_header = False

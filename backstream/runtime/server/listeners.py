@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket as stdlib_socket
+import ssl
 import weakref
 from typing import Any
 
@@ -76,18 +77,34 @@ class PeerStreams:
         return self._streams.pop(_peer(peer), None) if peer else None
 
 
-class TrackedListener(trio.abc.Listener[trio.SocketStream]):
-    """A TCP listener that records what it accepts in ``streams``."""
+class TrackedListener(trio.abc.Listener[trio.abc.Stream]):
+    """A TCP listener that records what it accepts in ``streams``; with ``ssl_context``, it
+    speaks TLS over each connection (the recorded stream is the TCP one under it).
 
-    def __init__(self, inner: trio.SocketListener, streams: PeerStreams) -> None:
+    TLS is wrapped inside, not around: trio-websocket's server accepts a ``trio.SSLListener``
+    only over a bare ``trio.SocketListener``, and hypercorn reads the socket of an
+    ``SSLStream`` from its ``transport_stream``."""
+
+    def __init__(
+        self,
+        inner: trio.SocketListener,
+        streams: PeerStreams,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._inner: trio.abc.Listener[trio.SocketStream] | trio.SSLListener[trio.SocketStream]
         self._inner = inner
+        if ssl_context is not None:
+            # https_compatible: HTTP clients (and browsers) close without a TLS close_notify.
+            self._inner = trio.SSLListener(inner, ssl_context, https_compatible=True)
         self._streams = streams
         self.socket = inner.socket
 
-    async def accept(self) -> trio.SocketStream:
-        """Accept the next connection. Cancellation: nothing is accepted."""
+    async def accept(self) -> trio.abc.Stream:
+        """Accept the next connection (the TLS handshake happens on its first read or write).
+        Cancellation: nothing is accepted."""
         stream = await self._inner.accept()
-        self._streams.add(stream)
+        self._streams.add(stream.transport_stream if isinstance(stream, trio.SSLStream) else stream)
         return stream
 
     async def aclose(self) -> None:

@@ -37,7 +37,12 @@ from backstream.runtime.server.http_app import HttpApp, HttpLimits, StaticRoute
 from backstream.runtime.server.http_server import HttpServer, HttpServerConfig
 from backstream.runtime.server.metrics import metrics_text
 from backstream.runtime.server.responses_http import ResponsesApi
-from backstream.runtime.server.settings import ServeSettings, check_server_settings, runtime_config
+from backstream.runtime.server.settings import (
+    ServeSettings,
+    check_server_settings,
+    runtime_config,
+    tls_context,
+)
 from backstream.runtime.server.web_api import WebConfig
 from backstream.runtime.server.web_assets import asset_routes
 from backstream.runtime.stores.memory import MemoryStore
@@ -90,10 +95,6 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
             f"--ai-sdk-coalesce-ms (BACKSTREAM_AI_SDK_COALESCE_MS): {settings.ai_sdk_coalesce_ms} "
             f"is not in [0, {MAX_COALESCE_MS}]"
         )
-    context = None
-    if settings.tls_cert:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
     return FrontDoorConfig(
         host=settings.host,
         port=settings.port,
@@ -105,7 +106,7 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         limits=ConnectionLimits(
             hello_timeout=settings.hello_timeout, max_message_bytes=settings.max_message_bytes
         ),
-        ssl_context=context,
+        ssl_context=tls_context(settings),
     )
 
 
@@ -149,7 +150,8 @@ def startup_lines(
     if http_port is not None:
         served = "/v1/responses, /client/" + (", the demo page /, /api/config" if settings.web else "")
         served += "" if metrics_port is not None else f", {status}"
-        http = f"http://{settings.host}:{http_port} ({served})"
+        scheme = "https" if settings.tls_cert else "http"
+        http = f"{scheme}://{settings.host}:{http_port} ({served})"
     if metrics_port is not None:
         http += f"; metrics: http://{settings.host}:{metrics_port} ({status})"
     upstream = redact_url(settings.upstream_url) if settings.upstream_url else "none (built-in models only)"
@@ -226,11 +228,12 @@ async def serve(
             log.warning("any model may be named and is paid for: restrict them with --allow-model")
         if dev_token is not None:
             announce(f"no auth configured: connect as user 'dev' with token {dev_token}")
+        http_scheme = "https" if settings.tls_cert else "http"
         if http_port is not None:
-            log.info("Responses API on http://%s:%d/v1/responses", settings.host, http_port)
+            log.info("Responses API on %s://%s:%d/v1/responses", http_scheme, settings.host, http_port)
         if settings.web:
             fragment = f"#token={dev_token}" if dev_token is not None else ""
-            announce(f"demo chat page: http://{settings.host}:{http_port}/{fragment}")
+            announce(f"demo chat page: {http_scheme}://{settings.host}:{http_port}/{fragment}")
         task_status.started(ServeHandle(door.port, http_port, dev_token, shutdown, metrics_port))
         await shutdown.wait()
         log.info("shutting down: closing clients, draining jobs for up to %gs", config.drain_timeout)
@@ -300,11 +303,15 @@ class _HttpListeners:
             )
         return routes
 
-    async def _serve(self, nursery: trio.Nursery, app: HttpApp, port: int) -> int:
+    async def _serve(
+        self, nursery: trio.Nursery, app: HttpApp, port: int, *, tls: ssl.SSLContext | None = None
+    ) -> int:
         settings = self._settings
         server = HttpServer(
             app,
-            HttpServerConfig(host=settings.host, port=port, reuse_port=bool(settings.reuse_port)),
+            HttpServerConfig(
+                host=settings.host, port=port, reuse_port=bool(settings.reuse_port), ssl_context=tls
+            ),
             streams=app.peer_streams,
         )
         self._apps.append(app)
@@ -326,7 +333,9 @@ class _HttpListeners:
             )
             app.status_routes.update(self._status_routes(with_metrics=not split))
             ResponsesApi(app)
-            http_port = await self._serve(nursery, app, settings.http_port)
+            # Bearer tokens come here too: with TLS configured they never cross in clear text.
+            tls = self._door.config.ssl_context
+            http_port = await self._serve(nursery, app, settings.http_port, tls=tls)
         if split:
             metrics_app = HttpApp(self._runtime, None, status_routes=self._status_routes(with_metrics=True))
             metrics_port = await self._serve(nursery, metrics_app, settings.metrics_port)

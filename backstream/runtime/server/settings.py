@@ -14,6 +14,7 @@ import inspect
 import itertools
 import os
 import pathlib
+import ssl
 import textwrap
 import tomllib
 import types
@@ -35,6 +36,7 @@ __all__ = [
     "check_server_settings",
     "load_settings",
     "runtime_config",
+    "tls_context",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -130,11 +132,17 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
         "allow_origin",
         str,
         (),
-        "an Origin browsers may connect from (exact); none: any",
+        "an Origin browsers may connect from (exact); none: any, but then --auth-cookie is refused",
         repeatable=True,
         env="BACKSTREAM_ALLOW_ORIGINS",
     ),
-    Option("auth_cookie", str, None, "a cookie holding the token, for browsers on /v1/ai-sdk"),
+    Option(
+        "auth_cookie",
+        str,
+        None,
+        "a cookie holding the token, for browsers on /v1/ai-sdk; needs --allow-origin: a connection "
+        "that authenticates by the cookie must come from one of those Origins (else HTTP 403)",
+    ),
     Option("default_model", str, "backstream/echo", "the model of /v1/ai-sdk requests that name none"),
     Option(
         "ai_sdk_coalesce_ms",
@@ -144,9 +152,20 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
         "URL gives coalesce_ms; 0: one chunk per log entry",
     ),
     Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
-    Option("max_message_bytes", int, 1024 * 1024, "largest frame, either way"),
-    Option("tls_cert", str, None, "certificate file for wss://"),
-    Option("tls_key", str, None, "key file for wss://"),
+    Option(
+        "max_message_bytes",
+        int,
+        1024 * 1024,
+        "largest frame, either way (but the hello of /v1, read before authentication: 8 KiB)",
+    ),
+    Option(
+        "tls_cert",
+        str,
+        None,
+        "PEM certificate (chain) file: --port serves wss:// and --http-port https:// with it "
+        "(--metrics-port stays plain HTTP)",
+    ),
+    Option("tls_key", str, None, "PEM private key file of --tls-cert (unset: the key is in that file)"),
     Option("workers", int, 1, "processes serving one port (SO_REUSEPORT); needs a shared store (redis)"),
     Option("reuse_port", str, "", "internal: set on the processes of --workers", flag=False),
     Option(
@@ -382,12 +401,54 @@ def check_server_settings(settings: ServeSettings) -> None:
         if port and port == other_port:
             first, second = _BY_NAME[name].flag_name, _BY_NAME[other].flag_name
             raise ValueError(f"{first} {port} and {second} {port}: each listener needs a port of its own")
+    if settings.auth_cookie and not settings.allow_origin:
+        cookie, origin = _named("auth_cookie"), _named("allow_origin")
+        raise ValueError(
+            f"{cookie} needs {origin}: a browser sends the cookie from any page, so it is accepted "
+            "only from the Origins listed there"
+        )
+    tls_context(settings)  # the files are readable and hold a certificate and its key
     if settings.web and settings.http_port is None:
         web, port = _BY_NAME["web"], _BY_NAME["http_port"]
         raise ValueError(
             f"{web.flag_name} ({web.env_name}): the demo page is served on the HTTP port; "
             f"set {port.flag_name} ({port.env_name}) too"
         )
+
+
+def _named(name: str) -> str:
+    """``--flag (VARIABLE)`` of the option ``name``, for an error message."""
+    option = _BY_NAME[name]
+    return f"{option.flag_name} ({option.env_name})"
+
+
+def tls_context(settings: ServeSettings) -> ssl.SSLContext | None:
+    """The server's TLS context from ``--tls-cert`` and ``--tls-key`` (None without a
+    certificate), for the WebSocket port and the HTTP API port alike. Raises ``ValueError``
+    (one line, naming the setting) for a key without a certificate, a file that is missing or
+    unreadable, or files that do not hold a PEM certificate and its matching unencrypted key."""
+    cert, key = settings.tls_cert, settings.tls_key
+    if not cert:
+        if key:
+            raise ValueError(f"{_named('tls_key')}: a key without a certificate: set {_named('tls_cert')}")
+        return None
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            if path:
+                pathlib.Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{_named(name)}: cannot read {path}: {exc.strerror or exc}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        # An empty password: an encrypted key fails here instead of prompting on the terminal.
+        context.load_cert_chain(cert, key or None, password=b"")
+    except ssl.SSLError as exc:
+        files = f"{_named('tls_cert')} {cert}" + (f" and {_named('tls_key')} {key}" if key else "")
+        raise ValueError(
+            f"{files}: not a PEM certificate with its matching unencrypted private key ({exc.reason or exc})"
+        ) from None
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 def _check_upstream_url(url: str | None) -> None:

@@ -12,22 +12,30 @@ protocol violation: 1002) as if the peer had closed, and trio-websocket then dro
 the TCP connection without a close frame, so the client learns nothing. RFC 6455
 (7.1.7) asks to fail the connection: send a close frame with the code, then close.
 
-Both reach into trio-websocket's private state (its send lock, close reason, stream,
-wsproto connection, send/abort methods, close-event handler, and the server's connection
-handler, copied from 0.12), so pyproject.toml pins its minor version and
-``tests/test_trio_websocket_internals.py`` fails when a release moves any of them.
+Capping the first message: a hello is read before the client has authenticated, so
+before the handshake is accepted the front door may cap the first message far below
+``max_message_size`` (``cap_first_message``); the library's own size check then closes
+with 1009 while the frame is still arriving.
+
+All three reach into trio-websocket's private state (its send lock, close reason, stream,
+wsproto connection, send/abort methods, close-event and message-event handlers, message
+size limit, and the server's connection handler, copied from 0.12), so pyproject.toml pins
+its minor version and ``tests/test_trio_websocket_internals.py`` fails when a release moves
+any of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketServer
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 __all__ = ["FailingWebSocketServer", "ServerWebSocket", "UnsentFrame", "send_text"]
 
@@ -72,6 +80,26 @@ class ServerWebSocket(WebSocketConnection):
         super().__init__(stream, *args, **kwargs)  # type: ignore[arg-type]
         # TLS streams take the library's path: their bytes are not the socket's.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._first_message_cap: int | None = None
+
+    def cap_first_message(self, max_size: int | None) -> None:
+        """Before the handshake is accepted: the first message may be at most ``max_size``
+        (counted as ``max_message_size`` is); a larger one closes the connection with 1009 as
+        soon as that much has arrived, unread. None: no cap beyond ``max_message_size``."""
+        self._first_message_cap = max_size
+
+    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
+        cap = self._first_message_cap
+        if cap is None or cap >= self._max_message_size:
+            await super()._handle_message_event(event)
+            return
+        if event.message_finished:
+            self._first_message_cap = None  # from the next message on, the full limit
+        limit, self._max_message_size = self._max_message_size, cap
+        try:
+            await super()._handle_message_event(event)
+        finally:
+            self._max_message_size = limit
 
     def try_send_message(self, message: str) -> UnsentFrame | None:
         """Write a text message without waiting: None once the socket took all of it; else
@@ -107,7 +135,18 @@ class ServerWebSocket(WebSocketConnection):
 
 
 class FailingWebSocketServer(WebSocketServer):
-    """A ``WebSocketServer`` whose connections answer a bad frame with a close frame."""
+    """A ``WebSocketServer`` whose connections answer a bad frame with a close frame, and whose
+    first message may be capped by request path (``first_message_cap``: the path, query
+    included, to a cap or None), e.g. a hello read before the client has authenticated."""
+
+    def __init__(
+        self,
+        *args: Any,
+        first_message_cap: Callable[[str], int | None] = lambda path: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._first_message_cap = first_message_cap
 
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
         # As trio-websocket 0.12's own, with the connection class above.
@@ -126,6 +165,8 @@ class FailingWebSocketServer(WebSocketServer):
                 nursery.cancel_scope.cancel()
                 await stream.aclose()
                 return
+            # Frames are read only once the handshake is accepted: the cap is in time.
+            connection.cap_first_message(self._first_message_cap(request.path))
             try:
                 await self._handler(request)
             finally:

@@ -44,7 +44,9 @@ async function servePage() {
       response.writeHead(404).end();
     }
   });
-  await new Promise(resolve => server.listen(0, '127.0.0.1', () => resolve(undefined)));
+  // The server lets the auth cookie in only from a listed Origin: the test names this port.
+  const port = Number(process.env.BACKSTREAM_PAGE_PORT ?? 0);
+  await new Promise(resolve => server.listen(port, '127.0.0.1', () => resolve(undefined)));
   const address = server.address();
   assert.ok(address && typeof address === 'object');
   return { server, origin: `http://127.0.0.1:${address.port}` };
