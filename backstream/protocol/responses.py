@@ -94,8 +94,8 @@ class ResponseSource:
 
 def _base_response(source: ResponseSource) -> dict[str, Any]:
     params = source.params
+    # Exactly what the caller sent: the job's thread is the record's, not added here.
     metadata = dict(source.annotations.get("metadata") or {})
-    metadata.setdefault("thread_id", source.thread_id)
     return {
         "id": source.response_id,
         "object": "response",
