@@ -6,6 +6,7 @@ needs); a bad field is a ``BadRequestError`` whose ``param`` extra names it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any, Final
@@ -14,10 +15,23 @@ import attrs
 
 from backstream.protocol.errors import BadRequestError
 
-__all__ = ["MAX_ANNOTATION_CHARS", "ResponseRequest", "parse_create"]
+__all__ = [
+    "BODY_SHA256",
+    "MAX_ANNOTATION_CHARS",
+    "MAX_IDEMPOTENCY_KEY_CHARS",
+    "ResponseRequest",
+    "body_fingerprint",
+    "parse_create",
+]
 
 MAX_ANNOTATION_CHARS: Final = 16 * 1024
 """Bound on what a request keeps with its job to echo back (instructions, metadata, tools)."""
+
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
+"""Longest ``Idempotency-Key`` header taken; a longer one is a 400."""
+BODY_SHA256: Final = "body_sha256"
+"""The annotation that keeps a keyed create's ``body_fingerprint``, to tell a retry (the
+same body) from a reuse of the key for another request. Never echoed."""
 
 _MAX_METADATA_KEYS: Final = 16
 _INPUT_TEXT_PARTS: Final = frozenset({"input_text", "output_text", "text"})
@@ -107,6 +121,13 @@ def parse_create(body: Any) -> ResponseRequest:
         thread_id=metadata.get("thread_id"),
         annotations=annotations,
     )
+
+
+def body_fingerprint(body: Any) -> str:
+    """SHA-256 (hex) of a decoded body's canonical JSON (keys sorted, no spaces, ASCII):
+    the same request whatever its key order or spacing."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _bad(message: str, param: str | None) -> BadRequestError:
