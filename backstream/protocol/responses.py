@@ -111,6 +111,7 @@ def _base_response(source: ResponseSource) -> dict[str, Any]:
         "temperature": params.get("temperature"),
         "top_p": params.get("top_p"),
         "max_output_tokens": params.get("max_tokens"),
+        "max_tool_calls": params.get("max_tool_calls"),
         "error": None,
         "incomplete_details": None,
         "output": [],

@@ -14,6 +14,7 @@ from typing import Any, Final
 import attrs
 
 from backstream.protocol.errors import BadRequestError
+from backstream.protocol.job_params import check_max_tool_calls
 
 __all__ = [
     "BODY_SHA256",
@@ -59,6 +60,7 @@ _PARAM_FIELDS: Final = {
     "parallel_tool_calls": "parallel_tool_calls",
     "tool_choice": "tool_choice",
     "reasoning": "reasoning",
+    "max_tool_calls": "max_tool_calls",
 }
 _KNOWN_FIELDS: Final = (
     frozenset({"model", "input", "instructions", "tools", "background", "stream", "metadata"})
@@ -237,5 +239,10 @@ def _params(body: Mapping[str, Any]) -> dict[str, Any]:
             raise _bad("parallel_tool_calls must be a boolean", field)
         if field == "tool_choice" and value not in ("auto", "none", "required"):
             raise _bad("tool_choice must be auto, none or required", field)
+        if field == "max_tool_calls":
+            try:
+                check_max_tool_calls(value)
+            except ValueError as exc:
+                raise _bad(str(exc), field) from None
         params[param] = value
     return params

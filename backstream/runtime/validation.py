@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from backstream.protocol.errors import BadRequestError
+from backstream.protocol.job_params import JOB_PARAMS, check_max_tool_calls
 from backstream.protocol.messages import MAX_NAME_CHARS
 from backstream.runtime.models.builtin import BUILTIN_PARAMS
 
 __all__ = ["ALLOWED_PARAMS", "check_identifier", "check_messages", "check_params"]
 
-ALLOWED_PARAMS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "max_tokens",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "tool_choice",
-        "parallel_tool_calls",
-        "reasoning",
-        "response_format",
-    }
+ALLOWED_PARAMS = (
+    frozenset(
+        {
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "stop",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "tool_choice",
+            "parallel_tool_calls",
+            "reasoning",
+            "response_format",
+        }
+    )
+    | JOB_PARAMS
 )
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -61,4 +66,25 @@ def check_params(params: Any, *, builtin: bool) -> dict[str, Any]:
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise BadRequestError(f"params may not hold {', '.join(unknown)}")
+    if "max_tool_calls" in params:
+        try:
+            check_max_tool_calls(params["max_tool_calls"])
+        except ValueError as exc:
+            raise BadRequestError(f"params.{exc}") from None
+    for name, value in params.items():
+        if not _all_finite(value):  # echoed into JSON that JSON.parse would refuse
+            raise BadRequestError(f"params.{name} holds a number that is not finite (NaN or infinite)")
     return dict(params)
+
+
+def _all_finite(value: Any, depth: int = 0) -> bool:
+    """No NaN or infinity anywhere in ``value`` (JSON values; deeper than 64 levels: no)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth > 64:
+        return False
+    if isinstance(value, dict):
+        return all(_all_finite(v, depth + 1) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_all_finite(v, depth + 1) for v in value)
+    return True
