@@ -41,9 +41,9 @@ def test_lone_surrogates_are_repaired_and_pairs_joined() -> None:
 
 
 def test_check_params_refuses_non_finite_numbers_given_through_the_python_api() -> None:
-    with pytest.raises(BadRequestError, match="params.temperature"):
+    with pytest.raises(BadRequestError, match=r"params\.temperature"):
         check_params({"temperature": math.nan}, builtin=False)
-    with pytest.raises(BadRequestError, match="params.response_format"):
+    with pytest.raises(BadRequestError, match=r"params\.response_format"):
         check_params({"response_format": {"a": [1.0, math.inf]}}, builtin=False)
     with pytest.raises(BadRequestError, match="max_tool_calls"):
         check_params({"max_tool_calls": -2}, builtin=False)
