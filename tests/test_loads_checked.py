@@ -45,6 +45,8 @@ def test_check_params_refuses_non_finite_numbers_given_through_the_python_api() 
         check_params({"temperature": math.nan}, builtin=False)
     with pytest.raises(BadRequestError, match=r"params\.response_format"):
         check_params({"response_format": {"a": [1.0, math.inf]}}, builtin=False)
+    with pytest.raises(BadRequestError, match="deeper than 64"):
+        check_params({"response_format": json.loads(nested(70))}, builtin=False)
     with pytest.raises(BadRequestError, match="max_tool_calls"):
         check_params({"max_tool_calls": -2}, builtin=False)
     assert check_params({"temperature": 0.2, "max_tool_calls": 0}, builtin=False) == {

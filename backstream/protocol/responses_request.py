@@ -1,7 +1,10 @@
 """OpenAI's Responses API: checking a ``POST /v1/responses`` body.
 
 Sans-IO. ``parse_create`` turns the body into a ``ResponseRequest`` (what ``start_job``
-needs); a bad field is a ``BadRequestError`` whose ``param`` extra names it.
+needs); a bad field is a ``BadRequestError`` whose ``param`` extra names it. ``metadata``
+is kept as sent (its ``thread_id``, if any, also names the job's thread) and echoed
+unchanged. ``max_tool_calls`` (a non-negative integer) becomes the job param of that name
+(``protocol.job_params``): at most that many server-side tool calls run in the response.
 """
 
 from __future__ import annotations

@@ -72,19 +72,18 @@ def check_params(params: Any, *, builtin: bool) -> dict[str, Any]:
         except ValueError as exc:
             raise BadRequestError(f"params.{exc}") from None
     for name, value in params.items():
-        if not _all_finite(value):  # echoed into JSON that JSON.parse would refuse
-            raise BadRequestError(f"params.{name} holds a number that is not finite (NaN or infinite)")
+        wrong = _not_json_safe(value)  # it would be echoed into JSON that JSON.parse refuses
+        if wrong:
+            raise BadRequestError(f"params.{name} holds {wrong}")
     return dict(params)
 
 
-def _all_finite(value: Any, depth: int = 0) -> bool:
-    """No NaN or infinity anywhere in ``value`` (JSON values; deeper than 64 levels: no)."""
+def _not_json_safe(value: Any, depth: int = 0) -> str | None:
+    """What in ``value`` JSON cannot carry as the protocol takes it (a NaN or infinite
+    number, nesting past 64 levels), or None."""
     if isinstance(value, float):
-        return math.isfinite(value)
-    if depth > 64:
-        return False
-    if isinstance(value, dict):
-        return all(_all_finite(v, depth + 1) for v in value.values())
-    if isinstance(value, list | tuple):
-        return all(_all_finite(v, depth + 1) for v in value)
-    return True
+        return None if math.isfinite(value) else "a number that is not finite (NaN or infinite)"
+    if depth >= 64:
+        return "values nested deeper than 64 levels" if isinstance(value, dict | list | tuple) else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    return next((w for w in (_not_json_safe(v, depth + 1) for v in items) if w), None)

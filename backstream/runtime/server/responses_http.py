@@ -7,6 +7,13 @@ The response id is the job id. A stream goes through the replay driver (``server
 with a ``ResponsesProjection``; each event's ``id:`` is its offset ``"<epoch>_<n>"``, so an
 EventSource reconnecting after the job was recovered at a new epoch is answered ``gone``
 (410); ``starting_after`` takes a bare sequence number too.
+
+A create's body is read by ``Request.json_body`` (checked as WebSocket frames are) and
+``parse_create``. An ``Idempotency-Key`` header (at most 200 characters, else a 400) is the
+job's message id: a retry with the same body (by canonical JSON, so key order and spacing do
+not matter) answers the same response; the same key with another body is a 409
+``conflict``. The body's fingerprint is kept with the job in the store, so this holds
+across instances sharing a store.
 """
 
 from __future__ import annotations
