@@ -54,6 +54,7 @@ from backstream.protocol.conversation import (
     tool_message,
 )
 from backstream.protocol.events import AWAITING_APPROVAL, RUNNING, ErrorInfo, JobStatus, JobSummary, TextEvent
+from backstream.protocol.job_params import TOOL_CALL_LIMIT_OUTPUT, ToolCallBudget
 from backstream.protocol.lifecycle import LogState
 from backstream.protocol.records import JobProgress, JobRecord, job_summary
 
@@ -234,27 +235,32 @@ class JobActor:
         request = self.record.request
         enabled = {name: self._tools.get(name) for name in request.tools}
         specs = tuple(t.openai_spec() for t in enabled.values() if t is not None)
-        so_far = conversation_from_log(request, self.log.entries())
+        entries = self.log.entries()
+        so_far = conversation_from_log(request, entries)
         messages = list(so_far.messages)
         turns = so_far.turns
+        budget = ToolCallBudget.from_log(request.params, entries, open_calls=len(so_far.calls))
         if so_far.calls:
-            messages += await self._finish_turn(so_far, enabled)
+            messages += await self._finish_turn(so_far, enabled, budget)
         while turns < self._config.max_turns:
             turns += 1
             self._turn_text = []
-            turn = ChatTurn(model=request.model, messages=tuple(messages), params=request.params, tools=specs)
+            params = budget.model_params(request.params, has_tools=bool(specs))
+            turn = ChatTurn(model=request.model, messages=tuple(messages), params=params, tools=specs)
             result = await self._model.run_turn(turn, self._on_output)
             self._usage = _add_usage(self._usage, result.usage)
             if not result.tool_calls:
                 return result
             calls = [(c.call_id, c.name, c.arguments) for c in result.tool_calls]
             messages.append(assistant_message("".join(self._turn_text), calls))
-            messages += await self._run_calls(result.tool_calls, enabled)
+            messages += await self._run_calls(result.tool_calls, enabled, budget)
         raise ModelFailure(
             ErrorInfo("tool_loop_limit", f"the model still called tools after {self._config.max_turns} turns")
         )
 
-    async def _finish_turn(self, so_far: Conversation, enabled: dict[str, ToolSpec | None]) -> list[Message]:
+    async def _finish_turn(
+        self, so_far: Conversation, enabled: dict[str, ToolSpec | None], budget: ToolCallBudget
+    ) -> list[Message]:
         """Finish the turn a rebuilt log left with calls unanswered: results logged stand,
         decisions logged stand, a wait for approval goes on; the rest run as usual."""
         if self.log.state is LogState.APPROVAL_REQUESTED:
@@ -266,21 +272,23 @@ class JobActor:
             for i, c in enumerate(so_far.calls)
         )
         triples = [(c.call_id, c.name, c.arguments) for c in so_far.calls]
-        return [assistant_message(so_far.turn_text, triples), *await self._run_calls(calls, enabled, so_far)]
+        ran = await self._run_calls(calls, enabled, budget, so_far)
+        return [assistant_message(so_far.turn_text, triples), *ran]
 
     async def _run_calls(
         self,
         calls: tuple[ToolCallDone, ...],
         enabled: dict[str, ToolSpec | None],
+        budget: ToolCallBudget,
         so_far: Conversation | None = None,
     ) -> list[Message]:
         """Run one turn's calls: approvals first, one at a time, then the rest concurrently
-        (at most ``max_parallel_tools``). Results go into the log in the calls' order; the
-        tool messages returned hold them as logged. ``so_far``: what a rebuilt log knows of
-        these calls already."""
+        (at most ``max_parallel_tools``); calls past the ``budget`` (``max_tool_calls``) do
+        not run. Results go into the log in the calls' order; the tool messages returned
+        hold them as logged. ``so_far``: what a rebuilt log knows of these calls already."""
         known = so_far.calls if so_far is not None else ()
         logged = sum(1 for c in known if c.output is not None)  # results come in order
-        outcomes = await self._decide_calls(calls, enabled, so_far)
+        outcomes = await self._decide_calls(calls, enabled, so_far, budget.take(len(calls)))
         limiter = trio.CapacityLimiter(self._config.max_parallel_tools)
 
         async def run_one(i: int, call: ToolCallDone, item: ToolSpec) -> None:
@@ -311,9 +319,11 @@ class JobActor:
         calls: tuple[ToolCallDone, ...],
         enabled: dict[str, ToolSpec | None],
         so_far: Conversation | None,
+        allowed: int,
     ) -> list[ToolOutcome | None]:
-        """The outcomes known before anything runs: results a rebuilt log holds, tools that
-        are not enabled, calls a person declined (asked here one at a time, in order)."""
+        """The outcomes known before anything runs: results a rebuilt log holds, calls past
+        the first ``allowed`` (``max_tool_calls``), tools that are not enabled, calls a person
+        declined (asked here one at a time, in order)."""
         known = so_far.calls if so_far is not None else ()
         asked = so_far.pending_approvals if so_far is not None else ()
         outcomes: list[ToolOutcome | None] = [None] * len(calls)
@@ -322,6 +332,9 @@ class JobActor:
             found = enabled.get(call.name)
             if earlier is not None and earlier.output is not None:
                 outcomes[i] = ToolOutcome(earlier.output, bool(earlier.is_error))
+                continue
+            if i >= allowed:
+                outcomes[i] = ToolOutcome(TOOL_CALL_LIMIT_OUTPUT, True)
                 continue
             # A wait the log shows goes on even if the tool has gone since: the log says so.
             if call.call_id in asked or (found is not None and found.requires_approval):

@@ -11,6 +11,7 @@ read, the request ``id``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any, get_args, get_origin
@@ -57,6 +58,7 @@ __all__ = [
     "encode",
     "error_message",
     "load_object",
+    "loads_checked",
     "peek_request_id",
 ]
 
@@ -192,20 +194,46 @@ def _depth_ok(text: str) -> bool:
     return True
 
 
+class _NonFinite(ValueError):
+    """A number JSON cannot hold (NaN, Infinity, an overflow): ``JSON.parse`` refuses it."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text[:32])
+    return value
+
+
+def loads_checked(text: str, *, what: str = "the message") -> Any:
+    """JSON text from outside, as every front door takes it: nested at most ``MAX_DEPTH``
+    levels (checked before parsing, so no recursion runs deep), numbers finite (``NaN``,
+    ``Infinity`` and overflows like ``1e999`` would be echoed into JSON that ``JSON.parse``
+    refuses), and lone surrogates repaired to U+FFFD (``protocol.text``). Raises
+    ``ProtocolError`` (``bad_request``) naming ``what`` was refused."""
+    if not _depth_ok(text):
+        raise ProtocolError("bad_request", f"{what} is JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NonFinite as exc:
+        raise ProtocolError("bad_request", f"{what} holds {exc}, which is not a finite number") from None
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad_request", f"{what} is not valid JSON") from None
+    if "\\u" in text:  # only an escape can carry a lone surrogate into decoded text
+        return repair_strings(value)
+    return value
+
+
 def _load(data: str | bytes) -> dict[str, Any]:
     if isinstance(data, bytes):
         raise ProtocolError("bad_request", "binary frames are not part of the protocol; send JSON text")
-    if not _depth_ok(data):
-        raise ProtocolError("bad_request", f"JSON nested deeper than {MAX_DEPTH} levels")
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
-        raise ProtocolError("bad_request", "the message is not valid JSON") from None
+    obj = loads_checked(data)
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "a message must be a JSON object")
-    if "\\u" in data:  # only an escape can carry a lone surrogate into a text frame
-        repaired: dict[str, Any] = repair_strings(obj)
-        return repaired
     return obj
 
 

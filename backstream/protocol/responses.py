@@ -94,8 +94,8 @@ class ResponseSource:
 
 def _base_response(source: ResponseSource) -> dict[str, Any]:
     params = source.params
+    # Exactly what the caller sent: the job's thread is the record's, not added here.
     metadata = dict(source.annotations.get("metadata") or {})
-    metadata.setdefault("thread_id", source.thread_id)
     return {
         "id": source.response_id,
         "object": "response",
@@ -111,6 +111,7 @@ def _base_response(source: ResponseSource) -> dict[str, Any]:
         "temperature": params.get("temperature"),
         "top_p": params.get("top_p"),
         "max_output_tokens": params.get("max_tokens"),
+        "max_tool_calls": params.get("max_tool_calls"),
         "error": None,
         "incomplete_details": None,
         "output": [],

@@ -1,11 +1,15 @@
 """OpenAI's Responses API: checking a ``POST /v1/responses`` body.
 
 Sans-IO. ``parse_create`` turns the body into a ``ResponseRequest`` (what ``start_job``
-needs); a bad field is a ``BadRequestError`` whose ``param`` extra names it.
+needs); a bad field is a ``BadRequestError`` whose ``param`` extra names it. ``metadata``
+is kept as sent (its ``thread_id``, if any, also names the job's thread) and echoed
+unchanged. ``max_tool_calls`` (a non-negative integer) becomes the job param of that name
+(``protocol.job_params``): at most that many server-side tool calls run in the response.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any, Final
@@ -13,11 +17,25 @@ from typing import Any, Final
 import attrs
 
 from backstream.protocol.errors import BadRequestError
+from backstream.protocol.job_params import check_max_tool_calls
 
-__all__ = ["MAX_ANNOTATION_CHARS", "ResponseRequest", "parse_create"]
+__all__ = [
+    "BODY_SHA256",
+    "MAX_ANNOTATION_CHARS",
+    "MAX_IDEMPOTENCY_KEY_CHARS",
+    "ResponseRequest",
+    "body_fingerprint",
+    "parse_create",
+]
 
 MAX_ANNOTATION_CHARS: Final = 16 * 1024
 """Bound on what a request keeps with its job to echo back (instructions, metadata, tools)."""
+
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 200
+"""Longest ``Idempotency-Key`` header taken; a longer one is a 400."""
+BODY_SHA256: Final = "body_sha256"
+"""The annotation that keeps a keyed create's ``body_fingerprint``, to tell a retry (the
+same body) from a reuse of the key for another request. Never echoed."""
 
 _MAX_METADATA_KEYS: Final = 16
 _INPUT_TEXT_PARTS: Final = frozenset({"input_text", "output_text", "text"})
@@ -45,6 +63,7 @@ _PARAM_FIELDS: Final = {
     "parallel_tool_calls": "parallel_tool_calls",
     "tool_choice": "tool_choice",
     "reasoning": "reasoning",
+    "max_tool_calls": "max_tool_calls",
 }
 _KNOWN_FIELDS: Final = (
     frozenset({"model", "input", "instructions", "tools", "background", "stream", "metadata"})
@@ -107,6 +126,13 @@ def parse_create(body: Any) -> ResponseRequest:
         thread_id=metadata.get("thread_id"),
         annotations=annotations,
     )
+
+
+def body_fingerprint(body: Any) -> str:
+    """SHA-256 (hex) of a decoded body's canonical JSON (keys sorted, no spaces, ASCII):
+    the same request whatever its key order or spacing."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _bad(message: str, param: str | None) -> BadRequestError:
@@ -216,5 +242,10 @@ def _params(body: Mapping[str, Any]) -> dict[str, Any]:
             raise _bad("parallel_tool_calls must be a boolean", field)
         if field == "tool_choice" and value not in ("auto", "none", "required"):
             raise _bad("tool_choice must be auto, none or required", field)
+        if field == "max_tool_calls":
+            try:
+                check_max_tool_calls(value)
+            except ValueError as exc:
+                raise _bad(str(exc), field) from None
         params[param] = value
     return params

@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from backstream.protocol.errors import BadRequestError
+from backstream.protocol.job_params import JOB_PARAMS, check_max_tool_calls
 from backstream.protocol.messages import MAX_NAME_CHARS
 from backstream.runtime.models.builtin import BUILTIN_PARAMS
 
 __all__ = ["ALLOWED_PARAMS", "check_identifier", "check_messages", "check_params"]
 
-ALLOWED_PARAMS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "max_tokens",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "tool_choice",
-        "parallel_tool_calls",
-        "reasoning",
-        "response_format",
-    }
+ALLOWED_PARAMS = (
+    frozenset(
+        {
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "stop",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "tool_choice",
+            "parallel_tool_calls",
+            "reasoning",
+            "response_format",
+        }
+    )
+    | JOB_PARAMS
 )
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -61,4 +66,24 @@ def check_params(params: Any, *, builtin: bool) -> dict[str, Any]:
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise BadRequestError(f"params may not hold {', '.join(unknown)}")
+    if "max_tool_calls" in params:
+        try:
+            check_max_tool_calls(params["max_tool_calls"])
+        except ValueError as exc:
+            raise BadRequestError(f"params.{exc}") from None
+    for name, value in params.items():
+        wrong = _not_json_safe(value)  # it would be echoed into JSON that JSON.parse refuses
+        if wrong:
+            raise BadRequestError(f"params.{name} holds {wrong}")
     return dict(params)
+
+
+def _not_json_safe(value: Any, depth: int = 0) -> str | None:
+    """What in ``value`` JSON cannot carry as the protocol takes it (a NaN or infinite
+    number, nesting past 64 levels), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "a number that is not finite (NaN or infinite)"
+    if depth >= 64:
+        return "values nested deeper than 64 levels" if isinstance(value, dict | list | tuple) else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    return next((w for w in (_not_json_safe(v, depth + 1) for v in items) if w), None)

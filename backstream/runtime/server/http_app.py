@@ -21,6 +21,7 @@ from urllib.parse import parse_qs
 import attrs
 import trio
 
+from backstream.protocol.codec import ProtocolError, loads_checked
 from backstream.protocol.errors import (
     BackstreamError,
     BadRequestError,
@@ -166,8 +167,10 @@ class Request:
         return values[-1] if values else None
 
     async def json_body(self, limit: int, timeout: float) -> Any:
-        """The body as JSON. Raises ``TooLargeError`` past ``limit``, ``BadRequestError`` when bad
-        or late.
+        """The body as JSON, checked as WebSocket frames are (``codec.loads_checked``): nested
+        at most 64 levels, numbers finite, lone surrogates repaired to U+FFFD. Raises
+        ``TooLargeError`` past ``limit``, ``BadRequestError`` when bad (also text that is not
+        UTF-8, -16 or -32, as RFC 8259 allows) or late.
 
         Cancellation: what was read is dropped; the request cannot be read again."""
         chunks, size = [], 0
@@ -185,10 +188,16 @@ class Request:
                     break
         if waited.cancelled_caught:
             raise BadRequestError("the request body did not arrive in time")
+        data = b"".join(chunks)
         try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequestError("the request body is not valid JSON") from None
+            # Strict: encoded surrogates are not text (json.loads of bytes would let them pass).
+            text = data.decode(json.detect_encoding(data))
+        except (UnicodeDecodeError, LookupError):
+            raise BadRequestError("the request body is not valid JSON text (UTF-8)") from None
+        try:
+            return loads_checked(text, what="the request body")
+        except ProtocolError as exc:
+            raise BadRequestError(exc.message) from None
 
 
 class _ClientGone(Exception):

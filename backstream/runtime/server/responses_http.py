@@ -7,6 +7,13 @@ The response id is the job id. A stream goes through the replay driver (``server
 with a ``ResponsesProjection``; each event's ``id:`` is its offset ``"<epoch>_<n>"``, so an
 EventSource reconnecting after the job was recovered at a new epoch is answered ``gone``
 (410); ``starting_after`` takes a bare sequence number too.
+
+A create's body is read by ``Request.json_body`` (checked as WebSocket frames are) and
+``parse_create``. An ``Idempotency-Key`` header (at most 200 characters, else a 400) is the
+job's message id: a retry with the same body (by canonical JSON, so key order and spacing do
+not matter) answers the same response; the same key with another body is a 409
+``conflict``. The body's fingerprint is kept with the job in the store, so this holds
+across instances sharing a store.
 """
 
 from __future__ import annotations
@@ -18,13 +25,18 @@ from typing import Any
 
 import trio
 
-from backstream.protocol.errors import BackstreamError
+from backstream.protocol.errors import BackstreamError, BadRequestError, ConflictError
 from backstream.protocol.ids import new_id
 from backstream.protocol.offsets import NO_OFFSET, StreamOffset, parse_offset
 from backstream.protocol.projections import ResponsesProjection
 from backstream.protocol.records import JobRecord
 from backstream.protocol.responses import ResponseSource, ResponsesTranslator
-from backstream.protocol.responses_request import parse_create
+from backstream.protocol.responses_request import (
+    BODY_SHA256,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    body_fingerprint,
+    parse_create,
+)
 from backstream.protocol.responses_sse import sse_frame
 from backstream.runtime.server.http_app import HttpApp, Request, error_response
 from backstream.runtime.server.replay import Replay, open_replay
@@ -51,29 +63,47 @@ class ResponsesApi:
 
     async def _create(self, request: Request, _: re.Match[str]) -> None:
         limits = self._app.limits
-        parsed = parse_create(await request.json_body(limits.max_body_bytes, limits.body_timeout))
+        body = await request.json_body(limits.max_body_bytes, limits.body_timeout)
+        parsed = parse_create(body)
+        key = _idempotency_key(request)
         if parsed.stream:
             self._app.check_stream_slot(request.user)  # before the job starts, not after
-        # A client may send an Idempotency-Key: a retried create then finds the same job.
-        key = request.header("idempotency-key")
-        message_id = f"idem:{key}" if key and len(key) <= 200 else new_id("m_")
+        # With an Idempotency-Key a retried create finds the same job (its message id); the
+        # body's fingerprint, kept with the job in the store, tells a retry from a reuse.
+        fingerprint = body_fingerprint(body)
+        annotations = parsed.annotations if key is None else {**parsed.annotations, BODY_SHA256: fingerprint}
         started = await self._runtime.start_job(
             user=request.user,
             thread_id=parsed.thread_id or new_id("t_"),
-            message_id=message_id,
+            message_id=new_id("m_") if key is None else f"idem:{key}",
             model=parsed.model,
             messages=parsed.messages,
             params=parsed.params,
             tools=parsed.tools,
-            annotations=parsed.annotations,
+            annotations=annotations,
         )
         job_id = started.job_id
+        if started.existing:
+            await self._check_same_request(request.user, job_id, fingerprint)
         if parsed.stream:
             await self._stream(request, job_id, offset=NO_OFFSET)
             return
         if not parsed.background:
             await self._wait_for_end(request, job_id)
         await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+
+    async def _check_same_request(self, user: str, job_id: str, fingerprint: str) -> None:
+        """Raise ``ConflictError`` (409) when the job an Idempotency-Key found was started
+        with another body. A job that kept no fingerprint (started by an older version, or
+        over WebSocket with an ``idem:`` message id) is taken as the same request."""
+        record, _ = await self._runtime.job_log(job_id, user=user)
+        kept = record.request.annotations.get(BODY_SHA256)
+        if isinstance(kept, str) and kept != fingerprint:
+            raise ConflictError(
+                "this Idempotency-Key was used with a different request body; send a new key "
+                "for a new request",
+                param="Idempotency-Key",
+            )
 
     async def _retrieve(self, request: Request, match: re.Match[str]) -> None:
         job_id = match["id"]
@@ -186,6 +216,19 @@ def _source(record: JobRecord) -> ResponseSource:
         annotations=record.request.annotations,
         thread_id=record.thread_id,
     )
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header (None if absent or empty); a 400 past
+    ``MAX_IDEMPOTENCY_KEY_CHARS``: a key cut or ignored would let a retry start a second job."""
+    key = request.header("idempotency-key")
+    if not key:
+        return None
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise BadRequestError(
+            f"Idempotency-Key may be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters", param="Idempotency-Key"
+        )
+    return key
 
 
 def _resume_point(request: Request) -> StreamOffset:
