@@ -23,6 +23,7 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
+from backstream.actors.job_lines import log_job_ended, log_job_started
 from backstream.actors.joblog import JobLog, OutputLimitExceeded
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import (
@@ -151,6 +152,7 @@ class JobActor:
         write fails (a crash outside its own guards), it records ``failed``/``internal``
         at the last durable seq, so the store never keeps a dead job ``running``. The
         terminal commit carries its effects (the outbox entry of its notification)."""
+        log_job_started(self.record, continued=self._flushed_seq > 0)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_loop)
@@ -174,6 +176,13 @@ class JobActor:
                     log.exception("job %s: the final write to the store failed", self.job_id)
                 if not self._closed_in_store:
                     await self._record_crash()
+            if self.log.terminal is not None:
+                log_job_ended(
+                    self.record,
+                    self.log.terminal,
+                    ended_at=self._finished_at or self._clock.now(),
+                    output_chars=self.log.content_length,
+                )
             self.finished.set()
 
     @contextmanager
