@@ -169,7 +169,7 @@ async def test_an_upstream_slower_than_its_idle_timeout_in_all_but_no_gap_comple
     ids=["http-400", "error-event", "finish-error", "no-finish", "malformed", "dropped"],
 )
 async def test_upstream_failures_keep_partial_content(
-    upstream: FakeUpstream, scenario: object, code: str, text: str
+    upstream: FakeUpstream, scenario: object, code: str, text: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     upstream.script(scenario)  # type: ignore[arg-type]
     async with open_runtime(cfg(upstream)) as rt:
@@ -181,8 +181,10 @@ async def test_upstream_failures_keep_partial_content(
         info = await rt.get_job(job_id, user="alice", include_content=True)
         assert info.content == text and info.job.error == end.error
     assert len(upstream.requests) == 1  # failures after the first token are never retried
-    if code == "upstream_http":
-        assert end.error.http_status == 400 and "bad model" in end.error.message
+    if code == "upstream_http":  # the body is the operator's to read, not the user's
+        assert end.error.http_status == 400
+        assert end.error.message == "upstream answered HTTP 400 (Bad Request)"
+        assert any("bad model" in r.getMessage() for r in caplog.records if r.name == "backstream.upstream")
 
 
 async def test_429_then_success_honours_retry_after(

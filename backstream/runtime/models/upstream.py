@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import email.utils
+import http
 import json
 import logging
 import time
@@ -221,7 +222,10 @@ class UpstreamClient:
         while len(snippet) < _ERROR_BODY_LIMIT and (data := await response.receive_some()):
             snippet += data
         detail = snippet[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").strip()
-        message = f"upstream answered HTTP {status}" + (f": {detail[:300]}" if detail else "")
+        # The body may name keys, hosts or accounts: it goes to the server's log, and the
+        # job (which its user reads) says only the status.
+        log.warning("upstream answered HTTP %d: %s", status, detail or "(no body)")
+        message = f"upstream answered HTTP {status} ({_reason(status)})"
         failure = ModelFailure(ErrorInfo("upstream_http", message, http_status=status))
         if status in RETRY_STATUSES:
             raise _Retryable(failure, _retry_after(response.headers.get("retry-after")))
@@ -233,6 +237,13 @@ def _encode_body(body: dict[str, Any]) -> bytes:
         return orjson.dumps(body)
     except TypeError:  # a lone surrogate (orjson refuses them) or a type orjson lacks
         return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "an unknown status"
 
 
 def _failure(code: str, message: str) -> ModelFailure:
