@@ -81,6 +81,9 @@ class HttpLimits:
     max_unsent_bytes: int = 256 * 1024
     """A stream whose socket holds more unsent for ``slow_client_timeout`` is cut."""
     max_tracked_users: int = 10_000
+    sse_keepalive: float = 15.0
+    """A stream silent this long gets a comment line (``: keep-alive``): proxies and load
+    balancers cut connections idle for about a minute."""
 
 
 @attrs.frozen
@@ -104,6 +107,9 @@ class StreamSocket:
         self._sock = sock
         self.gate = SocketGate(sock, max_unsent_bytes=max_unsent_bytes)
         self.cut = False
+        self.last_write = trio.current_time()
+        """When the stream last wrote (trio time): its keep-alive counts from here."""
+        self._send_lock = trio.Lock()  # the events and the keep-alive share the stream
 
     async def send_chunk(self, send: Send, body: bytes, *, send_timeout: float, patience: float) -> bool:
         """Write one chunk of a streamed body once the socket keeps up, within ``send_timeout``;
@@ -111,15 +117,19 @@ class StreamSocket:
         False if the stream was cut (the client resumes).
 
         Cancellation: the write may be cut; the stream cannot go on."""
-        if not await self.gate.wait_keeps_up(patience):
-            log.info("a stream's client is too slow: cut off (it can resume)")
-            self.shut()
-            return False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._cut_after, send_timeout)
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            nursery.cancel_scope.cancel()
-        return not self.cut
+        async with self._send_lock:
+            if self.cut:
+                return False
+            if not await self.gate.wait_keeps_up(patience):
+                log.info("a stream's client is too slow: cut off (it can resume)")
+                self.shut()
+                return False
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cut_after, send_timeout)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                nursery.cancel_scope.cancel()
+            self.last_write = trio.current_time()
+            return not self.cut
 
     async def _cut_after(self, seconds: float) -> None:
         await trio.sleep(seconds)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import trio
 
-from backstream.protocol.errors import BackstreamError, BadRequestError, ConflictError
+from backstream.protocol.errors import BackstreamError, BadRequestError, ConflictError, UnauthorizedError
 from backstream.protocol.ids import new_id
 from backstream.protocol.offsets import NO_OFFSET, StreamOffset, parse_offset
 from backstream.protocol.projections import ResponsesProjection
@@ -165,11 +166,38 @@ class ResponsesApi:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
                 nursery.start_soon(_cancel_on_event, self._app.closing, nursery.cancel_scope)
+                nursery.start_soon(self._keep_alive, request, nursery.cancel_scope)
+                expires_at = request.identity.expires_at if request.identity else None
+                if expires_at is not None:
+                    nursery.start_soon(self._expire, request, projection, expires_at, nursery.cancel_scope)
                 if await self._write(request, replay, projection.opening()):
                     await self._follow(request, replay, projection)
                 nursery.cancel_scope.cancel()
         if not request.socket.cut:
             await request.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _keep_alive(self, request: Request, stream: trio.CancelScope) -> None:
+        """A comment line whenever the stream has been silent for ``sse_keepalive``, so
+        proxies that cut idle connections keep it (a job may wait minutes for an approval).
+        A client cut off meanwhile ends the stream."""
+        interval = self._app.limits.sse_keepalive
+        while True:
+            await trio.sleep_until(request.socket.last_write + interval)
+            if trio.current_time() < request.socket.last_write + interval:
+                continue  # an event went out meanwhile
+            if not await self._app.send_stream_chunk(request, b": keep-alive\n\n"):
+                stream.cancel()
+                return
+
+    async def _expire(
+        self, request: Request, projection: ResponsesProjection, expires_at: float, stream: trio.CancelScope
+    ) -> None:
+        """End the stream when its token expires (wall time ``expires_at``), as a WebSocket
+        session is closed 4401: an ``error`` event, unnumbered, then the end of the body."""
+        await trio.sleep(max(0.0, expires_at - time.time()))
+        expired = UnauthorizedError("the token expired: authenticate again and resume from your last event")
+        await self._write(request, None, [_error_event(expired, projection)])
+        stream.cancel()
 
     async def _follow(
         self, request: Request, replay: Replay[dict[str, Any]], projection: ResponsesProjection
@@ -180,9 +208,7 @@ class ResponsesApi:
                     return False
         except BackstreamError as exc:
             # The log can no longer be read (e.g. gone): say so in the stream, unnumbered for resumes.
-            _, body, _ = error_response(exc)
-            error = {"type": "error", "sequence_number": projection.next_sequence_number, **body["error"]}
-            return await self._write(request, None, [error])
+            return await self._write(request, None, [_error_event(exc, projection)])
         return True
 
     async def _write(
@@ -205,6 +231,14 @@ class ResponsesApi:
                     return False
                 chunk, size = [], 0
         return await self._app.send_stream_chunk(request, b"".join(chunk)) if chunk else True
+
+
+def _error_event(exc: BackstreamError, projection: ResponsesProjection) -> dict[str, Any]:
+    """An ``error`` event as OpenAI streams one (``code``, ``message``, ``param``), numbered
+    after the projection's last event and never resumed from."""
+    _, body, _ = error_response(exc)
+    fields = {key: value for key, value in body["error"].items() if key != "type"}
+    return {"type": "error", "sequence_number": projection.next_sequence_number, **fields}
 
 
 def _source(record: JobRecord) -> ResponseSource:

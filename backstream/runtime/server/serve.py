@@ -327,7 +327,9 @@ class _HttpListeners:
             app = self._api = HttpApp(
                 self._runtime,
                 self._auth,
-                limits=HttpLimits(max_body_bytes=settings.max_message_bytes),
+                limits=HttpLimits(
+                    max_body_bytes=settings.max_message_bytes, sse_keepalive=settings.sse_keepalive
+                ),
                 allow_origins=tuple(settings.allow_origin),
                 static_routes=self._static_routes(),
             )

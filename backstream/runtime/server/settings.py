@@ -153,6 +153,13 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
     ),
     Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
     Option(
+        "sse_keepalive",
+        float,
+        15.0,
+        "seconds an HTTP event stream may stay silent before a comment line keeps it open "
+        "(proxies and load balancers cut idle connections, often after 60 s)",
+    ),
+    Option(
         "max_message_bytes",
         int,
         1024 * 1024,
