@@ -76,6 +76,8 @@ async def test_abort_through_the_other_instance() -> None:
         assert trio.current_time() - t0 < 1.0  # A stopped it within a second
         assert result.aborted and result.job.status == "aborted"
         assert (await a.get_job(job_id, user="alice")).job.status == "aborted"
+        with trio.fail_after(1):
+            await a.wait_idle()  # the job's actor is gone once its end's notification is made
         assert a.statistics().jobs.running == 0
 
 

@@ -727,7 +727,11 @@ class RuntimeModel(RuleBasedStateMachine):
                 if job.status not in TERMINAL_STATUSES:
                     assert job.gone, (note, job)  # swept before we saw its end
                     continue
-                expected = {"completed": "ai.message.received", "failed": "system.warning"}.get(job.status)
+                expected = {
+                    "completed": "ai.message.received",
+                    "failed": "system.warning",
+                    "aborted": "system.warning",
+                }.get(job.status)
                 assert note.type == expected, (note.type, job.status)
             for job in self.jobs.values():
                 if job.user != user or job.gone or job.status == "aborted":

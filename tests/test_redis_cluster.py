@@ -47,6 +47,9 @@ async def test_two_instances_on_a_cluster(redis_cluster: str) -> None:
         result = await b.abort(slow.job_id, user="alice")
         assert result.aborted and result.job.status == "aborted"
         assert [j.job_id for j in await b.list_jobs(user="alice")] == [slow.job_id, started.job_id]
+        with trio.fail_after(5):
+            await a.wait_idle()  # A's job has ended, its end's notification made
         items, _ = await b.notifications_list(user="alice")
-        assert [n.job_id for n in items] == []  # the first was watched to the end; the second aborted
+        # The first was watched to the end; the second was stopped with nobody watching.
+        assert [(n.job_id, n.title) for n in items] == [(slow.job_id, "Response stopped")]
         assert a.store.cluster and isinstance(a.store, RedisStore)
