@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import coredis
+import coredis.exceptions
 import pytest
 
 from backstream import CapacityError
@@ -224,3 +225,33 @@ async def test_a_full_cluster_leaves_no_trace_of_the_refused_job(redis_store: Re
     later = SharedCapacity(now=NOW + 16, lease_until=NOW + 31, max_jobs=1, max_jobs_per_user=5)
     made, created = await store.create_job(record("j_3"), later)  # bob's lease lapsed
     assert created and made.job_id == "j_3"
+
+
+async def test_a_terminal_commit_whose_later_steps_failed_is_finished_by_its_retry(tmp_path: Path) -> None:
+    """The user's keys refused (a Redis ACL) after the job's step landed: the commit
+    raises, and its retry runs the later steps, once."""
+    from tests.test_redis_faults import own_redis
+
+    prefix = "bstest:acl"
+    with own_redis(tmp_path) as server:
+        async with _opened(redis_url(server.port), prefix) as store:
+            k = store.keys
+            await store.create_job(record(lease_until=NOW + 15), CAPACITY)
+            await store.commit("j_1", [StatusEvent(seq=1, status="running")], progress(1))
+            pattern_job, pattern_instance = "~{" + prefix + ":job:*", "~{" + prefix + "}:*"
+            await store.redis.acl_setuser("default", "resetkeys", pattern_job, pattern_instance)
+            ended = progress(2, "completed", finished_at=NOW + 2, expires_at=NOW + 50)
+            with pytest.raises(coredis.exceptions.RedisError):
+                await store.commit("j_1", [StatusEvent(seq=2, status="completed")], ended)
+            job = await store.get_job("j_1")
+            assert job is not None and job.status == "completed"  # the end landed
+            assert store.statistics().endings_unfinished == 1
+            assert await store.redis.zscore(k.running(), "j_1") is not None  # listed: found again
+            await store.redis.acl_setuser("default", "allkeys")
+
+            await store.commit("j_1", [StatusEvent(seq=2, status="completed")], ended)  # the retry
+            assert store.statistics().endings_unfinished == 0
+            assert await store.redis.zscore(k.running(), "j_1") is None
+            assert await store.redis.zscore(k.user_running("alice"), "j_1") is None
+            [entry] = await store.claim_outbox("i_a", NOW + 3, NOW + 33, 10)  # claimed by its owner
+            assert (entry.job_id, entry.status) == ("j_1", "completed")

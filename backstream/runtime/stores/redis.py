@@ -105,6 +105,9 @@ class RedisStoreStatistics:
     landed, or Redis back from an older snapshot)."""
     outage_retries: int
     """Waits that met an unavailable Redis and retried."""
+    endings_unfinished: int
+    """Terminal commits that landed whose later steps (freeing the slots, indexing the
+    outbox entry) wait for the job's next commit or this instance's next ``take_orphans``."""
 
 
 class RedisStore(Store):
@@ -157,6 +160,7 @@ class RedisStore(Store):
             signal_waiters=self.hub.waiting("abort") + self.hub.waiting("decision"),
             commits_replanned=self._commits_replanned,
             outage_retries=self.subscriber.outage_retries,
+            endings_unfinished=len(self._finishing),
         )
 
     # -- lifecycle ----------------------------------------------------------------------
