@@ -99,9 +99,7 @@ class Runtime:
         self._job_supervisor = job_supervisor
         self._keeper = keeper
         self._metronome = metronome or Metronome()
-        self._handles = JobHandles(
-            store, registry.live, presence.count, remote_wait=config.remote_abort_wait
-        )
+        self._handles = JobHandles(store, registry.live, presence.count, remote_wait=config.remote_abort_wait)
 
     @property
     def store(self) -> Store:

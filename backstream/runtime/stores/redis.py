@@ -271,6 +271,7 @@ class RedisStore(Store):
     def _finish_of(self, job_id: str, writing: _Writing, progress: JobProgress) -> Finish:
         return Finish(
             job_id,
+            progress.seq,
             writing.user,
             writing.message_id,
             self._outbox_json(job_id, writing, progress),

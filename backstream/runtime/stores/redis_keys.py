@@ -29,7 +29,8 @@ that leaves nothing a reader would misreport (``redis_steps``):
 - terminal commit: (1) job slot: entries, status and the outbox entry (one atomic
   step: the end and its effect are never apart); (2) user slot: the user's running
   entry removed; (3) instance set: the outbox entry indexed (claimed by the writer),
-  the expiry entry added and the running entry removed, last, so the running set
+  the expiry entry added, the running entry removed, and the commit announced on the
+  job's channel (a watcher woken by it finds the slots freed too); last, so the running set
   still lists a job whose terminal commit stopped after (1) or (2). The writer's next
   commit of the job (a retry) or, once the old lease lapsed, the keeper's
   ``take_orphans`` runs (2) and (3) again from the record: removals are idempotent,

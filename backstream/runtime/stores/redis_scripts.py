@@ -82,7 +82,9 @@ return 1
 # ARGV[2] (nothing changed: the caller plans again from stored_seq), {1} when applied.
 # Python planned the entries (only new ones) and the progress (never behind the log)
 # against ARGV[2]. The fields (ARGV[10]...) of a terminal commit (ARGV[5]) carry its
-# outbox entry (field ``outbox``): the end and its effect land together.
+# outbox entry (field ``outbox``): the end and its effect land together. A terminal commit
+# is announced by its last step (FINISH_INSTANCE): a watcher woken by it finds the slots
+# freed too (one that reads meanwhile sees the end, which is final).
 COMMIT = """
 local seq = redis.call('HGET', KEYS[1], 'seq')
 if not seq then return {0} end
@@ -96,8 +98,9 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 10))
 if ARGV[5] == '1' then
   local ttl = tonumber(ARGV[6])
   for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ttl) end
+else
+  redis.call('PUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3])
 end
-redis.call('PUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3])
 return {1}
 """
 
@@ -114,20 +117,25 @@ return 1
 # the claim's end, how long the owner's set outlives its last claim (ms), '1' for the
 # terminal commit's own first call (write the entry whatever the running set says),
 # '0' for a repair (write it only if the job is still in the running set: then no
-# earlier call wrote it, so the entry is never written twice). Returns 1 if written.
+# earlier call wrote it, so the entry is never written twice), the job's channel and its
+# message (the commit's announcement). Returns 1 if written.
 FINISH_INSTANCE = """
 local was_running = redis.call('ZREM', KEYS[1], ARGV[1])
-if ARGV[7] ~= '1' and was_running == 0 then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-if ARGV[3] == '' then return 1 end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
-  redis.call('SADD', KEYS[6], ARGV[1])
-  redis.call('PEXPIRE', KEYS[6], ARGV[6])
+local write = ARGV[7] == '1' or was_running == 1
+if write then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  if ARGV[3] ~= '' then
+    redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+    redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+    if ARGV[4] ~= '' then
+      redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
+      redis.call('SADD', KEYS[6], ARGV[1])
+      redis.call('PEXPIRE', KEYS[6], ARGV[6])
+    end
+  end
 end
-return 1
+redis.call('PUBLISH', ARGV[8], ARGV[9])
+return write and 1 or 0
 """
 
 # -- leases: job slot (the running entries follow from Python) -------------------------------

@@ -51,6 +51,7 @@ class Finish:
     outbox entry, the expiry entry and the running entry's removal land in the instance set."""
 
     job_id: str
+    seq: int
     user: str
     message_id: str
     outbox: str
@@ -113,7 +114,7 @@ class RedisSteps:
 
     async def finish(self, step: Finish, *, first: bool) -> None:
         """The user slot, then the instance set (its running entry goes last: while it
-        stays, the job is found again). ``first``: right after the terminal commit landed
+        stays, the job is found again), which announces the commit to the job's watchers. ``first``: right after the terminal commit landed
         (the outbox entry is written whatever the running set says: a job created without
         capacity has no running entry); otherwise a repair, which writes the entry only if
         the running entry was still there. Cancellation: repeat it (with ``first=False``)."""
@@ -139,6 +140,8 @@ class RedisSteps:
             repr(step.claim_until),
             str(ms(SAFETY_TTL_S)),
             "1" if first else "0",
+            k.job_channel(step.job_id),
+            f"{step.job_id} {step.seq}",
         ]
         await self._conn.script("finish_instance", keys, args)
 
@@ -151,6 +154,7 @@ class RedisSteps:
         ttl_s = expires_at - record.updated_at + SAFETY_TTL_S
         step = Finish(
             record.job_id,
+            record.seq,
             record.user,
             record.message_id,
             "" if stored is None else str(json.loads(stored)),
