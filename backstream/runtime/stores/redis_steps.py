@@ -114,10 +114,11 @@ class RedisSteps:
 
     async def finish(self, step: Finish, *, first: bool) -> None:
         """The user slot, then the instance set (its running entry goes last: while it
-        stays, the job is found again), which announces the commit to the job's watchers. ``first``: right after the terminal commit landed
-        (the outbox entry is written whatever the running set says: a job created without
-        capacity has no running entry); otherwise a repair, which writes the entry only if
-        the running entry was still there. Cancellation: repeat it (with ``first=False``)."""
+        stays, the job is found again), which announces the commit to the job's watchers.
+        ``first``: right after the terminal commit landed (the outbox entry is written
+        whatever the running set says: a job created without capacity has no running
+        entry); otherwise a repair, which writes the entry only if the running entry was
+        still there. Cancellation: repeat it (with ``first=False``)."""
         k = self._keys
         await self._conn.script(
             "finish_user",
