@@ -110,6 +110,7 @@ class RedisSteps:
         raise UnavailableError(f"{record.message_id}: its job kept changing under the create")
 
     async def read_record(self, job_id: str) -> JobRecord | None:
+        """The job's record, or None. Cancellation: safe (a read)."""
         return decode_record(await self._conn.call(self._conn.client.hgetall(self._keys.job(job_id))))
 
     async def finish(self, step: Finish, *, first: bool) -> None:
@@ -168,7 +169,8 @@ class RedisSteps:
 
     async def follow_lease(self, job_id: str, user: str, until: float, *, only_existing: bool) -> None:
         """The job's running entries (instance set, then user slot) follow its lease.
-        ``only_existing``: a renewal does not bring back an entry a terminal commit removed."""
+        ``only_existing``: a renewal does not bring back an entry a terminal commit removed.
+        Cancellation: either may be moved or not; the next renewal catches up."""
         condition: Literal[PureToken.XX] | None = PureToken.XX if only_existing else None
         await self._conn.call(
             self._conn.client.zadd(self._keys.running(), {job_id: until}, condition=condition)
