@@ -120,8 +120,8 @@ return 1
 # earlier call wrote it, so the entry is never written twice), the job's channel and its
 # message (the commit's announcement). Returns 1 if written.
 FINISH_INSTANCE = """
-local was_running = redis.call('ZREM', KEYS[1], ARGV[1])
-local write = ARGV[7] == '1' or was_running == 1
+local was_listed = redis.call('ZREM', KEYS[1], ARGV[1])
+local write = ARGV[7] == '1' or was_listed == 1
 if write then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   if ARGV[3] ~= '' then
