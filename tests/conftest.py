@@ -46,7 +46,9 @@ async def delete_prefix(prefix: str, port: int = REDIS_PORT) -> None:
     import coredis
 
     async with coredis.Redis(host=REDIS_HOST, port=port, decode_responses=True) as r:
+        # The instance set's keys ({prefix}:...) and each job's and user's ({prefix:job:ID}...).
         keys = [key async for key in r.scan_iter(match="{" + prefix + "}:*")]
+        keys += [key async for key in r.scan_iter(match="{" + prefix + ":*")]
         if keys:
             await r.delete(keys)
 

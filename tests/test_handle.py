@@ -122,7 +122,9 @@ async def test_the_wait_for_an_instance_that_does_not_answer_is_bounded(
         owner="i_gone",
         lease_until=1e9,
     )
-    _, created = await store.create_job(record, SharedCapacity(now=0.0, lease_until=1e9, max_jobs=1, max_jobs_per_user=1))
+    _, created = await store.create_job(
+        record, SharedCapacity(now=0.0, lease_until=1e9, max_jobs=1, max_jobs_per_user=1)
+    )
     assert created
     handles = elsewhere(store, remote_wait=3)
     handle = await handles.lookup(record.job_id, "u")
@@ -136,7 +138,9 @@ async def test_the_wait_for_an_instance_that_does_not_answer_is_bounded(
         await handle.approve("c1", True)  # nothing waits for approval
 
 
-async def test_another_users_job_is_not_found_like_a_missing_one(autojump_clock: trio.testing.MockClock) -> None:
+async def test_another_users_job_is_not_found_like_a_missing_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with open_runtime(Config(drain_timeout=0)) as rt:
         started = await rt.start_job(
             user="alice",

@@ -48,7 +48,9 @@ def test_nothing_after_the_terminal_status() -> None:
     history = History()
     assert kinds(history, 0, GOOD) == set()
     assert "after_terminal" in kinds(history, 5, [batch(TextEvent(6, "late"))])
-    assert "two_terminals" in kinds(History(), 0, [batch(RUN, StatusEvent(2, "failed"), StatusEvent(3, "aborted"))])
+    assert "two_terminals" in kinds(
+        History(), 0, [batch(RUN, StatusEvent(2, "failed"), StatusEvent(3, "aborted"))]
+    )
 
 
 def test_an_illegal_transition_and_a_mixed_epoch() -> None:

@@ -136,10 +136,14 @@ async def test_lone_surrogates_from_a_client_become_replacement_characters(upstr
 
 async def test_a_byte_order_mark_does_not_drop_the_first_event(upstream: FakeUpstream) -> None:
     upstream.script(
-        raw([b"\xef\xbb", b"\xbf" + sse(text_chunk("first")), sse(text_chunk(" second")), sse(finish_chunk())])
+        raw(
+            [b"\xef\xbb", b"\xbf" + sse(text_chunk("first")), sse(text_chunk(" second")), sse(finish_chunk())]
+        )
     )
     async with open_runtime(Config(upstream_url=upstream.url, drain_timeout=0)) as rt:
-        started = await rt.start_job(user="alice", thread_id="t", message_id="m", model="gpt-test", messages=MSG)
+        started = await rt.start_job(
+            user="alice", thread_id="t", message_id="m", model="gpt-test", messages=MSG
+        )
         batches = await collect(rt, started.job_id)
         assert joined_text(batches) == "first second"
         assert terminal(batches).status == "completed"

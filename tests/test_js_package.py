@@ -34,7 +34,12 @@ def test_npm_pack_works_in_a_fresh_clone_without_npm_ci(tmp_path: Path) -> None:
     fresh = tmp_path / "js"
     shutil.copytree(JS, fresh, ignore=shutil.ignore_patterns("node_modules", "*.tgz"))
     packed = subprocess.run(
-        [npm, "pack", "--dry-run", "--json"], cwd=fresh, capture_output=True, text=True, timeout=120, check=False
+        [npm, "pack", "--dry-run", "--json"],
+        cwd=fresh,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert packed.returncode == 0, packed.stderr[-3000:]
     (tarball,) = json.loads(packed.stdout)
@@ -68,7 +73,12 @@ def test_vendored_markdown_libraries_are_the_pinned_packages_files() -> None:
     """``backstream/web/demo/vendor/`` equals what ``npm run vendor-demo`` copies from node_modules."""
     node = require_node(JS, "marked", "dompurify")
     checked = subprocess.run(
-        [node, "scripts/vendor-demo.mjs", "--check"], cwd=JS, capture_output=True, text=True, timeout=60, check=False
+        [node, "scripts/vendor-demo.mjs", "--check"],
+        cwd=JS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert checked.returncode == 0, checked.stderr
     assert "vendor/ matches marked, dompurify" in checked.stdout

@@ -35,7 +35,9 @@ async def test_sleepers_wake_at_their_time_never_before_and_at_most_one_tick_lat
     assert max(lateness) <= 0.001 + 1e-9
 
 
-async def test_an_earlier_sleeper_is_not_held_up_by_a_later_one(autojump_clock: trio.testing.MockClock) -> None:
+async def test_an_earlier_sleeper_is_not_held_up_by_a_later_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     metronome = Metronome()
     woke: dict[str, float] = {}
 

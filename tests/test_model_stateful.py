@@ -146,7 +146,11 @@ class ScriptedModel:
         plan = json.loads(next(m["content"] for m in reversed(turn.messages) if m["role"] == "user"))
         collector = TurnCollector(sink, max_argument_chars=1000)
         if plan.get("tool") and not any(m.get("role") == "tool" for m in turn.messages):
-            call = {"index": 0, "id": "c1", "function": {"name": "delete_files", "arguments": '{"a": 2, "b": 3}'}}
+            call = {
+                "index": 0,
+                "id": "c1",
+                "function": {"name": "delete_files", "arguments": '{"a": 2, "b": 3}'},
+            }
             collector.feed_chunk({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
             collector.feed_chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
             await trio.lowlevel.checkpoint()
@@ -237,7 +241,9 @@ class TrioLoop:
 
         self.token.run_sync_soon(lambda: self.nursery.start_soon(task))
         if not done.wait(REAL_TIMEOUT):
-            raise AssertionError(f"a rule hung for {REAL_TIMEOUT} real seconds (mock time {self.clock.current_time()})")
+            raise AssertionError(
+                f"a rule hung for {REAL_TIMEOUT} real seconds (mock time {self.clock.current_time()})"
+            )
         return result[0].unwrap()
 
     def close(self) -> None:
@@ -371,7 +377,9 @@ class RuntimeModel(RuleBasedStateMachine):
             self.saw_status(job, info.job.status, info.job.finished_at)
             if job.finished_wall is not None and self.exact_timing:
                 overdue = self.now() + self.wall_offset - (job.finished_wall + CONFIG.retention)
-                assert overdue < CONFIG.sweep_interval + 1, f"{job.job_id} kept {overdue:.1f} s past retention"
+                assert overdue < CONFIG.sweep_interval + 1, (
+                    f"{job.job_id} kept {overdue:.1f} s past retention"
+                )
 
     def saw_status(self, job: ModelJob, status: str, finished_at: str | None) -> None:
         if job.status in TERMINAL_STATUSES:
@@ -633,7 +641,9 @@ class RuntimeModel(RuleBasedStateMachine):
         assert info.content is not None
         history = self.history.job(job.job_id, 1)
         known = max((s for s in history.prefix if s <= info.job.seq), default=0)
-        assert info.content.startswith(history.prefix[known]), "job.get content is not an extension of the log"
+        assert info.content.startswith(history.prefix[known]), (
+            "job.get content is not an extension of the log"
+        )
         assert info.job.seq >= max(history.kinds, default=0), "job.get is behind what watches showed"
         self.saw_status(job, info.job.status, info.job.finished_at)
 
@@ -837,7 +847,9 @@ def requests_in_flight(store: RedisStore) -> bool:
 
 
 def redis_cli(port: int, *command: str) -> str:
-    done = subprocess.run(["redis-cli", "-p", str(port), *command], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["redis-cli", "-p", str(port), *command], capture_output=True, text=True, check=False
+    )
     return done.stdout.strip()
 
 
@@ -1095,6 +1107,7 @@ class RedisRuntimeModel(RuntimeModel):
     def check_outage_request(self, job: ModelJob, acted: dict[str, Any], how: str) -> None:
         if "foreign" in acted:
             foreign, missing = acted["foreign"]
+
             # While the store is away, both may be unavailable; what differs is not the job's
             # existence but the wording of the store's error.
             def codes(answers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -1142,4 +1155,3 @@ def model_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServe
 
 TestRedisModel = pytest.mark.usefixtures("model_redis")(RedisRuntimeModel.TestCase)
 TestRedisModel.settings = settings(MODEL_SETTINGS, max_examples=max(1, EXAMPLES // 2))
-

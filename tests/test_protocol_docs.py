@@ -45,9 +45,7 @@ def test_every_error_code_is_documented() -> None:
 def test_every_job_error_code_is_documented() -> None:
     pattern = re.compile(r'(?:ErrorInfo|_failure|ChatStreamError)\(\s*"([a-z_]+)"')
     codes = {
-        code
-        for path in (ROOT / "backstream").rglob("*.py")
-        for code in pattern.findall(path.read_text())
+        code for path in (ROOT / "backstream").rglob("*.py") for code in pattern.findall(path.read_text())
     }
     assert {"timeout", "upstream_unreachable", "output_limit"} <= codes  # the scan works
     assert sorted(c for c in codes if not named(c)) == []

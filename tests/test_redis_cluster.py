@@ -1,4 +1,6 @@
-"""Redis Cluster through coredis' cluster client: the store's keys share one slot (a hash tag)."""
+"""Redis Cluster through coredis' cluster client: each job's and each user's keys have a slot
+of their own (a hash tag each), the instance set another (``test_redis_slots`` checks that
+every script call stays in one)."""
 
 from __future__ import annotations
 

@@ -60,7 +60,9 @@ def test_without_an_upstream_only_embedded_and_built_in_models_resolve() -> None
     assert router.allowed_models() == ["backstream/echo", "backstream/lorem", "backstream/tools-demo"]
 
 
-async def test_an_upstream_serves_every_other_name_unless_patterns_narrow_it(upstream: UpstreamClient) -> None:
+async def test_an_upstream_serves_every_other_name_unless_patterns_narrow_it(
+    upstream: UpstreamClient,
+) -> None:
     anything = ModelRouter(Config(), {}, upstream)
     assert anything.resolve(ask("any/model")) is upstream
     assert anything.allowed_models()[-1] == "*" and anything.model_allowed("any/model")

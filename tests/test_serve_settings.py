@@ -180,7 +180,10 @@ def test_gc_thresholds_come_from_flag_variable_or_file_and_python_keeps_the_defa
     assert load_settings(_parser().parse_args([]), env={}).gc_thresholds == (20000, 20, 100)
     flag = load_settings(_parser().parse_args(["--gc-thresholds", "5000,10,50"]), env={})
     assert flag.gc_thresholds == (5000, 10, 50)
-    assert load_settings(_parser().parse_args([]), env={"BACKSTREAM_GC_THRESHOLDS": "python"}).gc_thresholds is None
+    assert (
+        load_settings(_parser().parse_args([]), env={"BACKSTREAM_GC_THRESHOLDS": "python"}).gc_thresholds
+        is None
+    )
     toml = tmp_path / "serve.toml"
     toml.write_text('gc_thresholds = "1000,2,3"\n')
     assert load_settings(_parser().parse_args(["--config", str(toml)]), env={}).gc_thresholds == (1000, 2, 3)

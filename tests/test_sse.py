@@ -216,7 +216,15 @@ def test_truncated_turn_releases_no_tool_calls() -> None:
 
 def test_tool_call_fragments_before_the_id_come_with_the_first_delta() -> None:
     asm = ChatStreamAssembler()
-    early = asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}}]}))
+    early = asm.feed(
+        json.dumps(
+            {
+                "choices": [
+                    {"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}}
+                ]
+            }
+        )
+    )
     assert early == []  # no id and name yet: nothing to attribute it to
     named = {"index": 0, "id": "c1", "function": {"name": "calculate", "arguments": ": 1}"}}
     assert asm.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [named]}}]})) == [

@@ -73,7 +73,9 @@ async def test_watchers_of_a_job_that_keep_up_cut_the_same_batches(
             times = [t for t, _f, _t in batches]
             assert min(b - a for a, b in itertools.pairwise(times)) >= 0.05 - 1e-9, k
         late = [{(t, f, to) for t, f, to in batches if t > 0.4} for batches in cuts.values()]
-        assert late[0] and all(cut == late[0] for cut in late), [sorted(c ^ late[0]) for c in late]  # same ranges, same times
+        assert late[0] and all(cut == late[0] for cut in late), [
+            sorted(c ^ late[0]) for c in late
+        ]  # same ranges, same times
 
 
 async def test_idle_watcher_gets_a_batch_at_once(autojump_clock: trio.testing.MockClock) -> None:

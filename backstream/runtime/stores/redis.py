@@ -6,14 +6,18 @@ is the batch's last seq); per user the idempotency keys, the listing indexes and
 the running set; and the instance-wide running set (scored by lease expiry: the
 cluster-wide capacity count, and where orphans are found), expiry index and outbox.
 
-Creating, committing, handing over and taking a slot are Lua scripts: each is
-atomic. A commit is planned in Python (``stores.shared.plan_commit``: which
+Every Lua script touches one cluster slot (one job's keys, one user's, or the
+instance set's), so jobs and users spread over a Redis Cluster; what spans them
+(creating a job, the end of a terminal commit, a hand-over, renewing leases) is a
+sequence of such scripts, each idempotent, in the order ``RedisKeyspace`` documents
+(``redis_steps``). A commit is planned in Python (``stores.shared.plan_commit``: which
 entries are new) against the ``seq`` this process last saw, and the script
 applies it only if the stored ``seq`` is still that one and the job is still this
 writer's; otherwise it answers with the stored ``seq`` and the commit is planned
 again. So a retried commit adds nothing twice, and a log behind the writer (Redis
 back from an older snapshot) is reported, never left with a gap. A terminal commit
-writes its outbox entry in the same script. One pub/sub subscriber per instance
+writes its outbox entry into the job's record in the same script; then frees the
+user's and the cluster's slots and indexes the entry. One pub/sub subscriber per instance
 (``RedisSubscriber``) wakes local waiters through the store's ``SignalHub``; every
 wait also polls, with a floor, in case a message was missed.
 
@@ -44,7 +48,7 @@ from backstream.actors.ports import (
     Store,
 )
 from backstream.actors.signals import OUTBOX_BELL, SignalHub, through_outage
-from backstream.protocol.errors import CapacityError, UnavailableError
+from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent
 from backstream.protocol.lifecycle import LIVE_STATUSES, TERMINAL_STATUSES, is_terminal
 from backstream.protocol.records import (
@@ -55,12 +59,17 @@ from backstream.protocol.records import (
     events_from_json,
     events_to_json,
     progress_to_dict,
-    record_from_dict,
-    record_to_dict,
 )
 from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
 from backstream.runtime.stores.redis_keys import RedisKeyspace
 from backstream.runtime.stores.redis_notifications import RedisInbox
+from backstream.runtime.stores.redis_steps import (
+    OUTBOX_FIELD,
+    Finish,
+    RedisSteps,
+    decode_record,
+    encode_fields,
+)
 from backstream.runtime.stores.redis_subscriber import WAIT_POLL_S, RedisSubscriber
 from backstream.runtime.stores.shared import outbox_from_json, outbox_to_json, plan_commit
 
@@ -96,6 +105,9 @@ class RedisStoreStatistics:
     landed, or Redis back from an older snapshot)."""
     outage_retries: int
     """Waits that met an unavailable Redis and retried."""
+    endings_unfinished: int
+    """Terminal commits that landed whose later steps (freeing the slots, indexing the
+    outbox entry) wait for the job's next commit or this instance's next ``take_orphans``."""
 
 
 class RedisStore(Store):
@@ -119,7 +131,12 @@ class RedisStore(Store):
         self.hub = SignalHub()
         self.subscriber = RedisSubscriber(self._conn, self.hub)
         self.inbox = RedisInbox(self._conn)
+        self._steps = RedisSteps(self._conn)
         self._writing: dict[str, _Writing] = {}
+        self._finishing: dict[str, Finish] = {}
+        """Terminal commits whose later steps did not land yet: the job's next commit (a
+        retry) or this instance's next ``take_orphans`` runs them again. Bounded by the
+        jobs this process ends; each goes once its steps land."""
         self._commits_replanned = 0
 
     @property
@@ -143,6 +160,7 @@ class RedisStore(Store):
             signal_waiters=self.hub.waiting("abort") + self.hub.waiting("decision"),
             commits_replanned=self._commits_replanned,
             outage_retries=self.subscriber.outage_retries,
+            endings_unfinished=len(self._finishing),
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -169,61 +187,33 @@ class RedisStore(Store):
 
     # -- jobs ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _fields(data: dict[str, Any]) -> list[str]:
-        flat: list[str] = []
-        for name, value in data.items():
-            flat += [name, json.dumps(value, separators=(",", ":"))]
-        return flat
-
-    @staticmethod
-    def _decode(raw: dict[str, str]) -> JobRecord | None:
-        if not raw or "job_id" not in raw:
-            return None
-        data = {name: json.loads(value) for name, value in raw.items() if not name.startswith("decision:")}
-        return record_from_dict(data)
-
     async def create_job(
         self, record: JobRecord, capacity: SharedCapacity | None = None
     ) -> tuple[JobRecord, bool]:
-        k = self.keys
-        keys = [
-            k.msg(record.user, record.message_id),
-            k.job(record.job_id),
-            k.user_index(record.user),
-            k.thread_index(record.user, record.thread_id),
-            k.running(),
-            k.user_running(record.user),
-        ]
-        limits = ["", "", "", ""]
-        if capacity is not None:
-            limits = [
-                repr(capacity.now),
-                str(capacity.max_jobs),
-                str(capacity.max_jobs_per_user),
-                repr(capacity.lease_until),
-            ]
-        args = [record.job_id, repr(record.created_at), *limits, *self._fields(record_to_dict(record))]
-        existing = await self._conn.script("create", keys, args)
-        if existing in ("!server", "!user"):
-            scope = "the cluster" if existing == "!server" else "you"
-            raise CapacityError(f"{scope} reached the limit of running jobs", retry_after_ms=1000)
-        if not existing:
-            self._writing[record.job_id] = _writing_of(record)
-            return record, True
-        found = await self.get_job(str(existing))
-        return (found, False) if found is not None else (record, True)
+        """Three one-slot steps (``RedisSteps.create``). Cancellation: the job may or may
+        not exist; creating it again finds it, or finishes making it."""
+        found, created = await self._steps.create(record, capacity)
+        if created:
+            self._writing[found.job_id] = _writing_of(found)
+        return found, created
 
     async def get_job(self, job_id: str) -> JobRecord | None:
-        return self._decode(await self._call(self.redis.hgetall(self.keys.job(job_id))))
+        return await self._steps.read_record(job_id)
 
     async def find_job(self, user: str, message_id: str) -> JobRecord | None:
         job_id = await self._call(self.redis.get(self.keys.msg(user, message_id)))
         return await self.get_job(str(job_id)) if job_id else None
 
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
-        """One script call, two if the log was not where this process last saw it.
-        Cancellation: the script ran entirely or not at all; commit again."""
+        """One script call in the job's slot, two if the log was not where this process
+        last saw it; a terminal commit then frees the user's and the cluster's slots
+        (``RedisSteps.finish``). Cancellation: the job's script ran entirely or not at
+        all; commit again (a terminal commit's later steps are run again)."""
+        pending = self._finishing.get(job_id)
+        if pending is not None:  # a retry of a terminal commit whose first step landed
+            await self._steps.finish(pending, first=False)
+            del self._finishing[job_id]
+            return
         writing = self._writing.get(job_id)
         if writing is None:
             record = await self.get_job(job_id)
@@ -247,7 +237,7 @@ class RedisStore(Store):
                     return  # a late retry: the store is ahead of it
                 reply = await self._conn.script(
                     "commit",
-                    self._commit_keys(job_id, writing),
+                    [self.keys.job(job_id), self.keys.log(job_id)],
                     self._commit_args(job_id, writing, plan.entries, progress),
                 )
                 if int(reply[0]) == 0:  # Redis lost the job (a restart without its data)
@@ -261,7 +251,7 @@ class RedisStore(Store):
                     if not terminal:
                         self._writing[job_id] = writing
                     else:
-                        self.hub.ring(OUTBOX_BELL)
+                        await self._finish(self._finish_of(job_id, writing, progress))
                     return
                 self._commits_replanned += 1
                 writing.stored_seq = int(reply[1])
@@ -270,31 +260,40 @@ class RedisStore(Store):
             if terminal:  # the job's last write here, whether it landed or not
                 self._writing.pop(job_id, None)
 
-    def _commit_keys(self, job_id: str, writing: _Writing) -> list[str]:
-        k = self.keys
-        return [
-            k.job(job_id),
-            k.log(job_id),
-            k.msg(writing.user, writing.message_id),
-            k.expiry(),
-            k.running(),
-            k.user_running(writing.user),
-            k.outbox(),
-            k.outbox_due(),
-            k.outbox_claims(),
-            k.outbox_owned(writing.owner or ""),
-        ]
+    async def _finish(self, step: Finish) -> None:
+        try:
+            await self._steps.finish(step, first=True)
+        except BaseException:  # an outage or a cancellation: the retry, or the keeper, ends it
+            self._finishing[step.job_id] = step
+            raise
+        self.hub.ring(OUTBOX_BELL)
+
+    def _finish_of(self, job_id: str, writing: _Writing, progress: JobProgress) -> Finish:
+        return Finish(
+            job_id,
+            progress.seq,
+            writing.user,
+            writing.message_id,
+            self._outbox_json(job_id, writing, progress),
+            writing.owner or "",
+            progress.updated_at + OUTBOX_CLAIM_S if writing.owner else 0.0,
+            progress.expires_at or 0.0,
+            ms(max((progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S, 1.0)),
+        )
+
+    @staticmethod
+    def _outbox_json(job_id: str, writing: _Writing, progress: JobProgress) -> str:
+        entry = OutboxEntry(job_id, writing.user, writing.thread_id, progress.status, progress.error)
+        return outbox_to_json(entry)
 
     def _commit_args(
         self, job_id: str, writing: _Writing, entries: Sequence[LogEvent], progress: JobProgress
     ) -> list[str]:
         terminal = is_terminal(progress.status)
-        fields = progress_to_dict(progress)
-        outbox = ""
+        fields: dict[str, Any] = dict(progress_to_dict(progress))
         if terminal:
             fields["lease_until"] = None
-            entry = OutboxEntry(job_id, writing.user, writing.thread_id, progress.status, progress.error)
-            outbox = outbox_to_json(entry)
+            fields[OUTBOX_FIELD] = self._outbox_json(job_id, writing, progress)
         ttl_s = (progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S
         return [
             job_id,
@@ -303,14 +302,10 @@ class RedisStore(Store):
             events_to_json(entries) if entries else "",
             "1" if terminal else "0",
             str(ms(max(ttl_s, 1.0))),
-            repr(progress.expires_at or 0.0),
             self.keys.job_channel(job_id),
             _TERMINAL_JSON,
             "" if writing.owner is None else json.dumps(writing.owner),
-            outbox,
-            writing.owner or "",
-            repr(progress.updated_at + OUTBOX_CLAIM_S if writing.owner else 0.0),
-            *self._fields(fields),
+            *encode_fields(fields),
         ]
 
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
@@ -365,7 +360,7 @@ class RedisStore(Store):
             async with self.redis.pipeline(transaction=False) as pipe:
                 replies = [pipe.hgetall(k.job(str(job_id))) for job_id in ids]
             for reply in replies:
-                record = self._decode(await reply)
+                record = decode_record(await reply)
                 if record is None or (statuses is not None and record.status not in statuses):
                     continue
                 out.append(record)
@@ -381,14 +376,14 @@ class RedisStore(Store):
         deleted: list[str] = []
         for job_id in map(str, expired):
             record = await self.get_job(job_id)
-            keys = [k.job(job_id), k.log(job_id)]
             if record is not None:
                 if record.expires_at is not None and record.expires_at > now:
                     continue  # a newer expiry (it was restarted from scratch); leave it
-                keys.append(k.msg(record.user, record.message_id))
+                # The user's slot first: an index never names a job the sweep deleted.
+                await self._call(self.redis.delete([k.msg(record.user, record.message_id)]))
                 await self._call(self.redis.zrem(k.user_index(record.user), [job_id]))
                 await self._call(self.redis.zrem(k.thread_index(record.user, record.thread_id), [job_id]))
-            await self._call(self.redis.delete(keys))
+            await self._call(self.redis.delete([k.job(job_id), k.log(job_id)]))
             await self._call(self.redis.zrem(k.expiry(), [job_id]))
             await self.delete_outbox([job_id])  # undelivered by now: dropped with its job
             deleted.append(job_id)
@@ -427,53 +422,68 @@ class RedisStore(Store):
     # -- many instances -----------------------------------------------------------------
 
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
+        """Per job, in its slot, then its running entries (``RedisSteps.renew``).
+        Cancellation: some may be renewed; the next renewal catches up."""
         if not job_ids:
             await trio.lowlevel.checkpoint()
             return
-        keys = [self.keys.running()]
+        jobs: list[tuple[str, str | None]] = []
         for job_id in job_ids:
             writing = self._writing.get(job_id)
-            user = writing.user if writing is not None else await self._user_of(job_id)
-            # The user's key is built here, as everywhere: Lua's string.len counts bytes.
-            keys += [
-                self.keys.job(job_id),
-                self.keys.user_running(user) if user is not None else self.keys.none(),
-            ]
-        await self._conn.script("renew", keys, [repr(until), json.dumps(owner), *job_ids])
+            jobs.append((job_id, writing.user if writing is not None else await self._user_of(job_id)))
+        await self._steps.renew(owner, jobs, until)
 
     async def _user_of(self, job_id: str) -> str | None:
         raw = await self._call(self.redis.hget(self.keys.job(job_id), "user"))
         return None if raw is None else str(json.loads(raw))
 
     async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
-        """Each hand-over is one script (``HANDOVER``); the entries are read after it.
-        Cancellation: each job is taken atomically or not at all; one taken but not
-        returned is an orphan again once ``lease_until`` passes."""
-        k = self.keys
+        """The running set lists lapsed leases; each job is taken in its slot by one script
+        (``HANDOVER``), then its running entries follow the new lease; the entries are read
+        after it. A listed job that ended (its terminal commit stopped after its first
+        step) is finished here; one that is gone is dropped from the set. Cancellation:
+        each job is taken atomically or not at all; one taken but not returned is an
+        orphan again once ``lease_until`` passes."""
+        for job_id, step in list(self._finishing.items()):
+            await self._steps.finish(step, first=False)
+            del self._finishing[job_id]
         candidates = await self._call(
-            self.redis.zrange(k.running(), float("-inf"), now, sortby=PureToken.BYSCORE)
+            self.redis.zrange(self.keys.running(), float("-inf"), now, sortby=PureToken.BYSCORE)
         )
         taken: list[Handover] = []
         for job_id in map(str, candidates):
-            record = await self.get_job(job_id)
-            if record is not None and record.owner == owner and job_id in self._writing:
-                # The caller runs it (this store still writes it): not an orphan, whatever its
-                # lease says. A renewal that a frozen Redis held up lands with a lease that may
-                # have lapsed since. (A job of the caller's that it gave up writing is one.)
-                continue
-            keys = [k.job(job_id), k.running(), k.user_running(record.user) if record else k.none()]
-            args = [job_id, repr(now), _LIVE_JSON, json.dumps(owner), json.dumps(lease_until)]
-            if not await self._conn.script("handover", keys, args) or record is None:
-                continue
-            # Read again: the old writer may have committed since the read above, and is
-            # fenced off from now on, so this is the job as handed over.
-            record = await self.get_job(job_id)
-            if record is None:
-                continue
-            entries = await self.read(job_id, 0, record.seq)
-            self._writing[job_id] = _writing_of(record)
-            taken.append(Handover(record, tuple(entries)))
+            handover = await self._take_over(job_id, owner, now, lease_until)
+            if handover is not None:
+                taken.append(handover)
         return taken
+
+    async def _take_over(self, job_id: str, owner: str, now: float, lease_until: float) -> Handover | None:
+        record = await self.get_job(job_id)
+        if record is not None and record.owner == owner and job_id in self._writing:
+            # The caller runs it (this store still writes it): not an orphan, whatever its
+            # lease says. A renewal that a frozen Redis held up lands with a lease that may
+            # have lapsed since. (A job of the caller's that it gave up writing is one.)
+            return None
+        args = [repr(now), _LIVE_JSON, json.dumps(owner), json.dumps(lease_until)]
+        epoch = int(await self._conn.script("handover", [self.keys.job(job_id)], args))
+        if epoch == -1 or record is None:  # gone (or made since the read: next round)
+            if epoch == -1:
+                await self._call(self.redis.zrem(self.keys.running(), [job_id]))
+            return None
+        if epoch == -2:
+            await self._steps.repair_ended(record)
+            return None
+        if epoch == 0:
+            return None
+        await self._steps.follow_lease(job_id, record.user, lease_until, only_existing=False)
+        # Read again: the old writer may have committed since the read above, and is
+        # fenced off from now on, so this is the job as handed over.
+        taken = await self.get_job(job_id)
+        if taken is None:
+            return None
+        entries = await self.read(job_id, 0, taken.seq)
+        self._writing[job_id] = _writing_of(taken)
+        return Handover(taken, tuple(entries))
 
     # -- the outbox ------------------------------------------------------------------------
 

@@ -32,11 +32,17 @@ UNAVAILABLE = (
 )
 
 _SCRIPTS = {
-    "create": scripts.CREATE,
+    "create_user": scripts.CREATE_USER,
+    "create_reserve": scripts.CREATE_RESERVE,
+    "create_undo": scripts.CREATE_UNDO,
+    "create_job": scripts.CREATE_JOB,
     "commit": scripts.COMMIT,
+    "finish_user": scripts.FINISH_USER,
+    "finish_instance": scripts.FINISH_INSTANCE,
     "handover": scripts.HANDOVER,
     "renew": scripts.RENEW,
-    "notify": scripts.NOTIFY,
+    "notify_claim": scripts.NOTIFY_CLAIM,
+    "notify_insert": scripts.NOTIFY_INSERT,
     "claim": scripts.CLAIM,
 }
 
@@ -101,7 +107,8 @@ class RedisConnection:
             raise UnavailableError(f"redis unavailable: {exc}") from None
 
     async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
-        """Run one of the store's Lua scripts. Cancellation: it ran entirely or not at all."""
+        """Run one of the store's Lua scripts (all its ``keys`` in one cluster slot: a
+        cluster client routes the call by them). Cancellation: it ran entirely or not at all."""
         return await self.call(self.scripts[name](keys=keys, args=args))
 
 

@@ -1,20 +1,47 @@
 """``RedisKeyspace``: the one place that names every key and channel of ``RedisStore``
 and decides which cluster slot (hash tag) each lands in.
 
-User-chosen ids are length-prefixed so that they cannot collide. Today every key
-carries the store's one hash tag (``{prefix}``): all keys share a slot, so every
-Lua script's keys are on one node. The keys group into three kinds of entity, and a
-future per-entity tag would split them as marked below (scripts that span two
-kinds, ``CREATE``, the terminal ``COMMIT`` and ``HANDOVER``, would then be split
-into one script per slot, in that order, each retried until it lands):
+User-chosen ids are length-prefixed so that they cannot collide. Keys are grouped
+by entity, each with a hash tag of its own, so that jobs and users spread over a
+Redis Cluster's slots while every Lua script touches one slot only:
 
-- per job (``{p:job:ID}``): ``job``, ``log``, ``watching``, ``seen``, ``notified``,
-  and the job's channel ``job_channel``;
-- per user (``{p:user:USER}``): ``msg``, ``user_index``, ``thread_index``,
-  ``user_running``, ``muted``, ``inbox``;
-- the instance set (kept global): ``running``, ``expiry``, ``outbox``,
-  ``outbox_due``, ``outbox_claims``, ``outbox_owned``, and the channels of aborts,
-  decisions and notifications.
+- per job (``{p:job:ID}``): ``job`` (its record; a terminal commit also leaves its
+  outbox entry there, field ``outbox``), ``log``, ``watching``, ``seen``, ``notified``;
+- per user (``{p:user:USER}``): ``msg`` (the idempotency key), ``user_index``,
+  ``thread_index``, ``user_running`` (the per-user capacity count), ``muted``, ``inbox``;
+- the instance set (``{p}``): ``running`` (the cluster-wide capacity count and the list
+  of leases, where orphans and unfinished terminal commits are found), ``expiry``,
+  ``outbox``, ``outbox_due``, ``outbox_claims``, ``outbox_owned``, and every channel.
+
+What spans entities is a sequence of one-slot scripts, each idempotent, in an order
+that leaves nothing a reader would misreport (``redis_steps``):
+
+- create: (1) user slot: the idempotency key (``SET`` unless another job has it) and the
+  user's running entry, checked against the per-user limit; (2) instance set: the
+  running entry, checked against the cluster-wide limit (a refusal undoes step 1);
+  (3) job slot: the record, unless it exists (who writes it is who inserted). The
+  record comes last, so nobody sees a job before its slots are taken. A crash after
+  (1) leaves the idempotency key naming a job with no record: the next create with
+  that message id finishes that job's steps (under its id) instead of starting
+  another; the user's running entry lapses with its lease meanwhile. A crash after
+  (2) leaves a running entry without a record: the keeper's ``take_orphans`` drops it
+  once its lease lapses.
+- terminal commit: (1) job slot: entries, status and the outbox entry (one atomic
+  step: the end and its effect are never apart); (2) user slot: the user's running
+  entry removed; (3) instance set: the outbox entry indexed (claimed by the writer),
+  the expiry entry added, the running entry removed, and the commit announced on the
+  job's channel (a watcher woken by it finds the slots freed too); last, so the running set
+  still lists a job whose terminal commit stopped after (1) or (2). The writer's next
+  commit of the job (a retry) or, once the old lease lapsed, the keeper's
+  ``take_orphans`` runs (2) and (3) again from the record: removals are idempotent,
+  and (3) writes the outbox entry only while the job is still in the running set.
+- hand-over: the running set lists lapsed leases; the job slot's script takes the job
+  (owner, lease, epoch + 1) atomically; then the running entries follow the new lease
+  (if that step is lost, the new owner's next renewal moves them).
+- lease renewal: per job (owner checked in its slot), then the running entries.
+- a notification: the thread's mute is read (user slot); the job slot's script checks
+  that nobody watches and marks the job notified (never twice); the user slot's script
+  adds it to the inbox and publishes it.
 """
 
 from __future__ import annotations
@@ -28,7 +55,7 @@ class RedisKeyspace:
         self.tag = "{" + prefix + "}"
 
     def _k(self, *parts: str) -> str:
-        """A key of the instance set: the store's own tag."""
+        """A key of the instance set: the store's own tag (one slot)."""
         return ":".join((self.tag, *parts))
 
     def _of_job(self, job_id: str, *parts: str) -> str:
@@ -42,10 +69,10 @@ class RedisKeyspace:
         return f"{len(name)}:{name}"
 
     def slot_tag(self, kind: str, name: str) -> str:
-        """The hash tag of an entity's keys (``kind``: ``job`` or ``user``). For now the
-        store's one tag, whatever the entity: returning ``{p:kind:name}`` here is what
-        would spread jobs and users over the slots (once the scripts are split)."""
-        return self.tag
+        """The hash tag of an entity's keys (``kind``: ``job`` or ``user``): one slot per
+        job and per user. (A name holding ``}`` ends the tag early: still the same tag for
+        every key of that entity, which is all a script needs.)"""
+        return "{" + f"{self.prefix}:{kind}:{name}" + "}"
 
     # -- per job -----------------------------------------------------------------------
 
@@ -122,16 +149,13 @@ class RedisKeyspace:
         """A set: the outbox entries an instance claimed (stale ids dropped at its next claim)."""
         return self._k("outbox", "owner", self._named(owner))
 
-    def none(self) -> str:
-        """A key no entity uses (a script's placeholder for a key that does not apply)."""
-        return self._k("none")
-
     # -- channels ------------------------------------------------------------------------
 
     def job_channel(self, job_id: str) -> str:
         """Where a job's commits are announced. For now one global channel for every job
-        (one subscription per instance); a per-job channel (``SSUBSCRIBE`` in a cluster)
-        would be ``{p:job:ID}:commits``, subscribed by ``RedisSubscriber.listen_job``."""
+        (one subscription per instance; ``PUBLISH`` reaches every node of a cluster); a
+        per-job channel (``SSUBSCRIBE`` in a cluster) would be ``{p:job:ID}:commits``,
+        subscribed by ``RedisSubscriber.listen_job``."""
         return self._k("commits")
 
     def channel(self, name: str) -> str:

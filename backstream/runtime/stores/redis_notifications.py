@@ -47,31 +47,22 @@ class RedisInbox(Inbox):
         await self._conn.call(renew())
 
     async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
-        """One Lua script (``NOTIFY``): check and create are atomic across instances.
-        Cancellation: the script ran entirely or not at all; never twice."""
-        n = notification
-        hash_key, order_key = self._keys.inbox(n.user)
-        keys = [
-            self._keys.watching(n.job_id),
-            self._keys.muted(n.user),
-            self._keys.notified(n.job_id, n.type),
-            hash_key,
-            order_key,
-            self._keys.seen(n.job_id),
-        ]
+        """The thread's mute is read (user slot); one script in the job's slot checks that
+        nobody watches and marks the job notified, atomically across instances; one in the
+        user's slot adds it to the inbox. Cancellation: it may or may not be created,
+        never twice (the mark comes first: a step lost after it loses the notification)."""
+        n, k = notification, self._keys
+        if await self._conn.call(self._conn.client.sismember(k.muted(n.user), n.thread_id)):
+            return False
+        claim_keys = [k.watching(n.job_id), k.notified(n.job_id, n.type), k.seen(n.job_id)]
+        claim_args = [repr(now), "1" if seen_end_counts(n.type) else "0", str(ms(SAFETY_TTL_S * 24))]
+        if not await self._conn.script("notify_claim", claim_keys, claim_args):
+            return False
         payload = json.dumps(attrs.asdict(n), separators=(",", ":"))
-        args = [
-            repr(now),
-            n.thread_id,
-            payload,
-            n.notification_id,
-            repr(n.created_at),
-            str(max_per_user),
-            self._keys.channel("notifications"),
-            str(ms(SAFETY_TTL_S * 24)),
-            "1" if seen_end_counts(n.type) else "0",
-        ]
-        return bool(await self._conn.script("notify", keys, args))
+        hash_key, order_key = k.inbox(n.user)
+        args = [n.notification_id, payload, repr(n.created_at), str(max_per_user), k.channel("notifications")]
+        await self._conn.script("notify_insert", [hash_key, order_key], args)
+        return True
 
     async def list_notifications(
         self, user: str, *, unread_only: bool, limit: int

@@ -1,103 +1,171 @@
 """The Lua scripts of ``RedisStore``: each runs atomically on the server.
 
-Key and argument layouts are documented at the call sites in ``redis``. The
-scripts hold no policy of their own: which statuses are terminal or live, what
-an interrupted job's last entry says and which entries a commit appends are
-decided in Python (``protocol.lifecycle``, ``stores.shared``) and passed in; a
-script only checks that the job is still where Python saw it (its ``seq``, its
-owner) and applies the change. Key names come from ``RedisKeyspace``.
+Every script touches the keys of one cluster slot only (one job's, one user's, or
+the instance set's: ``RedisKeyspace``); what spans entities is a sequence of them,
+run in the order ``redis_steps`` gives and documented in ``redis_keys``. Key and
+argument layouts are documented here and at the call sites. The scripts hold no
+policy of their own: which statuses are terminal or live, what an interrupted job's
+last entry says and which entries a commit appends are decided in Python
+(``protocol.lifecycle``, ``stores.shared``) and passed in; a script only checks that
+the job is still where Python saw it (its ``seq``, its owner) and applies the change.
 """
 
-__all__ = ["CLAIM", "COMMIT", "CREATE", "HANDOVER", "NOTIFY", "RENEW"]
+__all__ = [
+    "CLAIM",
+    "COMMIT",
+    "CREATE_JOB",
+    "CREATE_RESERVE",
+    "CREATE_UNDO",
+    "CREATE_USER",
+    "FINISH_INSTANCE",
+    "FINISH_USER",
+    "HANDOVER",
+    "NOTIFY_CLAIM",
+    "NOTIFY_INSERT",
+    "RENEW",
+]
 
-CREATE = """
+# -- create: user slot, then instance set, then job slot ------------------------------------
+
+# User slot. KEYS: msg, user index, thread index, user running. ARGV: job id, created at,
+# now, the per-user limit, the lease ('' for the last three: no capacity is taken).
+# Returns the other job's id if the message id is taken by one, '!user' past the limit,
+# '' when the key is this job's (again, for a retry: an entry that still counts is not
+# counted twice).
+CREATE_USER = """
 local existing = redis.call('GET', KEYS[1])
-if existing then return existing end
+if existing and existing ~= ARGV[1] then return existing end
 if ARGV[3] ~= '' then
-  if redis.call('ZCOUNT', KEYS[5], ARGV[3], '+inf') >= tonumber(ARGV[4]) then return '!server' end
-  if redis.call('ZCOUNT', KEYS[6], ARGV[3], '+inf') >= tonumber(ARGV[5]) then return '!user' end
-  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
-  redis.call('ZADD', KEYS[6], ARGV[6], ARGV[1])
+  local held = redis.call('ZSCORE', KEYS[4], ARGV[1])
+  if not held or tonumber(held) < tonumber(ARGV[3]) then
+    if redis.call('ZCOUNT', KEYS[4], ARGV[3], '+inf') >= tonumber(ARGV[4]) then return '!user' end
+  end
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 return ''
 """
 
-# KEYS: job, log, msg, expiry, running, user running, outbox, outbox due, outbox claims,
-# the owner's outbox claims.
-# Returns {0} if the job is gone, {3} if it has ended already (ARGV[9]: a JSON list of
-# the terminal statuses) or is held by another owner than ARGV[10] (a writer whose job
-# another instance took over is fenced off), {2, stored_seq} if its seq is not ARGV[2]
-# (nothing changed: the caller plans again from stored_seq), {1} when applied. Python
-# planned the entries (only new ones) and the progress (never behind the log) against
-# ARGV[2]. A terminal commit (ARGV[5]) also writes its outbox entry (ARGV[11]), claimed by
-# the writer's instance (ARGV[12], if any) until ARGV[13].
+# Instance set. KEYS: running. ARGV: job id, now, the cluster-wide limit, the lease.
+# Returns '!server' past the limit, '' once the job holds a running entry.
+CREATE_RESERVE = """
+local held = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not held or tonumber(held) < tonumber(ARGV[2]) then
+  if redis.call('ZCOUNT', KEYS[1], ARGV[2], '+inf') >= tonumber(ARGV[3]) then return '!server' end
+end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+return ''
+"""
+
+# User slot: CREATE_USER undone (the cluster was full). KEYS as CREATE_USER's. ARGV: job id.
+CREATE_UNDO = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+for i = 2, 4 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1
+"""
+
+# Job slot. KEYS: job. ARGV: the record's fields. Writes the record unless it exists:
+# returns 1 if this call inserted it.
+CREATE_JOB = """
+if redis.call('HEXISTS', KEYS[1], 'job_id') == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# -- commit: job slot; a terminal one then the user slot, then the instance set ----------
+
+# KEYS: job, log. Returns {0} if the job is gone, {3} if it has ended already (ARGV[8]: a
+# JSON list of the terminal statuses) or is held by another owner than ARGV[9] (a writer
+# whose job another instance took over is fenced off), {2, stored_seq} if its seq is not
+# ARGV[2] (nothing changed: the caller plans again from stored_seq), {1} when applied.
+# Python planned the entries (only new ones) and the progress (never behind the log)
+# against ARGV[2]. The fields (ARGV[10]...) of a terminal commit (ARGV[5]) carry its
+# outbox entry (field ``outbox``): the end and its effect land together. A terminal commit
+# is announced by its last step (FINISH_INSTANCE): a watcher woken by it finds the slots
+# freed too (one that reads meanwhile sees the end, which is final).
 COMMIT = """
 local seq = redis.call('HGET', KEYS[1], 'seq')
 if not seq then return {0} end
 local ended = {}
-for _, status in ipairs(cjson.decode(ARGV[9])) do ended[cjson.encode(status)] = true end
+for _, status in ipairs(cjson.decode(ARGV[8])) do ended[cjson.encode(status)] = true end
 if ended[redis.call('HGET', KEYS[1], 'status')] then return {3} end
-if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[10] then return {3} end
+if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[9] then return {3} end
 if tonumber(seq) ~= tonumber(ARGV[2]) then return {2, tonumber(seq)} end
 if ARGV[4] ~= '' then redis.call('XADD', KEYS[2], ARGV[3] .. '-0', 'e', ARGV[4]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 14))
+redis.call('HSET', KEYS[1], unpack(ARGV, 10))
 if ARGV[5] == '1' then
   local ttl = tonumber(ARGV[6])
-  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
-  redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  redis.call('ZREM', KEYS[6], ARGV[1])
-  redis.call('HSET', KEYS[7], ARGV[1], ARGV[11])
-  redis.call('ZADD', KEYS[8], ARGV[13], ARGV[1])
-  if ARGV[12] ~= '' then
-    redis.call('HSET', KEYS[9], ARGV[1], ARGV[12])
-    redis.call('SADD', KEYS[10], ARGV[1])
-    redis.call('PEXPIRE', KEYS[10], ARGV[6])
-  end
+  for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ttl) end
+else
+  redis.call('PUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3])
 end
-redis.call('PUBLISH', ARGV[8], ARGV[1] .. ' ' .. ARGV[3])
 return {1}
 """
 
-# KEYS: job, running, user running. ARGV: job id, now, a JSON list of the live statuses
-# (as stored: JSON strings), the new owner (JSON), its lease. Hands a live job whose lease
-# lapsed to the new owner (epoch + 1) and returns the new epoch; 0 otherwise (no longer
-# live, or its lease still holds).
+# User slot. KEYS: user running, msg. ARGV: job id, the idempotency key's time to live (ms).
+# Idempotent.
+FINISH_USER = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+# Instance set. KEYS: running, expiry, outbox, outbox due, outbox claims, the owner's
+# outbox claims. ARGV: job id, its expiry, the outbox entry, the owner ('': unclaimed),
+# the claim's end, how long the owner's set outlives its last claim (ms), '1' for the
+# terminal commit's own first call (write the entry whatever the running set says),
+# '0' for a repair (write it only if the job is still in the running set: then no
+# earlier call wrote it, so the entry is never written twice), the job's channel and its
+# message (the commit's announcement). Returns 1 if written.
+FINISH_INSTANCE = """
+local was_listed = redis.call('ZREM', KEYS[1], ARGV[1])
+local write = ARGV[7] == '1' or was_listed == 1
+if write then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  if ARGV[3] ~= '' then
+    redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+    redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+    if ARGV[4] ~= '' then
+      redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
+      redis.call('SADD', KEYS[6], ARGV[1])
+      redis.call('PEXPIRE', KEYS[6], ARGV[6])
+    end
+  end
+end
+redis.call('PUBLISH', ARGV[8], ARGV[9])
+return write and 1 or 0
+"""
+
+# -- leases: job slot (the running entries follow from Python) -------------------------------
+
+# KEYS: job. ARGV: now, a JSON list of the live statuses (as stored: JSON strings), the new
+# owner (JSON), its lease. Hands a live job whose lease lapsed to the new owner (epoch + 1)
+# and returns the new epoch; 0 if its lease still holds, -1 if the job is gone, -2 if it is
+# no longer live (a terminal commit whose later steps did not land: repaired by the caller).
 HANDOVER = """
 local live = {}
-for _, status in ipairs(cjson.decode(ARGV[3])) do live[cjson.encode(status)] = true end
+for _, status in ipairs(cjson.decode(ARGV[2])) do live[cjson.encode(status)] = true end
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status or not live[status] then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  return 0
-end
+if not status then return -1 end
+if not live[status] then return -2 end
 local lease = redis.call('HGET', KEYS[1], 'lease_until')
-if lease and lease ~= 'null' and tonumber(lease) > tonumber(ARGV[2]) then return 0 end
+if lease and lease ~= 'null' and tonumber(lease) > tonumber(ARGV[1]) then return 0 end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) + 1
-redis.call('HSET', KEYS[1], 'owner', ARGV[4], 'lease_until', ARGV[5], 'epoch', tostring(epoch))
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'lease_until', ARGV[4], 'epoch', tostring(epoch))
 return epoch
 """
 
-# KEYS[1] is the running set; then, per job, its record and its user's running set. ARGV:
-# the lease's end, the owner (JSON), then the job ids. Only the owner's leases are renewed.
+# KEYS: job. ARGV: the lease's end, the owner (JSON). Renews the lease only if the owner
+# holds the job; returns 1 if it did.
 RENEW = """
-for i = 2, #KEYS, 2 do
-  if redis.call('HGET', KEYS[i], 'owner') == ARGV[2] then
-    local job_id = ARGV[i / 2 + 2]
-    redis.call('HSET', KEYS[i], 'lease_until', ARGV[1])
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], job_id)
-    redis.call('ZADD', KEYS[i + 1], 'XX', ARGV[1], job_id)
-  end
-end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', ARGV[1])
 return 1
 """
+
+# -- the outbox: instance set ------------------------------------------------------------------
 
 # KEYS: outbox, outbox due, outbox claims, the owner's outbox claims. ARGV: now, the claim's
 # end, limit, owner, how long the owner's set outlives its last claim (ms: a dead
@@ -133,19 +201,29 @@ end
 return out
 """
 
-NOTIFY = """
+# -- notifications: job slot, then user slot --------------------------------------------------
+
+# Job slot. KEYS: watching, notified, seen. ARGV: now, '1' if a watch that saw the end counts,
+# the notified mark's time to live (ms). Returns 1, and marks the job notified, if nobody
+# watches it and it had no notification of this kind yet (never twice).
+NOTIFY_CLAIM = """
 if redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf') > 0 then return 0 end
-if ARGV[9] == '1' and redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
-if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 0 end
-if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[8]) then return 0 end
-redis.call('HSET', KEYS[4], ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
-local extra = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[6])
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+return 1
+"""
+
+# User slot. KEYS: the inbox's hash and order. ARGV: the notification's id, payload (JSON),
+# time, the inbox's bound (the oldest go), the channel. Adds it and announces it.
+NOTIFY_INSERT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
 if extra > 0 then
-  local old = redis.call('ZRANGE', KEYS[5], 0, extra - 1)
-  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, extra - 1)
-  redis.call('HDEL', KEYS[4], unpack(old))
+  local old = redis.call('ZRANGE', KEYS[2], 0, extra - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+  redis.call('HDEL', KEYS[1], unpack(old))
 end
-redis.call('PUBLISH', ARGV[7], ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[2])
 return 1
 """
