@@ -99,7 +99,12 @@ async def unopened_store(request: pytest.FixtureRequest, tmp_path: object) -> As
     elif request.param == "sqlite":
         made = SqliteStore(f"{tmp_path}/store.db")
     elif request.param == "redis-cluster":
-        made = RedisStore(request.getfixturevalue("redis_cluster"), prefix=f"bstest:{uuid.uuid4().hex[:12]}")
+        # On the cluster, keys spread over its slots; on one Redis, the one-slot layout.
+        made = RedisStore(
+            request.getfixturevalue("redis_cluster"),
+            prefix=f"bstest:{uuid.uuid4().hex[:12]}",
+            per_entity_slots=True,
+        )
     else:
         require_redis()
         prefix = f"bstest:{uuid.uuid4().hex[:12]}"

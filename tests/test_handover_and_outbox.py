@@ -35,7 +35,9 @@ async def peer_of(store: Store) -> AsyncIterator[Store]:
     peer: Store
     if isinstance(store, RedisStore):
         peer = RedisStore(
-            store.url.replace("://", "+cluster://") if store.cluster else store.url, prefix=store.prefix
+            store.url.replace("://", "+cluster://") if store.cluster else store.url,
+            prefix=store.prefix,
+            per_entity_slots=store.per_entity_slots,
         )
     else:
         assert isinstance(store, SqliteStore)

@@ -35,8 +35,8 @@ def _port_of(url: str) -> int:
 
 
 @asynccontextmanager
-async def _opened(url: str, prefix: str) -> AsyncIterator[RedisStore]:
-    store = RedisStore(url, prefix=prefix)
+async def _opened(url: str, prefix: str, *, per_entity_slots: bool = True) -> AsyncIterator[RedisStore]:
+    store = RedisStore(url, prefix=prefix, per_entity_slots=per_entity_slots)
     await store.open()
     try:
         yield store
@@ -130,7 +130,7 @@ async def test_each_script_call_touches_one_slot_and_entities_spread(
         assert {hashlib.sha1(body.encode()).hexdigest() for body in bodies} <= {sha for sha, _ in ours}
 
         # Two jobs of two users: four slots, and the instance set's a fifth.
-        store = RedisStore(redis_cluster, prefix=prefix)
+        store = RedisStore(redis_cluster, prefix=prefix, per_entity_slots=True)
         k = store.keys
         job_a = await slots_of([k.job("j_a"), k.log("j_a"), k.watching("j_a"), k.notified("j_a", "x")])
         job_b = await slots_of([k.job("j_b"), k.log("j_b")])
@@ -255,3 +255,24 @@ async def test_a_terminal_commit_whose_later_steps_failed_is_finished_by_its_ret
             assert await store.redis.zscore(k.user_running("alice"), "j_1") is None
             [entry] = await store.claim_outbox("i_a", NOW + 3, NOW + 33, 10)  # claimed by its owner
             assert (entry.job_id, entry.status) == ("j_1", "completed")
+
+
+async def test_the_default_layout_keeps_the_key_names_deployments_already_hold() -> None:
+    """Without ``per_entity_slots`` a deployment's data stays where it was: every key under
+    the prefix's one tag, with the names it always had; with it, a tag per job and user."""
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    try:
+        async with _opened(redis_url(), prefix, per_entity_slots=False) as store:
+            await store.create_job(record("j_1", lease_until=NOW + 15), CAPACITY)
+            await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "hi")], progress(2))
+            names = {key async for key in store.redis.scan_iter(match=f"*{prefix}*")}
+        tag = "{" + prefix + "}"
+        assert {f"{tag}:job:j_1", f"{tag}:log:j_1", f"{tag}:msg:5:alice:m1", f"{tag}:running"} <= names
+        assert all(name.startswith(tag + ":") for name in names)
+    finally:
+        await delete_prefix(prefix)
+    sharded = RedisStore(redis_url(), prefix=prefix, per_entity_slots=True).keys
+    assert sharded.job("j_1") == "{" + prefix + ":job:j_1}:job:j_1"
+    assert sharded.msg("alice", "m1") == "{" + prefix + ":user:alice}:msg:5:alice:m1"
+

@@ -240,7 +240,8 @@ class JobStore(abc.ABC):
 
         Returns ``(record, True)`` when inserted, or ``(existing, False)``. Atomic: two
         racing creates never both insert. A store with ``SHARED_CAPACITY`` also takes a
-        running-job slot in the same step, and raises ``CapacityError`` past
+        running-job slot before the record is written (nobody sees a job without its
+        slot), and raises ``CapacityError`` past
         ``capacity``'s limits (leases that ended before ``capacity.now``, a dead
         instance's, do not count); other stores ignore ``capacity``.
         Cancellation: the job may or may not exist; creating it again finds it.
@@ -288,8 +289,11 @@ class LogStore(abc.ABC):
         one) changes nothing and raises ``JobEndedElsewhereError``. Only what a commit
         changes is written: the entries and the progress fields, never the request
         again. Wakes everyone in ``wait_for_entries`` on this job. A commit that ends the
-        job frees its shared slot and, in the same step, writes its ``OutboxEntry``.
-        Cancellation: all of it happened or none of it; commit again.
+        job writes its ``OutboxEntry`` in the same atomic step as its entries and status
+        (the end and its effect are never apart), and has freed the job's shared slots
+        when it returns (a store that frees them in later steps finishes those on a
+        retried commit, or in ``take_orphans``, if they did not land).
+        Cancellation: the entries and the status happened or none of them; commit again.
         """
 
     @abc.abstractmethod

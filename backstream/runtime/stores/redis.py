@@ -120,10 +120,16 @@ class RedisStore(Store):
         }
     )
 
-    def __init__(self, url: str, *, prefix: str = "backstream") -> None:
+    def __init__(self, url: str, *, prefix: str = "backstream", per_entity_slots: bool = False) -> None:
         """``redis://HOST:PORT/DB`` or ``rediss://...``; ``redis+cluster://HOST:PORT`` (or
-        ``rediss+cluster://``) for Redis Cluster through coredis' cluster client."""
-        self._conn = RedisConnection(url, prefix)
+        ``rediss+cluster://``) for Redis Cluster through coredis' cluster client.
+
+        ``per_entity_slots``: each job's and each user's keys get a hash tag of their own,
+        so that a Redis Cluster spreads them over its shards (``RedisKeyspace``). Off, every
+        key shares the prefix's one slot, as in every deployment before it: choose it for a
+        new prefix, since data under one layout is not found under the other."""
+        self._conn = RedisConnection(url, prefix, per_entity_slots=per_entity_slots)
+        self.per_entity_slots = per_entity_slots
         self.cluster = self._conn.cluster
         self.url = self._conn.url
         self.prefix = prefix

@@ -54,10 +54,10 @@ def ms(seconds: float) -> int:
 class RedisConnection:
     """Opened once by the store; ``client`` raises ``StoreClosedError`` once closed."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, *, per_entity_slots: bool = False) -> None:
         self.cluster = "+cluster://" in url
         self.url = url.replace("+cluster://", "://")
-        self.keys = RedisKeyspace(prefix)
+        self.keys = RedisKeyspace(prefix, per_entity_slots=per_entity_slots)
         self.scripts: dict[str, Any] = {}
         self._client: coredis.Redis[str] | coredis.RedisCluster[str] | None = None
         self._stack: contextlib.AsyncExitStack | None = None

@@ -2,8 +2,12 @@
 and decides which cluster slot (hash tag) each lands in.
 
 User-chosen ids are length-prefixed so that they cannot collide. Keys are grouped
-by entity, each with a hash tag of its own, so that jobs and users spread over a
-Redis Cluster's slots while every Lua script touches one slot only:
+by entity; with ``per_entity_slots`` each entity has a hash tag of its own, so that
+jobs and users spread over a Redis Cluster's slots while every Lua script touches one
+slot only. Without it (the default, and the layout of every deployment before it), every
+key carries the store's one tag ``{p}``: the same key names as ever, all in one slot, and
+the same scripts run unchanged. The layout is chosen per deployment (a prefix): data
+written under one layout is not found under the other.
 
 - per job (``{p:job:ID}``): ``job`` (its record; a terminal commit also leaves its
   outbox entry there, field ``outbox``), ``log``, ``watching``, ``seen``, ``notified``;
@@ -50,9 +54,10 @@ __all__ = ["RedisKeyspace"]
 
 
 class RedisKeyspace:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, *, per_entity_slots: bool = False) -> None:
         self.prefix = prefix
         self.tag = "{" + prefix + "}"
+        self.per_entity_slots = per_entity_slots
 
     def _k(self, *parts: str) -> str:
         """A key of the instance set: the store's own tag (one slot)."""
@@ -69,9 +74,12 @@ class RedisKeyspace:
         return f"{len(name)}:{name}"
 
     def slot_tag(self, kind: str, name: str) -> str:
-        """The hash tag of an entity's keys (``kind``: ``job`` or ``user``): one slot per
-        job and per user. (A name holding ``}`` ends the tag early: still the same tag for
-        every key of that entity, which is all a script needs.)"""
+        """The hash tag of an entity's keys (``kind``: ``job`` or ``user``): with
+        ``per_entity_slots`` one slot per job and per user (a name holding ``}`` ends the
+        tag early: still the same tag for every key of that entity, which is all a script
+        needs); otherwise the store's one tag."""
+        if not self.per_entity_slots:
+            return self.tag
         return "{" + f"{self.prefix}:{kind}:{name}" + "}"
 
     # -- per job -----------------------------------------------------------------------
