@@ -13,16 +13,17 @@ import trio
 
 from backstream.actors.ports import Store
 from backstream.actors.signals import OUTBOX_BELL, SignalHub
-from backstream.protocol.records import NotificationRecord
 from backstream.runtime.stores.local_notifications import LocalInbox, NotificationShelf
-from backstream.runtime.stores.shared import LocalDecisions
+from backstream.runtime.stores.shared import InboxForwarding, LocalDecisions
 
 __all__ = ["LocalStore"]
 
 
-class LocalStore(Store):
+class LocalStore(InboxForwarding, Store):
     """Base of a single-process store: subclasses call ``__init__`` with their shelf and
     implement jobs, logs, aborts, orphans and the outbox."""
+
+    inbox: LocalInbox
 
     def __init__(self, shelf: NotificationShelf) -> None:
         self.hub = SignalHub()
@@ -53,27 +54,3 @@ class LocalStore(Store):
         """Woken by this store's terminal commits. Cancellation: safe."""
         await self.hub.wait_bell(OUTBOX_BELL, timeout)
 
-    # -- the inbox: forwarded to ``LocalInbox`` ------------------------------------------
-
-    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
-        await self.inbox.watch_started(job_id, watch_id, until)
-
-    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
-        await self.inbox.watch_ended(job_id, watch_id, saw_end=saw_end)
-
-    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
-        await self.inbox.renew_watches(watches, until)
-
-    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
-        return await self.inbox.notify_unwatched(notification, now, max_per_user)
-
-    async def list_notifications(
-        self, user: str, *, unread_only: bool, limit: int
-    ) -> tuple[list[NotificationRecord], int]:
-        return await self.inbox.list_notifications(user, unread_only=unread_only, limit=limit)
-
-    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
-        return await self.inbox.mark_notifications_read(user, ids, everything=everything)
-
-    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
-        await self.inbox.set_thread_muted(user, thread_id, muted)

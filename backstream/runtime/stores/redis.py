@@ -54,7 +54,6 @@ from backstream.protocol.lifecycle import LIVE_STATUSES, TERMINAL_STATUSES, is_t
 from backstream.protocol.records import (
     JobProgress,
     JobRecord,
-    NotificationRecord,
     SharedCapacity,
     events_from_json,
     events_to_json,
@@ -71,7 +70,7 @@ from backstream.runtime.stores.redis_steps import (
     encode_fields,
 )
 from backstream.runtime.stores.redis_subscriber import WAIT_POLL_S, RedisSubscriber
-from backstream.runtime.stores.shared import outbox_from_json, outbox_to_json, plan_commit
+from backstream.runtime.stores.shared import InboxForwarding, outbox_from_json, outbox_to_json, plan_commit
 
 __all__ = ["RedisStore", "RedisStoreStatistics"]
 
@@ -110,7 +109,7 @@ class RedisStoreStatistics:
     outbox entry) wait for the job's next commit or this instance's next ``take_orphans``."""
 
 
-class RedisStore(Store):
+class RedisStore(InboxForwarding, Store):
     capabilities = frozenset(
         {
             Capability.SHARED_BETWEEN_PROCESSES,
@@ -119,6 +118,8 @@ class RedisStore(Store):
             Capability.SHARED_CAPACITY,
         }
     )
+
+    inbox: RedisInbox
 
     def __init__(self, url: str, *, prefix: str = "backstream", per_entity_slots: bool = False) -> None:
         """``redis://HOST:PORT/DB`` or ``rediss://...``; ``redis+cluster://HOST:PORT`` (or
@@ -519,30 +520,6 @@ class RedisStore(Store):
         ``timeout``. Cancellation: safe."""
         await self.hub.wait_bell(OUTBOX_BELL, timeout)
 
-    # -- the inbox: forwarded to ``RedisInbox`` ------------------------------------------------
-
-    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
-        await self.inbox.watch_started(job_id, watch_id, until)
-
-    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
-        await self.inbox.watch_ended(job_id, watch_id, saw_end=saw_end)
-
-    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
-        await self.inbox.renew_watches(watches, until)
-
-    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
-        return await self.inbox.notify_unwatched(notification, now, max_per_user)
-
-    async def list_notifications(
-        self, user: str, *, unread_only: bool, limit: int
-    ) -> tuple[list[NotificationRecord], int]:
-        return await self.inbox.list_notifications(user, unread_only=unread_only, limit=limit)
-
-    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
-        return await self.inbox.mark_notifications_read(user, ids, everything=everything)
-
-    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
-        await self.inbox.set_thread_muted(user, thread_id, muted)
 
 
 def _writing_of(record: JobRecord) -> _Writing:

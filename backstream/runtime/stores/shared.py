@@ -10,14 +10,15 @@ import attrs
 import cattrs
 import trio
 
-from backstream.actors.ports import LogBehindError, OutboxEntry
+from backstream.actors.ports import Inbox, LogBehindError, OutboxEntry
 from backstream.actors.signals import SignalHub
 from backstream.protocol.events import LogEvent
 from backstream.protocol.lifecycle import is_terminal
-from backstream.protocol.records import JobProgress, JobRecord
+from backstream.protocol.records import JobProgress, JobRecord, NotificationRecord
 
 __all__ = [
     "CommitPlan",
+    "InboxForwarding",
     "LocalDecisions",
     "outbox_entry",
     "outbox_from_json",
@@ -100,3 +101,34 @@ class LocalDecisions:
 
     def __len__(self) -> int:
         return len(self._decided)
+
+
+class InboxForwarding(Inbox):
+    """An ``Inbox`` whose every method is that of ``self.inbox``: a store that keeps its
+    watches and notifications in a part of its own (``LocalInbox``, ``RedisInbox``)
+    lists this base first, so that the part answers for the store."""
+
+    inbox: Inbox
+
+    async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
+        await self.inbox.watch_started(job_id, watch_id, until)
+
+    async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
+        await self.inbox.watch_ended(job_id, watch_id, saw_end=saw_end)
+
+    async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
+        await self.inbox.renew_watches(watches, until)
+
+    async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
+        return await self.inbox.notify_unwatched(notification, now, max_per_user)
+
+    async def list_notifications(
+        self, user: str, *, unread_only: bool, limit: int
+    ) -> tuple[list[NotificationRecord], int]:
+        return await self.inbox.list_notifications(user, unread_only=unread_only, limit=limit)
+
+    async def mark_notifications_read(self, user: str, ids: Sequence[str], *, everything: bool) -> int:
+        return await self.inbox.mark_notifications_read(user, ids, everything=everything)
+
+    async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
+        await self.inbox.set_thread_muted(user, thread_id, muted)
