@@ -3,7 +3,6 @@ error before it touches a job, and a server that cannot listen never opens its s
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
