@@ -37,7 +37,8 @@ async def test_a_second_store_on_the_file_is_refused_and_the_first_keeps_its_job
             await second.open()
         assert f"another process holds {tmp_path}/data/jobs.db " in str(refused.value)
         held = await first.get_job("j_1")
-        assert held is not None and (held.status, held.seq, held.owner, held.epoch) == ("running", 2, "i_a", 1)
+        assert held is not None
+        assert (held.status, held.seq, held.owner, held.epoch) == ("running", 2, "i_a", 1)
         await first.commit("j_1", texts(3, " still"), progress(3))  # the first writes on
         assert [e.seq for e in await first.read("j_1", 0, 10)] == [1, 2, 3]
         nursery.cancel_scope.cancel()
