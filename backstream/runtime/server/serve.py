@@ -232,7 +232,7 @@ async def serve(
     async with bound, runtime_cm as runtime, trio.open_nursery() as nursery:
         from backstream.protocol.version import VERSION
 
-        if handle_signals:  # before anything listens: a signal from then on shuts down cleanly
+        if handle_signals:  # before anything is accepted: a signal from then on shuts down cleanly
             await nursery.start(_wait_for_signal, shutdown)
         door = FrontDoor(runtime, authenticator, door_config, version=VERSION)
         await nursery.start(partial(door.run, listener=bound.door))
