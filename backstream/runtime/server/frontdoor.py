@@ -129,13 +129,21 @@ class FrontDoor:
             errors_sent=c.errors_sent,
         )
 
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        *,
+        listener: trio.SocketListener | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Accept connections until ``stop_accepting``; then wait for the open ones to end.
+        ``listener``: a socket already bound (``serve`` binds before it opens the store);
+        without it, one is bound on ``config.host:config.port``. Either is closed at the end.
 
         Cancellation: stops accepting and cancels every connection; jobs go on in the runtime.
         """
         listeners = [
-            await open_tcp_listener(
+            listener
+            or await open_tcp_listener(
                 self.config.host,
                 self.config.port,
                 reuse_port=self.config.reuse_port,

@@ -70,11 +70,17 @@ class HttpServer:
         Cancellation: stops waiting; the server is not affected."""
         await self._closed.wait()
 
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until ``stop_accepting``.
+    async def run(
+        self,
+        *,
+        listener: trio.SocketListener | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until ``stop_accepting``, on ``listener`` if given (a socket already bound;
+        ``serve`` binds before it opens the store), else on ``config.host:config.port``.
 
         Cancellation: the listener closes and every connection ends at once."""
-        listener = await open_tcp_listener(
+        listener = listener or await open_tcp_listener(
             self.config.host,
             self.config.port,
             reuse_port=self.config.reuse_port,

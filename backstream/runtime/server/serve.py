@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable
+from functools import partial
 
 import attrs
 import trio
@@ -35,6 +36,7 @@ from backstream.runtime.server.auth import (
 from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
 from backstream.runtime.server.http_app import HttpApp, HttpLimits, StaticRoute
 from backstream.runtime.server.http_server import HttpServer, HttpServerConfig
+from backstream.runtime.server.listeners import open_tcp_listener
 from backstream.runtime.server.metrics import metrics_text
 from backstream.runtime.server.responses_http import ResponsesApi
 from backstream.runtime.server.settings import (
@@ -141,6 +143,17 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def store_line(url: str) -> str:
+    """The store as set, and for SQLite the file's absolute path (a relative one is
+    relative to the working directory)."""
+    line = f"store: {redact_url(url)}"
+    if url.startswith("sqlite:///"):
+        from backstream.runtime.stores.sqlite import path_from_url
+
+        line += f" (file {os.path.abspath(path_from_url(url))})"
+    return line
+
+
 def startup_lines(
     settings: ServeSettings,
     models: list[str],
@@ -162,7 +175,7 @@ def startup_lines(
     cap = settings.max_output_tokens
     return [
         f"HTTP: {http}",
-        f"store: {redact_url(settings.store)}",
+        store_line(settings.store),
         f"upstream: {upstream}; output tokens per request: {cap if cap is not None else 'no cap'}",
         f"models allowed: {', '.join(models) or 'none'}",
         f"tools: {', '.join(tool_names) or 'none'}",
@@ -213,15 +226,18 @@ async def serve(
     store = store or make_store(settings.store)
     shutdown = trio.Event()
     tools = load_tools(settings, config)
-    async with open_runtime(config, store=store, tools=tools) as runtime, trio.open_nursery() as nursery:
+    # Bound before the store opens: a server that cannot listen never touches its jobs.
+    bound = await _BoundListeners.bind(settings, door_config)
+    runtime_cm = open_runtime(config, store=store, tools=tools)
+    async with bound, runtime_cm as runtime, trio.open_nursery() as nursery:
         from backstream.protocol.version import VERSION
 
-        if handle_signals:  # before anything listens: a signal from then on shuts down cleanly
+        if handle_signals:  # before anything is accepted: a signal from then on shuts down cleanly
             await nursery.start(_wait_for_signal, shutdown)
         door = FrontDoor(runtime, authenticator, door_config, version=VERSION)
-        await nursery.start(door.run)
+        await nursery.start(partial(door.run, listener=bound.door))
         http = _HttpListeners(runtime, door, authenticator, settings)
-        http_port, metrics_port = await http.start(nursery)
+        http_port, metrics_port = await http.start(nursery, bound)
         scheme = "wss" if settings.tls_cert else "ws"
         log.info("backstream %s listening on %s://%s:%d/v1", VERSION, scheme, settings.host, door.port)
         log.info("Vercel AI SDK endpoint: %s://%s:%d/v1/ai-sdk", scheme, settings.host, door.port)
@@ -253,6 +269,52 @@ async def serve(
     finished = runtime.statistics().jobs.finished_total
     summary = ", ".join(f"{count} {status}" for status, count in sorted(finished.items()))
     log.info("stopped; jobs ended here: %s", summary or "none")
+
+
+@attrs.frozen
+class _BoundListeners:
+    """The listening sockets of ``serve``, bound before the runtime opens its store."""
+
+    door: trio.SocketListener
+    http: trio.SocketListener | None
+    metrics: trio.SocketListener | None
+
+    @classmethod
+    async def bind(cls, settings: ServeSettings, door: FrontDoorConfig) -> _BoundListeners:
+        """Bind each configured port. Raises ``ListenError`` naming the first that cannot
+        be bound (those bound before it are closed)."""
+        reuse = bool(settings.reuse_port)
+        sockets: list[trio.SocketListener] = []
+
+        async def listen(port: int, send_buffer: int) -> trio.SocketListener:
+            sockets.append(
+                await open_tcp_listener(settings.host, port, reuse_port=reuse, send_buffer=send_buffer)
+            )
+            return sockets[-1]
+
+        http_buffer = HttpServerConfig(host=settings.host, port=0).socket_send_buffer
+        try:
+            return cls(
+                await listen(settings.port, door.socket_send_buffer),
+                None if settings.http_port is None else await listen(settings.http_port, http_buffer),
+                None if settings.metrics_port is None else await listen(settings.metrics_port, http_buffer),
+            )
+        except BaseException:
+            for sock in sockets:
+                sock.socket.close()
+            raise
+
+    async def __aenter__(self) -> _BoundListeners:
+        await trio.lowlevel.checkpoint()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the sockets (those served are closed already; again is harmless).
+        Cancellation: they are closed all the same."""
+        for listener in (self.door, self.http, self.metrics):
+            if listener is not None:
+                listener.socket.close()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
 
 class _HttpListeners:
@@ -308,26 +370,36 @@ class _HttpListeners:
         return routes
 
     async def _serve(
-        self, nursery: trio.Nursery, app: HttpApp, port: int, *, tls: ssl.SSLContext | None = None
+        self,
+        nursery: trio.Nursery,
+        app: HttpApp,
+        listener: trio.SocketListener,
+        *,
+        tls: ssl.SSLContext | None = None,
     ) -> int:
         settings = self._settings
         server = HttpServer(
             app,
             HttpServerConfig(
-                host=settings.host, port=port, reuse_port=bool(settings.reuse_port), ssl_context=tls
+                host=settings.host,
+                port=listener.socket.getsockname()[1],
+                reuse_port=bool(settings.reuse_port),
+                ssl_context=tls,
             ),
             streams=app.peer_streams,
         )
         self._apps.append(app)
         self._servers.append(server)
-        bound: int = await nursery.start(server.run)
-        return bound
+        port: int = await nursery.start(partial(server.run, listener=listener))
+        return port
 
-    async def start(self, nursery: trio.Nursery) -> tuple[int | None, int | None]:
+    async def start(self, nursery: trio.Nursery, bound: _BoundListeners) -> tuple[int | None, int | None]:
+        """Serve the API on ``bound.http`` and the metrics on ``bound.metrics`` (each if set);
+        returns their ports."""
         settings = self._settings
         http_port = metrics_port = None
-        split = settings.metrics_port is not None
-        if settings.http_port is not None:
+        split = bound.metrics is not None
+        if bound.http is not None:
             app = self._api = HttpApp(
                 self._runtime,
                 self._auth,
@@ -341,10 +413,10 @@ class _HttpListeners:
             ResponsesApi(app)
             # Bearer tokens come here too: with TLS configured they never cross in clear text.
             tls = self._door.config.ssl_context
-            http_port = await self._serve(nursery, app, settings.http_port, tls=tls)
-        if split:
+            http_port = await self._serve(nursery, app, bound.http, tls=tls)
+        if bound.metrics is not None:
             metrics_app = HttpApp(self._runtime, None, status_routes=self._status_routes(with_metrics=True))
-            metrics_port = await self._serve(nursery, metrics_app, settings.metrics_port)
+            metrics_port = await self._serve(nursery, metrics_app, bound.metrics)
         return http_port, metrics_port
 
     def stop_accepting(self) -> None:

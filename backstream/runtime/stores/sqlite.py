@@ -10,12 +10,20 @@ number and is migrated in order at open.
 Durability: ``synchronous=NORMAL`` in WAL mode survives a crash of the process
 (``kill -9``) with every committed transaction; a power loss may lose the last
 ones. A job loses at most its last ``flush_ms`` of output when its process dies.
+
+One process: ``open`` takes an exclusive ``flock`` on ``PATH.lock`` before it reads
+a job, so a second server on the same file stops with ``StoreInUseError`` instead
+of taking the first one's running jobs for orphans. The OS releases the lock when
+the process ends, ``kill -9`` included; the lock file itself stays (removing it
+would let two processes lock two different files).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import pathlib
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -62,7 +70,7 @@ from backstream.runtime.stores.sqlite_schema import (
     row_values,
 )
 
-__all__ = ["MIGRATIONS", "SqliteStore", "SqliteStoreStatistics"]
+__all__ = ["MIGRATIONS", "SqliteStore", "SqliteStoreStatistics", "StoreInUseError", "lock_path"]
 
 log = logging.getLogger("backstream.sqlite")
 
@@ -99,6 +107,37 @@ class _Commit:
     error: BaseException | None = None
 
 
+class StoreInUseError(UnavailableError):
+    """Another process (or another store in this one) has the SQLite file open."""
+
+
+def lock_path(path: pathlib.Path) -> pathlib.Path:
+    """The lock file beside the database: ``jobs.db`` → ``jobs.db.lock``.
+
+    Not the database itself: SQLite takes POSIX locks on it, and closing any descriptor
+    of a file drops every POSIX lock the process holds on it."""
+    return path.with_name(path.name + ".lock")
+
+
+def _take_lock(path: pathlib.Path) -> int:
+    """An open descriptor of ``lock_path(path)`` holding its exclusive ``flock``. Raises
+    ``StoreInUseError`` at once if another holds it (``flock`` locks belong to the open
+    file, so a second store in the same process is refused too)."""
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreInUseError(
+            f"another process holds {path} (its lock {lock_path(path)}); "
+            "a SQLite store serves one process: stop the other or share a Redis store"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def path_from_url(url: str) -> pathlib.Path:
     """``sqlite:///./backstream.db`` → ``./backstream.db``; ``sqlite:////tmp/x.db`` → ``/tmp/x.db``."""
     if not url.startswith("sqlite:///"):
@@ -117,6 +156,7 @@ class SqliteStore(LocalStore):
         self.path = pathlib.Path(path)
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self._write_lane = trio.CapacityLimiter(1)
         self._read_lane = trio.CapacityLimiter(1)
         self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[_Commit](MAILBOX_SIZE)
@@ -136,10 +176,16 @@ class SqliteStore(LocalStore):
     # -- lifecycle ------------------------------------------------------------------
 
     async def open(self, *, on_notification: NotificationListener | None = None) -> None:
+        """Lock the file (``StoreInUseError`` if another holds it), connect and migrate.
+        Cancellation: waits for the connection under way, then nothing is left open."""
         self.inbox.on_notification = on_notification
 
-        def connect() -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        def lock() -> int:
+            self.path = pathlib.Path(os.path.abspath(self.path))  # the lock stays on this file
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            return _take_lock(self.path)
+
+        def connect() -> tuple[sqlite3.Connection, sqlite3.Connection]:
             writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             writer.execute("PRAGMA journal_mode=WAL")
             writer.execute("PRAGMA synchronous=NORMAL")
@@ -149,10 +195,19 @@ class SqliteStore(LocalStore):
             reader.execute("PRAGMA busy_timeout=5000")
             return writer, reader
 
+        self._lock_fd = await trio.to_thread.run_sync(lock, limiter=self._write_lane)
         try:
             self._writer, self._reader = await trio.to_thread.run_sync(connect, limiter=self._write_lane)
-        except sqlite3.Error as exc:
-            raise UnavailableError(f"cannot open {self.path}: {exc}") from None
+        except BaseException as exc:
+            self._release_lock()
+            if isinstance(exc, sqlite3.Error):
+                raise UnavailableError(f"cannot open {self.path}: {exc}") from None
+            raise
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # drops the flock
 
     async def aclose(self) -> None:
         """Close both connections (each after its statement in progress). Cancellation:
@@ -160,9 +215,12 @@ class SqliteStore(LocalStore):
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
         self.hub.close()  # waiters wake and find the store closed
-        for conn in (writer, reader):
-            if conn is not None:
-                await trio.to_thread.run_sync(conn.close, limiter=self._write_lane)
+        try:
+            for conn in (writer, reader):
+                if conn is not None:
+                    await trio.to_thread.run_sync(conn.close, limiter=self._write_lane)
+        finally:
+            self._release_lock()  # after the connections: the next owner finds them closed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer actor: group commits into transactions until cancelled.
