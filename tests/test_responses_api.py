@@ -160,11 +160,34 @@ async def test_cancel_a_running_response(upstream: FakeUpstream) -> None:
         with trio.fail_after(5):
             while upstream.client_closes == 0:  # the upstream request was closed
                 await trio.sleep(0.02)
-        events_after = await in_thread(lambda: list(client.responses.retrieve(started.id, stream=True)))
-        assert events_after[-1].type == "response.cancelled"  # not in the SDK's union: parsed untyped
-        assert events_after[-1].to_dict()["response"]["status"] == "cancelled"
+        await _check_cancelled_stream_parses(client, started.id)
         again = await in_thread(lambda: client.responses.cancel(started.id))
         assert again.status == "cancelled"  # idempotent
+
+
+async def _check_cancelled_stream_parses(client: openai.OpenAI, response_id: str) -> None:
+    """Both ways the pinned SDK reads a stored response's stream parse every event of a
+    cancelled one as a typed event; the last is ``response.incomplete`` (OpenAI has no
+    ``response.cancelled`` stream event) whose response says ``cancelled``."""
+    from openai.types.responses import ResponseIncompleteEvent, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    known = TypeAdapter(ResponseStreamEvent)
+
+    def read_both() -> tuple[list[Any], list[Any]]:
+        raw = list(client.responses.retrieve(response_id, stream=True))
+        with client.responses.stream(response_id=response_id) as stream:
+            helped = list(stream)
+        return raw, helped
+
+    raw, helped = await in_thread(read_both)
+    for events in (raw, helped):
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        for event in events:  # a typed class of the union, not an untyped stand-in
+            assert isinstance(event, type(known.validate_python(event.to_dict())))
+        assert isinstance(events[-1], ResponseIncompleteEvent)
+        assert events[-1].response.status == "cancelled" and events[-1].response.output_text == "partial "
+    assert [e.type for e in raw] == [e.type for e in helped]
 
 
 async def test_tool_loop_with_a_server_tool(upstream: FakeUpstream) -> None:
