@@ -14,7 +14,7 @@ from backstream import Config
 from backstream.protocol.events import StatusEvent
 from backstream.runtime.stores.sqlite import SqliteStore
 from tests.test_ai_sdk import ai_sdk_server
-from tests.test_ai_sdk_server import chunks_of, resume_frame, response, send_frame, url
+from tests.test_ai_sdk_server import chunks_of, response, resume_frame, send_frame, url
 from tests.test_handover_and_outbox import CAPACITY
 from tests.test_store_conformance import NOW, progress, record, texts
 
@@ -40,7 +40,9 @@ async def test_a_resume_after_a_recovery_is_fenced_by_the_epoch(tmp_path: Path) 
         # A job of alice's chat "t1" that another instance wrote at epoch 1 and left running:
         # this server's keeper recovers it (epoch 2, interrupted after what was durable).
         await store.create_job(record(lease_until=NOW + 15), CAPACITY)
-        await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "one ", "two ")], progress(3))
+        await store.commit(
+            "j_1", [StatusEvent(seq=1, status="running"), *texts(2, "one ", "two ")], progress(3)
+        )
         with trio.fail_after(10):
             while (job := await store.get_job("j_1")) is None or job.epoch != 2 or job.finished_at is None:
                 await trio.sleep(0.05)
