@@ -160,11 +160,34 @@ async def test_cancel_a_running_response(upstream: FakeUpstream) -> None:
         with trio.fail_after(5):
             while upstream.client_closes == 0:  # the upstream request was closed
                 await trio.sleep(0.02)
-        events_after = await in_thread(lambda: list(client.responses.retrieve(started.id, stream=True)))
-        assert events_after[-1].type == "response.cancelled"  # not in the SDK's union: parsed untyped
-        assert events_after[-1].to_dict()["response"]["status"] == "cancelled"
+        await _check_cancelled_stream_parses(client, started.id)
         again = await in_thread(lambda: client.responses.cancel(started.id))
         assert again.status == "cancelled"  # idempotent
+
+
+async def _check_cancelled_stream_parses(client: openai.OpenAI, response_id: str) -> None:
+    """Both ways the pinned SDK reads a stored response's stream parse every event of a
+    cancelled one as a typed event; the last is ``response.incomplete`` (OpenAI has no
+    ``response.cancelled`` stream event) whose response says ``cancelled``."""
+    from openai.types.responses import ResponseIncompleteEvent, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    known = TypeAdapter(ResponseStreamEvent)
+
+    def read_both() -> tuple[list[Any], list[Any]]:
+        raw = list(client.responses.retrieve(response_id, stream=True))
+        with client.responses.stream(response_id=response_id) as stream:
+            helped = list(stream)
+        return raw, helped
+
+    raw, helped = await in_thread(read_both)
+    for seen in (raw, helped):
+        assert [e.sequence_number for e in seen] == list(range(len(seen)))
+        for event in seen:  # a typed class of the union, not an untyped stand-in
+            assert isinstance(event, type(known.validate_python(event.to_dict())))
+        assert isinstance(seen[-1], ResponseIncompleteEvent)
+        assert seen[-1].response.status == "cancelled" and seen[-1].response.output_text == "partial "
+    assert [e.type for e in raw] == [e.type for e in helped]
 
 
 async def test_tool_loop_with_a_server_tool(upstream: FakeUpstream) -> None:
@@ -615,3 +638,38 @@ async def test_rate_limit_idempotency_key_and_cors(upstream: FakeUpstream) -> No
             assert (
                 await http.get("/responses/nope", headers={"Authorization": "Bearer tok-bob"})
             ).status_code == 404
+
+
+async def test_starting_after_past_the_end_of_a_finished_response_is_a_400(upstream: FakeUpstream) -> None:
+    upstream.script(streams(["a", "b"]), stall_after(["partial "]))
+    async with served(upstream) as server:
+        client = server.client()
+        done = await in_thread(lambda: client.responses.create(model="m", input="x"))
+        url = f"/responses/{done.id}?stream=true"
+        auth = {"Authorization": "Bearer tok-alice"}
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            last = len(sse_events((await http.get(url, headers=auth)).text.splitlines())) - 1
+            at_end = await http.get(f"{url}&starting_after={last}", headers=auth)
+            assert at_end.status_code == 200 and sse_events(at_end.text.splitlines()) == []
+            for query, header, param in (
+                (f"&starting_after={last + 1}", {}, "starting_after"),
+                ("&starting_after=999", {}, "starting_after"),
+                ("", {"Last-Event-ID": f"1_{last + 1}"}, "Last-Event-ID"),
+            ):
+                past = await http.get(url + query, headers={**auth, **header})
+                assert past.status_code == 400, (query, header)
+                error = past.json()["error"]
+                assert error["code"] == "bad_request" and error["param"] == param
+                assert error["type"] == "invalid_request_error" and str(last) in error["message"]
+            stale = await http.get(url, headers={**auth, "Last-Event-ID": f"2_{last + 5}"})
+            assert stale.status_code == 410  # another epoch is gone, wherever it points
+            # A running response with a cursor ahead of what exists waits for it.
+            running = await in_thread(lambda: client.responses.create(model="m", input="y", background=True))
+            ahead = f"/responses/{running.id}?stream=true&starting_after=50"
+            async with http.stream("GET", ahead, headers=auth) as waiting:
+                assert waiting.status_code == 200
+                with trio.move_on_after(0.3) as quiet:
+                    async for line in waiting.aiter_lines():
+                        assert line.startswith(":") or not line  # keep-alive at most
+                assert quiet.cancelled_caught
+            await in_thread(lambda: client.responses.cancel(running.id))

@@ -95,7 +95,7 @@ def test_a_gap_in_the_log_is_refused() -> None:
 @pytest.mark.parametrize(
     ("status", "expected", "event"),
     [
-        (StatusEvent(8, "aborted"), "cancelled", "response.cancelled"),
+        (StatusEvent(8, "aborted"), "cancelled", "response.incomplete"),
         (StatusEvent(8, "interrupted"), "incomplete", "response.incomplete"),
         (
             StatusEvent(8, "failed", error=ErrorInfo("upstream_timeout", "no byte")),

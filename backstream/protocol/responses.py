@@ -293,11 +293,13 @@ class ResponsesTranslator:
                 "reason": _incomplete_reason(entry.status, entry.finish_reason)
             }
         self.finished = True
+        # OpenAI streams no ``response.cancelled`` (a webhook event only): a cancelled
+        # response ends with ``response.incomplete``, its status saying ``cancelled``.
         kind = {
             "completed": "response.completed",
             "failed": "response.failed",
             "incomplete": "response.incomplete",
-            "cancelled": "response.cancelled",
+            "cancelled": "response.incomplete",
         }[status]
         out.append(self._event(kind, response=self.snapshot()))
         return out

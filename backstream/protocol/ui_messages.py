@@ -53,6 +53,8 @@ class ResumeRequest:
     chat_id: str
     last_sequence: int | None
     body: dict[str, Any]
+    epoch: int | None = None
+    """The epoch of the log ``last_sequence`` was counted in (the ``start`` frame's)."""
 
 
 @attrs.frozen
@@ -90,7 +92,10 @@ def decode_request(data: str | bytes) -> Request:
             raise ProtocolError(
                 "bad_request", "resume: lastSequence must be a non-negative integer", request_id
             )
-        return ResumeRequest(request_id, chat_id, last, body)
+        epoch = obj.get("epoch")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
+            raise ProtocolError("bad_request", "resume: epoch must be a positive integer", request_id)
+        return ResumeRequest(request_id, chat_id, last, body, epoch)
     trigger = obj.get("trigger")
     if trigger not in ("submit-message", "regenerate-message"):
         raise ProtocolError(

@@ -19,7 +19,8 @@ text frames instead: adjacent deltas of one part merge while a frame is not
 due, and each request sends at most one delta frame per ``coalesce_ms``. Its
 sequences count the frames it sent, so they depend on timing: such a
 connection answers a ``resume`` with ``lastSequence`` by an ``error`` (the AI
-SDK's transport never sends one: it replays from ``start``).
+SDK's transport never sends one: it replays from ``start``). A ``lastSequence`` is fenced
+by the log's epoch (sent in ``start``), as ``job.watch``'s cursor is.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.protocol.codec import ProtocolError
-from backstream.protocol.errors import BackstreamError, ConflictError
+from backstream.protocol.errors import BackstreamError, ConflictError, GoneError
 from backstream.protocol.events import AWAITING_APPROVAL
-from backstream.protocol.offsets import StreamOffset
+from backstream.protocol.offsets import NO_OFFSET, StreamOffset
 from backstream.protocol.projections import UIChunkProjection
 from backstream.protocol.ui_chunks import DELTA_FIELDS, DeltaCoalescer, UIChunk, parse_approval_id
 from backstream.protocol.ui_messages import (
@@ -251,8 +252,11 @@ class AiSdkConnection:
                 "the whole message",
             )
         active.job_id = jobs[0].job_id
-        skip = -1 if request.last_sequence is None else request.last_sequence
-        await self._stream(request.request_id, active.job_id, after=skip)
+        if request.last_sequence is None:
+            await self._stream(request.request_id, active.job_id)
+            return
+        offset = StreamOffset(request.last_sequence, request.epoch)
+        await self._stream(request.request_id, active.job_id, after=offset)
 
     async def _send_messages(self, request: SendRequest, active: _Active) -> None:
         answers = approval_answers(request.messages)
@@ -314,18 +318,23 @@ class AiSdkConnection:
         return any(call.call_id == call_id and call.approved is not None for call in info.tool_calls)
 
     async def _stream(
-        self, request_id: str, job_id: str, *, after: int = -1, from_call: str | None = None
+        self, request_id: str, job_id: str, *, after: StreamOffset = NO_OFFSET, from_call: str | None = None
     ) -> None:
-        """Send the job's chunks as ``chunk`` frames, then ``end``.
+        """Send ``start`` (with the log's ``epoch``), the job's chunks as ``chunk`` frames,
+        then ``end``.
 
-        ``after``: the last sequence the client has (a full replay numbers from 0).
-        ``from_call``: continue from the decision on that call, numbering from 0 there.
-        Stops at a wait for approval, so that the UI can ask the person.
+        ``after``: the last sequence the client has and its epoch (a full replay numbers
+        from 0); see ``_check_epoch``. ``from_call``: continue from the decision on that
+        call, numbering from 0 there. Stops at a wait for approval, so that the UI can ask
+        the person.
         """
-        await self._send(encode_frame("start", request_id))
         frame_chars = self._session.frame_chars
         out = _ChunkFrames(
-            self._send, request_id, next_sequence=after + 1, interval=self._coalesce_s, max_chars=frame_chars
+            self._send,
+            request_id,
+            next_sequence=after.seq + 1,
+            interval=self._coalesce_s,
+            max_chars=frame_chars,
         )
         projection = UIChunkProjection(job_id, from_call=from_call)
         async with open_replay(
@@ -333,9 +342,11 @@ class AiSdkConnection:
             job_id,
             projection,
             user=self.user,
-            offset=StreamOffset(after),
+            offset=after,
             max_batch_chars=frame_chars,
         ) as replay:
+            _check_epoch(after, replay.epoch)
+            await self._send(encode_frame("start", request_id, epoch=replay.epoch))
             while True:
                 # A held delta goes out when due even if the log is quiet: only the wait for
                 # a batch is cancelled, which loses nothing.
@@ -371,6 +382,18 @@ class AiSdkConnection:
 
         Cancellation: the frame may be cut; the session ends."""
         await self._session.send(text)
+
+
+def _check_epoch(after: StreamOffset, log_epoch: int) -> None:
+    """Raise ``GoneError`` for a ``lastSequence`` without its epoch on a job recovered since
+    (epoch above 1): it may have been counted in the log before the recovery, whose tail is
+    not this one. (One with another epoch than the log's is refused by ``open_replay``.)"""
+    if after.seq >= 0 and after.epoch is None and log_epoch > 1:
+        raise GoneError(
+            f"resume: the job's log is at epoch {log_epoch} (it was recovered), so lastSequence "
+            "needs the epoch it was counted in; resume with epoch, or without lastSequence to "
+            "replay the whole message"
+        )
 
 
 class _ChunkFrames:

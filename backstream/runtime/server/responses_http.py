@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import trio
 
 from backstream.protocol.errors import BackstreamError, BadRequestError, ConflictError, UnauthorizedError
+from backstream.protocol.events import LogEvent
 from backstream.protocol.ids import new_id
 from backstream.protocol.offsets import NO_OFFSET, StreamOffset, parse_offset
 from backstream.protocol.projections import ResponsesProjection
@@ -111,7 +112,8 @@ class ResponsesApi:
         if (request.query("stream") or "").lower() != "true":
             await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
             return
-        await self._stream(request, job_id, offset=_resume_point(request))
+        offset, name = _resume_point(request)
+        await self._stream(request, job_id, offset=offset, cursor_name=name)
 
     async def _cancel(self, request: Request, match: re.Match[str]) -> None:
         job_id = match["id"]
@@ -144,18 +146,25 @@ class ResponsesApi:
 
     # -- streaming ----------------------------------------------------------------------------
 
-    async def _stream(self, request: Request, job_id: str, *, offset: StreamOffset) -> None:
-        """Server-sent events numbered from 0; only those after ``offset`` are sent."""
+    async def _stream(
+        self, request: Request, job_id: str, *, offset: StreamOffset, cursor_name: str = "starting_after"
+    ) -> None:
+        """Server-sent events numbered from 0; only those after ``offset`` (sent as
+        ``cursor_name``) are sent."""
         user = request.user
         with self._app.stream_slot(user):
-            await self._stream_events(request, job_id, offset)
+            await self._stream_events(request, job_id, offset, cursor_name)
 
-    async def _stream_events(self, request: Request, job_id: str, offset: StreamOffset) -> None:
+    async def _stream_events(
+        self, request: Request, job_id: str, offset: StreamOffset, cursor_name: str
+    ) -> None:
         # The record says what the response object echoes (model, params, annotations).
-        record, _ = await self._runtime.job_log(job_id, user=request.user)
+        record, entries = await self._runtime.job_log(job_id, user=request.user)
         projection = ResponsesProjection(_source(record))
-        # Opened before the headers: a missing job or a stale epoch is an HTTP status.
+        # Opened before the headers: a missing job, a stale epoch or a cursor past the end
+        # of a finished response is an HTTP status.
         async with open_replay(self._runtime, job_id, projection, user=request.user, offset=offset) as replay:
+            _check_within_finished(record, entries, offset, cursor_name)
             headers = [
                 (b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"),
@@ -241,6 +250,24 @@ def _error_event(exc: BackstreamError, projection: ResponsesProjection) -> dict[
     return {"type": "error", "sequence_number": projection.next_sequence_number, **fields}
 
 
+def _check_within_finished(
+    record: JobRecord, entries: Sequence[LogEvent], offset: StreamOffset, cursor_name: str
+) -> None:
+    """Raise ``BadRequestError`` (400) for a cursor beyond the last event of a finished
+    response, as ``/v1`` answers a cursor beyond a finished job's end; a running response's
+    stream waits for events ahead of what exists."""
+    if offset.seq < 0:
+        return
+    translator = ResponsesTranslator(_source(record))
+    translator.start()
+    translator.feed_all(entries)
+    last = translator.next_sequence_number - 1
+    if translator.finished and offset.seq > last:
+        raise BadRequestError(
+            f"{cursor_name} {offset.seq} is beyond the response's last event {last}", param=cursor_name
+        )
+
+
 def _source(record: JobRecord) -> ResponseSource:
     return ResponseSource(
         response_id=record.job_id,
@@ -265,14 +292,14 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
-def _resume_point(request: Request) -> StreamOffset:
-    """Where the client is: ``Last-Event-ID`` (an EventSource reconnecting) over
-    ``starting_after``; either an offset ``"<epoch>_<seq>"`` or a bare sequence number (as
-    OpenAI's SDK sends ``starting_after``)."""
+def _resume_point(request: Request) -> tuple[StreamOffset, str]:
+    """Where the client is, and the name it was sent as: ``Last-Event-ID`` (an EventSource
+    reconnecting) over ``starting_after``; either an offset ``"<epoch>_<seq>"`` or a bare
+    sequence number (as OpenAI's SDK sends ``starting_after``)."""
     last_event_id = request.header("last-event-id")
     if last_event_id:
-        return parse_offset(last_event_id, name="Last-Event-ID")
-    return parse_offset(request.query("starting_after"), name="starting_after")
+        return parse_offset(last_event_id, name="Last-Event-ID"), "Last-Event-ID"
+    return parse_offset(request.query("starting_after"), name="starting_after"), "starting_after"
 
 
 def _unix(stamp: str) -> int:
