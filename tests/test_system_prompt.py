@@ -11,6 +11,7 @@ import pytest
 
 from backstream import Config, open_runtime
 from backstream.runtime.server.settings import add_serve_arguments, load_settings, runtime_config
+from tests.test_responses_api import in_thread, served
 from tests.upstream_server import FakeUpstream
 
 USER = [{"role": "user", "content": "hi"}]
@@ -104,3 +105,15 @@ def test_a_bad_entry_is_a_one_line_error_naming_the_flag(entry: str) -> None:
     message = str(raised.value)
     assert message.startswith("--system-prompt: ") and "is not PATTERN=TEXT" in message
     assert "\n" not in message
+
+
+async def test_the_responses_apis_instructions_win_over_the_operators_prompt(upstream: FakeUpstream) -> None:
+    async with served(upstream, system_prompt=(("*", "Operator's."),)) as server:
+        client = server.client()
+        await in_thread(lambda: client.responses.create(model="m/x", input="hi", instructions="Mine."))
+        await in_thread(lambda: client.responses.create(model="m/x", input="hi"))
+    assert [r["messages"][0] for r in upstream.requests] == [
+        {"role": "system", "content": "Mine."},
+        {"role": "system", "content": "Operator's."},
+    ]
+    assert [len([m for m in r["messages"] if m["role"] == "system"]) for r in upstream.requests] == [1, 1]
