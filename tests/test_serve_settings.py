@@ -31,6 +31,8 @@ def _sample(field: attrs.Attribute) -> tuple[str, object]:  # type: ignore[type-
     default = field.default
     if field.name == "upstream_headers":
         return "X-Title: backstream", {"X-Title": "backstream"}
+    if field.name == "system_prompts":
+        return "openai/*=Be brief.", {"openai/*": "Be brief."}
     if field.name == "allowed_models":
         return "openai/*", ("openai/*",)
     if field.name in ("upstream_url", "upstream_api_key"):

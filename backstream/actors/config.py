@@ -24,6 +24,14 @@ def _non_negative(_instance: Any, attribute: attrs.Attribute[Any], value: float)
         raise ValueError(f"Config.{attribute.name} must not be negative, not {value!r}")
 
 
+def _prompt_patterns(_instance: Any, attribute: attrs.Attribute[Any], value: dict[str, str]) -> None:
+    for pattern, text in value.items():
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ValueError(f"Config.{attribute.name} needs a model pattern before each prompt")
+        if not isinstance(text, str):
+            raise ValueError(f"Config.{attribute.name} must map patterns to text, not {text!r}")
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Settings of a runtime. Times are in seconds unless the name says ``_ms``."""
@@ -102,6 +110,12 @@ class Config:
     max_output_tokens: int | None = attrs.field(default=None, validator=_positive_or_none)
     """A cap on every upstream request: ``max_tokens``/``max_completion_tokens`` are clamped
     to it, and ``max_tokens`` is set to it when a request names neither."""
+
+    # The operator's default system prompt.
+    system_prompts: dict[str, str] = attrs.field(factory=dict, converter=dict, validator=_prompt_patterns)
+    """Glob pattern of a model to a system prompt, added as the first message of a job whose
+    messages hold no ``system`` or ``developer`` message; patterns are tried in order, the
+    first match wins."""
 
     # Server-side tools.
     max_turns: int = attrs.field(default=8, validator=_positive)

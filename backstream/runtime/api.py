@@ -133,6 +133,8 @@ class Runtime:
 
         ``annotations`` are kept with the job's request and given back as they were (JSON
         values; the caller bounds their size); the model never sees them.
+        Messages with no ``system`` or ``developer`` message get the operator's system prompt
+        for ``model`` first (``Config.system_prompts``), in the request the job keeps.
 
         Raises ``BadRequestError`` for a bad request, ``CapacityError`` at a limit
         (with ``retry_after_ms``), ``UnavailableError`` while shutting down.
@@ -146,7 +148,8 @@ class Runtime:
         checked_params = check_params(params, builtin=self._router.is_local(model))
         request = JobRequest(
             model=model,
-            messages=check_messages(messages),
+            # Stored with the job, so a continuation and the job's log see the same conversation.
+            messages=self._router.with_system_prompt(model, check_messages(messages)),
             params=checked_params,
             tools=self._check_tools(tools),
             annotations=dict(annotations or {}),

@@ -3,7 +3,8 @@
 Three kinds of model, in this order of precedence: the ones a program embeds (given to
 ``open_runtime``), the built-ins (``backstream/...``, offline), and the upstream (any
 other name, when one is configured). ``config.allowed_models`` narrows what may be
-named: glob patterns, ``!pattern`` to exclude.
+named: glob patterns, ``!pattern`` to exclude. ``config.system_prompts`` gives a model the
+operator's system prompt when a request brings none.
 
 Built once per runtime, before the registry and the runtime; ``Runtime.start_job``
 resolves each start's model here once, and hands the ``Model`` to the registry with
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
+from typing import Any
 
 from backstream.actors.config import Config
 from backstream.actors.ports import Model
@@ -61,6 +63,27 @@ class ModelRouter:
         if not allowing and self.upstream is not None:
             allowing = ["*"]
         return fixed + allowing
+
+    def system_prompt(self, model: str) -> str | None:
+        """The operator's system prompt for ``model``: the text of the first pattern of
+        ``config.system_prompts`` that matches it, or None."""
+        for pattern, text in self._config.system_prompts.items():
+            if fnmatch.fnmatchcase(model, pattern):
+                return text
+        return None
+
+    def with_system_prompt(
+        self, model: str, messages: tuple[dict[str, Any], ...]
+    ) -> tuple[dict[str, Any], ...]:
+        """``messages`` with the operator's system prompt for ``model`` first, unless they hold
+        a ``system`` or ``developer`` message of their own (the request's wins) or no pattern
+        matches (then ``messages`` as they are)."""
+        if any(message.get("role") in ("system", "developer") for message in messages):
+            return messages
+        text = self.system_prompt(model)
+        if text is None:
+            return messages
+        return ({"role": "system", "content": text}, *messages)
 
     def resolve(self, request: JobRequest) -> Model:
         """The model that serves ``request``: an embedded one, a built-in, or the upstream.

@@ -99,6 +99,14 @@ def _header(text: str) -> tuple[str, str]:
     raise ValueError(f"{text!r} is not NAME: VALUE")
 
 
+def _system_prompt(text: str) -> tuple[str, str]:
+    """``PATTERN=TEXT``: split at the first ``=``, so the text may hold more."""
+    pattern, found, prompt = text.partition("=")
+    if not found or not pattern.strip():
+        raise ValueError(f"{text!r} is not PATTERN=TEXT (a model pattern, =, the system prompt)")
+    return pattern.strip(), prompt
+
+
 _SERVER_OPTIONS: tuple[Option, ...] = (
     Option("host", str, "127.0.0.1", "interface to listen on"),
     Option("port", int, 8765, "WebSocket port (paths /v1 and /v1/ai-sdk)"),
@@ -191,6 +199,8 @@ _CONFIG_RENAMES: dict[str, dict[str, Any]] = {
     "allowed_models": {"name": "allow_model", "env": "BACKSTREAM_ALLOW_MODELS"},
     "upstream_headers": {"name": "upstream_header", "env": "BACKSTREAM_UPSTREAM_HEADERS"},
     "upstream_api_key": {"flag": False},
+    # Each prompt is PATTERN=TEXT; the variable splits on commas, so its texts can hold none.
+    "system_prompts": {"name": "system_prompt", "env": "BACKSTREAM_SYSTEM_PROMPTS", "kind": _system_prompt},
 }
 
 
@@ -232,12 +242,12 @@ def _config_options() -> tuple[Option, ...]:
         kind, repeatable = _kind_of(hints[field.name])
         default: Any = field.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = ()  # a dict of headers: none
+            default = ()  # a dict of pairs: none
         rename = _CONFIG_RENAMES.get(field.name, {})
         options.append(
             Option(
                 rename.get("name", field.name),
-                kind,
+                rename.get("kind", kind),
                 default,
                 docs.get(field.name, ""),
                 repeatable=repeatable,
@@ -281,7 +291,7 @@ def runtime_config(settings: ServeSettings) -> Config:
         if option.config_field is None:
             continue
         value = settings.values[option.name]
-        if option.kind is _header:
+        if option.kind in (_header, _system_prompt):
             value = dict(value)
         fields[option.config_field] = value
     try:
@@ -326,6 +336,8 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
             value = option.kind(raw)
         elif option.kind is _header and isinstance(raw, str):
             value = _header(raw)
+        elif option.kind is _system_prompt and isinstance(raw, str):
+            value = _system_prompt(raw)
         elif option.kind is boolean and isinstance(raw, bool | str):
             value = raw if isinstance(raw, bool) else boolean(raw)
         elif option.kind is gc_thresholds and isinstance(raw, str):
@@ -346,6 +358,11 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
 def _from_file(option: Option, raw: Any, source: str) -> Any:
     if not option.repeatable:
         return _convert(option, raw, source)
+    if option.kind is _system_prompt and isinstance(raw, dict):
+        not_text = [k for k, v in raw.items() if not isinstance(v, str)]
+        if not_text:
+            raise ValueError(f"{source}: the prompt of {not_text[0]!r} is not text")
+        return tuple(_convert(option, f"{k}={v}", source) for k, v in raw.items())
     if option.kind is _header and isinstance(raw, dict):
         return tuple((str(k), str(v)) for k, v in raw.items())
     items = raw if isinstance(raw, list) else [raw]
