@@ -45,6 +45,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from backstream.actors.ports import OUTBOX_CLAIM_S
 from backstream.client import Client, open_client
 from backstream.protocol.errors import (
     BackstreamError,
@@ -65,7 +66,15 @@ PAUSE_PAST_LEASE = "redis_pause_past_lease"
 """Off unless asked for: a Redis pause longer than the lease lets another instance recover
 a job whose instance is alive, and nothing fences the old owner's later writes (it appends
 after the recovery's terminal status). ``--pause-past-lease`` turns it on."""
-END_TYPES = {"completed": "ai.message.received", "failed": "system.warning", "interrupted": "system.warning"}
+END_TYPES = {
+    "completed": "ai.message.received",
+    "failed": "system.warning",
+    "interrupted": "system.warning",
+    "aborted": "system.warning",
+}
+# A job's end notification is carried out of the outbox by its owner's dispatcher; when the
+# owner was killed right after the end, by another instance once the owner's claim lapses.
+NOTIFICATION_PATIENCE_S = OUTBOX_CLAIM_S + 15.0
 
 
 @attrs.frozen
@@ -446,7 +455,7 @@ class Soak:
                     final[job.job_id] = status
                     job.final = job.final or status
                     statuses[status] += 1
-                listed = await self.retrying(lambda: client.notifications_list(limit=200))
+                listed = await self.settled_notifications(client, jobs, final)
                 self.check_notifications(listed, jobs, final)
         for watcher, stuck in self.stuck.items():
             job = self.jobs[stuck["job_id"]]
@@ -482,6 +491,25 @@ class Soak:
         job.final = f"{summary.status} epoch {summary.epoch}"
         self.history.check_final(job.job_id, summary.epoch, summary.status, info.content or "", summary.seq)
         return info.job.status
+
+    async def settled_notifications(self, client: Client, jobs: list[SoakJob], final: dict[str, str]) -> Any:
+        """The user's notifications once every unwatched end has its own, or once
+        ``NOTIFICATION_PATIENCE_S`` has passed (an end whose instance was killed is notified
+        by another instance, after the dead one's claim on it lapsed)."""
+        deadline = time.monotonic() + NOTIFICATION_PATIENCE_S
+        while True:
+            listed = await self.retrying(lambda: client.notifications_list(limit=200))
+            if listed is None or time.monotonic() > deadline:
+                return listed
+            seen = {(n.job_id, n.type) for n in listed.notifications}
+            expected = {
+                (job.job_id, END_TYPES[final[job.job_id]])
+                for job in jobs
+                if job.kind == "unwatched" and final.get(job.job_id) in END_TYPES
+            }
+            if expected <= seen:
+                return listed
+            await trio.sleep(1.0)
 
     def check_notifications(self, result: Any, jobs: list[SoakJob], final: dict[str, str]) -> None:
         if result is None:
