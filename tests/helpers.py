@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import trio
+
 from backstream import Batch, Runtime, Store
 from backstream.actors.watcher import StoredSource, Watcher
 from backstream.protocol.events import StatusEvent
@@ -45,3 +47,17 @@ def store_reader(store: Store, job_id: str, *, batch_seconds: float = 0.0) -> Wa
         max_batch_events=1024,
         max_batch_chars=1 << 20,
     )
+
+
+async def run_one_after_another(rt: Runtime, message_ids: list[str], *, model: str = "any/model") -> None:
+    """Alice's jobs, each started once the one before has ended, nobody watching."""
+    for message_id in message_ids:
+        await rt.start_job(
+            user="alice",
+            thread_id="t",
+            message_id=message_id,
+            model=model,
+            messages=[{"role": "user", "content": "go"}],
+        )
+        with trio.fail_after(5):
+            await rt.wait_idle()

@@ -11,6 +11,7 @@ import trio
 from backstream import Config, open_runtime
 from backstream.runtime.server.metrics import metrics_text
 from backstream.runtime.tools.registry import ToolRegistry, tool
+from tests.helpers import run_one_after_another
 from tests.upstream_server import FakeUpstream, streams
 from tests.ws_helpers import raw_client, served
 
@@ -76,16 +77,7 @@ async def test_outbox_and_upstream_connections_after_jobs_end(upstream: FakeUpst
     with its notification, and the second request went over the first one's connection."""
     upstream.script(streams(["one"]), streams(["two"]))
     async with open_runtime(Config(upstream_url=upstream.url, drain_timeout=0)) as rt:
-        for message_id in ("m1", "m2"):
-            await rt.start_job(
-                user="alice",
-                thread_id="t",
-                message_id=message_id,
-                model="any/model",
-                messages=[{"role": "user", "content": "go"}],
-            )
-            with trio.fail_after(5):
-                await rt.wait_idle()
+        await run_one_after_another(rt, ["m1", "m2"])
         with trio.fail_after(5):
             while rt.statistics().dispatcher.carried_out_total < 2:
                 await trio.sleep(0.01)

@@ -8,10 +8,9 @@ reused; the pool's statistics tell whether it was.
 
 from __future__ import annotations
 
-import trio
-
 from backstream import Config, open_runtime
 from backstream.runtime.models.http1 import HTTP1Pool, PoolStatistics
+from tests.helpers import run_one_after_another
 from tests.upstream_server import FakeUpstream, streams
 
 
@@ -78,16 +77,7 @@ async def test_a_body_that_ends_after_done_is_read_to_its_end_and_its_connection
     later read, so the next turn goes over the same connection."""
     upstream.script(streams(["one"], end_after=0.05), streams(["two"], end_after=0.05))
     async with open_runtime(Config(upstream_url=upstream.url, drain_timeout=0)) as rt:
-        for message_id in ("m1", "m2"):
-            await rt.start_job(
-                user="alice",
-                thread_id="t",
-                message_id=message_id,
-                model="any/model",
-                messages=[{"role": "user", "content": "go"}],
-            )
-            with trio.fail_after(5):
-                await rt.wait_idle()
+        await run_one_after_another(rt, ["m1", "m2"])
         pool = rt.statistics().upstream_pool
         info = await rt.get_job((await rt.list_jobs(user="alice"))[0].job_id, user="alice", include_content=True)
     assert info.job.status == "completed" and info.content == "two"
