@@ -22,21 +22,10 @@ from backstream.protocol.projections import (
 from backstream.protocol.responses import ResponseSource
 from backstream.runtime.server.replay import open_replay
 from tests.helpers import check_contiguous, joined_text
+from tests.test_watch import lorem
 
 MSG = [{"role": "user", "content": "x"}]
 ItemT = TypeVar("ItemT")
-
-
-async def lorem(rt: backstream.Runtime, message_id: str = "m", **params: object) -> str:
-    started = await rt.start_job(
-        user="alice",
-        thread_id="t",
-        message_id=message_id,
-        model="backstream/lorem",
-        messages=MSG,
-        params=params,
-    )
-    return started.job_id
 
 
 async def drain(
