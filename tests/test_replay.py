@@ -24,7 +24,6 @@ from backstream.runtime.server.replay import open_replay
 from tests.helpers import check_contiguous, joined_text
 from tests.test_watch import lorem
 
-MSG = [{"role": "user", "content": "x"}]
 ItemT = TypeVar("ItemT")
 
 
