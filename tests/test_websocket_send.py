@@ -40,6 +40,30 @@ async def served(handler: Handler) -> AsyncIterator[str]:
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def silent_client(url: str) -> AsyncIterator[trio.SocketStream]:
+    """A WebSocket client that completes the handshake, then reads nothing, with a small
+    receive buffer fixed before it connects (the kernel would otherwise grow it to tens of
+    MB on loopback and take a big frame whole)."""
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some(1)  # the handshake's answer, not a byte more
+    assert head.startswith(b"HTTP/1.1 101")
+    try:
+        yield stream
+    finally:
+        await stream.aclose()
+
+
 def frame(i: int) -> str:
     # Sizes from a few bytes to 400 KB: most fit in the buffer, some cannot.
     return f"{i:05d}:" + "x" * (i * 7919 % 400_000 if i % 5 == 0 else i % 97)
@@ -85,7 +109,7 @@ async def test_a_frame_the_socket_cannot_take_waits_for_its_deadline(
         outcomes.append(4.99 < trio.current_time() - t0 < 6)
         done.set()
 
-    async with served(handler) as url, open_websocket_url(url, max_message_size=2**24):
+    async with served(handler) as url, silent_client(url):
         await done.wait()  # the client reads nothing
     assert outcomes == [False, True]
 
