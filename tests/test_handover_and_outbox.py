@@ -44,7 +44,7 @@ async def peer_of(store: Store) -> AsyncIterator[Store]:
     await peer.open()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(peer.run)  # e.g. SQLite's writer
+            await nursery.start(peer.run)  # its subscriber
             yield peer
             nursery.cancel_scope.cancel()
     finally:
