@@ -36,16 +36,17 @@ that leaves nothing a reader would misreport (``redis_steps``):
   (2) leaves a running entry without a record: the keeper's ``take_orphans`` drops it
   once its lease lapses.
 - terminal commit: (1) job slot: entries, status and the outbox entry (one atomic
-  step: the end and its effect are never apart; the log's stored bytes are summed on the
-  record as each batch lands); (2) user slot: the user's running entry removed, then
-  the job's charge set to its request and its log (only while it holds one: a charge
-  the sweep released is never made again); (3) instance set: the outbox entry indexed (claimed by the writer),
-  the expiry entry added, the running entry removed, and the commit announced on the
-  job's channel (a watcher woken by it finds the slots freed too); last, so the running set
-  still lists a job whose terminal commit stopped after (1) or (2). The writer's next
-  commit of the job (a retry) or, once the old lease lapsed, the keeper's
-  ``take_orphans`` runs (2) and (3) again from the record: removals are idempotent,
-  and (3) writes the outbox entry only while the job is still in the running set.
+  step: the end and its effect are never apart; the log's stored bytes are summed on
+  the record as each batch lands); (2) user slot: the user's running entry removed,
+  then the job's charge set to its request and its log (only while it holds one: a
+  charge the sweep released is never made again); (3) instance set: the outbox entry
+  indexed (claimed by the writer), the expiry entry added, the running entry removed,
+  and the commit announced on the job's channel (a watcher woken by it finds the slots
+  freed too); last, so the running set still lists a job whose terminal commit stopped
+  after (1) or (2). The writer's next commit of the job (a retry) or, once the old
+  lease lapsed, the keeper's ``take_orphans`` runs (2) and (3) again from the record:
+  removals are idempotent, the charge is set (not added), and (3) writes the outbox
+  entry only while the job is still in the running set.
 - the sweep: per expired job, the user slot first (the idempotency key, the indexes,
   then the job's charge released: it holds none afterwards, so nothing is released
   twice), then the job's keys, then its expiry entry.
