@@ -51,6 +51,7 @@ def test_each_error_type_carries_its_http_status() -> None:
         errors.TooLargeError: 413,
         errors.RateLimitedError: 429,
         errors.CapacityError: 429,
+        errors.QuotaExceededError: 429,
         errors.UnavailableError: 503,
         errors.InternalError: 500,
         errors.BackstreamError: 500,
@@ -58,4 +59,5 @@ def test_each_error_type_carries_its_http_status() -> None:
     for cls, status in statuses.items():
         assert cls.http_status == status, cls
     assert errors.error_for_code("gone", "x").http_status == 410
+    assert isinstance(errors.error_for_code("quota_exceeded", "x"), errors.QuotaExceededError)
     assert errors.error_for_code("no_such_code", "x").http_status == 500

@@ -21,7 +21,7 @@ import pytest
 from backstream import CapacityError
 from backstream.protocol.events import StatusEvent
 from backstream.protocol.records import NotificationRecord, SharedCapacity
-from backstream.runtime.stores import redis_scripts
+from backstream.runtime.stores import redis_quota, redis_scripts
 from backstream.runtime.stores.redis import RedisStore
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.test_store_conformance import NOW, progress, record, texts
@@ -107,6 +107,9 @@ async def _workload(url: str, prefix: str) -> None:
         assert [e.job_id for e in await a.claim_outbox("i_a", NOW + 5, NOW + 35, 10)] == ["j_a"]
         [handover] = await b.take_orphans("i_b", NOW + 20, NOW + 35)  # j_b's lease lapsed
         assert handover.record.job_id == "j_b" and handover.record.owner == "i_b"
+        assert await a.stored_bytes("alice") > 0  # charged at create, settled at the end
+        assert await a.delete_expired(NOW + 200) == ["j_a"]  # and released by the sweep
+        assert await a.stored_bytes("alice") == 0
 
 
 async def test_each_script_call_touches_one_slot_and_entities_spread(
@@ -127,6 +130,7 @@ async def test_each_script_call_touches_one_slot_and_entities_spread(
         for sha, keys in ours:
             assert len(await slots_of(keys)) == 1, (sha, keys)
         bodies = [getattr(redis_scripts, name) for name in redis_scripts.__all__]
+        bodies += redis_quota.SCRIPTS.values()
         assert {hashlib.sha1(body.encode()).hexdigest() for body in bodies} <= {sha for sha, _ in ours}
 
         # Two jobs of two users: four slots, and the instance set's a fifth.
@@ -134,7 +138,16 @@ async def test_each_script_call_touches_one_slot_and_entities_spread(
         k = store.keys
         job_a = await slots_of([k.job("j_a"), k.log("j_a"), k.watching("j_a"), k.notified("j_a", "x")])
         job_b = await slots_of([k.job("j_b"), k.log("j_b")])
-        alice = await slots_of([k.msg("alice", "m"), k.user_running("alice"), *k.inbox("alice")])
+        alice = await slots_of(
+            [
+                k.msg("alice", "m"),
+                k.user_running("alice"),
+                *k.inbox("alice"),
+                k.stored_bytes("alice"),
+                k.stored_charges("alice"),
+                k.stored_lapse("alice"),
+            ]
+        )
         bob = await slots_of([k.msg("bob", "m"), k.user_running("bob")])
         instance = await slots_of([k.running(), k.expiry(), k.outbox(), k.outbox_due()])
         groups = [job_a, job_b, alice, bob, instance]

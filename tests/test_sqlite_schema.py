@@ -11,7 +11,15 @@ import attrs
 import trio
 
 from backstream.protocol.events import LIVE_STATUSES, TERMINAL_STATUSES, ErrorInfo, StatusEvent, TextEvent
-from backstream.protocol.records import JobProgress, JobRecord, JobRequest, events_to_json, record_to_dict
+from backstream.protocol.records import (
+    JobProgress,
+    JobRecord,
+    JobRequest,
+    events_to_json,
+    log_bytes,
+    record_to_dict,
+    request_bytes,
+)
 from backstream.runtime.stores.sqlite import SqliteStore
 from backstream.runtime.stores.sqlite_schema import MIGRATIONS, migrate
 
@@ -90,6 +98,15 @@ async def test_version_2_files_migrate_with_their_jobs(tmp_path: Path) -> None:
         assert {r.job_id for r in await store.list_jobs("zoë")} == {"j_run", "j_done"}
         await store.commit("j_run", [TextEvent(seq=3, text="!")], JobProgress("running", 3, 3, 12.0))
         assert [e.seq for e in await store.read("j_run", 0, 10)] == [1, 2, 3]
+        # Jobs of older files count nothing against the quota until their end charges them.
+        assert await store.stored_bytes("zoë") == 0
+        assert await store.delete_expired(100.0) == ["j_done"]  # released nothing: never below 0
+        assert await store.stored_bytes("zoë") == 0
+        end = [StatusEvent(seq=4, status="completed")]
+        await store.commit("j_run", end, JobProgress("completed", 4, 3, 13.0, finished_at=13.0, expires_at=200.0))
+        assert await store.stored_bytes("zoë") > request_bytes(base.request) + log_bytes(end)
+        assert await store.delete_expired(200.0) == ["j_run"]
+        assert await store.stored_bytes("zoë") == 0
         nursery.cancel_scope.cancel()
     await store.aclose()
     with sqlite3.connect(tmp_path / "old.db") as conn:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import attrs
 import cattrs
 import pytest
@@ -9,10 +11,18 @@ import trio
 
 from backstream import Config, Store, open_runtime
 from backstream.actors.clock import WallClock
-from backstream.actors.ports import Capability
+from backstream.actors.ports import Capability, JobEndedElsewhereError
 from backstream.actors.recovery import InterruptOrphans
+from backstream.protocol.errors import QuotaExceededError
 from backstream.protocol.events import StatusEvent, TextEvent
-from backstream.protocol.records import JobProgress, JobRecord, JobRequest
+from backstream.protocol.records import (
+    JobProgress,
+    JobRecord,
+    JobRequest,
+    SharedCapacity,
+    log_bytes,
+    request_bytes,
+)
 from tests.helpers import check_contiguous, collect, joined_text, store_reader, terminal
 
 NOW = 1_800_000_000.0
@@ -220,6 +230,83 @@ async def test_shared_capacity_at_create(store: Store) -> None:
     )  # frees its slot
     assert await create("d", "carol")
     assert await create("e", "dave", now=NOW + 16)  # expired leases (dead instances) do not count
+
+
+# -- the quota of stored bytes --------------------------------------------------------
+
+
+def roomy(now: float = NOW) -> SharedCapacity:
+    return SharedCapacity(now=now, lease_until=now + 15, max_jobs=100, max_jobs_per_user=100)
+
+
+async def test_the_quota_refuses_a_create_past_it_and_creates_nothing(store: Store) -> None:
+    cost = request_bytes(record().request)
+    limit = 2 * cost + cost // 2  # two requests fit, a third does not
+
+    async def create(message_id: str, user: str = "alice") -> tuple[JobRecord, bool]:
+        job = record(job_id=f"j_{user}_{message_id}", user=user, message_id=message_id)
+        return await store.create_job(job, roomy(), max_stored_bytes=limit)
+
+    assert (await create("m1"))[1] and (await create("m2"))[1]
+    assert await store.stored_bytes("alice") == 2 * cost
+    with pytest.raises(QuotaExceededError) as refused:
+        await create("m3")
+    assert refused.value.code == "quota_exceeded" and refused.value.http_status == 429
+    assert str(limit) in refused.value.message and str(2 * cost) in refused.value.message
+    assert await store.find_job("alice", "m3") is None and await store.get_job("j_alice_m3") is None
+    assert len(await store.list_jobs("alice")) == 2 and await store.stored_bytes("alice") == 2 * cost
+    again, created = await create("m1")  # a repeat stores nothing: never refused
+    assert not created and again.job_id == "j_alice_m1"
+    assert (await create("m1", user="bob"))[1]  # another user's quota is their own
+    assert await store.stored_bytes("bob") == cost
+    _, created = await store.create_job(record(job_id="j_free", message_id="m4"), roomy())
+    assert created and await store.stored_bytes("alice") == 3 * cost  # charged all the same
+
+
+async def test_a_terminal_commit_charges_the_log_once_and_the_sweep_releases_it(store: Store) -> None:
+    cost = request_bytes(record().request)
+    await store.create_job(record(), roomy(), max_stored_bytes=10 * cost)
+    await store.create_job(record(job_id="j_b", user="bob"), roomy())
+    first = [StatusEvent(seq=1, status="running"), *texts(2, "é" * 50, "b")]
+    await store.commit("j_1", first, progress(3))
+    await store.commit("j_1", texts(4, "c"), progress(4))
+    await store.commit("j_1", texts(4, "c", "d"), progress(5))  # a retry: "c" is stored once
+    assert await store.stored_bytes("alice") == cost  # a running job's log is not counted yet
+    end = [StatusEvent(seq=6, status="completed", finish_reason="stop")]
+    ended = progress(6, "completed", finished_at=NOW + 6, expires_at=NOW + 100)
+    await store.commit("j_1", end, ended)
+    batches = [first, texts(4, "c"), texts(5, "d"), end]
+    charged = cost + sum(log_bytes(batch) for batch in batches)
+    assert await store.stored_bytes("alice") == charged
+    with contextlib.suppress(JobEndedElsewhereError):  # Redis: the job ended (this retry landed)
+        await store.commit("j_1", end, ended)  # a retried terminal commit charges nothing more
+    assert await store.stored_bytes("alice") == charged
+    assert await store.delete_expired(NOW + 99) == []
+    assert await store.stored_bytes("alice") == charged
+    assert await store.delete_expired(NOW + 100) == ["j_1"]
+    assert await store.stored_bytes("alice") == 0  # freed with the job
+    assert await store.delete_expired(NOW + 200) == []
+    assert await store.stored_bytes("alice") == 0 and await store.stored_bytes("bob") == cost
+    # The whole quota is free again.
+    limit = 2 * cost
+    assert (await store.create_job(record(job_id="j_2", message_id="m2"), roomy(), max_stored_bytes=limit))[1]
+    assert (await store.create_job(record(job_id="j_3", message_id="m3"), roomy(), max_stored_bytes=limit))[1]
+
+
+async def test_a_finished_job_over_the_quota_blocks_the_next_start_until_it_expires(store: Store) -> None:
+    cost = request_bytes(record().request)
+    limit = 3 * cost
+    await store.create_job(record(), roomy(), max_stored_bytes=limit)
+    end = [*texts(1, "x" * (2 * cost)), StatusEvent(seq=2, status="completed")]
+    await store.commit("j_1", end, progress(2, "completed", finished_at=NOW + 2, expires_at=NOW + 10))
+    assert await store.stored_bytes("alice") > limit - cost  # its log counts now
+    with pytest.raises(QuotaExceededError):
+        await store.create_job(record(job_id="j_2", message_id="m2"), roomy(), max_stored_bytes=limit)
+    assert await store.delete_expired(NOW + 10) == ["j_1"]
+    made, created = await store.create_job(
+        record(job_id="j_2", message_id="m2"), roomy(NOW + 10), max_stored_bytes=limit
+    )
+    assert created and made.job_id == "j_2" and await store.stored_bytes("alice") == cost
 
 
 # -- the runtime's lifecycle on each store ---------------------------------------------

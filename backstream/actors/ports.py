@@ -234,7 +234,11 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def create_job(
-        self, record: JobRecord, capacity: SharedCapacity | None = None
+        self,
+        record: JobRecord,
+        capacity: SharedCapacity | None = None,
+        *,
+        max_stored_bytes: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Insert ``record`` unless the user already has a job with its ``message_id``.
 
@@ -244,8 +248,20 @@ class JobStore(abc.ABC):
         slot), and raises ``CapacityError`` past
         ``capacity``'s limits (leases that ended before ``capacity.now``, a dead
         instance's, do not count); other stores ignore ``capacity``.
+
+        Every store charges the new job's request (``request_bytes``) to its user's
+        stored bytes (``stored_bytes``), checked and charged in one atomic step, across
+        instances for a shared store: past ``max_stored_bytes`` (None: no limit) it raises
+        ``QuotaExceededError`` and nothing is created. A repeat is never refused.
         Cancellation: the job may or may not exist; creating it again finds it.
         """
+
+    @abc.abstractmethod
+    async def stored_bytes(self, user: str) -> int:
+        """The bytes charged to ``user``: the request of each of the user's jobs the store
+        holds, plus the log of each that ended (charged by its terminal commit; a running
+        job's log is not counted yet). A job's bytes are released, exactly once, when the
+        sweep deletes it. Cancellation: safe (a read)."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -269,7 +285,8 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete_expired(self, now: float) -> list[str]:
-        """Delete every finished job whose ``expires_at`` has passed; return their ids.
+        """Delete every finished job whose ``expires_at`` has passed, releasing its stored
+        bytes in the same step; return their ids.
 
         Cancellation: some jobs may be deleted already; the next sweep finds the rest."""
 
@@ -292,7 +309,9 @@ class LogStore(abc.ABC):
         job writes its ``OutboxEntry`` in the same atomic step as its entries and status
         (the end and its effect are never apart), and has freed the job's shared slots
         when it returns (a store that frees them in later steps finishes those on a
-        retried commit, or in ``take_orphans``, if they did not land).
+        retried commit, or in ``take_orphans``, if they did not land). A terminal commit
+        also charges the job's log (``log_bytes`` of every batch stored) to its user's
+        stored bytes, once (a retry sets the same charge again).
         Cancellation: the entries and the status happened or none of them; commit again.
         """
 

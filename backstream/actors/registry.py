@@ -32,7 +32,7 @@ from backstream.actors.job import JobActor
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import JobAccess, Model, Tools
 from backstream.actors.supervisor import ChildFn, ChildSpec, Incarnation, Restart, Supervisor
-from backstream.protocol.errors import CapacityError, UnavailableError
+from backstream.protocol.errors import CapacityError, QuotaExceededError, UnavailableError
 from backstream.protocol.ids import new_id
 from backstream.protocol.lifecycle import INITIAL_STATUS
 from backstream.protocol.records import JobRecord, JobRequest, SharedCapacity
@@ -70,6 +70,8 @@ class RegistryStatistics:
     mailbox_waiting: int
     admitting: int
     accepting: bool
+    quota_refusals_total: int
+    """Starts refused here because their user's stored bytes would pass the quota."""
 
 
 @attrs.define
@@ -163,6 +165,7 @@ class Registry:
         self._started_total = 0
         self._finished_total: Counter[str] = Counter()
         self._endings_total: Counter[tuple[str, str]] = Counter()
+        self._quota_refusals_total = 0
 
     # -- the actor ------------------------------------------------------------------
 
@@ -276,13 +279,20 @@ class Registry:
         now = self._clock.now()
         record = self._new_record(req, now)
         # Insert-if-absent in one round trip; a shared store also takes a cluster-wide slot.
+        # Every store checks and charges the user's quota of stored bytes in the same step.
         capacity = SharedCapacity(
             now=now,
             lease_until=now + self._config.lease_ttl,
             max_jobs=self._config.max_jobs,
             max_jobs_per_user=self._config.max_jobs_per_user,
         )
-        record, created = await self._store.create_job(record, capacity)
+        try:
+            record, created = await self._store.create_job(
+                record, capacity, max_stored_bytes=self._config.max_stored_bytes_per_user
+            )
+        except QuotaExceededError:
+            self._quota_refusals_total += 1
+            raise
         if not created:
             return record, True
         # Not waiting for the actor to run keeps admission fast under load; an abort that
@@ -373,7 +383,8 @@ class Registry:
     async def start_job(self, req: StartRequest) -> tuple[JobRecord, bool]:
         """Admit and start a job; return its record and whether it already existed.
 
-        Raises ``CapacityError`` at a limit, ``UnavailableError`` when shutting down (or
+        Raises ``CapacityError`` at a limit, ``QuotaExceededError`` past the user's quota of
+        stored bytes, ``UnavailableError`` when shutting down (or
         when the registry restarted meanwhile). Cancellation: the start may still happen;
         a retry with the same ``message_id`` finds it.
         """
@@ -401,4 +412,5 @@ class Registry:
             mailbox_waiting=self._mailbox_send.statistics().current_buffer_used,
             admitting=MAX_ADMITTING - self._counts.admitting.value,
             accepting=self._accepting,
+            quota_refusals_total=self._quota_refusals_total,
         )

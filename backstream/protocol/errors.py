@@ -18,6 +18,7 @@ __all__ = [
     "GoneError",
     "InternalError",
     "NotFoundError",
+    "QuotaExceededError",
     "RateLimitedError",
     "TooLargeError",
     "UnauthorizedError",
@@ -80,6 +81,14 @@ class RateLimitedError(BackstreamError):
     http_status = 429
 
 
+class QuotaExceededError(BackstreamError):
+    """The user's retained jobs hold ``max_stored_bytes_per_user`` bytes already: a new
+    job is refused until some of them expire (retention) and the sweep frees them."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+
 class ConflictError(BackstreamError):
     code = "conflict"
     http_status = 409
@@ -114,6 +123,7 @@ _BY_CODE: dict[str, type[BackstreamError]] = {
         NotFoundError,
         CapacityError,
         RateLimitedError,
+        QuotaExceededError,
         ConflictError,
         GoneError,
         TooLargeError,

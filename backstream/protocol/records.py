@@ -26,9 +26,11 @@ __all__ = [
     "events_to_json",
     "format_time",
     "job_summary",
+    "log_bytes",
     "progress_to_dict",
     "record_from_dict",
     "record_to_dict",
+    "request_bytes",
 ]
 
 
@@ -174,6 +176,19 @@ def record_to_dict(record: JobRecord) -> dict[str, Any]:
 
 def record_from_dict(data: dict[str, Any]) -> JobRecord:
     return _records.structure(data, JobRecord)
+
+
+def request_bytes(request: JobRequest) -> int:
+    """What a job's request counts against its user's quota of stored bytes: its compact
+    JSON in UTF-8 (as the SQLite store keeps it), the same on every store."""
+    data = _records.unstructure(request)
+    return len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def log_bytes(events: Sequence[LogEvent]) -> int:
+    """What log entries count against their user's quota: ``events_to_json`` in UTF-8, as
+    each commit stores a batch (every store counts the batches it appends)."""
+    return len(events_to_json(events).encode()) if events else 0
 
 
 def progress_to_dict(progress: JobProgress) -> dict[str, Any]:

@@ -137,7 +137,9 @@ class Runtime:
         for ``model`` first (``Config.system_prompts``), in the request the job keeps.
 
         Raises ``BadRequestError`` for a bad request, ``CapacityError`` at a limit
-        (with ``retry_after_ms``), ``UnavailableError`` while shutting down.
+        (with ``retry_after_ms``), ``QuotaExceededError`` when the user's retained jobs
+        hold ``max_stored_bytes_per_user`` already (this request's bytes included),
+        ``UnavailableError`` while shutting down.
         Cancellation: the job may still have started (it runs on without its caller);
         a retry with the same ``message_id`` returns it with ``existing=True``.
         """

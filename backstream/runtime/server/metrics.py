@@ -42,6 +42,11 @@ class _BackstreamCollector(Collector):
             endings.add_metric([status, code], count)
         yield endings
         yield CounterMetricFamily("backstream_jobs_started", "Jobs started", stats.jobs.started_total)
+        yield CounterMetricFamily(
+            "backstream_quota_refusals",
+            "Starts refused in this process: the user's stored bytes would pass max_stored_bytes_per_user",
+            stats.jobs.quota_refusals_total,
+        )
         threads = self._runtime.tools.statistics()
         yield GaugeMetricFamily(
             "backstream_tool_threads_busy",

@@ -19,10 +19,10 @@ from backstream.actors.signals import OUTBOX_BELL
 from backstream.protocol.compact import CompactEntries
 from backstream.protocol.events import LogEvent, StatusEvent
 from backstream.protocol.lifecycle import is_terminal
-from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
+from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity, log_bytes, request_bytes
 from backstream.runtime.stores.local import LocalStore
 from backstream.runtime.stores.local_notifications import MemoryShelf
-from backstream.runtime.stores.shared import outbox_entry, plan_commit
+from backstream.runtime.stores.shared import outbox_entry, plan_commit, quota_exceeded
 
 __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 
@@ -31,6 +31,10 @@ __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 class _StoredJob:
     record: JobRecord
     entries: list[LogEvent] | CompactEntries = attrs.Factory(list)
+    log_bytes: int = 0
+    """``log_bytes`` of the batches appended, summed."""
+    charged: int = 0
+    """What its user's stored bytes count of it (its request; at its end, its log too)."""
 
 
 class MemoryStore(LocalStore):
@@ -47,6 +51,7 @@ class MemoryStore(LocalStore):
         # Per user, job ids in creation order (a dict as an ordered set).
         self._by_user: dict[str, dict[str, None]] = {}
         self._expiry: list[tuple[float, str]] = []  # heap; stale rows are skipped
+        self._stored_bytes: dict[str, int] = {}  # per user: the jobs' charges, summed
 
     async def open(self, *, on_notification: NotificationListener | None = None) -> None:
         await trio.lowlevel.checkpoint()
@@ -64,14 +69,23 @@ class MemoryStore(LocalStore):
         await trio.sleep_forever()
 
     async def create_job(
-        self, record: JobRecord, capacity: SharedCapacity | None = None
+        self,
+        record: JobRecord,
+        capacity: SharedCapacity | None = None,
+        *,
+        max_stored_bytes: int | None = None,
     ) -> tuple[JobRecord, bool]:
         await trio.lowlevel.checkpoint()
         key = (record.user, record.message_id)
         existing = self._by_message.get(key)
         if existing is not None:
             return self._jobs[existing].record, False
-        self._jobs[record.job_id] = _StoredJob(record)
+        cost = request_bytes(record.request)
+        stored = self._stored_bytes.get(record.user, 0)
+        if max_stored_bytes is not None and stored + cost > max_stored_bytes:
+            raise quota_exceeded(stored, cost, max_stored_bytes)
+        self._jobs[record.job_id] = _StoredJob(record, charged=cost)
+        self._stored_bytes[record.user] = stored + cost
         self._by_message[key] = record.job_id
         self._by_user.setdefault(record.user, {})[record.job_id] = None
         return record, True
@@ -80,6 +94,20 @@ class MemoryStore(LocalStore):
         await trio.lowlevel.checkpoint()
         job = self._jobs.get(job_id)
         return job.record if job else None
+
+    async def stored_bytes(self, user: str) -> int:
+        await trio.lowlevel.checkpoint()
+        return self._stored_bytes.get(user, 0)
+
+    def _charge(self, job: _StoredJob, charge: int) -> None:
+        """Set what ``job`` counts against its user's stored bytes (the total follows)."""
+        user = job.record.user
+        total = self._stored_bytes.get(user, 0) + charge - job.charged
+        job.charged = charge
+        if total:
+            self._stored_bytes[user] = total
+        else:
+            self._stored_bytes.pop(user, None)
 
     async def find_job(self, user: str, message_id: str) -> JobRecord | None:
         await trio.lowlevel.checkpoint()
@@ -95,7 +123,10 @@ class MemoryStore(LocalStore):
         if plan.entries and isinstance(job.entries, CompactEntries):
             job.entries = list(job.entries)  # an ended job written again (a recovery): expand
         job.entries.extend(plan.entries)
+        job.log_bytes += log_bytes(plan.entries)
         if plan.apply_progress:
+            if is_terminal(progress.status):  # its log counts from its end on (again: the same)
+                self._charge(job, request_bytes(job.record.request) + job.log_bytes)
             outgoing = outbox_entry(job.record, progress)
             if outgoing is not None:
                 self._outbox[job_id] = outgoing
@@ -158,6 +189,7 @@ class MemoryStore(LocalStore):
 
     def _delete(self, job: _StoredJob) -> None:
         record = job.record
+        self._charge(job, 0)  # released with the job: it is gone, never released twice
         del self._jobs[record.job_id]
         self._by_message.pop((record.user, record.message_id), None)
         user_jobs = self._by_user.get(record.user)

@@ -58,6 +58,7 @@ from backstream.protocol.records import (
     events_from_json,
     events_to_json,
     progress_to_dict,
+    request_bytes,
 )
 from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
 from backstream.runtime.stores.redis_keys import RedisKeyspace
@@ -88,6 +89,8 @@ class _Writing:
     thread_id: str
     owner: str | None
     stored_seq: int
+    request_bytes: int
+    """What its request counts against its user's quota (with its log, from its end on)."""
 
 
 @attrs.frozen
@@ -195,17 +198,24 @@ class RedisStore(InboxForwarding, Store):
     # -- jobs ---------------------------------------------------------------------------
 
     async def create_job(
-        self, record: JobRecord, capacity: SharedCapacity | None = None
+        self,
+        record: JobRecord,
+        capacity: SharedCapacity | None = None,
+        *,
+        max_stored_bytes: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Three one-slot steps (``RedisSteps.create``). Cancellation: the job may or may
         not exist; creating it again finds it, or finishes making it."""
-        found, created = await self._steps.create(record, capacity)
+        found, created = await self._steps.create(record, capacity, max_stored_bytes)
         if created:
             self._writing[found.job_id] = _writing_of(found)
         return found, created
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         return await self._steps.read_record(job_id)
+
+    async def stored_bytes(self, user: str) -> int:
+        return await self._steps.quota.stored_bytes(user)
 
     async def find_job(self, user: str, message_id: str) -> JobRecord | None:
         job_id = await self._call(self.redis.get(self.keys.msg(user, message_id)))
@@ -258,7 +268,7 @@ class RedisStore(InboxForwarding, Store):
                     if not terminal:
                         self._writing[job_id] = writing
                     else:
-                        await self._finish(self._finish_of(job_id, writing, progress))
+                        await self._finish(self._finish_of(job_id, writing, progress, int(reply[1])))
                     return
                 self._commits_replanned += 1
                 writing.stored_seq = int(reply[1])
@@ -275,7 +285,7 @@ class RedisStore(InboxForwarding, Store):
             raise
         self.hub.ring(OUTBOX_BELL)
 
-    def _finish_of(self, job_id: str, writing: _Writing, progress: JobProgress) -> Finish:
+    def _finish_of(self, job_id: str, writing: _Writing, progress: JobProgress, logged: int) -> Finish:
         return Finish(
             job_id,
             progress.seq,
@@ -286,6 +296,7 @@ class RedisStore(InboxForwarding, Store):
             progress.updated_at + OUTBOX_CLAIM_S if writing.owner else 0.0,
             progress.expires_at or 0.0,
             ms(max((progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S, 1.0)),
+            writing.request_bytes + logged,
         )
 
     @staticmethod
@@ -390,6 +401,7 @@ class RedisStore(InboxForwarding, Store):
                 await self._call(self.redis.delete([k.msg(record.user, record.message_id)]))
                 await self._call(self.redis.zrem(k.user_index(record.user), [job_id]))
                 await self._call(self.redis.zrem(k.thread_index(record.user, record.thread_id), [job_id]))
+                await self._steps.quota.release(record.user, job_id)  # once: it holds none after
             await self._call(self.redis.delete([k.job(job_id), k.log(job_id)]))
             await self._call(self.redis.zrem(k.expiry(), [job_id]))
             await self.delete_outbox([job_id])  # undelivered by now: dropped with its job
@@ -523,4 +535,11 @@ class RedisStore(InboxForwarding, Store):
 
 
 def _writing_of(record: JobRecord) -> _Writing:
-    return _Writing(record.user, record.message_id, record.thread_id, record.owner, record.seq)
+    return _Writing(
+        record.user,
+        record.message_id,
+        record.thread_id,
+        record.owner,
+        record.seq,
+        request_bytes(record.request),
+    )

@@ -15,6 +15,7 @@ from coredis.connection import TCPLocation
 
 from backstream.actors.ports import StoreClosedError
 from backstream.protocol.errors import UnavailableError
+from backstream.runtime.stores import redis_quota
 from backstream.runtime.stores import redis_scripts as scripts
 from backstream.runtime.stores.redis_keys import RedisKeyspace
 
@@ -44,6 +45,7 @@ _SCRIPTS = {
     "notify_claim": scripts.NOTIFY_CLAIM,
     "notify_insert": scripts.NOTIFY_INSERT,
     "claim": scripts.CLAIM,
+    **redis_quota.SCRIPTS,
 }
 
 

@@ -12,7 +12,9 @@ written under one layout is not found under the other.
 - per job (``{p:job:ID}``): ``job`` (its record; a terminal commit also leaves its
   outbox entry there, field ``outbox``), ``log``, ``watching``, ``seen``, ``notified``;
 - per user (``{p:user:USER}``): ``msg`` (the idempotency key), ``user_index``,
-  ``thread_index``, ``user_running`` (the per-user capacity count), ``muted``, ``inbox``;
+  ``thread_index``, ``user_running`` (the per-user capacity count), ``muted``, ``inbox``,
+  and the quota of stored bytes (``redis_quota``): ``stored_bytes``, ``stored_charges``,
+  ``stored_lapse``;
 - the instance set (``{p}``): ``running`` (the cluster-wide capacity count and the list
   of leases, where orphans and unfinished terminal commits are found), ``expiry``,
   ``outbox``, ``outbox_due``, ``outbox_claims``, ``outbox_owned``, and every channel.
@@ -21,24 +23,33 @@ What spans entities is a sequence of one-slot scripts, each idempotent, in an or
 that leaves nothing a reader would misreport (``redis_steps``):
 
 - create: (1) user slot: the idempotency key (``SET`` unless another job has it) and the
-  user's running entry, checked against the per-user limit; (2) instance set: the
+  user's running entry, checked against the per-user limit; then, in the same slot, the
+  request's bytes checked against the user's quota and charged (a refusal undoes the
+  first user step; a retry finds the charge made and makes none); (2) instance set: the
   running entry, checked against the cluster-wide limit (a refusal undoes step 1);
   (3) job slot: the record, unless it exists (who writes it is who inserted). The
   record comes last, so nobody sees a job before its slots are taken. A crash after
   (1) leaves the idempotency key naming a job with no record: the next create with
   that message id finishes that job's steps (under its id) instead of starting
-  another; the user's running entry lapses with its lease meanwhile. A crash after
+  another; the user's running entry lapses with its lease meanwhile (its charge a day
+  after its creation, should no create ever finish it). A crash after
   (2) leaves a running entry without a record: the keeper's ``take_orphans`` drops it
   once its lease lapses.
 - terminal commit: (1) job slot: entries, status and the outbox entry (one atomic
-  step: the end and its effect are never apart); (2) user slot: the user's running
-  entry removed; (3) instance set: the outbox entry indexed (claimed by the writer),
-  the expiry entry added, the running entry removed, and the commit announced on the
-  job's channel (a watcher woken by it finds the slots freed too); last, so the running set
-  still lists a job whose terminal commit stopped after (1) or (2). The writer's next
-  commit of the job (a retry) or, once the old lease lapsed, the keeper's
-  ``take_orphans`` runs (2) and (3) again from the record: removals are idempotent,
-  and (3) writes the outbox entry only while the job is still in the running set.
+  step: the end and its effect are never apart; the log's stored bytes are summed on
+  the record as each batch lands); (2) user slot: the user's running entry removed,
+  then the job's charge set to its request and its log (only while it holds one: a
+  charge the sweep released is never made again); (3) instance set: the outbox entry
+  indexed (claimed by the writer), the expiry entry added, the running entry removed,
+  and the commit announced on the job's channel (a watcher woken by it finds the slots
+  freed too); last, so the running set still lists a job whose terminal commit stopped
+  after (1) or (2). The writer's next commit of the job (a retry) or, once the old
+  lease lapsed, the keeper's ``take_orphans`` runs (2) and (3) again from the record:
+  removals are idempotent, the charge is set (not added), and (3) writes the outbox
+  entry only while the job is still in the running set.
+- the sweep: per expired job, the user slot first (the idempotency key, the indexes,
+  then the job's charge released: it holds none afterwards, so nothing is released
+  twice), then the job's keys, then its expiry entry.
 - hand-over: the running set lists lapsed leases; the job slot's script takes the job
   (owner, lease, epoch + 1) atomically; then the running entries follow the new lease
   (if that step is lost, the new owner's next renewal moves them).
@@ -120,6 +131,19 @@ class RedisKeyspace:
     def user_running(self, user: str) -> str:
         """The user's running jobs scored by lease expiry (the per-user capacity count)."""
         return self._of_user(user, "running", self._named(user))
+
+    def stored_bytes(self, user: str) -> str:
+        """The bytes charged to the user: the sum of ``stored_charges`` (absent: none)."""
+        return self._of_user(user, "stored", self._named(user))
+
+    def stored_charges(self, user: str) -> str:
+        """A hash: job id → the bytes the job is charged (its request; at its end, its log too)."""
+        return self._of_user(user, "charges", self._named(user))
+
+    def stored_lapse(self, user: str) -> str:
+        """A sorted set: job id → when its charge lapses by itself (once Redis has expired
+        the job's keys, should no sweep release it)."""
+        return self._of_user(user, "charges_lapse", self._named(user))
 
     def muted(self, user: str) -> str:
         return self._of_user(user, "muted", self._named(user))

@@ -79,10 +79,12 @@ return 1
 # KEYS: job, log. Returns {0} if the job is gone, {3} if it has ended already (ARGV[8]: a
 # JSON list of the terminal statuses) or is held by another owner than ARGV[9] (a writer
 # whose job another instance took over is fenced off), {2, stored_seq} if its seq is not
-# ARGV[2] (nothing changed: the caller plans again from stored_seq), {1} when applied.
-# Python planned the entries (only new ones) and the progress (never behind the log)
-# against ARGV[2]. The fields (ARGV[10]...) of a terminal commit (ARGV[5]) carry its
-# outbox entry (field ``outbox``): the end and its effect land together. A terminal commit
+# ARGV[2] (nothing changed: the caller plans again from stored_seq), {1, log bytes} when
+# applied: the record's field ``log_bytes`` sums the bytes of the batches appended (for the
+# quota of stored bytes, ``redis_quota``). Python planned the entries (only new ones) and
+# the progress (never behind the log) against ARGV[2]. The fields (ARGV[10]...) of a
+# terminal commit (ARGV[5]) carry its outbox entry (field ``outbox``): the end and its
+# effect land together. A terminal commit
 # is announced by its last step (FINISH_INSTANCE): a watcher woken by it finds the slots
 # freed too (one that reads meanwhile sees the end, which is final).
 COMMIT = """
@@ -93,7 +95,10 @@ for _, status in ipairs(cjson.decode(ARGV[8])) do ended[cjson.encode(status)] = 
 if ended[redis.call('HGET', KEYS[1], 'status')] then return {3} end
 if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[9] then return {3} end
 if tonumber(seq) ~= tonumber(ARGV[2]) then return {2, tonumber(seq)} end
-if ARGV[4] ~= '' then redis.call('XADD', KEYS[2], ARGV[3] .. '-0', 'e', ARGV[4]) end
+if ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[2], ARGV[3] .. '-0', 'e', ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'log_bytes', string.len(ARGV[4]))
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 10))
 if ARGV[5] == '1' then
   local ttl = tonumber(ARGV[6])
@@ -101,7 +106,7 @@ if ARGV[5] == '1' then
 else
   redis.call('PUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3])
 end
-return {1}
+return {1, tonumber(redis.call('HGET', KEYS[1], 'log_bytes') or '0')}
 """
 
 # User slot. KEYS: user running, msg. ARGV: job id, the idempotency key's time to live (ms).

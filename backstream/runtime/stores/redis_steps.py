@@ -15,14 +15,23 @@ from typing import Any, Literal
 import attrs
 from coredis.tokens import PureToken
 
-from backstream.protocol.errors import CapacityError, UnavailableError
-from backstream.protocol.records import JobRecord, SharedCapacity, record_from_dict, record_to_dict
+from backstream.protocol.errors import CapacityError, QuotaExceededError, UnavailableError
+from backstream.protocol.records import (
+    JobRecord,
+    SharedCapacity,
+    record_from_dict,
+    record_to_dict,
+    request_bytes,
+)
 from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
+from backstream.runtime.stores.redis_quota import RUNNING_LAPSE_S, RedisQuota
 
-__all__ = ["OUTBOX_FIELD", "Finish", "RedisSteps", "decode_record", "encode_fields"]
+__all__ = ["LOG_BYTES_FIELD", "OUTBOX_FIELD", "Finish", "RedisSteps", "decode_record", "encode_fields"]
 
 OUTBOX_FIELD = "outbox"
 """The job record's field that holds the outbox entry its terminal commit wrote (JSON)."""
+LOG_BYTES_FIELD = "log_bytes"
+"""The job record's field that sums the bytes of its log's batches (``COMMIT`` adds them)."""
 
 
 def encode_fields(data: dict[str, Any]) -> list[str]:
@@ -40,7 +49,7 @@ def decode_record(raw: dict[str, str]) -> JobRecord | None:
     data = {
         name: json.loads(value)
         for name, value in raw.items()
-        if not name.startswith("decision:") and name != OUTBOX_FIELD
+        if not name.startswith("decision:") and name not in (OUTBOX_FIELD, LOG_BYTES_FIELD)
     }
     return record_from_dict(data)
 
@@ -62,15 +71,21 @@ class Finish:
     expires_at: float
     ttl_ms: int
     """How long the idempotency key lives on (the job's other keys got it with the commit)."""
+    charge: int
+    """What the job counts against its user's quota from its end on: request and log."""
 
 
 class RedisSteps:
     def __init__(self, conn: RedisConnection) -> None:
         self._conn = conn
         self._keys = conn.keys
+        self.quota = RedisQuota(conn)
 
-    async def create(self, record: JobRecord, capacity: SharedCapacity | None) -> tuple[JobRecord, bool]:
-        """User slot, instance set, then the record in the job slot (see ``RedisKeyspace``).
+    async def create(
+        self, record: JobRecord, capacity: SharedCapacity | None, max_stored_bytes: int | None
+    ) -> tuple[JobRecord, bool]:
+        """User slot (the running entry, then the quota's charge), instance set, then the
+        record in the job slot (see ``RedisKeyspace``).
         A message id whose job has no record yet (a create that stopped between its steps,
         or one under way) is finished under that job's id: whoever writes the record
         inserted it. Cancellation: the job may or may not exist, or be half made; creating
@@ -98,16 +113,37 @@ class RedisSteps:
                     return found, False
                 record = attrs.evolve(record, job_id=taken)
                 continue
+            await self._charge(record, capacity, max_stored_bytes, user_keys)
             if capacity is not None:
                 args = [job_id, repr(capacity.now), str(capacity.max_jobs), repr(capacity.lease_until)]
                 if await self._conn.script("create_reserve", [k.running()], args) == "!server":
                     await self._conn.script("create_undo", user_keys, [job_id])
+                    await self.quota.release(record.user, job_id)
                     raise CapacityError("the cluster reached the limit of running jobs", retry_after_ms=1000)
             if await self._conn.script("create_job", [k.job(job_id)], encode_fields(record_to_dict(record))):
                 return record, True
             found = await self.read_record(job_id)  # a create racing this one wrote it
             return (found if found is not None else record), False
         raise UnavailableError(f"{record.message_id}: its job kept changing under the create")
+
+    async def _charge(
+        self, record: JobRecord, capacity: SharedCapacity | None, limit: int | None, user_keys: list[str]
+    ) -> None:
+        """The request's bytes, checked against the user's quota and charged (the user
+        slot's second step); a refusal undoes the first. Cancellation: charged or not."""
+        now = capacity.now if capacity is not None else record.created_at
+        try:
+            await self.quota.charge(
+                record.user,
+                record.job_id,
+                request_bytes(record.request),
+                limit,
+                now=now,
+                lapses_at=record.created_at + RUNNING_LAPSE_S,
+            )
+        except QuotaExceededError:
+            await self._conn.script("create_undo", user_keys, [record.job_id])
+            raise
 
     async def read_record(self, job_id: str) -> JobRecord | None:
         """The job's record, or None. Cancellation: safe (a read)."""
@@ -126,6 +162,7 @@ class RedisSteps:
             [k.user_running(step.user), k.msg(step.user, step.message_id)],
             [step.job_id, str(step.ttl_ms)],
         )
+        await self.quota.settle(step.user, step.job_id, step.charge, step.expires_at + SAFETY_TTL_S)
         keys = [
             k.running(),
             k.expiry(),
@@ -151,7 +188,9 @@ class RedisSteps:
         """A job that ended but is still in the running set: its terminal commit stopped
         after its first step. Its outbox entry, unclaimed, is read from its record.
         Cancellation: the next sweep of orphans repeats it."""
-        stored = await self._conn.call(self._conn.client.hget(self._keys.job(record.job_id), OUTBOX_FIELD))
+        stored, logged = await self._conn.call(
+            self._conn.client.hmget(self._keys.job(record.job_id), [OUTBOX_FIELD, LOG_BYTES_FIELD])
+        )
         expires_at = record.expires_at or 0.0
         ttl_s = expires_at - record.updated_at + SAFETY_TTL_S
         step = Finish(
@@ -164,6 +203,7 @@ class RedisSteps:
             0.0,
             expires_at,
             ms(max(ttl_s, 1.0)),
+            request_bytes(record.request) + int(logged or 0),
         )
         await self.finish(step, first=False)
 

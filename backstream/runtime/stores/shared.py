@@ -12,6 +12,7 @@ import trio
 
 from backstream.actors.ports import Inbox, LogBehindError, OutboxEntry
 from backstream.actors.signals import SignalHub
+from backstream.protocol.errors import QuotaExceededError
 from backstream.protocol.events import LogEvent
 from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import JobProgress, JobRecord, NotificationRecord
@@ -24,6 +25,7 @@ __all__ = [
     "outbox_from_json",
     "outbox_to_json",
     "plan_commit",
+    "quota_exceeded",
 ]
 
 _converter = cattrs.Converter()
@@ -60,6 +62,15 @@ def outbox_entry(record: JobRecord, progress: JobProgress) -> OutboxEntry | None
     if is_terminal(record.status) or not is_terminal(progress.status):
         return None
     return OutboxEntry(record.job_id, record.user, record.thread_id, progress.status, progress.error)
+
+
+def quota_exceeded(stored: int, cost: int, limit: int) -> QuotaExceededError:
+    """The refusal of a job whose request (``cost`` bytes) would take its user's stored
+    bytes (``stored``) past ``limit``."""
+    return QuotaExceededError(
+        f"your jobs hold {stored} bytes in the store and this request takes {cost} more, past your "
+        f"quota of {limit} bytes; finished jobs free theirs once their retention expires"
+    )
 
 
 def outbox_to_json(entry: OutboxEntry) -> str:

@@ -54,7 +54,9 @@ from backstream.protocol.records import (
     events_to_json,
     progress_to_dict,
     record_to_dict,
+    request_bytes,
 )
+from backstream.runtime.stores import sqlite_quota
 from backstream.runtime.stores.local import LocalStore
 from backstream.runtime.stores.shared import outbox_entry, outbox_from_json, outbox_to_json, plan_commit
 from backstream.runtime.stores.sqlite_inbox import SqliteShelf
@@ -278,8 +280,14 @@ class SqliteStore(LocalStore):
     # -- jobs -----------------------------------------------------------------------------
 
     async def create_job(
-        self, record: JobRecord, capacity: SharedCapacity | None = None
+        self,
+        record: JobRecord,
+        capacity: SharedCapacity | None = None,
+        *,
+        max_stored_bytes: int | None = None,
     ) -> tuple[JobRecord, bool]:
+        cost = request_bytes(record.request)
+
         def insert(conn: sqlite3.Connection) -> tuple[JobRecord, bool]:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -295,6 +303,7 @@ class SqliteStore(LocalStore):
                         "INSERT INTO job_requests (job_id, request) VALUES (?, ?)",
                         (record.job_id, json.dumps(request, separators=(",", ":"), ensure_ascii=False)),
                     )
+                    sqlite_quota.charge_at_create(conn, record.user, record.job_id, cost, max_stored_bytes)
                     found = record
                 else:
                     found = record_from_row(
@@ -319,6 +328,9 @@ class SqliteStore(LocalStore):
             lambda c: c.execute(SELECT_JOB + " WHERE jobs.job_id = ?", (job_id,)).fetchone()
         )
         return record_from_row(row) if row else None
+
+    async def stored_bytes(self, user: str) -> int:
+        return await self._read(lambda conn: sqlite_quota.stored_bytes(conn, user))
 
     async def find_job(self, user: str, message_id: str) -> JobRecord | None:
         row = await self._read(
@@ -403,6 +415,7 @@ class SqliteStore(LocalStore):
                         (now,),
                     )
                 ]
+                sqlite_quota.release(conn, ids)
                 for table in ("log", "job_requests", "jobs", "outbox"):
                     conn.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in ids])
                 conn.execute("COMMIT")
@@ -557,6 +570,8 @@ def _commit_one(conn: sqlite3.Connection, item: _Commit) -> None:
             UPDATE_PROGRESS,
             (*(column_value(name, data[name]) for name in PROGRESS_COLUMNS), item.job_id),
         )
+        if is_terminal(item.progress.status):
+            sqlite_quota.charge_at_end(conn, item.job_id)
 
 
 def _write_outbox(conn: sqlite3.Connection, entry: OutboxEntry) -> None:

@@ -146,6 +146,15 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX outbox_by_claim ON outbox (claimed_until)
         """,
     ),
+    (
+        5,
+        # The quota of stored bytes (``sqlite_quota``): what each job counts, and each user's
+        # sum. Jobs of older versions count nothing until their terminal commit charges them.
+        """
+        ALTER TABLE jobs ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE user_stored_bytes (user TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID
+        """,
+    ),
 )
 
 COLUMNS = (

@@ -21,6 +21,7 @@ export {
   InternalError,
   NotFoundError,
   ProtocolError,
+  QuotaExceededError,
   RateLimitedError,
   RequestTimeoutError,
   TooLargeError,

@@ -58,6 +58,15 @@ export class RateLimitedError extends BackstreamError {
   constructor(message) { super("rate_limited", message); }
 }
 
+/**
+ * The user's retained jobs hold the server's quota of stored bytes already: a new job is
+ * refused until some of them expire (their retention) and the server frees them.
+ */
+export class QuotaExceededError extends BackstreamError {
+  /** @param {string} message */
+  constructor(message) { super("quota_exceeded", message); }
+}
+
 /** The request conflicts with the job's state (e.g. approving a call that is not waiting). */
 export class ConflictError extends BackstreamError {
   /** @param {string} message */
@@ -124,6 +133,7 @@ const BY_CODE = {
   unsupported_protocol: UnsupportedProtocolError,
   not_found: NotFoundError,
   rate_limited: RateLimitedError,
+  quota_exceeded: QuotaExceededError,
   conflict: ConflictError,
   gone: GoneError,
   too_large: TooLargeError,

@@ -12,6 +12,7 @@ import {
   CapacityError,
   ConflictError,
   NotFoundError,
+  QuotaExceededError,
   RequestTimeoutError,
   TooLargeError,
   UnauthorizedError,
@@ -48,9 +49,10 @@ async function waitEnded(client, jobId) {
 before(async () => {
   server = await startServer({
     args: [
-      ...["alice", "bob", "carol", "dave", "erin"].flatMap((user) => ["--token", `tok-${user}=${user}`]),
+      ...["alice", "bob", "carol", "dave", "erin", "fay"].flatMap((user) => ["--token", `tok-${user}=${user}`]),
       "--tools", "backstream.runtime.tools.demo:DEMO_TOOLS",
       "--max-jobs-per-user", "3",
+      "--max-stored-bytes-per-user", "2000000",
     ],
   });
 });
@@ -235,6 +237,20 @@ describe("typed errors", () => {
       (error) => error instanceof CapacityError && typeof error.retryAfterMs === "number" && error.retryAfterMs > 0,
     );
     for (const started of running) await client.abort(started.job.job_id);
+  });
+
+  test("a start past the user's quota of stored bytes fails with QuotaExceededError", async () => {
+    const client = await open("tok-fay");
+    const big = [{ role: "user", content: "x".repeat(900_000) }]; // 0.9 MB a request; the quota is 2 MB
+    const start = (messageId) =>
+      client.startJob({ threadId: "q", messageId, model: "backstream/lorem", messages: big, params: { max_tokens: 5 } });
+    await start("q1");
+    await start("q2");
+    await assert.rejects(
+      start("q3"),
+      (error) => error instanceof QuotaExceededError && error.code === "quota_exceeded" && /quota of 2000000 bytes/.test(error.message),
+    );
+    assert.equal((await start("q1")).existing, true); // a repeat is never refused
   });
 
   test("a bad token fails connect with UnauthorizedError", async () => {

@@ -19,4 +19,4 @@ export type ThreadMuteResult = import("./protocol.js").ThreadMuteResult;
 export type Welcome = import("./protocol.js").Welcome;
 export { Client, connect } from "./client.js";
 export { PROTOCOL_VERSION, TERMINAL_STATUSES, batchText, terminalEvent } from "./protocol.js";
-export { BackstreamError, BadRequestError, CapacityError, ClientClosedError, ConflictError, ConnectionLostError, GoneError, InternalError, NotFoundError, ProtocolError, RateLimitedError, RequestTimeoutError, TooLargeError, UnauthorizedError, UnavailableError, UnsupportedProtocolError, errorFromMessage } from "./errors.js";
+export { BackstreamError, BadRequestError, CapacityError, ClientClosedError, ConflictError, ConnectionLostError, GoneError, InternalError, NotFoundError, ProtocolError, QuotaExceededError, RateLimitedError, RequestTimeoutError, TooLargeError, UnauthorizedError, UnavailableError, UnsupportedProtocolError, errorFromMessage } from "./errors.js";

@@ -57,6 +57,14 @@ export class RateLimitedError extends BackstreamError {
     /** @param {string} message */
     constructor(message: string);
 }
+/**
+ * The user's retained jobs hold the server's quota of stored bytes already: a new job is
+ * refused until some of them expire (their retention) and the server frees them.
+ */
+export class QuotaExceededError extends BackstreamError {
+    /** @param {string} message */
+    constructor(message: string);
+}
 /** The request conflicts with the job's state (e.g. approving a call that is not waiting). */
 export class ConflictError extends BackstreamError {
     /** @param {string} message */
