@@ -12,7 +12,8 @@ written under one layout is not found under the other.
 - per job (``{p:job:ID}``): ``job`` (its record; a terminal commit also leaves its
   outbox entry there, field ``outbox``), ``log``, ``watching``, ``seen``, ``notified``;
 - per user (``{p:user:USER}``): ``msg`` (the idempotency key), ``user_index``,
-  ``thread_index``, ``user_running`` (the per-user capacity count), ``muted``, ``inbox``;
+  ``thread_index``, ``user_running`` (the per-user capacity count), ``muted``, ``inbox``,
+  ``seats`` (per kind: the user's open streams, connections; ``redis_seats``);
 - the instance set (``{p}``): ``running`` (the cluster-wide capacity count and the list
   of leases, where orphans and unfinished terminal commits are found), ``expiry``,
   ``outbox``, ``outbox_due``, ``outbox_claims``, ``outbox_owned``, and every channel.
@@ -129,6 +130,10 @@ class RedisKeyspace:
         return self._of_user(user, "notif", self._named(user)), self._of_user(
             user, "notifs", self._named(user)
         )
+
+    def seats(self, user: str, kind: str) -> str:
+        """A sorted set of the user's seats of ``kind`` scored by lease expiry (Redis time, ms)."""
+        return self._of_user(user, "seats", self._named(user), kind)
 
     # -- the instance set ----------------------------------------------------------------
 
