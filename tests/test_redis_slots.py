@@ -21,7 +21,7 @@ import pytest
 from backstream import CapacityError
 from backstream.protocol.events import StatusEvent
 from backstream.protocol.records import NotificationRecord, SharedCapacity
-from backstream.runtime.stores import redis_scripts
+from backstream.runtime.stores import redis_scripts, redis_seats
 from backstream.runtime.stores.redis import RedisStore
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.test_store_conformance import NOW, progress, record, texts
@@ -107,6 +107,10 @@ async def _workload(url: str, prefix: str) -> None:
         assert [e.job_id for e in await a.claim_outbox("i_a", NOW + 5, NOW + 35, 10)] == ["j_a"]
         [handover] = await b.take_orphans("i_b", NOW + 20, NOW + 35)  # j_b's lease lapsed
         assert handover.record.job_id == "j_b" and handover.record.owner == "i_b"
+        assert await a.take_seat("alice", "streams", "s_1", 2, 15)
+        assert await b.take_seat("bob", "connections", "s_2", 2, 15)
+        await a.renew_seats([("alice", "streams", "s_1"), ("bob", "connections", "s_2")], 15)
+        await a.release_seat("alice", "streams", "s_1")
 
 
 async def test_each_script_call_touches_one_slot_and_entities_spread(
@@ -127,6 +131,7 @@ async def test_each_script_call_touches_one_slot_and_entities_spread(
         for sha, keys in ours:
             assert len(await slots_of(keys)) == 1, (sha, keys)
         bodies = [getattr(redis_scripts, name) for name in redis_scripts.__all__]
+        bodies += [redis_seats.SEAT_TAKE, redis_seats.SEAT_RENEW]
         assert {hashlib.sha1(body.encode()).hexdigest() for body in bodies} <= {sha for sha, _ in ours}
 
         # Two jobs of two users: four slots, and the instance set's a fifth.
@@ -134,8 +139,10 @@ async def test_each_script_call_touches_one_slot_and_entities_spread(
         k = store.keys
         job_a = await slots_of([k.job("j_a"), k.log("j_a"), k.watching("j_a"), k.notified("j_a", "x")])
         job_b = await slots_of([k.job("j_b"), k.log("j_b")])
-        alice = await slots_of([k.msg("alice", "m"), k.user_running("alice"), *k.inbox("alice")])
-        bob = await slots_of([k.msg("bob", "m"), k.user_running("bob")])
+        alice = await slots_of(
+            [k.msg("alice", "m"), k.user_running("alice"), *k.inbox("alice"), k.seats("alice", "streams")]
+        )
+        bob = await slots_of([k.msg("bob", "m"), k.user_running("bob"), k.seats("bob", "connections")])
         instance = await slots_of([k.running(), k.expiry(), k.outbox(), k.outbox_due()])
         groups = [job_a, job_b, alice, bob, instance]
         assert all(len(group) == 1 for group in groups)
