@@ -15,6 +15,9 @@ from backstream.protocol.errors import RateLimitedError
 from backstream.runtime.stores.redis import RedisStore
 from tests.conftest import delete_prefix, redis_url, require_redis
 
+LEASE = 1.0
+"""Short leases, renewed well within them (a loaded machine must not miss one)."""
+
 
 async def test_a_user_holds_at_most_limit_seats_of_a_kind(store: Store) -> None:
     assert await store.take_seat("alice", "streams", "s1", 2, 15)
@@ -36,18 +39,18 @@ async def test_a_user_holds_at_most_limit_seats_of_a_kind(store: Store) -> None:
 async def test_shared_store_seats_lapse_with_their_lease_unless_renewed(store: Store) -> None:
     if not isinstance(store, RedisStore):
         pytest.skip("a store one process owns keeps its seats until released (no leases)")
-    assert await store.take_seat("alice", "connections", "kept", 2, 0.4)
-    assert await store.take_seat("alice", "connections", "dead", 2, 0.4)
-    assert not await store.take_seat("alice", "connections", "third", 2, 0.4)
-    for _ in range(4):
-        await trio.sleep(0.15)
-        await store.renew_seats([("alice", "connections", "kept")], 0.4)
+    assert await store.take_seat("alice", "connections", "kept", 2, LEASE)
+    assert await store.take_seat("alice", "connections", "dead", 2, LEASE)
+    assert not await store.take_seat("alice", "connections", "third", 2, LEASE)
+    for _ in range(6):
+        await trio.sleep(LEASE / 4)
+        await store.renew_seats([("alice", "connections", "kept")], LEASE)
     # "dead" was not renewed (its instance died): it lapsed, by Redis's clock.
-    assert await store.take_seat("alice", "connections", "third", 2, 0.4)
-    assert not await store.take_seat("alice", "connections", "fourth", 2, 0.4)
+    assert await store.take_seat("alice", "connections", "third", 2, LEASE)
+    assert not await store.take_seat("alice", "connections", "fourth", 2, LEASE)
     await store.renew_seats([("alice", "connections", "dead")], 15)  # a lapsed seat stays gone
-    assert not await store.take_seat("alice", "connections", "fourth", 2, 0.4)
-    await trio.sleep(0.5)  # nothing renewed: the user's key goes with its last seat
+    assert not await store.take_seat("alice", "connections", "fourth", 2, LEASE)
+    await trio.sleep(LEASE * 1.2)  # nothing renewed: the user's key goes with its last seat
     assert await store.redis.exists([store.keys.seats("alice", "connections")]) == 0
 
 
@@ -77,14 +80,14 @@ async def redis_prefix() -> AsyncIterator[str]:
 
 
 async def test_seats_hold_across_runtimes_and_a_dead_ones_lapse(redis_prefix: str) -> None:
-    config = Config(lease_ttl=0.6, lease_renew_interval=0.1)
+    config = Config(lease_ttl=LEASE, lease_renew_interval=LEASE / 8)
     async with open_runtime(config, store=RedisStore(redis_url(), prefix=redis_prefix)) as one:
         async with open_runtime(config, store=RedisStore(redis_url(), prefix=redis_prefix)) as two:
             async with one.seats.hold("alice", "connections", 2), two.seats.hold("alice", "connections", 2):
                 with pytest.raises(SeatsTakenError):
                     async with one.seats.hold("alice", "connections", 2):
                         pass
-                await trio.sleep(1.0)  # beyond the lease: each runtime's keeper renewed its seat
+                await trio.sleep(LEASE * 1.5)  # beyond the lease: each runtime's keeper renewed its seat
                 with pytest.raises(SeatsTakenError):
                     async with two.seats.hold("alice", "connections", 2):
                         pass
@@ -99,7 +102,7 @@ async def test_seats_hold_across_runtimes_and_a_dead_ones_lapse(redis_prefix: st
             with pytest.raises(SeatsTakenError):
                 async with one.seats.hold("alice", "connections", 2):
                     pass
-            await trio.sleep(1.0)
+            await trio.sleep(LEASE * 1.5)
             async with one.seats.hold("alice", "connections", 2):
                 pass  # the dead instance's seat lapsed; this runtime's own is still held
             with pytest.raises(SeatsTakenError):
