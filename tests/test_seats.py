@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from backstream import Config, Store, open_runtime
+from backstream.actors.ports import Capability
 from backstream.actors.seats import SeatsTakenError
 from backstream.protocol.errors import RateLimitedError
 from backstream.runtime.stores.redis import RedisStore
@@ -37,7 +38,7 @@ async def test_a_user_holds_at_most_limit_seats_of_a_kind(store: Store) -> None:
 
 
 async def test_shared_store_seats_lapse_with_their_lease_unless_renewed(store: Store) -> None:
-    if not isinstance(store, RedisStore):
+    if Capability.LEASES not in store.capabilities:
         pytest.skip("a store one process owns keeps its seats until released (no leases)")
     assert await store.take_seat("alice", "connections", "kept", 2, LEASE)
     assert await store.take_seat("alice", "connections", "dead", 2, LEASE)
@@ -50,8 +51,6 @@ async def test_shared_store_seats_lapse_with_their_lease_unless_renewed(store: S
     assert not await store.take_seat("alice", "connections", "fourth", 2, LEASE)
     await store.renew_seats([("alice", "connections", "dead")], 15)  # a lapsed seat stays gone
     assert not await store.take_seat("alice", "connections", "fourth", 2, LEASE)
-    await trio.sleep(LEASE * 1.2)  # nothing renewed: the user's key goes with its last seat
-    assert await store.redis.exists([store.keys.seats("alice", "connections")]) == 0
 
 
 async def test_held_seats_are_released_at_the_end_of_the_block(unopened_store: Store) -> None:
@@ -108,3 +107,17 @@ async def test_seats_hold_across_runtimes_and_a_dead_ones_lapse(redis_prefix: st
             with pytest.raises(SeatsTakenError):
                 async with one.seats.hold("alice", "connections", 1):
                     pass
+
+
+async def test_a_users_seats_key_expires_with_its_last_seat(redis_prefix: str) -> None:
+    store = RedisStore(redis_url(), prefix=redis_prefix)
+    await store.open()
+    try:
+        key = store.keys.seats("alice", "connections")
+        assert await store.take_seat("alice", "connections", "short", 2, LEASE / 2)
+        assert await store.take_seat("alice", "connections", "long", 2, LEASE)
+        assert 0 < await store.redis.pttl(key) <= LEASE * 1000
+        await trio.sleep(LEASE * 1.2)  # nothing renewed: the key goes with its last seat
+        assert await store.redis.exists([key]) == 0
+    finally:
+        await store.aclose()

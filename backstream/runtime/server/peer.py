@@ -13,7 +13,15 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from backstream.actors.seats import SeatsTakenError
 from backstream.protocol.errors import BackstreamError
 
-__all__ = ["TOO_MANY_CONNECTIONS", "Close", "TokenBucket", "close_at", "keep_alive", "seat_refusal"]
+__all__ = [
+    "STORE_UNAVAILABLE",
+    "TOO_MANY_CONNECTIONS",
+    "Close",
+    "TokenBucket",
+    "close_at",
+    "keep_alive",
+    "seat_refusal",
+]
 
 TOO_MANY_CONNECTIONS = 4409
 """The close code of a connection refused, once its user is known, because the user already
@@ -80,5 +88,5 @@ def seat_refusal(exc: BackstreamError) -> Close:
     """How a connection whose seat was refused (``HeldSeats.hold``) is closed: 4409 when the
     user has all their connections open, 1013 (try again later) when the store is away."""
     if isinstance(exc, SeatsTakenError):
-        return Close(TOO_MANY_CONNECTIONS, str(exc)[:120])
+        return Close(TOO_MANY_CONNECTIONS, exc.message[:120])  # a close reason fits in 123 bytes
     return Close(STORE_UNAVAILABLE, "try again later: the server cannot count connections now")
