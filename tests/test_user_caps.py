@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -265,3 +266,26 @@ async def test_the_python_client_backs_off_while_its_users_connections_are_all_o
                     with trio.fail_after(5):
                         await listed.wait()
             assert client.reconnects == 1
+
+
+def test_the_caps_are_settings_of_serve(tmp_path: Path) -> None:
+    from backstream.runtime.server.serve import front_door_config
+    from backstream.runtime.server.settings import load_settings
+    from tests.test_serve_settings import _parser
+
+    defaults = load_settings(_parser().parse_args([]), env={})
+    assert (defaults.max_connections_per_user, defaults.max_streams_per_user) == (32, 64)
+    assert front_door_config(defaults).limits.max_connections_per_user == 32
+    flag = load_settings(_parser().parse_args(["--max-connections-per-user", "3"]), env={})
+    assert front_door_config(flag).limits.max_connections_per_user == 3
+    env = load_settings(_parser().parse_args([]), env={"BACKSTREAM_MAX_STREAMS_PER_USER": "5"})
+    assert env.max_streams_per_user == 5
+    config = tmp_path / "serve.toml"
+    config.write_text("max_connections_per_user = 7\n")
+    assert (
+        load_settings(_parser().parse_args(["--config", str(config)]), env={}).max_connections_per_user == 7
+    )
+    with pytest.raises(
+        ValueError, match=r"--max-streams-per-user \(BACKSTREAM_MAX_STREAMS_PER_USER\): 0 must"
+    ):
+        front_door_config(load_settings(_parser().parse_args(["--max-streams-per-user", "0"]), env={}))
