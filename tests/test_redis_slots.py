@@ -21,7 +21,7 @@ import pytest
 from backstream import CapacityError
 from backstream.protocol.events import StatusEvent
 from backstream.protocol.records import NotificationRecord, SharedCapacity
-from backstream.runtime.stores import redis_quota, redis_scripts
+from backstream.runtime.stores import redis_quota, redis_scripts, redis_seats
 from backstream.runtime.stores.redis import RedisStore
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.test_store_conformance import NOW, progress, record, texts
@@ -110,6 +110,10 @@ async def _workload(url: str, prefix: str) -> None:
         assert await a.stored_bytes("alice") > 0  # charged at create, settled at the end
         assert await a.delete_expired(NOW + 200) == ["j_a"]  # and released by the sweep
         assert await a.stored_bytes("alice") == 0
+        assert await a.take_seat("alice", "streams", "s_1", 2, 15)
+        assert await b.take_seat("bob", "connections", "s_2", 2, 15)
+        await a.renew_seats([("alice", "streams", "s_1"), ("bob", "connections", "s_2")], 15)
+        await a.release_seat("alice", "streams", "s_1")
 
 
 async def test_each_script_call_touches_one_slot_and_entities_spread(
@@ -131,6 +135,7 @@ async def test_each_script_call_touches_one_slot_and_entities_spread(
             assert len(await slots_of(keys)) == 1, (sha, keys)
         bodies = [getattr(redis_scripts, name) for name in redis_scripts.__all__]
         bodies += redis_quota.SCRIPTS.values()
+        bodies += [redis_seats.SEAT_TAKE, redis_seats.SEAT_RENEW]
         assert {hashlib.sha1(body.encode()).hexdigest() for body in bodies} <= {sha for sha, _ in ours}
 
         # Two jobs of two users: four slots, and the instance set's a fifth.
@@ -146,9 +151,10 @@ async def test_each_script_call_touches_one_slot_and_entities_spread(
                 k.stored_bytes("alice"),
                 k.stored_charges("alice"),
                 k.stored_lapse("alice"),
+                k.seats("alice", "streams"),
             ]
         )
-        bob = await slots_of([k.msg("bob", "m"), k.user_running("bob")])
+        bob = await slots_of([k.msg("bob", "m"), k.user_running("bob"), k.seats("bob", "connections")])
         instance = await slots_of([k.running(), k.expiry(), k.outbox(), k.outbox_due()])
         groups = [job_a, job_b, alice, bob, instance]
         assert all(len(group) == 1 for group in groups)

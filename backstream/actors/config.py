@@ -45,7 +45,7 @@ class Config:
     """A job still running after this long ends ``failed`` with error ``timeout``."""
     retention: float = attrs.field(default=900.0, validator=_non_negative)
     """How long a finished job stays readable before the sweep frees it."""
-    max_stored_bytes_per_user: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    max_stored_bytes_per_user: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
     """Bytes one user's retained jobs may hold in the store (requests, and the logs of the
     jobs that ended, until the sweep frees them); a start past it: ``QuotaExceededError``."""
     sweep_interval: float = attrs.field(default=5.0, validator=_positive)

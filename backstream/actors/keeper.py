@@ -4,7 +4,7 @@ Three periodic duties, each its own loop, so a slow one never delays another:
 
 - the retention sweep deletes finished jobs past their ``expires_at``;
 - lease renewal tells a shared store that this instance and its running jobs
-  (and its open watches) are alive;
+  (and its open watches, and the seats it holds) are alive;
 - orphan recovery takes over the jobs of instances that died, once their leases
   lapse (at start-up too, before new jobs are admitted), and applies the recovery
   policy (by default: end them ``interrupted``).
@@ -26,6 +26,7 @@ from backstream.actors.config import Config
 from backstream.actors.ports import Housekeeping
 from backstream.actors.presence import WatchPresence
 from backstream.actors.recovery import RecoveryPolicy
+from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import Supervisor
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.records import JobRecord
@@ -58,6 +59,7 @@ class Keeper:
         *,
         instance_id: str,
         recovery: RecoveryPolicy,
+        seats: HeldSeats | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -66,6 +68,7 @@ class Keeper:
         self._presence = presence
         self._instance_id = instance_id
         self._recovery = recovery
+        self._seats = seats
         self._swept_total = 0
         self._recovered_total = 0
         self._skipped_rounds_total = 0
@@ -102,6 +105,9 @@ class Keeper:
                 watches = self._presence.snapshot()
                 if watches:
                     await self._store.renew_watches(watches, until)
+                seats = self._seats.snapshot() if self._seats is not None else ()
+                if seats:
+                    await self._store.renew_seats(seats, self._config.lease_ttl)
                 await self.recover_orphans()
             except UnavailableError as exc:
                 self._skipped_rounds_total += 1

@@ -39,6 +39,8 @@ __all__ = [
     "Outbox",
     "OutboxEntry",
     "OutputSink",
+    "SeatKey",
+    "Seats",
     "Signals",
     "Store",
     "StoreClosedError",
@@ -426,6 +428,35 @@ class Leases(abc.ABC):
         ``lease_until`` passes."""
 
 
+SeatKey = tuple[str, str, str]
+"""A seat: its user, its kind (what it counts, e.g. ``streams``) and its id."""
+
+
+class Seats(abc.ABC):
+    """Seats of users: how many of something (open streams, connections) each user holds at
+    once, counted across every instance that shares the store. A seat is leased: a shared
+    store drops one not renewed within its lease (its instance died), by the store's own
+    clock; a store one process owns keeps it until released."""
+
+    @abc.abstractmethod
+    async def take_seat(self, user: str, kind: str, seat_id: str, limit: int, lease: float) -> bool:
+        """Atomically: unless the user already holds ``limit`` live seats of ``kind`` (lapsed
+        ones do not count, and are dropped), take ``seat_id`` for ``lease`` seconds. Returns
+        whether it was taken (taking a seat held already renews it). Cancellation: it may or
+        may not be taken; ``release_seat`` is safe either way."""
+
+    @abc.abstractmethod
+    async def release_seat(self, user: str, kind: str, seat_id: str) -> None:
+        """Give the seat back (nothing if it is not held). Cancellation: it may or may not be
+        released; a shared store's seat lapses with its lease."""
+
+    @abc.abstractmethod
+    async def renew_seats(self, seats: Sequence[SeatKey], lease: float) -> None:
+        """Extend these seats of this instance to ``lease`` seconds from now (a seat that
+        lapsed meanwhile stays gone). Cancellation: some may be renewed; the next renewal
+        catches up."""
+
+
 OUTBOX_CLAIM_S = 30.0
 """How long a claim on an outbox entry holds. A terminal commit's entry starts claimed
 by the job's owner for this long (from the commit's ``updated_at``): its own
@@ -472,8 +503,8 @@ class JobAccess(StoredLogs, JobWriter):
     and what acts on a job wherever it runs (``StoredJob``, ``JobHandles``)."""
 
 
-class Housekeeping(JobStore, Inbox, Leases):
-    """Retention, leases (of jobs and of watches) and orphans: the ``Keeper``'s."""
+class Housekeeping(JobStore, Inbox, Leases, Seats):
+    """Retention, leases (of jobs, watches and seats) and orphans: the ``Keeper``'s."""
 
 
 class Store(StoreService, JobAccess, Housekeeping, Outbox):

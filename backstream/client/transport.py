@@ -29,7 +29,7 @@ from trio_websocket import (
 
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.codec import ProtocolError, decode_server, encode
-from backstream.protocol.errors import UnavailableError, error_for_code
+from backstream.protocol.errors import RateLimitedError, UnavailableError, error_for_code
 from backstream.protocol.messages import (
     PROTOCOL_VERSION,
     ClientMessage,
@@ -71,10 +71,11 @@ _CONNECT_FAILURES = (
     HandshakeError,
     ConnectionClosed,
     UnavailableError,
+    RateLimitedError,  # the user's connections are all open (close 4409): one may close soon
     trio.TooSlowError,
     wsproto.utilities.ProtocolError,
 )
-"""Failures of one connection attempt that a reconnect retries."""
+"""Failures of one connection attempt that a reconnect retries, after its backoff."""
 
 WatchItem = JobEvents | ErrorMessage
 """What a watch's channel carries: its batches, then perhaps the ``error`` that ended it."""

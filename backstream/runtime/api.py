@@ -27,6 +27,7 @@ from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store
 from backstream.actors.presence import WatchPresence
 from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
+from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import Supervisor, SupervisorStatistics
 from backstream.actors.watcher import Watcher
 from backstream.protocol.errors import BadRequestError, GoneError
@@ -92,6 +93,7 @@ class Runtime:
         metronome: Metronome | None = None,
         dispatcher: Dispatcher,
         upstream_pool: HTTP1Pool | None = None,
+        seats: HeldSeats | None = None,
     ) -> None:
         self.config = config
         self.tools = tools
@@ -108,6 +110,11 @@ class Runtime:
         self._metronome = metronome or Metronome()
         self._dispatcher = dispatcher
         self._upstream_pool = upstream_pool
+        self.seats = seats or HeldSeats(
+            store, lease=config.lease_ttl, release_timeout=config.finalize_timeout
+        )
+        """Per-user seats counted across instances (the front doors' caps on open streams and
+        connections); the keeper renews them."""
         self._handles = JobHandles(store, registry.live, presence.count, remote_wait=config.remote_abort_wait)
 
     @property

@@ -41,6 +41,7 @@ from backstream.actors.ports import Model, Store
 from backstream.actors.presence import WatchPresence
 from backstream.actors.recovery import InterruptOrphans
 from backstream.actors.registry import Registry
+from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.actors.ticker import FlushTicker
 from backstream.protocol.ids import new_id
@@ -132,9 +133,12 @@ async def _start_system(
     """Build the actors, start the system children in order, and return the facade."""
     instance_id = new_id("i_", clock.now())
     presence = WatchPresence()
+    seats = HeldSeats(store, lease=config.lease_ttl, release_timeout=config.finalize_timeout)
     registry = Registry(config, store, clock, jobs, instance_id=instance_id, tools=tools, notifier=notifier)
     recovery = InterruptOrphans(store, clock, config.retention)
-    keeper = Keeper(config, store, clock, jobs, presence, instance_id=instance_id, recovery=recovery)
+    keeper = Keeper(
+        config, store, clock, jobs, presence, instance_id=instance_id, recovery=recovery, seats=seats
+    )
     dispatcher = Dispatcher(store, store, notifier, clock, instance_id=instance_id)
     metronome = Metronome()
     runtime = Runtime(
@@ -152,6 +156,7 @@ async def _start_system(
         metronome=metronome,
         dispatcher=dispatcher,
         upstream_pool=http,
+        seats=seats,
     )
     await system.start_child(ChildSpec("store", lambda: store.run, Restart.PERMANENT, shutdown=0))
     await system.start_child(ChildSpec("metronome", lambda: metronome.run, Restart.PERMANENT, shutdown=0))

@@ -28,6 +28,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.actors.clock import format_time
+from backstream.actors.seats import CONNECTIONS
 from backstream.protocol.codec import (
     ProtocolError,
     decode_client,
@@ -80,7 +81,7 @@ from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.paging import job_info_page
 from backstream.runtime.server.peer import Close as _Close
-from backstream.runtime.server.peer import close_at, keep_alive
+from backstream.runtime.server.peer import close_at, keep_alive, seat_refusal
 from backstream.runtime.server.replay import open_replay
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats, Session
 
@@ -156,7 +157,20 @@ class Connection:
         await self._session.run(self._serve)
 
     async def _serve(self) -> None:
-        self.identity = await self._hello()
+        hello, identity = await self._hello()
+        most = self._limits.max_connections_per_user
+        async with contextlib.AsyncExitStack() as seated:
+            try:  # one of the user's connections, on any instance, for as long as this one lasts
+                await seated.enter_async_context(self._runtime.seats.hold(identity.user, CONNECTIONS, most))
+            except BackstreamError as exc:
+                await self._send_error(hello.id, exc.code, exc.message)
+                raise seat_refusal(exc) from None
+            self.identity = identity
+            await self._welcome(hello, identity)
+            await self._serve_requests()
+
+    async def _serve_requests(self) -> None:
+        assert self.identity is not None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._keepalive)
@@ -172,7 +186,8 @@ class Connection:
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _hello(self) -> Identity:
+    async def _hello(self) -> tuple[Hello, Identity]:
+        """The client's ``hello`` and whom it authenticates; a refusal raises ``Close``."""
         with trio.move_on_after(self._limits.hello_timeout) as waited:
             raw = await self._ws.get_message()
         if waited.cancelled_caught:
@@ -200,6 +215,9 @@ class Connection:
         except UnauthorizedError as exc:
             await self._send_error(message.id, "unauthorized", str(exc))
             raise _Close(4401, "unauthorized") from None
+        return message, identity
+
+    async def _welcome(self, message: Hello, identity: Identity) -> None:
         config = self._runtime.config
         await self._reply(
             Welcome(
@@ -225,7 +243,6 @@ class Connection:
             identity.user,
             "known" if self._session.gate.watches_a_socket else "unknown",
         )
-        return identity
 
     async def _keepalive(self) -> None:
         await keep_alive(self._ws, self._limits.ping_interval, self._limits.idle_timeout, self.close_soon)

@@ -19,10 +19,11 @@ from urllib.parse import parse_qs
 
 import attrs
 import trio
-from trio_websocket import Endpoint, WebSocketRequest
+from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketRequest
 
+from backstream.actors.seats import CONNECTIONS
 from backstream.protocol.codec import ProtocolError
-from backstream.protocol.errors import UnauthorizedError
+from backstream.protocol.errors import BackstreamError, UnauthorizedError
 from backstream.protocol.ui_messages import coalesce_ms_of
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.ai_sdk import AiSdkConnection
@@ -30,6 +31,7 @@ from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.connection import MAX_HELLO_BYTES, Connection
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
+from backstream.runtime.server.peer import seat_refusal
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats
 from backstream.runtime.server.websocket import FailingWebSocketServer
 
@@ -199,10 +201,9 @@ class FrontDoor:
         stream = self._streams.pop((remote.address, remote.port)) if isinstance(remote, Endpoint) else None
         sock = stream.socket if stream is not None else None
         conn_id = f"c{next(self._ids)}"
-        connection: Connection | AiSdkConnection
         if admitted.ai_sdk:
             assert admitted.identity is not None
-            connection = AiSdkConnection(
+            ai_sdk = AiSdkConnection(
                 ws,
                 self._runtime,
                 admitted.identity,
@@ -213,20 +214,21 @@ class FrontDoor:
                 sock=sock,
                 coalesce_ms=admitted.coalesce_ms,
             )
-        else:
-            connection = Connection(
-                ws,
-                self._runtime,
-                self._auth,
-                self.config.limits,
-                self._counters,
-                conn_id=conn_id,
-                sock=sock,
-                header_identity=admitted.identity,
-                features=self._features,
-                server_version=self._version,
-                frames=self.frames,
-            )
+            await self._run_seated(ws, ai_sdk, admitted.identity.user)
+            return
+        connection = Connection(
+            ws,
+            self._runtime,
+            self._auth,
+            self.config.limits,
+            self._counters,
+            conn_id=conn_id,
+            sock=sock,
+            header_identity=admitted.identity,
+            features=self._features,
+            server_version=self._version,
+            frames=self.frames,
+        )
         await self._run(connection, conn_id)
 
     async def _admit(self, request: WebSocketRequest) -> _Admitted | None:
@@ -269,6 +271,24 @@ class FrontDoor:
             await request.reject(400, body=exc.message.encode())
             return None
         return _Admitted(ai_sdk=True, identity=identity, coalesce_ms=coalesce_ms)
+
+    async def _run_seated(self, ws: WebSocketConnection, connection: AiSdkConnection, user: str) -> None:
+        """Run an AI SDK connection, whose user the handshake named, while it holds one of the
+        user's connections (on any instance); refused, it is closed 4409 (1013 if the store is
+        away) before it is served. ``/v1`` takes its seat after ``hello`` (``Connection``)."""
+        limits = self.config.limits
+        async with contextlib.AsyncExitStack() as seated:
+            try:
+                await seated.enter_async_context(
+                    self._runtime.seats.hold(user, CONNECTIONS, limits.max_connections_per_user)
+                )
+            except BackstreamError as exc:
+                refusal = seat_refusal(exc)
+                log.info("conn %s: refused: %s", connection.conn_id, refusal.reason)
+                with trio.move_on_after(limits.close_timeout), contextlib.suppress(ConnectionClosed):
+                    await ws.aclose(refusal.code, refusal.reason)
+                return
+            await self._run(connection, connection.conn_id)
 
     async def _run(self, connection: Connection | AiSdkConnection, conn_id: str) -> None:
         self.connections.add(connection)

@@ -14,13 +14,14 @@ import logging
 import math
 import re
 import socket as stdlib_socket
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
 import attrs
 import trio
 
+from backstream.actors.seats import STREAMS
 from backstream.protocol.codec import ProtocolError, loads_checked
 from backstream.protocol.errors import (
     BackstreamError,
@@ -75,6 +76,7 @@ class HttpLimits:
     rate_burst: int = 40
     """...and in a burst."""
     max_streams_per_user: int = 64
+    """Open event streams and requests waiting for a job, per user, on every instance."""
     send_timeout: float = 10.0
     """Every write of a stream must be taken by the socket within this."""
     slow_client_timeout: float = 10.0
@@ -93,6 +95,7 @@ class HttpStatistics:
     requests: int
     errors_sent: int
     streams_open: int
+    """Event streams and requests waiting for a job, open on this app."""
     streams_cut: int
     """Streams ended because their client did not read in time."""
     bytes_sent: int = 0
@@ -273,7 +276,7 @@ class HttpApp:
         self._buckets = UserBuckets(
             self.limits.rate_per_s, self.limits.rate_burst, max_users=self.limits.max_tracked_users
         )
-        self._open_streams: dict[str, int] = {}  # per user
+        self._open_streams = 0  # here; the per-user count is the store's (``stream_slot``)
         self._requests = 0
         self._errors_sent = 0
         self._streams_cut = 0
@@ -286,23 +289,19 @@ class HttpApp:
         """An authenticated API route; ``pattern`` is a regular expression over the path."""
         self._api.append((method, re.compile(pattern), handler, rate_limited))
 
-    def check_stream_slot(self, user: str) -> None:
-        """Raise ``RateLimitedError`` when the user's ``max_streams_per_user`` are all open."""
-        most = self.limits.max_streams_per_user
-        if self._open_streams.get(user, 0) >= most:
-            raise RateLimitedError(f"at most {most} open streams per user")
+    @contextlib.asynccontextmanager
+    async def stream_slot(self, user: str) -> AsyncIterator[None]:
+        """Hold one of the user's ``max_streams_per_user`` open streams for the block: an
+        event stream, or a request that waits for a job. Counted in the store, so across
+        every instance that shares it. Raises ``RateLimitedError`` when all are held.
 
-    @contextlib.contextmanager
-    def stream_slot(self, user: str) -> Iterator[None]:
-        """Hold one of the user's open streams for the block (``check_stream_slot`` first)."""
-        self.check_stream_slot(user)
-        self._open_streams[user] = self._open_streams.get(user, 0) + 1
-        try:
-            yield
-        finally:
-            self._open_streams[user] -= 1
-            if not self._open_streams[user]:
-                del self._open_streams[user]
+        Cancellation: the slot is released (shielded, bounded; else it lapses with its lease)."""
+        async with self.runtime.seats.hold(user, STREAMS, self.limits.max_streams_per_user):
+            self._open_streams += 1
+            try:
+                yield
+            finally:
+                self._open_streams -= 1
 
     async def send_stream_chunk(self, request: Request, body: bytes) -> bool:
         """Write one chunk of a stream's body through the request's ``StreamSocket`` (gated,
@@ -323,7 +322,7 @@ class HttpApp:
         return HttpStatistics(
             requests=self._requests,
             errors_sent=self._errors_sent,
-            streams_open=sum(self._open_streams.values()),
+            streams_open=self._open_streams,
             streams_cut=self._streams_cut,
             bytes_sent=self._bytes_sent,
         )

@@ -10,7 +10,24 @@ from collections.abc import Callable
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-__all__ = ["Close", "TokenBucket", "close_at", "keep_alive"]
+from backstream.actors.seats import SeatsTakenError
+from backstream.protocol.errors import BackstreamError
+
+__all__ = [
+    "STORE_UNAVAILABLE",
+    "TOO_MANY_CONNECTIONS",
+    "Close",
+    "TokenBucket",
+    "close_at",
+    "keep_alive",
+    "seat_refusal",
+]
+
+TOO_MANY_CONNECTIONS = 4409
+"""The close code of a connection refused, once its user is known, because the user already
+has ``max_connections_per_user`` open (on every instance that shares the store)."""
+STORE_UNAVAILABLE = 1013
+"""RFC 6455's "try again later": the store that counts connections did not answer."""
 
 
 class Close(Exception):
@@ -65,3 +82,11 @@ async def close_at(expires_at: float, close_soon: Callable[[int, str], None]) ->
     """Close the session (4401) at wall time ``expires_at``. Cancellation: nothing happens."""
     await trio.sleep(max(0.0, expires_at - time.time()))
     close_soon(4401, "session expired")
+
+
+def seat_refusal(exc: BackstreamError) -> Close:
+    """How a connection whose seat was refused (``HeldSeats.hold``) is closed: 4409 when the
+    user has all their connections open, 1013 (try again later) when the store is away."""
+    if isinstance(exc, SeatsTakenError):
+        return Close(TOO_MANY_CONNECTIONS, exc.message[:120])  # a close reason fits in 123 bytes
+    return Close(STORE_UNAVAILABLE, "try again later: the server cannot count connections now")

@@ -36,6 +36,7 @@ from backstream.protocol.responses import ResponseSource, ResponsesTranslator
 from backstream.protocol.responses_request import (
     BODY_SHA256,
     MAX_IDEMPOTENCY_KEY_CHARS,
+    ResponseRequest,
     body_fingerprint,
     parse_create,
 )
@@ -64,12 +65,26 @@ class ResponsesApi:
     # -- endpoints --------------------------------------------------------------------------
 
     async def _create(self, request: Request, _: re.Match[str]) -> None:
+        """A create that streams or waits for the end holds one of the user's open streams
+        from before its job starts (a refusal starts no job) until its reply is sent."""
         limits = self._app.limits
         body = await request.json_body(limits.max_body_bytes, limits.body_timeout)
         parsed = parse_create(body)
+        if parsed.background and not parsed.stream:
+            job_id = await self._start(request, body, parsed)
+            await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+            return
+        async with self._app.stream_slot(request.user):
+            job_id = await self._start(request, body, parsed)
+            if parsed.stream:
+                await self._stream_events(request, job_id, NO_OFFSET, "starting_after")
+                return
+            await self._wait_for_end(request, job_id)
+            await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+
+    async def _start(self, request: Request, body: Any, parsed: ResponseRequest) -> str:
+        """Start the create's job (or find the one its Idempotency-Key started); its id."""
         key = _idempotency_key(request)
-        if parsed.stream:
-            self._app.check_stream_slot(request.user)  # before the job starts, not after
         # With an Idempotency-Key a retried create finds the same job (its message id); the
         # body's fingerprint, kept with the job in the store, tells a retry from a reuse.
         fingerprint = body_fingerprint(body)
@@ -84,15 +99,9 @@ class ResponsesApi:
             tools=parsed.tools,
             annotations=annotations,
         )
-        job_id = started.job_id
         if started.existing:
-            await self._check_same_request(request.user, job_id, fingerprint)
-        if parsed.stream:
-            await self._stream(request, job_id, offset=NO_OFFSET)
-            return
-        if not parsed.background:
-            await self._wait_for_end(request, job_id)
-        await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+            await self._check_same_request(request.user, started.job_id, fingerprint)
+        return started.job_id
 
     async def _check_same_request(self, user: str, job_id: str, fingerprint: str) -> None:
         """Raise ``ConflictError`` (409) when the job an Idempotency-Key found was started
@@ -152,7 +161,7 @@ class ResponsesApi:
         """Server-sent events numbered from 0; only those after ``offset`` (sent as
         ``cursor_name``) are sent."""
         user = request.user
-        with self._app.stream_slot(user):
+        async with self._app.stream_slot(user):
             await self._stream_events(request, job_id, offset, cursor_name)
 
     async def _stream_events(

@@ -101,6 +101,10 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
             f"--ai-sdk-coalesce-ms (BACKSTREAM_AI_SDK_COALESCE_MS): {settings.ai_sdk_coalesce_ms} "
             f"is not in [0, {MAX_COALESCE_MS}]"
         )
+    for name in ("max_connections_per_user", "max_streams_per_user"):
+        if getattr(settings, name) < 1:
+            flag, env = name.replace("_", "-"), "BACKSTREAM_" + name.upper()
+            raise ValueError(f"--{flag} ({env}): {getattr(settings, name)} must be at least 1")
     return FrontDoorConfig(
         host=settings.host,
         port=settings.port,
@@ -110,7 +114,9 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         ai_sdk_coalesce_ms=settings.ai_sdk_coalesce_ms,
         reuse_port=bool(settings.reuse_port),
         limits=ConnectionLimits(
-            hello_timeout=settings.hello_timeout, max_message_bytes=settings.max_message_bytes
+            hello_timeout=settings.hello_timeout,
+            max_message_bytes=settings.max_message_bytes,
+            max_connections_per_user=settings.max_connections_per_user,
         ),
         ssl_context=tls_context(settings),
     )
@@ -404,7 +410,9 @@ class _HttpListeners:
                 self._runtime,
                 self._auth,
                 limits=HttpLimits(
-                    max_body_bytes=settings.max_message_bytes, sse_keepalive=settings.sse_keepalive
+                    max_body_bytes=settings.max_message_bytes,
+                    sse_keepalive=settings.sse_keepalive,
+                    max_streams_per_user=settings.max_streams_per_user,
                 ),
                 allow_origins=tuple(settings.allow_origin),
                 static_routes=self._static_routes(),

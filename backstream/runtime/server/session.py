@@ -46,6 +46,9 @@ class ConnectionLimits:
     hello_timeout: float = 10.0
     max_message_bytes: int = 1024 * 1024
     max_watches: int = 64
+    max_connections_per_user: int = 32
+    """WebSocket connections one user may have open at once (``/v1`` and ``/v1/ai-sdk``
+    together, on every instance sharing the store); past it, closed 4409 once authenticated."""
     rate_per_s: float = 20.0
     """Requests per second a connection may make on average (token bucket)..."""
     rate_burst: int = 40

@@ -161,6 +161,20 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
     ),
     Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
     Option(
+        "max_connections_per_user",
+        int,
+        32,
+        "WebSocket connections one user may have open at once (/v1 and /v1/ai-sdk, on every "
+        "instance sharing the store); past it a connection is closed 4409 once authenticated",
+    ),
+    Option(
+        "max_streams_per_user",
+        int,
+        64,
+        "HTTP requests one user may have waiting at once (event streams, and creates that wait "
+        "for the response), on every instance sharing the store; past it a 429",
+    ),
+    Option(
         "sse_keepalive",
         float,
         15.0,

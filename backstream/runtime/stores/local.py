@@ -2,7 +2,7 @@
 
 Wake-ups go through one ``SignalHub``, fed directly by the store's own writes;
 presence and notifications through a ``LocalInbox``; decisions through
-``LocalDecisions``. No leases: one process owns the data.
+``LocalDecisions``; seats through ``LocalSeats``. No leases: one process owns the data.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import trio
 from backstream.actors.ports import Store
 from backstream.actors.signals import OUTBOX_BELL, SignalHub
 from backstream.runtime.stores.local_notifications import LocalInbox, NotificationShelf
-from backstream.runtime.stores.shared import InboxForwarding, LocalDecisions
+from backstream.runtime.stores.shared import InboxForwarding, LocalDecisions, LocalSeats, SeatsForwarding
 
 __all__ = ["LocalStore"]
 
 
-class LocalStore(InboxForwarding, Store):
+class LocalStore(InboxForwarding, SeatsForwarding, Store):
     """Base of a single-process store: subclasses call ``__init__`` with their shelf and
     implement jobs, logs, aborts, orphans and the outbox."""
 
@@ -29,6 +29,7 @@ class LocalStore(InboxForwarding, Store):
         self.hub = SignalHub()
         self.inbox = LocalInbox(shelf)
         self.decisions = LocalDecisions(self.hub)
+        self.seats = LocalSeats()
 
     def forget_job(self, job_id: str) -> None:
         """A job was swept: drop what this process kept of it and wake its readers."""

@@ -63,6 +63,7 @@ from backstream.protocol.records import (
 from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
 from backstream.runtime.stores.redis_keys import RedisKeyspace
 from backstream.runtime.stores.redis_notifications import RedisInbox
+from backstream.runtime.stores.redis_seats import RedisSeats
 from backstream.runtime.stores.redis_steps import (
     OUTBOX_FIELD,
     Finish,
@@ -71,7 +72,13 @@ from backstream.runtime.stores.redis_steps import (
     encode_fields,
 )
 from backstream.runtime.stores.redis_subscriber import WAIT_POLL_S, RedisSubscriber
-from backstream.runtime.stores.shared import InboxForwarding, outbox_from_json, outbox_to_json, plan_commit
+from backstream.runtime.stores.shared import (
+    InboxForwarding,
+    SeatsForwarding,
+    outbox_from_json,
+    outbox_to_json,
+    plan_commit,
+)
 
 __all__ = ["RedisStore", "RedisStoreStatistics"]
 
@@ -112,7 +119,7 @@ class RedisStoreStatistics:
     outbox entry) wait for the job's next commit or this instance's next ``take_orphans``."""
 
 
-class RedisStore(InboxForwarding, Store):
+class RedisStore(InboxForwarding, SeatsForwarding, Store):
     capabilities = frozenset(
         {
             Capability.SHARED_BETWEEN_PROCESSES,
@@ -141,6 +148,7 @@ class RedisStore(InboxForwarding, Store):
         self.hub = SignalHub()
         self.subscriber = RedisSubscriber(self._conn, self.hub)
         self.inbox = RedisInbox(self._conn)
+        self.seats = RedisSeats(self._conn)
         self._steps = RedisSteps(self._conn)
         self._writing: dict[str, _Writing] = {}
         self._finishing: dict[str, Finish] = {}

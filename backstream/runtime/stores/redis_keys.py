@@ -13,7 +13,8 @@ written under one layout is not found under the other.
   outbox entry there, field ``outbox``), ``log``, ``watching``, ``seen``, ``notified``;
 - per user (``{p:user:USER}``): ``msg`` (the idempotency key), ``user_index``,
   ``thread_index``, ``user_running`` (the per-user capacity count), ``muted``, ``inbox``,
-  and the quota of stored bytes (``redis_quota``): ``stored_bytes``, ``stored_charges``,
+  ``seats`` (per kind: the user's open streams, connections; ``redis_seats``), and the
+  quota of stored bytes (``redis_quota``): ``stored_bytes``, ``stored_charges``,
   ``stored_lapse``;
 - the instance set (``{p}``): ``running`` (the cluster-wide capacity count and the list
   of leases, where orphans and unfinished terminal commits are found), ``expiry``,
@@ -153,6 +154,10 @@ class RedisKeyspace:
         return self._of_user(user, "notif", self._named(user)), self._of_user(
             user, "notifs", self._named(user)
         )
+
+    def seats(self, user: str, kind: str) -> str:
+        """A sorted set of the user's seats of ``kind`` scored by lease expiry (Redis time, ms)."""
+        return self._of_user(user, "seats", self._named(user), kind)
 
     # -- the instance set ----------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import attrs
 import cattrs
 import trio
 
-from backstream.actors.ports import Inbox, LogBehindError, OutboxEntry
+from backstream.actors.ports import Inbox, LogBehindError, OutboxEntry, SeatKey, Seats
 from backstream.actors.signals import SignalHub
 from backstream.protocol.errors import QuotaExceededError
 from backstream.protocol.events import LogEvent
@@ -21,6 +21,8 @@ __all__ = [
     "CommitPlan",
     "InboxForwarding",
     "LocalDecisions",
+    "LocalSeats",
+    "SeatsForwarding",
     "outbox_entry",
     "outbox_from_json",
     "outbox_to_json",
@@ -143,3 +145,48 @@ class InboxForwarding(Inbox):
 
     async def set_thread_muted(self, user: str, thread_id: str, muted: bool) -> None:
         await self.inbox.set_thread_muted(user, thread_id, muted)
+
+
+class LocalSeats(Seats):
+    """Seats in a store one process owns (memory, SQLite): a count per user and kind, no
+    leases (the seats go with the process). Bounded by the seats held: each is released."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str], set[str]] = {}
+
+    async def take_seat(self, user: str, kind: str, seat_id: str, limit: int, lease: float) -> bool:
+        await trio.lowlevel.checkpoint()
+        held = self._held.setdefault((user, kind), set())
+        if seat_id not in held and len(held) >= limit:
+            if not held:
+                del self._held[(user, kind)]
+            return False
+        held.add(seat_id)
+        return True
+
+    async def release_seat(self, user: str, kind: str, seat_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        held = self._held.get((user, kind))
+        if held is not None:
+            held.discard(seat_id)
+            if not held:
+                del self._held[(user, kind)]
+
+    async def renew_seats(self, seats: Sequence[SeatKey], lease: float) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class SeatsForwarding(Seats):
+    """A ``Seats`` whose every method is that of ``self.seats`` (``LocalSeats``,
+    ``RedisSeats``): a store lists this base first, so that the part answers for it."""
+
+    seats: Seats
+
+    async def take_seat(self, user: str, kind: str, seat_id: str, limit: int, lease: float) -> bool:
+        return await self.seats.take_seat(user, kind, seat_id, limit, lease)
+
+    async def release_seat(self, user: str, kind: str, seat_id: str) -> None:
+        await self.seats.release_seat(user, kind, seat_id)
+
+    async def renew_seats(self, seats: Sequence[SeatKey], lease: float) -> None:
+        await self.seats.renew_seats(seats, lease)

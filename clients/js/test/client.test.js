@@ -13,6 +13,7 @@ import {
   ConflictError,
   NotFoundError,
   QuotaExceededError,
+  RateLimitedError,
   RequestTimeoutError,
   TooLargeError,
   UnauthorizedError,
@@ -321,6 +322,45 @@ describe("reconnects", () => {
     } finally {
       await client?.close(); // before the proxy: no client of one test reconnects into the next
       await proxy.close();
+    }
+  });
+
+  test("past the user's connection cap: a first connect rejects, a reconnect backs off until a seat frees", async () => {
+    const capped = await startServer({ args: ["--token", "tok-fay=fay", "--max-connections-per-user", "1"] });
+    const proxy = await startProxy(capped.port);
+    const options = { token: "tok-fay", WebSocket, reconnectBaseMs: 50, reconnectMaxMs: 200, maxReconnectAttempts: 1000 };
+    /** @type {import("../src/backstream-client.js").Client[]} */
+    const opened = [];
+    try {
+      const first = await connect(proxy.url, options);
+      opened.push(first);
+      await assert.rejects(
+        connect(capped.url, options),
+        (error) => error instanceof RateLimitedError && /at most 1 connections/.test(error.message),
+      );
+      proxy.state.refuse = true;
+      proxy.cut(); // the first client's connection drops; the server lets go of its seat...
+      let other = null;
+      for (let i = 0; other === null && i < 100; i++) {
+        other = await connect(capped.url, options).catch(() => sleep(50).then(() => null));
+      }
+      assert.ok(other, "the seat did not come free");
+      opened.push(other); // ...and another client takes it
+      proxy.state.refuse = false;
+      const attemptsBefore = proxy.state.accepted;
+      await sleep(1000);
+      assert.equal(first.state, "reconnecting"); // refused 4409, and still trying
+      const attempts = proxy.state.accepted - attemptsBefore;
+      assert.ok(attempts >= 2 && attempts <= 40, `${attempts} attempts in 1 s: backed off, not a tight loop`);
+      await other.close();
+      for (let i = 0; first.state !== "open" && i < 100; i++) await sleep(50);
+      assert.equal(first.state, "open");
+      await first.ping();
+      assert.equal(first.statistics().reconnects, 1);
+    } finally {
+      await Promise.all(opened.map((client) => client.close()));
+      await proxy.close();
+      await capped.stop();
     }
   });
 
