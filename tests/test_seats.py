@@ -37,9 +37,8 @@ async def test_a_user_holds_at_most_limit_seats_of_a_kind(store: Store) -> None:
     assert not await store.take_seat("alice", "streams", "s7", 2, 15)
 
 
+@pytest.mark.needs_capability(Capability.LEASES)  # one process's store keeps seats until released
 async def test_shared_store_seats_lapse_with_their_lease_unless_renewed(store: Store) -> None:
-    if Capability.LEASES not in store.capabilities:
-        pytest.skip("a store one process owns keeps its seats until released (no leases)")
     assert await store.take_seat("alice", "connections", "kept", 2, LEASE)
     assert await store.take_seat("alice", "connections", "dead", 2, LEASE)
     assert not await store.take_seat("alice", "connections", "third", 2, LEASE)
