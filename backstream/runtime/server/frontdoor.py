@@ -4,7 +4,9 @@ and runs a connection actor for each.
 A thin I/O shell: the handshake checks (path, Origin, an optional
 ``Authorization: Bearer`` header; for ``/v1/ai-sdk`` also a ``token`` query
 parameter or the configured cookie) happen here, everything after in
-``server.connection`` and ``server.ai_sdk``.
+``server.connection`` and ``server.ai_sdk``. ``/v1/ai-sdk`` without valid
+credentials is accepted only to be closed 4401 after the client's first frame
+(unread), so that a page can read why (``/v1`` says so in answer to its ``hello``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from urllib.parse import parse_qs
 
 import attrs
 import trio
-from trio_websocket import Endpoint, WebSocketRequest
+from trio_websocket import ConnectionClosed, Endpoint, WebSocketRequest
 
 from backstream.protocol.codec import ProtocolError
 from backstream.protocol.errors import UnauthorizedError
@@ -31,11 +33,14 @@ from backstream.runtime.server.connection import MAX_HELLO_BYTES, Connection
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats
-from backstream.runtime.server.websocket import FailingWebSocketServer
+from backstream.runtime.server.websocket import FailingWebSocketServer, cap_first_message_of
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
 
 log = logging.getLogger("backstream.frontdoor")
+
+UNAUTHORIZED_REASON = "unauthorized: a valid token is required (?token= or the auth cookie)"
+"""The close reason of an ``/v1/ai-sdk`` connection without valid credentials (code 4401)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -261,7 +266,7 @@ class FrontDoor:
                 await request.reject(403, body=b"the auth cookie is accepted only from an allowed Origin")
                 return None
         if identity is None:
-            await request.reject(401, body=b"a valid token is required (?token= or the auth cookie)")
+            await self._refuse_after_upgrade(request, 4401, UNAUTHORIZED_REASON)
             return None
         try:
             coalesce_ms = coalesce_ms_of(query, self.config.ai_sdk_coalesce_ms)
@@ -269,6 +274,22 @@ class FrontDoor:
             await request.reject(400, body=exc.message.encode())
             return None
         return _Admitted(ai_sdk=True, identity=identity, coalesce_ms=coalesce_ms)
+
+    async def _refuse_after_upgrade(self, request: WebSocketRequest, code: int, reason: str) -> None:
+        """Accept the handshake only to close the socket with ``code`` and ``reason``: a
+        browser's WebSocket reports a refused handshake as a bare error (close 1006), while a
+        close code and reason reach the page. The close waits for the client's first frame
+        (within ``handshake_timeout``; at most ``MAX_HELLO_BYTES``, discarded unread): the AI
+        SDK's transport sends its request as soon as the socket opens, and a socket closed
+        before that fails the request as "not open" instead of with the close.
+
+        Cancellation: the socket is dropped."""
+        cap_first_message_of(request, MAX_HELLO_BYTES)
+        ws = await request.accept()
+        with trio.move_on_after(self.config.handshake_timeout), contextlib.suppress(ConnectionClosed):
+            await ws.get_message()
+        with trio.move_on_after(self.config.limits.close_timeout):
+            await ws.aclose(code, reason)
 
     async def _run(self, connection: Connection | AiSdkConnection, conn_id: str) -> None:
         self.connections.add(connection)
