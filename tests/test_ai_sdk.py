@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +22,8 @@ import trio
 
 from backstream import Config, Runtime, Store, open_runtime
 from backstream.runtime.server.auth import StaticTokens
-from backstream.runtime.server.frontdoor import FrontDoor, FrontDoorConfig
+from backstream.runtime.server.frontdoor import UNAUTHORIZED_REASON, FrontDoor, FrontDoorConfig
+from backstream.runtime.tools.demo import send_note
 from backstream.runtime.tools.registry import ToolRegistry
 from tests import node_tools, sample_tools
 from tests.test_tools import tool_turn
@@ -182,6 +184,57 @@ async def test_approval_round_trip(upstream: FakeUpstream, tmp_path: Path) -> No
         assert (call.call_id, call.approved, call.is_error) == ("call_7", False, True)
 
 
+async def test_approval_beside_tools_that_run_by_themselves(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """The official helper sends the decisions when the step also holds tools that need none
+    (the demo's suggestion, then one step with an automatic call and two to approve)."""
+    upstream.script(
+        tool_turn(
+            ("call_c", "calculate", '{"expression": "2+3"}'),
+            ("call_d1", "delete_files", '{"a": 2, "b": 3}'),
+            ("call_d2", "delete_files", '{"a": 4, "b": 5}'),
+        ),
+        streams(["All ", "done."]),
+    )
+    tools = ToolRegistry.with_builtins()
+    tools.register(sample_tools.delete_files)
+    tools.register(send_note)
+    config = Config(upstream_url=upstream.url, drain_timeout=0, approval_timeout=60)
+    async with ai_sdk_server(config, tools=tools) as server:
+        reported = await run_node("mixed-approval.test.mjs", server, tmp_path)
+        assert reported["demo"]["approved"] == [
+            call.call_id
+            for call in (await _ended_chat(server, reported["demoChatId"])).tool_calls
+            if call.name == "send_note"
+        ]
+        info = await _ended_chat(server, reported["severalChatId"])
+        assert info.job.status == "completed" and info.content == "All done."
+        assert [(c.call_id, c.approved, c.output) for c in info.tool_calls] == [
+            ("call_c", None, "5"),
+            ("call_d1", True, "5"),
+            ("call_d2", True, "9"),
+        ]
+        assert reported["several"]["approved"] == ["call_d1", "call_d2"]
+
+
+async def _ended_chat(server: AiSdkServer, chat_id: str) -> Any:
+    info = await ended(server.runtime, (await only_job(server.runtime, chat_id)).job_id)
+    assert info.job.status == "completed", info.job
+    return info
+
+
+async def test_a_refused_token_is_told_apart_from_a_lost_network(tmp_path: Path) -> None:
+    """The transport's error names the close code 4401 and its reason; nothing is started."""
+    async with ai_sdk_server() as server:
+        reported = await run_node("auth.test.mjs", server, tmp_path)
+        reason = f"code 4401: {UNAUTHORIZED_REASON}"
+        assert (
+            reported["send"] == reported["resume"] == f"WebSocket chat network connection closed ({reason})."
+        )
+        stats = server.door.statistics()
+        assert (stats.connections, stats.requests, stats.frames_sent) == (0, 0, 0)
+        assert await server.runtime.list_jobs(user="alice") == []
+
+
 async def test_another_users_chat_is_no_active(tmp_path: Path) -> None:
     async with ai_sdk_server() as server:
         reported = await run_node("isolation.test.mjs", server, tmp_path)
@@ -214,6 +267,14 @@ async def test_browser_page_reloaded_mid_answer_resumes(tmp_path: Path, chromium
         assert info.job.status == "completed"
         assert reported["text"] == info.content
         assert info.content.startswith(reported["partial"]) and reported["partial"] != info.content
+        assert reported["failure"]["closed"] == {"code": 4401, "reason": UNAUTHORIZED_REASON}
+
+
+def test_the_guides_close_code_reader_is_the_one_the_browser_runs() -> None:
+    guide = (PACKAGE.parent.parent / "docs" / "http-apis.md").read_text()
+    found = re.search(r"^function closeOf\(error\) \{\n.*?^\}\n", guide, flags=re.S | re.M)
+    assert found is not None
+    assert found.group() in (PACKAGE / "page" / "app.mjs").read_text()
 
 
 async def test_the_javascript_type_checks() -> None:

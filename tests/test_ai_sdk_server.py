@@ -3,6 +3,7 @@ and the tool_call_delta opt-in on /v1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
 
 from backstream import Config
+from backstream.runtime.server.connection import MAX_HELLO_BYTES
+from backstream.runtime.server.frontdoor import UNAUTHORIZED_REASON
 from backstream.runtime.server.session import ConnectionLimits
 from backstream.runtime.stores.sqlite import SqliteStore
 from tests.test_ai_sdk import AiSdkServer, ai_sdk_server, ended, only_job
@@ -122,21 +125,42 @@ async def test_resume_of_a_running_job_goes_on_live() -> None:
         assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == info.content
 
 
+async def closed_unread(target: str, headers: list[tuple[str, str]]) -> tuple[int, str | None]:
+    """Open, send a ``send`` frame, and return the close code and reason; fail on any frame."""
+    async with open_websocket_url(target, extra_headers=headers) as ws:
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send_message(send_frame("s", "chat-refused", "hello"))
+        with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+            frame = await ws.get_message()
+            pytest.fail(f"a frame came: {frame}")
+    return closed.value.reason.code, closed.value.reason.reason
+
+
 async def test_handshakes_auth_and_origin() -> None:
+    """Without valid credentials the socket is closed 4401 with a reason a page can show,
+    and nothing is read or started; a foreign Origin is refused in the handshake."""
     async with ai_sdk_server(auth_cookie="bs", allow_origins=("https://app.example",)) as server:
-        for headers, status in [
-            ([], 401),
-            ([("Cookie", "other=tok-alice")], 401),
-            ([("Origin", "https://evil.example")], 403),
+        for target, headers in [
+            (server.url, []),
+            (server.url, [("Cookie", "other=tok-alice")]),
+            (server.url, [("Cookie", "bs=forged"), ("Origin", "https://app.example")]),
+            (url(server, "wrong"), []),
         ]:
-            with pytest.raises(ConnectionRejected) as rejected:
-                async with open_websocket_url(server.url, extra_headers=headers):
-                    pass
-            assert rejected.value.status_code == status
+            assert await closed_unread(target, headers) == (4401, UNAUTHORIZED_REASON)
+        # An unauthenticated first frame is read no further than a /v1 hello.
+        async with open_websocket_url(server.url) as ws:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send_message("x" * (MAX_HELLO_BYTES + 1))
+            with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+            assert closed.value.reason.code == 1009
         with pytest.raises(ConnectionRejected) as rejected:
-            async with open_websocket_url(url(server, "wrong")):
+            async with open_websocket_url(server.url, extra_headers=[("Origin", "https://evil.example")]):
                 pass
-        assert rejected.value.status_code == 401
+        assert rejected.value.status_code == 403
+        assert await server.runtime.list_jobs(user="alice") == []
+        stats = server.door.statistics()
+        assert (stats.connections, stats.requests, stats.frames_sent) == (0, 0, 0)
         for target, headers in [
             (server.url, [("Cookie", "a=1; bs=tok-alice"), ("Origin", "https://app.example")]),
             (server.url, [("Authorization", "Bearer tok-alice")]),

@@ -3,8 +3,8 @@
 pyproject.toml pins trio-websocket to one minor version (``>=0.12,<0.13``) because
 ``ServerWebSocket`` and ``FailingWebSocketServer`` reach into the library: its send
 lock, close reason, stream, wsproto connection, abort and send methods, the close-event
-and message-event handlers the reader task dispatches to, the message size limit, and the
-server's connection handler (copied from 0.12). These tests fail when an installed release moves or changes any of them; then
+and message-event handlers the reader task dispatches to, the message size limit, a
+handshake request's connection, and the server's connection handler (copied from 0.12). These tests fail when an installed release moves or changes any of them; then
 re-read the library's code, update websocket.py to match, and only then move the pin.
 """
 
@@ -24,8 +24,9 @@ import trio.testing
 import trio_websocket
 from trio_websocket import WebSocketConnection, WebSocketServer
 from wsproto import ConnectionType, WSConnection
+from wsproto.events import Request
 
-from backstream.runtime.server.websocket import FailingWebSocketServer, ServerWebSocket
+from backstream.runtime.server.websocket import FailingWebSocketServer, ServerWebSocket, cap_first_message_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,6 +104,21 @@ async def test_a_connection_has_the_private_state_used() -> None:
     assert isinstance(ws._wsproto, WSConnection)
     assert ws._socket is None  # not a SocketStream: the library's send path
     assert ws._max_message_size == 1024
+
+
+def test_a_handshake_request_holds_its_connection() -> None:
+    stream, _peer = trio.testing.memory_stream_pair()
+    ws = ServerWebSocket(
+        stream,
+        WSConnection(ConnectionType.SERVER),
+        message_queue_size=1,
+        max_message_size=1024,
+        receive_buffer_size=4096,
+    )
+    request = trio_websocket.WebSocketRequest(ws, Request(host="h", target="/v1"))
+    assert request._connection is ws
+    cap_first_message_of(request, 10)
+    assert ws._first_message_cap == 10
 
 
 async def test_a_server_has_the_private_settings_used() -> None:

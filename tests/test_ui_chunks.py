@@ -39,8 +39,10 @@ from backstream.protocol.ui_messages import (
 )
 
 
-def translate(entries: list[LogEvent]) -> list[dict[str, object]]:
-    translator = UIChunkTranslator(message_id="j1", job_id="j1")
+def translate(
+    entries: list[LogEvent], approval_tools: frozenset[str] = frozenset()
+) -> list[dict[str, object]]:
+    translator = UIChunkTranslator(message_id="j1", job_id="j1", approval_tools=approval_tools)
     out = []
     for entry in entries:
         chunks = translator.feed(entry)
@@ -100,6 +102,88 @@ def test_a_tool_loop_with_an_approval_becomes_two_segments() -> None:
     assert translator.paused and translator.emitted == 15
     translator.feed(log[9])
     assert not translator.paused and translator.segment_starts == {"c1": 15}
+
+
+def test_a_call_asking_approval_is_shown_when_asked_in_a_step_of_its_own() -> None:
+    """The calls that run once the decisions are in stay in the step before the one asked,
+    so the last step holds only decided or asked calls (what the AI SDK's helper needs)."""
+    log: list[LogEvent] = [
+        StatusEvent(1, "running"),
+        ToolCallDeltaEvent(2, "c1", "calc", '{"e": "1+1"}'),
+        ToolCallDeltaEvent(3, "d1", "rm", '{"p": 1}'),
+        ToolCallDeltaEvent(4, "d2", "rm", '{"p": 2}'),
+        ToolCallEvent(5, "c1", "calc", '{"e": "1+1"}'),
+        ToolCallEvent(6, "d1", "rm", '{"p": 1}'),
+        ToolCallEvent(7, "d2", "rm", '{"p": 2}'),
+        ApprovalRequiredEvent(8, "d1", "rm", '{"p": 1}'),
+        StatusEvent(9, "awaiting_approval"),
+        ApprovalEvent(10, "d1", True),
+        StatusEvent(11, "running"),
+        ApprovalRequiredEvent(12, "d2", "rm", '{"p": 2}'),
+        StatusEvent(13, "awaiting_approval"),
+        ApprovalEvent(14, "d2", True),
+        StatusEvent(15, "running"),
+        ToolResultEvent(16, "c1", "calc", "2", False),
+        ToolResultEvent(17, "d1", "rm", "ok", False),
+        ToolResultEvent(18, "d2", "rm", "ok", False),
+        StatusEvent(19, "completed", finish_reason="stop"),
+    ]
+    first, second = approval_id("j1", "d1"), approval_id("j1", "d2")
+    assert translate(log, frozenset({"rm"})) == [
+        {"type": "start", "messageId": "j1"},
+        {"type": "start-step"},
+        {"type": "tool-input-start", "toolCallId": "c1", "toolName": "calc"},
+        {"type": "tool-input-delta", "toolCallId": "c1", "inputTextDelta": '{"e": "1+1"}'},
+        {"type": "tool-input-available", "toolCallId": "c1", "toolName": "calc", "input": {"e": "1+1"}},
+        {"type": "finish-step"},
+        {"type": "start-step"},
+        {"type": "tool-input-start", "toolCallId": "d1", "toolName": "rm"},
+        {"type": "tool-input-available", "toolCallId": "d1", "toolName": "rm", "input": {"p": 1}},
+        {"type": "tool-approval-request", "approvalId": first, "toolCallId": "d1"},
+        {"type": "finish", "finishReason": "tool-calls"},
+        {"type": "start", "messageId": "j1"},
+        {"type": "tool-approval-response", "approvalId": first, "approved": True},
+        {"type": "finish-step"},
+        {"type": "start-step"},
+        {"type": "tool-input-start", "toolCallId": "d2", "toolName": "rm"},
+        {"type": "tool-input-available", "toolCallId": "d2", "toolName": "rm", "input": {"p": 2}},
+        {"type": "tool-approval-request", "approvalId": second, "toolCallId": "d2"},
+        {"type": "finish", "finishReason": "tool-calls"},
+        {"type": "start", "messageId": "j1"},
+        {"type": "tool-approval-response", "approvalId": second, "approved": True},
+        {"type": "tool-output-available", "toolCallId": "c1", "output": "2"},
+        {"type": "tool-output-available", "toolCallId": "d1", "output": "ok"},
+        {"type": "tool-output-available", "toolCallId": "d2", "output": "ok"},
+        {"type": "finish-step"},
+        {"type": "finish", "finishReason": "stop"},
+    ]
+
+
+def test_a_call_of_an_approval_tool_that_never_asks_is_shown_before_its_result_or_the_end() -> None:
+    """Past ``max_tool_calls`` (or not enabled) a call gets its result without asking; a job
+    that ends first leaves its input as it stood."""
+    answered = translate(
+        [
+            StatusEvent(1, "running"),
+            ToolCallEvent(2, "d1", "rm", "{}"),
+            ToolResultEvent(3, "d1", "rm", "over the limit", True),
+        ],
+        frozenset({"rm"}),
+    )
+    assert answered[2:] == [
+        {"type": "tool-input-start", "toolCallId": "d1", "toolName": "rm"},
+        {"type": "tool-input-available", "toolCallId": "d1", "toolName": "rm", "input": {}},
+        {"type": "tool-output-error", "toolCallId": "d1", "errorText": "over the limit"},
+    ]
+    cut = translate(
+        [StatusEvent(1, "running"), ToolCallDeltaEvent(2, "d1", "rm", '{"p'), StatusEvent(3, "aborted")],
+        frozenset({"rm"}),
+    )
+    assert cut[2:] == [
+        {"type": "tool-input-start", "toolCallId": "d1", "toolName": "rm"},
+        {"type": "tool-input-delta", "toolCallId": "d1", "inputTextDelta": '{"p'},
+        {"type": "abort", "reason": "the job was aborted"},
+    ]
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,7 @@ async def assert_v1_refused(url: str) -> None:
 
 async def assert_ai_sdk_refused(url: str) -> None:
     async with open_websocket_url(f"{url}?token=tok-alice") as ws:
+        await ws.send_message("{}")  # the AI SDK's transport sends its request at once
         assert await closed_with(ws) == (4409, "at most 2 connections open at once per user")
 
 

@@ -66,14 +66,17 @@ class BatchProjection:
 
 class UIChunkProjection:
     """The AI SDK's UI message chunks, numbered from 0 by their index in the whole message;
-    with ``from_call``, numbered from 0 at the first chunk after that call's decision."""
+    with ``from_call``, numbered from 0 at the first chunk after that call's decision.
+    ``approval_tools``: the tools that ask for approval (see ``UIChunkTranslator``)."""
 
     merge_text = False
     tool_call_deltas = True
     replays_unpaced = True
 
-    def __init__(self, job_id: str, *, from_call: str | None = None) -> None:
-        self.translator = UIChunkTranslator(message_id=job_id, job_id=job_id)
+    def __init__(
+        self, job_id: str, *, from_call: str | None = None, approval_tools: frozenset[str] = frozenset()
+    ) -> None:
+        self.translator = UIChunkTranslator(message_id=job_id, job_id=job_id, approval_tools=approval_tools)
         self._from_call = from_call
         self._base: int | None = 0 if from_call is None else None
         self._after = -1

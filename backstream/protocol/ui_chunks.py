@@ -18,12 +18,22 @@ more after every approval decision. A segment ends at a wait for approval
 (``finish`` with ``finishReason`` ``"tool-calls"``), so that the UI can ask
 the person; the next ``send`` carrying the decision continues the same
 message from the following segment.
+
+A call that will wait for approval is shown only when it is asked, in a step of
+its own if the step already shows a call (``approval_tools`` names the tools that
+ask). The job runs a turn's other calls only once every decision is in, so the
+last step must hold nothing but the call being asked: the AI SDK's
+``lastAssistantMessageIsCompleteWithApprovalResponses`` sends the decision only
+when every tool part of the last step is decided or done. Such a call's argument
+fragments are therefore not streamed: its input comes whole with the request.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any, Final
+
+import attrs
 
 from backstream.protocol.events import (
     AWAITING_APPROVAL,
@@ -92,9 +102,10 @@ class UIChunkTranslator:
     maps a call id to the index of the first chunk after its approval decision.
     """
 
-    def __init__(self, *, message_id: str, job_id: str) -> None:
+    def __init__(self, *, message_id: str, job_id: str, approval_tools: frozenset[str] = frozenset()) -> None:
         self._message_id = message_id
         self._job_id = job_id
+        self._approval_tools = approval_tools
         self.emitted = 0
         self.paused = False
         self.finished = False
@@ -107,6 +118,8 @@ class UIChunkTranslator:
         self._after_tools = False  # tool results came in this step: the next model output starts one
         self._inputs_started: set[str] = set()
         self._denied: set[str] = set()
+        self._held: dict[str, _HeldCall] = {}  # calls of approval tools, not shown yet
+        self._step_shows_call = False  # the open step holds a tool part
 
     def feed(self, entry: LogEvent) -> list[UIChunk]:
         out: list[UIChunk] = []
@@ -124,24 +137,13 @@ class UIChunkTranslator:
                 self._reasoning = self._new_part("reasoning")
                 out.append({"type": "reasoning-start", "id": self._reasoning})
             out.append({"type": "reasoning-delta", "id": self._reasoning, "delta": entry.text})
-        elif isinstance(entry, ToolCallDeltaEvent):
+        elif isinstance(entry, ToolCallDeltaEvent | ToolCallEvent):
             self._model_output(out)
             self._close_parts(out)
-            self._start_input(entry.call_id, entry.name, out)
-            out.append(
-                {
-                    "type": "tool-input-delta",
-                    "toolCallId": entry.call_id,
-                    "inputTextDelta": entry.arguments_delta,
-                }
-            )
-        elif isinstance(entry, ToolCallEvent):
-            self._model_output(out)
-            self._close_parts(out)
-            self._start_input(entry.call_id, entry.name, out)
-            out.append(_tool_input(entry))
+            self._tool_call(entry, out)
         elif isinstance(entry, ApprovalRequiredEvent):
             self._close_parts(out)
+            self._show_held(entry.call_id, out, own_step=True)
             out.append(
                 {
                     "type": "tool-approval-request",
@@ -164,6 +166,7 @@ class UIChunkTranslator:
                 self._denied.add(entry.call_id)
         elif isinstance(entry, ToolResultEvent):
             self._close_parts(out)
+            self._show_held(entry.call_id, out, own_step=False)  # a call that never asked
             out.append(self._tool_output(entry))
             self._after_tools = True
         else:
@@ -184,9 +187,13 @@ class UIChunkTranslator:
             out.append({"type": "finish-step"})
             self._in_step = False
         if not self._in_step:
-            out.append({"type": "start-step"})
-            self._in_step = True
-            self._after_tools = False
+            self._start_step(out)
+
+    def _start_step(self, out: list[UIChunk]) -> None:
+        out.append({"type": "start-step"})
+        self._in_step = True
+        self._after_tools = False
+        self._step_shows_call = False
 
     def _close_text(self, out: list[UIChunk]) -> None:
         if self._text is not None:
@@ -202,10 +209,58 @@ class UIChunkTranslator:
         self._close_reasoning(out)
         self._close_text(out)
 
+    def _tool_call(self, entry: ToolCallDeltaEvent | ToolCallEvent, out: list[UIChunk]) -> None:
+        """A fragment of a call's arguments, or the whole call: shown, or held if the call
+        will ask for approval."""
+        held = self._hold(entry.call_id, entry.name)
+        if isinstance(entry, ToolCallEvent):
+            if held is not None:
+                held.input = _tool_input(entry)
+            else:
+                self._start_input(entry.call_id, entry.name, out)
+                out.append(_tool_input(entry))
+        elif held is not None:
+            held.fragments.append(entry.arguments_delta)
+        else:
+            self._start_input(entry.call_id, entry.name, out)
+            out.append(
+                {
+                    "type": "tool-input-delta",
+                    "toolCallId": entry.call_id,
+                    "inputTextDelta": entry.arguments_delta,
+                }
+            )
+
     def _start_input(self, call_id: str, name: str, out: list[UIChunk]) -> None:
         if call_id not in self._inputs_started:
             self._inputs_started.add(call_id)
+            self._step_shows_call = True
             out.append({"type": "tool-input-start", "toolCallId": call_id, "toolName": name})
+
+    def _hold(self, call_id: str, name: str) -> _HeldCall | None:
+        """The held call ``call_id``, held from now on if it is a new call of an approval
+        tool; None for a call that is shown as it streams."""
+        held = self._held.get(call_id)
+        if held is None and name in self._approval_tools and call_id not in self._inputs_started:
+            held = self._held[call_id] = _HeldCall(name)
+        return held
+
+    def _show_held(self, call_id: str, out: list[UIChunk], *, own_step: bool) -> None:
+        """Show a held call's input. ``own_step``: in a new step if the open one shows a
+        call already (one asked earlier, or one that runs once the decisions are in)."""
+        held = self._held.pop(call_id, None)
+        if held is None:
+            return
+        if own_step and self._in_step and self._step_shows_call:
+            out.append({"type": "finish-step"})
+            self._start_step(out)
+        self._start_input(call_id, held.name, out)
+        if held.input is not None:
+            out.append(held.input)
+        elif held.fragments:  # the job ended before the call was whole
+            out.append(
+                {"type": "tool-input-delta", "toolCallId": call_id, "inputTextDelta": "".join(held.fragments)}
+            )
 
     def _tool_output(self, entry: ToolResultEvent) -> UIChunk:
         if entry.call_id in self._denied:
@@ -230,6 +285,8 @@ class UIChunkTranslator:
             out.append({"type": "finish", "finishReason": "tool-calls"})
             return
         self.finished = True
+        for call_id in list(self._held):  # calls the job never came to: shown as they stand
+            self._show_held(call_id, out, own_step=False)
         if not self._started:  # a log that ended before it ran (recovered, or aborted at once)
             self._started = True
             out.append({"type": "start", "messageId": self._message_id})
@@ -249,6 +306,15 @@ class UIChunkTranslator:
             text = f"{error.message} ({error.code})" if error is not None else "the job failed"
             out.append({"type": "error", "errorText": text})
             out.append({"type": "finish", "finishReason": "error"})
+
+
+@attrs.define
+class _HeldCall:
+    """A call of an approval tool, not shown yet: its argument fragments, then its input."""
+
+    name: str
+    fragments: list[str] = attrs.Factory(list)
+    input: UIChunk | None = None
 
 
 def _tool_input(entry: ToolCallEvent) -> UIChunk:

@@ -296,8 +296,9 @@ class AiSdkConnection:
 
     async def _apply_approvals(self, answers: list[ApprovalAnswer]) -> tuple[str, str]:
         """``job.approve`` each decision; return the job and the call whose decision the
-        response continues from (the first)."""
-        first: tuple[str, str] | None = None
+        response continues from: the last, as a job asks one call at a time, in order, and
+        the parts of the earlier ones still carry their decisions (already applied)."""
+        last: tuple[str, str] | None = None
         for answer in answers:
             parsed = parse_approval_id(answer.approval_id)
             if parsed is None:
@@ -308,9 +309,9 @@ class AiSdkConnection:
             except ConflictError:
                 if not await self._decided(job_id, call_id):
                     raise
-            first = first or parsed
-        assert first is not None
-        return first
+            last = parsed
+        assert last is not None
+        return last
 
     async def _decided(self, job_id: str, call_id: str) -> bool:
         """Whether the job's log holds a decision on the call (a repeated approval)."""
@@ -336,7 +337,9 @@ class AiSdkConnection:
             interval=self._coalesce_s,
             max_chars=frame_chars,
         )
-        projection = UIChunkProjection(job_id, from_call=from_call)
+        projection = UIChunkProjection(
+            job_id, from_call=from_call, approval_tools=self._runtime.tools.approval_names()
+        )
         async with open_replay(
             self._runtime,
             job_id,

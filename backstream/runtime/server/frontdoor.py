@@ -4,7 +4,9 @@ and runs a connection actor for each.
 A thin I/O shell: the handshake checks (path, Origin, an optional
 ``Authorization: Bearer`` header; for ``/v1/ai-sdk`` also a ``token`` query
 parameter or the configured cookie) happen here, everything after in
-``server.connection`` and ``server.ai_sdk``.
+``server.connection`` and ``server.ai_sdk``. ``/v1/ai-sdk`` without valid
+credentials is accepted only to be closed 4401 after the client's first frame
+(unread), so that a page can read why (``/v1`` says so in answer to its ``hello``).
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
 from backstream.runtime.server.peer import seat_refusal
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats
-from backstream.runtime.server.websocket import FailingWebSocketServer
+from backstream.runtime.server.websocket import FailingWebSocketServer, cap_first_message_of
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
 
 log = logging.getLogger("backstream.frontdoor")
+
+UNAUTHORIZED_REASON = "unauthorized: a valid token is required (?token= or the auth cookie)"
+"""The close reason of an ``/v1/ai-sdk`` connection without valid credentials (code 4401)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -263,7 +268,7 @@ class FrontDoor:
                 await request.reject(403, body=b"the auth cookie is accepted only from an allowed Origin")
                 return None
         if identity is None:
-            await request.reject(401, body=b"a valid token is required (?token= or the auth cookie)")
+            await self._refuse_after_upgrade(request, 4401, UNAUTHORIZED_REASON)
             return None
         try:
             coalesce_ms = coalesce_ms_of(query, self.config.ai_sdk_coalesce_ms)
@@ -285,10 +290,31 @@ class FrontDoor:
             except BackstreamError as exc:
                 refusal = seat_refusal(exc)
                 log.info("conn %s: refused: %s", connection.conn_id, refusal.reason)
-                with trio.move_on_after(limits.close_timeout), contextlib.suppress(ConnectionClosed):
-                    await ws.aclose(refusal.code, refusal.reason)
+                await self._close_after_first_frame(ws, refusal.code, refusal.reason)
                 return
             await self._run(connection, connection.conn_id)
+
+    async def _refuse_after_upgrade(self, request: WebSocketRequest, code: int, reason: str) -> None:
+        """Accept the handshake only to close the socket with ``code`` and ``reason``: a
+        browser's WebSocket reports a refused handshake as a bare error (close 1006), while a
+        close code and reason reach the page. The close waits for the client's first frame
+        (within ``handshake_timeout``; at most ``MAX_HELLO_BYTES``, discarded unread): the AI
+        SDK's transport sends its request as soon as the socket opens, and a socket closed
+        before that fails the request as "not open" instead of with the close.
+
+        Cancellation: the socket is dropped."""
+        cap_first_message_of(request, MAX_HELLO_BYTES)
+        await self._close_after_first_frame(await request.accept(), code, reason)
+
+    async def _close_after_first_frame(self, ws: WebSocketConnection, code: int, reason: str) -> None:
+        """Close ``ws`` with ``code`` and ``reason`` once its first frame came (discarded
+        unread) or ``handshake_timeout`` passed: see ``_refuse_after_upgrade``.
+
+        Cancellation: the socket is dropped."""
+        with trio.move_on_after(self.config.handshake_timeout), contextlib.suppress(ConnectionClosed):
+            await ws.get_message()
+        with trio.move_on_after(self.config.limits.close_timeout), contextlib.suppress(ConnectionClosed):
+            await ws.aclose(code, reason)
 
     async def _run(self, connection: Connection | AiSdkConnection, conn_id: str) -> None:
         self.connections.add(connection)

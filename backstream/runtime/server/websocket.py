@@ -19,7 +19,8 @@ with 1009 while the frame is still arriving.
 
 All three reach into trio-websocket's private state (its send lock, close reason, stream,
 wsproto connection, send/abort methods, close-event and message-event handlers, message
-size limit, and the server's connection handler, copied from 0.12), so pyproject.toml pins
+size limit, a handshake request's connection, and the server's connection handler, copied
+from 0.12), so pyproject.toml pins
 its minor version and ``tests/test_trio_websocket_internals.py`` fails when a release moves
 any of them.
 """
@@ -32,12 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketServer
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
-__all__ = ["FailingWebSocketServer", "ServerWebSocket", "UnsentFrame", "send_text"]
+__all__ = ["FailingWebSocketServer", "ServerWebSocket", "UnsentFrame", "cap_first_message_of", "send_text"]
 
 
 class UnsentFrame:
@@ -172,6 +173,14 @@ class FailingWebSocketServer(WebSocketServer):
             finally:
                 with trio.move_on_after(self._disconnect_timeout):
                     await connection.aclose()  # shuts the reader task down even if cancelled
+
+
+def cap_first_message_of(request: WebSocketRequest, max_size: int | None) -> None:
+    """``ServerWebSocket.cap_first_message`` on the connection of a handshake not yet
+    accepted (from the handler: e.g. once it knows the client did not authenticate)."""
+    connection = request._connection
+    assert isinstance(connection, ServerWebSocket), "a FailingWebSocketServer's request"
+    connection.cap_first_message(max_size)
 
 
 async def send_text(ws: WebSocketConnection, text: str, seconds: float) -> bool:

@@ -319,6 +319,10 @@ class ToolRegistry:
     def names(self) -> list[str]:
         return sorted(self._tools)
 
+    def approval_names(self) -> frozenset[str]:
+        """The names of the tools that wait for a person's approval before they run."""
+        return frozenset(name for name, item in self._tools.items() if item.requires_approval)
+
     async def run(self, name: str, arguments: str) -> ToolOutcome:
         """Run the tool called ``name`` with ``arguments`` (JSON text); see ``run_tool``.
 

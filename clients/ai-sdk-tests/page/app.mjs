@@ -52,6 +52,14 @@ function render(messages) {
   if (out) out.textContent = text;
 }
 
+// As docs/http-apis.md shows it: the close code and reason in the transport's error (4401:
+// sign in again); undefined when no server answered, or it refused the handshake.
+/** @param {Error | undefined} error */
+function closeOf(error) {
+  const match = /connection closed \(code (\d+)(?:: (.*))?\)\.$/s.exec(error?.message ?? "");
+  return match ? { code: Number(match[1]), reason: match[2] ?? "" } : undefined;
+}
+
 const query = new URLSearchParams(location.search);
 const chat = new PageChat({
   id: query.get('chat') ?? 'browser-chat',
@@ -70,5 +78,15 @@ const page = {
   status: () => chat.status,
   text: () => document.getElementById('answer')?.textContent ?? '',
   messageIds: () => chat.messages.map(m => m.id),
+  /** Send with `token` in the URL; resolve to what `onError` saw and `closeOf` read of it. */
+  failure: (/** @type {string} */ token) =>
+    new Promise(resolve => {
+      const failing = new PageChat({
+        id: 'refused-chat',
+        transport: new WebSocketChatTransport({ url: query.get('server') ?? '', params: { token } }),
+        onError: error => resolve({ message: error.message, closed: closeOf(error) }),
+      });
+      void failing.sendMessage({ text: 'hello?' });
+    }),
 };
 Object.assign(globalThis, { page });

@@ -1,6 +1,7 @@
 // @ts-check
 // A web page built on the AI SDK, in headless Chromium: it authenticates with a cookie,
-// is reloaded mid-answer, resumes, and shows the whole answer once.
+// is reloaded mid-answer, resumes, and shows the whole answer once; with a refused token it
+// reads the close code 4401 and its reason.
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
@@ -83,7 +84,17 @@ test('a page reloaded mid-answer resumes and shows the whole answer once', async
     assert.equal(ids.length, 1, 'one assistant message');
     assert.ok(text.startsWith(partial));
     assert.equal(text.trim().split(/\s+/).length, 80);
-    report({ chatId: 'browser-chat', partial, text });
+
+    // Another browser profile, without the cookie, with a token the server refuses: the
+    // page reads why, not a bare "network connection failed".
+    const signedOut = await (await browser.newContext()).newPage();
+    await signedOut.goto(address);
+    await signedOut.waitForFunction('typeof page === "object"');
+    const failure = /** @type {{message: string, closed: {code: number, reason: string} | undefined}} */ (
+      await evaluate(signedOut, 'page.failure("tok-nobody")')
+    );
+    assert.deepEqual(failure.closed?.code, 4401, failure.message);
+    report({ chatId: 'browser-chat', partial, text, failure });
   } finally {
     await browser.close();
     server.close();

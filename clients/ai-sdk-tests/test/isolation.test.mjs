@@ -1,5 +1,5 @@
 // @ts-check
-// Another user's chat does not exist for them; a bad token cannot connect.
+// Another user's chat does not exist for them; a bad token's stream fails with close 4401.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { finalMessage, report, send, transportFor, userMessage } from './helpers.mjs';
@@ -15,7 +15,8 @@ test("another user's chat is no-active, and a bad token is refused", async () =>
   bob.close();
 
   const stranger = transportFor('not-a-token');
-  await assert.rejects(send(stranger, chatId, [userMessage('u1', 'hi')]), /connection/);
+  const refused = await send(stranger, chatId, [userMessage('u1', 'hi')]);
+  await assert.rejects(refused.pipeTo(new WritableStream()), /connection closed \(code 4401: unauthorized/);
   stranger.close();
   report({ chatId, bobFound: found !== null });
 });
