@@ -88,15 +88,19 @@ def test_the_private_methods_used_exist_with_their_signatures() -> None:
         assert init[keyword].kind is inspect.Parameter.KEYWORD_ONLY
 
 
-async def test_a_connection_has_the_private_state_used() -> None:
-    stream, _peer = trio.testing.memory_stream_pair()
-    ws = ServerWebSocket(
+def _server_websocket(stream: trio.abc.Stream) -> ServerWebSocket:
+    return ServerWebSocket(
         stream,
         WSConnection(ConnectionType.SERVER),
         message_queue_size=1,
         max_message_size=1024,
         receive_buffer_size=4096,
     )
+
+
+async def test_a_connection_has_the_private_state_used() -> None:
+    stream, _peer = trio.testing.memory_stream_pair()
+    ws = _server_websocket(stream)
     assert isinstance(ws, WebSocketConnection)
     assert isinstance(ws._stream_lock, trio.StrictFIFOLock)
     assert ws._close_reason is None
@@ -108,13 +112,7 @@ async def test_a_connection_has_the_private_state_used() -> None:
 
 def test_a_handshake_request_holds_its_connection() -> None:
     stream, _peer = trio.testing.memory_stream_pair()
-    ws = ServerWebSocket(
-        stream,
-        WSConnection(ConnectionType.SERVER),
-        message_queue_size=1,
-        max_message_size=1024,
-        receive_buffer_size=4096,
-    )
+    ws = _server_websocket(stream)
     request = trio_websocket.WebSocketRequest(ws, Request(host="h", target="/v1"))
     assert request._connection is ws
     cap_first_message_of(request, 10)
