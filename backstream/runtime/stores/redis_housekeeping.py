@@ -27,10 +27,9 @@ import attrs
 import trio
 
 from backstream.actors.signals import SignalHub
-from backstream.protocol.records import JobRecord
 from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
 from backstream.runtime.stores.redis_keys import SHARDS
-from backstream.runtime.stores.redis_steps import SHARD_FIELD, RedisSteps, decode_record
+from backstream.runtime.stores.redis_steps import SHARD_FIELD, RedisSteps
 
 __all__ = [
     "ORPHAN_BATCH",
@@ -107,43 +106,58 @@ class RedisHousekeeping:
         return [str(job_id) for job_id in reply]
 
     async def _delete_batch(self, shard: int, taken: list[str], now: float) -> list[str]:
+        """One pipeline reads the batch's names, one removes them from the users' indexes
+        (one command per user and key, whatever the batch holds of them), one deletes the
+        jobs' keys and outbox entries and drops the claims."""
         k, client = self._keys, self._conn.client
 
-        async def read() -> list[JobRecord | None]:
+        async def read() -> list[list[str | None]]:
             async with client.pipeline(transaction=False) as pipe:
-                replies = [pipe.hgetall(k.job(job_id)) for job_id in taken]
-            return [decode_record(await reply) for reply in replies]
+                replies = [pipe.hmget(k.job(job_id), _SWEEP_FIELDS) for job_id in taken]
+            return [list(await reply) for reply in replies]
 
-        records = await self._conn.call(read())
-        gone = [job_id for job_id, record in zip(taken, records, strict=True) if not _kept(record, now)]
-        kept = [record for record in records if record is not None and _kept(record, now)]
-        ended = [record for record in records if record is not None and not _kept(record, now)]
+        found = [
+            _Swept.of(job_id, values)
+            for job_id, values in zip(taken, await self._conn.call(read()), strict=True)
+        ]
+        kept = [job for job in found if job.expires_at is not None and job.expires_at > now]
+        gone = [job for job in found if job not in kept]
+        by_user: dict[str, list[_Swept]] = {}
+        for job in gone:
+            if job.user is not None:
+                by_user.setdefault(job.user, []).append(job)
 
-        async def unindex() -> None:  # the users' slots first
+        async def unindex() -> None:  # the users' slots first: no index names a deleted job
             async with client.pipeline(transaction=False) as pipe:
-                for record in ended:
-                    pipe.delete([k.msg(record.user, record.message_id)])
-                    pipe.zrem(k.user_index(record.user), [record.job_id])
-                    pipe.zrem(k.thread_index(record.user, record.thread_id), [record.job_id])
+                for user, jobs in by_user.items():
+                    ids = [job.job_id for job in jobs]
+                    pipe.delete([k.msg(user, job.message_id) for job in jobs])
+                    pipe.zrem(k.user_index(user), ids)
+                    for thread_id in {job.thread_id for job in jobs}:
+                        pipe.zrem(
+                            k.thread_index(user, thread_id),
+                            [j.job_id for j in jobs if j.thread_id == thread_id],
+                        )
 
         async def delete() -> None:
             async with client.pipeline(transaction=False) as pipe:
-                for job_id in gone:
+                ids = [job.job_id for job in gone]
+                for job_id in ids:
                     pipe.delete([k.job(job_id), k.log(job_id)])
-                if gone:
-                    pipe.hdel(k.outbox(shard), gone)
-                    pipe.zrem(k.outbox_due(shard), gone)
-                    pipe.hdel(k.outbox_claims(shard), gone)
-                for record in kept:  # a newer expiry (restarted from scratch): back in the index
-                    pipe.zadd(k.expiry(shard), {record.job_id: record.expires_at or now})
+                if ids:
+                    pipe.hdel(k.outbox(shard), ids)
+                    pipe.zrem(k.outbox_due(shard), ids)
+                    pipe.hdel(k.outbox_claims(shard), ids)
+                for job in kept:  # a newer expiry (restarted from scratch): back in the index
+                    pipe.zadd(k.expiry(shard), {job.job_id: job.expires_at or now})
                 pipe.zrem(k.expiry_taken(shard), list(taken))
 
-        if ended:
+        if by_user:
             await self._conn.call(unindex())
         await self._conn.call(delete())
-        for job_id in gone:
-            self._hub.signal_job(job_id)
-        return gone
+        for job in gone:
+            self._hub.signal_job(job.job_id)
+        return [job.job_id for job in gone]
 
     # -- orphans ---------------------------------------------------------------------------
 
@@ -248,6 +262,23 @@ class RedisHousekeeping:
         return None if raw is None else int(raw)
 
 
-def _kept(record: JobRecord | None, now: float) -> bool:
-    """A record the sweep leaves: it expires later than ``now`` (restarted from scratch)."""
-    return record is not None and record.expires_at is not None and record.expires_at > now
+_SWEEP_FIELDS = ["user", "message_id", "thread_id", "expires_at"]
+
+
+@attrs.frozen
+class _Swept:
+    """What the sweep reads of a job: the names of its index entries, and its expiry (a
+    job with no record has neither: only its keys and claims go)."""
+
+    job_id: str
+    user: str | None
+    message_id: str
+    thread_id: str
+    expires_at: float | None
+
+    @classmethod
+    def of(cls, job_id: str, values: list[str | None]) -> _Swept:
+        user, message_id, thread_id, expires_at = (None if v is None else json.loads(v) for v in values)
+        if user is None or message_id is None or thread_id is None:
+            return cls(job_id, None, "", "", None)
+        return cls(job_id, str(user), str(message_id), str(thread_id), expires_at)
