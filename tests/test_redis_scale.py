@@ -21,7 +21,7 @@ import trio
 from backstream import CapacityError, Config, open_runtime
 from backstream.actors.clock import WallClock
 from backstream.protocol.events import StatusEvent
-from backstream.protocol.records import JobProgress, SharedCapacity
+from backstream.protocol.records import JobProgress, NotificationRecord, SharedCapacity
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.redis_clock import RedisFrame
 from backstream.runtime.stores.redis_keys import SHARDS
@@ -180,6 +180,35 @@ async def test_instances_whose_clocks_disagree_keep_healthy_jobs_and_find_a_dead
             assert (job.status, job.epoch, job.owner) == ("completed", 1, started.owner)
             recovered = [rt.statistics().keeper.recovered_total for rt in (behind, ahead)]
             assert sum(recovered) == 1
+
+
+async def test_a_watch_on_an_instance_whose_clock_is_behind_still_counts() -> None:
+    """Watch presence is on Redis's clock too: a watch opened through an instance 30 s
+    behind keeps another instance from notifying its job's user, until it lapses."""
+    async with _prefix_on(None) as (url, prefix):
+        behind, ahead = RedisStore(url, prefix=prefix), RedisStore(url, prefix=prefix)
+        await behind.open()
+        await ahead.open()
+        try:
+            behind_now, ahead_now = time.time() - 30, time.time()
+            behind.frame.anchor(behind_now)  # what each runtime's first call tells its store
+            ahead.frame.anchor(ahead_now)
+            await behind.watch_started("j_1", "w_1", behind_now + 15)
+            note = NotificationRecord(
+                notification_id="n_1",
+                user="alice",
+                type="ai.message.received",
+                job_id="j_1",
+                thread_id="t1",
+                title="done",
+                body="hi",
+                created_at=ahead_now,
+            )
+            assert not await ahead.notify_unwatched(note, ahead_now, 10)  # watched
+            assert await ahead.notify_unwatched(note, ahead_now + 16, 10)  # the watch lapsed
+        finally:
+            await ahead.aclose()
+            await behind.aclose()
 
 
 # -- the sweep ---------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ async def _workload(url: str, prefix: str) -> None:
         with pytest.raises(CapacityError, match="cluster"):  # the user's step undone
             await a.create_job(record("j_c", user="carol", message_id="m"), CAPACITY)
         await a.commit("j_a", [StatusEvent(seq=1, status="running"), *texts(2, "hi")], progress(2))
+        await a.watch_started("j_a", "w_1", NOW + 2)
+        await a.renew_watches([("j_a", "w_1")], NOW + 3)
         await a.renew_leases("i_a", ["j_a"], NOW + 16)
         ended = progress(3, "completed", finished_at=NOW + 3, expires_at=NOW + 100)
         await a.commit("j_a", [StatusEvent(seq=3, status="completed")], ended)

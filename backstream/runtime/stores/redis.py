@@ -145,8 +145,8 @@ class RedisStore(InboxForwarding, Store):
         self.keys: RedisKeyspace = self._conn.keys
         self.hub = SignalHub()
         self.subscriber = RedisSubscriber(self._conn, self.hub)
-        self.inbox = RedisInbox(self._conn)
         self.frame = frame or RedisFrame()
+        self.inbox = RedisInbox(self._conn, self.frame)
         self._steps = RedisSteps(self._conn, self.frame)
         self._housekeeping = RedisHousekeeping(self._conn, self._steps, self.hub)
         self._writing: dict[str, _Writing] = {}

@@ -46,6 +46,7 @@ _SCRIPTS = {
     "claim": scripts.CLAIM,
     "expiry_take": scripts.EXPIRY_TAKE,
     "scan": scripts.SCAN,
+    "watch": scripts.WATCH,
 }
 
 

@@ -57,7 +57,8 @@ that leaves nothing a reader would misreport (``redis_steps``):
   that nobody watches and marks the job notified (never twice); the user slot's script
   adds it to the inbox and publishes it.
 
-Leases are on Redis's clock: the scripts read ``TIME`` (see ``redis_clock``).
+Leases and watch presence are on Redis's clock: the scripts read ``TIME`` (see
+``redis_clock``).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ __all__ = [
     "NOTIFY_INSERT",
     "RENEW",
     "SCAN",
+    "WATCH",
 ]
 
 # ``clock(ahead)``: Redis's time plus ``ahead`` seconds; ``stamp(t)``: ``t`` as a score
@@ -287,15 +288,31 @@ return redis.call('ZRANGE', KEYS[2], '-inf', '(' .. stamp(now), 'BYSCORE', 'LIMI
 
 # -- notifications: job slot, then user slot --------------------------------------------------
 
-# Job slot. KEYS: watching, notified, seen. ARGV: now, '1' if a watch that saw the end counts,
+# Job slot. KEYS: watching. ARGV: the watch id, the end of its presence (ahead), 'XX' to
+# renew only (a watch that ended is not brought back) or ''. Watch presence is on Redis's
+# clock, like leases: a watcher on an instance whose clock is behind still counts.
+WATCH = (
+    _CLOCK
+    + """
+if ARGV[3] == 'XX' then
+  return redis.call('ZADD', KEYS[1], 'XX', 'CH', stamp(clock(ARGV[2])), ARGV[1])
+end
+return redis.call('ZADD', KEYS[1], stamp(clock(ARGV[2])), ARGV[1])
+"""
+)
+
+# Job slot. KEYS: watching, notified, seen. ARGV: now (ahead), '1' if a watch that saw the end counts,
 # the notified mark's time to live (ms). Returns 1, and marks the job notified, if nobody
 # watches it and it had no notification of this kind yet (never twice).
-NOTIFY_CLAIM = """
-if redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf') > 0 then return 0 end
+NOTIFY_CLAIM = (
+    _CLOCK
+    + """
+if redis.call('ZCOUNT', KEYS[1], stamp(clock(ARGV[1])), '+inf') > 0 then return 0 end
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then return 0 end
 return 1
 """
+)
 
 # User slot. KEYS: the inbox's hash and order. ARGV: the notification's id, payload (JSON),
 # time, the inbox's bound (the oldest go), the channel. Adds it and announces it.

@@ -228,10 +228,26 @@ class RedisSteps:
 
     async def renew(self, owner: str, jobs: Sequence[tuple[str, str, int]], until: float) -> None:
         """Per job (its id, user and shard): its lease in its slot (only if ``owner`` holds
-        it), then its running entries. Cancellation: some may be renewed; the next renewal
-        catches up."""
-        for job_id, user, shard in jobs:
-            args = [repr(until), json.dumps(owner), self.frame.ahead(until)]
-            lease_at = str(await self._conn.script("renew", [self._keys.job(job_id)], args) or "")
-            if lease_at:
-                await self.follow_lease(job_id, user, shard, lease_at, only_existing=True)
+        it), then its running entries; one pipeline for the leases and one for the
+        entries, whatever the number of jobs. Cancellation: some may be renewed; the next
+        renewal catches up."""
+        if not jobs:
+            return
+        args = [repr(until), json.dumps(owner), self.frame.ahead(until)]
+        client, k, script = self._conn.client, self._keys, self._conn.scripts["renew"]
+
+        async def renew_leases() -> list[str]:
+            async with client.pipeline(transaction=False) as pipe:
+                replies = [script(keys=[k.job(job_id)], args=args, client=pipe) for job_id, _, _ in jobs]
+            return [str(await reply or "") for reply in replies]
+
+        async def follow(renewed: list[tuple[str, str, int, float]]) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id, user, shard, score in renewed:
+                    pipe.zadd(k.running(shard), {job_id: score}, condition=PureToken.XX)
+                    pipe.zadd(k.user_running(user), {job_id: score}, condition=PureToken.XX)
+
+        leases = await self._conn.call(renew_leases())
+        renewed = [(*job, float(lease)) for job, lease in zip(jobs, leases, strict=True) if lease]
+        if renewed:
+            await self._conn.call(follow(renewed))
