@@ -211,6 +211,40 @@ async def test_a_watch_on_an_instance_whose_clock_is_behind_still_counts() -> No
             await behind.aclose()
 
 
+async def test_two_instances_split_the_orphan_scan_and_take_each_orphan_once() -> None:
+    """Forty orphans, two instances scanning at once: each orphan taken once. A shard one
+    instance scans is skipped by the other until that claim lapses (a third of a lease)."""
+    async with _prefix_on(None) as (url, prefix), _stores(url, prefix, 2) as (a, b):
+        now = time.time()
+        capacity = SharedCapacity(now=now, lease_until=now + 15, max_jobs=100, max_jobs_per_user=100)
+        for i in range(40):
+            job = record(
+                f"j_{i}", user=f"u{i}", owner="i_dead", created_at=now, updated_at=now, lease_until=now + 15
+            )
+            await a.create_job(job, capacity)
+        taken: dict[str, list[str]] = {"i_a": [], "i_b": []}
+
+        async def scan(store: RedisStore, owner: str) -> None:
+            taken[owner] += [h.record.job_id for h in await store.take_orphans(owner, now + 20, now + 35)]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scan, a, "i_a")
+            nursery.start_soon(scan, b, "i_b")
+        both = taken["i_a"] + taken["i_b"]
+        assert len(both) == len(set(both)) == 40
+
+        late = record(
+            "j_late", user="v", owner="i_dead", created_at=now, updated_at=now, lease_until=now + 15
+        )
+        await a.create_job(late, capacity)
+        shard = int(await a.redis.hget(a.keys.job("j_late"), "shard") or 0)
+        scanner = await a.redis.hget(a.keys.scan(shard), "owner")
+        other, other_store = ("i_b", b) if scanner == "i_a" else ("i_a", a)
+        assert await other_store.take_orphans(other, now + 21, now + 36) == []  # the shard is scanned
+        [handover] = await other_store.take_orphans(other, now + 26, now + 41)  # the claim lapsed
+        assert handover.record.job_id == "j_late"
+
+
 # -- the sweep ---------------------------------------------------------------------------------
 
 
