@@ -99,12 +99,8 @@ async def unopened_store(request: pytest.FixtureRequest, tmp_path: object) -> As
     elif request.param == "sqlite":
         made = SqliteStore(f"{tmp_path}/store.db")
     elif request.param == "redis-cluster":
-        # On the cluster, keys spread over its slots; on one Redis, the one-slot layout.
-        made = RedisStore(
-            request.getfixturevalue("redis_cluster"),
-            prefix=f"bstest:{uuid.uuid4().hex[:12]}",
-            per_entity_slots=True,
-        )
+        # On the cluster, keys spread over its slots (a tag per job, user and shard).
+        made = RedisStore(request.getfixturevalue("redis_cluster"), prefix=f"bstest:{uuid.uuid4().hex[:12]}")
     else:
         require_redis()
         prefix = f"bstest:{uuid.uuid4().hex[:12]}"

@@ -37,7 +37,7 @@ async def peer_of(store: Store) -> AsyncIterator[Store]:
         peer = RedisStore(
             store.url.replace("://", "+cluster://") if store.cluster else store.url,
             prefix=store.prefix,
-            per_entity_slots=store.per_entity_slots,
+            frame=store.frame,  # the tests' times are one clock's
         )
     else:
         raise AssertionError(f"{store!r} is one process's store: it has no peer")

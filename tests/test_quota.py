@@ -166,7 +166,7 @@ async def test_ai_sdk_send_past_the_quota_is_an_error_frame() -> None:
 async def redis_store() -> AsyncIterator[RedisStore]:
     require_redis()
     prefix = f"bstest:{uuid.uuid4().hex[:12]}"
-    store = RedisStore(redis_url(), prefix=prefix, per_entity_slots=True)
+    store = RedisStore(redis_url(), prefix=prefix)
     await store.open()
     try:
         yield store

@@ -19,8 +19,8 @@ async def test_two_instances_on_a_cluster(redis_cluster: str) -> None:
     prefix = f"bstest:{uuid.uuid4().hex[:12]}"
     config = Config(drain_timeout=0, flush_ms=20)
     async with (
-        open_runtime(config, store=RedisStore(redis_cluster, prefix=prefix, per_entity_slots=True)) as a,
-        open_runtime(config, store=RedisStore(redis_cluster, prefix=prefix, per_entity_slots=True)) as b,
+        open_runtime(config, store=RedisStore(redis_cluster, prefix=prefix)) as a,
+        open_runtime(config, store=RedisStore(redis_cluster, prefix=prefix)) as b,
     ):
         started = await a.start_job(
             user="alice",

@@ -1,6 +1,7 @@
-"""Jobs and users spread over a Redis Cluster's slots, and every Lua script call of the
-store touches one slot only (read back from the nodes' ``MONITOR``); what a crash
-between two one-slot steps leaves is finished by the next create or ``take_orphans``."""
+"""Jobs, users and shards spread over a Redis Cluster's slots and nodes, and every Lua
+script call of the store touches one slot only (read back from the nodes' ``MONITOR``);
+what a crash between two one-slot steps leaves is finished by the next create or
+``take_orphans``."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from backstream.protocol.events import StatusEvent
 from backstream.protocol.records import NotificationRecord, SharedCapacity
 from backstream.runtime.stores import redis_quota, redis_scripts, redis_seats
 from backstream.runtime.stores.redis import RedisStore
+from backstream.runtime.stores.redis_clock import RedisFrame
+from backstream.runtime.stores.redis_keys import SHARDS
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.test_store_conformance import NOW, progress, record, texts
 
@@ -35,8 +38,8 @@ def _port_of(url: str) -> int:
 
 
 @asynccontextmanager
-async def _opened(url: str, prefix: str, *, per_entity_slots: bool = True) -> AsyncIterator[RedisStore]:
-    store = RedisStore(url, prefix=prefix, per_entity_slots=per_entity_slots)
+async def _opened(url: str, prefix: str, frame: RedisFrame | None = None) -> AsyncIterator[RedisStore]:
+    store = RedisStore(url, prefix=prefix, frame=frame)
     await store.open()
     try:
         yield store
@@ -84,12 +87,15 @@ def _script_calls(files: list[Path]) -> list[tuple[str, list[str]]]:
 
 async def _workload(url: str, prefix: str) -> None:
     """Every script of the store, on two jobs of two users, and a second instance."""
-    async with _opened(url, prefix) as a, _opened(url, prefix) as b:
+    frame = RedisFrame()  # the test's times are one clock's
+    async with _opened(url, prefix, frame) as a, _opened(url, prefix, frame) as b:
         await a.create_job(record("j_a", user="alice", message_id="m", lease_until=NOW + 15), CAPACITY)
         await a.create_job(record("j_b", user="bob", message_id="m", lease_until=NOW + 15), CAPACITY)
         with pytest.raises(CapacityError, match="cluster"):  # the user's step undone
             await a.create_job(record("j_c", user="carol", message_id="m"), CAPACITY)
         await a.commit("j_a", [StatusEvent(seq=1, status="running"), *texts(2, "hi")], progress(2))
+        await a.watch_started("j_a", "w_1", NOW + 2)
+        await a.renew_watches([("j_a", "w_1")], NOW + 3)
         await a.renew_leases("i_a", ["j_a"], NOW + 16)
         ended = progress(3, "completed", finished_at=NOW + 3, expires_at=NOW + 100)
         await a.commit("j_a", [StatusEvent(seq=3, status="completed")], ended)
@@ -108,7 +114,7 @@ async def _workload(url: str, prefix: str) -> None:
         [handover] = await b.take_orphans("i_b", NOW + 20, NOW + 35)  # j_b's lease lapsed
         assert handover.record.job_id == "j_b" and handover.record.owner == "i_b"
         assert await a.stored_bytes("alice") > 0  # charged at create, settled at the end
-        assert await a.delete_expired(NOW + 200) == ["j_a"]  # and released by the sweep
+        assert await b.delete_expired(NOW + 200) == ["j_a"]  # and released by the sweep
         assert await a.stored_bytes("alice") == 0
         assert await a.take_seat("alice", "streams", "s_1", 2, 15)
         assert await b.take_seat("bob", "connections", "s_2", 2, 15)
@@ -138,9 +144,8 @@ async def test_each_script_call_touches_one_slot_and_entities_spread(
         bodies += [redis_seats.SEAT_TAKE, redis_seats.SEAT_RENEW]
         assert {hashlib.sha1(body.encode()).hexdigest() for body in bodies} <= {sha for sha, _ in ours}
 
-        # Two jobs of two users: four slots, and the instance set's a fifth.
-        store = RedisStore(redis_cluster, prefix=prefix, per_entity_slots=True)
-        k = store.keys
+        # Two jobs of two users: four slots, and a shard's a fifth.
+        k = RedisStore(redis_cluster, prefix=prefix).keys
         job_a = await slots_of([k.job("j_a"), k.log("j_a"), k.watching("j_a"), k.notified("j_a", "x")])
         job_b = await slots_of([k.job("j_b"), k.log("j_b")])
         alice = await slots_of(
@@ -155,10 +160,31 @@ async def test_each_script_call_touches_one_slot_and_entities_spread(
             ]
         )
         bob = await slots_of([k.msg("bob", "m"), k.user_running("bob"), k.seats("bob", "connections")])
-        instance = await slots_of([k.running(), k.expiry(), k.outbox(), k.outbox_due()])
-        groups = [job_a, job_b, alice, bob, instance]
+        shard = await slots_of([k.running(3), k.expiry(3), k.expiry_taken(3), k.outbox(3), k.scan(3)])
+        groups = [job_a, job_b, alice, bob, shard]
         assert all(len(group) == 1 for group in groups)
         assert len(set().union(*groups)) == 5
+    await _delete_cluster_prefix(ports, prefix)
+
+
+async def test_jobs_and_shards_land_on_every_primary(redis_cluster: str) -> None:
+    """Keys of one deployment on each of the three primaries: its jobs' and its shards'."""
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    ports = await _node_ports(redis_cluster)
+    async with _opened(redis_cluster, prefix) as store:
+        many = SharedCapacity(now=NOW, lease_until=NOW + 15, max_jobs=100, max_jobs_per_user=100)
+        for i in range(30):
+            await store.create_job(record(f"j_{i}", user=f"u{i % 3}", message_id=f"m{i}"), many)
+    per_node: dict[int, dict[str, int]] = {}
+    for port in ports:
+        async with coredis.Redis(port=port, decode_responses=True) as node:
+            names = [key async for key in node.scan_iter(match="{" + prefix + ":*")]
+        per_node[port] = {
+            kind: sum(1 for name in names if name.startswith("{" + f"{prefix}:{kind}:"))
+            for kind in ("job", "user", "shard")
+        }
+    assert all(counts["job"] > 0 and counts["shard"] > 0 for counts in per_node.values()), per_node
+    assert sum(counts["job"] for counts in per_node.values()) == 30
     await _delete_cluster_prefix(ports, prefix)
 
 
@@ -198,7 +224,7 @@ async def test_a_create_that_stopped_after_its_user_step_is_finished_by_the_next
     assert found is not None and found.job_id == "j_1"
     again, created = await store.create_job(record("j_3", lease_until=NOW + 15), CAPACITY)
     assert not created and again.job_id == "j_1"
-    assert await store.redis.zscore(k.running(), "j_1") == NOW + 15  # its slot is taken
+    assert await store.redis.zscore(k.running(await _shard(store, "j_1")), "j_1") is not None  # slot taken
 
 
 async def test_a_terminal_commit_that_stopped_after_its_first_step_is_finished_by_take_orphans(
@@ -214,17 +240,19 @@ async def test_a_terminal_commit_that_stopped_after_its_first_step_is_finished_b
     )
     # Back to what the job slot's step alone leaves: the running entries still there, the
     # outbox entry only in the record.
-    await store.redis.zadd(k.running(), {"j_1": NOW + 15})
-    await store.redis.zadd(k.user_running("alice"), {"j_1": NOW + 15})
+    shard = await _shard(store, "j_1")
+    lease_at = float(await store.redis.hget(k.job("j_1"), "lease_at") or 0)
+    await store.redis.zadd(k.running(shard), {"j_1": lease_at})
+    await store.redis.zadd(k.user_running("alice"), {"j_1": lease_at})
     await store.delete_outbox(["j_1"])
-    await store.redis.zrem(k.expiry(), ["j_1"])
+    await store.redis.zrem(k.expiry(shard), ["j_1"])
     with pytest.raises(CapacityError):
         await store.create_job(record("j_2", message_id="m2"), one)
 
     assert await store.take_orphans("i_b", NOW + 20, NOW + 35) == []  # ended: nothing to take
     [entry] = await store.claim_outbox("i_b", NOW + 20, NOW + 50, 10)  # unclaimed: any instance
     assert (entry.job_id, entry.status) == ("j_1", "completed")
-    assert await store.redis.zscore(k.expiry(), "j_1") == NOW + 50
+    assert await store.redis.zscore(k.expiry(shard), "j_1") == NOW + 50
     await store.delete_outbox(["j_1"])
     assert await store.take_orphans("i_b", NOW + 30, NOW + 45) == []
     assert await store.claim_outbox("i_b", NOW + 100, NOW + 130, 10) == []  # never written twice
@@ -257,41 +285,54 @@ async def test_a_terminal_commit_whose_later_steps_failed_is_finished_by_its_ret
             k = store.keys
             await store.create_job(record(lease_until=NOW + 15), CAPACITY)
             await store.commit("j_1", [StatusEvent(seq=1, status="running")], progress(1))
-            pattern_job, pattern_instance = "~{" + prefix + ":job:*", "~{" + prefix + "}:*"
-            await store.redis.acl_setuser("default", "resetkeys", pattern_job, pattern_instance)
+            patterns = ["~{" + prefix + ":job:*", "~{" + prefix + ":shard:*", "~{" + prefix + "}:*"]
+            await store.redis.acl_setuser("default", "resetkeys", *patterns)
             ended = progress(2, "completed", finished_at=NOW + 2, expires_at=NOW + 50)
             with pytest.raises(coredis.exceptions.RedisError):
                 await store.commit("j_1", [StatusEvent(seq=2, status="completed")], ended)
             job = await store.get_job("j_1")
             assert job is not None and job.status == "completed"  # the end landed
             assert store.statistics().endings_unfinished == 1
-            assert await store.redis.zscore(k.running(), "j_1") is not None  # listed: found again
+            shard = await _shard(store, "j_1")
+            assert await store.redis.zscore(k.running(shard), "j_1") is not None  # listed: found again
             await store.redis.acl_setuser("default", "allkeys")
 
             await store.commit("j_1", [StatusEvent(seq=2, status="completed")], ended)  # the retry
             assert store.statistics().endings_unfinished == 0
-            assert await store.redis.zscore(k.running(), "j_1") is None
+            assert await store.redis.zscore(k.running(shard), "j_1") is None
             assert await store.redis.zscore(k.user_running("alice"), "j_1") is None
             [entry] = await store.claim_outbox("i_a", NOW + 3, NOW + 33, 10)  # claimed by its owner
             assert (entry.job_id, entry.status) == ("j_1", "completed")
 
 
-async def test_the_default_layout_keeps_the_key_names_deployments_already_hold() -> None:
-    """Without ``per_entity_slots`` a deployment's data stays where it was: every key under
-    the prefix's one tag, with the names it always had; with it, a tag per job and user."""
+async def _shard(store: RedisStore, job_id: str) -> int:
+    """The shard a job's record names."""
+    raw = await store.redis.hget(store.keys.job(job_id), "shard")
+    assert raw is not None
+    return int(raw)
+
+
+async def test_the_layout_names_a_tag_per_job_user_and_shard() -> None:
+    """Every key under a job's, a user's or a shard's tag, or the prefix's own (the marker)."""
     require_redis()
     prefix = f"bstest:{uuid.uuid4().hex[:12]}"
     try:
-        async with _opened(redis_url(), prefix, per_entity_slots=False) as store:
+        async with _opened(redis_url(), prefix) as store:
             await store.create_job(record("j_1", lease_until=NOW + 15), CAPACITY)
             await store.commit("j_1", [StatusEvent(seq=1, status="running"), *texts(2, "hi")], progress(2))
+            shard = await _shard(store, "j_1")
             names = {key async for key in store.redis.scan_iter(match=f"*{prefix}*")}
-        tag = "{" + prefix + "}"
-        assert {f"{tag}:job:j_1", f"{tag}:log:j_1", f"{tag}:msg:5:alice:m1", f"{tag}:running"} <= names
-        assert all(name.startswith(tag + ":") for name in names)
+        job, user = "{" + prefix + ":job:j_1}", "{" + prefix + ":user:alice}"
+        expected = {
+            f"{job}:job:j_1",
+            f"{job}:log:j_1",
+            f"{user}:msg:5:alice:m1",
+            f"{user}:running:5:alice",
+            "{" + f"{prefix}:shard:{shard}" + "}:running",
+            "{" + prefix + "}:layout",
+        }
+        assert expected <= names
+        tags = [job, user, *("{" + f"{prefix}:shard:{i}" + "}" for i in range(SHARDS)), "{" + prefix + "}"]
+        assert all(any(name.startswith(tag + ":") for tag in tags) for name in names), names
     finally:
         await delete_prefix(prefix)
-    sharded = RedisStore(redis_url(), prefix=prefix, per_entity_slots=True).keys
-    assert sharded.job("j_1") == "{" + prefix + ":job:j_1}:job:j_1"
-    assert sharded.msg("alice", "m1") == "{" + prefix + ":user:alice}:msg:5:alice:m1"
-

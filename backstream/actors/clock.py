@@ -17,10 +17,11 @@ __all__ = ["WallClock", "format_time"]
 
 
 class WallClock:
-    """Wall time anchored when created, advanced by ``trio.current_time()``."""
+    """Wall time anchored when created, advanced by ``trio.current_time()``. ``offset``
+    (seconds) is added to the machine's time: a machine whose clock is that far off."""
 
-    def __init__(self) -> None:
-        self._wall_anchor = time.time()
+    def __init__(self, offset: float = 0.0) -> None:
+        self._wall_anchor = time.time() + offset
         self._trio_anchor = trio.current_time()
 
     def now(self) -> float:

@@ -62,13 +62,15 @@ async def open_runtime(
     store: Store | None = None,
     models: Mapping[str, Model] | None = None,
     tools: ToolRegistry | None = None,
+    clock: WallClock | None = None,
 ) -> AsyncIterator[Runtime]:
     """Run a runtime for the duration of the block.
 
     ``tools`` defaults to the built-in tools (``clock_now``, ``calculate``).
     ``store`` defaults to a new ``MemoryStore``. ``models`` maps model names to
     your own ``Model`` implementations (they take precedence over the built-ins
-    and the upstream).
+    and the upstream). ``clock`` is the runtime's wall clock (by default the
+    machine's, moving with trio's clock).
 
     On a normal exit, new starts are refused and running jobs get
     ``config.drain_timeout`` seconds to finish; the rest end ``interrupted``
@@ -78,7 +80,7 @@ async def open_runtime(
     config = config or Config()
     store = store or MemoryStore()
     http: HTTP1Pool | None = open_http_client(config) if config.upstream_url else None
-    clock = WallClock()
+    clock = clock or WallClock()
     notifier = Notifier(store, clock, config.max_notifications_per_user)
     await store.open(on_notification=notifier.deliver_local)  # pushes of every instance
     failure: Exception | None = None

@@ -67,11 +67,7 @@ def make_store(url: str) -> Store:
     if url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
         from backstream.runtime.stores.redis import RedisStore
 
-        return RedisStore(
-            url,
-            prefix=os.environ.get("BACKSTREAM_REDIS_PREFIX", "backstream"),
-            per_entity_slots=os.environ.get("BACKSTREAM_REDIS_KEY_SLOTS", "shared") == "per-entity",
-        )
+        return RedisStore(url, prefix=os.environ.get("BACKSTREAM_REDIS_PREFIX", "backstream"))
     raise ValueError(f"unknown store {url!r}: use memory, sqlite:///PATH or redis://HOST:PORT/DB")
 
 

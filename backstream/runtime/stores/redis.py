@@ -3,11 +3,13 @@
 Keys are named by ``RedisKeyspace`` (``redis_keys``): per job a record (a hash of
 JSON-encoded fields) and a log (a stream with one entry per flush batch, whose id
 is the batch's last seq); per user the idempotency keys, the listing indexes and
-the running set; and the instance-wide running set (scored by lease expiry: the
-cluster-wide capacity count, and where orphans are found), expiry index and outbox.
+the running set; and per shard (``SHARDS``) a running set (scored by lease end on
+Redis's clock: the shard's share of the cluster-wide capacity count, and where
+orphans are found), an expiry index and an outbox. A prefix's key layout is checked
+when the store opens (``redis_layout``).
 
-Every Lua script touches one cluster slot (one job's keys, one user's, or the
-instance set's), so jobs and users spread over a Redis Cluster; what spans them
+Every Lua script touches one cluster slot (one job's keys, one user's, or one
+shard's), so jobs, users and shards spread over a Redis Cluster; what spans them
 (creating a job, the end of a terminal commit, a hand-over, renewing leases) is a
 sequence of such scripts, each idempotent, in the order ``RedisKeyspace`` documents
 (``redis_steps``). A commit is planned in Python (``stores.shared.plan_commit``: which
@@ -17,7 +19,9 @@ writer's; otherwise it answers with the stored ``seq`` and the commit is planned
 again. So a retried commit adds nothing twice, and a log behind the writer (Redis
 back from an older snapshot) is reported, never left with a gap. A terminal commit
 writes its outbox entry into the job's record in the same script; then frees the
-user's and the cluster's slots and indexes the entry. One pub/sub subscriber per instance
+user's and the cluster's slots and indexes the entry. Sweeping, scanning for orphans
+and claiming the outbox go shard by shard, split between instances
+(``redis_housekeeping``). One pub/sub subscriber per instance
 (``RedisSubscriber``) wakes local waiters through the store's ``SignalHub``; every
 wait also polls, with a floor, in case a message was missed.
 
@@ -35,7 +39,6 @@ from typing import Any
 import attrs
 import coredis
 import trio
-from coredis.tokens import PureToken
 
 from backstream.actors.ports import (
     OUTBOX_CLAIM_S,
@@ -61,11 +64,15 @@ from backstream.protocol.records import (
     request_bytes,
 )
 from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
+from backstream.runtime.stores.redis_clock import RedisFrame
+from backstream.runtime.stores.redis_housekeeping import RedisHousekeeping
 from backstream.runtime.stores.redis_keys import RedisKeyspace
+from backstream.runtime.stores.redis_layout import check_layout
 from backstream.runtime.stores.redis_notifications import RedisInbox
 from backstream.runtime.stores.redis_seats import RedisSeats
 from backstream.runtime.stores.redis_steps import (
     OUTBOX_FIELD,
+    SHARD_FIELD,
     Finish,
     RedisSteps,
     decode_record,
@@ -88,9 +95,10 @@ _LIVE_JSON = json.dumps(sorted(LIVE_STATUSES))
 
 @attrs.define
 class _Writing:
-    """A job this process writes: its names (so a commit takes one round trip), its owner
-    (the fence) and the ``seq`` its log had at the last commit seen."""
+    """A job this process writes: its names and shard (so a commit takes one round trip),
+    its owner (the fence) and the ``seq`` its log had at the last commit seen."""
 
+    shard: int
     user: str
     message_id: str
     thread_id: str
@@ -131,25 +139,27 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
 
     inbox: RedisInbox
 
-    def __init__(self, url: str, *, prefix: str = "backstream", per_entity_slots: bool = False) -> None:
+    def __init__(self, url: str, *, prefix: str = "backstream", frame: RedisFrame | None = None) -> None:
         """``redis://HOST:PORT/DB`` or ``rediss://...``; ``redis+cluster://HOST:PORT`` (or
-        ``rediss+cluster://``) for Redis Cluster through coredis' cluster client.
+        ``rediss+cluster://``) for Redis Cluster through coredis' cluster client. Each
+        job's, user's and shard's keys have a hash tag of their own (``RedisKeyspace``);
+        ``open`` refuses a prefix that holds an earlier layout's data.
 
-        ``per_entity_slots``: each job's and each user's keys get a hash tag of their own,
-        so that a Redis Cluster spreads them over its shards (``RedisKeyspace``). Off, every
-        key shares the prefix's one slot, as in every deployment before it: choose it for a
-        new prefix, since data under one layout is not found under the other."""
-        self._conn = RedisConnection(url, prefix, per_entity_slots=per_entity_slots)
-        self.per_entity_slots = per_entity_slots
+        ``frame``: how the times this store is given map to Redis's clock (``RedisFrame``);
+        by default its own, anchored at its first call. Stores that are given times of one
+        clock may share one (tests that stand for several instances with synthetic times)."""
+        self._conn = RedisConnection(url, prefix)
         self.cluster = self._conn.cluster
         self.url = self._conn.url
         self.prefix = prefix
         self.keys: RedisKeyspace = self._conn.keys
         self.hub = SignalHub()
         self.subscriber = RedisSubscriber(self._conn, self.hub)
-        self.inbox = RedisInbox(self._conn)
+        self.frame = frame or RedisFrame()
+        self.inbox = RedisInbox(self._conn, self.frame)
         self.seats = RedisSeats(self._conn)
-        self._steps = RedisSteps(self._conn)
+        self._steps = RedisSteps(self._conn, self.frame)
+        self._housekeeping = RedisHousekeeping(self._conn, self._steps, self.hub)
         self._writing: dict[str, _Writing] = {}
         self._finishing: dict[str, Finish] = {}
         """Terminal commits whose later steps did not land yet: the job's next commit (a
@@ -184,8 +194,15 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
     # -- lifecycle ----------------------------------------------------------------------
 
     async def open(self, *, on_notification: NotificationListener | None = None) -> None:
+        """Connect, then check the prefix's key layout (``StoreLayoutError``: the prefix
+        holds an earlier layout's data). Cancellation: nothing stays open."""
         self.subscriber.on_notification = on_notification
         await self._conn.open()
+        try:
+            await check_layout(self._conn)
+        except BaseException:
+            await self._conn.aclose()
+            raise
 
     async def aclose(self) -> None:
         """Close the connections; waits under way raise ``StoreClosedError``.
@@ -214,9 +231,9 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
     ) -> tuple[JobRecord, bool]:
         """Three one-slot steps (``RedisSteps.create``). Cancellation: the job may or may
         not exist; creating it again finds it, or finishes making it."""
-        found, created = await self._steps.create(record, capacity, max_stored_bytes)
+        found, created, shard = await self._steps.create(record, capacity, max_stored_bytes)
         if created:
-            self._writing[found.job_id] = _writing_of(found)
+            self._writing[found.job_id] = _writing_of(found, shard)
         return found, created
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -241,10 +258,9 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
             return
         writing = self._writing.get(job_id)
         if writing is None:
-            record = await self.get_job(job_id)
-            if record is None:
+            writing = await self._read_writing(job_id)
+            if writing is None:
                 return  # the store no longer holds it (swept, or Redis lost it): watchers get gone
-            writing = _writing_of(record)
         terminal = is_terminal(progress.status)
         try:
             for attempt in range(3):
@@ -291,11 +307,13 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         except BaseException:  # an outage or a cancellation: the retry, or the keeper, ends it
             self._finishing[step.job_id] = step
             raise
+        self._housekeeping.wrote_entry(step.shard, step.owner)
         self.hub.ring(OUTBOX_BELL)
 
     def _finish_of(self, job_id: str, writing: _Writing, progress: JobProgress, logged: int) -> Finish:
         return Finish(
             job_id,
+            writing.shard,
             progress.seq,
             writing.user,
             writing.message_id,
@@ -395,27 +413,10 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         return out
 
     async def delete_expired(self, now: float) -> list[str]:
-        k = self.keys
-        expired = await self._call(
-            self.redis.zrange(k.expiry(), float("-inf"), now, sortby=PureToken.BYSCORE, offset=0, count=1000)
-        )
-        deleted: list[str] = []
-        for job_id in map(str, expired):
-            record = await self.get_job(job_id)
-            if record is not None:
-                if record.expires_at is not None and record.expires_at > now:
-                    continue  # a newer expiry (it was restarted from scratch); leave it
-                # The user's slot first: an index never names a job the sweep deleted.
-                await self._call(self.redis.delete([k.msg(record.user, record.message_id)]))
-                await self._call(self.redis.zrem(k.user_index(record.user), [job_id]))
-                await self._call(self.redis.zrem(k.thread_index(record.user, record.thread_id), [job_id]))
-                await self._steps.quota.release(record.user, job_id)  # once: it holds none after
-            await self._call(self.redis.delete([k.job(job_id), k.log(job_id)]))
-            await self._call(self.redis.zrem(k.expiry(), [job_id]))
-            await self.delete_outbox([job_id])  # undelivered by now: dropped with its job
-            deleted.append(job_id)
-            self.hub.signal_job(job_id)
-        return deleted
+        """Shard by shard, in batches that no other instance's sweep takes too
+        (``RedisHousekeeping.sweep``). Cancellation: a batch taken but not deleted is taken
+        again once its claim lapses."""
+        return await self._housekeeping.sweep(now)
 
     # -- aborts and decisions through any instance ------------------------------------------
 
@@ -454,15 +455,18 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         if not job_ids:
             await trio.lowlevel.checkpoint()
             return
-        jobs: list[tuple[str, str | None]] = []
+        jobs: list[tuple[str, str, int]] = []
         for job_id in job_ids:
-            writing = self._writing.get(job_id)
-            jobs.append((job_id, writing.user if writing is not None else await self._user_of(job_id)))
+            writing = self._writing.get(job_id) or await self._read_writing(job_id)
+            if writing is not None:
+                jobs.append((job_id, writing.user, writing.shard))
         await self._steps.renew(owner, jobs, until)
 
-    async def _user_of(self, job_id: str) -> str | None:
-        raw = await self._call(self.redis.hget(self.keys.job(job_id), "user"))
-        return None if raw is None else str(json.loads(raw))
+    async def _read_writing(self, job_id: str) -> _Writing | None:
+        """What a commit or a renewal needs of a job this process does not write yet."""
+        raw = await self._call(self.redis.hgetall(self.keys.job(job_id)))
+        record = decode_record(raw)
+        return None if record is None else _writing_of(record, _shard_in(raw, job_id))
 
     async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
         """The running set lists lapsed leases; each job is taken in its slot by one script
@@ -474,76 +478,79 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         for job_id, step in list(self._finishing.items()):
             await self._steps.finish(step, first=False)
             del self._finishing[job_id]
-        candidates = await self._call(
-            self.redis.zrange(self.keys.running(), float("-inf"), now, sortby=PureToken.BYSCORE)
-        )
         taken: list[Handover] = []
-        for job_id in map(str, candidates):
-            handover = await self._take_over(job_id, owner, now, lease_until)
+        for job_id, shard in await self._housekeeping.lapsed(owner, now, lease_until):
+            handover = await self._take_over(job_id, shard, owner, now, lease_until)
             if handover is not None:
                 taken.append(handover)
         return taken
 
-    async def _take_over(self, job_id: str, owner: str, now: float, lease_until: float) -> Handover | None:
-        record = await self.get_job(job_id)
+    async def _take_over(
+        self, job_id: str, shard: int, owner: str, now: float, lease_until: float
+    ) -> Handover | None:
+        raw = await self._call(self.redis.hgetall(self.keys.job(job_id)))
+        record = decode_record(raw)
+        if record is not None and _shard_in(raw, job_id) != shard:
+            # An entry a create's retry left in another shard than the record names.
+            await self._call(self.redis.zrem(self.keys.running(shard), [job_id]))
+            return None
         if record is not None and record.owner == owner and job_id in self._writing:
             # The caller runs it (this store still writes it): not an orphan, whatever its
             # lease says. A renewal that a frozen Redis held up lands with a lease that may
             # have lapsed since. (A job of the caller's that it gave up writing is one.)
             return None
-        args = [repr(now), _LIVE_JSON, json.dumps(owner), json.dumps(lease_until)]
-        epoch = int(await self._conn.script("handover", [self.keys.job(job_id)], args))
+        frame = self._steps.frame
+        args = [frame.ahead(now), _LIVE_JSON, json.dumps(owner), json.dumps(lease_until)]
+        args.append(frame.ahead(lease_until))
+        reply = await self._conn.script("handover", [self.keys.job(job_id)], args)
+        epoch = int(reply[0])
         if epoch == -1 or record is None:  # gone (or made since the read: next round)
             if epoch == -1:
-                await self._call(self.redis.zrem(self.keys.running(), [job_id]))
+                await self._call(self.redis.zrem(self.keys.running(shard), [job_id]))
             return None
         if epoch == -2:
-            await self._steps.repair_ended(record)
+            await self._steps.repair_ended(record, shard)
+            self._housekeeping.wrote_entry(shard, "")
             return None
         if epoch == 0:
             return None
-        await self._steps.follow_lease(job_id, record.user, lease_until, only_existing=False)
+        await self._steps.follow_lease(job_id, record.user, shard, str(reply[1]), only_existing=False)
         # Read again: the old writer may have committed since the read above, and is
         # fenced off from now on, so this is the job as handed over.
         taken = await self.get_job(job_id)
         if taken is None:
             return None
         entries = await self.read(job_id, 0, taken.seq)
-        self._writing[job_id] = _writing_of(taken)
+        self._writing[job_id] = _writing_of(taken, shard)
         return Handover(taken, tuple(entries))
 
     # -- the outbox ------------------------------------------------------------------------
 
     async def claim_outbox(self, owner: str, now: float, until: float, limit: int) -> list[OutboxEntry]:
-        """One script (``CLAIM``): the owner's entries first, then lapsed claims.
-        Cancellation: the script ran entirely or not at all."""
-        k = self.keys
-        keys = [k.outbox(), k.outbox_due(), k.outbox_claims(), k.outbox_owned(owner)]
-        args = [repr(now), repr(until), str(limit), owner, str(ms(SAFETY_TTL_S))]
-        reply = await self._conn.script("claim", keys, args)
-        return [outbox_from_json(str(entry)) for entry in reply]
+        """One script per shard visited (``CLAIM``: the owner's entries first, then lapsed
+        claims; ``RedisHousekeeping.claim`` says which shards). Cancellation: each shard's
+        script ran entirely or not at all."""
+        claimed = await self._housekeeping.claim(owner, now, until, limit)
+        return [outbox_from_json(entry) for _, entry in claimed]
 
     async def delete_outbox(self, job_ids: Sequence[str]) -> None:
         """An owner's set of claims keeps a deleted id until its next claim drops it.
         Cancellation: some may be deleted; the rest are carried out again (idempotent)."""
-        if not job_ids:
-            await trio.lowlevel.checkpoint()
-            return
-        k, ids = self.keys, list(job_ids)
-        await self._call(self.redis.hdel(k.outbox(), ids))
-        await self._call(self.redis.zrem(k.outbox_due(), ids))
-        await self._call(self.redis.hdel(k.outbox_claims(), ids))
+        await self._housekeeping.delete_outbox(list(job_ids))
 
     async def wait_outbox(self, timeout: float) -> None:
         """Woken by this process's terminal commits (their entries start claimed by their
-        job's owner, this instance); another instance's lapsed claims are found after
-        ``timeout``. Cancellation: safe."""
+        job's owner, this instance); after ``timeout`` the next claim visits every shard
+        (another instance's lapsed claims). Cancellation: safe."""
+        started = trio.current_time()
         await self.hub.wait_bell(OUTBOX_BELL, timeout)
+        if trio.current_time() - started >= timeout:
+            self._housekeeping.wait_timed_out()
 
 
-
-def _writing_of(record: JobRecord) -> _Writing:
+def _writing_of(record: JobRecord, shard: int) -> _Writing:
     return _Writing(
+        shard,
         record.user,
         record.message_id,
         record.thread_id,
@@ -551,3 +558,9 @@ def _writing_of(record: JobRecord) -> _Writing:
         record.seq,
         request_bytes(record.request),
     )
+
+
+def _shard_in(raw: dict[str, str], job_id: str) -> int:
+    """The shard a job's record names (its home shard for a record written without one)."""
+    value = raw.get(SHARD_FIELD)
+    return RedisKeyspace.home_shard(job_id) if value is None else int(value)

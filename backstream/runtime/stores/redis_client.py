@@ -45,6 +45,9 @@ _SCRIPTS = {
     "notify_claim": scripts.NOTIFY_CLAIM,
     "notify_insert": scripts.NOTIFY_INSERT,
     "claim": scripts.CLAIM,
+    "expiry_take": scripts.EXPIRY_TAKE,
+    "scan": scripts.SCAN,
+    "watch": scripts.WATCH,
     **redis_quota.SCRIPTS,
 }
 
@@ -56,10 +59,10 @@ def ms(seconds: float) -> int:
 class RedisConnection:
     """Opened once by the store; ``client`` raises ``StoreClosedError`` once closed."""
 
-    def __init__(self, url: str, prefix: str, *, per_entity_slots: bool = False) -> None:
+    def __init__(self, url: str, prefix: str) -> None:
         self.cluster = "+cluster://" in url
         self.url = url.replace("+cluster://", "://")
-        self.keys = RedisKeyspace(prefix, per_entity_slots=per_entity_slots)
+        self.keys = RedisKeyspace(prefix)
         self.scripts: dict[str, Any] = {}
         self._client: coredis.Redis[str] | coredis.RedisCluster[str] | None = None
         self._stack: contextlib.AsyncExitStack | None = None

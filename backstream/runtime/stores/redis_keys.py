@@ -1,24 +1,33 @@
 """``RedisKeyspace``: the one place that names every key and channel of ``RedisStore``
 and decides which cluster slot (hash tag) each lands in.
 
-User-chosen ids are length-prefixed so that they cannot collide. Keys are grouped
-by entity; with ``per_entity_slots`` each entity has a hash tag of its own, so that
-jobs and users spread over a Redis Cluster's slots while every Lua script touches one
-slot only. Without it (the default, and the layout of every deployment before it), every
-key carries the store's one tag ``{p}``: the same key names as ever, all in one slot, and
-the same scripts run unchanged. The layout is chosen per deployment (a prefix): data
-written under one layout is not found under the other.
+The layout (version ``LAYOUT``, recorded in the marker key ``{p}:layout`` at the first
+open of a prefix): keys are grouped by entity, each entity with a hash tag of its own,
+so that jobs and users spread over a Redis Cluster's slots while every Lua script
+touches one slot only. User-chosen ids are length-prefixed so that they cannot collide.
 
 - per job (``{p:job:ID}``): ``job`` (its record; a terminal commit also leaves its
-  outbox entry there, field ``outbox``), ``log``, ``watching``, ``seen``, ``notified``;
+  outbox entry there, field ``outbox``; hidden fields ``lease_at``, the lease's end on
+  Redis's clock, and ``shard``, the job's shard), ``log``, ``watching``, ``seen``,
+  ``notified``;
 - per user (``{p:user:USER}``): ``msg`` (the idempotency key), ``user_index``,
   ``thread_index``, ``user_running`` (the per-user capacity count), ``muted``, ``inbox``,
   ``seats`` (per kind: the user's open streams, connections; ``redis_seats``), and the
   quota of stored bytes (``redis_quota``): ``stored_bytes``, ``stored_charges``,
   ``stored_lapse``;
-- the instance set (``{p}``): ``running`` (the cluster-wide capacity count and the list
-  of leases, where orphans and unfinished terminal commits are found), ``expiry``,
-  ``outbox``, ``outbox_due``, ``outbox_claims``, ``outbox_owned``, and every channel.
+- per shard (``{p:shard:N}``, ``SHARDS`` of them; a job's shard is chosen when it is
+  created, the one of its id's hash unless that one is full, and kept in its record):
+  ``running`` (the shard's running jobs scored by lease end on Redis's clock: its share of
+  the cluster-wide capacity count, and where orphans are found), ``expiry`` and
+  ``expiry_taken`` (finished jobs by expiry; those a sweep took, by the end of its claim),
+  ``outbox``, ``outbox_due``, ``outbox_claims``, ``outbox_owned``, ``scan`` (who scans the
+  shard for orphans, until when);
+- the store's own tag (``{p}``): the ``layout`` marker and every channel.
+
+Capacity: ``max_jobs`` is split over the shards (``shard_budget``: the shares add up to
+it), and a start takes a slot in the first shard of its order (its hash's, then the
+next) that has room; so starts spread over the shards' keys, the total never exceeds
+``max_jobs``, and a start is refused only once every shard was found full.
 
 What spans entities is a sequence of one-slot scripts, each idempotent, in an order
 that leaves nothing a reader would misreport (``redis_steps``):
@@ -26,53 +35,73 @@ that leaves nothing a reader would misreport (``redis_steps``):
 - create: (1) user slot: the idempotency key (``SET`` unless another job has it) and the
   user's running entry, checked against the per-user limit; then, in the same slot, the
   request's bytes checked against the user's quota and charged (a refusal undoes the
-  first user step; a retry finds the charge made and makes none); (2) instance set: the
-  running entry, checked against the cluster-wide limit (a refusal undoes step 1);
-  (3) job slot: the record, unless it exists (who writes it is who inserted). The
-  record comes last, so nobody sees a job before its slots are taken. A crash after
-  (1) leaves the idempotency key naming a job with no record: the next create with
-  that message id finishes that job's steps (under its id) instead of starting
-  another; the user's running entry lapses with its lease meanwhile (its charge a day
-  after its creation, should no create ever finish it). A crash after
-  (2) leaves a running entry without a record: the keeper's ``take_orphans`` drops it
-  once its lease lapses.
-- terminal commit: (1) job slot: entries, status and the outbox entry (one atomic
-  step: the end and its effect are never apart; the log's stored bytes are summed on
-  the record as each batch lands); (2) user slot: the user's running entry removed,
-  then the job's charge set to its request and its log (only while it holds one: a
-  charge the sweep released is never made again); (3) instance set: the outbox entry
-  indexed (claimed by the writer), the expiry entry added, the running entry removed,
-  and the commit announced on the job's channel (a watcher woken by it finds the slots
-  freed too); last, so the running set still lists a job whose terminal commit stopped
-  after (1) or (2). The writer's next commit of the job (a retry) or, once the old
-  lease lapsed, the keeper's ``take_orphans`` runs (2) and (3) again from the record:
-  removals are idempotent, the charge is set (not added), and (3) writes the outbox
-  entry only while the job is still in the running set.
-- the sweep: per expired job, the user slot first (the idempotency key, the indexes,
-  then the job's charge released: it holds none afterwards, so nothing is released
-  twice), then the job's keys, then its expiry entry.
-- hand-over: the running set lists lapsed leases; the job slot's script takes the job
-  (owner, lease, epoch + 1) atomically; then the running entries follow the new lease
-  (if that step is lost, the new owner's next renewal moves them).
+  first user step; a retry finds the charge made and makes none); (2) a shard: the running
+  entry, checked against the shard's share of the cluster-wide limit (shard after shard
+  until one has room; refused by all, step 1 is undone); (3) job slot: the record, with
+  its shard and lease, unless it exists (who writes it is who inserted). The record
+  comes last, so nobody sees a job before its slots are taken. A crash after (1) leaves
+  the idempotency key naming a job with no record: the next create with that message id
+  finishes that job's steps (under its id) instead of starting another; the user's
+  running entry lapses with its lease meanwhile (its charge a day after its creation,
+  should no create ever finish it). A crash after (2) leaves a running
+  entry without a record: ``take_orphans`` drops it once its lease lapses (and one in
+  another shard than the record names, left by such a retry, likewise).
+- terminal commit: (1) job slot: entries, status and the outbox entry (one atomic step:
+  the end and its effect are never apart; the log's stored bytes are summed on the
+  record as each batch lands); (2) user slot: the user's running entry removed, then the
+  job's charge set to its request and its log (only while it holds one: a charge the
+  sweep released is never made again); (3) the job's shard: the outbox entry indexed
+  (claimed by the writer), the expiry entry added, the running entry removed, and the
+  commit announced on the job's channel (a watcher woken by it finds the slots freed
+  too); last, so the shard still lists a job whose terminal commit stopped after (1) or
+  (2). The writer's next commit of the job (a retry) or, once the old lease lapsed, the
+  keeper's ``take_orphans`` runs (2) and (3) again from the record: removals are
+  idempotent, the charge is set (not added), and (3) writes the outbox entry only while
+  the job is still in the running set.
+- the sweep: per batch of expired jobs a shard gave it, the users' slots first (the
+  idempotency keys, the indexes, then the jobs' charges released: they hold none
+  afterwards, so nothing is released twice), then the jobs' keys and shard entries.
+- hand-over: a shard's running set lists lapsed leases; the job slot's script takes the
+  job (owner, lease, epoch + 1) atomically; then the running entries follow the new
+  lease (if that step is lost, the new owner's next renewal moves them).
 - lease renewal: per job (owner checked in its slot), then the running entries.
 - a notification: the thread's mute is read (user slot); the job slot's script checks
   that nobody watches and marks the job notified (never twice); the user slot's script
   adds it to the inbox and publishes it.
+
+Leases and watch presence are on Redis's clock: the scripts read ``TIME`` (see
+``redis_clock``).
 """
 
 from __future__ import annotations
 
-__all__ = ["RedisKeyspace"]
+import zlib
+
+__all__ = ["LAYOUT", "SHARDS", "RedisKeyspace", "shard_budget"]
+
+LAYOUT = "2"
+"""The layout this module names (the marker's value). 1, never written: one tag ``{p}``
+for every key (or, opted into, per-entity tags with the running set, expiry and outbox
+in ``{p}``)."""
+
+SHARDS = 16
+"""Shards of the running set, expiry index and outbox. Part of the layout: a prefix's
+jobs are found only with the number they were written with."""
+
+
+def shard_budget(max_jobs: int, shard: int) -> int:
+    """Shard ``shard``'s share of ``max_jobs``: the shares differ by one at most and add up
+    to ``max_jobs`` (with fewer jobs than shards, the last shards have none)."""
+    return max_jobs // SHARDS + (1 if shard < max_jobs % SHARDS else 0)
 
 
 class RedisKeyspace:
-    def __init__(self, prefix: str, *, per_entity_slots: bool = False) -> None:
+    def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.tag = "{" + prefix + "}"
-        self.per_entity_slots = per_entity_slots
 
     def _k(self, *parts: str) -> str:
-        """A key of the instance set: the store's own tag (one slot)."""
+        """A key of the store's own tag (the layout marker, the channels)."""
         return ":".join((self.tag, *parts))
 
     def _of_job(self, job_id: str, *parts: str) -> str:
@@ -81,18 +110,32 @@ class RedisKeyspace:
     def _of_user(self, user: str, *parts: str) -> str:
         return ":".join((self.slot_tag("user", user), *parts))
 
+    def _of_shard(self, shard: int, *parts: str) -> str:
+        return ":".join((self.slot_tag("shard", str(shard)), *parts))
+
     @staticmethod
     def _named(name: str) -> str:
         return f"{len(name)}:{name}"
 
     def slot_tag(self, kind: str, name: str) -> str:
-        """The hash tag of an entity's keys (``kind``: ``job`` or ``user``): with
-        ``per_entity_slots`` one slot per job and per user (a name holding ``}`` ends the
-        tag early: still the same tag for every key of that entity, which is all a script
-        needs); otherwise the store's one tag."""
-        if not self.per_entity_slots:
-            return self.tag
+        """The hash tag of an entity's keys (``kind``: ``job``, ``user`` or ``shard``): one
+        slot per job, per user and per shard (a name holding ``}`` ends the tag early: still
+        the same tag for every key of that entity, which is all a script needs)."""
         return "{" + f"{self.prefix}:{kind}:{name}" + "}"
+
+    @staticmethod
+    def home_shard(job_id: str) -> int:
+        """The shard a job tries first (its id's hash): starts spread evenly."""
+        return zlib.crc32(job_id.encode()) % SHARDS
+
+    def layout(self) -> str:
+        """The marker: ``LAYOUT``, written at the first open of the prefix."""
+        return self._k("layout")
+
+    def earlier_layout_keys(self) -> list[str]:
+        """Keys that only an earlier layout writes (its instance set): present without the
+        marker, the prefix holds data this layout would not find."""
+        return [self._k("running"), self._k("expiry"), self._k("outbox"), self._k("outbox", "due")]
 
     # -- per job -----------------------------------------------------------------------
 
@@ -159,32 +202,41 @@ class RedisKeyspace:
         """A sorted set of the user's seats of ``kind`` scored by lease expiry (Redis time, ms)."""
         return self._of_user(user, "seats", self._named(user), kind)
 
-    # -- the instance set ----------------------------------------------------------------
+    # -- per shard ---------------------------------------------------------------------
 
-    def running(self) -> str:
-        """Running jobs scored by lease expiry: the cluster-wide capacity count, and where
-        orphans are found."""
-        return self._k("running")
+    def running(self, shard: int) -> str:
+        """The shard's running jobs scored by lease end (Redis's clock): its share of the
+        cluster-wide capacity count, and where orphans are found."""
+        return self._of_shard(shard, "running")
 
-    def expiry(self) -> str:
+    def expiry(self, shard: int) -> str:
         """Finished jobs by expiry time."""
-        return self._k("expiry")
+        return self._of_shard(shard, "expiry")
 
-    def outbox(self) -> str:
+    def expiry_taken(self, shard: int) -> str:
+        """Expired jobs a sweep took, scored by the end of its claim (Redis's clock): taken
+        again by any sweep once it lapses (its sweeper died)."""
+        return self._of_shard(shard, "expiry", "taken")
+
+    def scan(self, shard: int) -> str:
+        """Who scans the shard for orphans, and until when."""
+        return self._of_shard(shard, "scan")
+
+    def outbox(self, shard: int) -> str:
         """A hash: job id → the ``OutboxEntry`` its terminal commit left (JSON)."""
-        return self._k("outbox")
+        return self._of_shard(shard, "outbox")
 
-    def outbox_due(self) -> str:
+    def outbox_due(self, shard: int) -> str:
         """A sorted set: job id → when the claim on its outbox entry lapses."""
-        return self._k("outbox", "due")
+        return self._of_shard(shard, "outbox", "due")
 
-    def outbox_claims(self) -> str:
+    def outbox_claims(self, shard: int) -> str:
         """A hash: job id → the instance that claims its outbox entry."""
-        return self._k("outbox", "by")
+        return self._of_shard(shard, "outbox", "by")
 
-    def outbox_owned(self, owner: str) -> str:
+    def outbox_owned(self, shard: int, owner: str) -> str:
         """A set: the outbox entries an instance claimed (stale ids dropped at its next claim)."""
-        return self._k("outbox", "owner", self._named(owner))
+        return self._of_shard(shard, "outbox", "owner", self._named(owner))
 
     # -- channels ------------------------------------------------------------------------
 

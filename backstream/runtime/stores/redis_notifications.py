@@ -1,7 +1,8 @@
 """Watch presence, mutes and notifications of ``RedisStore``, shared by every instance.
 
 Keys and channel are named by ``RedisKeyspace`` (``watching``, ``seen``, ``muted``,
-``notified``, ``inbox`` and the ``notifications`` channel).
+``notified``, ``inbox`` and the ``notifications`` channel). Watch presence is on Redis's
+clock, as leases are (``RedisFrame``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import json
 from collections.abc import Sequence
 
 import attrs
-from coredis.tokens import PureToken
 
 from backstream.actors.ports import Inbox, seen_end_counts
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
+from backstream.runtime.stores.redis_clock import RedisFrame
 
 __all__ = ["RedisInbox"]
 
@@ -22,13 +23,15 @@ __all__ = ["RedisInbox"]
 class RedisInbox(Inbox):
     """The ``Inbox`` port on a ``RedisConnection`` (``RedisStore`` forwards to it)."""
 
-    def __init__(self, conn: RedisConnection) -> None:
+    def __init__(self, conn: RedisConnection, frame: RedisFrame) -> None:
         self._conn = conn
         self._keys = conn.keys
+        self._frame = frame
 
     async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
         """Cancellation: the watch may or may not be recorded; it lapses at ``until``."""
-        await self._conn.call(self._conn.client.zadd(self._keys.watching(job_id), {watch_id: until}))
+        args = [watch_id, self._frame.ahead(until), ""]
+        await self._conn.script("watch", [self._keys.watching(job_id)], args)
 
     async def watch_ended(self, job_id: str, watch_id: str, *, saw_end: bool) -> None:
         """Cancellation: the presence lapses by itself at its ``until``."""
@@ -39,10 +42,12 @@ class RedisInbox(Inbox):
     async def renew_watches(self, watches: Sequence[tuple[str, str]], until: float) -> None:
         """One pipeline. Cancellation: some may be renewed; the next renewal catches up."""
 
+        ahead, script = self._frame.ahead(until), self._conn.scripts["watch"]
+
         async def renew() -> None:
             async with self._conn.client.pipeline(transaction=False) as pipe:
                 for job_id, watch_id in watches:
-                    pipe.zadd(self._keys.watching(job_id), {watch_id: until}, condition=PureToken.XX)
+                    script(keys=[self._keys.watching(job_id)], args=[watch_id, ahead, "XX"], client=pipe)
 
         await self._conn.call(renew())
 
@@ -55,7 +60,11 @@ class RedisInbox(Inbox):
         if await self._conn.call(self._conn.client.sismember(k.muted(n.user), n.thread_id)):
             return False
         claim_keys = [k.watching(n.job_id), k.notified(n.job_id, n.type), k.seen(n.job_id)]
-        claim_args = [repr(now), "1" if seen_end_counts(n.type) else "0", str(ms(SAFETY_TTL_S * 24))]
+        claim_args = [
+            self._frame.at(now),
+            "1" if seen_end_counts(n.type) else "0",
+            str(ms(SAFETY_TTL_S * 24)),
+        ]
         if not await self._conn.script("notify_claim", claim_keys, claim_args):
             return False
         payload = json.dumps(attrs.asdict(n), separators=(",", ":"))

@@ -81,15 +81,21 @@ return 1
 )
 
 # ARGV: job id. Releases and deletes its charge; returns 1 if it held one.
+# ARGV: the jobs' ids (one user's). Returns how many held a charge (each released once).
 RELEASE = (
     _ADD
     + """
-redis.call('ZREM', KEYS[3], ARGV[1])
-local held = redis.call('HGET', KEYS[2], ARGV[1])
-if not held then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-add(-tonumber(held))
-return 1
+local released = 0
+for _, id in ipairs(ARGV) do
+  redis.call('ZREM', KEYS[3], id)
+  local held = redis.call('HGET', KEYS[2], id)
+  if held then
+    redis.call('HDEL', KEYS[2], id)
+    add(-tonumber(held))
+    released = released + 1
+  end
+end
+return released
 """
 )
 
@@ -123,9 +129,11 @@ class RedisQuota:
         args = [job_id, str(charge), repr(lapses_at)]
         await self._conn.script("quota_settle", self._keys(user), args)
 
-    async def release(self, user: str, job_id: str) -> None:
-        """Release the job's charge, once. Cancellation: released or not; repeat it."""
-        await self._conn.script("quota_release", self._keys(user), [job_id])
+    async def release(self, user: str, *job_ids: str) -> None:
+        """Release the jobs' charges (of one user), each once. Cancellation: released or
+        not; repeat it."""
+        if job_ids:
+            await self._conn.script("quota_release", self._keys(user), list(job_ids))
 
     async def stored_bytes(self, user: str) -> int:
         """The sum of the user's charges (lapsed ones included until the next create).

@@ -1,13 +1,17 @@
 """The Lua scripts of ``RedisStore``: each runs atomically on the server.
 
 Every script touches the keys of one cluster slot only (one job's, one user's, or
-the instance set's: ``RedisKeyspace``); what spans entities is a sequence of them,
+one shard's: ``RedisKeyspace``); what spans entities is a sequence of them,
 run in the order ``redis_steps`` gives and documented in ``redis_keys``. Key and
 argument layouts are documented here and at the call sites. The scripts hold no
 policy of their own: which statuses are terminal or live, what an interrupted job's
 last entry says and which entries a commit appends are decided in Python
 (``protocol.lifecycle``, ``stores.shared``) and passed in; a script only checks that
 the job is still where Python saw it (its ``seq``, its owner) and applies the change.
+
+Leases (running entries, a job's ``lease_at``, outbox and sweep claims) are on Redis's
+clock: a script reads ``TIME`` and adds what the caller says is ahead of its present
+(``RedisFrame.ahead``: an ``ahead`` argument below is such a number of seconds).
 """
 
 __all__ = [
@@ -17,47 +21,71 @@ __all__ = [
     "CREATE_RESERVE",
     "CREATE_UNDO",
     "CREATE_USER",
+    "EXPIRY_TAKE",
     "FINISH_INSTANCE",
     "FINISH_USER",
     "HANDOVER",
     "NOTIFY_CLAIM",
     "NOTIFY_INSERT",
     "RENEW",
+    "SCAN",
+    "WATCH",
 ]
 
-# -- create: user slot, then instance set, then job slot ------------------------------------
+# ``clock(ahead)``: Redis's time plus ``ahead`` seconds; ``stamp(t)``: ``t`` as a score
+# (microseconds kept).
+_CLOCK = """
+local function clock(ahead)
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ahead)
+end
+local function stamp(t) return string.format('%.6f', t) end
+"""
+
+# -- create: user slot, then a shard, then job slot ---------------------------------------------
 
 # User slot. KEYS: msg, user index, thread index, user running. ARGV: job id, created at,
-# now, the per-user limit, the lease ('' for the last three: no capacity is taken).
+# now (ahead), the per-user limit, the lease's end (ahead) ('' for the last three: no
+# capacity is taken).
 # Returns the other job's id if the message id is taken by one, '!user' past the limit,
 # '' when the key is this job's (again, for a retry: an entry that still counts is not
 # counted twice).
-CREATE_USER = """
+CREATE_USER = (
+    _CLOCK
+    + """
 local existing = redis.call('GET', KEYS[1])
 if existing and existing ~= ARGV[1] then return existing end
 if ARGV[3] ~= '' then
+  local now = clock(ARGV[3])
   local held = redis.call('ZSCORE', KEYS[4], ARGV[1])
-  if not held or tonumber(held) < tonumber(ARGV[3]) then
-    if redis.call('ZCOUNT', KEYS[4], ARGV[3], '+inf') >= tonumber(ARGV[4]) then return '!user' end
+  if not held or tonumber(held) < now then
+    if redis.call('ZCOUNT', KEYS[4], stamp(now), '+inf') >= tonumber(ARGV[4]) then return '!user' end
   end
-  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+  redis.call('ZADD', KEYS[4], stamp(clock(ARGV[5])), ARGV[1])
 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return ''
 """
+)
 
-# Instance set. KEYS: running. ARGV: job id, now, the cluster-wide limit, the lease.
-# Returns '!server' past the limit, '' once the job holds a running entry.
-CREATE_RESERVE = """
+# A shard. KEYS: its running set. ARGV: job id, now (ahead), the shard's share of the
+# cluster-wide limit, the lease's end (ahead). Returns '!full' when the shard has no room,
+# else the lease's end on Redis's clock (the job holds a running entry until then).
+CREATE_RESERVE = (
+    _CLOCK
+    + """
+local now = clock(ARGV[2])
 local held = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not held or tonumber(held) < tonumber(ARGV[2]) then
-  if redis.call('ZCOUNT', KEYS[1], ARGV[2], '+inf') >= tonumber(ARGV[3]) then return '!server' end
+if not held or tonumber(held) < now then
+  if redis.call('ZCOUNT', KEYS[1], stamp(now), '+inf') >= tonumber(ARGV[3]) then return '!full' end
 end
-redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
-return ''
+local lease = stamp(clock(ARGV[4]))
+redis.call('ZADD', KEYS[1], lease, ARGV[1])
+return lease
 """
+)
 
 # User slot: CREATE_USER undone (the cluster was full). KEYS as CREATE_USER's. ARGV: job id.
 CREATE_UNDO = """
@@ -74,7 +102,7 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# -- commit: job slot; a terminal one then the user slot, then the instance set ----------
+# -- commit: job slot; a terminal one then the user slot, then the job's shard -------------
 
 # KEYS: job, log. Returns {0} if the job is gone, {3} if it has ended already (ARGV[8]: a
 # JSON list of the terminal statuses) or is held by another owner than ARGV[9] (a writer
@@ -117,21 +145,23 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('PEXPIRE', KEYS[2], ARG
 return 1
 """
 
-# Instance set. KEYS: running, expiry, outbox, outbox due, outbox claims, the owner's
+# The job's shard. KEYS: running, expiry, outbox, outbox due, outbox claims, the owner's
 # outbox claims. ARGV: job id, its expiry, the outbox entry, the owner ('': unclaimed),
-# the claim's end, how long the owner's set outlives its last claim (ms), '1' for the
+# the claim's end (ahead), how long the owner's set outlives its last claim (ms), '1' for the
 # terminal commit's own first call (write the entry whatever the running set says),
 # '0' for a repair (write it only if the job is still in the running set: then no
 # earlier call wrote it, so the entry is never written twice), the job's channel and its
 # message (the commit's announcement). Returns 1 if written.
-FINISH_INSTANCE = """
+FINISH_INSTANCE = (
+    _CLOCK
+    + """
 local was_listed = redis.call('ZREM', KEYS[1], ARGV[1])
 local write = ARGV[7] == '1' or was_listed == 1
 if write then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   if ARGV[3] ~= '' then
     redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-    redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+    redis.call('ZADD', KEYS[4], stamp(clock(ARGV[5])), ARGV[1])
     if ARGV[4] ~= '' then
       redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
       redis.call('SADD', KEYS[6], ARGV[1])
@@ -142,41 +172,57 @@ end
 redis.call('PUBLISH', ARGV[8], ARGV[9])
 return write and 1 or 0
 """
+)
 
 # -- leases: job slot (the running entries follow from Python) -------------------------------
 
-# KEYS: job. ARGV: now, a JSON list of the live statuses (as stored: JSON strings), the new
-# owner (JSON), its lease. Hands a live job whose lease lapsed to the new owner (epoch + 1)
-# and returns the new epoch; 0 if its lease still holds, -1 if the job is gone, -2 if it is
+# KEYS: job. ARGV: now (ahead), a JSON list of the live statuses (as stored: JSON strings),
+# the new owner (JSON), its lease's end as the owner's clock reads it (the record's
+# ``lease_until``, JSON) and on Redis's (ahead). Hands a live job whose lease (``lease_at``,
+# Redis's clock) lapsed to the new owner (epoch + 1) and returns {the new epoch, the lease's
+# end on Redis's clock}; {0} if its lease still holds, {-1} if the job is gone, {-2} if it is
 # no longer live (a terminal commit whose later steps did not land: repaired by the caller).
-HANDOVER = """
+HANDOVER = (
+    _CLOCK
+    + """
 local live = {}
 for _, status in ipairs(cjson.decode(ARGV[2])) do live[cjson.encode(status)] = true end
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return -1 end
-if not live[status] then return -2 end
-local lease = redis.call('HGET', KEYS[1], 'lease_until')
-if lease and lease ~= 'null' and tonumber(lease) > tonumber(ARGV[1]) then return 0 end
+if not status then return {-1} end
+if not live[status] then return {-2} end
+local lease = redis.call('HGET', KEYS[1], 'lease_at')
+if lease and tonumber(lease) > clock(ARGV[1]) then return {0} end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) + 1
-redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'lease_until', ARGV[4], 'epoch', tostring(epoch))
-return epoch
+local lease_at = stamp(clock(ARGV[5]))
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'lease_until', ARGV[4], 'lease_at', lease_at,
+  'epoch', tostring(epoch))
+return {epoch, lease_at}
 """
+)
 
-# KEYS: job. ARGV: the lease's end, the owner (JSON). Renews the lease only if the owner
-# holds the job; returns 1 if it did.
-RENEW = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until', ARGV[1])
-return 1
+# KEYS: job. ARGV: the lease's end as the owner's clock reads it (JSON), the owner (JSON),
+# the lease's end (ahead). Renews the lease only if the owner holds the job; returns its
+# end on Redis's clock if it did, '' if not.
+RENEW = (
+    _CLOCK
+    + """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return '' end
+local lease_at = stamp(clock(ARGV[3]))
+redis.call('HSET', KEYS[1], 'lease_until', ARGV[1], 'lease_at', lease_at)
+return lease_at
 """
+)
 
-# -- the outbox: instance set ------------------------------------------------------------------
+# -- the outbox: a shard ------------------------------------------------------------------------
 
-# KEYS: outbox, outbox due, outbox claims, the owner's outbox claims. ARGV: now, the claim's
-# end, limit, owner, how long the owner's set outlives its last claim (ms: a dead
+# KEYS: outbox, outbox due, outbox claims, the owner's outbox claims. ARGV: now (ahead), the
+# claim's end (ahead), limit, owner, how long the owner's set outlives its last claim (ms: a dead
 # instance's set goes by itself). Claims the owner's entries first, then those whose claim lapsed by
 # now, and returns them (their JSON).
-CLAIM = """
+CLAIM = (
+    _CLOCK
+    + """
+local now, claim_end = stamp(clock(ARGV[1])), stamp(clock(ARGV[2]))
 local out, taken = {}, {}
 local function take(id)
   taken[id] = true
@@ -186,7 +232,7 @@ local function take(id)
     redis.call('SREM', KEYS[4], id)
     return
   end
-  redis.call('ZADD', KEYS[2], ARGV[2], id)
+  redis.call('ZADD', KEYS[2], claim_end, id)
   redis.call('HSET', KEYS[3], id, ARGV[4])
   redis.call('SADD', KEYS[4], id)
   redis.call('PEXPIRE', KEYS[4], ARGV[5])
@@ -198,25 +244,80 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   if redis.call('HGET', KEYS[3], id) == ARGV[4] then take(id) else redis.call('SREM', KEYS[4], id) end
 end
 if #out < limit then
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, limit)) do
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
     if #out >= limit then break end
     if not taken[id] then take(id) end
   end
 end
 return out
 """
+)
+
+# -- housekeeping: a shard -------------------------------------------------------------------
+
+# KEYS: expiry, expiry taken. ARGV: now (the caller's clock: expiry times are its), now
+# (ahead), the end of the sweeper's claim (ahead), limit. Takes up to ``limit`` jobs: those
+# whose claim by another sweep lapsed (it died mid-batch), then expired ones (moved from the
+# expiry index: no other sweep sees them), each claimed until the claim's end; returns
+# their ids.
+EXPIRY_TAKE = (
+    _CLOCK
+    + """
+local limit = tonumber(ARGV[4])
+local out = redis.call('ZRANGE', KEYS[2], '-inf', stamp(clock(ARGV[2])), 'BYSCORE', 'LIMIT', 0, limit)
+if #out < limit then
+  local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, limit - #out)
+  if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+  for _, id in ipairs(due) do table.insert(out, id) end
+end
+local claim_end = stamp(clock(ARGV[3]))
+for _, id in ipairs(out) do redis.call('ZADD', KEYS[2], claim_end, id) end
+return out
+"""
+)
+
+# KEYS: the shard's scan claim, running. ARGV: owner, now (ahead), the claim's end (ahead),
+# limit. Unless another owner's claim holds, claims the shard's orphan scan and returns up
+# to ``limit`` jobs whose lease lapsed; false if another owner scans it.
+SCAN = (
+    _CLOCK
+    + """
+local now = clock(ARGV[2])
+local held = redis.call('HMGET', KEYS[1], 'owner', 'until')
+if held[1] and held[1] ~= ARGV[1] and tonumber(held[2]) > now then return false end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'until', stamp(clock(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], 3600000)
+return redis.call('ZRANGE', KEYS[2], '-inf', '(' .. stamp(now), 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[4]))
+"""
+)
 
 # -- notifications: job slot, then user slot --------------------------------------------------
 
-# Job slot. KEYS: watching, notified, seen. ARGV: now, '1' if a watch that saw the end counts,
+# Job slot. KEYS: watching. ARGV: the watch id, the end of its presence (ahead), 'XX' to
+# renew only (a watch that ended is not brought back) or ''. Watch presence is on Redis's
+# clock, like leases: a watcher on an instance whose clock is behind still counts.
+WATCH = (
+    _CLOCK
+    + """
+if ARGV[3] == 'XX' then
+  return redis.call('ZADD', KEYS[1], 'XX', 'CH', stamp(clock(ARGV[2])), ARGV[1])
+end
+return redis.call('ZADD', KEYS[1], stamp(clock(ARGV[2])), ARGV[1])
+"""
+)
+
+# Job slot. KEYS: watching, notified, seen. ARGV: now (ahead), '1' if a watch that saw the end counts,
 # the notified mark's time to live (ms). Returns 1, and marks the job notified, if nobody
 # watches it and it had no notification of this kind yet (never twice).
-NOTIFY_CLAIM = """
-if redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf') > 0 then return 0 end
+NOTIFY_CLAIM = (
+    _CLOCK
+    + """
+if redis.call('ZCOUNT', KEYS[1], stamp(clock(ARGV[1])), '+inf') > 0 then return 0 end
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then return 0 end
 return 1
 """
+)
 
 # User slot. KEYS: the inbox's hash and order. ARGV: the notification's id, payload (JSON),
 # time, the inbox's bound (the oldest go), the channel. Adds it and announces it.
