@@ -20,6 +20,8 @@ from backstream.protocol.records import JobRequest, SharedCapacity, log_bytes, r
 from backstream.runtime.server.metrics import metrics_text
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.redis_client import SAFETY_TTL_S
+from backstream.runtime.stores.redis_keys import SHARDS
+from backstream.runtime.stores.redis_steps import SHARD_FIELD
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.helpers import collect
 from tests.test_ai_sdk import ai_sdk_server
@@ -186,7 +188,7 @@ async def test_a_refused_start_leaves_no_charge_nor_trace(redis_store: RedisStor
         await store.create_job(record(), limits(), max_stored_bytes=cost - 1)
     assert await store.redis.get(k.msg("alice", "m1")) is None  # the user's first step undone
     assert await store.redis.zcard(k.user_running("alice")) == 0
-    assert await store.redis.zcard(k.running()) == 0
+    assert sum([await store.redis.zcard(k.running(shard)) for shard in range(SHARDS)]) == 0
     assert await store.stored_bytes("alice") == 0
     # The cluster is full: the charge made is released with the user's step.
     await store.create_job(record(job_id="j_b", user="bob"), limits(max_jobs=1))
@@ -234,7 +236,9 @@ async def test_the_repair_of_an_unfinished_terminal_commit_charges_the_log(redis
     end = [*texts(1, "abc"), StatusEvent(seq=2, status="completed")]
     await store.commit("j_1", end, progress(2, "completed", finished_at=NOW + 2, expires_at=NOW + 50))
     # Back to what the job slot's step alone leaves: the running entries, the request's charge.
-    await store.redis.zadd(k.running(), {"j_1": NOW + 15})
+    shard = int(await store.redis.hget(k.job("j_1"), SHARD_FIELD) or -1)
+    redis_now = (await store.redis.time()).timestamp()  # leases are on Redis's clock
+    await store.redis.zadd(k.running(shard), {"j_1": redis_now + float(store.frame.ahead(NOW + 15))})
     await store.redis.hset(k.stored_charges("alice"), {"j_1": str(cost)})
     await store.redis.set(k.stored_bytes("alice"), str(cost))
     assert await store.take_orphans("i_b", NOW + 20, NOW + 35) == []  # ended: repaired
