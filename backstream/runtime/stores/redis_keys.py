@@ -15,7 +15,22 @@ written under one layout is not found under the other.
   ``thread_index``, ``user_running`` (the per-user capacity count), ``muted``, ``inbox``;
 - the instance set (``{p}``): ``running`` (the cluster-wide capacity count and the list
   of leases, where orphans and unfinished terminal commits are found), ``expiry``,
-  ``outbox``, ``outbox_due``, ``outbox_claims``, ``outbox_owned``, and every channel.
+  ``outbox``, ``outbox_due``, ``outbox_claims``, ``outbox_owned``.
+
+Channels are sharded (``SSUBSCRIBE``/``SPUBLISH``) and per entity, never global: a
+message reaches only the instances that subscribed to it, and on a cluster travels only
+within the shard that holds its slot:
+
+- per job: ``commits`` (every commit, ``"ID SEQ"``; published only while the writer
+  knows of a follower: a commit that reached nobody stops the announcements until a
+  follower's ``watch`` on ``control`` turns them on again) and ``control`` (``abort``,
+  ``decision CALL``, ``watch``: subscribed by the job's runner while it waits for them);
+- per user: ``notifications`` (subscribed while the instance holds a connection of
+  that user).
+
+An instance subscribes to a channel on its first interest and unsubscribes after its
+last (``RedisSubscriber.interest``); however many of its watchers follow a job, it
+subscribes once and reads once per commit (``actors.remote_tail``).
 
 What spans entities is a sequence of one-slot scripts, each idempotent, in an order
 that leaves nothing a reader would misreport (``redis_steps``):
@@ -33,11 +48,11 @@ that leaves nothing a reader would misreport (``redis_steps``):
 - terminal commit: (1) job slot: entries, status and the outbox entry (one atomic
   step: the end and its effect are never apart); (2) user slot: the user's running
   entry removed; (3) instance set: the outbox entry indexed (claimed by the writer),
-  the expiry entry added, the running entry removed, and the commit announced on the
-  job's channel (a watcher woken by it finds the slots freed too); last, so the running set
-  still lists a job whose terminal commit stopped after (1) or (2). The writer's next
-  commit of the job (a retry) or, once the old lease lapsed, the keeper's
-  ``take_orphans`` runs (2) and (3) again from the record: removals are idempotent,
+  the expiry entry added, the running entry removed; then the end is announced on the
+  job's channel (a watcher woken by it finds the slots freed too). (3) comes last among
+  the writes, so the running set still lists a job whose terminal commit stopped after
+  (1) or (2). The writer's next commit of the job (a retry) or, once the old lease
+  lapsed, the keeper's ``take_orphans`` runs (2) and (3) again from the record: removals are idempotent,
   and (3) writes the outbox entry only while the job is still in the running set.
 - hand-over: the running set lists lapsed leases; the job slot's script takes the job
   (owner, lease, epoch + 1) atomically; then the running entries follow the new lease
@@ -45,7 +60,7 @@ that leaves nothing a reader would misreport (``redis_steps``):
 - lease renewal: per job (owner checked in its slot), then the running entries.
 - a notification: the thread's mute is read (user slot); the job slot's script checks
   that nobody watches and marks the job notified (never twice); the user slot's script
-  adds it to the inbox and publishes it.
+  adds it to the inbox and publishes it on the user's channel.
 """
 
 from __future__ import annotations
@@ -157,18 +172,21 @@ class RedisKeyspace:
         """A set: the outbox entries an instance claimed (stale ids dropped at its next claim)."""
         return self._k("outbox", "owner", self._named(owner))
 
-    # -- channels ------------------------------------------------------------------------
+    # -- channels (sharded pub/sub: each lives on the shard of its entity's slot) ---------
 
     def job_channel(self, job_id: str) -> str:
-        """Where a job's commits are announced. For now one global channel for every job
-        (one subscription per instance; ``PUBLISH`` reaches every node of a cluster); a
-        per-job channel (``SSUBSCRIBE`` in a cluster) would be ``{p:job:ID}:commits``,
-        subscribed by ``RedisSubscriber.listen_job``."""
-        return self._k("commits")
+        """Where a job's commits are announced (``SPUBLISH``, message ``"ID SEQ"``): in the
+        job's slot, so on a cluster only the job's shard carries it, and only instances
+        that follow the job (a remote tail, a remote wait for its end) subscribe."""
+        return self._of_job(job_id, "commits", job_id)
 
-    def channel(self, name: str) -> str:
-        """``aborts``, ``decisions``, ``notifications`` (and ``commits``)."""
-        return self._k(name)
+    def control_channel(self, job_id: str) -> str:
+        """What reaches the instance that runs a job (it subscribes while it waits for
+        them): ``abort``, ``decision CALL``, and ``watch`` (a follower asks the writer to
+        announce its commits again, see ``RedisStore.commit``)."""
+        return self._of_job(job_id, "control", job_id)
 
-    def channels(self) -> list[str]:
-        return [self.channel(name) for name in ("commits", "aborts", "decisions", "notifications")]
+    def user_channel(self, user: str) -> str:
+        """A user's new notifications (JSON), in the user's slot; subscribed by the
+        instances that hold a connection of that user."""
+        return self._of_user(user, "notifications", self._named(user))
