@@ -5,8 +5,11 @@ counts only this run; commands that Lua scripts run count too (``EVALSHA`` and e
 command inside it). Three runtimes share it in one process: A runs J jobs of the
 built-in ``lorem`` model (R tokens/s each, T tokens, the default flush settings), B
 watches each job with W watchers (0: nobody watches), C only holds a connection of
-another user (it should hear nothing). Each row reports the commands per token, the
-commands of the run by name, and the messages each instance's subscriber received.
+another user (it should hear nothing). Each row reports the commands per token (a
+token is a log entry), the tokens per flush (``XADD`` calls: the flush groups what the
+event loop let accumulate, so a loaded process writes fewer, larger batches), the
+commands per flush, the commands of the run by name, and the messages each instance's
+subscriber received.
 
     python bench/redis_commands.py                       # 20 jobs, 30 tok/s, 300 tokens
     python bench/redis_commands.py --jobs 50 --watchers 0,1,3
@@ -89,17 +92,24 @@ async def run_once(port: int, jobs: int, watchers: int, rate: float, tokens: int
                         nursery.start_soon(watch_to_end, b, job_id)
             await a.wait_idle()
             after = await commandstats(port)
+            records = [(await a.get_job(job_id, user="alice")).job for job_id in job_ids]
         heard = [_heard(rt) for rt in (a, b, c)]
     delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
     delta = {name: calls for name, calls in delta.items() if calls > 0 and name != "info"}
     total = sum(delta.values())
     top = sorted(delta.items(), key=lambda item: -item[1])[:8]
+    completed = sum(record.status == "completed" for record in records)
+    entries = sum(record.seq for record in records)  # one per token, and each job's end
+    flushes = max(delta.get("xadd", 0), 1)
     return {
         "jobs": jobs,
+        "completed": completed,
         "watchers": watchers,
-        "tokens": jobs * tokens,
+        "tokens": entries,
         "commands": total,
-        "per_token": round(total / (jobs * tokens), 3),
+        "per_token": round(total / entries, 3),
+        "tokens_per_flush": round(entries / flushes, 2),
+        "per_flush": round(total / flushes, 2),
         "by_name": " ".join(f"{name}={calls}" for name, calls in top),
         "heard_a_b_c": "/".join(heard),
     }
@@ -139,7 +149,8 @@ def main() -> None:
             server.wait()
         shutil.rmtree(directory, ignore_errors=True)
     print(f"{args.rate:g} tokens/s per stream, {args.tokens} tokens, default flush settings")
-    print_table(rows, ["jobs", "watchers", "tokens", "commands", "per_token", "heard_a_b_c", "by_name"])
+    columns = ["jobs", "completed", "watchers", "tokens", "commands", "per_token", "tokens_per_flush"]
+    print_table(rows, [*columns, "per_flush", "heard_a_b_c", "by_name"])
     path = write_json("redis_commands", {"args": vars(args), "rows": rows}, args.json)
     print(f"wrote {path}")
 

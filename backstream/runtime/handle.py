@@ -227,8 +227,9 @@ class StoredJob:
 
     async def _wait_while(self, waiting: Callable[[JobRecord], bool]) -> None:
         """Follow the record while ``waiting`` holds, for ``remote_wait`` at most, then read
-        it once more (what happened meanwhile)."""
-        with trio.move_on_after(self._remote_wait):
+        it once more (what happened meanwhile). The job's commits are followed for the
+        whole wait (one subscription, not one per round)."""
+        with trio.move_on_after(self._remote_wait), self._store.follow_job(self.job_id):
             while waiting(self._record):
                 await self._store.wait_for_entries(self.job_id, self._record.seq)
                 await self._reload()

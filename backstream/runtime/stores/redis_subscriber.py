@@ -213,7 +213,9 @@ class RedisSubscriber:
         client = self._conn.client
         if isinstance(client, coredis.RedisCluster):
             return client.sharded_pubsub(ignore_subscribe_messages=True, retry_policy=None)
-        return _OneRedisShardedPubSub(client.connection_pool, ignore_subscribe_messages=True, retry_policy=None)
+        return _OneRedisShardedPubSub(
+            client.connection_pool, ignore_subscribe_messages=True, retry_policy=None
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Follow the channels of this instance's interests; resubscribe after outages.
@@ -257,7 +259,11 @@ class RedisSubscriber:
             added = sorted(wanted - self._current)
             for start in range(0, len(added), _CHUNK):
                 chunk = added[start : start + _CHUNK]
-                await pubsub.subscribe(*chunk)
+                try:
+                    await pubsub.subscribe(*chunk)
+                except KeyError as unknown:  # a slot's shard is not one this connection knows
+                    changed = f"the cluster's layout changed: {unknown}"
+                    raise coredis.exceptions.ConnectionError(changed) from None
                 self._subscribes_total += len(chunk)
                 self._current.update(chunk)
                 self._acknowledged(chunk)
