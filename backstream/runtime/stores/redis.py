@@ -54,7 +54,7 @@ from backstream.actors.ports import (
     OutboxEntry,
     Store,
 )
-from backstream.actors.signals import OUTBOX_BELL, SignalHub, through_outage
+from backstream.actors.signals import OUTBOX_BELL, SignalHub
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent
 from backstream.protocol.lifecycle import LIVE_STATUSES, TERMINAL_STATUSES, is_terminal
@@ -79,7 +79,6 @@ from backstream.runtime.stores.redis_steps import (
 from backstream.runtime.stores.redis_subscriber import (
     COMMITS,
     USER,
-    WAIT_POLL_S,
     RedisSubscriber,
     RedisSubscriberStatistics,
 )
@@ -290,6 +289,7 @@ class RedisStore(InboxForwarding, Store):
                     self._announced(writing, int(reply[1]))
                     if not terminal:
                         self._writing[job_id] = writing
+                        self.hub.signal_job(job_id)  # waiters here need no round trip
                     else:
                         await self._finish(self._finish_of(job_id, writing, progress))
                     return
@@ -308,6 +308,7 @@ class RedisStore(InboxForwarding, Store):
             self._finishing[step.job_id] = step
             raise
         self.hub.ring(OUTBOX_BELL)
+        self.hub.signal_job(step.job_id)
 
     def _finish_of(self, job_id: str, writing: _Writing, progress: JobProgress) -> Finish:
         return Finish(
@@ -392,36 +393,10 @@ class RedisStore(InboxForwarding, Store):
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
         """Returns when the record goes past ``after_seq``, ends, or is gone; otherwise
-        after a commit message or ``WAIT_POLL_S`` (a missed message). Follows the job's
-        channel meanwhile. Reads the record first unless the channel already announced a
-        commit past ``after_seq`` (then returns at once) or is trusted (subscribed, read
-        since, and no poll found a commit it did not announce). A poll that finds one asks
-        the writer to announce again. Waits through an outage. Cancellation: safe."""
-        subscriber = self.subscriber
-        with subscriber.listen_job(job_id) as listener:
-            announced = subscriber.announced(job_id)
-            if announced is not None and announced > after_seq:
-                await trio.lowlevel.checkpoint()
-                return
-            if not subscriber.trusted(job_id):
-                seq, status = await through_outage(
-                    f"job {job_id}: reading its progress",
-                    lambda: self._call(self.redis.hmget(self.keys.job(job_id), ["seq", "status"])),
-                    on_retry=subscriber.count_retry,
-                )
-                if seq is None or is_terminal(json.loads(status)):
-                    await trio.lowlevel.checkpoint()
-                    return
-                if int(seq) > after_seq:
-                    # Past what was announced: a commit nobody announced (or one since the
-                    # subscription, whose notice is on its way).
-                    subscriber.suspect(job_id, unannounced=int(seq) > (subscriber.announced(job_id) or 0))
-                    await trio.lowlevel.checkpoint()
-                    return
-                subscriber.verified(job_id)
-            await listener.wait(WAIT_POLL_S)
-            if not listener.signalled:
-                subscriber.suspect(job_id, unannounced=False)  # the next wait reads first
+        after a commit message or ``WAIT_POLL_S`` (a missed message), following the job's
+        channel meanwhile (``RedisSubscriber.wait_for_entries``). Waits through an
+        outage. Cancellation: safe."""
+        await self.subscriber.wait_for_entries(job_id, after_seq)
 
     def follow_job(self, job_id: str) -> AbstractContextManager[None]:
         """Subscribe to the job's channel for the block (once per job however many

@@ -30,8 +30,10 @@ import trio
 from coredis.patterns.pubsub import PubSub
 
 from backstream.actors.ports import NotificationListener
-from backstream.actors.signals import Listener, SignalHub, Topic, outage_backoff, through_outage
+from backstream.actors.signals import SignalHub, Topic, outage_backoff, through_outage
+from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import UnavailableError
+from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.stores.redis_client import RedisConnection
 
@@ -175,12 +177,9 @@ class RedisSubscriber:
                 del self._routes[channel]
                 self._changed.set()
 
-    @contextmanager
-    def listen_job(self, job_id: str) -> Iterator[Listener]:
-        """Follow the job's commits and listen for them for the block."""
-        topic = ("entries", job_id)
-        with self.interest(COMMITS, job_id, topic), self._hub.listen(topic) as listener:
-            yield listener
+    def subscribed_to(self, job_id: str) -> bool:
+        """The job's channel is subscribed (acknowledged) on the current connection."""
+        return self._conn.keys.job_channel(job_id) in self._current
 
     def announced(self, job_id: str) -> int | None:
         """The last seq announced for the job since its channel was subscribed (None: none)."""
@@ -219,7 +218,8 @@ class RedisSubscriber:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Follow the channels of this instance's interests; resubscribe after outages.
-        Cancellation: stops listening (waits then rely on polls).
+        Once the store is closed, idles until cancelled. Cancellation: stops listening
+        (waits then rely on polls).
 
         coredis runs a subscription in a task group of its own, so what ends it (a lost
         connection, a subscription Redis did not acknowledge in time, e.g. while it pauses
@@ -227,16 +227,10 @@ class RedisSubscriber:
         task_status.started()
         backoff = outage_backoff()
         while True:
+            if self._hub.closed:
+                await trio.sleep_forever()
             try:
-                async with self._open_pubsub() as pubsub, trio.open_nursery() as nursery:
-                    self.subscribed.set()
-                    backoff.reset()
-                    self._hub.signal_all()  # anything missed while unsubscribed
-                    nursery.start_soon(self._follow_interest, pubsub)
-                    while True:
-                        message = await pubsub.get_message()
-                        if message is not None:
-                            self._dispatch(str(message["channel"]), str(message["data"]))
+                await self._listen(backoff)
             except* (coredis.exceptions.RedisError, OSError) as lost:
                 self.outage_retries += 1
                 self.subscribed = trio.Event()
@@ -244,6 +238,25 @@ class RedisSubscriber:
                 delay = backoff.next_delay()
                 log.warning("redis subscription lost (%s); retrying in %.1fs", _describe(lost), delay)
                 await trio.sleep(delay)
+
+    async def _listen(self, backoff: Backoff) -> None:
+        """One connection's subscriptions, until it is lost (raises) or the store closes
+        (returns, whatever the closing connection raised). Cancellation: stops."""
+        try:
+            async with self._open_pubsub() as pubsub, trio.open_nursery() as nursery:
+                self.subscribed.set()
+                backoff.reset()
+                self._hub.signal_all()  # anything missed while unsubscribed
+                nursery.start_soon(self._follow_interest, pubsub)
+                while True:
+                    message = await pubsub.get_message()
+                    if message is not None:
+                        self._dispatch(str(message["channel"]), str(message["data"]))
+        except BaseException:
+            if not self._hub.closed:
+                raise
+            self.subscribed = trio.Event()
+            self._forget_subscriptions()
 
     def _forget_subscriptions(self) -> None:
         self._current.clear()
@@ -328,6 +341,55 @@ class RedisSubscriber:
             self._hub.signal(("decision", f"{route.name} {data.partition(' ')[2]}"))
         elif data == "watch" and self.on_watched is not None:
             self.on_watched(route.name)
+
+    async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
+        """Returns when the record goes past ``after_seq``, ends, or is gone; otherwise
+        after a commit message or ``WAIT_POLL_S`` (a missed message). Follows the job's
+        channel meanwhile (a wake-up because its subscription was just acknowledged reads
+        again instead of returning). Reads the record first unless the channel already
+        announced a commit past ``after_seq`` (then returns at once) or is trusted
+        (subscribed, read since, and no poll found a commit it did not announce); a poll
+        that finds one asks the writer to announce again. Waits through an outage.
+        Cancellation: safe."""
+        subscriber, topic = self, ("entries", job_id)
+        with subscriber.interest(COMMITS, job_id, topic):
+            for _ in range(3):  # a read again per subscription acknowledged meanwhile
+                with self._hub.listen(topic) as listener:
+                    if await self._progressed(job_id, after_seq):
+                        return
+                    was_subscribed = subscriber.subscribed_to(job_id)
+                    await listener.wait(WAIT_POLL_S)
+                    if not listener.signalled:
+                        subscriber.suspect(job_id, unannounced=False)  # the next wait reads first
+                        return
+                    announced = subscriber.announced(job_id)
+                    if was_subscribed or (announced is not None and announced > after_seq):
+                        return
+
+    async def _progressed(self, job_id: str, after_seq: int) -> bool:
+        """Whether the job went past ``after_seq``, ended or is gone, as announced or (unless
+        its channel is trusted) as read. Cancellation: safe."""
+        subscriber = self
+        announced = subscriber.announced(job_id)
+        if announced is not None and announced > after_seq:
+            await trio.lowlevel.checkpoint()
+            return True
+        if subscriber.trusted(job_id):
+            return False
+        seq, status = await through_outage(
+            f"job {job_id}: reading its progress",
+            lambda: self._conn.call(self._conn.client.hmget(self._conn.keys.job(job_id), ["seq", "status"])),
+            on_retry=subscriber.count_retry,
+        )
+        if seq is None or is_terminal(json.loads(status)):
+            return True
+        if int(seq) > after_seq:
+            # Past what was announced: a commit nobody announced (or one since the
+            # subscription, whose notice is on its way).
+            subscriber.suspect(job_id, unannounced=int(seq) > (announced or 0))
+            return True
+        subscriber.verified(job_id)
+        return False
 
     async def wait_field(self, job_id: str, field: str, accepted: set[str], topic: Topic) -> str:
         """Wait until ``field`` of the job's record holds one of ``accepted`` and return it,
