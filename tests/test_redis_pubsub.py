@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from backstream import Batch, Config, Runtime, open_runtime
+from backstream.actors.remote_tail import TAIL_WINDOW
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.redis_subscriber import RedisSubscriberStatistics
 from tests.conftest import REDIS_HOST, delete_prefix, redis_url, require_redis
@@ -162,3 +163,23 @@ async def test_an_abort_reaches_the_runner_within_a_second(where: tuple[str, boo
         assert trio.current_time() - t0 < 1.0  # not the 5 s poll
         assert result.aborted and result.job.status == "aborted"
         assert heard(a).messages_total >= 1
+
+
+async def test_a_watcher_behind_the_tails_window_reads_the_store_and_misses_nothing() -> None:
+    """The tail keeps the newest TAIL_WINDOW entries: a replay from the start of a longer
+    job reads its range from the store itself until it reaches the window, and still gets
+    every entry once, in order."""
+    require_redis()
+    async with instances(redis_url(), 2) as (a, b):
+        job_id = await lorem(a, "m1", tokens=TAIL_WINDOW * 3, rate=3000)
+        live: list[Batch] = []
+        async with b.watch(job_id, user="alice") as batches:
+            async for batch in batches:
+                live.append(batch)
+                if batch.to_seq > TAIL_WINDOW * 2:
+                    break
+            replay = await collect(b, job_id)  # from seq 0, while the live watch holds the tail
+            assert b.statistics().remote_tails.reads_behind_total > 0
+        check_contiguous(replay)
+        assert terminal(replay).status == "completed"
+        assert len(joined_text(replay).split()) == TAIL_WINDOW * 3
