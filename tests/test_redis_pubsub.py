@@ -117,7 +117,8 @@ async def _xranges(port: int) -> int:
 
 async def test_more_watchers_of_a_job_on_one_instance_add_no_reads(tmp_path: Path) -> None:
     """The same job, watched on B by one watcher and then by three: the log is read as
-    often (per commit, not per watcher), counted by Redis itself."""
+    often (per instance, not per watcher; and mostly not at all, since a commit's
+    announcement carries its entries), counted by Redis itself."""
     with own_redis(tmp_path, persistence="snapshot") as redis:
         async with instances(redis_url(redis.port), 2) as (a, b):
             reads = []
@@ -131,10 +132,10 @@ async def test_more_watchers_of_a_job_on_one_instance_add_no_reads(tmp_path: Pat
                     await a.wait_idle()
                 reads.append(await _xranges(redis.port) - before)
             one, three = reads
-            assert one > 10  # the job was read while it ran, commit by commit
-            assert three < 1.5 * one, reads
+            assert three <= one + 2, reads  # (a read or two at the start and the end)
             tails = b.statistics().remote_tails
             assert tails.tails == 0 and tails.log_reads_total <= one + three
+            assert tails.announced_total > 10  # the entries came with the commits' announcements
 
 
 async def test_a_notification_reaches_a_connection_of_its_user_on_another_instance(

@@ -311,10 +311,14 @@ class LogStore(abc.ABC):
         Cancellation: safe; nothing is consumed.
         """
 
-    def follow_job(self, job_id: str) -> AbstractContextManager[None]:
+    def follow_job(
+        self, job_id: str, on_entries: Callable[[Sequence[LogEvent]], None] | None = None
+    ) -> AbstractContextManager[None]:
         """For the block, this process follows the job's commits made elsewhere (a shared
         store subscribes to them once, however many follow; ``wait_for_entries`` follows
-        for its own wait only). A store one process owns has nothing to follow."""
+        for its own wait only). ``on_entries`` (synchronous, it must not block) gets the
+        entries of commits announced with them, when the store announces them so; others
+        are read. A store one process owns has nothing to follow."""
         return nullcontext()
 
 

@@ -4,8 +4,9 @@ A job running elsewhere is read from the store. Without sharing, each watcher of
 would wait and read on its own: three watchers of one job, three times the reads. A
 ``RemoteTail`` is the one reader of a job per instance, held while any watcher of it is
 open here (``RemoteTails.open``): it follows the job's commits once (``follow_job``: one
-subscription however many watch), waits for them once (the first waiter waits in the
-store; the others wait for it), reads each new range once, and keeps the newest
+subscription however many watch, whose announcements carry the entries where the
+store sends them), waits for them once (the first waiter waits in the store; the
+others wait for it), reads a range it did not get that way once, and keeps the newest
 entries in a window that every watcher reads from (``TailedSource``, a ``LogSource``).
 
 Bounded: a tail keeps its newest ``TAIL_WINDOW`` entries. The window is not a mailbox
@@ -20,7 +21,8 @@ round instead of asking the store again.
 from __future__ import annotations
 
 import bisect
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import attrs
 import trio
@@ -53,6 +55,8 @@ class RemoteTailsStatistics:
     """Waits in the store (one at a time per job, shared by its watchers)."""
     reads_behind_total: int
     """Reads of a watcher behind its tail's window, straight from the store."""
+    announced_total: int
+    """Commits whose entries came with their announcement (no read)."""
 
 
 @attrs.define
@@ -61,17 +65,16 @@ class _Counters:
     record_reads: int = 0
     waits: int = 0
     reads_behind: int = 0
+    announced: int = 0
 
 
 class RemoteTail:
     """One job's shared reader (see the module's docstring). Use through ``RemoteTails``."""
 
-    def __init__(
-        self, store: StoredLogs, job_id: str, counters: _Counters, follow: AbstractContextManager[None]
-    ) -> None:
+    def __init__(self, store: StoredLogs, job_id: str, counters: _Counters) -> None:
         self.job_id = job_id
         self.watchers = 0
-        self.follow = follow
+        self.follow: AbstractContextManager[None] = nullcontext()
         self._store = store
         self._counters = counters
         self._entries: list[LogEvent] = []
@@ -121,12 +124,21 @@ class RemoteTail:
             self._keep(start, fetched)
             return self._slice(after_seq, limit)
 
+    def announced(self, entries: Sequence[LogEvent]) -> None:
+        """Entries a commit's announcement carried: kept if they continue the window (else
+        the next read brings them). Never blocks."""
+        last = self.last_seq
+        if last is not None and entries and entries[0].seq == last + 1:
+            self._keep(last, list(entries))
+            self._counters.announced += 1
+
     def _keep(self, start: int, fetched: list[LogEvent]) -> None:
         """Add what a read after ``start`` found; drop the oldest past ``TAIL_WINDOW``."""
-        if self._base is None or start != self.last_seq:
+        last = self.last_seq
+        if self._base is None or last is None or not self._base <= start <= last:
             self._entries, self._base = list(fetched), start  # a cursor ahead: the window moves
-        else:
-            self._entries.extend(fetched)
+        else:  # what an announcement brought meanwhile is not kept twice
+            self._entries.extend(event for event in fetched if event.seq > last)
         if len(self._entries) > 2 * TAIL_WINDOW:  # trimmed in steps: amortized
             self._base = self._entries[-TAIL_WINDOW - 1].seq
             del self._entries[:-TAIL_WINDOW]
@@ -246,9 +258,10 @@ class RemoteTails:
         """A source for one watcher of ``job_id``; ``close`` it when the watch ends."""
         tail = self._tails.get(job_id)
         if tail is None:
-            follow = self._store.follow_job(job_id)
-            follow.__enter__()
-            tail = self._tails[job_id] = RemoteTail(self._store, job_id, self._counters, follow)
+            tail = RemoteTail(self._store, job_id, self._counters)
+            tail.follow = self._store.follow_job(job_id, tail.announced)
+            tail.follow.__enter__()
+            self._tails[job_id] = tail
         tail.watchers += 1
         return TailedSource(self, tail, epoch)
 
@@ -267,4 +280,5 @@ class RemoteTails:
             record_reads_total=counters.record_reads,
             waits_total=counters.waits,
             reads_behind_total=counters.reads_behind,
+            announced_total=counters.announced,
         )

@@ -35,7 +35,7 @@ expire in Redis, an hour after retention, should no sweep ever run.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -398,10 +398,13 @@ class RedisStore(InboxForwarding, Store):
         outage. Cancellation: safe."""
         await self.subscriber.wait_for_entries(job_id, after_seq)
 
-    def follow_job(self, job_id: str) -> AbstractContextManager[None]:
+    def follow_job(
+        self, job_id: str, on_entries: Callable[[Sequence[LogEvent]], None] | None = None
+    ) -> AbstractContextManager[None]:
         """Subscribe to the job's channel for the block (once per job however many
-        follow it), and ask its writer to announce its commits."""
-        return self.subscriber.interest(COMMITS, job_id, ("entries", job_id))
+        follow it), and ask its writer to announce its commits; ``on_entries`` gets the
+        entries each announcement carries."""
+        return self.subscriber.interest(COMMITS, job_id, ("entries", job_id), on_entries)
 
     def notifications_of(self, user: str) -> AbstractContextManager[None]:
         """Subscribe to the user's channel for the block (once per user)."""

@@ -85,8 +85,9 @@ return 1
 # changed since its last commit. The fields (ARGV[10]...) of a terminal commit (ARGV[5])
 # carry its outbox entry (field ``outbox``): the end and its effect land together. A
 # non-terminal commit is announced on the job's channel (ARGV[7], sharded: the job's
-# slot; '' while the writer knows of no follower); ``receivers`` is how many instances
-# got it (-1: not announced). A terminal commit is announced after its
+# slot; '' while the writer knows of no follower) with its entries (``ID SEQ JSON``: a
+# follower need not read them); ``receivers`` is how many instances got it (-1: not
+# announced). A terminal commit is announced after its
 # last step (``RedisSteps.finish``): a watcher woken by it finds the slots freed too (one
 # that reads meanwhile sees the end, which is final).
 COMMIT = """
@@ -103,7 +104,7 @@ if ARGV[5] == '1' then
   local ttl = tonumber(ARGV[6])
   for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ttl) end
 elseif ARGV[7] ~= '' then
-  return {1, redis.call('SPUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3])}
+  return {1, redis.call('SPUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])}
 end
 return {1, -1}
 """

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,8 +33,9 @@ from backstream.actors.ports import NotificationListener
 from backstream.actors.signals import SignalHub, Topic, outage_backoff, through_outage
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import UnavailableError
+from backstream.protocol.events import LogEvent
 from backstream.protocol.lifecycle import is_terminal
-from backstream.protocol.records import NotificationRecord
+from backstream.protocol.records import NotificationRecord, events_from_json
 from backstream.runtime.stores.redis_client import RedisConnection
 
 __all__ = ["MAX_CHANNELS", "SIGNAL_POLL_S", "WAIT_POLL_S", "RedisSubscriber", "RedisSubscriberStatistics"]
@@ -55,6 +56,8 @@ _CHUNK = 256
 
 COMMITS, CONTROL, USER = "commits", "control", "user"
 
+EntriesListener = Callable[[Sequence[LogEvent]], None]
+
 
 @attrs.define
 class _Route:
@@ -66,6 +69,8 @@ class _Route:
     topics: dict[Topic, int] = attrs.Factory(dict)
     """Hub topics woken once the subscription is acknowledged (a message published
     before then was not received): held per interest."""
+    on_entries: list[EntriesListener] = attrs.Factory(list)
+    """Given the entries a commit's announcement carries (``follow_job``)."""
 
 
 @attrs.frozen
@@ -150,9 +155,12 @@ class RedisSubscriber:
         return keys.user_channel(name)
 
     @contextmanager
-    def interest(self, kind: str, name: str, topic: Topic | None = None) -> Iterator[None]:
+    def interest(
+        self, kind: str, name: str, topic: Topic | None = None, on_entries: EntriesListener | None = None
+    ) -> Iterator[None]:
         """Follow the channel of ``kind`` (``commits``, ``control``: a job id; ``user``) for
-        the block; ``topic`` is woken once the subscription is acknowledged."""
+        the block; ``topic`` is woken once the subscription is acknowledged; ``on_entries``
+        gets the entries that a commit's announcement carries."""
         channel = self._channel(kind, name)
         route = self._routes.get(channel)
         if route is None:
@@ -165,10 +173,14 @@ class RedisSubscriber:
         route.holders += 1
         if topic is not None:
             route.topics[topic] = route.topics.get(topic, 0) + 1
+        if on_entries is not None:
+            route.on_entries.append(on_entries)
         try:
             yield
         finally:
             route.holders -= 1
+            if on_entries is not None:
+                route.on_entries.remove(on_entries)
             if topic is not None:
                 route.topics[topic] -= 1
                 if not route.topics[topic]:
@@ -328,10 +340,7 @@ class RedisSubscriber:
             return  # unfollowed meanwhile
         self._messages_total += 1
         if route.kind == COMMITS:
-            seq = data.rpartition(" ")[2]
-            if seq.isdigit():
-                self._announced[route.name] = max(int(seq), self._announced.get(route.name, 0))
-            self._hub.signal_job(route.name)
+            self._dispatch_commit(route, data)
         elif route.kind == USER:
             if self.on_notification is not None:
                 self.on_notification(NotificationRecord(**json.loads(data)))
@@ -390,6 +399,23 @@ class RedisSubscriber:
             return True
         subscriber.verified(job_id)
         return False
+
+    def _dispatch_commit(self, route: _Route, data: str) -> None:
+        """``ID SEQ`` (an end), or ``ID SEQ JSON`` (a commit and its entries): the entries
+        go to the followers that take them, then the job's waiters wake."""
+        _, _, rest = data.partition(" ")
+        seq, _, payload = rest.partition(" ")
+        if payload and route.on_entries:
+            try:
+                entries = events_from_json(payload)
+            except Exception:  # a malformed announcement: the followers read the log instead
+                log.warning("job %s: an announcement's entries could not be read", route.name)
+            else:
+                for listener in list(route.on_entries):
+                    listener(entries)
+        if seq.isdigit():
+            self._announced[route.name] = max(int(seq), self._announced.get(route.name, 0))
+        self._hub.signal_job(route.name)
 
     async def wait_field(self, job_id: str, field: str, accepted: set[str], topic: Topic) -> str:
         """Wait until ``field`` of the job's record holds one of ``accepted`` and return it,
