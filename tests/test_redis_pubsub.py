@@ -184,3 +184,38 @@ async def test_a_watcher_behind_the_tails_window_reads_the_store_and_misses_noth
         check_contiguous(replay)
         assert terminal(replay).status == "completed"
         assert len(joined_text(replay).split()) == TAIL_WINDOW * 3
+
+
+async def test_an_announcement_carries_the_entries_unless_they_are_large() -> None:
+    """A follower gets a commit's entries with its announcement; over 64 KiB of them it
+    gets the seq only (and reads), so no subscriber's buffer holds large messages."""
+    from tests.test_store_conformance import progress, record, texts
+
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    writer, follower = RedisStore(redis_url(), prefix=prefix), RedisStore(redis_url(), prefix=prefix)
+    got: list[list[int]] = []
+    for store in (writer, follower):  # opened outside the nursery, as the runtime does
+        await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            for store in (writer, follower):
+                await nursery.start(store.run)
+            await writer.create_job(record())
+            with follower.follow_job("j_1", lambda entries: got.append([e.seq for e in entries])):
+                with trio.fail_after(5):
+                    while follower.statistics().subscriber.channels_subscribed != 1:
+                        await trio.sleep(0.01)
+                    await trio.sleep(0.1)  # the writer heard the follower's watch request
+                await writer.commit("j_1", texts(1, "small ", "words"), progress(2))
+                await writer.commit("j_1", texts(3, "x" * 70_000), progress(3))
+                await writer.commit("j_1", texts(4, "again"), progress(4))
+                with trio.fail_after(5):
+                    while follower.subscriber.announced("j_1") != 4:
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert got == [[1, 2], [4]]  # the large one came without its entries
+    finally:
+        for store in (follower, writer):  # the reverse of their opening (each holds a scope)
+            await store.aclose()
+        await delete_prefix(prefix)

@@ -86,8 +86,9 @@ return 1
 # carry its outbox entry (field ``outbox``): the end and its effect land together. A
 # non-terminal commit is announced on the job's channel (ARGV[7], sharded: the job's
 # slot; '' while the writer knows of no follower) with its entries (``ID SEQ JSON``: a
-# follower need not read them); ``receivers`` is how many instances got it (-1: not
-# announced). A terminal commit is announced after its
+# follower need not read them; over 64 KiB of them, ``ID SEQ `` and followers read, so
+# no subscriber's output buffer holds large messages); ``receivers`` is how many
+# instances got it (-1: not announced). A terminal commit is announced after its
 # last step (``RedisSteps.finish``): a watcher woken by it finds the slots freed too (one
 # that reads meanwhile sees the end, which is final).
 COMMIT = """
@@ -104,7 +105,9 @@ if ARGV[5] == '1' then
   local ttl = tonumber(ARGV[6])
   for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ttl) end
 elseif ARGV[7] ~= '' then
-  return {1, redis.call('SPUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])}
+  local entries = ARGV[4]
+  if #entries > 65536 then entries = '' end
+  return {1, redis.call('SPUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3] .. ' ' .. entries)}
 end
 return {1, -1}
 """
