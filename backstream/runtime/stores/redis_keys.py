@@ -22,9 +22,10 @@ message reaches only the instances that subscribed to it, and on a cluster trave
 within the shard that holds its slot:
 
 - per job: ``commits`` (every commit, ``"ID SEQ JSON"`` with its entries, and the end,
-  ``"ID SEQ"``; a commit is published only while the writer knows of a follower: a commit that reached nobody stops the announcements until a
-  follower's ``watch`` on ``control`` turns them on again) and ``control`` (``abort``,
-  ``decision CALL``, ``watch``: subscribed by the job's runner while it waits for them);
+  ``"ID SEQ"``; a commit is published only while the writer knows of a follower: one
+  that reached nobody stops the announcements until a follower's ``watch`` on
+  ``control`` turns them on again) and ``control`` (``abort``, ``decision CALL``,
+  ``watch``: subscribed by the job's runner while it waits for them);
 - per user: ``notifications`` (subscribed while the instance holds a connection of
   that user).
 
