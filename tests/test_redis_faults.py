@@ -290,15 +290,18 @@ async def test_a_subscription_redis_pauses_past_its_acknowledgement_is_retried(t
     """Redis pauses its clients (CLIENT PAUSE, as a failover does) just as the store
     subscribes again: coredis gives up waiting for the acknowledgement after a second and
     raises from its task group. The listener subscribes again once Redis answers; it does
-    not crash."""
+    not crash. (An instance subscribes only to what it follows: here, one job.)"""
     with own_redis(tmp_path) as redis:
         store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
         await store.open()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
+                following = store.follow_job("j_followed")
+                following.__enter__()
                 with trio.fail_after(5):
-                    await store.subscribed.wait()
+                    while store.statistics().subscriber.channels_subscribed != 1:
+                        await trio.sleep(0.01)
                 async with trio.open_nursery() as pings:  # idle connections: the next subscription
                     for _ in range(4):  # goes out at once, with no handshake (which would wait)
                         pings.start_soon(store.ping)
@@ -311,8 +314,12 @@ async def test_a_subscription_redis_pauses_past_its_acknowledgement_is_retried(t
                 # Subscribed again once the pause ends (``subscribed`` is a new event after
                 # each loss, so it is polled).
                 with trio.fail_after(20):
-                    while not (store.statistics().outage_retries and store.subscribed.is_set()):
+                    while not (
+                        store.statistics().outage_retries
+                        and store.statistics().subscriber.channels_subscribed == 1
+                    ):
                         await trio.sleep(0.1)
+                following.__exit__(None, None, None)
                 nursery.cancel_scope.cancel()
         finally:
             await store.aclose()

@@ -2,8 +2,8 @@
 
 The decision and the creation are one atomic step in the store
 (``Inbox.notify_unwatched``): nobody watches the job on any instance, the thread
-is not muted, and the job has no notification of that type yet. Every instance
-then pushes the new notification to the connections of that user it holds.
+is not muted, and the job has no notification of that type yet. Every instance that
+holds a connection of that user (and only those) then pushes the new notification to it.
 
 A job's end reaches ``job_ended`` through the outbox: its terminal commit leaves an
 entry that the ``Dispatcher`` carries out (so a crash right after the commit loses
@@ -141,7 +141,9 @@ class Notifier:
 
     def deliver_local(self, notification: NotificationRecord) -> None:
         """Push to this instance's connections of the user (never blocks). The store calls
-        it for every notification created on any instance: ``store.open(on_notification=...)``."""
+        it for every notification created on any instance for a user of a connection here
+        (``subscribe`` follows the user: ``Inbox.notifications_of``):
+        ``store.open(on_notification=...)``."""
         for channel in list(self._subscribers.get(notification.user, ())):
             try:
                 channel.send_nowait(notification)
@@ -156,7 +158,8 @@ class Notifier:
         send, receive = trio.open_memory_channel[NotificationRecord](SUBSCRIBER_BUFFER)
         self._subscribers.setdefault(user, set()).add(send)
         try:
-            yield receive
+            with self._inbox.notifications_of(user):  # a shared store follows the user meanwhile
+                yield receive
         finally:
             subscribers = self._subscribers.get(user)
             if subscribers is not None:

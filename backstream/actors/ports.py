@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import attrs
@@ -210,7 +211,8 @@ class StoreService(abc.ABC):
         """Connect and prepare (migrations, scripts). Called once before use.
 
         ``on_notification`` is called (synchronously, it must not block) with every
-        notification created on any instance. Cancellation: nothing stays open.
+        notification created on any instance for a user this process follows
+        (``Inbox.notifications_of``). Cancellation: nothing stays open.
         """
 
     @abc.abstractmethod
@@ -330,6 +332,16 @@ class LogStore(abc.ABC):
         Cancellation: safe; nothing is consumed.
         """
 
+    def follow_job(
+        self, job_id: str, on_entries: Callable[[Sequence[LogEvent]], None] | None = None
+    ) -> AbstractContextManager[None]:
+        """For the block, this process follows the job's commits made elsewhere (a shared
+        store subscribes to them once, however many follow; ``wait_for_entries`` follows
+        for its own wait only). ``on_entries`` (synchronous, it must not block) gets the
+        entries of commits announced with them, when the store announces them so; others
+        are read. A store one process owns has nothing to follow."""
+        return nullcontext()
+
 
 class Signals(abc.ABC):
     """Aborts and approval decisions, which may come through another instance."""
@@ -385,10 +397,18 @@ class Inbox(abc.ABC):
     async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
         """Atomically: if nobody watches the job (on any instance), the thread is not muted
         and the job has no notification of this type yet, store ``notification`` (keeping
-        the user's newest ``max_per_user``) and announce it to every instance. Returns
+        the user's newest ``max_per_user``) and announce it to every instance that follows
+        the user (``notifications_of``). Returns
         whether it was created. A watch that saw the job end counts as watching for the
         end's notifications only (see ``seen_end_counts``).
         Cancellation: it may or may not be created, never twice."""
+
+    def notifications_of(self, user: str) -> AbstractContextManager[None]:
+        """For the block, this process receives the user's new notifications made on any
+        instance (through ``open``'s ``on_notification``): a shared store subscribes to
+        them while some block of the user's is open here. A store one process owns
+        delivers every one anyway."""
+        return nullcontext()
 
     @abc.abstractmethod
     async def list_notifications(

@@ -58,6 +58,10 @@ class LogSource(Protocol):
         """
         ...
 
+    def close(self) -> None:
+        """The watch ended: release what the source holds (e.g. a remote tail). Idempotent."""
+        ...
+
 
 class LiveSource:
     """The log of a job running in this process: read straight from memory."""
@@ -87,9 +91,13 @@ class LiveSource:
         """Cancellation: safe; nothing is consumed."""
         await self._log.wait_beyond(seq)
 
+    def close(self) -> None:
+        pass
+
 
 class StoredSource:
-    """The log of a finished job, or one running in another process: read from the store.
+    """The log of a finished job, or one running in another process: read from the store
+    (the runtime reads a running one through a shared ``remote_tail.TailedSource``).
 
     A log that cannot continue from the cursor surfaces as ``GoneError``, never as a
     gap or a wait that returns at once forever: the job is gone, its record says more
@@ -138,6 +146,9 @@ class StoredSource:
     async def wait_beyond(self, seq: int) -> None:
         """Cancellation: safe; nothing is consumed."""
         await self._store.wait_for_entries(self._job_id, seq)
+
+    def close(self) -> None:
+        pass
 
 
 class Watcher:
@@ -213,6 +224,10 @@ class Watcher:
 
         Cancellation: safe; nothing is consumed."""
         await self._source.wait_beyond(seq)
+
+    def close(self) -> None:
+        """The watch ended: its source releases what it holds. Idempotent."""
+        self._source.close()
 
     def skip_to(self, seq: int, *, ended: bool) -> None:
         """Move the cursor to ``seq``: the caller has read the entries up to it with ``read``

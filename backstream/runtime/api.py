@@ -27,6 +27,7 @@ from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store
 from backstream.actors.presence import WatchPresence
 from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
+from backstream.actors.remote_tail import RemoteTails, RemoteTailsStatistics
 from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import Supervisor, SupervisorStatistics
 from backstream.actors.watcher import Watcher
@@ -70,6 +71,8 @@ class RuntimeStatistics:
     jobs_watched: int
     upstream_pool: PoolStatistics | None
     """The upstream's connections, or None without an upstream."""
+    remote_tails: RemoteTailsStatistics
+    """The jobs of other instances watched here, each read once for all its watchers."""
 
 
 class Runtime:
@@ -115,7 +118,10 @@ class Runtime:
         )
         """Per-user seats counted across instances (the front doors' caps on open streams and
         connections); the keeper renews them."""
-        self._handles = JobHandles(store, registry.live, presence.count, remote_wait=config.remote_abort_wait)
+        self._tails = RemoteTails(store)
+        self._handles = JobHandles(
+            store, registry.live, presence.count, remote_wait=config.remote_abort_wait, tails=self._tails
+        )
 
     @property
     def store(self) -> Store:
@@ -239,12 +245,17 @@ class Runtime:
             tool_call_deltas=tool_call_deltas,
             merge_text=merge_text,
         )
-        watch_id = new_id("w_", self._clock.now())
-        await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
+        try:
+            watch_id = new_id("w_", self._clock.now())
+            await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
+        except BaseException:
+            watcher.close()
+            raise
         self._presence.opened(watch_id, job_id)
         try:
             yield watcher
         finally:
+            watcher.close()
             self._presence.closed(watch_id)
             with trio.CancelScope(shield=True) as cleanup:
                 cleanup.deadline = trio.current_time() + self.config.finalize_timeout
@@ -271,10 +282,12 @@ class Runtime:
         view = (await self._lookup(job_id, user)).log_view()
         current_epoch, last_seq, finished = view.epoch, view.last_seq, view.finished
         if epoch is not None and epoch != current_epoch:
+            view.source.close()
             raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
         # A cursor ahead of a running job waits for the log to reach it (another instance
         # may lag by one flush); if the job ends first, the watch ends with bad_request.
         if finished and after_seq > last_seq:
+            view.source.close()
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {last_seq}")
         watcher = Watcher(
             job_id,
@@ -351,6 +364,7 @@ class Runtime:
             watchers=presence.watches,
             jobs_watched=presence.jobs_watched,
             upstream_pool=self._upstream_pool.statistics() if self._upstream_pool is not None else None,
+            remote_tails=self._tails.statistics(),
         )
 
     def upstream_statistics(self) -> UpstreamStatistics | None:

@@ -20,6 +20,7 @@ import trio
 from backstream.actors.job import JobActor
 from backstream.actors.joblog import summarize_events
 from backstream.actors.ports import JobAccess
+from backstream.actors.remote_tail import RemoteTails
 from backstream.actors.watcher import LiveSource, LogSource, StoredSource
 from backstream.protocol.errors import ConflictError, NotFoundError
 from backstream.protocol.events import (
@@ -64,7 +65,8 @@ class JobHandle(Protocol):
         ...
 
     def log_view(self) -> LogView:
-        """The log to watch, its epoch, its last seq and whether the job had ended."""
+        """The log to watch, its epoch, its last seq and whether the job had ended. The
+        caller closes the view's source when it is done with it."""
         ...
 
     async def info(self, *, include_content: bool, offset: int) -> JobInfo:
@@ -153,12 +155,19 @@ class StoredJob:
     and the store to act through."""
 
     def __init__(
-        self, record: JobRecord, store: JobAccess, watchers: Callable[[str], int], *, remote_wait: float
+        self,
+        record: JobRecord,
+        store: JobAccess,
+        watchers: Callable[[str], int],
+        *,
+        remote_wait: float,
+        tails: RemoteTails | None = None,
     ) -> None:
         self._record = record
         self._store = store
         self._watchers = watchers
         self._remote_wait = remote_wait
+        self._tails = tails
 
     @property
     def job_id(self) -> str:
@@ -168,9 +177,16 @@ class StoredJob:
         return job_summary(self._record, self._watchers(self.job_id))
 
     def log_view(self) -> LogView:
+        """A running job's log is read through this instance's tail of it (shared by its
+        watchers here: close the source when the watch ends); a finished one's straight."""
         record = self._record
-        source = StoredSource(self._store, record.job_id, record.epoch)
-        return LogView(source, record.epoch, record.seq, record.status in TERMINAL_STATUSES)
+        finished = record.status in TERMINAL_STATUSES
+        source: LogSource
+        if finished or self._tails is None:
+            source = StoredSource(self._store, record.job_id, record.epoch)
+        else:
+            source = self._tails.open(record.job_id, record.epoch)
+        return LogView(source, record.epoch, record.seq, finished)
 
     async def info(self, *, include_content: bool, offset: int) -> JobInfo:
         if not include_content:
@@ -211,8 +227,9 @@ class StoredJob:
 
     async def _wait_while(self, waiting: Callable[[JobRecord], bool]) -> None:
         """Follow the record while ``waiting`` holds, for ``remote_wait`` at most, then read
-        it once more (what happened meanwhile)."""
-        with trio.move_on_after(self._remote_wait):
+        it once more (what happened meanwhile). The job's commits are followed for the
+        whole wait (one subscription, not one per round)."""
+        with trio.move_on_after(self._remote_wait), self._store.follow_job(self.job_id):
             while waiting(self._record):
                 await self._store.wait_for_entries(self.job_id, self._record.seq)
                 await self._reload()
@@ -235,11 +252,13 @@ class JobHandles:
         watchers: Callable[[str], int],
         *,
         remote_wait: float,
+        tails: RemoteTails | None = None,
     ) -> None:
         self._store = store
         self._live = live
         self._watchers = watchers
         self._remote_wait = remote_wait
+        self.tails = tails
 
     async def lookup(self, job_id: str, user: str) -> JobHandle:
         """The user's job ``job_id``: ``LiveJob`` if it runs here (always the freshest view),
@@ -269,4 +288,4 @@ class JobHandles:
         actor = self._live(record.job_id)
         if actor is not None:
             return LiveJob(actor, self._watchers)
-        return StoredJob(record, self._store, self._watchers, remote_wait=self._remote_wait)
+        return StoredJob(record, self._store, self._watchers, remote_wait=self._remote_wait, tails=self.tails)

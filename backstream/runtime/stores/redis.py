@@ -21,9 +21,15 @@ back from an older snapshot) is reported, never left with a gap. A terminal comm
 writes its outbox entry into the job's record in the same script; then frees the
 user's and the cluster's slots and indexes the entry. Sweeping, scanning for orphans
 and claiming the outbox go shard by shard, split between instances
-(``redis_housekeeping``). One pub/sub subscriber per instance
-(``RedisSubscriber``) wakes local waiters through the store's ``SignalHub``; every
-wait also polls, with a floor, in case a message was missed.
+(``redis_housekeeping``). Nothing is broadcast: a commit is
+announced on its job's sharded channel, and only while the writer knows of a follower
+(an instance that follows the job asks with ``watch`` on the job's control channel; a
+commit that reached nobody stops the announcements); aborts and decisions go on the
+control channel, which only the job's runner follows; notifications on the user's
+channel, followed by the instances that hold a connection of the user. One subscriber
+per instance (``RedisSubscriber``) follows what this instance's waiters are interested
+in and wakes them through the store's ``SignalHub``; every wait also polls, with a
+floor, in case a message was missed.
 
 Outages: every method but the ``wait_*`` ones raises ``UnavailableError``; the
 waits retry with backoff until Redis answers again. Finished jobs' keys also
@@ -33,7 +39,8 @@ expire in Redis, an hour after retention, should no sweep ever run.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import attrs
@@ -50,7 +57,7 @@ from backstream.actors.ports import (
     OutboxEntry,
     Store,
 )
-from backstream.actors.signals import OUTBOX_BELL, SignalHub, through_outage
+from backstream.actors.signals import OUTBOX_BELL, SignalHub
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent
 from backstream.protocol.lifecycle import LIVE_STATUSES, TERMINAL_STATUSES, is_terminal
@@ -78,7 +85,12 @@ from backstream.runtime.stores.redis_steps import (
     decode_record,
     encode_fields,
 )
-from backstream.runtime.stores.redis_subscriber import WAIT_POLL_S, RedisSubscriber
+from backstream.runtime.stores.redis_subscriber import (
+    COMMITS,
+    USER,
+    RedisSubscriber,
+    RedisSubscriberStatistics,
+)
 from backstream.runtime.stores.shared import (
     InboxForwarding,
     SeatsForwarding,
@@ -91,6 +103,8 @@ __all__ = ["RedisStore", "RedisStoreStatistics"]
 
 _TERMINAL_JSON = json.dumps(sorted(TERMINAL_STATUSES))
 _LIVE_JSON = json.dumps(sorted(LIVE_STATUSES))
+_PAGE = 64
+"""Stream entries per ``XRANGE`` of ``read``."""
 
 
 @attrs.define
@@ -106,6 +120,14 @@ class _Writing:
     stored_seq: int
     request_bytes: int
     """What its request counts against its user's quota (with its log, from its end on)."""
+    announce: bool = True
+    """Announce commits on the job's channel: until one reaches no follower, and again
+    once a follower asks (``watch``)."""
+    written: dict[str, str] = attrs.Factory(dict)
+    """The progress fields as last written (JSON): a commit writes only those that changed.
+    Emptied when a commit does not land as planned (then every field is written again)."""
+    writing: dict[str, str] = attrs.Factory(dict)
+    """... and as the commit under way writes them (``written`` once it lands)."""
 
 
 @attrs.frozen
@@ -125,6 +147,9 @@ class RedisStoreStatistics:
     endings_unfinished: int
     """Terminal commits that landed whose later steps (freeing the slots, indexing the
     outbox entry) wait for the job's next commit or this instance's next ``take_orphans``."""
+    commits_announced: int
+    """Commits announced on their job's channel (the others had no follower)."""
+    subscriber: RedisSubscriberStatistics
 
 
 class RedisStore(InboxForwarding, SeatsForwarding, Store):
@@ -156,6 +181,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         self.hub = SignalHub()
         self.subscriber = RedisSubscriber(self._conn, self.hub)
         self.frame = frame or RedisFrame()
+        self.subscriber.on_watched = self._watched
         self.inbox = RedisInbox(self._conn, self.frame)
         self.seats = RedisSeats(self._conn)
         self._steps = RedisSteps(self._conn, self.frame)
@@ -166,6 +192,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         retry) or this instance's next ``take_orphans`` runs them again. Bounded by the
         jobs this process ends; each goes once its steps land."""
         self._commits_replanned = 0
+        self._commits_announced = 0
 
     @property
     def subscribed(self) -> trio.Event:
@@ -189,6 +216,8 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
             commits_replanned=self._commits_replanned,
             outage_retries=self.subscriber.outage_retries,
             endings_unfinished=len(self._finishing),
+            commits_announced=self._commits_announced,
+            subscriber=self.subscriber.statistics(),
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -273,6 +302,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
                     if stored is None:
                         return
                     writing.stored_seq = int(stored)  # this process's view may be stale
+                    writing.written = {}
                     continue
                 if not plan.entries and not plan.apply_progress:
                     return  # a late retry: the store is ahead of it
@@ -289,13 +319,17 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
                     raise JobEndedElsewhereError(job_id)
                 if int(reply[0]) == 1:
                     writing.stored_seq = progress.seq
+                    writing.written = writing.writing
+                    self._announced(writing, int(reply[1]))
                     if not terminal:
                         self._writing[job_id] = writing
+                        self.hub.signal_job(job_id)  # waiters here need no round trip
                     else:
-                        await self._finish(self._finish_of(job_id, writing, progress, int(reply[1])))
+                        await self._finish(self._finish_of(job_id, writing, progress, int(reply[2])))
                     return
                 self._commits_replanned += 1
                 writing.stored_seq = int(reply[1])
+                writing.written = {}  # the record is not where this writer left it
             raise UnavailableError(f"{job_id}: its log kept moving under the commit")
         finally:
             if terminal:  # the job's last write here, whether it landed or not
@@ -309,6 +343,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
             raise
         self._housekeeping.wrote_entry(step.shard, step.owner)
         self.hub.ring(OUTBOX_BELL)
+        self.hub.signal_job(step.job_id)
 
     def _finish_of(self, job_id: str, writing: _Writing, progress: JobProgress, logged: int) -> Finish:
         return Finish(
@@ -330,6 +365,20 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         entry = OutboxEntry(job_id, writing.user, writing.thread_id, progress.status, progress.error)
         return outbox_to_json(entry)
 
+    def _announced(self, writing: _Writing, receivers: int) -> None:
+        """A commit landed; ``receivers``: how many instances its announcement reached
+        (-1: not announced). Nobody: stop announcing until a follower asks."""
+        if receivers >= 0:
+            self._commits_announced += 1
+        if receivers == 0:
+            writing.announce = False
+
+    def _watched(self, job_id: str) -> None:
+        """A follower asked for the job's commits (``watch`` on its control channel)."""
+        writing = self._writing.get(job_id)
+        if writing is not None:
+            writing.announce = True
+
     def _commit_args(
         self, job_id: str, writing: _Writing, entries: Sequence[LogEvent], progress: JobProgress
     ) -> list[str]:
@@ -338,6 +387,12 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         if terminal:
             fields["lease_until"] = None
             fields[OUTBOX_FIELD] = self._outbox_json(job_id, writing, progress)
+        encoded = encode_fields(fields)
+        changed: list[str] = []
+        for name, value in zip(encoded[::2], encoded[1::2], strict=True):
+            if writing.written.get(name) != value:
+                changed += [name, value]
+        writing.writing = dict(zip(encoded[::2], encoded[1::2], strict=True))
         ttl_s = (progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S
         return [
             job_id,
@@ -346,17 +401,19 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
             events_to_json(entries) if entries else "",
             "1" if terminal else "0",
             str(ms(max(ttl_s, 1.0))),
-            self.keys.job_channel(job_id),
+            self.keys.job_channel(job_id) if writing.announce else "",
             _TERMINAL_JSON,
             "" if writing.owner is None else json.dumps(writing.owner),
-            *encode_fields(fields),
+            *changed,
         ]
 
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
+        """One ``XRANGE`` per 64 stream entries (flush batches); a short page is the end.
+        Cancellation: safe (a read)."""
         out: list[LogEvent] = []
         start = f"{after_seq + 1}-0"
         while len(out) < limit:
-            batch = await self._call(self.redis.xrange(self.keys.log(job_id), start, "+", count=64))
+            batch = await self._call(self.redis.xrange(self.keys.log(job_id), start, "+", count=_PAGE))
             if not batch:
                 break
             for entry in batch:
@@ -365,24 +422,30 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
                     # the stored seq may repeat entries after a retry).
                     if event.seq > after_seq and (not out or event.seq > out[-1].seq):
                         out.append(event)
+            if len(batch) < _PAGE:
+                break
             last_seq = int(str(batch[-1].identifier).split("-", 1)[0])
             start = f"{last_seq + 1}-0"
         return out[:limit]
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
         """Returns when the record goes past ``after_seq``, ends, or is gone; otherwise
-        after a commit message or ``WAIT_POLL_S`` (a missed message). Waits through an
+        after a commit message or ``WAIT_POLL_S`` (a missed message), following the job's
+        channel meanwhile (``RedisSubscriber.wait_for_entries``). Waits through an
         outage. Cancellation: safe."""
-        with self.subscriber.listen_job(job_id) as listener:
-            seq, status = await through_outage(
-                f"job {job_id}: reading its progress",
-                lambda: self._call(self.redis.hmget(self.keys.job(job_id), ["seq", "status"])),
-                on_retry=self.subscriber.count_retry,
-            )
-            if seq is None or int(seq) > after_seq or is_terminal(json.loads(status)):
-                await trio.lowlevel.checkpoint()
-                return
-            await listener.wait(WAIT_POLL_S)
+        await self.subscriber.wait_for_entries(job_id, after_seq)
+
+    def follow_job(
+        self, job_id: str, on_entries: Callable[[Sequence[LogEvent]], None] | None = None
+    ) -> AbstractContextManager[None]:
+        """Subscribe to the job's channel for the block (once per job however many
+        follow it), and ask its writer to announce its commits; ``on_entries`` gets the
+        entries each announcement carries."""
+        return self.subscriber.interest(COMMITS, job_id, ("entries", job_id), on_entries)
+
+    def notifications_of(self, user: str) -> AbstractContextManager[None]:
+        """Subscribe to the user's channel for the block (once per user)."""
+        return self.subscriber.interest(USER, user)
 
     async def list_jobs(
         self,
@@ -421,25 +484,28 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
     # -- aborts and decisions through any instance ------------------------------------------
 
     async def request_abort(self, job_id: str) -> None:
+        """Sets the job's flag, then tells its runner on the job's control channel (only
+        the runner follows it). Cancellation: the flag may or may not be set."""
         if await self._call(self.redis.exists([self.keys.job(job_id)])):
             await self._call(self.redis.hset(self.keys.job(job_id), {"abort_requested": "true"}))
-            await self._call(self.redis.publish(self.keys.channel("aborts"), job_id))
+            await self._call(self.redis.spublish(self.keys.control_channel(job_id), "abort"))
 
     async def wait_abort_requested(self, job_id: str) -> None:
-        """Returns only once the job's ``abort_requested`` flag reads true. Woken by the
-        ``aborts`` channel, and reads the flag every ``SIGNAL_POLL_S`` in case a message
-        was missed; an outage, however long, is waited through. Cancellation: safe."""
+        """Returns only once the job's ``abort_requested`` flag reads true. Follows the
+        job's control channel meanwhile, and reads the flag every ``SIGNAL_POLL_S`` in case
+        a message was missed; an outage, however long, is waited through. Cancellation: safe."""
         await self.subscriber.wait_field(job_id, "abort_requested", {"true"}, ("abort", job_id))
 
     async def send_decision(self, job_id: str, call_id: str, approved: bool) -> None:
-        """The first decision on a call stands (``HSETNX``); its ``decisions`` message wakes
-        the instance that runs the job. Cancellation: it may or may not be stored."""
+        """The first decision on a call stands (``HSETNX``); its message on the job's
+        control channel wakes the instance that runs the job. Cancellation: it may or may
+        not be stored."""
         value = "true" if approved else "false"
         await self._call(self.redis.hsetnx(self.keys.job(job_id), f"decision:{call_id}", value))
-        await self._call(self.redis.publish(self.keys.channel("decisions"), f"{job_id} {call_id}"))
+        await self._call(self.redis.spublish(self.keys.control_channel(job_id), f"decision {call_id}"))
 
     async def wait_decision(self, job_id: str, call_id: str) -> bool:
-        """Woken by the ``decisions`` channel; reads the decision every ``SIGNAL_POLL_S``
+        """Follows the job's control channel; reads the decision every ``SIGNAL_POLL_S``
         in case a message was missed; waits through an outage. Cancellation: safe."""
         topic = ("decision", f"{job_id} {call_id}")
         return (

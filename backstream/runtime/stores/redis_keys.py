@@ -22,12 +22,28 @@ touches one slot only. User-chosen ids are length-prefixed so that they cannot c
   ``expiry_taken`` (finished jobs by expiry; those a sweep took, by the end of its claim),
   ``outbox``, ``outbox_due``, ``outbox_claims``, ``outbox_owned``, ``scan`` (who scans the
   shard for orphans, until when);
-- the store's own tag (``{p}``): the ``layout`` marker and every channel.
+- the store's own tag (``{p}``): the ``layout`` marker.
 
 Capacity: ``max_jobs`` is split over the shards (``shard_budget``: the shares add up to
 it), and a start takes a slot in the first shard of its order (its hash's, then the
 next) that has room; so starts spread over the shards' keys, the total never exceeds
 ``max_jobs``, and a start is refused only once every shard was found full.
+
+Channels are sharded (``SSUBSCRIBE``/``SPUBLISH``) and per entity, never global: a
+message reaches only the instances that subscribed to it, and on a cluster travels only
+within the shard that holds its slot:
+
+- per job: ``commits`` (every commit, ``"ID SEQ JSON"`` with its entries, and the end,
+  ``"ID SEQ"``; a commit is published only while the writer knows of a follower: one
+  that reached nobody stops the announcements until a follower's ``watch`` on
+  ``control`` turns them on again) and ``control`` (``abort``, ``decision CALL``,
+  ``watch``: subscribed by the job's runner while it waits for them);
+- per user: ``notifications`` (subscribed while the instance holds a connection of
+  that user).
+
+An instance subscribes to a channel on its first interest and unsubscribes after its
+last (``RedisSubscriber.interest``); however many of its watchers follow a job, it
+subscribes once and reads once per commit (``actors.remote_tail``).
 
 What spans entities is a sequence of one-slot scripts, each idempotent, in an order
 that leaves nothing a reader would misreport (``redis_steps``):
@@ -51,13 +67,13 @@ that leaves nothing a reader would misreport (``redis_steps``):
   record as each batch lands); (2) user slot: the user's running entry removed, then the
   job's charge set to its request and its log (only while it holds one: a charge the
   sweep released is never made again); (3) the job's shard: the outbox entry indexed
-  (claimed by the writer), the expiry entry added, the running entry removed, and the
-  commit announced on the job's channel (a watcher woken by it finds the slots freed
-  too); last, so the shard still lists a job whose terminal commit stopped after (1) or
-  (2). The writer's next commit of the job (a retry) or, once the old lease lapsed, the
-  keeper's ``take_orphans`` runs (2) and (3) again from the record: removals are
-  idempotent, the charge is set (not added), and (3) writes the outbox entry only while
-  the job is still in the running set.
+  (claimed by the writer), the expiry entry added, the running entry removed; then the
+  end is announced on the job's channel (a watcher woken by it finds the slots freed
+  too). (3) comes last among the writes, so the shard still lists a job whose terminal
+  commit stopped after (1) or (2). The writer's next commit of the job (a retry) or,
+  once the old lease lapsed, the keeper's ``take_orphans`` runs (2) and (3) again from
+  the record: removals are idempotent, the charge is set (not added), and (3) writes the
+  outbox entry only while the job is still in the running set.
 - the sweep: per batch of expired jobs a shard gave it, the users' slots first (the
   idempotency keys, the indexes, then the jobs' charges released: they hold none
   afterwards, so nothing is released twice), then the jobs' keys and shard entries.
@@ -67,7 +83,7 @@ that leaves nothing a reader would misreport (``redis_steps``):
 - lease renewal: per job (owner checked in its slot), then the running entries.
 - a notification: the thread's mute is read (user slot); the job slot's script checks
   that nobody watches and marks the job notified (never twice); the user slot's script
-  adds it to the inbox and publishes it.
+  adds it to the inbox and publishes it on the user's channel.
 
 Leases and watch presence are on Redis's clock: the scripts read ``TIME`` (see
 ``redis_clock``).
@@ -238,18 +254,21 @@ class RedisKeyspace:
         """A set: the outbox entries an instance claimed (stale ids dropped at its next claim)."""
         return self._of_shard(shard, "outbox", "owner", self._named(owner))
 
-    # -- channels ------------------------------------------------------------------------
+    # -- channels (sharded pub/sub: each lives on the shard of its entity's slot) ---------
 
     def job_channel(self, job_id: str) -> str:
-        """Where a job's commits are announced. For now one global channel for every job
-        (one subscription per instance; ``PUBLISH`` reaches every node of a cluster); a
-        per-job channel (``SSUBSCRIBE`` in a cluster) would be ``{p:job:ID}:commits``,
-        subscribed by ``RedisSubscriber.listen_job``."""
-        return self._k("commits")
+        """Where a job's commits are announced (``SPUBLISH``, message ``"ID SEQ"``): in the
+        job's slot, so on a cluster only the job's shard carries it, and only instances
+        that follow the job (a remote tail, a remote wait for its end) subscribe."""
+        return self._of_job(job_id, "commits", job_id)
 
-    def channel(self, name: str) -> str:
-        """``aborts``, ``decisions``, ``notifications`` (and ``commits``)."""
-        return self._k(name)
+    def control_channel(self, job_id: str) -> str:
+        """What reaches the instance that runs a job (it subscribes while it waits for
+        them): ``abort``, ``decision CALL``, and ``watch`` (a follower asks the writer to
+        announce its commits again, see ``RedisStore.commit``)."""
+        return self._of_job(job_id, "control", job_id)
 
-    def channels(self) -> list[str]:
-        return [self.channel(name) for name in ("commits", "aborts", "decisions", "notifications")]
+    def user_channel(self, user: str) -> str:
+        """A user's new notifications (JSON), in the user's slot; subscribed by the
+        instances that hold a connection of that user."""
+        return self._of_user(user, "notifications", self._named(user))

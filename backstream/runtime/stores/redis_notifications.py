@@ -1,8 +1,8 @@
 """Watch presence, mutes and notifications of ``RedisStore``, shared by every instance.
 
 Keys and channel are named by ``RedisKeyspace`` (``watching``, ``seen``, ``muted``,
-``notified``, ``inbox`` and the ``notifications`` channel). Watch presence is on Redis's
-clock, as leases are (``RedisFrame``).
+``notified``, ``inbox`` and the user's ``notifications`` channel). Watch presence is on
+Redis's clock, as leases are (``RedisFrame``).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class RedisInbox(Inbox):
             return False
         payload = json.dumps(attrs.asdict(n), separators=(",", ":"))
         hash_key, order_key = k.inbox(n.user)
-        args = [n.notification_id, payload, repr(n.created_at), str(max_per_user), k.channel("notifications")]
+        args = [n.notification_id, payload, repr(n.created_at), str(max_per_user), k.user_channel(n.user)]
         await self._conn.script("notify_insert", [hash_key, order_key], args)
         return True
 

@@ -107,34 +107,42 @@ return 1
 # KEYS: job, log. Returns {0} if the job is gone, {3} if it has ended already (ARGV[8]: a
 # JSON list of the terminal statuses) or is held by another owner than ARGV[9] (a writer
 # whose job another instance took over is fenced off), {2, stored_seq} if its seq is not
-# ARGV[2] (nothing changed: the caller plans again from stored_seq), {1, log bytes} when
-# applied: the record's field ``log_bytes`` sums the bytes of the batches appended (for the
-# quota of stored bytes, ``redis_quota``). Python planned the entries (only new ones) and
-# the progress (never behind the log) against ARGV[2]. The fields (ARGV[10]...) of a
-# terminal commit (ARGV[5]) carry its outbox entry (field ``outbox``): the end and its
-# effect land together. A terminal commit
-# is announced by its last step (FINISH_INSTANCE): a watcher woken by it finds the slots
-# freed too (one that reads meanwhile sees the end, which is final).
+# ARGV[2] (nothing changed: the caller plans again from stored_seq), {1, receivers, log
+# bytes} when applied (the record's field ``log_bytes`` sums the bytes of the batches
+# appended, for the quota of stored bytes, ``redis_quota``). The fence is one HMGET.
+# Python planned the entries (only new ones) and the progress (never behind the log)
+# against ARGV[2], and passes only the fields that changed since its last commit. The
+# fields (ARGV[10]...) of a terminal commit (ARGV[5]) carry its outbox entry (field
+# ``outbox``): the end and its effect land together. A non-terminal commit is announced on
+# the job's channel (ARGV[7], sharded: the job's slot; '' while the writer knows of no
+# follower) with its entries (``ID SEQ JSON``: a follower need not read them; over 64 KiB
+# of them, ``ID SEQ `` and followers read, so no subscriber's output buffer holds large
+# messages); ``receivers`` is how many instances got it (-1: not announced). A terminal
+# commit is announced after its last step (``RedisSteps.finish``): a watcher woken by it
+# finds the slots freed too (one that reads meanwhile sees the end, which is final).
 COMMIT = """
-local seq = redis.call('HGET', KEYS[1], 'seq')
+local seq, status, owner = unpack(redis.call('HMGET', KEYS[1], 'seq', 'status', 'owner'))
 if not seq then return {0} end
 local ended = {}
-for _, status in ipairs(cjson.decode(ARGV[8])) do ended[cjson.encode(status)] = true end
-if ended[redis.call('HGET', KEYS[1], 'status')] then return {3} end
-if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[9] then return {3} end
+for _, name in ipairs(cjson.decode(ARGV[8])) do ended[cjson.encode(name)] = true end
+if ended[status] then return {3} end
+if ARGV[9] ~= '' and owner ~= ARGV[9] then return {3} end
 if tonumber(seq) ~= tonumber(ARGV[2]) then return {2, tonumber(seq)} end
+local logged = 0
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], ARGV[3] .. '-0', 'e', ARGV[4])
-  redis.call('HINCRBY', KEYS[1], 'log_bytes', string.len(ARGV[4]))
+  logged = redis.call('HINCRBY', KEYS[1], 'log_bytes', string.len(ARGV[4]))
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 10))
+if #ARGV >= 10 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
 if ARGV[5] == '1' then
   local ttl = tonumber(ARGV[6])
   for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ttl) end
-else
-  redis.call('PUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3])
+elseif ARGV[7] ~= '' then
+  local entries = ARGV[4]
+  if #entries > 65536 then entries = '' end
+  return {1, redis.call('SPUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3] .. ' ' .. entries)}
 end
-return {1, tonumber(redis.call('HGET', KEYS[1], 'log_bytes') or '0')}
+return {1, -1, logged}
 """
 
 # User slot. KEYS: user running, msg. ARGV: job id, the idempotency key's time to live (ms).
@@ -150,8 +158,8 @@ return 1
 # the claim's end (ahead), how long the owner's set outlives its last claim (ms), '1' for the
 # terminal commit's own first call (write the entry whatever the running set says),
 # '0' for a repair (write it only if the job is still in the running set: then no
-# earlier call wrote it, so the entry is never written twice), the job's channel and its
-# message (the commit's announcement). Returns 1 if written.
+# earlier call wrote it, so the entry is never written twice). Returns 1 if written.
+# (The job's channel lives in the job's slot: the caller announces the end after it.)
 FINISH_INSTANCE = (
     _CLOCK
     + """
@@ -169,7 +177,6 @@ if write then
     end
   end
 end
-redis.call('PUBLISH', ARGV[8], ARGV[9])
 return write and 1 or 0
 """
 )
@@ -320,7 +327,8 @@ return 1
 )
 
 # User slot. KEYS: the inbox's hash and order. ARGV: the notification's id, payload (JSON),
-# time, the inbox's bound (the oldest go), the channel. Adds it and announces it.
+# time, the inbox's bound (the oldest go), the user's channel (sharded: the user's slot).
+# Adds it and announces it to the instances that hold a connection of the user.
 NOTIFY_INSERT = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
@@ -330,6 +338,6 @@ if extra > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
   redis.call('HDEL', KEYS[1], unpack(old))
 end
-redis.call('PUBLISH', ARGV[5], ARGV[2])
+redis.call('SPUBLISH', ARGV[5], ARGV[2])
 return 1
 """

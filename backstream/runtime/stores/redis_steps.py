@@ -197,7 +197,7 @@ class RedisSteps:
 
     async def finish(self, step: Finish, *, first: bool) -> None:
         """The user slot, then the instance set (its running entry goes last: while it
-        stays, the job is found again), which announces the commit to the job's watchers.
+        stays, the job is found again), then the end is announced to the job's followers.
         ``first``: right after the terminal commit landed (the outbox entry is written
         whatever the running set says: a job created without capacity has no running
         entry); otherwise a repair, which writes the entry only if the running entry was
@@ -225,10 +225,12 @@ class RedisSteps:
             self.frame.ahead(step.claim_until),
             str(ms(SAFETY_TTL_S)),
             "1" if first else "0",
-            k.job_channel(step.job_id),
-            f"{step.job_id} {step.seq}",
         ]
         await self._conn.script("finish_instance", keys, args)
+        # The end, announced in the job's slot (where its followers listen), after the slots
+        # are freed; a lost announcement is found by the followers' polls.
+        announcement = f"{step.job_id} {step.seq}"
+        await self._conn.call(self._conn.client.spublish(k.job_channel(step.job_id), announcement))
 
     async def repair_ended(self, record: JobRecord, shard: int) -> None:
         """A job that ended but is still in the running set: its terminal commit stopped

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import attrs
 import cattrs
@@ -134,6 +135,9 @@ class InboxForwarding(Inbox):
 
     async def notify_unwatched(self, notification: NotificationRecord, now: float, max_per_user: int) -> bool:
         return await self.inbox.notify_unwatched(notification, now, max_per_user)
+
+    def notifications_of(self, user: str) -> AbstractContextManager[None]:
+        return self.inbox.notifications_of(user)
 
     async def list_notifications(
         self, user: str, *, unread_only: bool, limit: int

@@ -1,0 +1,221 @@
+"""No broadcast: an instance hears of a job only while it runs or watches it, of a user only
+while it holds a connection of theirs, and reads a watched job once for all its watchers.
+On one Redis and on a cluster (sharded pub/sub)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import coredis
+import pytest
+import trio
+
+from backstream import Batch, Config, Runtime, open_runtime
+from backstream.actors.remote_tail import TAIL_WINDOW
+from backstream.runtime.stores.redis import RedisStore
+from backstream.runtime.stores.redis_subscriber import RedisSubscriberStatistics
+from tests.conftest import REDIS_HOST, delete_prefix, redis_url, require_redis
+from tests.helpers import check_contiguous, collect, joined_text, terminal
+from tests.test_redis_faults import own_redis
+
+MSG = [{"role": "user", "content": "x"}]
+
+
+@asynccontextmanager
+async def instances(url: str, count: int, *, cluster: bool = False) -> AsyncIterator[list[Runtime]]:
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    config = Config(drain_timeout=0, flush_ms=20)
+    try:
+        async with AsyncExitStack() as stack:
+            yield [
+                await stack.enter_async_context(
+                    open_runtime(config, store=RedisStore(url, prefix=prefix, per_entity_slots=cluster))
+                )
+                for _ in range(count)
+            ]
+    finally:
+        if not cluster:
+            await delete_prefix(prefix)
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def where(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    if request.param == "cluster":
+        return request.getfixturevalue("redis_cluster"), True
+    require_redis()
+    return redis_url(), False
+
+
+async def lorem(rt: Runtime, message_id: str, tokens: int, rate: float) -> str:
+    started = await rt.start_job(
+        user="alice",
+        thread_id="t",
+        message_id=message_id,
+        model="backstream/lorem",
+        messages=MSG,
+        params={"max_tokens": tokens, "tokens_per_s": rate},
+    )
+    return started.job_id
+
+
+def heard(rt: Runtime) -> RedisSubscriberStatistics:
+    assert isinstance(rt.store, RedisStore)
+    return rt.store.statistics().subscriber
+
+
+async def test_an_instance_that_neither_runs_nor_watches_a_job_hears_nothing_of_it(
+    where: tuple[str, bool],
+) -> None:
+    url, cluster = where
+    async with instances(url, 3, cluster=cluster) as (a, b, c):
+        with c.subscribe_notifications("bob"):  # C holds a connection of another user only
+            job_id = await lorem(a, "m1", tokens=80, rate=200)
+            batches = await collect(b, job_id)
+            assert terminal(batches).status == "completed"
+            with trio.fail_after(5):
+                await a.wait_idle()
+            await trio.sleep(0.2)  # anything still on its way to C
+            idle = heard(c)
+            assert idle.messages_total == 0, idle
+            assert idle.channels_subscribed == 1  # bob's notifications, nothing of the job
+        assert heard(b).messages_total > 0  # the watcher heard of the commits
+        with trio.fail_after(5):
+            while heard(b).channels_subscribed or heard(c).channels_subscribed:
+                await trio.sleep(0.01)  # unsubscribed once the watch (and the connection) went
+
+
+async def test_a_job_started_on_a_arrives_whole_on_b_and_c(where: tuple[str, bool]) -> None:
+    url, cluster = where
+    async with instances(url, 3, cluster=cluster) as (a, b, c):
+        job_id = await lorem(a, "m1", tokens=150, rate=300)
+        results: dict[str, list[Batch]] = {}
+
+        async def watch(name: str, rt: Runtime) -> None:
+            results[name] = await collect(rt, job_id)
+
+        async with trio.open_nursery() as nursery:
+            for name, rt in [("b1", b), ("b2", b), ("c", c)]:
+                nursery.start_soon(watch, name, rt)
+        for batches in results.values():
+            check_contiguous(batches)
+            assert terminal(batches).status == "completed"
+            assert len(joined_text(batches).split()) == 150
+        assert len({joined_text(batches) for batches in results.values()}) == 1
+        # Two watchers on B, one tail: B followed the job once.
+        assert heard(b).subscribes_total == 1 and heard(c).subscribes_total == 1
+
+
+async def _xranges(port: int) -> int:
+    async with coredis.Redis(host=REDIS_HOST, port=port, decode_responses=True) as admin:
+        stats = await admin.info("commandstats")
+        entry = stats.get("cmdstat_xrange")
+        return int(entry["calls"]) if isinstance(entry, dict) else 0
+
+
+async def test_more_watchers_of_a_job_on_one_instance_add_no_reads(tmp_path: Path) -> None:
+    """The same job, watched on B by one watcher and then by three: the log is read as
+    often (per instance, not per watcher; and mostly not at all, since a commit's
+    announcement carries its entries), counted by Redis itself."""
+    with own_redis(tmp_path, persistence="snapshot") as redis:
+        async with instances(redis_url(redis.port), 2) as (a, b):
+            reads = []
+            for watchers, message_id in [(1, "m1"), (3, "m3")]:
+                before = await _xranges(redis.port)
+                job_id = await lorem(a, message_id, tokens=120, rate=100)
+                async with trio.open_nursery() as nursery:
+                    for _ in range(watchers):
+                        nursery.start_soon(collect, b, job_id)
+                with trio.fail_after(5):
+                    await a.wait_idle()
+                reads.append(await _xranges(redis.port) - before)
+            one, three = reads
+            assert three <= one + 2, reads  # (a read or two at the start and the end)
+            tails = b.statistics().remote_tails
+            assert tails.tails == 0 and tails.log_reads_total <= one + three
+            assert tails.announced_total > 10  # the entries came with the commits' announcements
+
+
+async def test_a_notification_reaches_a_connection_of_its_user_on_another_instance(
+    where: tuple[str, bool],
+) -> None:
+    url, cluster = where
+    async with instances(url, 3, cluster=cluster) as (a, b, c):
+        with b.subscribe_notifications("alice") as pushes:
+            with trio.fail_after(5):
+                while heard(b).channels_subscribed != 1:
+                    await trio.sleep(0.01)
+            job_id = await lorem(a, "m1", tokens=10, rate=1000)  # nobody watches: a notification
+            with trio.fail_after(10):
+                pushed = await pushes.receive()
+            assert pushed.job_id == job_id and pushed.type == "ai.message.received"
+        assert heard(c).messages_total == 0  # no connection of alice there
+
+
+async def test_an_abort_reaches_the_runner_within_a_second(where: tuple[str, bool]) -> None:
+    url, cluster = where
+    async with instances(url, 2, cluster=cluster) as (a, b):
+        job_id = await lorem(a, "m1", tokens=10_000, rate=50)
+        await trio.sleep(0.5)  # the runner follows the job's control channel
+        t0 = trio.current_time()
+        result = await b.abort(job_id, user="alice")
+        assert trio.current_time() - t0 < 1.0  # not the 5 s poll
+        assert result.aborted and result.job.status == "aborted"
+        assert heard(a).messages_total >= 1
+
+
+async def test_a_watcher_behind_the_tails_window_reads_the_store_and_misses_nothing() -> None:
+    """The tail keeps the newest TAIL_WINDOW entries: a replay from the start of a longer
+    job reads its range from the store itself until it reaches the window, and still gets
+    every entry once, in order."""
+    require_redis()
+    async with instances(redis_url(), 2) as (a, b):
+        job_id = await lorem(a, "m1", tokens=TAIL_WINDOW * 3, rate=3000)
+        live: list[Batch] = []
+        async with b.watch(job_id, user="alice") as batches:
+            async for batch in batches:
+                live.append(batch)
+                if batch.to_seq > TAIL_WINDOW * 2:
+                    break
+            replay = await collect(b, job_id)  # from seq 0, while the live watch holds the tail
+            assert b.statistics().remote_tails.reads_behind_total > 0
+        check_contiguous(replay)
+        assert terminal(replay).status == "completed"
+        assert len(joined_text(replay).split()) == TAIL_WINDOW * 3
+
+
+async def test_an_announcement_carries_the_entries_unless_they_are_large() -> None:
+    """A follower gets a commit's entries with its announcement; over 64 KiB of them it
+    gets the seq only (and reads), so no subscriber's buffer holds large messages."""
+    from tests.test_store_conformance import progress, record, texts
+
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    writer, follower = RedisStore(redis_url(), prefix=prefix), RedisStore(redis_url(), prefix=prefix)
+    got: list[list[int]] = []
+    for store in (writer, follower):  # opened outside the nursery, as the runtime does
+        await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            for store in (writer, follower):
+                await nursery.start(store.run)
+            await writer.create_job(record())
+            with follower.follow_job("j_1", lambda entries: got.append([e.seq for e in entries])):
+                with trio.fail_after(5):
+                    while follower.statistics().subscriber.channels_subscribed != 1:
+                        await trio.sleep(0.01)
+                    await trio.sleep(0.1)  # the writer heard the follower's watch request
+                await writer.commit("j_1", texts(1, "small ", "words"), progress(2))
+                await writer.commit("j_1", texts(3, "x" * 70_000), progress(3))
+                await writer.commit("j_1", texts(4, "again"), progress(4))
+                with trio.fail_after(5):
+                    while follower.subscriber.announced("j_1") != 4:
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert got == [[1, 2], [4]]  # the large one came without its entries
+    finally:
+        for store in (follower, writer):  # the reverse of their opening (each holds a scope)
+            await store.aclose()
+        await delete_prefix(prefix)
