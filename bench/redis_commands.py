@@ -68,9 +68,9 @@ async def run_once(port: int, jobs: int, watchers: int, rate: float, tokens: int
     # The default flush settings; room for every job of the run.
     config = Config(drain_timeout=0, max_jobs_per_user=max(jobs, 8), max_jobs=max(jobs, 8) * 2)
     async with (
-        open_runtime(config, store=RedisStore(url, prefix=prefix, per_entity_slots=True)) as a,
-        open_runtime(config, store=RedisStore(url, prefix=prefix, per_entity_slots=True)) as b,
-        open_runtime(config, store=RedisStore(url, prefix=prefix, per_entity_slots=True)) as c,
+        open_runtime(config, store=RedisStore(url, prefix=prefix)) as a,
+        open_runtime(config, store=RedisStore(url, prefix=prefix)) as b,
+        open_runtime(config, store=RedisStore(url, prefix=prefix)) as c,
     ):
         with c.subscribe_notifications("bob"):
             await trio.sleep(0.5)  # subscribers settled

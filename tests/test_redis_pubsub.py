@@ -32,7 +32,7 @@ async def instances(url: str, count: int, *, cluster: bool = False) -> AsyncIter
         async with AsyncExitStack() as stack:
             yield [
                 await stack.enter_async_context(
-                    open_runtime(config, store=RedisStore(url, prefix=prefix, per_entity_slots=cluster))
+                    open_runtime(config, store=RedisStore(url, prefix=prefix))
                 )
                 for _ in range(count)
             ]
