@@ -64,6 +64,12 @@ class Config:
     store_outage_limit: float = attrs.field(default=30.0, validator=_positive)
     """A job whose writes keep failing this long ends ``failed``/``unavailable``; until then it
     retries and keeps streaming to watchers in this process."""
+    store_wait_replicas: int = attrs.field(default=0, validator=_non_negative)
+    """Replicas that must hold a job's end (Redis WAIT) before it is reported; 0: none waited for."""
+    store_wait_timeout: float = attrs.field(default=1.0, validator=_positive)
+    """How long a write waits for store_wait_replicas; fewer in time is an outage (the write is retried)."""
+    store_wait_on: str = attrs.field(default="end", validator=attrs.validators.in_(("end", "flush")))
+    """end: only a job's terminal commit waits for replicas; flush: every write of its log does."""
 
     # The job log and its writes to the store.
     max_output_chars: int = attrs.field(default=1_000_000, validator=_positive)

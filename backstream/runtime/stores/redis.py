@@ -59,7 +59,7 @@ from backstream.protocol.records import (
     events_to_json,
     progress_to_dict,
 )
-from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
+from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, Replication, ms
 from backstream.runtime.stores.redis_keys import RedisKeyspace
 from backstream.runtime.stores.redis_notifications import RedisInbox
 from backstream.runtime.stores.redis_steps import (
@@ -72,7 +72,11 @@ from backstream.runtime.stores.redis_steps import (
 from backstream.runtime.stores.redis_subscriber import WAIT_POLL_S, RedisSubscriber
 from backstream.runtime.stores.shared import InboxForwarding, outbox_from_json, outbox_to_json, plan_commit
 
-__all__ = ["RedisStore", "RedisStoreStatistics"]
+__all__ = ["REMOTE_OUTAGE_S", "RedisStore", "RedisStoreStatistics"]
+
+REMOTE_OUTAGE_S = 3.0
+"""A watcher of a job running elsewhere waits through an outage this long, then is told
+``unavailable`` (it may resume once the store is back)."""
 
 _TERMINAL_JSON = json.dumps(sorted(TERMINAL_STATUSES))
 _LIVE_JSON = json.dumps(sorted(LIVE_STATUSES))
@@ -121,15 +125,28 @@ class RedisStore(InboxForwarding, Store):
 
     inbox: RedisInbox
 
-    def __init__(self, url: str, *, prefix: str = "backstream", per_entity_slots: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "backstream",
+        per_entity_slots: bool = False,
+        replication: Replication | None = None,
+    ) -> None:
         """``redis://HOST:PORT/DB`` or ``rediss://...``; ``redis+cluster://HOST:PORT`` (or
-        ``rediss+cluster://``) for Redis Cluster through coredis' cluster client.
+        ``rediss+cluster://``) for Redis Cluster through coredis' cluster client;
+        ``redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`` (or ``rediss+sentinel://``)
+        for the primary a Sentinel group names (``redis_urls``). Raises ``ValueError`` for
+        any other URL.
+
+        ``replication``: a terminal commit (and, if asked, every commit) returns once that
+        many replicas hold it (``Replication``, ``WAIT``).
 
         ``per_entity_slots``: each job's and each user's keys get a hash tag of their own,
         so that a Redis Cluster spreads them over its shards (``RedisKeyspace``). Off, every
         key shares the prefix's one slot, as in every deployment before it: choose it for a
         new prefix, since data under one layout is not found under the other."""
-        self._conn = RedisConnection(url, prefix, per_entity_slots=per_entity_slots)
+        self._conn = RedisConnection(url, prefix, per_entity_slots=per_entity_slots, replication=replication)
         self.per_entity_slots = per_entity_slots
         self.cluster = self._conn.cluster
         self.url = self._conn.url
@@ -240,12 +257,16 @@ class RedisStore(InboxForwarding, Store):
                         return
                     writing.stored_seq = int(stored)  # this process's view may be stale
                     continue
+                replicated = self._conn.replication.applies(terminal)
                 if not plan.entries and not plan.apply_progress:
+                    if replicated:  # it landed, but its WAIT may have failed
+                        await self._conn.confirm_replicated(self.keys.job(job_id))
                     return  # a late retry: the store is ahead of it
                 reply = await self._conn.script(
                     "commit",
                     [self.keys.job(job_id), self.keys.log(job_id)],
                     self._commit_args(job_id, writing, plan.entries, progress),
+                    replicated=replicated,
                 )
                 if int(reply[0]) == 0:  # Redis lost the job (a restart without its data)
                     self._writing.pop(job_id, None)
@@ -334,14 +355,19 @@ class RedisStore(InboxForwarding, Store):
 
     async def wait_for_entries(self, job_id: str, after_seq: int) -> None:
         """Returns when the record goes past ``after_seq``, ends, or is gone; otherwise
-        after a commit message or ``WAIT_POLL_S`` (a missed message). Waits through an
-        outage. Cancellation: safe."""
+        after a commit message or ``WAIT_POLL_S`` (a missed message). Reads the job's
+        primary (a replica cannot tell whether the job still moves) and waits through an
+        outage of up to ``REMOTE_OUTAGE_S``; a longer one raises ``UnavailableError``, so
+        a remote watcher is told rather than left waiting. Cancellation: safe."""
         with self.subscriber.listen_job(job_id) as listener:
-            seq, status = await through_outage(
-                f"job {job_id}: reading its progress",
-                lambda: self._call(self.redis.hmget(self.keys.job(job_id), ["seq", "status"])),
-                on_retry=self.subscriber.count_retry,
-            )
+            with trio.move_on_after(REMOTE_OUTAGE_S) as within:
+                seq, status = await through_outage(
+                    f"job {job_id}: reading its progress",
+                    lambda: self._conn.read_progress(self.keys.job(job_id)),
+                    on_retry=self.subscriber.count_retry,
+                )
+            if within.cancelled_caught:
+                raise UnavailableError(f"job {job_id}: redis unavailable for {REMOTE_OUTAGE_S:g}s")
             if seq is None or int(seq) > after_seq or is_terminal(json.loads(status)):
                 await trio.lowlevel.checkpoint()
                 return
@@ -519,7 +545,6 @@ class RedisStore(InboxForwarding, Store):
         job's owner, this instance); another instance's lapsed claims are found after
         ``timeout``. Cancellation: safe."""
         await self.hub.wait_bell(OUTBOX_BELL, timeout)
-
 
 
 def _writing_of(record: JobRecord) -> _Writing:
