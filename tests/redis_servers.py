@@ -299,11 +299,20 @@ class SentinelGroup:
         return self.primary()
 
     def restore(self) -> None:
-        """Start the killed servers again (the sentinels make each a replica) and wait."""
-        for node in self.servers + self.sentinels:
+        """Start the killed servers again, each as a replica of the primary the sentinels
+        name (as they would make it, only sooner), and wait until each is in sync."""
+        primary = self.primary()
+        for node in self.sentinels:
             if not node.alive:
                 node.start()
-        self.wait_healthy()
+        restarted = [node for node in self.servers if not node.alive]
+        for node in restarted:
+            node.args = ["--replicaof", HOST, str(primary.port)]
+            node.start()
+        wait_until(
+            "the restarted replicas to sync",
+            lambda: all(info(n.port, "replication").get("master_link_status") == "up" for n in restarted),
+        )
 
     def stop(self) -> None:
         for node in self.sentinels + self.servers:

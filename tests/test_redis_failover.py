@@ -1,0 +1,228 @@
+"""Failovers under a running job: a Sentinel group and a Cluster of our own, their primary
+killed (``kill -9``) after it took writes its replica never got, and a primary demoted to
+replica under the same address.
+
+What makes a loss certain without ``WAIT``: the replica is frozen (SIGSTOP) and its link
+cut from the primary's side (``CLIENT KILL TYPE replica``), so what the primary accepts
+from then on reaches no replica; then the primary is killed and the replica, thawed,
+is promoted. A write the runtime counted as done in that window is lost, unless it
+waited for the replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import uuid
+from pathlib import Path
+
+import coredis
+import pytest
+import trio
+
+from backstream import Config, Runtime, StartedJob, open_runtime
+from backstream.protocol.errors import UnavailableError
+from backstream.protocol.events import Batch, TextEvent
+from backstream.runtime.stores.redis import REMOTE_OUTAGE_S, RedisStore
+from backstream.runtime.stores.redis_client import Replication
+from tests.helpers import check_contiguous, joined_text, terminal
+from tests.redis_servers import HOST, RedisCluster, RedisNode, cli, redis_cluster_group, sentinel_group
+
+MSG = [{"role": "user", "content": "x"}]
+WAIT_FOR_ONE = Replication(replicas=1, timeout=0.3)
+CONFIG = Config(drain_timeout=0, flush_ms=20, store_outage_limit=60, lease_renew_interval=0.5)
+
+
+async def lorem(rt: Runtime, tokens: int, rate: float, message_id: str = "m") -> StartedJob:
+    return await rt.start_job(
+        user="alice",
+        thread_id="t",
+        message_id=message_id,
+        model="backstream/lorem",
+        messages=MSG,
+        params={"max_tokens": tokens, "tokens_per_s": rate},
+    )
+
+
+def isolate_replica(primary: RedisNode, replica: RedisNode) -> None:
+    """From now on ``primary``'s writes reach no replica: the replica is frozen, then its
+    link is closed from the primary's side (a frozen replica cannot connect again)."""
+    assert replica.proc is not None
+    replica.proc.send_signal(signal.SIGSTOP)
+    assert cli(primary.port, "client", "kill", "type", "replica") != "0"
+
+
+async def status_on(port: int, key: str) -> str | None:
+    async with coredis.Redis(host=HOST, port=port, decode_responses=True) as node:
+        raw = await node.hget(key, "status")
+        return None if raw is None else str(raw).strip('"')
+
+
+async def watch_to_end(rt: Runtime, job_id: str, on_batch: object = None) -> list[Batch]:
+    batches: list[Batch] = []
+    async with rt.watch(job_id, user="alice") as watch:
+        async for batch in watch:
+            batches.append(batch)
+            if on_batch is not None:
+                await on_batch(batch)  # type: ignore[operator]
+    return batches
+
+
+async def stored_once_completed(url: str, prefix: str, job_id: str, timeout: float) -> tuple[str, str]:
+    """The job's status and text as a store opened afresh on ``url`` reads them, once its
+    status is ``completed`` or ``timeout`` has passed."""
+    reader = RedisStore(url, prefix=prefix, per_entity_slots="cluster" in url)
+    await reader.open()
+    try:
+        with trio.move_on_after(timeout):
+            while True:
+                with trio.move_on_after(2):
+                    try:
+                        record = await reader.get_job(job_id)
+                    except UnavailableError:
+                        record = None
+                    if record is not None and record.status == "completed":
+                        break
+                await trio.sleep(0.2)
+        record = await reader.get_job(job_id)
+        assert record is not None
+        entries = await reader.read(job_id, 0, 100_000)
+        text = "".join(entry.text for entry in entries if isinstance(entry, TextEvent))
+        return record.status, text
+    finally:
+        await reader.aclose()
+
+
+async def test_sentinel_failover_as_a_job_ends_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """The job ends while its primary's replica is cut off; the primary is then killed and
+    the sentinels promote the replica. With WAIT the end was never acknowledged: the job
+    writes it again on the new primary, found through the sentinels without a restart,
+    and the store there holds the whole text and ``completed``. A later job runs there."""
+    with sentinel_group(tmp_path) as group:
+        prefix = f"bstest:{uuid.uuid4().hex[:8]}"
+        store = RedisStore(group.url, prefix=prefix, replication=WAIT_FOR_ONE)
+        old = group.primary()
+        [replica] = [node for node in group.servers if node is not old]
+        async with open_runtime(CONFIG, store=store) as rt:
+            started = await lorem(rt, 60, 120)
+            cut = False
+
+            async def cut_off_after_some_text(batch: Batch) -> None:
+                nonlocal cut
+                if not cut and batch.to_seq > 5:
+                    cut = True
+                    await trio.to_thread.run_sync(isolate_replica, old, replica)
+
+            with trio.fail_after(30):
+                batches = await watch_to_end(rt, started.job_id, cut_off_after_some_text)
+                key = store.keys.job(started.job_id)
+                while await status_on(old.port, key) != "completed":  # the end reached the primary
+                    await trio.sleep(0.05)
+            old.kill()
+            assert replica.proc is not None
+            replica.proc.send_signal(signal.SIGCONT)
+            await trio.to_thread.run_sync(group.wait_failover, old)
+            # The old primary back, as the new one's replica: the retried end can be acknowledged.
+            await trio.to_thread.run_sync(group.restore)
+            with trio.fail_after(30):
+                await rt.wait_idle()  # the job's end was written and acknowledged
+            status, text = await stored_once_completed(group.url, prefix, started.job_id, timeout=30)
+            check_contiguous(batches)
+            assert terminal(batches).status == "completed" and len(joined_text(batches).split()) == 60
+            assert (status, text) == ("completed", joined_text(batches))
+            # The same runtime, no restart: a new job lands on the new primary.
+            later = await lorem(rt, 5, 200, message_id="m2")
+            with trio.fail_after(20):
+                assert terminal(await watch_to_end(rt, later.job_id)).status == "completed"
+            assert await status_on(replica.port, store.keys.job(later.job_id)) == "completed"
+
+
+async def test_cluster_primary_of_a_job_killed_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """Three primaries with a replica each; the primary holding the job's slot takes its end
+    while its replica is cut off, then is killed, and the cluster promotes the replica.
+    WAIT ran on that node's connection: the end was never acknowledged, the job writes it
+    again on the new primary (the cluster client follows the slot), nothing is lost."""
+    with redis_cluster_group(tmp_path) as cluster:
+        prefix = f"bstest:{uuid.uuid4().hex[:8]}"
+        store = RedisStore(cluster.url, prefix=prefix, per_entity_slots=True, replication=WAIT_FOR_ONE)
+        async with open_runtime(CONFIG, store=store) as rt:
+            started = await lorem(rt, 60, 120)
+            key = store.keys.job(started.job_id)
+            old = await trio.to_thread.run_sync(cluster.primary_of_key, key)
+            replica = await trio.to_thread.run_sync(_replica_of, cluster, old)
+            cut = False
+
+            async def cut_off_after_some_text(batch: Batch) -> None:
+                nonlocal cut
+                if not cut and batch.to_seq > 5:
+                    cut = True
+                    await trio.to_thread.run_sync(isolate_replica, old, replica)
+
+            with trio.fail_after(30):
+                batches = await watch_to_end(rt, started.job_id, cut_off_after_some_text)
+                while await status_on(old.port, key) != "completed":
+                    await trio.sleep(0.05)
+            old.kill()
+            assert replica.proc is not None
+            replica.proc.send_signal(signal.SIGCONT)
+            await trio.to_thread.run_sync(cluster.wait_healthy)
+            assert await trio.to_thread.run_sync(cluster.primary_of_key, key) is replica
+            await trio.to_thread.run_sync(cluster.restore)  # a replica for the new primary again
+            with trio.fail_after(30):
+                await rt.wait_idle()  # the job's end was written and acknowledged
+            status, text = await stored_once_completed(cluster.url, prefix, started.job_id, timeout=30)
+            check_contiguous(batches)
+            assert (status, text) == ("completed", joined_text(batches))
+            assert len(text.split()) == 60
+
+
+def _replica_of(cluster: RedisCluster, primary: RedisNode) -> RedisNode:
+    for node in cluster.live():
+        replication = cli(node.port, "info", "replication")
+        if "role:slave" in replication and f"master_port:{primary.port}" in replication:
+            return node
+    raise LookupError(f"no replica of {primary.port}")
+
+
+async def test_a_primary_demoted_under_the_same_address(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``redis://`` names a server that becomes a replica (REPLICAOF) while jobs run: starting
+    a job answers ``unavailable`` (retryable), the keeper skips its rounds without crashing,
+    and a watcher on another instance is told ``unavailable`` within a few seconds."""
+    caplog.set_level(logging.WARNING)
+    a, b = RedisNode(tmp_path), RedisNode(tmp_path)
+    b.args = ["--replicaof", HOST, str(a.port)]
+    try:
+        await trio.to_thread.run_sync(a.start)
+        await trio.to_thread.run_sync(b.start)
+        url = f"redis://{HOST}:{a.port}/0"
+        prefix = f"bstest:{uuid.uuid4().hex[:8]}"
+        async with (
+            open_runtime(CONFIG, store=RedisStore(url, prefix=prefix)) as runs,
+            open_runtime(CONFIG, store=RedisStore(url, prefix=prefix)) as elsewhere,
+        ):
+            started = await lorem(runs, 100_000, 50)
+            async with elsewhere.watch(started.job_id, user="alice") as remote:
+                with trio.fail_after(10):
+                    await remote.__anext__()  # it streams from the store
+                # b takes over, a follows it: a's address now answers writes with READONLY
+                assert cli(b.port, "replicaof", "no", "one") == "OK"
+                assert cli(a.port, "replicaof", HOST, str(b.port)) == "OK"
+                demoted_at = trio.current_time()
+                with pytest.raises(UnavailableError), trio.fail_after(REMOTE_OUTAGE_S + 5):
+                    async for _batch in remote:
+                        pass
+                assert trio.current_time() - demoted_at < REMOTE_OUTAGE_S + 3
+            for rt in (runs, elsewhere):
+                with pytest.raises(UnavailableError):
+                    await lorem(rt, 5, 100, message_id="m2")
+            # The instance running the job cannot renew its lease: its keeper skips rounds.
+            skipped = runs.statistics().keeper.skipped_rounds_total
+            await trio.sleep(3 * CONFIG.lease_renew_interval)
+            assert runs.statistics().keeper.skipped_rounds_total > skipped
+            crashes = [r for r in caplog.records if r.name == "backstream.supervisor"]
+            assert not crashes, [r.getMessage() for r in crashes]
+    finally:
+        a.kill()
+        b.kill()
