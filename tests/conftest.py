@@ -12,7 +12,7 @@ from backstream import MemoryStore, Store
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.redis_client import Replication
 from backstream.runtime.stores.sqlite import SqliteStore
-from tests.redis_servers import redis_cluster_group, sentinel_group
+from tests.redis_servers import SentinelGroup, redis_cluster_group, sentinel_group
 from tests.upstream_server import FakeUpstream, open_fake_upstream
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", int(os.environ.get("BACKSTREAM_TEST_REDIS_PORT", "6379"))
@@ -152,8 +152,15 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Sentinel group of our own (a primary, a replica, three sentinels); yields its
-    ``redis+sentinel://`` URL. Tests that fail it over start a group of their own."""
+def sentinel_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    """A Sentinel group of our own: a primary, a replica, three sentinels. A test that
+    fails it over gracefully leaves it healthy (``wait_healthy``); one that kills a server
+    starts a group of its own."""
     with sentinel_group(tmp_path_factory.mktemp("sentinel")) as group:
-        yield group.url
+        yield group
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(sentinel_servers: SentinelGroup) -> str:
+    """The ``redis+sentinel://`` URL of ``sentinel_servers``."""
+    return sentinel_servers.url

@@ -254,9 +254,10 @@ class SentinelGroup:
         port = int(reply[1])
         return next(node for node in self.servers if node.port == port)
 
-    def wait_healthy(self, timeout: float = 30) -> None:
-        """The sentinels agree on a live primary that has a replica in sync, and each
-        knows the other sentinels and the replica."""
+    def wait_healthy(self, timeout: float = 30, *, sentinels_informed: bool = True) -> None:
+        """The sentinels agree on a live primary that has a replica in sync, and (unless
+        ``sentinels_informed`` is false: they learn it within ten seconds) each knows the
+        other sentinels and the replica, as a failover needs."""
 
         def healthy() -> bool:
             named = {
@@ -269,7 +270,7 @@ class SentinelGroup:
                 return False
             if info(primary.port, "replication").get("connected_slaves", "0") == "0":
                 return False
-            for sentinel in self.sentinels:
+            for sentinel in self.sentinels if sentinels_informed else ():
                 fields = cli(sentinel.port, "sentinel", "master", self.service).splitlines()
                 state = dict(zip(fields[::2], fields[1::2], strict=False))
                 if state.get("num-other-sentinels") != "2" or state.get("num-slaves") == "0":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import uuid
+from functools import partial
 from pathlib import Path
 
 import coredis
@@ -26,7 +27,15 @@ from backstream.protocol.events import Batch, TextEvent
 from backstream.runtime.stores.redis import REMOTE_OUTAGE_S, RedisStore
 from backstream.runtime.stores.redis_client import Replication
 from tests.helpers import check_contiguous, joined_text, terminal
-from tests.redis_servers import HOST, RedisCluster, RedisNode, cli, redis_cluster_group, sentinel_group
+from tests.redis_servers import (
+    HOST,
+    RedisCluster,
+    RedisNode,
+    SentinelGroup,
+    cli,
+    redis_cluster_group,
+    sentinel_group,
+)
 
 MSG = [{"role": "user", "content": "x"}]
 WAIT_FOR_ONE = Replication(replicas=1, timeout=0.3)
@@ -135,6 +144,43 @@ async def test_sentinel_failover_as_a_job_ends_loses_nothing_acknowledged(tmp_pa
             with trio.fail_after(20):
                 assert terminal(await watch_to_end(rt, later.job_id)).status == "completed"
             assert await status_on(replica.port, store.keys.job(later.job_id)) == "completed"
+
+
+async def test_a_sentinel_failover_mid_job_is_followed_without_a_restart(
+    sentinel_servers: SentinelGroup,
+) -> None:
+    """SENTINEL FAILOVER while a job streams: the old primary is demoted (its clients cut,
+    then READONLY), the runtime finds the new one through the sentinels; the job ends
+    ``completed`` with its whole text in the store, every flush having waited for a replica."""
+    group = sentinel_servers
+    prefix = f"bstest:{uuid.uuid4().hex[:8]}"
+    replication = Replication(replicas=1, timeout=2.0, each_flush=True)
+    store = RedisStore(group.url, prefix=prefix, replication=replication)
+    old = group.primary()
+    async with open_runtime(CONFIG, store=store) as rt:
+        started = await lorem(rt, 150, 100)
+        failed_over = False
+
+        async def fail_over(batch: Batch) -> None:
+            nonlocal failed_over
+            if not failed_over and batch.to_seq > 20:
+                failed_over = True
+                reply = await trio.to_thread.run_sync(
+                    cli, group.sentinels[0].port, "sentinel", "failover", group.service
+                )
+                assert reply == "OK"
+
+        with trio.fail_after(60):
+            batches = await watch_to_end(rt, started.job_id, fail_over)
+            # Sentinel demotes the old primary seconds after promoting the new one; writes
+            # that land on the old one meanwhile find no replica to WAIT for: retried.
+            await rt.wait_idle()
+        new = await trio.to_thread.run_sync(group.wait_failover, old)
+        await trio.to_thread.run_sync(partial(group.wait_healthy, sentinels_informed=False))
+        status, text = await stored_once_completed(group.url, prefix, started.job_id, timeout=10)
+        check_contiguous(batches)
+        assert (status, text) == ("completed", joined_text(batches)) and len(text.split()) == 150
+        assert await status_on(new.port, store.keys.job(started.job_id)) == "completed"
 
 
 async def test_cluster_primary_of_a_job_killed_loses_nothing_acknowledged(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ user's and the cluster's slots and indexes the entry. One pub/sub subscriber per
 wait also polls, with a floor, in case a message was missed.
 
 Outages: every method but the ``wait_*`` ones raises ``UnavailableError``; the
-waits retry with backoff until Redis answers again. Finished jobs' keys also
+waits retry with backoff until Redis answers again, but ``wait_for_entries`` (a
+remote watcher's) gives up after ``REMOTE_OUTAGE_S``. Finished jobs' keys also
 expire in Redis, an hour after retention, should no sweep ever run.
 """
 
