@@ -96,33 +96,54 @@ class RedisNode:
     """One ``redis-server`` (or sentinel, with ``sentinel_conf``) that can be killed and
     started again on its port with its directory (a cluster node keeps its identity)."""
 
-    def __init__(self, directory: Path, args: Sequence[str] = (), *, sentinel_conf: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, args: Sequence[str] = (), *, sentinel_conf: str | None = None
+    ) -> None:
         self.port = spare_port()
         self.directory = directory / str(self.port)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.args = list(args)
         self.sentinel_conf = sentinel_conf
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
 
     def start(self) -> RedisNode:
+        """Start it and wait until it answers. On its first start, a port taken meanwhile
+        (the range is also the system's for outgoing connections) moves it to another;
+        started again, it keeps its port (its peers know it by it)."""
+        for _attempt in range(5):
+            with (self.directory / "server.log").open("ab") as log:
+                self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 10
+            while cli(self.port, "ping") != "PONG":
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                self.started = True
+                return self
+            self.kill()
+            if self.started:
+                break
+            self.port = spare_port()
+        log = (self.directory / "server.log").read_text()[-2000:]
+        raise RuntimeError(f"redis-server on {self.port} did not start:\n{log}")
+
+    def _command(self) -> list[str]:
         if self.sentinel_conf is not None:
             conf = self.directory / "sentinel.conf"
-            if not conf.exists():  # the sentinel rewrites it with what it learns: keep that
+            if not self.started:  # later, the sentinel's rewrite of it holds what it learnt
                 conf.write_text(f"port {self.port}\nbind {HOST}\ndir {self.directory}\n{self.sentinel_conf}")
-            command = ["redis-server", str(conf), "--sentinel"]
-        else:
-            command = [
-                "redis-server",
-                "--port", str(self.port),
-                "--bind", HOST,
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.directory),
-                *self.args,
-            ]  # fmt: skip
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(f"redis on {self.port}", lambda: cli(self.port, "ping") == "PONG", timeout=10)
-        return self
+            return ["redis-server", str(conf), "--sentinel"]
+        return [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            *self.args,
+        ]  # fmt: skip
 
     @property
     def alive(self) -> bool:
@@ -227,15 +248,7 @@ class SentinelGroup:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.servers = [RedisNode(directory), RedisNode(directory)]
-        primary = self.servers[0]
-        conf = (
-            f"sentinel monitor {self.service} {HOST} {primary.port} 2\n"
-            f"sentinel down-after-milliseconds {self.service} 1000\n"
-            f"sentinel failover-timeout {self.service} 5000\n"
-            f"sentinel parallel-syncs {self.service} 1\n"
-        )
-        self.servers[1].args = ["--replicaof", HOST, str(primary.port)]
-        self.sentinels = [RedisNode(directory, sentinel_conf=conf) for _ in range(3)]
+        self.sentinels = [RedisNode(directory, sentinel_conf="") for _ in range(3)]
 
     @property
     def url(self) -> str:
@@ -243,8 +256,19 @@ class SentinelGroup:
         return f"redis+sentinel://{hosts}/{self.service}"
 
     def start(self) -> SentinelGroup:
-        for node in self.servers + self.sentinels:
-            node.start()
+        """The primary first: the replica and the sentinels are told its port."""
+        primary, replica = self.servers
+        primary.start()
+        replica.args = ["--replicaof", HOST, str(primary.port)]
+        replica.start()
+        for sentinel in self.sentinels:
+            sentinel.sentinel_conf = (
+                f"sentinel monitor {self.service} {HOST} {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 5000\n"
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+            sentinel.start()
         self.wait_healthy()
         return self
 
@@ -260,9 +284,7 @@ class SentinelGroup:
         other sentinels and the replica, as a failover needs."""
 
         def healthy() -> bool:
-            named = {
-                cli(s.port, "sentinel", "get-master-addr-by-name", self.service) for s in self.sentinels
-            }
+            named = {cli(s.port, "sentinel", "get-master-addr-by-name", self.service) for s in self.sentinels}
             if len(named) != 1:
                 return False
             primary = self.primary()

@@ -17,13 +17,16 @@ import uuid
 from functools import partial
 from pathlib import Path
 
+import attrs
 import coredis
 import pytest
 import trio
 
 from backstream import Config, Runtime, StartedJob, open_runtime
 from backstream.protocol.errors import UnavailableError
-from backstream.protocol.events import Batch, TextEvent
+from backstream.protocol.events import Batch, StatusEvent, TextEvent
+from backstream.protocol.records import SharedCapacity
+from backstream.runtime.server.serve import make_store
 from backstream.runtime.stores.redis import REMOTE_OUTAGE_S, RedisStore
 from backstream.runtime.stores.redis_client import Replication
 from tests.helpers import check_contiguous, joined_text, terminal
@@ -36,6 +39,7 @@ from tests.redis_servers import (
     redis_cluster_group,
     sentinel_group,
 )
+from tests.test_store_conformance import NOW, progress, record, texts
 
 MSG = [{"role": "user", "content": "x"}]
 WAIT_FOR_ONE = Replication(replicas=1, timeout=0.3)
@@ -157,7 +161,10 @@ async def test_a_sentinel_failover_mid_job_is_followed_without_a_restart(
     replication = Replication(replicas=1, timeout=2.0, each_flush=True)
     store = RedisStore(group.url, prefix=prefix, replication=replication)
     old = group.primary()
-    async with open_runtime(CONFIG, store=store) as rt:
+    # Until the sentinels demote the old primary (seconds after the promotion), lease
+    # renewals land there and are lost with it: the lease must outlast that.
+    config = attrs.evolve(CONFIG, lease_ttl=60)
+    async with open_runtime(config, store=store) as rt:
         started = await lorem(rt, 150, 100)
         failed_over = False
 
@@ -272,3 +279,38 @@ async def test_a_primary_demoted_under_the_same_address(
     finally:
         a.kill()
         b.kill()
+
+
+async def test_an_end_no_replica_acknowledged_is_not_done_until_one_does(
+    sentinel_servers: SentinelGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--store-wait-replicas 1`` while the replica is frozen: a job's end lands on the
+    primary but is not acknowledged, and its retry waits again rather than taking the
+    landed write for done; once the replica answers, the retry is acknowledged and the
+    end's later steps run (the user's capacity is freed)."""
+    prefix = f"bstest:{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("BACKSTREAM_REDIS_PREFIX", prefix)
+    store = make_store(sentinel_servers.url, Config(store_wait_replicas=1, store_wait_timeout=0.2))
+    assert isinstance(store, RedisStore)
+    [replica] = [node for node in sentinel_servers.servers if node is not sentinel_servers.primary()]
+    assert replica.proc is not None
+    await store.open()
+    try:
+        await store.create_job(record(), SharedCapacity(NOW, NOW + 15, max_jobs=10, max_jobs_per_user=10))
+        await store.commit("j_1", texts(1, "a", "b"), progress(2, content_length=2))  # not waited for
+        ended = [StatusEvent(seq=3, status="completed")]
+        replica.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _attempt in range(2):
+                with pytest.raises(UnavailableError, match="did not replicate to 1 replicas"):
+                    await store.commit("j_1", ended, progress(3, "completed", content_length=2))
+            assert (await store.get_job("j_1")).status == "completed"  # type: ignore[union-attr]
+            assert store.statistics().endings_unfinished == 0  # its later steps wait, unrun
+            assert await store.redis.zcard(store.keys.user_running("alice")) == 1
+        finally:
+            replica.proc.send_signal(signal.SIGCONT)
+        await store.commit("j_1", ended, progress(3, "completed", content_length=2))
+        assert await store.redis.zcard(store.keys.user_running("alice")) == 0
+    finally:
+        await store.aclose()
+    await trio.to_thread.run_sync(partial(sentinel_servers.wait_healthy, sentinels_informed=False))

@@ -162,6 +162,11 @@ class RedisStore(InboxForwarding, Store):
         """Terminal commits whose later steps did not land yet: the job's next commit (a
         retry) or this instance's next ``take_orphans`` runs them again. Bounded by the
         jobs this process ends; each goes once its steps land."""
+        self._unreplicated: dict[str, Finish] = {}
+        """Terminal commits that landed but that the replicas ``replication`` asks for did not
+        acknowledge in time: not done until they do (the job's own retry, alone, settles
+        them). Bounded by the jobs this process ends; one whose lease lapsed is dropped
+        when it is taken over."""
         self._commits_replanned = 0
 
     @property
@@ -234,6 +239,8 @@ class RedisStore(InboxForwarding, Store):
         last saw it; a terminal commit then frees the user's and the cluster's slots
         (``RedisSteps.finish``). Cancellation: the job's script ran entirely or not at
         all; commit again (a terminal commit's later steps are run again)."""
+        if await self._end_unreplicated(job_id):  # a retry of an end that landed unreplicated
+            return
         pending = self._finishing.get(job_id)
         if pending is not None:  # a retry of a terminal commit whose first step landed
             await self._steps.finish(pending, first=False)
@@ -260,14 +267,13 @@ class RedisStore(InboxForwarding, Store):
                     continue
                 replicated = self._conn.replication.applies(terminal)
                 if not plan.entries and not plan.apply_progress:
-                    if replicated:  # it landed, but its WAIT may have failed
+                    if replicated:  # it landed, but its replicas may not have answered
                         await self._conn.confirm_replicated(self.keys.job(job_id))
                     return  # a late retry: the store is ahead of it
                 reply = await self._conn.script(
                     "commit",
                     [self.keys.job(job_id), self.keys.log(job_id)],
                     self._commit_args(job_id, writing, plan.entries, progress),
-                    replicated=replicated,
                 )
                 if int(reply[0]) == 0:  # Redis lost the job (a restart without its data)
                     self._writing.pop(job_id, None)
@@ -279,8 +285,13 @@ class RedisStore(InboxForwarding, Store):
                     writing.stored_seq = progress.seq
                     if not terminal:
                         self._writing[job_id] = writing
+                        if replicated:
+                            await self._conn.confirm_replicated(self.keys.job(job_id))
                     else:
-                        await self._finish(self._finish_of(job_id, writing, progress))
+                        step = self._finish_of(job_id, writing, progress)
+                        if replicated:
+                            await self._confirm(step)
+                        await self._finish(step)
                     return
                 self._commits_replanned += 1
                 writing.stored_seq = int(reply[1])
@@ -288,6 +299,29 @@ class RedisStore(InboxForwarding, Store):
         finally:
             if terminal:  # the job's last write here, whether it landed or not
                 self._writing.pop(job_id, None)
+
+    async def _confirm(self, step: Finish) -> None:
+        """The replicas hold the job's end, or it waits in ``_unreplicated`` for the commit's
+        retry (or this instance's next ``take_orphans``), its later steps not yet run."""
+        try:
+            await self._conn.confirm_replicated(self.keys.job(step.job_id))
+        except BaseException:
+            self._unreplicated[step.job_id] = step
+            raise
+
+    async def _end_unreplicated(self, job_id: str) -> bool:
+        """True once the replicas hold the job's landed end and its later steps ran; False
+        if none waits, or if it is no longer there (a failover lost it: the commit is
+        planned again, against the new primary)."""
+        step = self._unreplicated.pop(job_id, None)
+        if step is None:
+            return False
+        await self._confirm(step)
+        seq, status = await self._call(self.redis.hmget(self.keys.job(job_id), ["seq", "status"]))
+        if seq is None or int(seq) != step.seq or not is_terminal(json.loads(status)):
+            return False
+        await self._finish(step)
+        return True
 
     async def _finish(self, step: Finish) -> None:
         try:
@@ -500,6 +534,8 @@ class RedisStore(InboxForwarding, Store):
             return None
         args = [repr(now), _LIVE_JSON, json.dumps(owner), json.dumps(lease_until)]
         epoch = int(await self._conn.script("handover", [self.keys.job(job_id)], args))
+        if epoch not in (-1, 0):  # its lease lapsed: its ending is this call's now
+            self._unreplicated.pop(job_id, None)
         if epoch == -1 or record is None:  # gone (or made since the read: next round)
             if epoch == -1:
                 await self._call(self.redis.zrem(self.keys.running(), [job_id]))

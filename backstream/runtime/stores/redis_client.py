@@ -166,25 +166,23 @@ class RedisConnection:
         if client is not None and self.parsed.kind != "cluster":
             client.connection_pool.disconnect()
 
-    async def script(self, name: str, keys: list[str], args: list[str], *, replicated: bool = False) -> Any:
+    async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
         """Run one of the store's Lua scripts (all its ``keys`` in one cluster slot: a
-        cluster client routes the call by them). ``replicated``: return once the replicas
-        ``replication`` asks for hold its writes. Cancellation: it ran entirely or not at all
-        (and may be replicated or not)."""
-        client, wanted = self.client, self.replication  # StoreClosedError once closed
-        if not (replicated and wanted.replicas > 0):
-            return await self.call(self.scripts[name](keys=keys, args=args))
-        with client.ensure_replication(wanted.replicas, ms(wanted.timeout)):
-            return await self.call(self.scripts[name](keys=keys, args=args))
+        cluster client routes the call by them). Cancellation: it ran entirely or not at all."""
+        if self.closed:
+            raise StoreClosedError("the store is closed")
+        return await self.call(self.scripts[name](keys=keys, args=args))
 
     async def confirm_replicated(self, key: str) -> None:
-        """Wait until ``replication``'s replicas hold everything written to ``key``'s node
-        so far: a write that changes nothing (the key's expiry set again, if it has one),
-        then ``WAIT`` on its connection. For a retried write that had landed but whose
-        ``WAIT`` failed. Cancellation: as ``script``."""
+        """Return once ``replication``'s replicas hold everything written to ``key``'s node
+        so far; raise ``UnavailableError`` if they do not answer in time. A write of its
+        own in ``key``'s slot (a marker beside it that expires), then ``WAIT`` on that
+        write's connection: Redis answers once the replicas reached that write, and so
+        every write the node took before it, whatever connection carried them.
+        Cancellation: as ``call``."""
         client, wanted = self.client, self.replication
         with client.ensure_replication(wanted.replicas, ms(wanted.timeout)):
-            await self.call(client.eval(_TOUCH_SCRIPT, keys=[key], args=[]))
+            await self.call(client.set(f"{key}:replicated", "1", px=ms(_MARKER_TTL_S)))
 
     async def read_progress(self, key: str) -> list[Any]:
         """``seq`` and ``status`` of a job record, read on its primary: a replica (a demoted
@@ -202,11 +200,8 @@ return redis.call('HMGET', KEYS[1], 'seq', 'status')
 _SENTINEL_CONNECT_S = 2.0
 """A sentinel that does not accept a connection in this long is passed over for the next."""
 
-_TOUCH_SCRIPT = """
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-return ttl
-"""
+_MARKER_TTL_S = 60.0
+"""The marker a ``confirm_replicated`` writes goes by itself after this."""
 
 
 async def _open_client(
