@@ -5,8 +5,9 @@
 The URL picks the client (``redis_urls``): one server, a Cluster (coredis' cluster
 client, which follows ``MOVED`` and failovers) or a Sentinel group (a client whose
 connections ask the sentinels for the primary, so a promotion is followed without a
-restart). ``Replication`` makes chosen writes wait for replicas (``WAIT``, sent by
-coredis on the connection that carried the write: in a cluster, the node of its key).
+restart). ``Replication`` makes chosen writes wait for replicas: ``confirm_replicated``
+writes a marker in the key's slot and sends ``WAIT`` on that write's connection
+(coredis' ``ensure_replication``; in a cluster, on the node of the key).
 """
 
 from __future__ import annotations
