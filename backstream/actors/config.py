@@ -24,6 +24,11 @@ def _non_negative(_instance: Any, attribute: attrs.Attribute[Any], value: float)
         raise ValueError(f"Config.{attribute.name} must not be negative, not {value!r}")
 
 
+def _wait_point(_instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("end", "flush"):
+        raise ValueError(f"Config.{attribute.name} must be end or flush, not {value!r}")
+
+
 def _prompt_patterns(_instance: Any, attribute: attrs.Attribute[Any], value: dict[str, str]) -> None:
     for pattern, text in value.items():
         if not isinstance(pattern, str) or not pattern.strip():
@@ -68,7 +73,7 @@ class Config:
     """Replicas that must hold a job's end (Redis WAIT) before it is reported; 0: none waited for."""
     store_wait_timeout: float = attrs.field(default=1.0, validator=_positive)
     """How long a write waits for store_wait_replicas; fewer in time is an outage (the write is retried)."""
-    store_wait_on: str = attrs.field(default="end", validator=attrs.validators.in_(("end", "flush")))
+    store_wait_on: str = attrs.field(default="end", validator=_wait_point)
     """end: only a job's terminal commit waits for replicas; flush: every write of its log does."""
 
     # The job log and its writes to the store.

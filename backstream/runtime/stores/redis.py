@@ -302,7 +302,7 @@ class RedisStore(InboxForwarding, Store):
 
     async def _confirm(self, step: Finish) -> None:
         """The replicas hold the job's end, or it waits in ``_unreplicated`` for the commit's
-        retry (or this instance's next ``take_orphans``), its later steps not yet run."""
+        retry, its later steps not yet run."""
         try:
             await self._conn.confirm_replicated(self.keys.job(step.job_id))
         except BaseException:
@@ -317,7 +317,11 @@ class RedisStore(InboxForwarding, Store):
         if step is None:
             return False
         await self._confirm(step)
-        seq, status = await self._call(self.redis.hmget(self.keys.job(job_id), ["seq", "status"]))
+        try:
+            seq, status = await self._call(self.redis.hmget(self.keys.job(job_id), ["seq", "status"]))
+        except BaseException:
+            self._unreplicated[job_id] = step
+            raise
         if seq is None or int(seq) != step.seq or not is_terminal(json.loads(status)):
             return False
         await self._finish(step)
