@@ -174,7 +174,10 @@ def test_store_url_of_no_known_form(store: str, problem: str) -> None:
 def test_waiting_for_replicas_at_no_known_point() -> None:
     done = run("serve", "--store", "memory", "--port", "0", "--store-wait-on", "commit")
     line = one_line_failure(done)
-    assert line == "backstream serve: --store-wait-on (BACKSTREAM_STORE_WAIT_ON): must be end or flush, not 'commit'"
+    assert (
+        line
+        == "backstream serve: --store-wait-on (BACKSTREAM_STORE_WAIT_ON): must be end or flush, not 'commit'"
+    )
 
 
 def test_waiting_for_replicas_needs_a_redis_store() -> None:
