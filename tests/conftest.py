@@ -10,7 +10,9 @@ import trio
 
 from backstream import MemoryStore, Store
 from backstream.runtime.stores.redis import RedisStore
+from backstream.runtime.stores.redis_client import Replication
 from backstream.runtime.stores.sqlite import SqliteStore
+from tests.redis_servers import SentinelGroup, redis_cluster_group, sentinel_group
 from tests.upstream_server import FakeUpstream, open_fake_upstream
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", int(os.environ.get("BACKSTREAM_TEST_REDIS_PORT", "6379"))
@@ -58,6 +60,7 @@ STORE_CLASSES: dict[str, type[Store]] = {
     "sqlite": SqliteStore,
     "redis": RedisStore,
     "redis-cluster": RedisStore,
+    "redis-sentinel": RedisStore,
 }
 
 
@@ -100,7 +103,19 @@ async def unopened_store(request: pytest.FixtureRequest, tmp_path: object) -> As
         made = SqliteStore(f"{tmp_path}/store.db")
     elif request.param == "redis-cluster":
         # On the cluster, keys spread over its slots (a tag per job, user and shard).
-        made = RedisStore(request.getfixturevalue("redis_cluster"), prefix=f"bstest:{uuid.uuid4().hex[:12]}")
+        # A job's end waits for its node's replica (WAIT on that node's connection).
+        made = RedisStore(
+            request.getfixturevalue("redis_cluster"),
+            prefix=f"bstest:{uuid.uuid4().hex[:12]}",
+            replication=Replication(replicas=1, timeout=5.0),
+        )
+    elif request.param == "redis-sentinel":
+        # Every commit waits for the replica.
+        made = RedisStore(
+            request.getfixturevalue("redis_sentinel"),
+            prefix=f"bstest:{uuid.uuid4().hex[:12]}",
+            replication=Replication(replicas=1, timeout=5.0, each_flush=True),
+        )
     else:
         require_redis()
         prefix = f"bstest:{uuid.uuid4().hex[:12]}"
@@ -129,89 +144,22 @@ async def store(unopened_store: Store, nursery: trio.Nursery) -> AsyncIterator[S
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A three-node Redis Cluster of our own on spare ports; yields its ``redis+cluster://`` URL."""
-    import shutil
-    import subprocess
-    import time
+    """A Redis Cluster of our own (three primaries with a replica each); yields its
+    ``redis+cluster://`` URL. Tests that kill nodes start a cluster of their own."""
+    with redis_cluster_group(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster.url
 
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.fail("redis-server and redis-cli are needed for the Redis Cluster tests")
-    directory = tmp_path_factory.mktemp("cluster")
-    import random
 
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-        return True
+@pytest.fixture(scope="session")
+def sentinel_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    """A Sentinel group of our own: a primary, a replica, three sentinels. A test that
+    fails it over gracefully leaves it healthy (``wait_healthy``); one that kills a server
+    starts a group of its own."""
+    with sentinel_group(tmp_path_factory.mktemp("sentinel")) as group:
+        yield group
 
-    ports: list[int] = []
-    while len(ports) < 3:  # the cluster bus listens on port + 10000, which must exist too
-        port = random.randint(20000, 45000)
-        if port not in ports and free(port) and free(port + 10000):
-            ports.append(port)
-    nodes = [
-        subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                f"nodes-{port}.conf",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(directory),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        for port in ports
-    ]
-    try:
-        for port in ports:
-            deadline = time.monotonic() + 10
-            while (
-                subprocess.run(
-                    ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
-                ).stdout.strip()
-                != "PONG"
-            ):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"cluster node on {port} did not start")
-                time.sleep(0.05)
-        subprocess.run(
-            [
-                "redis-cli",
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{p}" for p in ports),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        deadline = time.monotonic() + 20
-        while (
-            "cluster_state:ok"
-            not in subprocess.run(
-                ["redis-cli", "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True
-            ).stdout
-        ):
-            if time.monotonic() > deadline:
-                pytest.fail("the cluster did not become ready")
-            time.sleep(0.1)
-        yield f"redis+cluster://127.0.0.1:{ports[0]}"
-    finally:
-        for node in nodes:
-            node.kill()
-            node.wait()
+
+@pytest.fixture(scope="session")
+def redis_sentinel(sentinel_servers: SentinelGroup) -> str:
+    """The ``redis+sentinel://`` URL of ``sentinel_servers``."""
+    return sentinel_servers.url

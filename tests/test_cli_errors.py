@@ -141,6 +141,51 @@ def test_sqlite_path_that_cannot_be_opened(tmp_path: Path) -> None:
     assert f"cannot open the store {store}" in line
 
 
+def test_redis_url_at_a_cluster_node_says_to_use_redis_cluster(redis_cluster: str) -> None:
+    """A plain ``redis://`` URL naming a Redis Cluster node would meet MOVED at its first key."""
+    node = redis_cluster.removeprefix("redis+cluster://")
+    done = run("serve", "--store", f"redis://{node}/0", "--port", "0", "--log-level", "warning")
+    line = one_line_failure(done)
+    assert done.returncode == 1
+    assert line == (
+        f"backstream serve: redis://{node}/0 points at a Redis Cluster node: use redis+cluster://{node}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("store", "problem"),
+    [
+        ("valkey://127.0.0.1:6379", "unknown store 'valkey://127.0.0.1:6379': use memory, sqlite:///PATH"),
+        ("redis+sentinel://127.0.0.1:26379", "name the sentinels' service"),
+        ("redis+cluster://127.0.0.1:7000/3", "a Redis Cluster has database 0 only"),
+        ("redis://a:1,b:2/0", "one HOST:PORT only"),
+    ],
+    ids=["unknown-scheme", "sentinel-without-service", "cluster-db", "two-hosts"],
+)
+def test_store_url_of_no_known_form(store: str, problem: str) -> None:
+    done = run("serve", "--store", store, "--port", "0")
+    line = one_line_failure(done)
+    assert done.returncode == 1 and problem in line
+    if "unknown store" in problem:  # every form is named
+        for form in ("redis://", "rediss://", "redis+cluster://", "redis+sentinel://", "rediss+sentinel://"):
+            assert form in line
+
+
+def test_waiting_for_replicas_at_no_known_point() -> None:
+    done = run("serve", "--store", "memory", "--port", "0", "--store-wait-on", "commit")
+    line = one_line_failure(done)
+    assert (
+        line
+        == "backstream serve: --store-wait-on (BACKSTREAM_STORE_WAIT_ON): must be end or flush, not 'commit'"
+    )
+
+
+def test_waiting_for_replicas_needs_a_redis_store() -> None:
+    done = run("serve", "--store", "memory", "--port", "0", "--store-wait-replicas", "1")
+    line = one_line_failure(done)
+    assert done.returncode == 1 and "--store-wait-replicas needs a Redis store" in line
+
+
 def test_unknown_toml_key(tmp_path: Path) -> None:
     config = tmp_path / "serve.toml"
     config.write_text('colour = "blue"\nport = 9000\n')

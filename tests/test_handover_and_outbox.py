@@ -35,7 +35,7 @@ async def peer_of(store: Store) -> AsyncIterator[Store]:
     peer: Store
     if isinstance(store, RedisStore):
         peer = RedisStore(
-            store.url.replace("://", "+cluster://") if store.cluster else store.url,
+            store.url,
             prefix=store.prefix,
             frame=store.frame,  # the tests' times are one clock's
         )

@@ -49,7 +49,8 @@ async def _opened(url: str, prefix: str, frame: RedisFrame | None = None) -> Asy
 
 async def _node_ports(url: str) -> list[int]:
     async with coredis.Redis(port=_port_of(url), decode_responses=True) as node:
-        return [int(detail["port"]) for detail in await node.cluster_nodes()]
+        # The primaries: a replica answers writes (the cleanup's) with MOVED.
+        return [int(d["port"]) for d in await node.cluster_nodes() if "master" in str(d["flags"])]
 
 
 @contextmanager

@@ -39,6 +39,8 @@ def _sample(field: attrs.Attribute) -> tuple[str, object]:  # type: ignore[type-
         return "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"
     if field.name == "max_output_tokens":
         return "77", 77
+    if field.name == "store_wait_on":
+        return "flush", "flush"
     if isinstance(default, bool):
         raise AssertionError(f"no sample for {field.name}")
     if isinstance(default, int):

@@ -24,6 +24,11 @@ def _non_negative(_instance: Any, attribute: attrs.Attribute[Any], value: float)
         raise ValueError(f"Config.{attribute.name} must not be negative, not {value!r}")
 
 
+def _wait_point(_instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("end", "flush"):
+        raise ValueError(f"Config.{attribute.name} must be end or flush, not {value!r}")
+
+
 def _prompt_patterns(_instance: Any, attribute: attrs.Attribute[Any], value: dict[str, str]) -> None:
     for pattern, text in value.items():
         if not isinstance(pattern, str) or not pattern.strip():
@@ -67,6 +72,12 @@ class Config:
     store_outage_limit: float = attrs.field(default=30.0, validator=_positive)
     """A job whose writes keep failing this long ends ``failed``/``unavailable``; until then it
     retries and keeps streaming to watchers in this process."""
+    store_wait_replicas: int = attrs.field(default=0, validator=_non_negative)
+    """Replicas that must hold a job's end (Redis WAIT) before it is reported; 0: none waited for."""
+    store_wait_timeout: float = attrs.field(default=1.0, validator=_positive)
+    """How long a write waits for store_wait_replicas; fewer in time is an outage (the write is retried)."""
+    store_wait_on: str = attrs.field(default="end", validator=_wait_point)
+    """end: only a job's terminal commit waits for replicas; flush: every write of its log does."""
 
     # The job log and its writes to the store.
     max_output_chars: int = attrs.field(default=1_000_000, validator=_positive)

@@ -48,6 +48,7 @@ from backstream.runtime.server.settings import (
 from backstream.runtime.server.web_api import WebConfig
 from backstream.runtime.server.web_assets import asset_routes
 from backstream.runtime.stores.memory import MemoryStore
+from backstream.runtime.stores.redis_urls import REDIS_SCHEMES, STORE_FORMS
 from backstream.runtime.tools.registry import ToolRegistry
 from backstream.runtime.tree import open_runtime
 
@@ -55,20 +56,34 @@ __all__ = ["ServeHandle", "configure_logging", "make_authenticator", "make_store
 
 log = logging.getLogger("backstream.serve")
 
+REDIS_PREFIXES = tuple(f"{scheme}://" for scheme in REDIS_SCHEMES)
 
-def make_store(url: str) -> Store:
-    """``memory``, ``sqlite:///PATH`` or ``redis://HOST:PORT/DB`` (``rediss://`` for TLS)."""
+
+def make_store(url: str, config: Config | None = None) -> Store:
+    """``memory``, ``sqlite:///PATH`` or a Redis URL (``redis_urls``). ``config``'s
+    ``store_wait_*`` settings make a Redis store wait for replicas; other stores have none,
+    and refuse them. Raises ``ValueError`` naming the known forms for any other URL."""
+    config = config or Config()
+    if url.startswith(REDIS_PREFIXES):
+        from backstream.runtime.stores.redis import RedisStore
+        from backstream.runtime.stores.redis_client import Replication
+
+        return RedisStore(
+            url,
+            prefix=os.environ.get("BACKSTREAM_REDIS_PREFIX", "backstream"),
+            replication=Replication(
+                config.store_wait_replicas, config.store_wait_timeout, config.store_wait_on == "flush"
+            ),
+        )
+    if config.store_wait_replicas:
+        raise ValueError(f"--store-wait-replicas needs a Redis store with replicas, not {url!r}")
     if url == "memory":
         return MemoryStore()
     if url.startswith("sqlite:///"):
         from backstream.runtime.stores.sqlite import SqliteStore, path_from_url
 
         return SqliteStore(path_from_url(url))
-    if url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
-        from backstream.runtime.stores.redis import RedisStore
-
-        return RedisStore(url, prefix=os.environ.get("BACKSTREAM_REDIS_PREFIX", "backstream"))
-    raise ValueError(f"unknown store {url!r}: use memory, sqlite:///PATH or redis://HOST:PORT/DB")
+    raise ValueError(f"unknown store {url!r}: use {STORE_FORMS}")
 
 
 def make_authenticator(settings: ServeSettings) -> tuple[Authenticator, str | None]:
@@ -225,7 +240,7 @@ async def serve(
     authenticator, dev_token = make_authenticator(settings)
     config = runtime_config(settings)
     door_config = front_door_config(settings)
-    store = store or make_store(settings.store)
+    store = store or make_store(settings.store, config)
     shutdown = trio.Event()
     tools = load_tools(settings, config)
     # Bound before the store opens: a server that cannot listen never touches its jobs.

@@ -123,7 +123,8 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
         "store",
         str,
         "sqlite:///./backstream.db",
-        "where jobs live: memory, sqlite:///PATH, redis://HOST:PORT/DB, redis+cluster://HOST:PORT",
+        "where jobs live: memory, sqlite:///PATH, redis://HOST:PORT/DB, redis+cluster://HOST:PORT, "
+        "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]",
     ),
     Option(
         "token",

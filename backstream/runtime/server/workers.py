@@ -16,6 +16,7 @@ import sys
 from types import FrameType
 
 from backstream.runtime.server.settings import ServeSettings
+from backstream.runtime.stores.redis_urls import REDIS_SCHEMES
 
 __all__ = ["run_workers"]
 
@@ -38,7 +39,7 @@ def _strip(argv: list[str], flag: str, takes_value: bool = True) -> list[str]:
 def run_workers(settings: ServeSettings, argv: list[str]) -> int:
     """Start the workers and wait for them. Returns the exit status: 1 at once (with one
     line on stderr) for a store the workers cannot share."""
-    if not str(settings.store).startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
+    if not str(settings.store).startswith(tuple(f"{scheme}://" for scheme in REDIS_SCHEMES)):
         print(
             f"backstream serve: --workers {settings.workers} needs a store all workers share "
             "(--store redis://...): a memory or SQLite store belongs to one process",

@@ -32,7 +32,8 @@ in and wakes them through the store's ``SignalHub``; every wait also polls, with
 floor, in case a message was missed.
 
 Outages: every method but the ``wait_*`` ones raises ``UnavailableError``; the
-waits retry with backoff until Redis answers again. Finished jobs' keys also
+waits retry with backoff until Redis answers again, but ``wait_for_entries`` (a
+remote watcher's) gives up after ``REMOTE_OUTAGE_S``. Finished jobs' keys also
 expire in Redis, an hour after retention, should no sweep ever run.
 """
 
@@ -70,7 +71,7 @@ from backstream.protocol.records import (
     progress_to_dict,
     request_bytes,
 )
-from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
+from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, Replication, ms
 from backstream.runtime.stores.redis_clock import RedisFrame
 from backstream.runtime.stores.redis_housekeeping import RedisHousekeeping
 from backstream.runtime.stores.redis_keys import RedisKeyspace
@@ -87,6 +88,7 @@ from backstream.runtime.stores.redis_steps import (
 )
 from backstream.runtime.stores.redis_subscriber import (
     COMMITS,
+    REMOTE_OUTAGE_S,
     USER,
     RedisSubscriber,
     RedisSubscriberStatistics,
@@ -99,7 +101,7 @@ from backstream.runtime.stores.shared import (
     plan_commit,
 )
 
-__all__ = ["RedisStore", "RedisStoreStatistics"]
+__all__ = ["REMOTE_OUTAGE_S", "RedisStore", "RedisStoreStatistics"]
 
 _TERMINAL_JSON = json.dumps(sorted(TERMINAL_STATUSES))
 _LIVE_JSON = json.dumps(sorted(LIVE_STATUSES))
@@ -164,16 +166,28 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
 
     inbox: RedisInbox
 
-    def __init__(self, url: str, *, prefix: str = "backstream", frame: RedisFrame | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "backstream",
+        frame: RedisFrame | None = None,
+        replication: Replication | None = None,
+    ) -> None:
         """``redis://HOST:PORT/DB`` or ``rediss://...``; ``redis+cluster://HOST:PORT`` (or
-        ``rediss+cluster://``) for Redis Cluster through coredis' cluster client. Each
-        job's, user's and shard's keys have a hash tag of their own (``RedisKeyspace``);
-        ``open`` refuses a prefix that holds an earlier layout's data.
+        ``rediss+cluster://``) for Redis Cluster through coredis' cluster client;
+        ``redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`` (or ``rediss+sentinel://``)
+        for the primary a Sentinel group names (``redis_urls``). Raises ``ValueError`` for
+        any other URL. Each job's, user's and shard's keys have a hash tag of their own
+        (``RedisKeyspace``); ``open`` refuses a prefix that holds an earlier layout's data.
 
         ``frame``: how the times this store is given map to Redis's clock (``RedisFrame``);
         by default its own, anchored at its first call. Stores that are given times of one
-        clock may share one (tests that stand for several instances with synthetic times)."""
-        self._conn = RedisConnection(url, prefix)
+        clock may share one (tests that stand for several instances with synthetic times).
+
+        ``replication``: a terminal commit (and, if asked, every commit) returns once that
+        many replicas hold it (``Replication``, ``WAIT``)."""
+        self._conn = RedisConnection(url, prefix, replication=replication)
         self.cluster = self._conn.cluster
         self.url = self._conn.url
         self.prefix = prefix
@@ -191,6 +205,11 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         """Terminal commits whose later steps did not land yet: the job's next commit (a
         retry) or this instance's next ``take_orphans`` runs them again. Bounded by the
         jobs this process ends; each goes once its steps land."""
+        self._unreplicated: dict[str, Finish] = {}
+        """Terminal commits that landed but that the replicas ``replication`` asks for did not
+        acknowledge in time: not done until they do (the job's own retry, alone, settles
+        them). Bounded by the jobs this process ends; one whose lease lapsed is dropped
+        when it is taken over."""
         self._commits_replanned = 0
         self._commits_announced = 0
 
@@ -280,6 +299,8 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         last saw it; a terminal commit then frees the user's and the cluster's slots
         (``RedisSteps.finish``). Cancellation: the job's script ran entirely or not at
         all; commit again (a terminal commit's later steps are run again)."""
+        if await self._end_unreplicated(job_id):  # a retry of an end that landed unreplicated
+            return
         pending = self._finishing.get(job_id)
         if pending is not None:  # a retry of a terminal commit whose first step landed
             await self._steps.finish(pending, first=False)
@@ -304,7 +325,10 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
                     writing.stored_seq = int(stored)  # this process's view may be stale
                     writing.written = {}
                     continue
+                replicated = self._conn.replication.applies(terminal)
                 if not plan.entries and not plan.apply_progress:
+                    if replicated:  # it landed, but its replicas may not have answered
+                        await self._conn.confirm_replicated(self.keys.job(job_id))
                     return  # a late retry: the store is ahead of it
                 reply = await self._conn.script(
                     "commit",
@@ -323,9 +347,14 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
                     self._announced(writing, int(reply[1]))
                     if not terminal:
                         self._writing[job_id] = writing
+                        if replicated:
+                            await self._conn.confirm_replicated(self.keys.job(job_id))
                         self.hub.signal_job(job_id)  # waiters here need no round trip
                     else:
-                        await self._finish(self._finish_of(job_id, writing, progress, int(reply[2])))
+                        step = self._finish_of(job_id, writing, progress, int(reply[2]))
+                        if replicated:
+                            await self._confirm(step)
+                        await self._finish(step)
                     return
                 self._commits_replanned += 1
                 writing.stored_seq = int(reply[1])
@@ -334,6 +363,33 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         finally:
             if terminal:  # the job's last write here, whether it landed or not
                 self._writing.pop(job_id, None)
+
+    async def _confirm(self, step: Finish) -> None:
+        """The replicas hold the job's end, or it waits in ``_unreplicated`` for the commit's
+        retry, its later steps not yet run."""
+        try:
+            await self._conn.confirm_replicated(self.keys.job(step.job_id))
+        except BaseException:
+            self._unreplicated[step.job_id] = step
+            raise
+
+    async def _end_unreplicated(self, job_id: str) -> bool:
+        """True once the replicas hold the job's landed end and its later steps ran; False
+        if none waits, or if it is no longer there (a failover lost it: the commit is
+        planned again, against the new primary)."""
+        step = self._unreplicated.pop(job_id, None)
+        if step is None:
+            return False
+        await self._confirm(step)
+        try:
+            seq, status = await self._call(self.redis.hmget(self.keys.job(job_id), ["seq", "status"]))
+        except BaseException:
+            self._unreplicated[job_id] = step
+            raise
+        if seq is None or int(seq) != step.seq or not is_terminal(json.loads(status)):
+            return False
+        await self._finish(step)
+        return True
 
     async def _finish(self, step: Finish) -> None:
         try:
@@ -432,7 +488,8 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         """Returns when the record goes past ``after_seq``, ends, or is gone; otherwise
         after a commit message or ``WAIT_POLL_S`` (a missed message), following the job's
         channel meanwhile (``RedisSubscriber.wait_for_entries``). Waits through an
-        outage. Cancellation: safe."""
+        outage of up to ``REMOTE_OUTAGE_S``, then raises ``UnavailableError``.
+        Cancellation: safe."""
         await self.subscriber.wait_for_entries(job_id, after_seq)
 
     def follow_job(
@@ -570,6 +627,8 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         args.append(frame.ahead(lease_until))
         reply = await self._conn.script("handover", [self.keys.job(job_id)], args)
         epoch = int(reply[0])
+        if epoch not in (-1, 0):  # its lease lapsed: its ending is this call's now
+            self._unreplicated.pop(job_id, None)
         if epoch == -1 or record is None:  # gone (or made since the read: next round)
             if epoch == -1:
                 await self._call(self.redis.zrem(self.keys.running(shard), [job_id]))

@@ -38,10 +38,20 @@ from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import NotificationRecord, events_from_json
 from backstream.runtime.stores.redis_client import RedisConnection
 
-__all__ = ["MAX_CHANNELS", "SIGNAL_POLL_S", "WAIT_POLL_S", "RedisSubscriber", "RedisSubscriberStatistics"]
+__all__ = [
+    "MAX_CHANNELS",
+    "REMOTE_OUTAGE_S",
+    "SIGNAL_POLL_S",
+    "WAIT_POLL_S",
+    "RedisSubscriber",
+    "RedisSubscriberStatistics",
+]
 
 log = logging.getLogger("backstream.redis")
 
+REMOTE_OUTAGE_S = 3.0
+"""A watcher of a job running elsewhere waits through an outage this long, then is told
+``unavailable`` (it may resume once the store is back)."""
 WAIT_POLL_S = 1.0
 """A missed commit message delays a remote watcher by this at most."""
 SIGNAL_POLL_S = 5.0
@@ -358,8 +368,9 @@ class RedisSubscriber:
         again instead of returning). Reads the record first unless the channel already
         announced a commit past ``after_seq`` (then returns at once) or is trusted
         (subscribed, read since, and no poll found a commit it did not announce); a poll
-        that finds one asks the writer to announce again. Waits through an outage.
-        Cancellation: safe."""
+        that finds one asks the writer to announce again. Waits through an outage of up to
+        ``REMOTE_OUTAGE_S``; a longer one raises ``UnavailableError``, so a remote watcher
+        is told rather than left waiting. Cancellation: safe."""
         subscriber, topic = self, ("entries", job_id)
         with subscriber.interest(COMMITS, job_id, topic):
             for _ in range(3):  # a read again per subscription acknowledged meanwhile
@@ -385,11 +396,15 @@ class RedisSubscriber:
             return True
         if subscriber.trusted(job_id):
             return False
-        seq, status = await through_outage(
-            f"job {job_id}: reading its progress",
-            lambda: self._conn.call(self._conn.client.hmget(self._conn.keys.job(job_id), ["seq", "status"])),
-            on_retry=subscriber.count_retry,
-        )
+        with trio.move_on_after(REMOTE_OUTAGE_S) as within:
+            # On the job's primary: a replica cannot tell whether the job still moves.
+            seq, status = await through_outage(
+                f"job {job_id}: reading its progress",
+                lambda: self._conn.read_progress(self._conn.keys.job(job_id)),
+                on_retry=subscriber.count_retry,
+            )
+        if within.cancelled_caught:
+            raise UnavailableError(f"job {job_id}: redis unavailable for {REMOTE_OUTAGE_S:g}s")
         if seq is None or is_terminal(json.loads(status)):
             return True
         if int(seq) > after_seq:
