@@ -372,13 +372,15 @@ class RedisSubscriber:
         ``REMOTE_OUTAGE_S``; a longer one raises ``UnavailableError``, so a remote watcher
         is told rather than left waiting. Cancellation: safe."""
         subscriber, topic = self, ("entries", job_id)
+        deadline = trio.current_time() + WAIT_POLL_S
         with subscriber.interest(COMMITS, job_id, topic):
-            for _ in range(3):  # a read again per subscription acknowledged meanwhile
+            while True:  # a read again per wake-up before the subscription was acknowledged
                 with self._hub.listen(topic) as listener:
+                    # Before the read: an acknowledgement during it wakes this wait to read again.
+                    was_subscribed = subscriber.subscribed_to(job_id)
                     if await self._progressed(job_id, after_seq):
                         return
-                    was_subscribed = subscriber.subscribed_to(job_id)
-                    await listener.wait(WAIT_POLL_S)
+                    await listener.wait(max(deadline - trio.current_time(), 0.0))
                     if not listener.signalled:
                         subscriber.suspect(job_id, unannounced=False)  # the next wait reads first
                         return
