@@ -61,6 +61,8 @@ def isolate_replica(primary: RedisNode, replica: RedisNode) -> None:
     """From now on ``primary``'s writes reach no replica: the replica is frozen, then its
     link is closed from the primary's side (a frozen replica cannot connect again)."""
     assert replica.proc is not None
+    # What came before (the job's record: its start is not waited for) is on the replica.
+    assert cli(primary.port, "wait", "1", "5000") == "1"
     replica.proc.send_signal(signal.SIGSTOP)
     assert cli(primary.port, "client", "kill", "type", "replica") != "0"
 
