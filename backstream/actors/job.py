@@ -370,7 +370,11 @@ class JobActor:
             self._flush_due.set()  # the flusher retries it
         if self._notifier is not None:
             await self._notifier.approval_needed(
-                job_id=self.job_id, user=self.record.user, thread_id=self.record.thread_id, tool=call.name
+                job_id=self.job_id,
+                user=self.record.user,
+                thread_id=self.record.thread_id,
+                tool=call.name,
+                call_id=call.call_id,
             )
 
     async def _await_approval(self, call: ToolCallDone, *, asked: bool = False) -> bool:

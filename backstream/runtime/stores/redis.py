@@ -72,6 +72,7 @@ from backstream.runtime.stores.redis_steps import (
     encode_fields,
 )
 from backstream.runtime.stores.redis_subscriber import WAIT_POLL_S, RedisSubscriber
+from backstream.runtime.stores.redis_webhooks import RedisWebhookQueue
 from backstream.runtime.stores.shared import (
     InboxForwarding,
     SeatsForwarding,
@@ -119,7 +120,7 @@ class RedisStoreStatistics:
     outbox entry) wait for the job's next commit or this instance's next ``take_orphans``."""
 
 
-class RedisStore(InboxForwarding, SeatsForwarding, Store):
+class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
     capabilities = frozenset(
         {
             Capability.SHARED_BETWEEN_PROCESSES,

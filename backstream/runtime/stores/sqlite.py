@@ -71,6 +71,7 @@ from backstream.runtime.stores.sqlite_schema import (
     record_from_row,
     row_values,
 )
+from backstream.runtime.stores.sqlite_webhooks import SqliteWebhookQueue
 
 __all__ = ["MIGRATIONS", "SqliteStore", "SqliteStoreStatistics", "StoreInUseError", "lock_path"]
 
@@ -147,7 +148,7 @@ def path_from_url(url: str) -> pathlib.Path:
     return pathlib.Path(url[len("sqlite:///") :])
 
 
-class SqliteStore(LocalStore):
+class SqliteStore(LocalStore, SqliteWebhookQueue):
     """Jobs, logs, notifications and mutes in the file; who watches, in this process (one
     process owns the file)."""
 
