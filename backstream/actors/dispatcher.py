@@ -12,6 +12,8 @@ A store outage is waited through; a claim left by a crash lapses and is taken ag
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
@@ -32,6 +34,9 @@ log = logging.getLogger("backstream.dispatcher")
 
 T = TypeVar("T")
 
+CRASH_BEFORE_OUTBOX = "BACKSTREAM_TEST_CRASH_BEFORE_OUTBOX"
+"""Set to 1 (by tests only), the process kills itself (SIGKILL) once it has claimed an
+outbox entry and before it carries any out: right after a job's terminal commit."""
 BATCH = 64
 """Entries claimed at once; the rest wait for the next round."""
 POLL_S = 5.0
@@ -104,6 +109,8 @@ class Dispatcher:
             entries = await self._through_outage("claiming the outbox", self._claim, level=logging.WARNING)
             if not entries:
                 return
+            if os.environ.get(CRASH_BEFORE_OUTBOX) == "1":  # tests only: the crash it survives
+                os.kill(os.getpid(), signal.SIGKILL)
             self._in_hand = len(entries)
             try:
                 await self._carry_out(entries)

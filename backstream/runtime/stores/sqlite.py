@@ -498,8 +498,9 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(
-                    "SELECT job_id, entry FROM outbox WHERE claimed_until < ? ORDER BY claimed_until LIMIT ?",
-                    (now, limit),
+                    "SELECT job_id, entry FROM outbox WHERE claimed_until < ? OR claimed_by IS NOT ? "
+                    "ORDER BY claimed_until LIMIT ?",
+                    (now, owner, limit),
                 ).fetchall()
                 conn.executemany(
                     "UPDATE outbox SET claimed_by = ?, claimed_until = ? WHERE job_id = ?",

@@ -167,6 +167,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             next_at REAL NOT NULL,
             dead INTEGER NOT NULL DEFAULT 0,
             dead_at REAL,
+            claimed_by TEXT,
             claimed_until REAL NOT NULL DEFAULT 0
         );
         CREATE INDEX webhooks_due ON webhooks (endpoint, next_at) WHERE dead = 0;

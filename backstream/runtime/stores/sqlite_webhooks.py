@@ -38,7 +38,8 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
 
 class SqliteWebhookQueue(WebhookQueue):
     """Each step one statement or one transaction on the store's writer (reads on its
-    reader). One process owns the file: another owner's claim is a dead instance's."""
+    reader). One process owns the file: another owner's claim is a dead instance's (taken
+    at once after a restart, not when it lapses)."""
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         raise NotImplementedError  # the store's
@@ -65,11 +66,12 @@ class SqliteWebhookQueue(WebhookQueue):
         def claim(conn: sqlite3.Connection) -> list[WebhookDelivery]:
             rows = conn.execute(
                 "SELECT delivery_id, delivery FROM webhooks WHERE endpoint = ? AND dead = 0 "
-                "AND next_at <= ? AND claimed_until < ? ORDER BY next_at LIMIT ?",
-                (endpoint, now, now, limit),
+                "AND next_at <= ? AND (claimed_until < ? OR claimed_by IS NOT ?) ORDER BY next_at LIMIT ?",
+                (endpoint, now, now, owner, limit),
             ).fetchall()
             conn.executemany(
-                "UPDATE webhooks SET claimed_until = ? WHERE delivery_id = ?", [(until, r[0]) for r in rows]
+                "UPDATE webhooks SET claimed_by = ?, claimed_until = ? WHERE delivery_id = ?",
+                [(owner, until, r[0]) for r in rows],
             )
             return [delivery_from_json(r[1]) for r in rows]
 
