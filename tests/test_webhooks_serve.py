@@ -101,6 +101,7 @@ async def test_the_cli_lists_a_dead_lettered_event_and_redelivers_it(tmp_path: P
     listed = await trio.to_thread.run_sync(cli, tmp_path, "failed")
     assert listed.returncode == 0, listed.stderr
     header, row = listed.stdout.strip().splitlines()
+    assert header.split("\t")[:3] == ["event", "delivery", "type"]
     event_id = receiver.received[0].headers["webhook-id"]
     fields = row.split("\t")
     assert (fields[0], fields[2], fields[3], fields[4], fields[6]) == (
