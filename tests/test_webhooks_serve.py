@@ -7,6 +7,7 @@ lists a dead-lettered event and redelivers it."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -124,3 +125,34 @@ async def test_the_cli_lists_a_dead_lettered_event_and_redelivers_it(tmp_path: P
     assert json.loads(receiver.received[-1].body)["data"]["id"] == started.job.job_id
     after = await trio.to_thread.run_sync(cli, tmp_path, "failed")
     assert after.stdout == "" and after.stderr.strip() == "0 dead-lettered, 0 waiting"
+
+
+async def test_the_guides_receiver_verifies_and_fetches_a_response(tmp_path: Path) -> None:
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "webhooks.md").read_text()
+    (script,) = re.findall(r"```python\n(.*?)```", guide, flags=re.S)
+    (tmp_path / "webhook_receiver.py").write_text(script)
+    port, http_port, hook_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "BACKSTREAM_TOKEN": "tok",
+        "OPENAI_WEBHOOK_SECRET": SECRET,
+        "BACKSTREAM_URL": f"http://127.0.0.1:{http_port}/v1",
+        "PORT": str(hook_port),
+    }
+    receiver = subprocess.Popen(
+        [sys.executable, "webhook_receiver.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
+    )
+    server = start_serve(tmp_path, port, http_port, f"http://127.0.0.1:{hook_port}/hook")
+    try:
+        await trio.to_thread.run_sync(wait_for_port, hook_port)
+        await trio.to_thread.run_sync(wait_for_port, port)
+        async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
+            started = await client.start_job(thread_id="t", message_id="m", model="backstream/echo", messages=MSG)
+        assert receiver.stdout is not None
+        line = await trio.to_thread.run_sync(receiver.stdout.readline)
+        assert line.startswith(f"response.completed {started.job.job_id} completed: ")
+        assert "hello there" in line
+    finally:
+        for process in (server, receiver):
+            process.kill()
+            process.wait()
