@@ -7,8 +7,8 @@ lists a dead-lettered event and redelivers it."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
