@@ -24,6 +24,7 @@ from tests.webhook_receiver import open_receiver
 
 BACKSTREAM = [sys.executable, "-m", "backstream"]
 MSG = [{"role": "user", "content": "hello there"}]
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
 
 
 def start_serve(tmp_path: Path, port: int, http_port: int, hook: str, *extra: str, crash: bool = False) -> subprocess.Popen[bytes]:
@@ -128,7 +129,7 @@ async def test_the_cli_lists_a_dead_lettered_event_and_redelivers_it(tmp_path: P
 
 
 async def test_the_guides_receiver_verifies_and_fetches_a_response(tmp_path: Path) -> None:
-    guide = (Path(__file__).resolve().parent.parent / "docs" / "webhooks.md").read_text()
+    guide = GUIDE.read_text()
     (script,) = re.findall(r"```python\n(.*?)```", guide, flags=re.S)
     (tmp_path / "webhook_receiver.py").write_text(script)
     port, http_port, hook_port = free_port(), free_port(), free_port()
