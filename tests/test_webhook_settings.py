@@ -52,7 +52,8 @@ def test_the_settings_come_from_flags_the_variable_and_a_toml_table(tmp_path: Pa
     flags = parse(["--webhook", "http://a/h", "--webhook", "http://b/h#events=job.ended"], env)
     assert [e.url for e in flags.webhook] == ["http://a/h", "http://b/h"]
     from_env = parse([], {**env, "BACKSTREAM_WEBHOOKS": "http://a/h#events=response.*+job.ended,http://b/h"})
-    assert [sorted(e.events) for e in from_env.webhook][0][0] == "job.ended"
+    first, second = from_env.webhook
+    assert "job.ended" in first.events and second.events == DEFAULT_EVENTS
     config = tmp_path / "b.toml"
     config.write_text(
         'webhook = ["http://a/h", { url = "http://b/h", events = ["job.ended"], content = true }]\n'
@@ -70,9 +71,9 @@ def test_mistakes_name_the_setting() -> None:
         parse(["--webhook", "http://a/h"])
     with pytest.raises(ValueError, match="needs BACKSTREAM_WEBHOOK_SECRET"):
         parse(["--webhook", "http://a/h"], {"BACKSTREAM_WEBHOOK_SECRET": "plain"})
-    with pytest.raises(ValueError, match="--webhook-retry-schedule: '5x' is not a duration"):
+    with pytest.raises(ValueError, match=r"--webhook-retry-schedule: '5x' is not a duration"):
         parse(["--webhook-retry-schedule", "5s,5x"])
-    with pytest.raises(ValueError, match="--webhook-ca-file .*cannot load /nonexistent.pem"):
+    with pytest.raises(ValueError, match=r"--webhook-ca-file .*cannot load /nonexistent\.pem"):
         parse(["--webhook", "https://a/h", "--webhook-ca-file", "/nonexistent.pem"], {"BACKSTREAM_WEBHOOK_SECRET": SECRET})
 
 
