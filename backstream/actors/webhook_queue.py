@@ -37,7 +37,8 @@ class WebhookQueue(abc.ABC):
     @abc.abstractmethod
     async def record_webhooks(self, deliveries: Sequence[WebhookDelivery]) -> None:
         """Record each delivery unless one with its ``delivery_id`` exists (a repeat, after
-        a crash, records nothing twice)."""
+        a crash, records nothing twice). Cancellation: some or all may be recorded;
+        record them again."""
 
     @abc.abstractmethod
     async def claim_webhooks(
@@ -45,39 +46,45 @@ class WebhookQueue(abc.ABC):
     ) -> list[WebhookDelivery]:
         """Claim up to ``limit`` live deliveries to ``endpoint`` due by ``now`` and not
         claimed by another (a claim lapsed before ``now`` is nobody's), oldest due first,
-        for ``owner`` until ``until``."""
+        for ``owner`` until ``until``. In a store one process owns (SQLite), another
+        owner's claim is a dead instance's: taken at once. Cancellation: they may or may
+        not be claimed; a claim lapses by itself."""
 
     @abc.abstractmethod
     async def settle_webhook(self, delivery: WebhookDelivery, *, delivered: bool) -> None:
         """After an attempt: delete it if ``delivered``, else store its attempts, next
-        attempt, last error and dead-letter mark, and release its claim."""
+        attempt, last error and dead-letter mark, and release its claim. Nothing if it
+        is gone. Cancellation: settled or not (atomic); a claim left lapses and the
+        delivery is sent again (same ``webhook-id``)."""
 
     @abc.abstractmethod
     async def release_webhooks(self, delivery_ids: Sequence[str]) -> None:
-        """Release claims without an attempt (its endpoint was disabled meanwhile)."""
+        """Release claims without an attempt (its endpoint was disabled meanwhile).
+        Cancellation: some may stay claimed until their claims lapse."""
 
     @abc.abstractmethod
     async def failed_webhooks(self, limit: int) -> list[WebhookDelivery]:
-        """Dead-lettered deliveries, oldest first."""
+        """Dead-lettered deliveries, oldest first. Cancellation: safe (a read)."""
 
     @abc.abstractmethod
     async def redeliver_webhooks(self, delivery_ids: Sequence[str] | None, now: float) -> int:
         """Make dead-lettered deliveries (these, or all with None; an id may also be an
-        event id: each of its deliveries) due now with a fresh schedule. Returns how many."""
+        event id: each of its deliveries) due now with a fresh schedule. Returns how many.
+        Cancellation: some may be due again; repeating it is safe."""
 
     @abc.abstractmethod
     async def webhook_counts(self) -> WebhookCounts:
-        """How many deliveries wait, and how many are dead-lettered."""
+        """How many deliveries wait, and how many are dead-lettered. Cancellation: safe."""
 
     @abc.abstractmethod
     async def disable_endpoint(self, endpoint: str, reason: str) -> None:
         """Mark the endpoint disabled (it answered 410 Gone): no instance sends to it until
-        ``enable_endpoint``. Its deliveries wait meanwhile."""
+        ``enable_endpoint``. Its deliveries wait meanwhile. Cancellation: marked or not."""
 
     @abc.abstractmethod
     async def enable_endpoint(self, endpoint: str) -> bool:
-        """Clear the mark; whether it was disabled."""
+        """Clear the mark; whether it was disabled. Cancellation: cleared or not."""
 
     @abc.abstractmethod
     async def disabled_endpoints(self) -> dict[str, str]:
-        """The disabled endpoints' keys, each with why."""
+        """The disabled endpoints' keys, each with why. Cancellation: safe (a read)."""

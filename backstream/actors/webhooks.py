@@ -148,7 +148,8 @@ class WebhookEvents:
     async def approval_required(
         self, *, job_id: str, user: str, thread_id: str, call_id: str, tool: str
     ) -> None:
-        """Record ``job.approval_required`` for the call. Raises ``UnavailableError``."""
+        """Record ``job.approval_required`` for the call (once per call). Raises
+        ``UnavailableError``. Cancellation: recorded or not; call again."""
         evt = event_id(job_id, "job.approval_required", call_id)
         data = {"id": job_id, "user": user, "thread_id": thread_id, "call_id": call_id, "name": tool}
         body = event_body(evt, "job.approval_required", self._clock.now(), data)
