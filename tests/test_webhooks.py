@@ -26,7 +26,7 @@ from backstream.actors.clock import WallClock
 from backstream.actors.dispatcher import Dispatcher
 from backstream.actors.notifier import Notifier
 from backstream.actors.webhooks import WebhookDeliverer, WebhookEvents, WebhookSettings
-from backstream.protocol.events import ErrorInfo, StatusEvent, TextEvent
+from backstream.protocol.events import ApprovalRequiredEvent, ErrorInfo, LogEvent, StatusEvent, TextEvent
 from backstream.protocol.records import JobProgress, JobRecord, JobRequest
 from backstream.protocol.webhooks import WebhookEndpoint, delivery_for, event_body, parse_endpoint
 from backstream.runtime.webhook_sender import HttpWebhookSender
@@ -83,8 +83,10 @@ async def end_job(
     error: ErrorInfo | None = None,
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
+    waited: str | None = None,
 ) -> None:
-    """A job that wrote ``text`` and ended with ``status``, committed as a job commits."""
+    """A job that wrote ``text`` (and, with ``waited``, a wait for approval of that call)
+    and ended with ``status``, committed as a job commits."""
     now = time.time()
     request = JobRequest("backstream/echo", ({"role": "user", "content": "hi"},))
     record = JobRecord(
@@ -103,12 +105,16 @@ async def end_job(
         lease_until=now + 30,
     )
     await store.create_job(record)
-    running = JobProgress(status="running", seq=2, content_length=len(text), updated_at=now)
-    await store.commit(job_id, [StatusEvent(seq=1, status="running"), TextEvent(seq=2, text=text)], running)
-    end = StatusEvent(seq=3, status=status, error=error, finish_reason=finish_reason, usage=usage)  # type: ignore[arg-type]
+    written: list[LogEvent] = [StatusEvent(seq=1, status="running"), TextEvent(seq=2, text=text)]
+    if waited is not None:
+        written.append(ApprovalRequiredEvent(seq=3, call_id=waited, name="delete_file", arguments="{}"))
+    last = len(written) + 1
+    running = JobProgress(status="running", seq=last - 1, content_length=len(text), updated_at=now)
+    await store.commit(job_id, written, running)
+    end = StatusEvent(seq=last, status=status, error=error, finish_reason=finish_reason, usage=usage)  # type: ignore[arg-type]
     ended = JobProgress(
         status=status,  # type: ignore[arg-type]
-        seq=3,
+        seq=last,
         content_length=len(text),
         updated_at=now,
         finished_at=now,
@@ -281,3 +287,21 @@ async def test_backstreams_own_events_go_only_to_endpoints_that_ask(store: Store
     full_types = {json.loads(r.body)["type"]: json.loads(r.body) for r in full.received}
     assert set(full_types) == {"job.ended", "response.completed"}
     assert full_types["job.ended"]["data"]["content"] == "the final answer"
+
+
+async def test_a_wait_whose_event_a_dead_process_never_recorded_is_sent_at_the_jobs_end(
+    store: Store, nursery: trio.Nursery
+) -> None:
+    """The wait is in the log, its event was never recorded (the process died between the
+    two); the job is recovered and ends ``interrupted``: its end records the wait's event.
+    A job that went past its wait here (and ended otherwise) records none again."""
+    own = await open_receiver(nursery)
+    async with delivering(store, [parse_endpoint(own.url + "#events=job.approval_required")]):
+        await end_job(store, "j_gone", "interrupted", waited="call_1")
+        await end_job(store, "j_done", "completed", waited="call_2")
+        await own.wait_for(1)
+        await trio.sleep(0.3)
+    (got,) = own.received
+    standardwebhooks.Webhook(SECRET).verify(got.body, got.headers)
+    body = json.loads(got.body)
+    assert (body["type"], body["data"]["id"], body["data"]["call_id"]) == ("job.approval_required", "j_gone", "call_1")

@@ -122,6 +122,14 @@ class Notifier:
             job_id, user, thread_id, "ai.tool.approval_required", "Approval needed", body
         )
 
+    async def approval_webhook(
+        self, *, job_id: str, user: str, thread_id: str, tool: str, call_id: str
+    ) -> None:
+        """Only the ``job.approval_required`` webhook event of ``approval_needed`` (a wait
+        the log shows already; recorded once per call). Cancellation: recorded or not."""
+        if self.webhooks is not None:
+            await self._record_approval(self.webhooks, job_id, user, thread_id, tool, call_id)
+
     @staticmethod
     async def _record_approval(
         webhooks: WebhookEvents, job_id: str, user: str, thread_id: str, tool: str, call_id: str

@@ -29,7 +29,7 @@ from backstream.actors.clock import WallClock
 from backstream.actors.ports import OutboxEntry, StoreClosedError, StoredLogs
 from backstream.actors.signals import through_outage
 from backstream.actors.webhook_queue import WEBHOOK_CLAIM_S, WebhookQueue
-from backstream.protocol.events import StatusEvent, TextEvent
+from backstream.protocol.events import ApprovalRequiredEvent, StatusEvent, TextEvent
 from backstream.protocol.responses import response_status
 from backstream.protocol.webhooks import (
     DEFAULT_RETRY_SCHEDULE,
@@ -143,16 +143,42 @@ class WebhookEvents:
                     else event_body(ended_id, "job.ended", created, with_content)
                 )
                 deliveries.append(delivery_for(endpoint, ended_id, "job.ended", text, self._clock.now()))
+        if entry.status == "interrupted" and self._wanting("job.approval_required"):
+            deliveries += await self._approvals_logged(entry)
         await self._record(deliveries)
+
+    async def _approvals_logged(self, entry: OutboxEntry) -> list[WebhookDelivery]:
+        """The ``job.approval_required`` events of the waits in the job's log. A process
+        that died between writing a wait and recording its event left the wait in the
+        log; its job ends ``interrupted`` when recovered, and the event is recorded then
+        (the same id: an event recorded already is not recorded twice)."""
+        deliveries: list[WebhookDelivery] = []
+        after = 0
+        while True:
+            entries = await self._logs.read(entry.job_id, after, 256)
+            if not entries:
+                return deliveries
+            for logged in entries:
+                if isinstance(logged, ApprovalRequiredEvent):
+                    evt, body = self._approval_body(
+                        entry.job_id, entry.user, entry.thread_id, logged.call_id, logged.name
+                    )
+                    deliveries += self._for("job.approval_required", evt, body)
+            after = entries[-1].seq
+
+    def _approval_body(
+        self, job_id: str, user: str, thread_id: str, call_id: str, tool: str
+    ) -> tuple[str, str]:
+        evt = event_id(job_id, "job.approval_required", call_id)
+        data = {"id": job_id, "user": user, "thread_id": thread_id, "call_id": call_id, "name": tool}
+        return evt, event_body(evt, "job.approval_required", self._clock.now(), data)
 
     async def approval_required(
         self, *, job_id: str, user: str, thread_id: str, call_id: str, tool: str
     ) -> None:
         """Record ``job.approval_required`` for the call (once per call). Raises
         ``UnavailableError``. Cancellation: recorded or not; call again."""
-        evt = event_id(job_id, "job.approval_required", call_id)
-        data = {"id": job_id, "user": user, "thread_id": thread_id, "call_id": call_id, "name": tool}
-        body = event_body(evt, "job.approval_required", self._clock.now(), data)
+        evt, body = self._approval_body(job_id, user, thread_id, call_id, tool)
         await self._record(self._for("job.approval_required", evt, body))
 
     def _for(self, event_type: str, evt: str, body: str) -> list[WebhookDelivery]:
