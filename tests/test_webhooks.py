@@ -11,21 +11,24 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import openai
 import pytest
 import standardwebhooks
 import trio
+import trustme
 
 from backstream import Store
 from backstream.actors.clock import WallClock
 from backstream.actors.dispatcher import Dispatcher
 from backstream.actors.notifier import Notifier
-from backstream.actors.webhooks import WebhookDeliverer, WebhookEvents, WebhookSettings
+from backstream.actors.webhooks import WebhookDeliverer, WebhookEvents, WebhookSendError, WebhookSettings
 from backstream.protocol.events import ApprovalRequiredEvent, ErrorInfo, LogEvent, StatusEvent, TextEvent
 from backstream.protocol.records import JobProgress, JobRecord, JobRequest
 from backstream.protocol.webhooks import WebhookEndpoint, delivery_for, event_body, parse_endpoint
@@ -305,3 +308,23 @@ async def test_a_wait_whose_event_a_dead_process_never_recorded_is_sent_at_the_j
     standardwebhooks.Webhook(SECRET).verify(got.body, got.headers)
     body = json.loads(got.body)
     assert (body["type"], body["data"]["id"], body["data"]["call_id"]) == ("job.approval_required", "j_gone", "call_1")
+
+
+async def test_https_endpoints_are_verified_against_the_ca_file(nursery: trio.Nursery, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    receiver = await open_receiver(nursery, ssl_context=server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    body = event_body("evt_tls", "response.completed", time.time(), {"id": "j_1"})
+    delivery = delivery_for(parse_endpoint(receiver.url), "evt_tls", "response.completed", body, time.time())
+    trusting, default = HttpWebhookSender(SECRET, ca_file=str(ca_file)), HttpWebhookSender(SECRET)
+    try:
+        assert await trusting.send(delivery, 5.0) == 200
+        with pytest.raises(WebhookSendError, match="CERTIFICATE_VERIFY_FAILED"):
+            await default.send(delivery, 5.0)  # the system's CAs do not know this one
+    finally:
+        await trusting.aclose()
+        await default.aclose()
+    assert receiver.ids() == ["evt_tls"]

@@ -8,7 +8,9 @@ on the same port (a receiver that is down refuses connections).
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import h11
@@ -35,12 +37,15 @@ class Receiver:
     received: list[Received] = attrs.field(factory=list)
     connections_open: int = 0
     on_request: Callable[[Received], None] | None = None
+    ssl_context: ssl.SSLContext | None = None
+    """Serve https:// with it."""
     _scope: trio.CancelScope | None = None
     arrived: trio.Event = attrs.field(factory=trio.Event)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/hook"
 
     def ids(self) -> list[str]:
         return [r.headers["webhook-id"] for r in self.received]
@@ -63,12 +68,14 @@ class Receiver:
 
     async def _serve(self, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
         with trio.CancelScope() as scope:
-            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+            listeners: list[Any] = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+            if self.ssl_context is not None:
+                listeners = [trio.SSLListener(lst, self.ssl_context) for lst in listeners]
             async with trio.open_nursery() as nursery:
                 task_status.started(scope)
                 await trio.serve_listeners(self._connection, listeners, handler_nursery=nursery)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: Any) -> None:
         self.connections_open += 1
         conn = h11.Connection(h11.SERVER)
         try:
@@ -104,7 +111,7 @@ class Receiver:
             self.connections_open -= 1
 
 
-async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
+async def _read_request(conn: h11.Connection, stream: Any) -> tuple[h11.Request | None, bytes]:
     request: h11.Request | None = None
     body = b""
     while True:

@@ -62,11 +62,24 @@ class HttpWebhookSender(WebhookSender):
                 timeout=httpx.Timeout(timeout),
             )
         except httpx.HTTPError as exc:
+            detail = _first_message(exc)
             raise WebhookSendError(
-                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
             ) from None
         return response.status_code
 
     async def aclose(self) -> None:
         """Cancellation: the connections are closed anyway."""
         await self._client.aclose()
+
+
+def _first_message(exc: BaseException | None) -> str:
+    """The first non-empty message down the chain of causes: httpx's own is often empty
+    (a TLS failure says what went wrong only in its cause)."""
+    for _ in range(8):
+        if exc is None:
+            return ""
+        if str(exc):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return ""
