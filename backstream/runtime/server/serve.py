@@ -291,7 +291,11 @@ def webhook_parts(settings: ServeSettings) -> tuple[WebhookSettings | None, Http
         timeout=settings.webhook_timeout,
         concurrency=settings.webhook_concurrency,
     )
-    return hooks, HttpWebhookSender(settings.webhook_secret, ca_file=settings.webhook_ca_file)
+    connections = hooks.concurrency * len(hooks.endpoints)  # every lane's attempts at once
+    sender = HttpWebhookSender(
+        settings.webhook_secret, ca_file=settings.webhook_ca_file, max_connections=connections
+    )
+    return hooks, sender
 
 
 @asynccontextmanager
