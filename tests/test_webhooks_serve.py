@@ -18,6 +18,8 @@ import openai
 import trio
 
 from backstream.client import open_client
+from backstream.protocol.webhooks import endpoint_key
+from backstream.runtime.stores.sqlite import SqliteStore
 from bench._procs import free_port, wait_for_port
 from tests.test_webhooks import SECRET
 from tests.webhook_receiver import open_receiver
@@ -157,3 +159,19 @@ async def test_the_guides_receiver_verifies_and_fetches_a_response(tmp_path: Pat
         for process in (server, receiver):
             process.kill()
             process.wait()
+
+
+async def test_the_cli_lists_and_enables_a_disabled_endpoint(tmp_path: Path) -> None:
+    url = "https://billing.example.com/hook"
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    await store.disable_endpoint(endpoint_key(url), "410 Gone")
+    await store.aclose()
+    listed = await trio.to_thread.run_sync(cli, tmp_path, "disabled")
+    assert listed.stdout == f"{endpoint_key(url)}\t410 Gone\n"
+    enabled = await trio.to_thread.run_sync(cli, tmp_path, "enable", url + "#events=job.ended")
+    assert (enabled.returncode, enabled.stdout) == (0, f"{endpoint_key(url)} enabled\n")
+    again = await trio.to_thread.run_sync(cli, tmp_path, "enable", endpoint_key(url))
+    assert again.returncode == 1 and again.stderr == f"{endpoint_key(url)} was not disabled\n"
+    bad = await trio.to_thread.run_sync(cli, tmp_path, "enable", "ftp://x")
+    assert bad.returncode == 1 and bad.stderr == "backstream webhooks enable: 'ftp://x' is not an http:// or https:// URL\n"

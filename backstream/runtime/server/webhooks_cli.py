@@ -52,6 +52,11 @@ def run_webhooks_command(args: argparse.Namespace) -> None:
         sys.exit(f"backstream webhooks: {exc}")
     if args.webhooks_command == "redeliver" and bool(args.ids) == bool(args.all):
         sys.exit("backstream webhooks redeliver: name event ids, or --all (not both)")
+    if args.webhooks_command == "enable" and not args.endpoint.startswith("ep_"):
+        try:
+            args.endpoint = endpoint_key(parse_endpoint(args.endpoint).url)
+        except ValueError as exc:
+            sys.exit(f"backstream webhooks enable: {exc}")
     try:
         code = trio.run(_run, store, args)
     except Exception as exc:  # the store cannot be opened or reached: one line
@@ -73,11 +78,7 @@ async def _run(store: Store, args: argparse.Namespace) -> int:
             for key, reason in sorted((await store.disabled_endpoints()).items()):
                 print(f"{key}\t{reason}")
             return 0
-        key = (
-            args.endpoint
-            if args.endpoint.startswith("ep_")
-            else endpoint_key(parse_endpoint(args.endpoint).url)
-        )
+        key = args.endpoint  # its key: a URL was turned into it before
         if await store.enable_endpoint(key):
             print(f"{key} enabled")
             return 0
