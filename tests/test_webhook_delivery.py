@@ -9,6 +9,7 @@ import time
 import uuid
 
 import attrs
+import pytest
 import trio
 
 from backstream import Config, Store, open_runtime
@@ -122,3 +123,17 @@ async def test_a_claimed_delivery_is_nobody_elses_until_its_claim_lapses(store: 
     assert await store.disabled_endpoints() == {key: "410 Gone"}
     assert await store.enable_endpoint(key) and not await store.enable_endpoint(key)
     assert await store.disabled_endpoints() == {}
+
+
+async def test_the_memory_store_holds_a_bounded_number_of_deliveries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backstream.runtime.stores import memory_webhooks
+    from backstream.runtime.stores.memory import MemoryStore
+
+    monkeypatch.setattr(memory_webhooks, "MAX_MEMORY_DELIVERIES", 5)
+    store = MemoryStore()
+    batch = deliveries("http://127.0.0.1:9/hook", 8, time.time())
+    await store.record_webhooks(batch)
+    assert (await store.webhook_counts()).pending == 5
+    assert store.webhooks_dropped == 3  # the newest, when full: dropped, logged and counted
+    claimed = await store.claim_webhooks(batch[0].endpoint, "i_a", time.time(), time.time() + 60, 10)
+    assert sorted(d.delivery_id for d in claimed) == sorted(d.delivery_id for d in batch[:5])
