@@ -31,7 +31,11 @@ def parse(argv: list[str], env: dict[str, str] | None = None):  # type: ignore[n
 
 def test_an_endpoint_names_its_events_and_content_after_the_hash() -> None:
     plain = parse_endpoint("http://127.0.0.1:8000/hook")
-    assert (plain.url, plain.events, plain.include_content) == ("http://127.0.0.1:8000/hook", DEFAULT_EVENTS, False)
+    assert (plain.url, plain.events, plain.include_content) == (
+        "http://127.0.0.1:8000/hook",
+        DEFAULT_EVENTS,
+        False,
+    )
     chosen = parse_endpoint("https://x.example/h?a=1#events=job.*+response.completed&content=true")
     assert chosen.url == "https://x.example/h?a=1"
     assert chosen.events == {"job.ended", "job.approval_required", "response.completed"}
@@ -60,21 +64,29 @@ def test_the_settings_come_from_flags_the_variable_and_a_toml_table(tmp_path: Pa
         'webhook_retry_schedule = "50ms,2m"\n'
     )
     filed = parse(["--config", str(config)], env)
-    assert [(e.url, e.include_content) for e in filed.webhook] == [("http://a/h", False), ("http://b/h", True)]
+    assert [(e.url, e.include_content) for e in filed.webhook] == [
+        ("http://a/h", False),
+        ("http://b/h", True),
+    ]
     assert filed.webhook[1].events == {"job.ended"}
     assert filed.webhook_retry_schedule == (0.05, 120.0)
     assert parse([], {}).webhook_retry_schedule == (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
 def test_mistakes_name_the_setting() -> None:
-    with pytest.raises(ValueError, match=r"--webhook \(BACKSTREAM_WEBHOOKS\) needs BACKSTREAM_WEBHOOK_SECRET"):
+    with pytest.raises(
+        ValueError, match=r"--webhook \(BACKSTREAM_WEBHOOKS\) needs BACKSTREAM_WEBHOOK_SECRET"
+    ):
         parse(["--webhook", "http://a/h"])
     with pytest.raises(ValueError, match="needs BACKSTREAM_WEBHOOK_SECRET"):
         parse(["--webhook", "http://a/h"], {"BACKSTREAM_WEBHOOK_SECRET": "plain"})
     with pytest.raises(ValueError, match=r"--webhook-retry-schedule: '5x' is not a duration"):
         parse(["--webhook-retry-schedule", "5s,5x"])
     with pytest.raises(ValueError, match=r"--webhook-ca-file .*cannot load /nonexistent\.pem"):
-        parse(["--webhook", "https://a/h", "--webhook-ca-file", "/nonexistent.pem"], {"BACKSTREAM_WEBHOOK_SECRET": SECRET})
+        parse(
+            ["--webhook", "https://a/h", "--webhook-ca-file", "/nonexistent.pem"],
+            {"BACKSTREAM_WEBHOOK_SECRET": SECRET},
+        )
 
 
 def test_serve_refuses_a_bad_endpoint_in_one_line() -> None:
@@ -84,7 +96,9 @@ def test_serve_refuses_a_bad_endpoint_in_one_line() -> None:
         env={"BACKSTREAM_WEBHOOK_SECRET": SECRET, "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == "backstream serve: --webhook: 'ftp://x/hook' is not an http:// or https:// URL"
+    assert (
+        done.stderr.strip() == "backstream serve: --webhook: 'ftp://x/hook' is not an http:// or https:// URL"
+    )
 
 
 def test_retries_back_off_by_the_schedule_with_jitter_then_stop() -> None:
@@ -93,7 +107,9 @@ def test_retries_back_off_by_the_schedule_with_jitter_then_stop() -> None:
     delays = [next_attempt_delay(schedule, n, rng) for n in (1, 2, 3)]
     for delay, base in zip(delays, schedule, strict=True):
         assert delay is not None and 0.8 * base <= delay <= 1.2 * base
-    assert len({d / b for d, b in zip(delays, schedule, strict=True) if d}) == 3  # jittered, not a fixed factor
+    assert (
+        len({d / b for d, b in zip(delays, schedule, strict=True) if d}) == 3
+    )  # jittered, not a fixed factor
     assert next_attempt_delay(schedule, 4, rng) is None  # spent: dead-lettered
 
 

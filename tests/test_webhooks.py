@@ -135,7 +135,9 @@ def verify_both(headers: dict[str, str], body: bytes) -> object:
     return client.webhooks.unwrap(body, headers, secret=SECRET)
 
 
-async def test_each_end_sends_its_openai_event_signed_for_both_verifiers(store: Store, nursery: trio.Nursery) -> None:
+async def test_each_end_sends_its_openai_event_signed_for_both_verifiers(
+    store: Store, nursery: trio.Nursery
+) -> None:
     receiver = await open_receiver(nursery)
     endpoint = parse_endpoint(receiver.url)
     async with delivering(store, [endpoint]):
@@ -222,7 +224,9 @@ async def test_an_endpoint_failing_every_time_is_dead_lettered_then_redelivered(
     assert await store.failed_webhooks(10) == []
 
 
-async def test_410_gone_disables_the_endpoint_until_it_is_enabled(store: Store, nursery: trio.Nursery) -> None:
+async def test_410_gone_disables_the_endpoint_until_it_is_enabled(
+    store: Store, nursery: trio.Nursery
+) -> None:
     gone = await open_receiver(nursery, statuses=[410])
     endpoint = parse_endpoint(gone.url)
     async with delivering(store, [endpoint]) as harness:
@@ -252,7 +256,9 @@ async def test_redirects_are_not_followed_and_count_as_failures(store: Store, nu
     assert len(set(receiver.ids())) == 1
 
 
-async def test_backstreams_own_events_go_only_to_endpoints_that_ask(store: Store, nursery: trio.Nursery) -> None:
+async def test_backstreams_own_events_go_only_to_endpoints_that_ask(
+    store: Store, nursery: trio.Nursery
+) -> None:
     plain = await open_receiver(nursery)
     own = await open_receiver(nursery)
     full = await open_receiver(nursery)
@@ -284,7 +290,12 @@ async def test_backstreams_own_events_go_only_to_endpoints_that_ask(store: Store
         "name": "delete_file",
     }
     ended = by_type["job.ended"]["data"]
-    assert (ended["user"], ended["thread_id"], ended["status"], ended["usage"]) == ("alice", "t1", "completed", usage)
+    assert (ended["user"], ended["thread_id"], ended["status"], ended["usage"]) == (
+        "alice",
+        "t1",
+        "completed",
+        usage,
+    )
     assert (ended["content_length"], ended["entries"], ended["error"]) == (16, 3, None)
     assert "content" not in ended
     full_types = {json.loads(r.body)["type"]: json.loads(r.body) for r in full.received}
@@ -307,10 +318,16 @@ async def test_a_wait_whose_event_a_dead_process_never_recorded_is_sent_at_the_j
     (got,) = own.received
     standardwebhooks.Webhook(SECRET).verify(got.body, got.headers)
     body = json.loads(got.body)
-    assert (body["type"], body["data"]["id"], body["data"]["call_id"]) == ("job.approval_required", "j_gone", "call_1")
+    assert (body["type"], body["data"]["id"], body["data"]["call_id"]) == (
+        "job.approval_required",
+        "j_gone",
+        "call_1",
+    )
 
 
-async def test_https_endpoints_are_verified_against_the_ca_file(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_https_endpoints_are_verified_against_the_ca_file(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_context)

@@ -29,7 +29,9 @@ MSG = [{"role": "user", "content": "hello there"}]
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
 
 
-def start_serve(tmp_path: Path, port: int, http_port: int, hook: str, *extra: str, crash: bool = False) -> subprocess.Popen[bytes]:
+def start_serve(
+    tmp_path: Path, port: int, http_port: int, hook: str, *extra: str, crash: bool = False
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "BACKSTREAM_WEBHOOK_SECRET": SECRET}
     env.pop("BACKSTREAM_TEST_CRASH_BEFORE_OUTBOX", None)
     if crash:
@@ -65,7 +67,9 @@ async def test_a_kill_after_the_terminal_commit_loses_neither_the_event_nor_the_
     try:
         await trio.to_thread.run_sync(wait_for_port, port)
         async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
-            started = await client.start_job(thread_id="t", message_id="m", model="backstream/echo", messages=MSG)
+            started = await client.start_job(
+                thread_id="t", message_id="m", model="backstream/echo", messages=MSG
+            )
         job_id = started.job.job_id
         assert await wait_exit(server) == -signal.SIGKILL  # killed itself right after the end's commit
         await trio.sleep(0.3)
@@ -90,14 +94,18 @@ async def test_a_kill_after_the_terminal_commit_loses_neither_the_event_nor_the_
         server.wait()
 
 
-async def test_the_cli_lists_a_dead_lettered_event_and_redelivers_it(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_the_cli_lists_a_dead_lettered_event_and_redelivers_it(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     receiver = await open_receiver(nursery, status=500)
     port, http_port = free_port(), free_port()
     server = start_serve(tmp_path, port, http_port, receiver.url, "--webhook-retry-schedule", "50ms,50ms")
     try:
         await trio.to_thread.run_sync(wait_for_port, port)
         async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
-            started = await client.start_job(thread_id="t", message_id="m", model="backstream/echo", messages=MSG)
+            started = await client.start_job(
+                thread_id="t", message_id="m", model="backstream/echo", messages=MSG
+            )
         await receiver.wait_for(3, timeout=30)  # the first attempt and the schedule's two
     finally:
         server.send_signal(signal.SIGTERM)
@@ -109,7 +117,11 @@ async def test_the_cli_lists_a_dead_lettered_event_and_redelivers_it(tmp_path: P
     event_id = receiver.received[0].headers["webhook-id"]
     fields = row.split("\t")
     assert (fields[0], fields[2], fields[3], fields[4], fields[6]) == (
-        event_id, "response.completed", receiver.url, "3", "HTTP 500"
+        event_id,
+        "response.completed",
+        receiver.url,
+        "3",
+        "HTTP 500",
     )
     assert listed.stderr.strip() == "1 dead-lettered, 0 waiting"
     wrong = await trio.to_thread.run_sync(cli, tmp_path, "redeliver")
@@ -150,7 +162,9 @@ async def test_the_guides_receiver_verifies_and_fetches_a_response(tmp_path: Pat
         await trio.to_thread.run_sync(wait_for_port, hook_port)
         await trio.to_thread.run_sync(wait_for_port, port)
         async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
-            started = await client.start_job(thread_id="t", message_id="m", model="backstream/echo", messages=MSG)
+            started = await client.start_job(
+                thread_id="t", message_id="m", model="backstream/echo", messages=MSG
+            )
         assert receiver.stdout is not None
         line = await trio.to_thread.run_sync(receiver.stdout.readline)
         assert line.startswith(f"response.completed {started.job.job_id} completed: ")
@@ -174,4 +188,7 @@ async def test_the_cli_lists_and_enables_a_disabled_endpoint(tmp_path: Path) -> 
     again = await trio.to_thread.run_sync(cli, tmp_path, "enable", endpoint_key(url))
     assert again.returncode == 1 and again.stderr == f"{endpoint_key(url)} was not disabled\n"
     bad = await trio.to_thread.run_sync(cli, tmp_path, "enable", "ftp://x")
-    assert bad.returncode == 1 and bad.stderr == "backstream webhooks enable: 'ftp://x' is not an http:// or https:// URL\n"
+    assert (
+        bad.returncode == 1
+        and bad.stderr == "backstream webhooks enable: 'ftp://x' is not an http:// or https:// URL\n"
+    )

@@ -85,7 +85,9 @@ class Receiver:
                     if request is None:
                         return
                     got = Received(
-                        {k.decode().lower(): v.decode() for k, v in request.headers}, body, trio.current_time()
+                        {k.decode().lower(): v.decode() for k, v in request.headers},
+                        body,
+                        trio.current_time(),
                     )
                     if self.hang:
                         await trio.sleep_forever()
