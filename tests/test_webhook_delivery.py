@@ -5,6 +5,7 @@ and no memory (its backlog waits in the store); and the queue's ports on every s
 from __future__ import annotations
 
 import collections
+import json
 import time
 import uuid
 
@@ -137,3 +138,36 @@ async def test_the_memory_store_holds_a_bounded_number_of_deliveries(monkeypatch
     assert store.webhooks_dropped == 3  # the newest, when full: dropped, logged and counted
     claimed = await store.claim_webhooks(batch[0].endpoint, "i_a", time.time(), time.time() + 60, 10)
     assert sorted(d.delivery_id for d in claimed) == sorted(d.delivery_id for d in batch[:5])
+
+
+async def test_two_runtimes_on_redis_send_each_jobs_event_once(nursery: trio.Nursery) -> None:
+    """Jobs end on both instances; each end's event reaches the receiver exactly once."""
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    receiver = await open_receiver(nursery)
+    settings = WebhookSettings((parse_endpoint(receiver.url),), retry_schedule=(0.05,), poll=0.05)
+    senders = [HttpWebhookSender(SECRET), HttpWebhookSender(SECRET)]
+    config = Config(drain_timeout=0, max_jobs_per_user=100)
+    stores = [RedisStore(redis_url(), prefix=prefix), RedisStore(redis_url(), prefix=prefix)]
+    try:
+        async with (
+            open_runtime(config, store=stores[0], webhooks=settings, webhook_sender=senders[0]) as first,
+            open_runtime(config, store=stores[1], webhooks=settings, webhook_sender=senders[1]) as second,
+        ):
+            jobs = []
+            for i in range(20):
+                rt = (first, second)[i % 2]
+                started = await rt.start_job(
+                    user="alice", thread_id="t", message_id=f"m{i}", model="backstream/echo",
+                    messages=[{"role": "user", "content": f"job {i}"}],
+                )  # fmt: skip
+                jobs.append(started.job_id)
+            await receiver.wait_for(20, timeout=30)
+            await trio.sleep(0.5)  # nothing comes twice
+        sent = collections.Counter(json.loads(r.body)["data"]["id"] for r in receiver.received)
+        assert sent == dict.fromkeys(jobs, 1)
+        assert len(set(receiver.ids())) == 20
+    finally:
+        for sender in senders:
+            await sender.aclose()
+        await delete_prefix(prefix)
