@@ -80,6 +80,9 @@ def _run_command(argv: list[str] | None) -> None:
     token_parser.add_argument("user")
     token_parser.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
     sub.add_parser("version", help="print the version")
+    from backstream.runtime.server.webhooks_cli import add_webhooks_arguments, run_webhooks_command
+
+    add_webhooks_arguments(sub.add_parser("webhooks", help="list and redeliver failed webhook events"))
     args = parser.parse_args(argv)
 
     if args.command == "version":
@@ -97,6 +100,8 @@ def _run_command(argv: list[str] | None) -> None:
         print(mint_jwt(secret, args.user, ttl=args.ttl))
     elif args.command == "serve":
         _serve(args)
+    elif args.command == "webhooks":
+        run_webhooks_command(args)
     elif args.command == "demo" and args.web:
         from backstream.demo import run_web_demo
 

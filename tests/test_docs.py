@@ -33,6 +33,7 @@ GUIDES = (
     "embedding.md",
     "performance.md",
     "testing.md",
+    "webhooks.md",
 )
 # Written beside these guides; a link to it counts as reaching a file while it is on its way.
 ARCHITECTURE = DOCS / "architecture.md"

@@ -12,6 +12,8 @@ A store outage is waited through; a claim left by a crash lapses and is taken ag
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
@@ -23,6 +25,7 @@ from backstream.actors.clock import WallClock
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import OUTBOX_CLAIM_S, LogStore, Outbox, OutboxEntry, StoreClosedError
 from backstream.actors.signals import through_outage
+from backstream.actors.webhooks import WebhookEvents
 from backstream.protocol.events import TextEvent
 
 __all__ = ["BATCH", "POLL_S", "PREVIEW_CHARS", "START_DRAIN_S", "Dispatcher", "DispatcherStatistics"]
@@ -31,6 +34,9 @@ log = logging.getLogger("backstream.dispatcher")
 
 T = TypeVar("T")
 
+CRASH_BEFORE_OUTBOX = "BACKSTREAM_TEST_CRASH_BEFORE_OUTBOX"
+"""Set to 1 (by tests only), the process kills itself (SIGKILL) once it has claimed an
+outbox entry and before it carries any out: right after a job's terminal commit."""
 BATCH = 64
 """Entries claimed at once; the rest wait for the next round."""
 POLL_S = 5.0
@@ -64,13 +70,21 @@ class Dispatcher:
     failure: ``run`` keeps nothing between runs but the totals of ``statistics``."""
 
     def __init__(
-        self, outbox: Outbox, log_store: LogStore, notifier: Notifier, clock: WallClock, *, instance_id: str
+        self,
+        outbox: Outbox,
+        log_store: LogStore,
+        notifier: Notifier,
+        clock: WallClock,
+        *,
+        instance_id: str,
+        webhooks: WebhookEvents | None = None,
     ) -> None:
         self._outbox = outbox
         self._log_store = log_store
         self._notifier = notifier
         self._clock = clock
         self._instance_id = instance_id
+        self._webhooks = webhooks
         self._carried_out_total = 0
         self._delivered_total = 0
         self._failed_total = 0
@@ -95,6 +109,8 @@ class Dispatcher:
             entries = await self._through_outage("claiming the outbox", self._claim, level=logging.WARNING)
             if not entries:
                 return
+            if os.environ.get(CRASH_BEFORE_OUTBOX) == "1":  # tests only: the crash it survives
+                os.kill(os.getpid(), signal.SIGKILL)
             self._in_hand = len(entries)
             try:
                 await self._carry_out(entries)
@@ -103,6 +119,8 @@ class Dispatcher:
 
     async def _carry_out(self, entries: list[OutboxEntry]) -> None:
         for entry in entries:
+            if self._webhooks is not None:
+                await self._record_webhooks(self._webhooks, entry)
             try:
                 await self._deliver(entry)
             except StoreClosedError:
@@ -114,6 +132,19 @@ class Dispatcher:
         done = [entry.job_id for entry in entries]
         await self._through_outage("deleting carried-out entries", partial(self._outbox.delete_outbox, done))
         self._carried_out_total += len(done)
+
+    async def _record_webhooks(self, webhooks: WebhookEvents, entry: OutboxEntry) -> None:
+        """Record the job's webhook events before its entry is deleted (a crash between
+        records them again: the same deliveries, nothing twice)."""
+        try:
+            await self._through_outage(
+                f"job {entry.job_id}: recording its webhooks", partial(webhooks.job_ended, entry)
+            )
+        except StoreClosedError:
+            raise
+        except Exception:  # a bad entry must not stop the others: its events are dropped
+            self._failed_total += 1
+            log.exception("job %s: its webhook events could not be recorded", entry.job_id)
 
     async def _through_outage(
         self, what: str, attempt: Callable[[], Awaitable[T]], *, level: int = logging.DEBUG

@@ -370,16 +370,31 @@ class JobActor:
             self._flush_due.set()  # the flusher retries it
         if self._notifier is not None:
             await self._notifier.approval_needed(
-                job_id=self.job_id, user=self.record.user, thread_id=self.record.thread_id, tool=call.name
+                job_id=self.job_id,
+                user=self.record.user,
+                thread_id=self.record.thread_id,
+                tool=call.name,
+                call_id=call.call_id,
             )
 
     async def _await_approval(self, call: ToolCallDone, *, asked: bool = False) -> bool:
         """Wait for a person's decision; ``approval_timeout`` counts as declined. The job
         timeout does not count the wait, and no upstream connection is held meanwhile.
-        ``asked``: the log shows the wait already (a rebuilt log): it is not logged again."""
+        ``asked``: the log shows the wait already (a rebuilt log): it is not logged again,
+        but its webhook event is recorded (again: once per call), in case the process
+        that logged it died first."""
         pending = self._pending[call.call_id] = _PendingApproval()
         if not asked:
             await self._ask_approval(call)
+        elif self._notifier is not None:
+            record = self.record
+            await self._notifier.approval_webhook(
+                job_id=self.job_id,
+                user=record.user,
+                thread_id=record.thread_id,
+                tool=call.name,
+                call_id=call.call_id,
+            )
         started = trio.current_time()
         paused_deadline = math.inf
         if self._deadline is not None:  # the job timeout does not run while a person decides

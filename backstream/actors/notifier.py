@@ -23,6 +23,7 @@ import trio
 from backstream.actors.clock import WallClock
 from backstream.actors.ports import Inbox, StoreClosedError
 from backstream.actors.signals import through_outage
+from backstream.actors.webhooks import WebhookEvents
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.events import ErrorInfo, JobStatus
 from backstream.protocol.ids import new_id
@@ -61,6 +62,8 @@ class Notifier:
         self._pushes_dropped = 0
         # Job actors of this process waiting for their end's notification (one each).
         self._ends_expected: dict[str, trio.Event] = {}
+        self.webhooks: WebhookEvents | None = None
+        """Where ``approval_needed`` records its webhook event (set by the runtime)."""
 
     @contextmanager
     def expecting_end(self, job_id: str) -> Iterator[trio.Event]:
@@ -107,12 +110,41 @@ class Notifier:
         body = content[:200] if status == "completed" or not error else error.message[:200]
         return await self._notify(job_id, user, thread_id, kind[0], kind[1], body)
 
-    async def approval_needed(self, *, job_id: str, user: str, thread_id: str, tool: str) -> bool:
-        """Cancellation: as for ``job_ended``."""
+    async def approval_needed(
+        self, *, job_id: str, user: str, thread_id: str, tool: str, call_id: str = ""
+    ) -> bool:
+        """Also records the ``job.approval_required`` webhook event (if any endpoint wants
+        it; a store away is waited through). Cancellation: as for ``job_ended``."""
+        if self.webhooks is not None:
+            await self._record_approval(self.webhooks, job_id, user, thread_id, tool, call_id)
         body = f"The assistant wants to run {tool!r} and waits for your decision."
         return await self._notify(
             job_id, user, thread_id, "ai.tool.approval_required", "Approval needed", body
         )
+
+    async def approval_webhook(
+        self, *, job_id: str, user: str, thread_id: str, tool: str, call_id: str
+    ) -> None:
+        """Only the ``job.approval_required`` webhook event of ``approval_needed`` (a wait
+        the log shows already; recorded once per call). Cancellation: recorded or not."""
+        if self.webhooks is not None:
+            await self._record_approval(self.webhooks, job_id, user, thread_id, tool, call_id)
+
+    @staticmethod
+    async def _record_approval(
+        webhooks: WebhookEvents, job_id: str, user: str, thread_id: str, tool: str, call_id: str
+    ) -> None:
+        try:
+            await through_outage(
+                f"job {job_id}: recording its approval webhook",
+                lambda: webhooks.approval_required(
+                    job_id=job_id, user=user, thread_id=thread_id, call_id=call_id, tool=tool
+                ),
+            )
+        except StoreClosedError:
+            raise
+        except Exception:  # the notification still goes out
+            log.exception("job %s: its approval webhook could not be recorded", job_id)
 
     async def _notify(self, job_id: str, user: str, thread_id: str, kind: str, title: str, body: str) -> bool:
         now = self._clock.now()

@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from backstream.actors.signals import StoreClosedError
+from backstream.actors.webhook_queue import WebhookQueue
 from backstream.protocol.chat_stream import ModelOutput, ToolCallDone
 from backstream.protocol.events import ErrorInfo, JobStatus, LogEvent
 from backstream.protocol.records import JobProgress, JobRecord, NotificationRecord, SharedCapacity
@@ -527,7 +528,7 @@ class Housekeeping(JobStore, Inbox, Leases, Seats):
     """Retention, leases (of jobs, watches and seats) and orphans: the ``Keeper``'s."""
 
 
-class Store(StoreService, JobAccess, Housekeeping, Outbox):
+class Store(StoreService, JobAccess, Housekeeping, Outbox, WebhookQueue):
     """Jobs, their logs and the signals between instances: every port in one.
 
     Methods raise ``UnavailableError`` when the backing service cannot be reached,

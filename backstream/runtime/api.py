@@ -31,6 +31,7 @@ from backstream.actors.remote_tail import RemoteTails, RemoteTailsStatistics
 from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import Supervisor, SupervisorStatistics
 from backstream.actors.watcher import Watcher
+from backstream.actors.webhooks import WebhookDeliverer
 from backstream.protocol.errors import BadRequestError, GoneError
 from backstream.protocol.events import JobInfo, JobSummary, LogEvent
 from backstream.protocol.ids import new_id
@@ -118,6 +119,8 @@ class Runtime:
         )
         """Per-user seats counted across instances (the front doors' caps on open streams and
         connections); the keeper renews them."""
+        self.webhook_deliverer: WebhookDeliverer | None = None
+        """Sends webhook events (None without endpoints); ``statistics()`` for metrics."""
         self._tails = RemoteTails(store)
         self._handles = JobHandles(
             store, registry.live, presence.count, remote_wait=config.remote_abort_wait, tails=self._tails

@@ -10,7 +10,9 @@
         +-- registry   (permanent): admission, and the running counts it alone owns
         +-- ticker     (permanent): wakes the flushers of jobs with new entries
         +-- keeper     (permanent): retention sweep, lease renewal, orphan recovery
-        +-- dispatcher (permanent): carries out the outbox (job-end notifications)
+        +-- dispatcher (permanent): carries out the outbox (job-end notifications, and
+        |                           records the webhook events of jobs' ends)
+        +-- webhooks   (permanent, with endpoints): sends the webhook deliveries
 
 Every child is given by a factory, so a restart starts it afresh: the registry rebuilds
 its counts from the jobs supervisor, the ticker is built anew; the store, the metronome,
@@ -44,6 +46,7 @@ from backstream.actors.registry import Registry
 from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.actors.ticker import FlushTicker
+from backstream.actors.webhooks import WebhookDeliverer, WebhookEvents, WebhookSender, WebhookSettings
 from backstream.protocol.ids import new_id
 from backstream.runtime.api import Runtime
 from backstream.runtime.models.http1 import HTTP1Pool
@@ -63,6 +66,8 @@ async def open_runtime(
     models: Mapping[str, Model] | None = None,
     tools: ToolRegistry | None = None,
     clock: WallClock | None = None,
+    webhooks: WebhookSettings | None = None,
+    webhook_sender: WebhookSender | None = None,
 ) -> AsyncIterator[Runtime]:
     """Run a runtime for the duration of the block.
 
@@ -71,6 +76,9 @@ async def open_runtime(
     your own ``Model`` implementations (they take precedence over the built-ins
     and the upstream). ``clock`` is the runtime's wall clock (by default the
     machine's, moving with trio's clock).
+
+    ``webhooks`` (with its ``webhook_sender``, e.g. ``HttpWebhookSender``): the events
+    of jobs' ends go to these endpoints (see docs/webhooks.md).
 
     On a normal exit, new starts are refused and running jobs get
     ``config.drain_timeout`` seconds to finish; the rest end ``interrupted``
@@ -94,7 +102,10 @@ async def open_runtime(
             if tools is None:
                 tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
             router = ModelRouter(config, models or {}, upstream)
-            runtime = await _start_system(config, store, clock, notifier, jobs, system, router, tools, http)
+            hooks = (webhooks, webhook_sender) if webhooks and webhooks.endpoints and webhook_sender else None
+            runtime = await _start_system(
+                config, store, clock, notifier, jobs, system, router, tools, http, hooks
+            )
             try:
                 yield runtime
             except Exception as exc:
@@ -131,6 +142,7 @@ async def _start_system(
     router: ModelRouter,
     tools: ToolRegistry,
     http: HTTP1Pool | None,
+    hooks: tuple[WebhookSettings, WebhookSender] | None = None,
 ) -> Runtime:
     """Build the actors, start the system children in order, and return the facade."""
     instance_id = new_id("i_", clock.now())
@@ -141,7 +153,13 @@ async def _start_system(
     keeper = Keeper(
         config, store, clock, jobs, presence, instance_id=instance_id, recovery=recovery, seats=seats
     )
-    dispatcher = Dispatcher(store, store, notifier, clock, instance_id=instance_id)
+    events, deliverer = None, None
+    if hooks is not None:
+        events = WebhookEvents(store, store, hooks[0], clock)
+        deliverer = WebhookDeliverer(store, hooks[1], hooks[0], clock, instance_id=instance_id)
+        events.on_recorded = deliverer.wake
+        notifier.webhooks = events
+    dispatcher = Dispatcher(store, store, notifier, clock, instance_id=instance_id, webhooks=events)
     metronome = Metronome()
     runtime = Runtime(
         config,
@@ -160,6 +178,7 @@ async def _start_system(
         upstream_pool=http,
         seats=seats,
     )
+    runtime.webhook_deliverer = deliverer
     await system.start_child(ChildSpec("store", lambda: store.run, Restart.PERMANENT, shutdown=0))
     await system.start_child(ChildSpec("metronome", lambda: metronome.run, Restart.PERMANENT, shutdown=0))
     await keeper.recover_orphans()  # jobs of a dead instance end before new ones start
@@ -169,4 +188,6 @@ async def _start_system(
     )
     await system.start_child(ChildSpec("keeper", lambda: keeper.run, Restart.PERMANENT, shutdown=0))
     await system.start_child(ChildSpec("dispatcher", lambda: dispatcher.run, Restart.PERMANENT, shutdown=0))
+    if deliverer is not None:
+        await system.start_child(ChildSpec("webhooks", lambda: deliverer.run, Restart.PERMANENT, shutdown=0))
     return runtime

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from backstream.actors.dispatcher import DispatcherStatistics
+from backstream.actors.webhooks import WebhookDelivererStatistics
 from backstream.runtime.api import Runtime
 from backstream.runtime.models.http1 import PoolStatistics
 from backstream.runtime.models.upstream import FIRST_TOKEN_BUCKETS
@@ -73,6 +74,8 @@ class _BackstreamCollector(Collector):
         )
         yield GaugeMetricFamily("backstream_watchers", "Watches open in this process", stats.watchers)
         yield from _outbox(stats.dispatcher)
+        if self._runtime.webhook_deliverer is not None:
+            yield from _webhooks(self._runtime.webhook_deliverer.statistics())
         yield from self._upstream()
         if stats.upstream_pool is not None:
             yield from _upstream_pool(stats.upstream_pool)
@@ -141,6 +144,28 @@ def _outbox(s: DispatcherStatistics) -> Iterator[Metric]:
         "backstream_outbox_retries", "Outbox store calls retried after an outage", s.retries_total
     )
     yield GaugeMetricFamily("backstream_outbox_in_hand", "Outbox entries claimed, not yet deleted", s.in_hand)
+
+
+def _webhooks(s: WebhookDelivererStatistics) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        "backstream_webhooks_delivered", "Webhook attempts answered 2xx", s.delivered_total
+    )
+    yield CounterMetricFamily(
+        "backstream_webhooks_failed_attempts",
+        "Webhook attempts that failed (no answer in time, or not 2xx)",
+        s.failed_attempts_total,
+    )
+    yield CounterMetricFamily(
+        "backstream_webhooks_dead_lettered",
+        "Webhook events dead-lettered once their retry schedule was spent",
+        s.dead_lettered_total,
+    )
+    yield CounterMetricFamily(
+        "backstream_webhooks_endpoints_disabled",
+        "Webhook endpoints disabled for answering 410 Gone",
+        s.endpoints_disabled_total,
+    )
+    yield GaugeMetricFamily("backstream_webhooks_in_flight", "Webhook attempts under way", s.in_flight)
 
 
 def _upstream_pool(s: PoolStatistics) -> Iterator[Metric]:

@@ -17,7 +17,8 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 
 import attrs
@@ -25,6 +26,7 @@ import trio
 
 from backstream.actors.config import Config
 from backstream.actors.ports import Store
+from backstream.actors.webhooks import WebhookSettings
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import (
     AnyAuthenticator,
@@ -51,6 +53,7 @@ from backstream.runtime.stores.memory import MemoryStore
 from backstream.runtime.stores.redis_urls import REDIS_SCHEMES, STORE_FORMS
 from backstream.runtime.tools.registry import ToolRegistry
 from backstream.runtime.tree import open_runtime
+from backstream.runtime.webhook_sender import HttpWebhookSender
 
 __all__ = ["ServeHandle", "configure_logging", "make_authenticator", "make_store", "serve"]
 
@@ -245,8 +248,9 @@ async def serve(
     tools = load_tools(settings, config)
     # Bound before the store opens: a server that cannot listen never touches its jobs.
     bound = await _BoundListeners.bind(settings, door_config)
-    runtime_cm = open_runtime(config, store=store, tools=tools)
-    async with bound, runtime_cm as runtime, trio.open_nursery() as nursery:
+    hooks, sender = webhook_parts(settings)
+    runtime_cm = open_runtime(config, store=store, tools=tools, webhooks=hooks, webhook_sender=sender)
+    async with bound, _closing(sender), runtime_cm as runtime, trio.open_nursery() as nursery:
         from backstream.protocol.version import VERSION
 
         if handle_signals:  # before anything is accepted: a signal from then on shuts down cleanly
@@ -286,6 +290,33 @@ async def serve(
     finished = runtime.statistics().jobs.finished_total
     summary = ", ".join(f"{count} {status}" for status, count in sorted(finished.items()))
     log.info("stopped; jobs ended here: %s", summary or "none")
+
+
+def webhook_parts(settings: ServeSettings) -> tuple[WebhookSettings | None, HttpWebhookSender | None]:
+    """The webhooks' settings and HTTP client, or None without ``--webhook``."""
+    if not settings.webhook:
+        return None, None
+    hooks = WebhookSettings(
+        endpoints=tuple(settings.webhook),
+        retry_schedule=settings.webhook_retry_schedule,
+        timeout=settings.webhook_timeout,
+        concurrency=settings.webhook_concurrency,
+    )
+    connections = hooks.concurrency * len(hooks.endpoints)  # every lane's attempts at once
+    sender = HttpWebhookSender(
+        settings.webhook_secret, ca_file=settings.webhook_ca_file, max_connections=connections
+    )
+    return hooks, sender
+
+
+@asynccontextmanager
+async def _closing(sender: HttpWebhookSender | None) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        if sender is not None:
+            with trio.CancelScope(shield=True):
+                await sender.aclose()
 
 
 @attrs.frozen

@@ -26,6 +26,12 @@ from typing import Any
 import attrs
 
 from backstream.actors.config import Config
+from backstream.protocol.webhooks import (
+    WebhookEndpoint,
+    endpoint_from_table,
+    parse_endpoint,
+    parse_retry_schedule,
+)
 
 __all__ = [
     "OPTIONS",
@@ -205,6 +211,32 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
         "the cyclic garbage collector's thresholds GEN0,GEN1,GEN2 for the serving process "
         "(python: Python's 700,10,10); what was loaded at startup is frozen out of collections",
     ),
+    Option(
+        "webhook",
+        parse_endpoint,
+        (),
+        "an endpoint that gets the events of jobs' ends (docs/webhooks.md): URL, or "
+        "URL#events=TYPE+TYPE&content=true to choose them (default: the four response.* events)",
+        repeatable=True,
+        env="BACKSTREAM_WEBHOOKS",
+    ),
+    Option(
+        "webhook_secret",
+        str,
+        None,
+        "the secret that signs webhook events, whsec_ + base64 (Standard Webhooks)",
+        flag=False,
+    ),
+    Option(
+        "webhook_retry_schedule",
+        parse_retry_schedule,
+        parse_retry_schedule("5s,5m,30m,2h,5h,10h,10h"),
+        "waits between a webhook's attempts, e.g. 5s,5m,30m (units ms, s, m, h, d); after the "
+        "last, the event is dead-lettered (backstream webhooks failed) [5s,5m,30m,2h,5h,10h,10h]",
+    ),
+    Option("webhook_timeout", float, 10.0, "seconds one webhook attempt may take, connecting included"),
+    Option("webhook_concurrency", int, 4, "webhook attempts under way at once per endpoint and instance"),
+    Option("webhook_ca_file", str, None, "a PEM CA bundle that verifies https:// webhook endpoints"),
     Option("log_format", str, "text", "text or json", choices=("text", "json")),
     Option("log_level", str, "info", "how much to log", choices=LOG_LEVELS),
 )
@@ -357,6 +389,10 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
             value = raw if isinstance(raw, bool) else boolean(raw)
         elif option.kind is gc_thresholds and isinstance(raw, str):
             value = gc_thresholds(raw)
+        elif option.kind is parse_endpoint and isinstance(raw, dict):
+            value = endpoint_from_table(raw)
+        elif option.kind in (parse_endpoint, parse_retry_schedule) and isinstance(raw, str):
+            value = option.kind(raw)
         else:
             raise ValueError(f"unexpected value {raw!r}")
     except ValueError as exc:
@@ -447,12 +483,34 @@ def check_server_settings(settings: ServeSettings) -> None:
             "only from the Origins listed there"
         )
     tls_context(settings)  # the files are readable and hold a certificate and its key
+    _check_webhooks(settings)
     if settings.web and settings.http_port is None:
         web, port = _BY_NAME["web"], _BY_NAME["http_port"]
         raise ValueError(
             f"{web.flag_name} ({web.env_name}): the demo page is served on the HTTP port; "
             f"set {port.flag_name} ({port.env_name}) too"
         )
+
+
+def _check_webhooks(settings: ServeSettings) -> None:
+    endpoints: tuple[WebhookEndpoint, ...] = settings.webhook
+    if not endpoints:
+        return
+    secret = settings.webhook_secret
+    if not secret or not secret.startswith("whsec_"):
+        raise ValueError(
+            f"{_named('webhook')} needs BACKSTREAM_WEBHOOK_SECRET: whsec_ followed by base64 "
+            "(the secret receivers verify the events with)"
+        )
+    for name in ("webhook_timeout", "webhook_concurrency"):
+        if settings.values[name] <= 0:
+            raise ValueError(f"{_named(name)}: {settings.values[name]} is not above 0")
+    ca_file = settings.webhook_ca_file
+    if ca_file:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{_named('webhook_ca_file')}: cannot load {ca_file} ({exc})") from None
 
 
 def _named(name: str) -> str:

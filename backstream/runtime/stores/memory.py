@@ -22,6 +22,7 @@ from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity, log_bytes, request_bytes
 from backstream.runtime.stores.local import LocalStore
 from backstream.runtime.stores.local_notifications import MemoryShelf
+from backstream.runtime.stores.memory_webhooks import MemoryWebhookQueue
 from backstream.runtime.stores.shared import outbox_entry, plan_commit, quota_exceeded
 
 __all__ = ["MemoryStore", "MemoryStoreStatistics"]
@@ -37,7 +38,7 @@ class _StoredJob:
     """What its user's stored bytes count of it (its request; at its end, its log too)."""
 
 
-class MemoryStore(LocalStore):
+class MemoryStore(LocalStore, MemoryWebhookQueue):
     """Everything in this process. Nothing here waits on I/O: each method is atomic, and
     cancelling one before it returns changes nothing. ``aclose`` changes nothing either
     (the data stays until the object goes). Capabilities: none (one process, no leases)."""
@@ -52,6 +53,7 @@ class MemoryStore(LocalStore):
         self._by_user: dict[str, dict[str, None]] = {}
         self._expiry: list[tuple[float, str]] = []  # heap; stale rows are skipped
         self._stored_bytes: dict[str, int] = {}  # per user: the jobs' charges, summed
+        self._init_webhooks()
 
     async def open(self, *, on_notification: NotificationListener | None = None) -> None:
         await trio.lowlevel.checkpoint()

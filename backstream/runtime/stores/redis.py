@@ -93,6 +93,7 @@ from backstream.runtime.stores.redis_subscriber import (
     RedisSubscriber,
     RedisSubscriberStatistics,
 )
+from backstream.runtime.stores.redis_webhooks import RedisWebhookQueue
 from backstream.runtime.stores.shared import (
     InboxForwarding,
     SeatsForwarding,
@@ -154,7 +155,7 @@ class RedisStoreStatistics:
     subscriber: RedisSubscriberStatistics
 
 
-class RedisStore(InboxForwarding, SeatsForwarding, Store):
+class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
     capabilities = frozenset(
         {
             Capability.SHARED_BETWEEN_PROCESSES,

@@ -254,6 +254,13 @@ class RedisKeyspace:
         """A set: the outbox entries an instance claimed (stale ids dropped at its next claim)."""
         return self._of_shard(shard, "outbox", "owner", self._named(owner))
 
+    def webhooks(self, *parts: str) -> str:
+        """Webhook deliveries (``redis_webhooks``), in the prefix's own slot: ``webhooks()`` a
+        hash delivery id → its JSON; ``webhooks("due", ENDPOINT)`` a sorted set delivery id
+        → when it may be claimed (its next attempt, or its claim's end); ``webhooks("dead")``
+        dead letters by when; ``webhooks("disabled")`` a hash endpoint → why."""
+        return self._k("webhooks", *parts)
+
     # -- channels (sharded pub/sub: each lives on the shard of its entity's slot) ---------
 
     def job_channel(self, job_id: str) -> str:

@@ -71,6 +71,7 @@ from backstream.runtime.stores.sqlite_schema import (
     record_from_row,
     row_values,
 )
+from backstream.runtime.stores.sqlite_webhooks import SqliteWebhookQueue
 
 __all__ = ["MIGRATIONS", "SqliteStore", "SqliteStoreStatistics", "StoreInUseError", "lock_path"]
 
@@ -147,7 +148,7 @@ def path_from_url(url: str) -> pathlib.Path:
     return pathlib.Path(url[len("sqlite:///") :])
 
 
-class SqliteStore(LocalStore):
+class SqliteStore(LocalStore, SqliteWebhookQueue):
     """Jobs, logs, notifications and mutes in the file; who watches, in this process (one
     process owns the file)."""
 
@@ -497,8 +498,9 @@ class SqliteStore(LocalStore):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(
-                    "SELECT job_id, entry FROM outbox WHERE claimed_until < ? ORDER BY claimed_until LIMIT ?",
-                    (now, limit),
+                    "SELECT job_id, entry FROM outbox WHERE claimed_until < ? OR claimed_by IS NOT ? "
+                    "ORDER BY claimed_until LIMIT ?",
+                    (now, owner, limit),
                 ).fetchall()
                 conn.executemany(
                     "UPDATE outbox SET claimed_by = ?, claimed_until = ? WHERE job_id = ?",

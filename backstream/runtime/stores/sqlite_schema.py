@@ -155,6 +155,26 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE TABLE user_stored_bytes (user TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID
         """,
     ),
+    (
+        6,
+        # Webhook deliveries (``sqlite_webhooks``): one row per event and endpoint, recorded
+        # before the outbox entry that asked for it is deleted; claimed with a lease.
+        """
+        CREATE TABLE webhooks (
+            delivery_id TEXT PRIMARY KEY,
+            endpoint TEXT NOT NULL,
+            delivery TEXT NOT NULL,
+            next_at REAL NOT NULL,
+            dead INTEGER NOT NULL DEFAULT 0,
+            dead_at REAL,
+            claimed_by TEXT,
+            claimed_until REAL NOT NULL DEFAULT 0
+        );
+        CREATE INDEX webhooks_due ON webhooks (endpoint, next_at) WHERE dead = 0;
+        CREATE INDEX webhooks_dead ON webhooks (dead_at) WHERE dead = 1;
+        CREATE TABLE webhook_endpoints_disabled (endpoint TEXT PRIMARY KEY, reason TEXT NOT NULL)
+        """,
+    ),
 )
 
 COLUMNS = (
