@@ -81,8 +81,14 @@ export async function startServer(options = {}) {
     proc.stderr?.on("data", (chunk) => {
       log = (log + chunk).slice(-20_000);
     });
-    await waitForPort(port);
-    await waitForPort(httpPort);
+    try {
+      // A start under a full test run (coverage, other servers) can take many seconds.
+      await waitForPort(port, 45_000);
+      await waitForPort(httpPort, 45_000);
+    } catch (error) {
+      const status = started.exitCode ?? started.signalCode ?? "still running";
+      throw new Error(`${/** @type {Error} */ (error).message} (serve: ${status}; its log: ${log.slice(-2000)})`);
+    }
   };
   await launch();
   const exited = () => new Promise((resolve) => {
