@@ -57,7 +57,7 @@ from backstream.protocol.records import (
 from backstream.runtime.stores import sqlite_quota
 from backstream.runtime.stores.local import LocalStore
 from backstream.runtime.stores.shared import outbox_from_json
-from backstream.runtime.stores.sqlite_commits import Commit, write_group
+from backstream.runtime.stores.sqlite_commits import Commit, Operation, Queued, write_group
 from backstream.runtime.stores.sqlite_inbox import SqliteShelf
 from backstream.runtime.stores.sqlite_schema import (
     COLUMNS,
@@ -150,7 +150,7 @@ class SqliteStore(LocalStore):
         self._lock_fd: int | None = None
         self._write_lane = trio.CapacityLimiter(1)
         self._read_lane = trio.CapacityLimiter(1)
-        self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[Commit](MAILBOX_SIZE)
+        self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[Queued](MAILBOX_SIZE)
         # The jobs this process writes, by owner: a job handed to another owner refuses them.
         self._owners: dict[str, str] = {}
         self._transactions = 0
@@ -263,12 +263,34 @@ class SqliteStore(LocalStore):
                     continue
                 raise
             self._transactions += 1
-            self._commits += len(group)
             for item in group:
                 item.settle()
-                self.hub.signal_job(item.job_id)
-                if item.ended:
-                    self.hub.ring(OUTBOX_BELL)
+                if isinstance(item, Commit):
+                    self._commits += 1
+                    self.hub.signal_job(item.job_id)
+                    if item.ended:
+                        self.hub.ring(OUTBOX_BELL)
+
+    async def _queue(self, item: Queued) -> None:
+        """Into the writer's mailbox (when full, wait for room: back-pressure), then until the
+        group holding it is committed or failed. Cancellation while waiting for room: nothing
+        is written; once queued: the write may still land with its group."""
+        try:
+            self._mailbox_send.send_nowait(item)
+        except trio.WouldBlock:
+            await self._mailbox_send.send(item)
+        await item.wait_settled()
+
+    async def _grouped(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` in the writer's next group transaction, in a savepoint of its own: its error
+        (re-raised here; SQLite's as ``UnavailableError``) undoes it alone."""
+        item = Operation(fn=fn)
+        await self._queue(item)
+        if isinstance(item.error, sqlite3.Error):
+            raise UnavailableError(f"sqlite: {item.error}") from None
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[return-value]  # what fn returned
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._on_thread(self._writer, self._write_lane, fn)
@@ -304,36 +326,31 @@ class SqliteStore(LocalStore):
         cost = request_bytes(record.request)
 
         def insert(conn: sqlite3.Connection) -> tuple[JobRecord, bool]:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = conn.execute(
-                    f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-                    "ON CONFLICT (user, message_id) DO NOTHING",
-                    row_values(record),
+            cursor = conn.execute(
+                f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+                "ON CONFLICT (user, message_id) DO NOTHING",
+                row_values(record),
+            )
+            created = cursor.rowcount == 1
+            if created:
+                request = record_to_dict(record)["request"]
+                conn.execute(
+                    "INSERT INTO job_requests (job_id, request) VALUES (?, ?)",
+                    (record.job_id, json.dumps(request, separators=(",", ":"), ensure_ascii=False)),
                 )
-                created = cursor.rowcount == 1
-                if created:
-                    request = record_to_dict(record)["request"]
+                sqlite_quota.charge_at_create(conn, record.user, record.job_id, cost, max_stored_bytes)
+                found = record
+            else:
+                found = record_from_row(
                     conn.execute(
-                        "INSERT INTO job_requests (job_id, request) VALUES (?, ?)",
-                        (record.job_id, json.dumps(request, separators=(",", ":"), ensure_ascii=False)),
-                    )
-                    sqlite_quota.charge_at_create(conn, record.user, record.job_id, cost, max_stored_bytes)
-                    found = record
-                else:
-                    found = record_from_row(
-                        conn.execute(
-                            SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?",
-                            (record.user, record.message_id),
-                        ).fetchone()
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                        SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?",
+                        (record.user, record.message_id),
+                    ).fetchone()
+                )
             return found, created
 
-        found, created = await self._write(insert)
+        # In the writer's group: a burst of starts costs a few transactions, not one each.
+        found, created = await self._grouped(insert)
         if created and record.owner is not None:
             self._owners[record.job_id] = record.owner
         return found, created
@@ -363,11 +380,7 @@ class SqliteStore(LocalStore):
         nothing is written; once queued: the commit may still land with its group (commit
         again: a repeated commit appends nothing twice)."""
         item = Commit(job_id, list(entries), progress, self._owners.get(job_id))
-        try:
-            self._mailbox_send.send_nowait(item)
-        except trio.WouldBlock:
-            await self._mailbox_send.send(item)  # full: wait for room
-        await item.wait_settled()
+        await self._queue(item)
         if is_terminal(progress.status) and item.error is None:
             self._owners.pop(job_id, None)
         if isinstance(item.error, LogBehindError | JobEndedElsewhereError | StoreClosedError):

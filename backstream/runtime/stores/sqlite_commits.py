@@ -17,7 +17,7 @@ commit in it gets that error, and none of it is stored.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -30,7 +30,7 @@ from backstream.runtime.stores import sqlite_quota
 from backstream.runtime.stores.shared import outbox_to_json, plan_commit
 from backstream.runtime.stores.sqlite_schema import PROGRESS_COLUMNS, UPDATE_PROGRESS, column_value
 
-__all__ = ["Commit", "write_group"]
+__all__ = ["Commit", "Operation", "Queued", "write_group"]
 
 _LOOKUP_WIDTH = 64
 """Job ids per lookup: one prepared statement, the last chunk padded with empty ids."""
@@ -48,24 +48,17 @@ _OUTBOX = "INSERT OR REPLACE INTO outbox (job_id, entry, claimed_until) VALUES (
 
 
 @attrs.define
-class Commit:
-    """One job's commit, waiting in the writer's mailbox; the writer fills in the outcome."""
+class Queued:
+    """A write waiting in the writer's mailbox; the writer settles it with its outcome."""
 
-    job_id: str
-    entries: Sequence[LogEvent]
-    progress: JobProgress
-    owner: str | None
-    """The writer's instance: a commit for a job handed to another owner is refused."""
-    ended: bool = False
-    """It ended the job (and wrote its outbox entry)."""
-    error: BaseException | None = None
-    settled: bool = False
-    """The writer is done with it: ``error`` is its outcome."""
-    waiter: trio.lowlevel.Task | None = None
-    """The committer parked until it is settled (none once it gave up waiting)."""
+    error: BaseException | None = attrs.field(default=None, kw_only=True)
+    settled: bool = attrs.field(default=False, kw_only=True)
+    """The writer is done with it: ``error`` (or a result) is its outcome."""
+    waiter: trio.lowlevel.Task | None = attrs.field(default=None, kw_only=True)
+    """The writer's caller, parked until it is settled (none once it gave up waiting)."""
 
     def settle(self, error: BaseException | None = None) -> None:
-        """The outcome is known: record it and wake the committer (on the event loop)."""
+        """The outcome is known: record it and wake the caller (on the event loop)."""
         if error is not None:
             self.error = error
         self.settled = True
@@ -74,8 +67,8 @@ class Commit:
             trio.lowlevel.reschedule(task)
 
     async def wait_settled(self) -> None:
-        """Park until ``settle``: a park and an unpark, no event object per commit.
-        Cancellation: stops waiting; the commit may still be written."""
+        """Park until ``settle``: a park and an unpark, no event object per write.
+        Cancellation: stops waiting; the write may still land."""
         if self.settled:
             await trio.lowlevel.checkpoint()
             return
@@ -86,6 +79,28 @@ class Commit:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+@attrs.define
+class Commit(Queued):
+    """One job's commit."""
+
+    job_id: str
+    entries: Sequence[LogEvent]
+    progress: JobProgress
+    owner: str | None
+    """The writer's instance: a commit for a job handed to another owner is refused."""
+    ended: bool = False
+    """It ended the job (and wrote its outbox entry)."""
+
+
+@attrs.define
+class Operation(Queued):
+    """Any other write (a job's create): a function of the connection, run in a savepoint
+    of its own within the group's transaction, so its error fails it alone."""
+
+    fn: Callable[[sqlite3.Connection], object]
+    result: object = None
 
 
 @attrs.frozen
@@ -107,26 +122,43 @@ class _Planned:
     apply_progress: bool
 
 
-def write_group(conn: sqlite3.Connection, group: Sequence[Commit]) -> None:
-    """Write ``group`` in one transaction (on the writer's thread). Each commit's refusal
-    lands in its ``error``; a failure of the transaction raises, and then nothing of the
-    group is stored."""
+def write_group(conn: sqlite3.Connection, group: Sequence[Queued]) -> None:
+    """Write ``group`` in one transaction (on the writer's thread): its operations first,
+    then its commits. Each one's refusal lands in its ``error``; a failure of the
+    transaction raises, and then nothing of the group is stored."""
+    commits = [item for item in group if isinstance(item, Commit)]
     conn.execute("BEGIN IMMEDIATE")
     try:
+        for item in group:
+            if isinstance(item, Operation):
+                _operate(conn, item)
         conn.execute("SAVEPOINT group_commit")
         try:
-            _write_together(conn, group)
+            _write_together(conn, commits)
         except Exception:
             if not conn.in_transaction:
                 raise  # the error rolled the whole transaction back
             conn.execute("ROLLBACK TO group_commit")
-            _write_one_by_one(conn, group)
+            _write_one_by_one(conn, commits)
         conn.execute("RELEASE group_commit")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _operate(conn: sqlite3.Connection, item: Operation) -> None:
+    item.error = None
+    conn.execute("SAVEPOINT one_operation")
+    try:
+        item.result = item.fn(conn)
+    except Exception as exc:
+        if not conn.in_transaction:
+            raise  # the transaction is gone: the whole group fails
+        conn.execute("ROLLBACK TO one_operation")
+        item.error = exc
+    conn.execute("RELEASE one_operation")
 
 
 def _write_together(conn: sqlite3.Connection, group: Sequence[Commit]) -> None:
