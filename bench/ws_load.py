@@ -482,14 +482,14 @@ def one_load(a: argparse.Namespace, has_raw: bool, has_peer: bool) -> None:
             {"name": f"backstream ({a.model}, {store}{suffix})", **measure("backstream", a, store, instances)}
         )
     ours = rows[0]
-    store_cost = {row["name"]: ratio(row, ours) for row in rows[1:]}
+    store_cost = {f"{row['name']} / {ours['name']}": ratio(row, ours) for row in rows[1:]}
     if a.compare_src:  # the other checkout on the same stores, each against ours on its store
         here, a.source = a.source, a.compare_src
         for store, mine in zip(a.stores.split(","), list(rows), strict=True):
             rows.append(
                 {"name": f"backstream from {a.compare_src} ({store})", **measure("backstream", a, store)}
             )
-            store_cost[rows[-1]["name"]] = ratio(rows[-1], mine)
+            store_cost[f"{rows[-1]['name']} / {mine['name']}"] = ratio(rows[-1], mine)
         a.source = here
     ratios: dict[str, dict[str, float]] = {}
     if has_raw and not a.skip_raw:
@@ -512,8 +512,8 @@ def one_load(a: argparse.Namespace, has_raw: bool, has_peer: bool) -> None:
     print_table(rows, COLUMNS)
     for name, values in ratios.items():
         print(f"ratio {ours['name']} / {name}: {values}")
-    for name, cost in store_cost.items():
-        print(f"ratio {name} / {ours['name']}: {cost}")
+    for names, cost in store_cost.items():
+        print(f"ratio {names}: {cost}")
     payload = {"params": vars(a), "rows": rows, "ratios": ratios, "store_cost": store_cost}
     print(f"wrote {write_json('ws_load', payload, a.json)}")
 
