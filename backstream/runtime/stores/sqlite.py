@@ -57,7 +57,7 @@ from backstream.protocol.records import (
 from backstream.runtime.stores import sqlite_quota
 from backstream.runtime.stores.local import LocalStore
 from backstream.runtime.stores.shared import outbox_from_json
-from backstream.runtime.stores.sqlite_commits import Commit, Operation, Queued, write_group
+from backstream.runtime.stores.sqlite_commits import Commit, Operation, Queued, write_alone, write_group
 from backstream.runtime.stores.sqlite_inbox import SqliteShelf
 from backstream.runtime.stores.sqlite_schema import (
     COLUMNS,
@@ -154,6 +154,7 @@ class SqliteStore(LocalStore):
         # The jobs this process writes, by owner: a job handed to another owner refuses them.
         self._owners: dict[str, str] = {}
         self._transactions = 0
+        self._writer_running = False
         self._commits = 0
         self._groups_failed = 0
         self._largest_group = 0
@@ -242,7 +243,14 @@ class SqliteStore(LocalStore):
         be interrupted: the cancellation waits for the statement in progress); commits
         still in the mailbox wait for the next run, or fail with ``StoreClosedError`` when
         the store closes."""
-        task_status.started()
+        self._writer_running = True
+        try:
+            task_status.started()
+            await self._write_groups()
+        finally:
+            self._writer_running = False
+
+    async def _write_groups(self) -> None:
         while True:
             group = [await self._mailbox_receive.receive()]
             while len(group) < GROUP_LIMIT:
@@ -284,6 +292,8 @@ class SqliteStore(LocalStore):
     async def _grouped(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn`` in the writer's next group transaction, in a savepoint of its own: its error
         (re-raised here; SQLite's as ``UnavailableError``) undoes it alone."""
+        if not self._writer_running:  # opened but not run (a tool, a test): on its own
+            return await self._write(partial(write_alone, fn=fn))
         item = Operation(fn=fn)
         await self._queue(item)
         if isinstance(item.error, sqlite3.Error):

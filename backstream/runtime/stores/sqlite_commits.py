@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import attrs
 import trio
@@ -30,7 +31,9 @@ from backstream.runtime.stores import sqlite_quota
 from backstream.runtime.stores.shared import outbox_to_json, plan_commit
 from backstream.runtime.stores.sqlite_schema import PROGRESS_COLUMNS, UPDATE_PROGRESS, column_value
 
-__all__ = ["Commit", "Operation", "Queued", "write_group"]
+__all__ = ["Commit", "Operation", "Queued", "write_alone", "write_group"]
+
+T = TypeVar("T")
 
 _LOOKUP_WIDTH = 64
 """Job ids per lookup: one prepared statement, the last chunk padded with empty ids."""
@@ -146,6 +149,19 @@ def write_group(conn: sqlite3.Connection, group: Sequence[Queued]) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def write_alone(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn`` in a transaction of its own (when no writer runs)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
 
 
 def _operate(conn: sqlite3.Connection, item: Operation) -> None:
