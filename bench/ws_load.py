@@ -53,7 +53,8 @@ sys.path.insert(0, str(HERE.parent))
 from bench._common import percentile, print_table, write_json  # noqa: E402
 from bench._procs import ProcessSampler, child_pids, free_port, wait_for_port  # noqa: E402
 
-SHARED = HERE.parent.parent / "shared" / "bench"
+# The yardsticks beside the checkout (``../shared/bench``), or where BACKSTREAM_BENCH_SHARED says.
+SHARED = pathlib.Path(os.environ.get("BACKSTREAM_BENCH_SHARED", HERE.parent.parent / "shared" / "bench"))
 RAW_PIPELINE = SHARED / "raw_pipeline.py"
 PEER_DIR = SHARED / "peer_resumable"
 PEER_PACKAGES = ["resumable-stream@2.2.13", "redis@4"]
@@ -234,6 +235,10 @@ def start_backstream(
         if upstream_port is not None:
             serve += ["--upstream-url", f"http://127.0.0.1:{upstream_port}/v1"]
         env = {**os.environ, "BACKSTREAM_REDIS_PREFIX": prefix}
+        # One user ("bench") holds every connection and job: lift the per-user caps (through
+        # the environment, which a checkout without these settings ignores).
+        env.setdefault("BACKSTREAM_MAX_CONNECTIONS_PER_USER", str(a.jobs * a.watchers + 100))
+        env.setdefault("BACKSTREAM_MAX_STORED_BYTES_PER_USER", str(1 << 40))
         cwd = HERE.parent
         if a.source:  # another checkout of backstream, for a before/after in one run
             cwd = pathlib.Path(a.source).resolve()
@@ -477,12 +482,15 @@ def one_load(a: argparse.Namespace, has_raw: bool, has_peer: bool) -> None:
             {"name": f"backstream ({a.model}, {store}{suffix})", **measure("backstream", a, store, instances)}
         )
     ours = rows[0]
-    store_cost = {row["name"]: ratio(row, ours) for row in rows[1:]}
-    if a.compare_src:
+    store_cost = {f"{row['name']} / {ours['name']}": ratio(row, ours) for row in rows[1:]}
+    if a.compare_src:  # the other checkout on the same stores, each against ours on its store
         here, a.source = a.source, a.compare_src
-        rows.append({"name": f"backstream from {a.compare_src}", **measure("backstream", a)})
+        for store, mine in zip(a.stores.split(","), list(rows), strict=True):
+            rows.append(
+                {"name": f"backstream from {a.compare_src} ({store})", **measure("backstream", a, store)}
+            )
+            store_cost[f"{rows[-1]['name']} / {mine['name']}"] = ratio(rows[-1], mine)
         a.source = here
-        store_cost[rows[-1]["name"]] = ratio(rows[-1], ours)
     ratios: dict[str, dict[str, float]] = {}
     if has_raw and not a.skip_raw:
         raw = {"name": "raw pipeline", **measure("raw", a)}
@@ -504,8 +512,8 @@ def one_load(a: argparse.Namespace, has_raw: bool, has_peer: bool) -> None:
     print_table(rows, COLUMNS)
     for name, values in ratios.items():
         print(f"ratio {ours['name']} / {name}: {values}")
-    for name, cost in store_cost.items():
-        print(f"ratio {name} / {ours['name']}: {cost}")
+    for names, cost in store_cost.items():
+        print(f"ratio {names}: {cost}")
     payload = {"params": vars(a), "rows": rows, "ratios": ratios, "store_cost": store_cost}
     print(f"wrote {write_json('ws_load', payload, a.json)}")
 

@@ -8,10 +8,12 @@ Delivery follows PROTOCOL.md: a batch as soon as the consumer is idle and an
 entry exists, then at most one per ``batch_ms`` while entries keep coming;
 ``from_seq`` is the previous ``to_seq + 1``; the terminal status ends the watch.
 
-While entries keep coming, batches are cut on slots ``batch_ms`` apart, on a grid that
-every watcher of a job shares (its phase comes from the job id, so jobs spread over the
-interval): after a batch cut at time t (or for slot t), the next waits for the first slot
-at least ``batch_ms`` after t. Watchers of a job that keep up therefore read the same
+The leading edge: a watcher whose previous batch was cut at least ``batch_ms`` ago cuts
+the next one the moment an entry is there. While entries keep coming faster than that,
+batches are cut on slots ``batch_ms`` apart, on a grid that every watcher of a job shares
+(its phase comes from the job id, so jobs spread over the interval): after a batch cut at
+time t (or for slot t), an entry that comes before t + ``batch_ms`` waits for the first
+slot at least ``batch_ms`` after t. Watchers of a job that keep up therefore read the same
 range at the same moment: the log merges it once and the frame is encoded once for all
 of them. A batch cut for a slot counts at the slot's time, so an event loop that runs a
 little late does not push the grid back; one that runs more than a quarter interval late
@@ -190,7 +192,8 @@ class Watcher:
         self._batch_seconds = batch_seconds
         self._max_events = max_batch_events
         self._max_chars = max_batch_chars
-        self._next_batch_at = -float("inf")
+        self._last_cut = -float("inf")  # the time (or slot) of the previous batch
+        self._next_batch_at = -float("inf")  # the first slot at least batch_seconds after it
         # The job's slot grid: times phase + k * batch_seconds, the same for all its watchers.
         self._phase = (zlib.crc32(job_id.encode()) % 1024) / 1024 * batch_seconds
         self.ended = ended
@@ -249,9 +252,10 @@ class Watcher:
         read_to = self.cursor  # entries up to here were read and held nothing to send
         while True:
             await self._source.wait_beyond(read_to)
-            # At most one batch per interval: what arrives meanwhile joins this batch.
+            # At most one batch per interval: what arrives meanwhile joins this batch. A
+            # watcher idle for an interval cuts at once (the leading edge), else on the grid.
             cut_at = trio.current_time()
-            if cut_at < self._next_batch_at:
+            if cut_at < self._last_cut + self._batch_seconds:
                 await self._sleep_until(self._next_batch_at)
                 # The slot, if the loop woke us at most a quarter interval late; later than
                 # that the process is overloaded, and the next batch skips a slot: fewer,
@@ -278,6 +282,7 @@ class Watcher:
             events=events,
         )
         self.cursor = batch.to_seq
+        self._last_cut = cut_at
         self._next_batch_at = self._next_slot(cut_at)
         last = events[-1]
         if isinstance(last, StatusEvent) and last.is_terminal:

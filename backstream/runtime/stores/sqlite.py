@@ -51,22 +51,18 @@ from backstream.protocol.records import (
     JobRecord,
     SharedCapacity,
     events_from_json,
-    events_to_json,
-    progress_to_dict,
     record_to_dict,
     request_bytes,
 )
 from backstream.runtime.stores import sqlite_quota
 from backstream.runtime.stores.local import LocalStore
-from backstream.runtime.stores.shared import outbox_entry, outbox_from_json, outbox_to_json, plan_commit
+from backstream.runtime.stores.shared import outbox_from_json
+from backstream.runtime.stores.sqlite_commits import Commit, Operation, Queued, write_alone, write_group
 from backstream.runtime.stores.sqlite_inbox import SqliteShelf
 from backstream.runtime.stores.sqlite_schema import (
     COLUMNS,
     MIGRATIONS,
-    PROGRESS_COLUMNS,
     SELECT_JOB,
-    UPDATE_PROGRESS,
-    column_value,
     migrate,
     record_from_row,
     row_values,
@@ -88,26 +84,19 @@ GROUP_LIMIT = 512
 @attrs.frozen
 class SqliteStoreStatistics:
     transactions: int
-    """Write transactions made (each holds a group of commits)."""
+    """Group transactions committed (each holds every commit that waited for it)."""
+    commits: int
+    """Job commits written by those transactions (refused ones included)."""
+    groups_failed: int
+    """Group transactions that failed (each of their commits got the error)."""
+    largest_group: int
+    """The most commits one transaction held."""
     commits_waiting: int
     """Commits in the writer's mailbox."""
     readers_waiting: int
     """Tasks parked in ``wait_for_entries``."""
     abort_listeners: int
     decisions_waiting: int
-
-
-@attrs.define
-class _Commit:
-    job_id: str
-    entries: Sequence[LogEvent]
-    progress: JobProgress
-    owner: str | None
-    """The writer's instance: a commit for a job handed to another owner is refused."""
-    ended: bool = False
-    """It ended the job (and wrote its outbox entry)."""
-    done: trio.Event = attrs.Factory(trio.Event)
-    error: BaseException | None = None
 
 
 class StoreInUseError(UnavailableError):
@@ -162,14 +151,21 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
         self._lock_fd: int | None = None
         self._write_lane = trio.CapacityLimiter(1)
         self._read_lane = trio.CapacityLimiter(1)
-        self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[_Commit](MAILBOX_SIZE)
+        self._mailbox_send, self._mailbox_receive = trio.open_memory_channel[Queued](MAILBOX_SIZE)
         # The jobs this process writes, by owner: a job handed to another owner refuses them.
         self._owners: dict[str, str] = {}
         self._transactions = 0
+        self._writer_running = False
+        self._commits = 0
+        self._groups_failed = 0
+        self._largest_group = 0
 
     def statistics(self) -> SqliteStoreStatistics:
         return SqliteStoreStatistics(
             transactions=self._transactions,
+            commits=self._commits,
+            groups_failed=self._groups_failed,
+            largest_group=self._largest_group,
             commits_waiting=self._mailbox_send.statistics().current_buffer_used,
             readers_waiting=self.hub.waiting("entries"),
             abort_listeners=self.hub.waiting("abort"),
@@ -189,7 +185,10 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
             return _take_lock(self.path)
 
         def connect() -> tuple[sqlite3.Connection, sqlite3.Connection]:
-            writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            # Prepared statements stay cached on the connection: a group reuses the same few.
+            writer = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, cached_statements=256
+            )
             writer.execute("PRAGMA journal_mode=WAL")
             writer.execute("PRAGMA synchronous=NORMAL")
             writer.execute("PRAGMA busy_timeout=5000")
@@ -218,6 +217,7 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
         self.hub.close()  # waiters wake and find the store closed
+        self._fail_waiting_commits()
         try:
             for conn in (writer, reader):
                 if conn is not None:
@@ -225,36 +225,83 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
         finally:
             self._release_lock()  # after the connections: the next owner finds them closed
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer actor: group commits into transactions until cancelled.
-
-        Cancellation: the group being written fails with ``UnavailableError`` for its
-        committers (its transaction is rolled back); commits still in the mailbox wait for
-        the next run."""
-        task_status.started()
+    def _fail_waiting_commits(self) -> None:
+        """The store closes: commits still in the mailbox will never be written."""
         while True:
-            first = await self._mailbox_receive.receive()
-            group = [first]
+            try:
+                item = self._mailbox_receive.receive_nowait()
+            except trio.WouldBlock:
+                return
+            item.settle(StoreClosedError("the store was closed before this commit was written"))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer actor: every commit waiting in the mailbox (at most ``GROUP_LIMIT``)
+        goes into one transaction, on the writer's thread; until cancelled.
+
+        A group's failure fails each of its commits (and only those) with
+        ``UnavailableError``; nothing of the group is stored. Cancellation: the group being
+        written is rolled back and its committers get ``UnavailableError`` (a thread cannot
+        be interrupted: the cancellation waits for the statement in progress); commits
+        still in the mailbox wait for the next run, or fail with ``StoreClosedError`` when
+        the store closes."""
+        self._writer_running = True
+        try:
+            task_status.started()
+            await self._write_groups()
+        finally:
+            self._writer_running = False
+
+    async def _write_groups(self) -> None:
+        while True:
+            group = [await self._mailbox_receive.receive()]
             while len(group) < GROUP_LIMIT:
                 try:
                     group.append(self._mailbox_receive.receive_nowait())
                 except trio.WouldBlock:
                     break
+            self._largest_group = max(self._largest_group, len(group))
             try:
-                await self._write(partial(_commit_group, group=group))
-                self._transactions += 1
+                await self._write(partial(write_group, group=group))
             except BaseException as exc:
+                self._groups_failed += 1
+                error = exc if isinstance(exc, Exception) else UnavailableError("the store was closed")
                 for item in group:
-                    item.error = (
-                        exc if isinstance(exc, Exception) else UnavailableError("the store was closed")
-                    )
-                    item.done.set()
+                    item.settle(error)
+                if isinstance(exc, Exception):
+                    log.warning("sqlite: a group of %d commits failed: %s", len(group), exc)
+                    continue
                 raise
+            self._transactions += 1
             for item in group:
-                item.done.set()
-                self.hub.signal_job(item.job_id)
-                if item.ended:
-                    self.hub.ring(OUTBOX_BELL)
+                item.settle()
+                if isinstance(item, Commit):
+                    self._commits += 1
+                    self.hub.signal_job(item.job_id)
+                    if item.ended:
+                        self.hub.ring(OUTBOX_BELL)
+
+    async def _queue(self, item: Queued) -> None:
+        """Into the writer's mailbox (when full, wait for room: back-pressure), then until the
+        group holding it is committed or failed. Cancellation while waiting for room: nothing
+        is written; once queued: the write may still land with its group."""
+        try:
+            self._mailbox_send.send_nowait(item)
+        except trio.WouldBlock:
+            await self._mailbox_send.send(item)
+        await item.wait_settled()
+
+    async def _grouped(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` in the writer's next group transaction, in a savepoint of its own: its error
+        (re-raised here; SQLite's as ``UnavailableError``) undoes it alone."""
+        if not self._writer_running:  # opened but not run (a tool, a test): on its own
+            return await self._write(partial(write_alone, fn=fn))
+        item = Operation(fn=fn)
+        await self._queue(item)
+        if isinstance(item.error, sqlite3.Error):
+            raise UnavailableError(f"sqlite: {item.error}") from None
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[return-value]  # what fn returned
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._on_thread(self._writer, self._write_lane, fn)
@@ -290,36 +337,31 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
         cost = request_bytes(record.request)
 
         def insert(conn: sqlite3.Connection) -> tuple[JobRecord, bool]:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = conn.execute(
-                    f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-                    "ON CONFLICT (user, message_id) DO NOTHING",
-                    row_values(record),
+            cursor = conn.execute(
+                f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+                "ON CONFLICT (user, message_id) DO NOTHING",
+                row_values(record),
+            )
+            created = cursor.rowcount == 1
+            if created:
+                request = record_to_dict(record)["request"]
+                conn.execute(
+                    "INSERT INTO job_requests (job_id, request) VALUES (?, ?)",
+                    (record.job_id, json.dumps(request, separators=(",", ":"), ensure_ascii=False)),
                 )
-                created = cursor.rowcount == 1
-                if created:
-                    request = record_to_dict(record)["request"]
+                sqlite_quota.charge_at_create(conn, record.user, record.job_id, cost, max_stored_bytes)
+                found = record
+            else:
+                found = record_from_row(
                     conn.execute(
-                        "INSERT INTO job_requests (job_id, request) VALUES (?, ?)",
-                        (record.job_id, json.dumps(request, separators=(",", ":"), ensure_ascii=False)),
-                    )
-                    sqlite_quota.charge_at_create(conn, record.user, record.job_id, cost, max_stored_bytes)
-                    found = record
-                else:
-                    found = record_from_row(
-                        conn.execute(
-                            SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?",
-                            (record.user, record.message_id),
-                        ).fetchone()
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                        SELECT_JOB + " WHERE jobs.user = ? AND jobs.message_id = ?",
+                        (record.user, record.message_id),
+                    ).fetchone()
+                )
             return found, created
 
-        found, created = await self._write(insert)
+        # In the writer's group: a burst of starts costs a few transactions, not one each.
+        found, created = await self._grouped(insert)
         if created and record.owner is not None:
             self._owners[record.job_id] = record.owner
         return found, created
@@ -342,15 +384,20 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
         return record_from_row(row) if row else None
 
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
-        """Through the writer's mailbox (when full, this waits). Cancellation while queued
-        or written: the commit may still land with its group; commit again."""
-        item = _Commit(job_id, list(entries), progress, self._owners.get(job_id))
-        await self._mailbox_send.send(item)
-        await item.done.wait()
+        """Through the writer's mailbox (when full, this waits: back-pressure on the jobs),
+        into the next group transaction; returns once that transaction is committed, raises
+        if it failed (``UnavailableError``) or refused this commit (``LogBehindError``,
+        ``JobEndedElsewhereError``). Cancellation while waiting for room in the mailbox:
+        nothing is written; once queued: the commit may still land with its group (commit
+        again: a repeated commit appends nothing twice)."""
+        item = Commit(job_id, list(entries), progress, self._owners.get(job_id))
+        await self._queue(item)
         if is_terminal(progress.status) and item.error is None:
             self._owners.pop(job_id, None)
-        if isinstance(item.error, LogBehindError | JobEndedElsewhereError):
+        if isinstance(item.error, LogBehindError | JobEndedElsewhereError | StoreClosedError):
             raise item.error
+        if isinstance(item.error, UnavailableError):
+            raise UnavailableError(f"sqlite commit failed: {item.error}") from None
         if item.error is not None:
             raise UnavailableError(f"sqlite commit failed: {item.error}")
 
@@ -525,59 +572,3 @@ def _select_log(conn: sqlite3.Connection, job_id: str) -> list[LogEvent]:
     for (events,) in conn.execute("SELECT events FROM log WHERE job_id = ? ORDER BY first_seq", (job_id,)):
         out.extend(events_from_json(events))
     return out
-
-
-def _append(conn: sqlite3.Connection, job_id: str, entries: Sequence[LogEvent]) -> None:
-    conn.execute(
-        "INSERT OR IGNORE INTO log (job_id, first_seq, last_seq, events) VALUES (?, ?, ?, ?)",
-        (job_id, entries[0].seq, entries[-1].seq, events_to_json(entries)),
-    )
-
-
-def _commit_group(conn: sqlite3.Connection, *, group: list[_Commit]) -> None:
-    """One transaction for the group; each commit in a savepoint, so one bad commit fails alone."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for item in group:
-            conn.execute("SAVEPOINT one_commit")
-            try:
-                _commit_one(conn, item)
-            except (sqlite3.IntegrityError, LogBehindError, JobEndedElsewhereError) as exc:
-                conn.execute("ROLLBACK TO one_commit")
-                item.error = exc
-            conn.execute("RELEASE one_commit")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-def _commit_one(conn: sqlite3.Connection, item: _Commit) -> None:
-    row = conn.execute(SELECT_JOB + " WHERE jobs.job_id = ?", (item.job_id,)).fetchone()
-    if row is None:
-        return  # swept meanwhile: nothing to keep
-    stored = record_from_row(row)
-    if item.owner is not None and stored.owner != item.owner:
-        raise JobEndedElsewhereError(item.job_id)  # handed to another owner: fenced off
-    plan = plan_commit(item.job_id, item.entries, item.progress, stored.seq)
-    if plan.entries:
-        _append(conn, item.job_id, plan.entries)
-    if plan.apply_progress:
-        outgoing = outbox_entry(stored, item.progress)
-        if outgoing is not None:
-            _write_outbox(conn, outgoing)
-            item.ended = True
-        data = progress_to_dict(item.progress)
-        conn.execute(
-            UPDATE_PROGRESS,
-            (*(column_value(name, data[name]) for name in PROGRESS_COLUMNS), item.job_id),
-        )
-        if is_terminal(item.progress.status):
-            sqlite_quota.charge_at_end(conn, item.job_id)
-
-
-def _write_outbox(conn: sqlite3.Connection, entry: OutboxEntry) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO outbox (job_id, entry, claimed_until) VALUES (?, ?, 0)",
-        (entry.job_id, outbox_to_json(entry)),
-    )
