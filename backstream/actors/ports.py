@@ -75,6 +75,10 @@ class ChatTurn:
     messages: tuple[dict[str, Any], ...]
     params: dict[str, Any] = attrs.field(factory=dict)
     tools: tuple[dict[str, Any], ...] = ()  # OpenAI "tools" entries
+    prefill: str | None = None
+    """The start of this turn's answer, to be continued (a turn cut short by a crash,
+    ``prefill`` policy): sent as a final assistant message. A model may echo it, continue
+    it, or start over; the job tells which (``PrefixJoiner``)."""
 
 
 @attrs.frozen
