@@ -29,9 +29,11 @@ import trio
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.job import JobActor
+from backstream.actors.joblog import JobLog
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import JobAccess, Model, Tools
 from backstream.actors.supervisor import ChildFn, ChildSpec, Incarnation, Restart, Supervisor
+from backstream.protocol.continuation import Continuation
 from backstream.protocol.errors import CapacityError, QuotaExceededError, UnavailableError
 from backstream.protocol.ids import new_id
 from backstream.protocol.lifecycle import INITIAL_STATUS
@@ -60,6 +62,18 @@ class StartRequest:
 
 
 @attrs.frozen
+class _Adoption:
+    """A job taken over from a dead instance, to run here from its rebuilt log."""
+
+    record: JobRecord
+    model: Model
+    log: JobLog
+    continuation: Continuation
+    job_timeout: float
+    started: trio.Event = attrs.field(factory=trio.Event, eq=False)
+
+
+@attrs.frozen
 class RegistryStatistics:
     running: int
     users_running: int
@@ -72,6 +86,12 @@ class RegistryStatistics:
     accepting: bool
     quota_refusals_total: int
     """Starts refused here because their user's stored bytes would pass the quota."""
+    continuations_total: dict[str, int]
+    """Jobs taken over and continued here that ended, by how their cut-short turn went on:
+    ``prefill``, ``restart``, or ``none`` (nothing was cut short: between turns, or among
+    the calls of a turn)."""
+    regenerated_chars_total: int
+    """Characters of output withdrawn and produced again by continued jobs (``restart``)."""
 
 
 @attrs.define
@@ -159,6 +179,8 @@ class Registry:
         # Never full: each job sends one ending, and holds its slot (at most max_jobs of
         # them) until the registry has taken that ending from here.
         self._ended_send, self._ended_receive = trio.open_memory_channel[str](config.max_jobs)
+        # Jobs taken over; when full, the keeper's recovery waits (one adoption at a time).
+        self._adopt_send, self._adopt_receive = trio.open_memory_channel[_Adoption](0)
         self._counts = _Counts({})
         self._accepting = True
         # Totals for metrics (they survive restarts); counted where the job ends.
@@ -166,6 +188,8 @@ class Registry:
         self._finished_total: Counter[str] = Counter()
         self._endings_total: Counter[tuple[str, str]] = Counter()
         self._quota_refusals_total = 0
+        self._continuations_total: Counter[str] = Counter()
+        self._regenerated_chars_total = 0
 
     # -- the actor ------------------------------------------------------------------
 
@@ -186,6 +210,7 @@ class Registry:
         ``UnavailableError`` for their callers (who may retry with the same ``message_id``)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._apply_endings_as_they_come, counts)
+            nursery.start_soon(self._adopt_as_they_come, counts)
             task_status.started()
             while True:
                 await counts.admitting.acquire()
@@ -200,6 +225,21 @@ class Registry:
     async def _apply_endings_as_they_come(self, counts: _Counts) -> None:
         async for job_id in self._ended_receive:
             counts.remove(job_id)
+
+    async def _adopt_as_they_come(self, counts: _Counts) -> None:
+        async for adoption in self._adopt_receive:
+            self._apply_endings(counts)
+            record = adoption.record
+            self._jobs.start_child_soon(
+                ChildSpec(
+                    name=record.job_id,
+                    factory=partial(self._continued_job, adoption),
+                    restart=Restart.TEMPORARY,
+                    shutdown=self._config.drain_timeout,
+                )
+            )
+            counts.add(record)
+            adoption.started.set()
 
     def _apply_endings(self, counts: _Counts) -> None:
         """Take every ending waiting in the channel, without a checkpoint: called before
@@ -363,7 +403,25 @@ class Registry:
         )
         return Incarnation(partial(self._run_job, actor), address=actor)
 
-    async def _run_job(self, actor: JobActor, *, task_status: trio.TaskStatus[None]) -> None:
+    def _continued_job(self, adoption: _Adoption) -> Incarnation[JobActor]:
+        """A job taken over: its actor continues from the rebuilt log."""
+        actor = JobActor(
+            adoption.record,
+            config=self._config,
+            store=self._store,
+            model=adoption.model,
+            clock=self._clock,
+            tools=self._tools,
+            notifier=self._notifier,
+            log=adoption.log,
+            continuation=adoption.continuation,
+            job_timeout=adoption.job_timeout,
+        )
+        return Incarnation(partial(self._run_job, actor, continued=True), address=actor)
+
+    async def _run_job(
+        self, actor: JobActor, *, continued: bool = False, task_status: trio.TaskStatus[None]
+    ) -> None:
         """The job's supervised child: the actor, then its ending sent to the registry."""
         try:
             await actor.run(task_status=task_status)
@@ -373,6 +431,10 @@ class Registry:
             code = (terminal.error.code if terminal.error else "") if terminal else "internal"
             self._finished_total[status] += 1
             self._endings_total[status, code] += 1
+            if continued:
+                used = actor.continuation.used
+                self._continuations_total[used.value if used else "none"] += 1
+                self._regenerated_chars_total += actor.continuation.regenerated
             try:
                 self._ended_send.send_nowait(actor.job_id)
             except trio.WouldBlock:  # cannot happen (see the channel); the next restart heals it
@@ -394,6 +456,17 @@ class Registry:
         assert start.result is not None
         return start.result.unwrap()
 
+    async def adopt(
+        self, record: JobRecord, model: Model, log: JobLog, continuation: Continuation, job_timeout: float
+    ) -> None:
+        """Run a job taken over from a dead instance here, continued from ``log`` (under
+        ``continuation``, within ``job_timeout`` seconds), counted as running here. Admission
+        limits do not apply: the job was admitted when it started. Waits for the registry
+        to run. Cancellation: the job may or may not have been started."""
+        adoption = _Adoption(record, model, log, continuation, job_timeout)
+        await self._adopt_send.send(adoption)
+        await adoption.started.wait()
+
     def live(self, job_id: str) -> JobActor | None:
         """The actor of a job running in this process, if any (a read; never blocks)."""
         return self._jobs.lookup(job_id)
@@ -413,4 +486,6 @@ class Registry:
             admitting=MAX_ADMITTING - self._counts.admitting.value,
             accepting=self._accepting,
             quota_refusals_total=self._quota_refusals_total,
+            continuations_total=dict(self._continuations_total),
+            regenerated_chars_total=self._regenerated_chars_total,
         )

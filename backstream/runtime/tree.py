@@ -12,6 +12,9 @@
         +-- keeper     (permanent): retention sweep, lease renewal, orphan recovery
         +-- dispatcher (permanent): carries out the outbox (job-end notifications)
 
+The keeper's recovery policy is ``ContinueOrphans``: a job taken over from a dead instance
+runs on here, under its model's continuation policy (``Config.continuations``).
+
 Every child is given by a factory, so a restart starts it afresh: the registry rebuilds
 its counts from the jobs supervisor, the ticker is built anew; the store, the metronome,
 the keeper and the dispatcher are objects others hold, whose ``run`` keeps no state of
@@ -20,13 +23,14 @@ keep only their totals, which ``Runtime.statistics`` reports).
 
 The model router is built first: the runtime resolves each start's model there, once,
 and hands it to the registry with the start. Orphans of a dead instance are recovered
-once before the registry admits anything.
+once (continued through the registry, which runs by then) before the runtime is handed out.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
@@ -39,12 +43,15 @@ from backstream.actors.metronome import Metronome
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import Model, Store
 from backstream.actors.presence import WatchPresence
-from backstream.actors.recovery import InterruptOrphans
+from backstream.actors.recovery import ContinueOrphans
 from backstream.actors.registry import Registry
 from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.actors.ticker import FlushTicker
+from backstream.protocol.continuation import Continuation
+from backstream.protocol.errors import BackstreamError
 from backstream.protocol.ids import new_id
+from backstream.protocol.records import JobRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.models.http1 import HTTP1Pool
 from backstream.runtime.models.router import ModelRouter
@@ -119,6 +126,16 @@ async def open_runtime(
         await store.aclose()
 
 
+def _model_of(router: ModelRouter, record: JobRecord) -> tuple[Model, Continuation] | None:
+    """The model that serves a job taken over, and its continuation policy; None if this
+    instance cannot serve it."""
+    try:
+        model = router.resolve(record.request)
+    except BackstreamError:
+        return None
+    return model, router.continuation(record.request.model)
+
+
 async def _start_system(
     config: Config,
     store: Store,
@@ -135,7 +152,7 @@ async def _start_system(
     presence = WatchPresence()
     seats = HeldSeats(store, lease=config.lease_ttl, release_timeout=config.finalize_timeout)
     registry = Registry(config, store, clock, jobs, instance_id=instance_id, tools=tools, notifier=notifier)
-    recovery = InterruptOrphans(store, clock, config.retention)
+    recovery = ContinueOrphans(config, store, clock, registry, partial(_model_of, router))
     keeper = Keeper(
         config, store, clock, jobs, presence, instance_id=instance_id, recovery=recovery, seats=seats
     )
@@ -160,8 +177,9 @@ async def _start_system(
     )
     await system.start_child(ChildSpec("store", lambda: store.run, Restart.PERMANENT, shutdown=0))
     await system.start_child(ChildSpec("metronome", lambda: metronome.run, Restart.PERMANENT, shutdown=0))
-    await keeper.recover_orphans()  # jobs of a dead instance end before new ones start
     await system.start_child(ChildSpec("registry", registry.fresh_child, Restart.PERMANENT, shutdown=0))
+    # Jobs of a dead instance are continued (or ended) before the runtime admits new ones.
+    await keeper.recover_orphans()
     await system.start_child(
         ChildSpec("ticker", lambda: FlushTicker(config, jobs).run, Restart.PERMANENT, shutdown=0)
     )

@@ -1,0 +1,179 @@
+"""A job whose instance died in the middle of a turn is taken over by a live runtime and
+continued there, with the same job id: it ends with the same answer as an undisturbed run
+(SQLite: the next runtime on the file; Redis: any instance, once the lease lapsed)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from backstream import Config, MemoryStore, Store, open_runtime
+from backstream.actors.ports import Handover
+from backstream.protocol.events import LogEvent, RewindEvent, StatusEvent, TextEvent
+from backstream.protocol.records import JobProgress, JobRecord, JobRequest, SharedCapacity
+from backstream.runtime.stores.redis import RedisStore
+from backstream.runtime.stores.sqlite import SqliteStore
+from tests.conftest import delete_prefix, redis_url, require_redis
+
+FAST = {"tokens_per_s": 1_000_000}
+CONFIG = Config(drain_timeout=0)
+
+
+def lorem_request(words: int = 40, model: str = "backstream/lorem") -> JobRequest:
+    return JobRequest(
+        model=model, messages=({"role": "user", "content": "go"},), params={**FAST, "max_tokens": words}
+    )
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def place(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Any]:
+    """Where jobs live, as a maker of store objects on it (one per "instance")."""
+    if request.param == "sqlite":
+        path = f"{tmp_path}/jobs.db"
+        yield lambda: SqliteStore(path)
+        return
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    try:
+        yield lambda: RedisStore(redis_url(), prefix=prefix)
+    finally:
+        await delete_prefix(prefix)
+
+
+async def undisturbed(request: JobRequest) -> str:
+    async with open_runtime(CONFIG, store=MemoryStore()) as rt:
+        started = await rt.start_job(
+            user="alice",
+            thread_id="t",
+            message_id="m",
+            model=request.model,
+            messages=request.messages,
+            params=request.params,
+        )
+        handle = await rt._lookup(started.job.job_id, "alice")
+        await handle.wait_until_ended()
+        info = await rt.get_job(started.job.job_id, user="alice", include_content=True)
+    assert info.job.status == "completed"
+    return info.content or ""
+
+
+async def plant_orphan(store: Store, request: JobRequest, entries: list[LogEvent]) -> JobRecord:
+    """A job as an instance that died leaves it: live, its lease lapsed, ``entries`` durable."""
+    now = time.time()
+    record = JobRecord(
+        job_id=f"j_{uuid.uuid4().hex[:10]}", user="alice", thread_id="t", message_id="m",
+        request=request, status="running", seq=0, epoch=1, content_length=0,
+        created_at=now - 2, updated_at=now - 2, owner="i_dead", lease_until=now - 1,
+    )  # fmt: skip
+    async with opened(store):
+        capacity = SharedCapacity(now=now - 2, lease_until=now - 1, max_jobs=10, max_jobs_per_user=10)
+        await store.create_job(record, capacity)
+        length = sum(len(e.text) for e in entries if isinstance(e, TextEvent))
+        await store.commit(record.job_id, entries, JobProgress("running", len(entries), length, now - 1))
+    return record
+
+
+@asynccontextmanager
+async def opened(store: Store) -> AsyncIterator[None]:
+    """The store open, its background work running (a dead instance's, in these tests)."""
+    await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            yield
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+def partial_log(answer: str, words: int) -> list[LogEvent]:
+    said = answer.split(" ")[:words]
+    entries: list[LogEvent] = [StatusEvent(seq=1, status="running")]
+    entries += [TextEvent(seq=i + 2, text=w + " ") for i, w in enumerate(said)]
+    return entries
+
+
+async def run_until_ended(store: Store, job_id: str, config: Config = CONFIG) -> tuple[Any, Any, Any]:
+    async with open_runtime(config, store=store) as rt:
+        handle = await rt._lookup(job_id, "alice")
+        with trio.fail_after(10):
+            await handle.wait_until_ended()
+        info = await rt.get_job(job_id, user="alice", include_content=True)
+        _, log = await rt.job_log(job_id, user="alice")
+        stats = rt.statistics()
+    return info, log, stats
+
+
+async def test_an_orphan_cut_mid_turn_is_continued_to_the_same_answer(place: Any) -> None:
+    request = lorem_request()
+    answer = await undisturbed(request)
+    entries = partial_log(answer, 7)
+    record = await plant_orphan(place(), request, entries)
+    info, log, stats = await run_until_ended(place(), record.job_id)
+    assert info.job.status == "completed" and info.content == answer
+    assert info.job.job_id == record.job_id and info.job.epoch == 2  # the same job, one takeover
+    assert list(log[: len(entries)]) == entries  # what was durable stands, seqs continue
+    assert not any(isinstance(e, RewindEvent) for e in log)
+    assert stats.keeper.continued_total == 1 and stats.jobs.continuations_total == {"prefill": 1}
+
+
+async def test_restart_policy_withdraws_the_partial_turn(place: Any) -> None:
+    request = lorem_request()
+    answer = await undisturbed(request)
+    entries = partial_log(answer, 5)
+    record = await plant_orphan(place(), request, entries)
+    config = Config(drain_timeout=0, continuations={"backstream/lorem": "restart"})
+    info, log, stats = await run_until_ended(place(), record.job_id, config)
+    assert info.job.status == "completed" and info.content == answer
+    rewind = log[len(entries)]
+    assert rewind == RewindEvent(seq=len(entries) + 1, to_seq=1, content_length=0)
+    chars = sum(len(e.text) for e in entries if isinstance(e, TextEvent))
+    assert stats.jobs.regenerated_chars_total == chars and stats.jobs.continuations_total == {"restart": 1}
+
+
+def interrupting() -> Config:
+    return Config(drain_timeout=0, continuations={"backstream/*": "interrupt"})
+
+
+INTERRUPTING = interrupting()
+
+
+@pytest.mark.parametrize(
+    ("config", "epoch", "why"),
+    [
+        (INTERRUPTING, 1, "policy"),
+        (attrs.evolve(CONFIG, max_continuations=2), 3, "limit"),  # taken over twice already
+        (attrs.evolve(CONFIG, job_timeout=1.0), 1, "timeout"),  # created 2 s ago
+    ],
+)
+async def test_an_orphan_not_to_continue_ends_interrupted(
+    place: Any, config: Config, epoch: int, why: str
+) -> None:
+    request = lorem_request()
+    answer = await undisturbed(request)
+    entries = partial_log(answer, 3)
+    store = place()
+    record = await plant_orphan(store, request, entries)
+    if epoch > 1:  # as if handed over before: its epoch counts the hand-overs
+        await bump_epoch(place(), epoch)
+    info, _, stats = await run_until_ended(place(), record.job_id, config)
+    assert info.job.status == "interrupted" and info.content == "".join(
+        e.text for e in entries if isinstance(e, TextEvent)
+    )
+    assert stats.keeper.continued_total == 0 and stats.keeper.recovered_total == 1
+
+
+async def bump_epoch(store: Store, epoch: int) -> None:
+    """Hand the orphan over (and let its lease lapse) until its epoch is ``epoch``."""
+    async with opened(store):
+        taken: list[Handover] = []
+        while not taken or taken[0].record.epoch < epoch:
+            now = time.time()
+            taken = await store.take_orphans(f"i_{uuid.uuid4().hex[:6]}", now + 100, now - 1)
