@@ -541,6 +541,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, Store):
         await self.hub.wait_bell(OUTBOX_BELL, timeout)
 
 
+
 def _writing_of(record: JobRecord) -> _Writing:
     return _Writing(
         record.user,
