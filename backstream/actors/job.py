@@ -92,6 +92,7 @@ class JobActor:
         log: JobLog | None = None,
         continuation: Continuation = Continuation.INTERRUPT,
         job_timeout: float | None = None,
+        leave_running_on_stop: bool = False,
     ) -> None:
         self.record = record
         continuing = log is not None
@@ -102,6 +103,10 @@ class JobActor:
         self.log = log
         self.continuation = TurnContinuation(continuation, log)
         self._job_timeout = config.job_timeout if job_timeout is None else job_timeout
+        self._leave_running_on_stop = leave_running_on_stop
+        self.left_running = False
+        """The runtime stopped and left the job running in the store (durable up to its last
+        write) for the next owner to continue, instead of ending it ``interrupted``."""
         self.finished = trio.Event()
         self._config = config
         self._store = store
@@ -154,6 +159,10 @@ class JobActor:
         """Run the job to its end. Cancellation (runtime shutdown) ends it ``interrupted``
         and re-raises; the last write to the store is shielded and bounded.
 
+        With ``leave_running_on_stop`` (a store that outlives the process, a model that
+        continues), that cancellation writes what is new and leaves the job running in the
+        store instead: the next owner continues it (``ContinueOrphans``).
+
         The actor is the only writer of its job's terminal record: if even the final
         write fails (a crash outside its own guards), it records ``failed``/``internal``
         at the last durable seq, so the store never keeps a dead job ``running``. The
@@ -174,13 +183,15 @@ class JobActor:
         finally:
             with trio.CancelScope(shield=True) as cleanup:
                 cleanup.deadline = trio.current_time() + self._config.finalize_timeout
-                if self.log.terminal is None:
+                leave = self._leave_running_on_stop and self.log.terminal is None and self._stop is None
+                if self.log.terminal is None and not leave:
                     self._close("interrupted", None)
                 try:
                     await self._flush()
+                    self.left_running = leave
                 except Exception:
                     log.exception("job %s: the final write to the store failed", self.job_id)
-                if not self._closed_in_store:
+                if not self._closed_in_store and not self.left_running:
                     await self._record_crash()
             if self.log.terminal is not None:
                 log_job_ended(

@@ -59,6 +59,8 @@ class StartRequest:
     message_id: str
     request: JobRequest
     model: Model
+    continuation: Continuation = Continuation.INTERRUPT
+    """How the job goes on if its instance dies (the router's policy for its model)."""
 
 
 @attrs.frozen
@@ -165,8 +167,12 @@ class Registry:
         instance_id: str,
         tools: Tools,
         notifier: Notifier | None = None,
+        hand_off: bool = False,
     ) -> None:
         self._instance_id = instance_id
+        # A store whose jobs outlive this process: a job whose model continues is left
+        # running in it when the runtime stops, for the next owner to continue.
+        self._hand_off = hand_off
         self._tools = tools
         self._notifier = notifier
         self._config = config
@@ -340,7 +346,7 @@ class Registry:
         self._jobs.start_child_soon(
             ChildSpec(
                 name=record.job_id,
-                factory=partial(self._new_job, record, req.model),
+                factory=partial(self._new_job, record, req.model, req.continuation),
                 restart=Restart.TEMPORARY,
                 shutdown=self._config.drain_timeout,
             )
@@ -390,7 +396,7 @@ class Registry:
 
     # -- the jobs -------------------------------------------------------------------
 
-    def _new_job(self, record: JobRecord, model: Model) -> Incarnation[JobActor]:
+    def _new_job(self, record: JobRecord, model: Model, continuation: Continuation) -> Incarnation[JobActor]:
         """A job's child factory: its actor (the address), run until it tells its end."""
         actor = JobActor(
             record,
@@ -400,6 +406,7 @@ class Registry:
             clock=self._clock,
             tools=self._tools,
             notifier=self._notifier,
+            leave_running_on_stop=self._hand_off and continuation is not Continuation.INTERRUPT,
         )
         return Incarnation(partial(self._run_job, actor), address=actor)
 
@@ -416,6 +423,7 @@ class Registry:
             log=adoption.log,
             continuation=adoption.continuation,
             job_timeout=adoption.job_timeout,
+            leave_running_on_stop=self._hand_off,
         )
         return Incarnation(partial(self._run_job, actor, continued=True), address=actor)
 
@@ -427,8 +435,9 @@ class Registry:
             await actor.run(task_status=task_status)
         finally:
             terminal = actor.log.terminal
-            status = terminal.status if terminal else "failed"
-            code = (terminal.error.code if terminal.error else "") if terminal else "internal"
+            status = terminal.status if terminal else ("left_running" if actor.left_running else "failed")
+            code = (terminal.error.code if terminal.error else "") if terminal else ""
+            code = code if terminal or actor.left_running else "internal"
             self._finished_total[status] += 1
             self._endings_total[status, code] += 1
             if continued:

@@ -166,7 +166,12 @@ class Runtime:
         model_to_run = self._router.resolve(request)  # an unknown model never reaches admission
         record, existing = await self._registry.start_job(
             StartRequest(
-                user=user, thread_id=thread_id, message_id=message_id, request=request, model=model_to_run
+                user=user,
+                thread_id=thread_id,
+                message_id=message_id,
+                request=request,
+                model=model_to_run,
+                continuation=self._router.continuation(model),
             )
         )
         if existing:

@@ -41,7 +41,7 @@ from backstream.actors.job import JobActor
 from backstream.actors.keeper import Keeper
 from backstream.actors.metronome import Metronome
 from backstream.actors.notifier import Notifier
-from backstream.actors.ports import Model, Store
+from backstream.actors.ports import Capability, Model, Store
 from backstream.actors.presence import WatchPresence
 from backstream.actors.recovery import ContinueOrphans
 from backstream.actors.registry import Registry
@@ -151,7 +151,16 @@ async def _start_system(
     instance_id = new_id("i_", clock.now())
     presence = WatchPresence()
     seats = HeldSeats(store, lease=config.lease_ttl, release_timeout=config.finalize_timeout)
-    registry = Registry(config, store, clock, jobs, instance_id=instance_id, tools=tools, notifier=notifier)
+    registry = Registry(
+        config,
+        store,
+        clock,
+        jobs,
+        instance_id=instance_id,
+        tools=tools,
+        notifier=notifier,
+        hand_off=Capability.SURVIVES_RESTART in store.capabilities,
+    )
     recovery = ContinueOrphans(config, store, clock, registry, partial(_model_of, router))
     keeper = Keeper(
         config, store, clock, jobs, presence, instance_id=instance_id, recovery=recovery, seats=seats
