@@ -16,10 +16,21 @@ import trio
 
 from backstream import Config, MemoryStore, Store, open_runtime
 from backstream.actors.ports import Handover
-from backstream.protocol.events import LogEvent, RewindEvent, StatusEvent, TextEvent
+from backstream.protocol.conversation import INTERRUPTED_CALL_OUTPUT
+from backstream.protocol.events import (
+    ApprovalRequiredEvent,
+    LogEvent,
+    RewindEvent,
+    StatusEvent,
+    TextEvent,
+    ToolCallEvent,
+    ToolResultEvent,
+)
 from backstream.protocol.records import JobProgress, JobRecord, JobRequest, SharedCapacity
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.sqlite import SqliteStore
+from backstream.runtime.tools.demo import send_note
+from backstream.runtime.tools.registry import ToolRegistry
 from tests.conftest import delete_prefix, redis_url, require_redis
 
 FAST = {"tokens_per_s": 1_000_000}
@@ -177,3 +188,64 @@ async def bump_epoch(store: Store, epoch: int) -> None:
         while not taken or taken[0].record.epoch < epoch:
             now = time.time()
             taken = await store.take_orphans(f"i_{uuid.uuid4().hex[:6]}", now + 100, now - 1)
+
+
+# -- tool calls ---------------------------------------------------------------------------------
+
+CHARGES: list[str] = []
+
+
+def charge_card(amount: int) -> str:
+    """Charge the card (not idempotent: twice is twice the money)."""
+    CHARGES.append(str(amount))
+    return f"charged {amount}"
+
+
+def tools_with_charge() -> ToolRegistry:
+    tools = ToolRegistry.with_builtins()
+    tools.register(charge_card, name="charge_card")
+    tools.register(send_note)
+    return tools
+
+
+def tools_request(*tools: str) -> JobRequest:
+    messages = ({"role": "user", "content": "what is 6*7?"},)
+    return JobRequest(model="backstream/tools-demo", messages=messages, params=FAST, tools=tools)
+
+
+async def test_a_call_cut_short_runs_again_only_if_its_tool_is_idempotent(place: Any) -> None:
+    CHARGES.clear()
+    entries: list[LogEvent] = [
+        StatusEvent(seq=1, status="running"),
+        ToolCallEvent(seq=2, call_id="c1", name="calculate", arguments='{"expression": "6*7"}'),
+        ToolCallEvent(seq=3, call_id="c2", name="charge_card", arguments='{"amount": 5}'),
+    ]
+    record = await plant_orphan(place(), tools_request("calculate", "charge_card"), entries)
+    async with open_runtime(CONFIG, store=place(), tools=tools_with_charge()) as rt:
+        handle = await rt._lookup(record.job_id, "alice")
+        with trio.fail_after(10):
+            ended = await handle.wait_until_ended()
+        _, log = await rt.job_log(record.job_id, user="alice")
+    results = {e.call_id: e for e in log if isinstance(e, ToolResultEvent)}
+    assert (results["c1"].output, results["c1"].is_error) == ("42", False)  # idempotent: run again
+    assert (results["c2"].output, results["c2"].is_error) == (INTERRUPTED_CALL_OUTPUT, True)
+    assert CHARGES == []  # never charged twice (nor once more here)
+    assert ended.status == "completed"  # the model went on with both results
+
+
+async def test_a_pending_approval_survives_the_takeover(place: Any) -> None:
+    entries: list[LogEvent] = [
+        StatusEvent(seq=1, status="running"),
+        ToolCallEvent(seq=2, call_id="c1", name="send_note", arguments='{"to": "Ada", "text": "hi"}'),
+        ApprovalRequiredEvent(seq=3, call_id="c1", name="send_note", arguments='{"to": "Ada", "text": "hi"}'),
+        StatusEvent(seq=4, status="awaiting_approval"),
+    ]
+    record = await plant_orphan(place(), tools_request("send_note"), entries)
+    async with open_runtime(CONFIG, store=place(), tools=tools_with_charge()) as rt:
+        with trio.fail_after(10):
+            await rt.approve(record.job_id, "c1", True, user="alice")
+            ended = await (await rt._lookup(record.job_id, "alice")).wait_until_ended()
+        _, log = await rt.job_log(record.job_id, user="alice")
+    [result] = [e for e in log if isinstance(e, ToolResultEvent)]
+    assert not result.is_error and "Ada" in result.output  # approved, then run once
+    assert ended.status == "completed"

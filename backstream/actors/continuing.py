@@ -17,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from backstream.actors.joblog import JobLog
+from backstream.actors.ports import ToolSpec
 from backstream.protocol.continuation import Continuation, JoinedText, PrefixJoiner
 from backstream.protocol.conversation import Conversation
 from backstream.protocol.events import ToolCallDeltaEvent
 from backstream.protocol.lifecycle import LogState
 
-__all__ = ["TurnContinuation"]
+__all__ = ["TurnContinuation", "calls_may_have_run"]
 
 
 class TurnContinuation:
@@ -87,3 +88,15 @@ class TurnContinuation:
         self._log.append_rewind(self._turn_from_seq)
         self.used = Continuation.RESTART
         self.regenerated += chars
+
+
+def calls_may_have_run(so_far: Conversation, enabled: dict[str, ToolSpec | None]) -> bool:
+    """Whether the calls of a rebuilt turn may have started running: a turn's calls run once
+    every approval it needs is decided (none waits, none is still to ask)."""
+    if so_far.pending_approvals:
+        return False
+    return all(
+        call.approved is not None
+        for call in so_far.calls
+        if (spec := enabled.get(call.name)) is not None and spec.requires_approval
+    )

@@ -23,7 +23,7 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
-from backstream.actors.continuing import TurnContinuation
+from backstream.actors.continuing import TurnContinuation, calls_may_have_run
 from backstream.actors.job_lines import log_job_ended, log_job_started
 from backstream.actors.joblog import JobLog, OutputLimitExceeded
 from backstream.actors.notifier import Notifier
@@ -51,6 +51,7 @@ from backstream.protocol.chat_stream import (
 from backstream.protocol.continuation import Continuation
 from backstream.protocol.conversation import (
     DECLINED_OUTPUT,
+    INTERRUPTED_CALL_OUTPUT,
     Conversation,
     assistant_message,
     conversation_from_log,
@@ -93,6 +94,7 @@ class JobActor:
         continuation: Continuation = Continuation.INTERRUPT,
         job_timeout: float | None = None,
         leave_running_on_stop: bool = False,
+        taken_over: bool = False,
     ) -> None:
         self.record = record
         continuing = log is not None
@@ -104,6 +106,7 @@ class JobActor:
         self.continuation = TurnContinuation(continuation, log)
         self._job_timeout = config.job_timeout if job_timeout is None else job_timeout
         self._leave_running_on_stop = leave_running_on_stop
+        self._taken_over = taken_over  # calls without a result may have been running
         self.left_running = False
         """The runtime stopped and left the job running in the store (durable up to its last
         write) for the next owner to continue, instead of ending it ``interrupted``."""
@@ -360,12 +363,17 @@ class JobActor:
         declined (asked here one at a time, in order)."""
         known = so_far.calls if so_far is not None else ()
         asked = so_far.pending_approvals if so_far is not None else ()
+        maybe_ran = self._taken_over and so_far is not None and calls_may_have_run(so_far, enabled)
         outcomes: list[ToolOutcome | None] = [None] * len(calls)
         for i, call in enumerate(calls):
             earlier = known[i] if i < len(known) else None
             found = enabled.get(call.name)
             if earlier is not None and earlier.output is not None:
                 outcomes[i] = ToolOutcome(earlier.output, bool(earlier.is_error))
+                continue
+            rerun = found is None or found.idempotent or earlier is None or earlier.approved is False
+            if maybe_ran and not rerun:  # perhaps running when its instance died: not twice
+                outcomes[i] = ToolOutcome(INTERRUPTED_CALL_OUTPUT, True)
                 continue
             if i >= allowed:
                 outcomes[i] = ToolOutcome(TOOL_CALL_LIMIT_OUTPUT, True)

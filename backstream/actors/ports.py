@@ -118,6 +118,11 @@ class ToolSpec(Protocol):
     def requires_approval(self) -> bool: ...
 
     @property
+    def idempotent(self) -> bool:
+        """Whether a call cut short by a crash may run again on the instance that takes over."""
+        ...
+
+    @property
     def max_output_chars(self) -> int:
         """Characters of output kept of one call; the rest is cut before the log."""
         ...

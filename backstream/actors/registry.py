@@ -424,6 +424,7 @@ class Registry:
             continuation=adoption.continuation,
             job_timeout=adoption.job_timeout,
             leave_running_on_stop=self._hand_off,
+            taken_over=True,
         )
         return Incarnation(partial(self._run_job, actor, continued=True), address=actor)
 

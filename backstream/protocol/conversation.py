@@ -30,10 +30,24 @@ from backstream.protocol.events import (
 from backstream.protocol.lifecycle import LogOrder, LogState
 from backstream.protocol.records import JobRequest
 
-__all__ = ["DECLINED_OUTPUT", "Conversation", "assistant_message", "conversation_from_log", "tool_message"]
+__all__ = [
+    "DECLINED_OUTPUT",
+    "INTERRUPTED_CALL_OUTPUT",
+    "Conversation",
+    "assistant_message",
+    "conversation_from_log",
+    "tool_message",
+]
 
 DECLINED_OUTPUT = "the user declined to run this tool"
 """The result a call gets when a person declines it (or does not decide in time)."""
+
+INTERRUPTED_CALL_OUTPUT = (
+    "the call was interrupted: the server running it stopped, and the tool is not marked "
+    "idempotent, so it was not run again; it may or may not have taken effect"
+)
+"""The result of a call that was perhaps running when its instance died, of a tool that may
+not run twice."""
 
 
 def assistant_message(text: str, calls: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
