@@ -16,6 +16,7 @@ import trio
 
 from backstream import Config, MemoryStore, Store, open_runtime
 from backstream.actors.ports import Handover
+from backstream.client import open_client
 from backstream.protocol.conversation import INTERRUPTED_CALL_OUTPUT
 from backstream.protocol.events import (
     ApprovalRequiredEvent,
@@ -32,6 +33,7 @@ from backstream.runtime.stores.sqlite import SqliteStore
 from backstream.runtime.tools.demo import send_note
 from backstream.runtime.tools.registry import ToolRegistry
 from tests.conftest import delete_prefix, redis_url, require_redis
+from tests.ws_helpers import served
 
 FAST = {"tokens_per_s": 1_000_000}
 CONFIG = Config(drain_timeout=0)
@@ -249,3 +251,25 @@ async def test_a_pending_approval_survives_the_takeover(place: Any) -> None:
     [result] = [e for e in log if isinstance(e, ToolResultEvent)]
     assert not result.is_error and "Ada" in result.output  # approved, then run once
     assert ended.status == "completed"
+
+
+async def test_the_python_client_watch_applies_the_rewind(tmp_path: Any) -> None:
+    """Watched over the wire from the start, a restarted turn's text is withdrawn by the
+    ``rewind``: the watch's ``content`` is the answer; the text entries alone repeat it."""
+    request = lorem_request(30)
+    answer = await undisturbed(request)
+    entries = partial_log(answer, 6)
+    path = f"{tmp_path}/jobs.db"
+    record = await plant_orphan(SqliteStore(path), request, entries)
+    config = Config(drain_timeout=0, continuations={"backstream/lorem": "restart"})
+    async with served(config, store=SqliteStore(path)) as srv, open_client(srv.url, "tok-alice") as client:
+        joined = ""
+        with trio.fail_after(10):
+            async with client.watch(record.job_id) as batches:
+                async for batch in batches:
+                    joined += "".join(e.text for e in batch.events if isinstance(e, TextEvent))
+                    rewinds = [e for e in batch.events if isinstance(e, RewindEvent)]
+                    assert all(e.content_length == 0 for e in rewinds)
+                content = batches.content
+    partial = "".join(e.text for e in entries if isinstance(e, TextEvent))
+    assert content == answer and joined == partial + answer
