@@ -273,3 +273,41 @@ async def test_the_python_client_watch_applies_the_rewind(tmp_path: Any) -> None
                 content = batches.content
     partial = "".join(e.text for e in entries if isinstance(e, TextEvent))
     assert content == answer and joined == partial + answer
+
+
+async def test_a_stopping_instance_hands_its_jobs_to_a_live_one_at_once() -> None:
+    """On a shared store, a runtime that stops leaves its job running and ends its lease at
+    once: the other instance continues it long before ``lease_ttl``, to the same answer, and
+    a watcher there sees every entry once, never ``gone``."""
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    request = JobRequest(
+        model="backstream/lorem",
+        messages=({"role": "user", "content": "go"},),
+        params={"max_tokens": 60, "tokens_per_s": 40},
+    )
+    answer = await undisturbed(lorem_request(60))
+    config = Config(drain_timeout=0, lease_ttl=60.0, lease_renew_interval=0.2)
+    try:
+        async with open_runtime(config, store=RedisStore(redis_url(), prefix=prefix)) as b:
+            async with open_runtime(config, store=RedisStore(redis_url(), prefix=prefix)) as a:
+                started = await a.start_job(
+                    user="alice", thread_id="t", message_id="m", model=request.model,
+                    messages=request.messages, params=request.params,
+                )  # fmt: skip
+                job_id = started.job.job_id
+                await trio.sleep(0.4)  # some words written
+            # a has stopped: its job is b's within a round, not after lease_ttl (60 s)
+            text, seqs = "", []
+            with trio.fail_after(10):
+                async with b.watch(job_id, user="alice") as batches:
+                    async for batch in batches:
+                        text += batch.text
+                        seqs.append((batch.from_seq, batch.to_seq))
+            info = await b.get_job(job_id, user="alice", include_content=True)
+            stats = b.statistics()
+    finally:
+        await delete_prefix(prefix)
+    assert info.job.status == "completed" and info.content == text == answer and info.job.epoch == 2
+    assert [f for f, _ in seqs] == [1] + [t + 1 for _, t in seqs[:-1]]
+    assert stats.keeper.continued_total == 1

@@ -196,6 +196,7 @@ class Registry:
         self._quota_refusals_total = 0
         self._continuations_total: Counter[str] = Counter()
         self._regenerated_chars_total = 0
+        self._left_running: list[str] = []  # jobs left running in the store at shutdown
 
     # -- the actor ------------------------------------------------------------------
 
@@ -441,6 +442,8 @@ class Registry:
             code = code if terminal or actor.left_running else "internal"
             self._finished_total[status] += 1
             self._endings_total[status, code] += 1
+            if actor.left_running:
+                self._left_running.append(actor.job_id)
             if continued:
                 used = actor.continuation.used
                 self._continuations_total[used.value if used else "none"] += 1
@@ -476,6 +479,10 @@ class Registry:
         adoption = _Adoption(record, model, log, continuation, job_timeout)
         await self._adopt_send.send(adoption)
         await adoption.started.wait()
+
+    def left_running(self) -> list[str]:
+        """The jobs this runtime stopped and left running in the store, for another owner."""
+        return list(self._left_running)
 
     def live(self, job_id: str) -> JobActor | None:
         """The actor of a job running in this process, if any (a read; never blocks)."""

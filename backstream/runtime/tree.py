@@ -114,6 +114,8 @@ async def open_runtime(
             else:
                 runtime.stop_accepting()
             await system.shutdown()  # keeper, ticker, registry, store: reverse start order
+            if failure is None:
+                await runtime.hand_off()  # jobs left running: to a live instance, at once
             root.cancel_scope.cancel()
         if failure is not None:
             raise failure
