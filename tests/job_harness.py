@@ -13,6 +13,7 @@ from backstream.actors.config import Config
 from backstream.actors.job import JobActor
 from backstream.actors.joblog import JobLog
 from backstream.actors.ports import ChatTurn, Model, OutputSink, TurnResult
+from backstream.protocol.continuation import Continuation
 from backstream.protocol.events import ApprovalRequiredEvent, LogEvent, TextEvent
 from backstream.protocol.lifecycle import LogState
 from backstream.protocol.records import JobProgress, JobRecord, JobRequest
@@ -91,9 +92,12 @@ async def run_job(
     log: JobLog | None = None,
     stored: Sequence[LogEvent] = (),
     tools: ToolRegistry | None = None,
+    continuation: Continuation = Continuation.INTERRUPT,
+    model: Model | None = None,
 ) -> Ran:
-    """Run the job to its end. ``log``: a rebuilt log to continue from; ``stored``: the
-    entries the store holds already."""
+    """Run the job to its end. ``log``: a rebuilt log to continue from (under
+    ``continuation``); ``stored``: the entries the store holds already; ``model``: instead of
+    the built-in model the request names."""
     store = MemoryStore()
     await store.open()
     await store.create_job(record)
@@ -102,7 +106,10 @@ async def run_job(
         progress = JobProgress("running", len(stored), length, 1.0)
         await store.commit(record.job_id, stored, progress)
     model = RecordingModel(
-        builtin_model(record.request.model, echo_rate=1_000_000, max_argument_chars=config.max_output_chars)
+        model
+        or builtin_model(
+            record.request.model, echo_rate=1_000_000, max_argument_chars=config.max_output_chars
+        )
     )
     actor = JobActor(
         record,
@@ -112,6 +119,7 @@ async def run_job(
         clock=WallClock(),
         tools=tools if tools is not None else tool_registry(),
         log=log,
+        continuation=continuation,
     )
     model.log = actor.log
     async with trio.open_nursery() as nursery:

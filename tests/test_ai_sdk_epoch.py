@@ -35,10 +35,11 @@ async def test_start_frames_carry_the_epoch() -> None:
 
 async def test_a_resume_after_a_recovery_is_fenced_by_the_epoch(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "jobs.db"))
-    config = Config(drain_timeout=0, lease_renew_interval=0.1)
+    config = Config(drain_timeout=0, lease_renew_interval=0.1, continuations={"*": "interrupt"})
     async with ai_sdk_server(config, store=store) as server:
         # A job of alice's chat "t1" that another instance wrote at epoch 1 and left running:
-        # this server's keeper recovers it (epoch 2, interrupted after what was durable).
+        # this server's keeper recovers it (epoch 2, interrupted after what was durable: its
+        # model's policy says so).
         await store.create_job(record(lease_until=NOW + 15), CAPACITY)
         await store.commit(
             "j_1", [StatusEvent(seq=1, status="running"), *texts(2, "one ", "two ")], progress(3)

@@ -30,6 +30,7 @@ GUIDES = (
     "clients.md",
     "tools.md",
     "stores.md",
+    "continuation.md",
     "embedding.md",
     "performance.md",
     "testing.md",

@@ -15,6 +15,7 @@ from backstream.protocol.events import (
     JobStatus,
     LogEvent,
     ReasoningEvent,
+    RewindEvent,
     StatusEvent,
     TextEvent,
     ToolCallDeltaEvent,
@@ -74,7 +75,16 @@ def test_log_refuses_anything_after_the_terminal_status() -> None:
 
 # -- the order of a log --------------------------------------------------------------------------
 
-KINDS = {"text", "reasoning", "tool_call_delta", "tool_call", "approval_required", "approval", "tool_result"}
+KINDS = {
+    "text",
+    "reasoning",
+    "tool_call_delta",
+    "tool_call",
+    "approval_required",
+    "approval",
+    "tool_result",
+    "rewind",
+}
 
 
 def test_the_order_table_covers_every_state_and_entry() -> None:
@@ -131,6 +141,8 @@ DONE = StatusEvent(0, "completed")
         ([RUN], WAIT, "'status:awaiting_approval' entry may not follow a log in state 'next_turn'"),
         ([RUN, TEXT], RUN, "'status:running' entry may not follow a log in state 'model_turn'"),
         ([RUN, CALL], DONE, "'status:completed' entry may not follow a log in state 'calls_announced'"),
+        ([RUN], RewindEvent(0, 1, 0), "'rewind' entry may not follow a log in state 'next_turn'"),
+        ([RUN, CALL], RewindEvent(0, 1, 0), "'rewind' entry may not follow a log in state 'calls_announced'"),
         ([RUN, CALL], ApprovalRequiredEvent(0, "c9", "x", "{}"), "the turn announced no call 'c9'"),
         ([RUN, CALL, ASK], TEXT, "'text' entry may not follow a log in state 'approval_requested'"),
         ([RUN, CALL, ASK, WAIT], TEXT, "'text' entry may not follow a log in state 'awaiting_approval'"),

@@ -1,4 +1,6 @@
-"""A server killed with SIGKILL mid-job: its jobs end ``interrupted`` with what was flushed."""
+"""A server killed with SIGKILL (or stopped with SIGTERM) mid-job: its jobs are taken over
+and finish with the answer an undisturbed run gives (the built-in models continue exactly);
+under the ``interrupt`` policy they end ``interrupted`` with what was flushed."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from backstream import GoneError
 from backstream.client import Client, open_client
 from bench._procs import free_port, wait_for_port
 from tests.conftest import delete_prefix, redis_url, require_redis
+from tests.test_takeover import lorem_request, undisturbed
 
 MSG = [{"role": "user", "content": "x"}]
 
@@ -89,9 +92,46 @@ async def check_recovered(client: Client, job_id: str, seen: str, cursor: int) -
     assert replay == content and last.terminal is not None and last.terminal.status == "interrupted"
 
 
-async def test_kill_9_with_sqlite(tmp_path: Path) -> None:
+LOREM = {"max_tokens": 200, "tokens_per_s": 50}
+INTERRUPT = ("--continuation", "backstream/*=interrupt")
+
+
+async def wait_completed(client: Client, job_id: str) -> tuple[str, int]:
+    """Watch the job from its start to its end; the text it gave, and its epoch."""
+    text = ""
+    with trio.fail_after(30):
+        async with client.watch(job_id) as batches:
+            async for batch in batches:
+                text += batch.text
+                last = batch
+    assert last.terminal is not None and last.terminal.status == "completed"
+    info = await client.get(job_id, include_content=True)
+    assert info.job.status == "completed" and info.content == text
+    return text, info.job.epoch
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+async def test_a_restarted_sqlite_server_finishes_what_its_last_run_left(tmp_path: Path, sig: int) -> None:
+    answer = await undisturbed(lorem_request(LOREM["max_tokens"]))
     store = f"sqlite:///{tmp_path}/jobs.db"
-    with server(store) as (port, proc):
+    with server(store, "--drain-timeout", "0") as (port, proc):
+        async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
+            started = await client.start_job(
+                thread_id="t", message_id="m", model="backstream/lorem", messages=MSG, params=LOREM
+            )
+            seen, _ = await watch_some(client, started.job.job_id, 40)
+            proc.send_signal(sig)
+            proc.wait()
+    assert len(seen.split()) < LOREM["max_tokens"]  # stopped mid-answer
+    with server(store) as (port, _):  # the next start continues the job
+        async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
+            text, epoch = await wait_completed(client, started.job.job_id)
+    assert text == answer and epoch == 2
+
+
+async def test_kill_9_with_sqlite_under_the_interrupt_policy(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/jobs.db"
+    with server(store, *INTERRUPT) as (port, proc):
         async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
             started = await client.start_job(
                 thread_id="t",
@@ -103,13 +143,16 @@ async def test_kill_9_with_sqlite(tmp_path: Path) -> None:
             seen, cursor = await watch_some(client, started.job.job_id, 60)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-    with server(store) as (port, _):  # the next start of the instance recovers its jobs
+    with server(store, *INTERRUPT) as (port, _):  # the next start of the instance recovers its jobs
         async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
             await check_recovered(client, started.job.job_id, seen, cursor)
 
 
-async def test_kill_9_with_redis_is_recovered_by_another_instance() -> None:
+async def test_kill_9_with_redis_is_continued_by_another_instance() -> None:
+    """The job goes on on the other instance and completes; its watcher there never sees
+    ``gone``: the batches join with no gap, across the takeover."""
     require_redis()
+    answer = await undisturbed(lorem_request(LOREM["max_tokens"]))
     prefix = f"bstest:{uuid.uuid4().hex[:12]}"
     env = {"BACKSTREAM_REDIS_PREFIX": prefix}
     leases = ("--lease-ttl", "1.5", "--lease-renew-interval", "0.3")
@@ -123,11 +166,7 @@ async def test_kill_9_with_redis_is_recovered_by_another_instance() -> None:
                 open_client(f"ws://127.0.0.1:{port_b}/v1", "tok") as b,
             ):
                 started = await a.start_job(
-                    thread_id="t",
-                    message_id="m",
-                    model="backstream/lorem",
-                    messages=MSG,
-                    params={"max_tokens": 2000, "tokens_per_s": 50},
+                    thread_id="t", message_id="m", model="backstream/lorem", messages=MSG, params=LOREM
                 )
                 job_id = started.job.job_id
                 text, seqs = "", []
@@ -139,10 +178,12 @@ async def test_kill_9_with_redis_is_recovered_by_another_instance() -> None:
                             proc_a.send_signal(signal.SIGKILL)
                         last = batch
                 assert all(y[0] == x[1] + 1 for x, y in itertools.pairwise(seqs))
-                assert last.terminal is not None and last.terminal.status == "interrupted"
-                assert last.epoch == 2  # the batch with the recovered end carries the new epoch
+                assert proc_a.poll() is not None  # killed mid-answer
+                assert last.terminal is not None and last.terminal.status == "completed"
+                assert last.epoch == 2  # the batch with the end carries the new epoch
                 info = await b.get(job_id, include_content=True)
-                assert info.job.status == "interrupted" and info.job.epoch == 2 and info.content == text
+                assert info.job.status == "completed" and info.job.epoch == 2
+                assert info.content == text == answer
     finally:
         await delete_prefix(prefix)
 

@@ -247,7 +247,14 @@ async def test_a_writer_whose_job_was_recovered_elsewhere_is_fenced_off(tmp_path
     log keeps exactly one terminal status, and the job stops here too."""
     with own_redis(tmp_path) as redis:
         url, prefix = f"redis://{REDIS_HOST}:{redis.port}/0", f"fence:{uuid.uuid4().hex[:8]}"
-        config = Config(drain_timeout=0, lease_ttl=2, lease_renew_interval=0.5, flush_ms=20)
+        # b ends what it takes over (the interrupt policy): this test is about the fence.
+        config = Config(
+            drain_timeout=0,
+            lease_ttl=2,
+            lease_renew_interval=0.5,
+            flush_ms=20,
+            continuations={"*": "interrupt"},
+        )
         late = Config(drain_timeout=0, lease_ttl=2, lease_renew_interval=30, flush_ms=20)
         async with (
             open_runtime(late, store=RedisStore(url, prefix=prefix)) as a,

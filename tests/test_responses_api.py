@@ -502,6 +502,8 @@ def test_sigterm_ends_streams_and_drains_then_the_response_is_incomplete(tmp_pat
         "1",
         "--store",
         f"sqlite:///{tmp_path}/jobs.db",
+        "--continuation",
+        "backstream/*=interrupt",  # the job ends at the drain, rather than left for the next run
     ]
     env = {**os.environ, "BACKSTREAM_TOKENS": "tok=alice"}
     server = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)

@@ -33,6 +33,8 @@ def _sample(field: attrs.Attribute) -> tuple[str, object]:  # type: ignore[type-
         return "X-Title: backstream", {"X-Title": "backstream"}
     if field.name == "system_prompts":
         return "openai/*=Be brief.", {"openai/*": "Be brief."}
+    if field.name == "continuations":
+        return "llama-*=prefill", {"llama-*": "prefill"}
     if field.name == "allowed_models":
         return "openai/*", ("openai/*",)
     if field.name in ("upstream_url", "upstream_api_key"):

@@ -13,6 +13,7 @@ from backstream.protocol.events import (
     ErrorInfo,
     LogEvent,
     ReasoningEvent,
+    RewindEvent,
     StatusEvent,
     TextEvent,
     ToolCallDeltaEvent,
@@ -409,3 +410,21 @@ def test_coalesce_ms_of_the_url() -> None:
     for bad in ("-5", "1.5", "x", "10001", "٣"):
         with pytest.raises(ProtocolError, match="coalesce_ms must be an integer"):
             coalesce_ms_of(f"coalesce_ms={bad}", 0)
+
+
+def test_a_rewind_ends_the_text_part_and_says_what_to_drop() -> None:
+    chunks = translate(
+        [
+            StatusEvent(1, "running"),
+            TextEvent(2, "Hel"),
+            RewindEvent(3, to_seq=1, content_length=0),
+            TextEvent(4, "Hi"),
+            StatusEvent(5, "completed"),
+        ]
+    )
+    types = [c["type"] for c in chunks]
+    rewind = types.index("data-backstream-rewind")
+    assert types[rewind - 1] == "text-end"  # the withdrawn part is closed first
+    assert chunks[rewind] == {"type": "data-backstream-rewind", "data": {"toSeq": 1, "contentLength": 0}}
+    assert [c.get("delta") for c in chunks[rewind:] if c["type"] == "text-delta"] == ["Hi"]  # a new part
+    assert types[rewind + 1] == "text-start"

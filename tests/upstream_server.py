@@ -237,6 +237,45 @@ def drop_after(texts: Sequence[str]) -> Scenario:
     return scenario
 
 
+def prefilled(answer: Sequence[str], mode: str, *, instead: Sequence[str] = ()) -> Scenario:
+    """Answer ``answer`` (its deltas), or, for a request that ends with an assistant message
+    (a prefill), as an upstream of ``mode`` does:
+
+    - ``continue``: the rest of the answer after the prefill (vLLM's ``continue_final_message``);
+    - ``echo``: the prefill again, with the next delta, in the first delta (llama.cpp);
+    - ``ignore``: a new answer from its start, ``instead`` (a sampled model that ignores it).
+    """
+
+    async def scenario(reply: Reply) -> None:
+        messages = reply.body.get("messages") or []
+        last = messages[-1] if messages else {}
+        prefill = last.get("content") if last.get("role") == "assistant" else None
+        deltas = list(answer)
+        if isinstance(prefill, str):
+            whole = "".join(answer)
+            assert whole.startswith(prefill), "the prefill is not the start of the answer"
+            rest = _after(deltas, len(prefill))
+            if mode == "continue":
+                deltas = rest
+            elif mode == "echo":
+                deltas = [prefill + (rest[0] if rest else ""), *rest[1:]]
+            else:
+                deltas = list(instead)
+        await streams(deltas)(reply)
+
+    return scenario
+
+
+def _after(deltas: list[str], chars: int) -> list[str]:
+    """The deltas after the first ``chars`` characters (cutting one in two if it must)."""
+    out, at = [], 0
+    for delta in deltas:
+        if at + len(delta) > chars:
+            out.append(delta[max(chars - at, 0) :])
+        at += len(delta)
+    return out
+
+
 @attrs.define
 class FakeUpstream:
     port: int = 0

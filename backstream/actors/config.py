@@ -6,6 +6,8 @@ from typing import Any
 
 import attrs
 
+from backstream.protocol.continuation import Continuation
+
 __all__ = ["Config"]
 
 
@@ -35,6 +37,16 @@ def _prompt_patterns(_instance: Any, attribute: attrs.Attribute[Any], value: dic
             raise ValueError(f"Config.{attribute.name} needs a model pattern before each prompt")
         if not isinstance(text, str):
             raise ValueError(f"Config.{attribute.name} must map patterns to text, not {text!r}")
+
+
+def _continuation_patterns(_instance: Any, attribute: attrs.Attribute[Any], value: dict[str, str]) -> None:
+    known = {policy.value for policy in Continuation}
+    for pattern, policy in value.items():
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ValueError(f"Config.{attribute.name} needs a model pattern before each policy")
+        if policy not in known:
+            names = ", ".join(sorted(known))
+            raise ValueError(f"Config.{attribute.name} maps {pattern!r} to {policy!r}, not one of {names}")
 
 
 @attrs.frozen(kw_only=True)
@@ -130,6 +142,16 @@ class Config:
     """Glob pattern of a model to a system prompt, added as the first message of a job whose
     messages hold no ``system`` or ``developer`` message; patterns are tried in order, the
     first match wins."""
+
+    # Continuing the jobs of an instance that died.
+    continuations: dict[str, str] = attrs.field(
+        factory=dict, converter=dict, validator=_continuation_patterns
+    )
+    """Glob pattern of a model to how its jobs are continued when their instance died:
+    prefill (the turn goes on from its text), restart (the turn runs again) or interrupt
+    (the job ends interrupted); the first match wins; built-in models prefill, others interrupt."""
+    max_continuations: int = attrs.field(default=3, validator=_non_negative)
+    """Times one job may be taken over and continued; past it the job ends interrupted."""
 
     # Server-side tools.
     max_turns: int = attrs.field(default=8, validator=_positive)

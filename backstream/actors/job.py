@@ -23,6 +23,7 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
+from backstream.actors.continuing import TurnContinuation, calls_may_have_run
 from backstream.actors.job_lines import log_job_ended, log_job_started
 from backstream.actors.joblog import JobLog, OutputLimitExceeded
 from backstream.actors.notifier import Notifier
@@ -47,8 +48,10 @@ from backstream.protocol.chat_stream import (
     ToolCallDelta,
     ToolCallDone,
 )
+from backstream.protocol.continuation import Continuation
 from backstream.protocol.conversation import (
     DECLINED_OUTPUT,
+    INTERRUPTED_CALL_OUTPUT,
     Conversation,
     assistant_message,
     conversation_from_log,
@@ -88,14 +91,25 @@ class JobActor:
         tools: Tools,
         notifier: Notifier | None = None,
         log: JobLog | None = None,
+        continuation: Continuation = Continuation.INTERRUPT,
+        job_timeout: float | None = None,
+        leave_running_on_stop: bool = False,
+        taken_over: bool = False,
     ) -> None:
         self.record = record
         continuing = log is not None
         if log is not None:
-            _check_continuable(record, log)
+            _check_continuable(record, log, continuation)
         else:
             log = JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
         self.log = log
+        self.continuation = TurnContinuation(continuation, log)
+        self._job_timeout = config.job_timeout if job_timeout is None else job_timeout
+        self._leave_running_on_stop = leave_running_on_stop
+        self._taken_over = taken_over  # calls without a result may have been running
+        self.left_running = False
+        """The runtime stopped and left the job running in the store (durable up to its last
+        write) for the next owner to continue, instead of ending it ``interrupted``."""
         self.finished = trio.Event()
         self._config = config
         self._store = store
@@ -148,6 +162,10 @@ class JobActor:
         """Run the job to its end. Cancellation (runtime shutdown) ends it ``interrupted``
         and re-raises; the last write to the store is shielded and bounded.
 
+        With ``leave_running_on_stop`` (a store that outlives the process, a model that
+        continues), that cancellation writes what is new and leaves the job running in the
+        store instead: the next owner continues it (``ContinueOrphans``).
+
         The actor is the only writer of its job's terminal record: if even the final
         write fails (a crash outside its own guards), it records ``failed``/``internal``
         at the last durable seq, so the store never keeps a dead job ``running``. The
@@ -168,13 +186,15 @@ class JobActor:
         finally:
             with trio.CancelScope(shield=True) as cleanup:
                 cleanup.deadline = trio.current_time() + self._config.finalize_timeout
-                if self.log.terminal is None:
+                leave = self._leave_running_on_stop and self.log.terminal is None and self._stop is None
+                if self.log.terminal is None and not leave:
                     self._close("interrupted", None)
                 try:
                     await self._flush()
+                    self.left_running = leave
                 except Exception:
                     log.exception("job %s: the final write to the store failed", self.job_id)
-                if not self._closed_in_store:
+                if not self._closed_in_store and not self.left_running:
                     await self._record_crash()
             if self.log.terminal is not None:
                 log_job_ended(
@@ -214,7 +234,7 @@ class JobActor:
         error: ErrorInfo | None = None
         finish_reason: str | None = None
         with self._abort_scope:
-            with trio.move_on_after(self._config.job_timeout) as deadline:
+            with trio.move_on_after(self._job_timeout) as deadline:
                 self._deadline = deadline
                 try:
                     result = await self._converse()
@@ -251,12 +271,20 @@ class JobActor:
         budget = ToolCallBudget.from_log(request.params, entries, open_calls=len(so_far.calls))
         if so_far.calls:
             messages += await self._finish_turn(so_far, enabled, budget)
+        elif self.log.state is LogState.MODEL_TURN:
+            turns -= 1  # the turn cut short runs again below, and counts then
+        prefill = self.continuation.begin(so_far)
         while turns < self._config.max_turns:
             turns += 1
-            self._turn_text = []
+            self._turn_text = [prefill] if prefill else []
             params = budget.model_params(request.params, has_tools=bool(specs))
-            turn = ChatTurn(model=request.model, messages=tuple(messages), params=params, tools=specs)
+            turn = ChatTurn(
+                model=request.model, messages=tuple(messages), params=params, tools=specs, prefill=prefill
+            )
             result = await self._model.run_turn(turn, self._on_output)
+            if prefill:
+                self.continuation.settle(self._append_text, self._restarted)
+                prefill = None
             self._usage = _add_usage(self._usage, result.usage)
             if not result.tool_calls:
                 return result
@@ -335,12 +363,17 @@ class JobActor:
         declined (asked here one at a time, in order)."""
         known = so_far.calls if so_far is not None else ()
         asked = so_far.pending_approvals if so_far is not None else ()
+        maybe_ran = self._taken_over and so_far is not None and calls_may_have_run(so_far, enabled)
         outcomes: list[ToolOutcome | None] = [None] * len(calls)
         for i, call in enumerate(calls):
             earlier = known[i] if i < len(known) else None
             found = enabled.get(call.name)
             if earlier is not None and earlier.output is not None:
                 outcomes[i] = ToolOutcome(earlier.output, bool(earlier.is_error))
+                continue
+            rerun = found is None or found.idempotent or earlier is None or earlier.approved is False
+            if maybe_ran and not rerun:  # perhaps running when its instance died: not twice
+                outcomes[i] = ToolOutcome(INTERRUPTED_CALL_OUTPUT, True)
                 continue
             if i >= allowed:
                 outcomes[i] = ToolOutcome(TOOL_CALL_LIMIT_OUTPUT, True)
@@ -431,12 +464,24 @@ class JobActor:
         pending.resolve(approved)
         return pending
 
+    def _append_text(self, text: str) -> None:
+        self.log.append_text(text)
+        self._turn_text.append(text)
+
+    def _restarted(self) -> None:
+        self._turn_text = []  # the prefill was withdrawn: the reply is a new answer
+
     def _on_output(self, out: ModelOutput) -> None:
         # Called synchronously per token: keep it to appends.
         kind = type(out)
+        joining = self.continuation.joining  # a prefilled turn's reply, not yet joined
+        if joining and kind is not TextDelta:
+            self.continuation.settle(self._append_text, self._restarted)
         if kind is TextDelta:
-            self.log.append_text(out.text)  # type: ignore[union-attr]
-            self._turn_text.append(out.text)  # type: ignore[union-attr]
+            if joining:
+                self.continuation.text(out.text, self._append_text, self._restarted)  # type: ignore[union-attr]
+            else:
+                self._append_text(out.text)  # type: ignore[union-attr]
         elif kind is ReasoningDelta:
             self.log.append_reasoning(out.text)  # type: ignore[union-attr]
         elif kind is ToolCallDone:
@@ -612,13 +657,13 @@ class _PendingApproval:
             self.decided.set()
 
 
-def _check_continuable(record: JobRecord, log: JobLog) -> None:
+def _check_continuable(record: JobRecord, log: JobLog, continuation: Continuation) -> None:
     """Raise ``ValueError`` unless an actor can continue ``record``'s job from ``log``."""
     if log.job_id != record.job_id:
         raise ValueError(f"the log is job {log.job_id}'s, not {record.job_id}'s")
     if log.terminal is not None:
         raise ValueError(f"job {record.job_id}: the log has ended ({log.terminal.status})")
-    if log.state is LogState.MODEL_TURN:
+    if log.state is LogState.MODEL_TURN and continuation is Continuation.INTERRUPT:
         raise ValueError(f"job {record.job_id}: the log stops in the middle of a model turn")
 
 

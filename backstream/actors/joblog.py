@@ -25,6 +25,7 @@ from backstream.protocol.events import (
     JobStatus,
     LogEvent,
     ReasoningEvent,
+    RewindEvent,
     StatusEvent,
     TextEvent,
     ToolCallDeltaEvent,
@@ -34,7 +35,14 @@ from backstream.protocol.events import (
 )
 from backstream.protocol.lifecycle import INITIAL_STATUS, LogOrder, LogState
 
-__all__ = ["JobLog", "LogClosedError", "OutputLimitExceeded", "merge_events", "summarize_events"]
+__all__ = [
+    "JobLog",
+    "LogClosedError",
+    "OutputLimitExceeded",
+    "content_of",
+    "merge_events",
+    "summarize_events",
+]
 
 
 class OutputLimitExceeded(Exception):
@@ -106,6 +114,8 @@ class JobLog:
         elif isinstance(entry, ToolResultEvent):
             room = max(self._max_output_chars - self._tool_output_chars, 0)
             self._tool_output_chars += min(len(entry.output), room)
+        elif isinstance(entry, RewindEvent):
+            self.content_length = entry.content_length
         elif isinstance(entry, StatusEvent):
             self.status = entry.status
             if entry.is_terminal:
@@ -162,6 +172,16 @@ class JobLog:
         self._append(ToolCallEvent(seq=self.last_seq + 1, call_id=call_id, name=name, arguments=arguments))
         self._delta_chars.pop(call_id, None)
         self._output_chars += charge
+
+    def append_rewind(self, to_seq: int) -> RewindEvent:
+        """Withdraw the current model turn's output after ``to_seq``: the turn runs again.
+        What was withdrawn still counts toward the output budget (``max_output_chars``).
+        Raises ``IllegalOrder`` unless the log is in the middle of a model turn."""
+        length = len(content_of(self._entries[:to_seq]))
+        event = RewindEvent(seq=self.last_seq + 1, to_seq=to_seq, content_length=length)
+        self._append(event)
+        self.content_length = length
+        return event
 
     def append_approval_required(self, call_id: str, name: str, arguments: str) -> None:
         self._append(
@@ -243,8 +263,7 @@ class JobLog:
         return self._entries[after_seq:until_seq]
 
     def content(self, offset: int = 0) -> str:
-        text = "".join(ev.text for ev in self._entries if isinstance(ev, TextEvent))
-        return text[offset:]
+        return content_of(self._entries)[offset:]
 
     def tool_calls(self) -> tuple[ToolCallRecord, ...]:
         return summarize_events(self._entries)[1]
@@ -292,13 +311,25 @@ def merge_events(entries: Sequence[LogEvent], *, max_events: int, max_chars: int
     return tuple(out)
 
 
+def content_of(entries: Iterable[LogEvent]) -> str:
+    """The content text of a log's entries (from seq 1): its text, less what a ``rewind``
+    withdrew."""
+    return summarize_events(entries)[0]
+
+
 def summarize_events(entries: Iterable[LogEvent]) -> tuple[str, tuple[ToolCallRecord, ...]]:
-    """The content text and the tool calls (with outcomes) of a log."""
+    """The content text (less what a ``rewind`` withdrew) and the tool calls (with outcomes)
+    of a log."""
     text: list[str] = []
+    length = 0
     calls: dict[str, ToolCallRecord] = {}
     for ev in entries:
         if isinstance(ev, TextEvent):
             text.append(ev.text)
+            length += len(ev.text)
+        elif isinstance(ev, RewindEvent) and ev.content_length < length:
+            joined = "".join(text)[: ev.content_length]
+            text, length = [joined], len(joined)
         elif isinstance(ev, ToolCallEvent):
             calls[ev.call_id] = ToolCallRecord(call_id=ev.call_id, name=ev.name, arguments=ev.arguments)
         elif isinstance(ev, ApprovalEvent) and ev.call_id in calls:

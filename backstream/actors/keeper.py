@@ -7,7 +7,7 @@ Three periodic duties, each its own loop, so a slow one never delays another:
   (and its open watches, and the seats it holds) are alive;
 - orphan recovery takes over the jobs of instances that died, once their leases
   lapse (at start-up too, before new jobs are admitted), and applies the recovery
-  policy (by default: end them ``interrupted``).
+  policy (the runtime's: continue them here, or end them ``interrupted``).
 
 A store outage skips a round; the next one catches up. Leases lapse only after
 ``lease_ttl``, so an outage shorter than that costs nothing.
@@ -29,6 +29,7 @@ from backstream.actors.recovery import RecoveryPolicy
 from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import Supervisor
 from backstream.protocol.errors import UnavailableError
+from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.records import JobRecord
 
 __all__ = ["Keeper", "KeeperStatistics"]
@@ -40,6 +41,8 @@ log = logging.getLogger("backstream.keeper")
 class KeeperStatistics:
     swept_total: int
     recovered_total: int
+    continued_total: int
+    """Of the jobs recovered, those taken over to run on here (the rest ended)."""
     skipped_rounds_total: int
 
 
@@ -71,6 +74,7 @@ class Keeper:
         self._seats = seats
         self._swept_total = 0
         self._recovered_total = 0
+        self._continued_total = 0
         self._skipped_rounds_total = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -129,6 +133,8 @@ class Keeper:
                 record.seq,
             )
             self._recovered_total += 1
+            if not is_terminal(record.status):
+                self._continued_total += 1
             recovered.append(record)
         return recovered
 
@@ -136,5 +142,6 @@ class Keeper:
         return KeeperStatistics(
             swept_total=self._swept_total,
             recovered_total=self._recovered_total,
+            continued_total=self._continued_total,
             skipped_rounds_total=self._skipped_rounds_total,
         )

@@ -77,6 +77,10 @@ class ChatTurn:
     messages: tuple[dict[str, Any], ...]
     params: dict[str, Any] = attrs.field(factory=dict)
     tools: tuple[dict[str, Any], ...] = ()  # OpenAI "tools" entries
+    prefill: str | None = None
+    """The start of this turn's answer, to be continued (a turn cut short by a crash,
+    ``prefill`` policy): sent as a final assistant message. A model may echo it, continue
+    it, or start over; the job tells which (``PrefixJoiner``)."""
 
 
 @attrs.frozen
@@ -114,6 +118,11 @@ class ToolSpec(Protocol):
 
     @property
     def requires_approval(self) -> bool: ...
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether a call cut short by a crash may run again on the instance that takes over."""
+        ...
 
     @property
     def max_output_chars(self) -> int:

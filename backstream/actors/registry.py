@@ -29,9 +29,11 @@ import trio
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.job import JobActor
+from backstream.actors.joblog import JobLog
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import JobAccess, Model, Tools
 from backstream.actors.supervisor import ChildFn, ChildSpec, Incarnation, Restart, Supervisor
+from backstream.protocol.continuation import Continuation
 from backstream.protocol.errors import CapacityError, QuotaExceededError, UnavailableError
 from backstream.protocol.ids import new_id
 from backstream.protocol.lifecycle import INITIAL_STATUS
@@ -57,6 +59,20 @@ class StartRequest:
     message_id: str
     request: JobRequest
     model: Model
+    continuation: Continuation = Continuation.INTERRUPT
+    """How the job goes on if its instance dies (the router's policy for its model)."""
+
+
+@attrs.frozen
+class _Adoption:
+    """A job taken over from a dead instance, to run here from its rebuilt log."""
+
+    record: JobRecord
+    model: Model
+    log: JobLog
+    continuation: Continuation
+    job_timeout: float
+    started: trio.Event = attrs.field(factory=trio.Event, eq=False)
 
 
 @attrs.frozen
@@ -72,6 +88,12 @@ class RegistryStatistics:
     accepting: bool
     quota_refusals_total: int
     """Starts refused here because their user's stored bytes would pass the quota."""
+    continuations_total: dict[str, int]
+    """Jobs taken over and continued here that ended, by how their cut-short turn went on:
+    ``prefill``, ``restart``, or ``none`` (nothing was cut short: between turns, or among
+    the calls of a turn)."""
+    regenerated_chars_total: int
+    """Characters of output withdrawn and produced again by continued jobs (``restart``)."""
 
 
 @attrs.define
@@ -145,8 +167,12 @@ class Registry:
         instance_id: str,
         tools: Tools,
         notifier: Notifier | None = None,
+        hand_off: bool = False,
     ) -> None:
         self._instance_id = instance_id
+        # A store whose jobs outlive this process: a job whose model continues is left
+        # running in it when the runtime stops, for the next owner to continue.
+        self._hand_off = hand_off
         self._tools = tools
         self._notifier = notifier
         self._config = config
@@ -159,6 +185,8 @@ class Registry:
         # Never full: each job sends one ending, and holds its slot (at most max_jobs of
         # them) until the registry has taken that ending from here.
         self._ended_send, self._ended_receive = trio.open_memory_channel[str](config.max_jobs)
+        # Jobs taken over; when full, the keeper's recovery waits (one adoption at a time).
+        self._adopt_send, self._adopt_receive = trio.open_memory_channel[_Adoption](0)
         self._counts = _Counts({})
         self._accepting = True
         # Totals for metrics (they survive restarts); counted where the job ends.
@@ -166,6 +194,9 @@ class Registry:
         self._finished_total: Counter[str] = Counter()
         self._endings_total: Counter[tuple[str, str]] = Counter()
         self._quota_refusals_total = 0
+        self._continuations_total: Counter[str] = Counter()
+        self._regenerated_chars_total = 0
+        self._left_running: list[str] = []  # jobs left running in the store at shutdown
 
     # -- the actor ------------------------------------------------------------------
 
@@ -186,6 +217,7 @@ class Registry:
         ``UnavailableError`` for their callers (who may retry with the same ``message_id``)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._apply_endings_as_they_come, counts)
+            nursery.start_soon(self._adopt_as_they_come, counts)
             task_status.started()
             while True:
                 await counts.admitting.acquire()
@@ -200,6 +232,21 @@ class Registry:
     async def _apply_endings_as_they_come(self, counts: _Counts) -> None:
         async for job_id in self._ended_receive:
             counts.remove(job_id)
+
+    async def _adopt_as_they_come(self, counts: _Counts) -> None:
+        async for adoption in self._adopt_receive:
+            self._apply_endings(counts)
+            record = adoption.record
+            self._jobs.start_child_soon(
+                ChildSpec(
+                    name=record.job_id,
+                    factory=partial(self._continued_job, adoption),
+                    restart=Restart.TEMPORARY,
+                    shutdown=self._config.drain_timeout,
+                )
+            )
+            counts.add(record)
+            adoption.started.set()
 
     def _apply_endings(self, counts: _Counts) -> None:
         """Take every ending waiting in the channel, without a checkpoint: called before
@@ -300,7 +347,7 @@ class Registry:
         self._jobs.start_child_soon(
             ChildSpec(
                 name=record.job_id,
-                factory=partial(self._new_job, record, req.model),
+                factory=partial(self._new_job, record, req.model, req.continuation),
                 restart=Restart.TEMPORARY,
                 shutdown=self._config.drain_timeout,
             )
@@ -350,7 +397,7 @@ class Registry:
 
     # -- the jobs -------------------------------------------------------------------
 
-    def _new_job(self, record: JobRecord, model: Model) -> Incarnation[JobActor]:
+    def _new_job(self, record: JobRecord, model: Model, continuation: Continuation) -> Incarnation[JobActor]:
         """A job's child factory: its actor (the address), run until it tells its end."""
         actor = JobActor(
             record,
@@ -360,19 +407,47 @@ class Registry:
             clock=self._clock,
             tools=self._tools,
             notifier=self._notifier,
+            leave_running_on_stop=self._hand_off and continuation is not Continuation.INTERRUPT,
         )
         return Incarnation(partial(self._run_job, actor), address=actor)
 
-    async def _run_job(self, actor: JobActor, *, task_status: trio.TaskStatus[None]) -> None:
+    def _continued_job(self, adoption: _Adoption) -> Incarnation[JobActor]:
+        """A job taken over: its actor continues from the rebuilt log."""
+        actor = JobActor(
+            adoption.record,
+            config=self._config,
+            store=self._store,
+            model=adoption.model,
+            clock=self._clock,
+            tools=self._tools,
+            notifier=self._notifier,
+            log=adoption.log,
+            continuation=adoption.continuation,
+            job_timeout=adoption.job_timeout,
+            leave_running_on_stop=self._hand_off,
+            taken_over=True,
+        )
+        return Incarnation(partial(self._run_job, actor, continued=True), address=actor)
+
+    async def _run_job(
+        self, actor: JobActor, *, continued: bool = False, task_status: trio.TaskStatus[None]
+    ) -> None:
         """The job's supervised child: the actor, then its ending sent to the registry."""
         try:
             await actor.run(task_status=task_status)
         finally:
             terminal = actor.log.terminal
-            status = terminal.status if terminal else "failed"
-            code = (terminal.error.code if terminal.error else "") if terminal else "internal"
+            status = terminal.status if terminal else ("left_running" if actor.left_running else "failed")
+            code = (terminal.error.code if terminal.error else "") if terminal else ""
+            code = code if terminal or actor.left_running else "internal"
             self._finished_total[status] += 1
             self._endings_total[status, code] += 1
+            if actor.left_running:
+                self._left_running.append(actor.job_id)
+            if continued:
+                used = actor.continuation.used
+                self._continuations_total[used.value if used else "none"] += 1
+                self._regenerated_chars_total += actor.continuation.regenerated
             try:
                 self._ended_send.send_nowait(actor.job_id)
             except trio.WouldBlock:  # cannot happen (see the channel); the next restart heals it
@@ -394,6 +469,21 @@ class Registry:
         assert start.result is not None
         return start.result.unwrap()
 
+    async def adopt(
+        self, record: JobRecord, model: Model, log: JobLog, continuation: Continuation, job_timeout: float
+    ) -> None:
+        """Run a job taken over from a dead instance here, continued from ``log`` (under
+        ``continuation``, within ``job_timeout`` seconds), counted as running here. Admission
+        limits do not apply: the job was admitted when it started. Waits for the registry
+        to run. Cancellation: the job may or may not have been started."""
+        adoption = _Adoption(record, model, log, continuation, job_timeout)
+        await self._adopt_send.send(adoption)
+        await adoption.started.wait()
+
+    def left_running(self) -> list[str]:
+        """The jobs this runtime stopped and left running in the store, for another owner."""
+        return list(self._left_running)
+
     def live(self, job_id: str) -> JobActor | None:
         """The actor of a job running in this process, if any (a read; never blocks)."""
         return self._jobs.lookup(job_id)
@@ -413,4 +503,6 @@ class Registry:
             admitting=MAX_ADMITTING - self._counts.admitting.value,
             accepting=self._accepting,
             quota_refusals_total=self._quota_refusals_total,
+            continuations_total=dict(self._continuations_total),
+            regenerated_chars_total=self._regenerated_chars_total,
         )

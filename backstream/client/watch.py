@@ -16,7 +16,7 @@ import trio
 from backstream.client.transport import WATCH_BUFFER, Session, Transport, WatchItem
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import BackstreamError, UnavailableError, error_for_code
-from backstream.protocol.events import Batch
+from backstream.protocol.events import Batch, RewindEvent, TextEvent
 from backstream.protocol.messages import ErrorMessage, JobUnwatch, JobWatch, JobWatching
 
 __all__ = ["ClientWatch"]
@@ -30,7 +30,9 @@ class ClientWatch:
 
     ``cursor`` is the last ``seq`` delivered. Raises ``GoneError`` if the log
     moved to another epoch while disconnected, and the other typed errors of
-    ``job.watch``.
+    ``job.watch``. ``content`` is the answer's text so far as the batches delivered it,
+    less what a ``rewind`` withdrew (a turn that ran again after a crash); exact for a
+    watch from the log's start (``after_seq`` 0).
     """
 
     def __init__(self, transport: Transport, job_id: str, after_seq: int, epoch: int | None) -> None:
@@ -39,6 +41,7 @@ class ClientWatch:
         self.cursor = after_seq
         self.epoch = epoch
         self.ended = False
+        self.content = ""
         self._channel: trio.MemoryReceiveChannel[WatchItem] | None = None
         self._outages = Backoff(0.2, 5.0, jitter="full")
         self._session: Session | None = None
@@ -69,10 +72,18 @@ class ClientWatch:
                 message.job_id, message.epoch, message.from_seq, message.to_seq, tuple(message.events)
             )
             self.cursor, self.epoch = batch.to_seq, batch.epoch
+            self._take_text(batch)
             if batch.terminal is not None:
                 self.ended = True
             return batch
         raise StopAsyncIteration
+
+    def _take_text(self, batch: Batch) -> None:
+        for event in batch.events:
+            if isinstance(event, TextEvent):
+                self.content += event.text
+            elif isinstance(event, RewindEvent):
+                self.content = self.content[: event.content_length]
 
     async def _ended_by_server(self, error: ErrorMessage) -> None:
         """The server ended this watch: a passing outage (``unavailable``) is resumed from the

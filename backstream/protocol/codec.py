@@ -29,6 +29,7 @@ from backstream.protocol.events import (
     ErrorInfo,
     LogEvent,
     ReasoningEvent,
+    RewindEvent,
     StatusEvent,
     TextEvent,
     ToolCallDeltaEvent,
@@ -70,6 +71,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ApprovalRequiredEvent,
     ApprovalEvent,
     ToolResultEvent,
+    RewindEvent,
     StatusEvent,
 )
 OPT_IN_KINDS: frozenset[str] = frozenset({"tool_call_delta"})

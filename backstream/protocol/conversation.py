@@ -19,6 +19,7 @@ from backstream.protocol.events import (
     ApprovalRequiredEvent,
     LogEvent,
     ReasoningEvent,
+    RewindEvent,
     StatusEvent,
     TextEvent,
     ToolCallDeltaEvent,
@@ -29,10 +30,24 @@ from backstream.protocol.events import (
 from backstream.protocol.lifecycle import LogOrder, LogState
 from backstream.protocol.records import JobRequest
 
-__all__ = ["DECLINED_OUTPUT", "Conversation", "assistant_message", "conversation_from_log", "tool_message"]
+__all__ = [
+    "DECLINED_OUTPUT",
+    "INTERRUPTED_CALL_OUTPUT",
+    "Conversation",
+    "assistant_message",
+    "conversation_from_log",
+    "tool_message",
+]
 
 DECLINED_OUTPUT = "the user declined to run this tool"
 """The result a call gets when a person declines it (or does not decide in time)."""
+
+INTERRUPTED_CALL_OUTPUT = (
+    "the call was interrupted: the server running it stopped, and the tool is not marked "
+    "idempotent, so it was not run again; it may or may not have taken effect"
+)
+"""The result of a call that was perhaps running when its instance died, of a tool that may
+not run twice."""
 
 
 def assistant_message(text: str, calls: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
@@ -72,6 +87,9 @@ class Conversation:
     """That turn's calls in order, with results and decisions so far; () if it has none."""
     pending_approvals: tuple[str, ...]
     """Call ids that asked for approval and have no decision yet."""
+    turn_from_seq: int
+    """The seq of the last entry before that turn's first (0 before any turn): a ``rewind``
+    of the turn goes back to it."""
     turns: int
     """Model turns the log shows: each turn with an entry of its own, and the empty last
     turn of a job that ended ``completed``."""
@@ -97,6 +115,7 @@ class _Builder:
         self.results = 0  # results come in the calls' order
         self.pending: list[str] = []
         self.turns = 0
+        self.turn_from_seq = 0
         self.usage: dict[str, Any] | None = None
 
     def feed(self, entry: LogEvent) -> None:
@@ -104,6 +123,7 @@ class _Builder:
         after = self.order.advance(entry)
         if before is LogState.NEXT_TURN and after in (LogState.MODEL_TURN, LogState.CALLS_ANNOUNCED):
             self.turns += 1  # the turn's first entry
+            self.turn_from_seq = entry.seq - 1
         if isinstance(entry, TextEvent):
             self.text.append(entry.text)
         elif isinstance(entry, ToolCallEvent):
@@ -119,6 +139,9 @@ class _Builder:
             self.calls[i] = attrs.evolve(self.calls[i], output=entry.output, is_error=entry.is_error)
         elif isinstance(entry, StatusEvent):
             self._status(entry, before)
+        elif isinstance(entry, RewindEvent):
+            self.text, self.output = [], False
+            self.turns -= 1  # the turn runs again: it counts once
         if isinstance(entry, TextEvent | ReasoningEvent | ToolCallDeltaEvent | ToolCallEvent):
             self.output = True
         if after is LogState.NEXT_TURN and self.calls:
@@ -146,6 +169,7 @@ class _Builder:
             turn_output=self.output,
             calls=tuple(self.calls),
             pending_approvals=tuple(self.pending),
+            turn_from_seq=self.turn_from_seq,
             turns=self.turns,
             usage=self.usage,
         )

@@ -24,6 +24,7 @@ __all__ = [
     "JobSummary",
     "LogEvent",
     "ReasoningEvent",
+    "RewindEvent",
     "StatusEvent",
     "TextEvent",
     "ToolCallDeltaEvent",
@@ -119,6 +120,22 @@ class ToolResultEvent:
 
 
 @attrs.frozen
+class RewindEvent:
+    """The output of the current model turn after ``to_seq`` is withdrawn: the turn runs
+    again from its start (a job continued after a crash under the ``restart`` policy).
+
+    The entries after ``to_seq`` up to this one (text, reasoning, argument fragments) stay in
+    the log but no longer count: a reader cuts its text back to ``content_length`` (the
+    content's length at ``to_seq``) and drops that reasoning and those fragments.
+    """
+
+    seq: int
+    to_seq: int
+    content_length: int
+    kind: Literal["rewind"] = "rewind"
+
+
+@attrs.frozen
 class StatusEvent:
     seq: int
     status: JobStatus
@@ -140,6 +157,7 @@ LogEvent = (
     | ApprovalRequiredEvent
     | ApprovalEvent
     | ToolResultEvent
+    | RewindEvent
     | StatusEvent
 )
 
@@ -159,8 +177,14 @@ class Batch:
 
     @property
     def text(self) -> str:
-        """The content text this batch adds."""
-        return "".join(ev.text for ev in self.events if isinstance(ev, TextEvent))
+        """The content text this batch adds (a batch with a ``rewind`` adds what follows it)."""
+        text: list[str] = []
+        for ev in self.events:
+            if isinstance(ev, TextEvent):
+                text.append(ev.text)
+            elif isinstance(ev, RewindEvent):
+                text = []
+        return "".join(text)
 
     @property
     def terminal(self) -> StatusEvent | None:

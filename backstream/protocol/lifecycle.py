@@ -13,6 +13,7 @@ Where the log is (``LogState``) and what may come next::
 
     NOT_STARTED --status running--> NEXT_TURN
     NEXT_TURN --text|reasoning|tool_call_delta--> MODEL_TURN --tool_call--> CALLS_ANNOUNCED
+    MODEL_TURN --rewind--> NEXT_TURN  (the turn runs again from its start)
     NEXT_TURN --tool_call--> CALLS_ANNOUNCED
     CALLS_ANNOUNCED --approval_required--> APPROVAL_REQUESTED
         --status awaiting_approval--> AWAITING_APPROVAL --approval--> APPROVAL_DECIDED
@@ -105,7 +106,10 @@ LOG_ORDER: Final[dict[LogState, dict[str, LogState]]] = {
         (_OUTPUT, S.MODEL_TURN), ("tool_call", S.CALLS_ANNOUNCED), ("status:completed", S.ENDED)
     ),
     S.MODEL_TURN: _row(
-        (_OUTPUT, S.MODEL_TURN), ("tool_call", S.CALLS_ANNOUNCED), ("status:completed", S.ENDED)
+        (_OUTPUT, S.MODEL_TURN),
+        ("tool_call", S.CALLS_ANNOUNCED),
+        ("rewind", S.NEXT_TURN),
+        ("status:completed", S.ENDED),
     ),
     S.CALLS_ANNOUNCED: _row(
         ((*_OUTPUT, "tool_call"), S.CALLS_ANNOUNCED),

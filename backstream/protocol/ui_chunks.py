@@ -42,6 +42,7 @@ from backstream.protocol.events import (
     ApprovalRequiredEvent,
     LogEvent,
     ReasoningEvent,
+    RewindEvent,
     StatusEvent,
     TextEvent,
     ToolCallDeltaEvent,
@@ -169,6 +170,12 @@ class UIChunkTranslator:
             self._show_held(entry.call_id, out, own_step=False)  # a call that never asked
             out.append(self._tool_output(entry))
             self._after_tools = True
+        elif isinstance(entry, RewindEvent):
+            # The UI message stream cannot take text back: the parts so far end, and a data
+            # part tells a page that knows it to drop the turn's text before the next part.
+            self._close_parts(out)
+            data = {"toSeq": entry.to_seq, "contentLength": entry.content_length}
+            out.append({"type": "data-backstream-rewind", "data": data})
         else:
             self._status(entry, out)
         self.emitted += len(out)

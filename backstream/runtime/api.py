@@ -32,7 +32,7 @@ from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import Supervisor, SupervisorStatistics
 from backstream.actors.watcher import Watcher
 from backstream.actors.webhooks import WebhookDeliverer
-from backstream.protocol.errors import BadRequestError, GoneError
+from backstream.protocol.errors import BadRequestError, GoneError, UnavailableError
 from backstream.protocol.events import JobInfo, JobSummary, LogEvent
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
@@ -175,7 +175,12 @@ class Runtime:
         model_to_run = self._router.resolve(request)  # an unknown model never reaches admission
         record, existing = await self._registry.start_job(
             StartRequest(
-                user=user, thread_id=thread_id, message_id=message_id, request=request, model=model_to_run
+                user=user,
+                thread_id=thread_id,
+                message_id=message_id,
+                request=request,
+                model=model_to_run,
+                continuation=self._router.continuation(model),
             )
         )
         if existing:
@@ -432,6 +437,22 @@ class Runtime:
         return await self._handles.lookup(job_id, user)
 
     async def _drain(self) -> None:
-        """Refuse new jobs, give running ones ``drain_timeout`` to end, interrupt the rest."""
+        """Refuse new jobs, give running ones ``drain_timeout`` to end, interrupt the rest
+        (or leave them running in the store, for another owner: ``hand_off``)."""
         self._registry.stop_accepting()
         await self._job_supervisor.shutdown()
+
+    async def hand_off(self) -> None:
+        """End the leases of the jobs left running at shutdown now, so that a live instance
+        takes them over at its next round instead of after ``lease_ttl``. Call it once this
+        runtime's keeper has stopped (it would take them back). Best effort: an outage (or
+        ``finalize_timeout``) leaves the leases to lapse by themselves. Cancellation: the
+        same."""
+        left = self._registry.left_running()
+        if not left:
+            return
+        with trio.move_on_after(self.config.finalize_timeout):
+            try:
+                await self._store.renew_leases(self.instance_id, left, self._clock.now())
+            except UnavailableError as exc:
+                log.warning("could not hand off %d jobs at once (%s); their leases lapse", len(left), exc)

@@ -14,6 +14,9 @@
         |                           records the webhook events of jobs' ends)
         +-- webhooks   (permanent, with endpoints): sends the webhook deliveries
 
+The keeper's recovery policy is ``ContinueOrphans``: a job taken over from a dead instance
+runs on here, under its model's continuation policy (``Config.continuations``).
+
 Every child is given by a factory, so a restart starts it afresh: the registry rebuilds
 its counts from the jobs supervisor, the ticker is built anew; the store, the metronome,
 the keeper and the dispatcher are objects others hold, whose ``run`` keeps no state of
@@ -22,13 +25,14 @@ keep only their totals, which ``Runtime.statistics`` reports).
 
 The model router is built first: the runtime resolves each start's model there, once,
 and hands it to the registry with the start. Orphans of a dead instance are recovered
-once before the registry admits anything.
+once (continued through the registry, which runs by then) before the runtime is handed out.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
@@ -39,15 +43,18 @@ from backstream.actors.job import JobActor
 from backstream.actors.keeper import Keeper
 from backstream.actors.metronome import Metronome
 from backstream.actors.notifier import Notifier
-from backstream.actors.ports import Model, Store
+from backstream.actors.ports import Capability, Model, Store
 from backstream.actors.presence import WatchPresence
-from backstream.actors.recovery import InterruptOrphans
+from backstream.actors.recovery import ContinueOrphans
 from backstream.actors.registry import Registry
 from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.actors.ticker import FlushTicker
 from backstream.actors.webhooks import WebhookDeliverer, WebhookEvents, WebhookSender, WebhookSettings
+from backstream.protocol.continuation import Continuation
+from backstream.protocol.errors import BackstreamError
 from backstream.protocol.ids import new_id
+from backstream.protocol.records import JobRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.models.http1 import HTTP1Pool
 from backstream.runtime.models.router import ModelRouter
@@ -120,6 +127,8 @@ async def open_runtime(
             else:
                 runtime.stop_accepting()
             await system.shutdown()  # keeper, ticker, registry, store: reverse start order
+            if failure is None:
+                await runtime.hand_off()  # jobs left running: to a live instance, at once
             root.cancel_scope.cancel()
         if failure is not None:
             raise failure
@@ -130,6 +139,16 @@ async def open_runtime(
                 await http.aclose()
         # Not inside a scope of ours: a store may hold scopes it entered at open().
         await store.aclose()
+
+
+def _model_of(router: ModelRouter, record: JobRecord) -> tuple[Model, Continuation] | None:
+    """The model that serves a job taken over, and its continuation policy; None if this
+    instance cannot serve it."""
+    try:
+        model = router.resolve(record.request)
+    except BackstreamError:
+        return None
+    return model, router.continuation(record.request.model)
 
 
 async def _start_system(
@@ -148,8 +167,17 @@ async def _start_system(
     instance_id = new_id("i_", clock.now())
     presence = WatchPresence()
     seats = HeldSeats(store, lease=config.lease_ttl, release_timeout=config.finalize_timeout)
-    registry = Registry(config, store, clock, jobs, instance_id=instance_id, tools=tools, notifier=notifier)
-    recovery = InterruptOrphans(store, clock, config.retention)
+    registry = Registry(
+        config,
+        store,
+        clock,
+        jobs,
+        instance_id=instance_id,
+        tools=tools,
+        notifier=notifier,
+        hand_off=Capability.SURVIVES_RESTART in store.capabilities,
+    )
+    recovery = ContinueOrphans(config, store, clock, registry, partial(_model_of, router))
     keeper = Keeper(
         config, store, clock, jobs, presence, instance_id=instance_id, recovery=recovery, seats=seats
     )
@@ -181,8 +209,9 @@ async def _start_system(
     runtime.webhook_deliverer = deliverer
     await system.start_child(ChildSpec("store", lambda: store.run, Restart.PERMANENT, shutdown=0))
     await system.start_child(ChildSpec("metronome", lambda: metronome.run, Restart.PERMANENT, shutdown=0))
-    await keeper.recover_orphans()  # jobs of a dead instance end before new ones start
     await system.start_child(ChildSpec("registry", registry.fresh_child, Restart.PERMANENT, shutdown=0))
+    # Jobs of a dead instance are continued (or ended) before the runtime admits new ones.
+    await keeper.recover_orphans()
     await system.start_child(
         ChildSpec("ticker", lambda: FlushTicker(config, jobs).run, Restart.PERMANENT, shutdown=0)
     )

@@ -18,7 +18,7 @@ import trio
 from backstream.actors.ports import ChatTurn, Model, OutputSink, TurnResult
 from backstream.protocol.errors import BadRequestError
 from backstream.runtime.models.tools_demo import ToolsDemoModel
-from backstream.runtime.models.turns import TurnCollector
+from backstream.runtime.models.turns import TurnCollector, continue_after
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -145,7 +145,7 @@ class _BuiltinModel:
         collector = TurnCollector(sink, max_argument_chars=self._max_argument_chars)
         rate = float(turn.params.get("tokens_per_s") or self._default_rate)
         stamped = bool(turn.params.get("timestamps"))
-        words = self.words(turn)
+        words = continue_after(self.words(turn), turn.prefill)
         start = trio.current_time()
         for i, word in enumerate(words):
             # Sleeping until an absolute time keeps the rate exact however long a step took.

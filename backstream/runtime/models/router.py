@@ -19,6 +19,7 @@ from typing import Any
 
 from backstream.actors.config import Config
 from backstream.actors.ports import Model
+from backstream.protocol.continuation import Continuation, continuation_for
 from backstream.protocol.errors import BadRequestError
 from backstream.protocol.records import JobRequest
 from backstream.runtime.models.builtin import BUILTIN_MODELS, builtin_model, validate_builtin_params
@@ -84,6 +85,13 @@ class ModelRouter:
         if text is None:
             return messages
         return ({"role": "system", "content": text}, *messages)
+
+    def continuation(self, model: str) -> Continuation:
+        """How a job of ``model`` is continued when its instance died: the first pattern of
+        ``config.continuations`` that matches it, else the built-ins' ``prefill``, else
+        ``interrupt`` (an upstream not known to continue a final assistant message)."""
+        patterns = {pattern: Continuation(policy) for pattern, policy in self._config.continuations.items()}
+        return continuation_for(model, patterns)
 
     def resolve(self, request: JobRequest) -> Model:
         """The model that serves ``request``: an embedded one, a built-in, or the upstream.

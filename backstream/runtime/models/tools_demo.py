@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from backstream.actors.ports import ChatTurn, OutputSink, TurnResult
-from backstream.runtime.models.turns import TurnCollector
+from backstream.runtime.models.turns import TurnCollector, continue_after
 
 __all__ = ["TOOLS_DEMO_MODEL", "ToolsDemoModel", "describe_results", "find_expression", "plan_calls"]
 
@@ -123,17 +123,17 @@ class ToolsDemoModel:
         since_user = turn.messages[last_user + 1 :]
         enabled = [spec.get("function", {}).get("name", "") for spec in turn.tools]
         if any(m.get("role") == "tool" for m in since_user):
-            words = await _stream(collector, describe_results(since_user), rate)
+            words = await _stream(collector, describe_results(since_user), rate, turn.prefill)
             return _finish(collector, "stop", turn, words)
         user_text = _user_text(turn.messages[last_user]) if last_user >= 0 else ""
         calls = plan_calls(user_text, enabled)
         if not calls:
             reply = "I can call calculate, clock_now and send_note, but none of them is enabled for this job."
-            words = await _stream(collector, reply, rate)
+            words = await _stream(collector, reply, rate, turn.prefill)
             return _finish(collector, "stop", turn, words)
         names = [name for name, _ in calls]
         listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-        words = await _stream(collector, f"Let me use {listed} for that. ", rate)
+        words = await _stream(collector, f"Let me use {listed} for that. ", rate, turn.prefill)
         for index, (name, arguments) in enumerate(calls):
             fragment = {
                 "index": index,
@@ -145,9 +145,10 @@ class ToolsDemoModel:
         return _finish(collector, "tool_calls", turn, words)
 
 
-async def _stream(collector: TurnCollector, text: str, rate: float) -> int:
-    """Stream ``text`` word by word at ``rate`` words per second; returns the word count."""
-    words = re.findall(r"\S+\s*", text)
+async def _stream(collector: TurnCollector, text: str, rate: float, prefill: str | None) -> int:
+    """Stream ``text`` word by word at ``rate`` words per second (after ``prefill``, the start
+    of it already said, if it is); returns the word count."""
+    words = continue_after(re.findall(r"\S+\s*", text), prefill)
     start = trio.current_time()
     for i, word in enumerate(words):
         await trio.sleep_until(start + i / rate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from backstream.actors.ports import ModelFailure, OutputSink, TurnResult
@@ -16,7 +17,7 @@ from backstream.protocol.chat_stream import (
 )
 from backstream.protocol.events import ErrorInfo
 
-__all__ = ["TurnCollector"]
+__all__ = ["TurnCollector", "continue_after"]
 
 
 class TurnCollector:
@@ -63,3 +64,25 @@ class TurnCollector:
                 ErrorInfo("upstream_protocol", "the model stream ended without a finish_reason")
             )
         return TurnResult(reason, self.assembler.usage, tuple(self._tool_calls))
+
+
+def continue_after(words: Sequence[str], prefill: str | None) -> Sequence[str]:
+    """What a deterministic model streams of its answer ``words`` after ``prefill`` (the start
+    of the answer, given to continue): the rest of the word the prefill ends in, then the
+    words after it. A prefill that is not the start of the answer: the whole answer (the
+    model starts over). Reads only as many words as the prefill covers."""
+    if not prefill:
+        return words
+    at = 0
+    for index, word in enumerate(words):
+        end = at + len(word)
+        if end >= len(prefill):
+            if not word.startswith(prefill[at:]):
+                return words
+            rest = word[len(prefill) - at :]
+            after = words[index + 1 :]
+            return [rest, *after] if rest else after
+        if prefill[at:end] != word:
+            return words
+        at = end
+    return words  # the prefill is longer than the answer: start over

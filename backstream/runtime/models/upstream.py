@@ -164,6 +164,11 @@ class UpstreamClient:
         )
         if turn.tools:
             body["tools"] = list(turn.tools)
+        if turn.prefill:
+            # A final assistant message to continue: llama.cpp's llama-server continues it by
+            # itself; vLLM needs these two; an upstream that ignores them starts over.
+            body["messages"].append({"role": "assistant", "content": turn.prefill})
+            body.update(continue_final_message=True, add_generation_prompt=False)
         cap = self._config.max_output_tokens
         if cap is not None:  # the operator's cost cap, whatever the client asked
             named = [key for key in ("max_tokens", "max_completion_tokens") if key in body]

@@ -44,6 +44,25 @@ class _BackstreamCollector(Collector):
         yield endings
         yield CounterMetricFamily("backstream_jobs_started", "Jobs started", stats.jobs.started_total)
         yield CounterMetricFamily(
+            "backstream_jobs_taken_over",
+            "Jobs of a dead instance taken over to run on here",
+            stats.keeper.continued_total,
+        )
+        continuations = CounterMetricFamily(
+            "backstream_job_continuations",
+            "Jobs continued here after a takeover that ended, by how the turn cut short went on "
+            "(prefill, restart, none: nothing was cut short)",
+            labels=["policy"],
+        )
+        for policy, count in sorted(stats.jobs.continuations_total.items()):
+            continuations.add_metric([policy], count)
+        yield continuations
+        yield CounterMetricFamily(
+            "backstream_regenerated_chars",
+            "Characters of output withdrawn and produced again by continued jobs (restart)",
+            stats.jobs.regenerated_chars_total,
+        )
+        yield CounterMetricFamily(
             "backstream_quota_refusals",
             "Starts refused in this process: the user's stored bytes would pass max_stored_bytes_per_user",
             stats.jobs.quota_refusals_total,

@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 
 from backstream.actors.config import Config
+from backstream.protocol.continuation import parse_continuation
 from backstream.protocol.webhooks import (
     WebhookEndpoint,
     endpoint_from_table,
@@ -111,6 +112,12 @@ def _system_prompt(text: str) -> tuple[str, str]:
     if not found or not pattern.strip():
         raise ValueError(f"{text!r} is not PATTERN=TEXT (a model pattern, =, the system prompt)")
     return pattern.strip(), prompt
+
+
+def _continuation(text: str) -> tuple[str, str]:
+    """``PATTERN=POLICY``: split at the last ``=``."""
+    pattern, policy = parse_continuation(text)
+    return pattern, policy.value
 
 
 _SERVER_OPTIONS: tuple[Option, ...] = (
@@ -248,7 +255,9 @@ _CONFIG_RENAMES: dict[str, dict[str, Any]] = {
     "upstream_api_key": {"flag": False},
     # Each prompt is PATTERN=TEXT; the variable splits on commas, so its texts can hold none.
     "system_prompts": {"name": "system_prompt", "env": "BACKSTREAM_SYSTEM_PROMPTS", "kind": _system_prompt},
+    "continuations": {"name": "continuation", "env": "BACKSTREAM_CONTINUATIONS", "kind": _continuation},
 }
+_PAIRS = (_header, _system_prompt, _continuation)  # settings given as NAME=VALUE pairs
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -338,7 +347,7 @@ def runtime_config(settings: ServeSettings) -> Config:
         if option.config_field is None:
             continue
         value = settings.values[option.name]
-        if option.kind in (_header, _system_prompt):
+        if option.kind in _PAIRS:
             value = dict(value)
         fields[option.config_field] = value
     try:
@@ -383,8 +392,8 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
             value = option.kind(raw)
         elif option.kind is _header and isinstance(raw, str):
             value = _header(raw)
-        elif option.kind is _system_prompt and isinstance(raw, str):
-            value = _system_prompt(raw)
+        elif option.kind in (_system_prompt, _continuation) and isinstance(raw, str):
+            value = option.kind(raw)
         elif option.kind is boolean and isinstance(raw, bool | str):
             value = raw if isinstance(raw, bool) else boolean(raw)
         elif option.kind is gc_thresholds and isinstance(raw, str):
@@ -409,10 +418,11 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
 def _from_file(option: Option, raw: Any, source: str) -> Any:
     if not option.repeatable:
         return _convert(option, raw, source)
-    if option.kind is _system_prompt and isinstance(raw, dict):
+    if option.kind in (_system_prompt, _continuation) and isinstance(raw, dict):
         not_text = [k for k, v in raw.items() if not isinstance(v, str)]
         if not_text:
-            raise ValueError(f"{source}: the prompt of {not_text[0]!r} is not text")
+            what = "prompt" if option.kind is _system_prompt else "policy"
+            raise ValueError(f"{source}: the {what} of {not_text[0]!r} is not text")
         return tuple(_convert(option, f"{k}={v}", source) for k, v in raw.items())
     if option.kind is _header and isinstance(raw, dict):
         return tuple((str(k), str(v)) for k, v in raw.items())

@@ -70,6 +70,9 @@ class Tool:
     timeout: float = DEFAULT_TIMEOUT
     max_output_chars: int = DEFAULT_MAX_OUTPUT
     requires_approval: bool = False
+    idempotent: bool = False
+    """Running a call twice does no harm: a call cut short by a crash is run again by the
+    instance that takes the job over (otherwise it gets an error result saying so)."""
     isolation: Literal["inline", "subprocess"] = "inline"
     import_path: str | None = None  # "module:attribute", for subprocess isolation
     param_class: type | None = attrs.field(default=None, eq=False, repr=False)
@@ -96,11 +99,13 @@ def tool(
     timeout: float = DEFAULT_TIMEOUT,
     max_output_chars: int = DEFAULT_MAX_OUTPUT,
     requires_approval: bool = False,
+    idempotent: bool = False,
     isolation: Literal["inline", "subprocess"] = "inline",
     limits: ToolLimits | None = None,
 ) -> Any:
     """Make a ``Tool`` of a function; usable as ``@tool`` or ``@tool(timeout=5)``.
-    ``limits`` (subprocess isolation only) bound what each call may use."""
+    ``limits`` (subprocess isolation only) bound what each call may use. ``idempotent``: a
+    call cut short by a crash may run again (see ``Tool.idempotent``)."""
 
     def make(f: Callable[..., Any]) -> Tool:
         schema, param_class = (parameters, None) if parameters is not None else schema_for(f)
@@ -115,6 +120,7 @@ def tool(
             timeout=timeout,
             max_output_chars=max_output_chars,
             requires_approval=requires_approval,
+            idempotent=idempotent,
             isolation=isolation,
             import_path=f"{module}:{qualname}" if module and "<" not in qualname else None,
             param_class=param_class,
@@ -508,5 +514,5 @@ def _calculate(expression: str) -> str:
     return str(value)
 
 
-clock_now: Tool = tool(_clock_now, name="clock_now", timeout=5)
-calculate: Tool = tool(_calculate, name="calculate", timeout=5)
+clock_now: Tool = tool(_clock_now, name="clock_now", timeout=5, idempotent=True)
+calculate: Tool = tool(_calculate, name="calculate", timeout=5, idempotent=True)

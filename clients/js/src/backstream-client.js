@@ -9,7 +9,7 @@
 
 export { Client, connect } from "./client.js";
 export { JobWatch } from "./watch.js";
-export { PROTOCOL_VERSION, TERMINAL_STATUSES, batchText, terminalEvent } from "./protocol.js";
+export { PROTOCOL_VERSION, TERMINAL_STATUSES, batchText, joinContent, terminalEvent } from "./protocol.js";
 export {
   BackstreamError,
   BadRequestError,

@@ -41,13 +41,14 @@ export const TERMINAL_STATUSES = Object.freeze(["completed", "failed", "aborted"
 /** @typedef {{ seq: number, kind: "approval_required", call_id: string, name: string, arguments: string }} ApprovalRequiredEvent */
 /** @typedef {{ seq: number, kind: "approval", call_id: string, approved: boolean }} ApprovalEvent */
 /** @typedef {{ seq: number, kind: "tool_result", call_id: string, name: string, output: string, is_error: boolean }} ToolResultEvent */
+/** @typedef {{ seq: number, kind: "rewind", to_seq: number, content_length: number }} RewindEvent */
 /**
  * @typedef {{ seq: number, kind: "status", status: JobStatus, error: JobError | null,
  *   finish_reason: string | null, usage: Record<string, unknown> | null }} StatusEvent
  */
 /**
  * @typedef {TextEvent | ReasoningEvent | ToolCallEvent | ApprovalRequiredEvent | ApprovalEvent
- *   | ToolResultEvent | StatusEvent} JobEvent
+ *   | ToolResultEvent | RewindEvent | StatusEvent} JobEvent
  */
 
 /**
@@ -116,6 +117,22 @@ export function batchText(batch) {
   let text = "";
   for (const event of batch.events) if (event.kind === "text") text += event.text;
   return text;
+}
+
+/**
+ * The job's content after a batch: `content` (what the batches before it gave, from the log's
+ * start) with the batch's text appended and cut back where a `rewind` says (a turn that ran
+ * again after its server died withdraws its text so far).
+ * @param {string} content
+ * @param {JobEventsMessage} batch
+ * @returns {string}
+ */
+export function joinContent(content, batch) {
+  for (const event of batch.events) {
+    if (event.kind === "text") content += event.text;
+    else if (event.kind === "rewind") content = content.slice(0, event.content_length);
+  }
+  return content;
 }
 
 /**

@@ -20,6 +20,7 @@ import {
   UnavailableError,
   batchText,
   connect,
+  joinContent,
 } from "../src/backstream-client.js";
 import { LOREM, REPO, collect, contiguous, sleep, startProxy, startServer } from "./helpers.js";
 
@@ -386,4 +387,13 @@ describe("reconnects", () => {
       await proxy.close();
     }
   });
+});
+
+test("joinContent applies a rewind: the withdrawn text goes, the new text follows", () => {
+  const batch = (from_seq, events) => ({ type: "job.events", job_id: "j", epoch: 2, from_seq, to_seq: from_seq + events.length - 1, events });
+  let content = joinContent("", batch(1, [{ seq: 1, kind: "status", status: "running", error: null, finish_reason: null, usage: null }, { seq: 2, kind: "text", text: "Hello, " }]));
+  content = joinContent(content, batch(3, [{ seq: 3, kind: "text", text: "wor" }]));
+  assert.equal(content, "Hello, wor");
+  content = joinContent(content, batch(4, [{ seq: 4, kind: "rewind", to_seq: 1, content_length: 0 }, { seq: 5, kind: "text", text: "Hi there" }]));
+  assert.equal(content, "Hi there");
 });

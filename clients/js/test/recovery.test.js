@@ -13,7 +13,8 @@ import { LOREM, collect, contiguous, mintJwt, startServer } from "./helpers.js";
 describe("recovery", { concurrency: true }, () => {
   test("a server restart (1001) and a crash (kill -9): resume, then gone", async () => {
     const store = `sqlite:///${mkdtempSync(join(tmpdir(), "backstream-js-"))}/jobs.db`;
-    const server = await startServer({ store, args: ["--token", "tok=alice"] });
+    // The interrupt policy: the job ends at a stop or a crash, rather than being continued.
+    const server = await startServer({ store, args: ["--token", "tok=alice", "--continuation", "backstream/*=interrupt"] });
     /** @type {import("../src/backstream-client.js").Client | undefined} */
     let client;
     try {

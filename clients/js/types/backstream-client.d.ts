@@ -18,5 +18,5 @@ export type NotificationsReadResult = import("./protocol.js").NotificationsReadR
 export type ThreadMuteResult = import("./protocol.js").ThreadMuteResult;
 export type Welcome = import("./protocol.js").Welcome;
 export { Client, connect } from "./client.js";
-export { PROTOCOL_VERSION, TERMINAL_STATUSES, batchText, terminalEvent } from "./protocol.js";
+export { PROTOCOL_VERSION, TERMINAL_STATUSES, batchText, joinContent, terminalEvent } from "./protocol.js";
 export { BackstreamError, BadRequestError, CapacityError, ClientClosedError, ConflictError, ConnectionLostError, GoneError, InternalError, NotFoundError, ProtocolError, QuotaExceededError, RateLimitedError, RequestTimeoutError, TooLargeError, UnauthorizedError, UnavailableError, UnsupportedProtocolError, errorFromMessage } from "./errors.js";

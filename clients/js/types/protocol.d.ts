@@ -30,13 +30,14 @@
 /** @typedef {{ seq: number, kind: "approval_required", call_id: string, name: string, arguments: string }} ApprovalRequiredEvent */
 /** @typedef {{ seq: number, kind: "approval", call_id: string, approved: boolean }} ApprovalEvent */
 /** @typedef {{ seq: number, kind: "tool_result", call_id: string, name: string, output: string, is_error: boolean }} ToolResultEvent */
+/** @typedef {{ seq: number, kind: "rewind", to_seq: number, content_length: number }} RewindEvent */
 /**
  * @typedef {{ seq: number, kind: "status", status: JobStatus, error: JobError | null,
  *   finish_reason: string | null, usage: Record<string, unknown> | null }} StatusEvent
  */
 /**
  * @typedef {TextEvent | ReasoningEvent | ToolCallEvent | ApprovalRequiredEvent | ApprovalEvent
- *   | ToolResultEvent | StatusEvent} JobEvent
+ *   | ToolResultEvent | RewindEvent | StatusEvent} JobEvent
  */
 /**
  * One batch of a watch: the log entries `from_seq` to `to_seq`, in order.
@@ -96,6 +97,15 @@
  * @returns {string}
  */
 export function batchText(batch: JobEventsMessage): string;
+/**
+ * The job's content after a batch: `content` (what the batches before it gave, from the log's
+ * start) with the batch's text appended and cut back where a `rewind` says (a turn that ran
+ * again after its server died withdraws its text so far).
+ * @param {string} content
+ * @param {JobEventsMessage} batch
+ * @returns {string}
+ */
+export function joinContent(content: string, batch: JobEventsMessage): string;
 /**
  * The terminal status event of a batch, if it ends the job.
  * @param {JobEventsMessage} batch
@@ -177,6 +187,12 @@ export type ToolResultEvent = {
     output: string;
     is_error: boolean;
 };
+export type RewindEvent = {
+    seq: number;
+    kind: "rewind";
+    to_seq: number;
+    content_length: number;
+};
 export type StatusEvent = {
     seq: number;
     kind: "status";
@@ -185,7 +201,7 @@ export type StatusEvent = {
     finish_reason: string | null;
     usage: Record<string, unknown> | null;
 };
-export type JobEvent = TextEvent | ReasoningEvent | ToolCallEvent | ApprovalRequiredEvent | ApprovalEvent | ToolResultEvent | StatusEvent;
+export type JobEvent = TextEvent | ReasoningEvent | ToolCallEvent | ApprovalRequiredEvent | ApprovalEvent | ToolResultEvent | RewindEvent | StatusEvent;
 /**
  * One batch of a watch: the log entries `from_seq` to `to_seq`, in order.
  */
