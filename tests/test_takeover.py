@@ -86,7 +86,9 @@ async def plant_orphan(store: Store, request: JobRequest, entries: list[LogEvent
         created_at=now - 2, updated_at=now - 2, owner="i_dead", lease_until=now - 1,
     )  # fmt: skip
     async with opened(store):
-        capacity = SharedCapacity(now=now - 2, lease_until=now - 1, max_jobs=10, max_jobs_per_user=10)
+        # Its lease ended a second ago (on Redis, leases are on Redis's clock: "a second ago"
+        # is measured from the ``now`` the store is given).
+        capacity = SharedCapacity(now=now, lease_until=now - 1, max_jobs=10, max_jobs_per_user=10)
         await store.create_job(record, capacity)
         length = sum(len(e.text) for e in entries if isinstance(e, TextEvent))
         await store.commit(record.job_id, entries, JobProgress("running", len(entries), length, now - 1))

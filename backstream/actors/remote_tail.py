@@ -101,6 +101,14 @@ class RemoteTail:
         last = self.last_seq
         return self._base is not None and last is not None and self._base <= after_seq < last
 
+    async def store_holds(self, seq: int) -> bool:
+        """Whether the store's log still holds entry ``seq`` (trivially, seq 0): read from
+        the store, not the window. Cancellation: safe (a read)."""
+        if seq <= 0:
+            return True
+        entries = await self._store.read(self.job_id, seq - 1, 1)
+        return bool(entries) and entries[0].seq == seq
+
     async def read(self, after_seq: int, limit: int) -> list[LogEvent]:
         """Up to ``limit`` entries after ``after_seq``: from the window, else read once per
         round into it (or, for a cursor behind the window, from the store). Empty when
@@ -229,7 +237,11 @@ class TailedSource:
                 raise GoneError("the job's stored log is behind its record; load the result with job.get")
             return entries
         if record.epoch != self.epoch:
-            raise gone  # recovered at a new epoch before the cursor: what it had is lost
+            # Taken over: what this source read came from the store, so it stands if the
+            # log still holds the entry at the cursor (a continuation keeps the log).
+            if not await tail.store_holds(after_seq):
+                raise gone  # the store lost what the cursor read
+            self.epoch = record.epoch
         if is_terminal(record.status):
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
         return []

@@ -140,7 +140,11 @@ class StoredSource:
             if not await self._store.read(self._job_id, after_seq, 1):
                 raise GoneError("the job's stored log is behind its record; load the result with job.get")
         elif record.epoch != self.epoch:
-            raise gone  # recovered at a new epoch before the cursor: what it had is lost
+            # Taken over: what this source read came from the store, so it stands if the
+            # log still holds the entry at the cursor (a continuation keeps the log).
+            if not await _still_holds(self._store, self._job_id, after_seq):
+                raise gone  # the store lost what the cursor read
+            self.epoch = record.epoch
         elif is_terminal(record.status):
             # The job ended before the cursor: nothing will ever come.
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
@@ -151,6 +155,14 @@ class StoredSource:
 
     def close(self) -> None:
         pass
+
+
+async def _still_holds(store: StoredLogs, job_id: str, seq: int) -> bool:
+    """Whether the job's stored log still holds its entry ``seq`` (trivially, seq 0)."""
+    if seq <= 0:
+        return True
+    entries = await store.read(job_id, seq - 1, 1)
+    return bool(entries) and entries[0].seq == seq
 
 
 class Watcher:
