@@ -31,8 +31,10 @@ import asyncio
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import ExitStack
@@ -44,7 +46,7 @@ sys.path.insert(0, str(HERE.parent))
 import trio  # noqa: E402
 
 from bench import redis_sweep  # noqa: E402
-from bench._common import print_table, write_json  # noqa: E402
+from bench._common import percentile, print_table, write_json  # noqa: E402
 from bench._procs import ProcessSampler, free_port, wait_for_port  # noqa: E402
 from bench._redis_cluster import command_calls, cpu_seconds, redis_servers  # noqa: E402
 from bench.ws_load import Stats, summarize  # noqa: E402
@@ -53,15 +55,27 @@ MODEL = "backstream/lorem"
 IGNORED = {"info", "ping"}  # the bench's own polling
 
 
-def start_serves(a: argparse.Namespace, store: str, count: int, prefix: str) -> list[subprocess.Popen[bytes]]:
-    """``count`` serve processes on ``store`` with room for every job of the run."""
+def users(a: argparse.Namespace) -> int:
+    return a.users or a.jobs
+
+
+def user_of(job: int, a: argparse.Namespace) -> str:
+    return f"u{job % users(a)}"
+
+
+def start_serves(
+    a: argparse.Namespace, store: str, count: int, prefix: str, tokens_file: str
+) -> list[subprocess.Popen[bytes]]:
+    """``count`` serve processes on ``store`` with room for every job of the run; user uK's
+    token is uK."""
     env = {**os.environ, "BACKSTREAM_REDIS_PREFIX": prefix}
+    pathlib.Path(tokens_file).write_text("".join(f"u{k}=u{k}\n" for k in range(users(a))))
     procs = []
     for _ in range(count):
         port = free_port()
-        cmd = [sys.executable, "-m", "backstream", "serve", "--port", str(port), "--token", "bench=bench"]
+        cmd = [sys.executable, "-m", "backstream", "serve", "--port", str(port), "--tokens-file", tokens_file]
         cmd += ["--max-jobs", str(a.jobs), "--max-jobs-per-user", str(a.jobs), "--store", store]
-        cmd += ["--retention", "120", "--log-level", "warning"]
+        cmd += ["--max-connections-per-user", "100000", "--retention", "120", "--log-level", "warning"]
         proc = subprocess.Popen(cmd, cwd=HERE.parent, env=env)
         proc.port = port  # type: ignore[attr-defined]
         procs.append(proc)
@@ -74,20 +88,20 @@ def url_of(proc: subprocess.Popen[bytes]) -> str:
     return f"ws://127.0.0.1:{proc.port}/v1"  # type: ignore[attr-defined]
 
 
-async def _hello(ws: Any) -> None:
-    await ws.send(json.dumps({"type": "hello", "id": "h", "protocol": 1, "token": "bench"}))
+async def _hello(ws: Any, user: str) -> None:
+    await ws.send(json.dumps({"type": "hello", "id": "h", "protocol": 1, "token": user}))
     welcome = json.loads(await ws.recv())
     assert welcome["type"] == "welcome", welcome
 
 
-async def start_jobs(url: str, jobs: list[int], a: argparse.Namespace) -> dict[int, str]:
-    """Start ``jobs`` on the instance at ``url`` (nobody watching there); their ids."""
+async def start_jobs(url: str, user: str, jobs: list[int], a: argparse.Namespace) -> dict[int, str]:
+    """Start ``jobs`` of ``user`` on the instance at ``url`` (nobody watching there); their ids."""
     import websockets
 
     params = {"max_tokens": a.tokens, "tokens_per_s": a.rate, "timestamps": True}
     ids: dict[int, str] = {}
     async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
-        await _hello(ws)
+        await _hello(ws, user)
         for j in jobs:
             start: dict[str, Any] = {
                 "type": "job.start",
@@ -106,37 +120,48 @@ async def start_jobs(url: str, jobs: list[int], a: argparse.Namespace) -> dict[i
     return ids
 
 
-async def watch_job(url: str, job: int, job_id: str, stats: Stats) -> None:
-    """Watch ``job_id`` from its start until its terminal status, recording its tokens."""
+async def watch_job(url: str, user: str, job: int, job_id: str, stats: Stats, live: list[float]) -> None:
+    """Watch ``job_id`` from its start until its terminal status, recording its tokens; in
+    ``live``, the latency of those produced after the watch began (no catch-up)."""
     import websockets
 
     async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
-        await _hello(ws)
+        await _hello(ws, user)
         await ws.send(json.dumps({"type": "job.watch", "id": "w", "job_id": job_id, "after_seq": 0}))
-        index = 0
+        index, since = 0, float("inf")
         async for raw in ws:
             now = time.time()
             message = json.loads(raw)
             if message["type"] == "error":
                 raise RuntimeError(f"server error: {message}")
+            since = now if message["type"] == "job.watching" else since
             if message["type"] != "job.events":
                 continue
             stats.frames += 1
             for event in message["events"]:
                 if event["kind"] == "text":
                     index = stats.tokens(job, index, event["text"], now)
+                    live += [now - float(stamp) for stamp in event["text"].split() if float(stamp) > since]
                 elif event["kind"] == "status" and event["status"] != "running":
                     return
 
 
-async def load(urls: list[str], a: argparse.Namespace, stats: Stats) -> None:
-    """Job j starts on instance j mod N; W watchers of it on instance (j+1) mod N."""
+async def load(urls: list[str], a: argparse.Namespace, stats: Stats, live: list[float]) -> None:
+    """Job j of user j mod U starts on instance j mod N; W watchers of it on instance (j+1) mod N."""
     n = len(urls)
-    by_instance = [[j for j in range(a.jobs) if j % n == i] for i in range(n)]
-    started = await asyncio.gather(*(start_jobs(urls[i], js, a) for i, js in enumerate(by_instance) if js))
+    groups: dict[tuple[int, str], list[int]] = {}
+    for j in range(a.jobs):
+        groups.setdefault((j % n, user_of(j, a)), []).append(j)
+    # At most 16 starts per connection: a connection's requests are rate-limited (burst).
+    chunks = [
+        (urls[i], user, js[k : k + 16]) for (i, user), js in groups.items() for k in range(0, len(js), 16)
+    ]
+    started = await asyncio.gather(*(start_jobs(url, user, js, a) for url, user, js in chunks))
     ids = {j: job_id for part in started for j, job_id in part.items()}
     watches = [
-        watch_job(urls[(j + 1) % n], j, ids[j], stats) for j in range(a.jobs) for _ in range(a.watchers)
+        watch_job(urls[(j + 1) % n], user_of(j, a), j, ids[j], stats, live)
+        for j in range(a.jobs)
+        for _ in range(a.watchers)
     ]
     await asyncio.gather(*watches)
 
@@ -148,10 +173,11 @@ def redis_snapshot(ports: list[int]) -> list[tuple[dict[str, int], float]]:
 def redis_row(before: list[tuple[dict[str, int], float]], ports: list[int], tokens: int) -> dict[str, Any]:
     """Commands (summed over the primaries), per token, per primary and their spread; CPU."""
     after = redis_snapshot(ports)
-    per_primary, by_name, cpu = [], dict[str, int](), 0.0
+    per_primary, by_name, cpu, by_primary = [], dict[str, int](), 0.0, []
     for (calls0, cpu0), (calls1, cpu1) in zip(before, after, strict=True):
         delta = {k: v - calls0.get(k, 0) for k, v in calls1.items() if k not in IGNORED}
         per_primary.append(sum(delta.values()))
+        by_primary.append(" ".join(f"{k}={v}" for k, v in sorted(delta.items(), key=lambda kv: -kv[1])[:8]))
         for name, calls in delta.items():
             by_name[name] = by_name.get(name, 0) + calls
         cpu += cpu1 - cpu0
@@ -169,13 +195,16 @@ def redis_row(before: list[tuple[dict[str, int], float]], ports: list[int], toke
         "redis_us_per_cmd": round(cpu / max(total, 1) * 1e6, 2),
         "redis_us_per_token": round(cpu / tokens * 1e6, 2),
         "by_name": " ".join(f"{k}={v}" for k, v in top),
+        "by_primary": by_primary,
     }
 
 
 def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int]) -> dict[str, Any]:
     """One configuration: fresh serve processes (and one idle, on Redis), the load, counts."""
     idle = 1 if ports else 0
-    procs = start_serves(a, store, instances + idle, f"bench{uuid.uuid4().hex[:8]}")
+    tokens_file = os.path.join(tempfile.mkdtemp(prefix="bench-tokens-"), "tokens")
+    procs = start_serves(a, store, instances + idle, f"bench{uuid.uuid4().hex[:8]}", tokens_file)
+    live: list[float] = []
     try:
         samplers = [ProcessSampler(proc.pid) for proc in procs]
         time.sleep(0.5)
@@ -186,7 +215,7 @@ def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int])
         before = redis_snapshot(ports) if ports else []
         stats = Stats(a.rate)
         t0 = stats.t0 = time.time()
-        asyncio.run(load([url_of(p) for p in procs[:instances]], a, stats))
+        asyncio.run(load([url_of(p) for p in procs[:instances]], a, stats, live))
         elapsed = (stats.last_token_at or time.time()) - t0
         redis = redis_row(before, ports, a.jobs * a.tokens) if ports else {}
         for sampler in samplers:
@@ -197,8 +226,12 @@ def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int])
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=20)
+        shutil.rmtree(os.path.dirname(tokens_file), ignore_errors=True)
     row = summarize(stats, a, elapsed, sum(used[:instances]), 0, 0.0, None)
     row["cpu_us_per_token"] = round(sum(used[:instances]) / (a.jobs * a.tokens) * 1e6, 1)
+    live.sort()
+    row["live_p50_ms"] = round(percentile(live, 0.5) * 1000, 1)
+    row["live_p99_ms"] = round(percentile(live, 0.99) * 1000, 1)
     if idle:
         row["idle_cpu_s"] = round(used[-1], 3)
         row["idle_base_cpu_s"] = round(baseline * elapsed, 3)
@@ -279,9 +312,9 @@ def plot(rows: list[dict[str, Any]], a: argparse.Namespace, out: pathlib.Path) -
 
 
 COLUMNS = [
-    "name", "tokens_delivered", "tokens_per_s", "due_p99_ms", "wall_x", "server_cpu_s", "cpu_us_per_token",
-    "idle_cpu_s", "idle_base_cpu_s", "cmd_per_token", "ops_per_primary", "spread_pct", "xrange", "hmget",
-    "redis_us_per_cmd", "redis_us_per_token",
+    "name", "tokens_delivered", "tokens_per_s", "live_p50_ms", "live_p99_ms", "wall_x", "server_cpu_s",
+    "cpu_us_per_token", "idle_cpu_s", "idle_base_cpu_s", "cmd_per_token", "ops_per_primary", "spread_pct",
+    "xrange", "hmget", "redis_us_per_cmd", "redis_us_per_token",
 ]  # fmt: skip
 
 
@@ -316,6 +349,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=300, help="tokens per job")
     ap.add_argument("--rate", type=float, default=30.0, help="tokens per second per job")
     ap.add_argument("--watchers", type=int, default=1, help="watchers per job (the next row: one more)")
+    ap.add_argument("--users", type=int, default=0, help="users the jobs belong to (default: one per job)")
     ap.add_argument("--instances", type=int, default=3, help="serve instances sharing the load")
     ap.add_argument("--primaries", type=int, default=3, help="primaries of the Redis Cluster")
     ap.add_argument(
@@ -323,7 +357,7 @@ def main() -> None:
     )
     ap.add_argument("--scale-jobs", type=int, default=200, help="jobs of the instances sweep (0: none)")
     ap.add_argument("--scale-rate", type=float, default=100.0)
-    ap.add_argument("--scale-tokens", type=int, default=500)
+    ap.add_argument("--scale-tokens", type=int, default=300)
     ap.add_argument("--sweep-jobs", type=int, default=5000, help="expired jobs to sweep (0: none)")
     ap.add_argument("--plots", default=str(HERE.parent / "docs" / "perf"), help="where the PNG goes")
     ap.add_argument("--json", help="where to write the results (default bench/results/redis_cluster.json)")
