@@ -215,8 +215,10 @@ def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int])
         before = redis_snapshot(ports) if ports else []
         stats = Stats(a.rate)
         t0 = stats.t0 = time.time()
+        client0 = time.process_time()
         asyncio.run(load([url_of(p) for p in procs[:instances]], a, stats, live))
         elapsed = (stats.last_token_at or time.time()) - t0
+        client_cpu = time.process_time() - client0
         redis = redis_row(before, ports, a.jobs * a.tokens) if ports else {}
         for sampler in samplers:
             sampler.stop()
@@ -227,7 +229,7 @@ def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int])
         for proc in procs:
             proc.wait(timeout=20)
         shutil.rmtree(os.path.dirname(tokens_file), ignore_errors=True)
-    row = summarize(stats, a, elapsed, sum(used[:instances]), 0, 0.0, None)
+    row = summarize(stats, a, elapsed, sum(used[:instances]), 0, client_cpu, None)
     row["cpu_us_per_token"] = round(sum(used[:instances]) / (a.jobs * a.tokens) * 1e6, 1)
     live.sort()
     row["live_p50_ms"] = round(percentile(live, 0.5) * 1000, 1)
@@ -314,7 +316,7 @@ def plot(rows: list[dict[str, Any]], a: argparse.Namespace, out: pathlib.Path) -
 COLUMNS = [
     "name", "tokens_delivered", "tokens_per_s", "live_p50_ms", "live_p99_ms", "wall_x", "server_cpu_s",
     "cpu_us_per_token", "idle_cpu_s", "idle_base_cpu_s", "cmd_per_token", "ops_per_primary", "spread_pct",
-    "xrange", "hmget", "redis_us_per_cmd", "redis_us_per_token",
+    "xrange", "hmget", "redis_us_per_cmd", "redis_us_per_token", "client_cpu_s",
 ]  # fmt: skip
 
 
