@@ -56,7 +56,7 @@ IGNORED = {"info", "ping"}  # the bench's own polling
 
 
 def users(a: argparse.Namespace) -> int:
-    return a.users or a.jobs
+    return int(a.users or a.jobs)
 
 
 def user_of(job: int, a: argparse.Namespace) -> str:
@@ -273,7 +273,12 @@ def scale(a: argparse.Namespace, cluster: tuple[str, list[int]]) -> list[dict[st
     rows = []
     try:
         for instances in range(1, a.instances + 1):
-            rows.append({"name": f"cluster x{instances}", **measure(a, cluster[0], instances, cluster[1])})
+            name = f"cluster x{instances}"
+            try:
+                rows.append({"name": name, **measure(a, cluster[0], instances, cluster[1])})
+            except (OSError, RuntimeError) as exc:  # overloaded: say so, keep the rest
+                print(f"{name} failed: {exc!r}", file=sys.stderr)
+                rows.append({"name": f"{name} FAILED: {exc}"[:120], "tokens_per_s": 0})
             print(f"measured scale x{instances}", file=sys.stderr, flush=True)
     finally:
         a.jobs, a.rate, a.tokens = saved
@@ -298,7 +303,7 @@ def plot(rows: list[dict[str, Any]], a: argparse.Namespace, out: pathlib.Path) -
         return
     instances = list(range(1, len(rows) + 1))
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=80)
-    ax.plot(instances, [r["tokens_per_s"] for r in rows], marker="o", label="delivered")
+    ax.plot(instances, [r["tokens_per_s"] for r in rows], marker="o", label="delivered (0: failed)")
     offered = a.scale_jobs * a.scale_rate
     ax.axhline(offered, linestyle=":", color="grey", label="offered")
     ax.set(xlabel="serve instances", ylabel="tokens/s", xticks=instances, ylim=(0, offered * 1.15))
@@ -357,7 +362,7 @@ def main() -> None:
     ap.add_argument(
         "--baseline-s", type=float, default=2.0, help="the idle instance's baseline, before the load"
     )
-    ap.add_argument("--scale-jobs", type=int, default=200, help="jobs of the instances sweep (0: none)")
+    ap.add_argument("--scale-jobs", type=int, default=120, help="jobs of the instances sweep (0: none)")
     ap.add_argument("--scale-rate", type=float, default=100.0)
     ap.add_argument("--scale-tokens", type=int, default=300)
     ap.add_argument("--sweep-jobs", type=int, default=5000, help="expired jobs to sweep (0: none)")
