@@ -132,8 +132,9 @@ async def watch_job(url: str, user: str, job: int, job_id: str, stats: Stats, li
         async for raw in ws:
             now = time.time()
             message = json.loads(raw)
-            if message["type"] == "error":
-                raise RuntimeError(f"server error: {message}")
+            if message["type"] == "error":  # the server ended the watch (overloaded: unavailable, gone)
+                stats.watch_errors.append(message["code"])  # type: ignore[attr-defined]
+                return
             since = now if message["type"] == "job.watching" else since
             if message["type"] != "job.events":
                 continue
@@ -214,6 +215,7 @@ def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int])
         cpu0 = [s.cpu for s in samplers]
         before = redis_snapshot(ports) if ports else []
         stats = Stats(a.rate)
+        stats.watch_errors = []  # type: ignore[attr-defined]
         t0 = stats.t0 = time.time()
         client0 = time.process_time()
         asyncio.run(load([url_of(p) for p in procs[:instances]], a, stats, live))
@@ -232,6 +234,7 @@ def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int])
     row = summarize(stats, a, elapsed, sum(used[:instances]), 0, client_cpu, None)
     row["cpu_us_per_token"] = round(sum(used[:instances]) / (a.jobs * a.tokens) * 1e6, 1)
     live.sort()
+    row["watch_errors"] = " ".join(stats.watch_errors) or 0  # type: ignore[attr-defined]
     row["live_p50_ms"] = round(percentile(live, 0.5) * 1000, 1)
     row["live_p99_ms"] = round(percentile(live, 0.99) * 1000, 1)
     if idle:
@@ -321,7 +324,7 @@ def plot(rows: list[dict[str, Any]], a: argparse.Namespace, out: pathlib.Path) -
 COLUMNS = [
     "name", "tokens_delivered", "tokens_per_s", "live_p50_ms", "live_p99_ms", "wall_x", "server_cpu_s",
     "cpu_us_per_token", "idle_cpu_s", "idle_base_cpu_s", "cmd_per_token", "ops_per_primary", "spread_pct",
-    "xrange", "hmget", "redis_us_per_cmd", "redis_us_per_token", "client_cpu_s",
+    "xrange", "hmget", "redis_us_per_cmd", "redis_us_per_token", "client_cpu_s", "watch_errors",
 ]  # fmt: skip
 
 
