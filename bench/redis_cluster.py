@@ -7,7 +7,8 @@ primaries, and tears them down afterwards. Each configuration gets fresh ``serve
 processes (``--model lorem``: the built-in model, no upstream). The load client
 (asyncio, websockets) starts job j on instance j mod N and watches it from instance
 (j+1) mod N (the memory store: one instance, both there), W connections per job, each
-watching from seq 0. Rows:
+watching from seq 0; job j belongs to user u(j mod U) (``--users``, default one per job:
+a user's keys sit on one slot). Rows:
 
 - ``memory x1``; ``redis x3`` (one Redis); ``cluster x3`` with 1 and with 2 watchers per
   job (the second on the same instance: it should add no Redis reads, XRANGE/HMGET);
@@ -53,6 +54,14 @@ from bench.ws_load import Stats, summarize  # noqa: E402
 
 MODEL = "backstream/lorem"
 IGNORED = {"info", "ping"}  # the bench's own polling
+
+
+class ClusterStats(Stats):
+    """What the load client saw, and the codes of the watches the server ended."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(rate)
+        self.watch_errors: list[str] = []
 
 
 def users(a: argparse.Namespace) -> int:
@@ -120,7 +129,9 @@ async def start_jobs(url: str, user: str, jobs: list[int], a: argparse.Namespace
     return ids
 
 
-async def watch_job(url: str, user: str, job: int, job_id: str, stats: Stats, live: list[float]) -> None:
+async def watch_job(
+    url: str, user: str, job: int, job_id: str, stats: ClusterStats, live: list[float]
+) -> None:
     """Watch ``job_id`` from its start until its terminal status, recording its tokens; in
     ``live``, the latency of those produced after the watch began (no catch-up)."""
     import websockets
@@ -133,7 +144,7 @@ async def watch_job(url: str, user: str, job: int, job_id: str, stats: Stats, li
             now = time.time()
             message = json.loads(raw)
             if message["type"] == "error":  # the server ended the watch (overloaded: unavailable, gone)
-                stats.watch_errors.append(message["code"])  # type: ignore[attr-defined]
+                stats.watch_errors.append(message["code"])
                 return
             since = now if message["type"] == "job.watching" else since
             if message["type"] != "job.events":
@@ -147,7 +158,7 @@ async def watch_job(url: str, user: str, job: int, job_id: str, stats: Stats, li
                     return
 
 
-async def load(urls: list[str], a: argparse.Namespace, stats: Stats, live: list[float]) -> None:
+async def load(urls: list[str], a: argparse.Namespace, stats: ClusterStats, live: list[float]) -> None:
     """Job j of user j mod U starts on instance j mod N; W watchers of it on instance (j+1) mod N."""
     n = len(urls)
     groups: dict[tuple[int, str], list[int]] = {}
@@ -214,8 +225,7 @@ def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int])
         baseline = (samplers[-1].cpu - idle_base) / a.baseline_s if idle else 0.0
         cpu0 = [s.cpu for s in samplers]
         before = redis_snapshot(ports) if ports else []
-        stats = Stats(a.rate)
-        stats.watch_errors = []  # type: ignore[attr-defined]
+        stats = ClusterStats(a.rate)
         t0 = stats.t0 = time.time()
         client0 = time.process_time()
         asyncio.run(load([url_of(p) for p in procs[:instances]], a, stats, live))
@@ -234,7 +244,7 @@ def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int])
     row = summarize(stats, a, elapsed, sum(used[:instances]), 0, client_cpu, None)
     row["cpu_us_per_token"] = round(sum(used[:instances]) / (a.jobs * a.tokens) * 1e6, 1)
     live.sort()
-    row["watch_errors"] = " ".join(stats.watch_errors) or 0  # type: ignore[attr-defined]
+    row["watch_errors"] = " ".join(stats.watch_errors) or 0
     row["live_p50_ms"] = round(percentile(live, 0.5) * 1000, 1)
     row["live_p99_ms"] = round(percentile(live, 0.99) * 1000, 1)
     if idle:
