@@ -107,21 +107,8 @@ class RedisServer:
             shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.directory),
-            ],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "yes", "--appendfsync", "always", "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
@@ -157,30 +144,10 @@ class Instance:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "backstream",
-                    "serve",
-                    "--port",
-                    str(self.port),
-                    "--store",
-                    self.redis_url,
-                    "--lease-ttl",
-                    str(self.lease),
-                    "--lease-renew-interval",
-                    "1",
-                    "--drain-timeout",
-                    "1",
-                    "--max-jobs",
-                    "10000",
-                    "--max-jobs-per-user",
-                    "10000",
-                    "--retention",
-                    "3600",
-                    "--log-level",
-                    "warning",
-                ],
+                [sys.executable, "-m", "backstream", "serve", "--port", str(self.port),
+                 "--store", self.redis_url, "--lease-ttl", str(self.lease), "--lease-renew-interval", "1",
+                 "--drain-timeout", "1", "--max-jobs", "10000", "--max-jobs-per-user", "10000",
+                 "--retention", "3600", "--log-level", "warning"],
                 env=self.env,
                 stdout=log,
                 stderr=log,
@@ -747,21 +714,8 @@ def main() -> None:
         png = args.plot or str(path.with_suffix(".png"))
         plot(payload, png)
         print(f"plot: {png}")
-    summary = {
-        k: payload[k]
-        for k in (
-            "duration_s",
-            "jobs",
-            "final_statuses",
-            "watch_histories",
-            "batches",
-            "events",
-            "client_reconnects",
-            "faults",
-            "violation_count",
-            "rss_mb",
-        )
-    }
+    summary = {k: payload[k] for k in ("duration_s", "jobs", "final_statuses", "watch_histories", "batches",
+                                       "events", "client_reconnects", "faults", "violation_count", "rss_mb")}
     print(summary)
     for violation in payload["violations"][:20]:
         print("VIOLATION", violation)
