@@ -202,6 +202,8 @@ async def _steady(args: argparse.Namespace, prefix: str) -> list[dict[str, Any]]
 
 
 async def _delete_prefix(url: str, prefix: str) -> None:
+    if not url.startswith(("redis://", "rediss://")):
+        return  # a cluster or sentinel group of the caller's own, torn down after the run
     async with coredis.Redis.from_url(url, decode_responses=True) as r:
         for pattern in ("{" + prefix + "}:*", "{" + prefix + ":*"):
             batch: list[str] = []
@@ -227,28 +229,30 @@ async def _close(stores: list[RedisStore]) -> None:
         await store.aclose()
 
 
+async def measure_sweep(url: str, jobs: int, instances: int) -> dict[str, Any]:
+    """Make ``jobs`` expired jobs on the store at ``url`` (any Redis URL the store takes),
+    then sweep them with ``instances`` instances at once: how many each removed, how fast."""
+    prefix = f"bench:{uuid.uuid4().hex[:10]}"
+    stores = await _open(url, prefix, instances)
+    try:
+        fill_rate = await _fill(stores[0], jobs, retention=1.0)
+        counts, seconds = await _sweep_all(stores, time.time() + 2)
+    finally:
+        await _close(stores)
+        await _delete_prefix(url, prefix)
+    return {
+        "instances": instances,
+        "expired_jobs": jobs,
+        "removed": sum(counts),
+        "per_instance": "/".join(map(str, counts)),
+        "seconds": seconds,
+        "removed_per_s": sum(counts) / seconds,
+        "made_per_s": fill_rate,
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    sweeps: list[dict[str, Any]] = []
-    for instances in (1, 2):
-        prefix = f"bench:{uuid.uuid4().hex[:10]}"
-        stores = await _open(args.url, prefix, instances)
-        try:
-            fill_rate = await _fill(stores[0], args.jobs, retention=1.0)
-            counts, seconds = await _sweep_all(stores, time.time() + 2)
-            sweeps.append(
-                {
-                    "instances": instances,
-                    "expired_jobs": args.jobs,
-                    "removed": sum(counts),
-                    "per_instance": "/".join(map(str, counts)),
-                    "seconds": seconds,
-                    "removed_per_s": sum(counts) / seconds,
-                    "made_per_s": fill_rate,
-                }
-            )
-        finally:
-            await _close(stores)
-            await _delete_prefix(args.url, prefix)
+    sweeps = [await measure_sweep(args.url, args.jobs, instances) for instances in (1, 2)]
     prefix = f"bench:{uuid.uuid4().hex[:10]}"
     try:
         steady = await _steady(args, prefix)
