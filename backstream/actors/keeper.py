@@ -23,7 +23,7 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
-from backstream.actors.ports import Housekeeping
+from backstream.actors.ports import Housekeeping, JobEndedElsewhereError
 from backstream.actors.presence import WatchPresence
 from backstream.actors.recovery import RecoveryPolicy
 from backstream.actors.seats import HeldSeats
@@ -125,7 +125,14 @@ class Keeper:
         now = self._clock.now()
         recovered = []
         for handover in await self._store.take_orphans(self._instance_id, now, now + self._config.lease_ttl):
-            record = await self._recovery.recover(handover)
+            try:
+                record = await self._recovery.recover(handover)
+            except JobEndedElsewhereError:
+                # Our lease on it lapsed meanwhile (this instance stalled) and another took
+                # it: that one carries it on.
+                job_id = handover.record.job_id
+                log.warning("job %s: taken over by another instance while recovered here", job_id)
+                continue
             log.warning(
                 "job %s: its instance is gone; recovered (%s at seq %d)",
                 record.job_id,
