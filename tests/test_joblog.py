@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backstream.actors.joblog import JobLog, LogClosedError, OutputLimitExceeded, merge_events
-from backstream.protocol.events import ReasoningEvent, StatusEvent, TextEvent, ToolCallEvent
+from backstream.actors.joblog import JobLog, LogClosedError, OutputLimitExceeded, merge_events, read_content
+from backstream.protocol.events import ReasoningEvent, RewindEvent, StatusEvent, TextEvent, ToolCallEvent
+from backstream.runtime.stores.memory import MemoryStore
+from tests.test_store_conformance import progress, record, texts
 
 
 def make_log(limit: int = 1000) -> JobLog:
@@ -130,3 +132,12 @@ def test_a_read_repeated_or_after_an_append_equals_a_fresh_merge(
             expected = merge_events(log.entries(after), max_events=max_events, max_chars=max_chars)
             for _ in range(2):
                 assert log.read(after, max_events=max_events, max_chars=max_chars) == expected
+
+
+async def test_read_content_of_a_stored_log_applies_a_rewind_and_holds_only_its_prefix() -> None:
+    store = MemoryStore()
+    await store.create_job(record())
+    entries = [*texts(1, "Hello ", "wor"), RewindEvent(seq=3, to_seq=1, content_length=6), *texts(4, "there")]
+    await store.commit("j_1", entries, progress(4, content_length=11))
+    assert await read_content(store, "j_1", 100) == "Hello there"  # "wor" withdrawn
+    assert await read_content(store, "j_1", 8) == "Hello th"

@@ -22,11 +22,11 @@ import attrs
 import trio
 
 from backstream.actors.clock import WallClock
+from backstream.actors.joblog import read_content
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import OUTBOX_CLAIM_S, LogStore, Outbox, OutboxEntry, StoreClosedError
 from backstream.actors.signals import through_outage
 from backstream.actors.webhooks import WebhookEvents
-from backstream.protocol.events import TextEvent
 
 __all__ = ["BATCH", "POLL_S", "PREVIEW_CHARS", "START_DRAIN_S", "Dispatcher", "DispatcherStatistics"]
 
@@ -175,15 +175,8 @@ class Dispatcher:
         self._delivered_total += 1
 
     async def _preview(self, job_id: str) -> str:
-        """The first ``PREVIEW_CHARS`` characters of the job's text."""
-        text, after = "", 0
-        while len(text) < PREVIEW_CHARS:
-            entries = await self._log_store.read(job_id, after, 256)
-            if not entries:
-                break
-            text += "".join(e.text for e in entries if isinstance(e, TextEvent))
-            after = entries[-1].seq
-        return text[:PREVIEW_CHARS]
+        """The first ``PREVIEW_CHARS`` characters of the job's content."""
+        return await read_content(self._log_store, job_id, PREVIEW_CHARS)
 
     def statistics(self) -> DispatcherStatistics:
         return DispatcherStatistics(

@@ -13,7 +13,7 @@ toward the output budget, so they hold at most twice its characters.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -34,6 +34,9 @@ from backstream.protocol.events import (
     ToolResultEvent,
 )
 from backstream.protocol.lifecycle import INITIAL_STATUS, LogOrder, LogState
+
+if TYPE_CHECKING:
+    from backstream.actors.ports import LogStore
 
 __all__ = [
     "JobLog",
@@ -315,6 +318,26 @@ def content_of(entries: Iterable[LogEvent]) -> str:
     """The content text of a log's entries (from seq 1): its text, less what a ``rewind``
     withdrew."""
     return summarize_events(entries)[0]
+
+
+async def read_content(logs: LogStore, job_id: str, max_chars: int) -> str:
+    """The first ``max_chars`` characters of a stored job's content (less what a ``rewind``
+    withdrew), read page by page with only that much text held. Raises what the store's
+    ``read`` raises. Cancellation: safe (reads only)."""
+    prefix, length, after = "", 0, 0
+    while True:
+        page = await logs.read(job_id, after, 256)
+        if not page:
+            return prefix
+        for ev in page:
+            if isinstance(ev, TextEvent):
+                if len(prefix) < max_chars:
+                    prefix += ev.text[: max_chars - len(prefix)]
+                length += len(ev.text)
+            elif isinstance(ev, RewindEvent) and ev.content_length < length:
+                length = ev.content_length
+                prefix = prefix[:length]
+        after = page[-1].seq
 
 
 def summarize_events(entries: Iterable[LogEvent]) -> tuple[str, tuple[ToolCallRecord, ...]]:

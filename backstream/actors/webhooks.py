@@ -26,10 +26,11 @@ import attrs
 import trio
 
 from backstream.actors.clock import WallClock
+from backstream.actors.joblog import read_content
 from backstream.actors.ports import OutboxEntry, StoreClosedError, StoredLogs
 from backstream.actors.signals import through_outage
 from backstream.actors.webhook_queue import WEBHOOK_CLAIM_S, WebhookQueue
-from backstream.protocol.events import ApprovalRequiredEvent, StatusEvent, TextEvent
+from backstream.protocol.events import ApprovalRequiredEvent, StatusEvent
 from backstream.protocol.responses import response_status
 from backstream.protocol.webhooks import (
     DEFAULT_RETRY_SCHEDULE,
@@ -199,14 +200,7 @@ class WebhookEvents:
         return last if isinstance(last, StatusEvent) else None
 
     async def _text(self, job_id: str) -> str:
-        text, after = "", 0
-        while len(text) < CONTENT_CHARS:
-            entries = await self._logs.read(job_id, after, 256)
-            if not entries:
-                break
-            text += "".join(e.text for e in entries if isinstance(e, TextEvent))
-            after = entries[-1].seq
-        return text[:CONTENT_CHARS]
+        return await read_content(self._logs, job_id, CONTENT_CHARS)
 
 
 @attrs.frozen
