@@ -145,7 +145,13 @@ async def test_instances_whose_clocks_disagree_keep_healthy_jobs_and_find_a_dead
     healthy job runs to its end in its first epoch (nobody takes it for an orphan) and the
     dead instance's job is recovered once its lease lapsed on Redis's clock. (Real time, on
     short leases: Redis's clock cannot be mocked.)"""
-    config = Config(drain_timeout=0, lease_ttl=2.0, lease_renew_interval=0.4, flush_ms=20)
+    config = Config(
+        drain_timeout=0,
+        lease_ttl=2.0,
+        lease_renew_interval=0.4,
+        flush_ms=20,
+        continuations={"backstream/*": "interrupt"},  # a recovered orphan ends, as it was found
+    )
     async with _prefix_on(None) as (url, prefix):
         async with (
             open_runtime(config, store=RedisStore(url, prefix=prefix), clock=WallClock(-30)) as behind,
