@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from functools import partial
 
 import attrs
@@ -237,7 +237,23 @@ async def serve(
     announce: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[ServeHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or ``handle.shutdown`` is set), then shut down gracefully."""
+    """Serve until SIGINT/SIGTERM (or ``handle.shutdown`` is set), then shut down gracefully.
+
+    Signals are taken before anything binds: one that comes while the server starts is queued
+    and shuts it down cleanly once started, never a KeyboardInterrupt half-way through.
+    """
+    receiver = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if handle_signals else nullcontext()
+    with receiver as signals:
+        await _serve(settings, store, signals, announce, task_status)
+
+
+async def _serve(
+    settings: ServeSettings,
+    store: Store | None,
+    signals: AsyncIterator[int] | None,
+    announce: Callable[[str], None] | None,
+    task_status: trio.TaskStatus[ServeHandle],
+) -> None:
     announce = announce or (lambda line: log.warning("%s", line))
     check_server_settings(settings)
     authenticator, dev_token = make_authenticator(settings)
@@ -253,8 +269,8 @@ async def serve(
     async with bound, _closing(sender), runtime_cm as runtime, trio.open_nursery() as nursery:
         from backstream.protocol.version import VERSION
 
-        if handle_signals:  # before anything is accepted: a signal from then on shuts down cleanly
-            await nursery.start(_wait_for_signal, shutdown)
+        if signals is not None:
+            nursery.start_soon(_wait_for_signal, signals, shutdown)
         door = FrontDoor(runtime, authenticator, door_config, version=VERSION)
         await nursery.start(partial(door.run, listener=bound.door))
         http = _HttpListeners(runtime, door, authenticator, settings)
@@ -481,15 +497,11 @@ class _HttpListeners:
             await server.wait_closed()
 
 
-async def _wait_for_signal(
-    shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            log.info("received %s", signal.Signals(signum).name)
-            shutdown.set()
-            return
+async def _wait_for_signal(signals: AsyncIterator[int], shutdown: trio.Event) -> None:
+    async for signum in signals:
+        log.info("received %s", signal.Signals(signum).name)
+        shutdown.set()
+        return
 
 
 class _JsonFormatter(logging.Formatter):
