@@ -18,8 +18,9 @@ describe("recovery", { concurrency: true }, () => {
     /** @type {import("../src/backstream-client.js").Client | undefined} */
     let client;
     try {
-      // A restart takes seconds on a busy machine: a budget of 100 tries at most 0.5 s apart.
-      client = await connect(server.url, { token: "tok", WebSocket, reconnectBaseMs: 100, reconnectMaxMs: 500, maxReconnectAttempts: 100 });
+      // A stop drains for up to 10 s and a restart takes seconds more on a busy machine: a budget
+      // of 240 tries at most 0.5 s apart (two minutes).
+      client = await connect(server.url, { token: "tok", WebSocket, reconnectBaseMs: 100, reconnectMaxMs: 500, maxReconnectAttempts: 240 });
       const states = /** @type {string[]} */ ([]);
       client.onStateChange((state) => states.push(state));
       // SIGTERM: clients are closed 1001, running jobs end interrupted with their content kept.
