@@ -175,6 +175,26 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE TABLE webhook_endpoints_disabled (endpoint TEXT PRIMARY KEY, reason TEXT NOT NULL)
         """,
     ),
+    (
+        9,
+        # Durable streams (``streams_sqlite``): each stream's state as JSON, its messages by
+        # end position.
+        """
+        CREATE TABLE ds_streams (
+            stream_key TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            stored_bytes INTEGER NOT NULL,
+            state TEXT NOT NULL
+        );
+        CREATE INDEX ds_streams_by_owner ON ds_streams (owner);
+        CREATE TABLE ds_messages (
+            stream_key TEXT NOT NULL,
+            end_pos INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (stream_key, end_pos)
+        )
+        """,
+    ),
 )
 
 COLUMNS = (

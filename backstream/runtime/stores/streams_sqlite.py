@@ -1,0 +1,88 @@
+"""Durable streams in the SQLite store's file: a row of state per stream, a row per message.
+
+Each ``update`` is one operation of the writer's group transaction (``SqliteStore``): its
+decision runs on the writer's thread between reading the state and writing the result, so it
+is atomic, and an acknowledged append is committed (it survives ``kill -9`` of the process).
+Reads use the reader connection. One process owns the file, so wake-ups stay in-process.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import TypeVar
+
+from backstream.protocol.streams_state import Message, StreamState
+from backstream.runtime.stores.sqlite import SqliteStore
+from backstream.runtime.stores.streams import Change, StreamChanges, StreamUsage, owner_of
+
+__all__ = ["SqliteStreamStore"]
+
+T = TypeVar("T")
+
+
+class SqliteStreamStore:
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self.changes = StreamChanges()
+
+    async def get(self, key: str) -> StreamState | None:
+        def select(conn: sqlite3.Connection) -> StreamState | None:
+            row = conn.execute("SELECT state FROM ds_streams WHERE stream_key = ?", (key,)).fetchone()
+            return StreamState.from_json(row[0]) if row else None
+
+        return await self._store.run_read(select)
+
+    async def update(self, key: str, decide: Callable[[StreamState | None], Change[T]]) -> Change[T]:
+        def apply(conn: sqlite3.Connection) -> Change[T]:
+            row = conn.execute("SELECT state FROM ds_streams WHERE stream_key = ?", (key,)).fetchone()
+            change = decide(StreamState.from_json(row[0]) if row else None)
+            if change.delete or change.fresh:
+                conn.execute("DELETE FROM ds_messages WHERE stream_key = ?", (key,))
+            if change.delete:
+                conn.execute("DELETE FROM ds_streams WHERE stream_key = ?", (key,))
+                return change
+            if change.state is not None:
+                conn.execute(
+                    "INSERT INTO ds_streams (stream_key, owner, stored_bytes, state) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (stream_key) DO UPDATE SET stored_bytes = excluded.stored_bytes, "
+                    "state = excluded.state",
+                    (key, owner_of(key), change.state.stored_bytes, change.state.to_json()),
+                )
+            conn.executemany(
+                "INSERT INTO ds_messages (stream_key, end_pos, data) VALUES (?, ?, ?)",
+                [(key, end, data) for end, data in change.messages],
+            )
+            return change
+
+        change = await self._store.run_grouped(apply)
+        if change.delete or change.state is not None or change.messages:
+            self.changes.notify(key)
+        return change
+
+    async def read(self, key: str, after: int, up_to: int, max_bytes: int) -> list[Message]:
+        def select(conn: sqlite3.Connection) -> list[Message]:
+            rows = conn.execute(
+                "SELECT end_pos, data FROM ds_messages WHERE stream_key = ? AND end_pos > ? AND end_pos <= ? "
+                "ORDER BY end_pos",
+                (key, after, up_to),
+            )
+            out: list[Message] = []
+            size = 0
+            for end, data in rows:
+                if out and size + len(data) > max_bytes:
+                    break
+                out.append((int(end), bytes(data)))
+                size += len(data)
+            return out
+
+        return await self._store.run_read(select)
+
+    async def usage(self, owner: str) -> StreamUsage:
+        def select(conn: sqlite3.Connection) -> StreamUsage:
+            row = conn.execute(
+                "SELECT count(*), coalesce(sum(stored_bytes), 0) FROM ds_streams WHERE owner = ?", (owner,)
+            ).fetchone()
+            return StreamUsage(int(row[0]), int(row[1]))
+
+        return await self._store.run_read(select)
