@@ -11,8 +11,10 @@ from backstream.runtime.server.http_app import HttpApp
 from backstream.runtime.server.streams_http import StreamsApi, StreamsSettings
 from backstream.runtime.server.streams_ops import StreamLimits, StreamOps
 from backstream.runtime.stores.memory import MemoryStore
+from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.sqlite import SqliteStore
 from backstream.runtime.stores.streams import MemoryStreamStore, StreamStore
+from backstream.runtime.stores.streams_redis import RedisStreamStore
 from backstream.runtime.stores.streams_sqlite import SqliteStreamStore
 
 __all__ = ["mount_streams", "stream_store_for"]
@@ -27,6 +29,8 @@ def stream_store_for(store: object) -> StreamStore | None:
         return MemoryStreamStore()
     if isinstance(store, SqliteStore):
         return SqliteStreamStore(store)
+    if isinstance(store, RedisStore):
+        return RedisStreamStore(store)
     return None
 
 

@@ -95,8 +95,14 @@ class Watch:
         self._event = self._changes.event(self._key)
 
     async def wait(self) -> None:
-        """Cancellation: stops waiting."""
-        await self._event.wait()
+        """Until a change of the key here, or (on a store shared by instances) the next poll.
+        Cancellation: stops waiting."""
+        poll = self._changes.poll_interval
+        if poll is None:
+            await self._event.wait()
+            return
+        with trio.move_on_after(poll):
+            await self._event.wait()
 
 
 @attrs.define
@@ -108,8 +114,10 @@ class _Watched:
 class StreamChanges:
     """Per-key wake-ups inside this process; an entry exists only while someone watches."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, poll_interval: float | None = None) -> None:
         self._watched: dict[str, _Watched] = {}
+        self.poll_interval = poll_interval
+        """Waiters look again this often: another instance's writes wake nobody here."""
 
     def event(self, key: str) -> trio.Event:
         return self._watched[key].event
