@@ -254,6 +254,8 @@ class JobStarted:
     id: str
     job: JobSummary
     existing: bool
+    stream: str | None = None
+    """The path of the job's durable stream on the HTTP port (``/v1/streams/jobs/ID``)."""
 
 
 @attrs.frozen
@@ -289,6 +291,8 @@ class JobInfoMessage:
     """Present when ``content`` was cut to fit the frame: ask again from this offset."""
     next_tool_calls_offset: int | None = None
     """Present when more tool calls follow: ask again with this ``tool_calls_offset``."""
+    stream: str | None = None
+    """The path of the job's durable stream on the HTTP port (``/v1/streams/jobs/ID``)."""
 
 
 @attrs.frozen

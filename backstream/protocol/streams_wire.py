@@ -63,6 +63,12 @@ Headers = Callable[[str], str | None]
 """A request's header by name (any case); None if absent."""
 
 
+def job_stream_path(job_id: str) -> str:
+    """Where a job's durable stream is, on the HTTP port: read-only, JSON mode, the job's AI SDK
+    UI message chunks."""
+    return f"/v1/streams/jobs/{job_id}"
+
+
 def _flag(value: str | None) -> bool:
     return value is not None and value.strip().lower() == "true"
 

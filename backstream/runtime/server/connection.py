@@ -76,6 +76,7 @@ from backstream.protocol.messages import (
 from backstream.protocol.offsets import StreamOffset
 from backstream.protocol.projections import BatchProjection
 from backstream.protocol.records import NotificationRecord
+from backstream.protocol.streams_wire import job_stream_path
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.frames import FrameCache
@@ -327,7 +328,9 @@ class Connection:
             params=message.params,
             tools=message.tools,
         )
-        reply = JobStarted(id=message.id, job=started.job, existing=started.existing)
+        reply = JobStarted(
+            id=message.id, job=started.job, existing=started.existing, stream=job_stream_path(started.job_id)
+        )
         if message.watch:
             await self._start_watch(started.job_id, 0, None, reply, deltas=message.tool_call_deltas)
         else:

@@ -11,6 +11,7 @@ from backstream.protocol.codec import converter, encode
 from backstream.protocol.errors import TooLargeError
 from backstream.protocol.events import JobInfo, ToolCallRecord
 from backstream.protocol.messages import JobInfoMessage
+from backstream.protocol.streams_wire import job_stream_path
 
 __all__ = ["job_info_page"]
 
@@ -28,7 +29,13 @@ def job_info_page(
     call larger than the frame).
     """
     calls: Sequence[ToolCallRecord] = info.tool_calls[tool_calls_offset:]
-    reply = JobInfoMessage(id=request_id, job=info.job, content=info.content, tool_calls=list(calls))
+    reply = JobInfoMessage(
+        id=request_id,
+        job=info.job,
+        content=info.content,
+        tool_calls=list(calls),
+        stream=job_stream_path(info.job.job_id),
+    )
     if _size(reply) <= max_bytes:
         return reply
     empty = attrs.evolve(reply, content="" if info.content is not None else None, tool_calls=[])

@@ -37,6 +37,7 @@ from backstream.protocol.streams_wire import (
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.http_app import HttpApp, Request
 from backstream.runtime.server.session import UserBuckets
+from backstream.runtime.server.streams_jobs import JOB_PREFIX, JobStreams
 from backstream.runtime.server.streams_ops import StreamOps
 from backstream.runtime.server.streams_read import StreamReader
 from backstream.runtime.stores.streams import stream_key
@@ -86,6 +87,13 @@ class StreamsApi:
             settings.rate_per_s, settings.rate_burst, max_users=app.limits.max_tracked_users
         )
         self._reader = StreamReader(app, ops, settings, self._reply)
+        self._jobs = JobStreams(
+            app,
+            app.runtime,
+            self._reply,
+            long_poll=settings.long_poll_timeout,
+            sse_max=settings.sse_max_duration,
+        )
         for method in ("PUT", "POST", "GET", "HEAD", "DELETE"):
             app.route(
                 method, r"/v1/streams/~(?P<cap>[^/]*)/(?P<name>.+)", self._handle, self_authenticating=True
@@ -141,6 +149,9 @@ class StreamsApi:
         ):
             raise StreamRefusal(403, "this capability URL is read-only")
         key = caller.key(name)
+        if name.startswith(JOB_PREFIX):
+            await self._jobs.handle(request, name[len(JOB_PREFIX) :], parse_qs(_query(request)))
+            return
         if method == "GET":
             await self._reader.get(request, key, parse_qs(_query(request), keep_blank_values=True))
         elif method == "HEAD":
