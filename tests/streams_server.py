@@ -52,7 +52,9 @@ class StreamsServer:
 
 
 @contextlib.contextmanager
-def streams_server(store: str, workdir: Path, *, long_poll_s: float = 0.5, **env: str) -> Iterator[StreamsServer]:
+def streams_server(
+    store: str, workdir: Path, *, long_poll_s: float = 0.5, tokens: tuple[str, ...] = (), **env: str
+) -> Iterator[StreamsServer]:
     """``backstream serve`` on ``store`` until the block ends (SIGTERM, then SIGKILL)."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
@@ -65,8 +67,12 @@ def streams_server(store: str, workdir: Path, *, long_poll_s: float = 0.5, **env
     }
     command = [sys.executable, "-m", "backstream", "serve", "--store", store, "--port", "0"]
     command += ["--http-port", str(port), "--token", f"{TOKEN}={USER}"]
+    for pair in tokens:
+        command += ["--token", pair]
     with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment, cwd=workdir)
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, env=environment, cwd=workdir
+        )
     server = StreamsServer(process, port, log)
     try:
         _wait_healthy(server)
