@@ -86,11 +86,12 @@ class StreamsApi:
         self._buckets = UserBuckets(
             settings.rate_per_s, settings.rate_burst, max_users=app.limits.max_tracked_users
         )
-        self._reader = StreamReader(app, ops, settings, self._reply)
+        self._reader = StreamReader(app, ops, settings, self._reply, self.cors)
         self._jobs = JobStreams(
             app,
             app.runtime,
             self._reply,
+            self.cors,
             long_poll=settings.long_poll_timeout,
             sse_max=settings.sse_max_duration,
         )
@@ -249,6 +250,18 @@ class StreamsApi:
             return None
         return morsel.value if morsel is not None and morsel.value else None
 
+    def cors(self, request: Request) -> dict[str, str]:
+        """CORS headers for a request from a browser page: its Origin, if allowed."""
+        origin = request.header("origin")
+        if origin is None or (self.settings.allow_origins and origin not in self.settings.allow_origins):
+            return {}
+        return {
+            "access-control-allow-origin": origin,
+            "access-control-expose-headers": EXPOSED_HEADERS,
+            "access-control-allow-credentials": "true",
+            "vary": "origin",
+        }
+
     def _preflight(self) -> dict[str, str]:
         return {
             "access-control-allow-methods": "GET, HEAD, POST, PUT, DELETE, OPTIONS",
@@ -259,15 +272,7 @@ class StreamsApi:
         self, request: Request, status: int, body: bytes, headers: Mapping[str, str] | None = None
     ) -> None:
         """A whole reply with the security and CORS headers. Cancellation: may be cut."""
-        head: dict[str, str] = {**SECURITY_HEADERS, **(headers or {})}
-        origin = request.header("origin")
-        if origin is not None and (not self.settings.allow_origins or origin in self.settings.allow_origins):
-            head |= {
-                "access-control-allow-origin": origin,
-                "access-control-expose-headers": EXPOSED_HEADERS,
-                "access-control-allow-credentials": "true",
-                "vary": "origin",
-            }
+        head: dict[str, str] = {**SECURITY_HEADERS, **(headers or {}), **self.cors(request)}
         content_type = head.pop("content-type", "text/plain; charset=utf-8")
         lines = [(b"content-type", content_type.encode())]
         if status not in (204, 304):

@@ -40,6 +40,7 @@ __all__ = ["JOB_PREFIX", "JobStreams"]
 
 JOB_PREFIX = "jobs/"
 Reply = Callable[[Request, int, bytes, Mapping[str, str] | None], Awaitable[None]]
+Cors = Callable[[Request], dict[str, str]]
 MAX_CHUNKS_PER_READ = 4096
 
 
@@ -84,11 +85,12 @@ class _JobView:
 
 class JobStreams:
     def __init__(
-        self, app: HttpApp, runtime: Runtime, reply: Reply, *, long_poll: float, sse_max: float
+        self, app: HttpApp, runtime: Runtime, reply: Reply, cors: Cors, *, long_poll: float, sse_max: float
     ) -> None:
         self._app = app
         self._runtime = runtime
         self._reply = reply
+        self._cors = cors
         self._long_poll_timeout = long_poll
         self._sse_max = sse_max
 
@@ -190,7 +192,12 @@ class JobStreams:
         await self._reply(request, 204, b"", headers)
 
     async def _sse(self, request: Request, view: _JobView, start: int, cursor: str | None) -> None:
-        head = {"content-type": "text/event-stream", "cache-control": "no-cache", **SECURITY_HEADERS}
+        head = {
+            "content-type": "text/event-stream",
+            "cache-control": "no-cache",
+            **SECURITY_HEADERS,
+            **self._cors(request),
+        }
         await request.send(
             {
                 "type": "http.response.start",

@@ -46,6 +46,7 @@ __all__ = ["StreamReader"]
 log = logging.getLogger("backstream.streams")
 
 Reply = Callable[[Request, int, bytes, Mapping[str, str] | None], Awaitable[None]]
+Cors = Callable[[Request], dict[str, str]]
 CACHEABLE = "private, max-age=60, stale-while-revalidate=300"
 """Catch-up ranges never change; ``private``: streams belong to their users (section 10.1)."""
 
@@ -55,8 +56,11 @@ def _cursor(client: str | None) -> str:
 
 
 class StreamReader:
-    def __init__(self, app: HttpApp, ops: StreamOps, settings: StreamsSettings, reply: Reply) -> None:
+    def __init__(
+        self, app: HttpApp, ops: StreamOps, settings: StreamsSettings, reply: Reply, cors: Cors
+    ) -> None:
         self._app = app
+        self._cors = cors
         self._ops = ops
         self._settings = settings
         self._reply = reply
@@ -185,6 +189,7 @@ class StreamReader:
             "content-type": "text/event-stream",
             "cache-control": "no-cache",
             **SECURITY_HEADERS,
+            **self._cors(request),
         }
         if encoded:
             headers[SSE_ENCODING] = "base64"
