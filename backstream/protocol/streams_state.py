@@ -189,10 +189,12 @@ def same_config(state: StreamState, request: CreateRequest, forked_from: str | N
     wanted_type = normalize_type(request.content_type) or (
         normalize_type(state.content_type) if forked_from else "application/octet-stream"
     )
+    # A fork that asks for no expiry inherits its source's: asking again the same way matches.
+    inherited = forked_from is not None and request.ttl_seconds is None and request.expires_at is None
     return (
         wanted_type == (normalize_type(state.content_type) or "application/octet-stream")
-        and request.ttl_seconds == state.ttl_seconds
-        and request.expires_at == state.expires_at
+        and (inherited or request.ttl_seconds == state.ttl_seconds)
+        and (inherited or request.expires_at == state.expires_at)
         and request.closed == state.closed
         and forked_from == state.forked_from
         and (not request.fork_offset_given or request.fork_offset == state.fork_offset)

@@ -185,15 +185,16 @@ class StreamOps:
 
     async def append(self, key: str, request: AppendRequest) -> AppendPlan:
         now = self._clock()
-        state = await self.live(key)
-        if request.body and not state.closed:
+        if request.body:  # the stream's own checks are the decision's, in the write
             usage = await self.store.usage(owner_of(key))
             if usage.bytes + len(request.body) > self.limits.max_bytes_per_user:
                 raise StreamRefusal(413, "this user's streams hold as much as they may")
 
         def decide(current: StreamState | None) -> Change[AppendPlan]:
+            if current is not None and current.expired(now) and current.ref_count > 0:
+                raise StreamRefusal(410, "the stream expired; its forks still read it")
             if current is None or current.expired(now):
-                raise StreamRefusal(404, "no such stream")
+                raise StreamRefusal(404, "no such stream")  # an expired one goes when next read
             plan = plan_append(current, request, now)
             message = (plan.message,) if plan.message is not None else ()
             return Change(plan, state=plan.state, messages=message)
