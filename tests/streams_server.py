@@ -53,7 +53,13 @@ class StreamsServer:
 
 @contextlib.contextmanager
 def streams_server(
-    store: str, workdir: Path, *, long_poll_s: float = 0.5, tokens: tuple[str, ...] = (), **env: str
+    store: str,
+    workdir: Path,
+    *,
+    long_poll_s: float = 0.5,
+    tokens: tuple[str, ...] = (),
+    args: tuple[str, ...] = (),
+    **env: str,
 ) -> Iterator[StreamsServer]:
     """``backstream serve`` on ``store`` until the block ends (SIGTERM, then SIGKILL)."""
     port = free_port()
@@ -69,6 +75,7 @@ def streams_server(
     command += ["--http-port", str(port), "--token", f"{TOKEN}={USER}"]
     for pair in tokens:
         command += ["--token", pair]
+    command += args
     with log.open("wb") as output:
         process = subprocess.Popen(
             command, stdout=output, stderr=subprocess.STDOUT, env=environment, cwd=workdir

@@ -17,6 +17,7 @@ from durable_streams import DurableStream
 
 from backstream.protocol.events import Batch, LogEvent
 from backstream.protocol.projections import UIChunkProjection
+from backstream.runtime.server.auth import mint_jwt
 from backstream.runtime.server.serve import ServeHandle, serve
 from backstream.runtime.server.settings import ServeSettings
 from backstream.runtime.stores.memory import MemoryStore
@@ -88,6 +89,23 @@ def test_users_and_capabilities_are_bounded(tmp_path: Path) -> None:
         )
         assert refused.status_code == 405
         assert httpx.put(f"{base}/jobs/j_x", headers=AUTH).status_code == 405
+
+
+def test_jwts_and_the_cookie_from_an_allowed_origin_authenticate(tmp_path: Path) -> None:
+    secret = "a-jwt-secret-of-at-least-thirty-two-bytes"
+    page = "http://app.example"
+    args = ("--auth-cookie", "bs_token", "--allow-origin", page)
+    with streams_server("memory", tmp_path, args=args, BACKSTREAM_JWT_SECRET=secret) as server:
+        url = f"{server.base}/v1/streams/by-jwt"
+        jwt = {"Authorization": f"Bearer {mint_jwt(secret, 'carol')}"}
+        assert httpx.put(url, headers=jwt, content=b"hi").status_code == 201
+        cookie = {"Cookie": f"bs_token={mint_jwt(secret, 'carol')}"}
+        from_page = httpx.get(url, headers={**cookie, "Origin": page})
+        assert from_page.content == b"hi" and from_page.headers["access-control-allow-origin"] == page
+        # A cookie counts only from a listed Origin: another site, or none, is refused.
+        assert httpx.get(url, headers={**cookie, "Origin": "http://evil.example"}).status_code == 403
+        assert httpx.get(url, headers=cookie).status_code == 403
+        assert httpx.get(url, headers=AUTH).status_code == 404  # the static token's user is another
 
 
 def _expected_chunks(job_id: str, events: list[LogEvent]) -> list[object]:
