@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from durable_streams import DurableStream
 
@@ -22,6 +23,7 @@ from backstream.runtime.server.serve import ServeHandle, serve
 from backstream.runtime.server.settings import ServeSettings
 from backstream.runtime.stores.memory import MemoryStore
 from tests.node_tools import require_node
+from tests.redis_servers import RedisNode, require_redis_binaries
 from tests.streams_server import PACKAGE, TOKEN, stop, streams_server
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -188,3 +190,37 @@ def test_sqlite_keeps_every_acknowledged_append_through_kill_9(tmp_path: Path) -
     values = [item["n"] for item in kept]
     assert values[: len(acknowledged)] == acknowledged  # in order, none lost
     assert len(values) <= len(acknowledged) + 1  # at most the one in flight at the kill
+
+
+@pytest.mark.redis
+def test_two_instances_on_redis_share_streams_and_wake_each_others_readers(tmp_path: Path) -> None:
+    require_redis_binaries()
+    redis = RedisNode(tmp_path).start()
+    try:
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        with (
+            streams_server(url, tmp_path, long_poll_s=10) as one,
+            streams_server(url, tmp_path, long_poll_s=10) as two,
+        ):
+            headers = {**AUTH, "content-type": "text/plain"}
+            assert (
+                httpx.put(f"{one.base}/v1/streams/shared", headers=headers, content=b"a").status_code == 201
+            )
+            assert (
+                httpx.put(f"{two.base}/v1/streams/shared", headers=headers, content=b"a").status_code == 200
+            )
+            tail = httpx.head(f"{two.base}/v1/streams/shared", headers=AUTH).headers["stream-next-offset"]
+            threading.Timer(
+                0.5, lambda: httpx.post(f"{one.base}/v1/streams/shared", headers=headers, content=b"b")
+            ).start()
+            started = time.monotonic()
+            polled = httpx.get(
+                f"{two.base}/v1/streams/shared",
+                params={"offset": tail, "live": "long-poll"},
+                headers=AUTH,
+                timeout=20,
+            )
+            assert polled.status_code == 200 and polled.content == b"b"
+            assert time.monotonic() - started < 2  # woken by the other instance's write, not the timeout
+    finally:
+        redis.kill()
