@@ -153,6 +153,11 @@ async def test_a_jobs_stream_from_every_offset_equals_its_log() -> None:
                 offset = f"{epoch}_{count:016d}"
                 part = await http.get(path, params={"offset": offset})
                 assert part.json() == chunks[count:], count
+            tail = whole.headers["stream-next-offset"]
+            at_end = await http.get(path, params={"offset": tail, "live": "long-poll"})
+            assert at_end.status_code == 204 and at_end.headers["stream-closed"] == "true"
+            head = await http.head(path)
+            assert head.headers["stream-next-offset"] == tail and head.headers["stream-closed"] == "true"
             stale = await http.get(path, params={"offset": f"{int(epoch) + 1:016d}_0000000000000000"})
             assert stale.status_code == 410
             text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")

@@ -176,19 +176,20 @@ class JobStreams:
 
     async def _long_poll(self, request: Request, view: _JobView, start: int, query: ReadQuery) -> None:
         cursor, given = query.cursor, query.offset
-        if start < len(view.chunks) or view.ended:
-            await self._send(request, view, start, given, cursor, live=True)
-            return
-        async with self._app.stream_slot(request.user):
-            with trio.move_on_after(self._long_poll_timeout):
-                while start >= len(view.chunks) and not view.ended:
-                    await view.wait()
-                    await view.catch_up()
-        if start < len(view.chunks) or view.ended:
+        if start >= len(view.chunks) and not view.ended:
+            async with self._app.stream_slot(request.user):
+                with trio.move_on_after(self._long_poll_timeout):
+                    while start >= len(view.chunks) and not view.ended:
+                        await view.wait()
+                        await view.catch_up()
+        if start < len(view.chunks):
             await self._send(request, view, start, given, cursor, live=True)
             return
         headers = {OFFSET: _offset(view.epoch, start), UP_TO_DATE: "true"}
-        headers[CURSOR] = next_cursor(time.time(), cursor, random.randint(1, 3600))
+        if view.ended:  # at the end of a finished job: EOF at once (section 5.7)
+            headers[CLOSED] = "true"
+        else:
+            headers[CURSOR] = next_cursor(time.time(), cursor, random.randint(1, 3600))
         await self._reply(request, 204, b"", headers)
 
     async def _sse(self, request: Request, view: _JobView, start: int, cursor: str | None) -> None:
