@@ -69,3 +69,11 @@ def test_conformance_suite_on_redis(tmp_path: Path) -> None:
             check(run_suite(node, server.capability_base(), tmp_path))
     finally:
         redis.kill()
+
+
+@pytest.mark.redis
+def test_conformance_suite_on_a_redis_cluster(redis_cluster: str, tmp_path: Path) -> None:
+    """Each stream's keys in a slot of their own, spread over the cluster's primaries."""
+    node = require_node(PACKAGE, SUITE, "vitest")
+    with streams_server(redis_cluster, tmp_path) as server:
+        check(run_suite(node, server.capability_base(), tmp_path))
