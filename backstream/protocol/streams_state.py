@@ -133,11 +133,18 @@ class StreamState:
     stored_bytes: int = 0
 
     def expired(self, now: float) -> bool:
+        deadline = self.deadline
+        return deadline is not None and now >= deadline
+
+    @property
+    def deadline(self) -> float | None:
+        """When the stream expires unless read or written (Unix time); None: never."""
+        ends = []
         if self.expires_at is not None:
-            deadline = parse_expiry(self.expires_at)
-            if deadline is None or now >= deadline:
-                return True
-        return self.ttl_seconds is not None and now >= self.last_access + self.ttl_seconds
+            ends.append(parse_expiry(self.expires_at) or 0.0)  # unreadable: expired (fail closed)
+        if self.ttl_seconds is not None:
+            ends.append(self.last_access + self.ttl_seconds)
+        return min(ends) if ends else None
 
     @property
     def own_start(self) -> int:

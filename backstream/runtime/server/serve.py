@@ -478,7 +478,7 @@ class _HttpListeners:
             )
             app.status_routes.update(self._status_routes(with_metrics=not split))
             ResponsesApi(app)
-            mount_streams(app, self._auth, settings)
+            mount_streams(app, self._auth, settings, nursery)
             # Bearer tokens come here too: with TLS configured they never cross in clear text.
             tls = self._door.config.ssl_context
             http_port = await self._serve(nursery, app, bound.http, tls=tls)

@@ -6,12 +6,15 @@ sans-IO ``protocol/streams_state``."""
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
 
 import attrs
+import trio
 
+from backstream.protocol.errors import UnavailableError
 from backstream.protocol.streams_state import (
     AppendPlan,
     AppendRequest,
@@ -28,6 +31,8 @@ from backstream.protocol.streams_state import (
 from backstream.runtime.stores.streams import Change, StreamStore, owner_of
 
 __all__ = ["StreamLimits", "StreamOps"]
+
+log = logging.getLogger("backstream.streams")
 
 MAX_FORK_DEPTH = 64
 """A fork of a fork ... at most this deep: reads walk the chain."""
@@ -82,6 +87,26 @@ class StreamOps:
         if change.delete and before is not None and before.forked_from:
             await self._release(before.forked_from)
         return change.result
+
+    async def sweep(self, *, limit: int = 256) -> int:
+        """Remove (or soft-delete) up to ``limit`` expired streams nobody touched since they
+        expired; how many were found."""
+        keys = await self.store.expired_keys(self._clock(), limit)
+        for key in keys:
+            await self._expire(key)
+        return len(keys)
+
+    async def run_sweeper(self, interval: float) -> None:
+        """Sweep every ``interval`` seconds, until cancelled (an outage skips a round).
+
+        Cancellation: stops; a stream being removed may stay for the next sweep."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                while await self.sweep() >= 256:
+                    await trio.lowlevel.checkpoint()
+            except UnavailableError as exc:
+                log.warning("durable streams: the expiry sweep skipped a round: %s", exc)
 
     async def create(self, key: str, request: CreateRequest) -> tuple[int, StreamState]:
         """PUT: 201 and the new stream, or 200 and the existing one with the same configuration."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import trio
+
 from backstream.runtime.server.auth import Authenticator
 from backstream.runtime.server.http_app import HttpApp
 from backstream.runtime.server.streams_http import StreamsApi, StreamsSettings
@@ -21,6 +23,9 @@ __all__ = ["mount_streams", "stream_store_for"]
 
 log = logging.getLogger("backstream.streams")
 
+SWEEP_INTERVAL = 30.0
+"""Seconds between sweeps of expired streams nobody touched since."""
+
 
 def stream_store_for(store: object) -> StreamStore | None:
     """Streams live in the same store as jobs: the same file, the same Redis (None: a store
@@ -34,8 +39,11 @@ def stream_store_for(store: object) -> StreamStore | None:
     return None
 
 
-def mount_streams(app: HttpApp, authenticator: Authenticator | None, settings: Any) -> StreamsApi | None:
-    """``settings``: ``serve``'s (``streams_*``, ``auth_cookie``, ``allow_origin``)."""
+def mount_streams(
+    app: HttpApp, authenticator: Authenticator | None, settings: Any, nursery: trio.Nursery
+) -> StreamsApi | None:
+    """``settings``: ``serve``'s (``streams_*``, ``auth_cookie``, ``allow_origin``). The
+    expiry sweep runs in ``nursery``."""
     key = settings.streams_signing_key
     store = stream_store_for(app.runtime.store)
     if store is None:
@@ -48,6 +56,7 @@ def mount_streams(app: HttpApp, authenticator: Authenticator | None, settings: A
             max_bytes_per_user=settings.streams_max_bytes_per_user,
         ),
     )
+    nursery.start_soon(ops.run_sweeper, SWEEP_INTERVAL)
     streams = StreamsSettings(
         long_poll_timeout=settings.streams_long_poll_timeout,
         sse_max_duration=settings.streams_sse_max_duration,

@@ -184,9 +184,11 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             stream_key TEXT PRIMARY KEY,
             owner TEXT NOT NULL,
             stored_bytes INTEGER NOT NULL,
+            deadline REAL,
             state TEXT NOT NULL
         );
         CREATE INDEX ds_streams_by_owner ON ds_streams (owner);
+        CREATE INDEX ds_streams_by_deadline ON ds_streams (deadline) WHERE deadline IS NOT NULL;
         CREATE TABLE ds_messages (
             stream_key TEXT NOT NULL,
             end_pos INTEGER NOT NULL,

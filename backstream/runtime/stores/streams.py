@@ -81,6 +81,11 @@ class StreamStore(Protocol):
         """The owner's streams and their stored bytes, on every instance sharing the store."""
         ...
 
+    async def expired_keys(self, now: float, limit: int) -> list[str]:
+        """Up to ``limit`` keys of streams expired by ``now`` and not yet soft-deleted (maybe
+        a few more that are not, or no longer: the caller checks each)."""
+        ...
+
 
 class Watch:
     """Waits for changes of one key: ``arm`` before reading, ``wait`` after (a change between
@@ -199,6 +204,16 @@ class MemoryStreamStore:
             out.append((end, data))
             size += len(data)
         return out
+
+    async def expired_keys(self, now: float, limit: int) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        found = []
+        for key, state in self._states.items():
+            if state.expired(now) and not state.soft_deleted:
+                found.append(key)
+                if len(found) >= limit:
+                    break
+        return found
 
     async def usage(self, owner: str) -> StreamUsage:
         await trio.lowlevel.checkpoint()

@@ -9,9 +9,10 @@ streams spread over all of them.
 ``update`` is optimistic: it reads the state, runs the decision in Python, and a Lua script
 writes the result only if the state is still the one read (else it reads and decides again).
 Each user's usage (streams, bytes) is a hash in the user's slot, ``{PREFIX:user:USER}:ds``,
-moved by each write after it lands (not atomic with it: a crash between the two leaves it off
-by that write). Readers waiting on another instance's writes see them within
-``POLL_INTERVAL`` (their own instance's at once).
+and the streams that may expire are a sorted set by deadline, ``{PREFIX:ds}:deadlines``; both
+are moved by each write after it lands (not atomic with it: a crash between the two leaves
+them off by that write; the sweep checks each stream it finds). Readers waiting on another
+instance's writes see them within ``POLL_INTERVAL`` (their own instance's at once).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from coredis.tokens import PureToken
 
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.streams_state import Message, StreamState
@@ -61,6 +64,9 @@ class RedisStreamStore:
         tag = "{" + f"{self._prefix}:ds:{digest}" + "}"
         return f"{tag}:state", f"{tag}:msgs"
 
+    def _deadlines_key(self) -> str:
+        return "{" + f"{self._prefix}:ds" + "}:deadlines"
+
     def _usage_key(self, owner: str) -> str:
         return "{" + f"{self._prefix}:user:{owner}" + "}:ds"
 
@@ -90,7 +96,9 @@ class RedisStreamStore:
             for end, data in change.messages:
                 args += [str(end), f"{end:016d}:" + data.decode("latin-1")]
             if await self._call(self._script(keys=[state_key, msgs_key], args=args)):
-                await self._account(key, old, None if change.delete else change.state or old)
+                new = None if change.delete else change.state or old
+                await self._account(key, old, new)
+                await self._index_deadline(key, new)
                 self.changes.notify(key)
                 return change
         raise UnavailableError("the stream is written too often at once; try again")
@@ -106,6 +114,22 @@ class RedisStreamStore:
             if stored:
                 await self._call(client.hincrby(usage_key, "bytes", stored))
 
+    async def _index_deadline(self, key: str, state: StreamState | None) -> None:
+        deadline = None if state is None or state.soft_deleted else state.deadline
+        client = self._store.redis
+        if deadline is None:
+            await self._call(client.zrem(self._deadlines_key(), [key]))
+        else:
+            await self._call(client.zadd(self._deadlines_key(), {key: deadline}))
+
+    async def expired_keys(self, now: float, limit: int) -> list[str]:
+        found = await self._call(
+            self._store.redis.zrange(
+                self._deadlines_key(), 0, now, sortby=PureToken.BYSCORE, offset=0, count=limit
+            )
+        )
+        return [str(key) for key in found]
+
     async def read(self, key: str, after: int, up_to: int, max_bytes: int) -> list[Message]:
         msgs_key = self._keys(key)[1]
         out: list[Message] = []
@@ -113,7 +137,9 @@ class RedisStreamStore:
         low = after
         while True:
             members = await self._call(
-                self._store.redis.zrangebyscore(msgs_key, low + 1, up_to, offset=0, count=PAGE)
+                self._store.redis.zrange(
+                    msgs_key, low + 1, up_to, sortby=PureToken.BYSCORE, offset=0, count=PAGE
+                )
             )
             for member in members:
                 end_text, _, text = str(member).partition(":")

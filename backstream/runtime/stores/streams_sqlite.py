@@ -43,11 +43,14 @@ class SqliteStreamStore:
                 conn.execute("DELETE FROM ds_streams WHERE stream_key = ?", (key,))
                 return change
             if change.state is not None:
+                state = change.state
+                deadline = None if state.soft_deleted else state.deadline
                 conn.execute(
-                    "INSERT INTO ds_streams (stream_key, owner, stored_bytes, state) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (stream_key) DO UPDATE SET stored_bytes = excluded.stored_bytes, "
+                    "INSERT INTO ds_streams (stream_key, owner, stored_bytes, deadline, state) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream_key) DO UPDATE SET "
+                    "stored_bytes = excluded.stored_bytes, deadline = excluded.deadline, "
                     "state = excluded.state",
-                    (key, owner_of(key), change.state.stored_bytes, change.state.to_json()),
+                    (key, owner_of(key), state.stored_bytes, deadline, state.to_json()),
                 )
             conn.executemany(
                 "INSERT INTO ds_messages (stream_key, end_pos, data) VALUES (?, ?, ?)",
@@ -75,6 +78,16 @@ class SqliteStreamStore:
                 out.append((int(end), bytes(data)))
                 size += len(data)
             return out
+
+        return await self._store.run_read(select)
+
+    async def expired_keys(self, now: float, limit: int) -> list[str]:
+        def select(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT stream_key FROM ds_streams WHERE deadline IS NOT NULL AND deadline <= ? LIMIT ?",
+                (now, limit),
+            )
+            return [str(row[0]) for row in rows]
 
         return await self._store.run_read(select)
 
