@@ -22,15 +22,21 @@ from backstream.protocol.streams_state import (
 )
 
 __all__ = [
+    "ALLOWED_HEADERS",
     "CURSOR",
+    "EXPOSED_HEADERS",
     "SECURITY_HEADERS",
+    "SSE_ENCODING",
     "UP_TO_DATE",
     "ReadQuery",
     "append_request",
+    "closed_headers",
     "control_event",
     "create_request",
     "data_event",
+    "job_stream_path",
     "next_cursor",
+    "producer_headers",
     "read_etag",
     "read_query",
     "sse_base64",

@@ -19,14 +19,14 @@ from urllib.parse import parse_qs
 import attrs
 import trio
 
-from backstream.protocol.errors import BackstreamError, UnauthorizedError
+from backstream.protocol.errors import BackstreamError, BadRequestError, UnauthorizedError
 from backstream.protocol.stream_capability import (
     Capability,
     CapabilityError,
     mint_capability,
     verify_capability,
 )
-from backstream.protocol.streams_state import CLOSED, OFFSET, StreamRefusal
+from backstream.protocol.streams_state import CLOSED, OFFSET, StreamRefusal, format_offset
 from backstream.protocol.streams_wire import (
     ALLOWED_HEADERS,
     EXPOSED_HEADERS,
@@ -113,12 +113,12 @@ class StreamsApi:
         capability URL path over the caller's own streams."""
         body = await request.json_body(64 * 1024, self.settings.body_timeout)
         if not isinstance(body, dict):
-            raise StreamRefusalAsError("the body must be a JSON object")
+            raise BadRequestError("the body must be a JSON object")
         prefix, ttl, write = body.get("prefix", ""), body.get("ttl_s", 3600), body.get("write", False)
         if not isinstance(prefix, str) or not isinstance(write, bool):
-            raise StreamRefusalAsError("prefix must be a string and write a boolean")
+            raise BadRequestError("prefix must be a string and write a boolean")
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 30 * 86400:
-            raise StreamRefusalAsError("ttl_s must be whole seconds from 1 to 30 days")
+            raise BadRequestError("ttl_s must be whole seconds from 1 to 30 days")
         expires_at = int(time.time()) + ttl
         path = self.capability_url_path(Capability(request.user, prefix, expires_at, write))
         await self._app.send_json(request, 200, {"path": path, "expires_at": expires_at})
@@ -175,7 +175,7 @@ class StreamsApi:
 
         create = create_request(request.header, body, resolve_source=source)
         status, state = await self._ops.create(key, create)
-        headers = {"content-type": state.content_type, OFFSET: _offset(state.tail)}
+        headers = {"content-type": state.content_type, OFFSET: format_offset(state.tail)}
         if status == 201:
             headers["location"] = _absolute_url(request)
         if state.closed:
@@ -283,17 +283,6 @@ class StreamsApi:
             await request.send({"type": "http.response.body", "body": b"" if status in (204, 304) else body})
         except (OSError, trio.BrokenResourceError):
             log.debug("a stream reply could not be sent: the client left")
-
-
-class StreamRefusalAsError(BackstreamError):
-    code = "bad_request"
-    http_status = 400
-
-
-def _offset(position: int) -> str:
-    from backstream.protocol.streams_state import format_offset
-
-    return format_offset(position)
 
 
 def _query(request: Request) -> str:
