@@ -178,7 +178,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
         9,
         # Durable streams (``streams_sqlite``): each stream's state as JSON, its messages by
-        # end position.
+        # end position, each user's streams and bytes.
         """
         CREATE TABLE ds_streams (
             stream_key TEXT PRIMARY KEY,
@@ -187,8 +187,12 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             deadline REAL,
             state TEXT NOT NULL
         );
-        CREATE INDEX ds_streams_by_owner ON ds_streams (owner);
         CREATE INDEX ds_streams_by_deadline ON ds_streams (deadline) WHERE deadline IS NOT NULL;
+        CREATE TABLE ds_usage (
+            owner TEXT PRIMARY KEY,
+            streams INTEGER NOT NULL,
+            bytes INTEGER NOT NULL
+        ) WITHOUT ROWID;
         CREATE TABLE ds_messages (
             stream_key TEXT NOT NULL,
             end_pos INTEGER NOT NULL,

@@ -1,4 +1,5 @@
-"""Durable streams in the SQLite store's file: a row of state per stream, a row per message.
+"""Durable streams in the SQLite store's file: a row of state per stream, a row per message, a
+row of counts per user (moved in the same transaction as the write).
 
 Each ``update`` is one operation of the writer's group transaction (``SqliteStore``): its
 decision runs on the writer's thread between reading the state and writing the result, so it
@@ -36,7 +37,10 @@ class SqliteStreamStore:
     async def update(self, key: str, decide: Callable[[StreamState | None], Change[T]]) -> Change[T]:
         def apply(conn: sqlite3.Connection) -> Change[T]:
             row = conn.execute("SELECT state FROM ds_streams WHERE stream_key = ?", (key,)).fetchone()
-            change = decide(StreamState.from_json(row[0]) if row else None)
+            old = StreamState.from_json(row[0]) if row else None
+            change = decide(old)
+            if change.delete or change.state is not None:
+                _account(conn, key, old, None if change.delete else change.state)
             if change.delete or change.fresh:
                 conn.execute("DELETE FROM ds_messages WHERE stream_key = ?", (key,))
             if change.delete:
@@ -93,9 +97,19 @@ class SqliteStreamStore:
 
     async def usage(self, owner: str) -> StreamUsage:
         def select(conn: sqlite3.Connection) -> StreamUsage:
-            row = conn.execute(
-                "SELECT count(*), coalesce(sum(stored_bytes), 0) FROM ds_streams WHERE owner = ?", (owner,)
-            ).fetchone()
-            return StreamUsage(int(row[0]), int(row[1]))
+            row = conn.execute("SELECT streams, bytes FROM ds_usage WHERE owner = ?", (owner,)).fetchone()
+            return StreamUsage(int(row[0]), int(row[1])) if row else StreamUsage(0, 0)
 
         return await self._store.run_read(select)
+
+
+def _account(conn: sqlite3.Connection, key: str, old: StreamState | None, new: StreamState | None) -> None:
+    """The owner's counts follow the write, in its transaction."""
+    streams = (new is not None) - (old is not None)
+    stored = (new.stored_bytes if new else 0) - (old.stored_bytes if old else 0)
+    if streams or stored:
+        conn.execute(
+            "INSERT INTO ds_usage (owner, streams, bytes) VALUES (?, ?, ?) ON CONFLICT (owner) DO UPDATE SET "
+            "streams = streams + excluded.streams, bytes = bytes + excluded.bytes",
+            (owner_of(key), streams, stored),
+        )
