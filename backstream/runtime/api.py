@@ -21,6 +21,7 @@ from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.dispatcher import Dispatcher, DispatcherStatistics
 from backstream.actors.job import JobActor
+from backstream.actors.joblog import summarize_events
 from backstream.actors.keeper import Keeper, KeeperStatistics
 from backstream.actors.metronome import Metronome
 from backstream.actors.notifier import Notifier
@@ -35,6 +36,7 @@ from backstream.actors.webhooks import WebhookDeliverer
 from backstream.protocol.errors import BadRequestError, GoneError, UnavailableError
 from backstream.protocol.events import JobInfo, JobSummary, LogEvent
 from backstream.protocol.ids import new_id
+from backstream.protocol.offsets import stale_epoch_error
 from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
 from backstream.runtime.handle import AbortResult, JobHandle, JobHandles
 from backstream.runtime.models.http1 import HTTP1Pool, PoolStatistics
@@ -289,9 +291,12 @@ class Runtime:
             raise BadRequestError("after_seq must be a non-negative integer")
         view = (await self._lookup(job_id, user)).log_view()
         current_epoch, last_seq, finished = view.epoch, view.last_seq, view.finished
+        kept_through = None
         if epoch is not None and epoch != current_epoch:
-            view.source.close()
-            raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
+            kept_through = view.record.kept_through(epoch)
+            if kept_through is None or after_seq > kept_through:
+                view.source.close()
+                raise await self._stale_epoch(job_id, user, current_epoch, kept_through)
         # A cursor ahead of a running job waits for the log to reach it (another instance
         # may lag by one flush); if the job ends first, the watch ends with bad_request.
         if finished and after_seq > last_seq:
@@ -309,8 +314,18 @@ class Runtime:
             tool_call_deltas=tool_call_deltas,
             merge_text=merge_text,
             sleep_until=self._metronome.sleep_until,
+            kept_through=kept_through,
         )
         return watcher, finished
+
+    async def _stale_epoch(self, job_id: str, user: str, epoch: int, kept_through: int | None) -> GoneError:
+        """``gone`` for a cursor of an earlier epoch past what the log kept of it, with the
+        content's length at the last ``seq`` that stands (so a reader can cut its text)."""
+        if kept_through is None:
+            return stale_epoch_error(epoch, None)
+        _, entries = await (await self._lookup(job_id, user)).log()
+        content, _ = summarize_events(ev for ev in entries if ev.seq <= kept_through)
+        return stale_epoch_error(epoch, kept_through, content_length=len(content))
 
     async def get_job(
         self, job_id: str, *, user: str, include_content: bool = False, offset: int = 0
