@@ -9,6 +9,7 @@ async with backstream.open_runtime(backstream.Config()) as rt:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -453,9 +454,22 @@ class Runtime:
 
     async def _drain(self) -> None:
         """Refuse new jobs, give running ones ``drain_timeout`` to end, interrupt the rest
-        (or leave them running in the store, for another owner: ``hand_off``)."""
+        (or leave them running in the store, for another owner: ``hand_off``). When another
+        instance is alive, the jobs it can continue are left to it at once, without the
+        drain: a rolling restart costs them a hand-off, not ``drain_timeout``."""
         self._registry.stop_accepting()
-        await self._job_supervisor.shutdown()
+        handing_off = False
+        try:
+            with trio.move_on_after(self.config.finalize_timeout):
+                handing_off = await self._store.others_alive(self.instance_id, self._clock.now())
+        except UnavailableError:
+            handing_off = False
+        drain = self.config.drain_timeout
+
+        def grace(actor: JobActor | None) -> float:
+            return 0.0 if actor is not None and actor.leaves_running_on_stop else drain
+
+        await self._job_supervisor.shutdown(grace=grace if handing_off else None)
 
     async def hand_off(self) -> None:
         """End the leases of the jobs left running at shutdown now, so that a live instance
@@ -464,6 +478,8 @@ class Runtime:
         ``finalize_timeout``) leaves the leases to lapse by themselves. Cancellation: the
         same."""
         left = self._registry.left_running()
+        with trio.move_on_after(self.config.finalize_timeout), contextlib.suppress(UnavailableError):
+            await self._store.withdraw(self.instance_id)
         if not left:
             return
         with trio.move_on_after(self.config.finalize_timeout):

@@ -211,6 +211,33 @@ return {epoch, lease_at}
 """
 )
 
+# -- instances alive: the store's own slot ---------------------------------------------------
+
+# KEYS: instances. ARGV: the instance, the end of its announcement (ahead). Drops the
+# announcements that lapsed, then adds or renews this one.
+ANNOUNCE = (
+    _CLOCK
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', stamp(clock('0')))
+redis.call('ZADD', KEYS[1], stamp(clock(ARGV[2])), ARGV[1])
+return 1
+"""
+)
+
+# KEYS: instances. ARGV: the instance asking, now (ahead). Returns how many other
+# instances' announcements have not lapsed.
+OTHERS_ALIVE = (
+    _CLOCK
+    + """
+local alive = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. stamp(clock(ARGV[2])), '+inf')
+local others = 0
+for _, instance in ipairs(alive) do
+  if instance ~= ARGV[1] then others = others + 1 end
+end
+return others
+"""
+)
+
 # KEYS: job. ARGV: the lease's end as the owner's clock reads it (JSON), the owner (JSON),
 # the lease's end (ahead). Renews the lease only if the owner holds the job; returns its
 # end on Redis's clock if it did, '' if not.
