@@ -195,6 +195,12 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
     prefix = f"bstest:{uuid.uuid4().hex[:12]}"
     writer, follower = RedisStore(redis_url(), prefix=prefix), RedisStore(redis_url(), prefix=prefix)
     got: list[list[int]] = []
+    epochs: set[int] = set()
+
+    def follow(entries: Any, epoch: int) -> None:
+        got.append([e.seq for e in entries])
+        epochs.add(epoch)
+
     for store in (writer, follower):  # opened outside the nursery, as the runtime does
         await store.open()
     try:
@@ -202,7 +208,7 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
             for store in (writer, follower):
                 await nursery.start(store.run)
             await writer.create_job(record())
-            with follower.follow_job("j_1", lambda entries: got.append([e.seq for e in entries])):
+            with follower.follow_job("j_1", follow):
                 with trio.fail_after(5):
                     while follower.statistics().subscriber.channels_subscribed != 1:
                         await trio.sleep(0.01)
@@ -214,7 +220,8 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
                     while follower.subscriber.announced("j_1") != 4:
                         await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-        assert got == [[1, 2], [4]]  # the large one came without its entries
+        assert got == [[1, 2], [], [4]]  # the large one came without its entries
+        assert epochs == {1}  # each announcement names its writer's epoch
     finally:
         for store in (follower, writer):  # the reverse of their opening (each holds a scope)
             await store.aclose()

@@ -5,10 +5,7 @@ joined with their rewinds applied, equal it: no gap, no repeat, no ``interrupted
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,7 +15,8 @@ import trio
 
 from backstream.client import Client, open_client
 from backstream.protocol.events import RewindEvent, TextEvent
-from bench._procs import free_port, wait_for_port
+from backstream.runtime.stores.redis import RedisStore
+from bench._procs import ServeProcess
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.test_takeover import lorem_request, undisturbed
 
@@ -26,34 +24,18 @@ MSG = [{"role": "user", "content": "x"}]
 LEASES = ("--lease-ttl", "3", "--lease-renew-interval", "0.3", "--drain-timeout", "10", "--max-jobs-per-user", "50")
 
 
-class Instance:
-    """A ``serve`` process on a fixed port that can be stopped and started again there."""
+class Instance(ServeProcess):
+    """A ``serve`` on the shared Redis prefix, stopped and started again on its port."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}/v1"
-        self._env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["--port", str(self.port), "--token", "tok=alice", "--store", redis_url(), *LEASES]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backstream", "serve", "--log-level", "warning", *args],
-            env={**os.environ, **self._env},
-        )
-        wait_for_port(self.port, timeout=60)
+        args = ["--token", "tok=alice", "--store", redis_url(), "--log-level", "warning", *LEASES]
+        super().__init__(args, env)
 
     async def stop(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
+        self.signal(sig)
         with trio.fail_after(60):
-            while self.proc.poll() is None:
+            while not self.exited():
                 await trio.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @contextmanager
@@ -68,9 +50,14 @@ def instances(count: int, prefix: str) -> Iterator[list[Instance]]:
         yield made
 
 
+LABELS: dict[str, list[tuple[int, int]]] = {}
+"""Per job watched, each batch's (from_seq, epoch), as the watcher got them."""
+
+
 async def watch_whole(client: Client, job_id: str, seen: dict[str, tuple[str, str]]) -> None:
     """Watch from the start across whatever happens; record the joined text and the end."""
     text, next_seq, last = "", 1, None
+    labels = LABELS.setdefault(job_id, [])
     async with client.watch(job_id) as batches:
         async for batch in batches:
             if batch.from_seq == batch.to_seq + 1:  # cut back to what the log kept
@@ -83,6 +70,7 @@ async def watch_whole(client: Client, job_id: str, seen: dict[str, tuple[str, st
                 elif isinstance(event, RewindEvent):
                     text = text[: event.content_length]
             next_seq, last = batch.to_seq + 1, batch
+            labels.append((batch.from_seq, batch.epoch))
     assert last is not None and last.terminal is not None
     seen[job_id] = (text, last.terminal.status)
 
@@ -166,10 +154,25 @@ async def test_kill_9_of_the_instance_running_ten_jobs_loses_none() -> None:
         with instances(3, prefix) as fleet:
             # Jobs on the first instance only, watched through the second.
             seen, stored = await run_jobs_on_first(fleet, 10, kill_first)
+        kept = await kept_through(prefix, list(stored))
     finally:
         await delete_prefix(prefix)
     check_whole(seen, stored, answer, 10)
     assert {info.job.epoch for info in stored.values()} == {2}
+    # Watched from another instance, the new epoch's entries come labelled with it.
+    for job_id, end in kept.items():
+        assert all(epoch == 2 for first, epoch in LABELS[job_id] if first > end), (job_id, end, LABELS[job_id])
+
+
+async def kept_through(prefix: str, job_ids: list[str]) -> dict[str, int]:
+    """Where each job's first epoch ended, from its record."""
+    store = RedisStore(redis_url(), prefix=prefix)
+    await store.open()
+    try:
+        records = [await store.get_job(job_id) for job_id in job_ids]
+    finally:
+        await store.aclose()
+    return {r.job_id: r.epoch_ends[0] for r in records if r is not None}
 
 
 async def run_jobs_on_first(fleet: list[Instance], jobs: int, disturb: Any) -> tuple[dict[str, Any], ...]:

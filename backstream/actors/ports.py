@@ -343,13 +343,14 @@ class LogStore(abc.ABC):
         """
 
     def follow_job(
-        self, job_id: str, on_entries: Callable[[Sequence[LogEvent]], None] | None = None
+        self, job_id: str, on_entries: Callable[[Sequence[LogEvent], int], None] | None = None
     ) -> AbstractContextManager[None]:
         """For the block, this process follows the job's commits made elsewhere (a shared
         store subscribes to them once, however many follow; ``wait_for_entries`` follows
-        for its own wait only). ``on_entries`` (synchronous, it must not block) gets the
-        entries of commits announced with them, when the store announces them so; others
-        are read. A store one process owns has nothing to follow."""
+        for its own wait only). ``on_entries`` (synchronous, it must not block) gets each
+        announced commit's entries (empty when the store announces them without: they are
+        read) and the epoch of the writer (0 if unknown). A store one process owns has
+        nothing to follow."""
         return nullcontext()
 
 

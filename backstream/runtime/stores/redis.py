@@ -123,6 +123,8 @@ class _Writing:
     stored_seq: int
     request_bytes: int
     """What its request counts against its user's quota (with its log, from its end on)."""
+    epoch: int = 1
+    """The epoch it writes (announced with each commit, so followers label entries right)."""
     announce: bool = True
     """Announce commits on the job's channel: until one reaches no follower, and again
     once a follower asks (``watch``)."""
@@ -452,7 +454,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         writing.writing = dict(zip(encoded[::2], encoded[1::2], strict=True))
         ttl_s = (progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S
         return [
-            job_id,
+            f"{job_id}@{writing.epoch}",  # the announcement's first word: its writer's epoch
             str(writing.stored_seq),
             str(entries[-1].seq if entries else progress.seq),
             events_to_json(entries) if entries else "",
@@ -494,7 +496,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         await self.subscriber.wait_for_entries(job_id, after_seq)
 
     def follow_job(
-        self, job_id: str, on_entries: Callable[[Sequence[LogEvent]], None] | None = None
+        self, job_id: str, on_entries: Callable[[Sequence[LogEvent], int], None] | None = None
     ) -> AbstractContextManager[None]:
         """Subscribe to the job's channel for the block (once per job however many
         follow it), and ask its writer to announce its commits; ``on_entries`` gets the
@@ -695,6 +697,7 @@ def _writing_of(record: JobRecord, shard: int) -> _Writing:
         record.owner,
         record.seq,
         request_bytes(record.request),
+        epoch=record.epoch,
     )
 
 
