@@ -5,7 +5,7 @@ On one Redis and on a cluster (sharded pub/sub)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import trio
 
 from backstream import Batch, Config, Runtime, open_runtime
 from backstream.actors.remote_tail import TAIL_WINDOW
+from backstream.protocol.events import LogEvent
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.redis_subscriber import RedisSubscriberStatistics
 from tests.conftest import REDIS_HOST, delete_prefix, redis_url, require_redis
@@ -197,7 +198,7 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
     got: list[list[int]] = []
     epochs: set[int] = set()
 
-    def follow(entries: Any, epoch: int) -> None:
+    def follow(entries: Sequence[LogEvent], epoch: int) -> None:
         got.append([e.seq for e in entries])
         epochs.add(epoch)
 
