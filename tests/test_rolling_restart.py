@@ -21,7 +21,16 @@ from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.test_takeover import lorem_request, undisturbed
 
 MSG = [{"role": "user", "content": "x"}]
-LEASES = ("--lease-ttl", "3", "--lease-renew-interval", "0.3", "--drain-timeout", "10", "--max-jobs-per-user", "50")
+LEASES = (
+    "--lease-ttl",
+    "3",
+    "--lease-renew-interval",
+    "0.3",
+    "--drain-timeout",
+    "10",
+    "--max-jobs-per-user",
+    "50",
+)
 
 
 class Instance(ServeProcess):
@@ -90,7 +99,11 @@ async def run_jobs(fleet: list[Instance], jobs_per_instance: int, disturb: Any) 
         for i, client in enumerate(clients):
             for n in range(jobs_per_instance):
                 started = await client.start_job(
-                    thread_id="t", message_id=f"m{i}-{n}", model="backstream/lorem", messages=MSG, params=params
+                    thread_id="t",
+                    message_id=f"m{i}-{n}",
+                    model="backstream/lorem",
+                    messages=MSG,
+                    params=params,
                 )
                 owner[started.job.job_id] = i
         with trio.fail_after(120):
@@ -161,7 +174,11 @@ async def test_kill_9_of_the_instance_running_ten_jobs_loses_none() -> None:
     assert {info.job.epoch for info in stored.values()} == {2}
     # Watched from another instance, the new epoch's entries come labelled with it.
     for job_id, end in kept.items():
-        assert all(epoch == 2 for first, epoch in LABELS[job_id] if first > end), (job_id, end, LABELS[job_id])
+        assert all(epoch == 2 for first, epoch in LABELS[job_id] if first > end), (
+            job_id,
+            end,
+            LABELS[job_id],
+        )
 
 
 async def kept_through(prefix: str, job_ids: list[str]) -> dict[str, int]:

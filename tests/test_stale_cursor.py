@@ -144,7 +144,9 @@ async def test_numbered_items_of_the_old_epoch_go_on_or_are_told(place: Any, kin
     async with served(Config(drain_timeout=0), store=place()) as srv:
         await wait_ended(srv.url, job_id)
         whole: list[Any] = []
-        async with open_replay(srv.runtime, job_id, projection(), user="alice", offset=StreamOffset()) as replay:
+        async with open_replay(
+            srv.runtime, job_id, projection(), user="alice", offset=StreamOffset()
+        ) as replay:
             async for items in replay:
                 whole += items
         resumed: list[Any] = []
