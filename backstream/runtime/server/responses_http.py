@@ -43,6 +43,7 @@ from backstream.protocol.responses_request import (
 from backstream.protocol.responses_sse import sse_frame
 from backstream.runtime.server.http_app import HttpApp, Request, error_response
 from backstream.runtime.server.replay import Replay, open_replay
+from backstream.runtime.server.responses_state import ResponsesState, awaits_approval
 from backstream.runtime.server.session import frame_chars
 
 __all__ = ["ResponsesApi"]
@@ -61,6 +62,7 @@ class ResponsesApi:
         app.route("POST", r"/v1/responses", self._create)
         app.route("GET", rf"/v1/responses/{_ID}", self._retrieve)
         app.route("POST", rf"/v1/responses/{_ID}/cancel", self._cancel)
+        self._state = ResponsesState(app)
 
     # -- endpoints --------------------------------------------------------------------------
 
@@ -76,25 +78,33 @@ class ResponsesApi:
             return
         async with self._app.stream_slot(request.user):
             job_id = await self._start(request, body, parsed)
-            if parsed.stream:
-                await self._stream_events(request, job_id, NO_OFFSET, "starting_after")
-                return
-            await self._wait_for_end(request, job_id)
-            await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+            try:
+                if parsed.stream:
+                    await self._stream_events(request, job_id, NO_OFFSET, "starting_after")
+                    return
+                await self._wait_for_end(request, job_id)
+                await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+            finally:
+                if not parsed.store:  # nothing kept once the reply is out (or its client left)
+                    await self._state.forget(request.user, job_id)
 
     async def _start(self, request: Request, body: Any, parsed: ResponseRequest) -> str:
-        """Start the create's job (or find the one its Idempotency-Key started); its id."""
+        """Start the create's job (or find the one its Idempotency-Key started); its id.
+        ``mcp_approval_response`` items start none: the previous response resumes."""
+        if parsed.approvals:
+            return await self._state.answer_approvals(request.user, parsed)
         key = _idempotency_key(request)
         # With an Idempotency-Key a retried create finds the same job (its message id); the
         # body's fingerprint, kept with the job in the store, tells a retry from a reuse.
         fingerprint = body_fingerprint(body)
-        annotations = parsed.annotations if key is None else {**parsed.annotations, BODY_SHA256: fingerprint}
+        start = await self._state.start_with(request.user, parsed)
+        annotations = start.annotations if key is None else {**start.annotations, BODY_SHA256: fingerprint}
         started = await self._runtime.start_job(
             user=request.user,
-            thread_id=parsed.thread_id or new_id("t_"),
+            thread_id=start.thread_id or new_id("t_"),
             message_id=new_id("m_") if key is None else f"idem:{key}",
             model=parsed.model,
-            messages=parsed.messages,
+            messages=start.messages,
             params=parsed.params,
             tools=parsed.tools,
             annotations=annotations,
@@ -143,14 +153,20 @@ class ResponsesApi:
         return response
 
     async def _wait_for_end(self, request: Request, job_id: str) -> None:
-        """Wait for the job's end; if the client leaves meanwhile, the job goes on. At shutdown
-        the wait ends early: the reply says ``in_progress``."""
+        """Wait for the job's end, or until it waits for an approval (the reply then holds
+        the ``mcp_approval_request`` item); if the client leaves meanwhile, the job goes on.
+        At shutdown the wait ends early: the reply says ``in_progress``."""
+        _, entries = await self._runtime.job_log(job_id, user=request.user)
+        if awaits_approval(entries):
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
             nursery.start_soon(_cancel_on_event, self._app.closing, nursery.cancel_scope)
-            async with self._runtime.watch(job_id, user=request.user) as batches:
-                async for _ in batches:
-                    pass
+            after = entries[-1].seq if entries else 0
+            async with self._runtime.watch(job_id, user=request.user, after_seq=after) as batches:
+                async for batch in batches:
+                    if awaits_approval(batch.events):
+                        break
             nursery.cancel_scope.cancel()
 
     # -- streaming ----------------------------------------------------------------------------
