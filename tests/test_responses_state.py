@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import trio
 
 from backstream.client import open_client
 from tests.test_responses_api import in_thread, served
@@ -355,3 +356,22 @@ def until_done(client: openai.OpenAI, response_id: str) -> Any:
             return found
         time.sleep(0.02)
     raise AssertionError("the response did not end")
+
+
+async def test_the_guides_conversation_example_runs(upstream: FakeUpstream) -> None:
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    guide = (pathlib.Path(__file__).parent.parent / "docs" / "http-apis.md").read_text()
+    example = next(
+        b for b in re.findall(r"```python\n(.*?)```", guide, flags=re.S) if "previous_response_id=first" in b
+    )
+    async with served(upstream, token=("tokA=alice",), echo_words_per_s=1000.0) as server:
+        code = example.replace("127.0.0.1:8766", f"127.0.0.1:{server.handle.http_port}")
+        result = await trio.to_thread.run_sync(
+            lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["what is my name?", "['what is my name?']", "completed"]

@@ -74,9 +74,16 @@ class UIChunkProjection:
     replays_unpaced = True
 
     def __init__(
-        self, job_id: str, *, from_call: str | None = None, approval_tools: frozenset[str] = frozenset()
+        self,
+        job_id: str,
+        *,
+        from_call: str | None = None,
+        approval_tools: frozenset[str] = frozenset(),
+        message_id: str | None = None,
     ) -> None:
-        self.translator = UIChunkTranslator(message_id=job_id, job_id=job_id, approval_tools=approval_tools)
+        self.translator = UIChunkTranslator(
+            message_id=message_id or job_id, job_id=job_id, approval_tools=approval_tools
+        )
         self._from_call = from_call
         self._base: int | None = 0 if from_call is None else None
         self._after = -1
