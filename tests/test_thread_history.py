@@ -145,3 +145,45 @@ async def test_a_thread_continued_by_previous_job_id_on_another_instance(upstrea
             ]
             assert (await on_b.get(reply.json()["id"])).job.thread_id == "t1"
             assert len(upstream.requests) == 5
+
+
+CLIENT_TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "getLocation", "parameters": {"type": "object", "properties": {}}},
+    }
+]
+
+
+async def test_client_side_tools_over_the_protocol(upstream: FakeUpstream) -> None:
+    """``params.client_tools``: the job ends with the client's call open (its ``tool_call``
+    logged, no result); the next job of the thread answers it with a ``tool`` message."""
+    from tests.test_responses_api import served
+    from tests.test_tools import tool_turn
+
+    upstream.script(tool_turn(("call_l", "getLocation", "{}")), streams(["In ", "Paris."]))
+    async with served(upstream) as server, open_client(server.ws_url, "tok-alice") as client:
+        first = await run_to_end(
+            client,
+            thread_id="t1",
+            message_id="m1",
+            messages=[user("where am I?")],
+            params={"client_tools": CLIENT_TOOLS},
+        )
+        info = await client.get(first, include_content=True)
+        assert info.job.status == "completed"
+        assert [(c.call_id, c.name, c.output) for c in info.tool_calls] == [("call_l", "getLocation", None)]
+        with pytest.raises(BadRequestError) as unanswered:
+            await client.start_job(
+                model="m", thread_id="t1", message_id="m2", messages=[user("well?")], previous_job_id=first
+            )
+        assert "No tool output found for function call call_l" in unanswered.value.message
+        answer = {"role": "tool", "tool_call_id": "call_l", "content": "Paris"}
+        second = await run_to_end(
+            client, thread_id="t1", message_id="m3", messages=[answer], previous_job_id=first
+        )
+        assert (await client.get(second, include_content=True)).content == "In Paris."
+        sent = upstream.requests[1]["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+        assert sent[1]["tool_calls"][0]["id"] == "call_l" and sent[2] == answer
+        assert "client_tools" not in upstream.requests[0] and upstream.requests[0]["tools"] == CLIENT_TOOLS

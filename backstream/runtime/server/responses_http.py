@@ -82,7 +82,9 @@ class ResponsesApi:
                 if parsed.stream:
                     await self._stream_events(request, job_id, NO_OFFSET, "starting_after")
                     return
-                await self._wait_for_end(request, job_id)
+                # A response kept for nobody (store: false) waits for its real end: an
+                # approval it asked for is answered over WebSocket (job.approve) meanwhile.
+                await self._wait_for_end(request, job_id, until_approval=parsed.store)
                 await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
             finally:
                 if not parsed.store:  # nothing kept once the reply is out (or its client left)
@@ -152,12 +154,13 @@ class ResponsesApi:
                 response["completed_at"] = _unix(info.job.finished_at)
         return response
 
-    async def _wait_for_end(self, request: Request, job_id: str) -> None:
-        """Wait for the job's end, or until it waits for an approval (the reply then holds
-        the ``mcp_approval_request`` item); if the client leaves meanwhile, the job goes on.
-        At shutdown the wait ends early: the reply says ``in_progress``."""
+    async def _wait_for_end(self, request: Request, job_id: str, *, until_approval: bool = True) -> None:
+        """Wait for the job's end, or (``until_approval``) until it waits for an approval
+        (the reply then holds the ``mcp_approval_request`` item); if the client leaves
+        meanwhile, the job goes on. At shutdown the wait ends early: the reply says
+        ``in_progress``."""
         _, entries = await self._runtime.job_log(job_id, user=request.user)
-        if awaits_approval(entries):
+        if until_approval and awaits_approval(entries):
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
@@ -165,7 +168,7 @@ class ResponsesApi:
             after = entries[-1].seq if entries else 0
             async with self._runtime.watch(job_id, user=request.user, after_seq=after) as batches:
                 async for batch in batches:
-                    if awaits_approval(batch.events):
+                    if until_approval and awaits_approval(batch.events):
                         break
             nursery.cancel_scope.cancel()
 
