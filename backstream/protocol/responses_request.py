@@ -5,6 +5,10 @@ needs); a bad field is a ``BadRequestError`` whose ``param`` extra names it. ``m
 is kept as sent (its ``thread_id``, if any, also names the job's thread) and echoed
 unchanged. ``max_tool_calls`` (a non-negative integer) becomes the job param of that name
 (``protocol.job_params``): at most that many server-side tool calls run in the response.
+``input`` items are read by ``protocol.responses_input``; function tools with
+``parameters`` are the client's (the ``client_tools`` job param); ``previous_response_id``
+and ``store`` are kept for the HTTP layer, which continues the conversation
+(``protocol.history``) and deletes an unstored response once answered.
 """
 
 from __future__ import annotations

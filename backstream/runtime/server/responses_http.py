@@ -2,7 +2,9 @@
 ``protocol.responses``.
 
 ``POST /v1/responses``, ``GET /v1/responses/{id}`` (``?stream=true&starting_after=N`` for
-server-sent events; ``Last-Event-ID`` resumes too), ``POST /v1/responses/{id}/cancel``.
+server-sent events; ``Last-Event-ID`` resumes too), ``POST /v1/responses/{id}/cancel``;
+conversation state (``previous_response_id``, approvals, ``store``, ``input_items``,
+``DELETE``) is ``server.responses_state``'s.
 The response id is the job id. A stream goes through the replay driver (``server.replay``)
 with a ``ResponsesProjection``; each event's ``id:`` is its offset ``"<epoch>_<n>"``, so an
 EventSource reconnecting after the job was recovered at a new epoch is answered ``gone``
