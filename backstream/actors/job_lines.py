@@ -35,7 +35,9 @@ def log_job_started(record: JobRecord, *, continued: bool) -> None:
     _line("job started", fields)
 
 
-def log_job_ended(record: JobRecord, terminal: StatusEvent, *, ended_at: float, output_chars: int) -> None:
+def log_job_ended(
+    record: JobRecord, terminal: StatusEvent, *, ended_at: float, output_chars: int
+) -> None:
     """Cancellation: not a checkpoint."""
     fields: dict[str, Any] = {
         "job_id": record.job_id,
