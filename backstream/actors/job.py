@@ -109,6 +109,7 @@ class JobActor:
         self._leave_running_on_stop = leave_running_on_stop
         self._taken_over = taken_over  # calls without a result may have been running
         self.left_running = False
+        """Set once a stop left the job running in the store, for another owner."""
         """The runtime stopped and left the job running in the store (durable up to its last
         write) for the next owner to continue, instead of ending it ``interrupted``."""
         self.finished = trio.Event()
@@ -135,6 +136,12 @@ class JobActor:
         self._flush_due = trio.Event()
         self._flush_events = config.flush_events
         self._store_failing_since: float | None = None  # trio time of the first failed write
+
+    @property
+    def leaves_running_on_stop(self) -> bool:
+        """Whether a stop leaves the job running in the store for another owner (a store
+        that outlives the process, a model that continues) rather than ending it."""
+        return self._leave_running_on_stop
 
     @property
     def job_id(self) -> str:

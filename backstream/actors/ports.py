@@ -454,6 +454,22 @@ class Leases(abc.ABC):
         ``LEASES`` has none). Cancellation: some may be renewed; the next renewal catches up."""
 
     @abc.abstractmethod
+    async def announce(self, owner: str, until: float) -> None:
+        """Tell a store shared by several instances that ``owner`` is alive until ``until``
+        (renewed every lease round; nothing in a store one process owns). Cancellation:
+        announced or not; the next round does it again."""
+
+    @abc.abstractmethod
+    async def withdraw(self, owner: str) -> None:
+        """``owner`` stops: it no longer counts as alive. Cancellation: withdrawn or not (an
+        announcement lapses by itself)."""
+
+    @abc.abstractmethod
+    async def others_alive(self, owner: str, now: float) -> bool:
+        """Whether an instance other than ``owner`` announced itself alive past ``now``: one
+        that would take over ``owner``'s jobs. Cancellation: nothing changes."""
+
+    @abc.abstractmethod
     async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
         """Hand every orphan (a live job whose instance is gone: its lease lapsed before
         ``now``, or, in a store one process owns, any live job another instance started)

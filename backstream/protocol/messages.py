@@ -360,6 +360,14 @@ class ErrorMessage:
     retry_after_ms: int | None = None
     job_id: str | None = None
     """The job the error concerns: the one the request named, or the one whose watch ended."""
+    valid_through: int | None = None
+    """With ``gone`` for a cursor of an epoch before a takeover: the last ``seq`` of the
+    reader's view that the log kept (it drops what it has beyond and watches again from
+    here at ``epoch``)."""
+    content_length: int | None = None
+    """With ``valid_through``: the content's length at that ``seq``."""
+    epoch: int | None = None
+    """With ``valid_through``: the log's epoch now."""
 
 
 @attrs.frozen

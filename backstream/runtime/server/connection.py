@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -298,6 +298,7 @@ class Connection:
                 exc.message,
                 retry if isinstance(retry, int) else None,
                 job_id=getattr(message, "job_id", None),  # the job a job.* request named
+                extra=exc.extra,
             )
         except (ConnectionClosed, _Close):
             raise
@@ -414,7 +415,7 @@ class Connection:
                 raise  # before started(): the request handler reports it
             with contextlib.suppress(_Close, ConnectionClosed):
                 await self._send_error(
-                    None, exc.code, watch_ended_message(job_id, exc.message), job_id=job_id
+                    None, exc.code, watch_ended_message(job_id, exc.message), job_id=job_id, extra=exc.extra
                 )
         except _Close as exc:
             self.close_soon(exc.code, exc.reason)
@@ -509,9 +510,10 @@ class Connection:
         retry_after_ms: int | None = None,
         *,
         job_id: str | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         self._stats.errors_sent += 1
-        await self._send(error_message(request_id, code, message, retry_after_ms, job_id=job_id))
+        await self._send(error_message(request_id, code, message, retry_after_ms, job_id=job_id, extra=extra))
 
     async def _send(self, text: str) -> None:
         """Send one reply within ``send_timeout`` (replies are not gated: they are small and

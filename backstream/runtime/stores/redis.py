@@ -597,6 +597,18 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
                 jobs.append((job_id, writing.user, writing.shard))
         await self._steps.renew(owner, jobs, until)
 
+    async def announce(self, owner: str, until: float) -> None:
+        """One script on the instances key, on Redis's clock. Cancellation: announced or not."""
+        await self._conn.script("announce", [self.keys.instances()], [owner, self._steps.frame.ahead(until)])
+
+    async def withdraw(self, owner: str) -> None:
+        await self._call(self.redis.zrem(self.keys.instances(), [owner]))
+
+    async def others_alive(self, owner: str, now: float) -> bool:
+        """Cancellation: nothing changes."""
+        args = [owner, self._steps.frame.at(now)]
+        return int(await self._conn.script("others_alive", [self.keys.instances()], args)) > 0
+
     async def _read_writing(self, job_id: str) -> _Writing | None:
         """What a commit or a renewal needs of a job this process does not write yet."""
         raw = await self._call(self.redis.hgetall(self.keys.job(job_id)))

@@ -540,10 +540,17 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
                 taken = []
                 for row in rows:
                     old = record_from_row(row)
-                    record = attrs.evolve(old, owner=owner, lease_until=lease_until, epoch=old.epoch + 1)
+                    record = attrs.evolve(
+                        old,
+                        owner=owner,
+                        lease_until=lease_until,
+                        epoch=old.epoch + 1,
+                        epoch_ends=(*old.epoch_ends, old.seq),
+                    )
                     conn.execute(
-                        "UPDATE jobs SET owner = ?, lease_until = ?, epoch = ? WHERE job_id = ?",
-                        (owner, lease_until, record.epoch, record.job_id),
+                        "UPDATE jobs SET owner = ?, lease_until = ?, epoch = ?, epoch_ends = ? "
+                        "WHERE job_id = ?",
+                        (owner, lease_until, record.epoch, json.dumps(record.epoch_ends), record.job_id),
                     )
                     taken.append(Handover(record, tuple(_select_log(conn, record.job_id))))
                 conn.execute("COMMIT")
