@@ -78,18 +78,24 @@ class ResponsesApi:
             job_id = await self._start(request, body, parsed)
             await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
             return
+        # A response kept for nobody (store: false; an approval's answer resumes a stored
+        # one) is deleted before its reply goes out, or once its stream or client is gone.
+        forget = not parsed.store and not parsed.approvals
         async with self._app.stream_slot(request.user):
             job_id = await self._start(request, body, parsed)
             try:
                 if parsed.stream:
                     await self._stream_events(request, job_id, NO_OFFSET, "starting_after")
                     return
-                # A response kept for nobody (store: false) waits for its real end: an
-                # approval it asked for is answered over WebSocket (job.approve) meanwhile.
-                await self._wait_for_end(request, job_id, until_approval=parsed.store)
-                await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+                # Unstored, it waits for its real end: an approval it asked for is answered
+                # over WebSocket (job.approve) meanwhile.
+                await self._wait_for_end(request, job_id, until_approval=not forget)
+                response = await self._response_object(request.user, job_id)
+                if forget:
+                    await self._state.forget(request.user, job_id)
+                await self._app.send_json(request, 200, response)
             finally:
-                if not parsed.store:  # nothing kept once the reply is out (or its client left)
+                if forget:
                     await self._state.forget(request.user, job_id)
 
     async def _start(self, request: Request, body: Any, parsed: ResponseRequest) -> str:

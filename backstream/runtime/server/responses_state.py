@@ -100,13 +100,15 @@ class ResponsesState:
         return previous
 
     async def forget(self, user: str, job_id: str) -> None:
-        """Delete a ``store: false`` response once its reply is sent (aborting it if its
-        client left first): shielded, bounded by ``finalize_timeout``; a failure is logged
+        """Delete a ``store: false`` response (aborting it if its client left first; again
+        is a no-op): shielded, bounded by ``finalize_timeout``; a failure is logged
         (the retention sweep deletes it later)."""
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self._runtime.config.finalize_timeout
             try:
                 await self._runtime.delete_job(job_id, user=user)
+            except NotFoundError:
+                pass  # deleted already
             except Exception as exc:  # a cleanup: never raises
                 log.warning("response %s (store=false) could not be deleted yet: %s", job_id, exc)
 
