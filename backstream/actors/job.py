@@ -25,6 +25,7 @@ from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.continuing import TurnContinuation, calls_may_have_run
 from backstream.actors.job_lines import log_job_ended, log_job_started
+from backstream.actors.job_tools import ClientTools
 from backstream.actors.joblog import JobLog, OutputLimitExceeded
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import (
@@ -270,14 +271,17 @@ class JobActor:
         first, and the turns the log shows count toward ``max_turns``."""
         request = self.record.request
         enabled = {name: self._tools.get(name) for name in request.tools}
-        specs = tuple(t.openai_spec() for t in enabled.values() if t is not None)
+        client = ClientTools.of(request.params)
+        specs = (*(t.openai_spec() for t in enabled.values() if t is not None), *client.specs)
         entries = self.log.entries()
         so_far = conversation_from_log(request, entries)
         messages = list(so_far.messages)
         turns = so_far.turns
         budget = ToolCallBudget.from_log(request.params, entries, open_calls=len(so_far.calls))
         if so_far.calls:
-            messages += await self._finish_turn(so_far, enabled, budget)
+            messages += await self._finish_turn(client.server_side(so_far), enabled, budget)
+            if client.calls_left(so_far.calls):
+                return client.ended_for_client(None)
         elif self.log.state is LogState.MODEL_TURN:
             turns -= 1  # the turn cut short runs again below, and counts then
         prefill = self.continuation.begin(so_far)
@@ -297,7 +301,10 @@ class JobActor:
                 return result
             calls = [(c.call_id, c.name, c.arguments) for c in result.tool_calls]
             messages.append(assistant_message("".join(self._turn_text), calls))
-            messages += await self._run_calls(result.tool_calls, enabled, budget)
+            server_calls, client_calls = client.split(result.tool_calls)
+            messages += await self._run_calls(server_calls, enabled, budget)
+            if client_calls:  # the client runs these: the job ends, its calls open
+                return client.ended_for_client(result)
         raise ModelFailure(
             ErrorInfo("tool_loop_limit", f"the model still called tools after {self._config.max_turns} turns")
         )

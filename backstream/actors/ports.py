@@ -298,6 +298,14 @@ class JobStore(abc.ABC):
         """The user's jobs, newest first, filtered by thread and status. Cancellation: safe."""
 
     @abc.abstractmethod
+    async def delete_job(self, job_id: str) -> bool:
+        """Delete a finished job now (its record, log and outbox entry), releasing its
+        stored bytes in the same step, as the sweep does; False if there is no such job or
+        it has not finished (a running job is aborted first, then deleted).
+
+        Cancellation: the job may or may not be deleted; deleting again is safe."""
+
+    @abc.abstractmethod
     async def delete_expired(self, now: float) -> list[str]:
         """Delete every finished job whose ``expires_at`` has passed, releasing its stored
         bytes in the same step; return their ids.

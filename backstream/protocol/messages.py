@@ -107,6 +107,9 @@ class JobStart:
     watch: bool = False
     tool_call_deltas: bool = False
     """With ``watch``: also send ``tool_call_delta`` events."""
+    previous_job_id: str | None = attrs.field(default=None, validator=attrs.validators.optional(_name))
+    """The job of the same thread (and user) this one continues: the server puts that job's
+    conversation before ``messages``, which hold only what is new."""
 
 
 @attrs.frozen

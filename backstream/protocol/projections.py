@@ -94,10 +94,17 @@ class UIChunkProjection:
     replays_unpaced = True
 
     def __init__(
-        self, job_id: str, *, from_call: str | None = None, approval_tools: frozenset[str] = frozenset()
+        self,
+        job_id: str,
+        *,
+        from_call: str | None = None,
+        approval_tools: frozenset[str] = frozenset(),
+        message_id: str | None = None,
     ) -> None:
-        self.translator = UIChunkTranslator(message_id=job_id, job_id=job_id, approval_tools=approval_tools)
-        self._job_id, self._approval_tools = job_id, approval_tools
+        self.translator = UIChunkTranslator(
+            message_id=message_id or job_id, job_id=job_id, approval_tools=approval_tools
+        )
+        self._job_id, self._approval_tools, self._message_id = job_id, approval_tools, message_id
         self._from_call = from_call
         self._base: int | None = 0 if from_call is None else None
         self._after = -1
@@ -116,7 +123,12 @@ class UIChunkProjection:
         return 0 if self._base is None else self.translator.emitted - self._base
 
     def fresh(self) -> UIChunkProjection:
-        return UIChunkProjection(self._job_id, from_call=self._from_call, approval_tools=self._approval_tools)
+        return UIChunkProjection(
+            self._job_id,
+            from_call=self._from_call,
+            approval_tools=self._approval_tools,
+            message_id=self._message_id,
+        )
 
     def project(self, batch: Batch) -> list[UIChunk]:
         out: list[UIChunk] = []

@@ -34,7 +34,13 @@ from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import Supervisor, SupervisorStatistics
 from backstream.actors.watcher import Watcher
 from backstream.actors.webhooks import WebhookDeliverer
-from backstream.protocol.errors import BadRequestError, GoneError, UnavailableError
+from backstream.protocol.errors import (
+    BadRequestError,
+    ConflictError,
+    GoneError,
+    NotFoundError,
+    UnavailableError,
+)
 from backstream.protocol.events import JobInfo, JobSummary, LogEvent
 from backstream.protocol.ids import new_id
 from backstream.protocol.offsets import stale_epoch_error
@@ -359,6 +365,19 @@ class Runtime:
         Cancellation: the abort, once requested, still happens; only the wait for the job's
         end is abandoned."""
         return await (await self._lookup(job_id, user)).abort()
+
+    async def delete_job(self, job_id: str, *, user: str) -> None:
+        """Delete the user's job now, with its log (a running one is aborted first, and
+        deleted once it has ended). Raises ``NotFoundError``. Cancellation: the job may or
+        may not be deleted (aborted, if it was running); deleting again is safe."""
+        found = await self._lookup(job_id, user)
+        await found.abort()
+        if not await self._store.delete_job(job_id):
+            # Gone meanwhile (another delete, or the sweep), or still running elsewhere
+            # past remote_abort_wait: either way nothing more to do here but say so.
+            if await self._store.get_job(job_id) is not None:
+                raise ConflictError("the job is still ending on another instance; delete it again shortly")
+            raise NotFoundError()
 
     async def list_jobs(
         self,

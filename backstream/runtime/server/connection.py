@@ -78,6 +78,7 @@ from backstream.protocol.projections import BatchProjection
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.continued import continue_job
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.paging import job_info_page
 from backstream.runtime.server.peer import Close as _Close
@@ -319,20 +320,42 @@ class Connection:
         await self._reply(Pong(id=message.id))
 
     async def _on_start(self, message: JobStart) -> None:
+        messages, annotations = await self._continued(message)
         started = await self._runtime.start_job(
             user=self.user,
             thread_id=message.thread_id,
             message_id=message.message_id,
             model=message.model,
-            messages=message.messages,
+            messages=messages,
             params=message.params,
             tools=message.tools,
+            annotations=annotations,
         )
         reply = JobStarted(id=message.id, job=started.job, existing=started.existing)
         if message.watch:
             await self._start_watch(started.job_id, 0, None, reply, deltas=message.tool_call_deltas)
         else:
             await self._reply(reply)
+
+    async def _continued(self, message: JobStart) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The job's messages and chain annotations: with ``previous_job_id``, that job's
+        conversation (of this user, on this thread) and then the new messages."""
+        if message.previous_job_id is None:
+            return list(message.messages), {}
+        continued = await continue_job(
+            self._runtime,
+            message.previous_job_id,
+            message.messages,
+            user=self.user,
+            param="previous_job_id",
+            what="Previous job",
+        )
+        if continued.thread_id != message.thread_id:
+            raise BadRequestError(
+                f"previous job {message.previous_job_id!r} is of thread {continued.thread_id!r}, "
+                f"not {message.thread_id!r}"
+            )
+        return continued.messages, continued.annotations
 
     async def _on_watch(self, message: JobWatch) -> None:
         m = message

@@ -541,6 +541,17 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         again once its claim lapses."""
         return await self._housekeeping.sweep(now)
 
+    async def delete_job(self, job_id: str) -> bool:
+        """The sweep's deletion of one job, its expiry set to now: the same steps, in the
+        same order. Cancellation: the job may be gone already, or not; again is safe."""
+        raw = await self._call(self.redis.hgetall(self.keys.job(job_id)))
+        record = decode_record(raw)
+        if record is None or not is_terminal(record.status):
+            return False
+        now = record.finished_at or record.updated_at
+        await self._call(self.redis.hset(self.keys.job(job_id), {"expires_at": json.dumps(now)}))
+        return bool(await self._housekeeping.delete_now(_shard_in(raw, job_id), job_id, now))
+
     # -- aborts and decisions through any instance ------------------------------------------
 
     async def request_abort(self, job_id: str) -> None:

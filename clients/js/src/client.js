@@ -112,11 +112,14 @@ export class Client {
 
   /**
    * Start a job, or get the user's job already started with `messageId` (`existing: true`).
+   * With `previousJobId` (an ended job of the same thread) the job continues that job's
+   * conversation, which the server keeps: `messages` hold only what is new.
    * @param {{ threadId: string, messageId: string, model: string,
-   *   messages: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[] }} request
+   *   messages: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[],
+   *   previousJobId?: string }} request
    * @returns {Promise<JobStarted>}
    */
-  startJob({ threadId, messageId, model, messages, params, tools }) {
+  startJob({ threadId, messageId, model, messages, params, tools, previousJobId }) {
     return this.#connection.request(
       {
         type: "job.start",
@@ -127,6 +130,7 @@ export class Client {
         messages,
         params: params ?? {},
         tools: tools ?? [],
+        ...(previousJobId ? { previous_job_id: previousJobId } : {}),
       },
       "job.started",
       true,

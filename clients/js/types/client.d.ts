@@ -93,17 +93,21 @@ export class Client {
     statistics(): ClientStatistics;
     /**
      * Start a job, or get the user's job already started with `messageId` (`existing: true`).
+     * With `previousJobId` (an ended job of the same thread) the job continues that job's
+     * conversation, which the server keeps: `messages` hold only what is new.
      * @param {{ threadId: string, messageId: string, model: string,
-     *   messages: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[] }} request
+     *   messages: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[],
+     *   previousJobId?: string }} request
      * @returns {Promise<JobStarted>}
      */
-    startJob({ threadId, messageId, model, messages, params, tools }: {
+    startJob({ threadId, messageId, model, messages, params, tools, previousJobId }: {
         threadId: string;
         messageId: string;
         model: string;
         messages: Array<Record<string, unknown>>;
         params?: Record<string, unknown>;
         tools?: string[];
+        previousJobId?: string;
     }): Promise<JobStarted>;
     /**
      * The job's summary; with `includeContent`, its text from character `offset` and its tool calls.
