@@ -4,8 +4,10 @@ under the ``interrupt`` policy they end ``interrupted`` with what was flushed.""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -140,6 +142,10 @@ async def test_a_restarted_sqlite_server_finishes_what_its_last_run_left(tmp_pat
         async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
             text, epoch = await wait_completed(client, started.job.job_id)
     assert text == answer and epoch == 2
+    # A stop is a hand-off, a kill a crash: only crashes count toward --max-continuations.
+    with contextlib.closing(sqlite3.connect(tmp_path / "jobs.db")) as conn:
+        [(handoffs,)] = conn.execute("SELECT handoffs FROM jobs").fetchall()
+    assert handoffs == (1 if sig == signal.SIGTERM else 0)
 
 
 async def test_kill_9_with_sqlite_under_the_interrupt_policy(tmp_path: Path) -> None:

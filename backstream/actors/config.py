@@ -151,7 +151,8 @@ class Config:
     prefill (the turn goes on from its text), restart (the turn runs again) or interrupt
     (the job ends interrupted); the first match wins; built-in models prefill, others interrupt."""
     max_continuations: int = attrs.field(default=3, validator=_non_negative)
-    """Times one job may be taken over and continued; past it the job ends interrupted."""
+    """Times one job may be taken over and continued after a crash (a hand-off by an instance
+    that stopped cleanly does not count); past it the job ends interrupted."""
 
     # Server-side tools.
     max_turns: int = attrs.field(default=8, validator=_positive)

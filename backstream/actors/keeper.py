@@ -88,6 +88,7 @@ class Keeper:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sweep_loop)
             nursery.start_soon(self._lease_loop)
+            nursery.start_soon(self._recover_loop)
             task_status.started()
 
     async def _announce(self) -> None:
@@ -121,10 +122,20 @@ class Keeper:
                 seats = self._seats.snapshot() if self._seats is not None else ()
                 if seats:
                     await self._store.renew_seats(seats, self._config.lease_ttl)
-                await self.recover_orphans()
             except UnavailableError as exc:
                 self._skipped_rounds_total += 1
                 log.warning("lease renewal skipped: %s", exc)
+
+    async def _recover_loop(self) -> None:
+        """Apart from renewal: taking over many orphans (reading their logs) must never
+        delay this instance's own renewals past ``lease_ttl``."""
+        while True:
+            await trio.sleep(self._config.lease_renew_interval)
+            try:
+                await self.recover_orphans()
+            except UnavailableError as exc:
+                self._skipped_rounds_total += 1
+                log.warning("orphan recovery skipped: %s", exc)
 
     async def recover_orphans(self) -> list[JobRecord]:
         """Take over the running jobs that no live instance owns and apply the recovery

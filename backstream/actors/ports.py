@@ -455,6 +455,14 @@ class Leases(abc.ABC):
         ``LEASES`` has none). Cancellation: some may be renewed; the next renewal catches up."""
 
     @abc.abstractmethod
+    async def hand_off(self, owner: str, job_ids: Sequence[str], now: float) -> None:
+        """``owner`` stops and leaves these jobs running for another instance: their leases
+        end ``now`` (a live instance takes them at its next round) and each counts a
+        hand-off (``JobRecord.handoffs``), not a crash. A store one process owns marks them
+        as it closes instead. Cancellation: some may be handed off; the others' leases
+        lapse by themselves."""
+
+    @abc.abstractmethod
     async def announce(self, owner: str, until: float) -> None:
         """Tell a store shared by several instances that ``owner`` is alive until ``until``
         (renewed every lease round; nothing in a store one process owns). Cancellation:

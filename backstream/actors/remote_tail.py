@@ -131,6 +131,14 @@ class RemoteTail:
             fetched = await self._store.read(self.job_id, start, _FETCH)
             self._counters.log_reads += 1
             self._fetched_round = self._round
+            if fetched:
+                # Read before their announcement came (or without one): the record, read
+                # after them, names the epoch that wrote them (a takeover precedes its writes).
+                record = await self._store.get_job(self.job_id)
+                self._counters.record_reads += 1
+                self._record = (self._round, record)
+                if record is not None:
+                    self.epoch = max(self.epoch, record.epoch)
             self._keep(start, fetched)
             return self._slice(after_seq, limit)
 

@@ -97,6 +97,10 @@ class JobRecord:
     abort_requested: bool = False
     owner: str | None = None  # the runtime instance that runs it
     lease_until: float | None = None  # past this, without renewal, the job is an orphan
+    handoffs: int = 0
+    """How many of its takeovers followed a clean hand-off (a stopping instance left it
+    running for another) rather than a crash: those do not count toward
+    ``max_continuations``."""
     epoch_ends: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
     """``epoch_ends[e - 1]``: the last ``seq`` epoch ``e`` wrote durably, which the log kept
     when the job was taken over at epoch ``e + 1`` (the record's ``seq`` at the takeover)."""

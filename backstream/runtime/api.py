@@ -503,6 +503,6 @@ class Runtime:
             return
         with trio.move_on_after(self.config.finalize_timeout):
             try:
-                await self._store.renew_leases(self.instance_id, left, self._clock.now())
+                await self._store.hand_off(self.instance_id, left, self._clock.now())
             except UnavailableError as exc:
                 log.warning("could not hand off %d jobs at once (%s); their leases lapse", len(left), exc)

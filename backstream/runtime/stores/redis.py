@@ -589,6 +589,14 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
         """Per job, in its slot, then its running entries (``RedisSteps.renew``).
         Cancellation: some may be renewed; the next renewal catches up."""
+        await self._renew(owner, job_ids, until, handoff=False)
+
+    async def hand_off(self, owner: str, job_ids: Sequence[str], now: float) -> None:
+        """The leases end now and each job counts a hand-off. Cancellation: some may be
+        handed off; the others' leases lapse by themselves (counted as crashes)."""
+        await self._renew(owner, job_ids, now, handoff=True)
+
+    async def _renew(self, owner: str, job_ids: Sequence[str], until: float, *, handoff: bool) -> None:
         if not job_ids:
             await trio.lowlevel.checkpoint()
             return
@@ -597,7 +605,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
             writing = self._writing.get(job_id) or await self._read_writing(job_id)
             if writing is not None:
                 jobs.append((job_id, writing.user, writing.shard))
-        await self._steps.renew(owner, jobs, until)
+        await self._steps.renew(owner, jobs, until, handoff=handoff)
 
     async def announce(self, owner: str, until: float) -> None:
         """One script on the instances key, on Redis's clock. Cancellation: announced or not."""

@@ -247,6 +247,7 @@ RENEW = (
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return '' end
 local lease_at = stamp(clock(ARGV[3]))
 redis.call('HSET', KEYS[1], 'lease_until', ARGV[1], 'lease_at', lease_at)
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'handoffs', 1) end
 return lease_at
 """
 )

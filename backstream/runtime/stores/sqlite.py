@@ -219,6 +219,8 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
         self.hub.close()  # waiters wake and find the store closed
         self._fail_waiting_commits()
         try:
+            if writer is not None:
+                await trio.to_thread.run_sync(_hand_off_live_jobs, writer, limiter=self._write_lane)
             for conn in (writer, reader):
                 if conn is not None:
                     await trio.to_thread.run_sync(conn.close, limiter=self._write_lane)
@@ -546,11 +548,20 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
                         lease_until=lease_until,
                         epoch=old.epoch + 1,
                         epoch_ends=(*old.epoch_ends, old.seq),
+                        # No owner: the last run closed the store cleanly and left it running.
+                        handoffs=old.handoffs + (old.owner is None),
                     )
                     conn.execute(
-                        "UPDATE jobs SET owner = ?, lease_until = ?, epoch = ?, epoch_ends = ? "
-                        "WHERE job_id = ?",
-                        (owner, lease_until, record.epoch, json.dumps(record.epoch_ends), record.job_id),
+                        "UPDATE jobs SET owner = ?, lease_until = ?, epoch = ?, epoch_ends = ?, "
+                        "handoffs = ? WHERE job_id = ?",
+                        (
+                            owner,
+                            lease_until,
+                            record.epoch,
+                            json.dumps(record.epoch_ends),
+                            record.handoffs,
+                            record.job_id,
+                        ),
                     )
                     taken.append(Handover(record, tuple(_select_log(conn, record.job_id))))
                 conn.execute("COMMIT")
@@ -601,3 +612,14 @@ def _select_log(conn: sqlite3.Connection, job_id: str) -> list[LogEvent]:
     for (events,) in conn.execute("SELECT events FROM log WHERE job_id = ? ORDER BY first_seq", (job_id,)):
         out.extend(events_from_json(events))
     return out
+
+
+def _hand_off_live_jobs(conn: sqlite3.Connection) -> None:
+    """A clean close: the jobs still live were left running for the next run, which takes
+    them over as hand-offs, not crashes (no owner). Best effort: a failure leaves them as
+    a crash leaves them."""
+    try:
+        conn.execute(f"UPDATE jobs SET owner = NULL WHERE status NOT IN {sql_terminal_list()}")
+        conn.commit()
+    except sqlite3.Error as exc:
+        log.warning("could not mark the jobs left running as handed off: %s", exc)

@@ -178,9 +178,11 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
         7,
         # Where each earlier epoch of a job ended (``JobRecord.epoch_ends``), so a reader of
-        # an epoch before a takeover goes on if what it read is still in the log.
+        # an epoch before a takeover goes on if what it read is still in the log; and how
+        # many takeovers followed a clean stop (``handoffs``: not counted as crashes).
         """
-        ALTER TABLE jobs ADD COLUMN epoch_ends TEXT NOT NULL DEFAULT '[]'
+        ALTER TABLE jobs ADD COLUMN epoch_ends TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE jobs ADD COLUMN handoffs INTEGER NOT NULL DEFAULT 0
         """,
     ),
 )
@@ -203,6 +205,7 @@ COLUMNS = (
     "abort_requested",
     "owner",
     "lease_until",
+    "handoffs",
     "epoch_ends",
 )
 JSON_COLUMNS = frozenset({"error", "usage", "epoch_ends"})
