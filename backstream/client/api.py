@@ -100,13 +100,16 @@ class Client:
         *,
         thread_id: str,
         message_id: str,
-        model: str,
-        messages: Sequence[dict[str, Any]],
+        model: str = "",
+        messages: Sequence[dict[str, Any]] = (),
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
+        workflow: str | None = None,
+        workflow_input: dict[str, Any] | None = None,
     ) -> JobStarted:
-        """Start a job (``job.start``). Cancellation: the job may still have started; a retry
-        with the same ``message_id`` returns it."""
+        """Start a job (``job.start``): a ``model`` with ``messages``, or a ``workflow`` with
+        its ``workflow_input`` (docs/workflows.md). Cancellation: the job may still have
+        started; a retry with the same ``message_id`` returns it."""
         message = JobStart(
             id=self._id(),
             thread_id=thread_id,
@@ -115,6 +118,8 @@ class Client:
             messages=list(messages),
             params=dict(params or {}),
             tools=list(tools or []),
+            workflow=workflow,
+            input=workflow_input,
         )
         return await self._request(message, JobStarted)
 

@@ -33,6 +33,7 @@ from backstream.protocol.events import (
     LogEvent,
 )
 from backstream.protocol.records import JobRecord, job_summary
+from backstream.protocol.workflow import current_step, workflow_name_of
 
 __all__ = ["AbortResult", "JobHandle", "JobHandles", "LiveJob", "LogView", "StoredJob"]
 
@@ -116,10 +117,13 @@ class LiveJob:
 
     async def info(self, *, include_content: bool, offset: int) -> JobInfo:
         await trio.lowlevel.checkpoint()
-        if not include_content:
-            return JobInfo(job=self.summary())
         log = self._actor.log
-        return JobInfo(job=self.summary(), content=log.content(offset), tool_calls=log.tool_calls())
+        step = current_step(log.entries()) if workflow_name_of(self._actor.record.model) else None
+        if not include_content:
+            return JobInfo(job=self.summary(), step=step)
+        return JobInfo(
+            job=self.summary(), content=log.content(offset), tool_calls=log.tool_calls(), step=step
+        )
 
     async def log(self) -> tuple[JobRecord, tuple[LogEvent, ...]]:
         await trio.lowlevel.checkpoint()
@@ -194,7 +198,8 @@ class StoredJob:
             return JobInfo(job=self.summary())
         entries = await self._store.read(self.job_id, 0, self._record.seq)
         content, calls = summarize_events(entries)
-        return JobInfo(job=self.summary(), content=content[offset:], tool_calls=calls)
+        step = current_step(entries) if workflow_name_of(self._record.model) else None
+        return JobInfo(job=self.summary(), content=content[offset:], tool_calls=calls, step=step)
 
     async def log(self) -> tuple[JobRecord, tuple[LogEvent, ...]]:
         entries = await self._store.read(self.job_id, 0, self._record.seq) if self._record.seq else []
