@@ -1,0 +1,334 @@
+"""Workflows in one process: the API, the steps in the log, replay from a log, limits and
+bad input. (Crashes with real server processes: test_workflow_recovery.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+import backstream
+from backstream import Config, MemoryStore, open_runtime
+from backstream.actors.clock import WallClock
+from backstream.actors.job import JobActor
+from backstream.actors.joblog import JobLog
+from backstream.actors.workflow import WorkflowTarget
+from backstream.protocol.events import (
+    ApprovalRequiredEvent,
+    LogEvent,
+    StatusEvent,
+    StepEvent,
+    TextEvent,
+)
+from backstream.protocol.records import JobRecord, JobRequest
+from backstream.protocol.ui_chunks import UIChunkTranslator
+from backstream.protocol.workflow import current_step, workflow_history
+from backstream.runtime.models.builtin import builtin_model
+from backstream.runtime.tools.registry import ToolRegistry
+from backstream.workflows import StepFailed, WorkflowContext, workflow
+from tests import workflow_samples
+from tests.job_harness import new_record, tool_registry
+
+
+def tools() -> ToolRegistry:
+    registry = tool_registry()  # the built-ins and send_note (needs approval)
+    registry.register(workflow_samples.count)
+    return registry
+
+
+async def start(rt: backstream.Runtime, name: str, input: dict[str, Any], message_id: str = "m") -> str:
+    started = await rt.start_job(
+        user="alice",
+        thread_id="t",
+        message_id=message_id,
+        model=f"workflow/{name}",
+        messages=[],
+        workflow_input=input,
+    )
+    return started.job_id
+
+
+async def run_to_end(rt: backstream.Runtime, job_id: str, decisions: tuple[bool, ...] = ()) -> list[LogEvent]:
+    """The job's entries from its start to its end, deciding each approval in turn."""
+    events: list[LogEvent] = []
+    left = list(decisions)
+    with trio.fail_after(30):
+        async with rt.watch(job_id, user="alice") as batches:
+            async for batch in batches:
+                events += batch.events
+                for ev in batch.events:
+                    if isinstance(ev, ApprovalRequiredEvent):
+                        await rt.approve(job_id, ev.call_id, left.pop(0), user="alice")
+    return events
+
+
+def steps_of(events: list[LogEvent]) -> list[tuple[int, str, str]]:
+    return [(e.step, e.name, e.phase) for e in events if isinstance(e, StepEvent)]
+
+
+async def test_the_demo_workflow_plans_calls_two_tools_asks_and_summarizes() -> None:
+    async with open_runtime(Config()) as rt:
+        job_id = await start(rt, "demo", {"expression": "6*7"})
+        events = await run_to_end(rt, job_id, (True,))
+        info = await rt.get_job(job_id, user="alice", include_content=True)
+    names = [name for _, name, phase in steps_of(events) if phase == "finished"]
+    assert names == [
+        "model:backstream/echo",
+        "tool:calculate",
+        "tool:clock_now",
+        "approve",
+        "model:backstream/echo",
+    ]
+    # Each step's result is in the log before the next step starts.
+    assert [phase for *_, phase in steps_of(events)] == ["started", "finished"] * 5
+    assert info.job.status == "completed" and info.job.usage is not None
+    assert (info.content or "").startswith("Plan: compute 6*7, read the clock, ask, summarize.\n6*7 = 42\n")
+    assert (info.content or "").endswith(".") and "Summary: 6*7 = 42 at " in (info.content or "")
+    assert info.step is not None and (info.step.step, info.step.name, info.step.status) == (
+        5,
+        "model:backstream/echo",
+        "finished",
+    )
+    statuses = [e.status for e in events if isinstance(e, StatusEvent)]
+    assert statuses == ["running", "awaiting_approval", "running", "completed"]
+
+
+async def test_a_declined_approval_and_a_tool_that_needs_one() -> None:
+    @workflow(name="note")
+    async def note(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+        sent = await ctx.tool("send_note", {"to": "ops", "text": "hi"})
+        return f"{sent.is_error}:{sent.output}"
+
+    async with open_runtime(Config(), tools=tools(), workflows=[note]) as rt:
+        declined = await start(rt, "demo", {}, "m1")
+        await run_to_end(rt, declined, (False,))
+        noted = await start(rt, "note", {}, "m2")
+        events = await run_to_end(rt, noted, (True,))
+        first = await rt.get_job(declined, user="alice", include_content=True)
+        second = await rt.get_job(noted, user="alice", include_content=True)
+    assert (first.content or "").endswith("No summary: the person declined.")
+    asked = [e for e in events if isinstance(e, ApprovalRequiredEvent)]
+    assert [(a.call_id, a.name) for a in asked] == [("step_1", "tool:send_note")]
+    assert second.content == "False:a note of 2 characters for ops (a demo tool: it sends nothing anywhere)"
+
+
+async def test_a_model_step_with_tools_runs_its_calls_as_steps() -> None:
+    @workflow(name="asker")
+    async def asker(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+        reply = await ctx.model(
+            "backstream/tools-demo", [{"role": "user", "content": "what is 6*7?"}], ["calculate"]
+        )
+        return reply.text
+
+    async with open_runtime(Config(), workflows=[asker]) as rt:
+        job_id = await start(rt, "asker", {})
+        events = await run_to_end(rt, job_id)
+        info = await rt.get_job(job_id, user="alice", include_content=True)
+    finished = [name for _, name, phase in steps_of(events) if phase == "finished"]
+    assert finished == ["model:backstream/tools-demo", "tool:calculate", "model:backstream/tools-demo"]
+    assert info.job.status == "completed" and "42" in (info.content or "")
+
+
+async def test_an_exception_fails_the_job_with_its_type_and_message_only() -> None:
+    async with open_runtime(Config(), workflows=workflow_samples.WORKFLOWS, tools=tools()) as rt:
+        job_id = await start(rt, "broken", {})
+        events = await run_to_end(rt, job_id)
+    end = events[-1]
+    assert isinstance(end, StatusEvent) and end.status == "failed" and end.error is not None
+    assert (end.error.code, end.error.message) == ("workflow_error", "KeyError: 'no such thing'")
+
+
+async def test_an_unknown_workflow_is_a_bad_request_naming_the_known_ones() -> None:
+    async with open_runtime(Config(), workflows=workflow_samples.WORKFLOWS, tools=tools()) as rt:
+        with pytest.raises(
+            backstream.BadRequestError,
+            match=r"unknown workflow 'nope' \(known: broken, demo, gated, many, steps\)",
+        ):
+            await start(rt, "nope", {})
+        with pytest.raises(backstream.BadRequestError, match="input must be an object"):
+            await rt.start_job(
+                user="alice",
+                thread_id="t",
+                message_id="x",
+                model="workflow/demo",
+                messages=[],
+                workflow_input=[1],  # type: ignore[arg-type]
+            )
+
+
+async def test_max_steps_and_max_recorded_bytes_end_the_job_workflow_limit() -> None:
+    config = Config(max_workflow_steps=5)
+    async with open_runtime(config, workflows=workflow_samples.WORKFLOWS, tools=tools()) as rt:
+        events = await run_to_end(rt, await start(rt, "many", {"n": 10}))
+    end = events[-1]
+    assert isinstance(end, StatusEvent) and end.error is not None and end.error.code == "workflow_limit"
+    assert len([e for e in events if isinstance(e, StepEvent) and e.phase == "finished"]) == 5
+    config = Config(max_workflow_recorded_bytes=300)
+    async with open_runtime(config, workflows=workflow_samples.WORKFLOWS, tools=tools()) as rt:
+        events = await run_to_end(rt, await start(rt, "many", {"n": 1000}))
+    end = events[-1]
+    assert isinstance(end, StatusEvent) and end.error is not None
+    assert end.error.code == "workflow_limit" and "max_workflow_recorded_bytes (300)" in end.error.message
+
+
+# -- replay from a log (the job actor given a rebuilt log, as after a takeover) ----------------
+
+
+def record_for(name: str, input: dict[str, Any]) -> JobRecord:
+    request = JobRequest(model=f"workflow/{name}", messages=(), annotations={"workflow_input": input})
+    return new_record(request)
+
+
+async def run_actor(
+    flow: backstream.workflows.Workflow,
+    record: JobRecord,
+    config: Config,
+    entries: tuple[LogEvent, ...] | list[LogEvent] = (),
+) -> JobActor:
+    store = MemoryStore()
+    await store.open()
+    await store.create_job(record)
+    log = (
+        JobLog.from_entries(record.job_id, 1, entries, max_output_chars=config.max_output_chars)
+        if entries
+        else None
+    )
+    target = WorkflowTarget(flow, lambda m: builtin_model(m, echo_rate=1e6, max_argument_chars=1000))
+    actor = JobActor(
+        record, config=config, store=store, model=target, clock=WallClock(), tools=tools(), log=log
+    )
+    await actor.run()
+    return actor
+
+
+def started(step: int, name: str, data: Any = None) -> StepEvent:
+    return StepEvent(0, step, name, "started", "", None if data is None else json.dumps(data))
+
+
+def finished(step: int, name: str, result: Any) -> StepEvent:
+    return StepEvent(0, step, name, "finished", "", json.dumps(result))
+
+
+def numbered(*entries: LogEvent) -> list[LogEvent]:
+    return [attrs.evolve(e, seq=i) for i, e in enumerate(entries, 1)]
+
+
+async def test_a_replay_returns_recorded_results_and_resumes_a_sleep_with_what_is_left(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[str] = []
+
+    @workflow(name="slow")
+    async def slow(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+        first = await ctx.step("pick", lambda: calls.append("pick") or 7)
+        await ctx.emit(f"picked {first};")
+        await ctx.sleep(100)
+        return "woke"
+
+    until = WallClock().now() + 30  # 70 of the 100 seconds passed before the crash
+    log = numbered(
+        StatusEvent(0, "running"),
+        started(1, "pick"),
+        finished(1, "pick", 7),
+        TextEvent(0, "picked 7;"),
+        started(2, "sleep", {"seconds": 100, "until": until}),
+    )
+    begin = trio.current_time()
+    actor = await run_actor(slow, record_for("slow", {}), Config(job_timeout=1000), log)
+    assert calls == []  # the recorded step did not run again
+    assert 29.9 < trio.current_time() - begin < 30.5
+    assert actor.log.terminal is not None and actor.log.terminal.status == "completed"
+    assert actor.log.content() == "picked 7;woke"  # the text in the log was not emitted again
+
+
+async def test_a_step_timeout_is_recorded_and_raised_again_on_replay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    @workflow(name="hangs")
+    async def hangs(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+        async def wait() -> None:
+            await trio.sleep(10)
+
+        try:
+            await ctx.step("wait", wait)
+        except StepFailed as failed:
+            return f"{failed.type}: {failed.message}"
+        return "no"
+
+    actor = await run_actor(hangs, record_for("hangs", {}), Config(workflow_step_timeout=2))
+    assert actor.log.content() == "StepTimeout: the step outlived workflow_step_timeout (2 s)"
+    entries = list(actor.log.entries())[:-2]  # as if it crashed before the text and the end
+    again = await run_actor(hangs, record_for("hangs", {}), Config(workflow_step_timeout=2), entries)
+    assert again.log.content() == actor.log.content()
+    assert len([e for e in again.log.entries() if isinstance(e, StepEvent)]) == 2  # not run again
+
+
+async def test_a_diverged_replay_fails_even_if_the_workflow_catches_it() -> None:
+    @workflow(name="careless")
+    async def careless(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+        with contextlib.suppress(Exception):  # a careless workflow: the divergence is not lost
+            await ctx.tool("calculate", {"expression": "1+1"})
+        await ctx.emit("went on")
+        return "done"
+
+    log = numbered(StatusEvent(0, "running"), started(1, "tool:count"), finished(1, "tool:count", {}))
+    actor = await run_actor(careless, record_for("careless", {}), Config(), log)
+    end = actor.log.terminal
+    assert end is not None and end.error is not None and end.error.code == "workflow_diverged"
+    assert end.error.message == (
+        "step 1: the replay diverged from the log: the log holds 'tool:count', the workflow asked for 'tool:calculate'"
+    )
+    assert actor.log.content() == ""
+
+
+async def test_a_sleep_counts_toward_the_job_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    @workflow(name="sleepy")
+    async def sleepy(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+        await ctx.sleep(60)
+        return "late"
+
+    actor = await run_actor(sleepy, record_for("sleepy", {}), Config(job_timeout=10))
+    end = actor.log.terminal
+    assert end is not None and end.error is not None and end.error.code == "timeout"
+
+
+def test_the_history_and_the_current_step_of_a_log() -> None:
+    log = numbered(
+        StatusEvent(0, "running"),
+        TextEvent(0, "a"),
+        started(1, "approve", {"prompt": "p"}),
+        ApprovalRequiredEvent(0, "step_1", "approve", "{}"),
+        StatusEvent(0, "awaiting_approval"),
+    )
+    history = workflow_history(log)
+    assert [(s.step, s.name, s.finished, s.text_before, s.approval_asked) for s in history.steps] == [
+        (1, "approve", None, "a", True)
+    ]
+    now = current_step(log)
+    assert now is not None and (now.step, now.name, now.status) == (1, "approve", "running")
+
+
+def test_the_ai_sdk_stream_has_a_data_part_per_step_and_a_tool_part_for_an_approval() -> None:
+    log = numbered(
+        StatusEvent(0, "running"),
+        started(1, "approve", {"prompt": "p"}),
+        ApprovalRequiredEvent(0, "step_1", "approve", '{"prompt": "p"}'),
+        StatusEvent(0, "awaiting_approval"),
+    )
+    translator = UIChunkTranslator(message_id="m", job_id="j")
+    chunks = [c for e in log for c in translator.feed(e)]
+    steps = [c for c in chunks if c["type"] == "data-backstream-step"]
+    assert steps == [
+        {
+            "type": "data-backstream-step",
+            "id": "step-1",
+            "data": {"step": 1, "name": "approve", "status": "running", "summary": ""},
+        }
+    ]
+    kinds = [c["type"] for c in chunks]
+    assert kinds[-3:] == ["tool-input-available", "tool-approval-request", "finish"]
+    assert translator.paused
