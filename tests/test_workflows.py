@@ -332,3 +332,16 @@ def test_the_ai_sdk_stream_has_a_data_part_per_step_and_a_tool_part_for_an_appro
     kinds = [c["type"] for c in chunks]
     assert kinds[-3:] == ["tool-input-available", "tool-approval-request", "finish"]
     assert translator.paused
+
+
+async def test_a_thousand_steps_hold_bounded_memory_and_replay_without_running_a_step() -> None:
+    """The bench's measure (bench/workflow_replay.py) on SQLite: the run and the replay's
+    Python memory stay within a few MB (the log's step entries), and the replay of 1,000
+    recorded steps runs none of them again (``measure`` checks) and takes well under a
+    second."""
+    from bench.workflow_replay import measure
+
+    row = await measure(1000)
+    assert row["step_entries"] == 2000 and row["log_entries"] == 2003
+    assert row["run_peak_mb"] < 16 and row["replay_peak_mb"] < 16
+    assert row["replay_s"] < 2.0
