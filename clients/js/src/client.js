@@ -111,26 +111,26 @@ export class Client {
   // -- requests -----------------------------------------------------------------------------
 
   /**
-   * Start a job, or get the user's job already started with `messageId` (`existing: true`).
-   * @param {{ threadId: string, messageId: string, model: string,
-   *   messages: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[] }} request
+   * Start a job, or get the user's job already started with `messageId` (`existing: true`):
+   * a `model` with `messages`, or a `workflow` with its `input` (docs/workflows.md).
+   * @param {{ threadId: string, messageId: string, model?: string,
+   *   messages?: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[],
+   *   workflow?: string, input?: Record<string, unknown> }} request
    * @returns {Promise<JobStarted>}
    */
-  startJob({ threadId, messageId, model, messages, params, tools }) {
-    return this.#connection.request(
-      {
-        type: "job.start",
-        id: this.#connection.nextId(),
-        thread_id: threadId,
-        message_id: messageId,
-        model,
-        messages,
-        params: params ?? {},
-        tools: tools ?? [],
-      },
-      "job.started",
-      true,
-    );
+  startJob({ threadId, messageId, model, messages, params, tools, workflow, input }) {
+    /** @type {{ type: string, id: string } & Record<string, unknown>} */
+    const message = {
+      type: "job.start",
+      id: this.#connection.nextId(),
+      thread_id: threadId,
+      message_id: messageId,
+      params: params ?? {},
+      tools: tools ?? [],
+    };
+    if (workflow !== undefined) Object.assign(message, { workflow, input: input ?? {} });
+    else Object.assign(message, { model, messages });
+    return this.#connection.request(message, "job.started", true);
   }
 
 

@@ -92,18 +92,22 @@ export class Client {
     /** @returns {ClientStatistics} a frozen snapshot */
     statistics(): ClientStatistics;
     /**
-     * Start a job, or get the user's job already started with `messageId` (`existing: true`).
-     * @param {{ threadId: string, messageId: string, model: string,
-     *   messages: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[] }} request
+     * Start a job, or get the user's job already started with `messageId` (`existing: true`):
+     * a `model` with `messages`, or a `workflow` with its `input` (docs/workflows.md).
+     * @param {{ threadId: string, messageId: string, model?: string,
+     *   messages?: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[],
+     *   workflow?: string, input?: Record<string, unknown> }} request
      * @returns {Promise<JobStarted>}
      */
-    startJob({ threadId, messageId, model, messages, params, tools }: {
+    startJob({ threadId, messageId, model, messages, params, tools, workflow, input }: {
         threadId: string;
         messageId: string;
-        model: string;
-        messages: Array<Record<string, unknown>>;
+        model?: string;
+        messages?: Array<Record<string, unknown>>;
         params?: Record<string, unknown>;
         tools?: string[];
+        workflow?: string;
+        input?: Record<string, unknown>;
     }): Promise<JobStarted>;
     /**
      * The job's summary; with `includeContent`, its text from character `offset` and its tool calls.
