@@ -86,7 +86,7 @@ async def test_the_demo_workflow_plans_calls_two_tools_asks_and_summarizes() -> 
     # Each step's result is in the log before the next step starts.
     assert [phase for *_, phase in steps_of(events)] == ["started", "finished"] * 5
     assert info.job.status == "completed" and info.job.usage is not None
-    assert (info.content or "").startswith("Plan: compute 6*7, read the clock, ask, summarize.\n6*7 = 42\n")
+    assert (info.content or "").startswith("Plan: compute 6*7, read the clock, ask, summarize.\n\n6*7 = 42\n\n")
     assert (info.content or "").endswith(".") and "Summary: 6*7 = 42 at " in (info.content or "")
     assert info.step is not None and (info.step.step, info.step.name, info.step.status) == (
         5,

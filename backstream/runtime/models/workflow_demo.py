@@ -20,15 +20,15 @@ MODEL = "backstream/echo"
 @workflow(name="demo")
 async def demo_workflow(ctx: WorkflowContext, input: dict[str, Any]) -> str:
     """Plan, compute, read the clock, ask a person, summarize (offline)."""
-    expression = str(input.get("expression") or "6*7")
+    expression = str(input.get("expression") or "6 * 7")
     plan = await ctx.model(
         MODEL, [{"role": "user", "content": f"Plan: compute {expression}, read the clock, ask, summarize."}]
     )
-    await ctx.emit(f"{plan.text}\n")
+    await ctx.emit(f"{plan.text}\n\n")
     result = await ctx.tool("calculate", {"expression": expression})
-    await ctx.emit(f"{expression} = {result.output}\n")
+    await ctx.emit(f"{expression} = {result.output}\n\n")
     now = await ctx.tool("clock_now", {})
-    await ctx.emit(f"The time is {now.output}.\n")
+    await ctx.emit(f"The time is {now.output}.\n\n")
     if not await ctx.approve(f"Write the summary of {expression} = {result.output}?"):
         return "No summary: the person declined."
     summary = await ctx.model(

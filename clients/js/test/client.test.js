@@ -198,7 +198,7 @@ describe("requests", () => {
       [5, "model:backstream/echo", "finished"],
     ]);
     assert.equal(steps[1].summary, "42");
-    assert.match(text, /^Plan: compute 6\*7, read the clock, ask, summarize\.\n6\*7 = 42\n/);
+    assert.match(text, /^Plan: compute 6\*7, read the clock, ask, summarize\.\n\n6\*7 = 42\n\n/);
     const info = await client.getJob(started.job.job_id, { includeContent: true });
     assert.deepEqual(info.step, { step: 5, name: "model:backstream/echo", status: "finished", summary: steps[4].summary });
     await assert.rejects(client.startJob({ threadId: "flows", messageId: "demo-2", workflow: "nope" }), /unknown workflow 'nope' \(known: demo\)/);
