@@ -146,7 +146,7 @@ async def test_an_unknown_workflow_is_a_bad_request_naming_the_known_ones() -> N
     async with open_runtime(Config(), workflows=workflow_samples.WORKFLOWS, tools=tools()) as rt:
         with pytest.raises(
             backstream.BadRequestError,
-            match=r"unknown workflow 'nope' \(known: broken, demo, gated, many, steps\)",
+            match=r"unknown workflow 'nope' \(known: broken, demo, gated, many, shout, steps\)",
         ):
             await start(rt, "nope", {})
         with pytest.raises(backstream.BadRequestError, match="input must be an object"):

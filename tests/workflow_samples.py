@@ -67,4 +67,12 @@ async def broken(ctx: WorkflowContext, input: dict[str, Any]) -> str:
     raise KeyError("no such thing")
 
 
-WORKFLOWS = [steps, gated, many, broken]
+@workflow(name="shout")
+async def shout(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+    """What the user asked (``input["ask"]``, as the chat endpoints give it), in capitals."""
+    loud = await ctx.step("upper", lambda: str(input.get("ask", "")).upper())
+    await ctx.emit("You said: ")
+    return str(loud)
+
+
+WORKFLOWS = [steps, gated, many, broken, shout]
