@@ -345,3 +345,45 @@ async def test_a_thousand_steps_hold_bounded_memory_and_replay_without_running_a
     assert row["step_entries"] == 2000 and row["log_entries"] == 2003
     assert row["run_peak_mb"] < 16 and row["replay_peak_mb"] < 16
     assert row["replay_s"] < 2.0
+
+
+def test_workflows_load_from_serve_settings_and_the_entry_point_group(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backstream.runtime.server.serve import load_workflows
+    from backstream.runtime.server.settings import ServeSettings
+
+    info = tmp_path / "sample_flows-1.0.dist-info"  # an installed package, as importlib.metadata finds one
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sample-flows\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[backstream.workflows]\nsamples = tests.workflow_samples:WORKFLOWS\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = load_workflows(ServeSettings.defaults())
+    assert loaded.names() == ["broken", "demo", "gated", "many", "shout", "steps"]
+    with pytest.raises(ValueError, match=r"--workflows tests\.workflow_samples:nothing: AttributeError"):
+        load_workflows(ServeSettings.defaults(workflows=("tests.workflow_samples:nothing",)))
+    with pytest.raises(ValueError, match="a workflow named 'steps' is registered already"):
+        load_workflows(ServeSettings.defaults(workflows=("tests.workflow_samples:steps",)))
+    with pytest.raises(ValueError, match="not a workflow or a list of workflows"):
+        load_workflows(ServeSettings.defaults(workflows=("tests.workflow_samples:count",)))
+
+
+async def test_job_start_names_a_model_or_a_workflow_over_the_websocket(upstream: Any) -> None:
+    from backstream.client import open_client
+    from tests.test_responses_api import served
+
+    async with served(upstream) as server, open_client(server.ws_url, "tok-alice") as client:
+        started = await client.start_job(thread_id="t", message_id="m1", workflow="demo", workflow_input={"expression": "2+3"})
+        assert started.job.model == "workflow/demo" and started.job.status == "running"
+        with pytest.raises(backstream.BadRequestError, match="a model or a workflow, not both"):
+            await client.start_job(thread_id="t", message_id="m2", model="backstream/echo", workflow="demo")
+        with pytest.raises(backstream.BadRequestError, match="needs a model"):
+            await client.start_job(thread_id="t", message_id="m3")
+        with pytest.raises(backstream.BadRequestError, match=r"unknown workflow 'nope' \(known: demo\)"):
+            await client.start_job(thread_id="t", message_id="m4", workflow="nope")
+        with trio.fail_after(10):
+            while (await client.get(started.job.job_id)).job.status != "awaiting_approval":
+                await trio.sleep(0.05)
+        info = await client.get(started.job.job_id, include_content=True)
+        assert info.step is not None and (info.step.step, info.step.name) == (4, "approve")
+        assert "2+3 = 5" in (info.content or "")
