@@ -387,3 +387,17 @@ async def test_job_start_names_a_model_or_a_workflow_over_the_websocket(upstream
         info = await client.get(started.job.job_id, include_content=True)
         assert info.step is not None and (info.step.step, info.step.name) == (4, "approve")
         assert "2+3 = 5" in (info.content or "")
+
+
+def test_the_workflows_guides_example_runs_and_prints_what_it_says() -> None:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", guide, flags=re.S) if "trio.run(main)" in b)
+    printed = guide.split(example, 1)[1].split("It prints:\n\n```\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == printed
