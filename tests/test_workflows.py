@@ -17,17 +17,20 @@ from backstream.actors.clock import WallClock
 from backstream.actors.job import JobActor
 from backstream.actors.joblog import JobLog
 from backstream.actors.workflow import WorkflowTarget
+from backstream.protocol.conversation import INTERRUPTED_CALL_OUTPUT
 from backstream.protocol.events import (
+    ApprovalEvent,
     ApprovalRequiredEvent,
     LogEvent,
     StatusEvent,
     StepEvent,
     TextEvent,
 )
-from backstream.protocol.records import JobRecord, JobRequest
+from backstream.protocol.records import JobProgress, JobRecord, JobRequest
 from backstream.protocol.ui_chunks import UIChunkTranslator
 from backstream.protocol.workflow import current_step, workflow_history
-from backstream.runtime.models.builtin import builtin_model
+from backstream.runtime.models.router import ModelRouter
+from backstream.runtime.models.workflows import WorkflowRegistry
 from backstream.runtime.tools.registry import ToolRegistry
 from backstream.workflows import StepFailed, WorkflowContext, workflow
 from tests import workflow_samples
@@ -192,14 +195,27 @@ async def run_actor(
     store = MemoryStore()
     await store.open()
     await store.create_job(record)
+    if entries:  # the store holds the log the actor continues, as after a crash
+        length = sum(len(e.text) for e in entries if isinstance(e, TextEvent))
+        await store.commit(record.job_id, entries, JobProgress("running", len(entries), length, 1.0))
     log = (
         JobLog.from_entries(record.job_id, 1, entries, max_output_chars=config.max_output_chars)
         if entries
         else None
     )
-    target = WorkflowTarget(flow, lambda m: builtin_model(m, echo_rate=1e6, max_argument_chars=1000))
+    # The model router resolves the workflow and the models its steps name, as in a server.
+    router = ModelRouter(config, {}, None, WorkflowRegistry([flow]))
+    target = router.resolve(record.request)
+    assert isinstance(target, WorkflowTarget)
     actor = JobActor(
-        record, config=config, store=store, model=target, clock=WallClock(), tools=tools(), log=log
+        record,
+        config=config,
+        store=store,
+        model=target,
+        clock=WallClock(),
+        tools=tools(),
+        log=log,
+        continuation=router.continuation(record.model),
     )
     await actor.run()
     return actor
@@ -401,3 +417,98 @@ def test_the_workflows_guides_example_runs_and_prints_what_it_says() -> None:
     result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout == printed
+
+
+async def test_an_approved_tool_step_cut_short_is_not_run_again() -> None:
+    """The log holds the person's yes, not the tool's result: the tool may have run when its
+    server died, and ``send_note`` is not idempotent, so the replay does not run it."""
+
+    @workflow(name="noter")
+    async def noter(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+        sent = await ctx.tool("send_note", {"to": "ops", "text": "hi"})
+        return f"{sent.is_error}: {sent.output}"
+
+    arguments = json.dumps({"to": "ops", "text": "hi"})
+    log = numbered(
+        StatusEvent(0, "running"),
+        started(1, "tool:send_note", {"arguments": arguments}),
+        ApprovalRequiredEvent(0, "step_1", "tool:send_note", arguments),
+        StatusEvent(0, "awaiting_approval"),
+        ApprovalEvent(0, "step_1", True),
+    )
+    actor = await run_actor(noter, record_for("noter", {}), Config(), log)
+    assert actor.log.content() == f"True: {INTERRUPTED_CALL_OUTPUT}"
+    statuses = [e.status for e in actor.log.entries() if isinstance(e, StatusEvent)]
+    assert statuses == ["running", "awaiting_approval", "running", "completed"]
+
+
+@pytest.mark.parametrize(
+    ("entries", "emit", "message"),
+    [
+        (
+            [finished(1, "pick", 1), started(2, "other"), finished(2, "other", 2)],
+            False,
+            "step 2: the replay diverged from the log: the workflow ended; the log holds step 'other' next",
+        ),
+        (
+            [finished(1, "pick", 1), started(2, "other"), finished(2, "other", 2)],
+            True,
+            "step 2: the replay diverged from the log: it emitted 'bye' where the log holds step 'other'",
+        ),
+        (
+            [finished(1, "pick", 1), TextEvent(0, "hello")],
+            True,
+            "step 2: the replay diverged from the log: it emitted 'bye' where the log holds 'hello'",
+        ),
+    ],
+)
+async def test_a_replay_that_ends_or_emits_otherwise_than_the_log_diverges(
+    entries: list[LogEvent], emit: bool, message: str
+) -> None:
+    @workflow(name="short")
+    async def short(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+        await ctx.step("pick", lambda: 1)
+        if input["emit"]:
+            await ctx.emit("bye")
+        return ""
+
+    log = numbered(StatusEvent(0, "running"), started(1, "pick"), *entries)
+    actor = await run_actor(short, record_for("short", {"emit": emit}), Config(), log)
+    end = actor.log.terminal
+    assert end is not None and end.error is not None
+    assert (end.error.code, end.error.message) == ("workflow_diverged", message)
+
+
+async def test_bad_calls_raise_in_the_workflow_and_record_nothing() -> None:
+    @workflow(name="clumsy")
+    async def clumsy(ctx: WorkflowContext, input: dict[str, Any]) -> str:
+        said = []
+        for call in (
+            lambda: ctx.model("backstream/echo", [{"role": "user", "content": "x"}], ["no_such_tool"]),
+            lambda: ctx.step("approve", lambda: 1),
+            lambda: ctx.sleep(-1),
+        ):
+            try:
+                await call()
+            except ValueError as exc:
+                said.append(str(exc))
+        failed = await ctx.tool("no_such_tool", {})
+        said.append(failed.output)
+        try:
+            await ctx.model("nobody/here", [{"role": "user", "content": "x"}])
+        except StepFailed as exc:
+            said.append(f"{exc.type}")
+        return " | ".join(said)
+
+    actor = await run_actor(clumsy, record_for("clumsy", {}), Config())
+    assert actor.log.content() == (
+        "unknown tool: 'no_such_tool' | ctx.step: 'approve' is not a step name of its own"
+        " | ctx.sleep: seconds must be a number, at least 0 | tool 'no_such_tool' does not exist"
+        " | BadRequestError"
+    )
+    assert [(e.step, e.name, e.phase) for e in actor.log.entries() if isinstance(e, StepEvent)] == [
+        (1, "tool:no_such_tool", "started"),
+        (1, "tool:no_such_tool", "finished"),
+        (2, "model:nobody/here", "started"),
+        (2, "model:nobody/here", "finished"),
+    ]
