@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, Protocol
 
@@ -37,6 +38,8 @@ from backstream.protocol.records import JobRecord
 from backstream.protocol.workflow import RecordedStep, short_summary, step_bytes, workflow_history
 
 __all__ = ["StepHost", "WorkflowContext", "WorkflowRun"]
+
+log = logging.getLogger("backstream.workflow")
 
 _RESERVED = ("approve", "sleep")
 _RESERVED_PREFIXES = ("model:", "tool:")
@@ -162,6 +165,8 @@ class WorkflowRun:
                 "workflow_error", f"StepFailed: step {exc.step}: {exc.type}: {exc.message}"
             )
         except Exception as exc:
+            # The client gets the type and the message; the traceback goes to the server's log.
+            log.warning("job %s: the workflow raised", self.host.record.job_id, exc_info=True)
             self._failure = self._failure or ErrorInfo("workflow_error", f"{type(exc).__name__}: {exc}")
         if self._failure is not None:
             raise ModelFailure(self._failure)
