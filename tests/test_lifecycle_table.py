@@ -143,7 +143,7 @@ DONE = StatusEvent(0, "completed")
         ([RUN], RESULT, "'tool_result' entry may not follow"),
         ([RUN], WAIT, "'status:awaiting_approval' entry may not follow a log in state 'next_turn'"),
         ([RUN, TEXT], RUN, "'status:running' entry may not follow a log in state 'model_turn'"),
-        ([RUN, CALL], DONE, "'status:completed' entry may not follow a log in state 'calls_announced'"),
+        ([RUN, CALL, ASK], DONE, "'status:completed' entry may not follow a log in state 'approval_requested'"),
         ([RUN], RewindEvent(0, 1, 0), "'rewind' entry may not follow a log in state 'next_turn'"),
         ([RUN, CALL], RewindEvent(0, 1, 0), "'rewind' entry may not follow a log in state 'calls_announced'"),
         ([RUN, CALL], ApprovalRequiredEvent(0, "c9", "x", "{}"), "the turn announced no call 'c9'"),

@@ -336,7 +336,7 @@ async def test_bad_input_is_a_400_in_openai_error_shape(upstream: FakeUpstream) 
                 ({"model": "m", "input": 5}, "input"),
                 ({"input": "x"}, "model"),
                 ({"model": "m", "input": "x", "background": "yes"}, "background"),
-                ({"model": "m", "input": "x", "previous_response_id": "r"}, "previous_response_id"),
+                ({"model": "m", "input": "x", "conversation": "c"}, "conversation"),
                 (
                     {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image"}]}]},
                     "input[0].content",

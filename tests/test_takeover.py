@@ -313,3 +313,46 @@ async def test_a_stopping_instance_hands_its_jobs_to_a_live_one_at_once() -> Non
     assert info.job.status == "completed" and info.content == text == answer and info.job.epoch == 2
     assert [f for f, _ in seqs] == [1] + [t + 1 for _, t in seqs[:-1]]
     assert stats.keeper.continued_total == 1
+
+
+async def test_a_stop_hands_off_at_once_when_another_instance_is_alive_else_drains() -> None:
+    """With another instance alive, a stopping runtime leaves its continuable jobs to it at
+    once, whatever ``drain_timeout`` says; alone, it drains them as before (they finish)."""
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    params = {"max_tokens": 40, "tokens_per_s": 40}  # about a second
+    config = Config(drain_timeout=30, lease_ttl=60.0, lease_renew_interval=0.2)
+
+    def store() -> RedisStore:
+        return RedisStore(redis_url(), prefix=prefix)
+
+    async def start(rt: Any, message_id: str) -> str:
+        started = await rt.start_job(
+            user="alice", thread_id="t", message_id=message_id, model="backstream/lorem",
+            messages=({"role": "user", "content": "go"},), params=params,
+        )  # fmt: skip
+        await trio.sleep(0.3)  # some words written
+        return str(started.job.job_id)
+
+    try:
+        async with open_runtime(config, store=store()) as b:
+            async with open_runtime(config, store=store()) as a:
+                assert await a.store.others_alive(a.instance_id, time.time())
+                handed = await start(a, "m1")
+                stopping_at = trio.current_time()
+            took = trio.current_time() - stopping_at
+            with trio.fail_after(10):
+                await (await b._lookup(handed, "alice")).wait_until_ended()
+            info = await b.get_job(handed, user="alice")
+            assert await b.store.others_alive(b.instance_id, time.time()) is False  # a withdrew
+            drained = await start(b, "m2")
+            stopping_at = trio.current_time()
+        alone_took = trio.current_time() - stopping_at
+        async with open_runtime(config, store=store()) as c:
+            alone = await c.get_job(drained, user="alice")
+    finally:
+        await delete_prefix(prefix)
+    assert took < 10  # not the 30 s drain
+    assert info.job.status == "completed" and info.job.epoch == 2
+    assert alone.job.status == "completed" and alone.job.epoch == 1  # finished while draining
+    assert alone_took < 10  # the drain ended when the job did

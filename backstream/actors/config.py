@@ -164,6 +164,12 @@ class Config:
     approval_timeout: float = attrs.field(default=600.0, validator=_positive)
     """A tool call waiting this long for a person's decision counts as declined."""
 
+    # Conversations continued on the server (previous_response_id, previous_job_id).
+    max_chain_depth: int = attrs.field(default=100, validator=_positive)
+    """Jobs one conversation may chain (each continuing the one before); past it: a 400."""
+    max_chain_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
+    """Bytes (compact JSON) the messages of a continued conversation may hold; past it: a 400."""
+
     # Workflows.
     max_workflow_steps: int = attrs.field(default=10_000, validator=_positive)
     """Steps one workflow job may take; one more ends it ``failed``/``workflow_limit``."""

@@ -23,8 +23,9 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
-from backstream.actors.continuing import TurnContinuation, calls_may_have_run
+from backstream.actors.continuing import TurnContinuation, add_usage, calls_may_have_run, check_continuable
 from backstream.actors.job_lines import log_job_ended, log_job_started
+from backstream.actors.job_tools import ClientTools
 from backstream.actors.job_writes import STORE_FAILED, JobWrites
 from backstream.actors.joblog import JobLog, OutputLimitExceeded
 from backstream.actors.notifier import Notifier
@@ -99,7 +100,7 @@ class JobActor:
         self.record = record
         continuing = log is not None
         if log is not None:
-            _check_continuable(record, log, continuation)
+            check_continuable(record, log, continuation)
         else:
             log = JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
         self.log = log
@@ -108,6 +109,7 @@ class JobActor:
         self._leave_running_on_stop = leave_running_on_stop
         self._taken_over = taken_over  # calls without a result may have been running
         self.left_running = False
+        """Set once a stop left the job running in the store, for another owner."""
         """The runtime stopped and left the job running in the store (durable up to its last
         write) for the next owner to continue, instead of ending it ``interrupted``."""
         self.finished = trio.Event()
@@ -130,12 +132,18 @@ class JobActor:
             give_up=lambda: self._stop_with("failed", STORE_FAILED),
         )
         self._updated_at = record.updated_at if continuing else record.created_at
-        self._usage = _add_usage(None, record.usage) if continuing else None
+        self._usage = add_usage(None, record.usage) if continuing else None
         self._tools = tools
         self._notifier = notifier
         self._deadline: trio.CancelScope | None = None
         self._turn_text: list[str] = []
         self._pending: dict[str, _PendingApproval] = {}
+
+    @property
+    def leaves_running_on_stop(self) -> bool:
+        """Whether a stop leaves the job running in the store for another owner (a store
+        that outlives the process, a model that continues) rather than ending it."""
+        return self._leave_running_on_stop
 
     @property
     def job_id(self) -> str:
@@ -272,14 +280,17 @@ class JobActor:
         first, and the turns the log shows count toward ``max_turns``."""
         request = self.record.request
         enabled = {name: self._tools.get(name) for name in request.tools}
-        specs = tuple(t.openai_spec() for t in enabled.values() if t is not None)
+        client = ClientTools.of(request.params)
+        specs = (*(t.openai_spec() for t in enabled.values() if t is not None), *client.specs)
         entries = self.log.entries()
         so_far = conversation_from_log(request, entries)
         messages = list(so_far.messages)
         turns = so_far.turns
         budget = ToolCallBudget.from_log(request.params, entries, open_calls=len(so_far.calls))
         if so_far.calls:
-            messages += await self._finish_turn(so_far, enabled, budget)
+            messages += await self._finish_turn(client.server_side(so_far), enabled, budget)
+            if client.calls_left(so_far.calls):
+                return client.ended_for_client(None)
         elif self.log.state is LogState.MODEL_TURN:
             turns -= 1  # the turn cut short runs again below, and counts then
         prefill = self.continuation.begin(so_far)
@@ -294,12 +305,15 @@ class JobActor:
             if prefill:
                 self.continuation.settle(self._append_text, self._restarted)
                 prefill = None
-            self._usage = _add_usage(self._usage, result.usage)
+            self._usage = add_usage(self._usage, result.usage)
             if not result.tool_calls:
                 return result
             calls = [(c.call_id, c.name, c.arguments) for c in result.tool_calls]
             messages.append(assistant_message("".join(self._turn_text), calls))
-            messages += await self._run_calls(result.tool_calls, enabled, budget)
+            server_calls, client_calls = client.split(result.tool_calls)
+            messages += await self._run_calls(server_calls, enabled, budget)
+            if client_calls:  # the client runs these: the job ends, its calls open
+                return client.ended_for_client(result)
         raise ModelFailure(
             ErrorInfo("tool_loop_limit", f"the model still called tools after {self._config.max_turns} turns")
         )
@@ -482,7 +496,7 @@ class JobActor:
         self._writes.appended()
 
     def add_usage(self, usage: dict[str, Any] | None) -> None:
-        self._usage = _add_usage(self._usage, usage)
+        self._usage = add_usage(self._usage, usage)
 
     async def write_through(self) -> None:
         if not await self._writes.write_through():
@@ -572,24 +586,3 @@ class _PendingApproval:
         if not self.decided.is_set():
             self.approved = approved
             self.decided.set()
-
-
-def _check_continuable(record: JobRecord, log: JobLog, continuation: Continuation) -> None:
-    """Raise ``ValueError`` unless an actor can continue ``record``'s job from ``log``."""
-    if log.job_id != record.job_id:
-        raise ValueError(f"the log is job {log.job_id}'s, not {record.job_id}'s")
-    if log.terminal is not None:
-        raise ValueError(f"job {record.job_id}: the log has ended ({log.terminal.status})")
-    if log.state is LogState.MODEL_TURN and continuation is Continuation.INTERRUPT:
-        raise ValueError(f"job {record.job_id}: the log stops in the middle of a model turn")
-
-
-def _add_usage(total: dict[str, int] | None, more: dict[str, object] | None) -> dict[str, int] | None:
-    """Sum token counts over the turns of a job."""
-    if more is None:
-        return total
-    out = dict(total or {})
-    for key, value in more.items():
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            out[key] = out.get(key, 0) + int(value)
-    return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, get_args, get_origin
 
 import attrs
@@ -339,10 +339,19 @@ def error_message(
     retry_after_ms: int | None = None,
     *,
     job_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
+    """An ``error`` frame; of ``extra`` (a ``BackstreamError``'s), the fields a ``gone``
+    after a takeover carries (``valid_through``, ``content_length``, ``epoch``)."""
+    stale = {k: v for k, v in (extra or {}).items() if k in _STALE_FIELDS and isinstance(v, int)}
     return encode(
-        ErrorMessage(id=request_id, code=code, message=message, retry_after_ms=retry_after_ms, job_id=job_id)
+        ErrorMessage(
+            id=request_id, code=code, message=message, retry_after_ms=retry_after_ms, job_id=job_id, **stale
+        )
     )
+
+
+_STALE_FIELDS = frozenset({"valid_through", "content_length", "epoch"})
 
 
 def _describe(exc: BaseException) -> str:

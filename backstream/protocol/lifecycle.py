@@ -23,14 +23,17 @@ Where the log is (``LogState``) and what may come next::
     NEXT_TURN | MODEL_TURN --step started--> IN_STEP --step finished--> NEXT_TURN  (workflows)
     IN_STEP --approval_required--> STEP_APPROVAL_REQUESTED --status awaiting_approval-->
         STEP_AWAITING_APPROVAL --approval--> STEP_APPROVAL_DECIDED --status running--> IN_STEP
+    CALLS_ANNOUNCED | TOOLS_ANSWERING --status completed--> ENDED  (client-side calls left open)
     any but ENDED --status failed|aborted|interrupted--> ENDED  (nothing follows)
 
 A workflow's log holds steps instead of turns: its text (what it emits) comes between
 steps, and a step that asks a person goes through the approval entries inside the step.
 
 A turn's own output (text, reasoning, argument fragments, more calls) may also follow its
-calls: the model's stream orders them, not the job. A turn ends ``completed`` only if it
-announced no calls; the next turn starts once every call of the last one has its result.
+calls: the model's stream orders them, not the job. A turn ends ``completed`` if it
+announced no calls, or once its server-side calls have their results when it also called
+client-side tools (``client_tools``: their results come with the next job); the next turn
+starts once every call of the last one has its result.
 """
 
 from __future__ import annotations
@@ -131,11 +134,12 @@ LOG_ORDER: Final[dict[LogState, dict[str, LogState]]] = {
         ((*_OUTPUT, "tool_call"), S.CALLS_ANNOUNCED),
         ("approval_required", S.APPROVAL_REQUESTED),
         ("tool_result", S.TOOLS_ANSWERING),
+        ("status:completed", S.ENDED),  # calls of client-side tools: the client answers them
     ),
     S.APPROVAL_REQUESTED: _row((f"status:{AWAITING_APPROVAL}", S.AWAITING_APPROVAL)),
     S.AWAITING_APPROVAL: _row(("approval", S.APPROVAL_DECIDED)),
     S.APPROVAL_DECIDED: _row((f"status:{RUNNING}", S.CALLS_ANNOUNCED)),
-    S.TOOLS_ANSWERING: _row(("tool_result", S.TOOLS_ANSWERING)),
+    S.TOOLS_ANSWERING: _row(("tool_result", S.TOOLS_ANSWERING), ("status:completed", S.ENDED)),
     S.IN_STEP: _row(("step:finished", S.NEXT_TURN), ("approval_required", S.STEP_APPROVAL_REQUESTED)),
     S.STEP_APPROVAL_REQUESTED: _row((f"status:{AWAITING_APPROVAL}", S.STEP_AWAITING_APPROVAL)),
     S.STEP_AWAITING_APPROVAL: _row(("approval", S.STEP_APPROVAL_DECIDED)),

@@ -114,6 +114,9 @@ class JobStart:
     watch: bool = False
     tool_call_deltas: bool = False
     """With ``watch``: also send ``tool_call_delta`` events."""
+    previous_job_id: str | None = attrs.field(default=None, validator=attrs.validators.optional(_name))
+    """The job of the same thread (and user) this one continues: the server puts that job's
+    conversation before ``messages``, which hold only what is new."""
     workflow: str | None = attrs.field(default=None, validator=attrs.validators.optional(_name))
     """Run this workflow (the model ``workflow/<name>``) instead of a model."""
     input: dict[str, Any] | None = None
@@ -375,6 +378,14 @@ class ErrorMessage:
     retry_after_ms: int | None = None
     job_id: str | None = None
     """The job the error concerns: the one the request named, or the one whose watch ended."""
+    valid_through: int | None = None
+    """With ``gone`` for a cursor of an epoch before a takeover: the last ``seq`` of the
+    reader's view that the log kept (it drops what it has beyond and watches again from
+    here at ``epoch``)."""
+    content_length: int | None = None
+    """With ``valid_through``: the content's length at that ``seq``."""
+    epoch: int | None = None
+    """With ``valid_through``: the log's epoch now."""
 
 
 @attrs.frozen

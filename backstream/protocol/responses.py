@@ -21,6 +21,7 @@ import attrs
 
 from backstream.protocol.events import (
     LIVE_STATUSES,
+    ApprovalRequiredEvent,
     ErrorInfo,
     LogEvent,
     ReasoningEvent,
@@ -29,8 +30,12 @@ from backstream.protocol.events import (
     ToolCallEvent,
     ToolResultEvent,
 )
+from backstream.protocol.responses_input import approval_request_id
 from backstream.protocol.responses_request import MAX_ANNOTATION_CHARS, ResponseRequest, parse_create
 from backstream.protocol.responses_sse import error_body, sse_frame
+
+APPROVAL_SERVER_LABEL = "backstream"
+"""The ``server_label`` of an ``mcp_approval_request``: the tool runs on this server."""
 
 __all__ = [
     "MAX_ANNOTATION_CHARS",
@@ -190,9 +195,11 @@ class ResponsesTranslator:
             return self._close() + self._tool_call(entry)
         if isinstance(entry, ToolResultEvent):
             return self._close() + self._tool_result(entry)
+        if isinstance(entry, ApprovalRequiredEvent):
+            return self._close() + self._approval_request(entry)
         if isinstance(entry, StatusEvent) and entry.is_terminal:
             return self._finish(entry)
-        return []  # running / awaiting_approval status, approvals: nothing a Responses client sees
+        return []  # running / awaiting_approval status, decisions: nothing a Responses client sees
 
     def feed_all(self, entries: Iterable[LogEvent]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -274,6 +281,23 @@ class ResponsesTranslator:
             "output": entry.output,
             "status": "incomplete" if entry.is_error else "completed",
             "created_by": "backstream",
+        }
+        self._output.append(item)
+        return [
+            self._event("response.output_item.added", output_index=index, item=item),
+            self._event("response.output_item.done", output_index=index, item=item),
+        ]
+
+    def _approval_request(self, entry: ApprovalRequiredEvent) -> list[dict[str, Any]]:
+        """A server tool's call waiting for a person, in the shape OpenAI gives an MCP
+        tool's: the client answers it with an ``mcp_approval_response`` input item."""
+        index = len(self._output)
+        item = {
+            "type": "mcp_approval_request",
+            "id": approval_request_id(entry.call_id),
+            "server_label": APPROVAL_SERVER_LABEL,
+            "name": entry.name,
+            "arguments": entry.arguments,
         }
         self._output.append(item)
         return [

@@ -52,6 +52,9 @@ class LogView:
     epoch: int
     last_seq: int
     finished: bool
+    record: JobRecord
+    """The job's record as the view opened (``kept_through`` tells what readers of an
+    earlier epoch may keep)."""
 
 
 class JobHandle(Protocol):
@@ -113,7 +116,7 @@ class LiveJob:
 
     def log_view(self) -> LogView:
         log = self._actor.log
-        return LogView(LiveSource(log), log.epoch, log.last_seq, log.terminal is not None)
+        return LogView(LiveSource(log), log.epoch, log.last_seq, log.terminal is not None, self._actor.record)
 
     async def info(self, *, include_content: bool, offset: int) -> JobInfo:
         await trio.lowlevel.checkpoint()
@@ -190,7 +193,7 @@ class StoredJob:
             source = StoredSource(self._store, record.job_id, record.epoch)
         else:
             source = self._tails.open(record.job_id, record.epoch)
-        return LogView(source, record.epoch, record.seq, finished)
+        return LogView(source, record.epoch, record.seq, finished, record)
 
     async def info(self, *, include_content: bool, offset: int) -> JobInfo:
         if not include_content:

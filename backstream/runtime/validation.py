@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from backstream.protocol.errors import BadRequestError
-from backstream.protocol.job_params import JOB_PARAMS, check_max_tool_calls
+from backstream.protocol.job_params import JOB_PARAMS, check_client_tools, check_max_tool_calls
 from backstream.protocol.messages import MAX_NAME_CHARS
 from backstream.runtime.models.builtin import BUILTIN_PARAMS
 
@@ -84,11 +84,13 @@ def check_params(params: Any, *, builtin: bool) -> dict[str, Any]:
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise BadRequestError(f"params may not hold {', '.join(unknown)}")
-    if "max_tool_calls" in params:
-        try:
+    try:
+        if "max_tool_calls" in params:
             check_max_tool_calls(params["max_tool_calls"])
-        except ValueError as exc:
-            raise BadRequestError(f"params.{exc}") from None
+        if "client_tools" in params:
+            check_client_tools(params["client_tools"])
+    except ValueError as exc:
+        raise BadRequestError(f"params.{exc}") from None
     for name, value in params.items():
         wrong = _not_json_safe(value)  # it would be echoed into JSON that JSON.parse refuses
         if wrong:

@@ -51,6 +51,7 @@ from backstream.protocol.ui_messages import (
     encode_frame,
     job_key,
     job_options,
+    tool_outputs_given,
 )
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Identity
@@ -273,6 +274,9 @@ class AiSdkConnection:
         if request.trigger == "regenerate-message":
             regenerating = request.message_id or await self._latest_job(request.chat_id) or ""
         key = job_key(request, regenerating=regenerating)
+        # Outputs of client-side tools (addToolOutput): a new job goes on from the whole
+        # conversation, in the same assistant message.
+        continuing = tool_outputs_given(request.messages)
         if key is None:
             raise ProtocolError("bad_request", "send: the messages hold no user message")
         started = await self._runtime.start_job(
@@ -288,7 +292,9 @@ class AiSdkConnection:
         if active.aborted:  # the abort came while the job was being admitted
             await self._abort_job(active)
             return
-        await self._stream(request.request_id, started.job_id)
+        await self._stream(
+            request.request_id, started.job_id, message_id=continuing.message_id if continuing else None
+        )
 
     async def _latest_job(self, chat_id: str) -> str | None:
         jobs = await self._runtime.list_jobs(user=self.user, thread_id=chat_id, limit=1)
@@ -320,15 +326,22 @@ class AiSdkConnection:
         return any(isinstance(e, ApprovalEvent) and e.call_id == call_id for e in entries)
 
     async def _stream(
-        self, request_id: str, job_id: str, *, after: StreamOffset = NO_OFFSET, from_call: str | None = None
+        self,
+        request_id: str,
+        job_id: str,
+        *,
+        after: StreamOffset = NO_OFFSET,
+        from_call: str | None = None,
+        message_id: str | None = None,
     ) -> None:
         """Send ``start`` (with the log's ``epoch``), the job's chunks as ``chunk`` frames,
         then ``end``.
 
         ``after``: the last sequence the client has and its epoch (a full replay numbers
         from 0); see ``_check_epoch``. ``from_call``: continue from the decision on that
-        call, numbering from 0 there. Stops at a wait for approval, so that the UI can ask
-        the person.
+        call, numbering from 0 there. ``message_id``: the assistant message the chunks
+        belong to (the job's id by default). Stops at a wait for approval, so that the UI
+        can ask the person.
         """
         frame_chars = self._session.frame_chars
         out = _ChunkFrames(
@@ -339,7 +352,10 @@ class AiSdkConnection:
             max_chars=frame_chars,
         )
         projection = UIChunkProjection(
-            job_id, from_call=from_call, approval_tools=self._runtime.tools.approval_names()
+            job_id,
+            from_call=from_call,
+            approval_tools=self._runtime.tools.approval_names(),
+            message_id=message_id,
         )
         async with open_replay(
             self._runtime,

@@ -477,6 +477,28 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
             self.forget_job(job_id)
         return ids
 
+    async def delete_job(self, job_id: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    f"SELECT 1 FROM jobs WHERE job_id = ? AND status IN {sql_terminal_list()}", (job_id,)
+                ).fetchone()
+                if row is not None:
+                    sqlite_quota.release(conn, [job_id])
+                    for table in ("log", "job_requests", "jobs", "outbox"):
+                        conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return row is not None
+
+        deleted = await self._write(delete)
+        if deleted:
+            self.forget_job(job_id)
+        return deleted
+
     async def request_abort(self, job_id: str) -> None:
         await self._write(
             lambda c: c.execute("UPDATE jobs SET abort_requested = 1 WHERE job_id = ?", (job_id,))
@@ -518,10 +540,17 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
                 taken = []
                 for row in rows:
                     old = record_from_row(row)
-                    record = attrs.evolve(old, owner=owner, lease_until=lease_until, epoch=old.epoch + 1)
+                    record = attrs.evolve(
+                        old,
+                        owner=owner,
+                        lease_until=lease_until,
+                        epoch=old.epoch + 1,
+                        epoch_ends=(*old.epoch_ends, old.seq),
+                    )
                     conn.execute(
-                        "UPDATE jobs SET owner = ?, lease_until = ?, epoch = ? WHERE job_id = ?",
-                        (owner, lease_until, record.epoch, record.job_id),
+                        "UPDATE jobs SET owner = ?, lease_until = ?, epoch = ?, epoch_ends = ? "
+                        "WHERE job_id = ?",
+                        (owner, lease_until, record.epoch, json.dumps(record.epoch_ends), record.job_id),
                     )
                     taken.append(Handover(record, tuple(_select_log(conn, record.job_id))))
                 conn.execute("COMMIT")

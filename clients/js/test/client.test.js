@@ -98,6 +98,25 @@ describe("requests", () => {
     assert.equal((await client.ping()).type, "pong");
   });
 
+  test("previousJobId continues a thread: only the new message is sent", async () => {
+    const client = await open("tok-alice");
+    const first = await client.startJob({ threadId: "chain", messageId: "c1", model: "backstream/echo", messages: [{ role: "user", content: "first" }] });
+    await collect(client.watch(first.job.job_id));
+    const next = await client.startJob({
+      threadId: "chain", messageId: "c2", model: "backstream/echo",
+      messages: [{ role: "user", content: "second" }], previousJobId: first.job.job_id,
+    });
+    assert.equal((await collect(client.watch(next.job.job_id))).text, "second");
+    await assert.rejects(
+      client.startJob({ threadId: "other", messageId: "c3", model: "backstream/echo", messages: [{ role: "user", content: "x" }], previousJobId: first.job.job_id }),
+      (error) => error instanceof BadRequestError && /is of thread 'chain'/.test(error.message),
+    );
+    await assert.rejects(
+      client.startJob({ threadId: "chain", messageId: "c4", model: "backstream/echo", messages: [{ role: "user", content: "x" }], previousJobId: "j_gone" }),
+      (error) => error instanceof NotFoundError && error.message === "Previous job with id 'j_gone' not found.",
+    );
+  });
+
   test("a watch from a cursor gets exactly the rest", async () => {
     const client = await open("tok-alice");
     const started = await client.startJob({ threadId: "t2", messageId: "m2", model: "backstream/echo", messages: [{ role: "user", content: "one two three four five six" }] });

@@ -98,7 +98,12 @@
 /** @typedef {{ type: "notifications.read.result", id: string, unread: number }} NotificationsReadResult */
 /** @typedef {{ type: "thread.mute.result", id: string, thread_id: string, muted: boolean }} ThreadMuteResult */
 /** @typedef {{ type: "pong", id: string }} Pong */
-/** @typedef {{ type: "error", id: string | null, code: string, message: string, retry_after_ms?: number | null, job_id?: string | null }} ErrorMessage */
+/**
+ * `valid_through`, `content_length` and `epoch` come with a `gone` for a cursor of an epoch
+ * before a takeover, past what the log kept of it.
+ * @typedef {{ type: "error", id: string | null, code: string, message: string, retry_after_ms?: number | null,
+ *   job_id?: string | null, valid_through?: number | null, content_length?: number | null, epoch?: number | null }} ErrorMessage
+ */
 /**
  * The text of a batch: its `text` events joined. Joining the text of every batch of a watch
  * gives the job's content from the watch's cursor.
@@ -354,6 +359,10 @@ export type Pong = {
     type: "pong";
     id: string;
 };
+/**
+ * `valid_through`, `content_length` and `epoch` come with a `gone` for a cursor of an epoch
+ * before a takeover, past what the log kept of it.
+ */
 export type ErrorMessage = {
     type: "error";
     id: string | null;
@@ -361,4 +370,7 @@ export type ErrorMessage = {
     message: string;
     retry_after_ms?: number | null;
     job_id?: string | null;
+    valid_through?: number | null;
+    content_length?: number | null;
+    epoch?: number | null;
 };
