@@ -130,7 +130,9 @@ class LiveJob:
 
     async def log(self) -> tuple[JobRecord, tuple[LogEvent, ...]]:
         await trio.lowlevel.checkpoint()
-        return self._actor.record, tuple(self._actor.log.entries())
+        # The snapshot, not the record it started with: its status agrees with the entries
+        # (a job whose log just ended reads as ended, before its actor is gone).
+        return self._actor.snapshot(), tuple(self._actor.log.entries())
 
     async def wait_until_ended(self) -> JobSummary:
         await self._actor.finished.wait()
