@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from backstream.client import Client, open_client
@@ -88,19 +89,24 @@ def in_a_sleep_after(tools: int) -> Callable[[list[LogEvent]], bool]:
     return stop
 
 
-async def test_kill_9_mid_workflow_on_sqlite_then_a_restart_finishes_it(tmp_path: Path) -> None:
+PAUSE = {signal.SIGKILL: 0.5, signal.SIGTERM: 3.0}  # a stop takes its time: it comes mid-sleep
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+async def test_stopped_mid_workflow_on_sqlite_a_restart_finishes_it(tmp_path: Path, sig: int) -> None:
+    """Killed (or stopped: the job is left running for the next start) in a sleep."""
     store, count = f"sqlite:///{tmp_path}/jobs.db", tmp_path / "count"
     env = {"BACKSTREAM_TEST_COUNT_FILE": str(count)}
-    with server(store, env) as (port, proc):
+    with server(store, env, "--drain-timeout", "0") as (port, proc):
         async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
             started = await client.start_job(
-                thread_id="t", message_id="m", workflow="steps", workflow_input={"n": 6, "pause": 0.5}
+                thread_id="t", message_id="m", workflow="steps", workflow_input={"n": 6, "pause": PAUSE[sig]}
             )
             job_id = started.job.job_id
             await watch_until(client, job_id, in_a_sleep_after(3))
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             proc.wait()
-    assert counted(count) == ["s0", "s1", "s2"]  # killed in the sleep after the third step
+    assert counted(count) == ["s0", "s1", "s2"]  # stopped in the sleep after the third step
     with server(store, env) as (port, _):  # the next start continues the workflow
         async with open_client(f"ws://127.0.0.1:{port}/v1", "tok") as client:
             events = await entries_to_end(client, job_id)
