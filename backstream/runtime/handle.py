@@ -120,10 +120,10 @@ class LiveJob:
 
     async def info(self, *, include_content: bool, offset: int) -> JobInfo:
         await trio.lowlevel.checkpoint()
+        if not include_content:
+            return JobInfo(job=self.summary())
         log = self._actor.log
         step = current_step(log.entries()) if workflow_name_of(self._actor.record.model) else None
-        if not include_content:
-            return JobInfo(job=self.summary(), step=step)
         return JobInfo(
             job=self.summary(), content=log.content(offset), tool_calls=log.tool_calls(), step=step
         )
