@@ -171,6 +171,16 @@ class Config:
     max_chain_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
     """Bytes (compact JSON) the messages of a continued conversation may hold; past it: a 400."""
 
+    # Workflows.
+    max_workflow_steps: int = attrs.field(default=10_000, validator=_positive)
+    """Steps one workflow job may take; one more ends it ``failed``/``workflow_limit``."""
+    max_workflow_recorded_bytes: int = attrs.field(default=8_000_000, validator=_positive)
+    """Bytes of step data (arguments, results, summaries) one workflow job may record in its
+    log; a step past it ends the job ``failed``/``workflow_limit``."""
+    workflow_step_timeout: float = attrs.field(default=300.0, validator=_positive)
+    """Seconds one workflow step (a model turn, a tool, a ``ctx.step``) may run; past it the
+    step fails with ``StepTimeout`` (a wait for a person or a sleep has its own time)."""
+
     # Notifications.
     max_notifications_per_user: int = attrs.field(default=500, validator=_positive)
     """Notifications kept per user; past it the oldest go first."""

@@ -31,6 +31,7 @@ from backstream.protocol.events import (
     ReasoningEvent,
     RewindEvent,
     StatusEvent,
+    StepEvent,
     TextEvent,
     ToolCallDeltaEvent,
     ToolCallEvent,
@@ -43,6 +44,7 @@ from backstream.protocol.messages import (
     ErrorMessage,
     JobEvents,
     JobInfoMessage,
+    JobStart,
     ServerMessage,
     Welcome,
 )
@@ -72,6 +74,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ApprovalEvent,
     ToolResultEvent,
     RewindEvent,
+    StepEvent,
     StatusEvent,
 )
 OPT_IN_KINDS: frozenset[str] = frozenset({"tool_call_delta"})
@@ -146,10 +149,20 @@ def _make_converter() -> cattrs.Converter:
             content=override(omit_if_default=True),
             next_offset=override(omit_if_default=True),
             next_tool_calls_offset=override(omit_if_default=True),
+            step=override(omit_if_default=True),
         ),
     )
     conv.register_unstructure_hook(
         Welcome, make_dict_unstructure_fn(Welcome, conv, models=override(omit_if_default=True))
+    )
+    conv.register_unstructure_hook(
+        JobStart,
+        make_dict_unstructure_fn(
+            JobStart,
+            conv,
+            workflow=override(omit_if_default=True),
+            input=override(omit_if_default=True),
+        ),
     )
     # ``kind`` is the events' tag; the tagged union below writes it.
     for cls in EVENT_CLASSES:

@@ -45,12 +45,13 @@ from backstream.protocol.events import JobInfo, JobSummary, LogEvent
 from backstream.protocol.ids import new_id
 from backstream.protocol.offsets import stale_epoch_error
 from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
+from backstream.protocol.workflow import workflow_name_of
 from backstream.runtime.handle import AbortResult, JobHandle, JobHandles
 from backstream.runtime.models.http1 import HTTP1Pool, PoolStatistics
 from backstream.runtime.models.router import ModelRouter
 from backstream.runtime.models.upstream import UpstreamStatistics
 from backstream.runtime.tools.registry import ToolRegistry
-from backstream.runtime.validation import check_identifier, check_messages, check_params
+from backstream.runtime.validation import check_identifier, check_messages, check_params, workflow_input_of
 
 __all__ = ["AbortResult", "Runtime", "RuntimeStatistics", "StartedJob"]
 
@@ -153,8 +154,13 @@ class Runtime:
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
         annotations: dict[str, Any] | None = None,
+        workflow_input: dict[str, Any] | None = None,
     ) -> StartedJob:
         """Start a job, or return the user's job already started with ``message_id``.
+
+        A ``model`` named ``workflow/<name>`` runs that workflow (docs/workflows.md) with
+        ``workflow_input`` (by default ``{"ask": <the last user message's text>, "messages":
+        messages}``); its messages may be empty.
 
         ``annotations`` are kept with the job's request and given back as they were (JSON
         values; the caller bounds their size); the model never sees them.
@@ -173,13 +179,19 @@ class Runtime:
         check_identifier("message_id", message_id)
         check_identifier("model", model)
         checked_params = check_params(params, builtin=self._router.is_local(model))
+        annotations = dict(annotations or {})
+        if workflow_name_of(model) is not None:
+            checked = check_messages(messages) if messages else ()
+            annotations["workflow_input"] = workflow_input_of(workflow_input, checked)
+        else:
+            # Stored with the job, so a continuation and the job's log see the same conversation.
+            checked = self._router.with_system_prompt(model, check_messages(messages))
         request = JobRequest(
             model=model,
-            # Stored with the job, so a continuation and the job's log see the same conversation.
-            messages=self._router.with_system_prompt(model, check_messages(messages)),
+            messages=checked,
             params=checked_params,
             tools=self._check_tools(tools),
-            annotations=dict(annotations or {}),
+            annotations=annotations,
         )
         model_to_run = self._router.resolve(request)  # an unknown model never reaches admission
         record, existing = await self._registry.start_job(

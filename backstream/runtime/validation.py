@@ -11,7 +11,7 @@ from backstream.protocol.job_params import JOB_PARAMS, check_client_tools, check
 from backstream.protocol.messages import MAX_NAME_CHARS
 from backstream.runtime.models.builtin import BUILTIN_PARAMS
 
-__all__ = ["ALLOWED_PARAMS", "check_identifier", "check_messages", "check_params"]
+__all__ = ["ALLOWED_PARAMS", "check_identifier", "check_messages", "check_params", "workflow_input_of"]
 
 ALLOWED_PARAMS = (
     frozenset(
@@ -55,6 +55,24 @@ def check_messages(messages: Any) -> tuple[dict[str, Any], ...]:
             raise BadRequestError(f"messages[{i}].content must be a string, a list of parts or null")
         out.append(dict(message))
     return tuple(out)
+
+
+def workflow_input_of(value: Any, messages: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """A workflow job's input: ``value`` (a JSON object), or, without one, what its chat
+    messages ask: ``{"ask": <the last user message's text>, "messages": messages}``."""
+    if value is None:
+        ask = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
+        if isinstance(ask, list):  # content parts: their text
+            ask = "".join(
+                p.get("text", "") for p in ask if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
+        return {"ask": ask if isinstance(ask, str) else "", "messages": list(messages)}
+    if not isinstance(value, dict):
+        raise BadRequestError("input must be an object")
+    problem = _not_json_safe(value)
+    if problem is not None:
+        raise BadRequestError(f"input holds {problem}")
+    return dict(value)
 
 
 def check_params(params: Any, *, builtin: bool) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.protocol.codec import ProtocolError
 from backstream.protocol.errors import BackstreamError, ConflictError, GoneError
-from backstream.protocol.events import AWAITING_APPROVAL
+from backstream.protocol.events import AWAITING_APPROVAL, ApprovalEvent
 from backstream.protocol.offsets import NO_OFFSET, StreamOffset
 from backstream.protocol.projections import UIChunkProjection
 from backstream.protocol.ui_chunks import DELTA_FIELDS, DeltaCoalescer, UIChunk, parse_approval_id
@@ -320,9 +320,10 @@ class AiSdkConnection:
         return last
 
     async def _decided(self, job_id: str, call_id: str) -> bool:
-        """Whether the job's log holds a decision on the call (a repeated approval)."""
-        info = await self._runtime.get_job(job_id, user=self.user, include_content=True)
-        return any(call.call_id == call_id and call.approved is not None for call in info.tool_calls)
+        """Whether the job's log holds a decision on the call (a repeated approval; a
+        workflow's approval is no tool call, so the log itself is read)."""
+        _, entries = await self._runtime.job_log(job_id, user=self.user)
+        return any(isinstance(e, ApprovalEvent) and e.call_id == call_id for e in entries)
 
     async def _stream(
         self,

@@ -320,16 +320,21 @@ class Connection:
         await self._reply(Pong(id=message.id))
 
     async def _on_start(self, message: JobStart) -> None:
+        if message.workflow is not None and message.model:
+            raise BadRequestError("job.start names a model or a workflow, not both")
+        if message.workflow is None and not message.model:
+            raise BadRequestError("job.start needs a model (or a workflow)")
         messages, annotations = await self._continued(message)
         started = await self._runtime.start_job(
             user=self.user,
             thread_id=message.thread_id,
             message_id=message.message_id,
-            model=message.model,
+            model=message.model_name,
             messages=messages,
             params=message.params,
             tools=message.tools,
             annotations=annotations,
+            workflow_input=message.input,
         )
         reply = JobStarted(id=message.id, job=started.job, existing=started.existing)
         if message.watch:
