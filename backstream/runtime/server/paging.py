@@ -34,6 +34,7 @@ def job_info_page(
         job=info.job,
         content=info.content,
         tool_calls=list(calls),
+        step=info.step,
         stream=job_stream_path(info.job.job_id),
     )
     if _size(reply) <= max_bytes:

@@ -123,6 +123,8 @@ class _Writing:
     stored_seq: int
     request_bytes: int
     """What its request counts against its user's quota (with its log, from its end on)."""
+    epoch: int = 1
+    """The epoch it writes (announced with each commit, so followers label entries right)."""
     announce: bool = True
     """Announce commits on the job's channel: until one reaches no follower, and again
     once a follower asks (``watch``)."""
@@ -452,7 +454,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         writing.writing = dict(zip(encoded[::2], encoded[1::2], strict=True))
         ttl_s = (progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S
         return [
-            job_id,
+            f"{job_id}@{writing.epoch}",  # the announcement's first word: its writer's epoch
             str(writing.stored_seq),
             str(entries[-1].seq if entries else progress.seq),
             events_to_json(entries) if entries else "",
@@ -494,7 +496,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         await self.subscriber.wait_for_entries(job_id, after_seq)
 
     def follow_job(
-        self, job_id: str, on_entries: Callable[[Sequence[LogEvent]], None] | None = None
+        self, job_id: str, on_entries: Callable[[Sequence[LogEvent], int], None] | None = None
     ) -> AbstractContextManager[None]:
         """Subscribe to the job's channel for the block (once per job however many
         follow it), and ask its writer to announce its commits; ``on_entries`` gets the
@@ -539,6 +541,17 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         again once its claim lapses."""
         return await self._housekeeping.sweep(now)
 
+    async def delete_job(self, job_id: str) -> bool:
+        """The sweep's deletion of one job, its expiry set to now: the same steps, in the
+        same order. Cancellation: the job may be gone already, or not; again is safe."""
+        raw = await self._call(self.redis.hgetall(self.keys.job(job_id)))
+        record = decode_record(raw)
+        if record is None or not is_terminal(record.status):
+            return False
+        now = record.finished_at or record.updated_at
+        await self._call(self.redis.hset(self.keys.job(job_id), {"expires_at": json.dumps(now)}))
+        return bool(await self._housekeeping.delete_now(_shard_in(raw, job_id), job_id, now))
+
     # -- aborts and decisions through any instance ------------------------------------------
 
     async def request_abort(self, job_id: str) -> None:
@@ -576,6 +589,14 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
         """Per job, in its slot, then its running entries (``RedisSteps.renew``).
         Cancellation: some may be renewed; the next renewal catches up."""
+        await self._renew(owner, job_ids, until, handoff=False)
+
+    async def hand_off(self, owner: str, job_ids: Sequence[str], now: float) -> None:
+        """The leases end now and each job counts a hand-off. Cancellation: some may be
+        handed off; the others' leases lapse by themselves (counted as crashes)."""
+        await self._renew(owner, job_ids, now, handoff=True)
+
+    async def _renew(self, owner: str, job_ids: Sequence[str], until: float, *, handoff: bool) -> None:
         if not job_ids:
             await trio.lowlevel.checkpoint()
             return
@@ -584,7 +605,19 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
             writing = self._writing.get(job_id) or await self._read_writing(job_id)
             if writing is not None:
                 jobs.append((job_id, writing.user, writing.shard))
-        await self._steps.renew(owner, jobs, until)
+        await self._steps.renew(owner, jobs, until, handoff=handoff)
+
+    async def announce(self, owner: str, until: float) -> None:
+        """One script on the instances key, on Redis's clock. Cancellation: announced or not."""
+        await self._conn.script("announce", [self.keys.instances()], [owner, self._steps.frame.ahead(until)])
+
+    async def withdraw(self, owner: str) -> None:
+        await self._call(self.redis.zrem(self.keys.instances(), [owner]))
+
+    async def others_alive(self, owner: str, now: float) -> bool:
+        """Cancellation: nothing changes."""
+        args = [owner, self._steps.frame.at(now)]
+        return int(await self._conn.script("others_alive", [self.keys.instances()], args)) > 0
 
     async def _read_writing(self, job_id: str) -> _Writing | None:
         """What a commit or a renewal needs of a job this process does not write yet."""
@@ -683,6 +716,7 @@ def _writing_of(record: JobRecord, shard: int) -> _Writing:
         record.owner,
         record.seq,
         request_bytes(record.request),
+        epoch=record.epoch,
     )
 
 

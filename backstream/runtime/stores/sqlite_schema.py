@@ -176,6 +176,16 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
+        7,
+        # Where each earlier epoch of a job ended (``JobRecord.epoch_ends``), so a reader of
+        # an epoch before a takeover goes on if what it read is still in the log; and how
+        # many takeovers followed a clean stop (``handoffs``: not counted as crashes).
+        """
+        ALTER TABLE jobs ADD COLUMN epoch_ends TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE jobs ADD COLUMN handoffs INTEGER NOT NULL DEFAULT 0
+        """,
+    ),
+    (
         9,
         # Durable streams (``streams_sqlite``): each stream's state as JSON, its messages by
         # end position, each user's streams and bytes.
@@ -221,8 +231,10 @@ COLUMNS = (
     "abort_requested",
     "owner",
     "lease_until",
+    "handoffs",
+    "epoch_ends",
 )
-JSON_COLUMNS = frozenset({"error", "usage"})
+JSON_COLUMNS = frozenset({"error", "usage", "epoch_ends"})
 SELECT_JOB = (
     "SELECT " + ", ".join(f"jobs.{c}" for c in COLUMNS) + ", job_requests.request "
     "FROM jobs JOIN job_requests USING (job_id)"
