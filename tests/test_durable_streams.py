@@ -131,8 +131,10 @@ async def test_a_jobs_stream_from_every_offset_equals_its_log() -> None:
         base = f"http://127.0.0.1:{handle.http_port}"
         async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=30) as http:
             body = {"model": "backstream/lorem", "input": "write", "background": True}
-            job_id = (await http.post("/v1/responses", json=body)).json()["id"]
+            created = await http.post("/v1/responses", json=body)
+            job_id = created.json()["id"]
             path = f"/v1/streams/jobs/{job_id}"
+            assert created.headers["link"] == f'<{path}>; rel="durable-stream"'
             # Live over SSE until the stream closes: the whole answer as it was written.
             live: list[object] = []
             async with http.stream("GET", path, params={"offset": "-1", "live": "sse"}) as sse:

@@ -446,7 +446,14 @@ class HttpApp:
 
     def cors_headers(self, request: Request) -> dict[str, str]:
         origin = request.header("origin")
-        return {"access-control-allow-origin": origin, "vary": "origin"} if origin else {}
+        if not origin:
+            return {}
+        # Link: a job's durable stream, named on the Responses API's replies.
+        return {
+            "access-control-allow-origin": origin,
+            "access-control-expose-headers": "link",
+            "vary": "origin",
+        }
 
     async def send_json(
         self, request: Request, status: int, body: Any, headers: Mapping[str, str] | None = None
