@@ -114,22 +114,35 @@ class Watch:
 class _Watched:
     event: trio.Event
     watchers: int = 0
+    interest: contextlib.ExitStack = attrs.Factory(contextlib.ExitStack)
 
 
 class StreamChanges:
     """Per-key wake-ups inside this process; an entry exists only while someone watches."""
 
-    def __init__(self, *, poll_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        poll_interval: float | None = None,
+        interest: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
+    ) -> None:
         self._watched: dict[str, _Watched] = {}
         self.poll_interval = poll_interval
-        """Waiters look again this often: another instance's writes wake nobody here."""
+        """Waiters look again this often (a store shared by instances: a wake-up from
+        another instance may be missed while its subscription is being made)."""
+        self._interest = interest
+        """Entered while a key is watched here: e.g. a subscription to its changes."""
 
     def event(self, key: str) -> trio.Event:
         return self._watched[key].event
 
     @contextlib.contextmanager
     def watch(self, key: str) -> Iterator[Watch]:
-        entry = self._watched.setdefault(key, _Watched(trio.Event()))
+        entry = self._watched.get(key)
+        if entry is None:
+            entry = self._watched[key] = _Watched(trio.Event())
+            if self._interest is not None:
+                entry.interest.enter_context(self._interest(key))
         entry.watchers += 1
         try:
             yield Watch(self, key)
@@ -137,6 +150,7 @@ class StreamChanges:
             entry.watchers -= 1
             if entry.watchers <= 0 and self._watched.get(key) is entry:
                 del self._watched[key]
+                entry.interest.close()
 
     def notify(self, key: str) -> None:
         entry = self._watched.get(key)

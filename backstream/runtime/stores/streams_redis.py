@@ -11,14 +11,17 @@ writes the result only if the state is still the one read (else it reads and dec
 Each user's usage (streams, bytes) is a hash in the user's slot, ``{PREFIX:user:USER}:ds``,
 and the streams that may expire are a sorted set by deadline, ``{PREFIX:ds}:deadlines``; both
 are moved by each write after it lands (not atomic with it: a crash between the two leaves
-them off by that write; the sweep checks each stream it finds). Readers waiting on another
-instance's writes see them within ``POLL_INTERVAL`` (their own instance's at once).
+them off by that write; the sweep checks each stream it finds). Each write is announced on the
+stream's channel, ``{PREFIX:ds:HASH}:changed`` (``SPUBLISH``, in the stream's slot): the
+instances where a reader waits on the stream subscribe to it while it does, and also look
+again every ``POLL_INTERVAL`` (for a write made while the subscription was being made).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from coredis.tokens import PureToken
@@ -27,12 +30,13 @@ from backstream.protocol.errors import UnavailableError
 from backstream.protocol.streams_state import Message, StreamState
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.redis_client import UNAVAILABLE
+from backstream.runtime.stores.redis_subscriber import STREAM
 from backstream.runtime.stores.streams import Change, StreamChanges, StreamUsage, owner_of
 
 __all__ = ["POLL_INTERVAL", "RedisStreamStore"]
 
 T = TypeVar("T")
-POLL_INTERVAL = 0.2
+POLL_INTERVAL = 1.0
 MAX_ATTEMPTS = 64
 """Writes lost to others' writes of the same stream before one gives up (503)."""
 PAGE = 256
@@ -43,11 +47,13 @@ if current == false then current = '' end
 if current ~= ARGV[1] then return 0 end
 if ARGV[3] == 'delete' then
   redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('SPUBLISH', KEYS[3], '1')
   return 1
 end
 if ARGV[3] == 'fresh' then redis.call('DEL', KEYS[2]) end
 if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2]) end
 for i = 4, #ARGV, 2 do redis.call('ZADD', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('SPUBLISH', KEYS[3], '1')
 return 1
 """
 
@@ -57,12 +63,31 @@ class RedisStreamStore:
         self._store = store
         self._prefix = store.prefix
         self._script: Any = None
-        self.changes = StreamChanges(poll_interval=POLL_INTERVAL)
+        self._keys_of_channels: dict[str, str] = {}
+        self.changes = StreamChanges(poll_interval=POLL_INTERVAL, interest=self._interest)
+        store.subscriber.on_stream_change = self._announced
 
-    def _keys(self, key: str) -> tuple[str, str]:
+    def _keys(self, key: str) -> tuple[str, str, str]:
+        """The stream's state, messages and channel: one hash tag, one slot."""
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         tag = "{" + f"{self._prefix}:ds:{digest}" + "}"
-        return f"{tag}:state", f"{tag}:msgs"
+        return f"{tag}:state", f"{tag}:msgs", f"{tag}:changed"
+
+    @contextmanager
+    def _interest(self, key: str) -> Iterator[None]:
+        """Subscribed to the stream's channel while it is watched here."""
+        channel = self._keys(key)[2]
+        self._keys_of_channels[channel] = key
+        try:
+            with self._store.subscriber.interest(STREAM, channel):
+                yield
+        finally:
+            self._keys_of_channels.pop(channel, None)
+
+    def _announced(self, channel: str) -> None:
+        key = self._keys_of_channels.get(channel)
+        if key is not None:
+            self.changes.notify(key)
 
     def _deadlines_key(self) -> str:
         return "{" + f"{self._prefix}:ds" + "}:deadlines"
@@ -81,7 +106,7 @@ class RedisStreamStore:
         return StreamState.from_json(raw) if raw else None
 
     async def update(self, key: str, decide: Callable[[StreamState | None], Change[T]]) -> Change[T]:
-        state_key, msgs_key = self._keys(key)
+        state_key, msgs_key, channel = self._keys(key)
         client = self._store.redis
         if self._script is None:
             self._script = client.register_script(_WRITE)
@@ -95,7 +120,7 @@ class RedisStreamStore:
             args = [raw, change.state.to_json() if change.state is not None else "", flag]
             for end, data in change.messages:
                 args += [str(end), f"{end:016d}:" + data.decode("latin-1")]
-            if await self._call(self._script(keys=[state_key, msgs_key], args=args)):
+            if await self._call(self._script(keys=[state_key, msgs_key, channel], args=args)):
                 new = None if change.delete else change.state or old
                 await self._account(key, old, new)
                 await self._index_deadline(key, new)
