@@ -42,6 +42,11 @@ METHOD_SOURCES = {
     (WebSocketConnection, "_handle_close_connection_event"): "6d4c481a35db5699",
     (WebSocketConnection, "_reader_task"): "69826f541cb0278a",
     (WebSocketConnection, "_handle_message_event"): "dac74dc105d7a42e",
+    # ServerWebSocket._accept: the library's, with permessage-deflate offered.
+    (WebSocketConnection, "_accept"): "f25c53f608884034",
+    # The client's connect_websocket_url (backstream/client/websocket.py): the library's, with
+    # its opening request's extensions set before the reader task sends it.
+    (trio_websocket._impl, "connect_websocket"): "81d287331b80f0f7",
 }
 
 
@@ -76,6 +81,7 @@ def test_the_private_methods_used_exist_with_their_signatures() -> None:
         (WebSocketConnection, "_handle_message_event"): ["self", "event"],
         (WebSocketConnection, "_get_request"): ["self"],
         (WebSocketServer, "_handle_connection"): ["self", "stream"],
+        (WebSocketConnection, "_accept"): ["self", "request", "subprotocol", "extra_headers"],
     }
     for (owner, name), parameters in expected.items():
         method = getattr(owner, name)
@@ -108,6 +114,14 @@ async def test_a_connection_has_the_private_state_used() -> None:
     assert isinstance(ws._wsproto, WSConnection)
     assert ws._socket is None  # not a SocketStream: the library's send path
     assert ws._max_message_size == 1024
+
+
+def test_a_client_connection_holds_its_opening_request_until_the_reader_sends_it() -> None:
+    stream, _peer = trio.testing.memory_stream_pair()
+    ws = WebSocketConnection(stream, WSConnection(ConnectionType.CLIENT), host="h", path="/v1")
+    assert isinstance(ws._initial_request, Request) and ws._initial_request.extensions == []
+    assert isinstance(ws._open_handshake, trio.Event)
+    assert inspect.iscoroutinefunction(ws._reader_task)
 
 
 def test_a_handshake_request_holds_its_connection() -> None:

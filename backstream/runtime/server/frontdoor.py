@@ -31,6 +31,7 @@ from backstream.runtime.api import Runtime
 from backstream.runtime.server.ai_sdk import AiSdkConnection
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.connection import MAX_HELLO_BYTES, Connection
+from backstream.runtime.server.deflate import DeflateSettings
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
 from backstream.runtime.server.peer import seat_refusal
@@ -65,6 +66,8 @@ class FrontDoorConfig:
     """Exact Origin values browsers may connect from; empty allows any. No Origin header
     (a non-browser client) is always allowed, except to authenticate by ``auth_cookie``."""
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    deflate: DeflateSettings | None = attrs.field(factory=DeflateSettings)
+    """permessage-deflate for clients that offer it (browsers always do); None: never."""
     socket_send_buffer: int = 1024 * 1024
     """SO_SNDBUF of client sockets: with ``max_unsent_bytes`` below it, a close frame always fits."""
     handshake_timeout: float = 10.0
@@ -172,6 +175,7 @@ class FrontDoor:
                 connect_timeout=self.config.handshake_timeout,
                 disconnect_timeout=self.config.limits.close_timeout,
                 first_message_cap=self._first_message_cap,
+                deflate=self.config.deflate,
             )
             with self._listen_scope:
                 await server.run(task_status=task_status)  # type: ignore[arg-type]

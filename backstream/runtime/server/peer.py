@@ -12,6 +12,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.actors.seats import SeatsTakenError
 from backstream.protocol.errors import BackstreamError
+from backstream.runtime.server.websocket import ServerWebSocket
 
 __all__ = [
     "STORE_UNAVAILABLE",
@@ -66,12 +67,16 @@ class TokenBucket:
 async def keep_alive(
     ws: WebSocketConnection, interval: float, timeout: float, close_soon: Callable[[int, str], None]
 ) -> None:
-    """Ping every ``interval``; no pong within ``timeout`` closes the connection (1000).
+    """Ping every ``interval``; no pong within ``timeout`` closes the connection (1000). A
+    connection that sent nothing during an interval drops its compressor (permessage-deflate),
+    so an idle connection holds none.
 
     Returns when the connection closes. Cancellation: stops pinging."""
     with contextlib.suppress(ConnectionClosed):
         while True:
             await trio.sleep(interval)
+            if isinstance(ws, ServerWebSocket):
+                ws.release_idle_compressor()
             with trio.move_on_after(timeout) as waited:
                 await ws.ping()
             if waited.cancelled_caught:

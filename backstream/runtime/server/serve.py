@@ -109,6 +109,7 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
     """The front door's settings. Raises ``ValueError`` naming a setting out of range."""
     from backstream.protocol.ui_messages import MAX_COALESCE_MS
     from backstream.runtime.server.connection import ConnectionLimits
+    from backstream.runtime.server.deflate import DeflateSettings
 
     if not 0 <= settings.ai_sdk_coalesce_ms <= MAX_COALESCE_MS:
         raise ValueError(
@@ -119,8 +120,17 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         if getattr(settings, name) < 1:
             flag, env = name.replace("_", "-"), "BACKSTREAM_" + name.upper()
             raise ValueError(f"--{flag} ({env}): {getattr(settings, name)} must be at least 1")
+    try:
+        bits = settings.ws_deflate_window_bits
+        deflate = DeflateSettings(window_bits=bits) if settings.ws_deflate else None
+    except ValueError:
+        raise ValueError(
+            f"--ws-deflate-window-bits (BACKSTREAM_WS_DEFLATE_WINDOW_BITS): "
+            f"{settings.ws_deflate_window_bits} is not in [9, 15]"
+        ) from None
     return FrontDoorConfig(
         host=settings.host,
+        deflate=deflate,
         port=settings.port,
         allow_origins=tuple(settings.allow_origin),
         auth_cookie=settings.auth_cookie,

@@ -17,10 +17,15 @@ before the handshake is accepted the front door may cap the first message far be
 ``max_message_size`` (``cap_first_message``); the library's own size check then closes
 with 1009 while the frame is still arriving.
 
-All three reach into trio-websocket's private state (its send lock, close reason, stream,
+Compressing: a client that offers permessage-deflate gets it (``ServerWebSocket._accept``,
+as the library's own but with the extension; ``server.deflate`` bounds its memory), when the
+server is given ``DeflateSettings``. The direct send path compresses as the library's does
+(wsproto compresses in ``send``), and in the order frames reach the socket: the send lock is FIFO.
+
+All four reach into trio-websocket's private state (its send lock, close reason, stream,
 wsproto connection, send/abort methods, close-event and message-event handlers, message
-size limit, a handshake request's connection, and the server's connection handler, copied
-from 0.12), so pyproject.toml pins
+size limit, a handshake request's connection, the server's connection handler and its
+handshake acceptance, copied from 0.12), so pyproject.toml pins
 its minor version and ``tests/test_trio_websocket_internals.py`` fails when a release moves
 any of them.
 """
@@ -36,7 +41,10 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
+from wsproto.extensions import Extension
+
+from backstream.runtime.server.deflate import BoundedDeflate, DeflateSettings
 
 __all__ = ["FailingWebSocketServer", "ServerWebSocket", "UnsentFrame", "cap_first_message_of", "send_text"]
 
@@ -77,11 +85,42 @@ class ServerWebSocket(WebSocketConnection):
     """A server connection that writes frames straight to a plain TCP socket when it can,
     and answers a bad frame with a close frame."""
 
-    def __init__(self, stream: trio.abc.Stream, *args: object, **kwargs: object) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, *args: object, deflate: DeflateSettings | None = None, **kwargs: object
+    ) -> None:
         super().__init__(stream, *args, **kwargs)  # type: ignore[arg-type]
         # TLS streams take the library's path: their bytes are not the socket's.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._first_message_cap: int | None = None
+        self._deflate_settings = deflate
+        self.deflate: BoundedDeflate | None = None
+        """permessage-deflate, once the handshake accepted a client's offer of it."""
+
+    async def _accept(
+        self, request: Request, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        # As trio-websocket 0.12's own, offering permessage-deflate (wsproto answers an offer
+        # of it, and ignores it for a client that made none).
+        extensions: list[Extension] = []
+        if self._deflate_settings is not None:
+            extensions.append(BoundedDeflate(self._deflate_settings, self._inflate_limit))
+        self._subprotocol = subprotocol
+        self._path = request.target
+        await self._send(
+            AcceptConnection(subprotocol=subprotocol, extra_headers=extra_headers, extensions=extensions)
+        )
+        accepted = [e for e in extensions if isinstance(e, BoundedDeflate) and e.enabled()]
+        self.deflate = accepted[0] if accepted else None
+        self._open_handshake.set()
+
+    def _inflate_limit(self) -> int:
+        cap = self._first_message_cap
+        return self._max_message_size if cap is None else min(cap, self._max_message_size)
+
+    def release_idle_compressor(self) -> bool:
+        """Drop the permessage-deflate compressor if nothing was sent since the last call (a
+        keep-alive timer calls it): an idle connection holds none. True if dropped."""
+        return self.deflate is not None and self.deflate.release_if_idle()
 
     def cap_first_message(self, max_size: int | None) -> None:
         """Before the handshake is accepted: the first message may be at most ``max_size``
@@ -144,10 +183,12 @@ class FailingWebSocketServer(WebSocketServer):
         self,
         *args: Any,
         first_message_cap: Callable[[str], int | None] = lambda path: None,
+        deflate: DeflateSettings | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._first_message_cap = first_message_cap
+        self._deflate = deflate
 
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
         # As trio-websocket 0.12's own, with the connection class above.
@@ -158,6 +199,7 @@ class FailingWebSocketServer(WebSocketServer):
                 message_queue_size=self._message_queue_size,
                 max_message_size=self._max_message_size,
                 receive_buffer_size=self._receive_buffer_size,
+                deflate=self._deflate,
             )
             nursery.start_soon(connection._reader_task)
             with trio.move_on_after(self._connect_timeout) as connect_scope:
