@@ -105,6 +105,19 @@ def make_authenticator(settings: ServeSettings) -> tuple[Authenticator, str | No
     return StaticTokens({dev_token: "dev"}), dev_token
 
 
+def compression_window_bits(settings: ServeSettings) -> int:
+    """``--compression-window-bits``. Raises ``ValueError`` naming it when out of range."""
+    from backstream.runtime.server.deflate import MAX_WINDOW_BITS, MIN_WINDOW_BITS
+
+    bits: int = settings.compression_window_bits
+    if not MIN_WINDOW_BITS <= bits <= MAX_WINDOW_BITS:
+        raise ValueError(
+            f"--compression-window-bits (BACKSTREAM_COMPRESSION_WINDOW_BITS): {bits} is not in "
+            f"[{MIN_WINDOW_BITS}, {MAX_WINDOW_BITS}]"
+        )
+    return bits
+
+
 def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
     """The front door's settings. Raises ``ValueError`` naming a setting out of range."""
     from backstream.protocol.ui_messages import MAX_COALESCE_MS
@@ -120,14 +133,8 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         if getattr(settings, name) < 1:
             flag, env = name.replace("_", "-"), "BACKSTREAM_" + name.upper()
             raise ValueError(f"--{flag} ({env}): {getattr(settings, name)} must be at least 1")
-    try:
-        bits = settings.ws_deflate_window_bits
-        deflate = DeflateSettings(window_bits=bits) if settings.ws_deflate else None
-    except ValueError:
-        raise ValueError(
-            f"--ws-deflate-window-bits (BACKSTREAM_WS_DEFLATE_WINDOW_BITS): "
-            f"{settings.ws_deflate_window_bits} is not in [9, 15]"
-        ) from None
+    bits = compression_window_bits(settings)
+    deflate = DeflateSettings(window_bits=bits) if settings.ws_deflate else None
     return FrontDoorConfig(
         host=settings.host,
         deflate=deflate,
@@ -481,6 +488,7 @@ class _HttpListeners:
                     max_body_bytes=settings.max_message_bytes,
                     sse_keepalive=settings.sse_keepalive,
                     max_streams_per_user=settings.max_streams_per_user,
+                    gzip_window_bits=compression_window_bits(settings) if settings.http_gzip else None,
                 ),
                 allow_origins=tuple(settings.allow_origin),
                 static_routes=self._static_routes(),

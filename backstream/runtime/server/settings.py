@@ -187,11 +187,19 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
         "off: frames go uncompressed",
     ),
     Option(
-        "ws_deflate_window_bits",
+        "http_gzip",
+        on_off,
+        True,
+        "gzip for HTTP JSON replies and event streams when the client sends Accept-Encoding: gzip; "
+        "off: bodies go uncompressed",
+    ),
+    Option(
+        "compression_window_bits",
         int,
         10,
-        "permessage-deflate's window, 9 to 15 (a power of two): more compresses a little better "
-        "and holds more memory per connection (about 2**(bits+2) + 2**(bits+1) + 6 KiB)",
+        "the window of permessage-deflate and of gzip'd event streams, 9 to 15 (a power of two): "
+        "more compresses a little better and holds more memory per connection or stream (about "
+        "2**(bits+2) + 2**(bits+1) + 6 KiB)",
     ),
     Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
     Option(
