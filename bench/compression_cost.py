@@ -32,7 +32,44 @@ from backstream.runtime.server.deflate import BoundedDeflate, DeflateSettings  #
 from backstream.runtime.server.http_gzip import GzipStream  # noqa: E402
 from bench._common import print_table, write_json  # noqa: E402
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "model", "writes", "its", "answer", "one", "token", "at", "a", "time", "and", "every", "watcher", "of", "the", "job", "reads", "the", "same", "batches", "of", "words", "as", "they", "come", "in"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "while",
+    "a",
+    "model",
+    "writes",
+    "its",
+    "answer",
+    "one",
+    "token",
+    "at",
+    "a",
+    "time",
+    "and",
+    "every",
+    "watcher",
+    "of",
+    "the",
+    "job",
+    "reads",
+    "the",
+    "same",
+    "batches",
+    "of",
+    "words",
+    "as",
+    "they",
+    "come",
+    "in",
+]
 
 
 def server_connection(deflate: DeflateSettings | None) -> WSConnection:
