@@ -24,9 +24,15 @@ import trio.testing
 import trio_websocket
 from trio_websocket import WebSocketConnection, WebSocketServer
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import Request
+from wsproto.connection import ConnectionState
+from wsproto.events import AcceptConnection, Request, TextMessage
 
-from backstream.runtime.server.websocket import FailingWebSocketServer, ServerWebSocket, cap_first_message_of
+from backstream.runtime.server.websocket import (
+    FailingWebSocketServer,
+    LeanWSConnection,
+    ServerWebSocket,
+    cap_first_message_of,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +53,11 @@ METHOD_SOURCES = {
     # The client's connect_websocket_url (backstream/client/websocket.py): the library's, with
     # its opening request's extensions set before the reader task sends it.
     (trio_websocket._impl, "connect_websocket"): "81d287331b80f0f7",
+    # ServerWebSocket._handle_pong_event tells the heartbeat, then calls the library's.
+    (WebSocketConnection, "_handle_pong_event"): "5e2ece13cfd1e9ba",
+    # LeanWSConnection: wsproto asks its handshake only for events once the connection exists.
+    (WSConnection, "events"): "d9e36e535855009e",
+    (WSConnection, "send"): "f60c7919e13a958e",
 }
 
 
@@ -122,6 +133,20 @@ def test_a_client_connection_holds_its_opening_request_until_the_reader_sends_it
     assert isinstance(ws._initial_request, Request) and ws._initial_request.extensions == []
     assert isinstance(ws._open_handshake, trio.Event)
     assert inspect.iscoroutinefunction(ws._reader_task)
+
+
+def test_a_lean_connection_lets_go_of_its_handshake_once_accepted_and_still_speaks() -> None:
+    server, client = LeanWSConnection(ConnectionType.SERVER), WSConnection(ConnectionType.CLIENT)
+    server.receive_data(client.send(Request(host="h", target="/v1")))
+    assert [type(e) for e in server.events()] == [Request]
+    assert server.handshake._events is not None  # the attribute LeanWSConnection checks
+    client.receive_data(server.send(AcceptConnection()))
+    assert server.handshake is None and server.state is ConnectionState.OPEN
+    assert [type(e) for e in client.events()] == [AcceptConnection]
+    server.receive_data(client.send(TextMessage(data="hi")))
+    assert [(type(e), e.data) for e in server.events()] == [(TextMessage, "hi")]
+    client.receive_data(server.send(TextMessage(data="yes")))
+    assert [e.data for e in client.events()] == ["yes"]
 
 
 def test_a_handshake_request_holds_its_connection() -> None:

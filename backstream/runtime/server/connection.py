@@ -81,7 +81,7 @@ from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.paging import job_info_page
 from backstream.runtime.server.peer import Close as _Close
-from backstream.runtime.server.peer import close_at, keep_alive, seat_refusal
+from backstream.runtime.server.peer import close_at, seat_refusal
 from backstream.runtime.server.replay import open_replay
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats, Session
 
@@ -173,7 +173,6 @@ class Connection:
         assert self.identity is not None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._keepalive)
             nursery.start_soon(self._push_notifications)
             if self.identity.expires_at is not None:
                 nursery.start_soon(self._expire, self.identity.expires_at)
@@ -243,9 +242,6 @@ class Connection:
             identity.user,
             "known" if self._session.gate.watches_a_socket else "unknown",
         )
-
-    async def _keepalive(self) -> None:
-        await keep_alive(self._ws, self._limits.ping_interval, self._limits.idle_timeout, self.close_soon)
 
     async def _push_notifications(self) -> None:
         with self._runtime.subscribe_notifications(self.user) as pushes:

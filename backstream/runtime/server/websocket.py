@@ -34,14 +34,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    Request,
+    TextMessage,
+)
 from wsproto.extensions import Extension
 
 from backstream.runtime.server.deflate import BoundedDeflate, DeflateSettings
@@ -95,6 +104,8 @@ class ServerWebSocket(WebSocketConnection):
         self._deflate_settings = deflate
         self.deflate: BoundedDeflate | None = None
         """permessage-deflate, once the handshake accepted a client's offer of it."""
+        self.on_pong: Callable[[], None] | None = None
+        """Called for every pong (the front door's ``Heartbeat``)."""
 
     async def _accept(
         self, request: Request, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
@@ -167,11 +178,41 @@ class ServerWebSocket(WebSocketConnection):
             return None
         return UnsentFrame(self, memoryview(data)[sent:], locked=True)
 
+    async def send_ping(self) -> None:
+        """Send a ping; its pong calls ``on_pong``. Raises ``ConnectionClosed``.
+
+        Cancellation: the frame may be cut; the connection must then be closed."""
+        await self._send(Ping(payload=os.urandom(4)))
+
+    async def _handle_pong_event(self, event: Pong) -> None:
+        if self.on_pong is not None:
+            self.on_pong()
+        await super()._handle_pong_event(event)
+
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state == ConnectionState.OPEN:  # not a close frame: wsproto failed a frame
             with contextlib.suppress(ConnectionClosed):
                 await self._send(CloseConnection(code=event.code, reason=event.reason))
         await super()._handle_close_connection_event(event)
+
+
+class LeanWSConnection(WSConnection):
+    """A server-side wsproto connection that lets go of its handshake once it accepted it:
+    h11's parser and the request with its headers, about 3 KB a connection. After the accept,
+    wsproto asks its handshake only for events, and it has none (the request was read before)."""
+
+    def send(self, event: Event) -> bytes:
+        data = super().send(event)
+        if isinstance(event, AcceptConnection) and not self.handshake._events:
+            self.handshake = None  # type: ignore[assignment]
+        return data
+
+    def events(self) -> Generator[Event, None, None]:
+        if self.handshake is None:
+            assert self.connection is not None
+            yield from self.connection.events()
+        else:
+            yield from super().events()
 
 
 class FailingWebSocketServer(WebSocketServer):
@@ -195,7 +236,7 @@ class FailingWebSocketServer(WebSocketServer):
         async with trio.open_nursery() as nursery:
             connection = ServerWebSocket(
                 stream,
-                WSConnection(ConnectionType.SERVER),
+                LeanWSConnection(ConnectionType.SERVER),
                 message_queue_size=self._message_queue_size,
                 max_message_size=self._max_message_size,
                 receive_buffer_size=self._receive_buffer_size,
@@ -210,8 +251,10 @@ class FailingWebSocketServer(WebSocketServer):
                 return
             # Frames are read only once the handshake is accepted: the cap is in time.
             connection.cap_first_message(self._first_message_cap(request.path))
+            handling = self._handler(request)
+            del request  # the handler may let go of it once accepted (its headers are ~1 KB)
             try:
-                await self._handler(request)
+                await handling
             finally:
                 with trio.move_on_after(self._disconnect_timeout):
                     await connection.aclose()  # shuts the reader task down even if cancelled

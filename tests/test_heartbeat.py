@@ -1,0 +1,72 @@
+"""The front door's one keep-alive task (``Heartbeat``): every connection is pinged each
+interval after its last pong, one that answers stays open, one that stops answering is
+closed after the idle timeout, and the heap holds at most ``timeout / interval + 1`` entries
+per connection."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
+
+from backstream.runtime.server.connection import ConnectionLimits
+from tests.ws_helpers import served
+
+HELLO = json.dumps({"type": "hello", "id": "h", "protocol": 1, "token": "tok-alice"})
+
+
+class PingCounter:
+    """A bare wsproto client that says hello, counts pings and answers them while ``answering``."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.pings: list[float] = []
+        self.answering = True
+        self.closed: CloseConnection | None = None
+
+    async def run(self, port: int) -> None:
+        await self.stream.send_all(self.ws.send(Request(host="127.0.0.1", target="/v1")))
+        while self.closed is None:
+            self.ws.receive_data(await self.stream.receive_some(65536) or None)
+            for event in self.ws.events():
+                if isinstance(event, AcceptConnection):
+                    await self.stream.send_all(self.ws.send(TextMessage(data=HELLO)))
+                elif isinstance(event, Ping):
+                    self.pings.append(trio.current_time())
+                    if self.answering:
+                        await self.stream.send_all(self.ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    self.closed = event
+
+
+async def test_connections_that_answer_stay_open_and_one_that_stops_is_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limits = ConnectionLimits(ping_interval=5, idle_timeout=10, max_connections_per_user=100)
+    async with served(limits=limits) as srv, trio.open_nursery() as nursery:
+        clients = [PingCounter(await trio.open_tcp_stream("127.0.0.1", srv.door.port)) for _ in range(50)]
+        t0 = trio.current_time()
+        for client in clients:
+            nursery.start_soon(client.run, srv.door.port)
+        await trio.sleep(52)
+        # A ping 5 s after each pong: ten in 52 s, every connection still open.
+        assert [(len(c.pings), c.closed) for c in clients] == [(10, None)] * 50
+        assert all(c.closed is None for c in clients)
+        assert len(srv.door.connections) == 50
+        assert len(srv.door._heartbeat) <= (10 / 5 + 1) * 50  # stale deadlines wait their turn
+        quiet = clients[0]
+        quiet.answering = False
+        last_ping = quiet.pings[-1]
+        await trio.sleep(20)
+        assert quiet.closed is not None and quiet.closed.code == 1000
+        assert "pong" in (quiet.closed.reason or "")
+        # Its next ping came 5 s after its last pong; the close 10 s after that ping.
+        assert quiet.pings[-1] - last_ping == 5
+        assert all(c.closed is None for c in clients[1:])
+        assert len(srv.door.connections) == 49
+        assert t0 < last_ping
+        nursery.cancel_scope.cancel()
