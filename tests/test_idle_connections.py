@@ -1,7 +1,8 @@
-"""The front door's one keep-alive task (``Heartbeat``): every connection is pinged each
-interval after its last pong, one that answers stays open, one that stops answering is
-closed after the idle timeout, and the heap holds at most ``timeout / interval + 1`` entries
-per connection."""
+"""What an idle connection holds no task for. Keep-alive: the front door's one ``Heartbeat``
+pings every connection each interval after its last pong; one that answers stays open, one
+that stops answering is closed after the idle timeout, and the heap holds at most
+``timeout / interval + 1`` entries per connection. Notifications: they wait in a bounded
+list, and a task pushes them only while some wait."""
 
 from __future__ import annotations
 
@@ -70,3 +71,45 @@ async def test_connections_that_answer_stay_open_and_one_that_stops_is_closed(
         assert len(srv.door.connections) == 49
         assert t0 < last_ping
         nursery.cancel_scope.cancel()
+
+
+async def test_notifications_wait_in_a_bounded_list_and_one_task_pushes_them_in_order() -> None:
+    from backstream.actors.notifier import SUBSCRIBER_BUFFER
+    from backstream.protocol.records import NotificationRecord
+    from backstream.runtime.server.connection import _NotificationPusher
+
+    pushed: list[str] = []
+    release = trio.Event()
+    running = 0
+
+    async def push(record: NotificationRecord) -> bool:
+        nonlocal running
+        running += 1
+        assert running == 1  # one pushing task at a time
+        await release.wait()
+        pushed.append(record.notification_id)
+        running -= 1
+        return True
+
+    def record(i: int) -> NotificationRecord:
+        return NotificationRecord(
+            notification_id=f"n{i}", user="alice", type="ai.message.received", job_id="j", thread_id="t",
+            title="done", body="", created_at=0.0,
+        )  # fmt: skip
+
+    async with trio.open_nursery() as nursery:
+        pusher = _NotificationPusher(nursery, push)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(SUBSCRIBER_BUFFER + 1):  # one being pushed, the buffer full behind it
+            pusher.send_nowait(record(i))
+            await trio.testing.wait_all_tasks_blocked()
+        try:
+            pusher.send_nowait(record(999))
+        except trio.WouldBlock:
+            dropped = True
+        else:
+            dropped = False
+        assert dropped
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+    assert pushed == [f"n{i}" for i in range(SUBSCRIBER_BUFFER + 1)]
