@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -67,3 +69,35 @@ def child_pids(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
+
+
+class ServeProcess:
+    """A ``backstream serve`` process on a port of its own, which it keeps across restarts
+    (clients reconnect to the same address). ``args`` follow ``serve``; ``env`` is added
+    to the environment."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}/v1"
+        self._args = args
+        self._env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "backstream", "serve", "--port", str(self.port), *self._args]
+        self.proc = subprocess.Popen(command, env={**os.environ, **self._env})
+        wait_for_port(self.port, timeout=60)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def exited(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None
+
+    def kill(self) -> None:
+        """SIGKILL if it runs; then reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()

@@ -302,3 +302,21 @@ async def test_coalesced_frames_assemble_the_answer(tmp_path: Path) -> None:
         assert reported["textDeltaFrames"] <= 40
         assert reported["chunkFrames"] < info.job.seq // 4
         assert reported["replayChunkFrames"] <= reported["chunkFrames"]
+
+
+async def test_a_workflow_sends_its_steps_as_data_parts(tmp_path: Path) -> None:
+    """The built-in demo workflow through useChat's Chat: a data part per step, updated in
+    place; its approval as a tool part, decided as a tool's; the text as the job's content."""
+    async with ai_sdk_server() as server:
+        reported = await run_node("workflow.test.mjs", server, tmp_path)
+        info = await ended(server.runtime, (await only_job(server.runtime, reported["chatId"])).job_id)
+    assert info.job.status == "completed" and info.job.model == "workflow/demo"
+    assert reported["text"] == info.content
+    assert [s["name"] for s in reported["steps"]] == [
+        "model:backstream/echo",
+        "tool:calculate",
+        "tool:clock_now",
+        "approve",
+        "model:backstream/echo",
+    ]
+    assert info.step is not None and info.step.step == 5 and info.step.status == "finished"

@@ -56,14 +56,18 @@ async def test_a_resume_after_a_recovery_is_fenced_by_the_epoch(tmp_path: Path) 
             text = "".join(chunk["delta"] for _, chunk in replayed if chunk["type"] == "text-delta")
             assert text == "one two "  # the whole current log, once
             assert replayed[-1][1] == {"type": "finish", "finishReason": "interrupted"}
-            cursor = 3  # a chunk counted at epoch 1, or counted without saying where
+            cursor = 3  # a chunk made of entries the recovery kept
+            lost = len(replayed) - 1  # one made of the new epoch's end: at epoch 1, not the same
             for request_id, frame in (
-                ("stale", fenced_resume("stale", "t1", cursor, 1)),
-                ("bare", resume_frame("bare", "t1", cursor)),
+                ("stale", fenced_resume("stale", "t1", lost, 1)),
+                ("bare", resume_frame("bare", "t1", cursor)),  # counted without saying where
             ):
                 await ws.send_message(frame)
                 [error] = await response(ws, request_id)
                 assert error["type"] == "error" and "epoch 2" in error["errorText"], error
+            await ws.send_message(fenced_resume("kept", "t1", cursor, 1))
+            kept = await response(ws, "kept")
+            assert kept[0]["epoch"] == 2 and chunks_of(kept) == replayed[cursor + 1 :]
             await ws.send_message(fenced_resume("current", "t1", cursor, 2))
             current = await response(ws, "current")
             assert current[0]["epoch"] == 2 and chunks_of(current) == replayed[cursor + 1 :]

@@ -35,6 +35,7 @@ GUIDES = (
     "performance.md",
     "testing.md",
     "webhooks.md",
+    "workflows.md",
 )
 # Written beside these guides; a link to it counts as reaching a file while it is on its way.
 ARCHITECTURE = DOCS / "architecture.md"

@@ -17,6 +17,7 @@ from backstream.protocol.events import (
     ReasoningEvent,
     RewindEvent,
     StatusEvent,
+    StepEvent,
     TextEvent,
     ToolCallDeltaEvent,
     ToolCallEvent,
@@ -84,6 +85,8 @@ KINDS = {
     "approval",
     "tool_result",
     "rewind",
+    "step:started",
+    "step:finished",
 }
 
 
@@ -140,7 +143,7 @@ DONE = StatusEvent(0, "completed")
         ([RUN], RESULT, "'tool_result' entry may not follow"),
         ([RUN], WAIT, "'status:awaiting_approval' entry may not follow a log in state 'next_turn'"),
         ([RUN, TEXT], RUN, "'status:running' entry may not follow a log in state 'model_turn'"),
-        ([RUN, CALL], DONE, "'status:completed' entry may not follow a log in state 'calls_announced'"),
+        ([RUN, CALL, ASK], DONE, "'status:completed' entry may not follow a log in state 'approval_requested'"),
         ([RUN], RewindEvent(0, 1, 0), "'rewind' entry may not follow a log in state 'next_turn'"),
         ([RUN, CALL], RewindEvent(0, 1, 0), "'rewind' entry may not follow a log in state 'calls_announced'"),
         ([RUN, CALL], ApprovalRequiredEvent(0, "c9", "x", "{}"), "the turn announced no call 'c9'"),
@@ -181,6 +184,24 @@ def test_a_turn_after_its_calls_are_answered() -> None:
     assert order.advance(ToolCallDeltaEvent(0, "c3", "calculate", "{")) is LogState.MODEL_TURN
     assert order.advance(TEXT) is LogState.MODEL_TURN
     assert order.advance(DONE) is LogState.ENDED
+
+
+def test_a_workflow_log_holds_steps_text_between_them_and_approvals_inside_one() -> None:
+    order = LogOrder()
+    started = StepEvent(0, 1, "approve", "started")
+    ask = ApprovalRequiredEvent(0, "step_1", "approve", "{}")
+    steps: list[LogEvent] = [RUN, TEXT, started, ask, WAIT, ApprovalEvent(0, "step_1", True), RUN]
+    assert [order.advance(e) for e in steps][-1] is LogState.IN_STEP
+    with pytest.raises(IllegalOrder, match="'text' entry may not follow a log in state 'in_step'"):
+        order.advance(TEXT)
+    assert order.advance(StepEvent(0, 1, "approve", "finished")) is LogState.NEXT_TURN
+    assert order.advance(TEXT) is LogState.MODEL_TURN
+    assert order.advance(StepEvent(0, 2, "sleep", "started")) is LogState.IN_STEP
+    with pytest.raises(IllegalOrder, match="the turn announced no call 'step_1'"):
+        order.advance(ask)  # a step asks only about itself
+    with pytest.raises(IllegalOrder, match="'status:completed' entry may not follow"):
+        order.advance(DONE)  # a step under way is finished first
+    assert order.advance(StatusEvent(0, "failed")) is LogState.ENDED
 
 
 def test_a_log_refuses_an_entry_out_of_order_in_one_place() -> None:

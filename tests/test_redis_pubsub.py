@@ -5,7 +5,7 @@ On one Redis and on a cluster (sharded pub/sub)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import trio
 
 from backstream import Batch, Config, Runtime, open_runtime
 from backstream.actors.remote_tail import TAIL_WINDOW
+from backstream.protocol.events import LogEvent
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.redis_subscriber import RedisSubscriberStatistics
 from tests.conftest import REDIS_HOST, delete_prefix, redis_url, require_redis
@@ -195,6 +196,12 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
     prefix = f"bstest:{uuid.uuid4().hex[:12]}"
     writer, follower = RedisStore(redis_url(), prefix=prefix), RedisStore(redis_url(), prefix=prefix)
     got: list[list[int]] = []
+    epochs: set[int] = set()
+
+    def follow(entries: Sequence[LogEvent], epoch: int) -> None:
+        got.append([e.seq for e in entries])
+        epochs.add(epoch)
+
     for store in (writer, follower):  # opened outside the nursery, as the runtime does
         await store.open()
     try:
@@ -202,7 +209,7 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
             for store in (writer, follower):
                 await nursery.start(store.run)
             await writer.create_job(record())
-            with follower.follow_job("j_1", lambda entries: got.append([e.seq for e in entries])):
+            with follower.follow_job("j_1", follow):
                 with trio.fail_after(5):
                     while follower.statistics().subscriber.channels_subscribed != 1:
                         await trio.sleep(0.01)
@@ -214,7 +221,8 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
                     while follower.subscriber.announced("j_1") != 4:
                         await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-        assert got == [[1, 2], [4]]  # the large one came without its entries
+        assert got == [[1, 2], [], [4]]  # the large one came without its entries
+        assert epochs == {1}  # each announcement names its writer's epoch
     finally:
         for store in (follower, writer):  # the reverse of their opening (each holds a scope)
             await store.aclose()

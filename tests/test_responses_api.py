@@ -148,6 +148,17 @@ async def test_foreground_and_background_create_and_sdk_stream_helper(upstream: 
         assert await in_thread(helper) == "Helper"  # the SDK's own accumulator accepts the events
 
 
+async def test_a_workflow_named_as_the_model(upstream: FakeUpstream) -> None:
+    """``workflow/<name>`` as the model: the workflow gets the user's message as its input's
+    ``ask`` and its content is the response's text; an unknown workflow is a 400."""
+    async with served(upstream, workflows=("tests.workflow_samples:WORKFLOWS",)) as server:
+        client = server.client()
+        response = await in_thread(lambda: client.responses.create(model="workflow/shout", input="hello there"))
+        assert response.status == "completed" and response.output_text == "You said: HELLO THERE"
+        with pytest.raises(openai.BadRequestError, match="unknown workflow 'nope'"):
+            await in_thread(lambda: client.responses.create(model="workflow/nope", input="x"))
+
+
 async def test_cancel_a_running_response(upstream: FakeUpstream) -> None:
     upstream.script(stall_after(["partial "]))
     async with served(upstream) as server:
@@ -325,7 +336,7 @@ async def test_bad_input_is_a_400_in_openai_error_shape(upstream: FakeUpstream) 
                 ({"model": "m", "input": 5}, "input"),
                 ({"input": "x"}, "model"),
                 ({"model": "m", "input": "x", "background": "yes"}, "background"),
-                ({"model": "m", "input": "x", "previous_response_id": "r"}, "previous_response_id"),
+                ({"model": "m", "input": "x", "conversation": "c"}, "conversation"),
                 (
                     {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image"}]}]},
                     "input[0].content",

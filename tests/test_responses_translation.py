@@ -14,6 +14,7 @@ from backstream.protocol.events import (
     ErrorInfo,
     LogEvent,
     ReasoningEvent,
+    RewindEvent,
     StatusEvent,
     TextEvent,
     ToolCallEvent,
@@ -77,6 +78,56 @@ def test_events_validate_as_the_sdk_types() -> None:
     kinds = [e["type"] for e in evs]
     assert kinds.count("response.output_text.delta") == 3  # one per text entry
     assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == 4
+
+
+def test_a_rewind_closes_what_it_withdrew_and_the_response_leaves_it_out() -> None:
+    """A turn run again after a crash (``restart``): the deltas sent stay sent, but the item
+    they went into ends at once with what stands of it, and the final response holds only
+    the text that stands, as ``job.get`` does."""
+    adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseStreamEvent)
+    entries: list[LogEvent] = [
+        StatusEvent(1, "running"),
+        TextEvent(2, "Kept. "),
+        ToolCallEvent(3, "c1", "calculate", '{"expression":"1+1"}'),
+        ToolResultEvent(4, "c1", "calculate", "2", False),
+        TextEvent(5, "Withdr"),
+        TextEvent(6, "awn"),
+        RewindEvent(7, to_seq=4, content_length=6),
+        TextEvent(8, "The answer is 2."),
+        StatusEvent(9, "completed", finish_reason="stop"),
+    ]
+    evs = translate(entries)
+    for event in evs:
+        adapter.validate_python(event)
+    closed = [e for e in evs if e["type"] == "response.output_item.done" and e["item"]["type"] == "message"]
+    assert [(e["output_index"], e["item"]["status"]) for e in closed] == [
+        (0, "completed"),
+        (3, "incomplete"),
+        (4, "completed"),
+    ]
+    assert closed[1]["item"]["content"][0]["text"] == ""  # nothing of it stands
+    final = Response.model_validate(evs[-1]["response"])
+    assert final.output_text == "Kept. The answer is 2."
+    assert [item.type for item in final.output] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+
+
+def test_a_rewind_into_an_open_item_keeps_its_pieces_up_to_the_cut() -> None:
+    entries: list[LogEvent] = [
+        TextEvent(1, "one "),
+        TextEvent(2, "two "),
+        RewindEvent(3, to_seq=1, content_length=4),
+        TextEvent(4, "three"),
+        StatusEvent(5, "completed", finish_reason="stop"),
+    ]
+    evs = translate(entries)
+    done = [e for e in evs if e["type"] == "response.output_text.done"]
+    assert [e["text"] for e in done] == ["one ", "three"]
+    assert Response.model_validate(evs[-1]["response"]).output_text == "one three"
 
 
 def test_item_ids_and_numbers_are_a_function_of_the_log() -> None:

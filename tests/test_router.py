@@ -57,7 +57,12 @@ def test_without_an_upstream_only_embedded_and_built_in_models_resolve() -> None
         router.resolve(ask("backstream/nope"))
     with pytest.raises(backstream.BadRequestError, match="tokens_per_s"):
         router.resolve(ask("backstream/lorem", tokens_per_s=-1))
-    assert router.allowed_models() == ["backstream/echo", "backstream/lorem", "backstream/tools-demo"]
+    assert router.allowed_models() == [
+        "backstream/echo",
+        "backstream/lorem",
+        "backstream/tools-demo",
+        "workflow/demo",
+    ]
 
 
 async def test_an_upstream_serves_every_other_name_unless_patterns_narrow_it(
@@ -75,4 +80,10 @@ async def test_an_upstream_serves_every_other_name_unless_patterns_narrow_it(
     with pytest.raises(backstream.BadRequestError, match="not allowed on this server") as caught:
         narrow.resolve(ask("anthropic/claude"))
     assert "openai/gpt-4o*" in str(caught.value)
-    assert narrow.allowed_models() == ["backstream/lorem", "backstream/tools-demo", "mine", "openai/gpt-4o*"]
+    assert narrow.allowed_models() == [
+        "backstream/lorem",
+        "backstream/tools-demo",
+        "mine",
+        "workflow/demo",
+        "openai/gpt-4o*",
+    ]

@@ -113,7 +113,12 @@ async def test_only_allowed_models_may_be_named(upstream: FakeUpstream) -> None:
     )
     async with served(config) as srv, raw_client(srv.url) as c:
         welcome = await c.hello()
-        assert welcome["models"] == ["backstream/lorem", "backstream/tools-demo", "openai/gpt-4o*"]
+        assert welcome["models"] == [
+            "backstream/lorem",
+            "backstream/tools-demo",
+            "workflow/demo",
+            "openai/gpt-4o*",
+        ]
         messages = [{"role": "user", "content": "hi"}]
         refused = await c.request(
             "job.start", thread_id="t", message_id="m1", model="anthropic/claude", messages=messages

@@ -161,6 +161,24 @@ async def test_delete_expired_frees_everything(store: Store) -> None:
     assert created and fresh.job_id == "j_3"
 
 
+async def test_delete_job_removes_a_finished_job_now_and_frees_its_bytes(store: Store) -> None:
+    await store.create_job(record(), roomy())
+    await store.create_job(record(job_id="j_2", message_id="m2", thread_id="t2"), roomy())
+    assert await store.delete_job("j_2") is False  # running: not deleted
+    end = [*texts(1, "x"), StatusEvent(seq=2, status="completed")]
+    await store.commit("j_1", end, progress(2, "completed", finished_at=NOW, expires_at=NOW + 600))
+    assert await store.stored_bytes("alice") > request_bytes(record().request)
+    assert await store.delete_job("j_1") is True
+    assert await store.get_job("j_1") is None and await store.read("j_1", 0, 10) == []
+    assert [r.job_id for r in await store.list_jobs("alice")] == ["j_2"]
+    assert await store.list_jobs("alice", thread_id="t1") == []
+    assert await store.stored_bytes("alice") == request_bytes(record().request)  # j_2's alone
+    assert await store.delete_job("j_1") is False and await store.delete_job("j_nope") is False
+    assert await store.delete_expired(NOW + 601) == []  # nothing left for the sweep
+    fresh, created = await store.create_job(record(job_id="j_3"), roomy())  # the message id is free again
+    assert created and fresh.job_id == "j_3"
+
+
 async def test_abort_signal(store: Store) -> None:
     await store.create_job(record())
     got = trio.Event()

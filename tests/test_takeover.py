@@ -4,6 +4,8 @@ continued there, with the same job id: it ends with the same answer as an undist
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -92,7 +94,17 @@ async def plant_orphan(store: Store, request: JobRequest, entries: list[LogEvent
         await store.create_job(record, capacity)
         length = sum(len(e.text) for e in entries if isinstance(e, TextEvent))
         await store.commit(record.job_id, entries, JobProgress("running", len(entries), length, now - 1))
+    as_if_killed(store, "i_dead")
     return record
+
+
+def as_if_killed(store: Store, owner: str) -> None:
+    """A SQLite store closed cleanly marks its live jobs handed off (no owner); the dead
+    instance these tests play was killed, so its jobs keep its name."""
+    if isinstance(store, SqliteStore):
+        with contextlib.closing(sqlite3.connect(store.path)) as conn:
+            conn.execute("UPDATE jobs SET owner = ? WHERE owner IS NULL", (owner,))
+            conn.commit()
 
 
 @asynccontextmanager
@@ -191,7 +203,9 @@ async def bump_epoch(store: Store, epoch: int) -> None:
         taken: list[Handover] = []
         while not taken or taken[0].record.epoch < epoch:
             now = time.time()
-            taken = await store.take_orphans(f"i_{uuid.uuid4().hex[:6]}", now + 100, now - 1)
+            owner = f"i_{uuid.uuid4().hex[:6]}"
+            taken = await store.take_orphans(owner, now + 100, now - 1)
+    as_if_killed(store, owner)
 
 
 # -- tool calls ---------------------------------------------------------------------------------
@@ -313,3 +327,49 @@ async def test_a_stopping_instance_hands_its_jobs_to_a_live_one_at_once() -> Non
     assert info.job.status == "completed" and info.content == text == answer and info.job.epoch == 2
     assert [f for f, _ in seqs] == [1] + [t + 1 for _, t in seqs[:-1]]
     assert stats.keeper.continued_total == 1
+
+
+async def test_a_stop_hands_off_at_once_when_another_instance_is_alive_else_drains() -> None:
+    """With another instance alive, a stopping runtime leaves its continuable jobs to it at
+    once, whatever ``drain_timeout`` says; alone, it drains them as before (they finish).
+    A hand-off is no crash: it does not count toward ``max_continuations`` (0 here)."""
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    params = {"max_tokens": 40, "tokens_per_s": 40}  # about a second
+    config = Config(drain_timeout=30, lease_ttl=60.0, lease_renew_interval=0.2, max_continuations=0)
+
+    def store() -> RedisStore:
+        return RedisStore(redis_url(), prefix=prefix)
+
+    async def start(rt: Any, message_id: str) -> str:
+        started = await rt.start_job(
+            user="alice", thread_id="t", message_id=message_id, model="backstream/lorem",
+            messages=({"role": "user", "content": "go"},), params=params,
+        )  # fmt: skip
+        await trio.sleep(0.3)  # some words written
+        return str(started.job.job_id)
+
+    try:
+        async with open_runtime(config, store=store()) as b:
+            async with open_runtime(config, store=store()) as a:
+                assert await a.store.others_alive(a.instance_id, time.time())
+                handed = await start(a, "m1")
+                stopping_at = trio.current_time()
+            took = trio.current_time() - stopping_at
+            with trio.fail_after(10):
+                await (await b._lookup(handed, "alice")).wait_until_ended()
+            info = await b.get_job(handed, user="alice")
+            record, _ = await b.job_log(handed, user="alice")
+            assert record.handoffs == 1 and record.epoch_ends[0] > 1
+            assert await b.store.others_alive(b.instance_id, time.time()) is False  # a withdrew
+            drained = await start(b, "m2")
+            stopping_at = trio.current_time()
+        alone_took = trio.current_time() - stopping_at
+        async with open_runtime(config, store=store()) as c:
+            alone = await c.get_job(drained, user="alice")
+    finally:
+        await delete_prefix(prefix)
+    assert took < 10  # not the 30 s drain
+    assert info.job.status == "completed" and info.job.epoch == 2
+    assert alone.job.status == "completed" and alone.job.epoch == 1  # finished while draining
+    assert alone_took < 10  # the drain ended when the job did

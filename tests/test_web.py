@@ -104,6 +104,7 @@ async def test_http_port_serves_the_client_and_with_web_the_page_and_config(
         {"id": "backstream/echo", "builtin": True},
         {"id": "backstream/lorem", "builtin": True},
         {"id": "backstream/tools-demo", "builtin": True},
+        {"id": "workflow/demo", "builtin": True},
         {"id": "upstream/alpha", "builtin": False},
         {"id": "upstream/beta", "builtin": False},
     ]
@@ -133,6 +134,7 @@ async def test_config_offers_only_the_models_allowed(upstream: FakeUpstream, nur
     assert [m["id"] for m in config["models"]] == [
         "backstream/lorem",
         "backstream/tools-demo",
+        "workflow/demo",
         "upstream/alpha",
     ]
 
@@ -143,6 +145,7 @@ async def test_config_says_when_the_upstream_cannot_list_its_models(nursery: tri
         "backstream/echo",
         "backstream/lorem",
         "backstream/tools-demo",
+        "workflow/demo",
     ]
     assert config["upstream"]["configured"] is True and "could not be read" in config["upstream"]["error"]
 

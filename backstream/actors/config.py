@@ -151,7 +151,8 @@ class Config:
     prefill (the turn goes on from its text), restart (the turn runs again) or interrupt
     (the job ends interrupted); the first match wins; built-in models prefill, others interrupt."""
     max_continuations: int = attrs.field(default=3, validator=_non_negative)
-    """Times one job may be taken over and continued; past it the job ends interrupted."""
+    """Times one job may be taken over and continued after a crash (a hand-off by an instance
+    that stopped cleanly does not count); past it the job ends interrupted."""
 
     # Server-side tools.
     max_turns: int = attrs.field(default=8, validator=_positive)
@@ -163,6 +164,22 @@ class Config:
     returns, and a call that finds none free before its timeout is an error outcome."""
     approval_timeout: float = attrs.field(default=600.0, validator=_positive)
     """A tool call waiting this long for a person's decision counts as declined."""
+
+    # Conversations continued on the server (previous_response_id, previous_job_id).
+    max_chain_depth: int = attrs.field(default=100, validator=_positive)
+    """Jobs one conversation may chain (each continuing the one before); past it: a 400."""
+    max_chain_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
+    """Bytes (compact JSON) the messages of a continued conversation may hold; past it: a 400."""
+
+    # Workflows.
+    max_workflow_steps: int = attrs.field(default=10_000, validator=_positive)
+    """Steps one workflow job may take; one more ends it ``failed``/``workflow_limit``."""
+    max_workflow_recorded_bytes: int = attrs.field(default=8_000_000, validator=_positive)
+    """Bytes of step data (arguments, results, summaries) one workflow job may record in its
+    log; a step past it ends the job ``failed``/``workflow_limit``."""
+    workflow_step_timeout: float = attrs.field(default=300.0, validator=_positive)
+    """Seconds one workflow step (a model turn, a tool, a ``ctx.step``) may run; past it the
+    step fails with ``StepTimeout`` (a wait for a person or a sleep has its own time)."""
 
     # Notifications.
     max_notifications_per_user: int = attrs.field(default=500, validator=_positive)

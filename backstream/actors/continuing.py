@@ -14,6 +14,7 @@ What is withdrawn still counts toward ``max_output_chars``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from backstream.actors.joblog import JobLog
@@ -22,8 +23,9 @@ from backstream.protocol.continuation import Continuation, JoinedText, PrefixJoi
 from backstream.protocol.conversation import Conversation
 from backstream.protocol.events import ToolCallDeltaEvent
 from backstream.protocol.lifecycle import LogState
+from backstream.protocol.records import JobRecord
 
-__all__ = ["TurnContinuation", "calls_may_have_run"]
+__all__ = ["TurnContinuation", "add_usage", "calls_may_have_run", "check_continuable"]
 
 
 class TurnContinuation:
@@ -100,3 +102,24 @@ def calls_may_have_run(so_far: Conversation, enabled: dict[str, ToolSpec | None]
         for call in so_far.calls
         if (spec := enabled.get(call.name)) is not None and spec.requires_approval
     )
+
+
+def check_continuable(record: JobRecord, log: JobLog, continuation: Continuation) -> None:
+    """Raise ``ValueError`` unless an actor can continue ``record``'s job from ``log``."""
+    if log.job_id != record.job_id:
+        raise ValueError(f"the log is job {log.job_id}'s, not {record.job_id}'s")
+    if log.terminal is not None:
+        raise ValueError(f"job {record.job_id}: the log has ended ({log.terminal.status})")
+    if log.state is LogState.MODEL_TURN and continuation is Continuation.INTERRUPT:
+        raise ValueError(f"job {record.job_id}: the log stops in the middle of a model turn")
+
+
+def add_usage(total: dict[str, int] | None, more: dict[str, object] | None) -> dict[str, int] | None:
+    """Sum token counts over the turns of a job (a continued job's start from its record's)."""
+    if more is None:
+        return total
+    out = dict(total or {})
+    for key, value in more.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = out.get(key, 0) + int(value)
+    return out

@@ -23,15 +23,15 @@ import trio
 
 from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
-from backstream.actors.continuing import TurnContinuation, calls_may_have_run
+from backstream.actors.continuing import TurnContinuation, add_usage, calls_may_have_run, check_continuable
 from backstream.actors.job_lines import log_job_ended, log_job_started
+from backstream.actors.job_tools import ClientTools
+from backstream.actors.job_writes import STORE_FAILED, JobWrites
 from backstream.actors.joblog import JobLog, OutputLimitExceeded
 from backstream.actors.notifier import Notifier
 from backstream.actors.ports import (
     ChatTurn,
-    JobEndedElsewhereError,
     JobWriter,
-    LogBehindError,
     Model,
     ModelFailure,
     ToolOutcome,
@@ -40,7 +40,8 @@ from backstream.actors.ports import (
     TurnResult,
 )
 from backstream.actors.signals import through_outage
-from backstream.protocol.backoff import Backoff
+from backstream.actors.workflow import WorkflowTarget
+from backstream.actors.workflow_run import WorkflowRun
 from backstream.protocol.chat_stream import (
     ModelOutput,
     ReasoningDelta,
@@ -57,7 +58,7 @@ from backstream.protocol.conversation import (
     conversation_from_log,
     tool_message,
 )
-from backstream.protocol.events import AWAITING_APPROVAL, RUNNING, ErrorInfo, JobStatus, JobSummary, TextEvent
+from backstream.protocol.events import AWAITING_APPROVAL, RUNNING, ErrorInfo, JobStatus, JobSummary
 from backstream.protocol.job_params import TOOL_CALL_LIMIT_OUTPUT, ToolCallBudget
 from backstream.protocol.lifecycle import LogState
 from backstream.protocol.records import JobProgress, JobRecord, job_summary
@@ -99,7 +100,7 @@ class JobActor:
         self.record = record
         continuing = log is not None
         if log is not None:
-            _check_continuable(record, log, continuation)
+            check_continuable(record, log, continuation)
         else:
             log = JobLog(record.job_id, record.epoch, max_output_chars=config.max_output_chars)
         self.log = log
@@ -108,6 +109,7 @@ class JobActor:
         self._leave_running_on_stop = leave_running_on_stop
         self._taken_over = taken_over  # calls without a result may have been running
         self.left_running = False
+        """Set once a stop left the job running in the store, for another owner."""
         """The runtime stopped and left the job running in the store (durable up to its last
         write) for the next owner to continue, instead of ending it ``interrupted``."""
         self.finished = trio.Event()
@@ -118,22 +120,30 @@ class JobActor:
         # Created now so that an abort that comes before the job runs still counts.
         self._abort_scope = trio.CancelScope()
         self._stop: tuple[JobStatus, ErrorInfo | None] | None = None
-        self._flushed_seq = log.last_seq  # a rebuilt log's entries are in the store already
-        self._flushed_content_length = log.content_length
-        self._flushed_status: JobStatus | None = None
-        self._closed_in_store = False  # the terminal status is written durably
         self._finished_at: float | None = None
-        self._flush_lock = trio.Lock()
+        self._writes = JobWrites(
+            record.job_id,
+            log,
+            store=store,
+            config=config,
+            clock=clock,
+            progress=self._progress,
+            ended_elsewhere=lambda: self._stop_with("interrupted", None),
+            give_up=lambda: self._stop_with("failed", STORE_FAILED),
+        )
         self._updated_at = record.updated_at if continuing else record.created_at
-        self._usage = _add_usage(None, record.usage) if continuing else None
+        self._usage = add_usage(None, record.usage) if continuing else None
         self._tools = tools
         self._notifier = notifier
         self._deadline: trio.CancelScope | None = None
         self._turn_text: list[str] = []
         self._pending: dict[str, _PendingApproval] = {}
-        self._flush_due = trio.Event()
-        self._flush_events = config.flush_events
-        self._store_failing_since: float | None = None  # trio time of the first failed write
+
+    @property
+    def leaves_running_on_stop(self) -> bool:
+        """Whether a stop leaves the job running in the store for another owner (a store
+        that outlives the process, a model that continues) rather than ending it."""
+        return self._leave_running_on_stop
 
     @property
     def job_id(self) -> str:
@@ -170,16 +180,16 @@ class JobActor:
         write fails (a crash outside its own guards), it records ``failed``/``internal``
         at the last durable seq, so the store never keeps a dead job ``running``. The
         terminal commit carries its effects (the outbox entry of its notification)."""
-        log_job_started(self.record, continued=self._flushed_seq > 0)
+        log_job_started(self.record, continued=self._writes.flushed_seq > 0)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._flush_loop)
+                nursery.start_soon(self._writes.loop)
                 nursery.start_soon(self._listen_for_abort)
                 task_status.started()
                 try:
                     with self._expecting_end() as delivered:
                         await self._run_to_end()
-                        await self._write_end()
+                        await self._writes.write_end()
                         await self._notify_end(delivered)
                 finally:
                     nursery.cancel_scope.cancel()
@@ -190,12 +200,12 @@ class JobActor:
                 if self.log.terminal is None and not leave:
                     self._close("interrupted", None)
                 try:
-                    await self._flush()
+                    await self._writes.flush()
                     self.left_running = leave
                 except Exception:
                     log.exception("job %s: the final write to the store failed", self.job_id)
-                if not self._closed_in_store and not self.left_running:
-                    await self._record_crash()
+                if not self._writes.closed_in_store and not self.left_running:
+                    await self._writes.record_crash()
             if self.log.terminal is not None:
                 log_job_ended(
                     self.record,
@@ -220,7 +230,7 @@ class JobActor:
         A job ended elsewhere (fenced off: ``_stop_with("interrupted")``) has no entry of
         its own to wait for."""
         terminal = self.log.terminal
-        if delivered is None or terminal is None or not self._closed_in_store:
+        if delivered is None or terminal is None or not self._writes.closed_in_store:
             return
         if self._stop == ("interrupted", None) or not Notifier.notifies_end(terminal.status):
             return
@@ -237,7 +247,7 @@ class JobActor:
             with trio.move_on_after(self._job_timeout) as deadline:
                 self._deadline = deadline
                 try:
-                    result = await self._converse()
+                    result = await self._work()
                 except OutputLimitExceeded:
                     error = ErrorInfo(
                         "output_limit", f"the job reached max_output_chars ({self._config.max_output_chars})"
@@ -257,20 +267,30 @@ class JobActor:
             finish_reason = None
         self._close(status, error, finish_reason)
 
+    async def _work(self) -> TurnResult:
+        """The job's work: a workflow's steps (``workflow_run.py``), or the conversation."""
+        if isinstance(self._model, WorkflowTarget):
+            run = WorkflowRun(self, self._model, config=self._config, clock=self._clock, tools=self._tools)
+            return await run.run()
+        return await self._converse()
+
     async def _converse(self) -> TurnResult:
         """Model, tools, model, ...: until a turn ends without tool calls, or ``max_turns``.
         It starts where the log is: a turn whose calls are not all answered is finished
         first, and the turns the log shows count toward ``max_turns``."""
         request = self.record.request
         enabled = {name: self._tools.get(name) for name in request.tools}
-        specs = tuple(t.openai_spec() for t in enabled.values() if t is not None)
+        client = ClientTools.of(request.params)
+        specs = (*(t.openai_spec() for t in enabled.values() if t is not None), *client.specs)
         entries = self.log.entries()
         so_far = conversation_from_log(request, entries)
         messages = list(so_far.messages)
         turns = so_far.turns
         budget = ToolCallBudget.from_log(request.params, entries, open_calls=len(so_far.calls))
         if so_far.calls:
-            messages += await self._finish_turn(so_far, enabled, budget)
+            messages += await self._finish_turn(client.server_side(so_far), enabled, budget)
+            if client.calls_left(so_far.calls):
+                return client.ended_for_client(None)
         elif self.log.state is LogState.MODEL_TURN:
             turns -= 1  # the turn cut short runs again below, and counts then
         prefill = self.continuation.begin(so_far)
@@ -285,12 +305,15 @@ class JobActor:
             if prefill:
                 self.continuation.settle(self._append_text, self._restarted)
                 prefill = None
-            self._usage = _add_usage(self._usage, result.usage)
+            self._usage = add_usage(self._usage, result.usage)
             if not result.tool_calls:
                 return result
             calls = [(c.call_id, c.name, c.arguments) for c in result.tool_calls]
             messages.append(assistant_message("".join(self._turn_text), calls))
-            messages += await self._run_calls(result.tool_calls, enabled, budget)
+            server_calls, client_calls = client.split(result.tool_calls)
+            messages += await self._run_calls(server_calls, enabled, budget)
+            if client_calls:  # the client runs these: the job ends, its calls open
+                return client.ended_for_client(result)
         raise ModelFailure(
             ErrorInfo("tool_loop_limit", f"the model still called tools after {self._config.max_turns} turns")
         )
@@ -397,10 +420,10 @@ class JobActor:
         self.log.append_status(AWAITING_APPROVAL)
         self._updated_at = self._clock.now()
         try:
-            await self._flush()  # other instances see the wait before anyone is told of it
+            await self._writes.flush()  # other instances see the wait before anyone is told of it
         except Exception as exc:
             log.warning("job %s: could not write the approval wait yet (%s)", self.job_id, exc)
-            self._flush_due.set()  # the flusher retries it
+            self._writes.request()  # the flusher retries it
         if self._notifier is not None:
             await self._notifier.approval_needed(
                 job_id=self.job_id,
@@ -464,6 +487,25 @@ class JobActor:
         pending.resolve(approved)
         return pending
 
+    # -- what a workflow's steps use (``StepHost``) ---------------------------------------
+
+    def touch(self) -> None:
+        self._updated_at = self._clock.now()
+
+    def appended(self) -> None:
+        self._writes.appended()
+
+    def add_usage(self, usage: dict[str, Any] | None) -> None:
+        self._usage = add_usage(self._usage, usage)
+
+    async def write_through(self) -> None:
+        if not await self._writes.write_through():
+            raise ModelFailure(STORE_FAILED)
+
+    async def ask_person(self, call_id: str, name: str, arguments: str, *, asked: bool) -> bool:
+        call = ToolCallDone(index=0, call_id=call_id, name=name, arguments=arguments)
+        return await self._await_approval(call, asked=asked)
+
     def _append_text(self, text: str) -> None:
         self.log.append_text(text)
         self._turn_text.append(text)
@@ -491,132 +533,21 @@ class JobActor:
         else:
             return
         self._updated_at = self._clock.now()
-        if self.log.last_seq - self._flushed_seq >= self._flush_events:
-            self._flush_due.set()
+        self._writes.appended()
 
     @property
     def has_unflushed(self) -> bool:
-        return self.log.last_seq > self._flushed_seq
+        return self._writes.has_unflushed
 
     def request_flush(self) -> None:
         """Ask the flusher to write what is new (the registry's ticker calls this)."""
-        self._flush_due.set()
+        self._writes.request()
 
     def _close(self, status: JobStatus, error: ErrorInfo | None, finish_reason: str | None = None) -> None:
         self._updated_at = self._finished_at = self._clock.now()
         self.log.append_status(status, error=error, finish_reason=finish_reason, usage=self._usage)
 
-    # -- writes to the store -----------------------------------------------------------
-
-    async def _flush_loop(self) -> None:
-        """Write new entries every ``flush_events`` entries or ``flush_ms``, whichever first.
-
-        A failed write is retried with backoff; the log keeps growing in memory (bounded
-        by ``max_output_chars``) and local watchers keep reading it. Failing for longer
-        than ``store_outage_limit`` ends the job ``failed``/``unavailable``.
-        """
-        backoff = Backoff(0.1, 2.0, jitter="none")
-        while self.log.terminal is None:
-            # Woken by the registry's ticker every flush_ms if there is something new, or by
-            # _on_output at flush_events: no timer of its own per job.
-            await self._flush_due.wait()
-            self._flush_due = trio.Event()
-            if self.log.terminal is not None:
-                return  # the final write happens in run()'s cleanup
-            if not await self._try_flush(backoff):
-                self._stop_with(
-                    "failed",
-                    ErrorInfo("unavailable", "the job store failed for longer than store_outage_limit"),
-                )
-                return
-            if self._store_failing_since is not None:
-                self._flush_due.set()  # the write failed: try again (after the backoff it slept)
-
-    async def _try_flush(self, backoff: Backoff) -> bool:
-        """One write; after a failure, sleep by ``backoff``. False once writes have failed
-        for ``store_outage_limit``."""
-        try:
-            await self._flush()
-        except Exception as exc:
-            now = trio.current_time()
-            if self._store_failing_since is None:
-                self._store_failing_since = now
-            failing_for = now - self._store_failing_since
-            if failing_for >= self._config.store_outage_limit:
-                log.error("job %s: the store failed for %gs (%s)", self.job_id, failing_for, exc)
-                return False
-            delay = backoff.next_delay()
-            log.warning("job %s: write failed (%s); retrying in %.1fs", self.job_id, exc, delay)
-            await trio.sleep(delay)
-        else:
-            self._store_failing_since = None
-            backoff.reset()
-        return True
-
-    async def _write_end(self) -> None:
-        """Write the terminal status, retrying through an outage of up to
-        ``store_outage_limit`` (counted from the first failed write). Cancellation (shutdown):
-        stops retrying; ``run``'s cleanup makes one last bounded attempt."""
-        backoff = Backoff(0.1, 2.0, jitter="none")
-        while not self._closed_in_store:
-            if not await self._try_flush(backoff):
-                return
-
-    async def _flush(self) -> None:
-        """Write what is new. If the store's log is behind what this job wrote (Redis back
-        from an older snapshot), write again from where the store's log ends."""
-        async with self._flush_lock:
-            for _ in range(2):
-                last = self.log.last_seq
-                status = self.log.status
-                if last == self._flushed_seq and status == self._flushed_status:
-                    return
-                entries = self.log.entries(self._flushed_seq, last)
-                progress = self._progress(last)
-                try:
-                    await self._store.commit(self.job_id, entries, progress)
-                except JobEndedElsewhereError:
-                    # Another instance ended it (its lease lapsed): that ending stands. Stop
-                    # the work and write nothing more.
-                    log.warning("job %s: ended elsewhere while running here; stopping", self.job_id)
-                    self._closed_in_store = True
-                    self._flushed_seq, self._flushed_status = last, status
-                    self._stop_with("interrupted", None)
-                    return
-                except LogBehindError as behind:
-                    log.warning("job %s: %s; writing again from there", self.job_id, behind)
-                    self._flushed_seq = min(self._flushed_seq, behind.stored_seq)
-                    self._flushed_content_length = sum(  # rare: only after a store lost writes
-                        len(e.text)
-                        for e in self.log.entries(0, self._flushed_seq)
-                        if isinstance(e, TextEvent)
-                    )
-                    self._flushed_status = None
-                    continue
-                self._flushed_seq = last
-                self._flushed_content_length = progress.content_length
-                self._flushed_status = status
-                if progress.finished_at is not None:
-                    self._closed_in_store = True
-                return
-
-    async def _record_crash(self) -> None:
-        """The last resort when the final write failed: the terminal status alone, at the
-        last durable seq (the entries after it are lost)."""
-        now = self._clock.now()
-        progress = JobProgress(
-            status="failed",
-            seq=self._flushed_seq,
-            content_length=self._flushed_content_length,
-            updated_at=now,
-            finished_at=now,
-            error=ErrorInfo("internal", "the job failed on an internal error"),
-            expires_at=now + self._config.retention,
-        )
-        try:
-            await self._store.commit(self.job_id, (), progress)
-        except Exception:
-            log.exception("job %s: could not record its failure in the store", self.job_id)
+    # -- writes to the store (``JobWrites``) --------------------------------------------
 
     def _progress(self, seq: int) -> JobProgress:
         terminal = self.log.terminal
@@ -655,24 +586,3 @@ class _PendingApproval:
         if not self.decided.is_set():
             self.approved = approved
             self.decided.set()
-
-
-def _check_continuable(record: JobRecord, log: JobLog, continuation: Continuation) -> None:
-    """Raise ``ValueError`` unless an actor can continue ``record``'s job from ``log``."""
-    if log.job_id != record.job_id:
-        raise ValueError(f"the log is job {log.job_id}'s, not {record.job_id}'s")
-    if log.terminal is not None:
-        raise ValueError(f"job {record.job_id}: the log has ended ({log.terminal.status})")
-    if log.state is LogState.MODEL_TURN and continuation is Continuation.INTERRUPT:
-        raise ValueError(f"job {record.job_id}: the log stops in the middle of a model turn")
-
-
-def _add_usage(total: dict[str, int] | None, more: dict[str, object] | None) -> dict[str, int] | None:
-    """Sum token counts over the turns of a job."""
-    if more is None:
-        return total
-    out = dict(total or {})
-    for key, value in more.items():
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            out[key] = out.get(key, 0) + int(value)
-    return out

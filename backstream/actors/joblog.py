@@ -27,6 +27,7 @@ from backstream.protocol.events import (
     ReasoningEvent,
     RewindEvent,
     StatusEvent,
+    StepEvent,
     TextEvent,
     ToolCallDeltaEvent,
     ToolCallEvent,
@@ -210,6 +211,13 @@ class JobLog:
         )
         self._append(event)
         self._tool_output_chars += min(len(output), room)
+        return event
+
+    def append_step(self, step: StepEvent) -> StepEvent:
+        """Append a workflow's step entry (``step``'s seq is set here). Raises
+        ``IllegalOrder`` where the lifecycle table does not allow it."""
+        event = attrs.evolve(step, seq=self.last_seq + 1)
+        self._append(event)
         return event
 
     def append_status(

@@ -3,8 +3,9 @@
 Three periodic duties, each its own loop, so a slow one never delays another:
 
 - the retention sweep deletes finished jobs past their ``expires_at``;
-- lease renewal tells a shared store that this instance and its running jobs
-  (and its open watches, and the seats it holds) are alive;
+- lease renewal tells a shared store that this instance (so a stopping one knows
+  whom it can hand its jobs to) and its running jobs (and its open watches, and the
+  seats it holds) are alive;
 - orphan recovery takes over the jobs of instances that died, once their leases
   lapse (at start-up too, before new jobs are admitted), and applies the recovery
   policy (the runtime's: continue them here, or end them ``interrupted``).
@@ -80,10 +81,18 @@ class Keeper:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sweep, renew and recover until cancelled. Cancellation: each loop stops at its
         next await; nothing is left half-written (each step is one store call)."""
+        try:
+            await self._announce()
+        except UnavailableError as exc:
+            log.warning("could not announce this instance: %s", exc)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sweep_loop)
             nursery.start_soon(self._lease_loop)
+            nursery.start_soon(self._recover_loop)
             task_status.started()
+
+    async def _announce(self) -> None:
+        await self._store.announce(self._instance_id, self._clock.now() + self._config.lease_ttl)
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -103,6 +112,7 @@ class Keeper:
             await trio.sleep(self._config.lease_renew_interval)
             until = self._clock.now() + self._config.lease_ttl
             try:
+                await self._announce()
                 running = [child.name for child in self._jobs.which_children()]
                 if running:
                     await self._store.renew_leases(self._instance_id, running, until)
@@ -112,10 +122,20 @@ class Keeper:
                 seats = self._seats.snapshot() if self._seats is not None else ()
                 if seats:
                     await self._store.renew_seats(seats, self._config.lease_ttl)
-                await self.recover_orphans()
             except UnavailableError as exc:
                 self._skipped_rounds_total += 1
                 log.warning("lease renewal skipped: %s", exc)
+
+    async def _recover_loop(self) -> None:
+        """Apart from renewal: taking over many orphans (reading their logs) must never
+        delay this instance's own renewals past ``lease_ttl``."""
+        while True:
+            await trio.sleep(self._config.lease_renew_interval)
+            try:
+                await self.recover_orphans()
+            except UnavailableError as exc:
+                self._skipped_rounds_total += 1
+                log.warning("orphan recovery skipped: %s", exc)
 
     async def recover_orphans(self) -> list[JobRecord]:
         """Take over the running jobs that no live instance owns and apply the recovery

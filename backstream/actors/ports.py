@@ -298,6 +298,14 @@ class JobStore(abc.ABC):
         """The user's jobs, newest first, filtered by thread and status. Cancellation: safe."""
 
     @abc.abstractmethod
+    async def delete_job(self, job_id: str) -> bool:
+        """Delete a finished job now (its record, log and outbox entry), releasing its
+        stored bytes in the same step, as the sweep does; False if there is no such job or
+        it has not finished (a running job is aborted first, then deleted).
+
+        Cancellation: the job may or may not be deleted; deleting again is safe."""
+
+    @abc.abstractmethod
     async def delete_expired(self, now: float) -> list[str]:
         """Delete every finished job whose ``expires_at`` has passed, releasing its stored
         bytes in the same step; return their ids.
@@ -343,13 +351,14 @@ class LogStore(abc.ABC):
         """
 
     def follow_job(
-        self, job_id: str, on_entries: Callable[[Sequence[LogEvent]], None] | None = None
+        self, job_id: str, on_entries: Callable[[Sequence[LogEvent], int], None] | None = None
     ) -> AbstractContextManager[None]:
         """For the block, this process follows the job's commits made elsewhere (a shared
         store subscribes to them once, however many follow; ``wait_for_entries`` follows
-        for its own wait only). ``on_entries`` (synchronous, it must not block) gets the
-        entries of commits announced with them, when the store announces them so; others
-        are read. A store one process owns has nothing to follow."""
+        for its own wait only). ``on_entries`` (synchronous, it must not block) gets each
+        announced commit's entries (empty when the store announces them without: they are
+        read) and the epoch of the writer (0 if unknown). A store one process owns has
+        nothing to follow."""
         return nullcontext()
 
 
@@ -444,6 +453,30 @@ class Leases(abc.ABC):
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
         """Extend the leases of ``owner``'s running jobs to ``until`` (a store without
         ``LEASES`` has none). Cancellation: some may be renewed; the next renewal catches up."""
+
+    @abc.abstractmethod
+    async def hand_off(self, owner: str, job_ids: Sequence[str], now: float) -> None:
+        """``owner`` stops and leaves these jobs running for another instance: their leases
+        end ``now`` (a live instance takes them at its next round) and each counts a
+        hand-off (``JobRecord.handoffs``), not a crash. A store one process owns marks them
+        as it closes instead. Cancellation: some may be handed off; the others' leases
+        lapse by themselves."""
+
+    @abc.abstractmethod
+    async def announce(self, owner: str, until: float) -> None:
+        """Tell a store shared by several instances that ``owner`` is alive until ``until``
+        (renewed every lease round; nothing in a store one process owns). Cancellation:
+        announced or not; the next round does it again."""
+
+    @abc.abstractmethod
+    async def withdraw(self, owner: str) -> None:
+        """``owner`` stops: it no longer counts as alive. Cancellation: withdrawn or not (an
+        announcement lapses by itself)."""
+
+    @abc.abstractmethod
+    async def others_alive(self, owner: str, now: float) -> bool:
+        """Whether an instance other than ``owner`` announced itself alive past ``now``: one
+        that would take over ``owner``'s jobs. Cancellation: nothing changes."""
 
     @abc.abstractmethod
     async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:

@@ -99,7 +99,8 @@ class ContinueStatistics:
 
 class ContinueOrphans:
     """Continue each orphan here, unless its model's policy is ``interrupt``, it was taken
-    over ``max_continuations`` times already (its epoch counts the hand-overs), its
+    over ``max_continuations`` times already after a crash (its epoch counts the
+    hand-overs, less the hand-offs of instances that stopped cleanly), its
     ``job_timeout`` has passed (counted from its creation, the time it was away included),
     this instance cannot serve its model, or its log cannot be continued: then it ends
     ``interrupted`` (``InterruptOrphans``)."""
@@ -126,7 +127,7 @@ class ContinueOrphans:
             why = "model"
         elif resolved[1] is Continuation.INTERRUPT:
             why = "policy"
-        elif record.epoch - 1 > self._config.max_continuations:
+        elif record.epoch - 1 - record.handoffs > self._config.max_continuations:
             why = "limit"
         elif left <= 0:
             why = "timeout"

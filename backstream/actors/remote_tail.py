@@ -86,6 +86,8 @@ class RemoteTail:
         self._record: tuple[int, JobRecord | None] | None = None
         self._lock = trio.Lock()
         self._wait_done: trio.Event | None = None
+        self.epoch = 0
+        """The latest epoch a commit's announcement named (0: none yet)."""
 
     @property
     def last_seq(self) -> int | None:
@@ -129,12 +131,21 @@ class RemoteTail:
             fetched = await self._store.read(self.job_id, start, _FETCH)
             self._counters.log_reads += 1
             self._fetched_round = self._round
+            if fetched:
+                # Read before their announcement came (or without one): the record, read
+                # after them, names the epoch that wrote them (a takeover precedes its writes).
+                record = await self._store.get_job(self.job_id)
+                self._counters.record_reads += 1
+                self._record = (self._round, record)
+                if record is not None:
+                    self.epoch = max(self.epoch, record.epoch)
             self._keep(start, fetched)
             return self._slice(after_seq, limit)
 
-    def announced(self, entries: Sequence[LogEvent]) -> None:
-        """Entries a commit's announcement carried: kept if they continue the window (else
-        the next read brings them). Never blocks."""
+    def announced(self, entries: Sequence[LogEvent], epoch: int = 0) -> None:
+        """Entries a commit's announcement carried (maybe none), and its writer's epoch:
+        kept if they continue the window (else the next read brings them). Never blocks."""
+        self.epoch = max(self.epoch, epoch)
         last = self.last_seq
         if last is not None and entries and entries[0].seq == last + 1:
             self._keep(last, list(entries))
@@ -214,6 +225,9 @@ class TailedSource:
             entries = await self._check_continues(tail, after_seq, max_events)
             if not entries:
                 return ()
+        # A commit announced by a later epoch's writer: the job was taken over. Every entry
+        # read now is either one the log kept of the old epoch or the new one's.
+        self.epoch = max(self.epoch, tail.epoch)
         last = entries[-1]
         if isinstance(last, StatusEvent) and last.is_terminal:
             record = await tail.record()  # a recovered job has a new epoch

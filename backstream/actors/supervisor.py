@@ -307,30 +307,31 @@ class Supervisor(Generic[AddressT]):
         self._restarted_total += 1
         return True
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, *, grace: Callable[[AddressT | None], float] | None = None) -> None:
         """Stop accepting children, then stop each: it gets its spec's ``shutdown`` seconds
-        to end by itself, then it is cancelled. In reverse start order, one at a time, or
-        all at once with ``concurrent_shutdown``. Returns when every child is gone; then
-        ``run`` returns too.
+        (or what ``grace`` says for its address) to end by itself, then it is cancelled. In
+        reverse start order, one at a time, or all at once with ``concurrent_shutdown``.
+        Returns when every child is gone; then ``run`` returns too.
 
         Cancellation: the children still running are cancelled (their own cleanup is
         bounded), and ``Cancelled`` propagates.
         """
         self._accepting = False
-        await self._stop_children()
+        await self._stop_children(grace)
         await self._idle.wait()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _stop_children(self) -> None:
+    async def _stop_children(self, grace: Callable[[AddressT | None], float] | None = None) -> None:
         children = list(reversed(self._children.values()))
+        seconds = {id(c): c.spec.shutdown if grace is None else grace(c.address) for c in children}
         if self._concurrent_shutdown:
             async with trio.open_nursery() as nursery:
                 for child in children:
-                    nursery.start_soon(self._stop_child, child)
+                    nursery.start_soon(self._stop_child, child, seconds[id(child)])
         else:
             for child in children:
-                await self._stop_child(child)
+                await self._stop_child(child, seconds[id(child)])
 
     async def terminate_child(self, name: str) -> bool:
         """Stop one child as ``shutdown`` would, without restarting it. False if no such
@@ -339,13 +340,13 @@ class Supervisor(Generic[AddressT]):
         if child is None:
             await trio.lowlevel.checkpoint()
             return False
-        await self._stop_child(child)
+        await self._stop_child(child, child.spec.shutdown)
         return True
 
-    async def _stop_child(self, child: _Child[AddressT]) -> None:
+    async def _stop_child(self, child: _Child[AddressT], seconds: float) -> None:
         child.stopping.set()
         try:
-            with trio.move_on_after(child.spec.shutdown):
+            with trio.move_on_after(seconds):
                 await child.exited.wait()
         finally:
             child.scope.cancel()

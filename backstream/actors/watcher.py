@@ -196,9 +196,13 @@ class Watcher:
         tool_call_deltas: bool = True,
         merge_text: bool = True,
         sleep_until: Callable[[float], Awaitable[None]] = trio.sleep_until,
+        kept_through: int | None = None,
     ) -> None:
         self.job_id = job_id
         self.epoch = epoch
+        self.kept_through = kept_through
+        """Set when the reader came with a cursor of an earlier epoch: the last ``seq`` of
+        that epoch the log kept (what the reader saw beyond it was lost)."""
         self.cursor = after_seq
         self._source = source
         self._batch_seconds = batch_seconds

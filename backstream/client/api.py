@@ -100,13 +100,19 @@ class Client:
         *,
         thread_id: str,
         message_id: str,
-        model: str,
-        messages: Sequence[dict[str, Any]],
+        model: str = "",
+        messages: Sequence[dict[str, Any]] = (),
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
+        previous_job_id: str | None = None,
+        workflow: str | None = None,
+        workflow_input: dict[str, Any] | None = None,
     ) -> JobStarted:
-        """Start a job (``job.start``). Cancellation: the job may still have started; a retry
-        with the same ``message_id`` returns it."""
+        """Start a job (``job.start``): a ``model`` with ``messages``, or a ``workflow`` with
+        its ``workflow_input`` (docs/workflows.md). With ``previous_job_id`` (an ended job of
+        the same thread) the job continues that one's conversation: ``messages`` hold only
+        what is new. Cancellation: the job may still have started; a retry with the same
+        ``message_id`` returns it."""
         message = JobStart(
             id=self._id(),
             thread_id=thread_id,
@@ -115,6 +121,9 @@ class Client:
             messages=list(messages),
             params=dict(params or {}),
             tools=list(tools or []),
+            previous_job_id=previous_job_id,
+            workflow=workflow,
+            input=workflow_input,
         )
         return await self._request(message, JobStarted)
 

@@ -25,7 +25,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from backstream.client.websocket import connect_websocket_url
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.codec import ProtocolError, decode_server, encode
-from backstream.protocol.errors import RateLimitedError, UnavailableError, error_for_code
+from backstream.protocol.errors import BackstreamError, RateLimitedError, UnavailableError, error_for_code
 from backstream.protocol.messages import (
     PROTOCOL_VERSION,
     ClientMessage,
@@ -45,6 +45,7 @@ __all__ = [
     "ConnectSettings",
     "Session",
     "Transport",
+    "error_from_message",
 ]
 
 # The client's one logger, whichever module of it logs.
@@ -221,8 +222,7 @@ class Transport:
         finally:
             session.pending.pop(message.id, None)
         if isinstance(reply, ErrorMessage):
-            extra = {"retry_after_ms": reply.retry_after_ms} if reply.retry_after_ms is not None else {}
-            raise error_for_code(reply.code, reply.message, **extra)
+            raise error_from_message(reply)
         if not isinstance(reply, expect):
             raise UnavailableError(f"unexpected reply {type(reply).TYPE}")
         return reply
@@ -320,7 +320,7 @@ class Transport:
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await ws.aclose()
             if isinstance(reply, ErrorMessage):
-                raise error_for_code(reply.code, reply.message)
+                raise error_from_message(reply)
             raise UnavailableError(f"expected welcome, got {type(reply).TYPE}")
         return Session(ws, reply)
 
@@ -394,3 +394,12 @@ def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
     return error
+
+
+_EXTRA_FIELDS = ("retry_after_ms", "valid_through", "content_length", "epoch")
+
+
+def error_from_message(reply: ErrorMessage) -> BackstreamError:
+    """The typed error an ``error`` frame stands for, its optional fields in ``extra``."""
+    extra = {name: getattr(reply, name) for name in _EXTRA_FIELDS if getattr(reply, name) is not None}
+    return error_for_code(reply.code, reply.message, **extra)

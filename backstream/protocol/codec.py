@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, get_args, get_origin
 
 import attrs
@@ -31,6 +31,7 @@ from backstream.protocol.events import (
     ReasoningEvent,
     RewindEvent,
     StatusEvent,
+    StepEvent,
     TextEvent,
     ToolCallDeltaEvent,
     ToolCallEvent,
@@ -43,6 +44,7 @@ from backstream.protocol.messages import (
     ErrorMessage,
     JobEvents,
     JobInfoMessage,
+    JobStart,
     ServerMessage,
     Welcome,
 )
@@ -72,6 +74,7 @@ EVENT_CLASSES: tuple[type[Any], ...] = (
     ApprovalEvent,
     ToolResultEvent,
     RewindEvent,
+    StepEvent,
     StatusEvent,
 )
 OPT_IN_KINDS: frozenset[str] = frozenset({"tool_call_delta"})
@@ -146,10 +149,20 @@ def _make_converter() -> cattrs.Converter:
             content=override(omit_if_default=True),
             next_offset=override(omit_if_default=True),
             next_tool_calls_offset=override(omit_if_default=True),
+            step=override(omit_if_default=True),
         ),
     )
     conv.register_unstructure_hook(
         Welcome, make_dict_unstructure_fn(Welcome, conv, models=override(omit_if_default=True))
+    )
+    conv.register_unstructure_hook(
+        JobStart,
+        make_dict_unstructure_fn(
+            JobStart,
+            conv,
+            workflow=override(omit_if_default=True),
+            input=override(omit_if_default=True),
+        ),
     )
     # ``kind`` is the events' tag; the tagged union below writes it.
     for cls in EVENT_CLASSES:
@@ -326,10 +339,19 @@ def error_message(
     retry_after_ms: int | None = None,
     *,
     job_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
+    """An ``error`` frame; of ``extra`` (a ``BackstreamError``'s), the fields a ``gone``
+    after a takeover carries (``valid_through``, ``content_length``, ``epoch``)."""
+    stale = {k: v for k, v in (extra or {}).items() if k in _STALE_FIELDS and isinstance(v, int)}
     return encode(
-        ErrorMessage(id=request_id, code=code, message=message, retry_after_ms=retry_after_ms, job_id=job_id)
+        ErrorMessage(
+            id=request_id, code=code, message=message, retry_after_ms=retry_after_ms, job_id=job_id, **stale
+        )
     )
+
+
+_STALE_FIELDS = frozenset({"valid_through", "content_length", "epoch"})
 
 
 def _describe(exc: BaseException) -> str:

@@ -135,7 +135,13 @@ class _Builder:
             i = next(i for i, c in enumerate(self.calls) if c.call_id == entry.call_id and c.approved is None)
             self.calls[i] = attrs.evolve(self.calls[i], approved=entry.approved)
         elif isinstance(entry, ToolResultEvent):
-            i, self.results = self.results, self.results + 1
+            # By call id: a turn that also called client-side tools logs results only for
+            # its server-side calls (still in the calls' order).
+            self.results += 1
+            i = next(
+                (i for i, c in enumerate(self.calls) if c.call_id == entry.call_id and c.output is None),
+                self.results - 1,
+            )
             self.calls[i] = attrs.evolve(self.calls[i], output=entry.output, is_error=entry.is_error)
         elif isinstance(entry, StatusEvent):
             self._status(entry, before)

@@ -26,11 +26,14 @@ __all__ = [
     "ReasoningEvent",
     "RewindEvent",
     "StatusEvent",
+    "StepEvent",
+    "StepRecord",
     "TextEvent",
     "ToolCallDeltaEvent",
     "ToolCallEvent",
     "ToolCallRecord",
     "ToolResultEvent",
+    "step_call_id",
 ]
 
 JobStatus = Literal["running", "awaiting_approval", "completed", "failed", "aborted", "interrupted"]
@@ -136,6 +139,33 @@ class RewindEvent:
 
 
 @attrs.frozen
+class StepEvent:
+    """A step of a workflow job (``docs/workflows.md``) started or finished.
+
+    ``step`` numbers the workflow's steps from 1; ``name`` is what the workflow called it
+    (``tool:calculate``, ``model:backstream/echo``, ``approve``, ``sleep``, or a name of its
+    own); ``summary`` is a short line for people. ``data`` is JSON text: on ``started`` what
+    the step was asked (its replay needs it: a sleep's end, a tool's arguments), on
+    ``finished`` its recorded result, which a replay returns without running the step
+    again (with ``is_error``, an exception's ``{"type", "message"}``).
+    """
+
+    seq: int
+    step: int
+    name: str
+    phase: Literal["started", "finished"]
+    summary: str = ""
+    data: str | None = None
+    is_error: bool = False
+    kind: Literal["step"] = "step"
+
+
+def step_call_id(step: int) -> str:
+    """The ``call_id`` of a workflow step's approval (``approval_required``, ``job.approve``)."""
+    return f"step_{step}"
+
+
+@attrs.frozen
 class StatusEvent:
     seq: int
     status: JobStatus
@@ -158,6 +188,7 @@ LogEvent = (
     | ApprovalEvent
     | ToolResultEvent
     | RewindEvent
+    | StepEvent
     | StatusEvent
 )
 
@@ -231,9 +262,21 @@ class ToolCallRecord:
 
 
 @attrs.frozen
+class StepRecord:
+    """A workflow job's step, as ``job.get`` reports the current one."""
+
+    step: int
+    name: str
+    status: Literal["running", "finished", "failed"]
+    summary: str = ""
+
+
+@attrs.frozen
 class JobInfo:
     """The answer to ``job.get``."""
 
     job: JobSummary
     content: str | None = None
     tool_calls: tuple[ToolCallRecord, ...] = ()
+    step: StepRecord | None = None
+    """A workflow job's latest step (running, or the last finished); None for other jobs."""

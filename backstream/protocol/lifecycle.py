@@ -20,11 +20,20 @@ Where the log is (``LogState``) and what may come next::
         --status running--> CALLS_ANNOUNCED
     CALLS_ANNOUNCED --tool_result--> TOOLS_ANSWERING --(every call answered)--> NEXT_TURN
     NEXT_TURN | MODEL_TURN --status completed--> ENDED
+    NEXT_TURN | MODEL_TURN --step started--> IN_STEP --step finished--> NEXT_TURN  (workflows)
+    IN_STEP --approval_required--> STEP_APPROVAL_REQUESTED --status awaiting_approval-->
+        STEP_AWAITING_APPROVAL --approval--> STEP_APPROVAL_DECIDED --status running--> IN_STEP
+    CALLS_ANNOUNCED | TOOLS_ANSWERING --status completed--> ENDED  (client-side calls left open)
     any but ENDED --status failed|aborted|interrupted--> ENDED  (nothing follows)
 
+A workflow's log holds steps instead of turns: its text (what it emits) comes between
+steps, and a step that asks a person goes through the approval entries inside the step.
+
 A turn's own output (text, reasoning, argument fragments, more calls) may also follow its
-calls: the model's stream orders them, not the job. A turn ends ``completed`` only if it
-announced no calls; the next turn starts once every call of the last one has its result.
+calls: the model's stream orders them, not the job. A turn ends ``completed`` if it
+announced no calls, or once its server-side calls have their results when it also called
+client-side tools (``client_tools``: their results come with the next job); the next turn
+starts once every call of the last one has its result.
 """
 
 from __future__ import annotations
@@ -45,7 +54,9 @@ from backstream.protocol.events import (
     JobStatus,
     LogEvent,
     StatusEvent,
+    StepEvent,
     ToolCallEvent,
+    step_call_id,
 )
 
 __all__ = [
@@ -82,6 +93,10 @@ class LogState(enum.Enum):
     AWAITING_APPROVAL = "awaiting_approval"  # the job waits for a person's decision
     APPROVAL_DECIDED = "approval_decided"  # decided; the job has not gone back to running yet
     TOOLS_ANSWERING = "tools_answering"  # some calls of the turn have results, not all
+    IN_STEP = "in_step"  # a workflow's step has started, not finished
+    STEP_APPROVAL_REQUESTED = "step_approval_requested"  # a step asks a person; not waiting yet
+    STEP_AWAITING_APPROVAL = "step_awaiting_approval"  # a step waits for a person's decision
+    STEP_APPROVAL_DECIDED = "step_approval_decided"  # decided; not running again yet
     ENDED = "ended"  # a terminal status: nothing follows
 
 
@@ -103,23 +118,32 @@ def _row(*pairs: tuple[str | Iterable[str], LogState], ends: bool = True) -> dic
 LOG_ORDER: Final[dict[LogState, dict[str, LogState]]] = {
     S.NOT_STARTED: _row((f"status:{RUNNING}", S.NEXT_TURN)),
     S.NEXT_TURN: _row(
-        (_OUTPUT, S.MODEL_TURN), ("tool_call", S.CALLS_ANNOUNCED), ("status:completed", S.ENDED)
+        (_OUTPUT, S.MODEL_TURN),
+        ("tool_call", S.CALLS_ANNOUNCED),
+        ("status:completed", S.ENDED),
+        ("step:started", S.IN_STEP),
     ),
     S.MODEL_TURN: _row(
         (_OUTPUT, S.MODEL_TURN),
         ("tool_call", S.CALLS_ANNOUNCED),
         ("rewind", S.NEXT_TURN),
         ("status:completed", S.ENDED),
+        ("step:started", S.IN_STEP),
     ),
     S.CALLS_ANNOUNCED: _row(
         ((*_OUTPUT, "tool_call"), S.CALLS_ANNOUNCED),
         ("approval_required", S.APPROVAL_REQUESTED),
         ("tool_result", S.TOOLS_ANSWERING),
+        ("status:completed", S.ENDED),  # calls of client-side tools: the client answers them
     ),
     S.APPROVAL_REQUESTED: _row((f"status:{AWAITING_APPROVAL}", S.AWAITING_APPROVAL)),
     S.AWAITING_APPROVAL: _row(("approval", S.APPROVAL_DECIDED)),
     S.APPROVAL_DECIDED: _row((f"status:{RUNNING}", S.CALLS_ANNOUNCED)),
-    S.TOOLS_ANSWERING: _row(("tool_result", S.TOOLS_ANSWERING)),
+    S.TOOLS_ANSWERING: _row(("tool_result", S.TOOLS_ANSWERING), ("status:completed", S.ENDED)),
+    S.IN_STEP: _row(("step:finished", S.NEXT_TURN), ("approval_required", S.STEP_APPROVAL_REQUESTED)),
+    S.STEP_APPROVAL_REQUESTED: _row((f"status:{AWAITING_APPROVAL}", S.STEP_AWAITING_APPROVAL)),
+    S.STEP_AWAITING_APPROVAL: _row(("approval", S.STEP_APPROVAL_DECIDED)),
+    S.STEP_APPROVAL_DECIDED: _row((f"status:{RUNNING}", S.IN_STEP)),
     S.ENDED: _row(ends=False),
 }
 """For each state, the entry keys (``entry_key``) that may come next and the state after
@@ -138,6 +162,10 @@ STATUS_OF_STATE: Final[dict[LogState, JobStatus]] = {
     S.AWAITING_APPROVAL: AWAITING_APPROVAL,
     S.APPROVAL_DECIDED: AWAITING_APPROVAL,
     S.TOOLS_ANSWERING: RUNNING,
+    S.IN_STEP: RUNNING,
+    S.STEP_APPROVAL_REQUESTED: RUNNING,
+    S.STEP_AWAITING_APPROVAL: AWAITING_APPROVAL,
+    S.STEP_APPROVAL_DECIDED: AWAITING_APPROVAL,
 }
 """The job's status in each live state (an ended log's is its terminal status)."""
 
@@ -146,6 +174,8 @@ def entry_key(entry: LogEvent) -> str:
     """The key of ``entry`` in ``LOG_ORDER``: its kind, or ``status:<status>`` for a status."""
     if entry.kind == "status":
         return f"status:{entry.status}"
+    if entry.kind == "step":
+        return f"step:{entry.phase}"
     return entry.kind
 
 
@@ -198,6 +228,8 @@ class LogOrder:
             if entry.call_id != self._approval_call:
                 raise IllegalOrder(state, key, f"the call waiting is {self._approval_call!r}")
             self._approval_call = None
+        elif isinstance(entry, StepEvent) and entry.phase == "started":
+            self._call_ids = {step_call_id(entry.step)}  # the one call a step may ask about
         elif key == "tool_result":
             self._results += 1
             if self._results >= self._announced:  # every call has its result

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 import attrs
 
-from backstream.protocol.events import JobSummary, LogEvent, ToolCallRecord
+from backstream.protocol.events import JobSummary, LogEvent, StepRecord, ToolCallRecord
 
 __all__ = [
     "CLIENT_MESSAGES",
@@ -72,6 +72,11 @@ def _name(_inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
         raise ValueError(f"{attr.name} must be 1 to {MAX_NAME_CHARS} characters")
 
 
+def _optional_name(_inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+    if len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"{attr.name} must be at most {MAX_NAME_CHARS} characters")
+
+
 def _non_negative(_inst: Any, attr: attrs.Attribute[Any], value: int | None) -> None:
     if value is not None and value < 0:
         raise ValueError(f"{attr.name} must not be negative")
@@ -100,13 +105,27 @@ class JobStart:
     id: str = attrs.field(validator=_request_id)
     thread_id: str = attrs.field(validator=_name)
     message_id: str = attrs.field(validator=_name)
-    model: str = attrs.field(validator=_name)
-    messages: list[dict[str, Any]]
+    model: str = attrs.field(default="", validator=_optional_name)
+    """Required unless ``workflow`` is given."""
+    messages: list[dict[str, Any]] = attrs.field(factory=list)
+    """Required (non-empty) unless ``workflow`` is given."""
     tools: list[str] = attrs.field(factory=list)
     params: dict[str, Any] = attrs.field(factory=dict)
     watch: bool = False
     tool_call_deltas: bool = False
     """With ``watch``: also send ``tool_call_delta`` events."""
+    previous_job_id: str | None = attrs.field(default=None, validator=attrs.validators.optional(_name))
+    """The job of the same thread (and user) this one continues: the server puts that job's
+    conversation before ``messages``, which hold only what is new."""
+    workflow: str | None = attrs.field(default=None, validator=attrs.validators.optional(_name))
+    """Run this workflow (the model ``workflow/<name>``) instead of a model."""
+    input: dict[str, Any] | None = None
+    """The workflow's input (a JSON object)."""
+
+    @property
+    def model_name(self) -> str:
+        """The model the job runs: ``workflow/<workflow>`` for a workflow."""
+        return f"workflow/{self.workflow}" if self.workflow is not None else self.model
 
 
 @attrs.frozen
@@ -289,6 +308,8 @@ class JobInfoMessage:
     """Present when ``content`` was cut to fit the frame: ask again from this offset."""
     next_tool_calls_offset: int | None = None
     """Present when more tool calls follow: ask again with this ``tool_calls_offset``."""
+    step: StepRecord | None = None
+    """A workflow job's latest step (running, or the last finished)."""
 
 
 @attrs.frozen
@@ -357,6 +378,14 @@ class ErrorMessage:
     retry_after_ms: int | None = None
     job_id: str | None = None
     """The job the error concerns: the one the request named, or the one whose watch ended."""
+    valid_through: int | None = None
+    """With ``gone`` for a cursor of an epoch before a takeover: the last ``seq`` of the
+    reader's view that the log kept (it drops what it has beyond and watches again from
+    here at ``epoch``)."""
+    content_length: int | None = None
+    """With ``valid_through``: the content's length at that ``seq``."""
+    epoch: int | None = None
+    """With ``valid_through``: the log's epoch now."""
 
 
 @attrs.frozen

@@ -42,6 +42,16 @@ class Projection(Protocol[ItemT]):
         ``seq`` to read after. Called once, before ``project``."""
         ...
 
+    @property
+    def next_number(self) -> int:
+        """The number the next item will have: the batches projected so far made the items
+        numbered below it (those the client has included)."""
+        ...
+
+    def fresh(self) -> Projection[ItemT]:
+        """A projection like this one that has projected nothing yet (``begin`` not called)."""
+        ...
+
     def project(self, batch: Batch) -> list[ItemT]:
         """The items ``batch`` adds that are numbered beyond the client's offset, in order.
         Batches come in ``seq`` order, none skipped."""
@@ -56,11 +66,21 @@ class BatchProjection:
 
     def __init__(self, *, tool_call_deltas: bool) -> None:
         self.tool_call_deltas = tool_call_deltas
+        self._next = 0
+
+    def fresh(self) -> BatchProjection:
+        return BatchProjection(tool_call_deltas=self.tool_call_deltas)
 
     def begin(self, after: int) -> int:
+        self._next = after + 1
         return after
 
+    @property
+    def next_number(self) -> int:
+        return self._next
+
     def project(self, batch: Batch) -> list[Batch]:
+        self._next = batch.to_seq + 1
         return [batch]
 
 
@@ -74,9 +94,17 @@ class UIChunkProjection:
     replays_unpaced = True
 
     def __init__(
-        self, job_id: str, *, from_call: str | None = None, approval_tools: frozenset[str] = frozenset()
+        self,
+        job_id: str,
+        *,
+        from_call: str | None = None,
+        approval_tools: frozenset[str] = frozenset(),
+        message_id: str | None = None,
     ) -> None:
-        self.translator = UIChunkTranslator(message_id=job_id, job_id=job_id, approval_tools=approval_tools)
+        self.translator = UIChunkTranslator(
+            message_id=message_id or job_id, job_id=job_id, approval_tools=approval_tools
+        )
+        self._job_id, self._approval_tools, self._message_id = job_id, approval_tools, message_id
         self._from_call = from_call
         self._base: int | None = 0 if from_call is None else None
         self._after = -1
@@ -89,6 +117,18 @@ class UIChunkProjection:
     def begin(self, after: int) -> int:
         self._after = after
         return 0
+
+    @property
+    def next_number(self) -> int:
+        return 0 if self._base is None else self.translator.emitted - self._base
+
+    def fresh(self) -> UIChunkProjection:
+        return UIChunkProjection(
+            self._job_id,
+            from_call=self._from_call,
+            approval_tools=self._approval_tools,
+            message_id=self._message_id,
+        )
 
     def project(self, batch: Batch) -> list[UIChunk]:
         out: list[UIChunk] = []
@@ -114,6 +154,7 @@ class ResponsesProjection:
 
     def __init__(self, source: ResponseSource) -> None:
         self.translator = ResponsesTranslator(source)
+        self._source = source
         self._after = -1
         self._started = False
 
@@ -128,6 +169,13 @@ class ResponsesProjection:
     def begin(self, after: int) -> int:
         self._after = after
         return 0
+
+    @property
+    def next_number(self) -> int:
+        return self.translator.next_sequence_number
+
+    def fresh(self) -> ResponsesProjection:
+        return ResponsesProjection(self._source)
 
     def opening(self) -> list[dict[str, Any]]:
         """``response.created`` and ``response.in_progress`` (those beyond the offset): what a

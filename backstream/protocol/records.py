@@ -71,6 +71,10 @@ class JobProgress:
     expires_at: float | None = None
 
 
+def _int_tuple(values: Sequence[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
 @attrs.frozen
 class JobRecord:
     """A job as the store keeps it. ``seq`` is the last entry written durably."""
@@ -93,6 +97,18 @@ class JobRecord:
     abort_requested: bool = False
     owner: str | None = None  # the runtime instance that runs it
     lease_until: float | None = None  # past this, without renewal, the job is an orphan
+    handoffs: int = 0
+    """How many of its takeovers followed a clean hand-off (a stopping instance left it
+    running for another) rather than a crash: those do not count toward
+    ``max_continuations``."""
+    epoch_ends: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+    """``epoch_ends[e - 1]``: the last ``seq`` epoch ``e`` wrote durably, which the log kept
+    when the job was taken over at epoch ``e + 1`` (the record's ``seq`` at the takeover)."""
+
+    def kept_through(self, epoch: int) -> int | None:
+        """The last ``seq`` a reader of ``epoch`` saw that the log still holds as it was;
+        None for the current epoch or one the job never had."""
+        return self.epoch_ends[epoch - 1] if 1 <= epoch < self.epoch <= len(self.epoch_ends) + 1 else None
 
     @property
     def model(self) -> str:

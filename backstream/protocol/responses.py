@@ -21,16 +21,22 @@ import attrs
 
 from backstream.protocol.events import (
     LIVE_STATUSES,
+    ApprovalRequiredEvent,
     ErrorInfo,
     LogEvent,
     ReasoningEvent,
+    RewindEvent,
     StatusEvent,
     TextEvent,
     ToolCallEvent,
     ToolResultEvent,
 )
+from backstream.protocol.responses_input import approval_request_id
 from backstream.protocol.responses_request import MAX_ANNOTATION_CHARS, ResponseRequest, parse_create
 from backstream.protocol.responses_sse import error_body, sse_frame
+
+APPROVAL_SERVER_LABEL = "backstream"
+"""The ``server_label`` of an ``mcp_approval_request``: the tool runs on this server."""
 
 __all__ = [
     "MAX_ANNOTATION_CHARS",
@@ -142,6 +148,7 @@ class _OpenItem:
     index: int
     item_id: str
     text: list[str]
+    seqs: list[int] = attrs.Factory(list)  # the entry each piece of ``text`` came from
 
 
 class ResponsesTranslator:
@@ -149,12 +156,19 @@ class ResponsesTranslator:
 
     ``start()`` gives ``response.created`` (0) and ``response.in_progress`` (1); ``feed``
     gives the events of one entry. ``snapshot()`` is the response object so far.
+
+    A ``rewind`` (a turn run again after a crash) cannot take back deltas already sent: the
+    open item is closed at once with what stands of it (its ``*.done`` events carry that
+    text; an item whose every piece was withdrawn ends ``incomplete``), and the items the
+    rewind withdrew are left out of the response object from then on.
     """
 
     def __init__(self, source: ResponseSource) -> None:
         self._response = _base_response(source)
         self._id_stem = source.response_id.split("_", 1)[-1]
         self._output: list[dict[str, Any]] = []
+        self._starts: list[int] = []  # the seq each output item began at
+        self._withdrawn: set[int] = set()  # the output items a rewind took back
         self._open: _OpenItem | None = None
         self._next = 0
         self._last_seq = 0
@@ -175,6 +189,7 @@ class ResponsesTranslator:
         output = [dict(item) for item in self._output]
         if self._open is not None:
             output[self._open.index] = self._item_of(self._open, "in_progress")
+        output = [item for index, item in enumerate(output) if index not in self._withdrawn]
         return {**self._response, "output": output}
 
     def feed(self, entry: LogEvent) -> list[dict[str, Any]]:
@@ -190,9 +205,13 @@ class ResponsesTranslator:
             return self._close() + self._tool_call(entry)
         if isinstance(entry, ToolResultEvent):
             return self._close() + self._tool_result(entry)
+        if isinstance(entry, ApprovalRequiredEvent):
+            return self._close() + self._approval_request(entry)
+        if isinstance(entry, RewindEvent):
+            return self._rewind(entry.to_seq)
         if isinstance(entry, StatusEvent) and entry.is_terminal:
             return self._finish(entry)
-        return []  # running / awaiting_approval status, approvals: nothing a Responses client sees
+        return []  # running / awaiting_approval status, decisions: nothing a Responses client sees
 
     def feed_all(self, entries: Iterable[LogEvent]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -210,6 +229,7 @@ class ResponsesTranslator:
             item = _OpenItem(kind, len(self._output), f"{prefix}_{self._id_stem}_{seq}", [])
             self._open = item
             self._output.append({})
+            self._starts.append(seq)
             out.append(
                 self._event(
                     "response.output_item.added",
@@ -222,6 +242,7 @@ class ResponsesTranslator:
             )
         item = self._open
         item.text.append(text)
+        item.seqs.append(seq)
         delta = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
         extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
         out.append(self._event(delta, **self._where(item), delta=text, **extra))
@@ -243,6 +264,18 @@ class ResponsesTranslator:
             self._event("response.output_item.done", output_index=item.index, item=final),
         ]
 
+    def _rewind(self, to_seq: int) -> list[dict[str, Any]]:
+        """Close the open item with the pieces up to ``to_seq``; withdraw every item that
+        began after it."""
+        out: list[dict[str, Any]] = []
+        item = self._open
+        if item is not None:
+            kept = sum(1 for seq in item.seqs if seq <= to_seq)
+            del item.text[kept:], item.seqs[kept:]
+            out = self._close("completed" if kept else "incomplete")
+        self._withdrawn.update(i for i, start in enumerate(self._starts) if start > to_seq)
+        return out
+
     def _tool_call(self, entry: ToolCallEvent) -> list[dict[str, Any]]:
         index = len(self._output)
         item_id = f"fc_{self._id_stem}_{entry.seq}"
@@ -256,6 +289,7 @@ class ResponsesTranslator:
         }
         done = {**added, "arguments": entry.arguments, "status": "completed"}
         self._output.append(done)
+        self._starts.append(entry.seq)
         where = {"output_index": index, "item_id": item_id}
         return [
             self._event("response.output_item.added", output_index=index, item=added),
@@ -276,6 +310,25 @@ class ResponsesTranslator:
             "created_by": "backstream",
         }
         self._output.append(item)
+        self._starts.append(entry.seq)
+        return [
+            self._event("response.output_item.added", output_index=index, item=item),
+            self._event("response.output_item.done", output_index=index, item=item),
+        ]
+
+    def _approval_request(self, entry: ApprovalRequiredEvent) -> list[dict[str, Any]]:
+        """A server tool's call waiting for a person, in the shape OpenAI gives an MCP
+        tool's: the client answers it with an ``mcp_approval_response`` input item."""
+        index = len(self._output)
+        item = {
+            "type": "mcp_approval_request",
+            "id": approval_request_id(entry.call_id),
+            "server_label": APPROVAL_SERVER_LABEL,
+            "name": entry.name,
+            "arguments": entry.arguments,
+        }
+        self._output.append(item)
+        self._starts.append(entry.seq)
         return [
             self._event("response.output_item.added", output_index=index, item=item),
             self._event("response.output_item.done", output_index=index, item=item),

@@ -5,6 +5,10 @@ needs); a bad field is a ``BadRequestError`` whose ``param`` extra names it. ``m
 is kept as sent (its ``thread_id``, if any, also names the job's thread) and echoed
 unchanged. ``max_tool_calls`` (a non-negative integer) becomes the job param of that name
 (``protocol.job_params``): at most that many server-side tool calls run in the response.
+``input`` items are read by ``protocol.responses_input``; function tools with
+``parameters`` are the client's (the ``client_tools`` job param); ``previous_response_id``
+and ``store`` are kept for the HTTP layer, which continues the conversation
+(``protocol.history``) and deletes an unstored response once answered.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any, Final
 import attrs
 
 from backstream.protocol.errors import BadRequestError
-from backstream.protocol.job_params import check_max_tool_calls
+from backstream.protocol.job_params import check_client_tools, check_max_tool_calls
+from backstream.protocol.responses_input import ApprovalAnswer, parse_input
 
 __all__ = [
     "BODY_SHA256",
@@ -38,12 +43,9 @@ BODY_SHA256: Final = "body_sha256"
 same body) from a reuse of the key for another request. Never echoed."""
 
 _MAX_METADATA_KEYS: Final = 16
-_INPUT_TEXT_PARTS: Final = frozenset({"input_text", "output_text", "text"})
-_INPUT_ROLES: Final = frozenset({"user", "assistant", "system", "developer"})
 # Accepted and ignored: they change nothing a client can observe here.
 _IGNORED_FIELDS: Final = frozenset(
     {
-        "store",
         "include",
         "user",
         "service_tier",
@@ -66,7 +68,10 @@ _PARAM_FIELDS: Final = {
     "max_tool_calls": "max_tool_calls",
 }
 _KNOWN_FIELDS: Final = (
-    frozenset({"model", "input", "instructions", "tools", "background", "stream", "metadata"})
+    frozenset(
+        {"model", "input", "instructions", "tools", "background", "stream", "metadata", "store"}
+        | {"previous_response_id"}
+    )
     | _IGNORED_FIELDS
     | frozenset(_PARAM_FIELDS)
 )
@@ -77,7 +82,13 @@ class ResponseRequest:
     """A ``POST /v1/responses`` body, checked: what the job is started with."""
 
     model: str
-    messages: tuple[dict[str, Any], ...]
+    instructions: str | None
+    input_messages: tuple[dict[str, Any], ...]
+    """The input as chat messages (without the instructions)."""
+    approvals: tuple[ApprovalAnswer, ...]
+    """Decisions on server tools waiting for approval (``mcp_approval_response`` items)."""
+    previous_response_id: str | None
+    store: bool
     params: dict[str, Any]
     tools: tuple[str, ...]
     background: bool
@@ -85,6 +96,12 @@ class ResponseRequest:
     thread_id: str | None
     annotations: dict[str, Any]
     """Kept with the job and echoed in the response object: instructions, metadata, tools."""
+
+    @property
+    def messages(self) -> tuple[dict[str, Any], ...]:
+        """The job's messages when it continues no earlier response."""
+        system = ({"role": "system", "content": self.instructions},) if self.instructions else ()
+        return (*system, *self.input_messages)
 
 
 def parse_create(body: Any) -> ResponseRequest:
@@ -100,14 +117,26 @@ def parse_create(body: Any) -> ResponseRequest:
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise _bad("instructions must be a string", "instructions")
-    messages = _input_messages(body.get("input"))
-    if instructions:
-        messages = [{"role": "system", "content": instructions}, *messages]
-    tools, tool_entries = _tools(body.get("tools"))
+    given = parse_input(body.get("input"))
+    previous = _previous_response_id(body)
+    if not given.messages and previous is None:
+        raise _bad("input must hold a message unless it continues a previous response", "input")
+    tools, client_tools, tool_entries = _tools(body.get("tools"))
     metadata = _metadata(body.get("metadata"))
     params = _params(body)
+    if client_tools:
+        params["client_tools"] = client_tools
     background = _flag(body, "background")
+    store = body.get("store", True)
+    if not isinstance(store, bool):
+        raise _bad("store must be a boolean", "store")
+    if not store and background:
+        raise _bad("background responses must be stored: store=false cannot be used with background", "store")
     annotations: dict[str, Any] = {"metadata": metadata, "background": background}
+    if not store:
+        annotations["store"] = False
+    if previous is not None:
+        annotations["previous_response_id"] = previous
     if instructions is not None:
         annotations["instructions"] = instructions
     if tool_entries:
@@ -118,7 +147,11 @@ def parse_create(body: Any) -> ResponseRequest:
         )
     return ResponseRequest(
         model=model,
-        messages=tuple(messages),
+        instructions=instructions or None,
+        input_messages=given.messages,
+        approvals=given.approvals,
+        previous_response_id=previous,
+        store=store,
         params=params,
         tools=tools,
         background=background,
@@ -126,6 +159,15 @@ def parse_create(body: Any) -> ResponseRequest:
         thread_id=metadata.get("thread_id"),
         annotations=annotations,
     )
+
+
+def _previous_response_id(body: Mapping[str, Any]) -> str | None:
+    value = body.get("previous_response_id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 256:
+        raise _bad("previous_response_id must be a response id", "previous_response_id")
+    return value
 
 
 def body_fingerprint(body: Any) -> str:
@@ -148,59 +190,35 @@ def _flag(body: Mapping[str, Any], name: str) -> bool:
     return value
 
 
-def _input_messages(value: Any) -> list[dict[str, Any]]:
-    if isinstance(value, str):
-        if not value:
-            raise _bad("input must not be empty", "input")
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise _bad("input must be a string or a non-empty list of messages", "input")
-    out = []
-    for i, item in enumerate(value):
-        where = f"input[{i}]"
-        if not isinstance(item, dict):
-            raise _bad(f"{where} must be an object", where)
-        kind = item.get("type", "message")
-        if kind != "message":
-            raise _bad(f"{where}.type {kind!r} is not supported (only messages)", f"{where}.type")
-        role = item.get("role")
-        if role not in _INPUT_ROLES:
-            raise _bad(f"{where}.role must be one of {', '.join(sorted(_INPUT_ROLES))}", f"{where}.role")
-        out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
-    return out
-
-
-def _content(value: Any, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise _bad(f"{where} must be a string or a list of text parts", where)
-    texts = []
-    for i, part in enumerate(value):
-        if not isinstance(part, dict) or part.get("type") not in _INPUT_TEXT_PARTS:
-            raise _bad(
-                f"{where}[{i}] must be a text part (input_text); other inputs are not supported", where
-            )
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise _bad(f"{where}[{i}].text must be a string", where)
-        texts.append(text)
-    return "".join(texts)
-
-
-def _tools(value: Any) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+def _tools(value: Any) -> tuple[tuple[str, ...], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Server tools' names, client tools' chat specs, and every entry to echo. A function
+    tool without ``parameters`` names a server tool; one with ``parameters`` is defined by
+    the client, which runs it (``client_tools``)."""
     if value is None:
-        return (), []
+        return (), [], []
     if not isinstance(value, list):
         raise _bad("tools must be a list", "tools")
-    names, entries = [], []
+    names: list[str] = []
+    client: list[dict[str, Any]] = []
+    entries = []
     for i, tool in enumerate(value):
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise _bad(f"tools[{i}] must be a function tool naming a server tool", f"tools[{i}]")
+            raise _bad(f"tools[{i}] must be a function tool", f"tools[{i}]")
         name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise _bad(f"tools[{i}].name must be a non-empty string", f"tools[{i}].name")
-        names.append(name)
+        if "parameters" in tool:
+            function = {
+                "name": name,
+                "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+            }
+            if isinstance(tool.get("description"), str):
+                function["description"] = tool["description"]
+            if isinstance(tool.get("strict"), bool):
+                function["strict"] = tool["strict"]
+            client.append({"type": "function", "function": function})
+        else:
+            names.append(name)
         entries.append(
             {
                 "type": "function",
@@ -210,7 +228,15 @@ def _tools(value: Any) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
                 "strict": tool.get("strict"),
             }
         )
-    return tuple(names), entries
+    if client:
+        try:
+            check_client_tools(client)
+        except ValueError as exc:
+            raise _bad(str(exc).replace("client_tools", "tools").replace(".function", ""), "tools") from None
+    both = set(names) & {spec["function"]["name"] for spec in client}
+    if both:
+        raise _bad(f"tools names {sorted(both)[0]!r} twice", "tools")
+    return tuple(names), client, entries
 
 
 def _metadata(value: Any) -> dict[str, str]:

@@ -44,10 +44,12 @@ from backstream.protocol.events import (
     ReasoningEvent,
     RewindEvent,
     StatusEvent,
+    StepEvent,
     TextEvent,
     ToolCallDeltaEvent,
     ToolCallEvent,
     ToolResultEvent,
+    step_call_id,
 )
 
 __all__ = [
@@ -144,6 +146,8 @@ class UIChunkTranslator:
             self._tool_call(entry, out)
         elif isinstance(entry, ApprovalRequiredEvent):
             self._close_parts(out)
+            if entry.call_id not in self._held and entry.call_id not in self._inputs_started:
+                self._workflow_approval(entry, out)
             self._show_held(entry.call_id, out, own_step=True)
             out.append(
                 {
@@ -176,6 +180,8 @@ class UIChunkTranslator:
             self._close_parts(out)
             data = {"toSeq": entry.to_seq, "contentLength": entry.content_length}
             out.append({"type": "data-backstream-rewind", "data": data})
+        elif isinstance(entry, StepEvent):
+            self._step(entry, out)
         else:
             self._status(entry, out)
         self.emitted += len(out)
@@ -279,6 +285,31 @@ class UIChunkTranslator:
             "toolCallId": entry.call_id,
             "output": _output_value(entry.output),
         }
+
+    def _workflow_approval(self, entry: ApprovalRequiredEvent, out: list[UIChunk]) -> None:
+        """A workflow step asks a person (no model announced a call): shown as a call of its
+        own, so that the page asks as it does for a tool."""
+        self._model_output(out)
+        if self._step_shows_call:
+            out.append({"type": "finish-step"})
+            self._start_step(out)
+        self._start_input(entry.call_id, entry.name, out)
+        out.append(_tool_input(ToolCallEvent(entry.seq, entry.call_id, entry.name, entry.arguments)))
+
+    def _step(self, entry: StepEvent, out: list[UIChunk]) -> None:
+        """A workflow's step: a data part per step (``data-backstream-step``, the same id when
+        it starts and finishes, so the page's part is updated in place); a step that asked a
+        person also gives its call an output."""
+        self._close_parts(out)
+        status = "running" if entry.phase == "started" else ("failed" if entry.is_error else "finished")
+        data = {"step": entry.step, "name": entry.name, "status": status, "summary": entry.summary}
+        out.append({"type": "data-backstream-step", "id": f"step-{entry.step}", "data": data})
+        call_id = step_call_id(entry.step)
+        if entry.phase == "finished" and call_id in self._inputs_started:
+            if call_id in self._denied:
+                out.append({"type": "tool-output-denied", "toolCallId": call_id})
+            else:
+                out.append({"type": "tool-output-available", "toolCallId": call_id, "output": True})
 
     def _status(self, entry: StatusEvent, out: list[UIChunk]) -> None:
         if entry.status == RUNNING:

@@ -167,12 +167,43 @@ def job_options(body: dict[str, Any], default_model: str) -> JobOptions:
 
 def job_key(request: SendRequest, *, regenerating: str | None = None) -> str | None:
     """The idempotency key of the job a ``send`` starts: the chat and its last user
-    message (and, to regenerate, the answer it replaces). None without a user message."""
+    message (and, to regenerate, the answer it replaces; to go on after client-side tools,
+    the calls answered). None without a user message."""
     user_id = next((m.get("id") for m in reversed(request.messages) if m.get("role") == "user"), None)
     if not isinstance(user_id, str):
         return None
     parts = [request.chat_id, user_id] + ([regenerating] if regenerating is not None else [])
+    answered = tool_outputs_given(request.messages)
+    if answered is not None:
+        parts += ["tools", *answered.call_ids]
     return "ais_" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:40]
+
+
+@attrs.frozen
+class ToolOutputsGiven:
+    """A ``send`` whose last message is the assistant's, its last step's tool calls all
+    done: the page answered client-side tools (``addToolOutput``) and the answer goes on."""
+
+    message_id: str
+    """The assistant message the answer continues (the stream keeps its id)."""
+    call_ids: tuple[str, ...]
+
+
+def tool_outputs_given(messages: Sequence[dict[str, Any]]) -> ToolOutputsGiven | None:
+    """The tool outputs a ``send`` carries in its last (assistant) message, if any."""
+    if not messages or messages[-1].get("role") != "assistant":
+        return None
+    last = messages[-1]
+    parts = [p for p in last.get("parts", []) if isinstance(p, dict)]
+    starts = [i for i, p in enumerate(parts) if p.get("type") == "step-start"]
+    step = parts[starts[-1] + 1 :] if starts else parts
+    calls = [p for p in step if _is_tool(p)]
+    message_id = last.get("id")
+    if not calls or not isinstance(message_id, str) or not 1 <= len(message_id) <= MAX_REQUEST_ID_CHARS:
+        return None
+    if any(p.get("state") not in _DONE_TOOL_STATES for p in calls):
+        return None
+    return ToolOutputsGiven(message_id, tuple(str(p.get("toolCallId")) for p in calls))
 
 
 @attrs.frozen

@@ -9,6 +9,7 @@ async with backstream.open_runtime(backstream.Config()) as rt:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -21,6 +22,7 @@ from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.dispatcher import Dispatcher, DispatcherStatistics
 from backstream.actors.job import JobActor
+from backstream.actors.joblog import summarize_events
 from backstream.actors.keeper import Keeper, KeeperStatistics
 from backstream.actors.metronome import Metronome
 from backstream.actors.notifier import NotificationSink, Notifier
@@ -32,16 +34,24 @@ from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import Supervisor, SupervisorStatistics
 from backstream.actors.watcher import Watcher
 from backstream.actors.webhooks import WebhookDeliverer
-from backstream.protocol.errors import BadRequestError, GoneError, UnavailableError
+from backstream.protocol.errors import (
+    BadRequestError,
+    ConflictError,
+    GoneError,
+    NotFoundError,
+    UnavailableError,
+)
 from backstream.protocol.events import JobInfo, JobSummary, LogEvent
 from backstream.protocol.ids import new_id
+from backstream.protocol.offsets import stale_epoch_error
 from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
+from backstream.protocol.workflow import workflow_name_of
 from backstream.runtime.handle import AbortResult, JobHandle, JobHandles
 from backstream.runtime.models.http1 import HTTP1Pool, PoolStatistics
 from backstream.runtime.models.router import ModelRouter
 from backstream.runtime.models.upstream import UpstreamStatistics
 from backstream.runtime.tools.registry import ToolRegistry
-from backstream.runtime.validation import check_identifier, check_messages, check_params
+from backstream.runtime.validation import check_identifier, check_messages, check_params, workflow_input_of
 
 __all__ = ["AbortResult", "Runtime", "RuntimeStatistics", "StartedJob"]
 
@@ -144,8 +154,13 @@ class Runtime:
         params: dict[str, Any] | None = None,
         tools: Sequence[str] | None = None,
         annotations: dict[str, Any] | None = None,
+        workflow_input: dict[str, Any] | None = None,
     ) -> StartedJob:
         """Start a job, or return the user's job already started with ``message_id``.
+
+        A ``model`` named ``workflow/<name>`` runs that workflow (docs/workflows.md) with
+        ``workflow_input`` (by default ``{"ask": <the last user message's text>, "messages":
+        messages}``); its messages may be empty.
 
         ``annotations`` are kept with the job's request and given back as they were (JSON
         values; the caller bounds their size); the model never sees them.
@@ -164,13 +179,19 @@ class Runtime:
         check_identifier("message_id", message_id)
         check_identifier("model", model)
         checked_params = check_params(params, builtin=self._router.is_local(model))
+        annotations = dict(annotations or {})
+        if workflow_name_of(model) is not None:
+            checked = check_messages(messages) if messages else ()
+            annotations["workflow_input"] = workflow_input_of(workflow_input, checked)
+        else:
+            # Stored with the job, so a continuation and the job's log see the same conversation.
+            checked = self._router.with_system_prompt(model, check_messages(messages))
         request = JobRequest(
             model=model,
-            # Stored with the job, so a continuation and the job's log see the same conversation.
-            messages=self._router.with_system_prompt(model, check_messages(messages)),
+            messages=checked,
             params=checked_params,
             tools=self._check_tools(tools),
-            annotations=dict(annotations or {}),
+            annotations=annotations,
         )
         model_to_run = self._router.resolve(request)  # an unknown model never reaches admission
         record, existing = await self._registry.start_job(
@@ -289,9 +310,12 @@ class Runtime:
             raise BadRequestError("after_seq must be a non-negative integer")
         view = (await self._lookup(job_id, user)).log_view()
         current_epoch, last_seq, finished = view.epoch, view.last_seq, view.finished
+        kept_through = None
         if epoch is not None and epoch != current_epoch:
-            view.source.close()
-            raise GoneError(f"the job's log is at epoch {current_epoch}; load the result with job.get")
+            kept_through = view.record.kept_through(epoch)
+            if kept_through is None or after_seq > kept_through:
+                view.source.close()
+                raise await self._stale_epoch(job_id, user, current_epoch, kept_through)
         # A cursor ahead of a running job waits for the log to reach it (another instance
         # may lag by one flush); if the job ends first, the watch ends with bad_request.
         if finished and after_seq > last_seq:
@@ -309,8 +333,18 @@ class Runtime:
             tool_call_deltas=tool_call_deltas,
             merge_text=merge_text,
             sleep_until=self._metronome.sleep_until,
+            kept_through=kept_through,
         )
         return watcher, finished
+
+    async def _stale_epoch(self, job_id: str, user: str, epoch: int, kept_through: int | None) -> GoneError:
+        """``gone`` for a cursor of an earlier epoch past what the log kept of it, with the
+        content's length at the last ``seq`` that stands (so a reader can cut its text)."""
+        if kept_through is None:
+            return stale_epoch_error(epoch, None)
+        _, entries = await (await self._lookup(job_id, user)).log()
+        content, _ = summarize_events(ev for ev in entries if ev.seq <= kept_through)
+        return stale_epoch_error(epoch, kept_through, content_length=len(content))
 
     async def get_job(
         self, job_id: str, *, user: str, include_content: bool = False, offset: int = 0
@@ -343,6 +377,19 @@ class Runtime:
         Cancellation: the abort, once requested, still happens; only the wait for the job's
         end is abandoned."""
         return await (await self._lookup(job_id, user)).abort()
+
+    async def delete_job(self, job_id: str, *, user: str) -> None:
+        """Delete the user's job now, with its log (a running one is aborted first, and
+        deleted once it has ended). Raises ``NotFoundError``. Cancellation: the job may or
+        may not be deleted (aborted, if it was running); deleting again is safe."""
+        found = await self._lookup(job_id, user)
+        await found.abort()
+        if not await self._store.delete_job(job_id):
+            # Gone meanwhile (another delete, or the sweep), or still running elsewhere
+            # past remote_abort_wait: either way nothing more to do here but say so.
+            if await self._store.get_job(job_id) is not None:
+                raise ConflictError("the job is still ending on another instance; delete it again shortly")
+            raise NotFoundError()
 
     async def list_jobs(
         self,
@@ -443,9 +490,22 @@ class Runtime:
 
     async def _drain(self) -> None:
         """Refuse new jobs, give running ones ``drain_timeout`` to end, interrupt the rest
-        (or leave them running in the store, for another owner: ``hand_off``)."""
+        (or leave them running in the store, for another owner: ``hand_off``). When another
+        instance is alive, the jobs it can continue are left to it at once, without the
+        drain: a rolling restart costs them a hand-off, not ``drain_timeout``."""
         self._registry.stop_accepting()
-        await self._job_supervisor.shutdown()
+        handing_off = False
+        try:
+            with trio.move_on_after(self.config.finalize_timeout):
+                handing_off = await self._store.others_alive(self.instance_id, self._clock.now())
+        except UnavailableError:
+            handing_off = False
+        drain = self.config.drain_timeout
+
+        def grace(actor: JobActor | None) -> float:
+            return 0.0 if actor is not None and actor.leaves_running_on_stop else drain
+
+        await self._job_supervisor.shutdown(grace=grace if handing_off else None)
 
     async def hand_off(self) -> None:
         """End the leases of the jobs left running at shutdown now, so that a live instance
@@ -454,10 +514,12 @@ class Runtime:
         ``finalize_timeout``) leaves the leases to lapse by themselves. Cancellation: the
         same."""
         left = self._registry.left_running()
+        with trio.move_on_after(self.config.finalize_timeout), contextlib.suppress(UnavailableError):
+            await self._store.withdraw(self.instance_id)
         if not left:
             return
         with trio.move_on_after(self.config.finalize_timeout):
             try:
-                await self._store.renew_leases(self.instance_id, left, self._clock.now())
+                await self._store.hand_off(self.instance_id, left, self._clock.now())
             except UnavailableError as exc:
                 log.warning("could not hand off %d jobs at once (%s); their leases lapse", len(left), exc)

@@ -33,6 +33,7 @@ from backstream.protocol.events import (
     LogEvent,
 )
 from backstream.protocol.records import JobRecord, job_summary
+from backstream.protocol.workflow import current_step, workflow_name_of
 
 __all__ = ["AbortResult", "JobHandle", "JobHandles", "LiveJob", "LogView", "StoredJob"]
 
@@ -51,6 +52,9 @@ class LogView:
     epoch: int
     last_seq: int
     finished: bool
+    record: JobRecord
+    """The job's record as the view opened (``kept_through`` tells what readers of an
+    earlier epoch may keep)."""
 
 
 class JobHandle(Protocol):
@@ -112,18 +116,23 @@ class LiveJob:
 
     def log_view(self) -> LogView:
         log = self._actor.log
-        return LogView(LiveSource(log), log.epoch, log.last_seq, log.terminal is not None)
+        return LogView(LiveSource(log), log.epoch, log.last_seq, log.terminal is not None, self._actor.record)
 
     async def info(self, *, include_content: bool, offset: int) -> JobInfo:
         await trio.lowlevel.checkpoint()
         if not include_content:
             return JobInfo(job=self.summary())
         log = self._actor.log
-        return JobInfo(job=self.summary(), content=log.content(offset), tool_calls=log.tool_calls())
+        step = current_step(log.entries()) if workflow_name_of(self._actor.record.model) else None
+        return JobInfo(
+            job=self.summary(), content=log.content(offset), tool_calls=log.tool_calls(), step=step
+        )
 
     async def log(self) -> tuple[JobRecord, tuple[LogEvent, ...]]:
         await trio.lowlevel.checkpoint()
-        return self._actor.record, tuple(self._actor.log.entries())
+        # The snapshot, not the record it started with: its status agrees with the entries
+        # (a job whose log just ended reads as ended, before its actor is gone).
+        return self._actor.snapshot(), tuple(self._actor.log.entries())
 
     async def wait_until_ended(self) -> JobSummary:
         await self._actor.finished.wait()
@@ -186,7 +195,7 @@ class StoredJob:
             source = StoredSource(self._store, record.job_id, record.epoch)
         else:
             source = self._tails.open(record.job_id, record.epoch)
-        return LogView(source, record.epoch, record.seq, finished)
+        return LogView(source, record.epoch, record.seq, finished, record)
 
     async def info(self, *, include_content: bool, offset: int) -> JobInfo:
         if not include_content:
@@ -194,7 +203,8 @@ class StoredJob:
             return JobInfo(job=self.summary())
         entries = await self._store.read(self.job_id, 0, self._record.seq)
         content, calls = summarize_events(entries)
-        return JobInfo(job=self.summary(), content=content[offset:], tool_calls=calls)
+        step = current_step(entries) if workflow_name_of(self._record.model) else None
+        return JobInfo(job=self.summary(), content=content[offset:], tool_calls=calls, step=step)
 
     async def log(self) -> tuple[JobRecord, tuple[LogEvent, ...]]:
         entries = await self._store.read(self.job_id, 0, self._record.seq) if self._record.seq else []

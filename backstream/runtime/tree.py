@@ -30,7 +30,7 @@ once (continued through the registry, which runs by then) before the runtime is 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -51,6 +51,7 @@ from backstream.actors.seats import HeldSeats
 from backstream.actors.supervisor import ChildSpec, Restart, Supervisor
 from backstream.actors.ticker import FlushTicker
 from backstream.actors.webhooks import WebhookDeliverer, WebhookEvents, WebhookSender, WebhookSettings
+from backstream.actors.workflow import Workflow
 from backstream.protocol.continuation import Continuation
 from backstream.protocol.errors import BackstreamError
 from backstream.protocol.ids import new_id
@@ -59,6 +60,7 @@ from backstream.runtime.api import Runtime
 from backstream.runtime.models.http1 import HTTP1Pool
 from backstream.runtime.models.router import ModelRouter
 from backstream.runtime.models.upstream import UpstreamClient, open_http_client
+from backstream.runtime.models.workflows import WorkflowRegistry
 from backstream.runtime.stores.memory import MemoryStore
 from backstream.runtime.tools.registry import ToolRegistry
 
@@ -75,6 +77,7 @@ async def open_runtime(
     clock: WallClock | None = None,
     webhooks: WebhookSettings | None = None,
     webhook_sender: WebhookSender | None = None,
+    workflows: WorkflowRegistry | Iterable[Workflow] | None = None,
 ) -> AsyncIterator[Runtime]:
     """Run a runtime for the duration of the block.
 
@@ -83,6 +86,9 @@ async def open_runtime(
     your own ``Model`` implementations (they take precedence over the built-ins
     and the upstream). ``clock`` is the runtime's wall clock (by default the
     machine's, moving with trio's clock).
+
+    ``workflows``: the workflows jobs may run as ``workflow/<name>`` (docs/workflows.md);
+    the built-in ``demo`` is always there.
 
     ``webhooks`` (with its ``webhook_sender``, e.g. ``HttpWebhookSender``): the events
     of jobs' ends go to these endpoints (see docs/webhooks.md).
@@ -108,7 +114,7 @@ async def open_runtime(
             upstream = UpstreamClient(config, http) if http is not None else None
             if tools is None:
                 tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
-            router = ModelRouter(config, models or {}, upstream)
+            router = ModelRouter(config, models or {}, upstream, _workflow_registry(workflows))
             hooks = (webhooks, webhook_sender) if webhooks and webhooks.endpoints and webhook_sender else None
             runtime = await _start_system(
                 config, store, clock, notifier, jobs, system, router, tools, http, hooks
@@ -139,6 +145,15 @@ async def open_runtime(
                 await http.aclose()
         # Not inside a scope of ours: a store may hold scopes it entered at open().
         await store.aclose()
+
+
+def _workflow_registry(workflows: WorkflowRegistry | Iterable[Workflow] | None) -> WorkflowRegistry:
+    if isinstance(workflows, WorkflowRegistry):
+        return workflows
+    registry = WorkflowRegistry.with_builtins()
+    for item in workflows or ():
+        registry.register(item)
+    return registry
 
 
 def _model_of(router: ModelRouter, record: JobRecord) -> tuple[Model, Continuation] | None:

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from backstream.protocol.errors import BadRequestError
-from backstream.protocol.job_params import JOB_PARAMS, check_max_tool_calls
+from backstream.protocol.job_params import JOB_PARAMS, check_client_tools, check_max_tool_calls
 from backstream.protocol.messages import MAX_NAME_CHARS
 from backstream.runtime.models.builtin import BUILTIN_PARAMS
 
-__all__ = ["ALLOWED_PARAMS", "check_identifier", "check_messages", "check_params"]
+__all__ = ["ALLOWED_PARAMS", "check_identifier", "check_messages", "check_params", "workflow_input_of"]
 
 ALLOWED_PARAMS = (
     frozenset(
@@ -57,6 +57,24 @@ def check_messages(messages: Any) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
+def workflow_input_of(value: Any, messages: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """A workflow job's input: ``value`` (a JSON object), or, without one, what its chat
+    messages ask: ``{"ask": <the last user message's text>, "messages": messages}``."""
+    if value is None:
+        ask = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
+        if isinstance(ask, list):  # content parts: their text
+            ask = "".join(
+                p.get("text", "") for p in ask if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
+        return {"ask": ask if isinstance(ask, str) else "", "messages": list(messages)}
+    if not isinstance(value, dict):
+        raise BadRequestError("input must be an object")
+    problem = _not_json_safe(value)
+    if problem is not None:
+        raise BadRequestError(f"input holds {problem}")
+    return dict(value)
+
+
 def check_params(params: Any, *, builtin: bool) -> dict[str, Any]:
     if params is None:
         return {}
@@ -66,11 +84,13 @@ def check_params(params: Any, *, builtin: bool) -> dict[str, Any]:
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise BadRequestError(f"params may not hold {', '.join(unknown)}")
-    if "max_tool_calls" in params:
-        try:
+    try:
+        if "max_tool_calls" in params:
             check_max_tool_calls(params["max_tool_calls"])
-        except ValueError as exc:
-            raise BadRequestError(f"params.{exc}") from None
+        if "client_tools" in params:
+            check_client_tools(params["client_tools"])
+    except ValueError as exc:
+        raise BadRequestError(f"params.{exc}") from None
     for name, value in params.items():
         wrong = _not_json_safe(value)  # it would be echoed into JSON that JSON.parse refuses
         if wrong:

@@ -19,11 +19,14 @@ from typing import Any
 
 from backstream.actors.config import Config
 from backstream.actors.ports import Model
+from backstream.actors.workflow import WorkflowTarget
 from backstream.protocol.continuation import Continuation, continuation_for
 from backstream.protocol.errors import BadRequestError
 from backstream.protocol.records import JobRequest
+from backstream.protocol.workflow import WORKFLOW_PREFIX, workflow_name_of
 from backstream.runtime.models.builtin import BUILTIN_MODELS, builtin_model, validate_builtin_params
 from backstream.runtime.models.upstream import UpstreamClient
+from backstream.runtime.models.workflows import WorkflowRegistry
 
 __all__ = ["BUILTIN_PREFIX", "ModelRouter"]
 
@@ -33,16 +36,24 @@ BUILTIN_PREFIX = "backstream/"
 class ModelRouter:
     """Answers from its configuration only: no I/O, nothing to cancel."""
 
-    def __init__(self, config: Config, models: Mapping[str, Model], upstream: UpstreamClient | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        models: Mapping[str, Model],
+        upstream: UpstreamClient | None,
+        workflows: WorkflowRegistry | None = None,
+    ) -> None:
         self._config = config
         self._models = dict(models)
         self.upstream = upstream
         """The upstream client, or None without ``config.upstream_url``."""
+        self.workflows = workflows if workflows is not None else WorkflowRegistry.with_builtins()
+        """The workflows a job may name as ``workflow/<name>``."""
 
     def is_local(self, model: str) -> bool:
         """Whether ``model`` is embedded or named as a built-in (the upstream's params are
         restricted; these take their own)."""
-        return model.startswith(BUILTIN_PREFIX) or model in self._models
+        return model.startswith((BUILTIN_PREFIX, WORKFLOW_PREFIX)) or model in self._models
 
     def model_allowed(self, model: str) -> bool:
         """Whether ``config.allowed_models`` lets a job name ``model``: not excluded by a
@@ -59,7 +70,8 @@ class ModelRouter:
         """What a client may name, as glob patterns: the built-in and embedded models not
         excluded, then ``config.allowed_models`` (``*`` for any model with an upstream and no
         pattern)."""
-        fixed = [m for m in sorted({*BUILTIN_MODELS, *self._models}) if self.model_allowed(m)]
+        flows = {WORKFLOW_PREFIX + name for name in self.workflows.names()}
+        fixed = [m for m in sorted({*BUILTIN_MODELS, *self._models, *flows}) if self.model_allowed(m)]
         allowing = [p for p in self._config.allowed_models if not p.startswith("!")]
         if not allowing and self.upstream is not None:
             allowing = ["*"]
@@ -89,7 +101,10 @@ class ModelRouter:
     def continuation(self, model: str) -> Continuation:
         """How a job of ``model`` is continued when its instance died: the first pattern of
         ``config.continuations`` that matches it, else the built-ins' ``prefill``, else
-        ``interrupt`` (an upstream not known to continue a final assistant message)."""
+        ``interrupt`` (an upstream not known to continue a final assistant message). A
+        workflow is always continued: it replays its log (``restart``)."""
+        if workflow_name_of(model) is not None:
+            return Continuation.RESTART
         patterns = {pattern: Continuation(policy) for pattern, policy in self._config.continuations.items()}
         return continuation_for(model, patterns)
 
@@ -105,6 +120,9 @@ class ModelRouter:
         model = self._models.get(request.model)
         if model is not None:
             return model
+        name = workflow_name_of(request.model)
+        if name is not None:
+            return self._workflow(name)
         if request.model.startswith(BUILTIN_PREFIX):
             validate_builtin_params(request.model, request.params)
             return builtin_model(
@@ -118,3 +136,17 @@ class ModelRouter:
                 f"(built-in models: {', '.join(sorted(BUILTIN_MODELS))})"
             )
         return self.upstream
+
+    def _workflow(self, name: str) -> WorkflowTarget:
+        found = self.workflows.get(name)
+        if found is None:
+            known = ", ".join(self.workflows.names()) or "none"
+            raise BadRequestError(f"unknown workflow {name!r} (known: {known})")
+        return WorkflowTarget(found, self._step_model)
+
+    def _step_model(self, model: str) -> Model:
+        """The model a workflow's ``ctx.model`` names (no workflow). Raises
+        ``BadRequestError``."""
+        if workflow_name_of(model) is not None:
+            raise BadRequestError(f"{model!r} is a workflow; ctx.model takes a model")
+        return self.resolve(JobRequest(model=model, messages=()))

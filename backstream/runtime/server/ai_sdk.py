@@ -36,7 +36,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.protocol.codec import ProtocolError
 from backstream.protocol.errors import BackstreamError, ConflictError, GoneError
-from backstream.protocol.events import AWAITING_APPROVAL
+from backstream.protocol.events import AWAITING_APPROVAL, ApprovalEvent
 from backstream.protocol.offsets import NO_OFFSET, StreamOffset
 from backstream.protocol.projections import UIChunkProjection
 from backstream.protocol.ui_chunks import DELTA_FIELDS, DeltaCoalescer, UIChunk, parse_approval_id
@@ -51,6 +51,7 @@ from backstream.protocol.ui_messages import (
     encode_frame,
     job_key,
     job_options,
+    tool_outputs_given,
 )
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Identity
@@ -269,6 +270,9 @@ class AiSdkConnection:
         if request.trigger == "regenerate-message":
             regenerating = request.message_id or await self._latest_job(request.chat_id) or ""
         key = job_key(request, regenerating=regenerating)
+        # Outputs of client-side tools (addToolOutput): a new job goes on from the whole
+        # conversation, in the same assistant message.
+        continuing = tool_outputs_given(request.messages)
         if key is None:
             raise ProtocolError("bad_request", "send: the messages hold no user message")
         started = await self._runtime.start_job(
@@ -284,7 +288,9 @@ class AiSdkConnection:
         if active.aborted:  # the abort came while the job was being admitted
             await self._abort_job(active)
             return
-        await self._stream(request.request_id, started.job_id)
+        await self._stream(
+            request.request_id, started.job_id, message_id=continuing.message_id if continuing else None
+        )
 
     async def _latest_job(self, chat_id: str) -> str | None:
         jobs = await self._runtime.list_jobs(user=self.user, thread_id=chat_id, limit=1)
@@ -310,20 +316,28 @@ class AiSdkConnection:
         return last
 
     async def _decided(self, job_id: str, call_id: str) -> bool:
-        """Whether the job's log holds a decision on the call (a repeated approval)."""
-        info = await self._runtime.get_job(job_id, user=self.user, include_content=True)
-        return any(call.call_id == call_id and call.approved is not None for call in info.tool_calls)
+        """Whether the job's log holds a decision on the call (a repeated approval; a
+        workflow's approval is no tool call, so the log itself is read)."""
+        _, entries = await self._runtime.job_log(job_id, user=self.user)
+        return any(isinstance(e, ApprovalEvent) and e.call_id == call_id for e in entries)
 
     async def _stream(
-        self, request_id: str, job_id: str, *, after: StreamOffset = NO_OFFSET, from_call: str | None = None
+        self,
+        request_id: str,
+        job_id: str,
+        *,
+        after: StreamOffset = NO_OFFSET,
+        from_call: str | None = None,
+        message_id: str | None = None,
     ) -> None:
         """Send ``start`` (with the log's ``epoch``), the job's chunks as ``chunk`` frames,
         then ``end``.
 
         ``after``: the last sequence the client has and its epoch (a full replay numbers
         from 0); see ``_check_epoch``. ``from_call``: continue from the decision on that
-        call, numbering from 0 there. Stops at a wait for approval, so that the UI can ask
-        the person.
+        call, numbering from 0 there. ``message_id``: the assistant message the chunks
+        belong to (the job's id by default). Stops at a wait for approval, so that the UI
+        can ask the person.
         """
         frame_chars = self._session.frame_chars
         out = _ChunkFrames(
@@ -334,7 +348,10 @@ class AiSdkConnection:
             max_chars=frame_chars,
         )
         projection = UIChunkProjection(
-            job_id, from_call=from_call, approval_tools=self._runtime.tools.approval_names()
+            job_id,
+            from_call=from_call,
+            approval_tools=self._runtime.tools.approval_names(),
+            message_id=message_id,
         )
         async with open_replay(
             self._runtime,

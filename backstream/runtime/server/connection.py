@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -79,6 +79,7 @@ from backstream.protocol.projections import BatchProjection
 from backstream.protocol.records import NotificationRecord
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.continued import continue_job
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.paging import job_info_page
 from backstream.runtime.server.peer import Close as _Close
@@ -298,6 +299,7 @@ class Connection:
                 exc.message,
                 retry if isinstance(retry, int) else None,
                 job_id=getattr(message, "job_id", None),  # the job a job.* request named
+                extra=exc.extra,
             )
         except (ConnectionClosed, _Close):
             raise
@@ -319,20 +321,47 @@ class Connection:
         await self._reply(Pong(id=message.id))
 
     async def _on_start(self, message: JobStart) -> None:
+        if message.workflow is not None and message.model:
+            raise BadRequestError("job.start names a model or a workflow, not both")
+        if message.workflow is None and not message.model:
+            raise BadRequestError("job.start needs a model (or a workflow)")
+        messages, annotations = await self._continued(message)
         started = await self._runtime.start_job(
             user=self.user,
             thread_id=message.thread_id,
             message_id=message.message_id,
-            model=message.model,
-            messages=message.messages,
+            model=message.model_name,
+            messages=messages,
             params=message.params,
             tools=message.tools,
+            annotations=annotations,
+            workflow_input=message.input,
         )
         reply = JobStarted(id=message.id, job=started.job, existing=started.existing)
         if message.watch:
             await self._start_watch(started.job_id, 0, None, reply, deltas=message.tool_call_deltas)
         else:
             await self._reply(reply)
+
+    async def _continued(self, message: JobStart) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The job's messages and chain annotations: with ``previous_job_id``, that job's
+        conversation (of this user, on this thread) and then the new messages."""
+        if message.previous_job_id is None:
+            return list(message.messages), {}
+        continued = await continue_job(
+            self._runtime,
+            message.previous_job_id,
+            message.messages,
+            user=self.user,
+            param="previous_job_id",
+            what="Previous job",
+        )
+        if continued.thread_id != message.thread_id:
+            raise BadRequestError(
+                f"previous job {message.previous_job_id!r} is of thread {continued.thread_id!r}, "
+                f"not {message.thread_id!r}"
+            )
+        return continued.messages, continued.annotations
 
     async def _on_watch(self, message: JobWatch) -> None:
         m = message
@@ -392,7 +421,7 @@ class Connection:
                 raise  # before started(): the request handler reports it
             with contextlib.suppress(_Close, ConnectionClosed):
                 await self._send_error(
-                    None, exc.code, watch_ended_message(job_id, exc.message), job_id=job_id
+                    None, exc.code, watch_ended_message(job_id, exc.message), job_id=job_id, extra=exc.extra
                 )
         except _Close as exc:
             self.close_soon(exc.code, exc.reason)
@@ -487,9 +516,10 @@ class Connection:
         retry_after_ms: int | None = None,
         *,
         job_id: str | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         self._stats.errors_sent += 1
-        await self._send(error_message(request_id, code, message, retry_after_ms, job_id=job_id))
+        await self._send(error_message(request_id, code, message, retry_after_ms, job_id=job_id, extra=extra))
 
     async def _send(self, text: str) -> None:
         """Send one reply within ``send_timeout`` (replies are not gated: they are small and

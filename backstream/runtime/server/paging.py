@@ -28,7 +28,9 @@ def job_info_page(
     call larger than the frame).
     """
     calls: Sequence[ToolCallRecord] = info.tool_calls[tool_calls_offset:]
-    reply = JobInfoMessage(id=request_id, job=info.job, content=info.content, tool_calls=list(calls))
+    reply = JobInfoMessage(
+        id=request_id, job=info.job, content=info.content, tool_calls=list(calls), step=info.step
+    )
     if _size(reply) <= max_bytes:
         return reply
     empty = attrs.evolve(reply, content="" if info.content is not None else None, tool_calls=[])

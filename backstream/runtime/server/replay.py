@@ -28,7 +28,7 @@ from typing import Generic, TypeVar
 
 from backstream.actors.watcher import Watcher
 from backstream.protocol.events import Batch, LogEvent, StatusEvent, ToolCallDeltaEvent
-from backstream.protocol.offsets import StreamOffset
+from backstream.protocol.offsets import StreamOffset, stale_epoch_error
 from backstream.protocol.projections import Projection
 from backstream.runtime.api import Runtime
 
@@ -63,7 +63,28 @@ async def open_replay(
         tool_call_deltas=projection.tool_call_deltas,
         merge_text=projection.merge_text,
     ) as watcher:
+        if watcher.kept_through is not None and projection.replays_unpaced:
+            await _check_kept_items(watcher, projection.fresh(), offset.seq)
         yield Replay(watcher, projection)
+
+
+async def _check_kept_items(watcher: Watcher, counter: Projection[ItemT], after: int) -> None:
+    """A client of an epoch before a takeover (the watch let its cursor through: its log
+    ``seq`` is unknown): every item up to ``after`` must be made of the entries the log kept
+    of that epoch. Counts them by projecting those entries, a read at a time. Raises
+    ``GoneError`` naming the last item that stands if not."""
+    kept = watcher.kept_through
+    assert kept is not None
+    counter.begin(-1)
+    seq = 0
+    while seq < kept:
+        events = await watcher.read(seq, limit=kept - seq)
+        if not events:
+            break
+        counter.project(Batch(watcher.job_id, watcher.epoch, seq + 1, events[-1].seq, events))
+        seq = events[-1].seq
+    if counter.next_number <= after:
+        raise stale_epoch_error(watcher.epoch, counter.next_number - 1)
 
 
 class Replay(Generic[ItemT]):

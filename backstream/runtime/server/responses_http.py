@@ -2,7 +2,9 @@
 ``protocol.responses``.
 
 ``POST /v1/responses``, ``GET /v1/responses/{id}`` (``?stream=true&starting_after=N`` for
-server-sent events; ``Last-Event-ID`` resumes too), ``POST /v1/responses/{id}/cancel``.
+server-sent events; ``Last-Event-ID`` resumes too), ``POST /v1/responses/{id}/cancel``;
+conversation state (``previous_response_id``, approvals, ``store``, ``input_items``,
+``DELETE``) is ``server.responses_state``'s.
 The response id is the job id. A stream goes through the replay driver (``server.replay``)
 with a ``ResponsesProjection``; each event's ``id:`` is its offset ``"<epoch>_<n>"``, so an
 EventSource reconnecting after the job was recovered at a new epoch is answered ``gone``
@@ -43,6 +45,7 @@ from backstream.protocol.responses_request import (
 from backstream.protocol.responses_sse import sse_frame
 from backstream.runtime.server.http_app import HttpApp, Request, error_response
 from backstream.runtime.server.replay import Replay, open_replay
+from backstream.runtime.server.responses_state import ResponsesState, awaits_approval
 from backstream.runtime.server.session import frame_chars
 
 __all__ = ["ResponsesApi"]
@@ -61,6 +64,7 @@ class ResponsesApi:
         app.route("POST", r"/v1/responses", self._create)
         app.route("GET", rf"/v1/responses/{_ID}", self._retrieve)
         app.route("POST", rf"/v1/responses/{_ID}/cancel", self._cancel)
+        self._state = ResponsesState(app)
 
     # -- endpoints --------------------------------------------------------------------------
 
@@ -74,27 +78,43 @@ class ResponsesApi:
             job_id = await self._start(request, body, parsed)
             await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
             return
+        # A response kept for nobody (store: false; an approval's answer resumes a stored
+        # one) is deleted before its reply goes out, or once its stream or client is gone.
+        forget = not parsed.store and not parsed.approvals
         async with self._app.stream_slot(request.user):
             job_id = await self._start(request, body, parsed)
-            if parsed.stream:
-                await self._stream_events(request, job_id, NO_OFFSET, "starting_after")
-                return
-            await self._wait_for_end(request, job_id)
-            await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+            try:
+                if parsed.stream:
+                    await self._stream_events(request, job_id, NO_OFFSET, "starting_after")
+                    return
+                # Unstored, it waits for its real end: an approval it asked for is answered
+                # over WebSocket (job.approve) meanwhile.
+                await self._wait_for_end(request, job_id, until_approval=not forget)
+                response = await self._response_object(request.user, job_id)
+                if forget:
+                    await self._state.forget(request.user, job_id)
+                await self._app.send_json(request, 200, response)
+            finally:
+                if forget:
+                    await self._state.forget(request.user, job_id)
 
     async def _start(self, request: Request, body: Any, parsed: ResponseRequest) -> str:
-        """Start the create's job (or find the one its Idempotency-Key started); its id."""
+        """Start the create's job (or find the one its Idempotency-Key started); its id.
+        ``mcp_approval_response`` items start none: the previous response resumes."""
+        if parsed.approvals:
+            return await self._state.answer_approvals(request.user, parsed)
         key = _idempotency_key(request)
         # With an Idempotency-Key a retried create finds the same job (its message id); the
         # body's fingerprint, kept with the job in the store, tells a retry from a reuse.
         fingerprint = body_fingerprint(body)
-        annotations = parsed.annotations if key is None else {**parsed.annotations, BODY_SHA256: fingerprint}
+        start = await self._state.start_with(request.user, parsed)
+        annotations = start.annotations if key is None else {**start.annotations, BODY_SHA256: fingerprint}
         started = await self._runtime.start_job(
             user=request.user,
-            thread_id=parsed.thread_id or new_id("t_"),
+            thread_id=start.thread_id or new_id("t_"),
             message_id=new_id("m_") if key is None else f"idem:{key}",
             model=parsed.model,
-            messages=parsed.messages,
+            messages=start.messages,
             params=parsed.params,
             tools=parsed.tools,
             annotations=annotations,
@@ -142,15 +162,22 @@ class ResponsesApi:
                 response["completed_at"] = _unix(info.job.finished_at)
         return response
 
-    async def _wait_for_end(self, request: Request, job_id: str) -> None:
-        """Wait for the job's end; if the client leaves meanwhile, the job goes on. At shutdown
-        the wait ends early: the reply says ``in_progress``."""
+    async def _wait_for_end(self, request: Request, job_id: str, *, until_approval: bool = True) -> None:
+        """Wait for the job's end, or (``until_approval``) until it waits for an approval
+        (the reply then holds the ``mcp_approval_request`` item); if the client leaves
+        meanwhile, the job goes on. At shutdown the wait ends early: the reply says
+        ``in_progress``."""
+        _, entries = await self._runtime.job_log(job_id, user=request.user)
+        if until_approval and awaits_approval(entries):
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
             nursery.start_soon(_cancel_on_event, self._app.closing, nursery.cancel_scope)
-            async with self._runtime.watch(job_id, user=request.user) as batches:
-                async for _ in batches:
-                    pass
+            after = entries[-1].seq if entries else 0
+            async with self._runtime.watch(job_id, user=request.user, after_seq=after) as batches:
+                async for batch in batches:
+                    if until_approval and awaits_approval(batch.events):
+                        break
             nursery.cancel_scope.cancel()
 
     # -- streaming ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from backstream.actors.config import Config
 from backstream.actors.ports import Store
 from backstream.actors.webhooks import WebhookSettings
 from backstream.runtime.api import Runtime
+from backstream.runtime.models.workflows import WorkflowRegistry
 from backstream.runtime.server.auth import (
     AnyAuthenticator,
     Authenticator,
@@ -171,6 +172,24 @@ def load_tools(settings: ServeSettings, config: Config) -> ToolRegistry:
     return tools
 
 
+def load_workflows(settings: ServeSettings) -> WorkflowRegistry:
+    """The built-in workflows, ``--workflows`` and the entry points. Raises ``ValueError``
+    naming the one that does not load."""
+    workflows = WorkflowRegistry.with_builtins()
+    for path in settings.workflows:
+        try:
+            workflows.load(path)
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
+            raise ValueError(f"--workflows {path}: {type(exc).__name__}: {exc}") from None
+    try:
+        workflows.load_entry_points()
+    except Exception as exc:  # a third-party package's import failing
+        raise ValueError(
+            f"workflows of the entry-point group backstream.workflows: {type(exc).__name__}: {exc}"
+        ) from None
+    return workflows
+
+
 def redact_url(url: str) -> str:
     """``url`` without a password, for logs."""
     parts = urllib.parse.urlsplit(url)
@@ -279,10 +298,13 @@ async def _serve(
     store = store or make_store(settings.store, config)
     shutdown = trio.Event()
     tools = load_tools(settings, config)
+    workflows = load_workflows(settings)
     # Bound before the store opens: a server that cannot listen never touches its jobs.
     bound = await _BoundListeners.bind(settings, door_config)
     hooks, sender = webhook_parts(settings)
-    runtime_cm = open_runtime(config, store=store, tools=tools, webhooks=hooks, webhook_sender=sender)
+    runtime_cm = open_runtime(
+        config, store=store, tools=tools, webhooks=hooks, webhook_sender=sender, workflows=workflows
+    )
     async with bound, _closing(sender), runtime_cm as runtime, trio.open_nursery() as nursery:
         from backstream.protocol.version import VERSION
 

@@ -157,6 +157,13 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
     Option("jwt_secret", str, None, "HS256 secret for JWTs (sub = user)", flag=False),
     Option("tools", str, (), "tools to register, package.module:attribute", repeatable=True),
     Option(
+        "workflows",
+        str,
+        (),
+        "workflows to register, package.module:attribute (a Workflow or a list of them)",
+        repeatable=True,
+    ),
+    Option(
         "allow_origin",
         str,
         (),

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import trio
 
+from backstream.protocol.workflow import workflow_name_of
 from backstream.runtime.api import Runtime
 from backstream.runtime.models.builtin import BUILTIN_MODELS
 
@@ -51,6 +52,8 @@ class WebConfig:
         models: list[dict[str, Any]] = [
             {"id": name, "builtin": True} for name in sorted(BUILTIN_MODELS) if allowed(name)
         ]
+        flows = [m for m in self._runtime.allowed_models() if workflow_name_of(m) is not None]
+        models += [{"id": name, "builtin": True} for name in flows]
         models += [{"id": name, "builtin": False} for name in upstream_models if allowed(name)]
         body = {
             "websocket": self._websocket,

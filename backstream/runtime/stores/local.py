@@ -51,6 +51,22 @@ class LocalStore(InboxForwarding, SeatsForwarding, Store):
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
         await trio.lowlevel.checkpoint()
 
+    async def hand_off(self, owner: str, job_ids: Sequence[str], now: float) -> None:
+        """One process: the next run takes every live job (SQLite marks them as it closes)."""
+        await trio.lowlevel.checkpoint()
+
+    async def announce(self, owner: str, until: float) -> None:
+        """One process: no other instance to tell. Cancellation: safe."""
+        await trio.lowlevel.checkpoint()
+
+    async def withdraw(self, owner: str) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def others_alive(self, owner: str, now: float) -> bool:
+        """One process owns the store: nobody else could take its jobs. Cancellation: safe."""
+        await trio.lowlevel.checkpoint()
+        return False
+
     async def wait_outbox(self, timeout: float) -> None:
         """Woken by this store's terminal commits. Cancellation: safe."""
         await self.hub.wait_bell(OUTBOX_BELL, timeout)

@@ -175,6 +175,14 @@ class MemoryStore(LocalStore, MemoryWebhookQueue):
                 break
         return out
 
+    async def delete_job(self, job_id: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        job = self._jobs.get(job_id)
+        if job is None or not is_terminal(job.record.status):
+            return False
+        self._delete(job)  # its entry in the expiry heap is skipped when it comes up
+        return True
+
     async def delete_expired(self, now: float) -> list[str]:
         await trio.lowlevel.checkpoint()
         deleted: list[str] = []

@@ -49,7 +49,6 @@ import coredis
 import trio
 
 from backstream.actors.ports import (
-    OUTBOX_CLAIM_S,
     Capability,
     Handover,
     JobEndedElsewhereError,
@@ -61,17 +60,14 @@ from backstream.actors.ports import (
 from backstream.actors.signals import OUTBOX_BELL, SignalHub
 from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent
-from backstream.protocol.lifecycle import LIVE_STATUSES, TERMINAL_STATUSES, is_terminal
+from backstream.protocol.lifecycle import LIVE_STATUSES, is_terminal
 from backstream.protocol.records import (
     JobProgress,
     JobRecord,
     SharedCapacity,
     events_from_json,
-    events_to_json,
-    progress_to_dict,
-    request_bytes,
 )
-from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, Replication, ms
+from backstream.runtime.stores.redis_client import RedisConnection, Replication
 from backstream.runtime.stores.redis_clock import RedisFrame
 from backstream.runtime.stores.redis_housekeeping import RedisHousekeeping
 from backstream.runtime.stores.redis_keys import RedisKeyspace
@@ -79,12 +75,9 @@ from backstream.runtime.stores.redis_layout import check_layout
 from backstream.runtime.stores.redis_notifications import RedisInbox
 from backstream.runtime.stores.redis_seats import RedisSeats
 from backstream.runtime.stores.redis_steps import (
-    OUTBOX_FIELD,
-    SHARD_FIELD,
     Finish,
     RedisSteps,
     decode_record,
-    encode_fields,
 )
 from backstream.runtime.stores.redis_subscriber import (
     COMMITS,
@@ -94,43 +87,19 @@ from backstream.runtime.stores.redis_subscriber import (
     RedisSubscriberStatistics,
 )
 from backstream.runtime.stores.redis_webhooks import RedisWebhookQueue
+from backstream.runtime.stores.redis_writing import Writing, commit_args, finish_of, shard_in, writing_of
 from backstream.runtime.stores.shared import (
     InboxForwarding,
     SeatsForwarding,
     outbox_from_json,
-    outbox_to_json,
     plan_commit,
 )
 
 __all__ = ["REMOTE_OUTAGE_S", "RedisStore", "RedisStoreStatistics"]
 
-_TERMINAL_JSON = json.dumps(sorted(TERMINAL_STATUSES))
 _LIVE_JSON = json.dumps(sorted(LIVE_STATUSES))
 _PAGE = 64
 """Stream entries per ``XRANGE`` of ``read``."""
-
-
-@attrs.define
-class _Writing:
-    """A job this process writes: its names and shard (so a commit takes one round trip),
-    its owner (the fence) and the ``seq`` its log had at the last commit seen."""
-
-    shard: int
-    user: str
-    message_id: str
-    thread_id: str
-    owner: str | None
-    stored_seq: int
-    request_bytes: int
-    """What its request counts against its user's quota (with its log, from its end on)."""
-    announce: bool = True
-    """Announce commits on the job's channel: until one reaches no follower, and again
-    once a follower asks (``watch``)."""
-    written: dict[str, str] = attrs.Factory(dict)
-    """The progress fields as last written (JSON): a commit writes only those that changed.
-    Emptied when a commit does not land as planned (then every field is written again)."""
-    writing: dict[str, str] = attrs.Factory(dict)
-    """... and as the commit under way writes them (``written`` once it lands)."""
 
 
 @attrs.frozen
@@ -201,7 +170,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         self.seats = RedisSeats(self._conn)
         self._steps = RedisSteps(self._conn, self.frame)
         self._housekeeping = RedisHousekeeping(self._conn, self._steps, self.hub)
-        self._writing: dict[str, _Writing] = {}
+        self._writing: dict[str, Writing] = {}
         self._finishing: dict[str, Finish] = {}
         """Terminal commits whose later steps did not land yet: the job's next commit (a
         retry) or this instance's next ``take_orphans`` runs them again. Bounded by the
@@ -282,7 +251,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         not exist; creating it again finds it, or finishes making it."""
         found, created, shard = await self._steps.create(record, capacity, max_stored_bytes)
         if created:
-            self._writing[found.job_id] = _writing_of(found, shard)
+            self._writing[found.job_id] = writing_of(found, shard)
         return found, created
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -334,7 +303,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
                 reply = await self._conn.script(
                     "commit",
                     [self.keys.job(job_id), self.keys.log(job_id)],
-                    self._commit_args(job_id, writing, plan.entries, progress),
+                    commit_args(self.keys, job_id, writing, plan.entries, progress),
                 )
                 if int(reply[0]) == 0:  # Redis lost the job (a restart without its data)
                     self._writing.pop(job_id, None)
@@ -352,7 +321,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
                             await self._conn.confirm_replicated(self.keys.job(job_id))
                         self.hub.signal_job(job_id)  # waiters here need no round trip
                     else:
-                        step = self._finish_of(job_id, writing, progress, int(reply[2]))
+                        step = finish_of(job_id, writing, progress, int(reply[2]))
                         if replicated:
                             await self._confirm(step)
                         await self._finish(step)
@@ -402,27 +371,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         self.hub.ring(OUTBOX_BELL)
         self.hub.signal_job(step.job_id)
 
-    def _finish_of(self, job_id: str, writing: _Writing, progress: JobProgress, logged: int) -> Finish:
-        return Finish(
-            job_id,
-            writing.shard,
-            progress.seq,
-            writing.user,
-            writing.message_id,
-            self._outbox_json(job_id, writing, progress),
-            writing.owner or "",
-            progress.updated_at + OUTBOX_CLAIM_S if writing.owner else 0.0,
-            progress.expires_at or 0.0,
-            ms(max((progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S, 1.0)),
-            writing.request_bytes + logged,
-        )
-
-    @staticmethod
-    def _outbox_json(job_id: str, writing: _Writing, progress: JobProgress) -> str:
-        entry = OutboxEntry(job_id, writing.user, writing.thread_id, progress.status, progress.error)
-        return outbox_to_json(entry)
-
-    def _announced(self, writing: _Writing, receivers: int) -> None:
+    def _announced(self, writing: Writing, receivers: int) -> None:
         """A commit landed; ``receivers``: how many instances its announcement reached
         (-1: not announced). Nobody: stop announcing until a follower asks."""
         if receivers >= 0:
@@ -435,34 +384,6 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         writing = self._writing.get(job_id)
         if writing is not None:
             writing.announce = True
-
-    def _commit_args(
-        self, job_id: str, writing: _Writing, entries: Sequence[LogEvent], progress: JobProgress
-    ) -> list[str]:
-        terminal = is_terminal(progress.status)
-        fields: dict[str, Any] = dict(progress_to_dict(progress))
-        if terminal:
-            fields["lease_until"] = None
-            fields[OUTBOX_FIELD] = self._outbox_json(job_id, writing, progress)
-        encoded = encode_fields(fields)
-        changed: list[str] = []
-        for name, value in zip(encoded[::2], encoded[1::2], strict=True):
-            if writing.written.get(name) != value:
-                changed += [name, value]
-        writing.writing = dict(zip(encoded[::2], encoded[1::2], strict=True))
-        ttl_s = (progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S
-        return [
-            job_id,
-            str(writing.stored_seq),
-            str(entries[-1].seq if entries else progress.seq),
-            events_to_json(entries) if entries else "",
-            "1" if terminal else "0",
-            str(ms(max(ttl_s, 1.0))),
-            self.keys.job_channel(job_id) if writing.announce else "",
-            _TERMINAL_JSON,
-            "" if writing.owner is None else json.dumps(writing.owner),
-            *changed,
-        ]
 
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
         """One ``XRANGE`` per 64 stream entries (flush batches); a short page is the end.
@@ -494,7 +415,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         await self.subscriber.wait_for_entries(job_id, after_seq)
 
     def follow_job(
-        self, job_id: str, on_entries: Callable[[Sequence[LogEvent]], None] | None = None
+        self, job_id: str, on_entries: Callable[[Sequence[LogEvent], int], None] | None = None
     ) -> AbstractContextManager[None]:
         """Subscribe to the job's channel for the block (once per job however many
         follow it), and ask its writer to announce its commits; ``on_entries`` gets the
@@ -539,6 +460,17 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         again once its claim lapses."""
         return await self._housekeeping.sweep(now)
 
+    async def delete_job(self, job_id: str) -> bool:
+        """The sweep's deletion of one job, its expiry set to now: the same steps, in the
+        same order. Cancellation: the job may be gone already, or not; again is safe."""
+        raw = await self._call(self.redis.hgetall(self.keys.job(job_id)))
+        record = decode_record(raw)
+        if record is None or not is_terminal(record.status):
+            return False
+        now = record.finished_at or record.updated_at
+        await self._call(self.redis.hset(self.keys.job(job_id), {"expires_at": json.dumps(now)}))
+        return bool(await self._housekeeping.delete_now(shard_in(raw, job_id), job_id, now))
+
     # -- aborts and decisions through any instance ------------------------------------------
 
     async def request_abort(self, job_id: str) -> None:
@@ -576,6 +508,14 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
     async def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> None:
         """Per job, in its slot, then its running entries (``RedisSteps.renew``).
         Cancellation: some may be renewed; the next renewal catches up."""
+        await self._renew(owner, job_ids, until, handoff=False)
+
+    async def hand_off(self, owner: str, job_ids: Sequence[str], now: float) -> None:
+        """The leases end now and each job counts a hand-off. Cancellation: some may be
+        handed off; the others' leases lapse by themselves (counted as crashes)."""
+        await self._renew(owner, job_ids, now, handoff=True)
+
+    async def _renew(self, owner: str, job_ids: Sequence[str], until: float, *, handoff: bool) -> None:
         if not job_ids:
             await trio.lowlevel.checkpoint()
             return
@@ -584,13 +524,25 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
             writing = self._writing.get(job_id) or await self._read_writing(job_id)
             if writing is not None:
                 jobs.append((job_id, writing.user, writing.shard))
-        await self._steps.renew(owner, jobs, until)
+        await self._steps.renew(owner, jobs, until, handoff=handoff)
 
-    async def _read_writing(self, job_id: str) -> _Writing | None:
+    async def announce(self, owner: str, until: float) -> None:
+        """One script on the instances key, on Redis's clock. Cancellation: announced or not."""
+        await self._conn.script("announce", [self.keys.instances()], [owner, self._steps.frame.ahead(until)])
+
+    async def withdraw(self, owner: str) -> None:
+        await self._call(self.redis.zrem(self.keys.instances(), [owner]))
+
+    async def others_alive(self, owner: str, now: float) -> bool:
+        """Cancellation: nothing changes."""
+        args = [owner, self._steps.frame.at(now)]
+        return int(await self._conn.script("others_alive", [self.keys.instances()], args)) > 0
+
+    async def _read_writing(self, job_id: str) -> Writing | None:
         """What a commit or a renewal needs of a job this process does not write yet."""
         raw = await self._call(self.redis.hgetall(self.keys.job(job_id)))
         record = decode_record(raw)
-        return None if record is None else _writing_of(record, _shard_in(raw, job_id))
+        return None if record is None else writing_of(record, shard_in(raw, job_id))
 
     async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
         """The running set lists lapsed leases; each job is taken in its slot by one script
@@ -614,7 +566,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
     ) -> Handover | None:
         raw = await self._call(self.redis.hgetall(self.keys.job(job_id)))
         record = decode_record(raw)
-        if record is not None and _shard_in(raw, job_id) != shard:
+        if record is not None and shard_in(raw, job_id) != shard:
             # An entry a create's retry left in another shard than the record names.
             await self._call(self.redis.zrem(self.keys.running(shard), [job_id]))
             return None
@@ -647,7 +599,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         if taken is None:
             return None
         entries = await self.read(job_id, 0, taken.seq)
-        self._writing[job_id] = _writing_of(taken, shard)
+        self._writing[job_id] = writing_of(taken, shard)
         return Handover(taken, tuple(entries))
 
     # -- the outbox ------------------------------------------------------------------------
@@ -672,21 +624,3 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         await self.hub.wait_bell(OUTBOX_BELL, timeout)
         if trio.current_time() - started >= timeout:
             self._housekeeping.wait_timed_out()
-
-
-def _writing_of(record: JobRecord, shard: int) -> _Writing:
-    return _Writing(
-        shard,
-        record.user,
-        record.message_id,
-        record.thread_id,
-        record.owner,
-        record.seq,
-        request_bytes(record.request),
-    )
-
-
-def _shard_in(raw: dict[str, str], job_id: str) -> int:
-    """The shard a job's record names (its home shard for a record written without one)."""
-    value = raw.get(SHARD_FIELD)
-    return RedisKeyspace.home_shard(job_id) if value is None else int(value)

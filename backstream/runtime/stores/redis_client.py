@@ -55,6 +55,8 @@ _SCRIPTS = {
     "finish_user": scripts.FINISH_USER,
     "finish_instance": scripts.FINISH_INSTANCE,
     "handover": scripts.HANDOVER,
+    "announce": scripts.ANNOUNCE,
+    "others_alive": scripts.OTHERS_ALIVE,
     "renew": scripts.RENEW,
     "notify_claim": scripts.NOTIFY_CLAIM,
     "notify_insert": scripts.NOTIFY_INSERT,

@@ -98,6 +98,13 @@ class RedisHousekeeping:
                     break
         return deleted
 
+    async def delete_now(self, shard: int, job_id: str, now: float) -> list[str]:
+        """Delete one job whose expiry was set to ``now`` (``RedisStore.delete_job``) as a
+        sweep deletes a batch, and drop it from the shard's expiry index."""
+        deleted = await self._delete_batch(shard, [job_id], now)
+        await self._conn.call(self._conn.client.zrem(self._keys.expiry(shard), [job_id]))
+        return deleted
+
     async def _take_expired(self, shard: int, now: float) -> list[str]:
         k, frame = self._keys, self._steps.frame
         limit = min(SWEEP_BATCH, SWEEP_MAX)

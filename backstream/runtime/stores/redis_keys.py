@@ -220,6 +220,12 @@ class RedisKeyspace:
 
     # -- per shard ---------------------------------------------------------------------
 
+    def instances(self) -> str:
+        """The instances alive: a sorted set of instance ids, each scored with the end of
+        its last announcement on Redis's clock (one small key, written once a lease round
+        by each instance)."""
+        return self._k("instances")
+
     def running(self, shard: int) -> str:
         """The shard's running jobs scored by lease end (Redis's clock): its share of the
         cluster-wide capacity count, and where orphans are found."""

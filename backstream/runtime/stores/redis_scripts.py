@@ -186,7 +186,8 @@ return write and 1 or 0
 # KEYS: job. ARGV: now (ahead), a JSON list of the live statuses (as stored: JSON strings),
 # the new owner (JSON), its lease's end as the owner's clock reads it (the record's
 # ``lease_until``, JSON) and on Redis's (ahead). Hands a live job whose lease (``lease_at``,
-# Redis's clock) lapsed to the new owner (epoch + 1) and returns {the new epoch, the lease's
+# Redis's clock) lapsed to the new owner (epoch + 1; the seq it had is appended to the JSON
+# list ``epoch_ends``, as text: no float formatting) and returns {the new epoch, the lease's
 # end on Redis's clock}; {0} if its lease still holds, {-1} if the job is gone, {-2} if it is
 # no longer live (a terminal commit whose later steps did not land: repaired by the caller).
 HANDOVER = (
@@ -201,9 +202,39 @@ local lease = redis.call('HGET', KEYS[1], 'lease_at')
 if lease and tonumber(lease) > clock(ARGV[1]) then return {0} end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) + 1
 local lease_at = stamp(clock(ARGV[5]))
+local ends = redis.call('HGET', KEYS[1], 'epoch_ends')
+ends = ends and ends ~= '[]' and string.sub(ends, 1, -2) .. ',' or '['
+ends = ends .. redis.call('HGET', KEYS[1], 'seq') .. ']'
 redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'lease_until', ARGV[4], 'lease_at', lease_at,
-  'epoch', tostring(epoch))
+  'epoch', tostring(epoch), 'epoch_ends', ends)
 return {epoch, lease_at}
+"""
+)
+
+# -- instances alive: the store's own slot ---------------------------------------------------
+
+# KEYS: instances. ARGV: the instance, the end of its announcement (ahead). Drops the
+# announcements that lapsed, then adds or renews this one.
+ANNOUNCE = (
+    _CLOCK
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', stamp(clock('0')))
+redis.call('ZADD', KEYS[1], stamp(clock(ARGV[2])), ARGV[1])
+return 1
+"""
+)
+
+# KEYS: instances. ARGV: the instance asking, now (ahead). Returns how many other
+# instances' announcements have not lapsed.
+OTHERS_ALIVE = (
+    _CLOCK
+    + """
+local alive = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. stamp(clock(ARGV[2])), '+inf')
+local others = 0
+for _, instance in ipairs(alive) do
+  if instance ~= ARGV[1] then others = others + 1 end
+end
+return others
 """
 )
 
@@ -216,6 +247,7 @@ RENEW = (
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return '' end
 local lease_at = stamp(clock(ARGV[3]))
 redis.call('HSET', KEYS[1], 'lease_until', ARGV[1], 'lease_at', lease_at)
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'handoffs', 1) end
 return lease_at
 """
 )

@@ -269,14 +269,16 @@ class RedisSteps:
         await self._conn.call(client.zadd(k.running(shard), {job_id: score}, condition=condition))
         await self._conn.call(client.zadd(k.user_running(user), {job_id: score}, condition=condition))
 
-    async def renew(self, owner: str, jobs: Sequence[tuple[str, str, int]], until: float) -> None:
+    async def renew(
+        self, owner: str, jobs: Sequence[tuple[str, str, int]], until: float, *, handoff: bool = False
+    ) -> None:
         """Per job (its id, user and shard): its lease in its slot (only if ``owner`` holds
-        it), then its running entries; one pipeline for the leases and one for the
-        entries, whatever the number of jobs. Cancellation: some may be renewed; the next
-        renewal catches up."""
+        it; with ``handoff``, the job's count of hand-offs goes up too), then its running
+        entries; one pipeline for the leases and one for the entries, whatever the number
+        of jobs. Cancellation: some may be renewed; the next renewal catches up."""
         if not jobs:
             return
-        args = [repr(until), json.dumps(owner), self.frame.ahead(until)]
+        args = [repr(until), json.dumps(owner), self.frame.ahead(until), "1" if handoff else "0"]
         client, k, script = self._conn.client, self._keys, self._conn.scripts["renew"]
 
         async def renew_leases() -> list[str]:

@@ -66,7 +66,7 @@ _CHUNK = 256
 
 COMMITS, CONTROL, USER = "commits", "control", "user"
 
-EntriesListener = Callable[[Sequence[LogEvent]], None]
+EntriesListener = Callable[[Sequence[LogEvent], int], None]
 
 
 @attrs.define
@@ -418,18 +418,21 @@ class RedisSubscriber:
         return False
 
     def _dispatch_commit(self, route: _Route, data: str) -> None:
-        """``ID SEQ`` (an end), or ``ID SEQ JSON`` (a commit and its entries): the entries
+        """``ID SEQ`` (an end), or ``ID SEQ JSON`` (a commit and its entries; ``ID`` is
+        ``JOB@EPOCH``, the writer's epoch): the entries (or none, to be read) and the epoch
         go to the followers that take them, then the job's waiters wake."""
-        _, _, rest = data.partition(" ")
+        head, _, rest = data.partition(" ")
         seq, _, payload = rest.partition(" ")
-        if payload and route.on_entries:
+        epoch_text = head.rpartition("@")[2]
+        epoch = int(epoch_text) if epoch_text.isdigit() else 0
+        if route.on_entries:
+            entries: Sequence[LogEvent] = ()
             try:
-                entries = events_from_json(payload)
+                entries = events_from_json(payload) if payload else ()
             except Exception:  # a malformed announcement: the followers read the log instead
                 log.warning("job %s: an announcement's entries could not be read", route.name)
-            else:
-                for listener in list(route.on_entries):
-                    listener(entries)
+            for listener in list(route.on_entries):
+                listener(entries, epoch)
         if seq.isdigit():
             self._announced[route.name] = max(int(seq), self._announced.get(route.name, 0))
         self._hub.signal_job(route.name)

@@ -219,6 +219,8 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
         self.hub.close()  # waiters wake and find the store closed
         self._fail_waiting_commits()
         try:
+            if writer is not None:
+                await trio.to_thread.run_sync(_hand_off_live_jobs, writer, limiter=self._write_lane)
             for conn in (writer, reader):
                 if conn is not None:
                     await trio.to_thread.run_sync(conn.close, limiter=self._write_lane)
@@ -477,6 +479,28 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
             self.forget_job(job_id)
         return ids
 
+    async def delete_job(self, job_id: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    f"SELECT 1 FROM jobs WHERE job_id = ? AND status IN {sql_terminal_list()}", (job_id,)
+                ).fetchone()
+                if row is not None:
+                    sqlite_quota.release(conn, [job_id])
+                    for table in ("log", "job_requests", "jobs", "outbox"):
+                        conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return row is not None
+
+        deleted = await self._write(delete)
+        if deleted:
+            self.forget_job(job_id)
+        return deleted
+
     async def request_abort(self, job_id: str) -> None:
         await self._write(
             lambda c: c.execute("UPDATE jobs SET abort_requested = 1 WHERE job_id = ?", (job_id,))
@@ -518,10 +542,26 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
                 taken = []
                 for row in rows:
                     old = record_from_row(row)
-                    record = attrs.evolve(old, owner=owner, lease_until=lease_until, epoch=old.epoch + 1)
+                    record = attrs.evolve(
+                        old,
+                        owner=owner,
+                        lease_until=lease_until,
+                        epoch=old.epoch + 1,
+                        epoch_ends=(*old.epoch_ends, old.seq),
+                        # No owner: the last run closed the store cleanly and left it running.
+                        handoffs=old.handoffs + (old.owner is None),
+                    )
                     conn.execute(
-                        "UPDATE jobs SET owner = ?, lease_until = ?, epoch = ? WHERE job_id = ?",
-                        (owner, lease_until, record.epoch, record.job_id),
+                        "UPDATE jobs SET owner = ?, lease_until = ?, epoch = ?, epoch_ends = ?, "
+                        "handoffs = ? WHERE job_id = ?",
+                        (
+                            owner,
+                            lease_until,
+                            record.epoch,
+                            json.dumps(record.epoch_ends),
+                            record.handoffs,
+                            record.job_id,
+                        ),
                     )
                     taken.append(Handover(record, tuple(_select_log(conn, record.job_id))))
                 conn.execute("COMMIT")
@@ -572,3 +612,14 @@ def _select_log(conn: sqlite3.Connection, job_id: str) -> list[LogEvent]:
     for (events,) in conn.execute("SELECT events FROM log WHERE job_id = ? ORDER BY first_seq", (job_id,)):
         out.extend(events_from_json(events))
     return out
+
+
+def _hand_off_live_jobs(conn: sqlite3.Connection) -> None:
+    """A clean close: the jobs still live were left running for the next run, which takes
+    them over as hand-offs, not crashes (no owner). Best effort: a failure leaves them as
+    a crash leaves them."""
+    try:
+        conn.execute(f"UPDATE jobs SET owner = NULL WHERE status NOT IN {sql_terminal_list()}")
+        conn.commit()
+    except sqlite3.Error as exc:
+        log.warning("could not mark the jobs left running as handed off: %s", exc)

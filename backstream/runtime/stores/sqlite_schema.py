@@ -175,6 +175,16 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE TABLE webhook_endpoints_disabled (endpoint TEXT PRIMARY KEY, reason TEXT NOT NULL)
         """,
     ),
+    (
+        7,
+        # Where each earlier epoch of a job ended (``JobRecord.epoch_ends``), so a reader of
+        # an epoch before a takeover goes on if what it read is still in the log; and how
+        # many takeovers followed a clean stop (``handoffs``: not counted as crashes).
+        """
+        ALTER TABLE jobs ADD COLUMN epoch_ends TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE jobs ADD COLUMN handoffs INTEGER NOT NULL DEFAULT 0
+        """,
+    ),
 )
 
 COLUMNS = (
@@ -195,8 +205,10 @@ COLUMNS = (
     "abort_requested",
     "owner",
     "lease_until",
+    "handoffs",
+    "epoch_ends",
 )
-JSON_COLUMNS = frozenset({"error", "usage"})
+JSON_COLUMNS = frozenset({"error", "usage", "epoch_ends"})
 SELECT_JOB = (
     "SELECT " + ", ".join(f"jobs.{c}" for c in COLUMNS) + ", job_requests.request "
     "FROM jobs JOIN job_requests USING (job_id)"

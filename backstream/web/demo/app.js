@@ -28,6 +28,12 @@ const SUGGESTIONS = [
     model: "backstream/tools-demo",
   },
   {
+    title: "Run the demo workflow",
+    hint: "A plan, two tools, your approval and a summary, each step listed under the answer.",
+    text: "Compute 6*7 and tell me the time.",
+    model: "workflow/demo",
+  },
+  {
     title: "Echo this back to me, word by word",
     hint: "The echo model repeats your message.",
     text: "Echo this back to me, word by word, so I can watch it stream.",

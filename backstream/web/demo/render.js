@@ -153,6 +153,7 @@ export function answer(view, model, actions, connected) {
   }
   if (live && view.parts.length === 0) body.append(h("div", { class: "typing" }, h("i"), h("i"), h("i")));
   else if (live) body.lastElementChild?.classList.add("streaming");
+  if (view.steps.length > 0) body.append(stepList(view.steps));
   if (view.error !== null) body.append(h("div", { class: "note error" }, icon("warn"), view.error));
   if (view.note !== null) body.append(h("div", { class: "note" }, view.note));
   const paused = live && !connected;
@@ -233,6 +234,26 @@ function toolCard(view, part, actions) {
   }
   if (part.output !== null) card.append(h("pre", { class: "tool-output" }, part.output));
   return card;
+}
+
+/**
+ * A workflow's steps under its answer: each with its name, status and summary.
+ * @param {import("./state.js").WorkflowStep[]} steps
+ */
+function stepList(steps) {
+  return h(
+    "ol",
+    { class: "steps", "aria-label": "Workflow steps" },
+    ...steps.map((step) =>
+      h(
+        "li",
+        { class: `step step-${step.status}`, "data-step": String(step.step), "data-status": step.status },
+        h("span", { class: "step-mark" }, step.status === "running" ? "…" : step.status === "failed" ? "✕" : "✓"),
+        h("code", { class: "step-name" }, step.name),
+        h("span", { class: "step-summary" }, step.summary),
+      ),
+    ),
+  );
 }
 
 /** @param {string} text */

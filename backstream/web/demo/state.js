@@ -1,10 +1,13 @@
 // What the demo page remembers: threads and their turns, and each running job's progress
 // (its last seq and what was shown up to it), in localStorage so a reload resumes.
 
+import { workflowSteps } from "../client/backstream-client.js";
+
 /** @typedef {import("../client/backstream-client.js").JobEventsMessage} JobEventsMessage */
 /** @typedef {import("../client/backstream-client.js").JobStatus} JobStatus */
 /** @typedef {import("../client/backstream-client.js").JobInfo} JobInfo */
 /** @typedef {import("../client/backstream-client.js").JobWatch} JobWatch */
+/** @typedef {import("../client/backstream-client.js").WorkflowStep} WorkflowStep */
 
 /**
  * @typedef {{ kind: "text" | "reasoning", text: string }} TextPart
@@ -20,6 +23,7 @@
  * @property {number} seq
  * @property {number | null} epoch
  * @property {Part[]} parts
+ * @property {WorkflowStep[]} steps a workflow's steps (none for a model's answer)
  * @property {JobStatus | "unknown" | "missing"} status from the log; "missing": the server no longer has the job
  * @property {string | undefined} [remote] the status the server last reported in a summary or notification
  * @property {string | null} error
@@ -125,7 +129,7 @@ export function saveThreads(user, threads) {
  * @returns {JobView}
  */
 export function restoreView(jobId) {
-  const saved = /** @type {{ seq: number, epoch: number | null, parts: Part[], status: JobStatus } | null} */ (
+  const saved = /** @type {{ seq: number, epoch: number | null, parts: Part[], steps?: WorkflowStep[], status: JobStatus } | null} */ (
     load(`job:${jobId}`)
   );
   const view = {
@@ -133,6 +137,7 @@ export function restoreView(jobId) {
     seq: 0,
     epoch: /** @type {number | null} */ (null),
     parts: /** @type {Part[]} */ ([]),
+    steps: /** @type {WorkflowStep[]} */ ([]),
     status: /** @type {JobStatus | "unknown" | "missing"} */ ("unknown"),
     error: null,
     note: null,
@@ -140,7 +145,8 @@ export function restoreView(jobId) {
     resumedAt: 0,
   };
   if (saved !== null && Number.isInteger(saved.seq) && Array.isArray(saved.parts)) {
-    Object.assign(view, { seq: saved.seq, epoch: saved.epoch, parts: saved.parts, status: saved.status });
+    const steps = Array.isArray(saved.steps) ? saved.steps : [];
+    Object.assign(view, { seq: saved.seq, epoch: saved.epoch, parts: saved.parts, steps, status: saved.status });
   }
   return view;
 }
@@ -155,7 +161,8 @@ export function persistView(view) {
     localStorage.removeItem(`${PREFIX}:job:${view.jobId}`);
     return;
   }
-  save(`job:${view.jobId}`, { seq: view.seq, epoch: view.epoch, parts: view.parts, status: view.status });
+  const { seq, epoch, parts, steps, status } = view;
+  save(`job:${view.jobId}`, { seq, epoch, parts, steps, status });
   const index = /** @type {string[]} */ (load("jobs") ?? []).filter((id) => id !== view.jobId);
   index.push(view.jobId);
   for (const old of index.splice(0, Math.max(0, index.length - MAX_SAVED_JOBS))) {
@@ -193,6 +200,16 @@ export function applyBatch(view, batch) {
         const part = toolPart(view, event.call_id, event.name, "");
         part.output = event.output;
         part.isError = event.is_error;
+        break;
+      }
+      case "step": {
+        view.steps = workflowSteps(view.steps, [event]);
+        // A step that asked a person shows as a tool card: it ends with the step.
+        const asked = view.parts.find((p) => p.kind === "tool" && p.callId === `step_${event.step}`);
+        if (event.phase === "finished" && asked !== undefined && asked.kind === "tool") {
+          asked.output = event.summary;
+          asked.isError = event.is_error;
+        }
         break;
       }
       case "status":

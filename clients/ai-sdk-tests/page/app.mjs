@@ -1,7 +1,7 @@
 // @ts-check
 // The page of the browser test: a chat as a web app builds it on the AI SDK, talking to
 // backstream through WebSocketChatTransport (the browser's own WebSocket).
-import { AbstractChat, WebSocketChatTransport } from 'ai';
+import { AbstractChat, WebSocketChatTransport, lastAssistantMessageIsCompleteWithToolCalls } from 'ai';
 
 /** @typedef {import('ai').UIMessage} UIMessage */
 /** @typedef {import('ai').ChatState<UIMessage>} ChatState */
@@ -70,6 +70,33 @@ const chat = new PageChat({
   }),
 });
 
+// A tool the page runs itself (a client-side tool): the server hands its calls to the page,
+// which answers with addToolOutput; the Chat then sends again and the answer goes on.
+const CLIENT_TOOLS = [
+  {
+    type: 'function',
+    function: {
+      name: 'getLocation',
+      description: "The user's city, as the browser knows it",
+      parameters: { type: 'object', properties: {} },
+    },
+  },
+];
+
+const toolChat = new PageChat({
+  id: query.get('toolChat') ?? 'tool-chat',
+  transport: new WebSocketChatTransport({
+    url: query.get('server') ?? '',
+    body: { model: 'test-model', tools: ['calculate'], params: { client_tools: CLIENT_TOOLS } },
+  }),
+  sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithToolCalls,
+  onToolCall: ({ toolCall }) => {
+    if (toolCall.toolName === 'getLocation') {
+      void toolChat.addToolOutput({ tool: 'getLocation', toolCallId: toolCall.toolCallId, output: 'Paris' });
+    }
+  },
+});
+
 /** What the test drives. */
 const page = {
   /** @param {string} text */
@@ -78,6 +105,10 @@ const page = {
   status: () => chat.status,
   text: () => document.getElementById('answer')?.textContent ?? '',
   messageIds: () => chat.messages.map(m => m.id),
+  /** @param {string} text */
+  askWithClientTool: text => toolChat.sendMessage({ text }),
+  toolChatStatus: () => toolChat.status,
+  toolChatMessages: () => toolChat.messages,
   /** Send with `token` in the URL; resolve to what `onError` saw and `closeOf` read of it. */
   failure: (/** @type {string} */ token) =>
     new Promise(resolve => {

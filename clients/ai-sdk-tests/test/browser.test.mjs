@@ -3,60 +3,17 @@
 // is reloaded mid-answer, resumes, and shows the whole answer once; with a refused token it
 // reads the close code 4401 and its reason.
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
-import { createServer } from 'node:http';
 import { test } from 'node:test';
-import { build } from 'esbuild';
 import { chromium } from 'playwright-core';
 import { SERVER_URL, report } from './helpers.mjs';
-
-const CHROMIUM = process.env.BACKSTREAM_CHROMIUM ?? '/usr/bin/chromium';
-const FLAGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
-const COOKIE = process.env.BACKSTREAM_AUTH_COOKIE ?? 'bs_token';
-
-/** Serve the page and its bundled script on a free loopback port. */
-async function servePage() {
-  const bundled = await build({
-    entryPoints: [new URL('../page/app.mjs', import.meta.url).pathname],
-    bundle: true,
-    format: 'esm',
-    platform: 'browser',
-    write: false,
-    logLevel: 'warning',
-  });
-  const script = bundled.outputFiles[0].text;
-  const html = await readFile(new URL('../page/index.html', import.meta.url), 'utf8');
-  const server = createServer((request, response) => {
-    const path = new URL(request.url ?? '/', 'http://x').pathname;
-    if (path === '/app.js') {
-      response.writeHead(200, { 'content-type': 'text/javascript' }).end(script);
-    } else if (path === '/') {
-      response.writeHead(200, { 'content-type': 'text/html' }).end(html);
-    } else {
-      response.writeHead(404).end();
-    }
-  });
-  // The server lets the auth cookie in only from a listed Origin: the test names this port.
-  const port = Number(process.env.BACKSTREAM_PAGE_PORT ?? 0);
-  await new Promise(resolve => server.listen(port, '127.0.0.1', () => resolve(undefined)));
-  const address = server.address();
-  assert.ok(address && typeof address === 'object');
-  return { server, origin: `http://127.0.0.1:${address.port}` };
-}
+import { CHROMIUM, FLAGS, servePage } from './page-server.mjs';
 
 /** @param {import('playwright-core').Page} page @param {string} expression */
 function evaluate(page, expression) {
   return page.evaluate(expression);
 }
+
+const COOKIE = process.env.BACKSTREAM_AUTH_COOKIE ?? 'bs_token';
 
 test('a page reloaded mid-answer resumes and shows the whole answer once', async () => {
   const { server, origin } = await servePage();

@@ -9,7 +9,14 @@
 
 export { Client, connect } from "./client.js";
 export { JobWatch } from "./watch.js";
-export { PROTOCOL_VERSION, TERMINAL_STATUSES, batchText, joinContent, terminalEvent } from "./protocol.js";
+export {
+  PROTOCOL_VERSION,
+  TERMINAL_STATUSES,
+  batchText,
+  joinContent,
+  terminalEvent,
+  workflowSteps,
+} from "./protocol.js";
 export {
   BackstreamError,
   BadRequestError,
@@ -39,6 +46,8 @@ export {
 /** @typedef {import("./protocol.js").JobStatus} JobStatus */
 /** @typedef {import("./protocol.js").JobEvent} JobEvent */
 /** @typedef {import("./protocol.js").JobEventsMessage} JobEventsMessage */
+/** @typedef {import("./protocol.js").StepEvent} StepEvent */
+/** @typedef {import("./protocol.js").WorkflowStep} WorkflowStep */
 /** @typedef {import("./protocol.js").JobStarted} JobStarted */
 /** @typedef {import("./protocol.js").JobInfo} JobInfo */
 /** @typedef {import("./protocol.js").JobAbortResult} JobAbortResult */

@@ -111,26 +111,29 @@ export class Client {
   // -- requests -----------------------------------------------------------------------------
 
   /**
-   * Start a job, or get the user's job already started with `messageId` (`existing: true`).
-   * @param {{ threadId: string, messageId: string, model: string,
-   *   messages: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[] }} request
+   * Start a job, or get the user's job already started with `messageId` (`existing: true`):
+   * a `model` with `messages`, or a `workflow` with its `input` (docs/workflows.md).
+   * With `previousJobId` (an ended job of the same thread) the job continues that job's
+   * conversation, which the server keeps: `messages` hold only what is new.
+   * @param {{ threadId: string, messageId: string, model?: string,
+   *   messages?: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[],
+   *   previousJobId?: string, workflow?: string, input?: Record<string, unknown> }} request
    * @returns {Promise<JobStarted>}
    */
-  startJob({ threadId, messageId, model, messages, params, tools }) {
-    return this.#connection.request(
-      {
-        type: "job.start",
-        id: this.#connection.nextId(),
-        thread_id: threadId,
-        message_id: messageId,
-        model,
-        messages,
-        params: params ?? {},
-        tools: tools ?? [],
-      },
-      "job.started",
-      true,
-    );
+  startJob({ threadId, messageId, model, messages, params, tools, previousJobId, workflow, input }) {
+    /** @type {{ type: string, id: string } & Record<string, unknown>} */
+    const message = {
+      type: "job.start",
+      id: this.#connection.nextId(),
+      thread_id: threadId,
+      message_id: messageId,
+      params: params ?? {},
+      tools: tools ?? [],
+      ...(previousJobId ? { previous_job_id: previousJobId } : {}),
+    };
+    if (workflow !== undefined) Object.assign(message, { workflow, input: input ?? {} });
+    else Object.assign(message, { model, messages });
+    return this.#connection.request(message, "job.started", true);
   }
 
 

@@ -77,16 +77,27 @@ export class ConflictError extends BackstreamError {
  * The job's log moved to another epoch (the server recovered it after a crash) or its
  * entries are no longer kept: what was received cannot be continued. Reload the job with
  * `client.getJob(jobId, { includeContent: true })`, or watch it again from seq 0.
+ *
+ * After a takeover, a cursor past what the log kept of its epoch gets this error with
+ * `validThrough` (the last seq of the view that stands), `contentLength` (the content's
+ * length there) and `epoch` (the log's now); a `JobWatch` handles it itself (a `rewind`).
  */
 export class GoneError extends BackstreamError {
   /**
    * @param {string} message
    * @param {string | null} [jobId]
+   * @param {{ validThrough?: number | null, contentLength?: number | null, epoch?: number | null }} [kept]
    */
-  constructor(message, jobId = null) {
+  constructor(message, jobId = null, kept = {}) {
     super("gone", message);
     /** @type {string | null} */
     this.jobId = jobId;
+    /** @type {number | null} */
+    this.validThrough = kept.validThrough ?? null;
+    /** @type {number | null} */
+    this.contentLength = kept.contentLength ?? null;
+    /** @type {number | null} */
+    this.epoch = kept.epoch ?? null;
   }
 }
 
@@ -143,12 +154,16 @@ const BY_CODE = {
 
 /**
  * The typed error for an `error` message of the protocol.
- * @param {{ code: string, message: string, retry_after_ms?: number | null, job_id?: string | null }} message
+ * @param {{ code: string, message: string, retry_after_ms?: number | null, job_id?: string | null,
+ *   valid_through?: number | null, content_length?: number | null, epoch?: number | null }} message
  * @returns {BackstreamError}
  */
 export function errorFromMessage(message) {
   if (message.code === "capacity") return new CapacityError(message.message, message.retry_after_ms ?? null);
-  if (message.code === "gone") return new GoneError(message.message, message.job_id ?? null);
+  if (message.code === "gone") {
+    const kept = { validThrough: message.valid_through, contentLength: message.content_length, epoch: message.epoch };
+    return new GoneError(message.message, message.job_id ?? null, kept);
+  }
   const ErrorClass = BY_CODE[message.code];
   return ErrorClass ? new ErrorClass(message.message) : new BackstreamError(message.code, message.message);
 }

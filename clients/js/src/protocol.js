@@ -43,12 +43,17 @@ export const TERMINAL_STATUSES = Object.freeze(["completed", "failed", "aborted"
 /** @typedef {{ seq: number, kind: "tool_result", call_id: string, name: string, output: string, is_error: boolean }} ToolResultEvent */
 /** @typedef {{ seq: number, kind: "rewind", to_seq: number, content_length: number }} RewindEvent */
 /**
+ * A workflow's step started or finished (docs/workflows.md).
+ * @typedef {{ seq: number, kind: "step", step: number, name: string, phase: "started" | "finished",
+ *   summary: string, data: string | null, is_error: boolean }} StepEvent
+ */
+/**
  * @typedef {{ seq: number, kind: "status", status: JobStatus, error: JobError | null,
  *   finish_reason: string | null, usage: Record<string, unknown> | null }} StatusEvent
  */
 /**
  * @typedef {TextEvent | ReasoningEvent | ToolCallEvent | ApprovalRequiredEvent | ApprovalEvent
- *   | ToolResultEvent | RewindEvent | StatusEvent} JobEvent
+ *   | ToolResultEvent | RewindEvent | StepEvent | StatusEvent} JobEvent
  */
 
 /**
@@ -83,8 +88,12 @@ export const TERMINAL_STATUSES = Object.freeze(["completed", "failed", "aborted"
  *   is_error: boolean, approved: boolean | null }} ToolCallRecord
  */
 /**
+ * A workflow's step as a list shows it: `running` until it finishes.
+ * @typedef {{ step: number, name: string, status: "running" | "finished" | "failed", summary: string }} WorkflowStep
+ */
+/**
  * @typedef {{ type: "job.info", id: string, job: JobSummary, content: string | null,
- *   tool_calls: ToolCallRecord[] }} JobInfo
+ *   tool_calls: ToolCallRecord[], step?: WorkflowStep }} JobInfo
  */
 /** @typedef {{ type: "job.list.result", id: string, jobs: JobSummary[] }} JobListResult */
 /** @typedef {{ type: "job.approve.result", id: string, job: JobSummary }} JobApproveResult */
@@ -105,7 +114,12 @@ export const TERMINAL_STATUSES = Object.freeze(["completed", "failed", "aborted"
 /** @typedef {{ type: "notifications.read.result", id: string, unread: number }} NotificationsReadResult */
 /** @typedef {{ type: "thread.mute.result", id: string, thread_id: string, muted: boolean }} ThreadMuteResult */
 /** @typedef {{ type: "pong", id: string }} Pong */
-/** @typedef {{ type: "error", id: string | null, code: string, message: string, retry_after_ms?: number | null, job_id?: string | null }} ErrorMessage */
+/**
+ * `valid_through`, `content_length` and `epoch` come with a `gone` for a cursor of an epoch
+ * before a takeover, past what the log kept of it.
+ * @typedef {{ type: "error", id: string | null, code: string, message: string, retry_after_ms?: number | null,
+ *   job_id?: string | null, valid_through?: number | null, content_length?: number | null, epoch?: number | null }} ErrorMessage
+ */
 
 /**
  * The text of a batch: its `text` events joined. Joining the text of every batch of a watch
@@ -143,4 +157,28 @@ export function joinContent(content, batch) {
 export function terminalEvent(batch) {
   const last = batch.events[batch.events.length - 1];
   return last && last.kind === "status" && TERMINAL_STATUSES.includes(last.status) ? last : null;
+}
+
+/**
+ * A workflow's steps after some of its log entries: `steps` (what the entries before gave,
+ * or `[]` from the log's start) with each `step` event applied, in order of their numbers.
+ * A step that started appears `running` with what it was asked as its summary; when it
+ * finishes it becomes `finished` (or `failed`) with its result's summary.
+ * @param {WorkflowStep[]} steps
+ * @param {Iterable<JobEvent>} events
+ * @returns {WorkflowStep[]}
+ */
+export function workflowSteps(steps, events) {
+  let out = steps;
+  for (const event of events) {
+    if (event.kind !== "step") continue;
+    const status = event.phase === "started" ? "running" : event.is_error ? "failed" : "finished";
+    /** @type {WorkflowStep} */
+    const step = { step: event.step, name: event.name, status, summary: event.summary };
+    if (out === steps) out = steps.slice();
+    const at = out.findIndex((s) => s.step === event.step);
+    if (at >= 0) out[at] = step;
+    else out.push(step);
+  }
+  return out;
 }

@@ -211,6 +211,7 @@ export class JobWatch {
    */
   _fail(error) {
     if (this.#closed || this.#error !== null) return;
+    if (error instanceof GoneError && this.#rewind(error)) return;
     if (error instanceof GoneError && error.jobId === null) error.jobId = this.jobId;
     this.#error = error;
     this.live = false;
@@ -219,6 +220,34 @@ export class JobWatch {
   }
 
   // -- internals ----------------------------------------------------------------------------
+
+  /**
+   * A `gone` that says what of this watch's view the log kept after a takeover: queue a batch
+   * holding a `rewind` to that seq (`from_seq` one past `to_seq`: no entry of the log), which
+   * `joinContent` applies, and subscribe again from there at the log's epoch.
+   * @param {GoneError} error
+   * @returns {boolean} false if the error does not say
+   */
+  #rewind(error) {
+    const { validThrough: kept, contentLength: length, epoch } = error;
+    if (kept === null || length === null || epoch === null || kept < 0 || kept > this.resumeSeq) return false;
+    /** @type {JobEventsMessage} */
+    const batch = {
+      type: "job.events",
+      job_id: this.jobId,
+      epoch,
+      from_seq: kept + 1,
+      to_seq: kept,
+      events: [{ seq: kept, kind: "rewind", to_seq: kept, content_length: length }],
+    };
+    this.#queue.push(batch);
+    this.resumeSeq = kept;
+    this.epoch = epoch;
+    this.live = false;
+    this.#host.subscribe(this);
+    this.#wake();
+    return true;
+  }
 
   #wake() {
     const waiter = this.#waiter;

@@ -21,6 +21,7 @@ import {
   batchText,
   connect,
   joinContent,
+  workflowSteps,
 } from "../src/backstream-client.js";
 import { LOREM, REPO, collect, contiguous, sleep, startProxy, startServer } from "./helpers.js";
 
@@ -98,6 +99,25 @@ describe("requests", () => {
     assert.equal((await client.ping()).type, "pong");
   });
 
+  test("previousJobId continues a thread: only the new message is sent", async () => {
+    const client = await open("tok-alice");
+    const first = await client.startJob({ threadId: "chain", messageId: "c1", model: "backstream/echo", messages: [{ role: "user", content: "first" }] });
+    await collect(client.watch(first.job.job_id));
+    const next = await client.startJob({
+      threadId: "chain", messageId: "c2", model: "backstream/echo",
+      messages: [{ role: "user", content: "second" }], previousJobId: first.job.job_id,
+    });
+    assert.equal((await collect(client.watch(next.job.job_id))).text, "second");
+    await assert.rejects(
+      client.startJob({ threadId: "other", messageId: "c3", model: "backstream/echo", messages: [{ role: "user", content: "x" }], previousJobId: first.job.job_id }),
+      (error) => error instanceof BadRequestError && /is of thread 'chain'/.test(error.message),
+    );
+    await assert.rejects(
+      client.startJob({ threadId: "chain", messageId: "c4", model: "backstream/echo", messages: [{ role: "user", content: "x" }], previousJobId: "j_gone" }),
+      (error) => error instanceof NotFoundError && error.message === "Previous job with id 'j_gone' not found.",
+    );
+  });
+
   test("a watch from a cursor gets exactly the rest", async () => {
     const client = await open("tok-alice");
     const started = await client.startJob({ threadId: "t2", messageId: "m2", model: "backstream/echo", messages: [{ role: "user", content: "one two three four five six" }] });
@@ -169,6 +189,39 @@ describe("requests", () => {
       assert.equal(note?.is_error, !approved);
       if (!approved) assert.match(text, /You declined send_note/);
     }
+  });
+
+  test("a workflow: started by name with its input, its steps folded as they come, its approval decided", async () => {
+    const client = await open("tok-bob");
+    const started = await client.startJob({ threadId: "flows", messageId: "demo-1", workflow: "demo", input: { expression: "6*7" } });
+    assert.equal(started.job.model, "workflow/demo");
+    /** @type {import("../src/backstream-client.js").WorkflowStep[]} */
+    let steps = [];
+    const seen = /** @type {string[]} */ ([]);
+    const { text, status } = await collect(client.watch(started.job.job_id), async (batch) => {
+      steps = workflowSteps(steps, batch.events);
+      for (const step of steps) seen.push(`${step.step}:${step.status}`);
+      for (const event of batch.events) {
+        if (event.kind === "approval_required") {
+          assert.equal(event.name, "approve");
+          assert.deepEqual(steps.at(-1), { step: 4, name: "approve", status: "running", summary: "Write the summary of 6*7 = 42?" });
+          await client.approve(started.job.job_id, event.call_id, true);
+        }
+      }
+    });
+    assert.equal(status, "completed");
+    assert.deepEqual(steps.map((s) => [s.step, s.name, s.status]), [
+      [1, "model:backstream/echo", "finished"],
+      [2, "tool:calculate", "finished"],
+      [3, "tool:clock_now", "finished"],
+      [4, "approve", "finished"],
+      [5, "model:backstream/echo", "finished"],
+    ]);
+    assert.equal(steps[1].summary, "42");
+    assert.match(text, /^Plan: compute 6\*7, read the clock, ask, summarize\.\n\n6\*7 = 42\n\n/);
+    const info = await client.getJob(started.job.job_id, { includeContent: true });
+    assert.deepEqual(info.step, { step: 5, name: "model:backstream/echo", status: "finished", summary: steps[4].summary });
+    await assert.rejects(client.startJob({ threadId: "flows", messageId: "demo-2", workflow: "nope" }), /unknown workflow 'nope' \(known: demo\)/);
   });
 
   test("notifications: pushed when nobody watches, listed, read; none for a muted thread", async () => {
@@ -439,6 +492,16 @@ describe("reconnects", () => {
       await proxy.close();
     }
   });
+});
+
+test("workflowSteps folds step events into a list, a step updated in place when it finishes", () => {
+  const step = (seq, n, phase, summary, is_error = false) => ({ seq, kind: "step", step: n, name: `s${n}`, phase, summary, data: null, is_error });
+  const first = workflowSteps([], [step(2, 1, "started", "asked"), { seq: 3, kind: "text", text: "x" }]);
+  assert.deepEqual(first, [{ step: 1, name: "s1", status: "running", summary: "asked" }]);
+  const later = workflowSteps(first, [step(4, 1, "finished", "done"), step(5, 2, "started", ""), step(6, 2, "finished", "boom", true)]);
+  assert.deepEqual(later.map((s) => [s.step, s.status, s.summary]), [[1, "finished", "done"], [2, "failed", "boom"]]);
+  assert.equal(first[0].status, "running"); // the list given is not changed
+  assert.equal(workflowSteps(later, [{ seq: 7, kind: "text", text: "y" }]), later);
 });
 
 test("joinContent applies a rewind: the withdrawn text goes, the new text follows", () => {

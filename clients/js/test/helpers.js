@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { after } from "node:test";
 import { fileURLToPath } from "node:url";
+import { joinContent } from "../src/backstream-client.js";
 
 export const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
 const PYTHON = process.env.BACKSTREAM_PYTHON ?? join(REPO, ".venv", "bin", "python");
@@ -180,7 +181,7 @@ export async function collect(watch, each) {
   let text = "";
   for await (const batch of watch) {
     batches.push(batch);
-    for (const event of batch.events) if (event.kind === "text") text += event.text;
+    text = joinContent(text, batch);
     await each?.(batch, batches.length - 1);
   }
   const last = batches.at(-1)?.events.at(-1);
@@ -195,6 +196,10 @@ export async function collect(watch, each) {
 export function contiguous(batches, afterSeq = 0) {
   let next = afterSeq + 1;
   for (const batch of batches) {
+    if (batch.from_seq === batch.to_seq + 1 && batch.to_seq < next) {
+      next = batch.from_seq; // a watch's cut back to what the log kept after a takeover
+      continue;
+    }
     if (batch.from_seq !== next) return false;
     next = batch.to_seq + 1;
   }

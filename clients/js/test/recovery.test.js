@@ -11,7 +11,7 @@ import { LOREM, collect, contiguous, mintJwt, startServer } from "./helpers.js";
 
 // Two servers of their own: the tests run side by side.
 describe("recovery", { concurrency: true }, () => {
-  test("a server restart (1001) and a crash (kill -9): resume, then gone", async () => {
+  test("a server restart (1001) and a crash (kill -9): resume, and go on across the recovery", async () => {
     const store = `sqlite:///${mkdtempSync(join(tmpdir(), "backstream-js-"))}/jobs.db`;
     // The interrupt policy: the job ends at a stop or a crash, rather than being continued.
     const server = await startServer({ store, args: ["--token", "tok=alice", "--continuation", "backstream/*=interrupt"] });
@@ -38,24 +38,30 @@ describe("recovery", { concurrency: true }, () => {
       assert.equal(info.job.epoch, 1);
       assert.deepEqual(states.slice(0, 2), ["reconnecting", "open"]);
 
-      // SIGKILL: the next start recovers the job at epoch 2; an epoch-1 cursor is gone.
+      // SIGKILL: the next start recovers the job at epoch 2. The watch goes on from its epoch-1
+      // cursor: at once if the log kept it, else after a rewind batch cutting back to what it kept.
       const second = await client.startJob({ threadId: "t", messageId: "m2", model: "backstream/lorem", messages: LOREM, params: { max_tokens: 1000, tokens_per_s: 50 } });
-      const watch = client.watch(second.job.job_id);
-      await assert.rejects(
-        collect(watch, async (_batch, index) => {
-          if (index === 3) {
-            await server.stop("SIGKILL");
-            await server.restart();
-          }
-        }),
-        (error) => error instanceof GoneError && error.jobId === second.job.job_id && error.code === "gone",
-      );
+      const crossed = await collect(client.watch(second.job.job_id), async (_batch, index) => {
+        if (index === 3) {
+          await server.stop("SIGKILL");
+          await server.restart();
+        }
+      });
       const recovered = await client.getJob(second.job.job_id, { includeContent: true });
       assert.equal(recovered.job.status, "interrupted");
       assert.equal(recovered.job.epoch, 2);
+      assert.equal(crossed.status, "interrupted");
+      assert.ok(contiguous(crossed.batches));
+      assert.equal(crossed.text, recovered.content);
+      assert.equal(crossed.batches.at(-1)?.epoch, 2);
       const replay = await collect(client.watch(second.job.job_id));
       assert.equal(replay.text, recovered.content);
       assert.equal(replay.batches[0].epoch, 2);
+      // A cursor of an epoch the job never had is plain gone.
+      await assert.rejects(
+        collect(client.watch(second.job.job_id, { afterSeq: 1, epoch: 3 })),
+        (error) => error instanceof GoneError && error.jobId === second.job.job_id && error.validThrough === null,
+      );
     } finally {
       await client?.close();
       await server.stop();

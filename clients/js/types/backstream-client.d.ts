@@ -7,6 +7,8 @@ export type JobSummary = import("./protocol.js").JobSummary;
 export type JobStatus = import("./protocol.js").JobStatus;
 export type JobEvent = import("./protocol.js").JobEvent;
 export type JobEventsMessage = import("./protocol.js").JobEventsMessage;
+export type StepEvent = import("./protocol.js").StepEvent;
+export type WorkflowStep = import("./protocol.js").WorkflowStep;
 export type JobStarted = import("./protocol.js").JobStarted;
 export type JobInfo = import("./protocol.js").JobInfo;
 export type JobAbortResult = import("./protocol.js").JobAbortResult;
@@ -18,5 +20,5 @@ export type NotificationsReadResult = import("./protocol.js").NotificationsReadR
 export type ThreadMuteResult = import("./protocol.js").ThreadMuteResult;
 export type Welcome = import("./protocol.js").Welcome;
 export { Client, connect } from "./client.js";
-export { PROTOCOL_VERSION, TERMINAL_STATUSES, batchText, joinContent, terminalEvent } from "./protocol.js";
+export { PROTOCOL_VERSION, TERMINAL_STATUSES, batchText, joinContent, terminalEvent, workflowSteps } from "./protocol.js";
 export { BackstreamError, BadRequestError, CapacityError, ClientClosedError, ConflictError, ConnectionLostError, GoneError, InternalError, NotFoundError, ProtocolError, QuotaExceededError, RateLimitedError, RequestTimeoutError, TooLargeError, UnauthorizedError, UnavailableError, UnsupportedProtocolError, errorFromMessage } from "./errors.js";

@@ -92,18 +92,25 @@ export class Client {
     /** @returns {ClientStatistics} a frozen snapshot */
     statistics(): ClientStatistics;
     /**
-     * Start a job, or get the user's job already started with `messageId` (`existing: true`).
-     * @param {{ threadId: string, messageId: string, model: string,
-     *   messages: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[] }} request
+     * Start a job, or get the user's job already started with `messageId` (`existing: true`):
+     * a `model` with `messages`, or a `workflow` with its `input` (docs/workflows.md).
+     * With `previousJobId` (an ended job of the same thread) the job continues that job's
+     * conversation, which the server keeps: `messages` hold only what is new.
+     * @param {{ threadId: string, messageId: string, model?: string,
+     *   messages?: Array<Record<string, unknown>>, params?: Record<string, unknown>, tools?: string[],
+     *   previousJobId?: string, workflow?: string, input?: Record<string, unknown> }} request
      * @returns {Promise<JobStarted>}
      */
-    startJob({ threadId, messageId, model, messages, params, tools }: {
+    startJob({ threadId, messageId, model, messages, params, tools, previousJobId, workflow, input }: {
         threadId: string;
         messageId: string;
-        model: string;
-        messages: Array<Record<string, unknown>>;
+        model?: string;
+        messages?: Array<Record<string, unknown>>;
         params?: Record<string, unknown>;
         tools?: string[];
+        previousJobId?: string;
+        workflow?: string;
+        input?: Record<string, unknown>;
     }): Promise<JobStarted>;
     /**
      * The job's summary; with `includeContent`, its text from character `offset` and its tool calls.

@@ -1,6 +1,7 @@
 /**
  * The typed error for an `error` message of the protocol.
- * @param {{ code: string, message: string, retry_after_ms?: number | null, job_id?: string | null }} message
+ * @param {{ code: string, message: string, retry_after_ms?: number | null, job_id?: string | null,
+ *   valid_through?: number | null, content_length?: number | null, epoch?: number | null }} message
  * @returns {BackstreamError}
  */
 export function errorFromMessage(message: {
@@ -8,6 +9,9 @@ export function errorFromMessage(message: {
     message: string;
     retry_after_ms?: number | null;
     job_id?: string | null;
+    valid_through?: number | null;
+    content_length?: number | null;
+    epoch?: number | null;
 }): BackstreamError;
 /** Every error this client raises. `code` is the protocol's error code (PROTOCOL.md, "Errors"). */
 export class BackstreamError extends Error {
@@ -74,15 +78,30 @@ export class ConflictError extends BackstreamError {
  * The job's log moved to another epoch (the server recovered it after a crash) or its
  * entries are no longer kept: what was received cannot be continued. Reload the job with
  * `client.getJob(jobId, { includeContent: true })`, or watch it again from seq 0.
+ *
+ * After a takeover, a cursor past what the log kept of its epoch gets this error with
+ * `validThrough` (the last seq of the view that stands), `contentLength` (the content's
+ * length there) and `epoch` (the log's now); a `JobWatch` handles it itself (a `rewind`).
  */
 export class GoneError extends BackstreamError {
     /**
      * @param {string} message
      * @param {string | null} [jobId]
+     * @param {{ validThrough?: number | null, contentLength?: number | null, epoch?: number | null }} [kept]
      */
-    constructor(message: string, jobId?: string | null);
+    constructor(message: string, jobId?: string | null, kept?: {
+        validThrough?: number | null;
+        contentLength?: number | null;
+        epoch?: number | null;
+    });
     /** @type {string | null} */
     jobId: string | null;
+    /** @type {number | null} */
+    validThrough: number | null;
+    /** @type {number | null} */
+    contentLength: number | null;
+    /** @type {number | null} */
+    epoch: number | null;
 }
 /** A reply would exceed the server's frame limit (fetch job content in pieces with `offset`). */
 export class TooLargeError extends BackstreamError {

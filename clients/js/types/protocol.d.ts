@@ -32,12 +32,17 @@
 /** @typedef {{ seq: number, kind: "tool_result", call_id: string, name: string, output: string, is_error: boolean }} ToolResultEvent */
 /** @typedef {{ seq: number, kind: "rewind", to_seq: number, content_length: number }} RewindEvent */
 /**
+ * A workflow's step started or finished (docs/workflows.md).
+ * @typedef {{ seq: number, kind: "step", step: number, name: string, phase: "started" | "finished",
+ *   summary: string, data: string | null, is_error: boolean }} StepEvent
+ */
+/**
  * @typedef {{ seq: number, kind: "status", status: JobStatus, error: JobError | null,
  *   finish_reason: string | null, usage: Record<string, unknown> | null }} StatusEvent
  */
 /**
  * @typedef {TextEvent | ReasoningEvent | ToolCallEvent | ApprovalRequiredEvent | ApprovalEvent
- *   | ToolResultEvent | RewindEvent | StatusEvent} JobEvent
+ *   | ToolResultEvent | RewindEvent | StepEvent | StatusEvent} JobEvent
  */
 /**
  * One batch of a watch: the log entries `from_seq` to `to_seq`, in order.
@@ -69,8 +74,12 @@
  *   is_error: boolean, approved: boolean | null }} ToolCallRecord
  */
 /**
+ * A workflow's step as a list shows it: `running` until it finishes.
+ * @typedef {{ step: number, name: string, status: "running" | "finished" | "failed", summary: string }} WorkflowStep
+ */
+/**
  * @typedef {{ type: "job.info", id: string, job: JobSummary, content: string | null,
- *   tool_calls: ToolCallRecord[] }} JobInfo
+ *   tool_calls: ToolCallRecord[], step?: WorkflowStep }} JobInfo
  */
 /** @typedef {{ type: "job.list.result", id: string, jobs: JobSummary[] }} JobListResult */
 /** @typedef {{ type: "job.approve.result", id: string, job: JobSummary }} JobApproveResult */
@@ -89,7 +98,12 @@
 /** @typedef {{ type: "notifications.read.result", id: string, unread: number }} NotificationsReadResult */
 /** @typedef {{ type: "thread.mute.result", id: string, thread_id: string, muted: boolean }} ThreadMuteResult */
 /** @typedef {{ type: "pong", id: string }} Pong */
-/** @typedef {{ type: "error", id: string | null, code: string, message: string, retry_after_ms?: number | null, job_id?: string | null }} ErrorMessage */
+/**
+ * `valid_through`, `content_length` and `epoch` come with a `gone` for a cursor of an epoch
+ * before a takeover, past what the log kept of it.
+ * @typedef {{ type: "error", id: string | null, code: string, message: string, retry_after_ms?: number | null,
+ *   job_id?: string | null, valid_through?: number | null, content_length?: number | null, epoch?: number | null }} ErrorMessage
+ */
 /**
  * The text of a batch: its `text` events joined. Joining the text of every batch of a watch
  * gives the job's content from the watch's cursor.
@@ -112,6 +126,16 @@ export function joinContent(content: string, batch: JobEventsMessage): string;
  * @returns {StatusEvent | null}
  */
 export function terminalEvent(batch: JobEventsMessage): StatusEvent | null;
+/**
+ * A workflow's steps after some of its log entries: `steps` (what the entries before gave,
+ * or `[]` from the log's start) with each `step` event applied, in order of their numbers.
+ * A step that started appears `running` with what it was asked as its summary; when it
+ * finishes it becomes `finished` (or `failed`) with its result's summary.
+ * @param {WorkflowStep[]} steps
+ * @param {Iterable<JobEvent>} events
+ * @returns {WorkflowStep[]}
+ */
+export function workflowSteps(steps: WorkflowStep[], events: Iterable<JobEvent>): WorkflowStep[];
 export const PROTOCOL_VERSION: 1;
 /** @type {ReadonlyArray<JobStatus>} */
 export const TERMINAL_STATUSES: ReadonlyArray<JobStatus>;
@@ -193,6 +217,19 @@ export type RewindEvent = {
     to_seq: number;
     content_length: number;
 };
+/**
+ * A workflow's step started or finished (docs/workflows.md).
+ */
+export type StepEvent = {
+    seq: number;
+    kind: "step";
+    step: number;
+    name: string;
+    phase: "started" | "finished";
+    summary: string;
+    data: string | null;
+    is_error: boolean;
+};
 export type StatusEvent = {
     seq: number;
     kind: "status";
@@ -201,7 +238,7 @@ export type StatusEvent = {
     finish_reason: string | null;
     usage: Record<string, unknown> | null;
 };
-export type JobEvent = TextEvent | ReasoningEvent | ToolCallEvent | ApprovalRequiredEvent | ApprovalEvent | ToolResultEvent | RewindEvent | StatusEvent;
+export type JobEvent = TextEvent | ReasoningEvent | ToolCallEvent | ApprovalRequiredEvent | ApprovalEvent | ToolResultEvent | RewindEvent | StepEvent | StatusEvent;
 /**
  * One batch of a watch: the log entries `from_seq` to `to_seq`, in order.
  */
@@ -264,12 +301,22 @@ export type ToolCallRecord = {
     is_error: boolean;
     approved: boolean | null;
 };
+/**
+ * A workflow's step as a list shows it: `running` until it finishes.
+ */
+export type WorkflowStep = {
+    step: number;
+    name: string;
+    status: "running" | "finished" | "failed";
+    summary: string;
+};
 export type JobInfo = {
     type: "job.info";
     id: string;
     job: JobSummary;
     content: string | null;
     tool_calls: ToolCallRecord[];
+    step?: WorkflowStep;
 };
 export type JobListResult = {
     type: "job.list.result";
@@ -312,6 +359,10 @@ export type Pong = {
     type: "pong";
     id: string;
 };
+/**
+ * `valid_through`, `content_length` and `epoch` come with a `gone` for a cursor of an epoch
+ * before a takeover, past what the log kept of it.
+ */
 export type ErrorMessage = {
     type: "error";
     id: string | null;
@@ -319,4 +370,7 @@ export type ErrorMessage = {
     message: string;
     retry_after_ms?: number | null;
     job_id?: string | null;
+    valid_through?: number | null;
+    content_length?: number | null;
+    epoch?: number | null;
 };

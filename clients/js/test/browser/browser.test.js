@@ -8,7 +8,7 @@ import { connect } from "../../src/backstream-client.js";
 import { sleep, startProxy, startServer } from "../helpers.js";
 import { launch, openPage, screenshot } from "./chromium.js";
 
-const USERS = ["client", "switch", "notify", "reload", "network", "muted", "failed", "tools", "stop"];
+const USERS = ["client", "switch", "notify", "reload", "network", "muted", "failed", "tools", "stop", "workflow"];
 const WORDS = (/** @type {number} */ n) => Array.from({ length: n }, (_, i) => `word${i + 1}`).join(" ");
 
 /** @type {Awaited<ReturnType<typeof startServer>>} */
@@ -173,7 +173,7 @@ describe("in Chromium", { concurrency: 3 }, () => {
   test("loads with no console errors and offers the built-in and upstream models", async () => {
     const { page, problems } = await chat("client");
     const models = await page.$$eval("#model option", (options) => options.map((o) => /** @type {HTMLOptionElement} */ (o).value));
-    assert.deepEqual(models, ["backstream/echo", "backstream/lorem", "backstream/tools-demo", "acme/slow-fail"]);
+    assert.deepEqual(models, ["backstream/echo", "backstream/lorem", "backstream/tools-demo", "workflow/demo", "acme/slow-fail"]);
     await page.waitForSelector(".suggestion");
     await screenshot(page, "demo-empty");
     assert.deepEqual(problems, []);
@@ -343,6 +343,37 @@ describe("in Chromium", { concurrency: 3 }, () => {
     assert.equal(await shown(page, jobId), flat(info.content));
     assert.equal(info.tool_calls.find((call) => call.name === "send_note")?.approved, true);
     await screenshot(page, "demo-tools");
+    assert.deepEqual(problems, []);
+  });
+
+  test("a workflow's steps are listed under its answer, its approval asked inline", async () => {
+    const { page, problems } = await chat("workflow");
+    const admin = await serverClient("workflow");
+    const jobId = await send(page, "Compute 6*7 and tell me the time.", "workflow/demo");
+    const answer = `article[data-job-id="${jobId}"]`;
+    await page.waitForSelector(`${answer} .tool-pending[data-tool=approve] [data-action=approve]`);
+    const waiting = await page.$$eval(`${answer} .steps .step`, (items) => items.map((li) => [li.getAttribute("data-step"), li.getAttribute("data-status")]));
+    assert.deepEqual(waiting, [["1", "finished"], ["2", "finished"], ["3", "finished"], ["4", "running"]]);
+    await screenshot(page, "demo-workflow-approval");
+    await page.click(`${answer} [data-action=approve]`);
+    await statusIs(page, jobId, "completed");
+    const steps = await page.$$eval(`${answer} .steps .step`, (items) =>
+      items.map((li) => [li.querySelector(".step-name")?.textContent, li.getAttribute("data-status"), li.querySelector(".step-summary")?.textContent]));
+    assert.deepEqual(steps.map(([name, status]) => [name, status]), [
+      ["model:backstream/echo", "finished"],
+      ["tool:calculate", "finished"],
+      ["tool:clock_now", "finished"],
+      ["approve", "finished"],
+      ["model:backstream/echo", "finished"],
+    ]);
+    assert.equal(steps[1][2], "42");
+    assert.equal(steps[3][2], "approved");
+    const info = await admin.getJob(jobId, { includeContent: true });
+    assert.equal(await shown(page, jobId), flat(info.content));
+    await screenshot(page, "demo-workflow");
+    await page.reload();  // a finished workflow replayed from the server shows the same steps
+    await statusIs(page, jobId, "completed");
+    assert.equal(await page.locator(`${answer} .steps .step-finished`).count(), 5);
     assert.deepEqual(problems, []);
   });
 
