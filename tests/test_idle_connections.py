@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 import trio.testing
 from wsproto import ConnectionType, WSConnection
@@ -113,3 +114,24 @@ async def test_notifications_wait_in_a_bounded_list_and_one_task_pushes_them_in_
         release.set()
         await trio.testing.wait_all_tasks_blocked()
     assert pushed == [f"n{i}" for i in range(SUBSCRIBER_BUFFER + 1)]
+
+
+async def test_a_ping_due_on_a_connection_closing_meanwhile_raises_nothing_past_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from trio_websocket import ConnectionClosed, open_websocket_url
+
+    from backstream.runtime.server.websocket import ServerWebSocket
+
+    async with served() as srv:
+        async with open_websocket_url(srv.url) as client:
+            await client.send_message(HELLO)
+            await client.get_message()
+            (connection,) = srv.door.connections
+            ws = connection._ws
+            assert isinstance(ws, ServerWebSocket)
+            beat = srv.door._heartbeat.add(ws, connection.close_soon)  # a second beat, kept after the close
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(ConnectionClosed):
+            await ws.send_ping()
+        await srv.door._heartbeat._ping(beat)  # what the heartbeat does: nothing escapes

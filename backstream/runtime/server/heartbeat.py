@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import math
 from collections.abc import Callable
 
@@ -31,6 +32,8 @@ from trio_websocket import ConnectionClosed
 from backstream.runtime.server.websocket import ServerWebSocket
 
 __all__ = ["Beat", "Heartbeat"]
+
+log = logging.getLogger("backstream.frontdoor")
 
 
 class Beat:
@@ -110,9 +113,15 @@ class Heartbeat:
         beat.ping_sent_at = now
         self._schedule(beat, now + self._timeout)
         assert self._pings is not None
-        self._pings.start_soon(self._ping, beat.ws)
+        self._pings.start_soon(self._ping, beat)
 
-    async def _ping(self, ws: ServerWebSocket) -> None:
+    async def _ping(self, beat: Beat) -> None:
         # A ping that does not go out in time leaves its pong's deadline to close the connection.
         with trio.move_on_after(self._timeout), contextlib.suppress(ConnectionClosed):
-            await ws.send_ping()
+            try:
+                await beat.ws.send_ping()
+            except ConnectionClosed:
+                raise
+            except Exception:  # the connection's fault or ours: it alone ends, never the front door
+                log.exception("a keep-alive ping failed: closing its connection")
+                beat.close_soon(1011, "internal error")

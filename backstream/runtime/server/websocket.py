@@ -38,7 +38,13 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -182,6 +188,10 @@ class ServerWebSocket(WebSocketConnection):
         """Send a ping; its pong calls ``on_pong``. Raises ``ConnectionClosed``.
 
         Cancellation: the frame may be cut; the connection must then be closed."""
+        if self._close_reason:
+            raise ConnectionClosed(self._close_reason)
+        if self._wsproto.state is not ConnectionState.OPEN:  # closing: a ping cannot go out now
+            raise ConnectionClosed(CloseReason(1000, "closing"))
         await self._send(Ping(payload=os.urandom(4)))
 
     async def _handle_pong_event(self, event: Pong) -> None:
