@@ -106,10 +106,24 @@ def make_authenticator(settings: ServeSettings) -> tuple[Authenticator, str | No
     return StaticTokens({dev_token: "dev"}), dev_token
 
 
+def compression_window_bits(settings: ServeSettings) -> int:
+    """``--compression-window-bits``. Raises ``ValueError`` naming it when out of range."""
+    from backstream.runtime.server.deflate import MAX_WINDOW_BITS, MIN_WINDOW_BITS
+
+    bits: int = settings.compression_window_bits
+    if not MIN_WINDOW_BITS <= bits <= MAX_WINDOW_BITS:
+        raise ValueError(
+            f"--compression-window-bits (BACKSTREAM_COMPRESSION_WINDOW_BITS): {bits} is not in "
+            f"[{MIN_WINDOW_BITS}, {MAX_WINDOW_BITS}]"
+        )
+    return bits
+
+
 def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
     """The front door's settings. Raises ``ValueError`` naming a setting out of range."""
     from backstream.protocol.ui_messages import MAX_COALESCE_MS
     from backstream.runtime.server.connection import ConnectionLimits
+    from backstream.runtime.server.deflate import DeflateSettings
 
     if not 0 <= settings.ai_sdk_coalesce_ms <= MAX_COALESCE_MS:
         raise ValueError(
@@ -120,8 +134,11 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         if getattr(settings, name) < 1:
             flag, env = name.replace("_", "-"), "BACKSTREAM_" + name.upper()
             raise ValueError(f"--{flag} ({env}): {getattr(settings, name)} must be at least 1")
+    bits = compression_window_bits(settings)
+    deflate = DeflateSettings(window_bits=bits) if settings.ws_deflate else None
     return FrontDoorConfig(
         host=settings.host,
+        deflate=deflate,
         port=settings.port,
         allow_origins=tuple(settings.allow_origin),
         auth_cookie=settings.auth_cookie,
@@ -495,6 +512,7 @@ class _HttpListeners:
                     max_body_bytes=settings.max_message_bytes,
                     sse_keepalive=settings.sse_keepalive,
                     max_streams_per_user=settings.max_streams_per_user,
+                    gzip_window_bits=compression_window_bits(settings) if settings.http_gzip else None,
                 ),
                 allow_origins=tuple(settings.allow_origin),
                 static_routes=self._static_routes(),
