@@ -48,6 +48,7 @@ from backstream.runtime.server.settings import (
     runtime_config,
     tls_context,
 )
+from backstream.runtime.server.streams_serve import mount_streams
 from backstream.runtime.server.web_api import WebConfig
 from backstream.runtime.server.web_assets import asset_routes
 from backstream.runtime.stores.memory import MemoryStore
@@ -519,6 +520,7 @@ class _HttpListeners:
             )
             app.status_routes.update(self._status_routes(with_metrics=not split))
             ResponsesApi(app)
+            mount_streams(app, self._auth, settings, nursery)
             # Bearer tokens come here too: with TLS configured they never cross in clear text.
             tls = self._door.config.ssl_context
             http_port = await self._serve(nursery, app, bound.http, tls=tls)
