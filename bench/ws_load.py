@@ -77,6 +77,7 @@ class Stats:
         self.t0 = time.time()  # reset when the load starts
         self.first_token: list[float] = []  # per watcher: seconds from the load's start
         self.last_token_at = 0.0  # when the last token reached its client
+        self.wire_bytes = 0  # what the load clients read from their sockets
 
     def tokens(self, job: int, index: int, text: str, now: float) -> int:
         """Record the stamped tokens in ``text``; ``index`` is how many this watcher had.
@@ -97,8 +98,24 @@ class Stats:
         return index
 
 
+def counting_connection(stats: Stats) -> Any:
+    """A ``websockets`` client connection class that adds what it reads to ``stats.wire_bytes``."""
+    from websockets.asyncio.client import ClientConnection
+
+    class Counting(ClientConnection):
+        def data_received(self, data: bytes) -> None:
+            stats.wire_bytes += len(data)
+            super().data_received(data)
+
+    return Counting
+
+
 async def load_backstream(urls: list[str], a: argparse.Namespace, stats: Stats, model: str) -> None:
     import websockets
+
+    # "deflate": offer permessage-deflate, as browsers do (websockets' default offer).
+    compression = "deflate" if a.deflate else None
+    connection_class = counting_connection(stats)
 
     slots: list[list[int]] = [[] for _ in range(a.connections or a.jobs * a.watchers)]
     for k in range(a.jobs * a.watchers):
@@ -108,7 +125,9 @@ async def load_backstream(urls: list[str], a: argparse.Namespace, stats: Stats, 
         params = {"max_tokens": a.tokens, "tokens_per_s": a.rate, "timestamps": True}
 
     async def one(url: str, job_ids: list[int]) -> None:
-        async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
+        async with websockets.connect(
+            url, compression=compression, max_size=None, open_timeout=60, create_connection=connection_class
+        ) as ws:
             # Requests may follow hello at once: the server handles them in order after it.
             await ws.send(json.dumps({"type": "hello", "id": "h", "protocol": 1, "token": "bench"}))
             by_message = {f"m{j}": j for j in job_ids}
@@ -159,8 +178,12 @@ async def load_backstream(urls: list[str], a: argparse.Namespace, stats: Stats, 
 async def load_raw(url: str, a: argparse.Namespace, stats: Stats) -> None:
     import websockets
 
+    connection_class = counting_connection(stats)
+
     async def one(j: int) -> None:
-        async with websockets.connect(url, compression=None, max_size=None, open_timeout=60) as ws:
+        async with websockets.connect(
+            url, compression=None, max_size=None, open_timeout=60, create_connection=connection_class
+        ) as ws:
             await ws.send(json.dumps({"job": j}))
             index = 0
             async for raw in ws:
@@ -187,7 +210,9 @@ async def load_peer(port: int, a: argparse.Namespace, stats: Stats) -> None:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
+                    data = await reader.read(65536)
+                    stats.wire_bytes += len(data)
+                    conn.receive_data(data)
                 elif isinstance(event, h11.Data):
                     now = time.time()
                     stats.frames += 1
@@ -415,6 +440,8 @@ def summarize(
         # handshake and the start requests of all of them.
         "first_token_p50_s": round(percentile(sorted(stats.first_token), 0.5), 2),
         "first_token_max_s": round(max(stats.first_token, default=0.0), 2),
+        # Bytes the load clients read (frames, their headers, handshakes) per token delivered.
+        "wire_bytes_per_token": round(stats.wire_bytes / max(delivered, 1), 1),
     }
     row["sustainable"] = (
         delivered == row["expected"]
@@ -447,11 +474,13 @@ COLUMNS = [
     "seconds",
     "wall_x",
     "first_token_max_s",
+    "wire_bytes_per_token",
 ]
 
 
 def ratio(ours: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
     keys = ["tokens_per_s", "p50_ms", "p99_ms", "due_p99_ms", "cpu_us_per_token", "server_cpu_s"]
+    keys += ["wire_bytes_per_token"]
     return {k: round(ours[k] / max(other[k], 0.01), 3) for k in keys}
 
 
@@ -475,17 +504,20 @@ def yardsticks(a: argparse.Namespace) -> tuple[bool, bool]:
 
 def one_load(a: argparse.Namespace, has_raw: bool, has_peer: bool) -> None:
     rows = []
+    modes = a.compression.split(",")
     for store in a.stores.split(","):
         instances = a.instances if store == "redis" else 1
         suffix = f" x{instances}" if instances > 1 else ""
-        rows.append(
-            {"name": f"backstream ({a.model}, {store}{suffix})", **measure("backstream", a, store, instances)}
-        )
+        for mode in modes:
+            a.deflate = mode == "on"
+            name = f"backstream ({a.model}, {store}{suffix}{', deflate ' + mode if len(modes) > 1 else ''})"
+            rows.append({"name": name, **measure("backstream", a, store, instances)})
+    a.deflate = modes[0] == "on"
     ours = rows[0]
     store_cost = {f"{row['name']} / {ours['name']}": ratio(row, ours) for row in rows[1:]}
     if a.compare_src:  # the other checkout on the same stores, each against ours on its store
         here, a.source = a.source, a.compare_src
-        for store, mine in zip(a.stores.split(","), list(rows), strict=True):
+        for store, mine in zip(a.stores.split(","), list(rows)[:: len(modes)], strict=True):
             rows.append(
                 {"name": f"backstream from {a.compare_src} ({store})", **measure("backstream", a, store)}
             )
@@ -626,8 +658,17 @@ def main() -> None:
     ap.add_argument("--json", help="where to write the results (default bench/results/)")
     ap.add_argument("--profile", help="record each Python server with py-spy into this directory")
     ap.add_argument("--compare-src", help="also measure the backstream checkout in this directory")
+    ap.add_argument(
+        "--compression",
+        default="off",
+        help="on, off or on,off: backstream's load clients offer permessage-deflate (on) or not "
+        "(off); with both, each store is measured both ways and the ratio reported",
+    )
     a = ap.parse_args()
     a.source = None
+    if any(mode not in ("on", "off") for mode in a.compression.split(",")):
+        ap.error("--compression takes on, off or on,off")
+    a.deflate = a.compression.split(",")[0] == "on"
     if a.connections and a.connections < a.watchers:
         ap.error("--connections must be at least --watchers (one watch per job per connection)")
     has_raw, has_peer = yardsticks(a)

@@ -24,9 +24,15 @@ import trio.testing
 import trio_websocket
 from trio_websocket import WebSocketConnection, WebSocketServer
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import Request
+from wsproto.connection import ConnectionState
+from wsproto.events import AcceptConnection, Request, TextMessage
 
-from backstream.runtime.server.websocket import FailingWebSocketServer, ServerWebSocket, cap_first_message_of
+from backstream.runtime.server.websocket import (
+    FailingWebSocketServer,
+    LeanWSConnection,
+    ServerWebSocket,
+    cap_first_message_of,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +48,16 @@ METHOD_SOURCES = {
     (WebSocketConnection, "_handle_close_connection_event"): "6d4c481a35db5699",
     (WebSocketConnection, "_reader_task"): "69826f541cb0278a",
     (WebSocketConnection, "_handle_message_event"): "dac74dc105d7a42e",
+    # ServerWebSocket._accept: the library's, with permessage-deflate offered.
+    (WebSocketConnection, "_accept"): "f25c53f608884034",
+    # The client's connect_websocket_url (backstream/client/websocket.py): the library's, with
+    # its opening request's extensions set before the reader task sends it.
+    (trio_websocket._impl, "connect_websocket"): "81d287331b80f0f7",
+    # ServerWebSocket._handle_pong_event tells the heartbeat, then calls the library's.
+    (WebSocketConnection, "_handle_pong_event"): "5e2ece13cfd1e9ba",
+    # LeanWSConnection: wsproto asks its handshake only for events once the connection exists.
+    (WSConnection, "events"): "d9e36e535855009e",
+    (WSConnection, "send"): "f60c7919e13a958e",
 }
 
 
@@ -76,6 +92,7 @@ def test_the_private_methods_used_exist_with_their_signatures() -> None:
         (WebSocketConnection, "_handle_message_event"): ["self", "event"],
         (WebSocketConnection, "_get_request"): ["self"],
         (WebSocketServer, "_handle_connection"): ["self", "stream"],
+        (WebSocketConnection, "_accept"): ["self", "request", "subprotocol", "extra_headers"],
     }
     for (owner, name), parameters in expected.items():
         method = getattr(owner, name)
@@ -108,6 +125,28 @@ async def test_a_connection_has_the_private_state_used() -> None:
     assert isinstance(ws._wsproto, WSConnection)
     assert ws._socket is None  # not a SocketStream: the library's send path
     assert ws._max_message_size == 1024
+
+
+def test_a_client_connection_holds_its_opening_request_until_the_reader_sends_it() -> None:
+    stream, _peer = trio.testing.memory_stream_pair()
+    ws = WebSocketConnection(stream, WSConnection(ConnectionType.CLIENT), host="h", path="/v1")
+    assert isinstance(ws._initial_request, Request) and ws._initial_request.extensions == []
+    assert isinstance(ws._open_handshake, trio.Event)
+    assert inspect.iscoroutinefunction(ws._reader_task)
+
+
+def test_a_lean_connection_lets_go_of_its_handshake_once_accepted_and_still_speaks() -> None:
+    server, client = LeanWSConnection(ConnectionType.SERVER), WSConnection(ConnectionType.CLIENT)
+    server.receive_data(client.send(Request(host="h", target="/v1")))
+    assert [type(e) for e in server.events()] == [Request]
+    assert server.handshake._events is not None  # the attribute LeanWSConnection checks
+    client.receive_data(server.send(AcceptConnection()))
+    assert server.handshake is None and server.state is ConnectionState.OPEN
+    assert [type(e) for e in client.events()] == [AcceptConnection]
+    server.receive_data(client.send(TextMessage(data="hi")))
+    assert [(type(e), e.data) for e in server.events()] == [(TextMessage, "hi")]
+    client.receive_data(server.send(TextMessage(data="yes")))
+    assert [e.data for e in client.events()] == ["yes"]
 
 
 def test_a_handshake_request_holds_its_connection() -> None:

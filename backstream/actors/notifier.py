@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import attrs
 import trio
@@ -29,7 +30,7 @@ from backstream.protocol.events import ErrorInfo, JobStatus
 from backstream.protocol.ids import new_id
 from backstream.protocol.records import NotificationRecord
 
-__all__ = ["SUBSCRIBER_BUFFER", "Notifier", "NotifierStatistics"]
+__all__ = ["SUBSCRIBER_BUFFER", "NotificationSink", "Notifier", "NotifierStatistics"]
 
 log = logging.getLogger("backstream.notifier")
 
@@ -53,12 +54,18 @@ class NotifierStatistics:
     ends_expected: int
 
 
+class NotificationSink(Protocol):
+    """Where ``Notifier.follow`` hands notifications (a ``trio.MemorySendChannel`` is one)."""
+
+    def send_nowait(self, value: NotificationRecord) -> None: ...
+
+
 class Notifier:
     def __init__(self, inbox: Inbox, clock: WallClock, max_per_user: int) -> None:
         self._inbox = inbox
         self._clock = clock
         self._max_per_user = max_per_user
-        self._subscribers: dict[str, set[trio.MemorySendChannel[NotificationRecord]]] = {}
+        self._subscribers: dict[str, set[NotificationSink]] = {}
         self._pushes_dropped = 0
         # Job actors of this process waiting for their end's notification (one each).
         self._ends_expected: dict[str, trio.Event] = {}
@@ -186,19 +193,30 @@ class Notifier:
 
     @contextmanager
     def subscribe(self, user: str) -> Iterator[trio.MemoryReceiveChannel[NotificationRecord]]:
-        """Receive the user's new notifications while the block runs."""
+        """Receive the user's new notifications while the block runs (at most
+        ``SUBSCRIBER_BUFFER`` unread; past it, new ones are dropped and counted)."""
         send, receive = trio.open_memory_channel[NotificationRecord](SUBSCRIBER_BUFFER)
-        self._subscribers.setdefault(user, set()).add(send)
+        try:
+            with self.follow(user, send):
+                yield receive
+        finally:
+            send.close()
+
+    @contextmanager
+    def follow(self, user: str, sink: NotificationSink) -> Iterator[None]:
+        """Hand the user's new notifications to ``sink`` while the block runs, as they come
+        (``sink.send_nowait`` must not block; it raises ``trio.WouldBlock`` when full: the
+        notification is dropped and counted). Without a channel or a task of its own."""
+        self._subscribers.setdefault(user, set()).add(sink)
         try:
             with self._inbox.notifications_of(user):  # a shared store follows the user meanwhile
-                yield receive
+                yield
         finally:
             subscribers = self._subscribers.get(user)
             if subscribers is not None:
-                subscribers.discard(send)
+                subscribers.discard(sink)
                 if not subscribers:
                     del self._subscribers[user]
-            send.close()
 
     def statistics(self) -> NotifierStatistics:
         return NotifierStatistics(

@@ -245,11 +245,13 @@ async def open_client(
     reconnect_max: float = 10.0,
     max_reconnect_attempts: int = 30,
     ssl_context: ssl.SSLContext | None = None,
+    compression: bool = True,
 ) -> AsyncIterator[Client]:
     """Connect to ``url`` (``ws://HOST:PORT/v1``) as the owner of ``token``.
 
     For ``wss://``, ``ssl_context`` says which certificates to trust (e.g.
     ``ssl.create_default_context(cafile=...)`` for a private CA); None: the system's.
+    ``compression`` offers permessage-deflate (the server compresses its frames if it agrees).
 
     The first connection's failure raises here (``UnauthorizedError`` for a bad
     token). Later drops are retried, up to ``max_reconnect_attempts`` times in a
@@ -271,6 +273,7 @@ async def open_client(
             reconnect_max=reconnect_max,
             max_reconnect_attempts=max_reconnect_attempts,
             ssl_context=ssl_context,
+            compression=compression,
         )
         transport = Transport(nursery, settings)
         client = Client(transport)

@@ -20,13 +20,9 @@ from typing import TypeVar
 import attrs
 import trio
 import wsproto.utilities
-from trio_websocket import (
-    ConnectionClosed,
-    HandshakeError,
-    WebSocketConnection,
-    connect_websocket_url,
-)
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
+from backstream.client.websocket import connect_websocket_url
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.codec import ProtocolError, decode_server, encode
 from backstream.protocol.errors import BackstreamError, RateLimitedError, UnavailableError, error_for_code
@@ -98,6 +94,7 @@ class ConnectSettings:
     reconnect_max: float
     max_reconnect_attempts: int
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False)
+    compression: bool = True
 
 
 class Session:
@@ -306,6 +303,7 @@ class Transport:
             message_queue_size=WATCH_BUFFER,
             max_message_size=MAX_MESSAGE_SIZE,
             ssl_context=settings.ssl_context,
+            deflate=settings.compression,
         )
         hello = Hello(
             id="hello",

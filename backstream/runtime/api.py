@@ -25,7 +25,7 @@ from backstream.actors.job import JobActor
 from backstream.actors.joblog import summarize_events
 from backstream.actors.keeper import Keeper, KeeperStatistics
 from backstream.actors.metronome import Metronome
-from backstream.actors.notifier import Notifier
+from backstream.actors.notifier import NotificationSink, Notifier
 from backstream.actors.ports import Model, Store
 from backstream.actors.presence import WatchPresence
 from backstream.actors.registry import Registry, RegistryStatistics, StartRequest
@@ -466,6 +466,11 @@ class Runtime:
     ) -> AbstractContextManager[trio.MemoryReceiveChannel[NotificationRecord]]:
         """New notifications of ``user``, created on any instance, while the block runs."""
         return self.notifier.subscribe(user)
+
+    def follow_notifications(self, user: str, sink: NotificationSink) -> AbstractContextManager[None]:
+        """Hand new notifications of ``user``, created on any instance, to ``sink`` as they
+        come while the block runs (``Notifier.follow``: no channel, no task)."""
+        return self.notifier.follow(user, sink)
 
     async def wait_idle(self) -> None:
         """Wait until no job runs in this runtime (each has written its end to the store).

@@ -56,7 +56,7 @@ from backstream.protocol.ui_messages import (
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Identity
 from backstream.runtime.server.peer import Close as _Close
-from backstream.runtime.server.peer import close_at, keep_alive
+from backstream.runtime.server.peer import close_at
 from backstream.runtime.server.replay import open_replay
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats, Session, peek_string_field
 
@@ -128,10 +128,6 @@ class AiSdkConnection:
 
     async def _serve_session(self) -> None:
         async with trio.open_nursery() as nursery:
-            limits = self._limits
-            nursery.start_soon(
-                keep_alive, self._ws, limits.ping_interval, limits.idle_timeout, self.close_soon
-            )
             if self.identity.expires_at is not None:
                 nursery.start_soon(close_at, self.identity.expires_at, self.close_soon)
             try:

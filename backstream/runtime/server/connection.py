@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -28,6 +28,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.actors.clock import format_time
+from backstream.actors.notifier import SUBSCRIBER_BUFFER
 from backstream.actors.seats import CONNECTIONS
 from backstream.protocol.codec import (
     ProtocolError,
@@ -83,7 +84,7 @@ from backstream.runtime.server.continued import continue_job
 from backstream.runtime.server.frames import FrameCache
 from backstream.runtime.server.paging import job_info_page
 from backstream.runtime.server.peer import Close as _Close
-from backstream.runtime.server.peer import close_at, keep_alive, seat_refusal
+from backstream.runtime.server.peer import close_at, seat_refusal
 from backstream.runtime.server.replay import open_replay
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats, Session
 
@@ -161,26 +162,29 @@ class Connection:
     async def _serve(self) -> None:
         hello, identity = await self._hello()
         most = self._limits.max_connections_per_user
-        async with contextlib.AsyncExitStack() as seated:
-            try:  # one of the user's connections, on any instance, for as long as this one lasts
-                await seated.enter_async_context(self._runtime.seats.hold(identity.user, CONNECTIONS, most))
-            except BackstreamError as exc:
-                await self._send_error(hello.id, exc.code, exc.message)
-                raise seat_refusal(exc) from None
-            self.identity = identity
-            await self._welcome(hello, identity)
-            await self._serve_requests()
+        seated = False
+        try:  # one of the user's connections, on any instance, for as long as this one lasts
+            async with self._runtime.seats.hold(identity.user, CONNECTIONS, most):
+                seated = True
+                self.identity = identity
+                await self._welcome(hello, identity)
+                await self._serve_requests()
+        except BackstreamError as exc:
+            if seated:
+                raise
+            await self._send_error(hello.id, exc.code, exc.message)
+            raise seat_refusal(exc) from None
 
     async def _serve_requests(self) -> None:
         assert self.identity is not None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._keepalive)
-            nursery.start_soon(self._push_notifications)
             if self.identity.expires_at is not None:
                 nursery.start_soon(self._expire, self.identity.expires_at)
+            pusher = _NotificationPusher(nursery, self._push_notification)
             try:
-                await self._read_requests()
+                with self._runtime.follow_notifications(self.user, pusher):
+                    await self._read_requests()
             except _Close as exc:
                 self.close_soon(exc.code, exc.reason)
             except ConnectionClosed:
@@ -246,19 +250,16 @@ class Connection:
             "known" if self._session.gate.watches_a_socket else "unknown",
         )
 
-    async def _keepalive(self) -> None:
-        await keep_alive(self._ws, self._limits.ping_interval, self._limits.idle_timeout, self.close_soon)
-
-    async def _push_notifications(self) -> None:
-        with self._runtime.subscribe_notifications(self.user) as pushes:
-            async for record in pushes:
-                try:
-                    await self._send(encode(NotificationPush(notification=_wire(record))))
-                except _Close as exc:
-                    self.close_soon(exc.code, exc.reason)
-                    return
-                except ConnectionClosed:
-                    return
+    async def _push_notification(self, record: NotificationRecord) -> bool:
+        """Push one notification; False once the connection cannot take more."""
+        try:
+            await self._send(encode(NotificationPush(notification=_wire(record))))
+        except _Close as exc:
+            self.close_soon(exc.code, exc.reason)
+            return False
+        except ConnectionClosed:
+            return False
+        return True
 
     async def _expire(self, expires_at: float) -> None:
         await close_at(expires_at, self.close_soon)
@@ -529,6 +530,37 @@ class Connection:
 
         Cancellation: the frame may be cut; the session ends."""
         await self._session.send(text, gated=False)
+
+
+class _NotificationPusher:
+    """The user's new notifications on their way to one connection (``Notifier.follow``'s
+    sink): at most ``SUBSCRIBER_BUFFER`` wait (past it, ``send_nowait`` says full and the
+    notifier drops and counts the notification, as for a full channel). A task pushes them
+    only while some wait, so an idle connection holds no task and no channel for them."""
+
+    __slots__ = ("_nursery", "_push", "_sending", "_waiting")
+
+    def __init__(self, nursery: trio.Nursery, push: Callable[[NotificationRecord], Awaitable[bool]]) -> None:
+        self._nursery = nursery
+        self._push = push
+        self._waiting: list[NotificationRecord] = []
+        self._sending = False
+
+    def send_nowait(self, record: NotificationRecord) -> None:
+        if len(self._waiting) >= SUBSCRIBER_BUFFER:
+            raise trio.WouldBlock
+        self._waiting.append(record)
+        if not self._sending:
+            self._sending = True
+            self._nursery.start_soon(self._push_waiting)
+
+    async def _push_waiting(self) -> None:
+        try:
+            while self._waiting:
+                if not await self._push(self._waiting.pop(0)):
+                    self._waiting.clear()
+        finally:
+            self._sending = False
 
 
 def _wire(record: NotificationRecord) -> Notification:

@@ -31,11 +31,13 @@ from backstream.runtime.api import Runtime
 from backstream.runtime.server.ai_sdk import AiSdkConnection
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.connection import MAX_HELLO_BYTES, Connection
+from backstream.runtime.server.deflate import DeflateSettings
 from backstream.runtime.server.frames import FrameCache
+from backstream.runtime.server.heartbeat import Heartbeat
 from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
 from backstream.runtime.server.peer import seat_refusal
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats
-from backstream.runtime.server.websocket import FailingWebSocketServer, cap_first_message_of
+from backstream.runtime.server.websocket import FailingWebSocketServer, ServerWebSocket, cap_first_message_of
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
 
@@ -65,6 +67,8 @@ class FrontDoorConfig:
     """Exact Origin values browsers may connect from; empty allows any. No Origin header
     (a non-browser client) is always allowed, except to authenticate by ``auth_cookie``."""
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    deflate: DeflateSettings | None = attrs.field(factory=DeflateSettings)
+    """permessage-deflate for clients that offer it (browsers always do); None: never."""
     socket_send_buffer: int = 1024 * 1024
     """SO_SNDBUF of client sockets: with ``max_unsent_bytes`` below it, a close frame always fits."""
     handshake_timeout: float = 10.0
@@ -119,6 +123,7 @@ class FrontDoor:
         self.connections: set[Connection | AiSdkConnection] = set()
         self._streams = PeerStreams()
         self._ids = itertools.count(1)
+        self._heartbeat = Heartbeat(config.limits.ping_interval, config.limits.idle_timeout)
         self._listen_scope = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
@@ -162,21 +167,25 @@ class FrontDoor:
             TrackedListener(listener, self._streams, ssl_context=self.config.ssl_context)
             for listener in listeners
         ]
-        async with trio.open_nursery() as handlers:
-            server = FailingWebSocketServer(
-                self._handle,
-                tracked,
-                handler_nursery=handlers,
-                message_queue_size=1,
-                max_message_size=self.config.limits.max_message_bytes,
-                connect_timeout=self.config.handshake_timeout,
-                disconnect_timeout=self.config.limits.close_timeout,
-                first_message_cap=self._first_message_cap,
-            )
-            with self._listen_scope:
-                await server.run(task_status=task_status)  # type: ignore[arg-type]
-            for listener in listeners:
-                await listener.aclose()
+        async with trio.open_nursery() as heartbeat:
+            await heartbeat.start(self._heartbeat.run)
+            async with trio.open_nursery() as handlers:
+                server = FailingWebSocketServer(
+                    self._handle,
+                    tracked,
+                    handler_nursery=handlers,
+                    message_queue_size=1,
+                    max_message_size=self.config.limits.max_message_bytes,
+                    connect_timeout=self.config.handshake_timeout,
+                    disconnect_timeout=self.config.limits.close_timeout,
+                    first_message_cap=self._first_message_cap,
+                    deflate=self.config.deflate,
+                )
+                with self._listen_scope:
+                    await server.run(task_status=task_status)  # type: ignore[arg-type]
+                for listener in listeners:
+                    await listener.aclose()
+            heartbeat.cancel_scope.cancel()  # every connection has ended
 
     def _first_message_cap(self, target: str) -> int | None:
         """The hello of ``/v1`` is read before authentication: it gets ``MAX_HELLO_BYTES``.
@@ -203,6 +212,7 @@ class FrontDoor:
             return
         ws = await request.accept()
         remote = request.remote
+        del request  # nothing of the handshake is needed from here on: its memory goes
         stream = self._streams.pop((remote.address, remote.port)) if isinstance(remote, Endpoint) else None
         sock = stream.socket if stream is not None else None
         conn_id = f"c{next(self._ids)}"
@@ -234,7 +244,7 @@ class FrontDoor:
             server_version=self._version,
             frames=self.frames,
         )
-        await self._run(connection, conn_id)
+        await self._run(connection, conn_id, ws)
 
     async def _admit(self, request: WebSocketRequest) -> _Admitted | None:
         """Check the handshake (path, origin, credentials); reject it and return None, or say
@@ -292,7 +302,7 @@ class FrontDoor:
                 log.info("conn %s: refused: %s", connection.conn_id, refusal.reason)
                 await self._close_after_first_frame(ws, refusal.code, refusal.reason)
                 return
-            await self._run(connection, connection.conn_id)
+            await self._run(connection, connection.conn_id, ws)
 
     async def _refuse_after_upgrade(self, request: WebSocketRequest, code: int, reason: str) -> None:
         """Accept the handshake only to close the socket with ``code`` and ``reason``: a
@@ -316,14 +326,19 @@ class FrontDoor:
         with trio.move_on_after(self.config.limits.close_timeout), contextlib.suppress(ConnectionClosed):
             await ws.aclose(code, reason)
 
-    async def _run(self, connection: Connection | AiSdkConnection, conn_id: str) -> None:
+    async def _run(
+        self, connection: Connection | AiSdkConnection, conn_id: str, ws: WebSocketConnection
+    ) -> None:
         self.connections.add(connection)
         self._idle = trio.Event() if len(self.connections) == 1 else self._idle
+        assert isinstance(ws, ServerWebSocket), "a FailingWebSocketServer's connection"
+        beat = self._heartbeat.add(ws, connection.close_soon)
         try:
             await connection.run()
         except Exception:
             log.exception("conn %s: connection failed", conn_id)
         finally:
+            self._heartbeat.remove(beat)
             self.connections.discard(connection)
             if not self.connections:
                 self._idle.set()

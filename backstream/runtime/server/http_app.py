@@ -34,6 +34,7 @@ from backstream.protocol.errors import (
 from backstream.protocol.responses_sse import error_body
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
+from backstream.runtime.server.http_gzip import MIN_GZIP_BYTES, GzipStream, accepts_gzip, gzip_body
 from backstream.runtime.server.listeners import PeerStreams
 from backstream.runtime.server.session import UserBuckets
 from backstream.runtime.server.socket_gate import SocketGate
@@ -86,6 +87,9 @@ class HttpLimits:
     sse_keepalive: float = 15.0
     """A stream silent this long gets a comment line (``: keep-alive``): proxies and load
     balancers cut connections idle for about a minute."""
+    gzip_window_bits: int | None = 10
+    """gzip for clients that accept it (``http_gzip``), event streams compressing with this
+    window (9 to 15 bits); None: never."""
 
 
 @attrs.frozen
@@ -113,6 +117,8 @@ class StreamSocket:
         self.last_write = trio.current_time()
         """When the stream last wrote (trio time): its keep-alive counts from here."""
         self._send_lock = trio.Lock()  # the events and the keep-alive share the stream
+        self.gzip: GzipStream | None = None
+        """Set when the stream's body is gzip'd: each chunk is compressed in the order it is sent."""
 
     async def send_chunk(self, send: Send, body: bytes, *, send_timeout: float, patience: float) -> bool:
         """Write one chunk of a streamed body once the socket keeps up, within ``send_timeout``;
@@ -127,6 +133,8 @@ class StreamSocket:
                 log.info("a stream's client is too slow: cut off (it can resume)")
                 self.shut()
                 return False
+            if self.gzip is not None:
+                body = self.gzip.chunk(body)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._cut_after, send_timeout)
                 await send({"type": "http.response.body", "body": body, "more_body": True})
@@ -138,6 +146,10 @@ class StreamSocket:
         await trio.sleep(seconds)
         log.info("a stream write did not go out within %gs: cut off", seconds)
         self.shut()
+
+    def last_chunk(self) -> bytes:
+        """What ends the stream's body: the gzip trailer, or nothing."""
+        return self.gzip.end() if self.gzip is not None else b""
 
     def shut(self) -> None:
         """Cut the connection: a write in progress fails at once, the client sees it end."""
@@ -455,20 +467,41 @@ class HttpApp:
             "vary": "origin",
         }
 
+    def _gzip_wanted(self, request: Request) -> bool:
+        return self.limits.gzip_window_bits is not None and accepts_gzip(request.header("accept-encoding"))
+
+    def stream_headers(self, request: Request) -> dict[str, str]:
+        """The headers of an event stream for ``request``: CORS, and gzip when the client
+        accepts it (from here on, ``send_stream_chunk`` compresses every chunk)."""
+        headers = self.cors_headers(request)
+        if self._gzip_wanted(request):
+            assert self.limits.gzip_window_bits is not None
+            request.socket.gzip = GzipStream(self.limits.gzip_window_bits)
+            headers = {**headers, **_GZIP_HEADERS, "vary": _vary(headers)}
+        return headers
+
     async def send_json(
         self, request: Request, status: int, body: Any, headers: Mapping[str, str] | None = None
     ) -> None:
         data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        more = {**(headers or {}), **self.cors_headers(request)}
+        if self.limits.gzip_window_bits is not None:  # the reply's encoding follows the request's
+            more["vary"] = _vary(more)
+        if len(data) >= MIN_GZIP_BYTES and self._gzip_wanted(request):
+            data = gzip_body(data)
+            more.update(_GZIP_HEADERS)
         try:
-            await send_body(
-                request.send,
-                status,
-                "application/json",
-                data,
-                {**(headers or {}), **self.cors_headers(request)},
-            )
+            await send_body(request.send, status, "application/json", data, more)
         except Exception:  # the response had started, or the client left: nothing more to say
             log.debug("HTTP %s %s: could not send the reply", request.method, request.path)
+
+
+_GZIP_HEADERS = {"content-encoding": "gzip"}
+
+
+def _vary(headers: Mapping[str, str]) -> str:
+    """The ``vary`` of a reply whose encoding follows ``Accept-Encoding``."""
+    return ", ".join(dict.fromkeys(filter(None, (headers.get("vary"), "accept-encoding"))))
 
 
 class _MethodNotAllowed(BackstreamError):

@@ -1,14 +1,13 @@
 """What every WebSocket connection actor of the front door does alike, whatever it speaks:
-closing with a code, a request rate limit, keep-alive pings and session expiry."""
+closing with a code, a request rate limit and session expiry (keep-alive pings are the
+front door's ``Heartbeat``)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from backstream.actors.seats import SeatsTakenError
 from backstream.protocol.errors import BackstreamError
@@ -19,7 +18,6 @@ __all__ = [
     "Close",
     "TokenBucket",
     "close_at",
-    "keep_alive",
     "seat_refusal",
 ]
 
@@ -61,21 +59,6 @@ class TokenBucket:
     def full(self) -> bool:
         """Whether the bucket has refilled to its burst (forgetting it loses nothing)."""
         return self._tokens + (trio.current_time() - self._at) * self._rate >= self._burst
-
-
-async def keep_alive(
-    ws: WebSocketConnection, interval: float, timeout: float, close_soon: Callable[[int, str], None]
-) -> None:
-    """Ping every ``interval``; no pong within ``timeout`` closes the connection (1000).
-
-    Returns when the connection closes. Cancellation: stops pinging."""
-    with contextlib.suppress(ConnectionClosed):
-        while True:
-            await trio.sleep(interval)
-            with trio.move_on_after(timeout) as waited:
-                await ws.ping()
-            if waited.cancelled_caught:
-                close_soon(1000, "no pong within the idle timeout")
 
 
 async def close_at(expires_at: float, close_soon: Callable[[int, str], None]) -> None:

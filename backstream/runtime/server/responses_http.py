@@ -208,7 +208,7 @@ class ResponsesApi:
                 (b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no"),
-                *((k.encode(), v.encode()) for k, v in self._app.cors_headers(request).items()),
+                *((k.encode(), v.encode()) for k, v in self._app.stream_headers(request).items()),
             ]
             await request.send({"type": "http.response.start", "status": 200, "headers": headers})
             async with trio.open_nursery() as nursery:
@@ -222,7 +222,8 @@ class ResponsesApi:
                     await self._follow(request, replay, projection)
                 nursery.cancel_scope.cancel()
         if not request.socket.cut:
-            await request.send({"type": "http.response.body", "body": b"", "more_body": False})
+            last = request.socket.last_chunk()  # the gzip trailer, if gzip'd
+            await request.send({"type": "http.response.body", "body": last, "more_body": False})
 
     async def _keep_alive(self, request: Request, stream: trio.CancelScope) -> None:
         """A comment line whenever the stream has been silent for ``sse_keepalive``, so

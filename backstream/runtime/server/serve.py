@@ -17,7 +17,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from functools import partial
 
@@ -107,10 +107,24 @@ def make_authenticator(settings: ServeSettings) -> tuple[Authenticator, str | No
     return StaticTokens({dev_token: "dev"}), dev_token
 
 
+def compression_window_bits(settings: ServeSettings) -> int:
+    """``--compression-window-bits``. Raises ``ValueError`` naming it when out of range."""
+    from backstream.runtime.server.deflate import MAX_WINDOW_BITS, MIN_WINDOW_BITS
+
+    bits: int = settings.compression_window_bits
+    if not MIN_WINDOW_BITS <= bits <= MAX_WINDOW_BITS:
+        raise ValueError(
+            f"--compression-window-bits (BACKSTREAM_COMPRESSION_WINDOW_BITS): {bits} is not in "
+            f"[{MIN_WINDOW_BITS}, {MAX_WINDOW_BITS}]"
+        )
+    return bits
+
+
 def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
     """The front door's settings. Raises ``ValueError`` naming a setting out of range."""
     from backstream.protocol.ui_messages import MAX_COALESCE_MS
     from backstream.runtime.server.connection import ConnectionLimits
+    from backstream.runtime.server.deflate import DeflateSettings
 
     if not 0 <= settings.ai_sdk_coalesce_ms <= MAX_COALESCE_MS:
         raise ValueError(
@@ -121,8 +135,11 @@ def front_door_config(settings: ServeSettings) -> FrontDoorConfig:
         if getattr(settings, name) < 1:
             flag, env = name.replace("_", "-"), "BACKSTREAM_" + name.upper()
             raise ValueError(f"--{flag} ({env}): {getattr(settings, name)} must be at least 1")
+    bits = compression_window_bits(settings)
+    deflate = DeflateSettings(window_bits=bits) if settings.ws_deflate else None
     return FrontDoorConfig(
         host=settings.host,
+        deflate=deflate,
         port=settings.port,
         allow_origins=tuple(settings.allow_origin),
         auth_cookie=settings.auth_cookie,
@@ -142,17 +159,7 @@ def load_tools(settings: ServeSettings, config: Config) -> ToolRegistry:
     """The built-in tools, ``--tools`` and the entry points. Raises ``ValueError`` naming
     the one that does not load."""
     tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
-    for path in settings.tools:
-        try:
-            tools.load(path)
-        except (ImportError, AttributeError, ValueError, TypeError) as exc:
-            raise ValueError(f"--tools {path}: {type(exc).__name__}: {exc}") from None
-    try:
-        tools.load_entry_points()
-    except Exception as exc:  # a third-party package's import failing
-        raise ValueError(
-            f"tools of the entry-point group backstream.tools: {type(exc).__name__}: {exc}"
-        ) from None
+    _load_named(tools.load, tools.load_entry_points, settings.tools, "--tools", "tools")
     return tools
 
 
@@ -160,18 +167,30 @@ def load_workflows(settings: ServeSettings) -> WorkflowRegistry:
     """The built-in workflows, ``--workflows`` and the entry points. Raises ``ValueError``
     naming the one that does not load."""
     workflows = WorkflowRegistry.with_builtins()
-    for path in settings.workflows:
+    _load_named(workflows.load, workflows.load_entry_points, settings.workflows, "--workflows", "workflows")
+    return workflows
+
+
+def _load_named(
+    load: Callable[[str], object],
+    load_entry_points: Callable[[], object],
+    paths: Sequence[str],
+    flag: str,
+    kind: str,
+) -> None:
+    """Load each of ``paths`` (given with ``flag``), then the entry-point group
+    ``backstream.<kind>``; a failure is a ``ValueError`` saying which."""
+    for path in paths:
         try:
-            workflows.load(path)
+            load(path)
         except (ImportError, AttributeError, ValueError, TypeError) as exc:
-            raise ValueError(f"--workflows {path}: {type(exc).__name__}: {exc}") from None
+            raise ValueError(f"{flag} {path}: {type(exc).__name__}: {exc}") from None
     try:
-        workflows.load_entry_points()
+        load_entry_points()
     except Exception as exc:  # a third-party package's import failing
         raise ValueError(
-            f"workflows of the entry-point group backstream.workflows: {type(exc).__name__}: {exc}"
+            f"{kind} of the entry-point group backstream.{kind}: {type(exc).__name__}: {exc}"
         ) from None
-    return workflows
 
 
 def redact_url(url: str) -> str:
@@ -494,6 +513,7 @@ class _HttpListeners:
                     max_body_bytes=settings.max_message_bytes,
                     sse_keepalive=settings.sse_keepalive,
                     max_streams_per_user=settings.max_streams_per_user,
+                    gzip_window_bits=compression_window_bits(settings) if settings.http_gzip else None,
                 ),
                 allow_origins=tuple(settings.allow_origin),
                 static_routes=self._static_routes(),

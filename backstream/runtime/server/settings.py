@@ -42,6 +42,7 @@ __all__ = [
     "boolean",
     "check_server_settings",
     "load_settings",
+    "on_off",
     "runtime_config",
     "tls_context",
 ]
@@ -81,6 +82,11 @@ def boolean(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {text!r}")
+
+
+def on_off(text: str) -> bool:
+    """A boolean whose flag takes a value (``--ws-deflate off``): for settings on by default."""
+    return boolean(text)
 
 
 def gc_thresholds(text: str) -> tuple[int, int, int] | None:
@@ -179,6 +185,28 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
         0,
         "on /v1/ai-sdk, milliseconds between text frames of a request (merged deltas) unless its "
         "URL gives coalesce_ms; 0: one chunk per log entry",
+    ),
+    Option(
+        "ws_deflate",
+        on_off,
+        True,
+        "permessage-deflate on /v1 and /v1/ai-sdk for clients that offer it (browsers do); "
+        "off: frames go uncompressed",
+    ),
+    Option(
+        "http_gzip",
+        on_off,
+        True,
+        "gzip for HTTP JSON replies and event streams when the client sends Accept-Encoding: gzip; "
+        "off: bodies go uncompressed",
+    ),
+    Option(
+        "compression_window_bits",
+        int,
+        10,
+        "the window of permessage-deflate and of gzip'd event streams, 9 to 15 (a power of two): "
+        "more compresses a little better and holds more memory per connection or stream (about "
+        "2**(bits+2) + 2**(bits+1) + 6 KiB)",
     ),
     Option("hello_timeout", float, 10.0, "seconds a client has to send hello"),
     Option(
@@ -381,7 +409,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         if not option.flag:
             continue
         default = option.default if option.default not in (None, (), "") else "none"
-        if option.kind is boolean:
+        if option.kind in (boolean, on_off):
             default = "on" if option.default else "off"
         more = " Repeatable; in the variable, comma-separated." if option.repeatable else ""
         text = f"{option.help}{more} [default: {default}; env {option.env_name}]"
@@ -389,7 +417,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         if option.kind is boolean:  # a switch: --web; false from the variable or the file
             parser.add_argument(option.flag_name, action="store_true", default=None, help=text)
             continue
-        metavar = "|".join(option.choices) if option.choices else None
+        choices = option.choices or (("on", "off") if option.kind is on_off else ())
+        metavar = "|".join(choices) if choices else None
         action = "append" if option.repeatable else "store"
         parser.add_argument(option.flag_name, action=action, default=None, help=text, metavar=metavar)
 
@@ -407,7 +436,7 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
             value = _header(raw)
         elif option.kind in (_system_prompt, _continuation) and isinstance(raw, str):
             value = option.kind(raw)
-        elif option.kind is boolean and isinstance(raw, bool | str):
+        elif option.kind in (boolean, on_off) and isinstance(raw, bool | str):
             value = raw if isinstance(raw, bool) else boolean(raw)
         elif option.kind is gc_thresholds and isinstance(raw, str):
             value = gc_thresholds(raw)

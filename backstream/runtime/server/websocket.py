@@ -17,10 +17,15 @@ before the handshake is accepted the front door may cap the first message far be
 ``max_message_size`` (``cap_first_message``); the library's own size check then closes
 with 1009 while the frame is still arriving.
 
-All three reach into trio-websocket's private state (its send lock, close reason, stream,
+Compressing: a client that offers permessage-deflate gets it (``ServerWebSocket._accept``,
+as the library's own but with the extension; ``server.deflate`` bounds its memory), when the
+server is given ``DeflateSettings``. The direct send path compresses as the library's does
+(wsproto compresses in ``send``), and in the order frames reach the socket: the send lock is FIFO.
+
+All four reach into trio-websocket's private state (its send lock, close reason, stream,
 wsproto connection, send/abort methods, close-event and message-event handlers, message
-size limit, a handshake request's connection, and the server's connection handler, copied
-from 0.12), so pyproject.toml pins
+size limit, a handshake request's connection, the server's connection handler and its
+handshake acceptance, copied from 0.12), so pyproject.toml pins
 its minor version and ``tests/test_trio_websocket_internals.py`` fails when a release moves
 any of them.
 """
@@ -29,14 +34,32 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    Request,
+    TextMessage,
+)
+from wsproto.extensions import Extension
+
+from backstream.runtime.server.deflate import BoundedDeflate, DeflateSettings
 
 __all__ = ["FailingWebSocketServer", "ServerWebSocket", "UnsentFrame", "cap_first_message_of", "send_text"]
 
@@ -77,11 +100,44 @@ class ServerWebSocket(WebSocketConnection):
     """A server connection that writes frames straight to a plain TCP socket when it can,
     and answers a bad frame with a close frame."""
 
-    def __init__(self, stream: trio.abc.Stream, *args: object, **kwargs: object) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, *args: object, deflate: DeflateSettings | None = None, **kwargs: object
+    ) -> None:
         super().__init__(stream, *args, **kwargs)  # type: ignore[arg-type]
         # TLS streams take the library's path: their bytes are not the socket's.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._first_message_cap: int | None = None
+        self._deflate_settings = deflate
+        self.deflate: BoundedDeflate | None = None
+        """permessage-deflate, once the handshake accepted a client's offer of it."""
+        self.on_pong: Callable[[], None] | None = None
+        """Called for every pong (the front door's ``Heartbeat``)."""
+
+    async def _accept(
+        self, request: Request, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        # As trio-websocket 0.12's own, offering permessage-deflate (wsproto answers an offer
+        # of it, and ignores it for a client that made none).
+        extensions: list[Extension] = []
+        if self._deflate_settings is not None:
+            extensions.append(BoundedDeflate(self._deflate_settings, self._inflate_limit))
+        self._subprotocol = subprotocol
+        self._path = request.target
+        await self._send(
+            AcceptConnection(subprotocol=subprotocol, extra_headers=extra_headers, extensions=extensions)
+        )
+        accepted = [e for e in extensions if isinstance(e, BoundedDeflate) and e.enabled()]
+        self.deflate = accepted[0] if accepted else None
+        self._open_handshake.set()
+
+    def _inflate_limit(self) -> int:
+        cap = self._first_message_cap
+        return self._max_message_size if cap is None else min(cap, self._max_message_size)
+
+    def release_idle_compressor(self) -> bool:
+        """Drop the permessage-deflate compressor if nothing was sent since the last call (a
+        keep-alive timer calls it): an idle connection holds none. True if dropped."""
+        return self.deflate is not None and self.deflate.release_if_idle()
 
     def cap_first_message(self, max_size: int | None) -> None:
         """Before the handshake is accepted: the first message may be at most ``max_size``
@@ -128,11 +184,45 @@ class ServerWebSocket(WebSocketConnection):
             return None
         return UnsentFrame(self, memoryview(data)[sent:], locked=True)
 
+    async def send_ping(self) -> None:
+        """Send a ping; its pong calls ``on_pong``. Raises ``ConnectionClosed``.
+
+        Cancellation: the frame may be cut; the connection must then be closed."""
+        if self._close_reason:
+            raise ConnectionClosed(self._close_reason)
+        if self._wsproto.state is not ConnectionState.OPEN:  # closing: a ping cannot go out now
+            raise ConnectionClosed(CloseReason(1000, "closing"))
+        await self._send(Ping(payload=os.urandom(4)))
+
+    async def _handle_pong_event(self, event: Pong) -> None:
+        if self.on_pong is not None:
+            self.on_pong()
+        await super()._handle_pong_event(event)
+
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state == ConnectionState.OPEN:  # not a close frame: wsproto failed a frame
             with contextlib.suppress(ConnectionClosed):
                 await self._send(CloseConnection(code=event.code, reason=event.reason))
         await super()._handle_close_connection_event(event)
+
+
+class LeanWSConnection(WSConnection):
+    """A server-side wsproto connection that lets go of its handshake once it accepted it:
+    h11's parser and the request with its headers, about 3 KB a connection. After the accept,
+    wsproto asks its handshake only for events, and it has none (the request was read before)."""
+
+    def send(self, event: Event) -> bytes:
+        data = super().send(event)
+        if isinstance(event, AcceptConnection) and not self.handshake._events:
+            self.handshake = None  # type: ignore[assignment]
+        return data
+
+    def events(self) -> Generator[Event, None, None]:
+        if self.handshake is None:
+            assert self.connection is not None
+            yield from self.connection.events()
+        else:
+            yield from super().events()
 
 
 class FailingWebSocketServer(WebSocketServer):
@@ -144,20 +234,23 @@ class FailingWebSocketServer(WebSocketServer):
         self,
         *args: Any,
         first_message_cap: Callable[[str], int | None] = lambda path: None,
+        deflate: DeflateSettings | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._first_message_cap = first_message_cap
+        self._deflate = deflate
 
     async def _handle_connection(self, stream: trio.abc.Stream) -> None:
         # As trio-websocket 0.12's own, with the connection class above.
         async with trio.open_nursery() as nursery:
             connection = ServerWebSocket(
                 stream,
-                WSConnection(ConnectionType.SERVER),
+                LeanWSConnection(ConnectionType.SERVER),
                 message_queue_size=self._message_queue_size,
                 max_message_size=self._max_message_size,
                 receive_buffer_size=self._receive_buffer_size,
+                deflate=self._deflate,
             )
             nursery.start_soon(connection._reader_task)
             with trio.move_on_after(self._connect_timeout) as connect_scope:
@@ -168,8 +261,10 @@ class FailingWebSocketServer(WebSocketServer):
                 return
             # Frames are read only once the handshake is accepted: the cap is in time.
             connection.cap_first_message(self._first_message_cap(request.path))
+            handling = self._handler(request)
+            del request  # the handler may let go of it once accepted (its headers are ~1 KB)
             try:
-                await self._handler(request)
+                await handling
             finally:
                 with trio.move_on_after(self._disconnect_timeout):
                     await connection.aclose()  # shuts the reader task down even if cancelled

@@ -186,7 +186,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (
-        9,
+        8,
         # Durable streams (``streams_sqlite``): each stream's state as JSON, its messages by
         # end position, each user's streams and bytes.
         """

@@ -56,6 +56,7 @@ before(async () => {
       "--tools", "backstream.runtime.tools.demo:DEMO_TOOLS",
       "--max-jobs-per-user", "3",
       "--max-stored-bytes-per-user", "2000000",
+      "--ws-deflate", "on",
     ],
   });
 });
@@ -262,6 +263,57 @@ test("the clients guide's example runs as written (on this test's server and tok
     assert.equal(stdout.trim(), 'completed "hello" true');
   } finally {
     rmSync(file, { force: true });
+  }
+});
+
+describe("permessage-deflate", () => {
+  /**
+   * A `ws` WebSocket class with these `ws` options that records each handshake's agreed extensions.
+   * @param {import("ws").ClientOptions} options
+   */
+  function recording(options) {
+    const sockets = /** @type {{ extensions: string, agreed: string }[]} */ ([]);
+    class Recording extends WebSocket {
+      /** @param {string} url */
+      constructor(url) {
+        super(url, options);
+        const record = { extensions: "", agreed: "" };
+        sockets.push(record);
+        this.on("upgrade", (response) => {
+          record.agreed = String(response.headers["sec-websocket-extensions"] ?? "");
+        });
+        this.on("open", () => {
+          record.extensions = this.extensions;
+        });
+      }
+    }
+    return { sockets, WebSocket: /** @type {any} */ (Recording) };
+  }
+
+  for (const offered of [true, false]) {
+    test(`a client that ${offered ? "offers" : "does not offer"} it gets the whole stream ${offered ? "compressed" : "in plain frames"}`, async () => {
+      const { sockets, WebSocket: Socket } = recording({ perMessageDeflate: offered });
+      const client = await open("tok-erin", { WebSocket: Socket });
+      const started = await client.startJob({
+        threadId: `deflate-${offered}`, messageId: "m1", model: "backstream/lorem",
+        messages: LOREM, params: { max_tokens: 400, tokens_per_s: 2000 },
+      });
+      const { batches, text, status } = await collect(client.watch(started.job.job_id, { afterSeq: 0 }));
+      assert.equal(status, "completed");
+      assert.ok(contiguous(batches));
+      const info = await client.getJob(started.job.job_id, { includeContent: true });
+      assert.equal(text, info.content);
+      assert.ok(text.split(" ").length > 300);
+      assert.equal(sockets.length, 1);
+      // The extension the handshake agreed on: the server's bounded window, one inflater per message.
+      if (offered) {
+        assert.equal(sockets[0].extensions, "permessage-deflate");
+        assert.equal(sockets[0].agreed, "permessage-deflate; client_no_context_takeover; client_max_window_bits=10");
+      } else {
+        assert.deepEqual(sockets[0], { extensions: "", agreed: "" });
+      }
+      await client.close();
+    });
   }
 });
 

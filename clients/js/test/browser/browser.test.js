@@ -61,6 +61,7 @@ before(async () => {
       ...USERS.flatMap((user) => ["--token", `tok-${user}=${user}`]),
       "--tools", "backstream.runtime.tools.demo:DEMO_TOOLS",
       "--upstream-url", `http://127.0.0.1:${upstreamPort}/v1`,
+      "--ws-deflate", "on",
     ],
   });
   browser = await launch();
@@ -76,7 +77,7 @@ after(async () => {
 
 // Each test has its own user and browser context, so they run side by side.
 describe("in Chromium", { concurrency: 3 }, () => {
-  test("the client in Chromium: start, watch, drop the socket mid-answer, resume, compare with job.get", async () => {
+  test("the client in Chromium (permessage-deflate): start, watch, drop the socket mid-answer, resume, compare with job.get", async () => {
     const proxy = await startProxy(server.port);
     closers.push(() => proxy.close());
     const { page, problems, context } = await openPage(browser);
@@ -85,7 +86,16 @@ describe("in Chromium", { concurrency: 3 }, () => {
     await page.exposeFunction("dropNetwork", () => proxy.cut());
     const result = await page.evaluate(async (url) => {
       const { connect, batchText } = await import("/client/backstream-client.js");
-      const client = await connect(url, { token: "tok-client", reconnectBaseMs: 50 });
+      const sockets = /** @type {WebSocket[]} */ ([]);
+      // Chromium always offers permessage-deflate; each socket says what the server agreed to.
+      class Recording extends WebSocket {
+        /** @param {string} address */
+        constructor(address) {
+          super(address);
+          sockets.push(this);
+        }
+      }
+      const client = await connect(url, { token: "tok-client", reconnectBaseMs: 50, WebSocket: Recording });
       const started = await client.startJob({
         threadId: "browser", messageId: "b1", model: "backstream/lorem",
         messages: [{ role: "user", content: "Tell me something long." }], params: { max_tokens: 120, tokens_per_s: 60 },
@@ -98,8 +108,9 @@ describe("in Chromium", { concurrency: 3 }, () => {
       const info = await client.getJob(started.job.job_id, { includeContent: true });
       const { reconnects } = client.statistics();
       await client.close();
-      return { batches, content: info.content, status: info.job.status, reconnects };
+      return { batches, content: info.content, status: info.job.status, reconnects, extensions: sockets.map((s) => s.extensions) };
     }, proxy.url);
+    assert.deepEqual(result.extensions, Array(2).fill("permessage-deflate; client_no_context_takeover; client_max_window_bits=10"));
     assert.equal(result.status, "completed");
     assert.equal(result.reconnects, 1);
     assert.equal(proxy.state.accepted, 2);
