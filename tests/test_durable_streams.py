@@ -233,3 +233,18 @@ def test_two_instances_on_redis_share_streams_and_wake_each_others_readers(tmp_p
             assert time.monotonic() - started < 0.9
     finally:
         redis.kill()
+
+
+def test_rates_and_sizes_are_limited_per_user(tmp_path: Path) -> None:
+    with streams_server("memory", tmp_path, BACKSTREAM_STREAMS_RATE_PER_S="2") as server:
+        url = f"{server.base}/v1/streams/limited"
+        with httpx.Client(headers={**AUTH, "content-type": "application/octet-stream"}, timeout=30) as http:
+            assert http.put(url).status_code == 201
+            # A body past --max-message-bytes: a 413 the client reads (the rest of the body is
+            # read and dropped), on a connection that goes on.
+            too_large = http.post(url, content=b"x" * (2 * 1024 * 1024))
+            assert too_large.status_code == 413 and "connection" not in too_large.headers
+            statuses = [http.head(url).status_code for _ in range(6)]
+            assert statuses[0] == 200 and statuses[-1] == 429  # a burst of twice the rate, then 429
+            time.sleep(1.1)
+            assert http.head(url).status_code == 200  # the bucket refills

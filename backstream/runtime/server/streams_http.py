@@ -48,6 +48,8 @@ log = logging.getLogger("backstream.streams")
 
 BASE = "/v1/streams/"
 MAX_NAME_CHARS = 1024
+DRAIN_BYTES = 64 * 1024 * 1024
+"""The most of a refused (too large) body read and dropped so that its client gets the 413."""
 
 
 @attrs.frozen(kw_only=True)
@@ -191,9 +193,26 @@ class StreamsApi:
         try:
             return await request.raw_body(self.settings.max_body_bytes, self.settings.body_timeout)
         except BackstreamError as exc:
-            if exc.http_status == 413:
-                raise StreamRefusal(413, exc.message, {"connection": "close"}) from None
-            raise StreamRefusal(400, exc.message) from None
+            if exc.http_status != 413:
+                raise StreamRefusal(400, exc.message) from None
+            # A client still sending when the 413 comes would see its connection reset, not
+            # the 413: the rest is read and dropped (bounded), then the connection goes on.
+            drained = await self._drain(request)
+            raise StreamRefusal(413, exc.message, {} if drained else {"connection": "close"}) from None
+
+    async def _drain(self, request: Request) -> bool:
+        """Read and drop the rest of a body, at most ``DRAIN_BYTES`` within the body timeout;
+        whether it all came."""
+        left = DRAIN_BYTES
+        with trio.move_on_after(self.settings.body_timeout):
+            while left > 0:
+                message = await request.receive()
+                if message["type"] != "http.request":
+                    return False
+                left -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+        return False
 
     def _name_from_path(self, path: str) -> str:
         """A ``Stream-Forked-From`` path: a full stream URL path, or a name (with or without a

@@ -97,14 +97,13 @@ class StreamOps:
         return len(keys)
 
     async def run_sweeper(self, interval: float) -> None:
-        """Sweep every ``interval`` seconds, until cancelled (an outage skips a round).
+        """Sweep a batch every ``interval`` seconds, until cancelled (an outage skips a round).
 
         Cancellation: stops; a stream being removed may stay for the next sweep."""
         while True:
             await trio.sleep(interval)
             try:
-                while await self.sweep() >= 256:
-                    await trio.lowlevel.checkpoint()
+                await self.sweep()
             except UnavailableError as exc:
                 log.warning("durable streams: the expiry sweep skipped a round: %s", exc)
 

@@ -123,7 +123,7 @@ class RedisStreamStore:
             if await self._call(self._script(keys=[state_key, msgs_key, channel], args=args)):
                 new = None if change.delete else change.state or old
                 await self._account(key, old, new)
-                await self._index_deadline(key, new)
+                await self._index_deadline(key, old, new)
                 self.changes.notify(key)
                 return change
         raise UnavailableError("the stream is written too often at once; try again")
@@ -139,21 +139,29 @@ class RedisStreamStore:
             if stored:
                 await self._call(client.hincrby(usage_key, "bytes", stored))
 
-    async def _index_deadline(self, key: str, state: StreamState | None) -> None:
-        deadline = None if state is None or state.soft_deleted else state.deadline
+    async def _index_deadline(self, key: str, old: StreamState | None, new: StreamState | None) -> None:
+        """Keep the stream's deadline in the index (a stream that never expires costs nothing)."""
+        before = None if old is None or old.soft_deleted else old.deadline
+        after = None if new is None or new.soft_deleted else new.deadline
+        if before == after:
+            return
         client = self._store.redis
-        if deadline is None:
+        if after is None:
             await self._call(client.zrem(self._deadlines_key(), [key]))
         else:
-            await self._call(client.zadd(self._deadlines_key(), {key: deadline}))
+            await self._call(client.zadd(self._deadlines_key(), {key: after}))
 
     async def expired_keys(self, now: float, limit: int) -> list[str]:
+        client = self._store.redis
         found = await self._call(
-            self._store.redis.zrange(
-                self._deadlines_key(), 0, now, sortby=PureToken.BYSCORE, offset=0, count=limit
-            )
+            client.zrange(self._deadlines_key(), 0, now, sortby=PureToken.BYSCORE, offset=0, count=limit)
         )
-        return [str(key) for key in found]
+        keys = [str(key) for key in found]
+        # An entry whose stream is gone (its write's index update was lost) leaves the index.
+        gone = [key for key in keys if not await self._call(client.exists([self._keys(key)[0]]))]
+        if gone:
+            await self._call(client.zrem(self._deadlines_key(), gone))
+        return [key for key in keys if key not in gone]
 
     async def read(self, key: str, after: int, up_to: int, max_bytes: int) -> list[Message]:
         msgs_key = self._keys(key)[1]
