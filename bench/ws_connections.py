@@ -33,6 +33,7 @@ import json
 import os
 import pathlib
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,6 +205,16 @@ def start_server(
     return proc, port
 
 
+def start_profiler(a: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | None:
+    """With ``--profile FILE``: py-spy records the server from the starts until every watcher
+    has had its first batch (raw format: one stack per line)."""
+    if not a.profile:
+        return None
+    spy = shutil.which("py-spy", path=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    cmd = [spy or "py-spy", "record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
+    return subprocess.Popen([*cmd, "-o", a.profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def snapshot(proc: Any, trace_dir: pathlib.Path, index: int) -> pathlib.Path:
     done = trace_dir / f"snapshot-{index}.done"
     proc.send_signal(signal.SIGUSR1)
@@ -269,10 +280,14 @@ def measure(a: argparse.Namespace, source: str | None) -> dict[str, Any]:
         if trace_dir and before:
             report_trace(before, snapshot(server, trace_dir, 1), a.connections, trace_dir)
         cpu0 = cpu_seconds(server.pid)
+        profiler = start_profiler(a, server.pid) if not source else None
         go = time.time()
         for generator in generators:
             generator.tell("go")
         firsts_msgs = [generator.read("first_batches") for generator in generators]
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes what it recorded
+            profiler.wait(timeout=60)
         watching_rss = rss_bytes(server.pid)
         all_first_s = max(m["at"] for m in firsts_msgs) - go
         firsts = sorted(x for m in firsts_msgs for x in m["firsts"])
@@ -345,6 +360,7 @@ def main() -> None:
     ap.add_argument("--tracemalloc", help="trace the server's allocations; write the report here")
     ap.add_argument("--trace-frames", type=int, default=12)
     ap.add_argument("--compare-src", help="also measure the backstream checkout in this directory")
+    ap.add_argument("--profile", help="py-spy the server from the starts to the last first batch, into FILE")
     ap.add_argument("--json", help="where to write the results (default bench/results/)")
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
