@@ -254,3 +254,24 @@ def test_window_bits_out_of_range_are_refused() -> None:
         with pytest.raises(ValueError, match=r"window_bits must be in \[9, 15\]"):
             DeflateSettings(window_bits=bits)
     assert zlib.MAX_WBITS == 15
+
+
+async def test_the_ai_sdk_endpoint_compresses_for_a_client_that_offers_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from tests.test_ai_sdk_server import send_frame
+
+    words = " ".join(f"word{i}" for i in range(200))
+    async with served() as srv:
+        for offer in (_offer(), None):
+            client = await WireClient.open(srv.door.port, "/v1/ai-sdk?token=tok-alice", offer)
+            assert len(client.agreed) == (1 if offer else 0)
+            await client.send(send_frame("r1", f"chat-{offer is None}", words))
+            deltas = []
+            while True:
+                frame = await client.recv()
+                if frame["type"] == "chunk" and frame["chunk"]["type"] == "text-delta":
+                    deltas.append(frame["chunk"]["delta"])
+                if frame["type"] in ("end", "error"):
+                    break
+            assert frame["type"] == "end" and "".join(deltas) == words
