@@ -76,16 +76,17 @@ class ServeProcess:
     (clients reconnect to the same address). ``args`` follow ``serve``; ``env`` is added
     to the environment."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/v1"
         self._args = args
         self._env = env or {}
+        self._cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         command = [sys.executable, "-m", "backstream", "serve", "--port", str(self.port), *self._args]
-        self.proc = subprocess.Popen(command, env={**os.environ, **self._env})
+        self.proc = subprocess.Popen(command, env={**os.environ, **self._env}, cwd=self._cwd)
         wait_for_port(self.port, timeout=60)
 
     def signal(self, sig: int) -> None:

@@ -13,6 +13,7 @@ subscriber received.
 
     python bench/redis_commands.py                       # 20 jobs, 30 tok/s, 300 tokens
     python bench/redis_commands.py --jobs 50 --watchers 0,1,3
+    python bench/redis_commands.py --flush-ms 100,250   # the flush interval against commands per token
 """
 
 from __future__ import annotations
@@ -62,11 +63,14 @@ async def watch_to_end(rt: Runtime, job_id: str) -> None:
             pass
 
 
-async def run_once(port: int, jobs: int, watchers: int, rate: float, tokens: int) -> dict[str, Any]:
+async def run_once(
+    port: int, jobs: int, watchers: int, rate: float, tokens: int, flush_ms: float
+) -> dict[str, Any]:
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     url = f"redis://127.0.0.1:{port}/0"
-    # The default flush settings; room for every job of the run.
-    config = Config(drain_timeout=0, max_jobs_per_user=max(jobs, 8), max_jobs=max(jobs, 8) * 2)
+    # The flush interval given (100 ms by default); room for every job of the run.
+    limits = {"max_jobs_per_user": max(jobs, 8), "max_jobs": max(jobs, 8) * 2}
+    config = Config(drain_timeout=0, flush_ms=flush_ms, **limits)
     async with (
         open_runtime(config, store=RedisStore(url, prefix=prefix)) as a,
         open_runtime(config, store=RedisStore(url, prefix=prefix)) as b,
@@ -103,6 +107,7 @@ async def run_once(port: int, jobs: int, watchers: int, rate: float, tokens: int
     flushes = max(delta.get("xadd", 0), 1)
     return {
         "jobs": jobs,
+        "flush_ms": flush_ms,
         "completed": completed,
         "watchers": watchers,
         "tokens": entries,
@@ -124,6 +129,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=30.0)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--port", type=int, default=0, help="a redis-server already running there")
+    parser.add_argument("--flush-ms", default="100", help="the jobs' flush interval(s), one run each")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     server = None
@@ -140,7 +146,8 @@ def main() -> None:
         wait_for_port(port)
     try:
         rows = [
-            trio.run(run_once, port, args.jobs, int(watchers), args.rate, args.tokens)
+            trio.run(run_once, port, args.jobs, int(watchers), args.rate, args.tokens, float(flush_ms))
+            for flush_ms in args.flush_ms.split(",")
             for watchers in args.watchers.split(",")
         ]
     finally:
@@ -148,8 +155,9 @@ def main() -> None:
             server.terminate()
             server.wait()
         shutil.rmtree(directory, ignore_errors=True)
-    print(f"{args.rate:g} tokens/s per stream, {args.tokens} tokens, default flush settings")
-    columns = ["jobs", "completed", "watchers", "tokens", "commands", "per_token", "tokens_per_flush"]
+    print(f"{args.rate:g} tokens/s per stream, {args.tokens} tokens")
+    columns = ["jobs", "flush_ms", "completed", "watchers", "tokens", "commands", "per_token"]
+    columns.append("tokens_per_flush")
     print_table(rows, [*columns, "per_flush", "heard_a_b_c", "by_name"])
     path = write_json("redis_commands", {"args": vars(args), "rows": rows}, args.json)
     print(f"wrote {path}")

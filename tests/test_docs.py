@@ -36,6 +36,7 @@ GUIDES = (
     "testing.md",
     "webhooks.md",
     "workflows.md",
+    "durable-streams.md",
 )
 # Written beside these guides; a link to it counts as reaching a file while it is on its way.
 ARCHITECTURE = DOCS / "architecture.md"

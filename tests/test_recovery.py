@@ -22,7 +22,7 @@ import trio
 from backstream import GoneError
 from backstream.client import Client, open_client
 from backstream.protocol.events import RewindEvent, TextEvent
-from bench._procs import free_port, wait_for_port
+from bench._procs import ServeProcess, free_port, wait_for_port
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.test_takeover import lorem_request, undisturbed
 
@@ -33,32 +33,13 @@ MSG = [{"role": "user", "content": "x"}]
 def server(
     store: str, *extra: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backstream",
-            "serve",
-            "--port",
-            str(port),
-            "--token",
-            "tok=alice",
-            "--store",
-            store,
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-        env={**os.environ, **(env or {})},
-    )
+    serving = ServeProcess(["--token", "tok=alice", "--store", store, "--log-level", "warning", *extra], env)
     try:
-        wait_for_port(port)
-        yield port, proc
+        serving.start()
+        assert serving.proc is not None
+        yield serving.port, serving.proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        serving.kill()
 
 
 async def watch_some(client: Client, job_id: str, entries: int) -> tuple[str, int]:

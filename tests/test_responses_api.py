@@ -571,60 +571,32 @@ async def test_the_guides_sdk_example_runs(upstream: FakeUpstream) -> None:
 async def test_a_stream_resumes_on_another_instance(upstream: FakeUpstream) -> None:
     """Two servers share a Redis store: a stream started on one resumes on the other with the
     same numbering (it is a function of the stored log)."""
-    import uuid
+    from tests.test_thread_history import two_instances_on_redis
 
-    from backstream.runtime.stores.redis import RedisStore
-    from tests.conftest import delete_prefix, redis_url, require_redis
-
-    require_redis()
-    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
     upstream.script(streams(WORDS, delay=0.02))
-    try:
-        async with trio.open_nursery() as nursery:
-            handles = []
-            for _ in range(2):
-                values = ServeSettings.defaults(
-                    port=0,
-                    http_port=0,
-                    token=("tok-alice=alice",),
-                    drain_timeout=0.0,
-                    upstream_url=upstream.url,
-                    batch_ms=10.0,
-                )
-                store = RedisStore(redis_url(), prefix=prefix)
-                handles.append(
-                    await nursery.start(
-                        lambda task_status, v=values, s=store: serve(
-                            v, store=s, handle_signals=False, announce=lambda _: None, task_status=task_status
-                        )
-                    )
-                )
-            a, b = (Server(h).client() for h in handles)
+    async with two_instances_on_redis(upstream) as handles:
+        a, b = (Server(h).client() for h in handles)
 
-            def first_part() -> list[Any]:
-                seen: list[Any] = []
-                with a.responses.create(model="m", input="x", background=True, stream=True) as stream:
-                    for event in stream:
-                        seen.append(event)
-                        if event.type == "response.output_text.delta" and len(seen) > 8:
-                            break
-                return seen
+        def first_part() -> list[Any]:
+            seen: list[Any] = []
+            with a.responses.create(model="m", input="x", background=True, stream=True) as stream:
+                for event in stream:
+                    seen.append(event)
+                    if event.type == "response.output_text.delta" and len(seen) > 8:
+                        break
+            return seen
 
-            first = await in_thread(first_part)
-            response_id, last = first[0].response.id, first[-1].sequence_number
-            rest = await in_thread(
-                lambda: list(b.responses.retrieve(response_id, stream=True, starting_after=last))
-            )
-            numbers = [e.sequence_number for e in first + rest]
-            assert numbers == list(range(len(numbers)))
-            assert deltas(first) + deltas(rest) == "".join(WORDS)
-            assert rest[-1].type == "response.completed"
-            whole_on_a = await in_thread(lambda: list(a.responses.retrieve(response_id, stream=True)))
-            assert [e.to_dict() for e in whole_on_a] == [e.to_dict() for e in first + rest]
-            for handle in handles:
-                handle.shutdown.set()
-    finally:
-        await delete_prefix(prefix)
+        first = await in_thread(first_part)
+        response_id, last = first[0].response.id, first[-1].sequence_number
+        rest = await in_thread(
+            lambda: list(b.responses.retrieve(response_id, stream=True, starting_after=last))
+        )
+        numbers = [e.sequence_number for e in first + rest]
+        assert numbers == list(range(len(numbers)))
+        assert deltas(first) + deltas(rest) == "".join(WORDS)
+        assert rest[-1].type == "response.completed"
+        whole_on_a = await in_thread(lambda: list(a.responses.retrieve(response_id, stream=True)))
+        assert [e.to_dict() for e in whole_on_a] == [e.to_dict() for e in first + rest]
 
 
 async def test_rate_limit_idempotency_key_and_cors(upstream: FakeUpstream) -> None:

@@ -5,10 +5,8 @@ Redis) finishes it; the counting tool shows that every step that finished ran on
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,29 +17,25 @@ import trio
 
 from backstream.client import Client, open_client
 from backstream.protocol.events import ApprovalRequiredEvent, LogEvent, StepEvent
-from bench._procs import free_port, wait_for_port
+from bench._procs import ServeProcess
 from tests.conftest import delete_prefix, redis_url, require_redis
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVE = (sys.executable, "-m", "backstream", "serve", "--token", "tok=alice", "--log-level", "warning")
+SERVE = ("--token", "tok=alice", "--log-level", "warning")
 SAMPLES = ("--workflows", "tests.workflow_samples:WORKFLOWS", "--tools", "tests.workflow_samples:count")
 
 
 @contextmanager
 def server(store: str, env: dict[str, str], *extra: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [*SERVE, "--port", str(port), "--store", store, *SAMPLES, *extra],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        cwd=ROOT,
+    serving = ServeProcess(
+        [*SERVE, "--store", store, *SAMPLES, *extra], {"PYTHONPATH": str(ROOT), **env}, cwd=str(ROOT)
     )
     try:
-        wait_for_port(port)
-        yield port, proc
+        serving.start()
+        assert serving.proc is not None
+        yield serving.port, serving.proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        serving.kill()
 
 
 def counted(path: Path) -> list[str]:

@@ -273,6 +273,8 @@ class JobStarted:
     id: str
     job: JobSummary
     existing: bool
+    stream: str | None = None
+    """The path of the job's durable stream on the HTTP port (``/v1/streams/jobs/ID``)."""
 
 
 @attrs.frozen
@@ -310,6 +312,8 @@ class JobInfoMessage:
     """Present when more tool calls follow: ask again with this ``tool_calls_offset``."""
     step: StepRecord | None = None
     """A workflow job's latest step (running, or the last finished)."""
+    stream: str | None = None
+    """The path of the job's durable stream on the HTTP port (``/v1/streams/jobs/ID``)."""
 
 
 @attrs.frozen

@@ -3,12 +3,11 @@ entry-point group ``backstream.workflows`` (``docs/workflows.md``)."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 from collections.abc import Iterable
 from typing import Any
 
 from backstream.actors.workflow import Workflow
+from backstream.runtime.loading import entry_point_objects, import_path
 from backstream.runtime.models.workflow_demo import demo_workflow
 
 __all__ = ["WorkflowRegistry"]
@@ -43,18 +42,12 @@ class WorkflowRegistry:
 
     def load(self, path: str) -> list[Workflow]:
         """Register what ``package.module:attribute`` names: a Workflow or a list of them."""
-        module_name, _, attribute = path.partition(":")
-        if not module_name or not attribute:
-            raise ValueError(f"{path!r}: expected package.module:attribute")
-        target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-        return self._register_any(target, path)
+        return self._register_any(import_path(path), path)
 
     def load_entry_points(self, group: str = "backstream.workflows") -> list[Workflow]:
         loaded: list[Workflow] = []
-        for entry in importlib.metadata.entry_points(group=group):
-            loaded += self._register_any(entry.load(), entry.value)
+        for target, origin in entry_point_objects(group):
+            loaded += self._register_any(target, origin)
         return loaded
 
     def _register_any(self, target: Any, origin: str) -> list[Workflow]:

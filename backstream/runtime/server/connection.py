@@ -77,6 +77,7 @@ from backstream.protocol.messages import (
 from backstream.protocol.offsets import StreamOffset
 from backstream.protocol.projections import BatchProjection
 from backstream.protocol.records import NotificationRecord
+from backstream.protocol.streams_wire import job_stream_path
 from backstream.runtime.api import Runtime
 from backstream.runtime.server.auth import Authenticator, Identity
 from backstream.runtime.server.continued import continue_job
@@ -337,7 +338,9 @@ class Connection:
             annotations=annotations,
             workflow_input=message.input,
         )
-        reply = JobStarted(id=message.id, job=started.job, existing=started.existing)
+        reply = JobStarted(
+            id=message.id, job=started.job, existing=started.existing, stream=job_stream_path(started.job_id)
+        )
         if message.watch:
             await self._start_watch(started.job_id, 0, None, reply, deltas=message.tool_call_deltas)
         else:

@@ -191,11 +191,8 @@ class Request:
         values = parse_qs(bytes(self.scope.get("query_string", b"")).decode("latin-1")).get(name)
         return values[-1] if values else None
 
-    async def json_body(self, limit: int, timeout: float) -> Any:
-        """The body as JSON, checked as WebSocket frames are (``codec.loads_checked``): nested
-        at most 64 levels, numbers finite, lone surrogates repaired to U+FFFD. Raises
-        ``TooLargeError`` past ``limit``, ``BadRequestError`` when bad (also text that is not
-        UTF-8, -16 or -32, as RFC 8259 allows) or late.
+    async def raw_body(self, limit: int, timeout: float) -> bytes:
+        """The body's bytes. Raises ``TooLargeError`` past ``limit``, ``BadRequestError`` when late.
 
         Cancellation: what was read is dropped; the request cannot be read again."""
         chunks, size = [], 0
@@ -213,7 +210,16 @@ class Request:
                     break
         if waited.cancelled_caught:
             raise BadRequestError("the request body did not arrive in time")
-        data = b"".join(chunks)
+        return b"".join(chunks)
+
+    async def json_body(self, limit: int, timeout: float) -> Any:
+        """The body as JSON, checked as WebSocket frames are (``codec.loads_checked``): nested
+        at most 64 levels, numbers finite, lone surrogates repaired to U+FFFD. Raises
+        ``TooLargeError`` past ``limit``, ``BadRequestError`` when bad (also text that is not
+        UTF-8, -16 or -32, as RFC 8259 allows) or late.
+
+        Cancellation: what was read is dropped; the request cannot be read again."""
+        data = await self.raw_body(limit, timeout)
         try:
             # Strict: encoded surrogates are not text (json.loads of bytes would let them pass).
             text = data.decode(json.detect_encoding(data))
@@ -285,6 +291,7 @@ class HttpApp:
         self._static_routes = dict(static_routes or {})
         self._allow_origins = allow_origins
         self._api: list[tuple[str, re.Pattern[str], Handler, bool]] = []
+        self._self_authenticating: set[Handler] = set()
         self._buckets = UserBuckets(
             self.limits.rate_per_s, self.limits.rate_burst, max_users=self.limits.max_tracked_users
         )
@@ -297,9 +304,20 @@ class HttpApp:
         self.peer_streams = PeerStreams()
         """The streams the server accepts for this app, by peer: how a request finds its socket."""
 
-    def route(self, method: str, pattern: str, handler: Handler, *, rate_limited: bool = True) -> None:
-        """An authenticated API route; ``pattern`` is a regular expression over the path."""
+    def route(
+        self,
+        method: str,
+        pattern: str,
+        handler: Handler,
+        *,
+        rate_limited: bool = True,
+        self_authenticating: bool = False,
+    ) -> None:
+        """An authenticated API route; ``pattern`` is a regular expression over the path.
+        A ``self_authenticating`` handler authenticates, limits and answers preflights itself."""
         self._api.append((method, re.compile(pattern), handler, rate_limited))
+        if self_authenticating:
+            self._self_authenticating.add(handler)
 
     @contextlib.asynccontextmanager
     async def stream_slot(self, user: str) -> AsyncIterator[None]:
@@ -390,6 +408,11 @@ class HttpApp:
             if match is None:
                 continue
             matched_path = True
+            if handler in self._self_authenticating:
+                if route_method == method or method == "OPTIONS":
+                    await handler(request, match)
+                    return
+                continue
             if method == "OPTIONS":
                 await self._preflight(request)
                 return
@@ -435,7 +458,14 @@ class HttpApp:
 
     def cors_headers(self, request: Request) -> dict[str, str]:
         origin = request.header("origin")
-        return {"access-control-allow-origin": origin, "vary": "origin"} if origin else {}
+        if not origin:
+            return {}
+        # Link: a job's durable stream, named on the Responses API's replies.
+        return {
+            "access-control-allow-origin": origin,
+            "access-control-expose-headers": "link",
+            "vary": "origin",
+        }
 
     def _gzip_wanted(self, request: Request) -> bool:
         return self.limits.gzip_window_bits is not None and accepts_gzip(request.header("accept-encoding"))

@@ -11,6 +11,7 @@ from backstream.protocol.codec import converter, encode
 from backstream.protocol.errors import TooLargeError
 from backstream.protocol.events import JobInfo, ToolCallRecord
 from backstream.protocol.messages import JobInfoMessage
+from backstream.protocol.streams_wire import job_stream_path
 
 __all__ = ["job_info_page"]
 
@@ -29,7 +30,12 @@ def job_info_page(
     """
     calls: Sequence[ToolCallRecord] = info.tool_calls[tool_calls_offset:]
     reply = JobInfoMessage(
-        id=request_id, job=info.job, content=info.content, tool_calls=list(calls), step=info.step
+        id=request_id,
+        job=info.job,
+        content=info.content,
+        tool_calls=list(calls),
+        step=info.step,
+        stream=job_stream_path(info.job.job_id),
     )
     if _size(reply) <= max_bytes:
         return reply

@@ -43,6 +43,7 @@ from backstream.protocol.responses_request import (
     parse_create,
 )
 from backstream.protocol.responses_sse import sse_frame
+from backstream.protocol.streams_wire import job_stream_path
 from backstream.runtime.server.http_app import HttpApp, Request, error_response
 from backstream.runtime.server.replay import Replay, open_replay
 from backstream.runtime.server.responses_state import ResponsesState, awaits_approval
@@ -76,7 +77,8 @@ class ResponsesApi:
         parsed = parse_create(body)
         if parsed.background and not parsed.stream:
             job_id = await self._start(request, body, parsed)
-            await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+            response = await self._response_object(request.user, job_id)
+            await self._app.send_json(request, 200, response, _stream_link(job_id))
             return
         # A response kept for nobody (store: false; an approval's answer resumes a stored
         # one) is deleted before its reply goes out, or once its stream or client is gone.
@@ -139,7 +141,8 @@ class ResponsesApi:
     async def _retrieve(self, request: Request, match: re.Match[str]) -> None:
         job_id = match["id"]
         if (request.query("stream") or "").lower() != "true":
-            await self._app.send_json(request, 200, await self._response_object(request.user, job_id))
+            response = await self._response_object(request.user, job_id)
+            await self._app.send_json(request, 200, response, _stream_link(job_id))
             return
         offset, name = _resume_point(request)
         await self._stream(request, job_id, offset=offset, cursor_name=name)
@@ -356,3 +359,8 @@ async def _cancel_on_disconnect(request: Request, scope: trio.CancelScope) -> No
 async def _cancel_on_event(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+def _stream_link(job_id: str) -> dict[str, str]:
+    """The job's durable stream (docs/durable-streams.md), as an RFC 8288 link."""
+    return {"link": f'<{job_stream_path(job_id)}>; rel="durable-stream"'}

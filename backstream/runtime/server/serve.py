@@ -17,7 +17,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from functools import partial
 
@@ -48,6 +48,7 @@ from backstream.runtime.server.settings import (
     runtime_config,
     tls_context,
 )
+from backstream.runtime.server.streams_serve import mount_streams
 from backstream.runtime.server.web_api import WebConfig
 from backstream.runtime.server.web_assets import asset_routes
 from backstream.runtime.stores.memory import MemoryStore
@@ -158,17 +159,7 @@ def load_tools(settings: ServeSettings, config: Config) -> ToolRegistry:
     """The built-in tools, ``--tools`` and the entry points. Raises ``ValueError`` naming
     the one that does not load."""
     tools = ToolRegistry.with_builtins(max_threads=config.max_tool_threads)
-    for path in settings.tools:
-        try:
-            tools.load(path)
-        except (ImportError, AttributeError, ValueError, TypeError) as exc:
-            raise ValueError(f"--tools {path}: {type(exc).__name__}: {exc}") from None
-    try:
-        tools.load_entry_points()
-    except Exception as exc:  # a third-party package's import failing
-        raise ValueError(
-            f"tools of the entry-point group backstream.tools: {type(exc).__name__}: {exc}"
-        ) from None
+    _load_named(tools.load, tools.load_entry_points, settings.tools, "--tools", "tools")
     return tools
 
 
@@ -176,18 +167,30 @@ def load_workflows(settings: ServeSettings) -> WorkflowRegistry:
     """The built-in workflows, ``--workflows`` and the entry points. Raises ``ValueError``
     naming the one that does not load."""
     workflows = WorkflowRegistry.with_builtins()
-    for path in settings.workflows:
+    _load_named(workflows.load, workflows.load_entry_points, settings.workflows, "--workflows", "workflows")
+    return workflows
+
+
+def _load_named(
+    load: Callable[[str], object],
+    load_entry_points: Callable[[], object],
+    paths: Sequence[str],
+    flag: str,
+    kind: str,
+) -> None:
+    """Load each of ``paths`` (given with ``flag``), then the entry-point group
+    ``backstream.<kind>``; a failure is a ``ValueError`` saying which."""
+    for path in paths:
         try:
-            workflows.load(path)
+            load(path)
         except (ImportError, AttributeError, ValueError, TypeError) as exc:
-            raise ValueError(f"--workflows {path}: {type(exc).__name__}: {exc}") from None
+            raise ValueError(f"{flag} {path}: {type(exc).__name__}: {exc}") from None
     try:
-        workflows.load_entry_points()
+        load_entry_points()
     except Exception as exc:  # a third-party package's import failing
         raise ValueError(
-            f"workflows of the entry-point group backstream.workflows: {type(exc).__name__}: {exc}"
+            f"{kind} of the entry-point group backstream.{kind}: {type(exc).__name__}: {exc}"
         ) from None
-    return workflows
 
 
 def redact_url(url: str) -> str:
@@ -517,6 +520,7 @@ class _HttpListeners:
             )
             app.status_routes.update(self._status_routes(with_metrics=not split))
             ResponsesApi(app)
+            mount_streams(app, self._auth, settings, nursery)
             # Bearer tokens come here too: with TLS configured they never cross in clear text.
             tls = self._door.config.ssl_context
             http_port = await self._serve(nursery, app, bound.http, tls=tls)

@@ -279,6 +279,12 @@ _SERVER_OPTIONS: tuple[Option, ...] = (
     Option("webhook_timeout", float, 10.0, "seconds one webhook attempt may take, connecting included"),
     Option("webhook_concurrency", int, 4, "webhook attempts under way at once per endpoint and instance"),
     Option("webhook_ca_file", str, None, "a PEM CA bundle that verifies https:// webhook endpoints"),
+    Option("streams_long_poll_timeout", float, 20.0, "seconds a durable stream's long-poll waits for a 204"),
+    Option("streams_sse_max_duration", float, 60.0, "seconds a durable stream's SSE reply lasts"),
+    Option("streams_rate_per_s", float, 200.0, "durable streams requests per second per user (burst: 2x)"),
+    Option("streams_max_per_user", int, 10_000, "durable streams one user may hold"),
+    Option("streams_max_bytes_per_user", int, 1024**3, "bytes one user's durable streams may hold"),
+    Option("streams_signing_key", str, None, "signs durable streams' capability URLs", flag=False),
     Option("log_format", str, "text", "text or json", choices=("text", "json")),
     Option("log_level", str, "info", "how much to log", choices=LOG_LEVELS),
 )

@@ -52,7 +52,8 @@ class LocalStore(InboxForwarding, SeatsForwarding, Store):
         await trio.lowlevel.checkpoint()
 
     async def hand_off(self, owner: str, job_ids: Sequence[str], now: float) -> None:
-        """One process: the next run takes every live job (SQLite marks them as it closes)."""
+        """One process: the next run takes every live job (SQLite marks them as it closes).
+        Cancellation: nothing was to be done."""
         await trio.lowlevel.checkpoint()
 
     async def announce(self, owner: str, until: float) -> None:

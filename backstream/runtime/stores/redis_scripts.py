@@ -35,9 +35,13 @@ __all__ = [
 # ``clock(ahead)``: Redis's time plus ``ahead`` seconds; ``stamp(t)``: ``t`` as a score
 # (microseconds kept).
 _CLOCK = """
+local now_read
 local function clock(ahead)
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ahead)
+  if not now_read then
+    local t = redis.call('TIME')  -- once per script: one command, one present
+    now_read = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  return now_read + tonumber(ahead)
 end
 local function stamp(t) return string.format('%.6f', t) end
 """
@@ -109,7 +113,8 @@ return 1
 # whose job another instance took over is fenced off), {2, stored_seq} if its seq is not
 # ARGV[2] (nothing changed: the caller plans again from stored_seq), {1, receivers, log
 # bytes} when applied (the record's field ``log_bytes`` sums the bytes of the batches
-# appended, for the quota of stored bytes, ``redis_quota``). The fence is one HMGET.
+# appended, for the quota of stored bytes, ``redis_quota``, written with the other fields).
+# The fence is one HMGET.
 # Python planned the entries (only new ones) and the progress (never behind the log)
 # against ARGV[2], and passes only the fields that changed since its last commit. The
 # fields (ARGV[10]...) of a terminal commit (ARGV[5]) carry its outbox entry (field
@@ -121,19 +126,24 @@ return 1
 # commit is announced after its last step (``RedisSteps.finish``): a watcher woken by it
 # finds the slots freed too (one that reads meanwhile sees the end, which is final).
 COMMIT = """
-local seq, status, owner = unpack(redis.call('HMGET', KEYS[1], 'seq', 'status', 'owner'))
+local seq, status, owner, log_bytes =
+  unpack(redis.call('HMGET', KEYS[1], 'seq', 'status', 'owner', 'log_bytes'))
 if not seq then return {0} end
 local ended = {}
 for _, name in ipairs(cjson.decode(ARGV[8])) do ended[cjson.encode(name)] = true end
 if ended[status] then return {3} end
 if ARGV[9] ~= '' and owner ~= ARGV[9] then return {3} end
 if tonumber(seq) ~= tonumber(ARGV[2]) then return {2, tonumber(seq)} end
-local logged = 0
+local logged = tonumber(log_bytes) or 0
+local fields = {}
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], ARGV[3] .. '-0', 'e', ARGV[4])
-  logged = redis.call('HINCRBY', KEYS[1], 'log_bytes', string.len(ARGV[4]))
+  logged = logged + string.len(ARGV[4])
+  fields[#fields + 1] = 'log_bytes'
+  fields[#fields + 1] = tostring(logged)
 end
-if #ARGV >= 10 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
+if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
 if ARGV[5] == '1' then
   local ttl = tonumber(ARGV[6])
   for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ttl) end

@@ -65,6 +65,8 @@ _CHUNK = 256
 """Channels per subscribe (or unsubscribe) call."""
 
 COMMITS, CONTROL, USER = "commits", "control", "user"
+STREAM = "stream"
+"""A durable stream's channel (``streams_redis``): the interest's name is the channel."""
 
 EntriesListener = Callable[[Sequence[LogEvent], int], None]
 
@@ -120,6 +122,8 @@ class RedisSubscriber:
         self.on_notification: NotificationListener | None = None
         self.on_watched: Callable[[str], None] | None = None
         """Called with a job id when a follower asks for its commits (``watch``)."""
+        self.on_stream_change: Callable[[str], None] | None = None
+        """Called with a durable stream's channel when a write of it is announced."""
         self.outage_retries = 0
         self.subscribed = trio.Event()
         """Set while the pub/sub connection is up."""
@@ -162,6 +166,8 @@ class RedisSubscriber:
             return keys.job_channel(name)
         if kind == CONTROL:
             return keys.control_channel(name)
+        if kind == STREAM:
+            return name
         return keys.user_channel(name)
 
     @contextmanager
@@ -351,6 +357,9 @@ class RedisSubscriber:
         self._messages_total += 1
         if route.kind == COMMITS:
             self._dispatch_commit(route, data)
+        elif route.kind == STREAM:
+            if self.on_stream_change is not None:
+                self.on_stream_change(route.name)
         elif route.kind == USER:
             if self.on_notification is not None:
                 self.on_notification(NotificationRecord(**json.loads(data)))

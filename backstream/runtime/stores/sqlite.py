@@ -305,6 +305,15 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
             raise item.error
         return item.result  # type: ignore[return-value]  # what fn returned
 
+    async def run_grouped(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` in the writer's next group transaction (for stores of other things in the file).
+        Cancellation: as ``_grouped``'s (once queued, the write may still land with its group)."""
+        return await self._grouped(fn)
+
+    async def run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` on the reader connection. Cancellation: waits for the statement to finish."""
+        return await self._read(fn)
+
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._on_thread(self._writer, self._write_lane, fn)
 

@@ -185,6 +185,32 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE jobs ADD COLUMN handoffs INTEGER NOT NULL DEFAULT 0
         """,
     ),
+    (
+        8,
+        # Durable streams (``streams_sqlite``): each stream's state as JSON, its messages by
+        # end position, each user's streams and bytes.
+        """
+        CREATE TABLE ds_streams (
+            stream_key TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            stored_bytes INTEGER NOT NULL,
+            deadline REAL,
+            state TEXT NOT NULL
+        );
+        CREATE INDEX ds_streams_by_deadline ON ds_streams (deadline) WHERE deadline IS NOT NULL;
+        CREATE TABLE ds_usage (
+            owner TEXT PRIMARY KEY,
+            streams INTEGER NOT NULL,
+            bytes INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE ds_messages (
+            stream_key TEXT NOT NULL,
+            end_pos INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (stream_key, end_pos)
+        )
+        """,
+    ),
 )
 
 COLUMNS = (

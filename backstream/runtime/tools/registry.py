@@ -20,8 +20,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import datetime as dt
-import importlib
-import importlib.metadata
 import inspect
 import json
 import logging
@@ -38,6 +36,7 @@ import jsonschema
 import trio
 
 from backstream.actors.ports import ToolOutcome
+from backstream.runtime.loading import entry_point_objects, import_path
 from backstream.runtime.tools.sandbox import DEFAULT_LIMITS, ToolLimits, call_in_subprocess, limit_warnings
 
 __all__ = [
@@ -344,18 +343,12 @@ class ToolRegistry:
     def load(self, path: str) -> list[Tool]:
         """Register what ``package.module:attribute`` names: a Tool, a function, a registry
         or a list of those."""
-        module_name, _, attribute = path.partition(":")
-        if not module_name or not attribute:
-            raise ValueError(f"{path!r}: expected package.module:attribute")
-        target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-        return self._register_any(target, path)
+        return self._register_any(import_path(path), path)
 
     def load_entry_points(self, group: str = "backstream.tools") -> list[Tool]:
         loaded: list[Tool] = []
-        for entry in importlib.metadata.entry_points(group=group):
-            loaded += self._register_any(entry.load(), entry.value)
+        for target, origin in entry_point_objects(group):
+            loaded += self._register_any(target, origin)
         return loaded
 
     def _register_any(self, target: Any, origin: str) -> list[Tool]:

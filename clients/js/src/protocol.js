@@ -79,7 +79,7 @@ export const TERMINAL_STATUSES = Object.freeze(["completed", "failed", "aborted"
  * @property {{ max_message_bytes?: number, max_jobs_per_user?: number, batch_ms?: number } & Record<string, unknown>} limits
  */
 
-/** @typedef {{ type: "job.started", id: string, job: JobSummary, existing: boolean }} JobStarted */
+/** @typedef {{ type: "job.started", id: string, job: JobSummary, existing: boolean, stream?: string | null }} JobStarted */
 /** @typedef {{ type: "job.watching", id: string, job: JobSummary }} JobWatching */
 /** @typedef {{ type: "job.unwatched", id: string, job_id: string }} JobUnwatched */
 /** @typedef {{ type: "job.abort.result", id: string, aborted: boolean, job: JobSummary }} JobAbortResult */
@@ -93,7 +93,8 @@ export const TERMINAL_STATUSES = Object.freeze(["completed", "failed", "aborted"
  */
 /**
  * @typedef {{ type: "job.info", id: string, job: JobSummary, content: string | null,
- *   tool_calls: ToolCallRecord[], step?: WorkflowStep }} JobInfo
+ *   tool_calls: ToolCallRecord[], step?: WorkflowStep,
+ *   stream?: string | null }} JobInfo
  */
 /** @typedef {{ type: "job.list.result", id: string, jobs: JobSummary[] }} JobListResult */
 /** @typedef {{ type: "job.approve.result", id: string, job: JobSummary }} JobApproveResult */

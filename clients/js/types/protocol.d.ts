@@ -65,7 +65,7 @@
  * @property {{ tools?: string[], approvals?: boolean, notifications?: boolean } & Record<string, unknown>} features
  * @property {{ max_message_bytes?: number, max_jobs_per_user?: number, batch_ms?: number } & Record<string, unknown>} limits
  */
-/** @typedef {{ type: "job.started", id: string, job: JobSummary, existing: boolean }} JobStarted */
+/** @typedef {{ type: "job.started", id: string, job: JobSummary, existing: boolean, stream?: string | null }} JobStarted */
 /** @typedef {{ type: "job.watching", id: string, job: JobSummary }} JobWatching */
 /** @typedef {{ type: "job.unwatched", id: string, job_id: string }} JobUnwatched */
 /** @typedef {{ type: "job.abort.result", id: string, aborted: boolean, job: JobSummary }} JobAbortResult */
@@ -79,7 +79,8 @@
  */
 /**
  * @typedef {{ type: "job.info", id: string, job: JobSummary, content: string | null,
- *   tool_calls: ToolCallRecord[], step?: WorkflowStep }} JobInfo
+ *   tool_calls: ToolCallRecord[], step?: WorkflowStep,
+ *   stream?: string | null }} JobInfo
  */
 /** @typedef {{ type: "job.list.result", id: string, jobs: JobSummary[] }} JobListResult */
 /** @typedef {{ type: "job.approve.result", id: string, job: JobSummary }} JobApproveResult */
@@ -276,6 +277,7 @@ export type JobStarted = {
     id: string;
     job: JobSummary;
     existing: boolean;
+    stream?: string | null;
 };
 export type JobWatching = {
     type: "job.watching";
@@ -317,6 +319,7 @@ export type JobInfo = {
     content: string | null;
     tool_calls: ToolCallRecord[];
     step?: WorkflowStep;
+    stream?: string | null;
 };
 export type JobListResult = {
     type: "job.list.result";
