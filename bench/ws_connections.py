@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import pathlib
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +149,8 @@ def traced_server(a: argparse.Namespace, serve_args: list[str]) -> None:
     count = iter(range(1000))
 
     def dump(*_: Any) -> None:
+        if a.collect:
+            gc.collect()  # what is live, not garbage waiting for the collector
         path = pathlib.Path(a.tracemalloc) / f"snapshot-{next(count)}.bin"
         tracemalloc.take_snapshot().dump(str(path))
         path.with_suffix(".done").touch()
@@ -195,13 +199,24 @@ def start_server(
         env["PYTHONPATH"] = str(cwd)
     if trace_dir is not None:
         cmd = [sys.executable, str(HERE / "ws_connections.py"), "--role", "traced-server"]
-        cmd += ["--tracemalloc", str(trace_dir), "--trace-frames", str(a.trace_frames), "--", *args]
+        cmd += ["--tracemalloc", str(trace_dir), "--trace-frames", str(a.trace_frames)]
+        cmd += [*(["--collect"] if a.collect else []), "--", *args]
         env["PYTHONPATH"] = f"{cwd}:{HERE.parent}"
     else:
         cmd = [sys.executable, "-m", "backstream", "serve", *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, preexec_fn=raise_fd_limit)
     wait_for_port(port)
     return proc, port
+
+
+def start_profiler(a: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | None:
+    """With ``--profile FILE``: py-spy records the server from the starts until every watcher
+    has had its first batch (raw format: one stack per line)."""
+    if not a.profile:
+        return None
+    spy = shutil.which("py-spy", path=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    cmd = [spy or "py-spy", "record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
+    return subprocess.Popen([*cmd, "-o", a.profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def snapshot(proc: Any, trace_dir: pathlib.Path, index: int) -> pathlib.Path:
@@ -266,13 +281,21 @@ def measure(a: argparse.Namespace, source: str | None) -> dict[str, Any]:
         connect_s = time.time() - began
         time.sleep(a.settle)
         idle_rss = rss_bytes(server.pid)
+        later_rss = None
+        if a.idle_wait:  # e.g. past a keep-alive interval: idle connections drop their compressors
+            time.sleep(a.idle_wait)
+            later_rss = rss_bytes(server.pid)
         if trace_dir and before:
             report_trace(before, snapshot(server, trace_dir, 1), a.connections, trace_dir)
         cpu0 = cpu_seconds(server.pid)
+        profiler = start_profiler(a, server.pid) if not source else None
         go = time.time()
         for generator in generators:
             generator.tell("go")
         firsts_msgs = [generator.read("first_batches") for generator in generators]
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes what it recorded
+            profiler.wait(timeout=60)
         watching_rss = rss_bytes(server.pid)
         all_first_s = max(m["at"] for m in firsts_msgs) - go
         firsts = sorted(x for m in firsts_msgs for x in m["firsts"])
@@ -295,6 +318,9 @@ def measure(a: argparse.Namespace, source: str | None) -> dict[str, Any]:
         "base_rss_mb": round(base_rss / 2**20, 1),
         "idle_rss_mb": round(idle_rss / 2**20, 1),
         "kb_per_idle_connection": round((idle_rss - base_rss) / a.connections / 1024, 2),
+        "kb_per_idle_connection_later": None
+        if later_rss is None
+        else round((later_rss - base_rss) / a.connections / 1024, 2),
         "kb_per_watcher": round((watching_rss - idle_rss) / a.connections / 1024, 2),
         "connect_all_s": round(connect_s, 2),
         "first_batch_all_s": round(all_first_s, 2),
@@ -314,6 +340,7 @@ def measure(a: argparse.Namespace, source: str | None) -> dict[str, Any]:
 COLUMNS = [
     "name",
     "kb_per_idle_connection",
+    "kb_per_idle_connection_later",
     "kb_per_watcher",
     "connect_all_s",
     "first_batch_all_s",
@@ -340,11 +367,16 @@ def main() -> None:
     ap.add_argument("--connect-concurrency", type=int, default=200, help="handshakes under way per generator")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds between connecting and measuring")
     ap.add_argument(
+        "--idle-wait", type=float, default=0.0, help="measure the idle connections again this much later"
+    )
+    ap.add_argument(
         "--compression", choices=["on", "off"], default="off", help="clients offer permessage-deflate"
     )
     ap.add_argument("--tracemalloc", help="trace the server's allocations; write the report here")
     ap.add_argument("--trace-frames", type=int, default=12)
+    ap.add_argument("--collect", action="store_true", help="a full gc.collect() before each snapshot")
     ap.add_argument("--compare-src", help="also measure the backstream checkout in this directory")
+    ap.add_argument("--profile", help="py-spy the server from the starts to the last first batch, into FILE")
     ap.add_argument("--json", help="where to write the results (default bench/results/)")
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)

@@ -24,7 +24,7 @@ from backstream.runtime.server.deflate import BoundedDeflate, DeflateSettings
 from backstream.runtime.server.websocket import ServerWebSocket
 from tests.ws_helpers import check_contiguous, served, start_fields, text_of
 
-LOREM_400 = {"max_tokens": 400, "tokens_per_s": 2000}
+LOREM_400 = {"max_tokens": 400, "tokens_per_s": 400}
 
 
 class WireClient:
@@ -35,6 +35,7 @@ class WireClient:
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.offer = offer
         self.wire_bytes = 0
+        self.bytes_before_batches = 0
         self.agreed: list[Any] = []
         self.closed: CloseConnection | None = None
         self._messages: list[str] = []
@@ -95,6 +96,8 @@ class WireClient:
         batches: list[dict[str, Any]] = []
         while True:
             message = await self.recv()
+            if message["type"] == "job.started":
+                self.bytes_before_batches = self.wire_bytes  # replies go uncompressed
             if message["type"] == "job.events":
                 batches.append(message)
                 last = message["events"][-1]
@@ -126,7 +129,9 @@ async def test_a_client_offering_deflate_gets_the_whole_stream_compressed_and_on
         assert sorted(contents) == sorted([text_of(zipped), text_of(unzipped)])
         assert len(text_of(zipped).split()) == 400
         # The same kind of stream, a fraction of the bytes (the JSON envelope repeats).
-        assert compressed.wire_bytes < 0.5 * plain.wire_bytes, (compressed.wire_bytes, plain.wire_bytes)
+        zipped_bytes = compressed.wire_bytes - compressed.bytes_before_batches
+        plain_bytes = plain.wire_bytes - plain.bytes_before_batches
+        assert zipped_bytes < 0.5 * plain_bytes, (zipped_bytes, plain_bytes)
 
 
 async def test_the_window_is_bounded_by_the_setting_whatever_the_client_offers(
@@ -199,7 +204,7 @@ async def test_a_compressed_frame_that_inflates_past_the_limit_closes_1009(
         assert client.closed is not None and client.closed.code == CloseReason.MESSAGE_TOO_BIG
 
 
-async def test_an_idle_connection_drops_its_compressor_and_a_later_frame_still_decodes(
+async def test_replies_go_plain_and_an_idle_connection_drops_its_compressor(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     limits = ConnectionLimits(ping_interval=5.0)
@@ -207,19 +212,19 @@ async def test_an_idle_connection_drops_its_compressor_and_a_later_frame_still_d
         client = await WireClient.open(srv.door.port, "/v1", _offer())
         await client.send({"type": "hello", "id": "h", "protocol": 1, "token": "tok-alice"})
         assert (await client.recv())["type"] == "welcome"
+        await client.send({"type": "ping", "id": "p1"})
+        assert (await client.recv())["type"] == "pong"
         (connection,) = srv.door.connections
         deflate = connection._ws.deflate  # type: ignore[attr-defined]
-        assert isinstance(deflate, BoundedDeflate) and deflate.holds_compressor
-        await client.read_for(4.0)
-        await client.send({"type": "ping", "id": "p1"})  # a frame within the interval keeps it
-        assert (await client.recv())["type"] == "pong"
-        await client.read_for(3.0)  # the look at 5 s saw the pong
-        assert deflate.holds_compressor
-        await client.read_for(4.0)  # the look at 10 s saw nothing sent (pings are not compressed)
+        assert isinstance(deflate, BoundedDeflate)
+        assert not deflate.holds_compressor  # the welcome and the pong went uncompressed
+        first = await client.watch_new_job("m1")  # batches compress (hello again: refused, harmless)
+        assert len(text_of(first).split()) == 400 and deflate.holds_compressor
+        await client.read_for(12.0)  # two looks of the heartbeat, the second with nothing sent
         assert not deflate.holds_compressor
-        await client.send({"type": "ping", "id": "p2"})
-        assert (await client.recv()) == {"type": "pong", "id": "p2"}
-        assert deflate.holds_compressor
+        second = await client.watch_new_job("m2")  # a fresh compressor; the client decodes it
+        check_contiguous(second)
+        assert len(text_of(second).split()) == 400 and deflate.holds_compressor
 
 
 @pytest.mark.parametrize(
@@ -254,3 +259,24 @@ def test_window_bits_out_of_range_are_refused() -> None:
         with pytest.raises(ValueError, match=r"window_bits must be in \[9, 15\]"):
             DeflateSettings(window_bits=bits)
     assert zlib.MAX_WBITS == 15
+
+
+async def test_the_ai_sdk_endpoint_compresses_for_a_client_that_offers_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from tests.test_ai_sdk_server import send_frame
+
+    words = " ".join(f"word{i}" for i in range(200))
+    async with served() as srv:
+        for offer in (_offer(), None):
+            client = await WireClient.open(srv.door.port, "/v1/ai-sdk?token=tok-alice", offer)
+            assert len(client.agreed) == (1 if offer else 0)
+            await client.send(send_frame("r1", f"chat-{offer is None}", words))
+            deltas = []
+            while True:
+                frame = await client.recv()
+                if frame["type"] == "chunk" and frame["chunk"]["type"] == "text-delta":
+                    deltas.append(frame["chunk"]["delta"])
+                if frame["type"] in ("end", "error"):
+                    break
+            assert frame["type"] == "end" and "".join(deltas) == words

@@ -385,7 +385,10 @@ class Connection:
             raise BadRequestError(f"at most {self._limits.max_watches} watches per connection")
         assert self._nursery is not None
         watch = _Watch(scope=trio.CancelScope())
-        summary = await self._nursery.start(self._run_watch, job_id, after_seq, epoch, deltas, watch)
+        # A start's reply carries its job already: the watch need not read it again.
+        summary = await self._nursery.start(
+            self._run_watch, job_id, after_seq, epoch, deltas, watch, reply is None
+        )
         self._watches[job_id] = watch
         try:
             await self._reply(reply if reply is not None else JobWatching(id=request_id, job=summary))
@@ -399,6 +402,7 @@ class Connection:
         epoch: int | None,
         deltas: bool,
         watch: _Watch,
+        with_summary: bool,
         *,
         task_status: trio.TaskStatus[Any],
     ) -> None:
@@ -412,8 +416,10 @@ class Connection:
                     offset=StreamOffset(after_seq, epoch),
                     max_batch_chars=self._session.frame_chars,
                 ) as batches:
-                    info = await self._runtime.get_job(job_id, user=self.user)
-                    task_status.started(info.job)
+                    if with_summary:
+                        task_status.started((await self._runtime.get_job(job_id, user=self.user)).job)
+                    else:
+                        task_status.started(None)
                     await watch.cleared_to_send.wait()
                     async for (batch,) in batches:
                         # Gated: a batch goes out only once the socket keeps up (4429 if never).

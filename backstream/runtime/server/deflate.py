@@ -2,6 +2,10 @@
 
 wsproto's ``PerMessageDeflate`` does the framing; ``BoundedDeflate`` bounds what it holds:
 
+- **What is compressed**: the frames a connection streams (``job.events`` batches, every
+  ``/v1/ai-sdk`` frame); replies to requests (``welcome``, ``job.started``, ``pong``,
+  errors, notifications) go uncompressed (RFC 7692 lets each message choose): they are few,
+  and a connection that only said ``hello`` then never allocates a compressor.
 - **Outbound** (the server's compressor): at most ``window_bits`` of window, whatever the
   client offers (a smaller ``server_max_window_bits`` offer is honoured), and a hash table
   sized to the window (``memLevel = window_bits - 8``), so a connection's compressor holds
@@ -67,6 +71,8 @@ class BoundedDeflate(PerMessageDeflate):
         self._max_inflated = max_inflated
         self._inflated = 0
         self._sent_since_look = False
+        self.plain_next = False
+        """Send the next message uncompressed (set just before wsproto encodes it)."""
 
     def accept(self, offer: str) -> str | None:
         """The response's parameters for ``offer``, or None to decline it (one offer at most
@@ -142,6 +148,10 @@ class BoundedDeflate(PerMessageDeflate):
         self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, data: bytes, fin: bool
     ) -> tuple[RsvBits, bytes]:
         if not self._compressible_opcode(opcode):
+            return (rsv, data)
+        if self.plain_next:  # a message may go uncompressed: RSV1 clear, the window untouched
+            if fin:
+                self.plain_next = False
             return (rsv, data)
         if opcode is not Opcode.CONTINUATION:
             rsv = RsvBits(True, rsv[1], rsv[2])

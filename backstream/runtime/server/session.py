@@ -209,7 +209,9 @@ class Session:
             self.stats.closed_slow += 1
             log.info("conn %s: client too slow, closing 4429", self.conn_id)
             raise Close(4429, self._slow_reason)
-        if not await send_text(self.ws, text, self.limits.send_timeout):
+        # Streamed frames compress; replies go plain (few, and an idle connection allocates
+        # no compressor for its welcome).
+        if not await send_text(self.ws, text, self.limits.send_timeout, compress=gated):
             self.stats.closed_slow += 1
             log.info(
                 "conn %s: a frame did not go out within %gs: %s",

@@ -158,14 +158,17 @@ class ServerWebSocket(WebSocketConnection):
         finally:
             self._max_message_size = limit
 
-    def try_send_message(self, message: str) -> UnsentFrame | None:
+    def try_send_message(self, message: str, *, compress: bool = True) -> UnsentFrame | None:
         """Write a text message without waiting: None once the socket took all of it; else
         what is left to send, which must be sent (``UnsentFrame.send``) before this task
         sends anything else. Raises ``ConnectionClosed`` if the connection is closed.
+        ``compress=False`` sends it uncompressed on a permessage-deflate connection.
 
         Never a schedule point: the caller checkpoints."""
         if self._close_reason:
             raise ConnectionClosed(self._close_reason)
+        if self.deflate is not None and not compress:
+            self.deflate.plain_next = True
         data = self._wsproto.send(TextMessage(data=message))
         lock = self._stream_lock
         # Asked each time: a closed socket says -1, and its old number may be another's now.
@@ -278,17 +281,18 @@ def cap_first_message_of(request: WebSocketRequest, max_size: int | None) -> Non
     connection.cap_first_message(max_size)
 
 
-async def send_text(ws: WebSocketConnection, text: str, seconds: float) -> bool:
+async def send_text(ws: WebSocketConnection, text: str, seconds: float, *, compress: bool = True) -> bool:
     """Send a text message within ``seconds``; False if it did not all go in time (the
     frame may be cut: close the connection without another frame). Raises
     ``ConnectionClosed``. Without a cancel scope when the socket takes the frame at once.
+    ``compress=False``: uncompressed even on a permessage-deflate connection.
 
     Cancellation: as for a timeout, the frame may be cut."""
     if not isinstance(ws, ServerWebSocket):  # another connection class: the library's path
         with trio.move_on_after(seconds) as deadline:
             await ws.send_message(text)
         return not deadline.cancelled_caught
-    unsent = ws.try_send_message(text)
+    unsent = ws.try_send_message(text, compress=compress)
     if unsent is None:
         await trio.lowlevel.checkpoint_if_cancelled()
         return True
