@@ -152,8 +152,11 @@ async def test_a_rolling_restart_of_three_instances_loses_no_answer() -> None:
     try:
         with instances(3, prefix) as fleet:
             seen, stored = await run_jobs(fleet, 10, roll)
+        wrong = [job_id for job_id, info in stored.items() if info.content != answer]
+        logs = await logs_of(prefix, wrong)
     finally:
         await delete_prefix(prefix)
+    assert not wrong, logs
     check_whole(seen, stored, answer, 30)
     assert max(info.job.epoch for info in stored.values()) >= 2  # jobs did move
 
@@ -181,6 +184,23 @@ async def test_kill_9_of_the_instance_running_ten_jobs_loses_none() -> None:
     for job_id, end in kept.items():
         mislabelled = [(first, epoch) for first, epoch in LABELS[job_id] if first > end and epoch != 2]
         assert not mislabelled, (job_id, end, mislabelled)
+
+
+async def logs_of(prefix: str, job_ids: list[str]) -> dict[str, Any]:
+    """What a wrong job's record and log say: its epochs, and its entries but the text."""
+    store = RedisStore(redis_url(), prefix=prefix)
+    await store.open()
+    found: dict[str, Any] = {}
+    try:
+        for job_id in job_ids:
+            record = await store.get_job(job_id)
+            entries = await store.read(job_id, 0, 100_000)
+            texts = [e for e in entries if isinstance(e, TextEvent)]
+            others = [e for e in entries if not isinstance(e, TextEvent)]
+            found[job_id] = (record, len(texts), sum(len(t.text) for t in texts), others)
+    finally:
+        await store.aclose()
+    return found
 
 
 async def kept_through(prefix: str, job_ids: list[str]) -> dict[str, int]:

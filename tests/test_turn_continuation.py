@@ -61,9 +61,17 @@ def text_of(entries: Sequence[LogEvent]) -> str:
     return "".join(e.text for e in entries if isinstance(e, TextEvent))
 
 
-@pytest.mark.parametrize("texts", [1, 2, 5, 11])
-async def test_prefill_continues_the_turn_from_its_text(texts: int) -> None:
-    record = new_record(lorem())
+LOREM_CYCLE = 69  # words: a lorem answer repeats itself after this many
+
+
+@pytest.mark.parametrize(
+    ("texts", "words"),
+    [(1, 12), (2, 12), (5, 12), (11, 12), (4 * LOREM_CYCLE, 600), (LOREM_CYCLE, 100)],
+)
+async def test_prefill_continues_the_turn_from_its_text(texts: int, words: int) -> None:
+    """Also cut where the answer starts over its lorem text: the rest then begins exactly
+    like the prefill, and must not pass for an echo of it."""
+    record = new_record(lorem(words))
     whole = await run_job(record, CONFIG)
     answer = whole.actor.log.content()
     prefix = cut_mid_turn(list(whole.actor.log.entries()), texts)

@@ -145,7 +145,13 @@ class _BuiltinModel:
         collector = TurnCollector(sink, max_argument_chars=self._max_argument_chars)
         rate = float(turn.params.get("tokens_per_s") or self._default_rate)
         stamped = bool(turn.params.get("timestamps"))
-        words = continue_after(self.words(turn), turn.prefill)
+        answer = self.words(turn)
+        words = continue_after(answer, turn.prefill)
+        if turn.prefill and words is not answer:
+            # Continuing: echo the prefill first, as llama.cpp does. A reply that merely
+            # continued would be ambiguous here: a lorem answer repeats itself, so its rest
+            # can begin exactly like the prefill and pass for an echo of it.
+            collector.feed_chunk({"choices": [{"index": 0, "delta": {"content": turn.prefill}}]})
         start = trio.current_time()
         for i, word in enumerate(words):
             # Sleeping until an absolute time keeps the rate exact however long a step took.
