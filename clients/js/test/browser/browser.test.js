@@ -231,8 +231,12 @@ describe("in Chromium", { concurrency: 3 }, () => {
     const toast = await page.waitForSelector('.toast[data-type="ai.message.received"]');
     assert.match(await toast.innerText(), /Response ready/);
     assert.match(await toast.innerText(), /send_note/);
-    assert.equal(await page.textContent("#unread-count"), "1");
-    assert.equal(await page.textContent(`.thread-item[data-thread-id="${threadA}"] .thread-badge`), "1");
+    // One for the answer; on a loaded machine the approval may have been asked before the
+    // page's watch was recorded, and then it notified too: the page shows what the server has.
+    const { unread } = await admin.listNotifications();
+    assert.ok(unread === 1 || unread === 2, `${unread} unread`);
+    assert.equal(await page.textContent("#unread-count"), String(unread));
+    assert.equal(await page.textContent(`.thread-item[data-thread-id="${threadA}"] .thread-badge`), String(unread));
     await screenshot(page, "demo-notification");
     await page.click(`.thread-item[data-thread-id="${threadA}"]`);
     await statusIs(page, jobId, "completed");
