@@ -125,7 +125,8 @@ class StreamSocket:
         a client behind for ``patience`` seconds, or a write past its deadline, is cut off.
         False if the stream was cut (the client resumes).
 
-        Cancellation: the write may be cut; the stream cannot go on."""
+        Cancellation: the write may be cut; the stream cannot go on. A gzip'd chunk once
+        compressed is written whole (at most ``send_timeout``) before a cancellation lands."""
         async with self._send_lock:
             if self.cut:
                 return False
@@ -133,14 +134,23 @@ class StreamSocket:
                 log.info("a stream's client is too slow: cut off (it can resume)")
                 self.shut()
                 return False
-            if self.gzip is not None:
-                body = self.gzip.chunk(body)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._cut_after, send_timeout)
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-                nursery.cancel_scope.cancel()
-            self.last_write = trio.current_time()
-            return not self.cut
+            if self.gzip is None:
+                return await self._send_body(send, body, send_timeout)
+            # Once compressed, the chunk is part of the gzip stream: it goes out whole (within
+            # send_timeout) even while the stream is being cancelled, or the client's check of
+            # the trailer would fail.
+            sent = False
+            with trio.CancelScope(shield=True):
+                sent = await self._send_body(send, self.gzip.chunk(body), send_timeout)
+            return sent
+
+    async def _send_body(self, send: Send, body: bytes, send_timeout: float) -> bool:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._cut_after, send_timeout)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            nursery.cancel_scope.cancel()
+        self.last_write = trio.current_time()
+        return not self.cut
 
     async def _cut_after(self, seconds: float) -> None:
         await trio.sleep(seconds)
