@@ -134,6 +134,7 @@ class StreamSocket:
                 log.info("a stream's client is too slow: cut off (it can resume)")
                 self.shut()
                 return False
+            await trio.lowlevel.checkpoint_if_cancelled()  # a stream being ended writes no more
             if self.gzip is None:
                 return await self._send_body(send, body, send_timeout)
             # Once compressed, the chunk is part of the gzip stream: it goes out whole (within
