@@ -12,9 +12,10 @@ from pathlib import Path
 import coredis
 import pytest
 import trio
+import trio.testing
 
 from backstream import Batch, Config, Runtime, open_runtime
-from backstream.actors.remote_tail import TAIL_WINDOW
+from backstream.actors.remote_tail import TAIL_WINDOW, RemoteTails, TailedSource
 from backstream.protocol.events import LogEvent
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.redis_subscriber import RedisSubscriberStatistics
@@ -185,6 +186,55 @@ async def test_a_watcher_behind_the_tails_window_reads_the_store_and_misses_noth
         check_contiguous(replay)
         assert terminal(replay).status == "completed"
         assert len(joined_text(replay).split()) == TAIL_WINDOW * 3
+
+
+async def test_a_watcher_that_the_tails_window_passed_while_it_waited_misses_nothing(
+    tmp_path: Path,
+) -> None:
+    """Two watchers of a job on one instance share its tail, one behind the other. The one
+    ahead reads first (Redis frozen meanwhile, so the other comes while that read waits)
+    and moves the window to its cursor: the one behind, which found the window short of
+    its cursor before it waited for the tail, still gets every entry after its cursor."""
+    from tests.test_store_conformance import progress, record, texts
+
+    with own_redis(tmp_path) as redis:
+        prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+        writer = RedisStore(redis_url(redis.port), prefix=prefix)
+        follower = RedisStore(redis_url(redis.port), prefix=prefix)
+        for store in (writer, follower):
+            await store.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                for store in (writer, follower):
+                    await nursery.start(store.run)
+                await writer.create_job(record())
+                await writer.commit("j_1", texts(1, "a ", "b ", "c "), progress(3))
+                await writer.commit("j_1", texts(4, "d ", "e ", "f "), progress(6))
+                tails = RemoteTails(follower)
+                ahead, behind = tails.open("j_1", 1), tails.open("j_1", 1)
+                got: dict[str, list[int]] = {}
+
+                async def read(name: str, source: TailedSource, after_seq: int) -> None:
+                    events = await source.read(after_seq, max_events=100, max_chars=10_000, merge_text=False)
+                    got[name] = [event.seq for event in events]
+
+                redis.pause()
+                try:
+                    async with trio.open_nursery() as readers:
+                        readers.start_soon(read, "ahead", ahead, 3)
+                        await trio.testing.wait_all_tasks_blocked()  # its read of Redis holds the tail
+                        readers.start_soon(read, "behind", behind, 1)
+                        await trio.testing.wait_all_tasks_blocked()
+                        redis.resume()
+                finally:
+                    redis.resume()
+                ahead.close()
+                behind.close()
+                nursery.cancel_scope.cancel()
+        finally:
+            for store in (follower, writer):
+                await store.aclose()
+        assert got == {"ahead": [4, 5, 6], "behind": [2, 3, 4, 5, 6]}
 
 
 async def test_an_announcement_carries_the_entries_unless_they_are_large() -> None:

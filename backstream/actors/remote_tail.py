@@ -103,6 +103,10 @@ class RemoteTail:
         last = self.last_seq
         return self._base is not None and last is not None and self._base <= after_seq < last
 
+    def _behind(self, after_seq: int) -> bool:
+        """Whether ``after_seq`` is before the window: its next entries are not in it."""
+        return self._base is not None and after_seq < self._base
+
     async def store_holds(self, seq: int) -> bool:
         """Whether the store's log still holds entry ``seq`` (trivially, seq 0): read from
         the store, not the window. Cancellation: safe (a read)."""
@@ -118,29 +122,37 @@ class RemoteTail:
         if self._holds_after(after_seq):
             await trio.lowlevel.checkpoint()
             return self._slice(after_seq, limit)
-        if self._base is not None and after_seq < self._base:
-            self._counters.reads_behind += 1
-            return await self._store.read(self.job_id, after_seq, limit)
-        async with self._lock:
-            if self._holds_after(after_seq):
-                return self._slice(after_seq, limit)
-            last = self.last_seq
-            if last is not None and after_seq == last and self._fetched_round == self._round:
-                return []  # read already this round: nothing new since
-            start = after_seq if last is None or after_seq > last else last
-            fetched = await self._store.read(self.job_id, start, _FETCH)
-            self._counters.log_reads += 1
-            self._fetched_round = self._round
-            if fetched:
-                # Read before their announcement came (or without one): the record, read
-                # after them, names the epoch that wrote them (a takeover precedes its writes).
-                record = await self._store.get_job(self.job_id)
-                self._counters.record_reads += 1
-                self._record = (self._round, record)
-                if record is not None:
-                    self.epoch = max(self.epoch, record.epoch)
-            self._keep(start, fetched)
-            return self._slice(after_seq, limit)
+        if not self._behind(after_seq):
+            async with self._lock:
+                # Checked again: while this reader waited for the lock, another one's read
+                # may have moved the window past this cursor (a cursor ahead moves it).
+                if self._holds_after(after_seq):
+                    return self._slice(after_seq, limit)
+                if not self._behind(after_seq):
+                    return await self._fetch(after_seq, limit)
+        self._counters.reads_behind += 1
+        return await self._store.read(self.job_id, after_seq, limit)
+
+    async def _fetch(self, after_seq: int, limit: int) -> list[LogEvent]:
+        """``read`` at or past the window's end (the lock held): what the store has after
+        ``after_seq``, kept in the window."""
+        if after_seq == self.last_seq and self._fetched_round == self._round:
+            return []  # read already this round: nothing new since
+        fetched = await self._store.read(self.job_id, after_seq, _FETCH)
+        self._counters.log_reads += 1
+        self._fetched_round = self._round
+        if fetched:
+            # Read before their announcement came (or without one): the record, read
+            # after them, names the epoch that wrote them (a takeover precedes its writes).
+            record = await self._store.get_job(self.job_id)
+            self._counters.record_reads += 1
+            self._record = (self._round, record)
+            if record is not None:
+                self.epoch = max(self.epoch, record.epoch)
+        self._keep(after_seq, fetched)
+        if self._behind(after_seq):  # announcements meanwhile outgrew the window
+            return fetched[:limit]
+        return self._slice(after_seq, limit)
 
     def announced(self, entries: Sequence[LogEvent], epoch: int = 0) -> None:
         """Entries a commit's announcement carried (maybe none), and its writer's epoch:
