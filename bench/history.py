@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from backstream.protocol.events import Batch, LogEvent, StatusEvent, TextEvent
+from backstream.protocol.events import Batch, LogEvent, RewindEvent, StatusEvent, TextEvent
 from backstream.protocol.lifecycle import INITIAL_STATUS, IllegalTransition, check_transition
 
 __all__ = ["History", "JobHistory", "Violation"]
@@ -57,19 +57,29 @@ class JobHistory:
     """(watcher, joined text) of each watch from seq 0 that reached the terminal status."""
 
     def observe(
-        self, watcher: str, after_seq: int, batches: Sequence[Batch], *, earlier_epochs: bool = False
-    ) -> list[Violation]:
-        """Check one watch's whole history (from ``after_seq``) and merge it into the job's.
+        self,
+        watcher: str,
+        after_seq: int,
+        batches: Sequence[Batch],
+        *,
+        earlier_epochs: bool = False,
+        text: str | None = None,
+        whole: bool | None = None,
+    ) -> tuple[list[Violation], str | None]:
+        """Check one watch's whole history (from ``after_seq``) and merge it into the job's;
+        return what was found and the content through its last seq (None if unknown).
         With ``earlier_epochs``, batches of an earlier epoch may lead it: a watch that
-        crossed a recovery saw only durable entries, which the new epoch keeps."""
+        crossed a recovery saw only durable entries, which the new epoch keeps. ``text``:
+        the content through ``after_seq`` (default: as the job's watches showed it);
+        ``whole``: the watch's own text covers it all (default: it began at seq 0)."""
         found: list[Violation] = []
 
         def bad(kind: str, detail: str) -> None:
             found.append(Violation(self.job_id, watcher, kind, detail))
 
         expected, previous = after_seq + 1, after_seq
-        base = self.prefix.get(after_seq)
-        relative = ""
+        if text is None:
+            text = self.prefix.get(after_seq)
         status = INITIAL_STATUS if after_seq == 0 else None
         ended = False
         for batch in batches:
@@ -90,20 +100,40 @@ class JobHistory:
                     kind = "reorder" if event.seq < previous else "duplicate"
                     bad(kind, f"seq {event.seq} after {previous}")
                     continue
-                if isinstance(event, TextEvent):
-                    relative += event.text
-                    self._merge_text(bad, previous, event.seq)
-                else:
-                    self._merge_entry(bad, event)
-                    status = self._step_status(bad, status, event)
-                    if isinstance(event, StatusEvent) and event.is_terminal:
-                        ended = True
-                if base is not None:
-                    self._merge_prefix(bad, event.seq, base + relative)
+                text = self._merge_event(bad, previous, event, text)
+                status = self._step_status(bad, status, event)
+                ended = ended or (isinstance(event, StatusEvent) and event.is_terminal)
                 previous = event.seq
             expected = batch.to_seq + 1
-        if ended and after_seq == 0:
-            self.complete_texts.append((watcher, relative))
+        if ended and text is not None and (after_seq == 0 if whole is None else whole):
+            self.complete_texts.append((watcher, text))
+        return found, text
+
+    def _merge_event(self, bad: Any, previous: int, event: LogEvent, text: str | None) -> str | None:
+        """Merge one entry; return the content through it (None if unknown)."""
+        if isinstance(event, TextEvent):
+            self._merge_text(bad, previous, event.seq)
+            text = None if text is None else text + event.text
+        else:
+            self._merge_entry(bad, event)
+            if isinstance(event, RewindEvent) and text is not None:
+                if event.content_length > len(text):
+                    bad("rewind", f"seq {event.seq}: back to {event.content_length} of {len(text)} chars")
+                text = text[: event.content_length]
+                self._merge_prefix(bad, event.to_seq, text)
+        if text is not None:
+            self._merge_prefix(bad, event.seq, text)
+        return text
+
+    def kept(self, watcher: str, seq: int, text: str) -> list[Violation]:
+        """A watch was cut back to ``seq`` (its content through it ``text``): what this
+        epoch's watches showed through ``seq`` must agree."""
+        found: list[Violation] = []
+
+        def bad(kind: str, detail: str) -> None:
+            found.append(Violation(self.job_id, watcher, kind, detail))
+
+        self._merge_prefix(bad, seq, text)
         return found
 
     def _merge_text(self, bad: Any, previous: int, seq: int) -> None:
@@ -184,21 +214,62 @@ class History:
     def observe(self, job_id: str, watcher: str, after_seq: int, batches: Sequence[Batch]) -> list[Violation]:
         """Record one watch. Its epoch may grow at a batch boundary (the job was recovered
         while it watched from the store): each epoch's part goes to that epoch's history,
-        and the whole of it, as a prefix, to the last epoch's."""
+        and the whole of it, as a prefix, to the last epoch's.
+
+        A batch of one ``rewind`` whose ``from_seq`` is one past its ``to_seq`` is the
+        client's, not the log's: the log kept less of the watch's epoch than it had shown,
+        and said so (``gone`` with ``valid_through``). The watch goes on from that seq at
+        the log's epoch, its text cut to the rewind's ``content_length``: what it showed
+        before stands for its epoch, what follows is a watch from there."""
         self.watches += 1
         self.batches += len(batches)
         self.events += sum(len(b.events) for b in batches)
         epochs = [b.epoch for b in batches]
         if epochs != sorted(epochs):
             found = [Violation(job_id, watcher, "epoch", f"the epoch went down: {epochs}")]
-        elif len(set(epochs)) > 1:
-            first = [b for b in batches if b.epoch == epochs[0]]
-            found = self.job(job_id, epochs[0]).observe(watcher, after_seq, first)
-            found += self.job(job_id, epochs[-1]).observe(watcher, after_seq, batches, earlier_epochs=True)
-        else:
-            found = self.job(job_id, epochs[0] if epochs else 1).observe(watcher, after_seq, batches)
+            self.violations.extend(found)
+            return found
+        found, text, whole = [], None, None
+        start, part = after_seq, list[Batch]()
+        for batch in (*batches, None):
+            if batch is not None and _client_rewind(batch) is None:
+                part.append(batch)
+                continue
+            if part:
+                seen, text = self._observe_part(job_id, watcher, start, part, text, whole)
+                found += seen
+            if batch is None:
+                break
+            rewind = _client_rewind(batch)
+            assert rewind is not None
+            if rewind.to_seq > (part[-1].to_seq if part else start):
+                found.append(Violation(job_id, watcher, "rewind", f"to {rewind.to_seq}, past the watch"))
+            whole = whole if whole is not None else after_seq == 0
+            text = None if text is None else text[: rewind.content_length]
+            if text is not None:
+                found += self.job(job_id, batch.epoch).kept(watcher, rewind.to_seq, text)
+            start, part = rewind.to_seq, []
         self.violations.extend(found)
         return found
+
+    def _observe_part(
+        self,
+        job_id: str,
+        watcher: str,
+        after_seq: int,
+        batches: list[Batch],
+        text: str | None,
+        whole: bool | None,
+    ) -> tuple[list[Violation], str | None]:
+        epochs = [b.epoch for b in batches]
+        if len(set(epochs)) == 1:
+            return self.job(job_id, epochs[0]).observe(watcher, after_seq, batches, text=text, whole=whole)
+        first = [b for b in batches if b.epoch == epochs[0]]
+        found, _ = self.job(job_id, epochs[0]).observe(watcher, after_seq, first, text=text, whole=whole)
+        more, text = self.job(job_id, epochs[-1]).observe(
+            watcher, after_seq, batches, earlier_epochs=True, text=text, whole=whole
+        )
+        return found + more, text
 
     def check_final(
         self, job_id: str, epoch: int, status: str, content: str, last_seq: int
@@ -209,3 +280,11 @@ class History:
 
     def add(self, violations: Iterable[Violation]) -> None:
         self.violations.extend(violations)
+
+
+def _client_rewind(batch: Batch) -> RewindEvent | None:
+    """The ``rewind`` of a batch the client made to cut a watch back (no entry of the log)."""
+    events = batch.events
+    if batch.from_seq == batch.to_seq + 1 and len(events) == 1 and isinstance(events[0], RewindEvent):
+        return events[0]
+    return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backstream.protocol.events import Batch, LogEvent, StatusEvent, TextEvent, ToolCallEvent
+from backstream.protocol.events import Batch, LogEvent, RewindEvent, StatusEvent, TextEvent, ToolCallEvent
 from bench.history import History
 
 
@@ -68,3 +68,42 @@ def test_a_watch_may_cross_into_the_recovered_epoch() -> None:
     assert kinds(history, 0, crossed) == set()
     assert history.check_final("j", 2, "interrupted", "a", 3) == []
     assert "conflict" in kinds(history, 0, [batch(RUN, TextEvent(2, "a"), StatusEvent(3, "interrupted"))])
+
+
+def test_a_rewind_in_the_log_withdraws_text() -> None:
+    """A turn run again after a crash: the log's ``rewind`` cuts the content back to its
+    ``content_length``, for the watches and for ``job.get``."""
+    history = History()
+    rewound = [
+        batch(RUN, TextEvent(2, "ab"), TextEvent(3, "cd")),
+        batch(RewindEvent(4, to_seq=2, content_length=2), TextEvent(5, "xy"), StatusEvent(6, "completed")),
+    ]
+    assert kinds(history, 0, rewound) == set()
+    assert (
+        kinds(history, 3, [batch(RewindEvent(4, 2, 2), TextEvent(5, "xy"), StatusEvent(6, "completed"))])
+        == set()
+    )
+    assert history.check_final("j", 1, "completed", "abxy", 6) == []
+
+
+def test_a_watch_the_client_cut_back_goes_on_in_the_new_epoch() -> None:
+    """The watch showed seq 4 of epoch 1, which the log did not keep: the client cuts it
+    back to seq 3 (a batch of one ``rewind``, no entry of the log) and it goes on in epoch 2."""
+    history = History()
+    cut_back = Batch("j", 2, 4, 3, (RewindEvent(3, to_seq=3, content_length=2),))
+    watch = [
+        batch(RUN, TextEvent(2, "a"), TextEvent(3, "b")),
+        batch(TextEvent(4, "lost")),
+        cut_back,
+        batch(TextEvent(4, "c"), StatusEvent(5, "completed"), epoch=2),
+    ]
+    assert kinds(history, 0, watch) == set()
+    other = [batch(RUN, TextEvent(3, "ab")), batch(TextEvent(4, "c"), StatusEvent(5, "completed"), epoch=2)]
+    assert kinds(history, 0, other) == set()
+    assert history.check_final("j", 2, "completed", "abc", 5) == []
+    assert {v.kind for v in history.check_final("j", 2, "completed", "ablostc", 5)} == {"content"}
+    # Cut to a length the new epoch's watches did not show through seq 3; or past the watch.
+    wrong = Batch("j", 2, 4, 3, (RewindEvent(3, to_seq=3, content_length=1),))
+    assert "conflict" in kinds(history, 0, [*watch[:2], wrong, *watch[3:]])
+    ahead = Batch("j", 2, 6, 5, (RewindEvent(5, to_seq=5, content_length=2),))
+    assert "rewind" in kinds(History(), 0, [*watch[:2], ahead])
