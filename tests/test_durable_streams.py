@@ -79,11 +79,12 @@ def test_users_and_capabilities_are_bounded(tmp_path: Path) -> None:
         assert httpx.get(f"{reader}/other").status_code == 404  # outside its prefix
         forged = reader[:-3] + ("AAA" if not reader.endswith("AAA") else "BBB")
         assert httpx.get(f"{forged}/mine").status_code == 401
-        short = httpx.post(
+        minted = httpx.post(
             f"{server.base}/v1/stream-capabilities", headers=AUTH, json={"prefix": "", "ttl_s": 1}
-        ).json()["path"]
-        assert httpx.get(f"{server.base}{short}mine").status_code == 200
-        time.sleep(1.1)
+        ).json()
+        short = minted["path"]
+        assert httpx.get(f"{server.base}{short}mine").status_code == 200  # it lives 1 s at least
+        time.sleep(max(minted["expires_at"] - time.time(), 0) + 0.05)
         assert httpx.get(f"{server.base}{short}mine").status_code == 401
         # A job's stream is read-only.
         refused = httpx.post(

@@ -10,6 +10,7 @@ refusal is the spec's status with a short text body, never a 500.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -121,7 +122,8 @@ class StreamsApi:
             raise BadRequestError("prefix must be a string and write a boolean")
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 30 * 86400:
             raise BadRequestError("ttl_s must be whole seconds from 1 to 30 days")
-        expires_at = int(time.time()) + ttl
+        # Whole seconds, rounded up: the capability lives at least ttl_s, never less.
+        expires_at = math.ceil(time.time()) + ttl
         path = self.capability_url_path(Capability(request.user, prefix, expires_at, write))
         await self._app.send_json(request, 200, {"path": path, "expires_at": expires_at})
 
