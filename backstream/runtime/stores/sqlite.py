@@ -11,16 +11,12 @@ Durability: ``synchronous=NORMAL`` in WAL mode survives a crash of the process
 (``kill -9``) with every committed transaction; a power loss may lose the last
 ones. A job loses at most its last ``flush_ms`` of output when its process dies.
 
-One process: ``open`` takes an exclusive ``flock`` on ``PATH.lock`` before it reads
-a job, so a second server on the same file stops with ``StoreInUseError`` instead
-of taking the first one's running jobs for orphans. The OS releases the lock when
-the process ends, ``kill -9`` included; the lock file itself stays (removing it
-would let two processes lock two different files).
+One process: ``open`` takes the file's lock first (``sqlite_file``), so a second server
+on the same file stops with ``StoreInUseError``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -58,6 +54,7 @@ from backstream.runtime.stores import sqlite_quota
 from backstream.runtime.stores.local import LocalStore
 from backstream.runtime.stores.shared import outbox_from_json
 from backstream.runtime.stores.sqlite_commits import Commit, Operation, Queued, write_alone, write_group
+from backstream.runtime.stores.sqlite_file import StoreInUseError, lock_path, path_from_url, take_lock
 from backstream.runtime.stores.sqlite_inbox import SqliteShelf
 from backstream.runtime.stores.sqlite_schema import (
     COLUMNS,
@@ -69,7 +66,14 @@ from backstream.runtime.stores.sqlite_schema import (
 )
 from backstream.runtime.stores.sqlite_webhooks import SqliteWebhookQueue
 
-__all__ = ["MIGRATIONS", "SqliteStore", "SqliteStoreStatistics", "StoreInUseError", "lock_path"]
+__all__ = [
+    "MIGRATIONS",
+    "SqliteStore",
+    "SqliteStoreStatistics",
+    "StoreInUseError",
+    "lock_path",
+    "path_from_url",
+]
 
 log = logging.getLogger("backstream.sqlite")
 
@@ -97,44 +101,6 @@ class SqliteStoreStatistics:
     """Tasks parked in ``wait_for_entries``."""
     abort_listeners: int
     decisions_waiting: int
-
-
-class StoreInUseError(UnavailableError):
-    """Another process (or another store in this one) has the SQLite file open."""
-
-
-def lock_path(path: pathlib.Path) -> pathlib.Path:
-    """The lock file beside the database: ``jobs.db`` → ``jobs.db.lock``.
-
-    Not the database itself: SQLite takes POSIX locks on it, and closing any descriptor
-    of a file drops every POSIX lock the process holds on it."""
-    return path.with_name(path.name + ".lock")
-
-
-def _take_lock(path: pathlib.Path) -> int:
-    """An open descriptor of ``lock_path(path)`` holding its exclusive ``flock``. Raises
-    ``StoreInUseError`` at once if another holds it (``flock`` locks belong to the open
-    file, so a second store in the same process is refused too)."""
-    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreInUseError(
-            f"another process holds {path} (its lock {lock_path(path)}); "
-            "a SQLite store serves one process: stop the other or share a Redis store"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def path_from_url(url: str) -> pathlib.Path:
-    """``sqlite:///./backstream.db`` → ``./backstream.db``; ``sqlite:////tmp/x.db`` → ``/tmp/x.db``."""
-    if not url.startswith("sqlite:///"):
-        raise ValueError(f"not a sqlite URL: {url!r} (expected sqlite:///PATH)")
-    return pathlib.Path(url[len("sqlite:///") :])
 
 
 class SqliteStore(LocalStore, SqliteWebhookQueue):
@@ -182,7 +148,7 @@ class SqliteStore(LocalStore, SqliteWebhookQueue):
         def lock() -> int:
             self.path = pathlib.Path(os.path.abspath(self.path))  # the lock stays on this file
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return _take_lock(self.path)
+            return take_lock(self.path)
 
         def connect() -> tuple[sqlite3.Connection, sqlite3.Connection]:
             # Prepared statements stay cached on the connection: a group reuses the same few.
