@@ -90,6 +90,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+    group_for_processes(items)
+
+
+SERIAL_GROUPS = {
+    "real-processes-a": ("test_durable_streams_conformance", "test_soak", "test_js_client"),
+    "real-processes-b": ("test_model_stateful", "test_rolling_restart", "test_redis_failover"),
+}
+"""The longest modules (minutes each, real servers, Node and Redis processes): with
+``pytest -n`` (``./dev test``) each group runs in one worker, one module after another, so
+they never crowd each other; they are collected first, so they start first."""
+_SERIAL = {module: group for group, modules in SERIAL_GROUPS.items() for module in modules}
+
+
+def worker_share(nodeid: str) -> str:
+    """The worker's share a test belongs to: its module's, or its module's serial group."""
+    module = nodeid.split("::")[0].removeprefix("tests/").removesuffix(".py")
+    return _SERIAL.get(module, module)
+
+
+def group_for_processes(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: worker_share(item.nodeid) not in SERIAL_GROUPS)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Each ``worker_share`` to one worker at a time (a module's tests share its fixtures)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_share(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 @pytest.fixture(params=list(STORE_CLASSES))
