@@ -33,9 +33,7 @@ async def instances(url: str, count: int, *, cluster: bool = False) -> AsyncIter
     try:
         async with AsyncExitStack() as stack:
             yield [
-                await stack.enter_async_context(
-                    open_runtime(config, store=RedisStore(url, prefix=prefix))
-                )
+                await stack.enter_async_context(open_runtime(config, store=RedisStore(url, prefix=prefix)))
                 for _ in range(count)
             ]
     finally:
@@ -188,6 +186,27 @@ async def test_a_watcher_behind_the_tails_window_reads_the_store_and_misses_noth
         assert len(joined_text(replay).split()) == TAIL_WINDOW * 3
 
 
+@asynccontextmanager
+async def writer_and_follower(url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two stores of one deployment (a prefix of their own), opened and running; closed in
+    the reverse of their opening (each holds a scope), their keys deleted."""
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    writer, follower = RedisStore(url, prefix=prefix), RedisStore(url, prefix=prefix)
+    for store in (writer, follower):  # opened outside the nursery, as the runtime does
+        await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            for store in (writer, follower):
+                await nursery.start(store.run)
+            yield writer, follower
+            nursery.cancel_scope.cancel()
+    finally:
+        for store in (follower, writer):
+            await store.aclose()
+        if url == redis_url():
+            await delete_prefix(prefix)
+
+
 async def test_a_watcher_that_the_tails_window_passed_while_it_waited_misses_nothing(
     tmp_path: Path,
 ) -> None:
@@ -198,42 +217,30 @@ async def test_a_watcher_that_the_tails_window_passed_while_it_waited_misses_not
     from tests.test_store_conformance import progress, record, texts
 
     with own_redis(tmp_path) as redis:
-        prefix = f"bstest:{uuid.uuid4().hex[:12]}"
-        writer = RedisStore(redis_url(redis.port), prefix=prefix)
-        follower = RedisStore(redis_url(redis.port), prefix=prefix)
-        for store in (writer, follower):
-            await store.open()
-        try:
-            async with trio.open_nursery() as nursery:
-                for store in (writer, follower):
-                    await nursery.start(store.run)
-                await writer.create_job(record())
-                await writer.commit("j_1", texts(1, "a ", "b ", "c "), progress(3))
-                await writer.commit("j_1", texts(4, "d ", "e ", "f "), progress(6))
-                tails = RemoteTails(follower)
-                ahead, behind = tails.open("j_1", 1), tails.open("j_1", 1)
-                got: dict[str, list[int]] = {}
+        async with writer_and_follower(redis_url(redis.port)) as (writer, follower):
+            await writer.create_job(record())
+            await writer.commit("j_1", texts(1, "a ", "b ", "c "), progress(3))
+            await writer.commit("j_1", texts(4, "d ", "e ", "f "), progress(6))
+            tails = RemoteTails(follower)
+            ahead, behind = tails.open("j_1", 1), tails.open("j_1", 1)
+            got: dict[str, list[int]] = {}
 
-                async def read(name: str, source: TailedSource, after_seq: int) -> None:
-                    events = await source.read(after_seq, max_events=100, max_chars=10_000, merge_text=False)
-                    got[name] = [event.seq for event in events]
+            async def read(name: str, source: TailedSource, after_seq: int) -> None:
+                events = await source.read(after_seq, max_events=100, max_chars=10_000, merge_text=False)
+                got[name] = [event.seq for event in events]
 
-                redis.pause()
-                try:
-                    async with trio.open_nursery() as readers:
-                        readers.start_soon(read, "ahead", ahead, 3)
-                        await trio.testing.wait_all_tasks_blocked()  # its read of Redis holds the tail
-                        readers.start_soon(read, "behind", behind, 1)
-                        await trio.testing.wait_all_tasks_blocked()
-                        redis.resume()
-                finally:
+            redis.pause()
+            try:
+                async with trio.open_nursery() as readers:
+                    readers.start_soon(read, "ahead", ahead, 3)
+                    await trio.testing.wait_all_tasks_blocked()  # its read of Redis holds the tail
+                    readers.start_soon(read, "behind", behind, 1)
+                    await trio.testing.wait_all_tasks_blocked()
                     redis.resume()
-                ahead.close()
-                behind.close()
-                nursery.cancel_scope.cancel()
-        finally:
-            for store in (follower, writer):
-                await store.aclose()
+            finally:
+                redis.resume()
+            ahead.close()
+            behind.close()
         assert got == {"ahead": [4, 5, 6], "behind": [2, 3, 4, 5, 6]}
 
 
@@ -243,8 +250,6 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
     from tests.test_store_conformance import progress, record, texts
 
     require_redis()
-    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
-    writer, follower = RedisStore(redis_url(), prefix=prefix), RedisStore(redis_url(), prefix=prefix)
     got: list[list[int]] = []
     epochs: set[int] = set()
 
@@ -252,28 +257,18 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
         got.append([e.seq for e in entries])
         epochs.add(epoch)
 
-    for store in (writer, follower):  # opened outside the nursery, as the runtime does
-        await store.open()
-    try:
-        async with trio.open_nursery() as nursery:
-            for store in (writer, follower):
-                await nursery.start(store.run)
-            await writer.create_job(record())
-            with follower.follow_job("j_1", follow):
-                with trio.fail_after(5):
-                    while follower.statistics().subscriber.channels_subscribed != 1:
-                        await trio.sleep(0.01)
-                    await trio.sleep(0.1)  # the writer heard the follower's watch request
-                await writer.commit("j_1", texts(1, "small ", "words"), progress(2))
-                await writer.commit("j_1", texts(3, "x" * 70_000), progress(3))
-                await writer.commit("j_1", texts(4, "again"), progress(4))
-                with trio.fail_after(5):
-                    while follower.subscriber.announced("j_1") != 4:
-                        await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-        assert got == [[1, 2], [], [4]]  # the large one came without its entries
-        assert epochs == {1}  # each announcement names its writer's epoch
-    finally:
-        for store in (follower, writer):  # the reverse of their opening (each holds a scope)
-            await store.aclose()
-        await delete_prefix(prefix)
+    async with writer_and_follower(redis_url()) as (writer, follower):
+        await writer.create_job(record())
+        with follower.follow_job("j_1", follow):
+            with trio.fail_after(5):
+                while follower.statistics().subscriber.channels_subscribed != 1:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.1)  # the writer heard the follower's watch request
+            await writer.commit("j_1", texts(1, "small ", "words"), progress(2))
+            await writer.commit("j_1", texts(3, "x" * 70_000), progress(3))
+            await writer.commit("j_1", texts(4, "again"), progress(4))
+            with trio.fail_after(5):
+                while follower.subscriber.announced("j_1") != 4:
+                    await trio.sleep(0.01)
+    assert got == [[1, 2], [], [4]]  # the large one came without its entries
+    assert epochs == {1}  # each announcement names its writer's epoch
