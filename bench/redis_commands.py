@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from typing import Any
 
@@ -79,6 +80,7 @@ async def run_once(
         with c.subscribe_notifications("bob"):
             await trio.sleep(0.5)  # subscribers settled
             before = await commandstats(port)
+            cpu_before = time.process_time()
             job_ids = []
             for index in range(jobs):
                 started = await a.start_job(
@@ -98,6 +100,8 @@ async def run_once(
             after = await commandstats(port)
             records = [(await a.get_job(job_id, user="alice")).job for job_id in job_ids]
         heard = [_heard(rt) for rt in (a, b, c)]
+        groups = getattr(a.store.statistics(), "commit_groups", None)  # None: code without groups
+        cpu_s = time.process_time() - cpu_before
     delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
     delta = {name: calls for name, calls in delta.items() if calls > 0 and name != "info"}
     total = sum(delta.values())
@@ -117,6 +121,8 @@ async def run_once(
         "per_flush": round(total / flushes, 2),
         "by_name": " ".join(f"{name}={calls}" for name, calls in top),
         "heard_a_b_c": "/".join(heard),
+        "commits_per_group": round(groups.calls_sent / max(groups.groups_sent, 1), 1) if groups else "-",
+        "cpu_us_per_token": round(cpu_s / entries * 1e6, 1),
     }
 
 
@@ -157,8 +163,8 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
     print(f"{args.rate:g} tokens/s per stream, {args.tokens} tokens")
     columns = ["jobs", "flush_ms", "completed", "watchers", "tokens", "commands", "per_token"]
-    columns.append("tokens_per_flush")
-    print_table(rows, [*columns, "per_flush", "heard_a_b_c", "by_name"])
+    columns += ["tokens_per_flush", "per_flush", "commits_per_group", "cpu_us_per_token"]
+    print_table(rows, [*columns, "heard_a_b_c", "by_name"])
     path = write_json("redis_commands", {"args": vars(args), "rows": rows}, args.json)
     print(f"wrote {path}")
 

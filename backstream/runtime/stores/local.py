@@ -71,4 +71,3 @@ class LocalStore(InboxForwarding, SeatsForwarding, Store):
     async def wait_outbox(self, timeout: float) -> None:
         """Woken by this store's terminal commits. Cancellation: safe."""
         await self.hub.wait_bell(OUTBOX_BELL, timeout)
-

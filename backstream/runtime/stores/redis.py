@@ -69,6 +69,7 @@ from backstream.protocol.records import (
 )
 from backstream.runtime.stores.redis_client import RedisConnection, Replication
 from backstream.runtime.stores.redis_clock import RedisFrame
+from backstream.runtime.stores.redis_groups import ScriptGroups, ScriptGroupsStatistics
 from backstream.runtime.stores.redis_housekeeping import RedisHousekeeping
 from backstream.runtime.stores.redis_keys import RedisKeyspace
 from backstream.runtime.stores.redis_layout import check_layout
@@ -122,6 +123,8 @@ class RedisStoreStatistics:
     commits_announced: int
     """Commits announced on their job's channel (the others had no follower)."""
     subscriber: RedisSubscriberStatistics
+    commit_groups: ScriptGroupsStatistics
+    """Commits sent together (``redis_groups``)."""
 
 
 class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
@@ -169,6 +172,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         self.inbox = RedisInbox(self._conn, self.frame)
         self.seats = RedisSeats(self._conn)
         self._steps = RedisSteps(self._conn, self.frame)
+        self._commit_groups = ScriptGroups(self._conn)
         self._housekeeping = RedisHousekeeping(self._conn, self._steps, self.hub)
         self._writing: dict[str, Writing] = {}
         self._finishing: dict[str, Finish] = {}
@@ -207,6 +211,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
             endings_unfinished=len(self._finishing),
             commits_announced=self._commits_announced,
             subscriber=self.subscriber.statistics(),
+            commit_groups=self._commit_groups.statistics(),
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -229,8 +234,13 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         await self._conn.aclose()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The subscriber (``RedisSubscriber.run``). Cancellation: stops listening."""
-        await self.subscriber.run(task_status=task_status)
+        """The subscriber (``RedisSubscriber.run``) and the sender of grouped commits
+        (``ScriptGroups``). Cancellation: stops listening; commits waiting for a group
+        get ``StoreClosedError``."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._commit_groups.run)
+            await self.subscriber.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
 
     async def _call(self, coro: Any) -> Any:
         return await self._conn.call(coro)
@@ -300,7 +310,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
                     if replicated:  # it landed, but its replicas may not have answered
                         await self._conn.confirm_replicated(self.keys.job(job_id))
                     return  # a late retry: the store is ahead of it
-                reply = await self._conn.script(
+                reply = await self._commit_groups.script(
                     "commit",
                     [self.keys.job(job_id), self.keys.log(job_id)],
                     commit_args(self.keys, job_id, writing, plan.entries, progress),

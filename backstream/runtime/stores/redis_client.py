@@ -163,10 +163,10 @@ class RedisConnection:
             return await coro
         except UNAVAILABLE as exc:
             if isinstance(exc, coredis.exceptions.ReadOnlyError):
-                self._forget_primary()
+                self.forget_primary()
             raise UnavailableError(f"redis unavailable: {exc}") from None
 
-    def _forget_primary(self) -> None:
+    def forget_primary(self) -> None:
         """A write met a replica where the primary was: drop the pooled connections, so
         the next ones ask the sentinels again (a promotion followed) or reconnect."""
         client = self._client
