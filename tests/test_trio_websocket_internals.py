@@ -23,10 +23,11 @@ from typing import Any
 import trio
 import trio.testing
 import trio_websocket
+import wsproto.connection
 from trio_websocket import WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from backstream.runtime.server.websocket import LeanWSConnection
 
@@ -41,6 +42,11 @@ METHOD_SOURCES = {
     # LeanWSConnection: wsproto asks its handshake only for events once the connection exists.
     (WSConnection, "events"): "d9e36e535855009e",
     (WSConnection, "send"): "f60c7919e13a958e",
+    # LeanWSConnection swaps the frame connection's pending-event deque for a list: wsproto
+    # only appends to it, pops its left end and asks whether it is empty.
+    (wsproto.connection.Connection, "__init__"): "2aa4c1439d32bd59",
+    (wsproto.connection.Connection, "events"): "e4d77be0bfef1af2",
+    (wsproto.connection.Connection, "receive_data"): "046f0bbb05b365e3",
 }
 
 
@@ -91,3 +97,6 @@ def test_a_lean_connection_lets_go_of_its_handshake_once_accepted_and_still_spea
     assert [(type(e), e.data) for e in server.events()] == [(TextMessage, "hi")]
     client.receive_data(server.send(TextMessage(data="yes")))
     assert [e.data for e in client.events()] == ["yes"]
+    assert server.connection is not None and isinstance(server.connection._events, list)
+    server.receive_data(None)  # the connection lost: wsproto queues a pending event
+    assert [(type(e), getattr(e, "code", None)) for e in server.events()] == [(CloseConnection, 1006)]
