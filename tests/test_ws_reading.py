@@ -6,6 +6,8 @@ handler's ``get_message``, pings and the client's close are answered on the way 
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -200,3 +202,24 @@ async def test_a_malformed_handshake_is_answered_400_at_once() -> None:
             while chunk := await stream.receive_some(4096):
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 400")
+
+
+async def test_a_client_reset_during_the_handshake_ends_only_its_connection() -> None:
+    got: list[str | bytes] = []
+
+    async def handler(ws: ServerWebSocket) -> None:
+        got.append(await ws.get_message())
+
+    async with served(handler) as port:
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", port))
+        await sock.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # half a request, then a reset
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        client = await Client.open(port)  # the server still serves the next one
+        await client.send(TextMessage(data="still here"))
+        with trio.fail_after(5):
+            while not got:
+                await trio.sleep(0.01)
+        await client.stream.aclose()
+    assert got == ["still here"]

@@ -216,7 +216,10 @@ class ServerWebSocket:
             for event in self._wsproto.events():
                 if isinstance(event, Request):
                     return event
-            data = await self._receive()
+            try:
+                data = await self._receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None  # e.g. a reset, or a TLS handshake that failed
             if not data:
                 return None
             try:
