@@ -1,6 +1,6 @@
 """The server's direct send path: frames written straight to the socket, and what did not fit.
 
-A real trio-websocket client over loopback; the server side is ``FailingWebSocketServer``
+A real trio-websocket client over loopback; the server side is ``WebSocketServer``
 with its ``ServerWebSocket`` connections, as the front door runs it.
 """
 
@@ -13,9 +13,10 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
-from backstream.runtime.server.websocket import FailingWebSocketServer, ServerWebSocket, send_text
+from backstream.runtime.server.websocket import ServerWebSocket, send_text
+from backstream.runtime.server.wsserver import HandshakeRequest, WebSocketServer
 
 Handler = Callable[[ServerWebSocket], Awaitable[None]]
 
@@ -24,7 +25,7 @@ Handler = Callable[[ServerWebSocket], Awaitable[None]]
 async def served(handler: Handler) -> AsyncIterator[str]:
     """A server that runs ``handler`` on each accepted connection; yields its URL."""
 
-    async def accept(request: WebSocketRequest) -> None:
+    async def accept(request: HandshakeRequest) -> None:
         ws = await request.accept()
         assert isinstance(ws, ServerWebSocket)
         await handler(ws)
@@ -33,7 +34,7 @@ async def served(handler: Handler) -> AsyncIterator[str]:
     for listener in listeners:  # a small send buffer: big frames cannot go at once
         listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
     async with trio.open_nursery() as nursery:
-        server = FailingWebSocketServer(accept, listeners, handler_nursery=nursery, max_message_size=2**24)
+        server = WebSocketServer(accept, listeners, handler_nursery=nursery, max_message_size=2**24)
         await nursery.start(server.run)
         port = listeners[0].socket.getsockname()[1]
         yield f"ws://127.0.0.1:{port}/"
@@ -81,7 +82,8 @@ async def test_frames_from_concurrent_senders_arrive_whole_and_in_each_senders_o
             nursery.start_soon(sender, 0)
             nursery.start_soon(sender, 1)
         sent_all.set()
-        await trio.sleep_forever()
+        with pytest.raises(ConnectionClosed):  # the handler reads: the client's close ends it
+            await ws.get_message()
 
     async with served(handler) as url, open_websocket_url(url, max_message_size=2**24) as client:
         got = []
@@ -116,13 +118,11 @@ async def test_a_frame_the_socket_cannot_take_waits_for_its_deadline(
 
 async def test_sending_on_a_closed_connection_raises_and_writes_nothing() -> None:
     result: list[str] = []
-    closed = trio.Event()
 
     async def handler(ws: ServerWebSocket) -> None:
-        await closed.wait()
-        with trio.fail_after(5):
-            while not ws.closed:
-                await trio.sleep(0.01)
+        with trio.fail_after(5), pytest.raises(ConnectionClosed):
+            await ws.get_message()  # the client's close, read by the handler
+        assert ws.closed is not None
         with pytest.raises(ConnectionClosed):
             ws.try_send_message("after the close")
         result.append("raised")
@@ -130,7 +130,6 @@ async def test_sending_on_a_closed_connection_raises_and_writes_nothing() -> Non
     async with served(handler) as url:
         async with open_websocket_url(url):
             pass
-        closed.set()
         with trio.fail_after(5):
             while not result:
                 await trio.sleep(0.01)

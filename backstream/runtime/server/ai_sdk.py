@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from backstream.protocol.codec import ProtocolError
 from backstream.protocol.errors import BackstreamError, ConflictError, GoneError
@@ -59,6 +59,7 @@ from backstream.runtime.server.peer import Close as _Close
 from backstream.runtime.server.peer import close_at
 from backstream.runtime.server.replay import open_replay
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats, Session, peek_string_field
+from backstream.runtime.server.websocket import ServerWebSocket
 
 __all__ = ["AiSdkConnection"]
 
@@ -86,7 +87,7 @@ class AiSdkConnection:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: ServerWebSocket,
         runtime: Runtime,
         identity: Identity,
         limits: ConnectionLimits,

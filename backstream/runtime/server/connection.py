@@ -25,7 +25,7 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from backstream.actors.clock import format_time
 from backstream.actors.notifier import SUBSCRIBER_BUFFER
@@ -87,6 +87,7 @@ from backstream.runtime.server.peer import Close as _Close
 from backstream.runtime.server.peer import close_at, seat_refusal
 from backstream.runtime.server.replay import open_replay
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats, Session
+from backstream.runtime.server.websocket import ServerWebSocket
 
 __all__ = ["MAX_HELLO_BYTES", "Connection", "ConnectionLimits", "ConnectionStats"]
 
@@ -110,7 +111,7 @@ class Connection:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: ServerWebSocket,
         runtime: Runtime,
         authenticator: Authenticator,
         limits: ConnectionLimits,

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, Endpoint
 
 from backstream.actors.seats import CONNECTIONS
 from backstream.protocol.codec import ProtocolError
@@ -37,7 +37,8 @@ from backstream.runtime.server.heartbeat import Heartbeat
 from backstream.runtime.server.listeners import PeerStreams, TrackedListener, open_tcp_listener
 from backstream.runtime.server.peer import seat_refusal
 from backstream.runtime.server.session import ConnectionLimits, ConnectionStats
-from backstream.runtime.server.websocket import FailingWebSocketServer, ServerWebSocket, cap_first_message_of
+from backstream.runtime.server.websocket import ServerWebSocket
+from backstream.runtime.server.wsserver import HandshakeRequest, WebSocketServer
 
 __all__ = ["FrontDoor", "FrontDoorConfig"]
 
@@ -170,19 +171,19 @@ class FrontDoor:
         async with trio.open_nursery() as heartbeat:
             await heartbeat.start(self._heartbeat.run)
             async with trio.open_nursery() as handlers:
-                server = FailingWebSocketServer(
+                server = WebSocketServer(
                     self._handle,
                     tracked,
                     handler_nursery=handlers,
-                    message_queue_size=1,
                     max_message_size=self.config.limits.max_message_bytes,
                     connect_timeout=self.config.handshake_timeout,
                     disconnect_timeout=self.config.limits.close_timeout,
+                    send_timeout=self.config.limits.send_timeout,
                     first_message_cap=self._first_message_cap,
                     deflate=self.config.deflate,
                 )
                 with self._listen_scope:
-                    await server.run(task_status=task_status)  # type: ignore[arg-type]
+                    await server.run(task_status=task_status)
                 for listener in listeners:
                     await listener.aclose()
             heartbeat.cancel_scope.cancel()  # every connection has ended
@@ -206,7 +207,7 @@ class FrontDoor:
         """
         await self._idle.wait()
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: HandshakeRequest) -> None:
         admitted = await self._admit(request)
         if admitted is None:
             return
@@ -246,7 +247,7 @@ class FrontDoor:
         )
         await self._run(connection, conn_id, ws)
 
-    async def _admit(self, request: WebSocketRequest) -> _Admitted | None:
+    async def _admit(self, request: HandshakeRequest) -> _Admitted | None:
         """Check the handshake (path, origin, credentials); reject it and return None, or say
         which endpoint and user it is for."""
         path, _, query = request.path.partition("?")
@@ -287,7 +288,7 @@ class FrontDoor:
             return None
         return _Admitted(ai_sdk=True, identity=identity, coalesce_ms=coalesce_ms)
 
-    async def _run_seated(self, ws: WebSocketConnection, connection: AiSdkConnection, user: str) -> None:
+    async def _run_seated(self, ws: ServerWebSocket, connection: AiSdkConnection, user: str) -> None:
         """Run an AI SDK connection, whose user the handshake named, while it holds one of the
         user's connections (on any instance); refused, it is closed 4409 (1013 if the store is
         away) before it is served. ``/v1`` takes its seat after ``hello`` (``Connection``)."""
@@ -304,7 +305,7 @@ class FrontDoor:
                 return
             await self._run(connection, connection.conn_id, ws)
 
-    async def _refuse_after_upgrade(self, request: WebSocketRequest, code: int, reason: str) -> None:
+    async def _refuse_after_upgrade(self, request: HandshakeRequest, code: int, reason: str) -> None:
         """Accept the handshake only to close the socket with ``code`` and ``reason``: a
         browser's WebSocket reports a refused handshake as a bare error (close 1006), while a
         close code and reason reach the page. The close waits for the client's first frame
@@ -313,10 +314,10 @@ class FrontDoor:
         before that fails the request as "not open" instead of with the close.
 
         Cancellation: the socket is dropped."""
-        cap_first_message_of(request, MAX_HELLO_BYTES)
+        request.cap_first_message(MAX_HELLO_BYTES)
         await self._close_after_first_frame(await request.accept(), code, reason)
 
-    async def _close_after_first_frame(self, ws: WebSocketConnection, code: int, reason: str) -> None:
+    async def _close_after_first_frame(self, ws: ServerWebSocket, code: int, reason: str) -> None:
         """Close ``ws`` with ``code`` and ``reason`` once its first frame came (discarded
         unread) or ``handshake_timeout`` passed: see ``_refuse_after_upgrade``.
 
@@ -326,12 +327,9 @@ class FrontDoor:
         with trio.move_on_after(self.config.limits.close_timeout), contextlib.suppress(ConnectionClosed):
             await ws.aclose(code, reason)
 
-    async def _run(
-        self, connection: Connection | AiSdkConnection, conn_id: str, ws: WebSocketConnection
-    ) -> None:
+    async def _run(self, connection: Connection | AiSdkConnection, conn_id: str, ws: ServerWebSocket) -> None:
         self.connections.add(connection)
         self._idle = trio.Event() if len(self.connections) == 1 else self._idle
-        assert isinstance(ws, ServerWebSocket), "a FailingWebSocketServer's connection"
         beat = self._heartbeat.add(ws, connection.close_soon)
         try:
             await connection.run()

@@ -81,8 +81,8 @@ class TrackedListener(trio.abc.Listener[trio.abc.Stream]):
     """A TCP listener that records what it accepts in ``streams``; with ``ssl_context``, it
     speaks TLS over each connection (the recorded stream is the TCP one under it).
 
-    TLS is wrapped inside, not around: trio-websocket's server accepts a ``trio.SSLListener``
-    only over a bare ``trio.SocketListener``, and hypercorn reads the socket of an
+    TLS is wrapped inside, not around: the slow-client gates need the TCP socket under
+    the TLS stream, and hypercorn reads the socket of an
     ``SSLStream`` from its ``transport_stream``."""
 
     def __init__(

@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from backstream.runtime.server.peer import Close, TokenBucket
 from backstream.runtime.server.socket_gate import SocketGate
-from backstream.runtime.server.websocket import send_text
+from backstream.runtime.server.websocket import ServerWebSocket, send_text
 
 __all__ = [
     "ConnectionLimits",
@@ -136,7 +136,7 @@ class Session:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: ServerWebSocket,
         limits: ConnectionLimits,
         stats: ConnectionStats,
         *,
