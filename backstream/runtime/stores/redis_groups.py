@@ -111,27 +111,32 @@ class ScriptGroups:
                 call.settle(error=StoreClosedError("the store is closed"))
 
     async def _send(self, group: list[_Call]) -> None:
+        """Send the group; every call of it is settled when this returns or raises."""
         self._groups_sent += 1
         self._calls_sent += len(group)
         self._largest = max(self._largest, len(group))
-        if len(group) == 1:  # a pipeline of one costs more than the call
-            call = group[0]
-            try:
-                call.settle(await self._conn.script(call.name, call.keys, call.args))
-            except Exception as exc:
-                call.settle(error=exc)
-            return
+        try:
+            alone = group if len(group) == 1 else await self._send_together(group)
+            for call in alone:  # a pipeline of one costs more than the call; NOSCRIPT loads it
+                try:
+                    call.settle(await self._conn.script(call.name, call.keys, call.args))
+                except Exception as exc:
+                    call.settle(error=exc)
+        finally:  # cancelled (the store stops): what was not answered will not be
+            for call in group:
+                if not call.done.is_set():
+                    call.settle(error=StoreClosedError("the store is closed"))
+
+    async def _send_together(self, group: list[_Call]) -> list[_Call]:
+        """One pipeline; settles each call with its reply or error, and returns the calls
+        whose script Redis did not know (to be sent alone)."""
         try:
             requests = await self._pipeline(group)
         except Exception as exc:  # each call fails as it would have alone
             error = self._unavailable(exc)
             for call in group:
                 call.settle(error=error)
-            return
-        except BaseException:
-            for call in group:
-                call.settle(error=StoreClosedError("the store is closed"))
-            raise
+            return []
         alone: list[_Call] = []
         for call, request in zip(group, requests, strict=True):
             try:
@@ -140,11 +145,7 @@ class ScriptGroups:
                 alone.append(call)
             except Exception as exc:
                 call.settle(error=self._unavailable(exc))
-        for call in alone:  # run alone, the script is loaded first
-            try:
-                call.settle(await self._conn.script(call.name, call.keys, call.args))
-            except Exception as exc:
-                call.settle(error=exc)
+        return alone
 
     async def _pipeline(self, group: list[_Call]) -> list[Any]:
         """Send the group's scripts (``EVALSHA``) in one pipeline; the per-call replies
