@@ -29,6 +29,7 @@ import trio
 
 from backstream.actors.joblog import merge_events
 from backstream.actors.ports import StoredLogs
+from backstream.actors.watcher import check_kept
 from backstream.protocol.errors import BadRequestError, GoneError
 from backstream.protocol.events import LogEvent, StatusEvent
 from backstream.protocol.lifecycle import is_terminal
@@ -73,9 +74,9 @@ class RemoteTail:
 
     def __init__(self, store: StoredLogs, job_id: str, counters: _Counters) -> None:
         self.job_id = job_id
+        self.store = store
         self.watchers = 0
         self.follow: AbstractContextManager[None] = nullcontext()
-        self._store = store
         self._counters = counters
         self._entries: list[LogEvent] = []
         self._base: int | None = None
@@ -112,7 +113,7 @@ class RemoteTail:
         the store, not the window. Cancellation: safe (a read)."""
         if seq <= 0:
             return True
-        entries = await self._store.read(self.job_id, seq - 1, 1)
+        entries = await self.store.read(self.job_id, seq - 1, 1)
         return bool(entries) and entries[0].seq == seq
 
     async def read(self, after_seq: int, limit: int) -> list[LogEvent]:
@@ -131,20 +132,20 @@ class RemoteTail:
                 if not self._behind(after_seq):
                     return await self._fetch(after_seq, limit)
         self._counters.reads_behind += 1
-        return await self._store.read(self.job_id, after_seq, limit)
+        return await self.store.read(self.job_id, after_seq, limit)
 
     async def _fetch(self, after_seq: int, limit: int) -> list[LogEvent]:
         """``read`` at or past the window's end (the lock held): what the store has after
         ``after_seq``, kept in the window."""
         if after_seq == self.last_seq and self._fetched_round == self._round:
             return []  # read already this round: nothing new since
-        fetched = await self._store.read(self.job_id, after_seq, _FETCH)
+        fetched = await self.store.read(self.job_id, after_seq, _FETCH)
         self._counters.log_reads += 1
         self._fetched_round = self._round
         if fetched:
             # Read before their announcement came (or without one): the record, read
             # after them, names the epoch that wrote them (a takeover precedes its writes).
-            record = await self._store.get_job(self.job_id)
+            record = await self.store.get_job(self.job_id)
             self._counters.record_reads += 1
             self._record = (self._round, record)
             if record is not None:
@@ -174,12 +175,13 @@ class RemoteTail:
             self._base = self._entries[-TAIL_WINDOW - 1].seq
             del self._entries[:-TAIL_WINDOW]
 
-    async def record(self) -> JobRecord | None:
-        """The job's record, read once per round. Cancellation: nothing changes."""
+    async def record(self, *, fresh: bool = False) -> JobRecord | None:
+        """The job's record, read once per round (``fresh``: read now, as the round's).
+        Cancellation: nothing changes."""
         async with self._lock:
-            if self._record is not None and self._record[0] == self._round:
+            if not fresh and self._record is not None and self._record[0] == self._round:
                 return self._record[1]
-            record = await self._store.get_job(self.job_id)
+            record = await self.store.get_job(self.job_id)
             self._counters.record_reads += 1
             self._record = (self._round, record)
             return record
@@ -204,7 +206,7 @@ class RemoteTail:
         done = self._wait_done = trio.Event()
         try:
             self._counters.waits += 1
-            await self._store.wait_for_entries(self.job_id, seq)
+            await self.store.wait_for_entries(self.job_id, seq)
         finally:
             self._round += 1
             self._wait_done = None
@@ -214,12 +216,16 @@ class RemoteTail:
 class TailedSource:
     """A watcher's ``LogSource`` over a ``RemoteTail``: its own epoch, the tail's reads.
     A log that cannot continue from the cursor is a ``GoneError``, a cursor past the end
-    of a finished job a ``BadRequestError``, as for ``StoredSource``."""
+    of a finished job a ``BadRequestError``, as for ``StoredSource``; so is a cursor beyond
+    ``durable_seq`` (the record's ``seq`` as the watch opened) that a takeover lost
+    (``watcher.check_kept``)."""
 
-    def __init__(self, tails: RemoteTails, tail: RemoteTail, epoch: int) -> None:
+    def __init__(self, tails: RemoteTails, tail: RemoteTail, epoch: int, durable_seq: int = 0) -> None:
         self._tails = tails
         self._tail: RemoteTail | None = tail
         self.epoch = epoch
+        self._vouched = durable_seq
+        """A cursor up to here stands: the store held its entry, at ``epoch``'s time."""
 
     @property
     def tail(self) -> RemoteTail:
@@ -237,6 +243,10 @@ class TailedSource:
             entries = await self._check_continues(tail, after_seq, max_events)
             if not entries:
                 return ()
+        if after_seq > self._vouched:
+            # A cursor the store never held: the record, read after these entries, says
+            # whether the epoch that wrote them kept it.
+            await self._follow(tail, await tail.record(fresh=True), after_seq)
         # A commit announced by a later epoch's writer: the job was taken over. Every entry
         # read now is either one the log kept of the old epoch or the new one's.
         self.epoch = max(self.epoch, tail.epoch)
@@ -245,9 +255,23 @@ class TailedSource:
             record = await tail.record()  # a recovered job has a new epoch
             if record is not None:
                 self.epoch = record.epoch
+        self._vouched = max(self._vouched, last.seq)
         if not merge_text:
             return tuple(entries)
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
+
+    async def _follow(self, tail: RemoteTail, record: JobRecord | None, after_seq: int) -> None:
+        """Take the log's epoch from ``record``; a cursor the store never vouched for must
+        have been kept by its epoch."""
+        if record is None:
+            if after_seq > self._vouched:
+                raise GoneError("the job's log is no longer kept; load the result with job.get")
+            return
+        if after_seq > self._vouched:
+            if record.epoch != self.epoch:
+                await check_kept(tail.store, record, self.epoch, after_seq)
+            self._vouched = after_seq
+        self.epoch = record.epoch
 
     async def _check_continues(self, tail: RemoteTail, after_seq: int, limit: int) -> list[LogEvent]:
         """Nothing after ``after_seq`` this round: fine if the job may still write it, the
@@ -265,9 +289,9 @@ class TailedSource:
         if record.epoch != self.epoch:
             # Taken over: what this source read came from the store, so it stands if the
             # log still holds the entry at the cursor (a continuation keeps the log).
-            if not await tail.store_holds(after_seq):
+            if after_seq <= self._vouched and not await tail.store_holds(after_seq):
                 raise gone  # the store lost what the cursor read
-            self.epoch = record.epoch
+            await self._follow(tail, record, after_seq)
         if is_terminal(record.status):
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
         return []
@@ -275,6 +299,11 @@ class TailedSource:
     async def wait_beyond(self, seq: int) -> None:
         """Cancellation: safe; nothing is consumed."""
         await self.tail.wait_beyond(seq)
+
+    async def kept_through(self, epoch: int) -> int | None:
+        """Cancellation: safe (a read)."""
+        record = await self.tail.record(fresh=True)
+        return None if record is None else record.kept_through(epoch)
 
     def close(self) -> None:
         """Stop reading through the tail (the last watcher's close drops it). Idempotent."""
@@ -292,8 +321,9 @@ class RemoteTails:
         self._tails: dict[str, RemoteTail] = {}
         self._counters = _Counters()
 
-    def open(self, job_id: str, epoch: int) -> TailedSource:
-        """A source for one watcher of ``job_id``; ``close`` it when the watch ends."""
+    def open(self, job_id: str, epoch: int, durable_seq: int = 0) -> TailedSource:
+        """A source for one watcher of ``job_id`` (its record's ``epoch`` and ``seq``, as the
+        watch opens); ``close`` it when the watch ends."""
         tail = self._tails.get(job_id)
         if tail is None:
             tail = RemoteTail(self._store, job_id, self._counters)
@@ -301,7 +331,7 @@ class RemoteTails:
             tail.follow.__enter__()
             self._tails[job_id] = tail
         tail.watchers += 1
-        return TailedSource(self, tail, epoch)
+        return TailedSource(self, tail, epoch, durable_seq)
 
     def release(self, tail: RemoteTail) -> None:
         tail.watchers -= 1

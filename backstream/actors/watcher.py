@@ -29,13 +29,15 @@ from typing import Protocol
 
 import trio
 
-from backstream.actors.joblog import JobLog, merge_events
+from backstream.actors.joblog import JobLog, merge_events, summarize_events
 from backstream.actors.ports import StoredLogs
 from backstream.protocol.errors import BadRequestError, GoneError
 from backstream.protocol.events import Batch, LogEvent, StatusEvent, ToolCallDeltaEvent
 from backstream.protocol.lifecycle import is_terminal
+from backstream.protocol.offsets import stale_epoch_error
+from backstream.protocol.records import JobRecord
 
-__all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher"]
+__all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher", "check_kept"]
 
 
 class LogSource(Protocol):
@@ -58,6 +60,11 @@ class LogSource(Protocol):
 
         Cancellation: safe; nothing is consumed.
         """
+        ...
+
+    async def kept_through(self, epoch: int) -> int | None:
+        """The last ``seq`` of an earlier ``epoch`` than the log's that the log kept; None
+        if the job's record does not say. Cancellation: safe (a read)."""
         ...
 
     def close(self) -> None:
@@ -93,6 +100,11 @@ class LiveSource:
         """Cancellation: safe; nothing is consumed."""
         await self._log.wait_beyond(seq)
 
+    async def kept_through(self, epoch: int) -> int | None:
+        """A live log keeps its epoch: never asked. Cancellation: safe."""
+        await trio.lowlevel.checkpoint()
+        return None
+
     def close(self) -> None:
         pass
 
@@ -105,13 +117,16 @@ class StoredSource:
     gap or a wait that returns at once forever: the job is gone, its record says more
     than its log holds (a store restored from an older snapshot), or it was recovered
     at a new epoch before the cursor. A cursor past the end of a finished job is a
-    ``BadRequestError``.
+    ``BadRequestError``. ``durable_seq``: the record's ``seq`` as the watch opened (a
+    cursor beyond it is checked as ``check_kept`` says before anything after it is read).
     """
 
-    def __init__(self, store: StoredLogs, job_id: str, epoch: int = 1) -> None:
+    def __init__(self, store: StoredLogs, job_id: str, epoch: int = 1, *, durable_seq: int = 0) -> None:
         self._store = store
         self._job_id = job_id
         self.epoch = epoch
+        self._vouched = durable_seq
+        """A cursor up to here stands: the store held its entry, at ``epoch``'s time."""
 
     async def read(
         self, after_seq: int, *, max_events: int, max_chars: int, merge_text: bool = True
@@ -122,13 +137,26 @@ class StoredSource:
             await self._check_continues(after_seq)
             return ()
         last = entries[-1]
-        if isinstance(last, StatusEvent) and last.is_terminal:
-            record = await self._store.get_job(self._job_id)  # a recovered job has a new epoch
-            if record is not None:
-                self.epoch = record.epoch
+        if after_seq > self._vouched or (isinstance(last, StatusEvent) and last.is_terminal):
+            # Read after the entries, the record names the epoch that wrote them.
+            await self._follow(await self._store.get_job(self._job_id), after_seq)
+        self._vouched = max(self._vouched, last.seq)
         if not merge_text:
             return tuple(entries)
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
+
+    async def _follow(self, record: JobRecord | None, after_seq: int) -> None:
+        """Take the log's epoch from ``record``; a cursor the store never vouched for must
+        have been kept by its epoch (``check_kept``)."""
+        if record is None:
+            if after_seq > self._vouched:
+                raise GoneError("the job's log is no longer kept; load the result with job.get")
+            return
+        if after_seq > self._vouched:
+            if record.epoch != self.epoch:
+                await check_kept(self._store, record, self.epoch, after_seq)
+            self._vouched = after_seq
+        self.epoch = record.epoch
 
     async def _check_continues(self, after_seq: int) -> None:
         """Nothing after ``after_seq``: fine if the job may still write it, else gone."""
@@ -142,9 +170,9 @@ class StoredSource:
         elif record.epoch != self.epoch:
             # Taken over: what this source read came from the store, so it stands if the
             # log still holds the entry at the cursor (a continuation keeps the log).
-            if not await _still_holds(self._store, self._job_id, after_seq):
+            if after_seq <= self._vouched and not await _still_holds(self._store, self._job_id, after_seq):
                 raise gone  # the store lost what the cursor read
-            self.epoch = record.epoch
+            await self._follow(record, after_seq)
         elif is_terminal(record.status):
             # The job ended before the cursor: nothing will ever come.
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
@@ -153,8 +181,28 @@ class StoredSource:
         """Cancellation: safe; nothing is consumed."""
         await self._store.wait_for_entries(self._job_id, seq)
 
+    async def kept_through(self, epoch: int) -> int | None:
+        """Cancellation: safe (a read)."""
+        record = await self._store.get_job(self._job_id)
+        return None if record is None else record.kept_through(epoch)
+
     def close(self) -> None:
         pass
+
+
+async def check_kept(store: StoredLogs, record: JobRecord, epoch: int, cursor: int) -> None:
+    """A reader's ``cursor`` of ``epoch`` that the store never held at that epoch (it read
+    ahead, on the instance that then died) meets the log of a later epoch (``record``, read
+    after what it met): it goes on if the log kept the cursor's entry as ``epoch`` wrote it.
+    Else ``GoneError`` with ``valid_through`` (the kept ``seq``), ``content_length`` and
+    ``epoch``, as a reader coming back after the takeover gets; without ``valid_through``
+    when the record does not say what ``epoch`` kept. Cancellation: safe (reads)."""
+    kept = record.kept_through(epoch)
+    if kept is None:
+        raise stale_epoch_error(record.epoch, None)
+    if cursor > kept:
+        content, _ = summarize_events(await store.read(record.job_id, 0, kept) if kept else ())
+        raise stale_epoch_error(record.epoch, kept, content_length=len(content))
 
 
 async def _still_holds(store: StoredLogs, job_id: str, seq: int) -> bool:
@@ -243,6 +291,11 @@ class Watcher:
 
         Cancellation: safe; nothing is consumed."""
         await self._source.wait_beyond(seq)
+
+    async def kept_through_of(self, epoch: int) -> int | None:
+        """The last ``seq`` of an earlier ``epoch`` that the log kept (None: not known).
+        Cancellation: safe (a read)."""
+        return await self._source.kept_through(epoch)
 
     def close(self) -> None:
         """The watch ended: its source releases what it holds. Idempotent."""

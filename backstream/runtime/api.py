@@ -317,7 +317,8 @@ class Runtime:
                 view.source.close()
                 raise await self._stale_epoch(job_id, user, current_epoch, kept_through)
         # A cursor ahead of a running job waits for the log to reach it (another instance
-        # may lag by one flush); if the job ends first, the watch ends with bad_request.
+        # may lag by one flush); if the job ends first, the watch ends with bad_request; if
+        # it is taken over first, the source checks the cursor against what was kept.
         if finished and after_seq > last_seq:
             view.source.close()
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {last_seq}")

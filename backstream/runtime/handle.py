@@ -192,9 +192,9 @@ class StoredJob:
         finished = record.status in TERMINAL_STATUSES
         source: LogSource
         if finished or self._tails is None:
-            source = StoredSource(self._store, record.job_id, record.epoch)
+            source = StoredSource(self._store, record.job_id, record.epoch, durable_seq=record.seq)
         else:
-            source = self._tails.open(record.job_id, record.epoch)
+            source = self._tails.open(record.job_id, record.epoch, record.seq)
         return LogView(source, record.epoch, record.seq, finished, record)
 
     async def info(self, *, include_content: bool, offset: int) -> JobInfo:

@@ -64,17 +64,15 @@ async def open_replay(
         merge_text=projection.merge_text,
     ) as watcher:
         if watcher.kept_through is not None and projection.replays_unpaced:
-            await _check_kept_items(watcher, projection.fresh(), offset.seq)
-        yield Replay(watcher, projection)
+            await _check_kept_items(watcher, projection.fresh(), offset.seq, watcher.kept_through)
+        yield Replay(watcher, projection, offset.seq)
 
 
-async def _check_kept_items(watcher: Watcher, counter: Projection[ItemT], after: int) -> None:
-    """A client of an epoch before a takeover (the watch let its cursor through: its log
-    ``seq`` is unknown): every item up to ``after`` must be made of the entries the log kept
-    of that epoch. Counts them by projecting those entries, a read at a time. Raises
-    ``GoneError`` naming the last item that stands if not."""
-    kept = watcher.kept_through
-    assert kept is not None
+async def _check_kept_items(watcher: Watcher, counter: Projection[ItemT], after: int, kept: int) -> None:
+    """A client of an epoch before a takeover (its log ``seq`` is unknown): every item up
+    to ``after`` must be made of the entries the log kept of that epoch (through ``kept``).
+    Counts them by projecting those entries, a read at a time. Raises ``GoneError`` naming
+    the last item that stands if not."""
     counter.begin(-1)
     seq = 0
     while seq < kept:
@@ -91,9 +89,14 @@ class Replay(Generic[ItemT]):
     """An async iterator of item lists (maybe empty: a batch that added nothing beyond the
     offset). Ends after the batch holding the terminal status. Use through ``open_replay``."""
 
-    def __init__(self, watcher: Watcher, projection: Projection[ItemT]) -> None:
+    def __init__(self, watcher: Watcher, projection: Projection[ItemT], after: int) -> None:
         self._watcher = watcher
         self._projection = projection
+        self._after = after
+        self._epoch = watcher.epoch
+        """The epoch of the batches projected so far."""
+        self._unchecked: Batch | None = None
+        """A batch of a later epoch read but not yet checked (the check was cancelled)."""
         self._replaying = projection.replays_unpaced
         self.last_batch: Batch | None = None
         """The batch the latest items came from."""
@@ -125,11 +128,30 @@ class Replay(Generic[ItemT]):
         ``GoneError`` if the log can no longer be read.
 
         Cancellation: nothing is lost; the next call reads the same batch."""
-        batch = await self._replay_batch() if self._replaying else None
+        batch = self._unchecked
+        if batch is None:
+            batch = await self._replay_batch() if self._replaying else None
         if batch is None:
             batch = await self._watcher.__anext__()
+        if batch.epoch != self._epoch:
+            self._unchecked = batch  # the watcher's cursor has moved past it: keep it
+            await self._check_taken_over(batch.epoch)
+            self._unchecked = None
         self.last_batch = batch
         return self._projection.project(batch)
+
+    async def _check_taken_over(self, epoch: int) -> None:
+        """The job was taken over while this replay read it. A client whose offset the items
+        so far have not reached came ahead of the log (it read on the instance that died):
+        its items must all be made of what the log kept of the old epoch. (Batches of
+        ``/v1`` are numbered by ``seq``: their source checks the cursor itself.)"""
+        projection = self._projection
+        if projection.replays_unpaced and projection.next_number <= self._after:
+            kept = await self._watcher.kept_through_of(self._epoch)
+            if kept is None:
+                raise stale_epoch_error(epoch, None)
+            await _check_kept_items(self._watcher, projection.fresh(), self._after, kept)
+        self._epoch = epoch
 
     async def _replay_batch(self) -> Batch | None:
         watcher = self._watcher
