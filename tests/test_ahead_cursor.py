@@ -36,10 +36,9 @@ from backstream.protocol.projections import ResponsesProjection, UIChunkProjecti
 from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
 from backstream.protocol.responses import ResponseSource
 from backstream.runtime.server.replay import open_replay
-from backstream.runtime.stores.sqlite import SqliteStore
 from tests.test_stale_cursor import KEPT, WORDS, kept_items, kept_length
 from tests.test_store_conformance import recover_orphans
-from tests.test_takeover import CONFIG, lorem_request, opened, partial_log, place, undisturbed
+from tests.test_takeover import CONFIG, lorem_request, opened, partial_log, place, stores_on, undisturbed
 from tests.ws_helpers import Served, raw_client, served
 
 __all__ = ["place"]  # the fixture, from the takeover tests
@@ -95,18 +94,21 @@ async def taken_over(srv: Served, place: Any, job_id: str, by: str) -> AsyncIter
                 await (await rt._lookup(job_id, "alice")).wait_until_ended()
 
 
-BY = pytest.mark.parametrize("by", ["here", "elsewhere"])
+CASES = [("sqlite", "here"), ("redis", "here"), ("redis", "elsewhere")]
+"""Where the job lives and who takes it over: the instance the reader waits on, or another
+one (a SQLite file serves one process, so only Redis has another)."""
 
 
-def only_shared(place: Any, by: str) -> None:
-    """A SQLite store serves one process: nobody else can take the job over."""
-    if by == "elsewhere" and isinstance(place(), SqliteStore):
-        pytest.skip("a SQLite store serves one process")
+@pytest.fixture(params=CASES, ids=["-".join(case) for case in CASES])
+async def case(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[tuple[Any, str]]:
+    """A maker of stores on the job's place (``stores_on``), and who takes the job over."""
+    kind, by = request.param
+    async with stores_on(kind, tmp_path) as make:
+        yield make, by
 
 
-@BY
-async def test_v1_a_waiting_cursor_past_what_was_kept_gets_gone(place: Any, by: str) -> None:
-    only_shared(place, by)
+async def test_v1_a_waiting_cursor_past_what_was_kept_gets_gone(case: tuple[Any, str]) -> None:
+    place, by = case
     async with served(QUIET, store=place()) as srv:
         job_id, answer = await orphan(srv.runtime.store)
         async with raw_client(srv.url) as raw:
@@ -123,11 +125,10 @@ async def test_v1_a_waiting_cursor_past_what_was_kept_gets_gone(place: Any, by: 
     assert message["content_length"] == kept_length(answer)
 
 
-@BY
-async def test_the_python_client_rewinds_a_waiting_watch(place: Any, by: str) -> None:
+async def test_the_python_client_rewinds_a_waiting_watch(case: tuple[Any, str]) -> None:
     """The client's watch yields one batch holding a ``rewind`` to the kept ``seq``, then the
     new epoch's batches from there: its text is the answer, not the lost words."""
-    only_shared(place, by)
+    place, by = case
     async with served(QUIET, store=place()) as srv:
         job_id, answer = await orphan(srv.runtime.store)
         seen = answer[: kept_length(answer)] + "lost words "  # what the reader had
@@ -156,15 +157,14 @@ async def test_the_python_client_rewinds_a_waiting_watch(place: Any, by: str) ->
     assert batches[-1].terminal is not None and batches[-1].terminal.status == "completed"
 
 
-@BY
 @pytest.mark.parametrize("kind", ["ui", "responses"])
 async def test_numbered_items_past_what_was_kept_get_gone_while_waiting(
-    place: Any, kind: str, by: str
+    case: tuple[Any, str], kind: str
 ) -> None:
     """The AI SDK's chunks and the Responses events: a client whose offset is beyond the
     items the kept entries make waits at the log's end; the new epoch's entries end its
     stream with ``gone`` naming the last item that stands."""
-    only_shared(place, by)
+    place, by = case
     async with served(QUIET, store=place()) as srv:
         job_id, _ = await orphan(srv.runtime.store)
 

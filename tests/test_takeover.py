@@ -47,10 +47,11 @@ def lorem_request(words: int = 40, model: str = "backstream/lorem") -> JobReques
     )
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-async def place(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Any]:
-    """Where jobs live, as a maker of store objects on it (one per "instance")."""
-    if request.param == "sqlite":
+@asynccontextmanager
+async def stores_on(kind: str, tmp_path: Any) -> AsyncIterator[Any]:
+    """A ``sqlite`` file or a ``redis`` prefix of the test's own, as a maker of store
+    objects on it (one per "instance")."""
+    if kind == "sqlite":
         path = f"{tmp_path}/jobs.db"
         yield lambda: SqliteStore(path)
         return
@@ -60,6 +61,13 @@ async def place(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[
         yield lambda: RedisStore(redis_url(), prefix=prefix)
     finally:
         await delete_prefix(prefix)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def place(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Any]:
+    """Where jobs live, as a maker of store objects on it (``stores_on``)."""
+    async with stores_on(request.param, tmp_path) as make:
+        yield make
 
 
 async def undisturbed(request: JobRequest) -> str:
