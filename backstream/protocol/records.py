@@ -12,8 +12,10 @@ from typing import Any
 
 import attrs
 import cattrs
+import orjson
 
 from backstream.protocol.codec import converter as wire
+from backstream.protocol.codec import dumps
 from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary, LogEvent
 
 __all__ = [
@@ -177,13 +179,16 @@ _records = cattrs.Converter()
 
 
 def events_to_json(events: Sequence[LogEvent]) -> str:
-    return json.dumps(
-        [wire.unstructure(ev, LogEvent) for ev in events], separators=(",", ":"), ensure_ascii=False
-    )
+    """Compact JSON (orjson: a store's every flush encodes its entries)."""
+    return dumps([wire.unstructure(ev, LogEvent) for ev in events])
 
 
 def events_from_json(text: str) -> list[LogEvent]:
-    return [wire.structure(item, LogEvent) for item in json.loads(text)]  # type: ignore[arg-type]
+    try:
+        items = orjson.loads(text)
+    except orjson.JSONDecodeError:  # a lone surrogate, which orjson refuses to read
+        items = json.loads(text)
+    return [wire.structure(item, LogEvent) for item in items]  # type: ignore[arg-type]
 
 
 def record_to_dict(record: JobRecord) -> dict[str, Any]:
