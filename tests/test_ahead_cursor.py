@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,15 +29,23 @@ import trio.testing
 from backstream import Config, GoneError, Store, open_runtime
 from backstream.actors.watcher import StoredSource, Watcher
 from backstream.client import open_client
-from backstream.protocol.events import Batch, RewindEvent, TextEvent
+from backstream.protocol.events import Batch, RewindEvent
 from backstream.protocol.offsets import StreamOffset
 from backstream.protocol.projections import ResponsesProjection, UIChunkProjection
-from backstream.protocol.records import JobProgress, JobRecord, SharedCapacity
 from backstream.protocol.responses import ResponseSource
 from backstream.runtime.server.replay import open_replay
 from tests.test_stale_cursor import KEPT, WORDS, kept_items, kept_length
 from tests.test_store_conformance import recover_orphans
-from tests.test_takeover import CONFIG, lorem_request, opened, partial_log, place, stores_on, undisturbed
+from tests.test_takeover import (
+    CONFIG,
+    lorem_request,
+    opened,
+    partial_log,
+    place,
+    plant_orphan_in,
+    stores_on,
+    undisturbed,
+)
 from tests.ws_helpers import Served, raw_client, served
 
 __all__ = ["place"]  # the fixture, from the takeover tests
@@ -55,18 +62,7 @@ async def orphan(store: Store) -> tuple[str, str]:
     it over yet), planted through ``store`` (open); its id and the undisturbed answer."""
     request = lorem_request(WORDS)
     answer = await undisturbed(request)
-    now = time.time()
-    record = JobRecord(
-        job_id=f"j_{uuid.uuid4().hex[:10]}", user="alice", thread_id="t", message_id="m",
-        request=request, status="running", seq=0, epoch=1, content_length=0,
-        created_at=now - 2, updated_at=now - 2, owner="i_dead", lease_until=now - 1,
-    )  # fmt: skip
-    await store.create_job(
-        record, SharedCapacity(now=now, lease_until=now - 1, max_jobs=10, max_jobs_per_user=10)
-    )
-    entries = partial_log(answer, KEPT - 1)
-    length = sum(len(e.text) for e in entries if isinstance(e, TextEvent))
-    await store.commit(record.job_id, entries, JobProgress("running", KEPT, length, now - 1))
+    record = await plant_orphan_in(store, request, partial_log(answer, KEPT - 1))
     return record.job_id, answer
 
 

@@ -17,6 +17,7 @@ from backstream.runtime.stores.redis import RedisStore
 from tests.conftest import REDIS_HOST, redis_url
 from tests.test_redis_faults import own_redis
 from tests.test_store_conformance import progress, record, texts
+from tests.test_takeover import opened
 
 JOBS = 30
 
@@ -32,49 +33,43 @@ async def commit_all(store: RedisStore, first: int, words: tuple[str, ...]) -> N
 async def test_commits_made_together_go_in_groups_and_each_lands_in_its_job(tmp_path: Path) -> None:
     with own_redis(tmp_path) as redis:
         store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
-        await store.open()
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run)
-                for index in range(JOBS):
-                    await store.create_job(record(job_id=f"j_{index}", message_id=f"m{index}", owner="me"))
-                await commit_all(store, 1, ("a", "b"))
-                groups = store.statistics().commit_groups
-                assert groups.calls_sent == JOBS and groups.groups_sent < JOBS // 3  # sent together
-                assert groups.largest_group > 10 and groups.calls_waiting == 0
-                # Redis restarted without its scripts: each commit is sent again alone.
-                async with coredis.Redis(host=REDIS_HOST, port=redis.port) as admin:
-                    await admin.script_flush()
-                await commit_all(store, 3, ("c",))
-                for index in range(JOBS):
-                    logged = await store.read(f"j_{index}", 0, 100)
-                    assert [(e.seq, e.text) for e in logged if isinstance(e, TextEvent)] == [
-                        (1, f"a{index} "),
-                        (2, f"b{index} "),
-                        (3, f"c{index} "),
-                    ]
-                    stored = await store.get_job(f"j_{index}")
-                    assert stored is not None and stored.seq == 3
-                # Another instance took j_0 over: that commit is fenced off in its group, the
-                # others land.
-                async with coredis.Redis(host=REDIS_HOST, port=redis.port) as admin:
-                    await admin.hset(store.keys.job("j_0"), {"owner": '"another-instance"'})
-                outcomes: dict[int, str] = {}
+        async with opened(store):
+            for index in range(JOBS):
+                await store.create_job(record(job_id=f"j_{index}", message_id=f"m{index}", owner="me"))
+            await commit_all(store, 1, ("a", "b"))
+            groups = store.statistics().commit_groups
+            assert groups.calls_sent == JOBS and groups.groups_sent < JOBS // 3  # sent together
+            assert groups.largest_group > 10 and groups.calls_waiting == 0
+            # Redis restarted without its scripts: each commit is sent again alone.
+            async with coredis.Redis(host=REDIS_HOST, port=redis.port) as admin:
+                await admin.script_flush()
+            await commit_all(store, 3, ("c",))
+            for index in range(JOBS):
+                logged = await store.read(f"j_{index}", 0, 100)
+                assert [(e.seq, e.text) for e in logged if isinstance(e, TextEvent)] == [
+                    (1, f"a{index} "),
+                    (2, f"b{index} "),
+                    (3, f"c{index} "),
+                ]
+                stored = await store.get_job(f"j_{index}")
+                assert stored is not None and stored.seq == 3
+            # Another instance took j_0 over: that commit is fenced off in its group, the
+            # others land.
+            async with coredis.Redis(host=REDIS_HOST, port=redis.port) as admin:
+                await admin.hset(store.keys.job("j_0"), {"owner": '"another-instance"'})
+            outcomes: dict[int, str] = {}
 
-                async def commit(index: int) -> None:
-                    try:
-                        await store.commit(f"j_{index}", texts(4, "d"), progress(4))
-                        outcomes[index] = "landed"
-                    except JobEndedElsewhereError:
-                        outcomes[index] = "fenced"
+            async def commit(index: int) -> None:
+                try:
+                    await store.commit(f"j_{index}", texts(4, "d"), progress(4))
+                    outcomes[index] = "landed"
+                except JobEndedElsewhereError:
+                    outcomes[index] = "fenced"
 
-                async with trio.open_nursery() as committers:
-                    for index in range(JOBS):
-                        committers.start_soon(commit, index)
-                assert outcomes == {0: "fenced"} | {index: "landed" for index in range(1, JOBS)}
-                nursery.cancel_scope.cancel()
-        finally:
-            await store.aclose()
+            async with trio.open_nursery() as committers:
+                for index in range(JOBS):
+                    committers.start_soon(commit, index)
+            assert outcomes == {0: "fenced"} | {index: "landed" for index in range(1, JOBS)}
 
 
 async def test_commits_under_way_when_the_store_stops_all_end(tmp_path: Path) -> None:

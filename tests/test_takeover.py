@@ -89,20 +89,26 @@ async def undisturbed(request: JobRequest) -> str:
 
 async def plant_orphan(store: Store, request: JobRequest, entries: list[LogEvent]) -> JobRecord:
     """A job as an instance that died leaves it: live, its lease lapsed, ``entries`` durable."""
+    async with opened(store):
+        record = await plant_orphan_in(store, request, entries)
+    as_if_killed(store, "i_dead")
+    return record
+
+
+async def plant_orphan_in(store: Store, request: JobRequest, entries: list[LogEvent]) -> JobRecord:
+    """``plant_orphan`` through a store that is open (and stays so)."""
     now = time.time()
     record = JobRecord(
         job_id=f"j_{uuid.uuid4().hex[:10]}", user="alice", thread_id="t", message_id="m",
         request=request, status="running", seq=0, epoch=1, content_length=0,
         created_at=now - 2, updated_at=now - 2, owner="i_dead", lease_until=now - 1,
     )  # fmt: skip
-    async with opened(store):
-        # Its lease ended a second ago (on Redis, leases are on Redis's clock: "a second ago"
-        # is measured from the ``now`` the store is given).
-        capacity = SharedCapacity(now=now, lease_until=now - 1, max_jobs=10, max_jobs_per_user=10)
-        await store.create_job(record, capacity)
-        length = sum(len(e.text) for e in entries if isinstance(e, TextEvent))
-        await store.commit(record.job_id, entries, JobProgress("running", len(entries), length, now - 1))
-    as_if_killed(store, "i_dead")
+    # Its lease ended a second ago (on Redis, leases are on Redis's clock: "a second ago" is
+    # measured from the ``now`` the store is given).
+    capacity = SharedCapacity(now=now, lease_until=now - 1, max_jobs=10, max_jobs_per_user=10)
+    await store.create_job(record, capacity)
+    length = sum(len(e.text) for e in entries if isinstance(e, TextEvent))
+    await store.commit(record.job_id, entries, JobProgress("running", len(entries), length, now - 1))
     return record
 
 

@@ -29,7 +29,7 @@ import trio
 
 from backstream.actors.joblog import merge_events
 from backstream.actors.ports import StoredLogs
-from backstream.actors.watcher import check_kept
+from backstream.actors.watcher import follow_epoch
 from backstream.protocol.errors import BadRequestError, GoneError
 from backstream.protocol.events import LogEvent, StatusEvent
 from backstream.protocol.lifecycle import is_terminal
@@ -224,7 +224,7 @@ class TailedSource:
         self._tails = tails
         self._tail: RemoteTail | None = tail
         self.epoch = epoch
-        self._vouched = durable_seq
+        self.vouched = durable_seq
         """A cursor up to here stands: the store held its entry, at ``epoch``'s time."""
 
     @property
@@ -243,10 +243,10 @@ class TailedSource:
             entries = await self._check_continues(tail, after_seq, max_events)
             if not entries:
                 return ()
-        if after_seq > self._vouched:
+        if after_seq > self.vouched:
             # A cursor the store never held: the record, read after these entries, says
             # whether the epoch that wrote them kept it.
-            await self._follow(tail, await tail.record(fresh=True), after_seq)
+            await follow_epoch(self, tail.store, await tail.record(fresh=True), after_seq)
         # A commit announced by a later epoch's writer: the job was taken over. Every entry
         # read now is either one the log kept of the old epoch or the new one's.
         self.epoch = max(self.epoch, tail.epoch)
@@ -255,23 +255,10 @@ class TailedSource:
             record = await tail.record()  # a recovered job has a new epoch
             if record is not None:
                 self.epoch = record.epoch
-        self._vouched = max(self._vouched, last.seq)
+        self.vouched = max(self.vouched, last.seq)
         if not merge_text:
             return tuple(entries)
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
-
-    async def _follow(self, tail: RemoteTail, record: JobRecord | None, after_seq: int) -> None:
-        """Take the log's epoch from ``record``; a cursor the store never vouched for must
-        have been kept by its epoch."""
-        if record is None:
-            if after_seq > self._vouched:
-                raise GoneError("the job's log is no longer kept; load the result with job.get")
-            return
-        if after_seq > self._vouched:
-            if record.epoch != self.epoch:
-                await check_kept(tail.store, record, self.epoch, after_seq)
-            self._vouched = after_seq
-        self.epoch = record.epoch
 
     async def _check_continues(self, tail: RemoteTail, after_seq: int, limit: int) -> list[LogEvent]:
         """Nothing after ``after_seq`` this round: fine if the job may still write it, the
@@ -289,9 +276,9 @@ class TailedSource:
         if record.epoch != self.epoch:
             # Taken over: what this source read came from the store, so it stands if the
             # log still holds the entry at the cursor (a continuation keeps the log).
-            if after_seq <= self._vouched and not await tail.store_holds(after_seq):
+            if after_seq <= self.vouched and not await tail.store_holds(after_seq):
                 raise gone  # the store lost what the cursor read
-            await self._follow(tail, record, after_seq)
+            await follow_epoch(self, tail.store, record, after_seq)
         if is_terminal(record.status):
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
         return []

@@ -37,7 +37,7 @@ from backstream.protocol.lifecycle import is_terminal
 from backstream.protocol.offsets import stale_epoch_error
 from backstream.protocol.records import JobRecord
 
-__all__ = ["LiveSource", "LogSource", "StoredSource", "Watcher", "check_kept"]
+__all__ = ["LiveSource", "LogSource", "StoredSource", "Vouching", "Watcher", "check_kept", "follow_epoch"]
 
 
 class LogSource(Protocol):
@@ -125,7 +125,7 @@ class StoredSource:
         self._store = store
         self._job_id = job_id
         self.epoch = epoch
-        self._vouched = durable_seq
+        self.vouched = durable_seq
         """A cursor up to here stands: the store held its entry, at ``epoch``'s time."""
 
     async def read(
@@ -137,26 +137,13 @@ class StoredSource:
             await self._check_continues(after_seq)
             return ()
         last = entries[-1]
-        if after_seq > self._vouched or (isinstance(last, StatusEvent) and last.is_terminal):
+        if after_seq > self.vouched or (isinstance(last, StatusEvent) and last.is_terminal):
             # Read after the entries, the record names the epoch that wrote them.
-            await self._follow(await self._store.get_job(self._job_id), after_seq)
-        self._vouched = max(self._vouched, last.seq)
+            await follow_epoch(self, self._store, await self._store.get_job(self._job_id), after_seq)
+        self.vouched = max(self.vouched, last.seq)
         if not merge_text:
             return tuple(entries)
         return merge_events(entries, max_events=max_events, max_chars=max_chars)
-
-    async def _follow(self, record: JobRecord | None, after_seq: int) -> None:
-        """Take the log's epoch from ``record``; a cursor the store never vouched for must
-        have been kept by its epoch (``check_kept``)."""
-        if record is None:
-            if after_seq > self._vouched:
-                raise GoneError("the job's log is no longer kept; load the result with job.get")
-            return
-        if after_seq > self._vouched:
-            if record.epoch != self.epoch:
-                await check_kept(self._store, record, self.epoch, after_seq)
-            self._vouched = after_seq
-        self.epoch = record.epoch
 
     async def _check_continues(self, after_seq: int) -> None:
         """Nothing after ``after_seq``: fine if the job may still write it, else gone."""
@@ -170,9 +157,9 @@ class StoredSource:
         elif record.epoch != self.epoch:
             # Taken over: what this source read came from the store, so it stands if the
             # log still holds the entry at the cursor (a continuation keeps the log).
-            if after_seq <= self._vouched and not await _still_holds(self._store, self._job_id, after_seq):
+            if after_seq <= self.vouched and not await _still_holds(self._store, self._job_id, after_seq):
                 raise gone  # the store lost what the cursor read
-            await self._follow(record, after_seq)
+            await follow_epoch(self, self._store, record, after_seq)
         elif is_terminal(record.status):
             # The job ended before the cursor: nothing will ever come.
             raise BadRequestError(f"after_seq {after_seq} is beyond the job's last seq {record.seq}")
@@ -188,6 +175,28 @@ class StoredSource:
 
     def close(self) -> None:
         pass
+
+
+class Vouching(Protocol):
+    """A source's view of its log: the epoch it reads, and how far a cursor stands."""
+
+    epoch: int
+    vouched: int
+    """A cursor up to here stands: the store held its entry, at ``epoch``'s time."""
+
+
+async def follow_epoch(source: Vouching, store: StoredLogs, record: JobRecord | None, after_seq: int) -> None:
+    """Take the log's epoch from ``record`` (read after the entries it labels); a cursor the
+    store never vouched for must have been kept by its epoch (``check_kept``)."""
+    if record is None:
+        if after_seq > source.vouched:
+            raise GoneError("the job's log is no longer kept; load the result with job.get")
+        return
+    if after_seq > source.vouched:
+        if record.epoch != source.epoch:
+            await check_kept(store, record, source.epoch, after_seq)
+        source.vouched = after_seq
+    source.epoch = record.epoch
 
 
 async def check_kept(store: StoredLogs, record: JobRecord, epoch: int, cursor: int) -> None:
