@@ -100,8 +100,8 @@ async def only_job(rt: Runtime, thread_id: str, user: str = "alice") -> Any:
     return jobs[0]
 
 
-async def ended(rt: Runtime, job_id: str) -> Any:
-    with trio.fail_after(30):
+async def ended(rt: Runtime, job_id: str, timeout: float = 30) -> Any:
+    with trio.fail_after(timeout):
         while True:
             info = await rt.get_job(job_id, user="alice", include_content=True)
             if info.job.is_terminal:
