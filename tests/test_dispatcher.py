@@ -51,6 +51,7 @@ async def test_totals_outlive_a_restart_and_nothing_stays_in_hand(
         retries_total=0,
         rounds_total=stats.rounds_total,
         in_hand=0,
+        previews_read_total=3,  # the commits here carried no preview: each was read from its log
     )
     assert stats.rounds_total >= 4  # each run: a batch, then a claim that finds none
     items, _ = await store.list_notifications("alice", unread_only=False, limit=10)

@@ -55,6 +55,8 @@ async def test_unwatched_completion_notifies_once(unopened_store: Store) -> None
         ]
         content = (await rt.get_job(job_id, user="alice", include_content=True)).content or ""
         assert items[0].body == content[:200] and unread == 1 and not items[0].read
+        # the text came with the job's end (its outbox entry), not read back from its log
+        assert rt.statistics().dispatcher.previews_read_total == 0
         # never twice for the same job and type, however often it is asked
         assert not await rt.notifier.job_ended(
             job_id=job_id, user="alice", thread_id="t1", status="completed", content="again", error=None
@@ -196,6 +198,8 @@ async def test_interrupted_after_a_crash_warns(tmp_path: Any) -> None:
         assert [(n.type, n.job_id, n.title) for n in items] == [
             ("system.warning", "j_dead", "Response interrupted")
         ]
+        # its end was written by the recovery, with no text of the job's: read from its log
+        assert rt.statistics().dispatcher.previews_read_total == 1
 
 
 async def test_pushes_through_the_front_door(autojump_clock: trio.testing.MockClock) -> None:

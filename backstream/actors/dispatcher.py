@@ -27,6 +27,7 @@ from backstream.actors.notifier import Notifier
 from backstream.actors.ports import OUTBOX_CLAIM_S, LogStore, Outbox, OutboxEntry, StoreClosedError
 from backstream.actors.signals import through_outage
 from backstream.actors.webhooks import WebhookEvents
+from backstream.protocol.records import PREVIEW_CHARS
 
 __all__ = ["BATCH", "POLL_S", "PREVIEW_CHARS", "START_DRAIN_S", "Dispatcher", "DispatcherStatistics"]
 
@@ -43,8 +44,6 @@ POLL_S = 5.0
 """Between looks for entries another (dead) instance left, when nothing rings."""
 START_DRAIN_S = 5.0
 """How long the first drain (the entries left by a dead instance) may delay the start."""
-PREVIEW_CHARS = 200
-"""Text of the job's log read for a notification's body."""
 
 
 @attrs.frozen
@@ -62,6 +61,8 @@ class DispatcherStatistics:
     in_hand: int
     """Entries claimed and not yet deleted (at most ``BATCH``). The outbox may hold more,
     uncounted here: the store is not asked for its size."""
+    previews_read_total: int = 0
+    """Notifications whose text was read from the job's log (its entry carried none)."""
 
 
 class Dispatcher:
@@ -90,6 +91,7 @@ class Dispatcher:
         self._failed_total = 0
         self._retries_total = 0
         self._rounds_total = 0
+        self._previews_read_total = 0
         self._in_hand = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -161,9 +163,11 @@ class Dispatcher:
     async def _deliver(self, entry: OutboxEntry) -> None:
         if not Notifier.notifies_end(entry.status):
             return  # e.g. aborted: the user asked for it
-        preview = await self._through_outage(
-            f"job {entry.job_id}: reading its text", lambda: self._preview(entry.job_id)
-        )
+        preview = ""
+        if Notifier.shows_content(entry.status, entry.error):  # else it shows the error
+            preview = await self._through_outage(
+                f"job {entry.job_id}: reading its text", lambda: self._preview(entry)
+            )
         await self._notifier.job_ended(
             job_id=entry.job_id,
             user=entry.user,
@@ -174,9 +178,14 @@ class Dispatcher:
         )
         self._delivered_total += 1
 
-    async def _preview(self, job_id: str) -> str:
-        """The first ``PREVIEW_CHARS`` characters of the job's content."""
-        return await read_content(self._log_store, job_id, PREVIEW_CHARS)
+    async def _preview(self, entry: OutboxEntry) -> str:
+        """The first ``PREVIEW_CHARS`` characters of the job's content: the entry's, or read
+        from the log for an entry written without one (a recovered job's end, an older
+        entry)."""
+        if entry.preview is not None:
+            return entry.preview
+        self._previews_read_total += 1
+        return await read_content(self._log_store, entry.job_id, PREVIEW_CHARS)
 
     def statistics(self) -> DispatcherStatistics:
         return DispatcherStatistics(
@@ -186,4 +195,5 @@ class Dispatcher:
             retries_total=self._retries_total,
             rounds_total=self._rounds_total,
             in_hand=self._in_hand,
+            previews_read_total=self._previews_read_total,
         )

@@ -61,7 +61,7 @@ from backstream.protocol.conversation import (
 from backstream.protocol.events import AWAITING_APPROVAL, RUNNING, ErrorInfo, JobStatus, JobSummary
 from backstream.protocol.job_params import TOOL_CALL_LIMIT_OUTPUT, ToolCallBudget
 from backstream.protocol.lifecycle import LogState
-from backstream.protocol.records import JobProgress, JobRecord, job_summary
+from backstream.protocol.records import PREVIEW_CHARS, JobProgress, JobRecord, job_summary
 
 __all__ = ["JobActor"]
 
@@ -561,6 +561,7 @@ class JobActor:
             error=terminal.error if terminal else None,
             usage=terminal.usage if terminal else None,
             expires_at=None if finished_at is None else finished_at + self._config.retention,
+            preview=self.log.content()[:PREVIEW_CHARS] if terminal else None,
         )
 
     async def _listen_for_abort(self) -> None:

@@ -88,6 +88,12 @@ class Notifier:
         """Whether a job's end with ``status`` calls for a notification (every end does)."""
         return status in _BY_STATUS
 
+    @staticmethod
+    def shows_content(status: JobStatus, error: ErrorInfo | None) -> bool:
+        """Whether the notification of a job's end shows the start of its content (else
+        its error's message)."""
+        return status == "completed" or error is None
+
     def end_delivered(self, job_id: str) -> None:
         """The outbox entry of the job's end was carried out (the dispatcher calls it)."""
         event = self._ends_expected.get(job_id)
@@ -114,7 +120,7 @@ class Notifier:
         kind = _BY_STATUS.get(status)
         if kind is None:
             return False
-        body = content[:200] if status == "completed" or not error else error.message[:200]
+        body = content[:200] if self.shows_content(status, error) or error is None else error.message[:200]
         return await self._notify(job_id, user, thread_id, kind[0], kind[1], body)
 
     async def approval_needed(

@@ -209,6 +209,8 @@ class OutboxEntry:
     thread_id: str
     status: JobStatus
     error: ErrorInfo | None
+    preview: str | None = None
+    """The start of the job's content (``JobProgress.preview``); None: read it from the log."""
 
 
 class StoreService(abc.ABC):

@@ -19,6 +19,7 @@ from backstream.protocol.codec import dumps
 from backstream.protocol.events import ErrorInfo, JobStatus, JobSummary, LogEvent
 
 __all__ = [
+    "PREVIEW_CHARS",
     "JobProgress",
     "JobRecord",
     "JobRequest",
@@ -71,6 +72,14 @@ class JobProgress:
     error: ErrorInfo | None = None
     usage: dict[str, Any] | None = None
     expires_at: float | None = None
+    preview: str | None = None
+    """On a terminal commit, the start of the job's content (``PREVIEW_CHARS``): its outbox
+    entry carries it to the notification, so nobody reads the log back for it. Not a field
+    of the record."""
+
+
+PREVIEW_CHARS = 200
+"""The characters of a job's content a notification of its end shows."""
 
 
 def _int_tuple(values: Sequence[int]) -> tuple[int, ...]:
@@ -214,4 +223,6 @@ def log_bytes(events: Sequence[LogEvent]) -> int:
 
 def progress_to_dict(progress: JobProgress) -> dict[str, Any]:
     """The progress fields as they appear in ``record_to_dict``'s output."""
-    return _records.unstructure(progress)  # type: ignore[no-any-return]
+    data: dict[str, Any] = _records.unstructure(progress)
+    del data["preview"]  # the outbox entry's, not the record's
+    return data

@@ -75,7 +75,9 @@ def shard_in(raw: dict[str, str], job_id: str) -> int:
 
 
 def outbox_json(job_id: str, writing: Writing, progress: JobProgress) -> str:
-    entry = OutboxEntry(job_id, writing.user, writing.thread_id, progress.status, progress.error)
+    entry = OutboxEntry(
+        job_id, writing.user, writing.thread_id, progress.status, progress.error, progress.preview
+    )
     return outbox_to_json(entry)
 
 

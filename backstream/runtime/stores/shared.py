@@ -64,7 +64,9 @@ def outbox_entry(record: JobRecord, progress: JobProgress) -> OutboxEntry | None
     a live job (a retried terminal commit writes none)."""
     if is_terminal(record.status) or not is_terminal(progress.status):
         return None
-    return OutboxEntry(record.job_id, record.user, record.thread_id, progress.status, progress.error)
+    return OutboxEntry(
+        record.job_id, record.user, record.thread_id, progress.status, progress.error, progress.preview
+    )
 
 
 def quota_exceeded(stored: int, cost: int, limit: int) -> QuotaExceededError:

@@ -289,7 +289,9 @@ def _end(conn: sqlite3.Connection, planned: _Planned) -> None:
     item, stored = planned.item, planned.stored
     if not is_terminal(stored.status):  # a retried terminal commit writes no second entry
         progress = item.progress
-        entry = OutboxEntry(item.job_id, stored.user, stored.thread_id, progress.status, progress.error)
+        entry = OutboxEntry(
+            item.job_id, stored.user, stored.thread_id, progress.status, progress.error, progress.preview
+        )
         conn.execute(_OUTBOX, (item.job_id, outbox_to_json(entry)))
         item.ended = True
     sqlite_quota.charge_at_end(conn, item.job_id)
