@@ -279,12 +279,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         last saw it; a terminal commit then frees the user's and the cluster's slots
         (``RedisSteps.finish``). Cancellation: the job's script ran entirely or not at
         all; commit again (a terminal commit's later steps are run again)."""
-        if await self._end_unreplicated(job_id):  # a retry of an end that landed unreplicated
-            return
-        pending = self._finishing.get(job_id)
-        if pending is not None:  # a retry of a terminal commit whose first step landed
-            await self._steps.finish(pending, first=False)
-            del self._finishing[job_id]
+        if await self._end_landed_before(job_id):
             return
         writing = self._writing.get(job_id)
         if writing is None:
@@ -322,19 +317,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
                     self._writing.pop(job_id, None)
                     raise JobEndedElsewhereError(job_id)
                 if int(reply[0]) == 1:
-                    writing.stored_seq = progress.seq
-                    writing.written = writing.writing
-                    self._announced(writing, int(reply[1]))
-                    if not terminal:
-                        self._writing[job_id] = writing
-                        if replicated:
-                            await self._conn.confirm_replicated(self.keys.job(job_id))
-                        self.hub.signal_job(job_id)  # waiters here need no round trip
-                    else:
-                        step = finish_of(job_id, writing, progress, int(reply[2]))
-                        if replicated:
-                            await self._confirm(step)
-                        await self._finish(step)
+                    await self._landed(job_id, writing, progress, reply, replicated=replicated)
                     return
                 self._commits_replanned += 1
                 writing.stored_seq = int(reply[1])
@@ -343,6 +326,37 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         finally:
             if terminal:  # the job's last write here, whether it landed or not
                 self._writing.pop(job_id, None)
+
+    async def _end_landed_before(self, job_id: str) -> bool:
+        """A retry of a terminal commit that landed: settle what is left of it (its
+        replicas' answer, or its later steps). False if there is none."""
+        if await self._end_unreplicated(job_id):  # it landed unreplicated
+            return True
+        pending = self._finishing.get(job_id)
+        if pending is None:
+            return False
+        await self._steps.finish(pending, first=False)  # its first step landed
+        del self._finishing[job_id]
+        return True
+
+    async def _landed(
+        self, job_id: str, writing: Writing, progress: JobProgress, reply: Any, *, replicated: bool
+    ) -> None:
+        """The commit script applied: note it, then wait for the replicas if asked, and for
+        a terminal commit run its later steps."""
+        writing.stored_seq = progress.seq
+        writing.written = writing.writing
+        self._announced(writing, int(reply[1]))
+        if not is_terminal(progress.status):
+            self._writing[job_id] = writing
+            if replicated:
+                await self._conn.confirm_replicated(self.keys.job(job_id))
+            self.hub.signal_job(job_id)  # waiters here need no round trip
+            return
+        step = finish_of(job_id, writing, progress, int(reply[2]))
+        if replicated:
+            await self._confirm(step)
+        await self._finish(step)
 
     async def _confirm(self, step: Finish) -> None:
         """The replicas hold the job's end, or it waits in ``_unreplicated`` for the commit's
