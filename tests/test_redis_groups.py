@@ -111,3 +111,35 @@ async def test_commits_under_way_when_the_store_stops_all_end(tmp_path: Path) ->
             redis.resume()
             await store.aclose()
         assert len(failed) == JOBS
+
+
+async def test_a_commit_cancelled_while_it_waits_for_its_group_is_withdrawn(tmp_path: Path) -> None:
+    """Redis frozen: one commit is in flight, five wait behind it; cancelling those five
+    takes them out of the queue (none is sent later for nobody), and the first lands."""
+    with own_redis(tmp_path) as redis:
+        store = RedisStore(redis_url(redis.port), prefix=f"bstest:{uuid.uuid4().hex[:8]}")
+        async with opened(store):
+            for index in range(6):
+                await store.create_job(record(job_id=f"j_{index}", message_id=f"m{index}"))
+            groups = store.statistics
+            redis.pause()
+            try:
+                async with trio.open_nursery() as first:
+                    first.start_soon(store.commit, "j_0", texts(1, "first"), progress(1))
+                    with trio.fail_after(5):
+                        while groups().commit_groups.groups_sent == 0:
+                            await trio.sleep(0.01)
+                    async with trio.open_nursery() as behind:
+                        for index in range(1, 6):
+                            behind.start_soon(store.commit, f"j_{index}", texts(1, "x"), progress(1))
+                        with trio.fail_after(5):
+                            while groups().commit_groups.calls_waiting != 5:
+                                await trio.sleep(0.01)
+                        behind.cancel_scope.cancel()
+                    assert groups().commit_groups.calls_waiting == 0
+                    redis.resume()
+            finally:
+                redis.resume()
+            assert groups().commit_groups.calls_sent == 1  # the five were never sent
+            assert [e.seq for e in await store.read("j_0", 0, 10)] == [1]
+            assert await store.read("j_1", 0, 10) == []

@@ -80,15 +80,21 @@ class ScriptGroups:
     async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
         """Run one of the connection's scripts with the next group, and return its reply;
         raises what ``RedisConnection.script`` raises. Waits for room while
-        ``WAITING_LIMIT`` calls wait. Cancellation: the script runs with its group or not
-        at all (its reply is dropped), as a call sent alone runs or not."""
+        ``WAITING_LIMIT`` calls wait. Cancellation: a call still waiting for its group is
+        withdrawn (so no more than ``WAITING_LIMIT`` ever wait); one already sent runs or
+        not, its reply dropped, as a call sent alone runs or not."""
         if not self._running:
             return await self._conn.script(name, keys, args)
         async with self._room:
             call = _Call(name, keys, args)
             self._waiting.append(call)
             self._wake.set()
-            await call.done.wait()
+            try:
+                await call.done.wait()
+            except BaseException:
+                if call in self._waiting:  # not sent yet: nobody will want its reply
+                    self._waiting.remove(call)
+                raise
         if call.error is not None:
             raise call.error
         return call.reply
