@@ -321,12 +321,10 @@ def plan_append(state: StreamState, request: AppendRequest, now: float) -> Appen
         return _close_only(state, producer, now)
     if normalize_type(request.content_type) != normalize_type(state.content_type):
         raise StreamRefusal(409, "the content type differs from the stream's")
-    producers = dict(state.producers)
+    producers, refusal = _admit_producer(state, producer, now)
+    if refusal is not None:
+        return refusal
     if producer is not None:
-        refusal = _check_producer(state, producer, now)
-        if refusal is not None:
-            return refusal
-        producers[producer[0]] = Producer(producer[1], producer[2], now)
         producers = _bounded(producers, now)
     seq, last_seq = request.stream_seq, state.stream_seq
     if seq is not None and last_seq is not None and seq.encode() <= last_seq.encode():
@@ -347,7 +345,7 @@ def plan_append(state: StreamState, request: AppendRequest, now: float) -> Appen
     )
     headers = {OFFSET: format_offset(tail)}
     if producer is not None:
-        headers |= {PRODUCER_EPOCH: str(producer[1]), PRODUCER_SEQ: str(producer[2])}
+        headers |= _producer_headers(producer)
     if request.close:
         headers[CLOSED] = "true"
     return AppendPlan(new_state, (tail, data), 200 if producer is not None else 204, headers)
@@ -357,7 +355,7 @@ def _append_to_closed(state: StreamState, request: AppendRequest) -> AppendPlan:
     producer = request.producer
     closed_headers = {OFFSET: format_offset(state.tail), CLOSED: "true"}
     if producer is not None and state.closed_by == producer:
-        headers = closed_headers | {PRODUCER_EPOCH: str(producer[1]), PRODUCER_SEQ: str(producer[2])}
+        headers = closed_headers | _producer_headers(producer)
         return AppendPlan(None, None, 204, headers)
     if not request.body and request.close and producer is None:
         return AppendPlan(None, None, 204, closed_headers)
@@ -366,17 +364,33 @@ def _append_to_closed(state: StreamState, request: AppendRequest) -> AppendPlan:
 
 def _close_only(state: StreamState, producer: tuple[str, int, int] | None, now: float) -> AppendPlan:
     headers = {OFFSET: format_offset(state.tail), CLOSED: "true"}
-    producers = dict(state.producers)
+    producers, refusal = _admit_producer(state, producer, now)
+    if refusal is not None:
+        return refusal
     if producer is not None:
-        refusal = _check_producer(state, producer, now)
-        if refusal is not None:
-            return refusal
-        producers[producer[0]] = Producer(producer[1], producer[2], now)
-        headers |= {PRODUCER_EPOCH: str(producer[1]), PRODUCER_SEQ: str(producer[2])}
+        headers |= _producer_headers(producer)
     new_state = attrs.evolve(
         state, closed=True, closed_by=producer, producers=_bounded(producers, now), last_access=now
     )
     return AppendPlan(new_state, None, 204, headers)
+
+
+def _admit_producer(
+    state: StreamState, producer: tuple[str, int, int] | None, now: float
+) -> tuple[dict[str, Producer], AppendPlan | None]:
+    """The stream's producers with ``producer``'s request taken (unbounded yet), or the
+    refusal or duplicate's plan that answers the request instead."""
+    producers = dict(state.producers)
+    if producer is not None:
+        refusal = _check_producer(state, producer, now)
+        if refusal is not None:
+            return producers, refusal
+        producers[producer[0]] = Producer(producer[1], producer[2], now)
+    return producers, None
+
+
+def _producer_headers(producer: tuple[str, int, int]) -> dict[str, str]:
+    return {PRODUCER_EPOCH: str(producer[1]), PRODUCER_SEQ: str(producer[2])}
 
 
 def _check_producer(state: StreamState, producer: tuple[str, int, int], now: float) -> AppendPlan | None:
