@@ -106,6 +106,8 @@ async def test_a_handover_fences_the_old_writer_off(store: Store) -> None:
         assert handover.record.status == "running"  # what to do with it is the new owner's policy
         with pytest.raises(JobEndedElsewhereError):
             await store.commit("j_1", texts(3, "late"), progress(3))  # the old writer
+        with pytest.raises(JobEndedElsewhereError):  # again: it never takes the new owner's place
+            await store.commit("j_1", texts(3, "late"), progress(3, status="interrupted"))
         assert [e.seq for e in await peer.read("j_1", 0, 10)] == [1, 2]
         await peer.commit("j_1", texts(3, "more"), progress(3))  # the new owner writes on
         held = await peer.get_job("j_1")

@@ -188,6 +188,47 @@ async def test_kill_9_with_redis_is_continued_by_another_instance() -> None:
         await delete_prefix(prefix)
 
 
+async def test_kill_9_rewinds_a_remote_watcher_that_saw_entries_only_announced() -> None:
+    """Commits far apart (``--commit-ms``): the watcher on B is shown entries that A only
+    announced, then A dies. B takes the job over from what was durable, and the watch is
+    rewound there (a batch holding a ``rewind``), never handed the new epoch's entries
+    after the lost ones: its content is the undisturbed answer."""
+    require_redis()
+    answer = await undisturbed(lorem_request(LOREM["max_tokens"]))
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    env = {"BACKSTREAM_REDIS_PREFIX": prefix}
+    flags = ("--lease-ttl", "1.5", "--lease-renew-interval", "0.3", "--commit-ms", "60000")
+    try:
+        with (
+            server(redis_url(), *flags, env=env) as (port_a, proc_a),
+            server(redis_url(), *flags, env=env) as (port_b, _),
+        ):
+            async with (
+                open_client(f"ws://127.0.0.1:{port_a}/v1", "tok") as a,
+                open_client(f"ws://127.0.0.1:{port_b}/v1", "tok") as b,
+            ):
+                started = await a.start_job(
+                    thread_id="t", message_id="m", model="backstream/lorem", messages=MSG, params=LOREM
+                )
+                job_id = started.job.job_id
+                rewinds: list[RewindEvent] = []
+                with trio.fail_after(30):
+                    async with b.watch(job_id) as batches:
+                        async for batch in batches:
+                            rewinds += [e for e in batch.events if isinstance(e, RewindEvent)]
+                            if batch.to_seq >= 40 and proc_a.poll() is None:
+                                proc_a.send_signal(signal.SIGKILL)
+                        content = batches.content
+                assert proc_a.poll() is not None  # killed mid-answer
+                [rewind] = rewinds
+                assert rewind.to_seq < 40  # back to what A made durable: less than B was shown
+                info = await b.get(job_id, include_content=True)
+                assert info.job.status == "completed" and info.job.epoch == 2
+                assert info.content == content == answer
+    finally:
+        await delete_prefix(prefix)
+
+
 async def test_workers_share_one_port() -> None:
     require_redis()
     prefix = f"bstest:{uuid.uuid4().hex[:12]}"

@@ -27,9 +27,11 @@ MSG = [{"role": "user", "content": "x"}]
 
 
 @asynccontextmanager
-async def instances(url: str, count: int, *, cluster: bool = False) -> AsyncIterator[list[Runtime]]:
+async def instances(
+    url: str, count: int, *, cluster: bool = False, config: Config | None = None
+) -> AsyncIterator[list[Runtime]]:
     prefix = f"bstest:{uuid.uuid4().hex[:12]}"
-    config = Config(drain_timeout=0, flush_ms=20)
+    config = config or Config(drain_timeout=0, flush_ms=20)
     try:
         async with AsyncExitStack() as stack:
             yield [
@@ -106,6 +108,32 @@ async def test_a_job_started_on_a_arrives_whole_on_b_and_c(where: tuple[str, boo
         assert len({joined_text(batches) for batches in results.values()}) == 1
         # Two watchers on B, one tail: B followed the job once.
         assert heard(b).subscribes_total == 1 and heard(c).subscribes_total == 1
+
+
+async def test_a_remote_watcher_is_shown_entries_before_they_are_durable(where: tuple[str, bool]) -> None:
+    """Commits far apart: the writer announces its new entries at every flush between, so a
+    watcher on B is shown entries the store does not hold yet; the job's end makes every
+    one durable, and the watch joins whole."""
+    url, cluster = where
+    config = Config(drain_timeout=0, flush_ms=20, commit_ms=60_000)
+    async with instances(url, 2, cluster=cluster, config=config) as (a, b):
+        job_id = await lorem(a, "m1", tokens=40, rate=100)
+        shown_ahead = False
+        batches: list[Batch] = []
+        with trio.fail_after(20):
+            async with b.watch(job_id, user="alice") as stream:
+                async for batch in stream:
+                    batches.append(batch)
+                    if batch.terminal is None and not shown_ahead:
+                        durable = await b.store.read(job_id, 0, 100)
+                        shown_ahead = durable[-1].seq < batch.to_seq if durable else True
+        assert shown_ahead
+        check_contiguous(batches)
+        assert terminal(batches).status == "completed"
+        assert len(joined_text(batches).split()) == 40
+        assert len(await b.store.read(job_id, 0, 100)) == batches[-1].to_seq  # all durable now
+        assert isinstance(a.store, RedisStore)
+        assert a.store.statistics().entries_announced >= 5
 
 
 async def _xranges(port: int) -> int:
@@ -253,9 +281,10 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
     got: list[list[int]] = []
     epochs: set[int] = set()
 
-    def follow(entries: Sequence[LogEvent], epoch: int) -> None:
+    def follow(entries: Sequence[LogEvent], epoch: int, durable: int) -> None:
         got.append([e.seq for e in entries])
         epochs.add(epoch)
+        assert durable == (entries[-1].seq if entries else durable)  # a commit's: all durable
 
     async with writer_and_follower(redis_url()) as (writer, follower):
         await writer.create_job(record())
@@ -272,3 +301,37 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
                     await trio.sleep(0.01)
     assert got == [[1, 2], [], [4]]  # the large one came without its entries
     assert epochs == {1}  # each announcement names its writer's epoch
+
+
+async def test_entries_announced_before_their_commit_reach_the_follower_once() -> None:
+    """Between commits the writer announces the entries after its last commit, with the seq
+    the log is durable through; the commit that makes them durable is not announced again
+    (it brings the follower nothing), the next announcement says how far it made the log
+    durable, and a change of status is announced with its commit."""
+    from tests.test_store_conformance import progress, record, texts
+
+    require_redis()
+    got: list[tuple[list[int], int]] = []
+
+    def follow(entries: Sequence[LogEvent], epoch: int, durable: int) -> None:
+        got.append(([e.seq for e in entries], durable))
+
+    async with writer_and_follower(redis_url()) as (writer, follower):
+        await writer.create_job(record())
+        with follower.follow_job("j_1", follow):
+            with trio.fail_after(5):
+                while follower.statistics().subscriber.channels_subscribed != 1:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.1)  # the writer heard the follower's watch request
+            await writer.commit("j_1", texts(1, "a ", "b "), progress(2))
+            await writer.announce_entries("j_1", texts(3, "c ", "d "))
+            await writer.announce_entries("j_1", texts(3, "c ", "d ", "e "))
+            assert [e.seq for e in await follower.read("j_1", 0, 10)] == [1, 2]  # not durable
+            await writer.commit("j_1", texts(3, "c ", "d ", "e "), progress(5))
+            await writer.announce_entries("j_1", texts(6, "f "))
+            await writer.commit("j_1", texts(6, "f "), progress(6, status="awaiting_approval"))
+            with trio.fail_after(5):
+                while len(got) < 5:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.1)  # anything more on its way
+    assert got == [([1, 2], 2), ([3, 4], 2), ([3, 4, 5], 2), ([6], 5), ([6], 6)]

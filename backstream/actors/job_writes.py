@@ -4,6 +4,12 @@ The job actor appends to its log in memory; ``JobWrites`` writes the new entries
 (every ``flush_events`` entries or when the registry's ticker asks, every ``flush_ms``),
 retries a failed write with backoff, and knows how far the store has the log
 (``flushed_seq``) and whether the terminal status is stored (``closed_in_store``).
+
+With a store that announces entries before they are durable (``announces_uncommitted``:
+Redis), a flush commits only every ``commit_ms`` (or at ``flush_events`` entries, a change
+of status, the end); the flushes between only announce the entries after the last commit
+to the instances that follow the job. Their watchers get each entry as soon as they would
+with a commit per flush, and the store does a third of the writes.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class JobWrites:
         self._lock = trio.Lock()
         self._due = trio.Event()
         self._failing_since: float | None = None  # trio time of the first failed write
+        self._committed_at = -float("inf")  # trio time of the last commit that landed
+        self._ended_elsewhere_seen = False
+        self._announced_seq = self.flushed_seq
 
     @property
     def has_unflushed(self) -> bool:
@@ -92,11 +101,41 @@ class JobWrites:
             self._due = trio.Event()
             if self._log.terminal is not None:
                 return  # the final write happens in the actor's cleanup
+            if self._announce_only():
+                await self._announce()
+                continue
             if not await self._try_flush(backoff):
                 self._give_up()
                 return
             if self._failing_since is not None:
                 self._due.set()  # the write failed: try again (after the backoff it slept)
+
+    def _announce_only(self) -> bool:
+        """Whether this flush only announces: the store announces, the last commit is
+        younger than ``commit_ms``, and nothing needs a commit now (a status to store,
+        ``flush_events`` entries waiting, a failed write to retry)."""
+        if not self._store.announces_uncommitted or self._failing_since is not None:
+            return False
+        if self._log.status != self._flushed_status:
+            return False
+        if self._log.last_seq - self.flushed_seq >= self._config.flush_events:
+            return False
+        return trio.current_time() - self._committed_at < self._config.commit_seconds
+
+    async def _announce(self) -> None:
+        """Announce the entries after the last commit (each announcement carries all of
+        them, so a follower that joined since needs none before). Nothing when nothing
+        is new since the last announcement. A failed announcement is let go: the next
+        commit carries the entries. Cancellation: sent or not."""
+        last = self._log.last_seq
+        if last <= self._announced_seq:
+            return
+        try:
+            await self._store.announce_entries(self._job_id, self._log.entries(self.flushed_seq, last))
+        except Exception as exc:
+            log.debug("job %s: announcement failed (%s); the next commit carries it", self._job_id, exc)
+            return
+        self._announced_seq = last
 
     async def _try_flush(self, backoff: Backoff) -> bool:
         """One write; after a failure, sleep by ``backoff``. False once writes have failed
@@ -143,6 +182,8 @@ class JobWrites:
         from an older snapshot), write again from where the store's log ends."""
         async with self._lock:
             for _ in range(2):
+                if self._ended_elsewhere_seen:
+                    return  # another owner writes the job now: this writer never writes again
                 last = self._log.last_seq
                 status = self._log.status
                 if last == self.flushed_seq and status == self._flushed_status:
@@ -155,6 +196,7 @@ class JobWrites:
                     # Another instance ended it (its lease lapsed): that ending stands. Stop
                     # the work and write nothing more.
                     log.warning("job %s: ended elsewhere while running here; stopping", self._job_id)
+                    self._ended_elsewhere_seen = True
                     self.closed_in_store = True
                     self.flushed_seq, self._flushed_status = last, status
                     self._ended_elsewhere()
@@ -170,6 +212,8 @@ class JobWrites:
                     self._flushed_status = None
                     continue
                 self.flushed_seq = last
+                self._announced_seq = max(self._announced_seq, last)
+                self._committed_at = trio.current_time()
                 self._flushed_content_length = progress.content_length
                 self._flushed_status = status
                 if progress.finished_at is not None:

@@ -11,7 +11,7 @@ import abc
 import enum
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import attrs
 import trio
@@ -25,6 +25,7 @@ from backstream.protocol.records import JobProgress, JobRecord, NotificationReco
 __all__ = [
     "Capability",
     "ChatTurn",
+    "EntriesListener",
     "Handover",
     "Housekeeping",
     "Inbox",
@@ -315,6 +316,11 @@ class JobStore(abc.ABC):
         Cancellation: some jobs may be deleted already; the next sweep finds the rest."""
 
 
+EntriesListener = Callable[[Sequence[LogEvent], int, int], None]
+"""Given an announcement's entries, its writer's epoch and the seq the store holds the log
+through (``LogStore.follow_job``)."""
+
+
 class LogStore(abc.ABC):
     """A job's log, written by its one writer and read by anyone."""
 
@@ -353,15 +359,27 @@ class LogStore(abc.ABC):
         """
 
     def follow_job(
-        self, job_id: str, on_entries: Callable[[Sequence[LogEvent], int], None] | None = None
+        self, job_id: str, on_entries: EntriesListener | None = None
     ) -> AbstractContextManager[None]:
         """For the block, this process follows the job's commits made elsewhere (a shared
         store subscribes to them once, however many follow; ``wait_for_entries`` follows
         for its own wait only). ``on_entries`` (synchronous, it must not block) gets each
-        announced commit's entries (empty when the store announces them without: they are
-        read) and the epoch of the writer (0 if unknown). A store one process owns has
-        nothing to follow."""
+        announcement: the entries it carries (empty when the store announces them without:
+        they are read), the epoch of the writer (0 if unknown) and the seq the store holds
+        the log through, which the entries may pass (``announce_entries``). A store one process
+        owns has nothing to follow."""
         return nullcontext()
+
+    announces_uncommitted: ClassVar[bool] = False
+    """Whether ``announce_entries`` tells the instances following a job of entries not yet committed
+    (then a writer commits every ``commit_ms`` and announces in between)."""
+
+    async def announce_entries(self, job_id: str, entries: Sequence[LogEvent]) -> None:
+        """Tell the instances that follow the job (``follow_job``) of ``entries``: the ones
+        after its last commit, not yet durable; nothing if none follows it. Best effort: a
+        lost announcement is made good by the next commit's. Only the job's writer calls
+        it. Cancellation: sent or not."""
+        await trio.lowlevel.checkpoint()
 
 
 class Signals(abc.ABC):

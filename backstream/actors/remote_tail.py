@@ -9,6 +9,14 @@ store sends them), waits for them once (the first waiter waits in the store; the
 others wait for it), reads a range it did not get that way once, and keeps the newest
 entries in a window that every watcher reads from (``TailedSource``, a ``LogSource``).
 
+A writer may announce entries before they are durable (``LogStore.announce_entries``): the window
+then runs ahead of the store, and the tail knows how far the log is durable
+(``durable``, as announced or read). A takeover keeps the old epoch's durable entries
+only: once the tail learns of a later epoch, it drops the entries after them, and a
+watcher whose cursor went past what the store held is checked against what its epoch
+kept (``follow_epoch``), as an ahead cursor is. An announcement of an earlier epoch (a
+writer since taken over) is ignored.
+
 Bounded: a tail keeps its newest ``TAIL_WINDOW`` entries. The window is not a mailbox
 per watcher: a watcher holds only its cursor, and one that falls behind the window (a
 slow consumer, or a replay from the start) reads its range from the store itself,
@@ -88,7 +96,9 @@ class RemoteTail:
         self._lock = trio.Lock()
         self._wait_done: trio.Event | None = None
         self.epoch = 0
-        """The latest epoch a commit's announcement named (0: none yet)."""
+        """The latest epoch an announcement or a read named (0: none yet)."""
+        self.durable = 0
+        """The store holds the log through here (in ``epoch``), as announced or read."""
 
     @property
     def last_seq(self) -> int | None:
@@ -149,20 +159,40 @@ class RemoteTail:
             self._counters.record_reads += 1
             self._record = (self._round, record)
             if record is not None:
-                self.epoch = max(self.epoch, record.epoch)
+                self._learn_epoch(record.epoch)
+                if record.epoch == self.epoch:
+                    self.durable = max(self.durable, fetched[-1].seq)
         self._keep(after_seq, fetched)
         if self._behind(after_seq):  # announcements meanwhile outgrew the window
             return fetched[:limit]
         return self._slice(after_seq, limit)
 
-    def announced(self, entries: Sequence[LogEvent], epoch: int = 0) -> None:
-        """Entries a commit's announcement carried (maybe none), and its writer's epoch:
-        kept if they continue the window (else the next read brings them). Never blocks."""
-        self.epoch = max(self.epoch, epoch)
+    def announced(self, entries: Sequence[LogEvent], epoch: int = 0, durable: int = 0) -> None:
+        """An announcement: its entries (maybe none; every one after ``durable``, the seq
+        the store holds the log through), and its writer's epoch. Those after the window's
+        end are kept if the window reaches their first (else the next read brings them);
+        an earlier epoch's are ignored. Never blocks."""
+        if epoch and epoch < self.epoch:
+            return  # its writer was taken over: the new epoch may not keep them
+        if epoch:
+            self._learn_epoch(epoch)
+        self.durable = max(self.durable, durable)
         last = self.last_seq
-        if last is not None and entries and entries[0].seq == last + 1:
-            self._keep(last, list(entries))
+        if last is not None and entries and entries[0].seq <= last + 1 <= entries[-1].seq:
+            self._keep(last, [event for event in entries if event.seq > last])
             self._counters.announced += 1
+
+    def _learn_epoch(self, epoch: int) -> None:
+        """A later epoch wrote: the window keeps what the earlier one made durable (which a
+        takeover keeps), not what was only announced."""
+        if epoch <= self.epoch:
+            return
+        if self.epoch and self._base is not None:
+            if self._base > self.durable:
+                self._entries, self._base = [], None
+            else:
+                self._entries = [event for event in self._entries if event.seq <= self.durable]
+        self.epoch = epoch
 
     def _keep(self, start: int, fetched: list[LogEvent]) -> None:
         """Add what a read after ``start`` found; drop the oldest past ``TAIL_WINDOW``."""
@@ -184,6 +214,8 @@ class RemoteTail:
             record = await self.store.get_job(self.job_id)
             self._counters.record_reads += 1
             self._record = (self._round, record)
+            if record is not None:
+                self._learn_epoch(record.epoch)
             return record
 
     def refresh(self) -> None:
@@ -226,6 +258,9 @@ class TailedSource:
         self.epoch = epoch
         self.vouched = durable_seq
         """A cursor up to here stands: the store held its entry, at ``epoch``'s time."""
+        self.delivered = durable_seq
+        """This source's reads reached here in ``epoch`` (as announced, maybe not durable):
+        a cursor up to here needs no look at the record until a later epoch shows up."""
 
     @property
     def tail(self) -> RemoteTail:
@@ -243,19 +278,28 @@ class TailedSource:
             entries = await self._check_continues(tail, after_seq, max_events)
             if not entries:
                 return ()
-        if after_seq > self.vouched:
-            # A cursor the store never held: the record, read after these entries, says
+        if after_seq > self.vouched and (after_seq > self.delivered or tail.epoch != self.epoch):
+            # A cursor the store may never have held (given by the client, or read as
+            # announced before a takeover): the record, read after these entries, says
             # whether the epoch that wrote them kept it.
+            known = tail.epoch
             await follow_epoch(self, tail.store, await tail.record(fresh=True), after_seq)
-        # A commit announced by a later epoch's writer: the job was taken over. Every entry
-        # read now is either one the log kept of the old epoch or the new one's.
+            if tail.epoch != known:  # the record named a later epoch: read what it kept
+                entries = await tail.read(after_seq, max_events)
+                if not entries:
+                    return ()
+        # Announced by a later epoch's writer: the job was taken over. The cursor stands (the
+        # store held it, or the record said the old epoch kept it), and every entry read now
+        # is either one the log kept of the old epoch or the new one's.
         self.epoch = max(self.epoch, tail.epoch)
         last = entries[-1]
         if isinstance(last, StatusEvent) and last.is_terminal:
             record = await tail.record()  # a recovered job has a new epoch
             if record is not None:
                 self.epoch = record.epoch
-        self.vouched = max(self.vouched, last.seq)
+        if tail.epoch == self.epoch:
+            self.vouched = max(self.vouched, min(last.seq, tail.durable))
+        self.delivered = max(self.delivered, last.seq)
         if not merge_text:
             return tuple(entries)
         return merge_events(entries, max_events=max_events, max_chars=max_chars)

@@ -21,10 +21,12 @@ back from an older snapshot) is reported, never left with a gap. A terminal comm
 writes its outbox entry into the job's record in the same script; then frees the
 user's and the cluster's slots and indexes the entry. Sweeping, scanning for orphans
 and claiming the outbox go shard by shard, split between instances
-(``redis_housekeeping``). Nothing is broadcast: a commit is
-announced on its job's sharded channel, and only while the writer knows of a follower
-(an instance that follows the job asks with ``watch`` on the job's control channel; a
-commit that reached nobody stops the announcements); aborts and decisions go on the
+(``redis_housekeeping``). Nothing is broadcast: a commit, and between commits the
+entries not yet committed (``announce_entries``: a job commits every ``commit_ms`` and
+announces every ``flush_ms``), are announced on its job's sharded channel, and only
+while the writer knows of a follower (an instance that follows the job asks with
+``watch`` on the job's control channel; a commit that reached nobody stops the
+announcements); aborts and decisions go on the
 control channel, which only the job's runner follows; notifications on the user's
 channel, followed by the instances that hold a connection of the user. One subscriber
 per instance (``RedisSubscriber``) follows what this instance's waiters are interested
@@ -40,7 +42,7 @@ expire in Redis, an hour after retention, should no sweep ever run.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -50,6 +52,7 @@ import trio
 
 from backstream.actors.ports import (
     Capability,
+    EntriesListener,
     Handover,
     JobEndedElsewhereError,
     LogBehindError,
@@ -66,6 +69,7 @@ from backstream.protocol.records import (
     JobRecord,
     SharedCapacity,
     events_from_json,
+    events_to_json,
 )
 from backstream.runtime.stores.redis_client import RedisConnection, Replication
 from backstream.runtime.stores.redis_clock import RedisFrame
@@ -88,7 +92,14 @@ from backstream.runtime.stores.redis_subscriber import (
     RedisSubscriberStatistics,
 )
 from backstream.runtime.stores.redis_webhooks import RedisWebhookQueue
-from backstream.runtime.stores.redis_writing import Writing, commit_args, finish_of, shard_in, writing_of
+from backstream.runtime.stores.redis_writing import (
+    ANNOUNCE_LIMIT,
+    Writing,
+    commit_args,
+    finish_of,
+    shard_in,
+    writing_of,
+)
 from backstream.runtime.stores.shared import (
     InboxForwarding,
     SeatsForwarding,
@@ -101,6 +112,8 @@ __all__ = ["REMOTE_OUTAGE_S", "RedisStore", "RedisStoreStatistics"]
 _LIVE_JSON = json.dumps(sorted(LIVE_STATUSES))
 _PAGE = 64
 """Stream entries per ``XRANGE`` of ``read``."""
+_FENCED_KEPT = 10_000
+"""Fenced-off jobs remembered (``RedisStore._fenced``)."""
 
 
 @attrs.frozen
@@ -121,7 +134,10 @@ class RedisStoreStatistics:
     """Terminal commits that landed whose later steps (freeing the slots, indexing the
     outbox entry) wait for the job's next commit or this instance's next ``take_orphans``."""
     commits_announced: int
-    """Commits announced on their job's channel (the others had no follower)."""
+    """Commits announced on their job's channel (the others had no follower, or brought
+    followers nothing an announcement had not)."""
+    entries_announced: int
+    """Announcements of entries before their commit (``announce_entries``)."""
     subscriber: RedisSubscriberStatistics
     commit_groups: ScriptGroupsStatistics
     """Commits sent together (``redis_groups``)."""
@@ -175,6 +191,11 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         self._commit_groups = ScriptGroups(self._conn)
         self._housekeeping = RedisHousekeeping(self._conn, self._steps, self.hub)
         self._writing: dict[str, Writing] = {}
+        self._fenced: dict[str, None] = {}
+        """Jobs whose writer here was fenced off (another owner holds them, or they ended):
+        a later commit of theirs is refused before it reads the record, which names the new
+        owner. At most ``_FENCED_KEPT``, the oldest forgotten (its writer stopped long ago);
+        a job this instance takes over again is written again."""
         self._finishing: dict[str, Finish] = {}
         """Terminal commits whose later steps did not land yet: the job's next commit (a
         retry) or this instance's next ``take_orphans`` runs them again. Bounded by the
@@ -186,6 +207,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         when it is taken over."""
         self._commits_replanned = 0
         self._commits_announced = 0
+        self._entries_announced = 0
 
     @property
     def subscribed(self) -> trio.Event:
@@ -210,6 +232,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
             outage_retries=self.subscriber.outage_retries,
             endings_unfinished=len(self._finishing),
             commits_announced=self._commits_announced,
+            entries_announced=self._entries_announced,
             subscriber=self.subscriber.statistics(),
             commit_groups=self._commit_groups.statistics(),
         )
@@ -281,6 +304,8 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         all; commit again (a terminal commit's later steps are run again)."""
         if await self._end_landed_before(job_id):
             return
+        if job_id in self._fenced:
+            raise JobEndedElsewhereError(job_id)
         writing = self._writing.get(job_id)
         if writing is None:
             writing = await self._read_writing(job_id)
@@ -315,6 +340,9 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
                     return
                 if int(reply[0]) == 3:  # ended, or handed over: another instance has it
                     self._writing.pop(job_id, None)
+                    self._fenced[job_id] = None
+                    if len(self._fenced) > _FENCED_KEPT:
+                        del self._fenced[next(iter(self._fenced))]
                     raise JobEndedElsewhereError(job_id)
                 if int(reply[0]) == 1:
                     await self._landed(job_id, writing, progress, reply, replicated=replicated)
@@ -395,6 +423,28 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         self.hub.ring(OUTBOX_BELL)
         self.hub.signal_job(step.job_id)
 
+    announces_uncommitted = True
+
+    async def announce_entries(self, job_id: str, entries: Sequence[LogEvent]) -> None:
+        """An ``SPUBLISH`` on the job's channel, with the next commit group: the writer's
+        epoch, the seq the log is durable through, and ``entries``; only while a follower
+        is known (as commits are announced), and only up to ``ANNOUNCE_LIMIT`` bytes (past
+        it the followers get them with the commit). Cancellation: sent or not."""
+        writing = self._writing.get(job_id)
+        if writing is None or not writing.announce or not entries:
+            await trio.lowlevel.checkpoint()
+            return
+        payload = events_to_json(entries)
+        if len(payload) > ANNOUNCE_LIMIT:
+            await trio.lowlevel.checkpoint()
+            return
+        message = f"{job_id}@{writing.epoch} {writing.stored_seq} {payload}"
+        receivers = await self._commit_groups.publish(self.keys.job_channel(job_id), message)
+        writing.announced_seq = max(writing.announced_seq, entries[-1].seq)
+        self._entries_announced += 1
+        if receivers == 0:
+            writing.announce = False
+
     def _announced(self, writing: Writing, receivers: int) -> None:
         """A commit landed; ``receivers``: how many instances its announcement reached
         (-1: not announced). Nobody: stop announcing until a follower asks."""
@@ -439,7 +489,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         await self.subscriber.wait_for_entries(job_id, after_seq)
 
     def follow_job(
-        self, job_id: str, on_entries: Callable[[Sequence[LogEvent], int], None] | None = None
+        self, job_id: str, on_entries: EntriesListener | None = None
     ) -> AbstractContextManager[None]:
         """Subscribe to the job's channel for the block (once per job however many
         follow it), and ask its writer to announce its commits; ``on_entries`` gets the
@@ -624,6 +674,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
             return None
         entries = await self.read(job_id, 0, taken.seq)
         self._writing[job_id] = writing_of(taken, shard)
+        self._fenced.pop(job_id, None)
         return Handover(taken, tuple(entries))
 
     # -- the outbox ------------------------------------------------------------------------

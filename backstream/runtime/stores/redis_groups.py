@@ -12,6 +12,7 @@ does not change, only the instance's cost of sending them.
 Each call's reply or error goes to its caller alone: a script Redis does not know yet
 (``NOSCRIPT``: a restarted server) is run again alone, which loads it; an outage fails
 every call of the group with ``UnavailableError``, as it would have failed each.
+Announcements between commits (``publish``: an ``SPUBLISH``) go in the same pipelines.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ GROUP_LIMIT = 256
 """Calls sent in one pipeline at most; more wait for the next."""
 WAITING_LIMIT = 4096
 """Calls waiting for a pipeline at most; when full, callers wait for room."""
+_PUBLISH = "SPUBLISH"
+"""The name of a call that is an announcement, not a script."""
 PIPELINE_TIMEOUT_S = 10.0
 """A pipeline's replies not all read in this long fail its calls (an outage: retried)."""
 
@@ -77,6 +80,11 @@ class ScriptGroups:
     def statistics(self) -> ScriptGroupsStatistics:
         return ScriptGroupsStatistics(self._groups_sent, self._calls_sent, self._largest, len(self._waiting))
 
+    async def publish(self, channel: str, message: str) -> int:
+        """``SPUBLISH`` with the next group; returns how many subscribers got it. Waits and
+        is cancelled as ``script`` is."""
+        return int(await self.script(_PUBLISH, [channel], [message]))
+
     async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
         """Run one of the connection's scripts with the next group, and return its reply;
         raises what ``RedisConnection.script`` raises. Waits for room while
@@ -84,7 +92,7 @@ class ScriptGroups:
         withdrawn (so no more than ``WAITING_LIMIT`` ever wait); one already sent runs or
         not, its reply dropped, as a call sent alone runs or not."""
         if not self._running:
-            return await self._conn.script(name, keys, args)
+            return await self._alone(_Call(name, keys, args))
         async with self._room:
             call = _Call(name, keys, args)
             self._waiting.append(call)
@@ -125,7 +133,7 @@ class ScriptGroups:
             alone = group if len(group) == 1 else await self._send_together(group)
             for call in alone:  # a pipeline of one costs more than the call; NOSCRIPT loads it
                 try:
-                    call.settle(await self._conn.script(call.name, call.keys, call.args))
+                    call.settle(await self._alone(call))
                 except Exception as exc:
                     call.settle(error=exc)
         finally:  # cancelled (the store stops): what was not answered will not be
@@ -153,16 +161,24 @@ class ScriptGroups:
                 call.settle(error=self._unavailable(exc))
         return alone
 
+    async def _alone(self, call: _Call) -> Any:
+        if call.name == _PUBLISH:
+            return await self._conn.call(self._conn.client.spublish(call.keys[0], call.args[0]))
+        return await self._conn.script(call.name, call.keys, call.args)
+
     async def _pipeline(self, group: list[_Call]) -> list[Any]:
-        """Send the group's scripts (``EVALSHA``) in one pipeline; the per-call replies
-        or errors, to be awaited."""
+        """Send the group's scripts (``EVALSHA``) and announcements in one pipeline; the
+        per-call replies or errors, to be awaited."""
         client = self._conn.client
         scripts = self._conn.scripts
         async with client.pipeline(
             transaction=False, raise_on_error=False, timeout=PIPELINE_TIMEOUT_S
         ) as pipe:
             requests = [
-                pipe.evalsha(scripts[call.name].sha, keys=call.keys, args=call.args) for call in group
+                pipe.spublish(call.keys[0], call.args[0])
+                if call.name == _PUBLISH
+                else pipe.evalsha(scripts[call.name].sha, keys=call.keys, args=call.args)
+                for call in group
             ]
         return requests
 

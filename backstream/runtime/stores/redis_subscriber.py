@@ -29,7 +29,7 @@ import coredis.exceptions
 import trio
 from coredis.patterns.pubsub import PubSub
 
-from backstream.actors.ports import NotificationListener
+from backstream.actors.ports import EntriesListener, NotificationListener
 from backstream.actors.signals import SignalHub, Topic, outage_backoff, through_outage
 from backstream.protocol.backoff import Backoff
 from backstream.protocol.errors import UnavailableError
@@ -67,8 +67,6 @@ _CHUNK = 256
 COMMITS, CONTROL, USER = "commits", "control", "user"
 STREAM = "stream"
 """A durable stream's channel (``streams_redis``): the interest's name is the channel."""
-
-EntriesListener = Callable[[Sequence[LogEvent], int], None]
 
 
 @attrs.define
@@ -427,9 +425,10 @@ class RedisSubscriber:
         return False
 
     def _dispatch_commit(self, route: _Route, data: str) -> None:
-        """``ID SEQ`` (an end), or ``ID SEQ JSON`` (a commit and its entries; ``ID`` is
-        ``JOB@EPOCH``, the writer's epoch): the entries (or none, to be read) and the epoch
-        go to the followers that take them, then the job's waiters wake."""
+        """``ID SEQ`` (an end), or ``ID SEQ JSON`` (a commit and its entries, or entries
+        announced before their commit; ``ID`` is ``JOB@EPOCH``, the writer's epoch; ``SEQ``
+        how far the log is durable): the entries (or none, to be read), the epoch and the
+        durable seq go to the followers that take them, then the job's waiters wake."""
         head, _, rest = data.partition(" ")
         seq, _, payload = rest.partition(" ")
         epoch_text = head.rpartition("@")[2]
@@ -440,8 +439,9 @@ class RedisSubscriber:
                 entries = events_from_json(payload) if payload else ()
             except Exception:  # a malformed announcement: the followers read the log instead
                 log.warning("job %s: an announcement's entries could not be read", route.name)
+            durable = int(seq) if seq.isdigit() else 0
             for listener in list(route.on_entries):
-                listener(entries, epoch)
+                listener(entries, epoch, durable)
         if seq.isdigit():
             self._announced[route.name] = max(int(seq), self._announced.get(route.name, 0))
         self._hub.signal_job(route.name)

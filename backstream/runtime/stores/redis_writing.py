@@ -25,9 +25,12 @@ from backstream.runtime.stores.redis_keys import RedisKeyspace
 from backstream.runtime.stores.redis_steps import OUTBOX_FIELD, SHARD_FIELD, Finish, encode_fields
 from backstream.runtime.stores.shared import outbox_to_json
 
-__all__ = ["Writing", "commit_args", "finish_of", "outbox_json", "shard_in", "writing_of"]
+__all__ = ["ANNOUNCE_LIMIT", "Writing", "commit_args", "finish_of", "outbox_json", "shard_in", "writing_of"]
 
 _TERMINAL_JSON = json.dumps(sorted(TERMINAL_STATUSES))
+ANNOUNCE_LIMIT = 65536
+"""Bytes of entries an announcement carries at most (as the commit script's): past it,
+followers read them from the store, so no subscriber's output buffer holds large messages."""
 
 
 @attrs.define
@@ -48,6 +51,9 @@ class Writing:
     announce: bool = True
     """Announce commits on the job's channel: until one reaches no follower, and again
     once a follower asks (``watch``)."""
+    announced_seq: int = 0
+    """The last seq announced before its commit (``RedisStore.announce_entries``): a commit that
+    brings nothing new to followers (no entry after it, the same status) is not announced."""
     written: dict[str, str] = attrs.Factory(dict)
     """The progress fields as last written (JSON): a commit writes only those that changed.
     Emptied when a commit does not land as planned (then every field is written again)."""
@@ -115,6 +121,9 @@ def commit_args(
             changed += [name, value]
     writing.writing = dict(zip(encoded[::2], encoded[1::2], strict=True))
     ttl_s = (progress.expires_at or 0) - progress.updated_at + SAFETY_TTL_S
+    # Followers have every entry but the status: the next announcement tells them how far
+    # this commit made the log durable.
+    news = (bool(entries) and entries[-1].seq > writing.announced_seq) or "status" in changed[::2]
     return [
         f"{job_id}@{writing.epoch}",  # the announcement's first word: its writer's epoch
         str(writing.stored_seq),
@@ -122,7 +131,7 @@ def commit_args(
         events_to_json(entries) if entries else "",
         "1" if terminal else "0",
         str(ms(max(ttl_s, 1.0))),
-        keys.job_channel(job_id) if writing.announce else "",
+        keys.job_channel(job_id) if writing.announce and news else "",
         _TERMINAL_JSON,
         "" if writing.owner is None else json.dumps(writing.owner),
         *changed,
