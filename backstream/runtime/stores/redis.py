@@ -54,14 +54,11 @@ from backstream.actors.ports import (
     Capability,
     EntriesListener,
     Handover,
-    JobEndedElsewhereError,
-    LogBehindError,
     NotificationListener,
     OutboxEntry,
     Store,
 )
 from backstream.actors.signals import OUTBOX_BELL, SignalHub
-from backstream.protocol.errors import UnavailableError
 from backstream.protocol.events import LogEvent
 from backstream.protocol.lifecycle import LIVE_STATUSES, is_terminal
 from backstream.protocol.records import (
@@ -69,10 +66,10 @@ from backstream.protocol.records import (
     JobRecord,
     SharedCapacity,
     events_from_json,
-    events_to_json,
 )
 from backstream.runtime.stores.redis_client import RedisConnection, Replication
 from backstream.runtime.stores.redis_clock import RedisFrame
+from backstream.runtime.stores.redis_commits import RedisWriters
 from backstream.runtime.stores.redis_groups import ScriptGroups, ScriptGroupsStatistics
 from backstream.runtime.stores.redis_housekeeping import RedisHousekeeping
 from backstream.runtime.stores.redis_keys import RedisKeyspace
@@ -80,7 +77,6 @@ from backstream.runtime.stores.redis_layout import check_layout
 from backstream.runtime.stores.redis_notifications import RedisInbox
 from backstream.runtime.stores.redis_seats import RedisSeats
 from backstream.runtime.stores.redis_steps import (
-    Finish,
     RedisSteps,
     decode_record,
 )
@@ -93,10 +89,6 @@ from backstream.runtime.stores.redis_subscriber import (
 )
 from backstream.runtime.stores.redis_webhooks import RedisWebhookQueue
 from backstream.runtime.stores.redis_writing import (
-    ANNOUNCE_LIMIT,
-    Writing,
-    commit_args,
-    finish_of,
     shard_in,
     writing_of,
 )
@@ -104,7 +96,6 @@ from backstream.runtime.stores.shared import (
     InboxForwarding,
     SeatsForwarding,
     outbox_from_json,
-    plan_commit,
 )
 
 __all__ = ["REMOTE_OUTAGE_S", "RedisStore", "RedisStoreStatistics"]
@@ -112,8 +103,6 @@ __all__ = ["REMOTE_OUTAGE_S", "RedisStore", "RedisStoreStatistics"]
 _LIVE_JSON = json.dumps(sorted(LIVE_STATUSES))
 _PAGE = 64
 """Stream entries per ``XRANGE`` of ``read``."""
-_FENCED_KEPT = 10_000
-"""Fenced-off jobs remembered (``RedisStore._fenced``)."""
 
 
 @attrs.frozen
@@ -184,30 +173,15 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         self.hub = SignalHub()
         self.subscriber = RedisSubscriber(self._conn, self.hub)
         self.frame = frame or RedisFrame()
-        self.subscriber.on_watched = self._watched
         self.inbox = RedisInbox(self._conn, self.frame)
         self.seats = RedisSeats(self._conn)
         self._steps = RedisSteps(self._conn, self.frame)
         self._commit_groups = ScriptGroups(self._conn)
         self._housekeeping = RedisHousekeeping(self._conn, self._steps, self.hub)
-        self._writing: dict[str, Writing] = {}
-        self._fenced: dict[str, None] = {}
-        """Jobs whose writer here was fenced off (another owner holds them, or they ended):
-        a later commit of theirs is refused before it reads the record, which names the new
-        owner. At most ``_FENCED_KEPT``, the oldest forgotten (its writer stopped long ago);
-        a job this instance takes over again is written again."""
-        self._finishing: dict[str, Finish] = {}
-        """Terminal commits whose later steps did not land yet: the job's next commit (a
-        retry) or this instance's next ``take_orphans`` runs them again. Bounded by the
-        jobs this process ends; each goes once its steps land."""
-        self._unreplicated: dict[str, Finish] = {}
-        """Terminal commits that landed but that the replicas ``replication`` asks for did not
-        acknowledge in time: not done until they do (the job's own retry, alone, settles
-        them). Bounded by the jobs this process ends; one whose lease lapsed is dropped
-        when it is taken over."""
-        self._commits_replanned = 0
-        self._commits_announced = 0
-        self._entries_announced = 0
+        self._writers = RedisWriters(
+            self._conn, self._steps, self._commit_groups, self._housekeeping, self.hub
+        )
+        self.subscriber.on_watched = self._writers.watched
 
     @property
     def subscribed(self) -> trio.Event:
@@ -225,14 +199,14 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
     def statistics(self) -> RedisStoreStatistics:
         return RedisStoreStatistics(
             subscribed=self.subscribed.is_set(),
-            jobs_writing=len(self._writing),
+            jobs_writing=len(self._writers.writing),
             readers_waiting=self.hub.waiting("entries"),
             signal_waiters=self.hub.waiting("abort") + self.hub.waiting("decision"),
-            commits_replanned=self._commits_replanned,
+            commits_replanned=self._writers.commits_replanned,
             outage_retries=self.subscriber.outage_retries,
-            endings_unfinished=len(self._finishing),
-            commits_announced=self._commits_announced,
-            entries_announced=self._entries_announced,
+            endings_unfinished=len(self._writers.finishing),
+            commits_announced=self._writers.commits_announced,
+            entries_announced=self._writers.entries_announced,
             subscriber=self.subscriber.statistics(),
             commit_groups=self._commit_groups.statistics(),
         )
@@ -284,7 +258,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         not exist; creating it again finds it, or finishes making it."""
         found, created, shard = await self._steps.create(record, capacity, max_stored_bytes)
         if created:
-            self._writing[found.job_id] = writing_of(found, shard)
+            self._writers.adopt(found.job_id, writing_of(found, shard))
         return found, created
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -300,164 +274,16 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
     async def commit(self, job_id: str, entries: Sequence[LogEvent], progress: JobProgress) -> None:
         """One script call in the job's slot, two if the log was not where this process
         last saw it; a terminal commit then frees the user's and the cluster's slots
-        (``RedisSteps.finish``). Cancellation: the job's script ran entirely or not at
+        (``RedisWriters.commit``). Cancellation: the job's script ran entirely or not at
         all; commit again (a terminal commit's later steps are run again)."""
-        if await self._end_landed_before(job_id):
-            return
-        if job_id in self._fenced:
-            raise JobEndedElsewhereError(job_id)
-        writing = self._writing.get(job_id)
-        if writing is None:
-            writing = await self._read_writing(job_id)
-            if writing is None:
-                return  # the store no longer holds it (swept, or Redis lost it): watchers get gone
-        terminal = is_terminal(progress.status)
-        try:
-            for attempt in range(3):
-                try:
-                    plan = plan_commit(job_id, entries, progress, writing.stored_seq)
-                except LogBehindError:
-                    if attempt > 0:
-                        raise  # planned against the seq Redis holds: the log is really behind
-                    stored = await self._call(self.redis.hget(self.keys.job(job_id), "seq"))
-                    if stored is None:
-                        return
-                    writing.stored_seq = int(stored)  # this process's view may be stale
-                    writing.written = {}
-                    continue
-                replicated = self._conn.replication.applies(terminal)
-                if not plan.entries and not plan.apply_progress:
-                    if replicated:  # it landed, but its replicas may not have answered
-                        await self._conn.confirm_replicated(self.keys.job(job_id))
-                    return  # a late retry: the store is ahead of it
-                reply = await self._commit_groups.script(
-                    "commit",
-                    [self.keys.job(job_id), self.keys.log(job_id)],
-                    commit_args(self.keys, job_id, writing, plan.entries, progress),
-                )
-                if int(reply[0]) == 0:  # Redis lost the job (a restart without its data)
-                    self._writing.pop(job_id, None)
-                    return
-                if int(reply[0]) == 3:  # ended, or handed over: another instance has it
-                    self._writing.pop(job_id, None)
-                    self._fenced[job_id] = None
-                    if len(self._fenced) > _FENCED_KEPT:
-                        del self._fenced[next(iter(self._fenced))]
-                    raise JobEndedElsewhereError(job_id)
-                if int(reply[0]) == 1:
-                    await self._landed(job_id, writing, progress, reply, replicated=replicated)
-                    return
-                self._commits_replanned += 1
-                writing.stored_seq = int(reply[1])
-                writing.written = {}  # the record is not where this writer left it
-            raise UnavailableError(f"{job_id}: its log kept moving under the commit")
-        finally:
-            if terminal:  # the job's last write here, whether it landed or not
-                self._writing.pop(job_id, None)
-
-    async def _end_landed_before(self, job_id: str) -> bool:
-        """A retry of a terminal commit that landed: settle what is left of it (its
-        replicas' answer, or its later steps). False if there is none."""
-        if await self._end_unreplicated(job_id):  # it landed unreplicated
-            return True
-        pending = self._finishing.get(job_id)
-        if pending is None:
-            return False
-        await self._steps.finish(pending, first=False)  # its first step landed
-        del self._finishing[job_id]
-        return True
-
-    async def _landed(
-        self, job_id: str, writing: Writing, progress: JobProgress, reply: Any, *, replicated: bool
-    ) -> None:
-        """The commit script applied: note it, then wait for the replicas if asked, and for
-        a terminal commit run its later steps."""
-        writing.stored_seq = progress.seq
-        writing.written = writing.writing
-        self._announced(writing, int(reply[1]))
-        if not is_terminal(progress.status):
-            self._writing[job_id] = writing
-            if replicated:
-                await self._conn.confirm_replicated(self.keys.job(job_id))
-            self.hub.signal_job(job_id)  # waiters here need no round trip
-            return
-        step = finish_of(job_id, writing, progress, int(reply[2]))
-        if replicated:
-            await self._confirm(step)
-        await self._finish(step)
-
-    async def _confirm(self, step: Finish) -> None:
-        """The replicas hold the job's end, or it waits in ``_unreplicated`` for the commit's
-        retry, its later steps not yet run."""
-        try:
-            await self._conn.confirm_replicated(self.keys.job(step.job_id))
-        except BaseException:
-            self._unreplicated[step.job_id] = step
-            raise
-
-    async def _end_unreplicated(self, job_id: str) -> bool:
-        """True once the replicas hold the job's landed end and its later steps ran; False
-        if none waits, or if it is no longer there (a failover lost it: the commit is
-        planned again, against the new primary)."""
-        step = self._unreplicated.pop(job_id, None)
-        if step is None:
-            return False
-        await self._confirm(step)
-        try:
-            seq, status = await self._call(self.redis.hmget(self.keys.job(job_id), ["seq", "status"]))
-        except BaseException:
-            self._unreplicated[job_id] = step
-            raise
-        if seq is None or int(seq) != step.seq or not is_terminal(json.loads(status)):
-            return False
-        await self._finish(step)
-        return True
-
-    async def _finish(self, step: Finish) -> None:
-        try:
-            await self._steps.finish(step, first=True)
-        except BaseException:  # an outage or a cancellation: the retry, or the keeper, ends it
-            self._finishing[step.job_id] = step
-            raise
-        self._housekeeping.wrote_entry(step.shard, step.owner)
-        self.hub.ring(OUTBOX_BELL)
-        self.hub.signal_job(step.job_id)
+        await self._writers.commit(job_id, entries, progress)
 
     announces_uncommitted = True
 
     async def announce_entries(self, job_id: str, entries: Sequence[LogEvent]) -> None:
-        """An ``SPUBLISH`` on the job's channel, with the next commit group: the writer's
-        epoch, the seq the log is durable through, and ``entries``; only while a follower
-        is known (as commits are announced), and only up to ``ANNOUNCE_LIMIT`` bytes (past
-        it the followers get them with the commit). Cancellation: sent or not."""
-        writing = self._writing.get(job_id)
-        if writing is None or not writing.announce or not entries:
-            await trio.lowlevel.checkpoint()
-            return
-        payload = events_to_json(entries)
-        if len(payload) > ANNOUNCE_LIMIT:
-            await trio.lowlevel.checkpoint()
-            return
-        message = f"{job_id}@{writing.epoch} {writing.stored_seq} {payload}"
-        receivers = await self._commit_groups.publish(self.keys.job_channel(job_id), message)
-        writing.announced_seq = max(writing.announced_seq, entries[-1].seq)
-        self._entries_announced += 1
-        if receivers == 0:
-            writing.announce = False
-
-    def _announced(self, writing: Writing, receivers: int) -> None:
-        """A commit landed; ``receivers``: how many instances its announcement reached
-        (-1: not announced). Nobody: stop announcing until a follower asks."""
-        if receivers >= 0:
-            self._commits_announced += 1
-        if receivers == 0:
-            writing.announce = False
-
-    def _watched(self, job_id: str) -> None:
-        """A follower asked for the job's commits (``watch`` on its control channel)."""
-        writing = self._writing.get(job_id)
-        if writing is not None:
-            writing.announce = True
+        """One ``SPUBLISH`` with the next commit group, while the job has a follower
+        (``RedisWriters.announce_entries``). Cancellation: sent or not."""
+        await self._writers.announce_entries(job_id, entries)
 
     async def read(self, job_id: str, after_seq: int, limit: int) -> list[LogEvent]:
         """One ``XRANGE`` per 64 stream entries (flush batches); a short page is the end.
@@ -595,7 +421,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
             return
         jobs: list[tuple[str, str, int]] = []
         for job_id in job_ids:
-            writing = self._writing.get(job_id) or await self._read_writing(job_id)
+            writing = self._writers.writing.get(job_id) or await self._writers.read_writing(job_id)
             if writing is not None:
                 jobs.append((job_id, writing.user, writing.shard))
         await self._steps.renew(owner, jobs, until, handoff=handoff)
@@ -612,12 +438,6 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         args = [owner, self._steps.frame.at(now)]
         return int(await self._conn.script("others_alive", [self.keys.instances()], args)) > 0
 
-    async def _read_writing(self, job_id: str) -> Writing | None:
-        """What a commit or a renewal needs of a job this process does not write yet."""
-        raw = await self._call(self.redis.hgetall(self.keys.job(job_id)))
-        record = decode_record(raw)
-        return None if record is None else writing_of(record, shard_in(raw, job_id))
-
     async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
         """The running set lists lapsed leases; each job is taken in its slot by one script
         (``HANDOVER``), then its running entries follow the new lease; the entries are read
@@ -625,9 +445,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         step) is finished here; one that is gone is dropped from the set. Cancellation:
         each job is taken atomically or not at all; one taken but not returned is an
         orphan again once ``lease_until`` passes."""
-        for job_id, step in list(self._finishing.items()):
-            await self._steps.finish(step, first=False)
-            del self._finishing[job_id]
+        await self._writers.finish_pending()
         taken: list[Handover] = []
         for job_id, shard in await self._housekeeping.lapsed(owner, now, lease_until):
             handover = await self._take_over(job_id, shard, owner, now, lease_until)
@@ -644,7 +462,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
             # An entry a create's retry left in another shard than the record names.
             await self._call(self.redis.zrem(self.keys.running(shard), [job_id]))
             return None
-        if record is not None and record.owner == owner and job_id in self._writing:
+        if record is not None and record.owner == owner and job_id in self._writers.writing:
             # The caller runs it (this store still writes it): not an orphan, whatever its
             # lease says. A renewal that a frozen Redis held up lands with a lease that may
             # have lapsed since. (A job of the caller's that it gave up writing is one.)
@@ -655,7 +473,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         reply = await self._conn.script("handover", [self.keys.job(job_id)], args)
         epoch = int(reply[0])
         if epoch not in (-1, 0):  # its lease lapsed: its ending is this call's now
-            self._unreplicated.pop(job_id, None)
+            self._writers.lapsed(job_id)
         if epoch == -1 or record is None:  # gone (or made since the read: next round)
             if epoch == -1:
                 await self._call(self.redis.zrem(self.keys.running(shard), [job_id]))
@@ -673,8 +491,7 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         if taken is None:
             return None
         entries = await self.read(job_id, 0, taken.seq)
-        self._writing[job_id] = writing_of(taken, shard)
-        self._fenced.pop(job_id, None)
+        self._writers.adopt(job_id, writing_of(taken, shard))
         return Handover(taken, tuple(entries))
 
     # -- the outbox ------------------------------------------------------------------------
