@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,6 +15,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stable_port() -> int:
+    """A free port below the kernel's ephemeral range (which starts at 32768 by default),
+    for a server that must get it back after a restart: a port the kernel hands out for
+    outgoing connections may be some connection's own in between."""
+    for _ in range(200):
+        port = random.randrange(20_000, 32_768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def wait_for_port(port: int, timeout: float = 60.0) -> None:
@@ -77,7 +93,7 @@ class ServeProcess:
     to the environment."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
-        self.port = free_port()
+        self.port = stable_port()
         self.url = f"ws://127.0.0.1:{self.port}/v1"
         self._args = args
         self._env = env or {}

@@ -207,6 +207,7 @@ def redis_row(before: list[tuple[dict[str, int], float]], ports: list[int], toke
         "redis_us_per_cmd": round(cpu / max(total, 1) * 1e6, 2),
         "redis_us_per_token": round(cpu / tokens * 1e6, 2),
         "by_name": " ".join(f"{k}={v}" for k, v in top),
+        "all_by_name": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
         "by_primary": by_primary,
     }
 

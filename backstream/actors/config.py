@@ -100,11 +100,12 @@ class Config:
     flush_ms: float = attrs.field(default=100.0, validator=_positive)
     """A job writes its log once the oldest unwritten entry is this old (or at flush_events),
     and at its end."""
-    commit_ms: float = attrs.field(default=300.0, validator=_positive)
+    commit_ms: float = attrs.field(default=500.0, validator=_positive)
     """With a store that tells the instances following a job of its new entries before they
-    are durable (Redis), a job makes its log durable every commit_ms (and at flush_events,
-    a change of status and its end) and only announces what is new at the flushes between.
-    Other stores commit at every flush. A process that dies loses at most this much."""
+    are durable (Redis), a job makes its log durable at the flush nearest commit_ms after
+    its last commit (and at flush_events, a change of status and its end) and only
+    announces what is new at the flushes between. Other stores commit at every flush. A
+    process that dies loses about this much (a job taken over regenerates it)."""
 
     # Watchers.
     batch_ms: float = attrs.field(default=50.0, validator=_non_negative)

@@ -69,7 +69,7 @@ class JobWrites:
         self._lock = trio.Lock()
         self._due = trio.Event()
         self._failing_since: float | None = None  # trio time of the first failed write
-        self._committed_at = -float("inf")  # trio time of the last commit that landed
+        self._committed_at = -float("inf")  # trio time the last commit that landed began
         self._ended_elsewhere_seen = False
         self._announced_seq = self.flushed_seq
 
@@ -120,7 +120,10 @@ class JobWrites:
             return False
         if self._log.last_seq - self.flushed_seq >= self._config.flush_events:
             return False
-        return trio.current_time() - self._committed_at < self._config.commit_seconds
+        # Flushes come on the ticker's grid: due at the flush nearest commit_ms after the
+        # last commit began, not at the one after it.
+        due_after = self._config.commit_seconds - self._config.flush_seconds / 2
+        return trio.current_time() - self._committed_at < due_after
 
     async def _announce(self) -> None:
         """Announce the entries after the last commit (each announcement carries all of
@@ -190,6 +193,7 @@ class JobWrites:
                     return
                 entries = self._log.entries(self.flushed_seq, last)
                 progress = self._progress(last)
+                began = trio.current_time()
                 try:
                     await self._store.commit(self._job_id, entries, progress)
                 except JobEndedElsewhereError:
@@ -213,7 +217,7 @@ class JobWrites:
                     continue
                 self.flushed_seq = last
                 self._announced_seq = max(self._announced_seq, last)
-                self._committed_at = trio.current_time()
+                self._committed_at = began
                 self._flushed_content_length = progress.content_length
                 self._flushed_status = status
                 if progress.finished_at is not None:

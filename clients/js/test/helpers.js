@@ -32,6 +32,25 @@ export function freePort() {
   });
 }
 
+/**
+ * A free port below the kernel's ephemeral range (32768 and up by default), for a server
+ * that must get it back after a restart: a port the kernel hands out for outgoing
+ * connections may be some connection's own in between.
+ * @returns {Promise<number>}
+ */
+export async function stablePort() {
+  for (let tries = 0; tries < 200; tries++) {
+    const port = 20_000 + Math.floor(Math.random() * 12_768);
+    const free = await new Promise((resolve) => {
+      const server = net.createServer();
+      server.once("error", () => resolve(false));
+      server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)));
+    });
+    if (free) return port;
+  }
+  return freePort();
+}
+
 /** @param {number} ms */
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -61,8 +80,8 @@ export async function waitForPort(port, timeoutMs = 20_000) {
  * @param {{ args?: string[], env?: Record<string, string>, store?: string, web?: boolean }} [options]
  */
 export async function startServer(options = {}) {
-  const port = await freePort();
-  const httpPort = await freePort();
+  const port = await stablePort();
+  const httpPort = await stablePort();
   const store = options.store ?? `sqlite:///${mkdtempSync(join(tmpdir(), "backstream-js-"))}/jobs.db`;
   const args = [
     "-m", "backstream", "serve",
