@@ -12,8 +12,8 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -148,59 +148,14 @@ async def test_kill_9_with_sqlite_under_the_interrupt_policy(tmp_path: Path) -> 
             await check_recovered(client, started.job.job_id, seen, cursor)
 
 
-async def test_kill_9_with_redis_is_continued_by_another_instance() -> None:
-    """The job goes on on the other instance and completes; its watcher there goes on
-    across the takeover: the batches join with no gap, but for one cut back to what was
-    durable if the watcher was shown more (the client applies it), and its content is the
-    answer."""
+@asynccontextmanager
+async def job_on_a_watched_from_b(*flags: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], Client, str]]:
+    """Two servers on one Redis prefix (short leases, and ``flags``), a lorem job started
+    on A; A's process, a client of B and the job's id. The prefix is deleted after."""
     require_redis()
-    answer = await undisturbed(lorem_request(LOREM["max_tokens"]))
     prefix = f"bstest:{uuid.uuid4().hex[:12]}"
     env = {"BACKSTREAM_REDIS_PREFIX": prefix}
-    leases = ("--lease-ttl", "1.5", "--lease-renew-interval", "0.3")
-    try:
-        with (
-            server(redis_url(), *leases, env=env) as (port_a, proc_a),
-            server(redis_url(), *leases, env=env) as (port_b, _),
-        ):
-            async with (
-                open_client(f"ws://127.0.0.1:{port_a}/v1", "tok") as a,
-                open_client(f"ws://127.0.0.1:{port_b}/v1", "tok") as b,
-            ):
-                started = await a.start_job(
-                    thread_id="t", message_id="m", model="backstream/lorem", messages=MSG, params=LOREM
-                )
-                job_id = started.job.job_id
-                seqs = []
-                async with b.watch(job_id) as batches:  # watched live through the other instance
-                    async for batch in batches:
-                        seqs.append((batch.from_seq, batch.to_seq))
-                        if batch.to_seq >= 40 and proc_a.poll() is None:
-                            proc_a.send_signal(signal.SIGKILL)
-                        last = batch
-                    text = batches.content
-                cuts = [y for x, y in itertools.pairwise(seqs) if y[0] != x[1] + 1]
-                assert all(cut[0] == cut[1] + 1 for cut in cuts) and len(cuts) <= 1, seqs
-                assert proc_a.poll() is not None  # killed mid-answer
-                assert last.terminal is not None and last.terminal.status == "completed"
-                assert last.epoch == 2  # the batch with the end carries the new epoch
-                info = await b.get(job_id, include_content=True)
-                assert info.job.status == "completed" and info.job.epoch == 2
-                assert info.content == text == answer
-    finally:
-        await delete_prefix(prefix)
-
-
-async def test_kill_9_rewinds_a_remote_watcher_that_saw_entries_only_announced() -> None:
-    """Commits far apart (``--commit-ms``): the watcher on B is shown entries that A only
-    announced, then A dies. B takes the job over from what was durable, and the watch is
-    rewound there (a batch holding a ``rewind``), never handed the new epoch's entries
-    after the lost ones: its content is the undisturbed answer."""
-    require_redis()
-    answer = await undisturbed(lorem_request(LOREM["max_tokens"]))
-    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
-    env = {"BACKSTREAM_REDIS_PREFIX": prefix}
-    flags = ("--lease-ttl", "1.5", "--lease-renew-interval", "0.3", "--commit-ms", "60000")
+    flags = ("--lease-ttl", "1.5", "--lease-renew-interval", "0.3", *flags)
     try:
         with (
             server(redis_url(), *flags, env=env) as (port_a, proc_a),
@@ -213,23 +168,57 @@ async def test_kill_9_rewinds_a_remote_watcher_that_saw_entries_only_announced()
                 started = await a.start_job(
                     thread_id="t", message_id="m", model="backstream/lorem", messages=MSG, params=LOREM
                 )
-                job_id = started.job.job_id
-                rewinds: list[RewindEvent] = []
-                with trio.fail_after(30):
-                    async with b.watch(job_id) as batches:
-                        async for batch in batches:
-                            rewinds += [e for e in batch.events if isinstance(e, RewindEvent)]
-                            if batch.to_seq >= 40 and proc_a.poll() is None:
-                                proc_a.send_signal(signal.SIGKILL)
-                        content = batches.content
-                assert proc_a.poll() is not None  # killed mid-answer
-                [rewind] = rewinds
-                assert rewind.to_seq < 40  # back to what A made durable: less than B was shown
-                info = await b.get(job_id, include_content=True)
-                assert info.job.status == "completed" and info.job.epoch == 2
-                assert info.content == content == answer
+                yield proc_a, b, started.job.job_id
     finally:
         await delete_prefix(prefix)
+
+
+async def test_kill_9_with_redis_is_continued_by_another_instance() -> None:
+    """The job goes on on the other instance and completes; its watcher there goes on
+    across the takeover: the batches join with no gap, but for one cut back to what was
+    durable if the watcher was shown more (the client applies it), and its content is the
+    answer."""
+    answer = await undisturbed(lorem_request(LOREM["max_tokens"]))
+    async with job_on_a_watched_from_b() as (proc_a, b, job_id):
+        seqs = []
+        async with b.watch(job_id) as batches:  # watched live through the other instance
+            async for batch in batches:
+                seqs.append((batch.from_seq, batch.to_seq))
+                if batch.to_seq >= 40 and proc_a.poll() is None:
+                    proc_a.send_signal(signal.SIGKILL)
+                last = batch
+            text = batches.content
+        cuts = [y for x, y in itertools.pairwise(seqs) if y[0] != x[1] + 1]
+        assert all(cut[0] == cut[1] + 1 for cut in cuts) and len(cuts) <= 1, seqs
+        assert proc_a.poll() is not None  # killed mid-answer
+        assert last.terminal is not None and last.terminal.status == "completed"
+        assert last.epoch == 2  # the batch with the end carries the new epoch
+        info = await b.get(job_id, include_content=True)
+        assert info.job.status == "completed" and info.job.epoch == 2
+        assert info.content == text == answer
+
+
+async def test_kill_9_rewinds_a_remote_watcher_that_saw_entries_only_announced() -> None:
+    """Commits far apart (``--commit-ms``): the watcher on B is shown entries that A only
+    announced, then A dies. B takes the job over from what was durable, and the watch is
+    rewound there (a batch holding a ``rewind``), never handed the new epoch's entries
+    after the lost ones: its content is the undisturbed answer."""
+    answer = await undisturbed(lorem_request(LOREM["max_tokens"]))
+    async with job_on_a_watched_from_b("--commit-ms", "60000") as (proc_a, b, job_id):
+        rewinds: list[RewindEvent] = []
+        with trio.fail_after(30):
+            async with b.watch(job_id) as batches:
+                async for batch in batches:
+                    rewinds += [e for e in batch.events if isinstance(e, RewindEvent)]
+                    if batch.to_seq >= 40 and proc_a.poll() is None:
+                        proc_a.send_signal(signal.SIGKILL)
+                content = batches.content
+        assert proc_a.poll() is not None  # killed mid-answer
+        [rewind] = rewinds
+        assert rewind.to_seq < 40  # back to what A made durable: less than B was shown
+        info = await b.get(job_id, include_content=True)
+        assert info.job.status == "completed" and info.job.epoch == 2
+        assert info.content == content == answer
 
 
 async def test_workers_share_one_port() -> None:

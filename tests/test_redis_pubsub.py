@@ -272,6 +272,15 @@ async def test_a_watcher_that_the_tails_window_passed_while_it_waited_misses_not
         assert got == {"ahead": [4, 5, 6], "behind": [2, 3, 4, 5, 6]}
 
 
+async def heard_by_the_writer(follower: RedisStore) -> None:
+    """Once the follower's one subscription is acknowledged and its watch request has
+    reached the writer (a moment later)."""
+    with trio.fail_after(5):
+        while follower.statistics().subscriber.channels_subscribed != 1:
+            await trio.sleep(0.01)
+        await trio.sleep(0.1)
+
+
 async def test_an_announcement_carries_the_entries_unless_they_are_large() -> None:
     """A follower gets a commit's entries with its announcement; over 64 KiB of them it
     gets the seq only (and reads), so no subscriber's buffer holds large messages."""
@@ -289,10 +298,7 @@ async def test_an_announcement_carries_the_entries_unless_they_are_large() -> No
     async with writer_and_follower(redis_url()) as (writer, follower):
         await writer.create_job(record())
         with follower.follow_job("j_1", follow):
-            with trio.fail_after(5):
-                while follower.statistics().subscriber.channels_subscribed != 1:
-                    await trio.sleep(0.01)
-                await trio.sleep(0.1)  # the writer heard the follower's watch request
+            await heard_by_the_writer(follower)
             await writer.commit("j_1", texts(1, "small ", "words"), progress(2))
             await writer.commit("j_1", texts(3, "x" * 70_000), progress(3))
             await writer.commit("j_1", texts(4, "again"), progress(4))
@@ -319,10 +325,7 @@ async def test_entries_announced_before_their_commit_reach_the_follower_once() -
     async with writer_and_follower(redis_url()) as (writer, follower):
         await writer.create_job(record())
         with follower.follow_job("j_1", follow):
-            with trio.fail_after(5):
-                while follower.statistics().subscriber.channels_subscribed != 1:
-                    await trio.sleep(0.01)
-                await trio.sleep(0.1)  # the writer heard the follower's watch request
+            await heard_by_the_writer(follower)
             await writer.commit("j_1", texts(1, "a ", "b "), progress(2))
             await writer.announce_entries("j_1", texts(3, "c ", "d "))
             await writer.announce_entries("j_1", texts(3, "c ", "d ", "e "))
