@@ -40,7 +40,7 @@ from backstream.runtime.server.http_app import HttpApp, Request
 from backstream.runtime.server.session import UserBuckets
 from backstream.runtime.server.streams_jobs import JOB_PREFIX, JobStreams
 from backstream.runtime.server.streams_ops import StreamOps
-from backstream.runtime.server.streams_read import StreamReader
+from backstream.runtime.server.streams_read import StreamReader, StreamsSettings
 from backstream.runtime.stores.streams import stream_key
 
 __all__ = ["StreamsApi", "StreamsSettings"]
@@ -51,22 +51,6 @@ BASE = "/v1/streams/"
 MAX_NAME_CHARS = 1024
 DRAIN_BYTES = 64 * 1024 * 1024
 """The most of a refused (too large) body read and dropped so that its client gets the 413."""
-
-
-@attrs.frozen(kw_only=True)
-class StreamsSettings:
-    long_poll_timeout: float = 20.0
-    """A long-poll read with nothing new answers 204 after this."""
-    sse_max_duration: float = 60.0
-    """An SSE response ends after this (the client reconnects; CDNs collapse the reconnects)."""
-    rate_per_s: float = 200.0
-    rate_burst: int = 400
-    max_body_bytes: int = 1024 * 1024
-    body_timeout: float = 10.0
-    signing_key: bytes | None = None
-    """Signs capability URLs; without one, none are accepted or minted."""
-    auth_cookie: str | None = None
-    allow_origins: tuple[str, ...] = ()
 
 
 @attrs.frozen

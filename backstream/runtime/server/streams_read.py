@@ -8,8 +8,8 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from backstream.protocol.streams_state import (
@@ -38,10 +38,7 @@ from backstream.protocol.streams_wire import (
 from backstream.runtime.server.http_app import HttpApp, Request
 from backstream.runtime.server.streams_ops import StreamOps
 
-if TYPE_CHECKING:
-    from backstream.runtime.server.streams_http import StreamsSettings
-
-__all__ = ["StreamReader"]
+__all__ = ["StreamReader", "StreamsSettings"]
 
 log = logging.getLogger("backstream.streams")
 
@@ -49,6 +46,22 @@ Reply = Callable[[Request, int, bytes, Mapping[str, str] | None], Awaitable[None
 Cors = Callable[[Request], dict[str, str]]
 CACHEABLE = "private, max-age=60, stale-while-revalidate=300"
 """Catch-up ranges never change; ``private``: streams belong to their users (section 10.1)."""
+
+
+@attrs.frozen(kw_only=True)
+class StreamsSettings:
+    long_poll_timeout: float = 20.0
+    """A long-poll read with nothing new answers 204 after this."""
+    sse_max_duration: float = 60.0
+    """An SSE response ends after this (the client reconnects; CDNs collapse the reconnects)."""
+    rate_per_s: float = 200.0
+    rate_burst: int = 400
+    max_body_bytes: int = 1024 * 1024
+    body_timeout: float = 10.0
+    signing_key: bytes | None = None
+    """Signs capability URLs; without one, none are accepted or minted."""
+    auth_cookie: str | None = None
+    allow_origins: tuple[str, ...] = ()
 
 
 def _cursor(client: str | None) -> str:

@@ -23,7 +23,7 @@ from coredis.connection import TCPLocation
 
 from backstream.actors.ports import StoreClosedError
 from backstream.protocol.errors import UnavailableError
-from backstream.runtime.stores import redis_quota
+from backstream.runtime.stores import redis_quota_scripts
 from backstream.runtime.stores import redis_scripts as scripts
 from backstream.runtime.stores.redis_keys import RedisKeyspace
 from backstream.runtime.stores.redis_urls import RedisUrl, parse_redis_url
@@ -64,7 +64,7 @@ _SCRIPTS = {
     "expiry_take": scripts.EXPIRY_TAKE,
     "scan": scripts.SCAN,
     "watch": scripts.WATCH,
-    **redis_quota.SCRIPTS,
+    **redis_quota_scripts.SCRIPTS,
 }
 
 
