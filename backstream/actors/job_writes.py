@@ -101,14 +101,20 @@ class JobWrites:
             self._due = trio.Event()
             if self._log.terminal is not None:
                 return  # the final write happens in the actor's cleanup
-            if self._announce_only():
-                await self._announce()
-                continue
-            if not await self._try_flush(backoff):
+            if not await self.flush_round(backoff):
                 self._give_up()
                 return
             if self._failing_since is not None:
                 self._due.set()  # the write failed: try again (after the backoff it slept)
+
+    async def flush_round(self, backoff: Backoff) -> bool:
+        """What one request of the ticker does: announce what is new, or commit (after a
+        failure, sleeping by ``backoff``). False once writes have failed for
+        ``store_outage_limit``. Cancellation: as ``flush`` (an announcement: sent or not)."""
+        if self._announce_only():
+            await self._announce()
+            return True
+        return await self._try_flush(backoff)
 
     def _announce_only(self) -> bool:
         """Whether this flush only announces: the store announces, the last commit is
