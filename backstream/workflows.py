@@ -17,7 +17,6 @@ Register it with ``serve --workflows package.module:triage`` (or the entry-point
 ``workflow/triage``.
 """
 
-from backstream.actors.workflow import ModelReply, StepFailed, ToolReply, Workflow, workflow
-from backstream.actors.workflow_run import WorkflowContext
+from backstream.actors.workflow import ModelReply, StepFailed, ToolReply, Workflow, WorkflowContext, workflow
 
 __all__ = ["ModelReply", "StepFailed", "ToolReply", "Workflow", "WorkflowContext", "workflow"]

@@ -8,29 +8,30 @@ to); ``WorkflowRun`` (``actors/workflow_run.py``) records each of its steps in t
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
 
 from backstream.actors.ports import ChatTurn, Model, ModelFailure, OutputSink, TurnResult
 from backstream.protocol.events import ErrorInfo
 
-if TYPE_CHECKING:
-    from backstream.actors.workflow_run import WorkflowContext
-
 __all__ = [
     "ModelReply",
     "StepFailed",
     "ToolReply",
     "Workflow",
+    "WorkflowContext",
     "WorkflowFunction",
+    "WorkflowSteps",
     "WorkflowTarget",
     "workflow",
 ]
 
 WorkflowFunction = Callable[["WorkflowContext", dict[str, Any]], Awaitable[Any]]
+"""A workflow: ``(ctx, input) -> result``."""
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -97,6 +98,75 @@ class StepFailed(Exception):
         self.step = step
         self.type = type_
         self.message = message
+
+
+class WorkflowSteps(Protocol):
+    """The steps a run offers its context (``WorkflowRun``, ``actors/workflow_run.py``)."""
+
+    @property
+    def job_id(self) -> str: ...
+
+    async def model(
+        self, model: str, messages: list[dict[str, Any]], tools: tuple[str, ...], params: dict[str, Any]
+    ) -> ModelReply: ...
+
+    async def tool(self, name: str, arguments: str) -> ToolReply: ...
+
+    async def approve(self, prompt: str) -> bool: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    async def custom_step(self, name: str, fn: Callable[[], Any]) -> Any: ...
+
+    async def emit(self, text: str) -> None: ...
+
+
+class WorkflowContext:
+    """What a workflow function gets as ``ctx``: its steps, and ``emit`` for text."""
+
+    def __init__(self, run: WorkflowSteps) -> None:
+        self._run = run
+
+    @property
+    def job_id(self) -> str:
+        return self._run.job_id
+
+    async def model(
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[str] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> ModelReply:
+        """One model turn (a step), through the server's models and limits; with ``tools``
+        (registered tools' names), the model's calls run as ``tool`` steps and the model goes
+        on until it answers without calls (at most ``max_turns`` turns)."""
+        return await self._run.model(model, list(messages), tuple(tools or ()), dict(params or {}))
+
+    async def tool(self, name: str, args: dict[str, Any] | str | None = None) -> ToolReply:
+        """Run the registered tool ``name`` (a step); a tool that needs approval waits for a
+        person first."""
+        arguments = args if isinstance(args, str) else json.dumps(args or {}, ensure_ascii=False)
+        return await self._run.tool(name, arguments)
+
+    async def approve(self, prompt: str) -> bool:
+        """Wait for a person's decision (a step; ``job.approve``); ``approval_timeout``
+        counts as declined."""
+        return await self._run.approve(prompt)
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` (a step): after a restart, only what is left of them."""
+        await self._run.sleep(seconds)
+
+    async def step(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (sync or async, no arguments) as a step named ``name`` and record its
+        JSON-ready result: a replay returns it without running ``fn``. A step cut short by a
+        crash runs again."""
+        return await self._run.custom_step(name, fn)
+
+    async def emit(self, text: str) -> None:
+        """Add ``text`` to the job's content: watchers see it at once."""
+        await self._run.emit(text)
 
 
 ModelsOf = Callable[[str], Model]

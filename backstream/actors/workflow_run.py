@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, Protocol
 
 import trio
@@ -24,7 +24,7 @@ from backstream.actors.clock import WallClock
 from backstream.actors.config import Config
 from backstream.actors.joblog import JobLog, OutputLimitExceeded
 from backstream.actors.ports import ChatTurn, ModelFailure, Tools, TurnResult
-from backstream.actors.workflow import ModelReply, StepFailed, ToolReply, WorkflowTarget
+from backstream.actors.workflow import ModelReply, StepFailed, ToolReply, WorkflowContext, WorkflowTarget
 from backstream.protocol.chat_stream import ModelOutput, TextDelta
 from backstream.protocol.conversation import (
     DECLINED_OUTPUT,
@@ -78,54 +78,6 @@ class _Stopped(Exception):
     workflow that catches it cannot go on."""
 
 
-class WorkflowContext:
-    """What a workflow function gets as ``ctx``: its steps, and ``emit`` for text."""
-
-    def __init__(self, run: WorkflowRun) -> None:
-        self._run = run
-
-    @property
-    def job_id(self) -> str:
-        return self._run.host.record.job_id
-
-    async def model(
-        self,
-        model: str,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[str] | None = None,
-        params: dict[str, Any] | None = None,
-    ) -> ModelReply:
-        """One model turn (a step), through the server's models and limits; with ``tools``
-        (registered tools' names), the model's calls run as ``tool`` steps and the model goes
-        on until it answers without calls (at most ``max_turns`` turns)."""
-        return await self._run.model(model, list(messages), tuple(tools or ()), dict(params or {}))
-
-    async def tool(self, name: str, args: dict[str, Any] | str | None = None) -> ToolReply:
-        """Run the registered tool ``name`` (a step); a tool that needs approval waits for a
-        person first."""
-        arguments = args if isinstance(args, str) else json.dumps(args or {}, ensure_ascii=False)
-        return await self._run.tool(name, arguments)
-
-    async def approve(self, prompt: str) -> bool:
-        """Wait for a person's decision (a step; ``job.approve``); ``approval_timeout``
-        counts as declined."""
-        return await self._run.approve(prompt)
-
-    async def sleep(self, seconds: float) -> None:
-        """Wait ``seconds`` (a step): after a restart, only what is left of them."""
-        await self._run.sleep(seconds)
-
-    async def step(self, name: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` (sync or async, no arguments) as a step named ``name`` and record its
-        JSON-ready result: a replay returns it without running ``fn``. A step cut short by a
-        crash runs again."""
-        return await self._run.custom_step(name, fn)
-
-    async def emit(self, text: str) -> None:
-        """Add ``text`` to the job's content: watchers see it at once."""
-        await self._run.emit(text)
-
-
 class WorkflowRun:
     """One run of a workflow in its job's actor (``run`` once)."""
 
@@ -145,6 +97,10 @@ class WorkflowRun:
         self._bytes = history.recorded_bytes
         self._count = 0  # steps the workflow has asked for
         self._failure: ErrorInfo | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.host.record.job_id
 
     async def run(self) -> TurnResult:
         """Run the workflow to its end; its result is the job's last text. Raises
