@@ -9,7 +9,7 @@ With a store that announces entries before they are durable (``announces_uncommi
 Redis), a flush commits only every ``commit_ms`` (or at ``flush_events`` entries, a change
 of status, the end); the flushes between only announce the entries after the last commit
 to the instances that follow the job. Their watchers get each entry as soon as they would
-with a commit per flush, and the store does a third of the writes.
+with a commit per flush, and the store runs a fifth of the commits (at the defaults).
 """
 
 from __future__ import annotations
