@@ -25,9 +25,9 @@ from backstream.protocol.records import JobProgress, events_to_json
 from backstream.runtime.stores.redis_client import RedisConnection
 from backstream.runtime.stores.redis_groups import ScriptGroups
 from backstream.runtime.stores.redis_housekeeping import RedisHousekeeping
+from backstream.runtime.stores.redis_scripts import ANNOUNCE_LIMIT
 from backstream.runtime.stores.redis_steps import Finish, RedisSteps, decode_record
 from backstream.runtime.stores.redis_writing import (
-    ANNOUNCE_LIMIT,
     Writing,
     commit_args,
     finish_of,

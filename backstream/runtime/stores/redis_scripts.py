@@ -15,6 +15,7 @@ clock: a script reads ``TIME`` and adds what the caller says is ahead of its pre
 """
 
 __all__ = [
+    "ANNOUNCE_LIMIT",
     "CLAIM",
     "COMMIT",
     "CREATE_JOB",
@@ -108,6 +109,10 @@ return 1
 
 # -- commit: job slot; a terminal one then the user slot, then the job's shard -------------
 
+ANNOUNCE_LIMIT = 65536
+"""Bytes of entries an announcement carries at most: past it, followers read them from the
+store, so no subscriber's output buffer holds large messages."""
+
 # KEYS: job, log. Returns {0} if the job is gone, {3} if it has ended already (ARGV[8]: a
 # JSON list of the terminal statuses) or is held by another owner than ARGV[9] (a writer
 # whose job another instance took over is fenced off), {2, stored_seq} if its seq is not
@@ -125,17 +130,17 @@ return 1
 # messages); ``receivers`` is how many instances got it (-1: not announced). A terminal
 # commit is announced after its last step (``RedisSteps.finish``): a watcher woken by it
 # finds the slots freed too (one that reads meanwhile sees the end, which is final).
-COMMIT = """
+COMMIT = f"""
 local seq, status, owner, log_bytes =
   unpack(redis.call('HMGET', KEYS[1], 'seq', 'status', 'owner', 'log_bytes'))
-if not seq then return {0} end
-local ended = {}
+if not seq then return {{0}} end
+local ended = {{}}
 for _, name in ipairs(cjson.decode(ARGV[8])) do ended[cjson.encode(name)] = true end
-if ended[status] then return {3} end
-if ARGV[9] ~= '' and owner ~= ARGV[9] then return {3} end
-if tonumber(seq) ~= tonumber(ARGV[2]) then return {2, tonumber(seq)} end
+if ended[status] then return {{3}} end
+if ARGV[9] ~= '' and owner ~= ARGV[9] then return {{3}} end
+if tonumber(seq) ~= tonumber(ARGV[2]) then return {{2, tonumber(seq)}} end
 local logged = tonumber(log_bytes) or 0
-local fields = {}
+local fields = {{}}
 for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], ARGV[3] .. '-0', 'e', ARGV[4])
@@ -149,10 +154,10 @@ if ARGV[5] == '1' then
   for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ttl) end
 elseif ARGV[7] ~= '' then
   local entries = ARGV[4]
-  if #entries > 65536 then entries = '' end
-  return {1, redis.call('SPUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3] .. ' ' .. entries)}
+  if #entries > {ANNOUNCE_LIMIT} then entries = '' end
+  return {{1, redis.call('SPUBLISH', ARGV[7], ARGV[1] .. ' ' .. ARGV[3] .. ' ' .. entries)}}
 end
-return {1, -1, logged}
+return {{1, -1, logged}}
 """
 
 # User slot. KEYS: user running, msg. ARGV: job id, the idempotency key's time to live (ms).

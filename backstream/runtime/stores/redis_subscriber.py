@@ -433,17 +433,17 @@ class RedisSubscriber:
         seq, _, payload = rest.partition(" ")
         epoch_text = head.rpartition("@")[2]
         epoch = int(epoch_text) if epoch_text.isdigit() else 0
+        durable = int(seq) if seq.isdigit() else 0
         if route.on_entries:
             entries: Sequence[LogEvent] = ()
             try:
                 entries = events_from_json(payload) if payload else ()
             except Exception:  # a malformed announcement: the followers read the log instead
                 log.warning("job %s: an announcement's entries could not be read", route.name)
-            durable = int(seq) if seq.isdigit() else 0
             for listener in list(route.on_entries):
                 listener(entries, epoch, durable)
-        if seq.isdigit():
-            self._announced[route.name] = max(int(seq), self._announced.get(route.name, 0))
+        if durable:
+            self._announced[route.name] = max(durable, self._announced.get(route.name, 0))
         self._hub.signal_job(route.name)
 
     async def wait_field(self, job_id: str, field: str, accepted: set[str], topic: Topic) -> str:

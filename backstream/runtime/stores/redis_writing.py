@@ -25,12 +25,9 @@ from backstream.runtime.stores.redis_keys import RedisKeyspace
 from backstream.runtime.stores.redis_steps import OUTBOX_FIELD, SHARD_FIELD, Finish, encode_fields
 from backstream.runtime.stores.shared import outbox_to_json
 
-__all__ = ["ANNOUNCE_LIMIT", "Writing", "commit_args", "finish_of", "outbox_json", "shard_in", "writing_of"]
+__all__ = ["Writing", "commit_args", "finish_of", "outbox_json", "shard_in", "writing_of"]
 
 _TERMINAL_JSON = json.dumps(sorted(TERMINAL_STATUSES))
-ANNOUNCE_LIMIT = 65536
-"""Bytes of entries an announcement carries at most (as the commit script's): past it,
-followers read them from the store, so no subscriber's output buffer holds large messages."""
 
 
 @attrs.define
