@@ -15,7 +15,6 @@ clock: a script reads ``TIME`` and adds what the caller says is ahead of its pre
 """
 
 __all__ = [
-    "ANNOUNCE_LIMIT",
     "CLAIM",
     "COMMIT",
     "CREATE_JOB",
@@ -111,7 +110,8 @@ return 1
 
 ANNOUNCE_LIMIT = 65536
 """Bytes of entries an announcement carries at most: past it, followers read them from the
-store, so no subscriber's output buffer holds large messages."""
+store, so no subscriber's output buffer holds large messages. (Not in ``__all__``, which
+lists the scripts.)"""
 
 # KEYS: job, log. Returns {0} if the job is gone, {3} if it has ended already (ARGV[8]: a
 # JSON list of the terminal statuses) or is held by another owner than ARGV[9] (a writer
