@@ -24,6 +24,7 @@ from backstream.protocol.events import StatusEvent
 from backstream.protocol.records import JobProgress, NotificationRecord, SharedCapacity
 from backstream.runtime.stores.redis import RedisStore
 from backstream.runtime.stores.redis_clock import RedisFrame
+from backstream.runtime.stores.redis_housekeeping import ShardShare
 from backstream.runtime.stores.redis_keys import SHARDS
 from tests.conftest import delete_prefix, redis_url, require_redis
 from tests.test_store_conformance import record
@@ -316,6 +317,63 @@ async def test_a_batch_whose_sweeper_died_is_swept_by_another_once_its_claim_lap
         assert "j_0" in taken
         assert "j_0" in await b.delete_expired(expires_at + 1)
         assert await b.get_job("j_0") is None
+
+
+# -- the instances alive share the shards -------------------------------------------------------
+
+
+def test_the_instances_alive_deal_every_shard_to_exactly_one_of_them() -> None:
+    for count in range(1, SHARDS + 5):
+        alive = [f"i_{n:02d}" for n in reversed(range(count))]  # any order: sorted by id
+        share = ShardShare.of(alive)
+        dealt = [shard for instance in alive for shard in share.shards([instance])]
+        assert sorted(dealt) == list(range(SHARDS))
+        assert max(len(share.shards([i])) for i in alive) - min(len(share.shards([i])) for i in alive) <= 1
+    two = ShardShare.of(["i_b", "i_a"])
+    assert two.shards(["i_a"]) == list(range(0, SHARDS, 2))
+    assert two.shards(["i_a", "i_b"]) == list(range(SHARDS))  # one store for two instances
+    assert two.shards(["i_new"]) == list(range(SHARDS))  # not announced yet: every shard
+    assert two.shards([]) == list(range(SHARDS))
+
+
+async def test_instances_alive_sweep_only_their_share_until_the_other_withdraws() -> None:
+    async with _prefix_on(None) as (url, prefix), _stores(url, prefix, 2) as (a, b):
+        expires_at = time.time() + 100
+        ids = await _finished_jobs(a, 60, expires_at)
+        await a.announce("i_a", time.time() + 60)
+        await b.announce("i_b", time.time() + 60)
+        await a.announce("i_a", time.time() + 60)  # now A has seen B
+        shard_of = {job_id: int(await a.redis.hget(a.keys.job(job_id), "shard") or 0) for job_id in ids}
+        mine = set(range(0, SHARDS, 2))  # i_a sorts first
+        swept = await a.delete_expired(expires_at + 1)
+        assert swept and {shard_of[job_id] for job_id in swept} <= mine
+        assert set(swept) == {job_id for job_id in ids if shard_of[job_id] in mine}
+        await b.withdraw("i_b")
+        await a.announce("i_a", time.time() + 60)
+        rest = await a.delete_expired(expires_at + 1)
+        assert set(rest) == set(ids) - set(swept)
+
+
+async def test_an_instance_takes_the_orphans_of_its_share_and_all_once_the_other_is_gone() -> None:
+    async with _prefix_on(None) as (url, prefix), _stores(url, prefix, 2) as (a, b):
+        now = time.time()
+        capacity = SharedCapacity(now=now, lease_until=now + 15, max_jobs=100, max_jobs_per_user=100)
+        for i in range(24):
+            job = record(f"j_{i}", user=f"u{i}", owner="i_dead", created_at=now, updated_at=now, lease_until=now + 15)
+            await a.create_job(job, capacity)
+        await b.announce("i_b", now + 60)
+        taken = [h.record.job_id for h in await a.take_orphans("i_a", now + 20, now + 35)]
+        assert len(taken) == 24  # i_a never announced itself: it scans every shard
+        for i in range(24, 48):
+            job = record(f"j_{i}", user=f"u{i}", owner="i_dead", created_at=now, updated_at=now, lease_until=now + 15)
+            await a.create_job(job, capacity)
+        await a.announce("i_a", now + 60)
+        later = [h.record.job_id for h in await a.take_orphans("i_a", now + 30, now + 45)]
+        shards = {int(await a.redis.hget(a.keys.job(job_id), "shard") or 0) for job_id in later}
+        assert later and shards <= set(range(0, SHARDS, 2))
+        await b.withdraw("i_b")  # read at once by the next scan, not at the next announcement
+        rest = [h.record.job_id for h in await a.take_orphans("i_a", now + 40, now + 55)]
+        assert sorted(later + rest) == sorted(f"j_{i}" for i in range(24, 48))
 
 
 # -- the layout ----------------------------------------------------------------------------------

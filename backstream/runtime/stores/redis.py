@@ -427,16 +427,21 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
         await self._steps.renew(owner, jobs, until, handoff=handoff)
 
     async def announce(self, owner: str, until: float) -> None:
-        """One script on the instances key, on Redis's clock. Cancellation: announced or not."""
-        await self._conn.script("announce", [self.keys.instances()], [owner, self._steps.frame.ahead(until)])
+        """One script on the instances key, on Redis's clock; what it answers (the
+        instances alive) deals out the shards each instance's housekeeping visits.
+        Cancellation: announced or not."""
+        args = [owner, self._steps.frame.ahead(until)]
+        alive = await self._conn.script("announce", [self.keys.instances()], args)
+        self._housekeeping.announced(owner, alive)
 
     async def withdraw(self, owner: str) -> None:
         await self._call(self.redis.zrem(self.keys.instances(), [owner]))
+        self._housekeeping.withdrew(owner)
 
     async def others_alive(self, owner: str, now: float) -> bool:
         """Cancellation: nothing changes."""
-        args = [owner, self._steps.frame.at(now)]
-        return int(await self._conn.script("others_alive", [self.keys.instances()], args)) > 0
+        alive = await self._conn.script("alive", [self.keys.instances()], [self._steps.frame.at(now)])
+        return any(str(instance) != owner for instance in alive)
 
     async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
         """The running set lists lapsed leases; each job is taken in its slot by one script

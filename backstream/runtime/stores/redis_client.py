@@ -56,7 +56,7 @@ _SCRIPTS = {
     "finish_instance": scripts.FINISH_INSTANCE,
     "handover": scripts.HANDOVER,
     "announce": scripts.ANNOUNCE,
-    "others_alive": scripts.OTHERS_ALIVE,
+    "alive": scripts.ALIVE,
     "renew": scripts.RENEW,
     "notify_claim": scripts.NOTIFY_CLAIM,
     "notify_insert": scripts.NOTIFY_INSERT,

@@ -2,7 +2,13 @@
 the scan for orphans, and claiming and deleting outbox entries.
 
 Each runs shard by shard (``RedisKeyspace``: ``SHARDS`` of them), so no key sees every
-instance's housekeeping:
+instance's housekeeping, and each instance visits only its share of the shards
+(``ShardShare``: the instances alive, sorted, deal the shards out in turn), so that a
+deployment's housekeeping costs Redis the same whatever its number of instances. An
+instance that is not among the instances alive (it has not announced itself yet, or its
+announcement lapsed) visits every shard: a shard is never left without a visitor for
+longer than an instance's announcement lasts. Within a share, claims keep two visitors
+of one shard (a view of the instances alive is a moment old) from doing the same work:
 
 - the sweep takes a batch of expired jobs out of a shard's expiry index in one script
   (``EXPIRY_TAKE``: moved to ``expiry_taken``, claimed by this sweep), so two sweeps never
@@ -38,6 +44,7 @@ __all__ = [
     "SWEEP_CLAIM_S",
     "SWEEP_MAX",
     "RedisHousekeeping",
+    "ShardShare",
 ]
 
 SWEEP_BATCH = 500
@@ -56,6 +63,27 @@ reads the shard from the job's record, and a claim finds them in a full pass).""
 _OWNERS = 64
 """Owners whose claims a store follows (one per instance; past it, forgotten: each starts
 again with a full pass)."""
+
+
+@attrs.frozen
+class ShardShare:
+    """The instances alive, sorted by id: the one at rank r of n visits the shards s with
+    s mod n = r (past ``SHARDS`` instances, the later ones visit none)."""
+
+    alive: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, alive: Sequence[object]) -> ShardShare:
+        return cls(tuple(sorted({str(instance) for instance in alive})))
+
+    def shards(self, owners: Sequence[str]) -> list[int]:
+        """The shards ``owners`` (the instances one store works for) visit between them:
+        every shard if one of them is not among the instances alive."""
+        if not owners or any(owner not in self.alive for owner in owners):
+            return list(range(SHARDS))
+        count = len(self.alive)
+        ranks = {self.alive.index(owner) for owner in owners}
+        return [shard for shard in range(SHARDS) if shard % count in ranks]
 
 
 @attrs.define
@@ -78,6 +106,25 @@ class RedisHousekeeping:
         """Where the next sweep and scan start: instances start apart, and a shard a
         capped sweep did not reach is first next time."""
         self._claimers: dict[str, _Claimer] = {}
+        self._share = ShardShare()
+        self._owners: list[str] = []
+        """The instances this store announced, newest last (bounded by ``_OWNERS``)."""
+
+    def announced(self, owner: str, alive: Sequence[object]) -> None:
+        """``owner`` announced itself through this store; ``alive`` the instances alive then."""
+        if owner in self._owners:
+            self._owners.remove(owner)
+        self._owners = [*self._owners[-(_OWNERS - 1) :], owner]
+        self._share = ShardShare.of(alive)
+
+    def withdrew(self, owner: str) -> None:
+        if owner in self._owners:
+            self._owners.remove(owner)
+
+    def my_shards(self, start: int) -> list[int]:
+        """This store's share of the shards, from the first at or after ``start``."""
+        mine = self._share.shards(self._owners)
+        return [s for s in mine if s >= start] + [s for s in mine if s < start]
 
     # -- the retention sweep --------------------------------------------------------------
 
@@ -87,8 +134,7 @@ class RedisHousekeeping:
         once its claim lapses."""
         deleted: list[str] = []
         start, self._cursor = self._cursor, (self._cursor + 1) % SHARDS
-        for step in range(SHARDS):
-            shard = (start + step) % SHARDS
+        for shard in self.my_shards(start):
             while len(deleted) < SWEEP_MAX:
                 taken = await self._take_expired(shard, now)
                 if not taken:
@@ -171,15 +217,17 @@ class RedisHousekeeping:
     # -- orphans ---------------------------------------------------------------------------
 
     async def lapsed(self, owner: str, now: float, lease_until: float) -> list[tuple[str, int]]:
-        """The jobs (and their shards) whose lease lapsed, in the shards no other instance
-        is scanning; each shard scanned is claimed for a third of a lease. Cancellation:
-        safe (a claim lapses)."""
+        """The jobs (and their shards) whose lease lapsed, in ``owner``'s share of the
+        shards as the instances alive are now (read first: an instance that withdrew a
+        moment ago leaves its share to the others at once), skipping a shard another
+        instance is scanning; each shard scanned is claimed for a third of a lease.
+        Cancellation: safe (a claim lapses)."""
         frame = self._steps.frame
+        alive = await self._conn.script("alive", [self._keys.instances()], [frame.at(now)])
         hold = max((lease_until - now) / 3, 0.0)
         args = [owner, frame.at(now), frame.ahead(now + hold), str(ORPHAN_BATCH)]
         found: list[tuple[str, int]] = []
-        for step in range(SHARDS):
-            shard = (self._cursor + step) % SHARDS
+        for shard in ShardShare.of(alive).shards([owner]):
             keys = [self._keys.scan(shard), self._keys.running(shard)]
             reply = await self._conn.script("scan", keys, args)
             found += [(str(job_id), shard) for job_id in reply or ()]
@@ -214,7 +262,7 @@ class RedisHousekeeping:
         last = claimer.full_pass_at
         full = last is None or now - last >= OUTBOX_FULL_PASS_S or now < last
         first = sorted(claimer.dirty | set(claimer.held.values()))
-        shards = first + ([s for s in range(SHARDS) if s not in first] if full else [])
+        shards = first + ([s for s in self._share.shards([owner]) if s not in first] if full else [])
         claimer.dirty = set()
         frame, k = self._steps.frame, self._keys
         args_head = [frame.at(now), frame.ahead(until)]

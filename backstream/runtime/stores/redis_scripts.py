@@ -229,27 +229,22 @@ return {epoch, lease_at}
 # -- instances alive: the store's own slot ---------------------------------------------------
 
 # KEYS: instances. ARGV: the instance, the end of its announcement (ahead). Drops the
-# announcements that lapsed, then adds or renews this one.
+# announcements that lapsed, then adds or renews this one; returns the instances alive.
 ANNOUNCE = (
     _CLOCK
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', stamp(clock('0')))
 redis.call('ZADD', KEYS[1], stamp(clock(ARGV[2])), ARGV[1])
-return 1
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 )
 
-# KEYS: instances. ARGV: the instance asking, now (ahead). Returns how many other
-# instances' announcements have not lapsed.
-OTHERS_ALIVE = (
+# KEYS: instances. ARGV: now (ahead). Returns the instances whose announcements have not
+# lapsed.
+ALIVE = (
     _CLOCK
     + """
-local alive = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. stamp(clock(ARGV[2])), '+inf')
-local others = 0
-for _, instance in ipairs(alive) do
-  if instance ~= ARGV[1] then others = others + 1 end
-end
-return others
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. stamp(clock(ARGV[1])), '+inf')
 """
 )
 
