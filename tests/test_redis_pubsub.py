@@ -4,6 +4,7 @@ On one Redis and on a cluster (sharded pub/sub)."""
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -164,6 +165,58 @@ async def test_more_watchers_of_a_job_on_one_instance_add_no_reads(tmp_path: Pat
             tails = b.statistics().remote_tails
             assert tails.tails == 0 and tails.log_reads_total <= one + three
             assert tails.announced_total > 10  # the entries came with the commits' announcements
+
+
+async def test_more_watchers_of_a_job_on_one_instance_hold_one_presence(where: tuple[str, bool]) -> None:
+    """Three watchers of a job on B and one on A: the job's presence in Redis is one entry
+    per instance; B's stays while any of its watchers is open, and goes with the last."""
+    url, cluster = where
+    async with instances(url, 2, cluster=cluster) as (a, b):
+        assert isinstance(b.store, RedisStore)
+        redis, key = b.store.redis, b.store.keys.watching
+        job_id = await lorem(a, "m1", tokens=2000, rate=100)
+        async with b.watch(job_id, user="alice") as first, a.watch(job_id, user="alice"):
+            assert [batch async for batch in _first(first)]
+            async with b.watch(job_id, user="alice"), b.watch(job_id, user="alice"):
+                members = sorted(await redis.zrange(key(job_id), 0, -1))
+                assert members == sorted([a.instance_id, b.instance_id])
+                assert b.watcher_count(job_id) == 3
+            assert b.watcher_count(job_id) == 1
+            assert sorted(await redis.zrange(key(job_id), 0, -1)) == sorted([a.instance_id, b.instance_id])
+        assert list(await redis.zrange(key(job_id), 0, -1)) == []
+        assert b.statistics().watchers == 0
+        await a.abort(job_id, user="alice")
+
+
+async def _first(batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
+    async for batch in batches:
+        yield batch
+        return
+
+
+async def test_opens_and_closes_of_one_jobs_watches_never_cross_in_the_store() -> None:
+    """Watches of one job opened and closed at random on one instance: whenever one is
+    open, its presence is in Redis; once none is, it is gone."""
+    require_redis()
+    async with instances(redis_url(), 2) as (a, b):
+        assert isinstance(b.store, RedisStore)
+        redis, key = b.store.redis, b.store.keys.watching
+        job_id = await lorem(a, "m1", tokens=5000, rate=50)
+        rng = random.Random(7)
+
+        async def one_watch() -> None:
+            await trio.sleep(rng.random() * 0.2)
+            async with b.watch(job_id, user="alice"):
+                assert b.instance_id in await redis.zrange(key(job_id), 0, -1)
+                await trio.sleep(rng.random() * 0.2)
+
+        for _ in range(5):
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(one_watch)
+            assert b.watcher_count(job_id) == 0
+            assert b.instance_id not in await redis.zrange(key(job_id), 0, -1)
+        await a.abort(job_id, user="alice")
 
 
 async def test_a_notification_reaches_a_connection_of_its_user_on_another_instance(

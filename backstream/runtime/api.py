@@ -42,7 +42,6 @@ from backstream.protocol.errors import (
     UnavailableError,
 )
 from backstream.protocol.events import JobInfo, JobSummary, LogEvent
-from backstream.protocol.ids import new_id
 from backstream.protocol.offsets import stale_epoch_error
 from backstream.protocol.records import JobRecord, JobRequest, NotificationRecord
 from backstream.protocol.workflow import workflow_name_of
@@ -275,22 +274,19 @@ class Runtime:
             merge_text=merge_text,
         )
         try:
-            watch_id = new_id("w_", self._clock.now())
-            await self.store.watch_started(job_id, watch_id, self._clock.now() + self.config.lease_ttl)
+            await self._presence.open(job_id, self._clock.now() + self.config.lease_ttl)
         except BaseException:
             watcher.close()
             raise
-        self._presence.opened(watch_id, job_id)
         try:
             yield watcher
         finally:
             watcher.close()
-            self._presence.closed(watch_id)
             with trio.CancelScope(shield=True) as cleanup:
                 cleanup.deadline = trio.current_time() + self.config.finalize_timeout
                 try:
                     # A watch that delivered the end counts as watching when the job ended.
-                    await self.store.watch_ended(job_id, watch_id, saw_end=watcher.ended and not finished)
+                    await self._presence.close(job_id, saw_end=watcher.ended and not finished)
                 except Exception:
                     log.warning("job %s: could not record the end of a watch", job_id)
 

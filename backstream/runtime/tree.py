@@ -180,7 +180,7 @@ async def _start_system(
 ) -> Runtime:
     """Build the actors, start the system children in order, and return the facade."""
     instance_id = new_id("i_", clock.now())
-    presence = WatchPresence()
+    presence = WatchPresence(store, instance_id)
     seats = HeldSeats(store, lease=config.lease_ttl, release_timeout=config.finalize_timeout)
     registry = Registry(
         config,
