@@ -23,6 +23,12 @@ a user's keys sit on one slot). Rows:
 
     python bench/redis_cluster.py                     # 60 jobs x 300 tokens at 30 tok/s
     python bench/redis_cluster.py --jobs 60 --scale-jobs 200 --scale-rate 100
+    python bench/redis_cluster.py --scale-jobs 0 --sweep-jobs 0 --monitor 25  # where commands go
+
+``--monitor N`` watches each Redis row with ``MONITOR`` (``bench/_redis_monitor.py``) and
+prints the N largest uses of Redis per job: each script with the commands it ran, and
+the commands outside scripts by the kind of key they name. MONITOR slows Redis: take the
+counts from such a run, the speeds from one without it.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from bench import redis_sweep  # noqa: E402
 from bench._common import percentile, print_table, write_json  # noqa: E402
 from bench._procs import ProcessSampler, free_port, wait_for_port  # noqa: E402
 from bench._redis_cluster import command_calls, cpu_seconds, redis_servers  # noqa: E402
+from bench._redis_monitor import monitored  # noqa: E402
 from bench.ws_load import Stats, summarize  # noqa: E402
 
 MODEL = "backstream/lorem"
@@ -229,10 +236,13 @@ def measure(a: argparse.Namespace, store: str, instances: int, ports: list[int])
         stats = ClusterStats(a.rate)
         t0 = stats.t0 = time.time()
         client0 = time.process_time()
-        asyncio.run(load([url_of(p) for p in procs[:instances]], a, stats, live))
-        elapsed = (stats.last_token_at or time.time()) - t0
-        client_cpu = time.process_time() - client0
-        redis = redis_row(before, ports, a.jobs * a.tokens) if ports else {}
+        with monitored(ports if a.monitor else []) as monitor:
+            asyncio.run(load([url_of(p) for p in procs[:instances]], a, stats, live))
+            elapsed = (stats.last_token_at or time.time()) - t0
+            client_cpu = time.process_time() - client0
+            redis = redis_row(before, ports, a.jobs * a.tokens) if ports else {}
+            if a.monitor and ports:
+                redis["breakdown"] = monitor(a.jobs)
         for sampler in samplers:
             sampler.stop()
         used = [s.cpu - c for s, c in zip(samplers, cpu0, strict=True)]
@@ -347,6 +357,11 @@ def report(result: dict[str, Any], a: argparse.Namespace) -> None:
     for row in result["compare"]:
         if "by_name" in row:
             print(f"  {row['name']}: {row['by_name']}")
+    for row in result["compare"]:
+        if row.get("breakdown"):
+            print(f"\nper job, {row['name']} (MONITOR; a script's calls and the commands it ran):")
+            columns = ["what", "calls_per_job", "commands_per_job", "share_pct"]
+            print_table(row["breakdown"][: a.monitor], columns)
     memory = result["compare"][0]
     for row in result["compare"][1:]:
         ratio = row["cpu_us_per_token"] / memory["cpu_us_per_token"]
@@ -380,6 +395,13 @@ def main() -> None:
     ap.add_argument("--scale-rate", type=float, default=100.0)
     ap.add_argument("--scale-tokens", type=int, default=300)
     ap.add_argument("--sweep-jobs", type=int, default=5000, help="expired jobs to sweep (0: none)")
+    ap.add_argument(
+        "--monitor",
+        type=int,
+        default=0,
+        metavar="N",
+        help="watch the Redis rows with MONITOR and print the N largest uses per job (0: none)",
+    )
     ap.add_argument("--plots", default=str(HERE.parent / "docs" / "perf"), help="where the PNG goes")
     ap.add_argument("--json", help="where to write the results (default bench/results/redis_cluster.json)")
     a = ap.parse_args()

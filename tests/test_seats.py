@@ -114,8 +114,11 @@ async def test_a_users_seats_key_expires_with_its_last_seat(redis_prefix: str) -
     try:
         key = store.keys.seats("alice", "connections")
         assert await store.take_seat("alice", "connections", "short", 2, LEASE / 2)
+        assert 0 < await store.redis.pttl(key) <= LEASE / 2 * 1000  # a new key gets an end
         assert await store.take_seat("alice", "connections", "long", 2, LEASE)
-        assert 0 < await store.redis.pttl(key) <= LEASE * 1000
+        assert LEASE / 2 * 1000 < await store.redis.pttl(key) <= LEASE * 1000  # the later end
+        assert await store.take_seat("alice", "connections", "short", 2, LEASE / 2)  # held: renewed
+        assert await store.redis.pttl(key) > LEASE / 2 * 1000  # an earlier end never shortens it
         await trio.sleep(LEASE * 1.2)  # nothing renewed: the key goes with its last seat
         assert await store.redis.exists([key]) == 0
     finally:

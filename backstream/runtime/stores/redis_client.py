@@ -28,7 +28,7 @@ from backstream.runtime.stores import redis_scripts as scripts
 from backstream.runtime.stores.redis_keys import RedisKeyspace
 from backstream.runtime.stores.redis_urls import RedisUrl, parse_redis_url
 
-__all__ = ["SAFETY_TTL_S", "UNAVAILABLE", "RedisConnection", "Replication", "ms"]
+__all__ = ["SAFETY_TTL_S", "UNAVAILABLE", "RedisConnection", "Replication", "ms", "script_bodies"]
 
 SAFETY_TTL_S = 3600
 """Keys outlive retention by this, in case no sweep runs."""
@@ -66,6 +66,12 @@ _SCRIPTS = {
     "watch": scripts.WATCH,
     **redis_quota_scripts.SCRIPTS,
 }
+
+
+def script_bodies() -> dict[str, str]:
+    """The Lua scripts a ``RedisConnection`` registers, by name: what a tool that sees them
+    by their SHA1 (``MONITOR``, ``SCRIPT EXISTS``) names them from."""
+    return {**_SCRIPTS, _PROGRESS: _PROGRESS_SCRIPT}
 
 
 def ms(seconds: float) -> int:

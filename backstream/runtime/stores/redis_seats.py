@@ -3,7 +3,7 @@
 Each user's seats of a kind are a sorted set (``RedisKeyspace.seats``, in the user's slot)
 of seat ids scored by lease expiry in milliseconds of Redis's own clock (``TIME`` inside
 the script), so instances whose clocks differ still agree on what lapsed. Taking a seat
-drops the lapsed ones first, then counts; the key itself expires with its last seat.
+drops the lapsed ones first, then counts; the key itself expires with its latest seat.
 """
 
 from __future__ import annotations
@@ -18,17 +18,20 @@ from backstream.runtime.stores.redis_client import RedisConnection, ms
 __all__ = ["SEAT_RENEW", "SEAT_TAKE", "RedisSeats"]
 
 # User slot. KEYS: the seats. ARGV: seat id, limit, lease (ms). Returns 1 if taken (or renewed:
-# a seat held already), 0 when the user holds ``limit`` live seats.
+# a seat held already), 0 when the user holds ``limit`` live seats. The key lives as long
+# as its latest seat: ``PEXPIREAT ... GT`` only ever moves its end later, and a key that
+# the ``ZADD`` just made (no end yet, which ``GT`` counts as later than any) gets one
+# with ``NX``.
 SEAT_TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 0
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], last[2])
+local ends = now + tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], ends, ARGV[1])
+if redis.call('PEXPIREAT', KEYS[1], ends, 'GT') == 0 then redis.call('PEXPIREAT', KEYS[1], ends, 'NX') end
 return 1
 """
 
@@ -37,12 +40,12 @@ return 1
 SEAT_RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ends = now + tonumber(ARGV[1])
 local renewed = 0
 for i = 2, #ARGV do
-  renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[1]), ARGV[i])
+  renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', ends, ARGV[i])
 end
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-if last[2] then redis.call('PEXPIREAT', KEYS[1], last[2]) end
+if renewed > 0 then redis.call('PEXPIREAT', KEYS[1], ends, 'GT') end
 return renewed
 """
 
