@@ -416,7 +416,9 @@ class Inbox(abc.ABC):
 
     @abc.abstractmethod
     async def watch_started(self, job_id: str, watch_id: str, until: float) -> None:
-        """Someone watches ``job_id`` (until ``until`` unless renewed, for shared stores).
+        """Someone watches ``job_id`` (until ``until`` unless renewed, for shared stores);
+        ``watch_id`` names the presence (``WatchPresence``: one per job and instance,
+        whatever the number of its watches there).
         Cancellation: the watch may or may not be recorded; ``watch_ended`` is safe either way."""
 
     @abc.abstractmethod
