@@ -180,6 +180,48 @@ async def test_an_end_left_by_a_dead_instance_is_notified_by_another_on_redis() 
         await delete_prefix(prefix)
 
 
+async def test_an_entry_nobody_claims_is_claimed_where_it_was_written_whatever_the_share() -> None:
+    """A and B alive share the shards out. An entry left by a dead instance in B's share
+    is not A's to find in its pass; an entry A writes claimed by nobody (a repaired end,
+    ``wrote_entry(shard, "")``) is claimed by A's next claim, in whoever's share it is."""
+    require_redis()
+    prefix = f"bstest:{uuid.uuid4().hex[:12]}"
+    try:
+        dead = RedisStore(redis_url(), prefix=prefix)
+        await dead.open()
+        past = time.time() - 2 * OUTBOX_CLAIM_S  # the dead instance's claims have lapsed
+        shards = {}
+        for n in range(12):
+            job_id = f"j_{n}"
+            await dead.create_job(record(job_id=job_id, message_id=f"m{n}", created_at=past, updated_at=past))
+            ended = attrs.evolve(progress(1, "completed", finished_at=past), updated_at=past)
+            await dead.commit(job_id, [StatusEvent(seq=1, status="completed")], ended)
+            shards[job_id] = int(await dead.redis.hget(dead.keys.job(job_id), "shard") or 0)
+        await dead.aclose()
+        theirs = [job_id for job_id, shard in shards.items() if shard % 2 == 1]  # i_b's share
+        assert theirs
+        a, b = RedisStore(redis_url(), prefix=prefix), RedisStore(redis_url(), prefix=prefix)
+        await a.open()
+        await b.open()
+        try:
+            await a.announce("i_a", time.time() + 60)
+            await b.announce("i_b", time.time() + 60)
+            await a.announce("i_a", time.time() + 60)
+            now = time.time()
+            mine = {e.job_id for e in await a.claim_outbox("i_a", now, now + OUTBOX_CLAIM_S, 100)}
+            assert mine == {job_id for job_id in shards if job_id not in theirs}
+            held = {e.job_id for e in await a.claim_outbox("i_a", now, now + OUTBOX_CLAIM_S, 100)}
+            assert held == mine  # its own claims again (not deleted yet), nothing of B's share
+            a._housekeeping.wrote_entry(shards[theirs[0]], "")
+            again = {e.job_id for e in await a.claim_outbox("i_a", now, now + OUTBOX_CLAIM_S, 100)}
+            assert again - mine == {job_id for job_id in theirs if shards[job_id] == shards[theirs[0]]}
+        finally:
+            await b.aclose()
+            await a.aclose()
+    finally:
+        await delete_prefix(prefix)
+
+
 async def test_the_dispatcher_carries_out_each_entry_once(autojump_clock: trio.testing.MockClock) -> None:
     """Each end's notification, an abort's too; then the entry goes."""
     from backstream.actors.clock import WallClock

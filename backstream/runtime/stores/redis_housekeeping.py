@@ -107,6 +107,8 @@ class RedisHousekeeping:
         capped sweep did not reach is first next time."""
         self._claimers: dict[str, _Claimer] = {}
         self._share = ShardShare()
+        self._unowned: set[int] = set()
+        """Shards where this store wrote an entry claimed by nobody (a repaired end)."""
         self._owners: list[str] = []
         """The instances this store announced, newest last (bounded by ``_OWNERS``)."""
 
@@ -242,10 +244,12 @@ class RedisHousekeeping:
 
     def wrote_entry(self, shard: int, owner: str) -> None:
         """An outbox entry was written in ``shard``, claimed by ``owner`` ('': by nobody,
-        so every owner's next claim visits every shard)."""
+        so the next claim here visits that shard, whoever's share it is in, and every
+        owner's next claim passes over its share)."""
         if owner:
             self._claimer(owner).dirty.add(shard)
         else:
+            self._unowned.add(shard)
             self.wait_timed_out()
 
     def wait_timed_out(self) -> None:
@@ -261,7 +265,8 @@ class RedisHousekeeping:
         claimer = self._claimer(owner)
         last = claimer.full_pass_at
         full = last is None or now - last >= OUTBOX_FULL_PASS_S or now < last
-        first = sorted(claimer.dirty | set(claimer.held.values()))
+        first = sorted(claimer.dirty | set(claimer.held.values()) | self._unowned)
+        self._unowned = set()
         shards = first + ([s for s in self._share.shards([owner]) if s not in first] if full else [])
         claimer.dirty = set()
         frame, k = self._steps.frame, self._keys
