@@ -4,7 +4,9 @@ On one Redis and on a cluster (sharded pub/sub)."""
 
 from __future__ import annotations
 
+import hashlib
 import random
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,6 +21,8 @@ from backstream import Batch, Config, Runtime, open_runtime
 from backstream.actors.remote_tail import TAIL_WINDOW, RemoteTails, TailedSource
 from backstream.protocol.events import LogEvent
 from backstream.runtime.stores.redis import RedisStore
+from backstream.runtime.stores.redis_client import script_bodies
+from backstream.runtime.stores.redis_housekeeping import OUTBOX_FULL_PASS_S
 from backstream.runtime.stores.redis_subscriber import RedisSubscriberStatistics
 from tests.conftest import REDIS_HOST, delete_prefix, redis_url, require_redis
 from tests.helpers import check_contiguous, collect, joined_text, terminal
@@ -217,6 +221,39 @@ async def test_opens_and_closes_of_one_jobs_watches_never_cross_in_the_store() -
             assert b.watcher_count(job_id) == 0
             assert b.instance_id not in await redis.zrange(key(job_id), 0, -1)
         await a.abort(job_id, user="alice")
+
+
+async def test_an_end_on_this_instance_is_carried_out_without_claiming_it_again(tmp_path: Path) -> None:
+    """A job's end writes its outbox entry claimed by its instance; that instance's
+    dispatcher takes it as written (no claim script through Redis), within its claim. The
+    first end is claimed through Redis (an owner's first claim passes over its shards); the
+    second, a moment later, is not: MONITOR sees the notification stored, and no claim."""
+    claim_sha = hashlib.sha1(script_bodies()["claim"].encode()).hexdigest()
+    insert_sha = hashlib.sha1(script_bodies()["notify_insert"].encode()).hexdigest()
+    with own_redis(tmp_path, persistence="snapshot") as redis:
+        async with instances(redis_url(redis.port), 1) as (a,):
+            started = trio.current_time()
+
+            async def ended_and_notified(message_id: str, count: int) -> None:
+                await lorem(a, message_id, tokens=3, rate=1000)
+                with trio.fail_after(10):
+                    while len((await a.notifications_list(user="alice"))[0]) < count:
+                        await trio.sleep(0.02)
+
+            await ended_and_notified("m1", 1)
+            monitor = subprocess.Popen(
+                ["redis-cli", "-p", str(redis.port), "monitor"], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                await trio.sleep(0.3)  # MONITOR is on
+                await ended_and_notified("m2", 2)
+            finally:
+                monitor.terminate()
+                seen, _ = monitor.communicate(timeout=10)
+            # Within the first pass's period: no pass over every shard is due in the window.
+            assert trio.current_time() - started < OUTBOX_FULL_PASS_S
+    assert insert_sha in seen  # the second end's notification was stored meanwhile
+    assert claim_sha not in seen
 
 
 async def test_a_notification_reaches_a_connection_of_its_user_on_another_instance(

@@ -218,7 +218,9 @@ class RedisWriters:
         except BaseException:  # an outage or a cancellation: the retry, or the keeper, ends it
             self.finishing[step.job_id] = step
             raise
-        self._housekeeping.wrote_entry(step.shard, step.owner)
+        self._housekeeping.wrote_entry(
+            step.shard, step.owner, job_id=step.job_id, entry=step.outbox, until=step.claim_until
+        )
         self._hub.ring(OUTBOX_BELL)
         self._hub.signal_job(step.job_id)
 

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from backstream.actors.ports import OUTBOX_CLAIM_S
 from backstream.actors.signals import SignalHub
 from backstream.runtime.stores.redis_client import SAFETY_TTL_S, RedisConnection, ms
 from backstream.runtime.stores.redis_keys import SHARDS
@@ -93,6 +94,9 @@ class _Claimer:
     dirty: set[int] = attrs.field(factory=set)
     held: dict[str, int] = attrs.field(factory=dict)
     """Entries it claimed and did not delete yet, and their shards (visited again)."""
+    fresh: dict[str, tuple[int, str, float]] = attrs.field(factory=dict)
+    """Entries this store just wrote claimed by it (a job's end here): their shard, JSON
+    and claim's end, handed to its next claim without asking Redis again."""
     full_pass_at: float | None = None
 
 
@@ -242,11 +246,20 @@ class RedisHousekeeping:
             self._claimers.clear()
         return self._claimers.setdefault(owner, _Claimer())
 
-    def wrote_entry(self, shard: int, owner: str) -> None:
-        """An outbox entry was written in ``shard``, claimed by ``owner`` ('': by nobody,
-        so the next claim here visits that shard, whoever's share it is in, and every
-        owner's next claim passes over its share)."""
-        if owner:
+    def wrote_entry(
+        self, shard: int, owner: str, *, job_id: str = "", entry: str = "", until: float = 0.0
+    ) -> None:
+        """An outbox entry was written in ``shard``, claimed by ``owner`` until ``until``
+        ('': by nobody, so the next claim here visits that shard, whoever's share it is
+        in, and every owner's next claim passes over its share). Given its ``job_id`` and
+        JSON, the owner's next claim takes it as written, while its claim holds."""
+        if owner and job_id and entry:
+            claimer = self._claimer(owner)
+            if len(claimer.fresh) >= _REMEMBERED:
+                claimer.dirty.update(shard for shard, _, _ in claimer.fresh.values())
+                claimer.fresh.clear()
+            claimer.fresh[job_id] = (shard, entry, until)
+        elif owner:
             self._claimer(owner).dirty.add(shard)
         else:
             self._unowned.add(shard)
@@ -258,20 +271,24 @@ class RedisHousekeeping:
             claimer.full_pass_at = None
 
     async def claim(self, owner: str, now: float, until: float, limit: int) -> list[tuple[str, str]]:
-        """Claim up to ``limit`` entries (their job id and JSON): in the shards ``owner``
-        wrote to or holds entries in, and in every shard when a full pass is due.
+        """Claim up to ``limit`` entries (their job id and JSON): those this store wrote
+        claimed by ``owner`` (as written, while their claim holds), then in the shards
+        ``owner`` wrote to or holds entries in, and in its share of the shards when a full
+        pass is due.
         Cancellation: each shard's claim ran entirely or not at all; an entry claimed but
         not returned is carried out once its claim lapses."""
         claimer = self._claimer(owner)
+        held_before = set(claimer.held.values())  # not the shards of what is handed over fresh
+        out = self._take_fresh(claimer, now, limit)
+        taken = {job_id for job_id, _ in out}
         last = claimer.full_pass_at
         full = last is None or now - last >= OUTBOX_FULL_PASS_S or now < last
-        first = sorted(claimer.dirty | set(claimer.held.values()) | self._unowned)
+        first = sorted(claimer.dirty | held_before | self._unowned)
         self._unowned = set()
         shards = first + ([s for s in self._share.shards([owner]) if s not in first] if full else [])
         claimer.dirty = set()
         frame, k = self._steps.frame, self._keys
         args_head = [frame.at(now), frame.ahead(until)]
-        out: list[tuple[str, str]] = []
         for index, shard in enumerate(shards):
             want = limit - len(out)
             if want <= 0:
@@ -285,12 +302,32 @@ class RedisHousekeeping:
                 claimer.dirty.add(shard)  # perhaps more there
             for entry in map(str, reply):
                 job_id = str(json.loads(entry)["job_id"])
+                if job_id in taken:
+                    continue  # handed over fresh by this call already
+                taken.add(job_id)
                 if len(claimer.held) >= _REMEMBERED:
                     claimer.held.clear()
                 claimer.held[job_id] = shard
                 out.append((job_id, entry))
         if full:
             claimer.full_pass_at = now
+        return out
+
+    def _take_fresh(self, claimer: _Claimer, now: float, limit: int) -> list[tuple[str, str]]:
+        """The entries this store wrote claimed by ``claimer`` whose claim holds for half
+        a claim's time yet (a later one is claimed again through its shard)."""
+        out: list[tuple[str, str]] = []
+        for job_id, (shard, entry, until) in list(claimer.fresh.items()):
+            if len(out) >= limit:
+                break
+            del claimer.fresh[job_id]
+            if until - now < OUTBOX_CLAIM_S / 2:
+                claimer.dirty.add(shard)
+                continue
+            if len(claimer.held) >= _REMEMBERED:
+                claimer.held.clear()
+            claimer.held[job_id] = shard
+            out.append((job_id, entry))
         return out
 
     async def delete_outbox(self, job_ids: Sequence[str]) -> None:
