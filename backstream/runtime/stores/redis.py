@@ -440,8 +440,8 @@ class RedisStore(InboxForwarding, SeatsForwarding, RedisWebhookQueue, Store):
 
     async def others_alive(self, owner: str, now: float) -> bool:
         """Cancellation: nothing changes."""
-        alive = await self._conn.script("alive", [self.keys.instances()], [self._steps.frame.at(now)])
-        return any(str(instance) != owner for instance in alive)
+        share = await self._housekeeping.alive(now)
+        return any(instance != owner for instance in share.alive)
 
     async def take_orphans(self, owner: str, now: float, lease_until: float) -> list[Handover]:
         """The running set lists lapsed leases; each job is taken in its slot by one script

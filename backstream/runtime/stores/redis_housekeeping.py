@@ -99,6 +99,14 @@ class _Claimer:
     and claim's end, handed to its next claim without asking Redis again."""
     full_pass_at: float | None = None
 
+    def hold(self, job_id: str, shard: int) -> None:
+        """It claimed ``job_id`` (in ``shard``): held until deleted, and no longer fresh
+        (an entry a shard's claim returned is not handed over fresh again)."""
+        if len(self.held) >= _REMEMBERED:
+            self.held.clear()
+        self.held[job_id] = shard
+        self.fresh.pop(job_id, None)
+
 
 class RedisHousekeeping:
     def __init__(self, conn: RedisConnection, steps: RedisSteps, hub: SignalHub) -> None:
@@ -126,6 +134,12 @@ class RedisHousekeeping:
     def withdrew(self, owner: str) -> None:
         if owner in self._owners:
             self._owners.remove(owner)
+
+    async def alive(self, now: float) -> ShardShare:
+        """The instances alive at ``now``, read from Redis (one script, on its clock).
+        Cancellation: safe (a read)."""
+        args = [self._steps.frame.at(now)]
+        return ShardShare.of(await self._conn.script("alive", [self._keys.instances()], args))
 
     def my_shards(self, start: int) -> list[int]:
         """This store's share of the shards, from the first at or after ``start``."""
@@ -229,11 +243,11 @@ class RedisHousekeeping:
         instance is scanning; each shard scanned is claimed for a third of a lease.
         Cancellation: safe (a claim lapses)."""
         frame = self._steps.frame
-        alive = await self._conn.script("alive", [self._keys.instances()], [frame.at(now)])
+        share = await self.alive(now)
         hold = max((lease_until - now) / 3, 0.0)
         args = [owner, frame.at(now), frame.ahead(now + hold), str(ORPHAN_BATCH)]
         found: list[tuple[str, int]] = []
-        for shard in ShardShare.of(alive).shards([owner]):
+        for shard in share.shards([owner]):
             keys = [self._keys.scan(shard), self._keys.running(shard)]
             reply = await self._conn.script("scan", keys, args)
             found += [(str(job_id), shard) for job_id in reply or ()]
@@ -305,9 +319,7 @@ class RedisHousekeeping:
                 if job_id in taken:
                     continue  # handed over fresh by this call already
                 taken.add(job_id)
-                if len(claimer.held) >= _REMEMBERED:
-                    claimer.held.clear()
-                claimer.held[job_id] = shard
+                claimer.hold(job_id, shard)
                 out.append((job_id, entry))
         if full:
             claimer.full_pass_at = now
@@ -320,13 +332,11 @@ class RedisHousekeeping:
         for job_id, (shard, entry, until) in list(claimer.fresh.items()):
             if len(out) >= limit:
                 break
-            del claimer.fresh[job_id]
             if until - now < OUTBOX_CLAIM_S / 2:
+                del claimer.fresh[job_id]
                 claimer.dirty.add(shard)
                 continue
-            if len(claimer.held) >= _REMEMBERED:
-                claimer.held.clear()
-            claimer.held[job_id] = shard
+            claimer.hold(job_id, shard)
             out.append((job_id, entry))
         return out
 
@@ -338,6 +348,7 @@ class RedisHousekeeping:
             shard = None
             for claimer in self._claimers.values():
                 shard = claimer.held.pop(job_id, shard)
+                claimer.fresh.pop(job_id, None)
             if shard is None:
                 shard = await self._shard_of(job_id)
             if shard is not None:
